@@ -1,0 +1,2 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+__all__ = []

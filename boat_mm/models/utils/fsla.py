@@ -1,0 +1,177 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Feature-space local attention (FSLA), the module BOAT adds to a block."""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
+                         build_cluster_plan, cluster_ids_from_perm,
+                         clustered_attention)
+from boat_mm.registry import MODELS
+
+__all__ = ['FeatureSpaceLocalAttention']
+
+
+@MODELS.register_module()
+class FeatureSpaceLocalAttention(BaseModule):
+    """Feature-space local attention of BOAT (Yu et al., BMVC 2022).
+
+    Tokens of the whole feature map are grouped into balanced clusters by a
+    hierarchical binary soft k-means on each head's query vectors, and
+    self-attention runs inside each cluster; cluster ``2j`` also attends to
+    the first ``overlap`` tokens of its sibling ``2j+1`` and vice versa (the
+    last ``overlap`` of ``2j``). A depthwise 3x3 convolution of the values
+    in image layout is added before the output projection.
+
+    Any ``H x W`` works: ``G = max(1, round(N / group_size))`` clusters whose
+    sizes differ by at most one token (see :mod:`boat_mm.ops.clustering`).
+    A single cluster (small maps) attends within itself with no overlap.
+    For ``N = group_size * 2**L`` the result equals the published algorithm.
+    Each sample is clustered on its own, so outputs never depend on other
+    samples of the batch.
+
+    Args:
+        embed_dims (int): Number of channels ``C``.
+        num_heads (int): Number of attention heads; must divide ``C``.
+        group_size (int): Target cluster size. Defaults to 49.
+        overlap (int): Keys borrowed from the sibling cluster, smaller than
+            ``group_size``. Defaults to 20.
+        kmeans_iters (int): Soft k-means iterations per split. Defaults to 2.
+        kmeans_temperature (float): Softmax temperature of the soft
+            assignment. Defaults to 100.
+        qk_scale (float, optional): Logit scale; None for
+            ``head_dim ** -0.5``. The published BOAT-CSWin weights need 1.0.
+        qkv_bias (bool): Bias of the qkv projection. Defaults to True.
+        attn_drop (float): Dropout on attention weights. Defaults to 0.
+        proj_drop (float): Dropout after the output projection.
+            Defaults to 0.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 group_size: int = 49,
+                 overlap: int = 20,
+                 kmeans_iters: int = 2,
+                 kmeans_temperature: float = 100.,
+                 qk_scale: Optional[float] = None,
+                 qkv_bias: bool = True,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if embed_dims % num_heads != 0:
+            raise ValueError(
+                f'embed_dims ({embed_dims}) must be divisible by num_heads '
+                f'({num_heads}); change one of them.')
+        if group_size < 1:
+            raise ValueError(f'group_size must be >= 1, got {group_size}.')
+        if not 0 <= overlap < group_size:
+            raise ValueError(
+                f'overlap ({overlap}) must be >= 0 and smaller than '
+                f'group_size ({group_size}); lower overlap.')
+        if kmeans_iters < 0:
+            raise ValueError(
+                f'kmeans_iters must be >= 0, got {kmeans_iters}.')
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.group_size = group_size
+        self.overlap = overlap
+        self.kmeans_iters = kmeans_iters
+        self.kmeans_temperature = kmeans_temperature
+        self.scale = self.head_dims**-0.5 if qk_scale is None else qk_scale
+        self.attn_drop = attn_drop
+
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.get_v = nn.Conv2d(
+            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+
+    def _check_input(self, x: Tensor, hw_shape: Sequence[int]) -> None:
+        if x.dim() != 3:
+            raise ValueError(
+                f'FSLA expects tokens of shape (B, N, C), got a '
+                f'{x.dim()}-d tensor of shape {tuple(x.shape)}; flatten the '
+                f'feature map with x.flatten(2).transpose(1, 2).')
+        if x.shape[-1] != self.embed_dims:
+            raise ValueError(
+                f'FSLA built for {self.embed_dims} channels got '
+                f'{x.shape[-1]} channels (input shape {tuple(x.shape)}).')
+        if len(hw_shape) != 2 or hw_shape[0] * hw_shape[1] != x.shape[1]:
+            raise ValueError(
+                f'hw_shape {tuple(hw_shape)} does not match the number of '
+                f'tokens N={x.shape[1]}: need H * W == N, tokens in raster '
+                f'order.')
+
+    def _plan(self, num_tokens: int, device: torch.device) -> ClusterPlan:
+        return build_cluster_plan(num_tokens, self.group_size, self.overlap,
+                                  device)
+
+    def _cluster(self, qkv: Tensor, plan: ClusterPlan) -> Tensor:
+        """Cluster the per-head queries: ``(B * heads, slots)`` perm."""
+        B, N, _ = qkv.shape
+        q = qkv.detach()[..., :self.embed_dims]
+        q = q.reshape(B, N, self.num_heads, self.head_dims).transpose(1, 2)
+        return balanced_hierarchical_clustering(
+            q.reshape(B * self.num_heads, N, self.head_dims), plan,
+            self.kmeans_iters, self.kmeans_temperature)
+
+    @torch.no_grad()
+    def cluster_ids(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        """Cluster index of every token, for analysis and visualisation.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens (the module's input).
+            hw_shape (Sequence[int]): ``(H, W)``.
+
+        Returns:
+            Tensor: ``(B, num_heads, N)`` int64 cluster ids.
+        """
+        self._check_input(x, hw_shape)
+        B, N, _ = x.shape
+        plan = self._plan(N, x.device)
+        if plan.num_clusters == 1:
+            return x.new_zeros(B, self.num_heads, N, dtype=torch.long)
+        perm = self._cluster(self.qkv(x), plan)
+        return cluster_ids_from_perm(perm, plan).view(B, self.num_heads, N)
+
+    def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        """Forward.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens in raster order.
+            hw_shape (Sequence[int]): ``(H, W)`` with ``H * W == N``.
+
+        Returns:
+            Tensor: ``(B, N, C)``.
+        """
+        self._check_input(x, hw_shape)
+        B, N, C = x.shape
+        H, W = hw_shape
+        qkv = self.qkv(x)
+        plan = self._plan(N, x.device)
+        perm = None
+        if plan.num_clusters > 1:
+            perm = self._cluster(qkv, plan)
+        out = clustered_attention(
+            qkv,
+            perm,
+            plan,
+            self.num_heads,
+            scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.)
+        # Local term: depthwise 3x3 conv of the values in image layout.
+        v = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)
+        out = out + self.get_v(v).flatten(2).transpose(1, 2)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '
+                f'group_size={self.group_size}, overlap={self.overlap}, '
+                f'scale={self.scale:.4g}')

@@ -1,0 +1,12 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Pure tensor operations of feature-space local attention (FSLA)."""
+from .clustered_attn import clustered_attention, inverse_slots, permute_rows
+from .clustering import (ClusterPlan, balanced_hierarchical_clustering,
+                         build_cluster_plan, cluster_ids_from_perm,
+                         num_clusters_for)
+
+__all__ = [
+    'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
+    'cluster_ids_from_perm', 'num_clusters_for', 'clustered_attention',
+    'inverse_slots', 'permute_rows'
+]

@@ -1,0 +1,141 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Attention inside feature-space clusters, with sibling overlap.
+
+Given the slot layout of :mod:`boat_mm.ops.clustering`, every real token is
+a query in exactly one cluster. Cluster ``2j`` additionally attends to the
+first ``overlap`` tokens of its sibling ``2j+1`` and ``2j+1`` to the last
+``overlap`` tokens of ``2j`` (the sibling's tokens nearest the split).
+
+Instead of copying the borrowed keys into every cluster, attention runs on
+each *pair* of siblings (``2S`` slots) with one static boolean mask (see
+:func:`boat_mm.ops.clustering._sibling_mask`), so the keys are read in
+place. Tokens move between raster and cluster order with a single
+``index_select`` each way; their backward passes gather with the inverse
+permutation, which is deterministic and avoids scatter-add.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .clustering import ClusterPlan
+
+__all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``out = src[index]`` whose backward is ``grad_src = grad[inverse]``.
+
+    Valid when every row of ``src`` is read by exactly one row of ``out``
+    that carries gradient (``inverse`` names it); other rows of ``out`` may
+    read any row of ``src``, as long as their gradients never reach rows
+    that matter (padding slots, see :func:`clustered_attention`).
+    """
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """Gather rows ``src[index]`` with a gather-based backward.
+
+    Args:
+        src (Tensor): ``(R, ...)`` rows to read.
+        index (Tensor): ``(R',)`` int64 rows of ``src`` to read.
+        inverse (Tensor): ``(R,)`` int64, for each row of ``src`` the row of
+            the output that reads it (its gradient source).
+
+    Returns:
+        Tensor: ``(R', ...)``.
+    """
+    return _PermuteRows.apply(src, index, inverse)
+
+
+def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
+    """For every token, the slot that holds it as a real token.
+
+    Args:
+        perm (Tensor): ``(M, slots)`` from the clustering.
+        plan (ClusterPlan): Its plan.
+
+    Returns:
+        Tensor: ``(M, N)`` int64 slot indices in ``[0, 2 * P * S)``.
+    """
+    M, N = perm.shape[0], plan.num_tokens
+    used = perm[:, :plan.slot_valid.numel()]
+    slot = torch.arange(used.shape[1], device=perm.device).expand(M, -1)
+    # Padding slots write to a spare column N, which is dropped: each real
+    # column is written exactly once, so the scatter is deterministic.
+    target = torch.where(plan.slot_valid, used, N)
+    inv = slot.new_zeros(M, N + 1).scatter_(1, target, slot)
+    return inv[:, :N]
+
+
+def clustered_attention(qkv: Tensor,
+                        perm: Tensor,
+                        plan: ClusterPlan,
+                        num_heads: int,
+                        scale: Optional[float] = None,
+                        dropout_p: float = 0.) -> Tensor:
+    """Multi-head attention inside clusters with sibling overlap.
+
+    Args:
+        qkv (Tensor): ``(B, N, 3 * C)`` the output of the qkv projection,
+            channels laid out as ``(3, num_heads, head_dim)``.
+        perm (Tensor): ``(B * num_heads, slots)`` from
+            :func:`boat_mm.ops.balanced_hierarchical_clustering`, rows in
+            ``(batch, head)`` order. Ignored when ``plan`` has one cluster.
+        plan (ClusterPlan): The plan for ``N``.
+        num_heads (int): Number of heads ``h``.
+        scale (float, optional): Logit scale; None for ``head_dim ** -0.5``.
+        dropout_p (float): Attention dropout probability.
+
+    Returns:
+        Tensor: ``(B, N, C)`` attention output in raster order, channels in
+        ``(num_heads, head_dim)`` order.
+    """
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    h, d = num_heads, C // num_heads
+    if plan.num_clusters == 1:
+        # One cluster: plain attention, no permutation needed at all.
+        q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, scale=scale)
+        return out.transpose(1, 2).reshape(B, N, C)
+
+    M = B * h
+    P, S = plan.num_pairs, plan.slot_size
+    slots = 2 * P * S
+    dev = qkv.device
+    used = perm[:, :slots]  # (M, slots) token per slot
+    inv = inverse_slots(perm, plan)  # (M, N) slot per token
+
+    m = torch.arange(M, device=dev)
+    b, head = (m // h).view(M, 1), (m % h).view(M, 1)
+    # Row of qkv viewed as (B * N * 3 * h, d) for (which, m, slot).
+    which = torch.arange(3, device=dev).view(3, 1, 1)
+    src_row = ((b * N + used) * 3 + which) * h + head  # (3, M, slots)
+    # For each qkv row (b, n, which, head): the slot row that reads it.
+    slot_row = (which * M + m.view(M, 1)) * slots + inv.unsqueeze(0)
+    slot_row = slot_row.view(3, B, h, N).permute(1, 3, 0, 2).reshape(-1)
+    rows = permute_rows(qkv.reshape(-1, d), src_row.reshape(-1), slot_row)
+    q, k, v = rows.view(3, M, P, 2 * S, d).unbind(0)
+
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=plan.attn_mask, dropout_p=dropout_p, scale=scale)
+
+    # Back to raster order, (b, n, head) rows so the result is (B, N, C).
+    out_row = (m.view(M, 1) * slots + inv).view(B, h, N).transpose(1, 2)
+    back_row = (b * N + used) * h + head  # (M, slots) -> raster row
+    out = permute_rows(
+        out.reshape(M * slots, d), out_row.reshape(-1), back_row.reshape(-1))
+    return out.view(B, N, C)

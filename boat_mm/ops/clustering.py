@@ -1,0 +1,315 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Balanced hierarchical clustering of tokens by their features.
+
+This is the grouping step of BOAT's feature-space local attention (FSLA).
+Tokens are split recursively into two halves by spherical soft k-means with
+two centroids; a split is balanced because tokens are *ranked* by their
+relative affinity to the two centroids and cut at a fixed position.
+
+The rule for any number of tokens ``N`` (the published code only handles
+``N = group_size * 2**L``):
+
+* ``G = max(1, round(N / group_size))`` clusters. Their real-token counts
+  differ by at most one (``N // G`` or ``N // G + 1``), so every cluster
+  size lies within ``[0.67, 1.34] * group_size`` once ``N >= group_size``
+  (and a single cluster holds all tokens when ``N < 1.5 * group_size``).
+* The clusters are the leaves of a binary tree with ``L = ceil(log2 G)``
+  levels and ``2**L`` leaf slots of capacity ``S = ceil(N / G)``. Leaves are
+  filled from the left: slots ``0 .. G-1`` are real clusters, the rest are
+  empty. Every node knows statically (from ``N`` alone) how many real tokens
+  each of its children receives, so at each level a node's tokens are
+  sorted by affinity ratio and the first ``n0`` go to child 0, the rest to
+  child 1. Slots not holding a real token are *padding*; they are tracked
+  statically, excluded from the centroids, sorted last, and never used as
+  keys or outputs by :mod:`boat_mm.ops.clustered_attn`.
+* For ``N = group_size * 2**L`` there is no padding and every split is into
+  exact halves: the result equals the published algorithm (same clusters,
+  same order inside clusters).
+
+Everything is batched over ``M = batch * heads`` rows and over all the nodes
+of a level; the only Python loop runs over the ``L`` levels. No host-device
+synchronisation happens: shapes depend on ``N`` only.
+"""
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
+    'cluster_ids_from_perm'
+]
+
+
+class ClusterPlan(NamedTuple):
+    """Static description of the clustering of ``num_tokens`` tokens.
+
+    Everything here depends only on ``(num_tokens, group_size, overlap)`` and
+    the device, so it is built once per resolution and cached.
+
+    Attributes:
+        num_tokens (int): ``N``.
+        num_clusters (int): ``G``, the number of real clusters.
+        num_levels (int): ``L = ceil(log2 G)``.
+        slot_size (int): ``S``, capacity of a cluster (max real tokens).
+        num_pairs (int): ``P = ceil(G / 2)``; attention runs on sibling pairs.
+        uniform (bool): True when ``N == G * S`` and ``G == 2**L``: no
+            padding anywhere (the published algorithm's case).
+        level_valid (tuple[Tensor]): per level ``l`` a float ``(2**l, cap_l)``
+            mask of real-token positions (real tokens come first in a node).
+        level_init (tuple[Tensor]): per level a ``(2**l, 2, cap_l)`` matrix
+            whose rows average the first ``n0`` and the remaining real tokens
+            of each node (the initial centroids).
+        level_split (tuple[Tensor | None]): per level a ``(2**l, cap_l)``
+            index that moves sorted positions into the two children's slots
+            (None when it is the identity).
+        slot_valid (Tensor): bool ``(2 * P * S,)`` (``(S,)`` when
+            ``G == 1``), real slots among the slots that attention uses.
+        attn_mask (Tensor | None): bool ``(P, 2S, 2S)`` or ``(2S, 2S)`` mask
+            of allowed (query, key) pairs inside a sibling pair; None when
+            ``G == 1``.
+    """
+    num_tokens: int
+    num_clusters: int
+    num_levels: int
+    slot_size: int
+    num_pairs: int
+    uniform: bool
+    level_valid: Tuple[Tensor, ...]
+    level_init: Tuple[Tensor, ...]
+    level_split: Tuple[Optional[Tensor], ...]
+    slot_valid: Tensor
+    attn_mask: Optional[Tensor]
+
+
+_PLAN_CACHE: Dict[tuple, ClusterPlan] = {}
+
+
+def num_clusters_for(num_tokens: int, group_size: int) -> int:
+    """Number of clusters ``G = max(1, round(N / group_size))``."""
+    return max(1, int(math.floor(num_tokens / group_size + 0.5)))
+
+
+def _leaf_sizes(num_tokens: int, num_clusters: int, num_slots: int,
+                device: torch.device) -> Tensor:
+    """Real-token count of each leaf slot (fill from the left)."""
+    t = torch.arange(num_slots, device=device)
+    base, extra = divmod(num_tokens, num_clusters)
+    sizes = base + (t < extra).long()
+    return torch.where(t < num_clusters, sizes, torch.zeros_like(sizes))
+
+
+def _build_plan(num_tokens: int, group_size: int, overlap: int,
+                device: torch.device) -> ClusterPlan:
+    G = num_clusters_for(num_tokens, group_size)
+    L = (G - 1).bit_length()  # ceil(log2 G) for G >= 1
+    S = -(-num_tokens // G)
+    P = (G + 1) // 2
+    uniform = num_tokens == G * S and G == 2**L
+    leaves = _leaf_sizes(num_tokens, G, 2**L, device)
+
+    level_valid, level_init, level_split = [], [], []
+    for level in range(L):
+        nodes, cap = 2**level, S * 2**(L - level)
+        half = cap // 2
+        sizes = leaves.view(nodes, 2, -1).sum(-1)  # (nodes, 2) real counts
+        n0, n = sizes[:, :1], sizes.sum(-1, keepdim=True)
+        pos = torch.arange(cap, device=device).unsqueeze(0)
+        level_valid.append((pos < n).float())
+        first = (pos < n0).float()
+        second = ((pos >= n0) & (pos < n)).float()
+        # Means over the two parts; clamp avoids 0/0 for empty parts, whose
+        # centroid then normalises to zero and does not move any token.
+        init = torch.stack([
+            first / n0.clamp(min=1),
+            second / (n - n0).clamp(min=1),
+        ], dim=1)
+        level_init.append(init)
+        if uniform:
+            level_split.append(None)
+        else:
+            # Sorted node: real tokens [0, n) then padding [n, cap).
+            # Child 0 slots: its n0 real tokens, then padding; child 1 slots:
+            # the next n - n0 real tokens, then the remaining padding.
+            p = pos % half
+            child1 = pos >= half
+            n1 = n - n0
+            src0 = torch.where(p < n0, p, n + p - n0)
+            src1 = torch.where(p < n1, n0 + p, n + half - n0 + p - n1)
+            level_split.append(torch.where(child1, src1, src0))
+        leaves = leaves.view(-1)
+
+    # Attention uses whole sibling pairs; a lone cluster uses its own slots.
+    num_used = S if G == 1 else 2 * P * S
+    slot = torch.arange(num_used, device=device)
+    leaf_of_slot = slot // S
+    pad_sizes = _leaf_sizes(num_tokens, G, max(G, 2 * P), device)
+    slot_valid = (slot % S) < pad_sizes[leaf_of_slot]
+    attn_mask = None
+    if G > 1:
+        attn_mask = _sibling_mask(pad_sizes.view(P, 2), S, overlap)
+        if uniform:
+            attn_mask = attn_mask[0]
+    return ClusterPlan(num_tokens, G, L, S, P, uniform, tuple(level_valid),
+                       tuple(level_init), tuple(level_split), slot_valid,
+                       attn_mask)
+
+
+def _sibling_mask(pair_sizes: Tensor, slot_size: int, overlap: int) -> Tensor:
+    """Allowed (query, key) positions inside each sibling pair.
+
+    A pair holds clusters ``2j`` (slots ``[0, S)``) and ``2j+1`` (slots
+    ``[S, 2S)``), each with its real tokens first. Real queries of cluster
+    ``2j`` see its real tokens and the first ``overlap`` real tokens of
+    ``2j+1``; real queries of ``2j+1`` see its real tokens and the last
+    ``overlap`` real tokens of ``2j``. A padding query sees only itself, so
+    it neither produces NaNs nor leaks into real tokens' gradients.
+    """
+    S = slot_size
+    idx = torch.arange(2 * S, device=pair_sizes.device)
+    in_b, local = idx >= S, idx % S
+    s0 = pair_sizes[:, 0].view(-1, 1, 1)
+    s1 = pair_sizes[:, 1].view(-1, 1, 1)
+    q_b, q_loc = in_b.view(1, -1, 1), local.view(1, -1, 1)
+    k_b, k_loc = in_b.view(1, 1, -1), local.view(1, 1, -1)
+    ov0, ov1 = s0.clamp(max=overlap), s1.clamp(max=overlap)
+    # Queries of cluster 2j (first half).
+    allow_a = torch.where(k_b, k_loc < ov1, k_loc < s0)
+    # Queries of cluster 2j+1 (second half).
+    allow_b = torch.where(k_b, k_loc < s1, (k_loc >= s0 - ov0) & (k_loc < s0))
+    allow = torch.where(q_b, allow_b, allow_a)
+    q_real = torch.where(q_b, q_loc < s1, q_loc < s0)
+    diag = (idx.view(-1, 1) == idx.view(1, -1)).unsqueeze(0)
+    return torch.where(q_real, allow, diag)
+
+
+def build_cluster_plan(num_tokens: int,
+                       group_size: int = 49,
+                       overlap: int = 20,
+                       device: Optional[torch.device] = None) -> ClusterPlan:
+    """Return the (cached) static :class:`ClusterPlan` for ``num_tokens``.
+
+    Args:
+        num_tokens (int): Number of tokens ``N`` (``H * W``), ``N >= 1``.
+        group_size (int): Target cluster size. Defaults to 49.
+        overlap (int): Keys borrowed from the sibling cluster. Must be
+            smaller than ``group_size``. Defaults to 20.
+        device (torch.device, optional): Device of the plan's tensors.
+
+    Returns:
+        ClusterPlan: The static layout.
+    """
+    if num_tokens < 1:
+        raise ValueError(f'FSLA needs at least one token, got {num_tokens}.')
+    if not 0 <= overlap < group_size:
+        raise ValueError(
+            f'overlap must satisfy 0 <= overlap < group_size, got '
+            f'overlap={overlap}, group_size={group_size}; lower overlap.')
+    device = torch.device('cpu') if device is None else torch.device(device)
+    key = (num_tokens, group_size, overlap, device)
+    if torch.compiler.is_compiling():
+        # Traced as constants; a Python-side cache would be a side effect.
+        return _build_plan(num_tokens, group_size, overlap, device)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        with torch.no_grad():
+            plan = _build_plan(num_tokens, group_size, overlap, device)
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+@torch.no_grad()
+def balanced_hierarchical_clustering(x: Tensor,
+                                     plan: ClusterPlan,
+                                     kmeans_iters: int = 2,
+                                     temperature: float = 100.) -> Tensor:
+    """Cluster the rows of ``x`` into the plan's balanced clusters.
+
+    Args:
+        x (Tensor): ``(M, N, d)`` vectors to cluster (BOAT uses the per-head
+            queries), one independent clustering per leading row.
+        plan (ClusterPlan): From :func:`build_cluster_plan` for ``N``.
+        kmeans_iters (int): Soft k-means iterations per split. Defaults to 2.
+        temperature (float): Softmax temperature on cosine similarities.
+            Defaults to 100.
+
+    Returns:
+        Tensor: ``perm`` of shape ``(M, 2**L * S)`` (int64): ``perm[m, s]`` is
+        the token held by slot ``s``; cluster ``c`` owns slots
+        ``[c * S, (c + 1) * S)``, its real tokens first (see
+        ``plan.slot_valid``). Padding slots hold an arbitrary real token.
+    """
+    M, N, d = x.shape
+    if N != plan.num_tokens:
+        raise ValueError(f'x has {N} tokens but the plan is for '
+                         f'{plan.num_tokens}; build the plan for N={N}.')
+    L, S = plan.num_levels, plan.slot_size
+    total = S * 2**L
+    device = x.device
+    # Clustering math runs in float32 even under autocast: the ranking is
+    # sensitive to rounding and costs little next to attention.
+    with torch.autocast(device.type, enabled=False):
+        feats = x.float()
+        pos = torch.arange(total, device=device)
+        perm = pos.clamp(max=N - 1).unsqueeze(0).expand(M, total)
+        if total > N:
+            feats = feats.index_select(1, perm[0])
+        for level in range(L):
+            nodes, cap = 2**level, total >> level
+            rows = M * nodes
+            feats = feats.reshape(rows, cap, d)
+            valid = plan.level_valid[level]
+            normed = F.normalize(feats, dim=-1)
+            init = plan.level_init[level].expand(M, -1, -1, -1)
+            cent = F.normalize(
+                torch.bmm(init.reshape(rows, 2, cap), feats), dim=-1)
+            for _ in range(kmeans_iters):
+                sim = torch.bmm(cent, normed.transpose(1, 2))
+                # softmax over two centroids == sigmoid of the difference.
+                logit = (sim[:, 0] - sim[:, 1]) * temperature
+                assign = torch.stack([logit.sigmoid(), (-logit).sigmoid()],
+                                     dim=1)
+                if not plan.uniform:
+                    assign = assign * valid.repeat(M, 1).unsqueeze(1)
+                cent = F.normalize(torch.bmm(assign, feats), dim=-1)
+            sim = torch.bmm(cent, normed.transpose(1, 2))
+            ratio = (sim[:, 0] + 1) / (sim[:, 1] + 1)
+            ratio = ratio.view(M, nodes, cap)
+            if not plan.uniform:
+                # Padding sorts last inside its node.
+                ratio = ratio.masked_fill(valid == 0, float('inf'))
+            order = ratio.sort(dim=-1, stable=True).indices
+            split = plan.level_split[level]
+            if split is not None:
+                order = order.gather(-1, split.expand_as(order))
+            perm = perm.reshape(M, nodes, cap).gather(-1, order)
+            if level + 1 < L:
+                # One row gather over the flattened features.
+                base = torch.arange(rows, device=device).view(M, nodes, 1)
+                feats = feats.reshape(rows * cap, d).index_select(
+                    0, (order + base * cap).reshape(-1))
+        return perm.reshape(M, total)
+
+
+def cluster_ids_from_perm(perm: Tensor, plan: ClusterPlan) -> Tensor:
+    """Cluster index of every token.
+
+    Args:
+        perm (Tensor): ``(M, slots)`` from
+            :func:`balanced_hierarchical_clustering`.
+        plan (ClusterPlan): The plan used to compute ``perm``.
+
+    Returns:
+        Tensor: ``(M, N)`` int64 cluster index in ``[0, G)`` per token.
+    """
+    M = perm.shape[0]
+    used = perm[:, :plan.slot_valid.numel()]
+    slot = torch.arange(used.shape[1], device=perm.device)
+    cluster = (slot // plan.slot_size).expand(M, -1)
+    # Padding slots carry -1 so that the real slot of each token wins.
+    src = torch.where(plan.slot_valid, cluster, -1)
+    ids = torch.full((M, plan.num_tokens), -1, dtype=torch.long,
+                     device=perm.device)
+    return ids.scatter_reduce(1, used, src, reduce='amax')

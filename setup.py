@@ -1,0 +1,63 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Install boat_mm: the BOAT backbones as an OpenMMLab 2.x plugin."""
+import os.path as osp
+import re
+
+from setuptools import find_packages, setup
+
+HERE = osp.dirname(osp.abspath(__file__))
+
+
+def get_version() -> str:
+    with open(osp.join(HERE, 'boat_mm', 'version.py')) as f:
+        return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+
+
+def parse_requirements(fname: str) -> list:
+    """Read requirement lines, following ``-r`` includes."""
+    reqs = []
+    with open(osp.join(HERE, fname)) as f:
+        for line in f:
+            line = line.split('#')[0].strip()
+            if not line:
+                continue
+            if line.startswith('-r '):
+                sub = osp.join(osp.dirname(fname), line[3:].strip())
+                reqs.extend(parse_requirements(sub))
+            else:
+                reqs.append(line)
+    return reqs
+
+
+with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='boat-mm',
+    version=get_version(),
+    description='BOAT (Bilateral Local Attention Vision Transformer) '
+    'backbones for MMEngine, mmpretrain and mmsegmentation',
+    long_description=long_description,
+    long_description_content_type='text/markdown',
+    keywords='computer vision, vision transformer, semantic segmentation, '
+    'image classification, openmmlab',
+    packages=find_packages(
+        exclude=('configs', 'tools', 'tests', 'benchmarks', 'docs')),
+    include_package_data=True,
+    python_requires='>=3.8',
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'License :: OSI Approved :: Apache Software License',
+        'Operating System :: OS Independent',
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+    license='Apache License 2.0',
+    install_requires=parse_requirements('requirements/runtime.txt'),
+    extras_require={
+        'all': parse_requirements('requirements.txt'),
+        'tests': parse_requirements('requirements/tests.txt'),
+        'optional': parse_requirements('requirements/optional.txt'),
+        'mim': parse_requirements('requirements/mminstall.txt'),
+    },
+    zip_safe=False)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned boat-mm stack into it.
+#
+# Order matters: torch + torchvision first (kept pinned through a constraint
+# file), then the build tools, then mmcv 2.1.0 compiled from its sdist with
+# its ops (once per machine: the wheel is cached outside the clone), then
+# the OpenMMLab libraries and boat_mm itself in editable mode.
+#
+# A second run compares a stamp of the requirement files and checks that
+# every library imports; when both hold it finishes in a few seconds.
+#
+# Environment:
+#   VENV            virtualenv folder (default: .venv in the repo root)
+#   PYTHON          interpreter that creates the venv (default: python3.11)
+#   BOAT_MM_CACHE   where the built mmcv wheel is kept
+#                   (default: ${XDG_CACHE_HOME:-~/.cache}/boat-mm)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3.11}"
+CACHE="${BOAT_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/boat-mm}"
+MMCV_VERSION=2.1.0
+TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+CONSTRAINTS="$ROOT/requirements/constraints.txt"
+START=$(date +%s)
+
+log() { printf '[setup %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+
+stamp_of() {
+    cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" \
+        | sha256sum | cut -d' ' -f1
+}
+
+imports_ok() {
+    "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
+import torch, torchvision, mmcv, mmcv.ops, mmengine, mmseg, mmpretrain
+import boat_mm, pytest
+from torchvision.ops import nms  # the compiled torchvision ops are real
+EOF
+}
+
+STAMP_FILE="$VENV/.boat_mm_setup_stamp"
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP_FILE" ] \
+        && [ "$(cat "$STAMP_FILE")" = "$(stamp_of)" ] && imports_ok; then
+    log "environment in $VENV is up to date (nothing to do)"
+    exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+log "installing $TORCH_SPEC (first, pinned)"
+"${PIP[@]}" install -q $TORCH_SPEC -c "$CONSTRAINTS"
+
+log "installing build tools (setuptools<82, wheel, ninja, numpy, opencv)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/build.txt" -c "$CONSTRAINTS"
+
+if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" \
+        >/dev/null 2>&1; then
+    log "mmcv $MMCV_VERSION with ops already installed"
+else
+    # The wheel depends on the torch ABI and the Python version: key on both.
+    TAG=$("$PY" -c "import sys, torch; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split(\"+\")[0]}')")
+    WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-$TAG"
+    WHEEL=$(ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$WHEEL" ]; then
+        log "building mmcv $MMCV_VERSION with ops from source (once per machine, ~10 min)"
+        BUILD=$(mktemp -d)
+        trap 'rm -rf "$BUILD"' EXIT
+        "${PIP[@]}" download -q --no-binary :all: --no-deps \
+            "mmcv==$MMCV_VERSION" -d "$BUILD"
+        tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
+        SRC="$BUILD/mmcv-$MMCV_VERSION"
+        # torch >= 2.14 headers need C++20; mmcv 2.1.0 asks for C++17.
+        sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+        mkdir -p "$WHEEL_DIR"
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+            "${PIP[@]}" wheel -q --no-build-isolation --no-deps \
+            -w "$WHEEL_DIR" "$SRC"
+        WHEEL=$(ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
+        log "cached $WHEEL"
+    else
+        log "reusing cached $WHEEL"
+    fi
+    "${PIP[@]}" install -q --no-deps "$WHEEL"
+fi
+
+log "installing mmengine, mmsegmentation, mmpretrain and test tools"
+"${PIP[@]}" install -q -r "$ROOT/requirements/mminstall.txt" \
+    -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt" \
+    -r "$ROOT/requirements/optional.txt" -c "$CONSTRAINTS"
+
+log "installing boat_mm (editable)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+
+if ! imports_ok; then
+    log "ERROR: the environment does not import cleanly:"
+    "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmseg, mmpretrain, boat_mm"
+    exit 1
+fi
+stamp_of > "$STAMP_FILE"
+log "done: $(du -sh "$VENV" | cut -f1) in $VENV"
