@@ -9,19 +9,20 @@ relative affinity to the two centroids and cut at a fixed position.
 The rule for any number of tokens ``N`` (the published code only handles
 ``N = group_size * 2**L``):
 
-* ``G = max(1, round(N / group_size))`` clusters. Their real-token counts
-  differ by at most one (``N // G`` or ``N // G + 1``), so every cluster
-  size lies within ``[0.67, 1.34] * group_size`` once ``N >= group_size``
-  (and a single cluster holds all tokens when ``N < 1.5 * group_size``).
-* The clusters are the leaves of a binary tree with ``L = ceil(log2 G)``
-  levels and ``2**L`` leaf slots of capacity ``S = ceil(N / G)``. Leaves are
-  filled from the left: slots ``0 .. G-1`` are real clusters, the rest are
-  empty. Every node knows statically (from ``N`` alone) how many real tokens
-  each of its children receives, so at each level a node's tokens are
-  sorted by affinity ratio and the first ``n0`` go to child 0, the rest to
-  child 1. Slots not holding a real token are *padding*; they are tracked
-  statically, excluded from the centroids, sorted last, and never used as
-  keys or outputs by :mod:`boat_mm.ops.clustered_attn`.
+* ``G = 2**L`` clusters, the leaves of a complete binary tree, with ``L``
+  chosen so that ``N / G`` is closest to ``group_size`` (in log scale)
+  without exceeding ``1.35 * group_size`` (see :func:`num_clusters_for`).
+  Their real-token counts differ by at most one (``N // G`` or
+  ``N // G + 1``), so every cluster size lies within
+  ``[0.67, 1.35] * group_size``, unless the whole map is a single cluster
+  (``N <= 1.35 * group_size``), which attends within itself.
+* Every leaf has ``S = ceil(N / G)`` slots. Every node knows statically (from
+  ``N`` alone) how many real tokens each child receives, so at each level a
+  node's tokens are sorted by affinity ratio and the first ``n0`` go to
+  child 0, the rest to child 1. Slots not holding a real token (at most one
+  per cluster) are *padding*; they are tracked statically, excluded from
+  the centroids, sorted last, and never used as keys or outputs by
+  :mod:`boat_mm.ops.clustered_attn`.
 * For ``N = group_size * 2**L`` there is no padding and every split is into
   exact halves: the result equals the published algorithm (same clusters,
   same order inside clusters).
@@ -52,11 +53,12 @@ class ClusterPlan(NamedTuple):
     Attributes:
         num_tokens (int): ``N``.
         num_clusters (int): ``G``, the number of real clusters.
-        num_levels (int): ``L = ceil(log2 G)``.
+        num_levels (int): ``L = log2 G``.
         slot_size (int): ``S``, capacity of a cluster (max real tokens).
-        num_pairs (int): ``P = ceil(G / 2)``; attention runs on sibling pairs.
-        uniform (bool): True when ``N == G * S`` and ``G == 2**L``: no
-            padding anywhere (the published algorithm's case).
+        num_pairs (int): ``P = G / 2`` (1 when ``G == 1``); attention runs
+            on sibling pairs.
+        uniform (bool): True when ``N == G * S``: no padding anywhere (the
+            published algorithm's case).
         level_valid (tuple[Tensor]): per level ``l`` a float ``(2**l, cap_l)``
             mask of real-token positions (real tokens come first in a node).
         level_init (tuple[Tensor]): per level a ``(2**l, 2, cap_l)`` matrix
@@ -88,27 +90,37 @@ _PLAN_CACHE: Dict[tuple, ClusterPlan] = {}
 
 
 def num_clusters_for(num_tokens: int, group_size: int) -> int:
-    """Number of clusters ``G = max(1, round(N / group_size))``."""
-    return max(1, int(math.floor(num_tokens / group_size + 0.5)))
+    """Number of clusters ``G = 2**L`` for ``num_tokens`` tokens.
+
+    ``L`` makes ``N / G`` closest to ``group_size`` in log scale, moved one
+    level deeper when the clusters would exceed ``1.35 * group_size``; so
+    cluster sizes lie within ``[0.67, 1.35] * group_size`` unless the whole
+    map is one cluster (``N <= 1.35 * group_size``).
+    """
+    if num_tokens <= group_size:
+        return 1
+    level = max(0, round(math.log2(num_tokens / group_size)))
+    if num_tokens > 1.35 * group_size * 2**level:
+        level += 1
+    return 2**level
 
 
-def _leaf_sizes(num_tokens: int, num_clusters: int, num_slots: int,
+def _leaf_sizes(num_tokens: int, num_clusters: int,
                 device: torch.device) -> Tensor:
-    """Real-token count of each leaf slot (fill from the left)."""
-    t = torch.arange(num_slots, device=device)
+    """Real-token count of each cluster: the first ``N % G`` get one more."""
+    t = torch.arange(num_clusters, device=device)
     base, extra = divmod(num_tokens, num_clusters)
-    sizes = base + (t < extra).long()
-    return torch.where(t < num_clusters, sizes, torch.zeros_like(sizes))
+    return base + (t < extra).long()
 
 
 def _build_plan(num_tokens: int, group_size: int, overlap: int,
                 device: torch.device) -> ClusterPlan:
     G = num_clusters_for(num_tokens, group_size)
-    L = (G - 1).bit_length()  # ceil(log2 G) for G >= 1
+    L = G.bit_length() - 1
     S = -(-num_tokens // G)
-    P = (G + 1) // 2
-    uniform = num_tokens == G * S and G == 2**L
-    leaves = _leaf_sizes(num_tokens, G, 2**L, device)
+    P = max(1, G // 2)
+    uniform = num_tokens == G * S
+    leaves = _leaf_sizes(num_tokens, G, device)
 
     level_valid, level_init, level_split = [], [], []
     for level in range(L):
@@ -141,11 +153,11 @@ def _build_plan(num_tokens: int, group_size: int, overlap: int,
             level_split.append(torch.where(child1, src1, src0))
         leaves = leaves.view(-1)
 
-    # Attention uses whole sibling pairs; a lone cluster uses its own slots.
-    num_used = S if G == 1 else 2 * P * S
+    # Attention uses sibling pairs; a lone cluster uses its own slots.
+    num_used = S if G == 1 else G * S
     slot = torch.arange(num_used, device=device)
     leaf_of_slot = slot // S
-    pad_sizes = _leaf_sizes(num_tokens, G, max(G, 2 * P), device)
+    pad_sizes = _leaf_sizes(num_tokens, G, device)
     slot_valid = (slot % S) < pad_sizes[leaf_of_slot]
     attn_mask = None
     if G > 1:
@@ -251,36 +263,45 @@ def balanced_hierarchical_clustering(x: Tensor,
     # Clustering math runs in float32 even under autocast: the ranking is
     # sensitive to rounding and costs little next to attention.
     with torch.autocast(device.type, enabled=False):
+        # Normalise once and carry unit vectors plus norms through the
+        # levels: cosines need the former, the centroid update (a weighted
+        # sum of the raw vectors, as published) needs norm * unit vector.
         feats = x.float()
+        norms = feats.norm(dim=-1).clamp(min=1e-12)
+        normed = feats / norms.unsqueeze(-1)
         pos = torch.arange(total, device=device)
         perm = pos.clamp(max=N - 1).unsqueeze(0).expand(M, total)
         if total > N:
-            feats = feats.index_select(1, perm[0])
+            normed = normed.index_select(1, perm[0])
+            norms = norms.index_select(1, perm[0])
         for level in range(L):
             nodes, cap = 2**level, total >> level
             rows = M * nodes
-            feats = feats.reshape(rows, cap, d)
+            normed = normed.reshape(rows, cap, d)
+            norms = norms.reshape(rows, 1, cap)
             valid = plan.level_valid[level]
-            normed = F.normalize(feats, dim=-1)
             init = plan.level_init[level].expand(M, -1, -1, -1)
             cent = F.normalize(
-                torch.bmm(init.reshape(rows, 2, cap), feats), dim=-1)
+                torch.bmm(init.reshape(rows, 2, cap) * norms, normed),
+                dim=-1)
             for _ in range(kmeans_iters):
                 sim = torch.bmm(cent, normed.transpose(1, 2))
                 # softmax over two centroids == sigmoid of the difference.
                 logit = (sim[:, 0] - sim[:, 1]) * temperature
                 assign = torch.stack([logit.sigmoid(), (-logit).sigmoid()],
-                                     dim=1)
+                                     dim=1) * norms
                 if not plan.uniform:
                     assign = assign * valid.repeat(M, 1).unsqueeze(1)
-                cent = F.normalize(torch.bmm(assign, feats), dim=-1)
+                cent = F.normalize(torch.bmm(assign, normed), dim=-1)
             sim = torch.bmm(cent, normed.transpose(1, 2))
-            ratio = (sim[:, 0] + 1) / (sim[:, 1] + 1)
+            # r >= 0 up to rounding; clamping makes the float bit patterns
+            # order like the values, so an int32 sort (faster) can rank them.
+            ratio = ((sim[:, 0] + 1) / (sim[:, 1] + 1)).clamp(min=0)
             ratio = ratio.view(M, nodes, cap)
             if not plan.uniform:
                 # Padding sorts last inside its node.
                 ratio = ratio.masked_fill(valid == 0, float('inf'))
-            order = ratio.sort(dim=-1, stable=True).indices
+            order = ratio.view(torch.int32).sort(dim=-1, stable=True).indices
             split = plan.level_split[level]
             if split is not None:
                 order = order.gather(-1, split.expand_as(order))
@@ -288,8 +309,10 @@ def balanced_hierarchical_clustering(x: Tensor,
             if level + 1 < L:
                 # One row gather over the flattened features.
                 base = torch.arange(rows, device=device).view(M, nodes, 1)
-                feats = feats.reshape(rows * cap, d).index_select(
-                    0, (order + base * cap).reshape(-1))
+                flat = (order + base * cap).reshape(-1)
+                # embedding() is the fastest row gather on CPU here.
+                normed = F.embedding(flat, normed.reshape(rows * cap, d))
+                norms = norms.reshape(rows * cap).index_select(0, flat)
         return perm.reshape(M, total)
 
 
