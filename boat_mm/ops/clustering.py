@@ -109,7 +109,7 @@ def _leaf_sizes(num_tokens: int, num_clusters: int,
                 device: torch.device) -> Tensor:
     """Real-token count of each cluster: the first ``N % G`` get one more."""
     t = torch.arange(num_clusters, device=device)
-    base, extra = divmod(num_tokens, num_clusters)
+    base, extra = num_tokens // num_clusters, num_tokens % num_clusters
     return base + (t < extra).long()
 
 

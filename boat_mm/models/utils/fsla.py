@@ -33,6 +33,10 @@ class FeatureSpaceLocalAttention(BaseModule):
     Each sample is clustered on its own, so outputs never depend on other
     samples of the batch.
 
+    The cluster layout depends on ``N`` only and is cached per resolution;
+    under ``torch.compile`` it is specialised per shape, so compile with
+    ``dynamic=False`` (``fullgraph=True`` works, forward and backward).
+
     Args:
         embed_dims (int): Number of channels ``C``.
         num_heads (int): Number of attention heads; must divide ``C``.
