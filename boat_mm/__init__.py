@@ -1,4 +1,15 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
+"""boat_mm: BOAT backbones for MMEngine, mmpretrain and mmsegmentation.
+
+Importing this package (as ``custom_imports=dict(imports=['boat_mm'])``
+does) registers the models in MMEngine's root ``MODELS`` registry and lets
+``torch.load(weights_only=True)`` read MMEngine checkpoints.
+"""
+from .utils import allow_mmengine_checkpoints
 from .version import __version__, version_info
+
+allow_mmengine_checkpoints()
+
+from . import datasets, models, ops, utils  # noqa: E402,F401  (registers)
 
 __all__ = ['__version__', 'version_info']

@@ -1,0 +1,8 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+from .synthetic import (class_appearance, generate_ade20k_like,
+                        generate_imagenet_like, render_texture)
+
+__all__ = [
+    'generate_ade20k_like', 'generate_imagenet_like', 'class_appearance',
+    'render_texture'
+]

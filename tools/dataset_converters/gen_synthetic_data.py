@@ -1,0 +1,56 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Generate a synthetic ADE20K-like or ImageNet-like dataset.
+
+Examples::
+
+    python tools/dataset_converters/gen_synthetic_data.py ade20k \
+        data/ade_synthetic --num-train 200 --num-val 50 --img-size 128
+    python tools/dataset_converters/gen_synthetic_data.py imagenet \
+        data/imagenet_synthetic --num-train 20 --num-val 5
+"""
+import argparse
+import time
+
+from boat_mm.datasets import generate_ade20k_like, generate_imagenet_like
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('kind', choices=['ade20k', 'imagenet'])
+    parser.add_argument('out_dir', help='output folder (must be empty)')
+    parser.add_argument(
+        '--num-train', type=int, default=None,
+        help='training images (ImageNet-like: per class)')
+    parser.add_argument(
+        '--num-val', type=int, default=None,
+        help='validation images (ImageNet-like: per class)')
+    parser.add_argument('--img-size', type=int, default=None)
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    kwargs = {
+        k: v
+        for k, v in dict(
+            num_train=args.num_train,
+            num_val=args.num_val,
+            img_size=args.img_size,
+            num_classes=args.num_classes,
+            seed=args.seed).items() if v is not None
+    }
+    start = time.time()
+    if args.kind == 'ade20k':
+        root = generate_ade20k_like(args.out_dir, **kwargs)
+        print(f'ADE20K-like data root: {root}')
+    else:
+        classes = generate_imagenet_like(args.out_dir, **kwargs)
+        print(f'ImageNet-like data in {args.out_dir} ({len(classes)} '
+              f'classes)')
+    print(f'done in {time.time() - start:.1f}s')
+
+
+if __name__ == '__main__':
+    main()
