@@ -1,2 +1,4 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-__all__ = []
+from .boat_cswin import BOATCSWin
+
+__all__ = ['BOATCSWin']

@@ -1,4 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
+from .cswin_attn import CSWinAttention, LePEStripeAttention
 from .fsla import FeatureSpaceLocalAttention
 
-__all__ = ['FeatureSpaceLocalAttention']
+__all__ = [
+    'FeatureSpaceLocalAttention', 'CSWinAttention', 'LePEStripeAttention'
+]
