@@ -1,4 +1,5 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 from .boat_cswin import BOATCSWin
+from .boat_swin import BOATSwin
 
-__all__ = ['BOATCSWin']
+__all__ = ['BOATCSWin', 'BOATSwin']

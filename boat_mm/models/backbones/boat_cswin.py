@@ -11,7 +11,6 @@ from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN, PatchEmbed
 from mmengine.model import BaseModule, ModuleList
-from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import Tensor
 
 from boat_mm.registry import MODELS
@@ -290,6 +289,12 @@ class BOATCSWin(BaseModule):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        if init_cfg is None:
+            # CSWin's (timm's) initialisation; conv layers keep PyTorch's.
+            init_cfg = [
+                dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+                dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
+            ]
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._parse_arch(arch)
         self.embed_dims = self.arch_settings['embed_dims']
@@ -343,15 +348,16 @@ class BOATCSWin(BaseModule):
                     downsample=i > 0,
                     drop_path_rates=dpr[:depth],
                     # FSLA in the even-indexed blocks of every stage.
-                    fsla_blocks=[with_fsla and j % 2 == 0
-                                 for j in range(depth)],
+                    fsla_blocks=[
+                        with_fsla and j % 2 == 0 for j in range(depth)
+                    ],
                     block_cfg=block_cfg))
             dpr = dpr[depth:]
 
         for i in self.out_indices:
-            self.add_module(f'norm{i}',
-                            build_norm_layer(norm_cfg,
-                                             self.num_features[i])[1])
+            self.add_module(
+                f'norm{i}',
+                build_norm_layer(norm_cfg, self.num_features[i])[1])
         self._freeze_stages()
 
     def _parse_arch(self, arch: Union[str, dict]) -> Dict:
@@ -378,6 +384,8 @@ class BOATCSWin(BaseModule):
             self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
         if isinstance(out_indices, int):
             out_indices = [out_indices]
+        if len(out_indices) == 0:
+            raise ValueError('out_indices must name at least one stage.')
         parsed = []
         for i in out_indices:
             j = i + self.num_stages if i < 0 else i
@@ -409,13 +417,6 @@ class BOATCSWin(BaseModule):
         """Load ``init_cfg`` or apply the default initialisation."""
         check_pretrained_file(self.init_cfg, 'BOATCSWin')
         super().init_weights()
-        if self.init_cfg is not None:
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_init(m, std=.02, bias=0.)
-            elif isinstance(m, nn.LayerNorm):
-                constant_init(m, val=1.0, bias=0.)
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages >= 0:

@@ -103,8 +103,8 @@ class LePEStripeAttention(nn.Module):
         pad_h, pad_w = (hs - H % hs) % hs, (ws - W % ws) % ws
         top, left = pad_h // 2, pad_w // 2
         if pad_h or pad_w:
-            qkv = F.pad(qkv, (0, 0, 0, 0, left, pad_w - left, top,
-                              pad_h - top))
+            qkv = F.pad(qkv,
+                        (0, 0, 0, 0, left, pad_w - left, top, pad_h - top))
         Hp, Wp = H + pad_h, W + pad_w
         nh, nw = Hp // hs, Wp // ws
         nwin, L = B * nh * nw, hs * ws
@@ -190,8 +190,8 @@ class CSWinAttention(BaseModule):
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         if full_map:
             self.branches = nn.ModuleList([
-                LePEStripeAttention(embed_dims, num_heads, 'full',
-                                    split_size, qk_scale, attn_drop)
+                LePEStripeAttention(embed_dims, num_heads, 'full', split_size,
+                                    qk_scale, attn_drop)
             ])
         else:
             self.branches = nn.ModuleList([
@@ -227,9 +227,8 @@ class CSWinAttention(BaseModule):
             out = self.branches[0](qkv)
         else:
             half = C // 2
-            out = torch.cat([
-                self.branches[0](qkv[..., :half]),
-                self.branches[1](qkv[..., half:])
-            ],
-                            dim=-1)
+            halves = (qkv[..., :half], qkv[..., half:])
+            out = torch.cat(
+                [branch(t) for branch, t in zip(self.branches, halves)],
+                dim=-1)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))

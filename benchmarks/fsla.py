@@ -1,0 +1,490 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Speed and memory of feature-space local attention (FSLA).
+
+Compares, side by side in one process, at several token-map sizes:
+
+- ``fsla``: :class:`boat_mm.models.utils.FeatureSpaceLocalAttention`;
+- ``window``: Swin's 7x7 window attention with relative position bias
+  (mmseg's ``ShiftWindowMSA`` with ``shift_size=0``);
+- ``global``: SDPA over all ``N`` tokens with the same qkv/proj layers;
+- ``public``: the published ``ContentAttention`` (only with ``--ref-repo``,
+  at the sizes it supports, run on the CPU by making ``Tensor.cuda`` a
+  no-op).
+
+It reports forward (no grad) and forward+backward time (median of repeats
+after warm-up), the peak memory of each (CUDA: ``max_memory_allocated``;
+CPU: the peak resident set size, reset through ``/proc/self/clear_refs``),
+the share of the FSLA forward spent clustering, and the ratios that issue
+#3 sets targets for.
+
+Example::
+
+    python benchmarks/fsla.py --threads 2
+    python benchmarks/fsla.py --quick --ref-repo /tmp/boat_ref_fsla
+"""
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import os.path as osp
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from boat_mm.models.utils import FeatureSpaceLocalAttention
+from boat_mm.ops import balanced_hierarchical_clustering, build_cluster_plan
+
+GROUP_SIZE, OVERLAP = 49, 20
+# (side, embed_dims, num_heads)
+MAIN_SHAPES = [(s, c, h) for c, h in ((64, 2), (256, 8))
+               for s in (56, 128, 256)]
+ANCHOR_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8)]
+QUICK_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8), (128, 64, 2)]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument(
+        '--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--quick', action='store_true',
+                        help='anchor shapes and 128^2 (C=64) only')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument(
+        '--budget', type=float, default=20.,
+        help='seconds per measurement; fewer repeats beyond it')
+    parser.add_argument(
+        '--global-max-gflop', type=float, default=600.,
+        help='skip global attention whose forward needs more GFLOP')
+    parser.add_argument(
+        '--ref-repo', default=None,
+        help='checkout of mahaoyuHKU/pytorch-boat, to time its '
+        'ContentAttention (needs timm and einops)')
+    parser.add_argument(
+        '--methods', default='fsla,window,global,public',
+        help='comma-separated subset of fsla,window,global,public')
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------
+# The attention variants, all called as module(x, (H, W)).
+# ---------------------------------------------------------------------------
+
+
+class GlobalAttention(nn.Module):
+    """Multi-head self-attention over all tokens (SDPA)."""
+
+    def __init__(self, embed_dims: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+
+    def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class WindowAttention(nn.Module):
+    """mmseg's Swin W-MSA (7x7 windows, relative position bias)."""
+
+    def __init__(self, embed_dims: int, num_heads: int) -> None:
+        super().__init__()
+        from mmseg.models.backbones.swin import ShiftWindowMSA
+        self.attn = ShiftWindowMSA(
+            embed_dims, num_heads, window_size=7, shift_size=0)
+
+    def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
+        return self.attn(x, hw_shape)
+
+
+class PublicFSLA(nn.Module):
+    """The published ContentAttention behind our calling convention."""
+
+    def __init__(self, cls: type, embed_dims: int, num_heads: int) -> None:
+        super().__init__()
+        self.attn = cls(embed_dims, window_size=(7, 7), num_heads=num_heads)
+
+    @staticmethod
+    def supports(side: int) -> bool:
+        n = side * side // GROUP_SIZE
+        return (side * side == n * GROUP_SIZE and n >= 2
+                and n & (n - 1) == 0)
+
+    def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
+        return self.attn(x)
+
+
+def load_public_class(ref_repo: str) -> type:
+    """Import ``ContentAttention`` from a pytorch-boat checkout."""
+    path = osp.join(ref_repo, 'BOAT-Swin', 'models',
+                    'boat_swin_transformer.py')
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'{path} not found: --ref-repo must be the root of a '
+            'mahaoyuHKU/pytorch-boat checkout (e.g. extracted with '
+            '`git archive HEAD | tar -x -C DIR`)')
+    spec = importlib.util.spec_from_file_location('_boat_public_swin', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ContentAttention
+
+
+@contextlib.contextmanager
+def cuda_is_noop(device: torch.device):
+    """The original hard-codes ``.cuda()``; keep tensors where they are."""
+    original = torch.Tensor.cuda
+    if device.type != 'cuda':
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+# ---------------------------------------------------------------------------
+# Measurement.
+# ---------------------------------------------------------------------------
+
+
+def _rss_mb() -> Tuple[float, float]:
+    """Current and peak resident set size of this process, in MiB."""
+    fields = {}
+    with open('/proc/self/status') as f:
+        for line in f:
+            key, _, value = line.partition(':')
+            fields[key] = value
+    return (int(fields['VmRSS'].split()[0]) / 1024,
+            int(fields['VmHWM'].split()[0]) / 1024)
+
+
+class PeakMemory:
+    """Peak extra memory of a block, in MiB (None when not measurable).
+
+    On the CPU it is the rise of the peak resident set size; glibc's free
+    heap memory is first handed back (``malloc_trim``) so that reusing it
+    counts as new memory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mb: Optional[float] = None
+        self.base = None
+
+    def __enter__(self) -> 'PeakMemory':
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        gc.collect()
+        try:
+            ctypes.CDLL('libc.so.6').malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: the peak may miss reused heap memory
+        try:
+            # Linux: writing 5 resets the peak RSS (VmHWM).
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            self.base = _rss_mb()[0]
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.mb = (peak - self.base) / 2**20
+            return
+        if self.base is not None:
+            self.mb = _rss_mb()[1] - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
+                args) -> Dict[str, dict]:
+    """Time the callables in interleaved rounds (so that a change of load
+    hits them all alike) and take the peak memory of each.
+
+    Returns:
+        dict: Per key ``time`` (median seconds), ``runs`` and ``mb``.
+    """
+    out = {key: dict(times=[]) for key in fns}
+    for key, fn in fns.items():
+        # The first call warms up and gives the peak memory; a call that
+        # already exceeds half the budget is timed by it alone.
+        with PeakMemory(device) as mem:
+            first = _timed(fn, device)
+        out[key]['mb'] = mem.mb
+        if first > args.budget / 2:
+            out[key]['times'].append(first)
+            continue
+        for _ in range(args.warmup - 1):
+            fn()
+    active = [k for k in fns if not out[k]['times']]
+    for _ in range(args.repeats):
+        for key in list(active):
+            out[key]['times'].append(_timed(fns[key], device))
+            if sum(out[key]['times']) > args.budget:
+                active.remove(key)
+        if not active:
+            break
+    for row in out.values():
+        row['time'] = statistics.median(row['times'])
+        row['runs'] = len(row.pop('times'))
+    return out
+
+
+def forward_fn(module: nn.Module, x: torch.Tensor,
+               hw: Tuple[int, int]) -> Callable[[], None]:
+
+    def run():
+        with torch.no_grad():
+            module(x, hw)
+
+    return run
+
+
+def train_fn(module: nn.Module, x: torch.Tensor,
+             hw: Tuple[int, int]) -> Callable[[], None]:
+    x = x.detach().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        module(x, hw).backward(grad)
+
+    return run
+
+
+def clustering_fn(module: FeatureSpaceLocalAttention, x: torch.Tensor,
+                  num_heads: int) -> Callable[[], None]:
+    """Only the clustering step of FSLA on the module's own queries."""
+    B, N, C = x.shape
+    with torch.no_grad():
+        q = module.qkv(x)[..., :C].reshape(B, N, num_heads, -1)
+        q = q.transpose(1, 2).reshape(B * num_heads, N, -1).contiguous()
+    plan = build_cluster_plan(N, GROUP_SIZE, OVERLAP, device=x.device)
+
+    def run():
+        with torch.no_grad():
+            balanced_hierarchical_clustering(q, plan)
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Driver.
+# ---------------------------------------------------------------------------
+
+
+def global_gflop(batch: int, n: int, c: int) -> float:
+    """Forward GFLOP of softmax(QK^T)V over all tokens."""
+    return 4 * batch * n * n * c / 1e9
+
+
+def build_methods(side: int, dims: int, heads: int, methods: List[str],
+                  public_cls: Optional[type], args
+                  ) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+    """The modules to time at one shape, and the reasons for skips."""
+    N = side * side
+    modules: Dict[str, nn.Module] = {}
+    skipped: Dict[str, str] = {}
+    for name in methods:
+        if name == 'fsla':
+            modules[name] = FeatureSpaceLocalAttention(
+                dims, heads, group_size=GROUP_SIZE, overlap=OVERLAP)
+        elif name == 'window':
+            modules[name] = WindowAttention(dims, heads)
+        elif name == 'global':
+            gflop = global_gflop(args.batch, N, dims)
+            if gflop > args.global_max_gflop:
+                skipped[name] = (
+                    f'skipped: {gflop:.0f} GFLOP forward > '
+                    f'--global-max-gflop {args.global_max_gflop:g}')
+            else:
+                modules[name] = GlobalAttention(dims, heads)
+        elif name == 'public' and public_cls is not None:
+            if PublicFSLA.supports(side):
+                modules[name] = PublicFSLA(public_cls, dims, heads)
+            else:
+                skipped[name] = 'original needs N = 49 * 2^L, L >= 1'
+    return modules, skipped
+
+
+def run_shape(side: int, dims: int, heads: int, methods: List[str],
+              public_cls: Optional[type], device: torch.device,
+              args) -> Dict[str, dict]:
+    hw = (side, side)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, side * side, dims, device=device)
+    modules, skipped = build_methods(side, dims, heads, methods, public_cls,
+                                     args)
+    fns = {}
+    for name, module in modules.items():
+        module.to(device).train()
+        fns[name, 'fwd'] = forward_fn(module, x, hw)
+        fns[name, 'train'] = train_fn(module, x, hw)
+        if name == 'fsla':
+            fns[name, 'cluster'] = clustering_fn(module, x, heads)
+    with cuda_is_noop(device):
+        measured = measure_all(fns, device, args)
+    results: Dict[str, dict] = {name: dict(skip=why)
+                                for name, why in skipped.items()}
+    for (name, kind), row in measured.items():
+        res = results.setdefault(name, {})
+        res[kind] = row['time']
+        res[kind + '_mb'] = row['mb']
+        res[kind + '_runs'] = row['runs']
+    for name, row in results.items():
+        if 'train' in row:
+            print(f'  {side}^2 C={dims} h={heads} {name}: '
+                  f'fwd {row["fwd"] * 1e3:.1f} ms, '
+                  f'fwd+bwd {row["train"] * 1e3:.1f} ms '
+                  f'({row["train_runs"]} runs)',
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def fmt_ms(row: dict, key: str) -> str:
+    return f'{row[key] * 1e3:.1f}' if key in row else '-'
+
+
+def fmt_mb(row: dict, key: str) -> str:
+    value = row.get(key)
+    return f'{value:.0f}' if value is not None else '-'
+
+
+def ratio(a: dict, b: dict, key: str = 'train') -> Optional[float]:
+    if key in a and key in b:
+        return a[key] / b[key]
+    return None
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    return f'{value:.2f}x' if value is not None else '-'
+
+
+def print_tables(all_results, args) -> None:
+    print(f'\nFSLA benchmark: device={args.device}, threads='
+          f'{torch.get_num_threads()}, batch={args.batch}, '
+          f'torch {torch.__version__}; times are medians in ms, memory is '
+          'the peak extra MiB')
+    print('\n| tokens | C/heads | method | fwd ms | fwd+bwd ms | '
+          'fwd MiB | fwd+bwd MiB | note |')
+    print('|---|---|---|---|---|---|---|---|')
+    for (side, dims, heads), results in all_results.items():
+        for name, row in results.items():
+            if not row:
+                continue
+            print(f'| {side}^2 | {dims}/{heads} | {name} | '
+                  f'{fmt_ms(row, "fwd")} | {fmt_ms(row, "train")} | '
+                  f'{fmt_mb(row, "fwd_mb")} | {fmt_mb(row, "train_mb")} | '
+                  f'{row.get("skip", "")} |')
+
+    print('\n| tokens | C/heads | fsla/window | fsla/global | fsla/public '
+          '| clustering share of fwd | fsla fwd+bwd us/token |')
+    print('|---|---|---|---|---|---|---|')
+    for (side, dims, heads), res in all_results.items():
+        fsla = res.get('fsla', {})
+        share = (f'{100 * fsla["cluster"] / fsla["fwd"]:.0f} %'
+                 if 'cluster' in fsla else '-')
+        per_token = (f'{fsla["train"] * 1e6 / (args.batch * side**2):.2f}'
+                     if 'train' in fsla else '-')
+        print(f'| {side}^2 | {dims}/{heads} | '
+              f'{fmt_ratio(ratio(fsla, res.get("window", {})))} | '
+              f'{fmt_ratio(ratio(fsla, res.get("global", {})))} | '
+              f'{fmt_ratio(ratio(fsla, res.get("public", {})))} | '
+              f'{share} | {per_token} |')
+    print('(ratios are fwd+bwd times)')
+
+    print('\nTargets of issue #3 (fwd+bwd):')
+
+    def check(label, value, limit):
+        if value is None:
+            print(f'- {label}: not measured')
+        else:
+            verdict = 'ok' if value <= limit else 'MISSED'
+            print(f'- {label}: {value:.2f} (target <= {limit}) {verdict}')
+
+    for shape in ANCHOR_SHAPES:
+        res = all_results.get(shape, {})
+        check(f'fsla/window at {shape[0]}^2 C={shape[1]} h={shape[2]}',
+              ratio(res.get('fsla', {}), res.get('window', {})), 2.5)
+    res = all_results.get((56, 64, 2), {})
+    check('fsla/public at 56^2 C=64 h=2',
+          ratio(res.get('fsla', {}), res.get('public', {})), 0.3)
+    for (side, dims, heads), res in all_results.items():
+        if side == 128:
+            check(f'fsla/global at 128^2 C={dims} h={heads}',
+                  ratio(res.get('fsla', {}), res.get('global', {})), 0.1)
+    shares = [(k, r['fsla']['cluster'] / r['fsla']['fwd'])
+              for k, r in all_results.items()
+              if 'cluster' in r.get('fsla', {})]
+    if shares:
+        worst = max(shares, key=lambda kv: kv[1])
+        check(f'clustering share of fwd (worst, at {worst[0][0]}^2 '
+              f'C={worst[0][1]})', worst[1], 0.3)
+    for dims, heads in sorted({(c, h) for _, c, h in all_results}):
+        sizes = sorted(s for s, c, h in all_results
+                       if (c, h) == (dims, heads)
+                       and 'train' in all_results[s, c, h].get('fsla', {}))
+        if len(sizes) > 1:
+            times = {
+                s: all_results[s, dims, heads]['fsla']['train']
+                for s in sizes
+            }
+            growth = ', '.join(
+                f'{s}^2: x{times[s] / times[sizes[0]]:.1f} time for '
+                f'x{(s / sizes[0])**2:.1f} tokens' for s in sizes[1:])
+            print(f'- growth C={dims} h={heads} (vs {sizes[0]}^2): {growth}')
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+    unknown = set(methods) - {'fsla', 'window', 'global', 'public'}
+    if unknown:
+        raise SystemExit(f'unknown --methods {sorted(unknown)}; choose from '
+                         'fsla, window, global, public')
+    public_cls = None
+    if 'public' in methods and args.ref_repo:
+        public_cls = load_public_class(args.ref_repo)
+    shapes = QUICK_SHAPES if args.quick else list(
+        dict.fromkeys(ANCHOR_SHAPES + MAIN_SHAPES))
+    all_results = {}
+    for side, dims, heads in shapes:
+        all_results[side, dims, heads] = run_shape(
+            side, dims, heads, methods, public_cls, device, args)
+    print_tables(all_results, args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,211 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""What ``tools/train.py`` and ``tools/test.py`` do to a config before they
+build the runner: check the dataset paths, and make the run work on a
+machine without CUDA.
+
+Both are plain functions on an :class:`mmengine.config.Config`, so user
+scripts that build their own runner can call them too.
+"""
+import datetime
+import os
+import os.path as osp
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+
+__all__ = ['check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist']
+
+_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+_HINTS = {
+    'mmseg': (
+        'To get ADE20K, download '
+        'http://data.csail.mit.edu/places/ADEchallenge/'
+        'ADEChallengeData2016.zip and unzip it into data/ade/ (see '
+        "mmsegmentation's docs/en/user_guides/2_dataset_prepare.md). "
+        'Without it, `make demo` generates a small synthetic ADE20K-like '
+        'dataset and trains configs/demo/boat-cswin-tiny_upernet_demo.py on '
+        'it, or generate one yourself with `python tools/dataset_converters/'
+        'gen_synthetic_data.py ade20k data/ade_synthetic` and pass '
+        '`--cfg-options train_dataloader.dataset.data_root=data/'
+        'ade_synthetic/ADEChallengeData2016 val_dataloader.dataset.'
+        'data_root=data/ade_synthetic/ADEChallengeData2016`.'),
+    'mmpretrain': (
+        'To get ImageNet-1K, follow mmpretrain\'s docs '
+        '(docs/en/user_guides/dataset_prepare.md) and put it in '
+        'data/imagenet/. Without it, generate a small synthetic '
+        'ImageNet-like dataset with `python tools/dataset_converters/'
+        'gen_synthetic_data.py imagenet data/imagenet_synthetic` and point '
+        'data_root, data_prefix and ann_file of the dataloaders to it with '
+        '--cfg-options.'),
+}
+
+
+def _datasets(loader: dict) -> Iterator[dict]:
+    """Yield the leaf dataset configs of a dataloader config."""
+    stack = [loader.get('dataset') or {}]
+    while stack:
+        ds = stack.pop()
+        # Wrappers (RepeatDataset, ConcatDataset, ...) nest the real ones.
+        if isinstance(ds.get('dataset'), dict):
+            stack.append(ds['dataset'])
+        elif isinstance(ds.get('datasets'), (list, tuple)):
+            stack.extend(d for d in ds['datasets'] if isinstance(d, dict))
+        else:
+            yield ds
+
+
+def _join(root: str, path: str) -> str:
+    return path if not root or osp.isabs(path) else osp.join(root, path)
+
+
+def _required_paths(ds: dict) -> List[Tuple[str, str, bool]]:
+    """``(key, path, must_be_non_empty_dir)`` a dataset config reads."""
+    root = ds.get('data_root') or ''
+    paths = []
+    if root:
+        paths.append(('data_root', root, True))
+    prefix = ds.get('data_prefix')
+    if isinstance(prefix, str) and prefix:
+        paths.append(('data_prefix', _join(root, prefix), True))
+    elif isinstance(prefix, dict):
+        for key, sub in prefix.items():
+            if isinstance(sub, str) and sub:
+                paths.append((f'data_prefix.{key}', _join(root, sub), True))
+    ann_file = ds.get('ann_file')
+    if isinstance(ann_file, str) and ann_file:
+        paths.append(('ann_file', _join(root, ann_file), False))
+    return paths
+
+
+def check_data_roots(cfg: Config,
+                     stages: Sequence[str] = _LOADERS) -> None:
+    """Raise a clear error when a dataset of ``cfg`` points to no data.
+
+    Looks at ``data_root``, ``data_prefix`` and ``ann_file`` of every
+    dataset of the given dataloaders (through dataset wrappers). Remote
+    paths (``s3://`` ...) are not checked. Without this, mmseg and mmpretrain
+    fail deep inside dataset building (``No such file or directory`` or an
+    empty sampler) without saying how to get the data.
+
+    Args:
+        cfg (Config): The full config.
+        stages (Sequence[str]): Dataloader fields to check. Defaults to
+            train, val and test.
+
+    Raises:
+        FileNotFoundError: A path is missing (or a data folder is empty),
+            with how to get the data or run the demo.
+    """
+    for name in stages:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        for ds in _datasets(loader):
+            for key, path, is_dir in _required_paths(ds):
+                if '://' in path:
+                    continue
+                ok = (osp.isdir(path) and bool(os.listdir(path))) \
+                    if is_dir else osp.isfile(path)
+                if ok:
+                    continue
+                problem = ('is an empty folder' if osp.isdir(path) else
+                           'does not exist')
+                hint = _HINTS.get(cfg.get('default_scope'), '')
+                raise FileNotFoundError(
+                    f'{name}.dataset.{key} = {path!r} {problem} (working '
+                    f'directory {os.getcwd()!r}). {hint}')
+
+
+def _replace_sync_bn(node) -> int:
+    """Turn every ``type='SyncBN'`` in a config tree into ``'BN'``."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value)
+    return count
+
+
+def adapt_cfg_to_device(cfg: Config,
+                        cuda: Optional[bool] = None) -> Config:
+    """Make a config run where it is, without editing the file.
+
+    * A dataloader with ``num_workers=0`` gets ``persistent_workers=False``
+      (PyTorch refuses the combination).
+    * Without CUDA and with a distributed launcher: ``SyncBN`` becomes
+      ``BN`` (SyncBN needs a GPU; single-process runs are reverted by
+      MMEngine anyway), the process group uses ``gloo``, and DDP is built
+      without ``device_ids`` (CPU modules take none). Call
+      :func:`init_cpu_dist` before building the runner in that case.
+
+    Args:
+        cfg (Config): The full config, changed in place.
+        cuda (bool, optional): Whether CUDA is used; None asks torch.
+
+    Returns:
+        Config: ``cfg``.
+    """
+    for name in _LOADERS:
+        loader = cfg.get(name)
+        if loader and loader.get('num_workers', 0) == 0 \
+                and loader.get('persistent_workers'):
+            loader['persistent_workers'] = False
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    if cuda or cfg.get('launcher', 'none') == 'none':
+        return cfg
+    if _replace_sync_bn(cfg.model):
+        print_log(
+            'No CUDA: SyncBN layers are built as BN (statistics per '
+            'process) in this distributed CPU run.',
+            logger='current')
+    env_cfg = cfg.setdefault('env_cfg', ConfigDict())
+    env_cfg.setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
+        type='MMDistributedDataParallel',
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    # An explicit None wins over the LOCAL_RANK device id MMEngine adds.
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+    return cfg
+
+
+def init_cpu_dist(cfg: Config) -> bool:
+    """Start a ``gloo`` process group for a CPU run under ``torchrun``.
+
+    MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` first, which
+    fails without a GPU; once a group exists, the runner uses it as is.
+
+    Args:
+        cfg (Config): The config; acts only when ``cfg.launcher`` is
+            ``'pytorch'``, CUDA is missing and no group exists yet.
+
+    Returns:
+        bool: Whether a process group was started.
+    """
+    import torch
+    import torch.distributed as dist
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available() \
+            or dist.is_initialized():
+        return False
+    if cfg.launcher != 'pytorch':
+        raise RuntimeError(
+            f'Distributed runs without CUDA are supported with '
+            f'`--launcher pytorch` (torchrun, tools/dist_train.sh), not '
+            f'{cfg.launcher!r}.')
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    dist_cfg['backend'] = 'gloo'
+    if isinstance(dist_cfg.get('timeout'), (int, float)):
+        # MMEngine's config gives seconds; torch wants a timedelta.
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    dist.init_process_group(**dist_cfg)
+    return True

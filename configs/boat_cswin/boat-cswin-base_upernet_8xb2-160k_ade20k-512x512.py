@@ -1,0 +1,11 @@
+# BOAT-CSWin-B + UPerNet on ADE20K: the BOAT-CSWin-T recipe, base backbone.
+_base_ = ['./boat-cswin-tiny_upernet_8xb2-160k_ade20k-512x512.py']
+# Converted with tools/model_converters/boat2mm.py (see the tiny config).
+checkpoint_file = 'checkpoints/boat-cswin-base_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='base',
+        drop_path_rate=0.6,
+        init_cfg=dict(checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))

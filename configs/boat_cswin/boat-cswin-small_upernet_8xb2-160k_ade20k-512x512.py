@@ -1,0 +1,11 @@
+# BOAT-CSWin-S + UPerNet on ADE20K: the BOAT-CSWin-T recipe, small backbone.
+_base_ = ['./boat-cswin-tiny_upernet_8xb2-160k_ade20k-512x512.py']
+# Converted with tools/model_converters/boat2mm.py (see the tiny config).
+checkpoint_file = 'checkpoints/boat-cswin-small_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='small',
+        drop_path_rate=0.4,
+        init_cfg=dict(checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[64, 128, 256, 512]),
+    auxiliary_head=dict(in_channels=256))

@@ -1,0 +1,11 @@
+# BOAT-Swin-B + UPerNet on ADE20K: the BOAT-Swin-T recipe, base backbone.
+_base_ = ['./boat-swin-tiny_upernet_8xb2-160k_ade20k-512x512.py']
+# Converted with tools/model_converters/boat2mm.py (see the tiny config).
+checkpoint_file = 'checkpoints/boat-swin-base_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='base',
+        drop_path_rate=0.6,
+        init_cfg=dict(checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+    auxiliary_head=dict(in_channels=512))

@@ -1,0 +1,84 @@
+# CPU-sized demo of the headline config (configs/boat_upernet_ade20k.py) on
+# the generated ADE20K-like data; `make demo` (tools/run_demo.py) generates
+# the data, trains, tests and draws the predictions in ~10 minutes on two
+# CPU cores. Changes to the headline config, all for the CPU budget:
+# 128x128 crops, a BOAT-CSWin of reduced width and depth (same block design:
+# CSWin stripes + FSLA in every even block), narrower UPerNet/FCN heads with
+# BN instead of SyncBN, no ImageNet init, AdamW with a short schedule.
+_base_ = ['../boat_upernet_ade20k.py']
+
+# Written by tools/dataset_converters/gen_synthetic_data.py (ade20k).
+data_root = 'data/ade_synthetic/ADEChallengeData2016'
+crop_size = (128, 128)
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        arch=dict(
+            _delete_=True,  # a dict replacing the base's 'tiny'
+            embed_dims=32,
+            depths=[1, 2, 4, 1],
+            num_heads=[2, 4, 8, 16],
+            split_sizes=[1, 2, 7, 7]),
+        drop_path_rate=0.1,
+        init_cfg=None),
+    decode_head=dict(
+        in_channels=[32, 64, 128, 256], channels=128, norm_cfg=norm_cfg),
+    auxiliary_head=dict(in_channels=128, channels=64, norm_cfg=norm_cfg))
+
+# The ADE20K pipelines at a quarter of the scale (images are 128x128).
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(
+        type='RandomResize',
+        scale=(512, 128),
+        ratio_range=(0.75, 1.5),
+        keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(512, 128), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=True,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=True,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+# From scratch: a larger learning rate than fine-tuning's 6e-5.
+optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.01))
+max_iters = 400
+param_scheduler = [
+    dict(
+        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=40),
+    dict(
+        type='PolyLR',
+        eta_min=0.0,
+        power=1.0,
+        begin=40,
+        end=max_iters,
+        by_epoch=False)
+]
+train_cfg = dict(
+    type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    checkpoint=dict(
+        type='CheckpointHook',
+        by_epoch=False,
+        interval=max_iters,
+        max_keep_ckpts=1))
+randomness = dict(seed=0)

@@ -1,0 +1,298 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""End-to-end runs of the segmentation configs through the tools.
+
+Every run uses the generated ADE20K-like data (8 + 4 images of 64 px), a
+tiny BOAT arch swapped in by a user-style config that inherits ours by
+path, and 2-4 iterations. Everything is written under ``tmp_path``.
+"""
+import glob
+import os
+import os.path as osp
+import re
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+from typing import List, Optional
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
+SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
+                  'boat-swin-tiny_upernet_8xb2-160k_ade20k-512x512.py')
+
+# A user's config: inherits one of ours by absolute path, swaps in a tiny
+# arch and the 64 px data. `{base}`, `{root}` and `{arch}` are filled in.
+USER_CFG = """
+_base_ = [{base!r}]
+data_root = {root!r}
+crop_size = (64, 64)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        arch=dict(_delete_=True, {arch}),
+        drop_path_rate=0.0,
+        fsla_cfg=dict(group_size=16, overlap=4),
+        init_cfg=None),
+    decode_head=dict(
+        in_channels={channels}, channels=16, dropout_ratio=0.0),
+    auxiliary_head=dict(
+        in_channels={aux}, channels=8, dropout_ratio=0.0))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomResize', scale=(256, 64), ratio_range=(0.5, 2.0),
+         keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(256, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=2, end=6,
+         by_epoch=False)
+]
+train_cfg = dict(max_iters=4, val_interval=4)
+default_hooks = dict(
+    logger=dict(interval=1),
+    checkpoint=dict(interval=2))
+randomness = dict(seed=0)
+"""
+CSWIN_ARCH = dict(
+    arch='embed_dims=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2]',
+    channels=[16, 32, 64, 128],
+    aux=64)
+SWIN_ARCH = dict(
+    arch='embed_dims=12, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2]',
+    channels=[12, 24, 48, 96],
+    aux=48)
+
+
+def _user_cfg(path: str, base: str, root: str, arch: dict) -> str:
+    with open(path, 'w') as f:
+        f.write(USER_CFG.format(base=base, root=root, **arch))
+    return path
+
+
+def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
+    """Run a command; return its output, or fail the test with it."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
+                    f'{proc.stdout[-6000:]}')
+    return proc.stdout
+
+
+def _tool(name: str, *args: str, cwd: str) -> str:
+    return _run([sys.executable, osp.join(REPO, 'tools', name), *args],
+                cwd=cwd)
+
+
+def _ckpt(path: str) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, ade_root):
+    """A 4-iteration run of the headline config with a tiny BOAT-CSWin,
+    validated at the end, checkpoints at iterations 2 and 4."""
+    tmp = tmp_path_factory.mktemp('seg_train')
+    cfg = _user_cfg(str(tmp / 'user_cswin.py'), HEADLINE, ade_root,
+                    CSWIN_ARCH)
+    work_dir = str(tmp / 'work')
+    out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
+    return dict(cfg=cfg, work_dir=work_dir, out=out, tmp=tmp)
+
+
+def test_train_val_then_test_with_tta(trained, ade_root):
+    work_dir = trained['work_dir']
+    assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
+    # Training logged losses and validated once, at the end.
+    assert re.search(r'Iter\(train\) \[4/4\].*decode\.loss_ce',
+                     trained['out'])
+    assert re.search(r'Iter\(val\) \[4/4\].*mIoU: [\d.]+', trained['out'])
+    ckpt = _ckpt(osp.join(work_dir, 'iter_4.pth'))
+    assert ckpt['meta']['iter'] == 4
+    assert ckpt['state_dict']['backbone.patch_embed.projection.weight'] \
+        .shape[0] == 16
+
+    # Multi-scale + flip TTA from the mmseg bases, predictions written.
+    pred_dir = str(trained['tmp'] / 'pred')
+    show_dir = str(trained['tmp'] / 'show')
+    out = _tool('test.py', trained['cfg'], osp.join(work_dir, 'iter_4.pth'),
+                '--tta', '--out', pred_dir, '--show-dir', show_dir,
+                '--work-dir', str(trained['tmp'] / 'test'),
+                cwd=str(trained['tmp']))
+    assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', out)
+    assert 'SegTTAModel' in out or 'TestTimeAug' in out
+    preds = sorted(glob.glob(osp.join(pred_dir, '*.png')))
+    gts = sorted(
+        glob.glob(osp.join(ade_root, 'annotations', 'validation', '*.png')))
+    assert [osp.basename(p) for p in preds] == [osp.basename(g) for g in gts]
+    for pred_path, gt_path in zip(preds, gts):
+        pred = cv2.imread(pred_path, cv2.IMREAD_UNCHANGED)
+        gt = cv2.imread(gt_path, cv2.IMREAD_UNCHANGED)
+        assert pred.shape == gt.shape  # merged back to the original size
+        assert 1 <= pred.min() and pred.max() <= 150  # ADE ids
+    drawn = glob.glob(osp.join(show_dir, '**', '*.png'), recursive=True)
+    assert len(drawn) == len(gts)
+
+
+def test_resume_continues_interrupted_run(trained):
+    """A run stopped after its iteration-2 checkpoint and resumed with
+    ``--resume`` ends exactly where the uninterrupted run ended."""
+    full = trained['work_dir']
+    work_dir = str(trained['tmp'] / 'interrupted')
+    os.makedirs(work_dir)
+    # What a run killed during iteration 3 leaves behind.
+    shutil.copy(osp.join(full, 'iter_2.pth'), work_dir)
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(osp.join(work_dir, 'iter_2.pth'))
+
+    out = _tool('train.py', trained['cfg'], '--work-dir', work_dir,
+                '--resume', cwd=str(trained['tmp']))
+    assert 'resumed epoch: 0, iter: 2' in out
+    assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
+
+    ref = _ckpt(osp.join(full, 'iter_4.pth'))
+    got = _ckpt(osp.join(work_dir, 'iter_4.pth'))
+    assert got['meta']['iter'] == ref['meta']['iter'] == 4
+    assert got['param_schedulers'] == ref['param_schedulers']
+    lrs = [g['lr'] for g in got['optimizer']['param_groups']]
+    assert lrs == [g['lr'] for g in ref['optimizer']['param_groups']]
+    # The LR follows the poly schedule: iteration 4 of PolyLR(2 -> 6).
+    assert lrs[0] == pytest.approx(6e-5 * (1 - 2 / 4), rel=1e-5)
+    for key, value in ref['state_dict'].items():
+        torch.testing.assert_close(
+            got['state_dict'][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # ... and it did train: the weights moved since iteration 2.
+    start = _ckpt(osp.join(full, 'iter_2.pth'))['state_dict']
+    key = 'decode_head.conv_seg.weight'
+    assert not torch.equal(start[key], got['state_dict'][key])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_train_and_evaluate(trained):
+    work_dir = str(trained['tmp'] / 'ddp')
+    out = _run([
+        'bash', osp.join(REPO, 'tools', 'dist_train.sh'), trained['cfg'], '2',
+        '--work-dir', work_dir, '--cfg-options', 'train_cfg.max_iters=2',
+        'train_cfg.val_interval=2'
+    ], cwd=str(trained['tmp']),
+        env=dict(PYTHON=sys.executable, PORT=str(_free_port())))
+    assert re.search(r'Distributed training: True', out)
+    assert re.search(r'GPU number: 2', out)
+    assert re.search(r'Iter\(val\) \[2/2\].*mIoU: [\d.]+', out)  # 4 / 2
+    assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
+
+
+def test_upstream_mmseg_train_tool_runs_our_config(trained):
+    """mmseg's own tools/train.py (shipped in the wheel) needs nothing but
+    the config's ``custom_imports``."""
+    import mmseg
+    tool = osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'train.py')
+    assert osp.isfile(tool)
+    work_dir = str(trained['tmp'] / 'upstream')
+    _run([
+        sys.executable, tool, trained['cfg'], '--work-dir', work_dir,
+        '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2'
+    ], cwd=str(trained['tmp']))
+    ckpt = _ckpt(osp.join(work_dir, 'iter_2.pth'))
+    assert ckpt['meta']['iter'] == 2
+
+
+def test_user_config_swaps_arch_of_boat_swin(tmp_path, ade_root):
+    """A config outside the repo inherits a BOAT-Swin config by path, swaps
+    the arch for a custom one, builds and trains."""
+    cfg = _user_cfg(str(tmp_path / 'my_boat_swin.py'), SWIN_T, ade_root,
+                    SWIN_ARCH)
+    work_dir = str(tmp_path / 'work')
+    out = _tool('train.py', cfg, '--work-dir', work_dir, '--no-validate',
+                '--cfg-options', 'train_cfg.max_iters=2',
+                cwd=str(tmp_path))
+    assert re.search(r'Iter\(train\) \[2/2\]', out)
+    state = _ckpt(osp.join(work_dir, 'iter_2.pth'))['state_dict']
+    assert state['backbone.norm3.weight'].shape == (96, )
+    assert any('fsla' in k for k in state)
+
+
+def _tool_main(name: str):
+    """The ``main`` of a tool script, loaded without running it."""
+    return runpy.run_path(
+        osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
+
+
+def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ade here
+    with pytest.raises(FileNotFoundError) as err:
+        _tool_main('train.py')([HEADLINE, '--work-dir', str(tmp_path / 'w')])
+    msg = str(err.value)
+    assert "'data/ade/ADEChallengeData2016' does not exist" in msg
+    assert 'ADEChallengeData2016.zip' in msg and 'make demo' in msg
+
+    # An existing but empty image folder is caught too, also by test.py.
+    os.makedirs(tmp_path / 'empty' / 'images' / 'validation')
+    ckpt = tmp_path / 'model.pth'
+    ckpt.write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match='is an empty folder'):
+        _tool_main('test.py')([
+            HEADLINE, str(ckpt), '--cfg-options',
+            f'test_dataloader.dataset.data_root={tmp_path / "empty"}'
+        ])
+    with pytest.raises(FileNotFoundError, match='Checkpoint'):
+        _tool_main('test.py')([HEADLINE, str(tmp_path / 'missing.pth')])
+
+
+def test_demo_montage_and_chance_level(tmp_path):
+    """The demo's picture and chance level, on a hand-made prediction."""
+    demo = runpy.run_path(
+        osp.join(REPO, 'tools', 'run_demo.py'), run_name='boat_demo')
+    root = tmp_path / 'ADEChallengeData2016'
+    for sub in ('images/validation', 'annotations/validation'):
+        os.makedirs(root / sub)
+    os.makedirs(tmp_path / 'pred')
+    gt = np.zeros((8, 8), np.uint8)
+    gt[:, :6], gt[:, 6:] = 1, 2  # 48 pixels of class 1, 16 of class 2
+    cv2.imwrite(str(root / 'images/validation/a.jpg'),
+                np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(root / 'annotations/validation/a.png'), gt)
+    cv2.imwrite(str(tmp_path / 'pred' / 'a.png'), gt)
+    # Uniform guesses among 2 classes: IoU_k = (n_k / 2) / (n_k + 32 -
+    # n_k / 2): 24 / 56 for class 1, 8 / 40 for class 2.
+    expected = (24 / 56 + 8 / 40) / 2 * 100
+    assert demo['chance_miou'](str(root / 'annotations/validation')) == \
+        pytest.approx(expected)
+    out = str(tmp_path / 'vis' / 'predictions.png')
+    demo['draw_montage'](str(root), str(tmp_path / 'pred'), out, 6)
+    picture = cv2.imread(out)
+    assert picture.shape[1] == 3 * 196
+    # Ground truth and prediction tiles are painted alike.
+    row = picture[28 + 96]
+    np.testing.assert_array_equal(row[196:196 + 192], row[392:392 + 192])

@@ -1,0 +1,274 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Convert a published BOAT checkpoint to an mmpretrain classifier checkpoint.
+
+Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
+(``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
+and the architecture from its keys and shapes, converts the weights with
+:mod:`boat_mm.models.utils.ckpt_convert`, checks that they load with
+``strict=True`` into the matching boat-mm ``ImageClassifier``
+(``out_indices=(3, )``, ``GlobalAveragePooling``, ``LinearClsHead``) and
+writes ``{'state_dict': ..., 'meta': ...}``. Load the result in a
+classification config (``load_from``) or as a backbone for segmentation::
+
+    backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=DST,
+                                prefix='backbone.'))
+
+Example::
+
+    python tools/model_converters/boat2mm.py tiny.pth \
+        checkpoints/boat-swin-tiny_in1k.pth
+    python tools/model_converters/boat2mm.py cswin_tiny.pth.tar \
+        checkpoints/boat-cswin-tiny_in1k.pth --ema
+"""
+import argparse
+import os
+import os.path as osp
+import pickle
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from boat_mm.models.utils import ckpt_convert
+from boat_mm.models.utils.ckpt_convert import (_DROP, convert_boat_checkpoint,
+                                               detect_boat_family)
+from boat_mm.version import __version__
+
+
+def _allowed_globals() -> Dict[str, object]:
+    """The globals ``torch.load(weights_only=True)`` may call."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return dict(_get_allowed_globals())
+    except (ImportError, AttributeError):  # pragma: no cover
+        from collections import OrderedDict as od
+        return {
+            'collections.OrderedDict': od,
+            'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
+            'torch._utils._rebuild_parameter':
+            torch._utils._rebuild_parameter,
+        }
+
+
+class _Foreign(dict):
+    """Inert stand-in for an object the file pickled by reference (the
+    original's yacs ``CfgNode`` config, argparse ``Namespace`` args ...)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def __setstate__(self, state) -> None:
+        self['__state__'] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Unpickler that calls only torch's weights-only globals and replaces
+    every other global by an inert :class:`_Foreign` class, so training
+    metadata of foreign libraries never runs code or needs installing."""
+    allowed = _allowed_globals()
+    stubbed = set()
+
+    def find_class(self, module: str, name: str):
+        key = f'{module}.{name}'
+        if key in self.allowed:
+            return self.allowed[key]
+        _StubUnpickler.stubbed.add(key)
+        return type(name, (_Foreign, ), {'__module__': 'boat2mm.stub'})
+
+
+class _StubPickleModule:
+    """``pickle_module`` for ``torch.load`` using :class:`_StubUnpickler`."""
+    Unpickler = _StubUnpickler
+    load = pickle.load
+    __name__ = 'boat2mm_stub_pickle'
+
+
+def load_original_checkpoint(path: str) -> Dict:
+    """Load a published checkpoint on the CPU without running its pickles.
+
+    Tries ``weights_only=True`` first. The published files also pickle
+    training metadata (BOAT-Swin: a yacs config; BOAT-CSWin: argparse
+    args), which weights-only loading rejects; those objects are then
+    replaced by inert stand-ins (and reported), the tensors load as usual.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'Checkpoint {path!r} not found.')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    _StubUnpickler.stubbed = set()
+    ckpt = torch.load(
+        path,
+        map_location='cpu',
+        weights_only=False,
+        pickle_module=_StubPickleModule)
+    if _StubUnpickler.stubbed:
+        print('  metadata objects not loaded (kept as inert stand-ins): '
+              f'{sorted(_StubUnpickler.stubbed)}')
+    return ckpt
+
+
+def detect_arch(family: str, weights: Dict[str, Tensor]) -> Dict:
+    """Backbone arguments and class count from an original state dict.
+
+    Returns:
+        dict: ``backbone`` (config dict without ``type``), ``arch_name``
+        (zoo name or 'custom'), ``num_classes`` and ``in_channels`` (the
+        head's input width).
+    """
+    if family == 'swin':
+        info = ckpt_convert.detect_boat_swin_arch(weights)
+        custom = {k: list(info[k])
+                  for k in ('depths', 'num_heads')}
+        custom['embed_dims'] = info['embed_dims']
+        backbone = dict(
+            arch=info['arch'] or custom,
+            patch_size=info['patch_size'],
+            in_channels=info['in_channels'],
+            window_size=info['window_size'],
+            with_fsla=info['with_fsla'])
+    else:
+        info = ckpt_convert.detect_boat_cswin_arch(weights)
+        if info['arch'] is None:
+            # Head counts leave no trace in CSWin's shapes.
+            raise ValueError(
+                f'BOAT-CSWin checkpoint with embed_dims '
+                f'{info["embed_dims"]} and depths {info["depths"]} '
+                f'matches none of the published archs (tiny, small, base); '
+                f'its head counts cannot be read from the weights.')
+        backbone = dict(
+            arch=info['arch'],
+            in_channels=int(weights['stage1_conv_embed.0.weight'].shape[1]),
+            with_fsla=info['with_fsla'])
+    if info['num_classes'] is None:
+        raise KeyError('The checkpoint has no classifier head (head.weight); '
+                       'boat2mm converts the published classifiers.')
+    return dict(
+        backbone=backbone,
+        arch_name=info['arch'] or 'custom',
+        num_classes=info['num_classes'],
+        in_channels=info['embed_dims'] * 2**(len(info['depths']) - 1))
+
+
+def build_classifier(family: str, info: Dict) -> torch.nn.Module:
+    """The boat-mm ``ImageClassifier`` the converted weights are for."""
+    from mmengine.registry import DefaultScope
+
+    import boat_mm  # noqa: F401  (registers the backbones)
+    from mmpretrain.registry import MODELS
+    backbone = dict(
+        type='BOATCSWin' if family == 'cswin' else 'BOATSwin',
+        out_indices=(3, ),
+        drop_path_rate=0.,
+        **info['backbone'])
+    cfg = dict(
+        type='ImageClassifier',
+        backbone=backbone,
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=info['num_classes'],
+            in_channels=info['in_channels']))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(cfg)
+
+
+def check_loads(model: torch.nn.Module, state_dict: Dict[str, Tensor]):
+    """Raise with the key lists unless ``state_dict`` loads strictly."""
+    expected = set(model.state_dict())
+    got = set(state_dict)
+    missing, unexpected = expected - got, got - expected
+    if missing or unexpected:
+        raise KeyError(
+            f'Converted weights do not fit the boat-mm classifier: missing '
+            f'{sorted(missing)[:20]} ({len(missing)}), unexpected '
+            f'{sorted(unexpected)[:20]} ({len(unexpected)}).')
+    model.load_state_dict(state_dict, strict=True)  # also checks shapes
+
+
+def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
+    """Convert ``src`` to ``dst``; returns the written ``meta``."""
+    start = time.time()
+    print(f'[1/4] loading {src}')
+    ckpt = load_original_checkpoint(src)
+    if not isinstance(ckpt, dict):
+        raise TypeError(f'{src} holds a {type(ckpt).__name__}, not a dict '
+                        f'of weights.')
+    family, converted = convert_boat_checkpoint(ckpt, use_ema=use_ema)
+    source_key = 'state_dict_ema' if use_ema else next(
+        (k for k in ('model', 'state_dict') if k in ckpt), None)
+    weights = ckpt[source_key] if source_key else ckpt
+    weights = {
+        (k[len('module.'):] if k.startswith('module.') else k): v
+        for k, v in weights.items()
+    }
+    assert detect_boat_family(weights) == family
+    info = detect_arch(family, weights)
+    name = f'BOAT-{"CSWin" if family == "cswin" else "Swin"}'
+    details = [f'{info["num_classes"]} classes']
+    if info['arch_name'] == 'custom':
+        details.insert(0, str(info['backbone']['arch']))
+    if not info['backbone']['with_fsla']:
+        details.append('no FSLA')
+    print(f'[2/4] {name}, arch {info["arch_name"]} ({", ".join(details)}), '
+          f'weights from {source_key or "the top level"}')
+    dropped = sorted(k for k in weights if _DROP.search(k))
+    reordered = sorted(k for k in converted if '.downsample.' in k
+                       and family == 'swin')
+    print(f'[3/4] converted {len(converted)} tensors; dropped '
+          f'{len(dropped)} derived buffers; reordered {len(reordered)} '
+          f'patch-merging tensors; checking a strict load')
+    model = build_classifier(family, info)
+    check_loads(model, converted)
+    num_params = sum(v.numel() for v in converted.values())
+    meta = dict(
+        boat_mm_version=__version__,
+        source=osp.basename(src),
+        source_key=source_key or '',
+        ema=bool(use_ema),
+        family=family,
+        arch=info['arch_name'],
+        backbone=dict(
+            type='BOATCSWin' if family == 'cswin' else 'BOATSwin',
+            **info['backbone']),
+        num_classes=int(info['num_classes']),
+        num_params=int(num_params))
+    os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
+    print(f'[4/4] saving {dst}')
+    torch.save(dict(state_dict=OrderedDict(converted), meta=meta), dst)
+    print(f'Done in {time.time() - start:.1f}s: {name}-{info["arch_name"]}, '
+          f'{len(converted)} tensors, {num_params / 1e6:.2f}M parameters '
+          f'(backbone + head) -> {dst}')
+    return meta
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Convert a published BOAT-Swin / BOAT-CSWin checkpoint '
+        'to an mmpretrain classifier checkpoint for boat-mm.')
+    parser.add_argument('src', help='published checkpoint (.pth / .pth.tar)')
+    parser.add_argument('dst', help='output path')
+    parser.add_argument(
+        '--ema',
+        action='store_true',
+        help='convert the EMA weights (state_dict_ema of BOAT-CSWin files)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.ema)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f'error: {msg}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,213 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Test (and evaluate) a checkpoint of an mmseg or mmpretrain config.
+
+Works like the ``tools/test.py`` of mmsegmentation and mmpretrain, for
+either kind of config (chosen by the config's ``default_scope``):
+
+* ``--tta``: test-time augmentation with the config's ``tta_model`` and
+  ``tta_pipeline`` (mmseg: multi-scale + flip from the ADE20K base;
+  mmpretrain: flip averaging when the config has none);
+* ``--show`` / ``--show-dir DIR``: draw predictions (next to the ground
+  truth for segmentation) into windows or image files;
+* ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
+  pickle file of the predictions (``--out-item pred``) or metrics.
+
+Examples::
+
+    python tools/test.py configs/boat_upernet_ade20k.py CKPT --tta
+    python tools/test.py CONFIG CKPT --show-dir vis --work-dir work_dirs/x
+    bash tools/dist_test.sh CONFIG CKPT 8
+"""
+import argparse
+import os
+import os.path as osp
+from copy import deepcopy
+from typing import List, Optional
+
+import mmengine
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.registry import RUNNERS, init_default_scope
+from mmengine.runner import Runner
+
+import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
+from boat_mm.utils import adapt_cfg_to_device, check_data_roots, init_cpu_dist
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        description='Test (and evaluate) a checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir',
+        help='the directory to save the file containing evaluation metrics')
+    parser.add_argument(
+        '--out',
+        help='mmseg: directory to save the predicted label maps; '
+        'mmpretrain: file to dump the predictions (or metrics) to')
+    parser.add_argument(
+        '--out-item',
+        choices=['metrics', 'pred'],
+        help='mmpretrain: what --out holds (default: predictions)')
+    parser.add_argument(
+        '--show', action='store_true', help='show the results in a window')
+    parser.add_argument(
+        '--show-dir',
+        help='directory where painted images are saved (mmseg: inside the '
+        'run\'s log folder when relative)')
+    parser.add_argument(
+        '--interval',
+        type=int,
+        default=1,
+        help='visualise every n-th sample (with --show / --show-dir)')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='display time (s)')
+    parser.add_argument(
+        '--tta',
+        action='store_true',
+        help='test-time augmentation with the config\'s `tta_model` and '
+        '`tta_pipeline`')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='run the test loop under autocast (fp16 on GPU, bf16 on CPU)')
+    parser.add_argument(
+        '--no-pin-memory',
+        action='store_true',
+        help='disable pin_memory in the dataloader')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.out is None and args.out_item is not None:
+        parser.error('--out-item needs --out')
+    return args
+
+
+def _visualization(cfg: Config, args: argparse.Namespace) -> None:
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise KeyError(
+            '--show/--show-dir need a visualization hook in default_hooks, '
+            'e.g. default_hooks = dict(visualization=dict('
+            'type=\'SegVisualizationHook\')) (mmseg) or '
+            'dict(type=\'VisualizationHook\') (mmpretrain).')
+    hook['interval'] = args.interval
+    hook['show'] = args.show
+    hook['wait_time'] = args.wait_time
+    if cfg.get('default_scope') == 'mmpretrain':
+        hook['enable'] = True
+        hook['out_dir'] = args.show_dir
+    else:
+        hook['draw'] = True
+        if args.show_dir:
+            cfg.visualizer['save_dir'] = args.show_dir
+
+
+def _tta(cfg: Config) -> None:
+    if cfg.get('default_scope') == 'mmpretrain':
+        # As mmpretrain's tool: flip averaging unless the config says more.
+        cfg.setdefault('tta_model', dict(type='mmpretrain.AverageClsScoreTTA'))
+        if 'tta_pipeline' not in cfg:
+            pipeline = cfg.test_dataloader.dataset.pipeline
+            cfg.tta_pipeline = deepcopy(pipeline)
+            cfg.tta_pipeline[-1] = dict(
+                type='TestTimeAug',
+                transforms=[[
+                    dict(type='RandomFlip', prob=1.),
+                    dict(type='RandomFlip', prob=0.)
+                ], [pipeline[-1]]])
+    missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
+    if missing:
+        raise KeyError(
+            f'--tta needs {missing} in the config (mmseg configs inherit '
+            f'them from mmseg::_base_/default_runtime.py and the dataset '
+            f'base).')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
+    """Merge the command line into the config (``--cfg-options`` first)."""
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
+        raise FileNotFoundError(
+            f'Checkpoint {args.checkpoint!r} not found; pass the .pth file '
+            f'written by tools/train.py (e.g. WORK_DIR/iter_N.pth or the '
+            f'path in WORK_DIR/last_checkpoint).')
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.amp:
+        cfg.test_cfg = cfg.get('test_cfg') or ConfigDict(type='TestLoop')
+        cfg.test_cfg.fp16 = True
+    if args.show or args.show_dir:
+        _visualization(cfg, args)
+    if args.tta:
+        _tta(cfg)
+    if cfg.get('default_scope') == 'mmpretrain':
+        loader = ConfigDict(
+            pin_memory=True, collate_fn=dict(type='default_collate'))
+        loader.update(cfg.test_dataloader)
+        cfg.test_dataloader = loader
+    if args.no_pin_memory:
+        cfg.test_dataloader.pin_memory = False
+    if args.out is not None and cfg.get('default_scope') != 'mmpretrain':
+        # mmseg's IoUMetric writes the label maps (original ids) there.
+        evaluators = cfg.test_evaluator if isinstance(
+            cfg.test_evaluator, list) else [cfg.test_evaluator]
+        for evaluator in evaluators:
+            evaluator['output_dir'] = args.out
+            evaluator['keep_results'] = True
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Run the test; returns the metrics."""
+    args = parse_args(argv)
+    cfg = merge_args(Config.fromfile(args.config), args)
+    check_data_roots(cfg, ('test_dataloader', ))
+    adapt_cfg_to_device(cfg)
+    init_cpu_dist(cfg)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        init_default_scope(cfg.get('default_scope', 'mmengine'))
+        runner = RUNNERS.build(cfg)
+
+    pretrain_out = args.out and cfg.get('default_scope') == 'mmpretrain'
+    if pretrain_out and args.out_item in ('pred', None):
+        from mmengine.evaluator import DumpResults
+        runner.test_evaluator.metrics.append(
+            DumpResults(out_file_path=args.out))
+    metrics = runner.test()
+    if pretrain_out and args.out_item == 'metrics':
+        mmengine.dump(metrics, args.out)
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

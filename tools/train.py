@@ -1,0 +1,190 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Train a model from an mmseg or mmpretrain config (boat-mm's or yours).
+
+Works like the ``tools/train.py`` of mmsegmentation and mmpretrain, for
+either kind of config (chosen by the config's ``default_scope``), plus:
+
+* a missing dataset gives an error that says how to get the data;
+* CPU runs work unchanged, ``torchrun`` ones included (``gloo``, SyncBN as
+  BN), see :func:`boat_mm.utils.adapt_cfg_to_device`.
+
+Examples::
+
+    python tools/train.py configs/boat_upernet_ade20k.py
+    python tools/train.py CONFIG --work-dir work_dirs/x --resume
+    python tools/train.py CONFIG --cfg-options model.backbone.init_cfg=None
+    bash tools/dist_train.sh CONFIG 8
+"""
+import argparse
+import logging
+import os
+import os.path as osp
+from copy import deepcopy
+from typing import List, Optional
+
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS, init_default_scope
+from mmengine.runner import Runner
+
+import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
+from boat_mm.utils import adapt_cfg_to_device, check_data_roots, init_cpu_dist
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(description='Train a model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the given checkpoint, or, without a path, from '
+        'the latest checkpoint in the work dir (if any)')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='enable automatic mixed precision training (needs a GPU)')
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='do not evaluate the checkpoints during training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the actual total batch size over '
+        '`auto_scale_lr.base_batch_size` of the config')
+    parser.add_argument(
+        '--no-pin-memory',
+        action='store_true',
+        help='disable pin_memory in the dataloaders')
+    parser.add_argument(
+        '--no-persistent-workers',
+        action='store_true',
+        help='disable persistent_workers in the dataloaders')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (older: --local_rank);
+    # torchrun sets LOCAL_RANK in the environment instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:
+    """mmpretrain's tools default to ``default_collate`` and pinned,
+    persistent workers; mmseg's keep the config's (pseudo) collate."""
+    defaults = ConfigDict()
+    if cfg.get('default_scope') == 'mmpretrain':
+        defaults = ConfigDict(
+            pin_memory=True,
+            persistent_workers=True,
+            collate_fn=dict(type='default_collate'))
+    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(field) is None:
+            continue
+        loader = deepcopy(defaults)
+        loader.update(cfg[field])
+        if args.no_pin_memory:
+            loader['pin_memory'] = False
+        if args.no_persistent_workers:
+            loader['persistent_workers'] = False
+        cfg[field] = loader
+
+
+def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
+    """Merge the command line into the config.
+
+    ``--cfg-options`` come first; the dedicated flags (``--work-dir``,
+    ``--amp``, ``--resume``, ...) are applied on top of them.
+    """
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+
+    # work_dir priority: CLI > config file > ./work_dirs/<config name>.
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                '--amp needs a CUDA device (MMEngine\'s AmpOptimWrapper does '
+                'not run on the CPU); drop --amp to train in float32.')
+        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper == 'AmpOptimWrapper':
+            print_log(
+                'AMP training is already enabled in your config.',
+                logger='current',
+                level=logging.WARNING)
+        elif wrapper != 'OptimWrapper':
+            raise ValueError(
+                f'--amp works with optim_wrapper.type=OptimWrapper, the '
+                f'config has {wrapper!r}.')
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise KeyError(
+                '--auto-scale-lr needs `auto_scale_lr = dict(enable=False, '
+                'base_batch_size=N)` in the config (N = the total batch size '
+                'the learning rate was tuned for).')
+        cfg.auto_scale_lr.enable = True
+
+    if args.no_validate:
+        cfg.val_cfg = None
+        cfg.val_dataloader = None
+        cfg.val_evaluator = None
+
+    _set_dataloader_defaults(cfg, args)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    cfg = merge_args(Config.fromfile(args.config), args)
+    check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
+    adapt_cfg_to_device(cfg)
+    init_cpu_dist(cfg)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        # A customised runner registered under the config's scope.
+        init_default_scope(cfg.get('default_scope', 'mmengine'))
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
