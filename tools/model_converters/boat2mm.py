@@ -33,8 +33,10 @@ import torch
 from torch import Tensor
 
 from boat_mm.models.utils import ckpt_convert
-from boat_mm.models.utils.ckpt_convert import (_DROP, convert_boat_checkpoint,
-                                               detect_boat_family)
+from boat_mm.models.utils.ckpt_convert import (_DROP, boat_cswin_converter,
+                                               boat_swin_converter,
+                                               detect_boat_family,
+                                               pick_boat_weights)
 from boat_mm.version import __version__
 
 
@@ -48,8 +50,7 @@ def _allowed_globals() -> Dict[str, object]:
         return {
             'collections.OrderedDict': od,
             'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
-            'torch._utils._rebuild_parameter':
-            torch._utils._rebuild_parameter,
+            'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
         }
 
 
@@ -122,8 +123,7 @@ def detect_arch(family: str, weights: Dict[str, Tensor]) -> Dict:
     """
     if family == 'swin':
         info = ckpt_convert.detect_boat_swin_arch(weights)
-        custom = {k: list(info[k])
-                  for k in ('depths', 'num_heads')}
+        custom = {k: list(info[k]) for k in ('depths', 'num_heads')}
         custom['embed_dims'] = info['embed_dims']
         backbone = dict(
             arch=info['arch'] or custom,
@@ -198,15 +198,10 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     if not isinstance(ckpt, dict):
         raise TypeError(f'{src} holds a {type(ckpt).__name__}, not a dict '
                         f'of weights.')
-    family, converted = convert_boat_checkpoint(ckpt, use_ema=use_ema)
-    source_key = 'state_dict_ema' if use_ema else next(
-        (k for k in ('model', 'state_dict') if k in ckpt), None)
-    weights = ckpt[source_key] if source_key else ckpt
-    weights = {
-        (k[len('module.'):] if k.startswith('module.') else k): v
-        for k, v in weights.items()
-    }
-    assert detect_boat_family(weights) == family
+    source_key, weights = pick_boat_weights(ckpt, use_ema)
+    family = detect_boat_family(weights)
+    converted = (boat_cswin_converter
+                 if family == 'cswin' else boat_swin_converter)(weights)
     info = detect_arch(family, weights)
     name = f'BOAT-{"CSWin" if family == "cswin" else "Swin"}'
     details = [f'{info["num_classes"]} classes']
@@ -217,8 +212,8 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     print(f'[2/4] {name}, arch {info["arch_name"]} ({", ".join(details)}), '
           f'weights from {source_key or "the top level"}')
     dropped = sorted(k for k in weights if _DROP.search(k))
-    reordered = sorted(k for k in converted if '.downsample.' in k
-                       and family == 'swin')
+    reordered = sorted(k for k in converted
+                       if '.downsample.' in k and family == 'swin')
     print(f'[3/4] converted {len(converted)} tensors; dropped '
           f'{len(dropped)} derived buffers; reordered {len(reordered)} '
           f'patch-merging tensors; checking a strict load')
@@ -228,7 +223,7 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     meta = dict(
         boat_mm_version=__version__,
         source=osp.basename(src),
-        source_key=source_key or '',
+        source_key=source_key,
         ema=bool(use_ema),
         family=family,
         arch=info['arch_name'],

@@ -46,7 +46,7 @@ from boat2mm import (build_classifier, check_loads,  # noqa: E402
                      detect_arch, load_original_checkpoint)
 
 from boat_mm.models.utils.ckpt_convert import (  # noqa: E402
-    convert_boat_checkpoint, detect_boat_family)
+    convert_boat_checkpoint, detect_boat_family, pick_boat_weights)
 
 # Module file of each family inside the public repository.
 REF_FILES = {
@@ -94,10 +94,11 @@ def import_reference(ref_repo: str, family: str):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered first: timm's register_model looks the module up.
+    sys.modules[name] = module
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         spec.loader.exec_module(module)
-    sys.modules[name] = module
     return module
 
 
@@ -256,18 +257,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ok = True
     if args.ckpt:
         ckpt = load_original_checkpoint(args.ckpt)
-        key = 'state_dict_ema' if args.ema else next(
-            (k for k in ('model', 'state_dict') if k in ckpt), None)
-        if args.ema and key not in ckpt:
-            print('error: --ema given but the file has no state_dict_ema',
-                  file=sys.stderr)
+        try:
+            _, weights = pick_boat_weights(ckpt, args.ema)
+        except KeyError as e:
+            print(f'error: {e.args[0]}', file=sys.stderr)
             return 1
-        weights = ckpt[key] if key else ckpt
-        weights = {(k[7:] if k.startswith('module.') else k): v
-                   for k, v in weights.items()}
         family = detect_boat_family(weights)
         arch = detect_arch(family, weights)['arch_name']
-        if arch not in CSWIN_ARCHS:
+        if arch not in ('tiny', 'small', 'base'):
             print(f'error: {args.ckpt} is not one of the published '
                   f'tiny/small/base models', file=sys.stderr)
             return 1

@@ -131,6 +131,8 @@ class BOATShiftWindowMSA(ShiftWindowMSA):
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         mask = self._window_mask((H, W), (Hp, Wp), ws, shift, query.device)
+        if mask is not None:
+            mask = mask.to(query.dtype)  # -100 fits half precision too
         windows = self.window_partition(x, ws).view(-1, ws * ws, C)
         windows = self.w_msa(windows, mask=mask)
         x = self.window_reverse(windows.view(-1, ws, ws, C), Hp, Wp, ws)
@@ -274,8 +276,9 @@ class BOATSwinStage(BaseModule):
         else:
             self.downsample = None
 
-    def forward(self, x: Tensor, hw_shape: Sequence[int]
-                ) -> Tuple[Tensor, Tuple[int, int], Tensor, Tuple[int, int]]:
+    def forward(
+        self, x: Tensor, hw_shape: Sequence[int]
+    ) -> Tuple[Tensor, Tuple[int, int], Tensor, Tuple[int, int]]:
         """Returns the merged tokens and shape, then the stage's own."""
         for block in self.blocks:
             x = block(x, hw_shape)
@@ -458,9 +461,9 @@ class BOATSwin(BaseModule):
             dpr = dpr[depth:]
 
         for i in self.out_indices:
-            self.add_module(f'norm{i}',
-                            build_norm_layer(norm_cfg,
-                                             self.num_features[i])[1])
+            self.add_module(
+                f'norm{i}',
+                build_norm_layer(norm_cfg, self.num_features[i])[1])
         self._freeze_stages()
 
     def _parse_arch(self, arch: Union[str, dict]) -> Dict:

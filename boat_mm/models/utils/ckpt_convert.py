@@ -20,7 +20,8 @@ from torch import Tensor
 
 __all__ = [
     'boat_cswin_converter', 'boat_swin_converter', 'detect_boat_family',
-    'convert_boat_checkpoint', 'detect_boat_swin_arch', 'swin_merge_order'
+    'convert_boat_checkpoint', 'detect_boat_cswin_arch',
+    'detect_boat_swin_arch', 'pick_boat_weights', 'swin_merge_order'
 ]
 
 # Buffers of the originals that boat-mm recomputes.
@@ -286,9 +287,9 @@ def detect_boat_family(state_dict: Mapping[str, Tensor]) -> str:
                    f'(layers.*) keys found; first keys: {keys[:5]}.')
 
 
-def convert_boat_checkpoint(checkpoint: Dict, use_ema: bool = False
-                            ) -> Tuple[str, 'OrderedDict[str, Tensor]']:
-    """Pick the weights of a published checkpoint file and convert them.
+def pick_boat_weights(checkpoint: Dict, use_ema: bool = False
+                      ) -> Tuple[str, 'OrderedDict[str, Tensor]']:
+    """The weights of a published checkpoint file.
 
     Args:
         checkpoint (dict): The loaded file: weights under ``model``
@@ -297,26 +298,36 @@ def convert_boat_checkpoint(checkpoint: Dict, use_ema: bool = False
         use_ema (bool): Use ``state_dict_ema`` (BOAT-CSWin files).
 
     Returns:
-        tuple[str, OrderedDict]: Family ('swin' or 'cswin') and weights.
+        tuple[str, OrderedDict]: The entry used ('' for a bare state dict)
+        and its weights, without a DataParallel ``module.`` prefix.
     """
     if use_ema:
         if 'state_dict_ema' not in checkpoint:
             raise KeyError('EMA weights asked for but the file has no '
                            'state_dict_ema; its top-level keys: '
                            f'{sorted(map(str, checkpoint))}.')
-        weights = checkpoint['state_dict_ema']
+        key = 'state_dict_ema'
     else:
-        for key in ('model', 'state_dict'):
-            if key in checkpoint:
-                weights = checkpoint[key]
-                break
-        else:
-            weights = checkpoint
-    # Strip a DataParallel prefix if the saver kept one.
-    weights = {
-        (k[len('module.'):] if k.startswith('module.') else k): v
-        for k, v in weights.items()
-    }
+        key = next((k for k in ('model', 'state_dict') if k in checkpoint),
+                   '')
+    weights = checkpoint[key] if key else checkpoint
+    return key, OrderedDict(
+        (k[len('module.'):] if k.startswith('module.') else k, v)
+        for k, v in weights.items())
+
+
+def convert_boat_checkpoint(checkpoint: Dict, use_ema: bool = False
+                            ) -> Tuple[str, 'OrderedDict[str, Tensor]']:
+    """Pick the weights of a published checkpoint file and convert them.
+
+    Args:
+        checkpoint (dict): The loaded file (see :func:`pick_boat_weights`).
+        use_ema (bool): Use ``state_dict_ema`` (BOAT-CSWin files).
+
+    Returns:
+        tuple[str, OrderedDict]: Family ('swin' or 'cswin') and weights.
+    """
+    _, weights = pick_boat_weights(checkpoint, use_ema)
     family = detect_boat_family(weights)
     convert = boat_cswin_converter if family == 'cswin' \
         else boat_swin_converter

@@ -69,13 +69,13 @@ def test_out_indices_and_tuple(tiny_model):
     model = build(out_indices=(1, -1)).eval()
     assert model.out_indices == (1, 3)
     assert not hasattr(model, 'norm0') and hasattr(model, 'norm3')
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        outs = model(torch.randn(2, 3, 64, 64))
+        outs = model(x)
     assert isinstance(outs, tuple) and len(outs) == 2
     assert [o.shape[1] for o in outs] == [48, 192]
     # Same features as the full model where both output.
     model.load_state_dict(tiny_model.state_dict(), strict=False)
-    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref, ours = tiny_model(x), model(x)
     torch.testing.assert_close(ours[0], ref[1])
@@ -110,9 +110,9 @@ def test_full_archs(arch):
                if m.__class__.__name__ == 'FeatureSpaceLocalAttention'
                ) == FSLA_BLOCKS[arch]
     with torch.no_grad():
-        outs = model(torch.randn(1, 3, 40, 72))
+        outs = model(torch.randn(1, 3, 36, 64))
     assert [tuple(o.shape) for o in outs] == expected_shapes(
-        dict(embed_dims=model.embed_dims), (40, 72))
+        dict(embed_dims=model.embed_dims), (36, 64))
 
 
 # ---------------------------------------------------------------------------
@@ -153,14 +153,14 @@ def test_fsla_placement_and_cfg():
 
 
 def test_without_fsla_equals_block_without_fsla():
-    plain = build(with_fsla=False).eval()
+    plain = build(NANO, with_fsla=False).eval()
     assert not any('fsla' in k for k in plain.state_dict())
-    boat = build(seed=1).eval()
+    boat = build(NANO, seed=1).eval()
     missing, unexpected = plain.load_state_dict(
         boat.state_dict(), strict=False)
     assert not missing
     assert unexpected and all('fsla' in k for k in unexpected)
-    x = torch.randn(1, 3, 96, 80)
+    x = torch.randn(1, 3, 56, 40)
     with torch.no_grad():
         differs = (plain(x)[3] - boat(x)[3]).abs().max()
         # Zero FSLA output projections: the FSLA residual vanishes.
@@ -176,11 +176,14 @@ def test_without_fsla_equals_block_without_fsla():
 def test_without_fsla_equals_mmpretrain_swin():
     """FSLA off at 224: exactly mmpretrain's Swin (same parameter names)."""
     from mmpretrain.models.backbones import SwinTransformer
-    plain = build(with_fsla=False).eval()
+    plain = build(NANO, with_fsla=False).eval()
     ref = SwinTransformer(
-        arch=dict(TINY), out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+        arch=dict(NANO), out_indices=(0, 1, 2, 3), drop_path_rate=0.)
     ref.eval()
-    ref.load_state_dict(plain.state_dict(), strict=True)
+    missing, unexpected = ref.load_state_dict(plain.state_dict(), strict=False)
+    # Only the index buffers, which BOATSwin does not save.
+    assert not unexpected and missing
+    assert all(k.endswith('relative_position_index') for k in missing)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         for a, b in zip(plain(x), ref(x)):
@@ -228,7 +231,7 @@ def test_shift_only_when_map_exceeds_window():
 
 
 def test_frozen_stages():
-    model = build(frozen_stages=2)
+    model = build(NANO, frozen_stages=2)
     model.train()
     frozen = [model.patch_embed, model.stages[0], model.stages[1],
               model.norm0, model.norm1]
@@ -238,20 +241,20 @@ def test_frozen_stages():
     for m in [model.stages[2], model.stages[3], model.norm2, model.norm3]:
         assert all(p.requires_grad for p in m.parameters())
         assert all(sub.training for sub in m.modules())
-    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    sum(o.sum() for o in model(torch.randn(1, 3, 32, 32))).backward()
     assert model.stages[0].blocks[1].fsla.qkv.weight.grad is None
     assert model.stages[2].blocks[1].fsla.qkv.weight.grad is not None
     # -1 freezes nothing; 0 only the patch embedding.
-    model = build(frozen_stages=0)
+    model = build(NANO, frozen_stages=0)
     model.train()
     assert not model.patch_embed.projection.weight.requires_grad
     assert model.stages[0].blocks[0].norm1.weight.requires_grad
 
 
 def test_with_cp_same_result_and_used(monkeypatch):
-    x = torch.randn(2, 3, 64, 64)
-    plain = build(drop_path_rate=0.)
-    cp_model = build(drop_path_rate=0., with_cp=True)
+    x = torch.randn(2, 3, 32, 40)
+    plain = build(NANO, drop_path_rate=0.)
+    cp_model = build(NANO, drop_path_rate=0., with_cp=True)
     calls = []
     checkpoint = boat_swin_module.cp.checkpoint
 
@@ -266,20 +269,21 @@ def test_with_cp_same_result_and_used(monkeypatch):
         outs = model(x)
         sum((o * o).mean() for o in outs).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert len(calls) == sum(TINY['depths'])
+    assert len(calls) == sum(NANO['depths'])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         cp_model(x)
-    assert len(calls) == sum(TINY['depths'])  # not under no_grad
+    assert len(calls) == sum(NANO['depths'])  # not under no_grad
 
 
-def test_batch_independence(tiny_model):
+def test_batch_independence():
+    model = build(NANO).eval()
     torch.manual_seed(3)
-    x = torch.randn(3, 3, 72, 64)
+    x = torch.randn(3, 3, 72, 64)  # stage 1: 288 tokens, several clusters
     with torch.no_grad():
-        together = tiny_model(x)
-        alone = tiny_model(x[1:2])
+        together = model(x)
+        alone = model(x[1:2])
     for a, b in zip(together, alone):
         assert (a[1:2] - b).abs().max() <= 1e-5
 
@@ -295,28 +299,31 @@ def test_default_init():
     block = model.stages[0].blocks[1]
     assert torch.all(block.norm_fsla.weight == 1)
     assert torch.all(block.fsla.qkv.bias == 0)
-    assert block.fsla.qkv.weight.std() == pytest.approx(0.02, rel=0.2)
+    assert block.fsla.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
     assert block.attn.w_msa.relative_position_bias_table.abs().sum() > 0
 
 
 def test_init_cfg_pretrained_prefix(tmp_path):
+    """Constant init, then a classifier checkpoint through the prefix: the
+    checkpoint wins where it has weights (all but norm3 here)."""
     src = build(seed=5)
     ckpt = OrderedDict(('backbone.' + k, v)
-                       for k, v in src.state_dict().items())
+                       for k, v in src.state_dict().items()
+                       if not k.startswith('norm3.'))
     ckpt['head.fc.weight'] = torch.zeros(10, 192)
     path = str(tmp_path / 'cls.pth')
     torch.save({'state_dict': ckpt, 'meta': {}}, path)
-    pretrained = dict(type='Pretrained', checkpoint=path, prefix='backbone.')
-    for init_cfg in (pretrained,
-                     [dict(type='Constant', layer='LayerNorm', val=2.),
-                      pretrained]):
-        model = BOATSwin(arch=TINY, init_cfg=init_cfg)
-        model.init_weights()
-        for k, v in src.state_dict().items():
-            torch.testing.assert_close(model.state_dict()[k], v)
     model = BOATSwin(
-        arch=TINY, init_cfg=dict(type='Constant', layer='LayerNorm', val=2.))
+        arch=TINY,
+        init_cfg=[
+            dict(type='Constant', layer='LayerNorm', val=2.),
+            dict(type='Pretrained', checkpoint=path, prefix='backbone.')
+        ])
     model.init_weights()
+    state = model.state_dict()
+    for k, v in src.state_dict().items():
+        if not k.startswith('norm3.'):
+            torch.testing.assert_close(state[k], v)
     assert torch.all(model.norm3.weight == 2.)
 
 
