@@ -266,7 +266,9 @@ def balanced_hierarchical_clustering(x: Tensor,
         # Normalise once and carry unit vectors plus norms through the
         # levels: cosines need the former, the centroid update (a weighted
         # sum of the raw vectors, as published) needs norm * unit vector.
-        feats = x.float()
+        # float64 input is clustered in float64 (parity checks), anything
+        # else in float32.
+        feats = x.double() if x.dtype == torch.float64 else x.float()
         norms = feats.norm(dim=-1).clamp(min=1e-12)
         normed = feats / norms.unsqueeze(-1)
         pos = torch.arange(total, device=device)
@@ -295,13 +297,15 @@ def balanced_hierarchical_clustering(x: Tensor,
                 cent = F.normalize(torch.bmm(assign, normed), dim=-1)
             sim = torch.bmm(cent, normed.transpose(1, 2))
             # r >= 0 up to rounding; clamping makes the float bit patterns
-            # order like the values, so an int32 sort (faster) can rank them.
+            # order like the values, so an integer sort (faster) ranks them.
             ratio = ((sim[:, 0] + 1) / (sim[:, 1] + 1)).clamp(min=0)
             ratio = ratio.view(M, nodes, cap)
             if not plan.uniform:
                 # Padding sorts last inside its node.
                 ratio = ratio.masked_fill(valid == 0, float('inf'))
-            order = ratio.view(torch.int32).sort(dim=-1, stable=True).indices
+            bits = torch.int64 if ratio.dtype == torch.float64 \
+                else torch.int32
+            order = ratio.view(bits).sort(dim=-1, stable=True).indices
             split = plan.level_split[level]
             if split is not None:
                 order = order.gather(-1, split.expand_as(order))
