@@ -82,7 +82,7 @@ CSWIN_ARCH = dict(
     channels=[16, 32, 64, 128],
     aux=64)
 SWIN_ARCH = dict(
-    arch='embed_dims=12, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2]',
+    arch='embed_dims=12, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 2]',
     channels=[12, 24, 48, 96],
     aux=48)
 
