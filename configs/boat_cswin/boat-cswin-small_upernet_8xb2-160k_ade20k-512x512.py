@@ -1,6 +1,6 @@
-# BOAT-CSWin-S + UPerNet on ADE20K: the BOAT-CSWin-T recipe, small backbone.
+# BOAT-CSWin-Small + UPerNet: the tiny recipe with this arch's widths and
+# drop path.
 _base_ = ['./boat-cswin-tiny_upernet_8xb2-160k_ade20k-512x512.py']
-# Converted with tools/model_converters/boat2mm.py (see the tiny config).
 checkpoint_file = 'checkpoints/boat-cswin-small_in1k.pth'
 model = dict(
     backbone=dict(

@@ -1,14 +1,5 @@
-# BOAT-Swin-Base, ImageNet-1K 224, 300 epochs, total batch 1024 (16 x 64):
-# AdamW 1e-3, wd 0.05, 20 warm-up epochs, cosine to 1e-5, grad clip 5,
-# RandAugment m9-mstd0.5, mixup 0.8 / cutmix 1.0, label smoothing 0.1,
-# random erasing 0.25, no weight decay on norms, biases and position tables.
-_base_ = [
-    '../_base_/models/boat-swin_in1k.py',
-    'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
-    'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
-    'mmpretrain::_base_/default_runtime.py'
-]
+# BOAT-Swin-B: the BOAT-Swin-T recipe with drop path 0.5.
+_base_ = ['./boat-swin-tiny_16xb64_in1k.py']
 model = dict(
     backbone=dict(arch='base', drop_path_rate=0.5),
     head=dict(in_channels=1024))
-optim_wrapper = dict(clip_grad=dict(max_norm=5.0))
