@@ -5,6 +5,7 @@
 torch 2.6) everywhere, as MMEngine does.
 """
 import io
+import itertools
 import os.path as osp
 
 import numpy as np
@@ -64,8 +65,15 @@ class _Metric(BaseMetric):
             neg_err=np.float32(-np.mean(results)), count=np.int64(len(results)))
 
 
+_RUN_IDS = itertools.count()
+
+
 def _runner(work_dir: str, max_iters: int, **kwargs) -> Runner:
     torch.manual_seed(0)  # same initial weights in every run
+    # MessageHub instances are global and keyed by the experiment name,
+    # which defaults to a timestamp: two runners built in the same second
+    # would share (and mix) their logged histories.
+    kwargs.setdefault('experiment_name', f'ckpt_test_{next(_RUN_IDS)}')
     loader = dict(
         dataset=_Points(),
         sampler=dict(type='DefaultSampler', shuffle=True),
