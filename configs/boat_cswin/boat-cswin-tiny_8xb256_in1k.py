@@ -27,5 +27,7 @@ val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
 optim_wrapper = dict(optimizer=dict(lr=2e-3, weight_decay=0.05))
 # mmengine's EMA momentum is 1 - decay, applied every iteration.
-custom_hooks = [dict(type='EMAHook', momentum=1 - 0.99984, priority='ABOVE_NORMAL')]
+custom_hooks = [
+    dict(type='EMAHook', momentum=1 - 0.99984, priority='ABOVE_NORMAL')
+]
 auto_scale_lr = dict(base_batch_size=2048)

@@ -1,0 +1,251 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""End-to-end runs of the classification configs through the tools.
+
+Every run uses the generated ImageNet-like data (6 classes, 3 + 2 images
+per class, 32 px, through the configs' own 224 px pipelines), a tiny BOAT
+arch swapped in by a user-style config that inherits ours by path, and two
+epochs of 9 iterations (warm-up epoch, then cosine, as the recipes).
+Everything is written under ``tmp_path``.
+"""
+import os
+import os.path as osp
+import pickle
+import re
+import runpy
+import subprocess
+import sys
+from typing import List, Optional
+
+import mmengine
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
+                  'boat-swin-tiny_16xb64_in1k.py')
+CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
+                   'boat-cswin-tiny_8xb256_in1k.py')
+
+# A user's config: inherits one of ours by absolute path, swaps in a tiny
+# arch, 6 classes and the generated data. `{base}`, `{root}`, `{arch}` and
+# `{channels}` are filled in. The recipe's pipelines, optimizer, mixup /
+# cutmix, label smoothing and hooks (EMA for BOAT-CSWin) stay.
+USER_CFG = """
+_base_ = [{base!r}]
+data_root = {root!r}
+model = dict(
+    backbone=dict(
+        arch=dict(_delete_=True, {arch}),
+        drop_path_rate=0.0,
+        fsla_cfg=dict(group_size=16, overlap=4)),
+    head=dict(in_channels={channels}, num_classes=6))
+data_preprocessor = dict(num_classes=6)
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+# The recipes' 20 warm-up epochs then cosine, shrunk to 1 + 1 epochs.
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, end=1,
+         convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=1,
+         end=2)
+]
+train_cfg = dict(max_epochs=2, val_interval=2)
+default_hooks = dict(logger=dict(interval=1))
+randomness = dict(seed=0)
+"""
+SWIN_ARCH = dict(
+    arch='embed_dims=8, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 2]',
+    channels=64)
+CSWIN_ARCH = dict(
+    arch='embed_dims=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2]',
+    channels=64)
+NUM_VAL = 12  # 6 classes x 2 images
+ITERS_PER_EPOCH = 9  # 18 images, batch 2
+VAL_RE = (r'Epoch\(val\) \[2\]\[6/6\]\s+accuracy/top1: ([\d.]+)\s+'
+          r'accuracy/top5: ([\d.]+)')
+TEST_RE = r'Epoch\(test\) \[6/6\]\s+accuracy/top1: ([\d.]+)'
+
+
+def _user_cfg(path: str, base: str, root: str, arch: dict) -> str:
+    with open(path, 'w') as f:
+        f.write(USER_CFG.format(base=base, root=root, **arch))
+    return path
+
+
+def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
+    """Run a command; return its output, or fail the test with it."""
+    # One thread: on the shared 2-core machine OpenMP threads that wait for
+    # each other make these small runs several times slower.
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS='ignore',
+        OMP_NUM_THREADS='1',
+        **(env or {}))
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True)
+    if proc.returncode != 0:
+        pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
+                    f'{proc.stdout[-6000:]}')
+    return proc.stdout
+
+
+def _tool(name: str, *args: str, cwd: str) -> str:
+    return _run(
+        [sys.executable, osp.join(REPO, 'tools', name), *args], cwd=cwd)
+
+
+def _ckpt(path: str) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _train(tmp, base: str, root: str, arch: dict) -> dict:
+    cfg = _user_cfg(str(tmp / 'user.py'), base, root, arch)
+    work_dir = str(tmp / 'work')
+    out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
+    val = re.search(VAL_RE, out)
+    assert val, out[-3000:]
+    return dict(
+        cfg=cfg, work_dir=work_dir, out=out, tmp=tmp, val_top1=float(val[1]))
+
+
+@pytest.fixture(scope='module')
+def trained_swin(tmp_path_factory, imagenet_root):
+    """Two epochs of the BOAT-Swin-T recipe with a tiny arch, validated at
+    the end, a checkpoint per epoch."""
+    return _train(
+        tmp_path_factory.mktemp('cls_swin'), SWIN_T, imagenet_root, SWIN_ARCH)
+
+
+@pytest.fixture(scope='module')
+def trained_cswin(tmp_path_factory, imagenet_root):
+    """The same with the BOAT-CSWin-T recipe (EMA of the weights)."""
+    return _train(
+        tmp_path_factory.mktemp('cls_cswin'), CSWIN_T, imagenet_root,
+        CSWIN_ARCH)
+
+
+def test_swin_train_val_then_test_with_tta(trained_swin):
+    out, work_dir = trained_swin['out'], trained_swin['work_dir']
+    # The LR reaches its peak at the end of the warm-up epoch.
+    assert re.search(r'Epoch\(train\) \[1\]\[9/9\].*lr: 1\.0000e-03.*loss',
+                     out)
+    assert re.search(r'Epoch\(train\) \[2\]\[9/9\].*loss', out)
+    for epoch in (1, 2):
+        assert osp.isfile(osp.join(work_dir, f'epoch_{epoch}.pth'))
+    ckpt = _ckpt(osp.join(work_dir, 'epoch_2.pth'))
+    assert ckpt['meta']['epoch'] == 2
+    assert ckpt['meta']['iter'] == 2 * ITERS_PER_EPOCH
+    state = ckpt['state_dict']
+    assert state['head.fc.weight'].shape == (6, 64)
+    assert any('.fsla.' in k for k in state)
+
+    # The checkpoint loads, strictly, into the model the config builds.
+    cfg = Config.fromfile(trained_swin['cfg'])
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cfg.model)
+    model.load_state_dict(state, strict=True)
+
+    # Flip TTA (mmpretrain's AverageClsScoreTTA) and the predictions.
+    preds = str(trained_swin['tmp'] / 'preds.pkl')
+    out = _tool(
+        'test.py',
+        trained_swin['cfg'],
+        osp.join(work_dir, 'epoch_2.pth'),
+        '--tta',
+        '--out',
+        preds,
+        '--work-dir',
+        str(trained_swin['tmp'] / 'test'),
+        cwd=str(trained_swin['tmp']))
+    assert 'AverageClsScoreTTA' in out
+    assert 'do not match exactly' not in out  # the checkpoint fitted
+    top1 = float(re.search(TEST_RE, out)[1])
+    with open(preds, 'rb') as f:
+        samples = pickle.load(f)
+    assert len(samples) == NUM_VAL
+    assert all(s['pred_score'].shape == (6, ) for s in samples)
+    hits = [int(s['pred_label']) == int(s['gt_label']) for s in samples]
+    assert top1 == pytest.approx(100 * sum(hits) / NUM_VAL, abs=1e-3)
+
+
+def test_cswin_ema_checkpoint_and_test(trained_cswin):
+    out, work_dir = trained_cswin['out'], trained_cswin['work_dir']
+    assert 'EMAHook' in out
+    ckpt1 = _ckpt(osp.join(work_dir, 'epoch_1.pth'))
+    ckpt2 = _ckpt(osp.join(work_dir, 'epoch_2.pth'))
+    # MMEngine's EMAHook stores the averaged weights as `state_dict` (what
+    # deployment loads) and the trained ones under `ema_state_dict`.
+    ema = ckpt2['ema_state_dict']
+    assert int(ema['steps']) == 2 * ITERS_PER_EPOCH
+    key = 'backbone.patch_embed.projection.weight'
+    avg1, avg2 = ckpt1['state_dict'][key], ckpt2['state_dict'][key]
+    raw1 = ckpt1['ema_state_dict']['module.' + key]
+    raw2 = ema['module.' + key]
+    assert set(ckpt2['state_dict']) == {
+        k[len('module.'):]
+        for k in ema if k != 'steps'
+    }
+    # Momentum 1.6e-4 per step: the average barely moves while the trained
+    # weights do.
+    raw_step = (raw2 - raw1).abs().max()
+    assert raw_step > 0
+    assert (avg2 - avg1).abs().max() < 0.01 * raw_step
+    assert not torch.allclose(avg2, raw2)
+
+    # Testing the checkpoint gives what the EMA weights got in validation.
+    metrics = str(trained_cswin['tmp'] / 'metrics.json')
+    out = _tool(
+        'test.py',
+        trained_cswin['cfg'],
+        osp.join(work_dir, 'epoch_2.pth'),
+        '--out',
+        metrics,
+        '--out-item',
+        'metrics',
+        '--work-dir',
+        str(trained_cswin['tmp'] / 'test'),
+        cwd=str(trained_cswin['tmp']))
+    assert 'do not match exactly' not in out
+    top1 = float(re.search(TEST_RE, out)[1])
+    assert top1 == pytest.approx(trained_cswin['val_top1'])
+    dumped = mmengine.load(metrics)
+    assert set(dumped) == {'accuracy/top1', 'accuracy/top5'}
+    assert dumped['accuracy/top1'] == pytest.approx(top1, abs=1e-3)
+
+
+def _tool_main(name: str):
+    """The ``main`` of a tool script, loaded without running it."""
+    return runpy.run_path(
+        osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
+
+
+def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/imagenet here
+    for config in (SWIN_T, CSWIN_T):
+        with pytest.raises(FileNotFoundError) as err:
+            _tool_main('train.py')([config, '--work-dir', str(tmp_path)])
+        msg = str(err.value)
+        assert ("train_dataloader.dataset.data_root = 'data/imagenet' does "
+                'not exist') in msg
+        assert 'ImageNet-1K' in msg
+        assert 'gen_synthetic_data.py imagenet' in msg
+
+    ckpt = tmp_path / 'model.pth'
+    ckpt.write_bytes(b'')
+    with pytest.raises(
+            FileNotFoundError,
+            match="test_dataloader.dataset.data_root = "
+            "'data/imagenet' does not exist"):
+        _tool_main('test.py')([CSWIN_T, str(ckpt)])
