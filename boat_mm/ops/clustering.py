@@ -213,6 +213,8 @@ def build_cluster_plan(num_tokens: int,
     Returns:
         ClusterPlan: The static layout.
     """
+    # torch.jit tracing (e.g. FLOP counting) passes shapes as 0-d tensors.
+    num_tokens = int(num_tokens)
     if num_tokens < 1:
         raise ValueError(f'FSLA needs at least one token, got {num_tokens}.')
     if not 0 <= overlap < group_size:

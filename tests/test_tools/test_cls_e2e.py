@@ -249,3 +249,24 @@ def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
             match="test_dataloader.dataset.data_root = "
             "'data/imagenet' does not exist"):
         _tool_main('test.py')([CSWIN_T, str(ckpt)])
+
+
+def test_upstream_mmpretrain_train_runs_our_config(tmp_path, imagenet_root):
+    # mmpretrain's own tools/train.py (shipped in its wheel) knows nothing
+    # of boat_mm: the config's custom_imports must register the backbone.
+    import mmpretrain
+    tool = osp.join(
+        osp.dirname(mmpretrain.__file__), '.mim', 'tools', 'train.py')
+    assert osp.isfile(tool)
+    cfg = _user_cfg(
+        str(tmp_path / 'user.py'), SWIN_T, imagenet_root, SWIN_ARCH)
+    work_dir = str(tmp_path / 'work')
+    out = _run([
+        sys.executable, tool, cfg, '--work-dir', work_dir, '--cfg-options',
+        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'
+    ],
+               cwd=str(tmp_path))
+    assert re.search(r'Epoch\(train\) \[1\]\[9/9\].*loss', out)
+    assert re.search(r'Epoch\(val\) \[1\]\[6/6\]\s+accuracy/top1', out)
+    state = _ckpt(osp.join(work_dir, 'epoch_1.pth'))['state_dict']
+    assert any('.fsla.' in k for k in state)

@@ -1,0 +1,373 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Parameter and FLOP counting for BOAT models, on ``mmengine.analysis``.
+
+``FLOPs`` follow the OpenMMLab / fvcore convention: one multiply-add (MAC)
+is one FLOP. Counting is done by mmengine's :class:`FlopAnalyzer` (a
+``torch.jit`` trace of one forward pass) with its default handles (linear,
+matmul, bmm, conv, einsum, norms, upsampling, ...) plus what it misses in
+BOAT:
+
+* **Attention written with** ``F.scaled_dot_product_attention`` **(SDPA)**
+  (FSLA, the CSWin stripes): ``q @ k^T`` and ``attn @ v`` cost
+  ``pairs * (E + Ev)`` MACs, where ``pairs`` is the number of
+  (query, key) pairs and ``E``, ``Ev`` the head dims of q/k and v. Without
+  a mask ``pairs = B * heads * Lq * Lk``, i.e. ``2 * B * heads * Lq * Lk *
+  head_dim``. Softmax and scaling are element-wise and, as everywhere in
+  this convention, not counted.
+* **Masked SDPA.** FSLA runs attention on a *pair* of sibling clusters
+  (``2S`` slots) with a boolean mask, so each of the 49 queries of a
+  cluster sees its own 49 tokens plus 20 of its sibling's (69 keys), as
+  the published algorithm, which gathers those 69 keys and runs a dense
+  49 x 69 attention. With ``masked_attention='allowed'`` (the default) a
+  boolean mask counts only its allowed pairs: the cost of the algorithm,
+  independent of how it is implemented. ``'dense'`` counts the full
+  ``2S x 2S`` products that a masked kernel executes (for FSLA at
+  ``S = 49`` that is ``98 / 69 = 1.42`` times the attention MACs). Padding
+  masks (CSWin stripes on maps that are not multiples of the stripe width)
+  are treated the same way: padded keys are not counted under
+  ``'allowed'``. Float (additive) masks are always counted dense, as
+  their "forbidden" entries cannot be told apart.
+* **FSLA clustering** (hierarchical spherical k-means on the queries): its
+  batched matmuls (centroid means, the cosine similarities of every k-means
+  iteration and of the final ranking, centroid updates) are counted
+  exactly as executed, measured with :class:`torch.utils.flop_counter.
+  FlopCounterMode`. Per level that is ``4 * (1 + kmeans_iters) * B *
+  heads * slots * head_dim`` MACs (``12 * B * N * C`` per level with the
+  default two iterations and no padding slots). The sorts, gathers and
+  normalisations around them are not MACs and are not counted.
+
+Against the published numbers (224 x 224 classifiers, multiply-adds of
+matmul, linear, conv and bmm): this counter gives BOAT-Swin T/S/B 5.202 /
+10.224 / 17.973 G and BOAT-CSWin T/S/B 5.204 / 8.051 / 17.602 G for the
+published 5.20 / 10.22 / 17.96 and 5.20 / 8.05 / 17.59 G (at most +0.1 %).
+All six differences are explained by two deliberate differences in what
+runs: (1) the original computes each split's initial centroids with
+``Tensor.mean`` (additions, not a matmul), boat-mm with a batched matmul
+by an averaging matrix (which handles uneven splits); that matmul is
+executed, so it is counted: one sixth of the clustering MACs, 0.006 G
+(T) to 0.011 G (B). (2) On the 7 x 7 map of BOAT-CSWin's last stage (one
+cluster) the original pairs clusters of *different images*, so every query
+sees 69 keys, boat-mm's single cluster attends within itself (49 keys):
+0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to the published
+value for all six models.
+
+How it works: during the trace, ``F.scaled_dot_product_attention`` and
+FSLA's clustering function are temporarily replaced by thin custom ops
+(``boat_mm_flops::sdpa`` and ``boat_mm_flops::fsla_clustering``) that
+compute the same values and carry their MAC count, measured on the real
+tensors, as a constant argument of the traced node. (The clustering is not
+traceable as is: ``torch.jit`` cannot record its ``Tensor.view(dtype)``.)
+SDPA calls that bypass ``torch.nn.functional`` (a reference bound at import
+time) are still counted, dense, by an ``aten::scaled_dot_product_attention``
+handle.
+
+Example:
+    >>> from boat_mm.utils.complexity import get_model_complexity
+    >>> info = get_model_complexity(model, input_shape=(3, 224, 224))
+    >>> info['flops'] / 1e9, info['params'] / 1e6
+"""
+import contextlib
+import math
+import sys
+from collections import Counter
+from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence,
+                    Tuple, Union)
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.analysis import FlopAnalyzer, parameter_count
+from mmengine.analysis.jit_handles import get_shape
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from boat_mm.ops import clustering as _clustering
+
+__all__ = [
+    'MAC_OPERATORS', 'flop_analyzer', 'get_model_complexity', 'sdpa_macs'
+]
+
+MASKED_ATTENTION_MODES = ('allowed', 'dense')
+
+# Operator names (as reported by ``FlopAnalyzer.by_operator``) that are
+# multiply-adds; the others (norms, upsampling, pooling) are mmengine's
+# per-element estimates.
+MAC_OPERATORS = frozenset({
+    'linear', 'addmm', 'mm', 'matmul', 'bmm', 'einsum', 'conv', 'sdpa',
+    'fsla_clustering'
+})
+
+# autograd.Function ops of boat_mm that only move data (gathers).
+_ZERO_COST_PYTHON_OPS = ('prim::PythonOp._PermuteRows', )
+
+# Data movement, indexing and comparisons: no arithmetic, so they are
+# neither counted nor reported as "not counted".
+_ZERO_COST_OPS = ('aten::index_select', 'aten::embedding', 'aten::sort',
+                  'aten::argsort', 'aten::scatter', 'aten::scatter_',
+                  'aten::scatter_reduce', 'aten::where', 'aten::lt',
+                  'aten::le', 'aten::ne', 'aten::numel', 'aten::clone',
+                  'aten::repeat', 'aten::expand_as', 'aten::view_as',
+                  'aten::unflatten', 'aten::pad', 'aten::new_ones',
+                  'aten::ones_like', 'aten::lift_fresh', 'aten::alias',
+                  'aten::neg', 'aten::_unsafe_view', 'aten::pixel_shuffle',
+                  'aten::fill_', 'aten::zero_', 'aten::logical_and',
+                  'aten::logical_or', 'aten::bitwise_and', 'aten::bitwise_or',
+                  'aten::all', 'aten::any', 'aten::__or__',
+                  'aten::masked_fill_', 'aten::unfold', 'aten::im2col')
+
+_ORIG_SDPA = F.scaled_dot_product_attention
+_ORIG_CLUSTERING = _clustering.balanced_hierarchical_clustering
+
+
+@torch.library.custom_op('boat_mm_flops::sdpa', mutates_args=())
+def _sdpa_op(query: Tensor, key: Tensor, value: Tensor,
+             attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+             scale: Optional[float], enable_gqa: bool, macs: int) -> Tensor:
+    """SDPA that carries its MAC count (``macs``) into the traced graph."""
+    kwargs = dict(enable_gqa=True) if enable_gqa else {}
+    return _ORIG_SDPA(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        **kwargs)
+
+
+@torch.library.custom_op('boat_mm_flops::fsla_clustering', mutates_args=())
+def _clustering_op(x: Tensor, perm: Tensor, macs: int) -> Tensor:
+    """Stands for FSLA's clustering of ``x`` (result ``perm``, already
+    computed outside the trace) and carries its MAC count."""
+    return perm.clone()
+
+
+def sdpa_macs(query_shape: Sequence[int],
+              key_shape: Sequence[int],
+              value_shape: Sequence[int],
+              attn_mask: Optional[Tensor] = None,
+              is_causal: bool = False,
+              masked_attention: str = 'allowed') -> int:
+    """Multiply-adds of ``q @ k^T`` and ``attn @ v`` in one SDPA call.
+
+    Args:
+        query_shape (Sequence[int]): ``(..., Lq, E)``.
+        key_shape (Sequence[int]): ``(..., Lk, E)``.
+        value_shape (Sequence[int]): ``(..., Lk, Ev)``.
+        attn_mask (Tensor, optional): The call's mask; a boolean one
+            (True = attend) counts only its allowed pairs when
+            ``masked_attention='allowed'``. Float masks count dense.
+        is_causal (bool): Causal attention; counts the allowed (lower
+            triangular) pairs when ``masked_attention='allowed'``.
+        masked_attention (str): ``'allowed'`` or ``'dense'``, see the
+            module docstring.
+
+    Returns:
+        int: ``pairs * (E + Ev)``, ``pairs`` the (query, key) pairs
+        counted.
+    """
+    if masked_attention not in MASKED_ATTENTION_MODES:
+        raise ValueError(
+            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
+            f'got {masked_attention!r}.')
+    lq, e = query_shape[-2], query_shape[-1]
+    lk, ev = key_shape[-2], value_shape[-1]
+    batch = math.prod(query_shape[:-2])
+    pairs = batch * lq * lk
+    if masked_attention == 'allowed':
+        if is_causal:
+            # torch's causal mask is tril(ones(Lq, Lk)): row i sees i + 1.
+            pairs = batch * sum(min(i + 1, lk) for i in range(lq))
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            full = torch.broadcast_shapes(attn_mask.shape,
+                                          (*query_shape[:-1], lk))
+            # Every mask entry stands for numel(full) / numel(mask) pairs.
+            repeat = math.prod(full) // max(attn_mask.numel(), 1)
+            pairs = int(attn_mask.sum()) * repeat
+    return int(pairs * (e + ev))
+
+
+@contextlib.contextmanager
+def _tracing_disabled() -> Iterator[None]:
+    """Run eager code inside a ``torch.jit`` trace without recording it."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _counting_sdpa(masked_attention: str) -> Callable:
+    """A drop-in ``F.scaled_dot_product_attention`` for the trace."""
+
+    def sdpa(query: Tensor,
+             key: Tensor,
+             value: Tensor,
+             attn_mask: Optional[Tensor] = None,
+             dropout_p: float = 0.,
+             is_causal: bool = False,
+             scale: Optional[float] = None,
+             enable_gqa: bool = False) -> Tensor:
+        with _tracing_disabled():
+            macs = sdpa_macs(
+                tuple(query.shape), tuple(key.shape), tuple(value.shape),
+                attn_mask, is_causal, masked_attention)
+        return _sdpa_op(query, key, value, attn_mask, float(dropout_p),
+                        bool(is_causal),
+                        None if scale is None else float(scale),
+                        bool(enable_gqa), macs)
+
+    return sdpa
+
+
+def _counting_clustering(x: Tensor, plan: Any, *args, **kwargs) -> Tensor:
+    """A drop-in ``balanced_hierarchical_clustering`` for the trace."""
+    with _tracing_disabled():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            perm = _ORIG_CLUSTERING(x, plan, *args, **kwargs)
+        # torch counts 2 FLOPs per multiply-add.
+        macs = counter.get_total_flops() // 2
+    return _clustering_op(x, perm, int(macs))
+
+
+@contextlib.contextmanager
+def _counting_patches(masked_attention: str) -> Iterator[None]:
+    """Route SDPA and FSLA clustering through the counting custom ops."""
+    patched: List[Tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, new: Any) -> None:
+        patched.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+    try:
+        patch(F, 'scaled_dot_product_attention',
+              _counting_sdpa(masked_attention))
+        # Every boat_mm module that imported the clustering function by
+        # name (FSLA does) gets the counting version for the trace.
+        for mod_name, mod in list(sys.modules.items()):
+            if (not mod_name.startswith('boat_mm') or mod is None
+                    or mod_name == __name__):
+                continue
+            for attr, value in list(vars(mod).items()):
+                if value is _ORIG_CLUSTERING:
+                    patch(mod, attr, _counting_clustering)
+        yield
+    finally:
+        for owner, name, old in reversed(patched):
+            setattr(owner, name, old)
+
+
+def _macs_arg_handle(name: str) -> Callable:
+    """Handle returning the MAC count carried as the op's last argument."""
+
+    def handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+        return Counter({name: int(inputs[-1].toIValue())})
+
+    return handle
+
+
+def _zero_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+    return Counter()
+
+
+def _aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """SDPA calls that bypassed the patch: counted dense from shapes."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return Counter({'sdpa': sdpa_macs(q, k, v, masked_attention='dense')})
+
+
+def flop_analyzer(model: nn.Module,
+                  inputs: Union[Tensor, Tuple[Any, ...]],
+                  masked_attention: str = 'allowed') -> FlopAnalyzer:
+    """An analysed :class:`mmengine.analysis.FlopAnalyzer` for ``model``.
+
+    The model is traced once, under ``torch.no_grad()``, with the BOAT
+    handles of this module (see the module docstring); the result can be
+    queried (``total()``, ``by_operator()``, ``by_module()``) and printed
+    with mmengine's ``complexity_stats_table`` without tracing again.
+    Put the model in eval mode first (dropout, drop path).
+
+    Args:
+        model (nn.Module): The model; ``model(*inputs)`` is traced.
+        inputs (Tensor | tuple): Input(s) of the forward pass.
+        masked_attention (str): How boolean-masked SDPA is counted:
+            ``'allowed'`` (allowed pairs only, default) or ``'dense'``.
+
+    Returns:
+        FlopAnalyzer: With the statistics computed. Operators that were
+        traced but have no FLOP handle are in ``unsupported_ops()``.
+    """
+    if masked_attention not in MASKED_ATTENTION_MODES:
+        raise ValueError(
+            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
+            f'got {masked_attention!r}.')
+    analyzer = FlopAnalyzer(model, inputs)
+    analyzer.set_op_handle(
+        **{
+            'boat_mm_flops::sdpa': _macs_arg_handle('sdpa'),
+            'boat_mm_flops::fsla_clustering': _macs_arg_handle(
+                'fsla_clustering'),
+            'aten::scaled_dot_product_attention': _aten_sdpa_handle,
+        })
+    for op in _ZERO_COST_OPS:
+        analyzer.set_op_handle(op, None)
+    # PythonOps cannot be ignored by name (mmengine checks the bare kind).
+    for op in _ZERO_COST_PYTHON_OPS:
+        analyzer.set_op_handle(op, _zero_handle)
+    # The caller reports uncounted operators once, summarised.
+    analyzer.unsupported_ops_warnings(False)
+    analyzer.uncalled_modules_warnings(False)
+    analyzer.tracer_warnings('none')
+    with torch.no_grad(), _counting_patches(masked_attention):
+        analyzer.total()  # traces now, while the patches are active
+    return analyzer
+
+
+def get_model_complexity(model: nn.Module,
+                         input_shape: Sequence[int] = (3, 224, 224),
+                         inputs: Union[Tensor, Tuple[Any, ...], None] = None,
+                         masked_attention: str = 'allowed') -> Dict[str, Any]:
+    """Parameters and FLOPs (multiply-adds) of a model for one input.
+
+    Args:
+        model (nn.Module): The model (put in eval mode here).
+        input_shape (Sequence[int]): ``(C, H, W)`` of a random input with
+            batch size 1, used when ``inputs`` is None.
+            Defaults to ``(3, 224, 224)``.
+        inputs (Tensor | tuple, optional): Explicit input(s).
+        masked_attention (str): ``'allowed'`` or ``'dense'``, see the
+            module docstring. Defaults to ``'allowed'``.
+
+    Returns:
+        dict: ``flops`` (int, all counted operators, the OpenMMLab
+        "FLOPs"), ``macs`` (int, only the multiply-add operators of
+        :data:`MAC_OPERATORS`, i.e. without mmengine's per-element
+        estimates for norms, upsampling and pooling), ``params`` (int, all
+        parameters of ``model``), ``by_operator`` (Counter),
+        ``uncounted_ops`` (Counter of traced operators without a FLOP
+        handle, e.g. element-wise arithmetic and softmax), ``input_shape``
+        and ``analyzer`` (the :class:`FlopAnalyzer`).
+    """
+    if inputs is None:
+        if len(input_shape) != 3:
+            raise ValueError(f'input_shape must be (C, H, W), got '
+                             f'{tuple(input_shape)}.')
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else None
+        inputs = (torch.randn(1, *input_shape, device=device), )
+    elif isinstance(inputs, Tensor):
+        inputs = (inputs, )
+    model.eval()
+    analyzer = flop_analyzer(model, inputs, masked_attention)
+    by_op = analyzer.by_operator()
+    return dict(
+        flops=int(analyzer.total()),
+        macs=int(sum(v for k, v in by_op.items() if k in MAC_OPERATORS)),
+        params=int(parameter_count(model)['']),
+        by_operator=by_op,
+        uncounted_ops=analyzer.unsupported_ops(),
+        input_shape=tuple(inputs[0].shape[1:]),
+        analyzer=analyzer)

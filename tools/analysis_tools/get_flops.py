@@ -1,0 +1,273 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Count the parameters and FLOPs of a model built from a config.
+
+Like the ``get_flops.py`` of mmpretrain and mmsegmentation, for either kind
+of config (chosen by the config's ``default_scope``). FLOPs are
+multiply-adds (the OpenMMLab convention: mmengine's ``FlopAnalyzer``,
+which also adds per-element estimates for norms; the multiply-adds alone
+are printed too), counted by
+:func:`boat_mm.utils.complexity.get_model_complexity`, which adds what
+mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
+(masked pair-wise attention counted by its allowed pairs unless
+``--masked-attention dense``) and the FSLA clustering.
+
+* classification (mmpretrain): the whole classifier (backbone, neck,
+  head) on a ``1 x 3 x H x W`` input, default 224 x 224;
+* segmentation (mmseg): the inference model (backbone + decode head; the
+  auxiliary head is removed, as upstream) on a ``1 x 3 x H x W`` input,
+  default 512 x 512. The data preprocessor is not run, so ``--shape`` is
+  the size the network sees.
+
+Examples::
+
+    python tools/analysis_tools/get_flops.py \
+        configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py
+    python tools/analysis_tools/get_flops.py \
+        configs/boat_upernet_ade20k.py --shape 512 512
+    python tools/analysis_tools/get_flops.py --check-reference
+"""
+import argparse
+import os.path as osp
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mmengine.analysis.print_helper import (complexity_stats_str,
+                                            complexity_stats_table)
+from mmengine.config import Config, DictAction
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import init_default_scope
+
+import boat_mm  # noqa: F401  (registers the BOAT models)
+from boat_mm.utils.complexity import get_model_complexity
+
+SCOPES = {
+    'mmpretrain': ('mmpretrain.registry', (224, 224)),
+    'mmseg': ('mmseg.registry', (512, 512)),
+}
+
+CONFIG_ROOT = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs')
+
+# Published numbers of the original models at 224 x 224 (see the config
+# READMEs): params (M) and multiply-adds (G) of the whole classifiers.
+REFERENCE = {
+    'boat_swin/boat-swin-tiny_16xb64_in1k.py': (30.27, 5.20),
+    'boat_swin/boat-swin-small_16xb64_in1k.py': (55.16, 10.22),
+    'boat_swin/boat-swin-base_16xb64_in1k.py': (97.61, 17.96),
+    'boat_cswin/boat-cswin-tiny_8xb256_in1k.py': (26.39, 5.20),
+    'boat_cswin/boat-cswin-small_8xb256_in1k.py': (40.11, 8.05),
+    'boat_cswin/boat-cswin-base_8xb128_in1k.py': (89.63, 17.59),
+}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        description='Get the params and FLOPs (multiply-adds) of a model')
+    parser.add_argument(
+        'config',
+        nargs='?',
+        help='config file (not needed with '
+        '--check-reference)')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        help='input size: H W, or one number for a square; default 224 '
+        'for classification, 512 for segmentation')
+    parser.add_argument(
+        '--masked-attention',
+        choices=['allowed', 'dense'],
+        default='allowed',
+        help='count boolean-masked attention by its allowed (query, key) '
+        'pairs (default; the cost of the algorithm) or densely (what a '
+        'masked kernel executes)')
+    parser.add_argument(
+        '--show-table',
+        action='store_true',
+        help='print the per-module complexity table of mmengine')
+    parser.add_argument(
+        '--show-arch',
+        action='store_true',
+        help='print the model with per-module complexity')
+    parser.add_argument(
+        '--check-reference',
+        action='store_true',
+        help='count the six BOAT ImageNet classifiers at 224 and compare '
+        'with the published params and multiply-adds (slow: minutes)')
+    parser.add_argument(
+        '--tolerance',
+        type=float,
+        default=0.03,
+        help='relative tolerance of --check-reference on multiply-adds '
+        '(params must match to 0.01M). Default 0.03')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    args = parser.parse_args(argv)
+    if args.config is None and not args.check_reference:
+        parser.error('give a CONFIG, or --check-reference')
+    if args.shape is not None and len(args.shape) not in (1, 2):
+        parser.error(f'--shape takes H W or one size, got {args.shape}')
+    return args
+
+
+class ScopeError(ValueError):
+    """The config is neither an mmpretrain nor an mmseg config."""
+
+
+def build_model(cfg: Config) -> Tuple[Any, str]:
+    """Build the inference model of a config, in the config's scope."""
+    scope = cfg.get('default_scope', None)
+    if scope not in SCOPES:
+        raise ScopeError(
+            f'get_flops.py handles mmpretrain and mmseg configs (their '
+            f'`default_scope`), got default_scope={scope!r}; inherit '
+            f'mmpretrain::_base_/default_runtime.py or '
+            f'mmseg::_base_/default_runtime.py.')
+    init_default_scope(scope)
+    registry = __import__(SCOPES[scope][0], fromlist=['MODELS']).MODELS
+    model = registry.build(cfg.model)
+    if scope == 'mmseg' and getattr(model, 'auxiliary_head', None):
+        # Training-only head, not part of inference (as upstream).
+        model.auxiliary_head = None
+    # SyncBN cannot run outside a process group; the count is the same.
+    model = revert_sync_batchnorm(model)
+    return model, scope
+
+
+def count_config(config: str,
+                 shape: Optional[Sequence[int]] = None,
+                 cfg_options: Optional[dict] = None,
+                 masked_attention: str = 'allowed') -> Dict[str, Any]:
+    """Build the model of ``config`` and count its params and FLOPs.
+
+    Args:
+        config (str): Config file.
+        shape (Sequence[int], optional): ``(H, W)`` or ``(S, )``; the
+            scope's default when None.
+        cfg_options (dict, optional): Overrides merged into the config.
+        masked_attention (str): ``'allowed'`` or ``'dense'``.
+
+    Returns:
+        dict: The result of :func:`get_model_complexity` plus ``scope``.
+    """
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'config file {config!r} not found.')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    model, scope = build_model(cfg)
+    if shape is None:
+        shape = SCOPES[scope][1]
+    hw = (shape[0], shape[0]) if len(shape) == 1 else tuple(shape)
+    info = get_model_complexity(
+        model, input_shape=(3, *hw), masked_attention=masked_attention)
+    info['scope'] = scope
+    info['model'] = model
+    return info
+
+
+def _warn_uncounted(uncounted: Dict[str, int]) -> None:
+    if not uncounted:
+        return
+    ops = ', '.join(f'{k} x{v}' for k, v in sorted(uncounted.items()))
+    print(f'WARNING: operators without a FLOP count (element-wise '
+          f'arithmetic, softmax, activations, ...; the OpenMMLab '
+          f'convention counts multiply-adds and norms only): {ops}')
+
+
+def _print_result(config: str, info: Dict[str, Any]) -> None:
+    split_line = '=' * 60
+    rows = [
+        ('Config', config),
+        ('Scope', info['scope']),
+        ('Input shape', str(info['input_shape'])),
+        ('Params (M)', f'{info["params"] / 1e6:.2f}'),
+        ('FLOPs (G)', f'{info["flops"] / 1e9:.2f}'),
+        ('  multiply-adds only (G)', f'{info["macs"] / 1e9:.2f}'),
+    ]
+    for op, n in sorted(info['by_operator'].items(), key=lambda x: -x[1]):
+        rows.append((f'    {op} (G)', f'{n / 1e9:.4f}'))
+    width = max(len(r[0]) for r in rows)
+    print(split_line)
+    for key, value in rows:
+        print(f'{key:<{width}}  {value}')
+    print(split_line)
+    print('FLOPs = multiply-adds (OpenMMLab convention) plus mmengine\'s '
+          'per-element estimates for norms, upsampling and pooling; see '
+          'boat_mm/utils/complexity.py for what is counted.')
+    _warn_uncounted(info['uncounted_ops'])
+
+
+def check_reference(tolerance: float,
+                    masked_attention: str = 'allowed') -> bool:
+    """Count the six classifiers at 224 and compare with the references.
+
+    Args:
+        tolerance (float): Relative tolerance on multiply-adds.
+        masked_attention (str): ``'allowed'`` or ``'dense'``.
+
+    Returns:
+        bool: True if all params match (0.01M) and all multiply-adds lie
+        within ``tolerance`` of the published numbers.
+    """
+    header = (f'{"model":<28} {"params(M)":>9} {"ref":>6} {"MACs(G)":>8} '
+              f'{"ref":>6} {"diff":>6} {"attn":>6} {"clust":>6} '
+              f'{"FLOPs(G)":>8} ok')
+    lines, all_ok = [header, '-' * len(header)], True
+    print(header, flush=True)
+    for rel, (ref_params, ref_macs) in REFERENCE.items():
+        info = count_config(
+            osp.join(CONFIG_ROOT, rel), (224, 224),
+            masked_attention=masked_attention)
+        by_op = info['by_operator']
+        params, macs = info['params'] / 1e6, info['macs'] / 1e9
+        diff = macs / ref_macs - 1
+        ok = abs(params - ref_params) < 0.01 and abs(diff) <= tolerance
+        all_ok &= ok
+        name = osp.basename(rel).split('_')[0]
+        line = (f'{name:<28} {params:>9.2f} {ref_params:>6.2f} '
+                f'{macs:>8.3f} {ref_macs:>6.2f} {diff:>+6.1%} '
+                f'{by_op["sdpa"] / 1e9:>6.3f} '
+                f'{by_op["fsla_clustering"] / 1e9:>6.3f} '
+                f'{info["flops"] / 1e9:>8.3f} {"yes" if ok else "NO"}')
+        print(line, flush=True)
+        lines.append(line)
+    print('\n' + '\n'.join(lines))
+    print(f'MACs: multiply-adds (linear, conv, matmul, attention, FSLA '
+          f'clustering), the unit of the references; attn: the part of '
+          f'it in scaled_dot_product_attention (masks counted '
+          f'"{masked_attention}"), clust: in the FSLA clustering. FLOPs '
+          f'adds mmengine\'s norm estimates. Tolerance {tolerance:.0%}.')
+    return all_ok
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.check_reference:
+        return 0 if check_reference(args.tolerance,
+                                    args.masked_attention) else 1
+    try:
+        info = count_config(args.config, args.shape, args.cfg_options,
+                            args.masked_attention)
+    except (FileNotFoundError, ScopeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    if args.show_arch:
+        print(complexity_stats_str(flops=info['analyzer']))
+    if args.show_table:
+        print(complexity_stats_table(flops=info['analyzer']))
+    _print_result(args.config, info)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
