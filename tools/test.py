@@ -25,12 +25,13 @@ from copy import deepcopy
 from typing import List, Optional
 
 import mmengine
-from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
-from boat_mm.utils import adapt_cfg_to_device, check_data_roots, init_cpu_dist
+from boat_mm.utils import (adapt_cfg_to_device, add_cfg_options_arg,
+                           check_data_roots, init_cpu_dist)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -76,16 +77,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--no-pin-memory',
         action='store_true',
         help='disable pin_memory in the dataloader')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
+    add_cfg_options_arg(parser)
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],

@@ -6,15 +6,19 @@ machine without CUDA.
 Both are plain functions on an :class:`mmengine.config.Config`, so user
 scripts that build their own runner can call them too.
 """
+import argparse
 import datetime
 import os
 import os.path as osp
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
-__all__ = ['check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist']
+__all__ = [
+    'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist',
+    'add_cfg_options_arg'
+]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -40,6 +44,25 @@ _HINTS = {
         'data_root, data_prefix and ann_file of the dataloaders to it with '
         '--cfg-options.'),
 }
+
+
+def add_cfg_options_arg(parser: argparse.ArgumentParser) -> None:
+    """Add the upstream ``--cfg-options`` argument to a tool's parser.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser; the values end
+            up in ``args.cfg_options`` as a dict (``Config.merge_from_dict``).
+    """
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
 
 
 def _datasets(loader: dict) -> Iterator[dict]:

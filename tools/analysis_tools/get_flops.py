@@ -33,11 +33,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.analysis.print_helper import (complexity_stats_str,
                                             complexity_stats_table)
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
+from boat_mm.utils import add_cfg_options_arg
 from boat_mm.utils.complexity import get_model_complexity
 
 SCOPES = {
@@ -101,16 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=0.03,
         help='relative tolerance of --check-reference on multiply-adds '
         '(params must match to 0.01M). Default 0.03')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
+    add_cfg_options_arg(parser)
     args = parser.parse_args(argv)
     if args.config is None and not args.check_reference:
         parser.error('give a CONFIG, or --check-reference')

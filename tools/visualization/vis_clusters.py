@@ -27,13 +27,14 @@ from typing import List, Optional
 
 import mmcv
 import numpy as np
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
+from boat_mm.utils import add_cfg_options_arg
 from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
@@ -72,12 +73,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default='clusters.png',
         help='output image (default clusters.png)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override settings of the config, key=value pairs as in '
-        'tools/train.py')
+    add_cfg_options_arg(parser)
     return parser.parse_args(argv)
 
 
