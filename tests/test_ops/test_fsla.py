@@ -552,3 +552,32 @@ def test_errors():
         m(torch.randn(2, 50, 8), (7, 7))
     with pytest.raises(ValueError, match='8 channels'):
         m(torch.randn(2, 49, 6), (7, 7))
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 49), (4, 32, 98), (4, 1, 12544)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_rank_within_nodes_is_a_stable_sort_per_node(shape, dtype):
+    """Both ranking paths (a stable sort per node for few tokens and
+    float64; one radix sort of (node, ratio) keys otherwise) order each
+    node like a stable per-node argsort, ties in position order."""
+    import numpy as np
+
+    from boat_mm.ops.clustering import _RADIX_MIN_NUMEL, _rank_within_nodes
+    M, nodes, cap = shape
+    g = torch.Generator().manual_seed(0)
+    # Coarse values make many ties; padding is +inf.
+    ratio = (torch.randint(0, 7, shape, generator=g) / 3.).to(dtype)
+    ratio[..., -1] = float('inf')
+    ratio[0, 0, :3] = 0.
+    if dtype == torch.float32:
+        # The smallest shape takes the per-node path, the others the radix
+        # sort (padded for the middle one).
+        uses_radix = 4 * ratio.numel() >= _RADIX_MIN_NUMEL
+        assert uses_radix == (shape != (2, 4, 49))
+    flat = _rank_within_nodes(ratio)
+    assert flat.shape == shape and flat.dtype == torch.int64
+    values = ratio.reshape(-1, cap).numpy()
+    expected = np.argsort(values, axis=-1, kind='stable')
+    expected = expected + np.arange(M * nodes)[:, None] * cap
+    np.testing.assert_array_equal(
+        flat.reshape(-1, cap).numpy(), expected)
