@@ -1,6 +1,6 @@
 # CPU-sized demo of the headline config (configs/boat_upernet_ade20k.py) on
 # the generated ADE20K-like data; `make demo` (tools/run_demo.py) generates
-# the data, trains, tests and draws the predictions in ~4 minutes on two
+# the data, trains, tests and draws the predictions in ~8 minutes on two
 # CPU cores. Changes to the headline config, all for the CPU budget:
 # 128x128 crops, a BOAT-CSWin of reduced width and depth (same block design:
 # CSWin stripes + FSLA in every even block), narrower UPerNet/FCN heads with
@@ -82,15 +82,15 @@ test_dataloader = val_dataloader
 
 # From scratch: a larger learning rate than fine-tuning's 6e-5.
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.01))
-max_iters = 1000
+max_iters = 2000
 param_scheduler = [
     dict(
-        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=100),
+        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=200),
     dict(
         type='PolyLR',
         eta_min=0.0,
         power=1.0,
-        begin=100,
+        begin=200,
         end=max_iters,
         by_epoch=False)
 ]
