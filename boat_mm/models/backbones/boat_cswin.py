@@ -15,7 +15,9 @@ from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils import CSWinAttention, FeatureSpaceLocalAttention
-from ..utils.arch import check_pretrained_file, parse_arch
+from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
+                          check_pretrained_file, fsla_settings,
+                          parse_arch, parse_out_indices)
 
 __all__ = ['BOATCSWinBlock', 'BOATCSWinStage', 'BOATCSWin']
 
@@ -180,7 +182,7 @@ class BOATCSWinStage(BaseModule):
 
 
 @MODELS.register_module()
-class BOATCSWin(BaseModule):
+class BOATCSWin(FrozenStagesMixin, BaseModule):
     """BOAT-CSWin backbone (Yu et al., "BOAT: Bilateral Local Attention
     Vision Transformer", BMVC 2022), for classification and dense prediction.
 
@@ -305,15 +307,16 @@ class BOATCSWin(BaseModule):
         self.num_features = [
             self.embed_dims * 2**i for i in range(self.num_stages)
         ]
-        self.out_indices = self._parse_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(
-                f'frozen_stages must be in [-1, {self.num_stages}], got '
-                f'{frozen_stages}.')
+        self.out_indices = parse_out_indices(out_indices, self.num_stages)
+        check_frozen_stages(frozen_stages, self.num_stages)
         self.frozen_stages = frozen_stages
         self.with_fsla = with_fsla
-        self.fsla_cfg = self._parse_fsla_cfg(fsla_cfg, qkv_bias,
-                                             attn_drop_rate, drop_rate)
+        self.fsla_cfg = fsla_settings(
+            fsla_cfg,
+            qk_scale=1.0,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop_rate,
+            proj_drop=drop_rate)
 
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
@@ -380,63 +383,10 @@ class BOATCSWin(BaseModule):
                 f'{settings["num_heads"]}, {settings["split_sizes"]}.')
         return settings
 
-    def _parse_out_indices(
-            self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        if len(out_indices) == 0:
-            raise ValueError('out_indices must name at least one stage.')
-        parsed = []
-        for i in out_indices:
-            j = i + self.num_stages if i < 0 else i
-            if not 0 <= j < self.num_stages:
-                raise ValueError(
-                    f'out_indices {tuple(out_indices)} must index one of '
-                    f'the {self.num_stages} stages; {i} is out of range.')
-            parsed.append(j)
-        return tuple(sorted(set(parsed)))
-
-    @staticmethod
-    def _parse_fsla_cfg(fsla_cfg: Optional[dict], qkv_bias: bool,
-                        attn_drop: float, proj_drop: float) -> dict:
-        cfg = dict(
-            qk_scale=1.0,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop)
-        fsla_cfg = dict(fsla_cfg or {})
-        fixed = {'embed_dims', 'num_heads'} & set(fsla_cfg)
-        if fixed:
-            raise ValueError(
-                f'fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
-                f'width and heads of its stage.')
-        cfg.update(fsla_cfg)
-        return cfg
-
     def init_weights(self) -> None:
         """Load ``init_cfg`` or apply the default initialisation."""
         check_pretrained_file(self.init_cfg, 'BOATCSWin')
         super().init_weights()
-
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages >= 0:
-            self.patch_embed.eval()
-            for param in self.patch_embed.parameters():
-                param.requires_grad = False
-        for i in range(self.frozen_stages):
-            modules = [self.stages[i]]
-            if i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-            for m in modules:
-                m.eval()
-                for param in m.parameters():
-                    param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'BOATCSWin':
-        """Set train mode, keeping frozen stages in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        return self
 
     def _stage_tokens(self, x: Tensor):
         """Yield ``(index, tokens, hw_shape)`` after each stage."""

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils import FeatureSpaceLocalAttention
-from ..utils.arch import check_pretrained_file, parse_arch
+from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
+                          check_pretrained_file, fsla_settings,
+                          parse_arch, parse_out_indices)
 
 __all__ = ['BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA']
 
@@ -289,7 +291,7 @@ class BOATSwinStage(BaseModule):
 
 
 @MODELS.register_module()
-class BOATSwin(BaseModule):
+class BOATSwin(FrozenStagesMixin, BaseModule):
     """BOAT-Swin backbone (Yu et al., "BOAT: Bilateral Local Attention
     Vision Transformer", BMVC 2022), for classification and dense prediction.
 
@@ -409,18 +411,20 @@ class BOATSwin(BaseModule):
         self.num_features = [
             self.embed_dims * 2**i for i in range(self.num_stages)
         ]
-        self.out_indices = self._parse_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(
-                f'frozen_stages must be in [-1, {self.num_stages}], got '
-                f'{frozen_stages}.')
+        self.out_indices = parse_out_indices(out_indices, self.num_stages)
+        check_frozen_stages(frozen_stages, self.num_stages)
         if window_size < 1 or patch_size < 1:
             raise ValueError(f'window_size ({window_size}) and patch_size '
                              f'({patch_size}) must be positive.')
         self.frozen_stages = frozen_stages
         self.with_fsla = with_fsla
-        self.fsla_cfg = self._parse_fsla_cfg(fsla_cfg, qkv_bias, qk_scale,
-                                             attn_drop_rate, drop_rate)
+        # The original builds FSLA with the block's qkv_bias, scale, drops.
+        self.fsla_cfg = fsla_settings(
+            fsla_cfg,
+            qk_scale=qk_scale,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop_rate,
+            proj_drop=drop_rate)
 
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
@@ -489,41 +493,6 @@ class BOATSwin(BaseModule):
                     f'divisible by its {heads} heads.')
         return settings
 
-    def _parse_out_indices(
-            self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        if len(out_indices) == 0:
-            raise ValueError('out_indices must name at least one stage.')
-        parsed = []
-        for i in out_indices:
-            j = i + self.num_stages if i < 0 else i
-            if not 0 <= j < self.num_stages:
-                raise ValueError(
-                    f'out_indices {tuple(out_indices)} must index one of '
-                    f'the {self.num_stages} stages; {i} is out of range.')
-            parsed.append(j)
-        return tuple(sorted(set(parsed)))
-
-    @staticmethod
-    def _parse_fsla_cfg(fsla_cfg: Optional[dict], qkv_bias: bool,
-                        qk_scale: Optional[float], attn_drop: float,
-                        proj_drop: float) -> dict:
-        # The original builds FSLA with the block's qkv_bias, scale, drops.
-        cfg = dict(
-            qk_scale=qk_scale,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop)
-        fsla_cfg = dict(fsla_cfg or {})
-        fixed = {'embed_dims', 'num_heads'} & set(fsla_cfg)
-        if fixed:
-            raise ValueError(
-                f'fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
-                f'width and heads of its stage.')
-        cfg.update(fsla_cfg)
-        return cfg
-
     def init_weights(self) -> None:
         """Default initialisation, then ``init_cfg`` (pretrained last)."""
         check_pretrained_file(self.init_cfg, 'BOATSwin')
@@ -543,26 +512,6 @@ class BOATSwin(BaseModule):
             if key.startswith(prefix) and key.endswith(_DERIVED_BUFFERS):
                 del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages >= 0:
-            self.patch_embed.eval()
-            for param in self.patch_embed.parameters():
-                param.requires_grad = False
-        for i in range(self.frozen_stages):
-            modules = [self.stages[i]]
-            if i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-            for m in modules:
-                m.eval()
-                for param in m.parameters():
-                    param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'BOATSwin':
-        """Set train mode, keeping frozen stages in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        return self
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Forward.
