@@ -26,12 +26,11 @@ from typing import List, Optional
 
 import mmengine
 from mmengine.config import Config, ConfigDict
-from mmengine.registry import RUNNERS, init_default_scope
-from mmengine.runner import Runner
 
 import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
 from boat_mm.utils import (adapt_cfg_to_device, add_cfg_options_arg,
-                           check_data_roots, init_cpu_dist)
+                           build_runner, check_data_roots, init_cpu_dist,
+                           merge_common_args)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -137,14 +136,7 @@ def _tta(cfg: Config) -> None:
 
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config (``--cfg-options`` first)."""
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    merge_common_args(cfg, args)
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         raise FileNotFoundError(
             f'Checkpoint {args.checkpoint!r} not found; pass the .pth file '
@@ -184,11 +176,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        init_default_scope(cfg.get('default_scope', 'mmengine'))
-        runner = RUNNERS.build(cfg)
+    runner = build_runner(cfg)
 
     pretrain_out = args.out and cfg.get('default_scope') == 'mmpretrain'
     if pretrain_out and args.out_item in ('pred', None):

@@ -18,18 +18,16 @@ Examples::
 import argparse
 import logging
 import os
-import os.path as osp
 from copy import deepcopy
 from typing import List, Optional
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
-from mmengine.registry import RUNNERS, init_default_scope
-from mmengine.runner import Runner
 
 import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
 from boat_mm.utils import (adapt_cfg_to_device, add_cfg_options_arg,
-                           check_data_roots, init_cpu_dist)
+                           build_runner, check_data_roots, init_cpu_dist,
+                           merge_common_args)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -107,16 +105,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     ``--cfg-options`` come first; the dedicated flags (``--work-dir``,
     ``--amp``, ``--resume``, ...) are applied on top of them.
     """
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher
-
-    # work_dir priority: CLI > config file > ./work_dirs/<config name>.
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    merge_common_args(cfg, args)
 
     if args.amp:
         import torch
@@ -169,13 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        # A customised runner registered under the config's scope.
-        init_default_scope(cfg.get('default_scope', 'mmengine'))
-        runner = RUNNERS.build(cfg)
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ from mmengine.logging import print_log
 
 __all__ = [
     'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist',
-    'add_cfg_options_arg'
+    'add_cfg_options_arg', 'merge_common_args', 'build_runner'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -63,6 +63,44 @@ def add_cfg_options_arg(parser: argparse.ArgumentParser) -> None:
         'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
         'Note that the quotation marks are necessary and that no white space '
         'is allowed.')
+
+
+def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
+    """Apply what every tool takes: ``--cfg-options`` (first), then
+    ``--launcher`` and ``--work-dir`` (priority: command line, config,
+    ``./work_dirs/<config name>``).
+
+    Args:
+        cfg (Config): The loaded config, changed in place.
+        args (argparse.Namespace): With ``config``, ``cfg_options``,
+            ``launcher`` and ``work_dir``.
+    """
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+
+def build_runner(cfg: Config):
+    """MMEngine's Runner, or the config's ``runner_type`` registered under
+    its scope.
+
+    Args:
+        cfg (Config): The complete config.
+
+    Returns:
+        Runner: Ready to ``train()`` or ``test()``.
+    """
+    from mmengine.registry import RUNNERS, init_default_scope
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    return RUNNERS.build(cfg)
 
 
 def _datasets(loader: dict) -> Iterator[dict]:
