@@ -23,11 +23,8 @@ Example::
     python benchmarks/fsla.py --quick --ref-repo /tmp/boat_ref_fsla
 """
 import argparse
-import contextlib
 import ctypes
 import gc
-import importlib.util
-import os.path as osp
 import statistics
 import sys
 import time
@@ -39,6 +36,7 @@ import torch.nn.functional as F
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import balanced_hierarchical_clustering, build_cluster_plan
+from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
 
 GROUP_SIZE, OVERLAP = 49, 20
 # (side, embed_dims, num_heads)
@@ -128,29 +126,7 @@ class PublicFSLA(nn.Module):
 
 def load_public_class(ref_repo: str) -> type:
     """Import ``ContentAttention`` from a pytorch-boat checkout."""
-    path = osp.join(ref_repo, 'BOAT-Swin', 'models',
-                    'boat_swin_transformer.py')
-    if not osp.isfile(path):
-        raise FileNotFoundError(
-            f'{path} not found: --ref-repo must be the root of a '
-            'mahaoyuHKU/pytorch-boat checkout (e.g. extracted with '
-            '`git archive HEAD | tar -x -C DIR`)')
-    spec = importlib.util.spec_from_file_location('_boat_public_swin', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ContentAttention
-
-
-@contextlib.contextmanager
-def cuda_is_noop(device: torch.device):
-    """The original hard-codes ``.cuda()``; keep tensors where they are."""
-    original = torch.Tensor.cuda
-    if device.type != 'cuda':
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
+    return import_public_module(ref_repo, 'swin').ContentAttention
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +329,7 @@ def run_shape(side: int, dims: int, heads: int, methods: List[str],
         fns[name, 'train'] = train_fn(module, x, hw)
         if name == 'fsla':
             fns[name, 'cluster'] = clustering_fn(module, x, heads)
-    with cuda_is_noop(device):
+    with cuda_calls_stay_put(device):
         measured = measure_all(fns, device, args)
     results: Dict[str, dict] = {name: dict(skip=why)
                                 for name, why in skipped.items()}

@@ -24,23 +24,19 @@ Example::
 Needs ``timm`` and ``einops`` (imported by the original files only).
 """
 import argparse
-import contextlib
-import importlib.util
-import os.path as osp
 import sys
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import torch
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
+from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
 
-# family -> (file in the checkout, our qk_scale, the original's qk_scale,
+# family -> (our qk_scale, the original's qk_scale,
 #            [(side, embed_dims, num_heads)])
 FAMILIES = {
-    'swin': ('BOAT-Swin/models/boat_swin_transformer.py', None, None,
-             [(56, 96, 3), (28, 192, 6), (14, 384, 12)]),
-    'cswin': ('BOAT-CSWin/models/cswin_boat.py', 1.0, True,
-              [(56, 64, 2), (28, 128, 4), (14, 256, 8)]),
+    'swin': (None, None, [(56, 96, 3), (28, 192, 6), (14, 384, 12)]),
+    'cswin': (1.0, True, [(56, 64, 2), (28, 128, 4), (14, 256, 8)]),
 }
 
 
@@ -70,36 +66,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_content_attention(ref_repo: str, rel_path: str) -> type:
-    """Import the original ``ContentAttention`` class from its file."""
-    path = osp.join(ref_repo, rel_path)
-    if not osp.isfile(path):
-        raise SystemExit(
-            f'{path} not found: --ref-repo must be the root of a '
-            'mahaoyuHKU/pytorch-boat checkout (folders BOAT-Swin/ and '
-            'BOAT-CSWin/)')
-    name = '_boat_public_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    # timm's @register_model looks the module up in sys.modules.
-    sys.modules[name] = module
+def load_content_attention(ref_repo: str, family: str) -> type:
+    """Import the original ``ContentAttention`` class of ``family``."""
     try:
-        spec.loader.exec_module(module)
-    except ImportError as err:
-        raise SystemExit(f'cannot import {path}: {err}. The original code '
-                         'needs timm and einops: pip install timm einops')
-    return module.ContentAttention
-
-
-@contextlib.contextmanager
-def cuda_as_noop() -> Iterator[None]:
-    """Let the original's hard-coded ``.cuda()`` leave tensors in place."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
+        return import_public_module(ref_repo, family).ContentAttention
+    except (FileNotFoundError, ImportError) as err:
+        raise SystemExit(str(err))
 
 
 def compare(ref_cls: type, side: int, dims: int, heads: int,
@@ -116,7 +88,7 @@ def compare(ref_cls: type, side: int, dims: int, heads: int,
     ref.to(dtype).eval()
     ours.to(dtype).eval()
     x = torch.randn(batch, side * side, dims, dtype=dtype)
-    with torch.no_grad(), cuda_as_noop():
+    with torch.no_grad(), cuda_calls_stay_put():
         expected = ref(x)
         got = ours(x, (side, side))
     diff = (got - expected).abs()
@@ -146,8 +118,8 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|')
     failed = False
     for family in families:
-        rel_path, our_scale, ref_scale, shapes = FAMILIES[family]
-        ref_cls = load_content_attention(args.ref_repo, rel_path)
+        our_scale, ref_scale, shapes = FAMILIES[family]
+        ref_cls = load_content_attention(args.ref_repo, family)
         for side, dims, heads in shapes:
             for dtype in dtypes:
                 diff, scale, far = compare(ref_cls, side, dims, heads,

@@ -31,11 +31,9 @@ Examples::
         cswin_tiny.pth.tar --ema
 """
 import argparse
-import importlib.util
 import os.path as osp
 import sys
 import warnings
-from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -47,12 +45,9 @@ from boat2mm import (build_classifier, check_loads,  # noqa: E402
 
 from boat_mm.models.utils.ckpt_convert import (  # noqa: E402
     convert_boat_checkpoint, detect_boat_family, pick_boat_weights)
+from boat_mm.utils.reference import (  # noqa: E402
+    cuda_calls_stay_put, import_public_module)
 
-# Module file of each family inside the public repository.
-REF_FILES = {
-    'swin': ('BOAT-Swin', 'models/boat_swin_transformer.py'),
-    'cswin': ('BOAT-CSWin', 'models/cswin_boat.py'),
-}
 SWIN_ARCHS = {
     'tiny': dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
     'small': dict(
@@ -67,44 +62,9 @@ CSWIN_ARCHS = {
 }
 
 
-@contextmanager
-def no_cuda():
-    """Let the original's hard-coded ``.cuda()`` calls run on the CPU."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
-def import_reference(ref_repo: str, family: str):
-    """Import the original model module of ``family`` from a clone."""
-    folder, rel = REF_FILES[family]
-    path = osp.join(ref_repo, folder, rel)
-    if not osp.isfile(path):
-        raise FileNotFoundError(
-            f'{path} not found: --ref-repo must point to a clone of the '
-            f'public BOAT implementation (with BOAT-Swin/ and BOAT-CSWin/).')
-    family_dir = osp.join(ref_repo, folder)
-    if family_dir not in sys.path:
-        sys.path.insert(0, family_dir)
-    name = f'boat_reference_{family}'
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered first: timm's register_model looks the module up.
-    sys.modules[name] = module
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        spec.loader.exec_module(module)
-    return module
-
-
 def build_reference(module, family: str, arch: str) -> nn.Module:
     """The original classifier at 224 pixels, without stochastic depth."""
-    with no_cuda(), warnings.catch_warnings():
+    with cuda_calls_stay_put(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         if family == 'swin':
             model = module.SwinTransformer(
@@ -144,7 +104,7 @@ def _ref_cswin_stages(ref: nn.Module, x: Tensor) -> List[Tensor]:
 def compare_swin(ref: nn.Module, ours: nn.Module,
                  x: Tensor) -> Dict[str, float]:
     """Max abs difference of the logits."""
-    with torch.no_grad(), no_cuda():
+    with torch.no_grad(), cuda_calls_stay_put():
         diff = (ref(x) - ours(x, mode='tensor')).abs().max().item()
     return {'logits': diff}
 
@@ -152,7 +112,7 @@ def compare_swin(ref: nn.Module, ours: nn.Module,
 def compare_cswin(ref: nn.Module, ours: nn.Module,
                   x: Tensor) -> Dict[str, float]:
     """Max abs difference of the features after stages 1-3."""
-    with torch.no_grad(), no_cuda():
+    with torch.no_grad(), cuda_calls_stay_put():
         ref_feats = _ref_cswin_stages(ref, x)
         our_feats = ours.backbone.forward_stages(x)
     return {
@@ -268,12 +228,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'error: {args.ckpt} is not one of the published '
                   f'tiny/small/base models', file=sys.stderr)
             return 1
-        ref = build_reference(import_reference(args.ref_repo, family),
+        ref = build_reference(import_public_module(args.ref_repo, family),
                               family, arch)
         ref.load_state_dict(weights, strict=True)
         ok = run_case(family, arch, ref, args.tol, args.seed, args.double)
     else:
-        module = import_reference(args.ref_repo, args.family)
+        module = import_public_module(args.ref_repo, args.family)
         for i, arch in enumerate(args.arch):
             torch.manual_seed(args.seed + i)
             ref = build_reference(module, args.family, arch)
