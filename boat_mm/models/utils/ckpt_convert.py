@@ -143,15 +143,21 @@ def _swin_fix(key: str, value: Tensor) -> Tensor:
     return value
 
 
-def _swin_expected_keys(state_dict: Mapping[str, Tensor]) -> Set[str]:
-    """The keys a published BOAT-Swin (or plain Swin) classifier with the
-    stage/block counts found in ``state_dict`` must have."""
+def _swin_depths(state_dict: Mapping[str, Tensor]) -> Dict[int, int]:
+    """Number of blocks of each stage found in a BOAT-Swin state dict."""
     depths: Dict[int, int] = {}
     for key in state_dict:
         m = re.match(_SWIN_BLOCK, key)
         if m:
             s, i = int(m.group(1)), int(m.group(2))
             depths[s] = max(depths.get(s, 0), i + 1)
+    return depths
+
+
+def _swin_expected_keys(state_dict: Mapping[str, Tensor]) -> Set[str]:
+    """The keys a published BOAT-Swin (or plain Swin) classifier with the
+    stage/block counts found in ``state_dict`` must have."""
+    depths = _swin_depths(state_dict)
     if not depths:
         raise KeyError('No BOAT-Swin blocks (layers.{s}.blocks.{i}.*) found.')
     num_layers = max(depths) + 1
@@ -201,12 +207,7 @@ def detect_boat_swin_arch(state_dict: Mapping[str, Tensor]) -> dict:
     if stem not in state_dict:
         raise KeyError(f'Not a BOAT-Swin checkpoint: {stem!r} is missing; '
                        f'first keys: {list(state_dict)[:5]}.')
-    depths: Dict[int, int] = {}
-    for key in state_dict:
-        m = re.match(_SWIN_BLOCK, key)
-        if m:
-            s, i = int(m.group(1)), int(m.group(2))
-            depths[s] = max(depths.get(s, 0), i + 1)
+    depths = _swin_depths(state_dict)
     num_layers = max(depths, default=-1) + 1
     if not num_layers or len(depths) != num_layers:
         raise KeyError(f'BOAT-Swin checkpoint without blocks for some '
