@@ -1,11 +1,29 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Install boat_mm: the BOAT backbones as an OpenMMLab 2.x plugin."""
+import os
 import os.path as osp
 import re
 
 from setuptools import find_packages, setup
 
 HERE = osp.dirname(osp.abspath(__file__))
+
+
+def get_extensions() -> tuple:
+    """The C++ kernels (``boat_mm._C``), unless ``BOAT_MM_WITH_OPS=0``.
+
+    Without them boat_mm runs on its pure tensor implementation (slower
+    clustering on the CPU, same results); see ``boat_mm/ops/clustering.py``.
+    """
+    if os.getenv('BOAT_MM_WITH_OPS', '1') == '0':
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    ext = CppExtension(
+        'boat_mm._C', ['boat_mm/ops/csrc/clustering.cpp'],
+        # OpenMP for at::parallel_for; the process shares torch's libgomp.
+        extra_compile_args=['-O3', '-fopenmp', '-ffp-contract=fast', '-Wno-psabi', '-std=c++20'],
+        extra_link_args=['-fopenmp'])
+    return [ext], {'build_ext': BuildExtension}
 
 
 def get_version() -> str:
@@ -31,6 +49,7 @@ def parse_requirements(fname: str) -> list:
 
 with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
     long_description = f.read()
+ext_modules, cmdclass = get_extensions()
 
 setup(
     name='boat-mm',
@@ -60,4 +79,6 @@ setup(
         'optional': parse_requirements('requirements/optional.txt'),
         'mim': parse_requirements('requirements/mminstall.txt'),
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     zip_safe=False)

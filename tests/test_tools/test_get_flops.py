@@ -141,11 +141,14 @@ def test_sdpa_macs_rules():
         type='BOATCSWin',
         arch=dict(embed_dims=16, depths=[1, 2, 2, 1], num_heads=[2, 2, 4, 4]))
 ])
-def test_whole_model_matches_torch_flop_counter(backbone):
+def test_whole_model_matches_torch_flop_counter(backbone, monkeypatch):
     """Dense counting of a tiny backbone equals torch's FlopCounterMode
     (2 FLOPs per MAC). Its SDPA is forced to the math backend, whose
-    matmuls torch counts densely (the fused CPU kernels it does not see)."""
+    matmuls torch counts densely (the fused CPU kernels it does not see);
+    likewise the clustering runs on tensor ops, not the opaque C++ kernel."""
+    from boat_mm.ops import clustering
     from boat_mm.registry import MODELS
+    monkeypatch.setattr(clustering, '_HAS_CPU_KERNEL', False)
     model = MODELS.build(dict(backbone, drop_path_rate=0.)).eval()
     x = torch.randn(1, 3, 64, 64)
     info = get_model_complexity(model, inputs=x, masked_attention='dense')

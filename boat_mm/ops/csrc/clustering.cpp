@@ -1,0 +1,510 @@
+// Copyright (c) boat-mm contributors. All rights reserved.
+//
+// CPU kernel of boat_mm::balanced_clustering: the balanced hierarchical
+// clustering of feature-space local attention (FSLA), fused per tree node.
+//
+// It computes what the tensor implementation in boat_mm/ops/clustering.py
+// computes (its docstrings give the rule), but each node of a level is one
+// task that keeps its tokens in cache for the whole split: the initial
+// centroids, each soft k-means iteration (similarities and centroid update
+// in one pass), the final ratios, the sort, and the move of its tokens into
+// the two children. The tensor implementation reads every token from
+// memory six times per level, in batched matmuls of two output rows.
+//
+// The arithmetic is the same; sums are accumulated in a different order,
+// so float32 results agree up to rounding (a near-tie may rank two tokens
+// the other way) and float64 results agree exactly in practice. The result
+// is deterministic: every node is computed by one thread in a fixed order.
+//
+// The schema is registered here; the fake (shape) kernel is registered from
+// Python (boat_mm/ops/clustering.py) so that torch.compile can trace it.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define BOAT_MM_X86_DISPATCH 1
+#define BOAT_MM_INLINE inline __attribute__((always_inline))
+#else
+#define BOAT_MM_X86_DISPATCH 0
+#define BOAT_MM_INLINE inline
+#endif
+
+namespace boat_mm {
+namespace {
+
+// Real-token count of the leaves [first, first + count) of the tree: the
+// first `extra` leaves hold `base + 1` tokens, the others `base`.
+int64_t leaves_size(int64_t first, int64_t count, int64_t base,
+                    int64_t extra) {
+  const int64_t bonus =
+      std::max<int64_t>(0, std::min(extra, first + count) - first);
+  return count * base + bonus;
+}
+
+// Sort entries: the ratio's bit pattern (ordered like the value for the
+// non-negative ratios, and like the tensor implementation's integer sort
+// for anything else) with the position as tie-break, so that an unstable
+// sort gives the stable order. float: both packed in one 64-bit integer.
+template <typename T>
+struct SortEntry;
+
+template <>
+struct SortEntry<float> {
+  using type = uint64_t;
+  static BOAT_MM_INLINE type make(float r, int64_t i) {
+    int32_t bits;
+    std::memcpy(&bits, &r, sizeof(bits));
+    // Flipping the sign bit maps signed order to unsigned order.
+    const uint32_t key = static_cast<uint32_t>(bits) ^ 0x80000000u;
+    return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(i);
+  }
+  static BOAT_MM_INLINE int64_t index(type e) {
+    return static_cast<int64_t>(e & 0xffffffffu);
+  }
+};
+
+template <>
+struct SortEntry<double> {
+  using type = std::pair<int64_t, int64_t>;
+  static BOAT_MM_INLINE type make(double r, int64_t i) {
+    int64_t bits;
+    std::memcpy(&bits, &r, sizeof(bits));
+    return {bits, i};
+  }
+  static BOAT_MM_INLINE int64_t index(const type& e) { return e.second; }
+};
+
+// A node's vectors are stored dimension-major, (d, cap): the similarities
+// of a block of tokens to the centroids and the centroid sums are then
+// vertical multiply-adds over tokens, with no horizontal sum per token.
+// Summation orders are fixed, so results do not depend on the thread
+// count.
+//
+// Fixed-width vectors (GCC/Clang vector extensions) of `Bytes` bytes: 16
+// for the baseline instruction set, 32 for the AVX2 build.
+template <typename T, int Bytes>
+struct Simd {
+  typedef T V __attribute__((vector_size(Bytes)));
+  static constexpr int64_t kLanes = Bytes / sizeof(T);
+  static BOAT_MM_INLINE V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static BOAT_MM_INLINE void store(T* p, V v) {
+    __builtin_memcpy(p, &v, sizeof(V));
+  }
+  static BOAT_MM_INLINE T sum(V v) {
+    T s = 0;
+    for (int64_t j = 0; j < kLanes; ++j) s += v[j];
+    return s;
+  }
+};
+
+// sim_c[i] = sum_k c[k] * U[k, i] for the tokens i < n of a node; every
+// token sums over k in order, in the vector blocks and in the tail alike.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void similarities(const T* U, int64_t cap, int64_t n,
+                                 int64_t d, const T* c0, const T* c1,
+                                 T* sim0, T* sim1) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    V a0 = {}, a1 = {}, b0 = {}, b1 = {};
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = U + k * cap + i;
+      const V u0 = S::load(row), u1 = S::load(row + W);
+      const T x0 = c0[k], x1 = c1[k];
+      a0 += x0 * u0;
+      a1 += x0 * u1;
+      b0 += x1 * u0;
+      b1 += x1 * u1;
+    }
+    S::store(sim0 + i, a0);
+    S::store(sim0 + i + W, a1);
+    S::store(sim1 + i, b0);
+    S::store(sim1 + i + W, b1);
+  }
+  for (; i < n; ++i) {
+    T a = 0, b = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      a += c0[k] * U[k * cap + i];
+      b += c1[k] * U[k * cap + i];
+    }
+    sim0[i] = a;
+    sim1[i] = b;
+  }
+}
+
+// s_c[k] = sum_{i < n} w_c[i] * U[k, i]: the (unnormalised) centroids.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void weighted_sums(const T* U, int64_t cap, int64_t n,
+                                  int64_t d, const T* w0, const T* w1,
+                                  T* s0, T* s1) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes;
+  for (int64_t k = 0; k < d; ++k) {
+    const T* row = U + k * cap;
+    V a0 = {}, a1 = {}, b0 = {}, b1 = {};
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const V u0 = S::load(row + i), u1 = S::load(row + i + W);
+      a0 += S::load(w0 + i) * u0;
+      a1 += S::load(w0 + i + W) * u1;
+      b0 += S::load(w1 + i) * u0;
+      b1 += S::load(w1 + i + W) * u1;
+    }
+    T t0 = S::sum(a0 + a1), t1 = S::sum(b0 + b1);
+    for (; i < n; ++i) {
+      t0 += w0[i] * row[i];
+      t1 += w1[i] * row[i];
+    }
+    s0[k] = t0;
+    s1[k] = t1;
+  }
+}
+
+// exp(x) of float lanes with x <= 0: 2^n * p(r), r = x - n ln2 in
+// [-ln2/2, ln2/2], p of degree 7 (Cephes' expf coefficients); within
+// 1e-7 relative of the exact value; below 2^-126 it returns 0.
+template <int Bytes>
+BOAT_MM_INLINE typename Simd<float, Bytes>::V exp_nonpositive(
+    typename Simd<float, Bytes>::V x) {
+  using V = typename Simd<float, Bytes>::V;
+  typedef int32_t I __attribute__((vector_size(Bytes)));
+  const V lowest = V{} - 87.33654f;
+  const auto under = x < lowest;
+  x = under ? lowest : x;
+  const V fx = x * 1.44269504088896341f + 0.5f;
+  I n = __builtin_convertvector(fx, I);  // truncates toward zero
+  n = __builtin_convertvector(n, V) > fx ? n - 1 : n;  // floor
+  const V nf = __builtin_convertvector(n, V);
+  V r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (n + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(V));
+  return under ? V{} : p * scale;
+}
+
+// Soft-assignment weights times norms: softmax over two centroids is the
+// sigmoid of the scaled similarity difference; one exp of a non-positive
+// argument gives both sigmoid(|l|) and sigmoid(-|l|) without overflow.
+template <typename T>
+BOAT_MM_INLINE void weight_one(T sim0, T sim1, T norm, T temperature,
+                               T& w0, T& w1) {
+  const T logit = (sim0 - sim1) * temperature;
+  const T e = std::exp(-std::abs(logit));
+  const T big = T(1) / (T(1) + e), small = e * big;
+  const bool first = logit >= T(0);
+  w0 = (first ? big : small) * norm;
+  w1 = (first ? small : big) * norm;
+}
+
+template <typename T, int Bytes>
+BOAT_MM_INLINE void weights(const T* sim0, const T* sim1, const T* norm,
+                            int64_t n, T temperature, T* w0, T* w1) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    // float: vector exp. float64 (the parity checks) keeps libm's exp.
+    using S = Simd<float, Bytes>;
+    using V = typename S::V;
+    for (; i + S::kLanes <= n; i += S::kLanes) {
+      const V logit = (S::load(sim0 + i) - S::load(sim1 + i)) * temperature;
+      const auto first = logit >= 0.0f;
+      const V e = exp_nonpositive<Bytes>(first ? -logit : logit);
+      const V big = 1.0f / (1.0f + e), small = e * big;
+      const V nrm = S::load(norm + i);
+      S::store(w0 + i, (first ? big : small) * nrm);
+      S::store(w1 + i, (first ? small : big) * nrm);
+    }
+  }
+  for (; i < n; ++i) {
+    weight_one(sim0[i], sim1[i], norm[i], temperature, w0[i], w1[i]);
+  }
+}
+
+// x / max(||x||, 1e-12), as torch.nn.functional.normalize.
+template <typename T>
+BOAT_MM_INLINE void normalize(T* x, int64_t d) {
+  T sq = 0;
+  for (int64_t k = 0; k < d; ++k) sq += x[k] * x[k];
+  const T nrm = std::max<T>(std::sqrt(sq), T(1e-12));
+  for (int64_t k = 0; k < d; ++k) x[k] /= nrm;
+}
+
+struct NodeArgs {
+  int64_t d;
+  int64_t n;          // real tokens in the node (they come first)
+  int64_t n0;         // real tokens that go to child 0
+  int64_t half;       // slots per child
+  int64_t pad_token;  // token index written into padding slots
+  int64_t kmeans_iters;
+  bool last_level;    // only the permutation is needed afterwards
+};
+
+// Per-thread scratch space, sized for the largest node of a level.
+template <typename T>
+struct Scratch {
+  std::vector<T> cent, sim0, sim1, w0, w1;
+  std::vector<int64_t> src;
+  std::vector<typename SortEntry<T>::type> order;
+  Scratch(int64_t d, int64_t cap)
+      : cent(2 * d), sim0(cap), sim1(cap), w0(cap), w1(cap), src(cap) {
+    order.reserve(cap);
+  }
+};
+
+// Split one node: `U` ((d, cap) unit vectors, the first `n` tokens real)
+// and `norm` (their norms); write both children ((d, half) each) into the
+// `next_*` buffers.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
+                                    const int64_t* perm, T* next_U,
+                                    T* next_norm, int64_t* next_perm,
+                                    const NodeArgs& args, T temperature,
+                                    Scratch<T>& s) {
+  const int64_t d = args.d, n = args.n, n0 = args.n0, half = args.half;
+  const int64_t cap = 2 * half;
+  T* c0 = s.cent.data();
+  T* c1 = c0 + d;
+  T *w0 = s.w0.data(), *w1 = s.w1.data();
+  T *sim0 = s.sim0.data(), *sim1 = s.sim1.data();
+
+  // Initial centroids: means of the first n0 and of the remaining real
+  // tokens in the current order (sum of norm * unit / count), normalised.
+  const T inv0 = T(1) / T(std::max<int64_t>(n0, 1));
+  const T inv1 = T(1) / T(std::max<int64_t>(n - n0, 1));
+  for (int64_t i = 0; i < n; ++i) {
+    w0[i] = i < n0 ? inv0 * norm[i] : T(0);
+    w1[i] = i < n0 ? T(0) : inv1 * norm[i];
+  }
+  weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
+  normalize(c0, d);
+  normalize(c1, d);
+
+  // Soft k-means with two centroids.
+  for (int64_t it = 0; it < args.kmeans_iters; ++it) {
+    similarities<T, Bytes>(U, cap, n, d, c0, c1, sim0, sim1);
+    weights<T, Bytes>(sim0, sim1, norm, n, temperature, w0, w1);
+    weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
+    normalize(c0, d);
+    normalize(c1, d);
+  }
+
+  // Rank the real tokens by r = (s0 + 1) / (s1 + 1), ties by position (a
+  // stable sort); padding is not ranked: it goes last in both children.
+  similarities<T, Bytes>(U, cap, n, d, c0, c1, sim0, sim1);
+  auto& order = s.order;
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    T r = (sim0[i] + T(1)) / (sim1[i] + T(1));
+    r = r < T(0) ? T(0) : r;  // NaN passes through, as torch.clamp
+    order[i] = SortEntry<T>::make(r, i);
+  }
+  std::sort(order.begin(), order.end());
+
+  // Child 0: ranks [0, n0), then padding; child 1: ranks [n0, n), then
+  // padding. Tokens keep their ascending-ratio order.
+  int64_t* src = s.src.data();
+  for (int64_t child = 0; child < 2; ++child) {
+    const int64_t first = child == 0 ? 0 : n0;
+    const int64_t count = child == 0 ? n0 : n - n0;
+    for (int64_t j = 0; j < count; ++j) {
+      src[j] = SortEntry<T>::index(order[first + j]);
+    }
+    int64_t* out_perm = next_perm + child * half;
+    for (int64_t j = 0; j < half; ++j) {
+      out_perm[j] = j < count ? perm[src[j]] : args.pad_token;
+    }
+    if (args.last_level) continue;
+    T* out_norm = next_norm + child * half;
+    for (int64_t j = 0; j < count; ++j) out_norm[j] = norm[src[j]];
+    T* out_U = next_U + child * d * half;
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = U + k * cap;
+      T* out_row = out_U + k * half;
+      for (int64_t j = 0; j < count; ++j) out_row[j] = row[src[j]];
+    }
+  }
+}
+
+// The same code compiled twice on x86: for AVX2 + FMA (chosen at run time
+// when the CPU has them) and for the baseline instruction set.
+#define BOAT_MM_SPLIT_NODE_ARGS                                          \
+  const T *U, const T *norm, const int64_t *perm, T *next_U,             \
+      T *next_norm, int64_t *next_perm, const NodeArgs &args,            \
+      T temperature, Scratch<T> &scratch
+#define BOAT_MM_SPLIT_NODE_CALL(BYTES)                                 \
+  split_node_impl<T, BYTES>(U, norm, perm, next_U, next_norm, next_perm, \
+                            args, temperature, scratch)
+
+template <typename T>
+void split_node_base(BOAT_MM_SPLIT_NODE_ARGS) {
+  BOAT_MM_SPLIT_NODE_CALL(16);
+}
+
+#if BOAT_MM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void split_node_avx2(
+    BOAT_MM_SPLIT_NODE_ARGS) {
+  BOAT_MM_SPLIT_NODE_CALL(32);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename T>
+at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
+                        int64_t slot_size, int64_t kmeans_iters,
+                        double temperature) {
+  const int64_t M = x.size(0), N = x.size(1), d = x.size(2);
+  const int64_t total = slot_size << num_levels;
+  const int64_t G = int64_t(1) << num_levels;
+  const int64_t base = N / G, extra = N % G;
+
+  auto split_node = &split_node_base<T>;
+#if BOAT_MM_X86_DISPATCH
+  if (cpu_has_avx2_fma()) split_node = &split_node_avx2<T>;
+#endif
+
+  auto opts = x.options();
+  auto perm = at::empty({M, total}, opts.dtype(at::kLong));
+  // Per row, node after node: (d, cap) unit vectors and (cap,) norms;
+  // padding slots are never read.
+  auto unit = at::empty({M, d, total}, opts);
+  auto norm = at::empty({M, total}, opts);
+  auto next_unit = at::empty_like(unit);
+  auto next_norm = at::empty_like(norm);
+  auto next_perm = at::empty_like(perm);
+
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      T* U = unit.data_ptr<T>() + m * d * total;
+      T* w = norm.data_ptr<T>() + m * total;
+      int64_t* p = perm.data_ptr<int64_t>() + m * total;
+      for (int64_t i = 0; i < total; ++i) p[i] = std::min(i, N - 1);
+      for (int64_t i = 0; i < N; ++i) {
+        const T* xi = xp + (m * N + i) * d;
+        T sq = 0;
+        for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
+        const T nrm = std::max<T>(std::sqrt(sq), T(1e-12));
+        w[i] = nrm;
+        for (int64_t k = 0; k < d; ++k) U[k * total + i] = xi[k] / nrm;
+      }
+    }
+  });
+
+  const T temp = static_cast<T>(temperature);
+  for (int64_t level = 0; level < num_levels; ++level) {
+    const int64_t nodes = int64_t(1) << level;
+    const int64_t cap = total >> level;
+    const int64_t leaves = G >> level;  // leaves under one node
+    const T* up = unit.data_ptr<T>();
+    const T* wp = norm.data_ptr<T>();
+    const int64_t* pp = perm.data_ptr<int64_t>();
+    T* nup = next_unit.data_ptr<T>();
+    T* nwp = next_norm.data_ptr<T>();
+    int64_t* npp = next_perm.data_ptr<int64_t>();
+    at::parallel_for(0, M * nodes, 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> scratch(d, cap);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t node = task % nodes;
+        NodeArgs args;
+        args.d = d;
+        args.n = leaves_size(node * leaves, leaves, base, extra);
+        args.n0 = leaves_size(node * leaves, leaves / 2, base, extra);
+        args.half = cap / 2;
+        args.pad_token = N - 1;
+        args.kmeans_iters = kmeans_iters;
+        args.last_level = level + 1 == num_levels;
+        const int64_t off = task * cap;  // node blocks follow each other
+        split_node(up + off * d, wp + off, pp + off, nup + off * d,
+                   nwp + off, npp + off, args, temp, scratch);
+      }
+    });
+    std::swap(unit, next_unit);
+    std::swap(norm, next_norm);
+    std::swap(perm, next_perm);
+  }
+  return perm;
+}
+
+at::Tensor balanced_clustering_cpu(const at::Tensor& x, int64_t num_levels,
+                                   int64_t slot_size, int64_t kmeans_iters,
+                                   double temperature) {
+  TORCH_CHECK(x.dim() == 3,
+              "balanced_clustering expects (M, N, d) vectors, got a ",
+              x.dim(), "-d tensor");
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1,
+              "balanced_clustering needs N >= 1 tokens of d >= 1 dims, got ",
+              x.sizes());
+  TORCH_CHECK(num_levels >= 0 && num_levels < 31,
+              "num_levels must lie in [0, 31), got ", num_levels);
+  TORCH_CHECK(slot_size >= 1 && (slot_size << num_levels) >= x.size(1),
+              "slot_size * 2**num_levels must hold all ", x.size(1),
+              " tokens, got slot_size=", slot_size,
+              ", num_levels=", num_levels);
+  TORCH_CHECK((slot_size << num_levels) < (int64_t(1) << 32),
+              "balanced_clustering supports fewer than 2**32 slots per row");
+  TORCH_CHECK(kmeans_iters >= 0, "kmeans_iters must be >= 0, got ",
+              kmeans_iters);
+  // float64 stays float64 (parity checks); anything else runs in float32,
+  // as in the tensor implementation.
+  if (x.scalar_type() == at::kDouble) {
+    return cluster_impl<double>(x.contiguous(), num_levels,
+                                        slot_size, kmeans_iters,
+                                        temperature);
+  }
+  return cluster_impl<float>(x.to(at::kFloat).contiguous(),
+                                     num_levels, slot_size, kmeans_iters,
+                                     temperature);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(boat_mm, m) {
+  m.def(
+      "balanced_clustering(Tensor x, int num_levels, int slot_size, "
+      "int kmeans_iters, float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(boat_mm, CPU, m) {
+  m.impl("balanced_clustering", &balanced_clustering_cpu);
+}
+
+}  // namespace boat_mm
+
+// `import boat_mm._C` loads this library, which registers the op above.
+static struct PyModuleDef boat_mm_c_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "C++ kernels of boat_mm, registered as torch.ops.boat_mm.*", -1,
+    nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&boat_mm_c_module); }
