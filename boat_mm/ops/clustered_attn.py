@@ -36,12 +36,21 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
-        return src.index_select(0, index)
+        return _gather_rows(src, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         inverse, = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        return _gather_rows(grad, inverse), None, None
+
+
+def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """``src.index_select(0, index)``."""
+    if src.dim() == 2 and src.device.type == 'cpu':
+        # embedding() gathers rows of a 2-d tensor 2-3x faster than
+        # index_select() on the CPU (same result).
+        return F.embedding(index, src.contiguous())
+    return src.index_select(0, index)
 
 
 def permute_rows(src: Tensor, index: Tensor, inverse: Tensor) -> Tensor:

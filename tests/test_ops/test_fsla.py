@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import balanced_hierarchical_clustering, build_cluster_plan
+from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
+                         clustering, cpu_kernel_available)
 
 # ---------------------------------------------------------------------------
 # The slow reference.
@@ -199,6 +200,17 @@ def make_module(dims, heads, dtype=torch.float64, **kwargs):
 # The op may cluster in float32 whatever the input dtype; inputs whose
 # ranking a float32 rounding could flip are not meaningful test cases.
 MIN_MARGIN = 1e-5
+
+
+@pytest.fixture(autouse=True, params=['cpp', 'tensor'])
+def clustering_impl(request, monkeypatch):
+    """Every test runs with both clustering implementations behind 'auto':
+    the C++ CPU kernel and the tensor ops (the path of other devices)."""
+    if request.param == 'cpp' and not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
+    if request.param == 'tensor':
+        monkeypatch.setattr(clustering, '_HAS_CPU_KERNEL', False)
+    return request.param
 
 
 @pytest.fixture(autouse=True)

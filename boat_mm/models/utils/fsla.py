@@ -52,6 +52,10 @@ class FeatureSpaceLocalAttention(BaseModule):
         attn_drop (float): Dropout on attention weights. Defaults to 0.
         proj_drop (float): Dropout after the output projection.
             Defaults to 0.
+        clustering_impl (str): ``'auto'`` (the C++ kernel for CPU tensors
+            when built, tensor ops otherwise), ``'cpp'`` or ``'tensor'``; see
+            :func:`boat_mm.ops.balanced_hierarchical_clustering`. Defaults
+            to ``'auto'``.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -66,6 +70,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                  qkv_bias: bool = True,
                  attn_drop: float = 0.,
                  proj_drop: float = 0.,
+                 clustering_impl: str = 'auto',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if embed_dims % num_heads != 0:
@@ -81,6 +86,11 @@ class FeatureSpaceLocalAttention(BaseModule):
         if kmeans_iters < 0:
             raise ValueError(
                 f'kmeans_iters must be >= 0, got {kmeans_iters}.')
+        if clustering_impl not in ('auto', 'cpp', 'tensor'):
+            raise ValueError(
+                f"clustering_impl must be 'auto', 'cpp' or 'tensor', got "
+                f'{clustering_impl!r}.')
+        self.clustering_impl = clustering_impl
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -124,7 +134,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         q = q.reshape(B, N, self.num_heads, self.head_dims).transpose(1, 2)
         return balanced_hierarchical_clustering(
             q.reshape(B * self.num_heads, N, self.head_dims), plan,
-            self.kmeans_iters, self.kmeans_temperature)
+            self.kmeans_iters, self.kmeans_temperature, self.clustering_impl)
 
     @torch.no_grad()
     def cluster_ids(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:

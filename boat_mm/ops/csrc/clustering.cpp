@@ -85,6 +85,51 @@ struct SortEntry<double> {
   static BOAT_MM_INLINE int64_t index(const type& e) { return e.second; }
 };
 
+// Sorts packed float entries (key in the high 32 bits, position in the
+// low ones, so all distinct): an LSD radix sort over the key bytes, stable,
+// hence the same order as sorting the whole 64-bit values. Bytes equal
+// across all entries are skipped. `tmp` holds at least `n` entries.
+void radix_sort_packed(uint64_t* a, uint64_t* tmp, int64_t n) {
+  constexpr int kPasses = 4;
+  int64_t count[kPasses][256] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = static_cast<uint32_t>(a[i] >> 32);
+    for (int p = 0; p < kPasses; ++p) ++count[p][(key >> (8 * p)) & 255];
+  }
+  uint64_t* src = a;
+  uint64_t* dst = tmp;
+  for (int p = 0; p < kPasses; ++p) {
+    int64_t* c = count[p];
+    if (c[(static_cast<uint32_t>(src[0] >> 32) >> (8 * p)) & 255] == n) {
+      continue;  // every entry has this byte: nothing to reorder
+    }
+    int64_t offset = 0;
+    for (int b = 0; b < 256; ++b) {
+      const int64_t k = c[b];
+      c[b] = offset;
+      offset += k;
+    }
+    const int shift = 32 + 8 * p;
+    for (int64_t i = 0; i < n; ++i) dst[c[(src[i] >> shift) & 255]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != a) std::copy(src, src + n, a);
+}
+
+template <typename T>
+void sort_entries(std::vector<typename SortEntry<T>::type>& order,
+                  std::vector<typename SortEntry<T>::type>& tmp) {
+  if constexpr (std::is_same_v<T, float>) {
+    // The radix sort pays from a few hundred entries on.
+    if (order.size() >= 256) {
+      tmp.resize(order.size());
+      radix_sort_packed(order.data(), tmp.data(), order.size());
+      return;
+    }
+  }
+  std::sort(order.begin(), order.end());
+}
+
 // A node's vectors are stored dimension-major, (d, cap): the similarities
 // of a block of tokens to the centroids and the centroid sums are then
 // vertical multiply-adds over tokens, with no horizontal sum per token.
@@ -269,7 +314,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> cent, sim0, sim1, w0, w1;
   std::vector<int64_t> src;
-  std::vector<typename SortEntry<T>::type> order;
+  std::vector<typename SortEntry<T>::type> order, sort_tmp;
   Scratch(int64_t d, int64_t cap)
       : cent(2 * d), sim0(cap), sim1(cap), w0(cap), w1(cap), src(cap) {
     order.reserve(cap);
@@ -323,7 +368,7 @@ BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
     r = r < T(0) ? T(0) : r;  // NaN passes through, as torch.clamp
     order[i] = SortEntry<T>::make(r, i);
   }
-  std::sort(order.begin(), order.end());
+  sort_entries<T>(order, s.sort_tmp);
 
   // Child 0: ranks [0, n0), then padding; child 1: ranks [n0, n), then
   // padding. Tokens keep their ascending-ratio order.
