@@ -3,7 +3,10 @@
 
 Compares, side by side in one process, at several token-map sizes:
 
-- ``fsla``: :class:`boat_mm.models.utils.FeatureSpaceLocalAttention`;
+- ``fsla``: :class:`boat_mm.models.utils.FeatureSpaceLocalAttention` as
+  used by default (on the CPU its clustering runs in the C++ kernel);
+- ``fsla-tensor``: the same module with ``clustering_impl='tensor'`` (the
+  tensor-op clustering, the path of other devices);
 - ``window``: Swin's 7x7 window attention with relative position bias
   (mmseg's ``ShiftWindowMSA`` with ``shift_size=0``);
 - ``global``: SDPA over all ``N`` tokens with the same qkv/proj layers;
@@ -44,6 +47,9 @@ MAIN_SHAPES = [(s, c, h) for c, h in ((64, 2), (256, 8))
                for s in (56, 128, 256)]
 ANCHOR_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8)]
 QUICK_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8), (128, 64, 2)]
+METHODS = ('fsla', 'fsla-tensor', 'window', 'global', 'public')
+# FSLA variants: clustering implementation of each.
+FSLA_IMPLS = {'fsla': 'auto', 'fsla-tensor': 'tensor'}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,8 +73,8 @@ def parse_args() -> argparse.Namespace:
         help='checkout of mahaoyuHKU/pytorch-boat, to time its '
         'ContentAttention (needs timm and einops)')
     parser.add_argument(
-        '--methods', default='fsla,window,global,public',
-        help='comma-separated subset of fsla,window,global,public')
+        '--methods', default=','.join(METHODS),
+        help='comma-separated subset of ' + ','.join(METHODS))
     return parser.parse_args()
 
 
@@ -260,7 +266,7 @@ def train_fn(module: nn.Module, x: torch.Tensor,
 
 
 def clustering_fn(module: FeatureSpaceLocalAttention, x: torch.Tensor,
-                  num_heads: int) -> Callable[[], None]:
+                  num_heads: int, impl: str) -> Callable[[], None]:
     """Only the clustering step of FSLA on the module's own queries."""
     B, N, C = x.shape
     with torch.no_grad():
@@ -270,7 +276,7 @@ def clustering_fn(module: FeatureSpaceLocalAttention, x: torch.Tensor,
 
     def run():
         with torch.no_grad():
-            balanced_hierarchical_clustering(q, plan)
+            balanced_hierarchical_clustering(q, plan, impl=impl)
 
     return run
 
@@ -293,9 +299,13 @@ def build_methods(side: int, dims: int, heads: int, methods: List[str],
     modules: Dict[str, nn.Module] = {}
     skipped: Dict[str, str] = {}
     for name in methods:
-        if name == 'fsla':
+        if name in FSLA_IMPLS:
             modules[name] = FeatureSpaceLocalAttention(
-                dims, heads, group_size=GROUP_SIZE, overlap=OVERLAP)
+                dims,
+                heads,
+                group_size=GROUP_SIZE,
+                overlap=OVERLAP,
+                clustering_impl=FSLA_IMPLS[name])
         elif name == 'window':
             modules[name] = WindowAttention(dims, heads)
         elif name == 'global':
@@ -327,8 +337,9 @@ def run_shape(side: int, dims: int, heads: int, methods: List[str],
         module.to(device).train()
         fns[name, 'fwd'] = forward_fn(module, x, hw)
         fns[name, 'train'] = train_fn(module, x, hw)
-        if name == 'fsla':
-            fns[name, 'cluster'] = clustering_fn(module, x, heads)
+        if name in FSLA_IMPLS:
+            fns[name, 'cluster'] = clustering_fn(module, x, heads,
+                                                 FSLA_IMPLS[name])
     with cuda_calls_stay_put(device):
         measured = measure_all(fns, device, args)
     results: Dict[str, dict] = {name: dict(skip=why)
@@ -384,20 +395,27 @@ def print_tables(all_results, args) -> None:
                   f'{fmt_mb(row, "fwd_mb")} | {fmt_mb(row, "train_mb")} | '
                   f'{row.get("skip", "")} |')
 
+    def share(row: dict) -> str:
+        if 'cluster' not in row:
+            return '-'
+        return f'{100 * row["cluster"] / row["fwd"]:.0f} %'
+
     print('\n| tokens | C/heads | fsla/window | fsla/global | fsla/public '
-          '| clustering share of fwd | fsla fwd+bwd us/token |')
-    print('|---|---|---|---|---|---|---|')
+          '| clustering share of fwd | fsla fwd+bwd us/token '
+          '| fsla-tensor/window | fsla-tensor clustering share |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for (side, dims, heads), res in all_results.items():
         fsla = res.get('fsla', {})
-        share = (f'{100 * fsla["cluster"] / fsla["fwd"]:.0f} %'
-                 if 'cluster' in fsla else '-')
+        tensor = res.get('fsla-tensor', {})
         per_token = (f'{fsla["train"] * 1e6 / (args.batch * side**2):.2f}'
                      if 'train' in fsla else '-')
         print(f'| {side}^2 | {dims}/{heads} | '
               f'{fmt_ratio(ratio(fsla, res.get("window", {})))} | '
               f'{fmt_ratio(ratio(fsla, res.get("global", {})))} | '
               f'{fmt_ratio(ratio(fsla, res.get("public", {})))} | '
-              f'{share} | {per_token} |')
+              f'{share(fsla)} | {per_token} | '
+              f'{fmt_ratio(ratio(tensor, res.get("window", {})))} | '
+              f'{share(tensor)} |')
     print('(ratios are fwd+bwd times)')
 
     print('\nTargets of issue #3 (fwd+bwd):')
@@ -446,10 +464,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    unknown = set(methods) - {'fsla', 'window', 'global', 'public'}
+    unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f'unknown --methods {sorted(unknown)}; choose from '
-                         'fsla, window, global, public')
+                         f'{", ".join(METHODS)}')
     public_cls = None
     if 'public' in methods and args.ref_repo:
         public_cls = load_public_class(args.ref_repo)

@@ -67,6 +67,7 @@ Example:
     >>> info['flops'] / 1e9, info['params'] / 1e6
 """
 import contextlib
+import inspect
 import math
 import sys
 from collections import Counter
@@ -229,8 +230,10 @@ def _counting_clustering(x: Tensor, plan: Any, *args, **kwargs) -> Tensor:
         with counter:
             # The tensor ops expose the clustering matmuls to the counter
             # (the C++ kernel is opaque to it); the arithmetic is the same.
-            kwargs['impl'] = 'tensor'
-            perm = _ORIG_CLUSTERING(x, plan, *args, **kwargs)
+            bound = inspect.signature(_ORIG_CLUSTERING).bind(
+                x, plan, *args, **kwargs)
+            bound.arguments['impl'] = 'tensor'
+            perm = _ORIG_CLUSTERING(*bound.args, **bound.kwargs)
         # torch counts 2 FLOPs per multiply-add.
         macs = counter.get_total_flops() // 2
     return _clustering_op(x, perm, int(macs))

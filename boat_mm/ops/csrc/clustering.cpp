@@ -290,6 +290,58 @@ BOAT_MM_INLINE void weights(const T* sim0, const T* sim1, const T* norm,
   }
 }
 
+// One soft k-means step in a single pass over the node: per block of
+// tokens, the similarities to (c0, c1), the weights, and their products
+// with the same (cached) vectors accumulated per coordinate into vector
+// partial sums; (s0, s1) are the new unnormalised centroids. Sums run in
+// the order of similarities() and weighted_sums(), so the result equals
+// calling the three functions one after the other. `acc` holds 4 * d
+// vectors.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void kmeans_step(const T* U, int64_t cap, int64_t n,
+                                int64_t d, const T* c0, const T* c1,
+                                const T* norm, T temperature, T* acc,
+                                T* s0, T* s1) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes;
+  std::fill(acc, acc + 4 * d * W, T(0));
+  T* acc_a0 = acc;  // child 0 weights, first W tokens of a block
+  T* acc_a1 = acc + d * W;
+  T* acc_b0 = acc + 2 * d * W;  // child 1 weights
+  T* acc_b1 = acc + 3 * d * W;
+  T sim0[2 * W], sim1[2 * W], w0[2 * W], w1[2 * W];
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    similarities<T, Bytes>(U + i, cap, 2 * W, d, c0, c1, sim0, sim1);
+    weights<T, Bytes>(sim0, sim1, norm + i, 2 * W, temperature, w0, w1);
+    const V wa0 = S::load(w0), wa1 = S::load(w0 + W);
+    const V wb0 = S::load(w1), wb1 = S::load(w1 + W);
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = U + k * cap + i;
+      const V u0 = S::load(row), u1 = S::load(row + W);
+      S::store(acc_a0 + k * W, S::load(acc_a0 + k * W) + wa0 * u0);
+      S::store(acc_a1 + k * W, S::load(acc_a1 + k * W) + wa1 * u1);
+      S::store(acc_b0 + k * W, S::load(acc_b0 + k * W) + wb0 * u0);
+      S::store(acc_b1 + k * W, S::load(acc_b1 + k * W) + wb1 * u1);
+    }
+  }
+  const int64_t tail = n - i;
+  similarities<T, Bytes>(U + i, cap, tail, d, c0, c1, sim0, sim1);
+  weights<T, Bytes>(sim0, sim1, norm + i, tail, temperature, w0, w1);
+  for (int64_t k = 0; k < d; ++k) {
+    const T* row = U + k * cap + i;
+    T t0 = S::sum(S::load(acc_a0 + k * W) + S::load(acc_a1 + k * W));
+    T t1 = S::sum(S::load(acc_b0 + k * W) + S::load(acc_b1 + k * W));
+    for (int64_t j = 0; j < tail; ++j) {
+      t0 += w0[j] * row[j];
+      t1 += w1[j] * row[j];
+    }
+    s0[k] = t0;
+    s1[k] = t1;
+  }
+}
+
 // x / max(||x||, 1e-12), as torch.nn.functional.normalize.
 template <typename T>
 BOAT_MM_INLINE void normalize(T* x, int64_t d) {
@@ -315,8 +367,15 @@ struct Scratch {
   std::vector<T> cent, sim0, sim1, w0, w1;
   std::vector<int64_t> src;
   std::vector<typename SortEntry<T>::type> order, sort_tmp;
+  std::vector<T> acc;  // k-means partial sums, 4 * d vectors of <= 32 B
   Scratch(int64_t d, int64_t cap)
-      : cent(2 * d), sim0(cap), sim1(cap), w0(cap), w1(cap), src(cap) {
+      : cent(4 * d),
+        sim0(cap),
+        sim1(cap),
+        w0(cap),
+        w1(cap),
+        src(cap),
+        acc(4 * d * (32 / sizeof(T))) {
     order.reserve(cap);
   }
 };
@@ -351,9 +410,9 @@ BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
 
   // Soft k-means with two centroids.
   for (int64_t it = 0; it < args.kmeans_iters; ++it) {
-    similarities<T, Bytes>(U, cap, n, d, c0, c1, sim0, sim1);
-    weights<T, Bytes>(sim0, sim1, norm, n, temperature, w0, w1);
-    weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
+    kmeans_step<T, Bytes>(U, cap, n, d, c0, c1, norm, temperature,
+                          s.acc.data(), c0 + 2 * d, c1 + 2 * d);
+    std::copy(c0 + 2 * d, c0 + 4 * d, c0);
     normalize(c0, d);
     normalize(c1, d);
   }
