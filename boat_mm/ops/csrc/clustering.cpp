@@ -294,9 +294,8 @@ BOAT_MM_INLINE void weights(const T* sim0, const T* sim1, const T* norm,
 // tokens, the similarities to (c0, c1), the weights, and their products
 // with the same (cached) vectors accumulated per coordinate into vector
 // partial sums; (s0, s1) are the new unnormalised centroids. Sums run in
-// the order of similarities() and weighted_sums(), so the result equals
-// calling the three functions one after the other. `acc` holds 4 * d
-// vectors.
+// the order of similarities() and weighted_sums() (one pass instead of
+// two over the node). `acc` holds 4 * d vectors.
 template <typename T, int Bytes>
 BOAT_MM_INLINE void kmeans_step(const T* U, int64_t cap, int64_t n,
                                 int64_t d, const T* c0, const T* c1,
