@@ -13,7 +13,7 @@ place. Tokens move between raster and cluster order with a single
 ``index_select`` each way; their backward passes gather with the inverse
 permutation, which is deterministic and avoids scatter-add.
 """
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,37 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         inverse, = ctx.saved_tensors
         return _gather_rows(grad, inverse), None, None
+
+
+class _GatherQKV(torch.autograd.Function):
+    """:class:`_PermuteRows` of the qkv rows, plus the values as an image.
+
+    FSLA's local term convolves the values in ``(B, C, H, W)`` layout.
+    Taking them from the same qkv tensor in this function lets the backward
+    build the qkv gradient once (the gather) and add the image gradient to
+    its value channels in place, instead of autograd zero-filling a second
+    full-size gradient for the slice and adding the two.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, index: Tensor, inverse: Tensor,
+                head_dims: int, height: int, width: int):
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        ctx.save_for_backward(inverse)
+        ctx.shape = qkv.shape
+        rows = _gather_rows(qkv.reshape(-1, head_dims), index)
+        v = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, height, width)
+        return rows, v
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, grad_v: Tensor):
+        inverse, = ctx.saved_tensors
+        B, N, C3 = ctx.shape
+        grad = _gather_rows(grad_rows, inverse).view(B, N, C3)
+        if grad_v is not None:
+            grad[..., 2 * (C3 // 3):] += grad_v.flatten(2).transpose(1, 2)
+        return grad, None, None, None, None, None
 
 
 def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
@@ -88,12 +119,15 @@ def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
     return inv[:, :N]
 
 
-def clustered_attention(qkv: Tensor,
-                        perm: Tensor,
-                        plan: ClusterPlan,
-                        num_heads: int,
-                        scale: Optional[float] = None,
-                        dropout_p: float = 0.) -> Tensor:
+def clustered_attention(
+        qkv: Tensor,
+        perm: Tensor,
+        plan: ClusterPlan,
+        num_heads: int,
+        scale: Optional[float] = None,
+        dropout_p: float = 0.,
+        hw_shape: Optional[Tuple[int, int]] = None
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Multi-head attention inside clusters with sibling overlap.
 
     Args:
@@ -106,10 +140,15 @@ def clustered_attention(qkv: Tensor,
         num_heads (int): Number of heads ``h``.
         scale (float, optional): Logit scale; None for ``head_dim ** -0.5``.
         dropout_p (float): Attention dropout probability.
+        hw_shape (tuple[int, int], optional): ``(H, W)``; when given, the
+            values are also returned as a ``(B, C, H, W)`` image (FSLA's
+            local term), taken from ``qkv`` together with the attention
+            inputs so that their gradients are assembled in one tensor.
 
     Returns:
-        Tensor: ``(B, N, C)`` attention output in raster order, channels in
-        ``(num_heads, head_dim)`` order.
+        Tensor | tuple[Tensor, Tensor]: ``(B, N, C)`` attention output in
+        raster order, channels in ``(num_heads, head_dim)`` order; with
+        ``hw_shape``, also the ``(B, C, H, W)`` values.
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -119,7 +158,11 @@ def clustered_attention(qkv: Tensor,
         q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, scale=scale)
-        return out.transpose(1, 2).reshape(B, N, C)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if hw_shape is None:
+            return out
+        return out, qkv[..., 2 * C:].transpose(1, 2).reshape(
+            B, C, *hw_shape)
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size
@@ -136,7 +179,15 @@ def clustered_attention(qkv: Tensor,
     # For each qkv row (b, n, which, head): the slot row that reads it.
     slot_row = (which * M + m.view(M, 1)) * slots + inv.unsqueeze(0)
     slot_row = slot_row.view(3, B, h, N).permute(1, 3, 0, 2).reshape(-1)
-    rows = permute_rows(qkv.reshape(-1, d), src_row.reshape(-1), slot_row)
+    if hw_shape is None:
+        rows = permute_rows(qkv.reshape(-1, d), src_row.reshape(-1),
+                            slot_row)
+    elif torch.is_grad_enabled() and qkv.requires_grad:
+        rows, v_image = _GatherQKV.apply(qkv, src_row.reshape(-1), slot_row,
+                                         d, *hw_shape)
+    else:  # no backward: plain ops (also what tracers see)
+        rows = _gather_rows(qkv.reshape(-1, d), src_row.reshape(-1))
+        v_image = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, *hw_shape)
     q, k, v = rows.view(3, M, P, 2 * S, d).unbind(0)
 
     out = F.scaled_dot_product_attention(
@@ -147,4 +198,5 @@ def clustered_attention(qkv: Tensor,
     back_row = (b * N + used) * h + head  # (M, slots) -> raster row
     out = permute_rows(
         out.reshape(M * slots, d), out_row.reshape(-1), back_row.reshape(-1))
-    return out.view(B, N, C)
+    out = out.view(B, N, C)
+    return out if hw_shape is None else (out, v_image)

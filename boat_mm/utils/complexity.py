@@ -99,7 +99,8 @@ MAC_OPERATORS = frozenset({
 })
 
 # autograd.Function ops of boat_mm that only move data (gathers).
-_ZERO_COST_PYTHON_OPS = ('prim::PythonOp._PermuteRows', )
+_ZERO_COST_PYTHON_OPS = ('prim::PythonOp._PermuteRows',
+                         'prim::PythonOp._GatherQKV')
 
 # Data movement, indexing and comparisons: no arithmetic, so they are
 # neither counted nor reported as "not counted".

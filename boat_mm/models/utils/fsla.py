@@ -173,15 +173,15 @@ class FeatureSpaceLocalAttention(BaseModule):
         perm = None
         if plan.num_clusters > 1:
             perm = self._cluster(qkv, plan)
-        out = clustered_attention(
+        out, v = clustered_attention(
             qkv,
             perm,
             plan,
             self.num_heads,
             scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.)
+            dropout_p=self.attn_drop if self.training else 0.,
+            hw_shape=(H, W))
         # Local term: depthwise 3x3 conv of the values in image layout.
-        v = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)
         out = out + self.get_v(v).flatten(2).transpose(1, 2)
         return self.proj_drop(self.proj(out))
 
