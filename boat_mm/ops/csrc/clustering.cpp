@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -195,19 +196,26 @@ BOAT_MM_INLINE void similarities(const T* U, int64_t cap, int64_t n,
 }
 
 // s_c[k] = sum_{i < n} w_c[i] * U[k, i]: the (unnormalised) centroids.
+// With `copy_to`, the rows are also copied there (same (d, cap) layout) in
+// the same pass.
 template <typename T, int Bytes>
 BOAT_MM_INLINE void weighted_sums(const T* U, int64_t cap, int64_t n,
                                   int64_t d, const T* w0, const T* w1,
-                                  T* s0, T* s1) {
+                                  T* s0, T* s1, T* copy_to = nullptr) {
   using S = Simd<T, Bytes>;
   using V = typename S::V;
   constexpr int64_t W = S::kLanes;
   for (int64_t k = 0; k < d; ++k) {
     const T* row = U + k * cap;
+    T* out = copy_to == nullptr ? nullptr : copy_to + k * cap;
     V a0 = {}, a1 = {}, b0 = {}, b1 = {};
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
       const V u0 = S::load(row + i), u1 = S::load(row + i + W);
+      if (out != nullptr) {
+        S::store(out + i, u0);
+        S::store(out + i + W, u1);
+      }
       a0 += S::load(w0 + i) * u0;
       a1 += S::load(w0 + i + W) * u1;
       b0 += S::load(w1 + i) * u0;
@@ -215,11 +223,25 @@ BOAT_MM_INLINE void weighted_sums(const T* U, int64_t cap, int64_t n,
     }
     T t0 = S::sum(a0 + a1), t1 = S::sum(b0 + b1);
     for (; i < n; ++i) {
+      if (out != nullptr) out[i] = row[i];
       t0 += w0[i] * row[i];
       t1 += w1[i] * row[i];
     }
     s0[k] = t0;
     s1[k] = t1;
+  }
+}
+
+// Weights of the initial centroids of a node whose first n0 of n real
+// tokens go to child 0: the means of both parts (norm * unit / count).
+template <typename T>
+BOAT_MM_INLINE void init_weights(const T* norm, int64_t n, int64_t n0,
+                                 T* w0, T* w1) {
+  const T inv0 = T(1) / T(std::max<int64_t>(n0, 1));
+  const T inv1 = T(1) / T(std::max<int64_t>(n - n0, 1));
+  for (int64_t i = 0; i < n; ++i) {
+    w0[i] = i < n0 ? inv0 * norm[i] : T(0);
+    w1[i] = i < n0 ? T(0) : inv1 * norm[i];
   }
 }
 
@@ -358,6 +380,7 @@ struct NodeArgs {
   int64_t pad_token;  // token index written into padding slots
   int64_t kmeans_iters;
   bool last_level;    // only the permutation is needed afterwards
+  int64_t child_n0[2];  // next level: real tokens of each child's child 0
 };
 
 // Per-thread scratch space, sized for the largest node of a level.
@@ -367,6 +390,9 @@ struct Scratch {
   std::vector<int64_t> src;
   std::vector<typename SortEntry<T>::type> order, sort_tmp;
   std::vector<T> acc;  // k-means partial sums, 4 * d vectors of <= 32 B
+  // A node's vectors in child order; not zero-filled (fully written
+  // before it is read).
+  std::unique_ptr<T[]> children;
   Scratch(int64_t d, int64_t cap)
       : cent(4 * d),
         sim0(cap),
@@ -374,18 +400,21 @@ struct Scratch {
         w0(cap),
         w1(cap),
         src(cap),
-        acc(4 * d * (32 / sizeof(T))) {
+        acc(4 * d * (32 / sizeof(T))),
+        children(new T[d * cap]) {
     order.reserve(cap);
   }
 };
 
-// Split one node: `U` ((d, cap) unit vectors, the first `n` tokens real)
-// and `norm` (their norms); write both children ((d, half) each) into the
-// `next_*` buffers.
+// Split one node: `U` ((d, cap) unit vectors, the first `n` tokens real;
+// rewritten in place as its two (d, half) children) and `norm` (their
+// norms; children go to `next_norm`). `init` holds the node's initial
+// centroid sums when the parent computed them (nullptr at the root); the
+// children's go to `child_init`.
 template <typename T, int Bytes>
-BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
-                                    const int64_t* perm, T* next_U,
+BOAT_MM_INLINE void split_node_impl(T* U, const T* norm, const int64_t* perm,
                                     T* next_norm, int64_t* next_perm,
+                                    const T* init, T* child_init,
                                     const NodeArgs& args, T temperature,
                                     Scratch<T>& s) {
   const int64_t d = args.d, n = args.n, n0 = args.n0, half = args.half;
@@ -396,14 +425,13 @@ BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
   T *sim0 = s.sim0.data(), *sim1 = s.sim1.data();
 
   // Initial centroids: means of the first n0 and of the remaining real
-  // tokens in the current order (sum of norm * unit / count), normalised.
-  const T inv0 = T(1) / T(std::max<int64_t>(n0, 1));
-  const T inv1 = T(1) / T(std::max<int64_t>(n - n0, 1));
-  for (int64_t i = 0; i < n; ++i) {
-    w0[i] = i < n0 ? inv0 * norm[i] : T(0);
-    w1[i] = i < n0 ? T(0) : inv1 * norm[i];
+  // tokens in the current order, normalised.
+  if (init != nullptr) {
+    std::copy(init, init + 2 * d, c0);
+  } else {
+    init_weights(norm, n, n0, w0, w1);
+    weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
   }
-  weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
   normalize(c0, d);
   normalize(c1, d);
 
@@ -430,38 +458,57 @@ BOAT_MM_INLINE void split_node_impl(const T* U, const T* norm,
 
   // Child 0: ranks [0, n0), then padding; child 1: ranks [n0, n), then
   // padding. Tokens keep their ascending-ratio order.
-  int64_t* src = s.src.data();
+  int64_t* src = s.src.data();  // child c's sources at [c * half, ...)
   for (int64_t child = 0; child < 2; ++child) {
     const int64_t first = child == 0 ? 0 : n0;
     const int64_t count = child == 0 ? n0 : n - n0;
+    int64_t* csrc = src + child * half;
     for (int64_t j = 0; j < count; ++j) {
-      src[j] = SortEntry<T>::index(order[first + j]);
+      csrc[j] = SortEntry<T>::index(order[first + j]);
     }
     int64_t* out_perm = next_perm + child * half;
     for (int64_t j = 0; j < half; ++j) {
-      out_perm[j] = j < count ? perm[src[j]] : args.pad_token;
+      out_perm[j] = j < count ? perm[csrc[j]] : args.pad_token;
     }
     if (args.last_level) continue;
     T* out_norm = next_norm + child * half;
-    for (int64_t j = 0; j < count; ++j) out_norm[j] = norm[src[j]];
-    T* out_U = next_U + child * d * half;
-    for (int64_t k = 0; k < d; ++k) {
-      const T* row = U + k * cap;
-      T* out_row = out_U + k * half;
-      for (int64_t j = 0; j < count; ++j) out_row[j] = row[src[j]];
+    for (int64_t j = 0; j < count; ++j) out_norm[j] = norm[csrc[j]];
+  }
+  if (args.last_level) return;
+
+  // Move the vectors into child order through the scratch buffer (the
+  // children occupy the node's own memory), and on the way back compute
+  // each child's initial centroid sums for the next level, in the order
+  // weighted_sums() would use there.
+  T* tmp = s.children.get();
+  for (int64_t k = 0; k < d; ++k) {
+    const T* row = U + k * cap;
+    for (int64_t child = 0; child < 2; ++child) {
+      const int64_t count = child == 0 ? n0 : n - n0;
+      const int64_t* csrc = src + child * half;
+      T* out_row = tmp + child * d * half + k * half;
+      for (int64_t j = 0; j < count; ++j) out_row[j] = row[csrc[j]];
     }
+  }
+  for (int64_t child = 0; child < 2; ++child) {
+    const int64_t count = child == 0 ? n0 : n - n0;
+    init_weights(next_norm + child * half, count, args.child_n0[child], w0,
+                 w1);
+    T* ci = child_init + child * 2 * d;
+    weighted_sums<T, Bytes>(tmp + child * d * half, half, count, d, w0, w1,
+                            ci, ci + d, U + child * d * half);
   }
 }
 
 // The same code compiled twice on x86: for AVX2 + FMA (chosen at run time
 // when the CPU has them) and for the baseline instruction set.
 #define BOAT_MM_SPLIT_NODE_ARGS                                          \
-  const T *U, const T *norm, const int64_t *perm, T *next_U,             \
-      T *next_norm, int64_t *next_perm, const NodeArgs &args,            \
-      T temperature, Scratch<T> &scratch
+  T *U, const T *norm, const int64_t *perm, T *next_norm,                \
+      int64_t *next_perm, const T *init, T *child_init,                  \
+      const NodeArgs &args, T temperature, Scratch<T> &scratch
 #define BOAT_MM_SPLIT_NODE_CALL(BYTES)                                 \
-  split_node_impl<T, BYTES>(U, norm, perm, next_U, next_norm, next_perm, \
-                            args, temperature, scratch)
+  split_node_impl<T, BYTES>(U, norm, perm, next_norm, next_perm, init, \
+                            child_init, args, temperature, scratch)
 
 template <typename T>
 void split_node_base(BOAT_MM_SPLIT_NODE_ARGS) {
@@ -502,9 +549,11 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
   // padding slots are never read.
   auto unit = at::empty({M, d, total}, opts);
   auto norm = at::empty({M, total}, opts);
-  auto next_unit = at::empty_like(unit);
   auto next_norm = at::empty_like(norm);
   auto next_perm = at::empty_like(perm);
+  // Initial centroid sums of every node of the next level (2 x d each).
+  auto init = at::empty({M, G, 2 * d}, opts);
+  auto next_init = at::empty_like(init);
 
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
@@ -517,9 +566,19 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
         const T* xi = xp + (m * N + i) * d;
         T sq = 0;
         for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
-        const T nrm = std::max<T>(std::sqrt(sq), T(1e-12));
-        w[i] = nrm;
-        for (int64_t k = 0; k < d; ++k) U[k * total + i] = xi[k] / nrm;
+        w[i] = std::max<T>(std::sqrt(sq), T(1e-12));
+      }
+      // Transpose in blocks of tokens, so that each coordinate's row is
+      // written in runs rather than one element per token.
+      constexpr int64_t kRun = 64;
+      for (int64_t i0 = 0; i0 < N; i0 += kRun) {
+        const int64_t i1 = std::min(N, i0 + kRun);
+        for (int64_t k = 0; k < d; ++k) {
+          T* row = U + k * total;
+          for (int64_t i = i0; i < i1; ++i) {
+            row[i] = xp[(m * N + i) * d + k] / w[i];
+          }
+        }
       }
     }
   });
@@ -529,12 +588,13 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
     const int64_t nodes = int64_t(1) << level;
     const int64_t cap = total >> level;
     const int64_t leaves = G >> level;  // leaves under one node
-    const T* up = unit.data_ptr<T>();
+    T* up = unit.data_ptr<T>();
     const T* wp = norm.data_ptr<T>();
     const int64_t* pp = perm.data_ptr<int64_t>();
-    T* nup = next_unit.data_ptr<T>();
+    const T* ip = level == 0 ? nullptr : init.data_ptr<T>();
     T* nwp = next_norm.data_ptr<T>();
     int64_t* npp = next_perm.data_ptr<int64_t>();
+    T* nip = next_init.data_ptr<T>();
     at::parallel_for(0, M * nodes, 1, [&](int64_t begin, int64_t end) {
       Scratch<T> scratch(d, cap);
       for (int64_t task = begin; task < end; ++task) {
@@ -547,14 +607,20 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
         args.pad_token = N - 1;
         args.kmeans_iters = kmeans_iters;
         args.last_level = level + 1 == num_levels;
+        for (int64_t c = 0; c < 2; ++c) {
+          // Child c covers leaves [first, first + leaves / 2).
+          const int64_t first = node * leaves + c * (leaves / 2);
+          args.child_n0[c] = leaves_size(first, leaves / 4, base, extra);
+        }
         const int64_t off = task * cap;  // node blocks follow each other
-        split_node(up + off * d, wp + off, pp + off, nup + off * d,
-                   nwp + off, npp + off, args, temp, scratch);
+        split_node(up + off * d, wp + off, pp + off, nwp + off, npp + off,
+                   ip == nullptr ? nullptr : ip + task * 2 * d,
+                   nip + task * 4 * d, args, temp, scratch);
       }
     });
-    std::swap(unit, next_unit);
     std::swap(norm, next_norm);
     std::swap(perm, next_perm);
+    std::swap(init, next_init);
   }
   return perm;
 }
