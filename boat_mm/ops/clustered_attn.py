@@ -45,34 +45,48 @@ class _PermuteRows(torch.autograd.Function):
 
 
 class _GatherQKV(torch.autograd.Function):
-    """:class:`_PermuteRows` of the qkv rows, plus the values as an image.
+    """The q, k and v rows of every slot, gathered from the qkv tensor.
 
-    FSLA's local term convolves the values in ``(B, C, H, W)`` layout.
-    Taking them from the same qkv tensor in this function lets the backward
-    build the qkv gradient once (the gather) and add the image gradient to
-    its value channels in place, instead of autograd zero-filling a second
-    full-size gradient for the slice and adding the two.
+    The backward writes each of the three gradients straight into its rows
+    of the qkv gradient with ``index_copy_``: every qkv row is read by
+    exactly one real slot, so each is written once (no zero fill, no
+    accumulation, deterministic), and padding slots write spare rows past
+    the end that are dropped. Separate q, k, v outputs also spare autograd
+    the stack of their three gradients that an ``unbind`` would need.
+
+    With ``hw_shape``, the values are also returned as a ``(B, C, H, W)``
+    image (FSLA's local term) whose gradient is added to the value
+    channels in place.
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, index: Tensor, inverse: Tensor,
-                head_dims: int, height: int, width: int):
+    def forward(ctx, qkv: Tensor, src_row: Tensor, dst_row: Tensor,
+                head_dims: int, hw_shape: Optional[Tuple[int, int]]):
         B, N, C3 = qkv.shape
-        C = C3 // 3
-        ctx.save_for_backward(inverse)
-        ctx.shape = qkv.shape
-        rows = _gather_rows(qkv.reshape(-1, head_dims), index)
-        v = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, height, width)
-        return rows, v
+        flat = qkv.reshape(-1, head_dims)
+        q, k, v = (_gather_rows(flat, idx) for idx in src_row)
+        ctx.save_for_backward(dst_row)
+        ctx.shape, ctx.head_dims = qkv.shape, head_dims
+        if hw_shape is None:
+            return q, k, v, qkv.new_empty(0)
+        image = qkv[..., 2 * C3 // 3:].transpose(1, 2).reshape(
+            B, C3 // 3, *hw_shape)
+        return q, k, v, image
 
     @staticmethod
-    def backward(ctx, grad_rows: Tensor, grad_v: Tensor):
-        inverse, = ctx.saved_tensors
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
+                 grad_image: Optional[Tensor]):
+        dst_row, = ctx.saved_tensors
         B, N, C3 = ctx.shape
-        grad = _gather_rows(grad_rows, inverse).view(B, N, C3)
-        if grad_v is not None:
-            grad[..., 2 * (C3 // 3):] += grad_v.flatten(2).transpose(1, 2)
-        return grad, None, None, None, None, None
+        d = ctx.head_dims
+        real_rows = B * N * C3 // d
+        buf = grad_q.new_empty(dst_row.numel(), d)
+        for rows, g in zip(dst_row, (grad_q, grad_k, grad_v)):
+            buf.index_copy_(0, rows, g.reshape(-1, d))
+        grad = buf[:real_rows].view(B, N, C3)
+        if grad_image is not None and grad_image.numel():
+            grad[..., 2 * C3 // 3:] += grad_image.flatten(2).transpose(1, 2)
+        return grad, None, None, None, None
 
 
 def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
@@ -176,19 +190,24 @@ def clustered_attention(
     # Row of qkv viewed as (B * N * 3 * h, d) for (which, m, slot).
     which = torch.arange(3, device=dev).view(3, 1, 1)
     src_row = ((b * N + used) * 3 + which) * h + head  # (3, M, slots)
-    # For each qkv row (b, n, which, head): the slot row that reads it.
-    slot_row = (which * M + m.view(M, 1)) * slots + inv.unsqueeze(0)
-    slot_row = slot_row.view(3, B, h, N).permute(1, 3, 0, 2).reshape(-1)
-    if hw_shape is None:
-        rows = permute_rows(qkv.reshape(-1, d), src_row.reshape(-1),
-                            slot_row)
-    elif torch.is_grad_enabled() and qkv.requires_grad:
-        rows, v_image = _GatherQKV.apply(qkv, src_row.reshape(-1), slot_row,
-                                         d, *hw_shape)
+    src_row = src_row.view(3, M * slots)
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        # Gradient destinations: padding slots get spare rows after the
+        # 3 * M * N real ones, so that every row is written once.
+        dst_row = src_row
+        if not plan.uniform:
+            pad = (~plan.slot_valid).expand(3, M, slots).reshape(3, -1)
+            spare = pad.reshape(-1).cumsum(0).view(3, -1) - 1 + 3 * M * N
+            dst_row = torch.where(pad, spare, src_row)
+        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, d,
+                                            hw_shape)
     else:  # no backward: plain ops (also what tracers see)
-        rows = _gather_rows(qkv.reshape(-1, d), src_row.reshape(-1))
-        v_image = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, *hw_shape)
-    q, k, v = rows.view(3, M, P, 2 * S, d).unbind(0)
+        flat = qkv.reshape(-1, d)
+        q, k, v = (_gather_rows(flat, rows) for rows in src_row)
+        if hw_shape is not None:
+            v_image = qkv[..., 2 * C:].transpose(1, 2).reshape(
+                B, C, *hw_shape)
+    q, k, v = (t.view(M, P, 2 * S, d) for t in (q, k, v))
 
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=plan.attn_mask, dropout_p=dropout_p, scale=scale)
