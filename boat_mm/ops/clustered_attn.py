@@ -9,9 +9,10 @@ first ``overlap`` tokens of its sibling ``2j+1`` and ``2j+1`` to the last
 Instead of copying the borrowed keys into every cluster, attention runs on
 each *pair* of siblings (``2S`` slots) with one static boolean mask (see
 :func:`boat_mm.ops.clustering._sibling_mask`), so the keys are read in
-place. Tokens move between raster and cluster order with a single
-``index_select`` each way; their backward passes gather with the inverse
-permutation, which is deterministic and avoids scatter-add.
+place. Tokens move into cluster order with one row gather for each of q,
+k and v, whose backward writes every gradient row exactly once
+(``index_copy_``), and back to raster order with one gather whose backward
+gathers with the inverse permutation: deterministic, no scatter-add.
 """
 from typing import Optional, Tuple, Union
 

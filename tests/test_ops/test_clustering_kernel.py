@@ -177,3 +177,27 @@ def test_kernel_checks_its_arguments():
         op(x[0], 1, 50, 2, 100.)
     with pytest.raises(RuntimeError, match='kmeans_iters'):
         op(x, 1, 50, -1, 100.)
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (11, 13)])
+def test_clustered_attention_with_and_without_value_image(hw):
+    """The functional op gives the same output and qkv gradient whether or
+    not it also returns the value image (two backward code paths)."""
+    from boat_mm.ops import clustered_attention
+    N = hw[0] * hw[1]
+    plan = build_cluster_plan(N)
+    torch.manual_seed(11)
+    qkv = torch.randn(2, N, 3 * 16, requires_grad=True)
+    q = qkv.detach()[..., :16].reshape(2, N, 2, 8).transpose(1, 2)
+    perm = balanced_hierarchical_clustering(q.reshape(4, N, 8), plan)
+    grad = torch.randn(2, N, 16)
+    out = clustered_attention(qkv, perm, plan, 2)
+    g1, = torch.autograd.grad((out * grad).sum(), qkv)
+    out2, image = clustered_attention(qkv, perm, plan, 2, hw_shape=hw)
+    g2, = torch.autograd.grad((out2 * grad).sum() + image.sum(), qkv)
+    assert torch.equal(out, out2)
+    assert torch.equal(image, qkv.detach()[..., 32:].transpose(1, 2).reshape(
+        2, 16, *hw))
+    # The image adds exactly 1 to the value channels' gradient.
+    torch.testing.assert_close(g2[..., :32], g1[..., :32], rtol=0, atol=0)
+    torch.testing.assert_close(g2[..., 32:], g1[..., 32:] + 1)
