@@ -62,15 +62,18 @@ __all__ = [
 def _load_cpu_kernel() -> bool:
     """Load ``boat_mm._C`` (registers ``torch.ops.boat_mm.*``) if built."""
     try:
-        from boat_mm import _C  # noqa: F401
+        import boat_mm._C  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != 'boat_mm._C':
+            raise
+        return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
     except ImportError as e:
-        if getattr(e, 'name', None) != 'boat_mm._C':
-            # Built, but does not load (e.g. compiled against another
-            # torch): say so instead of silently running slower.
-            warnings.warn(
-                f'boat_mm._C does not load ({e}); FSLA clustering falls '
-                f'back to tensor ops. Rebuild it with `pip install '
-                f'--no-build-isolation -e .`.')
+        # Built, but does not load (e.g. compiled against another torch):
+        # say so instead of silently running slower.
+        warnings.warn(
+            f'boat_mm._C does not load ({e}); FSLA clustering falls back '
+            f'to tensor ops. Rebuild it with `pip install '
+            f'--no-build-isolation -e .`.')
         return False
 
     @torch.library.register_fake('boat_mm::balanced_clustering')

@@ -201,3 +201,43 @@ def test_clustered_attention_with_and_without_value_image(hw):
     # The image adds exactly 1 to the value channels' gradient.
     torch.testing.assert_close(g2[..., :32], g1[..., :32], rtol=0, atol=0)
     torch.testing.assert_close(g2[..., 32:], g1[..., 32:] + 1)
+
+
+_FALLBACK_SCRIPT = '''
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == 'boat_mm._C':
+            if {broken}:
+                raise ImportError('undefined symbol: _ZN3c10')
+            raise ModuleNotFoundError(f'No module named {{name!r}}',
+                                      name=name)
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    import torch
+    from boat_mm.ops import cpu_kernel_available
+    from boat_mm.models.utils import FeatureSpaceLocalAttention
+msgs = [str(w.message) for w in caught if 'boat_mm._C' in str(w.message)]
+assert not cpu_kernel_available()
+out = FeatureSpaceLocalAttention(16, 2)(torch.randn(1, 196, 16), (14, 14))
+assert out.shape == (1, 196, 16)
+print('WARNED' if msgs else 'QUIET', msgs)
+'''
+
+
+@pytest.mark.parametrize('broken', [False, True])
+def test_fallback_without_kernel(broken):
+    """Without boat_mm._C, FSLA runs on tensor ops; a kernel that exists
+    but does not load is reported, a kernel that was not built is not."""
+    import subprocess
+    import sys
+    result = subprocess.run(
+        [sys.executable, '-c', _FALLBACK_SCRIPT.format(broken=broken)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if broken:
+        assert 'WARNED' in result.stdout
+        assert 'pip install --no-build-isolation -e .' in result.stdout
+    else:
+        assert 'QUIET' in result.stdout
