@@ -3,6 +3,7 @@
 import os
 import os.path as osp
 import re
+import sys
 
 from setuptools import find_packages, setup
 
@@ -15,13 +16,18 @@ def get_extensions() -> tuple:
     Without them boat_mm runs on its pure tensor implementation (slower
     clustering on the CPU, same results); see ``boat_mm/ops/clustering.py``.
     """
-    if os.getenv('BOAT_MM_WITH_OPS', '1') == '0':
+    # The kernels use GCC/Clang vector extensions: no MSVC build.
+    if os.getenv('BOAT_MM_WITH_OPS', '1') == '0' or sys.platform == 'win32':
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
     ext = CppExtension(
         'boat_mm._C', ['boat_mm/ops/csrc/clustering.cpp'],
-        # OpenMP for at::parallel_for; the process shares torch's libgomp.
-        extra_compile_args=['-O3', '-fopenmp', '-ffp-contract=fast', '-Wno-psabi', '-std=c++20'],
+        # OpenMP for at::parallel_for (the process shares torch's libgomp);
+        # -Wno-psabi: the vector types never cross a library boundary.
+        extra_compile_args=[
+            '-O3', '-fopenmp', '-ffp-contract=fast', '-Wno-psabi',
+            '-std=c++20'
+        ],
         extra_link_args=['-fopenmp'])
     return [ext], {'build_ext': BuildExtension}
 
