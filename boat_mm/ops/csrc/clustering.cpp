@@ -5,11 +5,12 @@
 //
 // It computes what the tensor implementation in boat_mm/ops/clustering.py
 // computes (its docstrings give the rule), but each node of a level is one
-// task that keeps its tokens in cache for the whole split: the initial
-// centroids, each soft k-means iteration (similarities and centroid update
-// in one pass), the final ratios, the sort, and the move of its tokens into
-// the two children. The tensor implementation reads every token from
-// memory six times per level, in batched matmuls of two output rows.
+// task that makes few passes over its tokens (in cache when the node fits):
+// one per soft k-means iteration (similarities, weights and centroid sums
+// fused), one for the final ratios, a radix sort, and the move of its
+// tokens into the two children, which also sums the children's initial
+// centroids. The tensor implementation reads every token six times per
+// level, in batched matmuls with two output rows.
 //
 // The arithmetic is the same; sums are accumulated in a different order,
 // so float32 results agree up to rounding (a near-tie may rank two tokens
