@@ -531,37 +531,95 @@ bool cpu_has_avx2_fma() {
 #endif
 
 template <typename T>
+using SplitNodeFn = void (*)(BOAT_MM_SPLIT_NODE_ARGS);
+
+// The tree of one clustering call. Node `task` of level l (task = row *
+// 2**l + node) owns slots [task * cap, (task + 1) * cap) of its row-major
+// buffers at every level; its children are tasks 2 * task and 2 * task + 1
+// of level l + 1, in the same slots. Norms and the permutation alternate
+// between two buffers by level parity; vectors are rewritten in place.
+template <typename T>
+struct Tree {
+  int64_t d, N, total, G, base, extra, num_levels, kmeans_iters;
+  T temperature;
+  T* unit;
+  T* norm[2];
+  int64_t* perm[2];
+  SplitNodeFn<T> split_node;
+
+  NodeArgs args_for(int64_t level, int64_t node) const {
+    const int64_t leaves = G >> level;  // leaves under one node
+    NodeArgs args;
+    args.d = d;
+    args.n = leaves_size(node * leaves, leaves, base, extra);
+    args.n0 = leaves_size(node * leaves, leaves / 2, base, extra);
+    args.half = (total >> level) / 2;
+    args.pad_token = N - 1;
+    args.kmeans_iters = kmeans_iters;
+    args.last_level = level + 1 == num_levels;
+    for (int64_t c = 0; c < 2; ++c) {
+      // Child c covers leaves [first, first + leaves / 2).
+      const int64_t first = node * leaves + c * (leaves / 2);
+      args.child_n0[c] = leaves_size(first, leaves / 4, base, extra);
+    }
+    return args;
+  }
+
+  // Split node `task` of `level`; its children's initial centroid sums go
+  // to child_init (4 * d).
+  void split(int64_t level, int64_t task, const T* init, T* child_init,
+             Scratch<T>& scratch) const {
+    const int64_t cap = total >> level;
+    const int64_t off = task * cap;
+    const int64_t now = level % 2, next = 1 - now;
+    const NodeArgs args = args_for(level, task % (int64_t(1) << level));
+    split_node(unit + off * d, norm[now] + off, perm[now] + off,
+               norm[next] + off, perm[next] + off, init, child_init, args,
+               temperature, scratch);
+  }
+
+  // The subtree under node `task` of `level`, depth first: a child is
+  // split while the vectors its parent just moved are still in cache.
+  // `stack` holds 4 * d values per remaining level.
+  void subtree(int64_t level, int64_t task, const T* init, T* stack,
+               Scratch<T>& scratch) const {
+    split(level, task, init, stack, scratch);
+    if (level + 1 == num_levels) return;
+    for (int64_t c = 0; c < 2; ++c) {
+      subtree(level + 1, 2 * task + c, stack + 2 * c * d, stack + 4 * d,
+              scratch);
+    }
+  }
+};
+
+template <typename T>
 at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
                         int64_t slot_size, int64_t kmeans_iters,
                         double temperature) {
   const int64_t M = x.size(0), N = x.size(1), d = x.size(2);
   const int64_t total = slot_size << num_levels;
   const int64_t G = int64_t(1) << num_levels;
-  const int64_t base = N / G, extra = N % G;
 
-  auto split_node = &split_node_base<T>;
+  SplitNodeFn<T> split_node = &split_node_base<T>;
 #if BOAT_MM_X86_DISPATCH
   if (cpu_has_avx2_fma()) split_node = &split_node_avx2<T>;
 #endif
 
   auto opts = x.options();
-  auto perm = at::empty({M, total}, opts.dtype(at::kLong));
   // Per row, node after node: (d, cap) unit vectors and (cap,) norms;
   // padding slots are never read.
   auto unit = at::empty({M, d, total}, opts);
-  auto norm = at::empty({M, total}, opts);
-  auto next_norm = at::empty_like(norm);
-  auto next_perm = at::empty_like(perm);
-  // Initial centroid sums of every node of the next level (2 x d each).
-  auto init = at::empty({M, G, 2 * d}, opts);
-  auto next_init = at::empty_like(init);
+  at::Tensor norm[2] = {at::empty({M, total}, opts),
+                        at::empty({M, total}, opts)};
+  at::Tensor perm[2] = {at::empty({M, total}, opts.dtype(at::kLong)),
+                        at::empty({M, total}, opts.dtype(at::kLong))};
 
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       T* U = unit.data_ptr<T>() + m * d * total;
-      T* w = norm.data_ptr<T>() + m * total;
-      int64_t* p = perm.data_ptr<int64_t>() + m * total;
+      T* w = norm[0].data_ptr<T>() + m * total;
+      int64_t* p = perm[0].data_ptr<int64_t>() + m * total;
       for (int64_t i = 0; i < total; ++i) p[i] = std::min(i, N - 1);
       for (int64_t i = 0; i < N; ++i) {
         const T* xi = xp + (m * N + i) * d;
@@ -583,47 +641,60 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
       }
     }
   });
+  if (num_levels == 0) return perm[0];
 
-  const T temp = static_cast<T>(temperature);
-  for (int64_t level = 0; level < num_levels; ++level) {
-    const int64_t nodes = int64_t(1) << level;
-    const int64_t cap = total >> level;
-    const int64_t leaves = G >> level;  // leaves under one node
-    T* up = unit.data_ptr<T>();
-    const T* wp = norm.data_ptr<T>();
-    const int64_t* pp = perm.data_ptr<int64_t>();
-    const T* ip = level == 0 ? nullptr : init.data_ptr<T>();
-    T* nwp = next_norm.data_ptr<T>();
-    int64_t* npp = next_perm.data_ptr<int64_t>();
-    T* nip = next_init.data_ptr<T>();
-    at::parallel_for(0, M * nodes, 1, [&](int64_t begin, int64_t end) {
-      Scratch<T> scratch(d, cap);
+  Tree<T> tree;
+  tree.d = d;
+  tree.N = N;
+  tree.total = total;
+  tree.G = G;
+  tree.base = N / G;
+  tree.extra = N % G;
+  tree.num_levels = num_levels;
+  tree.kmeans_iters = kmeans_iters;
+  tree.temperature = static_cast<T>(temperature);
+  tree.unit = unit.data_ptr<T>();
+  for (int64_t i = 0; i < 2; ++i) {
+    tree.norm[i] = norm[i].data_ptr<T>();
+    tree.perm[i] = perm[i].data_ptr<int64_t>();
+  }
+  tree.split_node = split_node;
+
+  // Level by level until there are enough independent subtrees to keep
+  // the threads busy, then every subtree depth first. Each node's result
+  // is the same either way, so the output does not depend on the thread
+  // count. `init` holds the initial centroid sums of the next level's
+  // nodes (none at the root).
+  const int64_t threads = at::get_num_threads();
+  int64_t level = 0;
+  auto init = at::empty({2, M * G, 2 * d}, opts);
+  const T* level_init = nullptr;
+  for (; level + 1 < num_levels && M * (int64_t(1) << level) < 2 * threads;
+       ++level) {
+    const int64_t tasks = M << level;
+    T* child_init = init[level % 2].data_ptr<T>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> scratch(d, total >> level);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t node = task % nodes;
-        NodeArgs args;
-        args.d = d;
-        args.n = leaves_size(node * leaves, leaves, base, extra);
-        args.n0 = leaves_size(node * leaves, leaves / 2, base, extra);
-        args.half = cap / 2;
-        args.pad_token = N - 1;
-        args.kmeans_iters = kmeans_iters;
-        args.last_level = level + 1 == num_levels;
-        for (int64_t c = 0; c < 2; ++c) {
-          // Child c covers leaves [first, first + leaves / 2).
-          const int64_t first = node * leaves + c * (leaves / 2);
-          args.child_n0[c] = leaves_size(first, leaves / 4, base, extra);
-        }
-        const int64_t off = task * cap;  // node blocks follow each other
-        split_node(up + off * d, wp + off, pp + off, nwp + off, npp + off,
-                   ip == nullptr ? nullptr : ip + task * 2 * d,
-                   nip + task * 4 * d, args, temp, scratch);
+        tree.split(level, task,
+                   level_init == nullptr ? nullptr
+                                         : level_init + task * 2 * d,
+                   child_init + task * 4 * d, scratch);
       }
     });
-    std::swap(norm, next_norm);
-    std::swap(perm, next_perm);
-    std::swap(init, next_init);
+    level_init = child_init;
   }
-  return perm;
+  at::parallel_for(0, M << level, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(d, total >> level);
+    std::vector<T> stack(4 * d * (num_levels - level));
+    for (int64_t task = begin; task < end; ++task) {
+      tree.subtree(level, task,
+                   level_init == nullptr ? nullptr
+                                         : level_init + task * 2 * d,
+                   stack.data(), scratch);
+    }
+  });
+  return perm[num_levels % 2];
 }
 
 at::Tensor balanced_clustering_cpu(const at::Tensor& x, int64_t num_levels,
