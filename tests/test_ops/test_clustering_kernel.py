@@ -93,19 +93,27 @@ def test_kernel_breaks_ties_by_position():
 
 
 @needs_kernel
-def test_kernel_does_not_depend_on_thread_count():
+@pytest.mark.parametrize('rows', [1, 5])
+def test_kernel_does_not_depend_on_thread_count(rows):
+    """The kernel goes level by level until there are enough subtrees for
+    the threads, then depth first: a schedule that depends on the thread
+    count, while the result must not."""
     plan = build_cluster_plan(56 * 56)
     torch.manual_seed(4)
-    x = torch.randn(5, 56 * 56, 32)
+    x = torch.randn(rows, 56 * 56, 32)
     threads = torch.get_num_threads()
+    perms = []
     try:
-        torch.set_num_threads(1)
-        one = balanced_hierarchical_clustering(x, plan, impl='cpp')
-        torch.set_num_threads(2)
-        two = balanced_hierarchical_clustering(x, plan, impl='cpp')
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            perms.append(
+                balanced_hierarchical_clustering(x, plan, impl='cpp'))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    assert all(torch.equal(perms[0], p) for p in perms[1:])
+    ref = balanced_hierarchical_clustering(x.double(), plan, impl='tensor')
+    assert torch.equal(
+        balanced_hierarchical_clustering(x.double(), plan, impl='cpp'), ref)
 
 
 @needs_kernel
