@@ -63,16 +63,13 @@ class _GatherQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, src_row: Tensor, dst_row: Tensor,
                 head_dims: int, hw_shape: Optional[Tuple[int, int]]):
-        B, N, C3 = qkv.shape
         flat = qkv.reshape(-1, head_dims)
         q, k, v = (_gather_rows(flat, idx) for idx in src_row)
         ctx.save_for_backward(dst_row)
         ctx.shape, ctx.head_dims = qkv.shape, head_dims
         if hw_shape is None:
             return q, k, v, qkv.new_empty(0)
-        image = qkv[..., 2 * C3 // 3:].transpose(1, 2).reshape(
-            B, C3 // 3, *hw_shape)
-        return q, k, v, image
+        return q, k, v, _value_image(qkv, hw_shape)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
@@ -88,6 +85,13 @@ class _GatherQKV(torch.autograd.Function):
         if grad_image is not None and grad_image.numel():
             grad[..., 2 * C3 // 3:] += grad_image.flatten(2).transpose(1, 2)
         return grad, None, None, None, None
+
+
+def _value_image(qkv: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+    """The value channels of a ``(B, N, 3C)`` qkv as a ``(B, C, H, W)`` map."""
+    B, N, C3 = qkv.shape
+    return qkv[..., 2 * C3 // 3:].transpose(1, 2).reshape(
+        B, C3 // 3, *hw_shape)
 
 
 def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
@@ -176,8 +180,7 @@ def clustered_attention(
         out = out.transpose(1, 2).reshape(B, N, C)
         if hw_shape is None:
             return out
-        return out, qkv[..., 2 * C:].transpose(1, 2).reshape(
-            B, C, *hw_shape)
+        return out, _value_image(qkv, hw_shape)
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size
@@ -206,8 +209,7 @@ def clustered_attention(
         flat = qkv.reshape(-1, d)
         q, k, v = (_gather_rows(flat, rows) for rows in src_row)
         if hw_shape is not None:
-            v_image = qkv[..., 2 * C:].transpose(1, 2).reshape(
-                B, C, *hw_shape)
+            v_image = _value_image(qkv, hw_shape)
     q, k, v = (t.view(M, P, 2 * S, d) for t in (q, k, v))
 
     out = F.scaled_dot_product_attention(

@@ -55,8 +55,11 @@ from torch import Tensor
 
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
-    'cluster_ids_from_perm', 'cpu_kernel_available'
+    'cluster_ids_from_perm', 'cpu_kernel_available', 'CLUSTERING_IMPLS'
 ]
+
+# Values of ``impl`` in balanced_hierarchical_clustering.
+CLUSTERING_IMPLS = ('auto', 'cpp', 'tensor')
 
 
 def _load_cpu_kernel() -> bool:
@@ -314,7 +317,7 @@ def balanced_hierarchical_clustering(x: Tensor,
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '
                          f'N={x.shape[1]}.')
-    if impl not in ('auto', 'cpp', 'tensor'):
+    if impl not in CLUSTERING_IMPLS:
         raise ValueError(
             f"impl must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
     if impl == 'cpp':

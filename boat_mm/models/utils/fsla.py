@@ -7,9 +7,9 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
-                         build_cluster_plan, cluster_ids_from_perm,
-                         clustered_attention)
+from boat_mm.ops import (CLUSTERING_IMPLS, ClusterPlan,
+                         balanced_hierarchical_clustering, build_cluster_plan,
+                         cluster_ids_from_perm, clustered_attention)
 from boat_mm.registry import MODELS
 
 __all__ = ['FeatureSpaceLocalAttention']
@@ -86,7 +86,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         if kmeans_iters < 0:
             raise ValueError(
                 f'kmeans_iters must be >= 0, got {kmeans_iters}.')
-        if clustering_impl not in ('auto', 'cpp', 'tensor'):
+        if clustering_impl not in CLUSTERING_IMPLS:
             raise ValueError(
                 f"clustering_impl must be 'auto', 'cpp' or 'tensor', got "
                 f'{clustering_impl!r}.')
