@@ -21,7 +21,11 @@ def get_extensions() -> tuple:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
     ext = CppExtension(
-        'boat_mm._C', ['boat_mm/ops/csrc/clustering.cpp'],
+        'boat_mm._C', [
+            'boat_mm/ops/csrc/clustering.cpp',
+            'boat_mm/ops/csrc/clustered_attention.cpp'
+        ],
+        depends=['boat_mm/ops/csrc/simd.h'],
         # OpenMP for at::parallel_for (the process shares torch's libgomp);
         # -Wno-psabi: the vector types never cross a library boundary.
         extra_compile_args=[

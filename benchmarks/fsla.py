@@ -4,9 +4,11 @@
 Compares, side by side in one process, at several token-map sizes:
 
 - ``fsla``: :class:`boat_mm.models.utils.FeatureSpaceLocalAttention` as
-  used by default (on the CPU its clustering runs in the C++ kernel);
-- ``fsla-tensor``: the same module with ``clustering_impl='tensor'`` (the
-  tensor-op clustering, the path of other devices);
+  used by default (on the CPU its clustering and its clustered attention
+  run in the C++ kernels);
+- ``fsla-tensor``: the same module with ``clustering_impl='tensor'`` and
+  ``attention_impl='tensor'`` (tensor ops and SDPA, the path of other
+  devices);
 - ``window``: Swin's 7x7 window attention with relative position bias
   (mmseg's ``ShiftWindowMSA`` with ``shift_size=0``);
 - ``global``: SDPA over all ``N`` tokens with the same qkv/proj layers;
@@ -305,7 +307,8 @@ def build_methods(side: int, dims: int, heads: int, methods: List[str],
                 heads,
                 group_size=GROUP_SIZE,
                 overlap=OVERLAP,
-                clustering_impl=FSLA_IMPLS[name])
+                clustering_impl=FSLA_IMPLS[name],
+                attention_impl=FSLA_IMPLS[name])
         elif name == 'window':
             modules[name] = WindowAttention(dims, heads)
         elif name == 'global':

@@ -32,7 +32,7 @@ log() { printf '[setup %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 stamp_of() {
     # The C++ sources too: a change rebuilds boat_mm._C.
     cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
-        "$ROOT/tools/setup_env.sh" "$ROOT"/boat_mm/ops/csrc/*.cpp \
+        "$ROOT/tools/setup_env.sh" "$ROOT"/boat_mm/ops/csrc/* \
         | sha256sum | cut -d' ' -f1
 }
 

@@ -13,16 +13,99 @@ place. Tokens move into cluster order with one row gather for each of q,
 k and v, whose backward writes every gradient row exactly once
 (``index_copy_``), and back to raster order with one gather whose backward
 gathers with the inverse permutation: deterministic, no scatter-add.
+
+Two implementations compute it, chosen by ``impl`` in
+:func:`clustered_attention`:
+
+* ``'tensor'``: the gathers above and SDPA, for any device and dtype.
+* ``'cpp'``: the C++ CPU op ``torch.ops.boat_mm.clustered_attention``
+  (``boat_mm/ops/csrc/clustered_attention.cpp``, float32/float64, no
+  attention dropout), which fuses the gathers, runs each cluster against
+  exactly its own and its borrowed keys (no masked-out pairs) in buffers
+  that stay in cache, and writes straight to raster order; its backward
+  recomputes the probabilities from the saved log-sum-exp. It has fake
+  kernels and an autograd formula, so ``torch.compile`` traces it.
+
+``'auto'`` (the default) takes the C++ op for float32/float64 CPU tensors
+without attention dropout when it is built, and the tensor ops otherwise
+(also under ``torch.jit`` tracing, so that FLOP counters see the SDPA).
 """
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .clustering import ClusterPlan
+from . import clustering as _clustering
+from .clustering import CLUSTERING_IMPLS, ClusterPlan
 
 __all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
+
+
+def _register_cpu_kernel() -> None:
+    """Fake kernels and the autograd formula of the C++ op."""
+
+    @torch.library.register_fake('boat_mm::clustered_attention')
+    def _fake(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
+              slot_size: int, overlap: int, scale: float,
+              hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+        B, N, C3 = qkv.shape
+        image = (qkv.new_empty(B, C3 // 3, *hw_shape)
+                 if len(hw_shape) else qkv.new_empty(0))
+        return qkv.new_empty(B, N, C3 // 3), image, qkv.new_empty(perm.shape)
+
+    @torch.library.register_fake('boat_mm::clustered_attention_backward')
+    def _fake_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
+                       perm: Tensor, slot_valid: Tensor, lse: Tensor,
+                       num_heads: int, slot_size: int, overlap: int,
+                       scale: float) -> Tensor:
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx, inputs, output) -> None:
+        qkv, perm, slot_valid, *args, _ = inputs
+        ctx.save_for_backward(qkv, perm, slot_valid, output[2])
+        ctx.args = args  # num_heads, slot_size, overlap, scale
+
+    def backward(ctx, grad_out: Tensor, grad_image: Tensor, _grad_lse):
+        qkv, perm, slot_valid, lse = ctx.saved_tensors
+        grad = torch.ops.boat_mm.clustered_attention_backward(
+            grad_out, grad_image, qkv, perm, slot_valid, lse, *ctx.args)
+        return (grad, ) + (None, ) * 7
+
+    torch.library.register_autograd(
+        'boat_mm::clustered_attention', backward,
+        setup_context=setup_context)
+
+
+if _clustering.cpu_kernel_available():
+    _register_cpu_kernel()
+
+
+def _use_cpu_kernel(qkv: Tensor, dropout_p: float, impl: str) -> bool:
+    """Whether :func:`clustered_attention` runs the C++ op (see above)."""
+    if impl not in CLUSTERING_IMPLS:
+        raise ValueError(
+            f"impl must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
+    if impl == 'tensor':
+        return False
+    # Looked up on the module, so that tests can switch the kernels off.
+    built = _clustering._HAS_CPU_KERNEL
+    supported = qkv.dtype in (torch.float32, torch.float64)
+    if impl == 'auto':
+        return (built and qkv.device.type == 'cpu' and supported
+                and dropout_p == 0 and not torch.jit.is_tracing())
+    if not built:
+        raise RuntimeError(
+            "impl='cpp' needs the C++ kernels boat_mm._C, which are not "
+            "built: run `pip install --no-build-isolation -e .` with a C++ "
+            "compiler (and without BOAT_MM_WITH_OPS=0), or use "
+            "impl='tensor'.")
+    if qkv.device.type != 'cpu' or not supported or dropout_p != 0:
+        raise ValueError(
+            f"impl='cpp' supports float32/float64 CPU tensors without "
+            f"attention dropout, got a {qkv.dtype} tensor on {qkv.device} "
+            f"and dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
+    return True
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -145,8 +228,8 @@ def clustered_attention(
         num_heads: int,
         scale: Optional[float] = None,
         dropout_p: float = 0.,
-        hw_shape: Optional[Tuple[int, int]] = None
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        hw_shape: Optional[Tuple[int, int]] = None,
+        impl: str = 'auto') -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Multi-head attention inside clusters with sibling overlap.
 
     Args:
@@ -163,6 +246,8 @@ def clustered_attention(
             values are also returned as a ``(B, C, H, W)`` image (FSLA's
             local term), taken from ``qkv`` together with the attention
             inputs so that their gradients are assembled in one tensor.
+        impl (str): ``'auto'``, ``'cpp'`` (the C++ CPU op) or ``'tensor'``;
+            see the module docstring. Defaults to ``'auto'``.
 
     Returns:
         Tensor | tuple[Tensor, Tensor]: ``(B, N, C)`` attention output in
@@ -172,6 +257,7 @@ def clustered_attention(
     B, N, C3 = qkv.shape
     C = C3 // 3
     h, d = num_heads, C // num_heads
+    use_cpp = _use_cpu_kernel(qkv, dropout_p, impl)
     if plan.num_clusters == 1:
         # One cluster: plain attention, no permutation needed at all.
         q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -181,6 +267,12 @@ def clustered_attention(
         if hw_shape is None:
             return out
         return out, _value_image(qkv, hw_shape)
+    if use_cpp:
+        out, v_image, _ = torch.ops.boat_mm.clustered_attention(
+            qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,
+            d**-0.5 if scale is None else float(scale),
+            [] if hw_shape is None else [int(n) for n in hw_shape])
+        return out if hw_shape is None else (out, v_image)
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size

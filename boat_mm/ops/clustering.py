@@ -124,6 +124,7 @@ class ClusterPlan(NamedTuple):
         attn_mask (Tensor | None): bool ``(P, 2S, 2S)`` or ``(2S, 2S)`` mask
             of allowed (query, key) pairs inside a sibling pair; None when
             ``G == 1``.
+        overlap (int): Keys each cluster borrows from its sibling.
     """
     num_tokens: int
     num_clusters: int
@@ -136,6 +137,7 @@ class ClusterPlan(NamedTuple):
     level_split: Tuple[Optional[Tensor], ...]
     slot_valid: Tensor
     attn_mask: Optional[Tensor]
+    overlap: int
 
 
 _PLAN_CACHE: Dict[tuple, ClusterPlan] = {}
@@ -218,7 +220,7 @@ def _build_plan(num_tokens: int, group_size: int, overlap: int,
             attn_mask = attn_mask[0]
     return ClusterPlan(num_tokens, G, L, S, P, uniform, tuple(level_valid),
                        tuple(level_init), tuple(level_split), slot_valid,
-                       attn_mask)
+                       attn_mask, overlap)
 
 
 def _sibling_mask(pair_sizes: Tensor, slot_size: int, overlap: int) -> Tensor:

@@ -187,8 +187,9 @@ def test_kernel_checks_its_arguments():
         op(x, 1, 50, -1, 100.)
 
 
+@pytest.mark.parametrize('impl', ['auto', 'tensor'])
 @pytest.mark.parametrize('hw', [(14, 14), (11, 13)])
-def test_clustered_attention_with_and_without_value_image(hw):
+def test_clustered_attention_with_and_without_value_image(hw, impl):
     """The functional op gives the same output and qkv gradient whether or
     not it also returns the value image (two backward code paths)."""
     from boat_mm.ops import clustered_attention
@@ -199,9 +200,10 @@ def test_clustered_attention_with_and_without_value_image(hw):
     q = qkv.detach()[..., :16].reshape(2, N, 2, 8).transpose(1, 2)
     perm = balanced_hierarchical_clustering(q.reshape(4, N, 8), plan)
     grad = torch.randn(2, N, 16)
-    out = clustered_attention(qkv, perm, plan, 2)
+    out = clustered_attention(qkv, perm, plan, 2, impl=impl)
     g1, = torch.autograd.grad((out * grad).sum(), qkv)
-    out2, image = clustered_attention(qkv, perm, plan, 2, hw_shape=hw)
+    out2, image = clustered_attention(
+        qkv, perm, plan, 2, hw_shape=hw, impl=impl)
     g2, = torch.autograd.grad((out2 * grad).sum() + image.sum(), qkv)
     assert torch.equal(out, out2)
     assert torch.equal(image, qkv.detach()[..., 32:].transpose(1, 2).reshape(

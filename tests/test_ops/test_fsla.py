@@ -204,8 +204,9 @@ MIN_MARGIN = 1e-5
 
 @pytest.fixture(autouse=True, params=['cpp', 'tensor'])
 def clustering_impl(request, monkeypatch):
-    """Every test runs with both clustering implementations behind 'auto':
-    the C++ CPU kernel and the tensor ops (the path of other devices)."""
+    """Every test runs with both implementations behind 'auto': the C++ CPU
+    kernels (clustering and clustered attention) and the tensor ops (the
+    path of other devices)."""
     if request.param == 'cpp' and not cpu_kernel_available():
         pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
     if request.param == 'tensor':

@@ -56,6 +56,10 @@ class FeatureSpaceLocalAttention(BaseModule):
             when built, tensor ops otherwise), ``'cpp'`` or ``'tensor'``; see
             :func:`boat_mm.ops.balanced_hierarchical_clustering`. Defaults
             to ``'auto'``.
+        attention_impl (str): ``'auto'`` (the fused C++ op for float32 and
+            float64 CPU tensors without attention dropout when built, tensor
+            ops and SDPA otherwise), ``'cpp'`` or ``'tensor'``; see
+            :func:`boat_mm.ops.clustered_attention`. Defaults to ``'auto'``.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -71,6 +75,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                  attn_drop: float = 0.,
                  proj_drop: float = 0.,
                  clustering_impl: str = 'auto',
+                 attention_impl: str = 'auto',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if embed_dims % num_heads != 0:
@@ -86,11 +91,14 @@ class FeatureSpaceLocalAttention(BaseModule):
         if kmeans_iters < 0:
             raise ValueError(
                 f'kmeans_iters must be >= 0, got {kmeans_iters}.')
-        if clustering_impl not in CLUSTERING_IMPLS:
-            raise ValueError(
-                f"clustering_impl must be 'auto', 'cpp' or 'tensor', got "
-                f'{clustering_impl!r}.')
+        for name, impl in (('clustering_impl', clustering_impl),
+                           ('attention_impl', attention_impl)):
+            if impl not in CLUSTERING_IMPLS:
+                raise ValueError(
+                    f"{name} must be 'auto', 'cpp' or 'tensor', got "
+                    f'{impl!r}.')
         self.clustering_impl = clustering_impl
+        self.attention_impl = attention_impl
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -180,7 +188,8 @@ class FeatureSpaceLocalAttention(BaseModule):
             self.num_heads,
             scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.,
-            hw_shape=(H, W))
+            hw_shape=(H, W),
+            impl=self.attention_impl)
         # Local term: depthwise 3x3 conv of the values in image layout.
         out = out + self.get_v(v).flatten(2).transpose(1, 2)
         return self.proj_drop(self.proj(out))

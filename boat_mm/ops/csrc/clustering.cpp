@@ -34,16 +34,16 @@
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define BOAT_MM_X86_DISPATCH 1
-#define BOAT_MM_INLINE inline __attribute__((always_inline))
-#else
-#define BOAT_MM_X86_DISPATCH 0
-#define BOAT_MM_INLINE inline
-#endif
+#include "simd.h"
 
 namespace boat_mm {
 namespace {
+
+using simd::Simd;
+using simd::exp_nonpositive;
+#if BOAT_MM_X86_DISPATCH
+using simd::cpu_has_avx2_fma;
+#endif
 
 // Real-token count of the leaves [first, first + count) of the tree: the
 // first `extra` leaves hold `base + 1` tokens, the others `base`.
@@ -138,26 +138,6 @@ void sort_entries(std::vector<typename SortEntry<T>::type>& order,
 // Summation orders are fixed, so results do not depend on the thread
 // count.
 //
-// Fixed-width vectors (GCC/Clang vector extensions) of `Bytes` bytes: 16
-// for the baseline instruction set, 32 for the AVX2 build.
-template <typename T, int Bytes>
-struct Simd {
-  typedef T V __attribute__((vector_size(Bytes)));
-  static constexpr int64_t kLanes = Bytes / sizeof(T);
-  static BOAT_MM_INLINE V load(const T* p) {
-    V v;
-    __builtin_memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static BOAT_MM_INLINE void store(T* p, V v) {
-    __builtin_memcpy(p, &v, sizeof(V));
-  }
-  static BOAT_MM_INLINE T sum(V v) {
-    T s = 0;
-    for (int64_t j = 0; j < kLanes; ++j) s += v[j];
-    return s;
-  }
-};
 
 // sim_c[i] = sum_k c[k] * U[k, i] for the tokens i < n of a node; every
 // token sums over k in order, in the vector blocks and in the tail alike.
@@ -246,35 +226,6 @@ BOAT_MM_INLINE void init_weights(const T* norm, int64_t n, int64_t n0,
   }
 }
 
-// exp(x) of float lanes with x <= 0: 2^n * p(r), r = x - n ln2 in
-// [-ln2/2, ln2/2], p of degree 7 (Cephes' expf coefficients); within
-// 1e-7 relative of the exact value; below 2^-126 it returns 0.
-template <int Bytes>
-BOAT_MM_INLINE typename Simd<float, Bytes>::V exp_nonpositive(
-    typename Simd<float, Bytes>::V x) {
-  using V = typename Simd<float, Bytes>::V;
-  typedef int32_t I __attribute__((vector_size(Bytes)));
-  const V lowest = V{} - 87.33654f;
-  const auto under = x < lowest;
-  x = under ? lowest : x;
-  const V fx = x * 1.44269504088896341f + 0.5f;
-  I n = __builtin_convertvector(fx, I);  // truncates toward zero
-  n = __builtin_convertvector(n, V) > fx ? n - 1 : n;  // floor
-  const V nf = __builtin_convertvector(n, V);
-  V r = x - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const I bits = (n + 127) << 23;
-  V scale;
-  __builtin_memcpy(&scale, &bits, sizeof(V));
-  return under ? V{} : p * scale;
-}
 
 // Soft-assignment weights times norms: softmax over two centroids is the
 // sigmoid of the scaled similarity difference; one exp of a non-positive
@@ -521,12 +472,6 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void split_node_avx2(
     BOAT_MM_SPLIT_NODE_ARGS) {
   BOAT_MM_SPLIT_NODE_CALL(32);
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 

@@ -1,0 +1,601 @@
+// Copyright (c) boat-mm contributors. All rights reserved.
+//
+// CPU kernels of boat_mm::clustered_attention and its backward: FSLA's
+// attention inside each sibling pair of clusters, fused with the gathers
+// from the qkv projection and the write-back to raster order.
+//
+// They compute what the tensor path of boat_mm/ops/clustered_attn.py
+// computes (its docstrings give the rule), differently: the tensor path
+// gathers q, k and v into cluster order, runs SDPA on every sibling pair
+// (2S queries x 2S keys under a mask) and permutes the result back. Here
+// every (row, pair) is one task that packs its tokens' q, k and v into
+// small buffers that stay in cache, and runs each cluster's queries
+// against exactly its own tokens plus the `overlap` borrowed ones (about
+// 30 % fewer multiply-adds than the masked pair), then writes the outputs
+// straight to their raster rows. The backward recomputes the
+// probabilities from the saved log-sum-exp, as flash attention does, and
+// writes every row of the qkv gradient exactly once.
+//
+// Deterministic: a task is computed by one thread in a fixed order and
+// tasks write disjoint rows, so results do not depend on the thread count.
+//
+// The schemas are registered here; the fake kernels and the autograd
+// formula are registered from Python (boat_mm/ops/clustered_attn.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace boat_mm {
+namespace {
+
+using simd::Simd;
+using simd::exp_nonpositive;
+#if BOAT_MM_X86_DISPATCH
+using simd::cpu_has_avx2_fma;
+#endif
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// Small dense products on packed buffers.
+// ---------------------------------------------------------------------------
+
+// C[R x NV vectors] (+)= A[R x k] * B[k x NV vectors]: A row-major with
+// stride lda, B and C row-major with strides ldb and ldc.
+template <typename T, int Bytes, int R, int NV>
+BOAT_MM_INLINE void gemm_tile(const T* A, int64_t lda, const T* B,
+                              int64_t ldb, T* C, int64_t ldc, int64_t k,
+                              bool accumulate) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes;
+  V c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = accumulate ? S::load(C + r * ldc + v * W) : V{};
+    }
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = S::load(B + p * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + p];
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) S::store(C + r * ldc + v * W, c[r][v]);
+  }
+}
+
+template <typename T, int Bytes, int NV>
+BOAT_MM_INLINE void gemm_rows(int64_t m, int64_t k, const T* A, int64_t lda,
+                              const T* B, int64_t ldb, T* C, int64_t ldc,
+                              bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    gemm_tile<T, Bytes, 4, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k,
+                               accumulate);
+  }
+  A += i * lda;
+  C += i * ldc;
+  switch (m - i) {
+    case 3:
+      gemm_tile<T, Bytes, 3, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
+      break;
+    case 2:
+      gemm_tile<T, Bytes, 2, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
+      break;
+    case 1:
+      gemm_tile<T, Bytes, 1, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
+// C[m x n] (+)= A[m x k] * B[k x n]. n is rounded up to whole vectors: B
+// and C must have room (and B finite values) up to that column.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void gemm(int64_t m, int64_t n, int64_t k, const T* A,
+                         int64_t lda, const T* B, int64_t ldb, T* C,
+                         int64_t ldc, bool accumulate) {
+  constexpr int64_t W = Simd<T, Bytes>::kLanes;
+  const int64_t nv = (n + W - 1) / W;
+  int64_t j = 0;
+  for (; j + 3 <= nv; j += 3) {
+    gemm_rows<T, Bytes, 3>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
+                           accumulate);
+  }
+  if (nv - j == 2) {
+    gemm_rows<T, Bytes, 2>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
+                           accumulate);
+  } else if (nv - j == 1) {
+    gemm_rows<T, Bytes, 1>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
+                           accumulate);
+  }
+}
+
+// row[j] = exp(row[j] - shift) for j < n; the columns [n, round_up(n, W))
+// become 0. Returns the sum over j < n.
+template <typename T, int Bytes>
+BOAT_MM_INLINE T exp_row(T* row, int64_t n, T shift) {
+  using S = Simd<T, Bytes>;
+  constexpr int64_t W = S::kLanes;
+  const int64_t np = round_up(n, W);
+  T sum = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = typename S::V;
+    for (int64_t j = n; j < np; ++j) {
+      row[j] = -std::numeric_limits<float>::infinity();  // exp -> 0
+    }
+    V acc = {};
+    for (int64_t j = 0; j < np; j += W) {
+      const V e = exp_nonpositive<Bytes>(S::load(row + j) - shift);
+      S::store(row + j, e);
+      acc += e;
+    }
+    sum = S::sum(acc);
+  } else {
+    // float64 (the parity checks) keeps libm's exp.
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = std::exp(row[j] - shift);
+      sum += row[j];
+    }
+    for (int64_t j = n; j < np; ++j) row[j] = 0;
+  }
+  return sum;
+}
+
+// ---------------------------------------------------------------------------
+// The layout of one sibling pair.
+// ---------------------------------------------------------------------------
+
+// What all tasks share. qkv is (B, N, 3C) with channels (3, heads, d); perm
+// is (M = B * heads, perm_stride) with the pair p's slots at
+// [p * 2S, (p + 1) * 2S); sizes holds the real-token count of every
+// cluster (real tokens first in its slots).
+template <typename T>
+struct Problem {
+  const T* qkv;
+  const int64_t* perm;
+  const int64_t* sizes;
+  int64_t N, C, heads, d, perm_stride, P, S, overlap;
+  T scale;
+};
+
+// The tokens of one (row, pair) task, packed: cluster 2j's s0 real tokens,
+// then cluster 2j+1's s1. Cluster 2j's queries [0, s0) see keys
+// [0, s0 + min(s1, overlap)): its own tokens and the first ones of its
+// sibling; cluster 2j+1's queries [s0, s0 + s1) see keys
+// [s0 - min(s0, overlap), s0 + s1): the last ones of 2j and its own.
+struct PairTask {
+  int64_t b, head, s0, s1, nt;
+  const int64_t* slot_token;  // the pair's 2S slots
+
+  template <typename T>
+  PairTask(const Problem<T>& pb, int64_t task) {
+    const int64_t m = task / pb.P, p = task % pb.P;
+    b = m / pb.heads;
+    head = m % pb.heads;
+    s0 = pb.sizes[2 * p];
+    s1 = pb.sizes[2 * p + 1];
+    nt = s0 + s1;
+    slot_token = pb.perm + m * pb.perm_stride + p * 2 * pb.S;
+  }
+
+  // Token and slot (within the pair) of packed position i.
+  int64_t slot(int64_t i, int64_t S) const { return i < s0 ? i : S + i - s0; }
+  int64_t token(int64_t i, int64_t S) const { return slot_token[slot(i, S)]; }
+
+  struct Half {
+    int64_t q0, nq, k0, nk;
+  };
+  Half half(int c, int64_t overlap) const {
+    if (c == 0) return {0, s0, 0, s0 + std::min(s1, overlap)};
+    const int64_t borrowed = std::min(s0, overlap);
+    return {s0, s1, s0 - borrowed, borrowed + s1};
+  }
+};
+
+// Per-thread buffers; `ld` is the row stride of the (d, tokens) and
+// (queries, keys) buffers, with a vector of slack for unaligned starts.
+template <typename T>
+struct Buffers {
+  int64_t dp, ld, lq;
+  std::vector<T> mem;
+  std::vector<T*> ptr;
+
+  Buffers(int64_t d, int64_t S, int64_t W, int count_rows, int count_trans,
+          int count_scores, int count_query_rows, int count_transposed_p) {
+    dp = round_up(d, W);
+    ld = round_up(2 * S, W) + W;
+    lq = S;
+    const int64_t rows = 2 * S * dp, trans = d * ld, scores = S * ld,
+                  qrows = S * dp, tp = 2 * S * lq;
+    std::vector<int64_t> sizes;
+    for (int i = 0; i < count_rows; ++i) sizes.push_back(rows);
+    for (int i = 0; i < count_trans; ++i) sizes.push_back(trans);
+    for (int i = 0; i < count_scores; ++i) sizes.push_back(scores);
+    for (int i = 0; i < count_query_rows; ++i) sizes.push_back(qrows);
+    for (int i = 0; i < count_transposed_p; ++i) sizes.push_back(tp);
+    int64_t total = 0;
+    for (int64_t s : sizes) total += round_up(s, 16);
+    // Zero once: the padding columns of the packed rows stay zero.
+    mem.assign(total, T(0));
+    int64_t off = 0;
+    for (int64_t s : sizes) {
+      ptr.push_back(mem.data() + off);
+      off += round_up(s, 16);
+    }
+  }
+};
+
+// Packs rows of channel block `which` (0 q, 1 k, 2 v) of the pair's tokens:
+// row-major (nt, dp) times `mul` into `rows` and/or dimension-major
+// (d, ld) into `trans` (zero past nt). nullptr skips either.
+template <typename T>
+BOAT_MM_INLINE void pack(const Problem<T>& pb, const PairTask& t, int which,
+                         T mul, int64_t dp, int64_t ld, T* rows, T* trans) {
+  const int64_t d = pb.d, C3 = 3 * pb.C;
+  const T* base = pb.qkv + t.b * pb.N * C3 + which * pb.C + t.head * d;
+  for (int64_t i = 0; i < t.nt; ++i) {
+    const T* src = base + t.token(i, pb.S) * C3;
+    if (rows != nullptr) {
+      for (int64_t c = 0; c < d; ++c) rows[i * dp + c] = src[c] * mul;
+    }
+    if (trans != nullptr) {
+      for (int64_t c = 0; c < d; ++c) trans[c * ld + i] = src[c];
+    }
+  }
+  if (trans != nullptr) {
+    for (int64_t c = 0; c < d; ++c) {
+      std::fill(trans + c * ld + t.nt, trans + (c + 1) * ld, T(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------
+
+template <typename T, int Bytes>
+BOAT_MM_INLINE void forward_impl(const Problem<T>& pb, T* out, T* lse,
+                                 int64_t begin, int64_t end) {
+  constexpr int64_t W = Simd<T, Bytes>::kLanes;
+  const int64_t d = pb.d, S = pb.S;
+  Buffers<T> buf(d, S, W, /*rows=*/2, /*trans=*/1, /*scores=*/1,
+                 /*query_rows=*/1, 0);
+  const int64_t dp = buf.dp, ld = buf.ld;
+  T* Q = buf.ptr[0];   // (nt, dp) queries times scale
+  T* Vr = buf.ptr[1];  // (nt, dp) values
+  T* Kt = buf.ptr[2];  // (d, ld) keys, dimension-major
+  T* P = buf.ptr[3];   // (nq, ld) scores, then probabilities
+  T* O = buf.ptr[4];   // (nq, dp) unnormalised outputs
+  std::vector<T> inv(S);
+  for (int64_t task = begin; task < end; ++task) {
+    const PairTask t(pb, task);
+    pack<T>(pb, t, 0, pb.scale, dp, ld, Q, nullptr);
+    pack<T>(pb, t, 1, T(1), dp, ld, nullptr, Kt);
+    pack<T>(pb, t, 2, T(1), dp, ld, Vr, nullptr);
+    T* lse_pair = lse + (task / pb.P) * pb.perm_stride +
+                  (task % pb.P) * 2 * S;
+    for (int c = 0; c < 2; ++c) {
+      const auto h = t.half(c, pb.overlap);
+      if (h.nq == 0) continue;
+      gemm<T, Bytes>(h.nq, h.nk, d, Q + h.q0 * dp, dp, Kt + h.k0, ld, P, ld,
+                     false);
+      for (int64_t i = 0; i < h.nq; ++i) {
+        T* row = P + i * ld;
+        const T mx = *std::max_element(row, row + h.nk);
+        const T sum = exp_row<T, Bytes>(row, h.nk, mx);
+        inv[i] = T(1) / sum;
+        lse_pair[t.slot(h.q0 + i, S)] = mx + std::log(sum);
+      }
+      gemm<T, Bytes>(h.nq, d, h.nk, P, ld, Vr + h.k0 * dp, dp, O, dp, false);
+      for (int64_t i = 0; i < h.nq; ++i) {
+        T* dst = out + (t.b * pb.N + t.token(h.q0 + i, S)) * pb.C +
+                 t.head * d;
+        for (int64_t k = 0; k < d; ++k) dst[k] = O[i * dp + k] * inv[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_base(const Problem<T>& pb, T* out, T* lse, int64_t begin,
+                  int64_t end) {
+  forward_impl<T, 16>(pb, out, lse, begin, end);
+}
+
+#if BOAT_MM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void forward_avx2(const Problem<T>& pb,
+                                                      T* out, T* lse,
+                                                      int64_t begin,
+                                                      int64_t end) {
+  forward_impl<T, 32>(pb, out, lse, begin, end);
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------
+
+template <typename T, int Bytes>
+BOAT_MM_INLINE void backward_impl(const Problem<T>& pb, const T* grad_out,
+                                  const T* lse, T* grad, int64_t begin,
+                                  int64_t end) {
+  constexpr int64_t W = Simd<T, Bytes>::kLanes;
+  const int64_t d = pb.d, S = pb.S, C = pb.C, C3 = 3 * pb.C;
+  Buffers<T> buf(d, S, W, /*rows=*/5, /*trans=*/2, /*scores=*/2,
+                 /*query_rows=*/1, /*transposed_p=*/2);
+  const int64_t dp = buf.dp, ld = buf.ld, lq = buf.lq;
+  T* Q = buf.ptr[0];     // (nt, dp) queries times scale
+  T* Kr = buf.ptr[1];    // (nt, dp) keys
+  T* dO = buf.ptr[2];    // (nt, dp) output gradients
+  T* dK = buf.ptr[3];    // (nt, dp) key gradients
+  T* dV = buf.ptr[4];    // (nt, dp) value gradients
+  T* Kt = buf.ptr[5];    // (d, ld) keys, dimension-major
+  T* Vt = buf.ptr[6];    // (d, ld) values, dimension-major
+  T* P = buf.ptr[7];     // (nq, ld) probabilities
+  T* dS = buf.ptr[8];    // (nq, ld) dP, then score gradients
+  T* dQ = buf.ptr[9];    // (nq, dp) query gradients / scale
+  T* PT = buf.ptr[10];   // (nk, lq) probabilities, transposed
+  T* dST = buf.ptr[11];  // (nk, lq) score gradients, transposed
+  for (int64_t task = begin; task < end; ++task) {
+    const PairTask t(pb, task);
+    pack<T>(pb, t, 0, pb.scale, dp, ld, Q, nullptr);
+    pack<T>(pb, t, 1, T(1), dp, ld, Kr, Kt);
+    pack<T>(pb, t, 2, T(1), dp, ld, nullptr, Vt);
+    for (int64_t i = 0; i < t.nt; ++i) {
+      const T* src = grad_out + (t.b * pb.N + t.token(i, S)) * C + t.head * d;
+      std::copy(src, src + d, dO + i * dp);
+    }
+    std::fill(dK, dK + t.nt * dp, T(0));
+    std::fill(dV, dV + t.nt * dp, T(0));
+    const T* lse_pair = lse + (task / pb.P) * pb.perm_stride +
+                        (task % pb.P) * 2 * S;
+    for (int c = 0; c < 2; ++c) {
+      const auto h = t.half(c, pb.overlap);
+      if (h.nq == 0) continue;
+      gemm<T, Bytes>(h.nq, h.nk, d, Q + h.q0 * dp, dp, Kt + h.k0, ld, P, ld,
+                     false);
+      gemm<T, Bytes>(h.nq, h.nk, d, dO + h.q0 * dp, dp, Vt + h.k0, ld, dS,
+                     ld, false);
+      for (int64_t i = 0; i < h.nq; ++i) {
+        T* p = P + i * ld;
+        T* ds = dS + i * ld;
+        exp_row<T, Bytes>(p, h.nk, lse_pair[t.slot(h.q0 + i, S)]);
+        // D_i = sum_j P_ij dP_ij = dO_i . O_i.
+        T D = 0;
+        for (int64_t j = 0; j < h.nk; ++j) D += p[j] * ds[j];
+        for (int64_t j = 0; j < h.nk; ++j) {
+          ds[j] = p[j] * (ds[j] - D);
+          PT[j * lq + i] = p[j];
+          dST[j * lq + i] = ds[j];
+        }
+      }
+      // dQ = scale * dS K; dK += dS^T (scale * Q); dV += P^T dO.
+      gemm<T, Bytes>(h.nq, d, h.nk, dS, ld, Kr + h.k0 * dp, dp, dQ, dp,
+                     false);
+      gemm<T, Bytes>(h.nk, d, h.nq, dST, lq, Q + h.q0 * dp, dp,
+                     dK + h.k0 * dp, dp, true);
+      gemm<T, Bytes>(h.nk, d, h.nq, PT, lq, dO + h.q0 * dp, dp,
+                     dV + h.k0 * dp, dp, true);
+      for (int64_t i = 0; i < h.nq; ++i) {
+        T* dst = grad + (t.b * pb.N + t.token(h.q0 + i, S)) * C3 + t.head * d;
+        for (int64_t k = 0; k < d; ++k) dst[k] = dQ[i * dp + k] * pb.scale;
+      }
+    }
+    for (int64_t i = 0; i < t.nt; ++i) {
+      T* dst = grad + (t.b * pb.N + t.token(i, S)) * C3 + t.head * d;
+      std::copy(dK + i * dp, dK + i * dp + d, dst + C);
+      std::copy(dV + i * dp, dV + i * dp + d, dst + 2 * C);
+    }
+  }
+}
+
+template <typename T>
+void backward_base(const Problem<T>& pb, const T* grad_out, const T* lse,
+                   T* grad, int64_t begin, int64_t end) {
+  backward_impl<T, 16>(pb, grad_out, lse, grad, begin, end);
+}
+
+#if BOAT_MM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_avx2(
+    const Problem<T>& pb, const T* grad_out, const T* lse, T* grad,
+    int64_t begin, int64_t end) {
+  backward_impl<T, 32>(pb, grad_out, lse, grad, begin, end);
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------
+
+// Checks the arguments shared by both ops; returns the cluster sizes.
+std::vector<int64_t> check_layout(const at::Tensor& qkv,
+                                  const at::Tensor& perm,
+                                  const at::Tensor& slot_valid,
+                                  int64_t num_heads, int64_t slot_size,
+                                  int64_t overlap) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0,
+              "clustered_attention expects qkv of shape (B, N, 3 * C), got ",
+              qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat ||
+                  qkv.scalar_type() == at::kDouble,
+              "clustered_attention's CPU kernel supports float32 and "
+              "float64, got ", qkv.scalar_type(),
+              "; use the tensor implementation (impl='tensor')");
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
+  TORCH_CHECK(num_heads >= 1 && C % num_heads == 0, "num_heads (",
+              num_heads, ") must divide the ", C, " channels");
+  TORCH_CHECK(slot_size >= 1 && overlap >= 0,
+              "slot_size must be >= 1 and overlap >= 0, got ", slot_size,
+              " and ", overlap);
+  TORCH_CHECK(slot_valid.dim() == 1 && slot_valid.scalar_type() == at::kBool,
+              "slot_valid must be a 1-d bool tensor, got ",
+              slot_valid.sizes(), " ", slot_valid.scalar_type());
+  const int64_t slots = slot_valid.size(0);
+  TORCH_CHECK(slots > 0 && slots % (2 * slot_size) == 0,
+              "slot_valid must cover whole sibling pairs of 2 * ", slot_size,
+              " slots, got ", slots);
+  TORCH_CHECK(perm.dim() == 2 && perm.scalar_type() == at::kLong &&
+                  perm.size(0) == B * num_heads && perm.size(1) >= slots,
+              "perm must be int64 of shape (B * num_heads, >= ", slots,
+              ") = (", B * num_heads, ", ", slots, "), got ", perm.sizes(),
+              " ", perm.scalar_type());
+  const at::Tensor valid = slot_valid.cpu().contiguous();
+  const bool* v = valid.data_ptr<bool>();
+  std::vector<int64_t> sizes(slots / slot_size);
+  int64_t total = 0;
+  for (size_t c = 0; c < sizes.size(); ++c) {
+    int64_t n = 0;
+    while (n < slot_size && v[c * slot_size + n]) ++n;
+    for (int64_t i = n; i < slot_size; ++i) {
+      TORCH_CHECK(!v[c * slot_size + i],
+                  "slot_valid must list each cluster's real slots first");
+    }
+    sizes[c] = n;
+    total += n;
+  }
+  TORCH_CHECK(total == N, "slot_valid has ", total,
+              " real slots for N=", N, " tokens");
+  return sizes;
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& qkv, const at::Tensor& perm,
+                        const std::vector<int64_t>& sizes, int64_t num_heads,
+                        int64_t slot_size, int64_t overlap, double scale) {
+  Problem<T> pb;
+  pb.qkv = qkv.data_ptr<T>();
+  pb.perm = perm.data_ptr<int64_t>();
+  pb.sizes = sizes.data();
+  pb.N = qkv.size(1);
+  pb.C = qkv.size(2) / 3;
+  pb.heads = num_heads;
+  pb.d = pb.C / num_heads;
+  pb.perm_stride = perm.size(1);
+  pb.P = static_cast<int64_t>(sizes.size()) / 2;
+  pb.S = slot_size;
+  pb.overlap = overlap;
+  pb.scale = static_cast<T>(scale);
+  return pb;
+}
+
+// (B, C, H, W) image of the value channels of qkv.
+at::Tensor value_image(const at::Tensor& qkv, at::IntArrayRef hw_shape) {
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
+  if (hw_shape.empty()) return qkv.new_empty({0});
+  TORCH_CHECK(hw_shape.size() == 2 && hw_shape[0] * hw_shape[1] == N,
+              "hw_shape ", hw_shape, " does not match N=", N, " tokens");
+  return qkv.narrow(2, 2 * C, C).transpose(1, 2).contiguous().view(
+      {B, C, hw_shape[0], hw_shape[1]});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_cpu(
+    const at::Tensor& qkv_in, const at::Tensor& perm_in,
+    const at::Tensor& slot_valid, int64_t num_heads, int64_t slot_size,
+    int64_t overlap, double scale, at::IntArrayRef hw_shape) {
+  const auto sizes = check_layout(qkv_in, perm_in, slot_valid, num_heads,
+                                  slot_size, overlap);
+  const at::Tensor qkv = qkv_in.contiguous(), perm = perm_in.contiguous();
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
+  at::Tensor out = at::empty({B, N, C}, qkv.options());
+  // Padding slots keep 0 (never read): a defined output, so that eager
+  // and traced runs agree.
+  at::Tensor lse = at::zeros(perm.sizes(), qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "clustered_attention", [&] {
+    const auto pb = make_problem<scalar_t>(qkv, perm, sizes, num_heads,
+                                           slot_size, overlap, scale);
+    auto fn = &forward_base<scalar_t>;
+#if BOAT_MM_X86_DISPATCH
+    if (cpu_has_avx2_fma()) fn = &forward_avx2<scalar_t>;
+#endif
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* l = lse.data_ptr<scalar_t>();
+    at::parallel_for(0, B * num_heads * pb.P, 1,
+                     [&](int64_t begin, int64_t end) {
+                       fn(pb, o, l, begin, end);
+                     });
+  });
+  return {out, value_image(qkv, hw_shape), lse};
+}
+
+at::Tensor clustered_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grad_image,
+    const at::Tensor& qkv_in, const at::Tensor& perm_in,
+    const at::Tensor& slot_valid, const at::Tensor& lse_in,
+    int64_t num_heads, int64_t slot_size, int64_t overlap, double scale) {
+  const auto sizes = check_layout(qkv_in, perm_in, slot_valid, num_heads,
+                                  slot_size, overlap);
+  const at::Tensor qkv = qkv_in.contiguous(), perm = perm_in.contiguous();
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, N, C}),
+              "grad_out must have shape ", at::IntArrayRef({B, N, C}),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(lse_in.sizes() == perm.sizes(), "lse must have shape ",
+              perm.sizes(), ", got ", lse_in.sizes());
+  const at::Tensor go = grad_out.to(qkv.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(qkv.scalar_type()).contiguous();
+  // Every row is written once: each token is a real slot exactly once per
+  // (sample, head), and its q, k and v gradients come from that slot.
+  at::Tensor grad = at::empty_like(qkv);
+  AT_DISPATCH_FLOATING_TYPES(
+      qkv.scalar_type(), "clustered_attention_backward", [&] {
+        const auto pb = make_problem<scalar_t>(qkv, perm, sizes, num_heads,
+                                               slot_size, overlap, scale);
+        auto fn = &backward_base<scalar_t>;
+#if BOAT_MM_X86_DISPATCH
+        if (cpu_has_avx2_fma()) fn = &backward_avx2<scalar_t>;
+#endif
+        const scalar_t* g = go.data_ptr<scalar_t>();
+        const scalar_t* l = lse.data_ptr<scalar_t>();
+        scalar_t* out = grad.data_ptr<scalar_t>();
+        at::parallel_for(0, B * num_heads * pb.P, 1,
+                         [&](int64_t begin, int64_t end) {
+                           fn(pb, g, l, out, begin, end);
+                         });
+      });
+  if (grad_image.numel() > 0) {
+    TORCH_CHECK(grad_image.numel() == B * C * N,
+                "grad_image must hold (B, C, H, W) = ", B * C * N,
+                " values, got ", grad_image.sizes());
+    grad.narrow(2, 2 * C, C).add_(grad_image.reshape({B, C, N}).transpose(
+        1, 2));
+  }
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(boat_mm, m) {
+  m.def(
+      "clustered_attention(Tensor qkv, Tensor perm, Tensor slot_valid, "
+      "int num_heads, int slot_size, int overlap, float scale, "
+      "int[] hw_shape) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "clustered_attention_backward(Tensor grad_out, Tensor grad_image, "
+      "Tensor qkv, Tensor perm, Tensor slot_valid, Tensor lse, "
+      "int num_heads, int slot_size, int overlap, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(boat_mm, CPU, m) {
+  m.impl("clustered_attention", &clustered_attention_cpu);
+  m.impl("clustered_attention_backward", &clustered_attention_backward_cpu);
+}
+
+}  // namespace boat_mm
