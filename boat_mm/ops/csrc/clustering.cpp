@@ -132,84 +132,128 @@ void sort_entries(std::vector<typename SortEntry<T>::type>& order,
   std::sort(order.begin(), order.end());
 }
 
-// A node's vectors are stored dimension-major, (d, cap): the similarities
-// of a block of tokens to the centroids and the centroid sums are then
-// vertical multiply-adds over tokens, with no horizontal sum per token.
-// Summation orders are fixed, so results do not depend on the thread
-// count.
-//
+// A node's vectors are stored token-major, (cap, dp), with the dimension
+// d rounded up to dp = a multiple of 8 (zeros): moving a token into a
+// child is a copy of a few vectors (in a dimension-major layout it would be
+// d scattered scalar loads), and the similarities of a block of 8 tokens
+// to a centroid end in one vector reduction. Every token's sums run in a
+// fixed order that does not depend on its position in a block, so equal
+// tokens get equal ratios, and results do not depend on the thread count.
+constexpr int64_t kDimAlign = 8;  // a multiple of every vector width used
+constexpr int64_t kBlock = 8;     // tokens per similarity block
 
-// sim_c[i] = sum_k c[k] * U[k, i] for the tokens i < n of a node; every
-// token sums over k in order, in the vector blocks and in the tail alike.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define BOAT_MM_HAS_SHUFFLEVECTOR 1
+#else
+#define BOAT_MM_HAS_SHUFFLEVECTOR 0
+#endif
+
+// sum_k a[t][k] * c[k] for the 8 tokens t of a block (rows of stride dp).
 template <typename T, int Bytes>
-BOAT_MM_INLINE void similarities(const T* U, int64_t cap, int64_t n,
-                                 int64_t d, const T* c0, const T* c1,
-                                 T* sim0, T* sim1) {
+BOAT_MM_INLINE void dot_block(const T* U, int64_t dp, const T* c, T* out) {
   using S = Simd<T, Bytes>;
   using V = typename S::V;
   constexpr int64_t W = S::kLanes;
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    V a0 = {}, a1 = {}, b0 = {}, b1 = {};
-    for (int64_t k = 0; k < d; ++k) {
-      const T* row = U + k * cap + i;
-      const V u0 = S::load(row), u1 = S::load(row + W);
-      const T x0 = c0[k], x1 = c1[k];
-      a0 += x0 * u0;
-      a1 += x0 * u1;
-      b0 += x1 * u0;
-      b1 += x1 * u1;
-    }
-    S::store(sim0 + i, a0);
-    S::store(sim0 + i + W, a1);
-    S::store(sim1 + i, b0);
-    S::store(sim1 + i + W, b1);
+  V a[kBlock];
+  for (int t = 0; t < kBlock; ++t) a[t] = V{};
+  for (int64_t v = 0; v < dp; v += W) {
+    const V x = S::load(c + v);
+    for (int t = 0; t < kBlock; ++t) a[t] += S::load(U + t * dp + v) * x;
   }
-  for (; i < n; ++i) {
-    T a = 0, b = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      a += c0[k] * U[k * cap + i];
-      b += c1[k] * U[k * cap + i];
-    }
-    sim0[i] = a;
-    sim1[i] = b;
+#if BOAT_MM_HAS_SHUFFLEVECTOR
+  if constexpr (W == 8) {
+    // Eight 8-lane sums at once: a tree of pairwise lane additions.
+    auto hadd = [](V x, V y) {
+      return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+    };
+    const V h0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));
+    const V h1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+    S::store(out, __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                      __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13,
+                                              14, 15));
+    return;
+  }
+#endif
+  for (int t = 0; t < kBlock; ++t) out[t] = S::sum(a[t]);
+}
+
+// sim_c[i] = <U[i], c> for the tokens i < n of a node (sim arrays hold
+// n rounded up to 8). A last partial block is copied into `tail` (8 * dp,
+// zero past its tokens), so that no token's sum depends on its block.
+template <typename T, int Bytes>
+BOAT_MM_INLINE void similarities(const T* U, int64_t dp, int64_t n,
+                                 const T* c0, const T* c1, T* sim0, T* sim1,
+                                 T* tail) {
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    dot_block<T, Bytes>(U + i * dp, dp, c0, sim0 + i);
+    dot_block<T, Bytes>(U + i * dp, dp, c1, sim1 + i);
+  }
+  if (i < n) {
+    std::copy(U + i * dp, U + n * dp, tail);
+    std::fill(tail + (n - i) * dp, tail + kBlock * dp, T(0));
+    dot_block<T, Bytes>(tail, dp, c0, sim0 + i);
+    dot_block<T, Bytes>(tail, dp, c1, sim1 + i);
   }
 }
 
-// s_c[k] = sum_{i < n} w_c[i] * U[k, i]: the (unnormalised) centroids.
-// With `copy_to`, the rows are also copied there (same (d, cap) layout) in
-// the same pass.
+// s_c += sum_{i < n} w_c[i] * U[i] (vectors of dp), tokens in order,
+// with the DV vectors of both sums held in registers: a token's vectors
+// update 2 * DV independent sums (one running sum per vector would be
+// bound by the multiply-add latency).
+template <typename T, int Bytes, int DV>
+BOAT_MM_INLINE void accumulate_fixed(const T* U, int64_t n, const T* w0,
+                                     const T* w1, T* s0, T* s1) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes, dp = DV * W;
+  V a[DV], b[DV];
+  for (int v = 0; v < DV; ++v) {
+    a[v] = S::load(s0 + v * W);
+    b[v] = S::load(s1 + v * W);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T x0 = w0[i], x1 = w1[i];
+    for (int v = 0; v < DV; ++v) {
+      const V u = S::load(U + i * dp + v * W);
+      a[v] += x0 * u;
+      b[v] += x1 * u;
+    }
+  }
+  for (int v = 0; v < DV; ++v) {
+    S::store(s0 + v * W, a[v]);
+    S::store(s1 + v * W, b[v]);
+  }
+}
+
+// The same sums for any dp (the same order, so the same result).
 template <typename T, int Bytes>
-BOAT_MM_INLINE void weighted_sums(const T* U, int64_t cap, int64_t n,
-                                  int64_t d, const T* w0, const T* w1,
-                                  T* s0, T* s1, T* copy_to = nullptr) {
+BOAT_MM_INLINE void accumulate(const T* U, int64_t dp, int64_t n,
+                               const T* w0, const T* w1, T* s0, T* s1) {
   using S = Simd<T, Bytes>;
   using V = typename S::V;
   constexpr int64_t W = S::kLanes;
-  for (int64_t k = 0; k < d; ++k) {
-    const T* row = U + k * cap;
-    T* out = copy_to == nullptr ? nullptr : copy_to + k * cap;
-    V a0 = {}, a1 = {}, b0 = {}, b1 = {};
-    int64_t i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      const V u0 = S::load(row + i), u1 = S::load(row + i + W);
-      if (out != nullptr) {
-        S::store(out + i, u0);
-        S::store(out + i + W, u1);
+  switch (dp / W) {
+    case 1: return accumulate_fixed<T, Bytes, 1>(U, n, w0, w1, s0, s1);
+    case 2: return accumulate_fixed<T, Bytes, 2>(U, n, w0, w1, s0, s1);
+    case 3: return accumulate_fixed<T, Bytes, 3>(U, n, w0, w1, s0, s1);
+    case 4: return accumulate_fixed<T, Bytes, 4>(U, n, w0, w1, s0, s1);
+    case 6: return accumulate_fixed<T, Bytes, 6>(U, n, w0, w1, s0, s1);
+    default: break;
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(n, i0 + kBlock);
+    for (int64_t v = 0; v < dp; v += W) {
+      V a = S::load(s0 + v), b = S::load(s1 + v);
+      for (int64_t i = i0; i < i1; ++i) {
+        const V u = S::load(U + i * dp + v);
+        a += w0[i] * u;
+        b += w1[i] * u;
       }
-      a0 += S::load(w0 + i) * u0;
-      a1 += S::load(w0 + i + W) * u1;
-      b0 += S::load(w1 + i) * u0;
-      b1 += S::load(w1 + i + W) * u1;
+      S::store(s0 + v, a);
+      S::store(s1 + v, b);
     }
-    T t0 = S::sum(a0 + a1), t1 = S::sum(b0 + b1);
-    for (; i < n; ++i) {
-      if (out != nullptr) out[i] = row[i];
-      t0 += w0[i] * row[i];
-      t1 += w1[i] * row[i];
-    }
-    s0[k] = t0;
-    s1[k] = t1;
   }
 }
 
@@ -226,7 +270,6 @@ BOAT_MM_INLINE void init_weights(const T* norm, int64_t n, int64_t n0,
   }
 }
 
-
 // Soft-assignment weights times norms: softmax over two centroids is the
 // sigmoid of the scaled similarity difference; one exp of a non-positive
 // argument gives both sigmoid(|l|) and sigmoid(-|l|) without overflow.
@@ -241,77 +284,50 @@ BOAT_MM_INLINE void weight_one(T sim0, T sim1, T norm, T temperature,
   w1 = (first ? small : big) * norm;
 }
 
+// The weights of the n <= 8 tokens of a block.
 template <typename T, int Bytes>
-BOAT_MM_INLINE void weights(const T* sim0, const T* sim1, const T* norm,
-                            int64_t n, T temperature, T* w0, T* w1) {
-  int64_t i = 0;
+BOAT_MM_INLINE void block_weights(const T* sim0, const T* sim1,
+                                  const T* norm, int64_t n, T temperature,
+                                  T* w0, T* w1) {
   if constexpr (std::is_same_v<T, float>) {
-    // float: vector exp. float64 (the parity checks) keeps libm's exp.
+    // float: vector exp (all lanes; those past n are not used).
+    // float64 (the parity checks) keeps libm's exp.
     using S = Simd<float, Bytes>;
     using V = typename S::V;
-    for (; i + S::kLanes <= n; i += S::kLanes) {
+    float nrm[kBlock] = {};
+    std::copy(norm, norm + n, nrm);
+    for (int64_t i = 0; i < kBlock; i += S::kLanes) {
       const V logit = (S::load(sim0 + i) - S::load(sim1 + i)) * temperature;
       const auto first = logit >= 0.0f;
       const V e = exp_nonpositive<Bytes>(first ? -logit : logit);
       const V big = 1.0f / (1.0f + e), small = e * big;
-      const V nrm = S::load(norm + i);
-      S::store(w0 + i, (first ? big : small) * nrm);
-      S::store(w1 + i, (first ? small : big) * nrm);
+      const V nv = S::load(nrm + i);
+      S::store(w0 + i, (first ? big : small) * nv);
+      S::store(w1 + i, (first ? small : big) * nv);
     }
-  }
-  for (; i < n; ++i) {
-    weight_one(sim0[i], sim1[i], norm[i], temperature, w0[i], w1[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      weight_one(sim0[i], sim1[i], norm[i], temperature, w0[i], w1[i]);
+    }
   }
 }
 
-// One soft k-means step in a single pass over the node: per block of
-// tokens, the similarities to (c0, c1), the weights, and their products
-// with the same (cached) vectors accumulated per coordinate into vector
-// partial sums; (s0, s1) are the new unnormalised centroids. Sums run in
-// the order of similarities() and weighted_sums() (one pass instead of
-// two over the node). `acc` holds 4 * d vectors.
+// One soft k-means step in a single pass over the node: per block of 8
+// tokens, the similarities to (c0, c1), the weights, and the weighted sums
+// of the same (cached) vectors; (s0, s1) become the new unnormalised
+// centroids.
 template <typename T, int Bytes>
-BOAT_MM_INLINE void kmeans_step(const T* U, int64_t cap, int64_t n,
-                                int64_t d, const T* c0, const T* c1,
-                                const T* norm, T temperature, T* acc,
-                                T* s0, T* s1) {
-  using S = Simd<T, Bytes>;
-  using V = typename S::V;
-  constexpr int64_t W = S::kLanes;
-  std::fill(acc, acc + 4 * d * W, T(0));
-  T* acc_a0 = acc;  // child 0 weights, first W tokens of a block
-  T* acc_a1 = acc + d * W;
-  T* acc_b0 = acc + 2 * d * W;  // child 1 weights
-  T* acc_b1 = acc + 3 * d * W;
-  T sim0[2 * W], sim1[2 * W], w0[2 * W], w1[2 * W];
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    similarities<T, Bytes>(U + i, cap, 2 * W, d, c0, c1, sim0, sim1);
-    weights<T, Bytes>(sim0, sim1, norm + i, 2 * W, temperature, w0, w1);
-    const V wa0 = S::load(w0), wa1 = S::load(w0 + W);
-    const V wb0 = S::load(w1), wb1 = S::load(w1 + W);
-    for (int64_t k = 0; k < d; ++k) {
-      const T* row = U + k * cap + i;
-      const V u0 = S::load(row), u1 = S::load(row + W);
-      S::store(acc_a0 + k * W, S::load(acc_a0 + k * W) + wa0 * u0);
-      S::store(acc_a1 + k * W, S::load(acc_a1 + k * W) + wa1 * u1);
-      S::store(acc_b0 + k * W, S::load(acc_b0 + k * W) + wb0 * u0);
-      S::store(acc_b1 + k * W, S::load(acc_b1 + k * W) + wb1 * u1);
-    }
-  }
-  const int64_t tail = n - i;
-  similarities<T, Bytes>(U + i, cap, tail, d, c0, c1, sim0, sim1);
-  weights<T, Bytes>(sim0, sim1, norm + i, tail, temperature, w0, w1);
-  for (int64_t k = 0; k < d; ++k) {
-    const T* row = U + k * cap + i;
-    T t0 = S::sum(S::load(acc_a0 + k * W) + S::load(acc_a1 + k * W));
-    T t1 = S::sum(S::load(acc_b0 + k * W) + S::load(acc_b1 + k * W));
-    for (int64_t j = 0; j < tail; ++j) {
-      t0 += w0[j] * row[j];
-      t1 += w1[j] * row[j];
-    }
-    s0[k] = t0;
-    s1[k] = t1;
+BOAT_MM_INLINE void kmeans_step(const T* U, int64_t dp, int64_t n,
+                                const T* c0, const T* c1, const T* norm,
+                                T temperature, T* s0, T* s1, T* tail) {
+  std::fill(s0, s0 + dp, T(0));
+  std::fill(s1, s1 + dp, T(0));
+  alignas(64) T sim0[kBlock], sim1[kBlock], w0[kBlock], w1[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    similarities<T, Bytes>(U + i * dp, dp, m, c0, c1, sim0, sim1, tail);
+    block_weights<T, Bytes>(sim0, sim1, norm + i, m, temperature, w0, w1);
+    accumulate<T, Bytes>(U + i * dp, dp, m, w0, w1, s0, s1);
   }
 }
 
@@ -325,7 +341,7 @@ BOAT_MM_INLINE void normalize(T* x, int64_t d) {
 }
 
 struct NodeArgs {
-  int64_t d;
+  int64_t dp;         // padded dimension
   int64_t n;          // real tokens in the node (they come first)
   int64_t n0;         // real tokens that go to child 0
   int64_t half;       // slots per child
@@ -338,67 +354,62 @@ struct NodeArgs {
 // Per-thread scratch space, sized for the largest node of a level.
 template <typename T>
 struct Scratch {
-  std::vector<T> cent, sim0, sim1, w0, w1;
+  std::vector<T> cent, sim0, sim1, w0, w1, tail;
   std::vector<int64_t> src;
   std::vector<typename SortEntry<T>::type> order, sort_tmp;
-  std::vector<T> acc;  // k-means partial sums, 4 * d vectors of <= 32 B
-  // A node's vectors in child order; not zero-filled (fully written
-  // before it is read).
-  std::unique_ptr<T[]> children;
-  Scratch(int64_t d, int64_t cap)
-      : cent(4 * d),
-        sim0(cap),
-        sim1(cap),
+  Scratch(int64_t dp, int64_t cap)
+      : cent(4 * dp),
+        sim0(cap + kBlock),
+        sim1(cap + kBlock),
         w0(cap),
         w1(cap),
-        src(cap),
-        acc(4 * d * (32 / sizeof(T))),
-        children(new T[d * cap]) {
+        tail(kBlock * dp),
+        src(cap) {
     order.reserve(cap);
   }
 };
 
-// Split one node: `U` ((d, cap) unit vectors, the first `n` tokens real;
-// rewritten in place as its two (d, half) children) and `norm` (their
-// norms; children go to `next_norm`). `init` holds the node's initial
-// centroid sums when the parent computed them (nullptr at the root); the
-// children's go to `child_init`.
+// Split one node: `U` ((cap, dp) unit vectors, the first `n` tokens real)
+// into its two (half, dp) children in `next_U` (the same slots of the other
+// buffer), with their norms in `next_norm`. `init` holds the node's
+// initial centroid sums when the parent computed them (nullptr at the
+// root); the children's go to `child_init`.
 template <typename T, int Bytes>
-BOAT_MM_INLINE void split_node_impl(T* U, const T* norm, const int64_t* perm,
-                                    T* next_norm, int64_t* next_perm,
-                                    const T* init, T* child_init,
-                                    const NodeArgs& args, T temperature,
-                                    Scratch<T>& s) {
-  const int64_t d = args.d, n = args.n, n0 = args.n0, half = args.half;
-  const int64_t cap = 2 * half;
+BOAT_MM_INLINE void split_node_impl(const T* U, T* next_U, const T* norm,
+                                    const int64_t* perm, T* next_norm,
+                                    int64_t* next_perm, const T* init,
+                                    T* child_init, const NodeArgs& args,
+                                    T temperature, Scratch<T>& s) {
+  const int64_t dp = args.dp, n = args.n, n0 = args.n0, half = args.half;
   T* c0 = s.cent.data();
-  T* c1 = c0 + d;
+  T* c1 = c0 + dp;
   T *w0 = s.w0.data(), *w1 = s.w1.data();
   T *sim0 = s.sim0.data(), *sim1 = s.sim1.data();
 
   // Initial centroids: means of the first n0 and of the remaining real
   // tokens in the current order, normalised.
   if (init != nullptr) {
-    std::copy(init, init + 2 * d, c0);
+    std::copy(init, init + 2 * dp, c0);
   } else {
     init_weights(norm, n, n0, w0, w1);
-    weighted_sums<T, Bytes>(U, cap, n, d, w0, w1, c0, c1);
+    std::fill(c0, c0 + 2 * dp, T(0));
+    accumulate<T, Bytes>(U, dp, n, w0, w1, c0, c1);
   }
-  normalize(c0, d);
-  normalize(c1, d);
+  normalize(c0, dp);
+  normalize(c1, dp);
 
   // Soft k-means with two centroids.
   for (int64_t it = 0; it < args.kmeans_iters; ++it) {
-    kmeans_step<T, Bytes>(U, cap, n, d, c0, c1, norm, temperature,
-                          s.acc.data(), c0 + 2 * d, c1 + 2 * d);
-    std::copy(c0 + 2 * d, c0 + 4 * d, c0);
-    normalize(c0, d);
-    normalize(c1, d);
+    kmeans_step<T, Bytes>(U, dp, n, c0, c1, norm, temperature, c0 + 2 * dp,
+                          c1 + 2 * dp, s.tail.data());
+    std::copy(c0 + 2 * dp, c0 + 4 * dp, c0);
+    normalize(c0, dp);
+    normalize(c1, dp);
   }
 
   // Rank the real tokens by r = (s0 + 1) / (s1 + 1), ties by position (a
   // stable sort); padding is not ranked: it goes last in both children.
-  similarities<T, Bytes>(U, cap, n, d, c0, c1, sim0, sim1);
+  similarities<T, Bytes>(U, dp, n, c0, c1, sim0, sim1, s.tail.data());
   auto& order = s.order;
   order.resize(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -428,39 +439,36 @@ BOAT_MM_INLINE void split_node_impl(T* U, const T* norm, const int64_t* perm,
   }
   if (args.last_level) return;
 
-  // Move the vectors into child order through the scratch buffer (the
-  // children occupy the node's own memory), and on the way back compute
-  // each child's initial centroid sums for the next level, in the order
-  // weighted_sums() would use there.
-  T* tmp = s.children.get();
-  for (int64_t k = 0; k < d; ++k) {
-    const T* row = U + k * cap;
-    for (int64_t child = 0; child < 2; ++child) {
-      const int64_t count = child == 0 ? n0 : n - n0;
-      const int64_t* csrc = src + child * half;
-      T* out_row = tmp + child * d * half + k * half;
-      for (int64_t j = 0; j < count; ++j) out_row[j] = row[csrc[j]];
-    }
-  }
+  // Move the vectors into the children, and sum each child's initial
+  // centroids for the next level while they are in cache.
   for (int64_t child = 0; child < 2; ++child) {
     const int64_t count = child == 0 ? n0 : n - n0;
+    const int64_t* csrc = src + child * half;
+    T* out = next_U + child * half * dp;
+    using S = Simd<T, Bytes>;
+    for (int64_t j = 0; j < count; ++j) {
+      const T* from = U + csrc[j] * dp;
+      for (int64_t v = 0; v < dp; v += S::kLanes) {
+        S::store(out + j * dp + v, S::load(from + v));
+      }
+    }
     init_weights(next_norm + child * half, count, args.child_n0[child], w0,
                  w1);
-    T* ci = child_init + child * 2 * d;
-    weighted_sums<T, Bytes>(tmp + child * d * half, half, count, d, w0, w1,
-                            ci, ci + d, U + child * d * half);
+    T* ci = child_init + child * 2 * dp;
+    std::fill(ci, ci + 2 * dp, T(0));
+    accumulate<T, Bytes>(out, dp, count, w0, w1, ci, ci + dp);
   }
 }
 
 // The same code compiled twice on x86: for AVX2 + FMA (chosen at run time
 // when the CPU has them) and for the baseline instruction set.
 #define BOAT_MM_SPLIT_NODE_ARGS                                          \
-  T *U, const T *norm, const int64_t *perm, T *next_norm,                \
-      int64_t *next_perm, const T *init, T *child_init,                  \
+  const T *U, T *next_U, const T *norm, const int64_t *perm,             \
+      T *next_norm, int64_t *next_perm, const T *init, T *child_init,    \
       const NodeArgs &args, T temperature, Scratch<T> &scratch
-#define BOAT_MM_SPLIT_NODE_CALL(BYTES)                                 \
-  split_node_impl<T, BYTES>(U, norm, perm, next_norm, next_perm, init, \
-                            child_init, args, temperature, scratch)
+#define BOAT_MM_SPLIT_NODE_CALL(BYTES)                                   \
+  split_node_impl<T, BYTES>(U, next_U, norm, perm, next_norm, next_perm, \
+                            init, child_init, args, temperature, scratch)
 
 template <typename T>
 void split_node_base(BOAT_MM_SPLIT_NODE_ARGS) {
@@ -478,16 +486,61 @@ __attribute__((target("avx2,fma"))) void split_node_avx2(
 template <typename T>
 using SplitNodeFn = void (*)(BOAT_MM_SPLIT_NODE_ARGS);
 
+// Unit vectors and norms of the rows [begin, end) of x: (N, d) per row in,
+// (total, dp) per row out, padding dimensions zero. Padding slots are not
+// written (never read).
+template <typename T, int Bytes>
+BOAT_MM_INLINE void prepare_rows_impl(const T* x, int64_t N, int64_t d,
+                                      int64_t dp, int64_t total, T* unit,
+                                      T* norm, int64_t* perm, int64_t begin,
+                                      int64_t end) {
+  for (int64_t m = begin; m < end; ++m) {
+    T* U = unit + m * total * dp;
+    T* w = norm + m * total;
+    int64_t* p = perm + m * total;
+    for (int64_t i = 0; i < total; ++i) p[i] = std::min(i, N - 1);
+    for (int64_t i = 0; i < N; ++i) {
+      const T* xi = x + (m * N + i) * d;
+      T sq = 0;
+      for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
+      const T nrm = std::max<T>(std::sqrt(sq), T(1e-12));
+      w[i] = nrm;
+      T* ui = U + i * dp;
+      for (int64_t k = 0; k < d; ++k) ui[k] = xi[k] / nrm;
+      for (int64_t k = d; k < dp; ++k) ui[k] = T(0);
+    }
+  }
+}
+
+#define BOAT_MM_PREPARE_ARGS                                             \
+  const T *x, int64_t N, int64_t d, int64_t dp, int64_t total, T *unit,  \
+      T *norm, int64_t *perm, int64_t begin, int64_t end
+#define BOAT_MM_PREPARE_CALL(BYTES) \
+  prepare_rows_impl<T, BYTES>(x, N, d, dp, total, unit, norm, perm, begin, end)
+
+template <typename T>
+void prepare_rows_base(BOAT_MM_PREPARE_ARGS) {
+  BOAT_MM_PREPARE_CALL(16);
+}
+
+#if BOAT_MM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void prepare_rows_avx2(
+    BOAT_MM_PREPARE_ARGS) {
+  BOAT_MM_PREPARE_CALL(32);
+}
+#endif
+
 // The tree of one clustering call. Node `task` of level l (task = row *
 // 2**l + node) owns slots [task * cap, (task + 1) * cap) of its row-major
 // buffers at every level; its children are tasks 2 * task and 2 * task + 1
-// of level l + 1, in the same slots. Norms and the permutation alternate
-// between two buffers by level parity; vectors are rewritten in place.
+// of level l + 1, in the same slots. Vectors, norms and the permutation
+// alternate between two buffers by level parity.
 template <typename T>
 struct Tree {
-  int64_t d, N, total, G, base, extra, num_levels, kmeans_iters;
+  int64_t dp, N, total, G, base, extra, num_levels, kmeans_iters;
   T temperature;
-  T* unit;
+  T* unit[2];
   T* norm[2];
   int64_t* perm[2];
   SplitNodeFn<T> split_node;
@@ -495,7 +548,7 @@ struct Tree {
   NodeArgs args_for(int64_t level, int64_t node) const {
     const int64_t leaves = G >> level;  // leaves under one node
     NodeArgs args;
-    args.d = d;
+    args.dp = dp;
     args.n = leaves_size(node * leaves, leaves, base, extra);
     args.n0 = leaves_size(node * leaves, leaves / 2, base, extra);
     args.half = (total >> level) / 2;
@@ -511,27 +564,27 @@ struct Tree {
   }
 
   // Split node `task` of `level`; its children's initial centroid sums go
-  // to child_init (4 * d).
+  // to child_init (4 * dp).
   void split(int64_t level, int64_t task, const T* init, T* child_init,
              Scratch<T>& scratch) const {
     const int64_t cap = total >> level;
     const int64_t off = task * cap;
     const int64_t now = level % 2, next = 1 - now;
     const NodeArgs args = args_for(level, task % (int64_t(1) << level));
-    split_node(unit + off * d, norm[now] + off, perm[now] + off,
-               norm[next] + off, perm[next] + off, init, child_init, args,
-               temperature, scratch);
+    split_node(unit[now] + off * dp, unit[next] + off * dp, norm[now] + off,
+               perm[now] + off, norm[next] + off, perm[next] + off, init,
+               child_init, args, temperature, scratch);
   }
 
   // The subtree under node `task` of `level`, depth first: a child is
   // split while the vectors its parent just moved are still in cache.
-  // `stack` holds 4 * d values per remaining level.
+  // `stack` holds 4 * dp values per remaining level.
   void subtree(int64_t level, int64_t task, const T* init, T* stack,
                Scratch<T>& scratch) const {
     split(level, task, init, stack, scratch);
     if (level + 1 == num_levels) return;
     for (int64_t c = 0; c < 2; ++c) {
-      subtree(level + 1, 2 * task + c, stack + 2 * c * d, stack + 4 * d,
+      subtree(level + 1, 2 * task + c, stack + 2 * c * dp, stack + 4 * dp,
               scratch);
     }
   }
@@ -542,18 +595,24 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
                         int64_t slot_size, int64_t kmeans_iters,
                         double temperature) {
   const int64_t M = x.size(0), N = x.size(1), d = x.size(2);
+  const int64_t dp = (d + kDimAlign - 1) / kDimAlign * kDimAlign;
   const int64_t total = slot_size << num_levels;
   const int64_t G = int64_t(1) << num_levels;
 
   SplitNodeFn<T> split_node = &split_node_base<T>;
+  auto prepare_rows = &prepare_rows_base<T>;
 #if BOAT_MM_X86_DISPATCH
-  if (cpu_has_avx2_fma()) split_node = &split_node_avx2<T>;
+  if (cpu_has_avx2_fma()) {
+    split_node = &split_node_avx2<T>;
+    prepare_rows = &prepare_rows_avx2<T>;
+  }
 #endif
 
   auto opts = x.options();
-  // Per row, node after node: (d, cap) unit vectors and (cap,) norms;
-  // padding slots are never read.
-  auto unit = at::empty({M, d, total}, opts);
+  // Per row, node after node: (cap, dp) unit vectors and (cap,) norms, in
+  // two buffers used by alternate levels; padding slots are never read.
+  at::Tensor unit[2] = {at::empty({M, total, dp}, opts),
+                        at::empty({M, total, dp}, opts)};
   at::Tensor norm[2] = {at::empty({M, total}, opts),
                         at::empty({M, total}, opts)};
   at::Tensor perm[2] = {at::empty({M, total}, opts.dtype(at::kLong)),
@@ -561,35 +620,14 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
 
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      T* U = unit.data_ptr<T>() + m * d * total;
-      T* w = norm[0].data_ptr<T>() + m * total;
-      int64_t* p = perm[0].data_ptr<int64_t>() + m * total;
-      for (int64_t i = 0; i < total; ++i) p[i] = std::min(i, N - 1);
-      for (int64_t i = 0; i < N; ++i) {
-        const T* xi = xp + (m * N + i) * d;
-        T sq = 0;
-        for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
-        w[i] = std::max<T>(std::sqrt(sq), T(1e-12));
-      }
-      // Transpose in blocks of tokens, so that each coordinate's row is
-      // written in runs rather than one element per token.
-      constexpr int64_t kRun = 64;
-      for (int64_t i0 = 0; i0 < N; i0 += kRun) {
-        const int64_t i1 = std::min(N, i0 + kRun);
-        for (int64_t k = 0; k < d; ++k) {
-          T* row = U + k * total;
-          for (int64_t i = i0; i < i1; ++i) {
-            row[i] = xp[(m * N + i) * d + k] / w[i];
-          }
-        }
-      }
-    }
+    prepare_rows(xp, N, d, dp, total, unit[0].data_ptr<T>(),
+                 norm[0].data_ptr<T>(), perm[0].data_ptr<int64_t>(), begin,
+                 end);
   });
   if (num_levels == 0) return perm[0];
 
   Tree<T> tree;
-  tree.d = d;
+  tree.dp = dp;
   tree.N = N;
   tree.total = total;
   tree.G = G;
@@ -598,8 +636,8 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
   tree.num_levels = num_levels;
   tree.kmeans_iters = kmeans_iters;
   tree.temperature = static_cast<T>(temperature);
-  tree.unit = unit.data_ptr<T>();
   for (int64_t i = 0; i < 2; ++i) {
+    tree.unit[i] = unit[i].data_ptr<T>();
     tree.norm[i] = norm[i].data_ptr<T>();
     tree.perm[i] = perm[i].data_ptr<int64_t>();
   }
@@ -612,30 +650,30 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
   // nodes (none at the root).
   const int64_t threads = at::get_num_threads();
   int64_t level = 0;
-  auto init = at::empty({2, M * G, 2 * d}, opts);
+  auto init = at::empty({2, M * G, 2 * dp}, opts);
   const T* level_init = nullptr;
   for (; level + 1 < num_levels && M * (int64_t(1) << level) < 2 * threads;
        ++level) {
     const int64_t tasks = M << level;
     T* child_init = init[level % 2].data_ptr<T>();
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Scratch<T> scratch(d, total >> level);
+      Scratch<T> scratch(dp, total >> level);
       for (int64_t task = begin; task < end; ++task) {
         tree.split(level, task,
                    level_init == nullptr ? nullptr
-                                         : level_init + task * 2 * d,
-                   child_init + task * 4 * d, scratch);
+                                         : level_init + task * 2 * dp,
+                   child_init + task * 4 * dp, scratch);
       }
     });
     level_init = child_init;
   }
   at::parallel_for(0, M << level, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> scratch(d, total >> level);
-    std::vector<T> stack(4 * d * (num_levels - level));
+    Scratch<T> scratch(dp, total >> level);
+    std::vector<T> stack(4 * dp * (num_levels - level));
     for (int64_t task = begin; task < end; ++task) {
       tree.subtree(level, task,
                    level_init == nullptr ? nullptr
-                                         : level_init + task * 2 * d,
+                                         : level_init + task * 2 * dp,
                    stack.data(), scratch);
     }
   });
