@@ -50,9 +50,10 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Small dense products on packed buffers.
 // ---------------------------------------------------------------------------
 
-// C[R x NV vectors] (+)= A[R x k] * B[k x NV vectors]: A row-major with
-// stride lda, B and C row-major with strides ldb and ldc.
-template <typename T, int Bytes, int R, int NV>
+// C[R x NV vectors] (+)= A[R x k] * B[k x NV vectors]: B and C row-major
+// with strides ldb and ldc; A row-major with stride lda, or, with TransA,
+// stored transposed (A[r, p] at A[p * lda + r]).
+template <typename T, int Bytes, int R, int NV, bool TransA>
 BOAT_MM_INLINE void gemm_tile(const T* A, int64_t lda, const T* B,
                               int64_t ldb, T* C, int64_t ldc, int64_t k,
                               bool accumulate) {
@@ -69,7 +70,7 @@ BOAT_MM_INLINE void gemm_tile(const T* A, int64_t lda, const T* B,
     V b[NV];
     for (int v = 0; v < NV; ++v) b[v] = S::load(B + p * ldb + v * W);
     for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + p];
+      const T a = TransA ? A[p * lda + r] : A[r * lda + p];
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
@@ -78,51 +79,62 @@ BOAT_MM_INLINE void gemm_tile(const T* A, int64_t lda, const T* B,
   }
 }
 
-template <typename T, int Bytes, int NV>
+// Rows in tiles of R (12 accumulators with NV), then the remainder.
+template <typename T, int Bytes, int NV, bool TransA>
 BOAT_MM_INLINE void gemm_rows(int64_t m, int64_t k, const T* A, int64_t lda,
                               const T* B, int64_t ldb, T* C, int64_t ldc,
                               bool accumulate) {
+  constexpr int R = NV == 3 ? 4 : 6;
+  const int64_t row_step = TransA ? 1 : lda;
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    gemm_tile<T, Bytes, 4, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k,
-                               accumulate);
+  for (; i + R <= m; i += R) {
+    gemm_tile<T, Bytes, R, NV, TransA>(A + i * row_step, lda, B, ldb,
+                                       C + i * ldc, ldc, k, accumulate);
   }
-  A += i * lda;
+  A += i * row_step;
   C += i * ldc;
   switch (m - i) {
-    case 3:
-      gemm_tile<T, Bytes, 3, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
-      break;
-    case 2:
-      gemm_tile<T, Bytes, 2, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
-      break;
-    case 1:
-      gemm_tile<T, Bytes, 1, NV>(A, lda, B, ldb, C, ldc, k, accumulate);
-      break;
+#define BOAT_MM_ROWS_CASE(REST)                                           \
+  case REST:                                                             \
+    if constexpr (REST < R) {                                            \
+      gemm_tile<T, Bytes, REST, NV, TransA>(A, lda, B, ldb, C, ldc, k,   \
+                                            accumulate);                 \
+    }                                                                    \
+    break;
+    BOAT_MM_ROWS_CASE(1)
+    BOAT_MM_ROWS_CASE(2)
+    BOAT_MM_ROWS_CASE(3)
+    BOAT_MM_ROWS_CASE(4)
+    BOAT_MM_ROWS_CASE(5)
+#undef BOAT_MM_ROWS_CASE
     default:
       break;
   }
 }
 
-// C[m x n] (+)= A[m x k] * B[k x n]. n is rounded up to whole vectors: B
-// and C must have room (and B finite values) up to that column.
-template <typename T, int Bytes>
+// C[m x n] (+)= A[m x k] * B[k x n] (A transposed with TransA). n is
+// rounded up to whole vectors: B and C must have room (and B finite
+// values) up to that column. Column blocks of 3 vectors (4 rows per tile)
+// or 2 (6 rows), never 1 when avoidable: a tile needs many multiply-adds
+// per broadcast of A.
+template <typename T, int Bytes, bool TransA = false>
 BOAT_MM_INLINE void gemm(int64_t m, int64_t n, int64_t k, const T* A,
                          int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool accumulate) {
   constexpr int64_t W = Simd<T, Bytes>::kLanes;
   const int64_t nv = (n + W - 1) / W;
   int64_t j = 0;
-  for (; j + 3 <= nv; j += 3) {
-    gemm_rows<T, Bytes, 3>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
-                           accumulate);
+  for (; nv - j >= 5 || nv - j == 3; j += 3) {
+    gemm_rows<T, Bytes, 3, TransA>(m, k, A, lda, B + j * W, ldb, C + j * W,
+                                   ldc, accumulate);
   }
-  if (nv - j == 2) {
-    gemm_rows<T, Bytes, 2>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
-                           accumulate);
-  } else if (nv - j == 1) {
-    gemm_rows<T, Bytes, 1>(m, k, A, lda, B + j * W, ldb, C + j * W, ldc,
-                           accumulate);
+  for (; nv - j >= 2; j += 2) {
+    gemm_rows<T, Bytes, 2, TransA>(m, k, A, lda, B + j * W, ldb, C + j * W,
+                                   ldc, accumulate);
+  }
+  if (nv - j == 1) {
+    gemm_rows<T, Bytes, 1, TransA>(m, k, A, lda, B + j * W, ldb, C + j * W,
+                                   ldc, accumulate);
   }
 }
 
@@ -155,6 +167,26 @@ BOAT_MM_INLINE T exp_row(T* row, int64_t n, T shift) {
     for (int64_t j = n; j < np; ++j) row[j] = 0;
   }
   return sum;
+}
+
+// max_{j < n} row[j].
+template <typename T, int Bytes>
+BOAT_MM_INLINE T row_max(const T* row, int64_t n) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::V;
+  constexpr int64_t W = S::kLanes;
+  T mx = row[0];
+  int64_t j = 0;
+  if (n >= W) {
+    V m = S::load(row);
+    for (j = W; j + W <= n; j += W) {
+      const V x = S::load(row + j);
+      m = x > m ? x : m;
+    }
+    for (int64_t l = 0; l < W; ++l) mx = std::max(mx, m[l]);
+  }
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
 }
 
 // ---------------------------------------------------------------------------
@@ -212,23 +244,21 @@ struct PairTask {
 // (queries, keys) buffers, with a vector of slack for unaligned starts.
 template <typename T>
 struct Buffers {
-  int64_t dp, ld, lq;
+  int64_t dp, ld;
   std::vector<T> mem;
   std::vector<T*> ptr;
 
   Buffers(int64_t d, int64_t S, int64_t W, int count_rows, int count_trans,
-          int count_scores, int count_query_rows, int count_transposed_p) {
+          int count_scores, int count_query_rows) {
     dp = round_up(d, W);
     ld = round_up(2 * S, W) + W;
-    lq = S;
     const int64_t rows = 2 * S * dp, trans = d * ld, scores = S * ld,
-                  qrows = S * dp, tp = 2 * S * lq;
+                  qrows = S * dp;
     std::vector<int64_t> sizes;
     for (int i = 0; i < count_rows; ++i) sizes.push_back(rows);
     for (int i = 0; i < count_trans; ++i) sizes.push_back(trans);
     for (int i = 0; i < count_scores; ++i) sizes.push_back(scores);
     for (int i = 0; i < count_query_rows; ++i) sizes.push_back(qrows);
-    for (int i = 0; i < count_transposed_p; ++i) sizes.push_back(tp);
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s, 16);
     // Zero once: the padding columns of the packed rows stay zero.
@@ -275,7 +305,7 @@ BOAT_MM_INLINE void forward_impl(const Problem<T>& pb, T* out, T* lse,
   constexpr int64_t W = Simd<T, Bytes>::kLanes;
   const int64_t d = pb.d, S = pb.S;
   Buffers<T> buf(d, S, W, /*rows=*/2, /*trans=*/1, /*scores=*/1,
-                 /*query_rows=*/1, 0);
+                 /*query_rows=*/1);
   const int64_t dp = buf.dp, ld = buf.ld;
   T* Q = buf.ptr[0];   // (nt, dp) queries times scale
   T* Vr = buf.ptr[1];  // (nt, dp) values
@@ -297,7 +327,7 @@ BOAT_MM_INLINE void forward_impl(const Problem<T>& pb, T* out, T* lse,
                      false);
       for (int64_t i = 0; i < h.nq; ++i) {
         T* row = P + i * ld;
-        const T mx = *std::max_element(row, row + h.nk);
+        const T mx = row_max<T, Bytes>(row, h.nk);
         const T sum = exp_row<T, Bytes>(row, h.nk, mx);
         inv[i] = T(1) / sum;
         lse_pair[t.slot(h.q0 + i, S)] = mx + std::log(sum);
@@ -339,20 +369,20 @@ BOAT_MM_INLINE void backward_impl(const Problem<T>& pb, const T* grad_out,
   constexpr int64_t W = Simd<T, Bytes>::kLanes;
   const int64_t d = pb.d, S = pb.S, C = pb.C, C3 = 3 * pb.C;
   Buffers<T> buf(d, S, W, /*rows=*/5, /*trans=*/2, /*scores=*/2,
-                 /*query_rows=*/1, /*transposed_p=*/2);
-  const int64_t dp = buf.dp, ld = buf.ld, lq = buf.lq;
-  T* Q = buf.ptr[0];     // (nt, dp) queries times scale
-  T* Kr = buf.ptr[1];    // (nt, dp) keys
-  T* dO = buf.ptr[2];    // (nt, dp) output gradients
-  T* dK = buf.ptr[3];    // (nt, dp) key gradients
-  T* dV = buf.ptr[4];    // (nt, dp) value gradients
-  T* Kt = buf.ptr[5];    // (d, ld) keys, dimension-major
-  T* Vt = buf.ptr[6];    // (d, ld) values, dimension-major
-  T* P = buf.ptr[7];     // (nq, ld) probabilities
-  T* dS = buf.ptr[8];    // (nq, ld) dP, then score gradients
-  T* dQ = buf.ptr[9];    // (nq, dp) query gradients / scale
-  T* PT = buf.ptr[10];   // (nk, lq) probabilities, transposed
-  T* dST = buf.ptr[11];  // (nk, lq) score gradients, transposed
+                 /*query_rows=*/1);
+  const int64_t dp = buf.dp, ld = buf.ld;
+  T* Q = buf.ptr[0];   // (nt, dp) queries times scale
+  T* Kr = buf.ptr[1];  // (nt, dp) keys
+  T* dO = buf.ptr[2];  // (nt, dp) output gradients
+  T* dK = buf.ptr[3];  // (nt, dp) key gradients
+  T* dV = buf.ptr[4];  // (nt, dp) value gradients
+  T* Kt = buf.ptr[5];  // (d, ld) keys, dimension-major
+  T* Vt = buf.ptr[6];  // (d, ld) values, dimension-major
+  T* P = buf.ptr[7];   // (nq, ld) probabilities
+  T* dS = buf.ptr[8];  // (nq, ld) dP, then score gradients
+  T* dQ = buf.ptr[9];  // (nq, dp) query gradients / scale
+  using Sv = Simd<T, Bytes>;
+  using V = typename Sv::V;
   for (int64_t task = begin; task < end; ++task) {
     const PairTask t(pb, task);
     pack<T>(pb, t, 0, pb.scale, dp, ld, Q, nullptr);
@@ -377,22 +407,23 @@ BOAT_MM_INLINE void backward_impl(const Problem<T>& pb, const T* grad_out,
         T* p = P + i * ld;
         T* ds = dS + i * ld;
         exp_row<T, Bytes>(p, h.nk, lse_pair[t.slot(h.q0 + i, S)]);
-        // D_i = sum_j P_ij dP_ij = dO_i . O_i.
-        T D = 0;
-        for (int64_t j = 0; j < h.nk; ++j) D += p[j] * ds[j];
-        for (int64_t j = 0; j < h.nk; ++j) {
-          ds[j] = p[j] * (ds[j] - D);
-          PT[j * lq + i] = p[j];
-          dST[j * lq + i] = ds[j];
+        // D_i = sum_j P_ij dP_ij (= dO_i . O_i); both are 0 past nk.
+        V acc = {};
+        for (int64_t j = 0; j < h.nk; j += W) {
+          acc += Sv::load(p + j) * Sv::load(ds + j);
+        }
+        const T D = Sv::sum(acc);
+        for (int64_t j = 0; j < h.nk; j += W) {
+          Sv::store(ds + j, Sv::load(p + j) * (Sv::load(ds + j) - D));
         }
       }
       // dQ = scale * dS K; dK += dS^T (scale * Q); dV += P^T dO.
       gemm<T, Bytes>(h.nq, d, h.nk, dS, ld, Kr + h.k0 * dp, dp, dQ, dp,
                      false);
-      gemm<T, Bytes>(h.nk, d, h.nq, dST, lq, Q + h.q0 * dp, dp,
-                     dK + h.k0 * dp, dp, true);
-      gemm<T, Bytes>(h.nk, d, h.nq, PT, lq, dO + h.q0 * dp, dp,
-                     dV + h.k0 * dp, dp, true);
+      gemm<T, Bytes, true>(h.nk, d, h.nq, dS, ld, Q + h.q0 * dp, dp,
+                           dK + h.k0 * dp, dp, true);
+      gemm<T, Bytes, true>(h.nk, d, h.nq, P, ld, dO + h.q0 * dp, dp,
+                           dV + h.k0 * dp, dp, true);
       for (int64_t i = 0; i < h.nq; ++i) {
         T* dst = grad + (t.b * pb.N + t.token(h.q0 + i, S)) * C3 + t.head * d;
         for (int64_t k = 0; k < d; ++k) dst[k] = dQ[i * dp + k] * pb.scale;
