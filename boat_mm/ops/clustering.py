@@ -38,7 +38,7 @@ Two implementations compute this rule, chosen by ``impl`` in
   (``boat_mm/ops/csrc/clustering.cpp``, built by ``pip install -e .``),
   which splits each node in one pass over its tokens per k-means step
   while they are in cache, instead of six memory-bound matmul passes per
-  level; 2-5x faster on the CPU. The same arithmetic, with sums in another
+  level; 3-7x faster on the CPU. The same arithmetic, with sums in another
   order: float64 gives identical clusters, float32 agrees up to near-ties.
   It has a fake kernel, so ``torch.compile`` treats it as one opaque op.
 
@@ -74,9 +74,9 @@ def _load_cpu_kernel() -> bool:
         # Built, but does not load (e.g. compiled against another torch):
         # say so instead of silently running slower.
         warnings.warn(
-            f'boat_mm._C does not load ({e}); FSLA clustering falls back '
-            f'to tensor ops. Rebuild it with `pip install '
-            f'--no-build-isolation -e .`.')
+            f'boat_mm._C does not load ({e}); FSLA (clustering and '
+            f'clustered attention) falls back to tensor ops. Rebuild it '
+            f'with `pip install --no-build-isolation -e .`.')
         return False
 
     @torch.library.register_fake('boat_mm::balanced_clustering')
@@ -92,7 +92,8 @@ _HAS_CPU_KERNEL = _load_cpu_kernel()
 
 
 def cpu_kernel_available() -> bool:
-    """Whether the C++ clustering kernel (``boat_mm._C``) is built."""
+    """Whether the C++ CPU kernels (``boat_mm._C``: the clustering and the
+    clustered attention) are built and loaded."""
     return _HAS_CPU_KERNEL
 
 

@@ -213,6 +213,7 @@ struct Problem {
 // [s0 - min(s0, overlap), s0 + s1): the last ones of 2j and its own.
 struct PairTask {
   int64_t b, head, s0, s1, nt;
+  int64_t first_slot;         // of the pair, in the (M, perm_stride) arrays
   const int64_t* slot_token;  // the pair's 2S slots
 
   template <typename T>
@@ -223,7 +224,8 @@ struct PairTask {
     s0 = pb.sizes[2 * p];
     s1 = pb.sizes[2 * p + 1];
     nt = s0 + s1;
-    slot_token = pb.perm + m * pb.perm_stride + p * 2 * pb.S;
+    first_slot = m * pb.perm_stride + p * 2 * pb.S;
+    slot_token = pb.perm + first_slot;
   }
 
   // Token and slot (within the pair) of packed position i.
@@ -273,13 +275,30 @@ struct Buffers {
 
 // Packs rows of channel block `which` (0 q, 1 k, 2 v) of the pair's tokens:
 // row-major (nt, dp) times `mul` into `rows` and/or dimension-major
-// (d, ld) into `trans` (zero past nt). nullptr skips either.
+// (d, ld) into `trans` (zero past nt). nullptr skips either. The pass
+// over the queries (which = 0) also prefetches the q, k and v of the
+// tokens a few places ahead: a cluster's tokens lie anywhere in the map,
+// so on large maps every row is a cache miss otherwise.
 template <typename T>
 BOAT_MM_INLINE void pack(const Problem<T>& pb, const PairTask& t, int which,
                          T mul, int64_t dp, int64_t ld, T* rows, T* trans) {
+  constexpr int64_t kAhead = 8;
   const int64_t d = pb.d, C3 = 3 * pb.C;
-  const T* base = pb.qkv + t.b * pb.N * C3 + which * pb.C + t.head * d;
+  const T* sample = pb.qkv + t.b * pb.N * C3 + t.head * d;
+  const T* base = sample + which * pb.C;
   for (int64_t i = 0; i < t.nt; ++i) {
+#if defined(__GNUC__)
+    if (which == 0 && i + kAhead < t.nt) {
+      const char* ahead = reinterpret_cast<const char*>(
+          sample + t.token(i + kAhead, pb.S) * C3);
+      for (int w = 0; w < 3; ++w) {
+        const char* chunk = ahead + w * pb.C * sizeof(T);
+        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64) {
+          __builtin_prefetch(chunk + b);
+        }
+      }
+    }
+#endif
     const T* src = base + t.token(i, pb.S) * C3;
     if (rows != nullptr) {
       for (int64_t c = 0; c < d; ++c) rows[i * dp + c] = src[c] * mul;
@@ -318,8 +337,7 @@ BOAT_MM_INLINE void forward_impl(const Problem<T>& pb, T* out, T* lse,
     pack<T>(pb, t, 0, pb.scale, dp, ld, Q, nullptr);
     pack<T>(pb, t, 1, T(1), dp, ld, nullptr, Kt);
     pack<T>(pb, t, 2, T(1), dp, ld, Vr, nullptr);
-    T* lse_pair = lse + (task / pb.P) * pb.perm_stride +
-                  (task % pb.P) * 2 * S;
+    T* lse_pair = lse + t.first_slot;
     for (int c = 0; c < 2; ++c) {
       const auto h = t.half(c, pb.overlap);
       if (h.nq == 0) continue;
@@ -394,8 +412,7 @@ BOAT_MM_INLINE void backward_impl(const Problem<T>& pb, const T* grad_out,
     }
     std::fill(dK, dK + t.nt * dp, T(0));
     std::fill(dV, dV + t.nt * dp, T(0));
-    const T* lse_pair = lse + (task / pb.P) * pb.perm_stride +
-                        (task % pb.P) * 2 * S;
+    const T* lse_pair = lse + t.first_slot;
     for (int c = 0; c < 2; ++c) {
       const auto h = t.half(c, pb.overlap);
       if (h.nq == 0) continue;

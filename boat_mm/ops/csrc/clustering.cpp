@@ -8,9 +8,11 @@
 // task that makes few passes over its tokens (in cache when the node fits):
 // one per soft k-means iteration (similarities, weights and centroid sums
 // fused), one for the final ratios, a radix sort, and the move of its
-// tokens into the two children, which also sums the children's initial
-// centroids. The tensor implementation reads every token six times per
-// level, in batched matmuls with two output rows.
+// tokens into the two children, after which the children's initial
+// centroids are summed while they are in cache. Vectors are stored token
+// by token, so a move is a few vector copies per token. The tensor
+// implementation reads every token six times per level, in batched
+// matmuls with two output rows.
 //
 // The arithmetic is the same; sums are accumulated in a different order,
 // so float32 results agree up to rounding (a near-tie may rank two tokens
