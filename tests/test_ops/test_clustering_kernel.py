@@ -117,6 +117,21 @@ def test_kernel_does_not_depend_on_thread_count(rows):
 
 
 @needs_kernel
+def test_kernel_buffers_kept_and_fresh():
+    """The kernel keeps its vector buffers between calls up to 64 MiB and
+    allocates larger ones afresh: calls of growing, shrinking and too large
+    sizes (float64, 2 buffers x 17408 slots x 256 dims = 68 MiB) in a row
+    all equal the tensor ops."""
+    torch.manual_seed(6)
+    for n, dims in ((300, 16), (17000, 256), (3000, 32), (300, 16)):
+        plan = build_cluster_plan(n)
+        assert n < 17000 or plan.slot_size * plan.num_clusters == 17408
+        x = torch.randn(1, n, dims, dtype=torch.float64)
+        ours, ref = _both(x, plan)
+        assert torch.equal(ours, ref)
+
+
+@needs_kernel
 def test_kernel_ignores_other_rows():
     """Each row is clustered on its own (batch independence)."""
     plan = build_cluster_plan(15 * 20)

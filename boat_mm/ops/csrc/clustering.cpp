@@ -592,6 +592,30 @@ struct Tree {
   }
 };
 
+// The vector buffers of one call: memory of the calling thread kept
+// between calls, up to kMaxKeptBytes (fresh buffers of this size cost page
+// faults on every call, about a tenth of the kernel at 128^2 tokens), or a
+// fresh allocation beyond that. The threads of at::parallel_for only use
+// the buffers of the call that owns them.
+constexpr size_t kMaxKeptBytes = size_t(64) << 20;
+
+template <typename T>
+struct Workspace {
+  std::unique_ptr<T[]> fresh;
+  T* data;
+  explicit Workspace(int64_t count) {
+    thread_local std::vector<T> kept;
+    const size_t n = static_cast<size_t>(count);
+    if (n * sizeof(T) > kMaxKeptBytes) {
+      fresh.reset(new T[n]);
+      data = fresh.get();
+      return;
+    }
+    if (kept.size() < n) kept.resize(n);
+    data = kept.data();
+  }
+};
+
 template <typename T>
 at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
                         int64_t slot_size, int64_t kmeans_iters,
@@ -613,8 +637,8 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
   auto opts = x.options();
   // Per row, node after node: (cap, dp) unit vectors and (cap,) norms, in
   // two buffers used by alternate levels; padding slots are never read.
-  at::Tensor unit[2] = {at::empty({M, total, dp}, opts),
-                        at::empty({M, total, dp}, opts)};
+  Workspace<T> space(2 * M * total * dp);
+  T* unit[2] = {space.data, space.data + M * total * dp};
   at::Tensor norm[2] = {at::empty({M, total}, opts),
                         at::empty({M, total}, opts)};
   at::Tensor perm[2] = {at::empty({M, total}, opts.dtype(at::kLong)),
@@ -622,7 +646,7 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
 
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    prepare_rows(xp, N, d, dp, total, unit[0].data_ptr<T>(),
+    prepare_rows(xp, N, d, dp, total, unit[0],
                  norm[0].data_ptr<T>(), perm[0].data_ptr<int64_t>(), begin,
                  end);
   });
@@ -639,7 +663,7 @@ at::Tensor cluster_impl(const at::Tensor& x, int64_t num_levels,
   tree.kmeans_iters = kmeans_iters;
   tree.temperature = static_cast<T>(temperature);
   for (int64_t i = 0; i < 2; ++i) {
-    tree.unit[i] = unit[i].data_ptr<T>();
+    tree.unit[i] = unit[i];
     tree.norm[i] = norm[i].data_ptr<T>();
     tree.perm[i] = perm[i].data_ptr<int64_t>();
   }
