@@ -13,8 +13,9 @@ HERE = osp.dirname(osp.abspath(__file__))
 def get_extensions() -> tuple:
     """The C++ kernels (``boat_mm._C``), unless ``BOAT_MM_WITH_OPS=0``.
 
-    Without them boat_mm runs on its pure tensor implementation (slower
-    clustering on the CPU, same results); see ``boat_mm/ops/clustering.py``.
+    Without them FSLA runs on its tensor implementation (slower clustering
+    and clustered attention on the CPU, same results up to float rounding);
+    see ``boat_mm/ops/clustering.py`` and ``clustered_attn.py``.
     """
     # The kernels use GCC/Clang vector extensions: no MSVC build.
     if os.getenv('BOAT_MM_WITH_OPS', '1') == '0' or sys.platform == 'win32':

@@ -50,7 +50,7 @@ MAIN_SHAPES = [(s, c, h) for c, h in ((64, 2), (256, 8))
 ANCHOR_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8)]
 QUICK_SHAPES = [(56, 64, 2), (28, 128, 4), (14, 256, 8), (128, 64, 2)]
 METHODS = ('fsla', 'fsla-tensor', 'window', 'global', 'public')
-# FSLA variants: clustering implementation of each.
+# FSLA variants: the implementation (clustering and attention) of each.
 FSLA_IMPLS = {'fsla': 'auto', 'fsla-tensor': 'tensor'}
 
 

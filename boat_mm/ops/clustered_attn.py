@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import clustering as _clustering
-from .clustering import CLUSTERING_IMPLS, ClusterPlan
+from .clustering import ClusterPlan, check_impl
 
 __all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
 
@@ -83,9 +83,7 @@ if _clustering.cpu_kernel_available():
 
 def _use_cpu_kernel(qkv: Tensor, dropout_p: float, impl: str) -> bool:
     """Whether :func:`clustered_attention` runs the C++ op (see above)."""
-    if impl not in CLUSTERING_IMPLS:
-        raise ValueError(
-            f"impl must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
+    check_impl(impl)
     if impl == 'tensor':
         return False
     # Looked up on the module, so that tests can switch the kernels off.
@@ -95,11 +93,7 @@ def _use_cpu_kernel(qkv: Tensor, dropout_p: float, impl: str) -> bool:
         return (built and qkv.device.type == 'cpu' and supported
                 and dropout_p == 0 and not torch.jit.is_tracing())
     if not built:
-        raise RuntimeError(
-            "impl='cpp' needs the C++ kernels boat_mm._C, which are not "
-            "built: run `pip install --no-build-isolation -e .` with a C++ "
-            "compiler (and without BOAT_MM_WITH_OPS=0), or use "
-            "impl='tensor'.")
+        raise _clustering._kernels_not_built()
     if qkv.device.type != 'cpu' or not supported or dropout_p != 0:
         raise ValueError(
             f"impl='cpp' supports float32/float64 CPU tensors without "

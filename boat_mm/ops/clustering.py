@@ -55,11 +55,27 @@ from torch import Tensor
 
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
-    'cluster_ids_from_perm', 'cpu_kernel_available', 'CLUSTERING_IMPLS'
+    'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl'
 ]
 
-# Values of ``impl`` in balanced_hierarchical_clustering.
-CLUSTERING_IMPLS = ('auto', 'cpp', 'tensor')
+# Values of ``impl`` of the FSLA ops (clustering, clustered attention).
+_IMPLS = ('auto', 'cpp', 'tensor')
+
+
+def check_impl(impl: str, name: str = 'impl') -> None:
+    """Raise a ValueError unless ``impl`` is ``'auto'``, ``'cpp'`` or
+    ``'tensor'`` (``name``: the argument, for the message)."""
+    if impl not in _IMPLS:
+        raise ValueError(
+            f"{name} must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
+
+
+def _kernels_not_built() -> RuntimeError:
+    """The error of ``impl='cpp'`` without ``boat_mm._C``."""
+    return RuntimeError(
+        "impl='cpp' needs the C++ kernels boat_mm._C, which are not built: "
+        "run `pip install --no-build-isolation -e .` with a C++ compiler "
+        "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
 
 
 def _load_cpu_kernel() -> bool:
@@ -320,16 +336,10 @@ def balanced_hierarchical_clustering(x: Tensor,
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '
                          f'N={x.shape[1]}.')
-    if impl not in CLUSTERING_IMPLS:
-        raise ValueError(
-            f"impl must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
+    check_impl(impl)
     if impl == 'cpp':
         if not _HAS_CPU_KERNEL:
-            raise RuntimeError(
-                "impl='cpp' needs the C++ kernel boat_mm._C, which is not "
-                "built: run `pip install --no-build-isolation -e .` with a "
-                "C++ compiler (and without BOAT_MM_WITH_OPS=0), or use "
-                "impl='tensor'.")
+            raise _kernels_not_built()
         if x.device.type != 'cpu':
             raise ValueError(
                 f"impl='cpp' runs on the CPU, got a tensor on {x.device}; "

@@ -203,7 +203,7 @@ MIN_MARGIN = 1e-5
 
 
 @pytest.fixture(autouse=True, params=['cpp', 'tensor'])
-def clustering_impl(request, monkeypatch):
+def kernels(request, monkeypatch):
     """Every test runs with both implementations behind 'auto': the C++ CPU
     kernels (clustering and clustered attention) and the tensor ops (the
     path of other devices)."""

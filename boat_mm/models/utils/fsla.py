@@ -7,8 +7,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from boat_mm.ops import (CLUSTERING_IMPLS, ClusterPlan,
-                         balanced_hierarchical_clustering, build_cluster_plan,
+from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
+                         build_cluster_plan, check_impl,
                          cluster_ids_from_perm, clustered_attention)
 from boat_mm.registry import MODELS
 
@@ -91,12 +91,8 @@ class FeatureSpaceLocalAttention(BaseModule):
         if kmeans_iters < 0:
             raise ValueError(
                 f'kmeans_iters must be >= 0, got {kmeans_iters}.')
-        for name, impl in (('clustering_impl', clustering_impl),
-                           ('attention_impl', attention_impl)):
-            if impl not in CLUSTERING_IMPLS:
-                raise ValueError(
-                    f"{name} must be 'auto', 'cpp' or 'tensor', got "
-                    f'{impl!r}.')
+        check_impl(clustering_impl, 'clustering_impl')
+        check_impl(attention_impl, 'attention_impl')
         self.clustering_impl = clustering_impl
         self.attention_impl = attention_impl
         self.embed_dims = embed_dims
