@@ -30,76 +30,16 @@ Two implementations compute it, chosen by ``impl`` in
 without attention dropout when it is built, and the tensor ops otherwise
 (also under ``torch.jit`` tracing, so that FLOP counters see the SDPA).
 """
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import clustering as _clustering
-from .clustering import ClusterPlan, check_impl
+from ._backends import ATTENTION, select_backend
+from .clustering import ClusterPlan
 
 __all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
-
-
-def _register_cpu_kernel() -> None:
-    """Fake kernels and the autograd formula of the C++ op."""
-
-    @torch.library.register_fake('boat_mm::clustered_attention')
-    def _fake(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
-              slot_size: int, overlap: int, scale: float,
-              hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-        B, N, C3 = qkv.shape
-        image = (qkv.new_empty(B, C3 // 3, *hw_shape)
-                 if len(hw_shape) else qkv.new_empty(0))
-        return qkv.new_empty(B, N, C3 // 3), image, qkv.new_empty(perm.shape)
-
-    @torch.library.register_fake('boat_mm::clustered_attention_backward')
-    def _fake_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
-                       perm: Tensor, slot_valid: Tensor, lse: Tensor,
-                       num_heads: int, slot_size: int, overlap: int,
-                       scale: float) -> Tensor:
-        return torch.empty_like(qkv)
-
-    def setup_context(ctx, inputs, output) -> None:
-        qkv, perm, slot_valid, *args, _ = inputs
-        ctx.save_for_backward(qkv, perm, slot_valid, output[2])
-        ctx.args = args  # num_heads, slot_size, overlap, scale
-
-    def backward(ctx, grad_out: Tensor, grad_image: Tensor, _grad_lse):
-        qkv, perm, slot_valid, lse = ctx.saved_tensors
-        grad = torch.ops.boat_mm.clustered_attention_backward(
-            grad_out, grad_image, qkv, perm, slot_valid, lse, *ctx.args)
-        return (grad, ) + (None, ) * 7
-
-    torch.library.register_autograd(
-        'boat_mm::clustered_attention', backward,
-        setup_context=setup_context)
-
-
-if _clustering.cpu_kernel_available():
-    _register_cpu_kernel()
-
-
-def _use_cpu_kernel(qkv: Tensor, dropout_p: float, impl: str) -> bool:
-    """Whether :func:`clustered_attention` runs the C++ op (see above)."""
-    check_impl(impl)
-    if impl == 'tensor':
-        return False
-    # Looked up on the module, so that tests can switch the kernels off.
-    built = _clustering._HAS_CPU_KERNEL
-    supported = qkv.dtype in (torch.float32, torch.float64)
-    if impl == 'auto':
-        return (built and qkv.device.type == 'cpu' and supported
-                and dropout_p == 0 and not torch.jit.is_tracing())
-    if not built:
-        raise _clustering._kernels_not_built()
-    if qkv.device.type != 'cpu' or not supported or dropout_p != 0:
-        raise ValueError(
-            f"impl='cpp' supports float32/float64 CPU tensors without "
-            f"attention dropout, got a {qkv.dtype} tensor on {qkv.device} "
-            f"and dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
-    return True
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -251,7 +191,7 @@ def clustered_attention(
     B, N, C3 = qkv.shape
     C = C3 // 3
     h, d = num_heads, C // num_heads
-    use_cpp = _use_cpu_kernel(qkv, dropout_p, impl)
+    op = select_backend(ATTENTION, impl, qkv, dropout_p).op(ATTENTION)
     if plan.num_clusters == 1:
         # One cluster: plain attention, no permutation needed at all.
         q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -261,8 +201,8 @@ def clustered_attention(
         if hw_shape is None:
             return out
         return out, _value_image(qkv, hw_shape)
-    if use_cpp:
-        out, v_image, _ = torch.ops.boat_mm.clustered_attention(
+    if op is not None:
+        out, v_image, _ = op(
             qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,
             d**-0.5 if scale is None else float(scale),
             [] if hw_shape is None else [int(n) for n in hw_shape])

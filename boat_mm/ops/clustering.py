@@ -45,7 +45,10 @@ Two implementations compute this rule, chosen by ``impl`` in
 ``'auto'`` (the default) takes the C++ kernel for CPU tensors when it is
 built, the tensor implementation otherwise.
 """
+import importlib.util
 import math
+import mmap
+import os
 import warnings
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -53,22 +56,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The schemas of the ops come first: boat_mm._C only registers kernels.
+from . import _library  # noqa: F401
+from ._backends import CLUSTERING, check_impl, select_backend
+
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
     'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl'
 ]
-
-# Values of ``impl`` of the FSLA ops (clustering, clustered attention).
-_IMPLS = ('auto', 'cpp', 'tensor')
-
-
-def check_impl(impl: str, name: str = 'impl') -> None:
-    """Raise a ValueError unless ``impl`` is ``'auto'``, ``'cpp'`` or
-    ``'tensor'`` (``name``: the argument, for the message)."""
-    if impl not in _IMPLS:
-        raise ValueError(
-            f"{name} must be 'auto', 'cpp' or 'tensor', got {impl!r}.")
-
 
 def _kernels_not_built() -> RuntimeError:
     """The error of ``impl='cpp'`` without ``boat_mm._C``."""
@@ -78,29 +73,40 @@ def _kernels_not_built() -> RuntimeError:
         "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
 
 
+def _defines_schemas(path: Optional[str]) -> bool:
+    """Whether the library at ``path`` is an older build of ``boat_mm._C``
+    that defines the op schemas itself: loading it after
+    :mod:`._library` defined them would abort the process (a C++
+    exception during the library's static initialisation)."""
+    if not path or not os.path.isfile(path):
+        return False
+    with open(path, 'rb') as f, mmap.mmap(
+            f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(b'balanced_clustering(Tensor x') >= 0
+
+
 def _load_cpu_kernel() -> bool:
-    """Load ``boat_mm._C`` (registers ``torch.ops.boat_mm.*``) if built."""
+    """Load ``boat_mm._C`` (registers the CPU kernels of the
+    ``torch.ops.boat_mm`` ops) if built."""
     try:
+        spec = importlib.util.find_spec('boat_mm._C')
+        if spec is not None and _defines_schemas(spec.origin):
+            raise ImportError(f'{spec.origin} is an older build that '
+                              f'defines the op schemas itself')
         import boat_mm._C  # noqa: F401
     except ModuleNotFoundError as e:
         if e.name != 'boat_mm._C':
             raise
         return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
-    except ImportError as e:
-        # Built, but does not load (e.g. compiled against another torch):
-        # say so instead of silently running slower.
+    except (ImportError, RuntimeError) as e:
+        # Built, but does not load (e.g. compiled against another torch, or
+        # an older build that still defines the schemas itself): say so
+        # instead of silently running slower.
         warnings.warn(
             f'boat_mm._C does not load ({e}); FSLA (clustering and '
             f'clustered attention) falls back to tensor ops. Rebuild it '
             f'with `pip install --no-build-isolation -e .`.')
         return False
-
-    @torch.library.register_fake('boat_mm::balanced_clustering')
-    def _fake(x: Tensor, num_levels: int, slot_size: int, kmeans_iters: int,
-              temperature: float) -> Tensor:
-        return x.new_empty((x.shape[0], slot_size << num_levels),
-                           dtype=torch.long)
-
     return True
 
 
@@ -336,21 +342,12 @@ def balanced_hierarchical_clustering(x: Tensor,
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '
                          f'N={x.shape[1]}.')
-    check_impl(impl)
-    if impl == 'cpp':
-        if not _HAS_CPU_KERNEL:
-            raise _kernels_not_built()
-        if x.device.type != 'cpu':
-            raise ValueError(
-                f"impl='cpp' runs on the CPU, got a tensor on {x.device}; "
-                f"use impl='auto' or 'tensor'.")
-    use_cpp = impl == 'cpp' or (impl == 'auto' and _HAS_CPU_KERNEL
-                                and x.device.type == 'cpu')
-    if use_cpp:
-        with torch.autocast('cpu', enabled=False):
-            return torch.ops.boat_mm.balanced_clustering(
-                x, plan.num_levels, plan.slot_size, kmeans_iters,
-                float(temperature))
+    op = select_backend(CLUSTERING, impl, x).op(CLUSTERING)
+    if op is not None:
+        # Float32 math under autocast, as in the tensor ops.
+        with torch.autocast(x.device.type, enabled=False):
+            return op(x, plan.num_levels, plan.slot_size, kmeans_iters,
+                      float(temperature))
     return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
 
 

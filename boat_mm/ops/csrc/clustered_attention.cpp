@@ -19,8 +19,9 @@
 // Deterministic: a task is computed by one thread in a fixed order and
 // tasks write disjoint rows, so results do not depend on the thread count.
 //
-// The schemas are registered here; the fake kernels and the autograd
-// formula are registered from Python (boat_mm/ops/clustered_attn.py).
+// Only the CPU kernels are registered here: the schemas, the fake kernels,
+// the autograd formula and the other devices' kernels are registered from
+// Python (boat_mm/ops/_library.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -629,17 +630,6 @@ at::Tensor clustered_attention_backward_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(boat_mm, m) {
-  m.def(
-      "clustered_attention(Tensor qkv, Tensor perm, Tensor slot_valid, "
-      "int num_heads, int slot_size, int overlap, float scale, "
-      "int[] hw_shape) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "clustered_attention_backward(Tensor grad_out, Tensor grad_image, "
-      "Tensor qkv, Tensor perm, Tensor slot_valid, Tensor lse, "
-      "int num_heads, int slot_size, int overlap, float scale) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(boat_mm, CPU, m) {
   m.impl("clustered_attention", &clustered_attention_cpu);

@@ -19,8 +19,9 @@
 // the other way) and float64 results agree exactly in practice. The result
 // is deterministic: every node is computed by one thread in a fixed order.
 //
-// The schema is registered here; the fake (shape) kernel is registered from
-// Python (boat_mm/ops/clustering.py) so that torch.compile can trace it.
+// Only the CPU kernel is registered here: the schema, the fake (shape)
+// kernel and the other devices' kernels are registered from Python
+// (boat_mm/ops/_library.py), whether or not this library is built.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -739,19 +740,14 @@ at::Tensor balanced_clustering_cpu(const at::Tensor& x, int64_t num_levels,
 
 }  // namespace
 
-TORCH_LIBRARY(boat_mm, m) {
-  m.def(
-      "balanced_clustering(Tensor x, int num_levels, int slot_size, "
-      "int kmeans_iters, float temperature) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(boat_mm, CPU, m) {
   m.impl("balanced_clustering", &balanced_clustering_cpu);
 }
 
 }  // namespace boat_mm
 
-// `import boat_mm._C` loads this library, which registers the op above.
+// `import boat_mm._C` loads this library, which registers the CPU kernels
+// of the ops defined in boat_mm/ops/_library.py.
 static struct PyModuleDef boat_mm_c_module = {
     PyModuleDef_HEAD_INIT, "_C",
     "C++ kernels of boat_mm, registered as torch.ops.boat_mm.*", -1,

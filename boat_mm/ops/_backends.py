@@ -1,0 +1,202 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Which implementation runs an FSLA op: the one place that decides.
+
+``impl`` of :func:`~boat_mm.ops.balanced_hierarchical_clustering`,
+:func:`~boat_mm.ops.clustered_attention` and FSLA's ``clustering_impl`` /
+``attention_impl`` names a backend of :data:`BACKENDS`:
+
+- ``'tensor'``: the tensor ops of the public functions (any device, any
+  floating dtype, attention dropout);
+- ``'cpp'``: the C++ CPU kernels (``boat_mm._C``), the ``boat_mm`` ops
+  (see :mod:`boat_mm.ops._library`) on CPU tensors; the attention in
+  float32/float64 without dropout;
+- ``'triton'``: the Triton kernels, the ``boat_mm_triton`` ops;
+  CUDA tensors, or CPU tensors in Triton's interpreter
+  (``TRITON_INTERPRET=1``, for tests); the attention in float32,
+  bfloat16, float16 and float64, without dropout.
+
+``'auto'`` takes the first backend of :data:`AUTO_ORDER` that supports the
+input (``'triton'`` only on CUDA, and without float64, where the tensor
+ops stay the reference), except where a tracer must see tensor ops
+(:func:`tensor_ops_required`). A new backend is one more entry here (and
+its ops in :mod:`~boat_mm.ops._library`): the callers only ask
+:func:`select_backend` and call the op overload it returns.
+"""
+import importlib.util
+import os
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._library import TRITON_CLUSTERING, op_overload
+
+__all__ = [
+    'IMPLS', 'BACKENDS', 'AUTO_ORDER', 'Backend', 'check_impl',
+    'select_backend', 'tensor_ops_required', 'triton_interpreter_enabled'
+]
+
+# Values of ``impl``.
+IMPLS = ('auto', 'tensor', 'cpp', 'triton')
+# The ops, as named in torch.ops.boat_mm.
+CLUSTERING, ATTENTION = 'balanced_clustering', 'clustered_attention'
+
+# Looked up once (no import): the checks below also run under
+# torch.compile, which must not trace the import machinery.
+_HAS_TRITON = importlib.util.find_spec('triton') is not None
+_HAS_TRITON_CLUSTERING = (
+    _HAS_TRITON and importlib.util.find_spec(TRITON_CLUSTERING[0]) is not None)
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_impl(impl: str, name: str = 'impl') -> None:
+    """Raise a ValueError unless ``impl`` is a value of :data:`IMPLS`
+    (``name``: the argument, for the message)."""
+    if impl not in IMPLS:
+        raise ValueError(
+            f"{name} must be 'auto', 'cpp' or 'tensor', or 'triton' (GPU), "
+            f'got {impl!r}.')
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter."""
+    return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true',
+                                                               'on', 'yes')
+
+
+def tensor_ops_required(op: str) -> bool:
+    """Whether ``'auto'`` must take the tensor ops for ``op`` because a
+    tracer records the aten ops it runs (one rule for every caller)."""
+    # torch.jit tracing (FLOP counters) must see the attention's SDPA.
+    return op == ATTENTION and torch.jit.is_tracing()
+
+
+def _cpp_built() -> bool:
+    # Looked up on the module at every call, so that tests can switch the
+    # kernels off.
+    from . import clustering
+    return clustering._HAS_CPU_KERNEL
+
+
+def _cpp_unsupported(op: str, x: Tensor, dropout_p: float,
+                     auto: bool) -> Optional[Exception]:
+    from . import clustering
+    if not _cpp_built():
+        return clustering._kernels_not_built()
+    if op == CLUSTERING:
+        if x.device.type != 'cpu':
+            return ValueError(
+                f"impl='cpp' runs on the CPU, got a tensor on {x.device}; "
+                f"use impl='auto', 'tensor' or (CUDA) 'triton'.")
+        return None
+    if (x.device.type != 'cpu' or x.dtype not in _FLOATS[:2]
+            or dropout_p != 0):
+        return ValueError(
+            f"impl='cpp' supports float32/float64 CPU tensors without "
+            f"attention dropout, got a {x.dtype} tensor on {x.device} and "
+            f"dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
+    return None
+
+
+def _triton_unsupported(op: str, x: Tensor, dropout_p: float,
+                        auto: bool) -> Optional[Exception]:
+    if not _HAS_TRITON:
+        return RuntimeError(
+            "impl='triton' needs the triton package, which ships with "
+            "torch's CUDA wheels (`pip install triton` otherwise); or use "
+            "impl='auto' or 'tensor'.")
+    if op == CLUSTERING and not _HAS_TRITON_CLUSTERING:
+        return RuntimeError(
+            f"impl='triton' for the clustering needs the Triton clustering "
+            f"kernel ({TRITON_CLUSTERING[0]}), which this version of "
+            f"boat_mm does not have; use clustering_impl='auto' or "
+            f"'tensor'.")
+    if x.device.type == 'cuda':
+        pass
+    elif auto:
+        return ValueError('the interpreter is for tests only')
+    elif x.device.type != 'cpu' or not triton_interpreter_enabled():
+        return ValueError(
+            f"impl='triton' runs on CUDA tensors, got a tensor on "
+            f"{x.device}; use impl='auto' or 'tensor' (or 'cpp' on the "
+            f"CPU), or set TRITON_INTERPRET=1 before the first Triton call "
+            f"to run the kernels on CPU tensors in Triton's interpreter "
+            f"(slow; for tests).")
+    if x.dtype not in (_FLOATS[:1] + _FLOATS[2:] if auto else _FLOATS):
+        return ValueError(
+            f"impl='triton' supports float32, bfloat16, float16 and "
+            f"float64 tensors, got {x.dtype}; use impl='tensor'.")
+    if op == ATTENTION and dropout_p != 0:
+        return ValueError(
+            f"impl='triton' has no attention dropout, got "
+            f"dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
+    return None
+
+
+class Backend(NamedTuple):
+    """One implementation of the FSLA ops.
+
+    Attributes:
+        name (str): The value of ``impl`` that names it.
+        namespace (str | None): The ``torch.ops`` namespace of its ops;
+            None for the tensor ops of the public functions.
+        unsupported (Callable): ``(op, x, dropout_p, auto) -> Exception |
+            None``: why it cannot run ``op`` on input ``x`` (``auto``: as
+            the choice of ``impl='auto'``), None when it can.
+    """
+    name: str
+    namespace: Optional[str]
+    unsupported: Callable[[str, Tensor, float, bool], Optional[Exception]]
+
+    def op(self, op: str) -> Optional[torch._ops.OpOverload]:
+        """The op that runs ``op`` (None: the tensor ops)."""
+        return None if self.namespace is None else op_overload(
+            op, self.namespace)
+
+
+BACKENDS: Dict[str, Backend] = {
+    'tensor': Backend('tensor', None, lambda *args: None),
+    'cpp': Backend('cpp', 'boat_mm', _cpp_unsupported),
+    'triton': Backend('triton', 'boat_mm_triton', _triton_unsupported),
+}
+# What 'auto' tries, fastest first.
+AUTO_ORDER: Tuple[str, ...] = ('triton', 'cpp', 'tensor')
+
+
+def select_backend(op: str,
+                   impl: str,
+                   x: Tensor,
+                   dropout_p: float = 0.,
+                   name: str = 'impl') -> Backend:
+    """The backend that runs ``op`` (``'balanced_clustering'`` or
+    ``'clustered_attention'``) on input ``x``.
+
+    Args:
+        op (str): The op.
+        impl (str): A value of :data:`IMPLS`.
+        x (Tensor): Its main input (clustered vectors or qkv).
+        dropout_p (float): Attention dropout probability.
+        name (str): The argument that gave ``impl``, for messages.
+
+    Returns:
+        Backend: The first supporting backend of :data:`AUTO_ORDER` for
+        ``'auto'``, else the named one.
+
+    Raises:
+        ValueError | RuntimeError: ``impl`` is unknown, or the named backend
+        cannot run this input (the message says why and what to use).
+    """
+    check_impl(impl, name)
+    if impl == 'auto':
+        if tensor_ops_required(op):
+            return BACKENDS['tensor']
+        for candidate in AUTO_ORDER:
+            backend = BACKENDS[candidate]
+            if backend.unsupported(op, x, dropout_p, True) is None:
+                return backend
+    backend = BACKENDS[impl]
+    error = backend.unsupported(op, x, dropout_p, False)
+    if error is not None:
+        raise error
+    return backend

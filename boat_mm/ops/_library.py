@@ -1,0 +1,175 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The FSLA ops of ``torch.ops.boat_mm``, defined once for every backend.
+
+As torchvision does for its ops, the schemas, the fake (shape) kernels
+and the autograd formula live here, in Python, and are registered when
+``boat_mm`` is imported, whether or not anything is compiled; the
+implementations are attached per device:
+
+- ``balanced_clustering(x, num_levels, slot_size, kmeans_iters,
+  temperature) -> perm``;
+- ``clustered_attention(qkv, perm, slot_valid, num_heads, slot_size,
+  overlap, scale, hw_shape) -> (out, value_image, lse)``, differentiable
+  in ``qkv`` through
+- ``clustered_attention_backward(grad_out, grad_image, qkv, perm,
+  slot_valid, lse, num_heads, slot_size, overlap, scale) -> grad_qkv``.
+
+Each op is defined in two namespaces, with the same schema, fake kernel
+and autograd formula:
+
+- ``boat_mm`` (``torch.ops.boat_mm.clustered_attention(...)``): the
+  kernel of the inputs' device, as for any torch op: the C++ kernels of
+  ``boat_mm._C`` on the CPU (registered by that library when it loads,
+  ``TORCH_LIBRARY_IMPL(boat_mm, CPU, ...)``), the Triton kernels on CUDA.
+- ``boat_mm_triton`` (``torch.ops.boat_mm_triton.clustered_attention``):
+  the Triton kernels on every device they run on: CUDA, and CPU tensors
+  in Triton's interpreter (``TRITON_INTERPRET=1``). torch's dispatcher
+  picks a kernel by device alone, so one op cannot hold both the C++ and
+  the Triton kernel for CPU tensors; this copy lets ``impl='triton'`` run
+  on CPU tensors through the same schema, fake kernel and autograd
+  formula as on the GPU, which is how the CPU test suite exercises the
+  Triton kernels. (A namespace rather than an overload: ``opcheck`` and
+  overload resolution want one overload per op.)
+
+Which namespace (or the tensor ops) a call takes is decided in one place,
+:mod:`boat_mm.ops._backends`. Triton is imported on the first call of a
+Triton kernel only, never by ``import boat_mm``.
+"""
+import importlib
+from typing import Callable, List, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['NAMESPACES', 'op_overload', 'TRITON_CLUSTERING']
+
+_ARGS = {
+    'balanced_clustering':
+    '(Tensor x, int num_levels, int slot_size, int kmeans_iters, '
+    'float temperature) -> Tensor',
+    'clustered_attention':
+    '(Tensor qkv, Tensor perm, Tensor slot_valid, int num_heads, '
+    'int slot_size, int overlap, float scale, int[] hw_shape) '
+    '-> (Tensor, Tensor, Tensor)',
+    'clustered_attention_backward':
+    '(Tensor grad_out, Tensor grad_image, Tensor qkv, Tensor perm, '
+    'Tensor slot_valid, Tensor lse, int num_heads, int slot_size, '
+    'int overlap, float scale) -> Tensor',
+}
+# The op namespaces: per device (C++ on the CPU, Triton on CUDA), Triton.
+NAMESPACES = ('boat_mm', 'boat_mm_triton')
+
+# Where the Triton kernels are: (module, function) per op. The clustering
+# kernel has the contract of the C++ one (same arguments, same perm).
+TRITON_CLUSTERING = ('boat_mm.ops.triton.clustering', 'balanced_clustering')
+_TRITON_KERNELS = {
+    'balanced_clustering': TRITON_CLUSTERING,
+    'clustered_attention': ('boat_mm.ops.triton.clustered_attention',
+                            'clustered_attention_forward'),
+    'clustered_attention_backward':
+    ('boat_mm.ops.triton.clustered_attention',
+     'clustered_attention_backward'),
+}
+
+
+def op_overload(name: str, namespace: str) -> torch._ops.OpOverload:
+    """``torch.ops.<namespace>.<name>.default``."""
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def _lazy_triton(name: str) -> Callable:
+    """The Triton kernel of op ``name``, imported on its first call."""
+    module_name, fn_name = _TRITON_KERNELS[name]
+
+    def kernel(*args):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name not in (module_name, 'triton'):
+                raise
+            raise RuntimeError(
+                f'boat_mm::{name} has no Triton kernel here ({e}); install '
+                f"triton (it ships with torch's CUDA wheels) or use "
+                f"impl='tensor'.") from e
+        return getattr(module, fn_name)(*args)
+
+    kernel.__name__ = f'{name}_triton'
+    return kernel
+
+
+def _fake_clustering(x: Tensor, num_levels: int, slot_size: int,
+                     kmeans_iters: int, temperature: float) -> Tensor:
+    return x.new_empty((x.shape[0], slot_size << num_levels),
+                       dtype=torch.long)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is float32 for 16-bit inputs (Triton only)."""
+    return torch.float32 if dtype in (torch.float16,
+                                      torch.bfloat16) else dtype
+
+
+def _fake_attention(qkv: Tensor, perm: Tensor, slot_valid: Tensor,
+                    num_heads: int, slot_size: int, overlap: int,
+                    scale: float,
+                    hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    B, N, C3 = qkv.shape
+    image = (qkv.new_empty(B, C3 // 3, *hw_shape)
+             if len(hw_shape) else qkv.new_empty(0))
+    lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
+    return qkv.new_empty(B, N, C3 // 3), image, lse
+
+
+def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor,
+                             qkv: Tensor, perm: Tensor, slot_valid: Tensor,
+                             lse: Tensor, num_heads: int, slot_size: int,
+                             overlap: int, scale: float) -> Tensor:
+    return torch.empty_like(qkv)
+
+
+def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
+    """The autograd formula of ``<namespace>::clustered_attention``: the
+    backward op of the same namespace (the same backend)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        qkv, perm, slot_valid, *args, _ = inputs
+        ctx.save_for_backward(qkv, perm, slot_valid, output[2])
+        ctx.args = args  # num_heads, slot_size, overlap, scale
+
+    def backward(ctx, grad_out: Tensor, grad_image: Tensor, _grad_lse):
+        qkv, perm, slot_valid, lse = ctx.saved_tensors
+        grad = op_overload('clustered_attention_backward', namespace)(
+            grad_out, grad_image, qkv, perm, slot_valid, lse, *ctx.args)
+        return (grad, ) + (None, ) * 7
+
+    return backward, setup_context
+
+
+def _define(namespace: str) -> torch.library.Library:
+    lib = torch.library.Library(namespace, 'DEF')
+    fakes = {
+        'balanced_clustering': _fake_clustering,
+        'clustered_attention': _fake_attention,
+        'clustered_attention_backward': _fake_attention_backward,
+    }
+    for name, args in _ARGS.items():
+        lib.define(f'{name}{args}')
+        torch.library.register_fake(f'{namespace}::{name}', fakes[name],
+                                    lib=lib)
+        # Triton kernels on CUDA in both namespaces, and on the CPU
+        # (Triton's interpreter) in boat_mm_triton; boat_mm's CPU kernels
+        # come from boat_mm._C.
+        devices = ['CUDA'] + (['CPU'] if namespace != 'boat_mm' else [])
+        for device in devices:
+            lib.impl(name, _lazy_triton(name), device)
+    backward, setup_context = _attention_autograd(namespace)
+    torch.library.register_autograd(
+        f'{namespace}::clustered_attention',
+        backward,
+        setup_context=setup_context,
+        lib=lib)
+    return lib
+
+
+# Kept alive for the life of the process (dropping one unregisters it).
+_LIBS = tuple(_define(namespace) for namespace in NAMESPACES)
