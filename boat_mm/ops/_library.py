@@ -63,12 +63,12 @@ NAMESPACES = ('boat_mm', 'boat_mm_triton')
 # kernel has the contract of the C++ one (same arguments, same perm).
 TRITON_CLUSTERING = ('boat_mm.ops.triton.clustering', 'balanced_clustering')
 _TRITON_KERNELS = {
-    'balanced_clustering': TRITON_CLUSTERING,
-    'clustered_attention': ('boat_mm.ops.triton.clustered_attention',
-                            'clustered_attention_forward'),
+    'balanced_clustering':
+    TRITON_CLUSTERING,
+    'clustered_attention':
+    ('boat_mm.ops.triton.clustered_attention', 'clustered_attention_forward'),
     'clustered_attention_backward':
-    ('boat_mm.ops.triton.clustered_attention',
-     'clustered_attention_backward'),
+    ('boat_mm.ops.triton.clustered_attention', 'clustered_attention_backward'),
 }
 
 
@@ -99,31 +99,29 @@ def _lazy_triton(name: str) -> Callable:
 
 def _fake_clustering(x: Tensor, num_levels: int, slot_size: int,
                      kmeans_iters: int, temperature: float) -> Tensor:
-    return x.new_empty((x.shape[0], slot_size << num_levels),
-                       dtype=torch.long)
+    return x.new_empty((x.shape[0], slot_size << num_levels), dtype=torch.long)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The log-sum-exp is float32 for 16-bit inputs (Triton only)."""
-    return torch.float32 if dtype in (torch.float16,
-                                      torch.bfloat16) else dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _fake_attention(qkv: Tensor, perm: Tensor, slot_valid: Tensor,
-                    num_heads: int, slot_size: int, overlap: int,
-                    scale: float,
+                    num_heads: int, slot_size: int, overlap: int, scale: float,
                     hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     B, N, C3 = qkv.shape
-    image = (qkv.new_empty(B, C3 // 3, *hw_shape)
-             if len(hw_shape) else qkv.new_empty(0))
+    image = (
+        qkv.new_empty(B, C3 //
+                      3, *hw_shape) if len(hw_shape) else qkv.new_empty(0))
     lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
     return qkv.new_empty(B, N, C3 // 3), image, lse
 
 
-def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor,
-                             qkv: Tensor, perm: Tensor, slot_valid: Tensor,
-                             lse: Tensor, num_heads: int, slot_size: int,
-                             overlap: int, scale: float) -> Tensor:
+def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
+                             perm: Tensor, slot_valid: Tensor, lse: Tensor,
+                             num_heads: int, slot_size: int, overlap: int,
+                             scale: float) -> Tensor:
     return torch.empty_like(qkv)
 
 
@@ -138,8 +136,9 @@ def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
 
     def backward(ctx, grad_out: Tensor, grad_image: Tensor, _grad_lse):
         qkv, perm, slot_valid, lse = ctx.saved_tensors
-        grad = op_overload('clustered_attention_backward', namespace)(
-            grad_out, grad_image, qkv, perm, slot_valid, lse, *ctx.args)
+        grad = op_overload('clustered_attention_backward',
+                           namespace)(grad_out, grad_image, qkv, perm,
+                                      slot_valid, lse, *ctx.args)
         return (grad, ) + (None, ) * 7
 
     return backward, setup_context
@@ -154,8 +153,8 @@ def _define(namespace: str) -> torch.library.Library:
     }
     for name, args in _ARGS.items():
         lib.define(f'{name}{args}')
-        torch.library.register_fake(f'{namespace}::{name}', fakes[name],
-                                    lib=lib)
+        torch.library.register_fake(
+            f'{namespace}::{name}', fakes[name], lib=lib)
         # Triton kernels on CUDA in both namespaces, and on the CPU
         # (Triton's interpreter) in boat_mm_triton; boat_mm's CPU kernels
         # come from boat_mm._C.

@@ -65,6 +65,7 @@ __all__ = [
     'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl'
 ]
 
+
 def _kernels_not_built() -> RuntimeError:
     """The error of ``impl='cpp'`` without ``boat_mm._C``."""
     return RuntimeError(

@@ -34,13 +34,16 @@ for exact tests).
 """
 from typing import List, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ['clustered_attention_forward', 'clustered_attention_backward',
-           'interpreted']
+__all__ = [
+    'clustered_attention_forward', 'clustered_attention_backward',
+    'interpreted'
+]
 
 
 def interpreted() -> bool:
@@ -51,8 +54,8 @@ def interpreted() -> bool:
 
 @triton.jit
 def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
-                    overlap, scale, HEADS: tl.constexpr, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, S: tl.constexpr,
+                    overlap, scale, scale_lo, HEADS: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -80,8 +83,10 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
     d_ok = offs_d < D
     C3 = 3 * C
     base = qkv + b * N * C3 + head * D
-    q = tl.load(base + q_tok[:, None] * C3 + offs_d[None, :],
-                mask=q_real[:, None] & d_ok[None, :], other=0.)
+    q = tl.load(
+        base + q_tok[:, None] * C3 + offs_d[None, :],
+        mask=q_real[:, None] & d_ok[None, :],
+        other=0.)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -100,8 +105,8 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION,
-                   out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        s = s * scale + s * scale_lo
         s = tl.where(k_ok[None, :], s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -113,26 +118,31 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
         if HAS_IMAGE:
             # The value image: every token is its own cluster's key once.
             img = image + b * C * N + (head * D + offs_d[None, :]) * N
-            tl.store(img + k_tok[:, None], v,
-                     mask=(own & k_ok)[:, None] & d_ok[None, :])
+            tl.store(
+                img + k_tok[:, None],
+                v,
+                mask=(own & k_ok)[:, None] & d_ok[None, :])
 
     o = acc / l_i[:, None]
     dst = out + (b * N + q_tok[:, None]) * C + head * D + offs_d[None, :]
-    tl.store(dst, o.to(out.dtype.element_ty),
-             mask=q_real[:, None] & d_ok[None, :])
+    tl.store(
+        dst, o.to(out.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])
     # Padding slots get 0, as in the CPU op.
     lse_val = tl.where(q_real, m_i + tl.log(l_i), 0.)
-    tl.store(lse + row + c * S + offs, lse_val.to(lse.dtype.element_ty),
-             mask=in_slots)
+    tl.store(
+        lse + row + c * S + offs,
+        lse_val.to(lse.dtype.element_ty),
+        mask=in_slots)
 
 
 @triton.jit
-def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N,
-                           C, perm_stride, overlap, scale,
+def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
+                           perm_stride, overlap, scale, scale_lo,
                            HEADS: tl.constexpr, D: tl.constexpr,
                            BLOCK_D: tl.constexpr, S: tl.constexpr,
                            BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                           ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                           ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr):
     c = tl.program_id(0)
     m = tl.program_id(1)
     b = (m // HEADS).to(tl.int64)
@@ -156,11 +166,12 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N,
     q_mask = q_real[:, None] & d_ok[None, :]
     C3 = 3 * C
     base = qkv + b * N * C3 + head * D
-    q = tl.load(base + q_tok[:, None] * C3 + offs_d[None, :], mask=q_mask,
-                other=0.)
+    q = tl.load(
+        base + q_tok[:, None] * C3 + offs_d[None, :], mask=q_mask, other=0.)
     do = tl.load(
         grad_out + (b * N + q_tok[:, None]) * C + head * D + offs_d[None, :],
-        mask=q_mask, other=0.)
+        mask=q_mask,
+        other=0.)
     if UPCAST:
         q = q.to(tl.float32)
     do = do.to(q.dtype)
@@ -179,11 +190,10 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N,
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION,
-                   out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        s = s * scale + s * scale_lo
         p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION,
-                    out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
         delta_i += tl.sum(p * dp, 1)
     dq = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
     for start in range(0, n_keys, BLOCK_K):
@@ -197,22 +207,23 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N,
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION,
-                   out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        s = s * scale + s * scale_lo
         p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION,
-                    out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
         ds = p * (dp - delta_i[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION,
-                     out_dtype=ACC)
+        dq += tl.dot(
+            ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dst = grad + (b * N + q_tok[:, None]) * C3 + head * D + offs_d[None, :]
-    tl.store(dst, (dq * scale).to(grad.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dst, (dq * scale + dq * scale_lo).to(grad.dtype.element_ty),
+        mask=q_mask)
     tl.store(delta + row + c * S + offs, delta_i, mask=q_real)
 
 
 @triton.jit
 def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
-                         grad, N, C, perm_stride, overlap, scale,
+                         grad, N, C, perm_stride, overlap, scale, scale_lo,
                          HEADS: tl.constexpr, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, S: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -267,34 +278,41 @@ def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
             q_ok = i < n_q
             q_tok = tl.load(perm + row + qc * S + i, mask=q_ok, other=0)
             q_mask = q_ok[:, None] & d_ok[None, :]
-            q = tl.load(base + q_tok[:, None] * C3 + offs_d[None, :],
-                        mask=q_mask, other=0.)
+            q = tl.load(
+                base + q_tok[:, None] * C3 + offs_d[None, :],
+                mask=q_mask,
+                other=0.)
             do = tl.load(
                 grad_out + (b * N + q_tok[:, None]) * C + head * D +
-                offs_d[None, :], mask=q_mask, other=0.)
+                offs_d[None, :],
+                mask=q_mask,
+                other=0.)
             if UPCAST:
                 q = q.to(tl.float32)
             do = do.to(q.dtype)
-            lse_i = tl.load(lse + row + qc * S + i, mask=q_ok,
-                            other=0.).to(ACC)
+            lse_i = tl.load(
+                lse + row + qc * S + i, mask=q_ok, other=0.).to(ACC)
             delta_i = tl.load(delta + row + qc * S + i, mask=q_ok, other=0.)
             # Transposed scores: (keys, queries).
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION,
-                        out_dtype=ACC) * scale
+            st = tl.dot(
+                k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+            st = st * scale + st * scale_lo
             pt = tl.where(allowed[:, None] & q_ok[None, :],
                           tl.exp(st - lse_i[None, :]), 0.)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION,
-                         out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION,
-                         out_dtype=ACC)
+            dv += tl.dot(
+                pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
+            dpt = tl.dot(
+                v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
             dst = pt * (dpt - delta_i[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION,
-                         out_dtype=ACC)
+            dk += tl.dot(
+                dst.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     if HAS_IMAGE:
         img = grad_image + b * C * N + (head * D + offs_d[None, :]) * N
         dv += tl.load(img + k_tok[:, None], mask=k_mask, other=0.).to(ACC)
     dst = grad + (b * N + k_tok[:, None]) * C3 + head * D + offs_d[None, :]
-    tl.store(dst + C, (dk * scale).to(grad.dtype.element_ty), mask=k_mask)
+    tl.store(
+        dst + C, (dk * scale + dk * scale_lo).to(grad.dtype.element_ty),
+        mask=k_mask)
     tl.store(dst + 2 * C, dv.to(grad.dtype.element_ty), mask=k_mask)
 
 
@@ -370,6 +388,15 @@ def _launch_config(qkv: Tensor, head_dims: int, slot_size: int) -> dict:
         block_s=max(16, triton.next_power_of_2(slot_size)))
 
 
+def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
+    """``scale`` as float32 ``hi + lo``: Triton passes Python floats as
+    float32, and float64 inputs need the scale to float64 precision."""
+    hi = float(np.float32(scale))
+    if dtype != torch.float64:
+        return hi, 0.
+    return hi, float(np.float32(scale - hi))
+
+
 def _device_guard(t: Tensor):
     if t.device.type == 'cuda':
         return torch.cuda.device(t.device)
@@ -380,8 +407,7 @@ def _device_guard(t: Tensor):
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for 16-bit inputs (their rounding would spoil the
     recomputed probabilities), else the input dtype."""
-    return torch.float32 if dtype in (torch.bfloat16,
-                                      torch.float16) else dtype
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def clustered_attention_forward(
@@ -391,8 +417,7 @@ def clustered_attention_forward(
     """The Triton kernel of ``boat_mm::clustered_attention`` (same
     arguments and results; the log-sum-exp is float32 for 16-bit
     inputs)."""
-    B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size,
-                        overlap)
+    B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size, overlap)
     if len(hw_shape) and (len(hw_shape) != 2
                           or hw_shape[0] * hw_shape[1] != N):
         raise RuntimeError(
@@ -404,27 +429,41 @@ def clustered_attention_forward(
     lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
     if perm.shape[1] > G * slot_size:
         lse[:, G * slot_size:].zero_()  # slots past the pairs: unused
-    image = (qkv.new_empty(B, C, *hw_shape)
-             if len(hw_shape) else qkv.new_empty(0))
+    image = (
+        qkv.new_empty(B, C, *hw_shape) if len(hw_shape) else qkv.new_empty(0))
     with _device_guard(qkv):
         _forward_kernel[(G, B * num_heads)](
-            qkv, perm, slot_valid.view(torch.uint8), out, lse,
-            image if len(hw_shape) else out, N, C, perm.shape[1], overlap,
-            float(scale), HEADS=num_heads, D=d, BLOCK_D=cfg['BLOCK_D'],
-            S=slot_size, BLOCK_Q=cfg['block_s'], BLOCK_K=cfg['block_k'],
-            HAS_IMAGE=bool(len(hw_shape)), ACC=cfg['ACC'],
-            PRECISION=cfg['PRECISION'], UPCAST=cfg['UPCAST'], num_warps=4)
+            qkv,
+            perm,
+            slot_valid.view(torch.uint8),
+            out,
+            lse,
+            image if len(hw_shape) else out,
+            N,
+            C,
+            perm.shape[1],
+            overlap,
+            *_split(scale, qkv.dtype),
+            HEADS=num_heads,
+            D=d,
+            BLOCK_D=cfg['BLOCK_D'],
+            S=slot_size,
+            BLOCK_Q=cfg['block_s'],
+            BLOCK_K=cfg['block_k'],
+            HAS_IMAGE=bool(len(hw_shape)),
+            ACC=cfg['ACC'],
+            PRECISION=cfg['PRECISION'],
+            UPCAST=cfg['UPCAST'],
+            num_warps=4)
     return out, image, lse
 
 
 def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
-                                 qkv: Tensor, perm: Tensor,
-                                 slot_valid: Tensor, lse: Tensor,
-                                 num_heads: int, slot_size: int,
+                                 qkv: Tensor, perm: Tensor, slot_valid: Tensor,
+                                 lse: Tensor, num_heads: int, slot_size: int,
                                  overlap: int, scale: float) -> Tensor:
     """The Triton kernels of ``boat_mm::clustered_attention_backward``."""
-    B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size,
-                        overlap)
+    B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size, overlap)
     if tuple(grad_out.shape) != (B, N, C):
         raise RuntimeError(f'grad_out must have shape {(B, N, C)}, got '
                            f'{tuple(grad_out.shape)}')
@@ -448,17 +487,49 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
     grad = torch.empty_like(qkv)
     delta = torch.empty(perm.shape, dtype=lse.dtype, device=qkv.device)
     valid = slot_valid.view(torch.uint8)
-    common = dict(HEADS=num_heads, D=d, BLOCK_D=cfg['BLOCK_D'], S=slot_size,
-                  ACC=cfg['ACC'], PRECISION=cfg['PRECISION'],
-                  UPCAST=cfg['UPCAST'], num_warps=4)
+    common = dict(
+        HEADS=num_heads,
+        D=d,
+        BLOCK_D=cfg['BLOCK_D'],
+        S=slot_size,
+        ACC=cfg['ACC'],
+        PRECISION=cfg['PRECISION'],
+        UPCAST=cfg['UPCAST'],
+        num_warps=4)
     grid = (G, B * num_heads)
     with _device_guard(qkv):
         _backward_query_kernel[grid](
-            grad_out, qkv, perm, valid, lse, delta, grad, N, C,
-            perm.shape[1], overlap, float(scale), BLOCK_Q=cfg['block_s'],
-            BLOCK_K=cfg['block_k'], **common)
+            grad_out,
+            qkv,
+            perm,
+            valid,
+            lse,
+            delta,
+            grad,
+            N,
+            C,
+            perm.shape[1],
+            overlap,
+            *_split(scale, qkv.dtype),
+            BLOCK_Q=cfg['block_s'],
+            BLOCK_K=cfg['block_k'],
+            **common)
         _backward_key_kernel[grid](
-            grad_out, grad_image, qkv, perm, valid, lse, delta, grad, N, C,
-            perm.shape[1], overlap, float(scale), BLOCK_S=cfg['block_s'],
-            BLOCK_Q=cfg['block_k'], HAS_IMAGE=has_image, **common)
+            grad_out,
+            grad_image,
+            qkv,
+            perm,
+            valid,
+            lse,
+            delta,
+            grad,
+            N,
+            C,
+            perm.shape[1],
+            overlap,
+            *_split(scale, qkv.dtype),
+            BLOCK_S=cfg['block_s'],
+            BLOCK_Q=cfg['block_k'],
+            HAS_IMAGE=has_image,
+            **common)
     return grad
