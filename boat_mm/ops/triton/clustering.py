@@ -599,7 +599,9 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
     for lv, plan in enumerate(plans):
         nodes, rows, cap = 1 << lv, M << lv, total >> lv
         first, last = lv == 0, lv + 1 == L
-        nc_next, ch_next = ((1, BT) if last else
+        # The split fills the children in chunks of the next level's (one
+        # chunk of the whole leaf after the last level).
+        nc_next, ch_next = ((1, -(-S // BT) * BT) if last else
                             (plans[lv + 1].chunks, plans[lv + 1].chunk_size))
         perm_in = perms[lv % 2]
         perm_out = out if last else perms[(lv + 1) % 2]
