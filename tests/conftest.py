@@ -1,9 +1,30 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
+import os
 import os.path as osp
 
 import pytest
+import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's
+# interpreter. triton.jit reads this variable when a kernel module is
+# imported (boat_mm imports them on their first use), so it is set before
+# any test runs. Not on machines with CUDA: there the kernels are tested
+# compiled, and the interpreter would also take over the Triton kernels
+# that torch.compile generates.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` need a CUDA GPU: skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,328 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The Triton clustered attention (``boat_mm/ops/triton/
+clustered_attention.py``) against the tensor path, the op layer that runs
+it (``impl='triton'``, the ``boat_mm_triton`` ops, autograd) and the
+backend table's choices and errors.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), at small shapes:
+the interpreter runs every program in numpy. With a GPU the same tests
+run compiled on CUDA, and the tests marked ``cuda`` add real shapes, host
+synchronisation and ``torch.compile`` checks (``benchmarks/gpu_check.sh``).
+"""
+import types
+
+import pytest
+import torch
+
+from boat_mm.models.utils import FeatureSpaceLocalAttention
+from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
+                         build_cluster_plan, clustered_attention,
+                         cpu_kernel_available)
+from boat_mm.ops import clustering as clustering_module
+
+pytest.importorskip('triton')
+
+CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if CUDA else 'cpu'
+
+
+def _problem(hw, dims, heads, dtype=torch.float64, batch=2, seed=0,
+             group_size=49, overlap=20, device=DEVICE):
+    """qkv, the clustering of its queries (tensor ops) and the plan."""
+    N = hw[0] * hw[1]
+    plan = build_cluster_plan(N, group_size, overlap, device)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, N, 3 * dims, dtype=torch.float64, generator=gen)
+    d = dims // heads
+    q = qkv[..., :dims].reshape(batch, N, heads, d).transpose(1, 2)
+    perm = balanced_hierarchical_clustering(
+        q.reshape(batch * heads, N, d), plan, impl='tensor')
+    return (qkv.to(device, dtype).requires_grad_(), perm.to(device), plan)
+
+
+def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1,
+         upcast=False):
+    """Output, value image and the qkv gradient of a random loss (the
+    tensor path in float32 from the same inputs with ``upcast``)."""
+    if upcast:
+        qkv = qkv.detach().float().requires_grad_()
+    out, image = clustered_attention(
+        qkv, perm, plan, heads, scale=scale, hw_shape=hw, impl=impl)
+    gen = torch.Generator().manual_seed(seed)
+    g_out = torch.randn(out.shape, generator=gen).to(out)
+    g_img = torch.randn(image.shape, generator=gen).to(out)
+    grad, = torch.autograd.grad(
+        (out * g_out).sum() + (image * g_img).sum(), qkv)
+    return out, image, grad
+
+
+# (H, W, C, heads, overlap): uniform N = 49 * 4 (head dims 16), padded N
+# = 143 (clusters of 35 and 36 tokens, head dims 32), no overlap and one
+# head (head dims 64), a single sibling pair (N = 81, clusters of 41 and
+# 40 tokens).
+CASES = [(14, 14, 32, 2, 20), (11, 13, 64, 2, 20), (13, 13, 64, 1, 0),
+         (9, 9, 32, 2, 20)]
+
+
+@pytest.mark.parametrize('h,w,dims,heads,overlap', CASES)
+def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
+    """Outputs, value image and every qkv gradient row, through the public
+    function (op, registered autograd, Triton backward)."""
+    qkv, perm, plan = _problem((h, w), dims, heads, overlap=overlap,
+                               seed=h * w)
+    assert plan.num_clusters > 1
+    ours = _run('triton', qkv, perm, plan, heads, (h, w))
+    ref = _run('tensor', qkv, perm, plan, heads, (h, w))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_triton_low_precision(dtype):
+    """float32 to float32 rounding; bfloat16 against the tensor path in
+    float32 from the same rounded inputs, to bfloat16 rounding."""
+    qkv, perm, plan = _problem((14, 14), 64, 2, dtype=dtype, seed=3)
+    ours = _run('triton', qkv, perm, plan, 2, (14, 14))
+    ref = _run('tensor', qkv, perm, plan, 2, (14, 14),
+               upcast=dtype != torch.float32)
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    for a, b in zip(ours, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_triton_op_lse_and_no_image():
+    """The op's log-sum-exp equals the C++ op's (padding slots 0) or, by
+    hand, ``logsumexp`` of a cluster's scores; without an image shape
+    the image is empty and the gradient is the same as with a zero one."""
+    qkv, perm, plan = _problem((11, 13), 32, 2, seed=5)
+    args = (perm, plan.slot_valid, 2, plan.slot_size, 20, 0.25)
+    out, image, lse = torch.ops.boat_mm_triton.clustered_attention(
+        qkv, *args, [])
+    assert image.numel() == 0 and lse.shape == perm.shape
+    if cpu_kernel_available() and not CUDA:
+        _, _, lse_cpp = torch.ops.boat_mm.clustered_attention(
+            qkv, *args, [])
+        torch.testing.assert_close(lse, lse_cpp, rtol=0, atol=1e-12)
+    # Row 0, cluster 0: its real tokens and the first 20 of cluster 1.
+    S = plan.slot_size
+    n0 = int(plan.slot_valid[:S].sum())
+    n1 = int(plan.slot_valid[S:2 * S].sum())
+    keys = torch.cat([perm[0, :n0], perm[0, S:S + min(n1, 20)]])
+    q = qkv[0, perm[0, :n0], :16]
+    k = qkv[0, keys, 32:48]
+    torch.testing.assert_close(
+        lse[0, :n0], torch.logsumexp(0.25 * q @ k.T, -1), rtol=0, atol=1e-12)
+    assert not lse[0, n0:S].any()
+    g = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    g1, = torch.autograd.grad((out * g).sum(), qkv)
+    out2, image2, _ = torch.ops.boat_mm_triton.clustered_attention(
+        qkv, *args, [11, 13])
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    g2, = torch.autograd.grad((out2 * g).sum() + 0 * image2.sum(), qkv)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_fsla_module_with_triton_attention():
+    """FSLA with ``attention_impl='triton'``: output and every parameter
+    gradient equal the tensor path's in float64."""
+    torch.manual_seed(0)
+    ours = FeatureSpaceLocalAttention(32, 2, attention_impl='triton')
+    ref = FeatureSpaceLocalAttention(32, 2, attention_impl='tensor')
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 196, 32, dtype=torch.float64)
+    results = []
+    for module in (ours, ref):
+        module.to(DEVICE, torch.float64)
+        out = module(x.to(DEVICE), (14, 14))
+        grads = torch.autograd.grad(out.square().sum(),
+                                    list(module.parameters()))
+        results.append((out, ) + grads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_triton_backend_reaches_the_triton_op():
+    """impl='triton' runs the boat_mm_triton op and its backward."""
+    qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32)
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        out = clustered_attention(qkv, perm, plan, 2, impl='triton')
+        out.sum().backward()
+    assert 'boat_mm_triton.clustered_attention' in calls
+    assert 'boat_mm_triton.clustered_attention_backward' in calls
+    assert not any(c.startswith('boat_mm.') for c in calls)
+
+
+def _like(device: str, dtype=torch.float32):
+    """What the backend table reads of a tensor: its device and dtype (so
+    that CUDA cases can be checked without a GPU)."""
+    return types.SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+
+def test_auto_rules(monkeypatch):
+    """'auto': Triton on CUDA (float32/16-bit, no dropout), C++ on the CPU
+    when built, else tensor ops; tensor ops under torch.jit tracing for
+    the attention; never the interpreter."""
+    select = _backends.select_backend
+    attn, clus = 'clustered_attention', 'balanced_clustering'
+    monkeypatch.setattr(_backends, '_HAS_TRITON', True)
+    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert select(attn, 'auto', _like('cuda', dtype)).name == 'triton'
+        assert select(clus, 'auto', _like('cuda', dtype)).name == 'triton'
+    assert select(attn, 'auto', _like('cuda', torch.float64)).name == \
+        'tensor'
+    assert select(attn, 'auto', _like('cuda'), 0.1).name == 'tensor'
+    assert select(attn, 'auto', _like('mps')).name == 'tensor'
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    cpu = 'cpp' if cpu_kernel_available() else 'tensor'
+    assert select(attn, 'auto', _like('cpu')).name == cpu
+    assert select(clus, 'auto', _like('cpu')).name == cpu
+    assert select(attn, 'auto', _like('cpu', torch.bfloat16)).name == \
+        'tensor'
+    monkeypatch.setattr(clustering_module, '_HAS_CPU_KERNEL', False)
+    assert select(clus, 'auto', _like('cpu')).name == 'tensor'
+    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
+    assert select(clus, 'auto', _like('cuda')).name == 'tensor'
+    monkeypatch.setattr(_backends, '_HAS_TRITON', False)
+    assert select(attn, 'auto', _like('cuda')).name == 'tensor'
+    monkeypatch.setattr(_backends, '_HAS_TRITON', True)
+    monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)
+    assert select(attn, 'auto', _like('cuda')).name == 'tensor'
+    # Explicit choices are kept.
+    assert select(attn, 'triton', _like('cuda', torch.float64)).name == \
+        'triton'
+    assert select(attn, 'tensor', _like('cuda')).name == 'tensor'
+
+
+def test_errors(monkeypatch):
+    """Each unsupported choice names the problem and the fix."""
+    select = _backends.select_backend
+    attn, clus = 'clustered_attention', 'balanced_clustering'
+    qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32,
+                               device='cpu')
+    with pytest.raises(ValueError, match="'triton'"):
+        clustered_attention(qkv, perm, plan, 2, impl='gpu')
+    with pytest.raises(ValueError, match='no attention dropout'):
+        clustered_attention(qkv, perm, plan, 2, 0.1, 0.1, impl='triton')
+    with pytest.raises(ValueError, match='supports float32, bfloat16'):
+        select(attn, 'triton', _like('cuda', torch.int32))
+    with pytest.raises(ValueError, match='set TRITON_INTERPRET=1'):
+        select(attn, 'triton', _like('mps'))
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    with pytest.raises(ValueError, match='set TRITON_INTERPRET=1'):
+        clustered_attention(qkv, perm, plan, 2, impl='triton')
+    with pytest.raises(ValueError, match="runs on the CPU.*'triton'"):
+        select(clus, 'cpp', _like('cuda'))
+    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
+    with pytest.raises(RuntimeError, match='Triton clustering kernel'):
+        select(clus, 'triton', _like('cuda'))
+    monkeypatch.setattr(_backends, '_HAS_TRITON', False)
+    with pytest.raises(RuntimeError, match='needs the triton package'):
+        select(attn, 'triton', _like('cuda'))
+
+
+def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
+    """Kernels compiled for the GPU (imported without TRITON_INTERPRET)
+    refuse CPU tensors, naming the fix."""
+    from boat_mm.ops.triton import clustered_attention as kernels
+    qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32,
+                               device='cpu')
+    monkeypatch.setattr(kernels, 'interpreted', lambda: False)
+    with pytest.raises(RuntimeError, match='set TRITON_INTERPRET=1'):
+        torch.ops.boat_mm_triton.clustered_attention(
+            qkv, perm, plan.slot_valid, 2, 49, 20, 0.25, [])
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_check.sh runs these).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('hw,dims,heads', [((56, 56), 64, 2),
+                                           ((28, 28), 128, 4),
+                                           ((128, 128), 64, 2),
+                                           ((30, 41), 256, 8)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_cuda_triton_equals_tensor_path(hw, dims, heads, dtype):
+    qkv, perm, plan = _problem(hw, dims, heads, dtype=dtype, batch=4,
+                               device='cuda')
+    ours = _run('triton', qkv, perm, plan, heads, hw)
+    ref = _run('tensor', qkv, perm, plan, heads, hw,
+               upcast=dtype != torch.float32)
+    tol = 2e-5 if dtype == torch.float32 else 4e-2
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    # Deterministic: every gradient row is written once.
+    again = _run('triton', qkv, perm, plan, heads, hw)
+    assert torch.equal(again[2], ours[2])
+
+
+@pytest.mark.cuda
+def test_cuda_float64():
+    qkv, perm, plan = _problem((23, 29), 64, 2, device='cuda')
+    ours = _run('triton', qkv, perm, plan, 2, (23, 29))
+    ref = _run('tensor', qkv, perm, plan, 2, (23, 29))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def _train_step(model, x):
+    out = model(x)
+    out = out if torch.is_tensor(out) else sum(o.float().mean() for o in out)
+    out.float().mean().backward()
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync_fsla_and_backbone():
+    """A training step of FSLA and of BOAT-Swin on CUDA never waits for
+    the device (torch.cuda.set_sync_debug_mode('error'))."""
+    from boat_mm.models import BOATSwin
+    fsla = FeatureSpaceLocalAttention(64, 2).cuda()
+    x = torch.randn(2, 56 * 56, 64, device='cuda')
+    backbone = BOATSwin(arch='tiny', out_indices=(3, )).cuda()
+    img = torch.randn(1, 3, 224, 224, device='cuda')
+    for step in range(2):  # the first one builds plans and compiles
+        if step:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode('error')
+        try:
+            with torch.autocast('cuda', torch.bfloat16):
+                fsla(x, (56, 56)).float().mean().backward()
+                _train_step(backbone, img)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('mode', [None, 'reduce-overhead'])
+def test_cuda_compile_backbone(mode):
+    """torch.compile(fullgraph=True) of BOAT-Swin's training step, and
+    CUDA graphs (mode='reduce-overhead'), give the eager result."""
+    from boat_mm.models import BOATSwin
+    torch.manual_seed(0)
+    model = BOATSwin(
+        arch='tiny', out_indices=(3, ), drop_path_rate=0.).cuda()
+    img = torch.randn(1, 3, 224, 224, device='cuda')
+
+    def step(x):
+        return model(x)[0].float().square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode, dynamic=False)
+    ref = step(img)
+    for _ in range(3):  # reduce-overhead records the graph on a later call
+        loss = compiled(img)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-4)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters()
+               if p.requires_grad)
