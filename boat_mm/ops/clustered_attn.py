@@ -14,21 +14,31 @@ k and v, whose backward writes every gradient row exactly once
 (``index_copy_``), and back to raster order with one gather whose backward
 gathers with the inverse permutation: deterministic, no scatter-add.
 
-Two implementations compute it, chosen by ``impl`` in
-:func:`clustered_attention`:
+Three implementations compute it, chosen by ``impl`` in
+:func:`clustered_attention` (the choice is made in one place,
+:mod:`boat_mm.ops._backends`; the op ``boat_mm::clustered_attention``, its
+backward, fake kernels and autograd formula are defined once in
+:mod:`boat_mm.ops._library`):
 
 * ``'tensor'``: the gathers above and SDPA, for any device and dtype.
-* ``'cpp'``: the C++ CPU op ``torch.ops.boat_mm.clustered_attention``
-  (``boat_mm/ops/csrc/clustered_attention.cpp``, float32/float64, no
-  attention dropout), which fuses the gathers, runs each cluster against
-  exactly its own and its borrowed keys (no masked-out pairs) in buffers
-  that stay in cache, and writes straight to raster order; its backward
-  recomputes the probabilities from the saved log-sum-exp. It has fake
-  kernels and an autograd formula, so ``torch.compile`` traces it.
+* ``'cpp'``: the C++ CPU kernels (``boat_mm/ops/csrc/
+  clustered_attention.cpp``, float32/float64, no attention dropout),
+  which fuse the gathers, run each cluster against exactly its own and
+  its borrowed keys (no masked-out pairs) in buffers that stay in cache,
+  and write straight to raster order; the backward recomputes the
+  probabilities from the saved log-sum-exp.
+* ``'triton'``: the same algorithm as FlashAttention-style Triton kernels
+  for CUDA (``boat_mm/ops/triton/clustered_attention.py``; float32,
+  bfloat16, float16 and float64, no attention dropout): one program per
+  (cluster, sample * head) reads its rows straight from qkv through the
+  permutation, with an online softmax in float32; the backward writes
+  every qkv gradient row once. On CPU tensors they run in Triton's
+  interpreter when ``TRITON_INTERPRET=1`` (tests).
 
-``'auto'`` (the default) takes the C++ op for float32/float64 CPU tensors
-without attention dropout when it is built, and the tensor ops otherwise
-(also under ``torch.jit`` tracing, so that FLOP counters see the SDPA).
+``'auto'`` (the default) takes Triton for float32/bfloat16/float16 CUDA
+tensors and the C++ op for float32/float64 CPU tensors when it is built,
+both only without attention dropout, and the tensor ops otherwise (also
+under ``torch.jit`` tracing, so that FLOP counters see the SDPA).
 """
 from typing import Optional, Tuple, Union
 
@@ -180,8 +190,9 @@ def clustered_attention(
             values are also returned as a ``(B, C, H, W)`` image (FSLA's
             local term), taken from ``qkv`` together with the attention
             inputs so that their gradients are assembled in one tensor.
-        impl (str): ``'auto'``, ``'cpp'`` (the C++ CPU op) or ``'tensor'``;
-            see the module docstring. Defaults to ``'auto'``.
+        impl (str): ``'auto'``, ``'cpp'`` (the C++ CPU op), ``'triton'``
+            (the Triton kernels, CUDA) or ``'tensor'``; see the module
+            docstring. Defaults to ``'auto'``.
 
     Returns:
         Tensor | tuple[Tensor, Tensor]: ``(B, N, C)`` attention output in

@@ -27,23 +27,30 @@ The rule for any number of tokens ``N`` (the published code only handles
   exact halves: the result equals the published algorithm (same clusters,
   same order inside clusters).
 
-Two implementations compute this rule, chosen by ``impl`` in
-:func:`balanced_hierarchical_clustering`:
+Three implementations compute this rule, chosen by ``impl`` in
+:func:`balanced_hierarchical_clustering` (the choice is made in one place,
+:mod:`boat_mm.ops._backends`; the op ``boat_mm::balanced_clustering`` is
+defined in :mod:`boat_mm.ops._library`):
 
 * ``'tensor'``: batched tensor ops, for any device. Everything is batched
   over ``M = batch * heads`` rows and over all the nodes of a level; the only
   Python loop runs over the ``L`` levels. No host-device synchronisation
   happens: shapes depend on ``N`` only.
-* ``'cpp'``: the C++ CPU kernel ``torch.ops.boat_mm.balanced_clustering``
+* ``'cpp'``: the C++ CPU kernel of ``torch.ops.boat_mm.balanced_clustering``
   (``boat_mm/ops/csrc/clustering.cpp``, built by ``pip install -e .``),
   which splits each node in one pass over its tokens per k-means step
   while they are in cache, instead of six memory-bound matmul passes per
   level; 3-7x faster on the CPU. The same arithmetic, with sums in another
   order: float64 gives identical clusters, float32 agrees up to near-ties.
-  It has a fake kernel, so ``torch.compile`` treats it as one opaque op.
+* ``'triton'``: the Triton kernels (``boat_mm/ops/triton/clustering.py``)
+  for CUDA tensors (or CPU tensors in Triton's interpreter,
+  ``TRITON_INTERPRET=1``), a few fused kernels per level; float64 gives
+  the tensor ops' clusters.
 
-``'auto'`` (the default) takes the C++ kernel for CPU tensors when it is
-built, the tensor implementation otherwise.
+The op has a fake kernel, so ``torch.compile`` treats it as one opaque
+op. ``'auto'`` (the default) takes Triton for CUDA tensors, the C++
+kernel for CPU tensors when it is built, the tensor implementation
+otherwise.
 """
 import importlib.util
 import math
@@ -327,9 +334,10 @@ def balanced_hierarchical_clustering(x: Tensor,
         kmeans_iters (int): Soft k-means iterations per split. Defaults to 2.
         temperature (float): Softmax temperature on cosine similarities.
             Defaults to 100.
-        impl (str): ``'auto'``, ``'cpp'`` (the C++ CPU kernel) or
-            ``'tensor'`` (tensor ops, any device); see the module docstring.
-            Defaults to ``'auto'``.
+        impl (str): ``'auto'``, ``'cpp'`` (the C++ CPU kernel),
+            ``'triton'`` (the Triton kernels, CUDA) or ``'tensor'`` (tensor
+            ops, any device); see the module docstring. Defaults to
+            ``'auto'``.
 
     Returns:
         Tensor: ``perm`` of shape ``(M, 2**L * S)`` (int64): ``perm[m, s]`` is

@@ -124,12 +124,26 @@ def test_triton_op_lse_and_no_image():
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
-def test_fsla_module_with_triton_attention():
-    """FSLA with ``attention_impl='triton'``: output and every parameter
-    gradient equal the tensor path's in float64."""
+def test_triton_clustering_through_the_public_function():
+    """impl='triton' of the clustering runs the Triton kernel
+    (``boat_mm/ops/triton/clustering.py``) through the boat_mm_triton op:
+    the tensor ops' clusters in float64, padded N."""
+    plan = build_cluster_plan(143, device=DEVICE)
+    x = torch.randn(3, 143, 16, dtype=torch.float64, device=DEVICE)
+    perm = balanced_hierarchical_clustering(x, plan, impl='triton')
+    ref = balanced_hierarchical_clustering(x, plan, impl='tensor')
+    assert torch.equal(perm, ref)
+
+
+def test_fsla_module_with_triton():
+    """FSLA with ``clustering_impl='triton'`` and ``attention_impl=
+    'triton'``: output and every parameter gradient equal the tensor
+    path's in float64."""
     torch.manual_seed(0)
-    ours = FeatureSpaceLocalAttention(32, 2, attention_impl='triton')
-    ref = FeatureSpaceLocalAttention(32, 2, attention_impl='tensor')
+    ours = FeatureSpaceLocalAttention(
+        32, 2, clustering_impl='triton', attention_impl='triton')
+    ref = FeatureSpaceLocalAttention(
+        32, 2, clustering_impl='tensor', attention_impl='tensor')
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 196, 32, dtype=torch.float64)
     results = []

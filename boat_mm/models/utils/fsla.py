@@ -52,14 +52,17 @@ class FeatureSpaceLocalAttention(BaseModule):
         attn_drop (float): Dropout on attention weights. Defaults to 0.
         proj_drop (float): Dropout after the output projection.
             Defaults to 0.
-        clustering_impl (str): ``'auto'`` (the C++ kernel for CPU tensors
-            when built, tensor ops otherwise), ``'cpp'`` or ``'tensor'``; see
+        clustering_impl (str): ``'auto'`` (the Triton kernels for CUDA
+            tensors, the C++ kernel for CPU tensors when built, tensor ops
+            otherwise), ``'cpp'``, ``'triton'`` or ``'tensor'``; see
             :func:`boat_mm.ops.balanced_hierarchical_clustering`. Defaults
             to ``'auto'``.
-        attention_impl (str): ``'auto'`` (the fused C++ op for float32 and
-            float64 CPU tensors without attention dropout when built, tensor
-            ops and SDPA otherwise), ``'cpp'`` or ``'tensor'``; see
-            :func:`boat_mm.ops.clustered_attention`. Defaults to ``'auto'``.
+        attention_impl (str): ``'auto'`` (without attention dropout: the
+            Triton kernels for float32/bfloat16/float16 CUDA tensors, the
+            fused C++ op for float32/float64 CPU tensors when built; tensor
+            ops and SDPA otherwise), ``'cpp'``, ``'triton'`` or
+            ``'tensor'``; see :func:`boat_mm.ops.clustered_attention`.
+            Defaults to ``'auto'``.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
