@@ -1,0 +1,213 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Training-step speed and memory of the BOAT backbones.
+
+Compares, side by side in one process, a training step (forward and
+backward of the backbone, no optimiser) of:
+
+- ``boat-cswin-t``: :class:`boat_mm.models.BOATCSWin` tiny (FSLA on);
+- ``cswin-t``: the same backbone with ``with_fsla=False``;
+- ``boat-swin-t``: :class:`boat_mm.models.BOATSwin` tiny (FSLA on);
+- ``swin-t``: the same backbone with ``with_fsla=False``;
+- ``mmpretrain-swin-t``: mmpretrain's ``SwinTransformer`` tiny.
+
+It reports images per second (median step time after warm-up; CUDA: CUDA
+events), the peak memory of a step (CUDA: ``max_memory_allocated``
+above what was allocated before it) and the ratios that issue #11 sets a
+target for, once per ``--dtypes`` entry (``bf16``: bfloat16 autocast).
+
+Example::
+
+    python benchmarks/backbone.py --device cuda      # 512x512, batch 8
+    python benchmarks/backbone.py --quick            # CPU smoke test
+"""
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+MODELS = ('boat-cswin-t', 'cswin-t', 'boat-swin-t', 'swin-t',
+          'mmpretrain-swin-t')
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=2,
+                        help='torch CPU threads')
+    parser.add_argument('--size', type=int, default=None,
+                        help='image side; default 512 (--quick: 64)')
+    parser.add_argument('--batch', type=int, default=None,
+                        help='default 8 (--quick: 1)')
+    parser.add_argument('--quick', action='store_true',
+                        help='a 64x64 image, batch 1, 1 repeat (smoke test)')
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='timed steps per model; default 10 (--quick: 1)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument(
+        '--dtypes', default=None,
+        help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
+        'default: fp32 on the CPU, fp32,bf16 on CUDA')
+    parser.add_argument(
+        '--models', default=','.join(MODELS),
+        help='comma-separated subset of ' + ','.join(MODELS))
+    args = parser.parse_args()
+    cuda = torch.device(args.device).type == 'cuda'
+    if args.size is None:
+        args.size = 64 if args.quick else 512
+    if args.batch is None:
+        args.batch = 1 if args.quick else 8
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 10
+    if args.quick:
+        args.warmup = 1
+    if args.dtypes is None:
+        args.dtypes = 'fp32,bf16' if cuda else 'fp32'
+    args.dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    args.models = [m.strip() for m in args.models.split(',') if m.strip()]
+    unknown = set(args.models) - set(MODELS)
+    if unknown or set(args.dtypes) - {'fp32', 'bf16'}:
+        raise SystemExit(f'unknown --models {sorted(unknown)} or --dtypes '
+                         f'{args.dtypes}')
+    return args
+
+
+def build(name: str, size: int) -> nn.Module:
+    """The backbone ``name`` (all four stages' outputs)."""
+    from boat_mm.models import BOATCSWin, BOATSwin
+    if name == 'boat-cswin-t':
+        return BOATCSWin(arch='tiny')
+    if name == 'cswin-t':
+        return BOATCSWin(arch='tiny', with_fsla=False)
+    if name == 'boat-swin-t':
+        return BOATSwin(arch='tiny')
+    if name == 'swin-t':
+        return BOATSwin(arch='tiny', with_fsla=False)
+    from mmpretrain.models import SwinTransformer
+    # pad_small_map: stage maps below 7x7 (small --size) are padded, as
+    # BOATSwin does.
+    return SwinTransformer(
+        arch='tiny', img_size=size, out_indices=(0, 1, 2, 3),
+        pad_small_map=True)
+
+
+def amp_context(device: torch.device, dtype: str):
+    if dtype == 'bf16':
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_fn(model: nn.Module, img: torch.Tensor,
+            dtype: str) -> Callable[[], None]:
+    """One training step: forward, a loss on every output, backward."""
+
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        with amp_context(img.device, dtype):
+            outs = model(img)
+        sum(o.float().mean() for o in outs).backward()
+
+    return run
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == 'cuda':
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_mb(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak memory of one call above what was allocated before (CUDA)."""
+    if device.type != 'cuda':
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(args, dtype: str) -> Dict[str, dict]:
+    """Time every model in interleaved rounds (a change of load hits all
+    alike)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    img = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    fns = {}
+    results: Dict[str, dict] = {}
+    for name in args.models:
+        model = build(name, args.size).to(device)
+        model.train()
+        fns[name] = step_fn(model, img, dtype)
+        for _ in range(args.warmup):
+            fns[name]()
+        results[name] = dict(mb=peak_mb(fns[name], device), times=[])
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            results[name]['times'].append(timed(fn, device))
+    for name, row in results.items():
+        row['time'] = statistics.median(row.pop('times'))
+        row['ips'] = args.batch / row['time']
+        print(f'  {dtype} {name}: {row["time"] * 1e3:.1f} ms/step',
+              file=sys.stderr, flush=True)
+    return results
+
+
+def print_table(results: Dict[str, dict], args, dtype: str) -> None:
+    device = torch.device(args.device)
+    name = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
+            f'CPU, {torch.get_num_threads()} threads')
+    print(f'\nBackbone training step ({dtype}): {name}, {args.size}x'
+          f'{args.size}, batch {args.batch}, torch {torch.__version__}; '
+          f'median of {args.repeats}')
+    print('\n| backbone | ms/step | images/s | peak MiB |')
+    print('|---|---|---|---|')
+    for model, row in results.items():
+        mb = f'{row["mb"]:.0f}' if row['mb'] is not None else '-'
+        print(f'| {model} | {row["time"] * 1e3:.1f} | {row["ips"]:.1f} | '
+              f'{mb} |')
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        if a in results and b in results:
+            return results[a]['time'] / results[b]['time']
+        return None
+
+    print()
+    for a, b, limit in (('boat-cswin-t', 'cswin-t', 1.35),
+                        ('boat-swin-t', 'swin-t', None),
+                        ('boat-swin-t', 'mmpretrain-swin-t', None),
+                        ('swin-t', 'mmpretrain-swin-t', None)):
+        value = ratio(a, b)
+        if value is None:
+            continue
+        target = ''
+        if limit is not None and device.type == 'cuda':
+            verdict = 'ok' if value <= limit else 'MISSED'
+            target = f' (issue #11 target <= {limit}: {verdict})'
+        print(f'- step time {a} / {b}: {value:.2f}x{target}')
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    for dtype in args.dtypes:
+        print_table(run(args, dtype), args, dtype)
+
+
+if __name__ == '__main__':
+    main()
