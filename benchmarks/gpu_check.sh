@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Copyright (c) boat-mm contributors. All rights reserved.
+#
+# Everything issue #11 asks of a GPU machine, in one go: the Triton tests
+# compiled on CUDA (with the tests marked `cuda`), the FSLA benchmark and
+# the backbone benchmark, each writing its output to a folder.
+#
+# Usage (from the repository root, in an environment with boat_mm's
+# requirements and a CUDA torch/triton):
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [STAGES]
+#
+# OUT_DIR defaults to $OUT, else work_dirs/gpu_check. STAGES is a
+# comma-separated subset of tests,fsla,backbone (default: all three), so a
+# session with a per-command time limit can run them one by one. With
+# REF_REPO set to a checkout of mahaoyuHKU/pytorch-boat (needs timm and
+# einops), the FSLA benchmark also times the published ContentAttention.
+# Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 540) and
+# keeps what it printed when stopped. DEVICE (default cuda), FSLA_ARGS and
+# BACKBONE_ARGS change the benchmarks' arguments (e.g. a CPU smoke test:
+# DEVICE=cpu FSLA_ARGS='--shapes 14:32:2 --repeats 1' BACKBONE_ARGS=
+# --quick).
+set -u -o pipefail
+OUT_DIR=${1:-${OUT:-work_dirs/gpu_check}}
+STAGES=${2:-tests,fsla,backbone}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+status=0
+
+run_stage() {  # name, stdout file, command...: stderr goes to name.log
+  local name=$1 out=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$OUT_DIR/summary.txt"
+  local start=$SECONDS
+  timeout "$STAGE_TIMEOUT" "$@" > >(tee "$out") \
+    2> >(tee "$OUT_DIR/$name.log" >&2)
+  local rc=$?
+  # pytest's 5: no test selected (no other `cuda`-marked test).
+  [ "$rc" -eq 5 ] && [ "$name" = tests-cuda-marked ] && rc=0
+  echo "== $name: exit $rc after $((SECONDS - start)) s" \
+    | tee -a "$OUT_DIR/summary.txt"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+{
+  nvidia-smi || true
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton",
+triton.__version__, "cuda", torch.version.cuda,
+torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")'
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+case ",$STAGES," in *,tests,*)
+  # The Triton test files run compiled on CUDA (every test of them, the
+  # `cuda`-marked ones included), then the other `cuda`-marked tests.
+  run_stage tests "$OUT_DIR/tests.txt" $PY -m pytest -p no:cacheprovider \
+    -q -ra tests/test_ops/test_triton_attention.py \
+    tests/test_ops/test_triton_clustering.py
+  run_stage tests-cuda-marked "$OUT_DIR/tests_cuda_marked.txt" \
+    $PY -m pytest -p no:cacheprovider -q -ra -m cuda tests \
+    --ignore tests/test_ops/test_triton_attention.py \
+    --ignore tests/test_ops/test_triton_clustering.py
+  ;;
+esac
+
+case ",$STAGES," in *,fsla,*)
+  # shellcheck disable=SC2086
+  run_stage fsla "$OUT_DIR/fsla.md" $PY benchmarks/fsla.py \
+    --device "$DEVICE" --repeats 10 --budget 3 \
+    ${REF_REPO:+--ref-repo "$REF_REPO"} ${FSLA_ARGS:-}
+  ;;
+esac
+
+case ",$STAGES," in *,backbone,*)
+  # shellcheck disable=SC2086
+  run_stage backbone "$OUT_DIR/backbone.md" $PY benchmarks/backbone.py \
+    --device "$DEVICE" ${BACKBONE_ARGS:-}
+  ;;
+esac
+
+echo "outputs in $OUT_DIR"
+exit $status
