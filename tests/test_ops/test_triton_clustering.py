@@ -19,8 +19,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip('triton')
 
-from boat_mm.ops.clustering import (_clustering_tensor_ops,  # noqa: E402
-                                    build_cluster_plan, cpu_kernel_available)
+from boat_mm.ops.clustering import (
+    _clustering_tensor_ops,  # noqa: E402
+    build_cluster_plan,
+    cpu_kernel_available)
 from boat_mm.ops.triton import clustering as tc  # noqa: E402
 
 INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
@@ -28,9 +30,14 @@ DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 if not INTERPRETED and DEVICE == 'cpu':
     pytest.skip('compiled Triton kernels need CUDA', allow_module_level=True)
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETED,
-    reason='needs CUDA and compiled Triton kernels')
+
+def needs_cuda(test):
+    """Marked ``cuda`` (see tests/conftest.py); also skipped where the
+    kernels are interpreted."""
+    return pytest.mark.cuda(
+        pytest.mark.skipif(
+            not torch.cuda.is_available() or INTERPRETED,
+            reason='needs CUDA and compiled Triton kernels')(test))
 
 
 def _triton(x, plan, iters=2, temperature=100.):
@@ -46,8 +53,8 @@ def _check_contract(perm, plan, rows):
     assert perm.shape == (rows, plan.num_clusters * plan.slot_size)
     valid = plan.slot_valid.to(perm.device)
     real = perm[:, valid].sort(dim=1).values
-    assert torch.equal(real, torch.arange(N, device=perm.device).expand(
-        rows, N))
+    assert torch.equal(real,
+                       torch.arange(N, device=perm.device).expand(rows, N))
     assert (perm[:, ~valid] == N - 1).all()
 
 
@@ -60,12 +67,12 @@ def _randn(rows, n, d, dtype=torch.float64, seed=0):
 # padded N on both sides of the limits of num_clusters_for (one cluster up
 # to 66 = 1.35 * 49, two from 67; level rounding at 49 * 2**1.5 = 138.6;
 # 1.35 * 98 = 132.3; 1.35 * 196 = 264.6), fewer tokens than a group.
-FLOAT64_CASES = [
-    (49, 2, 8, 2, 100.), (98, 2, 16, 2, 100.), (196, 2, 32, 1, 100.),
-    (392, 1, 16, 2, 100.), (10, 2, 8, 2, 100.), (66, 2, 8, 2, 100.),
-    (67, 3, 16, 2, 100.), (132, 2, 64, 0, 100.), (133, 2, 16, 2, 5.),
-    (139, 2, 32, 1, 100.), (265, 2, 8, 2, 100.)
-]
+FLOAT64_CASES = [(49, 2, 8, 2, 100.), (98, 2, 16, 2, 100.),
+                 (196, 2, 32, 1, 100.), (392, 1, 16, 2, 100.),
+                 (10, 2, 8, 2, 100.), (66, 2, 8, 2, 100.),
+                 (67, 3, 16, 2, 100.), (132, 2, 64, 0, 100.),
+                 (133, 2, 16, 2, 5.), (139, 2, 32, 1, 100.),
+                 (265, 2, 8, 2, 100.)]
 
 
 @pytest.mark.parametrize('n,rows,d,iters,temperature', FLOAT64_CASES)
@@ -76,8 +83,8 @@ def test_float64_equals_tensor_ops(n, rows, d, iters, temperature):
     x = _randn(rows, n, d, seed=n)
     ours = _triton(x, plan, iters, temperature)
     _check_contract(ours, plan, rows)
-    assert torch.equal(ours,
-                       _clustering_tensor_ops(x, plan, iters, temperature))
+    assert torch.equal(ours, _clustering_tensor_ops(x, plan, iters,
+                                                    temperature))
 
 
 # Module constants that route the levels through every schedule, with the
@@ -85,19 +92,20 @@ def test_float64_equals_tensor_ops(n, rows, d, iters, temperature):
 # 0 / 1 / 2, N = 133 of 136 / 68 (tokens per block 128, or 16, below the
 # 34 slots of a leaf).
 SCHEDULES = [
-    (265, dict(SORT_MAX=200, MIN_CHUNK=16, TARGET_PROGRAMS=64), 2,
-     ('global', 'chunked', 'node')),
+    (265, dict(SORT_MAX=200, MIN_CHUNK=16,
+               TARGET_PROGRAMS=64), 2, ('global', 'chunked', 'node')),
     (133, dict(SORT_MAX=64, MIN_CHUNK=16, TARGET_PROGRAMS=64,
                BLOCK_TOKENS=16), 1, ('global', 'global')),
-    (133, dict(SORT_MAX=4096, MIN_CHUNK=16, TARGET_PROGRAMS=64,
-               BLOCK_TOKENS=16), 0, ('chunked', 'chunked')),
+    (133,
+     dict(SORT_MAX=4096, MIN_CHUNK=16, TARGET_PROGRAMS=64,
+          BLOCK_TOKENS=16), 0, ('chunked', 'chunked')),
 ]
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('n,consts,iters,kinds', SCHEDULES)
-def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters,
-                                          kinds, dtype):
+def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters, kinds,
+                                          dtype):
     """In-kernel ranking of small nodes, one sort per level for large ones,
     several programs per node with partial sums, at first, inner and last
     levels: the same clusters as the tensor implementation."""
@@ -111,8 +119,8 @@ def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters,
     x = _randn(2, n, 16, dtype, seed=7)
     ours = _triton(x, plan, iters)
     _check_contract(ours, plan, 2)
-    assert torch.equal(ours, _clustering_tensor_ops(x.double(), plan, iters,
-                                                    100.))
+    assert torch.equal(ours,
+                       _clustering_tensor_ops(x.double(), plan, iters, 100.))
 
 
 @pytest.mark.parametrize('n', [196, 265])
@@ -125,8 +133,7 @@ def test_float32_agrees(n):
     ours = _triton(x.float(), plan)
     _check_contract(ours, plan, 2)
     assert torch.equal(ours, exact)
-    assert torch.equal(_clustering_tensor_ops(x.float(), plan, 2, 100.),
-                       exact)
+    assert torch.equal(_clustering_tensor_ops(x.float(), plan, 2, 100.), exact)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
@@ -138,8 +145,7 @@ def test_half_inputs_clustered_in_float32(dtype):
     ours = _triton(x, plan)
     assert torch.equal(ours, _triton(x.float(), plan))
     assert torch.equal(ours, _clustering_tensor_ops(x, plan, 2, 100.))
-    assert torch.equal(ours,
-                       _clustering_tensor_ops(x.double(), plan, 2, 100.))
+    assert torch.equal(ours, _clustering_tensor_ops(x.double(), plan, 2, 100.))
 
 
 @pytest.mark.parametrize('dtype,sort_max', [(torch.float64, 2048),
@@ -170,8 +176,7 @@ def test_rows_are_independent():
 
 
 @pytest.mark.skipif(not cpu_kernel_available(), reason='needs boat_mm._C')
-@pytest.mark.parametrize('n,levels,slots', [(3, 2, 1), (5, 3, 2),
-                                            (40, 2, 12)])
+@pytest.mark.parametrize('n,levels,slots', [(3, 2, 1), (5, 3, 2), (40, 2, 12)])
 def test_more_clusters_than_the_plan_rule(n, levels, slots):
     """The op accepts any ``L`` and ``S`` that hold ``N`` tokens, also with
     empty nodes (``N < 2**L``) or spare slots per leaf: the same result as
@@ -201,9 +206,11 @@ def test_cuda_real_size_float64_and_no_host_sync():
     n = 128 * 128
     plan = build_cluster_plan(n, device='cuda')
     x = torch.randn(16, n, 32, dtype=torch.float64, device='cuda')
-    kinds = {p.kind for p in tc.level_plans(16, plan.num_levels,
-                                            plan.slot_size, 32, True,
-                                            x.device)}
+    kinds = {
+        p.kind
+        for p in tc.level_plans(16, plan.num_levels, plan.slot_size, 32, True,
+                                x.device)
+    }
     assert kinds >= {'global', 'node'}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         _triton(x.to(dtype), plan)  # compile outside the check

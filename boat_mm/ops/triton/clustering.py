@@ -36,6 +36,16 @@ Grids and buffers depend on the shapes only: no host-device
 synchronisation, CUDA-graph capturable. Results equal the tensor
 implementation's in float64 (sums run in another order, far below the
 gaps between ratios); in float32 they agree up to near-ties.
+
+Tuning (not yet measured on a GPU): a pass is bound by the latency of its
+dependent row gathers (``perm``, then ``x``), about a microsecond per
+block of tokens, so what counts is how many blocks one program walks in a
+row. Chunked passes use blocks of 64 tokens (at 32 dims; about 128
+registers per thread at 4 warps) and at least :data:`MIN_CHUNK` slots per
+program, aiming at :data:`TARGET_PROGRAMS`; the node kernel walks its node
+``kmeans_iters + 2`` times in blocks of up to 128 tokens, which is why
+nodes above :data:`SORT_MAX` slots take the chunked passes and one
+``torch.sort`` instead. The module constants are the knobs to measure.
 """
 from typing import List, NamedTuple, Tuple
 
@@ -48,14 +58,19 @@ __all__ = ['balanced_clustering', 'level_plans', 'LevelPlan']
 
 # Nodes of at most this many slots are ranked inside a kernel, larger ones
 # by one torch.sort of the level's packed keys.
-SORT_MAX = 2048
+# (The node kernel makes its ratio and split passes over a node in one
+# program; see "Tuning" in the module docstring.)
+SORT_MAX = 1024
 # A chunked pass gives each program at least this many slots of a node.
-MIN_CHUNK = 512
-# Programs a chunked pass aims at; None: four per multiprocessor on CUDA,
+MIN_CHUNK = 256
+# Programs a chunked pass aims at; None: eight per multiprocessor on CUDA,
 # four in all for the interpreter.
 TARGET_PROGRAMS = None
 # Tokens per block of the token loops (at most; fewer for wide vectors).
 BLOCK_TOKENS = 128
+# Values (tokens x padded dims) per block of the node kernel's loops, at
+# most (128 tokens of 32 dims; 256 take 240 registers at 8 warps).
+NODE_BLOCK_VALUES = 4096
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
@@ -124,8 +139,8 @@ def _centroids(part_ptr, t, NC, F64: tl.constexpr, DP: tl.constexpr,
 
 
 @triton.jit
-def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start,
-               end, c0, c1, temp, MODE: tl.constexpr, FIRST: tl.constexpr,
+def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start, end,
+               c0, c1, temp, MODE: tl.constexpr, FIRST: tl.constexpr,
                KEY_KIND: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
                DP: tl.constexpr, BT: tl.constexpr):
     """One pass over the slots ``[start, end)`` of node ``t`` (its first
@@ -157,9 +172,10 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start,
         else:
             tok = tl.load(perm_ptr + slot0 + pos, mask=valid, other=0)
         # The unit vectors and norms of the tokens (zero where invalid).
-        v = tl.load(x_ptr + row_off + tok.to(tl.int64)[:, None] * d +
-                    dims[None, :], mask=valid[:, None] & (dims < d)[None, :],
-                    other=0.).to(CT)
+        v = tl.load(
+            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+            mask=valid[:, None] & (dims < d)[None, :],
+            other=0.).to(CT)
         if F64:
             nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
             u = v / nrm[:, None]
@@ -213,17 +229,16 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start,
                         # padding gets the node's largest key.
                         node = t.to(tl.int64) << 32
                         big_key = node + tl.full([BT], 4294967295, tl.int64)
-                        key = node + bits + tl.full([BT], 2147483648,
-                                                    tl.int64)
+                        key = node + bits + tl.full([BT], 2147483648, tl.int64)
                 key = tl.where(valid, key, big_key)
                 tl.store(key_ptr + slot0 + pos, key, mask=inside)
     return acc0, acc1
 
 
 @triton.jit
-def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
-                 chunk, NCn, row_off, N, d, cap, rank0, count, cn0, p_start,
-                 p_end, ORDER_LOCAL: tl.constexpr, FIRST: tl.constexpr,
+def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
+                 NCn, row_off, N, d, cap, rank0, count, cn0, p_start, p_end,
+                 ORDER_LOCAL: tl.constexpr, FIRST: tl.constexpr,
                  LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
                  DP: tl.constexpr, BT: tl.constexpr):
     """Fill slots ``[p_start, p_end)`` of child ``tc`` (node ``t``'s ranks
@@ -259,9 +274,11 @@ def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
         else:
             tl.store(perm_out + dst, tok, mask=inside)
             # The unit vectors and norms of the tokens (zero where invalid).
-            v = tl.load(x_ptr + row_off + tok.to(tl.int64)[:, None] * d +
-                        dims[None, :], mask=valid[:, None] & (dims < d)[None, :],
-                        other=0.).to(CT)
+            v = tl.load(
+                x_ptr + row_off + tok.to(tl.int64)[:, None] * d +
+                dims[None, :],
+                mask=valid[:, None] & (dims < d)[None, :],
+                other=0.).to(CT)
             if F64:
                 nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
                 u = v / nrm[:, None]
@@ -291,16 +308,18 @@ def _sort_keys(x, LOG: tl.constexpr):
     for stage in tl.static_range(1, LOG + 1):
         # Sub-sequences of 2**stage alternate direction until the last.
         if stage < LOG:
-            flip = tl.reshape(tl.arange(0, 2),
-                              [1] * (LOG - stage - 1) + [2] + [1] * stage)
+            flip = tl.reshape(
+                tl.arange(0, 2), [1] * (LOG - stage - 1) + [2] + [1] * stage)
         else:
             flip = tl.zeros([1] * LOG, tl.int32)
         for k in tl.static_range(stage):
-            i: tl.constexpr = stage - 1 - k
-            right = tl.reshape(tl.arange(0, 2),
-                               [1] * (LOG - i - 1) + [2] + [1] * i)
-            lo = tl.reduce(h, LOG - 1 - i, _MIN, keep_dims=True)
-            hi = tl.reduce(h, LOG - 1 - i, _MAX, keep_dims=True)
+            # Partners differ in bit stage - 1 - k of the position: axis
+            # LOG - stage + k of the hypercube.
+            right = tl.reshape(
+                tl.arange(0, 2),
+                [1] * (LOG - stage + k) + [2] + [1] * (stage - 1 - k))
+            lo = tl.reduce(h, LOG - stage + k, _MIN, keep_dims=True)
+            hi = tl.reduce(h, LOG - stage + k, _MAX, keep_dims=True)
             h = tl.where((flip ^ right) != 0, hi, lo)
     return tl.reshape(h, [2**LOG])
 
@@ -330,20 +349,19 @@ def _rank_node(key_ptr, order_ptr, t, cap, n, F64: tl.constexpr,
             tl.store(order_ptr + slot0 + rank, slot0 + i, mask=mi)
     else:
         r = tl.arange(0, 2**LOG)
-        key = tl.load(key_ptr + slot0 + r, mask=r < n,
-                      other=9223372036854775807)
+        key = tl.load(
+            key_ptr + slot0 + r, mask=r < n, other=9223372036854775807)
         key = _sort_keys(key, LOG)
         src = key.to(tl.int32)  # the low 32 bits: the position
         tl.store(order_ptr + slot0 + r, slot0 + src, mask=r < n)
 
 
 @triton.jit
-def _pass_kernel(x_ptr, perm_ptr, part_in, part_out, key_ptr, temp_ptr, N,
-                 d, cap, nodes, leaves, base, extra, NC, CH,
-                 MODE: tl.constexpr, FIRST: tl.constexpr,
-                 KEY_KIND: tl.constexpr, F64: tl.constexpr,
-                 CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
-                 NCB: tl.constexpr):
+def _pass_kernel(x_ptr, perm_ptr, part_in, part_out, key_ptr, temp_ptr, N, d,
+                 cap, nodes, leaves, base, extra, NC, CH, MODE: tl.constexpr,
+                 FIRST: tl.constexpr, KEY_KIND: tl.constexpr,
+                 F64: tl.constexpr, CT: tl.constexpr, DP: tl.constexpr,
+                 BT: tl.constexpr, NCB: tl.constexpr):
     """One chunk of one node: a pass of ``MODE`` over slots
     ``[chunk * CH, (chunk + 1) * CH)``; grid ``(M * nodes * NC,)``."""
     pid = tl.program_id(0)
@@ -392,9 +410,9 @@ def _split_kernel(x_ptr, perm_in, perm_out, order_ptr, part_out, N, d, cap,
     p_start = chunk * CHn
     p_end = tl.minimum(p_start + CHn, cap // 2)
     _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
-                 NCn, m.to(tl.int64) * N * d, N, d, cap, child * n0, count,
-                 cn0, p_start, p_end, ORDER_LOCAL, FIRST, LAST, F64, CT, DP,
-                 BT)
+                 NCn,
+                 m.to(tl.int64) * N * d, N, d, cap, child * n0, count, cn0,
+                 p_start, p_end, ORDER_LOCAL, FIRST, LAST, F64, CT, DP, BT)
 
 
 @triton.jit
@@ -403,8 +421,7 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
                  iters, NC_in, NCn, CHn, HAS_PARTS: tl.constexpr,
                  FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
                  CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
-                 NCB: tl.constexpr, LOG: tl.constexpr,
-                 TILE: tl.constexpr):
+                 NCB: tl.constexpr, LOG: tl.constexpr, TILE: tl.constexpr):
     """A whole level's work on one node (``cap <= 2**LOG``): centroids,
     ``iters`` k-means steps, ratios, ranking and split; grid
     ``(M * nodes,)``."""
@@ -416,14 +433,13 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
         c0, c1 = _centroids(part_in, t, NC_in, F64, DP, NCB)
     else:
         zero = tl.zeros([DP], CT)
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n,
-                            n0, 0, n, zero, zero, temp, 0, FIRST, 0, F64, CT,
-                            DP, BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0,
+                            0, n, zero, zero, temp, 0, FIRST, 0, F64, CT, DP,
+                            BT)
         c0, c1 = _normalize(s0, s1, F64)
     for _ in range(iters):
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n,
-                            n0, 0, n, c0, c1, temp, 1, FIRST, 0, F64, CT, DP,
-                            BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0,
+                            0, n, c0, c1, temp, 1, FIRST, 0, F64, CT, DP, BT)
         c0, c1 = _normalize(s0, s1, F64)
     if F64:
         _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0, 0, n,
@@ -445,10 +461,10 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
         for chunk in range(NCn):
             p_start = chunk * CHn
             p_end = tl.minimum(p_start + CHn, half)
-            _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t,
-                         tc, chunk, NCn, row_off, N, d, cap, child * n0,
-                         count, cn0, p_start, p_end, False, FIRST, LAST,
-                         F64, CT, DP, BT)
+            _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
+                         chunk, NCn, row_off, N, d, cap, child * n0, count,
+                         cn0, p_start, p_end, False, FIRST, LAST, F64, CT, DP,
+                         BT)
 
 
 class LevelPlan(NamedTuple):
@@ -474,21 +490,28 @@ def _target_programs(device: torch.device) -> int:
         return TARGET_PROGRAMS
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
-        return 4 * props.multi_processor_count
+        return 8 * props.multi_processor_count
     return 4
 
 
-def _block_tokens(d: int, f64: bool) -> Tuple[int, int]:
-    """(padded dimension, tokens per block) of the token loops."""
+def _block_tokens(d: int, f64: bool, device: torch.device) -> Tuple[int, int]:
+    """(padded dimension, tokens per block) of the token loops.
+
+    On the GPU a block of a chunked pass holds 2048 float32 values (64
+    tokens of 32 dims, about 128 registers per thread at 4 warps: four
+    programs per multiprocessor); 128 tokens would take 220 registers.
+    The interpreter runs larger blocks faster (fewer Python-level ops).
+    """
     dp = max(8, triton.next_power_of_2(d))
-    return dp, max(16, min(BLOCK_TOKENS, (2048 if f64 else 4096) // dp))
+    values = (2048 if device.type == 'cuda' else 4096) // (2 if f64 else 1)
+    return dp, max(16, min(BLOCK_TOKENS, values // dp))
 
 
-def level_plans(rows: int, num_levels: int, slot_size: int, d: int,
-                f64: bool, device: torch.device) -> List[LevelPlan]:
+def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
+                device: torch.device) -> List[LevelPlan]:
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
     vectors (shapes only, so the same for every call at a resolution)."""
-    block = _block_tokens(d, f64)[1]
+    block = _block_tokens(d, f64, device)[1]
     target = _target_programs(device)
     plans = []
     for level in range(num_levels):
@@ -515,8 +538,7 @@ def _check_args(x: Tensor, num_levels: int, slot_size: int,
         raise ValueError(f'balanced_clustering needs N >= 1 tokens of '
                          f'd >= 1 dims, got shape {tuple(x.shape)}.')
     if not 0 <= num_levels < 31:
-        raise ValueError(
-            f'num_levels must lie in [0, 31), got {num_levels}.')
+        raise ValueError(f'num_levels must lie in [0, 31), got {num_levels}.')
     if slot_size < 1 or (slot_size << num_levels) < N:
         raise ValueError(
             f'slot_size * 2**num_levels must hold all {N} tokens, got '
@@ -561,15 +583,16 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
     total, G = S << L, 1 << L
     device = x.device
     if L == 0 or M == 0:
-        return torch.arange(total, device=device).clamp_(max=N - 1).expand(
-            M, total).contiguous()
+        return torch.arange(
+            total, device=device).clamp_(max=N - 1).expand(M,
+                                                           total).contiguous()
     f64 = x.dtype == torch.float64
     if x.dtype not in (torch.float64, torch.float32, torch.bfloat16,
                        torch.float16):
         x = x.float()
     x = x.contiguous()
     cdt = torch.float64 if f64 else torch.float32
-    DP, BT = _block_tokens(d, f64)
+    DP, BT = _block_tokens(d, f64, device)
     plans = level_plans(M, L, S, d, f64, device)
     NCB = triton.next_power_of_2(max(p.chunks for p in plans))
     part_numel = max((M << lv) * p.chunks for lv, p in enumerate(plans))
@@ -582,19 +605,19 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
     # Tokens of every slot between levels (level 0 needs none: slot i
     # holds token i; the last level writes the output).
     perms = [
-        torch.empty(M * total if L > 1 else 1, dtype=torch.int32,
-                    device=device) for _ in range(2)
+        torch.empty(
+            M * total if L > 1 else 1, dtype=torch.int32, device=device)
+        for _ in range(2)
     ]
     out = torch.empty(M, total, dtype=torch.long, device=device)
     keys = torch.empty(M * total, dtype=torch.int64, device=device)
     order = torch.empty(M * total, dtype=torch.int64, device=device)
     # A tensor: a float argument would reach the kernels as float32.
     temp = torch.full((1, ), float(temperature), dtype=cdt, device=device)
-    consts = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=DP,
-                  BT=BT)
+    consts = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=DP, BT=BT)
     # Counting ranks (float64) compare TILE x TILE keys at a time; larger
-    # tiles only pay in the interpreter (fewer Python-level ops).
-    tile = 64 if device.type == 'cuda' else 128
+    # tiles only pay in the interpreter.
+    tile = 32 if device.type == 'cuda' else 128
     cur = 0  # parts[cur] holds the current level's partial sums
     for lv, plan in enumerate(plans):
         nodes, rows, cap = 1 << lv, M << lv, total >> lv
@@ -606,39 +629,105 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
         perm_in = perms[lv % 2]
         perm_out = out if last else perms[(lv + 1) % 2]
         shape = (N, d, cap, nodes, G >> lv, N // G, N % G)
+        # The node kernel's passes run one after the other in one program:
+        # larger blocks (fewer dependent gathers), more warps.
+        node_bt = max(
+            16,
+            min(
+                triton.next_power_of_2(cap),
+                NODE_BLOCK_VALUES // DP // (2 if f64 else 1)))
         node_kernel_args = dict(
-            FIRST=first, LAST=last, LOG=(cap - 1).bit_length(), TILE=tile,
-            NCB=NCB, num_warps=4 if cap <= 512 else 8, **consts)
+            FIRST=first,
+            LAST=last,
+            LOG=(cap - 1).bit_length(),
+            TILE=tile,
+            NCB=NCB,
+            num_warps=8 if cap > 512 or node_bt * DP > 2048 else 4,
+            **dict(consts, BT=node_bt))
         if plan.kind == 'node':
-            _node_kernel[(rows, )](x, perm_in, perm_out, parts[cur],
-                                   parts[1 - cur], keys, order, temp, *shape,
-                                   kmeans_iters, 1, nc_next, ch_next,
-                                   HAS_PARTS=not first, **node_kernel_args)
+            _node_kernel[(rows, )](
+                x,
+                perm_in,
+                perm_out,
+                parts[cur],
+                parts[1 - cur],
+                keys,
+                order,
+                temp,
+                *shape,
+                kmeans_iters,
+                1,
+                nc_next,
+                ch_next,
+                HAS_PARTS=not first,
+                **node_kernel_args)
             cur = 1 - cur
             continue
         grid = (rows * plan.chunks, )
         chunking = (plan.chunks, plan.chunk_size)
         if first:
-            _pass_kernel[grid](x, perm_in, parts[cur], parts[cur], keys,
-                               temp, *shape, *chunking, MODE=_INIT,
-                               FIRST=True, KEY_KIND=0, NCB=NCB, **consts)
+            _pass_kernel[grid](
+                x,
+                perm_in,
+                parts[cur],
+                parts[cur],
+                keys,
+                temp,
+                *shape,
+                *chunking,
+                MODE=_INIT,
+                FIRST=True,
+                KEY_KIND=0,
+                NCB=NCB,
+                **consts)
         for _ in range(kmeans_iters):
-            _pass_kernel[grid](x, perm_in, parts[cur], parts[1 - cur], keys,
-                               temp, *shape, *chunking, MODE=_STEP,
-                               FIRST=first, KEY_KIND=0, NCB=NCB,
-                               **consts)
+            _pass_kernel[grid](
+                x,
+                perm_in,
+                parts[cur],
+                parts[1 - cur],
+                keys,
+                temp,
+                *shape,
+                *chunking,
+                MODE=_STEP,
+                FIRST=first,
+                KEY_KIND=0,
+                NCB=NCB,
+                **consts)
             cur = 1 - cur
         if plan.kind == 'chunked':
-            _node_kernel[(rows, )](x, perm_in, perm_out, parts[cur],
-                                   parts[1 - cur], keys, order, temp, *shape,
-                                   0, plan.chunks, nc_next, ch_next,
-                                   HAS_PARTS=True, **node_kernel_args)
+            _node_kernel[(rows, )](
+                x,
+                perm_in,
+                perm_out,
+                parts[cur],
+                parts[1 - cur],
+                keys,
+                order,
+                temp,
+                *shape,
+                0,
+                plan.chunks,
+                nc_next,
+                ch_next,
+                HAS_PARTS=True,
+                **node_kernel_args)
         else:
-            _pass_kernel[grid](x, perm_in, parts[cur], parts[cur], keys,
-                               temp, *shape, *chunking, MODE=_KEYS,
-                               FIRST=first,
-                               KEY_KIND=_KEY_F64 if f64 else _KEY_GLOBAL,
-                               NCB=NCB, **consts)
+            _pass_kernel[grid](
+                x,
+                perm_in,
+                parts[cur],
+                parts[cur],
+                keys,
+                temp,
+                *shape,
+                *chunking,
+                MODE=_KEYS,
+                FIRST=first,
+                KEY_KIND=_KEY_F64 if f64 else _KEY_GLOBAL,
+                NCB=NCB,
+                **consts)
             if f64:
                 # Per node (63-bit keys), stable: a segmented sort.
                 level_order = torch.sort(
@@ -646,8 +735,17 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
             else:
                 level_order = torch.sort(keys, stable=True).indices
             _split_kernel[(2 * rows * nc_next, )](
-                x, perm_in, perm_out, level_order, parts[1 - cur], *shape,
-                nc_next, ch_next, ORDER_LOCAL=f64, FIRST=first, LAST=last,
+                x,
+                perm_in,
+                perm_out,
+                level_order,
+                parts[1 - cur],
+                *shape,
+                nc_next,
+                ch_next,
+                ORDER_LOCAL=f64,
+                FIRST=first,
+                LAST=last,
                 **consts)
         cur = 1 - cur
     return out
