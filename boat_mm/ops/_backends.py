@@ -67,9 +67,11 @@ def triton_interpreter_enabled() -> bool:
 
 def tensor_ops_required(op: str) -> bool:
     """Whether ``'auto'`` must take the tensor ops for ``op`` because a
-    tracer records the aten ops it runs (one rule for every caller)."""
-    # torch.jit tracing (FLOP counters) must see the attention's SDPA.
-    return op == ATTENTION and torch.jit.is_tracing()
+    tracer or exporter has to see aten ops (the one place for such rules:
+    add one line per tracer)."""
+    return (
+        # torch.jit tracing (FLOP counters) must see the attention's SDPA.
+        (op == ATTENTION and torch.jit.is_tracing()))
 
 
 def _cpp_built() -> bool:
