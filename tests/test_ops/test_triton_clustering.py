@@ -198,6 +198,75 @@ def test_bad_arguments():
         tc.balanced_clustering(x, 1, 10, -1, 100.)
 
 
+def test_nan_inputs_still_give_a_permutation():
+    """NaN vectors cannot be refused without a host sync; they rank
+    somewhere, and the result stays a valid permutation (no gather out of
+    bounds downstream)."""
+    plan = build_cluster_plan(139, device=DEVICE)
+    x = _randn(2, 139, 8, torch.float32, seed=13)
+    x[0, 5] = float('nan')
+    x[1, :70] = float('nan')
+    _check_contract(_triton(x, plan), plan, 2)
+
+
+# Compiles kernel variants for an H100 (sm_90) with Triton's own ptxas: no
+# GPU needed. The interpreter runs the kernels' Python, so it misses what
+# only the compiler rejects (it once missed a constexpr reassigned in the
+# bitonic sort).
+_COMPILE_SCRIPT = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from boat_mm.ops.triton import clustering as c
+
+def build(kernel, ptrs, warps=4, **consts):
+    sig = {a: 'constexpr' if a in consts else ptrs.get(a, 'i32')
+           for a in kernel.arg_names}
+    triton.compile(ASTSource(kernel, sig, consts),
+                   target=GPUTarget('cuda', 90, 32),
+                   options=dict(num_warps=warps))
+
+for f64 in (False, True):
+    fp = '*fp64' if f64 else '*fp32'
+    ptrs = dict(x_ptr='*bf16', perm_ptr='*i32', perm_in='*i32',
+                perm_out='*i32', part_in=fp, part_out=fp, key_ptr='*i64',
+                order_ptr='*i64', temp_ptr=fp)
+    base = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=32,
+                BT=64)
+    build(c._node_kernel, ptrs, HAS_PARTS=f64, FIRST=not f64, LAST=f64,
+          NCB=8, LOG=7, TILE=32, **base)
+    if f64:
+        break  # the rest is the same code in float64
+    build(c._pass_kernel, ptrs, MODE=1, FIRST=False, KEY_KIND=0, NCB=8,
+          **base)
+    build(c._pass_kernel, ptrs, MODE=2, FIRST=False, KEY_KIND=1, NCB=8,
+          **base)
+    build(c._split_kernel, ptrs, ORDER_LOCAL=False, FIRST=False,
+          LAST=False, **base)
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """The float32 and float64 kernels compile to H100 code."""
+    import subprocess
+    import sys
+    ptxas = os.path.join(
+        os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton has no bundled ptxas")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop('TRITON_INTERPRET', None)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env['PYTHONPATH'] = os.pathsep.join(
+        [root] + [p for p in [env.get('PYTHONPATH')] if p])
+    done = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT],
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @needs_cuda
 def test_cuda_real_size_float64_and_no_host_sync():
     """BOAT-CSWin-T's first stage at 512x512, batch 8: 128^2 tokens, 2

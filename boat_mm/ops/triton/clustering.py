@@ -18,8 +18,9 @@ fly, so a split writes 4 bytes per token. A level is a few kernels:
   level has enough nodes to fill the GPU, i.e. every deep level): one
   kernel computes the initial centroids (or reduces the sums its parent
   left), runs the soft k-means steps, the final similarity ratios, ranks
-  the node in the kernel (``tl.sort`` of ``(ratio bits, position)`` packed
-  in an int64 in float32; counting ranks in float64) and moves the tokens
+  the node in the kernel (a bitonic sort, as ``tl.sort``, of ``(ratio
+  bits, position)`` packed in an int64 in float32; counting ranks in
+  float64) and moves the tokens
   into the two children, summing the children's initial centroids on the
   way.
 - *Chunked* (few, large nodes: the top levels): every node is cut into
@@ -74,7 +75,7 @@ NODE_BLOCK_VALUES = 4096
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
-# Kinds of sort keys: float32 (ratio bits, position) for tl.sort;
+# Kinds of sort keys: float32 (ratio bits, position) for the in-kernel sort;
 # float32 (node, ratio bits) for one stable torch.sort of a level; float64
 # ratio bits (counting ranks, or a stable segmented torch.sort).
 _KEY_LOCAL, _KEY_GLOBAL, _KEY_F64 = 0, 1, 2
@@ -84,9 +85,27 @@ _KEY_LOCAL, _KEY_GLOBAL, _KEY_F64 = 0, 1, 2
 # and spares the interpreter a re-patch of triton.language on every call
 # (milliseconds each; it would dominate the CPU tests), as does inlining
 # small helpers in the token loops below.
-_ADD = tl.standard._sum_combine
-_MIN = tl.standard._elementwise_min
-_MAX = tl.standard._elementwise_max
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+# (Private names of triton.language; the fallbacks compile the same.)
+_ADD = getattr(tl.standard, '_sum_combine', _add)
+_MIN = getattr(tl.standard, '_elementwise_min', _min)
+_MAX = getattr(tl.standard, '_elementwise_max', _max)
 
 
 @triton.jit
