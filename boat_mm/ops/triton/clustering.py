@@ -1,28 +1,28 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Triton kernels of ``boat_mm::balanced_clustering``.
 
-:func:`balanced_clustering_triton` has the signature and the contract of
-the C++ CPU op (``boat_mm/ops/csrc/clustering.cpp``) and computes the
-rule of :mod:`boat_mm.ops.clustering` (static leaf sizes from ``N``,
-padding slots holding token ``N - 1``, excluded from the centroids and
-placed last in both children, ties broken by position) on the GPU, or on
-CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, which the
-tests use). Math runs in float32 for float32, bfloat16 and float16 inputs
-(whatever autocast says) and in float64 for float64 inputs.
+:func:`balanced_clustering` has the signature and the contract of the C++
+CPU op (``boat_mm/ops/csrc/clustering.cpp``; the op layer registers it as
+the Triton implementation) and computes the rule of
+:mod:`boat_mm.ops.clustering` (static leaf sizes from ``N``, padding slots
+holding token ``N - 1``, excluded from the centroids and placed last in
+both children, ties broken by position) on the GPU, or on CPU tensors in
+Triton's interpreter (``TRITON_INTERPRET=1``, which the tests use). Math
+runs in float32 for float32, bfloat16 and float16 inputs (whatever
+autocast says) and in float64 for float64 inputs.
 
 Nothing is stored per level but the permutation: every pass loads its
 tokens' rows straight from ``x`` through it and normalises them on the
 fly, so a split writes 4 bytes per token. A level is a few kernels:
 
-- *One program per node* (nodes of at most :data:`SORT_MAX` slots whose
-  level has enough nodes to fill the GPU, i.e. every deep level): one
-  kernel computes the initial centroids (or reduces the sums its parent
-  left), runs the soft k-means steps, the final similarity ratios, ranks
-  the node in the kernel (a bitonic sort, as ``tl.sort``, of ``(ratio
-  bits, position)`` packed in an int64 in float32; counting ranks in
-  float64) and moves the tokens
-  into the two children, summing the children's initial centroids on the
-  way.
+- *One program per node* (nodes of at most :data:`SORT_MAX` slots on a
+  level with enough nodes to fill the GPU: the deep levels): one kernel
+  computes the initial centroids (or reduces the sums its parent left),
+  runs the soft k-means steps, the final similarity ratios, ranks the
+  node in the kernel (a bitonic sort, as ``tl.sort``, of ``(ratio bits,
+  position)`` packed in an int64 in float32; counting ranks in float64)
+  and moves the tokens into the two children, summing the children's
+  initial centroids on the way.
 - *Chunked* (few, large nodes: the top levels): every node is cut into
   chunks of the same length, one program each. A k-means step is one
   kernel whose programs first reduce the previous step's per-chunk partial
