@@ -32,6 +32,7 @@ Inputs of float32 (products in IEEE float32 unless
 (float32 accumulation and log-sum-exp) and float64 (float64 throughout,
 for exact tests).
 """
+import contextlib
 from typing import List, Tuple
 
 import numpy as np
@@ -39,6 +40,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+# float32 for 16-bit inputs (their rounding would spoil the recomputed
+# probabilities), else the input dtype: what the fake kernel says.
+from .._library import _lse_dtype
 
 __all__ = [
     'clustered_attention_forward', 'clustered_attention_backward',
@@ -398,16 +403,10 @@ def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
 
 
 def _device_guard(t: Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current one)."""
     if t.device.type == 'cuda':
         return torch.cuda.device(t.device)
-    import contextlib
     return contextlib.nullcontext()
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit inputs (their rounding would spoil the
-    recomputed probabilities), else the input dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def clustered_attention_forward(
