@@ -257,6 +257,64 @@ def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
             qkv, perm, plan.slot_valid, 2, 49, 20, 0.25, [])
 
 
+# Compiles the kernels as the wrappers configure them, for an H100 (sm_90)
+# with Triton's bundled ptxas: no GPU needed. The interpreter runs the
+# kernels' Python and misses what only the compiler rejects.
+_COMPILE_SCRIPT = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from boat_mm.ops.triton import clustered_attention as k
+assert not k.interpreted()
+names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
+for dtype in (torch.bfloat16, torch.float32):
+    cfg = k._launch_config(torch.empty(0, dtype=dtype, device='meta'), 32, 49)
+    t, lse = names[dtype], names[k._lse_dtype(dtype)]
+    ptrs = dict(qkv=t, out=t, image=t, grad_out=t, grad_image=t, grad=t,
+                perm='i64', valid='u8', lse=lse, delta=lse)
+    common = dict(HEADS=2, D=32, BLOCK_D=cfg['BLOCK_D'], S=49,
+                  ACC=cfg['ACC'], PRECISION=cfg['PRECISION'], UPCAST=False)
+    rows, keys = cfg['block_s'], cfg['block_k']
+    for kernel, consts in (
+            (k._forward_kernel, dict(BLOCK_Q=rows, BLOCK_K=keys,
+                                     HAS_IMAGE=True)),
+            (k._backward_query_kernel, dict(BLOCK_Q=rows, BLOCK_K=keys)),
+            (k._backward_key_kernel, dict(BLOCK_S=rows, BLOCK_Q=keys,
+                                          HAS_IMAGE=True))):
+        consts.update(common)
+        sig = {a: 'constexpr' if a in consts else '*' + ptrs[a]
+               if a in ptrs else 'fp32' if a.startswith('scale') else 'i32'
+               for a in kernel.arg_names}
+        triton.compile(ASTSource(kernel, sig, consts),
+                       target=GPUTarget('cuda', 90, 32),
+                       options=dict(num_warps=cfg['num_warps']))
+print('compiled')
+"""
+
+
+@pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
+def test_kernels_compile_for_sm90(tmp_path):
+    """The bfloat16 and float32 kernels compile to H100 code."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    ptxas = os.path.join(
+        os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+    if not os.path.exists(ptxas):
+        pytest.skip('this triton has no bundled ptxas')
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop('TRITON_INTERPRET', None)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env['PYTHONPATH'] = os.pathsep.join(
+        [root] + [p for p in [env.get('PYTHONPATH')] if p])
+    done = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'compiled' in done.stdout
+
+
 # ---------------------------------------------------------------------------
 # On a GPU (benchmarks/gpu_check.sh runs these).
 # ---------------------------------------------------------------------------
