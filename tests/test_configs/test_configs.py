@@ -52,7 +52,8 @@ def test_detection_recipe():
     drop path, ImageNet weights through init_cfg, 12 / 36 epochs."""
     root = osp.join(ROOT, 'configs')
     cfg = Config.fromfile(
-        osp.join(root, 'boat_swin', 'mask-rcnn_boat-swin-small_fpn_1x_coco.py'))
+        osp.join(root, 'boat_swin',
+                 'mask-rcnn_boat-swin-small_fpn_1x_coco.py'))
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
     assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
@@ -72,7 +73,8 @@ def test_detection_recipe():
     choice = cfg.train_dataloader.dataset.pipeline[3]
     assert choice.type == 'RandomChoice' and len(choice.transforms) == 2
     cfg = Config.fromfile(
-        osp.join(root, 'boat_cswin', 'retinanet_boat-cswin-tiny_fpn_1x_coco.py'))
+        osp.join(root, 'boat_cswin',
+                 'retinanet_boat-cswin-tiny_fpn_1x_coco.py'))
     assert cfg.model.backbone.out_indices == (1, 2, 3)
     assert cfg.model.neck.in_channels == [128, 256, 512]
 
