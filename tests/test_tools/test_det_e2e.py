@@ -341,3 +341,14 @@ def test_get_flops_of_detectors(trained):
     bbox_head = 1000 * (16 * 49 * 32 + 32 * 32 + 32 * 7 + 32 * 24)
     assert by_module['detector.roi_head.bbox_head'] == bbox_head
     assert info['flops'] > alone['flops'] + bbox_head
+
+
+def test_missing_coco_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/coco here
+    config = osp.join(REPO, 'configs', 'boat_swin',
+                      'mask-rcnn_boat-swin-tiny_fpn_1x_coco.py')
+    with pytest.raises(FileNotFoundError) as err:
+        _tool_main('train.py')([config, '--work-dir', str(tmp_path / 'w')])
+    msg = str(err.value)
+    assert "'data/coco/' does not exist" in msg
+    assert 'gen_synthetic_data.py coco' in msg
