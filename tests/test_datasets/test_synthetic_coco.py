@@ -196,3 +196,25 @@ def test_no_coco_libraries_needed(tmp_path):
             'num_val=1, img_size=64, progress=False)\n')
     subprocess.run([sys.executable, '-c', code], check=True)
     assert _load(str(tmp_path / 'd'), 'val')['images']
+
+
+def test_command_line_coco_mode(tmp_path, monkeypatch, capsys):
+    """gen_synthetic_data.py coco writes the same data as the function."""
+    import runpy
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    out = str(tmp_path / 'cli')
+    monkeypatch.setattr(sys, 'argv', [
+        'gen_synthetic_data.py', 'coco', out, '--num-train', '2',
+        '--num-val', '1', '--img-size', '64', '--seed', '5'
+    ])
+    runpy.run_path(
+        osp.join(repo, 'tools', 'dataset_converters', 'gen_synthetic_data.py'),
+        run_name='__main__')
+    assert f'COCO-like data root: {out}' in capsys.readouterr().out
+    ref = generate_coco_like(
+        str(tmp_path / 'ref'), num_train=2, num_val=1, img_size=64, seed=5,
+        progress=False)
+    for rel in ('annotations/instances_train2017.json',
+                'val2017/000000000001.jpg'):
+        assert filecmp.cmp(
+            osp.join(out, rel), osp.join(ref, rel), shallow=False)
