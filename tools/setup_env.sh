@@ -40,6 +40,7 @@ imports_ok() {
     "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
 import torch, torchvision, mmcv, mmcv.ops, mmengine, mmseg, mmpretrain
 import boat_mm, pytest
+import mmdet, mmdet.models, pycocotools.coco, shapely, terminaltables
 from torchvision.ops import nms  # the compiled torchvision ops are real
 import os
 if os.environ.get('BOAT_MM_WITH_OPS', '1') != '0':

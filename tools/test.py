@@ -1,20 +1,25 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Test (and evaluate) a checkpoint of an mmseg or mmpretrain config.
+"""Test (and evaluate) a checkpoint of an mmseg, mmpretrain or mmdet config.
 
-Works like the ``tools/test.py`` of mmsegmentation and mmpretrain, for
-either kind of config (chosen by the config's ``default_scope``):
+Works like the ``tools/test.py`` of mmsegmentation, mmpretrain and
+mmdetection, for any of their configs (chosen by the config's
+``default_scope``):
 
 * ``--tta``: test-time augmentation with the config's ``tta_model`` and
   ``tta_pipeline`` (mmseg: multi-scale + flip from the ADE20K base;
-  mmpretrain: flip averaging when the config has none);
+  mmpretrain: flip averaging when the config has none; mmdet: flip with
+  box merging by NMS when the config has none, box detectors only, as
+  mmdet's ``DetTTAModel`` does not merge masks);
 * ``--show`` / ``--show-dir DIR``: draw predictions (next to the ground
-  truth for segmentation) into windows or image files;
+  truth for segmentation and detection) into windows or image files;
 * ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
-  pickle file of the predictions (``--out-item pred``) or metrics.
+  pickle file of the predictions (``--out-item pred``) or metrics; mmdet:
+  a pickle file of the predictions.
 
 Examples::
 
     python tools/test.py configs/boat_upernet_ade20k.py CKPT --tta
+    python tools/test.py CONFIG CKPT --out preds.pkl  # mmdet config
     python tools/test.py CONFIG CKPT --show-dir vis --work-dir work_dirs/x
     bash tools/dist_test.sh CONFIG CKPT 8
 """
@@ -45,7 +50,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--out',
         help='mmseg: directory to save the predicted label maps; '
-        'mmpretrain: file to dump the predictions (or metrics) to')
+        'mmpretrain: file to dump the predictions (or metrics) to; mmdet: '
+        '.pkl file to dump the predictions to')
     parser.add_argument(
         '--out-item',
         choices=['metrics', 'pred'],
@@ -54,8 +60,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--show', action='store_true', help='show the results in a window')
     parser.add_argument(
         '--show-dir',
-        help='directory where painted images are saved (mmseg: inside the '
-        'run\'s log folder when relative)')
+        help='directory where painted images are saved (mmseg, mmdet: '
+        'inside the run\'s log folder when relative)')
     parser.add_argument(
         '--interval',
         type=int,
@@ -91,28 +97,76 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _scope(cfg: Config) -> str:
+    return cfg.get('default_scope', 'mmengine')
+
+
 def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
         raise KeyError(
             '--show/--show-dir need a visualization hook in default_hooks, '
             'e.g. default_hooks = dict(visualization=dict('
-            'type=\'SegVisualizationHook\')) (mmseg) or '
-            'dict(type=\'VisualizationHook\') (mmpretrain).')
+            'type=\'SegVisualizationHook\')) (mmseg), '
+            'dict(type=\'VisualizationHook\') (mmpretrain) or '
+            'dict(type=\'DetVisualizationHook\') (mmdet).')
     hook['interval'] = args.interval
     hook['show'] = args.show
     hook['wait_time'] = args.wait_time
-    if cfg.get('default_scope') == 'mmpretrain':
+    if _scope(cfg) == 'mmpretrain':
         hook['enable'] = True
         hook['out_dir'] = args.show_dir
+    elif _scope(cfg) == 'mmdet':
+        hook['draw'] = True
+        if args.show_dir:
+            hook['test_out_dir'] = args.show_dir
     else:
         hook['draw'] = True
         if args.show_dir:
             cfg.visualizer['save_dir'] = args.show_dir
 
 
+def _det_tta_defaults(cfg: Config) -> None:
+    """mmdet's defaults (those of its test tool): horizontal flip, boxes
+    of both views merged by NMS."""
+    roi_head = cfg.model.get('roi_head') or {}
+    if 'tta_model' not in cfg and (roi_head.get('mask_head')
+                                   or cfg.model.get('mask_head')):
+        raise ValueError(
+            '--tta with an instance segmentation model: mmdet\'s '
+            'DetTTAModel merges boxes only, not masks. Test without --tta, '
+            'or use a box detector (e.g. a retinanet_* config).')
+    cfg.setdefault(
+        'tta_model',
+        dict(
+            type='DetTTAModel',
+            tta_cfg=dict(
+                nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)))
+    if 'tta_pipeline' not in cfg:
+        dataset = cfg.test_dataloader.dataset
+        while 'dataset' in dataset:  # dataset wrappers
+            dataset = dataset['dataset']
+        pipeline = deepcopy(dataset.pipeline)
+        pipeline[-1] = dict(
+            type='TestTimeAug',
+            transforms=[[
+                dict(type='RandomFlip', prob=1.),
+                dict(type='RandomFlip', prob=0.)
+            ],
+                        [
+                            dict(
+                                type='PackDetInputs',
+                                meta_keys=('img_id', 'img_path', 'ori_shape',
+                                           'img_shape', 'scale_factor',
+                                           'flip', 'flip_direction'))
+                        ]])
+        cfg.tta_pipeline = pipeline
+
+
 def _tta(cfg: Config) -> None:
-    if cfg.get('default_scope') == 'mmpretrain':
+    if _scope(cfg) == 'mmdet':
+        _det_tta_defaults(cfg)
+    if _scope(cfg) == 'mmpretrain':
         # As mmpretrain's tool: flip averaging unless the config says more.
         cfg.setdefault('tta_model', dict(type='mmpretrain.AverageClsScoreTTA'))
         if 'tta_pipeline' not in cfg:
@@ -151,14 +205,19 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         _visualization(cfg, args)
     if args.tta:
         _tta(cfg)
-    if cfg.get('default_scope') == 'mmpretrain':
+    if _scope(cfg) == 'mmpretrain':
         loader = ConfigDict(
             pin_memory=True, collate_fn=dict(type='default_collate'))
         loader.update(cfg.test_dataloader)
         cfg.test_dataloader = loader
     if args.no_pin_memory:
         cfg.test_dataloader.pin_memory = False
-    if args.out is not None and cfg.get('default_scope') != 'mmpretrain':
+    if args.out is not None and _scope(cfg) == 'mmdet' \
+            and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(
+            f'--out of an mmdet config is a pickle file of the predictions '
+            f'(.pkl or .pickle), got {args.out!r}.')
+    if args.out is not None and _scope(cfg) == 'mmseg':
         # mmseg's IoUMetric writes the label maps (original ids) there.
         evaluators = cfg.test_evaluator if isinstance(
             cfg.test_evaluator, list) else [cfg.test_evaluator]
@@ -178,11 +237,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     runner = build_runner(cfg)
 
-    pretrain_out = args.out and cfg.get('default_scope') == 'mmpretrain'
+    pretrain_out = args.out and _scope(cfg) == 'mmpretrain'
     if pretrain_out and args.out_item in ('pred', None):
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(
             DumpResults(out_file_path=args.out))
+    if args.out and _scope(cfg) == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
     metrics = runner.test()
     if pretrain_out and args.out_item == 'metrics':
         mmengine.dump(metrics, args.out)

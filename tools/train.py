@@ -1,8 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Train a model from an mmseg or mmpretrain config (boat-mm's or yours).
+"""Train a model from an mmseg, mmpretrain or mmdet config (ours or yours).
 
-Works like the ``tools/train.py`` of mmsegmentation and mmpretrain, for
-either kind of config (chosen by the config's ``default_scope``), plus:
+Works like the ``tools/train.py`` of mmsegmentation, mmpretrain and
+mmdetection, for any of their configs (chosen by the config's
+``default_scope``), plus:
 
 * a missing dataset gives an error that says how to get the data;
 * CPU runs work unchanged, ``torchrun`` ones included (``gloo``, SyncBN as
@@ -11,6 +12,8 @@ either kind of config (chosen by the config's ``default_scope``), plus:
 Examples::
 
     python tools/train.py configs/boat_upernet_ade20k.py
+    python tools/train.py \
+        configs/boat_cswin/mask-rcnn_boat-cswin-tiny_fpn_1x_coco.py
     python tools/train.py CONFIG --work-dir work_dirs/x --resume
     python tools/train.py CONFIG --cfg-options model.backbone.init_cfg=None
     bash tools/dist_train.sh CONFIG 8
@@ -80,7 +83,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:
     """mmpretrain's tools default to ``default_collate`` and pinned,
-    persistent workers; mmseg's keep the config's (pseudo) collate."""
+    persistent workers; mmseg's and mmdet's keep the config's (pseudo)
+    collate."""
     defaults = ConfigDict()
     if cfg.get('default_scope') == 'mmpretrain':
         defaults = ConfigDict(

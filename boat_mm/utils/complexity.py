@@ -85,7 +85,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from boat_mm.ops import clustering as _clustering
 
 __all__ = [
-    'MAC_OPERATORS', 'flop_analyzer', 'get_model_complexity', 'sdpa_macs'
+    'MAC_OPERATORS', 'DetectorForward', 'flop_analyzer',
+    'get_model_complexity', 'sdpa_macs'
 ]
 
 MASKED_ATTENTION_MODES = ('allowed', 'dense')
@@ -378,3 +379,65 @@ def get_model_complexity(model: nn.Module,
         uncounted_ops=analyzer.unsupported_ops(),
         input_shape=tuple(inputs[0].shape[1:]),
         analyzer=analyzer)
+
+
+class DetectorForward(nn.Module):
+    """An mmdet detector as ``forward(images) -> head outputs``, to count.
+
+    The convention of mmdet's FLOP counts (mmdet 2's ``forward_dummy``,
+    used for the published Swin and CSWin detection FLOPs): the backbone,
+    the neck and the dense heads on the image; a two-stage detector's RoI
+    head on ``num_proposals`` fixed boxes (its mask head on the first 100,
+    as mmdet's ``StandardRoIHead.forward``), so the count does not depend
+    on what a random RPN proposes. Post-processing (NMS, top-k) is left
+    out. Every image of the batch gets the metainfo of an unpadded
+    ``H x W`` input.
+
+    Args:
+        detector (nn.Module): An mmdet ``SingleStageDetector`` or
+            ``TwoStageDetector``.
+        num_proposals (int): RoIs per image of a two-stage detector.
+            Defaults to 1000 (mmdet's test-time RPN output).
+    """
+
+    def __init__(self, detector: nn.Module, num_proposals: int = 1000):
+        super().__init__()
+        if not (hasattr(detector, 'roi_head')
+                or hasattr(detector, 'bbox_head')):
+            raise TypeError(
+                f'{type(detector).__name__} is not an mmdet detector with '
+                f'an roi_head (two-stage) or a bbox_head (single-stage).')
+        self.detector = detector
+        self.num_proposals = num_proposals
+
+    def _proposals(self, h: int, w: int, like: Tensor) -> Tensor:
+        # Boxes from 1/16 to all of the image: every FPN level gets some.
+        frac = torch.linspace(
+            1. / 16, 1., self.num_proposals, device=like.device)
+        return torch.stack([
+            torch.zeros_like(frac),
+            torch.zeros_like(frac), frac * w, frac * h
+        ], 1).to(like.dtype)
+
+    def forward(self, inputs: Tensor) -> tuple:
+        """Run the detector on ``(B, 3, H, W)`` normalised images."""
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+        h, w = inputs.shape[-2:]
+        meta = dict(
+            img_shape=(h, w),
+            ori_shape=(h, w),
+            pad_shape=(h, w),
+            batch_input_shape=(h, w),
+            scale_factor=(1., 1.))
+        samples = [DetDataSample(metainfo=meta) for _ in inputs]
+        det = self.detector
+        feats = det.extract_feat(inputs)
+        if not hasattr(det, 'roi_head'):
+            return det.bbox_head(feats)
+        rpn_outs = det.rpn_head(feats) if det.with_rpn else ()
+        proposals = [
+            InstanceData(bboxes=self._proposals(h, w, inputs))
+            for _ in samples
+        ]
+        return rpn_outs, det.roi_head.forward(feats, proposals, samples)

@@ -43,6 +43,15 @@ _HINTS = {
         'gen_synthetic_data.py imagenet data/imagenet_synthetic` and point '
         'data_root, data_prefix and ann_file of the dataloaders to it with '
         '--cfg-options.'),
+    'mmdet': (
+        'To get COCO 2017, follow mmdet\'s docs '
+        '(docs/en/user_guides/dataset_prepare.md) and put it in '
+        'data/coco/ (annotations/, train2017/, val2017/). Without it, '
+        'generate a small synthetic COCO-like dataset with `python tools/'
+        'dataset_converters/gen_synthetic_data.py coco data/coco_synthetic` '
+        'and train configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py on '
+        'it, or point data_root of the dataloaders and ann_file of the '
+        'evaluators to it with --cfg-options.'),
 }
 
 
@@ -148,7 +157,7 @@ def check_data_roots(cfg: Config,
     dataset of the given dataloaders (through dataset wrappers). Remote
     paths (``s3://`` ...) are not checked. Without this, mmseg and mmpretrain
     fail deep inside dataset building (``No such file or directory`` or an
-    empty sampler) without saying how to get the data.
+    empty sampler) without saying how to get the data; mmdet too.
 
     Args:
         cfg (Config): The full config.

@@ -1,6 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Every shipped config loads and builds its full model."""
 import glob
+import importlib
 import os.path as osp
 
 import pytest
@@ -36,21 +37,68 @@ def test_every_family_has_cls_and_seg_configs():
     assert 'boat_upernet_ade20k.py' in names
 
 
+def test_every_family_has_detection_configs():
+    names = [osp.basename(c) for c in CONFIGS]
+    for family in ('swin', 'cswin'):
+        for arch in ('tiny', 'small'):
+            model = f'boat-{family}-{arch}'
+            assert f'mask-rcnn_{model}_fpn_1x_coco.py' in names
+            assert f'mask-rcnn_{model}_fpn_ms-crop-3x_coco.py' in names
+            assert f'retinanet_{model}_fpn_1x_coco.py' in names
+
+
+def test_detection_recipe():
+    """mmdet's Swin recipe: AdamW, no decay on norms and position tables,
+    drop path, ImageNet weights through init_cfg, 12 / 36 epochs."""
+    root = osp.join(ROOT, 'configs')
+    cfg = Config.fromfile(
+        osp.join(root, 'boat_swin',
+                 'mask-rcnn_boat-swin-small_fpn_1x_coco.py'))
+    assert cfg.optim_wrapper.optimizer.type == 'AdamW'
+    assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
+    keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
+    assert keys['norm'] == keys['relative_position_bias_table'] == dict(
+        decay_mult=0.)
+    assert cfg.model.backbone.drop_path_rate == 0.3
+    assert cfg.model.backbone.init_cfg == dict(
+        type='Pretrained',
+        checkpoint='checkpoints/boat-swin-small_in1k.pth',
+        prefix='backbone.')
+    assert cfg.train_cfg.max_epochs == 12
+    cfg = Config.fromfile(
+        osp.join(root, 'boat_cswin',
+                 'mask-rcnn_boat-cswin-tiny_fpn_ms-crop-3x_coco.py'))
+    assert cfg.train_cfg.max_epochs == 36
+    assert cfg.param_scheduler[1].milestones == [27, 33]
+    choice = cfg.train_dataloader.dataset.pipeline[3]
+    assert choice.type == 'RandomChoice' and len(choice.transforms) == 2
+    cfg = Config.fromfile(
+        osp.join(root, 'boat_cswin',
+                 'retinanet_boat-cswin-tiny_fpn_1x_coco.py'))
+    assert cfg.model.backbone.out_indices == (1, 2, 3)
+    assert cfg.model.neck.in_channels == [128, 256, 512]
+
+
 @pytest.mark.parametrize('path', CONFIGS)
 def test_config_builds_full_model(path):
     cfg = Config.fromfile(osp.join(ROOT, path))
     scope = cfg.default_scope
-    assert scope in ('mmseg', 'mmpretrain')
+    assert scope in ('mmseg', 'mmpretrain', 'mmdet')
     assert 'boat_mm' in cfg.custom_imports['imports']
     init_default_scope(scope)
-    if scope == 'mmseg':
-        from mmseg.registry import MODELS
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    if scope != 'mmpretrain':
         # The converted ImageNet weights are not part of the repo.
         cfg.model.backbone.init_cfg = None
-    else:
-        from mmpretrain.registry import MODELS
-    model = MODELS.build(cfg.model)
+    model = models.build(cfg.model)
     assert type(model.backbone).__name__ in ('BOATSwin', 'BOATCSWin')
+    if scope == 'mmdet':
+        # The FPN takes the widths of the stages the backbone outputs.
+        widths = [
+            model.backbone.get_submodule(f'norm{i}').normalized_shape[0]
+            for i in model.backbone.out_indices
+        ]
+        assert list(model.neck.in_channels) == widths
     expected = PARAMS_M.get(osp.basename(path))
     if expected is not None:
         params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -1,8 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Count the parameters and FLOPs of a model built from a config.
 
-Like the ``get_flops.py`` of mmpretrain and mmsegmentation, for either kind
-of config (chosen by the config's ``default_scope``). FLOPs are
+Like the ``get_flops.py`` of mmpretrain, mmsegmentation and mmdetection, for
+any of their configs (chosen by the config's ``default_scope``). FLOPs are
 multiply-adds (the OpenMMLab convention: mmengine's ``FlopAnalyzer``,
 which also adds per-element estimates for norms; the multiply-adds alone
 are printed too), counted by
@@ -15,8 +15,16 @@ mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
   head) on a ``1 x 3 x H x W`` input, default 224 x 224;
 * segmentation (mmseg): the inference model (backbone + decode head; the
   auxiliary head is removed, as upstream) on a ``1 x 3 x H x W`` input,
-  default 512 x 512. The data preprocessor is not run, so ``--shape`` is
-  the size the network sees.
+  default 512 x 512;
+* detection (mmdet): backbone, neck and dense heads, and a two-stage
+  detector's RoI head on 1000 fixed proposals (mask head on 100), without
+  post-processing (mmdet's convention, see
+  :class:`boat_mm.utils.complexity.DetectorForward`), on a ``1 x 3 x H x
+  W`` input, default 800 x 1280 (H x W, the size the Swin and CSWin papers
+  count at).
+
+The data preprocessor is not run, so ``--shape`` is the size the network
+sees.
 
 Examples::
 
@@ -24,6 +32,8 @@ Examples::
         configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py
     python tools/analysis_tools/get_flops.py \
         configs/boat_upernet_ade20k.py --shape 512 512
+    python tools/analysis_tools/get_flops.py \
+        configs/boat_swin/mask-rcnn_boat-swin-tiny_fpn_1x_coco.py
     python tools/analysis_tools/get_flops.py --check-reference
 """
 import argparse
@@ -39,11 +49,12 @@ from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.utils import add_cfg_options_arg
-from boat_mm.utils.complexity import get_model_complexity
+from boat_mm.utils.complexity import DetectorForward, get_model_complexity
 
 SCOPES = {
     'mmpretrain': ('mmpretrain.registry', (224, 224)),
     'mmseg': ('mmseg.registry', (512, 512)),
+    'mmdet': ('mmdet.registry', (800, 1280)),
 }
 
 CONFIG_ROOT = osp.join(
@@ -75,7 +86,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=int,
         nargs='+',
         help='input size: H W, or one number for a square; default 224 '
-        'for classification, 512 for segmentation')
+        'for classification, 512 for segmentation, 800 1280 for detection')
     parser.add_argument(
         '--masked-attention',
         choices=['allowed', 'dense'],
@@ -112,18 +123,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 class ScopeError(ValueError):
-    """The config is neither an mmpretrain nor an mmseg config."""
+    """The config is not an mmpretrain, mmseg or mmdet config."""
 
 
 def build_model(cfg: Config) -> Tuple[Any, str]:
-    """Build the inference model of a config, in the config's scope."""
+    """Build the inference model of a config, in the config's scope
+    (an mmdet detector wrapped in :class:`DetectorForward`)."""
     scope = cfg.get('default_scope', None)
     if scope not in SCOPES:
         raise ScopeError(
-            f'get_flops.py handles mmpretrain and mmseg configs (their '
-            f'`default_scope`), got default_scope={scope!r}; inherit '
-            f'mmpretrain::_base_/default_runtime.py or '
-            f'mmseg::_base_/default_runtime.py.')
+            f'get_flops.py handles mmpretrain, mmseg and mmdet configs '
+            f'(their `default_scope`), got default_scope={scope!r}; inherit '
+            f'the _base_/default_runtime.py of one of them (e.g. '
+            f'mmseg::_base_/default_runtime.py).')
     init_default_scope(scope)
     registry = __import__(SCOPES[scope][0], fromlist=['MODELS']).MODELS
     model = registry.build(cfg.model)
@@ -132,6 +144,8 @@ def build_model(cfg: Config) -> Tuple[Any, str]:
         model.auxiliary_head = None
     # SyncBN cannot run outside a process group; the count is the same.
     model = revert_sync_batchnorm(model)
+    if scope == 'mmdet':
+        model = DetectorForward(model)
     return model, scope
 
 

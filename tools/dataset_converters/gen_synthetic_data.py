@@ -1,5 +1,5 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Generate a synthetic ADE20K-like or ImageNet-like dataset.
+"""Generate a synthetic ADE20K-, ImageNet- or COCO-like dataset.
 
 Examples::
 
@@ -7,16 +7,19 @@ Examples::
         data/ade_synthetic --num-train 200 --num-val 50 --img-size 128
     python tools/dataset_converters/gen_synthetic_data.py imagenet \
         data/imagenet_synthetic --num-train 20 --num-val 5
+    python tools/dataset_converters/gen_synthetic_data.py coco \
+        data/coco_synthetic --num-train 200 --num-val 50 --img-size 160
 """
 import argparse
 import time
 
-from boat_mm.datasets import generate_ade20k_like, generate_imagenet_like
+from boat_mm.datasets import (generate_ade20k_like, generate_coco_like,
+                              generate_imagenet_like)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('kind', choices=['ade20k', 'imagenet'])
+    parser.add_argument('kind', choices=['ade20k', 'imagenet', 'coco'])
     parser.add_argument('out_dir', help='output folder (must be empty)')
     parser.add_argument(
         '--num-train', type=int, default=None,
@@ -45,6 +48,9 @@ def main() -> None:
     if args.kind == 'ade20k':
         root = generate_ade20k_like(args.out_dir, **kwargs)
         print(f'ADE20K-like data root: {root}')
+    elif args.kind == 'coco':
+        root = generate_coco_like(args.out_dir, **kwargs)
+        print(f'COCO-like data root: {root}')
     else:
         classes = generate_imagenet_like(args.out_dir, **kwargs)
         print(f'ImageNet-like data in {args.out_dir} ({len(classes)} '

@@ -1,9 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Draw the feature-space clusters of one FSLA module of a BOAT model.
 
-Builds the model of an mmpretrain or mmseg config (chosen by the config's
-``default_scope``), loads a checkpoint, runs an image through the config's
-test pipeline (or a plain resize, ``--resize``) and the model's data
+Builds the model of an mmpretrain, mmseg or mmdet config (chosen by the
+config's ``default_scope``), loads a checkpoint, runs an image through the
+config's test pipeline (or a plain resize, ``--resize``) and the model's data
 preprocessor, captures the cluster of every token at the chosen FSLA module
 (stage, block, head), and saves the image next to the image overlaid with
 one colour per cluster.
@@ -15,6 +15,9 @@ Examples::
         --checkpoint boat-cswin-tiny_in1k.pth --stage 1 --head 2 \\
         --out-file clusters.png
     python tools/visualization/vis_clusters.py CONFIG IMG --resize 448 448
+    python tools/visualization/vis_clusters.py \
+        configs/boat_swin/mask-rcnn_boat-swin-tiny_fpn_1x_coco.py demo.jpg \
+        --checkpoint CKPT --stage 1
 
 FSLA sits in the odd (shifted-window) blocks of stages 0-2 of BOAT-Swin
 and in the even blocks of every stage of BOAT-CSWin; a wrong
@@ -38,14 +41,15 @@ from boat_mm.utils import add_cfg_options_arg
 from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
-_SCOPES = ('mmpretrain', 'mmseg')
+_SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(
         description='Visualise the FSLA clusters of a BOAT backbone')
-    parser.add_argument('config', help='mmpretrain or mmseg config file')
+    parser.add_argument(
+        'config', help='mmpretrain, mmseg or mmdet config file')
     parser.add_argument('image', help='image file')
     parser.add_argument('--checkpoint', help='checkpoint file (.pth)')
     parser.add_argument(
@@ -85,8 +89,8 @@ def build_model(cfg: Config,
     if scope not in _SCOPES:
         raise ValueError(
             f'The config\'s default_scope is {scope!r}; vis_clusters needs '
-            f'an mmpretrain (classification) or mmseg (segmentation) config '
-            f'with default_scope in {_SCOPES}.')
+            f'an mmpretrain (classification), mmseg (segmentation) or mmdet '
+            f'(detection) config, with default_scope in {_SCOPES}.')
     init_default_scope(scope)
     model_cfg = deepcopy(cfg.model)
     # mmpretrain configs keep it at the top level; the runner merges it.

@@ -1,0 +1,354 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""End-to-end runs of the detection configs through the tools and mmdet.
+
+Every run uses generated COCO-like data (6 + 4 images of 64 px) and a user
+config that inherits the detection demo config by path with a tiny
+BOAT-CSWin and 16-channel heads; training runs 4 iterations. Everything is
+written under ``tmp_path``.
+"""
+import os
+import os.path as osp
+import pickle
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEMO = osp.join(REPO, 'configs', 'demo',
+                'mask-rcnn_boat-cswin-tiny_fpn_demo.py')
+RETINANET = osp.join(REPO, 'configs', 'boat_swin',
+                     'retinanet_boat-swin-tiny_fpn_1x_coco.py')
+
+# Pipelines of the user configs at 64 px (`{root}` is filled in).
+PIPELINES = """
+data_root = {root!r}
+img_scale = (64, 64)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
+                                          'img_shape', 'scale_factor'))
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+"""
+TINY_CSWIN = ("arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1], "
+              "num_heads=[2, 2, 2, 2], split_sizes=[1, 2, 7, 7]), "
+              "drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4), "
+              "init_cfg=None")
+MASK_RCNN_CFG = """
+_base_ = [{base!r}]
+model = dict(
+    backbone=dict({arch}),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=16),
+    rpn_head=dict(in_channels=16, feat_channels=16),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=16),
+        bbox_head=dict(in_channels=16, fc_out_channels=32),
+        mask_roi_extractor=dict(out_channels=16),
+        mask_head=dict(in_channels=16, conv_out_channels=8)),
+    # All anchors and proposals instead of random samples: no torch RNG in
+    # the steps, so a resumed run (RNG state is not checkpointed) repeats
+    # the uninterrupted one exactly.
+    train_cfg=dict(
+        rpn=dict(sampler=dict(_delete_=True, type='PseudoSampler')),
+        rcnn=dict(sampler=dict(_delete_=True, type='PseudoSampler'))))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=4, milestones=[3])
+]
+train_cfg = dict(max_iters=4, val_interval=4)
+default_hooks = dict(
+    logger=dict(interval=1), checkpoint=dict(interval=2, max_keep_ckpts=2))
+""" + PIPELINES
+RETINANET_CFG = """
+_base_ = [{base!r}]
+custom_imports = dict(imports=['boat_mm'], allow_failed_imports=False)
+metainfo = dict(
+    classes=('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus'))
+model = dict(
+    backbone=dict(
+        arch=dict(_delete_=True, embed_dims=12, depths=[2, 2, 2, 1],
+                  num_heads=[1, 2, 2, 2]),
+        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4),
+        init_cfg=None),
+    neck=dict(in_channels=[24, 48, 96], out_channels=16),
+    bbox_head=dict(num_classes=6, in_channels=16, feat_channels=16,
+                   stacked_convs=1),
+    # Untrained: keep the low scores so that there is something to merge.
+    test_cfg=dict(score_thr=0.0))
+""" + PIPELINES.replace(
+    'pipeline=train_pipeline)', 'pipeline=train_pipeline, metainfo=metainfo)'
+).replace('pipeline=test_pipeline)',
+          'pipeline=test_pipeline, metainfo=metainfo)')
+
+
+def _run(cmd: List[str], cwd: str) -> str:
+    """Run a command; return its output, or fail the test with it."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
+                    f'{proc.stdout[-6000:]}')
+    return proc.stdout
+
+
+def _tool(name: str, *args: str, cwd: str) -> str:
+    return _run([sys.executable, osp.join(REPO, 'tools', name), *args],
+                cwd=cwd)
+
+
+def _tool_main(name: str):
+    """The ``main`` of a tool script, loaded without running it."""
+    return runpy.run_path(
+        osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
+
+
+def _ckpt(path: str) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _metrics(out: str, stage: str) -> dict:
+    """``coco/*_mAP`` values of the last ``Iter(stage)`` line."""
+    line = [ln for ln in out.splitlines() if f'Iter({stage})' in ln][-1]
+    return {
+        k: float(v)
+        for k, v in re.findall(r'(coco/\w+_mAP\w*): ([\d.]+)', line)
+    }
+
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory) -> str:
+    from boat_mm.datasets import generate_coco_like
+    out = tmp_path_factory.mktemp('coco_e2e')
+    return generate_coco_like(
+        str(out), num_train=6, num_val=4, img_size=64, seed=1,
+        progress=False) + '/'
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, coco_root):
+    """4 iterations of a tiny Mask R-CNN from the demo config, validated at
+    the end, checkpoints at iterations 2 and 4."""
+    tmp = tmp_path_factory.mktemp('det_train')
+    cfg = str(tmp / 'user_mask_rcnn.py')
+    with open(cfg, 'w') as f:
+        f.write(MASK_RCNN_CFG.format(base=DEMO, arch=TINY_CSWIN,
+                                     root=coco_root))
+    work_dir = str(tmp / 'work')
+    out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
+    return dict(cfg=cfg, work_dir=work_dir, out=out, tmp=tmp)
+
+
+def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
+    work_dir = trained['work_dir']
+    assert re.search(r'Iter\(train\) \[4/4\].*loss_mask', trained['out'])
+    val = _metrics(trained['out'], 'val')
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(val)
+    ckpt = _ckpt(osp.join(work_dir, 'iter_4.pth'))
+    assert ckpt['meta']['iter'] == 4
+    assert ckpt['meta']['dataset_meta']['classes'][:2] == ('person',
+                                                           'bicycle')
+
+    # tools/test.py on the same checkpoint gives the same metrics, dumps
+    # the predictions and draws them.
+    pkl = str(trained['tmp'] / 'preds.pkl')
+    show_dir = str(trained['tmp'] / 'show')
+    out = _tool('test.py', trained['cfg'], osp.join(work_dir, 'iter_4.pth'),
+                '--out', pkl, '--show-dir', show_dir, '--work-dir',
+                str(trained['tmp'] / 'test'), cwd=str(trained['tmp']))
+    assert _metrics(out, 'test') == val
+    with open(pkl, 'rb') as f:
+        preds = pickle.load(f)
+    assert len(preds) == 4
+    for pred in preds:
+        inst = pred['pred_instances']
+        assert len(inst['masks']) == len(inst['bboxes'])  # RLE masks
+    drawn = [
+        p for _, _, files in os.walk(show_dir) for p in files
+        if p.endswith('.jpg')
+    ]
+    assert len(drawn) == 4
+
+
+def test_resume_continues_interrupted_run(trained):
+    """A run stopped after its iteration-2 checkpoint and resumed with
+    ``--resume`` ends exactly where the uninterrupted run ended."""
+    full = trained['work_dir']
+    work_dir = str(trained['tmp'] / 'interrupted')
+    os.makedirs(work_dir)
+    shutil.copy(osp.join(full, 'iter_2.pth'), work_dir)
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(osp.join(work_dir, 'iter_2.pth'))
+    out = _tool('train.py', trained['cfg'], '--work-dir', work_dir,
+                '--resume', '--no-validate', cwd=str(trained['tmp']))
+    assert 'resumed epoch: 0, iter: 2' in out
+    assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
+    ref = _ckpt(osp.join(full, 'iter_4.pth'))
+    got = _ckpt(osp.join(work_dir, 'iter_4.pth'))
+    assert got['param_schedulers'] == ref['param_schedulers']
+    for key, value in ref['state_dict'].items():
+        torch.testing.assert_close(
+            got['state_dict'][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    start = _ckpt(osp.join(full, 'iter_2.pth'))['state_dict']
+    key = 'roi_head.mask_head.conv_logits.weight'
+    assert not torch.equal(start[key], got['state_dict'][key])
+
+
+def test_upstream_mmdet_train_tool_runs_our_config(trained):
+    """mmdet's own tools/train.py (shipped in the wheel) needs nothing but
+    the config's ``custom_imports``."""
+    import mmdet
+    tool = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py')
+    assert osp.isfile(tool)
+    work_dir = str(trained['tmp'] / 'upstream')
+    out = _run([
+        sys.executable, tool, trained['cfg'], '--work-dir', work_dir,
+        '--cfg-options', 'train_cfg.max_iters=2', 'val_cfg=None',
+        'val_dataloader=None', 'val_evaluator=None'
+    ], cwd=str(trained['tmp']))
+    assert re.search(r'Iter\(train\) \[2/2\].*loss_mask', out)
+    assert _ckpt(osp.join(work_dir, 'iter_2.pth'))['meta']['iter'] == 2
+
+
+def test_det_inferencer_returns_masks(trained, coco_root):
+    from mmdet.apis import DetInferencer
+    inferencer = DetInferencer(
+        model=trained['cfg'],
+        weights=osp.join(trained['work_dir'], 'iter_4.pth'),
+        device='cpu',
+        show_progress=False)
+    image = osp.join(coco_root, 'val2017', '000000000001.jpg')
+    result = inferencer(image, return_datasamples=True)
+    pred = result['predictions'][0].pred_instances
+    assert len(pred) > 0
+    assert pred.masks.shape == (len(pred), 64, 64)
+    assert pred.masks.dtype == torch.bool
+
+
+def test_vis_clusters_of_a_detector(trained, coco_root, tmp_path):
+    out_file = str(tmp_path / 'clusters.png')
+    res = _tool_main('visualization/vis_clusters.py')([
+        trained['cfg'],
+        osp.join(coco_root, 'val2017', '000000000002.jpg'), '--checkpoint',
+        osp.join(trained['work_dir'], 'iter_4.pth'), '--stage', '1',
+        '--out-file', out_file
+    ])
+    # Stage 1 of a 64 px image: 8 x 8 tokens, 4 clusters of 16.
+    assert res['ids'].shape == (8, 8)
+    assert sorted(np.bincount(res['ids'].ravel())) == [16] * 4
+    assert osp.isfile(out_file)
+
+
+def test_tta_and_out_checks(trained, coco_root, tmp_path):
+    """--tta: boxes only (mmdet's DetTTAModel does not merge masks), and
+    flip TTA of a RetinaNet; --out must be a pickle file."""
+    ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
+    test = _tool_main('test.py')
+    with pytest.raises(ValueError, match='merges boxes only'):
+        test([trained['cfg'], ckpt, '--tta'])
+    with pytest.raises(ValueError, match=r'\.pkl or \.pickle'):
+        test([trained['cfg'], ckpt, '--out', str(tmp_path / 'x.json')])
+
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    cfg_path = str(tmp_path / 'user_retinanet.py')
+    with open(cfg_path, 'w') as f:
+        f.write(RETINANET_CFG.format(base=RETINANET, root=coco_root))
+    init_default_scope('mmdet')
+    model = MODELS.build(Config.fromfile(cfg_path).model)
+    retina_ckpt = str(tmp_path / 'retinanet.pth')
+    torch.save(dict(state_dict=model.state_dict()), retina_ckpt)
+    metrics = test([
+        cfg_path, retina_ckpt, '--tta', '--work-dir',
+        str(tmp_path / 'tta')
+    ])
+    assert 'coco/bbox_mAP' in metrics
+
+
+def test_backbone_same_under_mmdet_and_mmseg_scopes():
+    """One BOAT type builds from mmdet's and mmseg's registries; the same
+    weights give the same features, at a detection-like odd size."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS as SEG_MODELS
+    cfg = dict(
+        type='BOATSwin',
+        arch=dict(embed_dims=12, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 2]),
+        fsla_cfg=dict(group_size=16, overlap=4))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        det = DET_MODELS.build(cfg)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        seg = SEG_MODELS.build(cfg)
+    assert type(det) is type(seg)
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: torch.randn(v.shape, generator=gen) * 0.1
+        if v.is_floating_point() else v
+        for k, v in det.state_dict().items()
+    }
+    det.load_state_dict(state)
+    seg.load_state_dict(state)
+    x = torch.randn(1, 3, 101, 167, generator=gen)
+    with torch.no_grad():
+        feats = det.eval()(x), seg.eval()(x)
+    assert [tuple(f.shape[-2:]) for f in feats[0]] == [(26, 42), (13, 21),
+                                                       (7, 11), (4, 6)]
+    for a, b in zip(*feats):
+        assert torch.equal(a, b)
+
+
+def test_get_flops_of_detectors(trained):
+    """Whole-detector counts: the backbone's share equals the backbone
+    counted alone; RoI heads on 1000 proposals add a fixed amount."""
+    from boat_mm.utils.complexity import get_model_complexity
+    count = runpy.run_path(
+        osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py'),
+        run_name='boat_tool')['count_config']
+    info = count(trained['cfg'], (64, 96))
+    detector = info['model'].detector
+    alone = get_model_complexity(detector.backbone, (3, 64, 96))
+    by_module = info['analyzer'].by_module()
+    assert by_module['detector.backbone'] == alone['flops']
+    assert info['params'] == sum(p.numel() for p in detector.parameters())
+    # Shared2FCBBoxHead: fc 16*7*7 -> 32 -> 32, then cls (7) and reg
+    # (6 * 4) on 1000 RoIs.
+    bbox_head = 1000 * (16 * 49 * 32 + 32 * 32 + 32 * 7 + 32 * 24)
+    assert by_module['detector.roi_head.bbox_head'] == bbox_head
+    assert info['flops'] > alone['flops'] + bbox_head
+
+
+def test_missing_coco_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/coco here
+    config = osp.join(REPO, 'configs', 'boat_swin',
+                      'mask-rcnn_boat-swin-tiny_fpn_1x_coco.py')
+    with pytest.raises(FileNotFoundError) as err:
+        _tool_main('train.py')([config, '--work-dir', str(tmp_path / 'w')])
+    msg = str(err.value)
+    assert "'data/coco/' does not exist" in msg
+    assert 'gen_synthetic_data.py coco' in msg
