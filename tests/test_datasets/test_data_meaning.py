@@ -32,8 +32,7 @@ BACKGROUND = -1
 
 
 def read_rgb(path: str) -> np.ndarray:
-    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB).astype(
-        np.float32)
+    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
 def pixel_classes(img: np.ndarray, num_classes: int, seed: int,
@@ -70,8 +69,13 @@ def imagenet(request, tmp_path_factory):
     num_classes, seed = request.param
     out = str(tmp_path_factory.mktemp('imagenet_meaning'))
     classes = generate_imagenet_like(
-        out, num_train=3, num_val=2, img_size=48, num_classes=num_classes,
-        seed=seed, progress=False)
+        out,
+        num_train=3,
+        num_val=2,
+        img_size=48,
+        num_classes=num_classes,
+        seed=seed,
+        progress=False)
     return out, classes, num_classes, seed
 
 
@@ -105,8 +109,8 @@ def test_imagenet_images_show_their_class_and_marker(imagenet):
             img = read_rgb(osp.join(out, split, path))
             size = img.shape[0]
             pix = pixel_classes(img, num_classes, seed, True)
-            counts = np.bincount(pix[pix != BACKGROUND].ravel(),
-                                 minlength=num_classes)
+            counts = np.bincount(
+                pix[pix != BACKGROUND].ravel(), minlength=num_classes)
             # The object: most non-background pixels.
             assert counts.argmax() == merge_pair(label, num_classes), path
             marked = pix == marker
@@ -132,13 +136,17 @@ def ade(request, tmp_path_factory):
     num_classes, seed = request.param
     out = str(tmp_path_factory.mktemp('ade_meaning'))
     root = generate_ade20k_like(
-        out, num_train=6, num_val=3, img_size=64, num_classes=num_classes,
-        seed=seed, progress=False)
+        out,
+        num_train=6,
+        num_val=3,
+        img_size=64,
+        num_classes=num_classes,
+        seed=seed,
+        progress=False)
     pairs = []
     for img in sorted(glob.glob(osp.join(root, 'images', '*', '*.jpg'))):
         ann = img.replace(osp.join('images', ''),
-                          osp.join('annotations', '')).replace('.jpg',
-                                                               '.png')
+                          osp.join('annotations', '')).replace('.jpg', '.png')
         pairs.append((img, ann))
     assert len(pairs) == 9
     return pairs, num_classes, seed

@@ -75,8 +75,8 @@ def limit_counts(group_size: int, max_level: int = 4) -> List[int]:
     counts = {1, 2, group_size - 1, group_size, group_size + 1} - {0}
     for k in range(max_level):
         for edge in (BOUND * group_size * 2**k,
-                     math.sqrt(2) * group_size * 2**k,
-                     group_size * 2**k, group_size * 2**k / math.sqrt(2)):
+                     math.sqrt(2) * group_size * 2**k, group_size * 2**k,
+                     group_size * 2**k / math.sqrt(2)):
             base = int(math.floor(edge))
             counts.update(range(max(1, base - 1), base + 3))
     return sorted(counts)
@@ -115,10 +115,10 @@ def impl(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize('n,group_size', [
-    (66, 49), (67, 49), (69, 49), (70, 49), (132, 49), (133, 49),
-    (264, 49), (265, 49), (21, 16), (22, 16), (43, 16), (44, 16)
-])
+@pytest.mark.parametrize('n,group_size', [(66, 49), (67, 49), (69, 49),
+                                          (70, 49), (132, 49), (133, 49),
+                                          (264, 49), (265, 49), (21, 16),
+                                          (22, 16), (43, 16), (44, 16)])
 def test_clustering_output_has_the_rule_sizes(impl, n, group_size):
     """Cluster ``c`` of the op's output owns slots ``[c*S, (c+1)*S)``, its
     real tokens first: taking the reference count of each must give every
@@ -133,8 +133,9 @@ def test_clustering_output_has_the_rule_sizes(impl, n, group_size):
     S = max(sizes)
     assert perm.shape == (3, len(sizes) * S)
     for row in perm.tolist():
-        real = [t for c, size in enumerate(sizes)
-                for t in row[c * S:c * S + size]]
+        real = [
+            t for c, size in enumerate(sizes) for t in row[c * S:c * S + size]
+        ]
         assert sorted(real) == list(range(n))
 
 

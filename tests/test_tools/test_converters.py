@@ -58,8 +58,9 @@ def cswin_key_to_original(key: str, last: int) -> str:
     for ours, orig in simple.items():
         if key.startswith(ours):
             return orig + key[len(ours):]
-    m = re.match(r'backbone\.stages\.(\d+)\.downsample\.(projection|norm)\.'
-                 r'(weight|bias)$', key)
+    m = re.match(
+        r'backbone\.stages\.(\d+)\.downsample\.(projection|norm)\.'
+        r'(weight|bias)$', key)
     if m:
         part = 'conv' if m[2] == 'projection' else 'norm'
         return f'merge{m[1]}.{part}.{m[3]}'
@@ -97,13 +98,11 @@ def classifier(backbone: dict, num_classes: int, in_channels: int):
                 in_channels=in_channels)))
 
 
-def distinct_state(
-        model: torch.nn.Module) -> 'OrderedDict[str, torch.Tensor]':
+def distinct_state(model: torch.nn.Module) -> 'OrderedDict[str, torch.Tensor]':
     """State dict whose tensor ``i`` holds values in ``[i, i + 0.5)``."""
     gen = torch.Generator().manual_seed(0)
-    return OrderedDict(
-        (k, i + 0.5 * torch.rand(v.shape, generator=gen))
-        for i, (k, v) in enumerate(model.state_dict().items()))
+    return OrderedDict((k, i + 0.5 * torch.rand(v.shape, generator=gen))
+                       for i, (k, v) in enumerate(model.state_dict().items()))
 
 
 @pytest.mark.parametrize('with_fsla', [True, False])
@@ -142,17 +141,15 @@ def cswin_tiny_file(tmp_path_factory):
     del model
 
     def layout(offset: float) -> OrderedDict:
-        ours = OrderedDict(
-            (k, torch.tensor(i + offset).expand(shape))
-            for i, (k, shape) in enumerate(shapes.items()))
+        ours = OrderedDict((k, torch.tensor(i + offset).expand(shape))
+                           for i, (k, shape) in enumerate(shapes.items()))
         # timm's saver under DataParallel: a 'module.' prefix.
         return OrderedDict(
             ('module.' + k, v) for k, v in cswin_to_original(ours).items())
 
     path = str(tmp_path_factory.mktemp('cswin') / 'cswin_tiny.pth.tar')
     torch.save(
-        dict(
-            state_dict=layout(0.), state_dict_ema=layout(0.5), epoch=299),
+        dict(state_dict=layout(0.), state_dict_ema=layout(0.5), epoch=299),
         path)
     return path, shapes
 
@@ -189,8 +186,7 @@ def test_boat2mm_command_on_swin_file(tmp_path):
         'boat_swin_tests',
         osp.join(REPO, 'tests', 'test_models', 'test_backbones',
                  'test_boat_swin.py'))
-    model = classifier(
-        dict(type='BOATSwin', arch=swin_tests.TINY), 10, 192)
+    model = classifier(dict(type='BOATSwin', arch=swin_tests.TINY), 10, 192)
     ours = distinct_state(model)
     src, dst = str(tmp_path / 'swin.pth'), str(tmp_path / 'out.pth')
     torch.save(dict(model=swin_tests.to_original(ours)), src)

@@ -110,10 +110,14 @@ def test_classification_run_learns(tmp_path):
     cfg.write_text(
         CLS_USER_CFG.format(base=SWIN_T, root=root, **SWIN_ARCH) +
         CLS_LEARN.format(root=root))
-    out = _tool('train.py', str(cfg), '--work-dir', str(tmp_path / 'work'),
-                cwd=str(tmp_path))
-    top1 = re.search(
-        r'Epoch\(val\) \[6\]\[3/3\]\s+accuracy/top1: ([\d.]+)', out)
+    out = _tool(
+        'train.py',
+        str(cfg),
+        '--work-dir',
+        str(tmp_path / 'work'),
+        cwd=str(tmp_path))
+    top1 = re.search(r'Epoch\(val\) \[6\]\[3/3\]\s+accuracy/top1: ([\d.]+)',
+                     out)
     assert top1, out[-3000:]
     assert float(top1[1]) >= CLS_BOUND, (
         f'top-1 {top1[1]} % after 60 steps: the run learns (almost) '
@@ -137,8 +141,12 @@ def test_segmentation_run_learns(tmp_path, ade_root):
     cfg.write_text(
         SEG_USER_CFG.format(base=HEADLINE, root=ade_root, **CSWIN_ARCH) +
         SEG_LEARN)
-    out = _tool('train.py', str(cfg), '--work-dir', str(tmp_path / 'work'),
-                cwd=str(tmp_path))
+    out = _tool(
+        'train.py',
+        str(cfg),
+        '--work-dir',
+        str(tmp_path / 'work'),
+        cwd=str(tmp_path))
     miou = re.search(r'Iter\(val\) \[4/4\].*mIoU: ([\d.]+)', out)
     assert miou, out[-3000:]
     chance = chance_miou(osp.join(ade_root, 'annotations', 'validation'))
@@ -155,6 +163,6 @@ def test_chance_miou_by_hand(tmp_path, size):
     label = np.array([[1, 1, 1, 2]] * size, np.uint8)
     cv2.imwrite(str(tmp_path / 'a.png'), label)
     n1, n2, n = 3 * size, size, 4 * size
-    expected = ((n1 / 2) / (n1 + n / 2 - n1 / 2) +
-                (n2 / 2) / (n2 + n / 2 - n2 / 2)) / 2 * 100
+    expected = ((n1 / 2) / (n1 + n / 2 - n1 / 2) + (n2 / 2) /
+                (n2 + n / 2 - n2 / 2)) / 2 * 100
     assert chance_miou(str(tmp_path)) == pytest.approx(expected)

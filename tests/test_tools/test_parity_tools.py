@@ -31,8 +31,7 @@ pytestmark = [
         reason='set BOAT_REF_REPO to a checkout of '
         'github.com/mahaoyuHKU/pytorch-boat to run the parity tools'),
     pytest.mark.skipif(
-        not all(
-            importlib.util.find_spec(m) for m in ('timm', 'einops')),
+        not all(importlib.util.find_spec(m) for m in ('timm', 'einops')),
         reason='the public BOAT code needs timm and einops '
         '(pip install -r requirements/optional.txt)'),
 ]
@@ -112,7 +111,8 @@ def test_get_flops_check_reference():
     of the original models (boat-reference.md)."""
     out = run_tool(
         osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py'),
-        '--check-reference', timeout=1500)
+        '--check-reference',
+        timeout=1500)
     ok = {
         row.split()[0]
         for row in out.splitlines()

@@ -45,21 +45,19 @@ def perturbed(block: torch.nn.Module, seed: int) -> torch.nn.Module:
     block = block.double()
     with torch.no_grad():
         for p in block.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen,
-                                     dtype=p.dtype))
+            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return block
 
 
 def layer_norm(x: Tensor, norm: torch.nn.Module) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1], ), norm.weight, norm.bias,
-                        norm.eps)
+    return F.layer_norm(x, (x.shape[-1], ), norm.weight, norm.bias, norm.eps)
 
 
 def mlp(x: Tensor, ffn: torch.nn.Module) -> Tensor:
     """fc1 -> GELU -> fc2 with the weights of mmcv's FFN."""
     fc1, fc2 = ffn.layers[0][0], ffn.layers[1]
-    return F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight,
-                    fc2.bias)
+    return F.linear(
+        F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 
 
 def swin_reference(block: BOATSwinBlock, x: Tensor, hw: Tuple[int, int],
@@ -84,31 +82,41 @@ def cswin_reference(block: BOATCSWinBlock, x: Tensor, hw: Tuple[int, int],
 
 def make_swin(drop_path: float, with_fsla: bool = True) -> BOATSwinBlock:
     block = BOATSwinBlock(
-        DIMS, HEADS, window_size=7, shift=True, with_fsla=with_fsla,
-        fsla_cfg=FSLA_CFG, drop_path_rate=drop_path)
+        DIMS,
+        HEADS,
+        window_size=7,
+        shift=True,
+        with_fsla=with_fsla,
+        fsla_cfg=FSLA_CFG,
+        drop_path_rate=drop_path)
     return perturbed(block, seed=1)
 
 
-def make_cswin(drop_path: float, with_fsla: bool = True,
+def make_cswin(drop_path: float,
+               with_fsla: bool = True,
                full_map: bool = False) -> BOATCSWinBlock:
     block = BOATCSWinBlock(
-        DIMS, HEADS, split_size=2, full_map=full_map, with_fsla=with_fsla,
-        fsla_cfg=dict(FSLA_CFG, qk_scale=1.0), drop_path_rate=drop_path)
+        DIMS,
+        HEADS,
+        split_size=2,
+        full_map=full_map,
+        with_fsla=with_fsla,
+        fsla_cfg=dict(FSLA_CFG, qk_scale=1.0),
+        drop_path_rate=drop_path)
     return perturbed(block, seed=2)
 
 
 # (family, builder, reference, residuals with DropPath, map size)
 CASES = {
     'swin': (make_swin, swin_reference, ('attn', 'mlp'), (14, 15)),
-    'cswin': (make_cswin, cswin_reference, ('attn', 'fsla', 'mlp'),
-              (9, 10)),
+    'cswin': (make_cswin, cswin_reference, ('attn', 'fsla', 'mlp'), (9, 10)),
 }
 
 
 def inputs(hw: Sequence[int], batch: int = 2, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, hw[0] * hw[1], DIMS, generator=gen,
-                       dtype=torch.float64)
+    return torch.randn(
+        batch, hw[0] * hw[1], DIMS, generator=gen, dtype=torch.float64)
 
 
 def all_kept(names: Sequence[str], factor: float = 1.) -> Dict[str, float]:
@@ -139,8 +147,7 @@ def test_cswin_last_stage_block_equals_reference():
     hw = (5, 7)
     x = inputs(hw)
     with torch.no_grad():
-        ref = cswin_reference(block, x, hw, all_kept(('attn', 'fsla',
-                                                       'mlp')))
+        ref = cswin_reference(block, x, hw, all_kept(('attn', 'fsla', 'mlp')))
         torch.testing.assert_close(block(x, hw), ref, atol=1e-10, rtol=0)
 
 
@@ -173,8 +180,7 @@ def test_training_with_drop_path_one_drops_every_droppath_residual(family):
         assert (ours - x).abs().max() > 1e-2  # FSLA is never dropped
 
 
-def patterns(names: Sequence[str], keep_prob: float
-             ) -> List[Dict[str, float]]:
+def patterns(names: Sequence[str], keep_prob: float) -> List[Dict[str, float]]:
     """Every combination of kept (scaled) and dropped residuals."""
     return [
         dict(zip(names, (f / keep_prob for f in flags)))
@@ -221,11 +227,12 @@ def _drop_probs(block: torch.nn.Module) -> List[float]:
 
 # The published depths (BOAT-Swin-T, BOAT-CSWin-T), narrow.
 ARCHS: Dict[str, Tuple[Callable, dict]] = {
-    'swin': (BOATSwin,
-             dict(embed_dims=8, depths=[2, 2, 6, 2], num_heads=[1, 2, 2, 4])),
+    'swin':
+    (BOATSwin, dict(embed_dims=8, depths=[2, 2, 6, 2], num_heads=[1, 2, 2,
+                                                                  4])),
     'cswin': (BOATCSWin,
-              dict(embed_dims=8, depths=[1, 2, 21, 1],
-                   num_heads=[2, 2, 2, 2])),
+              dict(embed_dims=8, depths=[1, 2, 21, 1], num_heads=[2, 2, 2,
+                                                                  2])),
 }
 
 
@@ -296,13 +303,14 @@ def test_fsla_attention_dropout_acts_on_attention_weights():
     with torch.no_grad():
         v = F.linear(x, plain.qkv.weight, plain.qkv.bias)[..., 2 * C:]
         v_img = v.transpose(1, 2).reshape(B, C, *hw)
-        local = F.conv2d(v_img, plain.get_v.weight, plain.get_v.bias,
-                         padding=1, groups=C).flatten(2).transpose(1, 2)
+        local = F.conv2d(
+            v_img, plain.get_v.weight, plain.get_v.bias, padding=1,
+            groups=C).flatten(2).transpose(1, 2)
         expected = F.linear(local, plain.proj.weight, plain.proj.bias)
-        torch.testing.assert_close(drop.train()(x, hw), expected, atol=1e-12,
-                                   rtol=0)
-        torch.testing.assert_close(drop.eval()(x, hw), plain(x, hw), atol=0,
-                                   rtol=0)
+        torch.testing.assert_close(
+            drop.train()(x, hw), expected, atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            drop.eval()(x, hw), plain(x, hw), atol=0, rtol=0)
 
 
 def test_fsla_projection_dropout_acts_on_the_output():
@@ -311,8 +319,8 @@ def test_fsla_projection_dropout_acts_on_the_output():
     plain, drop = _fsla_pair(0.0, 1.0)
     with torch.no_grad():
         assert torch.equal(drop.train()(x, hw), torch.zeros_like(x))
-        torch.testing.assert_close(drop.eval()(x, hw), plain(x, hw), atol=0,
-                                   rtol=0)
+        torch.testing.assert_close(
+            drop.eval()(x, hw), plain(x, hw), atol=0, rtol=0)
 
 
 def test_boat_drop_path_below_one_is_mmcv_drop_path():
