@@ -90,7 +90,7 @@ class BOATCSWinBlock(BaseModule):
             self.fsla = FeatureSpaceLocalAttention(embed_dims, num_heads,
                                                    **(fsla_cfg or {}))
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        drop_path = dict(type='DropPath', drop_prob=drop_path_rate)
+        drop_path = dict(type='BOATDropPath', drop_prob=drop_path_rate)
         self.drop_path = build_dropout(drop_path)
         self.ffn = FFN(
             embed_dims=embed_dims,

@@ -194,7 +194,7 @@ class BOATSwinBlock(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.with_cp = with_cp
         self.with_fsla = with_fsla
-        drop_path = dict(type='DropPath', drop_prob=drop_path_rate)
+        drop_path = dict(type='BOATDropPath', drop_prob=drop_path_rate)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.attn = BOATShiftWindowMSA(
             embed_dims,

@@ -1,7 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 from .cswin_attn import CSWinAttention, LePEStripeAttention
+from .drop import BOATDropPath
 from .fsla import FeatureSpaceLocalAttention
 
 __all__ = [
-    'FeatureSpaceLocalAttention', 'CSWinAttention', 'LePEStripeAttention'
+    'FeatureSpaceLocalAttention', 'CSWinAttention', 'LePEStripeAttention',
+    'BOATDropPath'
 ]

@@ -1,0 +1,201 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Checkpoint converters on every key, against inverses written here.
+
+* The BOAT-CSWin converter: our classifier's state dict, with a distinct
+  value range per tensor (so that two same-shaped tensors swapped, e.g.
+  ``norm1`` and ``norm2``, differ), is laid out like a published file by
+  :func:`cswin_to_original` (written from boat-reference.md section 3)
+  and must convert back exactly, key by key.
+* ``tools/model_converters/boat2mm.py`` run as a command on a BOAT-CSWin
+  file (its ``state_dict``, and its ``state_dict_ema`` with ``--ema``) and
+  on a BOAT-Swin file (the inverse of test_boat_swin.py): the written
+  checkpoint must equal our state dict on every key.
+
+The CSWin command runs on the published tiny arch (the tool refuses
+custom CSWin archs: head counts leave no trace in the weights); its
+tensors are stored as one broadcast number each, so the file stays tiny.
+"""
+import importlib.util
+import os.path as osp
+import re
+import subprocess
+import sys
+from collections import OrderedDict
+from typing import Dict
+
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+
+import boat_mm  # noqa: F401
+from boat_mm.models.utils.ckpt_convert import boat_cswin_converter
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOL = osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py')
+
+# Our key -> published BOAT-CSWin key. A block of our stage s is a block
+# of the original's stage s + 1; our stage s starts with merge{s}.
+_CSWIN_BLOCK = [
+    (r'norm1\.', 'norm1.'),
+    (r'attn\.qkv\.', 'qkv.'),
+    (r'attn\.proj\.', 'proj.'),
+    (r'attn\.branches\.(\d)\.get_v\.', r'attns.\1.get_v.'),
+    (r'norm_fsla\.', 'norm3.'),
+    (r'fsla\.(qkv|proj|get_v)\.', r'content_attn.\1.'),
+    (r'norm2\.', 'norm2.'),
+    (r'ffn\.layers\.0\.0\.', 'mlp.fc1.'),
+    (r'ffn\.layers\.1\.', 'mlp.fc2.'),
+]
+
+
+def cswin_key_to_original(key: str, last: int) -> str:
+    simple = {
+        'backbone.patch_embed.projection.': 'stage1_conv_embed.0.',
+        'backbone.patch_embed.norm.': 'stage1_conv_embed.2.',
+        f'backbone.norm{last}.': 'norm.',
+        'head.fc.': 'head.',
+    }
+    for ours, orig in simple.items():
+        if key.startswith(ours):
+            return orig + key[len(ours):]
+    m = re.match(
+        r'backbone\.stages\.(\d+)\.downsample\.(projection|norm)\.'
+        r'(weight|bias)$', key)
+    if m:
+        part = 'conv' if m[2] == 'projection' else 'norm'
+        return f'merge{m[1]}.{part}.{m[3]}'
+    m = re.match(r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.*)$', key)
+    assert m, key
+    stage, block, rest = int(m[1]), m[2], m[3]
+    for pattern, repl in _CSWIN_BLOCK:
+        new, n = re.subn('^' + pattern, repl, rest)
+        if n:
+            return f'stage{stage + 1}.{block}.{new}'
+    raise AssertionError(f'no original name for {key}')
+
+
+def cswin_to_original(ours: Dict[str, torch.Tensor],
+                      last: int = 3) -> 'OrderedDict[str, torch.Tensor]':
+    orig = OrderedDict()
+    for key, value in ours.items():
+        new = cswin_key_to_original(key, last)
+        assert new not in orig, new
+        orig[new] = value
+    return orig
+
+
+def classifier(backbone: dict, num_classes: int, in_channels: int):
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    return MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(out_indices=(3, ), **backbone),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(
+                type='LinearClsHead',
+                num_classes=num_classes,
+                in_channels=in_channels)))
+
+
+def distinct_state(model: torch.nn.Module) -> 'OrderedDict[str, torch.Tensor]':
+    """State dict whose tensor ``i`` holds values in ``[i, i + 0.5)``."""
+    gen = torch.Generator().manual_seed(0)
+    return OrderedDict((k, i + 0.5 * torch.rand(v.shape, generator=gen))
+                       for i, (k, v) in enumerate(model.state_dict().items()))
+
+
+@pytest.mark.parametrize('with_fsla', [True, False])
+def test_cswin_converter_inverts_on_every_key(with_fsla):
+    arch = dict(embed_dims=16, depths=[2, 2, 3, 2], num_heads=[2, 2, 4, 4])
+    model = classifier(
+        dict(type='BOATCSWin', arch=arch, with_fsla=with_fsla), 7, 128)
+    ours = distinct_state(model)
+    converted = boat_cswin_converter(cswin_to_original(ours))
+    assert set(converted) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(converted[key], value), key
+    model.load_state_dict(converted, strict=True)
+
+
+def _run_tool(*args: str) -> str:
+    proc = subprocess.run([sys.executable, TOOL, *args],
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def cswin_tiny_file(tmp_path_factory):
+    """A published-layout BOAT-CSWin-T file; tensor ``i`` of our state dict
+    is the number ``i`` in ``state_dict`` and ``i + 0.5`` in
+    ``state_dict_ema`` (broadcast, one stored number each)."""
+    model = classifier(dict(type='BOATCSWin', arch='tiny'), 11, 512)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    del model
+
+    def layout(offset: float) -> OrderedDict:
+        ours = OrderedDict((k, torch.tensor(i + offset).expand(shape))
+                           for i, (k, shape) in enumerate(shapes.items()))
+        # timm's saver under DataParallel: a 'module.' prefix.
+        return OrderedDict(
+            ('module.' + k, v) for k, v in cswin_to_original(ours).items())
+
+    path = str(tmp_path_factory.mktemp('cswin') / 'cswin_tiny.pth.tar')
+    torch.save(
+        dict(state_dict=layout(0.), state_dict_ema=layout(0.5), epoch=299),
+        path)
+    return path, shapes
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema):
+    src, shapes = cswin_tiny_file
+    dst = str(tmp_path / 'out.pth')
+    out = _run_tool(src, dst, *(['--ema'] if ema else []))
+    assert 'BOAT-CSWin, arch tiny' in out
+    ckpt = _load(dst)
+    assert ckpt['meta']['family'] == 'cswin' and ckpt['meta']['ema'] == ema
+    assert ckpt['meta']['backbone']['type'] == 'BOATCSWin'
+    state = ckpt['state_dict']
+    assert list(state) == list(shapes)
+    offset = 0.5 if ema else 0.
+    for i, (key, shape) in enumerate(shapes.items()):
+        value = state[key]
+        assert value.shape == shape, key
+        assert bool((value == i + offset).all()), key
+
+
+def _test_module(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_boat2mm_command_on_swin_file(tmp_path):
+    """The inverse of test_boat_swin.py (our layout -> published, Swin's
+    merging order included), through the command and back."""
+    swin_tests = _test_module(
+        'boat_swin_tests',
+        osp.join(REPO, 'tests', 'test_models', 'test_backbones',
+                 'test_boat_swin.py'))
+    model = classifier(dict(type='BOATSwin', arch=swin_tests.TINY), 10, 192)
+    ours = distinct_state(model)
+    src, dst = str(tmp_path / 'swin.pth'), str(tmp_path / 'out.pth')
+    torch.save(dict(model=swin_tests.to_original(ours)), src)
+    out = _run_tool(src, dst)
+    assert 'BOAT-Swin, arch custom' in out
+    ckpt = _load(dst)
+    assert ckpt['meta']['family'] == 'swin'
+    assert ckpt['meta']['backbone']['type'] == 'BOATSwin'
+    state = ckpt['state_dict']
+    assert set(state) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(state[key], value), key
