@@ -91,7 +91,8 @@ def _use_cpu_kernel(qkv: Tensor, dropout_p: float, impl: str) -> bool:
     supported = qkv.dtype in (torch.float32, torch.float64)
     if impl == 'auto':
         return (built and qkv.device.type == 'cpu' and supported
-                and dropout_p == 0 and not torch.jit.is_tracing())
+                and dropout_p == 0 and not torch.jit.is_tracing()
+                and not torch.onnx.is_in_onnx_export())
     if not built:
         raise _clustering._kernels_not_built()
     if qkv.device.type != 'cpu' or not supported or dropout_p != 0:
