@@ -21,18 +21,16 @@ import os.path as osp
 import re
 import runpy
 import sys
-from typing import List, Optional
+from typing import Optional
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
                          cpu_kernel_available)
-
-ort = pytest.importorskip('onnxruntime')
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
@@ -68,47 +66,6 @@ CLS_SHAPES = [(64, 64), (72, 52)]
 SEG_SHAPES = [(128, 128), (100, 76)]
 
 
-class WithClusters(nn.Module):
-    """A network whose outputs also hold every FSLA layer's ``perm``.
-
-    With ``inject`` set (a list of perms, one per clustered FSLA call),
-    PyTorch uses those clusters instead of computing its own.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.fslas = [
-            m for m in net.modules()
-            if isinstance(m, FeatureSpaceLocalAttention)
-        ]
-        self.inject: Optional[List[torch.Tensor]] = None
-
-    def forward(self, x):
-        perms = []
-
-        def make(m):
-
-            def cluster(qkv, plan):
-                if self.inject is not None:
-                    perm = self.inject[len(perms)]
-                else:
-                    perm = FeatureSpaceLocalAttention._cluster(m, qkv, plan)
-                perms.append(perm)
-                return perm
-
-            return cluster
-
-        for m in self.fslas:
-            m._cluster = make(m)
-        try:
-            out = self.net(x)
-        finally:
-            for m in self.fslas:
-                del m._cluster
-        return (out, *perms)
-
-
 def _build(tmp, config: str, options: Optional[dict] = None):
     cfg = Config.fromfile(config)
     if options:
@@ -130,10 +87,10 @@ def _seg_net(tmp, fsla: bool):
 
 
 def _export_and_run(tmp, net, shape, x, dynamic=False, optimize=False):
-    """Export ``WithClusters(net)`` at ``shape`` and run it on ``x`` in
+    """Export ``p2o.WithClusters(net)`` at ``shape`` and run it on ``x`` in
     onnxruntime and in PyTorch; returns both output lists. The exporter's
     graph optimizer (half the export time) is off unless ``optimize``."""
-    wrapped = WithClusters(net).eval()
+    wrapped = p2o.WithClusters(net).eval()
     path = p2o.export_onnx(
         wrapped,
         shape,
@@ -151,8 +108,7 @@ def _check(net, shape, tmp, x, close, dynamic=False, optimize=False):
     """Compare onnxruntime and PyTorch; ``close(ref, out)`` asserts the
     tolerance of the task. Returns the number of clustered FSLA calls and
     of those whose clusters differ (near-tie flips)."""
-    wrapped, got, ref = _export_and_run(tmp, net, shape, x, dynamic,
-                                        optimize)
+    wrapped, got, ref = _export_and_run(tmp, net, shape, x, dynamic, optimize)
     assert len(got) == len(ref)
     num_fsla = len(ref) - 1
     flipped = [
@@ -267,8 +223,7 @@ def test_clustering_ranks_ties_as_pytorch(tmp_path, num_tokens):
     x[0, :24] = x[0, 50]
     path = str(tmp_path / 'clustering.onnx')
     torch.onnx.export(
-        Clustering(num_tokens), (x, ), dynamo=True,
-        verbose=False).save(path)
+        Clustering(num_tokens), (x, ), dynamo=True, verbose=False).save(path)
     sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     got = torch.from_numpy(sess.run(None, {'x': x.numpy()})[0])
     plan = build_cluster_plan(num_tokens, 16, 4)
@@ -324,8 +279,9 @@ def test_fsla_kernel_impl_is_refused(tmp_path):
     base, arch = ARCHS['swin']
     cfg = tmp_path / 'swin.py'
     cfg.write_text(
-        CLS_CFG.format(base=base, arch=arch, fsla=True).replace(
-            'overlap=4', "overlap=4, clustering_impl='cpp'"))
+        CLS_CFG.format(base=base, arch=arch,
+                       fsla=True).replace('overlap=4',
+                                          "overlap=4, clustering_impl='cpp'"))
     net = _build(tmp_path, str(cfg))
     with pytest.raises(ValueError, match="clustering_impl='cpp'"):
         p2o.export_onnx(net, (64, 64), str(tmp_path / 'x.onnx'))

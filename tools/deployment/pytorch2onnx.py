@@ -65,8 +65,8 @@ SCOPES = {'mmpretrain': 'mmpretrain.registry', 'mmseg': 'mmseg.registry'}
 MIN_OPSET = 18
 
 __all__ = [
-    'build_model', 'ExportWrapper', 'export_onnx', 'load_image',
-    'run_onnxruntime', 'compare', 'verify'
+    'build_model', 'ExportWrapper', 'WithClusters', 'export_onnx',
+    'load_image', 'run_onnxruntime', 'compare', 'verify'
 ]
 
 
@@ -191,6 +191,54 @@ class ExportWrapper(nn.Module):
         return self.model.encode_decode(x, metas)
 
 
+class WithClusters(nn.Module):
+    """A network whose outputs also hold every FSLA layer's clusters.
+
+    For checking an export: outputs are ``(out, perm_1, ..., perm_k)``, one
+    ``perm`` (see :func:`boat_mm.ops.balanced_hierarchical_clustering`) per
+    FSLA call that clusters (maps of one cluster have none). With
+    ``inject`` set to such a list, PyTorch uses those clusters instead of
+    computing its own, e.g. onnxruntime's, to tell a flipped near-tie from
+    an error elsewhere.
+
+    Args:
+        net (nn.Module): The network, e.g. an :class:`ExportWrapper`.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.fslas = [
+            m for m in net.modules()
+            if isinstance(m, FeatureSpaceLocalAttention)
+        ]
+        self.inject: Optional[List[torch.Tensor]] = None
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        perms = []
+
+        def make(m):
+
+            def cluster(qkv, plan):
+                if self.inject is not None:
+                    perm = self.inject[len(perms)]
+                else:
+                    perm = FeatureSpaceLocalAttention._cluster(m, qkv, plan)
+                perms.append(perm)
+                return perm
+
+            return cluster
+
+        for m in self.fslas:
+            m._cluster = make(m)
+        try:
+            out = self.net(x)
+        finally:
+            for m in self.fslas:
+                del m._cluster
+        return (out, *perms)
+
+
 def export_onnx(wrapper: nn.Module,
                 shape: Sequence[int],
                 out: str,
@@ -253,8 +301,8 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
     img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, as mmcv loads it
     if img is None:
         raise FileNotFoundError(f'cannot read image {path!r}.')
-    img = cv2.resize(img, (int(shape[1]), int(shape[0])),
-                     interpolation=cv2.INTER_LINEAR)
+    img = cv2.resize(
+        img, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
     mean, std, rgb = _normalisation(model)
     if rgb:
         img = img[..., ::-1]
@@ -265,8 +313,7 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
 def _normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
     """``(mean, std, to_rgb)`` of the model's data preprocessor."""
     dp = model.data_preprocessor
-    rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, 'to_rgb',
-                                                         False)))
+    rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, 'to_rgb', False)))
     if not hasattr(dp, 'mean'):  # normalisation off
         return torch.zeros(3, 1, 1), torch.ones(3, 1, 1), rgb
     return dp.mean.cpu().view(-1, 1, 1), dp.std.cpu().view(-1, 1, 1), rgb
