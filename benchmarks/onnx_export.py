@@ -49,14 +49,6 @@ def _tool():
     return module
 
 
-def _session(path: str, threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
-
-
 def latency(shape: List[int], repeats: int, threads: int,
             tmp: str) -> Dict[str, float]:
     """PyTorch vs onnxruntime latency of the headline segmentor."""
@@ -68,7 +60,7 @@ def latency(shape: List[int], repeats: int, threads: int,
     t0 = time.perf_counter()
     p2o.export_onnx(net, shape, path)
     export_s = time.perf_counter() - t0
-    sess = _session(path, threads)
+    sess = p2o.make_session(path, threads)
     x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
     feed = {sess.get_inputs()[0].name: x.numpy()}
     torch.set_num_threads(threads)
@@ -102,7 +94,7 @@ def flips(shape: List[int], inputs: int, threads: int,
     wrapped = p2o.WithClusters(p2o.ExportWrapper(model, scope)).eval()
     path = osp.join(tmp, 'demo_clusters.onnx')
     p2o.export_onnx(wrapped, shape, path)
-    sess = _session(path, threads)
+    sess = p2o.make_session(path, threads)
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(0)
     flipped_inputs = flipped_layers = layers = 0

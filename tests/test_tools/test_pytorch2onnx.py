@@ -23,7 +23,6 @@ import runpy
 import sys
 from typing import Optional
 
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -97,7 +96,7 @@ def _export_and_run(tmp, net, shape, x, dynamic=False, optimize=False):
         str(tmp / 'net.onnx'),
         dynamic_batch=dynamic,
         optimize=optimize)
-    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    sess = p2o.make_session(path)
     got = [torch.from_numpy(o) for o in sess.run(None, {'input': x.numpy()})]
     with torch.no_grad():
         ref = list(wrapped(x))
@@ -158,7 +157,7 @@ def test_classifier_with_fsla(tmp_path, kind, shape):
     # One case also checks --dynamic-shape (a batch of 3 through a file
     # exported with batch 2) and the exporter's graph optimizer (the
     # tool's default; off elsewhere, it is half the export time).
-    dynamic = kind == 'cswin' and shape == CLS_SHAPES[0]
+    dynamic = kind == 'swin' and shape == CLS_SHAPES[0]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3 if dynamic else 1, 3, *shape, generator=gen)
     num_fsla, _ = _check(
@@ -224,7 +223,7 @@ def test_clustering_ranks_ties_as_pytorch(tmp_path, num_tokens):
     path = str(tmp_path / 'clustering.onnx')
     torch.onnx.export(
         Clustering(num_tokens), (x, ), dynamo=True, verbose=False).save(path)
-    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    sess = p2o.make_session(path)
     got = torch.from_numpy(sess.run(None, {'x': x.numpy()})[0])
     plan = build_cluster_plan(num_tokens, 16, 4)
     for impl in ('tensor', 'cpp'):

@@ -66,7 +66,7 @@ MIN_OPSET = 18
 
 __all__ = [
     'build_model', 'ExportWrapper', 'WithClusters', 'export_onnx',
-    'load_image', 'run_onnxruntime', 'compare', 'verify'
+    'load_image', 'make_session', 'run_onnxruntime', 'compare', 'verify'
 ]
 
 
@@ -319,6 +319,25 @@ def _normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
     return dp.mean.cpu().view(-1, 1, 1), dp.std.cpu().view(-1, 1, 1), rgb
 
 
+def make_session(path: str, threads: Optional[int] = None) -> Any:
+    """An onnxruntime CPU session of ``path`` (``threads``: intra-op
+    threads, onnxruntime's default if None); warnings are not logged."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(
+            'running ONNX files needs onnxruntime: pip install -r '
+            'requirements/optional.txt') from e
+    opts = ort.SessionOptions()
+    # Warnings about nodes its constant folding skips are noise here.
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        path, opts, providers=['CPUExecutionProvider'])
+
+
 def run_onnxruntime(path: str,
                     x: Tensor,
                     session: Optional[Any] = None) -> np.ndarray:
@@ -332,15 +351,8 @@ def run_onnxruntime(path: str,
     Returns:
         np.ndarray: The first output.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError(
-            'running ONNX files needs onnxruntime: pip install -r '
-            'requirements/optional.txt') from e
     if session is None:
-        session = ort.InferenceSession(
-            path, providers=['CPUExecutionProvider'])
+        session = make_session(path)
     inp = session.get_inputs()[0]
     fixed = [d if isinstance(d, int) else None for d in inp.shape]
     if fixed[2:] != list(x.shape[2:]):
