@@ -226,9 +226,8 @@ def test_clustering_ranks_ties_as_pytorch(tmp_path, num_tokens):
 
 
 def test_cli_checkpoint_and_verify(tmp_path, capsys):
-    """The command line on BOAT-Swin without FSLA, dynamic batch (the
-    optimised graph of the tool's default; with FSLA,
-    test_classifier_with_fsla checks it)."""
+    """The command line on BOAT-Swin without FSLA (the optimised graph of
+    the tool's default; with FSLA, test_classifier_with_fsla checks it)."""
     base, arch = ARCHS['swin']
     cfg = tmp_path / 'swin.py'
     cfg.write_text(CLS_CFG.format(base=base, arch=arch, fsla=False))
@@ -239,7 +238,7 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
     argv = [
         TOOL,
         str(cfg), '--checkpoint', ckpt, '--shape', '72', '52', '--out', out,
-        '--dynamic-shape', '--verify'
+        '--verify'
     ]
     old = sys.argv
     try:
@@ -255,14 +254,16 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
             rf'onnxruntime vs PyTorch, {name} input: max abs diff \S+, '
             rf'relative (\S+), top-1 equal 100.00 %', text)
         assert found and float(found[1]) <= 1e-5, text
-    # The file holds the checkpoint's weights, and runs any batch.
-    x = torch.randn(3, 3, 72, 52, generator=torch.Generator().manual_seed(1))
+    # The file holds the checkpoint's weights.
+    x = torch.randn(1, 3, 72, 52, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(x)
     _cls_close(1e-5)(ref, p2o.run_onnxruntime(out, x))
-    # The exported H x W are fixed, with a clear error.
+    # The exported H x W and batch are fixed, with a clear error.
     with pytest.raises(ValueError, match='exported for 72x52 inputs'):
         p2o.run_onnxruntime(out, torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match='exported for batch 1'):
+        p2o.run_onnxruntime(out, torch.randn(2, 3, 72, 52))
 
 
 def test_fsla_kernel_impl_is_refused(tmp_path):
@@ -278,8 +279,9 @@ def test_fsla_kernel_impl_is_refused(tmp_path):
     assert not osp.exists(tmp_path / 'x.onnx')
 
 
-def test_dynamic_batch_with_fsla_is_refused(tmp_path):
-    net = _cls_net(tmp_path, 'swin', fsla=True)
-    with pytest.raises(ValueError, match='not supported for models with'):
+def test_dynamic_batch_is_refused(tmp_path):
+    net = _cls_net(tmp_path, 'swin', fsla=False)
+    with pytest.raises(
+            ValueError, match=r'dynamic batch \(--dynamic-shape\) is not'):
         p2o.export_onnx(
             net, (64, 64), str(tmp_path / 'x.onnx'), dynamic_batch=True)
