@@ -41,6 +41,7 @@ imports_ok() {
 import torch, torchvision, mmcv, mmcv.ops, mmengine, mmseg, mmpretrain
 import boat_mm, pytest
 import mmdet, mmdet.models, pycocotools.coco, shapely, terminaltables
+import onnx, onnxscript, onnxruntime  # ONNX export and its tests
 from torchvision.ops import nms  # the compiled torchvision ops are real
 import os
 if os.environ.get('BOAT_MM_WITH_OPS', '1') != '0':
@@ -108,7 +109,7 @@ log "installing boat_mm (editable; compiles its C++ kernels, ~40 s)"
 
 if ! imports_ok; then
     log "ERROR: the environment does not import cleanly:"
-    "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmseg, mmpretrain, boat_mm"
+    "$PY" -c "import torch, torchvision, mmcv.ops, mmengine, mmseg, mmpretrain, boat_mm, onnx, onnxscript, onnxruntime"
     exit 1
 fi
 stamp_of > "$STAMP_FILE"

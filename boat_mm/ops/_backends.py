@@ -71,7 +71,9 @@ def tensor_ops_required(op: str) -> bool:
     add one line per tracer)."""
     return (
         # torch.jit tracing (FLOP counters) must see the attention's SDPA.
-        (op == ATTENTION and torch.jit.is_tracing()))
+        (op == ATTENTION and torch.jit.is_tracing())
+        # ONNX export must see standard ops (no custom op in the graph).
+        or torch.onnx.is_in_onnx_export())
 
 
 def _cpp_built() -> bool:

@@ -273,13 +273,19 @@ def _sibling_mask(pair_sizes: Tensor, slot_size: int, overlap: int) -> Tensor:
     k_b, k_loc = in_b.view(1, 1, -1), local.view(1, 1, -1)
     ov0, ov1 = s0.clamp(max=overlap), s1.clamp(max=overlap)
     # Queries of cluster 2j (first half).
-    allow_a = torch.where(k_b, k_loc < ov1, k_loc < s0)
+    allow_a = _pick(k_b, k_loc < ov1, k_loc < s0)
     # Queries of cluster 2j+1 (second half).
-    allow_b = torch.where(k_b, k_loc < s1, (k_loc >= s0 - ov0) & (k_loc < s0))
-    allow = torch.where(q_b, allow_b, allow_a)
-    q_real = torch.where(q_b, q_loc < s1, q_loc < s0)
+    allow_b = _pick(k_b, k_loc < s1, (k_loc >= s0 - ov0) & (k_loc < s0))
+    allow = _pick(q_b, allow_b, allow_a)
+    q_real = _pick(q_b, q_loc < s1, q_loc < s0)
     diag = (idx.view(-1, 1) == idx.view(1, -1)).unsqueeze(0)
-    return torch.where(q_real, allow, diag)
+    return _pick(q_real, allow, diag)
+
+
+def _pick(cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.where(cond, a, b)`` of bool tensors in logic ops, which ONNX
+    export can run (onnxruntime has no bool Where)."""
+    return (cond & a) | (~cond & b)
 
 
 def build_cluster_plan(num_tokens: int,
@@ -448,6 +454,14 @@ def _rank_within_nodes(ratio: Tensor) -> Tensor:
     rows = M * nodes
     numel = ratio.numel()
     on_cpu = ratio.device.type == 'cpu'
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no bit cast: rank the float keys themselves, per node,
+        # with ONNX TopK (smallest first), which breaks ties by lower
+        # index: the order of the stable sorts below (non-negative floats
+        # order like their bit patterns).
+        order = ratio.topk(cap, dim=-1, largest=False).indices
+        base = torch.arange(rows, device=ratio.device).view(M, nodes, 1)
+        return order + base * cap
     if ratio.dtype == torch.float32 and (not on_cpu or 4 * numel >=
                                          _RADIX_MIN_NUMEL):
         # Non-negative float32 bit patterns order like the values and fit in

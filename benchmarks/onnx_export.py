@@ -1,0 +1,175 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""ONNX export of BOAT: onnxruntime vs PyTorch on the CPU, side by side.
+
+Two measurements, printed as markdown (``docs/deployment.md`` quotes them):
+
+1. ``latency``: BOAT-CSWin-T + UPerNet (``configs/boat_upernet_ade20k.py``,
+   random weights, no auxiliary head) exported at ``--shape`` (512 x 512),
+   then batch-1 forward latency of PyTorch (eager, ``torch.no_grad``, the
+   default C++ FSLA kernels) and onnxruntime (CPU execution provider, all
+   graph optimisations) alternated in one run, with the same number of
+   threads; medians. Also the export time, the file size and the
+   differences of the outputs.
+2. ``flips``: how often float32 rounding makes onnxruntime rank a near-tie
+   of the FSLA clustering the other way: the demo segmentor
+   (``configs/demo/``, random weights) at ``--flip-shape``, exported with
+   every FSLA layer's clusters as extra outputs
+   (:class:`WithClusters`), run on ``--flip-inputs`` random inputs; counts
+   the inputs where any cluster differs from PyTorch's and the output
+   differences on all inputs.
+
+Example::
+
+    python benchmarks/onnx_export.py                  # both, ~5 min
+    python benchmarks/onnx_export.py --only flips --flip-inputs 200
+"""
+import argparse
+import importlib.util
+import os.path as osp
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.config import Config
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
+DEMO = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        'pytorch2onnx', osp.join(REPO, 'tools', 'deployment',
+                                 'pytorch2onnx.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def latency(shape: List[int], repeats: int, threads: int,
+            tmp: str) -> Dict[str, float]:
+    """PyTorch vs onnxruntime latency of the headline segmentor."""
+    p2o = _tool()
+    torch.manual_seed(0)
+    model, scope = p2o.build_model(Config.fromfile(HEADLINE))
+    net = p2o.ExportWrapper(model, scope)
+    path = osp.join(tmp, 'boat-cswin-tiny_upernet.onnx')
+    t0 = time.perf_counter()
+    p2o.export_onnx(net, shape, path)
+    export_s = time.perf_counter() - t0
+    sess = p2o.make_session(path, threads)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    torch.set_num_threads(threads)
+    times: Dict[str, List[float]] = {'pytorch': [], 'onnxruntime': []}
+    with torch.no_grad():
+        ref = net(x)  # warm-up (plans, allocator)
+        out = sess.run(None, feed)[0]
+        for _ in range(repeats):
+            t = time.perf_counter()
+            net(x)
+            times['pytorch'].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times['onnxruntime'].append(time.perf_counter() - t)
+    diff = p2o.compare(ref, out)
+    return dict(
+        export_s=export_s,
+        size_mib=osp.getsize(path) / 2**20,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+        pytorch_s=statistics.median(times['pytorch']),
+        onnxruntime_s=statistics.median(times['onnxruntime']),
+        **diff)
+
+
+def flips(shape: List[int], inputs: int, threads: int,
+          tmp: str) -> Dict[str, float]:
+    """How often onnxruntime's clusters differ from PyTorch's."""
+    p2o = _tool()
+    torch.manual_seed(0)
+    model, scope = p2o.build_model(Config.fromfile(DEMO))
+    wrapped = p2o.WithClusters(p2o.ExportWrapper(model, scope)).eval()
+    path = osp.join(tmp, 'demo_clusters.onnx')
+    p2o.export_onnx(wrapped, shape, path)
+    sess = p2o.make_session(path, threads)
+    name = sess.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(0)
+    flipped_inputs = flipped_layers = layers = 0
+    worst_rel, worst_pixels, worst_rel_same = 0., 1., 0.
+    for _ in range(inputs):
+        x = torch.randn(1, 3, *shape, generator=gen)
+        got = sess.run(None, {name: x.numpy()})
+        with torch.no_grad():
+            ref = wrapped(x)
+        layers = len(ref) - 1
+        n = sum(not torch.equal(torch.from_numpy(g), r)
+                for g, r in zip(got[1:], ref[1:]))
+        d = p2o.compare(ref[0], got[0])
+        flipped_inputs += n > 0
+        flipped_layers += n
+        worst_rel = max(worst_rel, d['rel'])
+        worst_pixels = min(worst_pixels, d['argmax'])
+        if n == 0:
+            worst_rel_same = max(worst_rel_same, d['rel'])
+    return dict(
+        inputs=inputs,
+        layers=layers,
+        flipped_inputs=flipped_inputs,
+        flipped_layers=flipped_layers,
+        worst_rel=worst_rel,
+        worst_rel_same_clusters=worst_rel_same,
+        worst_pixels=worst_pixels,
+        size_mib=osp.getsize(path) / 2**20)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--only', choices=['latency', 'flips'])
+    parser.add_argument('--shape', type=int, nargs=2, default=[512, 512])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--flip-shape', type=int, nargs=2, default=[128, 128])
+    parser.add_argument('--flip-inputs', type=int, default=100)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, 'latency'):
+            r = latency(args.shape, args.repeats, args.threads, tmp)
+            H, W = args.shape
+            print(f'\n### BOAT-CSWin-T + UPerNet, 1x3x{H}x{W}, '
+                  f'{args.threads} threads, median of {args.repeats}\n')
+            print('| runtime | latency (s) | vs PyTorch |')
+            print('|---|---|---|')
+            print(f'| PyTorch {torch.__version__} eager (C++ FSLA '
+                  f'kernels) | {r["pytorch_s"]:.3f} | 1.00x |')
+            import onnxruntime
+            print(f'| onnxruntime {onnxruntime.__version__} CPU | '
+                  f'{r["onnxruntime_s"]:.3f} | '
+                  f'{r["onnxruntime_s"] / r["pytorch_s"]:.2f}x |')
+            print(f'\nexport {r["export_s"]:.0f} s, file '
+                  f'{r["size_mib"]:.1f} MiB ({r["params_m"]:.1f} M params '
+                  f'without the auxiliary head); outputs: max abs diff '
+                  f'{r["max_abs"]:.3g}, relative {r["rel"]:.3g}, pixels '
+                  f'with equal class {100 * r["argmax"]:.3f} %')
+        if args.only in (None, 'flips'):
+            r = flips(args.flip_shape, args.flip_inputs, args.threads, tmp)
+            H, W = args.flip_shape
+            print(f'\n### Near-tie flips: demo segmentor, 1x3x{H}x{W}, '
+                  f'{r["inputs"]} random inputs, {r["layers"]} clustered '
+                  f'FSLA layers\n')
+            print(f'- inputs with any cluster different from PyTorch: '
+                  f'{r["flipped_inputs"]} / {r["inputs"]} '
+                  f'({r["flipped_layers"]} layer outputs of '
+                  f'{r["inputs"] * r["layers"]})')
+            print(f'- worst relative logit difference: '
+                  f'{r["worst_rel"]:.3g} (inputs with equal clusters: '
+                  f'{r["worst_rel_same_clusters"]:.3g})')
+            print(f'- worst share of pixels with equal class: '
+                  f'{100 * r["worst_pixels"]:.3f} %')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
