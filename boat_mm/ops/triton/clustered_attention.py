@@ -108,25 +108,6 @@ def _load_queries(base, tok, mask, offs_d, C, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(base, perm, row, c, j, n_own, n_keys, sib_first, offs_d, d_ok,
-               C, S: tl.constexpr, UPCAST: tl.constexpr):
-    """The key and value rows of key positions ``j`` of cluster ``c``'s
-    queries (own keys first, then the borrowed ones); also returns which
-    are keys, which are ``c``'s own and their raster tokens."""
-    k_ok = j < n_keys
-    own = j < n_own
-    slot = tl.where(own, c * S + j, sib_first + j - n_own)
-    k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-    kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(kv + C, mask=kv_mask, other=0.)
-    v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    return k_ok, own, k_tok, k, v
-
-
-@triton.jit
 def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
                     overlap, scale, scale_lo, HEADS: tl.constexpr,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
@@ -144,10 +125,17 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
     l_i = tl.zeros((BLOCK_Q, ), ACC)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
     for start in range(0, n_keys, BLOCK_K):
-        k_ok, own, k_tok, k, v = _load_keys(base, perm, row, c,
-                                            start + tl.arange(0, BLOCK_K),
-                                            n_own, n_keys, sib_first, offs_d,
-                                            d_ok, C, S, UPCAST)
+        j = start + tl.arange(0, BLOCK_K)
+        k_ok = j < n_keys
+        own = j < n_own
+        slot = tl.where(own, c * S + j, sib_first + j - n_own)
+        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(kv + C, mask=kv_mask, other=0.)
+        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
         s = s * scale + s * scale_lo
         s = tl.where(k_ok[None, :], s, float('-inf'))
@@ -202,10 +190,17 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
     # D_i = sum_j P_ij dP_ij first (it needs whole rows), then dS and dQ.
     delta_i = tl.zeros((BLOCK_Q, ), ACC)
     for start in range(0, n_keys, BLOCK_K):
-        k_ok, own, k_tok, k, v = _load_keys(base, perm, row, c,
-                                            start + tl.arange(0, BLOCK_K),
-                                            n_own, n_keys, sib_first, offs_d,
-                                            d_ok, C, S, UPCAST)
+        j = start + tl.arange(0, BLOCK_K)
+        k_ok = j < n_keys
+        own = j < n_own
+        slot = tl.where(own, c * S + j, sib_first + j - n_own)
+        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(kv + C, mask=kv_mask, other=0.)
+        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
         s = s * scale + s * scale_lo
         p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
@@ -213,10 +208,17 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
         delta_i += tl.sum(p * dp, 1)
     dq = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
     for start in range(0, n_keys, BLOCK_K):
-        k_ok, own, k_tok, k, v = _load_keys(base, perm, row, c,
-                                            start + tl.arange(0, BLOCK_K),
-                                            n_own, n_keys, sib_first, offs_d,
-                                            d_ok, C, S, UPCAST)
+        j = start + tl.arange(0, BLOCK_K)
+        k_ok = j < n_keys
+        own = j < n_own
+        slot = tl.where(own, c * S + j, sib_first + j - n_own)
+        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(kv + C, mask=kv_mask, other=0.)
+        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
         s = s * scale + s * scale_lo
         p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
@@ -274,7 +276,12 @@ def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
             q_ok = i < n_q
             q_tok = tl.load(perm + row + qc * S + i, mask=q_ok, other=0)
             q_mask = q_ok[:, None] & d_ok[None, :]
-            q = _load_queries(base, q_tok, q_mask, offs_d, C, UPCAST)
+            q = tl.load(
+                base + q_tok[:, None] * C3 + offs_d[None, :],
+                mask=q_mask,
+                other=0.)
+            if UPCAST:
+                q = q.to(tl.float32)
             do = tl.load(
                 grad_out + (b * N + q_tok[:, None]) * C + head * D +
                 offs_d[None, :],
