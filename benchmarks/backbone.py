@@ -21,14 +21,13 @@ Example::
     python benchmarks/backbone.py --quick            # CPU smoke test
 """
 import argparse
-import contextlib
 import statistics
 import sys
-import time
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from _timing import PeakMemory, amp_context, timed
 
 MODELS = ('boat-cswin-t', 'cswin-t', 'boat-swin-t', 'swin-t',
           'mmpretrain-swin-t')
@@ -95,12 +94,6 @@ def build(name: str, size: int) -> nn.Module:
         pad_small_map=True)
 
 
-def amp_context(device: torch.device, dtype: str):
-    if dtype == 'bf16':
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def step_fn(model: nn.Module, img: torch.Tensor,
             dtype: str) -> Callable[[], None]:
     """One training step: forward, a loss on every output, backward."""
@@ -115,31 +108,14 @@ def step_fn(model: nn.Module, img: torch.Tensor,
     return run
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == 'cuda':
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def peak_mb(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     """Peak memory of one call above what was allocated before (CUDA)."""
     if device.type != 'cuda':
         fn()
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with PeakMemory(device) as mem:
+        fn()
+    return mem.mb
 
 
 def run(args, dtype: str) -> Dict[str, dict]:

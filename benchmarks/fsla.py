@@ -33,17 +33,14 @@ Example::
     python benchmarks/fsla.py --device cuda --ref-repo /tmp/boat_ref_fsla
 """
 import argparse
-import contextlib
-import ctypes
-import gc
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _timing import PeakMemory, amp_context, timed
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
@@ -243,79 +240,6 @@ def load_public_class(ref_repo: str) -> type:
 # ---------------------------------------------------------------------------
 
 
-def _rss_mb() -> Tuple[float, float]:
-    """Current and peak resident set size of this process, in MiB."""
-    fields = {}
-    with open('/proc/self/status') as f:
-        for line in f:
-            key, _, value = line.partition(':')
-            fields[key] = value
-    return (int(fields['VmRSS'].split()[0]) / 1024,
-            int(fields['VmHWM'].split()[0]) / 1024)
-
-
-class PeakMemory:
-    """Peak extra memory of a block, in MiB (None when not measurable).
-
-    On the CPU it is the rise of the peak resident set size; glibc's free
-    heap memory is first handed back (``malloc_trim``) so that reusing it
-    counts as new memory.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mb: Optional[float] = None
-        self.base = None
-
-    def __enter__(self) -> 'PeakMemory':
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        gc.collect()
-        try:
-            ctypes.CDLL('libc.so.6').malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc: the peak may miss reused heap memory
-        try:
-            # Linux: writing 5 resets the peak RSS (VmHWM).
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-            self.base = _rss_mb()[0]
-        except OSError:
-            self.base = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self.mb = (peak - self.base) / 2**20
-            return
-        if self.base is not None:
-            self.mb = _rss_mb()[1] - self.base
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == 'cuda':
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
                 args) -> Dict[str, dict]:
     """Time the callables in interleaved rounds (so that a change of load
@@ -329,7 +253,7 @@ def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
         # The first call warms up and gives the peak memory; a call that
         # already exceeds half the budget is timed by it alone.
         with PeakMemory(device) as mem:
-            first = _timed(fn, device)
+            first = timed(fn, device)
         out[key]['mb'] = mem.mb
         if first > args.budget / 2:
             out[key]['times'].append(first)
@@ -339,7 +263,7 @@ def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
     active = [k for k in fns if not out[k]['times']]
     for _ in range(args.repeats):
         for key in list(active):
-            out[key]['times'].append(_timed(fns[key], device))
+            out[key]['times'].append(timed(fns[key], device))
             if sum(out[key]['times']) > args.budget:
                 active.remove(key)
         if not active:
@@ -348,13 +272,6 @@ def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
         row['time'] = statistics.median(row['times'])
         row['runs'] = len(row.pop('times'))
     return out
-
-
-def amp_context(device: torch.device, dtype: str):
-    """bfloat16 autocast for ``'bf16'``, nothing for ``'fp32'``."""
-    if dtype == 'bf16':
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def forward_fn(module: nn.Module, x: torch.Tensor, hw: Tuple[int, int],

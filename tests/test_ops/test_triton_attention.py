@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+from _triton_compile import run_compile_script
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
@@ -297,22 +298,7 @@ print('compiled')
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
 def test_kernels_compile_for_sm90(tmp_path):
     """The bfloat16 and float32 kernels compile to H100 code."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-    ptxas = os.path.join(
-        os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
-    if not os.path.exists(ptxas):
-        pytest.skip('this triton has no bundled ptxas')
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop('TRITON_INTERPRET', None)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env['PYTHONPATH'] = os.pathsep.join(
-        [root] + [p for p in [env.get('PYTHONPATH')] if p])
-    done = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'compiled' in done.stdout
 

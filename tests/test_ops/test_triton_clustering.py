@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from _triton_compile import run_compile_script
 
 if not torch.cuda.is_available():
     # triton.jit picks the interpreter when a kernel is decorated, i.e.
@@ -248,22 +249,7 @@ for f64 in (False, True):
 
 def test_kernels_compile_for_sm90(tmp_path):
     """The float32 and float64 kernels compile to H100 code."""
-    import subprocess
-    import sys
-    ptxas = os.path.join(
-        os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton has no bundled ptxas")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop('TRITON_INTERPRET', None)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env['PYTHONPATH'] = os.pathsep.join(
-        [root] + [p for p in [env.get('PYTHONPATH')] if p])
-    done = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT],
-                          env=env,
-                          capture_output=True,
-                          text=True,
-                          timeout=600)
+    done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

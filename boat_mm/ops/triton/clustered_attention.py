@@ -58,42 +58,68 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
-                    overlap, scale, scale_lo, HEADS: tl.constexpr,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _cluster(qkv, perm, valid, N, C, perm_stride, HEADS: tl.constexpr,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """What every kernel first reads of its program's cluster ``c`` and
+    its sibling: real-token counts, the raster tokens of ``c``'s ``BLOCK``
+    slots, and the qkv pointer of the program's sample and head."""
     c = tl.program_id(0)
     m = tl.program_id(1)
     b = (m // HEADS).to(tl.int64)
     head = m % HEADS
     sib = c ^ 1
-    offs = tl.arange(0, BLOCK_Q)
+    offs = tl.arange(0, BLOCK)
     in_slots = offs < S
     # Real tokens come first in a cluster's slots: count them.
     n_own = tl.sum(
         tl.load(valid + c * S + offs, mask=in_slots, other=0).to(tl.int32))
     n_sib = tl.sum(
         tl.load(valid + sib * S + offs, mask=in_slots, other=0).to(tl.int32))
+    row = m.to(tl.int64) * perm_stride
+    real = offs < n_own
+    tok = tl.load(perm + row + c * S + offs, mask=real, other=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = qkv + b * N * (3 * C) + head * D
+    return (c, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok,
+            offs_d, d_ok, base)
+
+
+@triton.jit
+def _key_range(c, sib, n_own, n_sib, overlap, S: tl.constexpr):
+    """First sibling slot and count of the keys of cluster ``c``'s
+    queries: its own, then the ``overlap`` borrowed from its sibling."""
     n_borrow = tl.minimum(n_sib, overlap)
     # Cluster 2j borrows the first keys of 2j+1, 2j+1 the last ones of 2j.
     sib_first = sib * S + tl.where(c % 2 == 0, 0, n_sib - n_borrow)
-    n_keys = n_own + n_borrow
+    return sib_first, n_own + n_borrow
 
-    row = m.to(tl.int64) * perm_stride
-    q_real = offs < n_own
-    q_tok = tl.load(perm + row + c * S + offs, mask=q_real, other=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    C3 = 3 * C
-    base = qkv + b * N * C3 + head * D
+
+@triton.jit
+def _load_queries(base, tok, mask, offs_d, C, UPCAST: tl.constexpr):
+    """The query rows of raster tokens ``tok`` (float32 under
+    ``UPCAST``)."""
     q = tl.load(
-        base + q_tok[:, None] * C3 + offs_d[None, :],
-        mask=q_real[:, None] & d_ok[None, :],
-        other=0.)
+        base + tok[:, None] * (3 * C) + offs_d[None, :], mask=mask, other=0.)
     if UPCAST:
         q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
+                    overlap, scale, scale_lo, HEADS: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, q_real, q_tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
+                            BLOCK_D, S, BLOCK_Q)
+    sib_first, n_keys = _key_range(c, sib, n_own, n_sib, overlap, S)
+    q = _load_queries(base, q_tok, q_real[:, None] & d_ok[None, :], offs_d, C,
+                      UPCAST)
 
     m_i = tl.full((BLOCK_Q, ), float('-inf'), ACC)
     l_i = tl.zeros((BLOCK_Q, ), ACC)
@@ -104,7 +130,7 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
         own = j < n_own
         slot = tl.where(own, c * S + j, sib_first + j - n_own)
         k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * C3 + offs_d[None, :]
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(kv + C, mask=kv_mask, other=0.)
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
@@ -148,37 +174,16 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
                            BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                            ACC: tl.constexpr, PRECISION: tl.constexpr,
                            UPCAST: tl.constexpr):
-    c = tl.program_id(0)
-    m = tl.program_id(1)
-    b = (m // HEADS).to(tl.int64)
-    head = m % HEADS
-    sib = c ^ 1
-    offs = tl.arange(0, BLOCK_Q)
-    in_slots = offs < S
-    n_own = tl.sum(
-        tl.load(valid + c * S + offs, mask=in_slots, other=0).to(tl.int32))
-    n_sib = tl.sum(
-        tl.load(valid + sib * S + offs, mask=in_slots, other=0).to(tl.int32))
-    n_borrow = tl.minimum(n_sib, overlap)
-    sib_first = sib * S + tl.where(c % 2 == 0, 0, n_sib - n_borrow)
-    n_keys = n_own + n_borrow
-
-    row = m.to(tl.int64) * perm_stride
-    q_real = offs < n_own
-    q_tok = tl.load(perm + row + c * S + offs, mask=q_real, other=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, q_real, q_tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
+                            BLOCK_D, S, BLOCK_Q)
+    sib_first, n_keys = _key_range(c, sib, n_own, n_sib, overlap, S)
     q_mask = q_real[:, None] & d_ok[None, :]
-    C3 = 3 * C
-    base = qkv + b * N * C3 + head * D
-    q = tl.load(
-        base + q_tok[:, None] * C3 + offs_d[None, :], mask=q_mask, other=0.)
+    q = _load_queries(base, q_tok, q_mask, offs_d, C, UPCAST)
     do = tl.load(
         grad_out + (b * N + q_tok[:, None]) * C + head * D + offs_d[None, :],
         mask=q_mask,
         other=0.)
-    if UPCAST:
-        q = q.to(tl.float32)
     do = do.to(q.dtype)
     lse_i = tl.load(lse + row + c * S + offs, mask=q_real, other=0.).to(ACC)
 
@@ -187,9 +192,10 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
     for start in range(0, n_keys, BLOCK_K):
         j = start + tl.arange(0, BLOCK_K)
         k_ok = j < n_keys
-        slot = tl.where(j < n_own, c * S + j, sib_first + j - n_own)
+        own = j < n_own
+        slot = tl.where(own, c * S + j, sib_first + j - n_own)
         k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * C3 + offs_d[None, :]
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(kv + C, mask=kv_mask, other=0.)
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
@@ -204,9 +210,10 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
     for start in range(0, n_keys, BLOCK_K):
         j = start + tl.arange(0, BLOCK_K)
         k_ok = j < n_keys
-        slot = tl.where(j < n_own, c * S + j, sib_first + j - n_own)
+        own = j < n_own
+        slot = tl.where(own, c * S + j, sib_first + j - n_own)
         k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * C3 + offs_d[None, :]
+        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(kv + C, mask=kv_mask, other=0.)
         v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
@@ -219,7 +226,8 @@ def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
         ds = p * (dp - delta_i[:, None])
         dq += tl.dot(
             ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    dst = grad + (b * N + q_tok[:, None]) * C3 + head * D + offs_d[None, :]
+    dst = (
+        grad + (b * N + q_tok[:, None]) * (3 * C) + head * D + offs_d[None, :])
     tl.store(
         dst, (dq * scale + dq * scale_lo).to(grad.dtype.element_ty),
         mask=q_mask)
@@ -234,30 +242,15 @@ def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
                          BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
                          HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    c = tl.program_id(0)
-    m = tl.program_id(1)
-    b = (m // HEADS).to(tl.int64)
-    head = m % HEADS
-    sib = c ^ 1
-    offs = tl.arange(0, BLOCK_S)
-    in_slots = offs < S
-    n_own = tl.sum(
-        tl.load(valid + c * S + offs, mask=in_slots, other=0).to(tl.int32))
-    n_sib = tl.sum(
-        tl.load(valid + sib * S + offs, mask=in_slots, other=0).to(tl.int32))
+    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, k_real, k_tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
+                            BLOCK_D, S, BLOCK_S)
     # The keys of this cluster that its sibling borrows: the last ones of
     # 2j (seen by 2j+1), the first ones of 2j+1 (seen by 2j).
     n_lent = tl.minimum(n_own, overlap)
     lent_first = tl.where(c % 2 == 0, n_own - n_lent, 0)
-
-    row = m.to(tl.int64) * perm_stride
-    k_real = offs < n_own
-    k_tok = tl.load(perm + row + c * S + offs, mask=k_real, other=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     k_mask = k_real[:, None] & d_ok[None, :]
     C3 = 3 * C
-    base = qkv + b * N * C3 + head * D
     kv = base + k_tok[:, None] * C3 + offs_d[None, :]
     k = tl.load(kv + C, mask=k_mask, other=0.)
     v = tl.load(kv + 2 * C, mask=k_mask, other=0.)
@@ -287,13 +280,13 @@ def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
                 base + q_tok[:, None] * C3 + offs_d[None, :],
                 mask=q_mask,
                 other=0.)
+            if UPCAST:
+                q = q.to(tl.float32)
             do = tl.load(
                 grad_out + (b * N + q_tok[:, None]) * C + head * D +
                 offs_d[None, :],
                 mask=q_mask,
                 other=0.)
-            if UPCAST:
-                q = q.to(tl.float32)
             do = do.to(q.dtype)
             lse_i = tl.load(
                 lse + row + qc * S + i, mask=q_ok, other=0.).to(ACC)

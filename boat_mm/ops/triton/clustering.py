@@ -158,6 +158,19 @@ def _centroids(part_ptr, t, NC, F64: tl.constexpr, DP: tl.constexpr,
 
 
 @triton.jit
+def _inverse_sizes(n0, n, F64: tl.constexpr, CT: tl.constexpr):
+    """``1 / max(size, 1)`` of the two parts of ``n`` real tokens, the
+    first ``n0`` and the rest (IEEE division in float32 too)."""
+    if F64:
+        inv0 = 1. / tl.maximum(n0, 1).to(CT)
+        inv1 = 1. / tl.maximum(n - n0, 1).to(CT)
+    else:
+        inv0 = tl.div_rn(1., tl.maximum(n0, 1).to(CT))
+        inv1 = tl.div_rn(1., tl.maximum(n - n0, 1).to(CT))
+    return inv0, inv1
+
+
+@triton.jit
 def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start, end,
                c0, c1, temp, MODE: tl.constexpr, FIRST: tl.constexpr,
                KEY_KIND: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
@@ -172,14 +185,10 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start, end,
     """
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
-    # (The helpers are inlined in the token loops: the interpreter
-    # re-patches triton.language on every call of a jit function.)
-    if F64:
-        inv0 = 1. / tl.maximum(n0, 1).to(CT)
-        inv1 = 1. / tl.maximum(n - n0, 1).to(CT)
-    else:
-        inv0 = tl.div_rn(1., tl.maximum(n0, 1).to(CT))
-        inv1 = tl.div_rn(1., tl.maximum(n - n0, 1).to(CT))
+    inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
+    # (Inside the token loops the code is written out, also where it
+    # repeats _split_range's: the interpreter re-patches triton.language
+    # on every call of a jit function: about 15% more interpreter time.)
     dims = tl.arange(0, DP)
     slot0 = t.to(tl.int64) * cap
     for off in range(start, end, BT):
@@ -268,12 +277,7 @@ def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
     slot0 = t.to(tl.int64) * cap
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
-    if F64:
-        inv0 = 1. / tl.maximum(cn0, 1).to(CT)
-        inv1 = 1. / tl.maximum(count - cn0, 1).to(CT)
-    else:
-        inv0 = tl.div_rn(1., tl.maximum(cn0, 1).to(CT))
-        inv1 = tl.div_rn(1., tl.maximum(count - cn0, 1).to(CT))
+    inv0, inv1 = _inverse_sizes(cn0, count, F64, CT)
     dims = tl.arange(0, DP)
     for off in range(p_start, p_end, BT):
         p = off + tl.arange(0, BT)
