@@ -13,7 +13,7 @@
 # OUT_DIR defaults to $OUT, else work_dirs/gpu_check. STAGES is a
 # comma-separated subset of tests,fsla,backbone (default: all three), so a
 # session with a per-command time limit can run them one by one. With
-# REF_REPO set to a checkout of mahaoyuHKU/pytorch-boat (needs timm and
+# BOAT_REF_REPO set to a checkout of mahaoyuHKU/pytorch-boat (needs timm and
 # einops), the FSLA benchmark also times the published ContentAttention.
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 540) and
 # keeps what it printed when stopped. DEVICE (default cuda), FSLA_ARGS and
@@ -71,7 +71,7 @@ case ",$STAGES," in *,fsla,*)
   # shellcheck disable=SC2086
   run_stage fsla "$OUT_DIR/fsla.md" $PY benchmarks/fsla.py \
     --device "$DEVICE" --repeats 10 --budget 3 \
-    ${REF_REPO:+--ref-repo "$REF_REPO"} ${FSLA_ARGS:-}
+    ${BOAT_REF_REPO:+--ref-repo "$BOAT_REF_REPO"} ${FSLA_ARGS:-}
   ;;
 esac
 

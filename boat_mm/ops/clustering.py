@@ -13,9 +13,10 @@ The rule for any number of tokens ``N`` (the published code only handles
   chosen so that ``N / G`` is closest to ``group_size`` (in log scale)
   without exceeding ``1.35 * group_size`` (see :func:`num_clusters_for`).
   Their real-token counts differ by at most one (``N // G`` or
-  ``N // G + 1``), so every cluster size lies within
-  ``[0.67, 1.35] * group_size``, unless the whole map is a single cluster
-  (``N <= 1.35 * group_size``), which attends within itself.
+  ``N // G + 1``); the mean size ``N / G`` lies within
+  ``[0.67, 1.35] * group_size`` (a cluster may hold one token more), unless
+  the whole map is a single cluster (``N <= 1.35 * group_size``), which
+  attends within itself.
 * Every leaf has ``S = ceil(N / G)`` slots. Every node knows statically (from
   ``N`` alone) how many real tokens each child receives, so at each level a
   node's tokens are sorted by affinity ratio and the first ``n0`` go to
@@ -178,9 +179,11 @@ def num_clusters_for(num_tokens: int, group_size: int) -> int:
     """Number of clusters ``G = 2**L`` for ``num_tokens`` tokens.
 
     ``L`` makes ``N / G`` closest to ``group_size`` in log scale, moved one
-    level deeper when the clusters would exceed ``1.35 * group_size``; so
-    cluster sizes lie within ``[0.67, 1.35] * group_size`` unless the whole
-    map is one cluster (``N <= 1.35 * group_size``).
+    level deeper when the mean cluster size ``N / G`` would exceed
+    ``1.35 * group_size``; so ``N / G`` lies within
+    ``[0.67, 1.35] * group_size`` (clusters hold ``N // G`` or
+    ``N // G + 1`` tokens) unless the whole map is one cluster
+    (``N <= 1.35 * group_size``).
     """
     if num_tokens <= group_size:
         return 1
