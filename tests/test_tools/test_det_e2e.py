@@ -12,13 +12,14 @@ import pickle
 import re
 import runpy
 import shutil
-import subprocess
 import sys
-from typing import List
 
 import numpy as np
 import pytest
 import torch
+
+# The same command runners as the segmentation end-to-end tests.
+from test_seg_e2e import _ckpt, _run, _tool, _tool_main
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = osp.join(REPO, 'configs', 'demo',
@@ -103,33 +104,6 @@ model = dict(
     'pipeline=train_pipeline)', 'pipeline=train_pipeline, metainfo=metainfo)'
 ).replace('pipeline=test_pipeline)',
           'pipeline=test_pipeline, metainfo=metainfo)')
-
-
-def _run(cmd: List[str], cwd: str) -> str:
-    """Run a command; return its output, or fail the test with it."""
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
-                    f'{proc.stdout[-6000:]}')
-    return proc.stdout
-
-
-def _tool(name: str, *args: str, cwd: str) -> str:
-    return _run([sys.executable, osp.join(REPO, 'tools', name), *args],
-                cwd=cwd)
-
-
-def _tool_main(name: str):
-    """The ``main`` of a tool script, loaded without running it."""
-    return runpy.run_path(
-        osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
-
-
-def _ckpt(path: str) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _metrics(out: str, stage: str) -> dict:
