@@ -1,5 +1,10 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
+from .base_boat import (BaseBOATBackbone, boat_families,
+                        convert_boat_checkpoint, detect_boat_family)
 from .boat_cswin import BOATCSWin
 from .boat_swin import BOATSwin
 
-__all__ = ['BOATCSWin', 'BOATSwin']
+__all__ = [
+    'BaseBOATBackbone', 'BOATCSWin', 'BOATSwin', 'boat_families',
+    'convert_boat_checkpoint', 'detect_boat_family'
+]

@@ -1,10 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-CSWin: the CSWin Transformer with feature-space local attention."""
-from copy import deepcopy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
@@ -15,9 +14,8 @@ from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils import CSWinAttention, FeatureSpaceLocalAttention
-from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
-                          check_pretrained_file, fsla_settings,
-                          parse_arch, parse_out_indices)
+from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from .base_boat import BaseBOATBackbone
 
 __all__ = ['BOATCSWinBlock', 'BOATCSWinStage', 'BOATCSWin']
 
@@ -169,20 +167,22 @@ class BOATCSWinStage(BaseModule):
                 **block_cfg) for i in range(depth)
         ])
 
-    def forward(self, x: Tensor,
-                hw_shape: Sequence[int]) -> Tuple[Tensor, Tuple[int, int]]:
-        """Forward ``(B, N, C)`` tokens; returns tokens and their shape."""
+    def forward(
+        self, x: Tensor, hw_shape: Sequence[int]
+    ) -> Tuple[Tensor, Tuple[int, int], Tensor, Tuple[int, int]]:
+        """Forward ``(B, N, C)`` tokens; returns the tokens and their shape
+        twice (for the next stage and as this stage's output)."""
         if self.downsample is not None:
             B, _, C = x.shape
             x = x.transpose(1, 2).reshape(B, C, *hw_shape)
             x, hw_shape = self.downsample(x)
         for block in self.blocks:
             x = block(x, hw_shape)
-        return x, tuple(hw_shape)
+        return x, tuple(hw_shape), x, tuple(hw_shape)
 
 
 @MODELS.register_module()
-class BOATCSWin(FrozenStagesMixin, BaseModule):
+class BOATCSWin(BaseBOATBackbone):
     """BOAT-CSWin backbone (Yu et al., "BOAT: Bilateral Local Attention
     Vision Transformer", BMVC 2022), for classification and dense prediction.
 
@@ -208,44 +208,25 @@ class BOATCSWin(FrozenStagesMixin, BaseModule):
     Convert the published checkpoints with
     ``tools/model_converters/boat2mm.py``.
 
+    FSLA's ``qk_scale`` defaults to 1.0, the scale the published BOAT-CSWin
+    weights were trained with (``fsla_cfg`` may set another); ``qk_scale``
+    scales the CSWin attention logits only. Conv layers keep PyTorch's
+    initialisation, as the original.
+
     Args:
-        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``,
-            ``'s'``, ``'b'``), or a dict with ``embed_dims``, ``depths``,
-            ``num_heads`` and optionally ``split_sizes`` (defaults to
-            ``(1, 2, 7, 7)``). Widths double at each stage.
+        arch (str | dict): See :class:`BaseBOATBackbone`; a dict takes
+            ``embed_dims``, ``depths``, ``num_heads`` and optionally
+            ``split_sizes`` (stripe widths, defaults to ``(1, 2, 7, 7)``).
             Defaults to ``'tiny'``.
         in_channels (int): Input channels. Defaults to 3.
-        mlp_ratio (float): MLP hidden width ratio. Defaults to 4.
-        out_indices (Sequence[int] | int): Stages to output (negative counts
-            from the end). Defaults to ``(0, 1, 2, 3)``.
-        qkv_bias (bool): Bias of the qkv projections. Defaults to True.
-        qk_scale (float, optional): Scale of the CSWin attention logits;
-            None for ``head_dim ** -0.5``. Defaults to None.
-        drop_rate (float): Dropout rate. Defaults to 0.
-        attn_drop_rate (float): Attention dropout rate. Defaults to 0.
-        drop_path_rate (float): Stochastic depth, growing linearly from 0 to
-            this value over all blocks. Defaults to 0.1.
-        with_fsla (bool): Add FSLA to the even-indexed blocks; False gives
-            the plain CSWin Transformer. Defaults to True.
-        fsla_cfg (dict, optional): Passed to
-            :class:`FeatureSpaceLocalAttention` (``group_size``,
-            ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
-            ``qk_scale``, ...); ``qk_scale`` defaults to 1.0, the scale the
-            published BOAT-CSWin weights were trained with. Defaults to None.
-        act_cfg (dict): MLP activation. Defaults to GELU.
-        norm_cfg (dict): Norm layers of blocks, stem, merges and outputs.
-            Defaults to LN.
-        frozen_stages (int): Freeze (stop grad, eval mode) the stem when
-            >= 0 and stages ``0 .. frozen_stages - 1`` with their merges and
-            output norms. -1 freezes nothing. Defaults to -1.
-        with_cp (bool): Gradient checkpointing of every block, to save
-            memory at the cost of recomputation. Defaults to False.
-        init_cfg (dict | list[dict], optional): Initialisation config, e.g.
-            ``dict(type='Pretrained', checkpoint=PATH, prefix='backbone.')``
-            to load the backbone of a converted classifier checkpoint. None
-            uses truncated normal (std 0.02) Linear and unit LayerNorm
-            initialisation. Defaults to None.
+        **kwargs: The other arguments of :class:`BaseBOATBackbone`
+            (``out_indices``, ``drop_path_rate``, ``with_fsla``,
+            ``fsla_cfg``, ``frozen_stages``, ``with_cp``, ``init_cfg``,
+            ...).
     """
+    family = 'cswin'
+    published_name = 'BOAT-CSWin'
+    published_marker = 'stage1_conv_embed'
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {
@@ -269,171 +250,149 @@ class BOATCSWin(FrozenStagesMixin, BaseModule):
                 'split_sizes': [1, 2, 7, 7]
             }),
     }
-    essential_keys = {'embed_dims', 'depths', 'num_heads'}
-    optional_keys = {'split_sizes'}
+    optional_keys = frozenset({'split_sizes'})
+    fsla_qk_scale = 1.0
     # Input padded to a multiple of the stem stride (see class docstring).
     stem_stride = 4
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
-                 mlp_ratio: float = 4.,
-                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
-                 qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 with_fsla: bool = True,
-                 fsla_cfg: Optional[dict] = None,
-                 act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'),
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        if init_cfg is None:
-            # CSWin's (timm's) initialisation; conv layers keep PyTorch's.
-            init_cfg = [
-                dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
-                dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
-            ]
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._parse_arch(arch)
-        self.embed_dims = self.arch_settings['embed_dims']
-        self.depths = list(self.arch_settings['depths'])
-        self.num_heads = list(self.arch_settings['num_heads'])
+                 **kwargs) -> None:
+        super().__init__(arch=arch, in_channels=in_channels, **kwargs)
         self.split_sizes = list(self.arch_settings['split_sizes'])
-        self.num_stages = len(self.depths)
-        self.num_features = [
-            self.embed_dims * 2**i for i in range(self.num_stages)
-        ]
-        self.out_indices = parse_out_indices(out_indices, self.num_stages)
-        check_frozen_stages(frozen_stages, self.num_stages)
-        self.frozen_stages = frozen_stages
-        self.with_fsla = with_fsla
-        self.fsla_cfg = fsla_settings(
-            fsla_cfg,
-            qk_scale=1.0,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop_rate,
-            proj_drop=drop_rate)
-
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
             embed_dims=self.embed_dims,
             kernel_size=7,
             stride=self.stem_stride,
             padding=2,
-            norm_cfg=norm_cfg)
+            norm_cfg=self.norm_cfg)
+        self.stages = ModuleList([
+            BOATCSWinStage(
+                in_channels=self.num_features[max(i - 1, 0)],
+                embed_dims=self.num_features[i],
+                depth=depth,
+                num_heads=self.num_heads[i],
+                split_size=self.split_sizes[i],
+                full_map=i == self.num_stages - 1,
+                downsample=i > 0,
+                drop_path_rates=self.drop_path_rates[i],
+                fsla_blocks=[
+                    self.with_fsla and self.has_fsla(i, j, self.num_stages)
+                    for j in range(depth)
+                ],
+                block_cfg=self.block_cfg)
+            for i, depth in enumerate(self.depths)
+        ])
+        self._add_output_norms()
 
-        total_depth = sum(self.depths)
-        dpr = torch.linspace(0, drop_path_rate, total_depth).tolist()
-        block_cfg = dict(
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            fsla_cfg=self.fsla_cfg,
-            act_cfg=act_cfg,
-            norm_cfg=norm_cfg,
-            with_cp=with_cp)
-        self.stages = ModuleList()
-        for i, depth in enumerate(self.depths):
-            self.stages.append(
-                BOATCSWinStage(
-                    in_channels=self.num_features[max(i - 1, 0)],
-                    embed_dims=self.num_features[i],
-                    depth=depth,
-                    num_heads=self.num_heads[i],
-                    split_size=self.split_sizes[i],
-                    full_map=i == self.num_stages - 1,
-                    downsample=i > 0,
-                    drop_path_rates=dpr[:depth],
-                    # FSLA in the even-indexed blocks of every stage.
-                    fsla_blocks=[
-                        with_fsla and j % 2 == 0 for j in range(depth)
-                    ],
-                    block_cfg=block_cfg))
-            dpr = dpr[depth:]
-
-        for i in self.out_indices:
-            self.add_module(
-                f'norm{i}',
-                build_norm_layer(norm_cfg, self.num_features[i])[1])
-        self._freeze_stages()
+    @staticmethod
+    def has_fsla(stage: int, block: int, num_stages: int) -> bool:
+        """FSLA in the even-indexed blocks of every stage."""
+        return block % 2 == 0
 
     def _parse_arch(self, arch: Union[str, dict]) -> Dict:
-        settings = parse_arch(arch, self.arch_zoo, self.essential_keys,
-                              'BOATCSWin')
-        unknown = set(settings) - self.essential_keys - self.optional_keys
-        if unknown:
-            raise ValueError(
-                f'Unknown keys {sorted(unknown)} in the BOATCSWin arch '
-                f'dict; it takes {sorted(self.essential_keys)} and '
-                f'optionally {sorted(self.optional_keys)}.')
-        settings = deepcopy(settings)
+        settings = super()._parse_arch(arch)
         n = len(settings['depths'])
         settings.setdefault('split_sizes', [1, 2, 7, 7][:n] + [7] * (n - 4))
-        if n < 1 or len(settings['num_heads']) != n \
-                or len(settings['split_sizes']) != n:
-            raise ValueError(
-                f'BOATCSWin arch: depths, num_heads and split_sizes need one '
-                f'entry per stage, got {settings["depths"]}, '
-                f'{settings["num_heads"]}, {settings["split_sizes"]}.')
         return settings
 
-    def init_weights(self) -> None:
-        """Load ``init_cfg`` or apply the default initialisation."""
-        check_pretrained_file(self.init_cfg, 'BOATCSWin')
-        super().init_weights()
-
-    def _stage_tokens(self, x: Tensor):
-        """Yield ``(index, tokens, hw_shape)`` after each stage."""
-        if x.dim() != 4:
-            raise ValueError(
-                f'BOATCSWin expects images of shape (B, C, H, W), got a '
-                f'tensor of shape {tuple(x.shape)}.')
+    def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         s = self.stem_stride
         pad_h, pad_w = -x.shape[2] % s, -x.shape[3] % s
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        x, hw_shape = self.patch_embed(x)
-        for i, stage in enumerate(self.stages):
-            x, hw_shape = stage(x, hw_shape)
-            yield i, x, hw_shape
+        return self.patch_embed(x)
 
-    def _to_map(self, x: Tensor, i: int, hw_shape: Sequence[int]) -> Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], self.num_features[i],
-                                         *hw_shape).contiguous()
+    # --- The published checkpoints (BOAT-CSWin/models/cswin_boat.py,
+    # timm's saver: weights under ``state_dict`` / ``state_dict_ema``). ---
 
-    def forward_stages(self, x: Tensor) -> List[Tensor]:
-        """Features of every stage before the output norms, for analysis
-        and for comparing with the original implementation.
+    _BLOCK_KEY = r'stage(\d+)\.(\d+)\.'
+    # Published block module -> ours (``BOATCSWinBlock``); ``attns.1`` in
+    # all but the last stage, the FSLA modules in the blocks with FSLA.
+    _BLOCK_MODULES = (('norm1', 'norm1'), ('qkv', 'attn.qkv'),
+                      ('attns.0.get_v', 'attn.branches.0.get_v'),
+                      ('attns.1.get_v', 'attn.branches.1.get_v'),
+                      ('proj', 'attn.proj'), ('norm3', 'norm_fsla'),
+                      ('content_attn.qkv', 'fsla.qkv'),
+                      ('content_attn.proj', 'fsla.proj'),
+                      ('content_attn.get_v', 'fsla.get_v'),
+                      ('norm2', 'norm2'), ('mlp.fc1', 'ffn.layers.0.0'),
+                      ('mlp.fc2', 'ffn.layers.1'))
+    _FSLA_MODULES = ('norm3', 'content_attn.qkv', 'content_attn.proj',
+                     'content_attn.get_v')
 
-        Args:
-            x (Tensor): ``(B, C, H, W)`` images.
-
-        Returns:
-            list[Tensor]: One ``(B, C_i, H_i, W_i)`` map per stage.
-        """
-        return [self._to_map(t, i, hw) for i, t, hw in self._stage_tokens(x)]
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Forward.
-
-        Args:
-            x (Tensor): ``(B, C, H, W)`` images, any ``H`` and ``W``.
+    @classmethod
+    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+        """Describe a BOAT-CSWin (or plain CSWin) checkpoint.
 
         Returns:
-            tuple[Tensor]: For each of ``out_indices``, a normed
-            ``(B, C_i, H_i, W_i)`` map with ``H_i = ceil(H / 2**(i + 2))``.
+            dict: ``arch`` ('tiny', 'small', 'base' or None when the widths
+            and depths match none of them: then ``num_heads`` must come
+            from elsewhere), ``embed_dims``, ``depths``, ``in_channels``,
+            ``with_fsla`` (whether the file has FSLA weights, i.e.
+            BOAT-CSWin rather than CSWin) and ``num_classes`` (None without
+            a head).
         """
-        outs = []
-        for i, tokens, hw_shape in self._stage_tokens(x):
-            if i in self.out_indices:
-                tokens = getattr(self, f'norm{i}')(tokens)
-                outs.append(self._to_map(tokens, i, hw_shape))
-            if i == self.out_indices[-1]:
-                break  # later stages are not needed
-        return tuple(outs)
+        stem = 'stage1_conv_embed.0.weight'
+        if stem not in state_dict:
+            raise KeyError(f'Not a BOAT-CSWin checkpoint: {stem!r} is '
+                           f'missing; first keys: {list(state_dict)[:5]}.')
+        blocks = blocks_per_stage(state_dict, cls._BLOCK_KEY)
+        num_stages = max(blocks, default=0)
+        depths = tuple(blocks.get(k, 0) for k in range(1, num_stages + 1))
+        if not depths or 0 in depths:
+            raise KeyError(f'BOAT-CSWin checkpoint without blocks for some '
+                           f'stage: blocks per stage {depths}.')
+        embed_dims = int(state_dict[stem].shape[0])
+        head = state_dict.get('head.weight')
+        return dict(
+            # Head counts leave no trace in CSWin's weights.
+            arch=cls.zoo_name(embed_dims=embed_dims, depths=depths),
+            embed_dims=embed_dims,
+            depths=depths,
+            in_channels=int(state_dict[stem].shape[1]),
+            with_fsla=any('.content_attn.' in k for k in state_dict),
+            num_classes=None if head is None else int(head.shape[0]))
+
+    @classmethod
+    def published_backbone_cfg(cls, info: dict) -> dict:
+        if info['arch'] is None:
+            raise ValueError(
+                f'BOAT-CSWin checkpoint with embed_dims '
+                f'{info["embed_dims"]} and depths {info["depths"]} '
+                f'matches none of the published archs (tiny, small, base); '
+                f'its head counts cannot be read from the weights.')
+        return dict(
+            arch=info['arch'],
+            in_channels=info['in_channels'],
+            with_fsla=info['with_fsla'])
+
+    @classmethod
+    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
+        names: 'OrderedDict[str, str]' = OrderedDict()
+        add_module_keys(names, 'stage1_conv_embed.0',
+                        'backbone.patch_embed.projection')
+        add_module_keys(names, 'stage1_conv_embed.2',
+                        'backbone.patch_embed.norm')
+        num = len(info['depths'])
+        for s, depth in enumerate(info['depths']):
+            if s > 0:
+                # merge{s} sits before stage s+1: our stages[s].downsample.
+                dst = f'backbone.stages.{s}.downsample'
+                add_module_keys(names, f'merge{s}.conv', f'{dst}.projection')
+                add_module_keys(names, f'merge{s}.norm', f'{dst}.norm')
+            for i in range(depth):
+                fsla = info['with_fsla'] and cls.has_fsla(s, i, num)
+                for src, dst in cls._BLOCK_MODULES:
+                    if src == 'attns.1.get_v' and s == num - 1:
+                        continue  # one whole-map branch in the last stage
+                    if src in cls._FSLA_MODULES and not fsla:
+                        continue
+                    add_module_keys(names, f'stage{s + 1}.{i}.{src}',
+                                    f'backbone.stages.{s}.blocks.{i}.{dst}')
+        add_module_keys(names, 'norm', f'backbone.norm{num - 1}')
+        if info['num_classes'] is not None:
+            add_module_keys(names, 'head', 'head.fc')
+        return names

@@ -1,7 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
-from copy import deepcopy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,20 +10,18 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
 from mmengine.model import BaseModule, ModuleList
-from mmengine.model.weight_init import constant_init, trunc_normal_init
 from mmpretrain.models.utils.attention import ShiftWindowMSA
 from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils import FeatureSpaceLocalAttention
-from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
-                          check_pretrained_file, fsla_settings,
-                          parse_arch, parse_out_indices)
+from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from .base_boat import BaseBOATBackbone
 
-__all__ = ['BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA']
-
-# Buffers that older or foreign checkpoints may carry; boat-mm derives them.
-_DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
+__all__ = [
+    'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA',
+    'swin_merge_order'
+]
 
 
 class BOATShiftWindowMSA(ShiftWindowMSA):
@@ -244,7 +242,7 @@ class BOATSwinStage(BaseModule):
         depth (int): Number of blocks (even ones plain, odd ones shifted).
         num_heads (int): Heads per block.
         drop_path_rates (Sequence[float]): One rate per block.
-        with_fsla (bool): FSLA in the shifted (odd) blocks.
+        fsla_blocks (Sequence[bool]): Whether each block has FSLA.
         downsample (bool): End with mmcv's ``PatchMerging`` (2x2 -> 2C).
         block_cfg (dict): Remaining :class:`BOATSwinBlock` arguments.
         init_cfg (dict, optional): Initialisation config.
@@ -255,7 +253,7 @@ class BOATSwinStage(BaseModule):
                  depth: int,
                  num_heads: int,
                  drop_path_rates: Sequence[float],
-                 with_fsla: bool,
+                 fsla_blocks: Sequence[bool],
                  downsample: bool,
                  block_cfg: dict,
                  init_cfg: Optional[dict] = None) -> None:
@@ -265,7 +263,7 @@ class BOATSwinStage(BaseModule):
                 embed_dims,
                 num_heads,
                 shift=i % 2 == 1,
-                with_fsla=with_fsla and i % 2 == 1,
+                with_fsla=fsla_blocks[i],
                 drop_path_rate=drop_path_rates[i],
                 **block_cfg) for i in range(depth)
         ])
@@ -290,8 +288,33 @@ class BOATSwinStage(BaseModule):
         return x_down, tuple(down_shape), x, tuple(hw_shape)
 
 
+def swin_merge_order(channels: int) -> Tensor:
+    """Index turning Swin's patch-merging order into mmcv's.
+
+    Swin's ``PatchMerging`` concatenates the 2x2 neighbours as ``x0`` (row
+    0, col 0), ``x1`` (1, 0), ``x2`` (0, 1), ``x3`` (1, 1), each with all
+    ``C`` channels: feature ``slot * C + c``. mmcv's ``PatchMerging`` uses
+    ``nn.Unfold``, which puts channels first and then the kernel positions
+    in raster order (0, 0), (0, 1), (1, 0), (1, 1): feature
+    ``c * 4 + 2 * row + col``. So ``mmcv_w[..., j] = swin_w[..., order[j]]``
+    for the reduction weight's columns and the norm's weight and bias.
+
+    Args:
+        channels (int): The merged width ``4 * C``.
+
+    Returns:
+        Tensor: ``(4 * C, )`` int64 index.
+    """
+    if channels % 4:
+        raise ValueError(f'Patch merging width {channels} is not 4 * C.')
+    c = channels // 4
+    swin_slot = torch.tensor([0, 2, 1, 3])  # raster (row, col) -> Swin slot
+    ch = torch.arange(c)
+    return (swin_slot[None, :] * c + ch[:, None]).reshape(-1)
+
+
 @MODELS.register_module()
-class BOATSwin(FrozenStagesMixin, BaseModule):
+class BOATSwin(BaseBOATBackbone):
     """BOAT-Swin backbone (Yu et al., "BOAT: Bilateral Local Attention
     Vision Transformer", BMVC 2022), for classification and dense prediction.
 
@@ -314,56 +337,34 @@ class BOATSwin(FrozenStagesMixin, BaseModule):
     classifier computes (final norm, mean over tokens, linear). Convert the
     published checkpoints with ``tools/model_converters/boat2mm.py``.
 
+    The published models used ``drop_path_rate`` 0.2 (T), 0.3 (S) and 0.5
+    (B); FSLA takes the window attention's ``qk_scale`` unless ``fsla_cfg``
+    sets one. The position-bias tables are initialised truncated normal
+    (std 0.02), as the original.
+
     Args:
-        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``,
-            ``'s'``, ``'b'``), or a dict with ``embed_dims``, ``depths`` and
-            ``num_heads``. Widths double at each stage.
+        arch (str | dict): See :class:`BaseBOATBackbone`; a dict takes
+            exactly ``embed_dims``, ``depths`` and ``num_heads``.
             Defaults to ``'tiny'``.
         patch_size (int): Patch embedding stride and kernel. Defaults to 4.
         in_channels (int): Input channels. Defaults to 3.
         window_size (int): Window side. Defaults to 7.
-        mlp_ratio (float): FFN hidden ratio. Defaults to 4.
-        out_indices (Sequence[int] | int): Stages to output (negative counts
-            from the end). Defaults to ``(0, 1, 2, 3)``.
-        qkv_bias (bool): Bias of the qkv projections. Defaults to True.
-        qk_scale (float, optional): Attention scale of the window attention
-            and (unless ``fsla_cfg`` sets it) FSLA; None for
-            ``head_dim ** -0.5``, as the published models. Defaults to None.
-        drop_rate (float): Dropout after the patch embedding, projections
-            and in the FFN. Defaults to 0.
-        attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
-        drop_path_rate (float): Stochastic depth, growing linearly from 0 to
-            this value over all blocks (published: T 0.2, S 0.3, B 0.5).
-            Defaults to 0.1.
-        with_fsla (bool): Add FSLA; False gives the plain Swin Transformer
-            (no FSLA modules at all). Defaults to True.
-        fsla_cfg (dict, optional): Passed to
-            :class:`FeatureSpaceLocalAttention` (``group_size``,
-            ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
-            ``qk_scale``, ...). Defaults to None.
-        act_cfg (dict): FFN activation. Defaults to GELU.
-        norm_cfg (dict): Norm layers. Defaults to LN.
-        frozen_stages (int): Freeze (stop grad, eval mode) the patch
-            embedding when >= 0 and stages ``0 .. frozen_stages - 1`` (with
-            the merging that ends them and their output norms), as mmseg's
-            Swin. -1 freezes nothing. Defaults to -1.
-        with_cp (bool): Gradient checkpointing of every block, to save
-            memory at the cost of recomputation. Defaults to False.
-        init_cfg (dict | list[dict], optional): Initialisation config, e.g.
-            ``dict(type='Pretrained', checkpoint=PATH, prefix='backbone.')``
-            to load the backbone of a converted classifier checkpoint.
-            Without it: truncated normal (std 0.02) Linear weights and
-            position-bias tables, zero biases, unit LayerNorms, as the
-            original. Defaults to None.
+        **kwargs: The other arguments of :class:`BaseBOATBackbone`
+            (``out_indices``, ``drop_path_rate``, ``with_fsla``,
+            ``fsla_cfg``, ``frozen_stages``, ``with_cp``, ``init_cfg``,
+            ...).
 
     Example:
         >>> import torch
         >>> from boat_mm.models import BOATSwin
         >>> model = BOATSwin(arch=dict(embed_dims=24, depths=(2, 2, 2, 2),
         ...                            num_heads=(1, 2, 2, 4)))
-        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 80))]
+        >>> [tuple(o.shape) for o in model(torch.randn(1, 3, 64, 80))]
         [(1, 24, 16, 20), (1, 48, 8, 10), (1, 96, 4, 5), (1, 192, 2, 3)]
     """
+    family = 'swin'
+    published_name = 'BOAT-Swin'
+    published_marker = 'layers.'
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
             'embed_dims': 96,
@@ -381,51 +382,20 @@ class BOATSwin(FrozenStagesMixin, BaseModule):
             'num_heads': [4, 8, 16, 32]
         }),
     }
-    essential_keys = {'embed_dims', 'depths', 'num_heads'}
+    # Buffers that older or foreign checkpoints may carry; boat-mm derives
+    # them.
+    derived_buffers = ('relative_position_index', 'attn_mask')
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  patch_size: int = 4,
                  in_channels: int = 3,
                  window_size: int = 7,
-                 mlp_ratio: float = 4.,
-                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
-                 qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 with_fsla: bool = True,
-                 fsla_cfg: Optional[dict] = None,
-                 act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'),
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._parse_arch(arch)
-        self.embed_dims = self.arch_settings['embed_dims']
-        self.depths = list(self.arch_settings['depths'])
-        self.num_heads = list(self.arch_settings['num_heads'])
-        self.num_stages = len(self.depths)
-        self.num_features = [
-            self.embed_dims * 2**i for i in range(self.num_stages)
-        ]
-        self.out_indices = parse_out_indices(out_indices, self.num_stages)
-        check_frozen_stages(frozen_stages, self.num_stages)
+                 **kwargs) -> None:
+        super().__init__(arch=arch, in_channels=in_channels, **kwargs)
         if window_size < 1 or patch_size < 1:
             raise ValueError(f'window_size ({window_size}) and patch_size '
                              f'({patch_size}) must be positive.')
-        self.frozen_stages = frozen_stages
-        self.with_fsla = with_fsla
-        # The original builds FSLA with the block's qkv_bias, scale, drops.
-        self.fsla_cfg = fsla_settings(
-            fsla_cfg,
-            qk_scale=qk_scale,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop_rate,
-            proj_drop=drop_rate)
-
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
@@ -434,57 +404,31 @@ class BOATSwin(FrozenStagesMixin, BaseModule):
             kernel_size=patch_size,
             stride=patch_size,
             padding='corner',
-            norm_cfg=norm_cfg)
-        self.drop_after_pos = nn.Dropout(p=drop_rate)
+            norm_cfg=self.norm_cfg)
+        self.drop_after_pos = nn.Dropout(p=self.block_cfg['drop_rate'])
+        block_cfg = dict(self.block_cfg, window_size=window_size)
+        self.stages = ModuleList([
+            BOATSwinStage(
+                embed_dims=self.num_features[i],
+                depth=depth,
+                num_heads=self.num_heads[i],
+                drop_path_rates=self.drop_path_rates[i],
+                fsla_blocks=[
+                    self.with_fsla and self.has_fsla(i, j, self.num_stages)
+                    for j in range(depth)
+                ],
+                downsample=i < self.num_stages - 1,
+                block_cfg=block_cfg) for i, depth in enumerate(self.depths)
+        ])
+        self._add_output_norms()
 
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
-        block_cfg = dict(
-            window_size=window_size,
-            fsla_cfg=self.fsla_cfg,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            act_cfg=act_cfg,
-            norm_cfg=norm_cfg,
-            with_cp=with_cp)
-        self.stages = ModuleList()
-        for i, depth in enumerate(self.depths):
-            last = i == self.num_stages - 1
-            self.stages.append(
-                BOATSwinStage(
-                    embed_dims=self.num_features[i],
-                    depth=depth,
-                    num_heads=self.num_heads[i],
-                    drop_path_rates=dpr[:depth],
-                    # FSLA in the shifted blocks of all but the last stage.
-                    with_fsla=with_fsla and not last,
-                    downsample=not last,
-                    block_cfg=block_cfg))
-            dpr = dpr[depth:]
-
-        for i in self.out_indices:
-            self.add_module(
-                f'norm{i}',
-                build_norm_layer(norm_cfg, self.num_features[i])[1])
-        self._freeze_stages()
+    @staticmethod
+    def has_fsla(stage: int, block: int, num_stages: int) -> bool:
+        """FSLA in the shifted (odd) blocks of all stages but the last."""
+        return block % 2 == 1 and stage < num_stages - 1
 
     def _parse_arch(self, arch: Union[str, dict]) -> Dict:
-        settings = parse_arch(arch, self.arch_zoo, self.essential_keys,
-                              'BOATSwin')
-        unknown = set(settings) - self.essential_keys
-        if unknown:
-            raise ValueError(
-                f'Unknown keys {sorted(unknown)} in the BOATSwin arch dict; '
-                f'it takes exactly {sorted(self.essential_keys)}.')
-        settings = deepcopy(settings)
-        n = len(settings['depths'])
-        if n < 1 or len(settings['num_heads']) != n:
-            raise ValueError(
-                f'BOATSwin arch: depths and num_heads need one entry per '
-                f'stage, got {settings["depths"]} and '
-                f'{settings["num_heads"]}.')
+        settings = super()._parse_arch(arch)
         for i, heads in enumerate(settings['num_heads']):
             dims = settings['embed_dims'] * 2**i
             if dims % heads:
@@ -493,53 +437,118 @@ class BOATSwin(FrozenStagesMixin, BaseModule):
                     f'divisible by its {heads} heads.')
         return settings
 
-    def init_weights(self) -> None:
-        """Default initialisation, then ``init_cfg`` (pretrained last)."""
-        check_pretrained_file(self.init_cfg, 'BOATSwin')
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_init(m, std=.02, bias=0.)
-            elif isinstance(m, nn.LayerNorm):
-                constant_init(m, val=1.0, bias=0.)
-        # Children (mmpretrain's WindowMSA: trunc-normal position-bias
-        # tables), then a Pretrained init_cfg overwrites what it loads.
-        super().init_weights()
+    def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        x, hw_shape = self.patch_embed(x)
+        return self.drop_after_pos(x), hw_shape
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Derived buffers of the original or of mmpretrain's Swin are
-        # recomputed here; drop them so strict loading accepts such files.
-        for key in list(state_dict):
-            if key.startswith(prefix) and key.endswith(_DERIVED_BUFFERS):
-                del state_dict[key]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # --- The published checkpoints (BOAT-Swin/models/
+    # boat_swin_transformer.py: weights under ``model``). ---
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Forward.
+    _BLOCK_KEY = r'layers\.(\d+)\.blocks\.(\d+)\.'
+    # Published block module -> ours; the FSLA ones (attnC, norm4) only in
+    # the blocks that have FSLA.
+    _BLOCK_MODULES = (('norm1', 'norm1'), ('attn.qkv', 'attn.w_msa.qkv'),
+                      ('attn.proj', 'attn.w_msa.proj'), ('norm2', 'norm2'),
+                      ('mlp.fc1', 'ffn.layers.0.0'),
+                      ('mlp.fc2', 'ffn.layers.1'))
+    _FSLA_MODULES = (('norm4', 'norm_fsla'), ('attnC.qkv', 'fsla.qkv'),
+                     ('attnC.proj', 'fsla.proj'),
+                     ('attnC.get_v', 'fsla.get_v'))
 
-        Args:
-            x (Tensor): ``(B, C, H, W)`` images, any ``H`` and ``W``.
+    @classmethod
+    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+        """Describe a BOAT-Swin (or plain Swin) checkpoint.
 
         Returns:
-            tuple[Tensor]: For each of ``out_indices``, a normed
-            ``(B, C_i, H_i, W_i)`` map with ``H_i = ceil(H / 2**(i + 2))``
-            (for ``patch_size=4``).
+            dict: ``arch`` ('tiny', 'small', 'base', or None for other
+            settings), ``embed_dims``, ``depths``, ``num_heads`` (from the
+            position-bias tables), ``window_size``, ``patch_size``,
+            ``in_channels``, ``with_fsla`` and ``num_classes`` (None
+            without a head).
         """
-        if x.dim() != 4:
-            raise ValueError(
-                f'BOATSwin expects images of shape (B, C, H, W), got a '
-                f'tensor of shape {tuple(x.shape)}.')
-        x, hw_shape = self.patch_embed(x)
-        x = self.drop_after_pos(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x, next_shape, out, hw_shape = stage(x, hw_shape)
-            if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(out)
-                out = out.transpose(1, 2).reshape(out.shape[0],
-                                                  self.num_features[i],
-                                                  *hw_shape)
-                outs.append(out.contiguous())
-            if i == self.out_indices[-1]:
-                break  # later stages are not needed
-            hw_shape = next_shape
-        return tuple(outs)
+        stem = 'patch_embed.proj.weight'
+        if stem not in state_dict:
+            raise KeyError(f'Not a BOAT-Swin checkpoint: {stem!r} is '
+                           f'missing; first keys: {list(state_dict)[:5]}.')
+        blocks = blocks_per_stage(state_dict, cls._BLOCK_KEY)
+        num_layers = max(blocks, default=-1) + 1
+        if not num_layers or len(blocks) != num_layers:
+            raise KeyError(f'BOAT-Swin checkpoint without blocks for some '
+                           f'stage: blocks per stage {blocks}.')
+        heads, window = [], 0
+        for s in range(num_layers):
+            table = state_dict.get(
+                f'layers.{s}.blocks.0.attn.relative_position_bias_table')
+            if table is None:
+                raise KeyError(f'BOAT-Swin checkpoint without the position-'
+                               f'bias table of stage {s}.')
+            heads.append(int(table.shape[1]))
+            # (2 * window - 1) ** 2 rows.
+            window = (int(round(table.shape[0]**0.5)) + 1) // 2
+        embed = state_dict[stem]
+        head = state_dict.get('head.weight')
+        depths = tuple(blocks[s] for s in range(num_layers))
+        return dict(
+            arch=cls.zoo_name(
+                embed_dims=int(embed.shape[0]),
+                depths=depths,
+                num_heads=heads),
+            embed_dims=int(embed.shape[0]),
+            depths=depths,
+            num_heads=tuple(heads),
+            window_size=window,
+            patch_size=int(embed.shape[-1]),
+            in_channels=int(embed.shape[1]),
+            with_fsla=any('.attnC.' in k for k in state_dict),
+            num_classes=None if head is None else int(head.shape[0]))
+
+    @classmethod
+    def published_backbone_cfg(cls, info: dict) -> dict:
+        custom = dict(
+            embed_dims=info['embed_dims'],
+            depths=list(info['depths']),
+            num_heads=list(info['num_heads']))
+        return dict(
+            arch=info['arch'] or custom,
+            patch_size=info['patch_size'],
+            in_channels=info['in_channels'],
+            window_size=info['window_size'],
+            with_fsla=info['with_fsla'])
+
+    @classmethod
+    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
+        names: 'OrderedDict[str, str]' = OrderedDict()
+        add_module_keys(names, 'patch_embed.proj',
+                        'backbone.patch_embed.projection')
+        add_module_keys(names, 'patch_embed.norm', 'backbone.patch_embed.norm')
+        num = len(info['depths'])
+        for s, depth in enumerate(info['depths']):
+            for i in range(depth):
+                src, dst = f'layers.{s}.blocks.{i}', f'backbone.stages.{s}' \
+                    f'.blocks.{i}'
+                names[f'{src}.attn.relative_position_bias_table'] = \
+                    f'{dst}.attn.w_msa.relative_position_bias_table'
+                modules = cls._BLOCK_MODULES
+                if info['with_fsla'] and cls.has_fsla(s, i, num):
+                    modules += cls._FSLA_MODULES
+                for a, b in modules:
+                    add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
+            if s < num - 1:
+                src = f'layers.{s}.downsample'
+                dst = f'backbone.stages.{s}.downsample'
+                add_module_keys(names, f'{src}.norm', f'{dst}.norm')
+                add_module_keys(names, f'{src}.reduction',
+                                f'{dst}.reduction', ('weight', ))
+        add_module_keys(names, 'norm', f'backbone.norm{num - 1}')
+        if info['num_classes'] is not None:
+            add_module_keys(names, 'head', 'head.fc')
+        return names
+
+    @classmethod
+    def _published_value(cls, key: str, value: Tensor) -> Tensor:
+        # mmcv's PatchMerging orders the 2x2 features differently.
+        if key.endswith('.downsample.reduction.weight'):
+            return value[:, swin_merge_order(value.shape[1])]
+        if '.downsample.norm.' in key:
+            return value[swin_merge_order(value.shape[0])]
+        return value

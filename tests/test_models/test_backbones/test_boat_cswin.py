@@ -362,9 +362,8 @@ def _classifier(with_fsla=True):
 
 @pytest.mark.parametrize('with_fsla', [True, False])
 def test_converter_round_trip(with_fsla):
-    from boat_mm.models.utils.ckpt_convert import boat_cswin_converter
     src = _original_layout(16, (2, 2, 2, 2), with_fsla)
-    out = boat_cswin_converter(src)
+    out = BOATCSWin.convert_published(src)
     model = _classifier(with_fsla)
     model.load_state_dict(out, strict=True)
     # Every original tensor lands exactly once, unchanged.
@@ -408,19 +407,18 @@ def test_converter_round_trip(with_fsla):
 
 
 def test_converter_detects_arch_and_prefix():
-    from boat_mm.models.utils.ckpt_convert import (boat_cswin_converter,
-                                                   detect_boat_cswin_arch)
     src = _original_layout(16, (2, 2, 2, 2))
-    info = detect_boat_cswin_arch(src)
+    info = BOATCSWin.detect_published(src)
     assert info == dict(
         arch=None,
         embed_dims=16,
         depths=(2, 2, 2, 2),
+        in_channels=3,
         with_fsla=True,
         num_classes=5)
     wrapped = OrderedDict(('module.' + k, v) for k, v in src.items())
-    assert list(boat_cswin_converter(wrapped)) == list(
-        boat_cswin_converter(src))
+    assert list(BOATCSWin.convert_published(wrapped)) == list(
+        BOATCSWin.convert_published(src))
     # The published archs, from keys and the stem width (no big tensors).
     for name, dims, depths in [('tiny', 64, (1, 2, 21, 1)),
                                ('small', 64, (2, 4, 32, 2)),
@@ -431,29 +429,28 @@ def test_converter_detects_arch_and_prefix():
             for i in range(d)
         }
         keys['stage1_conv_embed.0.weight'] = torch.empty(dims, 3, 7, 7)
-        assert detect_boat_cswin_arch(keys)['arch'] == name
+        assert BOATCSWin.detect_published(keys)['arch'] == name
     plain = _original_layout(16, (2, 2, 2, 2), with_fsla=False)
-    assert not detect_boat_cswin_arch(plain)['with_fsla']
+    assert not BOATCSWin.detect_published(plain)['with_fsla']
     # The file-level entry point (used by boat2mm.py) picks this converter.
-    from boat_mm.models.utils.ckpt_convert import convert_boat_checkpoint
+    from boat_mm.models.backbones import convert_boat_checkpoint
     family, out = convert_boat_checkpoint(
         {'state_dict': {}, 'state_dict_ema': wrapped}, use_ema=True)
-    assert family == 'cswin' and list(out) == list(boat_cswin_converter(src))
+    assert family is BOATCSWin and list(out) == list(BOATCSWin.convert_published(src))
 
 
 def test_converter_errors():
-    from boat_mm.models.utils.ckpt_convert import boat_cswin_converter
     src = _original_layout(8, (1, 2, 1, 1))
     bad = OrderedDict(src)
     bad['stage1.0.foo.weight'] = torch.zeros(1)
     del bad['stage2.1.norm2.bias']
     with pytest.raises(KeyError) as err:
-        boat_cswin_converter(bad)
+        BOATCSWin.convert_published(bad)
     assert 'stage1.0.foo.weight' in str(err.value)
     assert 'stage2.1.norm2.bias' in str(err.value)
     odd = OrderedDict(src)  # FSLA weights in an odd block: not the original
     odd['stage2.1.content_attn.qkv.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match='stage2.1.content_attn.qkv.weight'):
-        boat_cswin_converter(odd)
+        BOATCSWin.convert_published(odd)
     with pytest.raises(KeyError, match='stage1_conv_embed'):
-        boat_cswin_converter({'layers.0.blocks.0.norm1.weight': 0})
+        BOATCSWin.convert_published({'layers.0.blocks.0.norm1.weight': 0})

@@ -14,8 +14,6 @@ import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATSwin
 from boat_mm.models.backbones import boat_swin as boat_swin_module
 from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
-from boat_mm.models.utils.ckpt_convert import (boat_swin_converter,
-                                               detect_boat_swin_arch)
 
 TINY = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 # Narrower still, for the large inputs.
@@ -460,11 +458,11 @@ def ours_and_original():
 
 def test_converter_round_trip(ours_and_original):
     ours, orig = ours_and_original
-    converted = boat_swin_converter(orig)
+    converted = BOATSwin.convert_published(orig)
     assert set(converted) == set(ours)
     for k, v in ours.items():
         assert torch.equal(converted[k], v), k
-    info = detect_boat_swin_arch(orig)
+    info = BOATSwin.detect_published(orig)
     assert info['arch'] is None and info['embed_dims'] == 24
     assert info['depths'] == (2, 2, 2, 2)
     assert info['num_heads'] == (1, 2, 2, 4)
@@ -495,15 +493,15 @@ def test_converter_errors(ours_and_original):
     bad = OrderedDict(orig)
     bad['layers.0.blocks.0.attn.extra.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match=r'layers\.0\.blocks\.0\.attn\.extra'):
-        boat_swin_converter(bad)
+        BOATSwin.convert_published(bad)
     bad = OrderedDict(orig)
     del bad['layers.1.blocks.1.attnC.qkv.weight']
     del bad['norm.bias']
     with pytest.raises(KeyError, match=r"missing keys \['layers\.1\.blocks"
                        r"\.1\.attnC\.qkv\.weight', 'norm\.bias'\]"):
-        boat_swin_converter(bad)
+        BOATSwin.convert_published(bad)
     with pytest.raises(KeyError, match='patch_embed'):
-        detect_boat_swin_arch({'stem.weight': torch.zeros(1)})
+        BOATSwin.detect_published({'stem.weight': torch.zeros(1)})
 
 
 def test_converter_plain_swin(ours_and_original):
@@ -511,7 +509,7 @@ def test_converter_plain_swin(ours_and_original):
     _, orig = ours_and_original
     plain = OrderedDict((k, v) for k, v in orig.items()
                         if '.attnC.' not in k and '.norm4.' not in k)
-    converted = boat_swin_converter(plain)
+    converted = BOATSwin.convert_published(plain)
     model = BOATSwin(arch=TINY, with_fsla=False, out_indices=(3, ))
     model.load_state_dict({k[9:]: v for k, v in converted.items()
                            if k.startswith('backbone.')}, strict=True)

@@ -1,0 +1,536 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The base of the BOAT backbones and the registry of their families.
+
+A family (BOAT-Swin, BOAT-CSWin, ...) is one subclass of
+:class:`BaseBOATBackbone` in one file. It states its own facts there (its
+``arch_zoo``, where FSLA sits, its stem and stages, the layout of its
+published checkpoints) and inherits the rest. Defining the subclass with a
+``family`` name registers it: :func:`boat_families` lists the families for
+the tools (converter, verifier, visualiser, benchmarks), which hold no
+per-family tables.
+"""
+from collections import OrderedDict
+from copy import deepcopy
+from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
+                    Type, Union)
+
+import torch
+import torch.nn as nn
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from ..utils import FeatureSpaceLocalAttention
+from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
+                          check_pretrained_file, fsla_settings, parse_arch,
+                          parse_out_indices)
+from ..utils.ckpt_convert import (convert_by_key_map, key_listing,
+                                  pick_boat_weights, strip_module_prefix)
+
+__all__ = [
+    'BaseBOATBackbone', 'boat_families', 'convert_boat_checkpoint',
+    'detect_boat_family'
+]
+
+_FAMILIES: Dict[str, Type['BaseBOATBackbone']] = {}
+
+CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
+
+
+def boat_families() -> Tuple[Type['BaseBOATBackbone'], ...]:
+    """The BOAT backbone families, in the order they were defined."""
+    return tuple(_FAMILIES.values())
+
+
+def _published_family(
+        state_dict: Mapping) -> Optional[Type['BaseBOATBackbone']]:
+    for cls in boat_families():
+        if cls.is_published_layout(state_dict):
+            return cls
+    return None
+
+
+def detect_boat_family(
+        state_dict: Mapping[str, Tensor]) -> Type['BaseBOATBackbone']:
+    """The family whose published layout ``state_dict`` has.
+
+    Raises:
+        KeyError: No family recognises the keys (the message lists what
+            each family looks for).
+    """
+    cls = _published_family(state_dict)
+    if cls is None:
+        looked = ', '.join(f'{c.published_name} ({c.published_marker}*)'
+                           for c in boat_families())
+        raise KeyError(f'None of the published BOAT layouts found: '
+                       f'{looked}; first keys: {list(state_dict)[:5]}.')
+    return cls
+
+
+def convert_boat_checkpoint(
+    checkpoint: Dict,
+    use_ema: bool = False
+) -> Tuple[Type['BaseBOATBackbone'], 'OrderedDict[str, Tensor]']:
+    """Pick the weights of a published checkpoint file and convert them.
+
+    Args:
+        checkpoint (dict): The loaded file (see
+            :func:`~boat_mm.models.utils.ckpt_convert.pick_boat_weights`).
+        use_ema (bool): Use ``state_dict_ema`` (BOAT-CSWin files).
+
+    Returns:
+        tuple[type, OrderedDict]: The family (backbone class) and the
+        weights of an mmpretrain ``ImageClassifier`` (``backbone.*`` and
+        ``head.fc.*``).
+    """
+    _, weights = pick_boat_weights(checkpoint, use_ema)
+    family = detect_boat_family(weights)
+    return family, family.convert_published(weights)
+
+
+def _describe_published(state_dict: Mapping) -> str:
+    """' It is laid out like a published BOAT-X checkpoint.' or ''."""
+    candidates = [state_dict]
+    candidates += [
+        v for k, v in state_dict.items()
+        if k in ('model', 'state_dict', 'state_dict_ema')
+        and isinstance(v, Mapping)
+    ]
+    for candidate in candidates:
+        cls = _published_family(candidate)
+        if cls is not None:
+            return (f' It is laid out like a published {cls.published_name} '
+                    f'checkpoint ({cls.published_marker}*).')
+    return ''
+
+
+class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
+    """What the BOAT backbones share.
+
+    A BOAT backbone is a stem (``patch_embed``) and ``stages`` whose
+    ``blocks`` may hold a :class:`FeatureSpaceLocalAttention` as ``fsla``,
+    with widths doubling at each stage and an output norm ``norm{i}`` for
+    each of ``out_indices``. This base parses the arch, validates the
+    arguments, computes the stochastic-depth schedule and the keyword
+    arguments of the blocks and of FSLA, adds the output norms, freezes
+    stages, initialises the weights, runs the stages and loads checkpoints
+    (dropping derived buffers, refusing a checkpoint that fits too few of
+    the weights). A family subclass sets the class attributes below, builds
+    ``patch_embed`` and ``stages`` after ``super().__init__`` (then calls
+    :meth:`_add_output_norms`) and implements :meth:`_embed`,
+    :meth:`has_fsla` and the published-checkpoint hooks
+    (:meth:`detect_published`, :meth:`published_backbone_cfg`,
+    :meth:`published_key_map`).
+
+    Weights are initialised as the original BOAT code does, and always so:
+    truncated normal (std 0.02) Linear weights with zero biases, unit
+    LayerNorms (``default_init_cfg``), then the ``init_cfg`` of this module
+    on top (its ``Pretrained`` entries last, as MMEngine does), then what
+    submodules initialise themselves (e.g. position-bias tables).
+
+    Args:
+        arch (str | dict): A name in ``arch_zoo`` (``'tiny'``, ``'small'``,
+            ``'base'`` or ``'t'``, ``'s'``, ``'b'``) or a dict with
+            ``embed_dims``, ``depths`` and ``num_heads`` (and the family's
+            ``optional_keys``). Widths double at each stage.
+            Defaults to ``'tiny'``.
+        in_channels (int): Input channels. Defaults to 3.
+        mlp_ratio (float): FFN hidden ratio. Defaults to 4.
+        out_indices (Sequence[int] | int): Stages to output (negative counts
+            from the end). Defaults to ``(0, 1, 2, 3)``.
+        qkv_bias (bool): Bias of the qkv projections. Defaults to True.
+        qk_scale (float, optional): Scale of the image-space attention
+            logits (and of FSLA's, unless the family's ``fsla_qk_scale`` or
+            ``fsla_cfg`` sets it); None for ``head_dim ** -0.5``.
+            Defaults to None.
+        drop_rate (float): Dropout after projections and in the FFN.
+            Defaults to 0.
+        attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, growing linearly from 0 to
+            this value over all blocks. Defaults to 0.1.
+        with_fsla (bool): Add FSLA where the family puts it; False gives
+            the plain Swin / CSWin (no FSLA modules at all).
+            Defaults to True.
+        fsla_cfg (dict, optional): Passed to
+            :class:`FeatureSpaceLocalAttention` (``group_size``,
+            ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
+            ``qk_scale``, ...). Defaults to None.
+        act_cfg (dict): FFN activation. Defaults to GELU.
+        norm_cfg (dict): Norm layers. Defaults to LN.
+        frozen_stages (int): Freeze (stop grad, eval mode) the stem when
+            >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
+            and output norms), as mmseg's Swin. -1 freezes nothing.
+            Defaults to -1.
+        with_cp (bool): Gradient checkpointing of every block, to save
+            memory at the cost of recomputation. Defaults to False.
+        init_cfg (dict | list[dict], optional): Initialisation on top of
+            the default one, e.g. ``dict(type='Pretrained', checkpoint=PATH,
+            prefix='backbone.')`` to load the backbone of a converted
+            classifier checkpoint. Defaults to None.
+    """
+    # --- Facts each family states (see BOATSwin, BOATCSWin). ---
+    #: Short name used by the tools (``--family``) and checkpoint meta.
+    family: str = ''
+    #: Name of the published model, e.g. ``'BOAT-Swin'``.
+    published_name: str = ''
+    #: Key prefix that marks a state dict in the published layout.
+    published_marker: str = ''
+    arch_zoo: Dict[str, dict] = {}
+    essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
+    #: Per-stage lists an arch dict may also give.
+    optional_keys = frozenset()
+    #: FSLA's logit scale when ``fsla_cfg`` does not set one; None: the
+    #: backbone's ``qk_scale``.
+    fsla_qk_scale: Optional[float] = None
+    #: Suffixes of buffers that other checkpoints carry and we derive.
+    derived_buffers: Tuple[str, ...] = ()
+
+    default_init_cfg = [
+        dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+        dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
+    ]
+    #: Loading a checkpoint that fits (by name and shape) fewer than this
+    #: share of the weights raises, naming the converter.
+    min_loaded_share = 0.5
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get('family'):
+            _FAMILIES[cls.family] = cls
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 with_fsla: bool = True,
+                 fsla_cfg: Optional[dict] = None,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = self.arch_settings['embed_dims']
+        self.depths = list(self.arch_settings['depths'])
+        self.num_heads = list(self.arch_settings['num_heads'])
+        self.num_stages = len(self.depths)
+        self.num_features = [
+            self.embed_dims * 2**i for i in range(self.num_stages)
+        ]
+        self.out_indices = parse_out_indices(out_indices, self.num_stages)
+        check_frozen_stages(frozen_stages, self.num_stages)
+        self.frozen_stages = frozen_stages
+        self.in_channels = in_channels
+        self.norm_cfg = norm_cfg
+        self.with_fsla = with_fsla
+        # The original builds FSLA with the block's qkv_bias and drops.
+        self.fsla_cfg = fsla_settings(
+            fsla_cfg,
+            qk_scale=qk_scale
+            if self.fsla_qk_scale is None else self.fsla_qk_scale,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop_rate,
+            proj_drop=drop_rate)
+        self.block_cfg = dict(
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            fsla_cfg=self.fsla_cfg,
+            act_cfg=act_cfg,
+            norm_cfg=norm_cfg,
+            with_cp=with_cp)
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.drop_path_rates: List[List[float]] = []
+        for depth in self.depths:
+            self.drop_path_rates.append(dpr[:depth])
+            dpr = dpr[depth:]
+
+    # --- Architecture. ---
+
+    def _parse_arch(self, arch: Union[str, dict]) -> Dict:
+        """The arch settings, validated; families add their own checks."""
+        name = type(self).__name__
+        settings = parse_arch(arch, self.arch_zoo, set(self.essential_keys),
+                              name)
+        known = self.essential_keys | self.optional_keys
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(
+                f'Unknown keys {sorted(unknown)} in the {name} arch dict; it '
+                f'takes {sorted(self.essential_keys)}' +
+                (f' and optionally {sorted(self.optional_keys)}'
+                 if self.optional_keys else '') + '.')
+        settings = deepcopy(settings)
+        n = len(settings['depths'])
+        per_stage = ['num_heads'] + sorted(self.optional_keys & set(settings))
+        if n < 1 or any(len(settings[k]) != n for k in per_stage):
+            got = ', '.join(str(settings[k]) for k in ['depths'] + per_stage)
+            raise ValueError(
+                f'{name} arch: depths, {", ".join(per_stage)} need one entry '
+                f'per stage, got {got}.')
+        return settings
+
+    @classmethod
+    def zoo_name(cls, **settings) -> Optional[str]:
+        """The name of the ``arch_zoo`` entry with these settings, if any.
+
+        Args:
+            **settings: Arch settings to match, e.g. ``embed_dims=96,
+                depths=(2, 2, 6, 2)``.
+
+        Returns:
+            str | None: The long name (``'tiny'``), None if none matches.
+        """
+
+        def norm(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else v
+
+        names = [
+            name for name, zoo in cls.arch_zoo.items()
+            if all(norm(zoo.get(k)) == norm(v) for k, v in settings.items())
+        ]
+        return max(names, key=len) if names else None
+
+    @staticmethod
+    def has_fsla(stage: int, block: int, num_stages: int) -> bool:
+        """Whether block ``block`` of stage ``stage`` holds FSLA (in the
+        published models and with ``with_fsla=True``)."""
+        raise NotImplementedError
+
+    def _add_output_norms(self) -> None:
+        """Add ``norm{i}`` for each output, then freeze what is asked.
+        Families call it last in ``__init__``."""
+        for i in self.out_indices:
+            self.add_module(
+                f'norm{i}',
+                build_norm_layer(self.norm_cfg, self.num_features[i])[1])
+        self._freeze_stages()
+
+    def fsla_modules(self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:
+        """The FSLA modules by ``(stage, block)``, in order; empty when
+        built with ``with_fsla=False``."""
+        return {(i, j): block.fsla
+                for i, stage in enumerate(self.stages)
+                for j, block in enumerate(stage.blocks)
+                if isinstance(getattr(block, 'fsla', None),
+                              FeatureSpaceLocalAttention)}
+
+    # --- Forward. ---
+
+    def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """The stem: ``(B, C, H, W)`` images to ``(B, N, C_0)`` tokens and
+        their map shape."""
+        raise NotImplementedError
+
+    def _stage_tokens(
+            self, x: Tensor) -> Iterator[Tuple[int, Tensor, Tuple[int, int]]]:
+        """Yield ``(index, tokens, hw_shape)`` of each stage's output.
+
+        Every stage maps ``(tokens, hw_shape)`` to ``(next_tokens,
+        next_shape, out_tokens, out_shape)``: what the next stage takes and
+        what this stage outputs (the same unless the stage ends with a
+        merging).
+        """
+        if x.dim() != 4:
+            raise ValueError(
+                f'{type(self).__name__} expects images of shape (B, C, H, '
+                f'W), got a tensor of shape {tuple(x.shape)}.')
+        x, hw_shape = self._embed(x)
+        for i, stage in enumerate(self.stages):
+            x, hw_shape, out, out_shape = stage(x, hw_shape)
+            yield i, out, out_shape
+
+    def _to_map(self, x: Tensor, i: int, hw_shape: Sequence[int]) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], self.num_features[i],
+                                         *hw_shape).contiguous()
+
+    def forward_stages(self, x: Tensor) -> List[Tensor]:
+        """Features of every stage before the output norms, for analysis
+        and for comparing with the original implementation.
+
+        Args:
+            x (Tensor): ``(B, C, H, W)`` images.
+
+        Returns:
+            list[Tensor]: One ``(B, C_i, H_i, W_i)`` map per stage.
+        """
+        return [self._to_map(t, i, hw) for i, t, hw in self._stage_tokens(x)]
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Forward.
+
+        Args:
+            x (Tensor): ``(B, C, H, W)`` images, any ``H`` and ``W``.
+
+        Returns:
+            tuple[Tensor]: For each of ``out_indices``, a normed
+            ``(B, C_i, H_i, W_i)`` map with ``H_i = ceil(H / 2**(i + 2))``
+            (for the stride-4 stems of the published models).
+        """
+        outs = []
+        for i, tokens, hw_shape in self._stage_tokens(x):
+            if i in self.out_indices:
+                tokens = getattr(self, f'norm{i}')(tokens)
+                outs.append(self._to_map(tokens, i, hw_shape))
+            if i == self.out_indices[-1]:
+                break  # later stages are not needed
+        return tuple(outs)
+
+    # --- Weights. ---
+
+    def init_weights(self) -> None:
+        """Default initialisation, then ``init_cfg`` (pretrained last)."""
+        check_pretrained_file(self.init_cfg, type(self).__name__)
+        user_cfg = self.init_cfg
+        extra = [] if user_cfg is None else (
+            [user_cfg] if isinstance(user_cfg, dict) else list(user_cfg))
+        # MMEngine applies these in order, then the children's own
+        # initialisation, then the Pretrained entries.
+        self.init_cfg = deepcopy(self.default_init_cfg) + extra
+        try:
+            super().init_weights()
+        except AssertionError as err:
+            # MMEngine asserts that a Pretrained prefix is in the file.
+            if 'is not in the pretrained model' not in str(err):
+                raise
+            raise ValueError(self._prefix_mismatch_message()) from err
+        finally:
+            self.init_cfg = user_cfg
+
+    def _prefix_mismatch_message(self) -> str:
+        from mmengine.runner.checkpoint import CheckpointLoader
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) \
+            else [self.init_cfg]
+        for cfg in cfgs:
+            if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'
+                    and cfg.get('prefix')):
+                continue
+            ckpt = CheckpointLoader.load_checkpoint(
+                cfg['checkpoint'], map_location='cpu')
+            state = ckpt.get('state_dict', ckpt)
+            prefix = cfg['prefix'] if cfg['prefix'].endswith('.') \
+                else cfg['prefix'] + '.'
+            if not any(str(k).startswith(prefix) for k in state):
+                return self._mismatch_message(state, prefix, 0,
+                                              cfg['checkpoint'])
+        return 'A Pretrained init_cfg prefix is not in its checkpoint.'
+
+    def _mismatch_message(self,
+                          state_dict: Mapping,
+                          prefix: str,
+                          found: int,
+                          source: str = 'the checkpoint') -> str:
+        own = list(self.state_dict(keep_vars=True))
+        under = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        where = f'under {prefix!r}' if prefix else 'at its top level'
+        keys = (f'its keys {where}: {key_listing(under, 5)}' if under else
+                f'it has no keys {where}; its keys: '
+                f'{key_listing(map(str, state_dict), 5)}')
+        return (
+            f'{type(self).__name__}: {source} matches {found} of the '
+            f'{len(own)} weights of the backbone (same name {where} and '
+            f'shape); {keys}; the backbone expects e.g. '
+            f'{key_listing(own, 5)}.{_describe_published(state_dict)} '
+            f'Published BOAT checkpoints must be converted first: '
+            f'`{CONVERTER}`, then load DST with load_from or '
+            f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
+            f"prefix='backbone.').")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Derived buffers of the original or of mmpretrain's models are
+        # recomputed here; drop them so strict loading accepts such files.
+        if self.derived_buffers:
+            for key in list(state_dict):
+                if key.startswith(prefix) and key.endswith(
+                        self.derived_buffers):
+                    del state_dict[key]
+        # A file of another layout would load nothing, with only a log of
+        # missing keys under strict=False (load_from, Pretrained): refuse.
+        own = self.state_dict(keep_vars=True)
+        found = 0
+        for key, value in own.items():
+            got = state_dict.get(prefix + key)
+            found += got is not None and tuple(getattr(
+                got, 'shape', ())) == tuple(value.shape)
+        if found < self.min_loaded_share * len(own):
+            raise ValueError(
+                self._mismatch_message(state_dict, prefix, found))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- Published checkpoints (the families' layouts). ---
+
+    @classmethod
+    def is_published_layout(cls, state_dict: Mapping) -> bool:
+        """Whether ``state_dict`` has this family's published layout."""
+        return bool(cls.published_marker) and any(
+            str(k).startswith(cls.published_marker) for k in state_dict)
+
+    @classmethod
+    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+        """Describe a published checkpoint from its keys and shapes.
+
+        Returns:
+            dict: At least ``arch`` (a zoo name or None), ``embed_dims``,
+            ``depths``, ``with_fsla`` and ``num_classes`` (None without a
+            head), plus what the family reads from the file.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def published_backbone_cfg(cls, info: dict) -> dict:
+        """Arguments (without ``type``) of the backbone that the published
+        checkpoint described by ``info`` is for.
+
+        Raises:
+            ValueError: The file does not determine the arguments.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
+        """Every published key of the model described by ``info`` -> its
+        key in an mmpretrain ``ImageClassifier`` (``backbone.*``,
+        ``head.fc.*``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _published_value(cls, key: str, value: Tensor) -> Tensor:
+        """The value stored under our ``key`` (families whose tensors are
+        laid out differently override this)."""
+        return value
+
+    @classmethod
+    def convert_published(
+            cls,
+            state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
+        """Convert a published state dict to classifier keys.
+
+        Args:
+            state_dict (Mapping[str, Tensor]): The weights of a published
+                file (``module.`` prefixes are dropped).
+
+        Returns:
+            OrderedDict[str, Tensor]: ``backbone.*`` and ``head.fc.*``
+            weights of an mmpretrain ``ImageClassifier`` with this backbone
+            (``out_indices=(3, )``), derived buffers dropped.
+
+        Raises:
+            KeyError: Keys that the published model does not have, or keys
+                it has that are missing, listed.
+        """
+        state_dict = strip_module_prefix(state_dict)
+        info = cls.detect_published(state_dict)
+        detail = (f' (detected embed_dims {info["embed_dims"]}, depths '
+                  f'{tuple(info["depths"])}, FSLA {info["with_fsla"]})')
+        return convert_by_key_map(state_dict, cls.published_key_map(info),
+                                  cls.published_name, cls._published_value,
+                                  cls.derived_buffers, detail)
