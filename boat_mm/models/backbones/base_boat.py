@@ -16,7 +16,9 @@ from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks.transformer import FFN
 from mmengine.model import BaseModule
 from torch import Tensor
 
@@ -24,12 +26,13 @@ from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
                           check_pretrained_file, fsla_settings, parse_arch,
                           parse_out_indices)
-from ..utils.ckpt_convert import (convert_by_key_map, key_listing,
-                                  pick_boat_weights, strip_module_prefix)
+from ..utils.ckpt_convert import (add_module_keys, convert_by_key_map,
+                                  key_listing, pick_boat_weights,
+                                  strip_module_prefix)
 
 __all__ = [
-    'BaseBOATBackbone', 'boat_families', 'convert_boat_checkpoint',
-    'detect_boat_family'
+    'BaseBOATBackbone', 'BaseBOATBlock', 'boat_families',
+    'convert_boat_checkpoint', 'detect_boat_family'
 ]
 
 _FAMILIES: Dict[str, Type['BaseBOATBackbone']] = {}
@@ -104,6 +107,105 @@ def _describe_published(state_dict: Mapping) -> str:
     return ''
 
 
+class BaseBOATBlock(BaseModule):
+    """What the blocks of the BOAT backbones share.
+
+    A block is a norm and an image-space attention (``norm1``, ``attn``,
+    built by the family's :meth:`_build_attention`), optionally a norm and
+    FSLA (``norm_fsla``, ``fsla``), then a norm and an FFN (``norm2``,
+    ``ffn``, with stochastic depth on its residual), each a residual branch
+    combined by the family's :meth:`_residuals`.
+
+    Args:
+        embed_dims (int): Channels.
+        num_heads (int): Heads of the image-space attention and of FSLA.
+        attn_cfg (dict): The family's attention arguments, passed to
+            :meth:`_build_attention`.
+        mlp_ratio (float): FFN hidden ratio. Defaults to 4.
+        qkv_bias (bool): Bias of the attention qkv. Defaults to True.
+        qk_scale (float, optional): Image-space attention scale; None for
+            ``head_dim ** -0.5``. Defaults to None.
+        drop_rate (float): Dropout after projections and in the FFN.
+            Defaults to 0.
+        attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
+        drop_path_rate (float): Stochastic depth of this block.
+            Defaults to 0.
+        with_fsla (bool): Add the FSLA residual. Defaults to False.
+        fsla_cfg (dict, optional): Keyword arguments of
+            :class:`FeatureSpaceLocalAttention` (without ``embed_dims`` and
+            ``num_heads``). Defaults to None.
+        act_cfg (dict): FFN activation. Defaults to GELU.
+        norm_cfg (dict): Norm layers. Defaults to LN.
+        with_cp (bool): Gradient checkpointing of the whole block.
+            Defaults to False.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 attn_cfg: dict,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 with_fsla: bool = False,
+                 fsla_cfg: Optional[dict] = None,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        self.with_fsla = with_fsla
+        self.drop_path_cfg = dict(
+            type='BOATDropPath', drop_prob=drop_path_rate)
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.attn = self._build_attention(
+            embed_dims,
+            num_heads,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop_rate,
+            proj_drop=drop_rate,
+            **attn_cfg)
+        if with_fsla:
+            self.norm_fsla = build_norm_layer(norm_cfg, embed_dims)[1]
+            self.fsla = FeatureSpaceLocalAttention(embed_dims, num_heads,
+                                                   **(fsla_cfg or {}))
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.ffn = FFN(
+            embed_dims=embed_dims,
+            feedforward_channels=int(embed_dims * mlp_ratio),
+            num_fcs=2,
+            ffn_drop=drop_rate,
+            dropout_layer=self.drop_path_cfg,
+            act_cfg=act_cfg,
+            add_identity=True)
+
+    def _build_attention(self, embed_dims: int, num_heads: int,
+                         **kwargs) -> nn.Module:
+        """The image-space attention: ``(B, N, C)`` tokens and the map
+        shape to ``(B, N, C)``. ``kwargs``: ``qkv_bias``, ``qk_scale``,
+        ``attn_drop``, ``proj_drop`` and the family's ``attn_cfg``."""
+        raise NotImplementedError
+
+    def _residuals(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        """The block without checkpointing."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        """Forward ``(B, N, C)`` tokens of a ``hw_shape`` map."""
+        if self.with_cp and torch.is_grad_enabled():
+            # Non-reentrant: parameter grads flow even when x needs none
+            # (frozen stem); the clustering is recomputed identically.
+            return cp.checkpoint(
+                self._residuals, x, hw_shape, use_reentrant=False)
+        return self._residuals(x, hw_shape)
+
+
 class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     """What the BOAT backbones share.
 
@@ -119,8 +221,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     ``patch_embed`` and ``stages`` after ``super().__init__`` (then calls
     :meth:`_add_output_norms`) and implements :meth:`_embed`,
     :meth:`has_fsla` and the published-checkpoint hooks
-    (:meth:`detect_published`, :meth:`published_backbone_cfg`,
-    :meth:`published_key_map`).
+    (``published_*`` attributes, :meth:`detect_published`,
+    :meth:`published_backbone_cfg`, :meth:`_add_published_stage_keys`).
 
     Weights are initialised as the original BOAT code does, and always so:
     truncated normal (std 0.02) Linear weights with zero biases, unit
@@ -175,6 +277,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     published_name: str = ''
     #: Key prefix that marks a state dict in the published layout.
     published_marker: str = ''
+    #: Published names of the stem's projection and norm.
+    published_stem: Tuple[str, str] = ('', '')
     arch_zoo: Dict[str, dict] = {}
     essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
     #: Per-stage lists an arch dict may also give.
@@ -315,7 +419,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 build_norm_layer(self.norm_cfg, self.num_features[i])[1])
         self._freeze_stages()
 
-    def fsla_modules(self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:
+    def fsla_modules(
+            self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:
         """The FSLA modules by ``(stage, block)``, in order; empty when
         built with ``with_fsla=False``."""
         return {(i, j): block.fsla
@@ -493,13 +598,35 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         Raises:
             ValueError: The file does not determine the arguments.
         """
-        raise NotImplementedError
+        return dict(
+            arch=info['arch'],
+            in_channels=info['in_channels'],
+            with_fsla=info['with_fsla'])
 
     @classmethod
     def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
         """Every published key of the model described by ``info`` -> its
         key in an mmpretrain ``ImageClassifier`` (``backbone.*``,
-        ``head.fc.*``)."""
+        ``head.fc.*``): the stem (``published_stem``), each stage's keys
+        (:meth:`_add_published_stage_keys`), the final ``norm`` and the
+        ``head`` (timm's names, which both published codes use)."""
+        names: 'OrderedDict[str, str]' = OrderedDict()
+        proj, norm = cls.published_stem
+        add_module_keys(names, proj, 'backbone.patch_embed.projection')
+        add_module_keys(names, norm, 'backbone.patch_embed.norm')
+        for stage in range(len(info['depths'])):
+            cls._add_published_stage_keys(names, stage, info)
+        add_module_keys(names, 'norm',
+                        f'backbone.norm{len(info["depths"]) - 1}')
+        if info['num_classes'] is not None:
+            add_module_keys(names, 'head', 'head.fc')
+        return names
+
+    @classmethod
+    def _add_published_stage_keys(cls, names: 'OrderedDict[str, str]',
+                                  stage: int, info: dict) -> None:
+        """Add the published keys of stage ``stage`` (its merging
+        included) to ``names``."""
         raise NotImplementedError
 
     @classmethod

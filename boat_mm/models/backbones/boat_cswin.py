@@ -1,26 +1,23 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-CSWin: the CSWin Transformer with feature-space local attention."""
-from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
+import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
-from mmcv.cnn.bricks.transformer import FFN, PatchEmbed
+from mmcv.cnn.bricks.transformer import PatchEmbed
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 
 from boat_mm.registry import MODELS
-from ..utils import CSWinAttention, FeatureSpaceLocalAttention
+from ..utils import CSWinAttention
 from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
-from .base_boat import BaseBOATBackbone
+from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
 __all__ = ['BOATCSWinBlock', 'BOATCSWinStage', 'BOATCSWin']
 
 
-class BOATCSWinBlock(BaseModule):
+class BOATCSWinBlock(BaseBOATBlock):
     """One BOAT-CSWin block.
 
     ``x = x + DropPath(CSWinAttn(LN1(x)))``;
@@ -32,25 +29,9 @@ class BOATCSWinBlock(BaseModule):
         num_heads (int): Heads of the CSWin attention and of FSLA.
         split_size (int): Stripe width of the CSWin attention.
         full_map (bool): CSWin attention over the whole map (last stage).
-        mlp_ratio (float): Hidden width of the MLP over ``embed_dims``.
-            Defaults to 4.
-        qkv_bias (bool): Bias of the qkv projections. Defaults to True.
-        qk_scale (float, optional): Scale of the CSWin attention logits;
-            None for ``head_dim ** -0.5``. Defaults to None.
-        drop_rate (float): Dropout after projections and in the MLP.
-            Defaults to 0.
-        attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
-        drop_path_rate (float): Stochastic depth of all three residuals.
-            Defaults to 0.
         with_fsla (bool): Add the FSLA residual. Defaults to True.
-        fsla_cfg (dict, optional): Keyword arguments of
-            :class:`FeatureSpaceLocalAttention` (without ``embed_dims`` and
-            ``num_heads``). Defaults to None.
-        act_cfg (dict): Activation of the MLP. Defaults to GELU.
-        norm_cfg (dict): Normalisation layers. Defaults to LN.
-        with_cp (bool): Gradient checkpointing of the whole block.
-            Defaults to False.
-        init_cfg (dict, optional): Initialisation config. Defaults to None.
+        **kwargs: The other arguments of :class:`BaseBOATBlock`
+            (``fsla_cfg``, ``drop_path_rate``, ``with_cp``, ...).
     """
 
     def __init__(self,
@@ -58,60 +39,25 @@ class BOATCSWinBlock(BaseModule):
                  num_heads: int,
                  split_size: int,
                  full_map: bool = False,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.,
                  with_fsla: bool = True,
-                 fsla_cfg: Optional[dict] = None,
-                 act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'),
-                 with_cp: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
-        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.attn = CSWinAttention(
+                 **kwargs) -> None:
+        super().__init__(
             embed_dims,
             num_heads,
-            split_size=split_size,
-            full_map=full_map,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop_rate,
-            proj_drop=drop_rate)
-        self.with_fsla = with_fsla
-        if with_fsla:
-            self.norm_fsla = build_norm_layer(norm_cfg, embed_dims)[1]
-            self.fsla = FeatureSpaceLocalAttention(embed_dims, num_heads,
-                                                   **(fsla_cfg or {}))
-        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        drop_path = dict(type='BOATDropPath', drop_prob=drop_path_rate)
-        self.drop_path = build_dropout(drop_path)
-        self.ffn = FFN(
-            embed_dims=embed_dims,
-            feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
-            ffn_drop=drop_rate,
-            dropout_layer=drop_path,
-            act_cfg=act_cfg,
-            add_identity=True)
+            attn_cfg=dict(split_size=split_size, full_map=full_map),
+            with_fsla=with_fsla,
+            **kwargs)
+        self.drop_path = build_dropout(self.drop_path_cfg)
 
-    def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, N, C)`` tokens of a ``hw_shape`` map."""
+    def _build_attention(self, embed_dims: int, num_heads: int,
+                         **kwargs) -> nn.Module:
+        return CSWinAttention(embed_dims, num_heads, **kwargs)
 
-        def _inner_forward(x: Tensor) -> Tensor:
-            x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
-            if self.with_fsla:
-                x = x + self.drop_path(self.fsla(self.norm_fsla(x), hw_shape))
-            return self.ffn(self.norm2(x), identity=x)
-
-        if self.with_cp and torch.is_grad_enabled():
-            # Non-reentrant: works when x needs no grad (frozen stem) too.
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
+    def _residuals(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        if self.with_fsla:
+            x = x + self.drop_path(self.fsla(self.norm_fsla(x), hw_shape))
+        return self.ffn(self.norm2(x), identity=x)
 
 
 class BOATCSWinStage(BaseModule):
@@ -227,6 +173,7 @@ class BOATCSWin(BaseBOATBackbone):
     family = 'cswin'
     published_name = 'BOAT-CSWin'
     published_marker = 'stage1_conv_embed'
+    published_stem = ('stage1_conv_embed.0', 'stage1_conv_embed.2')
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {
@@ -364,35 +311,23 @@ class BOATCSWin(BaseBOATBackbone):
                 f'{info["embed_dims"]} and depths {info["depths"]} '
                 f'matches none of the published archs (tiny, small, base); '
                 f'its head counts cannot be read from the weights.')
-        return dict(
-            arch=info['arch'],
-            in_channels=info['in_channels'],
-            with_fsla=info['with_fsla'])
+        return super().published_backbone_cfg(info)
 
     @classmethod
-    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
-        names: 'OrderedDict[str, str]' = OrderedDict()
-        add_module_keys(names, 'stage1_conv_embed.0',
-                        'backbone.patch_embed.projection')
-        add_module_keys(names, 'stage1_conv_embed.2',
-                        'backbone.patch_embed.norm')
+    def _add_published_stage_keys(cls, names: Dict[str, str],
+                                  stage: int, info: dict) -> None:
         num = len(info['depths'])
-        for s, depth in enumerate(info['depths']):
-            if s > 0:
-                # merge{s} sits before stage s+1: our stages[s].downsample.
-                dst = f'backbone.stages.{s}.downsample'
-                add_module_keys(names, f'merge{s}.conv', f'{dst}.projection')
-                add_module_keys(names, f'merge{s}.norm', f'{dst}.norm')
-            for i in range(depth):
-                fsla = info['with_fsla'] and cls.has_fsla(s, i, num)
-                for src, dst in cls._BLOCK_MODULES:
-                    if src == 'attns.1.get_v' and s == num - 1:
-                        continue  # one whole-map branch in the last stage
-                    if src in cls._FSLA_MODULES and not fsla:
-                        continue
-                    add_module_keys(names, f'stage{s + 1}.{i}.{src}',
-                                    f'backbone.stages.{s}.blocks.{i}.{dst}')
-        add_module_keys(names, 'norm', f'backbone.norm{num - 1}')
-        if info['num_classes'] is not None:
-            add_module_keys(names, 'head', 'head.fc')
-        return names
+        if stage > 0:
+            # merge{s} sits before stage s+1: our stages[s].downsample.
+            dst = f'backbone.stages.{stage}.downsample'
+            add_module_keys(names, f'merge{stage}.conv', f'{dst}.projection')
+            add_module_keys(names, f'merge{stage}.norm', f'{dst}.norm')
+        for i in range(info['depths'][stage]):
+            fsla = info['with_fsla'] and cls.has_fsla(stage, i, num)
+            for src, dst in cls._BLOCK_MODULES:
+                if src == 'attns.1.get_v' and stage == num - 1:
+                    continue  # one whole-map branch in the last stage
+                if src in cls._FSLA_MODULES and not fsla:
+                    continue
+                add_module_keys(names, f'stage{stage + 1}.{i}.{src}',
+                                f'backbone.stages.{stage}.blocks.{i}.{dst}')

@@ -1,22 +1,18 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
-from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmcv.cnn import build_norm_layer
-from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
+from mmcv.cnn.bricks.transformer import PatchEmbed, PatchMerging
 from mmengine.model import BaseModule, ModuleList
 from mmpretrain.models.utils.attention import ShiftWindowMSA
 from torch import Tensor
 
 from boat_mm.registry import MODELS
-from ..utils import FeatureSpaceLocalAttention
 from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
-from .base_boat import BaseBOATBackbone
+from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
 __all__ = [
     'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA',
@@ -142,7 +138,7 @@ class BOATShiftWindowMSA(ShiftWindowMSA):
         return self.drop(x)
 
 
-class BOATSwinBlock(BaseModule):
+class BOATSwinBlock(BaseBOATBlock):
     """Swin block with optional feature-space local attention (FSLA).
 
     ``x = x + DropPath(W-MSA / SW-MSA(LN1(x)))``;
@@ -155,21 +151,8 @@ class BOATSwinBlock(BaseModule):
         num_heads (int): Heads of the window attention and of FSLA.
         window_size (int): Window side. Defaults to 7.
         shift (bool): Shifted windows. Defaults to False.
-        with_fsla (bool): Add FSLA after the window attention.
-            Defaults to False.
-        fsla_cfg (dict, optional): Extra :class:`FeatureSpaceLocalAttention`
-            arguments. Defaults to None.
-        mlp_ratio (float): FFN hidden ratio. Defaults to 4.
-        qkv_bias (bool): Bias of the window attention qkv. Defaults to True.
-        qk_scale (float, optional): Window attention scale; None for
-            ``head_dim ** -0.5``. Defaults to None.
-        drop_rate (float): Dropout after projections and in the FFN.
-        attn_drop_rate (float): Dropout on attention weights.
-        drop_path_rate (float): Stochastic depth of this block.
-        act_cfg (dict): FFN activation. Defaults to GELU.
-        norm_cfg (dict): Norm layers. Defaults to LN.
-        with_cp (bool): Gradient checkpointing. Defaults to False.
-        init_cfg (dict, optional): Initialisation config.
+        **kwargs: The other arguments of :class:`BaseBOATBlock`
+            (``with_fsla``, ``fsla_cfg``, ``drop_path_rate``, ...).
     """
 
     def __init__(self,
@@ -177,61 +160,29 @@ class BOATSwinBlock(BaseModule):
                  num_heads: int,
                  window_size: int = 7,
                  shift: bool = False,
-                 with_fsla: bool = False,
-                 fsla_cfg: Optional[dict] = None,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.,
-                 act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'),
-                 with_cp: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
-        self.with_fsla = with_fsla
-        drop_path = dict(type='BOATDropPath', drop_prob=drop_path_rate)
-        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.attn = BOATShiftWindowMSA(
+                 **kwargs) -> None:
+        super().__init__(
+            embed_dims,
+            num_heads,
+            attn_cfg=dict(window_size=window_size, shift=shift),
+            **kwargs)
+
+    def _build_attention(self, embed_dims: int, num_heads: int,
+                         window_size: int, shift: bool,
+                         **kwargs) -> nn.Module:
+        return BOATShiftWindowMSA(
             embed_dims,
             num_heads,
             window_size,
             shift_size=window_size // 2 if shift else 0,
-            dropout_layer=drop_path,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop_rate,
-            proj_drop=drop_rate)
-        if with_fsla:
-            self.norm_fsla = build_norm_layer(norm_cfg, embed_dims)[1]
-            self.fsla = FeatureSpaceLocalAttention(embed_dims, num_heads,
-                                                   **(fsla_cfg or {}))
-        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = FFN(
-            embed_dims=embed_dims,
-            feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
-            ffn_drop=drop_rate,
-            dropout_layer=drop_path,
-            act_cfg=act_cfg,
-            add_identity=True)
+            dropout_layer=self.drop_path_cfg,
+            **kwargs)
 
-    def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, N, C)`` tokens of a ``hw_shape`` map."""
-
-        def _inner_forward(x: Tensor) -> Tensor:
-            x = x + self.attn(self.norm1(x), hw_shape)
-            if self.with_fsla:
-                x = x + self.fsla(self.norm_fsla(x), hw_shape)
-            return self.ffn(self.norm2(x), identity=x)
-
-        if self.with_cp and torch.is_grad_enabled():
-            # Non-reentrant: parameter grads flow even when x needs none
-            # (frozen stem); the clustering is recomputed identically.
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
+    def _residuals(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+        x = x + self.attn(self.norm1(x), hw_shape)
+        if self.with_fsla:
+            x = x + self.fsla(self.norm_fsla(x), hw_shape)
+        return self.ffn(self.norm2(x), identity=x)
 
 
 class BOATSwinStage(BaseModule):
@@ -365,6 +316,7 @@ class BOATSwin(BaseBOATBackbone):
     family = 'swin'
     published_name = 'BOAT-Swin'
     published_marker = 'layers.'
+    published_stem = ('patch_embed.proj', 'patch_embed.norm')
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
             'embed_dims': 96,
@@ -508,41 +460,33 @@ class BOATSwin(BaseBOATBackbone):
             embed_dims=info['embed_dims'],
             depths=list(info['depths']),
             num_heads=list(info['num_heads']))
-        return dict(
+        cfg = super().published_backbone_cfg(info)
+        cfg.update(
             arch=info['arch'] or custom,
             patch_size=info['patch_size'],
-            in_channels=info['in_channels'],
-            window_size=info['window_size'],
-            with_fsla=info['with_fsla'])
+            window_size=info['window_size'])
+        return cfg
 
     @classmethod
-    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
-        names: 'OrderedDict[str, str]' = OrderedDict()
-        add_module_keys(names, 'patch_embed.proj',
-                        'backbone.patch_embed.projection')
-        add_module_keys(names, 'patch_embed.norm', 'backbone.patch_embed.norm')
+    def _add_published_stage_keys(cls, names: Dict[str, str],
+                                  stage: int, info: dict) -> None:
         num = len(info['depths'])
-        for s, depth in enumerate(info['depths']):
-            for i in range(depth):
-                src, dst = f'layers.{s}.blocks.{i}', f'backbone.stages.{s}' \
-                    f'.blocks.{i}'
-                names[f'{src}.attn.relative_position_bias_table'] = \
-                    f'{dst}.attn.w_msa.relative_position_bias_table'
-                modules = cls._BLOCK_MODULES
-                if info['with_fsla'] and cls.has_fsla(s, i, num):
-                    modules += cls._FSLA_MODULES
-                for a, b in modules:
-                    add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
-            if s < num - 1:
-                src = f'layers.{s}.downsample'
-                dst = f'backbone.stages.{s}.downsample'
-                add_module_keys(names, f'{src}.norm', f'{dst}.norm')
-                add_module_keys(names, f'{src}.reduction',
-                                f'{dst}.reduction', ('weight', ))
-        add_module_keys(names, 'norm', f'backbone.norm{num - 1}')
-        if info['num_classes'] is not None:
-            add_module_keys(names, 'head', 'head.fc')
-        return names
+        for i in range(info['depths'][stage]):
+            src = f'layers.{stage}.blocks.{i}'
+            dst = f'backbone.stages.{stage}.blocks.{i}'
+            names[f'{src}.attn.relative_position_bias_table'] = \
+                f'{dst}.attn.w_msa.relative_position_bias_table'
+            modules = cls._BLOCK_MODULES
+            if info['with_fsla'] and cls.has_fsla(stage, i, num):
+                modules += cls._FSLA_MODULES
+            for a, b in modules:
+                add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
+        if stage < num - 1:
+            src = f'layers.{stage}.downsample'
+            dst = f'backbone.stages.{stage}.downsample'
+            add_module_keys(names, f'{src}.norm', f'{dst}.norm')
+            add_module_keys(names, f'{src}.reduction', f'{dst}.reduction',
+                            ('weight', ))
 
     @classmethod
     def _published_value(cls, key: str, value: Tensor) -> Tensor:

@@ -8,11 +8,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
 from mmengine.registry import DefaultScope
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATSwin
-from boat_mm.models.backbones import boat_swin as boat_swin_module
 from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
 
 TINY = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
@@ -254,13 +254,13 @@ def test_with_cp_same_result_and_used(monkeypatch):
     plain = build(NANO, drop_path_rate=0.)
     cp_model = build(NANO, drop_path_rate=0., with_cp=True)
     calls = []
-    checkpoint = boat_swin_module.cp.checkpoint
+    checkpoint = torch_checkpoint.checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(boat_swin_module.cp, 'checkpoint', counting)
+    monkeypatch.setattr(torch_checkpoint, 'checkpoint', counting)
     grads = []
     for model in (plain, cp_model):
         model.train()
