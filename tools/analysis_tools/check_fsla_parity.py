@@ -25,19 +25,24 @@ Needs ``timm`` and ``einops`` (imported by the original files only).
 """
 import argparse
 import sys
-from typing import List, Tuple
+from typing import List, Tuple, Type
 
 import torch
 
+from boat_mm.models.backbones import BaseBOATBackbone, boat_families
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
 
-# family -> (our qk_scale, the original's qk_scale,
-#            [(side, embed_dims, num_heads)])
-FAMILIES = {
-    'swin': (None, None, [(56, 96, 3), (28, 192, 6), (14, 384, 12)]),
-    'cswin': (1.0, True, [(56, 64, 2), (28, 128, 4), (14, 256, 8)]),
-}
+
+def fsla_cases(family: Type[BaseBOATBackbone]) -> List[Tuple[int, int, int]]:
+    """``(side, embed_dims, num_heads)`` of the FSLA inputs of stages 1-3
+    of the family's tiny model at 224x224 (stride 4, then halving)."""
+    tiny = family.arch_zoo['tiny']
+    return [(224 // 2**(i + 2), tiny['embed_dims'] * 2**i,
+             tiny['num_heads'][i]) for i in range(3)]
+
+
+FAMILIES = {f.family: f for f in boat_families()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,8 +53,9 @@ def parse_args() -> argparse.Namespace:
         '--ref-repo', required=True,
         help='root of a mahaoyuHKU/pytorch-boat checkout')
     parser.add_argument(
-        '--family', default='swin,cswin',
-        help='comma-separated subset of swin,cswin (default: both)')
+        '--family', default=','.join(FAMILIES),
+        help=f'comma-separated subset of {",".join(FAMILIES)} (default: '
+        'all)')
     parser.add_argument(
         '--dtype', default='float32,float64',
         help='comma-separated dtypes to compare in')
@@ -118,9 +124,12 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|')
     failed = False
     for family in families:
-        our_scale, ref_scale, shapes = FAMILIES[family]
+        # Our FSLA's default scale (None: head_dim ** -0.5) and the
+        # original's argument.
+        our_scale = FAMILIES[family].fsla_qk_scale
+        ref_scale = FAMILIES[family].published_fsla_qk_scale
         ref_cls = load_content_attention(args.ref_repo, family)
-        for side, dims, heads in shapes:
+        for side, dims, heads in fsla_cases(FAMILIES[family]):
             for dtype in dtypes:
                 diff, scale, far = compare(ref_cls, side, dims, heads,
                                            our_scale, ref_scale, dtype,

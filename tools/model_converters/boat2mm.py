@@ -3,8 +3,9 @@
 
 Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
 (``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
-and the architecture from its keys and shapes, converts the weights with
-:mod:`boat_mm.models.utils.ckpt_convert`, checks that they load with
+(each registered BOAT backbone recognises its published layout) and the
+architecture from its keys and shapes, converts the weights with the
+family's ``convert_published``, checks that they load with
 ``strict=True`` into the matching boat-mm ``ImageClassifier``
 (``out_indices=(3, )``, ``GlobalAveragePooling``, ``LinearClsHead``) and
 writes ``{'state_dict': ..., 'meta': ...}``. Load the result in a
@@ -27,17 +28,17 @@ import pickle
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict
+from typing import Dict, Type
 
 import torch
 from torch import Tensor
 
-from boat_mm.models.utils import ckpt_convert
-from boat_mm.models.utils.ckpt_convert import (_DROP, boat_cswin_converter,
-                                               boat_swin_converter,
-                                               detect_boat_family,
-                                               pick_boat_weights)
+from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
+                                      detect_boat_family)
+from boat_mm.models.utils.ckpt_convert import pick_boat_weights
 from boat_mm.version import __version__
+
+Family = Type[BaseBOATBackbone]
 
 
 def _allowed_globals() -> Dict[str, object]:
@@ -113,7 +114,7 @@ def load_original_checkpoint(path: str) -> Dict:
     return ckpt
 
 
-def detect_arch(family: str, weights: Dict[str, Tensor]) -> Dict:
+def detect_arch(family: Family, weights: Dict[str, Tensor]) -> Dict:
     """Backbone arguments and class count from an original state dict.
 
     Returns:
@@ -121,29 +122,8 @@ def detect_arch(family: str, weights: Dict[str, Tensor]) -> Dict:
         (zoo name or 'custom'), ``num_classes`` and ``in_channels`` (the
         head's input width).
     """
-    if family == 'swin':
-        info = ckpt_convert.detect_boat_swin_arch(weights)
-        custom = {k: list(info[k]) for k in ('depths', 'num_heads')}
-        custom['embed_dims'] = info['embed_dims']
-        backbone = dict(
-            arch=info['arch'] or custom,
-            patch_size=info['patch_size'],
-            in_channels=info['in_channels'],
-            window_size=info['window_size'],
-            with_fsla=info['with_fsla'])
-    else:
-        info = ckpt_convert.detect_boat_cswin_arch(weights)
-        if info['arch'] is None:
-            # Head counts leave no trace in CSWin's shapes.
-            raise ValueError(
-                f'BOAT-CSWin checkpoint with embed_dims '
-                f'{info["embed_dims"]} and depths {info["depths"]} '
-                f'matches none of the published archs (tiny, small, base); '
-                f'its head counts cannot be read from the weights.')
-        backbone = dict(
-            arch=info['arch'],
-            in_channels=int(weights['stage1_conv_embed.0.weight'].shape[1]),
-            with_fsla=info['with_fsla'])
+    info = family.detect_published(weights)
+    backbone = family.published_backbone_cfg(info)
     if info['num_classes'] is None:
         raise KeyError('The checkpoint has no classifier head (head.weight); '
                        'boat2mm converts the published classifiers.')
@@ -154,14 +134,14 @@ def detect_arch(family: str, weights: Dict[str, Tensor]) -> Dict:
         in_channels=info['embed_dims'] * 2**(len(info['depths']) - 1))
 
 
-def build_classifier(family: str, info: Dict) -> torch.nn.Module:
+def build_classifier(family: Family, info: Dict) -> torch.nn.Module:
     """The boat-mm ``ImageClassifier`` the converted weights are for."""
     from mmengine.registry import DefaultScope
 
     import boat_mm  # noqa: F401  (registers the backbones)
     from mmpretrain.registry import MODELS
     backbone = dict(
-        type='BOATCSWin' if family == 'cswin' else 'BOATSwin',
+        type=family.__name__,
         out_indices=(3, ),
         drop_path_rate=0.,
         **info['backbone'])
@@ -200,10 +180,9 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
                         f'of weights.')
     source_key, weights = pick_boat_weights(ckpt, use_ema)
     family = detect_boat_family(weights)
-    converted = (boat_cswin_converter
-                 if family == 'cswin' else boat_swin_converter)(weights)
+    converted = family.convert_published(weights)
     info = detect_arch(family, weights)
-    name = f'BOAT-{"CSWin" if family == "cswin" else "Swin"}'
+    name = family.published_name
     details = [f'{info["num_classes"]} classes']
     if info['arch_name'] == 'custom':
         details.insert(0, str(info['backbone']['arch']))
@@ -211,12 +190,14 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
         details.append('no FSLA')
     print(f'[2/4] {name}, arch {info["arch_name"]} ({", ".join(details)}), '
           f'weights from {source_key or "the top level"}')
-    dropped = sorted(k for k in weights if _DROP.search(k))
-    reordered = sorted(k for k in converted
-                       if '.downsample.' in k and family == 'swin')
+    drop = family.derived_buffers
+    dropped = [k for k in weights if drop and k.endswith(drop)]
+    # Tensors the family lays out differently are new objects.
+    originals = {id(v) for v in weights.values()}
+    reordered = [k for k, v in converted.items() if id(v) not in originals]
     print(f'[3/4] converted {len(converted)} tensors; dropped '
           f'{len(dropped)} derived buffers; reordered {len(reordered)} '
-          f'patch-merging tensors; checking a strict load')
+          f'tensors; checking a strict load')
     model = build_classifier(family, info)
     check_loads(model, converted)
     num_params = sum(v.numel() for v in converted.values())
@@ -225,11 +206,9 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
         source=osp.basename(src),
         source_key=source_key,
         ema=bool(use_ema),
-        family=family,
+        family=family.family,
         arch=info['arch_name'],
-        backbone=dict(
-            type='BOATCSWin' if family == 'cswin' else 'BOATSwin',
-            **info['backbone']),
+        backbone=dict(type=family.__name__, **info['backbone']),
         num_classes=int(info['num_classes']),
         num_params=int(num_params))
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
@@ -242,9 +221,10 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    names = ' / '.join(f.published_name for f in boat_families())
     parser = argparse.ArgumentParser(
-        description='Convert a published BOAT-Swin / BOAT-CSWin checkpoint '
-        'to an mmpretrain classifier checkpoint for boat-mm.')
+        description=f'Convert a published {names} checkpoint to an '
+        'mmpretrain classifier checkpoint for boat-mm.')
     parser.add_argument('src', help='published checkpoint (.pth / .pth.tar)')
     parser.add_argument('dst', help='output path')
     parser.add_argument(

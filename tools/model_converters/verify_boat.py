@@ -5,13 +5,11 @@ Imports the original model code from a clone of the public implementation
 (``--ref-repo``, https://github.com/mahaoyuHKU/pytorch-boat; nothing of it
 is part of boat-mm; needs ``timm`` and ``einops``), runs it on the CPU with
 its hard-coded ``.cuda()`` calls neutralised, converts its weights with
-boat-mm's converter (the one ``boat2mm.py`` uses) and compares at 224x224:
-
-* BOAT-Swin: the logits, batch 1 and 2;
-* BOAT-CSWin: the features after stages 1-3, batch 1 and 2. Stage 4 is a
-  single FSLA cluster at 224, where the original pairs different images of
-  the batch (and crashes for batch 1); boat-mm attends within each image by
-  design, so stage 4 and the logits differ.
+boat-mm's converter (the one ``boat2mm.py`` uses) and compares at 224x224,
+batch 1 and 2, what the family's ``published_outputs`` names (BOAT-Swin:
+the logits; BOAT-CSWin: the features after stages 1-3, as the original
+pairs different images of the batch in the single FSLA cluster of stage
+4).
 
 With CKPT (a published file) the family and arch come from the file;
 without it the original is randomly initialised (norms and biases
@@ -34,44 +32,33 @@ import argparse
 import os.path as osp
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Type, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat2mm import (build_classifier, check_loads,  # noqa: E402
                      detect_arch, load_original_checkpoint)
 
-from boat_mm.models.utils.ckpt_convert import (  # noqa: E402
-    convert_boat_checkpoint, detect_boat_family, pick_boat_weights)
+from boat_mm.models.backbones import (BaseBOATBackbone,  # noqa: E402
+                                      boat_families, detect_boat_family)
+from boat_mm.models.utils.ckpt_convert import pick_boat_weights  # noqa: E402
 from boat_mm.utils.reference import (  # noqa: E402
     cuda_calls_stay_put, import_public_module)
 
-SWIN_ARCHS = {
-    'tiny': dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
-    'small': dict(
-        embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24]),
-    'base': dict(
-        embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32]),
-}
-CSWIN_ARCHS = {
-    'tiny': 'CSWin_64_12211_tiny_224',
-    'small': 'CSWin_64_24322_small_224',
-    'base': 'CSWin_96_24322_base_224',
-}
+Family = Type[BaseBOATBackbone]
+FAMILIES: Dict[str, Family] = {f.family: f for f in boat_families()}
 
 
-def build_reference(module, family: str, arch: str) -> nn.Module:
+def build_reference(module, family: Union[str, Family],
+                    arch: str) -> nn.Module:
     """The original classifier at 224 pixels, without stochastic depth."""
+    if isinstance(family, str):
+        family = FAMILIES[family]
     with cuda_calls_stay_put(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if family == 'swin':
-            model = module.SwinTransformer(
-                img_size=224, window_size=7, drop_path_rate=0.,
-                **SWIN_ARCHS[arch])
-        else:
-            model = getattr(module, CSWIN_ARCHS[arch])(drop_path_rate=0.)
+        model = family.build_published_model(module, arch)
     return model.eval()
 
 
@@ -85,61 +72,19 @@ def randomise(model: nn.Module, seed: int) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def _ref_cswin_stages(ref: nn.Module, x: Tensor) -> List[Tensor]:
-    """Original BOAT-CSWin tokens after stages 1-3."""
-    feats = []
-    x = ref.stage1_conv_embed(x)
-    for blk in ref.stage1:
-        x = blk(x)
-    feats.append(x)
-    for merge, blocks in zip([ref.merge1, ref.merge2],
-                             [ref.stage2, ref.stage3]):
-        x = merge(x)
-        for blk in blocks:
-            x = blk(x)
-        feats.append(x)
-    return feats
-
-
-def compare_swin(ref: nn.Module, ours: nn.Module,
-                 x: Tensor) -> Dict[str, float]:
-    """Max abs difference of the logits."""
-    with torch.no_grad(), cuda_calls_stay_put():
-        diff = (ref(x) - ours(x, mode='tensor')).abs().max().item()
-    return {'logits': diff}
-
-
-def compare_cswin(ref: nn.Module, ours: nn.Module,
-                  x: Tensor) -> Dict[str, float]:
-    """Max abs difference of the features after stages 1-3."""
-    with torch.no_grad(), cuda_calls_stay_put():
-        ref_feats = _ref_cswin_stages(ref, x)
-        our_feats = ours.backbone.forward_stages(x)
-    return {
-        f'stage{i + 1}':
-        (ref_feats[i] - our_feats[i].flatten(2).transpose(1, 2)).abs().max(
-        ).item()
-        for i in range(3)
-    }
-
-
-COMPARE: Dict[str, Callable] = {'swin': compare_swin, 'cswin': compare_cswin}
-
-
-def verify(family: str,
+def verify(family: Family,
            ref: nn.Module,
            batches=(1, 2),
            seed: int = 0,
            dtype: torch.dtype = torch.float32) -> Dict[str, float]:
-    """Convert ``ref``'s weights, build boat-mm's classifier, compare.
+    """Convert ``ref``'s weights, build boat-mm's classifier, compare what
+    the family says both compute alike (``published_outputs``).
 
     Returns:
         dict: ``'<output> b<batch>'`` -> max abs difference.
     """
-    key = 'model' if family == 'swin' else 'state_dict'
     weights = {k: v for k, v in ref.state_dict().items()}
-    got_family, converted = convert_boat_checkpoint({key: weights})
-    assert got_family == family
+    converted = family.convert_published(weights)
     ours = build_classifier(family, detect_arch(family, weights)).eval()
     check_loads(ours, converted)
     ref = ref.to(dtype)
@@ -148,8 +93,10 @@ def verify(family: str,
     results = {}
     for batch in batches:
         x = torch.randn(batch, 3, 224, 224, generator=gen).to(dtype)
-        for name, diff in COMPARE[family](ref, ours, x).items():
-            results[f'{name} b{batch}'] = diff
+        with torch.no_grad(), cuda_calls_stay_put():
+            pairs = family.published_outputs(ref, ours, x)
+        for name, (theirs, mine) in pairs.items():
+            results[f'{name} b{batch}'] = (theirs - mine).abs().max().item()
     ref.float()
     return results
 
@@ -160,10 +107,10 @@ def _report(title: str, results: Dict[str, float]) -> float:
     return max(results.values())
 
 
-def run_case(family: str, arch: str, ref: nn.Module, tol: float,
+def run_case(family: Family, arch: str, ref: nn.Module, tol: float,
              seed: int, double: bool) -> bool:
     """Compare one model, in float32 then (if needed) float64."""
-    title = f'BOAT-{"CSWin" if family == "cswin" else "Swin"}-{arch}'
+    title = f'{family.published_name}-{arch}'
     dtypes = [torch.float64] if double else [torch.float32]
     worst = _report(f'{title} ({"f64" if double else "f32"})',
                     verify(family, ref, seed=seed, dtype=dtypes[0]))
@@ -192,7 +139,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--ref-repo', required=True,
         help='clone of https://github.com/mahaoyuHKU/pytorch-boat')
     parser.add_argument(
-        '--family', choices=['swin', 'cswin'],
+        '--family', choices=sorted(FAMILIES),
         help='family to test with random weights (taken from CKPT if given)')
     parser.add_argument(
         '--arch', choices=['tiny', 'small', 'base'], nargs='+',
@@ -206,8 +153,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='compare in float64 only')
     args = parser.parse_args(argv)
     if args.ckpt is None and args.family is None:
-        parser.error('give a checkpoint or --family (swin or cswin) for '
-                     'random weights')
+        parser.error(f'give a checkpoint or --family ({", ".join(FAMILIES)}) '
+                     f'for random weights')
     return args
 
 
@@ -228,17 +175,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'error: {args.ckpt} is not one of the published '
                   f'tiny/small/base models', file=sys.stderr)
             return 1
-        ref = build_reference(import_public_module(args.ref_repo, family),
-                              family, arch)
+        ref = build_reference(
+            import_public_module(args.ref_repo, family.family), family, arch)
         ref.load_state_dict(weights, strict=True)
         ok = run_case(family, arch, ref, args.tol, args.seed, args.double)
     else:
+        family = FAMILIES[args.family]
         module = import_public_module(args.ref_repo, args.family)
         for i, arch in enumerate(args.arch):
             torch.manual_seed(args.seed + i)
-            ref = build_reference(module, args.family, arch)
+            ref = build_reference(module, family, arch)
             randomise(ref, args.seed + i)
-            ok &= run_case(args.family, arch, ref, args.tol, args.seed,
+            ok &= run_case(family, arch, ref, args.tol, args.seed,
                            args.double)
     print('PASS' if ok else 'FAIL', f'(tol {args.tol:g})')
     return 0 if ok else 1

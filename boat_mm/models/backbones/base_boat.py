@@ -11,6 +11,7 @@ per-family tables.
 """
 from collections import OrderedDict
 from copy import deepcopy
+from types import ModuleType
 from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
                     Type, Union)
 
@@ -279,6 +280,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     published_marker: str = ''
     #: Published names of the stem's projection and norm.
     published_stem: Tuple[str, str] = ('', '')
+    #: The model file of the public code (github.com/mahaoyuHKU/
+    #: pytorch-boat): (family folder, path inside it), for parity checks.
+    published_code: Tuple[str, str] = ('', '')
+    #: The ``qk_scale`` the public code passes to its FSLA.
+    published_fsla_qk_scale: Optional[Union[float, bool]] = None
     arch_zoo: Dict[str, dict] = {}
     essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
     #: Per-stage lists an arch dict may also give.
@@ -627,6 +633,22 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                                   stage: int, info: dict) -> None:
         """Add the published keys of stage ``stage`` (its merging
         included) to ``names``."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_published_model(cls, module: ModuleType,
+                              arch: str) -> nn.Module:
+        """The published classifier of ``arch`` (a zoo name) at 224
+        pixels without stochastic depth, from the model module of the
+        public code (see ``published_code``); for parity checks."""
+        raise NotImplementedError
+
+    @classmethod
+    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
+                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """What the published classifier ``ref`` and our classifier
+        ``ours`` (same weights) compute alike on images ``x``: name ->
+        (theirs, ours), same shapes."""
         raise NotImplementedError
 
     @classmethod

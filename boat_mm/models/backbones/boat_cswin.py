@@ -1,5 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-CSWin: the CSWin Transformer with feature-space local attention."""
+from types import ModuleType
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
@@ -174,6 +175,10 @@ class BOATCSWin(BaseBOATBackbone):
     published_name = 'BOAT-CSWin'
     published_marker = 'stage1_conv_embed'
     published_stem = ('stage1_conv_embed.0', 'stage1_conv_embed.2')
+    published_code = ('BOAT-CSWin', 'models/cswin_boat.py')
+    # The original builds its FSLA (ContentAttention) with qk_scale=True,
+    # i.e. a logit scale of 1.0.
+    published_fsla_qk_scale = True
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {
@@ -331,3 +336,30 @@ class BOATCSWin(BaseBOATBackbone):
                     continue
                 add_module_keys(names, f'stage{stage + 1}.{i}.{src}',
                                 f'backbone.stages.{stage}.blocks.{i}.{dst}')
+
+    @classmethod
+    def build_published_model(cls, module: ModuleType,
+                              arch: str) -> nn.Module:
+        zoo = cls.arch_zoo[arch]
+        depths = ''.join(map(str, zoo['depths']))
+        return getattr(module, f'CSWin_{zoo["embed_dims"]}_{depths}_{arch}'
+                       '_224')(drop_path_rate=0.)
+
+    @classmethod
+    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
+                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """The tokens after stages 1-3. Stage 4 is a single FSLA cluster at
+        224, where the original pairs different images of the batch (and
+        crashes for batch 1); boat-mm attends within each image by design,
+        so stage 4 and the logits differ."""
+        feats = ours.backbone.forward_stages(x)
+        out = {}
+        tokens = ref.stage1_conv_embed(x)
+        for i in range(3):
+            if i:
+                tokens = getattr(ref, f'merge{i}')(tokens)
+            for blk in getattr(ref, f'stage{i + 1}'):
+                tokens = blk(tokens)
+            out[f'stage{i + 1}'] = (tokens,
+                                    feats[i].flatten(2).transpose(1, 2))
+        return out

@@ -1,5 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
+from types import ModuleType
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -317,6 +318,7 @@ class BOATSwin(BaseBOATBackbone):
     published_name = 'BOAT-Swin'
     published_marker = 'layers.'
     published_stem = ('patch_embed.proj', 'patch_embed.norm')
+    published_code = ('BOAT-Swin', 'models/boat_swin_transformer.py')
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
             'embed_dims': 96,
@@ -487,6 +489,23 @@ class BOATSwin(BaseBOATBackbone):
             add_module_keys(names, f'{src}.norm', f'{dst}.norm')
             add_module_keys(names, f'{src}.reduction', f'{dst}.reduction',
                             ('weight', ))
+
+    @classmethod
+    def build_published_model(cls, module: ModuleType,
+                              arch: str) -> nn.Module:
+        return module.SwinTransformer(
+            img_size=224,
+            window_size=7,
+            drop_path_rate=0.,
+            embed_dim=cls.arch_zoo[arch]['embed_dims'],
+            depths=cls.arch_zoo[arch]['depths'],
+            num_heads=cls.arch_zoo[arch]['num_heads'])
+
+    @classmethod
+    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
+                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """The logits."""
+        return {'logits': (ref(x), ours(x, mode='tensor'))}
 
     @classmethod
     def _published_value(cls, key: str, value: Tensor) -> Tensor:
