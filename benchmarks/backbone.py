@@ -4,10 +4,11 @@
 Compares, side by side in one process, a training step (forward and
 backward of the backbone, no optimiser) of:
 
-- ``boat-cswin-t``: :class:`boat_mm.models.BOATCSWin` tiny (FSLA on);
-- ``cswin-t``: the same backbone with ``with_fsla=False``;
-- ``boat-swin-t``: :class:`boat_mm.models.BOATSwin` tiny (FSLA on);
-- ``swin-t``: the same backbone with ``with_fsla=False``;
+- ``boat-{family}-t``: the tiny model of each registered BOAT family
+  (:func:`boat_mm.models.boat_families`: ``boat-cswin-t``,
+  ``boat-swin-t``), FSLA on;
+- ``{family}-t``: the same backbone with ``with_fsla=False``
+  (``cswin-t``, ``swin-t``);
 - ``mmpretrain-swin-t``: mmpretrain's ``SwinTransformer`` tiny.
 
 It reports images per second (median step time after warm-up; CUDA: CUDA
@@ -29,8 +30,16 @@ import torch
 import torch.nn as nn
 from _timing import PeakMemory, amp_context, timed
 
-MODELS = ('boat-cswin-t', 'cswin-t', 'boat-swin-t', 'swin-t',
-          'mmpretrain-swin-t')
+from boat_mm.models import boat_families
+
+# name -> (family, with_fsla), for each registered family.
+BOAT_MODELS = {
+    f'{prefix}{family.family}-t': (family, prefix == 'boat-')
+    for family in boat_families() for prefix in ('boat-', '')
+}
+MODELS = (*BOAT_MODELS, 'mmpretrain-swin-t')
+# Step-time ratios that issue #11 sets a target for (on CUDA).
+TARGETS = {('boat-cswin-t', 'cswin-t'): 1.35}
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,15 +86,9 @@ def parse_args() -> argparse.Namespace:
 
 def build(name: str, size: int) -> nn.Module:
     """The backbone ``name`` (all four stages' outputs)."""
-    from boat_mm.models import BOATCSWin, BOATSwin
-    if name == 'boat-cswin-t':
-        return BOATCSWin(arch='tiny')
-    if name == 'cswin-t':
-        return BOATCSWin(arch='tiny', with_fsla=False)
-    if name == 'boat-swin-t':
-        return BOATSwin(arch='tiny')
-    if name == 'swin-t':
-        return BOATSwin(arch='tiny', with_fsla=False)
+    if name in BOAT_MODELS:
+        family, with_fsla = BOAT_MODELS[name]
+        return family(arch='tiny', with_fsla=with_fsla)
     from mmpretrain.models import SwinTransformer
     # pad_small_map: stage maps below 7x7 (small --size) are padded, as
     # BOATSwin does.
@@ -164,10 +167,13 @@ def print_table(results: Dict[str, dict], args, dtype: str) -> None:
         return None
 
     print()
-    for a, b, limit in (('boat-cswin-t', 'cswin-t', 1.35),
-                        ('boat-swin-t', 'swin-t', None),
-                        ('boat-swin-t', 'mmpretrain-swin-t', None),
-                        ('swin-t', 'mmpretrain-swin-t', None)):
+    # FSLA's cost in each family, then Swin against mmpretrain's.
+    pairs = [(f'boat-{f.family}-t', f'{f.family}-t')
+             for f in boat_families()]
+    pairs += [('boat-swin-t', 'mmpretrain-swin-t'),
+              ('swin-t', 'mmpretrain-swin-t')]
+    for a, b in pairs:
+        limit = TARGETS.get((a, b))
         value = ratio(a, b)
         if value is None:
             continue

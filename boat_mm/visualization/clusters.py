@@ -6,7 +6,8 @@ similar features (per head) and attends inside each cluster. These helpers
 capture that grouping during a normal forward pass of a BOAT backbone and
 paint it over the image:
 
-* :func:`find_fsla_modules` / :func:`get_boat_backbone`: where FSLA is;
+* :func:`find_fsla_modules` / :func:`get_boat_backbone`: where FSLA is
+  (:meth:`BaseBOATBackbone.fsla_modules`);
 * :func:`capture_cluster_ids`: ``(B, heads, H_stage, W_stage)`` cluster ids
   of chosen FSLA modules for an input batch;
 * :func:`colorize_ids`, :func:`upsample_ids`, :func:`draw_clusters`: an id
@@ -14,7 +15,6 @@ paint it over the image:
 
 ``tools/visualization/vis_clusters.py`` is the command-line front end.
 """
-import re
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from boat_mm.models.backbones import BOATCSWin, BOATSwin
+from boat_mm.models.backbones import BaseBOATBackbone, boat_families
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 __all__ = [
@@ -32,36 +32,33 @@ __all__ = [
 
 Location = Tuple[int, int]
 
-# Both BOAT backbones name a block's FSLA `stages.{i}.blocks.{j}.fsla`.
-_FSLA_NAME = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.fsla$')
-_BOAT_TYPES = (BOATSwin, BOATCSWin)
 
-
-def get_boat_backbone(model: nn.Module) -> nn.Module:
+def get_boat_backbone(model: nn.Module) -> BaseBOATBackbone:
     """The BOAT backbone of a model, or the model if it is one.
 
     Args:
-        model (nn.Module): A :class:`BOATSwin` / :class:`BOATCSWin`, or a
-            model with such a ``backbone`` attribute (mmpretrain's
+        model (nn.Module): A BOAT backbone (:class:`BaseBOATBackbone`), or
+            a model with such a ``backbone`` attribute (mmpretrain's
             ``ImageClassifier``, mmseg's ``EncoderDecoder``, ...).
 
     Returns:
-        nn.Module: The BOAT backbone.
+        BaseBOATBackbone: The BOAT backbone.
 
     Raises:
         TypeError: Neither the model nor its ``backbone`` is a BOAT.
     """
-    if isinstance(model, _BOAT_TYPES):
+    if isinstance(model, BaseBOATBackbone):
         return model
     backbone = getattr(model, 'backbone', None)
-    if isinstance(backbone, _BOAT_TYPES):
+    if isinstance(backbone, BaseBOATBackbone):
         return backbone
     found = type(backbone if backbone is not None else model).__name__
+    names = ' or '.join(f.__name__ for f in boat_families())
+    folders = ' or '.join(f'configs/boat_{f.family}' for f in boat_families())
     raise TypeError(
-        f'The backbone is a {found}, not a BOAT backbone (BOATSwin or '
-        f'BOATCSWin): only those have feature-space local attention '
-        f'clusters. Use a config from configs/boat_swin or '
-        f'configs/boat_cswin, or set model.backbone.type to one of them.')
+        f'The backbone is a {found}, not a BOAT backbone ({names}): only '
+        f'those have feature-space local attention clusters. Use a config '
+        f'from {folders}, or set model.backbone.type to one of them.')
 
 
 def find_fsla_modules(
@@ -76,13 +73,7 @@ def find_fsla_modules(
         dict[tuple[int, int], FeatureSpaceLocalAttention]: Sorted by stage,
         then block; empty for a backbone built with ``with_fsla=False``.
     """
-    backbone = get_boat_backbone(model)
-    found = {}
-    for name, module in backbone.named_modules():
-        match = _FSLA_NAME.match(name)
-        if match and isinstance(module, FeatureSpaceLocalAttention):
-            found[(int(match[1]), int(match[2]))] = module
-    return dict(sorted(found.items()))
+    return dict(sorted(get_boat_backbone(model).fsla_modules().items()))
 
 
 def _check_locations(available: Dict[Location, nn.Module],

@@ -28,7 +28,7 @@ import torch
 from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401
-from boat_mm.models.utils.ckpt_convert import boat_cswin_converter
+from boat_mm.models.backbones import BOATCSWin
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py')
@@ -111,7 +111,7 @@ def test_cswin_converter_inverts_on_every_key(with_fsla):
     model = classifier(
         dict(type='BOATCSWin', arch=arch, with_fsla=with_fsla), 7, 128)
     ours = distinct_state(model)
-    converted = boat_cswin_converter(cswin_to_original(ours))
+    converted = BOATCSWin.convert_published(cswin_to_original(ours))
     assert set(converted) == set(ours)
     for key, value in ours.items():
         assert torch.equal(converted[key], value), key

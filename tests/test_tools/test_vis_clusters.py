@@ -240,7 +240,8 @@ model = dict(backbone=dict(
     with pytest.raises(TypeError) as err:
         tool['main']([str(other), image_file, *out])
     assert 'The backbone is a MixVisionTransformer, not a BOAT backbone ' \
-        '(BOATSwin or BOATCSWin)' in str(err.value)
+        '(BOATCSWin or BOATSwin)' in str(err.value)
+    assert 'configs/boat_cswin or configs/boat_swin' in str(err.value)
     with pytest.raises(FileNotFoundError, match='Image'):
         tool['main']([DEMO_SEG, str(tmp_path / 'missing.png'), *out])
     assert not osp.exists(tmp_path / 'x.png')

@@ -543,14 +543,17 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         own = list(self.state_dict(keep_vars=True))
         under = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         where = f'under {prefix!r}' if prefix else 'at its top level'
-        keys = (f'its keys {where}: {key_listing(under, 5)}' if under else
-                f'it has no keys {where}; its keys: '
-                f'{key_listing(map(str, state_dict), 5)}')
+        if under:
+            keys = f'its keys {where}: {key_listing(under, 5)}'
+        else:
+            keys = f'it has no keys {where}'
+            if state_dict:
+                keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
         return (
             f'{type(self).__name__}: {source} matches {found} of the '
             f'{len(own)} weights of the backbone (same name {where} and '
-            f'shape); {keys}; the backbone expects e.g. '
-            f'{key_listing(own, 5)}.{_describe_published(state_dict)} '
+            f'shape); {keys}; the backbone expects {own[:4]} ... '
+            f'({len(own)} in all).{_describe_published(state_dict)} '
             f'Published BOAT checkpoints must be converted first: '
             f'`{CONVERTER}`, then load DST with load_from or '
             f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
@@ -566,6 +569,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     del state_dict[key]
         # A file of another layout would load nothing, with only a log of
         # missing keys under strict=False (load_from, Pretrained): refuse.
+        # (The loaders hand a module only the keys under its prefix.)
         own = self.state_dict(keep_vars=True)
         found = 0
         for key, value in own.items():

@@ -1,0 +1,181 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""What BaseBOATBackbone gives every family: the family registry and the
+refusal of checkpoints that fit too few weights (naming the converter),
+while the legitimate partial loads keep working."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from mmengine.model import ExponentialMovingAverage
+from mmengine.registry import DefaultScope
+from mmengine.runner import load_checkpoint
+
+import boat_mm  # noqa: F401
+from boat_mm.models.backbones import (BaseBOATBackbone, BOATCSWin, BOATSwin,
+                                      boat_families, detect_boat_family)
+
+SWIN = dict(embed_dims=8, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 2))
+CSWIN = dict(embed_dims=8, depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 2))
+ARCHS = {BOATSwin: SWIN, BOATCSWin: CSWIN}
+CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
+
+
+def test_families_registered_with_their_facts():
+    assert set(boat_families()) == {BOATSwin, BOATCSWin}
+    for family in boat_families():
+        assert issubclass(family, BaseBOATBackbone)
+        assert family.zoo_name(**family.arch_zoo['t']) == 'tiny'
+        model = family(arch=ARCHS[family])
+        # The accessor finds exactly the blocks the family's rule names.
+        expected = [(i, j) for i, d in enumerate(model.depths)
+                    for j in range(d) if family.has_fsla(i, j, 4)]
+        assert list(model.fsla_modules()) == expected
+        assert family(arch=ARCHS[family], with_fsla=False).fsla_modules() \
+            == {}
+
+
+def classifier(family, with_fsla=True):
+    from mmpretrain.registry import MODELS
+    width = ARCHS[family]['embed_dims'] * 8
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type=family.__name__,
+                    arch=ARCHS[family],
+                    with_fsla=with_fsla),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=3,
+                    in_channels=width)))
+
+
+def published_files(tmp_path):
+    """A published-layout file of each family: the original's key names
+    (a subset is enough for the layout to be recognised)."""
+    swin = {
+        'patch_embed.proj.weight': torch.zeros(8, 3, 4, 4),
+        'layers.0.blocks.0.norm1.weight': torch.zeros(8),
+        'layers.0.blocks.1.attnC.qkv.weight': torch.zeros(24, 8),
+    }
+    cswin = {
+        'stage1_conv_embed.0.weight': torch.zeros(8, 3, 7, 7),
+        'stage1.0.qkv.weight': torch.zeros(24, 8),
+        'stage1.0.content_attn.qkv.weight': torch.zeros(24, 8),
+    }
+    paths = {}
+    for family, entry, weights in ((BOATSwin, 'model', swin),
+                                   (BOATCSWin, 'state_dict', cswin)):
+        path = str(tmp_path / f'{family.family}_published.pth')
+        torch.save({entry: weights, 'epoch': 300}, path)
+        paths[family] = path
+    return paths
+
+
+@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+@pytest.mark.parametrize('prefix', [None, 'backbone.'])
+def test_pretrained_published_file_names_the_converter(
+        tmp_path, family, prefix):
+    path = published_files(tmp_path)[family]
+    cfg = dict(type='Pretrained', checkpoint=path)
+    if prefix:
+        cfg['prefix'] = prefix
+    model = family(arch=ARCHS[family], init_cfg=cfg)
+    with pytest.raises(ValueError) as err:
+        model.init_weights()
+    msg = str(err.value)
+    assert CONVERTER in msg
+    assert f'matches 0 of the {len(model.state_dict())} weights' in msg
+    assert f'laid out like a published {family.published_name}' in msg
+    if prefix:
+        assert "no keys under 'backbone.'" in msg
+
+
+@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+def test_load_from_published_file_names_the_converter(tmp_path, family):
+    """load_from: the runner loads the whole model with strict=False; the
+    backbone sees the keys under its ``backbone.`` prefix: none."""
+    path = published_files(tmp_path)[family]
+    model = classifier(family)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(model, path, map_location='cpu', strict=False)
+    assert CONVERTER in str(err.value)
+    assert "matches 0 of" in str(err.value)
+    assert "no keys under 'backbone.'" in str(err.value)
+
+
+def test_unrelated_and_mostly_foreign_checkpoints_refused(tmp_path):
+    # Another family's classifier: names overlap, shapes and blocks do not.
+    other = classifier(BOATSwin).state_dict()
+    path = str(tmp_path / 'swin_cls.pth')
+    torch.save({'state_dict': other}, path)
+    model = BOATCSWin(
+        arch=CSWIN,
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    with pytest.raises(ValueError) as err:
+        model.init_weights()
+    total = len(model.state_dict())
+    own = model.state_dict()
+    # The count in the message, computed independently here.
+    found = sum(
+        k in {n[9:]: v
+              for n, v in other.items()} and other['backbone.' + k].shape
+        == v.shape for k, v in own.items())
+    assert found < total / 2
+    assert f'matches {found} of the {total} weights' in str(err.value)
+    assert CONVERTER in str(err.value)
+    assert 'laid out like a published' not in str(err.value)
+    # Weights of no BOAT model at all.
+    with pytest.raises(ValueError, match='matches 0 of'):
+        BOATSwin(arch=SWIN).load_state_dict(
+            {'conv1.weight': torch.zeros(4, 3, 3, 3)}, strict=False)
+
+
+@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+def test_legitimate_loads_still_work(tmp_path, family):
+    src = classifier(family)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    state = src.state_dict()
+    path = str(tmp_path / 'cls.pth')
+    torch.save({'state_dict': state, 'meta': {}}, path)
+
+    # load_from / resume: the whole model.
+    dst = classifier(family)
+    load_checkpoint(dst, path, map_location='cpu', strict=True)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    # The classifier's backbone into a dense-prediction backbone (all four
+    # outputs: norm0-2 are not in the file) through a prefix.
+    backbone = family(
+        arch=ARCHS[family],
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    backbone.init_weights()
+    for k, v in backbone.state_dict().items():
+        if not k.startswith(('norm0', 'norm1', 'norm2')):
+            assert torch.equal(v, state['backbone.' + k]), k
+
+    # EMA: MMEngine's averaged model holds the model under ``module.``.
+    ema = ExponentialMovingAverage(classifier(family))
+    ema_state = copy.deepcopy(ema.state_dict())
+    ema_state.update(
+        ('module.' + k, v.clone()) for k, v in state.items())
+    ema.load_state_dict(ema_state, strict=True)
+    assert torch.equal(ema.module.backbone.norm3.weight,
+                       state['backbone.norm3.weight'])
+
+    # A plain Swin / CSWin checkpoint (no FSLA) into a BOAT model.
+    plain = OrderedDict((k, v) for k, v in state.items()
+                        if '.fsla.' not in k and '.norm_fsla.' not in k)
+    missing, _ = classifier(family).load_state_dict(plain, strict=False)
+    assert missing and all('fsla' in k for k in missing)
+
+
+def test_detect_boat_family_lists_what_it_looks_for():
+    with pytest.raises(KeyError, match=r'BOAT-Swin \(layers\.\*\)'):
+        detect_boat_family({'conv1.weight': torch.zeros(1)})
+    assert detect_boat_family({'stage1_conv_embed.0.weight': 0}) is BOATCSWin
