@@ -122,6 +122,10 @@ class BaseBOATBlock(BaseModule):
         num_heads (int): Heads of the image-space attention and of FSLA.
         attn_cfg (dict): The family's attention arguments, passed to
             :meth:`_build_attention`.
+        with_fsla (bool): Add the FSLA residual. Defaults to False.
+        fsla_cfg (dict, optional): Keyword arguments of
+            :class:`FeatureSpaceLocalAttention` (without ``embed_dims`` and
+            ``num_heads``). Defaults to None.
         mlp_ratio (float): FFN hidden ratio. Defaults to 4.
         qkv_bias (bool): Bias of the attention qkv. Defaults to True.
         qk_scale (float, optional): Image-space attention scale; None for
@@ -131,10 +135,6 @@ class BaseBOATBlock(BaseModule):
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth of this block.
             Defaults to 0.
-        with_fsla (bool): Add the FSLA residual. Defaults to False.
-        fsla_cfg (dict, optional): Keyword arguments of
-            :class:`FeatureSpaceLocalAttention` (without ``embed_dims`` and
-            ``num_heads``). Defaults to None.
         act_cfg (dict): FFN activation. Defaults to GELU.
         norm_cfg (dict): Norm layers. Defaults to LN.
         with_cp (bool): Gradient checkpointing of the whole block.
@@ -146,14 +146,14 @@ class BaseBOATBlock(BaseModule):
                  embed_dims: int,
                  num_heads: int,
                  attn_cfg: dict,
+                 with_fsla: bool = False,
+                 fsla_cfg: Optional[dict] = None,
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  qk_scale: Optional[float] = None,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
-                 with_fsla: bool = False,
-                 fsla_cfg: Optional[dict] = None,
                  act_cfg: dict = dict(type='GELU'),
                  norm_cfg: dict = dict(type='LN'),
                  with_cp: bool = False,

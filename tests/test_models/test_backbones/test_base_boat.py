@@ -22,8 +22,8 @@ CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
 
 
 def test_families_registered_with_their_facts():
-    assert set(boat_families()) == {BOATSwin, BOATCSWin}
-    for family in boat_families():
+    assert {BOATSwin, BOATCSWin} <= set(boat_families())
+    for family in (BOATSwin, BOATCSWin):
         assert issubclass(family, BaseBOATBackbone)
         assert family.zoo_name(**family.arch_zoo['t']) == 'tiny'
         model = family(arch=ARCHS[family])

@@ -432,11 +432,12 @@ def test_converter_detects_arch_and_prefix():
         assert BOATCSWin.detect_published(keys)['arch'] == name
     plain = _original_layout(16, (2, 2, 2, 2), with_fsla=False)
     assert not BOATCSWin.detect_published(plain)['with_fsla']
-    # The file-level entry point (used by boat2mm.py) picks this converter.
+    # The file-level entry point picks this family's converter.
     from boat_mm.models.backbones import convert_boat_checkpoint
     family, out = convert_boat_checkpoint(
         {'state_dict': {}, 'state_dict_ema': wrapped}, use_ema=True)
-    assert family is BOATCSWin and list(out) == list(BOATCSWin.convert_published(src))
+    assert family is BOATCSWin
+    assert list(out) == list(BOATCSWin.convert_published(src))
 
 
 def test_converter_errors():
