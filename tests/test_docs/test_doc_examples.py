@@ -222,10 +222,11 @@ COVERAGE: Dict[str, object] = {
     )),
     'tools/dist_train.sh': Run(
         (f'{_SEG}::test_ddp_two_processes_train_and_evaluate', )),
+    # A gap: the tools' tests could run it next to dist_train.sh.
     'tools/dist_test.sh': NotRun(
-        'a torchrun launcher of tools/test.py (run by the tests of '
-        'tools/test.py) written like tools/dist_train.sh, which '
-        'test_seg_e2e.py runs with two processes'),
+        'not run by a test yet: the torchrun launcher of tools/test.py, '
+        'written as tools/dist_train.sh, which test_seg_e2e.py runs with '
+        'two processes'),
     'tools/model_converters/boat2mm.py': Run((
         'tests/test_tools/test_boat2mm.py::test_cli_output',
         'tests/test_tools/test_converters.py::'
@@ -235,7 +236,10 @@ COVERAGE: Dict[str, object] = {
     )),
     'tools/model_converters/verify_boat.py': Run((
         'tests/test_tools/test_parity_tools.py::'
-        'test_verify_boat_random_weights', )),
+        'test_verify_boat_random_weights',
+        'tests/test_tools/test_parity_tools.py::'
+        'test_verify_boat_on_a_published_layout_file',
+    )),
     'tools/analysis_tools/get_flops.py': Run((
         'tests/test_tools/test_get_flops.py::'
         'test_get_flops_cli_segmentation_tiny_arch',
@@ -277,6 +281,7 @@ _PLACEHOLDERS = {
     'SRC': 'src.pth',
     'DST': 'dst.pth',
     'IMAGE': 'image.png',
+    'BOAT_REPO': 'pytorch-boat',
     'DIR': 'out_dir',
     'OUT': 'out_dir',
     'OUT_DIR': 'out_dir',
