@@ -167,6 +167,82 @@ def test_config_block_loads_and_builds(block, tmp_path, monkeypatch):
         assert all(getattr(f, key) == value for f in fslas), key
 
 
+# Tiny archs of the two families (with their classifier head widths),
+# appended to a copied config.
+_TINY_CLS = {
+    'boat_swin':
+    '\nmodel = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=12, '
+    'depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 2])), '
+    'head=dict(in_channels=96))\n',
+    'boat_cswin':
+    '\nmodel = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=16, '
+    'depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2])), '
+    'head=dict(in_channels=128))\n',
+}
+README_BLOCKS = [
+    b for doc in CONFIG_READMES for b in fenced_blocks(doc)
+    if b.lang == 'python'
+]
+
+
+@pytest.mark.parametrize('block', README_BLOCKS, ids=_ids(README_BLOCKS))
+def test_config_readme_python_block(block, tmp_path, monkeypatch):
+    """The Python blocks of configs/*/README.md: ``get_model`` with a
+    converted checkpoint runs (the named config cut to a tiny arch, on a
+    checkpoint written here), a config fragment loads as a child config, and
+    the DetInferencer example is what test_det_e2e.py runs on a trained
+    tiny detector."""
+    from mmengine.config import Config
+
+    if 'DetInferencer' in block.text:
+        source = _test_source(
+            'tests/test_tools/test_det_e2e.py::'
+            'test_det_inferencer_returns_masks')
+        assert 'DetInferencer(' in source
+        return
+    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
+    monkeypatch.chdir(tmp_path)
+    if 'get_model(' in block.text:
+        from mmpretrain import get_model
+        config = re.search(r"get_model\('([^']+)'", block.text).group(1)
+        ckpt = re.search(r"pretrained='([^']+)'", block.text).group(1)
+        # The named config, cut to a tiny arch in the copy (cheap).
+        family = osp.basename(osp.dirname(config))
+        with open(config, 'a') as f:
+            f.write(_TINY_CLS[family])
+        model = get_model(config)
+        (tmp_path / osp.dirname(ckpt)).mkdir(parents=True, exist_ok=True)
+        torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+        namespace = {}
+        exec(compile(block.text, f'{block.doc}:{block.line}', 'exec'),
+             namespace)
+        assert namespace['out'].shape == (1, 1000)
+        assert len(namespace['feats']) == 1
+        torch.testing.assert_close(namespace['model'].state_dict(),
+                                   model.state_dict())
+        return
+    # A fragment "in a child config" of the README's tiny classifier.
+    parent = sorted(
+        glob.glob(osp.join(REPO, osp.dirname(block.doc), '*tiny*in1k.py')))
+    assert parent, block.doc
+    child = tmp_path / osp.dirname(block.doc) / 'child.py'
+    child.write_text(f'_base_ = [{osp.basename(parent[0])!r}]\n' +
+                     block.text)
+    cfg = Config.fromfile(str(child))
+    fragment = Config.fromstring(block.text, '.py')
+
+    def merged(want, got, key):
+        # Dicts merge into the parent's; lists replace.
+        if isinstance(want, dict):
+            for k, v in want.items():
+                merged(v, got[k], f'{key}.{k}')
+        else:
+            assert got == want, key
+
+    for key in fragment:
+        merged(fragment[key], cfg[key], key)
+
+
 def test_fsla_doc_table_matches_the_module():
     """docs/fsla.md section 2: clusters and sizes of each listed map."""
     from mmengine.registry import MODELS
