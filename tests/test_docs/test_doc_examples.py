@@ -7,6 +7,9 @@
   are written to ``PATH`` in a copy of ``configs/``, loaded with
   ``Config.fromfile`` and built; the model runs a 64x64 forward and the
   backbone carries the block's ``fsla_cfg``.
+* Python blocks of ``configs/*/README.md``: ``get_model`` runs on its
+  config cut to a tiny arch, a config fragment loads as a child config,
+  the DetInferencer example is test_det_e2e.py's.
 * The table of docs/fsla.md section 2 is compared with the clusters of
   ``FeatureSpaceLocalAttention``.
 * Shell commands (fenced ``bash``/``shell`` blocks and inline
@@ -15,7 +18,8 @@
   :data:`COVERAGE`: every script must be named there with the tests that
   run it at tiny size (each test must exist and each flag the doc uses must
   be passed in one of them), or with the reason it is not run in a test
-  (benchmarks, GPU-only scripts, set-up). A new doc command without an
+  (benchmarks, GPU-only scripts, set-up); ``bash tools/dist_test.sh``,
+  which no tool test runs, is run here. A new doc command without an
   entry fails here. Python scripts also parse the doc's command line with
   their own argument parser, and the config files a command names must
   exist.
