@@ -16,7 +16,7 @@ CONFIGS = sorted(
     for p in glob.glob(osp.join(ROOT, 'configs', '**', '*.py'),
                        recursive=True) if '_base_' not in p)
 
-# Parameter counts of the published classifiers (reference doc, 224).
+# Parameter counts of the published classifiers (224; configs/*/README.md).
 PARAMS_M = {
     'boat-swin-tiny_16xb64_in1k.py': 30.27,
     'boat-swin-small_16xb64_in1k.py': 55.16,

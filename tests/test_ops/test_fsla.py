@@ -2,8 +2,8 @@
 """FSLA against a slow, readable re-implementation of the published
 algorithm, plus properties for the shapes the original cannot handle.
 
-The reference below is written from the specification (boat-reference.md,
-section 1) with plain Python loops over samples, heads, tree nodes and
+The reference below is written from the specification (docs/fsla.md,
+sections 1-3) with plain Python loops over samples, heads, tree nodes and
 clusters; it shares no code with ``boat_mm.ops``. For ``N = group_size *
 2**L`` it needs nothing from the op. For other ``N`` it only takes the
 real-token count of every leaf cluster (a static property of ``N`` that the

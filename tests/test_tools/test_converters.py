@@ -4,7 +4,7 @@
 * The BOAT-CSWin converter: our classifier's state dict, with a distinct
   value range per tensor (so that two same-shaped tensors swapped, e.g.
   ``norm1`` and ``norm2``, differ), is laid out like a published file by
-  :func:`cswin_to_original` (written from boat-reference.md section 3)
+  :func:`cswin_to_original` (written from docs/fsla.md section 6)
   and must convert back exactly, key by key.
 * ``tools/model_converters/boat2mm.py`` run as a command on a BOAT-CSWin
   file (its ``state_dict``, and its ``state_dict_ema`` with ``--ema``) and

@@ -108,7 +108,7 @@ def test_check_fsla_parity(ref_repo):
 
 def test_get_flops_check_reference():
     """Params and multiply-adds of the six classifiers against the counts
-    of the original models (boat-reference.md)."""
+    of the original models (configs/*/README.md)."""
     out = run_tool(
         osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py'),
         '--check-reference',

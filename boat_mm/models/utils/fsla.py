@@ -26,9 +26,13 @@ class FeatureSpaceLocalAttention(BaseModule):
     last ``overlap`` of ``2j``). A depthwise 3x3 convolution of the values
     in image layout is added before the output projection.
 
-    Any ``H x W`` works: ``G = max(1, round(N / group_size))`` clusters whose
-    sizes differ by at most one token (see :mod:`boat_mm.ops.clustering`).
-    A single cluster (small maps) attends within itself with no overlap.
+    Any ``H x W`` works. The ``N = H * W`` tokens go into ``G = 2**L``
+    clusters, the leaves of a complete binary tree, with ``L`` chosen so
+    that the mean cluster size ``N / G`` is closest to ``group_size`` on a
+    log scale without exceeding ``1.35 * group_size``; cluster sizes differ
+    by at most one token (see :mod:`boat_mm.ops.clustering` and
+    ``docs/fsla.md``). A map of at most ``1.35 * group_size`` tokens is a
+    single cluster, which attends within itself with no overlap.
     For ``N = group_size * 2**L`` the result equals the published algorithm.
     Each sample is clustered on its own, so outputs never depend on other
     samples of the batch.

@@ -1,6 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """One BOAT-Swin block and one BOAT-CSWin block against slow references of
-their wiring, written from boat-reference.md section 2:
+their wiring, written from docs/fsla.md section 4:
 
 * BOAT-Swin: ``x = x + DropPath(SW-MSA(LN1(x)))``;
   ``x = x + FSLA(LN4(x))`` (no DropPath on this residual);

@@ -309,7 +309,7 @@ def test_init_cfg_list_and_missing_file(tmp_path):
 
 def _original_layout(embed_dims, depths, with_fsla=True, classes=5):
     """A random checkpoint laid out like the published BOAT-CSWin files
-    (reference doc section 3), written from the doc, not from our model."""
+    (docs/fsla.md section 6), written from the doc, not from our model."""
     C, sd = embed_dims, OrderedDict()
 
     def wb(name, *shape):

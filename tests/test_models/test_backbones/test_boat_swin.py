@@ -82,7 +82,8 @@ def test_out_indices_and_tuple(tiny_model):
         BOATSwin(arch=TINY, out_indices=(4, ))
 
 
-# The published parameter counts (reference doc: 30.27M, 55.16M, 97.61M),
+# The original models' parameter counts (30.27M, 55.16M, 97.61M, as in
+# configs/boat_swin/README.md),
 # classifier with a 1000-class head.
 FULL_PARAMS = {'tiny': 30_265_186, 'small': 55_158_898, 'base': 97_612_960}
 FSLA_BLOCKS = {'tiny': 5, 'small': 11, 'base': 11}

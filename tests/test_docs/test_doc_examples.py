@@ -1,0 +1,589 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Every code, config and command example of the README and docs/ works.
+
+* Python blocks of ``README.md`` and ``docs/*.md`` are executed; their own
+  ``assert`` lines check what they print.
+* Config blocks (Python blocks with ``_base_``, first line ``# PATH.py``)
+  are written to ``PATH`` in a copy of ``configs/``, loaded with
+  ``Config.fromfile`` and built; the model runs a 64x64 forward and the
+  backbone carries the block's ``fsla_cfg``.
+* Python blocks of ``configs/*/README.md``: ``get_model`` runs on its
+  config cut to a tiny arch, a config fragment loads as a child config,
+  the DetInferencer example is test_det_e2e.py's.
+* The table of docs/fsla.md section 2 is compared with the clusters of
+  ``FeatureSpaceLocalAttention``.
+* Shell commands (fenced ``bash``/``shell`` blocks and inline
+  ``python ...``, ``bash ...``, ``make ...``, ``pip ...`` spans) of the
+  README, docs/ and configs/*/README.md are matched against
+  :data:`COVERAGE`: every script must be named there with the tests that
+  run it at tiny size (each test must exist and each flag the doc uses must
+  be passed in one of them), or with the reason it is not run in a test
+  (benchmarks, GPU-only scripts, set-up); ``bash tools/dist_test.sh``,
+  which no tool test runs, is run here. A new doc command without an
+  entry fails here. Python scripts also parse the doc's command line with
+  their own argument parser, and the config files a command names must
+  exist.
+"""
+import glob
+import importlib.util
+import os
+import os.path as osp
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DOCS = ['README.md'] + sorted(
+    osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'docs', '*.md')))
+CONFIG_READMES = sorted(
+    osp.relpath(p, REPO)
+    for p in glob.glob(osp.join(REPO, 'configs', '*', 'README.md')))
+
+# ---------------------------------------------------------------------------
+# Reading the Markdown.
+# ---------------------------------------------------------------------------
+
+
+class Block(NamedTuple):
+    doc: str
+    line: int
+    lang: str
+    text: str
+
+
+def _read(doc: str) -> str:
+    with open(osp.join(REPO, doc), encoding='utf-8') as f:
+        return f.read()
+
+
+def fenced_blocks(doc: str) -> List[Block]:
+    text = _read(doc)
+    return [
+        Block(doc, text.count('\n', 0, m.start()) + 1, m.group(1),
+              m.group(2))
+        for m in re.finditer(r'^```(\w*)\n(.*?)^```', text, re.S | re.M)
+    ]
+
+
+_COMMAND = re.compile(r'^(?:[A-Z_]+=\S+\s+)*(?:python|bash|make|pip|mim)\s')
+
+
+def shell_commands(doc: str) -> List[Tuple[str, int, str]]:
+    """``(doc, line, command)`` of every command the doc shows."""
+    out = []
+    for block in fenced_blocks(doc):
+        if block.lang not in ('bash', 'shell', 'sh'):
+            continue
+        body = re.sub(r'\\\n\s*', ' ', block.text)
+        for i, line in enumerate(body.splitlines()):
+            line = re.sub(r'(^|\s)#.*', '', line).strip()
+            if line:
+                out.append((doc, block.line + 1 + i, line))
+    text = _read(doc)
+    prose = re.sub(r'^```.*?^```', lambda m: '\n' * m.group(0).count('\n'),
+                   text, flags=re.S | re.M)
+    for m in re.finditer(r'`([^`]+)`', prose):
+        span = ' '.join(m.group(1).split())
+        if _COMMAND.match(span):
+            out.append((doc, prose.count('\n', 0, m.start()) + 1, span))
+    return out
+
+
+def _is_config(block: Block) -> bool:
+    return re.search(r'^_base_\s*=', block.text, re.M) is not None
+
+
+PYTHON_BLOCKS = [
+    b for doc in DOCS for b in fenced_blocks(doc)
+    if b.lang == 'python' and not _is_config(b)
+]
+CONFIG_BLOCKS = [
+    b for doc in DOCS for b in fenced_blocks(doc)
+    if b.lang == 'python' and _is_config(b)
+]
+COMMANDS = [c for doc in DOCS + CONFIG_READMES for c in shell_commands(doc)]
+
+
+def _ids(items) -> List[str]:
+    return [f'{item[0]}:{item[1]}' for item in items]
+
+
+# ---------------------------------------------------------------------------
+# Python and config blocks.
+# ---------------------------------------------------------------------------
+
+
+def test_the_docs_have_examples():
+    """The extraction finds what the docs hold (guards the regexes)."""
+    assert len(PYTHON_BLOCKS) >= 4
+    assert any(b.doc == 'README.md' for b in CONFIG_BLOCKS)
+    assert any(c[2].startswith('make demo') for c in COMMANDS)
+    assert any('pytorch2onnx.py' in c[2] and c[0] == 'docs/deployment.md'
+               for c in COMMANDS)
+
+
+@pytest.mark.parametrize('block', PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
+def test_python_block_runs(block, monkeypatch):
+    monkeypatch.chdir(REPO)
+    torch.manual_seed(0)
+    code = compile(block.text, f'{block.doc}:{block.line}', 'exec')
+    exec(code, {'__name__': '__doc_example__'})
+
+
+@pytest.mark.parametrize('block', CONFIG_BLOCKS, ids=_ids(CONFIG_BLOCKS))
+def test_config_block_loads_and_builds(block, tmp_path, monkeypatch):
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS, init_default_scope
+
+    first = block.text.splitlines()[0]
+    m = re.match(r'#\s*(\S+\.py)', first)
+    assert m, (f'{block.doc}:{block.line}: a config example starts with '
+               f'"# PATH.py" (where the user saves it), got {first!r}')
+    # The shipped configs next to it, for relative `_base_` paths.
+    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
+    path = tmp_path / m.group(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(block.text)
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.fromfile(str(path))
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    model = revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
+    assert type(model.backbone).__name__.startswith('BOAT')
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64), mode='tensor')
+    assert torch.isfinite(out if torch.is_tensor(out) else out[0]).all()
+    # What the block sets for FSLA reaches every FSLA module.
+    fsla_cfg = cfg.model.backbone.get('fsla_cfg') or {}
+    fslas = [
+        m for m in model.modules()
+        if type(m).__name__ == 'FeatureSpaceLocalAttention'
+    ]
+    assert fslas
+    for key, value in fsla_cfg.items():
+        assert all(getattr(f, key) == value for f in fslas), key
+
+
+# Tiny archs of the two families (with their classifier head widths),
+# appended to a copied config.
+_TINY_CLS = {
+    'boat_swin':
+    '\nmodel = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=12, '
+    'depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 2])), '
+    'head=dict(in_channels=96))\n',
+    'boat_cswin':
+    '\nmodel = dict(backbone=dict(arch=dict(_delete_=True, embed_dims=16, '
+    'depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2])), '
+    'head=dict(in_channels=128))\n',
+}
+README_BLOCKS = [
+    b for doc in CONFIG_READMES for b in fenced_blocks(doc)
+    if b.lang == 'python'
+]
+
+
+@pytest.mark.parametrize('block', README_BLOCKS, ids=_ids(README_BLOCKS))
+def test_config_readme_python_block(block, tmp_path, monkeypatch):
+    """The Python blocks of configs/*/README.md: ``get_model`` with a
+    converted checkpoint runs (the named config cut to a tiny arch, on a
+    checkpoint written here), a config fragment loads as a child config, and
+    the DetInferencer example is what test_det_e2e.py runs on a trained
+    tiny detector."""
+    from mmengine.config import Config
+
+    if 'DetInferencer' in block.text:
+        source = _test_source(
+            'tests/test_tools/test_det_e2e.py::'
+            'test_det_inferencer_returns_masks')
+        assert 'DetInferencer(' in source
+        return
+    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
+    monkeypatch.chdir(tmp_path)
+    if 'get_model(' in block.text:
+        from mmpretrain import get_model
+        config = re.search(r"get_model\('([^']+)'", block.text).group(1)
+        ckpt = re.search(r"pretrained='([^']+)'", block.text).group(1)
+        # The named config, cut to a tiny arch in the copy (cheap).
+        family = osp.basename(osp.dirname(config))
+        with open(config, 'a') as f:
+            f.write(_TINY_CLS[family])
+        model = get_model(config)
+        (tmp_path / osp.dirname(ckpt)).mkdir(parents=True, exist_ok=True)
+        torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+        namespace = {}
+        exec(compile(block.text, f'{block.doc}:{block.line}', 'exec'),
+             namespace)
+        assert namespace['out'].shape == (1, 1000)
+        assert len(namespace['feats']) == 1
+        torch.testing.assert_close(namespace['model'].state_dict(),
+                                   model.state_dict())
+        return
+    # A fragment "in a child config" of the README's tiny classifier.
+    parent = sorted(
+        glob.glob(osp.join(REPO, osp.dirname(block.doc), '*tiny*in1k.py')))
+    assert parent, block.doc
+    child = tmp_path / osp.dirname(block.doc) / 'child.py'
+    child.write_text(f'_base_ = [{osp.basename(parent[0])!r}]\n' +
+                     block.text)
+    cfg = Config.fromfile(str(child))
+    fragment = Config.fromstring(block.text, '.py')
+
+    def merged(want, got, key):
+        # Dicts merge into the parent's; lists replace.
+        if isinstance(want, dict):
+            for k, v in want.items():
+                merged(v, got[k], f'{key}.{k}')
+        else:
+            assert got == want, key
+
+    for key in fragment:
+        merged(fragment[key], cfg[key], key)
+
+
+def test_fsla_doc_table_matches_the_module():
+    """docs/fsla.md section 2: clusters and sizes of each listed map."""
+    from mmengine.registry import MODELS
+
+    import boat_mm  # noqa: F401
+
+    text = _read('docs/fsla.md')
+    rows = re.findall(
+        r'^\| (\d+) x (\d+) \| (\d+) \| (\d+) \| (\d+)(?:-(\d+))? \|', text,
+        re.M)
+    assert len(rows) >= 10
+    fsla = MODELS.build(
+        dict(type='FeatureSpaceLocalAttention', embed_dims=8, num_heads=1))
+    gen = torch.Generator().manual_seed(0)
+    for h, w, n, g, low, high in rows:
+        h, w, n, g, low = int(h), int(w), int(n), int(g), int(low)
+        high = int(high) if high else low
+        assert h * w == n, (h, w)
+        ids = fsla.cluster_ids(torch.randn(1, n, 8, generator=gen), (h, w))
+        sizes = torch.bincount(ids[0, 0])
+        assert sizes.numel() == g, (h, w)
+        assert (sizes.min().item(), sizes.max().item()) == (low, high), (h,
+                                                                         w)
+
+
+# ---------------------------------------------------------------------------
+# Shell commands.
+# ---------------------------------------------------------------------------
+
+
+class Run(NamedTuple):
+    """Tests (``file::function``) that run a script at tiny size."""
+    tests: Tuple[str, ...]
+
+
+class NotRun(NamedTuple):
+    """A script no test runs, and why; ``check`` verifies what can be."""
+    reason: str
+
+
+_SEG = 'tests/test_tools/test_seg_e2e.py'
+_CLS = 'tests/test_tools/test_cls_e2e.py'
+_DET = 'tests/test_tools/test_det_e2e.py'
+
+# Script (or make target, installer) -> how the doc command is covered.
+COVERAGE: Dict[str, object] = {
+    'tools/train.py': Run((
+        f'{_SEG}::test_train_val_then_test_with_tta',
+        f'{_CLS}::test_swin_train_val_then_test_with_tta',
+        f'{_DET}::test_train_evaluates_bbox_and_segm_then_test',
+    )),
+    'tools/test.py': Run((
+        f'{_SEG}::test_train_val_then_test_with_tta',
+        f'{_CLS}::test_cswin_ema_checkpoint_and_test',
+        f'{_DET}::test_train_evaluates_bbox_and_segm_then_test',
+    )),
+    'tools/dist_train.sh': Run(
+        (f'{_SEG}::test_ddp_two_processes_train_and_evaluate', )),
+    'tools/dist_test.sh': Run((
+        'tests/test_docs/test_doc_examples.py::'
+        'test_dist_test_launcher', )),
+    'tools/model_converters/boat2mm.py': Run((
+        'tests/test_tools/test_boat2mm.py::test_cli_output',
+        'tests/test_tools/test_converters.py::'
+        'test_boat2mm_command_on_cswin_file',
+        'tests/test_tools/test_converters.py::'
+        'test_boat2mm_command_on_swin_file',
+    )),
+    'tools/model_converters/verify_boat.py': Run((
+        'tests/test_tools/test_parity_tools.py::'
+        'test_verify_boat_random_weights',
+        'tests/test_tools/test_parity_tools.py::'
+        'test_verify_boat_on_a_published_layout_file',
+    )),
+    'tools/analysis_tools/get_flops.py': Run((
+        'tests/test_tools/test_get_flops.py::'
+        'test_get_flops_cli_segmentation_tiny_arch',
+        'tests/test_tools/test_parity_tools.py::'
+        'test_get_flops_check_reference',
+        f'{_DET}::test_get_flops_of_detectors',
+    )),
+    'tools/visualization/vis_clusters.py': Run((
+        'tests/test_tools/test_vis_clusters.py::'
+        'test_tool_classification_config_with_checkpoint', )),
+    'tools/dataset_converters/gen_synthetic_data.py': Run((
+        'tests/test_datasets/test_synthetic_coco.py::'
+        'test_command_line_coco_mode', )),
+    'tools/deployment/pytorch2onnx.py': Run((
+        'tests/test_tools/test_pytorch2onnx.py::'
+        'test_cli_checkpoint_and_verify', )),
+    'make demo': Run((f'{_SEG}::test_demo_montage_and_chance_level', )),
+    'make test': NotRun('the test suite itself (.ci/run runs `make test`)'),
+    'tools/setup_env.sh': NotRun(
+        'the set-up that `make test` runs first, in CI (.ci/run)'),
+    'pip install': NotRun('installation; the versions must be the pins of '
+                          'requirements/'),
+    'mim install': NotRun('installation; the versions must be the pins of '
+                          'requirements/'),
+    'benchmarks/fsla.py': NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/backbone.py': NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/onnx_export.py': NotRun(
+        'a benchmark (minutes; never a test)'),
+    'benchmarks/cpu_divergence.py': NotRun(
+        'an experiment over CPU settings (minutes; never a test)'),
+    'benchmarks/gpu_check.sh': NotRun('needs a CUDA GPU'),
+}
+
+# Placeholders of the docs' command lines, for the argument parsers.
+_PLACEHOLDERS = {
+    'CONFIG': 'configs/boat_upernet_ade20k.py',
+    'CHECKPOINT': 'x.pth',
+    'CKPT': 'x.pth',
+    'SRC': 'src.pth',
+    'DST': 'dst.pth',
+    'IMAGE': 'image.png',
+    'BOAT_REPO': 'pytorch-boat',
+    'DIR': 'out_dir',
+    'OUT': 'out_dir',
+    'OUT_DIR': 'out_dir',
+    'FILE': 'model.onnx',
+    'H': '64',
+    'W': '64',
+    'N': '18',  # --opset N (18 is the lowest the exporter takes)
+}
+
+
+def _key(command: str) -> Tuple[str, List[str]]:
+    """The COVERAGE key of a command and its arguments."""
+    words = shlex.split(command)
+    while words and re.match(r'^[A-Z_]+=', words[0]):
+        words.pop(0)
+    prog, args = words[0], words[1:]
+    if prog == 'make':
+        return f'make {args[0]}', args[1:]
+    if prog in ('pip', 'mim'):
+        return f'{prog} {args[0]}', args[1:]
+    return args[0], args[1:]
+
+
+def _flags(args: List[str]) -> List[str]:
+    return [a.split('=')[0] for a in args if a.startswith('--')]
+
+
+def _test_source(node: str) -> str:
+    path, func = node.split('::')
+    full = osp.join(REPO, path)
+    assert osp.isfile(full), f'{node}: no such test file'
+    source = open(full, encoding='utf-8').read()
+    assert re.search(rf'^def {func}\(', source, re.M), f'{node}: no such test'
+    return source
+
+
+@pytest.mark.parametrize('doc,line,command', COMMANDS, ids=_ids(COMMANDS))
+def test_command_is_covered(doc, line, command):
+    key, args = _key(command)
+    where = f'{doc}:{line}: `{command}`'
+    assert key in COVERAGE, (
+        f'{where} is run by no test: add it to COVERAGE with the tests '
+        f'that run {key} at tiny size (or why none can)')
+    for word in args:
+        if word.startswith('configs/') and word.endswith('.py'):
+            assert osp.isfile(osp.join(REPO, word)), f'{where}: no {word}'
+    if not key.startswith(('make ', 'pip ', 'mim ')):
+        assert osp.isfile(osp.join(REPO, key)), f'{where}: no {key}'
+    cover = COVERAGE[key]
+    if isinstance(cover, Run):
+        sources = [_test_source(node) for node in cover.tests]
+        name = osp.basename(key.split()[-1])
+        if not key.startswith('make '):
+            assert any(name in s for s in sources), (
+                f'{where}: none of {cover.tests} mentions {name}')
+        for flag in _flags(args):
+            assert any(f"'{flag}'" in s for s in sources), (
+                f'{where}: no test of {cover.tests} passes {flag}')
+
+
+# A tiny BOAT-CSWin UPerNet on the generated 64 px scenes, for the one
+# doc command no tool test runs (`bash tools/dist_test.sh`).
+_TINY_SEG = """
+_base_ = [{base!r}]
+data_root = {root!r}
+crop_size = (64, 64)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1],
+                  num_heads=[2, 2, 2, 2]),
+        fsla_cfg=dict(group_size=16, overlap=4),
+        init_cfg=None),
+    decode_head=dict(in_channels=[16, 32, 64, 128], channels=16),
+    auxiliary_head=dict(in_channels=64, channels=8))
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(256, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')
+]
+test_dataloader = dict(
+    batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+"""
+
+
+def test_dist_test_launcher(ade_root, tmp_path):
+    """`bash tools/dist_test.sh CONFIG CKPT 1` tests a checkpoint through
+    torchrun (gloo on the CPU; one process keeps it cheap, the two-process
+    case is test_seg_e2e.py's dist_train.sh run) and reports the mIoU of
+    the 4 validation images."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    cfg_file = tmp_path / 'tiny_seg.py'
+    cfg_file.write_text(
+        _TINY_SEG.format(
+            base=osp.join(REPO, 'configs', 'boat_upernet_ade20k.py'),
+            root=ade_root))
+    cfg = Config.fromfile(str(cfg_file))
+    init_default_scope('mmseg')
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    ckpt = str(tmp_path / 'tiny.pth')
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(port),
+               PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'dist_test.sh'), str(cfg_file),
+         ckpt, '1', '--work-dir', str(tmp_path / 'work')],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert 'Distributed launcher: pytorch' in proc.stdout, proc.stdout[-3000:]
+    assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', proc.stdout)
+
+
+def _parse_with_tool(script: str, argv: List[str],
+                     monkeypatch) -> Optional[object]:
+    """Parse ``argv`` with the script's own ``parse_args`` (if any)."""
+    # Scripts import their siblings (benchmarks/_timing.py), as when run.
+    monkeypatch.syspath_prepend(osp.dirname(osp.join(REPO, script)))
+    spec = importlib.util.spec_from_file_location(
+        '_doc_tool_' + re.sub(r'\W', '_', script), osp.join(REPO, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'parse_args'):
+        return None
+    monkeypatch.setattr(sys, 'argv', [script] + argv)
+    try:
+        return module.parse_args()
+    except SystemExit as e:
+        raise AssertionError(
+            f'{script} refuses the arguments {argv} (exit {e.code})')
+
+
+def _doc_argv(args: List[str]) -> Optional[List[str]]:
+    """The doc's arguments as a parser sees them: optional parts kept,
+    first of the choices, placeholders replaced; None for ``...``."""
+    argv = []
+    for word in args:
+        if word == '...':
+            return None
+        word = word.strip('[]')
+        word = re.sub(r'^\{([^,}]+)[^}]*\}$', r'\1', word)
+        argv.append(_PLACEHOLDERS.get(word, word))
+    return argv
+
+
+PY_COMMANDS = [c for c in COMMANDS if _key(c[2])[0].endswith('.py')]
+
+
+@pytest.mark.parametrize('doc,line,command', PY_COMMANDS,
+                         ids=_ids(PY_COMMANDS))
+def test_command_line_parses(doc, line, command, monkeypatch):
+    """The script's argument parser accepts the doc's command line (for
+    scripts without ``parse_args``, every flag is in their source)."""
+    key, args = _key(command)
+    argv = _doc_argv(args)
+    if argv is None:
+        pytest.skip(f'{doc}:{line} elides the arguments (`...`)')
+    monkeypatch.chdir(REPO)
+    if _parse_with_tool(key, argv, monkeypatch) is None:
+        source = _read(key)
+        for flag in _flags(args):
+            assert f"'{flag}'" in source, f'{key} has no {flag}'
+
+
+def _pins() -> Dict[str, str]:
+    pins = {}
+    for path in glob.glob(osp.join(REPO, 'requirements', '*.txt')):
+        for line in open(path):
+            m = re.match(r'^([A-Za-z0-9_.-]+)==(\S+)', line.strip())
+            if m:
+                pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def test_install_commands_use_the_pins():
+    """The versions the docs install are those of requirements/."""
+    pins = _pins()
+    seen = 0
+    for doc, line, command in COMMANDS:
+        if not _key(command)[0] in ('pip install', 'mim install'):
+            continue
+        for name, version in re.findall(r'([A-Za-z0-9_.-]+)==(\S+)',
+                                        command):
+            seen += 1
+            assert pins.get(name.lower()) == version, (
+                f'{doc}:{line}: {name}=={version}, requirements/ pin '
+                f'{pins.get(name.lower())}')
+        for env in re.findall(r'\b([A-Z_]+)=', command):
+            assert env in _read('setup.py'), f'{doc}:{line}: {env}'
+    assert seen >= 5
+
+
+def test_make_targets_run_what_the_docs_say():
+    """`make test` and `make demo` run the suite and the demo tool (whose
+    tiny run is in test_seg_e2e.py), each after tools/setup_env.sh."""
+    makefile = _read('Makefile')
+    targets = dict(re.findall(r'^(\w+):[^\n]*\n((?:\t[^\n]*\n)+)', makefile,
+                              re.M))
+    assert 'pytest tests' in targets['test']
+    assert 'tools/setup_env.sh' in targets['setup']
+    assert re.search(r'^test: setup', makefile, re.M)
+    assert re.search(r'^demo: setup', makefile, re.M)
+    demo = targets['demo']
+    assert 'run_demo.py' in demo or (
+        'tools/demo.sh' in demo and 'run_demo.py' in _read('tools/demo.sh'))
+    assert 'make test' in _read('.ci/run')
+
+
+def test_not_run_entries_name_existing_scripts():
+    for key, cover in COVERAGE.items():
+        assert isinstance(cover, (Run, NotRun)), key
+        if not key.startswith(('make ', 'pip ', 'mim ')):
+            assert osp.isfile(osp.join(REPO, key)), key
+    unused = set(COVERAGE) - {_key(c[2])[0] for c in COMMANDS}
+    assert not unused, f'COVERAGE entries no doc uses: {sorted(unused)}'
+
