@@ -20,7 +20,6 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
                          build_cluster_plan, clustered_attention,
                          cpu_kernel_available)
-from boat_mm.ops import clustering as clustering_module
 
 pytest.importorskip('triton')
 
@@ -205,7 +204,7 @@ def test_auto_rules(monkeypatch):
     assert select(clus, 'auto', _like('cpu')).name == cpu
     assert select(attn, 'auto', _like('cpu', torch.bfloat16)).name == \
         'tensor'
-    monkeypatch.setattr(clustering_module, '_HAS_CPU_KERNEL', False)
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     assert select(clus, 'auto', _like('cpu')).name == 'tensor'
     monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
     assert select(clus, 'auto', _like('cuda')).name == 'tensor'

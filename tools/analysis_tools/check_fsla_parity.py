@@ -24,13 +24,17 @@ Example::
 Needs ``timm`` and ``einops`` (imported by the original files only).
 """
 import argparse
+import os.path as osp
 import sys
 from typing import List, Tuple
 
 import torch
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.reference import (  # noqa: E402
+    cuda_calls_stay_put, import_public_module)
 
 # family -> (our qk_scale, the original's qk_scale,
 #            [(side, embed_dims, num_heads)])

@@ -45,7 +45,9 @@ from boat2mm import (build_classifier, check_loads,  # noqa: E402
 
 from boat_mm.models.utils.ckpt_convert import (  # noqa: E402
     convert_boat_checkpoint, detect_boat_family, pick_boat_weights)
-from boat_mm.utils.reference import (  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.reference import (  # noqa: E402
     cuda_calls_stay_put, import_public_module)
 
 SWIN_ARCHS = {
