@@ -19,10 +19,11 @@
 input (``'triton'`` only on CUDA, and without float64, where the tensor
 ops stay the reference), except where a tracer must see tensor ops
 (:func:`tensor_ops_required`) or one op node (:func:`op_required`).
-Whether the C++ kernels loaded is also decided here, once, when
-``boat_mm`` is imported (:func:`cpu_kernel_loaded`). A new backend is one more entry here (and
-its ops in :mod:`~boat_mm.ops._library`): the callers only ask
-:func:`select_backend` and call the op overload it returns.
+Whether the C++ kernels are there is found out here too, once, when
+``boat_mm`` is imported (:func:`cpu_kernel_loaded`). A new backend is one
+more entry here (and its ops in :mod:`~boat_mm.ops._library`): the
+callers only ask :func:`select_backend` and call the op overload it
+returns.
 """
 import importlib.util
 import mmap

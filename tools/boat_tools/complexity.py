@@ -30,26 +30,26 @@ BOAT:
 * **FSLA clustering** (hierarchical spherical k-means on the queries): its
   batched matmuls (centroid means, the cosine similarities of every k-means
   iteration and of the final ranking, centroid updates) are counted
-  exactly as its tensor ops execute them (the tests check this against
-  :class:`torch.utils.flop_counter.FlopCounterMode`). Per level that is ``4 * (1 + kmeans_iters) * B *
-  heads * slots * head_dim`` MACs (``12 * B * N * C`` per level with the
-  default two iterations and no padding slots). The sorts, gathers and
+  exactly as its tensor ops execute them (checked against torch's
+  ``FlopCounterMode`` by the tests). Per level that is
+  ``4 * (1 + kmeans_iters) * B * heads * slots * head_dim`` MACs
+  (``12 * B * N * C`` per level with the default two iterations and no
+  padding slots). The sorts, gathers and
   normalisations around them are not MACs and are not counted.
 
-Against the published numbers (224 x 224 classifiers, multiply-adds of
-matmul, linear, conv and bmm): this counter gives BOAT-Swin T/S/B 5.202 /
-10.224 / 17.973 G and BOAT-CSWin T/S/B 5.204 / 8.051 / 17.602 G for the
-published 5.20 / 10.22 / 17.96 and 5.20 / 8.05 / 17.59 G (at most +0.1 %).
-All six differences are explained by two deliberate differences in what
-runs: (1) the original computes each split's initial centroids with
-``Tensor.mean`` (additions, not a matmul), boat-mm with a batched matmul
-by an averaging matrix (which handles uneven splits); that matmul is
-executed, so it is counted: one sixth of the clustering MACs, 0.006 G
-(T) to 0.011 G (B). (2) On the 7 x 7 map of BOAT-CSWin's last stage (one
-cluster) the original pairs clusters of *different images*, so every query
-sees 69 keys, boat-mm's single cluster attends within itself (49 keys):
-0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to the published
-value for all six models.
+Against the published numbers of the original classifiers (224 x 224,
+multiply-adds of matmul, linear, conv and bmm; ``Converted From`` in
+``configs/*/metafile.yml``, which ``get_flops.py --check-reference``
+compares with) this counter is at most 0.1 % higher, for two deliberate
+differences in what runs: (1) the original computes each split's initial
+centroids with ``Tensor.mean`` (additions, not a matmul), boat-mm with a
+batched matmul by an averaging matrix (which handles uneven splits); that
+matmul is executed, so it is counted: one sixth of the clustering MACs,
+0.006 G (T) to 0.011 G (B). (2) On the 7 x 7 map of BOAT-CSWin's last
+stage (one cluster) the original pairs clusters of *different images*, so
+every query sees 69 keys, boat-mm's single cluster attends within itself
+(49 keys): 0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to
+the published value for all six models.
 
 How it works: the trace runs under a torch function mode (the tool's, not
 a patch: torch calls it for every torch function while it is active, and
