@@ -85,6 +85,21 @@ def test_fsla_flops_match_hand_count(hw):
                                                                S)**2 * 2 * d
 
 
+@pytest.mark.parametrize('hw', list(FSLA_CASES))
+@pytest.mark.parametrize('mode', ['allowed', 'dense'])
+def test_fsla_flops_same_with_and_without_kernels(hw, mode, monkeypatch):
+    """The traced op (C++ kernels) and the tensor ops (masked SDPA) are
+    counted alike."""
+    from boat_mm.ops import _backends, cpu_kernel_available
+    if not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built')
+    C, h = 32, 2
+    attn = FeatureSpaceLocalAttention(C, h)
+    with_op = count(attn, hw, C, mode)['by_operator']
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
+    assert count(attn, hw, C, mode)['by_operator'] == with_op
+
+
 def test_fsla_single_cluster_is_plain_attention():
     C, h, hw = 32, 2, (7, 7)
     ops = count(FeatureSpaceLocalAttention(C, h), hw, C)['by_operator']
