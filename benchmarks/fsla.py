@@ -33,6 +33,7 @@ Example::
     python benchmarks/fsla.py --device cuda --ref-repo /tmp/boat_ref_fsla
 """
 import argparse
+import os.path as osp
 import statistics
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
@@ -45,7 +46,11 @@ from _timing import PeakMemory, amp_context, timed
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
                          inverse_slots)
-from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
+
+sys.path.insert(
+    0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
+from boat_tools.reference import (  # noqa: E402
+    cuda_calls_stay_put, import_public_module)
 
 GROUP_SIZE, OVERLAP = 49, 20
 # (side, embed_dims, num_heads)

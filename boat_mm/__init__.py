@@ -3,13 +3,15 @@
 
 Importing this package (as ``custom_imports=dict(imports=['boat_mm'])``
 does) registers the models in MMEngine's root ``MODELS`` registry and lets
-``torch.load(weights_only=True)`` read MMEngine checkpoints.
+``torch.load(weights_only=True)`` read MMEngine checkpoints; nothing more.
+The generators of synthetic data (:mod:`boat_mm.datasets`) are imported
+where they are used; the tools' own code lives in ``tools/boat_tools``.
 """
 from .utils import allow_mmengine_checkpoints
 from .version import __version__, version_info
 
 allow_mmengine_checkpoints()
 
-from . import datasets, models, ops, utils  # noqa: E402,F401  (registers)
+from . import models, ops, utils  # noqa: E402,F401  (registers)
 
 __all__ = ['__version__', 'version_info']

@@ -24,18 +24,21 @@ Examples::
     bash tools/dist_test.sh CONFIG CKPT 8
 """
 import argparse
-import os
 import os.path as osp
+import sys
 from copy import deepcopy
 from typing import List, Optional
 
-import mmengine
-from mmengine.config import Config, ConfigDict
+# The tools' shared code (tools/boat_tools); imported before mmengine, as it
+# silences mmengine's warnings that are not the user's concern.
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from boat_tools.config import (  # noqa: E402
+    adapt_cfg_to_device, add_launcher_args, build_runner, check_data_roots,
+    init_cpu_dist, merge_common_args, parse_launcher_args)
+import mmengine  # noqa: E402
+from mmengine.config import Config, ConfigDict  # noqa: E402
 
-import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
-from boat_mm.utils import (adapt_cfg_to_device, add_cfg_options_arg,
-                           build_runner, check_data_roots, init_cpu_dist,
-                           merge_common_args)
+import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -82,16 +85,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--no-pin-memory',
         action='store_true',
         help='disable pin_memory in the dataloader')
-    add_cfg_options_arg(parser)
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    add_launcher_args(parser)
+    args = parse_launcher_args(parser, argv)
     if args.out is None and args.out_item is not None:
         parser.error('--out-item needs --out')
     return args

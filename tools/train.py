@@ -7,7 +7,8 @@ mmdetection, for any of their configs (chosen by the config's
 
 * a missing dataset gives an error that says how to get the data;
 * CPU runs work unchanged, ``torchrun`` ones included (``gloo``, SyncBN as
-  BN), see :func:`boat_mm.utils.adapt_cfg_to_device`.
+  BN), see
+  :func:`boat_tools.config.adapt_cfg_to_device`.
 
 Examples::
 
@@ -20,17 +21,21 @@ Examples::
 """
 import argparse
 import logging
-import os
+import os.path as osp
+import sys
 from copy import deepcopy
 from typing import List, Optional
 
-from mmengine.config import Config, ConfigDict
-from mmengine.logging import print_log
+# The tools' shared code (tools/boat_tools); imported before mmengine, as it
+# silences mmengine's warnings that are not the user's concern.
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from boat_tools.config import (  # noqa: E402
+    adapt_cfg_to_device, add_launcher_args, build_runner, check_data_roots,
+    init_cpu_dist, merge_common_args, parse_launcher_args)
+from mmengine.config import Config, ConfigDict  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 
-import boat_mm  # noqa: F401  (registers models, checkpoint allow-list)
-from boat_mm.utils import (adapt_cfg_to_device, add_cfg_options_arg,
-                           build_runner, check_data_roots, init_cpu_dist,
-                           merge_common_args)
+import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -66,19 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--no-persistent-workers',
         action='store_true',
         help='disable persistent_workers in the dataloaders')
-    add_cfg_options_arg(parser)
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    # torch.distributed.launch passes --local-rank (older: --local_rank);
-    # torchrun sets LOCAL_RANK in the environment instead.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launcher_args(parser)
+    return parse_launcher_args(parser, argv)
 
 
 def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:

@@ -18,12 +18,17 @@
 ``'auto'`` takes the first backend of :data:`AUTO_ORDER` that supports the
 input (``'triton'`` only on CUDA, and without float64, where the tensor
 ops stay the reference), except where a tracer must see tensor ops
-(:func:`tensor_ops_required`). A new backend is one more entry here (and
-its ops in :mod:`~boat_mm.ops._library`): the callers only ask
-:func:`select_backend` and call the op overload it returns.
+(:func:`tensor_ops_required`) or one op node (:func:`op_required`).
+Whether the C++ kernels are there is found out here too, once, when
+``boat_mm`` is imported (:func:`cpu_kernel_loaded`). A new backend is one
+more entry here (and its ops in :mod:`~boat_mm.ops._library`): the
+callers only ask :func:`select_backend` and call the op overload it
+returns.
 """
 import importlib.util
+import mmap
 import os
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -33,7 +38,8 @@ from ._library import TRITON_CLUSTERING, op_overload
 
 __all__ = [
     'IMPLS', 'BACKENDS', 'AUTO_ORDER', 'Backend', 'check_impl',
-    'select_backend', 'tensor_ops_required', 'triton_interpreter_enabled'
+    'cpu_kernel_loaded', 'select_backend', 'tensor_ops_required',
+    'triton_interpreter_enabled'
 ]
 
 # Values of ``impl``.
@@ -48,6 +54,60 @@ _HAS_TRITON_CLUSTERING = (
     _HAS_TRITON and importlib.util.find_spec(TRITON_CLUSTERING[0]) is not None)
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _kernels_not_built() -> RuntimeError:
+    """The error of ``impl='cpp'`` without ``boat_mm._C``."""
+    return RuntimeError(
+        "impl='cpp' needs the C++ kernels boat_mm._C, which are not built: "
+        "run `pip install --no-build-isolation -e .` with a C++ compiler "
+        "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
+
+
+def _defines_schemas(path: Optional[str]) -> bool:
+    """Whether the library at ``path`` is an older build of ``boat_mm._C``
+    that defines the op schemas itself: loading it after
+    :mod:`._library` defined them would abort the process (a C++
+    exception during the library's static initialisation)."""
+    if not path or not os.path.isfile(path):
+        return False
+    with open(path, 'rb') as f, mmap.mmap(
+            f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(b'balanced_clustering(Tensor x') >= 0
+
+
+def _load_cpu_kernel() -> bool:
+    """Load ``boat_mm._C`` (registers the CPU kernels of the
+    ``torch.ops.boat_mm`` ops) if built."""
+    try:
+        spec = importlib.util.find_spec('boat_mm._C')
+        if spec is not None and _defines_schemas(spec.origin):
+            raise ImportError(f'{spec.origin} is an older build that '
+                              f'defines the op schemas itself')
+        import boat_mm._C  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != 'boat_mm._C':
+            raise
+        return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
+    except (ImportError, RuntimeError) as e:
+        # Built, but does not load (e.g. compiled against another torch, or
+        # an older build that still defines the schemas itself): say so
+        # instead of silently running slower.
+        warnings.warn(
+            f'boat_mm._C does not load ({e}); FSLA (clustering and '
+            f'clustered attention) falls back to tensor ops. Rebuild it '
+            f'with `pip install --no-build-isolation -e .`.')
+        return False
+    return True
+
+
+_HAS_CPU_KERNEL = _load_cpu_kernel()
+
+
+def cpu_kernel_loaded() -> bool:
+    """Whether ``boat_mm._C`` (the CPU kernels) is loaded. Read from the
+    module at every call, so that tests can switch the kernels off."""
+    return _HAS_CPU_KERNEL
 
 
 def check_impl(impl: str, name: str = 'impl') -> None:
@@ -67,27 +127,26 @@ def triton_interpreter_enabled() -> bool:
 
 def tensor_ops_required(op: str) -> bool:
     """Whether ``'auto'`` must take the tensor ops for ``op`` because a
-    tracer or exporter has to see aten ops (the one place for such rules:
-    add one line per tracer)."""
-    return (
-        # torch.jit tracing (FLOP counters) must see the attention's SDPA.
-        (op == ATTENTION and torch.jit.is_tracing())
-        # ONNX export must see standard ops (no custom op in the graph).
-        or torch.onnx.is_in_onnx_export())
+    tracer or exporter has to see aten ops (the one place for such rules,
+    with :func:`op_required`: add one line per tracer)."""
+    # ONNX export must see standard ops (no custom op in the graph).
+    return torch.onnx.is_in_onnx_export()
 
 
-def _cpp_built() -> bool:
-    # Looked up on the module at every call, so that tests can switch the
-    # kernels off.
-    from . import clustering
-    return clustering._HAS_CPU_KERNEL
+def op_required(op: str) -> bool:
+    """Whether ``'auto'`` must run ``op`` as its ``torch.ops.boat_mm`` op,
+    even without a kernel for the input (then the op's default kernel runs
+    the tensor ops), because a tracer cannot record the tensor ops."""
+    # torch.jit tracing cannot record the clustering's integer sort keys
+    # (Tensor.view(dtype)); it records the op as one node instead.
+    return (op == CLUSTERING and torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
 
 
 def _cpp_unsupported(op: str, x: Tensor, dropout_p: float,
                      auto: bool) -> Optional[Exception]:
-    from . import clustering
-    if not _cpp_built():
-        return clustering._kernels_not_built()
+    if not cpu_kernel_loaded():
+        return _kernels_not_built()
     if op == CLUSTERING:
         if x.device.type != 'cpu':
             return ValueError(
@@ -164,6 +223,10 @@ BACKENDS: Dict[str, Backend] = {
     'cpp': Backend('cpp', 'boat_mm', _cpp_unsupported),
     'triton': Backend('triton', 'boat_mm_triton', _triton_unsupported),
 }
+# The boat_mm ops on whatever kernel the dispatcher finds for the input,
+# the tensor ops (the op's default kernel) when none is built: the choice
+# of 'auto' when a tracer must record an op (op_required).
+_DEFAULT_KERNEL = Backend('tensor', 'boat_mm', lambda *args: None)
 # What 'auto' tries, fastest first.
 AUTO_ORDER: Tuple[str, ...] = ('triton', 'cpp', 'tensor')
 
@@ -185,7 +248,8 @@ def select_backend(op: str,
 
     Returns:
         Backend: The first supporting backend of :data:`AUTO_ORDER` for
-        ``'auto'``, else the named one.
+        ``'auto'`` (see :func:`tensor_ops_required` and :func:`op_required`
+        for the exceptions), else the named one.
 
     Raises:
         ValueError | RuntimeError: ``impl`` is unknown, or the named backend
@@ -198,6 +262,8 @@ def select_backend(op: str,
         for candidate in AUTO_ORDER:
             backend = BACKENDS[candidate]
             if backend.unsupported(op, x, dropout_p, True) is None:
+                if backend.namespace is None and op_required(op):
+                    return _DEFAULT_KERNEL
                 return backend
     backend = BACKENDS[impl]
     error = backend.unsupported(op, x, dropout_p, False)

@@ -20,7 +20,9 @@ and autograd formula:
 - ``boat_mm`` (``torch.ops.boat_mm.clustered_attention(...)``): the
   kernel of the inputs' device, as for any torch op: the C++ kernels of
   ``boat_mm._C`` on the CPU (registered by that library when it loads,
-  ``TORCH_LIBRARY_IMPL(boat_mm, CPU, ...)``), the Triton kernels on CUDA.
+  ``TORCH_LIBRARY_IMPL(boat_mm, CPU, ...)``), the Triton kernels on CUDA;
+  the clustering also has the tensor ops as its default kernel, for
+  tracers that must record it where no kernel is built.
 - ``boat_mm_triton`` (``torch.ops.boat_mm_triton.clustered_attention``):
   the Triton kernels on every device they run on: CUDA, and CPU tensors
   in Triton's interpreter (``TRITON_INTERPRET=1``). torch's dispatcher
@@ -97,6 +99,13 @@ def _lazy_triton(name: str) -> Callable:
     return kernel
 
 
+def _default_clustering(x: Tensor, num_levels: int, slot_size: int,
+                        kmeans_iters: int, temperature: float) -> Tensor:
+    from .clustering import _default_kernel  # imports this module
+    return _default_kernel(x, num_levels, slot_size, kmeans_iters,
+                           temperature)
+
+
 def _fake_clustering(x: Tensor, num_levels: int, slot_size: int,
                      kmeans_iters: int, temperature: float) -> Tensor:
     return x.new_empty((x.shape[0], slot_size << num_levels), dtype=torch.long)
@@ -161,6 +170,11 @@ def _define(namespace: str) -> torch.library.Library:
         devices = ['CUDA'] + (['CPU'] if namespace != 'boat_mm' else [])
         for device in devices:
             lib.impl(name, _lazy_triton(name), device)
+    if namespace == 'boat_mm':
+        # Where no device kernel is registered (boat_mm._C not built):
+        # the tensor ops, so that the op can always be recorded by tracers.
+        lib.impl('balanced_clustering', _default_clustering,
+                 'CompositeExplicitAutograd')
     backward, setup_context = _attention_autograd(namespace)
     torch.library.register_autograd(
         f'{namespace}::clustered_attention',

@@ -37,8 +37,7 @@ backward, fake kernels and autograd formula are defined once in
 
 ``'auto'`` (the default) takes Triton for float32/bfloat16/float16 CUDA
 tensors and the C++ op for float32/float64 CPU tensors when it is built,
-both only without attention dropout, and the tensor ops otherwise (also
-under ``torch.jit`` tracing, so that FLOP counters see the SDPA).
+both only without attention dropout, and the tensor ops otherwise.
 """
 from typing import Optional, Tuple, Union
 
@@ -242,7 +241,7 @@ def clustered_attention(
             dst_row = torch.where(pad, spare, src_row)
         q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, d,
                                             hw_shape)
-    else:  # no backward: plain ops (also what tracers see)
+    else:  # no backward: plain ops
         flat = qkv.reshape(-1, d)
         q, k, v = (_gather_rows(flat, rows) for rows in src_row)
         if hw_shape is not None:

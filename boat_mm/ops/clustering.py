@@ -53,11 +53,7 @@ op. ``'auto'`` (the default) takes Triton for CUDA tensors, the C++
 kernel for CPU tensors when it is built, the tensor implementation
 otherwise.
 """
-import importlib.util
 import math
-import mmap
-import os
-import warnings
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -65,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The schemas of the ops come first: boat_mm._C only registers kernels.
-from . import _library  # noqa: F401
+from . import _backends, _library  # noqa: F401
 from ._backends import CLUSTERING, check_impl, select_backend
 
 __all__ = [
@@ -74,58 +70,10 @@ __all__ = [
 ]
 
 
-def _kernels_not_built() -> RuntimeError:
-    """The error of ``impl='cpp'`` without ``boat_mm._C``."""
-    return RuntimeError(
-        "impl='cpp' needs the C++ kernels boat_mm._C, which are not built: "
-        "run `pip install --no-build-isolation -e .` with a C++ compiler "
-        "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
-
-
-def _defines_schemas(path: Optional[str]) -> bool:
-    """Whether the library at ``path`` is an older build of ``boat_mm._C``
-    that defines the op schemas itself: loading it after
-    :mod:`._library` defined them would abort the process (a C++
-    exception during the library's static initialisation)."""
-    if not path or not os.path.isfile(path):
-        return False
-    with open(path, 'rb') as f, mmap.mmap(
-            f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return data.find(b'balanced_clustering(Tensor x') >= 0
-
-
-def _load_cpu_kernel() -> bool:
-    """Load ``boat_mm._C`` (registers the CPU kernels of the
-    ``torch.ops.boat_mm`` ops) if built."""
-    try:
-        spec = importlib.util.find_spec('boat_mm._C')
-        if spec is not None and _defines_schemas(spec.origin):
-            raise ImportError(f'{spec.origin} is an older build that '
-                              f'defines the op schemas itself')
-        import boat_mm._C  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != 'boat_mm._C':
-            raise
-        return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
-    except (ImportError, RuntimeError) as e:
-        # Built, but does not load (e.g. compiled against another torch, or
-        # an older build that still defines the schemas itself): say so
-        # instead of silently running slower.
-        warnings.warn(
-            f'boat_mm._C does not load ({e}); FSLA (clustering and '
-            f'clustered attention) falls back to tensor ops. Rebuild it '
-            f'with `pip install --no-build-isolation -e .`.')
-        return False
-    return True
-
-
-_HAS_CPU_KERNEL = _load_cpu_kernel()
-
-
 def cpu_kernel_available() -> bool:
     """Whether the C++ CPU kernels (``boat_mm._C``: the clustering and the
     clustered attention) are built and loaded."""
-    return _HAS_CPU_KERNEL
+    return _backends.cpu_kernel_loaded()
 
 
 class ClusterPlan(NamedTuple):
@@ -203,7 +151,13 @@ def _leaf_sizes(num_tokens: int, num_clusters: int,
 
 def _build_plan(num_tokens: int, group_size: int, overlap: int,
                 device: torch.device) -> ClusterPlan:
-    G = num_clusters_for(num_tokens, group_size)
+    return _plan_for_clusters(num_tokens,
+                              num_clusters_for(num_tokens, group_size),
+                              overlap, device)
+
+
+def _plan_for_clusters(num_tokens: int, G: int, overlap: int,
+                       device: torch.device) -> ClusterPlan:
     L = G.bit_length() - 1
     S = -(-num_tokens // G)
     P = max(1, G // 2)
@@ -366,6 +320,20 @@ def balanced_hierarchical_clustering(x: Tensor,
         with torch.autocast(x.device.type, enabled=False):
             return op(x, plan.num_levels, plan.slot_size, kmeans_iters,
                       float(temperature))
+    return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
+
+
+def _default_kernel(x: Tensor, num_levels: int, slot_size: int,
+                    kmeans_iters: int, temperature: float) -> Tensor:
+    """The tensor ops as ``boat_mm::balanced_clustering``, for inputs that
+    no kernel of the op runs (see :func:`boat_mm.ops._backends.
+    op_required`)."""
+    plan = _plan_for_clusters(x.shape[1], 1 << num_levels, 0, x.device)
+    if plan.slot_size != slot_size:
+        raise ValueError(
+            f'slot_size={slot_size} does not fit {x.shape[1]} tokens in '
+            f'{1 << num_levels} clusters (that needs {plan.slot_size}); '
+            f'take both from build_cluster_plan.')
     return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
 
 

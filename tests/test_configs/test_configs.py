@@ -9,6 +9,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401
+from boat_tools.metafile import published_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(
@@ -16,14 +17,10 @@ CONFIGS = sorted(
     for p in glob.glob(osp.join(ROOT, 'configs', '**', '*.py'),
                        recursive=True) if '_base_' not in p)
 
-# Parameter counts of the published classifiers (224; configs/*/README.md).
+# Parameter counts of the published classifiers (configs/*/metafile.yml).
 PARAMS_M = {
-    'boat-swin-tiny_16xb64_in1k.py': 30.27,
-    'boat-swin-small_16xb64_in1k.py': 55.16,
-    'boat-swin-base_16xb64_in1k.py': 97.61,
-    'boat-cswin-tiny_8xb256_in1k.py': 26.39,
-    'boat-cswin-small_8xb256_in1k.py': 40.11,
-    'boat-cswin-base_8xb128_in1k.py': 89.63,
+    osp.basename(config): model.published_params / 1e6
+    for config, model in published_complexity(ROOT).items()
 }
 
 

@@ -22,8 +22,8 @@ from typing import List
 import pytest
 import torch
 
-from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
-                         clustering, cpu_kernel_available)
+from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
+                         build_cluster_plan, cpu_kernel_available)
 
 BOUND = 1.35
 
@@ -111,7 +111,7 @@ def impl(request, monkeypatch):
     if request.param == 'cpp' and not cpu_kernel_available():
         pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
     if request.param == 'tensor':
-        monkeypatch.setattr(clustering, '_HAS_CPU_KERNEL', False)
+        monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     return request.param
 
 

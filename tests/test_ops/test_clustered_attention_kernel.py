@@ -155,7 +155,7 @@ def test_kernel_under_compile():
 @needs_kernel
 def test_auto_dispatch():
     """'auto' takes the op only where it applies: float32/64 on the CPU,
-    no attention dropout, not under torch.jit tracing."""
+    no attention dropout; a torch.jit trace records it as one node."""
     qkv, perm, plan = _problem((14, 14), 16, 2, dtype=torch.float32)
     calls = []
     op = torch.ops.boat_mm.clustered_attention
@@ -181,7 +181,9 @@ def test_auto_dispatch():
     assert op not in calls
     traced = torch.jit.trace(
         lambda t: clustered_attention(t, perm, plan, 2), qkv.detach())
-    assert 'boat_mm::clustered_attention' not in str(traced.graph)
+    assert 'boat_mm::clustered_attention' in str(traced.graph)
+    assert torch.equal(traced(qkv.detach()),
+                       clustered_attention(qkv.detach(), perm, plan, 2))
 
 
 def test_impl_errors():

@@ -245,16 +245,26 @@ with warnings.catch_warnings(record=True) as caught:
     from boat_mm.models.utils import FeatureSpaceLocalAttention
 msgs = [str(w.message) for w in caught if 'boat_mm._C' in str(w.message)]
 assert not cpu_kernel_available()
-out = FeatureSpaceLocalAttention(16, 2)(torch.randn(1, 196, 16), (14, 14))
+fsla = FeatureSpaceLocalAttention(16, 2).requires_grad_(False)
+x = torch.randn(1, 196, 16)
+out = fsla(x, (14, 14))
 assert out.shape == (1, 196, 16)
+# A torch.jit trace records the clustering as one op (its tensor ops as
+# the op's default kernel) and replays it exactly.
+with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    traced = torch.jit.trace(lambda t: fsla(t, (14, 14)), (x, ))
+    assert 'boat_mm::balanced_clustering' in str(traced.graph)
+    assert torch.equal(traced(x), fsla(x, (14, 14)))
 print('WARNED' if msgs else 'QUIET', msgs)
 '''
 
 
 @pytest.mark.parametrize('broken', [False, True])
 def test_fallback_without_kernel(broken):
-    """Without boat_mm._C, FSLA runs on tensor ops; a kernel that exists
-    but does not load is reported, a kernel that was not built is not."""
+    """Without boat_mm._C, FSLA runs on tensor ops, and traces; a kernel
+    that exists but does not load is reported, a kernel that was not built
+    is not."""
     import subprocess
     import sys
     result = subprocess.run(

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
-                         clustering, cpu_kernel_available)
+from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
+                         build_cluster_plan, cpu_kernel_available)
 
 # ---------------------------------------------------------------------------
 # The slow reference.
@@ -210,7 +210,7 @@ def kernels(request, monkeypatch):
     if request.param == 'cpp' and not cpu_kernel_available():
         pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
     if request.param == 'tensor':
-        monkeypatch.setattr(clustering, '_HAS_CPU_KERNEL', False)
+        monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     return request.param
 
 

@@ -20,7 +20,6 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
                          build_cluster_plan, clustered_attention,
                          cpu_kernel_available)
-from boat_mm.ops import clustering as clustering_module
 
 pytest.importorskip('triton')
 
@@ -186,8 +185,9 @@ def _like(device: str, dtype=torch.float32):
 
 def test_auto_rules(monkeypatch):
     """'auto': Triton on CUDA (float32/16-bit, no dropout), C++ on the CPU
-    when built, else tensor ops; tensor ops under torch.jit tracing for
-    the attention; never the interpreter."""
+    when built, else tensor ops; under torch.jit tracing the clustering is
+    always an op (its tensor ops, which the tracer cannot record, as the
+    op's default kernel); never the interpreter."""
     select = _backends.select_backend
     attn, clus = 'clustered_attention', 'balanced_clustering'
     monkeypatch.setattr(_backends, '_HAS_TRITON', True)
@@ -205,7 +205,7 @@ def test_auto_rules(monkeypatch):
     assert select(clus, 'auto', _like('cpu')).name == cpu
     assert select(attn, 'auto', _like('cpu', torch.bfloat16)).name == \
         'tensor'
-    monkeypatch.setattr(clustering_module, '_HAS_CPU_KERNEL', False)
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     assert select(clus, 'auto', _like('cpu')).name == 'tensor'
     monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
     assert select(clus, 'auto', _like('cuda')).name == 'tensor'
@@ -213,7 +213,11 @@ def test_auto_rules(monkeypatch):
     assert select(attn, 'auto', _like('cuda')).name == 'tensor'
     monkeypatch.setattr(_backends, '_HAS_TRITON', True)
     monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)
-    assert select(attn, 'auto', _like('cuda')).name == 'tensor'
+    assert select(attn, 'auto', _like('cuda')).name == 'triton'
+    assert select(attn, 'auto', _like('cpu')).name == 'tensor'
+    traced = select(clus, 'auto', _like('cpu'))
+    assert traced.name == 'tensor' and traced.namespace == 'boat_mm'
+    assert traced.op(clus) is torch.ops.boat_mm.balanced_clustering.default
     # Explicit choices are kept.
     assert select(attn, 'triton', _like('cuda', torch.float64)).name == \
         'triton'

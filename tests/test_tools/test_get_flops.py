@@ -1,6 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""FLOP counting (boat_mm.utils.complexity, tools/analysis_tools/get_flops.py)
-against hand counts of small modules and torch's own FLOP counter."""
+"""FLOP counting (tools/boat_tools/complexity.py,
+tools/analysis_tools/get_flops.py) against hand counts of small modules and
+torch's own FLOP counter."""
 import importlib.util
 import os.path as osp
 import re
@@ -15,8 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
 from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
-from boat_mm.utils.complexity import (MAC_OPERATORS, get_model_complexity,
-                                      sdpa_macs)
+from boat_tools.complexity import (MAC_OPERATORS, get_model_complexity,
+                                   sdpa_macs)
+from boat_tools.metafile import published_complexity
 
 SDPA = F.scaled_dot_product_attention
 
@@ -83,6 +85,21 @@ def test_fsla_flops_match_hand_count(hw):
                                                                S)**2 * 2 * d
 
 
+@pytest.mark.parametrize('hw', list(FSLA_CASES))
+@pytest.mark.parametrize('mode', ['allowed', 'dense'])
+def test_fsla_flops_same_with_and_without_kernels(hw, mode, monkeypatch):
+    """The traced op (C++ kernels) and the tensor ops (masked SDPA) are
+    counted alike."""
+    from boat_mm.ops import _backends, cpu_kernel_available
+    if not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built')
+    C, h = 32, 2
+    attn = FeatureSpaceLocalAttention(C, h)
+    with_op = count(attn, hw, C, mode)['by_operator']
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
+    assert count(attn, hw, C, mode)['by_operator'] == with_op
+
+
 def test_fsla_single_cluster_is_plain_attention():
     C, h, hw = 32, 2, (7, 7)
     ops = count(FeatureSpaceLocalAttention(C, h), hw, C)['by_operator']
@@ -146,9 +163,9 @@ def test_whole_model_matches_torch_flop_counter(backbone, monkeypatch):
     (2 FLOPs per MAC). Its SDPA is forced to the math backend, whose
     matmuls torch counts densely (the fused CPU kernels it does not see);
     likewise the clustering runs on tensor ops, not the opaque C++ kernel."""
-    from boat_mm.ops import clustering
+    from boat_mm.ops import _backends
     from boat_mm.registry import MODELS
-    monkeypatch.setattr(clustering, '_HAS_CPU_KERNEL', False)
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     model = MODELS.build(dict(backbone, drop_path_rate=0.)).eval()
     x = torch.randn(1, 3, 64, 64)
     info = get_model_complexity(model, inputs=x, masked_attention='dense')
@@ -185,7 +202,9 @@ def test_get_flops_cli_classification(get_flops, repo_root, capsys):
     out = capsys.readouterr().out
     assert _value(out, 'Scope') == 'mmpretrain'
     assert _value(out, 'Input shape') == '(3, 64, 64)'
-    assert _value(out, 'Params (M)') == '30.27'  # the published count
+    published = published_complexity()[osp.relpath(cfg, repo_root)]
+    assert _value(out, 'Params (M)') == \
+        f'{published.published_params / 1e6:.2f}'  # the published count
     assert float(_value(out, 'FLOPs (G)')) > 0
     assert 'sdpa (G)' in out and 'fsla_clustering (G)' in out
 

@@ -73,7 +73,7 @@ def _public_swin_tiny_state(ref_repo: str) -> dict:
     try:
         from verify_boat import build_reference
 
-        from boat_mm.utils.reference import import_public_module
+        from boat_tools.reference import import_public_module
         model = build_reference(
             import_public_module(ref_repo, 'swin'), 'swin', 'tiny')
     finally:

@@ -24,6 +24,7 @@ Example::
 Needs ``timm`` and ``einops`` (imported by the original files only).
 """
 import argparse
+import os.path as osp
 import sys
 from typing import List, Tuple, Type
 
@@ -31,7 +32,10 @@ import torch
 
 from boat_mm.models.backbones import BaseBOATBackbone, boat_families
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.utils.reference import cuda_calls_stay_put, import_public_module
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.reference import (  # noqa: E402
+    cuda_calls_stay_put, import_public_module)
 
 
 def fsla_cases(family: Type[BaseBOATBackbone]) -> List[Tuple[int, int, int]]:

@@ -6,7 +6,7 @@ any of their configs (chosen by the config's ``default_scope``). FLOPs are
 multiply-adds (the OpenMMLab convention: mmengine's ``FlopAnalyzer``,
 which also adds per-element estimates for norms; the multiply-adds alone
 are printed too), counted by
-:func:`boat_mm.utils.complexity.get_model_complexity`, which adds what
+:func:`boat_tools.complexity.get_model_complexity`, which adds what
 mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 (masked pair-wise attention counted by its allowed pairs unless
 ``--masked-attention dense``) and the FSLA clustering.
@@ -19,7 +19,7 @@ mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 * detection (mmdet): backbone, neck and dense heads, and a two-stage
   detector's RoI head on 1000 fixed proposals (mask head on 100), without
   post-processing (mmdet's convention, see
-  :class:`boat_mm.utils.complexity.DetectorForward`), on a ``1 x 3 x H x
+  :class:`boat_tools.complexity.DetectorForward`), on a ``1 x 3 x H x
   W`` input, default 800 x 1280 (H x W, the size the Swin and CSWin papers
   count at).
 
@@ -41,15 +41,20 @@ import os.path as osp
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mmengine.analysis.print_helper import (complexity_stats_str,
-                                            complexity_stats_table)
-from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import init_default_scope
+# The tools' shared code (tools/boat_tools); imported before mmengine, as it
+# silences mmengine's warnings that are not the user's concern.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.complexity import (  # noqa: E402
+    DetectorForward, get_model_complexity)
+from boat_tools.config import add_cfg_options_arg  # noqa: E402
+from boat_tools.metafile import REPO_ROOT, published_complexity  # noqa: E402
+from mmengine.analysis.print_helper import (  # noqa: E402
+    complexity_stats_str, complexity_stats_table)
+from mmengine.config import Config  # noqa: E402
+from mmengine.model import revert_sync_batchnorm  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
 
-import boat_mm  # noqa: F401  (registers the BOAT models)
-from boat_mm.utils import add_cfg_options_arg
-from boat_mm.utils.complexity import DetectorForward, get_model_complexity
+import boat_mm  # noqa: F401,E402  (registers the BOAT models)
 
 SCOPES = {
     'mmpretrain': ('mmpretrain.registry', (224, 224)),
@@ -57,19 +62,6 @@ SCOPES = {
     'mmdet': ('mmdet.registry', (800, 1280)),
 }
 
-CONFIG_ROOT = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs')
-
-# Published numbers of the original models at 224 x 224 (see the config
-# READMEs): params (M) and multiply-adds (G) of the whole classifiers.
-REFERENCE = {
-    'boat_swin/boat-swin-tiny_16xb64_in1k.py': (30.27, 5.20),
-    'boat_swin/boat-swin-small_16xb64_in1k.py': (55.16, 10.22),
-    'boat_swin/boat-swin-base_16xb64_in1k.py': (97.61, 17.96),
-    'boat_cswin/boat-cswin-tiny_8xb256_in1k.py': (26.39, 5.20),
-    'boat_cswin/boat-cswin-small_8xb256_in1k.py': (40.11, 8.05),
-    'boat_cswin/boat-cswin-base_8xb128_in1k.py': (89.63, 17.59),
-}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -105,8 +97,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--check-reference',
         action='store_true',
-        help='count the six BOAT ImageNet classifiers at 224 and compare '
-        'with the published params and multiply-adds (slow: minutes)')
+        help='count the BOAT ImageNet classifiers of published weights '
+        '(configs/*/metafile.yml) at 224 and compare with the published '
+        'params and multiply-adds (slow: minutes)')
     parser.add_argument(
         '--tolerance',
         type=float,
@@ -209,13 +202,15 @@ def _print_result(config: str, info: Dict[str, Any]) -> None:
     print(split_line)
     print('FLOPs = multiply-adds (OpenMMLab convention) plus mmengine\'s '
           'per-element estimates for norms, upsampling and pooling; see '
-          'boat_mm/utils/complexity.py for what is counted.')
+          'tools/boat_tools/complexity.py for what is counted.')
     _warn_uncounted(info['uncounted_ops'])
 
 
 def check_reference(tolerance: float,
                     masked_attention: str = 'allowed') -> bool:
-    """Count the six classifiers at 224 and compare with the references.
+    """Count the classifiers with published params and multiply-adds (the
+    ``Converted From`` numbers of ``configs/*/metafile.yml``) at 224 and
+    compare.
 
     Args:
         tolerance (float): Relative tolerance on multiply-adds.
@@ -230,9 +225,11 @@ def check_reference(tolerance: float,
               f'{"FLOPs(G)":>8} ok')
     lines, all_ok = [header, '-' * len(header)], True
     print(header, flush=True)
-    for rel, (ref_params, ref_macs) in REFERENCE.items():
+    for rel, model in published_complexity().items():
+        ref_params = model.published_params / 1e6
+        ref_macs = model.published_flops / 1e9
         info = count_config(
-            osp.join(CONFIG_ROOT, rel), (224, 224),
+            osp.join(REPO_ROOT, rel), (224, 224),
             masked_attention=masked_attention)
         by_op = info['by_operator']
         params, macs = info['params'] / 1e6, info['macs'] / 1e9

@@ -59,7 +59,9 @@ from torch import Tensor
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.utils import add_cfg_options_arg
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.config import add_cfg_options_arg  # noqa: E402
 
 SCOPES = {'mmpretrain': 'mmpretrain.registry', 'mmseg': 'mmseg.registry'}
 # The dynamo exporter (torch.export + onnxscript) emits opset 18 or later.

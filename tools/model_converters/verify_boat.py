@@ -44,7 +44,9 @@ from boat2mm import (build_classifier, check_loads,  # noqa: E402
 from boat_mm.models.backbones import (BaseBOATBackbone,  # noqa: E402
                                       boat_families, detect_boat_family)
 from boat_mm.models.utils.ckpt_convert import pick_boat_weights  # noqa: E402
-from boat_mm.utils.reference import (  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.reference import (  # noqa: E402
     cuda_calls_stay_put, import_public_module)
 
 Family = Type[BaseBOATBackbone]

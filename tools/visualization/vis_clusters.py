@@ -25,6 +25,7 @@ and in the even blocks of every stage of BOAT-CSWin; a wrong
 """
 import argparse
 import os.path as osp
+import sys
 from copy import deepcopy
 from typing import List, Optional
 
@@ -37,9 +38,11 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
-from boat_mm.utils import add_cfg_options_arg
 from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.config import add_cfg_options_arg  # noqa: E402
 
 _SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
 

@@ -17,13 +17,9 @@ from typing import Iterator
 
 import torch
 
-__all__ = ['PUBLIC_MODEL_FILES', 'import_public_module', 'cuda_calls_stay_put']
+from boat_mm.models.backbones import boat_families
 
-# Model file of each family: (family folder, path inside it).
-PUBLIC_MODEL_FILES = {
-    'swin': ('BOAT-Swin', 'models/boat_swin_transformer.py'),
-    'cswin': ('BOAT-CSWin', 'models/cswin_boat.py'),
-}
+__all__ = ['import_public_module', 'cuda_calls_stay_put']
 
 
 def import_public_module(ref_repo: str, family: str) -> ModuleType:
@@ -32,12 +28,17 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
     Args:
         ref_repo (str): Root of a pytorch-boat checkout (e.g. extracted with
             ``git archive HEAD | tar -x -C DIR``).
-        family (str): ``'swin'`` or ``'cswin'``.
+        family (str): A registered family's ``family`` name (``'swin'``,
+            ``'cswin'``); its ``published_code`` names the model file.
 
     Returns:
         ModuleType: The module (imported once, then cached).
     """
-    folder, rel = PUBLIC_MODEL_FILES[family]
+    codes = {f.family: f.published_code for f in boat_families()}
+    if family not in codes:
+        raise KeyError(f'unknown BOAT family {family!r}; registered: '
+                       f'{sorted(codes)}')
+    folder, rel = codes[family]
     path = osp.join(ref_repo, folder, rel)
     if not osp.isfile(path):
         raise FileNotFoundError(

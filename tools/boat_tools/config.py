@@ -1,13 +1,15 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""What ``tools/train.py`` and ``tools/test.py`` do to a config before they
-build the runner: check the dataset paths, and make the run work on a
-machine without CUDA.
+"""What ``tools/train.py`` and ``tools/test.py`` share: their common
+arguments, and what they do to a config before they build the runner:
+check the dataset paths, and make the run work on a machine without CUDA.
 
-Both are plain functions on an :class:`mmengine.config.Config`, so user
-scripts that build their own runner can call them too.
+The config functions are plain functions on an
+:class:`mmengine.config.Config`, so user scripts that build their own
+runner can call them too (with ``tools/`` on ``sys.path``).
 """
 import argparse
 import datetime
+import logging
 import os
 import os.path as osp
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -17,7 +19,8 @@ from mmengine.logging import print_log
 
 __all__ = [
     'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist',
-    'add_cfg_options_arg', 'merge_common_args', 'build_runner'
+    'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
+    'merge_common_args', 'build_runner'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -74,6 +77,40 @@ def add_cfg_options_arg(parser: argparse.ArgumentParser) -> None:
         'is allowed.')
 
 
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments that end the parser of a runner tool (train,
+    test): ``--cfg-options``, ``--launcher`` and ``--local-rank``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser.
+    """
+    add_cfg_options_arg(parser)
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (older: --local_rank);
+    # torchrun sets LOCAL_RANK in the environment instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_launcher_args(parser: argparse.ArgumentParser,
+                        argv: Optional[List[str]] = None
+                        ) -> argparse.Namespace:
+    """Parse the command line of a parser built with
+    :func:`add_launcher_args` (``argv`` defaults to ``sys.argv[1:]``) and
+    export ``--local-rank`` as ``LOCAL_RANK`` unless the launcher set it.
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
 def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
     """Apply what every tool takes: ``--cfg-options`` (first), then
     ``--launcher`` and ``--work-dir`` (priority: command line, config,
@@ -94,9 +131,27 @@ def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
                                 osp.splitext(osp.basename(args.config))[0])
 
 
+# Starts of the WARNING records MMEngine logs about its own use of
+# deprecated file I/O (CheckpointHook builds a FileClient on every run):
+# nothing the user can change.
+MMENGINE_INTERNAL_WARNINGS = (
+    '"FileClient" will be deprecated in future.',
+    '"HardDiskBackend" is the alias of "LocalBackend"',
+)
+
+
+def _not_internal_warning(record: logging.LogRecord) -> bool:
+    """Logging filter: False for the records of
+    :data:`MMENGINE_INTERNAL_WARNINGS`."""
+    return not (record.levelno == logging.WARNING
+                and isinstance(record.msg, str)
+                and record.msg.startswith(MMENGINE_INTERNAL_WARNINGS))
+
+
 def build_runner(cfg: Config):
     """MMEngine's Runner, or the config's ``runner_type`` registered under
-    its scope.
+    its scope, with MMEngine's warnings about its internal file I/O
+    filtered from its logger.
 
     Args:
         cfg (Config): The complete config.
@@ -107,9 +162,12 @@ def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS, init_default_scope
     from mmengine.runner import Runner
     if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
-    return RUNNERS.build(cfg)
+        runner = Runner.from_cfg(cfg)
+    else:
+        init_default_scope(cfg.get('default_scope', 'mmengine'))
+        runner = RUNNERS.build(cfg)
+    runner.logger.addFilter(_not_internal_warning)
+    return runner
 
 
 def _datasets(loader: dict) -> Iterator[dict]:

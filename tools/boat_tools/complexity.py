@@ -30,46 +30,50 @@ BOAT:
 * **FSLA clustering** (hierarchical spherical k-means on the queries): its
   batched matmuls (centroid means, the cosine similarities of every k-means
   iteration and of the final ranking, centroid updates) are counted
-  exactly as executed, measured with :class:`torch.utils.flop_counter.
-  FlopCounterMode`. Per level that is ``4 * (1 + kmeans_iters) * B *
-  heads * slots * head_dim`` MACs (``12 * B * N * C`` per level with the
-  default two iterations and no padding slots). The sorts, gathers and
+  exactly as its tensor ops execute them (checked against torch's
+  ``FlopCounterMode`` by the tests). Per level that is
+  ``4 * (1 + kmeans_iters) * B * heads * slots * head_dim`` MACs
+  (``12 * B * N * C`` per level with the default two iterations and no
+  padding slots). The sorts, gathers and
   normalisations around them are not MACs and are not counted.
 
-Against the published numbers (224 x 224 classifiers, multiply-adds of
-matmul, linear, conv and bmm): this counter gives BOAT-Swin T/S/B 5.202 /
-10.224 / 17.973 G and BOAT-CSWin T/S/B 5.204 / 8.051 / 17.602 G for the
-published 5.20 / 10.22 / 17.96 and 5.20 / 8.05 / 17.59 G (at most +0.1 %).
-All six differences are explained by two deliberate differences in what
-runs: (1) the original computes each split's initial centroids with
-``Tensor.mean`` (additions, not a matmul), boat-mm with a batched matmul
-by an averaging matrix (which handles uneven splits); that matmul is
-executed, so it is counted: one sixth of the clustering MACs, 0.006 G
-(T) to 0.011 G (B). (2) On the 7 x 7 map of BOAT-CSWin's last stage (one
-cluster) the original pairs clusters of *different images*, so every query
-sees 69 keys, boat-mm's single cluster attends within itself (49 keys):
-0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to the published
-value for all six models.
+Against the published numbers of the original classifiers (224 x 224,
+multiply-adds of matmul, linear, conv and bmm; ``Converted From`` in
+``configs/*/metafile.yml``, which ``get_flops.py --check-reference``
+compares with) this counter is at most 0.1 % higher, for two deliberate
+differences in what runs: (1) the original computes each split's initial
+centroids with ``Tensor.mean`` (additions, not a matmul), boat-mm with a
+batched matmul by an averaging matrix (which handles uneven splits); that
+matmul is executed, so it is counted: one sixth of the clustering MACs,
+0.006 G (T) to 0.011 G (B). (2) On the 7 x 7 map of BOAT-CSWin's last
+stage (one cluster) the original pairs clusters of *different images*, so
+every query sees 69 keys, boat-mm's single cluster attends within itself
+(49 keys): 0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to
+the published value for all six models.
 
-How it works: during the trace, ``F.scaled_dot_product_attention`` and
-FSLA's clustering function are temporarily replaced by thin custom ops
-(``boat_mm_flops::sdpa`` and ``boat_mm_flops::fsla_clustering``) that
-compute the same values and carry their MAC count, measured on the real
-tensors, as a constant argument of the traced node. (The clustering is not
-traceable as is: ``torch.jit`` cannot record its ``Tensor.view(dtype)``.)
-SDPA calls that bypass ``torch.nn.functional`` (a reference bound at import
-time) are still counted, dense, by an ``aten::scaled_dot_product_attention``
-handle.
+How it works: the trace runs under a torch function mode (the tool's, not
+a patch: torch calls it for every torch function while it is active, and
+nothing outside the trace sees it) that sends every
+``scaled_dot_product_attention`` call to a thin custom op
+(``boat_mm_flops::sdpa``) computing the same values and carrying its MAC
+count, measured on the real tensors (the mask's allowed pairs), as a
+constant argument of the traced node. FSLA's ops are traced as the nodes
+``boat_mm::balanced_clustering`` and ``boat_mm::clustered_attention`` (or
+their ``boat_mm_triton`` twins), whose handles compute the MACs from the
+node's shapes and constants: the clustering's matmuls as above, the
+attention's allowed (or dense) pairs of the sibling-pair layout (its
+tensor-op path, taken where no kernel runs the input, is plain SDPA and
+counted as such). SDPA calls made inside scripted code are still counted,
+dense, by an ``aten::scaled_dot_product_attention`` handle.
 
 Example:
-    >>> from boat_mm.utils.complexity import get_model_complexity
+    >>> import sys; sys.path.insert(0, 'tools')  # from the repo root
+    >>> from boat_tools.complexity import get_model_complexity
     >>> info = get_model_complexity(model, input_shape=(3, 224, 224))
     >>> info['flops'] / 1e9, info['params'] / 1e6
 """
 import contextlib
-import inspect
 import math
-import sys
 from collections import Counter
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence,
                     Tuple, Union)
@@ -80,9 +84,7 @@ import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
-
-from boat_mm.ops import clustering as _clustering
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     'MAC_OPERATORS', 'DetectorForward', 'flop_analyzer',
@@ -118,8 +120,18 @@ _ZERO_COST_OPS = ('aten::index_select', 'aten::embedding', 'aten::sort',
                   'aten::all', 'aten::any', 'aten::__or__',
                   'aten::masked_fill_', 'aten::unfold', 'aten::im2col')
 
-_ORIG_SDPA = F.scaled_dot_product_attention
-_ORIG_CLUSTERING = _clustering.balanced_hierarchical_clustering
+# The FSLA ops as traced: ``<namespace>::<op>`` of boat_mm.ops._library.
+_FSLA_NAMESPACES = ('boat_mm', 'boat_mm_triton')
+
+# The parameters of F.scaled_dot_product_attention, in order.
+_SDPA_ARGS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal',
+              'scale', 'enable_gqa')
+_SDPA_DEFAULTS = dict(
+    attn_mask=None,
+    dropout_p=0.,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False)
 
 
 @torch.library.custom_op('boat_mm_flops::sdpa', mutates_args=())
@@ -128,7 +140,7 @@ def _sdpa_op(query: Tensor, key: Tensor, value: Tensor,
              scale: Optional[float], enable_gqa: bool, macs: int) -> Tensor:
     """SDPA that carries its MAC count (``macs``) into the traced graph."""
     kwargs = dict(enable_gqa=True) if enable_gqa else {}
-    return _ORIG_SDPA(
+    return F.scaled_dot_product_attention(
         query,
         key,
         value,
@@ -137,13 +149,6 @@ def _sdpa_op(query: Tensor, key: Tensor, value: Tensor,
         is_causal=is_causal,
         scale=scale,
         **kwargs)
-
-
-@torch.library.custom_op('boat_mm_flops::fsla_clustering', mutates_args=())
-def _clustering_op(x: Tensor, perm: Tensor, macs: int) -> Tensor:
-    """Stands for FSLA's clustering of ``x`` (result ``perm``, already
-    computed outside the trace) and carries its MAC count."""
-    return perm.clone()
 
 
 def sdpa_macs(query_shape: Sequence[int],
@@ -202,70 +207,88 @@ def _tracing_disabled() -> Iterator[None]:
         torch._C._set_tracing_state(state)
 
 
-def _counting_sdpa(masked_attention: str) -> Callable:
-    """A drop-in ``F.scaled_dot_product_attention`` for the trace."""
+class _CountingMode(TorchFunctionMode):
+    """Sends every ``F.scaled_dot_product_attention`` call of the trace to
+    :func:`_sdpa_op`, with its MAC count measured on the call's tensors.
 
-    def sdpa(query: Tensor,
-             key: Tensor,
-             value: Tensor,
-             attn_mask: Optional[Tensor] = None,
-             dropout_p: float = 0.,
-             is_causal: bool = False,
-             scale: Optional[float] = None,
-             enable_gqa: bool = False) -> Tensor:
+    Args:
+        masked_attention (str): ``'allowed'`` or ``'dense'``.
+    """
+
+    def __init__(self, masked_attention: str):
+        super().__init__()
+        self.masked_attention = masked_attention
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, args)), **kwargs)
+        q, k, v, mask = (call[n] for n in _SDPA_ARGS[:4])
         with _tracing_disabled():
             macs = sdpa_macs(
-                tuple(query.shape), tuple(key.shape), tuple(value.shape),
-                attn_mask, is_causal, masked_attention)
-        return _sdpa_op(query, key, value, attn_mask, float(dropout_p),
-                        bool(is_causal),
+                tuple(q.shape), tuple(k.shape), tuple(v.shape), mask,
+                call['is_causal'], self.masked_attention)
+        scale = call['scale']
+        return _sdpa_op(q, k, v, mask, float(call['dropout_p']),
+                        bool(call['is_causal']),
                         None if scale is None else float(scale),
-                        bool(enable_gqa), macs)
-
-    return sdpa
+                        bool(call['enable_gqa']), macs)
 
 
-def _counting_clustering(x: Tensor, plan: Any, *args, **kwargs) -> Tensor:
-    """A drop-in ``balanced_hierarchical_clustering`` for the trace."""
-    with _tracing_disabled():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            # The tensor ops expose the clustering matmuls to the counter
-            # (the C++ kernel is opaque to it); the arithmetic is the same.
-            bound = inspect.signature(_ORIG_CLUSTERING).bind(
-                x, plan, *args, **kwargs)
-            bound.arguments['impl'] = 'tensor'
-            perm = _ORIG_CLUSTERING(*bound.args, **bound.kwargs)
-        # torch counts 2 FLOPs per multiply-add.
-        macs = counter.get_total_flops() // 2
-    return _clustering_op(x, perm, int(macs))
+def _constant(value: Any) -> Any:
+    """The Python value of a constant input of a traced node."""
+    return value.toIValue()
 
 
-@contextlib.contextmanager
-def _counting_patches(masked_attention: str) -> Iterator[None]:
-    """Route SDPA and FSLA clustering through the counting custom ops."""
-    patched: List[Tuple[Any, str, Any]] = []
+def _clustering_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """``balanced_clustering(x, num_levels, slot_size, kmeans_iters, _)``:
+    per level, the centroid means, two matmuls per k-means iteration and
+    the final similarities, each ``2 * slots * d`` MACs per row of ``x``
+    (what its tensor ops execute; the kernels do the same arithmetic)."""
+    M, _, d = get_shape(inputs[0])
+    levels, slot_size, iters = (_constant(x) for x in inputs[1:4])
+    slots = slot_size << levels
+    macs = 4 * (1 + iters) * M * slots * d * levels
+    return Counter({'fsla_clustering': macs} if macs else {})
 
-    def patch(owner: Any, name: str, new: Any) -> None:
-        patched.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, new)
 
-    try:
-        patch(F, 'scaled_dot_product_attention',
-              _counting_sdpa(masked_attention))
-        # Every boat_mm module that imported the clustering function by
-        # name (FSLA does) gets the counting version for the trace.
-        for mod_name, mod in list(sys.modules.items()):
-            if (not mod_name.startswith('boat_mm') or mod is None
-                    or mod_name == __name__):
-                continue
-            for attr, value in list(vars(mod).items()):
-                if value is _ORIG_CLUSTERING:
-                    patch(mod, attr, _counting_clustering)
-        yield
-    finally:
-        for owner, name, old in reversed(patched):
-            setattr(owner, name, old)
+def _sibling_pairs(num_tokens: int, num_clusters: int, slot_size: int,
+                   overlap: int) -> int:
+    """(query, key) pairs that FSLA's sibling-pair mask allows, per row.
+
+    Cluster ``c`` holds ``N // G`` real tokens, one more for the first
+    ``N % G``. In a pair ``(a, b)`` of real counts, the ``a`` queries see
+    their own tokens and ``min(b, overlap)`` of the sibling's, the ``b``
+    queries likewise; each padding slot attends to itself.
+    """
+    base, extra = divmod(num_tokens, num_clusters)
+    sizes = [base + (c < extra) for c in range(num_clusters)]
+    pairs = 0
+    for a, b in zip(sizes[0::2], sizes[1::2]):
+        pairs += a * (a + min(b, overlap)) + b * (b + min(a, overlap))
+        pairs += 2 * slot_size - a - b
+    return pairs
+
+
+def _attention_handle(masked_attention: str) -> Callable:
+    """Handle of ``clustered_attention(qkv, perm, slot_valid, num_heads,
+    slot_size, overlap, ...)``: ``q @ k^T`` and ``attn @ v`` on the
+    allowed pairs (or on the dense ``2S x 2S`` pair blocks)."""
+
+    def handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+        B, N, C3 = get_shape(inputs[0])
+        M, slots = get_shape(inputs[1])
+        heads, slot_size, overlap = (_constant(x) for x in inputs[3:6])
+        head_dims = C3 // 3 // heads
+        num_clusters = slots // slot_size
+        if masked_attention == 'dense':
+            pairs = num_clusters // 2 * (2 * slot_size)**2
+        else:
+            pairs = _sibling_pairs(N, num_clusters, slot_size, overlap)
+        return Counter({'sdpa': M * pairs * 2 * head_dims})
+
+    return handle
 
 
 def _macs_arg_handle(name: str) -> Callable:
@@ -282,7 +305,8 @@ def _zero_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
 
 
 def _aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """SDPA calls that bypassed the patch: counted dense from shapes."""
+    """SDPA calls the mode did not see (scripted code): dense, from
+    shapes."""
     q, k, v = (get_shape(x) for x in inputs[:3])
     return Counter({'sdpa': sdpa_macs(q, k, v, masked_attention='dense')})
 
@@ -316,10 +340,15 @@ def flop_analyzer(model: nn.Module,
     analyzer.set_op_handle(
         **{
             'boat_mm_flops::sdpa': _macs_arg_handle('sdpa'),
-            'boat_mm_flops::fsla_clustering': _macs_arg_handle(
-                'fsla_clustering'),
             'aten::scaled_dot_product_attention': _aten_sdpa_handle,
         })
+    for namespace in _FSLA_NAMESPACES:
+        analyzer.set_op_handle(
+            **{
+                f'{namespace}::balanced_clustering': _clustering_handle,
+                f'{namespace}::clustered_attention': _attention_handle(
+                    masked_attention),
+            })
     for op in _ZERO_COST_OPS:
         analyzer.set_op_handle(op, None)
     # PythonOps cannot be ignored by name (mmengine checks the bare kind).
@@ -329,8 +358,8 @@ def flop_analyzer(model: nn.Module,
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     analyzer.tracer_warnings('none')
-    with torch.no_grad(), _counting_patches(masked_attention):
-        analyzer.total()  # traces now, while the patches are active
+    with torch.no_grad(), _CountingMode(masked_attention):
+        analyzer.total()  # traces now, while the mode is active
     return analyzer
 
 

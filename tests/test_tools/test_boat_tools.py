@@ -1,0 +1,49 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""What the tools' shared package (tools/boat_tools) filters: exactly the
+upstream warnings that are not the user's concern."""
+import logging
+import warnings
+
+import boat_tools
+from boat_tools.config import _not_internal_warning
+
+PKG_RESOURCES = ('pkg_resources is deprecated as an API. See '
+                 'https://setuptools.pypa.io/en/latest/pkg_resources.html.')
+PIN_MEMORY = ("'pin_memory' argument is set as true but no accelerator is "
+              "found, then device pinned memory won't be used.")
+
+
+def _shown(message: str, module: str) -> bool:
+    """Whether a UserWarning from ``module`` gets through the filters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter('always')
+        boat_tools.silence_upstream_warnings()
+        warnings.warn_explicit(message, UserWarning, 'x.py', 1, module=module)
+    return bool(caught)
+
+
+def test_upstream_warnings_are_filtered_by_message_and_module():
+    assert not _shown(PKG_RESOURCES, 'mmengine.utils.package_utils')
+    assert not _shown(PKG_RESOURCES, 'importlib')  # mmengine's reloads
+    assert not _shown(PIN_MEMORY, 'torch.utils.data.dataloader')
+    # The same message from elsewhere, or another message, is shown.
+    assert _shown(PKG_RESOURCES, 'user_script')
+    assert _shown(PIN_MEMORY, 'user_script')
+    assert _shown('something else', 'mmengine.utils.package_utils')
+
+
+def _record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord('mmengine', level, 'x.py', 1, msg, None, None)
+
+
+def test_runner_logger_drops_mmengine_file_client_warnings():
+    assert not _not_internal_warning(
+        _record('"FileClient" will be deprecated in future. Please use io '
+                'functions in https://mmengine.readthedocs.io/'))
+    assert not _not_internal_warning(
+        _record('"HardDiskBackend" is the alias of "LocalBackend" and the '
+                'former will be deprecated in future.'))
+    assert _not_internal_warning(_record('Checkpoints will be saved to x.'))
+    assert _not_internal_warning(
+        _record('"FileClient" will be deprecated in future.', logging.ERROR))
