@@ -32,6 +32,7 @@ Example::
 """
 import argparse
 import importlib.util
+import math
 import os
 import os.path as osp
 import statistics
@@ -90,15 +91,20 @@ def _against_pytorch(wrapped, got: list, x: torch.Tensor) -> Dict[str, float]:
         argmax_same_clusters=same['argmax'])
 
 
-def latency(shape: List[int], repeats: int, threads: int,
-            tmp: str) -> Dict[str, object]:
+def latency(shape: List[int],
+            repeats: int,
+            threads: int,
+            tmp: str,
+            reuse: bool = False) -> Dict[str, object]:
     """PyTorch vs onnxruntime latency of the headline segmentor, and the
     differences of its outputs on a random and a real image.
 
     The file is exported with every FSLA layer's clusters as extra outputs
     (:class:`WithClusters`; the same ops, a few more int64 outputs), so
     that one export (15 minutes on two cores) also tells flipped near-ties
-    from errors: PyTorch is rerun on onnxruntime's clusters.
+    from errors: PyTorch is rerun on onnxruntime's clusters. With
+    ``reuse``, a file left in ``tmp`` by an earlier run is used as is (the
+    weights are the same: seeded).
     """
     p2o = _tool()
     torch.manual_seed(0)
@@ -106,11 +112,16 @@ def latency(shape: List[int], repeats: int, threads: int,
     net = p2o.ExportWrapper(model, scope)
     wrapped = p2o.WithClusters(net).eval()
     path = osp.join(tmp, 'boat-cswin-tiny_upernet.onnx')
-    t0 = time.perf_counter()
-    p2o.export_onnx(wrapped, shape, path)
-    export_s = time.perf_counter() - t0
+    export_s = float('nan')
+    if not (reuse and osp.isfile(path)):
+        t0 = time.perf_counter()
+        p2o.export_onnx(wrapped, shape, path)
+        export_s = time.perf_counter() - t0
     sess = p2o.make_session(path, threads)
     name = sess.get_inputs()[0].name
+    if tuple(sess.get_inputs()[0].shape[2:]) != tuple(shape):
+        raise ValueError(f'{path} is not a {shape} export; run without '
+                         f'--reuse.')
     x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
     feed = {name: x.numpy()}
     torch.set_num_threads(threads)
@@ -237,13 +248,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         '--work-dir',
         help='keep the exported files here (a temporary folder without)')
+    parser.add_argument(
+        '--reuse',
+        action='store_true',
+        help='latency: use the file an earlier run left in --work-dir')
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.work_dir:
             os.makedirs(args.work_dir, exist_ok=True)
             tmp = args.work_dir
         if args.only in (None, 'latency'):
-            r = latency(args.shape, args.repeats, args.threads, tmp)
+            r = latency(args.shape, args.repeats, args.threads, tmp,
+                        args.reuse)
             H, W = args.shape
             print(f'\n### BOAT-CSWin-T + UPerNet, 1x3x{H}x{W}, '
                   f'{args.threads} threads, median of {args.repeats}\n')
@@ -255,7 +271,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'| onnxruntime {onnxruntime.__version__} CPU | '
                   f'{r["onnxruntime_s"]:.3f} | '
                   f'{r["onnxruntime_s"] / r["pytorch_s"]:.2f}x |')
-            print(f'\nexport {r["export_s"]:.0f} s, file '
+            took = 'reused, not timed' if math.isnan(r['export_s']) \
+                else f'{r["export_s"]:.0f} s'
+            print(f'\nexport {took}, file '
                   f'{r["size_mib"]:.1f} MiB ({r["params_m"]:.1f} M params '
                   f'without the auxiliary head)\n')
             print('| input | clustered FSLA calls with other clusters | '
