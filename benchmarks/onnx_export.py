@@ -159,7 +159,7 @@ def small(threads: int, tmp: str) -> List[Dict[str, object]]:
         for fsla in (True, False):
             cfg = Config.fromfile(config)
             backbone = dict(
-                arch=arch,
+                arch=dict(_delete_=True, **arch),
                 drop_path_rate=0.,
                 with_fsla=fsla,
                 fsla_cfg=dict(group_size=16, overlap=4))
