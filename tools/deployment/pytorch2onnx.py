@@ -28,7 +28,10 @@ or width (``--dynamic-shape height width``) is refused with an error.
 
 ``--verify`` runs the file with onnxruntime (CPU) on a real image (one from
 the generated dataset of the config's task, or ``--image``) and on random
-input, and prints the differences from PyTorch.
+input (also a batch of 3 if the batch is dynamic), and prints the
+differences from PyTorch. Large differences on some inputs can be
+float32 near-ties of FSLA's clustering ranked the other way, which
+cascade through the following layers (``docs/deployment.md``).
 
 Examples::
 
@@ -38,7 +41,7 @@ Examples::
         --shape 128 128 --out work_dirs/demo/demo.onnx --verify
     python tools/deployment/pytorch2onnx.py \\
         configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py \\
-        --shape 224 224 --out boat-cswin-tiny.onnx
+        --shape 224 224 --out boat-cswin-tiny.onnx --dynamic-shape
 """
 import argparse
 import os
