@@ -172,20 +172,13 @@ def test_classifier_with_fsla(tmp_path, kind, shape):
     # One case also checks the exporter's graph optimizer (the tool's
     # default; off elsewhere, it is half the export time).
     optimize = kind == 'swin' and shape == CLS_SHAPES[0]
-    # The second size is exported with a dynamic batch and run on batches
-    # of 1 and 3 (other than the traced 2).
-    dynamic = shape == CLS_SHAPES[1]
-    xs = [_randn(1, shape)] + ([_randn(3, shape, 2)] if dynamic else [])
     num_fsla, _ = _check(
         net,
         shape,
-        tmp_path,
-        xs,
+        tmp_path, [_randn(1, shape)],
         _cls_close(1e-4),
-        dynamic=dynamic,
         optimize=optimize)
-    # Clustered FSLA layers are really in the graph.
-    assert num_fsla >= 2 * len(xs)
+    assert num_fsla >= 2  # clustered FSLA layers are really in the graph
 
 
 # With the CLI test (BOAT-Swin at 72x52), both models at both sizes.
@@ -218,7 +211,9 @@ def _ade_images(ade_root, net, shape, indices):
 @pytest.mark.parametrize('shape', SEG_SHAPES)
 def test_demo_segmentor_with_fsla(tmp_path, ade_root, shape):
     net = _seg_net(tmp_path, fsla=True)
-    # The second size with a dynamic batch, run on batches of 1 and 3.
+    # The second size with a dynamic batch (FSLA and mmseg's heads; the
+    # CLI test covers BOAT-Swin), run on batches of 1 and 3 (the export
+    # traces 2).
     dynamic = shape == SEG_SHAPES[1]
     xs = [_ade_images(ade_root, net, shape, [0])]
     if dynamic:
