@@ -95,7 +95,8 @@ def latency(shape: List[int],
             repeats: int,
             threads: int,
             tmp: str,
-            reuse: bool = False) -> Dict[str, object]:
+            reuse: bool = False,
+            extra_inputs: int = 0) -> Dict[str, object]:
     """PyTorch vs onnxruntime latency of the headline segmentor, and the
     differences of its outputs on a random and a real image.
 
@@ -104,7 +105,8 @@ def latency(shape: List[int],
     that one export (15 minutes on two cores) also tells flipped near-ties
     from errors: PyTorch is rerun on onnxruntime's clusters. With
     ``reuse``, a file left in ``tmp`` by an earlier run is used as is (the
-    weights are the same: seeded).
+    weights are the same: seeded). ``extra_inputs`` more random inputs
+    are checked after the timing.
     """
     p2o = _tool()
     torch.manual_seed(0)
@@ -137,10 +139,16 @@ def latency(shape: List[int],
             sess.run(None, feed)
             times['onnxruntime'].append(time.perf_counter() - t)
     checks = {'random': _against_pytorch(wrapped, sess.run(None, feed), x)}
-    image = p2o._generated_image(scope, osp.join(tmp, 'data'))
-    x = p2o.load_image(image, model, shape)
+    with tempfile.TemporaryDirectory(dir=tmp) as data:
+        image = p2o._generated_image(scope, data)
+        x = p2o.load_image(image, model, shape)
     checks['image'] = _against_pytorch(wrapped,
                                        sess.run(None, {name: x.numpy()}), x)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(extra_inputs):
+        x = torch.randn(1, 3, *shape, generator=gen)
+        checks[f'random {i + 2}'] = _against_pytorch(
+            wrapped, sess.run(None, {name: x.numpy()}), x)
     return dict(
         export_s=export_s,
         size_mib=osp.getsize(path) / 2**20,
@@ -249,6 +257,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         '--work-dir',
         help='keep the exported files here (a temporary folder without)')
     parser.add_argument(
+        '--extra-inputs',
+        type=int,
+        default=0,
+        help='latency: check this many more random inputs')
+    parser.add_argument(
         '--reuse',
         action='store_true',
         help='latency: use the file an earlier run left in --work-dir')
@@ -259,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tmp = args.work_dir
         if args.only in (None, 'latency'):
             r = latency(args.shape, args.repeats, args.threads, tmp,
-                        args.reuse)
+                        args.reuse, args.extra_inputs)
             H, W = args.shape
             print(f'\n### BOAT-CSWin-T + UPerNet, 1x3x{H}x{W}, '
                   f'{args.threads} threads, median of {args.repeats}\n')
