@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """ONNX export of BOAT: onnxruntime vs PyTorch on the CPU, side by side.
 
-Two measurements, printed as markdown (``docs/deployment.md`` quotes them):
+Three measurements, printed as markdown (``docs/deployment.md`` quotes
+them):
 
 1. ``latency``: BOAT-CSWin-T + UPerNet (``configs/boat_upernet_ade20k.py``,
    random weights, no auxiliary head) exported at ``--shape`` (512 x 512),
@@ -9,8 +10,14 @@ Two measurements, printed as markdown (``docs/deployment.md`` quotes them):
    default C++ FSLA kernels) and onnxruntime (CPU execution provider, all
    graph optimisations) alternated in one run, with the same number of
    threads; medians. Also the export time, the file size and the
-   differences of the outputs.
-2. ``flips``: how often float32 rounding makes onnxruntime rank a near-tie
+   differences of the outputs on a random and a real image, also with
+   PyTorch rerun on onnxruntime's clusters (the file is exported with them
+   as extra outputs).
+2. ``small``: onnxruntime vs PyTorch on the models the tests export (tiny
+   BOAT-Swin / BOAT-CSWin classifiers, the demo segmentor; two input sizes,
+   FSLA on and off), each exported with a dynamic batch and run on a
+   random batch of 1 and of 3.
+3. ``flips``: how often float32 rounding makes onnxruntime rank a near-tie
    of the FSLA clustering the other way: the demo segmentor
    (``configs/demo/``, random weights) at ``--flip-shape``, exported with
    every FSLA layer's clusters as extra outputs
@@ -20,11 +27,13 @@ Two measurements, printed as markdown (``docs/deployment.md`` quotes them):
 
 Example::
 
-    python benchmarks/onnx_export.py                  # both, ~5 min
+    python benchmarks/onnx_export.py                  # all, ~30 min
     python benchmarks/onnx_export.py --only flips --flip-inputs 200
 """
 import argparse
 import importlib.util
+import math
+import os
 import os.path as osp
 import statistics
 import sys
@@ -38,6 +47,15 @@ from mmengine.config import Config
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
 DEMO = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
+# The tiny classifiers of tests/test_tools/test_pytorch2onnx.py.
+TINY = {
+    'BOAT-Swin':
+    (osp.join(REPO, 'configs', 'boat_swin', 'boat-swin-tiny_16xb64_in1k.py'),
+     dict(embed_dims=8, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 2])),
+    'BOAT-CSWin':
+    (osp.join(REPO, 'configs', 'boat_cswin', 'boat-cswin-tiny_8xb256_in1k.py'),
+     dict(embed_dims=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2])),
+}
 
 
 def _tool():
@@ -49,25 +67,70 @@ def _tool():
     return module
 
 
-def latency(shape: List[int], repeats: int, threads: int,
-            tmp: str) -> Dict[str, float]:
-    """PyTorch vs onnxruntime latency of the headline segmentor."""
+def _against_pytorch(wrapped, got: list, x: torch.Tensor) -> Dict[str, float]:
+    """onnxruntime's outputs ``got`` of :class:`WithClusters` against
+    PyTorch on ``x``: as is, and PyTorch rerun on onnxruntime's clusters."""
+    p2o = _tool()
+    with torch.no_grad():
+        ref = wrapped(x)
+        wrapped.inject = [torch.from_numpy(g) for g in got[1:]]
+        try:
+            again = wrapped(x)
+        finally:
+            wrapped.inject = None
+    layers = len(ref) - 1
+    flipped = sum(not torch.equal(torch.from_numpy(g), r)
+                  for g, r in zip(got[1:], ref[1:]))
+    raw, same = p2o.compare(ref[0], got[0]), p2o.compare(again[0], got[0])
+    return dict(
+        layers=layers,
+        flipped_layers=flipped,
+        rel=raw['rel'],
+        argmax=raw['argmax'],
+        rel_same_clusters=same['rel'],
+        argmax_same_clusters=same['argmax'])
+
+
+def latency(shape: List[int],
+            repeats: int,
+            threads: int,
+            tmp: str,
+            reuse: bool = False,
+            extra_inputs: int = 0) -> Dict[str, object]:
+    """PyTorch vs onnxruntime latency of the headline segmentor, and the
+    differences of its outputs on a random and a real image.
+
+    The file is exported with every FSLA layer's clusters as extra outputs
+    (:class:`WithClusters`; the same ops, a few more int64 outputs), so
+    that one export (15 minutes on two cores) also tells flipped near-ties
+    from errors: PyTorch is rerun on onnxruntime's clusters. With
+    ``reuse``, a file left in ``tmp`` by an earlier run is used as is (the
+    weights are the same: seeded). ``extra_inputs`` more random inputs
+    are checked after the timing.
+    """
     p2o = _tool()
     torch.manual_seed(0)
     model, scope = p2o.build_model(Config.fromfile(HEADLINE))
     net = p2o.ExportWrapper(model, scope)
+    wrapped = p2o.WithClusters(net).eval()
     path = osp.join(tmp, 'boat-cswin-tiny_upernet.onnx')
-    t0 = time.perf_counter()
-    p2o.export_onnx(net, shape, path)
-    export_s = time.perf_counter() - t0
+    export_s = float('nan')
+    if not (reuse and osp.isfile(path)):
+        t0 = time.perf_counter()
+        p2o.export_onnx(wrapped, shape, path)
+        export_s = time.perf_counter() - t0
     sess = p2o.make_session(path, threads)
+    name = sess.get_inputs()[0].name
+    if tuple(sess.get_inputs()[0].shape[2:]) != tuple(shape):
+        raise ValueError(f'{path} is not a {shape} export; run without '
+                         f'--reuse.')
     x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
-    feed = {sess.get_inputs()[0].name: x.numpy()}
+    feed = {name: x.numpy()}
     torch.set_num_threads(threads)
     times: Dict[str, List[float]] = {'pytorch': [], 'onnxruntime': []}
     with torch.no_grad():
-        ref = net(x)  # warm-up (plans, allocator)
-        out = sess.run(None, feed)[0]
+        net(x)  # warm-up (plans, allocator)
+        sess.run(None, feed)
         for _ in range(repeats):
             t = time.perf_counter()
             net(x)
@@ -75,14 +138,71 @@ def latency(shape: List[int], repeats: int, threads: int,
             t = time.perf_counter()
             sess.run(None, feed)
             times['onnxruntime'].append(time.perf_counter() - t)
-    diff = p2o.compare(ref, out)
+    checks = {'random': _against_pytorch(wrapped, sess.run(None, feed), x)}
+    with tempfile.TemporaryDirectory(dir=tmp) as data:
+        image = p2o._generated_image(scope, data)
+        x = p2o.load_image(image, model, shape)
+    checks['image'] = _against_pytorch(wrapped,
+                                       sess.run(None, {name: x.numpy()}), x)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(extra_inputs):
+        x = torch.randn(1, 3, *shape, generator=gen)
+        checks[f'random {i + 2}'] = _against_pytorch(
+            wrapped, sess.run(None, {name: x.numpy()}), x)
     return dict(
         export_s=export_s,
         size_mib=osp.getsize(path) / 2**20,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
         pytorch_s=statistics.median(times['pytorch']),
         onnxruntime_s=statistics.median(times['onnxruntime']),
-        **diff)
+        checks=checks)
+
+
+def small(threads: int, tmp: str) -> List[Dict[str, object]]:
+    """onnxruntime vs PyTorch on the tiny classifiers and the demo
+    segmentor, dynamic batch, batches of 1 and 3."""
+    p2o = _tool()
+    cases = []
+    for name, (config, arch) in TINY.items():
+        for fsla in (True, False):
+            cfg = Config.fromfile(config)
+            backbone = dict(
+                arch=dict(_delete_=True, **arch),
+                drop_path_rate=0.,
+                with_fsla=fsla,
+                fsla_cfg=dict(group_size=16, overlap=4))
+            cfg.merge_from_dict(
+                dict(
+                    model=dict(
+                        backbone=backbone,
+                        head=dict(in_channels=64, num_classes=6))))
+            cases += [(f'tiny {name} classifier', cfg, fsla, shape)
+                      for shape in [(64, 64), (72, 52)]]
+    for fsla in (True, False):
+        cfg = Config.fromfile(DEMO)
+        cfg.merge_from_dict({'model.backbone.with_fsla': fsla})
+        cases += [('demo segmentor', cfg, fsla, shape)
+                  for shape in [(128, 128), (100, 76)]]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, cfg, fsla, shape in cases:
+        torch.manual_seed(0)
+        model, scope = p2o.build_model(cfg)
+        wrapped = p2o.WithClusters(p2o.ExportWrapper(model, scope)).eval()
+        path = osp.join(tmp, 'small.onnx')
+        p2o.export_onnx(wrapped, shape, path, dynamic=('batch', ))
+        sess = p2o.make_session(path, threads)
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, *shape, generator=gen)
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+            rows.append(
+                dict(
+                    model=name,
+                    fsla=fsla,
+                    shape=shape,
+                    batch=batch,
+                    **_against_pytorch(wrapped, got, x)))
+    return rows
 
 
 def flips(shape: List[int], inputs: int, threads: int,
@@ -127,16 +247,32 @@ def flips(shape: List[int], inputs: int, threads: int,
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--only', choices=['latency', 'flips'])
+    parser.add_argument('--only', choices=['latency', 'small', 'flips'])
     parser.add_argument('--shape', type=int, nargs=2, default=[512, 512])
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--flip-shape', type=int, nargs=2, default=[128, 128])
     parser.add_argument('--flip-inputs', type=int, default=100)
+    parser.add_argument(
+        '--work-dir',
+        help='keep the exported files here (a temporary folder without)')
+    parser.add_argument(
+        '--extra-inputs',
+        type=int,
+        default=0,
+        help='latency: check this many more random inputs')
+    parser.add_argument(
+        '--reuse',
+        action='store_true',
+        help='latency: use the file an earlier run left in --work-dir')
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.work_dir:
+            os.makedirs(args.work_dir, exist_ok=True)
+            tmp = args.work_dir
         if args.only in (None, 'latency'):
-            r = latency(args.shape, args.repeats, args.threads, tmp)
+            r = latency(args.shape, args.repeats, args.threads, tmp,
+                        args.reuse, args.extra_inputs)
             H, W = args.shape
             print(f'\n### BOAT-CSWin-T + UPerNet, 1x3x{H}x{W}, '
                   f'{args.threads} threads, median of {args.repeats}\n')
@@ -148,11 +284,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'| onnxruntime {onnxruntime.__version__} CPU | '
                   f'{r["onnxruntime_s"]:.3f} | '
                   f'{r["onnxruntime_s"] / r["pytorch_s"]:.2f}x |')
-            print(f'\nexport {r["export_s"]:.0f} s, file '
+            took = 'reused, not timed' if math.isnan(r['export_s']) \
+                else f'{r["export_s"]:.0f} s'
+            print(f'\nexport {took}, file '
                   f'{r["size_mib"]:.1f} MiB ({r["params_m"]:.1f} M params '
-                  f'without the auxiliary head); outputs: max abs diff '
-                  f'{r["max_abs"]:.3g}, relative {r["rel"]:.3g}, pixels '
-                  f'with equal class {100 * r["argmax"]:.3f} %')
+                  f'without the auxiliary head)\n')
+            print('| input | clustered FSLA calls with other clusters | '
+                  'relative diff | equal pixels | same clusters: relative '
+                  'diff | same clusters: equal pixels |')
+            print('|---|---|---|---|---|---|')
+            for name, c in r['checks'].items():
+                print(f'| {name} | {c["flipped_layers"]} / {c["layers"]} | '
+                      f'{c["rel"]:.3g} | {100 * c["argmax"]:.3f} % | '
+                      f'{c["rel_same_clusters"]:.3g} | '
+                      f'{100 * c["argmax_same_clusters"]:.3f} % |')
+        if args.only in (None, 'small'):
+            rows = small(args.threads, tmp)
+            print('\n### Small models, dynamic batch, random inputs\n')
+            print('| model | FSLA | input | clustered FSLA calls with other '
+                  'clusters | relative diff | equal classes | same clusters: '
+                  'relative diff |')
+            print('|---|---|---|---|---|---|---|')
+            for r in rows:
+                H, W = r['shape']
+                print(f'| {r["model"]} | {"on" if r["fsla"] else "off"} | '
+                      f'{r["batch"]}x3x{H}x{W} | {r["flipped_layers"]} / '
+                      f'{r["layers"]} | {r["rel"]:.2g} | '
+                      f'{100 * r["argmax"]:.2f} % | '
+                      f'{r["rel_same_clusters"]:.2g} |')
         if args.only in (None, 'flips'):
             r = flips(args.flip_shape, args.flip_inputs, args.threads, tmp)
             H, W = args.flip_shape

@@ -85,29 +85,36 @@ def _seg_net(tmp, fsla: bool):
     return _build(tmp, DEMO, dict(model=dict(backbone=dict(with_fsla=fsla))))
 
 
-def _export_and_run(tmp, net, shape, x, dynamic=False, optimize=False):
-    """Export ``p2o.WithClusters(net)`` at ``shape`` and run it on ``x`` in
-    onnxruntime and in PyTorch; returns both output lists. The exporter's
-    graph optimizer (half the export time) is off unless ``optimize``."""
+def _check(net, shape, tmp, xs, close, dynamic=False, optimize=False):
+    """Export ``p2o.WithClusters(net)`` at ``shape`` (with a dynamic batch
+    if ``dynamic``), run it on each input of ``xs`` in onnxruntime and in
+    PyTorch and compare; ``close(ref, out)`` asserts the tolerance of the
+    task. The exporter's graph optimizer (half the export time) is off
+    unless ``optimize``. Returns the number of clustered FSLA calls and of
+    those whose clusters differ (near-tie flips), over all inputs."""
     wrapped = p2o.WithClusters(net).eval()
     path = p2o.export_onnx(
         wrapped,
         shape,
         str(tmp / 'net.onnx'),
-        dynamic_batch=dynamic,
+        dynamic=('batch', ) if dynamic else (),
         optimize=optimize)
     sess = p2o.make_session(path)
-    got = [torch.from_numpy(o) for o in sess.run(None, {'input': x.numpy()})]
+    assert isinstance(sess.get_inputs()[0].shape[0], int) != dynamic
+    total = [0, 0]
+    for x in xs:
+        got = [
+            torch.from_numpy(o) for o in sess.run(None, {'input': x.numpy()})
+        ]
+        for i, n in enumerate(_compare(wrapped, got, x, close)):
+            total[i] += n
+    return tuple(total)
+
+
+def _compare(wrapped, got, x, close):
+    """onnxruntime's outputs ``got`` against PyTorch's on ``x``."""
     with torch.no_grad():
         ref = list(wrapped(x))
-    return wrapped, got, ref
-
-
-def _check(net, shape, tmp, x, close, dynamic=False, optimize=False):
-    """Compare onnxruntime and PyTorch; ``close(ref, out)`` asserts the
-    tolerance of the task. Returns the number of clustered FSLA calls and
-    of those whose clusters differ (near-tie flips)."""
-    wrapped, got, ref = _export_and_run(tmp, net, shape, x, dynamic, optimize)
     assert len(got) == len(ref)
     num_fsla = len(ref) - 1
     flipped = [
@@ -123,8 +130,11 @@ def _check(net, shape, tmp, x, close, dynamic=False, optimize=False):
         assert torch.equal(got[i].sort(-1).values, ref[i].sort(-1).values)
         assert (got[i] == ref[i]).double().mean() > 0.9
     wrapped.inject = got[1:]
-    with torch.no_grad():
-        again = wrapped(x)
+    try:
+        with torch.no_grad():
+            again = wrapped(x)
+    finally:
+        wrapped.inject = None
     close(again[0], got[0].numpy())
     return num_fsla, len(flipped)
 
@@ -150,6 +160,11 @@ def _seg_exact(ref, out):
     assert r['argmax'] >= 0.999, r
 
 
+def _randn(batch, shape, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *shape, generator=gen)
+
+
 @pytest.mark.parametrize('shape', CLS_SHAPES)
 @pytest.mark.parametrize('kind', ['swin', 'cswin'])
 def test_classifier_with_fsla(tmp_path, kind, shape):
@@ -157,9 +172,12 @@ def test_classifier_with_fsla(tmp_path, kind, shape):
     # One case also checks the exporter's graph optimizer (the tool's
     # default; off elsewhere, it is half the export time).
     optimize = kind == 'swin' and shape == CLS_SHAPES[0]
-    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1))
     num_fsla, _ = _check(
-        net, shape, tmp_path, x, _cls_close(1e-4), optimize=optimize)
+        net,
+        shape,
+        tmp_path, [_randn(1, shape)],
+        _cls_close(1e-4),
+        optimize=optimize)
     assert num_fsla >= 2  # clustered FSLA layers are really in the graph
 
 
@@ -168,26 +186,47 @@ def test_classifier_with_fsla(tmp_path, kind, shape):
                                         ('cswin', CLS_SHAPES[1])])
 def test_classifier_without_fsla(tmp_path, kind, shape):
     net = _cls_net(tmp_path, kind, fsla=False)
-    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1))
-    num_fsla, _ = _check(net, shape, tmp_path, x, _cls_close(1e-5))
+    num_fsla, _ = _check(net, shape, tmp_path, [_randn(1, shape)],
+                         _cls_close(1e-5))
     assert num_fsla == 0
+    # The exported H x W and batch are fixed, with a clear error.
+    path = str(tmp_path / 'net.onnx')
+    with pytest.raises(
+            ValueError, match=f'exported for {shape[0]}x{shape[1]} inputs'):
+        p2o.run_onnxruntime(path, _randn(1, (shape[0] + 8, shape[1])))
+    with pytest.raises(
+            ValueError, match=r'exported for batch 1.*--dynamic-shape'):
+        p2o.run_onnxruntime(path, _randn(2, shape))
+
+
+def _ade_images(ade_root, net, shape, indices):
+    """Validation images of the generated dataset, as one batch."""
+    return torch.cat([
+        p2o.load_image(
+            osp.join(ade_root, 'images', 'validation', f'ADE_val_{i:08d}.jpg'),
+            net.model, shape) for i in indices
+    ])
 
 
 @pytest.mark.parametrize('shape', SEG_SHAPES)
 def test_demo_segmentor_with_fsla(tmp_path, ade_root, shape):
     net = _seg_net(tmp_path, fsla=True)
-    image = osp.join(ade_root, 'images', 'validation', 'ADE_val_00000000.jpg')
-    x = p2o.load_image(image, net.model, shape)
-    num_fsla, _ = _check(net, shape, tmp_path, x, _seg_close)
-    assert num_fsla >= 2
+    # The second size with a dynamic batch (FSLA and mmseg's heads; the
+    # CLI test covers BOAT-Swin), run on batches of 1 and 3 (the export
+    # traces 2).
+    dynamic = shape == SEG_SHAPES[1]
+    xs = [_ade_images(ade_root, net, shape, [0])]
+    if dynamic:
+        xs.append(_ade_images(ade_root, net, shape, [1, 2, 3]))
+    num_fsla, _ = _check(net, shape, tmp_path, xs, _seg_close, dynamic=dynamic)
+    assert num_fsla >= 2 * len(xs)
 
 
 def test_demo_segmentor_without_fsla(tmp_path, ade_root):
     shape = SEG_SHAPES[1]
     net = _seg_net(tmp_path, fsla=False)
-    image = osp.join(ade_root, 'images', 'validation', 'ADE_val_00000001.jpg')
-    x = p2o.load_image(image, net.model, shape)
-    num_fsla, _ = _check(net, shape, tmp_path, x, _seg_exact)
+    xs = [_ade_images(ade_root, net, shape, [1])]
+    num_fsla, _ = _check(net, shape, tmp_path, xs, _seg_exact)
     assert num_fsla == 0
 
 
@@ -226,8 +265,9 @@ def test_clustering_ranks_ties_as_pytorch(tmp_path, num_tokens):
 
 
 def test_cli_checkpoint_and_verify(tmp_path, capsys):
-    """The command line on BOAT-Swin without FSLA (the optimised graph of
-    the tool's default; with FSLA, test_classifier_with_fsla checks it)."""
+    """The command line on BOAT-Swin without FSLA, with a dynamic batch (the
+    optimised graph of the tool's default; with FSLA,
+    test_classifier_with_fsla checks it)."""
     base, arch = ARCHS['swin']
     cfg = tmp_path / 'swin.py'
     cfg.write_text(CLS_CFG.format(base=base, arch=arch, fsla=False))
@@ -238,7 +278,7 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
     argv = [
         TOOL,
         str(cfg), '--checkpoint', ckpt, '--shape', '72', '52', '--out', out,
-        '--verify'
+        '--verify', '--dynamic-shape'
     ]
     old = sys.argv
     try:
@@ -249,21 +289,17 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
         sys.argv = old
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for name in ('image', 'random'):
+    assert 'N dynamic' in text
+    for name in ('image', 'random', r'random \(batch 3\)'):
         found = re.search(
             rf'onnxruntime vs PyTorch, {name} input: max abs diff \S+, '
             rf'relative (\S+), top-1 equal 100.00 %', text)
         assert found and float(found[1]) <= 1e-5, text
-    # The file holds the checkpoint's weights.
-    x = torch.randn(1, 3, 72, 52, generator=torch.Generator().manual_seed(1))
+    # The file holds the checkpoint's weights; any batch runs.
+    x = _randn(4, (72, 52))
     with torch.no_grad():
         ref = net(x)
     _cls_close(1e-5)(ref, p2o.run_onnxruntime(out, x))
-    # The exported H x W and batch are fixed, with a clear error.
-    with pytest.raises(ValueError, match='exported for 72x52 inputs'):
-        p2o.run_onnxruntime(out, torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match='exported for batch 1'):
-        p2o.run_onnxruntime(out, torch.randn(2, 3, 72, 52))
 
 
 def test_fsla_kernel_impl_is_refused(tmp_path):
@@ -279,9 +315,18 @@ def test_fsla_kernel_impl_is_refused(tmp_path):
     assert not osp.exists(tmp_path / 'x.onnx')
 
 
-def test_dynamic_batch_is_refused(tmp_path):
+def test_dynamic_height_width_are_refused(tmp_path):
+    assert p2o.parse_args(
+        ['c.py', '--shape', '8', '8', '--out', 'x.onnx',
+         '--dynamic-shape']).dynamic_shape == ['batch']
     net = _cls_net(tmp_path, 'swin', fsla=False)
-    with pytest.raises(
-            ValueError, match=r'dynamic batch \(--dynamic-shape\) is not'):
-        p2o.export_onnx(
-            net, (64, 64), str(tmp_path / 'x.onnx'), dynamic_batch=True)
+    for axes, what in [(('batch', 'height'), 'height'), (('width', ), 'width'),
+                       (('height', 'width'), 'height and width')]:
+        with pytest.raises(ValueError) as exc:
+            p2o.export_onnx(
+                net, (64, 64), str(tmp_path / 'x.onnx'), dynamic=axes)
+        msg = str(exc.value)
+        assert msg.startswith(f"a dynamic {what} is not supported: FSLA's "
+                              f'cluster layout'), msg
+        assert 'Export one file per input size' in msg, msg
+    assert not osp.exists(tmp_path / 'x.onnx')

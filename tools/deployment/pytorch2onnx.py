@@ -20,14 +20,18 @@ runtime runs it.
 
 Shapes: ``H x W`` are fixed at export time for every model (any size works,
 no multiple of 32 needed): FSLA's cluster layout (number of clusters, slots
-per cluster, masks) is computed from the number of tokens of each stage, so
-a file serves one input size; export one file per size. ``--dynamic-shape``
-would make the batch size dynamic, but is refused with an error: exported
-BOAT models gave wrong results in onnxruntime for other batch sizes.
+per cluster, masks) is computed from the number of tokens ``N`` of each
+stage, so a file serves one input size; export one file per size.
+``--dynamic-shape`` makes the batch axis dynamic (every sample is clustered
+on its own, so the layout does not depend on the batch); a dynamic height
+or width (``--dynamic-shape height width``) is refused with an error.
 
 ``--verify`` runs the file with onnxruntime (CPU) on a real image (one from
 the generated dataset of the config's task, or ``--image``) and on random
-input, and prints the differences from PyTorch.
+input (also a batch of 3 if the batch is dynamic), and prints the
+differences from PyTorch. Large differences on some inputs can be
+float32 near-ties of FSLA's clustering ranked the other way, which
+cascade through the following layers (``docs/deployment.md``).
 
 Examples::
 
@@ -37,7 +41,7 @@ Examples::
         --shape 128 128 --out work_dirs/demo/demo.onnx --verify
     python tools/deployment/pytorch2onnx.py \\
         configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py \\
-        --shape 224 224 --out boat-cswin-tiny.onnx
+        --shape 224 224 --out boat-cswin-tiny.onnx --dynamic-shape
 """
 import argparse
 import os
@@ -66,6 +70,7 @@ from boat_tools.config import add_cfg_options_arg  # noqa: E402
 SCOPES = {'mmpretrain': 'mmpretrain.registry', 'mmseg': 'mmseg.registry'}
 # The dynamo exporter (torch.export + onnxscript) emits opset 18 or later.
 MIN_OPSET = 18
+DYNAMIC_AXES = ('batch', 'height', 'width')
 
 __all__ = [
     'build_model', 'ExportWrapper', 'WithClusters', 'export_onnx',
@@ -91,10 +96,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', required=True, help='output .onnx file')
     parser.add_argument(
         '--dynamic-shape',
-        action='store_true',
-        help='dynamic batch size: refused for now (wrong results in '
-        'onnxruntime); H and W are always fixed (FSLA\'s cluster layout '
-        'depends on the number of tokens)')
+        nargs='*',
+        choices=DYNAMIC_AXES,
+        metavar='AXIS',
+        help='dynamic input axes: alone or "batch", a dynamic batch size; '
+        '"height" and "width" are refused (FSLA\'s cluster layout depends '
+        'on the number of tokens: export one file per input size)')
     parser.add_argument(
         '--opset',
         type=int,
@@ -111,6 +118,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         'dataset)')
     add_cfg_options_arg(parser)
     args = parser.parse_args(argv)
+    if args.dynamic_shape is not None and not args.dynamic_shape:
+        args.dynamic_shape = ['batch']  # the flag alone
     if min(args.shape) < 1:
         parser.error(f'--shape must be positive, got {args.shape}')
     if args.opset is not None and args.opset < MIN_OPSET:
@@ -243,10 +252,28 @@ class WithClusters(nn.Module):
         return (out, *perms)
 
 
+def _check_dynamic(dynamic: Sequence[str]) -> bool:
+    """Whether the batch axis is dynamic; errors for the other axes."""
+    unknown = [a for a in dynamic if a not in DYNAMIC_AXES]
+    if unknown:
+        raise ValueError(f'unknown dynamic axes {unknown}; choose from '
+                         f'{list(DYNAMIC_AXES)}.')
+    spatial = [a for a in DYNAMIC_AXES[1:] if a in dynamic]
+    if spatial:
+        raise ValueError(
+            f'a dynamic {" and ".join(spatial)} is not supported: FSLA\'s '
+            f'cluster layout (number of clusters, slots per cluster, '
+            f'attention masks) is computed from the number of tokens '
+            f'N = H * W of each stage, so H and W are fixed in the graph. '
+            f'Export one file per input size (--shape H W); only the batch '
+            f'can be dynamic (--dynamic-shape batch).')
+    return 'batch' in dynamic
+
+
 def export_onnx(wrapper: nn.Module,
                 shape: Sequence[int],
                 out: str,
-                dynamic_batch: bool = False,
+                dynamic: Sequence[str] = (),
                 opset: Optional[int] = None,
                 batch_size: int = 1,
                 optimize: bool = True) -> str:
@@ -256,10 +283,13 @@ def export_onnx(wrapper: nn.Module,
         wrapper (nn.Module): Usually an :class:`ExportWrapper`.
         shape (Sequence[int]): ``(H, W)``, fixed in the file.
         out (str): Output file.
-        dynamic_batch (bool): Make the batch axis dynamic; refused with a
-            ValueError for now (see the module docstring).
+        dynamic (Sequence[str]): Dynamic input axes: ``()`` (the default)
+            or ``('batch', )``; ``'height'`` and ``'width'`` raise a
+            ValueError (see the module docstring).
         opset (int, optional): ONNX opset; the exporter's default if None.
-        batch_size (int): Batch of the example input, fixed in the file.
+        batch_size (int): Batch of the example input, fixed in the file
+            unless the batch is dynamic (then at least 2 is traced: the
+            exporter would specialise a batch of 1).
         optimize (bool): Run the exporter's graph optimizer (constant
             folding, fusions). Defaults to True.
 
@@ -267,19 +297,16 @@ def export_onnx(wrapper: nn.Module,
         str: ``out``.
     """
     _check_fsla_impls(wrapper)
-    if dynamic_batch:
-        # Observed: a BOAT-Swin exported with a dynamic batch gives wrong
-        # logits in onnxruntime for other batches, with and without FSLA
-        # (the fixed-batch export is right); the cause is not found yet.
-        raise ValueError(
-            'a dynamic batch (--dynamic-shape) is not supported: exported '
-            'BOAT models gave wrong results in onnxruntime for batch sizes '
-            'other than the exported one. Export with a fixed batch and '
-            'H x W (the default; batch 1), one file per input size.')
+    dynamic_batch = _check_dynamic(dynamic)
     if opset is not None and opset < MIN_OPSET:
         raise ValueError(f'opset must be >= {MIN_OPSET}, got {opset}.')
     H, W = (int(s) for s in shape)
+    if dynamic_batch:
+        batch_size = max(batch_size, 2)
     x = torch.randn(batch_size, 3, H, W)
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = ({0: torch.export.Dim('batch', min=1)}, )
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -287,6 +314,7 @@ def export_onnx(wrapper: nn.Module,
             dynamo=True,
             opset_version=opset,
             input_names=['input'],
+            dynamic_shapes=dynamic_shapes,
             optimize=optimize,
             verbose=False)
     program.save(out, external_data=False)
@@ -371,7 +399,8 @@ def run_onnxruntime(path: str,
     if fixed[0] is not None and fixed[0] != x.shape[0]:
         raise ValueError(
             f'{path} was exported for batch {fixed[0]}, got {x.shape[0]}; '
-            f'run the samples one batch of {fixed[0]} at a time.')
+            f'run the samples one batch of {fixed[0]} at a time, or export '
+            f'with a dynamic batch (--dynamic-shape).')
     return session.run(None, {inp.name: x.numpy()})[0]
 
 
@@ -412,7 +441,8 @@ def verify(path: str,
            shape: Sequence[int],
            image: Optional[str] = None,
            seed: int = 0) -> Dict[str, Dict[str, float]]:
-    """Compare onnxruntime with PyTorch on a real and a random input.
+    """Compare onnxruntime with PyTorch on a real and a random input, and
+    on a random batch of 3 if the file's batch is dynamic.
 
     Args:
         path (str): Exported file.
@@ -423,7 +453,8 @@ def verify(path: str,
         seed (int): Seed of the random input.
 
     Returns:
-        dict: :func:`compare` results keyed ``'image'`` and ``'random'``.
+        dict: :func:`compare` results keyed ``'image'``, ``'random'`` and
+        ``'random (batch 3)'`` (dynamic batch only).
     """
     with tempfile.TemporaryDirectory() as tmp:
         if image is None:
@@ -431,11 +462,14 @@ def verify(path: str,
         inputs = dict(image=load_image(image, wrapper.model, shape))
     gen = torch.Generator().manual_seed(seed)
     inputs['random'] = torch.randn(1, 3, *shape, generator=gen)
+    session = make_session(path)
+    if not isinstance(session.get_inputs()[0].shape[0], int):
+        inputs['random (batch 3)'] = torch.randn(3, 3, *shape, generator=gen)
     results = {}
     for name, x in inputs.items():
         with torch.no_grad():
             ref = wrapper(x)
-        results[name] = compare(ref, run_onnxruntime(path, x))
+        results[name] = compare(ref, run_onnxruntime(path, x, session))
     return results
 
 
@@ -449,11 +483,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, scope = build_model(cfg, args.checkpoint)
     wrapper = ExportWrapper(model, scope)
     t0 = time.perf_counter()
-    export_onnx(wrapper, args.shape, args.out, args.dynamic_shape, args.opset)
+    dynamic = args.dynamic_shape or ()
+    export_onnx(wrapper, args.shape, args.out, dynamic, args.opset)
     size = osp.getsize(args.out) / 2**20
     what = 'class logits (N, classes)' if scope == 'mmpretrain' else \
         'per-pixel class logits (N, classes, H, W)'
-    batch = 'dynamic' if args.dynamic_shape else '1'
+    batch = 'dynamic' if dynamic else '1'
     print(f'exported {args.out} ({size:.1f} MiB) in '
           f'{time.perf_counter() - t0:.1f} s: input (N, 3, {args.shape[0]}, '
           f'{args.shape[1]}) normalised, N {batch}; output {what}.')

@@ -132,7 +132,11 @@ class BOATShiftWindowMSA(ShiftWindowMSA):
             mask = mask.to(query.dtype)  # -100 fits half precision too
         windows = self.window_partition(x, ws).view(-1, ws * ws, C)
         windows = self.w_msa(windows, mask=mask)
-        x = self.window_reverse(windows.view(-1, ws, ws, C), Hp, Wp, ws)
+        # Not mmpretrain's window_reverse: its batch size int(n / float)
+        # becomes a constant under torch.export (a dynamic-batch ONNX file
+        # then mixes samples for other batch sizes).
+        x = windows.view(B, Hp // ws, Wp // ws, ws, ws, C)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         x = x[:, :H, :W].reshape(B, H * W, C)
