@@ -31,8 +31,6 @@ import os.path as osp
 import re
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -40,6 +38,8 @@ import pytest
 import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# The tiny segmentor and command runners of the end-to-end tests.
+sys.path.insert(0, osp.join(REPO, 'tests', 'test_tools'))
 DOCS = ['README.md'] + sorted(
     osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'docs', '*.md')))
 CONFIG_READMES = sorted(
@@ -423,65 +423,32 @@ def test_command_is_covered(doc, line, command):
                 f'{where}: no test of {cover.tests} passes {flag}')
 
 
-# A tiny BOAT-CSWin UPerNet on the generated 64 px scenes, for the one
-# doc command no tool test runs (`bash tools/dist_test.sh`).
-_TINY_SEG = """
-_base_ = [{base!r}]
-data_root = {root!r}
-crop_size = (64, 64)
-model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1],
-                  num_heads=[2, 2, 2, 2]),
-        fsla_cfg=dict(group_size=16, overlap=4),
-        init_cfg=None),
-    decode_head=dict(in_channels=[16, 32, 64, 128], channels=16),
-    auxiliary_head=dict(in_channels=64, channels=8))
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(256, 64), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs')
-]
-test_dataloader = dict(
-    batch_size=1, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
-"""
-
-
 def test_dist_test_launcher(ade_root, tmp_path):
     """`bash tools/dist_test.sh CONFIG CKPT 1` tests a checkpoint through
     torchrun (gloo on the CPU; one process keeps it cheap, the two-process
     case is test_seg_e2e.py's dist_train.sh run) and reports the mIoU of
-    the 4 validation images."""
+    the 4 validation images. The config is that file's tiny BOAT-CSWin
+    UPerNet, the one doc command no tool test runs."""
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
+    from test_seg_e2e import CSWIN_ARCH, HEADLINE, _free_port, _run, _user_cfg
 
-    cfg_file = tmp_path / 'tiny_seg.py'
-    cfg_file.write_text(
-        _TINY_SEG.format(
-            base=osp.join(REPO, 'configs', 'boat_upernet_ade20k.py'),
-            root=ade_root))
-    cfg = Config.fromfile(str(cfg_file))
+    cfg_file = _user_cfg(
+        str(tmp_path / 'tiny_seg.py'), HEADLINE, ade_root, CSWIN_ARCH)
+    cfg = Config.fromfile(cfg_file)
     init_default_scope('mmseg')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     ckpt = str(tmp_path / 'tiny.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(port),
-               PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        ['bash', osp.join(REPO, 'tools', 'dist_test.sh'), str(cfg_file),
-         ckpt, '1', '--work-dir', str(tmp_path / 'work')],
-        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert 'Distributed launcher: pytorch' in proc.stdout, proc.stdout[-3000:]
-    assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', proc.stdout)
+    out = _run(
+        ['bash', osp.join(REPO, 'tools', 'dist_test.sh'), cfg_file, ckpt,
+         '1', '--work-dir', str(tmp_path / 'work')],
+        cwd=str(tmp_path),
+        env=dict(PYTHON=sys.executable, PORT=str(_free_port()),
+                 OMP_NUM_THREADS='1'))
+    assert 'Distributed launcher: pytorch' in out, out[-3000:]
+    assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', out)
 
 
 def _parse_with_tool(script: str, argv: List[str],
