@@ -11,7 +11,6 @@ import os.path as osp
 import pickle
 import re
 import runpy
-import shutil
 import sys
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 # The same command runners as the segmentation end-to-end tests.
-from test_seg_e2e import _ckpt, _run, _tool, _tool_main
+from test_seg_e2e import _ckpt, _run, _tool, _tool_main, check_resume
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = osp.join(REPO, 'configs', 'demo',
@@ -172,25 +171,8 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
 def test_resume_continues_interrupted_run(trained):
     """A run stopped after its iteration-2 checkpoint and resumed with
     ``--resume`` ends exactly where the uninterrupted run ended."""
-    full = trained['work_dir']
-    work_dir = str(trained['tmp'] / 'interrupted')
-    os.makedirs(work_dir)
-    shutil.copy(osp.join(full, 'iter_2.pth'), work_dir)
-    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
-        f.write(osp.join(work_dir, 'iter_2.pth'))
-    out = _tool('train.py', trained['cfg'], '--work-dir', work_dir,
-                '--resume', '--no-validate', cwd=str(trained['tmp']))
-    assert 'resumed epoch: 0, iter: 2' in out
-    assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
-    ref = _ckpt(osp.join(full, 'iter_4.pth'))
-    got = _ckpt(osp.join(work_dir, 'iter_4.pth'))
-    assert got['param_schedulers'] == ref['param_schedulers']
-    for key, value in ref['state_dict'].items():
-        torch.testing.assert_close(
-            got['state_dict'][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    start = _ckpt(osp.join(full, 'iter_2.pth'))['state_dict']
-    key = 'roi_head.mask_head.conv_logits.weight'
-    assert not torch.equal(start[key], got['state_dict'][key])
+    check_resume(trained, 'roi_head.mask_head.conv_logits.weight',
+                 '--no-validate')
 
 
 def test_upstream_mmdet_train_tool_runs_our_config(trained):

@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -160,9 +160,16 @@ def test_train_val_then_test_with_tta(trained, ade_root):
     assert len(drawn) == len(gts)
 
 
-def test_resume_continues_interrupted_run(trained):
-    """A run stopped after its iteration-2 checkpoint and resumed with
-    ``--resume`` ends exactly where the uninterrupted run ended."""
+def check_resume(trained: dict, moved_key: str, *args: str
+                 ) -> Tuple[dict, dict, dict]:
+    """Stop a copy of the ``trained`` run after its iteration-2 checkpoint,
+    resume it with ``train.py --resume *args`` and check that it ends
+    where the uninterrupted run ended, having trained ``moved_key``.
+
+    Returns:
+        tuple: The iteration-4 checkpoints of the uninterrupted and of the
+        resumed run, and the iteration-2 one.
+    """
     full = trained['work_dir']
     work_dir = str(trained['tmp'] / 'interrupted')
     os.makedirs(work_dir)
@@ -172,26 +179,32 @@ def test_resume_continues_interrupted_run(trained):
         f.write(osp.join(work_dir, 'iter_2.pth'))
 
     out = _tool('train.py', trained['cfg'], '--work-dir', work_dir,
-                '--resume', cwd=str(trained['tmp']))
+                '--resume', *args, cwd=str(trained['tmp']))
     assert 'resumed epoch: 0, iter: 2' in out
     assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
 
     ref = _ckpt(osp.join(full, 'iter_4.pth'))
     got = _ckpt(osp.join(work_dir, 'iter_4.pth'))
-    assert got['meta']['iter'] == ref['meta']['iter'] == 4
     assert got['param_schedulers'] == ref['param_schedulers']
-    lrs = [g['lr'] for g in got['optimizer']['param_groups']]
-    assert lrs == [g['lr'] for g in ref['optimizer']['param_groups']]
-    # The LR kept decaying along the poly schedule after the resume.
-    lr2 = _ckpt(osp.join(full, 'iter_2.pth'))['optimizer']['param_groups']
-    assert 0 < lrs[0] < lr2[0]['lr']
     for key, value in ref['state_dict'].items():
         torch.testing.assert_close(
             got['state_dict'][key], value, rtol=1e-5, atol=1e-6, msg=key)
     # ... and it did train: the weights moved since iteration 2.
-    start = _ckpt(osp.join(full, 'iter_2.pth'))['state_dict']
-    key = 'decode_head.conv_seg.weight'
-    assert not torch.equal(start[key], got['state_dict'][key])
+    start = _ckpt(osp.join(full, 'iter_2.pth'))
+    assert not torch.equal(start['state_dict'][moved_key],
+                           got['state_dict'][moved_key])
+    return ref, got, start
+
+
+def test_resume_continues_interrupted_run(trained):
+    """A run stopped after its iteration-2 checkpoint and resumed with
+    ``--resume`` ends exactly where the uninterrupted run ended."""
+    ref, got, start = check_resume(trained, 'decode_head.conv_seg.weight')
+    assert got['meta']['iter'] == ref['meta']['iter'] == 4
+    lrs = [g['lr'] for g in got['optimizer']['param_groups']]
+    assert lrs == [g['lr'] for g in ref['optimizer']['param_groups']]
+    # The LR kept decaying along the poly schedule after the resume.
+    assert 0 < lrs[0] < start['optimizer']['param_groups'][0]['lr']
 
 
 def _free_port() -> int:
