@@ -21,12 +21,15 @@ Layout (read by mmdet's ``CocoDataset`` and ``CocoMetric`` unchanged)::
     OUT/{train,val}2017/%012d.jpg
 
 Each annotation has the visible region as polygons (``segmentation``, one
-per connected piece, COCO's ``[x1, y1, x2, y2, ...]`` in pixels), its
-``bbox`` (``[x, y, w, h]`` of the visible pixels), ``area`` (visible
-pixels) and ``iscrowd=0``. Categories are the first ``num_classes`` COCO
-categories (ids ``1..num_classes``: person, bicycle, car, ...), so mmdet's
-COCO metainfo applies; their names mean nothing here: the last one is the
-marker and the two before it are the look-alike pair.
+per connected piece, COCO's ``[x1, y1, x2, y2, ...]``) that run along the
+pixel edges, so that they rasterise (as mmdet decodes them) to exactly the
+visible pixels, its ``bbox`` (``[x, y, w, h]`` of the visible pixels),
+``area`` (visible pixels) and ``iscrowd=0``; COCO coordinates: pixel
+``(x, y)`` covers ``[x, x + 1) x [y, y + 1)``. Categories are the first
+``num_classes`` COCO categories (ids ``1..num_classes``: person, bicycle,
+car, ...), so mmdet's COCO metainfo applies; their names mean nothing
+here: the last one is the marker and the two before it are the look-alike
+pair.
 
 Everything is deterministic from ``seed`` (the same seed writes the same
 bytes).
@@ -171,15 +174,37 @@ def _coco_scene(
             list(zip(classes, visible)))
 
 
+def _pixel_outlines(mask: np.ndarray) -> List[List[int]]:
+    """Polygons along the pixel edges of each piece of a hole-free mask.
+
+    In COCO coordinates (pixel ``(x, y)`` covers ``[x, x + 1) x [y, y +
+    1)``), so a polygon encloses exactly its piece's pixels: it rasterises
+    (pycocotools, as mmdet decodes) to the mask and its area is the pixel
+    count. A piece touching another only at a corner shares that vertex.
+    """
+    # On a 2x grid, OpenCV's outline runs through the centres of the outer
+    # sub-pixels, a quarter pixel inside the pixel edges; (u + 1) // 2 moves
+    # each vertex to the pixel corner it stands for.
+    up = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        pts = (contour.reshape(-1, 2) + 1) // 2
+        # Drop repeated corners, then corners a straight edge runs through.
+        pts = pts[(pts != np.roll(pts, 1, axis=0)).any(axis=1)]
+        d_in = pts - np.roll(pts, 1, axis=0)
+        d_out = np.roll(pts, -1, axis=0) - pts
+        cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
+        pts = pts[(cross != 0) | ((d_in * d_out).sum(axis=1) <= 0)]
+        if len(pts) >= 3:
+            polygons.append(pts.reshape(-1).tolist())
+    return polygons
+
+
 def _annotation(mask: np.ndarray) -> Optional[Dict]:
     """COCO polygons, bbox and area of a visible mask (None if empty)."""
-    contours, _ = cv2.findContours(
-        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    # Within 0.7 px of the pixel outline: a few vertices per corner.
-    contours = [cv2.approxPolyDP(c, 0.7, True) for c in contours]
-    polygons = [
-        c.reshape(-1).astype(int).tolist() for c in contours if len(c) >= 3
-    ]
+    polygons = _pixel_outlines(mask)
     ys, xs = np.nonzero(mask)
     if not polygons or not len(xs):
         return None
