@@ -281,3 +281,209 @@ def test_arbitrary_pickles_are_still_refused(obj):
     buf.seek(0)
     with pytest.raises(Exception, match='Weights only load failed'):
         torch.load(buf)
+
+
+# ---------------------------------------------------------------------------
+# The allow-list is a closed list, and what it refuses stays refused.
+# ---------------------------------------------------------------------------
+
+# Exactly what MMEngine checkpoints need (see boat_mm/utils/checkpoint.py):
+# the logged histories, numpy arrays and scalars of the plain numeric
+# dtypes, under numpy 1.x and 2.x module names. Nothing callable beyond
+# rebuilding those, no builtins, no object dtype.
+EXPECTED_SAFE_GLOBALS = {
+    'mmengine.logging.history_buffer.HistoryBuffer',
+    'numpy.ndarray',
+    'numpy.dtype',
+    'numpy.core.multiarray._reconstruct',
+    'numpy._core.multiarray._reconstruct',
+    'numpy.core.multiarray.scalar',
+    'numpy._core.multiarray.scalar',
+} | {
+    f'numpy.dtypes.{name}DType'
+    for name in ('Bool', 'Int8', 'Int16', 'Int32', 'Int64', 'UInt8',
+                 'UInt16', 'UInt32', 'UInt64', 'Float16', 'Float32',
+                 'Float64', 'Complex64', 'Complex128')
+}
+
+
+def test_allow_list_is_exactly_the_expected_one():
+    assert _global_names() == EXPECTED_SAFE_GLOBALS
+    # Each entry is the object its name says (a pickle naming it gets it).
+    import importlib
+    import warnings
+    for entry in mmengine_checkpoint_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        if name is None:
+            continue
+        module, attr = name.rsplit('.', 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # numpy.core is deprecated
+            try:
+                found = getattr(importlib.import_module(module), attr)
+            except ImportError:  # pragma: no cover (numpy 1.x: no _core)
+                continue
+        assert found is obj, name
+
+
+def test_nothing_else_is_allowed():
+    """Every global torch's weights-only loading accepts beyond its
+    defaults is torch's own (torch registers its exception types and
+    distributed classes when imported) or in the expected list; boat_mm
+    installs one pickle reducer, for HistoryBuffer."""
+    import copyreg
+    import traceback
+    names = set()
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (
+            entry, f'{entry.__module__}.{entry.__qualname__}')
+        if name.startswith('torch.') or obj in (traceback.StackSummary,
+                                                 traceback.FrameSummary):
+            continue
+        if (name.startswith('builtins.') and isinstance(obj, type)
+                and issubclass(obj, BaseException)):
+            continue
+        names.add(name)
+    assert names == EXPECTED_SAFE_GLOBALS
+    ours = {
+        cls
+        for cls, reducer in copyreg.dispatch_table.items()
+        if getattr(reducer, '__module__', '').startswith('boat_mm')
+    }
+    from mmengine.logging import HistoryBuffer
+    assert ours == {HistoryBuffer}
+
+
+# Hand-made pickles (protocol 2 opcodes, as torch.save writes) whose
+# loading would run code that creates a file.
+def _global(module: str, name: str) -> bytes:
+    return b'c' + module.encode() + b'\n' + name.encode() + b'\n'
+
+
+def _str(text: str) -> bytes:
+    data = text.encode()
+    return b'X' + len(data).to_bytes(4, 'little') + data
+
+
+def _call(func: bytes, *args: bytes) -> bytes:
+    """``func(*args)``: MARK, the arguments, TUPLE, REDUCE."""
+    return func + b'(' + b''.join(args) + b'tR'
+
+
+def _list(*items: bytes) -> bytes:
+    return b']' + b'(' + b''.join(items) + b'e'
+
+
+def _payload(kind: str, target: str) -> bytes:
+    import sys
+    touch = f'open({target!r}, "w").close()'
+    if kind == 'getattr':
+        # HistoryBuffer is allowed; getattr would reach the builtins of its
+        # module through HistoryBuffer.__init__.__builtins__, then exec.
+        getattr_ = _global('builtins', 'getattr')
+        init = _call(getattr_,
+                     _global('mmengine.logging.history_buffer',
+                             'HistoryBuffer'), _str('__init__'))
+        builtins = _call(getattr_, init, _str('__builtins__'))
+        get = _call(getattr_, builtins, _str('get'))
+        body = _call(_call(get, _str('exec')), _str(touch))
+    elif kind in ('eval', 'exec'):
+        body = _call(_global('builtins', kind), _str(touch))
+    elif kind == 'open':
+        body = _call(_global('builtins', 'open'), _str(target), _str('w'))
+    elif kind in ('os.system', 'posix.system'):
+        module = kind.split('.')[0]
+        body = _call(_global(module, 'system'), _str(f'touch {target}'))
+    elif kind in ('subprocess.call', 'subprocess.Popen'):
+        body = _call(
+            _global('subprocess', kind.split('.')[1]),
+            _list(_str(sys.executable), _str('-c'), _str(touch)))
+    elif kind == 'functools.partial':
+        # partial(exec, code)(): partial is named first.
+        body = _call(
+            _call(
+                _global('functools', 'partial'), _global('builtins', 'exec'),
+                _str(touch)))
+    else:
+        raise ValueError(kind)
+    return b'\x80\x02' + body + b'.'
+
+
+PAYLOADS = {
+    # kind: how torch names the refused global
+    'getattr': 'GLOBAL getattr was not an allowed global',
+    'eval': 'GLOBAL eval was not an allowed global',
+    'exec': 'GLOBAL exec was not an allowed global',
+    'open': 'GLOBAL open was not an allowed global',
+    'os.system': 'GLOBAL os.system whose module os is blocked',
+    'posix.system': 'GLOBAL posix.system whose module posix is blocked',
+    'subprocess.call': 'GLOBAL subprocess.call was not an allowed global',
+    'subprocess.Popen': 'GLOBAL subprocess.Popen was not an allowed global',
+    'functools.partial':
+    'GLOBAL functools.partial was not an allowed global',
+}
+
+
+def _checkpoint_file(path: str, payload: bytes) -> None:
+    """A torch.save zip file whose pickle is ``payload``."""
+    import zipfile
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, 'w') as dst:
+        for info, data in entries:
+            if info.filename.endswith('/data.pkl'):
+                data = payload
+            dst.writestr(info, data)
+
+
+def _boat2mm_loader():
+    import importlib.util
+    path = osp.join(
+        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+        'tools', 'model_converters', 'boat2mm.py')
+    spec = importlib.util.spec_from_file_location('boat2mm_ckpt_test', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_original_checkpoint
+
+
+@pytest.mark.parametrize('kind', sorted(PAYLOADS))
+def test_malicious_pickles_are_refused_without_running(kind, tmp_path):
+    import pickle
+    import subprocess
+    from mmengine.runner.checkpoint import CheckpointLoader
+    target = str(tmp_path / 'pwned')
+    payload = _payload(kind, target)
+    ckpt = str(tmp_path / 'evil.pth')
+    _checkpoint_file(ckpt, payload)
+    loaders = {
+        'torch.load': lambda: torch.load(ckpt),
+        'torch.load(map_location)': lambda: torch.load(
+            ckpt, map_location='cpu'),
+        # What Pretrained init_cfg, load_from and resume call.
+        'CheckpointLoader': lambda: CheckpointLoader.load_checkpoint(
+            ckpt, map_location='cpu'),
+        'load_checkpoint': lambda: load_checkpoint(
+            nn.Linear(2, 2), ckpt, map_location='cpu'),
+    }
+    for name, load in loaders.items():
+        with pytest.raises(pickle.UnpicklingError, match=PAYLOADS[kind]):
+            load()
+        assert not osp.exists(target), name
+    # boat2mm loads published files with unknown globals replaced by inert
+    # stand-ins: the payload may fail to load, but runs nothing.
+    try:
+        _boat2mm_loader()(ckpt)
+    except Exception:
+        pass
+    assert not osp.exists(target)
+
+    # The payload is real: unpickled without restrictions, it runs.
+    if kind.endswith('system') and not hasattr(__import__(
+            kind.split('.')[0]), 'system'):  # pragma: no cover
+        return
+    result = pickle.loads(payload)
+    if isinstance(result, subprocess.Popen):
+        result.wait()
+    assert osp.exists(target)
