@@ -6,6 +6,16 @@ model = dict(
     head=dict(in_channels=768))
 train_dataloader = dict(batch_size=128)
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.1))
+# Warm-up from 1e-6 as for tiny: 1e-6 / 1e-3.
+param_scheduler = [
+    dict(
+        type='LinearLR',
+        start_factor=1e-3,
+        by_epoch=True,
+        end=20,
+        convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=20)
+]
 custom_hooks = [
     dict(type='EMAHook', momentum=1 - 0.99992, priority='ABOVE_NORMAL')
 ]
