@@ -95,7 +95,8 @@ def reference(x: torch.Tensor,
                 # Soft assignments weight the raw (not unit) vectors.
                 a = torch.softmax(TEMPERATURE * s, dim=0)
                 c = [_normalise(a[k] @ x[tokens]) for k in (0, 1)]
-            r = ((unit[tokens] @ c[0] + 1) / (unit[tokens] @ c[1] + 1)).tolist()
+            s0, s1 = unit[tokens] @ c[0], unit[tokens] @ c[1]
+            r = ((s0 + 1) / (s1 + 1)).tolist()
             sign = -1 if level == reverse_ties_at else 1
             order = sorted(range(len(tokens)), key=lambda i: (r[i], sign * i))
             ranked = [r[i] for i in order]
