@@ -207,12 +207,13 @@ def _run_sampled(ifn, grid, args, kwargs, indices) -> _Counter:
     return counter
 
 
-def _type_of(value) -> Tuple[str, str]:
+def _type_of(value, fixed: bool = False) -> Tuple[str, str]:
     """(signature type, specialisation) of a kernel argument as Triton's
     launcher on CUDA sees it: integers equal to 1 become constants,
     multiples of 16 and 16-byte aligned pointers get the divisibility
     attribute (CUDA allocations are 256-byte aligned, so a tensor's
-    alignment is that of its storage offset)."""
+    alignment is that of its storage offset), except for arguments in
+    the kernel's ``do_not_specialize`` (``fixed``)."""
     if isinstance(value, torch.Tensor):
         names = {
             torch.float32: 'fp32',
@@ -231,10 +232,10 @@ def _type_of(value) -> Tuple[str, str]:
     if isinstance(value, bool):
         return 'i1', ''
     if isinstance(value, int):
-        if value == 1:
+        if value == 1 and not fixed:
             return 'constexpr', ''
         ty = 'i32' if -2**31 <= value < 2**31 else 'i64'
-        return ty, 'D' if value % 16 == 0 else ''
+        return ty, 'D' if value % 16 == 0 and not fixed else ''
     if isinstance(value, float):
         return 'fp32', ''
     if value is None:
@@ -316,6 +317,10 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         if callable(grid):
             grid = grid(call)
         grid = tuple(int(g) for g in grid) + (1, ) * (3 - len(grid))
+        fixed = [
+            names[n] if isinstance(n, int) else n
+            for n in ifn.kwargs.get('do_not_specialize') or ()
+        ]
         signature, constexprs, attrs = {}, {}, []
         for i, n in enumerate(names):
             value = call[n]
@@ -323,7 +328,7 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
                 signature[n] = 'constexpr'
                 constexprs[n] = _const_repr(value)
                 continue
-            ty, spec = _type_of(value)
+            ty, spec = _type_of(value, n in fixed)
             signature[n] = ty
             if ty == 'constexpr':
                 constexprs[n] = value
@@ -718,7 +723,7 @@ def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> dict:
     return record, extra
 
 
-def print_table(rows, variants: int) -> None:
+def print_table(rows, variants: Tuple[int, int]) -> None:
     a = ASSUMPTIONS
     print(f'GPU model (not a measurement): one forward+backward, batch '
           f'{BATCH}, bf16, H100 SXM as {a["sms"]} SMs, '
@@ -744,7 +749,8 @@ def print_table(rows, variants: int) -> None:
               f'{rec["predicted_us"]["fsla"]:.0f} / '
               f'{rec["predicted_us"]["window"]:.0f} '
               f'({ex["attention_us"]:.0f}) | {rec["ratio"]:.2f}x |')
-    print(f'\ncompiled variants for the three shapes: {variants}')
+    print(f'\ncompiled variants for the three shapes: {variants[0]} '
+          f'clustering + {variants[1]} attention')
 
 
 def print_kernels(launches: List[Launch], facts: Dict[str, dict]) -> None:
@@ -792,8 +798,9 @@ def sweep_variants() -> Tuple[int, List[Tuple[int, int]]]:
     variants = set()
     for h, w in sizes:
         rec = _record_hw(h, w, 64, 2)
-        variants.update(x.variant() for x in rec.launches)
-    return len(variants), sizes
+        variants.update((_is_attention(x), x.variant()) for x in rec.launches)
+    attention = sum(a for a, _ in variants)
+    return (len(variants) - attention, attention), sizes
 
 
 def _record_hw(H: int, W: int, dims: int, heads: int) -> Recorder:
@@ -878,19 +885,21 @@ def main() -> None:
     variants = sorted({x.variant() for x in launches})
     facts = compile_variants(variants, osp.abspath(args.cache_dir))
     rows = [model_shape(s, recs[s], facts) for s in SHAPES]
-    fsla_variants = len(
-        {x.variant()
-         for r in recs.values()
-         for x in r['fsla'].launches})
+    fsla = {(_is_attention(x), x.variant())
+            for r in recs.values()
+            for x in r['fsla'].launches}
+    attention = sum(a for a, _ in fsla)
+    fsla_variants = (len(fsla) - attention, attention)
     print_table(rows, fsla_variants)
     if args.kernels:
         print_kernels(launches, facts)
     if args.launches:
         print_launches(recs, facts)
     if args.sweep:
-        n, sizes = sweep_variants()
+        (clus, attn), sizes = sweep_variants()
         print(f'compiled variants over 20 sizes from {sizes[0][0]}x'
-              f'{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]}: {n}')
+              f'{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]} (C 64, 2 '
+              f'heads): {clus} clustering + {attn} attention')
     if args.json:
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:

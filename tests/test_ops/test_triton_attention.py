@@ -400,6 +400,44 @@ def test_kernels_compile_for_sm90(tmp_path):
                                                128), (name, dtype, d, regs)
 
 
+def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
+    """benchmarks/gpu_model.py records FSLA's launches with the choices
+    the wrappers make for CUDA (not the interpreter's), without running
+    them, and counts the products its sampled programs execute: the
+    window attention's are exactly 2 (forward) and 5 (backward) 64x64xd
+    products per program."""
+    import importlib.util
+    import os.path as osp
+    import sys
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the model adds to it
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    bench = osp.join(root, 'benchmarks')
+    spec = importlib.util.spec_from_file_location(
+        '_gpu_model', osp.join(bench, 'gpu_model.py'))
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    from boat_mm.ops.triton import clustered_attention as kernels
+    rec = model.record_shape(14, 32, 2, batch=1)
+    names = [x.kernel for x in rec['fsla'].launches]
+    attention = ['_forward_kernel', '_backward_kernel', '_lent_keys_kernel']
+    assert [n for n in names if n in attention] == attention
+    assert len(names) > 3  # the clustering's launches come first
+    cfg = kernels._launch_config(torch.bfloat16, 16, 49, 20,
+                                 torch.device('cuda'))
+    fwd = rec['fsla'].launches[names.index('_forward_kernel')]
+    assert fwd.grid == (4, 2, 1)
+    assert fwd.options['num_warps'] == cfg['fwd_warps']
+    assert fwd.constexprs['UPCAST'] is False
+    assert 'S' not in fwd.constexprs and 'S' not in fwd.attrs
+    win_fwd, win_bwd = rec['window'].launches
+    product = 2 * 64 * 64 * 16
+    assert win_fwd.programs == 4 * 2
+    assert win_fwd.flops == 2 * product * win_fwd.programs
+    assert win_bwd.flops == 5 * product * win_bwd.programs
+    # Every q, k and v row is read at least once: bytes >= useful bytes.
+    assert fwd.bytes >= 196 * 3 * 32 * 2
+
+
 # ---------------------------------------------------------------------------
 # On a GPU (benchmarks/gpu_check.sh runs these).
 # ---------------------------------------------------------------------------
