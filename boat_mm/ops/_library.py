@@ -38,7 +38,7 @@ Which namespace (or the tensor ops) a call takes is decided in one place,
 Triton kernel only, never by ``import boat_mm``.
 """
 import importlib
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -116,15 +116,26 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _fake_attention(qkv: Tensor, perm: Tensor, slot_valid: Tensor,
-                    num_heads: int, slot_size: int, overlap: int, scale: float,
-                    hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    B, N, C3 = qkv.shape
-    image = (
-        qkv.new_empty(B, C3 //
-                      3, *hw_shape) if len(hw_shape) else qkv.new_empty(0))
-    lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
-    return qkv.new_empty(B, N, C3 // 3), image, lse
+def _fake_attention_of(namespace: str) -> Callable:
+    """The fake kernel of ``<namespace>::clustered_attention``: the value
+    image is channels-last where the Triton kernels run (CUDA, and the
+    CPU in ``boat_mm_triton``), contiguous from the C++ CPU op."""
+
+    def fake(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
+             slot_size: int, overlap: int, scale: float,
+             hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        if not len(hw_shape):
+            image = qkv.new_empty(0)
+        elif namespace == 'boat_mm_triton' or qkv.device.type == 'cuda':
+            image = qkv.new_empty(B, *hw_shape, C).permute(0, 3, 1, 2)
+        else:
+            image = qkv.new_empty(B, C, *hw_shape)
+        lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
+        return qkv.new_empty(B, N, C), image, lse
+
+    return fake
 
 
 def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
@@ -142,9 +153,18 @@ def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
         qkv, perm, slot_valid, *args, _ = inputs
         ctx.save_for_backward(qkv, perm, slot_valid, output[2])
         ctx.args = args  # num_heads, slot_size, overlap, scale
+        # No zero tensors for the log-sum-exp (never differentiated) or an
+        # unused output.
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_out: Tensor, grad_image: Tensor, _grad_lse):
+    def backward(ctx, grad_out: Optional[Tensor], grad_image: Optional[Tensor],
+                 _grad_lse):
         qkv, perm, slot_valid, lse = ctx.saved_tensors
+        if grad_out is None:  # only the image reaches the loss
+            B, N, C3 = qkv.shape
+            grad_out = qkv.new_zeros(B, N, C3 // 3)
+        if grad_image is None:
+            grad_image = qkv.new_empty(0)
         grad = op_overload('clustered_attention_backward',
                            namespace)(grad_out, grad_image, qkv, perm,
                                       slot_valid, lse, *ctx.args)
@@ -157,7 +177,7 @@ def _define(namespace: str) -> torch.library.Library:
     lib = torch.library.Library(namespace, 'DEF')
     fakes = {
         'balanced_clustering': _fake_clustering,
-        'clustered_attention': _fake_attention,
+        'clustered_attention': _fake_attention_of(namespace),
         'clustered_attention_backward': _fake_attention_backward,
     }
     for name, args in _ARGS.items():

@@ -352,6 +352,9 @@ COVERAGE: Dict[str, object] = {
     'benchmarks/cpu_divergence.py': NotRun(
         'an experiment over CPU settings (minutes; never a test)'),
     'benchmarks/gpu_check.sh': NotRun('needs a CUDA GPU'),
+    'benchmarks/gpu_model.py': NotRun(
+        'a model (minutes; never a test); test_triton_attention.py tests '
+        'its recording'),
 }
 
 # Placeholders of the docs' command lines, for the argument parsers.

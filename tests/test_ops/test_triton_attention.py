@@ -78,6 +78,68 @@ def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+# Where the kernels' plan changes: the 128-row tile of slot sizes 65-67
+# (N = 130: two clusters of 65), a 16-row tile of borrowed keys (overlap
+# 16), at batch 1 and 8.
+@pytest.mark.parametrize('h,w,overlap,batch', [(10, 13, 20, 1),
+                                               (14, 14, 16, 8)])
+def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
+    qkv, perm, plan = _problem((h, w),
+                               32,
+                               2,
+                               overlap=overlap,
+                               batch=batch,
+                               seed=h + w)
+    ours = _run('triton', qkv, perm, plan, 2, (h, w))
+    ref = _run('tensor', qkv, perm, plan, 2, (h, w))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_triton_tiles_are_bucketed():
+    """Only power-of-two tile sizes of the slot size and overlap reach the
+    compiler: every slot size from 33 to 64 gives the same constants (the
+    sizes themselves are run-time arguments Triton does not specialise
+    on), 65 the next bucket."""
+    from boat_mm.ops.triton import clustered_attention as kernels
+    cuda = torch.device('cuda')
+
+    def cfg(slots, overlap=20):
+        return kernels._launch_config(torch.bfloat16, 32, slots, overlap, cuda)
+
+    assert all(cfg(s) == cfg(49) for s in range(33, 65))
+    assert cfg(65)['BLOCK_S'] == 128 and cfg(49)['BLOCK_S'] == 64
+    assert cfg(49, 16)['TAIL'] == 16 and cfg(49)['TAIL'] == 32
+    for kernel in (kernels._forward_kernel, kernels._backward_kernel,
+                   kernels._lent_keys_kernel):
+        fixed = set(kernel.arg_names) & {'S', 'N', 'overlap', 'G'}
+        assert fixed and fixed <= set(_no_specialisation(kernel))
+
+
+def _no_specialisation(kernel) -> list:
+    """The arguments a Triton kernel (compiled or interpreted) is not
+    specialised on."""
+    names = getattr(kernel, 'do_not_specialize', None)
+    if names is None:  # interpreted: the jit arguments
+        names = kernel.kwargs.get('do_not_specialize', [])
+    return [kernel.arg_names[n] if isinstance(n, int) else n for n in names]
+
+
+def test_triton_only_the_image_reaches_the_loss():
+    """The backward of an output that is not used gets no zero tensor
+    (autograd passes None): the gradient from the image alone, and from
+    the output alone, equal the tensor path's."""
+    qkv, perm, plan = _problem((11, 13), 32, 2, seed=7)
+    for pick in (0, 1):
+        grads = []
+        for impl in ('triton', 'tensor'):
+            outs = clustered_attention(
+                qkv, perm, plan, 2, hw_shape=(11, 13), impl=impl)
+            grads.append(
+                torch.autograd.grad(outs[pick].square().sum(), qkv)[0])
+        torch.testing.assert_close(*grads, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_triton_low_precision(dtype):
     """float32 to float32 rounding; bfloat16 against the tensor path in
@@ -264,47 +326,116 @@ def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
             qkv, perm, plan.slot_valid, 2, 49, 20, 0.25, [])
 
 
-# Compiles the kernels as the wrappers configure them, for an H100 (sm_90)
-# with Triton's bundled ptxas: no GPU needed. The interpreter runs the
-# kernels' Python and misses what only the compiler rejects.
+# Compiles the kernels as the wrappers configure them for CUDA, for an H100
+# (sm_90) with Triton's bundled ptxas: no GPU needed. The interpreter runs
+# the kernels' Python and misses what only the compiler rejects; ptxas -v
+# reports registers and spills.
 _COMPILE_SCRIPT = """
-import torch, triton
+import re, subprocess, tempfile, os, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from boat_mm.ops.triton import clustered_attention as k
 assert not k.interpreted()
+ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia',
+                     'bin', 'ptxas')
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
-for dtype in (torch.bfloat16, torch.float32):
-    cfg = k._launch_config(torch.empty(0, dtype=dtype, device='meta'), 32, 49)
+for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
+                 (torch.float32, 32)):
+    cfg = k._launch_config(dtype, d, 49, 20, torch.device('cuda'))
     t, lse = names[dtype], names[k._lse_dtype(dtype)]
     ptrs = dict(qkv=t, out=t, image=t, grad_out=t, grad_image=t, grad=t,
-                perm='i64', valid='u8', lse=lse, delta=lse)
-    common = dict(HEADS=2, D=32, BLOCK_D=cfg['BLOCK_D'], S=49,
-                  ACC=cfg['ACC'], PRECISION=cfg['PRECISION'], UPCAST=False)
-    rows, keys = cfg['block_s'], cfg['block_k']
-    for kernel, consts in (
-            (k._forward_kernel, dict(BLOCK_Q=rows, BLOCK_K=keys,
-                                     HAS_IMAGE=True)),
-            (k._backward_query_kernel, dict(BLOCK_Q=rows, BLOCK_K=keys)),
-            (k._backward_key_kernel, dict(BLOCK_S=rows, BLOCK_Q=keys,
-                                          HAS_IMAGE=True))):
-        consts.update(common)
+                perm='i64', valid='u8', lse=lse, part='fp32')
+    common = dict(HEADS=2, D=d, BLOCK_D=cfg['BLOCK_D'],
+                  BLOCK_S=cfg['BLOCK_S'], TAIL=cfg['TAIL'])
+    tiles = dict(common, ACC=cfg['ACC'], PRECISION=cfg['PRECISION'],
+                 UPCAST=False, HAS_IMAGE=True)
+    for kernel, consts, warps in (
+            (k._forward_kernel, tiles, cfg['fwd_warps']),
+            (k._backward_kernel, tiles, cfg['bwd_warps']),
+            (k._lent_keys_kernel, common, 4)):
+        names_ = kernel.arg_names
         sig = {a: 'constexpr' if a in consts else '*' + ptrs[a]
                if a in ptrs else 'fp32' if a.startswith('scale') else 'i32'
-               for a in kernel.arg_names}
-        triton.compile(ASTSource(kernel, sig, consts),
-                       target=GPUTarget('cuda', 90, 32),
-                       options=dict(num_warps=cfg['num_warps']))
-print('compiled')
+               for a in names_}
+        # As launched on CUDA: aligned pointers, C a multiple of 16.
+        attrs = {(i, ): [['tt.divisibility', 16]]
+                 for i, a in enumerate(names_) if a in ptrs or a == 'C'}
+        binary = triton.compile(ASTSource(kernel, sig, consts, attrs),
+                                target=GPUTarget('cuda', 90, 32),
+                                options=dict(num_warps=warps))
+        with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
+            f.write(binary.asm['ptx'])
+            f.flush()
+            log = subprocess.run(
+                [ptxas, '-v', '--regAllocOptLevel=2', '--gpu-name=sm_90a',
+                 f.name, '-o', os.devnull], capture_output=True,
+                text=True).stderr
+        regs = int(re.search('Used ([0-9]+) registers', log).group(1))
+        spills = sum(int(n) for n in re.findall('([0-9]+) bytes spill', log))
+        print(kernel.__name__, t, d, regs, spills)
 """
+
+# Registers per thread that the sm_90 kernels may use (ptxas): at most 128
+# (two or more blocks of 8 warps per SM), except the bfloat16 backward for
+# 64-wide heads and the float32 forward (149 and 198 with Triton 3.8: one
+# block of 8 warps per SM).
+_MAX_REGISTERS = {
+    ('_backward_kernel', 'bf16', '64'): 160,
+    ('_forward_kernel', 'fp32', '32'): 208
+}
 
 
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
 def test_kernels_compile_for_sm90(tmp_path):
-    """The bfloat16 and float32 kernels compile to H100 code."""
+    """The kernels compile to H100 code as the wrappers configure them for
+    CUDA (bfloat16 with 32- and 64-wide heads, float32), without spills and
+    within the register bounds."""
     done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert 'compiled' in done.stdout
+    facts = [line.split() for line in done.stdout.splitlines()]
+    assert len(facts) == 9, done.stdout
+    for name, dtype, d, regs, spills in facts:
+        assert int(spills) == 0, (name, dtype, d)
+        assert int(regs) <= _MAX_REGISTERS.get((name, dtype, d),
+                                               128), (name, dtype, d, regs)
+
+
+def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
+    """benchmarks/gpu_model.py records FSLA's launches with the choices
+    the wrappers make for CUDA (not the interpreter's), without running
+    them, and counts the products its sampled programs execute: the
+    window attention's are exactly 2 (forward) and 5 (backward) 64x64xd
+    products per program."""
+    import importlib.util
+    import os.path as osp
+    import sys
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the model adds to it
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    bench = osp.join(root, 'benchmarks')
+    spec = importlib.util.spec_from_file_location(
+        '_gpu_model', osp.join(bench, 'gpu_model.py'))
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    from boat_mm.ops.triton import clustered_attention as kernels
+    rec = model.record_shape(14, 32, 2, batch=1)
+    names = [x.kernel for x in rec['fsla'].launches]
+    attention = ['_forward_kernel', '_backward_kernel', '_lent_keys_kernel']
+    assert [n for n in names if n in attention] == attention
+    assert len(names) > 3  # the clustering's launches come first
+    cfg = kernels._launch_config(torch.bfloat16, 16, 49, 20,
+                                 torch.device('cuda'))
+    fwd = rec['fsla'].launches[names.index('_forward_kernel')]
+    assert fwd.grid == (4, 2, 1)
+    assert fwd.options['num_warps'] == cfg['fwd_warps']
+    assert fwd.constexprs['UPCAST'] is False
+    assert 'S' not in fwd.constexprs and 'S' not in fwd.attrs
+    win_fwd, win_bwd = rec['window'].launches
+    product = 2 * 64 * 64 * 16
+    assert win_fwd.programs == 4 * 2
+    assert win_fwd.flops == 2 * product * win_fwd.programs
+    assert win_bwd.flops == 5 * product * win_bwd.programs
+    # Every q, k and v row is read at least once: bytes >= useful bytes.
+    assert fwd.bytes >= 196 * 3 * 32 * 2
 
 
 # ---------------------------------------------------------------------------

@@ -12,20 +12,27 @@ tests use):
   the device from ``slot_valid`` (real slots first, as in every
   :class:`~boat_mm.ops.ClusterPlan`).
 - A program loads the q, k and v rows of its tokens straight from the
-  ``(B, N, 3C)`` qkv through ``perm`` (no permuted copies), runs its
-  cluster's queries against exactly its own keys plus the ``overlap``
-  borrowed from its sibling (the first ones of cluster ``2j+1`` for
-  ``2j``, the last ones of ``2j`` for ``2j+1``) in tiles of ``BLOCK_K``
-  keys with an online softmax accumulated in float32 (float64 for float64
-  inputs), writes the outputs to their raster rows and saves the
-  log-sum-exp per slot. With an image shape it also writes the values of
-  its own tokens as the ``(B, C, H, W)`` image of FSLA's local term.
-- The backward recomputes the probabilities from the log-sum-exp. A first
-  kernel, per cluster, computes ``D_i = sum_j P_ij dP_ij`` and the query
-  gradients; a second, per cluster, the key and value gradients of its own
-  tokens from its own queries and from its sibling's queries (for the keys
-  the sibling borrows), plus the image gradient. Every row of the qkv
-  gradient is written once, by one program: deterministic, no atomics.
+  ``(B, N, 3C)`` qkv through ``perm`` (no permuted copies) into one tile
+  of ``BLOCK_S`` rows (its queries and its own keys), and the keys it
+  borrows from its sibling (the first ``overlap`` of cluster ``2j+1`` for
+  ``2j``, the last ones of ``2j`` for ``2j+1``) into a tail tile of
+  ``TAIL`` rows sized to the overlap, so that few masked-out products
+  run; softmax in float32 (float64 for float64 inputs). It writes the
+  outputs to their raster rows, the log-sum-exp per slot and, with an
+  image shape, the values of its tokens as the channels-last
+  ``(B, C, H, W)`` image of FSLA's local term (a token's channels are
+  contiguous: coalesced stores).
+- The backward recomputes the probabilities from the log-sum-exp. As a
+  program holds every key of its queries, one kernel computes
+  ``D_i = sum_j P_ij dP_ij`` and the query, key and value gradients in
+  one pass (five products per query and key); the k and v gradients of
+  the keys its sibling borrows are completed by a second, small kernel
+  from the two programs' partial sums. Every row of the qkv gradient is
+  written once, by one program: deterministic, no atomics.
+- The slot size, overlap, token count and cluster count are run-time
+  arguments Triton does not specialise on; only their power-of-two tile
+  sizes are compile-time, so a new resolution in the same bucket does not
+  compile again.
 
 Inputs of float32 (products in IEEE float32 unless
 ``torch.backends.cuda.matmul.allow_tf32``), bfloat16 and float16
@@ -58,12 +65,12 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _cluster(qkv, perm, valid, N, C, perm_stride, HEADS: tl.constexpr,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
-             BLOCK: tl.constexpr):
+def _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS: tl.constexpr,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """What every kernel first reads of its program's cluster ``c`` and
-    its sibling: real-token counts, the raster tokens of ``c``'s ``BLOCK``
-    slots, and the qkv pointer of the program's sample and head."""
+    its sibling: real-token counts, the raster tokens of ``c``'s ``S``
+    slots (in a ``BLOCK``-row tile), and the qkv pointer of the program's
+    sample and head."""
     c = tl.program_id(0)
     m = tl.program_id(1)
     b = (m // HEADS).to(tl.int64)
@@ -82,236 +89,209 @@ def _cluster(qkv, perm, valid, N, C, perm_stride, HEADS: tl.constexpr,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     base = qkv + b * N * (3 * C) + head * D
-    return (c, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok,
+    return (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok,
             offs_d, d_ok, base)
 
 
 @triton.jit
-def _key_range(c, sib, n_own, n_sib, overlap, S: tl.constexpr):
-    """First sibling slot and count of the keys of cluster ``c``'s
-    queries: its own, then the ``overlap`` borrowed from its sibling."""
+def _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL: tl.constexpr):
+    """The keys cluster ``c`` borrows from its sibling (the first
+    ``overlap`` of ``2j+1`` for ``2j``, the last ones of ``2j`` for
+    ``2j+1``) as a ``TAIL``-row tile: raster tokens and validity."""
     n_borrow = tl.minimum(n_sib, overlap)
-    # Cluster 2j borrows the first keys of 2j+1, 2j+1 the last ones of 2j.
-    sib_first = sib * S + tl.where(c % 2 == 0, 0, n_sib - n_borrow)
-    return sib_first, n_own + n_borrow
+    first = sib * S + tl.where(c % 2 == 0, 0, n_sib - n_borrow)
+    j = tl.arange(0, TAIL)
+    ok = j < n_borrow
+    tok = tl.load(perm + row + first + j, mask=ok, other=0)
+    return tok, ok
 
 
 @triton.jit
-def _load_queries(base, tok, mask, offs_d, C, UPCAST: tl.constexpr):
-    """The query rows of raster tokens ``tok`` (float32 under
-    ``UPCAST``)."""
-    q = tl.load(
-        base + tok[:, None] * (3 * C) + offs_d[None, :], mask=mask, other=0.)
+def _rows(base, tok, mask, offs_d, C, OFFSET: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """The q (``OFFSET`` 0), k (1) or v (2) rows of raster tokens ``tok``
+    (float32 under ``UPCAST``)."""
+    x = tl.load(
+        base + OFFSET * C + tok[:, None] * (3 * C) + offs_d[None, :],
+        mask=mask,
+        other=0.)
     if UPCAST:
-        q = q.to(tl.float32)
-    return q
+        x = x.to(tl.float32)
+    return x
 
 
-@triton.jit
-def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride,
+@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap'])
+def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
                     overlap, scale, scale_lo, HEADS: tl.constexpr,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr, TAIL: tl.constexpr,
                     HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, q_real, q_tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
-                            BLOCK_D, S, BLOCK_Q)
-    sib_first, n_keys = _key_range(c, sib, n_own, n_sib, overlap, S)
-    q = _load_queries(base, q_tok, q_real[:, None] & d_ok[None, :], offs_d, C,
-                      UPCAST)
+    (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS, D,
+                            BLOCK_D, BLOCK_S)
+    mask = real[:, None] & d_ok[None, :]
+    # The cluster's own tokens are its queries and its first keys.
+    q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
+    k = _rows(base, tok, mask, offs_d, C, 1, UPCAST)
+    v = _rows(base, tok, mask, offs_d, C, 2, UPCAST)
+    t_tok, t_ok = _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL)
+    t_mask = t_ok[:, None] & d_ok[None, :]
+    kt = _rows(base, t_tok, t_mask, offs_d, C, 1, UPCAST)
+    vt = _rows(base, t_tok, t_mask, offs_d, C, 2, UPCAST)
 
-    m_i = tl.full((BLOCK_Q, ), float('-inf'), ACC)
-    l_i = tl.zeros((BLOCK_Q, ), ACC)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
-    for start in range(0, n_keys, BLOCK_K):
-        j = start + tl.arange(0, BLOCK_K)
-        k_ok = j < n_keys
-        own = j < n_own
-        slot = tl.where(own, c * S + j, sib_first + j - n_own)
-        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv + C, mask=kv_mask, other=0.)
-        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        s = s * scale + s * scale_lo
-        s = tl.where(k_ok[None, :], s, float('-inf'))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(
-            p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
-        if HAS_IMAGE:
-            # The value image: every token is its own cluster's key once.
-            img = image + b * C * N + (head * D + offs_d[None, :]) * N
-            tl.store(
-                img + k_tok[:, None],
-                v,
-                mask=(own & k_ok)[:, None] & d_ok[None, :])
-
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    s = tl.where(real[None, :], s * scale + s * scale_lo, float('-inf'))
+    st = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC)
+    st = tl.where(t_ok[None, :], st * scale + st * scale_lo, float('-inf'))
+    m_i = tl.maximum(tl.max(s, 1), tl.max(st, 1))
+    p = tl.exp(s - m_i[:, None])
+    pt = tl.exp(st - m_i[:, None])
+    l_i = tl.sum(p, 1) + tl.sum(pt, 1)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+    acc += tl.dot(
+        pt.to(vt.dtype), vt, input_precision=PRECISION, out_dtype=ACC)
     o = acc / l_i[:, None]
-    dst = out + (b * N + q_tok[:, None]) * C + head * D + offs_d[None, :]
-    tl.store(
-        dst, o.to(out.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])
+    # out (B, N, C) and the channels-last value image share the layout.
+    rows = (b * N + tok[:, None]) * C + head * D + offs_d[None, :]
+    tl.store(out + rows, o.to(out.dtype.element_ty), mask=mask)
+    if HAS_IMAGE:
+        tl.store(image + rows, v.to(image.dtype.element_ty), mask=mask)
     # Padding slots get 0, as in the CPU op.
-    lse_val = tl.where(q_real, m_i + tl.log(l_i), 0.)
+    lse_val = tl.where(real, m_i + tl.log(l_i), 0.)
     tl.store(
         lse + row + c * S + offs,
         lse_val.to(lse.dtype.element_ty),
         mask=in_slots)
 
 
-@triton.jit
-def _backward_query_kernel(grad_out, qkv, perm, valid, lse, delta, grad, N, C,
-                           perm_stride, overlap, scale, scale_lo,
-                           HEADS: tl.constexpr, D: tl.constexpr,
-                           BLOCK_D: tl.constexpr, S: tl.constexpr,
-                           BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                           ACC: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr):
-    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, q_real, q_tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
-                            BLOCK_D, S, BLOCK_Q)
-    sib_first, n_keys = _key_range(c, sib, n_own, n_sib, overlap, S)
-    q_mask = q_real[:, None] & d_ok[None, :]
-    q = _load_queries(base, q_tok, q_mask, offs_d, C, UPCAST)
+@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
+def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
+                     N, C, perm_stride, S, overlap, G, scale, scale_lo,
+                     HEADS: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS, D,
+                            BLOCK_D, BLOCK_S)
+    mask = real[:, None] & d_ok[None, :]
+    q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
+    k = _rows(base, tok, mask, offs_d, C, 1, UPCAST)
+    v = _rows(base, tok, mask, offs_d, C, 2, UPCAST)
+    t_tok, t_ok = _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL)
+    t_mask = t_ok[:, None] & d_ok[None, :]
+    kt = _rows(base, t_tok, t_mask, offs_d, C, 1, UPCAST)
+    vt = _rows(base, t_tok, t_mask, offs_d, C, 2, UPCAST)
+    # Pointer tiles are rebuilt where used (fewer live registers).
+    out_row = (b * N + tok) * C + head * D
     do = tl.load(
-        grad_out + (b * N + q_tok[:, None]) * C + head * D + offs_d[None, :],
-        mask=q_mask,
-        other=0.)
-    do = do.to(q.dtype)
-    lse_i = tl.load(lse + row + c * S + offs, mask=q_real, other=0.).to(ACC)
+        grad_out + out_row[:, None] + offs_d[None, :], mask=mask,
+        other=0.).to(q.dtype)
+    lse_i = tl.load(lse + row + c * S + offs, mask=real, other=0.).to(ACC)
 
-    # D_i = sum_j P_ij dP_ij first (it needs whole rows), then dS and dQ.
-    delta_i = tl.zeros((BLOCK_Q, ), ACC)
-    for start in range(0, n_keys, BLOCK_K):
-        j = start + tl.arange(0, BLOCK_K)
-        k_ok = j < n_keys
-        own = j < n_own
-        slot = tl.where(own, c * S + j, sib_first + j - n_own)
-        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv + C, mask=kv_mask, other=0.)
-        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        s = s * scale + s * scale_lo
-        p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        delta_i += tl.sum(p * dp, 1)
-    dq = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
-    for start in range(0, n_keys, BLOCK_K):
-        j = start + tl.arange(0, BLOCK_K)
-        k_ok = j < n_keys
-        own = j < n_own
-        slot = tl.where(own, c * S + j, sib_first + j - n_own)
-        k_tok = tl.load(perm + row + slot, mask=k_ok, other=0)
-        kv = base + k_tok[:, None] * (3 * C) + offs_d[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv + C, mask=kv_mask, other=0.)
-        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        s = s * scale + s * scale_lo
-        p = tl.where(k_ok[None, :], tl.exp(s - lse_i[:, None]), 0.)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta_i[:, None])
-        dq += tl.dot(
-            ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    dst = (
-        grad + (b * N + q_tok[:, None]) * (3 * C) + head * D + offs_d[None, :])
+    # Every key of the cluster's queries is in this program: the
+    # probabilities, D_i = sum_j P_ij dP_ij and dS in one pass (five
+    # products per query and key).
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    p = tl.where(real[None, :],
+                 tl.exp(s * scale + s * scale_lo - lse_i[:, None]), 0.)
+    st = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC)
+    pt = tl.where(t_ok[None, :],
+                  tl.exp(st * scale + st * scale_lo - lse_i[:, None]), 0.)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+    dpt = tl.dot(do, tl.trans(vt), input_precision=PRECISION, out_dtype=ACC)
+    delta = tl.sum(p * dp, 1) + tl.sum(pt * dpt, 1)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dst = (pt * (dpt - delta[:, None])).to(q.dtype)
+    dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
+    dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
+    g_row = (b * N + tok) * (3 * C) + head * D
+    ty = grad.dtype.element_ty
     tl.store(
-        dst, (dq * scale + dq * scale_lo).to(grad.dtype.element_ty),
-        mask=q_mask)
-    tl.store(delta + row + c * S + offs, delta_i, mask=q_real)
+        grad + g_row[:, None] + offs_d[None, :],
+        (dq * scale + dq * scale_lo).to(ty),
+        mask=mask)
 
-
-@triton.jit
-def _backward_key_kernel(grad_out, grad_image, qkv, perm, valid, lse, delta,
-                         grad, N, C, perm_stride, overlap, scale, scale_lo,
-                         HEADS: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, S: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
-                         HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    (c, b, head, sib, offs, in_slots, n_own, n_sib, row, k_real, k_tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, HEADS, D,
-                            BLOCK_D, S, BLOCK_S)
-    # The keys of this cluster that its sibling borrows: the last ones of
-    # 2j (seen by 2j+1), the first ones of 2j+1 (seen by 2j).
+    # Own keys: from the own queries here; those the sibling borrows get
+    # the rest from the sibling's program (summed by the reduce kernel).
+    dv = tl.dot(
+        tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION, out_dtype=ACC)
+    dk = dk * scale + dk * scale_lo
+    if HAS_IMAGE:
+        dv += tl.load(
+            grad_image + out_row[:, None] + offs_d[None, :],
+            mask=mask,
+            other=0.).to(ACC)
     n_lent = tl.minimum(n_own, overlap)
     lent_first = tl.where(c % 2 == 0, n_own - n_lent, 0)
-    k_mask = k_real[:, None] & d_ok[None, :]
-    C3 = 3 * C
-    kv = base + k_tok[:, None] * C3 + offs_d[None, :]
-    k = tl.load(kv + C, mask=k_mask, other=0.)
-    v = tl.load(kv + 2 * C, mask=k_mask, other=0.)
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    lent = k_real & (offs >= lent_first) & (offs < lent_first + n_lent)
+    lent = real & (offs >= lent_first) & (offs < lent_first + n_lent)
+    done = mask & ~lent[:, None]
+    g_at = grad + g_row[:, None] + offs_d[None, :]
+    tl.store(g_at + C, dk.to(ty), mask=done)
+    tl.store(g_at + 2 * C, dv.to(ty), mask=done)
+    # Partial sums (ACC) of lent keys, [kind, m, c, j, D]: 0/1 dk/dv of
+    # the own queries, 2/3 of this cluster's queries for its borrowed keys.
+    M = tl.num_programs(1)
+    j = (offs - lent_first).to(tl.int64)
+    cell = ((m.to(tl.int64) * G + c) * TAIL) * D
+    kind = M.to(tl.int64) * G * TAIL * D
+    lent_at = part + cell + j[:, None] * D + offs_d[None, :]
+    lent_mask = lent[:, None] & d_ok[None, :]
+    tl.store(lent_at, dk, mask=lent_mask)
+    tl.store(lent_at + kind, dv, mask=lent_mask)
+    dvt = tl.dot(
+        tl.trans(pt.to(do.dtype)),
+        do,
+        input_precision=PRECISION,
+        out_dtype=ACC)
+    dkt = tl.dot(tl.trans(dst), q, input_precision=PRECISION, out_dtype=ACC)
+    dkt = dkt * scale + dkt * scale_lo
+    jt = tl.arange(0, TAIL)
+    borrow_at = part + 2 * kind + cell + jt[:, None] * D + offs_d[None, :]
+    tl.store(borrow_at, dkt, mask=t_mask)
+    tl.store(borrow_at + kind, dvt, mask=t_mask)
 
-    dk = tl.zeros((BLOCK_S, BLOCK_D), ACC)
-    dv = tl.zeros((BLOCK_S, BLOCK_D), ACC)
-    for src in tl.static_range(2):
-        # Queries of the cluster itself (all its keys), then of its
-        # sibling (only the lent keys; none without overlap).
-        if src == 0:
-            qc = c
-            n_q = n_own
-            allowed = k_real
-        else:
-            qc = sib
-            n_q = tl.where(n_lent > 0, n_sib, 0)
-            allowed = lent
-        for start in range(0, n_q, BLOCK_Q):
-            i = start + tl.arange(0, BLOCK_Q)
-            q_ok = i < n_q
-            q_tok = tl.load(perm + row + qc * S + i, mask=q_ok, other=0)
-            q_mask = q_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                base + q_tok[:, None] * C3 + offs_d[None, :],
-                mask=q_mask,
-                other=0.)
-            if UPCAST:
-                q = q.to(tl.float32)
-            do = tl.load(
-                grad_out + (b * N + q_tok[:, None]) * C + head * D +
-                offs_d[None, :],
-                mask=q_mask,
-                other=0.)
-            do = do.to(q.dtype)
-            lse_i = tl.load(
-                lse + row + qc * S + i, mask=q_ok, other=0.).to(ACC)
-            delta_i = tl.load(delta + row + qc * S + i, mask=q_ok, other=0.)
-            # Transposed scores: (keys, queries).
-            st = tl.dot(
-                k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-            st = st * scale + st * scale_lo
-            pt = tl.where(allowed[:, None] & q_ok[None, :],
-                          tl.exp(st - lse_i[None, :]), 0.)
-            dv += tl.dot(
-                pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
-            dpt = tl.dot(
-                v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            dst = pt * (dpt - delta_i[None, :])
-            dk += tl.dot(
-                dst.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
-    if HAS_IMAGE:
-        img = grad_image + b * C * N + (head * D + offs_d[None, :]) * N
-        dv += tl.load(img + k_tok[:, None], mask=k_mask, other=0.).to(ACC)
-    dst = grad + (b * N + k_tok[:, None]) * C3 + head * D + offs_d[None, :]
-    tl.store(
-        dst + C, (dk * scale + dk * scale_lo).to(grad.dtype.element_ty),
-        mask=k_mask)
-    tl.store(dst + 2 * C, dv.to(grad.dtype.element_ty), mask=k_mask)
+
+@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
+def _lent_keys_kernel(qkv, perm, valid, grad, part, N, C, perm_stride, S,
+                      overlap, G, HEADS: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      TAIL: tl.constexpr):
+    """The k and v gradients of the keys a cluster lends: its own
+    queries' part plus its sibling's."""
+    c = tl.program_id(0)
+    m = tl.program_id(1)
+    b = (m // HEADS).to(tl.int64)
+    head = m % HEADS
+    sib = c ^ 1
+    offs = tl.arange(0, BLOCK_S)
+    n_own = tl.sum(
+        tl.load(valid + c * S + offs, mask=offs < S, other=0).to(tl.int32))
+    n_lent = tl.minimum(n_own, overlap)
+    lent_first = tl.where(c % 2 == 0, n_own - n_lent, 0)
+    j = tl.arange(0, TAIL)
+    ok = j < n_lent
+    row = m.to(tl.int64) * perm_stride
+    tok = tl.load(perm + row + c * S + lent_first + j, mask=ok, other=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    kind = tl.num_programs(1).to(tl.int64) * G * TAIL * D
+    at = j[:, None] * D + offs_d[None, :]
+    own = part + ((m.to(tl.int64) * G + c) * TAIL) * D + at
+    other = part + 2 * kind + ((m.to(tl.int64) * G + sib) * TAIL) * D + at
+    dk = tl.load(
+        own, mask=mask, other=0.) + tl.load(
+            other, mask=mask, other=0.)
+    dv = tl.load(
+        own + kind, mask=mask, other=0.) + tl.load(
+            other + kind, mask=mask, other=0.)
+    dst = grad + (b * N + tok[:, None]) * (3 * C) + head * D + offs_d[None, :]
+    ty = grad.dtype.element_ty
+    tl.store(dst + C, dk.to(ty), mask=mask)
+    tl.store(dst + 2 * C, dv.to(ty), mask=mask)
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -354,40 +334,62 @@ def _check(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
         if t.device != qkv.device:
             raise RuntimeError(f'perm and slot_valid must be on the device '
                                f'of qkv ({qkv.device}), got {t.device}')
-    return B, N, C, slots // slot_size
-
-
-def _launch_config(qkv: Tensor, head_dims: int, slot_size: int) -> dict:
-    """Block sizes and precision shared by the three kernels."""
     if qkv.device.type == 'cpu' and not interpreted():
         raise RuntimeError(
             'The Triton kernels got CPU tensors but were compiled for the '
             'GPU: set TRITON_INTERPRET=1 before the first Triton call of '
             "the process to run them in Triton's interpreter, or use "
             "impl='cpp' or 'tensor' on the CPU.")
-    fp64 = qkv.dtype == torch.float64
-    if fp64 or (qkv.dtype == torch.float32
+    return B, N, C, slots // slot_size
+
+
+def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
+                   overlap: int, device: torch.device) -> dict:
+    """Block sizes, warps and precision of the kernels for ``device``.
+
+    Only buckets of the per-resolution values reach the compiler: the
+    slot size as its power-of-two tile (``BLOCK_S``: 64 for the 33-64
+    slots of most resolutions, 128 for 65-67), the overlap as the tile of
+    borrowed keys (``TAIL``: 32 for the default 20); the values
+    themselves are run-time arguments that Triton does not specialise
+    on, so another resolution of the same bucket reuses the kernels.
+
+    Args:
+        dtype (torch.dtype): Of qkv.
+        head_dims (int): ``d``.
+        slot_size (int): ``S`` of the plan.
+        overlap (int): Keys borrowed from the sibling.
+        device (torch.device): Where the kernels run (the CPU means
+            Triton's interpreter).
+
+    Returns:
+        dict: Constexprs and launch options.
+    """
+    fp64 = dtype == torch.float64
+    if fp64 or (dtype == torch.float32
                 and not torch.backends.cuda.matmul.allow_tf32):
         precision = 'ieee'
     else:
         precision = 'tf32'  # float32 under allow_tf32; ignored for 16 bits
     block_d = max(16, triton.next_power_of_2(head_dims))
+    block_s = max(16, triton.next_power_of_2(slot_size))
     return dict(
         D=head_dims,
         BLOCK_D=block_d,
-        S=slot_size,
+        BLOCK_S=block_s,
+        TAIL=max(16, triton.next_power_of_2(max(1, min(overlap, slot_size)))),
         ACC=tl.float64 if fp64 else tl.float32,
         PRECISION=precision,
         # Triton 3.8's interpreter multiplies bfloat16 blocks as their raw
         # 16-bit patterns: there, products of bfloat16 run in float32.
-        UPCAST=interpreted() and qkv.dtype == torch.bfloat16,
-        # Tiles that stay in registers on an H100 (ptxas reports no
-        # spills for 32-wide heads): tensor-core products take 64 keys a
-        # tile (32 for wide heads) with 4 warps; IEEE float32 and float64
-        # products (FMA) take 16 with 8 warps.
-        block_k=(16 if precision == 'ieee' else 32 if block_d > 64 else 64),
-        num_warps=8 if precision == 'ieee' else 4,
-        block_s=max(16, triton.next_power_of_2(slot_size)))
+        UPCAST=device.type == 'cpu' and dtype == torch.bfloat16,
+        # A whole cluster's tiles stay in registers (sm_90, ptxas: no
+        # spills; the registers are in docs/benchmarks.md): 8 warps, and
+        # 16 for the backward of 32-bit and 64-bit inputs, whose tiles are
+        # twice as large.
+        fwd_warps=4 if block_s <= 32 else 8,
+        bwd_warps=(16 if dtype in (torch.float32, torch.float64)
+                   and block_s <= 64 else 8))
 
 
 def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
@@ -406,27 +408,38 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
+def _consts(cfg: dict, num_heads: int, warps: str) -> dict:
+    keys = ('D', 'BLOCK_D', 'BLOCK_S', 'TAIL', 'ACC', 'PRECISION', 'UPCAST')
+    return dict({k: cfg[k]
+                 for k in keys},
+                HEADS=num_heads,
+                num_warps=cfg[warps])
+
+
 def clustered_attention_forward(
         qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
         slot_size: int, overlap: int, scale: float,
         hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """The Triton kernel of ``boat_mm::clustered_attention`` (same
-    arguments and results; the log-sum-exp is float32 for 16-bit
-    inputs)."""
+    arguments and results; the log-sum-exp is float32 for 16-bit inputs,
+    the value image is channels-last)."""
     B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size, overlap)
     if len(hw_shape) and (len(hw_shape) != 2
                           or hw_shape[0] * hw_shape[1] != N):
         raise RuntimeError(
             f'hw_shape {list(hw_shape)} does not match N={N} tokens')
-    d = C // num_heads
-    cfg = _launch_config(qkv, d, slot_size)
+    cfg = _launch_config(qkv.dtype, C // num_heads, slot_size, overlap,
+                         qkv.device)
     qkv, perm = qkv.contiguous(), perm.contiguous()
     out = qkv.new_empty(B, N, C)
     lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
     if perm.shape[1] > G * slot_size:
         lse[:, G * slot_size:].zero_()  # slots past the pairs: unused
+    # Channels-last: a token's values are contiguous, as in qkv, so the
+    # kernel writes them coalesced.
     image = (
-        qkv.new_empty(B, C, *hw_shape) if len(hw_shape) else qkv.new_empty(0))
+        qkv.new_empty(B, *hw_shape, C).permute(0, 3, 1, 2)
+        if len(hw_shape) else qkv.new_empty(0))
     with _device_guard(qkv):
         _forward_kernel[(G, B * num_heads)](
             qkv,
@@ -438,19 +451,11 @@ def clustered_attention_forward(
             N,
             C,
             perm.shape[1],
+            slot_size,
             overlap,
             *_split(scale, qkv.dtype),
-            HEADS=num_heads,
-            D=d,
-            BLOCK_D=cfg['BLOCK_D'],
-            S=slot_size,
-            BLOCK_Q=cfg['block_s'],
-            BLOCK_K=cfg['block_k'],
             HAS_IMAGE=bool(len(hw_shape)),
-            ACC=cfg['ACC'],
-            PRECISION=cfg['PRECISION'],
-            UPCAST=cfg['UPCAST'],
-            num_warps=cfg['num_warps'])
+            **_consts(cfg, num_heads, 'fwd_warps'))
     return out, image, lse
 
 
@@ -472,60 +477,53 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
                            f'{B * C * N} values, got '
                            f'{tuple(grad_image.shape)}')
     d = C // num_heads
-    cfg = _launch_config(qkv, d, slot_size)
+    cfg = _launch_config(qkv.dtype, d, slot_size, overlap, qkv.device)
     qkv, perm = qkv.contiguous(), perm.contiguous()
     grad_out = grad_out.contiguous()
     lse = lse.contiguous()
-    grad_image = grad_image.contiguous() if has_image else grad_out
-    # Every row is written once: each token is a real slot exactly once per
-    # (sample, head); its q gradient comes from the first kernel, its k
-    # and v gradients from the second.
+    if has_image:
+        # Read as channels-last (coalesced); a no-op for the forward's
+        # layout.
+        grad_image = grad_image.contiguous(memory_format=torch.channels_last)
+    else:
+        grad_image = grad_out
+    # Every row is written once: a token's q gradient and the k and v
+    # gradients of keys no sibling borrows by its cluster's program, those
+    # of lent keys by the second kernel from two partial sums.
     grad = torch.empty_like(qkv)
-    delta = torch.empty(perm.shape, dtype=lse.dtype, device=qkv.device)
+    M = B * num_heads
+    part = torch.empty(
+        4 * M * G * cfg['TAIL'] * d,
+        dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32,
+        device=qkv.device)
     valid = slot_valid.view(torch.uint8)
-    common = dict(
-        HEADS=num_heads,
-        D=d,
-        BLOCK_D=cfg['BLOCK_D'],
-        S=slot_size,
-        ACC=cfg['ACC'],
-        PRECISION=cfg['PRECISION'],
-        UPCAST=cfg['UPCAST'],
-        num_warps=cfg['num_warps'])
-    grid = (G, B * num_heads)
+    consts = _consts(cfg, num_heads, 'bwd_warps')
+    sizes = (N, C, perm.shape[1], slot_size, overlap, G)
     with _device_guard(qkv):
-        _backward_query_kernel[grid](
-            grad_out,
-            qkv,
-            perm,
-            valid,
-            lse,
-            delta,
-            grad,
-            N,
-            C,
-            perm.shape[1],
-            overlap,
-            *_split(scale, qkv.dtype),
-            BLOCK_Q=cfg['block_s'],
-            BLOCK_K=cfg['block_k'],
-            **common)
-        _backward_key_kernel[grid](
-            grad_out,
-            grad_image,
-            qkv,
-            perm,
-            valid,
-            lse,
-            delta,
-            grad,
-            N,
-            C,
-            perm.shape[1],
-            overlap,
-            *_split(scale, qkv.dtype),
-            BLOCK_S=cfg['block_s'],
-            BLOCK_Q=cfg['block_k'],
-            HAS_IMAGE=has_image,
-            **common)
+        _backward_kernel[(G,
+                          M)](grad_out,
+                              grad_image,
+                              qkv,
+                              perm,
+                              valid,
+                              lse,
+                              grad,
+                              part,
+                              *sizes,
+                              *_split(scale, qkv.dtype),
+                              HAS_IMAGE=has_image,
+                              **consts)
+        if overlap:
+            _lent_keys_kernel[(G,
+                               M)](qkv,
+                                   perm,
+                                   valid,
+                                   grad,
+                                   part,
+                                   *sizes,
+                                   HEADS=num_heads,
+                                   D=d,
+                                   BLOCK_D=cfg['BLOCK_D'],
+                                   BLOCK_S=cfg['BLOCK_S'],
+                                   TAIL=cfg['TAIL'])
     return grad
