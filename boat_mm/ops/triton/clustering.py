@@ -58,7 +58,7 @@ dependent row gathers (``perm``, then ``x``), so what counts is how many
 blocks one program walks in a row. Passes use blocks of 64 tokens (at 32
 dims; about 128 registers per thread at 4 warps); a phased level aims at
 :data:`TARGET_PROGRAMS` programs per phase with chunks of at least
-:data:`MIN_CHUNK` and at most :data:`SORT_MAX` slots. The module
+:data:`MIN_CHUNK` and at most :data:`CHUNK_MAX` slots. The module
 constants are the knobs to measure.
 """
 from typing import List, NamedTuple, Optional, Tuple, Union
@@ -77,9 +77,11 @@ __all__ = [
 # schedule); also the largest chunk of a phased level (both are sorted in
 # a kernel). A power of two.
 SORT_MAX = 1024
-# A phased level gives each program at least this many slots of a node. A
-# power of two.
+# A phased level gives each program at least this many and at most
+# CHUNK_MAX slots of a node (powers of two; the chunk is sorted in the
+# kernel).
 MIN_CHUNK = 128
+CHUNK_MAX = 512
 # Programs per phase a level aims at; None: eight per multiprocessor on
 # CUDA, four in all for the interpreter.
 TARGET_PROGRAMS = None
@@ -164,29 +166,34 @@ def _normalize(s0, s1, F64: tl.constexpr):
 
 @triton.jit
 def _centroids(part_ptr, idx0, stride, count, F64: tl.constexpr,
-               DP: tl.constexpr, NCB: tl.constexpr):
+               CT: tl.constexpr, DP: tl.constexpr, SB: tl.constexpr):
     """Normalised centroids from ``count`` partial sums ``(2, DP)``, those
-    at indices ``idx0 + s * stride``, reduced in a fixed order (loaded past
-    the L1 cache: other programs of the launch may have written them)."""
-    s = tl.arange(0, NCB)
+    at indices ``idx0 + s * stride``, reduced ``SB`` at a time in a fixed
+    order (loaded past the L1 cache: other programs of the launch may
+    have written them)."""
     dims = tl.arange(0, DP)
-    ptrs = part_ptr + (idx0 + s.to(tl.int64) * stride)[:, None] * (
-        2 * DP) + dims[None, :]
-    m = (s < count)[:, None]
-    s0 = tl.reduce(
-        tl.load(ptrs, mask=m, other=0., cache_modifier='.cg'), 0, _ADD)
-    s1 = tl.reduce(
-        tl.load(ptrs + DP, mask=m, other=0., cache_modifier='.cg'), 0, _ADD)
+    s0 = tl.zeros([DP], CT)
+    s1 = tl.zeros([DP], CT)
+    for b in range(0, count, SB):
+        s = b + tl.arange(0, SB)
+        ptrs = part_ptr + (idx0 + s.to(tl.int64) * stride)[:, None] * (
+            2 * DP) + dims[None, :]
+        m = (s < count)[:, None]
+        s0 += tl.reduce(
+            tl.load(ptrs, mask=m, other=0., cache_modifier='.cg'), 0, _ADD)
+        s1 += tl.reduce(
+            tl.load(ptrs + DP, mask=m, other=0., cache_modifier='.cg'), 0,
+            _ADD)
     return _normalize(s0, s1, F64)
 
 
 @triton.jit
-def _parent_centroids(part_ptr, t, NS, F64: tl.constexpr, DP: tl.constexpr,
-                      NCB: tl.constexpr):
+def _parent_centroids(part_ptr, t, NS, F64: tl.constexpr, CT: tl.constexpr,
+                      DP: tl.constexpr, SB: tl.constexpr):
     """Initial centroids of node ``t`` from the sums its parent's split
     wrote: ``(parent, source, child, 2, DP)``, ``NS`` sources."""
     return _centroids(part_ptr, (t // 2).to(tl.int64) * NS * 2 + t % 2, 2,
-                      NS, F64, DP, NCB)
+                      NS, F64, CT, DP, SB)
 
 
 @triton.jit
@@ -453,10 +460,10 @@ def _rank_node(key_ptr, order_ptr, t, cap, n, F64: tl.constexpr,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
-                  key_ptr, sync_ptr, temp_ptr, N, d, cap, nodes, leaves, base,
+                  key_ptr, sync_ptr, temp_in, N, d, cap, nodes, leaves, base,
                   extra, iters, NS, C, rows, FIRST: tl.constexpr,
                   LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                  DP: tl.constexpr, BT: tl.constexpr, NCB: tl.constexpr,
+                  DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
                   CH: tl.constexpr, LOG: tl.constexpr, RB: tl.constexpr,
                   CB: tl.constexpr, TILE: tl.constexpr):
     """A phased level (see the module docstring): ``C`` chunks of ``CH``
@@ -472,7 +479,10 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
     c = tk % C
     m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
     row_off = m.to(tl.int64) * N * d
-    temp = tl.load(temp_ptr)
+    if F64:
+        temp = tl.load(temp_in)
+    else:
+        temp = temp_in
     done = sync_ptr + 1 + t
     if phase > 0:
         while tl.atomic_add(done + (phase - 1) * rows, 0,
@@ -498,11 +508,11 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
         tl.store(step_out + DP, s1)
     elif p <= iters:
         if FIRST:
-            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, DP, NCB)
+            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, CT, DP, SB)
         elif p == 0:
-            c0, c1 = _parent_centroids(part_in, t, NS, F64, DP, NCB)
+            c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
         else:
-            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, DP, NCB)
+            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, CT, DP, SB)
         if p < iters:
             s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
                                 row_off, d, cap, n, n0, start,
@@ -604,10 +614,10 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
-                 order_ptr, temp_ptr, N, d, cap, nodes, leaves, base, extra,
+                 order_ptr, temp_in, N, d, cap, nodes, leaves, base, extra,
                  iters, NS, HAS_PARTS: tl.constexpr, FIRST: tl.constexpr,
                  LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                 DP: tl.constexpr, BT: tl.constexpr, NCB: tl.constexpr,
+                 DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
                  LOG: tl.constexpr, TILE: tl.constexpr):
     """A whole level's work on one node (``cap <= 2**LOG``): centroids,
     ``iters`` k-means steps, ratios, ranking and split; grid
@@ -615,10 +625,13 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
     t = tl.program_id(0)
     m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
     row_off = m.to(tl.int64) * N * d
-    temp = tl.load(temp_ptr)
+    if F64:
+        temp = tl.load(temp_in)
+    else:
+        temp = temp_in
     slot0 = t.to(tl.int64) * cap
     if HAS_PARTS:
-        c0, c1 = _parent_centroids(part_in, t, NS, F64, DP, NCB)
+        c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
     else:
         zero = tl.zeros([DP], CT)
         s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d,
@@ -725,23 +738,22 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int,
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
     vectors (shapes only, so the same for every call at a resolution).
 
-    A level takes the node schedule when its nodes fill the target
-    (:data:`TARGET_PROGRAMS`) in chunks of at least :data:`MIN_CHUNK`
-    slots and fit :data:`SORT_MAX`; otherwise nodes are cut into chunks
-    of a power-of-two length between those, as many as reach the target.
+    A level takes the node schedule when its nodes alone reach the
+    target (:data:`TARGET_PROGRAMS`) and fit :data:`SORT_MAX` slots, or
+    fit one chunk; otherwise nodes are cut into chunks of a power-of-two
+    length in ``[MIN_CHUNK, CHUNK_MAX]``, as many as reach the target.
     ``target`` is a :class:`TargetInfo` (a model can pass CUDA's) or the
     device.
     """
     programs = _target_programs(_as_target(target))
     lo = triton.next_power_of_2(max(1, MIN_CHUNK))
-    hi = max(lo, triton.next_power_of_2(max(1, SORT_MAX)))
+    hi = max(lo, triton.next_power_of_2(max(1, CHUNK_MAX)))
     plans = []
     for level in range(num_levels):
         nodes, cap = rows << level, slot_size << (num_levels - level)
         want = -(-programs // nodes)
-        chunk = triton.next_power_of_2(-(-cap // want))
-        chunk = max(lo, min(hi, chunk))
-        if cap <= chunk:
+        chunk = max(lo, min(hi, triton.next_power_of_2(-(-cap // want))))
+        if cap <= chunk or (want == 1 and cap <= SORT_MAX):
             plans.append(LevelPlan('node', 1, cap))
         else:
             plans.append(LevelPlan('phased', -(-cap // chunk), chunk))
@@ -821,7 +833,6 @@ def balanced_clustering(x: Tensor,
     cdt = torch.float64 if f64 else torch.float32
     DP, BT = _block_tokens(d, f64, target.cuda)
     plans = level_plans(M, L, S, d, f64, target)
-    NCB = triton.next_power_of_2(max(p.chunks for p in plans))
     programs = [(M << lv) * p.chunks for lv, p in enumerate(plans)]
     phases = [
         int(lv == 0) + kmeans_iters + 2 if p.kind == 'phased' else 0
@@ -851,17 +862,26 @@ def balanced_clustering(x: Tensor,
         device=device)
     order = torch.empty(M * total, dtype=torch.int64, device=device)
     # Tickets and done-counters of the phased levels, zeroed once.
-    sync_sizes = [1 + k * (M << lv) if k else 0 for lv, k in enumerate(phases)]
+    # (Rounded to 16 bytes: Triton compiles again for unaligned pointers.)
+    sync_sizes = [
+        -(-(1 + k * (M << lv)) // 4) * 4 if k else 0
+        for lv, k in enumerate(phases)
+    ]
     sync = (
         torch.zeros(sum(sync_sizes), dtype=torch.int32, device=device)
         if any(phases) else None)
-    # A tensor: a float argument would reach the kernels as float32.
-    temp = torch.full((1, ), float(temperature), dtype=cdt, device=device)
+    # float64 math reads the temperature from a tensor (a float argument
+    # reaches a kernel as float32; the float32 math's value).
+    temp = (
+        torch.full((1, ), float(temperature), dtype=cdt, device=device)
+        if f64 else float(temperature))
     consts = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=DP)
     # Counting ranks (float64) compare TILE x TILE keys at a time; larger
     # tiles only pay in the interpreter.
     tile = 32 if target.cuda else 128
-    search_values = 2048 if target.cuda else 8192
+    search_values = 1024 if target.cuda else 8192
+    # Partial sums reduced at a time.
+    sum_block = 16 if target.cuda else 64
     sync_off = 0
     ns = 1  # sources of the sums the previous split left per node
     for lv, plan in enumerate(plans):
@@ -893,7 +913,7 @@ def balanced_clustering(x: Tensor,
                 FIRST=first,
                 LAST=last,
                 BT=node_bt,
-                NCB=NCB,
+                SB=sum_block,
                 LOG=(cap - 1).bit_length(),
                 TILE=tile,
                 num_warps=8 if cap > 512 or node_bt * DP > 2048 else 4,
@@ -918,13 +938,16 @@ def balanced_clustering(x: Tensor,
             FIRST=first,
             LAST=last,
             BT=BT,
-            NCB=NCB,
+            SB=sum_block,
             CH=ch,
             LOG=ch.bit_length() - 1,
             RB=rb,
-            CB=max(1, min(NCB, search_values // rb)),
+            CB=min(triton.next_power_of_2(plan.chunks), search_values // rb),
             TILE=tile,
-            num_warps=8 if ch > 512 else 4,
+            num_warps=4,
+            # (ptxas otherwise trades a few spilled registers for
+            # occupancy.)
+            maxnreg=128,
             **consts)
         sync_off += sync_sizes[lv]
         ns = plan.chunks
