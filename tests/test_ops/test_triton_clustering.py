@@ -93,12 +93,12 @@ def test_float64_equals_tensor_ops(n, rows, d, iters, temperature):
 # chunks of 64 with blocks of 16 tokens (several ranking blocks per chunk),
 # a phased level before a node level, no k-means step.
 SCHEDULES = [
-    (265, dict(MIN_CHUNK=32, TARGET_PROGRAMS=64), 2,
-     ('phased', 'phased', 'phased')),
-    (265, dict(MIN_CHUNK=64, TARGET_PROGRAMS=8, BLOCK_TOKENS=16), 1,
-     ('phased', 'phased', 'node')),
-    (133, dict(MIN_CHUNK=16, TARGET_PROGRAMS=64, BLOCK_TOKENS=16), 0,
-     ('phased', 'phased')),
+    (265, dict(MIN_CHUNK=32,
+               TARGET_PROGRAMS=64), 2, ('phased', 'phased', 'phased')),
+    (265, dict(MIN_CHUNK=64, TARGET_PROGRAMS=8,
+               BLOCK_TOKENS=16), 1, ('phased', 'phased', 'node')),
+    (133, dict(MIN_CHUNK=16, TARGET_PROGRAMS=64,
+               BLOCK_TOKENS=16), 0, ('phased', 'phased')),
 ]
 
 

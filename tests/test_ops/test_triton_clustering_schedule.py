@@ -35,8 +35,7 @@ NO_KERNEL = ('empty', 'empty_strided', 'view', 'slice', 'alias', 'detach')
 # BOAT-CSWin-T at 512 x 512: (side, heads), 32 dims per head.
 BENCHMARK = [(128, 2), (64, 4), (32, 8)]
 # 20 map sizes from 33 x 47 to 129 x 97.
-SWEEP = [(33 + round(i * 96 / 19), 47 + round(i * 50 / 19))
-         for i in range(20)]
+SWEEP = [(33 + round(i * 96 / 19), 47 + round(i * 50 / 19)) for i in range(20)]
 
 
 class Launch(NamedTuple):
@@ -85,8 +84,8 @@ def record(monkeypatch, rows, n, d=32, dtype=torch.bfloat16, target=H100):
                                     getattr(tc, name).arg_names, log))
         x = torch.zeros(rows, n, d, dtype=dtype)
         with _TorchOps() as ops:
-            tc.balanced_clustering(x, plan.num_levels, plan.slot_size, 2,
-                                   100., target=target)
+            tc.balanced_clustering(
+                x, plan.num_levels, plan.slot_size, 2, 100., target=target)
     torch_kernels = [o for o in ops.names if o not in NO_KERNEL]
     return plan, log, torch_kernels
 
@@ -158,16 +157,18 @@ def test_integer_arguments_not_specialised(monkeypatch):
             assert ints and ints <= set(tc._RUNTIME_INTS)
 
 
-@pytest.mark.parametrize('rows,cap,kind,chunks', [
-    (1055, 1024, 'phased', 2),  # one program short of the target
-    (1056, 1024, 'node', 1),  # nodes alone fill 8 programs per SM
-    (4096, 2048, 'phased', 4),  # too large for one program
-    (1, 128, 'node', 1),  # one chunk
-    (1, 130, 'phased', 2),
-    (1056, 16384, 'phased', 32),  # chunks of CHUNK_MAX
-    (16, 16384, 'phased', 64),  # 1024 programs
-    (2, 16384, 'phased', 128),  # chunks of MIN_CHUNK
-])
+@pytest.mark.parametrize(
+    'rows,cap,kind,chunks',
+    [
+        (1055, 1024, 'phased', 2),  # one program short of the target
+        (1056, 1024, 'node', 1),  # nodes alone fill 8 programs per SM
+        (4096, 2048, 'phased', 4),  # too large for one program
+        (1, 128, 'node', 1),  # one chunk
+        (1, 130, 'phased', 2),
+        (1056, 16384, 'phased', 32),  # chunks of CHUNK_MAX
+        (16, 16384, 'phased', 64),  # 1024 programs
+        (2, 16384, 'phased', 128),  # chunks of MIN_CHUNK
+    ])
 def test_h100_plan_boundaries(rows, cap, kind, chunks):
     """Where the H100 plan changes with the grid and the node size."""
     lp = tc.level_plans(rows, 1, cap // 2, 32, False, H100)[0]
@@ -178,13 +179,31 @@ def test_h100_plan_boundaries(rows, cap, kind, chunks):
         assert (chunks - 1) * size < cap <= chunks * size
 
 
+def test_module_target(monkeypatch):
+    """``TARGET`` schedules calls that name no target (a model of the GPU
+    running the public op in the interpreter)."""
+    n = 64 * 64
+
+    def grids(log):
+        return [(launch.kernel, launch.grid) for launch in log]
+
+    h100 = grids(record(monkeypatch, 8, n)[1])
+    interpreter = grids(record(monkeypatch, 8, n, target=None)[1])
+    monkeypatch.setattr(tc, 'TARGET', H100)
+    assert grids(record(monkeypatch, 8, n, target=None)[1]) == h100
+    if DEVICE == 'cpu':
+        assert interpreter != h100
+
+
 def test_target_info_cached(monkeypatch):
     """Device properties are read once per device, not per call."""
     calls = []
     monkeypatch.setattr(tc, '_TARGETS', {})
-    monkeypatch.setattr(torch.cuda, 'get_device_properties',
-                        lambda i: calls.append(i) or
-                        type('P', (), dict(multi_processor_count=132))())
+    monkeypatch.setattr(
+        torch.cuda, 'get_device_properties',
+        lambda i: calls.append(i) or type('P',
+                                          (), dict(multi_processor_count=132))
+        ())
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
     for _ in range(3):
         assert tc.target_info(torch.device('cuda')) == H100
@@ -208,8 +227,10 @@ H100_CASES = [
 ]
 
 
-@pytest.mark.skipif(not INTERPRETED, reason='the interpreter runs the '
-                    'H100 schedule on CPU tensors')
+@pytest.mark.skipif(
+    not INTERPRETED,
+    reason='the interpreter runs the '
+    'H100 schedule on CPU tensors')
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('n,rows,knobs,kinds', H100_CASES)
 def test_h100_schedule_equals_tensor_ops(monkeypatch, n, rows, knobs, kinds,
@@ -225,8 +246,8 @@ def test_h100_schedule_equals_tensor_ops(monkeypatch, n, rows, knobs, kinds,
     assert tuple(p.kind for p in plans) == kinds
     g = torch.Generator().manual_seed(n + rows)
     x = torch.randn(rows, n, d, generator=g, dtype=torch.float64)
-    ours = tc.balanced_clustering(x.to(dtype), plan.num_levels,
-                                  plan.slot_size, 2, 100., target=H100)
+    ours = tc.balanced_clustering(
+        x.to(dtype), plan.num_levels, plan.slot_size, 2, 100., target=H100)
     assert torch.equal(ours, _clustering_tensor_ops(x, plan, 2, 100.))
 
 

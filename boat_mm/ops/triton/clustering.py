@@ -87,6 +87,10 @@ CHUNK_MAX = 512
 TARGET_PROGRAMS = None
 # Tokens per block of the token loops (at most; fewer for wide vectors).
 BLOCK_TOKENS = 128
+# The device to schedule for whatever the tensors' device (a TargetInfo);
+# None: the tensors' device. A model of the GPU sets CUDA's here and runs
+# the kernels (or records their launches) in the interpreter.
+TARGET = None
 # Binary-search probes a ranking step makes at once (chunks x keys); None:
 # 1024 on CUDA (no spills at 4 warps), 8192 for the interpreter.
 SEARCH_VALUES = None
@@ -101,8 +105,8 @@ _INIT, _STEP, _KEYS = 0, 1, 2
 _KEY_LOCAL, _KEY_F64 = 0, 2
 # Integer arguments that change with N: not specialised (Triton would
 # compile again for values of 1 or multiples of 16).
-_RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra',
-                 'iters', 'NS', 'C', 'rows')
+_RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
+                 'NS', 'C', 'rows')
 
 # tl.sum, tl.min and tl.max are jit functions around tl.reduce with these
 # combine functions. Calling tl.reduce directly compiles to the same code
@@ -195,8 +199,8 @@ def _parent_centroids(part_ptr, t, NS, F64: tl.constexpr, CT: tl.constexpr,
                       DP: tl.constexpr, SB: tl.constexpr):
     """Initial centroids of node ``t`` from the sums its parent's split
     wrote: ``(parent, source, child, 2, DP)``, ``NS`` sources."""
-    return _centroids(part_ptr, (t // 2).to(tl.int64) * NS * 2 + t % 2, 2,
-                      NS, F64, CT, DP, SB)
+    return _centroids(part_ptr, (t // 2).to(tl.int64) * NS * 2 + t % 2, 2, NS,
+                      F64, CT, DP, SB)
 
 
 @triton.jit
@@ -215,9 +219,8 @@ def _inverse_sizes(n0, n, F64: tl.constexpr, CT: tl.constexpr):
 @triton.jit
 def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
                start, end, c0, c1, temp, MODE: tl.constexpr,
-               FIRST: tl.constexpr, KEY_KIND: tl.constexpr,
-               F64: tl.constexpr, CT: tl.constexpr, DP: tl.constexpr,
-               BT: tl.constexpr):
+               FIRST: tl.constexpr, KEY_KIND: tl.constexpr, F64: tl.constexpr,
+               CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
     """One pass over the slots ``[start, end)`` of node ``t`` (its first
     ``n`` real, the first ``n0`` of those bound for child 0).
 
@@ -299,10 +302,10 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
 
 
 @triton.jit
-def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
-                 row_off, N, d, cap, rank0, count, cn0, p_end,
-                 FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
-                 CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, row_off,
+                 N, d, cap, rank0, count, cn0, p_end, FIRST: tl.constexpr,
+                 LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
+                 DP: tl.constexpr, BT: tl.constexpr):
     """Fill the ``p_end`` slots of child ``tc`` of node ``t`` (ranks
     ``rank0 + p`` for ``p < count``, then padding) from ``order`` and,
     unless ``LAST``, write the sums of the child's initial centroids (its
@@ -351,10 +354,10 @@ def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
 
 
 @triton.jit
-def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0,
-                   q00, q10, pos, R, ok, a00, a01, a10, a11, i00, i01, i10,
-                   i11, FIRST: tl.constexpr, LAST: tl.constexpr,
-                   F64: tl.constexpr, CT: tl.constexpr, DP: tl.constexpr):
+def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0, q00,
+                   q10, pos, R, ok, a00, a01, a10, a11, i00, i01, i10, i11,
+                   FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
+                   CT: tl.constexpr, DP: tl.constexpr):
     """Moves the slots ``pos`` of node ``t`` (where ``ok``), whose ranks in
     the node are ``R``, into the children's slots (child 0: ranks
     ``[0, n0)``, then padding; child 1: ranks ``[n0, n)``, then the rest
@@ -371,9 +374,8 @@ def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0,
     tok = tl.where(real, tok, N - 1)
     # Padding rank n + k goes to child 0 while it has room, then child 1.
     k = R - n
-    dst = tl.where(
-        R < n, tl.where(R < n0, R, half + R - n0),
-        tl.where(k < half - n0, n0 + k, R))
+    dst = tl.where(R < n, tl.where(R < n0, R, half + R - n0),
+                   tl.where(k < half - n0, n0 + k, R))
     if LAST:
         tl.store(perm_out + slot0 + dst, tok.to(tl.int64), mask=ok)
     else:
@@ -488,8 +490,7 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
         temp = temp_in
     done = sync_ptr + 1 + t
     if phase > 0:
-        while tl.atomic_add(done + (phase - 1) * rows, 0,
-                            sem='acquire') < C:
+        while tl.atomic_add(done + (phase - 1) * rows, 0, sem='acquire') < C:
             pass
     if FIRST:
         p = phase - 1  # phase 0 sums the initial centroids
@@ -499,14 +500,15 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
     dims = tl.arange(0, DP)
     node_keys = t.to(tl.int64) * C * CH
     # Partial sums of k-means steps: (2 buffers, node, chunk, 2, DP).
-    step_out = step_ptr + ((phase % 2) * per_phase + t * C + c).to(
-        tl.int64) * (2 * DP) + dims
+    step_out = step_ptr + (
+        (phase % 2) * per_phase + t * C + c).to(tl.int64) * (2 * DP) + dims
     step_in = (1 - phase % 2) * per_phase + t * C
     zero = tl.zeros([DP], CT)
     if p < 0:
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t, row_off, d,
-                            cap, n, n0, start, tl.minimum(start + CH, n),
-                            zero, zero, temp, 0, FIRST, 0, F64, CT, DP, BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                            row_off, d, cap, n, n0, start,
+                            tl.minimum(start + CH, n), zero, zero, temp, 0,
+                            FIRST, 0, F64, CT, DP, BT)
         tl.store(step_out, s0)
         tl.store(step_out + DP, s1)
     elif p <= iters:
@@ -524,19 +526,20 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
             tl.store(step_out, s0)
             tl.store(step_out + DP, s1)
         elif F64:
-            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t, row_off, d,
-                       cap, n, n0, start, tl.minimum(start + CH, cap), c0, c1,
-                       temp, 2, FIRST, 2, F64, CT, DP, BT)
+            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                       row_off, d, cap, n, n0, start,
+                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 2,
+                       F64, CT, DP, BT)
         else:
-            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t, row_off, d,
-                       cap, n, n0, start, tl.minimum(start + CH, cap), c0, c1,
-                       temp, 2, FIRST, 0, F64, CT, DP, BT)
+            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                       row_off, d, cap, n, n0, start,
+                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 0,
+                       F64, CT, DP, BT)
             # Sort the chunk's keys (slots past the node's end last).
             tl.debug_barrier()
             i = tl.arange(0, CH)
             kp = key_ptr + node_keys + start + i
-            keys = tl.load(kp, mask=start + i < cap,
-                           other=9223372036854775807)
+            keys = tl.load(kp, mask=start + i < cap, other=9223372036854775807)
             tl.debug_barrier()
             tl.store(kp, _sort_keys(keys, LOG))
     else:
@@ -558,17 +561,23 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
                 # real tokens before each (smaller key, or equal and
                 # earlier); padding ranks by position.
                 pos = start + e
-                ki = tl.load(key_ptr + node_keys + pos, mask=ok & (pos < n),
-                             other=0, cache_modifier='.cg')
+                ki = tl.load(
+                    key_ptr + node_keys + pos,
+                    mask=ok & (pos < n),
+                    other=0,
+                    cache_modifier='.cg')
                 rank = tl.zeros([RB], tl.int32)
                 tj = tl.arange(0, TILE)
                 for j0 in range(0, n, TILE):
                     j = j0 + tj
-                    kj = tl.load(key_ptr + node_keys + j, mask=j < n,
-                                 other=0, cache_modifier='.cg')
-                    before = (kj[None, :] < ki[:, None]) | (
-                        (kj[None, :] == ki[:, None]) &
-                        (j[None, :] < pos[:, None]))
+                    kj = tl.load(
+                        key_ptr + node_keys + j,
+                        mask=j < n,
+                        other=0,
+                        cache_modifier='.cg')
+                    before = (kj[None, :]
+                              < ki[:, None]) | ((kj[None, :] == ki[:, None]) &
+                                                (j[None, :] < pos[:, None]))
                     before = before & (j < n)[None, :]
                     rank += tl.reduce(before.to(tl.int32), 1, _ADD)
                 R = tl.where(pos < n, rank, pos)
@@ -576,8 +585,8 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
                 # The keys are distinct: a key's rank in the node is the
                 # number of smaller keys in all sorted chunks (its own
                 # included), found by binary searches.
-                key = tl.load(key_ptr + node_keys + start + e,
-                              cache_modifier='.cg')
+                key = tl.load(
+                    key_ptr + node_keys + start + e, cache_modifier='.cg')
                 R = tl.zeros([RB], tl.int32)
                 cc = tl.arange(0, CB)
                 for c0 in range(0, C, CB):
@@ -587,22 +596,26 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
                                                                      None] * CH
                     below = tl.zeros([CB, RB], tl.int32)
                     for s in tl.static_range(LOG):
-                        probe = tl.load(cbase + below + ((CH >> (s + 1)) - 1),
-                                        mask=cm,
-                                        other=9223372036854775807,
-                                        cache_modifier='.cg')
-                        below += tl.where(probe < key[None, :],
-                                          CH >> (s + 1), 0)
-                    probe = tl.load(cbase + below, mask=cm,
-                                    other=9223372036854775807,
-                                    cache_modifier='.cg')
+                        probe = tl.load(
+                            cbase + below + ((CH >> (s + 1)) - 1),
+                            mask=cm,
+                            other=9223372036854775807,
+                            cache_modifier='.cg')
+                        below += tl.where(probe < key[None, :], CH >> (s + 1),
+                                          0)
+                    probe = tl.load(
+                        cbase + below,
+                        mask=cm,
+                        other=9223372036854775807,
+                        cache_modifier='.cg')
                     below += (probe < key[None, :]).to(tl.int32)
                     R += tl.reduce(below, 0, _ADD)
                 pos = (key & 4294967295).to(tl.int32)
-            a00, a01, a10, a11 = _scatter_block(
-                x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0, q00,
-                q10, pos, R, ok, a00, a01, a10, a11, i00, i01, i10, i11,
-                FIRST, LAST, F64, CT, DP)
+            a00, a01, a10, a11 = _scatter_block(x_ptr, perm_in, perm_out, t,
+                                                row_off, N, d, cap, n, n0, q00,
+                                                q10, pos, R, ok, a00, a01, a10,
+                                                a11, i00, i01, i10, i11, FIRST,
+                                                LAST, F64, CT, DP)
         if not LAST:
             # (parent, source chunk, child, part, DP)
             out = part_out + (t * C + c).to(tl.int64) * (4 * DP) + dims
@@ -637,14 +650,14 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
         c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
     else:
         zero = tl.zeros([DP], CT)
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d,
-                            cap, n, n0, 0, n, zero, zero, temp, 0, FIRST, 0,
-                            F64, CT, DP, BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
+                            n, n0, 0, n, zero, zero, temp, 0, FIRST, 0, F64,
+                            CT, DP, BT)
         c0, c1 = _normalize(s0, s1, F64)
     for _ in range(iters):
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d,
-                            cap, n, n0, 0, n, c0, c1, temp, 1, FIRST, 0, F64,
-                            CT, DP, BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
+                            n, n0, 0, n, c0, c1, temp, 1, FIRST, 0, F64, CT,
+                            DP, BT)
         c0, c1 = _normalize(s0, s1, F64)
     if F64:
         _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap, n, n0,
@@ -663,8 +676,8 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
         cn0 = _real_count(first_leaf + child * (leaves // 2), leaves // 4,
                           base, extra)
         _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t,
-                     2 * t + child, row_off, N, d, cap, child * n0, count,
-                     cn0, half, FIRST, LAST, F64, CT, DP, BT)
+                     2 * t + child, row_off, N, d, cap, child * n0, count, cn0,
+                     half, FIRST, LAST, F64, CT, DP, BT)
 
 
 class TargetInfo(NamedTuple):
@@ -688,8 +701,9 @@ def target_info(device: torch.device) -> TargetInfo:
     device = torch.device(device)
     if device.type != 'cuda':
         return TargetInfo(False, 1)
-    index = (device.index
-             if device.index is not None else torch.cuda.current_device())
+    index = (
+        device.index
+        if device.index is not None else torch.cuda.current_device())
     info = _TARGETS.get(index)
     if info is None:
         props = torch.cuda.get_device_properties(index)
@@ -735,8 +749,7 @@ class LevelPlan(NamedTuple):
     chunk_size: int
 
 
-def level_plans(rows: int, num_levels: int, slot_size: int, d: int,
-                f64: bool,
+def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
                 target: Union[TargetInfo, torch.device]) -> List[LevelPlan]:
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
     vectors (shapes only, so the same for every call at a resolution).
@@ -811,7 +824,8 @@ def balanced_clustering(x: Tensor,
         kmeans_iters (int): Soft k-means iterations per split.
         temperature (float): Temperature of the soft assignment.
         target (TargetInfo, optional): The device to schedule for; None:
-            ``x``'s (a model of the GPU passes CUDA's to the interpreter).
+            :data:`TARGET` if set, else ``x``'s (a model of the GPU passes
+            CUDA's to the interpreter).
 
     Returns:
         Tensor: ``perm`` ``(M, S * 2**L)`` int64; ``perm[m, s]`` is the
@@ -827,7 +841,8 @@ def balanced_clustering(x: Tensor,
         return torch.arange(
             total, device=device).clamp_(max=N - 1).expand(M,
                                                            total).contiguous()
-    target = target_info(device) if target is None else target
+    if target is None:
+        target = TARGET if TARGET is not None else target_info(device)
     f64 = x.dtype == torch.float64
     if x.dtype not in (torch.float64, torch.float32, torch.bfloat16,
                        torch.float16):
@@ -848,8 +863,8 @@ def balanced_clustering(x: Tensor,
         torch.empty(max(programs) * 4 * DP, dtype=cdt, device=device)
         for _ in range(2)
     ]
-    step_numel = max(n for n, k in zip(programs, phases) if k) if any(
-        phases) else 1
+    step_numel = max(n for n, k in zip(programs, phases)
+                     if k) if any(phases) else 1
     step = torch.empty(2 * step_numel * 2 * DP, dtype=cdt, device=device)
     # Tokens of every slot between levels (level 0 needs none: slot i
     # holds token i; the last level writes the output).
@@ -945,13 +960,14 @@ def balanced_clustering(x: Tensor,
             CH=ch,
             LOG=ch.bit_length() - 1,
             RB=rb,
-            CB=max(1, min(triton.next_power_of_2(plan.chunks),
-                          search_values // rb)),
+            CB=max(
+                1,
+                min(triton.next_power_of_2(plan.chunks), search_values // rb)),
             TILE=tile,
             num_warps=4,
             # (ptxas otherwise trades a few spilled registers for
-            # occupancy.)
-            maxnreg=128,
+            # occupancy; float64 needs more.)
+            maxnreg=None if f64 else 128,
             **consts)
         sync_off += sync_sizes[lv]
         ns = plan.chunks
