@@ -45,8 +45,8 @@ defined in :mod:`boat_mm.ops._library`):
   order: float64 gives identical clusters, float32 agrees up to near-ties.
 * ``'triton'``: the Triton kernels (``boat_mm/ops/triton/clustering.py``)
   for CUDA tensors (or CPU tensors in Triton's interpreter,
-  ``TRITON_INTERPRET=1``), a few fused kernels per level; float64 gives
-  the tensor ops' clusters.
+  ``TRITON_INTERPRET=1``), one launch per level and no global sort;
+  float64 gives the tensor ops' clusters.
 
 The op has a fake kernel, so ``torch.compile`` treats it as one opaque
 op. ``'auto'`` (the default) takes Triton for CUDA tensors, the C++

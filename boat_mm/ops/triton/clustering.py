@@ -13,72 +13,100 @@ autocast says) and in float64 for float64 inputs.
 
 Nothing is stored per level but the permutation: every pass loads its
 tokens' rows straight from ``x`` through it and normalises them on the
-fly, so a split writes 4 bytes per token. A level is a few kernels:
+fly. Every level is **one launch** (plus one zero fill of the counters
+per call when a level needs them), in one of two schedules
+(:func:`level_plans`, from the node size and the number of nodes):
 
-- *One program per node* (nodes of at most :data:`SORT_MAX` slots on a
-  level with enough nodes to fill the GPU: the deep levels): one kernel
-  computes the initial centroids (or reduces the sums its parent left),
-  runs the soft k-means steps, the final similarity ratios, ranks the
-  node in the kernel (a bitonic sort, as ``tl.sort``, of ``(ratio bits,
-  position)`` packed in an int64 in float32; counting ranks in float64)
-  and moves the tokens into the two children, summing the children's
-  initial centroids on the way.
-- *Chunked* (few, large nodes: the top levels): every node is cut into
-  chunks of the same length, one program each. A k-means step is one
-  kernel whose programs first reduce the previous step's per-chunk partial
-  sums (in a fixed order: deterministic, no atomics) and then write their
-  own. Nodes of at most :data:`SORT_MAX` slots are then ranked and split
-  by the one-program-per-node kernel; larger ones get one kernel writing
-  packed keys (node index above the ratio bits), one ``torch.sort`` of all
-  keys of the level (a radix sort; float64: a segmented sort per node)
-  and one chunked split kernel.
+- *Node* (enough nodes to fill the GPU, at most :data:`SORT_MAX` slots
+  each: the deep levels): one program per node computes the initial
+  centroids (or reduces the sums its parent's split left), runs the soft
+  k-means steps and the final ratios, ranks the node in the kernel (a
+  bitonic sort of ``(ratio bits, position)`` packed in an int64 in
+  float32; counting ranks in float64) and moves the tokens into the two
+  children, summing the children's initial centroids on the way.
+- *Phased* (few or large nodes: the top levels, and small batches): every
+  node is cut into ``C`` chunks of a power-of-two length, and the launch
+  runs ``C`` programs per node for each phase of the level: (level 0
+  only) the initial centroids' sums, one per k-means step, the keys, the
+  ranking and split. A program takes a ticket (an atomic counter) when
+  it starts, and its ticket says which phase, node and chunk it does; it
+  waits (spinning on a counter, acquire) until the ``C`` programs of the
+  previous phase of its node are done, works, and counts itself done
+  (release). A program only waits for programs with smaller tickets,
+  which have all started, so the launch cannot deadlock however many
+  programs are resident (the order of a single-pass scan's look-back;
+  the interpreter runs programs one after another in ticket order).
+  Partial sums are reduced in a fixed order: deterministic, no atomics
+  on data. The keys phase sorts its chunk's 32-bit ratio bits (with the
+  position below them) in the kernel; the ranking phase adds, for each of
+  its keys, how many keys of every chunk of the node are smaller (binary
+  searches in the sorted chunks), which is the key's rank in the node:
+  no global sort. float64 (exact parity checks) counts ranks instead.
 
 Grids and buffers depend on the shapes only: no host-device
 synchronisation, CUDA-graph capturable. Results equal the tensor
 implementation's in float64 (sums run in another order, far below the
 gaps between ratios); in float32 they agree up to near-ties.
 
+Compiled variants: the per-``N`` values (slot and node sizes, chunk
+counts, iterations) are run-time arguments that Triton does not
+specialise on; only powers of two (padded dimension, block and chunk
+lengths) and the level's role (first, last, float64) are compile-time.
+
 Tuning (not yet measured on a GPU): a pass is bound by the latency of its
-dependent row gathers (``perm``, then ``x``), about a microsecond per
-block of tokens, so what counts is how many blocks one program walks in a
-row. Chunked passes use blocks of 64 tokens (at 32 dims; about 128
-registers per thread at 4 warps) and at least :data:`MIN_CHUNK` slots per
-program, aiming at :data:`TARGET_PROGRAMS`; the node kernel walks its node
-``kmeans_iters + 2`` times in blocks of up to 128 tokens, which is why
-nodes above :data:`SORT_MAX` slots take the chunked passes and one
-``torch.sort`` instead. The module constants are the knobs to measure.
+dependent row gathers (``perm``, then ``x``), so what counts is how many
+blocks one program walks in a row. Passes use blocks of 64 tokens (at 32
+dims; about 128 registers per thread at 4 warps); a phased level aims at
+:data:`TARGET_PROGRAMS` programs per phase with chunks of at least
+:data:`MIN_CHUNK` and at most :data:`CHUNK_MAX` slots. The module
+constants are the knobs to measure.
 """
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ['balanced_clustering', 'level_plans', 'LevelPlan']
+__all__ = [
+    'balanced_clustering', 'level_plans', 'LevelPlan', 'TargetInfo',
+    'target_info'
+]
 
-# Nodes of at most this many slots are ranked inside a kernel, larger ones
-# by one torch.sort of the level's packed keys.
-# (The node kernel makes its ratio and split passes over a node in one
-# program; see "Tuning" in the module docstring.)
+# Nodes of at most this many slots may be done by one program (node
+# schedule); also the largest chunk of a phased level (both are sorted in
+# a kernel). A power of two.
 SORT_MAX = 1024
-# A chunked pass gives each program at least this many slots of a node.
-MIN_CHUNK = 256
-# Programs a chunked pass aims at; None: eight per multiprocessor on CUDA,
-# four in all for the interpreter.
+# A phased level gives each program at least this many and at most
+# CHUNK_MAX slots of a node (powers of two; the chunk is sorted in the
+# kernel).
+MIN_CHUNK = 128
+CHUNK_MAX = 512
+# Programs per phase a level aims at; None: eight per multiprocessor on
+# CUDA, four in all for the interpreter.
 TARGET_PROGRAMS = None
 # Tokens per block of the token loops (at most; fewer for wide vectors).
 BLOCK_TOKENS = 128
+# The device to schedule for whatever the tensors' device (a TargetInfo);
+# None: the tensors' device. A model of the GPU sets CUDA's here and runs
+# the kernels (or records their launches) in the interpreter.
+TARGET = None
+# Binary-search probes a ranking step makes at once (chunks x keys); None:
+# 1024 on CUDA (no spills at 4 warps), 8192 for the interpreter.
+SEARCH_VALUES = None
 # Values (tokens x padded dims) per block of the node kernel's loops, at
 # most (128 tokens of 32 dims; 256 take 240 registers at 8 warps).
 NODE_BLOCK_VALUES = 4096
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
-# Kinds of sort keys: float32 (ratio bits, position) for the in-kernel sort;
-# float32 (node, ratio bits) for one stable torch.sort of a level; float64
-# ratio bits (counting ranks, or a stable segmented torch.sort).
-_KEY_LOCAL, _KEY_GLOBAL, _KEY_F64 = 0, 1, 2
+# Kinds of sort keys: float32 (ratio bits, position) packed in an int64;
+# float64 ratio bits (counting ranks).
+_KEY_LOCAL, _KEY_F64 = 0, 2
+# Integer arguments that change with N: not specialised (Triton would
+# compile again for values of 1 or multiples of 16).
+_RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
+                 'NS', 'C', 'rows')
 
 # tl.sum, tl.min and tl.max are jit functions around tl.reduce with these
 # combine functions. Calling tl.reduce directly compiles to the same code
@@ -144,17 +172,35 @@ def _normalize(s0, s1, F64: tl.constexpr):
 
 
 @triton.jit
-def _centroids(part_ptr, t, NC, F64: tl.constexpr, DP: tl.constexpr,
-               NCB: tl.constexpr):
-    """Normalised centroids of node ``t`` from its ``NC`` chunks' partial
-    sums ``(NC, 2, DP)``, reduced in a fixed order."""
-    c = tl.arange(0, NCB)
+def _centroids(part_ptr, idx0, stride, count, F64: tl.constexpr,
+               CT: tl.constexpr, DP: tl.constexpr, SB: tl.constexpr):
+    """Normalised centroids from ``count`` partial sums ``(2, DP)``, those
+    at indices ``idx0 + s * stride``, reduced ``SB`` at a time in a fixed
+    order (loaded past the L1 cache: other programs of the launch may
+    have written them)."""
     dims = tl.arange(0, DP)
-    ptrs = part_ptr + (t * NC + c)[:, None] * (2 * DP) + dims[None, :]
-    m = (c < NC)[:, None]
-    s0 = tl.reduce(tl.load(ptrs, mask=m, other=0.), 0, _ADD)
-    s1 = tl.reduce(tl.load(ptrs + DP, mask=m, other=0.), 0, _ADD)
+    s0 = tl.zeros([DP], CT)
+    s1 = tl.zeros([DP], CT)
+    for b in range(0, count, SB):
+        s = b + tl.arange(0, SB)
+        ptrs = part_ptr + (idx0 + s.to(tl.int64) * stride)[:, None] * (
+            2 * DP) + dims[None, :]
+        m = (s < count)[:, None]
+        s0 += tl.reduce(
+            tl.load(ptrs, mask=m, other=0., cache_modifier='.cg'), 0, _ADD)
+        s1 += tl.reduce(
+            tl.load(ptrs + DP, mask=m, other=0., cache_modifier='.cg'), 0,
+            _ADD)
     return _normalize(s0, s1, F64)
+
+
+@triton.jit
+def _parent_centroids(part_ptr, t, NS, F64: tl.constexpr, CT: tl.constexpr,
+                      DP: tl.constexpr, SB: tl.constexpr):
+    """Initial centroids of node ``t`` from the sums its parent's split
+    wrote: ``(parent, source, child, 2, DP)``, ``NS`` sources."""
+    return _centroids(part_ptr, (t // 2).to(tl.int64) * NS * 2 + t % 2, 2, NS,
+                      F64, CT, DP, SB)
 
 
 @triton.jit
@@ -171,23 +217,23 @@ def _inverse_sizes(n0, n, F64: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start, end,
-               c0, c1, temp, MODE: tl.constexpr, FIRST: tl.constexpr,
-               KEY_KIND: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-               DP: tl.constexpr, BT: tl.constexpr):
+def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
+               start, end, c0, c1, temp, MODE: tl.constexpr,
+               FIRST: tl.constexpr, KEY_KIND: tl.constexpr, F64: tl.constexpr,
+               CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
     """One pass over the slots ``[start, end)`` of node ``t`` (its first
     ``n`` real, the first ``n0`` of those bound for child 0).
 
     ``_INIT``: sums of the initial centroids (means of both parts);
     ``_STEP``: sums of a soft k-means step from centroids ``(c0, c1)``;
-    ``_KEYS``: writes the sort keys of the final ratios. Returns the two
-    (unnormalised) sums.
+    ``_KEYS``: writes the sort key of slot ``p`` at ``key_base + p``.
+    Returns the two (unnormalised) sums.
     """
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
     inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
     # (Inside the token loops the code is written out, also where it
-    # repeats _split_range's: the interpreter re-patches triton.language
+    # repeats _scatter_block's: the interpreter re-patches triton.language
     # on every call of a jit function: about 15% more interpreter time.)
     dims = tl.arange(0, DP)
     slot0 = t.to(tl.int64) * cap
@@ -242,50 +288,39 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0, start, end,
                 # r >= 0 up to rounding; as the tensor implementation's
                 # clamp, so that bit patterns order like values.
                 r = tl.where(r < 0, 0., r)
-                big_key = tl.full([BT], 9223372036854775807, tl.int64)
                 if KEY_KIND == 2:
                     key = r.to(tl.int64, bitcast=True)
                 else:
+                    # (ratio bits, position): distinct keys whose order is
+                    # the stable order; padding above every real token
+                    # (NaN ratios included), in position order.
                     bits = r.to(tl.int32, bitcast=True).to(tl.int64)
-                    if KEY_KIND == 0:
-                        # (ratio bits, position): distinct keys whose
-                        # order is the stable order.
-                        key = (bits << 32) | pos.to(tl.int64)
-                    else:
-                        # (node, ratio bits + 2**31): a stable sort of
-                        # the level's keys orders every node at once;
-                        # padding gets the node's largest key.
-                        node = t.to(tl.int64) << 32
-                        big_key = node + tl.full([BT], 4294967295, tl.int64)
-                        key = node + bits + tl.full([BT], 2147483648, tl.int64)
-                key = tl.where(valid, key, big_key)
-                tl.store(key_ptr + slot0 + pos, key, mask=inside)
+                    bits = tl.where(valid, bits, 2147483647)
+                    key = (bits << 32) | pos.to(tl.int64)
+                tl.store(key_ptr + key_base + pos, key, mask=inside)
     return acc0, acc1
 
 
 @triton.jit
-def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
-                 NCn, row_off, N, d, cap, rank0, count, cn0, p_start, p_end,
-                 ORDER_LOCAL: tl.constexpr, FIRST: tl.constexpr,
+def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, row_off,
+                 N, d, cap, rank0, count, cn0, p_end, FIRST: tl.constexpr,
                  LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
                  DP: tl.constexpr, BT: tl.constexpr):
-    """Fill slots ``[p_start, p_end)`` of child ``tc`` (node ``t``'s ranks
-    ``rank0 + p`` for ``p < count``, then padding) and, unless ``LAST``,
-    write the chunk's partial sums of the child's initial centroids (its
-    first ``cn0`` real tokens and the rest)."""
+    """Fill the ``p_end`` slots of child ``tc`` of node ``t`` (ranks
+    ``rank0 + p`` for ``p < count``, then padding) from ``order`` and,
+    unless ``LAST``, write the sums of the child's initial centroids (its
+    first ``cn0`` real tokens and the rest) at ``part_out[tc]``."""
     half = cap // 2
     slot0 = t.to(tl.int64) * cap
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
     inv0, inv1 = _inverse_sizes(cn0, count, F64, CT)
     dims = tl.arange(0, DP)
-    for off in range(p_start, p_end, BT):
+    for off in range(0, p_end, BT):
         p = off + tl.arange(0, BT)
         inside = p < p_end
         valid = inside & (p < count)
         src = tl.load(order_ptr + slot0 + rank0 + p, mask=valid, other=0)
-        if ORDER_LOCAL:
-            src = src + slot0
         if FIRST:
             tok = (src - slot0).to(tl.int32)
         else:
@@ -313,9 +348,58 @@ def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
             acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
             acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
     if not LAST:
-        out = part_out + (tc * NCn + chunk) * (2 * DP) + dims
+        out = part_out + tc.to(tl.int64) * (2 * DP) + dims
         tl.store(out, acc0)
         tl.store(out + DP, acc1)
+
+
+@triton.jit
+def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0, q00,
+                   q10, pos, R, ok, a00, a01, a10, a11, i00, i01, i10, i11,
+                   FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
+                   CT: tl.constexpr, DP: tl.constexpr):
+    """Moves the slots ``pos`` of node ``t`` (where ``ok``), whose ranks in
+    the node are ``R``, into the children's slots (child 0: ranks
+    ``[0, n0)``, then padding; child 1: ranks ``[n0, n)``, then the rest
+    of the padding) and adds their terms to the sums ``a<child><part>``
+    of the children's initial centroids (part 0: the first ``q<child>0``
+    real tokens of the child; weights ``i<child><part>``)."""
+    half = cap // 2
+    slot0 = t.to(tl.int64) * cap
+    real = ok & (R < n)
+    if FIRST:
+        tok = pos
+    else:
+        tok = tl.load(perm_in + slot0 + pos, mask=real, other=0)
+    tok = tl.where(real, tok, N - 1)
+    # Padding rank n + k goes to child 0 while it has room, then child 1.
+    k = R - n
+    dst = tl.where(R < n, tl.where(R < n0, R, half + R - n0),
+                   tl.where(k < half - n0, n0 + k, R))
+    if LAST:
+        tl.store(perm_out + slot0 + dst, tok.to(tl.int64), mask=ok)
+    else:
+        tl.store(perm_out + slot0 + dst, tok, mask=ok)
+        dims = tl.arange(0, DP)
+        v = tl.load(
+            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+            mask=real[:, None] & (dims < d)[None, :],
+            other=0.).to(CT)
+        if F64:
+            nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
+            u = v / nrm[:, None]
+        else:
+            nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
+            u = tl.div_rn(v, nrm[:, None])
+        w = tl.where(real & (R < q00), nrm * i00, 0.)
+        a00 += tl.reduce(w[:, None] * u, 0, _ADD)
+        w = tl.where(real & (R >= q00) & (R < n0), nrm * i01, 0.)
+        a01 += tl.reduce(w[:, None] * u, 0, _ADD)
+        w = tl.where(real & (R >= n0) & (R < n0 + q10), nrm * i10, 0.)
+        a10 += tl.reduce(w[:, None] * u, 0, _ADD)
+        w = tl.where(real & (R >= n0 + q10), nrm * i11, 0.)
+        a11 += tl.reduce(w[:, None] * u, 0, _ADD)
+    return a00, a01, a10, a11
 
 
 @triton.jit
@@ -379,97 +463,208 @@ def _rank_node(key_ptr, order_ptr, t, cap, n, F64: tl.constexpr,
         tl.store(order_ptr + slot0 + r, slot0 + src, mask=r < n)
 
 
-@triton.jit
-def _pass_kernel(x_ptr, perm_ptr, part_in, part_out, key_ptr, temp_ptr, N, d,
-                 cap, nodes, leaves, base, extra, NC, CH, MODE: tl.constexpr,
-                 FIRST: tl.constexpr, KEY_KIND: tl.constexpr,
-                 F64: tl.constexpr, CT: tl.constexpr, DP: tl.constexpr,
-                 BT: tl.constexpr, NCB: tl.constexpr):
-    """One chunk of one node: a pass of ``MODE`` over slots
-    ``[chunk * CH, (chunk + 1) * CH)``; grid ``(M * nodes * NC,)``."""
-    pid = tl.program_id(0)
-    t = pid // NC
-    chunk = pid % NC
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
+                  key_ptr, sync_ptr, temp_in, N, d, cap, nodes, leaves, base,
+                  extra, iters, NS, C, rows, FIRST: tl.constexpr,
+                  LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
+                  DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
+                  CH: tl.constexpr, LOG: tl.constexpr, RB: tl.constexpr,
+                  CB: tl.constexpr, TILE: tl.constexpr):
+    """A phased level (see the module docstring): ``C`` chunks of ``CH``
+    slots per node, ``rows`` nodes, programs ordered by phase;
+    grid ``(rows * C * phases,)``, ``sync`` zeroed (ticket, then one
+    counter per phase and node)."""
+    # The ticket, not the program id, says what to do: every ticket below
+    # this one belongs to a program that has started.
+    tk = tl.atomic_add(sync_ptr, 1)
+    per_phase = rows * C
+    phase = tk // per_phase
+    t = (tk % per_phase) // C
+    c = tk % C
     m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
     row_off = m.to(tl.int64) * N * d
-    temp = tl.load(temp_ptr)
-    if MODE == 0:
-        c0 = tl.zeros([DP], CT)
-        c1 = tl.zeros([DP], CT)
+    if F64:
+        temp = tl.load(temp_in)
     else:
-        c0, c1 = _centroids(part_in, t, NC, F64, DP, NCB)
-    start = chunk * CH
-    if MODE == 2:
-        end = tl.minimum(start + CH, cap)
+        temp = temp_in
+    done = sync_ptr + 1 + t
+    if phase > 0:
+        while tl.atomic_add(done + (phase - 1) * rows, 0, sem='acquire') < C:
+            pass
+    if FIRST:
+        p = phase - 1  # phase 0 sums the initial centroids
     else:
-        end = tl.minimum(start + CH, n)
-    s0, s1 = _node_pass(x_ptr, perm_ptr, key_ptr, t, row_off, d, cap, n, n0,
-                        start, end, c0, c1, temp, MODE, FIRST, KEY_KIND, F64,
-                        CT, DP, BT)
-    if MODE != 2:
-        dims = tl.arange(0, DP)
-        out = part_out + pid * (2 * DP) + dims
-        tl.store(out, s0)
-        tl.store(out + DP, s1)
+        p = phase
+    start = c * CH
+    dims = tl.arange(0, DP)
+    node_keys = t.to(tl.int64) * C * CH
+    # Partial sums of k-means steps: (2 buffers, node, chunk, 2, DP).
+    step_out = step_ptr + (
+        (phase % 2) * per_phase + t * C + c).to(tl.int64) * (2 * DP) + dims
+    step_in = (1 - phase % 2) * per_phase + t * C
+    zero = tl.zeros([DP], CT)
+    if p < 0:
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                            row_off, d, cap, n, n0, start,
+                            tl.minimum(start + CH, n), zero, zero, temp, 0,
+                            FIRST, 0, F64, CT, DP, BT)
+        tl.store(step_out, s0)
+        tl.store(step_out + DP, s1)
+    elif p <= iters:
+        if FIRST:
+            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, CT, DP, SB)
+        elif p == 0:
+            c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
+        else:
+            c0, c1 = _centroids(step_ptr, step_in, 1, C, F64, CT, DP, SB)
+        if p < iters:
+            s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                                row_off, d, cap, n, n0, start,
+                                tl.minimum(start + CH, n), c0, c1, temp, 1,
+                                FIRST, 0, F64, CT, DP, BT)
+            tl.store(step_out, s0)
+            tl.store(step_out + DP, s1)
+        elif F64:
+            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                       row_off, d, cap, n, n0, start,
+                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 2,
+                       F64, CT, DP, BT)
+        else:
+            _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
+                       row_off, d, cap, n, n0, start,
+                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 0,
+                       F64, CT, DP, BT)
+            # Sort the chunk's keys (slots past the node's end last).
+            tl.debug_barrier()
+            i = tl.arange(0, CH)
+            kp = key_ptr + node_keys + start + i
+            keys = tl.load(kp, mask=start + i < cap, other=9223372036854775807)
+            tl.debug_barrier()
+            tl.store(kp, _sort_keys(keys, LOG))
+    else:
+        # Rank and split: each slot of the chunk goes to its rank's place.
+        q00 = _real_count(first_leaf, leaves // 4, base, extra)
+        q10 = _real_count(first_leaf + leaves // 2, leaves // 4, base, extra)
+        i00, i01 = _inverse_sizes(q00, n0, F64, CT)
+        i10, i11 = _inverse_sizes(q10, n - n0, F64, CT)
+        a00 = tl.zeros([DP], CT)
+        a01 = tl.zeros([DP], CT)
+        a10 = tl.zeros([DP], CT)
+        a11 = tl.zeros([DP], CT)
+        length = tl.minimum(CH, cap - start)
+        for off in range(0, CH, RB):
+            e = off + tl.arange(0, RB)
+            ok = e < length
+            if F64:
+                # 63-bit keys leave no room for the position: count the
+                # real tokens before each (smaller key, or equal and
+                # earlier); padding ranks by position.
+                pos = start + e
+                ki = tl.load(
+                    key_ptr + node_keys + pos,
+                    mask=ok & (pos < n),
+                    other=0,
+                    cache_modifier='.cg')
+                rank = tl.zeros([RB], tl.int32)
+                tj = tl.arange(0, TILE)
+                for j0 in range(0, n, TILE):
+                    j = j0 + tj
+                    kj = tl.load(
+                        key_ptr + node_keys + j,
+                        mask=j < n,
+                        other=0,
+                        cache_modifier='.cg')
+                    before = (kj[None, :]
+                              < ki[:, None]) | ((kj[None, :] == ki[:, None]) &
+                                                (j[None, :] < pos[:, None]))
+                    before = before & (j < n)[None, :]
+                    rank += tl.reduce(before.to(tl.int32), 1, _ADD)
+                R = tl.where(pos < n, rank, pos)
+            else:
+                # The keys are distinct: a key's rank in the node is the
+                # number of smaller keys in all sorted chunks (its own
+                # included), found by binary searches.
+                key = tl.load(
+                    key_ptr + node_keys + start + e, cache_modifier='.cg')
+                R = tl.zeros([RB], tl.int32)
+                cc = tl.arange(0, CB)
+                for c0 in range(0, C, CB):
+                    chunk = c0 + cc
+                    cm = (chunk < C)[:, None]
+                    cbase = key_ptr + node_keys + chunk.to(tl.int64)[:,
+                                                                     None] * CH
+                    below = tl.zeros([CB, RB], tl.int32)
+                    for s in tl.static_range(LOG):
+                        probe = tl.load(
+                            cbase + below + ((CH >> (s + 1)) - 1),
+                            mask=cm,
+                            other=9223372036854775807,
+                            cache_modifier='.cg')
+                        below += tl.where(probe < key[None, :], CH >> (s + 1),
+                                          0)
+                    probe = tl.load(
+                        cbase + below,
+                        mask=cm,
+                        other=9223372036854775807,
+                        cache_modifier='.cg')
+                    below += (probe < key[None, :]).to(tl.int32)
+                    R += tl.reduce(below, 0, _ADD)
+                pos = (key & 4294967295).to(tl.int32)
+            a00, a01, a10, a11 = _scatter_block(x_ptr, perm_in, perm_out, t,
+                                                row_off, N, d, cap, n, n0, q00,
+                                                q10, pos, R, ok, a00, a01, a10,
+                                                a11, i00, i01, i10, i11, FIRST,
+                                                LAST, F64, CT, DP)
+        if not LAST:
+            # (parent, source chunk, child, part, DP)
+            out = part_out + (t * C + c).to(tl.int64) * (4 * DP) + dims
+            tl.store(out, a00)
+            tl.store(out + DP, a01)
+            tl.store(out + 2 * DP, a10)
+            tl.store(out + 3 * DP, a11)
+    # Count this program done once all its threads' writes are.
+    tl.debug_barrier()
+    tl.atomic_add(done + phase * rows, 1, sem='release')
 
 
-@triton.jit
-def _split_kernel(x_ptr, perm_in, perm_out, order_ptr, part_out, N, d, cap,
-                  nodes, leaves, base, extra, NCn, CHn,
-                  ORDER_LOCAL: tl.constexpr, FIRST: tl.constexpr,
-                  LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                  DP: tl.constexpr, BT: tl.constexpr):
-    """One chunk of one child after a sort of the level; grid
-    ``(M * nodes * 2 * NCn,)``."""
-    pid = tl.program_id(0)
-    tc = pid // NCn
-    chunk = pid % NCn
-    t = tc // 2
-    child = tc % 2
-    m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
-    count = tl.where(child == 0, n0, n - n0)
-    cn0 = _real_count(first_leaf + child * (leaves // 2), leaves // 4, base,
-                      extra)
-    p_start = chunk * CHn
-    p_end = tl.minimum(p_start + CHn, cap // 2)
-    _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, chunk,
-                 NCn,
-                 m.to(tl.int64) * N * d, N, d, cap, child * n0, count, cn0,
-                 p_start, p_end, ORDER_LOCAL, FIRST, LAST, F64, CT, DP, BT)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
-                 order_ptr, temp_ptr, N, d, cap, nodes, leaves, base, extra,
-                 iters, NC_in, NCn, CHn, HAS_PARTS: tl.constexpr,
-                 FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
-                 CT: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr,
-                 NCB: tl.constexpr, LOG: tl.constexpr, TILE: tl.constexpr):
+                 order_ptr, temp_in, N, d, cap, nodes, leaves, base, extra,
+                 iters, NS, HAS_PARTS: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
+                 DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
+                 LOG: tl.constexpr, TILE: tl.constexpr):
     """A whole level's work on one node (``cap <= 2**LOG``): centroids,
     ``iters`` k-means steps, ratios, ranking and split; grid
     ``(M * nodes,)``."""
     t = tl.program_id(0)
     m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
     row_off = m.to(tl.int64) * N * d
-    temp = tl.load(temp_ptr)
+    if F64:
+        temp = tl.load(temp_in)
+    else:
+        temp = temp_in
+    slot0 = t.to(tl.int64) * cap
     if HAS_PARTS:
-        c0, c1 = _centroids(part_in, t, NC_in, F64, DP, NCB)
+        c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
     else:
         zero = tl.zeros([DP], CT)
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0,
-                            0, n, zero, zero, temp, 0, FIRST, 0, F64, CT, DP,
-                            BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
+                            n, n0, 0, n, zero, zero, temp, 0, FIRST, 0, F64,
+                            CT, DP, BT)
         c0, c1 = _normalize(s0, s1, F64)
     for _ in range(iters):
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0,
-                            0, n, c0, c1, temp, 1, FIRST, 0, F64, CT, DP, BT)
+        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
+                            n, n0, 0, n, c0, c1, temp, 1, FIRST, 0, F64, CT,
+                            DP, BT)
         c0, c1 = _normalize(s0, s1, F64)
     if F64:
-        _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0, 0, n,
-                   c0, c1, temp, 2, FIRST, 2, F64, CT, DP, BT)
+        _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap, n, n0,
+                   0, n, c0, c1, temp, 2, FIRST, 2, F64, CT, DP, BT)
     else:
-        _node_pass(x_ptr, perm_in, key_ptr, t, row_off, d, cap, n, n0, 0, n,
-                   c0, c1, temp, 2, FIRST, 0, F64, CT, DP, BT)
+        _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap, n, n0,
+                   0, n, c0, c1, temp, 2, FIRST, 0, F64, CT, DP, BT)
     # The keys and then the order go through global memory between the
     # block's threads.
     tl.debug_barrier()
@@ -480,14 +675,63 @@ def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
         count = tl.where(child == 0, n0, n - n0)
         cn0 = _real_count(first_leaf + child * (leaves // 2), leaves // 4,
                           base, extra)
-        tc = 2 * t + child
-        for chunk in range(NCn):
-            p_start = chunk * CHn
-            p_end = tl.minimum(p_start + CHn, half)
-            _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc,
-                         chunk, NCn, row_off, N, d, cap, child * n0, count,
-                         cn0, p_start, p_end, False, FIRST, LAST, F64, CT, DP,
-                         BT)
+        _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t,
+                     2 * t + child, row_off, N, d, cap, child * n0, count, cn0,
+                     half, FIRST, LAST, F64, CT, DP, BT)
+
+
+class TargetInfo(NamedTuple):
+    """What the schedule needs to know of the device.
+
+    Attributes:
+        cuda (bool): Compiled kernels on a CUDA device; False: Triton's
+            interpreter (other block sizes, fewer programs).
+        sm_count (int): Multiprocessors of the device.
+    """
+    cuda: bool
+    sm_count: int
+
+
+_TARGETS = {}
+
+
+def target_info(device: torch.device) -> TargetInfo:
+    """The :class:`TargetInfo` of ``device``, cached per device (no
+    ``get_device_properties`` per call)."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return TargetInfo(False, 1)
+    index = (
+        device.index
+        if device.index is not None else torch.cuda.current_device())
+    info = _TARGETS.get(index)
+    if info is None:
+        props = torch.cuda.get_device_properties(index)
+        info = _TARGETS[index] = TargetInfo(True, props.multi_processor_count)
+    return info
+
+
+def _as_target(target: Union[TargetInfo, torch.device, str]) -> TargetInfo:
+    return target if isinstance(target, TargetInfo) else target_info(target)
+
+
+def _target_programs(target: TargetInfo) -> int:
+    if TARGET_PROGRAMS is not None:
+        return TARGET_PROGRAMS
+    return 8 * target.sm_count if target.cuda else 4
+
+
+def _block_tokens(d: int, f64: bool, cuda: bool) -> Tuple[int, int]:
+    """(padded dimension, tokens per block) of the token loops.
+
+    On the GPU a block holds 2048 float32 values (64 tokens of 32 dims,
+    about 128 registers per thread at 4 warps: four programs per
+    multiprocessor); 128 tokens would take 220 registers. The interpreter
+    runs larger blocks faster (fewer Python-level ops).
+    """
+    dp = max(8, triton.next_power_of_2(d))
+    values = (2048 if cuda else 4096) // (2 if f64 else 1)
+    return dp, max(16, min(BLOCK_TOKENS, values // dp))
 
 
 class LevelPlan(NamedTuple):
@@ -495,59 +739,40 @@ class LevelPlan(NamedTuple):
 
     Attributes:
         kind (str): ``'node'``: one program per node does the level;
-            ``'chunked'``: chunked k-means passes, then the node kernel
-            ranks and splits; ``'global'``: chunked passes, one
-            ``torch.sort`` of the level, a chunked split.
-        chunks (int): Programs per node of the chunked passes (1 for
-            ``'node'``), which also sets how the previous level's split
-            writes this level's initial centroid sums.
-        chunk_size (int): Slots per chunk, a multiple of the token block.
+            ``'phased'``: ``chunks`` programs per node and phase.
+        chunks (int): Programs per node and phase (1 for ``'node'``).
+        chunk_size (int): Slots per chunk, a power of two (for ``'node'``
+            the node's slots).
     """
     kind: str
     chunks: int
     chunk_size: int
 
 
-def _target_programs(device: torch.device) -> int:
-    if TARGET_PROGRAMS is not None:
-        return TARGET_PROGRAMS
-    if device.type == 'cuda':
-        props = torch.cuda.get_device_properties(device)
-        return 8 * props.multi_processor_count
-    return 4
-
-
-def _block_tokens(d: int, f64: bool, device: torch.device) -> Tuple[int, int]:
-    """(padded dimension, tokens per block) of the token loops.
-
-    On the GPU a block of a chunked pass holds 2048 float32 values (64
-    tokens of 32 dims, about 128 registers per thread at 4 warps: four
-    programs per multiprocessor); 128 tokens would take 220 registers.
-    The interpreter runs larger blocks faster (fewer Python-level ops).
-    """
-    dp = max(8, triton.next_power_of_2(d))
-    values = (2048 if device.type == 'cuda' else 4096) // (2 if f64 else 1)
-    return dp, max(16, min(BLOCK_TOKENS, values // dp))
-
-
 def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
-                device: torch.device) -> List[LevelPlan]:
+                target: Union[TargetInfo, torch.device]) -> List[LevelPlan]:
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
-    vectors (shapes only, so the same for every call at a resolution)."""
-    block = _block_tokens(d, f64, device)[1]
-    target = _target_programs(device)
+    vectors (shapes only, so the same for every call at a resolution).
+
+    A level takes the node schedule when its nodes alone reach the
+    target (:data:`TARGET_PROGRAMS`) and fit :data:`SORT_MAX` slots, or
+    fit one chunk; otherwise nodes are cut into chunks of a power-of-two
+    length in ``[MIN_CHUNK, CHUNK_MAX]``, as many as reach the target.
+    ``target`` is a :class:`TargetInfo` (a model can pass CUDA's) or the
+    device.
+    """
+    programs = _target_programs(_as_target(target))
+    lo = triton.next_power_of_2(max(1, MIN_CHUNK))
+    hi = max(lo, triton.next_power_of_2(max(1, CHUNK_MAX)))
     plans = []
     for level in range(num_levels):
         nodes, cap = rows << level, slot_size << (num_levels - level)
-        chunks = max(1, min(-(-target // nodes), cap // max(MIN_CHUNK, 1)))
-        size = -(-cap // chunks)
-        size = -(-size // block) * block
-        chunks = -(-cap // size)
-        if cap > SORT_MAX:
-            kind = 'global'
+        want = -(-programs // nodes)
+        chunk = max(lo, min(hi, triton.next_power_of_2(-(-cap // want))))
+        if cap <= chunk or (want == 1 and cap <= SORT_MAX):
+            plans.append(LevelPlan('node', 1, cap))
         else:
-            kind = 'node' if chunks == 1 else 'chunked'
-        plans.append(LevelPlan(kind, chunks, size))
+            plans.append(LevelPlan('phased', -(-cap // chunk), chunk))
     return plans
 
 
@@ -578,8 +803,12 @@ def _check_args(x: Tensor, num_levels: int, slot_size: int,
                          f'{x.dtype}.')
 
 
-def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
-                        kmeans_iters: int, temperature: float) -> Tensor:
+def balanced_clustering(x: Tensor,
+                        num_levels: int,
+                        slot_size: int,
+                        kmeans_iters: int,
+                        temperature: float,
+                        target: Optional[TargetInfo] = None) -> Tensor:
     """The balanced hierarchical clustering of the rows of ``x``.
 
     The contract of ``torch.ops.boat_mm.balanced_clustering`` (the C++ CPU
@@ -594,6 +823,9 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
         slot_size (int): ``S``, slots per cluster, ``S * 2**L >= N``.
         kmeans_iters (int): Soft k-means iterations per split.
         temperature (float): Temperature of the soft assignment.
+        target (TargetInfo, optional): The device to schedule for; None:
+            :data:`TARGET` if set, else ``x``'s (a model of the GPU passes
+            CUDA's to the interpreter).
 
     Returns:
         Tensor: ``perm`` ``(M, S * 2**L)`` int64; ``perm[m, s]`` is the
@@ -609,22 +841,31 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
         return torch.arange(
             total, device=device).clamp_(max=N - 1).expand(M,
                                                            total).contiguous()
+    if target is None:
+        target = TARGET if TARGET is not None else target_info(device)
     f64 = x.dtype == torch.float64
     if x.dtype not in (torch.float64, torch.float32, torch.bfloat16,
                        torch.float16):
         x = x.float()
     x = x.contiguous()
     cdt = torch.float64 if f64 else torch.float32
-    DP, BT = _block_tokens(d, f64, device)
-    plans = level_plans(M, L, S, d, f64, device)
-    NCB = triton.next_power_of_2(max(p.chunks for p in plans))
-    part_numel = max((M << lv) * p.chunks for lv, p in enumerate(plans))
-    # Partial centroid sums (node, chunk, 2, DP), read by one pass and
-    # written by the next: two buffers in turn.
+    DP, BT = _block_tokens(d, f64, target.cuda)
+    plans = level_plans(M, L, S, d, f64, target)
+    programs = [(M << lv) * p.chunks for lv, p in enumerate(plans)]
+    phases = [
+        int(lv == 0) + kmeans_iters + 2 if p.kind == 'phased' else 0
+        for lv, p in enumerate(plans)
+    ]
+    # Initial centroid sums a split leaves its children (parent, source
+    # chunk, child, 2, DP): two buffers in turn; k-means partial sums of a
+    # phased level (2, node, chunk, 2, DP).
     parts = [
-        torch.empty(part_numel * 2 * DP, dtype=cdt, device=device)
+        torch.empty(max(programs) * 4 * DP, dtype=cdt, device=device)
         for _ in range(2)
     ]
+    step_numel = max(n for n, k in zip(programs, phases)
+                     if k) if any(phases) else 1
+    step = torch.empty(2 * step_numel * 2 * DP, dtype=cdt, device=device)
     # Tokens of every slot between levels (level 0 needs none: slot i
     # holds token i; the last level writes the output).
     perms = [
@@ -633,142 +874,101 @@ def balanced_clustering(x: Tensor, num_levels: int, slot_size: int,
         for _ in range(2)
     ]
     out = torch.empty(M, total, dtype=torch.long, device=device)
-    keys = torch.empty(M * total, dtype=torch.int64, device=device)
+    keys = torch.empty(
+        max(n * p.chunk_size for n, p in zip(programs, plans)),
+        dtype=torch.int64,
+        device=device)
     order = torch.empty(M * total, dtype=torch.int64, device=device)
-    # A tensor: a float argument would reach the kernels as float32.
-    temp = torch.full((1, ), float(temperature), dtype=cdt, device=device)
-    consts = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=DP, BT=BT)
+    # Tickets and done-counters of the phased levels, zeroed once.
+    # (Rounded to 16 bytes: Triton compiles again for unaligned pointers.)
+    sync_sizes = [
+        -(-(1 + k * (M << lv)) // 4) * 4 if k else 0
+        for lv, k in enumerate(phases)
+    ]
+    sync = (
+        torch.zeros(sum(sync_sizes), dtype=torch.int32, device=device)
+        if any(phases) else None)
+    # float64 math reads the temperature from a tensor (a float argument
+    # reaches a kernel as float32; the float32 math's value).
+    temp = (
+        torch.full((1, ), float(temperature), dtype=cdt, device=device)
+        if f64 else float(temperature))
+    consts = dict(F64=f64, CT=tl.float64 if f64 else tl.float32, DP=DP)
     # Counting ranks (float64) compare TILE x TILE keys at a time; larger
     # tiles only pay in the interpreter.
-    tile = 32 if device.type == 'cuda' else 128
-    cur = 0  # parts[cur] holds the current level's partial sums
+    tile = 32 if target.cuda else 128
+    search_values = SEARCH_VALUES or (1024 if target.cuda else 8192)
+    # Partial sums reduced at a time.
+    sum_block = 16 if target.cuda else 64
+    sync_off = 0
+    ns = 1  # sources of the sums the previous split left per node
     for lv, plan in enumerate(plans):
         nodes, rows, cap = 1 << lv, M << lv, total >> lv
         first, last = lv == 0, lv + 1 == L
-        # The split fills the children in chunks of the next level's (one
-        # chunk of the whole leaf after the last level).
-        nc_next, ch_next = ((1, -(-S // BT) * BT) if last else
-                            (plans[lv + 1].chunks, plans[lv + 1].chunk_size))
         perm_in = perms[lv % 2]
         perm_out = out if last else perms[(lv + 1) % 2]
-        shape = (N, d, cap, nodes, G >> lv, N // G, N % G)
-        # The node kernel's passes run one after the other in one program:
-        # larger blocks (fewer dependent gathers), more warps.
-        node_bt = max(
-            16,
-            min(
-                triton.next_power_of_2(cap),
-                NODE_BLOCK_VALUES // DP // (2 if f64 else 1)))
-        node_kernel_args = dict(
-            FIRST=first,
-            LAST=last,
-            LOG=(cap - 1).bit_length(),
-            TILE=tile,
-            NCB=NCB,
-            num_warps=8 if cap > 512 or node_bt * DP > 2048 else 4,
-            **dict(consts, BT=node_bt))
+        part_in, part_out = parts[lv % 2], parts[(lv + 1) % 2]
+        shape = (N, d, cap, nodes, G >> lv, N // G, N % G, kmeans_iters, ns)
         if plan.kind == 'node':
+            # The node kernel's passes run one after the other in one
+            # program: larger blocks (fewer dependent gathers), more warps.
+            node_bt = max(
+                16,
+                min(
+                    triton.next_power_of_2(cap),
+                    NODE_BLOCK_VALUES // DP // (2 if f64 else 1)))
             _node_kernel[(rows, )](
                 x,
                 perm_in,
                 perm_out,
-                parts[cur],
-                parts[1 - cur],
+                part_in,
+                part_out,
                 keys,
                 order,
                 temp,
                 *shape,
-                kmeans_iters,
-                1,
-                nc_next,
-                ch_next,
                 HAS_PARTS=not first,
-                **node_kernel_args)
-            cur = 1 - cur
-            continue
-        grid = (rows * plan.chunks, )
-        chunking = (plan.chunks, plan.chunk_size)
-        if first:
-            _pass_kernel[grid](
-                x,
-                perm_in,
-                parts[cur],
-                parts[cur],
-                keys,
-                temp,
-                *shape,
-                *chunking,
-                MODE=_INIT,
-                FIRST=True,
-                KEY_KIND=0,
-                NCB=NCB,
-                **consts)
-        for _ in range(kmeans_iters):
-            _pass_kernel[grid](
-                x,
-                perm_in,
-                parts[cur],
-                parts[1 - cur],
-                keys,
-                temp,
-                *shape,
-                *chunking,
-                MODE=_STEP,
-                FIRST=first,
-                KEY_KIND=0,
-                NCB=NCB,
-                **consts)
-            cur = 1 - cur
-        if plan.kind == 'chunked':
-            _node_kernel[(rows, )](
-                x,
-                perm_in,
-                perm_out,
-                parts[cur],
-                parts[1 - cur],
-                keys,
-                order,
-                temp,
-                *shape,
-                0,
-                plan.chunks,
-                nc_next,
-                ch_next,
-                HAS_PARTS=True,
-                **node_kernel_args)
-        else:
-            _pass_kernel[grid](
-                x,
-                perm_in,
-                parts[cur],
-                parts[cur],
-                keys,
-                temp,
-                *shape,
-                *chunking,
-                MODE=_KEYS,
-                FIRST=first,
-                KEY_KIND=_KEY_F64 if f64 else _KEY_GLOBAL,
-                NCB=NCB,
-                **consts)
-            if f64:
-                # Per node (63-bit keys), stable: a segmented sort.
-                level_order = torch.sort(
-                    keys.view(rows, cap), dim=-1, stable=True).indices
-            else:
-                level_order = torch.sort(keys, stable=True).indices
-            _split_kernel[(2 * rows * nc_next, )](
-                x,
-                perm_in,
-                perm_out,
-                level_order,
-                parts[1 - cur],
-                *shape,
-                nc_next,
-                ch_next,
-                ORDER_LOCAL=f64,
                 FIRST=first,
                 LAST=last,
+                BT=node_bt,
+                SB=sum_block,
+                LOG=(cap - 1).bit_length(),
+                TILE=tile,
+                num_warps=8 if cap > 512 or node_bt * DP > 2048 else 4,
                 **consts)
-        cur = 1 - cur
+            ns = 1
+            continue
+        ch = plan.chunk_size
+        rb = min(BT, ch)
+        _level_kernel[(programs[lv] * phases[lv], )](
+            x,
+            perm_in,
+            perm_out,
+            part_in,
+            part_out,
+            step,
+            keys,
+            sync[sync_off:sync_off + sync_sizes[lv]],
+            temp,
+            *shape,
+            plan.chunks,
+            rows,
+            FIRST=first,
+            LAST=last,
+            BT=BT,
+            SB=sum_block,
+            CH=ch,
+            LOG=ch.bit_length() - 1,
+            RB=rb,
+            CB=max(
+                1,
+                min(triton.next_power_of_2(plan.chunks), search_values // rb)),
+            TILE=tile,
+            num_warps=4,
+            # (ptxas otherwise trades a few spilled registers for
+            # occupancy; float64 needs more.)
+            maxnreg=None if f64 else 128,
+            **consts)
+        sync_off += sync_sizes[lv]
+        ns = plan.chunks
     return out
