@@ -7,9 +7,6 @@ implementations per backend, chosen by ``impl`` in one place
 (:mod:`._backends`): tensor ops for any device, C++ CPU kernels
 (``boat_mm._C``) and Triton kernels for CUDA (:mod:`.triton`).
 """
-# The op schemas first: boat_mm._C (loaded by .clustering) only registers
-# kernels for them.
-from . import _library  # noqa: F401,I001
 from ._backends import IMPLS, check_impl
 from .clustered_attn import clustered_attention, inverse_slots, permute_rows
 from .clustering import (ClusterPlan, balanced_hierarchical_clustering,

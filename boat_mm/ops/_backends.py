@@ -19,22 +19,20 @@
 input (``'triton'`` only on CUDA, and without float64, where the tensor
 ops stay the reference), except where a tracer must see tensor ops
 (:func:`tensor_ops_required`) or one op node (:func:`op_required`).
-Whether the C++ kernels are there is found out here too, once, when
-``boat_mm`` is imported (:func:`cpu_kernel_loaded`). A new backend is one
+Whether the C++ kernels loaded is read from :mod:`~boat_mm.ops._library`
+(:func:`cpu_kernel_loaded`). A new backend is one
 more entry here (and its ops in :mod:`~boat_mm.ops._library`): the
 callers only ask :func:`select_backend` and call the op overload it
 returns.
 """
 import importlib.util
-import mmap
 import os
-import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._library import TRITON_CLUSTERING, op_overload
+from ._library import CPU_KERNELS_LOADED, op_overload
 
 __all__ = [
     'IMPLS', 'BACKENDS', 'AUTO_ORDER', 'Backend', 'check_impl',
@@ -50,8 +48,6 @@ CLUSTERING, ATTENTION = 'balanced_clustering', 'clustered_attention'
 # Looked up once (no import): the checks below also run under
 # torch.compile, which must not trace the import machinery.
 _HAS_TRITON = importlib.util.find_spec('triton') is not None
-_HAS_TRITON_CLUSTERING = (
-    _HAS_TRITON and importlib.util.find_spec(TRITON_CLUSTERING[0]) is not None)
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -64,44 +60,8 @@ def _kernels_not_built() -> RuntimeError:
         "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
 
 
-def _defines_schemas(path: Optional[str]) -> bool:
-    """Whether the library at ``path`` is an older build of ``boat_mm._C``
-    that defines the op schemas itself: loading it after
-    :mod:`._library` defined them would abort the process (a C++
-    exception during the library's static initialisation)."""
-    if not path or not os.path.isfile(path):
-        return False
-    with open(path, 'rb') as f, mmap.mmap(
-            f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return data.find(b'balanced_clustering(Tensor x') >= 0
-
-
-def _load_cpu_kernel() -> bool:
-    """Load ``boat_mm._C`` (registers the CPU kernels of the
-    ``torch.ops.boat_mm`` ops) if built."""
-    try:
-        spec = importlib.util.find_spec('boat_mm._C')
-        if spec is not None and _defines_schemas(spec.origin):
-            raise ImportError(f'{spec.origin} is an older build that '
-                              f'defines the op schemas itself')
-        import boat_mm._C  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != 'boat_mm._C':
-            raise
-        return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
-    except (ImportError, RuntimeError) as e:
-        # Built, but does not load (e.g. compiled against another torch, or
-        # an older build that still defines the schemas itself): say so
-        # instead of silently running slower.
-        warnings.warn(
-            f'boat_mm._C does not load ({e}); FSLA (clustering and '
-            f'clustered attention) falls back to tensor ops. Rebuild it '
-            f'with `pip install --no-build-isolation -e .`.')
-        return False
-    return True
-
-
-_HAS_CPU_KERNEL = _load_cpu_kernel()
+# Read once from the library (tests switch the kernels off here).
+_HAS_CPU_KERNEL = CPU_KERNELS_LOADED
 
 
 def cpu_kernel_loaded() -> bool:
@@ -169,12 +129,6 @@ def _triton_unsupported(op: str, x: Tensor, dropout_p: float,
             "impl='triton' needs the triton package, which ships with "
             "torch's CUDA wheels (`pip install triton` otherwise); or use "
             "impl='auto' or 'tensor'.")
-    if op == CLUSTERING and not _HAS_TRITON_CLUSTERING:
-        return RuntimeError(
-            f"impl='triton' for the clustering needs the Triton clustering "
-            f"kernel ({TRITON_CLUSTERING[0]}), which this version of "
-            f"boat_mm does not have; use clustering_impl='auto' or "
-            f"'tensor'.")
     if x.device.type == 'cuda':
         pass
     elif auto:

@@ -22,7 +22,9 @@ and autograd formula:
   ``boat_mm._C`` on the CPU (registered by that library when it loads,
   ``TORCH_LIBRARY_IMPL(boat_mm, CPU, ...)``), the Triton kernels on CUDA;
   the clustering also has the tensor ops as its default kernel, for
-  tracers that must record it where no kernel is built.
+  tracers that must record it where no kernel is built (registered by
+  :mod:`boat_mm.ops.clustering`, which defines them, through
+  :func:`register_default_kernel`).
 - ``boat_mm_triton`` (``torch.ops.boat_mm_triton.clustered_attention``):
   the Triton kernels on every device they run on: CUDA, and CPU tensors
   in Triton's interpreter (``TRITON_INTERPRET=1``). torch's dispatcher
@@ -34,16 +36,22 @@ and autograd formula:
   overload resolution want one overload per op.)
 
 Which namespace (or the tensor ops) a call takes is decided in one place,
-:mod:`boat_mm.ops._backends`. Triton is imported on the first call of a
-Triton kernel only, never by ``import boat_mm``.
+:mod:`boat_mm.ops._backends`, which imports this module and nothing
+imports back. ``boat_mm._C`` is loaded last, once the schemas it
+implements exist (:data:`CPU_KERNELS_LOADED`). Triton is imported on the
+first call of a Triton kernel only, never by ``import boat_mm``.
 """
 import importlib
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ['NAMESPACES', 'op_overload', 'TRITON_CLUSTERING']
+__all__ = [
+    'NAMESPACES', 'CPU_KERNELS_LOADED', 'op_overload',
+    'register_default_kernel'
+]
 
 _ARGS = {
     'balanced_clustering':
@@ -63,10 +71,9 @@ NAMESPACES = ('boat_mm', 'boat_mm_triton')
 
 # Where the Triton kernels are: (module, function) per op. The clustering
 # kernel has the contract of the C++ one (same arguments, same perm).
-TRITON_CLUSTERING = ('boat_mm.ops.triton.clustering', 'balanced_clustering')
 _TRITON_KERNELS = {
     'balanced_clustering':
-    TRITON_CLUSTERING,
+    ('boat_mm.ops.triton.clustering', 'balanced_clustering'),
     'clustered_attention':
     ('boat_mm.ops.triton.clustered_attention', 'clustered_attention_forward'),
     'clustered_attention_backward':
@@ -97,13 +104,6 @@ def _lazy_triton(name: str) -> Callable:
 
     kernel.__name__ = f'{name}_triton'
     return kernel
-
-
-def _default_clustering(x: Tensor, num_levels: int, slot_size: int,
-                        kmeans_iters: int, temperature: float) -> Tensor:
-    from .clustering import _default_kernel  # imports this module
-    return _default_kernel(x, num_levels, slot_size, kmeans_iters,
-                           temperature)
 
 
 def _fake_clustering(x: Tensor, num_levels: int, slot_size: int,
@@ -190,11 +190,6 @@ def _define(namespace: str) -> torch.library.Library:
         devices = ['CUDA'] + (['CPU'] if namespace != 'boat_mm' else [])
         for device in devices:
             lib.impl(name, _lazy_triton(name), device)
-    if namespace == 'boat_mm':
-        # Where no device kernel is registered (boat_mm._C not built):
-        # the tensor ops, so that the op can always be recorded by tracers.
-        lib.impl('balanced_clustering', _default_clustering,
-                 'CompositeExplicitAutograd')
     backward, setup_context = _attention_autograd(namespace)
     torch.library.register_autograd(
         f'{namespace}::clustered_attention',
@@ -205,4 +200,36 @@ def _define(namespace: str) -> torch.library.Library:
 
 
 # Kept alive for the life of the process (dropping one unregisters it).
-_LIBS = tuple(_define(namespace) for namespace in NAMESPACES)
+_LIBS = {namespace: _define(namespace) for namespace in NAMESPACES}
+
+
+def register_default_kernel(name: str, kernel: Callable) -> None:
+    """Make ``kernel`` the kernel of ``boat_mm::<name>`` wherever no device
+    kernel is registered (e.g. ``boat_mm._C`` not built), so that tracers
+    can always record the op. The module that defines the tensor ops
+    registers them here (this module imports none of its callers)."""
+    _LIBS['boat_mm'].impl(name, kernel, 'CompositeExplicitAutograd')
+
+
+def _load_cpu_kernels() -> bool:
+    """Load ``boat_mm._C``, which registers the CPU kernels of the
+    ``boat_mm`` ops defined above; False when it is not built."""
+    try:
+        import boat_mm._C  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != 'boat_mm._C':
+            raise
+        return False  # not built (BOAT_MM_WITH_OPS=0): tensor ops only
+    except (ImportError, RuntimeError) as e:
+        # Built but unloadable (e.g. compiled against another torch): say
+        # so instead of silently running slower.
+        warnings.warn(
+            f'boat_mm._C does not load ({e}); FSLA (clustering and '
+            f'clustered attention) falls back to tensor ops. Rebuild it '
+            f'with `pip install --no-build-isolation -e .`.')
+        return False
+    return True
+
+
+# Last: the library registers kernels for the schemas defined above.
+CPU_KERNELS_LOADED = _load_cpu_kernels()

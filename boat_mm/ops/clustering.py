@@ -11,12 +11,12 @@ The rule for any number of tokens ``N`` (the published code only handles
 
 * ``G = 2**L`` clusters, the leaves of a complete binary tree, with ``L``
   chosen so that ``N / G`` is closest to ``group_size`` (in log scale)
-  without exceeding ``1.35 * group_size`` (see :func:`num_clusters_for`).
-  Their real-token counts differ by at most one (``N // G`` or
-  ``N // G + 1``); the mean size ``N / G`` lies within
-  ``[0.67, 1.35] * group_size`` (a cluster may hold one token more), unless
-  the whole map is a single cluster (``N <= 1.35 * group_size``), which
-  attends within itself.
+  without exceeding :data:`MAX_MEAN_CLUSTER` ``* group_size`` (see
+  :func:`num_clusters_for`). Their real-token counts differ by at most one
+  (``N // G`` or ``N // G + 1``); the mean size ``N / G`` lies within
+  ``(MIN_MEAN_CLUSTER, MAX_MEAN_CLUSTER] * group_size`` (a cluster may hold
+  one token more), unless the whole map is a single cluster
+  (``N <= MAX_MEAN_CLUSTER * group_size``), which attends within itself.
 * Every leaf has ``S = ceil(N / G)`` slots. Every node knows statically (from
   ``N`` alone) how many real tokens each child receives, so at each level a
   node's tokens are sorted by affinity ratio and the first ``n0`` go to
@@ -60,13 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The schemas of the ops come first: boat_mm._C only registers kernels.
-from . import _backends, _library  # noqa: F401
+from . import _backends
 from ._backends import CLUSTERING, check_impl, select_backend
+from ._library import register_default_kernel
 
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
-    'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl'
+    'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl',
+    'MAX_MEAN_CLUSTER', 'MIN_MEAN_CLUSTER'
 ]
 
 
@@ -122,21 +123,29 @@ class ClusterPlan(NamedTuple):
 
 _PLAN_CACHE: Dict[tuple, ClusterPlan] = {}
 
+#: The any-N rule's largest mean cluster size ``N / G``, in units of
+#: ``group_size``: above it the tree goes one level deeper, and a map of
+#: at most ``MAX_MEAN_CLUSTER * group_size`` tokens is one cluster.
+MAX_MEAN_CLUSTER = 1.35
+#: The smallest mean cluster size of a map of several clusters (exclusive),
+#: in units of ``group_size``: where the bound above moves a level deeper.
+MIN_MEAN_CLUSTER = MAX_MEAN_CLUSTER / 2
+
 
 def num_clusters_for(num_tokens: int, group_size: int) -> int:
     """Number of clusters ``G = 2**L`` for ``num_tokens`` tokens.
 
     ``L`` makes ``N / G`` closest to ``group_size`` in log scale, moved one
     level deeper when the mean cluster size ``N / G`` would exceed
-    ``1.35 * group_size``; so ``N / G`` lies within
-    ``[0.67, 1.35] * group_size`` (clusters hold ``N // G`` or
-    ``N // G + 1`` tokens) unless the whole map is one cluster
-    (``N <= 1.35 * group_size``).
+    :data:`MAX_MEAN_CLUSTER` ``* group_size``; so ``N / G`` lies within
+    ``(MIN_MEAN_CLUSTER, MAX_MEAN_CLUSTER] * group_size`` (clusters hold
+    ``N // G`` or ``N // G + 1`` tokens) unless the whole map is one
+    cluster (``N <= MAX_MEAN_CLUSTER * group_size``).
     """
     if num_tokens <= group_size:
         return 1
     level = max(0, round(math.log2(num_tokens / group_size)))
-    if num_tokens > 1.35 * group_size * 2**level:
+    if num_tokens > MAX_MEAN_CLUSTER * group_size * 2**level:
         level += 1
     return 2**level
 
@@ -327,7 +336,7 @@ def _default_kernel(x: Tensor, num_levels: int, slot_size: int,
                     kmeans_iters: int, temperature: float) -> Tensor:
     """The tensor ops as ``boat_mm::balanced_clustering``, for inputs that
     no kernel of the op runs (see :func:`boat_mm.ops._backends.
-    op_required`)."""
+    op_required`); registered below."""
     plan = _plan_for_clusters(x.shape[1], 1 << num_levels, 0, x.device)
     if plan.slot_size != slot_size:
         raise ValueError(
@@ -335,6 +344,9 @@ def _default_kernel(x: Tensor, num_levels: int, slot_size: int,
             f'{1 << num_levels} clusters (that needs {plan.slot_size}); '
             f'take both from build_cluster_plan.')
     return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
+
+
+register_default_kernel(CLUSTERING, _default_kernel)
 
 
 def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,

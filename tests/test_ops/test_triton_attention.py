@@ -253,7 +253,6 @@ def test_auto_rules(monkeypatch):
     select = _backends.select_backend
     attn, clus = 'clustered_attention', 'balanced_clustering'
     monkeypatch.setattr(_backends, '_HAS_TRITON', True)
-    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', True)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert select(attn, 'auto', _like('cuda', dtype)).name == 'triton'
         assert select(clus, 'auto', _like('cuda', dtype)).name == 'triton'
@@ -269,10 +268,9 @@ def test_auto_rules(monkeypatch):
         'tensor'
     monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
     assert select(clus, 'auto', _like('cpu')).name == 'tensor'
-    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
-    assert select(clus, 'auto', _like('cuda')).name == 'tensor'
     monkeypatch.setattr(_backends, '_HAS_TRITON', False)
     assert select(attn, 'auto', _like('cuda')).name == 'tensor'
+    assert select(clus, 'auto', _like('cuda')).name == 'tensor'
     monkeypatch.setattr(_backends, '_HAS_TRITON', True)
     monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)
     assert select(attn, 'auto', _like('cuda')).name == 'triton'
@@ -306,9 +304,6 @@ def test_errors(monkeypatch):
         clustered_attention(qkv, perm, plan, 2, impl='triton')
     with pytest.raises(ValueError, match="runs on the CPU.*'triton'"):
         select(clus, 'cpp', _like('cuda'))
-    monkeypatch.setattr(_backends, '_HAS_TRITON_CLUSTERING', False)
-    with pytest.raises(RuntimeError, match='Triton clustering kernel'):
-        select(clus, 'triton', _like('cuda'))
     monkeypatch.setattr(_backends, '_HAS_TRITON', False)
     with pytest.raises(RuntimeError, match='needs the triton package'):
         select(attn, 'triton', _like('cuda'))

@@ -29,10 +29,12 @@ class FeatureSpaceLocalAttention(BaseModule):
     Any ``H x W`` works. The ``N = H * W`` tokens go into ``G = 2**L``
     clusters, the leaves of a complete binary tree, with ``L`` chosen so
     that the mean cluster size ``N / G`` is closest to ``group_size`` on a
-    log scale without exceeding ``1.35 * group_size``; cluster sizes differ
+    log scale without exceeding ``MAX_MEAN_CLUSTER * group_size``
+    (:data:`boat_mm.ops.clustering.MAX_MEAN_CLUSTER`); cluster sizes differ
     by at most one token (see :mod:`boat_mm.ops.clustering` and
-    ``docs/fsla.md``). A map of at most ``1.35 * group_size`` tokens is a
-    single cluster, which attends within itself with no overlap.
+    ``docs/fsla.md``). A map of at most ``MAX_MEAN_CLUSTER * group_size``
+    tokens is a single cluster, which attends within itself with no
+    overlap.
     For ``N = group_size * 2**L`` the result equals the published algorithm.
     Each sample is clustered on its own, so outputs never depend on other
     samples of the batch.
