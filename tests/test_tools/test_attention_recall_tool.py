@@ -118,6 +118,7 @@ def test_segmentation_config(tool, images, tmp_path, capsys):
     res = tool['main']([
         DEMO_SEG, *images, '--resize', '80', '64', '--out-file', out_file,
         '--json', json_file, '--query', '12', '12', '--head', '1',
+        '--map-image', '1',
         *SEG_OPTIONS
     ])
     out = capsys.readouterr().out
@@ -140,7 +141,7 @@ def test_segmentation_config(tool, images, tmp_path, capsys):
     assert shown['cluster'].sum() == shown['window'].sum() == 24
     assert shown['cluster'][3, 3] and shown['window'][3, 3]
     assert shown['cluster_recall'] == pytest.approx(
-        float(res['per_image'][0][(0, 0)]['cluster'][0, 1, 3 * 20 + 3]))
+        float(res['per_image'][1][(0, 0)]['cluster'][0, 1, 3 * 20 + 3]))
 
 
 def test_classification_config_with_checkpoint(tool, images, tmp_path):

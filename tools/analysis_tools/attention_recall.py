@@ -94,21 +94,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='FSLA block of the attention map in --out-file (default: the '
         'first one)')
     parser.add_argument(
+        '--map-image',
+        type=int,
+        default=0,
+        help='index in the IMAGE list of the image of that map (default 0)')
+    parser.add_argument(
         '--query',
         type=int,
         nargs=2,
         metavar=('X', 'Y'),
-        help='pixel of the first image (as the model sees it) whose token '
-        'is the query of that map (default: the centre)')
+        help='pixel of that image (as the model sees it) whose token is the '
+        'query of that map (default: the centre)')
     parser.add_argument(
         '--head', type=int, default=0, help='head of that map (default 0)')
     parser.add_argument(
-        '--seed', type=int, default=0, help='seed of the random partitions')
+        '--seed',
+        type=int,
+        default=0,
+        help='seed of the random partitions (and of the random weights '
+        'without --checkpoint)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
     add_cfg_options_arg(parser)
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f'--max-tokens must be >= 1, got {args.max_tokens}')
+    if not 0 <= args.map_image < len(args.images):
+        parser.error(f'--map-image must index the {len(args.images)} '
+                     f'image(s), got {args.map_image}')
     return args
 
 
@@ -212,7 +224,7 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
     record = result['record']
     H, W = record.hw_shape
     N = H * W
-    m = head  # first image: rows (0, head)
+    m = head  # rows (sample 0, head)
     q = record.q[0, head].double()
     k = record.k[0, head].double()
     attn = global_attention(q, k, record.scale, query)
@@ -244,22 +256,17 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
         q1, q3 = (np.array([r[name + '_quartiles'][j] for r in rows])
                   for j in (0, 2))
         off = (i - 1) * 0.12
-        ax0.errorbar(
-            x + off,
-            mean,
-            yerr=[mean - q1, q3 - mean],
-            color=color,
-            marker=marker,
-            capsize=3,
-            linestyle='-',
-            label=name)
+        # The mean can lie outside the quartiles of a skewed distribution:
+        # the bars are the quartiles, not an error around the mean.
+        ax0.vlines(x + off, q1, q3, color=color, linewidth=2, alpha=0.5)
+        ax0.plot(x + off, mean, color=color, marker=marker, label=name)
     ax0.set_xticks(x)
     ax0.set_xticklabels([
         f's{r["stage"]}b{r["block"]}\n{r["keys"]:.0f}/{r["tokens"]:.0f}'
         for r in rows
     ])
     ax0.set_xlabel('FSLA block (stage, block) and keys / tokens')
-    ax0.set_ylabel('share of global attention (mean, quartiles)')
+    ax0.set_ylabel('share of global attention\n(mean; bars: quartiles)')
     ax0.set_ylim(0, 1.02)
     ax0.grid(alpha=0.3)
     ax0.legend(loc='best')
@@ -314,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    # Without --checkpoint the weights are a seeded random initialisation.
+    torch.manual_seed(args.seed)
     model = build_model(cfg, args.checkpoint, args.device, TOOL)
     backbone = get_boat_backbone(model)
     modules = find_fsla_modules(backbone)
@@ -334,8 +343,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     pipeline = build_pipeline(cfg, args.resize, TOOL)
     generator = torch.Generator().manual_seed(args.seed)
-    per_image, first = [], None
-    for path in args.images:
+    per_image, shown_data = [], None
+    for i, path in enumerate(args.images):
         data = pipeline(dict(img_path=path))
         batch = model.data_preprocessor(pseudo_collate([data]), False)
         try:
@@ -345,8 +354,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             print(f'{TOOL}: error: {osp.basename(path)}: {err}',
                   file=sys.stderr)
             raise SystemExit(2)
-        if first is None:
-            first = data
+        if i == args.map_image:
+            shown_data = data
     rows = summarize(per_image)
     print(f'Attention recall of {len(rows)} FSLA blocks over '
           f'{len(args.images)} image(s): share of each query\'s global '
@@ -369,8 +378,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     shown = None
     if args.out_file:
         image = np.ascontiguousarray(
-            first['inputs'].permute(1, 2, 0).numpy())
-        result = per_image[0][location]
+            shown_data['inputs'].permute(1, 2, 0).numpy())
+        result = per_image[args.map_image][location]
         H, W = result['record'].hw_shape
         stride = token_stride(backbone, location[0]) or image.shape[0] / H
         x, y = args.query if args.query else (image.shape[1] // 2,
