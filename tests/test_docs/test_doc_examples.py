@@ -331,6 +331,14 @@ COVERAGE: Dict[str, object] = {
     'tools/visualization/vis_clusters.py': Run((
         'tests/test_tools/test_vis_clusters.py::'
         'test_tool_classification_config_with_checkpoint', )),
+    'tools/analysis_tools/attention_recall.py': Run((
+        'tests/test_tools/test_attention_recall_tool.py::'
+        'test_segmentation_config',
+        'tests/test_tools/test_attention_recall_tool.py::'
+        'test_classification_config_with_checkpoint',
+        'tests/test_tools/test_attention_recall_tool.py::'
+        'test_max_tokens_and_errors',
+    )),
     'tools/dataset_converters/gen_synthetic_data.py': Run((
         'tests/test_datasets/test_synthetic_coco.py::'
         'test_command_line_coco_mode', )),

@@ -26,16 +26,13 @@ and in the even blocks of every stage of BOAT-CSWin; a wrong
 import argparse
 import os.path as osp
 import sys
-from copy import deepcopy
 from typing import List, Optional
 
 import mmcv
 import numpy as np
 from mmengine.config import Config
-from mmengine.dataset import Compose, pseudo_collate
+from mmengine.dataset import pseudo_collate
 from mmengine.logging import print_log
-from mmengine.registry import MODELS, init_default_scope
-from mmengine.runner import load_checkpoint
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
@@ -43,8 +40,18 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
+from boat_tools.inference import build_pipeline, token_stride  # noqa: E402
+from boat_tools.inference import build_model as _build_model  # noqa: E402
 
-_SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
+TOOL = 'vis_clusters'
+
+
+def build_model(cfg: Config,
+                checkpoint: Optional[str] = None,
+                device: str = 'cpu'):
+    """Build the config's model in its scope and load ``checkpoint``
+    (:func:`boat_tools.inference.build_model`)."""
+    return _build_model(cfg, checkpoint, device, TOOL)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -84,65 +91,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(cfg: Config,
-                checkpoint: Optional[str] = None,
-                device: str = 'cpu'):
-    """Build the config's model in its scope and load ``checkpoint``."""
-    scope = cfg.get('default_scope')
-    if scope not in _SCOPES:
-        raise ValueError(
-            f'The config\'s default_scope is {scope!r}; vis_clusters needs '
-            f'an mmpretrain (classification), mmseg (segmentation) or mmdet '
-            f'(detection) config, with default_scope in {_SCOPES}.')
-    init_default_scope(scope)
-    model_cfg = deepcopy(cfg.model)
-    # mmpretrain configs keep it at the top level; the runner merges it.
-    if cfg.get('data_preprocessor') is not None:
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
-    if checkpoint is None:
-        print_log(
-            'No --checkpoint: the clusters are those of randomly '
-            'initialised weights.',
-            logger='current')
-    else:
-        if not osp.isfile(checkpoint) and '://' not in checkpoint:
-            raise FileNotFoundError(f'Checkpoint {checkpoint!r} not found.')
-        load_checkpoint(model, checkpoint, map_location='cpu')
-    return model.to(device).eval()
-
-
-def build_pipeline(cfg: Config, resize: Optional[List[int]] = None):
-    """The config's test pipeline for one image file, without annotations.
-
-    With ``resize=(W, H)`` only its loading and packing transforms are kept,
-    around a plain resize to ``W x H``.
-    """
-    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
-    pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
-    if not pipeline:
-        raise KeyError(
-            'The config has neither test_dataloader.dataset.pipeline nor '
-            'test_pipeline; vis_clusters loads and packs the image with it.')
-    pipeline = [
-        deepcopy(t) for t in pipeline if 'LoadAnnotations' not in t['type']
-    ]
-    if resize is not None:
-        w, h = resize
-        pipeline = [
-            pipeline[0],
-            dict(type='Resize', scale=(w, h), keep_ratio=False), pipeline[-1]
-        ]
-    return Compose(pipeline)
-
-
-def _token_stride(backbone, stage: int) -> Optional[int]:
-    """Pixels per token of a stage: stem stride, doubled at each stage."""
-    proj = getattr(getattr(backbone, 'patch_embed', None), 'projection', None)
-    stride = getattr(proj, 'stride', None)
-    return int(stride[0]) * 2**stage if stride else None
-
-
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the tool; returns ``ids`` (the ``(H_s, W_s)`` id map drawn),
     ``image`` (what the model saw, ``(H, W, 3)`` BGR), ``location`` and
@@ -173,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 f'--head {args.head} is out of range: FSLA at stage '
                 f'{args.stage}, block {block} has {heads} heads.')
 
-    data = build_pipeline(cfg, args.resize)(dict(img_path=args.image))
+    data = build_pipeline(cfg, args.resize, TOOL)(
+        dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)
     ids = capture_cluster_ids(model, batch['inputs'],
                               [location])[location][0, args.head]
@@ -183,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         image,
         ids,
         alpha=args.alpha,
-        stride=_token_stride(backbone, args.stage))
+        stride=token_stride(backbone, args.stage))
     mmcv.imwrite(picture, args.out_file)
     num = int(ids.max()) + 1
     print_log(

@@ -1,6 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Feature-space local attention (FSLA), the module BOAT adds to a block."""
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -150,6 +150,29 @@ class FeatureSpaceLocalAttention(BaseModule):
             self.kmeans_iters, self.kmeans_temperature, self.clustering_impl)
 
     @torch.no_grad()
+    def cluster_perm(self, x: Tensor, hw_shape: Sequence[int]
+                     ) -> Tuple[Optional[Tensor], ClusterPlan]:
+        """The clustering that :meth:`forward` computes for ``x``.
+
+        With the plan, it gives every query's keys exactly (see
+        :func:`boat_mm.ops.clustered_attention`), for analysis.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens (the module's input).
+            hw_shape (Sequence[int]): ``(H, W)``.
+
+        Returns:
+            tuple[Tensor | None, ClusterPlan]: The ``(B * num_heads,
+            slots)`` token of every slot (rows in ``(batch, head)`` order;
+            None when the plan has one cluster) and the plan.
+        """
+        self._check_input(x, hw_shape)
+        plan = self._plan(x.shape[1], x.device)
+        if plan.num_clusters == 1:
+            return None, plan
+        return self._cluster(self.qkv(x), plan), plan
+
+    @torch.no_grad()
     def cluster_ids(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
         """Cluster index of every token, for analysis and visualisation.
 
@@ -160,12 +183,10 @@ class FeatureSpaceLocalAttention(BaseModule):
         Returns:
             Tensor: ``(B, num_heads, N)`` int64 cluster ids.
         """
-        self._check_input(x, hw_shape)
+        perm, plan = self.cluster_perm(x, hw_shape)
         B, N, _ = x.shape
-        plan = self._plan(N, x.device)
-        if plan.num_clusters == 1:
+        if perm is None:
             return x.new_zeros(B, self.num_heads, N, dtype=torch.long)
-        perm = self._cluster(self.qkv(x), plan)
         return cluster_ids_from_perm(perm, plan).view(B, self.num_heads, N)
 
     def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:

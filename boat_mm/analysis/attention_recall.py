@@ -1,0 +1,427 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Attention recall: how much of the global attention FSLA's keys hold.
+
+For one FSLA block, take its own queries and keys, compute the full softmax
+attention of every query over all ``N`` tokens of the map (per head, in
+chunks of queries so that memory stays bounded) and measure, per query,
+the share of that attention mass that falls on a set of keys:
+
+* ``cluster``: the keys the query attends to in FSLA: its cluster plus the
+  keys borrowed from the sibling cluster, read from the slot layout and the
+  sibling mask of :class:`~boat_mm.ops.ClusterPlan` exactly as
+  :func:`boat_mm.ops.clustered_attention` uses them (:func:`fsla_keys`);
+* ``window``: as many keys as ``cluster`` gives that query, taken in image
+  space (:func:`window_keys`): first the tokens of the query's window in
+  the image-space attention of the same block (BOAT-Swin's shifted 7x7
+  window, BOAT-CSWin's cross of a horizontal and a vertical stripe, the
+  whole map in CSWin's last stage), nearest to the query first (Euclidean
+  distance on the map, ties in raster order); when the window holds fewer
+  tokens than that, the nearest tokens outside it complete the set;
+* ``random``: the FSLA layout (same cluster sizes, same borrowing) applied
+  to a random balanced partition of the tokens (:func:`random_slots`):
+  the chance level. The query is always among its own keys, so its
+  expectation is ``a + (K - 1) / (N - 1) * (1 - a)`` for ``K`` keys and
+  self-attention ``a``, which is ``K / N`` when ``a = 1 / N``.
+
+:func:`capture_fsla` records the queries, keys and clustering of FSLA
+modules during a normal forward pass (forward pre-hooks, removed on exit);
+:func:`block_recall` computes the three recalls of one record;
+``tools/analysis_tools/attention_recall.py`` is the command-line front end.
+Nothing here is imported by ``import boat_mm``.
+"""
+from contextlib import contextmanager
+from typing import (Dict, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
+from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
+from boat_mm.ops import (ClusterPlan, build_cluster_plan,
+                         cluster_ids_from_perm, inverse_slots)
+from boat_mm.visualization.clusters import (_check_locations,
+                                            find_fsla_modules)
+
+__all__ = [
+    'MEASURES', 'FSLARecord', 'TooManyTokensError', 'capture_fsla',
+    'fsla_keys', 'random_slots', 'window_keys', 'window_labels',
+    'swin_window_labels', 'stripe_window_labels', 'attention_recall',
+    'global_attention', 'block_recall'
+]
+
+Location = Tuple[int, int]
+#: The key sets measured, in table order.
+MEASURES = ('cluster', 'window', 'random')
+# Elements of one chunk of attention probabilities (queries x keys).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class TooManyTokensError(ValueError):
+    """A map has more tokens than the caller allows (``max_tokens``)."""
+
+
+class FSLARecord(NamedTuple):
+    """What one FSLA module computed from its input in one forward call.
+
+    Attributes:
+        q (Tensor): ``(B, heads, N, d)`` queries (CPU).
+        k (Tensor): ``(B, heads, N, d)`` keys (CPU).
+        scale (float): Logit scale of the module.
+        hw_shape (tuple[int, int]): The map, ``H * W == N``.
+        perm (Tensor | None): ``(B * heads, slots)`` token of every slot
+            (:meth:`FeatureSpaceLocalAttention.cluster_perm`); None for a
+            single cluster.
+        plan (ClusterPlan): The cluster layout (CPU tensors).
+    """
+    q: Tensor
+    k: Tensor
+    scale: float
+    hw_shape: Tuple[int, int]
+    perm: Optional[Tensor]
+    plan: ClusterPlan
+
+    @property
+    def cluster_ids(self) -> Tensor:
+        """``(B, heads, N)`` int64 cluster of every token."""
+        B, h, N, _ = self.q.shape
+        if self.perm is None:
+            return torch.zeros(B, h, N, dtype=torch.long)
+        return cluster_ids_from_perm(self.perm, self.plan).view(B, h, N)
+
+
+def _fsla_modules(
+    model: Union[nn.Module, Mapping[Location, FeatureSpaceLocalAttention]]
+) -> Dict[Location, FeatureSpaceLocalAttention]:
+    if isinstance(model, Mapping):
+        return dict(model)
+    return find_fsla_modules(model)
+
+
+@contextmanager
+def capture_fsla(
+    model: Union[nn.Module, Mapping[Location, FeatureSpaceLocalAttention]],
+    locations: Optional[Sequence[Location]] = None,
+    max_tokens: Optional[int] = None
+) -> Iterator[Dict[Location, List[FSLARecord]]]:
+    """Record the queries, keys and clusters of FSLA modules.
+
+    Inside the ``with`` block, every forward of a chosen FSLA module appends
+    an :class:`FSLARecord` to its list: the module's own ``qkv`` of the
+    tokens it receives and :meth:`~FeatureSpaceLocalAttention.cluster_perm`,
+    the clustering its forward computes. The forward itself is unchanged;
+    the pre-hooks are removed on exit, whatever happens.
+
+    Args:
+        model (nn.Module | Mapping): A BOAT backbone, a model holding one
+            as ``backbone``, or FSLA modules by ``(stage, block)``.
+        locations (Sequence[tuple[int, int]], optional): ``(stage, block)``
+            pairs to record; None for all.
+        max_tokens (int, optional): Raise :class:`TooManyTokensError` (from
+            the forward) when a recorded map has more tokens.
+
+    Yields:
+        dict[tuple[int, int], list[FSLARecord]]: Filled as forwards run.
+    """
+    available = _fsla_modules(model)
+    wanted = _check_locations(available,
+                              available if locations is None else locations)
+    records: Dict[Location, List[FSLARecord]] = {loc: [] for loc in wanted}
+
+    def make_hook(loc: Location):
+
+        def hook(module: FeatureSpaceLocalAttention, args, kwargs):
+            x = args[0] if args else kwargs['x']
+            hw = args[1] if len(args) > 1 else kwargs['hw_shape']
+            hw = (int(hw[0]), int(hw[1]))
+            B, N, _ = x.shape
+            if max_tokens is not None and N > max_tokens:
+                raise TooManyTokensError(
+                    f'FSLA at stage {loc[0]}, block {loc[1]} sees a '
+                    f'{hw[0]}x{hw[1]} map ({N} tokens), more than '
+                    f'max_tokens={max_tokens}: full attention costs N^2 per '
+                    f'head. Use a smaller input or raise the limit.')
+            with torch.no_grad():
+                qkv = module.qkv(x)
+                perm, _ = module.cluster_perm(x, hw)
+            h, d = module.num_heads, module.head_dims
+            qk = qkv[..., :2 * module.embed_dims].reshape(B, N, 2, h, d)
+            qk = qk.permute(2, 0, 3, 1, 4).cpu()
+            plan = build_cluster_plan(N, module.group_size, module.overlap)
+            records[loc].append(
+                FSLARecord(qk[0], qk[1], float(module.scale), hw,
+                           None if perm is None else perm.cpu(), plan))
+
+        return hook
+
+    handles = [
+        available[loc].register_forward_pre_hook(
+            make_hook(loc), with_kwargs=True) for loc in wanted
+    ]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- Key sets: (M, N, K) int64 token indices per query, -1 = none. ---
+
+
+def fsla_keys(perm: Optional[Tensor], plan: ClusterPlan,
+              num_rows: int) -> Tensor:
+    """The keys of every query in FSLA.
+
+    Cluster ``2j`` sees its own tokens and the first ``overlap`` tokens of
+    ``2j + 1``, which sees its own and the last ``overlap`` of ``2j``
+    (``docs/fsla.md`` section 3); read here from ``plan.attn_mask`` over
+    the slots of each sibling pair, as the attention op reads them.
+
+    Args:
+        perm (Tensor | None): ``(M, slots)`` token of every slot; None for
+            a single cluster (every query sees every token).
+        plan (ClusterPlan): The layout ``perm`` was made for.
+        num_rows (int): ``M``, (sample, head) pairs.
+
+    Returns:
+        Tensor: ``(M, N, K)`` int64 keys of each query, ``-1`` padded;
+        ``K = N`` for a single cluster, else two slot sizes.
+    """
+    N = plan.num_tokens
+    if plan.num_clusters == 1:
+        return torch.arange(N).expand(num_rows, N, N)
+    P, S = plan.num_pairs, plan.slot_size
+    M = perm.shape[0]
+    inv = inverse_slots(perm, plan)  # (M, N) slot of every token
+    pair, local = inv // (2 * S), inv % (2 * S)
+    mask = plan.attn_mask
+    if mask.dim() == 2:  # uniform plans share one pair mask
+        mask = mask.expand(P, -1, -1)
+    allowed = mask[pair, local]  # (M, N, 2S)
+    tokens = perm[:, :2 * P * S].reshape(M, P, 2 * S)
+    keys = tokens.gather(1, pair.unsqueeze(-1).expand(M, N, 2 * S))
+    return torch.where(allowed, keys, -1)
+
+
+def random_slots(plan: ClusterPlan,
+                 num_rows: int,
+                 generator: Optional[torch.Generator] = None
+                 ) -> Optional[Tensor]:
+    """Slots of a random balanced partition with FSLA's cluster sizes.
+
+    Args:
+        plan (ClusterPlan): The layout (cluster sizes, padding slots).
+        num_rows (int): ``M``, one independent partition per row.
+        generator (torch.Generator, optional): Source of randomness.
+
+    Returns:
+        Tensor | None: ``(M, slots)`` for :func:`fsla_keys`: every real
+        slot holds a token drawn without replacement (padding slots hold
+        token 0, which the layout never uses); None for a single cluster.
+    """
+    if plan.num_clusters == 1:
+        return None
+    N = plan.num_tokens
+    shuffled = torch.rand(num_rows, N, generator=generator).argsort(dim=1)
+    slots = torch.zeros(num_rows, plan.slot_valid.numel(), dtype=torch.long)
+    slots[:, plan.slot_valid] = shuffled
+    return slots
+
+
+def swin_window_labels(hw_shape: Sequence[int], window_size: int,
+                       shift_size: int) -> Tensor:
+    """Window of every token in (shifted) Swin window attention.
+
+    As :class:`~boat_mm.models.backbones.boat_swin.BOATShiftWindowMSA`:
+    the map is padded at the bottom/right to window multiples, rolled by
+    ``-shift`` (no shift when the shorter side is not longer than the
+    window), cut into windows, and inside a window only tokens of the same
+    region of the rolled map attend to each other.
+
+    Args:
+        hw_shape (Sequence[int]): ``(H, W)``.
+        window_size (int): Window side.
+        shift_size (int): Shift of the block, 0 for plain windows.
+
+    Returns:
+        Tensor: ``(1, N)`` int64 labels; two tokens share a window iff
+        their labels are equal.
+    """
+    H, W = (int(n) for n in hw_shape)
+    ws = window_size
+    shift = shift_size if min(H, W) > ws else 0
+
+    def axis(size: int) -> Tensor:
+        padded = -(-size // ws) * ws
+        rolled = (torch.arange(size) - shift) % padded
+        region = torch.zeros_like(rolled)
+        if shift:
+            region = (rolled >= padded - ws).long() + (rolled >= padded -
+                                                      shift).long()
+        return rolled // ws * 3 + region
+
+    rows, cols = axis(H), axis(W)
+    return (rows[:, None] * (cols.max() + 1) + cols[None, :]).view(1, -1)
+
+
+def stripe_window_labels(hw_shape: Sequence[int],
+                         windows: Sequence[Tuple[int, int]]) -> Tensor:
+    """Window of every token for CSWin-style ``(h_sp, w_sp)`` windows.
+
+    Each window shape tiles the map padded symmetrically (``pad // 2``
+    before), as :class:`~boat_mm.models.utils.LePEStripeAttention` does.
+
+    Args:
+        hw_shape (Sequence[int]): ``(H, W)``.
+        windows (Sequence[tuple[int, int]]): One window shape per branch,
+            e.g. ``[(H, 7), (7, W)]`` for vertical and horizontal stripes.
+
+    Returns:
+        Tensor: ``(len(windows), N)`` labels; a token's window is the union
+        over branches of the tokens sharing its label.
+    """
+    H, W = (int(n) for n in hw_shape)
+    out = []
+    for hs, ws in windows:
+        top, left = (-H % hs) // 2, (-W % ws) // 2
+        rows = (torch.arange(H) + top) // hs
+        cols = (torch.arange(W) + left) // ws
+        out.append((rows[:, None] * (cols.max() + 1) + cols).view(-1))
+    return torch.stack(out)
+
+
+def window_labels(attn: nn.Module, hw_shape: Sequence[int]) -> Tensor:
+    """Window labels of a block's image-space attention module.
+
+    Args:
+        attn (nn.Module): A block's ``attn``: BOAT-Swin's
+            :class:`BOATShiftWindowMSA` or BOAT-CSWin's
+            :class:`CSWinAttention`.
+        hw_shape (Sequence[int]): ``(H, W)``.
+
+    Returns:
+        Tensor: ``(L, N)`` labels, see :func:`window_keys`.
+    """
+    if isinstance(attn, BOATShiftWindowMSA):
+        return swin_window_labels(hw_shape, attn.window_size,
+                                  attn.shift_size)
+    if isinstance(attn, CSWinAttention):
+        return stripe_window_labels(
+            hw_shape, [b.window_shape(hw_shape) for b in attn.branches])
+    raise TypeError(
+        f'No image-space window is known for {type(attn).__name__}; '
+        f'window recall needs BOATShiftWindowMSA (BOAT-Swin) or '
+        f'CSWinAttention (BOAT-CSWin).')
+
+
+def window_keys(labels: Tensor, hw_shape: Sequence[int],
+                num_keys: Tensor) -> Tensor:
+    """Image-space keys of every query, as many as ``num_keys`` says.
+
+    Tokens are ranked per query: those of its window first (a token is in
+    the window when it shares the query's label in any row of ``labels``),
+    then by squared Euclidean distance on the map, then in raster order;
+    the first ``num_keys`` are kept. So the window is cut to the nearest
+    tokens when larger, and completed with the nearest outside it when
+    smaller.
+
+    Args:
+        labels (Tensor): ``(L, N)`` window labels (:func:`window_labels`).
+        hw_shape (Sequence[int]): ``(H, W)``.
+        num_keys (Tensor): ``(M, N)`` int64 keys wanted per query.
+
+    Returns:
+        Tensor: ``(M, N, K)`` int64 keys, ``-1`` padded,
+        ``K = num_keys.max()``.
+    """
+    H, W = (int(n) for n in hw_shape)
+    N = H * W
+    K = int(num_keys.max())
+    r, c = torch.arange(N) // W, torch.arange(N) % W
+    far = (H - 1)**2 + (W - 1)**2 + 1
+    ranked = torch.empty(N, K, dtype=torch.long)
+    step = max(1, _CHUNK_ELEMENTS // N)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        d2 = (r[s:e, None] - r)**2 + (c[s:e, None] - c)**2
+        inside = (labels[:, s:e, None] == labels[:, None, :]).any(0)
+        score = ((~inside).long() * far + d2) * N + torch.arange(N)
+        ranked[s:e] = score.topk(K, dim=1, largest=False).indices
+    keep = torch.arange(K) < num_keys.unsqueeze(-1)
+    return torch.where(keep, ranked.expand(num_keys.shape[0], N, K), -1)
+
+
+# --- Attention. ---
+
+
+def attention_recall(q: Tensor,
+                     k: Tensor,
+                     key_sets: Mapping[str, Tensor],
+                     scale: float,
+                     chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
+    """Share of each query's full softmax attention on given key sets.
+
+    Args:
+        q (Tensor): ``(M, N, d)`` queries.
+        k (Tensor): ``(M, N, d)`` keys.
+        key_sets (Mapping[str, Tensor]): Name to ``(M, N, K)`` int64 keys
+            per query, ``-1`` padded (broadcastable over ``M``).
+        scale (float): Logit scale.
+        chunk_size (int, optional): Queries per chunk; None for about
+            4M probabilities per chunk.
+
+    Returns:
+        dict[str, Tensor]: Name to ``(M, N)`` recall in ``[0, 1]``, in
+        ``q``'s dtype.
+    """
+    M, N, _ = q.shape
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // N)
+    out = {name: q.new_empty(M, N) for name in key_sets}
+    for m in range(M):
+        for s in range(0, N, chunk_size):
+            e = min(N, s + chunk_size)
+            probs = (q[m, s:e] @ k[m].T * scale).softmax(-1)
+            for name, keys in key_sets.items():
+                idx = keys[min(m, keys.shape[0] - 1), s:e]
+                mass = probs.gather(1, idx.clamp(min=0))
+                out[name][m, s:e] = mass.masked_fill(idx < 0, 0).sum(-1)
+    return out
+
+
+def global_attention(q: Tensor, k: Tensor, scale: float,
+                     query: int) -> Tensor:
+    """Full softmax attention of one query: ``(N,)`` from ``(N, d)``."""
+    return (q[query] @ k.T * scale).softmax(-1)
+
+
+def block_recall(record: FSLARecord,
+                 labels: Tensor,
+                 generator: Optional[torch.Generator] = None,
+                 chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
+    """The three recalls of every query of one FSLA record.
+
+    Args:
+        record (FSLARecord): From :func:`capture_fsla`.
+        labels (Tensor): ``(L, N)`` window labels of the block.
+        generator (torch.Generator, optional): For the random partition.
+        chunk_size (int, optional): See :func:`attention_recall`.
+
+    Returns:
+        dict[str, Tensor]: ``cluster``, ``window``, ``random`` recalls and
+        ``keys`` (the key count of each query), each ``(B, heads, N)``.
+    """
+    B, h, N, d = record.q.shape
+    M = B * h
+    q, k = record.q.reshape(M, N, d), record.k.reshape(M, N, d)
+    cluster = fsla_keys(record.perm, record.plan, M)
+    num_keys = (cluster >= 0).sum(-1)
+    key_sets = dict(
+        cluster=cluster,
+        window=window_keys(labels, record.hw_shape, num_keys),
+        random=fsla_keys(
+            random_slots(record.plan, M, generator), record.plan, M))
+    out = attention_recall(q, k, key_sets, record.scale, chunk_size)
+    out['keys'] = num_keys
+    return {name: v.reshape(B, h, N) for name, v in out.items()}

@@ -1,0 +1,93 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""What the tools that run a model on image files share
+(``tools/visualization/vis_clusters.py``,
+``tools/analysis_tools/attention_recall.py``): build the model of an
+mmpretrain, mmseg or mmdet config (chosen by its ``default_scope``) with a
+checkpoint, and the config's test pipeline for one image.
+"""
+import os.path as osp
+from copy import deepcopy
+from typing import List, Optional
+
+from mmengine.config import Config
+from mmengine.dataset import Compose
+from mmengine.logging import print_log
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.runner import load_checkpoint
+
+__all__ = ['SCOPES', 'build_model', 'build_pipeline', 'token_stride']
+
+SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
+
+
+def build_model(cfg: Config,
+                checkpoint: Optional[str] = None,
+                device: str = 'cpu',
+                tool: str = 'This tool'):
+    """Build the config's model in its scope and load ``checkpoint``.
+
+    Args:
+        cfg (Config): An mmpretrain, mmseg or mmdet config.
+        checkpoint (str, optional): Weights; None keeps the random
+            initialisation (and says so).
+        device (str): Device of the model. Defaults to ``'cpu'``.
+        tool (str): Name used in the error messages.
+
+    Returns:
+        nn.Module: The model in eval mode.
+    """
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(
+            f'The config\'s default_scope is {scope!r}; {tool} needs an '
+            f'mmpretrain (classification), mmseg (segmentation) or mmdet '
+            f'(detection) config, with default_scope in {SCOPES}.')
+    init_default_scope(scope)
+    model_cfg = deepcopy(cfg.model)
+    # mmpretrain configs keep it at the top level; the runner merges it.
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = MODELS.build(model_cfg)
+    if checkpoint is None:
+        print_log(
+            'No --checkpoint: the results are those of randomly '
+            'initialised weights.',
+            logger='current')
+    else:
+        if not osp.isfile(checkpoint) and '://' not in checkpoint:
+            raise FileNotFoundError(f'Checkpoint {checkpoint!r} not found.')
+        load_checkpoint(model, checkpoint, map_location='cpu')
+    return model.to(device).eval()
+
+
+def build_pipeline(cfg: Config,
+                   resize: Optional[List[int]] = None,
+                   tool: str = 'This tool') -> Compose:
+    """The config's test pipeline for one image file, without annotations.
+
+    With ``resize=(W, H)`` only its loading and packing transforms are kept,
+    around a plain resize to ``W x H``.
+    """
+    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
+    pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
+    if not pipeline:
+        raise KeyError(
+            f'The config has neither test_dataloader.dataset.pipeline nor '
+            f'test_pipeline; {tool} loads and packs the image with it.')
+    pipeline = [
+        deepcopy(t) for t in pipeline if 'LoadAnnotations' not in t['type']
+    ]
+    if resize is not None:
+        w, h = resize
+        pipeline = [
+            pipeline[0],
+            dict(type='Resize', scale=(w, h), keep_ratio=False), pipeline[-1]
+        ]
+    return Compose(pipeline)
+
+
+def token_stride(backbone, stage: int) -> Optional[int]:
+    """Pixels per token of a stage: stem stride, doubled at each stage."""
+    proj = getattr(getattr(backbone, 'patch_embed', None), 'projection', None)
+    stride = getattr(proj, 'stride', None)
+    return int(stride[0]) * 2**stage if stride else None
