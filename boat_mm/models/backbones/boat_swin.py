@@ -5,142 +5,16 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import PatchEmbed, PatchMerging
 from mmengine.model import BaseModule, ModuleList
-from mmpretrain.models.utils.attention import ShiftWindowMSA
 from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from ..utils.window_attn import BOATShiftWindowMSA
 from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
-__all__ = [
-    'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA',
-    'swin_merge_order'
-]
-
-
-class BOATShiftWindowMSA(ShiftWindowMSA):
-    """(Shifted) window attention with relative position bias, any map size.
-
-    mmpretrain's :class:`ShiftWindowMSA` (and its ``WindowMSA``, so the
-    parameters are ``w_msa.{qkv,proj,relative_position_bias_table}``) with
-    two changes to its size handling:
-
-    - As in the original Swin/BOAT-Swin, the shift is off when the shorter
-      side of the map is not longer than the window (e.g. the 7x7 last stage
-      at 224 pixels), so the published classifiers are reproduced exactly.
-      Smaller maps are padded instead of shrinking the window, so any input
-      size works with the trained position-bias table.
-    - The map is padded at the bottom/right to window multiples and cropped
-      back, like mmseg's Swin, but the padded tokens are masked: they are
-      never keys of real tokens, so a real token's output does not depend
-      on how much padding its window got.
-
-    The ``relative_position_index`` buffer is not saved in state dicts (it
-    is derived from the window size).
-
-    Args:
-        embed_dims (int): Channels.
-        num_heads (int): Heads.
-        window_size (int): Window side.
-        shift_size (int): Shift of the shifted-window blocks, 0 for plain
-            window attention. Defaults to 0.
-        dropout_layer (dict): Applied to the output (stochastic depth).
-        init_cfg (dict, optional): Initialisation config.
-        **kwargs: ``qkv_bias``, ``qk_scale``, ``attn_drop``, ``proj_drop``
-            of :class:`mmpretrain.models.utils.WindowMSA`.
-    """
-
-    def __init__(self,
-                 embed_dims: int,
-                 num_heads: int,
-                 window_size: int,
-                 shift_size: int = 0,
-                 dropout_layer: dict = dict(type='DropPath', drop_prob=0.),
-                 init_cfg: Optional[dict] = None,
-                 **kwargs) -> None:
-        super().__init__(
-            embed_dims,
-            num_heads,
-            window_size,
-            shift_size=shift_size,
-            dropout_layer=dropout_layer,
-            init_cfg=init_cfg,
-            **kwargs)
-        # Keep the index out of checkpoints: it is derived, not learnt.
-        self.w_msa.register_buffer(
-            'relative_position_index',
-            self.w_msa.relative_position_index,
-            persistent=False)
-
-    @staticmethod
-    def _window_mask(hw_shape: Tuple[int, int], pad_shape: Tuple[int, int],
-                     window_size: int, shift_size: int,
-                     device: torch.device) -> Optional[Tensor]:
-        """Additive ``(num_windows, ws*ws, ws*ws)`` mask, None if not needed.
-
-        Tokens may attend each other only if they lie in the same region of
-        the rolled map (Swin's shift mask) and are both real or both padding.
-        """
-        H, W = hw_shape
-        Hp, Wp = pad_shape
-        if not shift_size and (H, W) == (Hp, Wp):
-            return None
-        ws, s = window_size, shift_size
-
-        def regions(size: int) -> Tensor:
-            # Swin's slices [0, size-ws), [size-ws, size-s), [size-s, size).
-            idx = torch.arange(size, device=device)
-            if not s:
-                return torch.zeros_like(idx)
-            return (idx >= size - ws).long() + (idx >= size - s).long()
-
-        def padded(size: int, real: int) -> Tensor:
-            # Padding flags in rolled coordinates (roll by -s).
-            flags = torch.arange(size, device=device) >= real
-            return torch.roll(flags, -s) if s else flags
-
-        region = regions(Hp)[:, None] * 3 + regions(Wp)[None, :]
-        pad = padded(Hp, H)[:, None] | padded(Wp, W)[None, :]
-        label = (region * 2 + pad.long()).float()
-        windows = ShiftWindowMSA.window_partition(label[None, :, :, None],
-                                                  ws).view(-1, ws * ws)
-        diff = windows[:, None, :] - windows[:, :, None]
-        return diff.ne(0).float() * -100.
-
-    def forward(self, query: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, H*W, C)`` tokens of an ``(H, W)`` map."""
-        B, L, C = query.shape
-        H, W = hw_shape
-        if L != H * W:
-            raise ValueError(f'{L} tokens do not match the map shape '
-                             f'{tuple(hw_shape)}.')
-        ws = self.window_size
-        # As the original: one window spans the shorter side -> no shift.
-        shift = self.shift_size if min(H, W) > ws else 0
-        pad_b, pad_r = -H % ws, -W % ws
-        x = query.view(B, H, W, C)
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        mask = self._window_mask((H, W), (Hp, Wp), ws, shift, query.device)
-        if mask is not None:
-            mask = mask.to(query.dtype)  # -100 fits half precision too
-        windows = self.window_partition(x, ws).view(-1, ws * ws, C)
-        windows = self.w_msa(windows, mask=mask)
-        # Not mmpretrain's window_reverse: its batch size int(n / float)
-        # becomes a constant under torch.export (a dynamic-batch ONNX file
-        # then mixes samples for other batch sizes).
-        x = windows.view(B, Hp // ws, Wp // ws, ws, ws, C)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        x = x[:, :H, :W].reshape(B, H * W, C)
-        return self.drop(x)
+__all__ = ['BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'swin_merge_order']
 
 
 class BOATSwinBlock(BaseBOATBlock):

@@ -13,7 +13,7 @@ from mmengine.registry import DefaultScope
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATSwin
-from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
+from boat_mm.models.utils import BOATShiftWindowMSA
 
 TINY = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 # Narrower still, for the large inputs.
