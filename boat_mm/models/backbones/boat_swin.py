@@ -1,6 +1,5 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
-from types import ModuleType
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,11 +9,15 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 
 from boat_mm.registry import MODELS
-from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from ..utils.ckpt_convert import (PublishedLayout, add_module_keys,
+                                  blocks_per_stage)
 from ..utils.window_attn import BOATShiftWindowMSA
 from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
-__all__ = ['BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'swin_merge_order']
+__all__ = [
+    'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATSwinPublished',
+    'swin_merge_order'
+]
 
 
 class BOATSwinBlock(BaseBOATBlock):
@@ -73,7 +76,8 @@ class BOATSwinStage(BaseModule):
         num_heads (int): Heads per block.
         drop_path_rates (Sequence[float]): One rate per block.
         fsla_blocks (Sequence[bool]): Whether each block has FSLA.
-        downsample (bool): End with mmcv's ``PatchMerging`` (2x2 -> 2C).
+        downsample_dims (int, optional): End with mmcv's ``PatchMerging``
+            of 2x2 neighbours to this many channels; None: no merging.
         block_cfg (dict): Remaining :class:`BOATSwinBlock` arguments.
         init_cfg (dict, optional): Initialisation config.
     """
@@ -84,7 +88,7 @@ class BOATSwinStage(BaseModule):
                  num_heads: int,
                  drop_path_rates: Sequence[float],
                  fsla_blocks: Sequence[bool],
-                 downsample: bool,
+                 downsample_dims: Optional[int],
                  block_cfg: dict,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -97,10 +101,10 @@ class BOATSwinStage(BaseModule):
                 drop_path_rate=drop_path_rates[i],
                 **block_cfg) for i in range(depth)
         ])
-        if downsample:
+        if downsample_dims is not None:
             self.downsample = PatchMerging(
                 in_channels=embed_dims,
-                out_channels=2 * embed_dims,
+                out_channels=downsample_dims,
                 norm_cfg=block_cfg.get('norm_cfg', dict(type='LN')),
                 bias=False)
         else:
@@ -193,23 +197,19 @@ class BOATSwin(BaseBOATBackbone):
         [(1, 24, 16, 20), (1, 48, 8, 10), (1, 96, 4, 5), (1, 192, 2, 3)]
     """
     family = 'swin'
-    published_name = 'BOAT-Swin'
-    published_marker = 'layers.'
-    published_stem = ('patch_embed.proj', 'patch_embed.norm')
-    published_code = ('BOAT-Swin', 'models/boat_swin_transformer.py')
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': 96,
+            'embed_dims': [96, 192, 384, 768],
             'depths': [2, 2, 6, 2],
             'num_heads': [3, 6, 12, 24]
         }),
         **dict.fromkeys(['s', 'small'], {
-            'embed_dims': 96,
+            'embed_dims': [96, 192, 384, 768],
             'depths': [2, 2, 18, 2],
             'num_heads': [3, 6, 12, 24]
         }),
         **dict.fromkeys(['b', 'base'], {
-            'embed_dims': 128,
+            'embed_dims': [128, 256, 512, 1024],
             'depths': [2, 2, 18, 2],
             'num_heads': [4, 8, 16, 32]
         }),
@@ -231,7 +231,7 @@ class BOATSwin(BaseBOATBackbone):
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
-            embed_dims=self.embed_dims,
+            embed_dims=self.num_features[0],
             conv_type='Conv2d',
             kernel_size=patch_size,
             stride=patch_size,
@@ -249,7 +249,8 @@ class BOATSwin(BaseBOATBackbone):
                     self.with_fsla and self.has_fsla(i, j, self.num_stages)
                     for j in range(depth)
                 ],
-                downsample=i < self.num_stages - 1,
+                downsample_dims=self.num_features[i + 1]
+                if i < self.num_stages - 1 else None,
                 block_cfg=block_cfg) for i, depth in enumerate(self.depths)
         ])
         self._add_output_norms()
@@ -259,23 +260,20 @@ class BOATSwin(BaseBOATBackbone):
         """FSLA in the shifted (odd) blocks of all stages but the last."""
         return block % 2 == 1 and stage < num_stages - 1
 
-    def _parse_arch(self, arch: Union[str, dict]) -> Dict:
-        settings = super()._parse_arch(arch)
-        for i, heads in enumerate(settings['num_heads']):
-            dims = settings['embed_dims'] * 2**i
-            if dims % heads:
-                raise ValueError(
-                    f'BOATSwin arch: stage {i} has {dims} channels, not '
-                    f'divisible by its {heads} heads.')
-        return settings
-
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x, hw_shape = self.patch_embed(x)
         return self.drop_after_pos(x), hw_shape
 
-    # --- The published checkpoints (BOAT-Swin/models/
-    # boat_swin_transformer.py: weights under ``model``). ---
 
+class BOATSwinPublished(PublishedLayout):
+    """The published BOAT-Swin checkpoints (``BOAT-Swin/models/
+    boat_swin_transformer.py`` of the public code, weights under
+    ``model``); plain Swin files (no ``attnC``) too.
+
+    Blocks are ``layers.{i}.blocks.{j}``, merges ``layers.{i}.downsample``
+    (after stage ``i``), whose 2x2 features are ordered as Swin's
+    ``PatchMerging`` concatenates them (see :func:`swin_merge_order`).
+    """
     _BLOCK_KEY = r'layers\.(\d+)\.blocks\.(\d+)\.'
     # Published block module -> ours; the FSLA ones (attnC, norm4) only in
     # the blocks that have FSLA.
@@ -287,33 +285,35 @@ class BOATSwin(BaseBOATBackbone):
                      ('attnC.proj', 'fsla.proj'),
                      ('attnC.get_v', 'fsla.get_v'))
 
-    @classmethod
-    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+    def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-Swin (or plain Swin) checkpoint.
 
         Returns:
             dict: ``arch`` ('tiny', 'small', 'base', or None for other
-            settings), ``embed_dims``, ``depths``, ``num_heads`` (from the
-            position-bias tables), ``window_size``, ``patch_size``,
-            ``in_channels``, ``with_fsla`` and ``num_classes`` (None
-            without a head).
+            settings), ``embed_dims`` (per stage, from the blocks' norms),
+            ``depths``, ``num_heads`` (from the position-bias tables),
+            ``window_size``, ``patch_size``, ``in_channels``,
+            ``with_fsla`` and ``num_classes`` (None without a head).
         """
         stem = 'patch_embed.proj.weight'
         if stem not in state_dict:
             raise KeyError(f'Not a BOAT-Swin checkpoint: {stem!r} is '
                            f'missing; first keys: {list(state_dict)[:5]}.')
-        blocks = blocks_per_stage(state_dict, cls._BLOCK_KEY)
+        blocks = blocks_per_stage(state_dict, self._BLOCK_KEY)
         num_layers = max(blocks, default=-1) + 1
         if not num_layers or len(blocks) != num_layers:
             raise KeyError(f'BOAT-Swin checkpoint without blocks for some '
                            f'stage: blocks per stage {blocks}.')
-        heads, window = [], 0
+        widths, heads, window = [], [], 0
         for s in range(num_layers):
+            block = f'layers.{s}.blocks.0'
             table = state_dict.get(
-                f'layers.{s}.blocks.0.attn.relative_position_bias_table')
-            if table is None:
-                raise KeyError(f'BOAT-Swin checkpoint without the position-'
-                               f'bias table of stage {s}.')
+                f'{block}.attn.relative_position_bias_table')
+            norm = state_dict.get(f'{block}.norm1.weight')
+            if table is None or norm is None:
+                raise KeyError(f'BOAT-Swin checkpoint without the norm1 or '
+                               f'the position-bias table of {block}.')
+            widths.append(int(norm.shape[0]))
             heads.append(int(table.shape[1]))
             # (2 * window - 1) ** 2 rows.
             window = (int(round(table.shape[0]**0.5)) + 1) // 2
@@ -321,11 +321,9 @@ class BOATSwin(BaseBOATBackbone):
         head = state_dict.get('head.weight')
         depths = tuple(blocks[s] for s in range(num_layers))
         return dict(
-            arch=cls.zoo_name(
-                embed_dims=int(embed.shape[0]),
-                depths=depths,
-                num_heads=heads),
-            embed_dims=int(embed.shape[0]),
+            arch=self.backbone.zoo_name(
+                embed_dims=widths, depths=depths, num_heads=heads),
+            embed_dims=widths,
             depths=depths,
             num_heads=tuple(heads),
             window_size=window,
@@ -334,31 +332,29 @@ class BOATSwin(BaseBOATBackbone):
             with_fsla=any('.attnC.' in k for k in state_dict),
             num_classes=None if head is None else int(head.shape[0]))
 
-    @classmethod
-    def published_backbone_cfg(cls, info: dict) -> dict:
+    def backbone_cfg(self, info: dict) -> dict:
         custom = dict(
-            embed_dims=info['embed_dims'],
+            embed_dims=list(info['embed_dims']),
             depths=list(info['depths']),
             num_heads=list(info['num_heads']))
-        cfg = super().published_backbone_cfg(info)
+        cfg = super().backbone_cfg(info)
         cfg.update(
             arch=info['arch'] or custom,
             patch_size=info['patch_size'],
             window_size=info['window_size'])
         return cfg
 
-    @classmethod
-    def _add_published_stage_keys(cls, names: Dict[str, str],
-                                  stage: int, info: dict) -> None:
+    def add_stage_keys(self, names: Dict[str, str], stage: int,
+                       info: dict) -> None:
         num = len(info['depths'])
         for i in range(info['depths'][stage]):
             src = f'layers.{stage}.blocks.{i}'
             dst = f'backbone.stages.{stage}.blocks.{i}'
             names[f'{src}.attn.relative_position_bias_table'] = \
                 f'{dst}.attn.w_msa.relative_position_bias_table'
-            modules = cls._BLOCK_MODULES
-            if info['with_fsla'] and cls.has_fsla(stage, i, num):
-                modules += cls._FSLA_MODULES
+            modules = self._BLOCK_MODULES
+            if info['with_fsla'] and self.backbone.has_fsla(stage, i, num):
+                modules += self._FSLA_MODULES
             for a, b in modules:
                 add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
         if stage < num - 1:
@@ -368,28 +364,16 @@ class BOATSwin(BaseBOATBackbone):
             add_module_keys(names, f'{src}.reduction', f'{dst}.reduction',
                             ('weight', ))
 
-    @classmethod
-    def build_published_model(cls, module: ModuleType,
-                              arch: str) -> nn.Module:
-        return module.SwinTransformer(
-            img_size=224,
-            window_size=7,
-            drop_path_rate=0.,
-            embed_dim=cls.arch_zoo[arch]['embed_dims'],
-            depths=cls.arch_zoo[arch]['depths'],
-            num_heads=cls.arch_zoo[arch]['num_heads'])
-
-    @classmethod
-    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
-                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """The logits."""
-        return {'logits': (ref(x), ours(x, mode='tensor'))}
-
-    @classmethod
-    def _published_value(cls, key: str, value: Tensor) -> Tensor:
+    def fix_value(self, key: str, value: Tensor) -> Tensor:
         # mmcv's PatchMerging orders the 2x2 features differently.
         if key.endswith('.downsample.reduction.weight'):
             return value[:, swin_merge_order(value.shape[1])]
         if '.downsample.norm.' in key:
             return value[swin_merge_order(value.shape[0])]
         return value
+
+
+BOATSwin.published = BOATSwinPublished(
+    BOATSwin, 'BOAT-Swin', marker='layers.',
+    stem=('patch_embed.proj', 'patch_embed.norm'),
+    code=('BOAT-Swin', 'models/boat_swin_transformer.py'))

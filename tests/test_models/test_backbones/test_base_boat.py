@@ -88,7 +88,7 @@ def test_pretrained_published_file_names_the_converter(
     msg = str(err.value)
     assert CONVERTER in msg
     assert f'matches 0 of the {len(model.state_dict())} weights' in msg
-    assert f'laid out like a published {family.published_name}' in msg
+    assert f'laid out like a published {family.published.name}' in msg
     if prefix:
         assert "no keys under 'backbone.'" in msg
 
