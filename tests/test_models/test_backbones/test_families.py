@@ -4,7 +4,7 @@ registered family and on a toy third one defined here.
 
 The toy family (``BOATToy``) is what a new family writes in its own file:
 an ``arch_zoo`` whose widths do not double (48, 96, 160, 256), where FSLA
-sits (the first block of every stage), its blocks and stages, and the
+sits (the first block of every stage), its stem and stages, and the
 layout of its (imaginary) published checkpoints beside the class, with a
 value fix (position-bias tables stored transposed). Nothing else in
 boat_mm or the tools names it, yet it builds, runs at an odd size,
@@ -27,8 +27,7 @@ import boat_mm  # noqa: F401
 from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
                                       convert_boat_checkpoint)
 from boat_mm.models.backbones import base_boat
-from boat_mm.models.backbones.base_boat import BaseBOATBlock
-from boat_mm.models.utils import BOATShiftWindowMSA
+from boat_mm.models.backbones.boat_swin import BOATSwinBlock
 from boat_mm.models.utils.ckpt_convert import (PublishedLayout,
                                                add_module_keys,
                                                blocks_per_stage)
@@ -37,32 +36,10 @@ from boat_tools.complexity import get_model_complexity
 # --- The toy family, as a family file would define it. ---
 
 
-class ToyBlock(BaseBOATBlock):
-    """Window attention, optional FSLA, FFN; DropPath on the attention and
-    the FFN residual."""
-
-    def __init__(self, embed_dims: int, num_heads: int, **kwargs) -> None:
-        super().__init__(
-            embed_dims, num_heads, attn_cfg=dict(window_size=4), **kwargs)
-
-    def _build_attention(self, embed_dims, num_heads, window_size, **kwargs):
-        return BOATShiftWindowMSA(
-            embed_dims,
-            num_heads,
-            window_size,
-            dropout_layer=self.drop_path_cfg,
-            **kwargs)
-
-    def _residuals(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        x = x + self.attn(self.norm1(x), hw_shape)
-        if self.with_fsla:
-            x = x + self.fsla(self.norm_fsla(x), hw_shape)
-        return self.ffn(self.norm2(x), identity=x)
-
-
 class ToyStage(BaseModule):
     """A stride-2 conv from the previous width (all but the first stage),
-    then the blocks."""
+    then BOAT-Swin's blocks (4x4 windows, none shifted): a family may
+    reuse another's blocks."""
 
     def __init__(self, in_dims: int, dims: int, depth: int, heads: int,
                  downsample: bool, rates: Sequence[float],
@@ -76,9 +53,10 @@ class ToyStage(BaseModule):
             padding=1,
             norm_cfg=block_cfg['norm_cfg']) if downsample else None
         self.blocks = ModuleList([
-            ToyBlock(
+            BOATSwinBlock(
                 dims,
                 heads,
+                window_size=4,
                 with_fsla=fsla_blocks[j],
                 drop_path_rate=rates[j],
                 **block_cfg) for j in range(depth)
