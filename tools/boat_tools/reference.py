@@ -113,7 +113,7 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
     """
     codes = {
         f.family: f.published.code
-        for f in boat_families() if f.published is not None
+        for f in boat_families() if f.published and f.published.code
     }
     if family not in codes:
         raise KeyError(f'unknown BOAT family {family!r}; registered: '
