@@ -41,14 +41,11 @@ def _digest(t: torch.Tensor) -> str:
 
 def _published_key_map(family, arch: str) -> Dict[str, str]:
     """Published key -> our key of the published ``arch`` with FSLA."""
-    info = dict(
-        depths=list(family.arch_zoo[arch]['depths']),
-        with_fsla=True,
-        num_classes=None)
-    layout = getattr(family, 'published', None)
-    if layout is None:  # the API before the layouts moved (baseline run)
-        return family.published_key_map(info)
-    return layout.key_map(info)
+    return family.published.key_map(
+        dict(
+            depths=list(family.arch_zoo[arch]['depths']),
+            with_fsla=True,
+            num_classes=None))
 
 
 def fingerprint(family, arch: str) -> dict:

@@ -5,9 +5,11 @@ import torch.nn as nn
 from mmengine.registry import DefaultScope, init_default_scope
 
 import boat_mm  # noqa: F401
+from boat_mm.models import boat_families
 from boat_mm.registry import MODELS
 
-BOAT_NAMES = ['BOATSwin', 'BOATCSWin', 'FeatureSpaceLocalAttention']
+FAMILY_NAMES = [f.__name__ for f in boat_families()]
+BOAT_NAMES = FAMILY_NAMES + ['FeatureSpaceLocalAttention']
 
 
 def _child_registries():
@@ -47,7 +49,7 @@ def test_boat_modules_build_in_both_scopes(scope):
     fsla = registry.build(
         dict(type='FeatureSpaceLocalAttention', embed_dims=8, num_heads=2))
     assert fsla.num_heads == 2
-    for name in ('BOATSwin', 'BOATCSWin'):
+    for name in FAMILY_NAMES:
         assert registry.get(name) is MODELS.get(name)
 
 

@@ -41,8 +41,9 @@ defined in :mod:`boat_mm.ops._library`):
   (``boat_mm/ops/csrc/clustering.cpp``, built by ``pip install -e .``),
   which splits each node in one pass over its tokens per k-means step
   while they are in cache, instead of six memory-bound matmul passes per
-  level; 3-7x faster on the CPU. The same arithmetic, with sums in another
-  order: float64 gives identical clusters, float32 agrees up to near-ties.
+  level (faster on the CPU, see docs/benchmarks.md). The same arithmetic,
+  with sums in another order: float64 gives identical clusters, float32
+  agrees up to near-ties.
 * ``'triton'``: the Triton kernels (``boat_mm/ops/triton/clustering.py``)
   for CUDA tensors (or CPU tensors in Triton's interpreter,
   ``TRITON_INTERPRET=1``), one launch per level and no global sort;

@@ -355,6 +355,9 @@ COVERAGE: Dict[str, object] = {
                           'requirements/'),
     'benchmarks/fsla.py': NotRun('a benchmark (minutes; never a test)'),
     'benchmarks/backbone.py': NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/import_time.py': NotRun(
+        'a benchmark (fresh interpreters; tests/test_import.py checks the '
+        'packages it flags)'),
     'benchmarks/onnx_export.py': NotRun(
         'a benchmark (minutes; never a test)'),
     'benchmarks/cpu_divergence.py': NotRun(

@@ -112,7 +112,9 @@ def test_cli_output(converted):
     ckpt = torch.load(dst, map_location='cpu', weights_only=True)
     assert set(ckpt) == {'state_dict', 'meta'}
     assert ckpt['meta']['family'] == 'swin'
-    assert ckpt['meta']['backbone']['arch'] == ARCH
+    # The widths of every stage, as read from the file.
+    assert ckpt['meta']['backbone']['arch'] == dict(
+        ARCH, embed_dims=[EMBED * 2**i for i in range(len(DEPTHS))])
     keys = list(ckpt['state_dict'])
     assert all(k.startswith(('backbone.', 'head.fc.')) for k in keys)
     assert not any('relative_position_index' in k or 'attn_mask' in k

@@ -111,7 +111,7 @@ def test_cswin_converter_inverts_on_every_key(with_fsla):
     model = classifier(
         dict(type='BOATCSWin', arch=arch, with_fsla=with_fsla), 7, 128)
     ours = distinct_state(model)
-    converted = BOATCSWin.convert_published(cswin_to_original(ours))
+    converted = BOATCSWin.published.convert(cswin_to_original(ours))
     assert set(converted) == set(ours)
     for key, value in ours.items():
         assert torch.equal(converted[key], value), key

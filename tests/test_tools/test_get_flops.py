@@ -14,8 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import boat_mm  # noqa: F401
-from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
-from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
+from boat_mm.models.utils import (BOATShiftWindowMSA, CSWinAttention,
+                                  FeatureSpaceLocalAttention)
 from boat_tools.complexity import (MAC_OPERATORS, get_model_complexity,
                                    sdpa_macs)
 from boat_tools.metafile import published_complexity

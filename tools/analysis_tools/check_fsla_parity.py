@@ -35,18 +35,21 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.reference import (  # noqa: E402
-    cuda_calls_stay_put, import_public_module)
+    PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
 
 
 def fsla_cases(family: Type[BaseBOATBackbone]) -> List[Tuple[int, int, int]]:
     """``(side, embed_dims, num_heads)`` of the FSLA inputs of stages 1-3
     of the family's tiny model at 224x224 (stride 4, then halving)."""
     tiny = family.arch_zoo['tiny']
-    return [(224 // 2**(i + 2), tiny['embed_dims'] * 2**i,
-             tiny['num_heads'][i]) for i in range(3)]
+    return [(224 // 2**(i + 2), tiny['embed_dims'][i], tiny['num_heads'][i])
+            for i in range(3)]
 
 
-FAMILIES = {f.family: f for f in boat_families()}
+FAMILIES = {
+    f.family: f
+    for f in boat_families() if f.family in PUBLIC_MODELS
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -131,7 +134,7 @@ def main() -> None:
         # Our FSLA's default scale (None: head_dim ** -0.5) and the
         # original's argument.
         our_scale = FAMILIES[family].fsla_qk_scale
-        ref_scale = FAMILIES[family].published_fsla_qk_scale
+        ref_scale = PUBLIC_MODELS[family].fsla_qk_scale
         ref_cls = load_content_attention(args.ref_repo, family)
         for side, dims, heads in fsla_cases(FAMILIES[family]):
             for dtype in dtypes:

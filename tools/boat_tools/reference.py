@@ -3,9 +3,12 @@
 benchmarks, checkpoint verification); never used by the models.
 
 The public code (github.com/mahaoyuHKU/pytorch-boat) is not a package: its
-model files are imported from a checkout by path, and they call
-``Tensor.cuda()`` unconditionally, which :func:`cuda_calls_stay_put`
-neutralises so they run on the CPU.
+model files are imported from a checkout by path (the family's
+``published.code``), and they call ``Tensor.cuda()`` unconditionally,
+which :func:`cuda_calls_stay_put` neutralises so they run on the CPU. How
+to build each family's published classifier, what it computes alike with
+ours and how it builds its FSLA is :data:`PUBLIC_MODELS`: knowledge of
+that code, kept here with the loader rather than in the backbones.
 """
 import contextlib
 import importlib.util
@@ -13,13 +16,87 @@ import os.path as osp
 import sys
 import warnings
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
+from torch import Tensor, nn
 
-from boat_mm.models.backbones import boat_families
+from boat_mm.models.backbones import BOATCSWin, BOATSwin, boat_families
 
-__all__ = ['import_public_module', 'cuda_calls_stay_put']
+__all__ = [
+    'import_public_module', 'cuda_calls_stay_put', 'PublicModel',
+    'PUBLIC_MODELS'
+]
+
+Outputs = Dict[str, Tuple[Tensor, Tensor]]
+
+
+class PublicModel(NamedTuple):
+    """What the parity tools run of a family's public code.
+
+    Attributes:
+        build (Callable): ``(module, arch) -> nn.Module``: the published
+            classifier of ``arch`` (a zoo name) at 224 pixels without
+            stochastic depth, from the model module of the public code.
+        outputs (Callable): ``(ref, ours, x) -> {name: (theirs, ours)}``:
+            what the published classifier ``ref`` and our classifier
+            ``ours`` (same weights) compute alike on images ``x``.
+        fsla_qk_scale (float | bool | None): The ``qk_scale`` the public
+            code passes to its FSLA (``ContentAttention``).
+    """
+    build: Callable[[ModuleType, str], nn.Module]
+    outputs: Callable[[nn.Module, nn.Module, Tensor], Outputs]
+    fsla_qk_scale: Optional[float]
+
+
+def _build_swin(module: ModuleType, arch: str) -> nn.Module:
+    zoo = BOATSwin.arch_zoo[arch]
+    return module.SwinTransformer(
+        img_size=224,
+        window_size=7,
+        drop_path_rate=0.,
+        embed_dim=zoo['embed_dims'][0],
+        depths=zoo['depths'],
+        num_heads=zoo['num_heads'])
+
+
+def _logits(ref: nn.Module, ours: nn.Module, x: Tensor) -> Outputs:
+    """The logits."""
+    return {'logits': (ref(x), ours(x, mode='tensor'))}
+
+
+def _build_cswin(module: ModuleType, arch: str) -> nn.Module:
+    zoo = BOATCSWin.arch_zoo[arch]
+    depths = ''.join(map(str, zoo['depths']))
+    name = f'CSWin_{zoo["embed_dims"][0]}_{depths}_{arch}_224'
+    return getattr(module, name)(drop_path_rate=0.)
+
+
+def _cswin_stage_tokens(ref: nn.Module, ours: nn.Module,
+                        x: Tensor) -> Outputs:
+    """The tokens after stages 1-3. Stage 4 is a single FSLA cluster at
+    224, where the original pairs different images of the batch (and
+    crashes for batch 1); boat-mm attends within each image by design, so
+    stage 4 and the logits differ."""
+    feats = ours.backbone.forward_stages(x)
+    out = {}
+    tokens = ref.stage1_conv_embed(x)
+    for i in range(3):
+        if i:
+            tokens = getattr(ref, f'merge{i}')(tokens)
+        for blk in getattr(ref, f'stage{i + 1}'):
+            tokens = blk(tokens)
+        out[f'stage{i + 1}'] = (tokens, feats[i].flatten(2).transpose(1, 2))
+    return out
+
+
+#: Family name -> how its public code is run.
+PUBLIC_MODELS: Dict[str, PublicModel] = {
+    BOATSwin.family: PublicModel(_build_swin, _logits, None),
+    # The original builds its FSLA (ContentAttention) with qk_scale=True,
+    # i.e. a logit scale of 1.0.
+    BOATCSWin.family: PublicModel(_build_cswin, _cswin_stage_tokens, True),
+}
 
 
 def import_public_module(ref_repo: str, family: str) -> ModuleType:
@@ -29,12 +106,15 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
         ref_repo (str): Root of a pytorch-boat checkout (e.g. extracted with
             ``git archive HEAD | tar -x -C DIR``).
         family (str): A registered family's ``family`` name (``'swin'``,
-            ``'cswin'``); its ``published_code`` names the model file.
+            ``'cswin'``); its ``published.code`` names the model file.
 
     Returns:
         ModuleType: The module (imported once, then cached).
     """
-    codes = {f.family: f.published_code for f in boat_families()}
+    codes = {
+        f.family: f.published.code
+        for f in boat_families() if f.published and f.published.code
+    }
     if family not in codes:
         raise KeyError(f'unknown BOAT family {family!r}; registered: '
                        f'{sorted(codes)}')

@@ -5,7 +5,7 @@ Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
 (``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
 (each registered BOAT backbone recognises its published layout) and the
 architecture from its keys and shapes, converts the weights with the
-family's ``convert_published``, checks that they load with
+family's ``published.convert``, checks that they load with
 ``strict=True`` into the matching boat-mm ``ImageClassifier``
 (``out_indices=(3, )``, ``GlobalAveragePooling``, ``LinearClsHead``) and
 writes ``{'state_dict': ..., 'meta': ...}``. Load the result in a
@@ -122,8 +122,8 @@ def detect_arch(family: Family, weights: Dict[str, Tensor]) -> Dict:
         (zoo name or 'custom'), ``num_classes`` and ``in_channels`` (the
         head's input width).
     """
-    info = family.detect_published(weights)
-    backbone = family.published_backbone_cfg(info)
+    info = family.published.detect(weights)
+    backbone = family.published.backbone_cfg(info)
     if info['num_classes'] is None:
         raise KeyError('The checkpoint has no classifier head (head.weight); '
                        'boat2mm converts the published classifiers.')
@@ -131,7 +131,7 @@ def detect_arch(family: Family, weights: Dict[str, Tensor]) -> Dict:
         backbone=backbone,
         arch_name=info['arch'] or 'custom',
         num_classes=info['num_classes'],
-        in_channels=info['embed_dims'] * 2**(len(info['depths']) - 1))
+        in_channels=info['embed_dims'][-1])
 
 
 def build_classifier(family: Family, info: Dict) -> torch.nn.Module:
@@ -180,9 +180,9 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
                         f'of weights.')
     source_key, weights = pick_boat_weights(ckpt, use_ema)
     family = detect_boat_family(weights)
-    converted = family.convert_published(weights)
+    converted = family.published.convert(weights)
     info = detect_arch(family, weights)
-    name = family.published_name
+    name = family.published.name
     details = [f'{info["num_classes"]} classes']
     if info['arch_name'] == 'custom':
         details.insert(0, str(info['backbone']['arch']))
@@ -221,7 +221,8 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    names = ' / '.join(f.published_name for f in boat_families())
+    names = ' / '.join(f.published.name for f in boat_families()
+                       if f.published is not None)
     parser = argparse.ArgumentParser(
         description=f'Convert a published {names} checkpoint to an '
         'mmpretrain classifier checkpoint for boat-mm.')

@@ -6,7 +6,7 @@ Imports the original model code from a clone of the public implementation
 is part of boat-mm; needs ``timm`` and ``einops``), runs it on the CPU with
 its hard-coded ``.cuda()`` calls neutralised, converts its weights with
 boat-mm's converter (the one ``boat2mm.py`` uses) and compares at 224x224,
-batch 1 and 2, what the family's ``published_outputs`` names (BOAT-Swin:
+batch 1 and 2, what ``boat_tools.reference.PUBLIC_MODELS`` names (BOAT-Swin:
 the logits; BOAT-CSWin: the features after stages 1-3, as the original
 pairs different images of the batch in the single FSLA cluster of stage
 4).
@@ -47,7 +47,7 @@ from boat_mm.models.utils.ckpt_convert import pick_boat_weights  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.reference import (  # noqa: E402
-    cuda_calls_stay_put, import_public_module)
+    PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
 
 Family = Type[BaseBOATBackbone]
 FAMILIES: Dict[str, Family] = {f.family: f for f in boat_families()}
@@ -60,7 +60,7 @@ def build_reference(module, family: Union[str, Family],
         family = FAMILIES[family]
     with cuda_calls_stay_put(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        model = family.build_published_model(module, arch)
+        model = PUBLIC_MODELS[family.family].build(module, arch)
     return model.eval()
 
 
@@ -80,13 +80,13 @@ def verify(family: Family,
            seed: int = 0,
            dtype: torch.dtype = torch.float32) -> Dict[str, float]:
     """Convert ``ref``'s weights, build boat-mm's classifier, compare what
-    the family says both compute alike (``published_outputs``).
+    the family's public code computes alike (``PUBLIC_MODELS``).
 
     Returns:
         dict: ``'<output> b<batch>'`` -> max abs difference.
     """
     weights = {k: v for k, v in ref.state_dict().items()}
-    converted = family.convert_published(weights)
+    converted = family.published.convert(weights)
     ours = build_classifier(family, detect_arch(family, weights)).eval()
     check_loads(ours, converted)
     ref = ref.to(dtype)
@@ -96,7 +96,7 @@ def verify(family: Family,
     for batch in batches:
         x = torch.randn(batch, 3, 224, 224, generator=gen).to(dtype)
         with torch.no_grad(), cuda_calls_stay_put():
-            pairs = family.published_outputs(ref, ours, x)
+            pairs = PUBLIC_MODELS[family.family].outputs(ref, ours, x)
         for name, (theirs, mine) in pairs.items():
             results[f'{name} b{batch}'] = (theirs - mine).abs().max().item()
     ref.float()
@@ -112,7 +112,7 @@ def _report(title: str, results: Dict[str, float]) -> float:
 def run_case(family: Family, arch: str, ref: nn.Module, tol: float,
              seed: int, double: bool) -> bool:
     """Compare one model, in float32 then (if needed) float64."""
-    title = f'{family.published_name}-{arch}'
+    title = f'{family.published.name}-{arch}'
     dtypes = [torch.float64] if double else [torch.float32]
     worst = _report(f'{title} ({"f64" if double else "f32"})',
                     verify(family, ref, seed=seed, dtype=dtypes[0]))

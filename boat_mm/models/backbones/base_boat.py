@@ -3,15 +3,16 @@
 
 A family (BOAT-Swin, BOAT-CSWin, ...) is one subclass of
 :class:`BaseBOATBackbone` in one file. It states its own facts there (its
-``arch_zoo``, where FSLA sits, its stem and stages, the layout of its
-published checkpoints) and inherits the rest. Defining the subclass with a
-``family`` name registers it: :func:`boat_families` lists the families for
-the tools (converter, verifier, visualiser, benchmarks), which hold no
-per-family tables.
+``arch_zoo`` with the width of every stage, where FSLA sits, its stem and
+stages, and the layout of its published checkpoints as a
+:class:`~boat_mm.models.utils.ckpt_convert.PublishedLayout` beside the
+class) and inherits the rest. Defining the subclass with a ``family`` name
+registers it: :func:`boat_families` lists the families for the tools
+(converter, verifier, visualiser, benchmarks) and the shared tests, which
+hold no per-family tables.
 """
 from collections import OrderedDict
 from copy import deepcopy
-from types import ModuleType
 from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
                     Type, Union)
 
@@ -26,10 +27,9 @@ from torch import Tensor
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
                           check_pretrained_file, fsla_settings, parse_arch,
-                          parse_out_indices)
-from ..utils.ckpt_convert import (add_module_keys, convert_by_key_map,
-                                  key_listing, pick_boat_weights,
-                                  strip_module_prefix)
+                          parse_out_indices, stage_widths)
+from ..utils.ckpt_convert import (PublishedLayout, key_listing,
+                                  pick_boat_weights)
 
 __all__ = [
     'BaseBOATBackbone', 'BaseBOATBlock', 'boat_families',
@@ -49,7 +49,7 @@ def boat_families() -> Tuple[Type['BaseBOATBackbone'], ...]:
 def _published_family(
         state_dict: Mapping) -> Optional[Type['BaseBOATBackbone']]:
     for cls in boat_families():
-        if cls.is_published_layout(state_dict):
+        if cls.published is not None and cls.published.matches(state_dict):
             return cls
     return None
 
@@ -64,8 +64,9 @@ def detect_boat_family(
     """
     cls = _published_family(state_dict)
     if cls is None:
-        looked = ', '.join(f'{c.published_name} ({c.published_marker}*)'
-                           for c in boat_families())
+        looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
+                           for c in boat_families()
+                           if c.published is not None)
         raise KeyError(f'None of the published BOAT layouts found: '
                        f'{looked}; first keys: {list(state_dict)[:5]}.')
     return cls
@@ -89,7 +90,7 @@ def convert_boat_checkpoint(
     """
     _, weights = pick_boat_weights(checkpoint, use_ema)
     family = detect_boat_family(weights)
-    return family, family.convert_published(weights)
+    return family, family.published.convert(weights)
 
 
 def _describe_published(state_dict: Mapping) -> str:
@@ -103,8 +104,8 @@ def _describe_published(state_dict: Mapping) -> str:
     for candidate in candidates:
         cls = _published_family(candidate)
         if cls is not None:
-            return (f' It is laid out like a published {cls.published_name} '
-                    f'checkpoint ({cls.published_marker}*).')
+            return (f' It is laid out like a published {cls.published.name} '
+                    f'checkpoint ({cls.published.marker}*).')
     return ''
 
 
@@ -212,18 +213,16 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
 
     A BOAT backbone is a stem (``patch_embed``) and ``stages`` whose
     ``blocks`` may hold a :class:`FeatureSpaceLocalAttention` as ``fsla``,
-    with widths doubling at each stage and an output norm ``norm{i}`` for
-    each of ``out_indices``. This base parses the arch, validates the
-    arguments, computes the stochastic-depth schedule and the keyword
-    arguments of the blocks and of FSLA, adds the output norms, freezes
-    stages, initialises the weights, runs the stages and loads checkpoints
-    (dropping derived buffers, refusing a checkpoint that fits too few of
-    the weights). A family subclass sets the class attributes below, builds
-    ``patch_embed`` and ``stages`` after ``super().__init__`` (then calls
-    :meth:`_add_output_norms`) and implements :meth:`_embed`,
-    :meth:`has_fsla` and the published-checkpoint hooks
-    (``published_*`` attributes, :meth:`detect_published`,
-    :meth:`published_backbone_cfg`, :meth:`_add_published_stage_keys`).
+    stage ``i`` ``num_features[i]`` channels wide (from the arch), and an
+    output norm ``norm{i}`` for each of ``out_indices``. This base parses
+    the arch, validates the arguments, computes the stochastic-depth
+    schedule and the keyword arguments of the blocks and of FSLA, adds the
+    output norms, freezes stages, initialises the weights, runs the stages
+    and loads checkpoints (dropping derived buffers, refusing a checkpoint
+    that fits too few of the weights). A family subclass sets the class
+    attributes below, builds ``patch_embed`` and ``stages`` after
+    ``super().__init__`` (then calls :meth:`_add_output_norms`) and
+    implements :meth:`_embed` and :meth:`has_fsla`.
 
     Weights are initialised as the original BOAT code does, and always so:
     truncated normal (std 0.02) Linear weights with zero biases, unit
@@ -235,7 +234,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         arch (str | dict): A name in ``arch_zoo`` (``'tiny'``, ``'small'``,
             ``'base'`` or ``'t'``, ``'s'``, ``'b'``) or a dict with
             ``embed_dims``, ``depths`` and ``num_heads`` (and the family's
-            ``optional_keys``). Widths double at each stage.
+            ``optional_keys``); ``embed_dims`` gives each stage's width,
+            or one int as in mmpretrain's Swin arch dicts (see
+            :func:`~boat_mm.models.utils.arch.stage_widths`).
             Defaults to ``'tiny'``.
         in_channels (int): Input channels. Defaults to 3.
         mlp_ratio (float): FFN hidden ratio. Defaults to 4.
@@ -274,17 +275,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     # --- Facts each family states (see BOATSwin, BOATCSWin). ---
     #: Short name used by the tools (``--family``) and checkpoint meta.
     family: str = ''
-    #: Name of the published model, e.g. ``'BOAT-Swin'``.
-    published_name: str = ''
-    #: Key prefix that marks a state dict in the published layout.
-    published_marker: str = ''
-    #: Published names of the stem's projection and norm.
-    published_stem: Tuple[str, str] = ('', '')
-    #: The model file of the public code (github.com/mahaoyuHKU/
-    #: pytorch-boat): (family folder, path inside it), for parity checks.
-    published_code: Tuple[str, str] = ('', '')
-    #: The ``qk_scale`` the public code passes to its FSLA.
-    published_fsla_qk_scale: Optional[Union[float, bool]] = None
+    #: The layout of the family's published checkpoints, if any: set
+    #: beside the class, in the family's file (``BOATSwin.published``).
+    published: Optional[PublishedLayout] = None
+    #: Named archs; ``embed_dims`` lists the width of every stage.
     arch_zoo: Dict[str, dict] = {}
     essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
     #: Per-stage lists an arch dict may also give.
@@ -303,9 +297,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     #: share of the weights raises, naming the converter.
     min_loaded_share = 0.5
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
+        """Register a subclass that names a ``family`` (``register=False``
+        leaves it out of :func:`boat_families`, e.g. for a family that a
+        test registers only while it runs)."""
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get('family'):
+        if register and cls.__dict__.get('family'):
             _FAMILIES[cls.family] = cls
 
     def __init__(self,
@@ -327,13 +324,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._parse_arch(arch)
-        self.embed_dims = self.arch_settings['embed_dims']
         self.depths = list(self.arch_settings['depths'])
         self.num_heads = list(self.arch_settings['num_heads'])
         self.num_stages = len(self.depths)
-        self.num_features = [
-            self.embed_dims * 2**i for i in range(self.num_stages)
-        ]
+        self.num_features = list(self.arch_settings['embed_dims'])
+        #: The width of the first stage (the stem's output).
+        self.embed_dims = self.num_features[0]
         self.out_indices = parse_out_indices(out_indices, self.num_stages)
         check_frozen_stages(frozen_stages, self.num_stages)
         self.frozen_stages = frozen_stages
@@ -381,12 +377,21 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  if self.optional_keys else '') + '.')
         settings = deepcopy(settings)
         n = len(settings['depths'])
+        if n:
+            settings['embed_dims'] = stage_widths(settings['embed_dims'], n,
+                                                  name)
         per_stage = ['num_heads'] + sorted(self.optional_keys & set(settings))
         if n < 1 or any(len(settings[k]) != n for k in per_stage):
             got = ', '.join(str(settings[k]) for k in ['depths'] + per_stage)
             raise ValueError(
                 f'{name} arch: depths, {", ".join(per_stage)} need one entry '
                 f'per stage, got {got}.')
+        for i, (dims, heads) in enumerate(
+                zip(settings['embed_dims'], settings['num_heads'])):
+            if dims % heads:
+                raise ValueError(
+                    f'{name} arch: stage {i} has {dims} channels, not '
+                    f'divisible by its {heads} heads.')
         return settings
 
     @classmethod
@@ -580,110 +585,3 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             raise ValueError(
                 self._mismatch_message(state_dict, prefix, found))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    # --- Published checkpoints (the families' layouts). ---
-
-    @classmethod
-    def is_published_layout(cls, state_dict: Mapping) -> bool:
-        """Whether ``state_dict`` has this family's published layout."""
-        return bool(cls.published_marker) and any(
-            str(k).startswith(cls.published_marker) for k in state_dict)
-
-    @classmethod
-    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
-        """Describe a published checkpoint from its keys and shapes.
-
-        Returns:
-            dict: At least ``arch`` (a zoo name or None), ``embed_dims``,
-            ``depths``, ``with_fsla`` and ``num_classes`` (None without a
-            head), plus what the family reads from the file.
-        """
-        raise NotImplementedError
-
-    @classmethod
-    def published_backbone_cfg(cls, info: dict) -> dict:
-        """Arguments (without ``type``) of the backbone that the published
-        checkpoint described by ``info`` is for.
-
-        Raises:
-            ValueError: The file does not determine the arguments.
-        """
-        return dict(
-            arch=info['arch'],
-            in_channels=info['in_channels'],
-            with_fsla=info['with_fsla'])
-
-    @classmethod
-    def published_key_map(cls, info: dict) -> 'OrderedDict[str, str]':
-        """Every published key of the model described by ``info`` -> its
-        key in an mmpretrain ``ImageClassifier`` (``backbone.*``,
-        ``head.fc.*``): the stem (``published_stem``), each stage's keys
-        (:meth:`_add_published_stage_keys`), the final ``norm`` and the
-        ``head`` (timm's names, which both published codes use)."""
-        names: 'OrderedDict[str, str]' = OrderedDict()
-        proj, norm = cls.published_stem
-        add_module_keys(names, proj, 'backbone.patch_embed.projection')
-        add_module_keys(names, norm, 'backbone.patch_embed.norm')
-        for stage in range(len(info['depths'])):
-            cls._add_published_stage_keys(names, stage, info)
-        add_module_keys(names, 'norm',
-                        f'backbone.norm{len(info["depths"]) - 1}')
-        if info['num_classes'] is not None:
-            add_module_keys(names, 'head', 'head.fc')
-        return names
-
-    @classmethod
-    def _add_published_stage_keys(cls, names: 'OrderedDict[str, str]',
-                                  stage: int, info: dict) -> None:
-        """Add the published keys of stage ``stage`` (its merging
-        included) to ``names``."""
-        raise NotImplementedError
-
-    @classmethod
-    def build_published_model(cls, module: ModuleType,
-                              arch: str) -> nn.Module:
-        """The published classifier of ``arch`` (a zoo name) at 224
-        pixels without stochastic depth, from the model module of the
-        public code (see ``published_code``); for parity checks."""
-        raise NotImplementedError
-
-    @classmethod
-    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
-                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """What the published classifier ``ref`` and our classifier
-        ``ours`` (same weights) compute alike on images ``x``: name ->
-        (theirs, ours), same shapes."""
-        raise NotImplementedError
-
-    @classmethod
-    def _published_value(cls, key: str, value: Tensor) -> Tensor:
-        """The value stored under our ``key`` (families whose tensors are
-        laid out differently override this)."""
-        return value
-
-    @classmethod
-    def convert_published(
-            cls,
-            state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
-        """Convert a published state dict to classifier keys.
-
-        Args:
-            state_dict (Mapping[str, Tensor]): The weights of a published
-                file (``module.`` prefixes are dropped).
-
-        Returns:
-            OrderedDict[str, Tensor]: ``backbone.*`` and ``head.fc.*``
-            weights of an mmpretrain ``ImageClassifier`` with this backbone
-            (``out_indices=(3, )``), derived buffers dropped.
-
-        Raises:
-            KeyError: Keys that the published model does not have, or keys
-                it has that are missing, listed.
-        """
-        state_dict = strip_module_prefix(state_dict)
-        info = cls.detect_published(state_dict)
-        detail = (f' (detected embed_dims {info["embed_dims"]}, depths '
-                  f'{tuple(info["depths"])}, FSLA {info["with_fsla"]})')
-        return convert_by_key_map(state_dict, cls.published_key_map(info),
-                                  cls.published_name, cls._published_value,
-                                  cls.derived_buffers, detail)

@@ -1,6 +1,5 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-CSWin: the CSWin Transformer with feature-space local attention."""
-from types import ModuleType
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
@@ -12,10 +11,13 @@ from torch import Tensor
 
 from boat_mm.registry import MODELS
 from ..utils import CSWinAttention
-from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from ..utils.ckpt_convert import (PublishedLayout, add_module_keys,
+                                  blocks_per_stage)
 from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
-__all__ = ['BOATCSWinBlock', 'BOATCSWinStage', 'BOATCSWin']
+__all__ = [
+    'BOATCSWinBlock', 'BOATCSWinStage', 'BOATCSWin', 'BOATCSWinPublished'
+]
 
 
 class BOATCSWinBlock(BaseBOATBlock):
@@ -172,31 +174,24 @@ class BOATCSWin(BaseBOATBackbone):
             ...).
     """
     family = 'cswin'
-    published_name = 'BOAT-CSWin'
-    published_marker = 'stage1_conv_embed'
-    published_stem = ('stage1_conv_embed.0', 'stage1_conv_embed.2')
-    published_code = ('BOAT-CSWin', 'models/cswin_boat.py')
-    # The original builds its FSLA (ContentAttention) with qk_scale=True,
-    # i.e. a logit scale of 1.0.
-    published_fsla_qk_scale = True
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {
-                'embed_dims': 64,
+                'embed_dims': [64, 128, 256, 512],
                 'depths': [1, 2, 21, 1],
                 'num_heads': [2, 4, 8, 16],
                 'split_sizes': [1, 2, 7, 7]
             }),
         **dict.fromkeys(
             ['s', 'small'], {
-                'embed_dims': 64,
+                'embed_dims': [64, 128, 256, 512],
                 'depths': [2, 4, 32, 2],
                 'num_heads': [2, 4, 8, 16],
                 'split_sizes': [1, 2, 7, 7]
             }),
         **dict.fromkeys(
             ['b', 'base'], {
-                'embed_dims': 96,
+                'embed_dims': [96, 192, 384, 768],
                 'depths': [2, 4, 32, 2],
                 'num_heads': [4, 8, 16, 32],
                 'split_sizes': [1, 2, 7, 7]
@@ -215,7 +210,7 @@ class BOATCSWin(BaseBOATBackbone):
         self.split_sizes = list(self.arch_settings['split_sizes'])
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
-            embed_dims=self.embed_dims,
+            embed_dims=self.num_features[0],
             kernel_size=7,
             stride=self.stem_stride,
             padding=2,
@@ -257,9 +252,16 @@ class BOATCSWin(BaseBOATBackbone):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.patch_embed(x)
 
-    # --- The published checkpoints (BOAT-CSWin/models/cswin_boat.py,
-    # timm's saver: weights under ``state_dict`` / ``state_dict_ema``). ---
 
+class BOATCSWinPublished(PublishedLayout):
+    """The published BOAT-CSWin checkpoints (``BOAT-CSWin/models/
+    cswin_boat.py`` of the public code, timm's saver: weights under
+    ``state_dict`` / ``state_dict_ema``); plain CSWin files (no
+    ``content_attn``) too.
+
+    Blocks are ``stage{s}.{j}`` with ``s`` from 1, merges ``merge{s}``
+    (before stage ``s + 1``), the stem ``stage1_conv_embed``.
+    """
     _BLOCK_KEY = r'stage(\d+)\.(\d+)\.'
     # Published block module -> ours (``BOATCSWinBlock``); ``attns.1`` in
     # all but the last stage, the FSLA modules in the blocks with FSLA.
@@ -275,52 +277,55 @@ class BOATCSWin(BaseBOATBackbone):
     _FSLA_MODULES = ('norm3', 'content_attn.qkv', 'content_attn.proj',
                      'content_attn.get_v')
 
-    @classmethod
-    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+    def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-CSWin (or plain CSWin) checkpoint.
 
         Returns:
             dict: ``arch`` ('tiny', 'small', 'base' or None when the widths
             and depths match none of them: then ``num_heads`` must come
-            from elsewhere), ``embed_dims``, ``depths``, ``in_channels``,
-            ``with_fsla`` (whether the file has FSLA weights, i.e.
-            BOAT-CSWin rather than CSWin) and ``num_classes`` (None without
-            a head).
+            from elsewhere), ``embed_dims`` (per stage, from the blocks'
+            norms), ``depths``, ``in_channels``, ``with_fsla`` (whether the
+            file has FSLA weights, i.e. BOAT-CSWin rather than CSWin) and
+            ``num_classes`` (None without a head).
         """
         stem = 'stage1_conv_embed.0.weight'
         if stem not in state_dict:
             raise KeyError(f'Not a BOAT-CSWin checkpoint: {stem!r} is '
                            f'missing; first keys: {list(state_dict)[:5]}.')
-        blocks = blocks_per_stage(state_dict, cls._BLOCK_KEY)
+        blocks = blocks_per_stage(state_dict, self._BLOCK_KEY)
         num_stages = max(blocks, default=0)
         depths = tuple(blocks.get(k, 0) for k in range(1, num_stages + 1))
         if not depths or 0 in depths:
             raise KeyError(f'BOAT-CSWin checkpoint without blocks for some '
                            f'stage: blocks per stage {depths}.')
-        embed_dims = int(state_dict[stem].shape[0])
+        widths = []
+        for s in range(1, num_stages + 1):
+            norm = state_dict.get(f'stage{s}.0.norm1.weight')
+            if norm is None:
+                raise KeyError(f'BOAT-CSWin checkpoint without the norm1 of '
+                               f'stage{s}.0.')
+            widths.append(int(norm.shape[0]))
         head = state_dict.get('head.weight')
         return dict(
             # Head counts leave no trace in CSWin's weights.
-            arch=cls.zoo_name(embed_dims=embed_dims, depths=depths),
-            embed_dims=embed_dims,
+            arch=self.backbone.zoo_name(embed_dims=widths, depths=depths),
+            embed_dims=widths,
             depths=depths,
             in_channels=int(state_dict[stem].shape[1]),
             with_fsla=any('.content_attn.' in k for k in state_dict),
             num_classes=None if head is None else int(head.shape[0]))
 
-    @classmethod
-    def published_backbone_cfg(cls, info: dict) -> dict:
+    def backbone_cfg(self, info: dict) -> dict:
         if info['arch'] is None:
             raise ValueError(
                 f'BOAT-CSWin checkpoint with embed_dims '
-                f'{info["embed_dims"]} and depths {info["depths"]} '
+                f'{list(info["embed_dims"])} and depths {info["depths"]} '
                 f'matches none of the published archs (tiny, small, base); '
                 f'its head counts cannot be read from the weights.')
-        return super().published_backbone_cfg(info)
+        return super().backbone_cfg(info)
 
-    @classmethod
-    def _add_published_stage_keys(cls, names: Dict[str, str],
-                                  stage: int, info: dict) -> None:
+    def add_stage_keys(self, names: Dict[str, str], stage: int,
+                       info: dict) -> None:
         num = len(info['depths'])
         if stage > 0:
             # merge{s} sits before stage s+1: our stages[s].downsample.
@@ -328,38 +333,17 @@ class BOATCSWin(BaseBOATBackbone):
             add_module_keys(names, f'merge{stage}.conv', f'{dst}.projection')
             add_module_keys(names, f'merge{stage}.norm', f'{dst}.norm')
         for i in range(info['depths'][stage]):
-            fsla = info['with_fsla'] and cls.has_fsla(stage, i, num)
-            for src, dst in cls._BLOCK_MODULES:
+            fsla = info['with_fsla'] and self.backbone.has_fsla(stage, i, num)
+            for src, dst in self._BLOCK_MODULES:
                 if src == 'attns.1.get_v' and stage == num - 1:
                     continue  # one whole-map branch in the last stage
-                if src in cls._FSLA_MODULES and not fsla:
+                if src in self._FSLA_MODULES and not fsla:
                     continue
                 add_module_keys(names, f'stage{stage + 1}.{i}.{src}',
                                 f'backbone.stages.{stage}.blocks.{i}.{dst}')
 
-    @classmethod
-    def build_published_model(cls, module: ModuleType,
-                              arch: str) -> nn.Module:
-        zoo = cls.arch_zoo[arch]
-        depths = ''.join(map(str, zoo['depths']))
-        return getattr(module, f'CSWin_{zoo["embed_dims"]}_{depths}_{arch}'
-                       '_224')(drop_path_rate=0.)
 
-    @classmethod
-    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
-                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """The tokens after stages 1-3. Stage 4 is a single FSLA cluster at
-        224, where the original pairs different images of the batch (and
-        crashes for batch 1); boat-mm attends within each image by design,
-        so stage 4 and the logits differ."""
-        feats = ours.backbone.forward_stages(x)
-        out = {}
-        tokens = ref.stage1_conv_embed(x)
-        for i in range(3):
-            if i:
-                tokens = getattr(ref, f'merge{i}')(tokens)
-            for blk in getattr(ref, f'stage{i + 1}'):
-                tokens = blk(tokens)
-            out[f'stage{i + 1}'] = (tokens,
-                                    feats[i].flatten(2).transpose(1, 2))
-        return out
+BOATCSWin.published = BOATCSWinPublished(
+    BOATCSWin, 'BOAT-CSWin', marker='stage1_conv_embed',
+    stem=('stage1_conv_embed.0', 'stage1_conv_embed.2'),
+    code=('BOAT-CSWin', 'models/cswin_boat.py'))

@@ -1,146 +1,23 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
-from types import ModuleType
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import PatchEmbed, PatchMerging
 from mmengine.model import BaseModule, ModuleList
-from mmpretrain.models.utils.attention import ShiftWindowMSA
 from torch import Tensor
 
 from boat_mm.registry import MODELS
-from ..utils.ckpt_convert import add_module_keys, blocks_per_stage
+from ..utils.ckpt_convert import (PublishedLayout, add_module_keys,
+                                  blocks_per_stage)
+from ..utils.window_attn import BOATShiftWindowMSA
 from .base_boat import BaseBOATBackbone, BaseBOATBlock
 
 __all__ = [
-    'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATShiftWindowMSA',
+    'BOATSwin', 'BOATSwinBlock', 'BOATSwinStage', 'BOATSwinPublished',
     'swin_merge_order'
 ]
-
-
-class BOATShiftWindowMSA(ShiftWindowMSA):
-    """(Shifted) window attention with relative position bias, any map size.
-
-    mmpretrain's :class:`ShiftWindowMSA` (and its ``WindowMSA``, so the
-    parameters are ``w_msa.{qkv,proj,relative_position_bias_table}``) with
-    two changes to its size handling:
-
-    - As in the original Swin/BOAT-Swin, the shift is off when the shorter
-      side of the map is not longer than the window (e.g. the 7x7 last stage
-      at 224 pixels), so the published classifiers are reproduced exactly.
-      Smaller maps are padded instead of shrinking the window, so any input
-      size works with the trained position-bias table.
-    - The map is padded at the bottom/right to window multiples and cropped
-      back, like mmseg's Swin, but the padded tokens are masked: they are
-      never keys of real tokens, so a real token's output does not depend
-      on how much padding its window got.
-
-    The ``relative_position_index`` buffer is not saved in state dicts (it
-    is derived from the window size).
-
-    Args:
-        embed_dims (int): Channels.
-        num_heads (int): Heads.
-        window_size (int): Window side.
-        shift_size (int): Shift of the shifted-window blocks, 0 for plain
-            window attention. Defaults to 0.
-        dropout_layer (dict): Applied to the output (stochastic depth).
-        init_cfg (dict, optional): Initialisation config.
-        **kwargs: ``qkv_bias``, ``qk_scale``, ``attn_drop``, ``proj_drop``
-            of :class:`mmpretrain.models.utils.WindowMSA`.
-    """
-
-    def __init__(self,
-                 embed_dims: int,
-                 num_heads: int,
-                 window_size: int,
-                 shift_size: int = 0,
-                 dropout_layer: dict = dict(type='DropPath', drop_prob=0.),
-                 init_cfg: Optional[dict] = None,
-                 **kwargs) -> None:
-        super().__init__(
-            embed_dims,
-            num_heads,
-            window_size,
-            shift_size=shift_size,
-            dropout_layer=dropout_layer,
-            init_cfg=init_cfg,
-            **kwargs)
-        # Keep the index out of checkpoints: it is derived, not learnt.
-        self.w_msa.register_buffer(
-            'relative_position_index',
-            self.w_msa.relative_position_index,
-            persistent=False)
-
-    @staticmethod
-    def _window_mask(hw_shape: Tuple[int, int], pad_shape: Tuple[int, int],
-                     window_size: int, shift_size: int,
-                     device: torch.device) -> Optional[Tensor]:
-        """Additive ``(num_windows, ws*ws, ws*ws)`` mask, None if not needed.
-
-        Tokens may attend each other only if they lie in the same region of
-        the rolled map (Swin's shift mask) and are both real or both padding.
-        """
-        H, W = hw_shape
-        Hp, Wp = pad_shape
-        if not shift_size and (H, W) == (Hp, Wp):
-            return None
-        ws, s = window_size, shift_size
-
-        def regions(size: int) -> Tensor:
-            # Swin's slices [0, size-ws), [size-ws, size-s), [size-s, size).
-            idx = torch.arange(size, device=device)
-            if not s:
-                return torch.zeros_like(idx)
-            return (idx >= size - ws).long() + (idx >= size - s).long()
-
-        def padded(size: int, real: int) -> Tensor:
-            # Padding flags in rolled coordinates (roll by -s).
-            flags = torch.arange(size, device=device) >= real
-            return torch.roll(flags, -s) if s else flags
-
-        region = regions(Hp)[:, None] * 3 + regions(Wp)[None, :]
-        pad = padded(Hp, H)[:, None] | padded(Wp, W)[None, :]
-        label = (region * 2 + pad.long()).float()
-        windows = ShiftWindowMSA.window_partition(label[None, :, :, None],
-                                                  ws).view(-1, ws * ws)
-        diff = windows[:, None, :] - windows[:, :, None]
-        return diff.ne(0).float() * -100.
-
-    def forward(self, query: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, H*W, C)`` tokens of an ``(H, W)`` map."""
-        B, L, C = query.shape
-        H, W = hw_shape
-        if L != H * W:
-            raise ValueError(f'{L} tokens do not match the map shape '
-                             f'{tuple(hw_shape)}.')
-        ws = self.window_size
-        # As the original: one window spans the shorter side -> no shift.
-        shift = self.shift_size if min(H, W) > ws else 0
-        pad_b, pad_r = -H % ws, -W % ws
-        x = query.view(B, H, W, C)
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        mask = self._window_mask((H, W), (Hp, Wp), ws, shift, query.device)
-        if mask is not None:
-            mask = mask.to(query.dtype)  # -100 fits half precision too
-        windows = self.window_partition(x, ws).view(-1, ws * ws, C)
-        windows = self.w_msa(windows, mask=mask)
-        # Not mmpretrain's window_reverse: its batch size int(n / float)
-        # becomes a constant under torch.export (a dynamic-batch ONNX file
-        # then mixes samples for other batch sizes).
-        x = windows.view(B, Hp // ws, Wp // ws, ws, ws, C)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        x = x[:, :H, :W].reshape(B, H * W, C)
-        return self.drop(x)
 
 
 class BOATSwinBlock(BaseBOATBlock):
@@ -199,7 +76,8 @@ class BOATSwinStage(BaseModule):
         num_heads (int): Heads per block.
         drop_path_rates (Sequence[float]): One rate per block.
         fsla_blocks (Sequence[bool]): Whether each block has FSLA.
-        downsample (bool): End with mmcv's ``PatchMerging`` (2x2 -> 2C).
+        downsample_dims (int, optional): End with mmcv's ``PatchMerging``
+            of 2x2 neighbours to this many channels; None: no merging.
         block_cfg (dict): Remaining :class:`BOATSwinBlock` arguments.
         init_cfg (dict, optional): Initialisation config.
     """
@@ -210,7 +88,7 @@ class BOATSwinStage(BaseModule):
                  num_heads: int,
                  drop_path_rates: Sequence[float],
                  fsla_blocks: Sequence[bool],
-                 downsample: bool,
+                 downsample_dims: Optional[int],
                  block_cfg: dict,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -223,10 +101,10 @@ class BOATSwinStage(BaseModule):
                 drop_path_rate=drop_path_rates[i],
                 **block_cfg) for i in range(depth)
         ])
-        if downsample:
+        if downsample_dims is not None:
             self.downsample = PatchMerging(
                 in_channels=embed_dims,
-                out_channels=2 * embed_dims,
+                out_channels=downsample_dims,
                 norm_cfg=block_cfg.get('norm_cfg', dict(type='LN')),
                 bias=False)
         else:
@@ -319,23 +197,19 @@ class BOATSwin(BaseBOATBackbone):
         [(1, 24, 16, 20), (1, 48, 8, 10), (1, 96, 4, 5), (1, 192, 2, 3)]
     """
     family = 'swin'
-    published_name = 'BOAT-Swin'
-    published_marker = 'layers.'
-    published_stem = ('patch_embed.proj', 'patch_embed.norm')
-    published_code = ('BOAT-Swin', 'models/boat_swin_transformer.py')
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': 96,
+            'embed_dims': [96, 192, 384, 768],
             'depths': [2, 2, 6, 2],
             'num_heads': [3, 6, 12, 24]
         }),
         **dict.fromkeys(['s', 'small'], {
-            'embed_dims': 96,
+            'embed_dims': [96, 192, 384, 768],
             'depths': [2, 2, 18, 2],
             'num_heads': [3, 6, 12, 24]
         }),
         **dict.fromkeys(['b', 'base'], {
-            'embed_dims': 128,
+            'embed_dims': [128, 256, 512, 1024],
             'depths': [2, 2, 18, 2],
             'num_heads': [4, 8, 16, 32]
         }),
@@ -357,7 +231,7 @@ class BOATSwin(BaseBOATBackbone):
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
-            embed_dims=self.embed_dims,
+            embed_dims=self.num_features[0],
             conv_type='Conv2d',
             kernel_size=patch_size,
             stride=patch_size,
@@ -375,7 +249,8 @@ class BOATSwin(BaseBOATBackbone):
                     self.with_fsla and self.has_fsla(i, j, self.num_stages)
                     for j in range(depth)
                 ],
-                downsample=i < self.num_stages - 1,
+                downsample_dims=self.num_features[i + 1]
+                if i < self.num_stages - 1 else None,
                 block_cfg=block_cfg) for i, depth in enumerate(self.depths)
         ])
         self._add_output_norms()
@@ -385,23 +260,20 @@ class BOATSwin(BaseBOATBackbone):
         """FSLA in the shifted (odd) blocks of all stages but the last."""
         return block % 2 == 1 and stage < num_stages - 1
 
-    def _parse_arch(self, arch: Union[str, dict]) -> Dict:
-        settings = super()._parse_arch(arch)
-        for i, heads in enumerate(settings['num_heads']):
-            dims = settings['embed_dims'] * 2**i
-            if dims % heads:
-                raise ValueError(
-                    f'BOATSwin arch: stage {i} has {dims} channels, not '
-                    f'divisible by its {heads} heads.')
-        return settings
-
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x, hw_shape = self.patch_embed(x)
         return self.drop_after_pos(x), hw_shape
 
-    # --- The published checkpoints (BOAT-Swin/models/
-    # boat_swin_transformer.py: weights under ``model``). ---
 
+class BOATSwinPublished(PublishedLayout):
+    """The published BOAT-Swin checkpoints (``BOAT-Swin/models/
+    boat_swin_transformer.py`` of the public code, weights under
+    ``model``); plain Swin files (no ``attnC``) too.
+
+    Blocks are ``layers.{i}.blocks.{j}``, merges ``layers.{i}.downsample``
+    (after stage ``i``), whose 2x2 features are ordered as Swin's
+    ``PatchMerging`` concatenates them (see :func:`swin_merge_order`).
+    """
     _BLOCK_KEY = r'layers\.(\d+)\.blocks\.(\d+)\.'
     # Published block module -> ours; the FSLA ones (attnC, norm4) only in
     # the blocks that have FSLA.
@@ -413,33 +285,35 @@ class BOATSwin(BaseBOATBackbone):
                      ('attnC.proj', 'fsla.proj'),
                      ('attnC.get_v', 'fsla.get_v'))
 
-    @classmethod
-    def detect_published(cls, state_dict: Mapping[str, Tensor]) -> dict:
+    def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-Swin (or plain Swin) checkpoint.
 
         Returns:
             dict: ``arch`` ('tiny', 'small', 'base', or None for other
-            settings), ``embed_dims``, ``depths``, ``num_heads`` (from the
-            position-bias tables), ``window_size``, ``patch_size``,
-            ``in_channels``, ``with_fsla`` and ``num_classes`` (None
-            without a head).
+            settings), ``embed_dims`` (per stage, from the blocks' norms),
+            ``depths``, ``num_heads`` (from the position-bias tables),
+            ``window_size``, ``patch_size``, ``in_channels``,
+            ``with_fsla`` and ``num_classes`` (None without a head).
         """
         stem = 'patch_embed.proj.weight'
         if stem not in state_dict:
             raise KeyError(f'Not a BOAT-Swin checkpoint: {stem!r} is '
                            f'missing; first keys: {list(state_dict)[:5]}.')
-        blocks = blocks_per_stage(state_dict, cls._BLOCK_KEY)
+        blocks = blocks_per_stage(state_dict, self._BLOCK_KEY)
         num_layers = max(blocks, default=-1) + 1
         if not num_layers or len(blocks) != num_layers:
             raise KeyError(f'BOAT-Swin checkpoint without blocks for some '
                            f'stage: blocks per stage {blocks}.')
-        heads, window = [], 0
+        widths, heads, window = [], [], 0
         for s in range(num_layers):
+            block = f'layers.{s}.blocks.0'
             table = state_dict.get(
-                f'layers.{s}.blocks.0.attn.relative_position_bias_table')
-            if table is None:
-                raise KeyError(f'BOAT-Swin checkpoint without the position-'
-                               f'bias table of stage {s}.')
+                f'{block}.attn.relative_position_bias_table')
+            norm = state_dict.get(f'{block}.norm1.weight')
+            if table is None or norm is None:
+                raise KeyError(f'BOAT-Swin checkpoint without the norm1 or '
+                               f'the position-bias table of {block}.')
+            widths.append(int(norm.shape[0]))
             heads.append(int(table.shape[1]))
             # (2 * window - 1) ** 2 rows.
             window = (int(round(table.shape[0]**0.5)) + 1) // 2
@@ -447,11 +321,9 @@ class BOATSwin(BaseBOATBackbone):
         head = state_dict.get('head.weight')
         depths = tuple(blocks[s] for s in range(num_layers))
         return dict(
-            arch=cls.zoo_name(
-                embed_dims=int(embed.shape[0]),
-                depths=depths,
-                num_heads=heads),
-            embed_dims=int(embed.shape[0]),
+            arch=self.backbone.zoo_name(
+                embed_dims=widths, depths=depths, num_heads=heads),
+            embed_dims=widths,
             depths=depths,
             num_heads=tuple(heads),
             window_size=window,
@@ -460,31 +332,29 @@ class BOATSwin(BaseBOATBackbone):
             with_fsla=any('.attnC.' in k for k in state_dict),
             num_classes=None if head is None else int(head.shape[0]))
 
-    @classmethod
-    def published_backbone_cfg(cls, info: dict) -> dict:
+    def backbone_cfg(self, info: dict) -> dict:
         custom = dict(
-            embed_dims=info['embed_dims'],
+            embed_dims=list(info['embed_dims']),
             depths=list(info['depths']),
             num_heads=list(info['num_heads']))
-        cfg = super().published_backbone_cfg(info)
+        cfg = super().backbone_cfg(info)
         cfg.update(
             arch=info['arch'] or custom,
             patch_size=info['patch_size'],
             window_size=info['window_size'])
         return cfg
 
-    @classmethod
-    def _add_published_stage_keys(cls, names: Dict[str, str],
-                                  stage: int, info: dict) -> None:
+    def add_stage_keys(self, names: Dict[str, str], stage: int,
+                       info: dict) -> None:
         num = len(info['depths'])
         for i in range(info['depths'][stage]):
             src = f'layers.{stage}.blocks.{i}'
             dst = f'backbone.stages.{stage}.blocks.{i}'
             names[f'{src}.attn.relative_position_bias_table'] = \
                 f'{dst}.attn.w_msa.relative_position_bias_table'
-            modules = cls._BLOCK_MODULES
-            if info['with_fsla'] and cls.has_fsla(stage, i, num):
-                modules += cls._FSLA_MODULES
+            modules = self._BLOCK_MODULES
+            if info['with_fsla'] and self.backbone.has_fsla(stage, i, num):
+                modules += self._FSLA_MODULES
             for a, b in modules:
                 add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
         if stage < num - 1:
@@ -494,28 +364,16 @@ class BOATSwin(BaseBOATBackbone):
             add_module_keys(names, f'{src}.reduction', f'{dst}.reduction',
                             ('weight', ))
 
-    @classmethod
-    def build_published_model(cls, module: ModuleType,
-                              arch: str) -> nn.Module:
-        return module.SwinTransformer(
-            img_size=224,
-            window_size=7,
-            drop_path_rate=0.,
-            embed_dim=cls.arch_zoo[arch]['embed_dims'],
-            depths=cls.arch_zoo[arch]['depths'],
-            num_heads=cls.arch_zoo[arch]['num_heads'])
-
-    @classmethod
-    def published_outputs(cls, ref: nn.Module, ours: nn.Module,
-                          x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """The logits."""
-        return {'logits': (ref(x), ours(x, mode='tensor'))}
-
-    @classmethod
-    def _published_value(cls, key: str, value: Tensor) -> Tensor:
+    def fix_value(self, key: str, value: Tensor) -> Tensor:
         # mmcv's PatchMerging orders the 2x2 features differently.
         if key.endswith('.downsample.reduction.weight'):
             return value[:, swin_merge_order(value.shape[1])]
         if '.downsample.norm.' in key:
             return value[swin_merge_order(value.shape[0])]
         return value
+
+
+BOATSwin.published = BOATSwinPublished(
+    BOATSwin, 'BOAT-Swin', marker='layers.',
+    stem=('patch_embed.proj', 'patch_embed.norm'),
+    code=('BOAT-Swin', 'models/boat_swin_transformer.py'))

@@ -1,13 +1,14 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Argument helpers and stage freezing shared by the BOAT backbones."""
 import os.path as osp
-from typing import Dict, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
 
 __all__ = [
-    'parse_arch', 'check_pretrained_file', 'parse_out_indices',
-    'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin'
+    'parse_arch', 'stage_widths', 'check_pretrained_file',
+    'parse_out_indices', 'check_frozen_stages', 'fsla_settings',
+    'FrozenStagesMixin'
 ]
 
 
@@ -41,6 +42,32 @@ def parse_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict],
         return dict(arch)
     raise TypeError(f'{name} arch must be a str or a dict, got '
                     f'{type(arch).__name__}.')
+
+
+def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
+                 name: str) -> List[int]:
+    """The width of every stage of an arch.
+
+    Args:
+        embed_dims (int | Sequence[int]): One width per stage, or an int:
+            the first stage's width in an arch dict written as for
+            mmpretrain's Swin (whose int ``embed_dims`` means stage ``i``
+            has ``embed_dims * 2**i`` channels), which the configs use.
+        num_stages (int): Number of stages.
+        name (str): Backbone name, for error messages.
+
+    Returns:
+        list[int]: ``num_stages`` positive widths.
+    """
+    if isinstance(embed_dims, int):
+        widths = [embed_dims * 2**i for i in range(num_stages)]
+    else:
+        widths = [int(w) for w in embed_dims]
+    if len(widths) != num_stages or min(widths, default=0) < 1:
+        raise ValueError(
+            f'{name} arch: embed_dims must be a positive int or one '
+            f'positive width per stage ({num_stages}), got {embed_dims}.')
+    return widths
 
 
 def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:

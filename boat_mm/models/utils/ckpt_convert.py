@@ -1,13 +1,16 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Machinery to convert the published BOAT checkpoints to boat-mm keys.
 
-What a published file looks like is a fact of each family and lives in its
-backbone file (``published_key_map``, ``detect_published`` of
-:class:`~boat_mm.models.backbones.BaseBOATBackbone`); this module holds
-what the families share: picking the weights out of a file, counting
-blocks, renaming by a key map with checks, and listing keys in errors.
+What a published file looks like is a fact of each family: a
+:class:`PublishedLayout` subclass in its backbone file, next to the
+backbone class, the way timm keeps ``checkpoint_filter_fn`` beside its
+model. This module holds what the layouts share: the conversion itself
+(a key map with checks, value fixes), picking the weights out of a file,
+counting blocks and listing keys in errors.
 
-``tools/model_converters/boat2mm.py`` is the command-line front end.
+``tools/model_converters/boat2mm.py`` (converter), ``verify_boat.py``
+(verifier) and ``tools/analysis_tools/check_fsla_parity.py`` consume the
+layouts through the backbones' ``published`` attribute.
 """
 import re
 from collections import OrderedDict
@@ -17,8 +20,9 @@ from typing import (Callable, Dict, Iterable, Mapping, Optional, Sequence,
 from torch import Tensor
 
 __all__ = [
-    'add_module_keys', 'blocks_per_stage', 'convert_by_key_map',
-    'key_listing', 'pick_boat_weights', 'strip_module_prefix'
+    'PublishedLayout', 'add_module_keys', 'blocks_per_stage',
+    'convert_by_key_map', 'key_listing', 'pick_boat_weights',
+    'strip_module_prefix'
 ]
 
 
@@ -135,3 +139,118 @@ def convert_by_key_map(
         out[new] = state_dict[key] if fix is None else fix(
             new, state_dict[key])
     return out
+
+
+class PublishedLayout:
+    """How a family's published checkpoints are laid out.
+
+    A family subclasses this beside its backbone class, implementing
+    :meth:`detect` and :meth:`add_stage_keys` (and :meth:`fix_value` when
+    tensors are laid out differently), and sets an instance as the
+    backbone's ``published`` attribute.
+
+    Args:
+        backbone (type): The backbone class the layout converts to (the
+            layout reads its ``arch_zoo``, ``has_fsla`` and
+            ``derived_buffers``).
+        name (str): The published model, e.g. ``'BOAT-Swin'``.
+        marker (str): Key prefix that marks a state dict in this layout.
+        stem (tuple[str, str]): Published names of the stem's projection
+            and norm.
+        code (tuple[str, str], optional): The model file in the public
+            code (github.com/mahaoyuHKU/pytorch-boat): family folder and
+            path inside it, for the parity tools. Defaults to None.
+    """
+
+    def __init__(self,
+                 backbone: type,
+                 name: str,
+                 marker: str,
+                 stem: Tuple[str, str],
+                 code: Optional[Tuple[str, str]] = None) -> None:
+        self.backbone = backbone
+        self.name, self.marker, self.stem, self.code = name, marker, stem, code
+
+    def matches(self, state_dict: Mapping) -> bool:
+        """Whether ``state_dict`` has this layout (a key with ``marker``)."""
+        return bool(self.marker) and any(
+            str(k).startswith(self.marker) for k in state_dict)
+
+    def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
+        """Describe a published state dict from its keys and shapes.
+
+        Returns:
+            dict: At least ``arch`` (a zoo name or None), ``embed_dims``
+            (the width of each stage), ``depths``, ``in_channels``,
+            ``with_fsla`` and ``num_classes`` (None without a head), plus
+            what the family reads from the file.
+        """
+        raise NotImplementedError
+
+    def backbone_cfg(self, info: dict) -> dict:
+        """Arguments (without ``type``) of the backbone that the published
+        checkpoint described by ``info`` is for.
+
+        Raises:
+            ValueError: The file does not determine the arguments.
+        """
+        return dict(
+            arch=info['arch'],
+            in_channels=info['in_channels'],
+            with_fsla=info['with_fsla'])
+
+    def key_map(self, info: dict) -> 'OrderedDict[str, str]':
+        """Every published key of the model described by ``info`` (its
+        ``depths``, ``with_fsla`` and ``num_classes``) -> its key in an
+        mmpretrain ``ImageClassifier`` (``backbone.*``, ``head.fc.*``): the
+        stem (``stem``), each stage's keys (:meth:`add_stage_keys`), the
+        final ``norm`` and the ``head`` (timm's names, which both
+        published codes use)."""
+        names: 'OrderedDict[str, str]' = OrderedDict()
+        proj, norm = self.stem
+        add_module_keys(names, proj, 'backbone.patch_embed.projection')
+        add_module_keys(names, norm, 'backbone.patch_embed.norm')
+        for stage in range(len(info['depths'])):
+            self.add_stage_keys(names, stage, info)
+        add_module_keys(names, 'norm',
+                        f'backbone.norm{len(info["depths"]) - 1}')
+        if info['num_classes'] is not None:
+            add_module_keys(names, 'head', 'head.fc')
+        return names
+
+    def add_stage_keys(self, names: 'OrderedDict[str, str]', stage: int,
+                       info: dict) -> None:
+        """Add the published keys of stage ``stage`` (its merging
+        included) to ``names``."""
+        raise NotImplementedError
+
+    def fix_value(self, key: str, value: Tensor) -> Tensor:
+        """The value to store under our ``key`` (layouts whose tensors are
+        laid out differently override this)."""
+        return value
+
+    def convert(self, state_dict: Mapping[str, Tensor]
+                ) -> 'OrderedDict[str, Tensor]':
+        """Convert a published state dict to classifier keys.
+
+        Args:
+            state_dict (Mapping[str, Tensor]): The weights of a published
+                file (``module.`` prefixes are dropped).
+
+        Returns:
+            OrderedDict[str, Tensor]: ``backbone.*`` and ``head.fc.*``
+            weights of an mmpretrain ``ImageClassifier`` with this backbone
+            (``out_indices=(3, )``), derived buffers dropped.
+
+        Raises:
+            KeyError: Keys that the published model does not have, or keys
+                it has that are missing, listed.
+        """
+        state_dict = strip_module_prefix(state_dict)
+        info = self.detect(state_dict)
+        detail = (f' (detected embed_dims {list(info["embed_dims"])}, '
+                  f'depths {tuple(info["depths"])}, FSLA '
+                  f'{info["with_fsla"]})')
+        return convert_by_key_map(state_dict, self.key_map(info), self.name,
+                                  self.fix_value,
+                                  self.backbone.derived_buffers, detail)

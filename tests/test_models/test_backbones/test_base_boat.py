@@ -23,7 +23,8 @@ CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
 
 def test_families_registered_with_their_facts():
     assert {BOATSwin, BOATCSWin} <= set(boat_families())
-    for family in (BOATSwin, BOATCSWin):
+    assert set(ARCHS) == set(boat_families())
+    for family in boat_families():
         assert issubclass(family, BaseBOATBackbone)
         assert family.zoo_name(**family.arch_zoo['t']) == 'tiny'
         model = family(arch=ARCHS[family])
@@ -53,28 +54,23 @@ def classifier(family, with_fsla=True):
 
 
 def published_files(tmp_path):
-    """A published-layout file of each family: the original's key names
-    (a subset is enough for the layout to be recognised)."""
-    swin = {
-        'patch_embed.proj.weight': torch.zeros(8, 3, 4, 4),
-        'layers.0.blocks.0.norm1.weight': torch.zeros(8),
-        'layers.0.blocks.1.attnC.qkv.weight': torch.zeros(24, 8),
-    }
-    cswin = {
-        'stage1_conv_embed.0.weight': torch.zeros(8, 3, 7, 7),
-        'stage1.0.qkv.weight': torch.zeros(24, 8),
-        'stage1.0.content_attn.qkv.weight': torch.zeros(24, 8),
-    }
+    """A published-layout file of each family: every key its layout maps
+    (small stand-in tensors: recognising the layout needs the names), under
+    the entries that the published files use."""
     paths = {}
-    for family, entry, weights in ((BOATSwin, 'model', swin),
-                                   (BOATCSWin, 'state_dict', cswin)):
+    for i, family in enumerate(boat_families()):
+        keys = family.published.key_map(
+            dict(depths=ARCHS[family]['depths'], with_fsla=True,
+                 num_classes=3))
         path = str(tmp_path / f'{family.family}_published.pth')
-        torch.save({entry: weights, 'epoch': 300}, path)
+        entry = ('model', 'state_dict')[i % 2]
+        torch.save({entry: {k: torch.zeros(1) for k in keys},
+                    'epoch': 300}, path)
         paths[family] = path
     return paths
 
 
-@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+@pytest.mark.parametrize('family', boat_families())
 @pytest.mark.parametrize('prefix', [None, 'backbone.'])
 def test_pretrained_published_file_names_the_converter(
         tmp_path, family, prefix):
@@ -88,12 +84,12 @@ def test_pretrained_published_file_names_the_converter(
     msg = str(err.value)
     assert CONVERTER in msg
     assert f'matches 0 of the {len(model.state_dict())} weights' in msg
-    assert f'laid out like a published {family.published_name}' in msg
+    assert f'laid out like a published {family.published.name}' in msg
     if prefix:
         assert "no keys under 'backbone.'" in msg
 
 
-@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+@pytest.mark.parametrize('family', boat_families())
 def test_load_from_published_file_names_the_converter(tmp_path, family):
     """load_from: the runner loads the whole model with strict=False; the
     backbone sees the keys under its ``backbone.`` prefix: none."""
@@ -133,7 +129,7 @@ def test_unrelated_and_mostly_foreign_checkpoints_refused(tmp_path):
             {'conv1.weight': torch.zeros(4, 3, 3, 3)}, strict=False)
 
 
-@pytest.mark.parametrize('family', [BOATSwin, BOATCSWin])
+@pytest.mark.parametrize('family', boat_families())
 def test_legitimate_loads_still_work(tmp_path, family):
     src = classifier(family)
     with torch.no_grad():
@@ -176,6 +172,9 @@ def test_legitimate_loads_still_work(tmp_path, family):
 
 
 def test_detect_boat_family_lists_what_it_looks_for():
-    with pytest.raises(KeyError, match=r'BOAT-Swin \(layers\.\*\)'):
+    with pytest.raises(KeyError) as err:
         detect_boat_family({'conv1.weight': torch.zeros(1)})
-    assert detect_boat_family({'stage1_conv_embed.0.weight': 0}) is BOATCSWin
+    for family in boat_families():
+        layout = family.published
+        assert f'{layout.name} ({layout.marker}*)' in str(err.value)
+        assert detect_boat_family({layout.marker + 'x.weight': 0}) is family

@@ -23,14 +23,14 @@ dropped for others (a fixed generator makes the draw repeatable).
 """
 import copy
 import itertools
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from boat_mm.models.backbones import BOATCSWin, BOATSwin
+from boat_mm.models.backbones import boat_families
 from boat_mm.models.backbones.boat_cswin import BOATCSWinBlock
 from boat_mm.models.backbones.boat_swin import BOATSwinBlock
 
@@ -225,24 +225,26 @@ def _drop_probs(block: torch.nn.Module) -> List[float]:
     return [m.drop_prob for m in block.modules() if isinstance(m, DropPath)]
 
 
-# The published depths (BOAT-Swin-T, BOAT-CSWin-T), narrow.
-ARCHS: Dict[str, Tuple[Callable, dict]] = {
-    'swin':
-    (BOATSwin, dict(embed_dims=8, depths=[2, 2, 6, 2], num_heads=[1, 2, 2,
-                                                                  4])),
-    'cswin': (BOATCSWin,
-              dict(embed_dims=8, depths=[1, 2, 21, 1], num_heads=[2, 2, 2,
-                                                                  2])),
-}
+FAMILIES = {f.family: f for f in boat_families()}
+
+
+def test_every_family_has_a_block_reference():
+    assert set(CASES) == set(FAMILIES)
+
+
+def narrow_tiny(family) -> dict:
+    """The family's tiny arch (its published depths), 4 channels a head."""
+    zoo = family.arch_zoo['tiny']
+    return dict(zoo, embed_dims=[4 * h for h in zoo['num_heads']])
 
 
 @pytest.mark.parametrize('rate', [0.2, 0.5])
-@pytest.mark.parametrize('family', ['swin', 'cswin'])
+@pytest.mark.parametrize('family', list(FAMILIES))
 def test_drop_path_schedule_is_linear_over_all_blocks(family, rate):
     """Published rule: block ``k`` of ``n`` (counted over the whole
     network, stages in order) gets ``rate * k / (n - 1)``."""
-    build, arch = ARCHS[family]
-    model = build(arch=arch, drop_path_rate=rate)
+    arch = narrow_tiny(FAMILIES[family])
+    model = FAMILIES[family](arch=arch, drop_path_rate=rate)
     blocks = [b for stage in model.stages for b in stage.blocks]
     n = sum(arch['depths'])
     assert len(blocks) == n
@@ -252,14 +254,16 @@ def test_drop_path_schedule_is_linear_over_all_blocks(family, rate):
         assert probs == pytest.approx([rate * k / (n - 1)] * len(probs)), k
 
 
-@pytest.mark.parametrize('family', ['swin', 'cswin'])
+@pytest.mark.parametrize('family', list(FAMILIES))
 def test_dropout_rates_reach_every_fsla(family):
     """The original builds FSLA with the block's attention and projection
     dropout."""
-    build, arch = ARCHS[family]
-    model = build(arch=arch, attn_drop_rate=0.25, drop_rate=0.15)
+    model = FAMILIES[family](
+        arch=narrow_tiny(FAMILIES[family]),
+        attn_drop_rate=0.25,
+        drop_rate=0.15)
     fslas = [b.fsla for s in model.stages for b in s.blocks if b.with_fsla]
-    assert len(fslas) == (5 if family == 'swin' else 14)
+    assert len(fslas) == len(model.fsla_modules()) > 0
     for fsla in fslas:
         assert fsla.attn_drop == 0.25
         assert fsla.proj_drop.p == 0.15

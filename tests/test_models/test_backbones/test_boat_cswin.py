@@ -363,7 +363,7 @@ def _classifier(with_fsla=True):
 @pytest.mark.parametrize('with_fsla', [True, False])
 def test_converter_round_trip(with_fsla):
     src = _original_layout(16, (2, 2, 2, 2), with_fsla)
-    out = BOATCSWin.convert_published(src)
+    out = BOATCSWin.published.convert(src)
     model = _classifier(with_fsla)
     model.load_state_dict(out, strict=True)
     # Every original tensor lands exactly once, unchanged.
@@ -408,18 +408,18 @@ def test_converter_round_trip(with_fsla):
 
 def test_converter_detects_arch_and_prefix():
     src = _original_layout(16, (2, 2, 2, 2))
-    info = BOATCSWin.detect_published(src)
+    info = BOATCSWin.published.detect(src)
     assert info == dict(
         arch=None,
-        embed_dims=16,
+        embed_dims=[16, 32, 64, 128],
         depths=(2, 2, 2, 2),
         in_channels=3,
         with_fsla=True,
         num_classes=5)
     wrapped = OrderedDict(('module.' + k, v) for k, v in src.items())
-    assert list(BOATCSWin.convert_published(wrapped)) == list(
-        BOATCSWin.convert_published(src))
-    # The published archs, from keys and the stem width (no big tensors).
+    assert list(BOATCSWin.published.convert(wrapped)) == list(
+        BOATCSWin.published.convert(src))
+    # The published archs, from keys and the stage widths (no big tensors).
     for name, dims, depths in [('tiny', 64, (1, 2, 21, 1)),
                                ('small', 64, (2, 4, 32, 2)),
                                ('base', 96, (2, 4, 32, 2))]:
@@ -429,15 +429,17 @@ def test_converter_detects_arch_and_prefix():
             for i in range(d)
         }
         keys['stage1_conv_embed.0.weight'] = torch.empty(dims, 3, 7, 7)
-        assert BOATCSWin.detect_published(keys)['arch'] == name
+        for k in range(1, 5):
+            keys[f'stage{k}.0.norm1.weight'] = torch.empty(dims * 2**(k - 1))
+        assert BOATCSWin.published.detect(keys)['arch'] == name
     plain = _original_layout(16, (2, 2, 2, 2), with_fsla=False)
-    assert not BOATCSWin.detect_published(plain)['with_fsla']
+    assert not BOATCSWin.published.detect(plain)['with_fsla']
     # The file-level entry point picks this family's converter.
     from boat_mm.models.backbones import convert_boat_checkpoint
     family, out = convert_boat_checkpoint(
         {'state_dict': {}, 'state_dict_ema': wrapped}, use_ema=True)
     assert family is BOATCSWin
-    assert list(out) == list(BOATCSWin.convert_published(src))
+    assert list(out) == list(BOATCSWin.published.convert(src))
 
 
 def test_converter_errors():
@@ -446,12 +448,12 @@ def test_converter_errors():
     bad['stage1.0.foo.weight'] = torch.zeros(1)
     del bad['stage2.1.norm2.bias']
     with pytest.raises(KeyError) as err:
-        BOATCSWin.convert_published(bad)
+        BOATCSWin.published.convert(bad)
     assert 'stage1.0.foo.weight' in str(err.value)
     assert 'stage2.1.norm2.bias' in str(err.value)
     odd = OrderedDict(src)  # FSLA weights in an odd block: not the original
     odd['stage2.1.content_attn.qkv.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match='stage2.1.content_attn.qkv.weight'):
-        BOATCSWin.convert_published(odd)
+        BOATCSWin.published.convert(odd)
     with pytest.raises(KeyError, match='stage1_conv_embed'):
-        BOATCSWin.convert_published({'layers.0.blocks.0.norm1.weight': 0})
+        BOATCSWin.published.convert({'layers.0.blocks.0.norm1.weight': 0})

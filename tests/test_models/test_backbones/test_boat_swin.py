@@ -13,7 +13,7 @@ from mmengine.registry import DefaultScope
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATSwin
-from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
+from boat_mm.models.utils import BOATShiftWindowMSA
 
 TINY = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 # Narrower still, for the large inputs.
@@ -459,12 +459,12 @@ def ours_and_original():
 
 def test_converter_round_trip(ours_and_original):
     ours, orig = ours_and_original
-    converted = BOATSwin.convert_published(orig)
+    converted = BOATSwin.published.convert(orig)
     assert set(converted) == set(ours)
     for k, v in ours.items():
         assert torch.equal(converted[k], v), k
-    info = BOATSwin.detect_published(orig)
-    assert info['arch'] is None and info['embed_dims'] == 24
+    info = BOATSwin.published.detect(orig)
+    assert info['arch'] is None and info['embed_dims'] == [24, 48, 96, 192]
     assert info['depths'] == (2, 2, 2, 2)
     assert info['num_heads'] == (1, 2, 2, 4)
     assert (info['window_size'], info['patch_size']) == (7, 4)
@@ -494,15 +494,15 @@ def test_converter_errors(ours_and_original):
     bad = OrderedDict(orig)
     bad['layers.0.blocks.0.attn.extra.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match=r'layers\.0\.blocks\.0\.attn\.extra'):
-        BOATSwin.convert_published(bad)
+        BOATSwin.published.convert(bad)
     bad = OrderedDict(orig)
     del bad['layers.1.blocks.1.attnC.qkv.weight']
     del bad['norm.bias']
     with pytest.raises(KeyError, match=r"missing keys \['layers\.1\.blocks"
                        r"\.1\.attnC\.qkv\.weight', 'norm\.bias'\]"):
-        BOATSwin.convert_published(bad)
+        BOATSwin.published.convert(bad)
     with pytest.raises(KeyError, match='patch_embed'):
-        BOATSwin.detect_published({'stem.weight': torch.zeros(1)})
+        BOATSwin.published.detect({'stem.weight': torch.zeros(1)})
 
 
 def test_converter_plain_swin(ours_and_original):
@@ -510,7 +510,7 @@ def test_converter_plain_swin(ours_and_original):
     _, orig = ours_and_original
     plain = OrderedDict((k, v) for k, v in orig.items()
                         if '.attnC.' not in k and '.norm4.' not in k)
-    converted = BOATSwin.convert_published(plain)
+    converted = BOATSwin.published.convert(plain)
     model = BOATSwin(arch=TINY, with_fsla=False, out_indices=(3, ))
     model.load_state_dict({k[9:]: v for k, v in converted.items()
                            if k.startswith('backbone.')}, strict=True)
