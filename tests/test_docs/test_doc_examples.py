@@ -320,6 +320,8 @@ COVERAGE: Dict[str, object] = {
         'test_verify_boat_random_weights',
         'tests/test_tools/test_parity_tools.py::'
         'test_verify_boat_on_a_published_layout_file',
+        'tests/test_tools/test_verify_boat.py::'
+        'test_report_of_a_published_file',
     )),
     'tools/analysis_tools/get_flops.py': Run((
         'tests/test_tools/test_get_flops.py::'

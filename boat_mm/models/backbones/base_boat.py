@@ -285,6 +285,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     published_code: Tuple[str, str] = ('', '')
     #: The ``qk_scale`` the public code passes to its FSLA.
     published_fsla_qk_scale: Optional[Union[float, bool]] = None
+    #: Outputs of the published classifier (``stage1``-``stage4``,
+    #: ``logits``) that :meth:`published_outputs` does not compare -> why.
+    published_skipped: Dict[str, str] = {}
     arch_zoo: Dict[str, dict] = {}
     essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
     #: Per-stage lists an arch dict may also give.

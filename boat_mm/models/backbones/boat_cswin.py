@@ -179,6 +179,12 @@ class BOATCSWin(BaseBOATBackbone):
     # The original builds its FSLA (ContentAttention) with qk_scale=True,
     # i.e. a logit scale of 1.0.
     published_fsla_qk_scale = True
+    published_skipped = {
+        'stage4': 'the public code pairs the samples of a batch in stage '
+        "4's single FSLA cluster (at 224), so its output depends on the "
+        'batch; boat-mm attends within each image',
+        'logits': 'computed from stage 4 (see stage4)',
+    }
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {

@@ -508,8 +508,26 @@ class BOATSwin(BaseBOATBackbone):
     @classmethod
     def published_outputs(cls, ref: nn.Module, ours: nn.Module,
                           x: Tensor) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """The logits."""
-        return {'logits': (ref(x), ours(x, mode='tensor'))}
+        """The tokens after each stage (before its merging) and the
+        logits."""
+        feats = ours.backbone.forward_stages(x)
+        theirs: Dict[str, Tensor] = {}
+        hooks = [
+            layer.blocks[-1].register_forward_hook(
+                lambda m, args, out, i=i: theirs.__setitem__(i, out))
+            for i, layer in enumerate(ref.layers)
+        ]
+        try:
+            logits = ref(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        out = {
+            f'stage{i + 1}': (theirs[i], feat.flatten(2).transpose(1, 2))
+            for i, feat in enumerate(feats)
+        }
+        out['logits'] = (logits, ours(x, mode='tensor'))
+        return out
 
     @classmethod
     def _published_value(cls, key: str, value: Tensor) -> Tensor:
