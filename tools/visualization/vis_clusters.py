@@ -27,7 +27,7 @@ import argparse
 import os.path as osp
 import sys
 from copy import deepcopy
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import mmcv
 import numpy as np
@@ -42,6 +42,9 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, add_shape_arg, check_checkpoint, check_file,
+    load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
 
 _SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
@@ -49,7 +52,7 @@ _SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Visualise the FSLA clusters of a BOAT backbone')
     parser.add_argument(
         'config', help='mmpretrain, mmseg or mmdet config file')
@@ -63,13 +66,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='block index inside the stage (default: its first FSLA block)')
     parser.add_argument(
         '--head', type=int, default=0, help='attention head (default 0)')
-    parser.add_argument(
-        '--resize',
-        type=int,
-        nargs=2,
-        metavar=('W', 'H'),
-        help='resize the image to W x H instead of the config\'s test '
+    add_shape_arg(
+        parser, 'resize the image to H x W instead of the config\'s test '
         'pipeline resizing')
+    # Before --shape (height first, as in the other tools): width first.
+    parser.add_argument(
+        '--resize', type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         '--alpha',
         type=float,
@@ -81,7 +83,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='output image (default clusters.png)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
     add_cfg_options_arg(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resize is not None:
+        if args.shape is not None:
+            parser.error('give --shape H W only (--resize W H is its old '
+                         'spelling)')
+        args.shape = (args.resize[1], args.resize[0])
+    return args
 
 
 def build_model(cfg: Config,
@@ -90,7 +98,7 @@ def build_model(cfg: Config,
     """Build the config's model in its scope and load ``checkpoint``."""
     scope = cfg.get('default_scope')
     if scope not in _SCOPES:
-        raise ValueError(
+        raise UsageError(
             f'The config\'s default_scope is {scope!r}; vis_clusters needs '
             f'an mmpretrain (classification), mmseg (segmentation) or mmdet '
             f'(detection) config, with default_scope in {_SCOPES}.')
@@ -106,17 +114,16 @@ def build_model(cfg: Config,
             'initialised weights.',
             logger='current')
     else:
-        if not osp.isfile(checkpoint) and '://' not in checkpoint:
-            raise FileNotFoundError(f'Checkpoint {checkpoint!r} not found.')
-        load_checkpoint(model, checkpoint, map_location='cpu')
+        load_checkpoint(
+            model, check_checkpoint(checkpoint), map_location='cpu')
     return model.to(device).eval()
 
 
-def build_pipeline(cfg: Config, resize: Optional[List[int]] = None):
+def build_pipeline(cfg: Config, shape: Optional[Sequence[int]] = None):
     """The config's test pipeline for one image file, without annotations.
 
-    With ``resize=(W, H)`` only its loading and packing transforms are kept,
-    around a plain resize to ``W x H``.
+    With ``shape=(H, W)`` only its loading and packing transforms are kept,
+    around a plain resize to ``H x W``.
     """
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
@@ -127,8 +134,8 @@ def build_pipeline(cfg: Config, resize: Optional[List[int]] = None):
     pipeline = [
         deepcopy(t) for t in pipeline if 'LoadAnnotations' not in t['type']
     ]
-    if resize is not None:
-        w, h = resize
+    if shape is not None:
+        h, w = shape
         pipeline = [
             pipeline[0],
             dict(type='Resize', scale=(w, h), keep_ratio=False), pipeline[-1]
@@ -143,16 +150,16 @@ def _token_stride(backbone, stage: int) -> Optional[int]:
     return int(stride[0]) * 2**stage if stride else None
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the tool; returns ``ids`` (the ``(H_s, W_s)`` id map drawn),
     ``image`` (what the model saw, ``(H, W, 3)`` BGR), ``location`` and
     ``out_file``."""
     args = parse_args(argv)
-    if not osp.isfile(args.image):
-        raise FileNotFoundError(f'Image {args.image!r} not found.')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
+    check_file(args.image, 'image', 'pass an image file (.jpg, .png, ...)')
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
     model = build_model(cfg, args.checkpoint, args.device)
     backbone = get_boat_backbone(model)
 
@@ -164,16 +171,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
         blocks = [j for i, j in modules if i == args.stage]
         block = blocks[0] if blocks else 0
     location = (args.stage, block)
-    # A location without FSLA is reported by the capture, with the list
-    # of those that have it; the head is checked here.
-    if location in modules:
-        heads = modules[location].num_heads
-        if not 0 <= args.head < heads:
-            raise ValueError(
-                f'--head {args.head} is out of range: FSLA at stage '
-                f'{args.stage}, block {block} has {heads} heads.')
+    if location not in modules:
+        where = ', '.join(f'(stage {i}, block {j})'
+                          for i, j in sorted(modules))
+        raise UsageError(
+            f'Stage {args.stage}, block {block} has no FSLA module. FSLA '
+            f'is in: {where}; choose one with --stage and --block.')
+    heads = modules[location].num_heads
+    if not 0 <= args.head < heads:
+        raise UsageError(
+            f'--head {args.head} is out of range: FSLA at stage '
+            f'{args.stage}, block {block} has {heads} heads.')
 
-    data = build_pipeline(cfg, args.resize)(dict(img_path=args.image))
+    data = build_pipeline(cfg, args.shape)(dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)
     ids = capture_cluster_ids(model, batch['inputs'],
                               [location])[location][0, args.head]
