@@ -314,6 +314,8 @@ COVERAGE: Dict[str, object] = {
         'test_boat2mm_command_on_cswin_file',
         'tests/test_tools/test_converters.py::'
         'test_boat2mm_command_on_swin_file',
+        'tests/test_tools/test_boat2mm_url.py::'
+        'test_url_is_downloaded_cached_converted',
     )),
     'tools/model_converters/verify_boat.py': Run((
         'tests/test_tools/test_parity_tools.py::'
