@@ -26,6 +26,7 @@
 """
 import glob
 import importlib.util
+import inspect
 import os
 import os.path as osp
 import re
@@ -137,6 +138,57 @@ def test_python_block_runs(block, monkeypatch):
     exec(code, {'__name__': '__doc_example__'})
 
 
+def _write_config_blocks(block: Block, folder) -> str:
+    """Write ``block`` and the config blocks before it in its doc (each
+    to the ``# PATH.py`` of its first line) under ``folder``; returns the
+    path of ``block``."""
+    path = None
+    for earlier in CONFIG_BLOCKS:
+        if earlier.doc != block.doc or earlier.line > block.line:
+            continue
+        m = re.match(r'#\s*(\S+\.py)', earlier.text.splitlines()[0])
+        path = folder / m.group(1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(earlier.text)
+    return str(path)
+
+
+def test_readme_synthetic_config_has_the_generated_classes(
+        ade_root, tmp_path, monkeypatch):
+    """The README's own config on the generated data: its dataset has
+    exactly the generator's classes, which the heads predict, so the
+    metrics list those only (no `nan` rows for absent ADE20K classes)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    from boat_mm.datasets import generate_ade20k_like
+    block = next(b for b in CONFIG_BLOCKS
+                 if b.doc == 'README.md' and 'ade_synthetic' in b.text)
+    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
+    path = _write_config_blocks(block, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.fromfile(path)
+    init_default_scope('mmseg')
+    dataset_cfg = cfg.val_dataloader.dataset
+    dataset_cfg.data_root = ade_root
+    dataset = DATASETS.build(dataset_cfg)
+    from mmseg.datasets import ADE20KDataset
+    # The generator draws ADE ids 1..num_classes (the fixture: default).
+    num = inspect.signature(generate_ade20k_like).parameters[
+        'num_classes'].default
+    drawn = ADE20KDataset.METAINFO['classes'][:num]
+    assert tuple(dataset.metainfo['classes']) == tuple(drawn)
+    assert cfg.model.decode_head.num_classes == len(drawn)
+    assert cfg.model.auxiliary_head.num_classes == len(drawn)
+    # Every generated label is one of them (or ignored).
+    labels = set()
+    for i in range(len(dataset)):
+        labels |= set(dataset[i]['data_samples'].gt_sem_seg.data.unique()
+                      .tolist())
+    assert labels <= set(range(len(drawn))) | {255}, labels
+
+
 @pytest.mark.parametrize('block', CONFIG_BLOCKS, ids=_ids(CONFIG_BLOCKS))
 def test_config_block_loads_and_builds(block, tmp_path, monkeypatch):
     from mmengine.config import Config
@@ -147,11 +199,10 @@ def test_config_block_loads_and_builds(block, tmp_path, monkeypatch):
     m = re.match(r'#\s*(\S+\.py)', first)
     assert m, (f'{block.doc}:{block.line}: a config example starts with '
                f'"# PATH.py" (where the user saves it), got {first!r}')
-    # The shipped configs next to it, for relative `_base_` paths.
+    # The shipped configs next to it, for relative `_base_` paths, and the
+    # doc's earlier config blocks, which a later one may build on.
     shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
-    path = tmp_path / m.group(1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(block.text)
+    path = _write_config_blocks(block, tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg = Config.fromfile(str(path))
     init_default_scope(cfg.get('default_scope', 'mmengine'))

@@ -172,8 +172,18 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
     assert ids.shape == (15, 19)
     assert sorted(np.bincount(ids.ravel())) == _balanced_sizes(285, 16)
 
-    picture = cv2.imread(out_file)
-    assert picture.shape == (58, 2 * 74, 3)
+    # Enlarged 4x (to >= 512 px) under a title band.
+    assert res['scale'] == 4 and res['title'] == (
+        'stage 0, block 0, head 1: 16 clusters of 15x19 tokens (58x74 '
+        'input)')
+    full = cv2.imread(out_file)
+    band = full.shape[0] - 4 * 58
+    assert full.shape[1] == 4 * 2 * 74 >= 512 and 0 < band < 60
+    assert (full[:band] < 128).any()  # the title's text
+    body = full[band:]
+    picture = body[::4, ::4]
+    np.testing.assert_array_equal(
+        body, np.repeat(np.repeat(picture, 4, 0), 4, 1))
     np.testing.assert_array_equal(picture[:, :74], expected)
     # alpha=1: pure colours, constant over each token's 4x4 pixels, one
     # distinct colour per cluster.
@@ -212,7 +222,9 @@ model = dict(
     assert res['location'] == (1, 1)
     # The config's test pipeline: resize the short edge to 256, crop 224.
     assert res['image'].shape == (224, 224, 3)
-    assert cv2.imread(out_file).shape == (224, 448, 3)
+    full = cv2.imread(out_file)
+    assert res['scale'] == 2 and full.shape[1] == 896
+    assert full.shape[0] - 448 < 60
     # The same clusters from the saved weights and a hand-normalised input
     # (BGR -> RGB, ImageNet mean/std): the checkpoint was loaded.
     rgb = res['image'][..., ::-1].astype(np.float32)

@@ -3,10 +3,12 @@
 
 Builds the model of an mmpretrain, mmseg or mmdet config (chosen by the
 config's ``default_scope``), loads a checkpoint, runs an image through the
-config's test pipeline (or a plain resize, ``--resize``) and the model's data
-preprocessor, captures the cluster of every token at the chosen FSLA module
-(stage, block, head), and saves the image next to the image overlaid with
-one colour per cluster.
+config's test pipeline (or a plain resize, ``--shape H W``) and the model's
+data preprocessor, captures the cluster of every token at the chosen FSLA
+module (stage, block, head), and saves the image next to the image
+overlaid with one colour per cluster, enlarged by a whole factor to at
+least ``--min-width`` (512) pixels, under a title that names the stage,
+block and head and says how many clusters there are.
 
 Examples::
 
@@ -14,7 +16,7 @@ Examples::
         configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py demo.jpg \\
         --checkpoint boat-cswin-tiny_in1k.pth --stage 1 --head 2 \\
         --out-file clusters.png
-    python tools/visualization/vis_clusters.py CONFIG IMG --resize 448 448
+    python tools/visualization/vis_clusters.py CONFIG IMG --shape 448 448
     python tools/visualization/vis_clusters.py \
         configs/boat_swin/mask-rcnn_boat-swin-tiny_fpn_1x_coco.py demo.jpg \
         --checkpoint CKPT --stage 1
@@ -27,8 +29,9 @@ import argparse
 import os.path as osp
 import sys
 from copy import deepcopy
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import cv2
 import mmcv
 import numpy as np
 from mmengine.config import Config
@@ -81,6 +84,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--out-file',
         default='clusters.png',
         help='output image (default clusters.png)')
+    parser.add_argument(
+        '--min-width',
+        type=int,
+        default=512,
+        help='the picture is enlarged by a whole factor to at least this '
+        'many pixels (default 512)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
     add_cfg_options_arg(parser)
     args = parser.parse_args(argv)
@@ -143,6 +152,30 @@ def build_pipeline(cfg: Config, shape: Optional[Sequence[int]] = None):
     return Compose(pipeline)
 
 
+def readable(picture: np.ndarray, title: str,
+             min_width: int = 512) -> Tuple[np.ndarray, int]:
+    """Enlarge ``picture`` by a whole factor (nearest neighbour: each token
+    stays a sharp block) to at least ``min_width`` pixels and put
+    ``title`` above it.
+
+    Returns:
+        tuple[np.ndarray, int]: The picture and the factor.
+    """
+    scale = max(1, -(-min_width // picture.shape[1]))
+    body = np.repeat(np.repeat(picture, scale, 0), scale, 1)
+    width = body.shape[1]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    size = 0.6
+    while size > 0.3 and cv2.getTextSize(title, font, size,
+                                         1)[0][0] > width - 16:
+        size -= 0.05
+    (_, text_h), _ = cv2.getTextSize(title, font, size, 1)
+    band = np.full((text_h + 16, width, 3), 255, np.uint8)
+    cv2.putText(band, title, (8, text_h + 8), font, size, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return np.concatenate([band, body], axis=0), scale
+
+
 def _token_stride(backbone, stage: int) -> Optional[int]:
     """Pixels per token of a stage: stem stride, doubled at each stage."""
     proj = getattr(getattr(backbone, 'patch_embed', None), 'projection', None)
@@ -194,18 +227,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
         ids,
         alpha=args.alpha,
         stride=_token_stride(backbone, args.stage))
+    num = len(np.unique(ids.numpy()))
+    h, w = image.shape[:2]
+    title = (f'stage {args.stage}, block {block}, head {args.head}: {num} '
+             f'clusters of {ids.shape[0]}x{ids.shape[1]} tokens '
+             f'({h}x{w} input)')
+    picture, scale = readable(picture, title, args.min_width)
     mmcv.imwrite(picture, args.out_file)
-    num = int(ids.max()) + 1
     print_log(
-        f'Saved {args.out_file}: stage {args.stage}, block {block}, head '
-        f'{args.head}: {num} clusters on the {tuple(ids.shape)} token map '
-        f'of a {image.shape[1]}x{image.shape[0]} input.',
+        f'Saved {args.out_file} ({picture.shape[1]}x{picture.shape[0]} px, '
+        f'image | clusters, drawn {scale}x): {title}.',
         logger='current')
     return dict(
         ids=ids.numpy(),
         image=image,
         location=location,
-        out_file=args.out_file)
+        out_file=args.out_file,
+        title=title,
+        scale=scale)
 
 
 if __name__ == '__main__':
