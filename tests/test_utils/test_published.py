@@ -114,7 +114,13 @@ def _load_by_get_model(path, repo_root):
         pretrained=path)
 
 
-@pytest.mark.parametrize('route', ['init_cfg', 'load_from', 'get_model'])
+def _load_by_get_model_name(path):
+    from mmpretrain import get_model
+    get_model('boat-cswin-tiny_8xb256_in1k', pretrained=path)
+
+
+@pytest.mark.parametrize(
+    'route', ['init_cfg', 'load_from', 'get_model', 'get_model_by_name'])
 def test_every_loading_path_says_convert(published, route, tmp_path,
                                          repo_root):
     with pytest.raises(PublishedCheckpointError) as err:
@@ -122,6 +128,8 @@ def test_every_loading_path_says_convert(published, route, tmp_path,
             _load_by_init_cfg(published)
         elif route == 'load_from':
             _load_by_runner_load_from(published, tmp_path)
+        elif route == 'get_model_by_name':
+            _load_by_get_model_name(published)
         else:
             _load_by_get_model(published, repo_root)
     _assert_our_message(err.value, published)
