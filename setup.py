@@ -9,6 +9,16 @@ from setuptools import find_packages, setup
 
 HERE = osp.dirname(osp.abspath(__file__))
 
+# Supported torch: from TORCH_MIN, whose torch.library has register_fake
+# and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
+# and opcheck (the op tests), to TORCH_MAX_TESTED, the pinned version the
+# project is developed on. Triton ships with torch's CUDA wheels: 3.0.0
+# (torch 2.4) to 3.8.0 (torch 2.14). tools/check_min_torch.sh builds a
+# separate environment at TORCH_MIN and runs the backbone, op and Triton
+# interpreter tests there.
+TORCH_MIN = '2.4.1'
+TORCH_MAX_TESTED = '2.14.1'
+
 
 def get_extensions() -> tuple:
     """The C++ kernels (``boat_mm._C``), unless ``BOAT_MM_WITH_OPS=0``.
@@ -83,7 +93,8 @@ setup(
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
     license='Apache License 2.0',
-    install_requires=parse_requirements('requirements/runtime.txt'),
+    install_requires=[f'torch>={TORCH_MIN}'] +
+    parse_requirements('requirements/runtime.txt'),
     extras_require={
         'all': parse_requirements('requirements.txt'),
         'tests': parse_requirements('requirements/tests.txt'),

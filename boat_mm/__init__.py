@@ -7,11 +7,21 @@ does) registers the models in MMEngine's root ``MODELS`` registry and lets
 The generators of synthetic data (:mod:`boat_mm.datasets`) are imported
 where they are used; the tools' own code lives in ``tools/boat_tools``.
 """
-from .utils import allow_mmengine_checkpoints
+from . import model_index
+from .model_index import register_model_index
+from .utils import (allow_mmengine_checkpoints, install_checkpoint_hint,
+                    when_imported)
 from .version import __version__, version_info
 
 allow_mmengine_checkpoints()
+# A published BOAT file loaded as is gets "convert it first" from any
+# MMEngine loader (see boat_mm.utils.published).
+when_imported('mmengine.runner.checkpoint',
+              lambda _: install_checkpoint_hint())
+# The classifiers by name in mmpretrain's model hub, once it is imported
+# (see boat_mm.model_index).
+when_imported('mmpretrain.apis.model', model_index._register_on_import)
 
 from . import models, ops, utils  # noqa: E402,F401  (registers)
 
-__all__ = ['__version__', 'version_info']
+__all__ = ['__version__', 'version_info', 'register_model_index']

@@ -29,13 +29,16 @@ import cv2
 import numpy as np
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+from boat_tools.cli import ArgumentParser, check_file, tool_main  # noqa: E402
+
 CONFIG = osp.join('configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
 DATA_DIR = osp.join('data', 'ade_synthetic')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default=CONFIG, help='demo config')
     parser.add_argument(
         '--work-dir', default=osp.join('work_dirs', 'demo'),
@@ -197,9 +200,12 @@ def _parse_metrics(output: str) -> Dict[str, float]:
     return dict(aAcc=float(acc), mIoU=float(miou))
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.chdir(REPO)
+    check_file(args.config, 'config file',
+               f'pass a segmentation config (default {CONFIG})')
     py = sys.executable
     work_dir = args.work_dir
     os.makedirs(work_dir, exist_ok=True)

@@ -16,6 +16,15 @@
 #                   (default: ${XDG_CACHE_HOME:-~/.cache}/boat-mm)
 #   BOAT_MM_WITH_OPS=0  skip compiling boat_mm's C++ kernels (the FSLA
 #                   clustering then runs on tensor ops, slower on the CPU)
+#   FORCE_CUDA=1    GPU machine: build mmcv's CUDA ops too (mmcv's own
+#                   switch), against the installed torch. Needs the CUDA
+#                   toolkit (nvcc on PATH or in CUDA_HOME) of the CUDA major
+#                   version torch was built with; checked before building.
+#                   FSLA itself needs nothing built for the GPU: its Triton
+#                   kernels come with torch's CUDA wheels.
+#   TORCH_INDEX_URL torch/torchvision from this index instead of PyPI's
+#                   default build (e.g. https://download.pytorch.org/whl/cu126
+#                   for another CUDA version; the versions stay the pins)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +32,7 @@ VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
 CACHE="${BOAT_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/boat-mm}"
 MMCV_VERSION=2.1.0
+FORCE_CUDA="${FORCE_CUDA:-0}"
 TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
 START=$(date +%s)
@@ -31,8 +41,10 @@ log() { printf '[setup %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
 stamp_of() {
     # The C++ sources too: a change rebuilds boat_mm._C.
-    cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
-        "$ROOT/tools/setup_env.sh" "$ROOT"/boat_mm/ops/csrc/* \
+    # A GPU build (FORCE_CUDA=1) is another environment.
+    { cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
+        "$ROOT/tools/setup_env.sh" "$ROOT"/boat_mm/ops/csrc/*
+      [ "${FORCE_CUDA:-0}" = "1" ] && echo "FORCE_CUDA=1"; true; } \
         | sha256sum | cut -d' ' -f1
 }
 
@@ -64,17 +76,45 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
 log "installing $TORCH_SPEC (first, pinned)"
-"${PIP[@]}" install -q $TORCH_SPEC -c "$CONSTRAINTS"
+"${PIP[@]}" install -q $TORCH_SPEC -c "$CONSTRAINTS" \
+    ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+if [ "$FORCE_CUDA" = "1" ]; then
+    # mmcv's CUDA ops must be compiled by the toolkit of torch's CUDA.
+    NVCC="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+    TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
+    if [ -z "$TORCH_CUDA" ]; then
+        log "ERROR: FORCE_CUDA=1 but this torch is a CPU build; install a CUDA build (TORCH_INDEX_URL)"
+        exit 2
+    fi
+    if ! command -v "$NVCC" >/dev/null 2>&1; then
+        log "ERROR: FORCE_CUDA=1 needs nvcc (CUDA toolkit $TORCH_CUDA): put it on PATH or set CUDA_HOME"
+        exit 2
+    fi
+    NVCC_CUDA=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+    if [ "${NVCC_CUDA%%.*}" != "${TORCH_CUDA%%.*}" ]; then
+        log "ERROR: nvcc is CUDA $NVCC_CUDA, torch was built with CUDA $TORCH_CUDA; use a toolkit of CUDA ${TORCH_CUDA%%.*}.x or a torch build for $NVCC_CUDA (TORCH_INDEX_URL)"
+        exit 2
+    fi
+    log "FORCE_CUDA=1: mmcv's CUDA ops are built with nvcc $NVCC_CUDA for torch's CUDA $TORCH_CUDA"
+fi
 
 log "installing build tools (setuptools<82, wheel, ninja, numpy, opencv)"
 "${PIP[@]}" install -q -r "$ROOT/requirements/build.txt" -c "$CONSTRAINTS"
 
-if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" \
-        >/dev/null 2>&1; then
+if "$PY" -c "import mmcv, mmcv.ops, torch
+assert mmcv.__version__ == '$MMCV_VERSION'
+if '$FORCE_CUDA' == '1':  # built with the CUDA ops: one runs on the GPU
+    boxes = torch.tensor([[0., 0., 1., 1.]], device='cuda')
+    mmcv.ops.nms(boxes, torch.ones(1, device='cuda'), 0.5)
+" >/dev/null 2>&1; then
     log "mmcv $MMCV_VERSION with ops already installed"
 else
     # The wheel depends on the torch ABI and the Python version: key on both.
     TAG=$("$PY" -c "import sys, torch; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split(\"+\")[0]}')")
+    if [ "$FORCE_CUDA" = "1" ]; then
+        TAG="$TAG-cuda$TORCH_CUDA"
+    fi
     WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-$TAG"
     WHEEL=$(ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
     if [ -z "$WHEEL" ]; then
@@ -88,7 +128,7 @@ else
         # torch >= 2.14 headers need C++20; mmcv 2.1.0 asks for C++17.
         sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
         mkdir -p "$WHEEL_DIR"
-        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
             "${PIP[@]}" wheel -q --no-build-isolation --no-deps \
             -w "$WHEEL_DIR" "$SRC"
         WHEEL=$(ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)

@@ -32,6 +32,8 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, check_checkpoint, load_config, tool_main)
 from boat_tools.config import (  # noqa: E402
     adapt_cfg_to_device, add_launcher_args, build_runner, check_data_roots,
     init_cpu_dist, merge_common_args, parse_launcher_args)
@@ -43,8 +45,7 @@ import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
-        description='Test (and evaluate) a checkpoint')
+    parser = ArgumentParser(description='Test (and evaluate) a checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
@@ -99,7 +100,7 @@ def _scope(cfg: Config) -> str:
 def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
-        raise KeyError(
+        raise UsageError(
             '--show/--show-dir need a visualization hook in default_hooks, '
             'e.g. default_hooks = dict(visualization=dict('
             'type=\'SegVisualizationHook\')) (mmseg), '
@@ -127,7 +128,7 @@ def _det_tta_defaults(cfg: Config) -> None:
     roi_head = cfg.model.get('roi_head') or {}
     if 'tta_model' not in cfg and (roi_head.get('mask_head')
                                    or cfg.model.get('mask_head')):
-        raise ValueError(
+        raise UsageError(
             '--tta with an instance segmentation model: mmdet\'s '
             'DetTTAModel merges boxes only, not masks. Test without --tta, '
             'or use a box detector (e.g. a retinanet_* config).')
@@ -175,7 +176,7 @@ def _tta(cfg: Config) -> None:
                 ], [pipeline[-1]]])
     missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
     if missing:
-        raise KeyError(
+        raise UsageError(
             f'--tta needs {missing} in the config (mmseg configs inherit '
             f'them from mmseg::_base_/default_runtime.py and the dataset '
             f'base).')
@@ -186,12 +187,7 @@ def _tta(cfg: Config) -> None:
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config (``--cfg-options`` first)."""
     merge_common_args(cfg, args)
-    if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
-        raise FileNotFoundError(
-            f'Checkpoint {args.checkpoint!r} not found; pass the .pth file '
-            f'written by tools/train.py (e.g. WORK_DIR/iter_N.pth or the '
-            f'path in WORK_DIR/last_checkpoint).')
-    cfg.load_from = args.checkpoint
+    cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.resume = False
     if args.amp:
         cfg.test_cfg = cfg.get('test_cfg') or ConfigDict(type='TestLoop')
@@ -209,7 +205,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.test_dataloader.pin_memory = False
     if args.out is not None and _scope(cfg) == 'mmdet' \
             and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(
+        raise UsageError(
             f'--out of an mmdet config is a pickle file of the predictions '
             f'(.pkl or .pickle), got {args.out!r}.')
     if args.out is not None and _scope(cfg) == 'mmseg':
@@ -222,10 +218,11 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the test; returns the metrics."""
     args = parse_args(argv)
-    cfg = merge_args(Config.fromfile(args.config), args)
+    cfg = merge_args(load_config(args.config), args)
     check_data_roots(cfg, ('test_dataloader', ))
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)

@@ -29,6 +29,8 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, load_config, tool_main)
 from boat_tools.config import (  # noqa: E402
     adapt_cfg_to_device, add_launcher_args, build_runner, check_data_roots,
     init_cpu_dist, merge_common_args, parse_launcher_args)
@@ -40,7 +42,7 @@ import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(description='Train a model')
+    parser = ArgumentParser(description='Train a model')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
@@ -108,7 +110,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     if args.amp:
         import torch
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise UsageError(
                 '--amp needs a CUDA device (MMEngine\'s AmpOptimWrapper does '
                 'not run on the CPU); drop --amp to train in float32.')
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
@@ -118,7 +120,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
                 logger='current',
                 level=logging.WARNING)
         elif wrapper != 'OptimWrapper':
-            raise ValueError(
+            raise UsageError(
                 f'--amp works with optim_wrapper.type=OptimWrapper, the '
                 f'config has {wrapper!r}.')
         else:
@@ -134,7 +136,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
 
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-            raise KeyError(
+            raise UsageError(
                 '--auto-scale-lr needs `auto_scale_lr = dict(enable=False, '
                 'base_batch_size=N)` in the config (N = the total batch size '
                 'the learning rate was tuned for).')
@@ -149,9 +151,10 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    cfg = merge_args(Config.fromfile(args.config), args)
+    cfg = merge_args(load_config(args.config), args)
     check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)

@@ -195,7 +195,9 @@ def test_cli_errors(tool, tmp_path, capsys, case):
         torch.save({'model': state}, src)
     args = [src, str(tmp_path / 'dst.pth')] + (['--ema']
                                                if case == 'ema' else [])
-    assert tool.main(args) == 1
+    with pytest.raises(SystemExit) as exc:
+        tool.main(args)
+    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err
     assert not osp.exists(tmp_path / 'dst.pth')

@@ -227,8 +227,11 @@ def test_cswin_ema_checkpoint_and_test(trained_cswin):
 
 def _tool_main(name: str):
     """The ``main`` of a tool script, loaded without running it."""
-    return runpy.run_path(
+    # Undecorated: the errors themselves (their one-line report is tested
+    # in test_cli_manner.py).
+    main = runpy.run_path(
         osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
+    return main.__wrapped__
 
 
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):

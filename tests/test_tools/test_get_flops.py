@@ -238,9 +238,10 @@ def test_get_flops_cli_segmentation_tiny_arch(get_flops, repo_root, tmp_path,
 def test_get_flops_cli_errors(get_flops, tmp_path, capsys):
     cfg = tmp_path / 'no_scope.py'
     cfg.write_text('model = dict(type="BOATSwin")\n')
-    assert get_flops.main([str(cfg)]) == 1
-    assert 'default_scope' in capsys.readouterr().err
-    assert get_flops.main([str(tmp_path / 'missing.py')]) == 1
-    assert 'not found' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        get_flops.parse_args([])  # neither CONFIG nor --check-reference
+    for argv, message in [([str(cfg)], 'default_scope'),
+                          ([str(tmp_path / 'missing.py')], 'not found'),
+                          ([], 'give a CONFIG, or --check-reference')]:
+        with pytest.raises(SystemExit) as exc:
+            get_flops.main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err

@@ -65,7 +65,15 @@ VERIFY = osp.join(REPO, 'tools', 'model_converters', 'verify_boat.py')
 def test_verify_boat_random_weights(family, ref_repo):
     out = run_tool(VERIFY, '--ref-repo', ref_repo, '--family', family,
                    '--arch', 'tiny')
-    assert 'PASS' in out
+    assert 'PASS' in out and 'weights: random (seed 0' in out
+    rows = [r.split(' | ') for r in out.splitlines() if r.startswith('| ')]
+    compared = {r[0][2:] for r in rows if r[-1].strip(' |') == 'ok'}
+    skipped = {r[0][2:] for r in rows if 'skipped' in r[-1]}
+    if family == 'swin':
+        assert compared == {'stage1', 'stage2', 'stage3', 'stage4', 'logits'}
+    else:
+        assert compared == {'stage1', 'stage2', 'stage3'}
+        assert skipped == {'stage4', 'logits'}
 
 
 def _public_swin_tiny_state(ref_repo: str) -> dict:

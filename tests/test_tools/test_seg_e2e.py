@@ -259,8 +259,11 @@ def test_user_config_swaps_arch_of_boat_swin(tmp_path, ade_root):
 
 def _tool_main(name: str):
     """The ``main`` of a tool script, loaded without running it."""
-    return runpy.run_path(
+    # Undecorated: the errors themselves (their one-line report is tested
+    # in test_cli_manner.py).
+    main = runpy.run_path(
         osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
+    return main.__wrapped__
 
 
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
@@ -280,7 +283,7 @@ def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
             HEADLINE, str(ckpt), '--cfg-options',
             f'test_dataloader.dataset.data_root={tmp_path / "empty"}'
         ])
-    with pytest.raises(FileNotFoundError, match='Checkpoint'):
+    with pytest.raises(FileNotFoundError, match='checkpoint'):
         _tool_main('test.py')([HEADLINE, str(tmp_path / 'missing.pth')])
 
 

@@ -127,9 +127,12 @@ def test_palette_colorize_and_draw():
 
 @pytest.fixture(scope='module')
 def tool():
-    return runpy.run_path(
+    """The tool's functions; ``main`` raises its errors (the one-line
+    report of its decorator is tested in test_cli_manner.py)."""
+    module = runpy.run_path(
         osp.join(REPO, 'tools', 'visualization', 'vis_clusters.py'),
         run_name='vis_clusters')
+    return dict(module, main=module['main'].__wrapped__)
 
 
 @pytest.fixture(scope='module')
@@ -158,7 +161,7 @@ SEG_OPTIONS = [
 def test_tool_segmentation_config(tool, image_file, tmp_path):
     out_file = str(tmp_path / 'out' / 'clusters.png')
     res = tool['main']([
-        DEMO_SEG, image_file, '--resize', '74', '58', '--alpha', '1', '--head',
+        DEMO_SEG, image_file, '--shape', '58', '74', '--alpha', '1', '--head',
         '1', '--out-file', out_file, *SEG_OPTIONS
     ])
     assert res['location'] == (0, 0)  # the first FSLA block of stage 0
@@ -169,8 +172,18 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
     assert ids.shape == (15, 19)
     assert sorted(np.bincount(ids.ravel())) == _balanced_sizes(285, 16)
 
-    picture = cv2.imread(out_file)
-    assert picture.shape == (58, 2 * 74, 3)
+    # Enlarged 4x (to >= 512 px) under a title band.
+    assert res['scale'] == 4 and res['title'] == (
+        'stage 0, block 0, head 1: 16 clusters of 15x19 tokens (58x74 '
+        'input)')
+    full = cv2.imread(out_file)
+    band = full.shape[0] - 4 * 58
+    assert full.shape[1] == 4 * 2 * 74 >= 512 and 0 < band < 60
+    assert (full[:band] < 128).any()  # the title's text
+    body = full[band:]
+    picture = body[::4, ::4]
+    np.testing.assert_array_equal(
+        body, np.repeat(np.repeat(picture, 4, 0), 4, 1))
     np.testing.assert_array_equal(picture[:, :74], expected)
     # alpha=1: pure colours, constant over each token's 4x4 pixels, one
     # distinct colour per cluster.
@@ -209,7 +222,9 @@ model = dict(
     assert res['location'] == (1, 1)
     # The config's test pipeline: resize the short edge to 256, crop 224.
     assert res['image'].shape == (224, 224, 3)
-    assert cv2.imread(out_file).shape == (224, 448, 3)
+    full = cv2.imread(out_file)
+    assert res['scale'] == 2 and full.shape[1] == 896
+    assert full.shape[0] - 448 < 60
     # The same clusters from the saved weights and a hand-normalised input
     # (BGR -> RGB, ImageNet mean/std): the checkpoint was loaded.
     rgb = res['image'][..., ::-1].astype(np.float32)
@@ -220,13 +235,13 @@ model = dict(
 
 
 def test_tool_errors(tool, image_file, tmp_path):
-    out = ['--out-file', str(tmp_path / 'x.png'), '--resize', '32', '32']
+    out = ['--out-file', str(tmp_path / 'x.png'), '--shape', '32']
     with pytest.raises(ValueError) as err:
         tool['main'](
             [DEMO_SEG, image_file, '--block', '1', *out, *SEG_OPTIONS])
     assert 'Stage 0, block 1 has no FSLA module. FSLA is in: (stage 0, ' \
         'block 0), (stage 1, block 0), (stage 2, block 0), (stage 3, ' \
-        'block 0).' in str(err.value)
+        'block 0); choose one with --stage and --block.' in str(err.value)
     with pytest.raises(ValueError, match='has 2 heads'):
         tool['main']([DEMO_SEG, image_file, '--head', '2', *out, *SEG_OPTIONS])
     # A user config swapping in an mmseg backbone.
@@ -245,6 +260,6 @@ model = dict(backbone=dict(
     assert {'BOATSwin', 'BOATCSWin', 'configs/boat_swin',
             'configs/boat_cswin'} <= set(str(err.value).replace(
                 ',', ' ').replace(')', ' ').replace('(', ' ').split())
-    with pytest.raises(FileNotFoundError, match='Image'):
+    with pytest.raises(FileNotFoundError, match='image'):
         tool['main']([DEMO_SEG, str(tmp_path / 'missing.png'), *out])
     assert not osp.exists(tmp_path / 'x.png')

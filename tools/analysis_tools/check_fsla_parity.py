@@ -26,7 +26,7 @@ Needs ``timm`` and ``einops`` (imported by the original files only).
 import argparse
 import os.path as osp
 import sys
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 
@@ -34,6 +34,7 @@ from boat_mm.models.backbones import BaseBOATBackbone, boat_families
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
 from boat_tools.reference import (  # noqa: E402
     PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
 
@@ -52,8 +53,8 @@ FAMILIES = {
 }
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = ArgumentParser(
         description='Max abs difference between boat-mm FSLA and the '
         'published ContentAttention')
     parser.add_argument(
@@ -76,15 +77,15 @@ def parse_args() -> argparse.Namespace:
         help='float32 only: share of tokens allowed beyond --atol, for '
         'near-ties that float rounding decides differently in the two '
         'sorts (default 0.02)')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_content_attention(ref_repo: str, family: str) -> type:
     """Import the original ``ContentAttention`` class of ``family``."""
     try:
         return import_public_module(ref_repo, family).ContentAttention
-    except (FileNotFoundError, ImportError) as err:
-        raise SystemExit(str(err))
+    except ImportError as err:
+        raise UsageError(str(err))
 
 
 def compare(ref_cls: type, side: int, dims: int, heads: int,
@@ -110,18 +111,19 @@ def compare(ref_cls: type, side: int, dims: int, heads: int,
     return diff.max().item(), expected.abs().max().item(), far.item()
 
 
-def main() -> None:
-    args = parse_args()
+@tool_main
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
     families: List[str] = [f.strip() for f in args.family.split(',') if f]
     for family in families:
         if family not in FAMILIES:
-            raise SystemExit(f'unknown --family {family!r}; choose from '
+            raise UsageError(f'unknown --family {family!r}; choose from '
                              f'{sorted(FAMILIES)}')
     dtypes = []
     for name in args.dtype.split(','):
         dtype = getattr(torch, name.strip(), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise SystemExit(f'unknown --dtype {name!r}; use float32 and/or '
+            raise UsageError(f'unknown --dtype {name!r}; use float32 and/or '
                              'float64')
         dtypes.append(dtype)
 

@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, add_shape_arg, load_config, tool_main)
 from boat_tools.complexity import (  # noqa: E402
     DetectorForward, get_model_complexity)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
@@ -66,19 +68,16 @@ SCOPES = {
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Get the params and FLOPs (multiply-adds) of a model')
     parser.add_argument(
         'config',
         nargs='?',
         help='config file (not needed with '
         '--check-reference)')
-    parser.add_argument(
-        '--shape',
-        type=int,
-        nargs='+',
-        help='input size: H W, or one number for a square; default 224 '
-        'for classification, 512 for segmentation, 800 1280 for detection')
+    add_shape_arg(
+        parser, 'the input size; default 224 for classification, 512 for '
+        'segmentation, 800 1280 for detection')
     parser.add_argument(
         '--masked-attention',
         choices=['allowed', 'dense'],
@@ -110,12 +109,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config is None and not args.check_reference:
         parser.error('give a CONFIG, or --check-reference')
-    if args.shape is not None and len(args.shape) not in (1, 2):
-        parser.error(f'--shape takes H W or one size, got {args.shape}')
     return args
 
 
-class ScopeError(ValueError):
+class ScopeError(UsageError):
     """The config is not an mmpretrain, mmseg or mmdet config."""
 
 
@@ -158,11 +155,7 @@ def count_config(config: str,
     Returns:
         dict: The result of :func:`get_model_complexity` plus ``scope``.
     """
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config file {config!r} not found.')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config, cfg_options)
     model, scope = build_model(cfg)
     if shape is None:
         shape = SCOPES[scope][1]
@@ -253,17 +246,14 @@ def check_reference(tolerance: float,
     return all_ok
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.check_reference:
         return 0 if check_reference(args.tolerance,
                                     args.masked_attention) else 1
-    try:
-        info = count_config(args.config, args.shape, args.cfg_options,
-                            args.masked_attention)
-    except (FileNotFoundError, ScopeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    info = count_config(args.config, args.shape, args.cfg_options,
+                        args.masked_attention)
     if args.show_arch:
         print(complexity_stats_str(flops=info['analyzer']))
     if args.show_table:

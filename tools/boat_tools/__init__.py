@@ -6,8 +6,9 @@ The tools reach it with one line before their imports::
     sys.path.insert(0, TOOLS_DIR)  # the folder holding boat_tools/
 
 Kept out of the ``boat_mm`` package (as mmsegmentation keeps such code in
-``tools/``) because it has effects a library must not have: argparse and
-runner set-up (:mod:`.config`), FLOP counting under a torch function mode
+``tools/``) because it has effects a library must not have: the manner
+every tool shares, one-line user errors with exit status 2 and the common
+arguments (:mod:`.cli`), argparse and runner set-up (:mod:`.config`), FLOP counting under a torch function mode
 (:mod:`.complexity`), the loader of the public BOAT code that edits
 ``sys.path`` (:mod:`.reference`), and the warning filters below.
 

@@ -5,15 +5,16 @@
 mmpretrain, mmseg or mmdet config (chosen by its ``default_scope``) with a
 checkpoint, and the config's test pipeline for one image.
 """
-import os.path as osp
 from copy import deepcopy
-from typing import List, Optional
+from typing import Optional, Sequence
 
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
+
+from .cli import UsageError, check_checkpoint
 
 __all__ = ['SCOPES', 'build_model', 'build_pipeline', 'token_stride']
 
@@ -38,7 +39,7 @@ def build_model(cfg: Config,
     """
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
-        raise ValueError(
+        raise UsageError(
             f'The config\'s default_scope is {scope!r}; {tool} needs an '
             f'mmpretrain (classification), mmseg (segmentation) or mmdet '
             f'(detection) config, with default_scope in {SCOPES}.')
@@ -54,19 +55,18 @@ def build_model(cfg: Config,
             'initialised weights.',
             logger='current')
     else:
-        if not osp.isfile(checkpoint) and '://' not in checkpoint:
-            raise FileNotFoundError(f'Checkpoint {checkpoint!r} not found.')
-        load_checkpoint(model, checkpoint, map_location='cpu')
+        load_checkpoint(
+            model, check_checkpoint(checkpoint), map_location='cpu')
     return model.to(device).eval()
 
 
 def build_pipeline(cfg: Config,
-                   resize: Optional[List[int]] = None,
+                   shape: Optional[Sequence[int]] = None,
                    tool: str = 'This tool') -> Compose:
     """The config's test pipeline for one image file, without annotations.
 
-    With ``resize=(W, H)`` only its loading and packing transforms are kept,
-    around a plain resize to ``W x H``.
+    With ``shape=(H, W)`` (a tool's ``--shape``) only its loading and
+    packing transforms are kept, around a plain resize to ``H x W``.
     """
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
@@ -77,8 +77,8 @@ def build_pipeline(cfg: Config,
     pipeline = [
         deepcopy(t) for t in pipeline if 'LoadAnnotations' not in t['type']
     ]
-    if resize is not None:
-        w, h = resize
+    if shape is not None:
+        h, w = shape
         pipeline = [
             pipeline[0],
             dict(type='Resize', scale=(w, h), keep_ratio=False), pipeline[-1]

@@ -43,10 +43,14 @@ class PublicModel(NamedTuple):
             ``ours`` (same weights) compute alike on images ``x``.
         fsla_qk_scale (float | bool | None): The ``qk_scale`` the public
             code passes to its FSLA (``ContentAttention``).
+        skipped (dict): Outputs of the published classifier (``stage1``-
+            ``stage4``, ``logits``) that ``outputs`` does not compare ->
+            why, for the verifier's table.
     """
     build: Callable[[ModuleType, str], nn.Module]
     outputs: Callable[[nn.Module, nn.Module, Tensor], Outputs]
     fsla_qk_scale: Optional[float]
+    skipped: Dict[str, str] = {}
 
 
 def _build_swin(module: ModuleType, arch: str) -> nn.Module:
@@ -60,9 +64,27 @@ def _build_swin(module: ModuleType, arch: str) -> nn.Module:
         num_heads=zoo['num_heads'])
 
 
-def _logits(ref: nn.Module, ours: nn.Module, x: Tensor) -> Outputs:
-    """The logits."""
-    return {'logits': (ref(x), ours(x, mode='tensor'))}
+def _swin_stage_tokens(ref: nn.Module, ours: nn.Module,
+                       x: Tensor) -> Outputs:
+    """The tokens after each stage (before its merging) and the logits."""
+    feats = ours.backbone.forward_stages(x)
+    theirs: Dict[int, Tensor] = {}
+    hooks = [
+        layer.blocks[-1].register_forward_hook(
+            lambda m, args, out, i=i: theirs.__setitem__(i, out))
+        for i, layer in enumerate(ref.layers)
+    ]
+    try:
+        logits = ref(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {
+        f'stage{i + 1}': (theirs[i], feat.flatten(2).transpose(1, 2))
+        for i, feat in enumerate(feats)
+    }
+    out['logits'] = (logits, ours(x, mode='tensor'))
+    return out
 
 
 def _build_cswin(module: ModuleType, arch: str) -> nn.Module:
@@ -92,10 +114,16 @@ def _cswin_stage_tokens(ref: nn.Module, ours: nn.Module,
 
 #: Family name -> how its public code is run.
 PUBLIC_MODELS: Dict[str, PublicModel] = {
-    BOATSwin.family: PublicModel(_build_swin, _logits, None),
+    BOATSwin.family: PublicModel(_build_swin, _swin_stage_tokens, None),
     # The original builds its FSLA (ContentAttention) with qk_scale=True,
     # i.e. a logit scale of 1.0.
-    BOATCSWin.family: PublicModel(_build_cswin, _cswin_stage_tokens, True),
+    BOATCSWin.family: PublicModel(
+        _build_cswin, _cswin_stage_tokens, True, {
+            'stage4': 'the public code pairs the samples of a batch in '
+            "stage 4's single FSLA cluster (at 224), so its output depends "
+            'on the batch; boat-mm attends within each image',
+            'logits': 'computed from stage 4 (see stage4)',
+        }),
 }
 
 

@@ -11,14 +11,20 @@ Examples::
         data/coco_synthetic --num-train 200 --num-val 50 --img-size 160
 """
 import argparse
+import os.path as osp
+import sys
 import time
+from typing import List, Optional
 
 from boat_mm.datasets import (generate_ade20k_like, generate_coco_like,
                               generate_imagenet_like)
 
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('kind', choices=['ade20k', 'imagenet', 'coco'])
     parser.add_argument('out_dir', help='output folder (must be empty)')
     parser.add_argument(
@@ -30,11 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--img-size', type=int, default=None)
     parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+@tool_main
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
     kwargs = {
         k: v
         for k, v in dict(
@@ -45,6 +52,14 @@ def main() -> None:
             seed=args.seed).items() if v is not None
     }
     start = time.time()
+    try:
+        _generate(args, kwargs)
+    except ValueError as err:  # a size or count out of range
+        raise UsageError(str(err))
+    print(f'done in {time.time() - start:.1f}s')
+
+
+def _generate(args: argparse.Namespace, kwargs: dict) -> None:
     if args.kind == 'ade20k':
         root = generate_ade20k_like(args.out_dir, **kwargs)
         print(f'ADE20K-like data root: {root}')
@@ -55,7 +70,6 @@ def main() -> None:
         classes = generate_imagenet_like(args.out_dir, **kwargs)
         print(f'ImageNet-like data in {args.out_dir} ({len(classes)} '
               f'classes)')
-    print(f'done in {time.time() - start:.1f}s')
 
 
 if __name__ == '__main__':

@@ -65,6 +65,9 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, add_shape_arg, check_checkpoint, check_file,
+    load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
 
 SCOPES = {'mmpretrain': 'mmpretrain.registry', 'mmseg': 'mmseg.registry'}
@@ -80,19 +83,15 @@ __all__ = [
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Export an mmpretrain classifier or an mmseg segmentor '
         'built from a config to ONNX')
     parser.add_argument('config', help='config file')
     parser.add_argument(
         '--checkpoint', help='checkpoint to load (random weights without)')
-    parser.add_argument(
-        '--shape',
-        type=int,
-        nargs=2,
-        required=True,
-        metavar=('H', 'W'),
-        help='input size the network sees (fixed in the file)')
+    add_shape_arg(
+        parser, 'the input size the network sees (fixed in the file)',
+        required=True)
     parser.add_argument('--out', required=True, help='output .onnx file')
     parser.add_argument(
         '--dynamic-shape',
@@ -120,8 +119,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dynamic_shape is not None and not args.dynamic_shape:
         args.dynamic_shape = ['batch']  # the flag alone
-    if min(args.shape) < 1:
-        parser.error(f'--shape must be positive, got {args.shape}')
     if args.opset is not None and args.opset < MIN_OPSET:
         parser.error(f'--opset must be >= {MIN_OPSET} (torch\'s ONNX '
                      f'exporter emits opset {MIN_OPSET}+), got {args.opset}')
@@ -141,7 +138,7 @@ def build_model(cfg: Config,
     """
     scope = cfg.get('default_scope', None)
     if scope not in SCOPES:
-        raise ValueError(
+        raise UsageError(
             f'pytorch2onnx.py exports mmpretrain classifiers and mmseg '
             f'segmentors (by the config\'s `default_scope`), got '
             f'default_scope={scope!r}.')
@@ -157,9 +154,9 @@ def build_model(cfg: Config,
     # SyncBN needs a process group; in eval mode it is a plain BN.
     model = revert_sync_batchnorm(model)
     if checkpoint is not None:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint {checkpoint!r} not found.')
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+        load_checkpoint(
+            model, check_checkpoint(checkpoint), map_location='cpu',
+            strict=True)
     return model.cpu().eval(), scope
 
 
@@ -171,7 +168,7 @@ def _check_fsla_impls(model: nn.Module) -> None:
         for arg in ('clustering_impl', 'attention_impl'):
             impl = getattr(module, arg)
             if impl not in ('auto', 'tensor'):
-                raise ValueError(
+                raise UsageError(
                     f'{name} has {arg}={impl!r}, a kernel that ONNX cannot '
                     f'express; export with {arg}=\'auto\' (the default; '
                     f'it takes tensor ops under export) or \'tensor\', '
@@ -256,11 +253,11 @@ def _check_dynamic(dynamic: Sequence[str]) -> bool:
     """Whether the batch axis is dynamic; errors for the other axes."""
     unknown = [a for a in dynamic if a not in DYNAMIC_AXES]
     if unknown:
-        raise ValueError(f'unknown dynamic axes {unknown}; choose from '
+        raise UsageError(f'unknown dynamic axes {unknown}; choose from '
                          f'{list(DYNAMIC_AXES)}.')
     spatial = [a for a in DYNAMIC_AXES[1:] if a in dynamic]
     if spatial:
-        raise ValueError(
+        raise UsageError(
             f'a dynamic {" and ".join(spatial)} is not supported: FSLA\'s '
             f'cluster layout (number of clusters, slots per cluster, '
             f'attention masks) is computed from the number of tokens '
@@ -473,13 +470,15 @@ def verify(path: str,
     return results
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f'config file {args.config!r} not found.')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
+    _check_dynamic(args.dynamic_shape or ())
+    if args.image is not None:
+        check_file(args.image, 'image', 'pass an image file for --verify')
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
     model, scope = build_model(cfg, args.checkpoint)
     wrapper = ExportWrapper(model, scope)
     t0 = time.perf_counter()

@@ -1,6 +1,10 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Convert a published BOAT checkpoint to an mmpretrain classifier checkpoint.
 
+``SRC`` is a file or a URL (the Dropbox links of ``configs/*/metafile.yml``
+work as listed): a URL is downloaded, with a progress bar, into the cache
+that MMEngine's ``load_from_http`` uses (``torch.hub.get_dir()``/
+checkpoints; set ``TORCH_HOME`` to move it) and reused from there.
 Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
 (``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
 (each registered BOAT backbone recognises its published layout) and the
@@ -20,6 +24,9 @@ Example::
         checkpoints/boat-swin-tiny_in1k.pth
     python tools/model_converters/boat2mm.py cswin_tiny.pth.tar \
         checkpoints/boat-cswin-tiny_in1k.pth --ema
+    python tools/model_converters/boat2mm.py \
+        'https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar?dl=0' \
+        checkpoints/boat-cswin-tiny_in1k.pth
 """
 import argparse
 import os
@@ -37,6 +44,10 @@ from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
                                       detect_boat_family)
 from boat_mm.models.utils.ckpt_convert import pick_boat_weights
 from boat_mm.version import __version__
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, check_file, tool_main)
 
 Family = Type[BaseBOATBackbone]
 
@@ -96,8 +107,9 @@ def load_original_checkpoint(path: str) -> Dict:
     args), which weights-only loading rejects; those objects are then
     replaced by inert stand-ins (and reported), the tensors load as usual.
     """
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'Checkpoint {path!r} not found.')
+    check_file(path, 'published checkpoint',
+               'pass a file (or URL) of the published BOAT weights, as '
+               'listed in configs/*/metafile.yml')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
@@ -170,11 +182,56 @@ def check_loads(model: torch.nn.Module, state_dict: Dict[str, Tensor]):
     model.load_state_dict(state_dict, strict=True)  # also checks shapes
 
 
+def is_url(src: str) -> bool:
+    return src.startswith(('http://', 'https://'))
+
+
+def download(url: str) -> str:
+    """The local copy of ``url`` in the cache MMEngine's ``load_from_http``
+    uses (``<torch.hub.get_dir()>/checkpoints/<file name>``), downloaded
+    with a progress bar unless it is there.
+
+    Dropbox share links (``?dl=0``, as in ``configs/*/metafile.yml``) open
+    a web page; they are fetched with ``dl=1``, which serves the file.
+
+    Returns:
+        str: The cached file.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlparse
+    parts = urlparse(url)
+    query = dict(parse_qsl(parts.query))
+    if query.get('dl') == '0':
+        query['dl'] = '1'
+    direct = parts._replace(query=urlencode(query)).geturl()
+    cache = osp.join(torch.hub.get_dir(), 'checkpoints')
+    path = osp.join(cache, osp.basename(parts.path))
+    if osp.isfile(path):
+        print(f'[0/4] {url}: using the cached {path}')
+        return path
+    os.makedirs(cache, exist_ok=True)
+    print(f'[0/4] downloading {url} to {path}', flush=True)
+    try:
+        torch.hub.download_url_to_file(direct, path, progress=True)
+    except OSError as err:  # URLError, HTTPError, ...
+        raise UsageError(f'cannot download {url}: {err}') from err
+    with open(path, 'rb') as f:
+        head = f.read(64).lstrip()
+    if head[:1] == b'<':
+        os.remove(path)
+        raise UsageError(
+            f'{url} served a web page, not a checkpoint (a moved or '
+            f'expired link?); download the file in a browser and pass its '
+            f'path.')
+    return path
+
+
 def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
-    """Convert ``src`` to ``dst``; returns the written ``meta``."""
+    """Convert ``src`` (a file or a URL) to ``dst``; returns the written
+    ``meta``."""
     start = time.time()
-    print(f'[1/4] loading {src}')
-    ckpt = load_original_checkpoint(src)
+    path = download(src) if is_url(src) else src
+    print(f'[1/4] loading {path}')
+    ckpt = load_original_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise TypeError(f'{src} holds a {type(ckpt).__name__}, not a dict '
                         f'of weights.')
@@ -203,7 +260,7 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     num_params = sum(v.numel() for v in converted.values())
     meta = dict(
         boat_mm_version=__version__,
-        source=osp.basename(src),
+        source=src if is_url(src) else osp.basename(src),
         source_key=source_key,
         ema=bool(use_ema),
         family=family.family,
@@ -223,10 +280,14 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
 def parse_args(argv=None) -> argparse.Namespace:
     names = ' / '.join(f.published.name for f in boat_families()
                        if f.published is not None)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=f'Convert a published {names} checkpoint to an '
         'mmpretrain classifier checkpoint for boat-mm.')
-    parser.add_argument('src', help='published checkpoint (.pth / .pth.tar)')
+    parser.add_argument(
+        'src',
+        help='published checkpoint (.pth / .pth.tar), a path or a URL (as '
+        'listed in configs/*/metafile.yml; downloaded into the cache '
+        'MMEngine uses for URLs, torch.hub.get_dir()/checkpoints)')
     parser.add_argument('dst', help='output path')
     parser.add_argument(
         '--ema',
@@ -235,14 +296,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@tool_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         convert(args.src, args.dst, args.ema)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+    except (KeyError, ValueError, TypeError) as e:
+        # The file is not a published checkpoint boat2mm can convert.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f'error: {msg}', file=sys.stderr)
-        return 1
+        raise UsageError(f'{args.src}: {msg}') from e
     return 0
 
 

@@ -7,9 +7,11 @@ is part of boat-mm; needs ``timm`` and ``einops``), runs it on the CPU with
 its hard-coded ``.cuda()`` calls neutralised, converts its weights with
 boat-mm's converter (the one ``boat2mm.py`` uses) and compares at 224x224,
 batch 1 and 2, what ``boat_tools.reference.PUBLIC_MODELS`` names (BOAT-Swin:
-the logits; BOAT-CSWin: the features after stages 1-3, as the original
-pairs different images of the batch in the single FSLA cluster of stage
-4).
+the tokens after each stage and the logits; BOAT-CSWin: the tokens after
+stages 1-3, as the original pairs different images of the batch in the
+single FSLA cluster of stage 4). It prints a table of every output: those
+compared (batch, dtype, max abs error, tolerance) and those skipped, with
+the reason it gives (``PUBLIC_MODELS[...].skipped``), and which weights it used.
 
 With CKPT (a published file) the family and arch come from the file;
 without it the original is randomly initialised (norms and biases
@@ -46,6 +48,7 @@ from boat_mm.models.backbones import (BaseBOATBackbone,  # noqa: E402
 from boat_mm.models.utils.ckpt_convert import pick_boat_weights  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
 from boat_tools.reference import (  # noqa: E402
     PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
 
@@ -103,36 +106,74 @@ def verify(family: Family,
     return results
 
 
-def _report(title: str, results: Dict[str, float]) -> float:
-    for name, diff in results.items():
-        print(f'{title:22s} {name:10s} max abs diff {diff:.3g}')
-    return max(results.values())
+#: Every output of a published classifier, in the order of the table.
+OUTPUTS = ('stage1', 'stage2', 'stage3', 'stage4', 'logits')
+
+
+def table(family: Family, results: Dict[str, Dict[str, float]],
+          tol: float) -> List[str]:
+    """The report: one row per output and batch compared (per dtype, with
+    the max abs error and the tolerance), one per output skipped (with
+    why).
+
+    Args:
+        family (type): The family (``PUBLIC_MODELS[family].skipped``).
+        results (dict): dtype name -> what :func:`verify` returned.
+        tol (float): The tolerance.
+
+    Returns:
+        list[str]: The table's lines (markdown).
+    """
+    lines = ['| output | batch | dtype | max abs error | tolerance | '
+             'result |', '|---|---|---|---|---|---|']
+    compared = {name.split()[0] for r in results.values() for name in r}
+    for output in OUTPUTS:
+        if output not in compared:
+            reason = PUBLIC_MODELS[family.family].skipped.get(
+                output, 'not computed alike by the two codes')
+            lines.append(f'| {output} | - | - | - | - | skipped: {reason} |')
+            continue
+        for dtype, res in results.items():
+            for name, diff in res.items():
+                out, batch = name.split()
+                if out == output:
+                    lines.append(
+                        f'| {out} | {batch[1:]} | {dtype} | {diff:.3g} | '
+                        f'{tol:g} | {"ok" if diff <= tol else "over"} |')
+    return lines
 
 
 def run_case(family: Family, arch: str, ref: nn.Module, tol: float,
-             seed: int, double: bool) -> bool:
-    """Compare one model, in float32 then (if needed) float64."""
+             seed: int, double: bool, weights: str = '') -> bool:
+    """Compare one model, in float32 then (if needed) float64, and print
+    the table of what was compared and what was skipped."""
     title = f'{family.published.name}-{arch}'
-    dtypes = [torch.float64] if double else [torch.float32]
-    worst = _report(f'{title} ({"f64" if double else "f32"})',
-                    verify(family, ref, seed=seed, dtype=dtypes[0]))
-    if worst <= tol:
-        return True
-    if double:
-        return False
-    print(f'{title}: float32 differs by {worst:.3g} > {tol:g}; repeating in '
-          f'float64 to separate FSLA near-ties from real differences')
-    worst64 = _report(f'{title} (f64)',
-                      verify(family, ref, seed=seed, dtype=torch.float64))
-    if worst64 <= tol:
-        print(f'{title}: float64 agrees ({worst64:.3g}): the float32 '
-              f'difference comes from cluster ranks tied to rounding.')
-        return True
-    return False
+    first = 'float64' if double else 'float32'
+    results = {
+        first: verify(family, ref, seed=seed,
+                      dtype=getattr(torch, first))
+    }
+    worst = max(results[first].values())
+    ok = worst <= tol
+    note = ''
+    if not ok and not double:
+        results['float64'] = verify(
+            family, ref, seed=seed, dtype=torch.float64)
+        worst64 = max(results['float64'].values())
+        ok = worst64 <= tol
+        note = (f'float32 differs by {worst:.3g} > {tol:g}; float64 '
+                + (f'agrees ({worst64:.3g}): the float32 difference comes '
+                   f'from cluster ranks tied to rounding.' if ok else
+                   f'differs too ({worst64:.3g}).'))
+    print(f'{title}; weights: {weights}; input 224x224, seed {seed}')
+    print('\n'.join(table(family, results, tol)))
+    if note:
+        print(note)
+    return ok
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Compare boat-mm with the published BOAT models.')
     parser.add_argument(
         'ckpt', nargs='?', help='published checkpoint; random weights '
@@ -160,6 +201,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _public_module(ref_repo: str, family: str):
+    """The public code's model module; a missing checkout or a missing
+    timm / einops is the user's to fix."""
+    try:
+        return import_public_module(ref_repo, family)
+    except ImportError as err:
+        raise UsageError(str(err))
+
+
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -167,30 +218,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.ckpt:
         ckpt = load_original_checkpoint(args.ckpt)
         try:
-            _, weights = pick_boat_weights(ckpt, args.ema)
-        except KeyError as e:
-            print(f'error: {e.args[0]}', file=sys.stderr)
-            return 1
-        family = detect_boat_family(weights)
-        arch = detect_arch(family, weights)['arch_name']
+            source_key, weights = pick_boat_weights(ckpt, args.ema)
+            family = detect_boat_family(weights)
+            arch = detect_arch(family, weights)['arch_name']
+        except (KeyError, ValueError) as e:
+            raise UsageError(f'{args.ckpt}: {e.args[0] if e.args else e}')
         if arch not in ('tiny', 'small', 'base'):
-            print(f'error: {args.ckpt} is not one of the published '
-                  f'tiny/small/base models', file=sys.stderr)
-            return 1
+            raise UsageError(f'{args.ckpt} is not one of the published '
+                             f'tiny/small/base models')
         ref = build_reference(
-            import_public_module(args.ref_repo, family.family), family, arch)
+            _public_module(args.ref_repo, family.family), family, arch)
         ref.load_state_dict(weights, strict=True)
-        ok = run_case(family, arch, ref, args.tol, args.seed, args.double)
+        used = (f"'{source_key}' of {args.ckpt}" if source_key else
+                f'the top level of {args.ckpt}')
+        used += ' (EMA)' if args.ema else ' (not EMA)'
+        ok = run_case(family, arch, ref, args.tol, args.seed, args.double,
+                      used)
     else:
         family = FAMILIES[args.family]
-        module = import_public_module(args.ref_repo, args.family)
+        module = _public_module(args.ref_repo, args.family)
         for i, arch in enumerate(args.arch):
             torch.manual_seed(args.seed + i)
             ref = build_reference(module, family, arch)
             randomise(ref, args.seed + i)
-            ok &= run_case(family, arch, ref, args.tol, args.seed,
-                           args.double)
-    print('PASS' if ok else 'FAIL', f'(tol {args.tol:g})')
+            ok &= run_case(
+                family, arch, ref, args.tol, args.seed, args.double,
+                f'random (seed {args.seed + i}, norms and biases perturbed)')
+    print('PASS' if ok else 'FAIL', f'(every compared output within tol '
+          f'{args.tol:g})' if ok else f'(an output exceeds tol {args.tol:g})')
     return 0 if ok else 1
 
 

@@ -3,10 +3,12 @@
 
 Builds the model of an mmpretrain, mmseg or mmdet config (chosen by the
 config's ``default_scope``), loads a checkpoint, runs an image through the
-config's test pipeline (or a plain resize, ``--resize``) and the model's data
-preprocessor, captures the cluster of every token at the chosen FSLA module
-(stage, block, head), and saves the image next to the image overlaid with
-one colour per cluster.
+config's test pipeline (or a plain resize, ``--shape H W``) and the model's
+data preprocessor, captures the cluster of every token at the chosen FSLA
+module (stage, block, head), and saves the image next to the image
+overlaid with one colour per cluster, enlarged by a whole factor to at
+least ``--min-width`` (512) pixels, under a title that names the stage,
+block and head and says how many clusters there are.
 
 Examples::
 
@@ -14,7 +16,7 @@ Examples::
         configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py demo.jpg \\
         --checkpoint boat-cswin-tiny_in1k.pth --stage 1 --head 2 \\
         --out-file clusters.png
-    python tools/visualization/vis_clusters.py CONFIG IMG --resize 448 448
+    python tools/visualization/vis_clusters.py CONFIG IMG --shape 448 448
     python tools/visualization/vis_clusters.py \
         configs/boat_swin/mask-rcnn_boat-swin-tiny_fpn_1x_coco.py demo.jpg \
         --checkpoint CKPT --stage 1
@@ -26,8 +28,9 @@ and in the even blocks of every stage of BOAT-CSWin; a wrong
 import argparse
 import os.path as osp
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+import cv2
 import mmcv
 import numpy as np
 from mmengine.config import Config
@@ -39,6 +42,9 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, add_shape_arg, check_checkpoint, check_file,
+    load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
 from boat_tools.inference import build_pipeline, token_stride  # noqa: E402
 from boat_tools.inference import build_model as _build_model  # noqa: E402
@@ -56,7 +62,7 @@ def build_model(cfg: Config,
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Visualise the FSLA clusters of a BOAT backbone')
     parser.add_argument(
         'config', help='mmpretrain, mmseg or mmdet config file')
@@ -70,13 +76,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='block index inside the stage (default: its first FSLA block)')
     parser.add_argument(
         '--head', type=int, default=0, help='attention head (default 0)')
-    parser.add_argument(
-        '--resize',
-        type=int,
-        nargs=2,
-        metavar=('W', 'H'),
-        help='resize the image to W x H instead of the config\'s test '
+    add_shape_arg(
+        parser, 'resize the image to H x W instead of the config\'s test '
         'pipeline resizing')
+    # Before --shape (height first, as in the other tools): width first.
+    parser.add_argument(
+        '--resize', type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         '--alpha',
         type=float,
@@ -86,21 +91,57 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--out-file',
         default='clusters.png',
         help='output image (default clusters.png)')
+    parser.add_argument(
+        '--min-width',
+        type=int,
+        default=512,
+        help='the picture is enlarged by a whole factor to at least this '
+        'many pixels (default 512)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
     add_cfg_options_arg(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resize is not None:
+        if args.shape is not None:
+            parser.error('give --shape H W only (--resize W H is its old '
+                         'spelling)')
+        args.shape = (args.resize[1], args.resize[0])
+    return args
 
 
+def readable(picture: np.ndarray, title: str,
+             min_width: int = 512) -> Tuple[np.ndarray, int]:
+    """Enlarge ``picture`` by a whole factor (nearest neighbour: each token
+    stays a sharp block) to at least ``min_width`` pixels and put
+    ``title`` above it.
+
+    Returns:
+        tuple[np.ndarray, int]: The picture and the factor.
+    """
+    scale = max(1, -(-min_width // picture.shape[1]))
+    body = np.repeat(np.repeat(picture, scale, 0), scale, 1)
+    width = body.shape[1]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    size = 0.6
+    while size > 0.3 and cv2.getTextSize(title, font, size,
+                                         1)[0][0] > width - 16:
+        size -= 0.05
+    (_, text_h), _ = cv2.getTextSize(title, font, size, 1)
+    band = np.full((text_h + 16, width, 3), 255, np.uint8)
+    cv2.putText(band, title, (8, text_h + 8), font, size, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return np.concatenate([band, body], axis=0), scale
+
+
+@tool_main
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the tool; returns ``ids`` (the ``(H_s, W_s)`` id map drawn),
     ``image`` (what the model saw, ``(H, W, 3)`` BGR), ``location`` and
     ``out_file``."""
     args = parse_args(argv)
-    if not osp.isfile(args.image):
-        raise FileNotFoundError(f'Image {args.image!r} not found.')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
+    check_file(args.image, 'image', 'pass an image file (.jpg, .png, ...)')
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
     model = build_model(cfg, args.checkpoint, args.device)
     backbone = get_boat_backbone(model)
 
@@ -112,17 +153,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
         blocks = [j for i, j in modules if i == args.stage]
         block = blocks[0] if blocks else 0
     location = (args.stage, block)
-    # A location without FSLA is reported by the capture, with the list
-    # of those that have it; the head is checked here.
-    if location in modules:
-        heads = modules[location].num_heads
-        if not 0 <= args.head < heads:
-            raise ValueError(
-                f'--head {args.head} is out of range: FSLA at stage '
-                f'{args.stage}, block {block} has {heads} heads.')
+    if location not in modules:
+        where = ', '.join(f'(stage {i}, block {j})'
+                          for i, j in sorted(modules))
+        raise UsageError(
+            f'Stage {args.stage}, block {block} has no FSLA module. FSLA '
+            f'is in: {where}; choose one with --stage and --block.')
+    heads = modules[location].num_heads
+    if not 0 <= args.head < heads:
+        raise UsageError(
+            f'--head {args.head} is out of range: FSLA at stage '
+            f'{args.stage}, block {block} has {heads} heads.')
 
-    data = build_pipeline(cfg, args.resize, TOOL)(
-        dict(img_path=args.image))
+    data = build_pipeline(cfg, args.shape, TOOL)(dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)
     ids = capture_cluster_ids(model, batch['inputs'],
                               [location])[location][0, args.head]
@@ -133,18 +176,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
         ids,
         alpha=args.alpha,
         stride=token_stride(backbone, args.stage))
+    num = len(np.unique(ids.numpy()))
+    h, w = image.shape[:2]
+    title = (f'stage {args.stage}, block {block}, head {args.head}: {num} '
+             f'clusters of {ids.shape[0]}x{ids.shape[1]} tokens '
+             f'({h}x{w} input)')
+    picture, scale = readable(picture, title, args.min_width)
     mmcv.imwrite(picture, args.out_file)
-    num = int(ids.max()) + 1
     print_log(
-        f'Saved {args.out_file}: stage {args.stage}, block {block}, head '
-        f'{args.head}: {num} clusters on the {tuple(ids.shape)} token map '
-        f'of a {image.shape[1]}x{image.shape[0]} input.',
+        f'Saved {args.out_file} ({picture.shape[1]}x{picture.shape[0]} px, '
+        f'image | clusters, drawn {scale}x): {title}.',
         logger='current')
     return dict(
         ids=ids.numpy(),
         image=image,
         location=location,
-        out_file=args.out_file)
+        out_file=args.out_file,
+        title=title,
+        scale=scale)
 
 
 if __name__ == '__main__':

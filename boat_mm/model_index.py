@@ -1,0 +1,104 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Make the BOAT classifiers known to mmpretrain's model hub by name.
+
+After ``import boat_mm``, ``mmpretrain.list_models('*boat*')`` lists the
+six ImageNet-1K classifiers of ``configs/*/metafile.yml`` by their metafile
+names (those of their configs, as mmpretrain names its own models) and
+``mmpretrain.get_model(name, pretrained=CONVERTED_FILE)`` builds and loads
+one. The published weights' URLs stay metadata
+(``ModelHub.get(name).data['Converted From']['Weights']``): they are not
+mmpretrain checkpoints (convert them with
+``tools/model_converters/boat2mm.py``), so ``pretrained=True`` says that
+the model has no weights of its own.
+
+Registration uses mmpretrain's documented
+``ModelHub.register_model_index(model_index_path, config_prefix)`` and
+happens when mmpretrain's model hub is imported: ``import boat_mm`` stays
+light (it does not import mmpretrain) through a post-import hook
+(:func:`boat_mm.utils.when_imported`), and an explicit
+:func:`register_model_index` does the same at any time. Only the
+classifiers are registered: the hub builds every entry with mmpretrain's
+registry, so the segmentors and detectors of the metafiles stay out. mmseg
+1.x and mmdet 3.x have no such hub (their inferencers read only their own
+package's model index), so our segmentors are used by config path.
+
+The configs live in the source tree (``configs/``, next to ``boat_mm/``):
+an install without them registers nothing.
+"""
+import os
+import os.path as osp
+import tempfile
+from typing import List
+
+__all__ = ['register_model_index', 'classifier_models', 'METAFILES']
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+METAFILES = ('configs/boat_swin/metafile.yml',
+             'configs/boat_cswin/metafile.yml')
+# mmpretrain's naming: a classifier's name ends with its dataset.
+_CLASSIFIER_SUFFIX = '_in1k'
+
+_registered: List[str] = []
+
+
+def classifier_models() -> dict:
+    """The metafiles' collections and their classifiers, as one metafile
+    (config paths absolute).
+
+    Raises:
+        FileNotFoundError: ``configs/`` is not next to ``boat_mm/``.
+    """
+    import yaml
+    index = {'Collections': [], 'Models': []}
+    for rel in METAFILES:
+        path = osp.join(REPO_ROOT, rel)
+        if not osp.isfile(path):
+            raise FileNotFoundError(
+                f'{path} not found: the model index needs boat-mm\'s '
+                f'configs/ folder (a source checkout installed with '
+                f'`pip install -e .`).')
+        with open(path, encoding='utf-8') as f:
+            meta = yaml.safe_load(f)
+        index['Collections'] += meta.get('Collections', [])
+        for model in meta.get('Models', []):
+            if model['Name'].endswith(_CLASSIFIER_SUFFIX):
+                model = dict(model)
+                model['Config'] = osp.join(REPO_ROOT, model['Config'])
+                index['Models'].append(model)
+    return index
+
+
+def register_model_index() -> List[str]:
+    """Register the BOAT classifiers with mmpretrain's ``ModelHub``
+    (idempotent; imports mmpretrain).
+
+    Returns:
+        list[str]: The registered names.
+    """
+    import yaml
+    from mmpretrain.apis.model import ModelHub
+    if _registered:
+        return list(_registered)
+    index = classifier_models()
+    names = [m['Name'] for m in index['Models']]
+    # Another registration (or a name clash) would make ModelHub raise.
+    if any(ModelHub.has(n.lower()) for n in names):
+        return []
+    fd, path = tempfile.mkstemp(prefix='boat-mm-model-index-', suffix='.yml')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            yaml.safe_dump(index, f, sort_keys=False)
+        ModelHub.register_model_index(path, config_prefix=REPO_ROOT)
+    finally:
+        os.remove(path)
+    _registered.extend(names)
+    return names
+
+
+def _register_on_import(module) -> None:
+    """Post-import hook of ``mmpretrain.apis.model``: register, unless the
+    configs are not there (then :func:`register_model_index` says so)."""
+    try:
+        register_model_index()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,255 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Say "convert it first" when a published BOAT checkpoint is loaded as is.
+
+The published BOAT files pickle their training metadata next to the
+weights (BOAT-CSWin's timm training script its ``argparse.Namespace``
+``args``, BOAT-Swin's a yacs config), so ``torch.load(weights_only=True)``
+refuses them with torch's advice to allow-list those classes. That advice
+is wrong here: the weights have the public code's names and must be
+converted by ``tools/model_converters/boat2mm.py``, and the allow-list
+stays as strict as it is.
+
+:func:`install_checkpoint_hint` wraps MMEngine's loaders of local files and
+of URLs (``CheckpointLoader.register_scheme``, the documented way to add a
+loader; the wrappers call MMEngine's own). When such a load fails, the file
+is inspected by :func:`inspect_checkpoint`, which reads the pickle without
+running any of it: every global except ``OrderedDict`` and torch's tensor
+rebuild functions becomes an inert stand-in, tensors become ``meta``
+tensors of the pickled shape, and no storage is read. If the weights have a
+family's published layout (its ``published`` layout), a
+:class:`PublishedCheckpointError` naming the converter replaces the load
+error; any other failure is raised unchanged. This covers every loading
+path of OpenMMLab (``load_from``, ``resume``,
+``init_cfg=dict(type='Pretrained')``, :func:`mmengine.runner.
+load_checkpoint`, mmpretrain's ``get_model(pretrained=...)``) and the tools.
+"""
+import io
+import os.path as osp
+import pickle
+import zipfile
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    'CONVERTER', 'PublishedCheckpointError', 'inspect_checkpoint',
+    'published_checkpoint_message', 'install_checkpoint_hint'
+]
+
+CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
+
+# Entries of a published file that may hold the weights (timm's saver:
+# state_dict / state_dict_ema; Swin's: model).
+_WEIGHT_KEYS = ('model', 'state_dict', 'state_dict_ema')
+
+
+class PublishedCheckpointError(ValueError):
+    """A published BOAT checkpoint was loaded where a converted one is
+    expected."""
+
+
+class _Inert(dict):
+    """Stand-in for any object the file pickles by reference: accepts any
+    arguments and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def __setstate__(self, state) -> None:
+        self['__state__'] = state
+
+
+class _Storage:
+    """What a persistent id stands for: no data is read."""
+
+
+def _meta_tensor(storage, offset, size, *args, **kwargs) -> torch.Tensor:
+    return torch.empty(tuple(size), device='meta')
+
+
+def _parameter(data, *args, **kwargs):
+    return data
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Unpickler that never calls a global of the file: tensors become meta
+    tensors of their shape, ``OrderedDict`` stays one, everything else is
+    an inert :class:`_Inert` subclass named after the global."""
+
+    def __init__(self, file, **kwargs) -> None:
+        super().__init__(file, **kwargs)
+        self.foreign = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == 'collections' and name == 'OrderedDict':
+            return OrderedDict
+        if module == 'torch._utils' and name.startswith('_rebuild_tensor'):
+            return _meta_tensor
+        if module == 'torch._utils' and name.startswith('_rebuild_param'):
+            return _parameter
+        if not (module == 'torch' and name.endswith('Storage')):
+            self.foreign.add(f'{module}.{name}')
+        return type(name, (_Inert, ), {'__module__': 'boat_mm.inert'})
+
+    def persistent_load(self, pid) -> _Storage:
+        return _Storage()
+
+
+def inspect_checkpoint(path: str) -> Optional[Dict[str, Any]]:
+    """Read the structure of a ``torch.save`` file without running it.
+
+    Args:
+        path (str): A local file (zip format of torch >= 1.6, or the
+            legacy format).
+
+    Returns:
+        dict | None: ``object`` (the file's object, tensors as ``meta``
+        tensors, foreign objects inert) and ``foreign`` (the sorted
+        ``module.name`` of the globals replaced), or None when the file
+        cannot be read this way.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist()
+                            if n.endswith('data.pkl'))
+                stream = io.BytesIO(archive.read(name))
+            unpickler = _InertUnpickler(stream)
+            obj = unpickler.load()
+        else:
+            # Legacy format: magic number, protocol, system info, then the
+            # object; a plain pickle file holds the object first.
+            with open(path, 'rb') as f:
+                unpickler = _InertUnpickler(f)
+                obj = unpickler.load()
+                for _ in range(3):
+                    if isinstance(obj, dict) and not obj.get(
+                            'protocol_version'):
+                        break
+                    obj = unpickler.load()
+    except Exception:  # anything unreadable is simply not recognised
+        return None
+    return dict(object=obj, foreign=sorted(unpickler.foreign))
+
+
+def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
+    """``(family, entry, info)`` if ``obj`` holds weights in a family's
+    published layout (``info`` from its layout's ``detect``, ``{}`` if
+    that fails on an incomplete file)."""
+    from ..models.backbones import boat_families
+    from ..models.utils.ckpt_convert import strip_module_prefix
+    if not isinstance(obj, dict):
+        return None
+    candidates = [('', obj)] + [(k, obj[k]) for k in _WEIGHT_KEYS
+                                if isinstance(obj.get(k), dict)]
+    for key, weights in candidates:
+        weights = strip_module_prefix(
+            {k: v for k, v in weights.items() if isinstance(k, str)})
+        for family in boat_families():
+            layout = family.published
+            if layout is None or not layout.matches(weights):
+                continue
+            try:
+                info = layout.detect(weights)
+            except (KeyError, ValueError, TypeError, AttributeError):
+                info = {}
+            return family, key, info
+    return None
+
+
+def _message(path: str, found: Tuple[type, str, dict],
+             foreign: Sequence[str] = ()) -> str:
+    family, key, info = found
+    where = f"weights under '{key}'" if key else 'bare weights'
+    if info:
+        classes = info.get('num_classes')
+        what = (f'a published {family.published.name} checkpoint (arch '
+                f'{info.get("arch") or "custom"}'
+                f'{f", {classes} classes" if classes else ""}, {where})')
+    else:
+        what = (f'laid out like a published {family.published.name} '
+                f'checkpoint ({where})')
+    holds = (f'; it also pickles {", ".join(foreign[:3])}'
+             f'{" ..." if len(foreign) > 3 else ""}, which weights-only '
+             f'loading refuses' if foreign else '')
+    return (f'{path} is {what}{holds}. Published BOAT weights have the '
+            f'public code\'s names and must be converted first: '
+            f'`{CONVERTER}` with SRC={path}, then load DST (load_from, '
+            f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
+            f"prefix='backbone.') or get_model(..., pretrained=DST)).")
+
+
+def published_checkpoint_message(path: str) -> Optional[str]:
+    """The "convert it first" message if ``path`` is a published BOAT
+    checkpoint, else None. Never runs code of the file."""
+    if not osp.isfile(path):
+        return None
+    inspected = inspect_checkpoint(path)
+    if inspected is None:
+        return None
+    found = _find_published(inspected['object'])
+    if found is None:
+        return None
+    return _message(path, found, inspected['foreign'])
+
+
+def _url_cache_path(url: str, model_dir: Optional[str] = None) -> str:
+    """Where ``torch.hub.load_state_dict_from_url`` (MMEngine's
+    ``load_from_http``) keeps the file of ``url``."""
+    from urllib.parse import urlparse
+    if model_dir is None:
+        model_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
+    return osp.join(model_dir, osp.basename(urlparse(url).path))
+
+
+def _with_hint(loader: Callable, local_path: Callable) -> Callable:
+    """Wrap an MMEngine checkpoint loader so that a failed load of a
+    published file raises :class:`PublishedCheckpointError`."""
+
+    def wrapped(filename, map_location=None, *args, **kwargs):
+        try:
+            checkpoint = loader(filename, map_location, *args, **kwargs)
+        except Exception:
+            path = local_path(filename, *args, **kwargs)
+            message = published_checkpoint_message(path)
+            if message is None:
+                raise
+            raise PublishedCheckpointError(message) from None
+        # Loaded (a file without foreign objects, or a URL, which torch's
+        # hub loads without weights_only): BOAT weights, i.e. a published
+        # layout with FSLA, still need converting. Plain Swin or CSWin
+        # files (no FSLA) pass: other models load them.
+        found = _find_published(checkpoint)
+        if found is not None and found[2].get('with_fsla'):
+            raise PublishedCheckpointError(_message(filename, found))
+        return checkpoint
+
+    # CheckpointLoader logs the backend as the loader's name minus
+    # 'load_from_'.
+    wrapped.__name__ = loader.__name__
+    wrapped.__wrapped__ = loader
+    wrapped.boat_mm_hint = True
+    return wrapped
+
+
+def install_checkpoint_hint() -> None:
+    """Wrap MMEngine's local and HTTP checkpoint loaders (idempotent); see
+    the module docstring."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    schemes = CheckpointLoader._schemes
+    local = schemes.get('')
+    if local is not None and not getattr(local, 'boat_mm_hint', False):
+        CheckpointLoader.register_scheme(
+            '',
+            _with_hint(local,
+                       lambda f, *a, **k: osp.expanduser(f)),
+            force=True)
+    http = schemes.get('http://')
+    if http is not None and not getattr(http, 'boat_mm_hint', False):
+        CheckpointLoader.register_scheme(
+            ('http://', 'https://'),
+            _with_hint(
+                http, lambda f, model_dir=None, *a, **k: _url_cache_path(
+                    f, model_dir)),
+            force=True)

@@ -1,0 +1,84 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The BOAT classifiers by name in mmpretrain's model hub
+(boat_mm.model_index), and the post-import hook that registers them
+without ``import boat_mm`` importing mmpretrain."""
+import importlib.util
+import os.path as osp
+import sys
+
+import torch
+from published_files import NUM_CLASSES, write_published_cswin
+
+import boat_mm
+from boat_mm.utils import when_imported
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CLASSIFIERS = [
+    'boat-cswin-base_8xb128_in1k', 'boat-cswin-small_8xb256_in1k',
+    'boat-cswin-tiny_8xb256_in1k', 'boat-swin-base_16xb64_in1k',
+    'boat-swin-small_16xb64_in1k', 'boat-swin-tiny_16xb64_in1k'
+]
+
+
+def test_list_models_by_metafile_names():
+    import mmpretrain
+    assert sorted(mmpretrain.list_models('*boat*')) == CLASSIFIERS
+    # Explicit registration is idempotent and names the same models.
+    assert sorted(boat_mm.register_model_index()) == CLASSIFIERS
+    assert sorted(mmpretrain.list_models('*boat*')) == CLASSIFIERS
+    from mmpretrain.apis.model import ModelHub
+    info = ModelHub.get('boat-cswin-tiny_8xb256_in1k')
+    assert info.data['Converted From']['Weights'] == (
+        'https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar?dl=0')
+    assert info.weights is None  # the published file is not ours to load
+    assert info.config.model.backbone.type == 'BOATCSWin'
+
+
+def test_get_model_by_name_loads_a_converted_file(tmp_path):
+    from mmpretrain import get_model
+    spec = importlib.util.spec_from_file_location(
+        '_boat2mm_index', osp.join(REPO, 'tools', 'model_converters',
+                                   'boat2mm.py'))
+    boat2mm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(boat2mm)
+    src = write_published_cswin(str(tmp_path / 'cswin_tiny.pth.tar'))[0]
+    dst = str(tmp_path / 'boat-cswin-tiny_in1k.pth')
+    boat2mm.convert(src, dst)
+    model = get_model(
+        'boat-cswin-tiny_8xb256_in1k',
+        pretrained=dst,
+        head=dict(num_classes=NUM_CLASSES))
+    expected = torch.load(dst, weights_only=True)['state_dict']
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_when_imported_runs_after_the_first_import(tmp_path, monkeypatch):
+    (tmp_path / 'boat_probe_mod.py').write_text('VALUE = 42\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    when_imported('boat_probe_mod', lambda m: seen.append(m.VALUE))
+    assert seen == [] and 'boat_probe_mod' not in sys.modules
+    import boat_probe_mod  # noqa: F401
+    assert seen == [42]
+    import boat_probe_mod  # noqa: F401,F811  (no second call)
+    assert seen == [42]
+    # Already imported: called at once.
+    when_imported('boat_probe_mod', lambda m: seen.append(-m.VALUE))
+    assert seen == [42, -42]
+    del sys.modules['boat_probe_mod']
+
+
+def test_registration_in_a_fresh_process():
+    """boat_mm imported first, mmpretrain later (the in-process tests
+    cover mmpretrain imported first)."""
+    import subprocess
+    code = ('import boat_mm, mmpretrain; '
+            'print(sorted(mmpretrain.list_models("*boat*")))')
+    out = subprocess.run([sys.executable, '-W', 'ignore', '-c', code],
+                         capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(CLASSIFIERS)

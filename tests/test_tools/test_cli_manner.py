@@ -1,0 +1,136 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Every tool of tools/ has one manner (tools/boat_tools/cli.py): a user
+error is one line on stderr, ``<tool>: error: <problem and fix>``, exit
+status 2, no traceback; ``--shape`` means the same everywhere.
+
+The tools run in this process (their ``main(argv)``), one or two cheap
+cases each: every case fails before any model is trained or data is
+read, except the published-checkpoint cases, which build the demo's small
+segmentor.
+"""
+import importlib.util
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from published_files import write_published_cswin
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = {
+    'train': 'tools/train.py',
+    'test': 'tools/test.py',
+    'get_flops': 'tools/analysis_tools/get_flops.py',
+    'check_fsla_parity': 'tools/analysis_tools/check_fsla_parity.py',
+    'vis_clusters': 'tools/visualization/vis_clusters.py',
+    'pytorch2onnx': 'tools/deployment/pytorch2onnx.py',
+    'boat2mm': 'tools/model_converters/boat2mm.py',
+    'verify_boat': 'tools/model_converters/verify_boat.py',
+    'gen_synthetic_data': 'tools/dataset_converters/gen_synthetic_data.py',
+    'run_demo': 'tools/run_demo.py',
+}
+CLS = 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py'
+SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
+_LOADED = {}
+
+
+def tool(name: str):
+    if name not in _LOADED:
+        spec = importlib.util.spec_from_file_location(
+            f'_cli_{name}', osp.join(REPO, TOOLS[name]))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _LOADED[name] = module
+    return _LOADED[name]
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cli')
+    image = str(root / 'image.png')
+    import cv2
+    cv2.imwrite(image, np.zeros((32, 32, 3), np.uint8))
+    ours = str(root / 'ours.pth')
+    torch.save(dict(state_dict=dict(w=torch.ones(2))), ours)
+    full = root / 'full'
+    full.mkdir()
+    (full / 'x').write_text('')
+    published = write_published_cswin(str(root / 'cswin_tiny.pth.tar'))[0]
+    return dict(root=str(root), image=image, ours=ours, full=str(full),
+                published=published)
+
+
+# tool, argv (``{name}`` from the files fixture), what stderr must say.
+CASES = [
+    ('train', ['missing.py'], "config file 'missing.py' not found"),
+    ('train', [CLS, '--amp'], '--amp needs a CUDA device'),
+    ('test', [CLS, 'missing.pth'], "checkpoint 'missing.pth' not found"),
+    ('test', [CLS, '{ours}', '--out-item', 'pred'], '--out-item needs --out'),
+    ('get_flops', ['missing.py'], "config file 'missing.py' not found"),
+    ('get_flops', [CLS, '--shape', '1', '2', '3'],
+     '--shape takes H W or one size S for S x S'),
+    ('check_fsla_parity', ['--ref-repo', '{root}', '--family', 'x'],
+     "unknown --family 'x'"),
+    ('check_fsla_parity', ['--ref-repo', '{root}'],
+     '--ref-repo must be the root of a mahaoyuHKU/pytorch-boat checkout'),
+    ('vis_clusters', [SEG, 'missing.png'], "image 'missing.png' not found"),
+    ('vis_clusters', [SEG, '{image}', '--checkpoint', 'missing.pth'],
+     "checkpoint 'missing.pth' not found"),
+    ('vis_clusters', [SEG, '{image}', '--checkpoint', '{published}'],
+     'is a published BOAT-CSWin checkpoint (arch tiny'),
+    ('pytorch2onnx', [SEG, '--shape', '0', '--out', 'x.onnx'],
+     '--shape takes H W or one size S for S x S, positive integers; got 0'),
+    ('pytorch2onnx',
+     [SEG, '--shape', '64', '--out', 'x.onnx', '--dynamic-shape', 'height'],
+     'a dynamic height is not supported'),
+    ('pytorch2onnx',
+     [SEG, '--shape', '64', '--out', 'x.onnx', '--checkpoint',
+      '{published}'], 'python tools/model_converters/boat2mm.py SRC DST'),
+    ('boat2mm', ['missing.pth', 'dst.pth'],
+     "published checkpoint 'missing.pth' not found"),
+    ('boat2mm', ['{ours}', 'dst.pth'], 'None of the published BOAT layouts'),
+    ('verify_boat', ['--ref-repo', '{root}'],
+     'give a checkpoint or --family'),
+    ('verify_boat', ['missing.pth', '--ref-repo', '{root}'],
+     "published checkpoint 'missing.pth' not found"),
+    ('gen_synthetic_data', ['ade20k', '{full}'], 'is not empty'),
+    ('gen_synthetic_data', ['ade20k', '{root}/new', '--img-size', '8'],
+     'img_size must be >= 32'),
+    ('run_demo', ['--config', 'missing.py'],
+     "config file 'missing.py' not found"),
+]
+
+
+def _ids(case):
+    return f'{case[0]}-{CASES.index(case)}'
+
+
+@pytest.mark.parametrize('case', CASES, ids=_ids)
+def test_user_error_is_one_line_exit_2(case, files, capsys, monkeypatch):
+    name, argv, expected = case
+    argv = [a.format(**files) for a in argv]
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exc:
+        tool(name).main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    prog = osp.basename(TOOLS[name])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f'{prog}: error: '), err
+    assert expected in lines[0] and 'Traceback' not in err
+
+
+def test_every_tool_is_covered():
+    assert {c[0] for c in CASES} == set(TOOLS)
+
+
+@pytest.mark.parametrize('name', ['get_flops', 'pytorch2onnx',
+                                  'vis_clusters'])
+def test_shape_means_the_same_everywhere(name):
+    parse = tool(name).parse_args
+    base = {'pytorch2onnx': [SEG, '--out', 'x.onnx']}.get(name, [SEG])
+    if name == 'vis_clusters':
+        base = [SEG, 'image.png']
+    assert parse(base + ['--shape', '64']).shape == (64, 64)
+    assert parse(base + ['--shape', '48', '64']).shape == (48, 64)

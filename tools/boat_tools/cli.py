@@ -1,0 +1,165 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The manner every tool of ``tools/`` shares.
+
+* A user error (a missing config, checkpoint or image file, a bad
+  ``--shape``, options that do not go together, a published checkpoint
+  that needs converting, a missing dataset) is one line on stderr,
+  ``<tool>: error: <what is wrong and the fix>``, exit status 2 (argparse's
+  status for usage errors), no traceback. Anything else is a bug and keeps
+  its traceback.
+* The same argument means the same everywhere: ``--shape H W`` is height
+  then width, ``--shape S`` a square; ``--checkpoint`` a weights file;
+  ``--cfg-options`` the upstream overrides (:mod:`.config`).
+
+A tool builds its parser with :class:`ArgumentParser`, decorates its
+``main(argv=None)`` with :func:`tool_main` and checks its files with
+:func:`check_file` / :func:`load_config`.
+"""
+import argparse
+import functools
+import os
+import os.path as osp
+import sys
+from typing import Callable, List, Optional, Tuple
+
+__all__ = [
+    'UsageError', 'ArgumentParser', 'add_shape_arg', 'check_file',
+    'check_checkpoint', 'load_config', 'tool_main', 'user_error_types'
+]
+
+
+class UsageError(ValueError):
+    """A mistake in a tool's command line; reported as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a :class:`UsageError` (one line,
+    with where to find the usage), not the usage text and ``exit(2)``.
+    ``prog`` defaults to the file name of the tool that builds it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if 'prog' not in kwargs and not args:
+            caller = sys._getframe(1).f_globals.get('__file__')
+            if caller:
+                kwargs['prog'] = osp.basename(caller)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f'{message} (usage: {self.prog} --help)')
+
+
+class _Shape(argparse.Action):
+    """``--shape H W`` or ``--shape S`` (S x S), stored as ``(H, W)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) not in (1, 2) or min(values) < 1:
+            parser.error(
+                f'{option_string} takes H W or one size S for S x S, '
+                f'positive integers; got {" ".join(map(str, values))}')
+        setattr(namespace, self.dest,
+                (values[0], values[0]) if len(values) == 1 else
+                tuple(values))
+
+
+def add_shape_arg(parser: argparse.ArgumentParser,
+                  help: str,
+                  required: bool = False,
+                  flag: str = '--shape') -> None:
+    """Add ``--shape H W`` / ``--shape S``; the value is ``(H, W)``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser.
+        help (str): What the size is for, and its default.
+        required (bool): Whether the option must be given.
+        flag (str): The option's name.
+    """
+    parser.add_argument(
+        flag,
+        type=int,
+        nargs='+',
+        action=_Shape,
+        required=required,
+        metavar='SIZE',
+        help=f'H W, or one size S for S x S: {help}')
+
+
+def check_file(path: str, what: str, fix: str) -> str:
+    """Raise a one-line :class:`FileNotFoundError` naming the fix unless
+    ``path`` is a file (URLs are not checked).
+
+    Args:
+        path (str): The path given.
+        what (str): What it is, e.g. ``'config file'``.
+        fix (str): What to pass instead.
+
+    Returns:
+        str: ``path``.
+    """
+    if '://' in str(path) or osp.isfile(path):
+        return path
+    where = ('is a folder' if osp.isdir(path) else
+             f'not found (working directory {os.getcwd()})')
+    raise FileNotFoundError(f'{what} {path!r} {where}; {fix}')
+
+
+def check_checkpoint(path: str) -> str:
+    """:func:`check_file` for a weights file."""
+    return check_file(
+        path, 'checkpoint',
+        'pass a .pth file written by tools/train.py (WORK_DIR/iter_N.pth, '
+        'or the path in WORK_DIR/last_checkpoint) or converted from the '
+        'published weights by tools/model_converters/boat2mm.py')
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None):
+    """Load a config after checking that the file exists, then merge
+    ``--cfg-options``.
+
+    Returns:
+        mmengine.config.Config: The config.
+    """
+    from mmengine.config import Config
+    check_file(
+        path, 'config file',
+        'pass an mmpretrain, mmseg or mmdet config, e.g. '
+        'configs/boat_upernet_ade20k.py')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def user_error_types() -> Tuple[type, ...]:
+    """The exceptions reported as one line: :class:`UsageError`, missing
+    or misplaced files, and published checkpoints loaded unconverted."""
+    types: List[type] = [
+        UsageError, FileNotFoundError, FileExistsError, IsADirectoryError,
+        NotADirectoryError
+    ]
+    published = sys.modules.get('boat_mm.utils.published')
+    if published is not None:
+        types.append(published.PublishedCheckpointError)
+    return tuple(types)
+
+
+def _one_line(err: BaseException) -> str:
+    # str(KeyError) adds quotes; an OSError's str has its errno.
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return ' '.join(str(text).split())
+
+
+def tool_main(func: Callable) -> Callable:
+    """Decorate a tool's ``main(argv=None)``: a user error (see
+    :func:`user_error_types`) becomes ``<tool>: error: ...`` on stderr and
+    ``SystemExit(2)``."""
+    prog = osp.basename(func.__globals__.get('__file__') or sys.argv[0])
+
+    @functools.wraps(func)
+    def main(argv: Optional[List[str]] = None):
+        try:
+            return func(argv)
+        except user_error_types() as err:
+            print(f'{prog}: error: {_one_line(err)}', file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main
