@@ -965,9 +965,9 @@ def balanced_clustering(x: Tensor,
                 min(triton.next_power_of_2(plan.chunks), search_values // rb)),
             TILE=tile,
             num_warps=4,
-            # (ptxas otherwise trades a few spilled registers for
-            # occupancy; float64 needs more.)
-            maxnreg=None if f64 else 128,
+            # (Without a bound ptxas may cap registers at 128 and spill:
+            # float64 needs about 140.)
+            maxnreg=255 if f64 else 128,
             **consts)
         sync_off += sync_sizes[lv]
         ns = plan.chunks
