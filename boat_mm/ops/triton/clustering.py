@@ -711,6 +711,12 @@ def target_info(device: torch.device) -> TargetInfo:
     return info
 
 
+def _target_for(device: torch.device) -> TargetInfo:
+    """What a call on ``device`` is scheduled for: :data:`TARGET` if set,
+    else ``device``."""
+    return TARGET if TARGET is not None else target_info(device)
+
+
 def _as_target(target: Union[TargetInfo, torch.device, str]) -> TargetInfo:
     return target if isinstance(target, TargetInfo) else target_info(target)
 
@@ -842,7 +848,7 @@ def balanced_clustering(x: Tensor,
             total, device=device).clamp_(max=N - 1).expand(M,
                                                            total).contiguous()
     if target is None:
-        target = TARGET if TARGET is not None else target_info(device)
+        target = _target_for(device)
     f64 = x.dtype == torch.float64
     if x.dtype not in (torch.float64, torch.float32, torch.bfloat16,
                        torch.float16):
