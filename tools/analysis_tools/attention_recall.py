@@ -274,11 +274,14 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
 
     ih, iw = image.shape[:2]
     ax1.imshow(image[..., ::-1], extent=(0, iw, ih, 0))
+    # Colour and opacity grow with the attention (square root, so that
+    # weak but wide attention shows): unattended tokens stay visible.
+    level = PowerNorm(0.5, vmin=0, vmax=float(attn.max()))(
+        shown['attention'])
+    heat = plt.get_cmap('magma')(level)
+    heat[..., 3] = 0.85 * level
     ax1.imshow(
-        shown['attention'],
-        cmap='magma',
-        norm=PowerNorm(0.5, vmin=0, vmax=float(attn.max())),
-        alpha=0.65,
+        heat,
         extent=(0, W * stride, H * stride, 0),
         interpolation='nearest')
     _outline(ax1, shown['cluster'], stride, colors='cyan', linewidths=1.4)
