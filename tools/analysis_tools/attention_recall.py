@@ -118,9 +118,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f'--max-tokens must be >= 1, got {args.max_tokens}')
-    if not 0 <= args.map_image < len(args.images):
-        parser.error(f'--map-image must index the {len(args.images)} '
-                     f'image(s), got {args.map_image}')
     return args
 
 
@@ -318,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     records), ``per_image`` (per image, per block: the record, window
     labels and per-query recalls) and ``shown`` (what the map draws)."""
     args = parse_args(argv)
+    if not 0 <= args.map_image < len(args.images):
+        raise ValueError(f'--map-image must index the {len(args.images)} '
+                         f'image(s) given, got {args.map_image}.')
     for path in args.images:
         if not osp.isfile(path):
             raise FileNotFoundError(f'Image {path!r} not found.')
