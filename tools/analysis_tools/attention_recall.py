@@ -158,16 +158,14 @@ def summarize(per_image: List[Dict[Location, dict]]) -> List[dict]:
             block=loc[1],
             maps=' '.join(f'{h}x{w}' for h, w in shapes),
             tokens=float(
-                np.mean([h * w for r in res for h, w in [r['record'].hw_shape]
-                         ])),
+                np.mean([np.prod(r['record'].hw_shape) for r in res])),
             keys=float(
                 torch.cat([r['keys'].flatten() for r in res]).double().mean()))
         for name in MEASURES:
-            v = torch.cat([r[name].flatten() for r in res]).double()
-            q = torch.quantile(v, torch.tensor([.25, .5, .75],
-                                               dtype=v.dtype)).tolist()
+            # numpy: torch.quantile refuses more than 2**24 values.
+            v = torch.cat([r[name].flatten() for r in res]).double().numpy()
             row[name] = float(v.mean())
-            row[name + '_quartiles'] = q
+            row[name + '_quartiles'] = np.quantile(v, [.25, .5, .75]).tolist()
         rows.append(row)
     return rows
 
