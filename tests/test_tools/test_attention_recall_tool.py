@@ -213,6 +213,8 @@ def test_max_tokens_and_errors(tool, images, tmp_path):
             DEMO_SEG, images[0], '--resize', '32', '32', '--head', '2',
             *SEG_OPTIONS
         ])
+    with pytest.raises(ValueError, match='--map-image must index the 1 '):
+        tool['main']([DEMO_SEG, images[0], '--map-image', '1'])
     with pytest.raises(FileNotFoundError, match='Image'):
         tool['main']([DEMO_SEG, str(tmp_path / 'missing.png')])
     with pytest.raises(SystemExit):

@@ -118,9 +118,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f'--max-tokens must be >= 1, got {args.max_tokens}')
-    if not 0 <= args.map_image < len(args.images):
-        parser.error(f'--map-image must index the {len(args.images)} '
-                     f'image(s), got {args.map_image}')
     return args
 
 
@@ -161,16 +158,14 @@ def summarize(per_image: List[Dict[Location, dict]]) -> List[dict]:
             block=loc[1],
             maps=' '.join(f'{h}x{w}' for h, w in shapes),
             tokens=float(
-                np.mean([h * w for r in res for h, w in [r['record'].hw_shape]
-                         ])),
+                np.mean([np.prod(r['record'].hw_shape) for r in res])),
             keys=float(
                 torch.cat([r['keys'].flatten() for r in res]).double().mean()))
         for name in MEASURES:
-            v = torch.cat([r[name].flatten() for r in res]).double()
-            q = torch.quantile(v, torch.tensor([.25, .5, .75],
-                                               dtype=v.dtype)).tolist()
+            # numpy: torch.quantile refuses more than 2**24 values.
+            v = torch.cat([r[name].flatten() for r in res]).double().numpy()
             row[name] = float(v.mean())
-            row[name + '_quartiles'] = q
+            row[name + '_quartiles'] = np.quantile(v, [.25, .5, .75]).tolist()
         rows.append(row)
     return rows
 
@@ -274,11 +269,14 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
 
     ih, iw = image.shape[:2]
     ax1.imshow(image[..., ::-1], extent=(0, iw, ih, 0))
+    # Colour and opacity grow with the attention (square root, so that
+    # weak but wide attention shows): unattended tokens stay visible.
+    level = PowerNorm(0.5, vmin=0, vmax=float(attn.max()))(
+        shown['attention'])
+    heat = plt.get_cmap('magma')(level)
+    heat[..., 3] = 0.85 * level
     ax1.imshow(
-        shown['attention'],
-        cmap='magma',
-        norm=PowerNorm(0.5, vmin=0, vmax=float(attn.max())),
-        alpha=0.65,
+        heat,
         extent=(0, W * stride, H * stride, 0),
         interpolation='nearest')
     _outline(ax1, shown['cluster'], stride, colors='cyan', linewidths=1.4)
@@ -315,6 +313,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     records), ``per_image`` (per image, per block: the record, window
     labels and per-query recalls) and ``shown`` (what the map draws)."""
     args = parse_args(argv)
+    if not 0 <= args.map_image < len(args.images):
+        raise ValueError(f'--map-image must index the {len(args.images)} '
+                         f'image(s) given, got {args.map_image}.')
     for path in args.images:
         if not osp.isfile(path):
             raise FileNotFoundError(f'Image {path!r} not found.')
