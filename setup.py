@@ -12,12 +12,15 @@ HERE = osp.dirname(osp.abspath(__file__))
 # Supported torch: from TORCH_MIN, whose torch.library has register_fake
 # and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
 # and opcheck (the op tests), to TORCH_MAX_TESTED, the pinned version the
-# project is developed on. Triton ships with torch's CUDA wheels: 3.0.0
-# (torch 2.4) to 3.8.0 (torch 2.14). tools/check_min_torch.sh builds a
-# separate environment at TORCH_MIN and runs the backbone, op and Triton
-# interpreter tests there.
+# project is developed on. tools/check_min_torch.sh builds a separate
+# environment at TORCH_MIN and runs the backbone, op and Triton
+# interpreter tests there. Triton (shipped with torch's CUDA wheels; only
+# FSLA's CUDA kernels use it): TRITON_MIN_TESTED is the oldest whose
+# interpreter runs their tests; torch 2.4.1's Triton 3.0.0 does not (nor
+# 3.1-3.6), and no older Triton was tried compiled on a GPU.
 TORCH_MIN = '2.4.1'
 TORCH_MAX_TESTED = '2.14.1'
+TRITON_MIN_TESTED = '3.7.1'
 
 
 def get_extensions() -> tuple:

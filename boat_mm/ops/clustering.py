@@ -168,7 +168,9 @@ def _build_plan(num_tokens: int, group_size: int, overlap: int,
 
 def _plan_for_clusters(num_tokens: int, G: int, overlap: int,
                        device: torch.device) -> ClusterPlan:
-    L = G.bit_length() - 1
+    # G is a power of two; log2, not int.bit_length, which torch < 2.5's
+    # dynamo cannot trace (torch.compile(fullgraph=True) at torch 2.4).
+    L = round(math.log2(G))
     S = -(-num_tokens // G)
     P = max(1, G // 2)
     uniform = num_tokens == G * S
