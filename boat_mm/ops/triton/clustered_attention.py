@@ -205,6 +205,9 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
     delta = tl.sum(p * dp, 1) + tl.sum(pt * dpt, 1)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dst = (pt * (dpt - delta[:, None])).to(q.dtype)
+    # The products below take P in the input dtype: the float32 tiles can
+    # go now.
+    p, pt = p.to(do.dtype), pt.to(do.dtype)
     dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
     dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
     g_row = (b * N + tok) * (3 * C) + head * D
