@@ -205,6 +205,9 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
     delta = tl.sum(p * dp, 1) + tl.sum(pt * dpt, 1)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dst = (pt * (dpt - delta[:, None])).to(q.dtype)
+    # The products below take P in the input dtype: the float32 tiles can
+    # go now.
+    p, pt = p.to(do.dtype), pt.to(do.dtype)
     dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
     dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
     g_row = (b * N + tok) * (3 * C) + head * D
@@ -215,9 +218,8 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
         mask=mask)
 
     # Own keys: from the own queries here; those the sibling borrows get
-    # the rest from the sibling's program (summed by the reduce kernel).
-    dv = tl.dot(
-        tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
+    # the rest from the sibling's program (summed by _lent_keys_kernel).
+    dv = tl.dot(tl.trans(p), do, input_precision=PRECISION, out_dtype=ACC)
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * scale + dk * scale_lo
     if HAS_IMAGE:
@@ -242,11 +244,7 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
     lent_mask = lent[:, None] & d_ok[None, :]
     tl.store(lent_at, dk, mask=lent_mask)
     tl.store(lent_at + kind, dv, mask=lent_mask)
-    dvt = tl.dot(
-        tl.trans(pt.to(do.dtype)),
-        do,
-        input_precision=PRECISION,
-        out_dtype=ACC)
+    dvt = tl.dot(tl.trans(pt), do, input_precision=PRECISION, out_dtype=ACC)
     dkt = tl.dot(tl.trans(dst), q, input_precision=PRECISION, out_dtype=ACC)
     dkt = dkt * scale + dkt * scale_lo
     jt = tl.arange(0, TAIL)
