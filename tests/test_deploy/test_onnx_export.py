@@ -3,7 +3,6 @@
 :class:`WithClusters` reports and injects, the checks and the model
 builder. Export and onnxruntime are tested in
 tests/test_tools/test_pytorch2onnx.py."""
-import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -101,17 +100,21 @@ def test_checks():
     check_fsla_impls(BOATSwin(arch=ARCH))  # 'auto' exports
 
 
-def test_compare():
-    ref = torch.tensor([[1., 3., 2.], [0., -1., 4.]])
-    out = np.array([[1., 2.5, 2.], [0., -1., 4.]], np.float32)
-    r = compare(ref, out)
-    assert r['max_abs'] == pytest.approx(0.5)
-    assert r['rel'] == pytest.approx(0.5 / 4)
-    assert r['argmax'] == 1.
-    r = compare(ref, np.array([[3., 1., 2.], [0., -1., 4.]], np.float32))
-    assert r['argmax'] == 0.5
+def test_compare_measures_disagreement():
+    """Hand-made logits: the agreement drops by the share of argmaxes that
+    move, the differences are those put in."""
+    ref = torch.zeros(4, 3, 2, 2)
+    ref[:, 1] = 1.  # class 1 everywhere, max |ref| = 1
+    same = compare(ref, ref.numpy().copy())
+    assert same == dict(max_abs=0., rel=0., argmax=1.)
+    out = ref.clone()
+    out[0, 2, 0, 0] = 3.  # one of 16 pixels moves to class 2
+    out[1, 0, 1, 1] = -0.5  # a change that keeps the argmax
+    r = compare(ref, out.numpy())
+    assert r['argmax'] == pytest.approx(15 / 16)
+    assert r['max_abs'] == pytest.approx(3.) and r['rel'] == pytest.approx(3.)
     with pytest.raises(ValueError, match='shape'):
-        compare(ref, out[:1])
+        compare(ref, out[:2].numpy())
 
 
 def test_build_model_scopes(repo_root):
