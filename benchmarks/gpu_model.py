@@ -100,6 +100,9 @@ _H100 = types.SimpleNamespace(
     warp_size=32)
 
 _CUDA = torch.device('cuda', 0)
+# Run every program of kernels with atomics (--exact-atomics).
+EXACT_ATOMICS = False
+WARNINGS = set()
 # Ops that launch no kernel.
 _NO_KERNEL = re.compile(r'^(empty|new_empty|empty_like|empty_strided|'
                         r'_local_scalar_dense|lift_fresh|detach|alias|'
@@ -205,6 +208,14 @@ def _run_sampled(ifn, grid, args, kwargs, indices) -> _Counter:
         _ACTIVE = None
         scope.restore()
     return counter
+
+
+def _uses_atomics(fn) -> bool:
+    """Whether a kernel's own source has atomic operations."""
+    try:
+        return 'atomic_' in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
 
 
 def _type_of(value, fixed: bool = False) -> Tuple[str, str]:
@@ -322,7 +333,7 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
             for n in ifn.kwargs.get('do_not_specialize') or ()
         ]
         signature, constexprs, attrs = {}, {}, []
-        for i, n in enumerate(names):
+        for n in names:
             value = call[n]
             if annotations.get(n) == 'constexpr':
                 signature[n] = 'constexpr'
@@ -337,7 +348,18 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         launch = Launch(ifn.fn.__name__, ifn.fn.__module__, grid, signature,
                         constexprs, attrs, options)
         if self.sample and launch.programs:
-            idx = _sample_indices(grid, ASSUMPTIONS['sampled_programs'])
+            k = ASSUMPTIONS['sampled_programs']
+            if _uses_atomics(ifn.fn):
+                # Programs that take tickets (atomic counters) may get their
+                # work from the ticket, not the grid index: the sample is
+                # the first tickets unless all programs run (slow).
+                WARNINGS.add(f'{launch.kernel} uses atomics: ' + (
+                    'all its programs ran' if EXACT_ATOMICS else
+                    'its sample is its first programs (--exact-atomics '
+                    'runs them all, slowly)'))
+                if EXACT_ATOMICS:
+                    k = launch.programs
+            idx = _sample_indices(grid, k)
             count = _run_sampled(ifn, grid, args, kernel_kwargs, idx)
             launch.flops = count.flops * launch.programs / len(idx)
             launch.bytes = count.bytes * launch.programs / len(idx)
@@ -869,12 +891,18 @@ def main() -> None:
         '--kernels', action='store_true', help='print per-kernel facts')
     parser.add_argument(
         '--launches', action='store_true', help='print every launch')
+    parser.add_argument(
+        '--exact-atomics',
+        action='store_true',
+        help='run every program of kernels with atomics (slow)')
     parser.add_argument('--compile-worker', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_worker:
         _compile_worker(*args.compile_worker)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    global EXACT_ATOMICS
+    EXACT_ATOMICS = args.exact_atomics
     if args.check:
         check_window()
     recs = {shape: record_shape(*shape) for shape in SHAPES}
@@ -891,6 +919,8 @@ def main() -> None:
     attention = sum(a for a, _ in fsla)
     fsla_variants = (len(fsla) - attention, attention)
     print_table(rows, fsla_variants)
+    for warning in sorted(WARNINGS):
+        print(f'note: {warning}')
     if args.kernels:
         print_kernels(launches, facts)
     if args.launches:

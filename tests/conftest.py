@@ -1,4 +1,5 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
+import logging
 import os
 import os.path as osp
 
@@ -25,6 +26,30 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker('cuda') is not None:
             item.add_marker(skip)
+
+
+def _revive_mmengine_log_streams() -> None:
+    logger_mod = sys.modules.get('mmengine.logging.logger')
+    if logger_mod is None:
+        return
+    for logger in list(logger_mod.MMLogger._instance_dict.values()):
+        for handler in logger.handlers:
+            if (type(handler) is logging.StreamHandler
+                    and getattr(handler.stream, 'closed', False)):
+                # Not setStream(): it flushes the closed stream.
+                handler.stream = sys.__stdout__
+
+
+@pytest.fixture(autouse=True)
+def _mmengine_loggers_keep_a_live_stream():
+    """MMEngine's loggers keep the ``sys.stdout`` of the moment they were
+    made; made inside a test that captures output, that is pytest's capture
+    stream, closed after the test, and every later log line becomes a
+    "Logging error" traceback on stderr (which tests of the tools' one-line
+    errors read). Point such handlers back at the real stdout."""
+    _revive_mmengine_log_streams()
+    yield
+    _revive_mmengine_log_streams()
 
 
 @pytest.fixture(scope='session')

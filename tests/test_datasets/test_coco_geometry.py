@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import boat_mm.datasets.synthetic_coco as synthetic_coco
-from boat_mm.datasets import class_appearance, generate_coco_like
+from boat_mm.datasets import generate_coco_like
 
 NUM_CLASSES = 6
 SIZE = 96
@@ -30,9 +30,9 @@ SEED = 3
 def drawn(tmp_path_factory) -> Dict:
     """Generate with id-painted objects; return the annotations, the id
     images and the appearance each object was drawn with."""
-    table = class_appearance(NUM_CLASSES, SEED)
-    # The generator builds its own table; equal values identify the class,
-    # and the look-alike pair (equal values) is told apart by its id below.
+    # The class of an object is the index of its appearance in the table
+    # the generator builds (by identity: the look-alike pair has equal
+    # values in two dicts).
     per_image: List[List[Dict]] = []
     real_render = synthetic_coco.render_texture
     real_write = cv2.imwrite
@@ -79,9 +79,7 @@ def drawn(tmp_path_factory) -> Dict:
         with open(osp.join(root, 'annotations',
                            f'instances_{split}2017.json')) as f:
             data[split] = json.load(f)
-    # The recorded table has the values of the public one.
-    for ours, theirs in zip(tables, table):
-        np.testing.assert_array_equal(ours['color'], theirs['color'])
+    assert len(tables) == NUM_CLASSES
     return dict(
         data=data, images=images, objects=per_image, tables=tables)
 

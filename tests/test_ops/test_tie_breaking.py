@@ -21,7 +21,9 @@ them bit-equal ratios wherever they share a node. Each input is checked to
 be as intended (the pair cut at level ``l`` only, no two other ratios of a
 node within 1e-9) and the reference is checked to depend on the tie rule
 at level ``l``. The inputs of one shape, one per level, run as the rows of
-one call.
+one call. The values are float32 numbers, so that two shapes also run in
+float32 (the packed-key and radix ranking paths), on inputs whose other
+ratios lie 1e-4 apart.
 """
 import os
 from typing import List, Optional, Set, Tuple
@@ -119,18 +121,23 @@ def _tokens(num_tokens: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(num_tokens, DIMS, generator=gen, dtype=torch.float64)
 
 
-def tie_input(num_tokens: int, levels: int, slot_size: int,
-              level: int) -> Tuple[torch.Tensor, List[int]]:
+def tie_input(num_tokens: int,
+              levels: int,
+              slot_size: int,
+              level: int,
+              min_gap: float = 1e-9) -> Tuple[torch.Tensor, List[int]]:
     """An input with one pair of equal tokens, cut apart at ``level`` only,
     and its reference permutation.
 
     Random tokens are drawn; the two tokens on both sides of a cut of
     ``level`` become equal (two halves of the first); the draw is kept if
-    the pair is still cut there and nowhere else.
+    the pair is still cut there and nowhere else, and no other two ratios
+    of a node lie within ``min_gap``. Values are float32 numbers (exact in
+    float64), so the input also serves float32 tests.
     """
     for seed in range(200):
         gen = torch.Generator().manual_seed(seed)
-        x = _tokens(num_tokens, gen)
+        x = _tokens(num_tokens, gen).float().double()
         # The two tokens on both sides of a cut of `level` without ties.
         trace = reference(x, levels, slot_size)[3][level]
         j = int(torch.randint(0, len(trace), (1, ), generator=gen))
@@ -144,7 +151,7 @@ def tie_input(num_tokens: int, levels: int, slot_size: int,
         x[last0] /= 2
         x[first1] = x[last0]
         expected, cut_ties, gap, _ = reference(x, levels, slot_size)
-        if cut_ties == {level} and gap > 1e-9:
+        if cut_ties == {level} and gap > min_gap:
             # The input tests the rule at `level`: the reversed rule
             # there gives another permutation.
             flipped = reference(x, levels, slot_size, level)[0]
@@ -181,16 +188,17 @@ def _run(impl: str, x: torch.Tensor, plan) -> torch.Tensor:
 _INPUTS = {}
 
 
-def _inputs(n: int, group: int):
+def _inputs(n: int, group: int, min_gap: float = 1e-9):
     """The plan, one input per level (rows) and their permutations."""
-    if (n, group) not in _INPUTS:
+    key = (n, group, min_gap)
+    if key not in _INPUTS:
         L, S = SHAPES[(n, group)]
         plan = build_cluster_plan(n, group, 0)
         assert (plan.num_levels, plan.slot_size) == (L, S)
-        cases = [tie_input(n, L, S, level) for level in range(L)]
-        _INPUTS[n, group] = (plan, torch.stack([x for x, _ in cases]),
-                             [perm for _, perm in cases])
-    return _INPUTS[n, group]
+        cases = [tie_input(n, L, S, level, min_gap) for level in range(L)]
+        _INPUTS[key] = (plan, torch.stack([x for x, _ in cases]),
+                        [perm for _, perm in cases])
+    return _INPUTS[key]
 
 
 @pytest.mark.parametrize('impl', IMPLS)
@@ -201,6 +209,27 @@ def test_tie_cut_at_each_level_follows_the_rule(impl, n, group):
     for level, perm in enumerate(expected):
         assert got[level].tolist() == perm, (
             f'{impl}: tie cut at level {level} of {plan.num_levels}')
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('n,group', [(24, 3), (45, 3)])
+def test_tie_cut_at_each_level_in_float32(impl, n, group):
+    """The float32 ranking paths (packed float keys; the tensor
+    implementation's radix sort of all nodes' keys, taken here by
+    repeating the rows) on inputs whose other ratios lie 1e-4 apart, far
+    beyond float32 rounding; the pair ties exactly as in float64."""
+    plan, x, expected = _inputs(n, group, min_gap=1e-4)
+    repeat = 1
+    if impl == 'tensor':
+        from boat_mm.ops.clustering import _RADIX_MIN_NUMEL
+        per_row = plan.num_clusters * plan.slot_size
+        repeat = -(-_RADIX_MIN_NUMEL // (4 * per_row * len(x)))
+    got = _run(impl, x.float().repeat(repeat, 1, 1), plan)
+    for row, perm in enumerate(expected * repeat):
+        level = row % len(expected)
+        assert got[row].tolist() == perm, (
+            f'{impl}, float32: tie cut at level {level} of '
+            f'{plan.num_levels}')
 
 
 def test_reference_is_the_tensor_implementation_without_ties():

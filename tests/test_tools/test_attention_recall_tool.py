@@ -4,6 +4,7 @@ segmentation and detection configs."""
 import json
 import os
 import os.path as osp
+import re
 import runpy
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_segmentation_config(tool, images, tmp_path, capsys):
     out_file = str(tmp_path / 'fig' / 'recall.png')
     json_file = str(tmp_path / 'recall.json')
     res = tool['main']([
-        DEMO_SEG, *images, '--resize', '80', '64', '--out-file', out_file,
+        DEMO_SEG, *images, '--shape', '64', '80', '--out-file', out_file,
         '--json', json_file, '--query', '12', '12', '--head', '1',
         '--map-image', '1',
         *SEG_OPTIONS
@@ -157,7 +158,7 @@ def test_classification_config_with_checkpoint(tool, images, tmp_path):
     json_file = str(tmp_path / 'r.json')
     res = tool['main']([
         str(cfg_file), images[0], '--checkpoint', ckpt, '--json', json_file,
-        '--resize', '64', '64', '--block', '1', '1'
+        '--shape', '64', '--block', '1', '1'
     ])
     # BOAT-Swin: FSLA in the shifted blocks of stages 0-2.
     assert [(r['stage'], r['block']) for r in res['records']] == \
@@ -188,10 +189,10 @@ def test_detection_config(tool, images, tmp_path):
     assert cv2.imread(out_file) is not None
 
 
-def test_max_tokens_and_errors(tool, images, tmp_path):
+def test_max_tokens_and_errors(tool, images, tmp_path, capsys):
     # As a command: exit status 2 and one line on stderr.
     proc = subprocess.run(
-        [sys.executable, TOOL, DEMO_SEG, images[0], '--resize', '80', '64',
+        [sys.executable, TOOL, DEMO_SEG, images[0], '--shape', '64', '80',
          '--max-tokens', '100', *SEG_OPTIONS],
         cwd=str(tmp_path),
         env=dict(os.environ, PYTHONWARNINGS='ignore'),
@@ -201,19 +202,25 @@ def test_max_tokens_and_errors(tool, images, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count('\n') == 1
     assert proc.stderr.startswith(
-        'attention_recall: error: img0.png: FSLA at stage 0, block 0 sees a '
+        'attention_recall.py: error: img0.png: FSLA at stage 0, block 0 sees a '
         '16x20 map (320 tokens), more than max_tokens=100'), proc.stderr
-    with pytest.raises(ValueError, match='Stage 0, block 1 has no FSLA'):
-        tool['main']([
-            DEMO_SEG, images[0], '--resize', '32', '32', '--block', '0',
-            '1', *SEG_OPTIONS
-        ])
-    with pytest.raises(ValueError, match='has 2 heads'):
-        tool['main']([
-            DEMO_SEG, images[0], '--resize', '32', '32', '--head', '2',
-            *SEG_OPTIONS
-        ])
-    with pytest.raises(FileNotFoundError, match='Image'):
-        tool['main']([DEMO_SEG, str(tmp_path / 'missing.png')])
-    with pytest.raises(SystemExit):
-        tool['main']([DEMO_SEG, images[0], '--max-tokens', '0'])
+    # In-process: the same one-line manner (exit status 2).
+    cases = [
+        ([DEMO_SEG, images[0], '--shape', '32', '--block', '0', '1',
+          *SEG_OPTIONS], 'Stage 0, block 1 has no FSLA'),
+        ([DEMO_SEG, images[0], '--shape', '32', '--head', '2', *SEG_OPTIONS],
+         'has 2 heads'),
+        ([DEMO_SEG, images[0], '--map-image', '1'],
+         '--map-image must index the 1 '),
+        ([DEMO_SEG, str(tmp_path / 'missing.png')],
+         "image '.*missing.png' not found"),
+        ([DEMO_SEG, images[0], '--max-tokens', '0'], '--max-tokens must be'),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            tool['main'](argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1, err
+        assert err.startswith('attention_recall.py: error: '), err
+        assert re.search(message, err), (message, err)

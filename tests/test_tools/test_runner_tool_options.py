@@ -108,8 +108,10 @@ def spy(monkeypatch, train_tool, test_tool):
         tool.main(argv)
         return recorder
 
-    # LOCAL_RANK is exported by the tools; keep the test process clean.
-    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    # LOCAL_RANK is exported by the tools; undone after the test (setenv
+    # records the variable's state, delenv alone would not if unset).
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    monkeypatch.delenv('LOCAL_RANK')
     return run
 
 
@@ -194,7 +196,8 @@ def test_train_auto_scale_lr(spy, train_tool, tiny_cls, tmp_path):
         spy(train_tool, [str(bare), '--auto-scale-lr'])
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE])
+@pytest.mark.parametrize('config', [SWIN_T, HEADLINE],
+                         ids=['mmpretrain', 'mmseg'])
 def test_train_no_pin_memory_no_persistent_workers(spy, train_tool, config):
     rec = spy(train_tool, [config])
     defaults = {(name, key): rec.cfg[name].get(key)
@@ -278,7 +281,8 @@ def test_test_out_of_segmentation_is_the_label_map_folder(
     assert rec.metrics == []
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, MASK_RCNN])
+@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, MASK_RCNN],
+                         ids=['mmpretrain', 'mmseg', 'mmdet'])
 def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
                                                config, tmp_path):
     rec = spy(test_tool, [config, tiny_cls['ckpt']])
@@ -304,7 +308,8 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     assert saved == show_dir
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, RETINANET])
+@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, RETINANET],
+                         ids=['mmpretrain', 'mmseg', 'mmdet'])
 def test_test_tta_wraps_model_and_pipeline(spy, test_tool, tiny_cls, config):
     plain = spy(test_tool, [config, tiny_cls['ckpt']]).cfg
     rec = spy(test_tool, [config, tiny_cls['ckpt'], '--tta'])

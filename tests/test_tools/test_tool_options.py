@@ -284,13 +284,9 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
 
 @pytest.fixture(scope='module')
 def verify_boat():
-    sys.path.insert(0, osp.join(TOOLS, 'model_converters'))
-    try:
-        return _load(
-            osp.join(TOOLS, 'model_converters', 'verify_boat.py'),
-            'verify_boat_options')
-    finally:
-        sys.path.remove(osp.join(TOOLS, 'model_converters'))
+    return _load(
+        osp.join(TOOLS, 'model_converters', 'verify_boat.py'),
+        'verify_boat_options')
 
 
 class _VerifySpy:

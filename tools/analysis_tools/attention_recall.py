@@ -51,6 +51,9 @@ from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
                               window_keys, window_labels)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from boat_tools.cli import (  # noqa: E402
+    ArgumentParser, UsageError, add_shape_arg, check_file, load_config,
+    tool_main)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
 from boat_tools.inference import (build_model, build_pipeline,  # noqa: E402
                                   token_stride)
@@ -61,7 +64,7 @@ Location = Tuple[int, int]
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Share of the global attention that FSLA clusters, '
         'image-space windows and random partitions of equal size hold')
     parser.add_argument(
@@ -79,12 +82,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=16384,
         help='refuse maps with more tokens (full attention costs N^2 per '
         'head; default 16384, a 128x128 map)')
-    parser.add_argument(
-        '--resize',
-        type=int,
-        nargs=2,
-        metavar=('W', 'H'),
-        help='resize the images to W x H instead of the config\'s test '
+    add_shape_arg(
+        parser, 'resize the images to H x W instead of the config\'s test '
         'pipeline resizing')
     parser.add_argument(
         '--block',
@@ -118,9 +117,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f'--max-tokens must be >= 1, got {args.max_tokens}')
-    if not 0 <= args.map_image < len(args.images):
-        parser.error(f'--map-image must index the {len(args.images)} '
-                     f'image(s), got {args.map_image}')
     return args
 
 
@@ -161,16 +157,14 @@ def summarize(per_image: List[Dict[Location, dict]]) -> List[dict]:
             block=loc[1],
             maps=' '.join(f'{h}x{w}' for h, w in shapes),
             tokens=float(
-                np.mean([h * w for r in res for h, w in [r['record'].hw_shape]
-                         ])),
+                np.mean([np.prod(r['record'].hw_shape) for r in res])),
             keys=float(
                 torch.cat([r['keys'].flatten() for r in res]).double().mean()))
         for name in MEASURES:
-            v = torch.cat([r[name].flatten() for r in res]).double()
-            q = torch.quantile(v, torch.tensor([.25, .5, .75],
-                                               dtype=v.dtype)).tolist()
+            # numpy: torch.quantile refuses more than 2**24 values.
+            v = torch.cat([r[name].flatten() for r in res]).double().numpy()
             row[name] = float(v.mean())
-            row[name + '_quartiles'] = q
+            row[name + '_quartiles'] = np.quantile(v, [.25, .5, .75]).tolist()
         rows.append(row)
     return rows
 
@@ -274,11 +268,14 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
 
     ih, iw = image.shape[:2]
     ax1.imshow(image[..., ::-1], extent=(0, iw, ih, 0))
+    # Colour and opacity grow with the attention (square root, so that
+    # weak but wide attention shows): unattended tokens stay visible.
+    level = PowerNorm(0.5, vmin=0, vmax=float(attn.max()))(
+        shown['attention'])
+    heat = plt.get_cmap('magma')(level)
+    heat[..., 3] = 0.85 * level
     ax1.imshow(
-        shown['attention'],
-        cmap='magma',
-        norm=PowerNorm(0.5, vmin=0, vmax=float(attn.max())),
-        alpha=0.65,
+        heat,
         extent=(0, W * stride, H * stride, 0),
         interpolation='nearest')
     _outline(ax1, shown['cluster'], stride, colors='cyan', linewidths=1.4)
@@ -310,38 +307,40 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
     return shown
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the tool; returns ``rows`` (the table), ``records`` (the JSON
     records), ``per_image`` (per image, per block: the record, window
     labels and per-query recalls) and ``shown`` (what the map draws)."""
     args = parse_args(argv)
+    if not 0 <= args.map_image < len(args.images):
+        raise UsageError(f'--map-image must index the {len(args.images)} '
+                         f'image(s) given, got {args.map_image}.')
     for path in args.images:
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'Image {path!r} not found.')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        check_file(path, 'image', 'pass an image file the config\'s '
+                   'pipeline can load')
+    cfg = load_config(args.config, args.cfg_options)
     # Without --checkpoint the weights are a seeded random initialisation.
     torch.manual_seed(args.seed)
     model = build_model(cfg, args.checkpoint, args.device, TOOL)
     backbone = get_boat_backbone(model)
     modules = find_fsla_modules(backbone)
     if not modules:
-        raise ValueError(
+        raise UsageError(
             'The backbone has no FSLA modules (built with with_fsla=False?); '
             'there is no attention recall to measure.')
     location = tuple(args.block) if args.block else next(iter(modules))
     if location not in modules:
         listed = ', '.join(f'(stage {i}, block {j})' for i, j in modules)
-        raise ValueError(f'Stage {location[0]}, block {location[1]} has no '
+        raise UsageError(f'Stage {location[0]}, block {location[1]} has no '
                          f'FSLA module. FSLA is in: {listed}.')
     if not 0 <= args.head < modules[location].num_heads:
-        raise ValueError(
+        raise UsageError(
             f'--head {args.head} is out of range: FSLA at stage '
             f'{location[0]}, block {location[1]} has '
             f'{modules[location].num_heads} heads.')
 
-    pipeline = build_pipeline(cfg, args.resize, TOOL)
+    pipeline = build_pipeline(cfg, args.shape, TOOL)
     generator = torch.Generator().manual_seed(args.seed)
     per_image, shown_data = [], None
     for i, path in enumerate(args.images):
@@ -351,9 +350,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             per_image.append(
                 measure(model, batch['inputs'], args.max_tokens, generator))
         except TooManyTokensError as err:
-            print(f'{TOOL}: error: {osp.basename(path)}: {err}',
-                  file=sys.stderr)
-            raise SystemExit(2)
+            raise UsageError(f'{osp.basename(path)}: {err}') from None
         if i == args.map_image:
             shown_data = data
     rows = summarize(per_image)

@@ -92,7 +92,8 @@ BLOCK_TOKENS = 128
 # the kernels (or records their launches) in the interpreter.
 TARGET = None
 # Binary-search probes a ranking step makes at once (chunks x keys); None:
-# 1024 on CUDA (no spills at 4 warps), 8192 for the interpreter.
+# 2048 on CUDA (no spills at 4 warps, 128 registers), 8192 for the
+# interpreter.
 SEARCH_VALUES = None
 # Values (tokens x padded dims) per block of the node kernel's loops, at
 # most (128 tokens of 32 dims; 256 take 240 registers at 8 warps).
@@ -711,6 +712,12 @@ def target_info(device: torch.device) -> TargetInfo:
     return info
 
 
+def _target_for(device: torch.device) -> TargetInfo:
+    """What a call on ``device`` is scheduled for: :data:`TARGET` if set,
+    else ``device``."""
+    return TARGET if TARGET is not None else target_info(device)
+
+
 def _as_target(target: Union[TargetInfo, torch.device, str]) -> TargetInfo:
     return target if isinstance(target, TargetInfo) else target_info(target)
 
@@ -842,7 +849,7 @@ def balanced_clustering(x: Tensor,
             total, device=device).clamp_(max=N - 1).expand(M,
                                                            total).contiguous()
     if target is None:
-        target = TARGET if TARGET is not None else target_info(device)
+        target = _target_for(device)
     f64 = x.dtype == torch.float64
     if x.dtype not in (torch.float64, torch.float32, torch.bfloat16,
                        torch.float16):
@@ -897,7 +904,7 @@ def balanced_clustering(x: Tensor,
     # Counting ranks (float64) compare TILE x TILE keys at a time; larger
     # tiles only pay in the interpreter.
     tile = 32 if target.cuda else 128
-    search_values = SEARCH_VALUES or (1024 if target.cuda else 8192)
+    search_values = SEARCH_VALUES or (2048 if target.cuda else 8192)
     # Partial sums reduced at a time.
     sum_block = 16 if target.cuda else 64
     sync_off = 0
@@ -960,14 +967,14 @@ def balanced_clustering(x: Tensor,
             CH=ch,
             LOG=ch.bit_length() - 1,
             RB=rb,
-            CB=max(
-                1,
-                min(triton.next_power_of_2(plan.chunks), search_values // rb)),
+            # (Not fitted to the chunk count: no variant per count; masked
+            # probes load nothing.)
+            CB=max(1, search_values // rb),
             TILE=tile,
             num_warps=4,
-            # (ptxas otherwise trades a few spilled registers for
-            # occupancy; float64 needs more.)
-            maxnreg=None if f64 else 128,
+            # (Without a bound ptxas may cap registers at 128 and spill:
+            # float64 needs about 140.)
+            maxnreg=255 if f64 else 128,
             **consts)
         sync_off += sync_sizes[lv]
         ns = plan.chunks
