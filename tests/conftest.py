@@ -2,6 +2,7 @@
 import logging
 import os
 import os.path as osp
+import sys
 
 import pytest
 import torch
