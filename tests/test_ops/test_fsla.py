@@ -504,7 +504,6 @@ def test_deterministic():
     assert torch.equal(out1, out2) and torch.equal(g1, g2)
 
 
-
 def test_cluster_hook_sees_and_replaces_the_clustering():
     """register_cluster_hook: called with the perm of each forward (that of
     cluster_perm), its return value replaces it, removed by its handle."""

@@ -66,7 +66,6 @@ SCOPES = {
 }
 
 
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = ArgumentParser(

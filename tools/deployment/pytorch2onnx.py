@@ -65,6 +65,7 @@ from boat_tools.cli import (  # noqa: E402
     load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
 
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = ArgumentParser(
