@@ -27,11 +27,10 @@ them):
 
 Example::
 
-    python benchmarks/onnx_export.py                  # all, ~30 min
-    python benchmarks/onnx_export.py --only flips --flip-inputs 200
+    python benchmarks/ox.py                  # all, ~30 min
+    python benchmarks/ox.py --only flips --flip-inputs 200
 """
 import argparse
-import importlib.util
 import math
 import os
 import os.path as osp
@@ -43,6 +42,8 @@ from typing import Dict, List, Optional
 
 import torch
 from mmengine.config import Config
+
+from boat_mm.deploy import onnx_export as ox
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
@@ -58,19 +59,9 @@ TINY = {
 }
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        'pytorch2onnx', osp.join(REPO, 'tools', 'deployment',
-                                 'pytorch2onnx.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _against_pytorch(wrapped, got: list, x: torch.Tensor) -> Dict[str, float]:
     """onnxruntime's outputs ``got`` of :class:`WithClusters` against
     PyTorch on ``x``: as is, and PyTorch rerun on onnxruntime's clusters."""
-    p2o = _tool()
     with torch.no_grad():
         ref = wrapped(x)
         wrapped.inject = [torch.from_numpy(g) for g in got[1:]]
@@ -81,7 +72,7 @@ def _against_pytorch(wrapped, got: list, x: torch.Tensor) -> Dict[str, float]:
     layers = len(ref) - 1
     flipped = sum(not torch.equal(torch.from_numpy(g), r)
                   for g, r in zip(got[1:], ref[1:]))
-    raw, same = p2o.compare(ref[0], got[0]), p2o.compare(again[0], got[0])
+    raw, same = ox.compare(ref[0], got[0]), ox.compare(again[0], got[0])
     return dict(
         layers=layers,
         flipped_layers=flipped,
@@ -108,18 +99,17 @@ def latency(shape: List[int],
     weights are the same: seeded). ``extra_inputs`` more random inputs
     are checked after the timing.
     """
-    p2o = _tool()
     torch.manual_seed(0)
-    model, scope = p2o.build_model(Config.fromfile(HEADLINE))
-    net = p2o.ExportWrapper(model, scope)
-    wrapped = p2o.WithClusters(net).eval()
+    model, scope = ox.build_model(Config.fromfile(HEADLINE))
+    net = ox.ExportWrapper(model, scope)
+    wrapped = ox.WithClusters(net).eval()
     path = osp.join(tmp, 'boat-cswin-tiny_upernet.onnx')
     export_s = float('nan')
     if not (reuse and osp.isfile(path)):
         t0 = time.perf_counter()
-        p2o.export_onnx(wrapped, shape, path)
+        ox.export_onnx(wrapped, shape, path)
         export_s = time.perf_counter() - t0
-    sess = p2o.make_session(path, threads)
+    sess = ox.make_session(path, threads)
     name = sess.get_inputs()[0].name
     if tuple(sess.get_inputs()[0].shape[2:]) != tuple(shape):
         raise ValueError(f'{path} is not a {shape} export; run without '
@@ -140,8 +130,8 @@ def latency(shape: List[int],
             times['onnxruntime'].append(time.perf_counter() - t)
     checks = {'random': _against_pytorch(wrapped, sess.run(None, feed), x)}
     with tempfile.TemporaryDirectory(dir=tmp) as data:
-        image = p2o._generated_image(scope, data)
-        x = p2o.load_image(image, model, shape)
+        image = ox._generated_image(scope, data)
+        x = ox.load_image(image, model, shape)
     checks['image'] = _against_pytorch(wrapped,
                                        sess.run(None, {name: x.numpy()}), x)
     gen = torch.Generator().manual_seed(1)
@@ -161,7 +151,6 @@ def latency(shape: List[int],
 def small(threads: int, tmp: str) -> List[Dict[str, object]]:
     """onnxruntime vs PyTorch on the tiny classifiers and the demo
     segmentor, dynamic batch, batches of 1 and 3."""
-    p2o = _tool()
     cases = []
     for name, (config, arch) in TINY.items():
         for fsla in (True, False):
@@ -187,11 +176,11 @@ def small(threads: int, tmp: str) -> List[Dict[str, object]]:
     gen = torch.Generator().manual_seed(0)
     for name, cfg, fsla, shape in cases:
         torch.manual_seed(0)
-        model, scope = p2o.build_model(cfg)
-        wrapped = p2o.WithClusters(p2o.ExportWrapper(model, scope)).eval()
+        model, scope = ox.build_model(cfg)
+        wrapped = ox.WithClusters(ox.ExportWrapper(model, scope)).eval()
         path = osp.join(tmp, 'small.onnx')
-        p2o.export_onnx(wrapped, shape, path, dynamic=('batch', ))
-        sess = p2o.make_session(path, threads)
+        ox.export_onnx(wrapped, shape, path, dynamic=('batch', ))
+        sess = ox.make_session(path, threads)
         for batch in (1, 3):
             x = torch.randn(batch, 3, *shape, generator=gen)
             got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
@@ -208,13 +197,12 @@ def small(threads: int, tmp: str) -> List[Dict[str, object]]:
 def flips(shape: List[int], inputs: int, threads: int,
           tmp: str) -> Dict[str, float]:
     """How often onnxruntime's clusters differ from PyTorch's."""
-    p2o = _tool()
     torch.manual_seed(0)
-    model, scope = p2o.build_model(Config.fromfile(DEMO))
-    wrapped = p2o.WithClusters(p2o.ExportWrapper(model, scope)).eval()
+    model, scope = ox.build_model(Config.fromfile(DEMO))
+    wrapped = ox.WithClusters(ox.ExportWrapper(model, scope)).eval()
     path = osp.join(tmp, 'demo_clusters.onnx')
-    p2o.export_onnx(wrapped, shape, path)
-    sess = p2o.make_session(path, threads)
+    ox.export_onnx(wrapped, shape, path)
+    sess = ox.make_session(path, threads)
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(0)
     flipped_inputs = flipped_layers = layers = 0
@@ -227,7 +215,7 @@ def flips(shape: List[int], inputs: int, threads: int,
         layers = len(ref) - 1
         n = sum(not torch.equal(torch.from_numpy(g), r)
                 for g, r in zip(got[1:], ref[1:]))
-        d = p2o.compare(ref[0], got[0])
+        d = ox.compare(ref[0], got[0])
         flipped_inputs += n > 0
         flipped_layers += n
         worst_rel = max(worst_rel, d['rel'])

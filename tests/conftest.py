@@ -17,9 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-# The tools' shared code (tools/boat_tools, not installed), as the tools
-# reach it; appended, so that tools/*.py never shadow another module.
-sys.path.append(osp.join(REPO_ROOT, 'tools'))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -23,147 +23,33 @@ the share of that attention mass that falls on a set of keys:
   expectation is ``a + (K - 1) / (N - 1) * (1 - a)`` for ``K`` keys and
   self-attention ``a``, which is ``K / N`` when ``a = 1 / N``.
 
-:func:`capture_fsla` records the queries, keys and clustering of FSLA
-modules during a normal forward pass (forward pre-hooks, removed on exit);
+:func:`~boat_mm.analysis.capture.capture_fsla` records the queries, keys
+and clustering of FSLA modules during a normal forward pass;
 :func:`block_recall` computes the three recalls of one record;
 ``tools/analysis_tools/attention_recall.py`` is the command-line front end.
 Nothing here is imported by ``import boat_mm``.
 """
-from contextlib import contextmanager
-from typing import (Dict, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Tuple, Union)
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
-from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
-from boat_mm.ops import (ClusterPlan, build_cluster_plan,
-                         cluster_ids_from_perm, inverse_slots)
-from boat_mm.visualization.clusters import (_check_locations,
-                                            find_fsla_modules)
+from boat_mm.models.utils import CSWinAttention
+from boat_mm.ops import ClusterPlan, inverse_slots
+from .capture import FSLARecord
 
 __all__ = [
-    'MEASURES', 'FSLARecord', 'TooManyTokensError', 'capture_fsla',
-    'fsla_keys', 'random_slots', 'window_keys', 'window_labels',
+    'MEASURES', 'fsla_keys', 'random_slots', 'window_keys', 'window_labels',
     'swin_window_labels', 'stripe_window_labels', 'attention_recall',
     'global_attention', 'block_recall'
 ]
 
-Location = Tuple[int, int]
 #: The key sets measured, in table order.
 MEASURES = ('cluster', 'window', 'random')
 # Elements of one chunk of attention probabilities (queries x keys).
 _CHUNK_ELEMENTS = 1 << 22
-
-
-class TooManyTokensError(ValueError):
-    """A map has more tokens than the caller allows (``max_tokens``)."""
-
-
-class FSLARecord(NamedTuple):
-    """What one FSLA module computed from its input in one forward call.
-
-    Attributes:
-        q (Tensor): ``(B, heads, N, d)`` queries (CPU).
-        k (Tensor): ``(B, heads, N, d)`` keys (CPU).
-        scale (float): Logit scale of the module.
-        hw_shape (tuple[int, int]): The map, ``H * W == N``.
-        perm (Tensor | None): ``(B * heads, slots)`` token of every slot
-            (:meth:`FeatureSpaceLocalAttention.cluster_perm`); None for a
-            single cluster.
-        plan (ClusterPlan): The cluster layout (CPU tensors).
-    """
-    q: Tensor
-    k: Tensor
-    scale: float
-    hw_shape: Tuple[int, int]
-    perm: Optional[Tensor]
-    plan: ClusterPlan
-
-    @property
-    def cluster_ids(self) -> Tensor:
-        """``(B, heads, N)`` int64 cluster of every token."""
-        B, h, N, _ = self.q.shape
-        if self.perm is None:
-            return torch.zeros(B, h, N, dtype=torch.long)
-        return cluster_ids_from_perm(self.perm, self.plan).view(B, h, N)
-
-
-def _fsla_modules(
-    model: Union[nn.Module, Mapping[Location, FeatureSpaceLocalAttention]]
-) -> Dict[Location, FeatureSpaceLocalAttention]:
-    if isinstance(model, Mapping):
-        return dict(model)
-    return find_fsla_modules(model)
-
-
-@contextmanager
-def capture_fsla(
-    model: Union[nn.Module, Mapping[Location, FeatureSpaceLocalAttention]],
-    locations: Optional[Sequence[Location]] = None,
-    max_tokens: Optional[int] = None
-) -> Iterator[Dict[Location, List[FSLARecord]]]:
-    """Record the queries, keys and clusters of FSLA modules.
-
-    Inside the ``with`` block, every forward of a chosen FSLA module appends
-    an :class:`FSLARecord` to its list: the module's own ``qkv`` of the
-    tokens it receives and :meth:`~FeatureSpaceLocalAttention.cluster_perm`,
-    the clustering its forward computes. The forward itself is unchanged;
-    the pre-hooks are removed on exit, whatever happens.
-
-    Args:
-        model (nn.Module | Mapping): A BOAT backbone, a model holding one
-            as ``backbone``, or FSLA modules by ``(stage, block)``.
-        locations (Sequence[tuple[int, int]], optional): ``(stage, block)``
-            pairs to record; None for all.
-        max_tokens (int, optional): Raise :class:`TooManyTokensError` (from
-            the forward) when a recorded map has more tokens.
-
-    Yields:
-        dict[tuple[int, int], list[FSLARecord]]: Filled as forwards run.
-    """
-    available = _fsla_modules(model)
-    wanted = _check_locations(available,
-                              available if locations is None else locations)
-    records: Dict[Location, List[FSLARecord]] = {loc: [] for loc in wanted}
-
-    def make_hook(loc: Location):
-
-        def hook(module: FeatureSpaceLocalAttention, args, kwargs):
-            x = args[0] if args else kwargs['x']
-            hw = args[1] if len(args) > 1 else kwargs['hw_shape']
-            hw = (int(hw[0]), int(hw[1]))
-            B, N, _ = x.shape
-            if max_tokens is not None and N > max_tokens:
-                raise TooManyTokensError(
-                    f'FSLA at stage {loc[0]}, block {loc[1]} sees a '
-                    f'{hw[0]}x{hw[1]} map ({N} tokens), more than '
-                    f'max_tokens={max_tokens}: full attention costs N^2 per '
-                    f'head. Use a smaller input or raise the limit.')
-            with torch.no_grad():
-                qkv = module.qkv(x)
-                perm, _ = module.cluster_perm(x, hw)
-            h, d = module.num_heads, module.head_dims
-            qk = qkv[..., :2 * module.embed_dims].reshape(B, N, 2, h, d)
-            qk = qk.permute(2, 0, 3, 1, 4).cpu()
-            plan = build_cluster_plan(N, module.group_size, module.overlap)
-            records[loc].append(
-                FSLARecord(qk[0], qk[1], float(module.scale), hw,
-                           None if perm is None else perm.cpu(), plan))
-
-        return hook
-
-    handles = [
-        available[loc].register_forward_pre_hook(
-            make_hook(loc), with_kwargs=True) for loc in wanted
-    ]
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # --- Key sets: (M, N, K) int64 token indices per query, -1 = none. ---
@@ -403,7 +289,8 @@ def block_recall(record: FSLARecord,
     """The three recalls of every query of one FSLA record.
 
     Args:
-        record (FSLARecord): From :func:`capture_fsla`.
+        record (FSLARecord): From
+            :func:`~boat_mm.analysis.capture.capture_fsla`.
         labels (Tensor): ``(L, N)`` window labels of the block.
         generator (torch.Generator, optional): For the random partition.
         chunk_size (int, optional): See :func:`attention_recall`.

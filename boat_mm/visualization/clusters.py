@@ -7,7 +7,7 @@ capture that grouping during a normal forward pass of a BOAT backbone and
 paint it over the image:
 
 * :func:`find_fsla_modules` / :func:`get_boat_backbone`: where FSLA is
-  (:meth:`BaseBOATBackbone.fsla_modules`);
+  (from :mod:`boat_mm.analysis.capture`, re-exported);
 * :func:`capture_cluster_ids`: ``(B, heads, H_stage, W_stage)`` cluster ids
   of chosen FSLA modules for an input batch;
 * :func:`colorize_ids`, :func:`upsample_ids`, :func:`draw_clusters`: an id
@@ -15,81 +15,21 @@ paint it over the image:
 
 ``tools/visualization/vis_clusters.py`` is the command-line front end.
 """
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from boat_mm.models.backbones import BaseBOATBackbone, boat_families
+from boat_mm.analysis.capture import (Location, find_fsla_modules,
+                                      fsla_input_hooks, get_boat_backbone)
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 __all__ = [
     'find_fsla_modules', 'get_boat_backbone', 'capture_cluster_ids',
     'cluster_palette', 'colorize_ids', 'upsample_ids', 'draw_clusters'
 ]
-
-Location = Tuple[int, int]
-
-
-def get_boat_backbone(model: nn.Module) -> BaseBOATBackbone:
-    """The BOAT backbone of a model, or the model if it is one.
-
-    Args:
-        model (nn.Module): A BOAT backbone (:class:`BaseBOATBackbone`), or
-            a model with such a ``backbone`` attribute (mmpretrain's
-            ``ImageClassifier``, mmseg's ``EncoderDecoder``, ...).
-
-    Returns:
-        BaseBOATBackbone: The BOAT backbone.
-
-    Raises:
-        TypeError: Neither the model nor its ``backbone`` is a BOAT.
-    """
-    if isinstance(model, BaseBOATBackbone):
-        return model
-    backbone = getattr(model, 'backbone', None)
-    if isinstance(backbone, BaseBOATBackbone):
-        return backbone
-    found = type(backbone if backbone is not None else model).__name__
-    names = ' or '.join(f.__name__ for f in boat_families())
-    folders = ' or '.join(f'configs/boat_{f.family}' for f in boat_families())
-    raise TypeError(
-        f'The backbone is a {found}, not a BOAT backbone ({names}): only '
-        f'those have feature-space local attention clusters. Use a config '
-        f'from {folders}, or set model.backbone.type to one of them.')
-
-
-def find_fsla_modules(
-        model: nn.Module) -> Dict[Location, FeatureSpaceLocalAttention]:
-    """The FSLA modules of a BOAT backbone by ``(stage, block)``.
-
-    Args:
-        model (nn.Module): A BOAT backbone or a model holding one as
-            ``backbone``.
-
-    Returns:
-        dict[tuple[int, int], FeatureSpaceLocalAttention]: Sorted by stage,
-        then block; empty for a backbone built with ``with_fsla=False``.
-    """
-    return dict(sorted(get_boat_backbone(model).fsla_modules().items()))
-
-
-def _check_locations(available: Dict[Location, nn.Module],
-                     locations: Iterable[Location]) -> list:
-    listed = ', '.join(f'(stage {i}, block {j})' for i, j in available)
-    if not available:
-        raise ValueError(
-            'The backbone has no FSLA modules (built with with_fsla=False?); '
-            'there are no clusters to capture.')
-    wanted = [tuple(int(v) for v in loc) for loc in locations]
-    for stage, block in wanted:
-        if (stage, block) not in available:
-            raise ValueError(
-                f'Stage {stage}, block {block} has no FSLA module. FSLA '
-                f'is in: {listed}.')
-    return wanted
 
 
 def capture_cluster_ids(
@@ -99,11 +39,11 @@ def capture_cluster_ids(
 ) -> Dict[Location, Tensor]:
     """Cluster ids formed by FSLA modules during a forward of ``inputs``.
 
-    A forward pre-hook on each chosen FSLA module calls its
-    :meth:`~FeatureSpaceLocalAttention.cluster_ids` on the tokens it
-    receives, so the ids are exactly the grouping its attention uses. The
-    backbone runs once in eval mode without gradients (its mode is restored
-    afterwards) and the hooks are removed, whatever happens.
+    On the input of each chosen FSLA module
+    (:func:`boat_mm.analysis.fsla_input_hooks`), its
+    :meth:`~FeatureSpaceLocalAttention.cluster_ids`: exactly the grouping
+    its attention uses. The backbone runs once in eval mode without
+    gradients (its mode is restored afterwards).
 
     Args:
         model (nn.Module): A BOAT backbone or a model holding one as
@@ -122,34 +62,21 @@ def capture_cluster_ids(
             ones that have) or the backbone has none at all.
     """
     backbone = get_boat_backbone(model)
-    available = find_fsla_modules(backbone)
-    wanted = _check_locations(available,
-                              available if locations is None else locations)
     captured: Dict[Location, Tensor] = {}
 
-    def make_hook(loc: Location):
+    def record(loc: Location, module: FeatureSpaceLocalAttention, x: Tensor,
+               hw: Location) -> None:
+        ids = module.cluster_ids(x, hw)
+        captured[loc] = ids.view(*ids.shape[:2], *hw).cpu()
 
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs['x']
-            hw = args[1] if len(args) > 1 else kwargs['hw_shape']
-            ids = module.cluster_ids(x, hw)
-            captured[loc] = ids.view(*ids.shape[:2], *hw).cpu()
-
-        return hook
-
-    handles = [
-        available[loc].register_forward_pre_hook(
-            make_hook(loc), with_kwargs=True) for loc in wanted
-    ]
     was_training = backbone.training
-    try:
-        backbone.eval()
-        with torch.no_grad():
-            backbone(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        backbone.train(was_training)
+    with fsla_input_hooks(backbone, record, locations) as wanted:
+        try:
+            backbone.eval()
+            with torch.no_grad():
+                backbone(inputs)
+        finally:
+            backbone.train(was_training)
     return {loc: captured[loc] for loc in wanted}
 
 

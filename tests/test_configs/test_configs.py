@@ -10,7 +10,7 @@ from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401
 from boat_mm.models import boat_families
-from boat_tools.metafile import published_complexity
+from boat_mm.utils.metafile import published_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(

@@ -7,7 +7,8 @@ import re
 from typing import Dict, List
 
 import pytest
-from boat_tools.metafile import load_models
+
+from boat_mm.utils.metafile import load_models
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 READMES = sorted(glob.glob(osp.join(ROOT, 'configs', 'boat_*', 'README.md')))

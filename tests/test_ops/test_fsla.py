@@ -504,6 +504,37 @@ def test_deterministic():
     assert torch.equal(out1, out2) and torch.equal(g1, g2)
 
 
+def test_cluster_hook_sees_and_replaces_the_clustering():
+    """register_cluster_hook: called with the perm of each forward (that of
+    cluster_perm), its return value replaces it, removed by its handle."""
+    m = make_module(16, 2, torch.float32).eval()
+    torch.manual_seed(10)
+    x = torch.randn(2, 15 * 20, 16)
+    seen = []
+    handle = m.register_cluster_hook(lambda mod, perm: seen.append(
+        (mod, perm.clone())))
+    with torch.no_grad():
+        ref = m(x, (15, 20))
+    perm, _ = m.cluster_perm(x, (15, 20))
+    (mod, got), = seen
+    assert mod is m and torch.equal(got, perm)
+    # Reversed slots are another valid clustering: a different output,
+    # the same as a fresh module given that clustering.
+    handle.remove()
+    handle = m.register_cluster_hook(lambda mod, perm: perm.flip(-1))
+    with torch.no_grad():
+        flipped = m(x, (15, 20))
+    handle.remove()
+    assert not m._cluster_hooks
+    assert not torch.allclose(flipped, ref)
+    with torch.no_grad():
+        again = m(x, (15, 20))
+        m.register_cluster_hook(lambda mod, p: perm.flip(-1))
+        injected = m(x, (15, 20))
+    assert torch.equal(again, ref)
+    assert torch.equal(injected, flipped)
+
+
 def _check_compiled(backend: str, hw: Tuple[int, int]) -> None:
     m = make_module(16, 2, torch.float32)
     torch.manual_seed(9)

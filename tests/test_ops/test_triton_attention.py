@@ -10,16 +10,14 @@ the interpreter runs every program in numpy. With a GPU the same tests
 run compiled on CUDA, and the tests marked ``cuda`` add real shapes, host
 synchronisation and ``torch.compile`` checks (``benchmarks/gpu_check.sh``).
 """
-import types
 
 import pytest
 import torch
 from _triton_compile import run_compile_script
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
-                         build_cluster_plan, clustered_attention,
-                         cpu_kernel_available)
+from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
+                         clustered_attention, cpu_kernel_available)
 
 pytest.importorskip('triton')
 
@@ -239,55 +237,10 @@ def test_triton_backend_reaches_the_triton_op():
     assert not any(c.startswith('boat_mm.') for c in calls)
 
 
-def _like(device: str, dtype=torch.float32):
-    """What the backend table reads of a tensor: its device and dtype (so
-    that CUDA cases can be checked without a GPU)."""
-    return types.SimpleNamespace(device=torch.device(device), dtype=dtype)
-
-
-def test_auto_rules(monkeypatch):
-    """'auto': Triton on CUDA (float32/16-bit, no dropout), C++ on the CPU
-    when built, else tensor ops; under torch.jit tracing the clustering is
-    always an op (its tensor ops, which the tracer cannot record, as the
-    op's default kernel); never the interpreter."""
-    select = _backends.select_backend
-    attn, clus = 'clustered_attention', 'balanced_clustering'
-    monkeypatch.setattr(_backends, '_HAS_TRITON', True)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert select(attn, 'auto', _like('cuda', dtype)).name == 'triton'
-        assert select(clus, 'auto', _like('cuda', dtype)).name == 'triton'
-    assert select(attn, 'auto', _like('cuda', torch.float64)).name == \
-        'tensor'
-    assert select(attn, 'auto', _like('cuda'), 0.1).name == 'tensor'
-    assert select(attn, 'auto', _like('mps')).name == 'tensor'
-    monkeypatch.setenv('TRITON_INTERPRET', '1')
-    cpu = 'cpp' if cpu_kernel_available() else 'tensor'
-    assert select(attn, 'auto', _like('cpu')).name == cpu
-    assert select(clus, 'auto', _like('cpu')).name == cpu
-    assert select(attn, 'auto', _like('cpu', torch.bfloat16)).name == \
-        'tensor'
-    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
-    assert select(clus, 'auto', _like('cpu')).name == 'tensor'
-    monkeypatch.setattr(_backends, '_HAS_TRITON', False)
-    assert select(attn, 'auto', _like('cuda')).name == 'tensor'
-    assert select(clus, 'auto', _like('cuda')).name == 'tensor'
-    monkeypatch.setattr(_backends, '_HAS_TRITON', True)
-    monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)
-    assert select(attn, 'auto', _like('cuda')).name == 'triton'
-    assert select(attn, 'auto', _like('cpu')).name == 'tensor'
-    traced = select(clus, 'auto', _like('cpu'))
-    assert traced.name == 'tensor' and traced.namespace == 'boat_mm'
-    assert traced.op(clus) is torch.ops.boat_mm.balanced_clustering.default
-    # Explicit choices are kept.
-    assert select(attn, 'triton', _like('cuda', torch.float64)).name == \
-        'triton'
-    assert select(attn, 'tensor', _like('cuda')).name == 'tensor'
-
-
 def test_errors(monkeypatch):
-    """Each unsupported choice names the problem and the fix."""
-    select = _backends.select_backend
-    attn, clus = 'clustered_attention', 'balanced_clustering'
+    """The public function refuses unsupported choices, naming the problem
+    and the fix (the backend table's own checks:
+    tests/test_ops/test_backends.py)."""
     qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32,
                                device='cpu')
     with pytest.raises(ValueError, match="'triton'"):
@@ -295,18 +248,9 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match='no attention dropout'):
         clustered_attention(qkv.to(DEVICE), perm.to(DEVICE), plan, 2, 0.1,
                             0.1, impl='triton')
-    with pytest.raises(ValueError, match='supports float32, bfloat16'):
-        select(attn, 'triton', _like('cuda', torch.int32))
-    with pytest.raises(ValueError, match='set TRITON_INTERPRET=1'):
-        select(attn, 'triton', _like('mps'))
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(ValueError, match='set TRITON_INTERPRET=1'):
         clustered_attention(qkv, perm, plan, 2, impl='triton')
-    with pytest.raises(ValueError, match="runs on the CPU.*'triton'"):
-        select(clus, 'cpp', _like('cuda'))
-    monkeypatch.setattr(_backends, '_HAS_TRITON', False)
-    with pytest.raises(RuntimeError, match='needs the triton package'):
-        select(attn, 'triton', _like('cuda'))
 
 
 def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):

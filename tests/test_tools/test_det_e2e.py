@@ -282,7 +282,7 @@ def test_backbone_same_under_mmdet_and_mmseg_scopes():
 def test_get_flops_of_detectors(trained):
     """Whole-detector counts: the backbone's share equals the backbone
     counted alone; RoI heads on 1000 proposals add a fixed amount."""
-    from boat_tools.complexity import get_model_complexity
+    from boat_mm.analysis.complexity import get_model_complexity
     count = runpy.run_path(
         osp.join(REPO, 'tools', 'analysis_tools', 'get_flops.py'),
         run_name='boat_tool')['count_config']

@@ -28,6 +28,9 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
+from boat_mm.deploy import (ExportWrapper, WithClusters, build_model,
+                            compare, export_onnx, load_image, make_session,
+                            run_onnxruntime)
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
                          cpu_kernel_available)
 
@@ -39,6 +42,7 @@ CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
                    'boat-cswin-tiny_8xb256_in1k.py')
 DEMO = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
 
+# The tool itself, for its options and command line.
 _spec = importlib.util.spec_from_file_location('pytorch2onnx', TOOL)
 p2o = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(p2o)
@@ -70,8 +74,8 @@ def _build(tmp, config: str, options: Optional[dict] = None):
     if options:
         cfg.merge_from_dict(options)
     torch.manual_seed(0)  # the random weights
-    model, scope = p2o.build_model(cfg)
-    return p2o.ExportWrapper(model, scope)
+    model, scope = build_model(cfg)
+    return ExportWrapper(model, scope)
 
 
 def _cls_net(tmp, kind: str, fsla: bool):
@@ -86,20 +90,20 @@ def _seg_net(tmp, fsla: bool):
 
 
 def _check(net, shape, tmp, xs, close, dynamic=False, optimize=False):
-    """Export ``p2o.WithClusters(net)`` at ``shape`` (with a dynamic batch
+    """Export ``WithClusters(net)`` at ``shape`` (with a dynamic batch
     if ``dynamic``), run it on each input of ``xs`` in onnxruntime and in
     PyTorch and compare; ``close(ref, out)`` asserts the tolerance of the
     task. The exporter's graph optimizer (half the export time) is off
     unless ``optimize``. Returns the number of clustered FSLA calls and of
     those whose clusters differ (near-tie flips), over all inputs."""
-    wrapped = p2o.WithClusters(net).eval()
-    path = p2o.export_onnx(
+    wrapped = WithClusters(net).eval()
+    path = export_onnx(
         wrapped,
         shape,
         str(tmp / 'net.onnx'),
         dynamic=('batch', ) if dynamic else (),
         optimize=optimize)
-    sess = p2o.make_session(path)
+    sess = make_session(path)
     assert isinstance(sess.get_inputs()[0].shape[0], int) != dynamic
     total = [0, 0]
     for x in xs:
@@ -142,7 +146,7 @@ def _compare(wrapped, got, x, close):
 def _cls_close(rel):
 
     def close(ref, out):
-        r = p2o.compare(ref, out)
+        r = compare(ref, out)
         assert r['rel'] <= rel, r
         assert r['argmax'] == 1.0, r
 
@@ -150,12 +154,12 @@ def _cls_close(rel):
 
 
 def _seg_close(ref, out):
-    r = p2o.compare(ref, out)
+    r = compare(ref, out)
     assert r['argmax'] >= 0.999, r
 
 
 def _seg_exact(ref, out):
-    r = p2o.compare(ref, out)
+    r = compare(ref, out)
     assert r['rel'] <= 1e-5, r
     assert r['argmax'] >= 0.999, r
 
@@ -193,16 +197,16 @@ def test_classifier_without_fsla(tmp_path, kind, shape):
     path = str(tmp_path / 'net.onnx')
     with pytest.raises(
             ValueError, match=f'exported for {shape[0]}x{shape[1]} inputs'):
-        p2o.run_onnxruntime(path, _randn(1, (shape[0] + 8, shape[1])))
+        run_onnxruntime(path, _randn(1, (shape[0] + 8, shape[1])))
     with pytest.raises(
             ValueError, match=r'exported for batch 1.*--dynamic-shape'):
-        p2o.run_onnxruntime(path, _randn(2, shape))
+        run_onnxruntime(path, _randn(2, shape))
 
 
 def _ade_images(ade_root, net, shape, indices):
     """Validation images of the generated dataset, as one batch."""
     return torch.cat([
-        p2o.load_image(
+        load_image(
             osp.join(ade_root, 'images', 'validation', f'ADE_val_{i:08d}.jpg'),
             net.model, shape) for i in indices
     ])
@@ -254,7 +258,7 @@ def test_clustering_ranks_ties_as_pytorch(tmp_path, num_tokens):
     path = str(tmp_path / 'clustering.onnx')
     torch.onnx.export(
         Clustering(num_tokens), (x, ), dynamo=True, verbose=False).save(path)
-    sess = p2o.make_session(path)
+    sess = make_session(path)
     got = torch.from_numpy(sess.run(None, {'x': x.numpy()})[0])
     plan = build_cluster_plan(num_tokens, 16, 4)
     for impl in ('tensor', 'cpp'):
@@ -299,7 +303,7 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
     x = _randn(4, (72, 52))
     with torch.no_grad():
         ref = net(x)
-    _cls_close(1e-5)(ref, p2o.run_onnxruntime(out, x))
+    _cls_close(1e-5)(ref, run_onnxruntime(out, x))
 
 
 def test_fsla_kernel_impl_is_refused(tmp_path):
@@ -311,7 +315,7 @@ def test_fsla_kernel_impl_is_refused(tmp_path):
                                           "overlap=4, clustering_impl='cpp'"))
     net = _build(tmp_path, str(cfg))
     with pytest.raises(ValueError, match="clustering_impl='cpp'"):
-        p2o.export_onnx(net, (64, 64), str(tmp_path / 'x.onnx'))
+        export_onnx(net, (64, 64), str(tmp_path / 'x.onnx'))
     assert not osp.exists(tmp_path / 'x.onnx')
 
 
@@ -323,7 +327,7 @@ def test_dynamic_height_width_are_refused(tmp_path):
     for axes, what in [(('batch', 'height'), 'height'), (('width', ), 'width'),
                        (('height', 'width'), 'height and width')]:
         with pytest.raises(ValueError) as exc:
-            p2o.export_onnx(
+            export_onnx(
                 net, (64, 64), str(tmp_path / 'x.onnx'), dynamic=axes)
         msg = str(exc.value)
         assert msg.startswith(f"a dynamic {what} is not supported: FSLA's "

@@ -231,23 +231,6 @@ def p2o():
                  'pytorch2onnx_options')
 
 
-def test_onnx_compare_measures_disagreement(p2o):
-    """Hand-made logits: the agreement drops by the share of argmaxes that
-    move, the differences are those put in."""
-    ref = torch.zeros(4, 3, 2, 2)
-    ref[:, 1] = 1.  # class 1 everywhere, max |ref| = 1
-    same = p2o.compare(ref, ref.numpy().copy())
-    assert same == dict(max_abs=0., rel=0., argmax=1.)
-    out = ref.clone()
-    out[0, 2, 0, 0] = 3.  # one of 16 pixels moves to class 2
-    out[1, 0, 1, 1] = -0.5  # a change that keeps the argmax
-    r = p2o.compare(ref, out.numpy())
-    assert r['argmax'] == pytest.approx(15 / 16)
-    assert r['max_abs'] == pytest.approx(3.) and r['rel'] == pytest.approx(3.)
-    with pytest.raises(ValueError, match='shape'):
-        p2o.compare(ref, out[:2].numpy())
-
-
 def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
                                              capsys):
     """--opset is the file's opset; --cfg-options reach the model; --verify
@@ -258,8 +241,9 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
     image = str(tmp_path / 'img.png')
     rng = np.random.default_rng(1)
     cv2.imwrite(image, rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    from boat_mm.deploy import onnx_export
     fed = []
-    make_session = p2o.make_session
+    make_session = onnx_export.make_session
 
     def session_spy(path, threads=None):
         session = make_session(path, threads)
@@ -274,7 +258,7 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
 
         return Session()
 
-    monkeypatch.setattr(p2o, 'make_session', session_spy)
+    monkeypatch.setattr(onnx_export, 'make_session', session_spy)
     out = str(tmp_path / 'swin.onnx')
     assert p2o.main([
         str(cfg), '--shape', '32', '48', '--out', out, '--opset', '19',
@@ -289,8 +273,8 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
     assert 'image input' in text and 'random input' in text
     assert 'batch 3' not in text  # a fixed batch: no batch-3 run
     assert [f.shape for f in fed] == [(1, 3, 32, 48)] * 2
-    net = p2o.build_model(Config.fromfile(str(cfg)))[0]
-    expected = p2o.load_image(image, net, (32, 48))
+    net = onnx_export.build_model(Config.fromfile(str(cfg)))[0]
+    expected = onnx_export.load_image(image, net, (32, 48))
     np.testing.assert_allclose(fed[0], expected.numpy(), rtol=0, atol=1e-5)
     assert not np.allclose(fed[1], fed[0])
 

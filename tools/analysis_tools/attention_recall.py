@@ -46,9 +46,9 @@ from mmengine.logging import print_log
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
-                              capture_fsla, fsla_keys, global_attention,
+                              capture_fsla, find_fsla_modules, fsla_keys,
+                              get_boat_backbone, global_attention,
                               window_keys, window_labels)
-from boat_mm.visualization import find_fsla_modules, get_boat_backbone
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (  # noqa: E402

@@ -6,7 +6,7 @@ any of their configs (chosen by the config's ``default_scope``). FLOPs are
 multiply-adds (the OpenMMLab convention: mmengine's ``FlopAnalyzer``,
 which also adds per-element estimates for norms; the multiply-adds alone
 are printed too), counted by
-:func:`boat_tools.complexity.get_model_complexity`, which adds what
+:func:`boat_mm.analysis.complexity.get_model_complexity`, which adds what
 mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 (masked pair-wise attention counted by its allowed pairs unless
 ``--masked-attention dense``) and the FSLA clustering.
@@ -19,7 +19,7 @@ mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 * detection (mmdet): backbone, neck and dense heads, and a two-stage
   detector's RoI head on 1000 fixed proposals (mask head on 100), without
   post-processing (mmdet's convention, see
-  :class:`boat_tools.complexity.DetectorForward`), on a ``1 x 3 x H x
+  :class:`boat_mm.analysis.complexity.DetectorForward`), on a ``1 x 3 x H x
   W`` input, default 800 x 1280 (H x W, the size the Swin and CSWin papers
   count at).
 
@@ -46,10 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (  # noqa: E402
     ArgumentParser, UsageError, add_shape_arg, load_config, tool_main)
-from boat_tools.complexity import (  # noqa: E402
-    DetectorForward, get_model_complexity)
 from boat_tools.config import add_cfg_options_arg  # noqa: E402
-from boat_tools.metafile import REPO_ROOT, published_complexity  # noqa: E402
 from mmengine.analysis.print_helper import (  # noqa: E402
     complexity_stats_str, complexity_stats_table)
 from mmengine.config import Config  # noqa: E402
@@ -57,13 +54,16 @@ from mmengine.model import revert_sync_batchnorm  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import boat_mm  # noqa: F401,E402  (registers the BOAT models)
+from boat_mm.analysis.complexity import (  # noqa: E402
+    DetectorForward, get_model_complexity)
+from boat_mm.utils.metafile import (  # noqa: E402
+    REPO_ROOT, published_complexity)
 
 SCOPES = {
     'mmpretrain': ('mmpretrain.registry', (224, 224)),
     'mmseg': ('mmseg.registry', (512, 512)),
     'mmdet': ('mmdet.registry', (800, 1280)),
 }
-
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -195,7 +195,7 @@ def _print_result(config: str, info: Dict[str, Any]) -> None:
     print(split_line)
     print('FLOPs = multiply-adds (OpenMMLab convention) plus mmengine\'s '
           'per-element estimates for norms, upsampling and pooling; see '
-          'tools/boat_tools/complexity.py for what is counted.')
+          'boat_mm/analysis/complexity.py for what is counted.')
     _warn_uncounted(info['uncounted_ops'])
 
 

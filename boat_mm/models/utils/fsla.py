@@ -1,11 +1,13 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Feature-space local attention (FSLA), the module BOAT adds to a block."""
-from typing import Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl,
@@ -119,6 +121,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         self.proj_drop = nn.Dropout(proj_drop)
         self.get_v = nn.Conv2d(
             embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self._cluster_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
 
     def _check_input(self, x: Tensor, hw_shape: Sequence[int]) -> None:
         if x.dim() != 3:
@@ -148,6 +151,30 @@ class FeatureSpaceLocalAttention(BaseModule):
         return balanced_hierarchical_clustering(
             q.reshape(B * self.num_heads, N, self.head_dims), plan,
             self.kmeans_iters, self.kmeans_temperature, self.clustering_impl)
+
+    def register_cluster_hook(
+        self, hook: Callable[['FeatureSpaceLocalAttention', Tensor],
+                             Optional[Tensor]]
+    ) -> RemovableHandle:
+        """Call ``hook(module, perm)`` on every clustering of a forward.
+
+        The clusters are computed inside :meth:`forward`, so forward hooks
+        cannot see them; this hook can, and may replace them: a returned
+        tensor (same shape) is used as ``perm`` instead, e.g. the clusters
+        of an exported model, to tell a flipped near-tie from an error.
+        Maps of one cluster have no ``perm`` and call no hook.
+
+        Args:
+            hook (Callable): ``hook(module, perm) -> Tensor | None`` with
+                ``perm`` the ``(B * num_heads, slots)`` token of every slot
+                (see :meth:`cluster_perm`).
+
+        Returns:
+            RemovableHandle: ``handle.remove()`` removes the hook.
+        """
+        handle = RemovableHandle(self._cluster_hooks)
+        self._cluster_hooks[handle.id] = hook
+        return handle
 
     @torch.no_grad()
     def cluster_perm(self, x: Tensor, hw_shape: Sequence[int]
@@ -207,6 +234,9 @@ class FeatureSpaceLocalAttention(BaseModule):
         perm = None
         if plan.num_clusters > 1:
             perm = self._cluster(qkv, plan)
+            for hook in self._cluster_hooks.values():
+                replaced = hook(self, perm)
+                perm = perm if replaced is None else replaced
         out, v = clustered_attention(
             qkv,
             perm,

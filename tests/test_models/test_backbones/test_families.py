@@ -24,6 +24,7 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 
 import boat_mm  # noqa: F401
+from boat_mm.analysis.complexity import get_model_complexity
 from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
                                       convert_boat_checkpoint)
 from boat_mm.models.backbones import base_boat
@@ -31,7 +32,6 @@ from boat_mm.models.backbones.boat_swin import BOATSwinBlock
 from boat_mm.models.utils.ckpt_convert import (PublishedLayout,
                                                add_module_keys,
                                                blocks_per_stage)
-from boat_tools.complexity import get_model_complexity
 
 # --- The toy family, as a family file would define it. ---
 

@@ -51,7 +51,7 @@ every query sees 69 keys, boat-mm's single cluster attends within itself
 (49 keys): 0.001-0.0015 G less. Subtracting (1) and adding (2) rounds to
 the published value for all six models.
 
-How it works: the trace runs under a torch function mode (the tool's, not
+How it works: the trace runs under a torch function mode (this module's, not
 a patch: torch calls it for every torch function while it is active, and
 nothing outside the trace sees it) that sends every
 ``scaled_dot_product_attention`` call to a thin custom op
@@ -67,8 +67,7 @@ counted as such). SDPA calls made inside scripted code are still counted,
 dense, by an ``aten::scaled_dot_product_attention`` handle.
 
 Example:
-    >>> import sys; sys.path.insert(0, 'tools')  # from the repo root
-    >>> from boat_tools.complexity import get_model_complexity
+    >>> from boat_mm.analysis.complexity import get_model_complexity
     >>> info = get_model_complexity(model, input_shape=(3, 224, 224))
     >>> info['flops'] / 1e9, info['params'] / 1e6
 """

@@ -1,0 +1,13 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The tests of tools/ only: the tools' own shared code (tools/boat_tools,
+not installed: their CLI manner and the loader of the public BOAT code) is
+importable here, as the tools reach it. Library code is imported from
+``boat_mm`` everywhere."""
+import os.path as osp
+import sys
+
+TOOLS = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+                 'tools')
+# Appended, so that tools/*.py never shadow another module.
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
