@@ -152,7 +152,8 @@ def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
                 continue
             try:
                 info = layout.detect(weights)
-            except (KeyError, ValueError, TypeError, AttributeError):
+            except (KeyError, ValueError, TypeError, AttributeError,
+                    IndexError):
                 info = {}
             return family, key, info
     return None
