@@ -398,27 +398,40 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
                 in_channels=64)
 
     class Public(torch.nn.Module):
+        """Also shows its stage tokens where the public Swin does: as the
+        output of the last block of each ``layers[i]``."""
 
         def __init__(self, shift: float) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.inner = verify_boat.build_classifier(BOATSwin, info).eval()
             self.shift = shift
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Module() for _ in range(4))
+            for layer in self.layers:
+                layer.blocks = torch.nn.ModuleList([torch.nn.Identity()])
 
         def state_dict(self, *args, **kwargs):
             return swin_tests.to_original(self.inner.state_dict())
 
         def forward(self, x):
+            feats = self.inner.backbone.forward_stages(x)
+            for layer, feat in zip(self.layers, feats):
+                layer.blocks[-1](feat.flatten(2).transpose(1, 2))
             out = self.inner(x, mode='tensor')
             out[0, 0] += self.shift
             return out
 
+    names = {f'{o} b{b}' for o in ('stage1', 'stage2', 'stage3', 'stage4',
+                                   'logits') for b in (1, 2)}
     same = verify_boat.verify(BOATSwin, Public(0.), batches=(1, 2))
-    assert set(same) == {'logits b1', 'logits b2'}
+    assert set(same) == names
     assert max(same.values()) < 1e-5
     off = verify_boat.verify(BOATSwin, Public(0.25), batches=(1, 2))
     assert off['logits b1'] == pytest.approx(0.25, abs=1e-5)
     assert off['logits b2'] == pytest.approx(0.25, abs=1e-5)
+    assert max(off[f'stage{i} b{b}'] for i in range(1, 5)
+               for b in (1, 2)) < 1e-5
 
 
 # ---------------------------------------------------- check_fsla_parity.py
@@ -637,7 +650,11 @@ def _option(cmd, name):
 
 def test_run_demo_options(demo, tmp_path):
     work, data = str(tmp_path / 'work'), str(tmp_path / 'data')
-    config = 'configs/demo/other.py'
+    # Another config than the default (the tool checks that it exists).
+    config = str(tmp_path / 'other.py')
+    with open(config, 'w') as f:
+        f.write(f"_base_ = [{osp.join(REPO, 'configs', 'demo', "
+                f"'boat-cswin-tiny_upernet_demo.py')!r}]\n")
     assert demo.main([
         '--config', config, '--work-dir', work, '--data-dir', data,
         '--num-train', '9', '--num-val', '4', '--max-iters', '30',
