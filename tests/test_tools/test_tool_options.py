@@ -652,9 +652,9 @@ def test_run_demo_options(demo, tmp_path):
     work, data = str(tmp_path / 'work'), str(tmp_path / 'data')
     # Another config than the default (the tool checks that it exists).
     config = str(tmp_path / 'other.py')
+    base = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
     with open(config, 'w') as f:
-        f.write(f"_base_ = [{osp.join(REPO, 'configs', 'demo', "
-                f"'boat-cswin-tiny_upernet_demo.py')!r}]\n")
+        f.write(f'_base_ = [{base!r}]\n')
     assert demo.main([
         '--config', config, '--work-dir', work, '--data-dir', data,
         '--num-train', '9', '--num-val', '4', '--max-iters', '30',
