@@ -35,7 +35,8 @@ def get_extensions() -> tuple:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
     ext = CppExtension(
-        'boat_mm._C', [
+        'boat_mm._C',
+        [
             'boat_mm/ops/csrc/clustering.cpp',
             'boat_mm/ops/csrc/clustered_attention.cpp'
         ],
@@ -43,8 +44,7 @@ def get_extensions() -> tuple:
         # OpenMP for at::parallel_for (the process shares torch's libgomp);
         # -Wno-psabi: the vector types never cross a library boundary.
         extra_compile_args=[
-            '-O3', '-fopenmp', '-ffp-contract=fast', '-Wno-psabi',
-            '-std=c++20'
+            '-O3', '-fopenmp', '-ffp-contract=fast', '-Wno-psabi', '-std=c++20'
         ],
         extra_link_args=['-fopenmp'])
     return [ext], {'build_ext': BuildExtension}

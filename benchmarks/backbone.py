@@ -35,7 +35,8 @@ from boat_mm.models import boat_families
 # name -> (family, with_fsla), for each registered family.
 BOAT_MODELS = {
     f'{prefix}{family.family}-t': (family, prefix == 'boat-')
-    for family in boat_families() for prefix in ('boat-', '')
+    for family in boat_families()
+    for prefix in ('boat-', '')
 }
 MODELS = (*BOAT_MODELS, 'mmpretrain-swin-t')
 # Step-time ratios that issue #11 sets a target for (on CUDA).
@@ -45,23 +46,33 @@ TARGETS = {('boat-cswin-t', 'cswin-t'): 1.35}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--threads', type=int, default=2,
-                        help='torch CPU threads')
-    parser.add_argument('--size', type=int, default=None,
-                        help='image side; default 512 (--quick: 64)')
-    parser.add_argument('--batch', type=int, default=None,
-                        help='default 8 (--quick: 1)')
-    parser.add_argument('--quick', action='store_true',
-                        help='a 64x64 image, batch 1, 1 repeat (smoke test)')
-    parser.add_argument('--repeats', type=int, default=None,
-                        help='timed steps per model; default 10 (--quick: 1)')
+    parser.add_argument(
+        '--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument(
+        '--size',
+        type=int,
+        default=None,
+        help='image side; default 512 (--quick: 64)')
+    parser.add_argument(
+        '--batch', type=int, default=None, help='default 8 (--quick: 1)')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='a 64x64 image, batch 1, 1 repeat (smoke test)')
+    parser.add_argument(
+        '--repeats',
+        type=int,
+        default=None,
+        help='timed steps per model; default 10 (--quick: 1)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument(
-        '--dtypes', default=None,
+        '--dtypes',
+        default=None,
         help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
         'default: fp32 on the CPU, fp32,bf16 on CUDA')
     parser.add_argument(
-        '--models', default=','.join(MODELS),
+        '--models',
+        default=','.join(MODELS),
         help='comma-separated subset of ' + ','.join(MODELS))
     args = parser.parse_args()
     cuda = torch.device(args.device).type == 'cuda'
@@ -90,10 +101,13 @@ def build(name: str, size: int) -> nn.Module:
         family, with_fsla = BOAT_MODELS[name]
         return family(arch='tiny', with_fsla=with_fsla)
     from mmpretrain.models import SwinTransformer
+
     # pad_small_map: stage maps below 7x7 (small --size) are padded, as
     # BOATSwin does.
     return SwinTransformer(
-        arch='tiny', img_size=size, out_indices=(0, 1, 2, 3),
+        arch='tiny',
+        img_size=size,
+        out_indices=(0, 1, 2, 3),
         pad_small_map=True)
 
 
@@ -142,15 +156,18 @@ def run(args, dtype: str) -> Dict[str, dict]:
     for name, row in results.items():
         row['time'] = statistics.median(row.pop('times'))
         row['ips'] = args.batch / row['time']
-        print(f'  {dtype} {name}: {row["time"] * 1e3:.1f} ms/step',
-              file=sys.stderr, flush=True)
+        print(
+            f'  {dtype} {name}: {row["time"] * 1e3:.1f} ms/step',
+            file=sys.stderr,
+            flush=True)
     return results
 
 
 def print_table(results: Dict[str, dict], args, dtype: str) -> None:
     device = torch.device(args.device)
-    name = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
-            f'CPU, {torch.get_num_threads()} threads')
+    name = (
+        torch.cuda.get_device_name(device) if device.type == 'cuda' else
+        f'CPU, {torch.get_num_threads()} threads')
     print(f'\nBackbone training step ({dtype}): {name}, {args.size}x'
           f'{args.size}, batch {args.batch}, torch {torch.__version__}; '
           f'median of {args.repeats}')
@@ -168,8 +185,7 @@ def print_table(results: Dict[str, dict], args, dtype: str) -> None:
 
     print()
     # FSLA's cost in each family, then Swin against mmpretrain's.
-    pairs = [(f'boat-{f.family}-t', f'{f.family}-t')
-             for f in boat_families()]
+    pairs = [(f'boat-{f.family}-t', f'{f.family}-t') for f in boat_families()]
     pairs += [('boat-swin-t', 'mmpretrain-swin-t'),
               ('swin-t', 'mmpretrain-swin-t')]
     for a, b in pairs:

@@ -35,8 +35,8 @@ IMAGE = (1, 3, 67, 45)
 def _digest(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
     return hashlib.sha256(
-        t.view(torch.uint8).numpy().tobytes() + str(
-            (t.dtype, tuple(t.shape))).encode()).hexdigest()[:16]
+        t.view(torch.uint8).numpy().tobytes() +
+        str((t.dtype, tuple(t.shape))).encode()).hexdigest()[:16]
 
 
 def _published_key_map(family, arch: str) -> Dict[str, str]:
@@ -71,12 +71,16 @@ def fingerprint(family, arch: str) -> dict:
     assert found is family, (found, family)
     return dict(
         keys=list(state),
-        values={k: _digest(v)
-                for k, v in state.items()},
+        values={
+            k: _digest(v)
+            for k, v in state.items()
+        },
         outputs=[_digest(o) for o in outs],
         published_keys=[list(pair) for pair in key_map.items()],
-        converted={k: _digest(v)
-                   for k, v in converted.items()})
+        converted={
+            k: _digest(v)
+            for k, v in converted.items()
+        })
 
 
 def main() -> int:

@@ -40,11 +40,21 @@ DATA = osp.join(REPO, 'data', 'ade_synthetic', 'ADEChallengeData2016')
 SETTINGS = {
     'default': {},
     'default, again': {},
-    'ATEN_CPU_CAPABILITY=avx2': {'ATEN_CPU_CAPABILITY': 'avx2'},
-    'ATEN_CPU_CAPABILITY=default': {'ATEN_CPU_CAPABILITY': 'default'},
-    'ONEDNN_MAX_CPU_ISA=AVX2': {'ONEDNN_MAX_CPU_ISA': 'AVX2'},
-    'MKL_ENABLE_INSTRUCTIONS=AVX2': {'MKL_ENABLE_INSTRUCTIONS': 'AVX2'},
-    '2 threads': {'OMP_NUM_THREADS': '2'},
+    'ATEN_CPU_CAPABILITY=avx2': {
+        'ATEN_CPU_CAPABILITY': 'avx2'
+    },
+    'ATEN_CPU_CAPABILITY=default': {
+        'ATEN_CPU_CAPABILITY': 'default'
+    },
+    'ONEDNN_MAX_CPU_ISA=AVX2': {
+        'ONEDNN_MAX_CPU_ISA': 'AVX2'
+    },
+    'MKL_ENABLE_INSTRUCTIONS=AVX2': {
+        'MKL_ENABLE_INSTRUCTIONS': 'AVX2'
+    },
+    '2 threads': {
+        'OMP_NUM_THREADS': '2'
+    },
 }
 
 
@@ -54,10 +64,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--data-dir', default=DATA)
     parser.add_argument(
-        '--settings', nargs='+', default=list(SETTINGS),
+        '--settings',
+        nargs='+',
+        default=list(SETTINGS),
         help=f'which of {list(SETTINGS)}')
-    parser.add_argument('--child', nargs=2, metavar=('INIT', 'OUT'),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--child', nargs=2, metavar=('INIT', 'OUT'), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -84,8 +96,8 @@ def _batches(data_dir: str, batch: int, steps: int):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
-    images = sorted(glob.glob(osp.join(data_dir, 'images', 'training',
-                                       '*.jpg')))
+    images = sorted(
+        glob.glob(osp.join(data_dir, 'images', 'training', '*.jpg')))
     if len(images) < batch:
         raise SystemExit(f'no generated data in {data_dir}: run `python '
                          f'tools/dataset_converters/gen_synthetic_data.py '
@@ -141,8 +153,12 @@ def child(init: str, out: str, args: argparse.Namespace) -> None:
         losses.append(float(log['loss']))
     _, ids1 = probe()
     torch.save(
-        dict(logits0=logits0, ids0=ids0, ids1=ids1, losses=losses,
-             capability=torch.backends.cpu.get_cpu_capability()), out)
+        dict(
+            logits0=logits0,
+            ids0=ids0,
+            ids1=ids1,
+            losses=losses,
+            capability=torch.backends.cpu.get_cpu_capability()), out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -167,14 +183,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.save(model.state_dict(), init)
         for name in args.settings:
             out = osp.join(tmp, 'out.pth')
-            env = dict(os.environ, OMP_NUM_THREADS='1',
-                       PYTHONWARNINGS='ignore')
+            env = dict(
+                os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
             env.update(SETTINGS[name])
-            cmd = [sys.executable, __file__, '--child', init, out,
-                   '--steps', str(args.steps), '--batch', str(args.batch),
-                   '--data-dir', args.data_dir]
-            subprocess.run(cmd, env=env, check=True, cwd=REPO,
-                           stdout=subprocess.DEVNULL)
+            cmd = [
+                sys.executable, __file__, '--child', init, out, '--steps',
+                str(args.steps), '--batch',
+                str(args.batch), '--data-dir', args.data_dir
+            ]
+            subprocess.run(
+                cmd, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
             results[name] = torch.load(out, weights_only=False)
     base = results[args.settings[0]]
     print(f'torch {torch.__version__}, {args.steps} steps of batch '
@@ -188,12 +206,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                base['logits0'].abs().max()).item()
         moved0 = (r['ids0'] != base['ids0']).double().mean().item()
         moved1 = (r['ids1'] != base['ids1']).double().mean().item()
-        first = next((i for i, (a, b) in enumerate(
-            zip(r['losses'], base['losses'])) if a != b), None)
+        first = next(
+            (i for i, (a, b) in enumerate(zip(r['losses'], base['losses']))
+             if a != b), None)
         print(' | '.join([
             name, r['capability'], f'{rel:.1e}', f'{100 * moved0:.2f} %',
-            '-' if first is None else str(first),
-            f'{r["losses"][-1]:.4f}', f'{100 * moved1:.2f} %'
+            '-' if first is None else str(first), f'{r["losses"][-1]:.4f}',
+            f'{100 * moved1:.2f} %'
         ]))
     print(json.dumps({k: v['losses'] for k, v in results.items()}))
     return 0

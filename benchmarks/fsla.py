@@ -49,8 +49,7 @@ from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
 
 sys.path.insert(
     0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
-from boat_tools.reference import (  # noqa: E402
-    cuda_calls_stay_put, import_public_module)
+from boat_tools.reference import cuda_calls_stay_put, import_public_module
 
 GROUP_SIZE, OVERLAP = 49, 20
 # (side, embed_dims, num_heads)
@@ -74,34 +73,45 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--threads', type=int, default=2, help='torch CPU threads')
     parser.add_argument(
-        '--batch', type=int, default=None,
+        '--batch',
+        type=int,
+        default=None,
         help='default: 2 on the CPU, 8 on CUDA')
     parser.add_argument(
-        '--quick', action='store_true',
+        '--quick',
+        action='store_true',
         help='CPU: anchor shapes and 128^2 (C=64) only; CUDA: 128^2 and '
         '56^2 (C=64)')
     parser.add_argument(
-        '--dtypes', default=None,
+        '--dtypes',
+        default=None,
         help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
         "default: fp32 on the CPU, fp32,bf16 on CUDA")
     parser.add_argument(
-        '--shapes', default=None,
+        '--shapes',
+        default=None,
         help='comma-separated side:C:heads (e.g. 14:32:2,28:64:2) instead '
         'of the presets')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument(
-        '--budget', type=float, default=20.,
+        '--budget',
+        type=float,
+        default=20.,
         help='seconds per measurement; fewer repeats beyond it')
     parser.add_argument(
-        '--global-max-gflop', type=float, default=600.,
+        '--global-max-gflop',
+        type=float,
+        default=600.,
         help='skip global attention whose forward needs more GFLOP')
     parser.add_argument(
-        '--ref-repo', default=None,
+        '--ref-repo',
+        default=None,
         help='checkout of mahaoyuHKU/pytorch-boat, to time its '
         'ContentAttention (needs timm and einops)')
     parser.add_argument(
-        '--methods', default=','.join(METHODS),
+        '--methods',
+        default=','.join(METHODS),
         help='comma-separated subset of ' + ','.join(METHODS))
     args = parser.parse_args()
     cuda = torch.device(args.device).type == 'cuda'
@@ -132,8 +142,8 @@ class GlobalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(
-            2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads,
+                                   -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -205,11 +215,15 @@ class FlexFSLA(FeatureSpaceLocalAttention):
         slots = plan.slot_valid.numel()
         # (3, B, h, N, d) -> gathered along tokens into slot order.
         qkv_h = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)
-        index = perm[:, :slots].view(1, B, h, slots, 1).expand(
-            3, B, h, slots, d)
+        index = perm[:, :slots].view(1, B, h, slots,
+                                     1).expand(3, B, h, slots, d)
         q, k, v = qkv_h.gather(3, index).unbind(0)
-        out = self.flex(q, k, v, block_mask=self._block_mask(plan, x.device),
-                        scale=self.scale)
+        out = self.flex(
+            q,
+            k,
+            v,
+            block_mask=self._block_mask(plan, x.device),
+            scale=self.scale)
         # Back to raster order: each token from its real slot.
         inv = inverse_slots(perm, plan).view(B, h, N, 1).expand(B, h, N, d)
         out = out.gather(2, inv).transpose(1, 2).reshape(B, N, C)
@@ -228,8 +242,7 @@ class PublicFSLA(nn.Module):
     @staticmethod
     def supports(side: int) -> bool:
         n = side * side // GROUP_SIZE
-        return (side * side == n * GROUP_SIZE and n >= 2
-                and n & (n - 1) == 0)
+        return (side * side == n * GROUP_SIZE and n >= 2 and n & (n - 1) == 0)
 
     def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
         return self.attn(x)
@@ -279,7 +292,9 @@ def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
     return out
 
 
-def forward_fn(module: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
+def forward_fn(module: nn.Module,
+               x: torch.Tensor,
+               hw: Tuple[int, int],
                dtype: str = 'fp32') -> Callable[[], None]:
 
     def run():
@@ -289,7 +304,9 @@ def forward_fn(module: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     return run
 
 
-def train_fn(module: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
+def train_fn(module: nn.Module,
+             x: torch.Tensor,
+             hw: Tuple[int, int],
              dtype: str = 'fp32') -> Callable[[], None]:
     x = x.detach().requires_grad_()
     grad = torch.randn_like(x)
@@ -305,8 +322,10 @@ def train_fn(module: nn.Module, x: torch.Tensor, hw: Tuple[int, int],
     return run
 
 
-def clustering_fn(module: FeatureSpaceLocalAttention, x: torch.Tensor,
-                  num_heads: int, impl: str,
+def clustering_fn(module: FeatureSpaceLocalAttention,
+                  x: torch.Tensor,
+                  num_heads: int,
+                  impl: str,
                   dtype: str = 'fp32') -> Callable[[], None]:
     """Only the clustering step of FSLA on the module's own queries (in
     the dtype the module gives them)."""
@@ -334,8 +353,8 @@ def global_gflop(batch: int, n: int, c: int) -> float:
 
 
 def build_methods(side: int, dims: int, heads: int, methods: List[str],
-                  public_cls: Optional[type], args
-                  ) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+                  public_cls: Optional[type],
+                  args) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
     """The modules to time at one shape, and the reasons for skips."""
     N = side * side
     modules: Dict[str, nn.Module] = {}
@@ -374,8 +393,13 @@ def build_methods(side: int, dims: int, heads: int, methods: List[str],
     return modules, skipped
 
 
-def run_shape(side: int, dims: int, heads: int, methods: List[str],
-              public_cls: Optional[type], device: torch.device, args,
+def run_shape(side: int,
+              dims: int,
+              heads: int,
+              methods: List[str],
+              public_cls: Optional[type],
+              device: torch.device,
+              args,
               dtype: str = 'fp32') -> Dict[str, dict]:
     hw = (side, side)
     torch.manual_seed(0)
@@ -394,8 +418,10 @@ def run_shape(side: int, dims: int, heads: int, methods: List[str],
                                                  FSLA_IMPLS[name], dtype)
     with cuda_calls_stay_put(device):
         measured = measure_all(fns, device, args)
-    results: Dict[str, dict] = {name: dict(skip=why)
-                                for name, why in skipped.items()}
+    results: Dict[str, dict] = {
+        name: dict(skip=why)
+        for name, why in skipped.items()
+    }
     for (name, kind), row in measured.items():
         res = results.setdefault(name, {})
         res[kind] = row['time']
@@ -403,11 +429,13 @@ def run_shape(side: int, dims: int, heads: int, methods: List[str],
         res[kind + '_runs'] = row['runs']
     for name, row in results.items():
         if 'fwd' in row:
-            print(f'  {dtype} {side}^2 C={dims} h={heads} {name}: '
-                  f'fwd {row["fwd"] * 1e3:.1f} ms, '
-                  f'fwd+bwd {fmt_ms(row, "train")} ms '
-                  f'({row["fwd_runs"]} runs)',
-                  file=sys.stderr, flush=True)
+            print(
+                f'  {dtype} {side}^2 C={dims} h={heads} {name}: '
+                f'fwd {row["fwd"] * 1e3:.1f} ms, '
+                f'fwd+bwd {fmt_ms(row, "train")} ms '
+                f'({row["fwd_runs"]} runs)',
+                file=sys.stderr,
+                flush=True)
     return results
 
 
@@ -525,12 +553,12 @@ def print_tables(all_results, args, dtype: str = 'fp32') -> None:
               if 'cluster' in r.get('fsla', {})]
     if shares:
         worst = max(shares, key=lambda kv: kv[1])
-        check(f'clustering share of fwd (worst, at {worst[0][0]}^2 '
-              f'C={worst[0][1]})', worst[1], 0.3)
+        check(
+            f'clustering share of fwd (worst, at {worst[0][0]}^2 '
+            f'C={worst[0][1]})', worst[1], 0.3)
     for dims, heads in sorted({(c, h) for _, c, h in all_results}):
-        sizes = sorted(s for s, c, h in all_results
-                       if (c, h) == (dims, heads)
-                       and 'train' in all_results[s, c, h].get('fsla', {}))
+        sizes = sorted(s for s, c, h in all_results if (c, h) == (
+            dims, heads) and 'train' in all_results[s, c, h].get('fsla', {}))
         if len(sizes) > 1:
             times = {
                 s: all_results[s, dims, heads]['fsla']['train']
@@ -540,6 +568,7 @@ def print_tables(all_results, args, dtype: str = 'fp32') -> None:
                 f'{s}^2: x{times[s] / times[sizes[0]]:.1f} time for '
                 f'x{(s / sizes[0])**2:.1f} tokens' for s in sizes[1:])
             print(f'- growth C={dims} h={heads} (vs {sizes[0]}^2): {growth}')
+
 
 def main() -> None:
     args = parse_args()
@@ -566,8 +595,9 @@ def main() -> None:
     for dtype in args.dtypes:
         all_results = {}
         for side, dims, heads in shapes:
-            all_results[side, dims, heads] = run_shape(
-                side, dims, heads, methods, public_cls, device, args, dtype)
+            all_results[side, dims,
+                        heads] = run_shape(side, dims, heads, methods,
+                                           public_cls, device, args, dtype)
         print_tables(all_results, args, dtype)
 
 

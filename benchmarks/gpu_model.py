@@ -41,21 +41,21 @@ if '--compile-worker' not in sys.argv:
     # Before the first import of triton: the kernels become interpreted.
     os.environ['TRITON_INTERPRET'] = '1'
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import importlib  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os.path as osp  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import types  # noqa: E402
-from typing import Dict, List, Optional, Tuple  # noqa: E402
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import math
+import os.path as osp
+import re
+import subprocess
+import tempfile
+import types
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))

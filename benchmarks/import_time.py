@@ -22,8 +22,8 @@ import sys
 
 #: Packages ``import boat_mm`` must not load (other OpenMMLab libraries,
 #: plotting, COCO tools, export and FLOP counters).
-HEAVY = ('mmpretrain', 'mmseg', 'mmdet', 'matplotlib', 'scipy',
-         'pycocotools', 'shapely', 'onnx', 'fvcore')
+HEAVY = ('mmpretrain', 'mmseg', 'mmdet', 'matplotlib', 'scipy', 'pycocotools',
+         'shapely', 'onnx', 'fvcore')
 
 _PROBE = r'''
 import json, sys, time

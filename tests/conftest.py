@@ -64,8 +64,7 @@ def ade_root(tmp_path_factory) -> str:
     from boat_mm.datasets import generate_ade20k_like
     out = tmp_path_factory.mktemp('ade')
     return generate_ade20k_like(
-        str(out), num_train=8, num_val=4, img_size=64, seed=0,
-        progress=False)
+        str(out), num_train=8, num_val=4, img_size=64, seed=0, progress=False)
 
 
 @pytest.fixture(scope='session')
@@ -74,6 +73,5 @@ def imagenet_root(tmp_path_factory) -> str:
     from boat_mm.datasets import generate_imagenet_like
     out = tmp_path_factory.mktemp('imagenet')
     generate_imagenet_like(
-        str(out), num_train=3, num_val=2, img_size=32, seed=0,
-        progress=False)
+        str(out), num_train=3, num_val=2, img_size=32, seed=0, progress=False)
     return str(out)

@@ -10,8 +10,8 @@ import sys
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # Other OpenMMLab libraries, plotting, COCO tools, export and FLOP counters
 # (as benchmarks/import_time.py).
-HEAVY = ('mmpretrain', 'mmseg', 'mmdet', 'matplotlib', 'scipy',
-         'pycocotools', 'shapely', 'onnx', 'fvcore')
+HEAVY = ('mmpretrain', 'mmseg', 'mmdet', 'matplotlib', 'scipy', 'pycocotools',
+         'shapely', 'onnx', 'fvcore')
 
 PROBE = '''
 import json, sys

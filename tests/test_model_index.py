@@ -37,8 +37,8 @@ def test_list_models_by_metafile_names():
 def test_get_model_by_name_loads_a_converted_file(tmp_path):
     from mmpretrain import get_model
     spec = importlib.util.spec_from_file_location(
-        '_boat2mm_index', osp.join(REPO, 'tools', 'model_converters',
-                                   'boat2mm.py'))
+        '_boat2mm_index',
+        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
     boat2mm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(boat2mm)
     src = write_published_cswin(str(tmp_path / 'cswin_tiny.pth.tar'))[0]
@@ -78,7 +78,9 @@ def test_registration_in_a_fresh_process():
     code = ('import boat_mm, mmpretrain; '
             'print(sorted(mmpretrain.list_models("*boat*")))')
     out = subprocess.run([sys.executable, '-W', 'ignore', '-c', code],
-                         capture_output=True, text=True, cwd=REPO,
+                         capture_output=True,
+                         text=True,
+                         cwd=REPO,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == str(CLASSIFIERS)

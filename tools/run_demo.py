@@ -30,7 +30,7 @@ import numpy as np
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO, 'tools'))
-from boat_tools.cli import ArgumentParser, check_file, tool_main  # noqa: E402
+from boat_tools.cli import ArgumentParser, check_file, tool_main
 
 CONFIG = osp.join('configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
 DATA_DIR = osp.join('data', 'ade_synthetic')
@@ -41,21 +41,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default=CONFIG, help='demo config')
     parser.add_argument(
-        '--work-dir', default=osp.join('work_dirs', 'demo'),
+        '--work-dir',
+        default=osp.join('work_dirs', 'demo'),
         help='logs, checkpoint, predictions and pictures go here')
     parser.add_argument(
-        '--data-dir', default=DATA_DIR,
+        '--data-dir',
+        default=DATA_DIR,
         help='where the generated dataset lives (ADEChallengeData2016/ '
         'inside); generated when missing')
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=50)
     parser.add_argument(
-        '--max-iters', type=int, default=None,
+        '--max-iters',
+        type=int,
+        default=None,
         help='override the training length of the config')
     parser.add_argument(
         '--num-vis', type=int, default=6, help='images in the picture')
     parser.add_argument(
-        '--min-gain', type=float, default=2.0,
+        '--min-gain',
+        type=float,
+        default=2.0,
         help='fail unless mIoU >= this many times the chance level')
     return parser.parse_args(argv)
 
@@ -128,8 +134,7 @@ def _colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return lut[label]
 
 
-def draw_montage(root: str, pred_dir: str, out_file: str,
-                 num: int) -> None:
+def draw_montage(root: str, pred_dir: str, out_file: str, num: int) -> None:
     """Rows of image | ground truth | prediction, with a legend."""
     from mmseg.datasets import ADE20KDataset
     palette = np.array(ADE20KDataset.METAINFO['palette'], np.uint8)
@@ -140,8 +145,7 @@ def draw_montage(root: str, pred_dir: str, out_file: str,
     rows, present = [], set()
     for pred_path in preds:
         name = osp.splitext(osp.basename(pred_path))[0]
-        img = cv2.imread(
-            osp.join(root, 'images', 'validation', name + '.jpg'))
+        img = cv2.imread(osp.join(root, 'images', 'validation', name + '.jpg'))
         gt = cv2.imread(
             osp.join(root, 'annotations', 'validation', name + '.png'),
             cv2.IMREAD_UNCHANGED)
@@ -154,15 +158,16 @@ def draw_montage(root: str, pred_dir: str, out_file: str,
             cv2.resize(t, (size, size), interpolation=cv2.INTER_NEAREST)
             for t in tiles
         ]
-        rows.append(np.concatenate([
-            np.concatenate([t, np.full((size, 4, 3), 255, np.uint8)], 1)
-            for t in tiles
-        ], 1))
+        rows.append(
+            np.concatenate([
+                np.concatenate([t, np.full((size, 4, 3), 255, np.uint8)], 1)
+                for t in tiles
+            ], 1))
     grid = np.concatenate(rows, 0)
     header = np.full((28, grid.shape[1], 3), 255, np.uint8)
     for i, text in enumerate(['image', 'ground truth', 'prediction']):
-        cv2.putText(header, text, (i * 196 + 8, 20),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1)
+        cv2.putText(header, text, (i * 196 + 8, 20), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.55, (0, 0, 0), 1)
     # Legend of every class shown, three per line.
     legend_ids = sorted(k for k in present if k > 0)
     lines = (len(legend_ids) + 2) // 3
@@ -217,9 +222,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start = time.time()
     cmd = [py, 'tools/train.py', args.config, '--work-dir', work_dir]
-    options = [f'train_dataloader.dataset.data_root={root}',
-               f'val_dataloader.dataset.data_root={root}',
-               f'test_dataloader.dataset.data_root={root}']
+    options = [
+        f'train_dataloader.dataset.data_root={root}',
+        f'val_dataloader.dataset.data_root={root}',
+        f'test_dataloader.dataset.data_root={root}'
+    ]
     if args.max_iters:
         n, warmup = args.max_iters, max(1, args.max_iters // 10)
         options += [
@@ -257,12 +264,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'  checkpoint  {ckpt}')
     print(f'  picture     {picture}  (image | ground truth | prediction)')
     print(f'  predictions {pred_dir}/*.png  (ADE ids)')
-    print('  time: ' + ', '.join(f'{k} {v:.0f}s' for k, v in times.items())
-          + f'; total {total / 60:.1f} min')
+    print('  time: ' + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()) +
+          f'; total {total / 60:.1f} min')
     print('=' * 72)
     if metrics['mIoU'] < args.min_gain * chance:
-        print(f'mIoU is not clearly above chance (< {args.min_gain} x '
-              f'{chance:.2f}).', file=sys.stderr)
+        print(
+            f'mIoU is not clearly above chance (< {args.min_gain} x '
+            f'{chance:.2f}).',
+            file=sys.stderr)
         return 1
     return 0
 

@@ -32,13 +32,13 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, check_checkpoint, load_config, tool_main)
-from boat_tools.config import (  # noqa: E402
-    adapt_cfg_to_device, add_launcher_args, build_runner, check_data_roots,
-    init_cpu_dist, merge_common_args, parse_launcher_args)
-import mmengine  # noqa: E402
-from mmengine.config import Config, ConfigDict  # noqa: E402
+import mmengine
+from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
+                            load_config, tool_main)
+from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
+                               build_runner, check_data_roots, init_cpu_dist,
+                               merge_common_args, parse_launcher_args)
+from mmengine.config import Config, ConfigDict
 
 import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
 
@@ -153,8 +153,8 @@ def _det_tta_defaults(cfg: Config) -> None:
                             dict(
                                 type='PackDetInputs',
                                 meta_keys=('img_id', 'img_path', 'ori_shape',
-                                           'img_shape', 'scale_factor',
-                                           'flip', 'flip_direction'))
+                                           'img_shape', 'scale_factor', 'flip',
+                                           'flip_direction'))
                         ]])
         cfg.tta_pipeline = pipeline
 

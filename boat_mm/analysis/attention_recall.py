@@ -51,7 +51,6 @@ MEASURES = ('cluster', 'window', 'random')
 # Elements of one chunk of attention probabilities (queries x keys).
 _CHUNK_ELEMENTS = 1 << 22
 
-
 # --- Key sets: (M, N, K) int64 token indices per query, -1 = none. ---
 
 
@@ -90,10 +89,10 @@ def fsla_keys(perm: Optional[Tensor], plan: ClusterPlan,
     return torch.where(allowed, keys, -1)
 
 
-def random_slots(plan: ClusterPlan,
-                 num_rows: int,
-                 generator: Optional[torch.Generator] = None
-                 ) -> Optional[Tensor]:
+def random_slots(
+        plan: ClusterPlan,
+        num_rows: int,
+        generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
     """Slots of a random balanced partition with FSLA's cluster sizes.
 
     Args:
@@ -144,7 +143,7 @@ def swin_window_labels(hw_shape: Sequence[int], window_size: int,
         region = torch.zeros_like(rolled)
         if shift:
             region = (rolled >= padded - ws).long() + (rolled >= padded -
-                                                      shift).long()
+                                                       shift).long()
         return rolled // ws * 3 + region
 
     rows, cols = axis(H), axis(W)
@@ -190,8 +189,7 @@ def window_labels(attn: nn.Module, hw_shape: Sequence[int]) -> Tensor:
         Tensor: ``(L, N)`` labels, see :func:`window_keys`.
     """
     if isinstance(attn, BOATShiftWindowMSA):
-        return swin_window_labels(hw_shape, attn.window_size,
-                                  attn.shift_size)
+        return swin_window_labels(hw_shape, attn.window_size, attn.shift_size)
     if isinstance(attn, CSWinAttention):
         return stripe_window_labels(
             hw_shape, [b.window_shape(hw_shape) for b in attn.branches])
@@ -276,8 +274,7 @@ def attention_recall(q: Tensor,
     return out
 
 
-def global_attention(q: Tensor, k: Tensor, scale: float,
-                     query: int) -> Tensor:
+def global_attention(q: Tensor, k: Tensor, scale: float, query: int) -> Tensor:
     """Full softmax attention of one query: ``(N,)`` from ``(N, d)``."""
     return (q[query] @ k.T * scale).softmax(-1)
 

@@ -127,8 +127,8 @@ def fsla_input_hooks(
             ones that have) or there is none at all.
     """
     available = (
-        dict(model) if isinstance(model, Mapping) else
-        find_fsla_modules(model))
+        dict(model)
+        if isinstance(model, Mapping) else find_fsla_modules(model))
     wanted = check_locations(available,
                              available if locations is None else locations)
 

@@ -344,9 +344,10 @@ def flop_analyzer(model: nn.Module,
     for namespace in _FSLA_NAMESPACES:
         analyzer.set_op_handle(
             **{
-                f'{namespace}::balanced_clustering': _clustering_handle,
-                f'{namespace}::clustered_attention': _attention_handle(
-                    masked_attention),
+                f'{namespace}::balanced_clustering':
+                _clustering_handle,
+                f'{namespace}::clustered_attention':
+                _attention_handle(masked_attention),
             })
     for op in _ZERO_COST_OPS:
         analyzer.set_op_handle(op, None)
@@ -465,7 +466,6 @@ class DetectorForward(nn.Module):
             return det.bbox_head(feats)
         rpn_outs = det.rpn_head(feats) if det.with_rpn else ()
         proposals = [
-            InstanceData(bboxes=self._proposals(h, w, inputs))
-            for _ in samples
+            InstanceData(bboxes=self._proposals(h, w, inputs)) for _ in samples
         ]
         return rpn_outs, det.roi_head.forward(feats, proposals, samples)

@@ -82,12 +82,13 @@ def class_appearance(num_classes: int, seed: int) -> List[Dict]:
     rng.shuffle(hues)
     table = []
     for k in range(num_classes):
-        hsv = np.uint8([[[hues[k], rng.integers(90, 220),
-                          rng.integers(110, 230)]]])
+        hsv = np.uint8(
+            [[[hues[k], rng.integers(90, 220),
+               rng.integers(110, 230)]]])
         table.append(
             dict(
-                color=cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(
-                    np.float32),
+                color=cv2.cvtColor(hsv,
+                                   cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32),
                 angle=float(rng.uniform(0, np.pi)),
                 freq=float(rng.uniform(0.25, 0.9)),
                 noise=float(rng.uniform(6, 18))))
@@ -217,20 +218,22 @@ def generate_ade20k_like(out_dir: str,
     return root
 
 
-def _imagenet_image(size: int, label: int, num_classes: int,
-                    table: List[Dict],
+def _imagenet_image(size: int, label: int, num_classes: int, table: List[Dict],
                     rng: np.random.Generator) -> np.ndarray:
     h = w = size
     # Only look_a carries a marker; look_b is the same object without one.
     look_a = num_classes - 3
     # Neutral grey textured background, the class object in the centre.
     bg = dict(
-        color=np.float32([120, 120, 120]), angle=float(rng.uniform(0, 3)),
-        freq=0.3, noise=10.)
+        color=np.float32([120, 120, 120]),
+        angle=float(rng.uniform(0, 3)),
+        freq=0.3,
+        noise=10.)
     img = render_texture((h, w), bg, rng)
     k = label
-    obj = _blob_mask((h, w), rng, (h * rng.uniform(0.4, 0.6),
-                                   w * rng.uniform(0.4, 0.6)), size * 0.28)
+    obj = _blob_mask((h, w), rng,
+                     (h * rng.uniform(0.4, 0.6), w * rng.uniform(0.4, 0.6)),
+                     size * 0.28)
     img[obj] = render_texture((h, w), table[k], rng)[obj]
     if label == look_a:
         corner = [(0.12, 0.12), (0.12, 0.88), (0.88, 0.12),
@@ -296,4 +299,3 @@ def generate_imagenet_like(out_dir: str,
         with open(osp.join(out_dir, 'meta', f'{split}.txt'), 'w') as f:
             f.write('\n'.join(rows) + '\n')
     return classes
-

@@ -107,9 +107,8 @@ def _placement_ok(new: np.ndarray, full: List[np.ndarray],
 
 
 def _coco_scene(
-        size: int, num_classes: int, table: List[Dict],
-        rng: np.random.Generator) -> Tuple[np.ndarray, List[Tuple[int,
-                                                                 np.ndarray]]]:
+    size: int, num_classes: int, table: List[Dict], rng: np.random.Generator
+) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
     """One scene: ``(H, W, 3)`` uint8 RGB and ``(class, visible mask)``
     per instance, in drawing order."""
     h = w = size
@@ -151,8 +150,10 @@ def _coco_scene(
         occupied = np.zeros((h, w), np.uint8)
         if full:
             occupied = np.any(full, axis=0).astype(np.uint8)
-        occupied = cv2.dilate(occupied, np.ones((3, 3), np.uint8),
-                              iterations=max(1, int(radius / 2)))
+        occupied = cv2.dilate(
+            occupied,
+            np.ones((3, 3), np.uint8),
+            iterations=max(1, int(radius / 2)))
         for _ in range(_TRIES):
             cx, cy = rng.uniform(radius, size - radius, size=2)
             mask = np.zeros((h, w), np.uint8)
@@ -170,8 +171,7 @@ def _coco_scene(
             visible.append(mask.copy())
     for k, mask in zip(classes, full):
         img[mask] = render_texture((h, w), table[k], rng)[mask]
-    return (np.clip(img, 0, 255).astype(np.uint8),
-            list(zip(classes, visible)))
+    return (np.clip(img, 0, 255).astype(np.uint8), list(zip(classes, visible)))
 
 
 def _pixel_outlines(mask: np.ndarray) -> List[List[int]]:
@@ -258,14 +258,13 @@ def generate_coco_like(out_dir: str,
         for cid, name, sup in COCO_CATEGORIES[:num_classes]
     ]
     os.makedirs(osp.join(out_dir, 'annotations'))
-    for split, count, split_seed in (('train', num_train, 0),
-                                     ('val', num_val, 1)):
+    for split, count, split_seed in (('train', num_train, 0), ('val', num_val,
+                                                               1)):
         folder = f'{split}2017'
         os.makedirs(osp.join(out_dir, folder))
         images, annotations = [], []
         for i in tqdm(
-                range(count), desc=f'COCO-like {split}',
-                disable=not progress):
+                range(count), desc=f'COCO-like {split}', disable=not progress):
             rng = np.random.default_rng([seed, split_seed, i])
             img, instances = _coco_scene(img_size, num_classes, table, rng)
             image_id = i + 1

@@ -33,10 +33,9 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 __all__ = [
     'SCOPES', 'MIN_OPSET', 'DYNAMIC_AXES', 'ScopeError', 'build_model',
-    'check_fsla_impls',
-    'check_dynamic', 'ExportWrapper', 'WithClusters', 'export_onnx',
-    'load_image', 'normalisation', 'make_session', 'run_onnxruntime',
-    'compare', 'verify'
+    'check_fsla_impls', 'check_dynamic', 'ExportWrapper', 'WithClusters',
+    'export_onnx', 'load_image', 'normalisation', 'make_session',
+    'run_onnxruntime', 'compare', 'verify'
 ]
 
 # The scopes whose models export: the classifiers and the segmentors.

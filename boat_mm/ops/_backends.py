@@ -81,8 +81,8 @@ def check_impl(impl: str, name: str = 'impl') -> None:
 
 def triton_interpreter_enabled() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter."""
-    return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true',
-                                                               'on', 'yes')
+    return os.environ.get('TRITON_INTERPRET',
+                          '0').lower() in ('1', 'true', 'on', 'yes')
 
 
 def tensor_ops_required(op: str) -> bool:

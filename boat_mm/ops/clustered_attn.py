@@ -116,8 +116,8 @@ class _GatherQKV(torch.autograd.Function):
 def _value_image(qkv: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
     """The value channels of a ``(B, N, 3C)`` qkv as a ``(B, C, H, W)`` map."""
     B, N, C3 = qkv.shape
-    return qkv[..., 2 * C3 // 3:].transpose(1, 2).reshape(
-        B, C3 // 3, *hw_shape)
+    return qkv[..., 2 * C3 // 3:].transpose(1,
+                                            2).reshape(B, C3 // 3, *hw_shape)
 
 
 def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
@@ -240,8 +240,7 @@ def clustered_attention(
             pad = (~plan.slot_valid).expand(3, M, slots).reshape(3, -1)
             spare = pad.reshape(-1).cumsum(0).view(3, -1) - 1 + 3 * M * N
             dst_row = torch.where(pad, spare, src_row)
-        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, d,
-                                            hw_shape)
+        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, d, hw_shape)
     else:  # no backward: plain ops
         flat = qkv.reshape(-1, d)
         q, k, v = (_gather_rows(flat, rows) for rows in src_row)

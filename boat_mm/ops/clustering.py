@@ -191,7 +191,8 @@ def _plan_for_clusters(num_tokens: int, G: int, overlap: int,
         init = torch.stack([
             first / n0.clamp(min=1),
             second / (n - n0).clamp(min=1),
-        ], dim=1)
+        ],
+                           dim=1)
         level_init.append(init)
         if uniform:
             level_split.append(None)
@@ -383,8 +384,7 @@ def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,
             valid = plan.level_valid[level]
             init = plan.level_init[level].expand(M, -1, -1, -1)
             cent = F.normalize(
-                torch.bmm(init.reshape(rows, 2, cap) * norms, normed),
-                dim=-1)
+                torch.bmm(init.reshape(rows, 2, cap) * norms, normed), dim=-1)
             for _ in range(kmeans_iters):
                 sim = torch.bmm(cent, normed.transpose(1, 2))
                 # softmax over two centroids == sigmoid of the difference.
@@ -448,8 +448,8 @@ def _rank_within_nodes(ratio: Tensor) -> Tensor:
         order = ratio.topk(cap, dim=-1, largest=False).indices
         base = torch.arange(rows, device=ratio.device).view(M, nodes, 1)
         return order + base * cap
-    if ratio.dtype == torch.float32 and (not on_cpu or 4 * numel >=
-                                         _RADIX_MIN_NUMEL):
+    if ratio.dtype == torch.float32 and (not on_cpu
+                                         or 4 * numel >= _RADIX_MIN_NUMEL):
         # Non-negative float32 bit patterns order like the values and fit in
         # 31 bits; the node index goes above them, so one stable sort of
         # the flattened int64 keys orders every node at once (the same
@@ -493,6 +493,8 @@ def cluster_ids_from_perm(perm: Tensor, plan: ClusterPlan) -> Tensor:
     cluster = (slot // plan.slot_size).expand(M, -1)
     # Padding slots carry -1 so that the real slot of each token wins.
     src = torch.where(plan.slot_valid, cluster, -1)
-    ids = torch.full((M, plan.num_tokens), -1, dtype=torch.long,
+    ids = torch.full((M, plan.num_tokens),
+                     -1,
+                     dtype=torch.long,
                      device=perm.device)
     return ids.scatter_reduce(1, used, src, reduce='amax')

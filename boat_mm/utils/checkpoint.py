@@ -58,9 +58,8 @@ __all__ = ['allow_mmengine_checkpoints', 'mmengine_checkpoint_globals']
 # Plain numeric dtypes only: an object-dtype array could carry arbitrary
 # Python objects, so it stays refused.
 _NUMPY_NUMERIC_TYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64,
-                        np.uint8, np.uint16, np.uint32, np.uint64,
-                        np.float16, np.float32, np.float64, np.complex64,
-                        np.complex128)
+                        np.uint8, np.uint16, np.uint32, np.uint64, np.float16,
+                        np.float32, np.float64, np.complex64, np.complex128)
 
 # Where numpy 1.x (first) and numpy 2.x (second) keep ``_reconstruct`` and
 # ``scalar``; the name a pickle uses is that of the numpy that wrote it.

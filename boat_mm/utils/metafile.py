@@ -47,8 +47,8 @@ def load_models(root: str = REPO_ROOT) -> List[ModelInfo]:
         list[ModelInfo]: The models.
     """
     models = []
-    for path in sorted(glob.glob(osp.join(root, 'configs', '*',
-                                          'metafile.yml'))):
+    for path in sorted(
+            glob.glob(osp.join(root, 'configs', '*', 'metafile.yml'))):
         with open(path) as f:
             meta = yaml.safe_load(f)
         for model in meta['Models']:

@@ -124,8 +124,8 @@ def inspect_checkpoint(path: str) -> Optional[Dict[str, Any]]:
                 unpickler = _InertUnpickler(f)
                 obj = unpickler.load()
                 for _ in range(3):
-                    if isinstance(obj, dict) and not obj.get(
-                            'protocol_version'):
+                    if isinstance(obj,
+                                  dict) and not obj.get('protocol_version'):
                         break
                     obj = unpickler.load()
     except Exception:  # anything unreadable is simply not recognised
@@ -141,11 +141,14 @@ def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
     from ..models.utils.ckpt_convert import strip_module_prefix
     if not isinstance(obj, dict):
         return None
-    candidates = [('', obj)] + [(k, obj[k]) for k in _WEIGHT_KEYS
-                                if isinstance(obj.get(k), dict)]
+    candidates = [('', obj)] + [
+        (k, obj[k]) for k in _WEIGHT_KEYS if isinstance(obj.get(k), dict)
+    ]
     for key, weights in candidates:
-        weights = strip_module_prefix(
-            {k: v for k, v in weights.items() if isinstance(k, str)})
+        weights = strip_module_prefix({
+            k: v
+            for k, v in weights.items() if isinstance(k, str)
+        })
         for family in boat_families():
             layout = family.published
             if layout is None or not layout.matches(weights):
@@ -159,8 +162,9 @@ def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
     return None
 
 
-def _message(path: str, found: Tuple[type, str, dict],
-             foreign: Sequence[str] = ()) -> str:
+def _message(
+    path: str, found: Tuple[type, str,
+                            dict], foreign: Sequence[str] = ()) -> str:
     family, key, info = found
     where = f"weights under '{key}'" if key else 'bare weights'
     if info:
@@ -243,14 +247,14 @@ def install_checkpoint_hint() -> None:
     if local is not None and not getattr(local, 'boat_mm_hint', False):
         CheckpointLoader.register_scheme(
             '',
-            _with_hint(local,
-                       lambda f, *a, **k: osp.expanduser(f)),
+            _with_hint(local, lambda f, *a, **k: osp.expanduser(f)),
             force=True)
     http = schemes.get('http://')
     if http is not None and not getattr(http, 'boat_mm_hint', False):
         CheckpointLoader.register_scheme(
             ('http://', 'https://'),
             _with_hint(
-                http, lambda f, model_dir=None, *a, **k: _url_cache_path(
+                http,
+                lambda f, model_dir=None, *a, **k: _url_cache_path(
                     f, model_dir)),
             force=True)

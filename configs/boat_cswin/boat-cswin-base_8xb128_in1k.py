@@ -2,8 +2,7 @@
 # drop path 0.5; otherwise the BOAT-CSWin-T recipe.
 _base_ = ['./boat-cswin-tiny_8xb256_in1k.py']
 model = dict(
-    backbone=dict(arch='base', drop_path_rate=0.5),
-    head=dict(in_channels=768))
+    backbone=dict(arch='base', drop_path_rate=0.5), head=dict(in_channels=768))
 train_dataloader = dict(batch_size=128)
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.1))
 # Warm-up from 1e-6 as for tiny: 1e-6 / 1e-3.

@@ -10,8 +10,7 @@ _base_ = [
     'mmpretrain::_base_/default_runtime.py'
 ]
 model = dict(
-    backbone=dict(arch='tiny', drop_path_rate=0.2),
-    head=dict(in_channels=512))
+    backbone=dict(arch='tiny', drop_path_rate=0.2), head=dict(in_channels=512))
 train_dataloader = dict(batch_size=256)
 test_pipeline = [
     dict(type='LoadImageFromFile'),

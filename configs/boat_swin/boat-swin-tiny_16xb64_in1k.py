@@ -9,6 +9,5 @@ _base_ = [
     'mmpretrain::_base_/default_runtime.py'
 ]
 model = dict(
-    backbone=dict(arch='tiny', drop_path_rate=0.2),
-    head=dict(in_channels=768))
+    backbone=dict(arch='tiny', drop_path_rate=0.2), head=dict(in_channels=768))
 optim_wrapper = dict(clip_grad=dict(max_norm=5.0))

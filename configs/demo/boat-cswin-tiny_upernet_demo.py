@@ -84,8 +84,7 @@ test_dataloader = val_dataloader
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.01))
 max_iters = 2000
 param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=200),
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=200),
     dict(
         type='PolyLR',
         eta_min=0.0,

@@ -86,8 +86,7 @@ test_evaluator = val_evaluator
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
 max_iters = 800
 param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
     dict(
         type='MultiStepLR',
         begin=0,

@@ -14,8 +14,8 @@ from boat_mm.analysis import (attention_recall, block_recall, capture_fsla,
 from boat_mm.models import BOATCSWin, BOATSwin
 from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
 from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
-from boat_mm.ops import (build_cluster_plan, clustered_attention,
-                         cluster_ids_from_perm)
+from boat_mm.ops import (build_cluster_plan, cluster_ids_from_perm,
+                         clustered_attention)
 from boat_mm.visualization import capture_cluster_ids
 
 
@@ -36,11 +36,13 @@ def _one_hot_fsla(num_tokens: int, heads: int, group_size: int,
         overlap=overlap).double()
 
 
-@pytest.mark.parametrize('hw, group_size, overlap', [
-    ((15, 19), 16, 4),  # 16 clusters of 17-18 tokens: padding slots
-    ((8, 16), 16, 4),  # 8 clusters of 16: a uniform plan
-    ((6, 8), 49, 20),  # one cluster: global attention
-])
+@pytest.mark.parametrize(
+    'hw, group_size, overlap',
+    [
+        ((15, 19), 16, 4),  # 16 clusters of 17-18 tokens: padding slots
+        ((8, 16), 16, 4),  # 8 clusters of 16: a uniform plan
+        ((6, 8), 49, 20),  # one cluster: global attention
+    ])
 def test_fsla_keys_are_the_keys_of_the_op(hw, group_size, overlap):
     """With zero logits the op averages the values of exactly the keys of
     each query; one-hot values show which."""
@@ -186,8 +188,7 @@ def test_known_attention_cluster_and_window_recall(labels_fn):
     gen = torch.Generator().manual_seed(0)
     groups = torch.arange(8).repeat_interleave(16)[torch.randperm(
         128, generator=gen)]
-    fsla = FeatureSpaceLocalAttention(C, 1, group_size=16,
-                                      overlap=4).double()
+    fsla = FeatureSpaceLocalAttention(C, 1, group_size=16, overlap=4).double()
     with torch.no_grad():  # q = k = x
         fsla.qkv.weight.zero_()
         fsla.qkv.bias.zero_()
@@ -205,15 +206,16 @@ def test_known_attention_cluster_and_window_recall(labels_fn):
     record = record._replace(scale=50.)
     labels = labels_fn(hw)
     res = block_recall(record, labels, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(res['cluster'],
-                               torch.ones_like(res['cluster']))
+    torch.testing.assert_close(res['cluster'], torch.ones_like(res['cluster']))
     assert (res['keys'] == 20).all()  # 16 + 4 borrowed
     inside = _in_window(labels)
     expected = torch.tensor([
-        sum(int(groups[j] == groups[i])
+        sum(
+            int(groups[j] == groups[i])
             for j in _ranked_window(inside, hw, i, 20)) / 16
         for i in range(128)
-    ], dtype=torch.float64)
+    ],
+                            dtype=torch.float64)
     torch.testing.assert_close(res['window'][0, 0], expected)
     assert 0 < expected.mean() < 0.5  # scattered groups: windows miss
 
@@ -230,9 +232,8 @@ def test_random_baseline_is_chance():
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack([
         attention_recall(
-            q, k, dict(random=fsla_keys(random_slots(plan, M, gen), plan,
-                                        M)), d**-0.5)['random']
-        for _ in range(100)
+            q, k, dict(random=fsla_keys(random_slots(plan, M, gen), plan, M)),
+            d**-0.5)['random'] for _ in range(100)
     ])
     assert abs(float(draws[0].mean()) - 20 / N) < 0.005
     probs = (q @ k.transpose(1, 2) * d**-0.5).softmax(-1)
@@ -263,15 +264,14 @@ def test_chunked_equals_direct_softmax():
                     for j in idx[m, i].tolist():
                         if j >= 0:
                             ref[m, i] += direct[m, i, j]
-            torch.testing.assert_close(got[name], ref, rtol=1e-12,
-                                       atol=1e-12)
+            torch.testing.assert_close(got[name], ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
         global_attention(q[1], k[1], 0.7, 5), direct[1, 5])
 
 
 @pytest.mark.parametrize('backbone_cls, arch', [
-    (BOATCSWin, dict(embed_dims=8, depths=(2, 1, 1, 1),
-                     num_heads=(2, 2, 2, 2))),
+    (BOATCSWin, dict(
+        embed_dims=8, depths=(2, 1, 1, 1), num_heads=(2, 2, 2, 2))),
     (BOATSwin, dict(embed_dims=8, depths=(2, 2, 2, 1),
                     num_heads=(1, 2, 2, 2))),
 ])
@@ -297,8 +297,9 @@ def test_capture_fsla_records_what_fsla_computes(backbone_cls, arch):
         assert record.q.shape == (2, fsla.num_heads, H * W, fsla.head_dims)
         assert torch.equal(record.cluster_ids.view(ids[loc].shape), ids[loc])
         assert record.scale == fsla.scale
-        res = block_recall(record, window_labels(
-            backbone.stages[loc[0]].blocks[loc[1]].attn, (H, W)))
+        res = block_recall(
+            record,
+            window_labels(backbone.stages[loc[0]].blocks[loc[1]].attn, (H, W)))
         for name in ('cluster', 'window', 'random'):
             assert res[name].shape == (2, fsla.num_heads, H * W)
             assert ((res[name] >= 0) & (res[name] <= 1 + 1e-6)).all()
@@ -306,8 +307,10 @@ def test_capture_fsla_records_what_fsla_computes(backbone_cls, arch):
             torch.testing.assert_close(res['cluster'],
                                        torch.ones_like(res['cluster']))
     # The maps of stage 0 are 15x19 = 285 tokens.
-    with pytest.raises(ValueError, match=r'15x19 map \(285 tokens\), more '
-                       r'than max_tokens=284'):
+    with pytest.raises(
+            ValueError,
+            match=r'15x19 map \(285 tokens\), more '
+            r'than max_tokens=284'):
         with capture_fsla(backbone, max_tokens=284), torch.no_grad():
             backbone(x)
     assert all(not m._forward_pre_hooks for m in backbone.modules())

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from boat_mm.analysis import (capture_fsla, check_locations,
-                              find_fsla_modules, fsla_input_hooks)
+from boat_mm.analysis import (capture_fsla, check_locations, find_fsla_modules,
+                              fsla_input_hooks)
 from boat_mm.models import BOATSwin
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
@@ -65,8 +65,10 @@ def test_chosen_locations_and_module_mappings(backbone):
     first, last = list(modules)[0], list(modules)[-1]
     x = torch.randn(1, 3, 32, 32)
     calls = []
-    with fsla_input_hooks({last: modules[last], first: modules[first]},
-                          lambda loc, *a: calls.append(loc), [last]):
+    with fsla_input_hooks({
+            last: modules[last],
+            first: modules[first]
+    }, lambda loc, *a: calls.append(loc), [last]):
         with torch.no_grad():
             backbone(x)
             backbone(x)
@@ -91,8 +93,10 @@ def test_hooks_removed_after_an_error(backbone):
 
 
 def test_errors(backbone):
-    with pytest.raises(ValueError, match=r'Stage 3, block 5 has no FSLA.*'
-                       r'FSLA is in: \(stage 0, block 1\)'):
+    with pytest.raises(
+            ValueError,
+            match=r'Stage 3, block 5 has no FSLA.*'
+            r'FSLA is in: \(stage 0, block 1\)'):
         with fsla_input_hooks(backbone, print, [(3, 5)]):
             pass
     no_fsla = BOATSwin(arch=ARCH, with_fsla=False)

@@ -14,9 +14,9 @@ from boat_mm.utils.metafile import published_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(
-    osp.relpath(p, ROOT)
-    for p in glob.glob(osp.join(ROOT, 'configs', '**', '*.py'),
-                       recursive=True) if '_base_' not in p)
+    osp.relpath(p, ROOT) for p in glob.glob(
+        osp.join(ROOT, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in p)
 
 # Parameter counts of the published classifiers (configs/*/metafile.yml).
 PARAMS_M = {

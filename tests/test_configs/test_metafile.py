@@ -67,9 +67,10 @@ def test_readme_tables_match_metafile(readme):
     models = {m.config: m for m in load_models(ROOT)}
     rows = _table_rows(readme)
     folder = osp.relpath(osp.dirname(readme), ROOT)
-    assert {r['config'] for r in rows} == {
-        c for c in models if c.startswith(folder + '/')
-    }
+    assert {r['config']
+            for r in rows
+            } == {c
+                  for c in models if c.startswith(folder + '/')}
     for row in rows:
         model = models[row['config']]
         where = f'{readme}, row of {row["config"]}'

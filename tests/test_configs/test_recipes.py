@@ -59,7 +59,6 @@ import boat_mm  # noqa: F401
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 ABSENT = object()  # the key must not be set
 
-
 _LOADED: Dict[str, Config] = {}
 
 
@@ -130,38 +129,61 @@ CSWIN_WIDTHS = {
 
 # The ImageNet-1K augmentation both families share (Swin / timm defaults).
 IN1K_AUG = {
-    'model.head.num_classes': 1000,
-    'model.head.loss.type': 'LabelSmoothLoss',
-    'model.head.loss.label_smooth_val': 0.1,
-    'model.train_cfg.augments': [
-        dict(type='Mixup', alpha=0.8),
-        dict(type='CutMix', alpha=1.0)
-    ],
-    'train_dataloader.dataset.pipeline.@RandomResizedCrop.scale': 224,
+    'model.head.num_classes':
+    1000,
+    'model.head.loss.type':
+    'LabelSmoothLoss',
+    'model.head.loss.label_smooth_val':
+    0.1,
+    'model.train_cfg.augments':
+    [dict(type='Mixup', alpha=0.8),
+     dict(type='CutMix', alpha=1.0)],
+    'train_dataloader.dataset.pipeline.@RandomResizedCrop.scale':
+    224,
     'train_dataloader.dataset.pipeline.@RandomResizedCrop.interpolation':
     'bicubic',
-    'train_dataloader.dataset.pipeline.@RandomFlip.prob': 0.5,
-    'train_dataloader.dataset.pipeline.@RandAugment.num_policies': 2,
-    'train_dataloader.dataset.pipeline.@RandAugment.magnitude_level': 9,
-    'train_dataloader.dataset.pipeline.@RandAugment.magnitude_std': 0.5,
-    'train_dataloader.dataset.pipeline.@RandomErasing.erase_prob': 0.25,
-    'val_dataloader.dataset.pipeline.@CenterCrop.crop_size': 224,
-    'val_dataloader.dataset.pipeline.@ResizeEdge.interpolation': 'bicubic',
-    'train_cfg.max_epochs': 300,
-    'optim_wrapper.optimizer.type': 'AdamW',
+    'train_dataloader.dataset.pipeline.@RandomFlip.prob':
+    0.5,
+    'train_dataloader.dataset.pipeline.@RandAugment.num_policies':
+    2,
+    'train_dataloader.dataset.pipeline.@RandAugment.magnitude_level':
+    9,
+    'train_dataloader.dataset.pipeline.@RandAugment.magnitude_std':
+    0.5,
+    'train_dataloader.dataset.pipeline.@RandomErasing.erase_prob':
+    0.25,
+    'val_dataloader.dataset.pipeline.@CenterCrop.crop_size':
+    224,
+    'val_dataloader.dataset.pipeline.@ResizeEdge.interpolation':
+    'bicubic',
+    'train_cfg.max_epochs':
+    300,
+    'optim_wrapper.optimizer.type':
+    'AdamW',
     'optim_wrapper.optimizer.betas': (0.9, 0.999),
-    'optim_wrapper.optimizer.eps': 1e-8,
+    'optim_wrapper.optimizer.eps':
+    1e-8,
     # No decay on 1-D weights (norms) and biases, nor position tables.
-    'optim_wrapper.paramwise_cfg.norm_decay_mult': 0.0,
-    'optim_wrapper.paramwise_cfg.bias_decay_mult': 0.0,
-    'param_scheduler.0.type': 'LinearLR',
-    'param_scheduler.0.by_epoch': True,
-    'param_scheduler.0.end': 20,
-    'param_scheduler.0.convert_to_iter_based': True,
-    'param_scheduler.1.type': 'CosineAnnealingLR',
-    'param_scheduler.1.by_epoch': True,
-    'param_scheduler.1.begin': 20,
-    'param_scheduler.1.eta_min': 1e-5,
+    'optim_wrapper.paramwise_cfg.norm_decay_mult':
+    0.0,
+    'optim_wrapper.paramwise_cfg.bias_decay_mult':
+    0.0,
+    'param_scheduler.0.type':
+    'LinearLR',
+    'param_scheduler.0.by_epoch':
+    True,
+    'param_scheduler.0.end':
+    20,
+    'param_scheduler.0.convert_to_iter_based':
+    True,
+    'param_scheduler.1.type':
+    'CosineAnnealingLR',
+    'param_scheduler.1.by_epoch':
+    True,
+    'param_scheduler.1.begin':
+    20,
+    'param_scheduler.1.eta_min':
+    1e-5,
     'model.backbone.out_indices': (3, ),
 }
 
@@ -212,55 +234,92 @@ def upernet(family: str, arch: str, drop_path: float) -> Dict[str, Any]:
     widths = (SWIN_WIDTHS if family == 'swin' else CSWIN_WIDTHS)[arch]
     train = 'train_dataloader.dataset.pipeline.'
     return {
-        'model.backbone.type': 'BOATSwin' if family == 'swin' else 'BOATCSWin',
-        'model.backbone.arch': arch,
-        'model.backbone.drop_path_rate': drop_path,
+        'model.backbone.type':
+        'BOATSwin' if family == 'swin' else 'BOATCSWin',
+        'model.backbone.arch':
+        arch,
+        'model.backbone.drop_path_rate':
+        drop_path,
         'model.backbone.out_indices': (0, 1, 2, 3),
-        'model.backbone.init_cfg': dict(
+        'model.backbone.init_cfg':
+        dict(
             type='Pretrained',
             checkpoint=f'checkpoints/boat-{family}-{arch}_in1k.pth',
             prefix='backbone.'),
-        'model.decode_head.type': 'UPerHead',
-        'model.decode_head.in_channels': widths,
+        'model.decode_head.type':
+        'UPerHead',
+        'model.decode_head.in_channels':
+        widths,
         'model.decode_head.in_index': [0, 1, 2, 3],
         'model.decode_head.pool_scales': (1, 2, 3, 6),
-        'model.decode_head.channels': 512,
-        'model.decode_head.num_classes': 150,
-        'model.decode_head.norm_cfg.type': 'SyncBN',
-        'model.auxiliary_head.type': 'FCNHead',
-        'model.auxiliary_head.in_index': 2,
-        'model.auxiliary_head.in_channels': widths[2],
-        'model.auxiliary_head.channels': 256,
-        'model.auxiliary_head.num_classes': 150,
-        'model.auxiliary_head.norm_cfg.type': 'SyncBN',
-        'model.auxiliary_head.loss_decode.loss_weight': 0.4,
-        'model.test_cfg.mode': 'whole',
+        'model.decode_head.channels':
+        512,
+        'model.decode_head.num_classes':
+        150,
+        'model.decode_head.norm_cfg.type':
+        'SyncBN',
+        'model.auxiliary_head.type':
+        'FCNHead',
+        'model.auxiliary_head.in_index':
+        2,
+        'model.auxiliary_head.in_channels':
+        widths[2],
+        'model.auxiliary_head.channels':
+        256,
+        'model.auxiliary_head.num_classes':
+        150,
+        'model.auxiliary_head.norm_cfg.type':
+        'SyncBN',
+        'model.auxiliary_head.loss_decode.loss_weight':
+        0.4,
+        'model.test_cfg.mode':
+        'whole',
         'model.data_preprocessor.size': (512, 512),
         train + '@RandomCrop.crop_size': (512, 512),
-        train + '@RandomCrop.cat_max_ratio': 0.75,
+        train + '@RandomCrop.cat_max_ratio':
+        0.75,
         train + '@RandomResize.scale': (2048, 512),
         train + '@RandomResize.ratio_range': (0.5, 2.0),
-        train + '@RandomFlip.prob': 0.5,
+        train + '@RandomFlip.prob':
+        0.5,
         'gpus x batch': (8, 2),
-        'auto_scale_lr.base_batch_size': 16,
-        'train_cfg.type': 'IterBasedTrainLoop',
-        'train_cfg.max_iters': 160000,
-        'optim_wrapper.optimizer.type': 'AdamW',
-        'optim_wrapper.optimizer.lr': 6e-5,
+        'auto_scale_lr.base_batch_size':
+        16,
+        'train_cfg.type':
+        'IterBasedTrainLoop',
+        'train_cfg.max_iters':
+        160000,
+        'optim_wrapper.optimizer.type':
+        'AdamW',
+        'optim_wrapper.optimizer.lr':
+        6e-5,
         'optim_wrapper.optimizer.betas': (0.9, 0.999),
-        'optim_wrapper.optimizer.weight_decay': 0.01,
-        'optim_wrapper.clip_grad': ABSENT,
-        'param_scheduler.0.type': 'LinearLR',
-        'param_scheduler.0.start_factor': 1e-6,
-        'param_scheduler.0.by_epoch': False,
-        'param_scheduler.0.begin': 0,
-        'param_scheduler.0.end': 1500,
-        'param_scheduler.1.type': 'PolyLR',
-        'param_scheduler.1.power': 1.0,
-        'param_scheduler.1.eta_min': 0.0,
-        'param_scheduler.1.by_epoch': False,
-        'param_scheduler.1.begin': 1500,
-        'param_scheduler.1.end': 160000,
+        'optim_wrapper.optimizer.weight_decay':
+        0.01,
+        'optim_wrapper.clip_grad':
+        ABSENT,
+        'param_scheduler.0.type':
+        'LinearLR',
+        'param_scheduler.0.start_factor':
+        1e-6,
+        'param_scheduler.0.by_epoch':
+        False,
+        'param_scheduler.0.begin':
+        0,
+        'param_scheduler.0.end':
+        1500,
+        'param_scheduler.1.type':
+        'PolyLR',
+        'param_scheduler.1.power':
+        1.0,
+        'param_scheduler.1.eta_min':
+        0.0,
+        'param_scheduler.1.by_epoch':
+        False,
+        'param_scheduler.1.begin':
+        1500,
+        'param_scheduler.1.end':
+        160000,
     }
 
 
@@ -269,34 +328,56 @@ def detector(family: str, arch: str, method: str,
     widths = (SWIN_WIDTHS if family == 'swin' else CSWIN_WIDTHS)[arch]
     epochs, steps = dict(x1=(12, [8, 11]), x3=(36, [27, 33]))[schedule]
     recipe = {
-        'model.backbone.type': 'BOATSwin' if family == 'swin' else 'BOATCSWin',
-        'model.backbone.arch': arch,
+        'model.backbone.type':
+        'BOATSwin' if family == 'swin' else 'BOATCSWin',
+        'model.backbone.arch':
+        arch,
         # mmdet: 0.2; 0.3 for the small backbones is the README's choice.
-        'model.backbone.drop_path_rate': dict(tiny=0.2, small=0.3)[arch],
-        'model.backbone.init_cfg': dict(
+        'model.backbone.drop_path_rate':
+        dict(tiny=0.2, small=0.3)[arch],
+        'model.backbone.init_cfg':
+        dict(
             type='Pretrained',
             checkpoint=f'checkpoints/boat-{family}-{arch}_in1k.pth',
             prefix='backbone.'),
         'gpus x batch': (8, 2),
-        'auto_scale_lr.base_batch_size': 16,
-        'train_cfg.max_epochs': epochs,
-        'optim_wrapper.optimizer.type': 'AdamW',
-        'optim_wrapper.optimizer.lr': 1e-4,
+        'auto_scale_lr.base_batch_size':
+        16,
+        'train_cfg.max_epochs':
+        epochs,
+        'optim_wrapper.optimizer.type':
+        'AdamW',
+        'optim_wrapper.optimizer.lr':
+        1e-4,
         'optim_wrapper.optimizer.betas': (0.9, 0.999),
-        'optim_wrapper.optimizer.weight_decay': 0.05,
-        'optim_wrapper.clip_grad': ABSENT,
-        'param_scheduler.0.type': 'LinearLR',
-        'param_scheduler.0.start_factor': 0.001,
-        'param_scheduler.0.by_epoch': False,
-        'param_scheduler.0.begin': 0,
-        'param_scheduler.0.end': 1000,
-        'param_scheduler.1.type': 'MultiStepLR',
-        'param_scheduler.1.by_epoch': True,
-        'param_scheduler.1.begin': 0,
-        'param_scheduler.1.end': epochs,
-        'param_scheduler.1.milestones': steps,
-        'param_scheduler.1.gamma': 0.1,
-        'train_dataloader.dataset.pipeline.@RandomFlip.prob': 0.5,
+        'optim_wrapper.optimizer.weight_decay':
+        0.05,
+        'optim_wrapper.clip_grad':
+        ABSENT,
+        'param_scheduler.0.type':
+        'LinearLR',
+        'param_scheduler.0.start_factor':
+        0.001,
+        'param_scheduler.0.by_epoch':
+        False,
+        'param_scheduler.0.begin':
+        0,
+        'param_scheduler.0.end':
+        1000,
+        'param_scheduler.1.type':
+        'MultiStepLR',
+        'param_scheduler.1.by_epoch':
+        True,
+        'param_scheduler.1.begin':
+        0,
+        'param_scheduler.1.end':
+        epochs,
+        'param_scheduler.1.milestones':
+        steps,
+        'param_scheduler.1.gamma':
+        0.1,
+        'train_dataloader.dataset.pipeline.@RandomFlip.prob':
+        0.5,
     }
     if schedule == 'x1':
         recipe['train_dataloader.dataset.pipeline.@Resize.scale'] = (1333, 800)
@@ -305,12 +386,16 @@ def detector(family: str, arch: str, method: str,
         scales = [(s, 1333) for s in range(480, 801, 32)]
         choice = 'train_dataloader.dataset.pipeline.@RandomChoice.transforms.'
         recipe.update({
-            choice + '0.0.scales': scales,
+            choice + '0.0.scales':
+            scales,
             choice + '1.0.scales': [(400, 1333), (500, 1333), (600, 1333)],
-            choice + '1.1.crop_type': 'absolute_range',
+            choice + '1.1.crop_type':
+            'absolute_range',
             choice + '1.1.crop_size': (384, 600),
-            choice + '1.1.allow_negative_crop': True,
-            choice + '1.2.scales': scales,
+            choice + '1.1.allow_negative_crop':
+            True,
+            choice + '1.2.scales':
+            scales,
         })
     if method == 'mask-rcnn':
         recipe.update({
@@ -337,33 +422,53 @@ def seg_demo() -> Dict[str, Any]:
     # init, AdamW 1e-3 (wd 0.01), 2000 iterations of batch 4, 200 warm-up.
     train = 'train_dataloader.dataset.pipeline.'
     return {
-        'model.backbone.type': 'BOATCSWin',
-        'model.backbone.arch': dict(
+        'model.backbone.type':
+        'BOATCSWin',
+        'model.backbone.arch':
+        dict(
             embed_dims=32,
             depths=[1, 2, 4, 1],
             num_heads=[2, 4, 8, 16],
             split_sizes=[1, 2, 7, 7]),
-        'model.backbone.drop_path_rate': 0.1,
-        'model.backbone.init_cfg': None,
+        'model.backbone.drop_path_rate':
+        0.1,
+        'model.backbone.init_cfg':
+        None,
         'model.decode_head.in_channels': [32, 64, 128, 256],
-        'model.decode_head.num_classes': 8,
-        'model.decode_head.norm_cfg.type': 'BN',
-        'model.auxiliary_head.in_channels': 128,
-        'model.auxiliary_head.num_classes': 8,
-        'model.auxiliary_head.norm_cfg.type': 'BN',
+        'model.decode_head.num_classes':
+        8,
+        'model.decode_head.norm_cfg.type':
+        'BN',
+        'model.auxiliary_head.in_channels':
+        128,
+        'model.auxiliary_head.num_classes':
+        8,
+        'model.auxiliary_head.norm_cfg.type':
+        'BN',
         'model.data_preprocessor.size': (128, 128),
         train + '@RandomCrop.crop_size': (128, 128),
-        train + '@PhotoMetricDistortion': ABSENT,
-        'train_dataloader.batch_size': 4,
-        'train_cfg.max_iters': 2000,
-        'optim_wrapper.optimizer.type': 'AdamW',
-        'optim_wrapper.optimizer.lr': 1e-3,
-        'optim_wrapper.optimizer.weight_decay': 0.01,
-        'param_scheduler.0.type': 'LinearLR',
-        'param_scheduler.0.end': 200,
-        'param_scheduler.1.type': 'PolyLR',
-        'param_scheduler.1.begin': 200,
-        'param_scheduler.1.end': 2000,
+        train + '@PhotoMetricDistortion':
+        ABSENT,
+        'train_dataloader.batch_size':
+        4,
+        'train_cfg.max_iters':
+        2000,
+        'optim_wrapper.optimizer.type':
+        'AdamW',
+        'optim_wrapper.optimizer.lr':
+        1e-3,
+        'optim_wrapper.optimizer.weight_decay':
+        0.01,
+        'param_scheduler.0.type':
+        'LinearLR',
+        'param_scheduler.0.end':
+        200,
+        'param_scheduler.1.type':
+        'PolyLR',
+        'param_scheduler.1.begin':
+        200,
+        'param_scheduler.1.end':
+        2000,
     }
 
 
@@ -525,8 +630,8 @@ def test_heads_take_the_backbone_widths(path, built):
         # models not built here.
         arch = cfg.model.backbone.arch
         if isinstance(arch, str):
-            table = (SWIN_WIDTHS if cfg.model.backbone.type == 'BOATSwin'
-                     else CSWIN_WIDTHS)[arch]
+            table = (SWIN_WIDTHS if cfg.model.backbone.type == 'BOATSwin' else
+                     CSWIN_WIDTHS)[arch]
         else:  # a demo's own arch dict: mmpretrain's int embed_dims rule
             table = [arch['embed_dims'] * 2**i for i in range(4)]
         assert widths == [table[i] for i in out_indices]
@@ -539,8 +644,7 @@ def test_heads_take_the_backbone_widths(path, built):
             seg = model.decode_head(feats)
             assert seg.shape[:2] == (1, cfg.model.decode_head.num_classes)
             aux = model.auxiliary_head(feats)
-            assert aux.shape[:2] == (1,
-                                     cfg.model.auxiliary_head.num_classes)
+            assert aux.shape[:2] == (1, cfg.model.auxiliary_head.num_classes)
             assert cfg.model.auxiliary_head.in_channels == widths[
                 cfg.model.auxiliary_head.in_index]
         else:
@@ -576,13 +680,13 @@ def _expected_decay(model: nn.Module, scope: str, base: float) -> Dict:
     """
     norms = {
         f'{name}.{p}'
-        for name, m in model.named_modules()
-        if isinstance(m, nn.LayerNorm) for p, _ in m.named_parameters()
+        for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+        for p, _ in m.named_parameters()
     }
     want = {}
     for name, p in model.named_parameters():
-        table = name.endswith(('relative_position_bias_table',
-                               'absolute_pos_embed'))
+        table = name.endswith(
+            ('relative_position_bias_table', 'absolute_pos_embed'))
         if scope == 'mmpretrain':
             no_decay = p.dim() == 1 or name.endswith('.bias') or table
         else:

@@ -76,12 +76,12 @@ def drawn(tmp_path_factory) -> Dict:
         mp.undo()
     data = {}
     for split in ('train', 'val'):
-        with open(osp.join(root, 'annotations',
-                           f'instances_{split}2017.json')) as f:
+        with open(
+                osp.join(root, 'annotations',
+                         f'instances_{split}2017.json')) as f:
             data[split] = json.load(f)
     assert len(tables) == NUM_CLASSES
-    return dict(
-        data=data, images=images, objects=per_image, tables=tables)
+    return dict(data=data, images=images, objects=per_image, tables=tables)
 
 
 def _scenes(drawn):
@@ -154,15 +154,14 @@ def test_polygons_are_the_visible_pixels(drawn):
     1) x [y, y + 1)``), so they enclose exactly ``area`` pixels and their
     extent is the box."""
     from pycocotools import mask as mask_utils
-    pieces = 0
     for split, img, anns, ids, objects in _scenes(drawn):
         for j, ann in enumerate(anns):
             where = (split, img['id'], j)
             visible = ids == j + 1
             polys = ann['segmentation']
             assert polys and all(
-                len(p) >= 6 and len(p) % 2 == 0 and
-                all(isinstance(v, int) for v in p) for p in polys), where
+                len(p) >= 6 and len(p) % 2 == 0 and all(
+                    isinstance(v, int) for v in p) for p in polys), where
             rles = mask_utils.frPyObjects(polys, SIZE, SIZE)
             decoded = mask_utils.decode(mask_utils.merge(rles)).astype(bool)
             np.testing.assert_array_equal(decoded, visible, err_msg=str(where))

@@ -42,19 +42,23 @@ def test_ade20k_determinism(tmp_path):
     b = generate_ade20k_like(str(tmp_path / 'b'), seed=3, **kw)
     c = generate_ade20k_like(str(tmp_path / 'c'), seed=4, **kw)
     assert _tree(a) == _tree(b) == _tree(c)
-    same = [filecmp.cmp(osp.join(a, f), osp.join(b, f), shallow=False)
-            for f in _tree(a)]
+    same = [
+        filecmp.cmp(osp.join(a, f), osp.join(b, f), shallow=False)
+        for f in _tree(a)
+    ]
     assert all(same)
-    diff = [filecmp.cmp(osp.join(a, f), osp.join(c, f), shallow=False)
-            for f in _tree(a)]
+    diff = [
+        filecmp.cmp(osp.join(a, f), osp.join(c, f), shallow=False)
+        for f in _tree(a)
+    ]
     assert not all(diff)
 
 
 def test_non_empty_output_folder_is_refused(tmp_path):
     (tmp_path / 'keep.txt').write_text('x')
     with pytest.raises(FileExistsError, match='not empty'):
-        generate_ade20k_like(str(tmp_path), num_train=1, num_val=1,
-                             progress=False)
+        generate_ade20k_like(
+            str(tmp_path), num_train=1, num_val=1, progress=False)
     with pytest.raises(FileExistsError, match='not empty'):
         generate_imagenet_like(str(tmp_path), progress=False)
 
@@ -73,8 +77,12 @@ def test_look_alike_classes_need_context(tmp_path):
     assert np.array_equal(a['color'], b['color'])
     assert a['angle'] == b['angle'] and a['freq'] == b['freq']
     root = generate_ade20k_like(
-        str(tmp_path), num_train=16, num_val=0, img_size=96,
-        num_classes=num_classes, progress=False)
+        str(tmp_path),
+        num_train=16,
+        num_val=0,
+        img_size=96,
+        num_classes=num_classes,
+        progress=False)
     look_a, look_b, marker = num_classes - 2, num_classes - 1, num_classes
     seen = set()
     for ann in glob.glob(osp.join(root, 'annotations', 'training', '*')):
@@ -119,8 +127,9 @@ def test_ade20k_readable_by_mmseg(ade_root):
 def test_imagenet_like_layout_and_mmpretrain(imagenet_root):
     from mmpretrain.registry import DATASETS
     init_default_scope('mmpretrain')
-    classes = sorted(osp.basename(p) for p in glob.glob(
-        osp.join(imagenet_root, 'train', '*')))
+    classes = sorted(
+        osp.basename(p)
+        for p in glob.glob(osp.join(imagenet_root, 'train', '*')))
     assert len(classes) == 6
     folder = DATASETS.build(
         dict(

@@ -21,7 +21,11 @@ SIZE = 96
 def coco_root(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp('coco')
     return generate_coco_like(
-        str(out), num_train=24, num_val=4, img_size=SIZE, seed=3,
+        str(out),
+        num_train=24,
+        num_val=4,
+        img_size=SIZE,
+        seed=3,
         progress=False)
 
 
@@ -42,9 +46,8 @@ def test_layout_and_categories(coco_root):
     for split, count in (('train', 24), ('val', 4)):
         data = _load(coco_root, split)
         assert [c['id'] for c in data['categories']] == list(range(1, 7))
-        assert [c['name'] for c in data['categories']] == [
-            name for _, name, _ in COCO_CATEGORIES[:NUM_CLASSES]
-        ]
+        assert [c['name'] for c in data['categories']
+                ] == [name for _, name, _ in COCO_CATEGORIES[:NUM_CLASSES]]
         assert len(data['images']) == count
         for img in data['images']:
             path = osp.join(coco_root, f'{split}2017', img['file_name'])
@@ -89,8 +92,8 @@ def test_annotations_describe_the_pixels(coco_root):
         for i in range(len(masks)):
             for j in range(i):
                 assert (masks[i] & masks[j]).sum() <= 2
-                grown = cv2.dilate(masks[i].astype(np.uint8),
-                                   np.ones((3, 3))).astype(bool)
+                grown = cv2.dilate(masks[i].astype(np.uint8), np.ones(
+                    (3, 3))).astype(bool)
                 touching += bool((grown & masks[j]).any())
     assert touching >= 3
 
@@ -111,8 +114,8 @@ def test_look_alikes_are_told_apart_by_the_marker(coco_root):
         seen |= cats & {4, 5}
         for marker in (a for a in anns if a['category_id'] == 6):
             grown = cv2.dilate(
-                _raster(marker, SIZE, SIZE).astype(np.uint8),
-                np.ones((5, 5))).astype(bool)
+                _raster(marker, SIZE, SIZE).astype(np.uint8), np.ones(
+                    (5, 5))).astype(bool)
             for other in anns:
                 if other is not marker:
                     assert not (grown & _raster(other, SIZE, SIZE)).any()
@@ -121,10 +124,18 @@ def test_look_alikes_are_told_apart_by_the_marker(coco_root):
 
 def test_deterministic_from_seed(coco_root, tmp_path):
     again = generate_coco_like(
-        str(tmp_path / 'a'), num_train=24, num_val=4, img_size=SIZE, seed=3,
+        str(tmp_path / 'a'),
+        num_train=24,
+        num_val=4,
+        img_size=SIZE,
+        seed=3,
         progress=False)
     other = generate_coco_like(
-        str(tmp_path / 'b'), num_train=24, num_val=4, img_size=SIZE, seed=4,
+        str(tmp_path / 'b'),
+        num_train=24,
+        num_val=4,
+        img_size=SIZE,
+        seed=4,
         progress=False)
     for rel in ('annotations/instances_train2017.json',
                 'annotations/instances_val2017.json',
@@ -157,8 +168,7 @@ def test_read_by_mmdet_coco_dataset(coco_root):
     for i in range(len(dataset)):
         item = dataset[i]
         anns = [
-            a for a in data['annotations']
-            if a['image_id'] == item['img_id']
+            a for a in data['annotations'] if a['image_id'] == item['img_id']
         ]
         np.testing.assert_array_equal(item['gt_bboxes_labels'],
                                       [a['category_id'] - 1 for a in anns])
@@ -204,15 +214,19 @@ def test_command_line_coco_mode(tmp_path, monkeypatch, capsys):
     repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     out = str(tmp_path / 'cli')
     monkeypatch.setattr(sys, 'argv', [
-        'gen_synthetic_data.py', 'coco', out, '--num-train', '2',
-        '--num-val', '1', '--img-size', '64', '--seed', '5'
+        'gen_synthetic_data.py', 'coco', out, '--num-train', '2', '--num-val',
+        '1', '--img-size', '64', '--seed', '5'
     ])
     runpy.run_path(
         osp.join(repo, 'tools', 'dataset_converters', 'gen_synthetic_data.py'),
         run_name='__main__')
     assert f'COCO-like data root: {out}' in capsys.readouterr().out
     ref = generate_coco_like(
-        str(tmp_path / 'ref'), num_train=2, num_val=1, img_size=64, seed=5,
+        str(tmp_path / 'ref'),
+        num_train=2,
+        num_val=1,
+        img_size=64,
+        seed=5,
         progress=False)
     for rel in ('annotations/instances_train2017.json',
                 'val2017/000000000001.jpg'):

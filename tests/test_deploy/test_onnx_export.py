@@ -20,18 +20,16 @@ ARCH = dict(embed_dims=16, depths=[2, 2, 1, 1], num_heads=[2, 2, 2, 2])
 def backbone() -> BOATSwin:
     torch.manual_seed(0)
     return BOATSwin(
-        arch=ARCH,
-        drop_path_rate=0.,
-        fsla_cfg=dict(group_size=16, overlap=4)).eval()
+        arch=ARCH, drop_path_rate=0., fsla_cfg=dict(group_size=16,
+                                                    overlap=4)).eval()
 
 
 def _tokens_of_each_fsla(model, x):
     """The input of every FSLA call, in call order (forward pre-hooks)."""
     seen = []
     handles = [
-        m.register_forward_pre_hook(
-            lambda m, args: seen.append((m, args[0], tuple(args[1]))))
-        for m in model.modules()
+        m.register_forward_pre_hook(lambda m, args: seen.append(
+            (m, args[0], tuple(args[1])))) for m in model.modules()
         if isinstance(m, FeatureSpaceLocalAttention)
     ]
     try:

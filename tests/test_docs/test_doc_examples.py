@@ -27,7 +27,6 @@
 import glob
 import importlib.util
 import inspect
-import os
 import os.path as osp
 import re
 import shlex
@@ -67,8 +66,8 @@ def _read(doc: str) -> str:
 def fenced_blocks(doc: str) -> List[Block]:
     text = _read(doc)
     return [
-        Block(doc, text.count('\n', 0, m.start()) + 1, m.group(1),
-              m.group(2))
+        Block(doc,
+              text.count('\n', 0, m.start()) + 1, m.group(1), m.group(2))
         for m in re.finditer(r'^```(\w*)\n(.*?)^```', text, re.S | re.M)
     ]
 
@@ -88,8 +87,11 @@ def shell_commands(doc: str) -> List[Tuple[str, int, str]]:
             if line:
                 out.append((doc, block.line + 1 + i, line))
     text = _read(doc)
-    prose = re.sub(r'^```.*?^```', lambda m: '\n' * m.group(0).count('\n'),
-                   text, flags=re.S | re.M)
+    prose = re.sub(
+        r'^```.*?^```',
+        lambda m: '\n' * m.group(0).count('\n'),
+        text,
+        flags=re.S | re.M)
     for m in re.finditer(r'`([^`]+)`', prose):
         span = ' '.join(m.group(1).split())
         if _COMMAND.match(span):
@@ -174,9 +176,10 @@ def test_readme_synthetic_config_has_the_generated_classes(
     dataset_cfg.data_root = ade_root
     dataset = DATASETS.build(dataset_cfg)
     from mmseg.datasets import ADE20KDataset
+
     # The generator draws ADE ids 1..num_classes (the fixture: default).
-    num = inspect.signature(generate_ade20k_like).parameters[
-        'num_classes'].default
+    num = inspect.signature(
+        generate_ade20k_like).parameters['num_classes'].default
     drawn = ADE20KDataset.METAINFO['classes'][:num]
     assert tuple(dataset.metainfo['classes']) == tuple(drawn)
     assert cfg.model.decode_head.num_classes == len(drawn)
@@ -184,8 +187,8 @@ def test_readme_synthetic_config_has_the_generated_classes(
     # Every generated label is one of them (or ignored).
     labels = set()
     for i in range(len(dataset)):
-        labels |= set(dataset[i]['data_samples'].gt_sem_seg.data.unique()
-                      .tolist())
+        labels |= set(
+            dataset[i]['data_samples'].gt_sem_seg.data.unique().tolist())
     assert labels <= set(range(len(drawn))) | {255}, labels
 
 
@@ -250,9 +253,8 @@ def test_config_readme_python_block(block, tmp_path, monkeypatch):
     from mmengine.config import Config
 
     if 'DetInferencer' in block.text:
-        source = _test_source(
-            'tests/test_tools/test_det_e2e.py::'
-            'test_det_inferencer_returns_masks')
+        source = _test_source('tests/test_tools/test_det_e2e.py::'
+                              'test_det_inferencer_returns_masks')
         assert 'DetInferencer(' in source
         return
     shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
@@ -269,8 +271,9 @@ def test_config_readme_python_block(block, tmp_path, monkeypatch):
         (tmp_path / osp.dirname(ckpt)).mkdir(parents=True, exist_ok=True)
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
         namespace = {}
-        exec(compile(block.text, f'{block.doc}:{block.line}', 'exec'),
-             namespace)
+        exec(
+            compile(block.text, f'{block.doc}:{block.line}', 'exec'),
+            namespace)
         assert namespace['out'].shape == (1, 1000)
         assert len(namespace['feats']) == 1
         torch.testing.assert_close(namespace['model'].state_dict(),
@@ -281,8 +284,7 @@ def test_config_readme_python_block(block, tmp_path, monkeypatch):
         glob.glob(osp.join(REPO, osp.dirname(block.doc), '*tiny*in1k.py')))
     assert parent, block.doc
     child = tmp_path / osp.dirname(block.doc) / 'child.py'
-    child.write_text(f'_base_ = [{osp.basename(parent[0])!r}]\n' +
-                     block.text)
+    child.write_text(f'_base_ = [{osp.basename(parent[0])!r}]\n' + block.text)
     cfg = Config.fromfile(str(child))
     fragment = Config.fromstring(block.text, '.py')
 
@@ -319,8 +321,7 @@ def test_fsla_doc_table_matches_the_module():
         ids = fsla.cluster_ids(torch.randn(1, n, 8, generator=gen), (h, w))
         sizes = torch.bincount(ids[0, 0])
         assert sizes.numel() == g, (h, w)
-        assert (sizes.min().item(), sizes.max().item()) == (low, high), (h,
-                                                                         w)
+        assert (sizes.min().item(), sizes.max().item()) == (low, high), (h, w)
 
 
 # ---------------------------------------------------------------------------
@@ -344,22 +345,25 @@ _DET = 'tests/test_tools/test_det_e2e.py'
 
 # Script (or make target, installer) -> how the doc command is covered.
 COVERAGE: Dict[str, object] = {
-    'tools/train.py': Run((
+    'tools/train.py':
+    Run((
         f'{_SEG}::test_train_val_then_test_with_tta',
         f'{_CLS}::test_swin_train_val_then_test_with_tta',
         f'{_DET}::test_train_evaluates_bbox_and_segm_then_test',
     )),
-    'tools/test.py': Run((
+    'tools/test.py':
+    Run((
         f'{_SEG}::test_train_val_then_test_with_tta',
         f'{_CLS}::test_cswin_ema_checkpoint_and_test',
         f'{_DET}::test_train_evaluates_bbox_and_segm_then_test',
     )),
-    'tools/dist_train.sh': Run(
-        (f'{_SEG}::test_ddp_two_processes_train_and_evaluate', )),
-    'tools/dist_test.sh': Run((
-        'tests/test_docs/test_doc_examples.py::'
-        'test_dist_test_launcher', )),
-    'tools/model_converters/boat2mm.py': Run((
+    'tools/dist_train.sh':
+    Run((f'{_SEG}::test_ddp_two_processes_train_and_evaluate', )),
+    'tools/dist_test.sh':
+    Run(('tests/test_docs/test_doc_examples.py::'
+         'test_dist_test_launcher', )),
+    'tools/model_converters/boat2mm.py':
+    Run((
         'tests/test_tools/test_boat2mm.py::test_cli_output',
         'tests/test_tools/test_converters.py::'
         'test_boat2mm_command_on_cswin_file',
@@ -368,7 +372,8 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_boat2mm_url.py::'
         'test_url_is_downloaded_cached_converted',
     )),
-    'tools/model_converters/verify_boat.py': Run((
+    'tools/model_converters/verify_boat.py':
+    Run((
         'tests/test_tools/test_parity_tools.py::'
         'test_verify_boat_random_weights',
         'tests/test_tools/test_parity_tools.py::'
@@ -376,17 +381,19 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_verify_boat.py::'
         'test_report_of_a_published_file',
     )),
-    'tools/analysis_tools/get_flops.py': Run((
+    'tools/analysis_tools/get_flops.py':
+    Run((
         'tests/test_tools/test_get_flops.py::'
         'test_get_flops_cli_segmentation_tiny_arch',
         'tests/test_tools/test_parity_tools.py::'
         'test_get_flops_check_reference',
         f'{_DET}::test_get_flops_of_detectors',
     )),
-    'tools/visualization/vis_clusters.py': Run((
-        'tests/test_tools/test_vis_clusters.py::'
-        'test_tool_classification_config_with_checkpoint', )),
-    'tools/analysis_tools/attention_recall.py': Run((
+    'tools/visualization/vis_clusters.py':
+    Run(('tests/test_tools/test_vis_clusters.py::'
+         'test_tool_classification_config_with_checkpoint', )),
+    'tools/analysis_tools/attention_recall.py':
+    Run((
         'tests/test_tools/test_attention_recall_tool.py::'
         'test_segmentation_config',
         'tests/test_tools/test_attention_recall_tool.py::'
@@ -394,35 +401,41 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_attention_recall_tool.py::'
         'test_max_tokens_and_errors',
     )),
-    'tools/dataset_converters/gen_synthetic_data.py': Run((
-        'tests/test_datasets/test_synthetic_coco.py::'
-        'test_command_line_coco_mode', )),
-    'tools/deployment/pytorch2onnx.py': Run((
-        'tests/test_tools/test_pytorch2onnx.py::'
-        'test_cli_checkpoint_and_verify', )),
-    'make demo': Run((f'{_SEG}::test_demo_montage_and_chance_level', )),
-    'make test': NotRun('the test suite itself (.ci/run runs `make test`)'),
-    'tools/setup_env.sh': NotRun(
-        'the set-up that `make test` runs first, in CI (.ci/run)'),
-    'pip install': NotRun('installation; the versions must be the pins of '
-                          'requirements/'),
-    'tools/check_min_torch.sh': NotRun(
-        'builds a separate environment at the lowest torch (GBs of '
-        'downloads); run by hand, its result is in the commit that added '
-        'it'),
-    'benchmarks/fsla.py': NotRun('a benchmark (minutes; never a test)'),
-    'benchmarks/backbone.py': NotRun('a benchmark (minutes; never a test)'),
-    'benchmarks/import_time.py': NotRun(
-        'a benchmark (fresh interpreters; tests/test_import.py checks the '
-        'packages it flags)'),
-    'benchmarks/onnx_export.py': NotRun(
-        'a benchmark (minutes; never a test)'),
-    'benchmarks/cpu_divergence.py': NotRun(
-        'an experiment over CPU settings (minutes; never a test)'),
-    'benchmarks/gpu_check.sh': NotRun('needs a CUDA GPU'),
-    'benchmarks/gpu_model.py': NotRun(
-        'a model (minutes; never a test); test_triton_attention.py tests '
-        'its recording'),
+    'tools/dataset_converters/gen_synthetic_data.py':
+    Run(('tests/test_datasets/test_synthetic_coco.py::'
+         'test_command_line_coco_mode', )),
+    'tools/deployment/pytorch2onnx.py':
+    Run(('tests/test_tools/test_pytorch2onnx.py::'
+         'test_cli_checkpoint_and_verify', )),
+    'make demo':
+    Run((f'{_SEG}::test_demo_montage_and_chance_level', )),
+    'make test':
+    NotRun('the test suite itself (.ci/run runs `make test`)'),
+    'tools/setup_env.sh':
+    NotRun('the set-up that `make test` runs first, in CI (.ci/run)'),
+    'pip install':
+    NotRun('installation; the versions must be the pins of '
+           'requirements/'),
+    'tools/check_min_torch.sh':
+    NotRun('builds a separate environment at the lowest torch (GBs of '
+           'downloads); run by hand, its result is in the commit that added '
+           'it'),
+    'benchmarks/fsla.py':
+    NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/backbone.py':
+    NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/import_time.py':
+    NotRun('a benchmark (fresh interpreters; tests/test_import.py checks the '
+           'packages it flags)'),
+    'benchmarks/onnx_export.py':
+    NotRun('a benchmark (minutes; never a test)'),
+    'benchmarks/cpu_divergence.py':
+    NotRun('an experiment over CPU settings (minutes; never a test)'),
+    'benchmarks/gpu_check.sh':
+    NotRun('needs a CUDA GPU'),
+    'benchmarks/gpu_model.py':
+    NotRun('a model (minutes; never a test); test_triton_attention.py tests '
+           'its recording'),
 }
 
 # Placeholders of the docs' command lines, for the argument parsers.
@@ -512,12 +525,17 @@ def test_dist_test_launcher(ade_root, tmp_path):
     model = MODELS.build(cfg.model)
     ckpt = str(tmp_path / 'tiny.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
-    out = _run(
-        ['bash', osp.join(REPO, 'tools', 'dist_test.sh'), cfg_file, ckpt,
-         '1', '--work-dir', str(tmp_path / 'work')],
-        cwd=str(tmp_path),
-        env=dict(PYTHON=sys.executable, PORT=str(_free_port()),
-                 OMP_NUM_THREADS='1'))
+    out = _run([
+        'bash',
+        osp.join(REPO, 'tools', 'dist_test.sh'), cfg_file, ckpt, '1',
+        '--work-dir',
+        str(tmp_path / 'work')
+    ],
+               cwd=str(tmp_path),
+               env=dict(
+                   PYTHON=sys.executable,
+                   PORT=str(_free_port()),
+                   OMP_NUM_THREADS='1'))
     assert 'Distributed launcher: pytorch' in out, out[-3000:]
     assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', out)
 
@@ -557,8 +575,8 @@ def _doc_argv(args: List[str]) -> Optional[List[str]]:
 PY_COMMANDS = [c for c in COMMANDS if _key(c[2])[0].endswith('.py')]
 
 
-@pytest.mark.parametrize('doc,line,command', PY_COMMANDS,
-                         ids=_ids(PY_COMMANDS))
+@pytest.mark.parametrize(
+    'doc,line,command', PY_COMMANDS, ids=_ids(PY_COMMANDS))
 def test_command_line_parses(doc, line, command, monkeypatch):
     """The script's argument parser accepts the doc's command line (for
     scripts without ``parse_args``, every flag is in their source)."""
@@ -590,8 +608,7 @@ def test_install_commands_use_the_pins():
     for doc, line, command in COMMANDS:
         if not _key(command)[0] in ('pip install', 'mim install'):
             continue
-        for name, version in re.findall(r'([A-Za-z0-9_.-]+)==(\S+)',
-                                        command):
+        for name, version in re.findall(r'([A-Za-z0-9_.-]+)==(\S+)', command):
             seen += 1
             assert pins.get(name.lower()) == version, (
                 f'{doc}:{line}: {name}=={version}, requirements/ pin '
@@ -605,15 +622,15 @@ def test_make_targets_run_what_the_docs_say():
     """`make test` and `make demo` run the suite and the demo tool (whose
     tiny run is in test_seg_e2e.py), each after tools/setup_env.sh."""
     makefile = _read('Makefile')
-    targets = dict(re.findall(r'^(\w+):[^\n]*\n((?:\t[^\n]*\n)+)', makefile,
-                              re.M))
+    targets = dict(
+        re.findall(r'^(\w+):[^\n]*\n((?:\t[^\n]*\n)+)', makefile, re.M))
     assert 'pytest tests' in targets['test']
     assert 'tools/setup_env.sh' in targets['setup']
     assert re.search(r'^test: setup', makefile, re.M)
     assert re.search(r'^demo: setup', makefile, re.M)
     demo = targets['demo']
-    assert 'run_demo.py' in demo or (
-        'tools/demo.sh' in demo and 'run_demo.py' in _read('tools/demo.sh'))
+    assert 'run_demo.py' in demo or ('tools/demo.sh' in demo and 'run_demo.py'
+                                     in _read('tools/demo.sh'))
     assert 'make test' in _read('.ci/run')
 
 
@@ -624,4 +641,3 @@ def test_not_run_entries_name_existing_scripts():
             assert osp.isfile(osp.join(REPO, key)), key
     unused = set(COVERAGE) - {_key(c[2])[0] for c in COMMANDS}
     assert not unused, f'COVERAGE entries no doc uses: {sorted(unused)}'
-

@@ -18,8 +18,14 @@ needs_kernel = pytest.mark.skipif(
     not cpu_kernel_available(), reason='boat_mm._C is not built')
 
 
-def _problem(hw, dims, heads, dtype=torch.float64, batch=2, seed=0,
-             group_size=49, overlap=20):
+def _problem(hw,
+             dims,
+             heads,
+             dtype=torch.float64,
+             batch=2,
+             seed=0,
+             group_size=49,
+             overlap=20):
     """qkv, the clustering of its queries and the plan."""
     N = hw[0] * hw[1]
     plan = build_cluster_plan(N, group_size, overlap)
@@ -39,8 +45,8 @@ def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1):
     gen = torch.Generator().manual_seed(seed)
     g_out = torch.randn(out.shape, dtype=out.dtype, generator=gen)
     g_img = torch.randn(image.shape, dtype=out.dtype, generator=gen)
-    grad, = torch.autograd.grad(
-        (out * g_out).sum() + (image * g_img).sum(), qkv)
+    grad, = torch.autograd.grad((out * g_out).sum() + (image * g_img).sum(),
+                                qkv)
     return out, image, grad
 
 
@@ -50,8 +56,8 @@ def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1):
 # clusters smaller than the overlap.
 CASES = [(14, 14, 64, 2, 49, 20), (28, 28, 96, 3, 49, 20),
          (11, 13, 10, 2, 49, 20), (25, 40, 80, 2, 49, 20),
-         (23, 23, 24, 2, 49, 0), (17, 19, 12, 1, 49, 48),
-         (9, 9, 24, 2, 7, 6), (31, 17, 16, 4, 10, 9)]
+         (23, 23, 24, 2, 49, 0), (17, 19, 12, 1, 49, 48), (9, 9, 24, 2, 7, 6),
+         (31, 17, 16, 4, 10, 9)]
 
 
 @needs_kernel
@@ -61,8 +67,12 @@ def test_kernel_equals_tensor_path_in_float64(h, w, dims, heads, group,
                                               overlap, scale):
     """Output, value image and every qkv gradient row (q, k, v, padding
     slots excluded) match the gathers + masked SDPA to float64 rounding."""
-    qkv, perm, plan = _problem((h, w), dims, heads, group_size=group,
-                               overlap=overlap, seed=h * w)
+    qkv, perm, plan = _problem((h, w),
+                               dims,
+                               heads,
+                               group_size=group,
+                               overlap=overlap,
+                               seed=h * w)
     assert plan.num_clusters > 1
     ours = _run('cpp', qkv, perm, plan, heads, (h, w), scale)
     ref = _run('tensor', qkv, perm, plan, heads, (h, w), scale)
@@ -71,9 +81,9 @@ def test_kernel_equals_tensor_path_in_float64(h, w, dims, heads, group,
 
 
 @needs_kernel
-@pytest.mark.parametrize('hw,dims,heads', [((56, 56), 64, 2),
-                                           ((28, 28), 128, 4),
-                                           ((15, 20), 32, 1)])
+@pytest.mark.parametrize('hw,dims,heads',
+                         [((56, 56), 64, 2), ((28, 28), 128, 4),
+                          ((15, 20), 32, 1)])
 def test_kernel_float32_agrees(hw, dims, heads):
     qkv, perm, plan = _problem(hw, dims, heads, dtype=torch.float32)
     ours = _run('cpp', qkv, perm, plan, heads, hw)
@@ -92,12 +102,12 @@ def test_kernel_against_explicit_attention():
     q, k, v = qkv.detach()[0].split(8, dim=-1)
     order = perm[0]
     a, b = order[:49], order[49:98]
-    for queries, keys in ((a, torch.cat([a, b[:20]])),
-                          (b, torch.cat([a[-20:], b]))):
+    for queries, keys in ((a, torch.cat([a,
+                                         b[:20]])), (b, torch.cat([a[-20:],
+                                                                   b]))):
         logits = q[queries] @ k[keys].T * 8**-0.5
         expected = logits.softmax(-1) @ v[keys]
-        torch.testing.assert_close(out[queries], expected, rtol=0,
-                                   atol=1e-12)
+        torch.testing.assert_close(out[queries], expected, rtol=0, atol=1e-12)
 
 
 @needs_kernel
@@ -123,8 +133,8 @@ def test_kernel_registration():
     """Schema, fake kernels, autograd formula and dispatch agree (what
     torch.compile relies on)."""
     qkv, perm, plan = _problem((11, 13), 16, 2)
-    args = (qkv, perm, plan.slot_valid, 2, plan.slot_size, plan.overlap,
-            0.5, [11, 13])
+    args = (qkv, perm, plan.slot_valid, 2, plan.slot_size, plan.overlap, 0.5,
+            [11, 13])
     torch.library.opcheck(torch.ops.boat_mm.clustered_attention, args)
     out, image, lse = torch.ops.boat_mm.clustered_attention(
         *[a.to('meta') if torch.is_tensor(a) else a for a in args])
@@ -179,11 +189,11 @@ def test_auto_dispatch():
     with Spy():
         clustered_attention(qkv.detach().bfloat16(), perm, plan, 2)
     assert op not in calls
-    traced = torch.jit.trace(
-        lambda t: clustered_attention(t, perm, plan, 2), qkv.detach())
+    traced = torch.jit.trace(lambda t: clustered_attention(t, perm, plan, 2),
+                             qkv.detach())
     assert 'boat_mm::clustered_attention' in str(traced.graph)
-    assert torch.equal(traced(qkv.detach()),
-                       clustered_attention(qkv.detach(), perm, plan, 2))
+    assert torch.equal(
+        traced(qkv.detach()), clustered_attention(qkv.detach(), perm, plan, 2))
 
 
 def test_impl_errors():
@@ -210,8 +220,10 @@ def test_kernel_checks_its_arguments():
     args = [qkv, perm, plan.slot_valid, 2, plan.slot_size, 20, 1., []]
 
     def call(**changes):
-        names = ['qkv', 'perm', 'slot_valid', 'num_heads', 'slot_size',
-                 'overlap', 'scale', 'hw_shape']
+        names = [
+            'qkv', 'perm', 'slot_valid', 'num_heads', 'slot_size', 'overlap',
+            'scale', 'hw_shape'
+        ]
         values = dict(zip(names, args))
         values.update(changes)
         return op(*[values[n] for n in names])

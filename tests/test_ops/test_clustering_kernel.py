@@ -20,8 +20,7 @@ needs_kernel = pytest.mark.skipif(
 
 def _both(x, plan, **kwargs):
     return (balanced_hierarchical_clustering(x, plan, impl='cpp', **kwargs),
-            balanced_hierarchical_clustering(
-                x, plan, impl='tensor', **kwargs))
+            balanced_hierarchical_clustering(x, plan, impl='tensor', **kwargs))
 
 
 @pytest.mark.skipif(
@@ -43,8 +42,7 @@ SHAPES = [(7, 14, 3, 32), (14, 14, 4, 24), (28, 28, 2, 32), (11, 13, 3, 7),
 
 @needs_kernel
 @pytest.mark.parametrize('h,w,rows,dims', SHAPES)
-@pytest.mark.parametrize('iters,temperature', [(2, 100.), (0, 100.),
-                                               (3, 5.)])
+@pytest.mark.parametrize('iters,temperature', [(2, 100.), (0, 100.), (3, 5.)])
 def test_kernel_equals_tensor_ops_in_float64(h, w, rows, dims, iters,
                                              temperature):
     """Same arithmetic, sums in another order: in float64 the rounding is
@@ -53,8 +51,7 @@ def test_kernel_equals_tensor_ops_in_float64(h, w, rows, dims, iters,
     plan = build_cluster_plan(h * w)
     torch.manual_seed(h * 100 + w)
     x = torch.randn(rows, h * w, dims, dtype=torch.float64)
-    ours, ref = _both(
-        x, plan, kmeans_iters=iters, temperature=temperature)
+    ours, ref = _both(x, plan, kmeans_iters=iters, temperature=temperature)
     assert ours.dtype == torch.long
     assert ours.shape == (rows, plan.slot_size * plan.num_clusters)
     assert torch.equal(ours, ref)
@@ -87,8 +84,8 @@ def test_kernel_breaks_ties_by_position():
     ours, ref = _both(x, plan)
     assert torch.equal(ours, ref)
     # Each pair stays together, the earlier token first.
-    pos = torch.empty_like(ours).scatter_(
-        1, ours, torch.arange(196).expand(2, -1))
+    pos = torch.empty_like(ours).scatter_(1, ours,
+                                          torch.arange(196).expand(2, -1))
     assert torch.equal(pos[:, 1::2] - pos[:, 0::2], torch.ones(2, 98).long())
 
 
@@ -106,8 +103,7 @@ def test_kernel_does_not_depend_on_thread_count(rows):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            perms.append(
-                balanced_hierarchical_clustering(x, plan, impl='cpp'))
+            perms.append(balanced_hierarchical_clustering(x, plan, impl='cpp'))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(perms[0], p) for p in perms[1:])
@@ -183,8 +179,7 @@ def test_impl_errors():
         FeatureSpaceLocalAttention(8, 2, clustering_impl='fast')
     if cpu_kernel_available():
         with pytest.raises(ValueError, match='runs on the CPU'):
-            balanced_hierarchical_clustering(
-                x.to('meta'), plan, impl='cpp')
+            balanced_hierarchical_clustering(x.to('meta'), plan, impl='cpp')
     else:
         with pytest.raises(RuntimeError, match='not built'):
             balanced_hierarchical_clustering(x, plan, impl='cpp')
@@ -221,8 +216,9 @@ def test_clustered_attention_with_and_without_value_image(hw, impl):
         qkv, perm, plan, 2, hw_shape=hw, impl=impl)
     g2, = torch.autograd.grad((out2 * grad).sum() + image.sum(), qkv)
     assert torch.equal(out, out2)
-    assert torch.equal(image, qkv.detach()[..., 32:].transpose(1, 2).reshape(
-        2, 16, *hw))
+    assert torch.equal(
+        image,
+        qkv.detach()[..., 32:].transpose(1, 2).reshape(2, 16, *hw))
     # The image adds exactly 1 to the value channels' gradient.
     torch.testing.assert_close(g2[..., :32], g1[..., :32], rtol=0, atol=0)
     torch.testing.assert_close(g2[..., 32:], g1[..., 32:] + 1)
@@ -268,8 +264,11 @@ def test_fallback_without_kernel(broken):
     import subprocess
     import sys
     result = subprocess.run(
-        [sys.executable, '-c', _FALLBACK_SCRIPT.format(broken=broken)],
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, '-c',
+         _FALLBACK_SCRIPT.format(broken=broken)],
+        capture_output=True,
+        text=True,
+        timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     if broken:
         assert 'WARNED' in result.stdout

@@ -150,7 +150,11 @@ def reference_fsla(module: torch.nn.Module,
         for h in range(num_heads):
             q, k, v = (qkv[b, :, i, h] for i in range(3))
             clusters, m = reference_clusters(
-                q.detach(), leaf_sizes, iters, temperature, overlap,
+                q.detach(),
+                leaf_sizes,
+                iters,
+                temperature,
+                overlap,
                 return_margin=True)
             all_clusters[b, h], margin = clusters, min(margin, m)
             for j, own in enumerate(clusters):
@@ -181,7 +185,8 @@ def clusters_from_layout(perm: torch.Tensor, plan) -> List[List[List[int]]]:
     return rows
 
 
-def leaf_sizes_of(num_tokens: int, group_size: int = 49,
+def leaf_sizes_of(num_tokens: int,
+                  group_size: int = 49,
                   overlap: int = 20) -> List[int]:
     plan = build_cluster_plan(num_tokens, group_size, overlap)
     return plan.slot_valid.view(plan.num_clusters, -1).sum(1).tolist()
@@ -261,7 +266,10 @@ def test_equals_reference(hw, dims, heads, scale, kwargs, dtype):
     def reference(x):
         with torch.no_grad():
             ref = reference_fsla(
-                m64, x.double(), hw, heads,
+                m64,
+                x.double(),
+                hw,
+                heads,
                 group_size=kwargs.get('group_size', 49),
                 overlap=kwargs.get('overlap', 20),
                 iters=kwargs.get('kmeans_iters', 2),
@@ -331,8 +339,8 @@ def test_gradient_matches_reference(hw, leaves):
 # Any H x W.
 # ---------------------------------------------------------------------------
 
-ODD_SHAPES = [(1, 1), (5, 7), (10, 10), (15, 20), (32, 32), (17, 31),
-              (64, 64), (64, 86)]
+ODD_SHAPES = [(1, 1), (5, 7), (10, 10), (15, 20), (32, 32), (17, 31), (64, 64),
+              (64, 86)]
 
 
 @pytest.mark.parametrize('hw', ODD_SHAPES)
@@ -375,15 +383,22 @@ def test_clustering_layout_for_any_n(hw):
         if len(ref) > 1:
             # The tokens lent to the sibling are the same.
             for j in range(len(ref)):
-                lent = (slice(0, ov) if j % 2 == 1 else
-                        slice(max(0, len(ref[j]) - ov), None))
+                lent = (
+                    slice(0, ov) if j %
+                    2 == 1 else slice(max(0,
+                                          len(ref[j]) - ov), None))
                 assert set(ours[j][lent]) == set(ref[j][lent])
 
 
 MODULE_CASES = [
     # hw, heads, extra kwargs
-    ((1, 1), 2, {}), ((5, 7), 2, {}), ((10, 10), 2, {}), ((15, 20), 2, {}),
-    ((17, 31), 2, {}), ((32, 32), 2, {}), ((64, 86), 1, {}),
+    ((1, 1), 2, {}),
+    ((5, 7), 2, {}),
+    ((10, 10), 2, {}),
+    ((15, 20), 2, {}),
+    ((17, 31), 2, {}),
+    ((32, 32), 2, {}),
+    ((64, 86), 1, {}),
     ((5, 6), 2, dict(group_size=10, overlap=9)),
     ((6, 9), 2, dict(group_size=8, overlap=3))
 ]
@@ -539,8 +554,7 @@ def _check_compiled(backend: str, hw: Tuple[int, int]) -> None:
     m = make_module(16, 2, torch.float32)
     torch.manual_seed(9)
     x = torch.randn(2, hw[0] * hw[1], 16, requires_grad=True)
-    compiled = torch.compile(m, fullgraph=True, dynamic=False,
-                             backend=backend)
+    compiled = torch.compile(m, fullgraph=True, dynamic=False, backend=backend)
     out = compiled(x, hw)
     g = torch.autograd.grad(out.sum(), x)[0]
     ref = m(x, hw)
@@ -623,5 +637,4 @@ def test_rank_within_nodes_is_a_stable_sort_per_node(shape, dtype):
     values = ratio.reshape(-1, cap).numpy()
     expected = np.argsort(values, axis=-1, kind='stable')
     expected = expected + np.arange(M * nodes)[:, None] * cap
-    np.testing.assert_array_equal(
-        flat.reshape(-1, cap).numpy(), expected)
+    np.testing.assert_array_equal(flat.reshape(-1, cap).numpy(), expected)

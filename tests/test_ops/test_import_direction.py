@@ -43,8 +43,8 @@ def boat_imports(rel: str) -> Set[str]:
             base = package.split('.')
             if node.level:
                 base = base[:len(base) - node.level + 1]
-                module = '.'.join(base + ([node.module]
-                                          if node.module else []))
+                module = '.'.join(base +
+                                  ([node.module] if node.module else []))
             else:
                 module = node.module
             # 'from . import x' imports the module x.

@@ -58,8 +58,9 @@ def test_fake_attention_image_layout_per_namespace():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         qkv_f, x_f = mode.from_tensor(qkv), mode.from_tensor(x)
         _, out, image, lse = _ops(plan, qkv_f, x_f, 'boat_mm_triton')
-        perm = _library.op_overload('balanced_clustering', 'boat_mm')(
-            x_f, plan.num_levels, plan.slot_size, 2, 100.)
+        perm = _library.op_overload('balanced_clustering',
+                                    'boat_mm')(x_f, plan.num_levels,
+                                               plan.slot_size, 2, 100.)
         _, empty, _ = _library.op_overload('clustered_attention',
                                            'boat_mm')(qkv_f, perm,
                                                       plan.slot_valid, HEADS,
@@ -95,19 +96,17 @@ def test_missing_triton_names_the_fix(monkeypatch):
     def missing(module: str):
 
         def import_module(name):
-            raise ModuleNotFoundError(f'No module named {module!r}',
-                                      name=module)
+            raise ModuleNotFoundError(
+                f'No module named {module!r}', name=module)
 
         return import_module
 
-    monkeypatch.setattr(_library.importlib, 'import_module',
-                        missing('triton'))
+    monkeypatch.setattr(_library.importlib, 'import_module', missing('triton'))
     kernel = _library._lazy_triton('clustered_attention')
     assert kernel.__name__ == 'clustered_attention_triton'
     with pytest.raises(RuntimeError, match="install triton.*impl='tensor'"):
         kernel()
     # Other import errors are not disguised.
-    monkeypatch.setattr(_library.importlib, 'import_module',
-                        missing('numpy'))
+    monkeypatch.setattr(_library.importlib, 'import_module', missing('numpy'))
     with pytest.raises(ModuleNotFoundError):
         kernel()

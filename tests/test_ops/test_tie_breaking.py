@@ -51,11 +51,12 @@ def _normalise(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp(min=1e-12)
 
 
-def reference(x: torch.Tensor,
-              levels: int,
-              slot_size: int,
-              reverse_ties_at: Optional[int] = None
-              ) -> Tuple[List[int], Set[int], float, list]:
+def reference(
+    x: torch.Tensor,
+    levels: int,
+    slot_size: int,
+    reverse_ties_at: Optional[int] = None
+) -> Tuple[List[int], Set[int], float, list]:
     """The clustering of one ``(N, d)`` float64 input, node by node.
 
     Args:
@@ -181,8 +182,7 @@ def _run(impl: str, x: torch.Tensor, plan) -> torch.Tensor:
         if torch.cuda.is_available():
             x = x.cuda()
     return balanced_hierarchical_clustering(
-        x, plan, kmeans_iters=ITERS, temperature=TEMPERATURE,
-        impl=impl).cpu()
+        x, plan, kmeans_iters=ITERS, temperature=TEMPERATURE, impl=impl).cpu()
 
 
 _INPUTS = {}

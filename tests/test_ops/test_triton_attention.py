@@ -25,8 +25,15 @@ CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 
 
-def _problem(hw, dims, heads, dtype=torch.float64, batch=2, seed=0,
-             group_size=49, overlap=20, device=DEVICE):
+def _problem(hw,
+             dims,
+             heads,
+             dtype=torch.float64,
+             batch=2,
+             seed=0,
+             group_size=49,
+             overlap=20,
+             device=DEVICE):
     """qkv, the clustering of its queries (tensor ops) and the plan."""
     N = hw[0] * hw[1]
     plan = build_cluster_plan(N, group_size, overlap, device)
@@ -39,8 +46,7 @@ def _problem(hw, dims, heads, dtype=torch.float64, batch=2, seed=0,
     return (qkv.to(device, dtype).requires_grad_(), perm.to(device), plan)
 
 
-def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1,
-         upcast=False):
+def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1, upcast=False):
     """Output, value image and the qkv gradient of a random loss (the
     tensor path in float32 from the same inputs with ``upcast``)."""
     if upcast:
@@ -50,8 +56,8 @@ def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1,
     gen = torch.Generator().manual_seed(seed)
     g_out = torch.randn(out.shape, generator=gen).to(out)
     g_img = torch.randn(image.shape, generator=gen).to(out)
-    grad, = torch.autograd.grad(
-        (out * g_out).sum() + (image * g_img).sum(), qkv)
+    grad, = torch.autograd.grad((out * g_out).sum() + (image * g_img).sum(),
+                                qkv)
     return out, image, grad
 
 
@@ -67,7 +73,10 @@ CASES = [(14, 14, 32, 2, 20), (11, 13, 64, 2, 20), (13, 13, 64, 1, 0),
 def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
     """Outputs, value image and every qkv gradient row, through the public
     function (op, registered autograd, Triton backward)."""
-    qkv, perm, plan = _problem((h, w), dims, heads, overlap=overlap,
+    qkv, perm, plan = _problem((h, w),
+                               dims,
+                               heads,
+                               overlap=overlap,
                                seed=h * w)
     assert plan.num_clusters > 1
     ours = _run('triton', qkv, perm, plan, heads, (h, w))
@@ -144,8 +153,8 @@ def test_triton_low_precision(dtype):
     float32 from the same rounded inputs, to bfloat16 rounding."""
     qkv, perm, plan = _problem((14, 14), 64, 2, dtype=dtype, seed=3)
     ours = _run('triton', qkv, perm, plan, 2, (14, 14))
-    ref = _run('tensor', qkv, perm, plan, 2, (14, 14),
-               upcast=dtype != torch.float32)
+    ref = _run(
+        'tensor', qkv, perm, plan, 2, (14, 14), upcast=dtype != torch.float32)
     tol = 1e-5 if dtype == torch.float32 else 4e-2
     for a, b in zip(ours, ref):
         assert a.dtype == dtype
@@ -162,8 +171,7 @@ def test_triton_op_lse_and_no_image():
         qkv, *args, [])
     assert image.numel() == 0 and lse.shape == perm.shape
     if cpu_kernel_available() and not CUDA:
-        _, _, lse_cpp = torch.ops.boat_mm.clustered_attention(
-            qkv, *args, [])
+        _, _, lse_cpp = torch.ops.boat_mm.clustered_attention(qkv, *args, [])
         torch.testing.assert_close(lse, lse_cpp, rtol=0, atol=1e-12)
     # Row 0, cluster 0: its real tokens and the first 20 of cluster 1.
     S = plan.slot_size
@@ -241,13 +249,16 @@ def test_errors(monkeypatch):
     """The public function refuses unsupported choices, naming the problem
     and the fix (the backend table's own checks:
     tests/test_ops/test_backends.py)."""
-    qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32,
+    qkv, perm, plan = _problem((14, 14),
+                               32,
+                               2,
+                               dtype=torch.float32,
                                device='cpu')
     with pytest.raises(ValueError, match="'triton'"):
         clustered_attention(qkv, perm, plan, 2, impl='gpu')
     with pytest.raises(ValueError, match='no attention dropout'):
-        clustered_attention(qkv.to(DEVICE), perm.to(DEVICE), plan, 2, 0.1,
-                            0.1, impl='triton')
+        clustered_attention(
+            qkv.to(DEVICE), perm.to(DEVICE), plan, 2, 0.1, 0.1, impl='triton')
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(ValueError, match='set TRITON_INTERPRET=1'):
         clustered_attention(qkv, perm, plan, 2, impl='triton')
@@ -257,12 +268,16 @@ def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
     """Kernels compiled for the GPU (imported without TRITON_INTERPRET)
     refuse CPU tensors, naming the fix."""
     from boat_mm.ops.triton import clustered_attention as kernels
-    qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32,
+    qkv, perm, plan = _problem((14, 14),
+                               32,
+                               2,
+                               dtype=torch.float32,
                                device='cpu')
     monkeypatch.setattr(kernels, 'interpreted', lambda: False)
     with pytest.raises(RuntimeError, match='set TRITON_INTERPRET=1'):
-        torch.ops.boat_mm_triton.clustered_attention(
-            qkv, perm, plan.slot_valid, 2, 49, 20, 0.25, [])
+        torch.ops.boat_mm_triton.clustered_attention(qkv, perm,
+                                                     plan.slot_valid, 2, 49,
+                                                     20, 0.25, [])
 
 
 # Compiles the kernels as the wrappers configure them for CUDA, for an H100
@@ -385,11 +400,11 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
                                            ((30, 41), 256, 8)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_cuda_triton_equals_tensor_path(hw, dims, heads, dtype):
-    qkv, perm, plan = _problem(hw, dims, heads, dtype=dtype, batch=4,
-                               device='cuda')
+    qkv, perm, plan = _problem(
+        hw, dims, heads, dtype=dtype, batch=4, device='cuda')
     ours = _run('triton', qkv, perm, plan, heads, hw)
-    ref = _run('tensor', qkv, perm, plan, heads, hw,
-               upcast=dtype != torch.float32)
+    ref = _run(
+        'tensor', qkv, perm, plan, heads, hw, upcast=dtype != torch.float32)
     tol = 2e-5 if dtype == torch.float32 else 4e-2
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
@@ -441,8 +456,7 @@ def test_cuda_compile_backbone(mode):
     CUDA graphs (mode='reduce-overhead'), give the eager result."""
     from boat_mm.models import BOATSwin
     torch.manual_seed(0)
-    model = BOATSwin(
-        arch='tiny', out_indices=(3, ), drop_path_rate=0.).cuda()
+    model = BOATSwin(arch='tiny', out_indices=(3, ), drop_path_rate=0.).cuda()
     img = torch.randn(1, 3, 224, 224, device='cuda')
 
     def step(x):

@@ -19,11 +19,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip('triton')
 
-from boat_mm.ops.clustering import (
-    _clustering_tensor_ops,  # noqa: E402
-    build_cluster_plan,
-    cpu_kernel_available)
-from boat_mm.ops.triton import clustering as tc  # noqa: E402
+from boat_mm.ops.clustering import (_clustering_tensor_ops, build_cluster_plan,
+                                    cpu_kernel_available)
+from boat_mm.ops.triton import clustering as tc
 
 INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -20,11 +20,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip('triton')
 
-from _triton_compile import run_compile_script  # noqa: E402
+from _triton_compile import run_compile_script
 
-from boat_mm.ops.clustering import (  # noqa: E402
-    _clustering_tensor_ops, build_cluster_plan)
-from boat_mm.ops.triton import clustering as tc  # noqa: E402
+from boat_mm.ops.clustering import _clustering_tensor_ops, build_cluster_plan
+from boat_mm.ops.triton import clustering as tc
 
 INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'

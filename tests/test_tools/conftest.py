@@ -6,8 +6,8 @@ importable here, as the tools reach it. Library code is imported from
 import os.path as osp
 import sys
 
-TOOLS = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-                 'tools')
+TOOLS = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools')
 # Appended, so that tools/*.py never shadow another module.
 if TOOLS not in sys.path:
     sys.path.append(TOOLS)

@@ -93,8 +93,9 @@ def _check_records(res: dict, json_file: str) -> None:
     locs = list(res['per_image'][0])
     assert [(r['stage'], r['block']) for r in records] == locs
     for rec, loc in zip(records, locs):
-        assert set(rec) == {'stage', 'block', 'keys', 'cluster', 'window',
-                            'random'}
+        assert set(rec) == {
+            'stage', 'block', 'keys', 'cluster', 'window', 'random'
+        }
         for name in ('cluster', 'window', 'random', 'keys'):
             values = torch.cat(
                 [r[loc][name].flatten() for r in res['per_image']])
@@ -109,8 +110,7 @@ def _check_records(res: dict, json_file: str) -> None:
             assert rec['keys'] == N
         else:
             # Chance level of the random partition, about keys / N.
-            assert rec['random'] == pytest.approx(
-                rec['keys'] / N, abs=0.05)
+            assert rec['random'] == pytest.approx(rec['keys'] / N, abs=0.05)
 
 
 def test_segmentation_config(tool, images, tmp_path, capsys):
@@ -119,17 +119,17 @@ def test_segmentation_config(tool, images, tmp_path, capsys):
     res = tool['main']([
         DEMO_SEG, *images, '--shape', '64', '80', '--out-file', out_file,
         '--json', json_file, '--query', '12', '12', '--head', '1',
-        '--map-image', '1',
-        *SEG_OPTIONS
+        '--map-image', '1', *SEG_OPTIONS
     ])
     out = capsys.readouterr().out
     # BOAT-CSWin: FSLA in block 0 of each stage; 20x16, 10x8, 5x4, 3x2.
     assert [(r['stage'], r['block'], r['maps']) for r in res['rows']] == \
         [(0, 0, '16x20'), (1, 0, '8x10'), (2, 0, '4x5'), (3, 0, '2x3')]
     for r in res['rows']:
-        line = next(ln for ln in out.splitlines()
-                    if ln.split()[:3] == [str(r['stage']), str(r['block']),
-                                          r['maps']])
+        line = next(
+            ln for ln in out.splitlines()
+            if ln.split()[:3] == [str(r['stage']),
+                                  str(r['block']), r['maps']])
         assert f'{r["cluster"]:.3f} [' in line
     _check_records(res, json_file)
     # Stage 0: 320 tokens in 16 clusters of 20, plus 4 borrowed.
@@ -191,29 +191,32 @@ def test_detection_config(tool, images, tmp_path):
 
 def test_max_tokens_and_errors(tool, images, tmp_path, capsys):
     # As a command: exit status 2 and one line on stderr.
-    proc = subprocess.run(
-        [sys.executable, TOOL, DEMO_SEG, images[0], '--shape', '64', '80',
-         '--max-tokens', '100', *SEG_OPTIONS],
-        cwd=str(tmp_path),
-        env=dict(os.environ, PYTHONWARNINGS='ignore'),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True)
+    proc = subprocess.run([
+        sys.executable, TOOL, DEMO_SEG, images[0], '--shape', '64', '80',
+        '--max-tokens', '100', *SEG_OPTIONS
+    ],
+                          cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONWARNINGS='ignore'),
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE,
+                          text=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count('\n') == 1
     assert proc.stderr.startswith(
-        'attention_recall.py: error: img0.png: FSLA at stage 0, block 0 sees a '
-        '16x20 map (320 tokens), more than max_tokens=100'), proc.stderr
+        'attention_recall.py: error: img0.png: FSLA at stage 0, block 0 sees '
+        'a 16x20 map (320 tokens), more than max_tokens=100'), proc.stderr
     # In-process: the same one-line manner (exit status 2).
     cases = [
-        ([DEMO_SEG, images[0], '--shape', '32', '--block', '0', '1',
-          *SEG_OPTIONS], 'Stage 0, block 1 has no FSLA'),
-        ([DEMO_SEG, images[0], '--shape', '32', '--head', '2', *SEG_OPTIONS],
-         'has 2 heads'),
-        ([DEMO_SEG, images[0], '--map-image', '1'],
-         '--map-image must index the 1 '),
-        ([DEMO_SEG, str(tmp_path / 'missing.png')],
-         "image '.*missing.png' not found"),
+        ([
+            DEMO_SEG, images[0], '--shape', '32', '--block', '0', '1',
+            *SEG_OPTIONS
+        ], 'Stage 0, block 1 has no FSLA'),
+        ([DEMO_SEG, images[0], '--shape', '32', '--head', '2',
+          *SEG_OPTIONS], 'has 2 heads'),
+        ([DEMO_SEG, images[0], '--map-image',
+          '1'], '--map-image must index the 1 '),
+        ([DEMO_SEG,
+          str(tmp_path / 'missing.png')], "image '.*missing.png' not found"),
         ([DEMO_SEG, images[0], '--max-tokens', '0'], '--max-tokens must be'),
     ]
     for argv, message in cases:

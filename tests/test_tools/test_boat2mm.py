@@ -77,8 +77,8 @@ def original_swin_state(seed: int = 0) -> dict:
 @pytest.fixture(scope='module')
 def tool():
     path = osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-        'tools', 'model_converters', 'boat2mm.py')
+        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
+        'model_converters', 'boat2mm.py')
     spec = importlib.util.spec_from_file_location('boat2mm_under_test', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -169,8 +169,7 @@ def test_loads_into_upernet_by_prefix(converted):
     backbone = model.backbone.state_dict()
     for key, value in state['state_dict'].items():
         if key.startswith('backbone.'):
-            torch.testing.assert_close(backbone[key[len('backbone.'):]],
-                                       value)
+            torch.testing.assert_close(backbone[key[len('backbone.'):]], value)
     model.eval()
     with torch.no_grad():
         logits = model(torch.randn(1, 3, 40, 52), mode='tensor')
@@ -193,8 +192,8 @@ def test_cli_errors(tool, tmp_path, capsys, case):
     src = str(tmp_path / 'src.pth')
     if case != 'no_file':
         torch.save({'model': state}, src)
-    args = [src, str(tmp_path / 'dst.pth')] + (['--ema']
-                                               if case == 'ema' else [])
+    args = [src, str(tmp_path / 'dst.pth')
+            ] + (['--ema'] if case == 'ema' else [])
     with pytest.raises(SystemExit) as exc:
         tool.main(args)
     assert exc.value.code == 2

@@ -21,8 +21,8 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 @pytest.fixture(scope='module')
 def boat2mm():
     spec = importlib.util.spec_from_file_location(
-        '_boat2mm_url', osp.join(REPO, 'tools', 'model_converters',
-                                 'boat2mm.py'))
+        '_boat2mm_url',
+        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,8 +63,8 @@ def test_url_is_downloaded_cached_converted(boat2mm, server, tmp_path,
     _Handler.requests.clear()
     assert boat2mm.main([url, dst, '--ema']) == 0
     out, err = capsys.readouterr()
-    cached = osp.join(str(tmp_path / 'torch'), 'hub', 'checkpoints',
-                      'cswin_tiny.pth.tar')
+    cached = osp.join(
+        str(tmp_path / 'torch'), 'hub', 'checkpoints', 'cswin_tiny.pth.tar')
     assert f'downloading {url} to {cached}' in out
     assert '100%' in err  # torch.hub's progress bar
     # Dropbox's share link is fetched as a download (dl=1).
@@ -93,8 +93,8 @@ def test_url_is_downloaded_cached_converted(boat2mm, server, tmp_path,
     assert len(_Handler.requests) == 1
 
 
-def test_a_web_page_is_not_a_checkpoint(boat2mm, server, tmp_path,
-                                        monkeypatch, capsys):
+def test_a_web_page_is_not_a_checkpoint(boat2mm, server, tmp_path, monkeypatch,
+                                        capsys):
     base = server[0]
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.setattr(torch.hub, '_hub_dir', None)

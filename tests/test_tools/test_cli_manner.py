@@ -56,8 +56,12 @@ def files(tmp_path_factory):
     full.mkdir()
     (full / 'x').write_text('')
     published = write_published_cswin(str(root / 'cswin_tiny.pth.tar'))[0]
-    return dict(root=str(root), image=image, ours=ours, full=str(full),
-                published=published)
+    return dict(
+        root=str(root),
+        image=image,
+        ours=ours,
+        full=str(full),
+        published=published)
 
 
 # tool, argv (``{name}`` from the files fixture), what stderr must say.
@@ -67,37 +71,36 @@ CASES = [
     ('test', [CLS, 'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('test', [CLS, '{ours}', '--out-item', 'pred'], '--out-item needs --out'),
     ('get_flops', ['missing.py'], "config file 'missing.py' not found"),
-    ('get_flops', [CLS, '--shape', '1', '2', '3'],
-     '--shape takes H W or one size S for S x S'),
-    ('check_fsla_parity', ['--ref-repo', '{root}', '--family', 'x'],
-     "unknown --family 'x'"),
+    ('get_flops', [CLS, '--shape', '1', '2',
+                   '3'], '--shape takes H W or one size S for S x S'),
+    ('check_fsla_parity', ['--ref-repo', '{root}', '--family',
+                           'x'], "unknown --family 'x'"),
     ('check_fsla_parity', ['--ref-repo', '{root}'],
      '--ref-repo must be the root of a mahaoyuHKU/pytorch-boat checkout'),
     ('vis_clusters', [SEG, 'missing.png'], "image 'missing.png' not found"),
-    ('vis_clusters', [SEG, '{image}', '--checkpoint', 'missing.pth'],
-     "checkpoint 'missing.pth' not found"),
+    ('vis_clusters', [SEG, '{image}', '--checkpoint',
+                      'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('vis_clusters', [SEG, '{image}', '--checkpoint', '{published}'],
      'is a published BOAT-CSWin checkpoint (arch tiny'),
     ('pytorch2onnx', [SEG, '--shape', '0', '--out', 'x.onnx'],
      '--shape takes H W or one size S for S x S, positive integers; got 0'),
     ('pytorch2onnx',
-     [SEG, '--shape', '64', '--out', 'x.onnx', '--dynamic-shape', 'height'],
-     'a dynamic height is not supported'),
+     [SEG, '--shape', '64', '--out', 'x.onnx', '--dynamic-shape',
+      'height'], 'a dynamic height is not supported'),
     ('pytorch2onnx',
      [SEG, '--shape', '64', '--out', 'x.onnx', '--checkpoint',
       '{published}'], 'python tools/model_converters/boat2mm.py SRC DST'),
-    ('boat2mm', ['missing.pth', 'dst.pth'],
-     "published checkpoint 'missing.pth' not found"),
+    ('boat2mm', ['missing.pth',
+                 'dst.pth'], "published checkpoint 'missing.pth' not found"),
     ('boat2mm', ['{ours}', 'dst.pth'], 'None of the published BOAT layouts'),
-    ('verify_boat', ['--ref-repo', '{root}'],
-     'give a checkpoint or --family'),
+    ('verify_boat', ['--ref-repo', '{root}'], 'give a checkpoint or --family'),
     ('verify_boat', ['missing.pth', '--ref-repo', '{root}'],
      "published checkpoint 'missing.pth' not found"),
     ('gen_synthetic_data', ['ade20k', '{full}'], 'is not empty'),
-    ('gen_synthetic_data', ['ade20k', '{root}/new', '--img-size', '8'],
-     'img_size must be >= 32'),
-    ('run_demo', ['--config', 'missing.py'],
-     "config file 'missing.py' not found"),
+    ('gen_synthetic_data', ['ade20k', '{root}/new', '--img-size',
+                            '8'], 'img_size must be >= 32'),
+    ('run_demo', ['--config',
+                  'missing.py'], "config file 'missing.py' not found"),
 ]
 
 
@@ -125,8 +128,7 @@ def test_every_tool_is_covered():
     assert {c[0] for c in CASES} == set(TOOLS)
 
 
-@pytest.mark.parametrize('name', ['get_flops', 'pytorch2onnx',
-                                  'vis_clusters'])
+@pytest.mark.parametrize('name', ['get_flops', 'pytorch2onnx', 'vis_clusters'])
 def test_shape_means_the_same_everywhere(name):
     parse = tool(name).parse_args
     base = {'pytorch2onnx': [SEG, '--out', 'x.onnx']}.get(name, [SEG])

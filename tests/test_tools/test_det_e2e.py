@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 # The same command runners as the segmentation end-to-end tests.
 from test_seg_e2e import _ckpt, _run, _tool, _tool_main, check_resume
 
@@ -99,10 +98,10 @@ model = dict(
                    stacked_convs=1),
     # Untrained: keep the low scores so that there is something to merge.
     test_cfg=dict(score_thr=0.0))
-""" + PIPELINES.replace(
-    'pipeline=train_pipeline)', 'pipeline=train_pipeline, metainfo=metainfo)'
-).replace('pipeline=test_pipeline)',
-          'pipeline=test_pipeline, metainfo=metainfo)')
+""" + PIPELINES.replace('pipeline=train_pipeline)',
+                        'pipeline=train_pipeline, metainfo=metainfo)').replace(
+                            'pipeline=test_pipeline)',
+                            'pipeline=test_pipeline, metainfo=metainfo)')
 
 
 def _metrics(out: str, stage: str) -> dict:
@@ -130,8 +129,8 @@ def trained(tmp_path_factory, coco_root):
     tmp = tmp_path_factory.mktemp('det_train')
     cfg = str(tmp / 'user_mask_rcnn.py')
     with open(cfg, 'w') as f:
-        f.write(MASK_RCNN_CFG.format(base=DEMO, arch=TINY_CSWIN,
-                                     root=coco_root))
+        f.write(
+            MASK_RCNN_CFG.format(base=DEMO, arch=TINY_CSWIN, root=coco_root))
     work_dir = str(tmp / 'work')
     out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
     return dict(cfg=cfg, work_dir=work_dir, out=out, tmp=tmp)
@@ -144,16 +143,23 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
     assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(val)
     ckpt = _ckpt(osp.join(work_dir, 'iter_4.pth'))
     assert ckpt['meta']['iter'] == 4
-    assert ckpt['meta']['dataset_meta']['classes'][:2] == ('person',
-                                                           'bicycle')
+    assert ckpt['meta']['dataset_meta']['classes'][:2] == ('person', 'bicycle')
 
     # tools/test.py on the same checkpoint gives the same metrics, dumps
     # the predictions and draws them.
     pkl = str(trained['tmp'] / 'preds.pkl')
     show_dir = str(trained['tmp'] / 'show')
-    out = _tool('test.py', trained['cfg'], osp.join(work_dir, 'iter_4.pth'),
-                '--out', pkl, '--show-dir', show_dir, '--work-dir',
-                str(trained['tmp'] / 'test'), cwd=str(trained['tmp']))
+    out = _tool(
+        'test.py',
+        trained['cfg'],
+        osp.join(work_dir, 'iter_4.pth'),
+        '--out',
+        pkl,
+        '--show-dir',
+        show_dir,
+        '--work-dir',
+        str(trained['tmp'] / 'test'),
+        cwd=str(trained['tmp']))
     assert _metrics(out, 'test') == val
     with open(pkl, 'rb') as f:
         preds = pickle.load(f)
@@ -186,7 +192,8 @@ def test_upstream_mmdet_train_tool_runs_our_config(trained):
         sys.executable, tool, trained['cfg'], '--work-dir', work_dir,
         '--cfg-options', 'train_cfg.max_iters=2', 'val_cfg=None',
         'val_dataloader=None', 'val_evaluator=None'
-    ], cwd=str(trained['tmp']))
+    ],
+               cwd=str(trained['tmp']))
     assert re.search(r'Iter\(train\) \[2/2\].*loss_mask', out)
     assert _ckpt(osp.join(work_dir, 'iter_2.pth'))['meta']['iter'] == 2
 
@@ -240,10 +247,9 @@ def test_tta_and_out_checks(trained, coco_root, tmp_path):
     model = MODELS.build(Config.fromfile(cfg_path).model)
     retina_ckpt = str(tmp_path / 'retinanet.pth')
     torch.save(dict(state_dict=model.state_dict()), retina_ckpt)
-    metrics = test([
-        cfg_path, retina_ckpt, '--tta', '--work-dir',
-        str(tmp_path / 'tta')
-    ])
+    metrics = test(
+        [cfg_path, retina_ckpt, '--tta', '--work-dir',
+         str(tmp_path / 'tta')])
     assert 'coco/bbox_mAP' in metrics
 
 
@@ -264,8 +270,9 @@ def test_backbone_same_under_mmdet_and_mmseg_scopes():
     assert type(det) is type(seg)
     gen = torch.Generator().manual_seed(0)
     state = {
-        k: torch.randn(v.shape, generator=gen) * 0.1
-        if v.is_floating_point() else v
+        k:
+        torch.randn(v.shape, generator=gen) *
+        0.1 if v.is_floating_point() else v
         for k, v in det.state_dict().items()
     }
     det.load_state_dict(state)

@@ -32,13 +32,13 @@ import re
 import cv2
 import numpy as np
 import pytest
-
-from boat_mm.datasets import generate_imagenet_like
 from test_cls_e2e import SWIN_ARCH, SWIN_T
 from test_cls_e2e import USER_CFG as CLS_USER_CFG
 from test_cls_e2e import _tool
 from test_seg_e2e import CSWIN_ARCH, HEADLINE
 from test_seg_e2e import USER_CFG as SEG_USER_CFG
+
+from boat_mm.datasets import generate_imagenet_like
 
 CLS_LEARN = """
 data_root = {root!r}

@@ -79,9 +79,8 @@ def test_verify_boat_random_weights(family, ref_repo):
 def _public_swin_tiny_state(ref_repo: str) -> dict:
     sys.path.insert(0, osp.dirname(VERIFY))
     try:
-        from verify_boat import build_reference
-
         from boat_tools.reference import import_public_module
+        from verify_boat import build_reference
         model = build_reference(
             import_public_module(ref_repo, 'swin'), 'swin', 'tiny')
     finally:

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from boat_mm.deploy import (ExportWrapper, WithClusters, build_model,
-                            compare, export_onnx, load_image, make_session,
+from boat_mm.deploy import (ExportWrapper, WithClusters, build_model, compare,
+                            export_onnx, load_image, make_session,
                             run_onnxruntime)
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
                          cpu_kernel_available)
@@ -327,8 +327,7 @@ def test_dynamic_height_width_are_refused(tmp_path):
     for axes, what in [(('batch', 'height'), 'height'), (('width', ), 'width'),
                        (('height', 'width'), 'height and width')]:
         with pytest.raises(ValueError) as exc:
-            export_onnx(
-                net, (64, 64), str(tmp_path / 'x.onnx'), dynamic=axes)
+            export_onnx(net, (64, 64), str(tmp_path / 'x.onnx'), dynamic=axes)
         msg = str(exc.value)
         assert msg.startswith(f"a dynamic {what} is not supported: FSLA's "
                               f'cluster layout'), msg

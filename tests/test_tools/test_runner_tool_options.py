@@ -200,13 +200,15 @@ def test_train_auto_scale_lr(spy, train_tool, tiny_cls, tmp_path, capsys):
     assert 'base_batch_size=N' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE],
-                         ids=['mmpretrain', 'mmseg'])
+@pytest.mark.parametrize(
+    'config', [SWIN_T, HEADLINE], ids=['mmpretrain', 'mmseg'])
 def test_train_no_pin_memory_no_persistent_workers(spy, train_tool, config):
     rec = spy(train_tool, [config])
-    defaults = {(name, key): rec.cfg[name].get(key)
-                for name in LOADERS
-                for key in ('pin_memory', 'persistent_workers')}
+    defaults = {
+        (name, key): rec.cfg[name].get(key)
+        for name in LOADERS
+        for key in ('pin_memory', 'persistent_workers')
+    }
     rec = spy(train_tool, [config, '--no-pin-memory'])
     for name in LOADERS:
         assert rec.cfg[name].pin_memory is False
@@ -280,22 +282,24 @@ def test_test_out_and_out_item(spy, test_tool, tiny_cls, tmp_path, capsys):
 def test_test_out_of_segmentation_is_the_label_map_folder(
         spy, test_tool, tiny_cls, tmp_path):
     rec = spy(test_tool,
-              [HEADLINE, tiny_cls['ckpt'], '--out', str(tmp_path / 'pred')])
+              [HEADLINE, tiny_cls['ckpt'], '--out',
+               str(tmp_path / 'pred')])
     assert rec.cfg.test_evaluator.output_dir == str(tmp_path / 'pred')
     assert rec.cfg.test_evaluator.keep_results is True
     assert rec.metrics == []
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, MASK_RCNN],
-                         ids=['mmpretrain', 'mmseg', 'mmdet'])
+@pytest.mark.parametrize(
+    'config', [SWIN_T, HEADLINE, MASK_RCNN],
+    ids=['mmpretrain', 'mmseg', 'mmdet'])
 def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
                                                config, tmp_path):
     rec = spy(test_tool, [config, tiny_cls['ckpt']])
     hook = rec.cfg.default_hooks.visualization
     before = dict(hook)
     rec = spy(test_tool, [
-        config, tiny_cls['ckpt'], '--show', '--interval', '7',
-        '--wait-time', '0.5'
+        config, tiny_cls['ckpt'], '--show', '--interval', '7', '--wait-time',
+        '0.5'
     ])
     hook = rec.cfg.default_hooks.visualization
     assert (hook.show, hook.interval, hook.wait_time) == (True, 7, 0.5)
@@ -313,8 +317,9 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     assert saved == show_dir
 
 
-@pytest.mark.parametrize('config', [SWIN_T, HEADLINE, RETINANET],
-                         ids=['mmpretrain', 'mmseg', 'mmdet'])
+@pytest.mark.parametrize(
+    'config', [SWIN_T, HEADLINE, RETINANET],
+    ids=['mmpretrain', 'mmseg', 'mmdet'])
 def test_test_tta_wraps_model_and_pipeline(spy, test_tool, tiny_cls, config):
     plain = spy(test_tool, [config, tiny_cls['ckpt']]).cfg
     rec = spy(test_tool, [config, tiny_cls['ckpt'], '--tta'])
@@ -407,8 +412,9 @@ def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
     original = ImageClassifier.test_step
 
     def test_step(self, data):
-        seen.append(torch.is_autocast_enabled(
-            'cuda' if torch.cuda.is_available() else 'cpu'))
+        seen.append(
+            torch.is_autocast_enabled(
+                'cuda' if torch.cuda.is_available() else 'cpu'))
         return original(self, data)
 
     monkeypatch.setattr(ImageClassifier, 'test_step', test_step)

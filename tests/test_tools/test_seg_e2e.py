@@ -97,8 +97,12 @@ def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
     """Run a command; return its output, or fail the test with it."""
     env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
     proc = subprocess.run(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True)
     if proc.returncode != 0:
         pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
                     f'{proc.stdout[-6000:]}')
@@ -106,8 +110,8 @@ def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
 
 
 def _tool(name: str, *args: str, cwd: str) -> str:
-    return _run([sys.executable, osp.join(REPO, 'tools', name), *args],
-                cwd=cwd)
+    return _run(
+        [sys.executable, osp.join(REPO, 'tools', name), *args], cwd=cwd)
 
 
 def _ckpt(path: str) -> dict:
@@ -119,8 +123,7 @@ def trained(tmp_path_factory, ade_root):
     """A 4-iteration run of the headline config with a tiny BOAT-CSWin,
     validated at the end, checkpoints at iterations 2 and 4."""
     tmp = tmp_path_factory.mktemp('seg_train')
-    cfg = _user_cfg(str(tmp / 'user_cswin.py'), HEADLINE, ade_root,
-                    CSWIN_ARCH)
+    cfg = _user_cfg(str(tmp / 'user_cswin.py'), HEADLINE, ade_root, CSWIN_ARCH)
     work_dir = str(tmp / 'work')
     out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
     return dict(cfg=cfg, work_dir=work_dir, out=out, tmp=tmp)
@@ -130,8 +133,7 @@ def test_train_val_then_test_with_tta(trained, ade_root):
     work_dir = trained['work_dir']
     assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
     # Training logged losses and validated once, at the end.
-    assert re.search(r'Iter\(train\) \[4/4\].*decode\.loss_ce',
-                     trained['out'])
+    assert re.search(r'Iter\(train\) \[4/4\].*decode\.loss_ce', trained['out'])
     assert re.search(r'Iter\(val\) \[4/4\].*mIoU: [\d.]+', trained['out'])
     ckpt = _ckpt(osp.join(work_dir, 'iter_4.pth'))
     assert ckpt['meta']['iter'] == 4
@@ -141,10 +143,18 @@ def test_train_val_then_test_with_tta(trained, ade_root):
     # Multi-scale + flip TTA from the mmseg bases, predictions written.
     pred_dir = str(trained['tmp'] / 'pred')
     show_dir = str(trained['tmp'] / 'show')
-    out = _tool('test.py', trained['cfg'], osp.join(work_dir, 'iter_4.pth'),
-                '--tta', '--out', pred_dir, '--show-dir', show_dir,
-                '--work-dir', str(trained['tmp'] / 'test'),
-                cwd=str(trained['tmp']))
+    out = _tool(
+        'test.py',
+        trained['cfg'],
+        osp.join(work_dir, 'iter_4.pth'),
+        '--tta',
+        '--out',
+        pred_dir,
+        '--show-dir',
+        show_dir,
+        '--work-dir',
+        str(trained['tmp'] / 'test'),
+        cwd=str(trained['tmp']))
     assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', out)
     assert 'SegTTAModel' in out or 'TestTimeAug' in out
     preds = sorted(glob.glob(osp.join(pred_dir, '*.png')))
@@ -160,8 +170,8 @@ def test_train_val_then_test_with_tta(trained, ade_root):
     assert len(drawn) == len(gts)
 
 
-def check_resume(trained: dict, moved_key: str, *args: str
-                 ) -> Tuple[dict, dict, dict]:
+def check_resume(trained: dict, moved_key: str, *args:
+                 str) -> Tuple[dict, dict, dict]:
     """Stop a copy of the ``trained`` run after its iteration-2 checkpoint,
     resume it with ``train.py --resume *args`` and check that it ends
     where the uninterrupted run ended, having trained ``moved_key``.
@@ -178,8 +188,14 @@ def check_resume(trained: dict, moved_key: str, *args: str
     with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
         f.write(osp.join(work_dir, 'iter_2.pth'))
 
-    out = _tool('train.py', trained['cfg'], '--work-dir', work_dir,
-                '--resume', *args, cwd=str(trained['tmp']))
+    out = _tool(
+        'train.py',
+        trained['cfg'],
+        '--work-dir',
+        work_dir,
+        '--resume',
+        *args,
+        cwd=str(trained['tmp']))
     assert 'resumed epoch: 0, iter: 2' in out
     assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
 
@@ -216,11 +232,13 @@ def _free_port() -> int:
 def test_ddp_two_processes_train_and_evaluate(trained):
     work_dir = str(trained['tmp'] / 'ddp')
     out = _run([
-        'bash', osp.join(REPO, 'tools', 'dist_train.sh'), trained['cfg'], '2',
-        '--work-dir', work_dir, '--cfg-options', 'train_cfg.max_iters=2',
-        'train_cfg.val_interval=2'
-    ], cwd=str(trained['tmp']),
-        env=dict(PYTHON=sys.executable, PORT=str(_free_port())))
+        'bash',
+        osp.join(REPO, 'tools',
+                 'dist_train.sh'), trained['cfg'], '2', '--work-dir', work_dir,
+        '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2'
+    ],
+               cwd=str(trained['tmp']),
+               env=dict(PYTHON=sys.executable, PORT=str(_free_port())))
     assert re.search(r'Distributed training: True', out)
     assert re.search(r'GPU number: 2', out)
     assert re.search(r'Iter\(val\) \[2/2\].*mIoU: [\d.]+', out)  # 4 / 2
@@ -237,7 +255,8 @@ def test_upstream_mmseg_train_tool_runs_our_config(trained):
     _run([
         sys.executable, tool, trained['cfg'], '--work-dir', work_dir,
         '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2'
-    ], cwd=str(trained['tmp']))
+    ],
+         cwd=str(trained['tmp']))
     ckpt = _ckpt(osp.join(work_dir, 'iter_2.pth'))
     assert ckpt['meta']['iter'] == 2
 
@@ -245,12 +264,18 @@ def test_upstream_mmseg_train_tool_runs_our_config(trained):
 def test_user_config_swaps_arch_of_boat_swin(tmp_path, ade_root):
     """A config outside the repo inherits a BOAT-Swin config by path, swaps
     the arch for a custom one, builds and trains."""
-    cfg = _user_cfg(str(tmp_path / 'my_boat_swin.py'), SWIN_T, ade_root,
-                    SWIN_ARCH)
+    cfg = _user_cfg(
+        str(tmp_path / 'my_boat_swin.py'), SWIN_T, ade_root, SWIN_ARCH)
     work_dir = str(tmp_path / 'work')
-    out = _tool('train.py', cfg, '--work-dir', work_dir, '--no-validate',
-                '--cfg-options', 'train_cfg.max_iters=2',
-                cwd=str(tmp_path))
+    out = _tool(
+        'train.py',
+        cfg,
+        '--work-dir',
+        work_dir,
+        '--no-validate',
+        '--cfg-options',
+        'train_cfg.max_iters=2',
+        cwd=str(tmp_path))
     assert re.search(r'Iter\(train\) \[2/2\]', out)
     state = _ckpt(osp.join(work_dir, 'iter_2.pth'))['state_dict']
     assert state['backbone.norm3.weight'].shape == (96, )
@@ -280,7 +305,8 @@ def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
     ckpt.write_bytes(b'')
     with pytest.raises(FileNotFoundError, match='is an empty folder'):
         _tool_main('test.py')([
-            HEADLINE, str(ckpt), '--cfg-options',
+            HEADLINE,
+            str(ckpt), '--cfg-options',
             f'test_dataloader.dataset.data_root={tmp_path / "empty"}'
         ])
     with pytest.raises(FileNotFoundError, match='checkpoint'):
@@ -297,8 +323,8 @@ def test_demo_montage_and_chance_level(tmp_path):
     os.makedirs(tmp_path / 'pred')
     gt = np.zeros((8, 8), np.uint8)
     gt[:, :6], gt[:, 6:] = 1, 2  # 48 pixels of class 1, 16 of class 2
-    cv2.imwrite(str(root / 'images/validation/a.jpg'),
-                np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(
+        str(root / 'images/validation/a.jpg'), np.zeros((8, 8, 3), np.uint8))
     cv2.imwrite(str(root / 'annotations/validation/a.png'), gt)
     cv2.imwrite(str(tmp_path / 'pred' / 'a.png'), gt)
     # Uniform guesses among 2 classes: IoU_k = (n_k / 2) / (n_k + 32 -

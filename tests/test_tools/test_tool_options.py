@@ -74,8 +74,8 @@ def tiny_swin(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='module')
 def get_flops():
-    return _load(osp.join(TOOLS, 'analysis_tools', 'get_flops.py'),
-                 'get_flops_options')
+    return _load(
+        osp.join(TOOLS, 'analysis_tools', 'get_flops.py'), 'get_flops_options')
 
 
 @pytest.fixture
@@ -104,8 +104,8 @@ def test_get_flops_masked_attention(get_flops, tiny_swin, counted):
     # Masked (shifted-window, FSLA) attention costs more counted densely;
     # nothing else changes.
     assert d['by_operator']['sdpa'] > a['by_operator']['sdpa']
-    assert d['macs'] - a['macs'] == pytest.approx(
-        d['by_operator']['sdpa'] - a['by_operator']['sdpa'])
+    assert d['macs'] - a['macs'] == pytest.approx(d['by_operator']['sdpa'] -
+                                                  a['by_operator']['sdpa'])
 
 
 def test_get_flops_cfg_options(get_flops, tiny_swin, counted):
@@ -149,13 +149,16 @@ def test_get_flops_check_reference_and_tolerance(get_flops, monkeypatch,
 
     def count(config, shape, cfg_options=None, masked_attention='allowed'):
         counts.append((config, shape, masked_attention))
-        return dict(params=28.2e6, macs=4.08e9, flops=4.1e9,
-                    by_operator=dict(sdpa=1e8, fsla_clustering=1e7))
+        return dict(
+            params=28.2e6,
+            macs=4.08e9,
+            flops=4.1e9,
+            by_operator=dict(sdpa=1e8, fsla_clustering=1e7))
 
     monkeypatch.setattr(get_flops, 'count_config', count)
     assert get_flops.main(['--check-reference']) == 0  # 2 % < 3 %
-    assert counts == [(osp.join(get_flops.REPO_ROOT, rel), (224, 224),
-                       'allowed')]
+    assert counts == [(osp.join(get_flops.REPO_ROOT,
+                                rel), (224, 224), 'allowed')]
     assert ' yes' in capsys.readouterr().out
     assert get_flops.main(['--check-reference', '--tolerance', '0.01']) == 1
     out = capsys.readouterr().out
@@ -174,8 +177,9 @@ def test_get_flops_check_reference_and_tolerance(get_flops, monkeypatch,
 
 @pytest.fixture(scope='module')
 def vis():
-    return _load(osp.join(TOOLS, 'visualization', 'vis_clusters.py'),
-                 'vis_clusters_options')
+    return _load(
+        osp.join(TOOLS, 'visualization', 'vis_clusters.py'),
+        'vis_clusters_options')
 
 
 def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
@@ -195,8 +199,10 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
     devices = []
     build = vis.build_model
     monkeypatch.setattr(
-        vis, 'build_model', lambda cfg, checkpoint=None, device='cpu':
-        devices.append(device) or build(cfg, checkpoint, device))
+        vis,
+        'build_model',
+        lambda cfg, checkpoint=None, device='cpu': devices.append(device) or
+        build(cfg, checkpoint, device))
     common = [
         str(cfg_file), image, '--checkpoint', ckpt, '--resize', '64', '64',
         '--device', 'cpu:0'
@@ -204,7 +210,9 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
     got = {}
     for block, head in [(0, 0), (2, 0), (2, 1)]:
         res = vis.main(common + [
-            '--block', str(block), '--head', str(head), '--out-file',
+            '--block',
+            str(block), '--head',
+            str(head), '--out-file',
             str(tmp_path / f'{block}{head}.png')
         ])
         assert res['location'] == (0, block)
@@ -227,8 +235,9 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def p2o():
-    return _load(osp.join(TOOLS, 'deployment', 'pytorch2onnx.py'),
-                 'pytorch2onnx_options')
+    return _load(
+        osp.join(TOOLS, 'deployment', 'pytorch2onnx.py'),
+        'pytorch2onnx_options')
 
 
 def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
@@ -297,9 +306,10 @@ class _VerifySpy:
     def __init__(self, tool, monkeypatch, diffs) -> None:
         self.imports, self.built, self.loaded, self.compared = [], [], [], []
         self.diffs = diffs
-        monkeypatch.setattr(tool, 'import_public_module',
-                            lambda repo, family: self.imports.append(
-                                (repo, family)) or 'public-module')
+        monkeypatch.setattr(
+            tool, 'import_public_module',
+            lambda repo, family: self.imports.append(
+                (repo, family)) or 'public-module')
         monkeypatch.setattr(tool, 'build_reference', self.build)
         monkeypatch.setattr(tool, 'verify', self.verify)
 
@@ -312,18 +322,18 @@ class _VerifySpy:
             state)
         return ref
 
-    def verify(self, family, ref, batches=(1, 2), seed=0,
-               dtype=torch.float32):
+    def verify(self, family, ref, batches=(1, 2), seed=0, dtype=torch.float32):
         self.compared.append((family.family, seed, dtype))
         return {'logits b1': self.diffs[dtype], 'logits b2': 0.}
 
 
-def test_verify_boat_random_weights_options(verify_boat, monkeypatch,
-                                            capsys):
+def test_verify_boat_random_weights_options(verify_boat, monkeypatch, capsys):
     f32, f64 = torch.float32, torch.float64
     spy = _VerifySpy(verify_boat, monkeypatch, {f32: 5e-5, f64: 1e-9})
-    assert verify_boat.main(['--ref-repo', '/x/boat', '--family', 'cswin',
-                             '--arch', 'tiny', 'small', '--seed', '3']) == 0
+    assert verify_boat.main([
+        '--ref-repo', '/x/boat', '--family', 'cswin', '--arch', 'tiny',
+        'small', '--seed', '3'
+    ]) == 0
     assert spy.imports == [('/x/boat', 'cswin')]
     assert [b[:2] for b in spy.built] == [('cswin', 'tiny'),
                                           ('cswin', 'small')]
@@ -357,8 +367,9 @@ def cswin_published_file(tmp_path_factory):
     """A published-layout BOAT-CSWin-T file (the layout of
     test_converters.py): tensor ``i`` holds ``i`` in ``state_dict`` and
     ``i + 0.5`` in ``state_dict_ema``."""
-    conv = _load(osp.join(REPO, 'tests', 'test_tools', 'test_converters.py'),
-                 'converters_tests_options')
+    conv = _load(
+        osp.join(REPO, 'tests', 'test_tools', 'test_converters.py'),
+        'converters_tests_options')
     model = conv.classifier(dict(type='BOATCSWin', arch='tiny'), 11, 512)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
 
@@ -394,8 +405,10 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
         osp.join(REPO, 'tests', 'test_models', 'test_backbones',
                  'test_boat_swin.py'), 'boat_swin_tests_options')
     arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
-    info = dict(backbone=dict(arch=arch, with_fsla=True), num_classes=5,
-                in_channels=64)
+    info = dict(
+        backbone=dict(arch=arch, with_fsla=True),
+        num_classes=5,
+        in_channels=64)
 
     class Public(torch.nn.Module):
         """Also shows its stage tokens where the public Swin does: as the
@@ -406,8 +419,8 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
             torch.manual_seed(0)
             self.inner = verify_boat.build_classifier(BOATSwin, info).eval()
             self.shift = shift
-            self.layers = torch.nn.ModuleList(
-                torch.nn.Module() for _ in range(4))
+            self.layers = torch.nn.ModuleList(torch.nn.Module()
+                                              for _ in range(4))
             for layer in self.layers:
                 layer.blocks = torch.nn.ModuleList([torch.nn.Identity()])
 
@@ -422,8 +435,11 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
             out[0, 0] += self.shift
             return out
 
-    names = {f'{o} b{b}' for o in ('stage1', 'stage2', 'stage3', 'stage4',
-                                   'logits') for b in (1, 2)}
+    names = {
+        f'{o} b{b}'
+        for o in ('stage1', 'stage2', 'stage3', 'stage4', 'logits')
+        for b in (1, 2)
+    }
     same = verify_boat.verify(BOATSwin, Public(0.), batches=(1, 2))
     assert set(same) == names
     assert max(same.values()) < 1e-5
@@ -439,16 +455,17 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
 
 @pytest.fixture(scope='module')
 def parity():
-    return _load(osp.join(TOOLS, 'analysis_tools', 'check_fsla_parity.py'),
-                 'check_fsla_parity_options')
+    return _load(
+        osp.join(TOOLS, 'analysis_tools', 'check_fsla_parity.py'),
+        'check_fsla_parity_options')
 
 
 def _run_parity(parity, monkeypatch, argv, answer):
     """main() with ``argv``; the public class and the comparison replaced:
     ``answer(dtype)`` gives ``(max diff, max output, share off)``."""
     calls = []
-    monkeypatch.setattr(parity, 'load_content_attention',
-                        lambda repo, family: (repo, family))
+    monkeypatch.setattr(parity, 'load_content_attention', lambda repo, family:
+                        (repo, family))
     monkeypatch.setattr(
         parity, 'compare', lambda ref_cls, side, dims, heads, our_scale,
         ref_scale, dtype, batch, seed: calls.append(
@@ -527,11 +544,11 @@ def test_check_fsla_parity_compare_measures_disagreement(parity):
         return Public
 
     side, tokens = 8, 64
-    diff, scale, far = parity.compare(stand_in(0), side, 16, 2, None, None,
-                                      torch.float64, 2, 0)
+    diff, scale, far = parity.compare(
+        stand_in(0), side, 16, 2, None, None, torch.float64, 2, 0)
     assert diff < 1e-12 and far == 0 and scale > 0
-    diff, _, far = parity.compare(stand_in(16), side, 16, 2, None, None,
-                                  torch.float64, 2, 0)
+    diff, _, far = parity.compare(
+        stand_in(16), side, 16, 2, None, None, torch.float64, 2, 0)
     assert diff == pytest.approx(0.5) and far == 16 / tokens
 
 
@@ -563,8 +580,9 @@ def test_gen_synthetic_ade20k_options(gen_tool, monkeypatch, tmp_path):
     root = str(tmp_path / 'a' / 'ADEChallengeData2016')
     assert len(_files(osp.join(root, 'images', 'training'), '.jpg')) == 3
     labels = [
-        cv2.imread(osp.join(root, 'annotations', 'validation', f),
-                   cv2.IMREAD_UNCHANGED)
+        cv2.imread(
+            osp.join(root, 'annotations', 'validation', f),
+            cv2.IMREAD_UNCHANGED)
         for f in _files(osp.join(root, 'annotations', 'validation'), '.png')
     ]
     assert len(labels) == 2 and all(lb.shape == (40, 40) for lb in labels)
@@ -598,8 +616,7 @@ def test_gen_synthetic_imagenet_and_coco_options(gen_tool, monkeypatch,
               'instances_val2017.json') as f:
         val = json.load(f)
     assert len(val['images']) == 1
-    assert (val['images'][0]['height'], val['images'][0]['width']) == (64,
-                                                                       64)
+    assert (val['images'][0]['height'], val['images'][0]['width']) == (64, 64)
     assert len(val['categories']) == 7
     assert len(_files(str(tmp_path / 'coco' / 'train2017'), '.jpg')) == 2
 
@@ -657,8 +674,8 @@ def test_run_demo_options(demo, tmp_path):
         f.write(f'_base_ = [{base!r}]\n')
     assert demo.main([
         '--config', config, '--work-dir', work, '--data-dir', data,
-        '--num-train', '9', '--num-val', '4', '--max-iters', '30',
-        '--num-vis', '2', '--min-gain', '1.4'
+        '--num-train', '9', '--num-val', '4', '--max-iters', '30', '--num-vis',
+        '2', '--min-gain', '1.4'
     ]) == 0  # mIoU 50 >= 1.4 x 33.3
     root = osp.join(data, 'ADEChallengeData2016')
     assert [(d, k['num_train'], k['num_val'])
@@ -679,8 +696,8 @@ def test_run_demo_options(demo, tmp_path):
     assert montage == (root, osp.join(work, 'pred'),
                        osp.join(work, 'vis', 'predictions.png'), 2)
     # --min-gain: 50 < 1.6 x 33.3 fails; the data is now there.
-    assert demo.main(['--work-dir', work, '--data-dir', data,
-                      '--min-gain', '1.6']) == 1
+    assert demo.main(
+        ['--work-dir', work, '--data-dir', data, '--min-gain', '1.6']) == 1
     assert len(demo.generated) == 1
     # Without --max-iters, the config's schedule.
     assert not _option(demo.cmds[-2], 'train_cfg.max_iters')
@@ -697,16 +714,18 @@ def test_demo_sh_forwards_arguments(tmp_path):
     script = osp.join(TOOLS, 'demo.sh')
     proc = subprocess.run(
         ['bash', script, '--work-dir', 'w d', '--max-iters', '5'],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHON=str(fake)),
-        capture_output=True, text=True)
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHON=str(fake)),
+        capture_output=True,
+        text=True)
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().splitlines() == [
         REPO, 'tools/run_demo.py', '--work-dir', 'w d', '--max-iters', '5'
     ]
     proc = subprocess.run(['bash', script],
                           cwd=str(tmp_path),
-                          env=dict(os.environ,
-                                   PYTHON=str(tmp_path / 'missing')),
+                          env=dict(
+                              os.environ, PYTHON=str(tmp_path / 'missing')),
                           capture_output=True,
                           text=True)
     assert proc.returncode == 1 and 'make setup' in proc.stderr

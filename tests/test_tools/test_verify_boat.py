@@ -25,13 +25,16 @@ def _rows(lines):
 
 
 def test_table_lists_compared_and_skipped_outputs():
-    diffs = {f'stage{i} b{b}': 10.0**-(i + 4) for i in (1, 2, 3)
-             for b in (1, 2)}
+    diffs = {
+        f'stage{i} b{b}': 10.0**-(i + 4)
+        for i in (1, 2, 3)
+        for b in (1, 2)
+    }
     diffs['stage3 b2'] = 2e-4  # over the tolerance
     rows = _rows(verify_boat.table(BOATCSWin, {'float32': diffs}, 1e-4))
     assert [r[0] for r in rows] == [
-        'stage1', 'stage1', 'stage2', 'stage2', 'stage3', 'stage3',
-        'stage4', 'logits'
+        'stage1', 'stage1', 'stage2', 'stage2', 'stage3', 'stage3', 'stage4',
+        'logits'
     ]
     for out, batch, dtype, err, tol, result in rows[:6]:
         diff = diffs[f'{out} b{batch}']
@@ -43,8 +46,11 @@ def test_table_lists_compared_and_skipped_outputs():
     assert rows[7][-1] == 'skipped: computed from stage 4 (see stage4)'
     # BOAT-Swin compares everything; a second dtype adds its rows.
     full = {f'{o} b1': 0. for o in verify_boat.OUTPUTS}
-    rows = _rows(verify_boat.table(BOATSwin, {'float32': full,
-                                              'float64': full}, 1e-4))
+    rows = _rows(
+        verify_boat.table(BOATSwin, {
+            'float32': full,
+            'float64': full
+        }, 1e-4))
     assert len(rows) == 10 and not any('skipped' in r[-1] for r in rows)
 
 

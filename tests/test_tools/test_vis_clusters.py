@@ -84,8 +84,8 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
     assert (full[:band] < 128).any()  # the title's text
     body = full[band:]
     picture = body[::4, ::4]
-    np.testing.assert_array_equal(
-        body, np.repeat(np.repeat(picture, 4, 0), 4, 1))
+    np.testing.assert_array_equal(body,
+                                  np.repeat(np.repeat(picture, 4, 0), 4, 1))
     np.testing.assert_array_equal(picture[:, :74], expected)
     # alpha=1: pure colours, constant over each token's 4x4 pixels, one
     # distinct colour per cluster.
@@ -159,9 +159,12 @@ model = dict(backbone=dict(
     names = ' or '.join(f.__name__ for f in boat_families())
     assert 'The backbone is a MixVisionTransformer, not a BOAT backbone ' \
         f'({names})' in str(err.value)
-    assert {'BOATSwin', 'BOATCSWin', 'configs/boat_swin',
-            'configs/boat_cswin'} <= set(str(err.value).replace(
-                ',', ' ').replace(')', ' ').replace('(', ' ').split())
+    assert {
+        'BOATSwin', 'BOATCSWin', 'configs/boat_swin', 'configs/boat_cswin'
+    } <= set(
+        str(err.value).replace(',', ' ').replace(')',
+                                                 ' ').replace('(',
+                                                              ' ').split())
     with pytest.raises(FileNotFoundError, match='image'):
         tool['main']([DEMO_SEG, str(tmp_path / 'missing.png'), *out])
     assert not osp.exists(tmp_path / 'x.png')

@@ -62,7 +62,8 @@ class _Metric(BaseMetric):
 
     def compute_metrics(self, results: list) -> dict:
         return dict(
-            neg_err=np.float32(-np.mean(results)), count=np.int64(len(results)))
+            neg_err=np.float32(-np.mean(results)),
+            count=np.int64(len(results)))
 
 
 _RUN_IDS = itertools.count()
@@ -84,8 +85,8 @@ def _runner(work_dir: str, max_iters: int, **kwargs) -> Runner:
         model=_Tiny(),
         work_dir=work_dir,
         train_dataloader=loader,
-        val_dataloader=dict(loader, sampler=dict(type='DefaultSampler',
-                                                 shuffle=False)),
+        val_dataloader=dict(
+            loader, sampler=dict(type='DefaultSampler', shuffle=False)),
         val_evaluator=[_Metric()],
         val_cfg=dict(),
         train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=1),
@@ -145,8 +146,10 @@ def _unsafe_without_allow_list(path: str) -> set:
 
 def test_checkpoint_needs_only_the_allow_list(ckpt_2iters):
     work_dir = osp.dirname(ckpt_2iters)
-    best = [f for f in ('best_neg_err_iter_1.pth', 'best_neg_err_iter_2.pth')
-            if osp.exists(osp.join(work_dir, f))]
+    best = [
+        f for f in ('best_neg_err_iter_1.pth', 'best_neg_err_iter_2.pth')
+        if osp.exists(osp.join(work_dir, f))
+    ]
     assert len(best) == 1
     for path in (ckpt_2iters, osp.join(work_dir, best[0])):
         unsafe = _unsafe_without_allow_list(path)
@@ -301,9 +304,9 @@ EXPECTED_SAFE_GLOBALS = {
     'numpy._core.multiarray.scalar',
 } | {
     f'numpy.dtypes.{name}DType'
-    for name in ('Bool', 'Int8', 'Int16', 'Int32', 'Int64', 'UInt8',
-                 'UInt16', 'UInt32', 'UInt64', 'Float16', 'Float32',
-                 'Float64', 'Complex64', 'Complex128')
+    for name in ('Bool', 'Int8', 'Int16', 'Int32', 'Int64', 'UInt8', 'UInt16',
+                 'UInt32', 'UInt64', 'Float16', 'Float32', 'Float64',
+                 'Complex64', 'Complex128')
 }
 
 
@@ -335,10 +338,11 @@ def test_nothing_else_is_allowed():
     import traceback
     names = set()
     for entry in torch.serialization.get_safe_globals():
-        obj, name = entry if isinstance(entry, tuple) else (
-            entry, f'{entry.__module__}.{entry.__qualname__}')
+        obj, name = entry if isinstance(
+            entry, tuple) else (entry,
+                                f'{entry.__module__}.{entry.__qualname__}')
         if name.startswith('torch.') or obj in (traceback.StackSummary,
-                                                 traceback.FrameSummary):
+                                                traceback.FrameSummary):
             continue
         if (name.startswith('builtins.') and isinstance(obj, type)
                 and issubclass(obj, BaseException)):
@@ -381,9 +385,10 @@ def _payload(kind: str, target: str) -> bytes:
         # HistoryBuffer is allowed; getattr would reach the builtins of its
         # module through HistoryBuffer.__init__.__builtins__, then exec.
         getattr_ = _global('builtins', 'getattr')
-        init = _call(getattr_,
-                     _global('mmengine.logging.history_buffer',
-                             'HistoryBuffer'), _str('__init__'))
+        init = _call(
+            getattr_,
+            _global('mmengine.logging.history_buffer', 'HistoryBuffer'),
+            _str('__init__'))
         builtins = _call(getattr_, init, _str('__builtins__'))
         get = _call(getattr_, builtins, _str('get'))
         body = _call(_call(get, _str('exec')), _str(touch))
@@ -396,7 +401,8 @@ def _payload(kind: str, target: str) -> bytes:
         body = _call(_global(module, 'system'), _str(f'touch {target}'))
     elif kind in ('subprocess.call', 'subprocess.Popen'):
         body = _call(
-            _global('subprocess', kind.split('.')[1]),
+            _global('subprocess',
+                    kind.split('.')[1]),
             _list(_str(sys.executable), _str('-c'), _str(touch)))
     elif kind == 'functools.partial':
         # partial(exec, code)(): partial is named first.
@@ -419,8 +425,7 @@ PAYLOADS = {
     'posix.system': 'GLOBAL posix.system whose module posix is blocked',
     'subprocess.call': 'GLOBAL subprocess.call was not an allowed global',
     'subprocess.Popen': 'GLOBAL subprocess.Popen was not an allowed global',
-    'functools.partial':
-    'GLOBAL functools.partial was not an allowed global',
+    'functools.partial': 'GLOBAL functools.partial was not an allowed global',
 }
 
 
@@ -440,8 +445,8 @@ def _checkpoint_file(path: str, payload: bytes) -> None:
 def _boat2mm_loader():
     import importlib.util
     path = osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-        'tools', 'model_converters', 'boat2mm.py')
+        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
+        'model_converters', 'boat2mm.py')
     spec = importlib.util.spec_from_file_location('boat2mm_ckpt_test', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -452,20 +457,22 @@ def _boat2mm_loader():
 def test_malicious_pickles_are_refused_without_running(kind, tmp_path):
     import pickle
     import subprocess
+
     from mmengine.runner.checkpoint import CheckpointLoader
     target = str(tmp_path / 'pwned')
     payload = _payload(kind, target)
     ckpt = str(tmp_path / 'evil.pth')
     _checkpoint_file(ckpt, payload)
     loaders = {
-        'torch.load': lambda: torch.load(ckpt),
-        'torch.load(map_location)': lambda: torch.load(
-            ckpt, map_location='cpu'),
+        'torch.load':
+        lambda: torch.load(ckpt),
+        'torch.load(map_location)':
+        lambda: torch.load(ckpt, map_location='cpu'),
         # What Pretrained init_cfg, load_from and resume call.
-        'CheckpointLoader': lambda: CheckpointLoader.load_checkpoint(
-            ckpt, map_location='cpu'),
-        'load_checkpoint': lambda: load_checkpoint(
-            nn.Linear(2, 2), ckpt, map_location='cpu'),
+        'CheckpointLoader':
+        lambda: CheckpointLoader.load_checkpoint(ckpt, map_location='cpu'),
+        'load_checkpoint':
+        lambda: load_checkpoint(nn.Linear(2, 2), ckpt, map_location='cpu'),
     }
     for name, load in loaders.items():
         with pytest.raises(pickle.UnpicklingError, match=PAYLOADS[kind]):
@@ -480,8 +487,8 @@ def test_malicious_pickles_are_refused_without_running(kind, tmp_path):
     assert not osp.exists(target)
 
     # The payload is real: unpickled without restrictions, it runs.
-    if kind.endswith('system') and not hasattr(__import__(
-            kind.split('.')[0]), 'system'):  # pragma: no cover
+    if kind.endswith('system') and not hasattr(
+            __import__(kind.split('.')[0]), 'system'):  # pragma: no cover
         return
     result = pickle.loads(payload)
     if isinstance(result, subprocess.Popen):

@@ -24,7 +24,7 @@ class _Payload:
     """Runs :func:`_record` if the file's pickle is ever executed."""
 
     def __reduce__(self):
-        return _record, ('the pickle ran',)
+        return _record, ('the pickle ran', )
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +49,11 @@ def test_allow_list_unchanged(published):
     """torch's own weights-only load still refuses the file."""
     with pytest.raises(pickle.UnpicklingError, match='argparse.Namespace'):
         torch.load(published, weights_only=True)
-    names = {f'{g.__module__}.{g.__qualname__}' if not isinstance(g, tuple)
-             else g[1] for g in torch.serialization.get_safe_globals()}
+    names = {
+        f'{g.__module__}.{g.__qualname__}'
+        if not isinstance(g, tuple) else g[1]
+        for g in torch.serialization.get_safe_globals()
+    }
     assert 'argparse.Namespace' not in names
 
 
@@ -80,8 +83,7 @@ def _load_by_init_cfg(path):
     from boat_mm.models.backbones import BOATCSWin
     backbone = BOATCSWin(
         arch='tiny',
-        init_cfg=dict(type='Pretrained', checkpoint=path,
-                      prefix='backbone.'))
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
     backbone.init_weights()
 
 
@@ -99,7 +101,9 @@ def _load_by_runner_load_from(path, tmp_path):
             return self.fc(inputs)
 
     runner = Runner(
-        model=Toy(), work_dir=str(tmp_path), load_from=path,
+        model=Toy(),
+        work_dir=str(tmp_path),
+        load_from=path,
         default_scope='mmengine')
     runner.load_or_resume()
 
@@ -148,8 +152,11 @@ def test_published_weights_that_load_still_say_convert(tmp_path):
     with pytest.raises(PublishedCheckpointError) as err:
         CheckpointLoader.load_checkpoint(path, map_location='cpu')
     assert CONVERTER in str(err.value) and 'arch tiny' in str(err.value)
-    plain = {k: v for k, v in ckpt['state_dict'].items()
-             if 'content_attn' not in k and 'norm3' not in k}
+    plain = {
+        k: v
+        for k, v in ckpt['state_dict'].items()
+        if 'content_attn' not in k and 'norm3' not in k
+    }
     torch.save(dict(state_dict=plain), path)
-    assert set(CheckpointLoader.load_checkpoint(path)['state_dict']) == set(
-        plain)
+    assert set(
+        CheckpointLoader.load_checkpoint(path)['state_dict']) == set(plain)

@@ -40,23 +40,20 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.logging import print_log
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
                               capture_fsla, find_fsla_modules, fsla_keys,
-                              get_boat_backbone, global_attention,
-                              window_keys, window_labels)
+                              get_boat_backbone, global_attention, window_keys,
+                              window_labels)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, add_shape_arg, check_file, load_config,
-    tool_main)
-from boat_tools.config import add_cfg_options_arg  # noqa: E402
-from boat_tools.inference import (build_model, build_pipeline,  # noqa: E402
-                                  token_stride)
+from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
+                            check_file, load_config, tool_main)
+from boat_tools.config import add_cfg_options_arg
+from boat_tools.inference import build_model, build_pipeline, token_stride
 
 TOOL = 'attention_recall'
 Location = Tuple[int, int]
@@ -74,7 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--out-file', help='draw recall per block and one query\'s map')
     parser.add_argument(
-        '--json', help='write [{stage, block, keys, cluster, window, '
+        '--json',
+        help='write [{stage, block, keys, cluster, window, '
         'random}] (means) to this file')
     parser.add_argument(
         '--max-tokens',
@@ -171,8 +169,8 @@ def summarize(per_image: List[Dict[Location, dict]]) -> List[dict]:
 
 def format_table(rows: List[dict]) -> str:
     """The table printed by the tool."""
-    head = (f'{"stage":>5} {"block":>5} {"map":>9} {"keys":>7} ' + ' '.join(
-        f'{name + " mean [q1 med q3]":>27}' for name in MEASURES))
+    head = (f'{"stage":>5} {"block":>5} {"map":>9} {"keys":>7} ' +
+            ' '.join(f'{name + " mean [q1 med q3]":>27}' for name in MEASURES))
     lines = [head, '-' * len(head)]
     for r in rows:
         cells = []
@@ -180,8 +178,8 @@ def format_table(rows: List[dict]) -> str:
             q1, med, q3 = r[name + '_quartiles']
             cells.append(f'{r[name]:.3f} [{q1:.3f} {med:.3f} {q3:.3f}]')
         lines.append(f'{r["stage"]:>5} {r["block"]:>5} {r["maps"]:>9} '
-                     f'{r["keys"]:>7.1f} ' +
-                     ' '.join(f'{c:>27}' for c in cells))
+                     f'{r["keys"]:>7.1f} ' + ' '.join(f'{c:>27}'
+                                                      for c in cells))
     return '\n'.join(lines)
 
 
@@ -205,9 +203,15 @@ def _outline(ax, mask: np.ndarray, stride: float, **kwargs) -> None:
     ax.add_collection(LineCollection(segments, **kwargs))
 
 
-def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
-                location: Location, head: int, query: int, stride: float,
-                out_file: str, title: Optional[str] = None) -> dict:
+def draw_figure(rows: List[dict],
+                image: np.ndarray,
+                result: dict,
+                location: Location,
+                head: int,
+                query: int,
+                stride: float,
+                out_file: str,
+                title: Optional[str] = None) -> dict:
     """Recall per block, and one query's global attention with its cluster
     and its window outlined. Returns what the map shows."""
     import matplotlib
@@ -225,8 +229,7 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
     B, h = record.q.shape[:2]
     cluster = fsla_keys(record.perm, record.plan, B * h)[m, query]
     num_keys = (fsla_keys(record.perm, record.plan, B * h) >= 0).sum(-1)
-    window = window_keys(result['labels'], record.hw_shape, num_keys)[m,
-                                                                       query]
+    window = window_keys(result['labels'], record.hw_shape, num_keys)[m, query]
     in_cluster = torch.zeros(N, dtype=torch.bool)
     in_cluster[cluster[cluster >= 0]] = True
     in_window = torch.zeros(N, dtype=torch.bool)
@@ -242,13 +245,16 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
     fig, (ax0, ax1) = plt.subplots(
         1, 2, figsize=(11, 4.6), gridspec_kw=dict(width_ratios=[1.25, 1]))
     x = np.arange(len(rows))
-    styles = dict(cluster=('tab:blue', 'o'), window=('tab:orange', 's'),
-                  random=('tab:gray', '^'))
+    styles = dict(
+        cluster=('tab:blue', 'o'),
+        window=('tab:orange', 's'),
+        random=('tab:gray', '^'))
     for i, name in enumerate(MEASURES):
         color, marker = styles[name]
         mean = np.array([r[name] for r in rows])
-        q1, q3 = (np.array([r[name + '_quartiles'][j] for r in rows])
-                  for j in (0, 2))
+        q1, q3 = (
+            np.array([r[name + '_quartiles'][j] for r in rows])
+            for j in (0, 2))
         off = (i - 1) * 0.12
         # The mean can lie outside the quartiles of a skewed distribution:
         # the bars are the quartiles, not an error around the mean.
@@ -270,14 +276,11 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
     ax1.imshow(image[..., ::-1], extent=(0, iw, ih, 0))
     # Colour and opacity grow with the attention (square root, so that
     # weak but wide attention shows): unattended tokens stay visible.
-    level = PowerNorm(0.5, vmin=0, vmax=float(attn.max()))(
-        shown['attention'])
+    level = PowerNorm(0.5, vmin=0, vmax=float(attn.max()))(shown['attention'])
     heat = plt.get_cmap('magma')(level)
     heat[..., 3] = 0.85 * level
     ax1.imshow(
-        heat,
-        extent=(0, W * stride, H * stride, 0),
-        interpolation='nearest')
+        heat, extent=(0, W * stride, H * stride, 0), interpolation='nearest')
     _outline(ax1, shown['cluster'], stride, colors='cyan', linewidths=1.4)
     _outline(
         ax1,
@@ -287,8 +290,12 @@ def draw_figure(rows: List[dict], image: np.ndarray, result: dict,
         linewidths=1.4,
         linestyles='dashed')
     r, c = shown['query']
-    ax1.plot((c + .5) * stride, (r + .5) * stride, marker='*', color='lime',
-             markersize=14, markeredgecolor='black')
+    ax1.plot(
+        (c + .5) * stride, (r + .5) * stride,
+        marker='*',
+        color='lime',
+        markersize=14,
+        markeredgecolor='black')
     ax1.set_xlim(0, max(iw, W * stride))
     ax1.set_ylim(max(ih, H * stride), 0)
     ax1.set_xticks([])
@@ -335,10 +342,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f'Stage {location[0]}, block {location[1]} has no '
                          f'FSLA module. FSLA is in: {listed}.')
     if not 0 <= args.head < modules[location].num_heads:
-        raise UsageError(
-            f'--head {args.head} is out of range: FSLA at stage '
-            f'{location[0]}, block {location[1]} has '
-            f'{modules[location].num_heads} heads.')
+        raise UsageError(f'--head {args.head} is out of range: FSLA at stage '
+                         f'{location[0]}, block {location[1]} has '
+                         f'{modules[location].num_heads} heads.')
 
     pipeline = build_pipeline(cfg, args.shape, TOOL)
     generator = torch.Generator().manual_seed(args.seed)
@@ -363,8 +369,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         'stage': r['stage'],
         'block': r['block'],
         'keys': r['keys'],
-        **{name: r[name]
-           for name in MEASURES}
+        **{
+            name: r[name]
+            for name in MEASURES
+        }
     } for r in rows]
     if args.json:
         folder = osp.dirname(args.json)
@@ -374,8 +382,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             json.dump(records, f, indent=1)
     shown = None
     if args.out_file:
-        image = np.ascontiguousarray(
-            shown_data['inputs'].permute(1, 2, 0).numpy())
+        image = np.ascontiguousarray(shown_data['inputs'].permute(1, 2,
+                                                                  0).numpy())
         result = per_image[args.map_image][location]
         H, W = result['record'].hw_shape
         stride = token_stride(backbone, location[0]) or image.shape[0] / H
@@ -386,8 +394,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         shown = draw_figure(rows, image, result, location, args.head,
                             r * W + c, stride, args.out_file)
         print_log(f'Saved {args.out_file}.', logger='current')
-    return dict(
-        rows=rows, records=records, per_image=per_image, shown=shown)
+    return dict(rows=rows, records=records, per_image=per_image, shown=shown)
 
 
 if __name__ == '__main__':

@@ -34,9 +34,9 @@ from boat_mm.models.backbones import BaseBOATBackbone, boat_families
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
-from boat_tools.reference import (  # noqa: E402
-    PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
+from boat_tools.cli import ArgumentParser, UsageError, tool_main
+from boat_tools.reference import (PUBLIC_MODELS, cuda_calls_stay_put,
+                                  import_public_module)
 
 
 def fsla_cases(family: Type[BaseBOATBackbone]) -> List[Tuple[int, int, int]]:
@@ -47,10 +47,7 @@ def fsla_cases(family: Type[BaseBOATBackbone]) -> List[Tuple[int, int, int]]:
             for i in range(3)]
 
 
-FAMILIES = {
-    f.family: f
-    for f in boat_families() if f.family in PUBLIC_MODELS
-}
+FAMILIES = {f.family: f for f in boat_families() if f.family in PUBLIC_MODELS}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -58,22 +55,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description='Max abs difference between boat-mm FSLA and the '
         'published ContentAttention')
     parser.add_argument(
-        '--ref-repo', required=True,
+        '--ref-repo',
+        required=True,
         help='root of a mahaoyuHKU/pytorch-boat checkout')
     parser.add_argument(
-        '--family', default=','.join(FAMILIES),
+        '--family',
+        default=','.join(FAMILIES),
         help=f'comma-separated subset of {",".join(FAMILIES)} (default: '
         'all)')
     parser.add_argument(
-        '--dtype', default='float32,float64',
+        '--dtype',
+        default='float32,float64',
         help='comma-separated dtypes to compare in')
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
-        '--atol', type=float, default=1e-4,
+        '--atol',
+        type=float,
+        default=1e-4,
         help='float32 tolerance (float64: atol * 1e-4)')
     parser.add_argument(
-        '--max-off', type=float, default=0.02,
+        '--max-off',
+        type=float,
+        default=0.02,
         help='float32 only: share of tokens allowed beyond --atol, for '
         'near-ties that float rounding decides differently in the two '
         'sorts (default 0.02)')
@@ -88,17 +92,20 @@ def load_content_attention(ref_repo: str, family: str) -> type:
         raise UsageError(str(err))
 
 
-def compare(ref_cls: type, side: int, dims: int, heads: int,
-            our_scale, ref_scale, dtype: torch.dtype, batch: int,
+def compare(ref_cls: type, side: int, dims: int, heads: int, our_scale,
+            ref_scale, dtype: torch.dtype, batch: int,
             seed: int) -> Tuple[float, float, float]:
     """Max abs difference, max abs output and share of differing tokens."""
     torch.manual_seed(seed)
-    ref = ref_cls(dims, window_size=(7, 7), num_heads=heads,
-                  qkv_bias=True, qk_scale=ref_scale)
+    ref = ref_cls(
+        dims,
+        window_size=(7, 7),
+        num_heads=heads,
+        qkv_bias=True,
+        qk_scale=ref_scale)
     ours = FeatureSpaceLocalAttention(dims, heads, qk_scale=our_scale)
     for name in ('qkv', 'proj', 'get_v'):
-        getattr(ours, name).load_state_dict(
-            getattr(ref, name).state_dict())
+        getattr(ours, name).load_state_dict(getattr(ref, name).state_dict())
     ref.to(dtype).eval()
     ours.to(dtype).eval()
     x = torch.randn(batch, side * side, dims, dtype=dtype)
@@ -148,9 +155,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 else:
                     ok = diff <= args.atol or far <= args.max_off
                 failed |= not ok
-                print(f'| {family} | {side}x{side} | {dims}/{heads} | '
-                      f'{str(dtype).split(".")[-1]} | {diff:.2e} | '
-                      f'{scale:.2e} | {100 * far:.2f} % |', flush=True)
+                print(
+                    f'| {family} | {side}x{side} | {dims}/{heads} | '
+                    f'{str(dtype).split(".")[-1]} | {diff:.2e} | '
+                    f'{scale:.2e} | {100 * far:.2f} % |',
+                    flush=True)
     print('tokens off: share of tokens whose output differs by more than '
           '1e-3 x max|output|; in float32 a few can come from near-ties '
           'in the ranking that rounding breaks differently.')

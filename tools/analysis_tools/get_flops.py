@@ -44,20 +44,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, add_shape_arg, load_config, tool_main)
-from boat_tools.config import add_cfg_options_arg  # noqa: E402
-from mmengine.analysis.print_helper import (  # noqa: E402
-    complexity_stats_str, complexity_stats_table)
-from mmengine.config import Config  # noqa: E402
-from mmengine.model import revert_sync_batchnorm  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
+from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
+                            load_config, tool_main)
+from boat_tools.config import add_cfg_options_arg
+from mmengine.analysis.print_helper import (complexity_stats_str,
+                                            complexity_stats_table)
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401,E402  (registers the BOAT models)
-from boat_mm.analysis.complexity import (  # noqa: E402
-    DetectorForward, get_model_complexity)
-from boat_mm.utils.metafile import (  # noqa: E402
-    REPO_ROOT, published_complexity)
+from boat_mm.analysis.complexity import DetectorForward, get_model_complexity
+from boat_mm.utils.metafile import REPO_ROOT, published_complexity
 
 SCOPES = {
     'mmpretrain': ('mmpretrain.registry', (224, 224)),

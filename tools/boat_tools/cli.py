@@ -57,8 +57,7 @@ class _Shape(argparse.Action):
                 f'{option_string} takes H W or one size S for S x S, '
                 f'positive integers; got {" ".join(map(str, values))}')
         setattr(namespace, self.dest,
-                (values[0], values[0]) if len(values) == 1 else
-                tuple(values))
+                (values[0], values[0]) if len(values) == 1 else tuple(values))
 
 
 def add_shape_arg(parser: argparse.ArgumentParser,
@@ -120,8 +119,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
     """
     from mmengine.config import Config
     check_file(
-        path, 'config file',
-        'pass an mmpretrain, mmseg or mmdet config, e.g. '
+        path, 'config file', 'pass an mmpretrain, mmseg or mmdet config, e.g. '
         'configs/boat_upernet_ade20k.py')
     cfg = Config.fromfile(path)
     if cfg_options:

@@ -26,35 +26,35 @@ __all__ = [
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 _HINTS = {
-    'mmseg': (
-        'To get ADE20K, download '
-        'http://data.csail.mit.edu/places/ADEchallenge/'
-        'ADEChallengeData2016.zip and unzip it into data/ade/ (see '
-        "mmsegmentation's docs/en/user_guides/2_dataset_prepare.md). "
-        'Without it, `make demo` generates a small synthetic ADE20K-like '
-        'dataset and trains configs/demo/boat-cswin-tiny_upernet_demo.py on '
-        'it, or generate one yourself with `python tools/dataset_converters/'
-        'gen_synthetic_data.py ade20k data/ade_synthetic` and pass '
-        '`--cfg-options train_dataloader.dataset.data_root=data/'
-        'ade_synthetic/ADEChallengeData2016 val_dataloader.dataset.'
-        'data_root=data/ade_synthetic/ADEChallengeData2016`.'),
-    'mmpretrain': (
-        'To get ImageNet-1K, follow mmpretrain\'s docs '
-        '(docs/en/user_guides/dataset_prepare.md) and put it in '
-        'data/imagenet/. Without it, generate a small synthetic '
-        'ImageNet-like dataset with `python tools/dataset_converters/'
-        'gen_synthetic_data.py imagenet data/imagenet_synthetic` and point '
-        'data_root, data_prefix and ann_file of the dataloaders to it with '
-        '--cfg-options.'),
-    'mmdet': (
-        'To get COCO 2017, follow mmdet\'s docs '
-        '(docs/en/user_guides/dataset_prepare.md) and put it in '
-        'data/coco/ (annotations/, train2017/, val2017/). Without it, '
-        'generate a small synthetic COCO-like dataset with `python tools/'
-        'dataset_converters/gen_synthetic_data.py coco data/coco_synthetic` '
-        'and train configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py on '
-        'it, or point data_root of the dataloaders and ann_file of the '
-        'evaluators to it with --cfg-options.'),
+    'mmseg':
+    ('To get ADE20K, download '
+     'http://data.csail.mit.edu/places/ADEchallenge/'
+     'ADEChallengeData2016.zip and unzip it into data/ade/ (see '
+     "mmsegmentation's docs/en/user_guides/2_dataset_prepare.md). "
+     'Without it, `make demo` generates a small synthetic ADE20K-like '
+     'dataset and trains configs/demo/boat-cswin-tiny_upernet_demo.py on '
+     'it, or generate one yourself with `python tools/dataset_converters/'
+     'gen_synthetic_data.py ade20k data/ade_synthetic` and pass '
+     '`--cfg-options train_dataloader.dataset.data_root=data/'
+     'ade_synthetic/ADEChallengeData2016 val_dataloader.dataset.'
+     'data_root=data/ade_synthetic/ADEChallengeData2016`.'),
+    'mmpretrain':
+    ('To get ImageNet-1K, follow mmpretrain\'s docs '
+     '(docs/en/user_guides/dataset_prepare.md) and put it in '
+     'data/imagenet/. Without it, generate a small synthetic '
+     'ImageNet-like dataset with `python tools/dataset_converters/'
+     'gen_synthetic_data.py imagenet data/imagenet_synthetic` and point '
+     'data_root, data_prefix and ann_file of the dataloaders to it with '
+     '--cfg-options.'),
+    'mmdet':
+    ('To get COCO 2017, follow mmdet\'s docs '
+     '(docs/en/user_guides/dataset_prepare.md) and put it in '
+     'data/coco/ (annotations/, train2017/, val2017/). Without it, '
+     'generate a small synthetic COCO-like dataset with `python tools/'
+     'dataset_converters/gen_synthetic_data.py coco data/coco_synthetic` '
+     'and train configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py on '
+     'it, or point data_root of the dataloaders and ann_file of the '
+     'evaluators to it with --cfg-options.'),
 }
 
 
@@ -95,9 +95,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def parse_launcher_args(parser: argparse.ArgumentParser,
-                        argv: Optional[List[str]] = None
-                        ) -> argparse.Namespace:
+def parse_launcher_args(
+        parser: argparse.ArgumentParser,
+        argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line of a parser built with
     :func:`add_launcher_args` (``argv`` defaults to ``sys.argv[1:]``) and
     export ``--local-rank`` as ``LOCAL_RANK`` unless the launcher set it.
@@ -143,9 +143,8 @@ MMENGINE_INTERNAL_WARNINGS = (
 def _not_internal_warning(record: logging.LogRecord) -> bool:
     """Logging filter: False for the records of
     :data:`MMENGINE_INTERNAL_WARNINGS`."""
-    return not (record.levelno == logging.WARNING
-                and isinstance(record.msg, str)
-                and record.msg.startswith(MMENGINE_INTERNAL_WARNINGS))
+    return not (record.levelno == logging.WARNING and isinstance(
+        record.msg, str) and record.msg.startswith(MMENGINE_INTERNAL_WARNINGS))
 
 
 def build_runner(cfg: Config):
@@ -207,8 +206,7 @@ def _required_paths(ds: dict) -> List[Tuple[str, str, bool]]:
     return paths
 
 
-def check_data_roots(cfg: Config,
-                     stages: Sequence[str] = _LOADERS) -> None:
+def check_data_roots(cfg: Config, stages: Sequence[str] = _LOADERS) -> None:
     """Raise a clear error when a dataset of ``cfg`` points to no data.
 
     Looks at ``data_root``, ``data_prefix`` and ``ann_file`` of every
@@ -238,8 +236,8 @@ def check_data_roots(cfg: Config,
                     if is_dir else osp.isfile(path)
                 if ok:
                     continue
-                problem = ('is an empty folder' if osp.isdir(path) else
-                           'does not exist')
+                problem = ('is an empty folder'
+                           if osp.isdir(path) else 'does not exist')
                 hint = _HINTS.get(cfg.get('default_scope'), '')
                 raise FileNotFoundError(
                     f'{name}.dataset.{key} = {path!r} {problem} (working '
@@ -261,8 +259,7 @@ def _replace_sync_bn(node) -> int:
     return count
 
 
-def adapt_cfg_to_device(cfg: Config,
-                        cuda: Optional[bool] = None) -> Config:
+def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
     """Make a config run where it is, without editing the file.
 
     * A dataloader with ``num_workers=0`` gets ``persistent_workers=False``

@@ -16,7 +16,7 @@ import os.path as osp
 import sys
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +64,7 @@ def _build_swin(module: ModuleType, arch: str) -> nn.Module:
         num_heads=zoo['num_heads'])
 
 
-def _swin_stage_tokens(ref: nn.Module, ours: nn.Module,
-                       x: Tensor) -> Outputs:
+def _swin_stage_tokens(ref: nn.Module, ours: nn.Module, x: Tensor) -> Outputs:
     """The tokens after each stage (before its merging) and the logits."""
     feats = ours.backbone.forward_stages(x)
     theirs: Dict[int, Tensor] = {}
@@ -94,8 +93,7 @@ def _build_cswin(module: ModuleType, arch: str) -> nn.Module:
     return getattr(module, name)(drop_path_rate=0.)
 
 
-def _cswin_stage_tokens(ref: nn.Module, ours: nn.Module,
-                        x: Tensor) -> Outputs:
+def _cswin_stage_tokens(ref: nn.Module, ours: nn.Module, x: Tensor) -> Outputs:
     """The tokens after stages 1-3. Stage 4 is a single FSLA cluster at
     224, where the original pairs different images of the batch (and
     crashes for batch 1); boat-mm attends within each image by design, so
@@ -114,15 +112,19 @@ def _cswin_stage_tokens(ref: nn.Module, ours: nn.Module,
 
 #: Family name -> how its public code is run.
 PUBLIC_MODELS: Dict[str, PublicModel] = {
-    BOATSwin.family: PublicModel(_build_swin, _swin_stage_tokens, None),
+    BOATSwin.family:
+    PublicModel(_build_swin, _swin_stage_tokens, None),
     # The original builds its FSLA (ContentAttention) with qk_scale=True,
     # i.e. a logit scale of 1.0.
-    BOATCSWin.family: PublicModel(
+    BOATCSWin.family:
+    PublicModel(
         _build_cswin, _cswin_stage_tokens, True, {
-            'stage4': 'the public code pairs the samples of a batch in '
+            'stage4':
+            'the public code pairs the samples of a batch in '
             "stage 4's single FSLA cluster (at 224), so its output depends "
             'on the batch; boat-mm attends within each image',
-            'logits': 'computed from stage 4 (see stage4)',
+            'logits':
+            'computed from stage 4 (see stage4)',
         }),
 }
 
@@ -177,8 +179,8 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
 
 
 @contextlib.contextmanager
-def cuda_calls_stay_put(device: torch.device = torch.device('cpu')
-                        ) -> Iterator[None]:
+def cuda_calls_stay_put(
+        device: Union[str, torch.device] = 'cpu') -> Iterator[None]:
     """Make ``Tensor.cuda()`` return the tensor itself unless ``device`` is
     a CUDA device, so the public code runs where its inputs are."""
     original = torch.Tensor.cuda

@@ -20,7 +20,7 @@ from boat_mm.datasets import (generate_ade20k_like, generate_coco_like,
                               generate_imagenet_like)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
+from boat_tools.cli import ArgumentParser, UsageError, tool_main
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -28,10 +28,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('kind', choices=['ade20k', 'imagenet', 'coco'])
     parser.add_argument('out_dir', help='output folder (must be empty)')
     parser.add_argument(
-        '--num-train', type=int, default=None,
+        '--num-train',
+        type=int,
+        default=None,
         help='training images (ImageNet-like: per class)')
     parser.add_argument(
-        '--num-val', type=int, default=None,
+        '--num-val',
+        type=int,
+        default=None,
         help='validation images (ImageNet-like: per class)')
     parser.add_argument('--img-size', type=int, default=None)
     parser.add_argument('--num-classes', type=int, default=None)

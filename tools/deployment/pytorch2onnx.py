@@ -53,17 +53,16 @@ import time
 from typing import List, Optional
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
-from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET,
-                                        ExportWrapper, ScopeError,
-                                        build_model, check_dynamic,
+from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET, ExportWrapper,
+                                        ScopeError, build_model, check_dynamic,
                                         check_fsla_impls, export_onnx,
                                         normalisation, verify)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, add_shape_arg, check_checkpoint, check_file,
-    load_config, tool_main)
-from boat_tools.config import add_cfg_options_arg  # noqa: E402
+from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
+                            check_checkpoint, check_file, load_config,
+                            tool_main)
+from boat_tools.config import add_cfg_options_arg
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -75,7 +74,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--checkpoint', help='checkpoint to load (random weights without)')
     add_shape_arg(
-        parser, 'the input size the network sees (fixed in the file)',
+        parser,
+        'the input size the network sees (fixed in the file)',
         required=True)
     parser.add_argument('--out', required=True, help='output .onnx file')
     parser.add_argument(

@@ -46,8 +46,7 @@ from boat_mm.models.utils.ckpt_convert import pick_boat_weights
 from boat_mm.version import __version__
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, check_file, tool_main)
+from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
 
 Family = Type[BaseBOATBackbone]
 
@@ -107,9 +106,10 @@ def load_original_checkpoint(path: str) -> Dict:
     args), which weights-only loading rejects; those objects are then
     replaced by inert stand-ins (and reported), the tensors load as usual.
     """
-    check_file(path, 'published checkpoint',
-               'pass a file (or URL) of the published BOAT weights, as '
-               'listed in configs/*/metafile.yml')
+    check_file(
+        path, 'published checkpoint',
+        'pass a file (or URL) of the published BOAT weights, as '
+        'listed in configs/*/metafile.yml')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
@@ -149,9 +149,9 @@ def detect_arch(family: Family, weights: Dict[str, Tensor]) -> Dict:
 def build_classifier(family: Family, info: Dict) -> torch.nn.Module:
     """The boat-mm ``ImageClassifier`` the converted weights are for."""
     from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
 
     import boat_mm  # noqa: F401  (registers the backbones)
-    from mmpretrain.registry import MODELS
     backbone = dict(
         type=family.__name__,
         out_indices=(3, ),

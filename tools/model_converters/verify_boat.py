@@ -11,7 +11,8 @@ the tokens after each stage and the logits; BOAT-CSWin: the tokens after
 stages 1-3, as the original pairs different images of the batch in the
 single FSLA cluster of stage 4). It prints a table of every output: those
 compared (batch, dtype, max abs error, tolerance) and those skipped, with
-the reason it gives (``PUBLIC_MODELS[...].skipped``), and which weights it used.
+the reason it gives (``PUBLIC_MODELS[...].skipped``), and which weights
+it used.
 
 With CKPT (a published file) the family and arch come from the file;
 without it the original is randomly initialised (norms and biases
@@ -40,17 +41,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from boat2mm import (build_classifier, check_loads,  # noqa: E402
-                     detect_arch, load_original_checkpoint)
+from boat2mm import (build_classifier, check_loads, detect_arch,
+                     load_original_checkpoint)
 
-from boat_mm.models.backbones import (BaseBOATBackbone,  # noqa: E402
-                                      boat_families, detect_boat_family)
-from boat_mm.models.utils.ckpt_convert import pick_boat_weights  # noqa: E402
+from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
+                                      detect_boat_family)
+from boat_mm.models.utils.ckpt_convert import pick_boat_weights
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import ArgumentParser, UsageError, tool_main  # noqa: E402
-from boat_tools.reference import (  # noqa: E402
-    PUBLIC_MODELS, cuda_calls_stay_put, import_public_module)
+from boat_tools.cli import ArgumentParser, UsageError, tool_main
+from boat_tools.reference import (PUBLIC_MODELS, cuda_calls_stay_put,
+                                  import_public_module)
 
 Family = Type[BaseBOATBackbone]
 FAMILIES: Dict[str, Family] = {f.family: f for f in boat_families()}
@@ -124,8 +125,10 @@ def table(family: Family, results: Dict[str, Dict[str, float]],
     Returns:
         list[str]: The table's lines (markdown).
     """
-    lines = ['| output | batch | dtype | max abs error | tolerance | '
-             'result |', '|---|---|---|---|---|---|']
+    lines = [
+        '| output | batch | dtype | max abs error | tolerance | '
+        'result |', '|---|---|---|---|---|---|'
+    ]
     compared = {name.split()[0] for r in results.values() for name in r}
     for output in OUTPUTS:
         if output not in compared:
@@ -143,15 +146,19 @@ def table(family: Family, results: Dict[str, Dict[str, float]],
     return lines
 
 
-def run_case(family: Family, arch: str, ref: nn.Module, tol: float,
-             seed: int, double: bool, weights: str = '') -> bool:
+def run_case(family: Family,
+             arch: str,
+             ref: nn.Module,
+             tol: float,
+             seed: int,
+             double: bool,
+             weights: str = '') -> bool:
     """Compare one model, in float32 then (if needed) float64, and print
     the table of what was compared and what was skipped."""
     title = f'{family.published.name}-{arch}'
     first = 'float64' if double else 'float32'
     results = {
-        first: verify(family, ref, seed=seed,
-                      dtype=getattr(torch, first))
+        first: verify(family, ref, seed=seed, dtype=getattr(torch, first))
     }
     worst = max(results[first].values())
     ok = worst <= tol
@@ -161,10 +168,10 @@ def run_case(family: Family, arch: str, ref: nn.Module, tol: float,
             family, ref, seed=seed, dtype=torch.float64)
         worst64 = max(results['float64'].values())
         ok = worst64 <= tol
-        note = (f'float32 differs by {worst:.3g} > {tol:g}; float64 '
-                + (f'agrees ({worst64:.3g}): the float32 difference comes '
-                   f'from cluster ranks tied to rounding.' if ok else
-                   f'differs too ({worst64:.3g}).'))
+        note = (f'float32 differs by {worst:.3g} > {tol:g}; float64 ' +
+                (f'agrees ({worst64:.3g}): the float32 difference comes '
+                 f'from cluster ranks tied to rounding.'
+                 if ok else f'differs too ({worst64:.3g}).'))
     print(f'{title}; weights: {weights}; input 224x224, seed {seed}')
     print('\n'.join(table(family, results, tol)))
     if note:
@@ -176,24 +183,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(
         description='Compare boat-mm with the published BOAT models.')
     parser.add_argument(
-        'ckpt', nargs='?', help='published checkpoint; random weights '
+        'ckpt',
+        nargs='?',
+        help='published checkpoint; random weights '
         'if omitted')
     parser.add_argument(
-        '--ref-repo', required=True,
+        '--ref-repo',
+        required=True,
         help='clone of https://github.com/mahaoyuHKU/pytorch-boat')
     parser.add_argument(
-        '--family', choices=sorted(FAMILIES),
+        '--family',
+        choices=sorted(FAMILIES),
         help='family to test with random weights (taken from CKPT if given)')
     parser.add_argument(
-        '--arch', choices=['tiny', 'small', 'base'], nargs='+',
-        default=['tiny'], help='archs to test with random weights')
-    parser.add_argument('--ema', action='store_true',
-                        help='use the EMA weights of a BOAT-CSWin file')
+        '--arch',
+        choices=['tiny', 'small', 'base'],
+        nargs='+',
+        default=['tiny'],
+        help='archs to test with random weights')
+    parser.add_argument(
+        '--ema',
+        action='store_true',
+        help='use the EMA weights of a BOAT-CSWin file')
     parser.add_argument('--tol', type=float, default=1e-4)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
-        '--double', action='store_true',
-        help='compare in float64 only')
+        '--double', action='store_true', help='compare in float64 only')
     args = parser.parse_args(argv)
     if args.ckpt is None and args.family is None:
         parser.error(f'give a checkpoint or --family ({", ".join(FAMILIES)}) '
@@ -229,8 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ref = build_reference(
             _public_module(args.ref_repo, family.family), family, arch)
         ref.load_state_dict(weights, strict=True)
-        used = (f"'{source_key}' of {args.ckpt}" if source_key else
-                f'the top level of {args.ckpt}')
+        used = (f"'{source_key}' of {args.ckpt}"
+                if source_key else f'the top level of {args.ckpt}')
         used += ' (EMA)' if args.ema else ' (not EMA)'
         ok = run_case(family, arch, ref, args.tol, args.seed, args.double,
                       used)
@@ -244,8 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             ok &= run_case(
                 family, arch, ref, args.tol, args.seed, args.double,
                 f'random (seed {args.seed + i}, norms and biases perturbed)')
-    print('PASS' if ok else 'FAIL', f'(every compared output within tol '
-          f'{args.tol:g})' if ok else f'(an output exceeds tol {args.tol:g})')
+    print(
+        'PASS' if ok else 'FAIL', f'(every compared output within tol '
+        f'{args.tol:g})' if ok else f'(an output exceeds tol {args.tol:g})')
     return 0 if ok else 1
 
 

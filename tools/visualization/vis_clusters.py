@@ -42,12 +42,12 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (  # noqa: E402
-    ArgumentParser, UsageError, add_shape_arg, check_checkpoint, check_file,
-    load_config, tool_main)
-from boat_tools.config import add_cfg_options_arg  # noqa: E402
-from boat_tools.inference import build_pipeline, token_stride  # noqa: E402
-from boat_tools.inference import build_model as _build_model  # noqa: E402
+from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
+                            check_checkpoint, check_file, load_config,
+                            tool_main)
+from boat_tools.config import add_cfg_options_arg
+from boat_tools.inference import build_model as _build_model
+from boat_tools.inference import build_pipeline, token_stride
 
 TOOL = 'vis_clusters'
 
@@ -80,8 +80,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser, 'resize the image to H x W instead of the config\'s test '
         'pipeline resizing')
     # Before --shape (height first, as in the other tools): width first.
-    parser.add_argument(
-        '--resize', type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument('--resize', type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         '--alpha',
         type=float,
@@ -108,7 +107,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def readable(picture: np.ndarray, title: str,
+def readable(picture: np.ndarray,
+             title: str,
              min_width: int = 512) -> Tuple[np.ndarray, int]:
     """Enlarge ``picture`` by a whole factor (nearest neighbour: each token
     stays a sharp block) to at least ``min_width`` pixels and put
@@ -161,9 +161,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             f'is in: {where}; choose one with --stage and --block.')
     heads = modules[location].num_heads
     if not 0 <= args.head < heads:
-        raise UsageError(
-            f'--head {args.head} is out of range: FSLA at stage '
-            f'{args.stage}, block {block} has {heads} heads.')
+        raise UsageError(f'--head {args.head} is out of range: FSLA at stage '
+                         f'{args.stage}, block {block} has {heads} heads.')
 
     data = build_pipeline(cfg, args.shape, TOOL)(dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)

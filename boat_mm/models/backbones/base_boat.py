@@ -65,8 +65,7 @@ def detect_boat_family(
     cls = _published_family(state_dict)
     if cls is None:
         looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
-                           for c in boat_families()
-                           if c.published is not None)
+                           for c in boat_families() if c.published is not None)
         raise KeyError(f'None of the published BOAT layouts found: '
                        f'{looked}; first keys: {list(state_dict)[:5]}.')
     return cls
@@ -98,8 +97,8 @@ def _describe_published(state_dict: Mapping) -> str:
     candidates = [state_dict]
     candidates += [
         v for k, v in state_dict.items()
-        if k in ('model', 'state_dict', 'state_dict_ema')
-        and isinstance(v, Mapping)
+        if k in ('model', 'state_dict',
+                 'state_dict_ema') and isinstance(v, Mapping)
     ]
     for candidate in candidates:
         cls = _published_family(candidate)
@@ -373,8 +372,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             raise ValueError(
                 f'Unknown keys {sorted(unknown)} in the {name} arch dict; it '
                 f'takes {sorted(self.essential_keys)}' +
-                (f' and optionally {sorted(self.optional_keys)}'
-                 if self.optional_keys else '') + '.')
+                (f' and optionally {sorted(self.optional_keys)}' if self.
+                 optional_keys else '') + '.')
         settings = deepcopy(settings)
         n = len(settings['depths'])
         if n:
@@ -410,8 +409,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             return tuple(v) if isinstance(v, (list, tuple)) else v
 
         names = [
-            name for name, zoo in cls.arch_zoo.items()
-            if all(norm(zoo.get(k)) == norm(v) for k, v in settings.items())
+            name for name, zoo in cls.arch_zoo.items() if all(
+                norm(zoo.get(k)) == norm(v) for k, v in settings.items())
         ]
         return max(names, key=len) if names else None
 
@@ -434,11 +433,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:
         """The FSLA modules by ``(stage, block)``, in order; empty when
         built with ``with_fsla=False``."""
-        return {(i, j): block.fsla
-                for i, stage in enumerate(self.stages)
-                for j, block in enumerate(stage.blocks)
-                if isinstance(getattr(block, 'fsla', None),
-                              FeatureSpaceLocalAttention)}
+        return {
+            (i, j): block.fsla
+            for i, stage in enumerate(self.stages)
+            for j, block in enumerate(stage.blocks) if isinstance(
+                getattr(block, 'fsla', None), FeatureSpaceLocalAttention)
+        }
 
     # --- Forward. ---
 
@@ -554,15 +554,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             keys = f'it has no keys {where}'
             if state_dict:
                 keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
-        return (
-            f'{type(self).__name__}: {source} matches {found} of the '
-            f'{len(own)} weights of the backbone (same name {where} and '
-            f'shape); {keys}; the backbone expects {own[:4]} ... '
-            f'({len(own)} in all).{_describe_published(state_dict)} '
-            f'Published BOAT checkpoints must be converted first: '
-            f'`{CONVERTER}`, then load DST with load_from or '
-            f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
-            f"prefix='backbone.').")
+        return (f'{type(self).__name__}: {source} matches {found} of the '
+                f'{len(own)} weights of the backbone (same name {where} and '
+                f'shape); {keys}; the backbone expects {own[:4]} ... '
+                f'({len(own)} in all).{_describe_published(state_dict)} '
+                f'Published BOAT checkpoints must be converted first: '
+                f'`{CONVERTER}`, then load DST with load_from or '
+                f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
+                f"prefix='backbone.').")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Derived buffers of the original or of mmpretrain's models are
@@ -582,6 +581,5 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             found += got is not None and tuple(getattr(
                 got, 'shape', ())) == tuple(value.shape)
         if found < self.min_loaded_share * len(own):
-            raise ValueError(
-                self._mismatch_message(state_dict, prefix, found))
+            raise ValueError(self._mismatch_message(state_dict, prefix, found))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

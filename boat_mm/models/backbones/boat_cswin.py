@@ -267,13 +267,14 @@ class BOATCSWinPublished(PublishedLayout):
     # all but the last stage, the FSLA modules in the blocks with FSLA.
     _BLOCK_MODULES = (('norm1', 'norm1'), ('qkv', 'attn.qkv'),
                       ('attns.0.get_v', 'attn.branches.0.get_v'),
-                      ('attns.1.get_v', 'attn.branches.1.get_v'),
-                      ('proj', 'attn.proj'), ('norm3', 'norm_fsla'),
-                      ('content_attn.qkv', 'fsla.qkv'),
-                      ('content_attn.proj', 'fsla.proj'),
-                      ('content_attn.get_v', 'fsla.get_v'),
-                      ('norm2', 'norm2'), ('mlp.fc1', 'ffn.layers.0.0'),
-                      ('mlp.fc2', 'ffn.layers.1'))
+                      ('attns.1.get_v',
+                       'attn.branches.1.get_v'), ('proj', 'attn.proj'),
+                      ('norm3', 'norm_fsla'), ('content_attn.qkv', 'fsla.qkv'),
+                      ('content_attn.proj',
+                       'fsla.proj'), ('content_attn.get_v', 'fsla.get_v'),
+                      ('norm2', 'norm2'), ('mlp.fc1',
+                                           'ffn.layers.0.0'), ('mlp.fc2',
+                                                               'ffn.layers.1'))
     _FSLA_MODULES = ('norm3', 'content_attn.qkv', 'content_attn.proj',
                      'content_attn.get_v')
 
@@ -344,6 +345,8 @@ class BOATCSWinPublished(PublishedLayout):
 
 
 BOATCSWin.published = BOATCSWinPublished(
-    BOATCSWin, 'BOAT-CSWin', marker='stage1_conv_embed',
+    BOATCSWin,
+    'BOAT-CSWin',
+    marker='stage1_conv_embed',
     stem=('stage1_conv_embed.0', 'stage1_conv_embed.2'),
     code=('BOAT-CSWin', 'models/cswin_boat.py'))

@@ -50,8 +50,7 @@ class BOATSwinBlock(BaseBOATBlock):
             **kwargs)
 
     def _build_attention(self, embed_dims: int, num_heads: int,
-                         window_size: int, shift: bool,
-                         **kwargs) -> nn.Module:
+                         window_size: int, shift: bool, **kwargs) -> nn.Module:
         return BOATShiftWindowMSA(
             embed_dims,
             num_heads,
@@ -198,21 +197,24 @@ class BOATSwin(BaseBOATBackbone):
     """
     family = 'swin'
     arch_zoo = {
-        **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': [96, 192, 384, 768],
-            'depths': [2, 2, 6, 2],
-            'num_heads': [3, 6, 12, 24]
-        }),
-        **dict.fromkeys(['s', 'small'], {
-            'embed_dims': [96, 192, 384, 768],
-            'depths': [2, 2, 18, 2],
-            'num_heads': [3, 6, 12, 24]
-        }),
-        **dict.fromkeys(['b', 'base'], {
-            'embed_dims': [128, 256, 512, 1024],
-            'depths': [2, 2, 18, 2],
-            'num_heads': [4, 8, 16, 32]
-        }),
+        **dict.fromkeys(
+            ['t', 'tiny'], {
+                'embed_dims': [96, 192, 384, 768],
+                'depths': [2, 2, 6, 2],
+                'num_heads': [3, 6, 12, 24]
+            }),
+        **dict.fromkeys(
+            ['s', 'small'], {
+                'embed_dims': [96, 192, 384, 768],
+                'depths': [2, 2, 18, 2],
+                'num_heads': [3, 6, 12, 24]
+            }),
+        **dict.fromkeys(
+            ['b', 'base'], {
+                'embed_dims': [128, 256, 512, 1024],
+                'depths': [2, 2, 18, 2],
+                'num_heads': [4, 8, 16, 32]
+            }),
     }
     # Buffers that older or foreign checkpoints may carry; boat-mm derives
     # them.
@@ -249,8 +251,9 @@ class BOATSwin(BaseBOATBackbone):
                     self.with_fsla and self.has_fsla(i, j, self.num_stages)
                     for j in range(depth)
                 ],
-                downsample_dims=self.num_features[i + 1]
-                if i < self.num_stages - 1 else None,
+                downsample_dims=self.num_features[i +
+                                                  1] if i < self.num_stages -
+                1 else None,
                 block_cfg=block_cfg) for i, depth in enumerate(self.depths)
         ])
         self._add_output_norms()
@@ -279,11 +282,11 @@ class BOATSwinPublished(PublishedLayout):
     # the blocks that have FSLA.
     _BLOCK_MODULES = (('norm1', 'norm1'), ('attn.qkv', 'attn.w_msa.qkv'),
                       ('attn.proj', 'attn.w_msa.proj'), ('norm2', 'norm2'),
-                      ('mlp.fc1', 'ffn.layers.0.0'),
-                      ('mlp.fc2', 'ffn.layers.1'))
+                      ('mlp.fc1', 'ffn.layers.0.0'), ('mlp.fc2',
+                                                      'ffn.layers.1'))
     _FSLA_MODULES = (('norm4', 'norm_fsla'), ('attnC.qkv', 'fsla.qkv'),
-                     ('attnC.proj', 'fsla.proj'),
-                     ('attnC.get_v', 'fsla.get_v'))
+                     ('attnC.proj', 'fsla.proj'), ('attnC.get_v',
+                                                   'fsla.get_v'))
 
     def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-Swin (or plain Swin) checkpoint.
@@ -374,6 +377,8 @@ class BOATSwinPublished(PublishedLayout):
 
 
 BOATSwin.published = BOATSwinPublished(
-    BOATSwin, 'BOAT-Swin', marker='layers.',
+    BOATSwin,
+    'BOAT-Swin',
+    marker='layers.',
     stem=('patch_embed.proj', 'patch_embed.norm'),
     code=('BOAT-Swin', 'models/boat_swin_transformer.py'))

@@ -6,9 +6,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch.nn as nn
 
 __all__ = [
-    'parse_arch', 'stage_widths', 'check_pretrained_file',
-    'parse_out_indices', 'check_frozen_stages', 'fsla_settings',
-    'FrozenStagesMixin'
+    'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
+    'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin'
 ]
 
 
@@ -116,9 +115,8 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
     """``frozen_stages`` is -1 (nothing frozen) up to ``num_stages``."""
     if not -1 <= frozen_stages <= num_stages:
-        raise ValueError(
-            f'frozen_stages must be in [-1, {num_stages}], got '
-            f'{frozen_stages}.')
+        raise ValueError(f'frozen_stages must be in [-1, {num_stages}], got '
+                         f'{frozen_stages}.')
 
 
 def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:

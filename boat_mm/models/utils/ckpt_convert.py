@@ -14,8 +14,7 @@ layouts through the backbones' ``published`` attribute.
 """
 import re
 from collections import OrderedDict
-from typing import (Callable, Dict, Iterable, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -42,8 +41,9 @@ def strip_module_prefix(
     return OrderedDict(state_dict)
 
 
-def pick_boat_weights(checkpoint: Dict, use_ema: bool = False
-                      ) -> Tuple[str, 'OrderedDict[str, Tensor]']:
+def pick_boat_weights(
+        checkpoint: Dict,
+        use_ema: bool = False) -> Tuple[str, 'OrderedDict[str, Tensor]']:
     """The weights of a published checkpoint file.
 
     Args:
@@ -63,8 +63,7 @@ def pick_boat_weights(checkpoint: Dict, use_ema: bool = False
                            f'{sorted(map(str, checkpoint))}.')
         key = 'state_dict_ema'
     else:
-        key = next((k for k in ('model', 'state_dict') if k in checkpoint),
-                   '')
+        key = next((k for k in ('model', 'state_dict') if k in checkpoint), '')
     weights = checkpoint[key] if key else checkpoint
     return key, OrderedDict(
         (k[len('module.'):] if k.startswith('module.') else k, v)
@@ -91,22 +90,24 @@ def blocks_per_stage(keys: Iterable[str], pattern: str) -> Dict[int, int]:
     return depths
 
 
+_WEIGHT_BIAS = ('weight', 'bias')
+
+
 def add_module_keys(names: 'OrderedDict[str, str]',
                     src: str,
                     dst: str,
-                    params: Sequence[str] = ('weight', 'bias')) -> None:
+                    params: Sequence[str] = _WEIGHT_BIAS) -> None:
     """Map ``{src}.{p}`` to ``{dst}.{p}`` for each parameter name ``p``."""
     for p in params:
         names[f'{src}.{p}'] = f'{dst}.{p}'
 
 
-def convert_by_key_map(
-        state_dict: Mapping[str, Tensor],
-        key_map: Mapping[str, str],
-        name: str,
-        fix: Optional[Callable[[str, Tensor], Tensor]] = None,
-        drop: Tuple[str, ...] = (),
-        detail: str = '') -> 'OrderedDict[str, Tensor]':
+def convert_by_key_map(state_dict: Mapping[str, Tensor],
+                       key_map: Mapping[str, str],
+                       name: str,
+                       fix: Optional[Callable[[str, Tensor], Tensor]] = None,
+                       drop: Tuple[str, ...] = (),
+                       detail: str = '') -> 'OrderedDict[str, Tensor]':
     """Rename every key of ``state_dict`` by ``key_map``.
 
     Args:
@@ -229,8 +230,9 @@ class PublishedLayout:
         laid out differently override this)."""
         return value
 
-    def convert(self, state_dict: Mapping[str, Tensor]
-                ) -> 'OrderedDict[str, Tensor]':
+    def convert(
+            self, state_dict: Mapping[str,
+                                      Tensor]) -> 'OrderedDict[str, Tensor]':
         """Convert a published state dict to classifier keys.
 
         Args:

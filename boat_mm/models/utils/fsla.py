@@ -10,8 +10,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
-                         build_cluster_plan, check_impl,
-                         cluster_ids_from_perm, clustered_attention)
+                         build_cluster_plan, check_impl, cluster_ids_from_perm,
+                         clustered_attention)
 from boat_mm.registry import MODELS
 
 __all__ = ['FeatureSpaceLocalAttention']
@@ -100,8 +100,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                 f'overlap ({overlap}) must be >= 0 and smaller than '
                 f'group_size ({group_size}); lower overlap.')
         if kmeans_iters < 0:
-            raise ValueError(
-                f'kmeans_iters must be >= 0, got {kmeans_iters}.')
+            raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
         self.clustering_impl = clustering_impl
@@ -177,8 +176,9 @@ class FeatureSpaceLocalAttention(BaseModule):
         return handle
 
     @torch.no_grad()
-    def cluster_perm(self, x: Tensor, hw_shape: Sequence[int]
-                     ) -> Tuple[Optional[Tensor], ClusterPlan]:
+    def cluster_perm(
+            self, x: Tensor,
+            hw_shape: Sequence[int]) -> Tuple[Optional[Tensor], ClusterPlan]:
         """The clustering that :meth:`forward` computes for ``x``.
 
         With the plan, it gives every query's keys exactly (see

@@ -41,8 +41,7 @@ def relative_position_index(window_size: Tuple[int, int]) -> Tensor:
         Tensor: ``(Wh * Ww, Wh * Ww)`` int64.
     """
     wh, ww = window_size
-    y, x = torch.meshgrid(
-        torch.arange(wh), torch.arange(ww), indexing='ij')
+    y, x = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij')
     y, x = y.flatten(), x.flatten()
     dy = y[:, None] - y[None, :] + wh - 1
     dx = x[:, None] - x[None, :] + ww - 1

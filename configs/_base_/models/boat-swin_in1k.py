@@ -3,8 +3,7 @@ custom_imports = dict(imports=['boat_mm'], allow_failed_imports=False)
 model = dict(
     type='ImageClassifier',
     backbone=dict(
-        type='BOATSwin', arch='tiny', out_indices=(3, ),
-        drop_path_rate=0.2),
+        type='BOATSwin', arch='tiny', out_indices=(3, ), drop_path_rate=0.2),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(
         type='LinearClsHead',

@@ -50,8 +50,7 @@ def classifier(family, with_fsla=True):
                     with_fsla=with_fsla),
                 neck=dict(type='GlobalAveragePooling'),
                 head=dict(
-                    type='LinearClsHead', num_classes=3,
-                    in_channels=width)))
+                    type='LinearClsHead', num_classes=3, in_channels=width)))
 
 
 def published_files(tmp_path):
@@ -61,20 +60,25 @@ def published_files(tmp_path):
     paths = {}
     for i, family in enumerate(boat_families()):
         keys = family.published.key_map(
-            dict(depths=ARCHS[family]['depths'], with_fsla=True,
-                 num_classes=3))
+            dict(
+                depths=ARCHS[family]['depths'], with_fsla=True, num_classes=3))
         path = str(tmp_path / f'{family.family}_published.pth')
         entry = ('model', 'state_dict')[i % 2]
-        torch.save({entry: {k: torch.zeros(1) for k in keys},
-                    'epoch': 300}, path)
+        torch.save({
+            entry: {
+                k: torch.zeros(1)
+                for k in keys
+            },
+            'epoch': 300
+        }, path)
         paths[family] = path
     return paths
 
 
 @pytest.mark.parametrize('family', boat_families())
 @pytest.mark.parametrize('prefix', [None, 'backbone.'])
-def test_pretrained_published_file_names_the_converter(
-        tmp_path, family, prefix):
+def test_pretrained_published_file_names_the_converter(tmp_path, family,
+                                                       prefix):
     path = published_files(tmp_path)[family]
     cfg = dict(type='Pretrained', checkpoint=path)
     if prefix:
@@ -123,10 +127,10 @@ def test_unrelated_and_mostly_foreign_checkpoints_refused(tmp_path):
     total = len(model.state_dict())
     own = model.state_dict()
     # The count in the message, computed independently here.
-    found = sum(
-        k in {n[9:]: v
-              for n, v in other.items()} and other['backbone.' + k].shape
-        == v.shape for k, v in own.items())
+    found = sum(k in {
+        n[9:]: v
+        for n, v in other.items()
+    } and other['backbone.' + k].shape == v.shape for k, v in own.items())
     assert found < total / 2
     assert f'matches {found} of the {total} weights' in str(err.value)
     assert CONVERTER in str(err.value)
@@ -166,8 +170,7 @@ def test_legitimate_loads_still_work(tmp_path, family):
     # EMA: MMEngine's averaged model holds the model under ``module.``.
     ema = ExponentialMovingAverage(classifier(family))
     ema_state = copy.deepcopy(ema.state_dict())
-    ema_state.update(
-        ('module.' + k, v.clone()) for k, v in state.items())
+    ema_state.update(('module.' + k, v.clone()) for k, v in state.items())
     ema.load_state_dict(ema_state, strict=True)
     assert torch.equal(ema.module.backbone.norm3.weight,
                        state['backbone.norm3.weight'])

@@ -437,7 +437,10 @@ def test_converter_detects_arch_and_prefix():
     # The file-level entry point picks this family's converter.
     from boat_mm.models.backbones import convert_boat_checkpoint
     family, out = convert_boat_checkpoint(
-        {'state_dict': {}, 'state_dict_ema': wrapped}, use_ema=True)
+        {
+            'state_dict': {},
+            'state_dict_ema': wrapped
+        }, use_ema=True)
     assert family is BOATCSWin
     assert list(out) == list(BOATCSWin.published.convert(src))
 

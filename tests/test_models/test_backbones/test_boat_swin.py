@@ -94,9 +94,8 @@ def test_full_archs(arch):
     model = BOATSwin(arch=arch[0]).eval()
     # The classifier: out_indices=(3, ) (norm3 only) + a 1000-class head.
     width = model.num_features[-1]
-    extra_norms = sum(
-        p.numel() for i in range(3)
-        for p in getattr(model, f'norm{i}').parameters())
+    extra_norms = sum(p.numel() for i in range(3)
+                      for p in getattr(model, f'norm{i}').parameters())
     n = sum(p.numel() for p in model.parameters()) - extra_norms
     n += width * 1000 + 1000
     assert n == FULL_PARAMS[arch]
@@ -105,13 +104,12 @@ def test_full_archs(arch):
         'small': 55.16,
         'base': 97.61
     }[arch]
-    assert sum(1 for m in model.modules()
-               if m.__class__.__name__ == 'FeatureSpaceLocalAttention'
-               ) == FSLA_BLOCKS[arch]
+    assert sum(1 for m in model.modules() if m.__class__.__name__ ==
+               'FeatureSpaceLocalAttention') == FSLA_BLOCKS[arch]
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 36, 64))
-    assert [tuple(o.shape) for o in outs] == expected_shapes(
-        dict(embed_dims=model.embed_dims), (36, 64))
+    assert [tuple(o.shape) for o in outs
+            ] == expected_shapes(dict(embed_dims=model.embed_dims), (36, 64))
 
 
 # ---------------------------------------------------------------------------
@@ -232,8 +230,10 @@ def test_shift_only_when_map_exceeds_window():
 def test_frozen_stages():
     model = build(NANO, frozen_stages=2)
     model.train()
-    frozen = [model.patch_embed, model.stages[0], model.stages[1],
-              model.norm0, model.norm1]
+    frozen = [
+        model.patch_embed, model.stages[0], model.stages[1], model.norm0,
+        model.norm1
+    ]
     for m in frozen:
         assert all(not p.requires_grad for p in m.parameters())
         assert all(not sub.training for sub in m.modules())
@@ -330,7 +330,8 @@ def test_init_cfg_missing_file():
     model = BOATSwin(
         arch=TINY,
         init_cfg=dict(
-            type='Pretrained', checkpoint='nowhere/boat.pth',
+            type='Pretrained',
+            checkpoint='nowhere/boat.pth',
             prefix='backbone.'))
     with pytest.raises(FileNotFoundError, match='boat2mm.py'):
         model.init_weights()
@@ -375,8 +376,7 @@ def test_classifier_is_norm_mean_linear():
         logits = clf(x, mode='tensor')
         # Tokens before the output norm: the full model's last stage.
         tokens = []
-        full.norm3.register_forward_hook(
-            lambda m, i, o: tokens.append(i[0]))
+        full.norm3.register_forward_hook(lambda m, i, o: tokens.append(i[0]))
         full(x)
         pooled = F.layer_norm(tokens[0], (192, ), clf.backbone.norm3.weight,
                               clf.backbone.norm3.bias).mean(1)
@@ -476,8 +476,10 @@ def test_converted_merging_computes_swin_merging(ours_and_original):
     original weights equals mmcv's PatchMerging with converted ones."""
     ours, orig = ours_and_original
     model = build(out_indices=(3, ))
-    model.load_state_dict({k[9:]: v for k, v in ours.items()
-                           if k.startswith('backbone.')})
+    model.load_state_dict({
+        k[9:]: v
+        for k, v in ours.items() if k.startswith('backbone.')
+    })
     x = torch.randn(2, 6, 10, 24)
     merged, _ = model.stages[0].downsample(x.flatten(1, 2), (6, 10))
     x0, x1 = x[:, 0::2, 0::2], x[:, 1::2, 0::2]
@@ -498,8 +500,10 @@ def test_converter_errors(ours_and_original):
     bad = OrderedDict(orig)
     del bad['layers.1.blocks.1.attnC.qkv.weight']
     del bad['norm.bias']
-    with pytest.raises(KeyError, match=r"missing keys \['layers\.1\.blocks"
-                       r"\.1\.attnC\.qkv\.weight', 'norm\.bias'\]"):
+    with pytest.raises(
+            KeyError,
+            match=r"missing keys \['layers\.1\.blocks"
+            r"\.1\.attnC\.qkv\.weight', 'norm\.bias'\]"):
         BOATSwin.published.convert(bad)
     with pytest.raises(KeyError, match='patch_embed'):
         BOATSwin.published.detect({'stem.weight': torch.zeros(1)})
@@ -512,5 +516,9 @@ def test_converter_plain_swin(ours_and_original):
                         if '.attnC.' not in k and '.norm4.' not in k)
     converted = BOATSwin.published.convert(plain)
     model = BOATSwin(arch=TINY, with_fsla=False, out_indices=(3, ))
-    model.load_state_dict({k[9:]: v for k, v in converted.items()
-                           if k.startswith('backbone.')}, strict=True)
+    model.load_state_dict(
+        {
+            k[9:]: v
+            for k, v in converted.items() if k.startswith('backbone.')
+        },
+        strict=True)

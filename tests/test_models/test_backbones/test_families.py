@@ -25,9 +25,8 @@ from torch import Tensor
 
 import boat_mm  # noqa: F401
 from boat_mm.analysis.complexity import get_model_complexity
-from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
-                                      convert_boat_checkpoint)
-from boat_mm.models.backbones import base_boat
+from boat_mm.models.backbones import (BaseBOATBackbone, base_boat,
+                                      boat_families, convert_boat_checkpoint)
 from boat_mm.models.backbones.boat_swin import BOATSwinBlock
 from boat_mm.models.utils.ckpt_convert import (PublishedLayout,
                                                add_module_keys,
@@ -140,11 +139,12 @@ class BOATToy(BaseBOATBackbone, register=False):
     block of every stage."""
     family = 'toy'
     arch_zoo = {
-        **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': [48, 96, 160, 256],
-            'depths': [1, 2, 1, 1],
-            'num_heads': [2, 4, 5, 8]
-        }),
+        **dict.fromkeys(
+            ['t', 'tiny'], {
+                'embed_dims': [48, 96, 160, 256],
+                'depths': [1, 2, 1, 1],
+                'num_heads': [2, 4, 5, 8]
+            }),
     }
 
     def __init__(self, arch='tiny', in_channels: int = 3, **kwargs) -> None:
@@ -158,8 +158,8 @@ class BOATToy(BaseBOATBackbone, register=False):
             norm_cfg=self.norm_cfg)
         self.stages = ModuleList([
             ToyStage(
-                self.num_features[max(i - 1, 0)], self.num_features[i],
-                depth, self.num_heads[i], i > 0, self.drop_path_rates[i], [
+                self.num_features[max(i - 1, 0)], self.num_features[i], depth,
+                self.num_heads[i], i > 0, self.drop_path_rates[i], [
                     self.with_fsla and self.has_fsla(i, j, self.num_stages)
                     for j in range(depth)
                 ], self.block_cfg) for i, depth in enumerate(self.depths)
@@ -175,9 +175,10 @@ class BOATToy(BaseBOATBackbone, register=False):
 
 
 BOATToy.published = ToyPublished(
-    BOATToy, 'BOAT-Toy', marker='toy_stem.',
+    BOATToy,
+    'BOAT-Toy',
+    marker='toy_stem.',
     stem=('toy_stem.conv', 'toy_stem.ln'))
-
 
 # --- The shared checks, on every family. ---
 
@@ -218,10 +219,12 @@ def test_build_widths_from_the_arch_and_fsla_where_the_family_says(family):
     model = build(family)
     widths = list(family.arch_zoo['tiny']['embed_dims'])
     assert model.num_features == widths
-    assert [m.weight.shape[0] for m in
-            (getattr(model, f'norm{i}') for i in range(4))] == widths
-    expected = [(i, j) for i, d in enumerate(model.depths)
-                for j in range(d) if family.has_fsla(i, j, 4)]
+    assert [
+        m.weight.shape[0]
+        for m in (getattr(model, f'norm{i}') for i in range(4))
+    ] == widths
+    expected = [(i, j) for i, d in enumerate(model.depths) for j in range(d)
+                if family.has_fsla(i, j, 4)]
     assert list(model.fsla_modules()) == expected and expected
     assert family.zoo_name(**family.arch_zoo['tiny']) == 'tiny'
 
@@ -241,8 +244,9 @@ def test_forward_odd_size_and_out_indices(family):
     some = family(arch=small(family), drop_path_rate=0., out_indices=(1, 3))
     missing, unexpected = some.load_state_dict(
         model.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {'norm0.weight', 'norm0.bias',
-                                               'norm2.weight', 'norm2.bias'}
+    assert not missing and set(unexpected) == {
+        'norm0.weight', 'norm0.bias', 'norm2.weight', 'norm2.bias'
+    }
     with torch.no_grad():
         picked = some.eval()(x)
     assert len(picked) == 2
@@ -305,8 +309,8 @@ def _toy_to_published(ours: Mapping[str, Tensor]) -> Dict[str, Tensor]:
              ('norm2', 'ln2'), ('ffn.layers.0.0', 'fc1'),
              ('ffn.layers.1', 'fc2')]
     for a, b in block:
-        names.append((r'backbone\.stages\.(\d)\.blocks\.(\d)\.' +
-                      re.escape(a), rf'toy_stage\1.b\2.{b}'))
+        names.append((r'backbone\.stages\.(\d)\.blocks\.(\d)\.' + re.escape(a),
+                      rf'toy_stage\1.b\2.{b}'))
     out = {}
     for key, value in ours.items():
         for pattern, repl in names:

@@ -21,10 +21,11 @@ from boat_mm.models.backbones import BOATCSWin, BOATSwin
 # Tiny archs; two blocks per stage so that every stage has FSLA (Swin puts
 # it in odd blocks, CSWin in even ones).
 FAMILIES = {
-    'swin': (BOATSwin, dict(embed_dims=8, depths=(2, 2, 2, 2),
-                            num_heads=(1, 1, 2, 2))),
-    'cswin': (BOATCSWin, dict(embed_dims=8, depths=(2, 2, 2, 1),
-                              num_heads=(2, 2, 2, 2))),
+    'swin':
+    (BOATSwin, dict(embed_dims=8, depths=(2, 2, 2, 2),
+                    num_heads=(1, 1, 2, 2))),
+    'cswin': (BOATCSWin,
+              dict(embed_dims=8, depths=(2, 2, 2, 1), num_heads=(2, 2, 2, 2))),
 }
 # 56x56: 196 tokens in stage 1, four clusters of 49.
 SHAPE = (2, 3, 56, 56)
@@ -66,10 +67,10 @@ def _grads(model: nn.Module, x: torch.Tensor,
 @pytest.mark.parametrize(
     'frozen_stages, input_grad', [(-1, False), (-1, True), (0, False),
                                   (2, False)],
-    ids=['none-frozen', 'input-needs-grad', 'stem-frozen',
-         'two-stages-frozen'])
-def test_with_cp_gives_the_same_gradients(family, frozen_stages,
-                                          input_grad):
+    ids=[
+        'none-frozen', 'input-needs-grad', 'stem-frozen', 'two-stages-frozen'
+    ])
+def test_with_cp_gives_the_same_gradients(family, frozen_stages, input_grad):
     torch.manual_seed(2)
     data = torch.randn(SHAPE)
     results = {}
@@ -107,8 +108,7 @@ def test_with_cp_gives_the_same_gradients(family, frozen_stages,
     assert nonzero >= 0.8 * trainable
     if input_grad:
         torch.testing.assert_close(
-            cp_grads['<input>'], plain_grads['<input>'], rtol=1e-5,
-            atol=1e-6)
+            cp_grads['<input>'], plain_grads['<input>'], rtol=1e-5, atol=1e-6)
     else:
         assert plain_grads['<input>'] is None and cp_grads['<input>'] is None
 
@@ -135,8 +135,7 @@ def test_with_cp_replays_the_random_draws(family):
     assert not torch.allclose(flat(other_seed), flat(ref), rtol=1e-3)
     # ... and checkpointing reproduces this seed's.
     for n in names:
-        torch.testing.assert_close(cp[n], ref[n], rtol=1e-5, atol=1e-6,
-                                   msg=n)
+        torch.testing.assert_close(cp[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))

@@ -101,8 +101,7 @@ def test_shift_window_msa_equals_mmpretrain(hw_ws_shift, train):
     ]
     x = torch.randn(3, H * W, 16)
     assert torch.equal(
-        _run(ours, x, (H, W), train=train),
-        _run(ref, x, (H, W), train=train))
+        _run(ours, x, (H, W), train=train), _run(ref, x, (H, W), train=train))
 
 
 def _padding_mask(H, W, ws, shift):
@@ -174,7 +173,9 @@ def test_batch_stays_symbolic_under_export():
 
     batch = torch.export.Dim('batch', min=1, max=8)
     program = torch.export.export(
-        OnMap(), (torch.randn(2, 96, 8), ), dynamic_shapes=({0: batch}, ))
+        OnMap(), (torch.randn(2, 96, 8), ), dynamic_shapes=({
+            0: batch
+        }, ))
     x = torch.randn(3, 96, 8)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), attn(x, (8, 12)))
