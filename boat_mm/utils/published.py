@@ -22,18 +22,23 @@ error; any other failure is raised unchanged. This covers every loading
 path of OpenMMLab (``load_from``, ``resume``,
 ``init_cfg=dict(type='Pretrained')``, :func:`mmengine.runner.
 load_checkpoint`, mmpretrain's ``get_model(pretrained=...)``) and the tools.
+
+:func:`load_published_checkpoint` is how the converter reads such a file:
+the same inert stand-ins for foreign globals, with the tensors loaded by
+torch's weights-only allow-list.
 """
 import io
 import os.path as osp
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
-    'CONVERTER', 'PublishedCheckpointError', 'inspect_checkpoint',
+    'CONVERTER', 'PublishedCheckpointError', 'InertUnpickler',
+    'inspect_checkpoint', 'load_published_checkpoint',
     'published_checkpoint_message', 'install_checkpoint_hint'
 ]
 
@@ -60,6 +65,42 @@ class _Inert(dict):
         self['__state__'] = state
 
 
+class InertUnpickler(pickle.Unpickler):
+    """Unpickler that calls only the globals :meth:`resolve` returns and
+    replaces every other global of the file by an inert :class:`_Inert`
+    subclass named after it, so training metadata of foreign libraries
+    (yacs ``CfgNode``, argparse ``Namespace`` ...) never runs code or needs
+    installing. The replaced ``module.name`` go to ``foreign``.
+
+    Args:
+        file: The pickle stream.
+        foreign (set, optional): Where to add the replaced globals; a new
+            set by default (``torch.load`` builds the unpickler itself).
+    """
+    allowed: Dict[str, Any] = {}
+
+    def __init__(self,
+                 file,
+                 *args,
+                 foreign: Optional[set] = None,
+                 **kwargs) -> None:
+        super().__init__(file, *args, **kwargs)
+        self.foreign = set() if foreign is None else foreign
+
+    def resolve(self, module: str, name: str) -> Any:
+        """The object a global stands for if it may be called, else
+        None."""
+        return self.allowed.get(f'{module}.{name}')
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.resolve(module, name)
+        if found is not None:
+            return found
+        if not (module == 'torch' and name.endswith('Storage')):
+            self.foreign.add(f'{module}.{name}')
+        return type(name, (_Inert, ), {'__module__': 'boat_mm.inert'})
+
+
 class _Storage:
     """What a persistent id stands for: no data is read."""
 
@@ -72,28 +113,77 @@ def _parameter(data, *args, **kwargs):
     return data
 
 
-class _InertUnpickler(pickle.Unpickler):
-    """Unpickler that never calls a global of the file: tensors become meta
-    tensors of their shape, ``OrderedDict`` stays one, everything else is
-    an inert :class:`_Inert` subclass named after the global."""
+class _MetaUnpickler(InertUnpickler):
+    """:class:`InertUnpickler` that calls no global of the file at all:
+    tensors become meta tensors of their shape and ``OrderedDict`` stays
+    one."""
 
-    def __init__(self, file, **kwargs) -> None:
-        super().__init__(file, **kwargs)
-        self.foreign = set()
-
-    def find_class(self, module: str, name: str) -> Any:
+    def resolve(self, module: str, name: str) -> Any:
         if module == 'collections' and name == 'OrderedDict':
             return OrderedDict
         if module == 'torch._utils' and name.startswith('_rebuild_tensor'):
             return _meta_tensor
         if module == 'torch._utils' and name.startswith('_rebuild_param'):
             return _parameter
-        if not (module == 'torch' and name.endswith('Storage')):
-            self.foreign.add(f'{module}.{name}')
-        return type(name, (_Inert, ), {'__module__': 'boat_mm.inert'})
+        return None
 
     def persistent_load(self, pid) -> _Storage:
         return _Storage()
+
+
+def _weights_only_globals() -> Dict[str, Any]:
+    """The globals ``torch.load(weights_only=True)`` may call."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return dict(_get_allowed_globals())
+    except (ImportError, AttributeError):  # pragma: no cover
+        return {
+            'collections.OrderedDict': OrderedDict,
+            'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
+            'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
+        }
+
+
+def load_published_checkpoint(path: str) -> Tuple[Any, List[str]]:
+    """Load a published checkpoint on the CPU without running its pickles.
+
+    Tries ``weights_only=True`` first. The published files also pickle
+    training metadata (BOAT-Swin: a yacs config; BOAT-CSWin: argparse
+    args), which weights-only loading rejects; those objects are then
+    replaced by inert stand-ins, the tensors load as usual (only the
+    globals weights-only loading allows are called).
+
+    Args:
+        path (str): A local file.
+
+    Returns:
+        tuple: The file's object and the sorted ``module.name`` of the
+        globals replaced by inert stand-ins (empty if none).
+    """
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True), []
+    except pickle.UnpicklingError:
+        pass
+    foreign: set = set()
+
+    class Unpickler(InertUnpickler):
+        allowed = _weights_only_globals()
+
+        def __init__(self, file, *args, **kwargs) -> None:
+            super().__init__(file, *args, foreign=foreign, **kwargs)
+
+    class PickleModule:
+        """``pickle_module`` for ``torch.load``."""
+        load = pickle.load
+        __name__ = 'boat_mm_inert_pickle'
+
+    PickleModule.Unpickler = Unpickler
+    ckpt = torch.load(
+        path,
+        map_location='cpu',
+        weights_only=False,
+        pickle_module=PickleModule)
+    return ckpt, sorted(foreign)
 
 
 def inspect_checkpoint(path: str) -> Optional[Dict[str, Any]]:
@@ -115,13 +205,13 @@ def inspect_checkpoint(path: str) -> Optional[Dict[str, Any]]:
                 name = next(n for n in archive.namelist()
                             if n.endswith('data.pkl'))
                 stream = io.BytesIO(archive.read(name))
-            unpickler = _InertUnpickler(stream)
+            unpickler = _MetaUnpickler(stream)
             obj = unpickler.load()
         else:
             # Legacy format: magic number, protocol, system info, then the
             # object; a plain pickle file holds the object first.
             with open(path, 'rb') as f:
-                unpickler = _InertUnpickler(f)
+                unpickler = _MetaUnpickler(f)
                 obj = unpickler.load()
                 for _ in range(3):
                     if isinstance(obj,

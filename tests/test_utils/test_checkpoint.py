@@ -442,17 +442,6 @@ def _checkpoint_file(path: str, payload: bytes) -> None:
             dst.writestr(info, data)
 
 
-def _boat2mm_loader():
-    import importlib.util
-    path = osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
-        'model_converters', 'boat2mm.py')
-    spec = importlib.util.spec_from_file_location('boat2mm_ckpt_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load_original_checkpoint
-
-
 @pytest.mark.parametrize('kind', sorted(PAYLOADS))
 def test_malicious_pickles_are_refused_without_running(kind, tmp_path):
     import pickle
@@ -480,8 +469,9 @@ def test_malicious_pickles_are_refused_without_running(kind, tmp_path):
         assert not osp.exists(target), name
     # boat2mm loads published files with unknown globals replaced by inert
     # stand-ins: the payload may fail to load, but runs nothing.
+    from boat_mm.utils.published import load_published_checkpoint
     try:
-        _boat2mm_loader()(ckpt)
+        load_published_checkpoint(ckpt)
     except Exception:
         pass
     assert not osp.exists(target)

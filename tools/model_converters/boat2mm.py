@@ -31,7 +31,6 @@ Example::
 import argparse
 import os
 import os.path as osp
-import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -43,6 +42,7 @@ from torch import Tensor
 from boat_mm.models.backbones import (BaseBOATBackbone, boat_families,
                                       detect_boat_family)
 from boat_mm.models.utils.ckpt_convert import pick_boat_weights
+from boat_mm.utils.published import load_published_checkpoint
 from boat_mm.version import __version__
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -51,78 +51,21 @@ from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
 Family = Type[BaseBOATBackbone]
 
 
-def _allowed_globals() -> Dict[str, object]:
-    """The globals ``torch.load(weights_only=True)`` may call."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        return dict(_get_allowed_globals())
-    except (ImportError, AttributeError):  # pragma: no cover
-        from collections import OrderedDict as od
-        return {
-            'collections.OrderedDict': od,
-            'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
-            'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
-        }
-
-
-class _Foreign(dict):
-    """Inert stand-in for an object the file pickled by reference (the
-    original's yacs ``CfgNode`` config, argparse ``Namespace`` args ...)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__()
-
-    def __setstate__(self, state) -> None:
-        self['__state__'] = state
-
-
-class _StubUnpickler(pickle.Unpickler):
-    """Unpickler that calls only torch's weights-only globals and replaces
-    every other global by an inert :class:`_Foreign` class, so training
-    metadata of foreign libraries never runs code or needs installing."""
-    allowed = _allowed_globals()
-    stubbed = set()
-
-    def find_class(self, module: str, name: str):
-        key = f'{module}.{name}'
-        if key in self.allowed:
-            return self.allowed[key]
-        _StubUnpickler.stubbed.add(key)
-        return type(name, (_Foreign, ), {'__module__': 'boat2mm.stub'})
-
-
-class _StubPickleModule:
-    """``pickle_module`` for ``torch.load`` using :class:`_StubUnpickler`."""
-    Unpickler = _StubUnpickler
-    load = pickle.load
-    __name__ = 'boat2mm_stub_pickle'
-
-
 def load_original_checkpoint(path: str) -> Dict:
     """Load a published checkpoint on the CPU without running its pickles.
 
-    Tries ``weights_only=True`` first. The published files also pickle
-    training metadata (BOAT-Swin: a yacs config; BOAT-CSWin: argparse
-    args), which weights-only loading rejects; those objects are then
-    replaced by inert stand-ins (and reported), the tensors load as usual.
+    :func:`boat_mm.utils.published.load_published_checkpoint` after a
+    check that ``path`` is a file; reports the metadata objects replaced
+    by inert stand-ins.
     """
     check_file(
         path, 'published checkpoint',
         'pass a file (or URL) of the published BOAT weights, as '
         'listed in configs/*/metafile.yml')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    _StubUnpickler.stubbed = set()
-    ckpt = torch.load(
-        path,
-        map_location='cpu',
-        weights_only=False,
-        pickle_module=_StubPickleModule)
-    if _StubUnpickler.stubbed:
+    ckpt, foreign = load_published_checkpoint(path)
+    if foreign:
         print('  metadata objects not loaded (kept as inert stand-ins): '
-              f'{sorted(_StubUnpickler.stubbed)}')
+              f'{foreign}')
     return ckpt
 
 
