@@ -4,8 +4,8 @@
 * The BOAT-CSWin converter: our classifier's state dict, with a distinct
   value range per tensor (so that two same-shaped tensors swapped, e.g.
   ``norm1`` and ``norm2``, differ), is laid out like a published file by
-  :func:`cswin_to_original` (written from docs/fsla.md section 6)
-  and must convert back exactly, key by key.
+  :func:`published_files.cswin_to_original` (written from docs/fsla.md
+  section 6) and must convert back exactly, key by key.
 * ``tools/model_converters/boat2mm.py`` run as a command on a BOAT-CSWin
   file (its ``state_dict``, and its ``state_dict_ema`` with ``--ema``) and
   on a BOAT-Swin file (the inverse of test_boat_swin.py): the written
@@ -17,85 +17,19 @@ tensors are stored as one broadcast number each, so the file stays tiny.
 """
 import importlib.util
 import os.path as osp
-import re
 import subprocess
 import sys
 from collections import OrderedDict
-from typing import Dict
 
 import pytest
 import torch
-from mmengine.registry import init_default_scope
+from published_files import classifier, cswin_to_original
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATCSWin
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py')
-
-# Our key -> published BOAT-CSWin key. A block of our stage s is a block
-# of the original's stage s + 1; our stage s starts with merge{s}.
-_CSWIN_BLOCK = [
-    (r'norm1\.', 'norm1.'),
-    (r'attn\.qkv\.', 'qkv.'),
-    (r'attn\.proj\.', 'proj.'),
-    (r'attn\.branches\.(\d)\.get_v\.', r'attns.\1.get_v.'),
-    (r'norm_fsla\.', 'norm3.'),
-    (r'fsla\.(qkv|proj|get_v)\.', r'content_attn.\1.'),
-    (r'norm2\.', 'norm2.'),
-    (r'ffn\.layers\.0\.0\.', 'mlp.fc1.'),
-    (r'ffn\.layers\.1\.', 'mlp.fc2.'),
-]
-
-
-def cswin_key_to_original(key: str, last: int) -> str:
-    simple = {
-        'backbone.patch_embed.projection.': 'stage1_conv_embed.0.',
-        'backbone.patch_embed.norm.': 'stage1_conv_embed.2.',
-        f'backbone.norm{last}.': 'norm.',
-        'head.fc.': 'head.',
-    }
-    for ours, orig in simple.items():
-        if key.startswith(ours):
-            return orig + key[len(ours):]
-    m = re.match(
-        r'backbone\.stages\.(\d+)\.downsample\.(projection|norm)\.'
-        r'(weight|bias)$', key)
-    if m:
-        part = 'conv' if m[2] == 'projection' else 'norm'
-        return f'merge{m[1]}.{part}.{m[3]}'
-    m = re.match(r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.*)$', key)
-    assert m, key
-    stage, block, rest = int(m[1]), m[2], m[3]
-    for pattern, repl in _CSWIN_BLOCK:
-        new, n = re.subn('^' + pattern, repl, rest)
-        if n:
-            return f'stage{stage + 1}.{block}.{new}'
-    raise AssertionError(f'no original name for {key}')
-
-
-def cswin_to_original(ours: Dict[str, torch.Tensor],
-                      last: int = 3) -> 'OrderedDict[str, torch.Tensor]':
-    orig = OrderedDict()
-    for key, value in ours.items():
-        new = cswin_key_to_original(key, last)
-        assert new not in orig, new
-        orig[new] = value
-    return orig
-
-
-def classifier(backbone: dict, num_classes: int, in_channels: int):
-    from mmpretrain.registry import MODELS
-    init_default_scope('mmpretrain')
-    return MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=dict(out_indices=(3, ), **backbone),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(
-                type='LinearClsHead',
-                num_classes=num_classes,
-                in_channels=in_channels)))
 
 
 def distinct_state(model: torch.nn.Module) -> 'OrderedDict[str, torch.Tensor]':

@@ -364,17 +364,15 @@ def test_verify_boat_random_weights_options(verify_boat, monkeypatch, capsys):
 
 @pytest.fixture(scope='module')
 def cswin_published_file(tmp_path_factory):
-    """A published-layout BOAT-CSWin-T file (the layout of
-    test_converters.py): tensor ``i`` holds ``i`` in ``state_dict`` and
+    """A published-layout BOAT-CSWin-T file (published_files.py's
+    layout): tensor ``i`` holds ``i`` in ``state_dict`` and
     ``i + 0.5`` in ``state_dict_ema``."""
-    conv = _load(
-        osp.join(REPO, 'tests', 'test_tools', 'test_converters.py'),
-        'converters_tests_options')
-    model = conv.classifier(dict(type='BOATCSWin', arch='tiny'), 11, 512)
+    from published_files import classifier, cswin_to_original
+    model = classifier(dict(type='BOATCSWin', arch='tiny'), 11, 512)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
 
     def layout(offset):
-        return conv.cswin_to_original(
+        return cswin_to_original(
             OrderedDict((k, torch.tensor(i + offset).expand(s))
                         for i, (k, s) in enumerate(shapes.items())))
 
