@@ -174,29 +174,19 @@ class BOATCSWin(BaseBOATBackbone):
             ...).
     """
     family = 'cswin'
+    # yapf: disable
     arch_zoo = {
-        **dict.fromkeys(
-            ['t', 'tiny'], {
-                'embed_dims': [64, 128, 256, 512],
-                'depths': [1, 2, 21, 1],
-                'num_heads': [2, 4, 8, 16],
-                'split_sizes': [1, 2, 7, 7]
-            }),
-        **dict.fromkeys(
-            ['s', 'small'], {
-                'embed_dims': [64, 128, 256, 512],
-                'depths': [2, 4, 32, 2],
-                'num_heads': [2, 4, 8, 16],
-                'split_sizes': [1, 2, 7, 7]
-            }),
-        **dict.fromkeys(
-            ['b', 'base'], {
-                'embed_dims': [96, 192, 384, 768],
-                'depths': [2, 4, 32, 2],
-                'num_heads': [4, 8, 16, 32],
-                'split_sizes': [1, 2, 7, 7]
-            }),
+        **dict.fromkeys(['t', 'tiny'], dict(
+            embed_dims=[64, 128, 256, 512], depths=[1, 2, 21, 1],
+            num_heads=[2, 4, 8, 16], split_sizes=[1, 2, 7, 7])),
+        **dict.fromkeys(['s', 'small'], dict(
+            embed_dims=[64, 128, 256, 512], depths=[2, 4, 32, 2],
+            num_heads=[2, 4, 8, 16], split_sizes=[1, 2, 7, 7])),
+        **dict.fromkeys(['b', 'base'], dict(
+            embed_dims=[96, 192, 384, 768], depths=[2, 4, 32, 2],
+            num_heads=[4, 8, 16, 32], split_sizes=[1, 2, 7, 7])),
     }
+    # yapf: enable
     optional_keys = frozenset({'split_sizes'})
     fsla_qk_scale = 1.0
     # Input padded to a multiple of the stem stride (see class docstring).
@@ -344,9 +334,9 @@ class BOATCSWinPublished(PublishedLayout):
                                 f'backbone.stages.{stage}.blocks.{i}.{dst}')
 
 
+# yapf: disable
 BOATCSWin.published = BOATCSWinPublished(
-    BOATCSWin,
-    'BOAT-CSWin',
-    marker='stage1_conv_embed',
+    BOATCSWin, 'BOAT-CSWin', marker='stage1_conv_embed',
     stem=('stage1_conv_embed.0', 'stage1_conv_embed.2'),
     code=('BOAT-CSWin', 'models/cswin_boat.py'))
+# yapf: enable

@@ -196,26 +196,19 @@ class BOATSwin(BaseBOATBackbone):
         [(1, 24, 16, 20), (1, 48, 8, 10), (1, 96, 4, 5), (1, 192, 2, 3)]
     """
     family = 'swin'
+    # yapf: disable
     arch_zoo = {
-        **dict.fromkeys(
-            ['t', 'tiny'], {
-                'embed_dims': [96, 192, 384, 768],
-                'depths': [2, 2, 6, 2],
-                'num_heads': [3, 6, 12, 24]
-            }),
-        **dict.fromkeys(
-            ['s', 'small'], {
-                'embed_dims': [96, 192, 384, 768],
-                'depths': [2, 2, 18, 2],
-                'num_heads': [3, 6, 12, 24]
-            }),
-        **dict.fromkeys(
-            ['b', 'base'], {
-                'embed_dims': [128, 256, 512, 1024],
-                'depths': [2, 2, 18, 2],
-                'num_heads': [4, 8, 16, 32]
-            }),
+        **dict.fromkeys(['t', 'tiny'], dict(
+            embed_dims=[96, 192, 384, 768], depths=[2, 2, 6, 2],
+            num_heads=[3, 6, 12, 24])),
+        **dict.fromkeys(['s', 'small'], dict(
+            embed_dims=[96, 192, 384, 768], depths=[2, 2, 18, 2],
+            num_heads=[3, 6, 12, 24])),
+        **dict.fromkeys(['b', 'base'], dict(
+            embed_dims=[128, 256, 512, 1024], depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32])),
     }
+    # yapf: enable
     # Buffers that older or foreign checkpoints may carry; boat-mm derives
     # them.
     derived_buffers = ('relative_position_index', 'attn_mask')
@@ -376,9 +369,9 @@ class BOATSwinPublished(PublishedLayout):
         return value
 
 
+# yapf: disable
 BOATSwin.published = BOATSwinPublished(
-    BOATSwin,
-    'BOAT-Swin',
-    marker='layers.',
+    BOATSwin, 'BOAT-Swin', marker='layers.',
     stem=('patch_embed.proj', 'patch_embed.norm'),
     code=('BOAT-Swin', 'models/boat_swin_transformer.py'))
+# yapf: enable
