@@ -218,6 +218,25 @@ def _inverse_sizes(n0, n, F64: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
+def _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64: tl.constexpr,
+               CT: tl.constexpr):
+    """The rows ``tok`` of the token matrix as unit vectors, and their
+    norms (both zero where not ``valid``), rounded as the tensor path
+    rounds them."""
+    v = tl.load(
+        x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+        mask=valid[:, None] & (dims < d)[None, :],
+        other=0.).to(CT)
+    if F64:
+        nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = v / nrm[:, None]
+    else:
+        nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = tl.div_rn(v, nrm[:, None])
+    return u, nrm
+
+
+@triton.jit
 def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
                start, end, c0, c1, temp, MODE: tl.constexpr,
                FIRST: tl.constexpr, KEY_KIND: tl.constexpr, F64: tl.constexpr,
@@ -246,17 +265,7 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
             tok = pos  # level 0: slot i holds token i
         else:
             tok = tl.load(perm_ptr + slot0 + pos, mask=valid, other=0)
-        # The unit vectors and norms of the tokens (zero where invalid).
-        v = tl.load(
-            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
-            mask=valid[:, None] & (dims < d)[None, :],
-            other=0.).to(CT)
-        if F64:
-            nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = v / nrm[:, None]
-        else:
-            nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = tl.div_rn(v, nrm[:, None])
+        u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
         if MODE == 0:
             w0 = tl.where(valid & (pos < n0), nrm * inv0, 0.)
             w1 = tl.where(valid & (pos >= n0), nrm * inv1, 0.)
@@ -332,18 +341,7 @@ def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, row_off,
             tl.store(perm_out + dst, tok.to(tl.int64), mask=inside)
         else:
             tl.store(perm_out + dst, tok, mask=inside)
-            # The unit vectors and norms of the tokens (zero where invalid).
-            v = tl.load(
-                x_ptr + row_off + tok.to(tl.int64)[:, None] * d +
-                dims[None, :],
-                mask=valid[:, None] & (dims < d)[None, :],
-                other=0.).to(CT)
-            if F64:
-                nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
-                u = v / nrm[:, None]
-            else:
-                nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
-                u = tl.div_rn(v, nrm[:, None])
+            u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
             w0 = tl.where(valid & (p < cn0), nrm * inv0, 0.)
             w1 = tl.where(valid & (p >= cn0), nrm * inv1, 0.)
             acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
@@ -382,16 +380,7 @@ def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0, q00,
     else:
         tl.store(perm_out + slot0 + dst, tok, mask=ok)
         dims = tl.arange(0, DP)
-        v = tl.load(
-            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
-            mask=real[:, None] & (dims < d)[None, :],
-            other=0.).to(CT)
-        if F64:
-            nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = v / nrm[:, None]
-        else:
-            nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = tl.div_rn(v, nrm[:, None])
+        u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, real, F64, CT)
         w = tl.where(real & (R < q00), nrm * i00, 0.)
         a00 += tl.reduce(w[:, None] * u, 0, _ADD)
         w = tl.where(real & (R >= q00) & (R < n0), nrm * i01, 0.)
