@@ -524,13 +524,15 @@ def test_cluster_hook_sees_and_replaces_the_clustering():
     cluster_perm), its return value replaces it, removed by its handle."""
     m = make_module(16, 2, torch.float32).eval()
     torch.manual_seed(10)
-    x = torch.randn(2, 15 * 20, 16)
+    # 16x20: every slot holds a token (no padding slots), so reversed
+    # slots are a valid clustering.
+    x = torch.randn(2, 16 * 20, 16)
     seen = []
     handle = m.register_cluster_hook(lambda mod, perm: seen.append(
         (mod, perm.clone())))
     with torch.no_grad():
-        ref = m(x, (15, 20))
-    perm, _ = m.cluster_perm(x, (15, 20))
+        ref = m(x, (16, 20))
+    perm, _ = m.cluster_perm(x, (16, 20))
     (mod, got), = seen
     assert mod is m and torch.equal(got, perm)
     # Reversed slots are another valid clustering: a different output,
@@ -538,14 +540,14 @@ def test_cluster_hook_sees_and_replaces_the_clustering():
     handle.remove()
     handle = m.register_cluster_hook(lambda mod, perm: perm.flip(-1))
     with torch.no_grad():
-        flipped = m(x, (15, 20))
+        flipped = m(x, (16, 20))
     handle.remove()
     assert not m._cluster_hooks
     assert not torch.allclose(flipped, ref)
     with torch.no_grad():
-        again = m(x, (15, 20))
+        again = m(x, (16, 20))
         m.register_cluster_hook(lambda mod, p: perm.flip(-1))
-        injected = m(x, (15, 20))
+        injected = m(x, (16, 20))
     assert torch.equal(again, ref)
     assert torch.equal(injected, flipped)
 
