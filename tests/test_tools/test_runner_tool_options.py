@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_configs import swin_classifier
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -37,17 +38,11 @@ RETINANET = osp.join(REPO, 'configs', 'boat_swin',
                      'retinanet_boat-swin-tiny_fpn_1x_coco.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
-# A user's config: BOAT-Swin-T's recipe with a tiny arch, 6 classes and the
-# generated data (as test_cls_e2e.py).
-TINY_CLS = """
-_base_ = [{base!r}]
+# A user's config: BOAT-Swin-T's recipe with a tiny arch, 6 classes
+# (tiny_configs.swin_classifier) and the generated data (as
+# test_cls_e2e.py).
+TINY_CLS_DATA = """
 data_root = {root!r}
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes=6))
 data_preprocessor = dict(num_classes=6)
 train_dataloader = dict(batch_size=2, num_workers=0,
                         persistent_workers=False,
@@ -123,7 +118,8 @@ def tiny_cls(tmp_path_factory, imagenet_root):
     tmp = tmp_path_factory.mktemp('tool_options')
     path = str(tmp / 'tiny_swin.py')
     with open(path, 'w') as f:
-        f.write(TINY_CLS.format(base=SWIN_T, root=imagenet_root))
+        f.write(
+            swin_classifier(SWIN_T) + TINY_CLS_DATA.format(root=imagenet_root))
     cfg = Config.fromfile(path)
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
