@@ -375,15 +375,28 @@ def _reference_scores(cfg_path: str, ckpt: str) -> dict:
     return scores
 
 
-def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls):
-    """--tta with --out on a real run: each TTA score is the mean of the
-    scores of the image and of its flip (one image per batch, as the
-    reference runs them)."""
+def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls,
+                                              monkeypatch):
+    """--tta with --out and --show-dir on a real run: each TTA score is the
+    mean of the scores of the image and of its flip (one image per batch,
+    as the reference runs them); every 5th sample is drawn as without
+    --tta: its unflipped test image, with that mean score."""
+    from mmengine.dataset import Compose
+    from mmpretrain.visualization import UniversalVisualizer
+    drawn = []
+    original = UniversalVisualizer.visualize_cls
+
+    def visualize_cls(self, image, data_sample, **kwargs):
+        drawn.append((image, data_sample))
+        return original(self, image, data_sample, **kwargs)
+
+    monkeypatch.setattr(UniversalVisualizer, 'visualize_cls', visualize_cls)
     tmp = tiny_cls['tmp']
     preds = str(tmp / 'tta.pkl')
+    vis = str(tmp / 'tta_vis')
     test_tool.main([
         tiny_cls['cfg'], tiny_cls['ckpt'], '--tta', '--out', preds,
-        '--work-dir',
+        '--show-dir', vis, '--interval', '5', '--work-dir',
         str(tmp / 'tta_run'), '--cfg-options', 'test_dataloader.batch_size=1'
     ])
     with open(preds, 'rb') as f:
@@ -397,6 +410,20 @@ def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls):
             s['pred_score'], (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
         moved += not torch.allclose(plain, flipped, atol=1e-5)
     assert moved > NUM_VAL // 2  # the flip matters to this model
+
+    # The reference's keys are the images in the test loader's order.
+    paths = [list(reference)[i] for i in (0, 5, 10)]
+    assert [s.img_path for _, s in drawn] == paths
+    pipeline = Compose(
+        Config.fromfile(tiny_cls['cfg']).test_dataloader.dataset.pipeline)
+    for (image, sample), path in zip(drawn, paths):
+        expected = pipeline(dict(img_path=path))['inputs'].permute(1, 2, 0)
+        assert torch.equal(torch.from_numpy(image), expected)
+        plain, flipped = reference[path]
+        torch.testing.assert_close(
+            sample.pred_score, (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(vis)) == sorted(f'{osp.basename(p)}_0.png'
+                                             for p in paths)
 
 
 def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
