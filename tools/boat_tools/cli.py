@@ -11,9 +11,11 @@
   then width, ``--shape S`` a square; ``--checkpoint`` a weights file;
   ``--cfg-options`` the upstream overrides (:mod:`.config`).
 
-A tool builds its parser with :class:`ArgumentParser`, decorates its
-``main(argv=None)`` with :func:`tool_main` and checks its files with
-:func:`check_file` / :func:`load_config`.
+A tool builds its parser with :class:`ArgumentParser` (the tools that
+run a model on images add their common options with
+:func:`add_model_args`), decorates its ``main(argv=None)`` with
+:func:`tool_main` and checks its files with :func:`check_file` /
+:func:`load_config`.
 """
 import argparse
 import functools
