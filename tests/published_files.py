@@ -8,13 +8,13 @@ prefixes), the epoch and the command line's ``argparse.Namespace`` as
 out by :func:`cswin_to_original`, the inverse of the converter (tested in
 ``tests/test_tools/test_converters.py``), tensor ``i`` stored as the
 single number ``i`` (``i + 0.5`` in the EMA), broadcast, so the file is
-small. :func:`classifier` and :func:`cswin_to_original` also serve the
-converter tests.
+small (or weights the caller passes). :func:`classifier` and
+:func:`cswin_to_original` also serve the converter tests.
 """
 import argparse
 import re
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -105,9 +105,20 @@ def classifier_shapes() -> Dict[str, torch.Size]:
     return dict(_SHAPES)
 
 
-def write_published_cswin(path: str, **extra) -> Tuple[str, dict]:
+def write_published_cswin(path: str,
+                          weights: Optional[Dict[str, torch.Tensor]] = None,
+                          **extra) -> Tuple[str, dict]:
     """Write a published-layout BOAT-CSWin-T file with ``args`` (an
     ``argparse.Namespace``) and ``extra`` top-level entries.
+
+    Args:
+        path (str): The file to write.
+        weights (dict, optional): A state dict of our BOAT-CSWin-T
+            classifier (:data:`NUM_CLASSES`) to lay out, as both
+            ``state_dict`` and ``state_dict_ema`` (the same tensors: the
+            file holds them once). Defaults to tensor ``i`` filled with
+            ``i`` (``i + 0.5`` in the EMA).
+        **extra: More top-level entries.
 
     Returns:
         tuple: ``path`` and the shapes of our classifier's state dict.
@@ -115,8 +126,9 @@ def write_published_cswin(path: str, **extra) -> Tuple[str, dict]:
     shapes = classifier_shapes()
 
     def layout(offset: float) -> 'OrderedDict[str, torch.Tensor]':
-        ours = OrderedDict((k, torch.tensor(i + offset).expand(shape))
-                           for i, (k, shape) in enumerate(shapes.items()))
+        ours = weights if weights is not None else OrderedDict(
+            (k, torch.tensor(i + offset).expand(shape))
+            for i, (k, shape) in enumerate(shapes.items()))
         return OrderedDict(
             ('module.' + k, v) for k, v in cswin_to_original(ours).items())
 

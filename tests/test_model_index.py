@@ -2,11 +2,12 @@
 """The BOAT classifiers by name in mmpretrain's model hub
 (boat_mm.model_index), and the post-import hook that registers them
 without ``import boat_mm`` importing mmpretrain."""
+import importlib.util
 import os.path as osp
 import sys
 
 import torch
-from published_files import NUM_CLASSES, write_published_cswin
+from published_files import NUM_CLASSES, classifier, write_published_cswin
 
 import boat_mm
 from boat_mm.utils import when_imported
@@ -54,6 +55,51 @@ def test_get_model_by_name_loads_a_converted_file(tmp_path):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def test_get_model_by_name_loads_what_boat2mm_writes(tmp_path, monkeypatch):
+    """tools/model_converters/boat2mm.py on a published-layout BOAT-CSWin-T
+    file of random weights: the file it writes, loaded by name, gives the
+    logits of the converter's own strict load, and both those of the
+    classifier the published file was laid out from."""
+    from mmpretrain import get_model
+    torch.manual_seed(0)
+    source = classifier(dict(type='BOATCSWin', arch='tiny'), NUM_CLASSES,
+                        512).eval()
+    src = write_published_cswin(
+        str(tmp_path / 'cswin_tiny.pth.tar'), source.state_dict())[0]
+    dst = str(tmp_path / 'boat-cswin-tiny_in1k.pth')
+
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the tool adds tools/
+    spec = importlib.util.spec_from_file_location(
+        '_boat2mm_for_index',
+        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    strict_loads = []
+    check_loads = tool.check_loads
+
+    def record(model, state_dict):
+        check_loads(model, state_dict)
+        strict_loads.append(model)
+
+    monkeypatch.setattr(tool, 'check_loads', record)
+    assert tool.main([src, dst]) == 0
+    assert len(strict_loads) == 1
+
+    model = get_model(
+        'boat-cswin-tiny_8xb256_in1k',
+        pretrained=dst,
+        head=dict(num_classes=NUM_CLASSES)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(x, mode='tensor')
+        converter = strict_loads[0].eval()(x, mode='tensor')
+        expected = source(x, mode='tensor')
+    assert got.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(got, converter, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.std() > 0.1  # not a degenerate model
 
 
 def test_when_imported_runs_after_the_first_import(tmp_path, monkeypatch):

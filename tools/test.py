@@ -12,6 +12,8 @@ mmdetection, for any of their configs (chosen by the config's
   mmdet's ``DetTTAModel`` does not merge masks);
 * ``--show`` / ``--show-dir DIR``: draw predictions (next to the ground
   truth for segmentation and detection) into windows or image files;
+  mmpretrain with ``--tta``: the merged prediction on the unflipped view
+  (:mod:`boat_tools.visualization`);
 * ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
   pickle file of the predictions (``--out-item pred``) or metrics; mmdet:
   a pickle file of the predictions.
@@ -112,6 +114,11 @@ def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     if _scope(cfg) == 'mmpretrain':
         hook['enable'] = True
         hook['out_dir'] = args.show_dir
+        if args.tta and hook.get('type') in ('VisualizationHook',
+                                             'mmpretrain.VisualizationHook'):
+            # mmpretrain's hook takes the views of a TTA batch for images.
+            import boat_tools.visualization  # noqa: F401 (registers it)
+            hook['type'] = 'ClsTTAVisualizationHook'
     elif _scope(cfg) == 'mmdet':
         hook['draw'] = True
         if args.show_dir:

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_configs import SEG_OPTIONS, swin_classifier, swin_retinanet
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'analysis_tools', 'attention_recall.py')
@@ -24,37 +25,8 @@ DET_DEMO = osp.join(REPO, 'configs', 'demo',
 RETINANET = osp.join(REPO, 'configs', 'boat_swin',
                      'retinanet_boat-swin-tiny_fpn_1x_coco.py')
 
-# The demo segmentation config with a tiny arch, from the command line.
-SEG_OPTIONS = [
-    '--cfg-options', 'model.backbone.arch.embed_dims=8',
-    'model.backbone.arch.depths=[2,1,1,1]',
-    'model.backbone.arch.num_heads=[2,2,2,2]',
-    'model.backbone.fsla_cfg.group_size=16',
-    'model.backbone.fsla_cfg.overlap=4',
-    'model.decode_head.in_channels=[8,16,32,64]',
-    'model.decode_head.channels=8', 'model.auxiliary_head.in_channels=32',
-    'model.auxiliary_head.channels=8'
-]
-SWIN_CFG = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        fsla_cfg=dict(group_size=16, overlap=4), drop_path_rate=0.0),
-    head=dict(in_channels=64, num_classes=6))
-"""
-RETINANET_CFG = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4),
-        init_cfg=None),
-    neck=dict(in_channels=[16, 32, 64], out_channels=16),
-    bbox_head=dict(num_classes=6, in_channels=16, feat_channels=16,
-                   stacked_convs=1))
+# The tiny RetinaNet at a small test size.
+RETINANET_PIPELINE = """
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(96, 64), keep_ratio=True),
@@ -147,7 +119,7 @@ def test_segmentation_config(tool, images, tmp_path, capsys):
 
 def test_classification_config_with_checkpoint(tool, images, tmp_path):
     cfg_file = tmp_path / 'tiny_swin.py'
-    cfg_file.write_text(SWIN_CFG.format(base=SWIN_CLS))
+    cfg_file.write_text(swin_classifier(SWIN_CLS))
     vis = runpy.run_path(
         osp.join(REPO, 'tools', 'visualization', 'vis_clusters.py'),
         run_name='vis')
@@ -178,7 +150,7 @@ def test_classification_config_with_checkpoint(tool, images, tmp_path):
 
 def test_detection_config(tool, images, tmp_path):
     cfg_file = tmp_path / 'tiny_retinanet.py'
-    cfg_file.write_text(RETINANET_CFG.format(base=RETINANET))
+    cfg_file.write_text(swin_retinanet(RETINANET) + RETINANET_PIPELINE)
     out_file = str(tmp_path / 'det.png')
     res = tool['main']([str(cfg_file), *images, '--out-file', out_file])
     # Resized to 80x64 (keep ratio within 96x64), padded to 96x64 by the

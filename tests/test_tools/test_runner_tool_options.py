@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_configs import swin_classifier
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -37,17 +38,11 @@ RETINANET = osp.join(REPO, 'configs', 'boat_swin',
                      'retinanet_boat-swin-tiny_fpn_1x_coco.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
-# A user's config: BOAT-Swin-T's recipe with a tiny arch, 6 classes and the
-# generated data (as test_cls_e2e.py).
-TINY_CLS = """
-_base_ = [{base!r}]
+# A user's config: BOAT-Swin-T's recipe with a tiny arch, 6 classes
+# (tiny_configs.swin_classifier) and the generated data (as
+# test_cls_e2e.py).
+TINY_CLS_DATA = """
 data_root = {root!r}
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes=6))
 data_preprocessor = dict(num_classes=6)
 train_dataloader = dict(batch_size=2, num_workers=0,
                         persistent_workers=False,
@@ -123,7 +118,8 @@ def tiny_cls(tmp_path_factory, imagenet_root):
     tmp = tmp_path_factory.mktemp('tool_options')
     path = str(tmp / 'tiny_swin.py')
     with open(path, 'w') as f:
-        f.write(TINY_CLS.format(base=SWIN_T, root=imagenet_root))
+        f.write(
+            swin_classifier(SWIN_T) + TINY_CLS_DATA.format(root=imagenet_root))
     cfg = Config.fromfile(path)
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
@@ -379,15 +375,28 @@ def _reference_scores(cfg_path: str, ckpt: str) -> dict:
     return scores
 
 
-def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls):
-    """--tta with --out on a real run: each TTA score is the mean of the
-    scores of the image and of its flip (one image per batch, as the
-    reference runs them)."""
+def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls,
+                                              monkeypatch):
+    """--tta with --out and --show-dir on a real run: each TTA score is the
+    mean of the scores of the image and of its flip (one image per batch,
+    as the reference runs them); every 5th sample is drawn as without
+    --tta: its unflipped test image, with that mean score."""
+    from mmengine.dataset import Compose
+    from mmpretrain.visualization import UniversalVisualizer
+    drawn = []
+    original = UniversalVisualizer.visualize_cls
+
+    def visualize_cls(self, image, data_sample, **kwargs):
+        drawn.append((image, data_sample))
+        return original(self, image, data_sample, **kwargs)
+
+    monkeypatch.setattr(UniversalVisualizer, 'visualize_cls', visualize_cls)
     tmp = tiny_cls['tmp']
     preds = str(tmp / 'tta.pkl')
+    vis = str(tmp / 'tta_vis')
     test_tool.main([
         tiny_cls['cfg'], tiny_cls['ckpt'], '--tta', '--out', preds,
-        '--work-dir',
+        '--show-dir', vis, '--interval', '5', '--work-dir',
         str(tmp / 'tta_run'), '--cfg-options', 'test_dataloader.batch_size=1'
     ])
     with open(preds, 'rb') as f:
@@ -401,6 +410,20 @@ def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls):
             s['pred_score'], (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
         moved += not torch.allclose(plain, flipped, atol=1e-5)
     assert moved > NUM_VAL // 2  # the flip matters to this model
+
+    # The reference's keys are the images in the test loader's order.
+    paths = [list(reference)[i] for i in (0, 5, 10)]
+    assert [s.img_path for _, s in drawn] == paths
+    pipeline = Compose(
+        Config.fromfile(tiny_cls['cfg']).test_dataloader.dataset.pipeline)
+    for (image, sample), path in zip(drawn, paths):
+        expected = pipeline(dict(img_path=path))['inputs'].permute(1, 2, 0)
+        assert torch.equal(torch.from_numpy(image), expected)
+        plain, flipped = reference[path]
+        torch.testing.assert_close(
+            sample.pred_score, (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(vis)) == sorted(f'{osp.basename(p)}_0.png'
+                                             for p in paths)
 
 
 def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):

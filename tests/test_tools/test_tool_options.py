@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_configs import swin_classifier
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools')
@@ -32,17 +33,6 @@ SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
 CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
                    'boat-cswin-tiny_8xb256_in1k.py')
 
-# BOAT-Swin-T's recipe with a tiny arch (FSLA in block 1 of stages 0-2).
-TINY_SWIN = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        drop_path_rate=0.0, with_fsla={fsla},
-        fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes=6))
-"""
 # BOAT-CSWin-T's recipe with FSLA in blocks 0 and 2 of stage 0, 2 heads.
 TINY_CSWIN = """
 _base_ = [{base!r}]
@@ -65,7 +55,7 @@ def _load(path: str, name: str):
 @pytest.fixture(scope='module')
 def tiny_swin(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp('opts') / 'tiny_swin.py'
-    path.write_text(TINY_SWIN.format(base=SWIN_T, fsla=True))
+    path.write_text(swin_classifier(SWIN_T))
     return str(path)
 
 
@@ -246,7 +236,7 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
     runs onnxruntime on each input it names, --image being the first."""
     import onnx
     cfg = tmp_path / 'swin.py'
-    cfg.write_text(TINY_SWIN.format(base=SWIN_T, fsla=False))
+    cfg.write_text(swin_classifier(SWIN_T, with_fsla=False))
     image = str(tmp_path / 'img.png')
     rng = np.random.default_rng(1)
     cv2.imwrite(image, rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))

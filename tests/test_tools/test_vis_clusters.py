@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_configs import SEG_OPTIONS, swin_classifier
 
 from boat_mm.models import boat_families
 from boat_mm.ops.clustering import num_clusters_for
@@ -42,19 +43,6 @@ def image_file(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp('vis') / 'img.png')
     cv2.imwrite(path, img)
     return path
-
-
-# The demo segmentation config with a tiny arch, from the command line.
-SEG_OPTIONS = [
-    '--cfg-options', 'model.backbone.arch.embed_dims=8',
-    'model.backbone.arch.depths=[2,1,1,1]',
-    'model.backbone.arch.num_heads=[2,2,2,2]',
-    'model.backbone.fsla_cfg.group_size=16',
-    'model.backbone.fsla_cfg.overlap=4',
-    'model.decode_head.in_channels=[8,16,32,64]',
-    'model.decode_head.channels=8', 'model.auxiliary_head.in_channels=32',
-    'model.auxiliary_head.channels=8'
-]
 
 
 def test_tool_segmentation_config(tool, image_file, tmp_path):
@@ -103,15 +91,7 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
 def test_tool_classification_config_with_checkpoint(tool, image_file,
                                                     tmp_path):
     cfg_file = tmp_path / 'tiny_swin.py'
-    cfg_file.write_text(f"""
-_base_ = [{SWIN_CLS!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[2, 2, 2, 1],
-                  num_heads=[1, 2, 2, 2]),
-        fsla_cfg=dict(group_size=16, overlap=4), drop_path_rate=0.0),
-    head=dict(in_channels=64, num_classes=6))
-""")
+    cfg_file.write_text(swin_classifier(SWIN_CLS))
     model = tool['build_model'](Config.fromfile(str(cfg_file)))
     ckpt = str(tmp_path / 'model.pth')
     torch.save({'state_dict': model.state_dict()}, ckpt)

@@ -50,9 +50,8 @@ from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
                               window_labels)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
-                            check_file, load_config, tool_main)
-from boat_tools.config import add_cfg_options_arg
+from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
+                            add_shape_arg, check_file, load_config, tool_main)
 from boat_tools.inference import build_model, build_pipeline, token_stride
 
 TOOL = 'attention_recall'
@@ -67,7 +66,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         'config', help='mmpretrain, mmseg or mmdet config file')
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='images')
-    parser.add_argument('--checkpoint', help='checkpoint file (.pth)')
     parser.add_argument(
         '--out-file', help='draw recall per block and one query\'s map')
     parser.add_argument(
@@ -103,15 +101,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='pixel of that image (as the model sees it) whose token is the '
         'query of that map (default: the centre)')
     parser.add_argument(
-        '--head', type=int, default=0, help='head of that map (default 0)')
-    parser.add_argument(
         '--seed',
         type=int,
         default=0,
         help='seed of the random partitions (and of the random weights '
         'without --checkpoint)')
-    parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
-    add_cfg_options_arg(parser)
+    add_model_args(parser, head_help='head of that map (default 0)')
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error(f'--max-tokens must be >= 1, got {args.max_tokens}')

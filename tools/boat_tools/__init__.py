@@ -10,11 +10,12 @@ Kept out of the ``boat_mm`` package (as mmsegmentation keeps such code in
 every tool shares, one-line user errors with exit status 2 and the common
 arguments (:mod:`.cli`), argparse and runner set-up (:mod:`.config`), the
 loader of the public BOAT code that edits ``sys.path``
-(:mod:`.reference`), and the warning filters below. What tools, tests and
-benchmarks share is in the package: FLOP counting in
-``boat_mm.analysis.complexity``, ONNX export in ``boat_mm.deploy``, cluster
-capture in ``boat_mm.analysis``, metafile reading in
-``boat_mm.utils.metafile``.
+(:mod:`.reference`), mmpretrain's visualization hook made to draw
+test-time augmented batches (:mod:`.visualization`), and the warning
+filters below. What tools, tests and benchmarks share is in the package:
+FLOP counting in ``boat_mm.analysis.complexity``, ONNX export in
+``boat_mm.deploy``, cluster capture in ``boat_mm.analysis``, metafile
+reading in ``boat_mm.utils.metafile``.
 
 Importing this package silences what the tools would otherwise print on
 every run although the user can do nothing about it: the ``pkg_resources``

@@ -11,9 +11,11 @@
   then width, ``--shape S`` a square; ``--checkpoint`` a weights file;
   ``--cfg-options`` the upstream overrides (:mod:`.config`).
 
-A tool builds its parser with :class:`ArgumentParser`, decorates its
-``main(argv=None)`` with :func:`tool_main` and checks its files with
-:func:`check_file` / :func:`load_config`.
+A tool builds its parser with :class:`ArgumentParser` (the tools that
+run a model on images add their common options with
+:func:`add_model_args`), decorates its ``main(argv=None)`` with
+:func:`tool_main` and checks its files with :func:`check_file` /
+:func:`load_config`.
 """
 import argparse
 import functools
@@ -23,8 +25,9 @@ import sys
 from typing import Callable, List, Optional, Tuple
 
 __all__ = [
-    'UsageError', 'ArgumentParser', 'add_shape_arg', 'check_file',
-    'check_checkpoint', 'load_config', 'tool_main', 'user_error_types'
+    'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
+    'check_file', 'check_checkpoint', 'load_config', 'tool_main',
+    'user_error_types'
 ]
 
 
@@ -80,6 +83,25 @@ def add_shape_arg(parser: argparse.ArgumentParser,
         required=required,
         metavar='SIZE',
         help=f'H W, or one size S for S x S: {help}')
+
+
+def add_model_args(parser: argparse.ArgumentParser,
+                   head_help: str = 'attention head (default 0)') -> None:
+    """Add the options of the tools that run a BOAT model and look at one
+    FSLA head: ``--checkpoint``, ``--head``, ``--device`` and
+    ``--cfg-options``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser.
+        head_help (str): What ``--head`` chooses in this tool.
+    """
+    # Imported when used, as in load_config: this module itself needs only
+    # the standard library (config.py imports mmengine).
+    from .config import add_cfg_options_arg
+    parser.add_argument('--checkpoint', help='checkpoint file (.pth)')
+    parser.add_argument('--head', type=int, default=0, help=head_help)
+    parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
+    add_cfg_options_arg(parser)
 
 
 def check_file(path: str, what: str, fix: str) -> str:

@@ -42,10 +42,9 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
                                    find_fsla_modules, get_boat_backbone)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
-                            check_checkpoint, check_file, load_config,
-                            tool_main)
-from boat_tools.config import add_cfg_options_arg
+from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
+                            add_shape_arg, check_checkpoint, check_file,
+                            load_config, tool_main)
 from boat_tools.inference import build_model as _build_model
 from boat_tools.inference import build_pipeline, token_stride
 
@@ -67,15 +66,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         'config', help='mmpretrain, mmseg or mmdet config file')
     parser.add_argument('image', help='image file')
-    parser.add_argument('--checkpoint', help='checkpoint file (.pth)')
     parser.add_argument(
         '--stage', type=int, default=0, help='stage index (default 0)')
     parser.add_argument(
         '--block',
         type=int,
         help='block index inside the stage (default: its first FSLA block)')
-    parser.add_argument(
-        '--head', type=int, default=0, help='attention head (default 0)')
     add_shape_arg(
         parser, 'resize the image to H x W instead of the config\'s test '
         'pipeline resizing')
@@ -96,8 +92,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=512,
         help='the picture is enlarged by a whole factor to at least this '
         'many pixels (default 512)')
-    parser.add_argument('--device', default='cpu', help='e.g. cpu, cuda:0')
-    add_cfg_options_arg(parser)
+    add_model_args(parser)
     args = parser.parse_args(argv)
     if args.resize is not None:
         if args.shape is not None:
