@@ -88,6 +88,19 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
         len({c for _, c in pairs}) == 16
 
 
+def test_tool_min_width(tool, image_file, tmp_path):
+    # Image and clusters side by side are 2 x 74 = 148 px wide: the
+    # smallest whole factor reaching 300 px is 3 (the default, 512: 4).
+    out_file = str(tmp_path / 'wide.png')
+    res = tool['main']([
+        DEMO_SEG, image_file, '--shape', '58', '74', '--min-width', '300',
+        '--out-file', out_file, *SEG_OPTIONS
+    ])
+    full = cv2.imread(out_file)
+    assert res['scale'] == 3 and full.shape[1] == 3 * 148
+    assert full.shape[0] - 3 * 58 < 60
+
+
 def test_tool_classification_config_with_checkpoint(tool, image_file,
                                                     tmp_path):
     cfg_file = tmp_path / 'tiny_swin.py'
