@@ -90,7 +90,9 @@ ASSUMPTIONS = dict(
     smem_reserved_per_block=1024,
     max_warps_per_sm=64,
     max_blocks_per_sm=32,
-    sampled_programs=4,  # programs run in the interpreter per launch
+    # Programs run in the interpreter per launch (strata of the first grid
+    # axis: 64 put 3-4 in the partial windows of the last row and column).
+    sampled_programs=64,
     # ... per launch of a kernel that takes tickets: the middles of 20
     # equal strata of the tickets (20 = lcm(4, 5): the clustering's phased
     # levels have 4 or 5 phases of equal length at 2 k-means iterations,
@@ -223,10 +225,15 @@ def _install_counters() -> None:
     launch's sampled programs run), and its atomics to replay tickets."""
     from triton.runtime import interpreter as itp
     cls = type(itp.interpreter_builder)
-    if getattr(cls, '_gpu_model_counts', False):
+    # (Another import of this file may have wrapped them: its wrappers
+    # would count into its own globals.)
+    if getattr(cls, '_gpu_model_owner', None) is _install_counters:
         return
-    dot, load, store, rmw = (cls.create_dot, cls.create_masked_load,
-                             cls.create_masked_store, cls.create_atomic_rmw)
+    if not hasattr(cls, '_gpu_model_originals'):
+        cls._gpu_model_originals = (cls.create_dot, cls.create_masked_load,
+                                    cls.create_masked_store,
+                                    cls.create_atomic_rmw)
+    dot, load, store, rmw = cls._gpu_model_originals
 
     def create_dot(self, a, b, d, *args):
         if _ACTIVE is not None:
@@ -254,22 +261,31 @@ def _install_counters() -> None:
     cls.create_masked_load = create_masked_load
     cls.create_masked_store = create_masked_store
     cls.create_atomic_rmw = create_atomic_rmw
-    cls._gpu_model_counts = True
+    cls._gpu_model_owner = _install_counters
 
 
 def _sample_indices(grid: Tuple[int, int, int],
                     k: int,
-                    strata: bool = False) -> List[int]:
-    """``k`` flat program indices spread over the grid: from the first to
-    the last, or (``strata``) the middles of ``k`` equal strata."""
-    total = grid[0] * grid[1] * grid[2]
+                    tickets: bool = False) -> List[int]:
+    """At most ``k`` flat program indices spread over the grid.
+
+    Tickets: the middles of ``k`` equal strata of the flat range. Grid
+    indices: the middles of ``k`` equal strata of the first axis (where
+    the kernels here put the windows, cluster pairs and nodes, whose
+    sizes differ at the edges), each with the middle of a stratum of the
+    other axes (batch and heads here) in turn.
+    """
+    g0, rest = grid[0], grid[1] * grid[2]
+    total = g0 * rest
     if k >= total:
         return list(range(total))
-    if strata:
+    if tickets:
         return sorted({int((i + 0.5) * total / k) for i in range(k)})
-    return sorted(
-        {round(i * (total - 1) / max(1, k - 1))
-         for i in range(min(k, total))})
+    k = min(k, g0)
+    return sorted({
+        int((i + 0.5) * g0 / k) + g0 * int((i + 0.5) * rest / k)
+        for i in range(k)
+    })
 
 
 def _run_sampled(ifn,
@@ -459,7 +475,7 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
                     # tickets spread over the launch.
                     k, strata = ASSUMPTIONS['sampled_tickets'], True
                     replay = _TicketReplay()
-            idx = _sample_indices(grid, k, strata)
+            idx = _sample_indices(grid, k, tickets=strata)
             count = _run_sampled(ifn, grid, args, kernel_kwargs, idx, replay)
             if replay is not None and not replay.took_tickets:
                 WARNINGS.add(f'{launch.kernel} has atomics but takes no '
