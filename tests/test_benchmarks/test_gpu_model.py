@@ -111,3 +111,21 @@ def test_floor_terms_against_the_plan(model):
     bw = a['tbps'] * 1e12 * a['bytes_fraction']
     assert clustering['us'] == pytest.approx(a['launch_us'] +
                                              clustering['bytes'] / bw * 1e6)
+
+
+def test_grid_sample_is_spread_like_the_grid(model):
+    """64 programs of the window attention's grid at 128^2 (19 x 19
+    windows, 16 sample-heads): the partial windows of the last row and
+    column get their share, and every sample-head is visited; tickets of
+    4 or 5 equal phases get 20 / phases samples each."""
+    idx = model._sample_indices((361, 16, 1), 64)
+    assert len(idx) == 64
+    windows = [f % 361 for f in idx]
+    edge = sum(w % 19 == 18 or w >= 18 * 19 for w in windows)
+    assert abs(edge / 64 - 37 / 361) <= 1.5 / 64
+    assert {f // 361 for f in idx} == set(range(16))
+    for phases in (4, 5):
+        tickets = model._sample_indices((phases * 1024, 1, 1), 20, True)
+        per_phase = [t // 1024 for t in tickets]
+        assert [per_phase.count(p)
+                for p in range(phases)] == [20 // phases] * phases
