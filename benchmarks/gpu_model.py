@@ -16,7 +16,10 @@ measuring. For each benchmark shape (batch 8, bfloat16) it
    they execute: ``tl.dot`` FLOPs, and the bytes every load and store
    moves (the larger of the useful bytes and 32 bytes per distinct
    32-byte sector an access touches, so uncoalesced accesses cost what
-   the memory system moves); the other programs are not run;
+   the memory system moves); the other programs are not run. A kernel
+   that hands out work by ticket (an atomic counter) has its sampled
+   programs replayed as the programs of their index: that ticket, with
+   the programs of smaller tickets counted done;
 3. compiles every distinct kernel variant (constexprs, warps, Triton's
    integer and alignment specialisation) for sm_90 with Triton's bundled
    ptxas in a subprocess and reads registers, spills and shared memory;
@@ -25,14 +28,20 @@ measuring. For each benchmark shape (batch 8, bfloat16) it
    depends on the one before.
 
 It prints one table and, with ``--json FILE``, writes one record per
-shape. ``--sweep`` also counts the compiled variants over 20 token-map
-sizes; ``--check`` runs the window-attention kernels against plain
-attention in float64 first.
+shape. ``--floor`` also computes the least any design of FSLA's structure
+can cost under the same roofline (``FLOOR_PREMISES``) and prints it
+beside the prediction, with its terms; ``--sweep`` also counts the
+compiled variants over 20 token-map sizes; ``--check`` runs the
+window-attention kernels against plain attention in float64 first;
+``--shape`` and ``--batch`` model other shapes (small ones make
+``--exact-atomics``, which runs every program of ticketed kernels,
+affordable).
 
 Example::
 
-    python benchmarks/gpu_model.py
+    python benchmarks/gpu_model.py --floor
     python benchmarks/gpu_model.py --json work_dirs/gpu_model.json --sweep
+    python benchmarks/gpu_model.py --shape 32 256 8 --batch 1 --exact-atomics
 """
 import os
 import sys
@@ -63,6 +72,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 # (side, C, heads): the BOAT-CSWin-T stages of a 512x512 crop.
 SHAPES = [(128, 64, 2), (64, 128, 4), (32, 256, 8)]
 BATCH = 8
+# FSLA's k-means iterations per split and temperature (BOAT's defaults).
+KMEANS_ITERS = 2
+TEMPERATURE = 100.
 
 # The H100 SXM and the roofline. Every figure the prediction uses.
 ASSUMPTIONS = dict(
@@ -78,7 +90,14 @@ ASSUMPTIONS = dict(
     smem_reserved_per_block=1024,
     max_warps_per_sm=64,
     max_blocks_per_sm=32,
-    sampled_programs=4,  # programs run in the interpreter per launch
+    # Programs run in the interpreter per launch (strata of the first grid
+    # axis: 64 put 3-4 in the partial windows of the last row and column).
+    sampled_programs=64,
+    # ... per launch of a kernel that takes tickets: the middles of 20
+    # equal strata of the tickets (20 = lcm(4, 5): the clustering's phased
+    # levels have 4 or 5 phases of equal length at 2 k-means iterations,
+    # and every phase gets the same number of samples).
+    sampled_tickets=20,
 )
 # torch.sort as CUB's radix sort: 8-bit digits, one pass per digit plus a
 # histogram and a setup kernel, each moving keys and int64 indices in and
@@ -137,15 +156,84 @@ def _memory_bytes(ptrs, mask) -> int:
     return max(useful, 32 * np.unique(addr // 32).size)
 
 
+class _TicketReplay:
+    """Runs a sampled program of a launch that hands out work by ticket as
+    the program of that index would run in a full launch: after all
+    programs with smaller tickets.
+
+    Such a kernel's programs take a ticket (their first atomic operation, a
+    scalar add of 1 to a counter) and then wait (spinning on scalar atomic
+    adds of 0, which read a counter) until the programs of smaller tickets
+    have counted themselves done. Here the ticket counter is set to the
+    program's index before its add, and a poll that repeats at the same
+    address (a program spinning) first counts one more program done at
+    that address, as programs with smaller tickets would have. Nothing of
+    the kernel's buffer layout is assumed.
+    """
+
+    MAX_SPIN = 1 << 20
+
+    def __init__(self):
+        self.ticket = 0
+        self.first = True
+        self.poll: Optional[int] = None  # address of the last atomic poll
+        self.spins = 0
+        self.took_tickets = True  # every sampled program's first atomic
+
+    def start(self, ticket: int) -> None:
+        self.ticket, self.first, self.poll, self.spins = ticket, True, None, 0
+
+    def rmw(self, builder, rmw, op, ptr, val, mask, sem, scope):
+        from triton._C.libtriton import ir
+        from triton.runtime.interpreter import _interpreter
+        addr = np.asarray(ptr.data).reshape(-1)
+        on = np.asarray(mask.data).reshape(-1)
+        v = np.asarray(val.data).reshape(-1)
+        scalar_add = (
+            op == ir.ATOMIC_OP.ADD and addr.size == 1 and bool(on.all()))
+        first, self.first = self.first, False
+        poll, self.poll = self.poll, None
+
+        def write(kind, amount: int) -> None:
+            _interpreter.atomic_rmw(kind, ptr.data,
+                                    np.full_like(val.data, amount), mask.data,
+                                    builder.ir_sem_to_interpreter_sem[sem])
+
+        if first:
+            if scalar_add and v[0] == 1:
+                # The counter as the programs before this one left it.
+                write(_interpreter.RMW_OP.XCHG, self.ticket)
+            else:
+                self.took_tickets = False
+        elif scalar_add and v[0] == 0:
+            if poll == int(addr[0]):
+                self.spins += 1
+                if self.spins > self.MAX_SPIN:
+                    raise RuntimeError(
+                        'a sampled program spins on a counter that programs '
+                        'with smaller tickets never complete')
+                write(_interpreter.RMW_OP.ADD, 1)
+            self.poll = int(addr[0])
+        return rmw(builder, op, ptr, val, mask, sem, scope)
+
+
+_REPLAY: Optional[_TicketReplay] = None
+
+
 def _install_counters() -> None:
     """Wraps the interpreter's dot, load and store to count (only while a
-    launch's sampled programs run)."""
+    launch's sampled programs run), and its atomics to replay tickets."""
     from triton.runtime import interpreter as itp
     cls = type(itp.interpreter_builder)
-    if getattr(cls, '_gpu_model_counts', False):
+    # (Another import of this file may have wrapped them: its wrappers
+    # would count into its own globals.)
+    if getattr(cls, '_gpu_model_owner', None) is _install_counters:
         return
-    dot, load, store = (cls.create_dot, cls.create_masked_load,
-                        cls.create_masked_store)
+    if not hasattr(cls, '_gpu_model_originals'):
+        cls._gpu_model_originals = (cls.create_dot, cls.create_masked_load,
+                                    cls.create_masked_store,
+                                    cls.create_atomic_rmw)
+    dot, load, store, rmw = cls._gpu_model_originals
 
     def create_dot(self, a, b, d, *args):
         if _ACTIVE is not None:
@@ -164,29 +252,52 @@ def _install_counters() -> None:
             _ACTIVE.bytes += _memory_bytes(ptrs, mask)
         return store(self, ptrs, value, mask, *args)
 
+    def create_atomic_rmw(self, op, ptr, val, mask, sem, scope):
+        if _REPLAY is not None:
+            return _REPLAY.rmw(self, rmw, op, ptr, val, mask, sem, scope)
+        return rmw(self, op, ptr, val, mask, sem, scope)
+
     cls.create_dot = create_dot
     cls.create_masked_load = create_masked_load
     cls.create_masked_store = create_masked_store
-    cls._gpu_model_counts = True
+    cls.create_atomic_rmw = create_atomic_rmw
+    cls._gpu_model_owner = _install_counters
 
 
-def _sample_indices(grid: Tuple[int, int, int], k: int) -> List[tuple]:
-    total = grid[0] * grid[1] * grid[2]
-    flat = sorted(
-        {round(i * (total - 1) / max(1, k - 1))
-         for i in range(min(k, total))})
-    out = []
-    for f in flat:
-        z, rest = divmod(f, grid[0] * grid[1])
-        y, x = divmod(rest, grid[0])
-        out.append((x, y, z))
-    return out
+def _sample_indices(grid: Tuple[int, int, int],
+                    k: int,
+                    tickets: bool = False) -> List[int]:
+    """At most ``k`` flat program indices spread over the grid.
+
+    Tickets: the middles of ``k`` equal strata of the flat range. Grid
+    indices: the middles of ``k`` equal strata of the first axis (where
+    the kernels here put the windows, cluster pairs and nodes, whose
+    sizes differ at the edges), each with the middle of a stratum of the
+    other axes (batch and heads here) in turn.
+    """
+    g0, rest = grid[0], grid[1] * grid[2]
+    total = g0 * rest
+    if k >= total:
+        return list(range(total))
+    if tickets:
+        return sorted({int((i + 0.5) * total / k) for i in range(k)})
+    k = min(k, g0)
+    return sorted({
+        int((i + 0.5) * g0 / k) + g0 * int((i + 0.5) * rest / k)
+        for i in range(k)
+    })
 
 
-def _run_sampled(ifn, grid, args, kwargs, indices) -> _Counter:
-    """Runs the programs ``indices`` of a launch in the interpreter (the
-    grid executor's own steps, over a subset of the grid)."""
-    global _ACTIVE
+def _run_sampled(ifn,
+                 grid,
+                 args,
+                 kwargs,
+                 indices: List[int],
+                 replay: Optional[_TicketReplay] = None) -> _Counter:
+    """Runs the programs ``indices`` (flat) of a launch in the interpreter
+    (the grid executor's own steps, over a subset of the grid); with
+    ``replay``, each as the program of that index in ticket order."""
+    global _ACTIVE, _REPLAY
     from triton.runtime import interpreter as itp
     fn = ifn.rewrite()
     executor = itp.GridExecutor(fn, ifn.arg_names, grid)
@@ -200,22 +311,27 @@ def _run_sampled(ifn, grid, args, kwargs, indices) -> _Counter:
             for n, a in call.items()
         }
         itp.interpreter_builder.set_grid_dim(*grid)
-        _ACTIVE = counter
-        for idx in indices:
-            itp.interpreter_builder.set_grid_idx(*idx)
+        _ACTIVE, _REPLAY = counter, replay
+        for f in indices:
+            z, rest = divmod(f, grid[0] * grid[1])
+            y, x = divmod(rest, grid[0])
+            itp.interpreter_builder.set_grid_idx(x, y, z)
+            if replay is not None:
+                replay.start(f)
             fn(**call)
     finally:
-        _ACTIVE = None
+        _ACTIVE = _REPLAY = None
         scope.restore()
     return counter
 
 
 def _uses_atomics(fn) -> bool:
-    """Whether a kernel's own source has atomic operations."""
-    try:
-        return 'atomic_' in inspect.getsource(fn)
-    except (OSError, TypeError):
-        return False
+    """Whether a kernel's own code calls atomic operations (from its code
+    object: the interpreter's rewrite of another kernel of the module
+    can leave ``inspect.getsource`` reading the wrong lines)."""
+    code = getattr(fn, '__code__', None)
+    return code is not None and any(
+        n.startswith('atomic_') for n in code.co_names)
 
 
 def _type_of(value, fixed: bool = False) -> Tuple[str, str]:
@@ -276,6 +392,7 @@ class Launch:
         self.signature, self.constexprs = signature, constexprs
         self.attrs, self.options = attrs, options
         self.flops = self.bytes = 0.  # totals, estimated from the sample
+        self.sampled = 0  # programs run in the interpreter
 
     def variant(self) -> str:
         # The signature in argument order (the compiler reads it so).
@@ -348,21 +465,28 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         launch = Launch(ifn.fn.__name__, ifn.fn.__module__, grid, signature,
                         constexprs, attrs, options)
         if self.sample and launch.programs:
-            k = ASSUMPTIONS['sampled_programs']
+            k, replay = ASSUMPTIONS['sampled_programs'], None
+            strata = False
             if _uses_atomics(ifn.fn):
-                # Programs that take tickets (atomic counters) may get their
-                # work from the ticket, not the grid index: the sample is
-                # the first tickets unless all programs run (slow).
-                WARNINGS.add(f'{launch.kernel} uses atomics: ' + (
-                    'all its programs ran' if EXACT_ATOMICS else
-                    'its sample is its first programs (--exact-atomics '
-                    'runs them all, slowly)'))
                 if EXACT_ATOMICS:
                     k = launch.programs
-            idx = _sample_indices(grid, k)
-            count = _run_sampled(ifn, grid, args, kernel_kwargs, idx)
+                else:
+                    # Programs that take tickets get their work from the
+                    # ticket, not the grid index: the sample replays
+                    # tickets spread over the launch.
+                    k, strata = ASSUMPTIONS['sampled_tickets'], True
+                    replay = _TicketReplay()
+            idx = _sample_indices(grid, k, tickets=strata)
+            count = _run_sampled(ifn, grid, args, kernel_kwargs, idx, replay)
+            if replay is not None and not replay.took_tickets:
+                WARNINGS.add(f'{launch.kernel} has atomics but takes no '
+                             f'ticket: its sample is by grid index')
+            elif EXACT_ATOMICS and k == launch.programs:
+                WARNINGS.add(f'{launch.kernel} uses atomics: all its '
+                             f'programs ran')
             launch.flops = count.flops * launch.programs / len(idx)
             launch.bytes = count.bytes * launch.programs / len(idx)
+            launch.sampled = len(idx)
         self.launches.append(launch)
 
     # torch -------------------------------------------------------------
@@ -524,7 +648,8 @@ def record_shape(side: int,
 
     fsla = Recorder(sample)
     with recording(fsla):
-        balanced_hierarchical_clustering(q, plan, 2, 100., impl='triton')
+        balanced_hierarchical_clustering(
+            q, plan, KMEANS_ITERS, TEMPERATURE, impl='triton')
     x = qkv.clone().requires_grad_()
     with recording(fsla):
         out, image = clustered_attention(
@@ -667,22 +792,146 @@ def ops_us(ops: List[TorchOp]) -> float:
     return sum(op.kernels * a['launch_us'] + op.bytes / bw * 1e6 for op in ops)
 
 
-def useful_flops(plan, batch: int, heads: int, d: int) -> Tuple[int, int]:
-    """Useful attention FLOPs of FSLA and of 7x7 windows (14 d per query
-    and key pair: two products forward, five backward)."""
+def _pairs(plan) -> Tuple[int, int, int]:
+    """(FSLA query-key pairs, keys borrowed from siblings, 7x7-window
+    pairs) of one head of one sample."""
     S = plan.slot_size
     n = plan.slot_valid.view(-1, S).sum(1).tolist()
-    pairs = 0
+    pairs = borrowed = 0
     for c, own in enumerate(n):
-        pairs += own * (own + min(n[c ^ 1], plan.overlap))
+        lent = min(n[c ^ 1], plan.overlap) if len(n) > 1 else 0
+        pairs += own * (own + lent)
+        borrowed += lent
     side = int(round(math.sqrt(plan.num_tokens)))
     win = 0
     for r0 in range(0, side, 7):
         for c0 in range(0, side, 7):
             t = min(7, side - r0) * min(7, side - c0)
             win += t * t
+    return pairs, borrowed, win
+
+
+def useful_flops(plan, batch: int, heads: int, d: int) -> Tuple[int, int]:
+    """Useful attention FLOPs of FSLA and of 7x7 windows (14 d per query
+    and key pair: two products forward, five backward)."""
+    pairs, _, win = _pairs(plan)
     scale = batch * heads * 14 * d
     return pairs * scale, win * scale
+
+
+# The premises of the floor (``--floor``), printed with it.
+FLOOR_PREMISES = (
+    'the roofline of the model (bytes at {bytes_fraction:.0%} of {tbps} '
+    'TB/s, FLOPs at {flops_fraction:.0%} of {tflops_bf16:.0f} TFLOP/s, '
+    'overlapped; {launch_us:.0f} us per dependent launch; no L2: every '
+    'byte from HBM once per pass)',
+    'attention forward: one launch; reads q, k, v once, the keys and '
+    'values each cluster borrows from its sibling, the permutation; '
+    'writes the output, the log-sum-exp and the channels-last value '
+    'image; 4 d FLOPs per real query-key pair',
+    'attention backward: one launch; reads q, k, v (and the borrowed '
+    'keys and values), the permutation, the output, the gradients of the '
+    'output and of the value image, the log-sum-exp; writes the qkv '
+    'gradient; 10 d FLOPs per pair',
+    'clustering: one launch; reads q once and writes the permutation '
+    '(int64); and for each level whose nodes hold more than SORT_MAX = '
+    '{sort_max} slots (more than one program can hold), kmeans_iters + 1 '
+    '= {passes} more passes over q (each k-means step and the final '
+    'ratios need the whole node\'s sums of the step before, a grid-wide '
+    'exchange, and a ticket-ordered kernel that the interpreter can run '
+    'keeps nothing on chip across one); nothing else (no keys, ranks, '
+    'partial sums or initial centroids)',
+    'window attention (its floor): forward reads q, k, v and writes the '
+    'output and log-sum-exp; backward reads q, k, v, output, its gradient '
+    'and the log-sum-exp and writes the qkv gradient; one launch each',
+)
+
+
+def floor_terms(shape, plan, batch: int) -> List[dict]:
+    """The least a forward+backward of FSLA (and of the 7x7 window
+    attention) can cost with this op's contract, term by term (see
+    :data:`FLOOR_PREMISES`): one dict per launch with its ``terms``
+    (name, bytes) and FLOPs."""
+    from boat_mm.ops._library import _lse_dtype
+    from boat_mm.ops.triton.clustering import SORT_MAX
+    side, dims, heads = shape
+    N, d, elem = side * side, dims // heads, 2  # bfloat16
+    lse_elem = torch.tensor([],
+                            dtype=_lse_dtype(torch.bfloat16)).element_size()
+    rows = batch * heads
+    slots = plan.slot_size << plan.num_levels
+    pairs, borrowed, win = _pairs(plan)
+    q = batch * N * dims * elem
+    qkv, out = 3 * q, q
+    perm = rows * slots * 8
+    lse = rows * slots * lse_elem
+    lent = rows * borrowed * 2 * d * elem
+    big = [
+        lv for lv in range(plan.num_levels)
+        if plan.slot_size << (plan.num_levels - lv) > SORT_MAX
+    ]
+    passes = (KMEANS_ITERS + 1) * len(big)
+    win_lse = rows * N * lse_elem
+    fsla = [
+        dict(
+            stage='clustering',
+            flops=0,
+            terms=[('read q', q), ('write the permutation', perm),
+                   ('passes over q', passes * q)],
+            detail={
+                'passes over q':
+                f'{passes}: {len(big)} levels of nodes > {SORT_MAX} '
+                f'slots x {KMEANS_ITERS + 1}'
+            }),
+        dict(
+            stage='attention forward',
+            flops=4 * d * pairs * rows,
+            terms=[('read q, k, v', qkv), ('read borrowed k, v', lent),
+                   ('read the permutation', perm), ('write the output', out),
+                   ('write the log-sum-exp', lse),
+                   ('write the value image', out)]),
+        dict(
+            stage='attention backward',
+            flops=10 * d * pairs * rows,
+            terms=[('read q, k, v', qkv), ('read borrowed k, v', lent),
+                   ('read the permutation', perm), ('read the output', out),
+                   ('read the output gradient', out),
+                   ('read the value image gradient', out),
+                   ('read the log-sum-exp', lse),
+                   ('write the qkv gradient', qkv)]),
+    ]
+    window = [
+        dict(
+            stage='window forward',
+            flops=4 * d * win * rows,
+            terms=[('read q, k, v', qkv), ('write the output', out),
+                   ('write the log-sum-exp', win_lse)]),
+        dict(
+            stage='window backward',
+            flops=10 * d * win * rows,
+            terms=[('read q, k, v', qkv), ('read the output', out),
+                   ('read the output gradient', out),
+                   ('read the log-sum-exp', win_lse),
+                   ('write the qkv gradient', qkv)]),
+    ]
+    a = ASSUMPTIONS
+    bw = a['tbps'] * 1e12 * a['bytes_fraction']
+    fl = a['tflops_bf16'] * 1e12 * a['flops_fraction']
+    for is_fsla, launches in ((True, fsla), (False, window)):
+        for launch in launches:
+            launch['fsla'] = is_fsla
+            launch['bytes'] = sum(b for _, b in launch['terms'])
+            launch['us'] = a['launch_us'] + 1e6 * max(launch['bytes'] / bw,
+                                                      launch['flops'] / fl)
+    return fsla + window
+
+
+def floor_premises() -> List[str]:
+    from boat_mm.ops.triton.clustering import SORT_MAX
+    return [
+        p.format(**ASSUMPTIONS, sort_max=SORT_MAX, passes=KMEANS_ITERS + 1)
+        for p in FLOOR_PREMISES
+    ]
 
 
 def _is_attention(launch: Launch) -> bool:
@@ -693,6 +942,11 @@ def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> dict:
     side, dims, heads = shape
     fsla, window = rec['fsla'], rec['window']
     useful, useful_win = useful_flops(rec['plan'], BATCH, heads, dims // heads)
+    floor = floor_terms(shape, rec['plan'], BATCH)
+    floor_us = {
+        key: sum(x['us'] for x in floor if x['fsla'] == (key == 'fsla'))
+        for key in ('fsla', 'window')
+    }
     attn = [x for x in fsla.launches if _is_attention(x)]
     t = {}
     for key, r in (('fsla', fsla), ('window', window)):
@@ -724,7 +978,8 @@ def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> dict:
         window_over_useful=sum(x.flops for x in window.launches) / useful_win,
         attention_us=sum(launch_us(x, facts[x.variant()]) for x in attn),
         attention_kernels=[(x.kernel, facts[x.variant()]['registers'],
-                            occupancy(facts[x.variant()])[1]) for x in attn])
+                            occupancy(facts[x.variant()])[1]) for x in attn],
+        floor=floor)
     record = {
         'shape': [side, dims, heads],
         'launches':
@@ -741,6 +996,24 @@ def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> dict:
         },
         'ratio':
         round(t['fsla'] / t['window'], 2),
+        'batch':
+        BATCH,
+        'floor_us': {
+            k: round(v, 1)
+            for k, v in floor_us.items()
+        },
+        'floor_ratio':
+        round(floor_us['fsla'] / t['window'], 2),
+        'floor_over_window_floor':
+        round(floor_us['fsla'] / floor_us['window'], 2),
+        'floor': [
+            dict(
+                stage=x['stage'],
+                us=round(x['us'], 1),
+                bytes=x['bytes'],
+                flops=x['flops'],
+                terms=dict(x['terms'])) for x in floor
+        ],
     }
     return record, extra
 
@@ -771,8 +1044,43 @@ def print_table(rows, variants: Tuple[int, int]) -> None:
               f'{rec["predicted_us"]["fsla"]:.0f} / '
               f'{rec["predicted_us"]["window"]:.0f} '
               f'({ex["attention_us"]:.0f}) | {rec["ratio"]:.2f}x |')
-    print(f'\ncompiled variants for the three shapes: {variants[0]} '
+    print(f'\ncompiled variants for these shapes: {variants[0]} '
           f'clustering + {variants[1]} attention')
+
+
+def print_floor(rows) -> None:
+    """The floor beside the model's prediction, its premises and terms."""
+    print('\nfloor (the least any design of this structure costs, under '
+          'the premises below):\n')
+    print('| tokens (C, heads) | predicted us fsla / window | fsla/window | '
+          'floor us fsla (clustering + forward + backward) | floor / '
+          'predicted window | window floor us | floor / window floor |')
+    print('|---|---|---|---|---|---|---|')
+    for rec, ex in rows:
+        side, dims, heads = rec['shape']
+        parts = ' + '.join(f'{x["us"]:.0f}' for x in ex['floor'] if x['fsla'])
+        print(f'| {side}^2 ({dims}, {heads}) | '
+              f'{rec["predicted_us"]["fsla"]:.0f} / '
+              f'{rec["predicted_us"]["window"]:.0f} | {rec["ratio"]:.2f}x | '
+              f'{rec["floor_us"]["fsla"]:.0f} ({parts}) | '
+              f'{rec["floor_ratio"]:.2f}x | {rec["floor_us"]["window"]:.0f} '
+              f'| {rec["floor_over_window_floor"]:.2f}x |')
+    print('\npremises:')
+    for premise in floor_premises():
+        print(f'- {premise}')
+    for rec, ex in rows:
+        side, dims, heads = rec['shape']
+        print(f'\nfloor terms of {side}^2 (C {dims}, {heads} heads, batch '
+              f'{rec["batch"]}):')
+        print('| launch | term | MB |')
+        print('|---|---|---|')
+        for x in ex['floor']:
+            for name, nbytes in x['terms']:
+                if name in x.get('detail', {}):
+                    name = f'{name} ({x["detail"][name]})'
+                print(f'| {x["stage"]} | {name} | {nbytes / 1e6:.1f} |')
+            print(f'| {x["stage"]} | = {x["bytes"] / 1e6:.1f} MB, '
+                  f'{x["flops"] / 1e9:.2f} GFLOP: {x["us"]:.1f} us | |')
 
 
 def print_kernels(launches: List[Launch], facts: Dict[str, dict]) -> None:
@@ -835,7 +1143,11 @@ def _record_hw(H: int, W: int, dims: int, heads: int) -> Recorder:
     rec = Recorder(sample=False)
     with recording(rec):
         balanced_hierarchical_clustering(
-            q.reshape(BATCH * heads, N, d), plan, 2, 100., impl='triton')
+            q.reshape(BATCH * heads, N, d),
+            plan,
+            KMEANS_ITERS,
+            TEMPERATURE,
+            impl='triton')
         x = qkv.clone().requires_grad_()
         out, image = clustered_attention(
             x,
@@ -875,6 +1187,7 @@ def check_window() -> None:
 
 
 def main() -> None:
+    global EXACT_ATOMICS, BATCH
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--json', help='write one record per shape here')
     parser.add_argument(
@@ -895,24 +1208,38 @@ def main() -> None:
         '--exact-atomics',
         action='store_true',
         help='run every program of kernels with atomics (slow)')
+    parser.add_argument(
+        '--floor',
+        action='store_true',
+        help='print the least FSLA can cost, its premises and terms')
+    parser.add_argument(
+        '--shape',
+        nargs=3,
+        type=int,
+        action='append',
+        metavar=('SIDE', 'C', 'HEADS'),
+        help='model this shape instead of the three stages (repeatable)')
+    parser.add_argument(
+        '--batch', type=int, default=BATCH, help='batch size (default 8)')
     parser.add_argument('--compile-worker', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_worker:
         _compile_worker(*args.compile_worker)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    global EXACT_ATOMICS
     EXACT_ATOMICS = args.exact_atomics
+    BATCH = args.batch
+    shapes = [tuple(x) for x in args.shape] if args.shape else SHAPES
     if args.check:
         check_window()
-    recs = {shape: record_shape(*shape) for shape in SHAPES}
+    recs = {shape: record_shape(*shape, batch=BATCH) for shape in shapes}
     launches = [
         x for r in recs.values() for k in ('fsla', 'window')
         for x in r[k].launches
     ]
     variants = sorted({x.variant() for x in launches})
     facts = compile_variants(variants, osp.abspath(args.cache_dir))
-    rows = [model_shape(s, recs[s], facts) for s in SHAPES]
+    rows = [model_shape(s, recs[s], facts) for s in shapes]
     fsla = {(_is_attention(x), x.variant())
             for r in recs.values()
             for x in r['fsla'].launches}
@@ -921,6 +1248,8 @@ def main() -> None:
     print_table(rows, fsla_variants)
     for warning in sorted(WARNINGS):
         print(f'note: {warning}')
+    if args.floor:
+        print_floor(rows)
     if args.kernels:
         print_kernels(launches, facts)
     if args.launches:
