@@ -435,7 +435,8 @@ COVERAGE: Dict[str, object] = {
     NotRun('needs a CUDA GPU'),
     'benchmarks/gpu_model.py':
     NotRun('a model (minutes; never a test); test_triton_attention.py tests '
-           'its recording'),
+           'its recording, tests/test_benchmarks/test_gpu_model.py its '
+           'sampling and floor'),
 }
 
 # Placeholders of the docs' command lines, for the argument parsers.
