@@ -117,8 +117,7 @@ def test_triton_tiles_are_bucketed():
     assert all(cfg(s) == cfg(49) for s in range(33, 65))
     assert cfg(65)['BLOCK_S'] == 128 and cfg(49)['BLOCK_S'] == 64
     assert cfg(49, 16)['TAIL'] == 16 and cfg(49)['TAIL'] == 32
-    for kernel in (kernels._forward_kernel, kernels._backward_kernel,
-                   kernels._lent_keys_kernel):
+    for kernel in (kernels._forward_kernel, kernels._backward_kernel):
         fixed = set(kernel.arg_names) & {'S', 'N', 'overlap', 'G'}
         assert fixed and fixed <= set(_no_specialisation(kernel))
 
@@ -298,15 +297,14 @@ for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
     cfg = k._launch_config(dtype, d, 49, 20, torch.device('cuda'))
     t, lse = names[dtype], names[k._lse_dtype(dtype)]
     ptrs = dict(qkv=t, out=t, image=t, grad_out=t, grad_image=t, grad=t,
-                perm='i64', valid='u8', lse=lse, part='fp32')
-    common = dict(HEADS=2, D=d, BLOCK_D=cfg['BLOCK_D'],
-                  BLOCK_S=cfg['BLOCK_S'], TAIL=cfg['TAIL'])
-    tiles = dict(common, ACC=cfg['ACC'], PRECISION=cfg['PRECISION'],
-                 UPCAST=False, HAS_IMAGE=True)
-    for kernel, consts, warps in (
-            (k._forward_kernel, tiles, cfg['fwd_warps']),
-            (k._backward_kernel, tiles, cfg['bwd_warps']),
-            (k._lent_keys_kernel, common, 4)):
+                perm='i64', valid='u8', lse=lse, scratch=lse)
+    consts = dict(HEADS=2, D=d, BLOCK_D=cfg['BLOCK_D'],
+                  BLOCK_S=cfg['BLOCK_S'], TAIL=cfg['TAIL'], ACC=cfg['ACC'],
+                  PRECISION=cfg['PRECISION'], UPCAST=False, HAS_IMAGE=True)
+    for kernel, options in (
+            (k._forward_kernel, dict(num_warps=cfg['fwd_warps'])),
+            (k._backward_kernel, dict(num_warps=cfg['bwd_warps'],
+                                      maxnreg=cfg['bwd_maxnreg']))):
         names_ = kernel.arg_names
         sig = {a: 'constexpr' if a in consts else '*' + ptrs[a]
                if a in ptrs else 'fp32' if a.startswith('scale') else 'i32'
@@ -316,7 +314,7 @@ for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                  for i, a in enumerate(names_) if a in ptrs or a == 'C'}
         binary = triton.compile(ASTSource(kernel, sig, consts, attrs),
                                 target=GPUTarget('cuda', 90, 32),
-                                options=dict(num_warps=warps))
+                                options=options)
         with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
             f.write(binary.asm['ptx'])
             f.flush()
@@ -343,7 +341,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = [line.split() for line in done.stdout.splitlines()]
-    assert len(facts) == 9, done.stdout
+    assert len(facts) == 6, done.stdout
     for name, dtype, d, regs, spills in facts:
         assert int(spills) == 0, (name, dtype, d)
         assert int(regs) <= _MAX_REGISTERS.get((name, dtype, d),
@@ -369,7 +367,7 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
     from boat_mm.ops.triton import clustered_attention as kernels
     rec = model.record_shape(14, 32, 2, batch=1)
     names = [x.kernel for x in rec['fsla'].launches]
-    attention = ['_forward_kernel', '_backward_kernel', '_lent_keys_kernel']
+    attention = ['_forward_kernel', '_backward_kernel']
     assert [n for n in names if n in attention] == attention
     assert len(names) > 3  # the clustering's launches come first
     cfg = kernels._launch_config(torch.bfloat16, 16, 49, 20,
