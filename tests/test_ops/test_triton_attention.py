@@ -103,6 +103,41 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+# Where the backward's schedule of one program per sibling pair changes:
+# one cluster (no sibling; plans have no odd cluster count above 1) and
+# one pair with padded slots (N = 81: clusters of 41 and 40 tokens), at
+# batch 1 and 8; several pairs are in the tests above.
+@pytest.mark.parametrize('h,w,batch', [(6, 7, 1), (6, 7, 8), (9, 9, 1),
+                                       (9, 9, 8)])
+def test_triton_pair_schedule_in_float64(h, w, batch):
+    """The op's outputs and qkv gradient (its registered autograd, the
+    Triton backward) against autograd through the tensor path."""
+    qkv, perm, plan = _problem((h, w), 32, 2, batch=batch, seed=h + batch)
+    if plan.num_clusters == 1:
+        # The public function runs SDPA for one cluster, so the op is
+        # called directly, with any order of the tokens in the slots.
+        gen = torch.Generator().manual_seed(batch)
+        perm = torch.stack([
+            torch.randperm(h * w, generator=gen) for _ in range(2 * batch)
+        ]).to(DEVICE)
+    else:
+        assert plan.num_clusters == 2
+    out, image, _ = torch.ops.boat_mm_triton.clustered_attention(
+        qkv, perm, plan.slot_valid, 2, plan.slot_size, plan.overlap, 0.25,
+        [h, w])
+    ref = clustered_attention(
+        qkv, perm, plan, 2, scale=0.25, hw_shape=(h, w), impl='tensor')
+    gen = torch.Generator().manual_seed(1)
+    g_out, g_img = (torch.randn(t.shape, generator=gen,
+                                dtype=t.dtype).to(DEVICE) for t in ref)
+    grads = [
+        torch.autograd.grad((o * g_out).sum() + (i * g_img).sum(), qkv)[0]
+        for o, i in ((out, image), ref)
+    ]
+    for a, b in zip((out, image, grads[0]), (*ref, grads[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_triton_tiles_are_bucketed():
     """Only power-of-two tile sizes of the slot size and overlap reach the
     compiler: every slot size from 33 to 64 gives the same constants (the

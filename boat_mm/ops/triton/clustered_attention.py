@@ -8,8 +8,9 @@ tests use):
 
 - The forward runs one program per ``(cluster, sample * head)``: grid
   ``(G, B * h)``, fixed by the plan (as the backward's), so launches need
-  no host-device synchronisation and CUDA graphs can capture them. The real-token count of a cluster is read on
-  the device from ``slot_valid`` (real slots first, as in every
+  no host-device synchronisation and CUDA graphs can capture them. The
+  real-token count of a cluster is read on the device from
+  ``slot_valid`` (real slots first, as in every
   :class:`~boat_mm.ops.ClusterPlan`).
 - A program loads the q, k and v rows of its tokens straight from the
   ``(B, N, 3C)`` qkv through ``perm`` (no permuted copies) into one tile
