@@ -314,9 +314,9 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
         tl.debug_barrier()
         _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N,
                    C, S, row, pair, m, a + 1, n_b, 0, lend_b,
-                   a * S + n_a - lend_a,
-                   lend_a, 1, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S,
-                   TAIL, HAS_IMAGE, ACC, PRECISION, UPCAST)
+                   a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS,
+                   D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION,
+                   UPCAST)
         # 2j's lent keys: its own queries' part and 2j+1's.
         tl.debug_barrier()
         j = tl.arange(0, TAIL)
