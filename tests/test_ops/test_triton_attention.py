@@ -106,12 +106,24 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
 # Where the backward's schedule of one program per sibling pair changes:
 # one cluster (no sibling; plans have no odd cluster count above 1) and
 # one pair with padded slots (N = 81: clusters of 41 and 40 tokens), at
-# batch 1 and 8; several pairs are in the tests above.
-@pytest.mark.parametrize('h,w,batch', [(6, 7, 1), (6, 7, 8), (9, 9, 1),
-                                       (9, 9, 8)])
-def test_triton_pair_schedule_in_float64(h, w, batch):
+# batch 1 and 8; several pairs are in the tests above. lent_in_pass: the
+# lent keys completed by the second pass, as for 16-bit inputs (else
+# after both passes, as for 32- and 64-bit ones).
+@pytest.mark.parametrize('h,w,batch,lent_in_pass', [(6, 7, 1, False),
+                                                    (6, 7, 8, False),
+                                                    (9, 9, 1, False),
+                                                    (9, 9, 8, False),
+                                                    (9, 9, 8, True),
+                                                    (14, 14, 1, True)])
+def test_triton_pair_schedule_in_float64(h, w, batch, lent_in_pass,
+                                         monkeypatch):
     """The op's outputs and qkv gradient (its registered autograd, the
     Triton backward) against autograd through the tensor path."""
+    from boat_mm.ops.triton import clustered_attention as kernels
+    config = kernels._launch_config
+    monkeypatch.setattr(
+        kernels, '_launch_config',
+        lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
     qkv, perm, plan = _problem((h, w), 16, 1, batch=batch, seed=h + batch)
     if plan.num_clusters == 1:
         # The public function runs SDPA for one cluster, so the op is
@@ -120,8 +132,6 @@ def test_triton_pair_schedule_in_float64(h, w, batch):
         perm = torch.stack([
             torch.randperm(h * w, generator=gen) for _ in range(batch)
         ]).to(DEVICE)
-    else:
-        assert plan.num_clusters == 2
     out, image, _ = torch.ops.boat_mm_triton.clustered_attention(
         qkv, perm, plan.slot_valid, 1, plan.slot_size, plan.overlap, 0.25,
         [h, w])
@@ -335,19 +345,21 @@ for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                 perm='i64', valid='u8', lse=lse, scratch=lse)
     consts = dict(HEADS=2, D=d, BLOCK_D=cfg['BLOCK_D'],
                   BLOCK_S=cfg['BLOCK_S'], TAIL=cfg['TAIL'], ACC=cfg['ACC'],
-                  PRECISION=cfg['PRECISION'], UPCAST=False, HAS_IMAGE=True)
+                  PRECISION=cfg['PRECISION'], UPCAST=False, HAS_IMAGE=True,
+                  LENT_IN_PASS=cfg['LENT_IN_PASS'])
     for kernel, options in (
             (k._forward_kernel, dict(num_warps=cfg['fwd_warps'])),
             (k._backward_kernel, dict(num_warps=cfg['bwd_warps'],
                                       maxnreg=cfg['bwd_maxnreg']))):
         names_ = kernel.arg_names
-        sig = {a: 'constexpr' if a in consts else '*' + ptrs[a]
+        consts_ = {a: v for a, v in consts.items() if a in names_}
+        sig = {a: 'constexpr' if a in consts_ else '*' + ptrs[a]
                if a in ptrs else 'fp32' if a.startswith('scale') else 'i32'
                for a in names_}
         # As launched on CUDA: aligned pointers, C a multiple of 16.
         attrs = {(i, ): [['tt.divisibility', 16]]
                  for i, a in enumerate(names_) if a in ptrs or a == 'C'}
-        binary = triton.compile(ASTSource(kernel, sig, consts, attrs),
+        binary = triton.compile(ASTSource(kernel, sig, consts_, attrs),
                                 target=GPUTarget('cuda', 90, 32),
                                 options=options)
         with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:

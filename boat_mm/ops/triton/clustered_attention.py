@@ -33,14 +33,16 @@ tests use):
   and key). It takes ``2j``'s slots rotated so that the keys ``2j+1``
   borrows are its first rows, as the keys ``2j`` borrows are ``2j+1``'s:
   the lent keys' gradients from the two clusters' queries then add up
-  row by row. They meet in a scratch of six ``TAIL``-row tiles per
-  program that the same program writes and reads back after a barrier:
-  a register tile cannot be handed from one pass to the other without
-  the compiler keeping both passes' values alive at once (hundreds of
-  registers and spills on sm_90), so each pass is a separate
-  (``noinline``) function of scalar arguments. Every row of the qkv
-  gradient is written once, by one program: deterministic, no atomics,
-  no second kernel.
+  row by row. They meet in a scratch of ``TAIL``-row tiles per program
+  (four for 16-bit inputs, whose second pass completes the lent keys;
+  six for 32- and 64-bit ones, added up after both passes, as their
+  float32 products spill otherwise) that the same program writes and
+  reads back after a barrier: a register tile cannot be handed from one
+  pass to the other without the compiler keeping both passes' values
+  alive at once (hundreds of registers and spills on sm_90), so each
+  pass is a separate (``noinline``) function of scalar arguments. Every
+  row of the qkv gradient is written once, by one program:
+  deterministic, no atomics, no second kernel.
 - The slot size, overlap, token count and cluster count are run-time
   arguments Triton does not specialise on; only their power-of-two tile
   sizes are compile-time, so a new resolution in the same bucket does not
@@ -191,7 +193,7 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
                ACC: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+               UPCAST: tl.constexpr, LENT_IN_PASS: tl.constexpr):
     """The queries of cluster ``c`` of the program's sibling pair (the
     first, ``2j``, when ``second`` is 0) against their keys: its ``n_c``
     tokens (slots rotated by ``shift``, so that the ``lend`` keys its
@@ -250,9 +252,10 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
 
     # The pair's scratch, TAIL x D tiles of k (unscaled) and v gradients
     # of lent keys: [0, 1] 2j's own part of its lent keys, [2, 3] 2j's
-    # queries' part of 2j+1's, [4, 5] 2j+1's queries' part of 2j's.
+    # queries' part of 2j+1's, [4, 5] 2j+1's queries' part of 2j's
+    # (without LENT_IN_PASS).
     cell = scratch + (m.to(tl.int64) * tl.num_programs(0) + pair) * (
-        6 * TAIL * D)
+        (4 if LENT_IN_PASS else 6) * TAIL * D)
     at = cell + offs[:, None] * D + offs_d[None, :]
     lent = (offs < lend)[:, None] & d_ok[None, :]
     # Own keys: 2j's but the lent ones; all of 2j+1's, with 2j's queries'
@@ -270,14 +273,56 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
                 out_dtype=ACC)
     tl.store(g_at + 2 * C, dv.to(ty), mask=done)
     tl.store(at + TAIL * D, dv, mask=lent & (second == 0))
-    # Borrowed keys: 2j's queries' part of 2j+1's lent keys ([2, 3]) or
-    # 2j+1's queries' part of 2j's ([4, 5]).
-    t_at = cell + (2 + 2 * second) * TAIL * D + j[:, None] * D + offs_d[
-        None, :]
-    dkt = tl.dot(tl.trans(dst), q, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(t_at, dkt, mask=t_mask)
-    dvt = tl.dot(tl.trans(pt), do, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(t_at + TAIL * D, dvt, mask=t_mask)
+    # Borrowed keys: 2j's queries' part of 2j+1's lent keys ([2, 3]);
+    # 2j+1's queries' part of 2j's, which completes them with [0, 1]
+    # (LENT_IN_PASS) or goes to [4, 5] for the kernel to add up. (The
+    # float32 products of 32-bit inputs spill with the former on sm_90.)
+    t_at = cell + j[:, None] * D + offs_d[None, :]
+    if LENT_IN_PASS:
+        complete = t_mask & (second != 0)
+        dkt = tl.load(t_at, mask=complete, other=0.)
+        dvt = tl.load(t_at + TAIL * D, mask=complete, other=0.)
+        left = t_mask & (second == 0)
+        t_at += 2 * TAIL * D
+    else:
+        dkt, dvt = None, None
+        left = t_mask
+        t_at += (2 + 2 * second) * TAIL * D
+    dkt = tl.dot(tl.trans(dst), q, dkt, input_precision=PRECISION,
+                 out_dtype=ACC)
+    tl.store(t_at, dkt, mask=left)
+    dvt = tl.dot(tl.trans(pt), do, dvt, input_precision=PRECISION,
+                 out_dtype=ACC)
+    tl.store(t_at + TAIL * D, dvt, mask=left)
+    if LENT_IN_PASS:
+        tg_at = grad + g_base + t_tok[:, None] * (3 * C) + offs_d[None, :]
+        tl.store(tg_at + C, (dkt * scale + dkt * scale_lo).to(ty),
+                 mask=complete)
+        tl.store(tg_at + 2 * C, dvt.to(ty), mask=complete)
+
+
+@triton.jit
+def _add_lent(perm, grad, scratch, N, C, S, row, pair, m, a, n_a, lend_a,
+              scale, scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
+              BLOCK_D: tl.constexpr, TAIL: tl.constexpr):
+    """The k and v gradients of 2j's lent keys: its own queries' part
+    and 2j+1's, from the scratch's tiles [0, 1] and [4, 5]."""
+    j = tl.arange(0, TAIL)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = j < lend_a
+    tok = tl.load(perm + row + a * S + n_a - lend_a + j, mask=ok, other=0)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    cell = scratch + (m.to(tl.int64) * tl.num_programs(0) + pair) * (
+        6 * TAIL * D) + j[:, None] * D + offs_d[None, :]
+    dk = tl.load(cell, mask=mask) + tl.load(cell + 4 * TAIL * D, mask=mask)
+    dv = tl.load(cell + TAIL * D, mask=mask) + tl.load(
+        cell + 5 * TAIL * D, mask=mask)
+    b = (m // HEADS).to(tl.int64)
+    at = grad + (b * N + tok[:, None]) * (3 * C) + (m % HEADS) * D + C
+    ty = grad.dtype.element_ty
+    tl.store(at + offs_d[None, :], (dk * scale + dk * scale_lo).to(ty),
+             mask=mask)
+    tl.store(at + C + offs_d[None, :], dv.to(ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
@@ -287,7 +332,7 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                      TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
                      ACC: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, LENT_IN_PASS: tl.constexpr):
     """The sibling pair ``(2j, 2j+1)``, ``j = program_id(0)``, of one
     sample and head: the q gradients of both clusters' queries and the k
     and v gradients of all their tokens (``2j`` alone when it has no
@@ -308,7 +353,7 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
     _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
                row, pair, m, a, n_a, n_a - lend_a, lend_a, (a + 1) * S,
                lend_b, 0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, TAIL,
-               HAS_IMAGE, ACC, PRECISION, UPCAST)
+               HAS_IMAGE, ACC, PRECISION, UPCAST, LENT_IN_PASS)
     if n_b > 0:
         # 2j's scratch rows, written by other threads of this program.
         tl.debug_barrier()
@@ -316,25 +361,12 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
                    C, S, row, pair, m, a + 1, n_b, 0, lend_b,
                    a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS,
                    D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION,
-                   UPCAST)
-        # 2j's lent keys: its own queries' part and 2j+1's.
-        tl.debug_barrier()
-        j = tl.arange(0, TAIL)
-        offs_d = tl.arange(0, BLOCK_D)
-        ok = j < lend_a
-        tok = tl.load(perm + row + a * S + n_a - lend_a + j, mask=ok, other=0)
-        mask = ok[:, None] & (offs_d < D)[None, :]
-        cell = scratch + (m.to(tl.int64) * tl.num_programs(0) + pair) * (
-            6 * TAIL * D) + j[:, None] * D + offs_d[None, :]
-        dk = tl.load(cell, mask=mask) + tl.load(cell + 4 * TAIL * D, mask=mask)
-        dv = tl.load(cell + TAIL * D, mask=mask) + tl.load(
-            cell + 5 * TAIL * D, mask=mask)
-        b = (m // HEADS).to(tl.int64)
-        at = grad + (b * N + tok[:, None]) * (3 * C) + (m % HEADS) * D + C
-        ty = grad.dtype.element_ty
-        tl.store(at + offs_d[None, :], (dk * scale + dk * scale_lo).to(ty),
-                 mask=mask)
-        tl.store(at + C + offs_d[None, :], dv.to(ty), mask=mask)
+                   UPCAST, LENT_IN_PASS)
+    if not LENT_IN_PASS:
+        if n_b > 0:
+            tl.debug_barrier()
+            _add_lent(perm, grad, scratch, N, C, S, row, pair, m, a, n_a,
+                      lend_a, scale, scale_lo, HEADS, D, BLOCK_D, TAIL)
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -436,7 +468,11 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
         bwd_warps=(16 if wide and block_s <= 64 else 8),
         # Two blocks of 8 warps per SM: ptxas fits the 16-bit backward of
         # 64-row tiles in 128 registers without spilling when told to.
-        bwd_maxnreg=None if wide or block_s > 64 else 128)
+        bwd_maxnreg=None if wide or block_s > 64 else 128,
+        # The second pass completes the lent keys with the first's part
+        # (16-bit inputs: tensor-core products), else the kernel adds the
+        # two passes' parts after them.
+        LENT_IN_PASS=not wide)
 
 
 def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
@@ -463,6 +499,8 @@ def _consts(cfg: dict, num_heads: int, kernel: str) -> dict:
                    for k in keys},
                   HEADS=num_heads,
                   num_warps=cfg[kernel + '_warps'])
+    if kernel == 'bwd':
+        consts['LENT_IN_PASS'] = cfg['LENT_IN_PASS']
     if cfg.get(kernel + '_maxnreg'):
         consts['maxnreg'] = cfg[kernel + '_maxnreg']
     return consts
@@ -547,7 +585,9 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
     grad = torch.empty_like(qkv)
     M, P = B * num_heads, (G + 1) // 2
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    scratch = qkv.new_empty(M * P * 6 * cfg['TAIL'] * cfg['D'], dtype=acc)
+    tiles = 4 if cfg['LENT_IN_PASS'] else 6
+    scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'],
+                            dtype=acc)
     with _device_guard(qkv):
         _backward_kernel[(P, M)](
             grad_out,
