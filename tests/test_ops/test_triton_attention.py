@@ -138,8 +138,9 @@ def test_triton_pair_schedule_in_float64(h, w, batch, lent_in_pass,
     ref = clustered_attention(
         qkv, perm, plan, 1, scale=0.25, hw_shape=(h, w), impl='tensor')
     gen = torch.Generator().manual_seed(1)
-    g_out, g_img = (torch.randn(t.shape, generator=gen,
-                                dtype=t.dtype).to(DEVICE) for t in ref)
+    g_out, g_img = (
+        torch.randn(t.shape, generator=gen, dtype=t.dtype).to(DEVICE)
+        for t in ref)
     grads = [
         torch.autograd.grad((o * g_out).sum() + (i * g_img).sum(), qkv)[0]
         for o, i in ((out, image), ref)

@@ -188,12 +188,12 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
 
 @triton.jit(noinline=True)
 def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
-               row, pair, m, c, n_c, shift, lend, t_first, n_t, second,
-               scale, scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
+               row, pair, m, c, n_c, shift, lend, t_first, n_t, second, scale,
+               scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-               TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
-               ACC: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, LENT_IN_PASS: tl.constexpr):
+               TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               LENT_IN_PASS: tl.constexpr):
     """The queries of cluster ``c`` of the program's sibling pair (the
     first, ``2j``, when ``second`` is 0) against their keys: its ``n_c``
     tokens (slots rotated by ``shift``, so that the ``lend`` keys its
@@ -262,15 +262,13 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
     # part of its lent keys.
     done = mask & ((offs >= lend) | (second != 0))[:, None]
     dk = tl.load(at + 2 * TAIL * D, mask=lent & (second != 0), other=0.)
-    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION,
-                out_dtype=ACC)
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION, out_dtype=ACC)
     tl.store(g_at + C, (dk * scale + dk * scale_lo).to(ty), mask=done)
     tl.store(at, dk, mask=lent & (second == 0))
     dv = tl.load(at + 3 * TAIL * D, mask=lent & (second != 0), other=0.)
     if HAS_IMAGE:
         dv += tl.load(grad_image + out_at, mask=mask, other=0.).to(ACC)
-    dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION,
-                out_dtype=ACC)
+    dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION, out_dtype=ACC)
     tl.store(g_at + 2 * C, dv.to(ty), mask=done)
     tl.store(at + TAIL * D, dv, mask=lent & (second == 0))
     # Borrowed keys: 2j's queries' part of 2j+1's lent keys ([2, 3]);
@@ -288,16 +286,16 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
         dkt, dvt = None, None
         left = t_mask
         t_at += (2 + 2 * second) * TAIL * D
-    dkt = tl.dot(tl.trans(dst), q, dkt, input_precision=PRECISION,
-                 out_dtype=ACC)
+    dkt = tl.dot(
+        tl.trans(dst), q, dkt, input_precision=PRECISION, out_dtype=ACC)
     tl.store(t_at, dkt, mask=left)
-    dvt = tl.dot(tl.trans(pt), do, dvt, input_precision=PRECISION,
-                 out_dtype=ACC)
+    dvt = tl.dot(
+        tl.trans(pt), do, dvt, input_precision=PRECISION, out_dtype=ACC)
     tl.store(t_at + TAIL * D, dvt, mask=left)
     if LENT_IN_PASS:
         tg_at = grad + g_base + t_tok[:, None] * (3 * C) + offs_d[None, :]
-        tl.store(tg_at + C, (dkt * scale + dkt * scale_lo).to(ty),
-                 mask=complete)
+        tl.store(
+            tg_at + C, (dkt * scale + dkt * scale_lo).to(ty), mask=complete)
         tl.store(tg_at + 2 * C, dvt.to(ty), mask=complete)
 
 
@@ -312,16 +310,17 @@ def _add_lent(perm, grad, scratch, N, C, S, row, pair, m, a, n_a, lend_a,
     ok = j < lend_a
     tok = tl.load(perm + row + a * S + n_a - lend_a + j, mask=ok, other=0)
     mask = ok[:, None] & (offs_d < D)[None, :]
-    cell = scratch + (m.to(tl.int64) * tl.num_programs(0) + pair) * (
-        6 * TAIL * D) + j[:, None] * D + offs_d[None, :]
+    cell = scratch + (m.to(tl.int64) * tl.num_programs(0) +
+                      pair) * (6 * TAIL * D) + j[:, None] * D + offs_d[None, :]
     dk = tl.load(cell, mask=mask) + tl.load(cell + 4 * TAIL * D, mask=mask)
-    dv = tl.load(cell + TAIL * D, mask=mask) + tl.load(
-        cell + 5 * TAIL * D, mask=mask)
+    dv = tl.load(
+        cell + TAIL * D, mask=mask) + tl.load(
+            cell + 5 * TAIL * D, mask=mask)
     b = (m // HEADS).to(tl.int64)
     at = grad + (b * N + tok[:, None]) * (3 * C) + (m % HEADS) * D + C
     ty = grad.dtype.element_ty
-    tl.store(at + offs_d[None, :], (dk * scale + dk * scale_lo).to(ty),
-             mask=mask)
+    tl.store(
+        at + offs_d[None, :], (dk * scale + dk * scale_lo).to(ty), mask=mask)
     tl.store(at + C + offs_d[None, :], dv.to(ty), mask=mask)
 
 
@@ -351,17 +350,17 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
     # keys are then the first rows of its tile and of its sibling's tile
     # of borrowed keys.
     _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
-               row, pair, m, a, n_a, n_a - lend_a, lend_a, (a + 1) * S,
-               lend_b, 0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, TAIL,
-               HAS_IMAGE, ACC, PRECISION, UPCAST, LENT_IN_PASS)
+               row, pair, m, a, n_a, n_a - lend_a, lend_a, (a + 1) * S, lend_b,
+               0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE,
+               ACC, PRECISION, UPCAST, LENT_IN_PASS)
     if n_b > 0:
         # 2j's scratch rows, written by other threads of this program.
         tl.debug_barrier()
-        _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N,
-                   C, S, row, pair, m, a + 1, n_b, 0, lend_b,
-                   a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS,
-                   D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION,
-                   UPCAST, LENT_IN_PASS)
+        _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C,
+                   S, row, pair, m, a + 1, n_b, 0, lend_b,
+                   a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS, D,
+                   BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION, UPCAST,
+                   LENT_IN_PASS)
     if not LENT_IN_PASS:
         if n_b > 0:
             tl.debug_barrier()
@@ -586,25 +585,24 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
     M, P = B * num_heads, (G + 1) // 2
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     tiles = 4 if cfg['LENT_IN_PASS'] else 6
-    scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'],
-                            dtype=acc)
+    scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'], dtype=acc)
     with _device_guard(qkv):
-        _backward_kernel[(P, M)](
-            grad_out,
-            grad_image,
-            qkv,
-            perm,
-            slot_valid.view(torch.uint8),
-            lse,
-            grad,
-            scratch,
-            N,
-            C,
-            perm.shape[1],
-            slot_size,
-            overlap,
-            G,
-            *_split(scale, qkv.dtype),
-            HAS_IMAGE=has_image,
-            **_consts(cfg, num_heads, 'bwd'))
+        _backward_kernel[(P,
+                          M)](grad_out,
+                              grad_image,
+                              qkv,
+                              perm,
+                              slot_valid.view(torch.uint8),
+                              lse,
+                              grad,
+                              scratch,
+                              N,
+                              C,
+                              perm.shape[1],
+                              slot_size,
+                              overlap,
+                              G,
+                              *_split(scale, qkv.dtype),
+                              HAS_IMAGE=has_image,
+                              **_consts(cfg, num_heads, 'bwd'))
     return grad
