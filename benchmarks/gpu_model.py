@@ -435,7 +435,8 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         options = {
             k: v
             for k, v in kwargs.items()
-            if k not in names and k in ('num_warps', 'num_stages', 'num_ctas')
+            if k not in names and k in ('num_warps', 'num_stages', 'num_ctas',
+                                        'maxnreg')
         }
         options.setdefault('num_warps', 4)
         options.setdefault('num_stages', 3)

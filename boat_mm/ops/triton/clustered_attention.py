@@ -6,10 +6,11 @@ clustered_attention.cpp``) computes, FlashAttention-style, on the GPU (or
 on CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``, which the
 tests use):
 
-- One program per ``(cluster, sample * head)``: grid ``(G, B * h)``, fixed
-  by the plan, so launches need no host-device synchronisation and CUDA
-  graphs can capture them. The real-token count of a cluster is read on
-  the device from ``slot_valid`` (real slots first, as in every
+- The forward runs one program per ``(cluster, sample * head)``: grid
+  ``(G, B * h)``, fixed by the plan (as the backward's), so launches need
+  no host-device synchronisation and CUDA graphs can capture them. The
+  real-token count of a cluster is read on the device from
+  ``slot_valid`` (real slots first, as in every
   :class:`~boat_mm.ops.ClusterPlan`).
 - A program loads the q, k and v rows of its tokens straight from the
   ``(B, N, 3C)`` qkv through ``perm`` (no permuted copies) into one tile
@@ -22,13 +23,26 @@ tests use):
   image shape, the values of its tokens as the channels-last
   ``(B, C, H, W)`` image of FSLA's local term (a token's channels are
   contiguous: coalesced stores).
-- The backward recomputes the probabilities from the log-sum-exp. As a
-  program holds every key of its queries, one kernel computes
-  ``D_i = sum_j P_ij dP_ij`` and the query, key and value gradients in
-  one pass (five products per query and key); the k and v gradients of
-  the keys its sibling borrows are completed by a second, small kernel
-  from the two programs' partial sums. Every row of the qkv gradient is
-  written once, by one program: deterministic, no atomics.
+- The backward recomputes the probabilities from the log-sum-exp, in one
+  launch of one program per sibling pair ``(2j, 2j+1)`` and sample *
+  head: grid ``(ceil(G / 2), B * h)``; a cluster without a sibling (a
+  plan of one cluster) attends within itself. The program runs the two
+  clusters' queries one after the other; as it holds every key of a
+  cluster's queries, it computes ``D_i = sum_j P_ij dP_ij`` and the
+  query, key and value gradients in one pass (five products per query
+  and key). It takes ``2j``'s slots rotated so that the keys ``2j+1``
+  borrows are its first rows, as the keys ``2j`` borrows are ``2j+1``'s:
+  the lent keys' gradients from the two clusters' queries then add up
+  row by row. They meet in a scratch of ``TAIL``-row tiles per program
+  (four for 16-bit inputs, whose second pass completes the lent keys;
+  six for 32- and 64-bit ones, added up after both passes, as their
+  float32 products spill otherwise) that the same program writes and
+  reads back after a barrier: a register tile cannot be handed from one
+  pass to the other without the compiler keeping both passes' values
+  alive at once (hundreds of registers and spills on sm_90), so each
+  pass is a separate (``noinline``) function of scalar arguments. Every
+  row of the qkv gradient is written once, by one program:
+  deterministic, no atomics, no second kernel.
 - The slot size, overlap, token count and cluster count are run-time
   arguments Triton does not specialise on; only their power-of-two tile
   sizes are compile-time, so a new resolution in the same bucket does not
@@ -65,7 +79,16 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS: tl.constexpr,
+def _count(valid, c, G, S, BLOCK: tl.constexpr):
+    """Real-token count of cluster ``c`` (real slots come first; 0 for a
+    sibling that does not exist, ``c >= G``)."""
+    offs = tl.arange(0, BLOCK)
+    ok = (offs < S) & (c < G)
+    return tl.sum(tl.load(valid + c * S + offs, mask=ok, other=0).to(tl.int32))
+
+
+@triton.jit
+def _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS: tl.constexpr,
              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """What every kernel first reads of its program's cluster ``c`` and
     its sibling: real-token counts, the raster tokens of ``c``'s ``S``
@@ -79,10 +102,8 @@ def _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS: tl.constexpr,
     offs = tl.arange(0, BLOCK)
     in_slots = offs < S
     # Real tokens come first in a cluster's slots: count them.
-    n_own = tl.sum(
-        tl.load(valid + c * S + offs, mask=in_slots, other=0).to(tl.int32))
-    n_sib = tl.sum(
-        tl.load(valid + sib * S + offs, mask=in_slots, other=0).to(tl.int32))
+    n_own = _count(valid, c, G, S, BLOCK)
+    n_sib = _count(valid, sib, G, S, BLOCK)  # 0: no sibling
     row = m.to(tl.int64) * perm_stride
     real = offs < n_own
     tok = tl.load(perm + row + c * S + offs, mask=real, other=0)
@@ -120,16 +141,16 @@ def _rows(base, tok, mask, offs_d, C, OFFSET: tl.constexpr,
     return x
 
 
-@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap'])
+@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
 def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
-                    overlap, scale, scale_lo, HEADS: tl.constexpr,
+                    overlap, G, scale, scale_lo, HEADS: tl.constexpr,
                     D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_S: tl.constexpr, TAIL: tl.constexpr,
                     HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS, D,
-                            BLOCK_D, BLOCK_S)
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS,
+                            D, BLOCK_D, BLOCK_S)
     mask = real[:, None] & d_ok[None, :]
     # The cluster's own tokens are its queries and its first keys.
     q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
@@ -165,35 +186,50 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
         mask=in_slots)
 
 
-@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
-def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
-                     N, C, perm_stride, S, overlap, G, scale, scale_lo,
-                     HEADS: tl.constexpr, D: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                     TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
-                     ACC: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, HEADS, D,
-                            BLOCK_D, BLOCK_S)
+@triton.jit(noinline=True)
+def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
+               row, pair, m, c, n_c, shift, lend, t_first, n_t, second, scale,
+               scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+               TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               LENT_IN_PASS: tl.constexpr):
+    """The queries of cluster ``c`` of the program's sibling pair (the
+    first, ``2j``, when ``second`` is 0) against their keys: its ``n_c``
+    tokens (slots rotated by ``shift``, so that the ``lend`` keys its
+    sibling borrows are its first rows) and the ``n_t`` it borrows
+    (slots from ``t_first``: its sibling's lent keys). Stores the q
+    gradients and the k and v gradients that these queries complete."""
+    b = (m // HEADS).to(tl.int64)
+    head = m % HEADS
+    offs = tl.arange(0, BLOCK_S)
+    j = tl.arange(0, TAIL)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    o_base = b * N * C + head * D
+    g_base = 3 * b * N * C + head * D
+    base = qkv + g_base
+    real = offs < n_c
+    slot = row + c * S + (offs + shift) % tl.maximum(n_c, 1)
+    tok = tl.load(perm + slot, mask=real, other=0)
+    t_ok = j < n_t
+    t_tok = tl.load(perm + row + t_first + j, mask=t_ok, other=0)
+
     mask = real[:, None] & d_ok[None, :]
     q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
     k = _rows(base, tok, mask, offs_d, C, 1, UPCAST)
     v = _rows(base, tok, mask, offs_d, C, 2, UPCAST)
-    t_tok, t_ok = _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL)
     t_mask = t_ok[:, None] & d_ok[None, :]
     kt = _rows(base, t_tok, t_mask, offs_d, C, 1, UPCAST)
     vt = _rows(base, t_tok, t_mask, offs_d, C, 2, UPCAST)
-    # Pointer tiles are rebuilt where used (fewer live registers).
-    out_row = (b * N + tok) * C + head * D
-    do = tl.load(
-        grad_out + out_row[:, None] + offs_d[None, :], mask=mask,
-        other=0.).to(q.dtype)
-    lse_i = tl.load(lse + row + c * S + offs, mask=real, other=0.).to(ACC)
+    # grad_out (B, N, C) and the channels-last image share the layout.
+    out_at = o_base + tok[:, None] * C + offs_d[None, :]
+    do = tl.load(grad_out + out_at, mask=mask, other=0.).to(q.dtype)
+    lse_i = tl.load(lse + slot, mask=real, other=0.).to(ACC)
 
-    # Every key of the cluster's queries is in this program: the
-    # probabilities, D_i = sum_j P_ij dP_ij and dS in one pass (five
-    # products per query and key).
+    # Every key of these queries is here: the probabilities,
+    # D_i = sum_j P_ij dP_ij and dS in one pass (five products per query
+    # and key).
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
     p = tl.where(real[None, :],
                  tl.exp(s * scale + s * scale_lo - lse_i[:, None]), 0.)
@@ -210,86 +246,126 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad, part,
     p, pt = p.to(do.dtype), pt.to(do.dtype)
     dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
     dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
-    g_row = (b * N + tok) * (3 * C) + head * D
+    ty = grad.dtype.element_ty
+    g_at = grad + g_base + tok[:, None] * (3 * C) + offs_d[None, :]
+    tl.store(g_at, (dq * scale + dq * scale_lo).to(ty), mask=mask)
+
+    # The pair's scratch, TAIL x D tiles of k (unscaled) and v gradients
+    # of lent keys: [0, 1] 2j's own part of its lent keys, [2, 3] 2j's
+    # queries' part of 2j+1's, [4, 5] 2j+1's queries' part of 2j's
+    # (without LENT_IN_PASS).
+    cell = scratch + (m.to(tl.int64) * tl.num_programs(0) + pair) * (
+        (4 if LENT_IN_PASS else 6) * TAIL * D)
+    at = cell + offs[:, None] * D + offs_d[None, :]
+    lent = (offs < lend)[:, None] & d_ok[None, :]
+    # Own keys: 2j's but the lent ones; all of 2j+1's, with 2j's queries'
+    # part of its lent keys.
+    done = mask & ((offs >= lend) | (second != 0))[:, None]
+    dk = tl.load(at + 2 * TAIL * D, mask=lent & (second != 0), other=0.)
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(g_at + C, (dk * scale + dk * scale_lo).to(ty), mask=done)
+    tl.store(at, dk, mask=lent & (second == 0))
+    dv = tl.load(at + 3 * TAIL * D, mask=lent & (second != 0), other=0.)
+    if HAS_IMAGE:
+        dv += tl.load(grad_image + out_at, mask=mask, other=0.).to(ACC)
+    dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(g_at + 2 * C, dv.to(ty), mask=done)
+    tl.store(at + TAIL * D, dv, mask=lent & (second == 0))
+    # Borrowed keys: 2j's queries' part of 2j+1's lent keys ([2, 3]);
+    # 2j+1's queries' part of 2j's, which completes them with [0, 1]
+    # (LENT_IN_PASS) or goes to [4, 5] for the kernel to add up. (The
+    # float32 products of 32-bit inputs spill with the former on sm_90.)
+    t_at = cell + j[:, None] * D + offs_d[None, :]
+    if LENT_IN_PASS:
+        complete = t_mask & (second != 0)
+        dkt = tl.load(t_at, mask=complete, other=0.)
+        dvt = tl.load(t_at + TAIL * D, mask=complete, other=0.)
+        left = t_mask & (second == 0)
+        t_at += 2 * TAIL * D
+    else:
+        dkt, dvt = None, None
+        left = t_mask
+        t_at += (2 + 2 * second) * TAIL * D
+    dkt = tl.dot(
+        tl.trans(dst), q, dkt, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(t_at, dkt, mask=left)
+    dvt = tl.dot(
+        tl.trans(pt), do, dvt, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(t_at + TAIL * D, dvt, mask=left)
+    if LENT_IN_PASS:
+        tg_at = grad + g_base + t_tok[:, None] * (3 * C) + offs_d[None, :]
+        tl.store(
+            tg_at + C, (dkt * scale + dkt * scale_lo).to(ty), mask=complete)
+        tl.store(tg_at + 2 * C, dvt.to(ty), mask=complete)
+
+
+@triton.jit
+def _add_lent(perm, grad, scratch, N, C, S, row, pair, m, a, n_a, lend_a,
+              scale, scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
+              BLOCK_D: tl.constexpr, TAIL: tl.constexpr):
+    """The k and v gradients of 2j's lent keys: its own queries' part
+    and 2j+1's, from the scratch's tiles [0, 1] and [4, 5]."""
+    j = tl.arange(0, TAIL)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = j < lend_a
+    tok = tl.load(perm + row + a * S + n_a - lend_a + j, mask=ok, other=0)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    cell = scratch + (m.to(tl.int64) * tl.num_programs(0) +
+                      pair) * (6 * TAIL * D) + j[:, None] * D + offs_d[None, :]
+    dk = tl.load(cell, mask=mask) + tl.load(cell + 4 * TAIL * D, mask=mask)
+    dv = tl.load(
+        cell + TAIL * D, mask=mask) + tl.load(
+            cell + 5 * TAIL * D, mask=mask)
+    b = (m // HEADS).to(tl.int64)
+    at = grad + (b * N + tok[:, None]) * (3 * C) + (m % HEADS) * D + C
     ty = grad.dtype.element_ty
     tl.store(
-        grad + g_row[:, None] + offs_d[None, :],
-        (dq * scale + dq * scale_lo).to(ty),
-        mask=mask)
-
-    # Own keys: from the own queries here; those the sibling borrows get
-    # the rest from the sibling's program (summed by _lent_keys_kernel).
-    dv = tl.dot(tl.trans(p), do, input_precision=PRECISION, out_dtype=ACC)
-    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION, out_dtype=ACC)
-    dk = dk * scale + dk * scale_lo
-    if HAS_IMAGE:
-        dv += tl.load(
-            grad_image + out_row[:, None] + offs_d[None, :],
-            mask=mask,
-            other=0.).to(ACC)
-    n_lent = tl.minimum(n_own, overlap)
-    lent_first = tl.where(c % 2 == 0, n_own - n_lent, 0)
-    lent = real & (offs >= lent_first) & (offs < lent_first + n_lent)
-    done = mask & ~lent[:, None]
-    g_at = grad + g_row[:, None] + offs_d[None, :]
-    tl.store(g_at + C, dk.to(ty), mask=done)
-    tl.store(g_at + 2 * C, dv.to(ty), mask=done)
-    # Partial sums (ACC) of lent keys, [kind, m, c, j, D]: 0/1 dk/dv of
-    # the own queries, 2/3 of this cluster's queries for its borrowed keys.
-    M = tl.num_programs(1)
-    j = (offs - lent_first).to(tl.int64)
-    cell = ((m.to(tl.int64) * G + c) * TAIL) * D
-    kind = M.to(tl.int64) * G * TAIL * D
-    lent_at = part + cell + j[:, None] * D + offs_d[None, :]
-    lent_mask = lent[:, None] & d_ok[None, :]
-    tl.store(lent_at, dk, mask=lent_mask)
-    tl.store(lent_at + kind, dv, mask=lent_mask)
-    dvt = tl.dot(tl.trans(pt), do, input_precision=PRECISION, out_dtype=ACC)
-    dkt = tl.dot(tl.trans(dst), q, input_precision=PRECISION, out_dtype=ACC)
-    dkt = dkt * scale + dkt * scale_lo
-    jt = tl.arange(0, TAIL)
-    borrow_at = part + 2 * kind + cell + jt[:, None] * D + offs_d[None, :]
-    tl.store(borrow_at, dkt, mask=t_mask)
-    tl.store(borrow_at + kind, dvt, mask=t_mask)
+        at + offs_d[None, :], (dk * scale + dk * scale_lo).to(ty), mask=mask)
+    tl.store(at + C + offs_d[None, :], dv.to(ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
-def _lent_keys_kernel(qkv, perm, valid, grad, part, N, C, perm_stride, S,
-                      overlap, G, HEADS: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      TAIL: tl.constexpr):
-    """The k and v gradients of the keys a cluster lends: its own
-    queries' part plus its sibling's."""
-    c = tl.program_id(0)
+def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
+                     scratch, N, C, perm_stride, S, overlap, G, scale,
+                     scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr, LENT_IN_PASS: tl.constexpr):
+    """The sibling pair ``(2j, 2j+1)``, ``j = program_id(0)``, of one
+    sample and head: the q gradients of both clusters' queries and the k
+    and v gradients of all their tokens (``2j`` alone when it has no
+    sibling)."""
+    pair = tl.program_id(0)
     m = tl.program_id(1)
-    b = (m // HEADS).to(tl.int64)
-    head = m % HEADS
-    sib = c ^ 1
-    offs = tl.arange(0, BLOCK_S)
-    n_own = tl.sum(
-        tl.load(valid + c * S + offs, mask=offs < S, other=0).to(tl.int32))
-    n_lent = tl.minimum(n_own, overlap)
-    lent_first = tl.where(c % 2 == 0, n_own - n_lent, 0)
-    j = tl.arange(0, TAIL)
-    ok = j < n_lent
+    a = 2 * pair
+    n_a = _count(valid, a, G, S, BLOCK_S)
+    n_b = _count(valid, a + 1, G, S, BLOCK_S)  # 0: 2j has no sibling
+    # The keys each cluster lends the other: the last lend_a of 2j, the
+    # first lend_b of 2j+1.
+    lend_a = tl.where(n_b > 0, tl.minimum(n_a, overlap), 0)
+    lend_b = tl.minimum(n_b, overlap)
     row = m.to(tl.int64) * perm_stride
-    tok = tl.load(perm + row + c * S + lent_first + j, mask=ok, other=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = ok[:, None] & (offs_d < D)[None, :]
-    kind = tl.num_programs(1).to(tl.int64) * G * TAIL * D
-    at = j[:, None] * D + offs_d[None, :]
-    own = part + ((m.to(tl.int64) * G + c) * TAIL) * D + at
-    other = part + 2 * kind + ((m.to(tl.int64) * G + sib) * TAIL) * D + at
-    dk = tl.load(
-        own, mask=mask, other=0.) + tl.load(
-            other, mask=mask, other=0.)
-    dv = tl.load(
-        own + kind, mask=mask, other=0.) + tl.load(
-            other + kind, mask=mask, other=0.)
-    dst = grad + (b * N + tok[:, None]) * (3 * C) + head * D + offs_d[None, :]
-    ty = grad.dtype.element_ty
-    tl.store(dst + C, dk.to(ty), mask=mask)
-    tl.store(dst + 2 * C, dv.to(ty), mask=mask)
+    # 2j's slots are taken rotated, its lent keys first: a cluster's lent
+    # keys are then the first rows of its tile and of its sibling's tile
+    # of borrowed keys.
+    _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
+               row, pair, m, a, n_a, n_a - lend_a, lend_a, (a + 1) * S, lend_b,
+               0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE,
+               ACC, PRECISION, UPCAST, LENT_IN_PASS)
+    if n_b > 0:
+        # 2j's scratch rows, written by other threads of this program.
+        tl.debug_barrier()
+        _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C,
+                   S, row, pair, m, a + 1, n_b, 0, lend_b,
+                   a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS, D,
+                   BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION, UPCAST,
+                   LENT_IN_PASS)
+    if not LENT_IN_PASS:
+        if n_b > 0:
+            tl.debug_barrier()
+            _add_lent(perm, grad, scratch, N, C, S, row, pair, m, a, n_a,
+                      lend_a, scale, scale_lo, HEADS, D, BLOCK_D, TAIL)
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -319,9 +395,10 @@ def _check(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
         raise RuntimeError(f'slot_valid must be a 1-d bool tensor, got '
                            f'{tuple(slot_valid.shape)} {slot_valid.dtype}')
     slots = slot_valid.shape[0]
-    if slots == 0 or slots % (2 * slot_size):
+    if slots != slot_size and (slots == 0 or slots % (2 * slot_size)):
         raise RuntimeError(f'slot_valid must cover whole sibling pairs of '
-                           f'2 * {slot_size} slots, got {slots}')
+                           f'2 * {slot_size} slots (or the {slot_size} of '
+                           f'one cluster), got {slots}')
     if (perm.dim() != 2 or perm.dtype != torch.long
             or perm.shape[0] != B * num_heads or perm.shape[1] < slots):
         raise RuntimeError(
@@ -364,6 +441,7 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
         dict: Constexprs and launch options.
     """
     fp64 = dtype == torch.float64
+    wide = dtype in (torch.float32, torch.float64)
     if fp64 or (dtype == torch.float32
                 and not torch.backends.cuda.matmul.allow_tf32):
         precision = 'ieee'
@@ -386,8 +464,14 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
         # 16 for the backward of 32-bit and 64-bit inputs, whose tiles are
         # twice as large.
         fwd_warps=4 if block_s <= 32 else 8,
-        bwd_warps=(16 if dtype in (torch.float32, torch.float64)
-                   and block_s <= 64 else 8))
+        bwd_warps=(16 if wide and block_s <= 64 else 8),
+        # Two blocks of 8 warps per SM: ptxas fits the 16-bit backward of
+        # 64-row tiles in 128 registers without spilling when told to.
+        bwd_maxnreg=None if wide or block_s > 64 else 128,
+        # The second pass completes the lent keys with the first's part
+        # (16-bit inputs: tensor-core products), else the kernel adds the
+        # two passes' parts after them.
+        LENT_IN_PASS=not wide)
 
 
 def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
@@ -406,12 +490,19 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
-def _consts(cfg: dict, num_heads: int, warps: str) -> dict:
+def _consts(cfg: dict, num_heads: int, kernel: str) -> dict:
+    """Constexprs and launch options of the ``'fwd'`` or ``'bwd'``
+    kernel."""
     keys = ('D', 'BLOCK_D', 'BLOCK_S', 'TAIL', 'ACC', 'PRECISION', 'UPCAST')
-    return dict({k: cfg[k]
-                 for k in keys},
-                HEADS=num_heads,
-                num_warps=cfg[warps])
+    consts = dict({k: cfg[k]
+                   for k in keys},
+                  HEADS=num_heads,
+                  num_warps=cfg[kernel + '_warps'])
+    if kernel == 'bwd':
+        consts['LENT_IN_PASS'] = cfg['LENT_IN_PASS']
+    if cfg.get(kernel + '_maxnreg'):
+        consts['maxnreg'] = cfg[kernel + '_maxnreg']
+    return consts
 
 
 def clustered_attention_forward(
@@ -451,9 +542,10 @@ def clustered_attention_forward(
             perm.shape[1],
             slot_size,
             overlap,
+            G,
             *_split(scale, qkv.dtype),
             HAS_IMAGE=bool(len(hw_shape)),
-            **_consts(cfg, num_heads, 'fwd_warps'))
+            **_consts(cfg, num_heads, 'fwd'))
     return out, image, lse
 
 
@@ -474,8 +566,8 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
         raise RuntimeError(f'grad_image must hold (B, C, H, W) = '
                            f'{B * C * N} values, got '
                            f'{tuple(grad_image.shape)}')
-    d = C // num_heads
-    cfg = _launch_config(qkv.dtype, d, slot_size, overlap, qkv.device)
+    cfg = _launch_config(qkv.dtype, C // num_heads, slot_size, overlap,
+                         qkv.device)
     qkv, perm = qkv.contiguous(), perm.contiguous()
     grad_out = grad_out.contiguous()
     lse = lse.contiguous()
@@ -485,43 +577,32 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
         grad_image = grad_image.contiguous(memory_format=torch.channels_last)
     else:
         grad_image = grad_out
-    # Every row is written once: a token's q gradient and the k and v
-    # gradients of keys no sibling borrows by its cluster's program, those
-    # of lent keys by the second kernel from two partial sums.
+    # One program per sibling pair writes every gradient row of its
+    # tokens once: deterministic, no atomics. What its first cluster's
+    # queries leave for the second's (four TAIL-row tiles) goes through a
+    # scratch that only this program writes and reads.
     grad = torch.empty_like(qkv)
-    M = B * num_heads
-    part = torch.empty(
-        4 * M * G * cfg['TAIL'] * d,
-        dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32,
-        device=qkv.device)
-    valid = slot_valid.view(torch.uint8)
-    consts = _consts(cfg, num_heads, 'bwd_warps')
-    sizes = (N, C, perm.shape[1], slot_size, overlap, G)
+    M, P = B * num_heads, (G + 1) // 2
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    tiles = 4 if cfg['LENT_IN_PASS'] else 6
+    scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'], dtype=acc)
     with _device_guard(qkv):
-        _backward_kernel[(G,
+        _backward_kernel[(P,
                           M)](grad_out,
                               grad_image,
                               qkv,
                               perm,
-                              valid,
+                              slot_valid.view(torch.uint8),
                               lse,
                               grad,
-                              part,
-                              *sizes,
+                              scratch,
+                              N,
+                              C,
+                              perm.shape[1],
+                              slot_size,
+                              overlap,
+                              G,
                               *_split(scale, qkv.dtype),
                               HAS_IMAGE=has_image,
-                              **consts)
-        if overlap:
-            _lent_keys_kernel[(G,
-                               M)](qkv,
-                                   perm,
-                                   valid,
-                                   grad,
-                                   part,
-                                   *sizes,
-                                   HEADS=num_heads,
-                                   D=d,
-                                   BLOCK_D=cfg['BLOCK_D'],
-                                   BLOCK_S=cfg['BLOCK_S'],
-                                   TAIL=cfg['TAIL'])
+                              **_consts(cfg, num_heads, 'bwd'))
     return grad
