@@ -23,7 +23,7 @@ from boat_mm.ops.clustering import (_clustering_tensor_ops, build_cluster_plan,
                                     cpu_kernel_available)
 from boat_mm.ops.triton import clustering as tc
 
-INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(tc._subtree_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 if not INTERPRETED and DEVICE == 'cpu':
     pytest.skip('compiled Triton kernels need CUDA', allow_module_level=True)

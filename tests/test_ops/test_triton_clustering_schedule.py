@@ -25,10 +25,10 @@ from _triton_compile import run_compile_script
 from boat_mm.ops.clustering import _clustering_tensor_ops, build_cluster_plan
 from boat_mm.ops.triton import clustering as tc
 
-INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(tc._subtree_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 H100 = tc.TargetInfo(cuda=True, sm_count=132)
-KERNELS = ('_level_kernel', '_node_kernel')
+KERNELS = ('_level_kernel', '_subtree_kernel')
 # Torch ops of the wrapper that launch no kernel.
 NO_KERNEL = ('empty', 'empty_strided', 'view', 'slice', 'alias', 'detach')
 # BOAT-CSWin-T at 512 x 512: (side, heads), 32 dims per head.
@@ -265,7 +265,7 @@ from boat_mm.ops.clustering import build_cluster_plan
 from boat_mm.ops.triton import clustering as c
 
 triton.knobs.nvidia.dump_ptxas_log = True
-kernels = {k: getattr(c, k) for k in ('_level_kernel', '_node_kernel')}
+kernels = {k: getattr(c, k) for k in ('_level_kernel', '_subtree_kernel')}
 for k in kernels.values():
     assert {p.name for p in k.params if p.do_not_specialize} == set(
         c._RUNTIME_INTS) & set(k.arg_names), k

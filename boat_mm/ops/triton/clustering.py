@@ -95,9 +95,11 @@ TARGET = None
 # 2048 on CUDA (no spills at 4 warps, 128 registers), 8192 for the
 # interpreter.
 SEARCH_VALUES = None
-# Values (tokens x padded dims) per block of the node kernel's loops, at
-# most (128 tokens of 32 dims; 256 take 240 registers at 8 warps).
-NODE_BLOCK_VALUES = 4096
+# Values (tokens x padded dims) per block of the subtree kernel's loops;
+# None: 2048 on CUDA (64 tokens of 32 dims: 117 registers at 8 warps with
+# the level's sort, no spills; 128 tokens spill), 4096 for the
+# interpreter.
+SUBTREE_BLOCK_VALUES = None
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
@@ -728,31 +730,34 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
             key = tl.load(key_ptr + slot0 + r_all, mask=r_all < cap,
                           other=9223372036854775807)
             key = _sort_keys(key, LOG)
-            src = (key & (2**LOG - 1)).to(tl.int32)
-            tl.store(order_ptr + slot0 + r_all, src, mask=r_all < cap)
+            tl.store(order_ptr + slot0 + r_all,
+                     (key & (2**LOG - 1)).to(tl.int32),
+                     mask=r_all < cap)
         tl.debug_barrier()
         # Rank r of the level's order: sub-node r // ck, rank R in it.
         last = k + 1 == levels
-        for off in range(0, cap, BT):
-            r = off + tl.arange(0, BT)
-            inside = r < cap
-            j = r // ck
-            R = r - j * ck
-            _, _, n, n0 = _node_sizes((t << k) + j, nodes << k, leaves >> k,
-                                      base, extra)
-            src = tl.load(order_ptr + slot0 + r, mask=inside, other=0)
-            tok = tl.load(work_ptr + cur + src, mask=inside & (R < n),
-                          other=0)
-            tok = tl.where(R < n, tok, N - 1)
+        for roff in range(0, cap, BT):
+            r = roff + tl.arange(0, BT)
+            ok = r < cap
+            sub = r // ck
+            R = r - sub * ck
+            _, _, nr, n0r = _node_sizes((t << k) + sub, nodes << k,
+                                        leaves >> k, base, extra)
+            real = R < nr
+            slot = tl.load(order_ptr + slot0 + r, mask=ok, other=0)
+            moved = tl.load(work_ptr + cur + slot, mask=ok & real, other=0)
+            moved = tl.where(real, moved, N - 1)
+            # Padding rank n + k goes to child 0 while it has room, then
+            # child 1 (as _scatter_block).
             half = ck // 2
-            kk = R - n
-            dst = j * ck + tl.where(
-                R < n, tl.where(R < n0, R, half + R - n0),
-                tl.where(kk < half - n0, n0 + kk, R))
+            pad = R - nr
+            dst = sub * ck + tl.where(
+                real, tl.where(R < n0r, R, half + R - n0r),
+                tl.where(pad < half - n0r, n0r + pad, R))
             if last:
-                tl.store(out_ptr + slot0 + dst, tok.to(tl.int64), mask=inside)
+                tl.store(out_ptr + slot0 + dst, moved.to(tl.int64), mask=ok)
             else:
-                tl.store(work_ptr + nxt + dst, tok, mask=inside)
+                tl.store(work_ptr + nxt + dst, moved, mask=ok)
         tl.debug_barrier()
 
 
@@ -1003,11 +1008,12 @@ def balanced_clustering(x: Tensor,
             # The passes of all the subtree's levels run one after the other
             # in one program: larger blocks (fewer dependent gathers), more
             # warps.
+            values = SUBTREE_BLOCK_VALUES or (2048 if target.cuda else 4096)
             node_bt = max(
                 16,
                 min(
                     triton.next_power_of_2(cap),
-                    NODE_BLOCK_VALUES // DP // (2 if f64 else 1)))
+                    values // DP // (2 if f64 else 1)))
             log = (cap - 1).bit_length()
             _subtree_kernel[(rows, )](
                 x,
@@ -1026,7 +1032,10 @@ def balanced_clustering(x: Tensor,
                 SB=sum_block,
                 LOG=log,
                 TILE=tile,
-                num_warps=8 if log > 9 or node_bt * DP > 2048 else 4,
+                num_warps=8 if f64 or log > 9 or node_bt * DP > 2048 else 4,
+                # (ptxas otherwise caps registers below what the level's
+                # sort and a pass need together, and spills.)
+                maxnreg=255 if f64 else 128,
                 **consts)
             break
         ch = plan.chunk_size
