@@ -942,8 +942,9 @@ def balanced_clustering(x: Tensor,
     cdt = torch.float64 if f64 else torch.float32
     DP, BT = _block_tokens(d, f64, target.cuda)
     plans = level_plans(M, L, S, d, f64, target)
-    # One launch per phased level, then one for the subtree below them.
-    top = next(lv for lv, p in enumerate(plans) if p.kind == 'subtree')
+    # One launch per phased level, then one for the subtree below them
+    # (none when SORT_MAX is below the leaves' parents).
+    top = next((lv for lv, p in enumerate(plans) if p.kind == 'subtree'), L)
     plans = plans[:top + 1]
     programs = [(M << lv) * p.chunks for lv, p in enumerate(plans)]
     phases = [
