@@ -13,18 +13,24 @@ autocast says) and in float64 for float64 inputs.
 
 Nothing is stored per level but the permutation: every pass loads its
 tokens' rows straight from ``x`` through it and normalises them on the
-fly. Every level is **one launch** (plus one zero fill of the counters
-per call when a level needs them), in one of two schedules
-(:func:`level_plans`, from the node size and the number of nodes):
+fly. The levels run in two schedules (:func:`level_plans`, from the node
+size and the number of nodes), one launch per phased level and one for
+all the levels below them (plus one zero fill of the counters per call
+when a level is phased):
 
-- *Node* (enough nodes to fill the GPU, at most :data:`SORT_MAX` slots
-  each: the deep levels): one program per node computes the initial
-  centroids (or reduces the sums its parent's split left), runs the soft
-  k-means steps and the final ratios, ranks the node in the kernel (a
-  bitonic sort of ``(ratio bits, position)`` packed in an int64 in
-  float32; counting ranks in float64) and moves the tokens into the two
-  children, summing the children's initial centroids on the way.
-- *Phased* (few or large nodes: the top levels, and small batches): every
+- *Subtree* (the first level whose nodes hold at most :data:`SORT_MAX`
+  slots, and every level below it): one program per node of that level
+  does its whole subtree, level by level. The node's tokens live in the
+  program's own slots of a work buffer (two halves, in and out by
+  turns); every pass re-reads its rows of ``x`` through them (nothing
+  is held in registers across passes). Per level, each sub-node in turn
+  gets its initial centroids (the top node's from the sums its phased
+  parent left), its soft k-means steps and its keys; then one bitonic
+  sort in the kernel ranks all the sub-nodes at once (the sub-node, the
+  ratio bits and the slot packed in an int64 in float32; counting ranks
+  per sub-node in float64), and the tokens move into the children's
+  slots (padding ranks last, as in the tensor path).
+- *Phased* (nodes of more than :data:`SORT_MAX` slots: the top levels): every
   node is cut into ``C`` chunks of a power-of-two length, and the launch
   runs ``C`` programs per node for each phase of the level: (level 0
   only) the initial centroids' sums, one per k-means step, the keys, the
@@ -56,7 +62,8 @@ lengths) and the level's role (first, last, float64) are compile-time.
 Tuning (not yet measured on a GPU): a pass is bound by the latency of its
 dependent row gathers (``perm``, then ``x``), so what counts is how many
 blocks one program walks in a row. Passes use blocks of 64 tokens (at 32
-dims; about 128 registers per thread at 4 warps); a phased level aims at
+dims; about 128 registers per thread at 4 warps, the subtree kernel's at
+8 warps with its sort); a phased level aims at
 :data:`TARGET_PROGRAMS` programs per phase with chunks of at least
 :data:`MIN_CHUNK` and at most :data:`CHUNK_MAX` slots. The module
 constants are the knobs to measure.
@@ -73,9 +80,9 @@ __all__ = [
     'target_info'
 ]
 
-# Nodes of at most this many slots may be done by one program (node
-# schedule); also the largest chunk of a phased level (both are sorted in
-# a kernel). A power of two.
+# The first level whose nodes hold at most this many slots, and every
+# level below it, are done by one program per node (subtree schedule);
+# at least CHUNK_MAX. A power of two (sorted in the kernel).
 SORT_MAX = 1024
 # A phased level gives each program at least this many and at most
 # CHUNK_MAX slots of a node (powers of two; the chunk is sorted in the
@@ -614,7 +621,7 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
                     key = r.to(tl.int64, bitcast=True)
                 else:
                     # The ratio bits made unsigned (the order of the
-                    # signed bits, as the node kernel's keys had it);
+                    # signed bits, as the phased keys order them);
                     # padding above every real token, by slot.
                     bits = r.to(tl.int32, bitcast=True).to(tl.int64)
                     bits = tl.where(valid, bits + 2147483648, 4294967295)
@@ -825,11 +832,12 @@ class LevelPlan(NamedTuple):
     """How a level of the clustering runs (see the module docstring).
 
     Attributes:
-        kind (str): ``'node'``: one program per node does the level;
-            ``'phased'``: ``chunks`` programs per node and phase.
-        chunks (int): Programs per node and phase (1 for ``'node'``).
-        chunk_size (int): Slots per chunk, a power of two (for ``'node'``
-            the node's slots).
+        kind (str): ``'subtree'``: one program per node of the first such
+            level does it and every level below it (one launch for them
+            all); ``'phased'``: ``chunks`` programs per node and phase.
+        chunks (int): Programs per node and phase (1 for ``'subtree'``).
+        chunk_size (int): Slots per chunk, a power of two (for
+            ``'subtree'`` the node's slots).
     """
     kind: str
     chunks: int
@@ -841,10 +849,11 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
     vectors (shapes only, so the same for every call at a resolution).
 
-    A level takes the node schedule when its nodes alone reach the
-    target (:data:`TARGET_PROGRAMS`) and fit :data:`SORT_MAX` slots, or
-    fit one chunk; otherwise nodes are cut into chunks of a power-of-two
-    length in ``[MIN_CHUNK, CHUNK_MAX]``, as many as reach the target.
+    The first level whose nodes fit :data:`SORT_MAX` slots and every
+    level below it take the subtree schedule, whatever the grid (few
+    programs at batch 1; the deep levels are short). Above it, nodes are
+    cut into chunks of a power-of-two length in ``[MIN_CHUNK,
+    CHUNK_MAX]``, as many as reach the target (:data:`TARGET_PROGRAMS`).
     ``target`` is a :class:`TargetInfo` (a model can pass CUDA's) or the
     device.
     """
