@@ -232,13 +232,15 @@ def test_target_info_cached(monkeypatch):
 # (n, rows, knobs, kinds at rows): the H100 schedule (its block sizes,
 # chunks and search tiles) at batch 1 and 8 around the shapes where the
 # plan changes: a subtree from level 0 (98: one level of 98 slots; 265:
-# three levels), phased levels over a subtree from level 1 or 2 (SORT_MAX
-# lowered: 133 has nodes of 136 / 68 slots, 265 of 272 / 136 / 68), all
-# phased with many small chunks, several ranking blocks and search rounds.
+# three levels, sub-nodes of more than 128 slots (float32; 64 in
+# float64) by block loops, the others held in registers), phased levels
+# over a subtree from level 1 or 2 (SORT_MAX lowered: 133 has nodes of
+# 136 / 68 slots, 265 of 272 / 136 / 68), all phased with many small
+# chunks, several ranking blocks and search rounds.
 H100_CASES = [
     (98, 1, {}, ('subtree', )),
     (98, 8, {}, ('subtree', )),
-    (265, 2, {}, ('subtree', ) * 3),
+    (265, 2, dict(RESIDENT_VALUES=1024), ('subtree', ) * 3),
     (133, 1, dict(SORT_MAX=100), ('phased', 'subtree')),
     (133, 8, dict(SORT_MAX=100), ('phased', 'subtree')),
     (265, 2, dict(SORT_MAX=200), ('phased', 'subtree', 'subtree')),

@@ -107,6 +107,11 @@ SEARCH_VALUES = None
 # the level's sort, no spills; 128 tokens spill), 4096 for the
 # interpreter.
 SUBTREE_BLOCK_VALUES = None
+# Values per sub-node the subtree kernel holds in registers for all the
+# passes of its level (one read of its rows instead of 2 + iters); larger
+# sub-nodes take the block loops. None: 4096 (128 tokens of 32 dims at 16
+# warps, 123 registers; 256 tokens spill).
+RESIDENT_VALUES = None
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
@@ -632,13 +637,79 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
     return acc0, acc1
 
 
+@triton.jit
+def _resident_node(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
+                   ck, n, n0, p0, p1, use, iters, temp, F64: tl.constexpr,
+                   CT: tl.constexpr, DP: tl.constexpr, RT: tl.constexpr,
+                   LOG: tl.constexpr):
+    """Sub-node ``j`` of ``ck <= RT`` slots of the subtree kernel, its rows
+    loaded once and held in registers: its centroids (the parent's sums
+    ``(p0, p1)`` where ``use``), ``iters`` k-means steps and keys, as the
+    passes of :func:`_subtree_pass` compute them."""
+    q = tl.arange(0, RT)
+    inside = q < ck
+    valid = q < n
+    p = start + q
+    tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
+    dims = tl.arange(0, DP)
+    v = tl.load(
+        x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+        mask=valid[:, None] & (dims < d)[None, :],
+        other=0.).to(CT)
+    if F64:
+        nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = v / nrm[:, None]
+    else:
+        nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = tl.div_rn(v, nrm[:, None])
+    inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
+    w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
+    w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
+    c0, c1 = _normalize(
+        tl.reduce(w0[:, None] * u, 0, _ADD),
+        tl.reduce(w1[:, None] * u, 0, _ADD), F64)
+    c0 = tl.where(use, p0, c0)
+    c1 = tl.where(use, p1, c1)
+    for _ in range(iters):
+        s0 = tl.reduce(u * c0[None, :], 1, _ADD)
+        s1 = tl.reduce(u * c1[None, :], 1, _ADD)
+        logit = (s0 - s1) * temp
+        e = tl.exp(-tl.abs(logit))
+        if F64:
+            big = 1. / (1. + e)
+        else:
+            big = tl.div_rn(1., 1. + e)
+        small = e * big
+        first = logit >= 0
+        w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
+        w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+        c0, c1 = _normalize(
+            tl.reduce(w0[:, None] * u, 0, _ADD),
+            tl.reduce(w1[:, None] * u, 0, _ADD), F64)
+    s0 = tl.reduce(u * c0[None, :], 1, _ADD)
+    s1 = tl.reduce(u * c1[None, :], 1, _ADD)
+    if F64:
+        r = (s0 + 1.) / (s1 + 1.)
+    else:
+        r = tl.div_rn(s0 + 1., s1 + 1.)
+    r = tl.where(r < 0, 0., r)
+    if F64:
+        key = r.to(tl.int64, bitcast=True)
+    else:
+        bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+        bits = tl.where(valid, bits + 2147483648, 4294967295)
+        node = tl.zeros([RT], tl.int64) + j
+        key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
+    tl.store(key_ptr + kbase + p, key, mask=inside)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
                     order_ptr, temp_in, N, d, cap, nodes, leaves, base, extra,
                     iters, NS, levels, HAS_PARTS: tl.constexpr,
                     FIRST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                    DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                    LOG: tl.constexpr, TILE: tl.constexpr):
+                    DP: tl.constexpr, BT: tl.constexpr, RT: tl.constexpr,
+                    SB: tl.constexpr, LOG: tl.constexpr, TILE: tl.constexpr):
     """A node of ``cap <= 2**LOG`` slots and its whole subtree: ``levels``
     levels, the last one the clustering's; grid ``(M * nodes,)``.
 
@@ -682,28 +753,35 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
             # The top node's initial centroids are the sums its parent's
             # split left (phased levels above), the others' their means.
             if HAS_PARTS:
-                np_ = tl.where(k == 0, NS, 0)
+                use = k == 0
                 p0, p1 = _centroids(part_in, (t // 2).to(tl.int64) * NS * 2 +
-                                    t % 2, 2, np_, F64, CT, DP, SB)
-                init_end = tl.where(k == 0, 0, n)
+                                    t % 2, 2, tl.where(use, NS, 0), F64, CT,
+                                    DP, SB)
             else:
-                init_end = n
-            s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0,
-                                   row_off, d, j, start, init_end, n, n0,
-                                   zero, zero, temp,
-                                   0, F64, CT, DP, BT, LOG)
-            c0, c1 = _normalize(s0, s1, F64)
-            if HAS_PARTS:
-                c0 = tl.where(k == 0, p0, c0)
-                c1 = tl.where(k == 0, p1, c1)
-            for _ in range(iters):
+                use = k < 0
+                p0 = zero
+                p1 = zero
+            if ck <= RT:
+                _resident_node(x_ptr, work_ptr, cur, key_ptr, slot0, row_off,
+                               d, j, start, ck, n, n0, p0, p1, use, iters,
+                               temp, F64, CT, DP, RT, LOG)
+            else:
                 s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0,
-                                       row_off, d, j, start, n, n, n0, c0, c1,
-                                       temp, 1, F64, CT, DP, BT, LOG)
+                                       row_off, d, j, start,
+                                       tl.where(use, 0, n), n, n0, zero, zero,
+                                       temp, 0, F64, CT, DP, BT, LOG)
                 c0, c1 = _normalize(s0, s1, F64)
-            _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0, row_off, d, j,
-                          start, ck, n, n0, c0, c1, temp, 2, F64, CT, DP, BT,
-                          LOG)
+                c0 = tl.where(use, p0, c0)
+                c1 = tl.where(use, p1, c1)
+                for _ in range(iters):
+                    s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr,
+                                           slot0, row_off, d, j, start, n, n,
+                                           n0, c0, c1, temp, 1, F64, CT, DP,
+                                           BT, LOG)
+                    c0, c1 = _normalize(s0, s1, F64)
+                _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0, row_off, d,
+                              j, start, ck, n, n0, c0, c1, temp, 2, F64, CT,
+                              DP, BT, LOG)
         # Keys, then the order, go through global memory between the
         # block's threads.
         tl.debug_barrier()
@@ -1024,7 +1102,18 @@ def balanced_clustering(x: Tensor,
                 min(
                     triton.next_power_of_2(cap),
                     values // DP // (2 if f64 else 1)))
+            # Sub-nodes of at most rt slots are held in registers.
+            rt = max(
+                16,
+                min(
+                    triton.next_power_of_2(cap),
+                    (RESIDENT_VALUES or 4096) // DP // (2 if f64 else 1)))
             log = (cap - 1).bit_length()
+            # (Sixteen warps hold a 128 x 32 tile without spilling next to
+            # the sort; 256 x 32 spill at any warp count up to 16.)
+            warps = 8 if f64 or log > 9 or node_bt * DP > 2048 else 4
+            if rt * DP * (2 if f64 else 1) >= 4096:
+                warps = 16
             _subtree_kernel[(rows, )](
                 x,
                 perm_in,
@@ -1039,13 +1128,14 @@ def balanced_clustering(x: Tensor,
                 HAS_PARTS=not first,
                 FIRST=first,
                 BT=node_bt,
+                RT=rt,
                 SB=sum_block,
                 LOG=log,
                 TILE=tile,
-                num_warps=8 if f64 or log > 9 or node_bt * DP > 2048 else 4,
+                num_warps=warps,
                 # (ptxas otherwise caps registers below what the level's
                 # sort and a pass need together, and spills.)
-                maxnreg=255 if f64 else 128,
+                maxnreg=min(255, 65536 // (32 * warps)) if f64 else 128,
                 **consts)
             break
         ch = plan.chunk_size
