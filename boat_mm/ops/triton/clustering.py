@@ -22,16 +22,17 @@ when a level is phased):
   slots, and every level below it): one program per node of that level
   does its whole subtree, level by level. The node's tokens live in the
   program's own slots of a work buffer (two halves, in and out by
-  turns); every pass re-reads its rows of ``x`` through them (nothing
-  is held in registers across passes). Per level, each sub-node in turn
-  gets its initial centroids (the top node's from the sums its phased
-  parent left), its soft k-means steps and its keys; then one bitonic
-  sort in the kernel ranks all the sub-nodes at once (the sub-node, the
-  ratio bits and the slot packed in an int64 in float32; counting ranks
-  per sub-node in float64), and the tokens move into the children's
-  slots (padding ranks last, as in the tensor path).
-- *Phased* (nodes of more than :data:`SORT_MAX` slots: the top levels): every
-  node is cut into ``C`` chunks of a power-of-two length, and the launch
+  turns). Per level, each sub-node in turn gets its initial centroids
+  (the top node's from the sums its phased parent left), its soft
+  k-means steps and its keys: a sub-node of at most
+  :data:`RESIDENT_VALUES` values reads its rows of ``x`` once and holds
+  them in registers, a larger one re-reads them on every pass. Then one
+  bitonic sort in the kernel ranks all the sub-nodes at once (the
+  sub-node, the ratio bits and the slot packed in an int64 in float32;
+  counting ranks per sub-node in float64), and the tokens move into the
+  children's slots (padding ranks last, as in the tensor path).
+- *Phased* (nodes of more than :data:`SORT_MAX` slots: the top levels):
+  every node is cut into ``C`` chunks of a power-of-two length, and the launch
   runs ``C`` programs per node for each phase of the level: (level 0
   only) the initial centroids' sums, one per k-means step, the keys, the
   ranking and split. A program takes a ticket (an atomic counter) when
@@ -63,8 +64,8 @@ Tuning (not yet measured on a GPU): a pass is bound by the latency of its
 dependent row gathers (``perm``, then ``x``), so what counts is how many
 blocks one program walks in a row. Passes use blocks of 64 tokens (at 32
 dims; about 128 registers per thread at 4 warps, the subtree kernel's at
-8 warps with its sort); a phased level aims at
-:data:`TARGET_PROGRAMS` programs per phase with chunks of at least
+16 warps with its sort and register-held sub-nodes); a phased level aims
+at :data:`TARGET_PROGRAMS` programs per phase with chunks of at least
 :data:`MIN_CHUNK` and at most :data:`CHUNK_MAX` slots. The module
 constants are the knobs to measure.
 """
