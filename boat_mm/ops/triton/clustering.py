@@ -748,8 +748,8 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
         cur = wbase + (k % 2) * cap
         nxt = wbase + (1 - k % 2) * cap
         for j in range(1 << k):
-            _, first_leaf, n, n0 = _node_sizes((t << k) + j, nodes << k,
-                                               leaves >> k, base, extra)
+            _, _, n, n0 = _node_sizes((t << k) + j, nodes << k, leaves >> k,
+                                      base, extra)
             start = j * ck
             # The top node's initial centroids are the sums its parent's
             # split left (phased levels above), the others' their means.
