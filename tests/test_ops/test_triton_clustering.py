@@ -23,7 +23,7 @@ from boat_mm.ops.clustering import (_clustering_tensor_ops, build_cluster_plan,
                                     cpu_kernel_available)
 from boat_mm.ops.triton import clustering as tc
 
-INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(tc._subtree_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 if not INTERPRETED and DEVICE == 'cpu':
     pytest.skip('compiled Triton kernels need CUDA', allow_module_level=True)
@@ -89,14 +89,17 @@ def test_float64_equals_tensor_ops(n, rows, d, iters, temperature):
 # kinds they must give: N = 265 has nodes of 272 / 136 / 68 slots at levels
 # 0 / 1 / 2, N = 133 of 136 / 68. Chunks of 32 slots (9 / 5 / 3 per node),
 # chunks of 64 with blocks of 16 tokens (several ranking blocks per chunk),
-# a phased level before a node level, no k-means step.
+# the subtree kernel from level 1 or 2 under phased levels, no k-means
+# step.
 SCHEDULES = [
-    (265, dict(MIN_CHUNK=32,
-               TARGET_PROGRAMS=64), 2, ('phased', 'phased', 'phased')),
+    (265, dict(MIN_CHUNK=32, TARGET_PROGRAMS=64,
+               SORT_MAX=64), 2, ('phased', 'phased', 'phased')),
+    (265, dict(MIN_CHUNK=64, TARGET_PROGRAMS=8, BLOCK_TOKENS=16,
+               SORT_MAX=100), 1, ('phased', 'phased', 'subtree')),
     (265, dict(MIN_CHUNK=64, TARGET_PROGRAMS=8,
-               BLOCK_TOKENS=16), 1, ('phased', 'phased', 'node')),
-    (133, dict(MIN_CHUNK=16, TARGET_PROGRAMS=64,
-               BLOCK_TOKENS=16), 0, ('phased', 'phased')),
+               SORT_MAX=200), 2, ('phased', 'subtree', 'subtree')),
+    (133, dict(MIN_CHUNK=16, TARGET_PROGRAMS=64, BLOCK_TOKENS=16,
+               SORT_MAX=64), 0, ('phased', 'phased')),
 ]
 
 
@@ -104,9 +107,9 @@ SCHEDULES = [
 @pytest.mark.parametrize('n,consts,iters,kinds', SCHEDULES)
 def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters, kinds,
                                           dtype):
-    """In-kernel ranking of small nodes, several programs per node with
-    partial sums and ranks from sorted chunks, at first, inner and last
-    levels: the same clusters as the tensor implementation."""
+    """Several programs per node with partial sums and ranks from sorted
+    chunks at first, inner and last levels, and the subtree kernel under
+    them: the same clusters as the tensor implementation."""
     for name, value in consts.items():
         monkeypatch.setattr(tc, name, value)
     plan = build_cluster_plan(n, device=DEVICE)
@@ -152,10 +155,11 @@ def test_half_inputs_clustered_in_float32(dtype):
                                             (torch.float64, 64)])
 def test_ties_broken_by_position(monkeypatch, dtype, programs):
     """Duplicate tokens tie at every level; the earlier position goes
-    first (a stable sort), in the node kernel's sort and in the ranks of a
-    phased level (chunks of 32 slots)."""
+    first (a stable sort), in the subtree kernel's sort and counts and in
+    the ranks of phased levels (chunks of 32 slots)."""
     monkeypatch.setattr(tc, 'TARGET_PROGRAMS', programs)
     monkeypatch.setattr(tc, 'MIN_CHUNK', 32)
+    monkeypatch.setattr(tc, 'SORT_MAX', 1024 if programs is None else 64)
     plan = build_cluster_plan(196, device=DEVICE)
     x = _randn(2, 98, 8, dtype, seed=3).repeat_interleave(2, dim=1)
     ours = _triton(x, plan)
@@ -223,7 +227,7 @@ def test_cuda_real_size_float64_and_no_host_sync():
         for p in tc.level_plans(16, plan.num_levels, plan.slot_size, 32, True,
                                 x.device)
     }
-    assert kinds == {'phased', 'node'}
+    assert kinds == {'phased', 'subtree'}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         _triton(x.to(dtype), plan)  # compile outside the check
     torch.cuda.synchronize()

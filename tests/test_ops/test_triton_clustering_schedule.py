@@ -25,10 +25,10 @@ from _triton_compile import run_compile_script
 from boat_mm.ops.clustering import _clustering_tensor_ops, build_cluster_plan
 from boat_mm.ops.triton import clustering as tc
 
-INTERPRETED = not isinstance(tc._node_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(tc._subtree_kernel, triton.runtime.JITFunction)
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 H100 = tc.TargetInfo(cuda=True, sm_count=132)
-KERNELS = ('_level_kernel', '_node_kernel')
+KERNELS = ('_level_kernel', '_subtree_kernel')
 # Torch ops of the wrapper that launch no kernel.
 NO_KERNEL = ('empty', 'empty_strided', 'view', 'slice', 'alias', 'detach')
 # BOAT-CSWin-T at 512 x 512: (side, heads), 32 dims per head.
@@ -102,34 +102,39 @@ def variant(launch: Launch) -> tuple:
 @pytest.mark.parametrize('batch', [1, 8])
 @pytest.mark.parametrize('side,heads', BENCHMARK)
 def test_h100_launch_chain(monkeypatch, side, heads, batch):
-    """One launch per level plus one zero fill, no torch.sort; at 128^2
-    tokens x 16 rows at most 10 launches in all (25 and 4 sorts before).
-    Every launch has enough programs per phase: one per multiprocessor,
-    or one per MIN_CHUNK slots when the map has fewer."""
+    """One launch per phased level plus one for the subtree below them and
+    one zero fill (when a level is phased), no torch.sort: at 128^2 tokens
+    5 launches of 8 levels (25 and 4 sorts before), at 32^2 one of 4.
+    Every phased launch has enough programs per phase: one per
+    multiprocessor, or one per MIN_CHUNK slots when the map has fewer;
+    the subtree one program per node of at most SORT_MAX slots."""
     rows, n = batch * heads, side * side
     plan, log, torch_kernels = record(monkeypatch, rows, n)
     L, S = plan.num_levels, plan.slot_size
-    assert not any('sort' in o for o in torch_kernels)
-    assert torch_kernels == ['zeros']  # the phased levels' counters
-    assert len(log) == L
-    if (side, rows) == (128, 16):
-        assert len(log) + len(torch_kernels) <= 10
     plans = tc.level_plans(rows, L, S, 32, False, H100)
+    top = [p.kind for p in plans].index('subtree')
+    assert all(p.kind == 'subtree' for p in plans[top:])
+    # The first level whose nodes fit one program.
+    assert (S << (L - top)) <= tc.SORT_MAX < (S << (L - top + 1))
+    assert not any('sort' in o for o in torch_kernels)
+    assert torch_kernels == (['zeros'] if top else [])
+    assert len(log) == top + 1
+    assert len(log) == {128: 5, 64: 3, 32: 1}[side]
     enough = min(H100.sm_count, rows * (S << L) // tc.MIN_CHUNK)
-    for lv, (launch, lp) in enumerate(zip(log, plans)):
+    for lv, (launch, lp) in enumerate(zip(log[:top], plans)):
         per_phase = (rows << lv) * lp.chunks
-        phases = 1 if lp.kind == 'node' else int(lv == 0) + 2 + 2
-        assert launch.kernel == ('_node_kernel'
-                                 if lp.kind == 'node' else '_level_kernel')
-        assert launch.grid == per_phase * phases
+        assert launch.kernel == '_level_kernel'
+        assert launch.grid == per_phase * (int(lv == 0) + 2 + 2)
         assert per_phase >= enough
+    assert log[top].kernel == '_subtree_kernel'
+    assert log[top].grid == rows << top
 
 
 def test_compiled_variants(monkeypatch):
     """Sizes change only run-time arguments: the 20 sizes of the sweep
     compile nothing that the benchmark shapes (batch 1 and 8) did not
     (43 variants for the benchmark shapes and a new slot size recompiled
-    before)."""
+    before; 5 with the node kernel, 6 with the subtree kernel)."""
     bench, sweep = set(), set()
     for side, heads in BENCHMARK:
         for batch in (1, 8):
@@ -159,14 +164,14 @@ def test_integer_arguments_not_specialised(monkeypatch):
 @pytest.mark.parametrize(
     'rows,cap,kind,chunks',
     [
-        (1055, 1024, 'phased', 2),  # one program short of the target
-        (1056, 1024, 'node', 1),  # nodes alone fill 8 programs per SM
-        (4096, 2048, 'phased', 4),  # too large for one program
-        (1, 128, 'node', 1),  # one chunk
-        (1, 130, 'phased', 2),
+        (1, 1024, 'subtree', 1),  # fits one program, however few
+        (1056, 1024, 'subtree', 1),
+        (1056, 1026, 'phased', 3),  # too large for one program
+        (4096, 2048, 'phased', 4),
+        (1, 1026, 'phased', 9),  # chunks of MIN_CHUNK
         (1056, 16384, 'phased', 32),  # chunks of CHUNK_MAX
         (16, 16384, 'phased', 64),  # 1024 programs
-        (2, 16384, 'phased', 128),  # chunks of MIN_CHUNK
+        (2, 16384, 'phased', 128),
     ])
 def test_h100_plan_boundaries(rows, cap, kind, chunks):
     """Where the H100 plan changes with the grid and the node size."""
@@ -176,6 +181,19 @@ def test_h100_plan_boundaries(rows, cap, kind, chunks):
         size = lp.chunk_size
         assert size & (size - 1) == 0
         assert (chunks - 1) * size < cap <= chunks * size
+
+
+@pytest.mark.parametrize('slots,top', [(64, 4), (65, 5), (33, 4), (32, 3),
+                                       (128, 5)])
+def test_subtree_starts_where_nodes_fit(slots, top):
+    """The levels from the first whose nodes hold at most SORT_MAX slots
+    down to the leaves are one subtree, whatever the grid."""
+    for rows in (1, 16, 4096):
+        plans = tc.level_plans(rows, 8, slots, 32, False, H100)
+        assert [p.kind for p in plans] == ['phased'] * top + ['subtree'] * (
+            8 - top)
+        assert [p.chunk_size for p in plans[top:]
+                ] == [slots << (8 - lv) for lv in range(top, 8)]
 
 
 def test_module_target(monkeypatch):
@@ -213,16 +231,23 @@ def test_target_info_cached(monkeypatch):
 
 # (n, rows, knobs, kinds at rows): the H100 schedule (its block sizes,
 # chunks and search tiles) at batch 1 and 8 around the shapes where the
-# plan changes: all node (98: one level of 98 slots), a phased level over
-# a node level (133: 136 > MIN_CHUNK, then 68), two phased levels (265),
-# many small chunks with several ranking blocks and search rounds.
+# plan changes: a subtree from level 0 (98: one level of 98 slots; 265:
+# three levels, sub-nodes of more than 128 slots (float32; 64 in
+# float64) by block loops, the others held in registers), phased levels
+# over a subtree from level 1 or 2 (SORT_MAX lowered: 133 has nodes of
+# 136 / 68 slots, 265 of 272 / 136 / 68), all phased with many small
+# chunks, several ranking blocks and search rounds.
 H100_CASES = [
-    (98, 1, {}, ('node', )),
-    (133, 1, {}, ('phased', 'node')),
-    (133, 8, {}, ('phased', 'node')),
-    (265, 2, {}, ('phased', 'phased', 'node')),
-    (265, 1, dict(MIN_CHUNK=32, BLOCK_TOKENS=16,
-                  SEARCH_VALUES=32), ('phased', 'phased', 'phased')),
+    (98, 1, {}, ('subtree', )),
+    (98, 8, {}, ('subtree', )),
+    (265, 2, dict(RESIDENT_VALUES=1024), ('subtree', ) * 3),
+    (133, 1, dict(SORT_MAX=100), ('phased', 'subtree')),
+    (133, 8, dict(SORT_MAX=100), ('phased', 'subtree')),
+    (265, 2, dict(SORT_MAX=200), ('phased', 'subtree', 'subtree')),
+    (265, 1, dict(SORT_MAX=100), ('phased', 'phased', 'subtree')),
+    (265, 1,
+     dict(MIN_CHUNK=32, BLOCK_TOKENS=16, SEARCH_VALUES=32,
+          SORT_MAX=64), ('phased', 'phased', 'phased')),
 ]
 
 
@@ -265,7 +290,7 @@ from boat_mm.ops.clustering import build_cluster_plan
 from boat_mm.ops.triton import clustering as c
 
 triton.knobs.nvidia.dump_ptxas_log = True
-kernels = {k: getattr(c, k) for k in ('_level_kernel', '_node_kernel')}
+kernels = {k: getattr(c, k) for k in ('_level_kernel', '_subtree_kernel')}
 for k in kernels.values():
     assert {p.name for p in k.params if p.do_not_specialize} == set(
         c._RUNTIME_INTS) & set(k.arg_names), k

@@ -13,19 +13,26 @@ autocast says) and in float64 for float64 inputs.
 
 Nothing is stored per level but the permutation: every pass loads its
 tokens' rows straight from ``x`` through it and normalises them on the
-fly. Every level is **one launch** (plus one zero fill of the counters
-per call when a level needs them), in one of two schedules
-(:func:`level_plans`, from the node size and the number of nodes):
+fly. The levels run in two schedules (:func:`level_plans`, from the node
+size and the number of nodes), one launch per phased level and one for
+all the levels below them (plus one zero fill of the counters per call
+when a level is phased):
 
-- *Node* (enough nodes to fill the GPU, at most :data:`SORT_MAX` slots
-  each: the deep levels): one program per node computes the initial
-  centroids (or reduces the sums its parent's split left), runs the soft
-  k-means steps and the final ratios, ranks the node in the kernel (a
-  bitonic sort of ``(ratio bits, position)`` packed in an int64 in
-  float32; counting ranks in float64) and moves the tokens into the two
-  children, summing the children's initial centroids on the way.
-- *Phased* (few or large nodes: the top levels, and small batches): every
-  node is cut into ``C`` chunks of a power-of-two length, and the launch
+- *Subtree* (the first level whose nodes hold at most :data:`SORT_MAX`
+  slots, and every level below it): one program per node of that level
+  does its whole subtree, level by level. The node's tokens live in the
+  program's own slots of a work buffer (two halves, in and out by
+  turns). Per level, each sub-node in turn gets its initial centroids
+  (the top node's from the sums its phased parent left), its soft
+  k-means steps and its keys: a sub-node of at most
+  :data:`RESIDENT_VALUES` values reads its rows of ``x`` once and holds
+  them in registers, a larger one re-reads them on every pass. Then one
+  bitonic sort in the kernel ranks all the sub-nodes at once (the
+  sub-node, the ratio bits and the slot packed in an int64 in float32;
+  counting ranks per sub-node in float64), and the tokens move into the
+  children's slots (padding ranks last, as in the tensor path).
+- *Phased* (nodes of more than :data:`SORT_MAX` slots: the top levels):
+  every node is cut into ``C`` chunks of a power-of-two length, and the launch
   runs ``C`` programs per node for each phase of the level: (level 0
   only) the initial centroids' sums, one per k-means step, the keys, the
   ranking and split. A program takes a ticket (an atomic counter) when
@@ -56,8 +63,9 @@ lengths) and the level's role (first, last, float64) are compile-time.
 Tuning (not yet measured on a GPU): a pass is bound by the latency of its
 dependent row gathers (``perm``, then ``x``), so what counts is how many
 blocks one program walks in a row. Passes use blocks of 64 tokens (at 32
-dims; about 128 registers per thread at 4 warps); a phased level aims at
-:data:`TARGET_PROGRAMS` programs per phase with chunks of at least
+dims; about 128 registers per thread at 4 warps, the subtree kernel's at
+16 warps with its sort and register-held sub-nodes); a phased level aims
+at :data:`TARGET_PROGRAMS` programs per phase with chunks of at least
 :data:`MIN_CHUNK` and at most :data:`CHUNK_MAX` slots. The module
 constants are the knobs to measure.
 """
@@ -73,9 +81,9 @@ __all__ = [
     'target_info'
 ]
 
-# Nodes of at most this many slots may be done by one program (node
-# schedule); also the largest chunk of a phased level (both are sorted in
-# a kernel). A power of two.
+# The first level whose nodes hold at most this many slots, and every
+# level below it, are done by one program per node (subtree schedule);
+# at least CHUNK_MAX. A power of two (sorted in the kernel).
 SORT_MAX = 1024
 # A phased level gives each program at least this many and at most
 # CHUNK_MAX slots of a node (powers of two; the chunk is sorted in the
@@ -95,9 +103,16 @@ TARGET = None
 # 2048 on CUDA (no spills at 4 warps, 128 registers), 8192 for the
 # interpreter.
 SEARCH_VALUES = None
-# Values (tokens x padded dims) per block of the node kernel's loops, at
-# most (128 tokens of 32 dims; 256 take 240 registers at 8 warps).
-NODE_BLOCK_VALUES = 4096
+# Values (tokens x padded dims) per block of the subtree kernel's loops;
+# None: 2048 on CUDA (64 tokens of 32 dims: 117 registers at 8 warps with
+# the level's sort, no spills; 128 tokens spill), 4096 for the
+# interpreter.
+SUBTREE_BLOCK_VALUES = None
+# Values per sub-node the subtree kernel holds in registers for all the
+# passes of its level (one read of its rows instead of 2 + iters); larger
+# sub-nodes take the block loops. None: 4096 (128 tokens of 32 dims at 16
+# warps, 123 registers; 256 tokens spill).
+RESIDENT_VALUES = None
 
 # Modes of a pass over a node's tokens.
 _INIT, _STEP, _KEYS = 0, 1, 2
@@ -107,7 +122,7 @@ _KEY_LOCAL, _KEY_F64 = 0, 2
 # Integer arguments that change with N: not specialised (Triton would
 # compile again for values of 1 or multiples of 16).
 _RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
-                 'NS', 'C', 'rows')
+                 'NS', 'C', 'rows', 'levels')
 
 # tl.sum, tl.min and tl.max are jit functions around tl.reduce with these
 # combine functions. Calling tl.reduce directly compiles to the same code
@@ -312,47 +327,6 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
 
 
 @triton.jit
-def _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t, tc, row_off,
-                 N, d, cap, rank0, count, cn0, p_end, FIRST: tl.constexpr,
-                 LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                 DP: tl.constexpr, BT: tl.constexpr):
-    """Fill the ``p_end`` slots of child ``tc`` of node ``t`` (ranks
-    ``rank0 + p`` for ``p < count``, then padding) from ``order`` and,
-    unless ``LAST``, write the sums of the child's initial centroids (its
-    first ``cn0`` real tokens and the rest) at ``part_out[tc]``."""
-    half = cap // 2
-    slot0 = t.to(tl.int64) * cap
-    acc0 = tl.zeros([DP], CT)
-    acc1 = tl.zeros([DP], CT)
-    inv0, inv1 = _inverse_sizes(cn0, count, F64, CT)
-    dims = tl.arange(0, DP)
-    for off in range(0, p_end, BT):
-        p = off + tl.arange(0, BT)
-        inside = p < p_end
-        valid = inside & (p < count)
-        src = tl.load(order_ptr + slot0 + rank0 + p, mask=valid, other=0)
-        if FIRST:
-            tok = (src - slot0).to(tl.int32)
-        else:
-            tok = tl.load(perm_in + src, mask=valid, other=0)
-        tok = tl.where(valid, tok, N - 1)
-        dst = tc.to(tl.int64) * half + p
-        if LAST:
-            tl.store(perm_out + dst, tok.to(tl.int64), mask=inside)
-        else:
-            tl.store(perm_out + dst, tok, mask=inside)
-            u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
-            w0 = tl.where(valid & (p < cn0), nrm * inv0, 0.)
-            w1 = tl.where(valid & (p >= cn0), nrm * inv1, 0.)
-            acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
-            acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
-    if not LAST:
-        out = part_out + tc.to(tl.int64) * (2 * DP) + dims
-        tl.store(out, acc0)
-        tl.store(out + DP, acc1)
-
-
-@triton.jit
 def _scatter_block(x_ptr, perm_in, perm_out, t, row_off, N, d, cap, n, n0, q00,
                    q10, pos, R, ok, a00, a01, a10, a11, i00, i01, i10, i11,
                    FIRST: tl.constexpr, LAST: tl.constexpr, F64: tl.constexpr,
@@ -419,38 +393,6 @@ def _sort_keys(x, LOG: tl.constexpr):
             hi = tl.reduce(h, LOG - stage + k, _MAX, keep_dims=True)
             h = tl.where((flip ^ right) != 0, hi, lo)
     return tl.reshape(h, [2**LOG])
-
-
-@triton.jit
-def _rank_node(key_ptr, order_ptr, t, cap, n, F64: tl.constexpr,
-               LOG: tl.constexpr, TILE: tl.constexpr):
-    """``order[t * cap + r]``: the slot of node ``t`` whose real token has
-    rank ``r`` (ascending key, ties by position), ``r < n``."""
-    slot0 = t.to(tl.int64) * cap
-    if F64:
-        # 63-bit keys leave no room for the position: count, for every
-        # token, the tokens before it (smaller key, or equal and earlier).
-        ti = tl.arange(0, TILE)
-        for i0 in range(0, n, TILE):
-            i = i0 + ti
-            mi = i < n
-            ki = tl.load(key_ptr + slot0 + i, mask=mi, other=0)
-            rank = tl.zeros([TILE], tl.int32)
-            for j0 in range(0, n, TILE):
-                j = j0 + ti
-                kj = tl.load(key_ptr + slot0 + j, mask=j < n, other=0)
-                before = (kj[None, :] < ki[:, None]) | (
-                    (kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-                before = before & (j < n)[None, :]
-                rank += tl.reduce(before.to(tl.int32), 1, _ADD)
-            tl.store(order_ptr + slot0 + rank, slot0 + i, mask=mi)
-    else:
-        r = tl.arange(0, 2**LOG)
-        key = tl.load(
-            key_ptr + slot0 + r, mask=r < n, other=9223372036854775807)
-        key = _sort_keys(key, LOG)
-        src = key.to(tl.int32)  # the low 32 bits: the position
-        tl.store(order_ptr + slot0 + r, slot0 + src, mask=r < n)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -618,56 +560,291 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
     tl.atomic_add(done + phase * rows, 1, sem='release')
 
 
+@triton.jit
+def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
+                  end, n, n0, c0, c1, temp, MODE: tl.constexpr,
+                  F64: tl.constexpr, CT: tl.constexpr, DP: tl.constexpr,
+                  BT: tl.constexpr, LOG: tl.constexpr):
+    """One pass of the subtree kernel over the slots ``[start, start +
+    end)`` of its program's region: sub-node ``j`` of the current level,
+    its first ``n`` slots real, the first ``n0`` of those bound for child
+    0; the tokens at ``work[cur + slot]``.
+
+    ``_INIT`` / ``_STEP``: as :func:`_node_pass`; ``_KEYS``: writes the
+    sort key of every slot at ``key_ptr + kbase + slot``: float32
+    ``(j, ratio bits, slot)`` packed in an int64 (one sort ranks all the
+    sub-nodes of the level), float64 the ratio bits (counting ranks).
+    """
+    acc0 = tl.zeros([DP], CT)
+    acc1 = tl.zeros([DP], CT)
+    inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
+    # (Written out as in _node_pass: no jit calls in the token loop.)
+    dims = tl.arange(0, DP)
+    for off in range(0, end, BT):
+        q = off + tl.arange(0, BT)
+        inside = q < end
+        valid = inside & (q < n)
+        p = start + q
+        tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
+        v = tl.load(
+            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+            mask=valid[:, None] & (dims < d)[None, :],
+            other=0.).to(CT)
+        if F64:
+            nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
+            u = v / nrm[:, None]
+        else:
+            nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
+            u = tl.div_rn(v, nrm[:, None])
+        if MODE == 0:
+            w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
+            w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
+            acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
+            acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
+        else:
+            s0 = tl.reduce(u * c0[None, :], 1, _ADD)
+            s1 = tl.reduce(u * c1[None, :], 1, _ADD)
+            if MODE == 1:
+                logit = (s0 - s1) * temp
+                e = tl.exp(-tl.abs(logit))
+                if F64:
+                    big = 1. / (1. + e)
+                else:
+                    big = tl.div_rn(1., 1. + e)
+                small = e * big
+                first = logit >= 0
+                w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
+                w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+                acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
+                acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
+            else:
+                if F64:
+                    r = (s0 + 1.) / (s1 + 1.)
+                else:
+                    r = tl.div_rn(s0 + 1., s1 + 1.)
+                r = tl.where(r < 0, 0., r)
+                if F64:
+                    key = r.to(tl.int64, bitcast=True)
+                else:
+                    # The ratio bits made unsigned (the order of the
+                    # signed bits, as the phased keys order them);
+                    # padding above every real token, by slot.
+                    bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+                    bits = tl.where(valid, bits + 2147483648, 4294967295)
+                    node = tl.zeros([BT], tl.int64) + j
+                    key = (node << (32 + LOG)) | (bits << LOG) | p.to(
+                        tl.int64)
+                tl.store(key_ptr + kbase + p, key, mask=inside)
+    return acc0, acc1
+
+
+@triton.jit
+def _resident_node(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
+                   ck, n, n0, p0, p1, use, iters, temp, F64: tl.constexpr,
+                   CT: tl.constexpr, DP: tl.constexpr, RT: tl.constexpr,
+                   LOG: tl.constexpr):
+    """Sub-node ``j`` of ``ck <= RT`` slots of the subtree kernel, its rows
+    loaded once and held in registers: its centroids (the parent's sums
+    ``(p0, p1)`` where ``use``), ``iters`` k-means steps and keys, as the
+    passes of :func:`_subtree_pass` compute them."""
+    q = tl.arange(0, RT)
+    inside = q < ck
+    valid = q < n
+    p = start + q
+    tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
+    dims = tl.arange(0, DP)
+    v = tl.load(
+        x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
+        mask=valid[:, None] & (dims < d)[None, :],
+        other=0.).to(CT)
+    if F64:
+        nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = v / nrm[:, None]
+    else:
+        nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
+        u = tl.div_rn(v, nrm[:, None])
+    inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
+    w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
+    w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
+    c0, c1 = _normalize(
+        tl.reduce(w0[:, None] * u, 0, _ADD),
+        tl.reduce(w1[:, None] * u, 0, _ADD), F64)
+    c0 = tl.where(use, p0, c0)
+    c1 = tl.where(use, p1, c1)
+    for _ in range(iters):
+        s0 = tl.reduce(u * c0[None, :], 1, _ADD)
+        s1 = tl.reduce(u * c1[None, :], 1, _ADD)
+        logit = (s0 - s1) * temp
+        e = tl.exp(-tl.abs(logit))
+        if F64:
+            big = 1. / (1. + e)
+        else:
+            big = tl.div_rn(1., 1. + e)
+        small = e * big
+        first = logit >= 0
+        w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
+        w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+        c0, c1 = _normalize(
+            tl.reduce(w0[:, None] * u, 0, _ADD),
+            tl.reduce(w1[:, None] * u, 0, _ADD), F64)
+    s0 = tl.reduce(u * c0[None, :], 1, _ADD)
+    s1 = tl.reduce(u * c1[None, :], 1, _ADD)
+    if F64:
+        r = (s0 + 1.) / (s1 + 1.)
+    else:
+        r = tl.div_rn(s0 + 1., s1 + 1.)
+    r = tl.where(r < 0, 0., r)
+    if F64:
+        key = r.to(tl.int64, bitcast=True)
+    else:
+        bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+        bits = tl.where(valid, bits + 2147483648, 4294967295)
+        node = tl.zeros([RT], tl.int64) + j
+        key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
+    tl.store(key_ptr + kbase + p, key, mask=inside)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _node_kernel(x_ptr, perm_in, perm_out, part_in, part_out, key_ptr,
-                 order_ptr, temp_in, N, d, cap, nodes, leaves, base, extra,
-                 iters, NS, HAS_PARTS: tl.constexpr, FIRST: tl.constexpr,
-                 LAST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
-                 DP: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                 LOG: tl.constexpr, TILE: tl.constexpr):
-    """A whole level's work on one node (``cap <= 2**LOG``): centroids,
-    ``iters`` k-means steps, ratios, ranking and split; grid
-    ``(M * nodes,)``."""
+def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
+                    order_ptr, temp_in, N, d, cap, nodes, leaves, base, extra,
+                    iters, NS, levels, HAS_PARTS: tl.constexpr,
+                    FIRST: tl.constexpr, F64: tl.constexpr, CT: tl.constexpr,
+                    DP: tl.constexpr, BT: tl.constexpr, RT: tl.constexpr,
+                    SB: tl.constexpr, LOG: tl.constexpr, TILE: tl.constexpr):
+    """A node of ``cap <= 2**LOG`` slots and its whole subtree: ``levels``
+    levels, the last one the clustering's; grid ``(M * nodes,)``.
+
+    The tokens of the node's slots live in the program's region of
+    ``work`` (two halves of ``cap`` slots, in and out by turns); every pass
+    of a level re-reads its sub-nodes' rows of ``x`` through them. Per
+    level: every sub-node's centroids, k-means steps and keys, one in-kernel
+    sort of the level's keys (sub-node in the high bits; float64 counts
+    ranks per sub-node instead), then the move into the children.
+    """
     t = tl.program_id(0)
-    m, first_leaf, n, n0 = _node_sizes(t, nodes, leaves, base, extra)
+    m = t // nodes
     row_off = m.to(tl.int64) * N * d
     if F64:
         temp = tl.load(temp_in)
     else:
         temp = temp_in
     slot0 = t.to(tl.int64) * cap
-    if HAS_PARTS:
-        c0, c1 = _parent_centroids(part_in, t, NS, F64, CT, DP, SB)
-    else:
-        zero = tl.zeros([DP], CT)
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
-                            n, n0, 0, n, zero, zero, temp, 0, FIRST, 0, F64,
-                            CT, DP, BT)
-        c0, c1 = _normalize(s0, s1, F64)
-    for _ in range(iters):
-        s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap,
-                            n, n0, 0, n, c0, c1, temp, 1, FIRST, 0, F64, CT,
-                            DP, BT)
-        c0, c1 = _normalize(s0, s1, F64)
-    if F64:
-        _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap, n, n0,
-                   0, n, c0, c1, temp, 2, FIRST, 2, F64, CT, DP, BT)
-    else:
-        _node_pass(x_ptr, perm_in, key_ptr, slot0, t, row_off, d, cap, n, n0,
-                   0, n, c0, c1, temp, 2, FIRST, 0, F64, CT, DP, BT)
-    # The keys and then the order go through global memory between the
-    # block's threads.
+    wbase = 2 * slot0
+    zero = tl.zeros([DP], CT)
+    # The node's tokens into the first half of the region (level 0: slot
+    # i holds token i, padding token N - 1).
+    for off in range(0, cap, BT):
+        p = off + tl.arange(0, BT)
+        inside = p < cap
+        if FIRST:
+            tok = tl.minimum(p, N - 1)
+        else:
+            tok = tl.load(perm_in + slot0 + p, mask=inside, other=0)
+        tl.store(work_ptr + wbase + p, tok, mask=inside)
     tl.debug_barrier()
-    _rank_node(key_ptr, order_ptr, t, cap, n, F64, LOG, TILE)
-    tl.debug_barrier()
-    half = cap // 2
-    for child in range(2):
-        count = tl.where(child == 0, n0, n - n0)
-        cn0 = _real_count(first_leaf + child * (leaves // 2), leaves // 4,
-                          base, extra)
-        _split_range(x_ptr, perm_in, perm_out, order_ptr, part_out, t,
-                     2 * t + child, row_off, N, d, cap, child * n0, count, cn0,
-                     half, FIRST, LAST, F64, CT, DP, BT)
+    r_all = tl.arange(0, 2**LOG)
+    for k in range(levels):
+        ck = cap >> k
+        cur = wbase + (k % 2) * cap
+        nxt = wbase + (1 - k % 2) * cap
+        for j in range(1 << k):
+            _, _, n, n0 = _node_sizes((t << k) + j, nodes << k, leaves >> k,
+                                      base, extra)
+            start = j * ck
+            # The top node's initial centroids are the sums its parent's
+            # split left (phased levels above), the others' their means.
+            if HAS_PARTS:
+                use = k == 0
+                p0, p1 = _centroids(part_in, (t // 2).to(tl.int64) * NS * 2 +
+                                    t % 2, 2, tl.where(use, NS, 0), F64, CT,
+                                    DP, SB)
+            else:
+                use = k < 0
+                p0 = zero
+                p1 = zero
+            if ck <= RT:
+                _resident_node(x_ptr, work_ptr, cur, key_ptr, slot0, row_off,
+                               d, j, start, ck, n, n0, p0, p1, use, iters,
+                               temp, F64, CT, DP, RT, LOG)
+            else:
+                s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0,
+                                       row_off, d, j, start,
+                                       tl.where(use, 0, n), n, n0, zero, zero,
+                                       temp, 0, F64, CT, DP, BT, LOG)
+                c0, c1 = _normalize(s0, s1, F64)
+                c0 = tl.where(use, p0, c0)
+                c1 = tl.where(use, p1, c1)
+                for _ in range(iters):
+                    s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr,
+                                           slot0, row_off, d, j, start, n, n,
+                                           n0, c0, c1, temp, 1, F64, CT, DP,
+                                           BT, LOG)
+                    c0, c1 = _normalize(s0, s1, F64)
+                _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0, row_off, d,
+                              j, start, ck, n, n0, c0, c1, temp, 2, F64, CT,
+                              DP, BT, LOG)
+        # Keys, then the order, go through global memory between the
+        # block's threads.
+        tl.debug_barrier()
+        if F64:
+            # 63-bit keys leave no room for the slot: count, for every real
+            # token, those of its sub-node before it (smaller key, or equal
+            # and earlier); padding keeps its place.
+            ti = tl.arange(0, TILE)
+            for j in range(1 << k):
+                _, _, n, _ = _node_sizes((t << k) + j, nodes << k,
+                                         leaves >> k, base, extra)
+                start = j * ck
+                for i0 in range(0, ck, TILE):
+                    i = i0 + ti
+                    mi = i < n
+                    ki = tl.load(key_ptr + slot0 + start + i, mask=mi,
+                                 other=0)
+                    rank = tl.where(mi, 0, i)
+                    for j0 in range(0, n, TILE):
+                        jj = j0 + ti
+                        kj = tl.load(key_ptr + slot0 + start + jj,
+                                     mask=jj < n, other=0)
+                        before = (kj[None, :] < ki[:, None]) | (
+                            (kj[None, :] == ki[:, None]) &
+                            (jj[None, :] < i[:, None]))
+                        before = before & (jj < n)[None, :] & mi[:, None]
+                        rank += tl.reduce(before.to(tl.int32), 1, _ADD)
+                    tl.store(order_ptr + slot0 + start + rank, start + i,
+                             mask=i < ck)
+        else:
+            key = tl.load(key_ptr + slot0 + r_all, mask=r_all < cap,
+                          other=9223372036854775807)
+            key = _sort_keys(key, LOG)
+            tl.store(order_ptr + slot0 + r_all,
+                     (key & (2**LOG - 1)).to(tl.int32),
+                     mask=r_all < cap)
+        tl.debug_barrier()
+        # Rank r of the level's order: sub-node r // ck, rank R in it.
+        last = k + 1 == levels
+        for roff in range(0, cap, BT):
+            r = roff + tl.arange(0, BT)
+            ok = r < cap
+            sub = r // ck
+            R = r - sub * ck
+            _, _, nr, n0r = _node_sizes((t << k) + sub, nodes << k,
+                                        leaves >> k, base, extra)
+            real = R < nr
+            slot = tl.load(order_ptr + slot0 + r, mask=ok, other=0)
+            moved = tl.load(work_ptr + cur + slot, mask=ok & real, other=0)
+            moved = tl.where(real, moved, N - 1)
+            # Padding rank n + k goes to child 0 while it has room, then
+            # child 1 (as _scatter_block).
+            half = ck // 2
+            pad = R - nr
+            dst = sub * ck + tl.where(
+                real, tl.where(R < n0r, R, half + R - n0r),
+                tl.where(pad < half - n0r, n0r + pad, R))
+            if last:
+                tl.store(out_ptr + slot0 + dst, moved.to(tl.int64), mask=ok)
+            else:
+                tl.store(work_ptr + nxt + dst, moved, mask=ok)
+        tl.debug_barrier()
 
 
 class TargetInfo(NamedTuple):
@@ -734,11 +911,12 @@ class LevelPlan(NamedTuple):
     """How a level of the clustering runs (see the module docstring).
 
     Attributes:
-        kind (str): ``'node'``: one program per node does the level;
-            ``'phased'``: ``chunks`` programs per node and phase.
-        chunks (int): Programs per node and phase (1 for ``'node'``).
-        chunk_size (int): Slots per chunk, a power of two (for ``'node'``
-            the node's slots).
+        kind (str): ``'subtree'``: one program per node of the first such
+            level does it and every level below it (one launch for them
+            all); ``'phased'``: ``chunks`` programs per node and phase.
+        chunks (int): Programs per node and phase (1 for ``'subtree'``).
+        chunk_size (int): Slots per chunk, a power of two (for
+            ``'subtree'`` the node's slots).
     """
     kind: str
     chunks: int
@@ -750,10 +928,11 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
     """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
     vectors (shapes only, so the same for every call at a resolution).
 
-    A level takes the node schedule when its nodes alone reach the
-    target (:data:`TARGET_PROGRAMS`) and fit :data:`SORT_MAX` slots, or
-    fit one chunk; otherwise nodes are cut into chunks of a power-of-two
-    length in ``[MIN_CHUNK, CHUNK_MAX]``, as many as reach the target.
+    The first level whose nodes fit :data:`SORT_MAX` slots and every
+    level below it take the subtree schedule, whatever the grid (few
+    programs at batch 1; the deep levels are short). Above it, nodes are
+    cut into chunks of a power-of-two length in ``[MIN_CHUNK,
+    CHUNK_MAX]``, as many as reach the target (:data:`TARGET_PROGRAMS`).
     ``target`` is a :class:`TargetInfo` (a model can pass CUDA's) or the
     device.
     """
@@ -763,12 +942,16 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
     plans = []
     for level in range(num_levels):
         nodes, cap = rows << level, slot_size << (num_levels - level)
+        if cap <= SORT_MAX:
+            # This level and every one below it: one launch.
+            plans += [
+                LevelPlan('subtree', 1, slot_size << (num_levels - lv))
+                for lv in range(level, num_levels)
+            ]
+            break
         want = -(-programs // nodes)
         chunk = max(lo, min(hi, triton.next_power_of_2(-(-cap // want))))
-        if cap <= chunk or (want == 1 and cap <= SORT_MAX):
-            plans.append(LevelPlan('node', 1, cap))
-        else:
-            plans.append(LevelPlan('phased', -(-cap // chunk), chunk))
+        plans.append(LevelPlan('phased', -(-cap // chunk), chunk))
     return plans
 
 
@@ -847,6 +1030,10 @@ def balanced_clustering(x: Tensor,
     cdt = torch.float64 if f64 else torch.float32
     DP, BT = _block_tokens(d, f64, target.cuda)
     plans = level_plans(M, L, S, d, f64, target)
+    # One launch per phased level, then one for the subtree below them
+    # (none when SORT_MAX is below the leaves' parents).
+    top = next((lv for lv, p in enumerate(plans) if p.kind == 'subtree'), L)
+    plans = plans[:top + 1]
     programs = [(M << lv) * p.chunks for lv, p in enumerate(plans)]
     phases = [
         int(lv == 0) + kmeans_iters + 2 if p.kind == 'phased' else 0
@@ -862,19 +1049,20 @@ def balanced_clustering(x: Tensor,
     step_numel = max(n for n, k in zip(programs, phases)
                      if k) if any(phases) else 1
     step = torch.empty(2 * step_numel * 2 * DP, dtype=cdt, device=device)
-    # Tokens of every slot between levels (level 0 needs none: slot i
-    # holds token i; the last level writes the output).
+    # Tokens of every slot between phased levels (level 0 needs none: slot
+    # i holds token i); the subtree's own (two halves per node), its keys
+    # and order.
     perms = [
-        torch.empty(
-            M * total if L > 1 else 1, dtype=torch.int32, device=device)
+        torch.empty(M * total if top else 1, dtype=torch.int32, device=device)
         for _ in range(2)
     ]
+    work = torch.empty(2 * M * total, dtype=torch.int32, device=device)
     out = torch.empty(M, total, dtype=torch.long, device=device)
     keys = torch.empty(
         max(n * p.chunk_size for n, p in zip(programs, plans)),
         dtype=torch.int64,
         device=device)
-    order = torch.empty(M * total, dtype=torch.int64, device=device)
+    order = torch.empty(M * total, dtype=torch.int32, device=device)
     # Tickets and done-counters of the phased levels, zeroed once.
     # (Rounded to 16 bytes: Triton compiles again for unaligned pointers.)
     sync_sizes = [
@@ -905,35 +1093,52 @@ def balanced_clustering(x: Tensor,
         perm_out = out if last else perms[(lv + 1) % 2]
         part_in, part_out = parts[lv % 2], parts[(lv + 1) % 2]
         shape = (N, d, cap, nodes, G >> lv, N // G, N % G, kmeans_iters, ns)
-        if plan.kind == 'node':
-            # The node kernel's passes run one after the other in one
-            # program: larger blocks (fewer dependent gathers), more warps.
+        if plan.kind == 'subtree':
+            # The passes of all the subtree's levels run one after the other
+            # in one program: larger blocks (fewer dependent gathers), more
+            # warps.
+            values = SUBTREE_BLOCK_VALUES or (2048 if target.cuda else 4096)
             node_bt = max(
                 16,
                 min(
                     triton.next_power_of_2(cap),
-                    NODE_BLOCK_VALUES // DP // (2 if f64 else 1)))
-            _node_kernel[(rows, )](
+                    values // DP // (2 if f64 else 1)))
+            # Sub-nodes of at most rt slots are held in registers.
+            rt = max(
+                16,
+                min(
+                    triton.next_power_of_2(cap),
+                    (RESIDENT_VALUES or 4096) // DP // (2 if f64 else 1)))
+            log = (cap - 1).bit_length()
+            # (Sixteen warps hold a 128 x 32 tile without spilling next to
+            # the sort; 256 x 32 spill at any warp count up to 16.)
+            warps = 8 if f64 or log > 9 or node_bt * DP > 2048 else 4
+            if rt * DP * (2 if f64 else 1) >= 4096:
+                warps = 16
+            _subtree_kernel[(rows, )](
                 x,
                 perm_in,
-                perm_out,
+                out,
                 part_in,
-                part_out,
+                work,
                 keys,
                 order,
                 temp,
                 *shape,
+                L - lv,
                 HAS_PARTS=not first,
                 FIRST=first,
-                LAST=last,
                 BT=node_bt,
+                RT=rt,
                 SB=sum_block,
-                LOG=(cap - 1).bit_length(),
+                LOG=log,
                 TILE=tile,
-                num_warps=8 if cap > 512 or node_bt * DP > 2048 else 4,
+                num_warps=warps,
+                # (ptxas otherwise caps registers below what the level's
+                # sort and a pass need together, and spills.)
+                maxnreg=min(255, 65536 // (32 * warps)) if f64 else 128,
                 **consts)
-            ns = 1
-            continue
+            break
         ch = plan.chunk_size
         rb = min(BT, ch)
         _level_kernel[(programs[lv] * phases[lv], )](
