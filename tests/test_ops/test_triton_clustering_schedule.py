@@ -190,8 +190,8 @@ def test_subtree_starts_where_nodes_fit(slots, top):
     down to the leaves are one subtree, whatever the grid."""
     for rows in (1, 16, 4096):
         plans = tc.level_plans(rows, 8, slots, 32, False, H100)
-        assert [p.kind for p in plans] == ['phased'] * top + ['subtree'] * (
-            8 - top)
+        assert [p.kind
+                for p in plans] == ['phased'] * top + ['subtree'] * (8 - top)
         assert [p.chunk_size for p in plans[top:]
                 ] == [slots << (8 - lv) for lv in range(top, 8)]
 

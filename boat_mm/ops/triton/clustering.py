@@ -632,8 +632,7 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
                     bits = r.to(tl.int32, bitcast=True).to(tl.int64)
                     bits = tl.where(valid, bits + 2147483648, 4294967295)
                     node = tl.zeros([BT], tl.int64) + j
-                    key = (node << (32 + LOG)) | (bits << LOG) | p.to(
-                        tl.int64)
+                    key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
                 tl.store(key_ptr + kbase + p, key, mask=inside)
     return acc0, acc1
 
@@ -667,8 +666,8 @@ def _resident_node(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
     w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
     w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
     c0, c1 = _normalize(
-        tl.reduce(w0[:, None] * u, 0, _ADD),
-        tl.reduce(w1[:, None] * u, 0, _ADD), F64)
+        tl.reduce(w0[:, None] * u, 0, _ADD), tl.reduce(w1[:, None] * u, 0,
+                                                       _ADD), F64)
     c0 = tl.where(use, p0, c0)
     c1 = tl.where(use, p1, c1)
     for _ in range(iters):
@@ -755,9 +754,9 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
             # split left (phased levels above), the others' their means.
             if HAS_PARTS:
                 use = k == 0
-                p0, p1 = _centroids(part_in, (t // 2).to(tl.int64) * NS * 2 +
-                                    t % 2, 2, tl.where(use, NS, 0), F64, CT,
-                                    DP, SB)
+                p0, p1 = _centroids(part_in,
+                                    (t // 2).to(tl.int64) * NS * 2 + t % 2, 2,
+                                    tl.where(use, NS, 0), F64, CT, DP, SB)
             else:
                 use = k < 0
                 p0 = zero
@@ -767,8 +766,8 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
                                d, j, start, ck, n, n0, p0, p1, use, iters,
                                temp, F64, CT, DP, RT, LOG)
             else:
-                s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0,
-                                       row_off, d, j, start,
+                s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr,
+                                       slot0, row_off, d, j, start,
                                        tl.where(use, 0, n), n, n0, zero, zero,
                                        temp, 0, F64, CT, DP, BT, LOG)
                 c0, c1 = _normalize(s0, s1, F64)
@@ -792,33 +791,36 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
             # and earlier); padding keeps its place.
             ti = tl.arange(0, TILE)
             for j in range(1 << k):
-                _, _, n, _ = _node_sizes((t << k) + j, nodes << k,
-                                         leaves >> k, base, extra)
+                _, _, n, _ = _node_sizes((t << k) + j, nodes << k, leaves >> k,
+                                         base, extra)
                 start = j * ck
                 for i0 in range(0, ck, TILE):
                     i = i0 + ti
                     mi = i < n
-                    ki = tl.load(key_ptr + slot0 + start + i, mask=mi,
-                                 other=0)
+                    ki = tl.load(key_ptr + slot0 + start + i, mask=mi, other=0)
                     rank = tl.where(mi, 0, i)
                     for j0 in range(0, n, TILE):
                         jj = j0 + ti
-                        kj = tl.load(key_ptr + slot0 + start + jj,
-                                     mask=jj < n, other=0)
+                        kj = tl.load(
+                            key_ptr + slot0 + start + jj, mask=jj < n, other=0)
                         before = (kj[None, :] < ki[:, None]) | (
                             (kj[None, :] == ki[:, None]) &
                             (jj[None, :] < i[:, None]))
                         before = before & (jj < n)[None, :] & mi[:, None]
                         rank += tl.reduce(before.to(tl.int32), 1, _ADD)
-                    tl.store(order_ptr + slot0 + start + rank, start + i,
-                             mask=i < ck)
+                    tl.store(
+                        order_ptr + slot0 + start + rank,
+                        start + i,
+                        mask=i < ck)
         else:
-            key = tl.load(key_ptr + slot0 + r_all, mask=r_all < cap,
-                          other=9223372036854775807)
+            key = tl.load(
+                key_ptr + slot0 + r_all,
+                mask=r_all < cap,
+                other=9223372036854775807)
             key = _sort_keys(key, LOG)
-            tl.store(order_ptr + slot0 + r_all,
-                     (key & (2**LOG - 1)).to(tl.int32),
-                     mask=r_all < cap)
+            tl.store(
+                order_ptr + slot0 + r_all, (key & (2**LOG - 1)).to(tl.int32),
+                mask=r_all < cap)
         tl.debug_barrier()
         # Rank r of the level's order: sub-node r // ck, rank R in it.
         last = k + 1 == levels
@@ -837,9 +839,9 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
             # child 1 (as _scatter_block).
             half = ck // 2
             pad = R - nr
-            dst = sub * ck + tl.where(
-                real, tl.where(R < n0r, R, half + R - n0r),
-                tl.where(pad < half - n0r, n0r + pad, R))
+            dst = sub * ck + tl.where(real, tl.where(R < n0r, R,
+                                                     half + R - n0r),
+                                      tl.where(pad < half - n0r, n0r + pad, R))
             if last:
                 tl.store(out_ptr + slot0 + dst, moved.to(tl.int64), mask=ok)
             else:
