@@ -17,11 +17,18 @@
 #   BOAT_MM_WITH_OPS=0  skip compiling boat_mm's C++ kernels (the FSLA
 #                   clustering then runs on tensor ops, slower on the CPU)
 #   FORCE_CUDA=1    GPU machine: build mmcv's CUDA ops too (mmcv's own
-#                   switch), against the installed torch. Needs the CUDA
-#                   toolkit (nvcc on PATH or in CUDA_HOME) of the CUDA major
-#                   version torch was built with; checked before building.
-#                   FSLA itself needs nothing built for the GPU: its Triton
-#                   kernels come with torch's CUDA wheels.
+#                   switch), against the installed torch, then run one of
+#                   them on the GPU. Needs a toolkit of the CUDA version
+#                   torch was built with, the one torch finds (CUDA_HOME,
+#                   else nvcc's; nvcc's major version and the cuBLAS and
+#                   cuSPARSE headers are checked), else, for torch's CUDA
+#                   13 builds (the pin's), NVIDIA's compiler wheels of that
+#                   version, installed into the venv.
+#                   FSLA itself needs nothing built for the GPU: its
+#                   Triton kernels come with torch's CUDA wheels.
+#   TORCH_CUDA_ARCH_LIST  the GPUs mmcv's CUDA ops are built for (torch's
+#                   switch; e.g. "9.0" for H100). Unset, torch builds for
+#                   the visible GPU, or for every architecture if none is.
 #   TORCH_INDEX_URL torch/torchvision from this index instead of PyPI's
 #                   default build (e.g. https://download.pytorch.org/whl/cu126
 #                   for another CUDA version; the versions stay the pins)
@@ -80,17 +87,40 @@ log "installing $TORCH_SPEC (first, pinned)"
     ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 if [ "$FORCE_CUDA" = "1" ]; then
-    # mmcv's CUDA ops must be compiled by the toolkit of torch's CUDA.
-    NVCC="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+    # mmcv's CUDA ops must be compiled by the toolkit of torch's CUDA, the
+    # one torch's extension builder finds (CUDA_HOME, else from nvcc).
     TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
     if [ -z "$TORCH_CUDA" ]; then
         log "ERROR: FORCE_CUDA=1 but this torch is a CPU build; install a CUDA build (TORCH_INDEX_URL)"
         exit 2
     fi
-    if ! command -v "$NVCC" >/dev/null 2>&1; then
-        log "ERROR: FORCE_CUDA=1 needs nvcc (CUDA toolkit $TORCH_CUDA): put it on PATH or set CUDA_HOME"
+    toolkit() {
+        "$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null
+    }
+    complete() {  # nvcc and the headers of the CUDA libraries ATen includes
+        [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ] \
+            && [ -f "$1/include/cusparse.h" ] && [ -f "$1/include/cublas_v2.h" ]
+    }
+    CUDA_HOME=$(toolkit)
+    if ! complete "$CUDA_HOME" && [ "${TORCH_CUDA%%.*}" = "13" ]; then
+        # No complete toolkit: NVIDIA's compiler wheels of torch's CUDA
+        # version, into the nvidia/cu13 tree where torch's CUDA wheels keep
+        # the runtime, cuBLAS, cuSPARSE, ... headers and libraries.
+        log "no complete CUDA toolkit (${CUDA_HOME:-none}): installing NVIDIA's CUDA $TORCH_CUDA compiler wheels into $VENV"
+        "${PIP[@]}" install -q --no-deps "nvidia-cuda-nvcc==$TORCH_CUDA.*" \
+            "nvidia-nvvm==$TORCH_CUDA.*" "nvidia-cuda-crt==$TORCH_CUDA.*" \
+            "nvidia-cuda-cccl==$TORCH_CUDA.*"
+        CUDA_HOME=$("$PY" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))")
+        # The build links -lcudart from CUDA_HOME/lib64.
+        ln -sfn lib "$CUDA_HOME/lib64"
+        ln -sf libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+    fi
+    if ! complete "$CUDA_HOME"; then
+        log "ERROR: FORCE_CUDA=1 needs a CUDA $TORCH_CUDA toolkit with nvcc and the cuBLAS/cuSPARSE headers; found ${CUDA_HOME:-none}: set CUDA_HOME to one"
         exit 2
     fi
+    export CUDA_HOME
+    NVCC="$CUDA_HOME/bin/nvcc"
     NVCC_CUDA=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
     if [ "${NVCC_CUDA%%.*}" != "${TORCH_CUDA%%.*}" ]; then
         log "ERROR: nvcc is CUDA $NVCC_CUDA, torch was built with CUDA $TORCH_CUDA; use a toolkit of CUDA ${TORCH_CUDA%%.*}.x or a torch build for $NVCC_CUDA (TORCH_INDEX_URL)"
@@ -137,6 +167,18 @@ else
         log "reusing cached $WHEEL"
     fi
     "${PIP[@]}" install -q --no-deps "$WHEEL"
+    if [ "$FORCE_CUDA" = "1" ]; then
+        if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+            GPU=$("$PY" -c "import torch, mmcv.ops
+boxes = torch.tensor([[0., 0., 1., 1.], [0., 0., 1., .9]], device='cuda')
+_, keep = mmcv.ops.nms(boxes, torch.tensor([1., .5], device='cuda'), 0.5)
+assert keep.tolist() == [0], keep
+print(torch.cuda.get_device_name())")
+            log "mmcv's CUDA ops run on the $GPU"
+        else
+            log "built mmcv's CUDA ops; no GPU is visible here, so none ran"
+        fi
+    fi
 fi
 
 log "installing mmengine, mmsegmentation, mmpretrain and test tools"
