@@ -9,46 +9,14 @@ and off; this file checks the op directly.
 """
 import pytest
 import torch
+from attention_problems import problem as _problem
+from attention_problems import run as _run
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
-                         clustered_attention, cpu_kernel_available)
+from boat_mm.ops import clustered_attention, cpu_kernel_available
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernel_available(), reason='boat_mm._C is not built')
-
-
-def _problem(hw,
-             dims,
-             heads,
-             dtype=torch.float64,
-             batch=2,
-             seed=0,
-             group_size=49,
-             overlap=20):
-    """qkv, the clustering of its queries and the plan."""
-    N = hw[0] * hw[1]
-    plan = build_cluster_plan(N, group_size, overlap)
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, N, 3 * dims, dtype=dtype, generator=gen)
-    d = dims // heads
-    q = qkv[..., :dims].reshape(batch, N, heads, d).transpose(1, 2)
-    perm = balanced_hierarchical_clustering(
-        q.reshape(batch * heads, N, d), plan, impl='tensor')
-    return qkv.requires_grad_(), perm, plan
-
-
-def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1):
-    """Output, value image and the qkv gradient of a random loss."""
-    out, image = clustered_attention(
-        qkv, perm, plan, heads, scale=scale, hw_shape=hw, impl=impl)
-    gen = torch.Generator().manual_seed(seed)
-    g_out = torch.randn(out.shape, dtype=out.dtype, generator=gen)
-    g_img = torch.randn(image.shape, dtype=out.dtype, generator=gen)
-    grad, = torch.autograd.grad((out * g_out).sum() + (image * g_img).sum(),
-                                qkv)
-    return out, image, grad
-
 
 # (H, W, C, heads, group_size, overlap): uniform N = 49 * 2**L, padded N
 # (clusters of unequal size), head widths that are not a multiple of the

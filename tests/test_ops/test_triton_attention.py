@@ -14,6 +14,8 @@ synchronisation and ``torch.compile`` checks (``benchmarks/gpu_check.sh``).
 import pytest
 import torch
 from _triton_compile import run_compile_script
+from attention_problems import problem
+from attention_problems import run as _run
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
@@ -25,40 +27,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 
 
-def _problem(hw,
-             dims,
-             heads,
-             dtype=torch.float64,
-             batch=2,
-             seed=0,
-             group_size=49,
-             overlap=20,
-             device=DEVICE):
-    """qkv, the clustering of its queries (tensor ops) and the plan."""
-    N = hw[0] * hw[1]
-    plan = build_cluster_plan(N, group_size, overlap, device)
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, N, 3 * dims, dtype=torch.float64, generator=gen)
-    d = dims // heads
-    q = qkv[..., :dims].reshape(batch, N, heads, d).transpose(1, 2)
-    perm = balanced_hierarchical_clustering(
-        q.reshape(batch * heads, N, d), plan, impl='tensor')
-    return (qkv.to(device, dtype).requires_grad_(), perm.to(device), plan)
-
-
-def _run(impl, qkv, perm, plan, heads, hw, scale=None, seed=1, upcast=False):
-    """Output, value image and the qkv gradient of a random loss (the
-    tensor path in float32 from the same inputs with ``upcast``)."""
-    if upcast:
-        qkv = qkv.detach().float().requires_grad_()
-    out, image = clustered_attention(
-        qkv, perm, plan, heads, scale=scale, hw_shape=hw, impl=impl)
-    gen = torch.Generator().manual_seed(seed)
-    g_out = torch.randn(out.shape, generator=gen).to(out)
-    g_img = torch.randn(image.shape, generator=gen).to(out)
-    grad, = torch.autograd.grad((out * g_out).sum() + (image * g_img).sum(),
-                                qkv)
-    return out, image, grad
+def _problem(*args, device=DEVICE, **kwargs):
+    return problem(*args, device=device, **kwargs)
 
 
 # (H, W, C, heads, overlap): uniform N = 49 * 4 (head dims 16), padded N
