@@ -7,12 +7,10 @@ arch swapped in by a user-style config that inherits ours by path, and two
 epochs of 9 iterations (warm-up epoch, then cosine, as the recipes).
 Everything is written under ``tmp_path``.
 """
-import os
 import os.path as osp
 import pickle
 import re
 import runpy
-import subprocess
 import sys
 from typing import List, Optional
 
@@ -21,6 +19,10 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
+# The command runners of the segmentation end-to-end tests.
+from test_seg_e2e import _ckpt
+from test_seg_e2e import _run as run
+from test_seg_e2e import _tool as tool
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -79,35 +81,17 @@ def _user_cfg(path: str, base: str, root: str, arch: dict) -> str:
     return path
 
 
+# One thread: on the shared 2-core machine OpenMP threads that wait for
+# each other make these small runs several times slower.
+ONE_THREAD = dict(OMP_NUM_THREADS='1')
+
+
 def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
-    """Run a command; return its output, or fail the test with it."""
-    # One thread: on the shared 2-core machine OpenMP threads that wait for
-    # each other make these small runs several times slower.
-    env = dict(
-        os.environ,
-        PYTHONWARNINGS='ignore',
-        OMP_NUM_THREADS='1',
-        **(env or {}))
-    proc = subprocess.run(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True)
-    if proc.returncode != 0:
-        pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
-                    f'{proc.stdout[-6000:]}')
-    return proc.stdout
+    return run(cmd, cwd, dict(ONE_THREAD, **(env or {})))
 
 
 def _tool(name: str, *args: str, cwd: str) -> str:
-    return _run(
-        [sys.executable, osp.join(REPO, 'tools', name), *args], cwd=cwd)
-
-
-def _ckpt(path: str) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return tool(name, *args, cwd=cwd, env=ONE_THREAD)
 
 
 def _train(tmp, base: str, root: str, arch: dict) -> dict:

@@ -109,9 +109,11 @@ def _run(cmd: List[str], cwd: str, env: Optional[dict] = None) -> str:
     return proc.stdout
 
 
-def _tool(name: str, *args: str, cwd: str) -> str:
+def _tool(name: str, *args: str, cwd: str, env: Optional[dict] = None) -> str:
     return _run(
-        [sys.executable, osp.join(REPO, 'tools', name), *args], cwd=cwd)
+        [sys.executable, osp.join(REPO, 'tools', name), *args],
+        cwd=cwd,
+        env=env)
 
 
 def _ckpt(path: str) -> dict:
