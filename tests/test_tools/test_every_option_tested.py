@@ -8,6 +8,7 @@ named in some test file other than this one, so a new option cannot land
 untested unnoticed.
 """
 import argparse
+import functools
 import glob
 import importlib.util
 import os.path as osp
@@ -48,6 +49,7 @@ def options_of(path: str, monkeypatch) -> list:
         for option in action.option_strings if option.startswith('--'))
 
 
+@functools.lru_cache(maxsize=None)
 def _test_texts() -> str:
     here = osp.abspath(__file__)
     return '\n'.join(
