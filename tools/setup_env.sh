@@ -94,14 +94,11 @@ if [ "$FORCE_CUDA" = "1" ]; then
         log "ERROR: FORCE_CUDA=1 but this torch is a CPU build; install a CUDA build (TORCH_INDEX_URL)"
         exit 2
     fi
-    toolkit() {
-        "$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null
-    }
     complete() {  # nvcc and the headers of the CUDA libraries ATen includes
         [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ] \
             && [ -f "$1/include/cusparse.h" ] && [ -f "$1/include/cublas_v2.h" ]
     }
-    CUDA_HOME=$(toolkit)
+    CUDA_HOME=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)
     if ! complete "$CUDA_HOME" && [ "${TORCH_CUDA%%.*}" = "13" ]; then
         # No complete toolkit: NVIDIA's compiler wheels of torch's CUDA
         # version, into the nvidia/cu13 tree where torch's CUDA wheels keep
