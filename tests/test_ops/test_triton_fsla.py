@@ -1,0 +1,145 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""FSLA and the two backbones with both Triton kernels in the loop
+(``clustering_impl='triton'``, ``attention_impl='triton'``).
+
+The kernel tests (``test_triton_clustering.py``, ``test_triton_attention.py``)
+check each op alone; these check that the module and the backbones compose
+them right: the cluster plan per resolution, padding for any ``H x W``,
+the value image, autograd through both ops, every stage of a backbone.
+Float64, so that the hard clustering has no near-ties to flip.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter
+(``tests/conftest.py``); with one, compiled on CUDA
+(``benchmarks/gpu_check.sh``).
+"""
+import copy
+from typing import Tuple
+
+import pytest
+import torch
+from test_fsla import leaf_sizes_of, make_module, reference_fsla, unambiguous
+
+from boat_mm.models.backbones import BOATCSWin, BOATSwin
+from boat_mm.models.utils import FeatureSpaceLocalAttention
+from boat_mm.ops import _backends
+
+pytest.importorskip('triton')
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+if DEVICE == 'cpu' and not _backends.triton_interpreter_enabled():
+    pytest.skip(
+        'the Triton kernels need CUDA, or TRITON_INTERPRET=1 (set by '
+        'tests/conftest.py without a GPU)',
+        allow_module_level=True)
+
+TRITON = dict(clustering_impl='triton', attention_impl='triton')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The interpreter runs many tiny numpy ops: threads only cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# hw, dims, heads, extra FSLA arguments: a published size (4 clusters of
+# 49), a padded one (143 tokens: clusters of 35 and 36), a map with
+# several sibling pairs and no overlap, and a single cluster.
+MODULE_CASES = [((14, 14), 32, 4, {}), ((11, 13), 16, 2, {}),
+                ((16, 20), 16, 2, dict(group_size=24, overlap=0)),
+                ((5, 7), 16, 2, {})]
+
+
+@pytest.mark.parametrize('hw,dims,heads,kwargs', MODULE_CASES)
+def test_module_on_triton_equals_reference(hw, dims, heads, kwargs):
+    """Output, input gradient and every parameter gradient of FSLA on the
+    Triton kernels equal the slow reference of test_fsla.py."""
+    ref_module = make_module(dims, heads, **kwargs)
+    ours = copy.deepcopy(ref_module).to(DEVICE)
+    ours.clustering_impl = ours.attention_impl = 'triton'
+    N = hw[0] * hw[1]
+    gs, ov = kwargs.get('group_size', 49), kwargs.get('overlap', 20)
+    sizes = leaf_sizes_of(N, gs, ov)
+
+    def reference(x):
+        x = x.clone().requires_grad_()
+        ref = reference_fsla(
+            ref_module,
+            x,
+            hw,
+            heads,
+            group_size=gs,
+            overlap=ov,
+            leaf_sizes=sizes)
+        return x, ref.out, ref.margin
+
+    x, (x_ref, out_ref, _) = unambiguous(
+        lambda g: torch.randn(2, N, dims, dtype=torch.float64, generator=g),
+        reference)
+    w = torch.randn_like(out_ref)
+    (out_ref * w).sum().backward()
+
+    x_ours = x.to(DEVICE).requires_grad_()
+    out = ours(x_ours, hw)
+    (out * w.to(DEVICE)).sum().backward()
+    torch.testing.assert_close(out.cpu(), out_ref.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        x_ours.grad.cpu(), x_ref.grad, atol=1e-10, rtol=0)
+    for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(
+            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)
+
+
+ARCHS = {
+    BOATSwin: dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
+    # CSWin splits heads between two stripe branches: even counts.
+    BOATCSWin:
+    dict(embed_dims=24, depths=(1, 2, 2, 1), num_heads=(2, 2, 4, 4)),
+}
+
+
+def _train_step(model: torch.nn.Module, img: torch.Tensor,
+                weights: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor]:
+    outs = model(img)
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs
+
+
+@pytest.mark.parametrize(
+    'family', [BOATSwin, BOATCSWin], ids=lambda c: c.__name__)
+def test_backbone_on_triton_equals_tensor_path(family):
+    """Every stage's map and every parameter's gradient of a backbone on
+    the Triton kernels equal the same backbone on the tensor ops (the
+    path test_fsla.py checks against the published algorithm), for an
+    input whose stage maps need padded clusters (25x19, 13x10, ...)."""
+    kwargs = dict(
+        arch=ARCHS[family], out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    torch.manual_seed(0)
+    ref = family(
+        **kwargs,
+        fsla_cfg=dict(clustering_impl='tensor',
+                      attention_impl='tensor')).double()
+    ours = family(**kwargs, fsla_cfg=TRITON).double()
+    ours.load_state_dict(ref.state_dict())
+    ours.to(DEVICE)
+    assert any(
+        isinstance(m, FeatureSpaceLocalAttention)
+        and m.clustering_impl == m.attention_impl == 'triton'
+        for m in ours.modules())
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(2, 3, 100, 76, dtype=torch.float64, generator=gen)
+    shapes = [(25, 19), (13, 10), (7, 5), (4, 3)]
+    weights = tuple(
+        torch.randn(2, 24 * 2**i, *hw, dtype=torch.float64, generator=gen)
+        for i, hw in enumerate(shapes))
+    outs_ref = _train_step(ref, img, weights)
+    outs = _train_step(ours, img.to(DEVICE),
+                       tuple(w.to(DEVICE) for w in weights))
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=0)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(
+            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)
