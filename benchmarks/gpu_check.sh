@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Copyright (c) boat-mm contributors. All rights reserved.
 #
-# Everything issue #11 asks of a GPU machine, in one go: the Triton tests
-# compiled on CUDA (with the tests marked `cuda`), the FSLA benchmark and
-# the backbone benchmark, each writing its output to a folder.
+# Everything a GPU machine checks, in one go: the Triton tests compiled on
+# CUDA (with the tests marked `cuda`), the FSLA benchmark, the backbone
+# benchmark, and mmcv's CUDA ops with the OpenMMLab tools on the GPU, each
+# writing its output to a folder.
 #
 # Usage (from the repository root, in an environment with boat_mm's
 # requirements and a CUDA torch/triton):
@@ -11,8 +12,11 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [STAGES]
 #
 # OUT_DIR defaults to $OUT, else work_dirs/gpu_check. STAGES is a
-# comma-separated subset of tests,fsla,backbone (default: all three), so a
-# session with a per-command time limit can run them one by one. With
+# comma-separated subset of tests,fsla,backbone,openmmlab (default: all),
+# so a session with a per-command time limit can run them one by one.
+# `openmmlab` needs mmcv built with CUDA ops for the machine's torch (on a
+# machine without network: the wheels of benchmarks/gpu_wheels.sh), and is
+# skipped, saying so, without them. With
 # BOAT_REF_REPO set to a checkout of mahaoyuHKU/pytorch-boat (needs timm and
 # einops), the FSLA benchmark also times the published ContentAttention.
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 540) and
@@ -22,7 +26,7 @@
 # --quick).
 set -u -o pipefail
 OUT_DIR=${1:-${OUT:-work_dirs/gpu_check}}
-STAGES=${2:-tests,fsla,backbone}
+STAGES=${2:-tests,fsla,backbone,openmmlab}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
@@ -59,11 +63,14 @@ case ",$STAGES," in *,tests,*)
   # `cuda`-marked ones included), then the other `cuda`-marked tests.
   run_stage tests "$OUT_DIR/tests.txt" $PY -m pytest -p no:cacheprovider \
     -q -ra tests/test_ops/test_triton_attention.py \
-    tests/test_ops/test_triton_clustering.py
+    tests/test_ops/test_triton_clustering.py \
+    tests/test_ops/test_triton_fsla.py
   run_stage tests-cuda-marked "$OUT_DIR/tests_cuda_marked.txt" \
     $PY -m pytest -p no:cacheprovider -q -ra -m cuda tests \
     --ignore tests/test_ops/test_triton_attention.py \
-    --ignore tests/test_ops/test_triton_clustering.py
+    --ignore tests/test_ops/test_triton_clustering.py \
+    --ignore tests/test_ops/test_triton_fsla.py \
+    --ignore tests/test_mmcv_ops.py
   ;;
 esac
 
@@ -79,6 +86,25 @@ case ",$STAGES," in *,backbone,*)
   # shellcheck disable=SC2086
   run_stage backbone "$OUT_DIR/backbone.md" $PY benchmarks/backbone.py \
     --device "$DEVICE" ${BACKBONE_ARGS:-}
+  ;;
+esac
+
+case ",$STAGES," in *,openmmlab,*)
+  # mmcv's CUDA ops, then mmseg's, mmdet's and mmpretrain's tools training,
+  # testing and resuming our configs (tiny archs, generated data) on the
+  # GPU, as MMEngine's runner picks it.
+  if $PY -c "import sys, mmcv.ops
+sys.exit(mmcv.ops.get_compiling_cuda_version() == 'not available')" \
+      2>/dev/null; then
+    run_stage openmmlab "$OUT_DIR/openmmlab.txt" $PY -m pytest \
+      -p no:cacheprovider -q -ra tests/test_mmcv_ops.py \
+      tests/test_tools/test_seg_e2e.py tests/test_tools/test_det_e2e.py \
+      tests/test_tools/test_cls_e2e.py
+  else
+    echo "== openmmlab: skipped: mmcv has no CUDA ops here (build them:" \
+      "FORCE_CUDA=1 bash tools/setup_env.sh; offline: gpu_wheels.sh)" \
+      | tee -a "$OUT_DIR/summary.txt"
+  fi
   ;;
 esac
 

@@ -433,6 +433,9 @@ COVERAGE: Dict[str, object] = {
     NotRun('an experiment over CPU settings (minutes; never a test)'),
     'benchmarks/gpu_check.sh':
     NotRun('needs a CUDA GPU'),
+    'benchmarks/gpu_wheels.sh':
+    NotRun('downloads wheels for another machine (11 MB from PyPI); run by '
+           'hand before a GPU check'),
     'benchmarks/gpu_model.py':
     NotRun('a model (minutes; never a test); test_triton_attention.py tests '
            'its recording, tests/test_benchmarks/test_gpu_model.py its '

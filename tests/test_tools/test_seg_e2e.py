@@ -231,6 +231,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason='two processes on CUDA take a GPU each (NCCL)')
 def test_ddp_two_processes_train_and_evaluate(trained):
     work_dir = str(trained['tmp'] / 'ddp')
     out = _run([
