@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 # The same command runners as the segmentation end-to-end tests.
-from test_seg_e2e import _ckpt, _run, _tool, _tool_main, check_resume
+from test_seg_e2e import (_ckpt, _run, _tool, _tool_main, check_amp_run,
+                          check_resume)
 from tiny_configs import swin_retinanet
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -173,6 +174,13 @@ def test_resume_continues_interrupted_run(trained):
     ``--resume`` ends exactly where the uninterrupted run ended."""
     check_resume(trained, 'roi_head.mask_head.conv_logits.weight',
                  '--no-validate')
+
+
+@pytest.mark.cuda
+def test_amp_training_on_gpu(trained):
+    """Mixed precision on the GPU: FSLA's Triton kernels, RoIAlign and the
+    mask head in float16 under MMEngine's AmpOptimWrapper."""
+    check_amp_run(trained, 'loss_mask', r'Iter\(val\) \[2/2\].*segm_mAP')
 
 
 def test_upstream_mmdet_train_tool_runs_our_config(trained):

@@ -225,6 +225,38 @@ def test_resume_continues_interrupted_run(trained):
     assert 0 < lrs[0] < start['optimizer']['param_groups'][0]['lr']
 
 
+def check_amp_run(trained: dict, loss: str, val: str) -> dict:
+    """``tools/train.py --amp`` for 2 iterations of the ``trained`` run's
+    config (on the GPU): finite ``loss`` values at both iterations, the
+    validation line matching ``val``, and MMEngine's float16 wrapper with
+    its loss scaler in the checkpoint, which it returns."""
+    work_dir = str(trained['tmp'] / 'amp')
+    out = _tool(
+        'train.py',
+        trained['cfg'],
+        '--amp',
+        '--work-dir',
+        work_dir,
+        '--cfg-options',
+        'train_cfg.max_iters=2',
+        'train_cfg.val_interval=2',
+        cwd=str(trained['tmp']))
+    # A nan or inf loss does not match the number pattern.
+    losses = re.findall(rf'Iter\(train\) \[\d/2\].*?{loss}: ([\d.]+)', out)
+    assert len(losses) == 2, out[-3000:]
+    assert re.search(val, out), out[-3000:]
+    ckpt = _ckpt(osp.join(work_dir, 'iter_2.pth'))
+    assert 'loss_scaler' in ckpt['optimizer']
+    return ckpt
+
+
+@pytest.mark.cuda
+def test_amp_training_on_gpu(trained):
+    """Mixed precision, as GPU users train: FSLA's Triton kernels and the
+    heads in float16 under MMEngine's AmpOptimWrapper."""
+    check_amp_run(trained, r'decode\.loss_ce', r'Iter\(val\) \[4/4\].*mIoU')
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
