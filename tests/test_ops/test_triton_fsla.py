@@ -17,6 +17,8 @@ from typing import Tuple
 
 import pytest
 import torch
+# The interpreter runs many tiny numpy ops: threads only cost.
+from test_fsla import one_thread  # noqa: F401 (autouse fixture)
 from test_fsla import leaf_sizes_of, make_module, reference_fsla, unambiguous
 
 from boat_mm.models.backbones import BOATCSWin, BOATSwin
@@ -33,16 +35,6 @@ if DEVICE == 'cpu' and not _backends.triton_interpreter_enabled():
         allow_module_level=True)
 
 TRITON = dict(clustering_impl='triton', attention_impl='triton')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The interpreter runs many tiny numpy ops: threads only cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # hw, dims, heads, extra FSLA arguments: a published size (4 clusters of
 # 49), a padded one (143 tokens: clusters of 35 and 36), a map with
