@@ -447,12 +447,15 @@ def _train_step(model, x):
 
 @pytest.mark.cuda
 def test_cuda_no_host_sync_fsla_and_backbone():
-    """A training step of FSLA and of BOAT-Swin on CUDA never waits for
-    the device (torch.cuda.set_sync_debug_mode('error'))."""
-    from boat_mm.models import BOATSwin
+    """A training step of FSLA, BOAT-Swin and BOAT-CSWin on CUDA never
+    waits for the device (torch.cuda.set_sync_debug_mode('error'))."""
+    from boat_mm.models import BOATCSWin, BOATSwin
     fsla = FeatureSpaceLocalAttention(64, 2).cuda()
     x = torch.randn(2, 56 * 56, 64, device='cuda')
-    backbone = BOATSwin(arch='tiny', out_indices=(3, )).cuda()
+    backbones = [
+        BOATSwin(arch='tiny', out_indices=(3, )).cuda(),
+        BOATCSWin(arch='tiny', out_indices=(3, )).cuda()
+    ]
     img = torch.randn(1, 3, 224, 224, device='cuda')
     for step in range(2):  # the first one builds plans and compiles
         if step:
@@ -461,7 +464,8 @@ def test_cuda_no_host_sync_fsla_and_backbone():
         try:
             with torch.autocast('cuda', torch.bfloat16):
                 fsla(x, (56, 56)).float().mean().backward()
-                _train_step(backbone, img)
+                for backbone in backbones:
+                    _train_step(backbone, img)
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
