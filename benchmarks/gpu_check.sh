@@ -28,7 +28,7 @@ set -u -o pipefail
 OUT_DIR=${1:-${OUT:-work_dirs/gpu_check}}
 STAGES=${2:-tests,fsla,backbone,openmmlab}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
