@@ -42,14 +42,17 @@ else
     LITE=(mmcv-lite==2.1.0)
     echo "no mmcv wheel for $TAG in $CACHE: mmcv-lite (no ops)"
 fi
-# The pins of requirements/constraints.txt, and what they need beyond the
-# machine's own packages (pycocotools, shapely, wcwidth: binary wheels).
+# The pins of requirements/constraints.txt, and what they need beyond a
+# CUDA image with torch, numpy, scipy, matplotlib, opencv, rich, pyyaml and
+# pytest (yapf needs platformdirs, mmpretrain importlib-metadata and that
+# lazy-importer; `modelindex` is the module of model-index; pycocotools,
+# shapely, wcwidth: binary wheels).
 python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST" "${LITE[@]}" mmengine==0.10.7 mmpretrain==1.2.0 \
-    mmsegmentation==1.2.2 mmdet==3.3.0 addict yapf termcolor mat4py \
-    modelindex ordered-set prettytable wcwidth ftfy terminaltables \
-    pycocotools shapely
+    mmsegmentation==1.2.2 mmdet==3.3.0 addict yapf platformdirs termcolor \
+    importlib-metadata lazy-importer mat4py model-index ordered-set prettytable \
+    wcwidth ftfy terminaltables pycocotools shapely
 du -sh "$DEST"
