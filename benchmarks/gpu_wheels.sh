@@ -6,12 +6,18 @@
 # network: boat-mm's OpenMMLab stack for that machine's Python, and mmcv.
 #
 # mmcv is the one with compiled code. If tools/setup_env.sh built mmcv
-# 2.1.0 with CUDA ops here for that Python, torch and CUDA (FORCE_CUDA=1;
-# the wheel cache is keyed on all three), that wheel is copied: then
-# gpu_check.sh's `openmmlab` stage runs mmcv's CUDA ops and the
-# segmentation, detection and classification tools on the GPU. Otherwise
-# mmcv-lite (no ops): FSLA and the backbones need none, and that stage
-# skips what needs them.
+# 2.1.0 with CUDA ops here for that Python, torch and CUDA (the wheel cache
+# is keyed on all three), that wheel is copied: then gpu_check.sh's
+# `openmmlab` stage runs mmcv's CUDA ops and the segmentation, detection
+# and classification tools on the GPU. To build it for the defaults (30 to
+# 45 minutes on 2 cores; no GPU needed):
+#
+#   PYTHON=python3.12 VENV=/tmp/venv312 FORCE_CUDA=1 \
+#       TORCH_CUDA_ARCH_LIST=9.0 TORCH_SPEC="torch==2.11.0 \
+#       torchvision==0.26.0" bash tools/setup_env.sh
+#
+# Otherwise mmcv-lite (no ops): FSLA and the backbones need none, and that
+# stage is skipped.
 #
 # Usage (here, with network):
 #

@@ -24,6 +24,8 @@
 #                   cuSPARSE headers are checked), else, for torch's CUDA
 #                   13 builds (the pin's), NVIDIA's compiler wheels of that
 #                   version, installed into the venv.
+#                   A toolkit of another major version than torch's CUDA 13
+#                   is passed over for those wheels too.
 #                   FSLA itself needs nothing built for the GPU: its
 #                   Triton kernels come with torch's CUDA wheels.
 #   TORCH_CUDA_ARCH_LIST  the GPUs mmcv's CUDA ops are built for (torch's
@@ -31,7 +33,14 @@
 #                   the visible GPU, or for every architecture if none is.
 #   TORCH_INDEX_URL torch/torchvision from this index instead of PyPI's
 #                   default build (e.g. https://download.pytorch.org/whl/cu126
-#                   for another CUDA version; the versions stay the pins)
+#                   for another CUDA version; the versions stay the pins).
+#                   pip keeps an installed torch of the pinned version:
+#                   use it on a new venv (`make clean-venv` first)
+#   TORCH_SPEC      torch and torchvision requirements instead of the pins
+#                   (default "torch==2.14.1 torchvision==0.29.1"), of the
+#                   supported range (torch >= 2.4.1), e.g. to build the
+#                   mmcv wheel for another machine's torch (its wheel cache
+#                   is keyed on Python, torch and CUDA versions)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,8 +49,15 @@ PYTHON="${PYTHON:-python3.11}"
 CACHE="${BOAT_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/boat-mm}"
 MMCV_VERSION=2.1.0
 FORCE_CUDA="${FORCE_CUDA:-0}"
-TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+PINNED_TORCH="torch==2.14.1 torchvision==0.29.1"
+TORCH_SPEC="${TORCH_SPEC:-$PINNED_TORCH}"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
+if [ "$TORCH_SPEC" != "$PINNED_TORCH" ]; then
+    # The other pins hold; torch and torchvision are TORCH_SPEC's.
+    OTHER_PINS=$(mktemp)
+    grep -v -E '^(torch|torchvision)==' "$CONSTRAINTS" > "$OTHER_PINS"
+    CONSTRAINTS=$OTHER_PINS
+fi
 START=$(date +%s)
 
 log() { printf '[setup %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
@@ -51,7 +67,8 @@ stamp_of() {
     # A GPU build (FORCE_CUDA=1) is another environment.
     { cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
         "$ROOT/tools/setup_env.sh" "$ROOT"/boat_mm/ops/csrc/*
-      [ "${FORCE_CUDA:-0}" = "1" ] && echo "FORCE_CUDA=1"; true; } \
+      [ "${FORCE_CUDA:-0}" = "1" ] && echo "FORCE_CUDA=1"
+      echo "$TORCH_SPEC"; } \
         | sha256sum | cut -d' ' -f1
 }
 
@@ -98,12 +115,18 @@ if [ "$FORCE_CUDA" = "1" ]; then
         [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ] \
             && [ -f "$1/include/cusparse.h" ] && [ -f "$1/include/cublas_v2.h" ]
     }
+    nvcc_version() {  # "13.0" for the toolkit in $1
+        "$1/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'
+    }
     CUDA_HOME=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)
-    if ! complete "$CUDA_HOME" && [ "${TORCH_CUDA%%.*}" = "13" ]; then
-        # No complete toolkit: NVIDIA's compiler wheels of torch's CUDA
-        # version, into the nvidia/cu13 tree where torch's CUDA wheels keep
-        # the runtime, cuBLAS, cuSPARSE, ... headers and libraries.
-        log "no complete CUDA toolkit (${CUDA_HOME:-none}): installing NVIDIA's CUDA $TORCH_CUDA compiler wheels into $VENV"
+    FOUND="${CUDA_HOME:-none}"
+    complete "$CUDA_HOME" && FOUND="$CUDA_HOME, CUDA $(nvcc_version "$CUDA_HOME")"
+    if [ "${TORCH_CUDA%%.*}" = "13" ] && { ! complete "$CUDA_HOME" \
+            || [ "$(nvcc_version "$CUDA_HOME" | cut -d. -f1)" != "13" ]; }; then
+        # No complete CUDA 13 toolkit: NVIDIA's compiler wheels of torch's
+        # CUDA version, into the nvidia/cu13 tree where torch's CUDA wheels
+        # keep the runtime, cuBLAS, cuSPARSE, ... headers and libraries.
+        log "no complete CUDA 13 toolkit ($FOUND): installing NVIDIA's CUDA $TORCH_CUDA compiler wheels into $VENV"
         "${PIP[@]}" install -q --no-deps "nvidia-cuda-nvcc==$TORCH_CUDA.*" \
             "nvidia-nvvm==$TORCH_CUDA.*" "nvidia-cuda-crt==$TORCH_CUDA.*" \
             "nvidia-cuda-cccl==$TORCH_CUDA.*"
@@ -117,8 +140,7 @@ if [ "$FORCE_CUDA" = "1" ]; then
         exit 2
     fi
     export CUDA_HOME
-    NVCC="$CUDA_HOME/bin/nvcc"
-    NVCC_CUDA=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+    NVCC_CUDA=$(nvcc_version "$CUDA_HOME")
     if [ "${NVCC_CUDA%%.*}" != "${TORCH_CUDA%%.*}" ]; then
         log "ERROR: nvcc is CUDA $NVCC_CUDA, torch was built with CUDA $TORCH_CUDA; use a toolkit of CUDA ${TORCH_CUDA%%.*}.x or a torch build for $NVCC_CUDA (TORCH_INDEX_URL)"
         exit 2
