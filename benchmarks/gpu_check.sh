@@ -21,9 +21,10 @@
 # einops), the FSLA benchmark also times the published ContentAttention.
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 540) and
 # keeps what it printed when stopped. DEVICE (default cuda), FSLA_ARGS and
-# BACKBONE_ARGS change the benchmarks' arguments (e.g. a CPU smoke test:
-# DEVICE=cpu FSLA_ARGS='--shapes 14:32:2 --repeats 1' BACKBONE_ARGS=
-# --quick).
+# BACKBONE_ARGS change the benchmarks' arguments; a CPU smoke test:
+#
+#   DEVICE=cpu FSLA_ARGS='--shapes 14:32:2 --repeats 1' \
+#       BACKBONE_ARGS=--quick bash benchmarks/gpu_check.sh OUT fsla,backbone
 set -u -o pipefail
 OUT_DIR=${1:-${OUT:-work_dirs/gpu_check}}
 STAGES=${2:-tests,fsla,backbone,openmmlab}

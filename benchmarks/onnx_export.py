@@ -27,8 +27,8 @@ them):
 
 Example::
 
-    python benchmarks/ox.py                  # all, ~30 min
-    python benchmarks/ox.py --only flips --flip-inputs 200
+    python benchmarks/onnx_export.py         # all, ~30 min
+    python benchmarks/onnx_export.py --only flips --flip-inputs 200
 """
 import argparse
 import math
