@@ -3,6 +3,7 @@
 import os
 import os.path as osp
 import re
+import runpy
 import sys
 
 from setuptools import find_packages, setup
@@ -34,6 +35,12 @@ def get_extensions() -> tuple:
     if os.getenv('BOAT_MM_WITH_OPS', '1') == '0' or sys.platform == 'win32':
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    # The sources' digest, compiled in: boat_mm/ops/_library.py loads no
+    # library built from other sources than those beside it.
+    sources = runpy.run_path(osp.join(HERE, 'boat_mm', 'ops', '_sources.py'))
+    digest = sources['sources_digest'](
+        osp.join(HERE, 'boat_mm', 'ops', 'csrc'))
     ext = CppExtension(
         'boat_mm._C',
         [
@@ -41,6 +48,8 @@ def get_extensions() -> tuple:
             'boat_mm/ops/csrc/clustered_attention.cpp'
         ],
         depends=['boat_mm/ops/csrc/simd.h'],
+        # Stringified in C++: one preprocessing token needs no shell quotes.
+        define_macros=[('BOAT_MM_CSRC_SHA', digest)],
         # OpenMP for at::parallel_for (the process shares torch's libgomp);
         # -Wno-psabi: the vector types never cross a library boundary.
         extra_compile_args=[

@@ -42,11 +42,15 @@ implements exist (:data:`CPU_KERNELS_LOADED`). Triton is imported on the
 first call of a Triton kernel only, never by ``import boat_mm``.
 """
 import importlib
+import importlib.util
+import os.path as osp
 import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._sources import built_digest, sources_digest
 
 __all__ = [
     'NAMESPACES', 'CPU_KERNELS_LOADED', 'op_overload',
@@ -211,9 +215,31 @@ def register_default_kernel(name: str, kernel: Callable) -> None:
     _LIBS['boat_mm'].impl(name, kernel, 'CompositeExplicitAutograd')
 
 
+def _stale_cpu_kernels() -> bool:
+    """Whether ``boat_mm._C`` was built from other C++ sources than those
+    beside the package (False where either is missing: not built, or
+    installed without its sources)."""
+    try:
+        spec = importlib.util.find_spec('boat_mm._C')
+    except ImportError:
+        return False  # the import reports it
+    csrc = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+    if spec is None or not spec.origin or not osp.isdir(csrc):
+        return False
+    return built_digest(spec.origin) != sources_digest(csrc)
+
+
 def _load_cpu_kernels() -> bool:
     """Load ``boat_mm._C``, which registers the CPU kernels of the
-    ``boat_mm`` ops defined above; False when it is not built."""
+    ``boat_mm`` ops defined above; False when it is not built, or is stale
+    (then it is not loaded: its kernels would not match the sources)."""
+    if _stale_cpu_kernels():
+        warnings.warn(
+            'boat_mm._C was built from other C++ sources than '
+            'boat_mm/ops/csrc holds now, so it is not loaded; FSLA '
+            '(clustering and clustered attention) falls back to tensor ops. '
+            'Rebuild it with `pip install --no-build-isolation -e .`.')
+        return False
     try:
         import boat_mm._C  # noqa: F401
     except ModuleNotFoundError as e:

@@ -110,3 +110,72 @@ def test_missing_triton_names_the_fix(monkeypatch):
     monkeypatch.setattr(_library.importlib, 'import_module', missing('numpy'))
     with pytest.raises(ModuleNotFoundError):
         kernel()
+
+
+# ---------------------------------------------------------------------------
+# A boat_mm._C older than its sources is not loaded.
+# ---------------------------------------------------------------------------
+
+_LOAD_SCRIPT = '''
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    import boat_mm
+    from boat_mm.ops import cpu_kernel_available
+msgs = [str(w.message) for w in caught if 'boat_mm._C' in str(w.message)]
+print(boat_mm.__file__, cpu_kernel_available(), msgs)
+'''
+
+
+def test_sources_digest_follows_names_and_bytes(tmp_path):
+    from boat_mm.ops._sources import sources_digest
+    (tmp_path / 'a.cpp').write_bytes(b'int a;\n')
+    (tmp_path / 'b.h').write_bytes(b'int b;\n')
+    digest = sources_digest(str(tmp_path))
+    assert len(digest) == 64 and digest == sources_digest(str(tmp_path))
+    (tmp_path / 'b.h').write_bytes(b'int b; \n')
+    assert sources_digest(str(tmp_path)) != digest
+    (tmp_path / 'b.h').write_bytes(b'int b;\n')
+    assert sources_digest(str(tmp_path)) == digest
+    (tmp_path / 'b.h').rename(tmp_path / 'c.h')
+    assert sources_digest(str(tmp_path)) != digest
+
+
+@pytest.mark.skipif(
+    not _library.CPU_KERNELS_LOADED, reason='boat_mm._C is not built')
+def test_stale_cpu_kernels_are_not_loaded(tmp_path):
+    """A copy of the package with its ``_C`` loads it; after one byte of
+    its C++ sources changes (a pull without a rebuild), it does not, and
+    says how to rebuild, and FSLA runs on tensor ops."""
+    import os
+    import os.path as osp
+    import shutil
+    import subprocess
+    import sys
+
+    import boat_mm
+    shutil.copytree(
+        osp.dirname(boat_mm.__file__),
+        tmp_path / 'boat_mm',
+        ignore=shutil.ignore_patterns('__pycache__'))
+
+    def load():
+        env = dict(os.environ, PYTHONPATH=str(tmp_path))
+        out = subprocess.run([sys.executable, '-c', _LOAD_SCRIPT],
+                             cwd=str(tmp_path),
+                             env=env,
+                             capture_output=True,
+                             text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        path, loaded, msgs = out.stdout.strip().split(' ', 2)
+        assert path.startswith(str(tmp_path))  # the copy was imported
+        return loaded == 'True', msgs
+
+    assert load() == (True, '[]')
+    with open(tmp_path / 'boat_mm' / 'ops' / 'csrc' / 'simd.h', 'a') as f:
+        f.write('// changed after the build\n')
+    loaded, msgs = load()
+    assert not loaded
+    assert 'other C++ sources' in msgs
+    assert 'pip install --no-build-isolation -e .' in msgs

@@ -746,6 +746,17 @@ TORCH_LIBRARY_IMPL(boat_mm, CPU, m) {
 
 }  // namespace boat_mm
 
+#ifndef BOAT_MM_CSRC_SHA
+#define BOAT_MM_CSRC_SHA unknown
+#endif
+#define BOAT_MM_STR2(x) #x
+#define BOAT_MM_STR(x) BOAT_MM_STR2(x)
+
+// The digest of the sources this library was built from (setup.py), which
+// boat_mm/ops/_sources.py reads from the file before it is loaded.
+extern "C" __attribute__((used, visibility("default"))) const char
+    boat_mm_csrc_sha[] = "BOAT_MM_CSRC_SHA=" BOAT_MM_STR(BOAT_MM_CSRC_SHA);
+
 // `import boat_mm._C` loads this library, which registers the CPU kernels
 // of the ops defined in boat_mm/ops/_library.py.
 static struct PyModuleDef boat_mm_c_module = {
