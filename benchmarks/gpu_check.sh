@@ -16,7 +16,10 @@
 # so a session with a per-command time limit can run them one by one.
 # `openmmlab` needs mmcv built with CUDA ops for the machine's torch (on a
 # machine without network: the wheels of benchmarks/gpu_wheels.sh), and is
-# skipped, saying so, without them. With
+# skipped, saying so, without them. `sanitize` (not in the default) runs
+# the Triton tests' small cases under compute-sanitizer's memcheck, with
+# torch's caching allocator off so that every tensor is its own
+# allocation (SANITIZER names the binary). With
 # BOAT_REF_REPO set to a checkout of mahaoyuHKU/pytorch-boat (needs timm and
 # einops), the FSLA benchmark also times the published ContentAttention.
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 540) and
@@ -106,6 +109,25 @@ sys.exit(mmcv.ops.get_compiling_cuda_version() == 'not available')" \
   else
     echo "== openmmlab: skipped: mmcv has no CUDA ops here (build them:" \
       "FORCE_CUDA=1 bash tools/setup_env.sh; offline: gpu_wheels.sh)" \
+      | tee -a "$OUT_DIR/summary.txt"
+  fi
+  ;;
+esac
+
+case ",$STAGES," in *,sanitize,*)
+  # Out-of-bounds or misaligned accesses of the Triton kernels (the
+  # interpreter checks neither), on the tests' small problems.
+  SANITIZER=${SANITIZER:-$(command -v compute-sanitizer \
+    || echo /usr/local/cuda/bin/compute-sanitizer)}
+  if [ -x "$SANITIZER" ]; then
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitize \
+      "$OUT_DIR/sanitize.txt" "$SANITIZER" --tool memcheck \
+      --error-exitcode 1 --print-limit 20 $PY -m pytest -p no:cacheprovider \
+      -q -ra -m 'not cuda' tests/test_ops/test_triton_attention.py \
+      tests/test_ops/test_triton_clustering.py \
+      tests/test_ops/test_triton_fsla.py
+  else
+    echo "== sanitize: skipped: no compute-sanitizer (SANITIZER=PATH)" \
       | tee -a "$OUT_DIR/summary.txt"
   fi
   ;;
