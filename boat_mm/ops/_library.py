@@ -53,9 +53,16 @@ from torch import Tensor
 from ._sources import built_digest, sources_digest
 
 __all__ = [
-    'NAMESPACES', 'CPU_KERNELS_LOADED', 'op_overload',
+    'NAMESPACES', 'CPU_KERNELS_LOADED', 'KernelResourcesError', 'op_overload',
     'register_default_kernel'
 ]
+
+
+class KernelResourcesError(RuntimeError):
+    """A GPU kernel needs more of a resource (shared memory) per block, for
+    its input's sizes and dtype, than the GPU has. ``impl='auto'`` then
+    runs the op on tensor ops; the message says what to change."""
+
 
 _ARGS = {
     'balanced_clustering':

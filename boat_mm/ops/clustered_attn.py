@@ -37,8 +37,14 @@ backward, fake kernels and autograd formula are defined once in
 
 ``'auto'`` (the default) takes Triton for float32/bfloat16/float16 CUDA
 tensors and the C++ op for float32/float64 CPU tensors when it is built,
-both only without attention dropout, and the tensor ops otherwise.
+both only without attention dropout, and the tensor ops otherwise, also
+where the Triton kernels need more shared memory than the GPU has for
+the input's dtype, cluster and head sizes (a warning says so once; with
+``impl='triton'`` it is a :class:`~boat_mm.ops._library.
+KernelResourcesError` that says what to change).
 """
+import functools
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backends import ATTENTION, select_backend
+from ._library import KernelResourcesError
 from .clustering import ClusterPlan
 
 __all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
@@ -165,6 +172,12 @@ def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
     return inv[:, :N]
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Warn once per message (per sizes and GPU), not at every step."""
+    warnings.warn(message)
+
+
 def clustered_attention(
         qkv: Tensor,
         perm: Tensor,
@@ -213,11 +226,17 @@ def clustered_attention(
             return out
         return out, _value_image(qkv, hw_shape)
     if op is not None:
-        out, v_image, _ = op(
-            qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,
-            d**-0.5 if scale is None else float(scale),
-            [] if hw_shape is None else [int(n) for n in hw_shape])
-        return out if hw_shape is None else (out, v_image)
+        try:
+            out, v_image, _ = op(
+                qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,
+                d**-0.5 if scale is None else float(scale),
+                [] if hw_shape is None else [int(n) for n in hw_shape])
+            return out if hw_shape is None else (out, v_image)
+        except KernelResourcesError as e:
+            if impl != 'auto':
+                raise
+            # Too large for this GPU at these sizes: the tensor ops below.
+            _warn_once(f'{e} Running it on tensor ops.')
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size

@@ -23,6 +23,12 @@ from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
 
 pytest.importorskip('triton')
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from boat_mm.ops import _backends, clustered_attn  # noqa: E402
+from boat_mm.ops._library import KernelResourcesError  # noqa: E402
+from boat_mm.ops.triton import clustered_attention as tca  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 
@@ -67,6 +73,14 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
                                overlap=overlap,
                                batch=batch,
                                seed=h + w)
+    if CUDA and tca._backward_too_large(torch.float64, 16, plan.slot_size,
+                                        overlap, 2, qkv.device.index):
+        # A 128-row float64 backward does not fit an H100's shared memory
+        # (380 KB of 227 KB, read off the sm_90 compile): refused at the
+        # forward, saying what to change.
+        with pytest.raises(KernelResourcesError, match='shared memory'):
+            _run('triton', qkv, perm, plan, 2, (h, w))
+        return
     ours = _run('triton', qkv, perm, plan, 2, (h, w))
     ref = _run('tensor', qkv, perm, plan, 2, (h, w))
     for a, b in zip(ours, ref):
@@ -405,9 +419,78 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
     assert fwd.bytes >= 196 * 3 * 32 * 2
 
 
+def test_shared_memory_refusal_says_what_to_change():
+    """Triton's refusal to launch a kernel larger than the GPU's shared
+    memory becomes an error naming the sizes and the way out; other
+    refusals stay Triton's."""
+    cfg = tca._launch_config(torch.float64, 16, 65, 20, torch.device('cpu'))
+    with pytest.raises(KernelResourcesError) as err:
+        with tca._resources('bwd', torch.float64, cfg):
+            raise OutOfResources(380928, 232448, 'shared memory')
+    message = str(err.value)
+    for part in ('backward', '380928', '232448', 'torch.float64',
+                 'up to 128 slots', 'heads 16 wide', 'autocast',
+                 "attention_impl='tensor'"):
+        assert part in message, part
+    with pytest.raises(OutOfResources):
+        with tca._resources('fwd', torch.float32, cfg):
+            raise OutOfResources(2048, 1024, 'threads')
+
+
+def test_auto_runs_tensor_ops_where_the_kernels_do_not_fit(monkeypatch):
+    """Where the Triton kernels are too large for the GPU, impl='auto'
+    gives the tensor path's result (warning once) and impl='triton' the
+    error. Stood in for here: 'auto' taking Triton on CPU tensors, and a
+    forward that refuses."""
+    qkv, perm, plan = _problem((11, 13), 32, 2)
+
+    def refuse(*args):
+        raise KernelResourcesError('too large for this GPU.')
+
+    monkeypatch.setattr(tca, 'clustered_attention_forward', refuse)
+    monkeypatch.setitem(
+        _backends.BACKENDS, 'triton',
+        _backends.Backend('triton', 'boat_mm_triton', lambda *args: None))
+    assert _backends.select_backend('clustered_attention', 'auto',
+                                    qkv).name == 'triton'
+    clustered_attn._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match='too large for this GPU. Running'):
+        ours = _run('auto', qkv, perm, plan, 2, (11, 13))
+    ref = _run('tensor', qkv, perm, plan, 2, (11, 13))
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(KernelResourcesError, match='too large'):
+        _run('triton', qkv, perm, plan, 2, (11, 13))
+
+
 # ---------------------------------------------------------------------------
 # On a GPU (benchmarks/gpu_check.sh runs these).
 # ---------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_auto_takes_tensor_ops_where_the_backward_does_not_fit():
+    """float32 heads 64 wide in clusters of 65 (128-row tiles): the
+    backward needs 270 KB of shared memory (sm_90 compile), more than an
+    H100 has. 'auto' trains on tensor ops with a warning, 'triton' says
+    what to change."""
+    qkv, perm, plan = _problem((10, 13),
+                               128,
+                               2,
+                               dtype=torch.float32,
+                               device='cuda')
+    assert plan.slot_size == 65
+    too_large = tca._backward_too_large(torch.float32, 64, 65, 20, 2,
+                                        qkv.device.index)
+    assert too_large is not None and too_large[0] > too_large[1]
+    with pytest.raises(KernelResourcesError, match=str(too_large[0])):
+        _run('triton', qkv, perm, plan, 2, (10, 13))
+    clustered_attn._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match='Running it on tensor ops'):
+        ours = _run('auto', qkv, perm, plan, 2, (10, 13))
+    ref = _run('tensor', qkv, perm, plan, 2, (10, 13))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

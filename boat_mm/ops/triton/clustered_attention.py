@@ -54,17 +54,20 @@ Inputs of float32 (products in IEEE float32 unless
 for exact tests).
 """
 import contextlib
-from typing import List, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
-# float32 for 16-bit inputs (their rounding would spoil the recomputed
-# probabilities), else the input dtype: what the fake kernel says.
-from .._library import _lse_dtype
+# _lse_dtype: float32 for 16-bit inputs (their rounding would spoil the
+# recomputed probabilities), else the input dtype: what the fake kernel
+# says.
+from .._library import KernelResourcesError, _lse_dtype
 
 __all__ = [
     'clustered_attention_forward', 'clustered_attention_backward',
@@ -483,11 +486,82 @@ def _split(scale: float, dtype: torch.dtype) -> Tuple[float, float]:
     return hi, float(np.float32(scale - hi))
 
 
+@contextlib.contextmanager
+def _resources(kernel: str, dtype: torch.dtype, cfg: dict):
+    """Turn Triton's refusal to launch a kernel too large for the GPU into
+    :class:`KernelResourcesError`, which says what to change."""
+    try:
+        yield
+    except OutOfResources as e:
+        if e.name != 'shared memory':
+            raise
+        raise _too_large(kernel, dtype, cfg, e.required, e.limit) from e
+
+
 def _device_guard(t: Tensor):
     """Launch on the tensor's GPU (Triton launches on the current one)."""
     if t.device.type == 'cuda':
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
+               limit: int) -> KernelResourcesError:
+    """The error of a ``'fwd'`` or ``'bwd'`` kernel that needs ``required``
+    bytes of shared memory on a GPU that has ``limit``."""
+    name = dict(fwd='forward', bwd='backward')[kernel]
+    return KernelResourcesError(
+        f"FSLA's Triton attention {name} needs {required} bytes of shared "
+        f"memory per block for {dtype} clusters of up to {cfg['BLOCK_S']} "
+        f"slots with heads {cfg['D']} wide; this GPU has {limit}. Train "
+        f"under bfloat16 or float16 autocast (16-bit tiles take half the "
+        f"memory), or run the attention on tensor ops "
+        f"(fsla_cfg=dict(attention_impl='tensor'); impl='auto' does so "
+        f"by itself).")
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
+                        overlap: int, num_heads: int,
+                        device_index: int) -> Optional[Tuple[int, int]]:
+    """``(required, limit)`` bytes of shared memory when the backward kernel
+    for these sizes needs more than GPU ``device_index`` has, else None.
+
+    Compiled for the GPU without launching, so that the forward can refuse
+    a training step whose backward could not run. None also where Triton
+    cannot tell (its launch checks then).
+    """
+    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
+                         torch.device('cuda', device_index))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    try:
+        from triton.compiler.compiler import max_shared_mem
+        with torch.cuda.device(device_index):
+            kernel = _backward_kernel.warmup(
+                dtype,
+                dtype,
+                dtype,
+                torch.int64,
+                torch.uint8,
+                _lse_dtype(dtype),
+                dtype,
+                acc,
+                4 * slot_size,
+                head_dims * num_heads,
+                4 * slot_size,
+                slot_size,
+                overlap,
+                4,
+                1.,
+                0.,
+                grid=(2, 1),
+                HAS_IMAGE=True,
+                **_consts(cfg, num_heads, 'bwd'))
+            required = int(kernel.metadata.shared)
+            limit = int(max_shared_mem(device_index))
+    except Exception:  # noqa: BLE001 (a Triton without these internals)
+        return None
+    return (required, limit) if required > limit else None
 
 
 def _consts(cfg: dict, num_heads: int, kernel: str) -> dict:
@@ -529,7 +603,14 @@ def clustered_attention_forward(
     image = (
         qkv.new_empty(B, *hw_shape, C).permute(0, 3, 1, 2)
         if len(hw_shape) else qkv.new_empty(0))
-    with _device_guard(qkv):
+    # Inside the op, grad mode is off; an input that requires grad means a
+    # backward may follow.
+    if qkv.device.type == 'cuda' and qkv.requires_grad:
+        too_large = _backward_too_large(qkv.dtype, C // num_heads, slot_size,
+                                        overlap, num_heads, qkv.device.index)
+        if too_large is not None:
+            raise _too_large('bwd', qkv.dtype, cfg, *too_large)
+    with _device_guard(qkv), _resources('fwd', qkv.dtype, cfg):
         _forward_kernel[(G, B * num_heads)](
             qkv,
             perm,
@@ -586,7 +667,7 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     tiles = 4 if cfg['LENT_IN_PASS'] else 6
     scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'], dtype=acc)
-    with _device_guard(qkv):
+    with _device_guard(qkv), _resources('bwd', qkv.dtype, cfg):
         _backward_kernel[(P,
                           M)](grad_out,
                               grad_image,
