@@ -489,8 +489,9 @@ def test_cuda_auto_takes_tensor_ops_where_the_backward_does_not_fit():
     with pytest.warns(UserWarning, match='Running it on tensor ops'):
         ours = _run('auto', qkv, perm, plan, 2, (10, 13))
     ref = _run('tensor', qkv, perm, plan, 2, (10, 13))
+    # The same tensor ops; SDPA's backward on CUDA may add in another order.
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
