@@ -98,7 +98,9 @@ def op_overload(name: str, namespace: str) -> torch._ops.OpOverload:
 
 
 def _lazy_triton(name: str) -> Callable:
-    """The Triton kernel of op ``name``, imported on its first call."""
+    """The Triton kernel of op ``name``, imported on its first call, run
+    on the GPU of its first argument (Triton launches on the current
+    one)."""
     module_name, fn_name = _TRITON_KERNELS[name]
 
     def kernel(*args):
@@ -111,7 +113,11 @@ def _lazy_triton(name: str) -> Callable:
                 f'boat_mm::{name} has no Triton kernel here ({e}); install '
                 f"triton (it ships with torch's CUDA wheels) or use "
                 f"impl='tensor'.") from e
-        return getattr(module, fn_name)(*args)
+        fn = getattr(module, fn_name)
+        if args[0].device.type == 'cuda':
+            with torch.cuda.device(args[0].device):
+                return fn(*args)
+        return fn(*args)
 
     kernel.__name__ = f'{name}_triton'
     return kernel

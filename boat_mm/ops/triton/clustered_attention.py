@@ -498,13 +498,6 @@ def _resources(kernel: str, dtype: torch.dtype, cfg: dict):
         raise _too_large(kernel, dtype, cfg, e.required, e.limit) from e
 
 
-def _device_guard(t: Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current one)."""
-    if t.device.type == 'cuda':
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
                limit: int) -> KernelResourcesError:
     """The error of a ``'fwd'`` or ``'bwd'`` kernel that needs ``required``
@@ -610,7 +603,7 @@ def clustered_attention_forward(
                                         overlap, num_heads, qkv.device.index)
         if too_large is not None:
             raise _too_large('bwd', qkv.dtype, cfg, *too_large)
-    with _device_guard(qkv), _resources('fwd', qkv.dtype, cfg):
+    with _resources('fwd', qkv.dtype, cfg):
         _forward_kernel[(G, B * num_heads)](
             qkv,
             perm,
@@ -667,7 +660,7 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     tiles = 4 if cfg['LENT_IN_PASS'] else 6
     scratch = qkv.new_empty(M * P * tiles * cfg['TAIL'] * cfg['D'], dtype=acc)
-    with _device_guard(qkv), _resources('bwd', qkv.dtype, cfg):
+    with _resources('bwd', qkv.dtype, cfg):
         _backward_kernel[(P,
                           M)](grad_out,
                               grad_image,

@@ -1013,18 +1013,6 @@ def balanced_clustering(x: Tensor,
         token in slot ``s``, cluster ``c`` owns slots ``[c * S, (c + 1) *
         S)`` with its real tokens first; padding slots hold ``N - 1``.
     """
-    if x.device.type == 'cuda':
-        # Triton launches on the current GPU: make it x's.
-        with torch.cuda.device(x.device):
-            return _clustering(x, num_levels, slot_size, kmeans_iters,
-                               temperature, target)
-    return _clustering(x, num_levels, slot_size, kmeans_iters, temperature,
-                       target)
-
-
-def _clustering(x: Tensor, num_levels: int, slot_size: int, kmeans_iters: int,
-                temperature: float, target: Optional[TargetInfo]) -> Tensor:
-    """:func:`balanced_clustering` on the current device."""
     _check_args(x, num_levels, slot_size, kmeans_iters)
     M, N, d = x.shape
     L, S = num_levels, slot_size
