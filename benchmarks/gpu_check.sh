@@ -34,6 +34,12 @@ STAGES=${2:-tests,fsla,backbone,openmmlab}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 DEVICE=${DEVICE:-cuda}
+# The Triton kernels' tests, run compiled on CUDA (and by `sanitize`).
+TRITON_TESTS=(tests/test_ops/test_triton_attention.py
+  tests/test_ops/test_triton_clustering.py tests/test_ops/test_triton_fsla.py)
+# The OpenMMLab tools' tests (`openmmlab`).
+OPENMMLAB_TESTS=(tests/test_mmcv_ops.py tests/test_tools/test_seg_e2e.py
+  tests/test_tools/test_det_e2e.py tests/test_tools/test_cls_e2e.py)
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -66,17 +72,10 @@ case ",$STAGES," in *,tests,*)
   # The Triton test files run compiled on CUDA (every test of them, the
   # `cuda`-marked ones included), then the other `cuda`-marked tests.
   run_stage tests "$OUT_DIR/tests.txt" $PY -m pytest -p no:cacheprovider \
-    -q -ra tests/test_ops/test_triton_attention.py \
-    tests/test_ops/test_triton_clustering.py \
-    tests/test_ops/test_triton_fsla.py
+    -q -ra "${TRITON_TESTS[@]}"
   run_stage tests-cuda-marked "$OUT_DIR/tests_cuda_marked.txt" \
     $PY -m pytest -p no:cacheprovider -q -ra -m cuda tests \
-    --ignore tests/test_ops/test_triton_attention.py \
-    --ignore tests/test_ops/test_triton_clustering.py \
-    --ignore tests/test_ops/test_triton_fsla.py \
-    --ignore tests/test_mmcv_ops.py --ignore tests/test_tools/test_seg_e2e.py \
-    --ignore tests/test_tools/test_det_e2e.py \
-    --ignore tests/test_tools/test_cls_e2e.py
+    "${TRITON_TESTS[@]/#/--ignore=}" "${OPENMMLAB_TESTS[@]/#/--ignore=}"
   ;;
 esac
 
@@ -103,9 +102,7 @@ case ",$STAGES," in *,openmmlab,*)
 sys.exit(mmcv.ops.get_compiling_cuda_version() == 'not available')" \
       2>/dev/null; then
     run_stage openmmlab "$OUT_DIR/openmmlab.txt" $PY -m pytest \
-      -p no:cacheprovider -q -ra tests/test_mmcv_ops.py \
-      tests/test_tools/test_seg_e2e.py tests/test_tools/test_det_e2e.py \
-      tests/test_tools/test_cls_e2e.py
+      -p no:cacheprovider -q -ra "${OPENMMLAB_TESTS[@]}"
   else
     echo "== openmmlab: skipped: mmcv has no CUDA ops here (build them:" \
       "FORCE_CUDA=1 bash tools/setup_env.sh; offline: gpu_wheels.sh)" \
@@ -123,9 +120,7 @@ case ",$STAGES," in *,sanitize,*)
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitize \
       "$OUT_DIR/sanitize.txt" "$SANITIZER" --tool memcheck \
       --error-exitcode 1 --print-limit 20 $PY -m pytest -p no:cacheprovider \
-      -q -ra -m 'not cuda' tests/test_ops/test_triton_attention.py \
-      tests/test_ops/test_triton_clustering.py \
-      tests/test_ops/test_triton_fsla.py
+      -q -ra -m 'not cuda' "${TRITON_TESTS[@]}"
   else
     echo "== sanitize: skipped: no compute-sanitizer (SANITIZER=PATH)" \
       | tee -a "$OUT_DIR/summary.txt"

@@ -49,9 +49,9 @@ PYTHON="${PYTHON:-python3.11}"
 CACHE="${BOAT_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/boat-mm}"
 MMCV_VERSION=2.1.0
 FORCE_CUDA="${FORCE_CUDA:-0}"
-PINNED_TORCH="torch==2.14.1 torchvision==0.29.1"
-TORCH_SPEC="${TORCH_SPEC:-$PINNED_TORCH}"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
+PINNED_TORCH=$(grep -E '^(torch|torchvision)==' "$CONSTRAINTS" | paste -sd' ')
+TORCH_SPEC="${TORCH_SPEC:-$PINNED_TORCH}"
 if [ "$TORCH_SPEC" != "$PINNED_TORCH" ]; then
     # The other pins hold; torch and torchvision are TORCH_SPEC's.
     OTHER_PINS=$(mktemp)
