@@ -316,7 +316,7 @@ def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
 _COMPILE_SCRIPT = """
 import re, subprocess, tempfile, os, torch, triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from _triton_compile import attention_source
 from boat_mm.ops.triton import clustered_attention as k
 assert not k.interpreted()
 ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia',
@@ -324,28 +324,9 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia',
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
 for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                  (torch.float32, 32)):
-    cfg = k._launch_config(dtype, d, 49, 20, torch.device('cuda'))
-    t, lse = names[dtype], names[k._lse_dtype(dtype)]
-    ptrs = dict(qkv=t, out=t, image=t, grad_out=t, grad_image=t, grad=t,
-                perm='i64', valid='u8', lse=lse, scratch=lse)
-    consts = dict(HEADS=2, D=d, BLOCK_D=cfg['BLOCK_D'],
-                  BLOCK_S=cfg['BLOCK_S'], TAIL=cfg['TAIL'], ACC=cfg['ACC'],
-                  PRECISION=cfg['PRECISION'], UPCAST=False, HAS_IMAGE=True,
-                  LENT_IN_PASS=cfg['LENT_IN_PASS'])
-    for kernel, options in (
-            (k._forward_kernel, dict(num_warps=cfg['fwd_warps'])),
-            (k._backward_kernel, dict(num_warps=cfg['bwd_warps'],
-                                      maxnreg=cfg['bwd_maxnreg']))):
-        names_ = kernel.arg_names
-        consts_ = {a: v for a, v in consts.items() if a in names_}
-        sig = {a: 'constexpr' if a in consts_ else '*' + ptrs[a]
-               if a in ptrs else 'fp32' if a.startswith('scale') else 'i32'
-               for a in names_}
-        # As launched on CUDA: aligned pointers, C a multiple of 16.
-        attrs = {(i, ): [['tt.divisibility', 16]]
-                 for i, a in enumerate(names_) if a in ptrs or a == 'C'}
-        binary = triton.compile(ASTSource(kernel, sig, consts_, attrs),
-                                target=GPUTarget('cuda', 90, 32),
+    for kernel in ('fwd', 'bwd'):
+        src, options = attention_source(kernel, dtype, d, 49)
+        binary = triton.compile(src, target=GPUTarget('cuda', 90, 32),
                                 options=options)
         with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
             f.write(binary.asm['ptx'])
@@ -356,7 +337,7 @@ for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                 text=True).stderr
         regs = int(re.search('Used ([0-9]+) registers', log).group(1))
         spills = sum(int(n) for n in re.findall('([0-9]+) bytes spill', log))
-        print(kernel.__name__, t, d, regs, spills)
+        print(src.fn.__name__, names[dtype], d, regs, spills)
 """
 
 # Registers per thread that the sm_90 kernels may use (ptxas): at most 128
@@ -378,6 +359,61 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert int(spills) == 0, (name, dtype, d)
         assert int(regs) <= _MAX_REGISTERS.get((name, dtype, d),
                                                128), (name, dtype, d, regs)
+
+
+# benchmarks/gpu_targets.py's stand-in driver: the wrappers' own
+# compile-without-launch path (the forward's check that the backward fits
+# a GPU's shared memory) run for GPUs that are not here.
+_OFFLINE_SCRIPT = """
+import importlib.util, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from _triton_compile import attention_source
+from boat_mm.ops.triton import clustered_attention as k
+spec = importlib.util.spec_from_file_location('gpu_targets', sys.argv[1])
+targets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(targets)
+index = 0
+for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
+                            (86, torch.bfloat16, 32, 66),
+                            (80, torch.float32, 32, 49)):
+    # Apart from the wrappers: the source written out, compiled directly.
+    src, options = attention_source('bwd', dtype, d, slots)
+    direct = triton.compile(src, target=GPUTarget('cuda', cc, 32),
+                            options=options).metadata.shared
+    verdicts = []
+    for limit in (direct, direct - 1):  # just fits, one byte short
+        index += 1
+        with targets.offline_gpu(cc, limit, index):
+            ours = k._compiled('bwd', dtype, d, slots, 20, 2)
+            verdicts.append(k._backward_too_large(dtype, d, slots, 20, 2,
+                                                  index))
+    print(cc, ours.metadata.target.arch, direct, ours.metadata.shared,
+          verdicts[0], verdicts[1])
+"""
+
+
+@pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
+def test_backward_check_on_gpus_that_are_not_here(tmp_path):
+    """The forward's check that the backward of its sizes fits the GPU
+    compiles the kernel the wrappers launch, for that GPU (here sm_90,
+    sm_86 and sm_80, stood in for), and refuses exactly when it needs
+    more shared memory than the GPU gives a block: the bytes agree with a
+    direct compile of the source written out apart."""
+    import os.path as osp
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    done = run_compile_script(
+        _OFFLINE_SCRIPT.replace(
+            'sys.argv[1]',
+            repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(maxsplit=4) for line in done.stdout.splitlines()]
+    assert [r[0] for r in rows] == ['90', '86', '80'], done.stdout
+    for cc, arch, direct, ours, verdicts in rows:
+        assert arch == cc
+        assert int(ours) == int(direct) > 0
+        fits, short = verdicts.split(maxsplit=1)
+        assert fits == 'None'
+        assert short == f'({direct}, {int(direct) - 1})'
 
 
 def test_gpu_model_records_launches_as_on_cuda(monkeypatch):

@@ -513,6 +513,35 @@ def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
         f"by itself).")
 
 
+def _compiled(kernel: str, dtype: torch.dtype, head_dims: int, slot_size: int,
+              overlap: int, num_heads: int):
+    """The ``'fwd'`` or ``'bwd'`` kernel for these sizes, compiled for the
+    current GPU as the wrappers would launch it, but not launched (so not
+    refused for its size)."""
+    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
+                         torch.device('cuda'))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    C = head_dims * num_heads
+    # Per-N values are not specialised on: any stand-ins compile the same.
+    sizes = (4 * slot_size, C, 4 * slot_size, slot_size, overlap, 4, 1., 0.)
+    if kernel == 'fwd':
+        # qkv, perm, valid, out, lse, image
+        ptrs = (dtype, torch.int64, torch.uint8, dtype, _lse_dtype(dtype),
+                dtype)
+        fn, grid = _forward_kernel, (4, 1)
+    else:
+        # grad_out, grad_image, qkv, perm, valid, lse, grad, scratch
+        ptrs = (dtype, dtype, dtype, torch.int64, torch.uint8,
+                _lse_dtype(dtype), dtype, acc)
+        fn, grid = _backward_kernel, (2, 1)
+    return fn.warmup(
+        *ptrs,
+        *sizes,
+        grid=grid,
+        HAS_IMAGE=True,
+        **_consts(cfg, num_heads, kernel))
+
+
 @functools.lru_cache(maxsize=None)
 def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
                         overlap: int, num_heads: int,
@@ -524,32 +553,11 @@ def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
     a training step whose backward could not run. None also where Triton
     cannot tell (its launch checks then).
     """
-    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
-                         torch.device('cuda', device_index))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     try:
         from triton.compiler.compiler import max_shared_mem
         with torch.cuda.device(device_index):
-            kernel = _backward_kernel.warmup(
-                dtype,
-                dtype,
-                dtype,
-                torch.int64,
-                torch.uint8,
-                _lse_dtype(dtype),
-                dtype,
-                acc,
-                4 * slot_size,
-                head_dims * num_heads,
-                4 * slot_size,
-                slot_size,
-                overlap,
-                4,
-                1.,
-                0.,
-                grid=(2, 1),
-                HAS_IMAGE=True,
-                **_consts(cfg, num_heads, 'bwd'))
+            kernel = _compiled('bwd', dtype, head_dims, slot_size, overlap,
+                               num_heads)
             required = int(kernel.metadata.shared)
             limit = int(max_shared_mem(device_index))
     except Exception:  # noqa: BLE001 (a Triton without these internals)
