@@ -2,8 +2,9 @@
 """Which GPUs run FSLA's attention in Triton, and which fall back.
 
 The attention kernels hold a whole cluster's tiles on chip, so their
-shared memory grows with the tile (64 rows for slot sizes 33-64, 128 for
-65-67: detection inputs such as 800x1333 give 66) and the dtype. A GPU
+shared memory grows with the tiles (64 rows for slot sizes 33-64; 64 and
+16 rows for 65-80, as detection inputs of 800x1333 give 66) and the
+dtype. A GPU
 that gives a block less than a kernel needs cannot launch it: a forward
 too large raises at its launch, and the forward of a training step
 first checks that its backward fits; under ``impl='auto'`` either runs
@@ -31,10 +32,7 @@ import os.path as osp
 import sys
 from typing import Dict, Iterator, List, Tuple
 
-# Compiled, not interpreted: before the first import of triton.
-os.environ.pop('TRITON_INTERPRET', None)
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -55,7 +53,8 @@ DTYPES = {
     'fp32-tf32': (torch.float32, True),
 }
 HEAD_DIMS = (32, 64)  # BOAT's heads are 32 wide
-# One slot size per tile bucket: 49 (64-row tiles), 66 (128-row tiles).
+# One slot size per tile bucket at BOAT's cluster size (49): 33-64 slots,
+# 65-67 (the most the clustering rule gives).
 SLOT_SIZES = (49, 66)
 OVERLAP, NUM_HEADS = 20, 2
 
@@ -139,7 +138,8 @@ def verdict(facts: dict, shared_mem: int) -> str:
 
 def table(targets: List[int], dtypes: List[str]) -> List[str]:
     """The markdown table, one row per dtype, head width and tile."""
-    head = ['dtype', 'heads', 'slots (tile)'] + [
+    from boat_mm.ops.triton import clustered_attention as kernels
+    head = ['dtype', 'head width', 'slots (tile rows)'] + [
         f'sm_{cc} {TARGETS[cc][0]} ({TARGETS[cc][1] // 1024} KB)'
         for cc in targets
     ]
@@ -152,8 +152,12 @@ def table(targets: List[int], dtypes: List[str]) -> List[str]:
         dtype, tf32 = DTYPES[name]
         for d in HEAD_DIMS:
             for S in SLOT_SIZES:
-                slots = '33-64 (64)' if S <= 64 else '65-67 (128)'
-                cells = [name, str(d), slots]
+                cfg = kernels._launch_config(dtype, d, S, OVERLAP,
+                                             torch.device('cuda'))
+                rows = cfg['BLOCK_S'] + cfg['EXTRA']
+                tiles = '+'.join(
+                    str(n) for n in (cfg['BLOCK_S'], cfg['EXTRA']) if n)
+                cells = [name, str(d), f'{S} (up to {rows}: {tiles})']
                 for cc in targets:
                     limit = TARGETS[cc][1]
                     f = kernel_bytes(cc, limit, dtype, tf32, d, S)
@@ -164,7 +168,7 @@ def table(targets: List[int], dtypes: List[str]) -> List[str]:
     return lines
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument(
         '--targets',
@@ -179,8 +183,19 @@ def main() -> None:
         default=list(DTYPES),
         choices=list(DTYPES),
         help='input dtypes (fp32-tf32: float32 with TF32 on)')
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # Compiled, not interpreted: before the kernels' first import.
+    os.environ.pop('TRITON_INTERPRET', None)
     import triton
+
+    from boat_mm.ops.triton import clustered_attention as kernels
+    if kernels.interpreted():
+        sys.exit('gpu_targets.py: error: the kernels were imported under '
+                 'TRITON_INTERPRET=1; run it in a fresh Python without it')
     print(f'Triton {triton.__version__}. Cells: the forward and backward '
           f"kernels' shared memory in KB: what runs in Triton under "
           f"impl='auto' (fwd only: inference in Triton, a training step on "

@@ -446,6 +446,10 @@ COVERAGE: Dict[str, object] = {
     'benchmarks/gpu_wheels.sh':
     NotRun('downloads wheels for another machine (11 MB from PyPI); run by '
            'hand before a GPU check'),
+    'benchmarks/gpu_targets.py':
+    NotRun('compiles for five GPU generations (minutes; never a test); '
+           'test_triton_attention.py checks the backward check through its '
+           'offline_gpu against a direct compile'),
     'benchmarks/gpu_model.py':
     NotRun('a model (minutes; never a test); test_triton_attention.py tests '
            'its recording, tests/test_benchmarks/test_gpu_model.py its '

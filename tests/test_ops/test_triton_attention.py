@@ -61,9 +61,26 @@ def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-# Where the kernels' plan changes: the 128-row tile of slot sizes 65-67
-# (N = 130: two clusters of 65), a 16-row tile of borrowed keys (overlap
-# 16), at batch 1 and 8.
+def _equals_tensor_path_in_float64(qkv, perm, plan, heads, hw, overlap=20):
+    """Triton's outputs, value image and qkv gradient equal the tensor
+    path's; on a GPU whose shared memory the float64 backward exceeds (a
+    128-row tile: 380 KB of an H100's 227 KB, read off the sm_90
+    compile), the forward refuses, saying what to change."""
+    d = qkv.shape[-1] // 3 // heads
+    if CUDA and tca._backward_too_large(torch.float64, d, plan.slot_size,
+                                        overlap, heads, qkv.device.index):
+        with pytest.raises(KernelResourcesError, match='shared memory'):
+            _run('triton', qkv, perm, plan, heads, hw)
+        return
+    ours = _run('triton', qkv, perm, plan, heads, hw)
+    ref = _run('tensor', qkv, perm, plan, heads, hw)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# Where the kernels' plan changes: the 64- and 16-row tiles of slot sizes
+# 65-80 (N = 130: two clusters of 65), a 16-row tile of borrowed keys
+# (overlap 16), at batch 1 and 8.
 @pytest.mark.parametrize('h,w,overlap,batch', [(10, 13, 20, 1),
                                                (14, 14, 16, 8)])
 def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
@@ -73,18 +90,33 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
                                overlap=overlap,
                                batch=batch,
                                seed=h + w)
-    if CUDA and tca._backward_too_large(torch.float64, 16, plan.slot_size,
-                                        overlap, 2, qkv.device.index):
-        # A 128-row float64 backward does not fit an H100's shared memory
-        # (380 KB of 227 KB, read off the sm_90 compile): refused at the
-        # forward, saying what to change.
-        with pytest.raises(KernelResourcesError, match='shared memory'):
-            _run('triton', qkv, perm, plan, 2, (h, w))
-        return
-    ours = _run('triton', qkv, perm, plan, 2, (h, w))
-    ref = _run('tensor', qkv, perm, plan, 2, (h, w))
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    _equals_tensor_path_in_float64(qkv, perm, plan, 2, (h, w), overlap)
+
+
+# The overflow tile (slot sizes 65-80, 65-67 at BOAT's cluster size):
+# padded clusters of 66 slots (N = 525), a full 16-row overflow tile
+# (clusters of 80, group size 64), padded clusters of 79, and 81 slots
+# (128-row tiles, no overflow tile); the lent keys completed in the
+# second pass (16-bit inputs' schedule) or after both.
+@pytest.mark.parametrize('h,w,group,batch', [(21, 25, 49, 2), (10, 16, 64, 1),
+                                             (15, 21, 64, 8), (9, 18, 64, 2)])
+@pytest.mark.parametrize('lent_in_pass', [False, True])
+def test_triton_overflow_tile_in_float64(h, w, group, batch, lent_in_pass,
+                                         monkeypatch):
+    config = tca._launch_config
+    monkeypatch.setattr(
+        tca, '_launch_config',
+        lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
+    qkv, perm, plan = _problem((h, w),
+                               32,
+                               2,
+                               batch=batch,
+                               group_size=group,
+                               seed=h * w + batch)
+    assert 65 <= plan.slot_size <= 81
+    cfg = tca._launch_config(qkv.dtype, 16, plan.slot_size, 20, qkv.device)
+    assert cfg['EXTRA'] == (16 if plan.slot_size <= 80 else 0)
+    _equals_tensor_path_in_float64(qkv, perm, plan, 2, (h, w))
 
 
 # Where the backward's schedule of one program per sibling pair changes:
@@ -134,10 +166,11 @@ def test_triton_pair_schedule_in_float64(h, w, batch, lent_in_pass,
 
 
 def test_triton_tiles_are_bucketed():
-    """Only power-of-two tile sizes of the slot size and overlap reach the
-    compiler: every slot size from 33 to 64 gives the same constants (the
-    sizes themselves are run-time arguments Triton does not specialise
-    on), 65 the next bucket."""
+    """Only tile sizes of the slot size and overlap reach the compiler:
+    every slot size from 33 to 64 gives the same constants (the sizes
+    themselves are run-time arguments Triton does not specialise on), as
+    does every one from 65 to 80 (a 64-row tile and a 16-row overflow
+    tile, which holds no lent keys); 81 and up take 128-row tiles."""
     from boat_mm.ops.triton import clustered_attention as kernels
     cuda = torch.device('cuda')
 
@@ -145,7 +178,12 @@ def test_triton_tiles_are_bucketed():
         return kernels._launch_config(torch.bfloat16, 32, slots, overlap, cuda)
 
     assert all(cfg(s) == cfg(49) for s in range(33, 65))
-    assert cfg(65)['BLOCK_S'] == 128 and cfg(49)['BLOCK_S'] == 64
+    assert all(cfg(s) == cfg(66) for s in range(65, 81))
+    assert (cfg(49)['BLOCK_S'], cfg(49)['EXTRA']) == (64, 0)
+    assert (cfg(66)['BLOCK_S'], cfg(66)['EXTRA']) == (64, 16)
+    assert (cfg(81)['BLOCK_S'], cfg(81)['EXTRA']) == (128, 0)
+    # Lent keys beyond the first tile: no overflow tile.
+    assert (cfg(66, 65)['BLOCK_S'], cfg(66, 65)['EXTRA']) == (128, 0)
     assert cfg(49, 16)['TAIL'] == 16 and cfg(49)['TAIL'] == 32
     for kernel in (kernels._forward_kernel, kernels._backward_kernel):
         fixed = set(kernel.arg_names) & {'S', 'N', 'overlap', 'G'}
@@ -324,8 +362,8 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia',
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}
 for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                  (torch.float32, 32)):
-    for kernel in ('fwd', 'bwd'):
-        src, options = attention_source(kernel, dtype, d, 49)
+    for slots, kernel in ((49, 'fwd'), (49, 'bwd'), (66, 'fwd'), (66, 'bwd')):
+        src, options = attention_source(kernel, dtype, d, slots)
         binary = triton.compile(src, target=GPUTarget('cuda', 90, 32),
                                 options=options)
         with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
@@ -337,28 +375,37 @@ for dtype, d in ((torch.bfloat16, 32), (torch.bfloat16, 64),
                 text=True).stderr
         regs = int(re.search('Used ([0-9]+) registers', log).group(1))
         spills = sum(int(n) for n in re.findall('([0-9]+) bytes spill', log))
-        print(src.fn.__name__, names[dtype], d, regs, spills)
+        print(src.fn.__name__, names[dtype], d, slots, regs, spills)
 """
 
 # Registers per thread that the sm_90 kernels may use (ptxas): at most 128
 # (two or more blocks of 8 warps per SM), except the float32 forward (198
-# with Triton 3.8: one block of 8 warps per SM).
-_MAX_REGISTERS = {('_forward_kernel', 'fp32', '32'): 208}
+# with Triton 3.8: one block of 8 warps per SM) and the tiles of 65-80
+# slots (a 64-row and a 16-row tile; 229 and 235 for the bfloat16
+# backward with Triton 3.8, 221 and 227 at the 128-row tiles before).
+_MAX_REGISTERS = {
+    ('_forward_kernel', 'fp32', '32', '49'): 208,
+    ('_forward_kernel', 'fp32', '32', '66'): 255,
+    ('_forward_kernel', 'bf16', '64', '66'): 160,
+    ('_backward_kernel', 'bf16', '32', '66'): 240,
+    ('_backward_kernel', 'bf16', '64', '66'): 240,
+}
 
 
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
 def test_kernels_compile_for_sm90(tmp_path):
     """The kernels compile to H100 code as the wrappers configure them for
-    CUDA (bfloat16 with 32- and 64-wide heads, float32), without spills and
-    within the register bounds."""
+    CUDA (bfloat16 with 32- and 64-wide heads, float32; 49 and 66 slots),
+    within the register bounds, and without spills but for float32 at 66
+    slots (IEEE products on FMA, not tensor cores; docs/benchmarks.md)."""
     done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = [line.split() for line in done.stdout.splitlines()]
-    assert len(facts) == 6, done.stdout
-    for name, dtype, d, regs, spills in facts:
-        assert int(spills) == 0, (name, dtype, d)
-        assert int(regs) <= _MAX_REGISTERS.get((name, dtype, d),
-                                               128), (name, dtype, d, regs)
+    assert len(facts) == 12, done.stdout
+    for name, dtype, d, slots, regs, spills in facts:
+        case = (name, dtype, d, slots)
+        assert int(spills) == 0 or (dtype, slots) == ('fp32', '66'), case
+        assert int(regs) <= _MAX_REGISTERS.get(case, 128), (case, regs)
 
 
 # benchmarks/gpu_targets.py's stand-in driver: the wrappers' own
@@ -375,7 +422,7 @@ spec.loader.exec_module(targets)
 index = 0
 for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
                             (86, torch.bfloat16, 32, 66),
-                            (80, torch.float32, 32, 49)):
+                            (80, torch.float32, 32, 66)):
     # Apart from the wrappers: the source written out, compiled directly.
     src, options = attention_source('bwd', dtype, d, slots)
     direct = triton.compile(src, target=GPUTarget('cuda', cc, 32),
@@ -388,7 +435,7 @@ for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
             verdicts.append(k._backward_too_large(dtype, d, slots, 20, 2,
                                                   index))
     print(cc, ours.metadata.target.arch, direct, ours.metadata.shared,
-          verdicts[0], verdicts[1])
+          targets.TARGETS[cc][1], verdicts[0], verdicts[1])
 """
 
 
@@ -398,7 +445,9 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
     compiles the kernel the wrappers launch, for that GPU (here sm_90,
     sm_86 and sm_80, stood in for), and refuses exactly when it needs
     more shared memory than the GPU gives a block: the bytes agree with a
-    direct compile of the source written out apart."""
+    direct compile of the source written out apart. The backward of
+    clusters of 66 slots (800x1333 detection inputs) fits a 99 KB GPU
+    (RTX 30/40) in bfloat16 and an A100 in float32."""
     import os.path as osp
     root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     done = run_compile_script(
@@ -406,11 +455,12 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
             'sys.argv[1]',
             repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split(maxsplit=4) for line in done.stdout.splitlines()]
+    rows = [line.split(maxsplit=5) for line in done.stdout.splitlines()]
     assert [r[0] for r in rows] == ['90', '86', '80'], done.stdout
-    for cc, arch, direct, ours, verdicts in rows:
+    for cc, arch, direct, ours, gpu_limit, verdicts in rows:
         assert arch == cc
         assert int(ours) == int(direct) > 0
+        assert int(direct) <= int(gpu_limit), (cc, direct, gpu_limit)
         fits, short = verdicts.split(maxsplit=1)
         assert fits == 'None'
         assert short == f'({direct}, {int(direct) - 1})'
@@ -465,7 +515,7 @@ def test_shared_memory_refusal_says_what_to_change():
             raise OutOfResources(380928, 232448, 'shared memory')
     message = str(err.value)
     for part in ('backward', '380928', '232448', 'torch.float64',
-                 'up to 128 slots', 'heads 16 wide', 'autocast',
+                 'up to 80 slots', 'heads 16 wide', 'autocast',
                  "attention_impl='tensor'"):
         assert part in message, part
     with pytest.raises(OutOfResources):
@@ -506,25 +556,26 @@ def test_auto_runs_tensor_ops_where_the_kernels_do_not_fit(monkeypatch):
 
 @pytest.mark.cuda
 def test_cuda_auto_takes_tensor_ops_where_the_backward_does_not_fit():
-    """float32 heads 64 wide in clusters of 65 (128-row tiles): the
-    backward needs 270 KB of shared memory (sm_90 compile), more than an
-    H100 has. 'auto' trains on tensor ops with a warning, 'triton' says
-    what to change."""
-    qkv, perm, plan = _problem((10, 13),
+    """float32 heads 64 wide in clusters of 81 (128-row tiles; group size
+    64): the backward needs 270 KB of shared memory (sm_90 compile), more
+    than an H100 has. 'auto' trains on tensor ops with a warning,
+    'triton' says what to change."""
+    qkv, perm, plan = _problem((9, 18),
                                128,
                                2,
                                dtype=torch.float32,
+                               group_size=64,
                                device='cuda')
-    assert plan.slot_size == 65
-    too_large = tca._backward_too_large(torch.float32, 64, 65, 20, 2,
+    assert plan.slot_size == 81
+    too_large = tca._backward_too_large(torch.float32, 64, 81, 20, 2,
                                         qkv.device.index)
     assert too_large is not None and too_large[0] > too_large[1]
     with pytest.raises(KernelResourcesError, match=str(too_large[0])):
-        _run('triton', qkv, perm, plan, 2, (10, 13))
+        _run('triton', qkv, perm, plan, 2, (9, 18))
     clustered_attn._warn_once.cache_clear()
     with pytest.warns(UserWarning, match='Running it on tensor ops'):
-        ours = _run('auto', qkv, perm, plan, 2, (10, 13))
-    ref = _run('tensor', qkv, perm, plan, 2, (10, 13))
+        ours = _run('auto', qkv, perm, plan, 2, (9, 18))
+    ref = _run('tensor', qkv, perm, plan, 2, (9, 18))
     # The same tensor ops; SDPA's backward on CUDA may add in another order.
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,9 @@ tests use):
   :class:`~boat_mm.ops.ClusterPlan`).
 - A program loads the q, k and v rows of its tokens straight from the
   ``(B, N, 3C)`` qkv through ``perm`` (no permuted copies) into one tile
-  of ``BLOCK_S`` rows (its queries and its own keys), and the keys it
+  of ``BLOCK_S`` rows (its queries and its own keys; for 65-80 slots a
+  64-row tile and an ``EXTRA`` tile of 16 rows, whose products and
+  shared memory are a fraction of one 128-row tile's), and the keys it
   borrows from its sibling (the first ``overlap`` of cluster ``2j+1`` for
   ``2j``, the last ones of ``2j`` for ``2j+1``) into a tail tile of
   ``TAIL`` rows sized to the overlap, so that few masked-out products
@@ -82,21 +84,29 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _count(valid, c, G, S, BLOCK: tl.constexpr):
+def _count(valid, c, G, S, BLOCK: tl.constexpr, EXTRA: tl.constexpr):
     """Real-token count of cluster ``c`` (real slots come first; 0 for a
-    sibling that does not exist, ``c >= G``)."""
+    sibling that does not exist, ``c >= G``), whose slots fill a
+    ``BLOCK``-row tile and an ``EXTRA``-row one."""
     offs = tl.arange(0, BLOCK)
     ok = (offs < S) & (c < G)
-    return tl.sum(tl.load(valid + c * S + offs, mask=ok, other=0).to(tl.int32))
+    n = tl.sum(tl.load(valid + c * S + offs, mask=ok, other=0).to(tl.int32))
+    if EXTRA > 0:
+        offs_x = BLOCK + tl.arange(0, EXTRA)
+        ok_x = (offs_x < S) & (c < G)
+        n += tl.sum(
+            tl.load(valid + c * S + offs_x, mask=ok_x, other=0).to(tl.int32))
+    return n
 
 
 @triton.jit
 def _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS: tl.constexpr,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+             EXTRA: tl.constexpr):
     """What every kernel first reads of its program's cluster ``c`` and
     its sibling: real-token counts, the raster tokens of ``c``'s ``S``
-    slots (in a ``BLOCK``-row tile), and the qkv pointer of the program's
-    sample and head."""
+    slots that fill a ``BLOCK``-row tile, and the qkv pointer of the
+    program's sample and head."""
     c = tl.program_id(0)
     m = tl.program_id(1)
     b = (m // HEADS).to(tl.int64)
@@ -105,8 +115,8 @@ def _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS: tl.constexpr,
     offs = tl.arange(0, BLOCK)
     in_slots = offs < S
     # Real tokens come first in a cluster's slots: count them.
-    n_own = _count(valid, c, G, S, BLOCK)
-    n_sib = _count(valid, sib, G, S, BLOCK)  # 0: no sibling
+    n_own = _count(valid, c, G, S, BLOCK, EXTRA)
+    n_sib = _count(valid, sib, G, S, BLOCK, EXTRA)  # 0: no sibling
     row = m.to(tl.int64) * perm_stride
     real = offs < n_own
     tok = tl.load(perm + row + c * S + offs, mask=real, other=0)
@@ -144,49 +154,145 @@ def _rows(base, tok, mask, offs_d, C, OFFSET: tl.constexpr,
     return x
 
 
-@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
-def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
-                    overlap, G, scale, scale_lo, HEADS: tl.constexpr,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_S: tl.constexpr, TAIL: tl.constexpr,
-                    HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
-     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS,
-                            D, BLOCK_D, BLOCK_S)
-    mask = real[:, None] & d_ok[None, :]
-    # The cluster's own tokens are its queries and its first keys.
-    q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
-    k = _rows(base, tok, mask, offs_d, C, 1, UPCAST)
-    v = _rows(base, tok, mask, offs_d, C, 2, UPCAST)
-    t_tok, t_ok = _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL)
-    t_mask = t_ok[:, None] & d_ok[None, :]
-    kt = _rows(base, t_tok, t_mask, offs_d, C, 1, UPCAST)
-    vt = _rows(base, t_tok, t_mask, offs_d, C, 2, UPCAST)
-
+@triton.jit
+def _attend(q, k, v, real, kx, vx, real_x, kt, vt, t_ok, scale, scale_lo,
+            EXTRA: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Queries ``q`` against the cluster's own keys (``k``, ``v``; and
+    ``kx``, ``vx`` of the overflow tile with ``EXTRA``) and its borrowed
+    ones (``kt``, ``vt``), ``real``, ``real_x`` and ``t_ok`` marking the
+    real keys: the outputs and the log-sum-exp."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
     s = tl.where(real[None, :], s * scale + s * scale_lo, float('-inf'))
     st = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC)
     st = tl.where(t_ok[None, :], st * scale + st * scale_lo, float('-inf'))
     m_i = tl.maximum(tl.max(s, 1), tl.max(st, 1))
+    if EXTRA > 0:
+        sx = tl.dot(q, tl.trans(kx), input_precision=PRECISION, out_dtype=ACC)
+        sx = tl.where(real_x[None, :], sx * scale + sx * scale_lo,
+                      float('-inf'))
+        m_i = tl.maximum(m_i, tl.max(sx, 1))
     p = tl.exp(s - m_i[:, None])
     pt = tl.exp(st - m_i[:, None])
     l_i = tl.sum(p, 1) + tl.sum(pt, 1)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
     acc += tl.dot(
         pt.to(vt.dtype), vt, input_precision=PRECISION, out_dtype=ACC)
-    o = acc / l_i[:, None]
-    # out (B, N, C) and the channels-last value image share the layout.
-    rows = (b * N + tok[:, None]) * C + head * D + offs_d[None, :]
+    if EXTRA > 0:
+        px = tl.exp(sx - m_i[:, None])
+        l_i += tl.sum(px, 1)
+        acc += tl.dot(
+            px.to(vx.dtype), vx, input_precision=PRECISION, out_dtype=ACC)
+    return acc / l_i[:, None], m_i + tl.log(l_i)
+
+
+@triton.jit
+def _store_rows(out, image, lse, o, v, lse_val, rows, mask, lse_at, real,
+                in_slots, HAS_IMAGE: tl.constexpr):
+    """A query tile's outputs (and values, for the image) at ``rows``, its
+    log-sum-exp at ``lse_at`` (0 for padding slots, as in the CPU op)."""
     tl.store(out + rows, o.to(out.dtype.element_ty), mask=mask)
     if HAS_IMAGE:
         tl.store(image + rows, v.to(image.dtype.element_ty), mask=mask)
-    # Padding slots get 0, as in the CPU op.
-    lse_val = tl.where(real, m_i + tl.log(l_i), 0.)
-    tl.store(
-        lse + row + c * S + offs,
-        lse_val.to(lse.dtype.element_ty),
-        mask=in_slots)
+    lse_val = tl.where(real, lse_val, 0.)
+    tl.store(lse + lse_at, lse_val.to(lse.dtype.element_ty), mask=in_slots)
+
+
+@triton.jit(do_not_specialize=['N', 'perm_stride', 'S', 'overlap', 'G'])
+def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
+                    overlap, G, scale, scale_lo, HEADS: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr, EXTRA: tl.constexpr,
+                    TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
+     d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS,
+                            D, BLOCK_D, BLOCK_S, EXTRA)
+    mask = real[:, None] & d_ok[None, :]
+    # The cluster's own tokens are its queries and its first keys; slots
+    # past BLOCK_S fill the overflow tile (EXTRA rows).
+    q = _rows(base, tok, mask, offs_d, C, 0, UPCAST)
+    k = _rows(base, tok, mask, offs_d, C, 1, UPCAST)
+    v = _rows(base, tok, mask, offs_d, C, 2, UPCAST)
+    if EXTRA > 0:
+        offs_x = BLOCK_S + tl.arange(0, EXTRA)
+        real_x = offs_x < n_own
+        tok_x = tl.load(perm + row + c * S + offs_x, mask=real_x, other=0)
+        mask_x = real_x[:, None] & d_ok[None, :]
+        qx = _rows(base, tok_x, mask_x, offs_d, C, 0, UPCAST)
+        kx = _rows(base, tok_x, mask_x, offs_d, C, 1, UPCAST)
+        vx = _rows(base, tok_x, mask_x, offs_d, C, 2, UPCAST)
+    else:
+        real_x, kx, vx = None, None, None
+    t_tok, t_ok = _borrowed(perm, row, c, sib, S, n_sib, overlap, TAIL)
+    t_mask = t_ok[:, None] & d_ok[None, :]
+    kt = _rows(base, t_tok, t_mask, offs_d, C, 1, UPCAST)
+    vt = _rows(base, t_tok, t_mask, offs_d, C, 2, UPCAST)
+
+    o, lse_val = _attend(q, k, v, real, kx, vx, real_x, kt, vt, t_ok, scale,
+                         scale_lo, EXTRA, ACC, PRECISION)
+    # out (B, N, C) and the channels-last value image share the layout.
+    rows = (b * N + tok[:, None]) * C + head * D + offs_d[None, :]
+    _store_rows(out, image, lse, o, v, lse_val, rows, mask, row + c * S + offs,
+                real, in_slots, HAS_IMAGE)
+    if EXTRA > 0:
+        o, lse_val = _attend(qx, k, v, real, kx, vx, real_x, kt, vt, t_ok,
+                             scale, scale_lo, EXTRA, ACC, PRECISION)
+        rows = (b * N + tok_x[:, None]) * C + head * D + offs_d[None, :]
+        _store_rows(out, image, lse, o, vx, lse_val, rows, mask_x,
+                    row + c * S + offs_x, real_x, offs_x < S, HAS_IMAGE)
+
+
+@triton.jit
+def _probs(q, do, lse_i, k, v, ok, scale, scale_lo, ACC: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """The probabilities ``P`` of queries ``q`` (log-sum-exp ``lse_i``)
+    for keys ``k`` (``ok`` marking the real ones) and ``dP = dO V^T``."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    p = tl.where(ok[None, :],
+                 tl.exp(s * scale + s * scale_lo - lse_i[:, None]), 0.)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+    return p, dp
+
+
+@triton.jit
+def _dscores(q, do, lse_i, k, v, real, kx, vx, real_x, kt, vt, t_ok, scale,
+             scale_lo, EXTRA: tl.constexpr, ACC: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """For a query tile against all its keys (own; own in the overflow
+    tile, with ``EXTRA``; borrowed): ``dS`` and ``P`` per key tile, in the
+    input dtype, and the q gradient (unscaled). Every key of these
+    queries is here, so ``D_i = sum_j P_ij dP_ij`` needs no other pass
+    (five products per query and key)."""
+    p, dp = _probs(q, do, lse_i, k, v, real, scale, scale_lo, ACC, PRECISION)
+    pt, dpt = _probs(q, do, lse_i, kt, vt, t_ok, scale, scale_lo, ACC,
+                     PRECISION)
+    delta = tl.sum(p * dp, 1) + tl.sum(pt * dpt, 1)
+    if EXTRA > 0:
+        px, dpx = _probs(q, do, lse_i, kx, vx, real_x, scale, scale_lo, ACC,
+                         PRECISION)
+        delta += tl.sum(px * dpx, 1)
+        dsx = (px * (dpx - delta[:, None])).to(q.dtype)
+        px = px.to(do.dtype)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dst = (pt * (dpt - delta[:, None])).to(q.dtype)
+    # The products below take P in the input dtype: the float32 tiles can
+    # go now.
+    p, pt = p.to(do.dtype), pt.to(do.dtype)
+    dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
+    dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
+    if EXTRA > 0:
+        dq += tl.dot(dsx, kx, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        dsx, px = ds, p  # unused: a compiled function returns tensors
+    return dq, ds, p, dst, pt, dsx, px
+
+
+@triton.jit
+def _dot_t(a, b, acc, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a^T b`` (``acc`` None: zeros), in ``ACC``."""
+    return tl.dot(
+        tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit(noinline=True)
@@ -194,15 +300,17 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
                row, pair, m, c, n_c, shift, lend, t_first, n_t, second, scale,
                scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-               TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
+               EXTRA: tl.constexpr, TAIL: tl.constexpr,
+               HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                LENT_IN_PASS: tl.constexpr):
     """The queries of cluster ``c`` of the program's sibling pair (the
     first, ``2j``, when ``second`` is 0) against their keys: its ``n_c``
     tokens (slots rotated by ``shift``, so that the ``lend`` keys its
-    sibling borrows are its first rows) and the ``n_t`` it borrows
-    (slots from ``t_first``: its sibling's lent keys). Stores the q
-    gradients and the k and v gradients that these queries complete."""
+    sibling borrows are its first rows; slots past ``BLOCK_S`` in an
+    ``EXTRA``-row overflow tile) and the ``n_t`` it borrows (slots from
+    ``t_first``: its sibling's lent keys). Stores the q gradients and the
+    k and v gradients that these queries complete."""
     b = (m // HEADS).to(tl.int64)
     head = m % HEADS
     offs = tl.arange(0, BLOCK_S)
@@ -229,27 +337,47 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
     out_at = o_base + tok[:, None] * C + offs_d[None, :]
     do = tl.load(grad_out + out_at, mask=mask, other=0.).to(q.dtype)
     lse_i = tl.load(lse + slot, mask=real, other=0.).to(ACC)
-
-    # Every key of these queries is here: the probabilities,
-    # D_i = sum_j P_ij dP_ij and dS in one pass (five products per query
-    # and key).
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-    p = tl.where(real[None, :],
-                 tl.exp(s * scale + s * scale_lo - lse_i[:, None]), 0.)
-    st = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC)
-    pt = tl.where(t_ok[None, :],
-                  tl.exp(st * scale + st * scale_lo - lse_i[:, None]), 0.)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-    dpt = tl.dot(do, tl.trans(vt), input_precision=PRECISION, out_dtype=ACC)
-    delta = tl.sum(p * dp, 1) + tl.sum(pt * dpt, 1)
-    ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dst = (pt * (dpt - delta[:, None])).to(q.dtype)
-    # The products below take P in the input dtype: the float32 tiles can
-    # go now.
-    p, pt = p.to(do.dtype), pt.to(do.dtype)
-    dq = tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
-    dq += tl.dot(dst, kt, input_precision=PRECISION, out_dtype=ACC)
     ty = grad.dtype.element_ty
+    if EXTRA > 0:
+        # The overflow tile: never lent (lend <= overlap <= BLOCK_S).
+        offs_x = BLOCK_S + tl.arange(0, EXTRA)
+        real_x = offs_x < n_c
+        slot_x = row + c * S + (offs_x + shift) % tl.maximum(n_c, 1)
+        tok_x = tl.load(perm + slot_x, mask=real_x, other=0)
+        mask_x = real_x[:, None] & d_ok[None, :]
+        qx = _rows(base, tok_x, mask_x, offs_d, C, 0, UPCAST)
+        kx = _rows(base, tok_x, mask_x, offs_d, C, 1, UPCAST)
+        vx = _rows(base, tok_x, mask_x, offs_d, C, 2, UPCAST)
+        out_at_x = o_base + tok_x[:, None] * C + offs_d[None, :]
+        dox = tl.load(grad_out + out_at_x, mask=mask_x, other=0.).to(q.dtype)
+        lse_x = tl.load(lse + slot_x, mask=real_x, other=0.).to(ACC)
+        g_at_x = grad + g_base + tok_x[:, None] * (3 * C) + offs_d[None, :]
+    else:
+        real_x, qx, kx, vx, dox = None, None, None, None, None
+
+    if EXTRA > 0:
+        # The overflow tile's queries first: their parts of the key
+        # gradients wait in float32 accumulators, which take fewer
+        # registers than their dS and P would beside the first tile's.
+        dq, ds, p, dst, pt, dsx, px = _dscores(qx, dox, lse_x, k, v, real, kx,
+                                               vx, real_x, kt, vt, t_ok, scale,
+                                               scale_lo, EXTRA, ACC, PRECISION)
+        tl.store(g_at_x, (dq * scale + dq * scale_lo).to(ty), mask=mask_x)
+        x_dk = _dot_t(ds, qx, None, ACC, PRECISION)
+        x_dv = _dot_t(p, dox, None, ACC, PRECISION)
+        x_dkt = _dot_t(dst, qx, None, ACC, PRECISION)
+        x_dvt = _dot_t(pt, dox, None, ACC, PRECISION)
+        dkx = _dot_t(dsx, qx, None, ACC, PRECISION)
+        dvx = _dot_t(px, dox, None, ACC, PRECISION)
+        if HAS_IMAGE:
+            dvx += tl.load(
+                grad_image + out_at_x, mask=mask_x, other=0.).to(ACC)
+
+    # The first tile's queries: dS and P by own keys (ds, p), overflow
+    # keys (dsx, px) and borrowed keys (dst, pt).
+    dq, ds, p, dst, pt, dsx, px = _dscores(q, do, lse_i, k, v, real, kx, vx,
+                                           real_x, kt, vt, t_ok, scale,
+                                           scale_lo, EXTRA, ACC, PRECISION)
     g_at = grad + g_base + tok[:, None] * (3 * C) + offs_d[None, :]
     tl.store(g_at, (dq * scale + dq * scale_lo).to(ty), mask=mask)
 
@@ -265,15 +393,25 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
     # part of its lent keys.
     done = mask & ((offs >= lend) | (second != 0))[:, None]
     dk = tl.load(at + 2 * TAIL * D, mask=lent & (second != 0), other=0.)
-    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION, out_dtype=ACC)
+    if EXTRA > 0:
+        dk += x_dk
+    dk = _dot_t(ds, q, dk, ACC, PRECISION)
     tl.store(g_at + C, (dk * scale + dk * scale_lo).to(ty), mask=done)
     tl.store(at, dk, mask=lent & (second == 0))
     dv = tl.load(at + 3 * TAIL * D, mask=lent & (second != 0), other=0.)
     if HAS_IMAGE:
         dv += tl.load(grad_image + out_at, mask=mask, other=0.).to(ACC)
-    dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION, out_dtype=ACC)
+    if EXTRA > 0:
+        dv += x_dv
+    dv = _dot_t(p, do, dv, ACC, PRECISION)
     tl.store(g_at + 2 * C, dv.to(ty), mask=done)
     tl.store(at + TAIL * D, dv, mask=lent & (second == 0))
+    if EXTRA > 0:
+        dkx = _dot_t(dsx, q, dkx, ACC, PRECISION)
+        tl.store(
+            g_at_x + C, (dkx * scale + dkx * scale_lo).to(ty), mask=mask_x)
+        dvx = _dot_t(px, do, dvx, ACC, PRECISION)
+        tl.store(g_at_x + 2 * C, dvx.to(ty), mask=mask_x)
     # Borrowed keys: 2j's queries' part of 2j+1's lent keys ([2, 3]);
     # 2j+1's queries' part of 2j's, which completes them with [0, 1]
     # (LENT_IN_PASS) or goes to [4, 5] for the kernel to add up. (The
@@ -283,17 +421,21 @@ def _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
         complete = t_mask & (second != 0)
         dkt = tl.load(t_at, mask=complete, other=0.)
         dvt = tl.load(t_at + TAIL * D, mask=complete, other=0.)
+        if EXTRA > 0:
+            dkt += x_dkt
+            dvt += x_dvt
         left = t_mask & (second == 0)
         t_at += 2 * TAIL * D
     else:
-        dkt, dvt = None, None
+        if EXTRA > 0:
+            dkt, dvt = x_dkt, x_dvt
+        else:
+            dkt, dvt = None, None
         left = t_mask
         t_at += (2 + 2 * second) * TAIL * D
-    dkt = tl.dot(
-        tl.trans(dst), q, dkt, input_precision=PRECISION, out_dtype=ACC)
+    dkt = _dot_t(dst, q, dkt, ACC, PRECISION)
     tl.store(t_at, dkt, mask=left)
-    dvt = tl.dot(
-        tl.trans(pt), do, dvt, input_precision=PRECISION, out_dtype=ACC)
+    dvt = _dot_t(pt, do, dvt, ACC, PRECISION)
     tl.store(t_at + TAIL * D, dvt, mask=left)
     if LENT_IN_PASS:
         tg_at = grad + g_base + t_tok[:, None] * (3 * C) + offs_d[None, :]
@@ -332,9 +474,10 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
                      scratch, N, C, perm_stride, S, overlap, G, scale,
                      scale_lo, HEADS: tl.constexpr, D: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                     TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
-                     ACC: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr, LENT_IN_PASS: tl.constexpr):
+                     EXTRA: tl.constexpr, TAIL: tl.constexpr,
+                     HAS_IMAGE: tl.constexpr, ACC: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     LENT_IN_PASS: tl.constexpr):
     """The sibling pair ``(2j, 2j+1)``, ``j = program_id(0)``, of one
     sample and head: the q gradients of both clusters' queries and the k
     and v gradients of all their tokens (``2j`` alone when it has no
@@ -342,8 +485,8 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
     pair = tl.program_id(0)
     m = tl.program_id(1)
     a = 2 * pair
-    n_a = _count(valid, a, G, S, BLOCK_S)
-    n_b = _count(valid, a + 1, G, S, BLOCK_S)  # 0: 2j has no sibling
+    n_a = _count(valid, a, G, S, BLOCK_S, EXTRA)
+    n_b = _count(valid, a + 1, G, S, BLOCK_S, EXTRA)  # 0: no sibling
     # The keys each cluster lends the other: the last lend_a of 2j, the
     # first lend_b of 2j+1.
     lend_a = tl.where(n_b > 0, tl.minimum(n_a, overlap), 0)
@@ -354,16 +497,16 @@ def _backward_kernel(grad_out, grad_image, qkv, perm, valid, lse, grad,
     # of borrowed keys.
     _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C, S,
                row, pair, m, a, n_a, n_a - lend_a, lend_a, (a + 1) * S, lend_b,
-               0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE,
-               ACC, PRECISION, UPCAST, LENT_IN_PASS)
+               0, scale, scale_lo, HEADS, D, BLOCK_D, BLOCK_S, EXTRA, TAIL,
+               HAS_IMAGE, ACC, PRECISION, UPCAST, LENT_IN_PASS)
     if n_b > 0:
         # 2j's scratch rows, written by other threads of this program.
         tl.debug_barrier()
         _pair_pass(grad_out, grad_image, qkv, perm, lse, grad, scratch, N, C,
                    S, row, pair, m, a + 1, n_b, 0, lend_b,
                    a * S + n_a - lend_a, lend_a, 1, scale, scale_lo, HEADS, D,
-                   BLOCK_D, BLOCK_S, TAIL, HAS_IMAGE, ACC, PRECISION, UPCAST,
-                   LENT_IN_PASS)
+                   BLOCK_D, BLOCK_S, EXTRA, TAIL, HAS_IMAGE, ACC, PRECISION,
+                   UPCAST, LENT_IN_PASS)
     if not LENT_IN_PASS:
         if n_b > 0:
             tl.debug_barrier()
@@ -427,10 +570,13 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
 
     Only buckets of the per-resolution values reach the compiler: the
     slot size as its power-of-two tile (``BLOCK_S``: 64 for the 33-64
-    slots of most resolutions, 128 for 65-67), the overlap as the tile of
-    borrowed keys (``TAIL``: 32 for the default 20); the values
-    themselves are run-time arguments that Triton does not specialise
-    on, so another resolution of the same bucket reuses the kernels.
+    slots of most resolutions) or, for 65-80 slots (65-67 at BOAT's
+    cluster size, as at 800x1333), a 64-row tile and an ``EXTRA`` tile
+    of 16 rows, which costs a quarter of a 128-row tile's shared memory
+    and products; the overlap as the tile of borrowed keys (``TAIL``: 32
+    for the default 20). The values themselves are run-time arguments
+    that Triton does not specialise on, so another resolution of the
+    same bucket reuses the kernels.
 
     Args:
         dtype (torch.dtype): Of qkv.
@@ -451,11 +597,14 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
     else:
         precision = 'tf32'  # float32 under allow_tf32; ignored for 16 bits
     block_d = max(16, triton.next_power_of_2(head_dims))
-    block_s = max(16, triton.next_power_of_2(slot_size))
+    # The lent keys (at most the overlap) must lie in the first tile.
+    extra = 16 if 64 < slot_size <= 80 and overlap <= 64 else 0
+    block_s = 64 if extra else max(16, triton.next_power_of_2(slot_size))
     return dict(
         D=head_dims,
         BLOCK_D=block_d,
         BLOCK_S=block_s,
+        EXTRA=extra,
         TAIL=max(16, triton.next_power_of_2(max(1, min(overlap, slot_size)))),
         ACC=tl.float64 if fp64 else tl.float32,
         PRECISION=precision,
@@ -470,7 +619,7 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
         bwd_warps=(16 if wide and block_s <= 64 else 8),
         # Two blocks of 8 warps per SM: ptxas fits the 16-bit backward of
         # 64-row tiles in 128 registers without spilling when told to.
-        bwd_maxnreg=None if wide or block_s > 64 else 128,
+        bwd_maxnreg=None if wide or extra or block_s > 64 else 128,
         # The second pass completes the lent keys with the first's part
         # (16-bit inputs: tensor-core products), else the kernel adds the
         # two passes' parts after them.
@@ -503,9 +652,10 @@ def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
     """The error of a ``'fwd'`` or ``'bwd'`` kernel that needs ``required``
     bytes of shared memory on a GPU that has ``limit``."""
     name = dict(fwd='forward', bwd='backward')[kernel]
+    slots = cfg['BLOCK_S'] + cfg['EXTRA']
     return KernelResourcesError(
         f"FSLA's Triton attention {name} needs {required} bytes of shared "
-        f"memory per block for {dtype} clusters of up to {cfg['BLOCK_S']} "
+        f"memory per block for {dtype} clusters of up to {slots} "
         f"slots with heads {cfg['D']} wide; this GPU has {limit}. Train "
         f"under bfloat16 or float16 autocast (16-bit tiles take half the "
         f"memory), or run the attention on tensor ops "
@@ -568,7 +718,8 @@ def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
 def _consts(cfg: dict, num_heads: int, kernel: str) -> dict:
     """Constexprs and launch options of the ``'fwd'`` or ``'bwd'``
     kernel."""
-    keys = ('D', 'BLOCK_D', 'BLOCK_S', 'TAIL', 'ACC', 'PRECISION', 'UPCAST')
+    keys = ('D', 'BLOCK_D', 'BLOCK_S', 'EXTRA', 'TAIL', 'ACC', 'PRECISION',
+            'UPCAST')
     consts = dict({k: cfg[k]
                    for k in keys},
                   HEADS=num_heads,
