@@ -572,8 +572,8 @@ def _launch_config(dtype: torch.dtype, head_dims: int, slot_size: int,
     slot size as its power-of-two tile (``BLOCK_S``: 64 for the 33-64
     slots of most resolutions) or, for 65-80 slots (65-67 at BOAT's
     cluster size, as at 800x1333), a 64-row tile and an ``EXTRA`` tile
-    of 16 rows, which costs a quarter of a 128-row tile's shared memory
-    and products; the overlap as the tile of borrowed keys (``TAIL``: 32
+    of 16 rows, which take about half the shared memory and products of
+    one 128-row tile; the overlap as the tile of borrowed keys (``TAIL``: 32
     for the default 20). The values themselves are run-time arguments
     that Triton does not specialise on, so another resolution of the
     same bucket reuses the kernels.
