@@ -113,8 +113,6 @@ def test_triton_overflow_tile_in_float64(h, w, group, overlap, batch,
     monkeypatch.setattr(
         tca, '_launch_config',
         lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
-    # Its verdicts are cached without LENT_IN_PASS.
-    tca._backward_too_large.cache_clear()
     qkv, perm, plan = _problem((h, w),
                                32,
                                2,
@@ -127,7 +125,6 @@ def test_triton_overflow_tile_in_float64(h, w, group, overlap, batch,
                              qkv.device)
     assert cfg['EXTRA'] == (16 if plan.slot_size <= 80 else 0)
     _equals_tensor_path_in_float64(qkv, perm, plan, 2, (h, w), overlap)
-    tca._backward_too_large.cache_clear()
 
 
 # Where the backward's schedule of one program per sibling pair changes:
@@ -473,6 +470,23 @@ for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
                                                   index))
     print(cc, ours.metadata.target.arch, direct, ours.metadata.shared,
           targets.TARGETS[cc][1], verdicts[0], verdicts[1])
+# TF32 on gives another backward (float32, 49 slots): the check answers
+# for the configuration of the moment, on the same GPU and sizes.
+index += 1
+need = {}
+with targets.offline_gpu(90, 1 << 20, index):
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        need[tf32] = k._compiled('bwd', torch.float32, 32, 49, 20,
+                                 2).metadata.shared
+index += 1
+verdicts = []
+with targets.offline_gpu(90, min(need.values()), index):
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        verdicts.append(k._backward_too_large(torch.float32, 32, 49, 20, 2,
+                                              index))
+print('tf32', need[False], need[True], verdicts[0], verdicts[1])
 """
 
 
@@ -484,7 +498,8 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
     more shared memory than the GPU gives a block: the bytes agree with a
     direct compile of the source written out apart. The backward of
     clusters of 66 slots (800x1333 detection inputs) fits a 99 KB GPU
-    (RTX 30/40) in bfloat16 and an A100 in float32."""
+    (RTX 30/40) in bfloat16 and an A100 in float32. Switching TF32 on
+    or off gets a fresh answer, not the one cached for the other."""
     import os.path as osp
     root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     done = run_compile_script(
@@ -492,7 +507,9 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
             'sys.argv[1]',
             repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split(maxsplit=5) for line in done.stdout.splitlines()]
+    lines = done.stdout.splitlines()
+    tf32 = lines.pop().split(maxsplit=3)
+    rows = [line.split(maxsplit=5) for line in lines]
     assert [r[0] for r in rows] == ['90', '86', '80'], done.stdout
     for cc, arch, direct, ours, gpu_limit, verdicts in rows:
         assert arch == cc
@@ -501,6 +518,15 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
         fits, short = verdicts.split(maxsplit=1)
         assert fits == 'None'
         assert short == f'({direct}, {int(direct) - 1})'
+    # The larger of the IEEE and TF32 backwards is refused, the other not.
+    _, ieee, with_tf32, verdicts = tf32
+    ieee, with_tf32 = int(ieee), int(with_tf32)
+    if ieee == with_tf32:
+        pytest.skip('this Triton compiles both to the same size')
+    limit = min(ieee, with_tf32)
+    refused = f'({max(ieee, with_tf32)}, {limit})'
+    expected = ('None ' + refused if with_tf32 > ieee else refused + ' None')
+    assert verdicts == expected, (verdicts, expected)
 
 
 def test_gpu_model_records_launches_as_on_cuda(monkeypatch):

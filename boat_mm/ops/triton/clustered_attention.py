@@ -670,8 +670,14 @@ def _compiled(kernel: str, dtype: torch.dtype, head_dims: int, slot_size: int,
     refused for its size)."""
     cfg = _launch_config(dtype, head_dims, slot_size, overlap,
                          torch.device('cuda'))
+    return _warmup(kernel, dtype, cfg, slot_size, overlap, num_heads)
+
+
+def _warmup(kernel: str, dtype: torch.dtype, cfg: dict, slot_size: int,
+            overlap: int, num_heads: int):
+    """:func:`_compiled` for the launch configuration ``cfg``."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    C = head_dims * num_heads
+    C = cfg['D'] * num_heads
     # Per-N values are not specialised on: any stand-ins compile the same.
     sizes = (4 * slot_size, C, 4 * slot_size, slot_size, overlap, 4, 1., 0.)
     if kernel == 'fwd':
@@ -692,7 +698,6 @@ def _compiled(kernel: str, dtype: torch.dtype, head_dims: int, slot_size: int,
         **_consts(cfg, num_heads, kernel))
 
 
-@functools.lru_cache(maxsize=None)
 def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
                         overlap: int, num_heads: int,
                         device_index: int) -> Optional[Tuple[int, int]]:
@@ -701,13 +706,27 @@ def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
 
     Compiled for the GPU without launching, so that the forward can refuse
     a training step whose backward could not run. None also where Triton
-    cannot tell (its launch checks then).
+    cannot tell (its launch checks then). Decided once per launch
+    configuration: TF32 on or off gives another kernel, and another
+    answer.
     """
+    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
+                         torch.device('cuda', device_index))
+    return _backward_check(dtype, slot_size, overlap, num_heads, device_index,
+                           tuple(sorted(cfg.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_check(dtype: torch.dtype, slot_size: int, overlap: int,
+                    num_heads: int, device_index: int,
+                    config: tuple) -> Optional[Tuple[int, int]]:
+    """:func:`_backward_too_large` for the launch configuration
+    ``config`` (its items, sorted)."""
     try:
         from triton.compiler.compiler import max_shared_mem
         with torch.cuda.device(device_index):
-            kernel = _compiled('bwd', dtype, head_dims, slot_size, overlap,
-                               num_heads)
+            kernel = _warmup('bwd', dtype, dict(config), slot_size, overlap,
+                             num_heads)
             required = int(kernel.metadata.shared)
             limit = int(max_shared_mem(device_index))
     except Exception:  # noqa: BLE001 (a Triton without these internals)
