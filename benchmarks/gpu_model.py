@@ -698,10 +698,9 @@ def compile_variants(variants: List[str], cache_dir: str) -> Dict[str, dict]:
 def _compile_worker(src: str, dst: str) -> None:
     import triton
     import triton.language as tl
+    from _ptxas import ptxas_facts
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    ptxas = osp.join(
-        osp.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
     with open(src) as f:
         variants = json.load(f)
     results = []
@@ -726,23 +725,8 @@ def _compile_worker(src: str, dst: str) -> None:
             ASTSource(fn, signature, consts, spec),
             target=GPUTarget('cuda', 90, 32),
             options=options)
-        with tempfile.NamedTemporaryFile('w', suffix='.ptx') as ptx:
-            ptx.write(compiled.asm['ptx'])
-            ptx.flush()
-            log = subprocess.run([
-                ptxas, '-v', '--regAllocOptLevel=2', '--gpu-name=sm_90a',
-                ptx.name, '-o', os.devnull
-            ],
-                                 capture_output=True,
-                                 text=True).stderr
-        regs = re.search(r'Used (\d+) registers', log)
-        spills = [int(s) for s in re.findall(r'(\d+) bytes spill', log)]
-        results.append(
-            dict(
-                registers=int(regs.group(1)) if regs else -1,
-                spills=sum(spills),
-                shared=int(compiled.metadata.shared),
-                num_warps=options.get('num_warps', 4)))
+        facts = ptxas_facts(compiled)
+        results.append(dict(facts, num_warps=options.get('num_warps', 4)))
     with open(dst, 'w') as f:
         json.dump(results, f)
 

@@ -366,13 +366,12 @@ def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
 # the kernels' Python and misses what only the compiler rejects; ptxas -v
 # reports registers and spills.
 _COMPILE_SCRIPT = """
-import re, subprocess, tempfile, os, torch, triton
+import torch, triton
 from triton.backends.compiler import GPUTarget
 from _triton_compile import attention_source
+from benchmarks._ptxas import ptxas_facts
 from boat_mm.ops.triton import clustered_attention as k
 assert not k.interpreted()
-ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia',
-                     'bin', 'ptxas')
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16',
          torch.float16: 'fp16'}
 for dtype, d, tf32 in ((torch.bfloat16, 32, False),
@@ -382,19 +381,10 @@ for dtype, d, tf32 in ((torch.bfloat16, 32, False),
     torch.backends.cuda.matmul.allow_tf32 = tf32
     for slots, kernel in ((49, 'fwd'), (49, 'bwd'), (66, 'fwd'), (66, 'bwd')):
         src, options = attention_source(kernel, dtype, d, slots)
-        binary = triton.compile(src, target=GPUTarget('cuda', 90, 32),
-                                options=options)
-        with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
-            f.write(binary.asm['ptx'])
-            f.flush()
-            log = subprocess.run(
-                [ptxas, '-v', '--regAllocOptLevel=2', '--gpu-name=sm_90a',
-                 f.name, '-o', os.devnull], capture_output=True,
-                text=True).stderr
-        regs = int(re.search('Used ([0-9]+) registers', log).group(1))
-        spills = sum(int(n) for n in re.findall('([0-9]+) bytes spill', log))
+        facts = ptxas_facts(triton.compile(
+            src, target=GPUTarget('cuda', 90, 32), options=options))
         print(src.fn.__name__, 'tf32' if tf32 else names[dtype], d, slots,
-              regs, spills)
+              facts['registers'], facts['spills'])
 """
 
 # Registers per thread that the sm_90 kernels may use (ptxas, Triton 3.8):

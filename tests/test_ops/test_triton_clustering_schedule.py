@@ -282,14 +282,13 @@ def test_h100_schedule_equals_tensor_ops(monkeypatch, n, rows, knobs, kinds,
 # what only the compiler rejects (it once missed a constexpr reassigned in
 # the bitonic sort). Prints "name regs spills" per variant.
 _COMPILE_SCRIPT = """
-import contextlib, io, re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from benchmarks._ptxas import ptxas_facts
 from boat_mm.ops.clustering import build_cluster_plan
 from boat_mm.ops.triton import clustering as c
 
-triton.knobs.nvidia.dump_ptxas_log = True
 kernels = {k: getattr(c, k) for k in ('_level_kernel', '_subtree_kernel')}
 for k in kernels.values():
     assert {p.name for p in k.params if p.do_not_specialize} == set(
@@ -330,14 +329,11 @@ for name, args, kw in log:
         else:
             sig[a_name] = 'fp32' if isinstance(a, float) else 'i32'
     sig.update({k: 'constexpr' for k in kw})
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        triton.compile(ASTSource(kernel, sig, kw),
-                       target=GPUTarget('cuda', 90, 32), options=opts)
-    regs = re.search(r'Used (\\d+) registers', out.getvalue()).group(1)
-    spills = sum(map(int, re.findall(r'(\\d+) bytes spill',
-                                     out.getvalue())))
-    print(name, 'f64' if kw['F64'] else 'f32', regs, spills)
+    facts = ptxas_facts(triton.compile(
+        ASTSource(kernel, sig, kw), target=GPUTarget('cuda', 90, 32),
+        options=opts))
+    print(name, 'f64' if kw['F64'] else 'f32', facts['registers'],
+          facts['spills'])
 """
 
 
