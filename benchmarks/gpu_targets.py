@@ -13,7 +13,7 @@ raises ``KernelResourcesError``.
 
 No GPU is needed to know which: this script compiles both kernels for
 each target below through the wrappers' own compile-without-launch path
-(``_compiled`` and the backward check ``_backward_too_large`` of
+(``_compiled`` and the fit check ``_kernel_too_large`` of
 ``boat_mm/ops/triton/clustered_attention.py``), with Triton's driver
 replaced by a stand-in that names the target's compute capability and
 its shared memory per block (:func:`offline_gpu`), and prints one
@@ -121,8 +121,9 @@ def kernel_bytes(capability: int, shared_mem: int, dtype: torch.dtype,
                                     OVERLAP, NUM_HEADS).metadata.shared
             bwd = kernels._compiled('bwd', dtype, head_dims, slot_size,
                                     OVERLAP, NUM_HEADS).metadata.shared
-            refused = kernels._backward_too_large(dtype, head_dims, slot_size,
-                                                  OVERLAP, NUM_HEADS, index)
+            refused = kernels._kernel_too_large('bwd', dtype, head_dims,
+                                                slot_size, OVERLAP, NUM_HEADS,
+                                                index)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_was
     return dict(fwd=int(fwd), bwd=int(bwd), bwd_refused=refused is not None)

@@ -18,15 +18,19 @@
 ``'auto'`` takes the first backend of :data:`AUTO_ORDER` that supports the
 input (``'triton'`` only on CUDA, and without float64, where the tensor
 ops stay the reference), except where a tracer must see tensor ops
-(:func:`tensor_ops_required`) or one op node (:func:`op_required`).
+(:func:`tensor_ops_required`) or one op node (:func:`op_required`), and
+takes the tensor ops for an attention whose Triton kernels are too large
+for the GPU's shared memory (:func:`fit_to_gpu`).
 Whether the C++ kernels loaded is read from :mod:`~boat_mm.ops._library`
 (:func:`cpu_kernel_loaded`). A new backend is one
 more entry here (and its ops in :mod:`~boat_mm.ops._library`): the
 callers only ask :func:`select_backend` and call the op overload it
 returns.
 """
+import functools
 import importlib.util
 import os
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -36,8 +40,8 @@ from ._library import CPU_KERNELS_LOADED, op_overload
 
 __all__ = [
     'IMPLS', 'BACKENDS', 'AUTO_ORDER', 'Backend', 'check_impl',
-    'cpu_kernel_loaded', 'select_backend', 'tensor_ops_required',
-    'triton_interpreter_enabled'
+    'cpu_kernel_loaded', 'fit_to_gpu', 'select_backend', 'tensor_ops_required',
+    'triton_interpreter_enabled', 'warn_once'
 ]
 
 # Values of ``impl``.
@@ -223,4 +227,58 @@ def select_backend(op: str,
     error = backend.unsupported(op, x, dropout_p, False)
     if error is not None:
         raise error
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """Warn once per message (per sizes and GPU), not at every step."""
+    warnings.warn(message)
+
+
+@torch.compiler.assume_constant_result
+def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
+                                slot_size: int, overlap: int, num_heads: int,
+                                device_index: Optional[int],
+                                backward: bool) -> bool:
+    """Whether a kernel of the Triton attention that the call needs is too
+    large for the GPU (warning once, with what to change). A constant to
+    torch.compile: it compiles kernels, which Dynamo must not trace."""
+    from .triton.clustered_attention import too_large_for_gpu
+    error = too_large_for_gpu(dtype, head_dims, slot_size, overlap, num_heads,
+                              device_index, backward)
+    if error is not None:
+        warn_once(f'{error} Running it on tensor ops.')
+    return error is not None
+
+
+def fit_to_gpu(backend: Backend, impl: str, qkv: Tensor, num_heads: int,
+               slot_size: int, overlap: int) -> Backend:
+    """The attention's backend once the GPU's shared memory is known:
+    ``'auto'`` takes the tensor ops where the Triton forward, or in a
+    training step its backward, needs more shared memory than the GPU
+    gives a block (e.g. float32 on a T4).
+
+    Decided before the op is called, so that torch.compile decides the
+    same: inside a compiled graph the op's inputs do not require grad
+    and an exception the op raises cannot be caught around it.
+
+    Args:
+        backend (Backend): What :func:`select_backend` chose.
+        impl (str): The ``impl`` it was given.
+        qkv (Tensor): ``(B, N, 3 * C)`` the attention's input.
+        num_heads (int): Heads.
+        slot_size (int): Slots per cluster.
+        overlap (int): Keys a cluster borrows from its sibling.
+
+    Returns:
+        Backend: ``backend``, or the tensor ops.
+    """
+    if impl != 'auto' or backend.name != 'triton':
+        return backend
+    backward = torch.is_grad_enabled() and qkv.requires_grad
+    if _triton_attention_too_large(qkv.dtype, qkv.shape[-1] // 3 // num_heads,
+                                   slot_size, overlap, num_heads,
+                                   qkv.device.index, backward):
+        return BACKENDS['tensor']
     return backend

@@ -43,15 +43,13 @@ the input's dtype, cluster and head sizes (a warning says so once; with
 ``impl='triton'`` it is a :class:`~boat_mm.ops._library.
 KernelResourcesError` that says what to change).
 """
-import functools
-import warnings
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import ATTENTION, select_backend
+from ._backends import ATTENTION, fit_to_gpu, select_backend, warn_once
 from ._library import KernelResourcesError
 from .clustering import ClusterPlan
 
@@ -172,12 +170,6 @@ def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
     return inv[:, :N]
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    """Warn once per message (per sizes and GPU), not at every step."""
-    warnings.warn(message)
-
-
 def clustered_attention(
         qkv: Tensor,
         perm: Tensor,
@@ -215,7 +207,7 @@ def clustered_attention(
     B, N, C3 = qkv.shape
     C = C3 // 3
     h, d = num_heads, C // num_heads
-    op = select_backend(ATTENTION, impl, qkv, dropout_p).op(ATTENTION)
+    backend = select_backend(ATTENTION, impl, qkv, dropout_p)
     if plan.num_clusters == 1:
         # One cluster: plain attention, no permutation needed at all.
         q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -225,6 +217,8 @@ def clustered_attention(
         if hw_shape is None:
             return out
         return out, _value_image(qkv, hw_shape)
+    op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
+                    plan.overlap).op(ATTENTION)
     if op is not None:
         try:
             out, v_image, _ = op(
@@ -235,8 +229,9 @@ def clustered_attention(
         except KernelResourcesError as e:
             if impl != 'auto':
                 raise
-            # Too large for this GPU at these sizes: the tensor ops below.
-            _warn_once(f'{e} Running it on tensor ops.')
+            # Too large for this GPU where fit_to_gpu could not tell
+            # (eager mode only): the tensor ops below.
+            warn_once(f'{e} Running it on tensor ops.')
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size

@@ -25,7 +25,7 @@ pytest.importorskip('triton')
 
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from boat_mm.ops import _backends, clustered_attn  # noqa: E402
+from boat_mm.ops import _backends  # noqa: E402
 from boat_mm.ops._library import KernelResourcesError  # noqa: E402
 from boat_mm.ops.triton import clustered_attention as tca  # noqa: E402
 
@@ -67,8 +67,8 @@ def _equals_tensor_path_in_float64(qkv, perm, plan, heads, hw, overlap=20):
     128-row tile: 380 KB of an H100's 227 KB, read off the sm_90
     compile), the forward refuses, saying what to change."""
     d = qkv.shape[-1] // 3 // heads
-    if CUDA and tca._backward_too_large(torch.float64, d, plan.slot_size,
-                                        overlap, heads, qkv.device.index):
+    if CUDA and tca._kernel_too_large('bwd', torch.float64, d, plan.slot_size,
+                                      overlap, heads, qkv.device.index):
         with pytest.raises(KernelResourcesError, match='shared memory'):
             _run('triton', qkv, perm, plan, heads, hw)
         return
@@ -456,8 +456,8 @@ for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
         index += 1
         with targets.offline_gpu(cc, limit, index):
             ours = k._compiled('bwd', dtype, d, slots, 20, 2)
-            verdicts.append(k._backward_too_large(dtype, d, slots, 20, 2,
-                                                  index))
+            verdicts.append(
+                k._kernel_too_large('bwd', dtype, d, slots, 20, 2, index))
     print(cc, ours.metadata.target.arch, direct, ours.metadata.shared,
           targets.TARGETS[cc][1], verdicts[0], verdicts[1])
 # TF32 on gives another backward (float32, 49 slots): the check answers
@@ -474,9 +474,25 @@ verdicts = []
 with targets.offline_gpu(90, min(need.values()), index):
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        verdicts.append(k._backward_too_large(torch.float32, 32, 49, 20, 2,
-                                              index))
+        verdicts.append(
+            k._kernel_too_large('bwd', torch.float32, 32, 49, 20, 2, index))
 print('tf32', need[False], need[True], verdicts[0], verdicts[1])
+# The check before a call (too_large_for_gpu): the forward for inference,
+# the forward and the backward for a training step; float32 at 66 slots
+# on sm_86, GPUs with a byte less or just enough for either kernel.
+torch.backends.cuda.matmul.allow_tf32 = False
+need = []
+for kernel in ('fwd', 'bwd'):
+    src, options = attention_source(kernel, torch.float32, 32, 66)
+    need.append(triton.compile(src, target=GPUTarget('cuda', 86, 32),
+                               options=options).metadata.shared)
+for limit in (need[0] - 1, need[0], need[1] - 1, need[1]):
+    index += 1
+    with targets.offline_gpu(86, limit, index):
+        errors = [k.too_large_for_gpu(torch.float32, 32, 66, 20, 2, index,
+                                      backward) for backward in (0, 1)]
+    print('call', *need, limit, *(e.args[0] if e else '-' for e in errors),
+          sep='|')
 """
 
 
@@ -489,7 +505,10 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
     direct compile of the source written out apart. The backward of
     clusters of 66 slots (800x1333 detection inputs) fits a 99 KB GPU
     (RTX 30/40) in bfloat16 and an A100 in float32. Switching TF32 on
-    or off gets a fresh answer, not the one cached for the other."""
+    or off gets a fresh answer, not the one cached for the other. The
+    check before a call (``too_large_for_gpu``, which ``impl='auto'``
+    asks) names the forward where it does not fit, and the backward
+    where only it does not and the call trains."""
     import os.path as osp
     root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     done = run_compile_script(
@@ -498,6 +517,8 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
             repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    calls = [line.split('|')[1:] for line in lines[-4:]]
+    del lines[-4:]
     tf32 = lines.pop().split(maxsplit=3)
     rows = [line.split(maxsplit=5) for line in lines]
     assert [r[0] for r in rows] == ['90', '86', '80'], done.stdout
@@ -517,6 +538,21 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
     refused = f'({max(ieee, with_tf32)}, {limit})'
     expected = ('None ' + refused if with_tf32 > ieee else refused + ' None')
     assert verdicts == expected, (verdicts, expected)
+    # Before a call: inference needs the forward to fit, training both;
+    # the error names the kernel, its bytes and the GPU's.
+    fwd, bwd = (int(n) for n in calls[0][:2])
+    assert fwd < bwd, calls
+    for fwd_, bwd_, limit, inference, training in calls:
+        limit = int(limit)
+        for error, kernels in ((inference, [fwd]), (training, [fwd, bwd])):
+            over = [n for n in kernels if n > limit]
+            if not over:
+                assert error == '-', (limit, error)
+                continue
+            name = 'forward' if over[0] == fwd else 'backward'
+            assert error.startswith(f"FSLA's Triton attention {name} needs "
+                                    f'{over[0]} bytes'), error
+            assert f'this GPU has {limit}.' in error, error
 
 
 def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
@@ -592,7 +628,7 @@ def test_auto_runs_tensor_ops_where_the_kernels_do_not_fit(monkeypatch):
         _backends.Backend('triton', 'boat_mm_triton', lambda *args: None))
     assert _backends.select_backend('clustered_attention', 'auto',
                                     qkv).name == 'triton'
-    clustered_attn._warn_once.cache_clear()
+    _backends.warn_once.cache_clear()
     with pytest.warns(UserWarning, match='too large for this GPU. Running'):
         ours = _run('auto', qkv, perm, plan, 2, (11, 13))
     ref = _run('tensor', qkv, perm, plan, 2, (11, 13))
@@ -600,6 +636,67 @@ def test_auto_runs_tensor_ops_where_the_kernels_do_not_fit(monkeypatch):
         assert torch.equal(a, b)
     with pytest.raises(KernelResourcesError, match='too large'):
         _run('triton', qkv, perm, plan, 2, (11, 13))
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+def test_auto_decides_before_the_call_whether_the_kernels_fit(
+        monkeypatch, compiled):
+    """impl='auto' asks whether the Triton kernels fit the GPU before it
+    calls the op, so that torch.compile(fullgraph=True) decides as eager
+    mode does (in a compiled graph the op's inputs do not require grad,
+    so the op cannot check the backward, and its error cannot be caught
+    around it): a training step whose backward is too large runs on
+    tensor ops, warning once; inference runs the kernels. Stood in for:
+    'auto' taking Triton on CPU tensors, a GPU too small for the
+    backward."""
+    qkv, perm, plan = _problem((11, 13), 32, 2)
+    asked = []
+
+    def too_large(dtype, head_dims, slot_size, overlap, heads, index,
+                  backward):
+        # Untraceable, as the Triton compile it stands for: torch.compile
+        # must call it, not trace it (a graph break fails fullgraph).
+        torch._dynamo.graph_break()
+        asked.append((dtype, head_dims, slot_size, overlap, heads, backward))
+        return KernelResourcesError('too large.') if backward else None
+
+    forward, launched = tca.clustered_attention_forward, []
+
+    def counted(*args):
+        launched.append(args[0].requires_grad)
+        return forward(*args)
+
+    monkeypatch.setattr(tca, 'too_large_for_gpu', too_large)
+    monkeypatch.setattr(tca, 'clustered_attention_forward', counted)
+    monkeypatch.setitem(
+        _backends.BACKENDS, 'triton',
+        _backends.Backend('triton', 'boat_mm_triton', lambda *args: None))
+    _backends.warn_once.cache_clear()
+
+    def attend(x):
+        return clustered_attention(
+            x, perm, plan, 2, hw_shape=(11, 13), impl='auto')
+
+    if compiled:
+        attend = torch.compile(attend, fullgraph=True, backend='aot_eager')
+    with pytest.warns(UserWarning, match='too large. Running it on tensor'):
+        ours = _run('auto', qkv, perm, plan, 2, (11, 13))
+        # torch.compile's call: the training step traced, run twice.
+        trained = [attend(qkv) for _ in range(2)]
+    assert launched == []
+    ref = _run('tensor', qkv, perm, plan, 2, (11, 13))
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    for out in trained:
+        torch.testing.assert_close(out, ref[:2], rtol=0, atol=1e-12)
+        grad, = torch.autograd.grad(out[0].sum(), qkv)
+        assert grad.abs().sum() > 0
+    with torch.no_grad():
+        inferred = attend(qkv.detach())
+    assert launched == [False]  # the kernels, with no backward to follow
+    torch.testing.assert_close(inferred, ref[:2], rtol=0, atol=1e-12)
+    d = (torch.float64, 16, plan.slot_size, plan.overlap, 2)
+    assert set(asked) == {d + (True, ), d + (False, )}
 
 
 # ---------------------------------------------------------------------------
@@ -620,18 +717,27 @@ def test_cuda_auto_takes_tensor_ops_where_the_backward_does_not_fit():
                                group_size=64,
                                device='cuda')
     assert plan.slot_size == 81
-    too_large = tca._backward_too_large(torch.float32, 64, 81, 20, 2,
-                                        qkv.device.index)
+    too_large = tca._kernel_too_large('bwd', torch.float32, 64, 81, 20, 2,
+                                      qkv.device.index)
     assert too_large is not None and too_large[0] > too_large[1]
     with pytest.raises(KernelResourcesError, match=str(too_large[0])):
         _run('triton', qkv, perm, plan, 2, (9, 18))
-    clustered_attn._warn_once.cache_clear()
+    _backends.warn_once.cache_clear()
     with pytest.warns(UserWarning, match='Running it on tensor ops'):
         ours = _run('auto', qkv, perm, plan, 2, (9, 18))
     ref = _run('tensor', qkv, perm, plan, 2, (9, 18))
     # The same tensor ops; SDPA's backward on CUDA may add in another order.
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Compiled, 'auto' decides before the op as well.
+    compiled = torch.compile(
+        lambda x: clustered_attention(
+            x, perm, plan, 2, hw_shape=(9, 18), impl='auto'),
+        fullgraph=True,
+        backend='aot_eager')
+    out, image = compiled(qkv)
+    torch.testing.assert_close((out, image), ref[:2], rtol=1e-5, atol=1e-6)
+    out.sum().backward()
 
 
 @pytest.mark.cuda

@@ -57,6 +57,7 @@ for exact tests).
 """
 import contextlib
 import functools
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -73,7 +74,7 @@ from .._library import KernelResourcesError, _lse_dtype
 
 __all__ = [
     'clustered_attention_forward', 'clustered_attention_backward',
-    'interpreted'
+    'interpreted', 'too_large_for_gpu'
 ]
 
 
@@ -698,38 +699,80 @@ def _warmup(kernel: str, dtype: torch.dtype, cfg: dict, slot_size: int,
         **_consts(cfg, num_heads, kernel))
 
 
-def _backward_too_large(dtype: torch.dtype, head_dims: int, slot_size: int,
-                        overlap: int, num_heads: int,
-                        device_index: int) -> Optional[Tuple[int, int]]:
-    """``(required, limit)`` bytes of shared memory when the backward kernel
-    for these sizes needs more than GPU ``device_index`` has, else None.
+def too_large_for_gpu(dtype: torch.dtype, head_dims: int, slot_size: int,
+                      overlap: int, num_heads: int, device_index: int,
+                      backward: bool) -> Optional[KernelResourcesError]:
+    """The error of the first kernel that a call needs and GPU
+    ``device_index`` cannot launch for lack of shared memory, else None.
 
-    Compiled for the GPU without launching, so that the forward can refuse
-    a training step whose backward could not run. None also where Triton
-    cannot tell (its launch checks then). Decided once per launch
-    configuration: TF32 on or off gives another kernel, and another
-    answer.
+    Args:
+        dtype (torch.dtype): Of qkv.
+        head_dims (int): Channels per head.
+        slot_size (int): Slots per cluster.
+        overlap (int): Keys a cluster borrows from its sibling.
+        num_heads (int): Heads.
+        device_index (int): The CUDA device.
+        backward (bool): Whether the backward must fit too (a training
+            step), or only the forward.
+
+    Returns:
+        KernelResourcesError | None: What to change, for the forward or
+        the backward; None when both fit, in Triton's interpreter, or
+        where Triton cannot tell (the launch then checks).
+    """
+    if interpreted():
+        return None
+    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
+                         torch.device('cuda', device_index))
+    for kernel in ('fwd', 'bwd') if backward else ('fwd', ):
+        found = _kernel_too_large(kernel, dtype, head_dims, slot_size, overlap,
+                                  num_heads, device_index)
+        if found is not None:
+            return _too_large(kernel, dtype, cfg, *found)
+    return None
+
+
+def _kernel_too_large(kernel: str, dtype: torch.dtype, head_dims: int,
+                      slot_size: int, overlap: int, num_heads: int,
+                      device_index: int) -> Optional[Tuple[int, int]]:
+    """``(required, limit)`` bytes of shared memory when the ``'fwd'`` or
+    ``'bwd'`` kernel for these sizes needs more than GPU ``device_index``
+    has, else None.
+
+    Compiled for the GPU without launching, so that a call can be refused
+    (or, under ``impl='auto'``, run on tensor ops) before it starts, and
+    the forward of a training step can refuse a backward that could not
+    run. None also where Triton cannot tell (its launch then checks).
+    Decided once per launch configuration: TF32 on or off gives another
+    kernel, and another answer.
     """
     cfg = _launch_config(dtype, head_dims, slot_size, overlap,
                          torch.device('cuda', device_index))
-    return _backward_check(dtype, slot_size, overlap, num_heads, device_index,
-                           tuple(sorted(cfg.items())))
+    return _fit_check(kernel, dtype, slot_size, overlap, num_heads,
+                      device_index, tuple(sorted(cfg.items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_check(dtype: torch.dtype, slot_size: int, overlap: int,
-                    num_heads: int, device_index: int,
-                    config: tuple) -> Optional[Tuple[int, int]]:
-    """:func:`_backward_too_large` for the launch configuration
-    ``config`` (its items, sorted)."""
+def _fit_check(kernel: str, dtype: torch.dtype, slot_size: int, overlap: int,
+               num_heads: int, device_index: int,
+               config: tuple) -> Optional[Tuple[int, int]]:
+    """:func:`_kernel_too_large` for the launch configuration ``config``
+    (its items, sorted)."""
     try:
         from triton.compiler.compiler import max_shared_mem
         with torch.cuda.device(device_index):
-            kernel = _warmup('bwd', dtype, dict(config), slot_size, overlap,
-                             num_heads)
-            required = int(kernel.metadata.shared)
+            compiled = _warmup(kernel, dtype, dict(config), slot_size, overlap,
+                               num_heads)
+            required = int(compiled.metadata.shared)
             limit = int(max_shared_mem(device_index))
-    except Exception:  # noqa: BLE001 (a Triton without these internals)
+    except Exception as e:  # noqa: BLE001 (a Triton of other internals)
+        # Not silent: without the check, impl='auto' cannot fall back
+        # before a kernel too large for the GPU fails at its launch.
+        warnings.warn(
+            f"boat_mm could not check whether FSLA's Triton attention "
+            f"fits this GPU's shared memory ({type(e).__name__}: {e}); a "
+            f"kernel too large fails at its launch. Tell boat-mm's "
+            f"maintainers the triton version ({triton.__version__}).")
         return None
     return (required, limit) if required > limit else None
 
@@ -777,8 +820,9 @@ def clustered_attention_forward(
     # Inside the op, grad mode is off; an input that requires grad means a
     # backward may follow.
     if qkv.device.type == 'cuda' and qkv.requires_grad:
-        too_large = _backward_too_large(qkv.dtype, C // num_heads, slot_size,
-                                        overlap, num_heads, qkv.device.index)
+        too_large = _kernel_too_large('bwd', qkv.dtype, C // num_heads,
+                                      slot_size, overlap, num_heads,
+                                      qkv.device.index)
         if too_large is not None:
             raise _too_large('bwd', qkv.dtype, cfg, *too_large)
     with _resources('fwd', qkv.dtype, cfg):
