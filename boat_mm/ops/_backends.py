@@ -36,6 +36,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _library
 from ._library import CPU_KERNELS_LOADED, op_overload
 
 __all__ = [
@@ -252,12 +253,22 @@ def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
     return error is not None
 
 
+@torch.compiler.assume_constant_result
+def _too_many_rows(num_heads: int) -> bool:
+    """Warns once that the batch is too large for the Triton attention's
+    grid (a constant to torch.compile, which cannot trace a warning)."""
+    warn_once(f'{_library.too_many_rows(num_heads)} Running it on tensor '
+              f'ops.')
+    return True
+
+
 def fit_to_gpu(backend: Backend, impl: str, qkv: Tensor, num_heads: int,
                slot_size: int, overlap: int) -> Backend:
     """The attention's backend once the GPU's shared memory is known:
     ``'auto'`` takes the tensor ops where the Triton forward, or in a
     training step its backward, needs more shared memory than the GPU
-    gives a block (e.g. float32 on a T4).
+    gives a block (e.g. float32 on a T4), and where batch x heads exceeds
+    the rows of a CUDA grid.
 
     Decided before the op is called, so that torch.compile decides the
     same: inside a compiled graph the op's inputs do not require grad
@@ -276,6 +287,9 @@ def fit_to_gpu(backend: Backend, impl: str, qkv: Tensor, num_heads: int,
     """
     if impl != 'auto' or backend.name != 'triton':
         return backend
+    if qkv.shape[0] * num_heads > _library.MAX_GRID_ROWS:
+        _too_many_rows(num_heads)
+        return BACKENDS['tensor']
     backward = torch.is_grad_enabled() and qkv.requires_grad
     if _triton_attention_too_large(qkv.dtype, qkv.shape[-1] // 3 // num_heads,
                                    slot_size, overlap, num_heads,

@@ -59,9 +59,26 @@ __all__ = [
 
 
 class KernelResourcesError(RuntimeError):
-    """A GPU kernel needs more of a resource (shared memory) per block, for
-    its input's sizes and dtype, than the GPU has. ``impl='auto'`` then
-    runs the op on tensor ops; the message says what to change."""
+    """A GPU kernel needs more of a resource (shared memory per block, or
+    grid rows) for its input's sizes and dtype than the GPU has.
+    ``impl='auto'`` then runs the op on tensor ops; the message says what
+    to change."""
+
+
+# CUDA's limit on a grid's second axis, where the Triton attention puts
+# batch x heads (read at each call: tests lower it).
+MAX_GRID_ROWS = 65535
+
+
+def too_many_rows(num_heads: int) -> str:
+    """What to change when batch x ``num_heads`` exceeds
+    :data:`MAX_GRID_ROWS`."""
+    return (f"FSLA's Triton attention runs one row of programs per sample "
+            f"and head, at most {MAX_GRID_ROWS} (CUDA's limit): at most "
+            f"{MAX_GRID_ROWS // num_heads} samples of {num_heads} heads per "
+            f"call. Split the batch, or run the attention on tensor ops "
+            f"(fsla_cfg=dict(attention_impl='tensor'); impl='auto' does so "
+            f"by itself).")
 
 
 _ARGS = {

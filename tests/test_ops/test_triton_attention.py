@@ -699,6 +699,46 @@ def test_auto_decides_before_the_call_whether_the_kernels_fit(
     assert set(asked) == {d + (True, ), d + (False, )}
 
 
+@pytest.mark.parametrize('compiled', [False, True])
+def test_batch_beyond_the_grid_rows(monkeypatch, compiled):
+    """Batch x heads beyond the rows of a CUDA grid (65535; lowered to 3
+    here): 'auto' runs the tensor ops, warning once, also compiled;
+    'triton' says how many samples fit; at the limit the kernels run."""
+    from boat_mm.ops import _library
+    qkv, perm, plan = _problem((11, 13), 32, 2)  # batch 2 x 2 heads
+    monkeypatch.setitem(
+        _backends.BACKENDS, 'triton',
+        _backends.Backend('triton', 'boat_mm_triton', lambda *args: None))
+    forward, launched = tca.clustered_attention_forward, []
+    monkeypatch.setattr(tca, 'clustered_attention_forward',
+                        lambda *args: launched.append(1) or forward(*args))
+
+    def attend(x):
+        return clustered_attention(
+            x, perm, plan, 2, hw_shape=(11, 13), impl='auto')
+
+    if compiled:
+        attend = torch.compile(attend, fullgraph=True, backend='aot_eager')
+    ref = _run('tensor', qkv, perm, plan, 2, (11, 13))
+    monkeypatch.setattr(_library, 'MAX_GRID_ROWS', 3)
+    _backends.warn_once.cache_clear()
+    with pytest.warns(
+            UserWarning,
+            match='at most 1 samples of 2 heads per '
+            'call. Split the batch'):
+        out = attend(qkv)
+    assert launched == []
+    torch.testing.assert_close(out, ref[:2], rtol=0, atol=0)
+    with pytest.raises(KernelResourcesError, match='Got 2 samples'):
+        _run('triton', qkv, perm, plan, 2, (11, 13))
+    monkeypatch.setattr(_library, 'MAX_GRID_ROWS', 4)
+    torch._dynamo.reset()
+    launched.clear()
+    out = attend(qkv)
+    assert launched == [1]
+    torch.testing.assert_close(out, ref[:2], rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # On a GPU (benchmarks/gpu_check.sh runs these).
 # ---------------------------------------------------------------------------

@@ -70,6 +70,7 @@ from triton.runtime.errors import OutOfResources
 # _lse_dtype: float32 for 16-bit inputs (their rounding would spoil the
 # recomputed probabilities), else the input dtype: what the fake kernel
 # says.
+from .. import _library
 from .._library import KernelResourcesError, _lse_dtype
 
 __all__ = [
@@ -562,6 +563,9 @@ def _check(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
             'GPU: set TRITON_INTERPRET=1 before the first Triton call of '
             "the process to run them in Triton's interpreter, or use "
             "impl='cpp' or 'tensor' on the CPU.")
+    if B * num_heads > _library.MAX_GRID_ROWS:
+        raise KernelResourcesError(
+            f'{_library.too_many_rows(num_heads)} Got {B} samples.')
     return B, N, C, slots // slot_size
 
 
