@@ -7,7 +7,8 @@ mmdetection, for any of their configs (chosen by the config's
 
 * ``--tta``: test-time augmentation with the config's ``tta_model`` and
   ``tta_pipeline`` (mmseg: multi-scale + flip from the ADE20K base;
-  mmpretrain: flip averaging when the config has none; mmdet: flip with
+  mmpretrain: flip averaging when the config has none, scoring the
+  averaged weights of a config with an EMA hook; mmdet: flip with
   box merging by NMS when the config has none, box detectors only, as
   mmdet's ``DetTTAModel`` does not merge masks);
 * ``--show`` / ``--show-dir DIR``: draw predictions (next to the ground
@@ -172,6 +173,12 @@ def _tta(cfg: Config) -> None:
     if _scope(cfg) == 'mmpretrain':
         # As mmpretrain's tool: flip averaging unless the config says more.
         cfg.setdefault('tta_model', dict(type='mmpretrain.AverageClsScoreTTA'))
+        # mmpretrain's EMAHook would load no averaged weights into a TTA
+        # wrapper (boat_tools/ema.py).
+        for hook in cfg.get('custom_hooks') or []:
+            if hook.get('type') in ('EMAHook', 'mmpretrain.EMAHook'):
+                import boat_tools.ema  # noqa: F401 (registers it)
+                hook['type'] = 'TTAEMAHook'
         if 'tta_pipeline' not in cfg:
             pipeline = cfg.test_dataloader.dataset.pipeline
             cfg.tta_pipeline = deepcopy(pipeline)

@@ -209,6 +209,36 @@ def test_cswin_ema_checkpoint_and_test(trained_cswin):
     assert dumped['accuracy/top1'] == pytest.approx(top1, abs=1e-3)
 
 
+def test_cswin_ema_checkpoint_with_tta(trained_cswin):
+    """Flip TTA of a checkpoint written with the EMA hook scores the
+    averaged weights: the predictions equal those of the same test
+    without the hook, where the checkpoint's `state_dict` (the averaged
+    weights) is what loads."""
+    ckpt = osp.join(trained_cswin['work_dir'], 'epoch_2.pth')
+    scores = {}
+    for name, extra in (('hook', []), ('plain',
+                                       ['--cfg-options', 'custom_hooks=[]'])):
+        preds = str(trained_cswin['tmp'] / f'tta_{name}.pkl')
+        out = _tool(
+            'test.py',
+            trained_cswin['cfg'],
+            ckpt,
+            '--tta',
+            '--out',
+            preds,
+            '--work-dir',
+            str(trained_cswin['tmp'] / f'tta_{name}'),
+            *extra,
+            cwd=str(trained_cswin['tmp']))
+        assert 'AverageClsScoreTTA' in out
+        assert ('TTAEMAHook' in out) == (name == 'hook'), out[-3000:]
+        with open(preds, 'rb') as f:
+            scores[name] = torch.stack(
+                [s['pred_score'] for s in pickle.load(f)])
+    assert scores['hook'].shape == (NUM_VAL, 6)
+    torch.testing.assert_close(scores['hook'], scores['plain'])
+
+
 def _tool_main(name: str):
     """The ``main`` of a tool script, loaded without running it."""
     # Undecorated: the errors themselves (their one-line report is tested
