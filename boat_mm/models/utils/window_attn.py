@@ -22,7 +22,7 @@ from torch import Tensor
 
 __all__ = [
     'WindowMSA', 'BOATShiftWindowMSA', 'window_partition',
-    'relative_position_index'
+    'relative_position_index', 'resize_bias_table'
 ]
 
 # Additive logit mask between tokens that must not attend each other
@@ -46,6 +46,25 @@ def relative_position_index(window_size: Tuple[int, int]) -> Tensor:
     dy = y[:, None] - y[None, :] + wh - 1
     dx = x[:, None] - x[None, :] + ww - 1
     return dy * (2 * ww - 1) + dx
+
+
+def resize_bias_table(table: Tensor, size: Tuple[int, int]) -> Tensor:
+    """A relative position bias table of a square window, resized.
+
+    Args:
+        table (Tensor): ``(S * S, heads)``, rows in raster order of the
+            ``(2 * Wh - 1) x (2 * Ww - 1)`` offsets (``S = 2 * Wh - 1``).
+        size (tuple[int, int]): The offsets of the new window,
+            ``(2 * Wh' - 1, 2 * Ww' - 1)``.
+
+    Returns:
+        Tensor: ``(size[0] * size[1], heads)``, bicubic.
+    """
+    rows, heads = table.shape
+    side = round(rows**0.5)
+    grid = table.float().t().reshape(1, heads, side, side)
+    grid = F.interpolate(grid, size=size, mode='bicubic', align_corners=False)
+    return grid.reshape(heads, -1).t().to(table.dtype).contiguous()
 
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
@@ -108,6 +127,23 @@ class WindowMSA(BaseModule):
         """``init_cfg``, then the bias table truncated normal (std 0.02)."""
         super().init_weights()
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A bias table of another (square) window size, as a checkpoint
+        trained with another ``window_size`` holds, is resized to this
+        window's, bicubically, as mmseg's Swin does."""
+        key = prefix + 'relative_position_bias_table'
+        table = state_dict.get(key)
+        own = self.relative_position_bias_table
+        if (isinstance(table, Tensor) and table.dim() == 2
+                and table.shape != own.shape
+                and table.shape[1] == own.shape[1]):
+            side = round(table.shape[0]**0.5)
+            if side * side == table.shape[0] and side % 2 == 1:
+                state_dict[key] = resize_bias_table(
+                    table,
+                    (2 * self.window_size[0] - 1, 2 * self.window_size[1] - 1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Attend within each window.

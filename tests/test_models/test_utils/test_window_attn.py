@@ -184,3 +184,52 @@ def test_batch_stays_symbolic_under_export():
 def test_shift_must_be_smaller_than_window():
     with pytest.raises(ValueError, match='shift_size'):
         BOATShiftWindowMSA(8, 2, 4, shift_size=4)
+
+
+def _bicubic(grid, size):
+    """Separable cubic convolution (Keys, a = -0.75; borders replicated;
+    half-pixel centres), as torch's bicubic interpolation, written out."""
+
+    def weights(t):
+        a = -0.75
+        return [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                ((a + 2) * t - (a + 3)) * t * t + 1,
+                ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+                ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a]
+
+    def resize_rows(x, n):
+        m = x.shape[0]
+        out = []
+        for o in range(n):
+            src = (o + 0.5) * m / n - 0.5
+            i = math.floor(src)
+            w = weights(src - i)
+            out.append(
+                sum(w[k] * x[min(max(i - 1 + k, 0), m - 1)] for k in range(4)))
+        return torch.stack(out)
+
+    return resize_rows(resize_rows(grid, size[0]).t(), size[1]).t()
+
+
+def test_bias_table_of_another_window_is_resized_on_load():
+    """A window-7 checkpoint's bias tables load into a window-12 module
+    resized bicubically per head (as mmseg's Swin resizes them), instead
+    of failing to load; a table of the same size loads as it is."""
+    torch.manual_seed(0)
+    src, dst = WindowMSA(16, 7, 2), WindowMSA(16, 12, 2)
+    table = torch.randn(13 * 13, 2, dtype=torch.float64).float()
+    state = dict(src.state_dict(), relative_position_bias_table=table)
+    dst.load_state_dict(state)
+    got = dst.relative_position_bias_table.detach()
+    assert got.shape == (23 * 23, 2)
+    for head in range(2):
+        ref = _bicubic(table[:, head].double().view(13, 13), (23, 23))
+        torch.testing.assert_close(
+            got[:, head].view(23, 23).double(), ref, rtol=0, atol=1e-5)
+    # The zero offset (the centre) maps onto itself.
+    assert torch.equal(got[23 * 11 + 11], table[13 * 6 + 6])
+    src.load_state_dict(state)
+    assert torch.equal(src.relative_position_bias_table.detach(), table)
+    # Another number of heads is not a window size: the load refuses.
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        WindowMSA(16, 12, 4).load_state_dict(state)
