@@ -287,6 +287,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     fsla_qk_scale: Optional[float] = None
     #: Suffixes of buffers that other checkpoints carry and we derive.
     derived_buffers: Tuple[str, ...] = ()
+    #: Whether a stage's ``downsample`` runs before its blocks (CSWin's
+    #: merge) rather than after them (Swin's); for layer-wise depths.
+    downsample_first: bool = False
 
     default_init_cfg = [
         dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
@@ -439,6 +442,42 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             for j, block in enumerate(stage.blocks) if isinstance(
                 getattr(block, 'fsla', None), FeatureSpaceLocalAttention)
         }
+
+    def get_layer_depth(self,
+                        param_name: str,
+                        prefix: str = '') -> Tuple[int, int]:
+        """The depth of a parameter in the layer order, for mmpretrain's
+        layer-wise learning-rate decay
+        (``LearningRateDecayOptimWrapperConstructor``), as mmpretrain's
+        Swin counts it.
+
+        The stem is depth 0, block ``j`` of stage ``i`` is ``sum(depths[:i])
+        + j + 1``, a merge takes the depth of the block just before it, and
+        the output norms and whatever is not under ``prefix`` (necks,
+        heads) the last depth, ``sum(depths) + 1``.
+
+        Args:
+            param_name (str): The parameter's name in the model.
+            prefix (str): The backbone's prefix in the model, e.g.
+                ``'backbone.'``. Defaults to ''.
+
+        Returns:
+            tuple[int, int]: The depth and the number of depths,
+            ``sum(depths) + 2``.
+        """
+        num_layers = sum(self.depths) + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        parts = param_name[len(prefix):].split('.')
+        if parts[0] == 'patch_embed':
+            return 0, num_layers
+        if parts[0] != 'stages':
+            return num_layers - 1, num_layers
+        stage = int(parts[1])
+        if parts[2] == 'blocks':
+            return sum(self.depths[:stage]) + int(parts[3]) + 1, num_layers
+        before = stage if self.downsample_first else stage + 1
+        return sum(self.depths[:before]), num_layers
 
     # --- Forward. ---
 

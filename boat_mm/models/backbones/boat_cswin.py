@@ -189,6 +189,7 @@ class BOATCSWin(BaseBOATBackbone):
     # yapf: enable
     optional_keys = frozenset({'split_sizes'})
     fsla_qk_scale = 1.0
+    downsample_first = True  # the merge before stage i >= 1
     # Input padded to a multiple of the stem stride (see class docstring).
     stem_stride = 4
 

@@ -187,6 +187,40 @@ def test_without_fsla_equals_mmpretrain_swin():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_layer_depth_as_mmpretrain_swin():
+    """Layer-wise depths (mmpretrain's layer-wise learning-rate decay) as
+    mmpretrain's Swin gives them, parameter for parameter; FSLA's take
+    their block's depth. The decay builds an optimizer of a classifier."""
+    from mmpretrain.engine.optimizers import \
+        LearningRateDecayOptimWrapperConstructor
+    from mmpretrain.models import ImageClassifier
+    from mmpretrain.models.backbones import SwinTransformer
+    model = build(NANO)
+    ref = SwinTransformer(arch=dict(NANO), out_indices=(0, 1, 2, 3))
+    names = [n for n, _ in model.named_parameters()]
+    shared = [n for n, _ in ref.named_parameters()]
+    assert set(shared) < set(names)
+    for name in shared + ['head.fc.weight']:
+        name = 'backbone.' + name if name in shared else name
+        assert model.get_layer_depth(name, 'backbone.') == \
+            ref.get_layer_depth(name, 'backbone.'), name
+    for name in names:
+        if '.fsla.' in name:
+            block = name[:name.index('.fsla.')] + '.attn.w_msa.qkv.weight'
+            assert model.get_layer_depth(name) == model.get_layer_depth(block)
+    classifier = ImageClassifier(
+        backbone=dict(type='BOATSwin', arch=dict(NANO), out_indices=(3, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=5, in_channels=64))
+    optimizer = LearningRateDecayOptimWrapperConstructor(
+        dict(optimizer=dict(type='AdamW', lr=1., weight_decay=0.)),
+        dict(layer_decay_rate=0.5))(classifier).optimizer
+    lrs = {g['param_name']: g['lr'] for g in optimizer.param_groups}
+    layers = sum(NANO['depths']) + 2
+    assert lrs['backbone.patch_embed.projection.weight'] == 0.5**(layers - 1)
+    assert lrs['head.fc.weight'] == 1.
+
+
 def test_padded_window_attention_ignores_padding():
     """A 5x6 map in one 7x7 window: attention over the 30 real tokens only,
     with their relative position biases (computed here by hand)."""

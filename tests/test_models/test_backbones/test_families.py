@@ -138,6 +138,7 @@ class BOATToy(BaseBOATBackbone, register=False):
     """A toy third family: widths that do not double, FSLA in the first
     block of every stage."""
     family = 'toy'
+    downsample_first = True  # ToyStage merges before its blocks
     arch_zoo = {
         **dict.fromkeys(
             ['t', 'tiny'], {
@@ -252,6 +253,39 @@ def test_forward_odd_size_and_out_indices(family):
     assert len(picked) == 2
     for got, want in zip(picked, (outs[1], outs[3])):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+def test_layer_depth_follows_the_forward_order(family):
+    """A parameter's layer-wise depth is its place in the order in which
+    the forward runs the stem, the blocks and the merges (a merge takes
+    the depth of the block run before it); output norms and modules
+    outside the backbone come last."""
+    model = build(family)
+    units = {
+        name: m
+        for name, m in model.named_modules() if name == 'patch_embed'
+        or re.fullmatch(r'stages\.\d+\.(blocks\.\d+|downsample)', name)
+    }
+    order = []
+    for name, m in units.items():
+        m.register_forward_pre_hook(
+            lambda *args, name=name: order.append(name))
+    with torch.no_grad():
+        model(torch.randn(1, 3, *ODD))
+    depth, depths = 0, {}
+    for name in order:
+        depth += '.blocks.' in name
+        depths[name] = depth
+    last = depth + 1
+    assert depths['patch_embed'] == 0 and last == sum(model.depths) + 1
+    for name, _ in model.named_parameters():
+        owner = [u for u in depths if name.startswith(u + '.')]
+        want = depths[owner[0]] if owner else last
+        assert model.get_layer_depth('backbone.' + name,
+                                     'backbone.') == (want, last + 1), name
+    assert model.get_layer_depth('head.fc.weight',
+                                 'backbone.') == (last, last + 1)
 
 
 def _classifier_state(model, num_classes=5) -> 'OrderedDict[str, Tensor]':
