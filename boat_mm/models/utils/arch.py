@@ -76,7 +76,8 @@ def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:
         if not isinstance(cfg, dict) or cfg.get('type') != 'Pretrained':
             continue
         ckpt = str(cfg.get('checkpoint', ''))
-        if '://' in ckpt or osp.isfile(ckpt):
+        # MMEngine's local loader expands '~' too.
+        if '://' in ckpt or osp.isfile(osp.expanduser(ckpt)):
             continue
         raise FileNotFoundError(
             f'{name}: pretrained checkpoint {ckpt!r} not found. Convert the '

@@ -189,3 +189,19 @@ def test_detect_boat_family_lists_what_it_looks_for():
         layout = family.published
         assert f'{layout.name} ({layout.marker}*)' in str(err.value)
         assert detect_boat_family({layout.marker + 'x.weight': 0}) is family
+
+
+def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
+    # MMEngine's local loader expands '~'; the early file check must too.
+    monkeypatch.setenv('HOME', str(tmp_path))
+    src = BOATSwin(arch=SWIN)
+    torch.save({'state_dict': src.state_dict()}, str(tmp_path / 'x.pth'))
+    model = BOATSwin(
+        arch=SWIN, init_cfg=dict(type='Pretrained', checkpoint='~/x.pth'))
+    model.init_weights()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    with pytest.raises(FileNotFoundError, match="'~/y.pth' not found"):
+        BOATSwin(
+            arch=SWIN, init_cfg=dict(type='Pretrained',
+                                     checkpoint='~/y.pth')).init_weights()
