@@ -11,6 +11,7 @@ registers it: :func:`boat_families` lists the families for the tools
 (converter, verifier, visualiser, benchmarks) and the shared tests, which
 hold no per-family tables.
 """
+import inspect
 from collections import OrderedDict
 from copy import deepcopy
 from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
@@ -27,7 +28,8 @@ from torch import Tensor
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
                           check_pretrained_file, fsla_settings, parse_arch,
-                          parse_out_indices, stage_widths)
+                          parse_out_indices, pretrained_init_cfg, stage_widths,
+                          unexpected_arguments_error)
 from ..utils.ckpt_convert import (PublishedLayout, key_listing,
                                   pick_boat_weights)
 
@@ -270,6 +272,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             the default one, e.g. ``dict(type='Pretrained', checkpoint=PATH,
             prefix='backbone.')`` to load the backbone of a converted
             classifier checkpoint. Defaults to None.
+        pretrained (str, optional): Deprecated, as in mmseg's Swin (whose
+            segmentors set it from the model-level ``pretrained``): the same
+            as ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``;
+            not together with ``init_cfg``. Defaults to None.
+        **kwargs: Nothing else: other arguments (e.g. upstream Swin ones
+            left by a ``_base_`` config) raise a TypeError naming them.
     """
     # --- Facts each family states (see BOATSwin, BOATCSWin). ---
     #: Short name used by the tools (``--family``) and checkpoint meta.
@@ -320,7 +328,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  norm_cfg: dict = dict(type='LN'),
                  frozen_stages: int = -1,
                  with_cp: bool = False,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 pretrained: Optional[str] = None,
+                 **kwargs) -> None:
+        name = type(self).__name__
+        if kwargs:
+            raise unexpected_arguments_error(name, kwargs,
+                                             self._accepted_arguments())
+        init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._parse_arch(arch)
         self.depths = list(self.arch_settings['depths'])
@@ -358,6 +373,23 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         for depth in self.depths:
             self.drop_path_rates.append(dpr[:depth])
             dpr = dpr[depth:]
+
+    @classmethod
+    def _accepted_arguments(cls) -> List[str]:
+        """The keyword arguments of the class and the bases it passes
+        ``**kwargs`` to."""
+        names = []
+        for klass in cls.__mro__:
+            if not issubclass(klass, BaseBOATBackbone):
+                break
+            if '__init__' not in klass.__dict__:
+                continue
+            params = inspect.signature(klass.__init__).parameters.values()
+            names += [
+                p.name for p in params if p.name != 'self'
+                and p.kind is not inspect.Parameter.VAR_KEYWORD
+            ]
+        return names
 
     # --- Architecture. ---
 

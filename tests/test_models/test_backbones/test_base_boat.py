@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from mmengine.config import ConfigDict
 from mmengine.model import ExponentialMovingAverage
 from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
@@ -205,3 +206,63 @@ def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
         BOATSwin(
             arch=SWIN, init_cfg=dict(type='Pretrained',
                                      checkpoint='~/y.pth')).init_weights()
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_mmseg_model_level_pretrained(tmp_path, family):
+    """mmseg's EncoderDecoder sets ``backbone.pretrained``: as mmseg's
+    Swin, it becomes a Pretrained init_cfg (with a warning) that loads."""
+    from mmseg.registry import MODELS
+    src = family(arch=ARCHS[family])
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({'state_dict': src.state_dict()}, path)
+    cfg = ConfigDict(
+        type='EncoderDecoder',
+        pretrained=path,
+        backbone=dict(type=family.__name__, arch=ARCHS[family]),
+        decode_head=dict(
+            type='FCNHead',
+            in_channels=ARCHS[family]['embed_dims'] * 8,
+            in_index=3,
+            channels=4,
+            num_convs=1,
+            num_classes=2))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        with pytest.warns(UserWarning, match='pretrained is deprecated'):
+            model = MODELS.build(cfg)
+    assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint=path)
+    model.backbone.init_weights()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    with pytest.raises(ValueError, match='cannot both be set'):
+        family(
+            arch=ARCHS[family],
+            pretrained=path,
+            init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(TypeError, match='pretrained must be a str'):
+        family(arch=ARCHS[family], pretrained=True)
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_unknown_arguments_name_the_class_and_the_fix(family):
+    name = family.__name__
+    with pytest.raises(TypeError) as err:
+        family(
+            arch=ARCHS[family],
+            norm_eval=True,
+            strides=(4, 2, 2, 2),
+            depths=(2, 2),
+            foo=1)
+    msg = str(err.value)
+    assert 'BaseBOATBackbone' not in msg
+    assert f"{name} got unexpected keyword arguments ['depths', " \
+        "'foo', 'norm_eval', 'strides']" in msg
+    assert f"SwinTransformer that {name} does not support: ['depths', " \
+        "'norm_eval', 'strides']" in msg
+    assert 'inside arch=dict(' in msg and '_delete_=True' in msg
+    # Typos alone: no upstream hint, the accepted arguments listed.
+    with pytest.raises(TypeError) as err:
+        family(arch=ARCHS[family], drop_pth_rate=0.1)
+    msg = str(err.value)
+    assert "['drop_pth_rate']" in msg and 'upstream' not in msg
+    assert "'drop_path_rate'" in msg.split(f'{name} takes')[1]
