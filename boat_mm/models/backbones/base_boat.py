@@ -27,9 +27,9 @@ from torch import Tensor
 
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
-                          check_pretrained_file, fsla_settings, parse_arch,
-                          parse_out_indices, pretrained_init_cfg, stage_widths,
-                          unexpected_arguments_error)
+                          check_pretrained_file, check_qk_scale, fsla_settings,
+                          parse_arch, parse_out_indices, pretrained_init_cfg,
+                          stage_widths, unexpected_arguments_error)
 from ..utils.ckpt_convert import (PublishedLayout, key_listing,
                                   pick_boat_weights)
 
@@ -246,7 +246,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         qkv_bias (bool): Bias of the qkv projections. Defaults to True.
         qk_scale (float, optional): Scale of the image-space attention
             logits (and of FSLA's, unless the family's ``fsla_qk_scale`` or
-            ``fsla_cfg`` sets it); None for ``head_dim ** -0.5``.
+            ``fsla_cfg`` sets it), positive; None for ``head_dim ** -0.5``.
             Defaults to None.
         drop_rate (float): Dropout after projections and in the FFN.
             Defaults to 0.
@@ -346,6 +346,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.embed_dims = self.num_features[0]
         self.out_indices = parse_out_indices(out_indices, self.num_stages)
         check_frozen_stages(frozen_stages, self.num_stages)
+        check_qk_scale(qk_scale, name)
         self.frozen_stages = frozen_stages
         self.in_channels = in_channels
         self.norm_cfg = norm_cfg

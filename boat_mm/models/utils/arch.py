@@ -9,7 +9,8 @@ import torch.nn as nn
 __all__ = [
     'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
     'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin',
-    'pretrained_init_cfg', 'unexpected_arguments_error', 'UPSTREAM_SWIN_ARGS'
+    'pretrained_init_cfg', 'unexpected_arguments_error', 'check_qk_scale',
+    'UPSTREAM_SWIN_ARGS'
 ]
 
 #: The arguments of the upstream Swin backbones (mmpretrain's, mmseg's and
@@ -199,6 +200,19 @@ def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
     if not -1 <= frozen_stages <= num_stages:
         raise ValueError(f'frozen_stages must be in [-1, {num_stages}], got '
                          f'{frozen_stages}.')
+
+
+def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
+    """``qk_scale`` is None or positive.
+
+    mmpretrain's window attention reads 0 as "the default", a plain
+    ``qk_scale`` as 0 (uniform attention): refuse it rather than let the
+    attentions of one backbone disagree.
+    """
+    if qk_scale is not None and not qk_scale > 0:
+        raise ValueError(
+            f'{name}: qk_scale must be positive or None, got {qk_scale}; '
+            f'use qk_scale=None for the default head_dim ** -0.5.')
 
 
 def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:

@@ -266,3 +266,19 @@ def test_unknown_arguments_name_the_class_and_the_fix(family):
     msg = str(err.value)
     assert "['drop_pth_rate']" in msg and 'upstream' not in msg
     assert "'drop_path_rate'" in msg.split(f'{name} takes')[1]
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_qk_scale_zero_or_negative_refused(family):
+    # The window attention would read 0 as the default, FSLA and the
+    # stripe attention as 0 (uniform attention): one meaning, refused.
+    for scale in (0., -0.5):
+        with pytest.raises(ValueError) as err:
+            family(arch=ARCHS[family], qk_scale=scale)
+        assert family.__name__ in str(err.value)
+        assert 'qk_scale=None for the default' in str(err.value)
+    with pytest.raises(ValueError, match='qk_scale=None for the default'):
+        family(arch=ARCHS[family], fsla_cfg=dict(qk_scale=0))
+    model = family(
+        arch=ARCHS[family], qk_scale=0.5, fsla_cfg=dict(qk_scale=0.25))
+    assert {m.scale for m in model.fsla_modules().values()} == {0.25}
