@@ -212,6 +212,7 @@ class BOATSwin(BaseBOATBackbone):
     # Buffers that older or foreign checkpoints may carry; boat-mm derives
     # them.
     derived_buffers = ('relative_position_index', 'attn_mask')
+    stem_modules = ('patch_embed', 'drop_after_pos')
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',

@@ -238,14 +238,19 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:
 class FrozenStagesMixin:
     """``frozen_stages`` for backbones with ``patch_embed``, ``stages`` and
     an output norm ``norm{i}`` per index of ``out_indices``, as upstream:
-    the patch embedding (``frozen_stages >= 0``) and the first
+    the stem (``stem_modules``, when ``frozen_stages >= 0``) and the first
     ``frozen_stages`` stages stay in eval mode without gradients."""
+    #: The stem's modules, frozen with ``frozen_stages >= 0``; a dropout
+    #: after the stem belongs here (as in mmseg's Swin).
+    stem_modules: Tuple[str, ...] = ('patch_embed', )
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages >= 0:
-            self.patch_embed.eval()
-            for param in self.patch_embed.parameters():
-                param.requires_grad = False
+            for name in self.stem_modules:
+                stem = getattr(self, name)
+                stem.eval()
+                for param in stem.parameters():
+                    param.requires_grad = False
         for i in range(self.frozen_stages):
             modules = [self.stages[i]]
             if i in self.out_indices:

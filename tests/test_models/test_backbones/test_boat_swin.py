@@ -243,11 +243,19 @@ def test_frozen_stages():
     sum(o.sum() for o in model(torch.randn(1, 3, 32, 32))).backward()
     assert model.stages[0].blocks[1].fsla.qkv.weight.grad is None
     assert model.stages[2].blocks[1].fsla.qkv.weight.grad is not None
-    # -1 freezes nothing; 0 only the patch embedding.
-    model = build(NANO, frozen_stages=0)
-    model.train()
-    assert not model.patch_embed.projection.weight.requires_grad
-    assert model.stages[0].blocks[0].norm1.weight.requires_grad
+    # -1 freezes nothing; 0 only the stem: the patch embedding and the
+    # dropout after it (eval, as in mmseg's Swin).
+    x = torch.randn(1, 3, 32, 32)
+    for frozen in (-1, 0):
+        model = build(NANO, frozen_stages=frozen, drop_rate=0.5)
+        model.train()
+        assert model.patch_embed.projection.weight.requires_grad == (
+            frozen < 0)
+        assert model.drop_after_pos.training == (frozen < 0)
+        assert torch.equal(model._embed(x)[0],
+                           model._embed(x)[0]) == (
+                               frozen >= 0)
+        assert model.stages[0].blocks[0].norm1.weight.requires_grad
 
 
 def test_with_cp_same_result_and_used(monkeypatch):
