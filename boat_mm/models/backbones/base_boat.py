@@ -56,15 +56,35 @@ def _published_family(
     return None
 
 
+def _in_boat_mm_layout(state_dict: Mapping) -> bool:
+    """Whether the keys are those of a boat-mm backbone (mmcv's
+    ``patch_embed.projection`` and ``stages``), maybe under ``backbone.``."""
+    keys = {
+        k[len('backbone.'):] if k.startswith('backbone.') else k
+        for k in map(str, state_dict)
+    }
+    return 'patch_embed.projection.weight' in keys and any(
+        k.startswith('stages.') for k in keys)
+
+
 def detect_boat_family(
         state_dict: Mapping[str, Tensor]) -> Type['BaseBOATBackbone']:
     """The family whose published layout ``state_dict`` has.
 
     Raises:
         KeyError: No family recognises the keys (the message lists what
-            each family looks for).
+            each family looks for, or says that the weights are boat-mm's
+            already).
     """
     cls = _published_family(state_dict)
+    if cls is None and _in_boat_mm_layout(state_dict):
+        raise KeyError(
+            f'The weights are already in boat-mm\'s layout (first keys: '
+            f'{list(state_dict)[:3]}), as boat2mm.py writes and '
+            f'tools/train.py saves: no conversion needed. Load the file '
+            f'directly: load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
+            f'checkpoint=FILE, prefix=\'backbone.\') or '
+            f'mmpretrain.get_model(NAME, pretrained=FILE).')
     if cls is None:
         looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
                            for c in boat_families() if c.published is not None)
