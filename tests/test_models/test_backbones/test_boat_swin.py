@@ -345,6 +345,37 @@ def test_init_cfg_missing_file():
         model.init_weights()
 
 
+def test_loads_mmcls_era_final_norm(tmp_path):
+    """Old (mmcls) Swin files, without state-dict versions, store the final
+    norm as ``norm.*``; mmpretrain's Swin loads it as ``norm3``."""
+    from collections import OrderedDict
+    src = build(NANO, seed=1, out_indices=(3, ))
+    old = OrderedDict(
+        (k.replace('norm3.', 'norm.'), v) for k, v in src.state_dict().items())
+    assert 'norm.weight' in old and 'norm3.weight' not in old
+    model = BOATSwin(arch=NANO, out_indices=(3, ))
+    model.load_state_dict(old, strict=True)
+    torch.testing.assert_close(model.norm3.weight, src.norm3.weight)
+    # Under a classifier's prefix, through MMEngine's Pretrained init.
+    path = str(tmp_path / 'old.pth')
+    torch.save({'state_dict': {
+        'backbone.' + k: v
+        for k, v in old.items()
+    }}, path)
+    model = BOATSwin(
+        arch=NANO,
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    torch.testing.assert_close(model.norm3.bias, src.norm3.bias)
+    # A versioned (mmpretrain >= 2) file keeps its names.
+    old._metadata = OrderedDict({'': dict(version=2)})
+    missing, unexpected = BOATSwin(
+        arch=NANO, out_indices=(3, )).load_state_dict(
+            old, strict=False)
+    assert missing == ['norm3.weight', 'norm3.bias']
+    assert unexpected == ['norm.weight', 'norm.bias']
+
+
 def test_loads_checkpoints_with_derived_buffers(tiny_model):
     state = tiny_model.state_dict()
     state['stages.0.blocks.0.attn.w_msa.relative_position_index'] = \
