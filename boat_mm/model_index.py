@@ -8,8 +8,11 @@ names (those of their configs, as mmpretrain names its own models) and
 one. The published weights' URLs stay metadata
 (``ModelHub.get(name).data['Converted From']['Weights']``): they are not
 mmpretrain checkpoints (convert them with
-``tools/model_converters/boat2mm.py``), so ``pretrained=True`` says that
-the model has no weights of its own.
+``tools/model_converters/boat2mm.py``), so ``pretrained=True`` raises,
+saying that the model has no weights of its own and how to convert them:
+each registered model's weights are ``boat-mm-unconverted://NAME``, a
+scheme of MMEngine's ``CheckpointLoader`` whose loader raises that error
+(``get_model`` otherwise warns and returns a randomly initialised model).
 
 Registration uses mmpretrain's documented
 ``ModelHub.register_model_index(model_index_path, config_prefix)`` and
@@ -28,7 +31,7 @@ an install without them registers nothing.
 import os
 import os.path as osp
 import tempfile
-from typing import List
+from typing import Dict, List
 
 __all__ = ['register_model_index', 'classifier_models', 'METAFILES']
 
@@ -38,7 +41,32 @@ METAFILES = ('configs/boat_swin/metafile.yml',
 # mmpretrain's naming: a classifier's name ends with its dataset.
 _CLASSIFIER_SUFFIX = '_in1k'
 
+#: The hub's weights of a model without weights of its own: a scheme whose
+#: MMEngine loader raises, naming the converter.
+UNCONVERTED_SCHEME = 'boat-mm-unconverted://'
+CONVERTER = 'python tools/model_converters/boat2mm.py SRC_OR_URL DST'
+
 _registered: List[str] = []
+# Registered name -> its published weights' URL.
+_published_weights: Dict[str, str] = {}
+
+
+def load_from_boat_mm_unconverted(filename: str, map_location=None):
+    """MMEngine's loader of ``boat-mm-unconverted://NAME``: raise, saying
+    that the model has no weights of its own and how to convert them.
+
+    Raises:
+        FileNotFoundError: Always.
+    """
+    name = filename[len(UNCONVERTED_SCHEME):]
+    url = _published_weights.get(name)
+    published = f' ({url})' if url else ''
+    raise FileNotFoundError(
+        f'{name} has no weights of its own in mmpretrain\'s model hub: the '
+        f'published BOAT weights{published} are not an mmpretrain '
+        f'checkpoint. Convert them with `{CONVERTER}`, then call '
+        f'get_model({name!r}, pretrained=DST); pretrained=False builds it '
+        f'randomly initialised.')
 
 
 def classifier_models() -> dict:
@@ -76,6 +104,7 @@ def register_model_index() -> List[str]:
         list[str]: The registered names.
     """
     import yaml
+    from mmengine.runner import CheckpointLoader
     from mmpretrain.apis.model import ModelHub
     if _registered:
         return list(_registered)
@@ -84,6 +113,13 @@ def register_model_index() -> List[str]:
     # Another registration (or a name clash) would make ModelHub raise.
     if any(ModelHub.has(n.lower()) for n in names):
         return []
+    for model in index['Models']:
+        # pretrained=True loads the hub's Weights: ours raise, with the fix.
+        url = (model.get('Converted From') or {}).get('Weights')
+        _published_weights[model['Name'].lower()] = url
+        model['Weights'] = UNCONVERTED_SCHEME + model['Name'].lower()
+    CheckpointLoader.register_scheme(
+        UNCONVERTED_SCHEME, load_from_boat_mm_unconverted, force=True)
     fd, path = tempfile.mkstemp(prefix='boat-mm-model-index-', suffix='.yml')
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:

@@ -6,6 +6,7 @@ import importlib.util
 import os.path as osp
 import sys
 
+import pytest
 import torch
 from published_files import NUM_CLASSES, classifier, write_published_cswin
 
@@ -30,8 +31,30 @@ def test_list_models_by_metafile_names():
     info = ModelHub.get('boat-cswin-tiny_8xb256_in1k')
     assert info.data['Converted From']['Weights'] == (
         'https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar?dl=0')
-    assert info.weights is None  # the published file is not ours to load
+    # The published file is not ours to load: the hub's weights raise.
+    assert info.weights == 'boat-mm-unconverted://boat-cswin-tiny_8xb256_in1k'
     assert info.config.model.backbone.type == 'BOATCSWin'
+
+
+def test_get_model_pretrained_true_names_the_converter():
+    from mmpretrain import get_model
+    name = 'boat-swin-tiny_16xb64_in1k'
+    # Not mmpretrain's generic warning and a randomly initialised model.
+    with pytest.raises(FileNotFoundError) as err:
+        get_model(  # a tiny arch: the model is built before loading
+            name,
+            pretrained=True,
+            backbone=dict(
+                arch=dict(
+                    _delete_=True,
+                    embed_dims=8,
+                    depths=[1] * 4,
+                    num_heads=[1] * 4)))
+    msg = str(err.value)
+    assert f'{name} has no weights of its own' in msg
+    assert 'tools/model_converters/boat2mm.py SRC_OR_URL DST' in msg
+    assert 'pretrained=DST' in msg
+    assert 'https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth' in msg
 
 
 def test_get_model_by_name_loads_a_converted_file(tmp_path):

@@ -603,6 +603,10 @@ def test_errors():
         FeatureSpaceLocalAttention(8, 2, group_size=16, overlap=16)
     with pytest.raises(ValueError, match='overlap'):
         FeatureSpaceLocalAttention(8, 2, group_size=16, overlap=20)
+    # 0 is no "default" here (mmpretrain's window attention reads it so).
+    for scale in (0., -1.):
+        with pytest.raises(ValueError, match='qk_scale=None for the default'):
+            FeatureSpaceLocalAttention(8, 2, qk_scale=scale)
     m = FeatureSpaceLocalAttention(8, 2)
     with pytest.raises(ValueError, match=r'\(B, N, C\)'):
         m(torch.randn(2, 8, 7, 7), (7, 7))

@@ -11,6 +11,7 @@ import torch
 from mmengine.registry import DefaultScope
 
 import boat_mm  # noqa: F401
+from boat_mm.models.backbones import BOATSwin
 
 EMBED, DEPTHS, HEADS, CLASSES = 24, (2, 2, 2, 2), (1, 2, 2, 4), 10
 ARCH = dict(embed_dims=EMBED, depths=list(DEPTHS), num_heads=list(HEADS))
@@ -176,9 +177,12 @@ def test_loads_into_upernet_by_prefix(converted):
     assert logits.shape == (1, 5, 10, 13)
 
 
-@pytest.mark.parametrize('case', ['unknown', 'missing', 'ema', 'no_file'])
+@pytest.mark.parametrize(
+    'case',
+    ['unknown', 'missing', 'ema', 'no_file', 'truncated', 'converted', 'same'])
 def test_cli_errors(tool, tmp_path, capsys, case):
     state = original_swin_state()
+    dst = str(tmp_path / 'dst.pth')
     if case == 'unknown':
         state['layers.2.blocks.1.attnC.scale'] = torch.ones(1)
         message = 'layers.2.blocks.1.attnC.scale'
@@ -187,16 +191,36 @@ def test_cli_errors(tool, tmp_path, capsys, case):
         message = 'layers.0.downsample.reduction.weight'
     elif case == 'ema':
         message = 'state_dict_ema'
+    elif case == 'truncated':
+        message = 'src.pth is not a readable checkpoint'
+    elif case == 'converted':
+        # What boat2mm writes: the classifier's weights, boat-mm's names.
+        model = BOATSwin(arch=ARCH, out_indices=(3, ))
+        state = {'backbone.' + k: v for k, v in model.state_dict().items()}
+        message = "already in boat-mm's layout"
+    elif case == 'same':
+        dst = str(tmp_path / '.' / 'src.pth')
+        message = 'SRC and DST are the same file'
     else:
         message = 'not found'
     src = str(tmp_path / 'src.pth')
     if case != 'no_file':
-        torch.save({'model': state}, src)
-    args = [src, str(tmp_path / 'dst.pth')
-            ] + (['--ema'] if case == 'ema' else [])
+        torch.save({'state_dict' if case == 'converted' else 'model': state},
+                   src)
+    if case == 'truncated':
+        with open(src, 'rb') as f:
+            data = f.read()
+        with open(src, 'wb') as f:
+            f.write(data[:len(data) // 2])
+    before = open(src, 'rb').read() if osp.exists(src) else None
+    args = [src, dst] + (['--ema'] if case == 'ema' else [])
     with pytest.raises(SystemExit) as exc:
         tool.main(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err
-    assert not osp.exists(tmp_path / 'dst.pth')
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    if case == 'same':  # the source is left as it was
+        assert open(src, 'rb').read() == before
+    else:
+        assert not osp.exists(dst)

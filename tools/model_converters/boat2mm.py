@@ -31,8 +31,11 @@ Example::
 import argparse
 import os
 import os.path as osp
+import pickle
+import struct
 import sys
 import time
+import zipfile
 from collections import OrderedDict
 from typing import Dict, Type
 
@@ -62,7 +65,16 @@ def load_original_checkpoint(path: str) -> Dict:
         path, 'published checkpoint',
         'pass a file (or URL) of the published BOAT weights, as '
         'listed in configs/*/metafile.yml')
-    ckpt, foreign = load_published_checkpoint(path)
+    try:
+        ckpt, foreign = load_published_checkpoint(path)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, KeyError,
+            ValueError, struct.error, zipfile.BadZipFile) as err:
+        # What torch.load raises on truncated, corrupt or foreign files.
+        raise UsageError(
+            f'{path} is not a readable checkpoint ({type(err).__name__}: '
+            f'{err}); it is truncated, corrupt or not a torch.save file: '
+            f'download it again (for a URL, delete this cached copy '
+            f'first).') from err
     if foreign:
         print('  metadata objects not loaded (kept as inert stand-ins): '
               f'{foreign}')
@@ -168,11 +180,24 @@ def download(url: str) -> str:
     return path
 
 
+def check_distinct(src: str, dst: str) -> None:
+    """Refuse a ``dst`` that is the source file: writing it would replace
+    the published checkpoint."""
+    same = osp.realpath(src) == osp.realpath(dst) or (
+        osp.exists(src) and osp.exists(dst) and osp.samefile(src, dst))
+    if same:
+        raise UsageError(
+            f'SRC and DST are the same file ({dst}): converting would '
+            f'overwrite the published checkpoint; pass another DST, e.g. '
+            f'checkpoints/boat-swin-tiny_in1k.pth.')
+
+
 def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     """Convert ``src`` (a file or a URL) to ``dst``; returns the written
     ``meta``."""
     start = time.time()
     path = download(src) if is_url(src) else src
+    check_distinct(path, dst)
     print(f'[1/4] loading {path}')
     ckpt = load_original_checkpoint(path)
     if not isinstance(ckpt, dict):
@@ -244,6 +269,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         convert(args.src, args.dst, args.ema)
+    except UsageError:
+        raise  # names the file already
     except (KeyError, ValueError, TypeError) as e:
         # The file is not a published checkpoint boat2mm can convert.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -11,6 +11,7 @@ registers it: :func:`boat_families` lists the families for the tools
 (converter, verifier, visualiser, benchmarks) and the shared tests, which
 hold no per-family tables.
 """
+import inspect
 from collections import OrderedDict
 from copy import deepcopy
 from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
@@ -26,8 +27,9 @@ from torch import Tensor
 
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
-                          check_pretrained_file, fsla_settings, parse_arch,
-                          parse_out_indices, stage_widths)
+                          check_pretrained_file, check_qk_scale, fsla_settings,
+                          parse_arch, parse_out_indices, pretrained_init_cfg,
+                          stage_widths, unexpected_arguments_error)
 from ..utils.ckpt_convert import (PublishedLayout, key_listing,
                                   pick_boat_weights)
 
@@ -54,15 +56,35 @@ def _published_family(
     return None
 
 
+def _in_boat_mm_layout(state_dict: Mapping) -> bool:
+    """Whether the keys are those of a boat-mm backbone (mmcv's
+    ``patch_embed.projection`` and ``stages``), maybe under ``backbone.``."""
+    keys = {
+        k[len('backbone.'):] if k.startswith('backbone.') else k
+        for k in map(str, state_dict)
+    }
+    return 'patch_embed.projection.weight' in keys and any(
+        k.startswith('stages.') for k in keys)
+
+
 def detect_boat_family(
         state_dict: Mapping[str, Tensor]) -> Type['BaseBOATBackbone']:
     """The family whose published layout ``state_dict`` has.
 
     Raises:
         KeyError: No family recognises the keys (the message lists what
-            each family looks for).
+            each family looks for, or says that the weights are boat-mm's
+            already).
     """
     cls = _published_family(state_dict)
+    if cls is None and _in_boat_mm_layout(state_dict):
+        raise KeyError(
+            f'The weights are already in boat-mm\'s layout (first keys: '
+            f'{list(state_dict)[:3]}), as boat2mm.py writes and '
+            f'tools/train.py saves: no conversion needed. Load the file '
+            f'directly: load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
+            f'checkpoint=FILE, prefix=\'backbone.\') or '
+            f'mmpretrain.get_model(NAME, pretrained=FILE).')
     if cls is None:
         looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
                            for c in boat_families() if c.published is not None)
@@ -244,7 +266,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         qkv_bias (bool): Bias of the qkv projections. Defaults to True.
         qk_scale (float, optional): Scale of the image-space attention
             logits (and of FSLA's, unless the family's ``fsla_qk_scale`` or
-            ``fsla_cfg`` sets it); None for ``head_dim ** -0.5``.
+            ``fsla_cfg`` sets it), positive; None for ``head_dim ** -0.5``.
             Defaults to None.
         drop_rate (float): Dropout after projections and in the FFN.
             Defaults to 0.
@@ -270,6 +292,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             the default one, e.g. ``dict(type='Pretrained', checkpoint=PATH,
             prefix='backbone.')`` to load the backbone of a converted
             classifier checkpoint. Defaults to None.
+        pretrained (str, optional): Deprecated, as in mmseg's Swin (whose
+            segmentors set it from the model-level ``pretrained``): the same
+            as ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``;
+            not together with ``init_cfg``. Defaults to None.
+        **kwargs: Nothing else: other arguments (e.g. upstream Swin ones
+            left by a ``_base_`` config) raise a TypeError naming them.
     """
     # --- Facts each family states (see BOATSwin, BOATCSWin). ---
     #: Short name used by the tools (``--family``) and checkpoint meta.
@@ -323,7 +351,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  norm_cfg: dict = dict(type='LN'),
                  frozen_stages: int = -1,
                  with_cp: bool = False,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 pretrained: Optional[str] = None,
+                 **kwargs) -> None:
+        name = type(self).__name__
+        if kwargs:
+            raise unexpected_arguments_error(name, kwargs,
+                                             self._accepted_arguments())
+        init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._parse_arch(arch)
         self.depths = list(self.arch_settings['depths'])
@@ -334,6 +369,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.embed_dims = self.num_features[0]
         self.out_indices = parse_out_indices(out_indices, self.num_stages)
         check_frozen_stages(frozen_stages, self.num_stages)
+        check_qk_scale(qk_scale, name)
         self.frozen_stages = frozen_stages
         self.in_channels = in_channels
         self.norm_cfg = norm_cfg
@@ -361,6 +397,23 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         for depth in self.depths:
             self.drop_path_rates.append(dpr[:depth])
             dpr = dpr[depth:]
+
+    @classmethod
+    def _accepted_arguments(cls) -> List[str]:
+        """The keyword arguments of the class and the bases it passes
+        ``**kwargs`` to."""
+        names = []
+        for klass in cls.__mro__:
+            if not issubclass(klass, BaseBOATBackbone):
+                break
+            if '__init__' not in klass.__dict__:
+                continue
+            params = inspect.signature(klass.__init__).parameters.values()
+            names += [
+                p.name for p in params if p.name != 'self'
+                and p.kind is not inspect.Parameter.VAR_KEYWORD
+            ]
+        return names
 
     # --- Architecture. ---
 

@@ -212,6 +212,7 @@ class BOATSwin(BaseBOATBackbone):
     # Buffers that older or foreign checkpoints may carry; boat-mm derives
     # them.
     derived_buffers = ('relative_position_index', 'attn_mask')
+    stem_modules = ('patch_embed', 'drop_after_pos')
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -259,6 +260,20 @@ class BOATSwin(BaseBOATBackbone):
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x, hw_shape = self.patch_embed(x)
         return self.drop_after_pos(x), hw_shape
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args,
+                              **kwargs):
+        # mmcls-era Swin checkpoints (state-dict version None or 1, before
+        # mmpretrain's version 2) store the final norm as ``norm.*``: it is
+        # the last stage's output norm, as mmpretrain's Swin renames it.
+        version = local_metadata.get('version')
+        if version is None or version < 2:
+            old = prefix + 'norm.'
+            new = f'{prefix}norm{self.num_stages - 1}.'
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[new + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      *args, **kwargs)
 
 
 class BOATSwinPublished(PublishedLayout):

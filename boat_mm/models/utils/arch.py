@@ -1,14 +1,29 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Argument helpers and stage freezing shared by the BOAT backbones."""
 import os.path as osp
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
 
 __all__ = [
     'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
-    'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin'
+    'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin',
+    'pretrained_init_cfg', 'unexpected_arguments_error', 'check_qk_scale',
+    'UPSTREAM_SWIN_ARGS'
 ]
+
+#: The arguments of the upstream Swin backbones (mmpretrain's, mmseg's and
+#: mmdet's ``SwinTransformer``), to tell them apart from plain typos.
+UPSTREAM_SWIN_ARGS = frozenset({
+    'arch', 'img_size', 'pretrain_img_size', 'in_channels', 'embed_dims',
+    'patch_size', 'window_size', 'mlp_ratio', 'depths', 'num_heads', 'strides',
+    'out_indices', 'out_after_downsample', 'qkv_bias', 'qk_scale',
+    'patch_norm', 'drop_rate', 'attn_drop_rate', 'drop_path_rate',
+    'use_abs_pos_embed', 'interpolate_mode', 'act_cfg', 'norm_cfg', 'with_cp',
+    'pretrained', 'convert_weights', 'frozen_stages', 'norm_eval',
+    'pad_small_map', 'stage_cfgs', 'patch_cfg', 'init_cfg'
+})
 
 
 def parse_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict],
@@ -76,7 +91,8 @@ def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:
         if not isinstance(cfg, dict) or cfg.get('type') != 'Pretrained':
             continue
         ckpt = str(cfg.get('checkpoint', ''))
-        if '://' in ckpt or osp.isfile(ckpt):
+        # MMEngine's local loader expands '~' too.
+        if '://' in ckpt or osp.isfile(osp.expanduser(ckpt)):
             continue
         raise FileNotFoundError(
             f'{name}: pretrained checkpoint {ckpt!r} not found. Convert the '
@@ -84,6 +100,73 @@ def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:
             f'tools/model_converters/boat2mm.py SRC {ckpt}`, point '
             f'init_cfg.checkpoint to an existing file, or set '
             f'`model.backbone.init_cfg=None` to train from scratch.')
+
+
+def pretrained_init_cfg(pretrained: Optional[str],
+                        init_cfg: Optional[Union[dict, List[dict]]],
+                        name: str) -> Optional[Union[dict, List[dict]]]:
+    """The ``init_cfg`` of a backbone given the deprecated ``pretrained``.
+
+    mmseg's segmentors set ``backbone.pretrained`` from the model-level
+    ``pretrained``; as mmseg's Swin, a path becomes a ``Pretrained``
+    ``init_cfg`` (with a deprecation warning) and both at once is refused.
+
+    Args:
+        pretrained (str, optional): A checkpoint path or URL.
+        init_cfg (dict | list[dict], optional): The backbone's ``init_cfg``.
+        name (str): Backbone name, for messages.
+
+    Returns:
+        dict | list[dict] | None: The ``init_cfg`` to use.
+    """
+    if pretrained is None:
+        return init_cfg
+    if not isinstance(pretrained, str):
+        raise TypeError(f'{name}: pretrained must be a str (a checkpoint '
+                        f'path) or None, got {type(pretrained).__name__}.')
+    if init_cfg:
+        raise ValueError(
+            f'{name}: pretrained={pretrained!r} and init_cfg={init_cfg!r} '
+            f'cannot both be set. Drop pretrained (mmseg sets it on the '
+            f'backbone from the model-level `pretrained`) or set '
+            f'`init_cfg=None` on the backbone.')
+    warnings.warn(
+        f'DeprecationWarning: {name}: pretrained is deprecated, please use '
+        f'"init_cfg" instead: init_cfg=dict(type=\'Pretrained\', '
+        f'checkpoint={pretrained!r}), with prefix=\'backbone.\' for a '
+        f'classifier checkpoint (what boat2mm.py writes).')
+    return dict(type='Pretrained', checkpoint=pretrained)
+
+
+def unexpected_arguments_error(name: str, unknown: Iterable[str],
+                               accepted: Iterable[str]) -> TypeError:
+    """The error for keyword arguments a backbone does not take.
+
+    Args:
+        name (str): The class built.
+        unknown (Iterable[str]): The arguments it does not take.
+        accepted (Iterable[str]): The arguments it takes.
+
+    Returns:
+        TypeError: Naming the unknown arguments, which of them upstream
+        Swin backbones take, and how to drop inherited ones.
+    """
+    unknown = sorted(unknown)
+    upstream = [k for k in unknown if k in UPSTREAM_SWIN_ARGS]
+    msg = f'{name} got unexpected keyword arguments {unknown}.'
+    if upstream:
+        msg += (f' Arguments of the upstream (mmpretrain, mmseg, mmdet) '
+                f'SwinTransformer that {name} does not support: {upstream}.')
+        arch_keys = [
+            k for k in upstream if k in ('embed_dims', 'depths', 'num_heads')
+        ]
+        if arch_keys:
+            msg += (f' Give {arch_keys} inside '
+                    f'arch=dict(embed_dims=..., depths=..., num_heads=...).')
+        msg += (' If an inherited (_base_) config left them in the backbone '
+                'dict, add `_delete_=True` to your backbone dict to drop '
+                'the inherited keys.')
+    return TypeError(msg + f' {name} takes {sorted(set(accepted))}.')
 
 
 def parse_out_indices(out_indices: Union[int, Sequence[int]],
@@ -119,6 +202,19 @@ def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
                          f'{frozen_stages}.')
 
 
+def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
+    """``qk_scale`` is None or positive.
+
+    mmpretrain's window attention reads 0 as "the default", a plain
+    ``qk_scale`` as 0 (uniform attention): refuse it rather than let the
+    attentions of one backbone disagree.
+    """
+    if qk_scale is not None and not qk_scale > 0:
+        raise ValueError(
+            f'{name}: qk_scale must be positive or None, got {qk_scale}; '
+            f'use qk_scale=None for the default head_dim ** -0.5.')
+
+
 def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:
     """Keyword arguments of the FSLA modules of a backbone.
 
@@ -142,14 +238,19 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:
 class FrozenStagesMixin:
     """``frozen_stages`` for backbones with ``patch_embed``, ``stages`` and
     an output norm ``norm{i}`` per index of ``out_indices``, as upstream:
-    the patch embedding (``frozen_stages >= 0``) and the first
+    the stem (``stem_modules``, when ``frozen_stages >= 0``) and the first
     ``frozen_stages`` stages stay in eval mode without gradients."""
+    #: The stem's modules, frozen with ``frozen_stages >= 0``; a dropout
+    #: after the stem belongs here (as in mmseg's Swin).
+    stem_modules: Tuple[str, ...] = ('patch_embed', )
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages >= 0:
-            self.patch_embed.eval()
-            for param in self.patch_embed.parameters():
-                param.requires_grad = False
+            for name in self.stem_modules:
+                stem = getattr(self, name)
+                stem.eval()
+                for param in stem.parameters():
+                    param.requires_grad = False
         for i in range(self.frozen_stages):
             modules = [self.stages[i]]
             if i in self.out_indices:

@@ -13,6 +13,7 @@ from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl, cluster_ids_from_perm,
                          clustered_attention)
 from boat_mm.registry import MODELS
+from .arch import check_qk_scale
 
 __all__ = ['FeatureSpaceLocalAttention']
 
@@ -54,7 +55,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         kmeans_iters (int): Soft k-means iterations per split. Defaults to 2.
         kmeans_temperature (float): Softmax temperature of the soft
             assignment. Defaults to 100.
-        qk_scale (float, optional): Logit scale; None for
+        qk_scale (float, optional): Logit scale, positive; None for
             ``head_dim ** -0.5``. The published BOAT-CSWin weights need 1.0.
         qkv_bias (bool): Bias of the qkv projection. Defaults to True.
         attn_drop (float): Dropout on attention weights. Defaults to 0.
@@ -101,6 +102,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                 f'group_size ({group_size}); lower overlap.')
         if kmeans_iters < 0:
             raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
+        check_qk_scale(qk_scale, type(self).__name__)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
         self.clustering_impl = clustering_impl

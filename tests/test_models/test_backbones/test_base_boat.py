@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from mmengine.config import ConfigDict
 from mmengine.model import ExponentialMovingAverage
 from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
@@ -189,3 +190,95 @@ def test_detect_boat_family_lists_what_it_looks_for():
         layout = family.published
         assert f'{layout.name} ({layout.marker}*)' in str(err.value)
         assert detect_boat_family({layout.marker + 'x.weight': 0}) is family
+
+
+def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
+    # MMEngine's local loader expands '~'; the early file check must too.
+    monkeypatch.setenv('HOME', str(tmp_path))
+    src = BOATSwin(arch=SWIN)
+    torch.save({'state_dict': src.state_dict()}, str(tmp_path / 'x.pth'))
+    model = BOATSwin(
+        arch=SWIN, init_cfg=dict(type='Pretrained', checkpoint='~/x.pth'))
+    model.init_weights()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    with pytest.raises(FileNotFoundError, match="'~/y.pth' not found"):
+        BOATSwin(
+            arch=SWIN, init_cfg=dict(type='Pretrained',
+                                     checkpoint='~/y.pth')).init_weights()
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_mmseg_model_level_pretrained(tmp_path, family):
+    """mmseg's EncoderDecoder sets ``backbone.pretrained``: as mmseg's
+    Swin, it becomes a Pretrained init_cfg (with a warning) that loads."""
+    from mmseg.registry import MODELS
+    src = family(arch=ARCHS[family])
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({'state_dict': src.state_dict()}, path)
+    cfg = ConfigDict(
+        type='EncoderDecoder',
+        pretrained=path,
+        backbone=dict(type=family.__name__, arch=ARCHS[family]),
+        decode_head=dict(
+            type='FCNHead',
+            in_channels=ARCHS[family]['embed_dims'] * 8,
+            in_index=3,
+            channels=4,
+            num_convs=1,
+            num_classes=2))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        with pytest.warns(UserWarning, match='pretrained is deprecated'):
+            model = MODELS.build(cfg)
+    assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint=path)
+    model.backbone.init_weights()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    with pytest.raises(ValueError, match='cannot both be set'):
+        family(
+            arch=ARCHS[family],
+            pretrained=path,
+            init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(TypeError, match='pretrained must be a str'):
+        family(arch=ARCHS[family], pretrained=True)
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_unknown_arguments_name_the_class_and_the_fix(family):
+    name = family.__name__
+    with pytest.raises(TypeError) as err:
+        family(
+            arch=ARCHS[family],
+            norm_eval=True,
+            strides=(4, 2, 2, 2),
+            depths=(2, 2),
+            foo=1)
+    msg = str(err.value)
+    assert 'BaseBOATBackbone' not in msg
+    assert f"{name} got unexpected keyword arguments ['depths', " \
+        "'foo', 'norm_eval', 'strides']" in msg
+    assert f"SwinTransformer that {name} does not support: ['depths', " \
+        "'norm_eval', 'strides']" in msg
+    assert 'inside arch=dict(' in msg and '_delete_=True' in msg
+    # Typos alone: no upstream hint, the accepted arguments listed.
+    with pytest.raises(TypeError) as err:
+        family(arch=ARCHS[family], drop_pth_rate=0.1)
+    msg = str(err.value)
+    assert "['drop_pth_rate']" in msg and 'upstream' not in msg
+    assert "'drop_path_rate'" in msg.split(f'{name} takes')[1]
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_qk_scale_zero_or_negative_refused(family):
+    # The window attention would read 0 as the default, FSLA and the
+    # stripe attention as 0 (uniform attention): one meaning, refused.
+    for scale in (0., -0.5):
+        with pytest.raises(ValueError) as err:
+            family(arch=ARCHS[family], qk_scale=scale)
+        assert family.__name__ in str(err.value)
+        assert 'qk_scale=None for the default' in str(err.value)
+    with pytest.raises(ValueError, match='qk_scale=None for the default'):
+        family(arch=ARCHS[family], fsla_cfg=dict(qk_scale=0))
+    model = family(
+        arch=ARCHS[family], qk_scale=0.5, fsla_cfg=dict(qk_scale=0.25))
+    assert {m.scale for m in model.fsla_modules().values()} == {0.25}

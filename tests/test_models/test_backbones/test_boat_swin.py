@@ -277,11 +277,19 @@ def test_frozen_stages():
     sum(o.sum() for o in model(torch.randn(1, 3, 32, 32))).backward()
     assert model.stages[0].blocks[1].fsla.qkv.weight.grad is None
     assert model.stages[2].blocks[1].fsla.qkv.weight.grad is not None
-    # -1 freezes nothing; 0 only the patch embedding.
-    model = build(NANO, frozen_stages=0)
-    model.train()
-    assert not model.patch_embed.projection.weight.requires_grad
-    assert model.stages[0].blocks[0].norm1.weight.requires_grad
+    # -1 freezes nothing; 0 only the stem: the patch embedding and the
+    # dropout after it (eval, as in mmseg's Swin).
+    x = torch.randn(1, 3, 32, 32)
+    for frozen in (-1, 0):
+        model = build(NANO, frozen_stages=frozen, drop_rate=0.5)
+        model.train()
+        assert model.patch_embed.projection.weight.requires_grad == (
+            frozen < 0)
+        assert model.drop_after_pos.training == (frozen < 0)
+        assert torch.equal(model._embed(x)[0],
+                           model._embed(x)[0]) == (
+                               frozen >= 0)
+        assert model.stages[0].blocks[0].norm1.weight.requires_grad
 
 
 def test_with_cp_same_result_and_used(monkeypatch):
@@ -369,6 +377,37 @@ def test_init_cfg_missing_file():
             prefix='backbone.'))
     with pytest.raises(FileNotFoundError, match='boat2mm.py'):
         model.init_weights()
+
+
+def test_loads_mmcls_era_final_norm(tmp_path):
+    """Old (mmcls) Swin files, without state-dict versions, store the final
+    norm as ``norm.*``; mmpretrain's Swin loads it as ``norm3``."""
+    from collections import OrderedDict
+    src = build(NANO, seed=1, out_indices=(3, ))
+    old = OrderedDict(
+        (k.replace('norm3.', 'norm.'), v) for k, v in src.state_dict().items())
+    assert 'norm.weight' in old and 'norm3.weight' not in old
+    model = BOATSwin(arch=NANO, out_indices=(3, ))
+    model.load_state_dict(old, strict=True)
+    torch.testing.assert_close(model.norm3.weight, src.norm3.weight)
+    # Under a classifier's prefix, through MMEngine's Pretrained init.
+    path = str(tmp_path / 'old.pth')
+    torch.save({'state_dict': {
+        'backbone.' + k: v
+        for k, v in old.items()
+    }}, path)
+    model = BOATSwin(
+        arch=NANO,
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    torch.testing.assert_close(model.norm3.bias, src.norm3.bias)
+    # A versioned (mmpretrain >= 2) file keeps its names.
+    old._metadata = OrderedDict({'': dict(version=2)})
+    missing, unexpected = BOATSwin(
+        arch=NANO, out_indices=(3, )).load_state_dict(
+            old, strict=False)
+    assert missing == ['norm3.weight', 'norm3.bias']
+    assert unexpected == ['norm.weight', 'norm.bias']
 
 
 def test_loads_checkpoints_with_derived_buffers(tiny_model):
