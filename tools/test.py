@@ -175,9 +175,9 @@ def _tta(cfg: Config) -> None:
         cfg.setdefault('tta_model', dict(type='mmpretrain.AverageClsScoreTTA'))
         # mmpretrain's EMAHook would load no averaged weights into a TTA
         # wrapper (boat_tools/ema.py).
+        from boat_tools.ema import is_ema_hook  # registers TTAEMAHook
         for hook in cfg.get('custom_hooks') or []:
-            if hook.get('type') in ('EMAHook', 'mmpretrain.EMAHook'):
-                import boat_tools.ema  # noqa: F401 (registers it)
+            if is_ema_hook(hook.get('type')):
                 hook['type'] = 'TTAEMAHook'
         if 'tta_pipeline' not in cfg:
             pipeline = cfg.test_dataloader.dataset.pipeline

@@ -233,7 +233,11 @@ def select_backend(op: str,
 
 @functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
-    """Warn once per message (per sizes and GPU), not at every step."""
+    """Warn once per message (per sizes and GPU), not at every step.
+
+    Args:
+        message (str): The warning.
+    """
     warnings.warn(message)
 
 
@@ -251,6 +255,12 @@ def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
     if error is not None:
         warn_once(f'{error} Running it on tensor ops.')
     return error is not None
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing (torch >= 2.6 says; before: no)."""
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 @torch.compiler.assume_constant_result
@@ -272,7 +282,9 @@ def fit_to_gpu(backend: Backend, impl: str, qkv: Tensor, num_heads: int,
 
     Decided before the op is called, so that torch.compile decides the
     same: inside a compiled graph the op's inputs do not require grad
-    and an exception the op raises cannot be caught around it.
+    and an exception the op raises cannot be caught around it. The
+    decision is a constant to torch.compile, so the channels of ``qkv``
+    must be static there (they are in the backbones: a Linear's width).
 
     Args:
         backend (Backend): What :func:`select_backend` chose.
@@ -287,7 +299,10 @@ def fit_to_gpu(backend: Backend, impl: str, qkv: Tensor, num_heads: int,
     """
     if impl != 'auto' or backend.name != 'triton':
         return backend
-    if qkv.shape[0] * num_heads > _library.MAX_GRID_ROWS:
+    # (Not when exporting: a guard on the batch would bound a dynamic one;
+    # the op itself refuses too many rows, saying how many fit.)
+    if (not _exporting()
+            and qkv.shape[0] * num_heads > _library.MAX_GRID_ROWS):
         _too_many_rows(num_heads)
         return BACKENDS['tensor']
     backward = torch.is_grad_enabled() and qkv.requires_grad

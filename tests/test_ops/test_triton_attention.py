@@ -479,15 +479,18 @@ with targets.offline_gpu(90, min(need.values()), index):
 print('tf32', need[False], need[True], verdicts[0], verdicts[1])
 # The check before a call (too_large_for_gpu): the forward for inference,
 # the forward and the backward for a training step; float32 at 66 slots
-# on sm_86, GPUs with a byte less or just enough for either kernel.
+# on sm_86, GPUs with a byte less or just enough for either kernel (one
+# device index, so that its kernels compile once; the verdicts and
+# Triton's shared memory per device, both cached, cleared).
+from triton.compiler.compiler import max_shared_mem
 torch.backends.cuda.matmul.allow_tf32 = False
-need = []
-for kernel in ('fwd', 'bwd'):
-    src, options = attention_source(kernel, torch.float32, 32, 66)
-    need.append(triton.compile(src, target=GPUTarget('cuda', 86, 32),
-                               options=options).metadata.shared)
+index += 1
+with targets.offline_gpu(86, 1 << 20, index):
+    need = [k._compiled(kernel, torch.float32, 32, 66, 20, 2).metadata.shared
+            for kernel in ('fwd', 'bwd')]
 for limit in (need[0] - 1, need[0], need[1] - 1, need[1]):
-    index += 1
+    k._fit_check.cache_clear()
+    max_shared_mem.cache_clear()
     with targets.offline_gpu(86, limit, index):
         errors = [k.too_large_for_gpu(torch.float32, 32, 66, 20, 2, index,
                                       backward) for backward in (0, 1)]
@@ -695,9 +698,12 @@ def test_auto_decides_before_the_call_whether_the_kernels_fit(
         grad, = torch.autograd.grad(out[0].sum(), qkv)
         assert grad.abs().sum() > 0
     with torch.no_grad():
-        inferred = attend(qkv.detach())
-    assert launched == [False]  # the kernels, with no backward to follow
-    torch.testing.assert_close(inferred, ref[:2], rtol=0, atol=1e-12)
+        inferred = [attend(qkv.detach()), attend(qkv)]
+    # The kernels, with no backward to follow (grad mode off, or an input
+    # that does not require grad).
+    assert len(launched) == 2
+    for out in inferred:
+        torch.testing.assert_close(out, ref[:2], rtol=0, atol=1e-12)
     d = (torch.float64, 16, plan.slot_size, plan.overlap, 2)
     assert set(asked) == {d + (True, ), d + (False, )}
 
@@ -743,6 +749,38 @@ def test_batch_beyond_the_grid_rows(monkeypatch, compiled):
     out = attend(qkv)
     assert launched == [1]
     torch.testing.assert_close(out, ref[:2], rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(
+    CUDA, reason='stands in for a GPU; the cuda tests '
+    'run the real one')
+def test_export_keeps_the_batch_unbounded(monkeypatch):
+    """torch.export of the attention with the Triton kernels and a batch
+    of any size: the check of the grid's rows does not bound it (the op
+    refuses too many rows when it runs)."""
+    qkv, perm, plan = _problem((11, 13), 32, 2)
+    monkeypatch.setitem(
+        _backends.BACKENDS, 'triton',
+        _backends.Backend('triton', 'boat_mm_triton', lambda *args: None))
+
+    class Attend(torch.nn.Module):
+
+        def forward(self, x, perm):
+            return clustered_attention(
+                x, perm, plan, 2, hw_shape=(11, 13), impl='auto')
+
+    batch = torch.export.Dim('batch', min=1)
+    program = torch.export.export(
+        Attend(), (qkv.detach(), perm),
+        dynamic_shapes=({
+            0: batch
+        }, {
+            0: 2 * batch
+        }))
+    ops = [str(n.target) for n in program.graph.nodes]
+    assert any('boat_mm_triton.clustered_attention' in op for op in ops)
+    bounds = [r.upper for r in program.range_constraints.values()]
+    assert all(upper > 2**31 for upper in bounds), bounds
 
 
 # ---------------------------------------------------------------------------

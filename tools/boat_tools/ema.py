@@ -13,12 +13,26 @@ config's ``EMAHook``; importing this module registers it in
 mmpretrain's ``HOOKS``.
 """
 from collections import OrderedDict
+from typing import Union
 
 from mmengine.runner.checkpoint import load_state_dict
 from mmpretrain.engine.hooks import EMAHook
 from mmpretrain.registry import HOOKS
 
-__all__ = ['TTAEMAHook']
+__all__ = ['TTAEMAHook', 'is_ema_hook']
+
+
+def is_ema_hook(hook_type: Union[str, type, None]) -> bool:
+    """Whether a hook config's ``type`` (a registered name, maybe scoped,
+    or a class) is mmpretrain's ``EMAHook`` itself (not a subclass, whose
+    own behaviour :class:`TTAEMAHook` would drop).
+
+    Args:
+        hook_type (str | type | None): The ``type`` of the config.
+    """
+    if isinstance(hook_type, str):
+        hook_type = HOOKS.get(hook_type)
+    return hook_type is EMAHook
 
 
 # force: tools/test.py may be loaded more than once in a process (tests).
@@ -29,7 +43,12 @@ class TTAEMAHook(EMAHook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Load the checkpoint's averaged weights into the classifier
         inside the TTA wrapper of the averaged copy (after swapping them
-        back, as mmpretrain's hook does)."""
+        back, as mmpretrain's hook does).
+
+        Args:
+            runner (Runner): The runner testing the checkpoint.
+            checkpoint (dict): The loaded checkpoint.
+        """
         if 'ema_state_dict' not in checkpoint:
             # mmpretrain's hook loads `state_dict` through MMEngine's
             # loader, which looks inside TTA wrappers.

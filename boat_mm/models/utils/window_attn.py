@@ -128,10 +128,17 @@ class WindowMSA(BaseModule):
         super().init_weights()
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
+                              **kwargs) -> None:
         """A bias table of another (square) window size, as a checkpoint
         trained with another ``window_size`` holds, is resized to this
-        window's, bicubically, as mmseg's Swin does."""
+        window's, bicubically, as mmseg's Swin does.
+
+        Args:
+            state_dict (dict): The weights being loaded.
+            prefix (str): This module's prefix in them.
+            *args, **kwargs: The rest of torch's arguments.
+        """
         key = prefix + 'relative_position_bias_table'
         table = state_dict.get(key)
         own = self.relative_position_bias_table

@@ -661,7 +661,7 @@ def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
     return KernelResourcesError(
         f"FSLA's Triton attention {name} needs {required} bytes of shared "
         f"memory per block for {dtype} clusters of up to {slots} "
-        f"slots with heads {cfg['D']} wide; this GPU has {limit}. Train "
+        f"slots with heads {cfg['D']} wide; this GPU has {limit}. Run "
         f"under bfloat16 or float16 autocast (16-bit tiles take half the "
         f"memory), or run the attention on tensor ops "
         f"(fsla_cfg=dict(attention_impl='tensor'); impl='auto' does so "
@@ -704,7 +704,8 @@ def _warmup(kernel: str, dtype: torch.dtype, cfg: dict, slot_size: int,
 
 
 def too_large_for_gpu(dtype: torch.dtype, head_dims: int, slot_size: int,
-                      overlap: int, num_heads: int, device_index: int,
+                      overlap: int, num_heads: int,
+                      device_index: Optional[int],
                       backward: bool) -> Optional[KernelResourcesError]:
     """The error of the first kernel that a call needs and GPU
     ``device_index`` cannot launch for lack of shared memory, else None.
@@ -715,14 +716,16 @@ def too_large_for_gpu(dtype: torch.dtype, head_dims: int, slot_size: int,
         slot_size (int): Slots per cluster.
         overlap (int): Keys a cluster borrows from its sibling.
         num_heads (int): Heads.
-        device_index (int): The CUDA device.
+        device_index (int, optional): The CUDA device (None: the current
+            one).
         backward (bool): Whether the backward must fit too (a training
             step), or only the forward.
 
     Returns:
         KernelResourcesError | None: What to change, for the forward or
-        the backward; None when both fit, in Triton's interpreter, or
-        where Triton cannot tell (the launch then checks).
+        the backward; None when the kernels asked for fit, in Triton's
+        interpreter, or where Triton cannot tell (the launch then
+        checks).
     """
     if interpreted():
         return None
