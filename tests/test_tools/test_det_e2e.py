@@ -319,3 +319,5 @@ def test_missing_coco_gives_clear_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "'data/coco/' does not exist" in msg
     assert 'gen_synthetic_data.py coco' in msg
+    # What a full config needs on the generated data besides its paths.
+    assert 'metainfo.classes' in msg and 'num_classes' in msg
