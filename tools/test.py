@@ -86,7 +86,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='run the test loop under autocast (fp16 on GPU, bf16 on CPU)')
+        help='run the test loop under autocast (fp16 on GPU; bf16 on CPU, '
+        'mmseg and mmpretrain configs only)')
     parser.add_argument(
         '--no-pin-memory',
         action='store_true',
@@ -219,6 +220,12 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.resume = False
     if args.amp:
+        import torch
+        if _scope(cfg) == 'mmdet' and not torch.cuda.is_available():
+            raise UsageError(
+                '--amp of an mmdet config needs a CUDA device (mmcv\'s nms, '
+                'which the detectors run, has no bfloat16 kernel on the '
+                'CPU); drop --amp to test in float32.')
         cfg.test_cfg = cfg.get('test_cfg') or ConfigDict(type='TestLoop')
         cfg.test_cfg.fp16 = True
     if args.show or args.show_dir:
