@@ -57,6 +57,26 @@ def test_get_model_pretrained_true_names_the_converter():
     assert 'https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth' in msg
 
 
+def test_inference_model_by_name():
+    """mmpretrain picks the inferencer by the metafile's Task: every BOAT
+    classifier declares Image Classification (metrics or not)."""
+    import mmpretrain
+    assert sorted(
+        mmpretrain.list_models('*boat*',
+                               task='Image Classification')) == CLASSIFIERS
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8).numpy()
+    # Random weights (the hub has no converted ones): the model at 224.
+    result = mmpretrain.inference_model(
+        'boat-swin-tiny_16xb64_in1k', img, pretrained=False)
+    scores = result['pred_scores']
+    assert scores.shape == (1000, )
+    assert abs(float(scores.sum()) - 1) < 1e-4
+    assert result['pred_label'] == int(scores.argmax())
+    assert result['pred_class'] == mmpretrain.datasets.ImageNet.METAINFO[
+        'classes'][result['pred_label']]
+
+
 def test_get_model_by_name_loads_a_converted_file(tmp_path):
     from mmpretrain import get_model
 

@@ -12,8 +12,11 @@ mmdetection, for any of their configs (chosen by the config's
   box merging by NMS when the config has none, box detectors only, as
   mmdet's ``DetTTAModel`` does not merge masks);
 * ``--show`` / ``--show-dir DIR``: draw predictions (next to the ground
-  truth for segmentation and detection) into windows or image files;
-  mmpretrain with ``--tta``: the merged prediction on the unflipped view
+  truth for segmentation and detection) into windows or image files; a
+  relative ``DIR`` is inside the run's log folder, ``WORK_DIR/TIMESTAMP/
+  DIR``, for every scope (what mmdet's and mmseg's tools document; mmseg
+  through :mod:`boat_tools.seg_visualization`); mmpretrain with
+  ``--tta``: the merged prediction on the unflipped view
   (:mod:`boat_tools.visualization`);
 * ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
   pickle file of the predictions (``--out-item pred``) or metrics; mmdet:
@@ -67,8 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--show', action='store_true', help='show the results in a window')
     parser.add_argument(
         '--show-dir',
-        help='directory where painted images are saved (mmseg, mmdet: '
-        'inside the run\'s log folder when relative)')
+        help='directory where painted images are saved; a relative one '
+        'is inside the run\'s log folder, WORK_DIR/TIMESTAMP/SHOW_DIR')
     parser.add_argument(
         '--interval',
         type=int,
@@ -84,7 +87,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='run the test loop under autocast (fp16 on GPU, bf16 on CPU)')
+        help='run the test loop under autocast (fp16 on GPU; bf16 on CPU, '
+        'mmseg and mmpretrain configs only)')
     parser.add_argument(
         '--no-pin-memory',
         action='store_true',
@@ -127,7 +131,26 @@ def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     else:
         hook['draw'] = True
         if args.show_dir:
-            cfg.visualizer['save_dir'] = args.show_dir
+            if hook.get('type') not in ('SegVisualizationHook',
+                                        'mmseg.SegVisualizationHook'):
+                raise UsageError(
+                    f'--show-dir of an mmseg config needs mmseg\'s '
+                    f'SegVisualizationHook in default_hooks.visualization, '
+                    f'got {hook.get("type")!r}.')
+            import boat_tools.seg_visualization  # noqa: F401 (registers)
+            hook['type'] = 'SegShowDirVisualizationHook'
+            hook['test_out_dir'] = args.show_dir
+
+
+def _pretrain_show_dir(runner, show_dir: str) -> None:
+    """Put a relative ``--show-dir`` of an mmpretrain config inside the
+    run's log folder, as mmdet's hook does (mmpretrain's hook writes to
+    its ``out_dir`` as given; the folder is known once the runner is)."""
+    from mmpretrain.engine.hooks import VisualizationHook
+    for hook in runner.hooks:
+        if isinstance(hook, VisualizationHook):
+            hook.out_dir = osp.join(runner.work_dir, runner.timestamp,
+                                    show_dir)
 
 
 def _det_tta_defaults(cfg: Config) -> None:
@@ -204,6 +227,12 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.resume = False
     if args.amp:
+        import torch
+        if _scope(cfg) == 'mmdet' and not torch.cuda.is_available():
+            raise UsageError(
+                '--amp of an mmdet config needs a CUDA device (mmcv\'s nms, '
+                'which the detectors run, has no bfloat16 kernel on the '
+                'CPU); drop --amp to test in float32.')
         cfg.test_cfg = cfg.get('test_cfg') or ConfigDict(type='TestLoop')
         cfg.test_cfg.fp16 = True
     if args.show or args.show_dir:
@@ -242,6 +271,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     init_cpu_dist(cfg)
 
     runner = build_runner(cfg)
+    if args.show_dir and _scope(cfg) == 'mmpretrain':
+        _pretrain_show_dir(runner, args.show_dir)
 
     pretrain_out = args.out and _scope(cfg) == 'mmpretrain'
     if pretrain_out and args.out_item in ('pred', None):

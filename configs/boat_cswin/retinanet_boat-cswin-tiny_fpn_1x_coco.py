@@ -1,10 +1,13 @@
-# BOAT-CSWin-T + RetinaNet (FPN on stages 1-3, P3-P7) on COCO: 1x schedule,
-# single scale 1333x800, 8 GPUs x 2 images; the AdamW recipe of mmdet's
-# Swin Mask R-CNN configs (see ../_base_/schedules/det_adamw-1x.py).
+# BOAT-CSWin-T + RetinaNet (FPN on stages 1-3, P3-P7) on COCO: the recipe of
+# mmdet's Swin RetinaNet (retinanet_swin-t-p4-w7_fpn_1x_coco.py): mmdet's 1x
+# schedule (SGD, momentum 0.9, weight decay 1e-4, 500 warm-up iterations,
+# steps after epochs 8 and 11) at lr 0.01, single scale 1333x800, 8 GPUs x
+# 2 images, drop path 0.2.
 _base_ = [
     '../_base_/models/retinanet_boat-cswin_fpn.py',
     'mmdet::_base_/datasets/coco_detection.py',
-    '../_base_/schedules/det_adamw-1x.py', 'mmdet::_base_/default_runtime.py'
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py'
 ]
 # ImageNet-1K weights converted from the published checkpoint with
 #   python tools/model_converters/boat2mm.py SRC.pth \
@@ -20,3 +23,4 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint=checkpoint_file,
             prefix='backbone.')))
+optim_wrapper = dict(optimizer=dict(lr=0.01))

@@ -46,8 +46,9 @@ def test_every_family_has_detection_configs():
 
 
 def test_detection_recipe():
-    """mmdet's Swin recipe: AdamW, no decay on norms and position tables,
-    drop path, ImageNet weights through init_cfg, 12 / 36 epochs."""
+    """mmdet's Swin recipes: Mask R-CNN with AdamW, no decay on norms and
+    position tables, drop path, ImageNet weights through init_cfg, 12 / 36
+    epochs; RetinaNet with mmdet's SGD schedule at lr 0.01."""
     root = osp.join(ROOT, 'configs')
     cfg = Config.fromfile(
         osp.join(root, 'boat_swin',
@@ -57,7 +58,8 @@ def test_detection_recipe():
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert keys['norm'] == keys['relative_position_bias_table'] == dict(
         decay_mult=0.)
-    assert cfg.model.backbone.drop_path_rate == 0.3
+    # mmdet's Swin-S Mask R-CNN keeps its Swin-T base's drop path.
+    assert cfg.model.backbone.drop_path_rate == 0.2
     assert cfg.model.backbone.init_cfg == dict(
         type='Pretrained',
         checkpoint='checkpoints/boat-swin-small_in1k.pth',
@@ -75,6 +77,8 @@ def test_detection_recipe():
                  'retinanet_boat-cswin-tiny_fpn_1x_coco.py'))
     assert cfg.model.backbone.out_indices == (1, 2, 3)
     assert cfg.model.neck.in_channels == [128, 256, 512]
+    assert (cfg.optim_wrapper.optimizer.type,
+            cfg.optim_wrapper.optimizer.lr) == ('SGD', 0.01)
 
 
 @pytest.mark.parametrize('path', CONFIGS)

@@ -89,3 +89,44 @@ def test_readme_tables_match_metafile(readme):
         link = re.search(r'\[published\]\(([^)]+)\)', row.get('Download', ''))
         assert (link.group(1) if link else None) == model.published_weights, \
             where
+
+
+# The kind of model (by the OpenMMLab config name, which the metafile's
+# Name repeats) -> the Tasks of its Results, as mmpretrain, mmseg and mmdet
+# declare them (mmpretrain's inference_model picks the inferencer by the
+# Task).
+TASKS = {
+    r'^boat-.*_in1k$': ['Image Classification'],
+    r'^boat-.*_upernet_.*_ade20k-': ['Semantic Segmentation'],
+    r'^mask-rcnn_': ['Object Detection', 'Instance Segmentation'],
+    r'^retinanet_': ['Object Detection'],
+}
+DATASETS = {
+    'Image Classification': 'ImageNet-1k',
+    'Semantic Segmentation': 'ADE20K',
+    'Object Detection': 'COCO',
+    'Instance Segmentation': 'COCO',
+}
+
+
+@pytest.mark.parametrize(
+    'metafile',
+    sorted(glob.glob(osp.join(ROOT, 'configs', 'boat_*', 'metafile.yml'))),
+    ids=lambda p: osp.basename(osp.dirname(p)))
+def test_every_model_declares_its_tasks(metafile):
+    """Read with the model-index loader mmpretrain uses, every model has a
+    Result per task of its kind, which passes the loader's own checks
+    (Metrics a mapping, empty where no number is known)."""
+    from modelindex.load_model_index import load
+    index = load(metafile)
+    index.build_models_with_collections()
+    assert len(index.models) == 12
+    for model in index.models:
+        kinds = [t for p, t in TASKS.items() if re.search(p, model.name)]
+        assert len(kinds) == 1, model.name
+        assert [r.task for r in model.results] == kinds[0], model.name
+        for result in model.results:
+            assert result.dataset == DATASETS[result.task], model.name
+            assert isinstance(result.metrics, dict), model.name
+            result.check(silent=True)
+            assert not result.check_errors, (model.name, result.check_errors)

@@ -24,16 +24,21 @@ the configs:
   warm-up iterations from a ratio 1e-6, poly (power 1) to 0, 160k
   iterations, 8 x 2 images, 512x512 crops, drop path 0.3 / 0.4 / 0.6;
   the BOAT-Swin configs take the same recipe (configs/boat_swin/README.md).
-* Mask R-CNN and RetinaNet on COCO: mmdet's Swin Mask R-CNN configs
+* Mask R-CNN on COCO: mmdet's Swin Mask R-CNN configs
   (``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, ``..._ms-crop-3x_coco.py``):
   AdamW 1e-4, betas (0.9, 0.999), wd 0.05 (none on norms and position
   tables), 1000 linear warm-up iterations from 0.001, steps x0.1 after
   epochs 8 and 11 of 12 (3x: 27 and 33 of 36), 8 x 2 images, 1333x800
-  (3x: DETR's multi-scale + crop); RetinaNet takes stages 1-3 into a P3-P7
-  FPN. Two choices stated in the configs and configs/*/README.md differ
-  from mmdet: drop path 0.3 for the small backbones (mmdet's Swin-S Mask
-  R-CNN keeps the tiny 0.2), and RetinaNet trained with the Mask R-CNN
-  AdamW recipe (mmdet's Swin RetinaNet keeps its SGD schedule).
+  (3x: DETR's multi-scale + crop), drop path 0.2 for tiny and small alike
+  (``mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py`` keeps its Swin-T
+  base's 0.2).
+* RetinaNet on COCO: mmdet's ``retinanet_swin-t-p4-w7_fpn_1x_coco.py``:
+  mmdet's 1x schedule (SGD, momentum 0.9, wd 1e-4 on every parameter,
+  500 linear warm-up iterations from 0.001, steps x0.1 after epochs 8 and
+  11 of 12) at lr 0.01, 8 x 2 images, 1333x800, drop path 0.2, stages 1-3
+  into a P3-P7 FPN. mmdet has no Swin-S RetinaNet or 1x Swin-S Mask R-CNN
+  config: the small configs take the tiny recipe, as mmdet's Swin-S 3x
+  config takes its Swin-T one.
 * The two CPU demos: the recipes their configs and the READMEs state.
 
 Head and neck widths are checked by a forward of the full model (random
@@ -332,9 +337,9 @@ def detector(family: str, arch: str, method: str,
         'BOATSwin' if family == 'swin' else 'BOATCSWin',
         'model.backbone.arch':
         arch,
-        # mmdet: 0.2; 0.3 for the small backbones is the README's choice.
+        # mmdet's Swin-S config keeps its Swin-T base's 0.2.
         'model.backbone.drop_path_rate':
-        dict(tiny=0.2, small=0.3)[arch],
+        0.2,
         'model.backbone.init_cfg':
         dict(
             type='Pretrained',
@@ -412,6 +417,14 @@ def detector(family: str, arch: str, method: str,
             'model.neck.start_level': 0,
             'model.neck.add_extra_convs': 'on_input',
             'model.neck.num_outs': 5,
+            # mmdet's 1x schedule at lr 0.01, as its Swin RetinaNet.
+            'optim_wrapper.optimizer.type': 'SGD',
+            'optim_wrapper.optimizer.lr': 0.01,
+            'optim_wrapper.optimizer.momentum': 0.9,
+            'optim_wrapper.optimizer.betas': ABSENT,
+            'optim_wrapper.optimizer.weight_decay': 1e-4,
+            'optim_wrapper.paramwise_cfg': ABSENT,
+            'param_scheduler.0.end': 500,
         })
     return recipe
 
@@ -570,6 +583,55 @@ def test_config_follows_its_recipe(path):
     assert not wrong, '\n'.join([path] + wrong)
 
 
+# Each mmdet Swin config of the installed mmdet and a BOAT config that
+# follows it (the small ones: mmdet's Swin-S 3x is the AMP variant of its
+# Swin-T 3x, whose optimizer wrapper the BOAT configs keep).
+MMDET_SWIN = {
+    'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py':
+    'boat_swin/mask-rcnn_boat-swin-tiny_fpn_1x_coco.py',
+    'mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py':
+    'boat_cswin/mask-rcnn_boat-cswin-tiny_fpn_ms-crop-3x_coco.py',
+    'mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py':
+    'boat_swin/mask-rcnn_boat-swin-small_fpn_ms-crop-3x_coco.py',
+    'retinanet_swin-t-p4-w7_fpn_1x_coco.py':
+    'boat_cswin/retinanet_boat-cswin-small_fpn_1x_coco.py',
+}
+
+
+def _unscoped(value: Any) -> Any:
+    """A plain config value without the ``_scope_`` keys that inheriting
+    from ``mmdet::`` bases adds."""
+    value = _plain(value)
+    if isinstance(value, dict):
+        return {k: _unscoped(v) for k, v in value.items() if k != '_scope_'}
+    if isinstance(value, list):
+        return [_unscoped(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize('upstream', sorted(MMDET_SWIN))
+def test_detection_recipe_is_mmdets(upstream):
+    """The training recipe and the detector around the backbone are those
+    of the installed mmdet's Swin config, read from mmdet itself."""
+    import mmdet
+    theirs = Config.fromfile(
+        osp.join(
+            osp.dirname(mmdet.__file__), '.mim', 'configs', 'swin', upstream))
+    ours = _cfg(MMDET_SWIN[upstream])
+    if 'amp' in upstream:
+        theirs.optim_wrapper.type = 'OptimWrapper'
+    for key in ('optim_wrapper', 'param_scheduler', 'train_cfg',
+                'auto_scale_lr', 'train_dataloader.dataset.pipeline',
+                'train_dataloader.batch_size',
+                'test_dataloader.dataset.pipeline',
+                'model.backbone.drop_path_rate', 'model.backbone.out_indices'):
+        assert _unscoped(_get(ours, key)) == _unscoped(_get(theirs, key)), key
+    for model in (ours.model, theirs.model):
+        model.pop('backbone')
+        model.neck.pop('in_channels')  # the widths of the backbone
+    assert _unscoped(ours.model) == _unscoped(theirs.model)
+
+
 # ---------------------------------------------------------------------------
 # Built models: widths and weight decay per parameter.
 # ---------------------------------------------------------------------------
@@ -670,13 +732,17 @@ def _tensors(obj):
             yield from _tensors(o)
 
 
-def _expected_decay(model: nn.Module, scope: str, base: float) -> Dict:
+def _expected_decay(model: nn.Module,
+                    scope: str,
+                    base: float,
+                    exempt: bool = True) -> Dict:
     """Weight decay of every parameter by the recipe's rule.
 
     ImageNet (Swin's ``set_weight_decay``, timm's ``filter_bias_and_bn``):
     none on 1-D weights, biases and position tables. Segmentation and
-    detection (mmseg / mmdet Swin): none on the LayerNorms and position
-    tables; BN layers and biases of the heads decay.
+    Mask R-CNN (mmseg / mmdet Swin): none on the LayerNorms and position
+    tables; BN layers and biases of the heads decay. ``exempt=False``
+    (mmdet's Swin RetinaNet, plain SGD): every parameter decays.
     """
     norms = {
         f'{name}.{p}'
@@ -687,7 +753,9 @@ def _expected_decay(model: nn.Module, scope: str, base: float) -> Dict:
     for name, p in model.named_parameters():
         table = name.endswith(
             ('relative_position_bias_table', 'absolute_pos_embed'))
-        if scope == 'mmpretrain':
+        if not exempt:
+            no_decay = False
+        elif scope == 'mmpretrain':
             no_decay = p.dim() == 1 or name.endswith('.bias') or table
         else:
             no_decay = name in norms or table
@@ -704,7 +772,8 @@ def test_weight_decay_of_every_parameter(path, built):
         for p in group['params']:
             got[id(p)] = group['weight_decay']
     base = cfg.optim_wrapper.optimizer.weight_decay
-    want = _expected_decay(model, cfg.default_scope, base)
+    exempt = 'retinanet' not in path  # mmdet's Swin RetinaNet: none
+    want = _expected_decay(model, cfg.default_scope, base, exempt)
     names = dict(model.named_parameters())
     wrong = [
         f'{name}: {got[id(p)]} != {want[name]}' for name, p in names.items()
@@ -712,6 +781,6 @@ def test_weight_decay_of_every_parameter(path, built):
     ]
     assert not wrong, '\n'.join(wrong[:20])
     # The rule is not vacuous: both kinds exist, position tables included.
-    assert 0. in want.values() and base in want.values()
+    assert (0. in want.values()) == exempt and base in want.values()
     if 'swin' in path and 'cswin' not in path:
         assert any(n.endswith('relative_position_bias_table') for n in names)

@@ -31,6 +31,7 @@ TOOLS = {
 }
 CLS = 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py'
 SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
+DET = 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'
 _LOADED = {}
 
 
@@ -70,6 +71,9 @@ CASES = [
     ('train', [CLS, '--amp'], '--amp needs a CUDA device'),
     ('test', [CLS, 'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('test', [CLS, '{ours}', '--out-item', 'pred'], '--out-item needs --out'),
+    # The CPU's autocast is bfloat16, which mmcv's nms does not take.
+    ('test', [DET, '{ours}',
+              '--amp'], '--amp of an mmdet config needs a CUDA device'),
     ('get_flops', ['missing.py'], "config file 'missing.py' not found"),
     ('get_flops', [CLS, '--shape', '1', '2',
                    '3'], '--shape takes H W or one size S for S x S'),

@@ -6,7 +6,7 @@ config that inherits the detection demo config by path with a tiny
 BOAT-CSWin and 16-channel heads; training runs 4 iterations. Everything is
 written under ``tmp_path``.
 """
-import os
+import glob
 import os.path as osp
 import pickle
 import re
@@ -143,7 +143,6 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
     # tools/test.py on the same checkpoint gives the same metrics, dumps
     # the predictions and draws them.
     pkl = str(trained['tmp'] / 'preds.pkl')
-    show_dir = str(trained['tmp'] / 'show')
     out = _tool(
         'test.py',
         trained['cfg'],
@@ -151,7 +150,7 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
         '--out',
         pkl,
         '--show-dir',
-        show_dir,
+        'show',  # relative: inside the run's log folder (mmdet's hook)
         '--work-dir',
         str(trained['tmp'] / 'test'),
         cwd=str(trained['tmp']))
@@ -162,10 +161,8 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
     for pred in preds:
         inst = pred['pred_instances']
         assert len(inst['masks']) == len(inst['bboxes'])  # RLE masks
-    drawn = [
-        p for _, _, files in os.walk(show_dir) for p in files
-        if p.endswith('.jpg')
-    ]
+    assert not osp.exists(trained['tmp'] / 'show')
+    drawn = glob.glob(str(trained['tmp'] / 'test' / '*' / 'show' / '*.jpg'))
     assert len(drawn) == 4
 
 
@@ -319,3 +316,5 @@ def test_missing_coco_gives_clear_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "'data/coco/' does not exist" in msg
     assert 'gen_synthetic_data.py coco' in msg
+    # What a full config needs on the generated data besides its paths.
+    assert 'metainfo.classes' in msg and 'num_classes' in msg

@@ -13,7 +13,8 @@ image and of its flip, ``--interval`` must draw every n-th sample, and
 
 The end-to-end tests (test_cls_e2e.py, test_seg_e2e.py, test_det_e2e.py)
 cover ``--work-dir``, ``--resume`` (auto), ``--out`` of every scope,
-``--out-item metrics``, ``--show-dir`` (mmseg, mmdet) and ``--launcher
+``--out-item metrics``, ``--show-dir`` (mmseg, mmdet; relative, inside
+the run's log folder) and ``--launcher
 pytorch`` (two processes) with real runs.
 """
 import glob
@@ -88,7 +89,8 @@ class Recorder:
         return SimpleNamespace(
             train=lambda: self.ran.append('train'),
             test=lambda: self.ran.append('test') or {},
-            test_evaluator=SimpleNamespace(metrics=self.metrics))
+            test_evaluator=SimpleNamespace(metrics=self.metrics),
+            hooks=[])
 
 
 @pytest.fixture
@@ -307,10 +309,12 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     assert hook.show is False and hook.interval == 1
     saved = {
         SWIN_T: lambda: hook.out_dir,
-        HEADLINE: lambda: rec.cfg.visualizer.save_dir,
+        HEADLINE: lambda: hook.test_out_dir,
         MASK_RCNN: lambda: hook.test_out_dir
     }[config]()
     assert saved == show_dir
+    if config == HEADLINE:  # mmseg's hook with mmdet's test_out_dir
+        assert hook.type == 'SegShowDirVisualizationHook'
 
 
 @pytest.mark.parametrize(
@@ -429,7 +433,8 @@ def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls,
 def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
     """--amp: the test loop runs the model under autocast (bfloat16 on the
     CPU), without it in float32; --show-dir with --interval 5 draws
-    samples 0, 5 and 10 of the 12."""
+    samples 0, 5 and 10 of the 12, a relative one inside the run's log
+    folder WORK_DIR/TIMESTAMP (as for mmseg and mmdet)."""
     from mmpretrain.models import ImageClassifier
     seen = []
     original = ImageClassifier.test_step
@@ -442,13 +447,14 @@ def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
 
     monkeypatch.setattr(ImageClassifier, 'test_step', test_step)
     tmp = tiny_cls['tmp']
-    vis = str(tmp / 'vis')
+    monkeypatch.chdir(tmp)
     options = ['--cfg-options', 'test_dataloader.batch_size=12']
     test_tool.main([
         tiny_cls['cfg'], tiny_cls['ckpt'], '--work-dir',
-        str(tmp / 'fp32'), '--show-dir', vis, '--interval', '5', *options
+        str(tmp / 'fp32'), '--show-dir', 'vis', '--interval', '5', *options
     ])
-    drawn = glob.glob(osp.join(vis, '**', '*.png'), recursive=True)
+    assert not osp.exists(tmp / 'vis')
+    drawn = glob.glob(str(tmp / 'fp32' / '*' / 'vis' / '*.png'))
     assert len(drawn) == 3
     test_tool.main([
         tiny_cls['cfg'], tiny_cls['ckpt'], '--amp', '--work-dir',

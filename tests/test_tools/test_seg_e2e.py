@@ -144,7 +144,6 @@ def test_train_val_then_test_with_tta(trained, ade_root):
 
     # Multi-scale + flip TTA from the mmseg bases, predictions written.
     pred_dir = str(trained['tmp'] / 'pred')
-    show_dir = str(trained['tmp'] / 'show')
     out = _tool(
         'test.py',
         trained['cfg'],
@@ -153,7 +152,7 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         '--out',
         pred_dir,
         '--show-dir',
-        show_dir,
+        'show',  # relative: inside the run's log folder, as mmdet's
         '--work-dir',
         str(trained['tmp'] / 'test'),
         cwd=str(trained['tmp']))
@@ -168,8 +167,11 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         gt = cv2.imread(gt_path, cv2.IMREAD_UNCHANGED)
         assert pred.shape == gt.shape  # merged back to the original size
         assert 1 <= pred.min() and pred.max() <= 150  # ADE ids
-    drawn = glob.glob(osp.join(show_dir, '**', '*.png'), recursive=True)
-    assert len(drawn) == len(gts)
+    assert not osp.exists(trained['tmp'] / 'show')
+    drawn = glob.glob(str(trained['tmp'] / 'test' / '*' / 'show' / '*'))
+    assert sorted(osp.basename(p) for p in drawn) == sorted(
+        osp.basename(p)
+        for p in glob.glob(osp.join(ade_root, 'images', 'validation', '*')))
 
 
 def check_resume(trained: dict, moved_key: str, *args:

@@ -11,7 +11,8 @@ every tool shares, one-line user errors with exit status 2 and the common
 arguments (:mod:`.cli`), argparse and runner set-up (:mod:`.config`), the
 loader of the public BOAT code that edits ``sys.path``
 (:mod:`.reference`), mmpretrain's visualization hook made to draw
-test-time augmented batches (:mod:`.visualization`), and the warning
+test-time augmented batches (:mod:`.visualization`), mmseg's given the
+``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), and the warning
 filters below. What tools, tests and benchmarks share is in the package:
 FLOP counting in ``boat_mm.analysis.complexity``, ONNX export in
 ``boat_mm.deploy``, cluster capture in ``boat_mm.analysis``, metafile

@@ -54,7 +54,9 @@ _HINTS = {
      'dataset_converters/gen_synthetic_data.py coco data/coco_synthetic` '
      'and train configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py on '
      'it, or point data_root of the dataloaders and ann_file of the '
-     'evaluators to it with --cfg-options.'),
+     'evaluators to it with --cfg-options and set its 6 categories: '
+     'metainfo.classes of the datasets and num_classes of the box and '
+     'mask heads (the command is in configs/boat_cswin/README.md).'),
 }
 
 

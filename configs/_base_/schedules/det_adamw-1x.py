@@ -1,6 +1,6 @@
-# The detection recipe of mmdet's Swin configs, shared by every BOAT
-# detector: mmdet's 1x schedule (12 epochs, steps after 8 and 11, total
-# batch 16) with AdamW (lr 1e-4, weight decay 0.05, none on norms and
+# The detection recipe of mmdet's Swin Mask R-CNN configs, shared by the BOAT
+# Mask R-CNN configs: mmdet's 1x schedule (12 epochs, steps after 8 and 11,
+# total batch 16) with AdamW (lr 1e-4, weight decay 0.05, none on norms and
 # position tables) and 1000 iterations of linear warm-up.
 _base_ = ['mmdet::_base_/schedules/schedule_1x.py']
 
