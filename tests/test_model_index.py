@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 from published_files import NUM_CLASSES, classifier, write_published_cswin
 
 import boat_mm
@@ -67,8 +68,10 @@ def test_inference_model_by_name():
     torch.manual_seed(0)
     img = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8).numpy()
     # Random weights (the hub has no converted ones): the model at 224.
-    result = mmpretrain.inference_model(
-        'boat-swin-tiny_16xb64_in1k', img, pretrained=False)
+    # (In mmpretrain's scope: another test's may still be the default.)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        result = mmpretrain.inference_model(
+            'boat-swin-tiny_16xb64_in1k', img, pretrained=False)
     scores = result['pred_scores']
     assert scores.shape == (1000, )
     assert abs(float(scores.sum()) - 1) < 1e-4

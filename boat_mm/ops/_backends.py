@@ -249,7 +249,7 @@ def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
     """Whether a kernel of the Triton attention that the call needs is too
     large for the GPU (warning once, with what to change). A constant to
     torch.compile: it compiles kernels, which Dynamo must not trace."""
-    from .triton.clustered_attention import too_large_for_gpu
+    too_large_for_gpu = _library.triton_function('attention_too_large')
     error = too_large_for_gpu(dtype, head_dims, slot_size, overlap, num_heads,
                               device_index, backward)
     if error is not None:

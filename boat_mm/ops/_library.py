@@ -106,6 +106,9 @@ _TRITON_KERNELS = {
     ('boat_mm.ops.triton.clustered_attention', 'clustered_attention_forward'),
     'clustered_attention_backward':
     ('boat_mm.ops.triton.clustered_attention', 'clustered_attention_backward'),
+    # Not an op: whether the attention kernels fit the GPU (_backends).
+    'attention_too_large':
+    ('boat_mm.ops.triton.clustered_attention', 'too_large_for_gpu'),
 }
 
 
@@ -114,23 +117,37 @@ def op_overload(name: str, namespace: str) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops, namespace), name).default
 
 
+def triton_function(name: str) -> Callable:
+    """The function of :data:`_TRITON_KERNELS` named ``name``, imported
+    now (the Triton modules are imported only when used).
+
+    Args:
+        name (str): An op, or ``'attention_too_large'``.
+
+    Raises:
+        RuntimeError: Triton is not installed (the message says what to
+            do).
+    """
+    module_name, fn_name = _TRITON_KERNELS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name not in (module_name, 'triton'):
+            raise
+        raise RuntimeError(
+            f'boat_mm::{name} has no Triton kernel here ({e}); install '
+            f"triton (it ships with torch's CUDA wheels) or use "
+            f"impl='tensor'.") from e
+    return getattr(module, fn_name)
+
+
 def _lazy_triton(name: str) -> Callable:
     """The Triton kernel of op ``name``, imported on its first call, run
     on the GPU of its first argument (Triton launches on the current
     one)."""
-    module_name, fn_name = _TRITON_KERNELS[name]
 
     def kernel(*args):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name not in (module_name, 'triton'):
-                raise
-            raise RuntimeError(
-                f'boat_mm::{name} has no Triton kernel here ({e}); install '
-                f"triton (it ships with torch's CUDA wheels) or use "
-                f"impl='tensor'.") from e
-        fn = getattr(module, fn_name)
+        fn = triton_function(name)
         if args[0].device.type == 'cuda':
             with torch.cuda.device(args[0].device):
                 return fn(*args)
