@@ -284,7 +284,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         norm_cfg (dict): Norm layers. Defaults to LN.
         frozen_stages (int): Freeze (stop grad, eval mode) the stem when
             >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
-            and output norms), as mmseg's Swin. -1 freezes nothing.
+            and output norms), as mmseg's Swin (mmpretrain's Swin freezes
+            one stage more for the same value). -1 freezes nothing.
             Defaults to -1.
         with_cp (bool): Gradient checkpointing of every block, to save
             memory at the cost of recomputation. Defaults to False.
