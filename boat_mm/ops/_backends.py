@@ -42,7 +42,7 @@ from ._library import CPU_KERNELS_LOADED, op_overload
 __all__ = [
     'IMPLS', 'BACKENDS', 'AUTO_ORDER', 'Backend', 'check_impl',
     'cpu_kernel_loaded', 'fit_to_gpu', 'select_backend', 'tensor_ops_required',
-    'triton_interpreter_enabled', 'warn_once'
+    'triton_interpreter_enabled', 'warn_once', 'warn_tensor_fallback'
 ]
 
 # Values of ``impl``.
@@ -241,6 +241,15 @@ def warn_once(message: str) -> None:
     warnings.warn(message)
 
 
+def warn_tensor_fallback(reason: str) -> None:
+    """Warn once that an op runs on tensor ops instead, and why.
+
+    Args:
+        reason (str): What the chosen kernels cannot do, and the fix.
+    """
+    warn_once(f'{reason} Running it on tensor ops.')
+
+
 @torch.compiler.assume_constant_result
 def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
                                 slot_size: int, overlap: int, num_heads: int,
@@ -253,7 +262,7 @@ def _triton_attention_too_large(dtype: torch.dtype, head_dims: int,
     error = too_large_for_gpu(dtype, head_dims, slot_size, overlap, num_heads,
                               device_index, backward)
     if error is not None:
-        warn_once(f'{error} Running it on tensor ops.')
+        warn_tensor_fallback(str(error))
     return error is not None
 
 
@@ -267,8 +276,7 @@ def _exporting() -> bool:
 def _too_many_rows(num_heads: int) -> bool:
     """Warns once that the batch is too large for the Triton attention's
     grid (a constant to torch.compile, which cannot trace a warning)."""
-    warn_once(f'{_library.too_many_rows(num_heads)} Running it on tensor '
-              f'ops.')
+    warn_tensor_fallback(_library.too_many_rows(num_heads))
     return True
 
 

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import ATTENTION, fit_to_gpu, select_backend, warn_once
+from ._backends import (ATTENTION, fit_to_gpu, select_backend,
+                        warn_tensor_fallback)
 from ._library import KernelResourcesError
 from .clustering import ClusterPlan
 
@@ -231,7 +232,7 @@ def clustered_attention(
                 raise
             # Too large for this GPU where fit_to_gpu could not tell
             # (eager mode only): the tensor ops below.
-            warn_once(f'{e} Running it on tensor ops.')
+            warn_tensor_fallback(str(e))
 
     M = B * h
     P, S = plan.num_pairs, plan.slot_size

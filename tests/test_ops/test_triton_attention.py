@@ -61,6 +61,16 @@ def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def _force_lent_in_pass(monkeypatch, lent_in_pass: bool) -> None:
+    """Launch the backward with the lent keys completed by its second pass
+    (as for 16-bit inputs) or after both passes (32- and 64-bit ones),
+    whatever the dtype."""
+    config = tca._launch_config
+    monkeypatch.setattr(
+        tca, '_launch_config',
+        lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
+
+
 def _equals_tensor_path_in_float64(qkv, perm, plan, heads, hw, overlap=20):
     """Triton's outputs, value image and qkv gradient equal the tensor
     path's; on a GPU whose shared memory the float64 backward exceeds (a
@@ -109,10 +119,7 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
 @pytest.mark.parametrize('lent_in_pass', [False, True])
 def test_triton_overflow_tile_in_float64(h, w, group, overlap, batch,
                                          lent_in_pass, monkeypatch):
-    config = tca._launch_config
-    monkeypatch.setattr(
-        tca, '_launch_config',
-        lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
+    _force_lent_in_pass(monkeypatch, lent_in_pass)
     qkv, perm, plan = _problem((h, w),
                                32,
                                2,
@@ -144,11 +151,7 @@ def test_triton_pair_schedule_in_float64(h, w, batch, lent_in_pass, group,
                                          monkeypatch):
     """The op's outputs and qkv gradient (its registered autograd, the
     Triton backward) against autograd through the tensor path."""
-    from boat_mm.ops.triton import clustered_attention as kernels
-    config = kernels._launch_config
-    monkeypatch.setattr(
-        kernels, '_launch_config',
-        lambda *args: dict(config(*args), LENT_IN_PASS=lent_in_pass))
+    _force_lent_in_pass(monkeypatch, lent_in_pass)
     qkv, perm, plan = _problem((h, w),
                                16,
                                1,

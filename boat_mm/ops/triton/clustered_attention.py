@@ -729,12 +729,12 @@ def too_large_for_gpu(dtype: torch.dtype, head_dims: int, slot_size: int,
     """
     if interpreted():
         return None
-    cfg = _launch_config(dtype, head_dims, slot_size, overlap,
-                         torch.device('cuda', device_index))
     for kernel in ('fwd', 'bwd') if backward else ('fwd', ):
         found = _kernel_too_large(kernel, dtype, head_dims, slot_size, overlap,
                                   num_heads, device_index)
         if found is not None:
+            cfg = _launch_config(dtype, head_dims, slot_size, overlap,
+                                 torch.device('cuda', device_index))
             return _too_large(kernel, dtype, cfg, *found)
     return None
 
