@@ -35,10 +35,10 @@ the configs:
 * RetinaNet on COCO: mmdet's ``retinanet_swin-t-p4-w7_fpn_1x_coco.py``:
   mmdet's 1x schedule (SGD, momentum 0.9, wd 1e-4 on every parameter,
   500 linear warm-up iterations from 0.001, steps x0.1 after epochs 8 and
-  11 of 12) at lr 0.01, 8 x 2 images, 1333x800, drop path 0.2, stages 1-3
-  into a P3-P7 FPN. mmdet has no Swin-S RetinaNet or 1x Swin-S Mask R-CNN
-  config: the small configs take the tiny recipe, as mmdet's Swin-S 3x
-  config takes its Swin-T one.
+  11 of 12) at lr 0.01, 8 x 2 images, 1333x800, drop path 0.2, stages 2-4
+  (``out_indices=(1, 2, 3)``) into a P3-P7 FPN. mmdet has no Swin-S
+  RetinaNet or 1x Swin-S Mask R-CNN config: the small configs take the
+  tiny recipe, as mmdet's Swin-S 3x config takes its Swin-T one.
 * The two CPU demos: the recipes their configs and the READMEs state.
 
 Head and neck widths are checked by a forward of the full model (random

@@ -1,0 +1,89 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The README's, docs/'s and the config READMEs' links and paths resolve.
+
+* Relative Markdown links (``[text](path)``, ``[text](path#anchor)``,
+  ``[text](#anchor)``) name a file or folder of the repository, and an
+  anchor names a heading of the linked Markdown file (GitHub's rule:
+  lower case, punctuation but ``-`` and ``_`` dropped, spaces to ``-``).
+* Repository paths in code spans (``boat_mm/...``, ``tools/...``,
+  ``configs/...``, ``docs/...``, ``tests/...``, ``benchmarks/...``,
+  ``requirements/...``) exist, unless they hold a pattern (``{a,b}``,
+  ``*``, an upper-case placeholder such as ``DIR``).
+"""
+import glob
+import os.path as osp
+import re
+from typing import List, Set, Tuple
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DOCS = ['README.md'] + sorted(
+    osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'docs', '*.md')) +
+    glob.glob(osp.join(REPO, 'configs', '*', 'README.md')))
+_FENCE = re.compile(r'^```.*?^```', re.S | re.M)
+_TOP = ('boat_mm/', 'tools/', 'configs/', 'docs/', 'tests/', 'benchmarks/',
+        'requirements/')
+
+
+def _prose(doc: str) -> str:
+    """The doc without its fenced blocks (line numbers kept)."""
+    with open(osp.join(REPO, doc), encoding='utf-8') as f:
+        text = f.read()
+    return _FENCE.sub(lambda m: '\n' * m.group(0).count('\n'), text)
+
+
+def _anchors(doc: str) -> Set[str]:
+    out = set()
+    for m in re.finditer(r'^#{1,6}\s+(.+?)\s*$', _prose(doc), re.M):
+        title = re.sub(r'[^\w\- ]', '', m.group(1).lower())
+        out.add(title.replace(' ', '-'))
+    return out
+
+
+def _links(doc: str) -> List[Tuple[int, str]]:
+    text = _prose(doc)
+    return [(text.count('\n', 0, m.start()) + 1, m.group(1))
+            for m in re.finditer(r'\]\(([^)\s]+)\)', text)
+            if not re.match(r'^[a-z]+:', m.group(1))]
+
+
+def test_the_docs_have_links():
+    """The extraction finds what the docs hold (guards the regexes)."""
+    links = [link for doc in DOCS for _, link in _links(doc)]
+    assert any('#' in link for link in links)
+    assert any(link.endswith('.py') for link in links)
+    assert 'installing-on-a-gpu-machine' in _anchors('README.md')
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_relative_links_resolve(doc):
+    wrong = []
+    for line, link in _links(doc):
+        path, _, anchor = link.partition('#')
+        target = osp.normpath(osp.join(osp.dirname(doc), path)) if path \
+            else doc
+        if not osp.exists(osp.join(REPO, target)):
+            wrong.append(f'{doc}:{line}: {link}: no {target}')
+        elif anchor and target.endswith('.md') and \
+                anchor not in _anchors(target):
+            wrong.append(f'{doc}:{line}: {link}: no heading #{anchor} in '
+                         f'{target}')
+    assert not wrong, '\n'.join(wrong)
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_repository_paths_exist(doc):
+    text = _prose(doc)
+    wrong = []
+    for m in re.finditer(r'`([^`\n]+)`', text):
+        for word in m.group(1).split():
+            word = word.strip('(),;:\'"').rstrip('.')
+            if not word.startswith(_TOP) or re.search(r'[{*<]', word) or any(
+                    part.isupper() for part in word.split('/')):
+                continue
+            word = word.split('::')[0]  # a test's node id
+            if not osp.exists(osp.join(REPO, word)):
+                line = text.count('\n', 0, m.start()) + 1
+                wrong.append(f'{doc}:{line}: {word}')
+    assert not wrong, '\n'.join(wrong)
