@@ -9,6 +9,7 @@
   ``configs/...``, ``docs/...``, ``tests/...``, ``benchmarks/...``,
   ``requirements/...``) exist, unless they hold a pattern (``{a,b}``,
   ``*``, an upper-case placeholder such as ``DIR``).
+* Test node ids (``tests/...py::test_name``) name a test of that file.
 """
 import glob
 import os.path as osp
@@ -87,3 +88,21 @@ def test_repository_paths_exist(doc):
                 line = text.count('\n', 0, m.start()) + 1
                 wrong.append(f'{doc}:{line}: {word}')
     assert not wrong, '\n'.join(wrong)
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_test_node_ids_exist(doc):
+    """``tests/...py::test_name[...]`` in a doc names a test function of
+    that file (docs/test_mutations.md names the test each bug fails)."""
+    wrong = []
+    text = _prose(doc)
+    for m in re.finditer(r'`(tests/[\w/]+\.py)::(\w+)', text):
+        path, func = m.groups()
+        full = osp.join(REPO, path)
+        if not osp.isfile(full):
+            wrong.append(f'{path}::{func}: no {path}')
+            continue
+        with open(full, encoding='utf-8') as f:
+            if not re.search(rf'^def {func}\(', f.read(), re.M):
+                wrong.append(f'{path}::{func}: no such test')
+    assert not wrong, f'{doc}: ' + '\n'.join(wrong)
