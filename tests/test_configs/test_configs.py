@@ -10,7 +10,7 @@ from mmengine.registry import init_default_scope
 
 import boat_mm  # noqa: F401
 from boat_mm.models import boat_families
-from boat_mm.utils.metafile import published_complexity
+from boat_mm.utils.metafile import load_models, published_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(
@@ -23,6 +23,9 @@ PARAMS_M = {
     osp.basename(config): model.published_params / 1e6
     for config, model in published_complexity(ROOT).items()
 }
+# Parameters of every model of the metafiles (and the model-zoo tables,
+# which test_metafile.py compares with them), in millions.
+METAFILE_PARAMS_M = {m.config: m.params / 1e6 for m in load_models(ROOT)}
 
 
 def test_every_family_has_cls_and_seg_configs():
@@ -101,7 +104,15 @@ def test_config_builds_full_model(path):
             for i in model.backbone.out_indices
         ]
         assert list(model.neck.in_channels) == widths
+    params = sum(p.numel() for p in model.parameters()) / 1e6
     expected = PARAMS_M.get(osp.basename(path))
     if expected is not None:
-        params = sum(p.numel() for p in model.parameters()) / 1e6
         assert round(params, 2) == expected
+    listed = METAFILE_PARAMS_M.get(path)
+    if listed is not None:
+        if scope == 'mmseg':
+            # Counted for the inference model, as get_flops.py counts it:
+            # the auxiliary head trains only.
+            params -= sum(p.numel()
+                          for p in model.auxiliary_head.parameters()) / 1e6
+        assert round(params, 2) == listed, path
