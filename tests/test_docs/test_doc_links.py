@@ -10,8 +10,10 @@
   ``requirements/...``) exist, unless they hold a pattern (``{a,b}``,
   ``*``, an upper-case placeholder such as ``DIR``).
 * Test node ids (``tests/...py::test_name``) name a test of that file.
+* Dotted names ``boat_mm.x.y`` in code spans are modules or attributes.
 """
 import glob
+import importlib
 import os.path as osp
 import re
 from typing import List, Set, Tuple
@@ -106,3 +108,30 @@ def test_test_node_ids_exist(doc):
             if not re.search(rf'^def {func}\(', f.read(), re.M):
                 wrong.append(f'{path}::{func}: no such test')
     assert not wrong, f'{doc}: ' + '\n'.join(wrong)
+
+
+def _resolve(name: str) -> bool:
+    """Whether a dotted ``boat_mm...`` name is a module or an attribute."""
+    parts = name.split('.')
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module('.'.join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_boat_mm_names_resolve(doc):
+    """``boat_mm.x.y`` (or ``boat_mm.x.y()``) in a code span is a module,
+    class or function of the package."""
+    text = _prose(doc)
+    names = re.findall(r'`(boat_mm(?:\.\w+)+)(?:\(\))?`', text)
+    wrong = sorted({n for n in names if not _resolve(n)})
+    assert not wrong, f'{doc}: {wrong}'
