@@ -22,6 +22,7 @@ Examples::
 import argparse
 import logging
 import os.path as osp
+import pickle
 import sys
 from copy import deepcopy
 from typing import List, Optional
@@ -29,7 +30,8 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from boat_tools.cli import ArgumentParser, UsageError, load_config, tool_main
+from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
+                            load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_data_roots, init_cpu_dist,
                                merge_common_args, parse_launcher_args)
@@ -98,6 +100,45 @@ def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:
         cfg[field] = loader
 
 
+def check_resumable(path: str) -> None:
+    """Raise a :class:`UsageError` unless the checkpoint ``path`` holds the
+    training state that MMEngine's ``Runner.resume`` reads besides the
+    weights (``meta.epoch``, ``meta.iter`` and ``message_hub``).
+
+    A weights-only file (converted by ``boat2mm.py``, or a bare state dict)
+    would otherwise load into the model, then fail with a bare
+    ``KeyError: 'epoch'``. Only the file's structure is read (``mmap``);
+    remote files, and files that weights-only loading refuses or cannot
+    map, are left to MMEngine (and its convert-first hint).
+
+    Args:
+        path (str): The path given to ``--resume``.
+    """
+    if '://' in path:
+        return
+    check_checkpoint(path)
+    import torch
+    try:
+        ckpt = torch.load(
+            path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError):
+        return
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [f'meta.{k}' for k in ('epoch', 'iter') if k not in meta]
+    if not isinstance(ckpt, dict) or 'message_hub' not in ckpt:
+        missing.append('message_hub')
+    if missing:
+        raise UsageError(
+            f'--resume {path!r}: the file holds weights without the '
+            f'training state a resume needs ({", ".join(missing)} '
+            f'missing): it was not written by a training run. To start a '
+            f'new run from these weights, pass `--cfg-options '
+            f'load_from={path}` instead of --resume; to continue a run, '
+            f'pass its WORK_DIR/iter_N.pth or epoch_N.pth, or --resume '
+            f'alone for the latest checkpoint of --work-dir.')
+
+
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config.
 
@@ -130,6 +171,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.resume = True
         cfg.load_from = None
     elif args.resume is not None:
+        check_resumable(args.resume)
         cfg.resume = True
         cfg.load_from = args.resume
 
