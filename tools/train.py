@@ -52,7 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=str,
         const='auto',
         help='resume from the given checkpoint, or, without a path, from '
-        'the latest checkpoint in the work dir (if any)')
+        'the latest checkpoint in the work dir (if none yet: start from the '
+        'config\'s load_from, if any)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -168,8 +169,20 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        # What MMEngine's find_latest_checkpoint reads.
+        latest = osp.join(cfg.work_dir, 'last_checkpoint')
+        if cfg.get('load_from') and not osp.exists(latest):
+            # Nothing to resume yet: MMEngine would start from scratch, the
+            # config's load_from dropped (as upstream tools do); a job
+            # script that always passes --resume starts from it instead.
+            print_log(
+                f'--resume: no checkpoint in {cfg.work_dir} yet; starting '
+                f'from load_from={cfg.load_from}.',
+                logger='current')
+            cfg.resume = False
+        else:
+            cfg.resume = True
+            cfg.load_from = None
     elif args.resume is not None:
         check_resumable(args.resume)
         cfg.resume = True

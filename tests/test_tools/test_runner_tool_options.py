@@ -169,6 +169,26 @@ def test_train_resume(spy, train_tool, tiny_cls, tmp_path):
     assert rec.cfg.load_from == ckpt
 
 
+def test_train_auto_resume_keeps_load_from_until_a_checkpoint(
+        spy, train_tool, tiny_cls, tmp_path):
+    """``--resume`` alone with a ``load_from`` config: while the work dir
+    has no checkpoint, the run starts from ``load_from`` (MMEngine would
+    resume nothing and start from scratch); once it has one, that is
+    resumed, as by mmpretrain's and mmdet's tools."""
+    work_dir = tmp_path / 'work'
+    argv = [
+        tiny_cls['cfg'], '--resume', '--work-dir',
+        str(work_dir), '--cfg-options', f'load_from={tiny_cls["ckpt"]}'
+    ]
+    rec = spy(train_tool, argv)
+    assert rec.cfg.resume is False
+    assert rec.cfg.load_from == tiny_cls['ckpt']
+    work_dir.mkdir()
+    (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_2.pth'))
+    rec = spy(train_tool, argv)
+    assert rec.cfg.resume is True and rec.cfg.load_from is None
+
+
 def test_train_resume_from_weights_only_file(spy, train_tool, tiny_cls,
                                              capsys):
     """Weights without training state (converted, or a bare state dict)
