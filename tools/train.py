@@ -52,8 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=str,
         const='auto',
         help='resume from the given checkpoint, or, without a path, from '
-        'the latest checkpoint in the work dir (if none yet: start from the '
-        'config\'s load_from, if any)')
+        'the latest checkpoint in the work dir (if none yet: from the '
+        'config\'s load_from, if any, resumed if a training run wrote it)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -101,34 +101,50 @@ def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:
         cfg[field] = loader
 
 
-def check_resumable(path: str) -> None:
-    """Raise a :class:`UsageError` unless the checkpoint ``path`` holds the
-    training state that MMEngine's ``Runner.resume`` reads besides the
-    weights (``meta.epoch``, ``meta.iter`` and ``message_hub``).
+def missing_training_state(path: str) -> Optional[List[str]]:
+    """What a checkpoint lacks of the training state that MMEngine's
+    ``Runner.resume`` reads besides the weights (``meta.epoch``,
+    ``meta.iter``, ``message_hub``).
 
-    A weights-only file (converted by ``boat2mm.py``, or a bare state dict)
-    would otherwise load into the model, then fail with a bare
-    ``KeyError: 'epoch'``. Only the file's structure is read (``mmap``);
-    remote files, and files that weights-only loading refuses or cannot
-    map, are left to MMEngine (and its convert-first hint).
+    Only the file's structure is read (``mmap``). Remote files, and files
+    that weights-only loading refuses or cannot map, give None: left to
+    MMEngine (and its convert-first hint).
 
     Args:
-        path (str): The path given to ``--resume``.
+        path (str): A checkpoint path or URL.
+
+    Returns:
+        list[str] | None: The missing entries (empty for a checkpoint
+        written by a training run), or None when not known.
     """
-    if '://' in path:
-        return
-    check_checkpoint(path)
+    if '://' in path or not osp.isfile(path):
+        return None
     import torch
     try:
         ckpt = torch.load(
             path, map_location='cpu', weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError):
-        return
+        return None
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     missing = [f'meta.{k}' for k in ('epoch', 'iter') if k not in meta]
     if not isinstance(ckpt, dict) or 'message_hub' not in ckpt:
         missing.append('message_hub')
+    return missing
+
+
+def check_resumable(path: str) -> None:
+    """Raise a :class:`UsageError` unless ``--resume PATH`` can be resumed:
+    a weights-only file (converted by ``boat2mm.py``, or a bare state dict)
+    would otherwise load into the model, then fail with a bare
+    ``KeyError: 'epoch'`` (see :func:`missing_training_state`).
+
+    Args:
+        path (str): The path given to ``--resume``.
+    """
+    if '://' not in path:
+        check_checkpoint(path)
+    missing = missing_training_state(path)
     if missing:
         raise UsageError(
             f'--resume {path!r}: the file holds weights without the '
@@ -174,12 +190,14 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         if cfg.get('load_from') and not osp.exists(latest):
             # Nothing to resume yet: MMEngine would start from scratch, the
             # config's load_from dropped (as upstream tools do); a job
-            # script that always passes --resume starts from it instead.
+            # script that always passes --resume starts from it instead,
+            # resuming it if a run wrote it (as mmseg's --resume does).
+            cfg.resume = missing_training_state(cfg.load_from) == []
             print_log(
-                f'--resume: no checkpoint in {cfg.work_dir} yet; starting '
-                f'from load_from={cfg.load_from}.',
+                f'--resume: no checkpoint in {cfg.work_dir} yet; '
+                f'{"resuming" if cfg.resume else "starting from"} '
+                f'load_from={cfg.load_from}.',
                 logger='current')
-            cfg.resume = False
         else:
             cfg.resume = True
             cfg.load_from = None

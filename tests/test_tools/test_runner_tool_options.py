@@ -172,8 +172,9 @@ def test_train_resume(spy, train_tool, tiny_cls, tmp_path):
 def test_train_auto_resume_keeps_load_from_until_a_checkpoint(
         spy, train_tool, tiny_cls, tmp_path):
     """``--resume`` alone with a ``load_from`` config: while the work dir
-    has no checkpoint, the run starts from ``load_from`` (MMEngine would
-    resume nothing and start from scratch); once it has one, that is
+    has no checkpoint, the run starts from the ``load_from`` weights
+    (MMEngine would resume nothing and start from scratch), or resumes it
+    if it is a training checkpoint; once the work dir has one, that is
     resumed, as by mmpretrain's and mmdet's tools."""
     work_dir = tmp_path / 'work'
     argv = [
@@ -183,6 +184,11 @@ def test_train_auto_resume_keeps_load_from_until_a_checkpoint(
     rec = spy(train_tool, argv)
     assert rec.cfg.resume is False
     assert rec.cfg.load_from == tiny_cls['ckpt']
+    # A load_from written by a training run is resumed, as mmseg's
+    # --resume does.
+    ckpt = _training_checkpoint(str(tmp_path / 'other.pth'), tiny_cls['ckpt'])
+    rec = spy(train_tool, argv[:-1] + [f'load_from={ckpt}'])
+    assert rec.cfg.resume is True and rec.cfg.load_from == ckpt
     work_dir.mkdir()
     (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_2.pth'))
     rec = spy(train_tool, argv)
