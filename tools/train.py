@@ -22,6 +22,7 @@ Examples::
 import argparse
 import logging
 import os.path as osp
+import pickle
 import sys
 from copy import deepcopy
 from typing import List, Optional
@@ -29,7 +30,8 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from boat_tools.cli import ArgumentParser, UsageError, load_config, tool_main
+from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
+                            load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_data_roots, init_cpu_dist,
                                merge_common_args, parse_launcher_args)
@@ -50,7 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=str,
         const='auto',
         help='resume from the given checkpoint, or, without a path, from '
-        'the latest checkpoint in the work dir (if any)')
+        'the latest checkpoint in the work dir (if none yet: from the '
+        'config\'s load_from, if any, resumed if a training run wrote it)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -98,6 +101,61 @@ def _set_dataloader_defaults(cfg: Config, args: argparse.Namespace) -> None:
         cfg[field] = loader
 
 
+def missing_training_state(path: str) -> Optional[List[str]]:
+    """What a checkpoint lacks of the training state that MMEngine's
+    ``Runner.resume`` reads besides the weights (``meta.epoch``,
+    ``meta.iter``, ``message_hub``).
+
+    Only the file's structure is read (``mmap``). Remote files, and files
+    that weights-only loading refuses or cannot map, give None: left to
+    MMEngine (and its convert-first hint).
+
+    Args:
+        path (str): A checkpoint path or URL.
+
+    Returns:
+        list[str] | None: The missing entries (empty for a checkpoint
+        written by a training run), or None when not known.
+    """
+    if '://' in path or not osp.isfile(path):
+        return None
+    import torch
+    try:
+        ckpt = torch.load(
+            path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError):
+        return None
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [f'meta.{k}' for k in ('epoch', 'iter') if k not in meta]
+    if not isinstance(ckpt, dict) or 'message_hub' not in ckpt:
+        missing.append('message_hub')
+    return missing
+
+
+def check_resumable(path: str) -> None:
+    """Raise a :class:`UsageError` unless ``--resume PATH`` can be resumed:
+    a weights-only file (converted by ``boat2mm.py``, or a bare state dict)
+    would otherwise load into the model, then fail with a bare
+    ``KeyError: 'epoch'`` (see :func:`missing_training_state`).
+
+    Args:
+        path (str): The path given to ``--resume``.
+    """
+    if '://' not in path:
+        check_checkpoint(path)
+    missing = missing_training_state(path)
+    if missing:
+        raise UsageError(
+            f'--resume {path!r}: the file holds weights without the '
+            f'training state a resume needs ({", ".join(missing)} '
+            f'missing): it was not written by a training run. To start a '
+            f'new run from these weights, pass `--cfg-options '
+            f'load_from={path}` instead of --resume; to continue a run, '
+            f'pass its WORK_DIR/iter_N.pth or epoch_N.pth, or --resume '
+            f'alone for the latest checkpoint of --work-dir.')
+
+
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config.
 
@@ -127,9 +185,24 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        # What MMEngine's find_latest_checkpoint reads.
+        latest = osp.join(cfg.work_dir, 'last_checkpoint')
+        if cfg.get('load_from') and not osp.exists(latest):
+            # Nothing to resume yet: MMEngine would start from scratch, the
+            # config's load_from dropped (as upstream tools do); a job
+            # script that always passes --resume starts from it instead,
+            # resuming it if a run wrote it (as mmseg's --resume does).
+            cfg.resume = missing_training_state(cfg.load_from) == []
+            print_log(
+                f'--resume: no checkpoint in {cfg.work_dir} yet; '
+                f'{"resuming" if cfg.resume else "starting from"} '
+                f'load_from={cfg.load_from}.',
+                logger='current')
+        else:
+            cfg.resume = True
+            cfg.load_from = None
     elif args.resume is not None:
+        check_resumable(args.resume)
         cfg.resume = True
         cfg.load_from = args.resume
 

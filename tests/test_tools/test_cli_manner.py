@@ -69,6 +69,15 @@ def files(tmp_path_factory):
 CASES = [
     ('train', ['missing.py'], "config file 'missing.py' not found"),
     ('train', [CLS, '--amp'], '--amp needs a CUDA device'),
+    # A dict option under a value that is not a dict (the demo's
+    # init_cfg=None): MMEngine's TypeError, with the command-line fix.
+    ('train',
+     [SEG, '--cfg-options', 'model.backbone.init_cfg.type=Pretrained'
+      ], 'init_cfg is a dict in the child config but is of type <class '
+     "'NoneType'> in base config. You may set `_delete_=True` to ignore the "
+     'base config: on the command line, KEY._delete_=True'),
+    ('get_flops', [SEG, '--cfg-options', 'model.backbone.arch.depths.7=1'],
+     '--cfg-options: Index 7 exceeds the length of list [1, 2, 4, 1]'),
     ('test', [CLS, 'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('test', [CLS, '{ours}', '--out-item', 'pred'], '--out-item needs --out'),
     # The CPU's autocast is bfloat16, which mmcv's nms does not take.

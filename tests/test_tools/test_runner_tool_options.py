@@ -148,14 +148,68 @@ def test_train_work_dir_and_cfg_options_priority(spy, train_tool, tiny_cls,
     assert rec.cfg.work_dir == osp.join('./work_dirs', 'tiny_swin')
 
 
-def test_train_resume(spy, train_tool, tiny_cls):
+def _training_checkpoint(path: str, weights: str) -> str:
+    """A file with what MMEngine's ``Runner.resume`` reads besides the
+    weights: ``meta`` (epoch, iteration) and the message hub."""
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    state.update(meta=dict(epoch=1, iter=9), message_hub=dict(log_scalars={}))
+    torch.save(state, path)
+    return path
+
+
+def test_train_resume(spy, train_tool, tiny_cls, tmp_path):
     rec = spy(train_tool, [tiny_cls['cfg']])
     assert not rec.cfg.get('resume', False)
     rec = spy(train_tool, [tiny_cls['cfg'], '--resume'])
     assert rec.cfg.resume is True and rec.cfg.load_from is None
-    rec = spy(train_tool, [tiny_cls['cfg'], '--resume', tiny_cls['ckpt']])
+    ckpt = _training_checkpoint(
+        str(tmp_path / 'epoch_1.pth'), tiny_cls['ckpt'])
+    rec = spy(train_tool, [tiny_cls['cfg'], '--resume', ckpt])
     assert rec.cfg.resume is True
+    assert rec.cfg.load_from == ckpt
+
+
+def test_train_auto_resume_keeps_load_from_until_a_checkpoint(
+        spy, train_tool, tiny_cls, tmp_path):
+    """``--resume`` alone with a ``load_from`` config: while the work dir
+    has no checkpoint, the run starts from the ``load_from`` weights
+    (MMEngine would resume nothing and start from scratch), or resumes it
+    if it is a training checkpoint; once the work dir has one, that is
+    resumed, as by mmpretrain's and mmdet's tools."""
+    work_dir = tmp_path / 'work'
+    argv = [
+        tiny_cls['cfg'], '--resume', '--work-dir',
+        str(work_dir), '--cfg-options', f'load_from={tiny_cls["ckpt"]}'
+    ]
+    rec = spy(train_tool, argv)
+    assert rec.cfg.resume is False
     assert rec.cfg.load_from == tiny_cls['ckpt']
+    # A load_from written by a training run is resumed, as mmseg's
+    # --resume does.
+    ckpt = _training_checkpoint(str(tmp_path / 'other.pth'), tiny_cls['ckpt'])
+    rec = spy(train_tool, argv[:-1] + [f'load_from={ckpt}'])
+    assert rec.cfg.resume is True and rec.cfg.load_from == ckpt
+    work_dir.mkdir()
+    (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_2.pth'))
+    rec = spy(train_tool, argv)
+    assert rec.cfg.resume is True and rec.cfg.load_from is None
+
+
+def test_train_resume_from_weights_only_file(spy, train_tool, tiny_cls,
+                                             capsys):
+    """Weights without training state (converted, or a bare state dict)
+    cannot be resumed: one line naming load_from, before the runner is
+    built (MMEngine would load the model, then fail with a bare
+    ``KeyError: 'epoch'``)."""
+    with pytest.raises(SystemExit) as exc:
+        spy(train_tool, [tiny_cls['cfg'], '--resume', tiny_cls['ckpt']])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert 'meta.epoch, meta.iter, message_hub' in err
+    assert f'--cfg-options load_from={tiny_cls["ckpt"]}' in err
+    with pytest.raises(SystemExit):
+        spy(train_tool, [tiny_cls['cfg'], '--resume', 'missing.pth'])
+    assert "checkpoint 'missing.pth' not found" in capsys.readouterr().err
 
 
 def test_train_amp(spy, train_tool, tiny_cls, monkeypatch, capsys):

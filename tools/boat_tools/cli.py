@@ -26,8 +26,8 @@ from typing import Callable, List, Optional, Tuple
 
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
-    'check_file', 'check_checkpoint', 'load_config', 'tool_main',
-    'user_error_types'
+    'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
+    'tool_main', 'user_error_types'
 ]
 
 
@@ -132,6 +132,28 @@ def check_checkpoint(path: str) -> str:
         'published weights by tools/model_converters/boat2mm.py')
 
 
+def merge_cfg_options(cfg, cfg_options: Optional[dict]) -> None:
+    """``cfg.merge_from_dict(cfg_options)``, with MMEngine's complaints
+    about an option (a dict under a value that is not one, a list index
+    out of range) as a :class:`UsageError`.
+
+    Args:
+        cfg (mmengine.config.Config): The config, changed in place.
+        cfg_options (dict, optional): ``--cfg-options``.
+    """
+    if not cfg_options:
+        return
+    try:
+        cfg.merge_from_dict(cfg_options)
+    except (TypeError, KeyError) as err:
+        text = _one_line(err)
+        if isinstance(err, TypeError) and '_delete_' in text:
+            text = text.rstrip('.') + (
+                ': on the command line, KEY._delete_=True beside the '
+                'KEY.FIELD=VALUE options.')
+        raise UsageError(f'--cfg-options: {text}') from err
+
+
 def load_config(path: str, cfg_options: Optional[dict] = None):
     """Load a config after checking that the file exists, then merge
     ``--cfg-options``.
@@ -144,8 +166,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
         path, 'config file', 'pass an mmpretrain, mmseg or mmdet config, e.g. '
         'configs/boat_upernet_ade20k.py')
     cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    merge_cfg_options(cfg, cfg_options)
     return cfg
 
 

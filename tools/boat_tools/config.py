@@ -123,8 +123,9 @@ def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
         args (argparse.Namespace): With ``config``, ``cfg_options``,
             ``launcher`` and ``work_dir``.
     """
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    # Imported when used, as cli.py imports this module when used.
+    from .cli import merge_cfg_options
+    merge_cfg_options(cfg, args.cfg_options)
     cfg.launcher = args.launcher
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir

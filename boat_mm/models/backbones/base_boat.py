@@ -262,7 +262,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         in_channels (int): Input channels. Defaults to 3.
         mlp_ratio (float): FFN hidden ratio. Defaults to 4.
         out_indices (Sequence[int] | int): Stages to output (negative counts
-            from the end). Defaults to ``(0, 1, 2, 3)``.
+            from the end). What follows the last of them is not run, and
+            its weights (kept in the state dict) do not require grad, so
+            DDP needs no ``find_unused_parameters``. Defaults to
+            ``(0, 1, 2, 3)``.
         qkv_bias (bool): Bias of the qkv projections. Defaults to True.
         qk_scale (float, optional): Scale of the image-space attention
             logits (and of FSLA's, unless the family's ``fsla_qk_scale`` or
@@ -485,6 +488,17 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 f'norm{i}',
                 build_norm_layer(self.norm_cfg, self.num_features[i])[1])
         self._freeze_stages()
+        # The forward stops at the last output stage: what follows it
+        # would never get a gradient, which DDP refuses at the second
+        # iteration unless find_unused_parameters=True. Kept in the model
+        # (checkpoints keep their keys), not trained.
+        last = self.out_indices[-1]
+        unused = list(self.stages[last + 1:])
+        if not self.downsample_first:
+            unused.append(self.stages[last].downsample)
+        for module in unused:
+            if module is not None:
+                module.requires_grad_(False)
 
     def fsla_modules(
             self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:

@@ -155,3 +155,29 @@ def test_frozen_stages_stay_frozen_through_train(family):
             assert not m.training, name
         elif name.startswith(('stages.1', 'stages.2', 'stages.3')):
             assert m.training, name
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('out_indices', [(0, 1, 2), (1, ), (1, 2, 3)])
+def test_every_trainable_parameter_gets_a_gradient(family, out_indices):
+    """DDP with ``find_unused_parameters=False`` (the configs' default)
+    fails at the second iteration on a trainable parameter that got no
+    gradient. The forward stops at the last output stage, so what follows
+    it (the later stages, and Swin's merge after that stage) is not
+    trainable; everything else, FSLA included, gets a gradient."""
+    cls, arch = FAMILIES[family]
+    model = cls(arch=arch, out_indices=out_indices, with_cp=True).train()
+    torch.manual_seed(0)
+    outs = model(torch.randn(SHAPE))
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    params = dict(model.named_parameters())
+    assert [
+        n for n, p in params.items() if p.requires_grad and p.grad is None
+    ] == []
+    last = out_indices[-1]
+    after = tuple(f'stages.{j}.' for j in range(last + 1, 4))
+    if family == 'swin':
+        after += (f'stages.{last}.downsample.', )
+    assert {n for n, p in params.items() if not p.requires_grad} == \
+        {n for n in params if n.startswith(after)}
+    assert any('.fsla.' in n and p.grad is not None for n, p in params.items())
