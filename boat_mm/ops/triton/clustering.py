@@ -127,9 +127,8 @@ _RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
 # tl.sum, tl.min and tl.max are jit functions around tl.reduce with these
 # combine functions. Calling tl.reduce directly compiles to the same code
 # and spares the interpreter a re-patch of triton.language on every call
-# (milliseconds each; it would dominate the CPU tests). The helpers below
-# that the token loops call cost the interpreter far less: a pass calls
-# each once per block, not once per reduction.
+# (milliseconds each; it would dominate the CPU tests). The token loops
+# below call their helpers once per block, which the tests do not notice.
 
 
 @triton.jit
