@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Timing, peak memory and autocast of the benchmark scripts
-(``benchmarks/fsla.py`` and ``benchmarks/backbone.py`` import it as a
-sibling module)."""
+"""Timing, peak memory, autocast and the device options of the benchmark
+scripts (``benchmarks/fsla.py`` and ``benchmarks/backbone.py`` import it
+as a sibling module)."""
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -9,6 +10,40 @@ import time
 from typing import Callable, Optional, Tuple
 
 import torch
+
+DTYPES = ('fp32', 'bf16')
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--threads`` and ``--dtypes``, the same in every
+    benchmark (:func:`parse_dtypes` reads ``--dtypes``)."""
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument(
+        '--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument(
+        '--dtypes',
+        default=None,
+        help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
+        'default: fp32 on the CPU, fp32,bf16 on CUDA')
+
+
+def parse_dtypes(args: argparse.Namespace) -> None:
+    """``args.dtypes`` as a list (its default by the device), or exit
+    with the values ``--dtypes`` takes."""
+    if args.dtypes is None:
+        cuda = torch.device(args.device).type == 'cuda'
+        args.dtypes = 'fp32,bf16' if cuda else 'fp32'
+    args.dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    if not args.dtypes or set(args.dtypes) - set(DTYPES):
+        raise SystemExit(f'--dtypes takes a comma-separated subset of '
+                         f'{",".join(DTYPES)}, got {args.dtypes}')
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its torch threads."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU, {torch.get_num_threads()} threads'
 
 
 def amp_context(device: torch.device, dtype: str):

@@ -28,7 +28,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-from _timing import PeakMemory, amp_context, timed
+from _timing import (PeakMemory, add_device_args, amp_context, device_name,
+                     parse_dtypes, timed)
 
 from boat_mm.models import boat_families
 
@@ -45,9 +46,7 @@ TARGETS = {('boat-cswin-t', 'cswin-t'): 1.35}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument(
-        '--threads', type=int, default=2, help='torch CPU threads')
+    add_device_args(parser)
     parser.add_argument(
         '--size',
         type=int,
@@ -66,16 +65,10 @@ def parse_args() -> argparse.Namespace:
         help='timed steps per model; default 10 (--quick: 1)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument(
-        '--dtypes',
-        default=None,
-        help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
-        'default: fp32 on the CPU, fp32,bf16 on CUDA')
-    parser.add_argument(
         '--models',
         default=','.join(MODELS),
         help='comma-separated subset of ' + ','.join(MODELS))
     args = parser.parse_args()
-    cuda = torch.device(args.device).type == 'cuda'
     if args.size is None:
         args.size = 64 if args.quick else 512
     if args.batch is None:
@@ -84,14 +77,12 @@ def parse_args() -> argparse.Namespace:
         args.repeats = 1 if args.quick else 10
     if args.quick:
         args.warmup = 1
-    if args.dtypes is None:
-        args.dtypes = 'fp32,bf16' if cuda else 'fp32'
-    args.dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    parse_dtypes(args)
     args.models = [m.strip() for m in args.models.split(',') if m.strip()]
     unknown = set(args.models) - set(MODELS)
-    if unknown or set(args.dtypes) - {'fp32', 'bf16'}:
-        raise SystemExit(f'unknown --models {sorted(unknown)} or --dtypes '
-                         f'{args.dtypes}')
+    if unknown:
+        raise SystemExit(f'unknown --models {sorted(unknown)}; choose from '
+                         f'{",".join(MODELS)}')
     return args
 
 
@@ -165,9 +156,7 @@ def run(args, dtype: str) -> Dict[str, dict]:
 
 def print_table(results: Dict[str, dict], args, dtype: str) -> None:
     device = torch.device(args.device)
-    name = (
-        torch.cuda.get_device_name(device) if device.type == 'cuda' else
-        f'CPU, {torch.get_num_threads()} threads')
+    name = device_name(device)
     print(f'\nBackbone training step ({dtype}): {name}, {args.size}x'
           f'{args.size}, batch {args.batch}, torch {torch.__version__}; '
           f'median of {args.repeats}')

@@ -41,7 +41,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _timing import PeakMemory, amp_context, timed
+from _timing import (PeakMemory, add_device_args, amp_context, device_name,
+                     parse_dtypes, timed)
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
@@ -69,9 +70,7 @@ FSLA_IMPLS = {'fsla': 'auto', 'fsla-tensor': 'tensor'}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument(
-        '--threads', type=int, default=2, help='torch CPU threads')
+    add_device_args(parser)
     parser.add_argument(
         '--batch',
         type=int,
@@ -82,11 +81,6 @@ def parse_args() -> argparse.Namespace:
         action='store_true',
         help='CPU: anchor shapes and 128^2 (C=64) only; CUDA: 128^2 and '
         '56^2 (C=64)')
-    parser.add_argument(
-        '--dtypes',
-        default=None,
-        help="comma-separated 'fp32' and/or 'bf16' (bfloat16 autocast); "
-        "default: fp32 on the CPU, fp32,bf16 on CUDA")
     parser.add_argument(
         '--shapes',
         default=None,
@@ -117,12 +111,7 @@ def parse_args() -> argparse.Namespace:
     cuda = torch.device(args.device).type == 'cuda'
     if args.batch is None:
         args.batch = 8 if cuda else 2
-    if args.dtypes is None:
-        args.dtypes = 'fp32,bf16' if cuda else 'fp32'
-    args.dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
-    if set(args.dtypes) - {'fp32', 'bf16'}:
-        raise SystemExit(f"--dtypes takes 'fp32' and 'bf16', got "
-                         f'{args.dtypes}')
+    parse_dtypes(args)
     return args
 
 
@@ -463,12 +452,6 @@ def mem_ratio(a: dict, b: dict) -> Optional[float]:
 
 def fmt_ratio(value: Optional[float]) -> str:
     return f'{value:.2f}x' if value is not None else '-'
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'CPU, {torch.get_num_threads()} threads'
 
 
 def print_tables(all_results, args, dtype: str = 'fp32') -> None:

@@ -4,6 +4,7 @@ with tiny BOAT archs. The command line: tests/test_tools/test_vis_clusters.py.
 """
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -94,6 +95,17 @@ def test_palette_colorize_and_draw():
     palette = cluster_palette(300)
     assert palette.shape == (300, 3) and palette.dtype == np.uint8
     assert len({tuple(c) for c in palette}) == 300
+    # Up to 384 colours pairwise distinct, one brightness per 128 ids.
+    palette = cluster_palette(384)
+    assert len({tuple(c) for c in palette}) == 384
+    hsv = cv2.cvtColor(palette[None], cv2.COLOR_BGR2HSV)[0].astype(int)
+    assert (np.diff(hsv[:, 2].reshape(3, 128).mean(1)) < -50).all()
+    # Sibling clusters (2j, 2j + 1) get opposite hues (OpenCV's hue is
+    # 0-179: opposite is 90 apart; the round trip through BGR moves a hue
+    # by a few units).
+    gap = np.abs(hsv[0::2, 0] - hsv[1::2, 0])
+    gap = np.minimum(gap, 180 - gap)
+    assert gap.min() >= 85, gap.min()
     ids = np.array([[0, 1], [2, 0]])
     np.testing.assert_array_equal(colorize_ids(ids), cluster_palette(3)[ids])
     # Stride 4 over a 7 x 6 image: token (r, c) covers 4x4 pixels, cut at

@@ -127,8 +127,8 @@ _RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
 # tl.sum, tl.min and tl.max are jit functions around tl.reduce with these
 # combine functions. Calling tl.reduce directly compiles to the same code
 # and spares the interpreter a re-patch of triton.language on every call
-# (milliseconds each; it would dominate the CPU tests), as does inlining
-# small helpers in the token loops below.
+# (milliseconds each; it would dominate the CPU tests). The token loops
+# below call their helpers once per block, which the tests do not notice.
 
 
 @triton.jit
@@ -252,6 +252,57 @@ def _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64: tl.constexpr,
 
 
 @triton.jit
+def _soft_weights(s0, s1, nrm, valid, temp, F64: tl.constexpr):
+    """Weights of the rows in a soft k-means step: the softmax over the
+    two centroids of the scaled similarities ``(s0, s1)``, times the rows'
+    norms (zero where not ``valid``)."""
+    # A sigmoid of the scaled difference; exp of a non-positive argument
+    # never overflows.
+    logit = (s0 - s1) * temp
+    e = tl.exp(-tl.abs(logit))
+    if F64:
+        big = 1. / (1. + e)
+    else:
+        big = tl.div_rn(1., 1. + e)
+    small = e * big
+    first = logit >= 0
+    w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
+    w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+    return w0, w1
+
+
+@triton.jit
+def _ratio(s0, s1, F64: tl.constexpr):
+    """The sort ratio ``(s0 + 1) / (s1 + 1)``, clamped at 0."""
+    if F64:
+        r = (s0 + 1.) / (s1 + 1.)
+    else:
+        r = tl.div_rn(s0 + 1., s1 + 1.)
+    # r >= 0 up to rounding; as the tensor implementation's clamp, so
+    # that bit patterns order like values.
+    return tl.where(r < 0, 0., r)
+
+
+@triton.jit
+def _subtree_key(r, valid, j, p, F64: tl.constexpr, LOG: tl.constexpr):
+    """The subtree kernel's sort key of slot ``p`` of sub-node ``j``:
+    float64 the ratio bits (counting ranks); float32 ``(j, ratio bits,
+    slot)`` packed in an int64, one sort ranking all the level's
+    sub-nodes."""
+    if F64:
+        key = r.to(tl.int64, bitcast=True)
+    else:
+        # The ratio bits made unsigned (the order of the signed bits, as
+        # the phased keys order them); padding above every real token,
+        # by slot.
+        bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+        bits = tl.where(valid, bits + 2147483648, 4294967295)
+        node = tl.zeros_like(bits) + j
+        key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
+    return key
+
+
+@triton.jit
 def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
                start, end, c0, c1, temp, MODE: tl.constexpr,
                FIRST: tl.constexpr, KEY_KIND: tl.constexpr, F64: tl.constexpr,
@@ -267,9 +318,6 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
     inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
-    # (Inside the token loops the code is written out, also where it
-    # repeats _scatter_block's: the interpreter re-patches triton.language
-    # on every call of a jit function: about 15% more interpreter time.)
     dims = tl.arange(0, DP)
     slot0 = t.to(tl.int64) * cap
     for off in range(start, end, BT):
@@ -290,29 +338,11 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
             s0 = tl.reduce(u * c0[None, :], 1, _ADD)
             s1 = tl.reduce(u * c1[None, :], 1, _ADD)
             if MODE == 1:
-                # softmax over two centroids: a sigmoid of the scaled
-                # difference; exp of a non-positive argument never
-                # overflows.
-                logit = (s0 - s1) * temp
-                e = tl.exp(-tl.abs(logit))
-                if F64:
-                    big = 1. / (1. + e)
-                else:
-                    big = tl.div_rn(1., 1. + e)
-                small = e * big
-                first = logit >= 0
-                w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
-                w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+                w0, w1 = _soft_weights(s0, s1, nrm, valid, temp, F64)
                 acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
                 acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
             else:
-                if F64:
-                    r = (s0 + 1.) / (s1 + 1.)
-                else:
-                    r = tl.div_rn(s0 + 1., s1 + 1.)
-                # r >= 0 up to rounding; as the tensor implementation's
-                # clamp, so that bit patterns order like values.
-                r = tl.where(r < 0, 0., r)
+                r = _ratio(s0, s1, F64)
                 if KEY_KIND == 2:
                     key = r.to(tl.int64, bitcast=True)
                 else:
@@ -578,7 +608,6 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
     acc0 = tl.zeros([DP], CT)
     acc1 = tl.zeros([DP], CT)
     inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
-    # (Written out as in _node_pass: no jit calls in the token loop.)
     dims = tl.arange(0, DP)
     for off in range(0, end, BT):
         q = off + tl.arange(0, BT)
@@ -586,16 +615,7 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
         valid = inside & (q < n)
         p = start + q
         tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
-        v = tl.load(
-            x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
-            mask=valid[:, None] & (dims < d)[None, :],
-            other=0.).to(CT)
-        if F64:
-            nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = v / nrm[:, None]
-        else:
-            nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
-            u = tl.div_rn(v, nrm[:, None])
+        u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
         if MODE == 0:
             w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
             w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
@@ -605,34 +625,11 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
             s0 = tl.reduce(u * c0[None, :], 1, _ADD)
             s1 = tl.reduce(u * c1[None, :], 1, _ADD)
             if MODE == 1:
-                logit = (s0 - s1) * temp
-                e = tl.exp(-tl.abs(logit))
-                if F64:
-                    big = 1. / (1. + e)
-                else:
-                    big = tl.div_rn(1., 1. + e)
-                small = e * big
-                first = logit >= 0
-                w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
-                w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+                w0, w1 = _soft_weights(s0, s1, nrm, valid, temp, F64)
                 acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
                 acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
             else:
-                if F64:
-                    r = (s0 + 1.) / (s1 + 1.)
-                else:
-                    r = tl.div_rn(s0 + 1., s1 + 1.)
-                r = tl.where(r < 0, 0., r)
-                if F64:
-                    key = r.to(tl.int64, bitcast=True)
-                else:
-                    # The ratio bits made unsigned (the order of the
-                    # signed bits, as the phased keys order them);
-                    # padding above every real token, by slot.
-                    bits = r.to(tl.int32, bitcast=True).to(tl.int64)
-                    bits = tl.where(valid, bits + 2147483648, 4294967295)
-                    node = tl.zeros([BT], tl.int64) + j
-                    key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
+                key = _subtree_key(_ratio(s0, s1, F64), valid, j, p, F64, LOG)
                 tl.store(key_ptr + kbase + p, key, mask=inside)
     return acc0, acc1
 
@@ -652,16 +649,7 @@ def _resident_node(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
     p = start + q
     tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
     dims = tl.arange(0, DP)
-    v = tl.load(
-        x_ptr + row_off + tok.to(tl.int64)[:, None] * d + dims[None, :],
-        mask=valid[:, None] & (dims < d)[None, :],
-        other=0.).to(CT)
-    if F64:
-        nrm = tl.maximum(tl.sqrt(tl.reduce(v * v, 1, _ADD)), 1e-12)
-        u = v / nrm[:, None]
-    else:
-        nrm = tl.maximum(tl.sqrt_rn(tl.reduce(v * v, 1, _ADD)), 1e-12)
-        u = tl.div_rn(v, nrm[:, None])
+    u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
     inv0, inv1 = _inverse_sizes(n0, n, F64, CT)
     w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
     w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
@@ -673,33 +661,13 @@ def _resident_node(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
     for _ in range(iters):
         s0 = tl.reduce(u * c0[None, :], 1, _ADD)
         s1 = tl.reduce(u * c1[None, :], 1, _ADD)
-        logit = (s0 - s1) * temp
-        e = tl.exp(-tl.abs(logit))
-        if F64:
-            big = 1. / (1. + e)
-        else:
-            big = tl.div_rn(1., 1. + e)
-        small = e * big
-        first = logit >= 0
-        w0 = tl.where(valid, tl.where(first, big, small) * nrm, 0.)
-        w1 = tl.where(valid, tl.where(first, small, big) * nrm, 0.)
+        w0, w1 = _soft_weights(s0, s1, nrm, valid, temp, F64)
         c0, c1 = _normalize(
             tl.reduce(w0[:, None] * u, 0, _ADD),
             tl.reduce(w1[:, None] * u, 0, _ADD), F64)
     s0 = tl.reduce(u * c0[None, :], 1, _ADD)
     s1 = tl.reduce(u * c1[None, :], 1, _ADD)
-    if F64:
-        r = (s0 + 1.) / (s1 + 1.)
-    else:
-        r = tl.div_rn(s0 + 1., s1 + 1.)
-    r = tl.where(r < 0, 0., r)
-    if F64:
-        key = r.to(tl.int64, bitcast=True)
-    else:
-        bits = r.to(tl.int32, bitcast=True).to(tl.int64)
-        bits = tl.where(valid, bits + 2147483648, 4294967295)
-        node = tl.zeros([RT], tl.int64) + j
-        key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
+    key = _subtree_key(_ratio(s0, s1, F64), valid, j, p, F64, LOG)
     tl.store(key_ptr + kbase + p, key, mask=inside)
 
 

@@ -14,6 +14,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint as torch_checkpoint
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATCSWin, BOATSwin
@@ -51,6 +52,25 @@ def _build(family: str, with_cp: bool, frozen_stages: int) -> nn.Module:
     return model.train()
 
 
+@pytest.fixture
+def checkpoint_calls(monkeypatch) -> list:
+    """The modules whose forward ``torch.utils.checkpoint.checkpoint``
+    ran, one entry per call."""
+    calls = []
+    checkpoint = torch_checkpoint.checkpoint
+
+    def counting(function, *args, **kwargs):
+        calls.append(function.__self__)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch_checkpoint, 'checkpoint', counting)
+    return calls
+
+
+def _blocks(model: nn.Module) -> list:
+    return [m for m in model.modules() if hasattr(m, '_residuals')]
+
+
 def _grads(model: nn.Module, x: torch.Tensor,
            seed: int) -> Dict[str, Optional[torch.Tensor]]:
     """Gradients of a fixed random projection of every output, with the
@@ -72,7 +92,8 @@ def _grads(model: nn.Module, x: torch.Tensor,
     ids=[
         'none-frozen', 'input-needs-grad', 'stem-frozen', 'two-stages-frozen'
     ])
-def test_with_cp_gives_the_same_gradients(family, frozen_stages, input_grad):
+def test_with_cp_gives_the_same_gradients(family, frozen_stages, input_grad,
+                                          checkpoint_calls):
     torch.manual_seed(2)
     data = torch.randn(SHAPE)
     results = {}
@@ -81,8 +102,9 @@ def test_with_cp_gives_the_same_gradients(family, frozen_stages, input_grad):
         x = data.clone().requires_grad_(input_grad)
         results[with_cp] = (model, _grads(model, x, seed=3))
     (plain, plain_grads), (cp_model, cp_grads) = results[False], results[True]
-    # The checkpointed blocks really ran under torch.utils.checkpoint.
-    assert all(m.with_cp for m in cp_model.modules() if hasattr(m, 'with_cp'))
+    # Every block of the checkpointed model, and nothing else, ran once
+    # under torch.utils.checkpoint (the frozen ones too: grad is enabled).
+    assert checkpoint_calls == _blocks(cp_model)
 
     frozen = nonzero = 0
     for name, p in plain.named_parameters():
@@ -116,7 +138,7 @@ def test_with_cp_gives_the_same_gradients(family, frozen_stages, input_grad):
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
-def test_with_cp_replays_the_random_draws(family):
+def test_with_cp_replays_the_random_draws(family, checkpoint_calls):
     """With drop path and dropout on, two seeded runs without with_cp
     differ from a run with another seed; the checkpointed run equals the
     plain run of its seed (the recomputation replays its draws)."""
@@ -127,7 +149,9 @@ def test_with_cp_replays_the_random_draws(family):
     ref = _grads(plain, data.clone(), seed=3)
     plain.zero_grad(set_to_none=True)
     other_seed = _grads(plain, data.clone(), seed=4)
+    assert not checkpoint_calls
     cp = _grads(cp_model, data.clone(), seed=3)
+    assert checkpoint_calls == _blocks(cp_model)
     names = [n for n, _ in plain.named_parameters()]
 
     def flat(grads):
