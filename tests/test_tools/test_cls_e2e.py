@@ -10,7 +10,6 @@ Everything is written under ``tmp_path``.
 import os.path as osp
 import pickle
 import re
-import runpy
 import sys
 from typing import List, Optional
 
@@ -23,6 +22,7 @@ from mmengine.registry import MODELS, init_default_scope
 from test_seg_e2e import _ckpt
 from test_seg_e2e import _run as run
 from test_seg_e2e import _tool as tool
+from test_seg_e2e import _tool_main
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -237,15 +237,6 @@ def test_cswin_ema_checkpoint_with_tta(trained_cswin):
                 [s['pred_score'] for s in pickle.load(f)])
     assert scores['hook'].shape == (NUM_VAL, 6)
     torch.testing.assert_close(scores['hook'], scores['plain'])
-
-
-def _tool_main(name: str):
-    """The ``main`` of a tool script, loaded without running it."""
-    # Undecorated: the errors themselves (their one-line report is tested
-    # in test_cli_manner.py).
-    main = runpy.run_path(
-        osp.join(REPO, 'tools', name), run_name='boat_tool')['main']
-    return main.__wrapped__
 
 
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):

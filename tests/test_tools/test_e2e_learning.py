@@ -10,9 +10,10 @@ accuracy and mIoU stay at chance. These runs take the same user configs
 learning in seconds needs:
 
 * classification: the BOAT-Swin-T recipe (no EMA, so validation sees the
-  trained weights) on 6 classes x 10 generated images at 64 px, without
-  RandAugment and random erasing (mixup, cutmix, label smoothing stay),
-  6 epochs of 10 steps; validated on 6 x 4 images;
+  trained weights) on 6 classes x 10 generated 32 px images (cropped and
+  resized to 64 px by the pipeline), without RandAugment and random
+  erasing (mixup, cutmix, label smoothing stay), 6 epochs of 10 steps;
+  validated on 6 x 4 images;
 * segmentation: the headline UPerNet config with the tiny BOAT-CSWin on
   the 8 + 4 generated 64 px scenes, heads over the 8 drawn classes,
   learning rate 1e-3 from scratch (as the demo), no photometric
