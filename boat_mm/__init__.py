@@ -2,8 +2,11 @@
 """boat_mm: BOAT backbones for MMEngine, mmpretrain and mmsegmentation.
 
 Importing this package (as ``custom_imports=dict(imports=['boat_mm'])``
-does) registers the models in MMEngine's root ``MODELS`` registry and lets
-``torch.load(weights_only=True)`` read MMEngine checkpoints; nothing more.
+does) registers the models in MMEngine's root ``MODELS`` registry, lets
+``torch.load(weights_only=True)`` read MMEngine checkpoints, and installs
+two hooks that act only once their modules are imported: MMEngine's
+checkpoint loader says "convert it first" of a published BOAT file, and
+mmpretrain's model hub learns the classifiers' names.
 The generators of synthetic data (:mod:`boat_mm.datasets`) are imported
 where they are used; the tools' own code lives in ``tools/boat_tools``.
 """

@@ -19,7 +19,9 @@ class ModelInfo(NamedTuple):
         name (str): ``Name``.
         config (str): ``Config``, relative to the repository root.
         params (int): ``Metadata.Parameters``: of the boat-mm model.
-        flops (int): ``Metadata.FLOPs``: its multiply-adds.
+        flops (int): ``Metadata.FLOPs``: as the metafile's header says
+            (``get_flops.py``'s multiply-adds, or for detectors its FLOPs
+            line, which adds mmengine's norm estimates).
         metrics (dict): ``Results`` as ``{metric: value}``.
         published_params (int | None): ``Converted From.Parameters``: of
             the original model, as published.
