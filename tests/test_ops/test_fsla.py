@@ -607,6 +607,22 @@ def test_errors():
     for scale in (0., -1.):
         with pytest.raises(ValueError, match='qk_scale=None for the default'):
             FeatureSpaceLocalAttention(8, 2, qk_scale=scale)
+    # Checked up front, naming the argument (a float group_size was
+    # blamed on overlap, num_heads=0 divided by zero, a temperature <= 0
+    # silently gave uniform or repulsive assignments).
+    for kwargs, error, match in [
+        (dict(group_size=4.5), TypeError, 'group_size must be an int'),
+        (dict(num_heads=0), ValueError, 'num_heads must be an int >= 1'),
+        (dict(overlap=-1), ValueError, 'overlap must be an int >= 0'),
+        (dict(kmeans_iters=1.0), TypeError, 'kmeans_iters must be an int'),
+        (dict(kmeans_temperature=0.), ValueError, 'kmeans_temperature'),
+        (dict(kmeans_temperature=-100.), ValueError, 'kmeans_temperature'),
+        (dict(attn_drop=1.5), ValueError, r'attn_drop must be in \[0, 1\]'),
+        (dict(proj_drop=-0.1), ValueError, r'proj_drop must be in \[0, 1\]'),
+    ]:
+        with pytest.raises(error, match=match):
+            FeatureSpaceLocalAttention(
+                **dict(dict(embed_dims=8, num_heads=2), **kwargs))
     m = FeatureSpaceLocalAttention(8, 2)
     with pytest.raises(ValueError, match=r'\(B, N, C\)'):
         m(torch.randn(2, 8, 7, 7), (7, 7))
