@@ -492,6 +492,27 @@ def test_batch_independence(hw):
     assert (alone - inside).abs().max() <= 1e-5
 
 
+def test_gradcheck_and_all_zero_map():
+    """float64 gradcheck of the module on a map of several clusters (the
+    clustering is piecewise constant: gradcheck sees the attention, the
+    local conv and the projections), and an all-zero map (zero query
+    vectors, which the clustering normalises) gives finite outputs and
+    gradients."""
+    torch.manual_seed(0)
+    m = FeatureSpaceLocalAttention(4, 2, group_size=4, overlap=1).double()
+    hw = (3, 5)
+    assert build_cluster_plan(15, 4, 1, torch.device('cpu')).num_clusters > 1
+    x = torch.randn(2, 15, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m(t, hw), (x, ))
+    with torch.no_grad():
+        m.qkv.bias.zero_()
+    zeros = torch.zeros(2, 15, 4, dtype=torch.float64, requires_grad=True)
+    out = m(zeros, hw)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(zeros.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 @pytest.mark.parametrize('hw', [(14, 14), (10, 13)])
 def test_gradients_reach_all_parameters(hw):
     m = make_module(16, 2, torch.float32)
