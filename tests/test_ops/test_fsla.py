@@ -513,6 +513,18 @@ def test_gradcheck_and_all_zero_map():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def test_empty_batch():
+    """A batch of 0 maps (an empty shard) gives an empty output, with
+    several clusters and padding slots."""
+    m = FeatureSpaceLocalAttention(8, 2, group_size=2, overlap=1)
+    plan = build_cluster_plan(9, 2, 1, torch.device('cpu'))
+    assert 1 < plan.num_clusters and plan.num_clusters * plan.slot_size > 9
+    x = torch.randn(0, 9, 8, requires_grad=True)
+    out = m(x, (3, 3))
+    out.sum().backward()
+    assert out.shape == (0, 9, 8) and x.grad.shape == (0, 9, 8)
+
+
 @pytest.mark.parametrize('hw', [(14, 14), (10, 13)])
 def test_gradients_reach_all_parameters(hw):
     m = make_module(16, 2, torch.float32)
