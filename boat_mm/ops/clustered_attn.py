@@ -171,6 +171,29 @@ def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
     return inv[:, :N]
 
 
+def _check_perm_range(perm: Tensor, num_tokens: int) -> None:
+    """Refuse tokens outside ``[0, N)`` in a CPU ``perm`` before a kernel
+    reads (and, backward, writes) the rows they index unchecked.
+
+    A ``perm`` from the clustering is always in range; a hand-made one
+    (:meth:`FeatureSpaceLocalAttention.register_cluster_hook`, direct
+    calls) may not be. Skipped on GPUs (it would synchronise) and under
+    tracing or compilation (data-dependent).
+    """
+    if (perm.device.type != 'cpu' or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or not perm.numel()):
+        return
+    if perm.dtype != torch.int64:
+        return  # the op's own check names the dtype
+    low, high = int(perm.min()), int(perm.max())
+    if low < 0 or high >= num_tokens:
+        raise ValueError(
+            f'perm holds token indices in [{low}, {high}], outside [0, '
+            f'{num_tokens}) for N={num_tokens} tokens; take perm from '
+            f'balanced_hierarchical_clustering for this N (a cluster hook '
+            f'must return indices of the same map).')
+
+
 def clustered_attention(
         qkv: Tensor,
         perm: Tensor,
@@ -221,6 +244,7 @@ def clustered_attention(
     op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
                     plan.overlap).op(ATTENTION)
     if op is not None:
+        _check_perm_range(perm, N)
         try:
             out, v_image, _ = op(
                 qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,

@@ -212,3 +212,25 @@ def test_kernel_checks_its_arguments():
         call(hw_shape=[13, 14])
     with pytest.raises(RuntimeError, match='float32 and float64'):
         call(qkv=qkv.half())
+
+
+@needs_kernel
+@pytest.mark.parametrize('token', [196, -1])
+def test_tokens_outside_the_map_refused(token):
+    """The kernel indexes rows by ``perm`` unchecked: a hand-made ``perm``
+    (a cluster hook's) with tokens outside ``[0, N)`` read outside ``qkv``
+    and, backward, wrote outside its gradient (heap corruption); it is
+    refused first."""
+    qkv, perm, plan = _problem((14, 14), 16, 2, dtype=torch.float32)
+
+    def spoil(p):
+        p = p.clone()
+        p[1, 3] = token
+        return p
+
+    with pytest.raises(ValueError, match=r'outside \[0, 196\)'):
+        clustered_attention(qkv, spoil(perm), plan, 2, impl='cpp')
+    module = FeatureSpaceLocalAttention(16, 2, attention_impl='cpp')
+    module.register_cluster_hook(lambda mod, p: spoil(p))
+    with pytest.raises(ValueError, match='a cluster hook must return'):
+        module(torch.randn(1, 196, 16), (14, 14))
