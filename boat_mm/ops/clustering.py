@@ -323,6 +323,8 @@ def balanced_hierarchical_clustering(x: Tensor,
     """
     if x.dim() != 3:
         raise ValueError(f'x must be (M, N, d), got shape {tuple(x.shape)}.')
+    if kmeans_iters < 0:  # as the kernels check
+        raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
     if x.shape[1] != plan.num_tokens:
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '

@@ -13,7 +13,8 @@ from attention_problems import problem as _problem
 from attention_problems import run as _run
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import clustered_attention, cpu_kernel_available
+from boat_mm.ops import (balanced_hierarchical_clustering, clustered_attention,
+                         cpu_kernel_available)
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernel_available(), reason='boat_mm._C is not built')
@@ -234,3 +235,29 @@ def test_tokens_outside_the_map_refused(token):
     module.register_cluster_hook(lambda mod, p: spoil(p))
     with pytest.raises(ValueError, match='a cluster hook must return'):
         module(torch.randn(1, 196, 16), (14, 14))
+
+
+@pytest.mark.parametrize('impl', ['tensor', 'cpp'])
+def test_op_arguments_checked_alike(impl):
+    """Mismatched arguments fail the same way on every backend, naming the
+    mismatch (the tensor ops failed in a reshape or an index, or with
+    SDPA's flash-attention message for dropout_p=-0.5)."""
+    if impl == 'cpp' and not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built')
+    qkv, perm, plan = _problem((4, 5), 8, 2, group_size=4, overlap=1)
+    qkv = qkv.detach()
+    assert plan.num_clusters > 1
+    for kwargs, match in [
+        (dict(num_heads=3), r'num_heads \(3\) must divide the 8 channels'),
+        (dict(qkv=qkv[..., :10]), r'qkv must be \(B, N, 3 \* C\)'),
+        (dict(hw_shape=(4, 4)), r'hw_shape \(4, 4\) does not match N=20'),
+        (dict(dropout_p=-0.5), r'dropout_p must be in \[0, 1\]'),
+        (dict(perm=None), 'perm is None but the plan has'),
+        (dict(qkv=torch.randn(2, 30, 24)), 'plan is for 20'),
+    ]:
+        args = dict(qkv=qkv, perm=perm, plan=plan, num_heads=2, impl=impl)
+        with pytest.raises(ValueError, match=match):
+            clustered_attention(**dict(args, **kwargs))
+    with pytest.raises(ValueError, match='kmeans_iters must be >= 0'):
+        balanced_hierarchical_clustering(
+            torch.randn(2, 20, 2), plan, kmeans_iters=-1, impl=impl)
