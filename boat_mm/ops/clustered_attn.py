@@ -171,6 +171,57 @@ def inverse_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
     return inv[:, :N]
 
 
+def _check_attention_inputs(qkv: Tensor, perm: Optional[Tensor],
+                            plan: ClusterPlan, num_heads: int,
+                            dropout_p: float,
+                            hw_shape: Optional[Tuple[int, int]]) -> None:
+    """Static checks (no data read), so that every backend fails alike,
+    naming the mismatch, rather than in a reshape of the tensor ops."""
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        raise ValueError(f'qkv must be (B, N, 3 * C), got shape '
+                         f'{tuple(qkv.shape)}.')
+    N, C = qkv.shape[1], qkv.shape[2] // 3
+    if num_heads < 1 or C % num_heads:
+        raise ValueError(f'num_heads ({num_heads}) must divide the {C} '
+                         f'channels of qkv (shape {tuple(qkv.shape)}).')
+    if N != plan.num_tokens:
+        raise ValueError(f'qkv has N={N} tokens but the plan is for '
+                         f'{plan.num_tokens}; build the plan for N={N}.')
+    if hw_shape is not None and (len(hw_shape) != 2
+                                 or hw_shape[0] * hw_shape[1] != N):
+        raise ValueError(f'hw_shape {tuple(hw_shape)} does not match N={N} '
+                         f'tokens: need H * W == N.')
+    if not 0 <= dropout_p <= 1:
+        raise ValueError(f'dropout_p must be in [0, 1], got {dropout_p}.')
+    if plan.num_clusters > 1 and perm is None:
+        raise ValueError(
+            f'perm is None but the plan has {plan.num_clusters} clusters; '
+            f'pass the perm of balanced_hierarchical_clustering.')
+
+
+def _check_perm_range(perm: Tensor, num_tokens: int) -> None:
+    """Refuse tokens outside ``[0, N)`` in a CPU ``perm`` before a kernel
+    reads (and, backward, writes) the rows they index unchecked.
+
+    A ``perm`` from the clustering is always in range; a hand-made one
+    (:meth:`FeatureSpaceLocalAttention.register_cluster_hook`, direct
+    calls) may not be. Skipped on GPUs (it would synchronise) and under
+    tracing or compilation (data-dependent).
+    """
+    if (perm.device.type != 'cpu' or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or not perm.numel()):
+        return
+    if perm.dtype != torch.int64:
+        return  # the op's own check names the dtype
+    low, high = int(perm.min()), int(perm.max())
+    if low < 0 or high >= num_tokens:
+        raise ValueError(
+            f'perm holds token indices in [{low}, {high}], outside [0, '
+            f'{num_tokens}) for N={num_tokens} tokens; take perm from '
+            f'balanced_hierarchical_clustering for this N (a cluster hook '
+            f'must return indices of the same map).')
+
+
 def clustered_attention(
         qkv: Tensor,
         perm: Tensor,
@@ -205,6 +256,7 @@ def clustered_attention(
         raster order, channels in ``(num_heads, head_dim)`` order; with
         ``hw_shape``, also the ``(B, C, H, W)`` values.
     """
+    _check_attention_inputs(qkv, perm, plan, num_heads, dropout_p, hw_shape)
     B, N, C3 = qkv.shape
     C = C3 // 3
     h, d = num_heads, C // num_heads
@@ -221,6 +273,7 @@ def clustered_attention(
     op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
                     plan.overlap).op(ATTENTION)
     if op is not None:
+        _check_perm_range(perm, N)
         try:
             out, v_image, _ = op(
                 qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,

@@ -323,6 +323,8 @@ def balanced_hierarchical_clustering(x: Tensor,
     """
     if x.dim() != 3:
         raise ValueError(f'x must be (M, N, d), got shape {tuple(x.shape)}.')
+    if kmeans_iters < 0:  # as the kernels check
+        raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
     if x.shape[1] != plan.num_tokens:
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '
@@ -371,11 +373,12 @@ def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,
         feats = x.double() if x.dtype == torch.float64 else x.float()
         norms = feats.norm(dim=-1).clamp(min=1e-12)
         normed = feats / norms.unsqueeze(-1)
-        pos = torch.arange(total, device=device)
-        perm = pos.clamp(max=N - 1).unsqueeze(0).expand(M, total)
+        # Padding slots repeat token N - 1 (not perm[0]: M may be 0).
+        pos = torch.arange(total, device=device).clamp(max=N - 1)
+        perm = pos.unsqueeze(0).expand(M, total)
         if total > N:
-            normed = normed.index_select(1, perm[0])
-            norms = norms.index_select(1, perm[0])
+            normed = normed.index_select(1, pos)
+            norms = norms.index_select(1, pos)
         for level in range(L):
             nodes, cap = 2**level, total >> level
             rows = M * nodes

@@ -13,7 +13,8 @@ from attention_problems import problem as _problem
 from attention_problems import run as _run
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
-from boat_mm.ops import clustered_attention, cpu_kernel_available
+from boat_mm.ops import (balanced_hierarchical_clustering, clustered_attention,
+                         cpu_kernel_available)
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernel_available(), reason='boat_mm._C is not built')
@@ -212,3 +213,51 @@ def test_kernel_checks_its_arguments():
         call(hw_shape=[13, 14])
     with pytest.raises(RuntimeError, match='float32 and float64'):
         call(qkv=qkv.half())
+
+
+@needs_kernel
+@pytest.mark.parametrize('token', [196, -1])
+def test_tokens_outside_the_map_refused(token):
+    """The kernel indexes rows by ``perm`` unchecked: a hand-made ``perm``
+    (a cluster hook's) with tokens outside ``[0, N)`` read outside ``qkv``
+    and, backward, wrote outside its gradient (heap corruption); it is
+    refused first."""
+    qkv, perm, plan = _problem((14, 14), 16, 2, dtype=torch.float32)
+
+    def spoil(p):
+        p = p.clone()
+        p[1, 3] = token
+        return p
+
+    with pytest.raises(ValueError, match=r'outside \[0, 196\)'):
+        clustered_attention(qkv, spoil(perm), plan, 2, impl='cpp')
+    module = FeatureSpaceLocalAttention(16, 2, attention_impl='cpp')
+    module.register_cluster_hook(lambda mod, p: spoil(p))
+    with pytest.raises(ValueError, match='a cluster hook must return'):
+        module(torch.randn(1, 196, 16), (14, 14))
+
+
+@pytest.mark.parametrize('impl', ['tensor', 'cpp'])
+def test_op_arguments_checked_alike(impl):
+    """Mismatched arguments fail the same way on every backend, naming the
+    mismatch (the tensor ops failed in a reshape or an index, or with
+    SDPA's flash-attention message for dropout_p=-0.5)."""
+    if impl == 'cpp' and not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built')
+    qkv, perm, plan = _problem((4, 5), 8, 2, group_size=4, overlap=1)
+    qkv = qkv.detach()
+    assert plan.num_clusters > 1
+    for kwargs, match in [
+        (dict(num_heads=3), r'num_heads \(3\) must divide the 8 channels'),
+        (dict(qkv=qkv[..., :10]), r'qkv must be \(B, N, 3 \* C\)'),
+        (dict(hw_shape=(4, 4)), r'hw_shape \(4, 4\) does not match N=20'),
+        (dict(dropout_p=-0.5), r'dropout_p must be in \[0, 1\]'),
+        (dict(perm=None), 'perm is None but the plan has'),
+        (dict(qkv=torch.randn(2, 30, 24)), 'plan is for 20'),
+    ]:
+        args = dict(qkv=qkv, perm=perm, plan=plan, num_heads=2, impl=impl)
+        with pytest.raises(ValueError, match=match):
+            clustered_attention(**dict(args, **kwargs))
+    with pytest.raises(ValueError, match='kmeans_iters must be >= 0'):
+        balanced_hierarchical_clustering(
+            torch.randn(2, 20, 2), plan, kmeans_iters=-1, impl=impl)

@@ -491,6 +491,39 @@ def test_batch_independence(hw):
     assert (alone - inside).abs().max() <= 1e-5
 
 
+def test_gradcheck_and_all_zero_map():
+    """float64 gradcheck of the module on a map of several clusters (the
+    clustering is piecewise constant: gradcheck sees the attention, the
+    local conv and the projections), and an all-zero map (zero query
+    vectors, which the clustering normalises) gives finite outputs and
+    gradients."""
+    torch.manual_seed(0)
+    m = FeatureSpaceLocalAttention(4, 2, group_size=4, overlap=1).double()
+    hw = (3, 5)
+    assert build_cluster_plan(15, 4, 1, torch.device('cpu')).num_clusters > 1
+    x = torch.randn(2, 15, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m(t, hw), (x, ))
+    with torch.no_grad():
+        m.qkv.bias.zero_()
+    zeros = torch.zeros(2, 15, 4, dtype=torch.float64, requires_grad=True)
+    out = m(zeros, hw)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(zeros.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_empty_batch():
+    """A batch of 0 maps (an empty shard) gives an empty output, with
+    several clusters and padding slots."""
+    m = FeatureSpaceLocalAttention(8, 2, group_size=2, overlap=1)
+    plan = build_cluster_plan(9, 2, 1, torch.device('cpu'))
+    assert 1 < plan.num_clusters and plan.num_clusters * plan.slot_size > 9
+    x = torch.randn(0, 9, 8, requires_grad=True)
+    out = m(x, (3, 3))
+    out.sum().backward()
+    assert out.shape == (0, 9, 8) and x.grad.shape == (0, 9, 8)
+
+
 @pytest.mark.parametrize('hw', [(14, 14), (10, 13)])
 def test_gradients_reach_all_parameters(hw):
     m = make_module(16, 2, torch.float32)
@@ -604,6 +637,22 @@ def test_errors():
     for scale in (0., -1.):
         with pytest.raises(ValueError, match='qk_scale=None for the default'):
             FeatureSpaceLocalAttention(8, 2, qk_scale=scale)
+    # Checked up front, naming the argument (a float group_size was
+    # blamed on overlap, num_heads=0 divided by zero, a temperature <= 0
+    # silently gave uniform or repulsive assignments).
+    for kwargs, error, match in [
+        (dict(group_size=4.5), TypeError, 'group_size must be an int'),
+        (dict(num_heads=0), ValueError, 'num_heads must be an int >= 1'),
+        (dict(overlap=-1), ValueError, 'overlap must be an int >= 0'),
+        (dict(kmeans_iters=1.0), TypeError, 'kmeans_iters must be an int'),
+        (dict(kmeans_temperature=0.), ValueError, 'kmeans_temperature'),
+        (dict(kmeans_temperature=-100.), ValueError, 'kmeans_temperature'),
+        (dict(attn_drop=1.5), ValueError, r'attn_drop must be in \[0, 1\]'),
+        (dict(proj_drop=-0.1), ValueError, r'proj_drop must be in \[0, 1\]'),
+    ]:
+        with pytest.raises(error, match=match):
+            FeatureSpaceLocalAttention(
+                **dict(dict(embed_dims=8, num_heads=2), **kwargs))
     m = FeatureSpaceLocalAttention(8, 2)
     with pytest.raises(ValueError, match=r'\(B, N, C\)'):
         m(torch.randn(2, 8, 7, 7), (7, 7))

@@ -12,6 +12,7 @@ registers it: :func:`boat_families` lists the families for the tools
 hold no per-family tables.
 """
 import inspect
+import numbers
 from collections import OrderedDict
 from copy import deepcopy
 from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
@@ -26,8 +27,9 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from ..utils import FeatureSpaceLocalAttention
-from ..utils.arch import (FrozenStagesMixin, check_frozen_stages,
-                          check_pretrained_file, check_qk_scale, fsla_settings,
+from ..utils.arch import (FrozenStagesMixin, check_bool, check_frozen_stages,
+                          check_int, check_number, check_pretrained_file,
+                          check_qk_scale, check_rate, fsla_settings,
                           parse_arch, parse_out_indices, pretrained_init_cfg,
                           stage_widths, unexpected_arguments_error)
 from ..utils.ckpt_convert import (PublishedLayout, key_listing,
@@ -364,6 +366,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                                              self._accepted_arguments())
         init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
         super().__init__(init_cfg=init_cfg)
+        # Checked here rather than deep inside the layers they build.
+        check_int(in_channels, 'in_channels', name)
+        check_number(mlp_ratio, 'mlp_ratio', name)
+        for flag, value in (('qkv_bias', qkv_bias), ('with_fsla', with_fsla),
+                            ('with_cp', with_cp)):
+            check_bool(value, flag, name)
+        check_rate(drop_rate, 'drop_rate', name)
+        check_rate(attn_drop_rate, 'attn_drop_rate', name)
+        check_rate(drop_path_rate, 'drop_path_rate', name)
         self.arch_settings = self._parse_arch(arch)
         self.depths = list(self.arch_settings['depths'])
         self.num_heads = list(self.arch_settings['num_heads'])
@@ -435,11 +446,19 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 (f' and optionally {sorted(self.optional_keys)}' if self.
                  optional_keys else '') + '.')
         settings = deepcopy(settings)
+        per_stage = ['num_heads'] + sorted(self.optional_keys & set(settings))
+        for key in ['depths'] + per_stage:
+            entries = settings[key]
+            if not isinstance(entries, (list, tuple)) or any(
+                    isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                    or v < 1 for v in entries):
+                raise ValueError(
+                    f'{name} arch: {key} must be a list or tuple of one '
+                    f'positive int per stage, got {entries!r}.')
         n = len(settings['depths'])
         if n:
             settings['embed_dims'] = stage_widths(settings['embed_dims'], n,
                                                   name)
-        per_stage = ['num_heads'] + sorted(self.optional_keys & set(settings))
         if n < 1 or any(len(settings[k]) != n for k in per_stage):
             got = ', '.join(str(settings[k]) for k in ['depths'] + per_stage)
             raise ValueError(
@@ -567,6 +586,16 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             raise ValueError(
                 f'{type(self).__name__} expects images of shape (B, C, H, '
                 f'W), got a tensor of shape {tuple(x.shape)}.')
+        weight = next(self.patch_embed.parameters())
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(
+                x.device.type):
+            # Otherwise the stem's conv fails without naming the fix.
+            fix = f'cast the images, x.to({weight.dtype})'
+            if x.is_floating_point():
+                fix += (f', or the model, model.to({x.dtype}) (or run a '
+                        f'float32 model under torch.autocast)')
+            raise TypeError(f'{type(self).__name__} has {weight.dtype} '
+                            f'weights but got {x.dtype} images: {fix}.')
         x, hw_shape = self._embed(x)
         for i, stage in enumerate(self.stages):
             x, hw_shape, out, out_shape = stage(x, hw_shape)

@@ -234,6 +234,14 @@ class BOATCSWin(BaseBOATBackbone):
         settings = super()._parse_arch(arch)
         n = len(settings['depths'])
         settings.setdefault('split_sizes', [1, 2, 7, 7][:n] + [7] * (n - 4))
+        for i, heads in enumerate(settings['num_heads'][:-1]):
+            # The last stage attends over the full map, with any heads.
+            if heads % 2:
+                raise ValueError(
+                    f'{type(self).__name__} arch: stage {i} has {heads} '
+                    f'heads, but every stage but the last splits its heads '
+                    f'between two stripe branches: give it an even '
+                    f'num_heads (got {settings["num_heads"]}).')
         return settings
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:

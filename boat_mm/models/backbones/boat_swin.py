@@ -9,6 +9,7 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor
 
 from boat_mm.registry import MODELS
+from ..utils.arch import check_int
 from ..utils.ckpt_convert import (PublishedLayout, add_module_keys,
                                   blocks_per_stage)
 from ..utils.window_attn import BOATShiftWindowMSA
@@ -221,9 +222,8 @@ class BOATSwin(BaseBOATBackbone):
                  window_size: int = 7,
                  **kwargs) -> None:
         super().__init__(arch=arch, in_channels=in_channels, **kwargs)
-        if window_size < 1 or patch_size < 1:
-            raise ValueError(f'window_size ({window_size}) and patch_size '
-                             f'({patch_size}) must be positive.')
+        check_int(window_size, 'window_size', type(self).__name__)
+        check_int(patch_size, 'patch_size', type(self).__name__)
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,

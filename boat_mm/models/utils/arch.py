@@ -1,5 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Argument helpers and stage freezing shared by the BOAT backbones."""
+import math
+import numbers
 import os.path as osp
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
@@ -10,6 +12,7 @@ __all__ = [
     'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
     'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin',
     'pretrained_init_cfg', 'unexpected_arguments_error', 'check_qk_scale',
+    'check_int', 'check_number', 'check_bool', 'check_rate',
     'UPSTREAM_SWIN_ARGS'
 ]
 
@@ -24,6 +27,78 @@ UPSTREAM_SWIN_ARGS = frozenset({
     'pretrained', 'convert_weights', 'frozen_stages', 'norm_eval',
     'pad_small_map', 'stage_cfgs', 'patch_cfg', 'init_cfg'
 })
+
+
+def check_int(value: int, name: str, owner: str, minimum: int = 1) -> int:
+    """``value`` is an int (not a bool) of at least ``minimum``.
+
+    Args:
+        value (int): The argument.
+        name (str): Its name, for the message.
+        owner (str): The class it is given to, for the message.
+        minimum (int): The smallest allowed value. Defaults to 1.
+
+    Returns:
+        int: ``value`` as a Python int.
+    """
+    # numbers.Integral admits numpy ints; bool is refused (True == 1
+    # would build a model silently).
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{owner}: {name} must be an int >= {minimum}, got '
+                        f'{value!r} ({type(value).__name__}).')
+    if value < minimum:
+        raise ValueError(
+            f'{owner}: {name} must be an int >= {minimum}, got {value}.')
+    return int(value)
+
+
+def check_number(value: float, name: str, owner: str) -> float:
+    """``value`` is a positive finite real number (not a bool).
+
+    Args:
+        value (float): The argument.
+        name (str): Its name, for the message.
+        owner (str): The class it is given to, for the message.
+
+    Returns:
+        float: ``value`` as a Python float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{owner}: {name} must be a positive number, got '
+                        f'{value!r} ({type(value).__name__}).')
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f'{owner}: {name} must be a positive number, got {value}.')
+    return float(value)
+
+
+def check_rate(value: float, name: str, owner: str) -> float:
+    """``value`` is a probability in ``[0, 1]``.
+
+    Args:
+        value (float): The argument.
+        name (str): Its name, for the message.
+        owner (str): The class it is given to, for the message.
+
+    Returns:
+        float: ``value`` as a Python float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{owner}: {name} must be a float in [0, 1], got '
+                        f'{value!r} ({type(value).__name__}).')
+    if not 0 <= value <= 1:
+        raise ValueError(f'{owner}: {name} must be in [0, 1] (a '
+                         f'probability), got {value}.')
+    return float(value)
+
+
+def check_bool(value: bool, name: str, owner: str) -> bool:
+    """``value`` is a bool: a string such as ``'False'`` is truthy and
+    would silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{owner}: {name} must be True or False, got '
+                        f'{value!r} ({type(value).__name__}).')
+    return value
 
 
 def parse_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict],
@@ -73,10 +148,14 @@ def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
     Returns:
         list[int]: ``num_stages`` positive widths.
     """
-    if isinstance(embed_dims, int):
-        widths = [embed_dims * 2**i for i in range(num_stages)]
-    else:
+    if isinstance(embed_dims, numbers.Integral):
+        widths = [int(embed_dims) * 2**i for i in range(num_stages)]
+    elif isinstance(embed_dims, (list, tuple)) and all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool)
+            for w in embed_dims):
         widths = [int(w) for w in embed_dims]
+    else:  # a float would be truncated or fail deep inside nn.Linear
+        widths = []
     if len(widths) != num_stages or min(widths, default=0) < 1:
         raise ValueError(
             f'{name} arch: embed_dims must be a positive int or one '
@@ -180,12 +259,19 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
     Returns:
         tuple[int]: Indices in ``[0, num_stages)``.
     """
-    if isinstance(out_indices, int):
+    if isinstance(out_indices, numbers.Integral):
         out_indices = [out_indices]
+    if not isinstance(out_indices, (list, tuple)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool)
+            for i in out_indices):
+        raise TypeError(
+            f'out_indices must be an int or a sequence of ints (stage '
+            f'indices in [-{num_stages}, {num_stages - 1}]), e.g. '
+            f'{tuple(range(num_stages))}, got {out_indices!r}.')
     if len(out_indices) == 0:
         raise ValueError('out_indices must name at least one stage.')
     parsed = []
-    for i in out_indices:
+    for i in map(int, out_indices):
         j = i + num_stages if i < 0 else i
         if not 0 <= j < num_stages:
             raise ValueError(
@@ -197,6 +283,10 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
 
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
     """``frozen_stages`` is -1 (nothing frozen) up to ``num_stages``."""
+    integral = isinstance(frozen_stages, numbers.Integral)
+    if isinstance(frozen_stages, bool) or not integral:
+        raise TypeError(f'frozen_stages must be an int in [-1, {num_stages}] '
+                        f'(-1: nothing frozen), got {frozen_stages!r}.')
     if not -1 <= frozen_stages <= num_stages:
         raise ValueError(f'frozen_stages must be in [-1, {num_stages}], got '
                          f'{frozen_stages}.')
@@ -209,6 +299,10 @@ def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
     ``qk_scale`` as 0 (uniform attention): refuse it rather than let the
     attentions of one backbone disagree.
     """
+    if qk_scale is not None and (isinstance(qk_scale, bool)
+                                 or not isinstance(qk_scale, numbers.Real)):
+        raise TypeError(f'{name}: qk_scale must be a positive number or '
+                        f'None, got {qk_scale!r}.')
     if qk_scale is not None and not qk_scale > 0:
         raise ValueError(
             f'{name}: qk_scale must be positive or None, got {qk_scale}; '
@@ -226,6 +320,9 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:
     Returns:
         dict: ``defaults`` updated by ``fsla_cfg``.
     """
+    if fsla_cfg is not None and not isinstance(fsla_cfg, dict):
+        raise TypeError(f'fsla_cfg must be a dict of FSLA arguments (e.g. '
+                        f'dict(group_size=49)) or None, got {fsla_cfg!r}.')
     fsla_cfg = dict(fsla_cfg or {})
     fixed = {'embed_dims', 'num_heads'} & set(fsla_cfg)
     if fixed:

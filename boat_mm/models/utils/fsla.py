@@ -13,7 +13,7 @@ from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl, cluster_ids_from_perm,
                          clustered_attention)
 from boat_mm.registry import MODELS
-from .arch import check_qk_scale
+from .arch import check_int, check_number, check_qk_scale, check_rate
 
 __all__ = ['FeatureSpaceLocalAttention']
 
@@ -90,6 +90,16 @@ class FeatureSpaceLocalAttention(BaseModule):
                  attention_impl: str = 'auto',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
+        name = type(self).__name__
+        check_int(embed_dims, 'embed_dims', name)
+        check_int(num_heads, 'num_heads', name)
+        check_int(group_size, 'group_size', name)
+        check_int(overlap, 'overlap', name, minimum=0)
+        check_int(kmeans_iters, 'kmeans_iters', name, minimum=0)
+        # <= 0 would make the soft assignment uniform or repulsive.
+        check_number(kmeans_temperature, 'kmeans_temperature', name)
+        check_rate(attn_drop, 'attn_drop', name)
+        check_rate(proj_drop, 'proj_drop', name)
         if embed_dims % num_heads != 0:
             raise ValueError(
                 f'embed_dims ({embed_dims}) must be divisible by num_heads '
@@ -102,7 +112,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                 f'group_size ({group_size}); lower overlap.')
         if kmeans_iters < 0:
             raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
-        check_qk_scale(qk_scale, type(self).__name__)
+        check_qk_scale(qk_scale, name)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
         self.clustering_impl = clustering_impl

@@ -282,3 +282,77 @@ def test_qk_scale_zero_or_negative_refused(family):
     model = family(
         arch=ARCHS[family], qk_scale=0.5, fsla_cfg=dict(qk_scale=0.25))
     assert {m.scale for m in model.fsla_modules().values()} == {0.25}
+
+
+def arch(**kwargs) -> dict:
+    return dict(
+        dict(embed_dims=8, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2)),
+        **kwargs)
+
+
+# Each bad value, the error type and what the message must say; before
+# these checks most failed deep inside the layers (or built a model: a
+# string with_fsla='no' is truthy, mlp_ratio='4' tried to allocate ~284 PB).
+BAD_ARGUMENTS = [
+    (dict(in_channels=0), ValueError, 'in_channels must be an int >= 1'),
+    (dict(in_channels=3.0), TypeError, 'in_channels must be an int'),
+    (dict(mlp_ratio='4'), TypeError, 'mlp_ratio must be a positive number'),
+    (dict(mlp_ratio=0), ValueError, 'mlp_ratio must be a positive number'),
+    (dict(out_indices='all'), TypeError, 'sequence of ints'),
+    (dict(out_indices=None), TypeError, 'sequence of ints'),
+    (dict(with_fsla='no'), TypeError, 'with_fsla must be True or False'),
+    (dict(with_cp='x'), TypeError, 'with_cp must be True or False'),
+    (dict(qkv_bias='yes'), TypeError, 'qkv_bias must be True or False'),
+    (dict(qk_scale='1'), TypeError, 'qk_scale must be a positive number'),
+    (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be in \[0'),
+    (dict(drop_path_rate=-0.1), ValueError, r'drop_path_rate must be in'),
+    (dict(attn_drop_rate=-0.1), ValueError, r'attn_drop_rate must be in'),
+    (dict(drop_rate=2.), ValueError, r'drop_rate must be in'),
+    (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
+    (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
+    (dict(fsla_cfg=dict(group_size=4.5)), TypeError, 'group_size must be'),
+    (dict(fsla_cfg=dict(kmeans_temperature=0)), ValueError,
+     'kmeans_temperature must be a positive number'),
+    (dict(arch=arch(depths=(2, -1, 1, 1))), ValueError,
+     'depths must be a list or tuple of one positive int per stage'),
+    (dict(arch=arch(depths=2)), ValueError, 'depths must be a list or tuple'),
+    (dict(arch=arch(num_heads=(2, 0, 2, 2))), ValueError,
+     'num_heads must be a list or tuple of one positive int per stage'),
+    (dict(arch=arch(embed_dims=8.0)), ValueError,
+     'embed_dims must be a positive int or one positive width per stage'),
+    (dict(arch=arch(embed_dims=[8, 16, 32, 64.5])), ValueError,
+     'embed_dims must be a positive int'),
+]
+
+
+@pytest.mark.parametrize('family', boat_families())
+@pytest.mark.parametrize('kwargs, error, match', BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument(family, kwargs, error, match):
+    kwargs = dict(dict(arch=ARCHS[family]), **kwargs)
+    with pytest.raises(error, match=match):
+        family(**kwargs)
+
+
+def test_swin_window_and_patch_size_must_be_positive_ints():
+    for arg in ('window_size', 'patch_size'):
+        with pytest.raises(TypeError, match=f'{arg} must be an int >= 1'):
+            BOATSwin(arch=SWIN, **{arg: 7.5})
+        with pytest.raises(ValueError, match=f'{arg} must be an int >= 1'):
+            BOATSwin(arch=SWIN, **{arg: 0})
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_input_dtype_other_than_the_weights_names_the_fix(family):
+    model = family(arch=ARCHS[family]).eval().to(torch.bfloat16)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(TypeError, match=r'x.to\(torch.bfloat16\)'):
+        model(x)
+    # Under autocast the stem casts the images itself.
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    with torch.no_grad():
+        cast = model(x.bfloat16())
+    for a, b in zip(out, cast):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r'images: cast the images, x.to\('):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -132,6 +132,11 @@ def test_arch_errors():
         BOATCSWin(arch=dict(ARCH1, split_sizes=(1, 2)))
     with pytest.raises(ValueError, match='frozen_stages'):
         BOATCSWin(arch=ARCH1, frozen_stages=5)
+    # Odd heads: refused by the arch (the attention's own message named
+    # an argument the backbone does not take), except in the last stage.
+    with pytest.raises(ValueError, match='stage 1 has 1 heads.*even'):
+        BOATCSWin(arch=dict(ARCH1, num_heads=(2, 1, 2, 2)))
+    BOATCSWin(arch=dict(ARCH1, num_heads=(2, 2, 2, 1)))
     with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
         BOATCSWin(arch=ARCH1)(torch.randn(3, 32, 32))
 
