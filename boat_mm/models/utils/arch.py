@@ -7,12 +7,13 @@ import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
+from torch import Tensor
 
 __all__ = [
     'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
     'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin',
     'pretrained_init_cfg', 'unexpected_arguments_error', 'check_qk_scale',
-    'check_int', 'check_number', 'check_bool', 'check_rate',
+    'check_int', 'check_number', 'check_bool', 'check_rate', 'check_tokens',
     'UPSTREAM_SWIN_ARGS'
 ]
 
@@ -90,6 +91,33 @@ def check_rate(value: float, name: str, owner: str) -> float:
         raise ValueError(f'{owner}: {name} must be in [0, 1] (a '
                          f'probability), got {value}.')
     return float(value)
+
+
+def check_tokens(x: Tensor, hw_shape: Sequence[int], embed_dims: int,
+                 owner: str) -> None:
+    """``x`` is ``(B, N, embed_dims)`` tokens of a ``hw_shape`` map, as the
+    attention modules take them (raster order).
+
+    Args:
+        x (Tensor): The module's input.
+        hw_shape (Sequence[int]): ``(H, W)``.
+        embed_dims (int): The channels the module was built for.
+        owner (str): The module, as the error names it.
+    """
+    if x.dim() != 3:
+        raise ValueError(
+            f'{owner} expects tokens of shape (B, N, C), got a {x.dim()}-d '
+            f'tensor of shape {tuple(x.shape)}; flatten the feature map '
+            f'with x.flatten(2).transpose(1, 2).')
+    if x.shape[-1] != embed_dims:
+        raise ValueError(
+            f'{owner} built for {embed_dims} channels got {x.shape[-1]} '
+            f'channels (input shape {tuple(x.shape)}).')
+    if len(hw_shape) != 2 or hw_shape[0] * hw_shape[1] != x.shape[1]:
+        raise ValueError(
+            f'hw_shape {tuple(hw_shape)} does not match the number of '
+            f'tokens N={x.shape[1]}: need H * W == N, tokens in raster '
+            f'order.')
 
 
 def check_bool(value: bool, name: str, owner: str) -> bool:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
+from .arch import check_tokens
+
 __all__ = ['LePEStripeAttention', 'CSWinAttention']
 
 
@@ -212,16 +214,9 @@ class CSWinAttention(BaseModule):
         Returns:
             Tensor: ``(B, N, C)``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.embed_dims:
-            raise ValueError(
-                f'expected tokens of shape (B, N, {self.embed_dims}), got '
-                f'{tuple(x.shape)}.')
+        check_tokens(x, hw_shape, self.embed_dims, type(self).__name__)
         B, N, C = x.shape
         H, W = hw_shape
-        if H * W != N:
-            raise ValueError(
-                f'hw_shape {tuple(hw_shape)} does not match the number of '
-                f'tokens N={N}: need H * W == N, tokens in raster order.')
         qkv = self.qkv(x).view(B, H, W, 3, C)
         if self.full_map:
             out = self.branches[0](qkv)

@@ -13,7 +13,8 @@ from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl, cluster_ids_from_perm,
                          clustered_attention)
 from boat_mm.registry import MODELS
-from .arch import check_int, check_number, check_qk_scale, check_rate
+from .arch import (check_int, check_number, check_qk_scale, check_rate,
+                   check_tokens)
 
 __all__ = ['FeatureSpaceLocalAttention']
 
@@ -135,20 +136,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         self._cluster_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
 
     def _check_input(self, x: Tensor, hw_shape: Sequence[int]) -> None:
-        if x.dim() != 3:
-            raise ValueError(
-                f'FSLA expects tokens of shape (B, N, C), got a '
-                f'{x.dim()}-d tensor of shape {tuple(x.shape)}; flatten the '
-                f'feature map with x.flatten(2).transpose(1, 2).')
-        if x.shape[-1] != self.embed_dims:
-            raise ValueError(
-                f'FSLA built for {self.embed_dims} channels got '
-                f'{x.shape[-1]} channels (input shape {tuple(x.shape)}).')
-        if len(hw_shape) != 2 or hw_shape[0] * hw_shape[1] != x.shape[1]:
-            raise ValueError(
-                f'hw_shape {tuple(hw_shape)} does not match the number of '
-                f'tokens N={x.shape[1]}: need H * W == N, tokens in raster '
-                f'order.')
+        check_tokens(x, hw_shape, self.embed_dims, 'FSLA')
 
     def _plan(self, num_tokens: int, device: torch.device) -> ClusterPlan:
         return build_cluster_plan(num_tokens, self.group_size, self.overlap,

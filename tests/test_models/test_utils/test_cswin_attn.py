@@ -160,7 +160,11 @@ def test_errors():
     attn = CSWinAttention(8, 2)
     with pytest.raises(ValueError, match=r'H \* W == N'):
         attn(torch.randn(1, 12, 8), (3, 5))
-    with pytest.raises(ValueError, match=r'\(B, N, 8\)'):
+    with pytest.raises(ValueError, match=r'\(B, N, C\), got a 2-d'):
         attn(torch.randn(12, 8), (3, 4))
+    with pytest.raises(ValueError, match='CSWinAttention built for 8 chan'):
+        attn(torch.randn(1, 12, 6), (3, 4))
+    with pytest.raises(ValueError, match=r'H \* W == N'):
+        attn(torch.randn(1, 12, 8), (3, 4, 1))
     with pytest.raises(ValueError, match='qkv of shape'):
         attn.branches[0](torch.randn(1, 3, 4, 3, 8))
