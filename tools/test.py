@@ -15,9 +15,12 @@ mmdetection, for any of their configs (chosen by the config's
   truth for segmentation and detection) into windows or image files; a
   relative ``DIR`` is inside the run's log folder, ``WORK_DIR/TIMESTAMP/
   DIR``, for every scope (what mmdet's and mmseg's tools document; mmseg
-  through :mod:`boat_tools.seg_visualization`); mmpretrain with
-  ``--tta``: the merged prediction on the unflipped view
-  (:mod:`boat_tools.visualization`);
+  through :mod:`boat_tools.seg_visualization`); ``--interval N`` draws
+  samples ``0, N, 2N, ...`` for every scope (mmpretrain's count; mmseg's
+  hook counts batches and mmdet's draws every test image, hence
+  :mod:`boat_tools.seg_visualization` and
+  :mod:`boat_tools.det_visualization`); mmpretrain with ``--tta``: the
+  merged prediction on the unflipped view (:mod:`boat_tools.visualization`);
 * ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
   pickle file of the predictions (``--out-item pred``) or metrics; mmdet:
   a pickle file of the predictions.
@@ -97,6 +100,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parse_launcher_args(parser, argv)
     if args.out is None and args.out_item is not None:
         parser.error('--out-item needs --out')
+    if args.interval < 1:
+        parser.error(f'--interval must be >= 1 (1 draws every sample), got '
+                     f'{args.interval}')
     return args
 
 
@@ -128,18 +134,27 @@ def _visualization(cfg: Config, args: argparse.Namespace) -> None:
         hook['draw'] = True
         if args.show_dir:
             hook['test_out_dir'] = args.show_dir
+        if hook.get('type') in ('DetVisualizationHook',
+                                'mmdet.DetVisualizationHook'):
+            # mmdet's hook draws every test image whatever its interval.
+            import boat_tools.det_visualization  # noqa: F401 (registers)
+            hook['type'] = 'DetIntervalVisualizationHook'
     else:
         hook['draw'] = True
-        if args.show_dir:
-            if hook.get('type') not in ('SegVisualizationHook',
-                                        'mmseg.SegVisualizationHook'):
-                raise UsageError(
-                    f'--show-dir of an mmseg config needs mmseg\'s '
-                    f'SegVisualizationHook in default_hooks.visualization, '
-                    f'got {hook.get("type")!r}.')
+        seg_hook = hook.get('type') in ('SegVisualizationHook',
+                                        'mmseg.SegVisualizationHook')
+        if args.show_dir and not seg_hook:
+            raise UsageError(
+                f'--show-dir of an mmseg config needs mmseg\'s '
+                f'SegVisualizationHook in default_hooks.visualization, '
+                f'got {hook.get("type")!r}.')
+        if seg_hook:
+            # mmseg's hook has no test_out_dir and counts its interval in
+            # batches (boat_tools/seg_visualization.py).
             import boat_tools.seg_visualization  # noqa: F401 (registers)
             hook['type'] = 'SegShowDirVisualizationHook'
-            hook['test_out_dir'] = args.show_dir
+            if args.show_dir:
+                hook['test_out_dir'] = args.show_dir
 
 
 def _pretrain_show_dir(runner, show_dir: str) -> None:

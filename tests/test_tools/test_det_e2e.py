@@ -7,6 +7,8 @@ BOAT-CSWin and 16-channel heads; training runs 4 iterations. Everything is
 written under ``tmp_path``.
 """
 import glob
+import json
+import os
 import os.path as osp
 import pickle
 import re
@@ -210,6 +212,24 @@ def test_det_inferencer_returns_masks(trained, coco_root):
     assert len(pred) > 0
     assert pred.masks.shape == (len(pred), 64, 64)
     assert pred.masks.dtype == torch.bool
+
+
+def test_show_dir_interval_draws_every_nth_sample(trained, coco_root,
+                                                  tmp_path):
+    """--interval 3: samples 0 and 3 of the 4 (batches of 2) are drawn, as
+    for mmpretrain configs; mmdet's own hook ignores its interval when
+    testing and would draw all four."""
+    with open(osp.join(coco_root, 'annotations',
+                       'instances_val2017.json')) as f:
+        names = [img['file_name'] for img in json.load(f)['images']]
+    show_dir = str(tmp_path / 'show')
+    _tool_main('test.py')([
+        trained['cfg'],
+        osp.join(trained['work_dir'], 'iter_4.pth'), '--show-dir', show_dir,
+        '--interval', '3', '--work-dir',
+        str(tmp_path / 'work')
+    ])
+    assert sorted(os.listdir(show_dir)) == sorted([names[0], names[3]])
 
 
 def test_vis_clusters_of_a_detector(trained, coco_root, tmp_path):

@@ -345,7 +345,7 @@ def test_test_out_of_segmentation_is_the_label_map_folder(
     'config', [SWIN_T, HEADLINE, MASK_RCNN],
     ids=['mmpretrain', 'mmseg', 'mmdet'])
 def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
-                                               config, tmp_path):
+                                               config, tmp_path, capsys):
     rec = spy(test_tool, [config, tiny_cls['ckpt']])
     hook = rec.cfg.default_hooks.visualization
     before = dict(hook)
@@ -356,6 +356,13 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     hook = rec.cfg.default_hooks.visualization
     assert (hook.show, hook.interval, hook.wait_time) == (True, 7, 0.5)
     assert hook.get('enable', hook.get('draw')) is True
+    # The hooks that count --interval in samples, as mmpretrain's
+    # (test_seg_e2e.py, test_det_e2e.py run them).
+    assert hook.type == {
+        SWIN_T: 'VisualizationHook',
+        HEADLINE: 'SegShowDirVisualizationHook',
+        MASK_RCNN: 'DetIntervalVisualizationHook'
+    }[config]
     assert before.get('enable', before.get('draw', False)) is False
     show_dir = str(tmp_path / 'vis')
     rec = spy(test_tool, [config, tiny_cls['ckpt'], '--show-dir', show_dir])
@@ -369,6 +376,11 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     assert saved == show_dir
     if config == HEADLINE:  # mmseg's hook with mmdet's test_out_dir
         assert hook.type == 'SegShowDirVisualizationHook'
+    # Not a ZeroDivisionError in the hooks once the model is built.
+    with pytest.raises(SystemExit) as exc:
+        test_tool.main([config, 'x.pth', '--show', '--interval', '0'])
+    assert exc.value.code == 2
+    assert '--interval must be >= 1' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,21 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         for p in glob.glob(osp.join(ade_root, 'images', 'validation', '*')))
 
 
+def test_show_dir_interval_draws_every_nth_sample(trained, ade_root, tmp_path):
+    """--interval 3 with batches of 2: samples 0 and 3 of the 4 are drawn,
+    as for mmpretrain configs (mmseg's hook counts batches: it would draw
+    none of these two batches)."""
+    show_dir = str(tmp_path / 'show')
+    _tool_main('test.py')([
+        trained['cfg'],
+        osp.join(trained['work_dir'], 'iter_4.pth'), '--show-dir', show_dir,
+        '--interval', '3', '--work-dir',
+        str(tmp_path / 'work'), '--cfg-options', 'test_dataloader.batch_size=2'
+    ])
+    images = sorted(os.listdir(osp.join(ade_root, 'images', 'validation')))
+    assert sorted(os.listdir(show_dir)) == [images[0], images[3]]
+
+
 def check_resume(trained: dict, moved_key: str, *args:
                  str) -> Tuple[dict, dict, dict]:
     """Stop a copy of the ``trained`` run after its iteration-2 checkpoint,

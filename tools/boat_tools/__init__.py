@@ -12,7 +12,9 @@ arguments (:mod:`.cli`), argparse and runner set-up (:mod:`.config`), the
 loader of the public BOAT code that edits ``sys.path``
 (:mod:`.reference`), mmpretrain's visualization hook made to draw
 test-time augmented batches (:mod:`.visualization`), mmseg's given the
-``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), and the warning
+``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), mmseg's and
+mmdet's made to count ``--interval`` in samples as mmpretrain's
+(:mod:`.seg_visualization`, :mod:`.det_visualization`), and the warning
 filters below. What tools, tests and benchmarks share is in the package:
 FLOP counting in ``boat_mm.analysis.complexity``, ONNX export in
 ``boat_mm.deploy``, cluster capture in ``boat_mm.analysis``, metafile

@@ -1,5 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""mmseg's visualization hook with the ``test_out_dir`` of mmdet's.
+"""mmseg's visualization hook with the ``test_out_dir`` of mmdet's and
+mmpretrain's sample interval.
 
 The ``--show-dir`` of mmseg's and mmdet's ``tools/test.py`` is documented
 as saved to ``WORK_DIR/TIMESTAMP/SHOW_DIR``. mmdet's
@@ -7,9 +8,12 @@ as saved to ``WORK_DIR/TIMESTAMP/SHOW_DIR``. mmdet's
 goes under the run's log folder, one file per image, named as the image),
 but mmseg's ``SegVisualizationHook`` has no such argument and its tool
 sets the visualizer's ``save_dir`` instead, relative to the current
-directory. :class:`SegShowDirVisualizationHook` gives mmseg configs
-mmdet's behaviour, so that ``tools/test.py --show-dir`` means one thing
-for every scope; importing this module registers it in mmseg's ``HOOKS``.
+directory. mmseg's hook also counts its ``interval`` in batches (all the
+samples of every n-th batch), where ``tools/test.py --interval N`` means
+samples ``0, N, 2N, ...`` of the test set, as mmpretrain's hook draws
+them. :class:`SegShowDirVisualizationHook` gives mmseg configs both, so
+that ``--show``, ``--show-dir`` and ``--interval`` mean one thing for
+every scope; importing this module registers it in mmseg's ``HOOKS``.
 """
 import os.path as osp
 from typing import Optional, Sequence
@@ -28,21 +32,25 @@ __all__ = ['SegShowDirVisualizationHook']
 # force: tools/test.py may be loaded more than once in a process (tests).
 @HOOKS.register_module(force=True)
 class SegShowDirVisualizationHook(SegVisualizationHook):
-    """mmseg's ``SegVisualizationHook`` that writes the drawn test images
-    to ``test_out_dir`` (relative: under ``WORK_DIR/TIMESTAMP``), one file
-    per image named as the image, as mmdet's ``DetVisualizationHook``.
+    """mmseg's ``SegVisualizationHook`` that, when testing, draws samples
+    ``0, interval, 2 * interval, ...`` of the test set (mmpretrain's
+    count, not every ``interval``-th batch) and writes them to
+    ``test_out_dir`` (relative: under ``WORK_DIR/TIMESTAMP``), one file per
+    image named as the image, as mmdet's ``DetVisualizationHook``.
 
     Args:
         test_out_dir (str, optional): Where the drawn test images go; None
-            draws as the parent (to the visualizer's backends).
+            draws to the visualizer's window and backends, as the parent.
         **kwargs: The arguments of ``SegVisualizationHook``.
     """
 
     def __init__(self, test_out_dir: Optional[str] = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.test_out_dir = test_out_dir
+        self._test_index = 0
 
     def before_test(self, runner: Runner) -> None:
+        self._test_index = 0
         if self.test_out_dir is not None and self.draw:
             # An absolute folder stays as it is (osp.join keeps it).
             self.test_out_dir = osp.join(runner.work_dir, runner.timestamp,
@@ -51,22 +59,25 @@ class SegShowDirVisualizationHook(SegVisualizationHook):
 
     def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: dict,
                         outputs: Sequence[SegDataSample]) -> None:
-        if self.test_out_dir is None:
-            super().after_test_iter(runner, batch_idx, data_batch, outputs)
+        if not self.draw:
             return
-        if not self.draw or not self.every_n_inner_iters(
-                batch_idx, self.interval):
-            return
-        for sample in outputs:
+        first = self._test_index
+        self._test_index += len(outputs)
+        for index, sample in enumerate(outputs, first):
+            if index % self.interval:
+                continue
             name = osp.basename(sample.img_path)
             img = mmcv.imfrombytes(
                 get(sample.img_path, backend_args=self.backend_args),
                 channel_order='rgb')
+            out_file = None
+            if self.test_out_dir is not None:
+                out_file = osp.join(self.test_out_dir, name)
             self._visualizer.add_datasample(
                 f'test_{name}',
                 img,
                 data_sample=sample,
                 show=self.show,
                 wait_time=self.wait_time,
-                out_file=osp.join(self.test_out_dir, name),
-                step=runner.iter)
+                out_file=out_file,
+                step=index)
