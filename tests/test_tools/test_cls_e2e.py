@@ -249,6 +249,11 @@ def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
                 'not exist') in msg
         assert 'ImageNet-1K' in msg
         assert 'gen_synthetic_data.py imagenet' in msg
+        # Without its class names, the dataset (hence the checkpoint's
+        # dataset_meta, which the inferencers and visualizers show) keeps
+        # ImageNet's: class_003 is predicted as 'tiger shark'.
+        assert "metainfo.classes=\"['class_000'," in msg
+        assert 'num_classes=6' in msg
 
     ckpt = tmp_path / 'model.pth'
     ckpt.write_bytes(b'')

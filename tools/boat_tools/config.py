@@ -44,8 +44,15 @@ _HINTS = {
      'data/imagenet/. Without it, generate a small synthetic '
      'ImageNet-like dataset with `python tools/dataset_converters/'
      'gen_synthetic_data.py imagenet data/imagenet_synthetic` and point '
-     'data_root, data_prefix and ann_file of the dataloaders to it with '
-     '--cfg-options.'),
+     'data_root of the dataloaders to it with --cfg-options '
+     '(train_dataloader.dataset.data_root=data/imagenet_synthetic, the '
+     'same for val_dataloader and test_dataloader), with its 6 classes: '
+     'train_dataloader.dataset.metainfo.classes="[\'class_000\','
+     '\'class_001\',\'class_002\',\'class_003\',\'class_004\','
+     '\'class_005\']" (the same for val_dataloader and test_dataloader; '
+     'without it the checkpoint names its predictions after ImageNet\'s '
+     'first classes) model.head.num_classes=6 '
+     'data_preprocessor.num_classes=6.'),
     'mmdet':
     ('To get COCO 2017, follow mmdet\'s docs '
      '(docs/en/user_guides/dataset_prepare.md) and put it in '
