@@ -189,6 +189,52 @@ def test_show_dir_interval_draws_every_nth_sample(trained, ade_root, tmp_path):
     assert sorted(os.listdir(show_dir)) == [images[0], images[3]]
 
 
+def test_mmseg_apis_slide_inference_and_inferencer(trained, ade_root,
+                                                   tmp_path):
+    """mmseg's user APIs on the checkpoint of our run: init_model and
+    inference_model with a sliding window (64 px crops, stride 48) over an
+    image that is no multiple of either, and MMSegInferencer on a folder
+    with out_dir, drawing with the checkpoint's classes and palette."""
+    from mmengine.config import Config, ConfigDict
+    from mmengine.fileio import list_dir_or_file
+    from mmseg.apis import MMSegInferencer, inference_model, init_model
+    ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
+    cfg = Config.fromfile(trained['cfg'])
+    # The images as they are: no resize before the window slides.
+    cfg.test_pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='PackSegInputs')
+    ]
+    model = init_model(cfg, ckpt, device='cpu')
+    meta = _ckpt(ckpt)['meta']['dataset_meta']
+    assert model.dataset_meta['classes'] == meta['classes']
+    img = np.random.default_rng(0).integers(0, 256, (100, 75, 3), np.uint8)
+    model.test_cfg = ConfigDict(
+        mode='slide', crop_size=(64, 64), stride=(48, 48))
+    slide = inference_model(model, img).seg_logits.data
+    assert slide.shape == (150, 100, 75) and torch.isfinite(slide).all()
+    # Windows at rows 0 and 36, columns 0 and 11: the pixels above row 36
+    # and left of column 11 are those of the first window alone.
+    model.test_cfg = ConfigDict(mode='whole')
+    first = inference_model(model, img[:64, :64]).seg_logits.data
+    torch.testing.assert_close(slide[:, :36, :11], first[:, :36, :11])
+
+    inferencer = MMSegInferencer(
+        model=trained['cfg'], weights=ckpt, device='cpu')
+    folder = osp.join(ade_root, 'images', 'validation')
+    out = inferencer(folder, out_dir=str(tmp_path / 'out'))
+    # In the order MMEngine lists the folder (os.scandir's).
+    names = list(list_dir_or_file(folder, list_dir=False))
+    assert sorted(os.listdir(tmp_path / 'out' / 'vis')) == sorted(names)
+    assert len(os.listdir(tmp_path / 'out' / 'pred')) == len(names)
+    assert inferencer.visualizer.dataset_meta == dict(
+        classes=meta['classes'], palette=meta['palette'])
+    # The whole-image model above (the 64 px images are not resized).
+    for name, pred in zip(names, out['predictions']):
+        ref = inference_model(model, cv2.imread(osp.join(folder, name)))
+        np.testing.assert_array_equal(pred, ref.pred_sem_seg.data[0].numpy())
+
+
 def check_resume(trained: dict, moved_key: str, *args:
                  str) -> Tuple[dict, dict, dict]:
     """Stop a copy of the ``trained`` run after its iteration-2 checkpoint,
