@@ -19,8 +19,9 @@ mmdetection, for any of their configs (chosen by the config's
   samples ``0, N, 2N, ...`` for every scope (mmpretrain's count; mmseg's
   hook counts batches and mmdet's draws every test image, hence
   :mod:`boat_tools.seg_visualization` and
-  :mod:`boat_tools.det_visualization`); mmpretrain with ``--tta``: the
-  merged prediction on the unflipped view (:mod:`boat_tools.visualization`);
+  :mod:`boat_tools.det_visualization`); mmpretrain: in RGB (mmpretrain's
+  hook swaps red and blue), with ``--tta`` the merged prediction on the
+  unflipped view (:mod:`boat_tools.visualization`);
 * ``--out``: mmseg: a folder for the predicted label maps; mmpretrain: a
   pickle file of the predictions (``--out-item pred``) or metrics; mmdet:
   a pickle file of the predictions.
@@ -125,11 +126,12 @@ def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     if _scope(cfg) == 'mmpretrain':
         hook['enable'] = True
         hook['out_dir'] = args.show_dir
-        if args.tta and hook.get('type') in ('VisualizationHook',
-                                             'mmpretrain.VisualizationHook'):
-            # mmpretrain's hook takes the views of a TTA batch for images.
+        if hook.get('type') in ('VisualizationHook',
+                                'mmpretrain.VisualizationHook'):
+            # mmpretrain's hook draws the BGR images as RGB ones and takes
+            # the views of a TTA batch for images (boat_tools/visualization).
             import boat_tools.visualization  # noqa: F401 (registers it)
-            hook['type'] = 'ClsTTAVisualizationHook'
+            hook['type'] = 'ClsTestVisualizationHook'
     elif _scope(cfg) == 'mmdet':
         hook['draw'] = True
         if args.show_dir:

@@ -24,6 +24,8 @@ import os.path as osp
 import pickle
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -356,10 +358,10 @@ def test_test_show_show_dir_interval_wait_time(spy, test_tool, tiny_cls,
     hook = rec.cfg.default_hooks.visualization
     assert (hook.show, hook.interval, hook.wait_time) == (True, 7, 0.5)
     assert hook.get('enable', hook.get('draw')) is True
-    # The hooks that count --interval in samples, as mmpretrain's
-    # (test_seg_e2e.py, test_det_e2e.py run them).
+    # Ours: mmpretrain's in RGB; mmseg's and mmdet's counting --interval
+    # in samples as mmpretrain's (the e2e tests run them).
     assert hook.type == {
-        SWIN_T: 'VisualizationHook',
+        SWIN_T: 'ClsTestVisualizationHook',
         HEADLINE: 'SegShowDirVisualizationHook',
         MASK_RCNN: 'DetIntervalVisualizationHook'
     }[config]
@@ -488,7 +490,8 @@ def test_tta_is_the_mean_of_the_flipped_views(test_tool, tiny_cls,
         Config.fromfile(tiny_cls['cfg']).test_dataloader.dataset.pipeline)
     for (image, sample), path in zip(drawn, paths):
         expected = pipeline(dict(img_path=path))['inputs'].permute(1, 2, 0)
-        assert torch.equal(torch.from_numpy(image), expected)
+        # visualize_cls takes RGB; the pipeline gives BGR.
+        assert torch.equal(torch.from_numpy(image), expected.flip(-1))
         plain, flipped = reference[path]
         torch.testing.assert_close(
             sample.pred_score, (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
@@ -500,7 +503,9 @@ def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
     """--amp: the test loop runs the model under autocast (bfloat16 on the
     CPU), without it in float32; --show-dir with --interval 5 draws
     samples 0, 5 and 10 of the 12, a relative one inside the run's log
-    folder WORK_DIR/TIMESTAMP (as for mmseg and mmdet)."""
+    folder WORK_DIR/TIMESTAMP (as for mmseg and mmdet), each the image the
+    test pipeline gives, in its colours (mmpretrain's own hook swaps red
+    and blue)."""
     from mmpretrain.models import ImageClassifier
     seen = []
     original = ImageClassifier.test_step
@@ -522,6 +527,20 @@ def test_amp_interval_show_dir_real_runs(test_tool, tiny_cls, monkeypatch):
     assert not osp.exists(tmp / 'vis')
     drawn = glob.glob(str(tmp / 'fp32' / '*' / 'vis' / '*.png'))
     assert len(drawn) == 3
+    from mmengine.dataset import Compose
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmpretrain')
+    cfg = Config.fromfile(tiny_cls['cfg'])
+    pipeline = Compose(cfg.test_dataloader.dataset.pipeline)
+    for path in drawn:
+        name = osp.basename(path).rsplit('_', 1)[0]  # NAME_STEP.png
+        src, = glob.glob(osp.join(cfg.data_root, 'val', '*', name))
+        bgr = pipeline(dict(img_path=src))['inputs'].permute(1, 2, 0)
+        # Below the text box of the labels: the pixels themselves.
+        below = slice(bgr.shape[0] // 2, None)
+        np.testing.assert_array_equal(
+            cv2.imread(path)[below],
+            bgr.numpy()[below])
     test_tool.main([
         tiny_cls['cfg'], tiny_cls['ckpt'], '--amp', '--work-dir',
         str(tmp / 'amp'), *options

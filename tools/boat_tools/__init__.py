@@ -10,9 +10,9 @@ Kept out of the ``boat_mm`` package (as mmsegmentation keeps such code in
 every tool shares, one-line user errors with exit status 2 and the common
 arguments (:mod:`.cli`), argparse and runner set-up (:mod:`.config`), the
 loader of the public BOAT code that edits ``sys.path``
-(:mod:`.reference`), mmpretrain's visualization hook made to draw
-test-time augmented batches (:mod:`.visualization`), mmseg's given the
-``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), mmseg's and
+(:mod:`.reference`), mmpretrain's visualization hook made to draw in
+RGB and test-time augmented batches (:mod:`.visualization`), mmseg's
+given the ``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), mmseg's and
 mmdet's made to count ``--interval`` in samples as mmpretrain's
 (:mod:`.seg_visualization`, :mod:`.det_visualization`), and the warning
 filters below. What tools, tests and benchmarks share is in the package:

@@ -1,23 +1,30 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""mmpretrain's visualization hook for test-time augmentation.
+"""mmpretrain's visualization hook, in RGB and for test-time augmentation.
 
-mmpretrain's ``VisualizationHook`` takes ``data_batch['inputs']`` as one
-image per sample. Under a TTA model the batch holds one entry per view
-(``inputs[v]`` the images of view ``v``, ``data_samples[v]`` their
+mmpretrain's ``VisualizationHook`` hands ``data_batch['inputs']`` to
+``UniversalVisualizer.visualize_cls``, which takes RGB images, but the
+pipeline's ``LoadImageFromFile`` gives BGR ones (the data preprocessor's
+``to_rgb`` converts them for the model): the drawn files have red and
+blue swapped (open-mmlab/mmpretrain#1799). It also takes the batch as one
+image per sample, where under a TTA model the batch holds one entry per
+view (``inputs[v]`` the images of view ``v``, ``data_samples[v]`` their
 samples), so the hook would index views as images and fail.
-:class:`ClsTTAVisualizationHook` draws one view per sample, the first one
-that is not flipped (the image the plain test pipeline gives), with the
-merged prediction of the TTA model. ``tools/test.py`` uses it for
-``--tta`` with ``--show`` / ``--show-dir``; importing this module
-registers it in mmpretrain's ``HOOKS``.
+:class:`ClsTestVisualizationHook` draws the images in RGB when the model's
+data preprocessor converts BGR to RGB, and draws one view per sample of a
+TTA batch, the first one that is not flipped (the image the plain test
+pipeline gives), with the merged prediction of the TTA model.
+``tools/test.py`` uses it for ``--show`` / ``--show-dir``; importing this
+module registers it in mmpretrain's ``HOOKS``.
 """
 from typing import Sequence
 
+import torch.nn as nn
+from mmengine.runner import Runner
 from mmpretrain.engine.hooks import VisualizationHook
 from mmpretrain.registry import HOOKS
 from mmpretrain.structures import DataSample
 
-__all__ = ['ClsTTAVisualizationHook']
+__all__ = ['ClsTestVisualizationHook']
 
 
 def _is_tta_batch(data_batch: dict) -> bool:
@@ -34,12 +41,28 @@ def plain_view(data_batch: dict) -> int:
     return 0
 
 
+def converts_bgr_to_rgb(model: nn.Module) -> bool:
+    """Whether the data preprocessor of ``model`` (or of the model it
+    wraps: DDP, TTA) turns the pipeline's BGR images into RGB ones."""
+    while model is not None:
+        to_rgb = getattr(
+            getattr(model, 'data_preprocessor', None), 'to_rgb', None)
+        if to_rgb is not None:
+            return bool(to_rgb)
+        model = getattr(model, 'module', None)
+    return False
+
+
 # force: tools/test.py may be loaded more than once in a process (tests).
 @HOOKS.register_module(force=True)
-class ClsTTAVisualizationHook(VisualizationHook):
-    """mmpretrain's ``VisualizationHook`` that also draws the batches of a
-    TTA model: per sample, its unflipped view (:func:`plain_view`) with the
-    merged prediction. Plain batches are drawn as by the parent."""
+class ClsTestVisualizationHook(VisualizationHook):
+    """mmpretrain's ``VisualizationHook`` that draws RGB images when the
+    model converts BGR inputs to RGB, and the batches of a TTA model: per
+    sample, its unflipped view (:func:`plain_view`) with the merged
+    prediction. Otherwise drawn as by the parent."""
+
+    def before_run(self, runner: Runner) -> None:
+        self._bgr_inputs = converts_bgr_to_rgb(runner.model)
 
     def _draw_samples(self,
                       batch_idx: int,
@@ -52,4 +75,11 @@ class ClsTTAVisualizationHook(VisualizationHook):
                 data_batch,
                 inputs=data_batch['inputs'][view],
                 data_samples=data_batch['data_samples'][view])
+        if getattr(self, '_bgr_inputs', False):
+            # CHW images (a list, or an NCHW batch): channels reversed.
+            inputs = data_batch['inputs']
+            inputs = (
+                inputs.flip(1) if hasattr(inputs, 'flip') else
+                [img.flip(0) for img in inputs])
+            data_batch = dict(data_batch, inputs=inputs)
         super()._draw_samples(batch_idx, data_batch, data_samples, step)
