@@ -12,7 +12,7 @@ mmdet's behaviour, so that ``tools/test.py --show-dir`` means one thing
 for every scope; importing this module registers it in mmseg's ``HOOKS``.
 """
 import os.path as osp
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mmcv
 from mmengine.fileio import get
@@ -38,11 +38,18 @@ class SegShowDirVisualizationHook(SegVisualizationHook):
         **kwargs: The arguments of ``SegVisualizationHook``.
     """
 
-    def __init__(self, test_out_dir: Optional[str] = None, **kwargs) -> None:
+    def __init__(self,
+                 test_out_dir: Optional[str] = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.test_out_dir = test_out_dir
 
     def before_test(self, runner: Runner) -> None:
+        """Put a relative ``test_out_dir`` under ``WORK_DIR/TIMESTAMP``.
+
+        Args:
+            runner (Runner): The runner of the test.
+        """
         if self.test_out_dir is not None and self.draw:
             # An absolute folder stays as it is (osp.join keeps it).
             self.test_out_dir = osp.join(runner.work_dir, runner.timestamp,
@@ -51,6 +58,14 @@ class SegShowDirVisualizationHook(SegVisualizationHook):
 
     def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: dict,
                         outputs: Sequence[SegDataSample]) -> None:
+        """Draw the batch's images into ``test_out_dir``, or as the parent.
+
+        Args:
+            runner (Runner): The runner of the test.
+            batch_idx (int): Index of the batch.
+            data_batch (dict): The batch.
+            outputs (Sequence[SegDataSample]): Its predictions.
+        """
         if self.test_out_dir is None:
             super().after_test_iter(runner, batch_idx, data_batch, outputs)
             return

@@ -21,13 +21,22 @@ __all__ = ['ClsTTAVisualizationHook']
 
 
 def _is_tta_batch(data_batch: dict) -> bool:
+    """Whether the batch holds a list of samples per view (TTA)."""
     samples = data_batch.get('data_samples')
     return bool(samples) and isinstance(samples[0], (list, tuple))
 
 
 def plain_view(data_batch: dict) -> int:
-    """Index of the first view of a TTA batch whose samples are all
-    unflipped (0 if every view is flipped)."""
+    """The view of a TTA batch to draw.
+
+    Args:
+        data_batch (dict): A TTA batch: ``data_samples[v]`` the samples of
+            view ``v``.
+
+    Returns:
+        int: Index of the first view whose samples are all unflipped (0 if
+        every view is flipped).
+    """
     for i, samples in enumerate(data_batch['data_samples']):
         if not any(s.metainfo.get('flip', False) for s in samples):
             return i
@@ -46,6 +55,7 @@ class ClsTTAVisualizationHook(VisualizationHook):
                       data_batch: dict,
                       data_samples: Sequence[DataSample],
                       step: int = 0) -> None:
+        """Draw the plain view of a TTA batch, a plain batch as is."""
         if _is_tta_batch(data_batch):
             view = plain_view(data_batch)
             data_batch = dict(
