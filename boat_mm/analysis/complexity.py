@@ -214,7 +214,7 @@ class _CountingMode(TorchFunctionMode):
         masked_attention (str): ``'allowed'`` or ``'dense'``.
     """
 
-    def __init__(self, masked_attention: str):
+    def __init__(self, masked_attention: str) -> None:
         super().__init__()
         self.masked_attention = masked_attention
 
@@ -430,7 +430,7 @@ class DetectorForward(nn.Module):
             Defaults to 1000 (mmdet's test-time RPN output).
     """
 
-    def __init__(self, detector: nn.Module, num_proposals: int = 1000):
+    def __init__(self, detector: nn.Module, num_proposals: int = 1000) -> None:
         super().__init__()
         if not (hasattr(detector, 'roi_head')
                 or hasattr(detector, 'bbox_head')):
