@@ -31,7 +31,7 @@ an install without them registers nothing.
 import os
 import os.path as osp
 import tempfile
-from typing import Dict, List
+from typing import Any, Dict, List, NoReturn
 
 __all__ = ['register_model_index', 'classifier_models', 'METAFILES']
 
@@ -51,9 +51,16 @@ _registered: List[str] = []
 _published_weights: Dict[str, str] = {}
 
 
-def load_from_boat_mm_unconverted(filename: str, map_location=None):
-    """MMEngine's loader of ``boat-mm-unconverted://NAME``: raise, saying
-    that the model has no weights of its own and how to convert them.
+def load_from_boat_mm_unconverted(filename: str,
+                                  map_location: Any = None) -> NoReturn:
+    """MMEngine's loader of ``boat-mm-unconverted://NAME``.
+
+    It raises, saying that the model has no weights of its own and how to
+    convert them.
+
+    Args:
+        filename (str): ``boat-mm-unconverted://NAME``.
+        map_location (Any): Ignored; MMEngine's loaders take it.
 
     Raises:
         FileNotFoundError: Always.
@@ -70,8 +77,11 @@ def load_from_boat_mm_unconverted(filename: str, map_location=None):
 
 
 def classifier_models() -> dict:
-    """The metafiles' collections and their classifiers, as one metafile
-    (config paths absolute).
+    """The metafiles' collections and their classifiers, as one metafile.
+
+    Returns:
+        dict: ``Collections`` and ``Models`` of every metafile, config
+        paths absolute.
 
     Raises:
         FileNotFoundError: ``configs/`` is not next to ``boat_mm/``.

@@ -3,7 +3,15 @@ __version__ = '0.1.0'
 
 
 def parse_version_info(version_str: str) -> tuple:
-    """Parse a version string like '0.1.0' or '0.1.0rc1' into a tuple."""
+    """Parse a version string like '0.1.0' or '0.1.0rc1' into a tuple.
+
+    Args:
+        version_str (str): The version.
+
+    Returns:
+        tuple: Its integer parts, then ``'rcN'`` for a release candidate,
+        e.g. ``(0, 1, 0, 'rc1')``.
+    """
     info = []
     for part in version_str.split('.'):
         if part.isdigit():

@@ -275,7 +275,17 @@ def attention_recall(q: Tensor,
 
 
 def global_attention(q: Tensor, k: Tensor, scale: float, query: int) -> Tensor:
-    """Full softmax attention of one query: ``(N,)`` from ``(N, d)``."""
+    """Full softmax attention of one query over all keys.
+
+    Args:
+        q (Tensor): ``(N, d)`` queries.
+        k (Tensor): ``(N, d)`` keys.
+        scale (float): Logit scale.
+        query (int): Index of the query.
+
+    Returns:
+        Tensor: ``(N,)`` attention probabilities of that query.
+    """
     return (q[query] @ k.T * scale).softmax(-1)
 
 

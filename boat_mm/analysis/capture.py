@@ -79,8 +79,20 @@ def find_fsla_modules(
 
 def check_locations(available: Mapping[Location, nn.Module],
                     locations: Iterable[Location]) -> List[Location]:
-    """``locations`` as ``(stage, block)`` int pairs, each checked to be
-    in ``available``; a ValueError naming those that are otherwise."""
+    """Check that every location has an FSLA module.
+
+    Args:
+        available (Mapping[tuple, nn.Module]): FSLA modules by
+            ``(stage, block)``, as :func:`find_fsla_modules` gives
+            them.
+        locations (Iterable[tuple]): The ``(stage, block)`` pairs asked for.
+
+    Returns:
+        list[tuple]: ``locations`` as ``(stage, block)`` int pairs.
+
+    Raises:
+        ValueError: Naming a location that is not in ``available``.
+    """
     listed = ', '.join(f'(stage {i}, block {j})' for i, j in available)
     if not available:
         raise ValueError(

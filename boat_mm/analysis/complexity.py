@@ -214,7 +214,7 @@ class _CountingMode(TorchFunctionMode):
         masked_attention (str): ``'allowed'`` or ``'dense'``.
     """
 
-    def __init__(self, masked_attention: str):
+    def __init__(self, masked_attention: str) -> None:
         super().__init__()
         self.masked_attention = masked_attention
 
@@ -300,6 +300,7 @@ def _macs_arg_handle(name: str) -> Callable:
 
 
 def _zero_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """Count nothing: the handle of an op known to do no MACs."""
     return Counter()
 
 
@@ -429,7 +430,7 @@ class DetectorForward(nn.Module):
             Defaults to 1000 (mmdet's test-time RPN output).
     """
 
-    def __init__(self, detector: nn.Module, num_proposals: int = 1000):
+    def __init__(self, detector: nn.Module, num_proposals: int = 1000) -> None:
         super().__init__()
         if not (hasattr(detector, 'roi_head')
                 or hasattr(detector, 'bbox_head')):
@@ -440,6 +441,7 @@ class DetectorForward(nn.Module):
         self.num_proposals = num_proposals
 
     def _proposals(self, h: int, w: int, like: Tensor) -> Tensor:
+        """``num_proposals`` fixed ``(x1, y1, x2, y2)`` boxes of an image."""
         # Boxes from 1/16 to all of the image: every FPN level gets some.
         frac = torch.linspace(
             1. / 16, 1., self.num_proposals, device=like.device)
@@ -449,7 +451,15 @@ class DetectorForward(nn.Module):
         ], 1).to(like.dtype)
 
     def forward(self, inputs: Tensor) -> tuple:
-        """Run the detector on ``(B, 3, H, W)`` normalised images."""
+        """Run the detector up to its heads, without post-processing.
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` normalised images.
+
+        Returns:
+            tuple: The dense head's outputs (single-stage), or the RPN
+            head's outputs and the RoI head's (two-stage).
+        """
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
         h, w = inputs.shape[-2:]

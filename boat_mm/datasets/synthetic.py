@@ -53,6 +53,7 @@ _MIN_CLASSES = 4
 
 
 def _check_out_dir(out_dir: str) -> None:
+    """Create ``out_dir``; refuse a non-empty one rather than mix data."""
     if osp.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(
             f'Output folder {out_dir!r} is not empty. Choose a new folder or '
@@ -102,7 +103,17 @@ def class_appearance(num_classes: int, seed: int) -> List[Dict]:
 
 def render_texture(shape: Tuple[int, int], app: Dict,
                    rng: np.random.Generator) -> np.ndarray:
-    """Render one class's texture as a float32 ``(H, W, 3)`` RGB image."""
+    """Render one class's texture.
+
+    Args:
+        shape (tuple[int, int]): ``(H, W)`` of the image.
+        app (dict): The class's appearance: ``color``, ``angle``, ``freq``
+            and ``noise``.
+        rng (np.random.Generator): Source of the phase and the noise.
+
+    Returns:
+        np.ndarray: A float32 ``(H, W, 3)`` RGB image.
+    """
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi)
@@ -220,6 +231,7 @@ def generate_ade20k_like(out_dir: str,
 
 def _imagenet_image(size: int, label: int, num_classes: int, table: List[Dict],
                     rng: np.random.Generator) -> np.ndarray:
+    """Draw one ``(size, size, 3)`` uint8 image of class ``label``."""
     h = w = size
     # Only look_a carries a marker; look_b is the same object without one.
     look_a = num_classes - 3

@@ -81,12 +81,14 @@ def _polygon(rng: np.random.Generator, center: Tuple[float, float],
 
 
 def _fill(shape: Tuple[int, int], points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the polygon ``points`` (``(n, 2)`` x, y)."""
     mask = np.zeros(shape, np.uint8)
     cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
     return mask.astype(bool)
 
 
 def _has_holes(mask: np.ndarray) -> bool:
+    """Whether a contour of ``mask`` lies inside another (a hole)."""
     _, hierarchy = cv2.findContours(
         mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     return hierarchy is not None and bool((hierarchy[0, :, 3] >= 0).any())

@@ -88,7 +88,11 @@ def build_model(cfg: Config,
 
 def check_fsla_impls(model: nn.Module) -> None:
     """Raise a ValueError if an FSLA module of ``model`` has a kernel
-    implementation: only ``'auto'`` and ``'tensor'`` export."""
+    implementation: only ``'auto'`` and ``'tensor'`` export.
+
+    Args:
+        model (nn.Module): The model to export.
+    """
     for name, module in model.named_modules():
         if not isinstance(module, FeatureSpaceLocalAttention):
             continue
@@ -119,7 +123,15 @@ class ExportWrapper(nn.Module):
         self.model, self.scope = model, scope
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, 3, H, W)`` normalised images to logits."""
+        """Forward.
+
+        Args:
+            x (Tensor): ``(N, 3, H, W)`` normalised images.
+
+        Returns:
+            Tensor: Logits: ``(N, num_classes)`` of a classifier,
+            ``(N, num_classes, H, W)`` of a segmentor.
+        """
         if self.scope == 'mmpretrain':
             return self.model(x, mode='tensor')
         # `whole` inference: the decode head's logits resized to the input.
@@ -152,6 +164,14 @@ class WithClusters(nn.Module):
         self.inject: Optional[List[torch.Tensor]] = None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Run the network, recording (or injecting) the clusters.
+
+        Args:
+            x (Tensor): The network's input.
+
+        Returns:
+            tuple[Tensor]: ``(out, perm_1, ..., perm_k)``.
+        """
         perms: List[Tensor] = []
 
         def hook(module: nn.Module, perm: Tensor) -> Optional[Tensor]:
@@ -170,8 +190,14 @@ class WithClusters(nn.Module):
 
 
 def check_dynamic(dynamic: Sequence[str]) -> bool:
-    """Whether the batch axis is dynamic; a ValueError for the other
-    axes (``dynamic`` from :data:`DYNAMIC_AXES`)."""
+    """Whether the batch axis is dynamic; a ValueError for the others.
+
+    Args:
+        dynamic (Sequence[str]): Axes from :data:`DYNAMIC_AXES`.
+
+    Returns:
+        bool: True if ``'batch'`` is among them.
+    """
     unknown = [a for a in dynamic if a not in DYNAMIC_AXES]
     if unknown:
         raise ValueError(f'unknown dynamic axes {unknown}; choose from '
@@ -264,7 +290,15 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
 
 
 def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
-    """``(mean, std, to_rgb)`` of the model's data preprocessor."""
+    """The normalisation of the model's data preprocessor.
+
+    Args:
+        model (nn.Module): An mmpretrain or mmseg model.
+
+    Returns:
+        tuple[Tensor, Tensor, bool]: ``(3, 1, 1)`` mean and std (0 and 1
+        without normalisation) and whether BGR inputs become RGB.
+    """
     dp = model.data_preprocessor
     rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, 'to_rgb', False)))
     if not hasattr(dp, 'mean'):  # normalisation off
@@ -273,8 +307,18 @@ def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
 
 
 def make_session(path: str, threads: Optional[int] = None) -> Any:
-    """An onnxruntime CPU session of ``path`` (``threads``: intra-op
-    threads, onnxruntime's default if None); warnings are not logged."""
+    """An onnxruntime CPU session of an exported file.
+
+    Warnings are not logged.
+
+    Args:
+        path (str): The ``.onnx`` file.
+        threads (int, optional): Intra-op threads; onnxruntime's default
+            if None.
+
+    Returns:
+        onnxruntime.InferenceSession: The session.
+    """
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -324,6 +368,10 @@ def run_onnxruntime(path: str,
 
 def compare(ref: Tensor, out: np.ndarray) -> Dict[str, float]:
     """Differences of onnxruntime's ``out`` from PyTorch's ``ref``.
+
+    Args:
+        ref (Tensor): PyTorch's output.
+        out (np.ndarray): onnxruntime's output, of the same shape.
 
     Returns:
         dict: ``max_abs``; ``rel`` = max |out - ref| / max |ref|; ``argmax``

@@ -70,14 +70,24 @@ _HAS_CPU_KERNEL = CPU_KERNELS_LOADED
 
 
 def cpu_kernel_loaded() -> bool:
-    """Whether ``boat_mm._C`` (the CPU kernels) is loaded. Read from the
-    module at every call, so that tests can switch the kernels off."""
+    """Whether ``boat_mm._C`` (the CPU kernels) is loaded.
+
+    Read from the module at every call, so that tests can switch the
+    kernels off.
+
+    Returns:
+        bool: True if the CPU kernels are loaded.
+    """
     return _HAS_CPU_KERNEL
 
 
 def check_impl(impl: str, name: str = 'impl') -> None:
-    """Raise a ValueError unless ``impl`` is a value of :data:`IMPLS`
-    (``name``: the argument, for the message)."""
+    """Raise a ValueError unless ``impl`` is a value of :data:`IMPLS`.
+
+    Args:
+        impl (str): The value given.
+        name (str): The argument, for the message. Defaults to ``'impl'``.
+    """
     if impl not in IMPLS:
         raise ValueError(
             f"{name} must be 'auto', 'cpp' or 'tensor', or 'triton' (GPU), "
@@ -85,23 +95,45 @@ def check_impl(impl: str, name: str = 'impl') -> None:
 
 
 def triton_interpreter_enabled() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter."""
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter.
+
+    Returns:
+        bool: True if it is set to a true value.
+    """
     return os.environ.get('TRITON_INTERPRET',
                           '0').lower() in ('1', 'true', 'on', 'yes')
 
 
 def tensor_ops_required(op: str) -> bool:
-    """Whether ``'auto'`` must take the tensor ops for ``op`` because a
-    tracer or exporter has to see aten ops (the one place for such rules,
-    with :func:`op_required`: add one line per tracer)."""
+    """Whether ``'auto'`` must take the tensor ops for ``op``.
+
+    So it must when a tracer or exporter has to see aten ops. This is the
+    one place for such rules, with :func:`op_required`: add one line per
+    tracer.
+
+    Args:
+        op (str): ``'balanced_clustering'`` or ``'clustered_attention'``.
+
+    Returns:
+        bool: True if the tensor ops must run.
+    """
     # ONNX export must see standard ops (no custom op in the graph).
     return torch.onnx.is_in_onnx_export()
 
 
 def op_required(op: str) -> bool:
-    """Whether ``'auto'`` must run ``op`` as its ``torch.ops.boat_mm`` op,
-    even without a kernel for the input (then the op's default kernel runs
-    the tensor ops), because a tracer cannot record the tensor ops."""
+    """Whether ``'auto'`` must run ``op`` as its ``torch.ops.boat_mm`` op.
+
+    So it must, even without a kernel for the input (then the op's default
+    kernel runs the tensor ops), when a tracer cannot record the tensor
+    ops.
+
+    Args:
+        op (str): ``'balanced_clustering'`` or ``'clustered_attention'``.
+
+    Returns:
+        bool: True if the op must run.
+    """
     # torch.jit tracing cannot record the clustering's integer sort keys
     # (Tensor.view(dtype)); it records the op as one node instead.
     return (op == CLUSTERING and torch.jit.is_tracing()
@@ -110,6 +142,7 @@ def op_required(op: str) -> bool:
 
 def _cpp_unsupported(op: str, x: Tensor, dropout_p: float,
                      auto: bool) -> Optional[Exception]:
+    """Why the C++ op cannot run ``op`` on ``x``; None when it can."""
     if not cpu_kernel_loaded():
         return _kernels_not_built()
     if op == CLUSTERING:
@@ -129,6 +162,8 @@ def _cpp_unsupported(op: str, x: Tensor, dropout_p: float,
 
 def _triton_unsupported(op: str, x: Tensor, dropout_p: float,
                         auto: bool) -> Optional[Exception]:
+    """Why the Triton kernels cannot run ``op`` on ``x``; None when they
+    can (``auto``: the interpreter, for tests, is never picked)."""
     if not _HAS_TRITON:
         return RuntimeError(
             "impl='triton' needs the triton package, which ships with "
@@ -172,7 +207,15 @@ class Backend(NamedTuple):
     unsupported: Callable[[str, Tensor, float, bool], Optional[Exception]]
 
     def op(self, op: str) -> Optional[torch._ops.OpOverload]:
-        """The op that runs ``op`` (None: the tensor ops)."""
+        """The op of this backend that runs ``op``.
+
+        Args:
+            op (str): ``'balanced_clustering'`` or
+                ``'clustered_attention'``.
+
+        Returns:
+            OpOverload | None: The op; None for the tensor ops.
+        """
         return None if self.namespace is None else op_overload(
             op, self.namespace)
 

@@ -71,8 +71,15 @@ MAX_GRID_ROWS = 65535
 
 
 def too_many_rows(num_heads: int) -> str:
-    """What to change when batch x ``num_heads`` exceeds
-    :data:`MAX_GRID_ROWS`."""
+    """What to change when batch x ``num_heads`` is too large.
+
+    Args:
+        num_heads (int): Heads of the attention.
+
+    Returns:
+        str: The message for a batch x ``num_heads`` over
+        :data:`MAX_GRID_ROWS`.
+    """
     return (f"FSLA's Triton attention runs one row of programs per sample "
             f"and head, at most {MAX_GRID_ROWS} (CUDA's limit): at most "
             f"{MAX_GRID_ROWS // num_heads} samples of {num_heads} heads per "
@@ -113,7 +120,15 @@ _TRITON_KERNELS = {
 
 
 def op_overload(name: str, namespace: str) -> torch._ops.OpOverload:
-    """``torch.ops.<namespace>.<name>.default``."""
+    """An op of the library.
+
+    Args:
+        name (str): The op, e.g. ``'balanced_clustering'``.
+        namespace (str): One of :data:`NAMESPACES`.
+
+    Returns:
+        OpOverload: ``torch.ops.<namespace>.<name>.default``.
+    """
     return getattr(getattr(torch.ops, namespace), name).default
 
 
@@ -123,6 +138,9 @@ def triton_function(name: str) -> Callable:
 
     Args:
         name (str): An op, or ``'attention_too_large'``.
+
+    Returns:
+        Callable: The function.
 
     Raises:
         RuntimeError: Triton is not installed (the message says what to
@@ -159,6 +177,7 @@ def _lazy_triton(name: str) -> Callable:
 
 def _fake_clustering(x: Tensor, num_levels: int, slot_size: int,
                      kmeans_iters: int, temperature: float) -> Tensor:
+    """Fake kernel of ``balanced_clustering``: the perm's shape only."""
     return x.new_empty((x.shape[0], slot_size << num_levels), dtype=torch.long)
 
 
@@ -193,6 +212,7 @@ def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
                              perm: Tensor, slot_valid: Tensor, lse: Tensor,
                              num_heads: int, slot_size: int, overlap: int,
                              scale: float) -> Tensor:
+    """Fake kernel of ``clustered_attention_backward``: a qkv gradient."""
     return torch.empty_like(qkv)
 
 
@@ -225,6 +245,7 @@ def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
 
 
 def _define(namespace: str) -> torch.library.Library:
+    """Define the ops of ``namespace`` with their fakes and autograd."""
     lib = torch.library.Library(namespace, 'DEF')
     fakes = {
         'balanced_clustering': _fake_clustering,
@@ -255,10 +276,18 @@ _LIBS = {namespace: _define(namespace) for namespace in NAMESPACES}
 
 
 def register_default_kernel(name: str, kernel: Callable) -> None:
-    """Make ``kernel`` the kernel of ``boat_mm::<name>`` wherever no device
-    kernel is registered (e.g. ``boat_mm._C`` not built), so that tracers
-    can always record the op. The module that defines the tensor ops
-    registers them here (this module imports none of its callers)."""
+    """Make ``kernel`` the default kernel of ``boat_mm::<name>``.
+
+    It runs wherever no device kernel is registered (e.g. ``boat_mm._C``
+    not built), so that tracers can always record the op. The module that
+    defines the tensor ops registers them here (this module imports none
+    of its callers).
+
+    Args:
+        name (str): The op.
+        kernel (Callable): Its tensor-op implementation, with the op's
+            arguments.
+    """
     _LIBS['boat_mm'].impl(name, kernel, 'CompositeExplicitAutograd')
 
 

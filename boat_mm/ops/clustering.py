@@ -73,8 +73,12 @@ __all__ = [
 
 
 def cpu_kernel_available() -> bool:
-    """Whether the C++ CPU kernels (``boat_mm._C``: the clustering and the
-    clustered attention) are built and loaded."""
+    """Whether the C++ CPU kernels are built and loaded.
+
+    Returns:
+        bool: True if ``boat_mm._C`` (the clustering and the clustered
+        attention) is loaded.
+    """
     return _backends.cpu_kernel_loaded()
 
 
@@ -142,6 +146,13 @@ def num_clusters_for(num_tokens: int, group_size: int) -> int:
     ``(MIN_MEAN_CLUSTER, MAX_MEAN_CLUSTER] * group_size`` (clusters hold
     ``N // G`` or ``N // G + 1`` tokens) unless the whole map is one
     cluster (``N <= MAX_MEAN_CLUSTER * group_size``).
+
+    Args:
+        num_tokens (int): Number of tokens ``N``.
+        group_size (int): Target cluster size.
+
+    Returns:
+        int: ``G``, a power of two.
     """
     if num_tokens <= group_size:
         return 1
@@ -161,6 +172,7 @@ def _leaf_sizes(num_tokens: int, num_clusters: int,
 
 def _build_plan(num_tokens: int, group_size: int, overlap: int,
                 device: torch.device) -> ClusterPlan:
+    """Build (uncached) the plan of ``num_tokens`` tokens."""
     return _plan_for_clusters(num_tokens,
                               num_clusters_for(num_tokens, group_size),
                               overlap, device)
@@ -168,6 +180,7 @@ def _build_plan(num_tokens: int, group_size: int, overlap: int,
 
 def _plan_for_clusters(num_tokens: int, G: int, overlap: int,
                        device: torch.device) -> ClusterPlan:
+    """The plan of ``num_tokens`` tokens in ``G`` clusters."""
     # G is a power of two; log2, not int.bit_length, which torch < 2.5's
     # dynamo cannot trace (torch.compile(fullgraph=True) at torch 2.4).
     L = round(math.log2(G))

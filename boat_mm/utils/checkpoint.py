@@ -71,6 +71,7 @@ SafeGlobal = Union[Callable, Tuple[Callable, str]]
 
 
 def _numpy_multiarray():
+    """Numpy's multiarray module, under the name this numpy uses."""
     for name in reversed(_MULTIARRAY_NAMES):
         try:
             return importlib.import_module(name)

@@ -32,7 +32,7 @@ import os.path as osp
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,26 +73,45 @@ class InertUnpickler(pickle.Unpickler):
     installing. The replaced ``module.name`` go to ``foreign``.
 
     Args:
-        file: The pickle stream.
+        file (IO[bytes]): The pickle stream.
+        *args: Further arguments of :class:`pickle.Unpickler`.
         foreign (set, optional): Where to add the replaced globals; a new
             set by default (``torch.load`` builds the unpickler itself).
+        **kwargs: Further keyword arguments of :class:`pickle.Unpickler`.
     """
     allowed: Dict[str, Any] = {}
 
     def __init__(self,
-                 file,
-                 *args,
+                 file: IO[bytes],
+                 *args: Any,
                  foreign: Optional[set] = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(file, *args, **kwargs)
         self.foreign = set() if foreign is None else foreign
 
     def resolve(self, module: str, name: str) -> Any:
-        """The object a global stands for if it may be called, else
-        None."""
+        """The object a global stands for, if it may be called.
+
+        Args:
+            module (str): The global's module.
+            name (str): Its name.
+
+        Returns:
+            Any: The object from :attr:`allowed`, None for any other.
+        """
         return self.allowed.get(f'{module}.{name}')
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed object, or an inert class named after the global.
+
+        Args:
+            module (str): The global's module.
+            name (str): Its name.
+
+        Returns:
+            Any: What :meth:`resolve` gives, else a new :class:`_Inert`
+            subclass (recorded in ``foreign`` unless a torch storage).
+        """
         found = self.resolve(module, name)
         if found is not None:
             return found
@@ -106,10 +125,12 @@ class _Storage:
 
 
 def _meta_tensor(storage, offset, size, *args, **kwargs) -> torch.Tensor:
+    """Stand-in for torch's tensor rebuild: a meta tensor of the shape."""
     return torch.empty(tuple(size), device='meta')
 
 
 def _parameter(data, *args, **kwargs):
+    """Stand-in for torch's parameter rebuild: the tensor itself."""
     return data
 
 
@@ -255,6 +276,7 @@ def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
 def _message(
     path: str, found: Tuple[type, str,
                             dict], foreign: Sequence[str] = ()) -> str:
+    """The "convert it first" message for ``found`` in ``path``."""
     family, key, info = found
     where = f"weights under '{key}'" if key else 'bare weights'
     if info:
@@ -276,8 +298,17 @@ def _message(
 
 
 def published_checkpoint_message(path: str) -> Optional[str]:
-    """The "convert it first" message if ``path`` is a published BOAT
-    checkpoint, else None. Never runs code of the file."""
+    """The "convert it first" message for a published BOAT checkpoint.
+
+    Never runs code of the file.
+
+    Args:
+        path (str): A checkpoint file.
+
+    Returns:
+        str | None: The message, None if ``path`` is not a file or not a
+        published BOAT checkpoint.
+    """
     if not osp.isfile(path):
         return None
     inspected = inspect_checkpoint(path)

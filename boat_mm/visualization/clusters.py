@@ -15,7 +15,7 @@ paint it over the image:
 
 ``tools/visualization/vis_clusters.py`` is the command-line front end.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ def cluster_palette(num_colors: int) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0]
 
 
-def _to_numpy(ids) -> np.ndarray:
+def _to_numpy(ids: Union[np.ndarray, Tensor]) -> np.ndarray:
+    """``ids`` as an int64 ``(H, W)`` array, checked."""
     if isinstance(ids, Tensor):
         ids = ids.detach().cpu().numpy()
     ids = np.asarray(ids)
@@ -125,7 +126,8 @@ def _to_numpy(ids) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def colorize_ids(ids, num_ids: Optional[int] = None) -> np.ndarray:
+def colorize_ids(ids: Union[np.ndarray, Tensor],
+                 num_ids: Optional[int] = None) -> np.ndarray:
     """Paint an id map, one :func:`cluster_palette` colour per id.
 
     Args:
@@ -144,7 +146,7 @@ def colorize_ids(ids, num_ids: Optional[int] = None) -> np.ndarray:
     return cluster_palette(num_ids)[ids]
 
 
-def upsample_ids(ids,
+def upsample_ids(ids: Union[np.ndarray, Tensor],
                  out_hw: Tuple[int, int],
                  stride: Optional[int] = None) -> np.ndarray:
     """Nearest-neighbour id map at image resolution.
@@ -172,7 +174,7 @@ def upsample_ids(ids,
 
 
 def draw_clusters(image: np.ndarray,
-                  ids,
+                  ids: Union[np.ndarray, Tensor],
                   alpha: float = 0.5,
                   stride: Optional[int] = None,
                   num_ids: Optional[int] = None) -> np.ndarray:

@@ -219,6 +219,8 @@ def test_show_dir_interval_draws_every_nth_sample(trained, coco_root,
     """--interval 3: samples 0 and 3 of the 4 (batches of 2) are drawn, as
     for mmpretrain configs; mmdet's own hook ignores its interval when
     testing and would draw all four."""
+    # In this process MMEngine's visualizer named 'visualizer' may be that
+    # of another scope's in-process run (the hooks take the current one).
     with open(osp.join(coco_root, 'annotations',
                        'instances_val2017.json')) as f:
         names = [img['file_name'] for img in json.load(f)['images']]
@@ -227,7 +229,7 @@ def test_show_dir_interval_draws_every_nth_sample(trained, coco_root,
         trained['cfg'],
         osp.join(trained['work_dir'], 'iter_4.pth'), '--show-dir', show_dir,
         '--interval', '3', '--work-dir',
-        str(tmp_path / 'work')
+        str(tmp_path / 'work'), '--cfg-options', 'visualizer.name=det_interval'
     ])
     assert sorted(os.listdir(show_dir)) == sorted([names[0], names[3]])
 

@@ -178,12 +178,15 @@ def test_show_dir_interval_draws_every_nth_sample(trained, ade_root, tmp_path):
     """--interval 3 with batches of 2: samples 0 and 3 of the 4 are drawn,
     as for mmpretrain configs (mmseg's hook counts batches: it would draw
     none of these two batches)."""
+    # In this process MMEngine's visualizer named 'visualizer' may be that
+    # of another scope's in-process run (the hooks take the current one).
     show_dir = str(tmp_path / 'show')
     _tool_main('test.py')([
         trained['cfg'],
         osp.join(trained['work_dir'], 'iter_4.pth'), '--show-dir', show_dir,
         '--interval', '3', '--work-dir',
-        str(tmp_path / 'work'), '--cfg-options', 'test_dataloader.batch_size=2'
+        str(tmp_path / 'work'), '--cfg-options',
+        'test_dataloader.batch_size=2', 'visualizer.name=seg_interval'
     ])
     images = sorted(os.listdir(osp.join(ade_root, 'images', 'validation')))
     assert sorted(os.listdir(show_dir)) == [images[0], images[3]]

@@ -22,7 +22,10 @@ import functools
 import os
 import os.path as osp
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+
+if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
+    from mmengine.config import Config
 
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
@@ -38,16 +41,29 @@ class UsageError(ValueError):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are a :class:`UsageError` (one line,
     with where to find the usage), not the usage text and ``exit(2)``.
-    ``prog`` defaults to the file name of the tool that builds it."""
+    ``prog`` defaults to the file name of the tool that builds it.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Args:
+        *args: Positional arguments of :class:`argparse.ArgumentParser`.
+        **kwargs: Its keyword arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if 'prog' not in kwargs and not args:
             caller = sys._getframe(1).f_globals.get('__file__')
             if caller:
                 kwargs['prog'] = osp.basename(caller)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):
+    def error(self, message: str) -> None:
+        """Raise a :class:`UsageError` instead of printing and exiting.
+
+        Args:
+            message (str): argparse's description of the mistake.
+
+        Raises:
+            UsageError: Always.
+        """
         raise UsageError(f'{message} (usage: {self.prog} --help)')
 
 
@@ -124,7 +140,14 @@ def check_file(path: str, what: str, fix: str) -> str:
 
 
 def check_checkpoint(path: str) -> str:
-    """:func:`check_file` for a weights file."""
+    """:func:`check_file` for a weights file.
+
+    Args:
+        path (str): The ``--checkpoint`` given.
+
+    Returns:
+        str: ``path``, an existing file.
+    """
     return check_file(
         path, 'checkpoint',
         'pass a .pth file written by tools/train.py (WORK_DIR/iter_N.pth, '
@@ -132,7 +155,7 @@ def check_checkpoint(path: str) -> str:
         'published weights by tools/model_converters/boat2mm.py')
 
 
-def merge_cfg_options(cfg, cfg_options: Optional[dict]) -> None:
+def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
     """``cfg.merge_from_dict(cfg_options)``, with MMEngine's complaints
     about an option (a dict under a value that is not one, a list index
     out of range) as a :class:`UsageError`.
@@ -154,9 +177,13 @@ def merge_cfg_options(cfg, cfg_options: Optional[dict]) -> None:
         raise UsageError(f'--cfg-options: {text}') from err
 
 
-def load_config(path: str, cfg_options: Optional[dict] = None):
+def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
     """Load a config after checking that the file exists, then merge
     ``--cfg-options``.
+
+    Args:
+        path (str): The config file.
+        cfg_options (dict, optional): ``--cfg-options``. Defaults to None.
 
     Returns:
         mmengine.config.Config: The config.
@@ -171,8 +198,12 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
 
 
 def user_error_types() -> Tuple[type, ...]:
-    """The exceptions reported as one line: :class:`UsageError`, missing
-    or misplaced files, and published checkpoints loaded unconverted."""
+    """The exceptions reported as one line.
+
+    Returns:
+        tuple[type]: :class:`UsageError`, those of missing or misplaced
+        files, and that of published checkpoints loaded unconverted.
+    """
     types: List[type] = [
         UsageError, FileNotFoundError, FileExistsError, IsADirectoryError,
         NotADirectoryError
@@ -184,19 +215,28 @@ def user_error_types() -> Tuple[type, ...]:
 
 
 def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line."""
     # str(KeyError) adds quotes; an OSError's str has its errno.
     text = err.args[0] if isinstance(err, KeyError) and err.args else err
     return ' '.join(str(text).split())
 
 
 def tool_main(func: Callable) -> Callable:
-    """Decorate a tool's ``main(argv=None)``: a user error (see
-    :func:`user_error_types`) becomes ``<tool>: error: ...`` on stderr and
-    ``SystemExit(2)``."""
+    """Decorate a tool's ``main(argv=None)``.
+
+    A user error (see :func:`user_error_types`) becomes
+    ``<tool>: error: ...`` on stderr and ``SystemExit(2)``.
+
+    Args:
+        func (Callable): The tool's ``main``.
+
+    Returns:
+        Callable: ``main(argv=None)`` with that handling.
+    """
     prog = osp.basename(func.__globals__.get('__file__') or sys.argv[0])
 
     @functools.wraps(func)
-    def main(argv: Optional[List[str]] = None):
+    def main(argv: Optional[List[str]] = None) -> Any:
         try:
             return func(argv)
         except user_error_types() as err:

@@ -12,10 +12,13 @@ import datetime
 import logging
 import os
 import os.path as osp
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
+
+if TYPE_CHECKING:  # imported when used: building a runner imports a lot
+    from mmengine.runner import Runner
 
 __all__ = [
     'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist',
@@ -108,8 +111,13 @@ def parse_launcher_args(
         parser: argparse.ArgumentParser,
         argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the command line of a parser built with
-    :func:`add_launcher_args` (``argv`` defaults to ``sys.argv[1:]``) and
-    export ``--local-rank`` as ``LOCAL_RANK`` unless the launcher set it.
+    :func:`add_launcher_args` and export ``--local-rank`` as
+    ``LOCAL_RANK`` unless the launcher set it.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser.
+        argv (list[str], optional): The arguments; None for
+            ``sys.argv[1:]``.
 
     Returns:
         argparse.Namespace: The parsed arguments.
@@ -157,7 +165,7 @@ def _not_internal_warning(record: logging.LogRecord) -> bool:
         record.msg, str) and record.msg.startswith(MMENGINE_INTERNAL_WARNINGS))
 
 
-def build_runner(cfg: Config):
+def build_runner(cfg: Config) -> 'Runner':
     """MMEngine's Runner, or the config's ``runner_type`` registered under
     its scope, with MMEngine's warnings about its internal file I/O
     filtered from its logger.
@@ -194,6 +202,7 @@ def _datasets(loader: dict) -> Iterator[dict]:
 
 
 def _join(root: str, path: str) -> str:
+    """``path`` under ``data_root``, unless absolute or without a root."""
     return path if not root or osp.isabs(path) else osp.join(root, path)
 
 

@@ -27,10 +27,24 @@ class DetIntervalVisualizationHook(DetVisualizationHook):
     draws every one). Validation is drawn as by the parent."""
 
     def before_test(self, runner: Runner) -> None:
+        """Start counting the samples.
+
+        Args:
+            runner (Runner): The runner of the test.
+        """
         self._test_index = 0
 
     def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: dict,
                         outputs: Sequence[DetDataSample]) -> None:
+        """Draw samples ``0, interval, ...`` of the test set, as the parent
+        draws all.
+
+        Args:
+            runner (Runner): The runner of the test.
+            batch_idx (int): Index of the batch.
+            data_batch (dict): The batch.
+            outputs (Sequence[DetDataSample]): Its predictions.
+        """
         first = self._test_index
         chosen = [
             sample for index, sample in enumerate(outputs, first)

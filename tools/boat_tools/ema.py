@@ -15,6 +15,7 @@ mmpretrain's ``HOOKS``.
 from collections import OrderedDict
 from typing import Union
 
+from mmengine.runner import Runner
 from mmengine.runner.checkpoint import load_state_dict
 from mmpretrain.engine.hooks import EMAHook
 from mmpretrain.registry import HOOKS
@@ -29,6 +30,9 @@ def is_ema_hook(hook_type: Union[str, type, None]) -> bool:
 
     Args:
         hook_type (str | type | None): The ``type`` of the config.
+
+    Returns:
+        bool: True for ``EMAHook`` itself.
     """
     if isinstance(hook_type, str):
         hook_type = HOOKS.get(hook_type)
@@ -40,7 +44,7 @@ def is_ema_hook(hook_type: Union[str, type, None]) -> bool:
 class TTAEMAHook(EMAHook):
     """mmpretrain's ``EMAHook`` for a model under a TTA wrapper."""
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
         """Load the checkpoint's averaged weights into the classifier
         inside the TTA wrapper of the averaged copy (after swapping them
         back, as mmpretrain's hook does).

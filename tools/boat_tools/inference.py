@@ -8,6 +8,7 @@ checkpoint, and the config's test pipeline for one image.
 from copy import deepcopy
 from typing import Optional, Sequence
 
+import torch.nn as nn
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.logging import print_log
@@ -24,7 +25,7 @@ SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
 def build_model(cfg: Config,
                 checkpoint: Optional[str] = None,
                 device: str = 'cpu',
-                tool: str = 'This tool'):
+                tool: str = 'This tool') -> nn.Module:
     """Build the config's model in its scope and load ``checkpoint``.
 
     Args:
@@ -65,8 +66,16 @@ def build_pipeline(cfg: Config,
                    tool: str = 'This tool') -> Compose:
     """The config's test pipeline for one image file, without annotations.
 
-    With ``shape=(H, W)`` (a tool's ``--shape``) only its loading and
-    packing transforms are kept, around a plain resize to ``H x W``.
+    Args:
+        cfg (Config): An mmpretrain, mmseg or mmdet config.
+        shape (Sequence[int], optional): ``(H, W)`` (a tool's
+            ``--shape``): only the pipeline's loading and packing
+            transforms are kept, around a plain resize to ``H x W``.
+            Defaults to None.
+        tool (str): Name used in the error messages.
+
+    Returns:
+        Compose: The pipeline.
     """
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
@@ -86,8 +95,16 @@ def build_pipeline(cfg: Config,
     return Compose(pipeline)
 
 
-def token_stride(backbone, stage: int) -> Optional[int]:
-    """Pixels per token of a stage: stem stride, doubled at each stage."""
+def token_stride(backbone: nn.Module, stage: int) -> Optional[int]:
+    """Pixels per token of a stage: stem stride, doubled at each stage.
+
+    Args:
+        backbone (nn.Module): A backbone with ``patch_embed.projection``.
+        stage (int): Index of the stage.
+
+    Returns:
+        int | None: The stride; None without such a stem.
+    """
     proj = getattr(getattr(backbone, 'patch_embed', None), 'projection', None)
     stride = getattr(proj, 'stride', None)
     return int(stride[0]) * 2**stage if stride else None

@@ -54,6 +54,7 @@ class PublicModel(NamedTuple):
 
 
 def _build_swin(module: ModuleType, arch: str) -> nn.Module:
+    """The public code's BOAT-Swin classifier of our ``arch``."""
     zoo = BOATSwin.arch_zoo[arch]
     return module.SwinTransformer(
         img_size=224,
@@ -87,6 +88,7 @@ def _swin_stage_tokens(ref: nn.Module, ours: nn.Module, x: Tensor) -> Outputs:
 
 
 def _build_cswin(module: ModuleType, arch: str) -> nn.Module:
+    """The public code's BOAT-CSWin classifier of our ``arch``."""
     zoo = BOATCSWin.arch_zoo[arch]
     depths = ''.join(map(str, zoo['depths']))
     name = f'CSWin_{zoo["embed_dims"][0]}_{depths}_{arch}_224'
@@ -182,7 +184,15 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
 def cuda_calls_stay_put(
         device: Union[str, torch.device] = 'cpu') -> Iterator[None]:
     """Make ``Tensor.cuda()`` return the tensor itself unless ``device`` is
-    a CUDA device, so the public code runs where its inputs are."""
+    a CUDA device, so the public code runs where its inputs are.
+
+    Args:
+        device (str | torch.device): Where the public code should run.
+            Defaults to ``'cpu'``.
+
+    Yields:
+        None: While the patch is in place.
+    """
     original = torch.Tensor.cuda
     if torch.device(device).type != 'cuda':
         torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -16,7 +16,7 @@ that ``--show``, ``--show-dir`` and ``--interval`` mean one thing for
 every scope; importing this module registers it in mmseg's ``HOOKS``.
 """
 import os.path as osp
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mmcv
 from mmengine.fileio import get
@@ -44,12 +44,20 @@ class SegShowDirVisualizationHook(SegVisualizationHook):
         **kwargs: The arguments of ``SegVisualizationHook``.
     """
 
-    def __init__(self, test_out_dir: Optional[str] = None, **kwargs) -> None:
+    def __init__(self,
+                 test_out_dir: Optional[str] = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.test_out_dir = test_out_dir
         self._test_index = 0
 
     def before_test(self, runner: Runner) -> None:
+        """Start counting the samples; put a relative ``test_out_dir``
+        under ``WORK_DIR/TIMESTAMP``.
+
+        Args:
+            runner (Runner): The runner of the test.
+        """
         self._test_index = 0
         if self.test_out_dir is not None and self.draw:
             # An absolute folder stays as it is (osp.join keeps it).
@@ -59,6 +67,15 @@ class SegShowDirVisualizationHook(SegVisualizationHook):
 
     def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: dict,
                         outputs: Sequence[SegDataSample]) -> None:
+        """Draw samples ``0, interval, ...`` of the test set, into
+        ``test_out_dir`` if given.
+
+        Args:
+            runner (Runner): The runner of the test.
+            batch_idx (int): Index of the batch.
+            data_batch (dict): The batch.
+            outputs (Sequence[SegDataSample]): Its predictions.
+        """
         if not self.draw:
             return
         first = self._test_index

@@ -28,13 +28,22 @@ __all__ = ['ClsTestVisualizationHook']
 
 
 def _is_tta_batch(data_batch: dict) -> bool:
+    """Whether the batch holds a list of samples per view (TTA)."""
     samples = data_batch.get('data_samples')
     return bool(samples) and isinstance(samples[0], (list, tuple))
 
 
 def plain_view(data_batch: dict) -> int:
-    """Index of the first view of a TTA batch whose samples are all
-    unflipped (0 if every view is flipped)."""
+    """The view of a TTA batch to draw.
+
+    Args:
+        data_batch (dict): A TTA batch: ``data_samples[v]`` the samples of
+            view ``v``.
+
+    Returns:
+        int: Index of the first view whose samples are all unflipped (0 if
+        every view is flipped).
+    """
     for i, samples in enumerate(data_batch['data_samples']):
         if not any(s.metainfo.get('flip', False) for s in samples):
             return i
@@ -42,8 +51,17 @@ def plain_view(data_batch: dict) -> int:
 
 
 def converts_bgr_to_rgb(model: nn.Module) -> bool:
-    """Whether the data preprocessor of ``model`` (or of the model it
-    wraps: DDP, TTA) turns the pipeline's BGR images into RGB ones."""
+    """Whether a classifier's data preprocessor turns the pipeline's BGR
+    images into RGB ones (its ``to_rgb``).
+
+    Args:
+        model (nn.Module): The classifier, or a model wrapping it as
+            ``module`` (DDP, a TTA model).
+
+    Returns:
+        bool: ``to_rgb`` of the first data preprocessor that has one;
+        False if none has.
+    """
     while model is not None:
         to_rgb = getattr(
             getattr(model, 'data_preprocessor', None), 'to_rgb', None)
@@ -62,6 +80,11 @@ class ClsTestVisualizationHook(VisualizationHook):
     prediction. Otherwise drawn as by the parent."""
 
     def before_run(self, runner: Runner) -> None:
+        """Note whether the images are BGR (:func:`converts_bgr_to_rgb`).
+
+        Args:
+            runner (Runner): The runner.
+        """
         self._bgr_inputs = converts_bgr_to_rgb(runner.model)
 
     def _draw_samples(self,
@@ -69,6 +92,14 @@ class ClsTestVisualizationHook(VisualizationHook):
                       data_batch: dict,
                       data_samples: Sequence[DataSample],
                       step: int = 0) -> None:
+        """Draw the plain view of a TTA batch, a plain batch as is, in RGB.
+
+        Args:
+            batch_idx (int): Index of the batch.
+            data_batch (dict): The batch (one entry per view under TTA).
+            data_samples (Sequence[DataSample]): Its predictions.
+            step (int): Step recorded with the drawings.
+        """
         if _is_tta_batch(data_batch):
             view = plain_view(data_batch)
             data_batch = dict(

@@ -15,8 +15,8 @@ import inspect
 import numbers
 from collections import OrderedDict
 from copy import deepcopy
-from typing import (Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Type, Union)
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, Type, Union)
 
 import torch
 import torch.nn as nn
@@ -46,12 +46,17 @@ CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
 
 
 def boat_families() -> Tuple[Type['BaseBOATBackbone'], ...]:
-    """The BOAT backbone families, in the order they were defined."""
+    """The BOAT backbone families, in the order they were defined.
+
+    Returns:
+        tuple[type]: The registered :class:`BaseBOATBackbone` subclasses.
+    """
     return tuple(_FAMILIES.values())
 
 
 def _published_family(
         state_dict: Mapping) -> Optional[Type['BaseBOATBackbone']]:
+    """The family whose published layout ``state_dict`` has, or None."""
     for cls in boat_families():
         if cls.published is not None and cls.published.matches(state_dict):
             return cls
@@ -72,6 +77,13 @@ def _in_boat_mm_layout(state_dict: Mapping) -> bool:
 def detect_boat_family(
         state_dict: Mapping[str, Tensor]) -> Type['BaseBOATBackbone']:
     """The family whose published layout ``state_dict`` has.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): Weights of a published BOAT
+            checkpoint.
+
+    Returns:
+        type: The :class:`BaseBOATBackbone` subclass of that family.
 
     Raises:
         KeyError: No family recognises the keys (the message lists what
@@ -159,8 +171,8 @@ class BaseBOATBlock(BaseModule):
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth of this block.
             Defaults to 0.
-        act_cfg (dict): FFN activation. Defaults to GELU.
-        norm_cfg (dict): Norm layers. Defaults to LN.
+        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
+        norm_cfg (dict): Norm layers. Defaults to ``dict(type='LN')``.
         with_cp (bool): Gradient checkpointing of the whole block.
             Defaults to False.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
@@ -222,7 +234,15 @@ class BaseBOATBlock(BaseModule):
         raise NotImplementedError
 
     def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, N, C)`` tokens of a ``hw_shape`` map."""
+        """Forward.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens.
+            hw_shape (Sequence[int]): ``(H, W)`` of the map, ``N = H * W``.
+
+        Returns:
+            Tensor: ``(B, N, C)`` tokens.
+        """
         if self.with_cp and torch.is_grad_enabled():
             # Non-reentrant: parameter grads flow even when x needs none
             # (frozen stem); the clustering is recomputed identically.
@@ -285,8 +305,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             :class:`FeatureSpaceLocalAttention` (``group_size``,
             ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
             ``qk_scale``, ...). Defaults to None.
-        act_cfg (dict): FFN activation. Defaults to GELU.
-        norm_cfg (dict): Norm layers. Defaults to LN.
+        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
+        norm_cfg (dict): Norm layers. Defaults to ``dict(type='LN')``.
         frozen_stages (int): Freeze (stop grad, eval mode) the stem when
             >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
             and output norms), as mmseg's Swin (mmpretrain's Swin freezes
@@ -359,7 +379,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None,
                  pretrained: Optional[str] = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         name = type(self).__name__
         if kwargs:
             raise unexpected_arguments_error(name, kwargs,
@@ -473,7 +493,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         return settings
 
     @classmethod
-    def zoo_name(cls, **settings) -> Optional[str]:
+    def zoo_name(cls, **settings: Any) -> Optional[str]:
         """The name of the ``arch_zoo`` entry with these settings, if any.
 
         Args:
@@ -484,7 +504,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             str | None: The long name (``'tiny'``), None if none matches.
         """
 
-        def norm(v):
+        def norm(v: Any) -> Any:
             return tuple(v) if isinstance(v, (list, tuple)) else v
 
         names = [
@@ -495,8 +515,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
 
     @staticmethod
     def has_fsla(stage: int, block: int, num_stages: int) -> bool:
-        """Whether block ``block`` of stage ``stage`` holds FSLA (in the
-        published models and with ``with_fsla=True``)."""
+        """Whether a block holds FSLA.
+
+        As in the published models, with ``with_fsla=True``.
+
+        Args:
+            stage (int): Index of the stage.
+            block (int): Index of the block in its stage.
+            num_stages (int): Number of stages of the backbone.
+
+        Returns:
+            bool: True if the block has an FSLA residual.
+        """
         raise NotImplementedError
 
     def _add_output_norms(self) -> None:
@@ -521,8 +551,13 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
 
     def fsla_modules(
             self) -> Dict[Tuple[int, int], FeatureSpaceLocalAttention]:
-        """The FSLA modules by ``(stage, block)``, in order; empty when
-        built with ``with_fsla=False``."""
+        """The FSLA modules of the backbone.
+
+        Returns:
+            dict[tuple[int, int], FeatureSpaceLocalAttention]: By
+            ``(stage, block)``, in order; empty when built with
+            ``with_fsla=False``.
+        """
         return {
             (i, j): block.fsla
             for i, stage in enumerate(self.stages)
@@ -602,6 +637,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             yield i, out, out_shape
 
     def _to_map(self, x: Tensor, i: int, hw_shape: Sequence[int]) -> Tensor:
+        """Stage ``i``'s ``(B, N, C)`` tokens as a ``(B, C, H, W)`` map."""
         return x.transpose(1, 2).reshape(x.shape[0], self.num_features[i],
                                          *hw_shape).contiguous()
 
@@ -659,6 +695,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             self.init_cfg = user_cfg
 
     def _prefix_mismatch_message(self) -> str:
+        """Explain which Pretrained ``prefix`` has no key in its file."""
         from mmengine.runner.checkpoint import CheckpointLoader
         cfgs = self.init_cfg if isinstance(self.init_cfg, list) \
             else [self.init_cfg]
@@ -681,6 +718,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                           prefix: str,
                           found: int,
                           source: str = 'the checkpoint') -> str:
+        """Explain why ``state_dict`` fits too few weights, and the fix."""
         own = list(self.state_dict(keep_vars=True))
         under = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         where = f'under {prefix!r}' if prefix else 'at its top level'

@@ -1,6 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-CSWin: the CSWin Transformer with feature-space local attention."""
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class BOATCSWinBlock(BaseBOATBlock):
                  split_size: int,
                  full_map: bool = False,
                  with_fsla: bool = True,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(
             embed_dims,
             num_heads,
@@ -119,8 +119,16 @@ class BOATCSWinStage(BaseModule):
     def forward(
         self, x: Tensor, hw_shape: Sequence[int]
     ) -> Tuple[Tensor, Tuple[int, int], Tensor, Tuple[int, int]]:
-        """Forward ``(B, N, C)`` tokens; returns the tokens and their shape
-        twice (for the next stage and as this stage's output)."""
+        """Forward.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens.
+            hw_shape (Sequence[int]): ``(H, W)`` of the map, ``N = H * W``.
+
+        Returns:
+            tuple: The tokens and their shape twice: for the next stage
+            and as this stage's output (the same tensor).
+        """
         if self.downsample is not None:
             B, _, C = x.shape
             x = x.transpose(1, 2).reshape(B, C, *hw_shape)
@@ -196,7 +204,7 @@ class BOATCSWin(BaseBOATBackbone):
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(arch=arch, in_channels=in_channels, **kwargs)
         self.split_sizes = list(self.arch_settings['split_sizes'])
         self.patch_embed = PatchEmbed(
@@ -227,7 +235,16 @@ class BOATCSWin(BaseBOATBackbone):
 
     @staticmethod
     def has_fsla(stage: int, block: int, num_stages: int) -> bool:
-        """FSLA in the even-indexed blocks of every stage."""
+        """Whether a block holds FSLA: the even-indexed blocks of every stage.
+
+        Args:
+            stage (int): Index of the stage.
+            block (int): Index of the block in its stage.
+            num_stages (int): Number of stages of the backbone.
+
+        Returns:
+            bool: True if the block has an FSLA residual.
+        """
         return block % 2 == 0
 
     def _parse_arch(self, arch: Union[str, dict]) -> Dict:
@@ -280,6 +297,9 @@ class BOATCSWinPublished(PublishedLayout):
     def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-CSWin (or plain CSWin) checkpoint.
 
+        Args:
+            state_dict (Mapping[str, Tensor]): Weights in this layout.
+
         Returns:
             dict: ``arch`` ('tiny', 'small', 'base' or None when the widths
             and depths match none of them: then ``num_heads`` must come
@@ -316,6 +336,18 @@ class BOATCSWinPublished(PublishedLayout):
             num_classes=None if head is None else int(head.shape[0]))
 
     def backbone_cfg(self, info: dict) -> dict:
+        """The backbone arguments for a published checkpoint.
+
+        Args:
+            info (dict): The checkpoint, as :meth:`detect` describes it.
+
+        Returns:
+            dict: Arguments (without ``type``) of the backbone.
+
+        Raises:
+            ValueError: The widths and depths match no published arch, so
+                the head counts are unknown.
+        """
         if info['arch'] is None:
             raise ValueError(
                 f'BOAT-CSWin checkpoint with embed_dims '
@@ -326,6 +358,14 @@ class BOATCSWinPublished(PublishedLayout):
 
     def add_stage_keys(self, names: Dict[str, str], stage: int,
                        info: dict) -> None:
+        """Add the published keys of a stage (its merging included).
+
+        Args:
+            names (dict[str, str]): Published key -> boat-mm key; added to
+                in place.
+            stage (int): Index of the stage, from 0.
+            info (dict): The model, as :meth:`detect` describes it.
+        """
         num = len(info['depths'])
         if stage > 0:
             # merge{s} sits before stage s+1: our stages[s].downsample.

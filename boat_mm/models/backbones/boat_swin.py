@@ -1,6 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """BOAT-Swin: Swin Transformer with feature-space local attention."""
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ class BOATSwinBlock(BaseBOATBlock):
                  num_heads: int,
                  window_size: int = 7,
                  shift: bool = False,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(
             embed_dims,
             num_heads,
@@ -113,7 +113,17 @@ class BOATSwinStage(BaseModule):
     def forward(
         self, x: Tensor, hw_shape: Sequence[int]
     ) -> Tuple[Tensor, Tuple[int, int], Tensor, Tuple[int, int]]:
-        """Returns the merged tokens and shape, then the stage's own."""
+        """Forward.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` tokens.
+            hw_shape (Sequence[int]): ``(H, W)`` of the map, ``N = H * W``.
+
+        Returns:
+            tuple: The merged tokens and their shape (for the next
+            stage), then the stage's own tokens and shape (its output);
+            both pairs are the stage's own without a merging.
+        """
         for block in self.blocks:
             x = block(x, hw_shape)
         if self.downsample is None:
@@ -220,7 +230,7 @@ class BOATSwin(BaseBOATBackbone):
                  patch_size: int = 4,
                  in_channels: int = 3,
                  window_size: int = 7,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(arch=arch, in_channels=in_channels, **kwargs)
         check_int(window_size, 'window_size', type(self).__name__)
         check_int(patch_size, 'patch_size', type(self).__name__)
@@ -254,7 +264,17 @@ class BOATSwin(BaseBOATBackbone):
 
     @staticmethod
     def has_fsla(stage: int, block: int, num_stages: int) -> bool:
-        """FSLA in the shifted (odd) blocks of all stages but the last."""
+        """Whether a block holds FSLA: the shifted (odd) blocks of all
+        stages but the last.
+
+        Args:
+            stage (int): Index of the stage.
+            block (int): Index of the block in its stage.
+            num_stages (int): Number of stages of the backbone.
+
+        Returns:
+            bool: True if the block has an FSLA residual.
+        """
         return block % 2 == 1 and stage < num_stages - 1
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
@@ -298,6 +318,9 @@ class BOATSwinPublished(PublishedLayout):
 
     def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a BOAT-Swin (or plain Swin) checkpoint.
+
+        Args:
+            state_dict (Mapping[str, Tensor]): Weights in this layout.
 
         Returns:
             dict: ``arch`` ('tiny', 'small', 'base', or None for other
@@ -344,6 +367,15 @@ class BOATSwinPublished(PublishedLayout):
             num_classes=None if head is None else int(head.shape[0]))
 
     def backbone_cfg(self, info: dict) -> dict:
+        """The backbone arguments for a published checkpoint.
+
+        Args:
+            info (dict): The checkpoint, as :meth:`detect` describes it.
+
+        Returns:
+            dict: Arguments (without ``type``) of the backbone; ``arch``
+            is a dict of the settings when they match no zoo entry.
+        """
         custom = dict(
             embed_dims=list(info['embed_dims']),
             depths=list(info['depths']),
@@ -357,6 +389,14 @@ class BOATSwinPublished(PublishedLayout):
 
     def add_stage_keys(self, names: Dict[str, str], stage: int,
                        info: dict) -> None:
+        """Add the published keys of a stage (its merging included).
+
+        Args:
+            names (dict[str, str]): Published key -> boat-mm key; added to
+                in place.
+            stage (int): Index of the stage, from 0.
+            info (dict): The model, as :meth:`detect` describes it.
+        """
         num = len(info['depths'])
         for i in range(info['depths'][stage]):
             src = f'layers.{stage}.blocks.{i}'
@@ -376,7 +416,18 @@ class BOATSwinPublished(PublishedLayout):
                             ('weight', ))
 
     def fix_value(self, key: str, value: Tensor) -> Tensor:
-        # mmcv's PatchMerging orders the 2x2 features differently.
+        """Reorder the patch merging's features from Swin's to mmcv's.
+
+        mmcv's ``PatchMerging`` orders the 2x2 features differently (see
+        :func:`swin_merge_order`).
+
+        Args:
+            key (str): The boat-mm key.
+            value (Tensor): The published tensor.
+
+        Returns:
+            Tensor: ``value`` as boat-mm stores it.
+        """
         if key.endswith('.downsample.reduction.weight'):
             return value[:, swin_merge_order(value.shape[1])]
         if '.downsample.norm.' in key:

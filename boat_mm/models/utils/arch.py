@@ -4,7 +4,8 @@ import math
 import numbers
 import os.path as osp
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
+                    Union)
 
 import torch.nn as nn
 from torch import Tensor
@@ -121,8 +122,18 @@ def check_tokens(x: Tensor, hw_shape: Sequence[int], embed_dims: int,
 
 
 def check_bool(value: bool, name: str, owner: str) -> bool:
-    """``value`` is a bool: a string such as ``'False'`` is truthy and
-    would silently mean True."""
+    """Check that ``value`` is a bool.
+
+    A string such as ``'False'`` is truthy and would silently mean True.
+
+    Args:
+        value (bool): The argument.
+        name (str): Its name, for the error.
+        owner (str): The class it is given to, for the error.
+
+    Returns:
+        bool: ``value``.
+    """
     if not isinstance(value, bool):
         raise TypeError(f'{owner}: {name} must be True or False, got '
                         f'{value!r} ({type(value).__name__}).')
@@ -192,7 +203,13 @@ def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
 
 
 def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:
-    """Fail early, with the fix, when a local pretrained file is missing."""
+    """Fail early, with the fix, when a local pretrained file is missing.
+
+    Args:
+        init_cfg (dict | list[dict], optional): The backbone's
+            ``init_cfg``; its ``Pretrained`` entries are checked.
+        name (str): The backbone's name, for the error.
+    """
     cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
     for cfg in cfgs:
         if not isinstance(cfg, dict) or cfg.get('type') != 'Pretrained':
@@ -310,7 +327,13 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
 
 
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
-    """``frozen_stages`` is -1 (nothing frozen) up to ``num_stages``."""
+    """Check that ``frozen_stages`` is -1 (nothing frozen) up to
+    ``num_stages``.
+
+    Args:
+        frozen_stages (int): The argument.
+        num_stages (int): Number of stages of the backbone.
+    """
     integral = isinstance(frozen_stages, numbers.Integral)
     if isinstance(frozen_stages, bool) or not integral:
         raise TypeError(f'frozen_stages must be an int in [-1, {num_stages}] '
@@ -321,11 +344,15 @@ def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
 
 
 def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
-    """``qk_scale`` is None or positive.
+    """Check that ``qk_scale`` is None or positive.
 
     mmpretrain's window attention reads 0 as "the default", a plain
     ``qk_scale`` as 0 (uniform attention): refuse it rather than let the
     attentions of one backbone disagree.
+
+    Args:
+        qk_scale (float, optional): The argument.
+        name (str): The class it is given to, for the error.
     """
     if qk_scale is not None and (isinstance(qk_scale, bool)
                                  or not isinstance(qk_scale, numbers.Real)):
@@ -337,7 +364,7 @@ def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
             f'use qk_scale=None for the default head_dim ** -0.5.')
 
 
-def fsla_settings(fsla_cfg: Optional[dict], **defaults) -> dict:
+def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
     """Keyword arguments of the FSLA modules of a backbone.
 
     Args:
@@ -370,6 +397,7 @@ class FrozenStagesMixin:
     stem_modules: Tuple[str, ...] = ('patch_embed', )
 
     def _freeze_stages(self) -> None:
+        """Put the frozen stem and stages in eval mode, without grads."""
         if self.frozen_stages >= 0:
             for name in self.stem_modules:
                 stem = getattr(self, name)
@@ -386,7 +414,14 @@ class FrozenStagesMixin:
                     param.requires_grad = False
 
     def train(self, mode: bool = True) -> nn.Module:
-        """Set train mode, keeping frozen stages in eval mode."""
+        """Set train mode, keeping frozen stages in eval mode.
+
+        Args:
+            mode (bool): Train mode (True) or eval mode. Defaults to True.
+
+        Returns:
+            nn.Module: ``self``.
+        """
         super().train(mode)
         self._freeze_stages()
         return self

@@ -26,7 +26,16 @@ __all__ = [
 
 
 def key_listing(keys: Iterable[str], limit: int = 20) -> str:
-    """The first ``limit`` sorted keys, and how many there are in all."""
+    """List keys for an error message, at most ``limit`` of them.
+
+    Args:
+        keys (Iterable[str]): The keys.
+        limit (int): How many to list. Defaults to 20.
+
+    Returns:
+        str: The first ``limit`` sorted keys, and how many there are in all
+        when that is more.
+    """
     keys = sorted(keys)
     more = f' ... ({len(keys)} in all)' if len(keys) > limit else ''
     return f'{keys[:limit]}{more}'
@@ -34,7 +43,14 @@ def key_listing(keys: Iterable[str], limit: int = 20) -> str:
 
 def strip_module_prefix(
         state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
-    """Drop a DataParallel ``module.`` prefix, if every key has one."""
+    """Drop a DataParallel ``module.`` prefix, if every key has one.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): Weights.
+
+    Returns:
+        OrderedDict[str, Tensor]: The weights, without the prefix.
+    """
     if state_dict and all(k.startswith('module.') for k in state_dict):
         return OrderedDict(
             (k[len('module.'):], v) for k, v in state_dict.items())
@@ -97,7 +113,16 @@ def add_module_keys(names: 'OrderedDict[str, str]',
                     src: str,
                     dst: str,
                     params: Sequence[str] = _WEIGHT_BIAS) -> None:
-    """Map ``{src}.{p}`` to ``{dst}.{p}`` for each parameter name ``p``."""
+    """Map ``{src}.{p}`` to ``{dst}.{p}`` for each parameter name ``p``.
+
+    Args:
+        names (OrderedDict[str, str]): Published key -> boat-mm key; added
+            to in place.
+        src (str): The module's published name.
+        dst (str): The module's boat-mm name.
+        params (Sequence[str]): Its parameter names. Defaults to
+            ``('weight', 'bias')``.
+    """
     for p in params:
         names[f'{src}.{p}'] = f'{dst}.{p}'
 
@@ -173,12 +198,22 @@ class PublishedLayout:
         self.name, self.marker, self.stem, self.code = name, marker, stem, code
 
     def matches(self, state_dict: Mapping) -> bool:
-        """Whether ``state_dict`` has this layout (a key with ``marker``)."""
+        """Whether ``state_dict`` has this layout.
+
+        Args:
+            state_dict (Mapping): Weights of a checkpoint.
+
+        Returns:
+            bool: True if a key starts with ``marker``.
+        """
         return bool(self.marker) and any(
             str(k).startswith(self.marker) for k in state_dict)
 
     def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a published state dict from its keys and shapes.
+
+        Args:
+            state_dict (Mapping[str, Tensor]): Weights in this layout.
 
         Returns:
             dict: At least ``arch`` (a zoo name or None), ``embed_dims``
@@ -189,8 +224,14 @@ class PublishedLayout:
         raise NotImplementedError
 
     def backbone_cfg(self, info: dict) -> dict:
-        """Arguments (without ``type``) of the backbone that the published
-        checkpoint described by ``info`` is for.
+        """The backbone arguments for a published checkpoint.
+
+        Args:
+            info (dict): The checkpoint, as :meth:`detect` describes it.
+
+        Returns:
+            dict: Arguments (without ``type``) of the backbone that the
+            checkpoint is for.
 
         Raises:
             ValueError: The file does not determine the arguments.
@@ -201,12 +242,20 @@ class PublishedLayout:
             with_fsla=info['with_fsla'])
 
     def key_map(self, info: dict) -> 'OrderedDict[str, str]':
-        """Every published key of the model described by ``info`` (its
-        ``depths``, ``with_fsla`` and ``num_classes``) -> its key in an
-        mmpretrain ``ImageClassifier`` (``backbone.*``, ``head.fc.*``): the
-        stem (``stem``), each stage's keys (:meth:`add_stage_keys`), the
-        final ``norm`` and the ``head`` (timm's names, which both
-        published codes use)."""
+        """Map every published key of a model to its boat-mm key.
+
+        The keys are the stem's (``stem``), each stage's
+        (:meth:`add_stage_keys`), the final ``norm`` and the ``head``
+        (timm's names, which both published codes use).
+
+        Args:
+            info (dict): The model, as :meth:`detect` describes it (its
+                ``depths``, ``with_fsla`` and ``num_classes`` are used).
+
+        Returns:
+            OrderedDict[str, str]: Published key -> key in an mmpretrain
+            ``ImageClassifier`` (``backbone.*``, ``head.fc.*``).
+        """
         names: 'OrderedDict[str, str]' = OrderedDict()
         proj, norm = self.stem
         add_module_keys(names, proj, 'backbone.patch_embed.projection')
@@ -221,13 +270,28 @@ class PublishedLayout:
 
     def add_stage_keys(self, names: 'OrderedDict[str, str]', stage: int,
                        info: dict) -> None:
-        """Add the published keys of stage ``stage`` (its merging
-        included) to ``names``."""
+        """Add the published keys of a stage (its merging included).
+
+        Args:
+            names (OrderedDict[str, str]): Published key -> boat-mm key;
+                added to in place.
+            stage (int): Index of the stage, from 0.
+            info (dict): The model, as :meth:`detect` describes it.
+        """
         raise NotImplementedError
 
     def fix_value(self, key: str, value: Tensor) -> Tensor:
-        """The value to store under our ``key`` (layouts whose tensors are
-        laid out differently override this)."""
+        """The value to store under a boat-mm key.
+
+        Layouts whose tensors are laid out differently override this.
+
+        Args:
+            key (str): The boat-mm key.
+            value (Tensor): The published tensor.
+
+        Returns:
+            Tensor: ``value`` as boat-mm stores it (here unchanged).
+        """
         return value
 
     def convert(

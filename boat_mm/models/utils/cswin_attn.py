@@ -76,7 +76,14 @@ class LePEStripeAttention(nn.Module):
             embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
 
     def window_shape(self, hw_shape: Sequence[int]) -> Tuple[int, int]:
-        """Window size ``(H_sp, W_sp)`` used for a map of ``hw_shape``."""
+        """The window size used for a map.
+
+        Args:
+            hw_shape (Sequence[int]): ``(H, W)`` of the map.
+
+        Returns:
+            tuple[int, int]: ``(H_sp, W_sp)``.
+        """
         H, W = hw_shape
         if self.mode == 'full':
             return H, W
@@ -140,6 +147,11 @@ class LePEStripeAttention(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr.
+
+        Returns:
+            str: ``embed_dims``, ``num_heads``, the layout and the scale.
+        """
         return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '
                 f'mode={self.mode}, split_size={self.split_size}, '
                 f'scale={self.scale:.4g}')

@@ -23,6 +23,14 @@ class BOATDropPath(DropPath):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """Drop whole samples' residuals (all of them at rate 1).
+
+        Args:
+            x (Tensor): The residual branch, batch first.
+
+        Returns:
+            Tensor: ``x`` with dropped samples zeroed.
+        """
         if self.training and self.drop_prob >= 1.:
             return torch.zeros_like(x)
         return super().forward(x)

@@ -139,6 +139,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         check_tokens(x, hw_shape, self.embed_dims, 'FSLA')
 
     def _plan(self, num_tokens: int, device: torch.device) -> ClusterPlan:
+        """The cluster layout of ``num_tokens`` tokens (cached per N)."""
         return build_cluster_plan(num_tokens, self.group_size, self.overlap,
                                   device)
 
@@ -251,6 +252,11 @@ class FeatureSpaceLocalAttention(BaseModule):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr.
+
+        Returns:
+            str: ``embed_dims``, ``num_heads``, the layout and the scale.
+        """
         return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '
                 f'group_size={self.group_size}, overlap={self.overlap}, '
                 f'scale={self.scale:.4g}')

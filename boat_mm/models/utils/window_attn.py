@@ -10,7 +10,7 @@ multiples the arithmetic is mmpretrain's, operation for operation
 (``tests/test_models/test_utils/test_window_attn.py`` checks it bit for
 bit).
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,9 @@ def relative_position_index(window_size: Tuple[int, int]) -> Tensor:
     Tokens ``i = (y_i, x_i)`` and ``j`` of a ``Wh x Ww`` window (raster
     order) use row ``(y_i - y_j + Wh - 1) * (2 * Ww - 1) + x_i - x_j +
     Ww - 1`` of the ``(2 * Wh - 1) * (2 * Ww - 1)`` row table.
+
+    Args:
+        window_size (tuple[int, int]): ``(Wh, Ww)``.
 
     Returns:
         Tensor: ``(Wh * Ww, Wh * Ww)`` int64.
@@ -68,9 +71,17 @@ def resize_bias_table(table: Tensor, size: Tuple[int, int]) -> Tensor:
 
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
-    """``(B, H, W, C)`` map (``H``, ``W`` window multiples) to
-    ``(B * H / ws * W / ws, ws * ws, C)`` windows, batch-major, windows in
-    raster order, tokens in raster order inside each window."""
+    """Split a map into windows.
+
+    Args:
+        x (Tensor): ``(B, H, W, C)`` map, ``H`` and ``W`` multiples of
+            ``window_size``.
+        window_size (int): Window side ``ws``.
+
+    Returns:
+        Tensor: ``(B * H / ws * W / ws, ws * ws, C)`` windows, batch-major,
+        windows in raster order, tokens in raster order inside each window.
+    """
     B, H, W, C = x.shape
     ws = window_size
     x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
@@ -209,7 +220,7 @@ class BOATShiftWindowMSA(BaseModule):
         shift_size (int): Shift of the shifted-window blocks, 0 for plain
             window attention; smaller than ``window_size``. Defaults to 0.
         dropout_layer (dict): Applied to the output (stochastic depth).
-            Defaults to mmcv's ``DropPath`` at rate 0.
+            Defaults to ``dict(type='DropPath', drop_prob=0.)``.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
         **kwargs: ``qkv_bias``, ``qk_scale``, ``attn_drop``, ``proj_drop``
             of :class:`WindowMSA`.
@@ -222,7 +233,7 @@ class BOATShiftWindowMSA(BaseModule):
                  shift_size: int = 0,
                  dropout_layer: dict = dict(type='DropPath', drop_prob=0.),
                  init_cfg: Optional[dict] = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(init_cfg=init_cfg)
         if not 0 <= shift_size < window_size:
             raise ValueError(f'shift_size ({shift_size}) must be in [0, '
@@ -272,7 +283,15 @@ class BOATShiftWindowMSA(BaseModule):
         return diff.ne(0).float() * MASKED_LOGIT
 
     def forward(self, query: Tensor, hw_shape: Sequence[int]) -> Tensor:
-        """Forward ``(B, H*W, C)`` tokens of an ``(H, W)`` map."""
+        """Forward.
+
+        Args:
+            query (Tensor): ``(B, H * W, C)`` tokens.
+            hw_shape (Sequence[int]): ``(H, W)`` of the map.
+
+        Returns:
+            Tensor: ``(B, H * W, C)`` tokens.
+        """
         B, L, C = query.shape
         H, W = hw_shape
         if L != H * W:

@@ -80,8 +80,13 @@ __all__ = [
 
 
 def interpreted() -> bool:
-    """Whether these kernels run in Triton's interpreter (decided by
-    ``TRITON_INTERPRET`` when this module was imported)."""
+    """Whether these kernels run in Triton's interpreter.
+
+    ``TRITON_INTERPRET`` decided it when this module was imported.
+
+    Returns:
+        bool: True in the interpreter.
+    """
     return not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
@@ -207,6 +212,8 @@ def _forward_kernel(qkv, perm, valid, out, lse, image, N, C, perm_stride, S,
                     TAIL: tl.constexpr, HAS_IMAGE: tl.constexpr,
                     ACC: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
+    """Cluster ``c = program_id(0)`` of one sample and head
+    (``program_id(1)``): its queries' outputs, values and log-sum-exps."""
     (c, m, b, head, sib, offs, in_slots, n_own, n_sib, row, real, tok, offs_d,
      d_ok, base) = _cluster(qkv, perm, valid, N, C, perm_stride, S, G, HEADS,
                             D, BLOCK_D, BLOCK_S, EXTRA)
@@ -804,9 +811,26 @@ def clustered_attention_forward(
         qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
         slot_size: int, overlap: int, scale: float,
         hw_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The Triton kernel of ``boat_mm::clustered_attention`` (same
-    arguments and results; the log-sum-exp is float32 for 16-bit inputs,
-    the value image is channels-last)."""
+    """The Triton kernel of ``boat_mm::clustered_attention``.
+
+    Same arguments and results as the op; the log-sum-exp is float32 for
+    16-bit inputs, the value image is channels-last.
+
+    Args:
+        qkv (Tensor): ``(B, N, 3 * C)`` output of the qkv projection.
+        perm (Tensor): ``(B * num_heads, slots)`` token of every slot.
+        slot_valid (Tensor): ``(slots, )`` bool, real slots.
+        num_heads (int): Number of heads.
+        slot_size (int): Slots per cluster.
+        overlap (int): Keys borrowed from the sibling cluster.
+        scale (float): Logit scale.
+        hw_shape (list[int]): ``[H, W]`` for the value image, or empty.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``(B, N, C)`` output, the
+        ``(B, C, H, W)`` value image (empty without ``hw_shape``) and the
+        ``(B * num_heads, slots)`` log-sum-exp of every query.
+    """
     B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size, overlap)
     if len(hw_shape) and (len(hw_shape) != 2
                           or hw_shape[0] * hw_shape[1] != N):
@@ -856,7 +880,24 @@ def clustered_attention_backward(grad_out: Tensor, grad_image: Tensor,
                                  qkv: Tensor, perm: Tensor, slot_valid: Tensor,
                                  lse: Tensor, num_heads: int, slot_size: int,
                                  overlap: int, scale: float) -> Tensor:
-    """The Triton kernels of ``boat_mm::clustered_attention_backward``."""
+    """The Triton kernels of ``boat_mm::clustered_attention_backward``.
+
+    Args:
+        grad_out (Tensor): ``(B, N, C)`` gradient of the output.
+        grad_image (Tensor): ``(B, C, H, W)`` gradient of the value image,
+            or empty.
+        qkv (Tensor): ``(B, N, 3 * C)`` the forward's input.
+        perm (Tensor): ``(B * num_heads, slots)`` token of every slot.
+        slot_valid (Tensor): ``(slots, )`` bool, real slots.
+        lse (Tensor): The forward's log-sum-exp.
+        num_heads (int): Number of heads.
+        slot_size (int): Slots per cluster.
+        overlap (int): Keys borrowed from the sibling cluster.
+        scale (float): Logit scale.
+
+    Returns:
+        Tensor: ``(B, N, 3 * C)`` gradient of ``qkv``.
+    """
     B, N, C, G = _check(qkv, perm, slot_valid, num_heads, slot_size, overlap)
     if tuple(grad_out.shape) != (B, N, C):
         raise RuntimeError(f'grad_out must have shape {(B, N, C)}, got '

@@ -833,8 +833,16 @@ _TARGETS = {}
 
 
 def target_info(device: torch.device) -> TargetInfo:
-    """The :class:`TargetInfo` of ``device``, cached per device (no
-    ``get_device_properties`` per call)."""
+    """The :class:`TargetInfo` of a device.
+
+    Cached per device: no ``get_device_properties`` per call.
+
+    Args:
+        device (torch.device): The device of the inputs.
+
+    Returns:
+        TargetInfo: What the schedule needs to know of it.
+    """
     device = torch.device(device)
     if device.type != 'cuda':
         return TargetInfo(False, 1)
@@ -855,10 +863,12 @@ def _target_for(device: torch.device) -> TargetInfo:
 
 
 def _as_target(target: Union[TargetInfo, torch.device, str]) -> TargetInfo:
+    """``target``, or the :class:`TargetInfo` of the device it names."""
     return target if isinstance(target, TargetInfo) else target_info(target)
 
 
 def _target_programs(target: TargetInfo) -> int:
+    """Programs a phased level aims at (:data:`TARGET_PROGRAMS` if set)."""
     if TARGET_PROGRAMS is not None:
         return TARGET_PROGRAMS
     return 8 * target.sm_count if target.cuda else 4
@@ -895,16 +905,29 @@ class LevelPlan(NamedTuple):
 
 def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
                 target: Union[TargetInfo, torch.device]) -> List[LevelPlan]:
-    """The :class:`LevelPlan` of every level for ``rows`` rows of ``d``-dim
-    vectors (shapes only, so the same for every call at a resolution).
+    """The :class:`LevelPlan` of every level of a clustering.
+
+    It depends on shapes only, so it is the same for every call at a
+    resolution.
 
     The first level whose nodes fit :data:`SORT_MAX` slots and every
     level below it take the subtree schedule, whatever the grid (few
     programs at batch 1; the deep levels are short). Above it, nodes are
     cut into chunks of a power-of-two length in ``[MIN_CHUNK,
     CHUNK_MAX]``, as many as reach the target (:data:`TARGET_PROGRAMS`).
-    ``target`` is a :class:`TargetInfo` (a model can pass CUDA's) or the
-    device.
+
+    Args:
+        rows (int): Rows (samples x heads) clustered.
+        num_levels (int): Levels of the binary tree.
+        slot_size (int): Slots per leaf cluster.
+        d (int): Dimensions of the vectors (the schedule does not use
+            it now).
+        f64 (bool): Whether the vectors are float64 (not used now).
+        target (TargetInfo | torch.device): The device, or a
+            :class:`TargetInfo` (a model can pass CUDA's).
+
+    Returns:
+        list[LevelPlan]: One per level, the first (root) level first.
     """
     programs = _target_programs(_as_target(target))
     lo = triton.next_power_of_2(max(1, MIN_CHUNK))
@@ -927,6 +950,7 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
 
 def _check_args(x: Tensor, num_levels: int, slot_size: int,
                 kmeans_iters: int) -> None:
+    """Raise a ValueError naming the first bad argument of the kernel."""
     if x.dim() != 3:
         raise ValueError(f'balanced_clustering expects (M, N, d) vectors, '
                          f'got a {x.dim()}-d tensor.')
