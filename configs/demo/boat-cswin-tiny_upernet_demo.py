@@ -1,6 +1,6 @@
 # CPU-sized demo of the headline config (configs/boat_upernet_ade20k.py) on
 # the generated ADE20K-like data; `make demo` (tools/run_demo.py) generates
-# the data, trains, tests and draws the predictions in 6 to 7 minutes on two
+# the data, trains, tests and draws the predictions in 5 to 7 minutes on two
 # CPU cores. Changes to the headline config, all for the CPU budget:
 # 128x128 crops, a BOAT-CSWin of reduced width and depth (same block design:
 # CSWin stripes + FSLA in every even block), narrower UPerNet/FCN heads with
