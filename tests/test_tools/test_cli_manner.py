@@ -95,6 +95,12 @@ CASES = [
                       'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('vis_clusters', [SEG, '{image}', '--checkpoint', '{published}'],
      'is a published BOAT-CSWin checkpoint (arch tiny'),
+    # A checkpoint of another model: the backbone's mismatch error.
+    ('vis_clusters', [SEG, '{image}', '--checkpoint',
+                      '{ours}'], 'BOATCSWin: the checkpoint matches 0 of the'),
+    ('pytorch2onnx',
+     [SEG, '--shape', '64', '--out', 'x.onnx', '--checkpoint',
+      '{ours}'], 'BOATCSWin: the checkpoint matches 0 of the'),
     ('pytorch2onnx', [SEG, '--shape', '0', '--out', 'x.onnx'],
      '--shape takes H W or one size S for S x S, positive integers; got 0'),
     ('pytorch2onnx',

@@ -202,7 +202,8 @@ def user_error_types() -> Tuple[type, ...]:
 
     Returns:
         tuple[type]: :class:`UsageError`, those of missing or misplaced
-        files, and that of published checkpoints loaded unconverted.
+        files, that of published checkpoints loaded unconverted and that
+        of checkpoints that do not fit a BOAT backbone.
     """
     types: List[type] = [
         UsageError, FileNotFoundError, FileExistsError, IsADirectoryError,
@@ -211,6 +212,9 @@ def user_error_types() -> Tuple[type, ...]:
     published = sys.modules.get('boat_mm.utils.published')
     if published is not None:
         types.append(published.PublishedCheckpointError)
+    backbones = sys.modules.get('boat_mm.models.backbones.base_boat')
+    if backbones is not None:
+        types.append(backbones.CheckpointMismatchError)
     return tuple(types)
 
 

@@ -1,10 +1,11 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-from .base_boat import (BaseBOATBackbone, boat_families,
-                        convert_boat_checkpoint, detect_boat_family)
+from .base_boat import (BaseBOATBackbone, CheckpointMismatchError,
+                        boat_families, convert_boat_checkpoint,
+                        detect_boat_family)
 from .boat_cswin import BOATCSWin
 from .boat_swin import BOATSwin
 
 __all__ = [
-    'BaseBOATBackbone', 'BOATCSWin', 'BOATSwin', 'boat_families',
-    'convert_boat_checkpoint', 'detect_boat_family'
+    'BaseBOATBackbone', 'BOATCSWin', 'BOATSwin', 'CheckpointMismatchError',
+    'boat_families', 'convert_boat_checkpoint', 'detect_boat_family'
 ]

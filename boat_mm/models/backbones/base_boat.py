@@ -36,13 +36,20 @@ from ..utils.ckpt_convert import (PublishedLayout, key_listing,
                                   pick_boat_weights)
 
 __all__ = [
-    'BaseBOATBackbone', 'BaseBOATBlock', 'boat_families',
-    'convert_boat_checkpoint', 'detect_boat_family'
+    'BaseBOATBackbone', 'BaseBOATBlock', 'CheckpointMismatchError',
+    'boat_families', 'convert_boat_checkpoint', 'detect_boat_family'
 ]
 
 _FAMILIES: Dict[str, Type['BaseBOATBackbone']] = {}
 
 CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint fits too few of a BOAT backbone's weights (another
+    layout or model, or no key under a ``Pretrained`` prefix); the message
+    says what the file holds and the fix. The tools report it in one
+    line."""
 
 
 def boat_families() -> Tuple[Type['BaseBOATBackbone'], ...]:
@@ -690,7 +697,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             # MMEngine asserts that a Pretrained prefix is in the file.
             if 'is not in the pretrained model' not in str(err):
                 raise
-            raise ValueError(self._prefix_mismatch_message()) from err
+            raise CheckpointMismatchError(
+                self._prefix_mismatch_message()) from err
         finally:
             self.init_cfg = user_cfg
 
@@ -755,5 +763,6 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             found += got is not None and tuple(getattr(
                 got, 'shape', ())) == tuple(value.shape)
         if found < self.min_loaded_share * len(own):
-            raise ValueError(self._mismatch_message(state_dict, prefix, found))
+            raise CheckpointMismatchError(
+                self._mismatch_message(state_dict, prefix, found))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
