@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from boat_mm.utils.metafile import published_complexity
+from boat_mm.utils.metafile import load_models, published_complexity
 
 
 @pytest.fixture(scope='module')
@@ -73,3 +73,17 @@ def test_get_flops_cli_errors(get_flops, tmp_path, capsys):
             get_flops.main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('config', [
+    'configs/boat_swin/boat-swin-tiny_16xb64_in1k.py',
+    'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py'
+])
+def test_metafile_flops_are_get_flops_multiply_adds(get_flops, repo_root,
+                                                    config):
+    """A classifier's ``Metadata.FLOPs`` (the model-zoo tables') is what
+    get_flops.py counts at 224: its multiply-adds, to 0.01 G."""
+    listed = {m.config: m for m in load_models(repo_root)}[config]
+    info = get_flops.count_config(osp.join(repo_root, config), (224, 224))
+    assert round(info['macs'] / 1e9, 2) == listed.flops / 1e9
+    assert round(info['params'] / 1e4) == listed.params / 1e4
