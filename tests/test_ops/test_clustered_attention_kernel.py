@@ -231,6 +231,17 @@ def test_tokens_outside_the_map_refused(token):
 
     with pytest.raises(ValueError, match=r'outside \[0, 196\)'):
         clustered_attention(qkv, spoil(perm), plan, 2, impl='cpp')
+    # The op itself refuses it too, forward and backward.
+    args = (qkv.detach(), spoil(perm), plan.slot_valid, 2, plan.slot_size,
+            plan.overlap, 0.25)
+    with pytest.raises(RuntimeError, match=r'outside \[0, 196\)'):
+        torch.ops.boat_mm.clustered_attention(*args, [14, 14])
+    out, image, lse = torch.ops.boat_mm.clustered_attention(
+        qkv.detach(), perm, *args[2:], [14, 14])
+    with pytest.raises(RuntimeError, match=r'outside \[0, 196\)'):
+        torch.ops.boat_mm.clustered_attention_backward(
+            torch.ones_like(out), torch.zeros_like(image), *args[:3], lse,
+            *args[3:])
     module = FeatureSpaceLocalAttention(16, 2, attention_impl='cpp')
     module.register_cluster_hook(lambda mod, p: spoil(p))
     with pytest.raises(ValueError, match='a cluster hook must return'):

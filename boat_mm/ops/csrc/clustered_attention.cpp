@@ -474,6 +474,18 @@ __attribute__((target("avx2,fma"))) void backward_avx2(
 // The ops.
 // ---------------------------------------------------------------------------
 
+// The kernels index qkv (and, backward, its gradient) with the tokens of
+// perm's first `slots` columns unchecked: refuse any outside [0, N) first,
+// for callers of the op itself (the Python wrapper checks as well).
+void check_perm_range(const at::Tensor& perm, int64_t slots, int64_t N) {
+  if (perm.size(0) == 0) return;  // an empty batch
+  const auto [low, high] = at::aminmax(perm.narrow(1, 0, slots));
+  const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < N, "perm holds token indices in [", lo, ", ",
+              hi, "], outside [0, ", N, ") for N=", N,
+              " tokens; take perm from balanced_hierarchical_clustering");
+}
+
 // Checks the arguments shared by both ops; returns the cluster sizes.
 std::vector<int64_t> check_layout(const at::Tensor& qkv,
                                   const at::Tensor& perm,
@@ -522,6 +534,7 @@ std::vector<int64_t> check_layout(const at::Tensor& qkv,
   }
   TORCH_CHECK(total == N, "slot_valid has ", total,
               " real slots for N=", N, " tokens");
+  check_perm_range(perm, slots, N);
   return sizes;
 }
 
