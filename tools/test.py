@@ -111,6 +111,12 @@ def _scope(cfg: Config) -> str:
     return cfg.get('default_scope', 'mmengine')
 
 
+def _is_hook(hook: dict, scope: str, name: str) -> bool:
+    """Whether the hook config is ``scope``'s own ``name`` (its type with
+    or without the scope's prefix)."""
+    return hook.get('type') in (name, f'{scope}.{name}')
+
+
 def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
@@ -123,28 +129,26 @@ def _visualization(cfg: Config, args: argparse.Namespace) -> None:
     hook['interval'] = args.interval
     hook['show'] = args.show
     hook['wait_time'] = args.wait_time
-    if _scope(cfg) == 'mmpretrain':
+    scope = _scope(cfg)
+    if scope == 'mmpretrain':
         hook['enable'] = True
         hook['out_dir'] = args.show_dir
-        if hook.get('type') in ('VisualizationHook',
-                                'mmpretrain.VisualizationHook'):
+        if _is_hook(hook, 'mmpretrain', 'VisualizationHook'):
             # mmpretrain's hook draws the BGR images as RGB ones and takes
             # the views of a TTA batch for images (boat_tools/visualization).
             import boat_tools.visualization  # noqa: F401 (registers it)
             hook['type'] = 'ClsTestVisualizationHook'
-    elif _scope(cfg) == 'mmdet':
+    elif scope == 'mmdet':
         hook['draw'] = True
         if args.show_dir:
             hook['test_out_dir'] = args.show_dir
-        if hook.get('type') in ('DetVisualizationHook',
-                                'mmdet.DetVisualizationHook'):
+        if _is_hook(hook, 'mmdet', 'DetVisualizationHook'):
             # mmdet's hook draws every test image whatever its interval.
             import boat_tools.det_visualization  # noqa: F401 (registers)
             hook['type'] = 'DetIntervalVisualizationHook'
     else:
         hook['draw'] = True
-        seg_hook = hook.get('type') in ('SegVisualizationHook',
-                                        'mmseg.SegVisualizationHook')
+        seg_hook = _is_hook(hook, 'mmseg', 'SegVisualizationHook')
         if args.show_dir and not seg_hook:
             raise UsageError(
                 f'--show-dir of an mmseg config needs mmseg\'s '
