@@ -46,8 +46,9 @@ import mmengine
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
-                               build_runner, check_data_roots, init_cpu_dist,
-                               merge_common_args, parse_launcher_args)
+                               build_runner, check_data_roots, close_dist,
+                               init_cpu_dist, merge_common_args,
+                               parse_launcher_args)
 from mmengine.config import Config, ConfigDict
 
 import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
@@ -312,3 +313,4 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 if __name__ == '__main__':
     main()
+    close_dist()

@@ -33,8 +33,9 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
-                               build_runner, check_data_roots, init_cpu_dist,
-                               merge_common_args, parse_launcher_args)
+                               build_runner, check_data_roots, close_dist,
+                               init_cpu_dist, merge_common_args,
+                               parse_launcher_args)
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
@@ -236,3 +237,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 if __name__ == '__main__':
     main()
+    close_dist()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported when used: building a runner imports a lot
     from mmengine.runner import Runner
 
 __all__ = [
-    'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist',
+    'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner'
 ]
@@ -353,3 +353,16 @@ def init_cpu_dist(cfg: Config) -> bool:
         dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
     dist.init_process_group(**dist_cfg)
     return True
+
+
+def close_dist() -> None:
+    """Destroy the process group of a distributed run, if any, before the
+    interpreter exits.
+
+    torch asks for it: a group left to the interpreter's teardown can
+    abort the process there (a gloo rank once ended with "terminate called
+    without an active exception" after a finished run).
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
