@@ -107,7 +107,10 @@ def _batches(data_dir: str, batch: int, steps: int):
         inputs, samples = [], []
         for i in range(batch):
             path = images[(step * batch + i) % len(images)]
-            ann = path.replace('images', 'annotations').replace('.jpg', '.png')
+            # (From the file name: str.replace would also rewrite a folder
+            # named like 'images' above data_dir.)
+            name = osp.splitext(osp.basename(path))[0]
+            ann = osp.join(data_dir, 'annotations', 'training', name + '.png')
             img = cv2.imread(path)[:128, :128]
             label = cv2.imread(ann, cv2.IMREAD_UNCHANGED)[:128, :128]
             # reduce_zero_label, as the demo pipeline.

@@ -247,8 +247,8 @@ def load_public_class(ref_repo: str) -> type:
 # ---------------------------------------------------------------------------
 
 
-def measure_all(fns: Dict[str, Callable[[], None]], device: torch.device,
-                args) -> Dict[str, dict]:
+def measure_all(fns: Dict[Tuple[str, str], Callable[[], None]],
+                device: torch.device, args) -> Dict[Tuple[str, str], dict]:
     """Time the callables in interleaved rounds (so that a change of load
     hits them all alike) and take the peak memory of each.
 

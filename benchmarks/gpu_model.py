@@ -61,7 +61,7 @@ import re
 import subprocess
 import tempfile
 import types
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -627,7 +627,7 @@ def record_shape(side: int,
                  dims: int,
                  heads: int,
                  batch: int = BATCH,
-                 sample: bool = True) -> Dict[str, Recorder]:
+                 sample: bool = True) -> Dict[str, Any]:
     """The launches and ops of one FSLA forward+backward (clustering and
     clustered attention) and of one window attention forward+backward."""
     from _window_attention import (window_attention_backward,
@@ -923,7 +923,7 @@ def _is_attention(launch: Launch) -> bool:
     return launch.module.endswith('clustered_attention')
 
 
-def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> dict:
+def model_shape(shape, rec: dict, facts: Dict[str, dict]) -> Tuple[dict, dict]:
     side, dims, heads = shape
     fsla, window = rec['fsla'], rec['window']
     useful, useful_win = useful_flops(rec['plan'], BATCH, heads, dims // heads)
@@ -1105,7 +1105,7 @@ def print_launches(recs: dict, facts: Dict[str, dict]) -> None:
                       f'- | {op.bytes / 1e6:.1f} | {ops_us([op]):.1f} |')
 
 
-def sweep_variants() -> Tuple[int, List[Tuple[int, int]]]:
+def sweep_variants() -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
     """Distinct compiled variants (clustering and attention) over 20
     token-map sizes from 33x47 to 129x97 (C 64, 2 heads, batch 8)."""
     sizes = [(round(33 + i * 96 / 19), round(47 + i * 50 / 19))

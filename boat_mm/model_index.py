@@ -31,7 +31,7 @@ an install without them registers nothing.
 import os
 import os.path as osp
 import tempfile
-from typing import Any, Dict, List, NoReturn
+from typing import Any, Dict, List, NoReturn, Optional
 
 __all__ = ['register_model_index', 'classifier_models', 'METAFILES']
 
@@ -47,8 +47,9 @@ UNCONVERTED_SCHEME = 'boat-mm-unconverted://'
 CONVERTER = 'python tools/model_converters/boat2mm.py SRC_OR_URL DST'
 
 _registered: List[str] = []
-# Registered name -> its published weights' URL.
-_published_weights: Dict[str, str] = {}
+# Registered name -> its published weights' URL (None if the metafile has
+# none).
+_published_weights: Dict[str, Optional[str]] = {}
 
 
 def load_from_boat_mm_unconverted(filename: str,

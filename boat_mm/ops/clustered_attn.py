@@ -224,7 +224,7 @@ def _check_perm_range(perm: Tensor, num_tokens: int) -> None:
 
 def clustered_attention(
         qkv: Tensor,
-        perm: Tensor,
+        perm: Optional[Tensor],
         plan: ClusterPlan,
         num_heads: int,
         scale: Optional[float] = None,
@@ -236,9 +236,10 @@ def clustered_attention(
     Args:
         qkv (Tensor): ``(B, N, 3 * C)`` the output of the qkv projection,
             channels laid out as ``(3, num_heads, head_dim)``.
-        perm (Tensor): ``(B * num_heads, slots)`` from
+        perm (Tensor, optional): ``(B * num_heads, slots)`` from
             :func:`boat_mm.ops.balanced_hierarchical_clustering`, rows in
-            ``(batch, head)`` order. Ignored when ``plan`` has one cluster.
+            ``(batch, head)`` order. Ignored (may be None) when ``plan`` has
+            one cluster.
         plan (ClusterPlan): The plan for ``N``.
         num_heads (int): Number of heads ``h``.
         scale (float, optional): Logit scale; None for ``head_dim ** -0.5``.
@@ -270,6 +271,7 @@ def clustered_attention(
         if hw_shape is None:
             return out
         return out, _value_image(qkv, hw_shape)
+    assert perm is not None  # refused above for several clusters
     op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
                     plan.overlap).op(ATTENTION)
     if op is not None:

@@ -55,7 +55,7 @@ kernel for CPU tensors when it is built, the tensor implementation
 otherwise.
 """
 import math
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -271,10 +271,11 @@ def _pick(cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return (cond & a) | (~cond & b)
 
 
-def build_cluster_plan(num_tokens: int,
-                       group_size: int = 49,
-                       overlap: int = 20,
-                       device: Optional[torch.device] = None) -> ClusterPlan:
+def build_cluster_plan(
+        num_tokens: int,
+        group_size: int = 49,
+        overlap: int = 20,
+        device: Optional[Union[torch.device, str]] = None) -> ClusterPlan:
     """Return the (cached) static :class:`ClusterPlan` for ``num_tokens``.
 
     Args:
@@ -282,7 +283,8 @@ def build_cluster_plan(num_tokens: int,
         group_size (int): Target cluster size. Defaults to 49.
         overlap (int): Keys borrowed from the sibling cluster. Must be
             smaller than ``group_size``. Defaults to 20.
-        device (torch.device, optional): Device of the plan's tensors.
+        device (torch.device | str, optional): Device of the plan's
+            tensors.
 
     Returns:
         ClusterPlan: The static layout.

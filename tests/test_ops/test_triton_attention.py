@@ -604,6 +604,21 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
     assert fwd.bytes >= 196 * 3 * 32 * 2
 
 
+def test_fit_check_of_the_current_gpu(monkeypatch):
+    """``too_large_for_gpu(..., device_index=None)`` checks the current
+    CUDA device, as documented: Triton's device queries take an int (None
+    made its check warn and answer nothing). Stood in for: compiled
+    kernels, current device 3."""
+    asked = []
+    monkeypatch.setattr(tca, 'interpreted', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 3)
+    monkeypatch.setattr(tca, '_kernel_too_large',
+                        lambda kernel, *args: asked.append((kernel, args[-1])))
+    assert tca.too_large_for_gpu(torch.float32, 32, 49, 20, 2, None,
+                                 True) is None
+    assert asked == [('fwd', 3), ('bwd', 3)]
+
+
 def test_shared_memory_refusal_says_what_to_change():
     """Triton's refusal to launch a kernel larger than the GPU's shared
     memory becomes an error naming the sizes and the way out; other

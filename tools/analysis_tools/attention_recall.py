@@ -181,7 +181,6 @@ def format_table(rows: List[dict]) -> str:
 def _outline(ax, mask: np.ndarray, stride: float, **kwargs) -> None:
     """Draw the border of a set of tokens (``(h, w)`` bool) in pixels."""
     from matplotlib.collections import LineCollection
-    h, w = mask.shape
     padded = np.pad(mask, 1)
     segments = []
     for r, c in zip(*np.nonzero(mask)):

@@ -22,7 +22,8 @@ import functools
 import os
 import os.path as osp
 import sys
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, List, NoReturn, Optional,
+                    Tuple)
 
 if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
     from mmengine.config import Config
@@ -55,7 +56,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 kwargs['prog'] = osp.basename(caller)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         """Raise a :class:`UsageError` instead of printing and exiting.
 
         Args:

@@ -202,7 +202,8 @@ def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
     return widths
 
 
-def check_pretrained_file(init_cfg: Optional[dict], name: str) -> None:
+def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
+                          name: str) -> None:
     """Fail early, with the fix, when a local pretrained file is missing.
 
     Args:

@@ -736,6 +736,9 @@ def too_large_for_gpu(dtype: torch.dtype, head_dims: int, slot_size: int,
     """
     if interpreted():
         return None
+    if device_index is None:
+        # Triton's device queries take an int, not None.
+        device_index = torch.cuda.current_device()
     for kernel in ('fwd', 'bwd') if backward else ('fwd', ):
         found = _kernel_too_large(kernel, dtype, head_dims, slot_size, overlap,
                                   num_heads, device_index)

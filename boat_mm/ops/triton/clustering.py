@@ -832,13 +832,13 @@ class TargetInfo(NamedTuple):
 _TARGETS = {}
 
 
-def target_info(device: torch.device) -> TargetInfo:
+def target_info(device: Union[torch.device, str]) -> TargetInfo:
     """The :class:`TargetInfo` of a device.
 
     Cached per device: no ``get_device_properties`` per call.
 
     Args:
-        device (torch.device): The device of the inputs.
+        device (torch.device | str): The device of the inputs.
 
     Returns:
         TargetInfo: What the schedule needs to know of it.
