@@ -1,10 +1,13 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""What the tools' shared package (tools/boat_tools) filters: exactly the
-upstream warnings that are not the user's concern."""
+"""What the tools' shared package (tools/boat_tools) filters (exactly the
+upstream warnings that are not the user's concern) and how it imports the
+public code."""
 import logging
+import sys
 import warnings
 
 import boat_tools
+import pytest
 from boat_tools.config import _not_internal_warning
 
 PKG_RESOURCES = ('pkg_resources is deprecated as an API. See '
@@ -47,3 +50,22 @@ def test_runner_logger_drops_mmengine_file_client_warnings():
     assert _not_internal_warning(_record('Checkpoints will be saved to x.'))
     assert _not_internal_warning(
         _record('"FileClient" will be deprecated in future.', logging.ERROR))
+
+
+def test_public_module_that_fails_to_import_is_not_cached(tmp_path):
+    from boat_tools.reference import import_public_module
+    model = tmp_path / 'BOAT-Swin' / 'models' / 'boat_swin_transformer.py'
+    model.parent.mkdir(parents=True)
+    model.write_text('raise RuntimeError("half run")\n')
+    name = 'boat_reference_swin'
+    cached = sys.modules.pop(name, None)
+    try:
+        with pytest.raises(RuntimeError, match='half run'):
+            import_public_module(str(tmp_path), 'swin')
+        assert name not in sys.modules
+        model.write_text('VALUE = 7\n')
+        assert import_public_module(str(tmp_path), 'swin').VALUE == 7
+    finally:
+        sys.modules.pop(name, None)
+        if cached is not None:
+            sys.modules[name] = cached

@@ -172,11 +172,14 @@ def import_public_module(ref_repo: str, family: str) -> ModuleType:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             spec.loader.exec_module(module)
-    except ImportError as err:
+    except BaseException as err:
+        # A half-run module must not be handed out by the next call.
         del sys.modules[name]
-        raise ImportError(
-            f'cannot import {path}: {err}. The public code needs timm and '
-            f'einops: pip install timm einops') from err
+        if isinstance(err, ImportError):
+            raise ImportError(
+                f'cannot import {path}: {err}. The public code needs timm '
+                f'and einops: pip install timm einops') from err
+        raise
     return module
 
 
