@@ -10,6 +10,7 @@ runner can call them too (with ``tools/`` on ``sys.path``).
 import argparse
 import datetime
 import functools
+import inspect
 import logging
 import os
 import os.path as osp
@@ -366,6 +367,28 @@ def _replace_sync_bn(node) -> int:
     return count
 
 
+def no_forward_buffer_sync() -> dict:
+    """The DDP argument of MMEngine's default wrapper
+    (``broadcast_buffers=False``: buffers such as BN statistics stay per
+    process in forward), in the spelling of the installed torch.
+
+    torch deprecates ``broadcast_buffers`` (a FutureWarning in every
+    process of every run) for ``forward_sync_buffers``, which also syncs
+    buffers once at start; every process builds the same model, so that
+    copies equal values.
+
+    Returns:
+        dict: ``forward_sync_buffers=False`` where torch's
+        ``DistributedDataParallel`` takes it, else
+        ``broadcast_buffers=False``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    if 'forward_sync_buffers' in params:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
+
+
 def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
     """Make a config run where it is, without editing the file.
 
@@ -403,8 +426,8 @@ def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
     env_cfg.setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
     wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
         type='MMDistributedDataParallel',
-        broadcast_buffers=False,
-        find_unused_parameters=cfg.get('find_unused_parameters', False))
+        find_unused_parameters=cfg.get('find_unused_parameters', False),
+        **no_forward_buffer_sync())
     # An explicit None wins over the LOCAL_RANK device id MMEngine adds.
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
