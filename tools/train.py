@@ -8,7 +8,10 @@ mmdetection, for any of their configs (chosen by the config's
 * a missing dataset gives an error that says how to get the data;
 * CPU runs work unchanged, ``torchrun`` ones included (``gloo``, SyncBN as
   BN), see
-  :func:`boat_tools.config.adapt_cfg_to_device`.
+  :func:`boat_tools.config.adapt_cfg_to_device`;
+* MMEngine's line per parameter and option of ``paramwise_cfg``
+  (``paramwise_options -- ...``, hundreds for a BOAT recipe) goes to the log
+  file only; the terminal gets one summary line.
 
 Examples::
 

@@ -15,7 +15,6 @@ param_scheduler = [
         convert_to_iter_based=True),
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=20)
 ]
-custom_hooks = [
-    dict(type='EMAHook', momentum=1 - 0.99992, priority='ABOVE_NORMAL')
-]
+# EMA decay 0.99992: momentum 1 - 0.99992.
+custom_hooks = [dict(type='EMAHook', momentum=8e-5, priority='ABOVE_NORMAL')]
 auto_scale_lr = dict(base_batch_size=1024)

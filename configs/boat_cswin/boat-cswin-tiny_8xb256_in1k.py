@@ -36,8 +36,7 @@ param_scheduler = [
         convert_to_iter_based=True),
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=20)
 ]
-# mmengine's EMA momentum is 1 - decay, applied every iteration.
-custom_hooks = [
-    dict(type='EMAHook', momentum=1 - 0.99984, priority='ABOVE_NORMAL')
-]
+# mmengine's EMA momentum is 1 - decay, applied every iteration: 1 - 0.99984
+# (written out, as `1 - 0.99984` is 0.000160000000000049 in the logs).
+custom_hooks = [dict(type='EMAHook', momentum=1.6e-4, priority='ABOVE_NORMAL')]
 auto_scale_lr = dict(base_batch_size=2048)

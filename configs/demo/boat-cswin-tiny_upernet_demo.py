@@ -45,9 +45,11 @@ model = dict(
         norm_cfg=norm_cfg))
 
 # The ADE20K pipelines at a quarter of the scale (images are 128x128).
+# LoadAnnotations takes reduce_zero_label from ADE20KDataset (True);
+# passing it again only makes mmseg warn that the argument is deprecated.
 train_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='LoadAnnotations'),
     dict(
         type='RandomResize',
         scale=(512, 128),
@@ -60,7 +62,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(512, 128), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='LoadAnnotations'),
     dict(type='PackSegInputs')
 ]
 # Loading in the main process: 128x128 images decode in a millisecond, and

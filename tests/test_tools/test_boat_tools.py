@@ -1,14 +1,14 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """What the tools' shared package (tools/boat_tools) filters (exactly the
-upstream warnings that are not the user's concern) and how it imports the
-public code."""
+upstream warnings that are not the user's concern), its CPU DDP wrapper
+and how it imports the public code."""
 import logging
 import sys
 import warnings
 
 import boat_tools
 import pytest
-from boat_tools.config import _not_internal_warning
+from boat_tools.config import _not_internal_warning, adapt_cfg_to_device
 
 PKG_RESOURCES = ('pkg_resources is deprecated as an API. See '
                  'https://setuptools.pypa.io/en/latest/pkg_resources.html.')
@@ -69,3 +69,37 @@ def test_public_module_that_fails_to_import_is_not_cached(tmp_path):
         sys.modules.pop(name, None)
         if cached is not None:
             sys.modules[name] = cached
+
+
+def test_cpu_ddp_wrapper_keeps_buffers_local_without_deprecation(tmp_path):
+    """A distributed CPU run gets MMEngine's DDP wrapper with buffers kept
+    per process in forward, without torch's FutureWarning about
+    ``broadcast_buffers`` (printed by every process of every run)."""
+    import torch
+    import torch.distributed as dist
+    from mmengine.config import Config
+    from mmengine.model import MMDistributedDataParallel
+    cfg = adapt_cfg_to_device(
+        Config(dict(model=dict(type='X'), launcher='pytorch')), cuda=False)
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
+    wrapper = cfg.model_wrapper_cfg
+    assert wrapper.type == 'MMDistributedDataParallel'
+    assert wrapper.device_ids is None
+
+    dist.init_process_group(
+        'gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            ddp = MMDistributedDataParallel(
+                module=torch.nn.BatchNorm1d(2),
+                **{
+                    k: v
+                    for k, v in wrapper.items() if k != 'type'
+                })
+    finally:
+        dist.destroy_process_group()
+    assert not [
+        str(w.message) for w in caught if 'broadcast_buffers' in str(w.message)
+    ]
+    assert ddp.broadcast_buffers is False  # the forward sync (any torch)

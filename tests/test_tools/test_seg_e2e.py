@@ -174,6 +174,35 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         for p in glob.glob(osp.join(ade_root, 'images', 'validation', '*')))
 
 
+def test_paramwise_options_go_to_the_log_file_only(trained):
+    """MMEngine logs a line per parameter and option of paramwise_cfg
+    (hundreds for a real model): the terminal gets one summary line, the
+    log file keeps them all."""
+    per_param = re.compile(r'paramwise_options -- ([\w.]+):(\S+)$', re.M)
+    assert not per_param.search(trained['out'])
+    summary = re.search(
+        r'paramwise_cfg: (\d+) parameters have their own options: (.*); '
+        r'one line per parameter and option .* is in (\S+\.log)\.$',
+        trained['out'], re.M)
+    assert summary, trained['out'][-3000:]
+    assert osp.dirname(osp.dirname(summary[3])) == trained['work_dir']
+    with open(summary[3]) as f:
+        lines = per_param.findall(f.read())
+    # The recipe: no weight decay on norms and position tables, each of
+    # them with lr, weight_decay and decay_mult.
+    state = _ckpt(osp.join(trained['work_dir'], 'iter_4.pth'))['state_dict']
+    decayless = {
+        k
+        for k in state if 'norm' in k or 'relative_position_bias_table' in k
+    }
+    assert {name for name, _ in lines} == decayless
+    assert int(summary[1]) == len(decayless)
+    assert len(lines) == 3 * len(decayless)
+    assert summary[2] == (f'lr=6e-05 ({len(decayless)}), weight_decay=0.0 '
+                          f'({len(decayless)}), decay_mult=0.0 '
+                          f'({len(decayless)})')
+
+
 def test_show_dir_interval_draws_every_nth_sample(trained, ade_root, tmp_path):
     """--interval 3 with batches of 2: samples 0 and 3 of the 4 are drawn,
     as for mmpretrain configs (mmseg's hook counts batches: it would draw

@@ -9,10 +9,14 @@ runner can call them too (with ``tools/`` on ``sys.path``).
 """
 import argparse
 import datetime
+import functools
+import inspect
 import logging
 import os
 import os.path as osp
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from collections import Counter
+from typing import (TYPE_CHECKING, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
@@ -165,10 +169,94 @@ def _not_internal_warning(record: logging.LogRecord) -> bool:
         record.msg, str) and record.msg.startswith(MMENGINE_INTERNAL_WARNINGS))
 
 
+# Start of the INFO records MMEngine's DefaultOptimWrapperConstructor logs
+# for every parameter and option that paramwise_cfg sets
+# (``paramwise_options -- NAME:KEY=VALUE``): hundreds of lines for the BOAT
+# recipes (every norm, bias, position table), between the config dump and
+# the first iteration.
+PARAMWISE_OPTIONS = 'paramwise_options -- '
+
+
+class ParamwiseOptionsTally(logging.Filter):
+    """Logging filter of a console handler: drops the
+    :data:`PARAMWISE_OPTIONS` records and counts them, so that the terminal
+    gets one line (:meth:`summary`) and the log file keeps them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: Set[str] = set()
+        self.options: Counter = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for (and count) a :data:`PARAMWISE_OPTIONS` record.
+
+        Args:
+            record (logging.LogRecord): A record of the runner's logger.
+
+        Returns:
+            bool: Whether the handler emits it.
+        """
+        msg = record.msg
+        if not (isinstance(msg, str) and msg.startswith(PARAMWISE_OPTIONS)):
+            return True
+        # Parameter names hold no ':'; the value may.
+        name, _, option = msg[len(PARAMWISE_OPTIONS):].partition(':')
+        self.params.add(name)
+        self.options[option] += 1
+        return False
+
+    def summary(self, log_file: Optional[str]) -> str:
+        """One line: how many parameters got which options, and where the
+        lines per parameter are.
+
+        Args:
+            log_file (str, optional): The log file that has them.
+
+        Returns:
+            str: The line.
+        """
+        shown = self.options.most_common(6)
+        options = ', '.join(f'{option} ({n})' for option, n in shown)
+        if len(self.options) > len(shown):
+            options += f', ... ({len(self.options) - len(shown)} more)'
+        where = log_file or 'the log file'
+        return (f'paramwise_cfg: {len(self.params)} parameters have their '
+                f'own options: {options}; one line per parameter and '
+                f'option ("{PARAMWISE_OPTIONS}...") is in {where}.')
+
+
+def _tally_paramwise_options(runner: 'Runner') -> None:
+    """Make ``runner.build_optim_wrapper`` keep MMEngine's lines per
+    parameter (:data:`PARAMWISE_OPTIONS`) off the terminal, in the log file
+    only, and log their :meth:`ParamwiseOptionsTally.summary`."""
+    handlers = runner.logger.handlers
+    files = [h for h in handlers if isinstance(h, logging.FileHandler)]
+    consoles = [h for h in handlers if h not in files]
+    log_file = files[0].baseFilename if files else None
+    build = runner.build_optim_wrapper
+
+    @functools.wraps(build)
+    def build_optim_wrapper(*args, **kwargs):
+        tally = ParamwiseOptionsTally()
+        for handler in consoles:
+            handler.addFilter(tally)
+        try:
+            return build(*args, **kwargs)
+        finally:
+            for handler in consoles:
+                handler.removeFilter(tally)
+            if tally.params:
+                runner.logger.info(tally.summary(log_file))
+
+    runner.build_optim_wrapper = build_optim_wrapper
+
+
 def build_runner(cfg: Config) -> 'Runner':
     """MMEngine's Runner, or the config's ``runner_type`` registered under
     its scope, with MMEngine's warnings about its internal file I/O
-    filtered from its logger.
+    filtered from its logger, and its log lines per parameter of
+    ``paramwise_cfg`` in the log file only (one summary line on the
+    terminal).
 
     Args:
         cfg (Config): The complete config.
@@ -184,6 +272,7 @@ def build_runner(cfg: Config) -> 'Runner':
         init_default_scope(cfg.get('default_scope', 'mmengine'))
         runner = RUNNERS.build(cfg)
     runner.logger.addFilter(_not_internal_warning)
+    _tally_paramwise_options(runner)
     return runner
 
 
@@ -278,6 +367,28 @@ def _replace_sync_bn(node) -> int:
     return count
 
 
+def no_forward_buffer_sync() -> dict:
+    """The DDP argument of MMEngine's default wrapper
+    (``broadcast_buffers=False``: buffers such as BN statistics stay per
+    process in forward), in the spelling of the installed torch.
+
+    torch deprecates ``broadcast_buffers`` (a FutureWarning in every
+    process of every run) for ``forward_sync_buffers``, which also syncs
+    buffers once at start; every process builds the same model, so that
+    copies equal values.
+
+    Returns:
+        dict: ``forward_sync_buffers=False`` where torch's
+        ``DistributedDataParallel`` takes it, else
+        ``broadcast_buffers=False``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    if 'forward_sync_buffers' in params:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
+
+
 def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
     """Make a config run where it is, without editing the file.
 
@@ -315,8 +426,8 @@ def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
     env_cfg.setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
     wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
         type='MMDistributedDataParallel',
-        broadcast_buffers=False,
-        find_unused_parameters=cfg.get('find_unused_parameters', False))
+        find_unused_parameters=cfg.get('find_unused_parameters', False),
+        **no_forward_buffer_sync())
     # An explicit None wins over the LOCAL_RANK device id MMEngine adds.
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
