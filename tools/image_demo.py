@@ -113,6 +113,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f'two checkpoints given ({args.ckpt} and --checkpoint '
                      f'{args.checkpoint}); give one')
     args.checkpoint = args.checkpoint or args.ckpt
+    if args.img.endswith('.py'):
+        parser.error(f'the image {args.img!r} is a Python file: the order '
+                     f'is IMG CONFIG [CHECKPOINT], as in the upstream '
+                     f'demo/image_demo.py')
     if args.topk < 1:
         parser.error(f'--topk must be >= 1, got {args.topk}')
     if not 0 < args.opacity <= 1:
@@ -121,16 +125,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """The image, the output file and the device, with the fix of each
-    mistake.
+    """Check the image, the output file, the device and the checkpoint;
+    each mistake is a one-line error with its fix.
 
     Args:
         args (argparse.Namespace): The parsed command line.
     """
-    if args.img.endswith('.py'):
-        raise UsageError(
-            f'the image {args.img!r} is a Python file: the order is IMG '
-            f'CONFIG [CHECKPOINT], as in the upstream demo/image_demo.py')
     check_file(args.img, 'image', 'pass an image file (.jpg, .png, ...)')
     if mmcv.imread(args.img) is None:
         raise UsageError(f'image {args.img!r} could not be read as an '
