@@ -180,9 +180,9 @@ def config_dataset_meta(cfg: Config) -> dict:
     dataset['lazy_init'] = True
     metainfo = dict(DATASETS.build(dataset).metainfo)
     print_log(
-        f'No class names in the checkpoint (meta.dataset_meta): those of '
-        f'the config\'s test dataset ({dataset["type"]}, '
-        f'{len(metainfo["classes"])} classes).',
+        f'Class names of the config\'s test dataset ({dataset["type"]}, '
+        f'{len(metainfo["classes"])} classes): no checkpoint, or none '
+        f'with meta.dataset_meta.',
         logger='current')
     return metainfo
 
