@@ -216,9 +216,10 @@ def test_det_inferencer_returns_masks(trained, coco_root):
 
 
 def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
-    """tools/image_demo.py: the detections scoring above --pred-score-thr
-    are those of mmdet's own inference_detector, counted per class of the
-    checkpoint's classes, and drawn over the image."""
+    """tools/image_demo.py on what training left in its work dir (the
+    dumped config and a checkpoint): the detections scoring above
+    --pred-score-thr are those of mmdet's own inference_detector, counted
+    per class of the checkpoint's classes, and drawn over the image."""
     from mmdet.apis import inference_detector, init_detector
     ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
     image = osp.join(coco_root, 'val2017', '000000000002.jpg')
@@ -230,10 +231,11 @@ def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
     thr = float(scores[2] + scores[3]) / 2
     assert scores[2] - scores[3] > 1e-4
     out_file = str(tmp_path / 'det.png')
+    dumped = osp.join(trained['work_dir'], osp.basename(trained['cfg']))
     out = _tool(
         'image_demo.py',
         image,
-        trained['cfg'],
+        dumped,
         '--checkpoint',
         ckpt,
         '--pred-score-thr',
