@@ -7,7 +7,8 @@ for any of their configs, chosen by the config's ``default_scope`` (as
 inferencers:
 
 * mmpretrain (classification): ``ImageClassificationInferencer``; the
-  drawing and the text list the ``--topk`` classes with their scores;
+  drawing and the text list the ``--topk`` classes with their scores (an
+  image under 224 px is drawn enlarged to 224, for the text to fit);
 * mmseg (segmentation): ``MMSegInferencer``; the class colours are blended
   over the image (``--opacity``, ``--with-labels``) and the text lists the
   ``--topk`` classes covering most pixels, with their share;

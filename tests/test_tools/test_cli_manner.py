@@ -102,6 +102,7 @@ CASES = [
     ('image_demo', [SEG, '{image}'],
      "is a Python file: the order is IMG CONFIG [CHECKPOINT]"),
     ('image_demo', ['missing.png', SEG], "image 'missing.png' not found"),
+    ('image_demo', ['{ours}', SEG], 'could not be read as an image'),
     ('image_demo', ['{image}', '{image}'],
      'is not one MMEngine reads (.py, .json, .yaml, .yml)'),
     ('image_demo', ['{image}', SEG, '{ours}', '--checkpoint',
