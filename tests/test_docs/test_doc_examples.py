@@ -468,6 +468,12 @@ COVERAGE: Dict[str, object] = {
         'test_get_flops_check_reference',
         f'{_DET}::test_get_flops_of_detectors',
     )),
+    'tools/image_demo.py':
+    Run((
+        f'{_SEG}::test_image_demo_draws_the_predicted_mask',
+        f'{_CLS}::test_image_demo_lists_the_top_classes',
+        f'{_DET}::test_image_demo_counts_the_detections',
+    )),
     'tools/visualization/vis_clusters.py':
     Run(('tests/test_tools/test_vis_clusters.py::'
          'test_tool_classification_config_with_checkpoint', )),

@@ -7,12 +7,14 @@ arch swapped in by a user-style config that inherits ours by path, and two
 epochs of 9 iterations (warm-up epoch, then cosine, as the recipes).
 Everything is written under ``tmp_path``.
 """
+import glob
 import os.path as osp
 import pickle
 import re
 import sys
 from typing import List, Optional
 
+import cv2
 import mmengine
 import pytest
 import torch
@@ -237,6 +239,50 @@ def test_cswin_ema_checkpoint_with_tta(trained_cswin):
                 [s['pred_score'] for s in pickle.load(f)])
     assert scores['hook'].shape == (NUM_VAL, 6)
     torch.testing.assert_close(scores['hook'], scores['plain'])
+
+
+def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root):
+    """tools/image_demo.py IMG CONFIG --checkpoint CKPT: the printed top-3
+    classes and scores are the softmax of the model's own forward on the
+    config's test pipeline, named by the checkpoint's classes; the 32 px
+    image is drawn at 224 px."""
+    from mmengine.dataset import Compose, pseudo_collate
+    tmp = trained_swin['tmp']
+    ckpt = osp.join(trained_swin['work_dir'], 'epoch_2.pth')
+    image = sorted(
+        glob.glob(osp.join(imagenet_root, 'val', 'class_002', '*')))[0]
+    out_file = str(tmp / 'demo.png')
+    out = _tool(
+        'image_demo.py',
+        image,
+        trained_swin['cfg'],
+        '--checkpoint',
+        ckpt,
+        '--topk',
+        '3',
+        '--out-file',
+        out_file,
+        cwd=str(tmp))
+
+    cfg = Config.fromfile(trained_swin['cfg'])
+    init_default_scope('mmpretrain')
+    model = MODELS.build(
+        dict(cfg.model, data_preprocessor=cfg.data_preprocessor))
+    saved = _ckpt(ckpt)
+    model.load_state_dict(saved['state_dict'])
+    data = Compose(cfg.test_dataloader.dataset.pipeline)(dict(img_path=image))
+    with torch.no_grad():
+        batch = model.data_preprocessor(pseudo_collate([data]), False)
+        scores = model.eval()(batch['inputs'], mode='tensor').softmax(-1)[0]
+    top = scores.topk(3)
+    classes = saved['meta']['dataset_meta']['classes']
+    printed = re.findall(r'^  ([\d.]+)  (.+) \((\d+)\)$', out, re.M)
+    assert [int(label) for _, _, label in printed] == top.indices.tolist()
+    assert [name for _, name, _ in printed
+            ] == [classes[i] for i in top.indices.tolist()]
+    for (score, _, _), ref in zip(printed, top.values.tolist()):
+        assert float(score) == pytest.approx(ref, abs=6e-4)
+    assert cv2.imread(out_file).shape == (224, 224, 3)
 
 
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import re
 import runpy
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -212,6 +213,51 @@ def test_det_inferencer_returns_masks(trained, coco_root):
     assert len(pred) > 0
     assert pred.masks.shape == (len(pred), 64, 64)
     assert pred.masks.dtype == torch.bool
+
+
+def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
+    """tools/image_demo.py on what training left in its work dir (the
+    dumped config and a checkpoint): the detections scoring above
+    --pred-score-thr are those of mmdet's own inference_detector, counted
+    per class of the checkpoint's classes, and drawn over the image."""
+    from mmdet.apis import inference_detector, init_detector
+    ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
+    image = osp.join(coco_root, 'val2017', '000000000002.jpg')
+    model = init_detector(trained['cfg'], ckpt, device='cpu')
+    ref = inference_detector(model, image).pred_instances
+    scores = ref.scores.sort(descending=True).values
+    assert len(scores) > 3
+    # Between the 3rd and 4th best: three kept, far from a near-tie.
+    thr = float(scores[2] + scores[3]) / 2
+    assert scores[2] - scores[3] > 1e-4
+    out_file = str(tmp_path / 'det.png')
+    dumped = osp.join(trained['work_dir'], osp.basename(trained['cfg']))
+    out = _tool(
+        'image_demo.py',
+        image,
+        dumped,
+        '--checkpoint',
+        ckpt,
+        '--pred-score-thr',
+        str(thr),
+        '--out-file',
+        out_file,
+        cwd=str(tmp_path))
+    classes = _ckpt(ckpt)['meta']['dataset_meta']['classes']
+    kept = ref.labels[ref.scores > thr].tolist()
+    counts = {classes[c]: kept.count(c) for c in set(kept)}
+    line = re.search(
+        r': (\d+) detections score above [\d.e-]+ \(of (\d+)\)'
+        r'(?:: (.*))?$', out, re.M)
+    assert line, out[-2000:]
+    assert (int(line[1]), int(line[2])) == (3, len(scores))
+    printed = dict(
+        re.match(r'(.+) (\d+)$', part).groups()
+        for part in line[3].split(', '))
+    assert {k: int(v) for k, v in printed.items()} == counts
+    drawn = cv2.imread(out_file)
+    assert drawn.shape == cv2.imread(image).shape
+    assert (drawn != cv2.imread(image)).any()
 
 
 def test_show_dir_interval_draws_every_nth_sample(trained, coco_root,

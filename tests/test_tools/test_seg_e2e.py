@@ -267,6 +267,89 @@ def test_mmseg_apis_slide_inference_and_inferencer(trained, ade_root,
         np.testing.assert_array_equal(pred, ref.pred_sem_seg.data[0].numpy())
 
 
+SHARE_RE = r'^\s+([\d.]+) %  (.+) \((\d+)\)$'
+
+
+def _mmseg_mask(cfg: str, ckpt: str, image: str) -> np.ndarray:
+    """The label map of mmseg's own API (init_model, inference_model)."""
+    from mmseg.apis import inference_model, init_model
+    model = init_model(cfg, ckpt, device='cpu')
+    return inference_model(model, image).pred_sem_seg.data[0].numpy()
+
+
+def test_image_demo_draws_the_predicted_mask(trained, ade_root, tmp_path):
+    """tools/image_demo.py IMG CONFIG CHECKPOINT (mmseg's order): at
+    opacity 1 every pixel of the drawing is the palette colour, from the
+    checkpoint's meta, of the class mmseg's inference_model predicts
+    there; the printed shares are those of that label map."""
+    ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
+    image = sorted(
+        glob.glob(osp.join(ade_root, 'images', 'validation', '*.jpg')))[1]
+    out_file = str(tmp_path / 'pred.png')
+    out = _tool(
+        'image_demo.py',
+        image,
+        trained['cfg'],
+        ckpt,
+        '--out-file',
+        out_file,
+        '--opacity',
+        '1',
+        '--topk',
+        '3',
+        '--device',
+        'cpu',
+        cwd=str(tmp_path),
+        env=dict(OMP_NUM_THREADS='1'))
+    mask = _mmseg_mask(trained['cfg'], ckpt, image)
+    meta = _ckpt(ckpt)['meta']['dataset_meta']
+    palette = np.array(meta['palette'], np.uint8)
+    drawn = cv2.imread(out_file)[..., ::-1]  # RGB, as the palette
+    np.testing.assert_array_equal(drawn, palette[mask])
+
+    labels, counts = np.unique(mask, return_counts=True)
+    order = np.argsort(-counts, kind='stable')[:3]
+    shares = [(float(s), name, int(label))
+              for s, name, label in re.findall(SHARE_RE, out, re.M)]
+    assert len(shares) == min(3, len(labels)), out[-2000:]
+    for (share, name, label), i in zip(shares, order):
+        assert label == labels[i] and name == meta['classes'][label]
+        assert share == pytest.approx(100 * counts[i] / mask.size, abs=0.05)
+    assert f'{len(labels)} classes' in out
+
+
+def test_image_demo_without_class_names_in_the_checkpoint(
+        trained, ade_root, tmp_path):
+    """A checkpoint without meta (a bare state_dict): the class names and
+    palette are those of the config's dataset (ADE20K's 150), not mmseg's
+    Cityscapes fallback; --with-labels writes the names, in white on boxes
+    of the class colour, over the drawing of the mask."""
+    state = _ckpt(osp.join(trained['work_dir'], 'iter_4.pth'))['state_dict']
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(dict(state_dict=state), bare)
+    # 320 px (the test pipeline resizes it to 64): mmseg writes the names
+    # at a size that grows with the image, unreadable below 300 px.
+    first = sorted(
+        glob.glob(osp.join(ade_root, 'images', 'validation', '*.jpg')))[0]
+    image = str(tmp_path / 'image.png')
+    cv2.imwrite(image, cv2.resize(cv2.imread(first), (320, 320)))
+    res = _tool_main('image_demo.py')([
+        image, trained['cfg'], '--checkpoint', bare, '--opacity', '1',
+        '--with-labels', '--out-file',
+        str(tmp_path / 'labels.png')
+    ])
+    from mmseg.datasets import ADE20KDataset
+    names = ADE20KDataset.METAINFO['classes']
+    palette = np.array(ADE20KDataset.METAINFO['palette'], np.uint8)
+    assert res['mask'].max() < len(names)
+    assert [name for _, name, _ in res['shares']
+            ] == [names[label] for label, _, _ in res['shares']]
+    # Outside the name boxes, the colours of the mask.
+    changed = (res['drawing'] != palette[res['mask']]).any(-1)
+    assert 0 < changed.mean() < 0.5
+    assert (res['drawing'][changed] == 255).all(-1).any()  # the names
+
+
 def check_resume(trained: dict, moved_key: str, *args:
                  str) -> Tuple[dict, dict, dict]:
     """Stop a copy of the ``trained`` run after its iteration-2 checkpoint,

@@ -34,6 +34,9 @@ __all__ = [
     'tool_main', 'user_error_types'
 ]
 
+# The files MMEngine's Config.fromfile reads.
+CONFIG_EXTENSIONS = ('.py', '.json', '.yaml', '.yml')
+
 
 class UsageError(ValueError):
     """A mistake in a tool's command line; reported as one line."""
@@ -193,6 +196,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
     check_file(
         path, 'config file', 'pass an mmpretrain, mmseg or mmdet config, e.g. '
         'configs/boat_upernet_ade20k.py')
+    if osp.splitext(path)[1] not in CONFIG_EXTENSIONS:
+        raise UsageError(
+            f'config file {path!r} is not one MMEngine reads (.py, .json, '
+            f'.yaml, .yml); pass an mmpretrain, mmseg or mmdet config')
     cfg = Config.fromfile(path)
     merge_cfg_options(cfg, cfg_options)
     return cfg

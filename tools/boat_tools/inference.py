@@ -1,9 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """What the tools that run a model on image files share
 (``tools/visualization/vis_clusters.py``,
-``tools/analysis_tools/attention_recall.py``): build the model of an
-mmpretrain, mmseg or mmdet config (chosen by its ``default_scope``) with a
-checkpoint, and the config's test pipeline for one image.
+``tools/analysis_tools/attention_recall.py``, ``tools/image_demo.py``):
+the config's task by its ``default_scope`` (mmpretrain, mmseg or mmdet),
+its model built with a checkpoint, and its test pipeline for one image.
 """
 from copy import deepcopy
 from typing import Optional, Sequence
@@ -17,9 +17,33 @@ from mmengine.runner import load_checkpoint
 
 from .cli import UsageError, check_checkpoint
 
-__all__ = ['SCOPES', 'build_model', 'build_pipeline', 'token_stride']
+__all__ = [
+    'SCOPES', 'config_scope', 'build_model', 'build_pipeline', 'token_stride'
+]
 
 SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
+
+
+def config_scope(cfg: Config, tool: str = 'This tool') -> str:
+    """The config's ``default_scope``, one of :data:`SCOPES`.
+
+    Args:
+        cfg (Config): The config.
+        tool (str): Name used in the error message.
+
+    Returns:
+        str: ``'mmpretrain'``, ``'mmseg'`` or ``'mmdet'``.
+
+    Raises:
+        UsageError: Any other scope, or none.
+    """
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise UsageError(
+            f'The config\'s default_scope is {scope!r}; {tool} needs an '
+            f'mmpretrain (classification), mmseg (segmentation) or mmdet '
+            f'(detection) config, with default_scope in {SCOPES}.')
+    return scope
 
 
 def build_model(cfg: Config,
@@ -38,13 +62,7 @@ def build_model(cfg: Config,
     Returns:
         nn.Module: The model in eval mode.
     """
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise UsageError(
-            f'The config\'s default_scope is {scope!r}; {tool} needs an '
-            f'mmpretrain (classification), mmseg (segmentation) or mmdet '
-            f'(detection) config, with default_scope in {SCOPES}.')
-    init_default_scope(scope)
+    init_default_scope(config_scope(cfg, tool))
     model_cfg = deepcopy(cfg.model)
     # mmpretrain configs keep it at the top level; the runner merges it.
     if cfg.get('data_preprocessor') is not None:
