@@ -207,7 +207,10 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     family = detect_boat_family(weights)
     converted = family.published.convert(weights)
     info = detect_arch(family, weights)
-    name = family.published.name
+    layout = family.published
+    name = layout.name
+    if not info['backbone']['with_fsla'] and layout.plain_name:
+        name = f'{layout.plain_name} (for {layout.name})'
     details = [f'{info["num_classes"]} classes']
     if info['arch_name'] == 'custom':
         details.insert(0, str(info['backbone']['arch']))
@@ -239,9 +242,9 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     print(f'[4/4] saving {dst}')
     torch.save(dict(state_dict=OrderedDict(converted), meta=meta), dst)
-    print(f'Done in {time.time() - start:.1f}s: {name}-{info["arch_name"]}, '
-          f'{len(converted)} tensors, {num_params / 1e6:.2f}M parameters '
-          f'(backbone + head) -> {dst}')
+    print(f'Done in {time.time() - start:.1f}s: '
+          f'{layout.name}-{info["arch_name"]}, {len(converted)} tensors, '
+          f'{num_params / 1e6:.2f}M parameters (backbone + head) -> {dst}')
     return meta
 
 
