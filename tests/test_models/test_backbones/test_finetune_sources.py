@@ -168,3 +168,33 @@ def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path):
             assert torch.equal(dst.head.fc.weight, head)
         else:
             assert torch.equal(dst.head.fc.weight, state['head.fc.weight'])
+
+
+def test_cswin_classifier_into_boat_cswin_with_384_split_sizes(
+        tmp_path, logs):
+    """A CSWin classifier (no FSLA, as boat2mm writes from a CSWin file)
+    into BOAT-CSWin with the 384-pixel stripe widths: every CSWin weight
+    loads (the widths have none), FSLA is new and logged."""
+    from boat_mm.models import BOATCSWin
+    arch = dict(embed_dims=16, depths=[2, 2, 1, 1], num_heads=[2, 2, 4, 4])
+    src = randomised(
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3,
+                   128))
+    path = str(tmp_path / 'cswin_cls.pth')
+    torch.save({'state_dict': src.state_dict()}, path)
+    model = BOATCSWin(
+        arch=dict(arch, split_sizes=[1, 2, 12, 12]),
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    state = src.state_dict()
+    ours = model.state_dict()
+    shared = [k for k in ours if 'backbone.' + k in state]
+    assert len(shared) == sum(k.startswith('backbone.') for k in state)
+    for key in shared:
+        assert torch.equal(ours[key], state['backbone.' + key]), key
+    fsla = [k for k in ours if '.fsla.' in k or '.norm_fsla.' in k]
+    blocks = {'.'.join(k.split('.')[:4]) for k in fsla}  # stages.S.blocks.J
+    msg = [m for m in logs if m.startswith('BOATCSWin: ')]
+    assert len(blocks) == 4  # the even blocks of the 4 stages
+    assert msg and f'FSLA ({len(fsla)} weights in 4 blocks' in msg[0]
+    assert f'{len(shared)} of the {len(ours)} weights' in msg[0]
