@@ -6,10 +6,14 @@ work as listed): a URL is downloaded, with a progress bar, into the cache
 that MMEngine's ``load_from_http`` uses (``torch.hub.get_dir()``/
 checkpoints; set ``TORCH_HOME`` to move it) and reused from there.
 Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
-(``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
-(each registered BOAT backbone recognises its published layout) and the
-architecture from its keys and shapes, converts the weights with the
-family's ``published.convert``, checks that they load with
+(``state_dict``, or ``state_dict_ema`` with ``--ema`` or when the file
+holds nothing else); plain Swin (official or timm layout) and CSWin
+(official) files too, which give a classifier without FSLA (a BOAT
+backbone loads it with FSLA new: fine-tuning BOAT from Swin / CSWin
+ImageNet weights). It detects the family (each registered BOAT backbone
+recognises its published layout) and the architecture from its keys and
+shapes, converts the weights with the family's ``published.convert``,
+checks that they load with
 ``strict=True`` into the matching boat-mm ``ImageClassifier``
 (``out_indices=(3, )``, ``GlobalAveragePooling``, ``LinearClsHead``) and
 writes ``{'state_dict': ..., 'meta': ...}``. Load the result in a
@@ -233,7 +237,7 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
         boat_mm_version=__version__,
         source=src if is_url(src) else osp.basename(src),
         source_key=source_key,
-        ema=bool(use_ema),
+        ema=source_key == 'state_dict_ema',
         family=family.family,
         arch=info['arch_name'],
         backbone=dict(type=family.__name__, **info['backbone']),
