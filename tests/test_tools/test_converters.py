@@ -178,6 +178,15 @@ def test_boat2mm_converts_timm_swin_to_the_same_model(tmp_path, capsys):
         torch.testing.assert_close(
             model(x, mode='tensor'), ref(x), atol=1e-4, rtol=1e-4)
 
+    # timm's weights on the Hugging Face hub are safetensors files.
+    from safetensors.torch import save_file
+    src = str(tmp_path / 'model.safetensors')
+    save_file(ref.state_dict(), src)
+    tool.convert(src, str(tmp_path / 'out2.pth'))
+    again = _load(str(tmp_path / 'out2.pth'))['state_dict']
+    for key, value in _load(dst)['state_dict'].items():
+        assert torch.equal(again[key], value), key
+
 
 def test_cswin_file_with_ema_weights_only():
     """A CSWin file holding ``state_dict_ema`` alone (as some CSWin

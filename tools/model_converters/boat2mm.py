@@ -58,17 +58,36 @@ from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
 Family = Type[BaseBOATBackbone]
 
 
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file (the format of timm's weights
+    on the Hugging Face hub): an 8-byte little-endian header size, then the
+    JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b'{':
+        return False
+    return struct.unpack('<Q', head[:8])[0] < osp.getsize(path)
+
+
 def load_original_checkpoint(path: str) -> Dict:
     """Load a published checkpoint on the CPU without running its pickles.
 
     :func:`boat_mm.utils.published.load_published_checkpoint` after a
     check that ``path`` is a file; reports the metadata objects replaced
-    by inert stand-ins.
+    by inert stand-ins. A safetensors file (timm's Swin from the Hugging
+    Face hub) is read with ``safetensors``.
     """
     check_file(
         path, 'published checkpoint',
         'pass a file (or URL) of the published BOAT weights, as '
         'listed in configs/*/metafile.yml')
+    if is_safetensors(path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise UsageError(f'{path} is a safetensors file: pip install '
+                             f'safetensors to read it.') from err
+        return dict(load_file(path, device='cpu'))
     try:
         ckpt, foreign = load_published_checkpoint(path)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, KeyError,
