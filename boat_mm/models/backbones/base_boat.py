@@ -797,6 +797,13 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             if state_dict:
                 keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
         hint = self._prefix_hint(state_dict, prefix)
+        named = sum(prefix + k in state_dict for k in own)
+        if not hint and named >= self.min_loaded_share * len(own):
+            # boat-mm's (mmpretrain's) names, other shapes: another size.
+            hint = (f' Its names fit {named} of them but their shapes do '
+                    f'not: it is a model of another size; build the '
+                    f'backbone with the checkpoint\'s arch (embed_dims, '
+                    f'depths, num_heads).')
         if not hint:
             hint = (f'{_describe_published(state_dict)} Published BOAT '
                     f'checkpoints, and Swin / CSWin ones in the official '

@@ -147,6 +147,20 @@ def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
     assert 'boat2mm' not in str(err.value)
 
 
+def test_checkpoint_of_another_size_says_so(mmpretrain_swin_file):
+    """A Swin of other widths (same names): the error says what differs,
+    not that the file needs converting."""
+    path, _ = mmpretrain_swin_file
+    with pytest.raises(CheckpointMismatchError) as err:
+        BOATSwin(
+            arch=dict(SWIN, embed_dims=32),
+            init_cfg=dict(
+                type='Pretrained', checkpoint=path,
+                prefix='backbone.')).init_weights()
+    assert 'another size' in str(err.value)
+    assert 'boat2mm' not in str(err.value)
+
+
 def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path):
     """``load_from`` of a 1000-class file into a 10-class classifier: the
     head is skipped (MMEngine's size-mismatch warning), the backbone loads,
