@@ -200,3 +200,27 @@ def test_cswin_file_with_ema_weights_only():
         dict(state_dict_ema=cswin_to_original(ours)))
     assert family is BOATCSWin
     assert list(converted) == list(ours)
+
+
+def test_cswin_file_with_training_args_is_named_as_cswin(tmp_path):
+    """A CSWin file pickling timm's training ``args`` (weights-only loading
+    refuses it): the message names a CSWin checkpoint, not a BOAT one, and
+    the converter."""
+    import argparse
+
+    from boat_mm.utils.published import CONVERTER, PublishedCheckpointError
+    arch = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
+    ours = distinct_state(
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3,
+                   128))
+    path = str(tmp_path / 'cswin.pth')
+    torch.save(
+        dict(
+            state_dict=cswin_to_original(ours),
+            args=argparse.Namespace(model='CSWin_64_12211_tiny_224')), path)
+    model = BOATCSWin(
+        arch=arch, init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(PublishedCheckpointError) as err:
+        model.init_weights()
+    assert 'a CSWin (official) (no FSLA) checkpoint' in str(err.value)
+    assert CONVERTER in str(err.value)
