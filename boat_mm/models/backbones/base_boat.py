@@ -281,7 +281,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     schedule and the keyword arguments of the blocks and of FSLA, adds the
     output norms, freezes stages, initialises the weights, runs the stages
     and loads checkpoints (dropping derived buffers, refusing a checkpoint
-    that fits too few of the weights). A family subclass sets the class
+    that fits too few of the weights, naming the prefix it fits under, and
+    logging how many weights a partial checkpoint, e.g. a Swin / CSWin one
+    without FSLA, gave and which are new). A family subclass sets the class
     attributes below, builds ``patch_embed`` and ``stages`` after
     ``super().__init__`` (then calls :meth:`_add_output_norms`) and
     implements :meth:`_embed` and :meth:`has_fsla`.
@@ -843,25 +845,23 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # Derived buffers are computed, never loaded: not counted.
         drop = self.derived_buffers
         weights = [k for k in own if not (drop and k.endswith(drop))]
-        loaded = [k for k in weights if k in set(fits)]
+        fitting = set(fits)
+        loaded = [k for k in weights if k in fitting]
         if len(loaded) == len(weights):
             return
-        got = set(fits) | set(skipped)
+        got = fitting | set(skipped)
         new = [k for k in weights if k not in got]
         fsla = [k for k in new if '.fsla.' in k or '.norm_fsla.' in k]
-        norms = [
-            k for k in new if k.split('.')[0] in
-            {f'norm{i}'
-             for i in self.out_indices}
-        ]
-        other = [k for k in new if k not in set(fsla) | set(norms)]
+        out_norms = {f'norm{i}' for i in self.out_indices}
+        norms = [k for k in new if k.split('.')[0] in out_norms]
+        named = set(fsla) | set(norms)
+        other = [k for k in new if k not in named]
         parts = []
         if fsla:
             blocks = sorted({k.split('.fsla.')[0].split('.norm_fsla')[0]
                              for k in fsla})
             parts.append(f'FSLA ({len(fsla)} weights in {len(blocks)} '
-                         f'blocks: the checkpoint has none, as a Swin / '
-                         f'CSWin one)')
+                         f'blocks, which a Swin / CSWin checkpoint lacks)')
         if norms:
             parts.append(f'output norms '
                          f"{sorted({k.split('.')[0] for k in norms})} "
