@@ -101,13 +101,19 @@ def detect_boat_family(
     """
     cls = _published_family(state_dict)
     if cls is None and _in_boat_mm_layout(state_dict):
+        if any(str(k).startswith('backbone.') for k in state_dict):
+            how = ('load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
+                   'checkpoint=FILE, prefix=\'backbone.\') or '
+                   'mmpretrain.get_model(NAME, pretrained=FILE)')
+        else:  # a backbone alone, e.g. written by mmseg's swin2mmseg.py
+            how = ('it holds a backbone alone, so '
+                   'init_cfg=dict(type=\'Pretrained\', checkpoint=FILE) '
+                   'with no prefix')
         raise KeyError(
-            f'The weights are already in boat-mm\'s layout (first keys: '
-            f'{list(state_dict)[:3]}), as boat2mm.py writes and '
-            f'tools/train.py saves: no conversion needed. Load the file '
-            f'directly: load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
-            f'checkpoint=FILE, prefix=\'backbone.\') or '
-            f'mmpretrain.get_model(NAME, pretrained=FILE).')
+            f'The weights are already in boat-mm\'s layout (mmpretrain\'s '
+            f'and mmseg\'s names; first keys: {list(state_dict)[:3]}), as '
+            f'boat2mm.py writes and tools/train.py saves: no conversion '
+            f'needed. Load the file directly: {how}.')
     if cls is None:
         looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
                            for c in boat_families() if c.published is not None)

@@ -20,7 +20,8 @@ from published_files import classifier
 
 import boat_mm  # noqa: F401
 from boat_mm.models import BOATSwin
-from boat_mm.models.backbones.base_boat import CheckpointMismatchError
+from boat_mm.models.backbones.base_boat import (CheckpointMismatchError,
+                                                detect_boat_family)
 
 SWIN = dict(embed_dims=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
 INDEX = 'relative_position_index'
@@ -145,6 +146,10 @@ def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
         pretrained(path, prefix=None)
     assert "prefix='backbone.'" in str(err.value)
     assert 'boat2mm' not in str(err.value)
+
+    # boat2mm on the backbone-only file: no conversion, no prefix.
+    with pytest.raises(KeyError, match='with no prefix'):
+        detect_boat_family(seg.state_dict())
 
 
 def test_checkpoint_of_another_size_says_so(mmpretrain_swin_file):
