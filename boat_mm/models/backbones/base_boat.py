@@ -842,6 +842,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 self._mismatch_message(state_dict, prefix, len(fits)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._log_partial_load(own, fits, resized, skipped)
+        if not self.with_fsla:
+            unused = [
+                k for k in state_dict if k.startswith(prefix) and (
+                    '.fsla.' in k or '.norm_fsla.' in k)
+            ]
+            if unused:
+                print_log(
+                    f'{type(self).__name__}: built with with_fsla=False, so '
+                    f'the {len(unused)} FSLA weights of the checkpoint are '
+                    f'not used (the plain Swin / CSWin part loads).',
+                    logger='current',
+                    level=logging.INFO)
 
     def _log_partial_load(self, own: Mapping[str, Tensor], fits: List[str],
                           resized: List[str], skipped: List[str]) -> None:

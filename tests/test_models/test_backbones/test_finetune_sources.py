@@ -166,7 +166,7 @@ def test_checkpoint_of_another_size_says_so(mmpretrain_swin_file):
     assert 'boat2mm' not in str(err.value)
 
 
-def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path):
+def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path, logs):
     """``load_from`` of a 1000-class file into a 10-class classifier: the
     head is skipped (MMEngine's size-mismatch warning), the backbone loads,
     no CheckpointMismatchError; a BOAT file into ``with_fsla=False``: the
@@ -187,6 +187,12 @@ def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path):
             assert torch.equal(dst.head.fc.weight, head)
         else:
             assert torch.equal(dst.head.fc.weight, state['head.fc.weight'])
+    fsla = [k for k in state if '.fsla.' in k or '.norm_fsla.' in k]
+    assert backbone_lines(logs) == [
+        f'BOATSwin: built with with_fsla=False, so the {len(fsla)} FSLA '
+        f'weights of the checkpoint are not used (the plain Swin / CSWin '
+        f'part loads).'
+    ]
 
 
 def test_cswin_classifier_into_boat_cswin_with_384_split_sizes(
