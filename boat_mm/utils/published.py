@@ -282,8 +282,8 @@ def _message(
     layout = family.published
     # A Swin / CSWin file (no FSLA) is named as what it is.
     plain = bool(info) and not info.get('with_fsla', True)
-    name = (f'{layout.plain_name} (no FSLA)' if plain and layout.plain_name
-            else f'published {layout.name}')
+    name = (f'{layout.plain_name} (no FSLA)'
+            if plain and layout.plain_name else f'published {layout.name}')
     if info:
         classes = info.get('num_classes')
         what = (f'a {name} checkpoint (arch '

@@ -151,7 +151,9 @@ def test_boat2mm_converts_timm_swin_to_the_same_model(tmp_path, capsys):
     from boat_mm.models.backbones import CheckpointMismatchError
     torch.manual_seed(0)
     ref = SwinTransformer(
-        embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+        embed_dim=24,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 2, 4),
         num_classes=7).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -194,8 +196,7 @@ def test_cswin_file_with_ema_weights_only():
     from boat_mm.models.backbones import convert_boat_checkpoint
     arch = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
     ours = distinct_state(
-        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3,
-                   128))
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
     family, converted = convert_boat_checkpoint(
         dict(state_dict_ema=cswin_to_original(ours)))
     assert family is BOATCSWin
@@ -211,8 +212,7 @@ def test_cswin_file_with_training_args_is_named_as_cswin(tmp_path):
     from boat_mm.utils.published import CONVERTER, PublishedCheckpointError
     arch = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
     ours = distinct_state(
-        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3,
-                   128))
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
     path = str(tmp_path / 'cswin.pth')
     torch.save(
         dict(

@@ -746,8 +746,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         return 'A Pretrained init_cfg prefix is not in its checkpoint.'
 
     def _fitting(
-        self, state_dict: Mapping, prefix: str, own: Mapping[str, Tensor]
-    ) -> Tuple[List[str], List[str], List[str]]:
+            self, state_dict: Mapping, prefix: str,
+            own: Mapping[str,
+                         Tensor]) -> Tuple[List[str], List[str], List[str]]:
         """The weights of ``own`` that ``state_dict`` holds under
         ``prefix``: those that load (same shape, or one the family
         resizes), those of them resized, and those skipped for another
@@ -876,8 +877,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         other = [k for k in new if k not in named]
         parts = []
         if fsla:
-            blocks = sorted({k.split('.fsla.')[0].split('.norm_fsla')[0]
-                             for k in fsla})
+            blocks = sorted(
+                {k.split('.fsla.')[0].split('.norm_fsla')[0]
+                 for k in fsla})
             parts.append(f'FSLA ({len(fsla)} weights in {len(blocks)} '
                          f'blocks, which a Swin / CSWin checkpoint lacks)')
         if norms:
@@ -894,6 +896,5 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             msg += (f'; {len(skipped)} of another shape were skipped: '
                     f'{key_listing(skipped, 5)}')
         if parts:
-            msg += ('; new, initialised as from scratch: ' +
-                    '; '.join(parts))
+            msg += ('; new, initialised as from scratch: ' + '; '.join(parts))
         print_log(msg + '.', logger='current', level=logging.INFO)

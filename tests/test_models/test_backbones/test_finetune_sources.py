@@ -176,8 +176,8 @@ def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path, logs):
     torch.save({'state_dict': src.state_dict()}, path)
     state = src.state_dict()
     for backbone, classes in ((dict(), 10), (dict(with_fsla=False), 1000)):
-        dst = classifier(dict(type='BOATSwin', arch=SWIN, **backbone),
-                         classes, 192)
+        dst = classifier(
+            dict(type='BOATSwin', arch=SWIN, **backbone), classes, 192)
         head = dst.head.fc.weight.clone()
         load_checkpoint(dst, path, map_location='cpu', strict=False)
         for key, value in dst.state_dict().items():
@@ -195,16 +195,14 @@ def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path, logs):
     ]
 
 
-def test_cswin_classifier_into_boat_cswin_with_384_split_sizes(
-        tmp_path, logs):
+def test_cswin_classifier_into_boat_cswin_with_384_split_sizes(tmp_path, logs):
     """A CSWin classifier (no FSLA, as boat2mm writes from a CSWin file)
     into BOAT-CSWin with the 384-pixel stripe widths: every CSWin weight
     loads (the widths have none), FSLA is new and logged."""
     from boat_mm.models import BOATCSWin
     arch = dict(embed_dims=16, depths=[2, 2, 1, 1], num_heads=[2, 2, 4, 4])
     src = randomised(
-        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3,
-                   128))
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
     path = str(tmp_path / 'cswin_cls.pth')
     torch.save({'state_dict': src.state_dict()}, path)
     model = BOATCSWin(
