@@ -279,19 +279,24 @@ def _message(
     """The "convert it first" message for ``found`` in ``path``."""
     family, key, info = found
     where = f"weights under '{key}'" if key else 'bare weights'
+    layout = family.published
+    # A Swin / CSWin file (no FSLA) is named as what it is.
+    plain = bool(info) and not info.get('with_fsla', True)
+    name = (f'{layout.plain_name} (no FSLA)'
+            if plain and layout.plain_name else f'published {layout.name}')
     if info:
         classes = info.get('num_classes')
-        what = (f'a published {family.published.name} checkpoint (arch '
+        what = (f'a {name} checkpoint (arch '
                 f'{info.get("arch") or "custom"}'
                 f'{f", {classes} classes" if classes else ""}, {where})')
     else:
-        what = (f'laid out like a published {family.published.name} '
-                f'checkpoint ({where})')
+        what = f'laid out like a {name} checkpoint ({where})'
     holds = (f'; it also pickles {", ".join(foreign[:3])}'
              f'{" ..." if len(foreign) > 3 else ""}, which weights-only '
              f'loading refuses' if foreign else '')
-    return (f'{path} is {what}{holds}. Published BOAT weights have the '
-            f'public code\'s names and must be converted first: '
+    return (f'{path} is {what}{holds}. Published BOAT weights (and Swin / '
+            f'CSWin ones) have the public code\'s names and must be '
+            f'converted first: '
             f'`{CONVERTER}` with SRC={path}, then load DST (load_from, '
             f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
             f"prefix='backbone.') or get_model(..., pretrained=DST)).")

@@ -11,6 +11,10 @@
   on a BOAT-Swin file (the inverse of test_boat_swin.py): the written
   checkpoint must equal our state dict on every key.
 
+* A timm Swin (made by timm at tiny size) converts to our classifier
+  without FSLA, which computes timm's logits; a CSWin file with EMA
+  weights alone converts.
+
 The CSWin command runs on the published tiny arch (the tool refuses
 custom CSWin archs: head counts leave no trace in the weights); its
 tensors are stored as one broadcast number each, so the file stays tiny.
@@ -133,3 +137,90 @@ def test_boat2mm_command_on_swin_file(tmp_path):
     assert set(state) == set(ours)
     for key, value in ours.items():
         assert torch.equal(state[key], value), key
+
+
+def test_boat2mm_converts_timm_swin_to_the_same_model(tmp_path, capsys):
+    """timm's Swin layout (merges stored with the stage they feed,
+    ``head.fc``), made by timm's SwinTransformer at tiny size: refused
+    as is with a message naming the converter; boat2mm converts it, and
+    our classifier without FSLA computes timm's logits."""
+    pytest.importorskip('timm')
+    from timm.models.swin_transformer import SwinTransformer
+
+    from boat_mm.models import BOATSwin
+    from boat_mm.models.backbones import CheckpointMismatchError
+    torch.manual_seed(0)
+    ref = SwinTransformer(
+        embed_dim=24,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 2, 4),
+        num_classes=7).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():  # norms too: merge orders show
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    src, dst = str(tmp_path / 'timm_swin.pth'), str(tmp_path / 'out.pth')
+    torch.save(ref.state_dict(), src)
+    arch = dict(embed_dims=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
+    with pytest.raises(CheckpointMismatchError, match='boat2mm') as err:
+        BOATSwin(
+            arch=arch, init_cfg=dict(type='Pretrained',
+                                     checkpoint=src)).init_weights()
+    assert 'Swin (official or timm)' in str(err.value)
+
+    tool = _test_module('boat2mm_timm', TOOL)
+    meta = tool.convert(src, dst)
+    assert 'Swin (official or timm) (for BOAT-Swin)' in capsys.readouterr().out
+    assert meta['backbone']['with_fsla'] is False
+    model = classifier(
+        dict(type='BOATSwin', arch=arch, with_fsla=False), 7, 192).eval()
+    model.load_state_dict(_load(dst)['state_dict'], strict=True)
+    x = torch.randn(2, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, mode='tensor'), ref(x), atol=1e-4, rtol=1e-4)
+
+    # timm's weights on the Hugging Face hub are safetensors files.
+    from safetensors.torch import save_file
+    src = str(tmp_path / 'model.safetensors')
+    save_file(ref.state_dict(), src)
+    tool.convert(src, str(tmp_path / 'out2.pth'))
+    again = _load(str(tmp_path / 'out2.pth'))['state_dict']
+    for key, value in _load(dst)['state_dict'].items():
+        assert torch.equal(again[key], value), key
+
+
+def test_cswin_file_with_ema_weights_only():
+    """A CSWin file holding ``state_dict_ema`` alone (as some CSWin
+    releases) converts without --ema."""
+    from boat_mm.models.backbones import convert_boat_checkpoint
+    arch = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
+    ours = distinct_state(
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
+    family, converted = convert_boat_checkpoint(
+        dict(state_dict_ema=cswin_to_original(ours)))
+    assert family is BOATCSWin
+    assert list(converted) == list(ours)
+
+
+def test_cswin_file_with_training_args_is_named_as_cswin(tmp_path):
+    """A CSWin file pickling timm's training ``args`` (weights-only loading
+    refuses it): the message names a CSWin checkpoint, not a BOAT one, and
+    the converter."""
+    import argparse
+
+    from boat_mm.utils.published import CONVERTER, PublishedCheckpointError
+    arch = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
+    ours = distinct_state(
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
+    path = str(tmp_path / 'cswin.pth')
+    torch.save(
+        dict(
+            state_dict=cswin_to_original(ours),
+            args=argparse.Namespace(model='CSWin_64_12211_tiny_224')), path)
+    model = BOATCSWin(
+        arch=arch, init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(PublishedCheckpointError) as err:
+        model.init_weights()
+    assert 'a CSWin (official) (no FSLA) checkpoint' in str(err.value)
+    assert CONVERTER in str(err.value)

@@ -6,10 +6,14 @@ work as listed): a URL is downloaded, with a progress bar, into the cache
 that MMEngine's ``load_from_http`` uses (``torch.hub.get_dir()``/
 checkpoints; set ``TORCH_HOME`` to move it) and reused from there.
 Reads a BOAT-Swin file (weights under ``model``) or a BOAT-CSWin file
-(``state_dict``, or ``state_dict_ema`` with ``--ema``), detects the family
-(each registered BOAT backbone recognises its published layout) and the
-architecture from its keys and shapes, converts the weights with the
-family's ``published.convert``, checks that they load with
+(``state_dict``, or ``state_dict_ema`` with ``--ema`` or when the file
+holds nothing else); plain Swin (official or timm layout) and CSWin
+(official) files too, which give a classifier without FSLA (a BOAT
+backbone loads it with FSLA new: fine-tuning BOAT from Swin / CSWin
+ImageNet weights). It detects the family (each registered BOAT backbone
+recognises its published layout) and the architecture from its keys and
+shapes, converts the weights with the family's ``published.convert``,
+checks that they load with
 ``strict=True`` into the matching boat-mm ``ImageClassifier``
 (``out_indices=(3, )``, ``GlobalAveragePooling``, ``LinearClsHead``) and
 writes ``{'state_dict': ..., 'meta': ...}``. Load the result in a
@@ -54,17 +58,36 @@ from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
 Family = Type[BaseBOATBackbone]
 
 
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file (the format of timm's weights
+    on the Hugging Face hub): an 8-byte little-endian header size, then the
+    JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b'{':
+        return False
+    return struct.unpack('<Q', head[:8])[0] < osp.getsize(path)
+
+
 def load_original_checkpoint(path: str) -> Dict:
     """Load a published checkpoint on the CPU without running its pickles.
 
     :func:`boat_mm.utils.published.load_published_checkpoint` after a
     check that ``path`` is a file; reports the metadata objects replaced
-    by inert stand-ins.
+    by inert stand-ins. A safetensors file (timm's Swin from the Hugging
+    Face hub) is read with ``safetensors``.
     """
     check_file(
         path, 'published checkpoint',
         'pass a file (or URL) of the published BOAT weights, as '
         'listed in configs/*/metafile.yml')
+    if is_safetensors(path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise UsageError(f'{path} is a safetensors file: pip install '
+                             f'safetensors to read it.') from err
+        return dict(load_file(path, device='cpu'))
     try:
         ckpt, foreign = load_published_checkpoint(path)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, KeyError,
@@ -207,7 +230,10 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     family = detect_boat_family(weights)
     converted = family.published.convert(weights)
     info = detect_arch(family, weights)
-    name = family.published.name
+    layout = family.published
+    name = layout.name
+    if not info['backbone']['with_fsla'] and layout.plain_name:
+        name = f'{layout.plain_name} (for {layout.name})'
     details = [f'{info["num_classes"]} classes']
     if info['arch_name'] == 'custom':
         details.insert(0, str(info['backbone']['arch']))
@@ -230,7 +256,7 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
         boat_mm_version=__version__,
         source=src if is_url(src) else osp.basename(src),
         source_key=source_key,
-        ema=bool(use_ema),
+        ema=source_key == 'state_dict_ema',
         family=family.family,
         arch=info['arch_name'],
         backbone=dict(type=family.__name__, **info['backbone']),
@@ -239,9 +265,9 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     print(f'[4/4] saving {dst}')
     torch.save(dict(state_dict=OrderedDict(converted), meta=meta), dst)
-    print(f'Done in {time.time() - start:.1f}s: {name}-{info["arch_name"]}, '
-          f'{len(converted)} tensors, {num_params / 1e6:.2f}M parameters '
-          f'(backbone + head) -> {dst}')
+    print(f'Done in {time.time() - start:.1f}s: '
+          f'{layout.name}-{info["arch_name"]}, {len(converted)} tensors, '
+          f'{num_params / 1e6:.2f}M parameters (backbone + head) -> {dst}')
     return meta
 
 

@@ -246,7 +246,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ref.load_state_dict(weights, strict=True)
         used = (f"'{source_key}' of {args.ckpt}"
                 if source_key else f'the top level of {args.ckpt}')
-        used += ' (EMA)' if args.ema else ' (not EMA)'
+        # A file with EMA weights alone gives them without --ema.
+        ema = source_key == 'state_dict_ema'
+        used += ' (EMA)' if ema else ' (not EMA)'
         ok = run_case(family, arch, ref, args.tol, args.seed, args.double,
                       used)
     else:

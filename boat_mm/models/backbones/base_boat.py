@@ -12,6 +12,7 @@ registers it: :func:`boat_families` lists the families for the tools
 hold no per-family tables.
 """
 import inspect
+import logging
 import numbers
 from collections import OrderedDict
 from copy import deepcopy
@@ -23,6 +24,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.transformer import FFN
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor
 
@@ -99,13 +101,19 @@ def detect_boat_family(
     """
     cls = _published_family(state_dict)
     if cls is None and _in_boat_mm_layout(state_dict):
+        if any(str(k).startswith('backbone.') for k in state_dict):
+            how = ('load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
+                   'checkpoint=FILE, prefix=\'backbone.\') or '
+                   'mmpretrain.get_model(NAME, pretrained=FILE)')
+        else:  # a backbone alone, e.g. written by mmseg's swin2mmseg.py
+            how = ('it holds a backbone alone, so '
+                   'init_cfg=dict(type=\'Pretrained\', checkpoint=FILE) '
+                   'with no prefix')
         raise KeyError(
-            f'The weights are already in boat-mm\'s layout (first keys: '
-            f'{list(state_dict)[:3]}), as boat2mm.py writes and '
-            f'tools/train.py saves: no conversion needed. Load the file '
-            f'directly: load_from=FILE, init_cfg=dict(type=\'Pretrained\', '
-            f'checkpoint=FILE, prefix=\'backbone.\') or '
-            f'mmpretrain.get_model(NAME, pretrained=FILE).')
+            f'The weights are already in boat-mm\'s layout (mmpretrain\'s '
+            f'and mmseg\'s names; first keys: {list(state_dict)[:3]}), as '
+            f'boat2mm.py writes and tools/train.py saves: no conversion '
+            f'needed. Load the file directly: {how}.')
     if cls is None:
         looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
                            for c in boat_families() if c.published is not None)
@@ -145,9 +153,19 @@ def _describe_published(state_dict: Mapping) -> str:
     ]
     for candidate in candidates:
         cls = _published_family(candidate)
-        if cls is not None:
-            return (f' It is laid out like a published {cls.published.name} '
-                    f'checkpoint ({cls.published.marker}*).')
+        if cls is None:
+            continue
+        layout = cls.published
+        try:
+            plain = not layout.detect(candidate)['with_fsla']
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+            plain = False
+        if plain and layout.plain_name:
+            # Swin / CSWin ImageNet weights: boat2mm converts them too.
+            return (f' It is laid out like a {layout.plain_name} checkpoint '
+                    f'({layout.marker}*, no FSLA).')
+        return (f' It is laid out like a published {layout.name} '
+                f'checkpoint ({layout.marker}*).')
     return ''
 
 
@@ -269,7 +287,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     schedule and the keyword arguments of the blocks and of FSLA, adds the
     output norms, freezes stages, initialises the weights, runs the stages
     and loads checkpoints (dropping derived buffers, refusing a checkpoint
-    that fits too few of the weights). A family subclass sets the class
+    that fits too few of the weights, naming the prefix it fits under, and
+    logging how many weights a partial checkpoint, e.g. a Swin / CSWin one
+    without FSLA, gave and which are new). A family subclass sets the class
     attributes below, builds ``patch_embed`` and ``stages`` after
     ``super().__init__`` (then calls :meth:`_add_output_norms`) and
     implements :meth:`_embed` and :meth:`has_fsla`.
@@ -359,6 +379,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     #: Loading a checkpoint that fits (by name and shape) fewer than this
     #: share of the weights raises, naming the converter.
     min_loaded_share = 0.5
+    #: Suffixes of weights that load from another shape (the family's
+    #: modules resize them, e.g. Swin's position-bias tables for another
+    #: window size).
+    resized_on_load: Tuple[str, ...] = ()
 
     def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
         """Register a subclass that names a ``family`` (``register=False``
@@ -721,6 +745,51 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                                               cfg['checkpoint'])
         return 'A Pretrained init_cfg prefix is not in its checkpoint.'
 
+    def _fitting(
+            self, state_dict: Mapping, prefix: str,
+            own: Mapping[str,
+                         Tensor]) -> Tuple[List[str], List[str], List[str]]:
+        """The weights of ``own`` that ``state_dict`` holds under
+        ``prefix``: those that load (same shape, or one the family
+        resizes), those of them resized, and those skipped for another
+        shape."""
+        fits, resized, skipped = [], [], []
+        for key, value in own.items():
+            got = state_dict.get(prefix + key)
+            if got is None:
+                continue
+            if tuple(getattr(got, 'shape', ())) == tuple(value.shape):
+                fits.append(key)
+            elif (self.resized_on_load and key.endswith(self.resized_on_load)
+                  and tuple(got.shape[1:]) == tuple(value.shape[1:])):
+                fits.append(key)
+                resized.append(key)
+            else:
+                skipped.append(key)
+        return fits, resized, skipped
+
+    def _prefix_hint(self, state_dict: Mapping, prefix: str) -> str:
+        """The prefix under which ``state_dict`` fits, as advice, or ''."""
+        own = self.state_dict(keep_vars=True)
+        for other in ('', 'backbone.'):
+            if other == prefix:
+                continue
+            found = len(self._fitting(state_dict, other, own)[0])
+            if found < self.min_loaded_share * len(own):
+                continue
+            if other:
+                return (f" Its keys under {other!r} fit {found} of them, as "
+                        f"in a classifier, segmentor or detector checkpoint:"
+                        f" load it with init_cfg=dict(type='Pretrained', "
+                        f"checkpoint=FILE, prefix={other!r}) (or load_from "
+                        f"for the whole model).")
+            return (f' Its top-level keys fit {found} of them: it holds a '
+                    f"backbone alone (as mmseg's swin2mmseg.py writes): "
+                    f"load it with init_cfg=dict(type='Pretrained', "
+                    f'checkpoint=FILE) and no prefix, not with load_from '
+                    f'(which expects the whole model\'s keys).')
+        return ''
+
     def _mismatch_message(self,
                           state_dict: Mapping,
                           prefix: str,
@@ -736,14 +805,25 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             keys = f'it has no keys {where}'
             if state_dict:
                 keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
+        hint = self._prefix_hint(state_dict, prefix)
+        named = sum(prefix + k in state_dict for k in own)
+        if not hint and named >= self.min_loaded_share * len(own):
+            # boat-mm's (mmpretrain's) names, other shapes: another size.
+            hint = (f' Its names fit {named} of them but their shapes do '
+                    f'not: it is a model of another size; build the '
+                    f'backbone with the checkpoint\'s arch (embed_dims, '
+                    f'depths, num_heads).')
+        if not hint:
+            hint = (f'{_describe_published(state_dict)} Published BOAT '
+                    f'checkpoints, and Swin / CSWin ones in the official '
+                    f'or timm layout, must be converted first: '
+                    f'`{CONVERTER}`, then load DST with load_from or '
+                    f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
+                    f"prefix='backbone.').")
         return (f'{type(self).__name__}: {source} matches {found} of the '
                 f'{len(own)} weights of the backbone (same name {where} and '
                 f'shape); {keys}; the backbone expects {own[:4]} ... '
-                f'({len(own)} in all).{_describe_published(state_dict)} '
-                f'Published BOAT checkpoints must be converted first: '
-                f'`{CONVERTER}`, then load DST with load_from or '
-                f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
-                f"prefix='backbone.').")
+                f'({len(own)} in all).{hint}')
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Derived buffers of the original or of mmpretrain's models are
@@ -757,12 +837,64 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # missing keys under strict=False (load_from, Pretrained): refuse.
         # (The loaders hand a module only the keys under its prefix.)
         own = self.state_dict(keep_vars=True)
-        found = 0
-        for key, value in own.items():
-            got = state_dict.get(prefix + key)
-            found += got is not None and tuple(getattr(
-                got, 'shape', ())) == tuple(value.shape)
-        if found < self.min_loaded_share * len(own):
+        fits, resized, skipped = self._fitting(state_dict, prefix, own)
+        if len(fits) < self.min_loaded_share * len(own):
             raise CheckpointMismatchError(
-                self._mismatch_message(state_dict, prefix, found))
+                self._mismatch_message(state_dict, prefix, len(fits)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._log_partial_load(own, fits, resized, skipped)
+        if not self.with_fsla:
+            unused = [
+                k for k in state_dict if k.startswith(prefix) and (
+                    '.fsla.' in k or '.norm_fsla.' in k)
+            ]
+            if unused:
+                print_log(
+                    f'{type(self).__name__}: built with with_fsla=False, so '
+                    f'the {len(unused)} FSLA weights of the checkpoint are '
+                    f'not used (the plain Swin / CSWin part loads).',
+                    logger='current',
+                    level=logging.INFO)
+
+    def _log_partial_load(self, own: Mapping[str, Tensor], fits: List[str],
+                          resized: List[str], skipped: List[str]) -> None:
+        """Say how many weights came from a checkpoint and which are new
+        (FSLA from a Swin / CSWin checkpoint, output norms from a
+        classifier's), when some are not in it."""
+        # Derived buffers are computed, never loaded: not counted.
+        drop = self.derived_buffers
+        weights = [k for k in own if not (drop and k.endswith(drop))]
+        fitting = set(fits)
+        loaded = [k for k in weights if k in fitting]
+        if len(loaded) == len(weights):
+            return
+        got = fitting | set(skipped)
+        new = [k for k in weights if k not in got]
+        fsla = [k for k in new if '.fsla.' in k or '.norm_fsla.' in k]
+        out_norms = {f'norm{i}' for i in self.out_indices}
+        norms = [k for k in new if k.split('.')[0] in out_norms]
+        named = set(fsla) | set(norms)
+        other = [k for k in new if k not in named]
+        parts = []
+        if fsla:
+            blocks = sorted(
+                {k.split('.fsla.')[0].split('.norm_fsla')[0]
+                 for k in fsla})
+            parts.append(f'FSLA ({len(fsla)} weights in {len(blocks)} '
+                         f'blocks, which a Swin / CSWin checkpoint lacks)')
+        if norms:
+            parts.append(f'output norms '
+                         f"{sorted({k.split('.')[0] for k in norms})} "
+                         f'({len(norms)} weights)')
+        if other:
+            parts.append(f'{len(other)} more: {key_listing(other, 5)}')
+        msg = (f'{type(self).__name__}: {len(loaded)} of the {len(weights)}'
+               f' weights of the backbone came from the checkpoint')
+        if resized:
+            msg += f' ({len(resized)} resized to this model\'s shape)'
+        if skipped:
+            msg += (f'; {len(skipped)} of another shape were skipped: '
+                    f'{key_listing(skipped, 5)}')
+        if parts:
+            msg += ('; new, initialised as from scratch: ' + '; '.join(parts))
+        print_log(msg + '.', logger='current', level=logging.INFO)

@@ -387,5 +387,6 @@ class BOATCSWinPublished(PublishedLayout):
 BOATCSWin.published = BOATCSWinPublished(
     BOATCSWin, 'BOAT-CSWin', marker='stage1_conv_embed',
     stem=('stage1_conv_embed.0', 'stage1_conv_embed.2'),
-    code=('BOAT-CSWin', 'models/cswin_boat.py'))
+    code=('BOAT-CSWin', 'models/cswin_boat.py'),
+    plain_name='CSWin (official)')
 # yapf: enable

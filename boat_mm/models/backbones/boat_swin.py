@@ -223,6 +223,8 @@ class BOATSwin(BaseBOATBackbone):
     # Buffers that older or foreign checkpoints may carry; boat-mm derives
     # them.
     derived_buffers = ('relative_position_index', 'attn_mask')
+    # Tables of another window size are resized (BOATShiftWindowMSA).
+    resized_on_load = ('relative_position_bias_table', )
     stem_modules = ('patch_embed', 'drop_after_pos')
 
     def __init__(self,
@@ -299,11 +301,15 @@ class BOATSwin(BaseBOATBackbone):
 class BOATSwinPublished(PublishedLayout):
     """The published BOAT-Swin checkpoints (``BOAT-Swin/models/
     boat_swin_transformer.py`` of the public code, weights under
-    ``model``); plain Swin files (no ``attnC``) too.
+    ``model``); plain Swin files (no ``attnC``) too: the official Swin
+    code's and timm's.
 
     Blocks are ``layers.{i}.blocks.{j}``, merges ``layers.{i}.downsample``
     (after stage ``i``), whose 2x2 features are ordered as Swin's
     ``PatchMerging`` concatenates them (see :func:`swin_merge_order`).
+    timm (>= 0.9) keeps the merge after stage ``i`` as
+    ``layers.{i + 1}.downsample`` (same feature order) and the classifier
+    as ``head.fc``; :meth:`detect` tells the two apart.
     """
     _BLOCK_KEY = r'layers\.(\d+)\.blocks\.(\d+)\.'
     # Published block module -> ours; the FSLA ones (attnC, norm4) only in
@@ -327,7 +333,10 @@ class BOATSwinPublished(PublishedLayout):
             settings), ``embed_dims`` (per stage, from the blocks' norms),
             ``depths``, ``num_heads`` (from the position-bias tables),
             ``window_size``, ``patch_size``, ``in_channels``,
-            ``with_fsla`` and ``num_classes`` (None without a head).
+            ``with_fsla``, ``num_classes`` (None without a head), and
+            where the layout keeps the merges and the classifier:
+            ``merge_first`` (True for timm's ``layers.{i + 1}.downsample``)
+            and ``head`` (``'head'`` or timm's ``'head.fc'``).
         """
         stem = 'patch_embed.proj.weight'
         if stem not in state_dict:
@@ -352,8 +361,14 @@ class BOATSwinPublished(PublishedLayout):
             # (2 * window - 1) ** 2 rows.
             window = (int(round(table.shape[0]**0.5)) + 1) // 2
         embed = state_dict[stem]
-        head = state_dict.get('head.weight')
+        head_name = 'head.fc' if 'head.fc.weight' in state_dict else 'head'
+        head = state_dict.get(f'{head_name}.weight')
         depths = tuple(blocks[s] for s in range(num_layers))
+        # The last stage has no merge after it: a merge stored under it is
+        # timm's, stored with the stage it feeds.
+        merge_first = any(
+            str(k).startswith(f'layers.{num_layers - 1}.downsample.')
+            for k in state_dict)
         return dict(
             arch=self.backbone.zoo_name(
                 embed_dims=widths, depths=depths, num_heads=heads),
@@ -364,7 +379,9 @@ class BOATSwinPublished(PublishedLayout):
             patch_size=int(embed.shape[-1]),
             in_channels=int(embed.shape[1]),
             with_fsla=any('.attnC.' in k for k in state_dict),
-            num_classes=None if head is None else int(head.shape[0]))
+            num_classes=None if head is None else int(head.shape[0]),
+            merge_first=merge_first,
+            head=head_name)
 
     def backbone_cfg(self, info: dict) -> dict:
         """The backbone arguments for a published checkpoint.
@@ -409,7 +426,8 @@ class BOATSwinPublished(PublishedLayout):
             for a, b in modules:
                 add_module_keys(names, f'{src}.{a}', f'{dst}.{b}')
         if stage < num - 1:
-            src = f'layers.{stage}.downsample'
+            merge = stage + int(info.get('merge_first', False))
+            src = f'layers.{merge}.downsample'
             dst = f'backbone.stages.{stage}.downsample'
             add_module_keys(names, f'{src}.norm', f'{dst}.norm')
             add_module_keys(names, f'{src}.reduction', f'{dst}.reduction',
@@ -439,5 +457,6 @@ class BOATSwinPublished(PublishedLayout):
 BOATSwin.published = BOATSwinPublished(
     BOATSwin, 'BOAT-Swin', marker='layers.',
     stem=('patch_embed.proj', 'patch_embed.norm'),
-    code=('BOAT-Swin', 'models/boat_swin_transformer.py'))
+    code=('BOAT-Swin', 'models/boat_swin_transformer.py'),
+    plain_name='Swin (official or timm)')
 # yapf: enable

@@ -65,7 +65,8 @@ def pick_boat_weights(
     Args:
         checkpoint (dict): The loaded file: weights under ``model``
             (BOAT-Swin), ``state_dict`` / ``state_dict_ema`` (BOAT-CSWin),
-            or a bare state dict.
+            or a bare state dict. A file with ``state_dict_ema`` alone (as
+            some CSWin releases) gives those.
         use_ema (bool): Use ``state_dict_ema`` (BOAT-CSWin files).
 
     Returns:
@@ -79,7 +80,8 @@ def pick_boat_weights(
                            f'{sorted(map(str, checkpoint))}.')
         key = 'state_dict_ema'
     else:
-        key = next((k for k in ('model', 'state_dict') if k in checkpoint), '')
+        key = next((k for k in ('model', 'state_dict', 'state_dict_ema')
+                    if k in checkpoint), '')
     weights = checkpoint[key] if key else checkpoint
     return key, OrderedDict(
         (k[len('module.'):] if k.startswith('module.') else k, v)
@@ -186,6 +188,9 @@ class PublishedLayout:
         code (tuple[str, str], optional): The model file in the public
             code (github.com/mahaoyuHKU/pytorch-boat): family folder and
             path inside it, for the parity tools. Defaults to None.
+        plain_name (str, optional): The model without FSLA whose
+            checkpoints the layout also reads (e.g. ``'Swin'``), for
+            messages. Defaults to None.
     """
 
     def __init__(self,
@@ -193,9 +198,11 @@ class PublishedLayout:
                  name: str,
                  marker: str,
                  stem: Tuple[str, str],
-                 code: Optional[Tuple[str, str]] = None) -> None:
+                 code: Optional[Tuple[str, str]] = None,
+                 plain_name: Optional[str] = None) -> None:
         self.backbone = backbone
         self.name, self.marker, self.stem, self.code = name, marker, stem, code
+        self.plain_name = plain_name
 
     def matches(self, state_dict: Mapping) -> bool:
         """Whether ``state_dict`` has this layout.
@@ -246,11 +253,13 @@ class PublishedLayout:
 
         The keys are the stem's (``stem``), each stage's
         (:meth:`add_stage_keys`), the final ``norm`` and the ``head``
-        (timm's names, which both published codes use).
+        (timm's names, which both published codes use; ``info['head']``
+        names another head module, e.g. ``'head.fc'`` of timm >= 0.9).
 
         Args:
             info (dict): The model, as :meth:`detect` describes it (its
-                ``depths``, ``with_fsla`` and ``num_classes`` are used).
+                ``depths``, ``with_fsla``, ``num_classes`` and optional
+                ``head`` are used).
 
         Returns:
             OrderedDict[str, str]: Published key -> key in an mmpretrain
@@ -265,7 +274,7 @@ class PublishedLayout:
         add_module_keys(names, 'norm',
                         f'backbone.norm{len(info["depths"]) - 1}')
         if info['num_classes'] is not None:
-            add_module_keys(names, 'head', 'head.fc')
+            add_module_keys(names, info.get('head', 'head'), 'head.fc')
         return names
 
     def add_stage_keys(self, names: 'OrderedDict[str, str]', stage: int,

@@ -1,0 +1,223 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""Fine-tuning BOAT from the checkpoints OpenMMLab users have.
+
+The source checkpoints are made here by the models that define their
+layouts (mmpretrain's and mmseg's Swin, our own classifiers), at tiny
+size: every weight both models have must load, FSLA (which a Swin file
+lacks) must start as from scratch, a log line must say so, a file under
+the wrong prefix must name the right one, and the ordinary fine-tunes
+(another class count, no FSLA) must load as MMEngine loads them.
+"""
+import logging
+from collections import OrderedDict
+from typing import List
+
+import pytest
+import torch
+from mmengine.logging import MMLogger
+from mmengine.runner.checkpoint import load_checkpoint
+from published_files import classifier
+
+import boat_mm  # noqa: F401
+from boat_mm.models import BOATSwin
+from boat_mm.models.backbones.base_boat import (CheckpointMismatchError,
+                                                detect_boat_family)
+
+SWIN = dict(embed_dims=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
+INDEX = 'relative_position_index'
+
+
+class _Collect(logging.Handler):
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def logs():
+    """What the backbones log through MMEngine's current logger."""
+    logger = MMLogger.get_current_instance()
+    handler = _Collect()
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def backbone_lines(messages: List[str]) -> List[str]:
+    return [m for m in messages if m.startswith('BOATSwin: ')]
+
+
+def randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with parameters no initialisation gives (norms too)."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    return module
+
+
+@pytest.fixture(scope='module')
+def mmpretrain_swin_file(tmp_path_factory):
+    """An mmpretrain Swin classifier checkpoint (``backbone.*``, the final
+    norm ``norm3``, ``relative_position_index`` buffers, ``head.fc``)."""
+    from mmpretrain.models.backbones import SwinTransformer
+    swin = randomised(SwinTransformer(arch=SWIN))
+    state = OrderedDict(
+        ('backbone.' + k, v) for k, v in swin.state_dict().items())
+    state['head.fc.weight'] = torch.randn(5, 192)
+    state['head.fc.bias'] = torch.randn(5)
+    path = str(tmp_path_factory.mktemp('swin') / 'swin_cls.pth')
+    torch.save({'state_dict': state, 'meta': {}}, path)
+    return path, swin.state_dict()
+
+
+def pretrained(path: str, prefix='backbone.', seed: int = 1, **kwargs):
+    torch.manual_seed(seed)
+    cfg = dict(type='Pretrained', checkpoint=path)
+    if prefix is not None:
+        cfg['prefix'] = prefix
+    model = BOATSwin(arch=SWIN, init_cfg=cfg, **kwargs)
+    model.init_weights()
+    return model
+
+
+def test_swin_classifier_into_boat_swin(mmpretrain_swin_file, logs):
+    """Every weight of the Swin file (position tables included) loads, the
+    rest (FSLA, the output norms a classifier lacks) is what training from
+    scratch starts with, and the log line says how many came and what is
+    new."""
+    path, swin = mmpretrain_swin_file
+    model = pretrained(path)
+    torch.manual_seed(1)
+    scratch = BOATSwin(arch=SWIN)
+    scratch.init_weights()
+    ours, fresh = model.state_dict(), scratch.state_dict()
+    shared = [k for k in ours if k in swin and not k.endswith(INDEX)]
+    assert sum('relative_position_bias_table' in k for k in shared) == 8
+    for key in shared:
+        assert torch.equal(ours[key], swin[key]), key
+    fsla = [k for k in ours if '.fsla.' in k or '.norm_fsla.' in k]
+    new = [k for k in ours if k not in swin]
+    assert fsla and set(fsla) <= set(new)
+    for key in new:
+        assert torch.equal(ours[key], fresh[key]), key
+    [msg] = backbone_lines(logs)
+    weights = [k for k in ours if not k.endswith(INDEX)]
+    assert f'{len(shared)} of the {len(weights)} weights' in msg
+    assert f'FSLA ({len(fsla)} weights in 3 blocks' in msg
+    assert "output norms ['norm0', 'norm1', 'norm2'] (6 weights)" in msg
+
+
+def test_swin_224_into_window_12_logs_the_resized_tables(
+        mmpretrain_swin_file, logs):
+    path, _ = mmpretrain_swin_file
+    model = pretrained(path, window_size=12)
+    table = model.stages[0].blocks[0].attn.w_msa.relative_position_bias_table
+    assert table.shape == (23 * 23, 1)
+    [msg] = backbone_lines(logs)
+    assert '(8 resized' in msg and 'FSLA (' in msg
+
+
+def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
+    """A backbone-only file (mmseg's swin2mmseg layout, made here by mmseg's
+    Swin) under ``prefix='backbone.'``, and a classifier file without the
+    prefix: the error names the init_cfg that loads them."""
+    from mmseg.models.backbones import SwinTransformer
+    seg = randomised(
+        SwinTransformer(
+            embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)))
+    bare = str(tmp_path / 'swin_mmseg.pth')
+    torch.save(seg.state_dict(), bare)
+    with pytest.raises(CheckpointMismatchError) as err:
+        pretrained(bare)
+    assert 'and no prefix' in str(err.value)
+    assert 'boat2mm' not in str(err.value)
+    ours = pretrained(bare, prefix=None).state_dict()
+    for key, value in seg.state_dict().items():
+        if not key.endswith(INDEX):
+            assert torch.equal(ours[key], value), key
+
+    path, _ = mmpretrain_swin_file
+    with pytest.raises(CheckpointMismatchError) as err:
+        pretrained(path, prefix=None)
+    assert "prefix='backbone.'" in str(err.value)
+    assert 'boat2mm' not in str(err.value)
+
+    # boat2mm on the backbone-only file: no conversion, no prefix.
+    with pytest.raises(KeyError, match='with no prefix'):
+        detect_boat_family(seg.state_dict())
+
+
+def test_checkpoint_of_another_size_says_so(mmpretrain_swin_file):
+    """A Swin of other widths (same names): the error says what differs,
+    not that the file needs converting."""
+    path, _ = mmpretrain_swin_file
+    with pytest.raises(CheckpointMismatchError) as err:
+        BOATSwin(
+            arch=dict(SWIN, embed_dims=32),
+            init_cfg=dict(
+                type='Pretrained', checkpoint=path,
+                prefix='backbone.')).init_weights()
+    assert 'another size' in str(err.value)
+    assert 'boat2mm' not in str(err.value)
+
+
+def test_classifier_fine_tunes_load_as_mmengine_loads(tmp_path, logs):
+    """``load_from`` of a 1000-class file into a 10-class classifier: the
+    head is skipped (MMEngine's size-mismatch warning), the backbone loads,
+    no CheckpointMismatchError; a BOAT file into ``with_fsla=False``: the
+    FSLA weights are left over, the rest loads."""
+    src = randomised(classifier(dict(type='BOATSwin', arch=SWIN), 1000, 192))
+    path = str(tmp_path / 'cls.pth')
+    torch.save({'state_dict': src.state_dict()}, path)
+    state = src.state_dict()
+    for backbone, classes in ((dict(), 10), (dict(with_fsla=False), 1000)):
+        dst = classifier(
+            dict(type='BOATSwin', arch=SWIN, **backbone), classes, 192)
+        head = dst.head.fc.weight.clone()
+        load_checkpoint(dst, path, map_location='cpu', strict=False)
+        for key, value in dst.state_dict().items():
+            if key.startswith('backbone.'):
+                assert torch.equal(value, state[key]), key
+        if classes == 10:
+            assert torch.equal(dst.head.fc.weight, head)
+        else:
+            assert torch.equal(dst.head.fc.weight, state['head.fc.weight'])
+    fsla = [k for k in state if '.fsla.' in k or '.norm_fsla.' in k]
+    assert backbone_lines(logs) == [
+        f'BOATSwin: built with with_fsla=False, so the {len(fsla)} FSLA '
+        f'weights of the checkpoint are not used (the plain Swin / CSWin '
+        f'part loads).'
+    ]
+
+
+def test_cswin_classifier_into_boat_cswin_with_384_split_sizes(tmp_path, logs):
+    """A CSWin classifier (no FSLA, as boat2mm writes from a CSWin file)
+    into BOAT-CSWin with the 384-pixel stripe widths: every CSWin weight
+    loads (the widths have none), FSLA is new and logged."""
+    from boat_mm.models import BOATCSWin
+    arch = dict(embed_dims=16, depths=[2, 2, 1, 1], num_heads=[2, 2, 4, 4])
+    src = randomised(
+        classifier(dict(type='BOATCSWin', arch=arch, with_fsla=False), 3, 128))
+    path = str(tmp_path / 'cswin_cls.pth')
+    torch.save({'state_dict': src.state_dict()}, path)
+    model = BOATCSWin(
+        arch=dict(arch, split_sizes=[1, 2, 12, 12]),
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    state = src.state_dict()
+    ours = model.state_dict()
+    shared = [k for k in ours if 'backbone.' + k in state]
+    assert len(shared) == sum(k.startswith('backbone.') for k in state)
+    for key in shared:
+        assert torch.equal(ours[key], state['backbone.' + key]), key
+    fsla = [k for k in ours if '.fsla.' in k or '.norm_fsla.' in k]
+    blocks = {'.'.join(k.split('.')[:4]) for k in fsla}  # stages.S.blocks.J
+    msg = [m for m in logs if m.startswith('BOATCSWin: ')]
+    assert len(blocks) == 4  # the even blocks of the 4 stages
+    assert msg and f'FSLA ({len(fsla)} weights in 4 blocks' in msg[0]
+    assert f'{len(shared)} of the {len(ours)} weights' in msg[0]
