@@ -4,11 +4,21 @@ import os
 import os.path as osp
 import re
 import runpy
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
+
+# What an installed boat_mm carries in boat_mm/.mim, as mmpretrain, mmseg
+# and mmdet carry theirs: the configs, the model index and the tools, so
+# that MIM and boat_mm's model index (boat_mm/utils/metafile.py) find them
+# away from the source tree. MANIFEST.in puts them in the sdist.
+MIM_FILES = ('configs', 'model-index.yml', 'tools')
+# Scripts that set up this checkout's .venv: nothing to run when installed.
+MIM_SKIP = ('setup_env.sh', 'check_min_torch.sh', 'demo.sh')
 
 # Supported torch: from TORCH_MIN, whose torch.library has register_fake
 # and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
@@ -59,6 +69,30 @@ def get_extensions() -> tuple:
     return [ext], {'build_ext': BuildExtension}
 
 
+class BuildPyWithMim(build_py):
+    """``build_py`` that also copies :data:`MIM_FILES` into
+    ``boat_mm/.mim`` of the build (wheels, ``pip install .``).
+
+    An editable install needs no copy: boat_mm finds them in the checkout.
+    """
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = osp.join(self.build_lib, 'boat_mm', '.mim')
+        skip = shutil.ignore_patterns('__pycache__', '*.pyc', *MIM_SKIP)
+        for name in MIM_FILES:
+            src, dst = osp.join(HERE, name), osp.join(mim, name)
+            if osp.isdir(dst):
+                shutil.rmtree(dst)  # no stale files of an earlier build
+            if osp.isdir(src):
+                shutil.copytree(src, dst, ignore=skip)
+            else:
+                os.makedirs(mim, exist_ok=True)
+                shutil.copy2(src, dst)
+
+
 def get_version() -> str:
     with open(osp.join(HERE, 'boat_mm', 'version.py')) as f:
         return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
@@ -83,6 +117,7 @@ def parse_requirements(fname: str) -> list:
 with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
     long_description = f.read()
 ext_modules, cmdclass = get_extensions()
+cmdclass['build_py'] = BuildPyWithMim
 
 setup(
     name='boat-mm',

@@ -1,0 +1,179 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""boat-mm as a user installs it: an sdist built by setup.py, a wheel
+built from that sdist (``pip wheel``), and the wheel unpacked away from the
+source tree (what ``pip install .`` leaves in site-packages).
+
+The build skips the C++ kernels (``BOAT_MM_WITH_OPS=0``: seconds instead
+of a minute and a half); their sources still travel, for the digest check
+of ``boat_mm/ops/_library.py``. The kernels' build itself is what
+``tools/setup_env.sh`` does for every test run.
+"""
+import glob
+import importlib.util
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# Not copied into the build's source tree: what no build reads, and
+# outputs of earlier builds and runs.
+_NOT_SOURCES = ('.git', '.venv', '.venv-min-torch', 'build', 'dist',
+                'work_dirs', 'data', 'checkpoints', 'tests', 'docs',
+                'benchmarks')
+
+
+def _checkout_files(folder: str, exts: tuple) -> set:
+    """The files of ``REPO/folder`` with these extensions, repo-relative."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(osp.join(REPO, folder)):
+        dirnames[:] = [d for d in dirnames if d != '__pycache__']
+        for name in filenames:
+            if name.endswith(exts):
+                found.add(osp.relpath(osp.join(dirpath, name), REPO))
+    return found
+
+
+def _run(cmd: list, **kwargs) -> None:
+    """Run a build command; fail with its output if it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope='module')
+def dists(tmp_path_factory) -> dict:
+    """The sdist's member names, the wheel's, and the wheel unpacked."""
+    tmp = tmp_path_factory.mktemp('packaging')
+    src = tmp / 'src'
+    # A copy: setup.py writes its egg-info and build folders beside itself.
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=lambda d, names: [
+            n for n in names if (d == REPO and n in _NOT_SOURCES) or n ==
+            '__pycache__' or n.endswith(('.so', '.egg-info', '.pyc'))
+        ])
+    env = dict(os.environ, BOAT_MM_WITH_OPS='0')
+    _run([sys.executable, 'setup.py', '-q', 'sdist', '-d', 'sdist'],
+         cwd=src,
+         env=env)
+    (sdist, ) = glob.glob(str(src / 'sdist' / '*.tar.gz'))
+    with tarfile.open(sdist) as tar:
+        sdist_names = tar.getnames()
+        tar.extractall(tmp / 'unpacked')
+    (unpacked, ) = glob.glob(str(tmp / 'unpacked' / '*'))
+    # The wheel is built from the sdist, as pip builds one from PyPI's.
+    _run([
+        sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+        '--no-build-isolation', '--no-index', '-w',
+        str(tmp / 'wheel'), unpacked
+    ],
+         env=env)
+    (wheel, ) = glob.glob(str(tmp / 'wheel' / '*.whl'))
+    site = tmp / 'site'
+    with zipfile.ZipFile(wheel) as whl:
+        wheel_names = whl.namelist()
+        whl.extractall(site)
+    top = osp.basename(unpacked) + '/'
+    return dict(
+        sdist={n[len(top):]
+               for n in sdist_names if n.startswith(top)},
+        wheel=set(wheel_names),
+        site=str(site))
+
+
+def test_sdist_holds_what_its_build_reads(dists):
+    expected = (
+        _checkout_files('requirements',
+                        ('.txt', )) | _checkout_files('configs',
+                                                      ('.py', '.yml', '.md'))
+        | _checkout_files('tools', ('.py', '.sh'))
+        | _checkout_files('boat_mm', ('.py', '.cpp', '.h'))
+        | {
+            'setup.py', 'pyproject.toml', 'setup.cfg', 'README.md',
+            'model-index.yml', 'MANIFEST.in', 'requirements.txt'
+        })
+    assert expected <= dists['sdist'], sorted(expected - dists['sdist'])
+    # No compiled kernels of this machine, no tests.
+    assert not [n for n in dists['sdist'] if n.endswith('.so')]
+    assert not [n for n in dists['sdist'] if n.startswith('tests/')]
+
+
+def test_wheel_holds_the_package_and_mim_folder(dists):
+    wheel = dists['wheel']
+    package = _checkout_files('boat_mm', ('.py', '.cpp', '.h'))
+    assert package <= wheel, sorted(package - wheel)
+    # OpenMMLab's layout of an installed package: configs, model index and
+    # tools in boat_mm/.mim, as the checkout has them at its root.
+    mim = {
+        'boat_mm/.mim/' + n
+        for n in _checkout_files('configs', ('.py', '.yml', '.md'))
+        | _checkout_files('tools', ('.py', ))
+        | {'model-index.yml', 'tools/dist_train.sh', 'tools/dist_test.sh'}
+    }
+    assert mim <= wheel, sorted(mim - wheel)
+    # The scripts that set up a checkout's .venv stay out.
+    assert 'boat_mm/.mim/tools/setup_env.sh' not in wheel
+    assert not [n for n in wheel if '__pycache__' in n or 'tests/' in n]
+
+
+def _load_metafile_module(site: str):
+    """``boat_mm/utils/metafile.py`` of the unpacked wheel (standard library
+    and yaml only), without importing the installed boat_mm over ours."""
+    spec = importlib.util.spec_from_file_location(
+        'installed_metafile', osp.join(site, 'boat_mm', 'utils',
+                                       'metafile.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_installed_package_finds_its_model_index(dists, tmp_path, monkeypatch):
+    from boat_mm.utils import metafile
+    monkeypatch.chdir(tmp_path)  # nothing is found through the cwd
+    installed = _load_metafile_module(dists['site'])
+    root = osp.join(dists['site'], 'boat_mm', '.mim')
+    assert installed.find_root() == root
+    models = installed.load_models()
+    # The same models as the checkout's, each config a file of the package.
+    assert models == metafile.load_models(REPO)
+    for model in models:
+        assert osp.isfile(osp.join(root, model.config)), model.config
+
+
+def test_model_index_follows_the_installed_root(dists, monkeypatch):
+    """mmpretrain's hub gets the installed package's config paths."""
+    from boat_mm import model_index
+    from boat_mm.utils import metafile
+    root = osp.join(dists['site'], 'boat_mm', '.mim')
+    monkeypatch.setattr(metafile, 'MIM_ROOT', root)
+    models = model_index.classifier_models()['Models']
+    assert len(models) == 6
+    for model in models:
+        assert model['Config'].startswith(root + os.sep)
+        assert osp.isfile(model['Config'])
+
+
+def test_editable_and_missing_installs_fall_back_clearly(
+        tmp_path, monkeypatch):
+    from boat_mm.utils import metafile
+
+    # A checkout (editable install): no .mim, the checkout's own files.
+    assert metafile.find_root() == REPO
+    monkeypatch.setattr(metafile, 'MIM_ROOT', str(tmp_path / 'none'))
+    monkeypatch.setattr(metafile, 'CHECKOUT_ROOT', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='model-index.yml not found'):
+        metafile.load_models()
+
+
+def test_model_index_imports_every_metafile():
+    from boat_mm.utils.metafile import metafile_paths
+    on_disk = sorted(
+        osp.relpath(p, REPO)
+        for p in glob.glob(osp.join(REPO, 'configs', '*', 'metafile.yml')))
+    assert sorted(metafile_paths(REPO)) == on_disk
