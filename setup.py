@@ -17,8 +17,9 @@ HERE = osp.dirname(osp.abspath(__file__))
 # that MIM and boat_mm's model index (boat_mm/utils/metafile.py) find them
 # away from the source tree. MANIFEST.in puts them in the sdist.
 MIM_FILES = ('configs', 'model-index.yml', 'tools')
-# Scripts that set up this checkout's .venv: nothing to run when installed.
-MIM_SKIP = ('setup_env.sh', 'check_min_torch.sh', 'demo.sh')
+# What works on this checkout only: the scripts that set up its .venv, and
+# the demo, which writes its data and runs into the checkout.
+MIM_SKIP = ('setup_env.sh', 'check_min_torch.sh', 'demo.sh', 'run_demo.py')
 
 # Supported torch: from TORCH_MIN, whose torch.library has register_fake
 # and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
