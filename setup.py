@@ -124,30 +124,44 @@ setup(
     name='boat-mm',
     version=get_version(),
     description='BOAT (Bilateral Local Attention Vision Transformer) '
-    'backbones for MMEngine, mmpretrain and mmsegmentation',
+    'backbones for MMEngine, mmpretrain, mmsegmentation and mmdetection',
     long_description=long_description,
     long_description_content_type='text/markdown',
     keywords='computer vision, vision transformer, semantic segmentation, '
-    'image classification, openmmlab',
+    'image classification, object detection, openmmlab',
     packages=find_packages(
         exclude=('configs', 'tools', 'tests', 'benchmarks', 'docs')),
     include_package_data=True,
+    # The code's syntax and standard library (tests/test_packaging.py)
+    # and torch 2.4.1's wheels; the pinned stack runs on 3.11.
     python_requires='>=3.8',
     classifiers=[
         'Development Status :: 4 - Beta',
+        'Intended Audience :: Science/Research',
         'License :: OSI Approved :: Apache Software License',
-        'Operating System :: OS Independent',
+        'Operating System :: POSIX :: Linux',
+        'Programming Language :: C++',
         'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.11',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
+        'Topic :: Scientific/Engineering :: Image Recognition',
     ],
     license='Apache License 2.0',
+    license_files=['LICENSE'],
+    # mmcv is not here: it must be built with its ops, which MIM's wheels
+    # are (the `mim` extra, as mmpretrain, mmseg and mmdet do).
     install_requires=[f'torch>={TORCH_MIN}'] +
     parse_requirements('requirements/runtime.txt'),
     extras_require={
-        'all': parse_requirements('requirements.txt'),
-        'tests': parse_requirements('requirements/tests.txt'),
-        'optional': parse_requirements('requirements/optional.txt'),
+        # One task's library: a user with mmpretrain alone runs the
+        # classification configs and tools, and so on.
+        'cls': parse_requirements('requirements/cls.txt'),
+        'seg': parse_requirements('requirements/seg.txt'),
+        'det': parse_requirements('requirements/det.txt'),
         'mim': parse_requirements('requirements/mminstall.txt'),
+        'optional': parse_requirements('requirements/optional.txt'),
+        'tests': parse_requirements('requirements/tests.txt'),
+        'all': parse_requirements('requirements.txt'),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,10 +8,12 @@ of a minute and a half); their sources still travel, for the digest check
 of ``boat_mm/ops/_library.py``. The kernels' build itself is what
 ``tools/setup_env.sh`` does for every test run.
 """
+import ast
 import glob
 import importlib.util
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -80,11 +82,13 @@ def dists(tmp_path_factory) -> dict:
         wheel_names = whl.namelist()
         whl.extractall(site)
     top = osp.basename(unpacked) + '/'
+    (metadata, ) = [n for n in wheel_names if n.endswith('/METADATA')]
     return dict(
         sdist={n[len(top):]
                for n in sdist_names if n.startswith(top)},
         wheel=set(wheel_names),
-        site=str(site))
+        site=str(site),
+        metadata=(site / metadata).read_text(encoding='utf-8'))
 
 
 def test_sdist_holds_what_its_build_reads(dists):
@@ -178,3 +182,100 @@ def test_model_index_imports_every_metafile():
         osp.relpath(p, REPO)
         for p in glob.glob(osp.join(REPO, 'configs', '*', 'metafile.yml')))
     assert sorted(metafile_paths(REPO)) == on_disk
+
+
+def _requires(metadata: str) -> dict:
+    """``{extra or '': {distribution: requirement}}`` of a METADATA."""
+    found = {}
+    for line in metadata.splitlines():
+        if line.startswith('Requires-Dist: '):
+            req, _, marker = line[len('Requires-Dist: '):].partition(';')
+            extra = re.search(r'extra == "([^"]+)"', marker)
+            name = re.match(r'[A-Za-z0-9_.-]+', req).group(0).lower()
+            found.setdefault(extra.group(1) if extra else '',
+                             {})[name] = req.strip()
+    return found
+
+
+def test_metadata_installs_one_task_without_the_others(dists):
+    requires = _requires(dists['metadata'])
+    # import boat_mm: torch and mmengine (mmcv comes with MIM's wheels).
+    assert {'torch', 'mmengine', 'numpy'} <= set(requires[''])
+    libraries = {'cls': 'mmpretrain', 'seg': 'mmsegmentation', 'det': 'mmdet'}
+    for extra, library in libraries.items():
+        others = set(libraries.values()) - {library}
+        assert library in requires[extra]
+        assert not others & set(requires[extra]), extra
+    # mmseg's tokenizer needs these; a classification user does not.
+    assert {'ftfy', 'regex'} <= set(requires['seg'])
+    assert not {'ftfy', 'regex'} & (set(requires['']) | set(requires['cls']))
+    assert set(libraries.values()) | {'mmcv'} <= set(requires['mim'])
+    # Ranges, not the pins of constraints.txt: an extra does not replace
+    # the user's OpenMMLab stack by our versions.
+    for extra in ('', 'cls', 'seg', 'det', 'mim'):
+        assert not [r for r in requires[extra].values() if '==' in r], extra
+    assert 'License-File: LICENSE' in dists['metadata']
+    assert [
+        n for n in dists['wheel']
+        if n.endswith('.dist-info/LICENSE') or n.endswith('/licenses/LICENSE')
+    ]
+
+
+def _python_requires() -> tuple:
+    """The minimum of ``python_requires`` in setup.py, as ``(3, minor)``."""
+    with open(osp.join(REPO, 'setup.py'), encoding='utf-8') as f:
+        found = re.search(r"python_requires='>=3\.(\d+)'", f.read())
+    return 3, int(found.group(1))
+
+
+def _runtime_annotations(tree: ast.AST):
+    """The annotations of function arguments and returns, and of
+    module- and class-level variables: evaluated when the code runs
+    (unless ``from __future__ import annotations``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for arg in (args.posonlyargs + args.args + args.kwonlyargs +
+                        [args.vararg, args.kwarg]):
+                if arg is not None and arg.annotation is not None:
+                    yield arg.annotation
+            if node.returns is not None:
+                yield node.returns
+        elif isinstance(node, (ast.Module, ast.ClassDef)):
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign):
+                    yield stmt.annotation
+
+
+def test_shipped_code_runs_on_the_oldest_python_it_claims():
+    """The syntax of python_requires' minimum, and no annotation that
+    needs a newer Python where it is evaluated: ``X | Y`` (3.10) or
+    ``list[int]`` (3.9)."""
+    version = _python_requires()
+    builtin_generics = {'list', 'dict', 'tuple', 'set', 'frozenset', 'type'}
+    problems = []
+    files = [osp.join(REPO, 'setup.py')] + [
+        f for folder in ('boat_mm', 'tools', 'configs') for f in glob.glob(
+            osp.join(REPO, folder, '**', '*.py'), recursive=True)
+    ]
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        where = osp.relpath(path, REPO)
+        try:
+            tree = ast.parse(source, path, feature_version=version)
+        except SyntaxError as err:
+            problems.append(f'{where}:{err.lineno}: {err.msg}')
+            continue
+        if 'from __future__ import annotations' in source:
+            continue
+        for ann in _runtime_annotations(tree):
+            for node in ast.walk(ann):
+                if (isinstance(node, ast.BinOp)
+                        and isinstance(node.op, ast.BitOr)) or (
+                            isinstance(node, ast.Subscript)
+                            and isinstance(node.value, ast.Name)
+                            and node.value.id in builtin_generics):
+                    problems.append(f'{where}:{node.lineno}: '
+                                    f'{ast.unparse(ann)}')
+    assert len(files) > 50 and not problems, problems
