@@ -151,6 +151,19 @@ def test_installed_package_finds_its_model_index(dists, tmp_path, monkeypatch):
         assert osp.isfile(osp.join(root, model.config)), model.config
 
 
+def test_mim_reads_the_installed_model_index(dists):
+    """``modelindex``, the reader of MIM (and of mmpretrain's hub), loads
+    the installed index: every model, with its config in the package."""
+    load = pytest.importorskip('modelindex.load_model_index').load
+    from boat_mm.utils import metafile
+    root = osp.join(dists['site'], 'boat_mm', '.mim')
+    index = load(osp.join(root, 'model-index.yml'))
+    assert [(m.name, m.config) for m in index.models
+            ] == [(m.name, m.config) for m in metafile.load_models(REPO)]
+    for model in index.models:
+        assert osp.isfile(osp.join(root, model.config)), model.config
+
+
 def test_model_index_follows_the_installed_root(dists, monkeypatch):
     """mmpretrain's hub gets the installed package's config paths."""
     from boat_mm import model_index
