@@ -125,6 +125,15 @@ def test_wheel_holds_the_package_and_mim_folder(dists):
     assert mim <= wheel, sorted(mim - wheel)
     assert not {'boat_mm/.mim/' + n for n in checkout_only} & wheel
     assert not [n for n in wheel if '__pycache__' in n or 'tests/' in n]
+    # The C++ sources as the digest that boat_mm._C is checked against
+    # hashes them (boat_mm/ops/_sources.py: every file of csrc/).
+    csrc = 'boat_mm/ops/csrc'
+    hashed = {
+        f'{csrc}/{n}'
+        for n in os.listdir(osp.join(REPO, csrc))
+        if osp.isfile(osp.join(REPO, csrc, n))
+    }
+    assert {n for n in wheel if n.startswith(csrc + '/')} == hashed
 
 
 def _load_metafile_module(site: str):
