@@ -139,3 +139,34 @@ def test_relative_config_from_elsewhere_names_the_shipped_one(
         cli.load_config('mine.py')
     assert f"boat-mm's configs are in {osp.join(REPO, 'configs')}" in str(
         err.value)
+
+
+def test_data_hint_runs_from_the_working_directory(tmp_path, monkeypatch):
+    """The commands of the missing-data hint: boat-mm's tools and configs
+    by absolute path away from the checkout, data paths relative."""
+    from boat_tools import config
+    from mmengine.config import Config
+    cfg = Config(
+        dict(
+            default_scope='mmseg',
+            train_dataloader=dict(dataset=dict(data_root='data/none'))))
+
+    def message() -> str:
+        with pytest.raises(FileNotFoundError) as err:
+            config.check_data_roots(cfg)
+        return str(err.value)
+
+    monkeypatch.chdir(REPO)
+    assert ('`make demo` generates' in message()
+            and '`python tools/dataset_converters/gen_synthetic_data.py '
+            'ade20k data/ade_synthetic`' in message())
+    monkeypatch.chdir(tmp_path)
+    assert (f'`make demo` (in {REPO}) generates' in message()
+            and f'`python {REPO}/tools/dataset_converters/gen_synthetic_'
+            'data.py ade20k data/ade_synthetic`' in message()
+            and f'trains {REPO}/configs/demo/' in message())
+    # An installed package (boat_mm/.mim): no Makefile, so no make demo.
+    monkeypatch.setattr(config, 'ROOT', str(tmp_path / '.mim'))
+    assert ('Without it, generate a small synthetic ADE20K-like dataset '
+            f'with `python {tmp_path}/.mim/tools/dataset_converters/'
+            in message() and 'make' not in message())
