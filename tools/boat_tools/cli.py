@@ -33,6 +33,10 @@ __all__ = [
     'check_scope_installed', 'tool_main', 'user_error_types'
 ]
 
+#: The folder holding ``tools/`` and ``configs/``: the checkout, or
+#: ``boat_mm/.mim`` of an installed package.
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
 
 class UsageError(ValueError):
     """A mistake in a tool's command line; reported as one line."""
@@ -251,10 +255,9 @@ def check_scope_installed(cfg: 'Config', path: str) -> None:
 def _config_fix(path: str) -> str:
     """What to pass instead of a config file that is not there.
 
-    boat-mm's configs are where :func:`boat_mm.utils.metafile.find_root`
-    finds them (the checkout, or ``boat_mm/.mim`` of an installed package),
-    while a relative path is taken from the working directory: name the
-    shipped config that a relative path means, if there is one.
+    boat-mm's configs are beside its tools, in :data:`ROOT`, while a
+    relative path is taken from the working directory: name the shipped
+    config that a relative path means, if there is one.
 
     Args:
         path (str): The config path given.
@@ -262,9 +265,8 @@ def _config_fix(path: str) -> str:
     Returns:
         str: The fix, with absolute paths of boat-mm's configs.
     """
-    from boat_mm.utils.metafile import find_root
-    configs = osp.join(find_root(), 'configs')
-    shipped = osp.join(osp.dirname(configs), path)
+    configs = osp.join(ROOT, 'configs')
+    shipped = osp.join(ROOT, path)
     # (In the root itself, the given path would have been found.)
     if not osp.isabs(path) and osp.isfile(shipped):
         return f'boat-mm\'s config of that name is {shipped}'

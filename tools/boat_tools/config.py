@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .cli import ROOT
+
 if TYPE_CHECKING:  # imported when used: building a runner imports a lot
     from mmengine.runner import Runner
 
@@ -70,9 +72,6 @@ _HINTS = {
      'mask heads (the command is in configs/boat_cswin/README.md).'),
 }
 
-#: The folder holding tools/ and configs/: the checkout, or boat_mm/.mim
-#: of an installed package.
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 _MAKE_DEMO = ('`make demo` generates a small synthetic ADE20K-like dataset '
               'and trains configs/demo/boat-cswin-tiny_upernet_demo.py on '
               'it, or generate one yourself')
