@@ -4,11 +4,22 @@ import os
 import os.path as osp
 import re
 import runpy
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
+
+# What an installed boat_mm carries in boat_mm/.mim, as mmpretrain, mmseg
+# and mmdet carry theirs: the configs, the model index and the tools, so
+# that MIM and boat_mm's model index (boat_mm/utils/metafile.py) find them
+# away from the source tree. MANIFEST.in puts them in the sdist.
+MIM_FILES = ('configs', 'model-index.yml', 'tools')
+# What works on this checkout only: the scripts that set up its .venv, and
+# the demo, which writes its data and runs into the checkout.
+MIM_SKIP = ('setup_env.sh', 'check_min_torch.sh', 'demo.sh', 'run_demo.py')
 
 # Supported torch: from TORCH_MIN, whose torch.library has register_fake
 # and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
@@ -59,6 +70,30 @@ def get_extensions() -> tuple:
     return [ext], {'build_ext': BuildExtension}
 
 
+class BuildPyWithMim(build_py):
+    """``build_py`` that also copies :data:`MIM_FILES` into
+    ``boat_mm/.mim`` of the build (wheels, ``pip install .``).
+
+    An editable install needs no copy: boat_mm finds them in the checkout.
+    """
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = osp.join(self.build_lib, 'boat_mm', '.mim')
+        skip = shutil.ignore_patterns('__pycache__', '*.pyc', *MIM_SKIP)
+        for name in MIM_FILES:
+            src, dst = osp.join(HERE, name), osp.join(mim, name)
+            if osp.isdir(dst):
+                shutil.rmtree(dst)  # no stale files of an earlier build
+            if osp.isdir(src):
+                shutil.copytree(src, dst, ignore=skip)
+            else:
+                os.makedirs(mim, exist_ok=True)
+                shutil.copy2(src, dst)
+
+
 def get_version() -> str:
     with open(osp.join(HERE, 'boat_mm', 'version.py')) as f:
         return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
@@ -83,35 +118,50 @@ def parse_requirements(fname: str) -> list:
 with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
     long_description = f.read()
 ext_modules, cmdclass = get_extensions()
+cmdclass['build_py'] = BuildPyWithMim
 
 setup(
     name='boat-mm',
     version=get_version(),
     description='BOAT (Bilateral Local Attention Vision Transformer) '
-    'backbones for MMEngine, mmpretrain and mmsegmentation',
+    'backbones for MMEngine, mmpretrain, mmsegmentation and mmdetection',
     long_description=long_description,
     long_description_content_type='text/markdown',
     keywords='computer vision, vision transformer, semantic segmentation, '
-    'image classification, openmmlab',
+    'image classification, object detection, openmmlab',
     packages=find_packages(
         exclude=('configs', 'tools', 'tests', 'benchmarks', 'docs')),
     include_package_data=True,
+    # The code's syntax and standard library (tests/test_packaging.py)
+    # and torch 2.4.1's wheels; the pinned stack runs on 3.11.
     python_requires='>=3.8',
     classifiers=[
         'Development Status :: 4 - Beta',
+        'Intended Audience :: Science/Research',
         'License :: OSI Approved :: Apache Software License',
-        'Operating System :: OS Independent',
+        'Operating System :: POSIX :: Linux',
+        'Programming Language :: C++',
         'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.11',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
+        'Topic :: Scientific/Engineering :: Image Recognition',
     ],
     license='Apache License 2.0',
+    license_files=['LICENSE'],
+    # mmcv is not here: it must be built with its ops, which MIM's wheels
+    # are (the `mim` extra, as mmpretrain, mmseg and mmdet do).
     install_requires=[f'torch>={TORCH_MIN}'] +
     parse_requirements('requirements/runtime.txt'),
     extras_require={
-        'all': parse_requirements('requirements.txt'),
-        'tests': parse_requirements('requirements/tests.txt'),
-        'optional': parse_requirements('requirements/optional.txt'),
+        # One task's library: a user with mmpretrain alone runs the
+        # classification configs and tools, and so on.
+        'cls': parse_requirements('requirements/cls.txt'),
+        'seg': parse_requirements('requirements/seg.txt'),
+        'det': parse_requirements('requirements/det.txt'),
         'mim': parse_requirements('requirements/mminstall.txt'),
+        'optional': parse_requirements('requirements/optional.txt'),
+        'tests': parse_requirements('requirements/tests.txt'),
+        'all': parse_requirements('requirements.txt'),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

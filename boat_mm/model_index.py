@@ -25,19 +25,19 @@ registry, so the segmentors and detectors of the metafiles stay out. mmseg
 1.x and mmdet 3.x have no such hub (their inferencers read only their own
 package's model index), so our segmentors are used by config path.
 
-The configs live in the source tree (``configs/``, next to ``boat_mm/``):
-an install without them registers nothing.
+The configs and ``model-index.yml`` are those of the source checkout
+(``configs/`` next to ``boat_mm/``, also for ``pip install -e .``) or, for
+a package installed from a wheel or an sdist, of ``boat_mm/.mim/`` (see
+:func:`boat_mm.utils.metafile.find_root`); the working directory plays no
+part. An install without them registers nothing.
 """
 import os
 import os.path as osp
 import tempfile
 from typing import Any, Dict, List, NoReturn, Optional
 
-__all__ = ['register_model_index', 'classifier_models', 'METAFILES']
+__all__ = ['register_model_index', 'classifier_models']
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-METAFILES = ('configs/boat_swin/metafile.yml',
-             'configs/boat_cswin/metafile.yml')
 # mmpretrain's naming: a classifier's name ends with its dataset.
 _CLASSIFIER_SUFFIX = '_in1k'
 
@@ -85,24 +85,28 @@ def classifier_models() -> dict:
         paths absolute.
 
     Raises:
-        FileNotFoundError: ``configs/`` is not next to ``boat_mm/``.
+        FileNotFoundError: Neither the source checkout nor
+            ``boat_mm/.mim`` holds ``model-index.yml`` or a metafile it
+            imports.
     """
     import yaml
+
+    from .utils.metafile import find_root, metafile_paths
+    root = find_root()
     index = {'Collections': [], 'Models': []}
-    for rel in METAFILES:
-        path = osp.join(REPO_ROOT, rel)
+    for rel in metafile_paths(root):
+        path = osp.join(root, rel)
         if not osp.isfile(path):
             raise FileNotFoundError(
-                f'{path} not found: the model index needs boat-mm\'s '
-                f'configs/ folder (a source checkout installed with '
-                f'`pip install -e .`).')
+                f'{path} not found: {root}/model-index.yml lists it; '
+                f'reinstall boat_mm from a complete checkout.')
         with open(path, encoding='utf-8') as f:
             meta = yaml.safe_load(f)
         index['Collections'] += meta.get('Collections', [])
         for model in meta.get('Models', []):
             if model['Name'].endswith(_CLASSIFIER_SUFFIX):
                 model = dict(model)
-                model['Config'] = osp.join(REPO_ROOT, model['Config'])
+                model['Config'] = osp.join(root, model['Config'])
                 index['Models'].append(model)
     return index
 
@@ -117,6 +121,8 @@ def register_model_index() -> List[str]:
     import yaml
     from mmengine.runner import CheckpointLoader
     from mmpretrain.apis.model import ModelHub
+
+    from .utils.metafile import find_root
     if _registered:
         return list(_registered)
     index = classifier_models()
@@ -135,7 +141,8 @@ def register_model_index() -> List[str]:
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             yaml.safe_dump(index, f, sort_keys=False)
-        ModelHub.register_model_index(path, config_prefix=REPO_ROOT)
+        # The configs' paths are absolute (classifier_models).
+        ModelHub.register_model_index(path, config_prefix=find_root())
     finally:
         os.remove(path)
     _registered.extend(names)

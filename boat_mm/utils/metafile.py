@@ -1,15 +1,75 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """The models of ``configs/*/metafile.yml`` (OpenMMLab's metafile format):
-the one home of their params, FLOPs and published numbers."""
-import glob
+the one home of their params, FLOPs and published numbers.
+
+``model-index.yml`` lists the metafiles (``Import``), as in mmpretrain,
+mmseg and mmdet. Both it and ``configs/`` are found in the source
+checkout (``configs/`` next to ``boat_mm/``, also for ``pip install -e
+.``), or, for a package installed from a wheel or an sdist, in
+``boat_mm/.mim/``, where ``setup.py`` copies them (OpenMMLab's layout
+for installed packages, which MIM reads).
+"""
 import os.path as osp
 from typing import Dict, List, NamedTuple, Optional
 
 import yaml
 
-__all__ = ['REPO_ROOT', 'ModelInfo', 'load_models', 'published_complexity']
+__all__ = [
+    'REPO_ROOT', 'find_root', 'metafile_paths', 'ModelInfo', 'load_models',
+    'published_complexity'
+]
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+_PACKAGE_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: The source checkout's root, if boat_mm runs from one.
+CHECKOUT_ROOT = osp.dirname(_PACKAGE_DIR)
+#: Where an installed package keeps its configs and model index.
+MIM_ROOT = osp.join(_PACKAGE_DIR, '.mim')
+INDEX_FILE = 'model-index.yml'
+
+
+def find_root() -> str:
+    """The folder that holds ``model-index.yml`` and ``configs/``.
+
+    Returns:
+        str: ``boat_mm/.mim`` of an installed package, else the source
+        checkout's root; the checkout's root (where the files are missing)
+        when neither holds them.
+    """
+    # .mim first: site-packages, the parent of an installed boat_mm, may
+    # hold other packages' files but never ours.
+    for root in (MIM_ROOT, CHECKOUT_ROOT):
+        if osp.isfile(osp.join(root, INDEX_FILE)):
+            return root
+    return CHECKOUT_ROOT
+
+
+#: The root that the metafiles' ``Config`` paths are relative to.
+REPO_ROOT = find_root()
+
+
+def metafile_paths(root: Optional[str] = None) -> List[str]:
+    """The metafiles that ``root/model-index.yml`` imports.
+
+    Args:
+        root (str, optional): The folder holding ``model-index.yml``.
+            Defaults to :func:`find_root`.
+
+    Returns:
+        list[str]: Their paths, relative to ``root``, in index order.
+
+    Raises:
+        FileNotFoundError: ``root`` has no ``model-index.yml``.
+    """
+    root = find_root() if root is None else root
+    path = osp.join(root, INDEX_FILE)
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'{path} not found: boat_mm is installed without its configs '
+            f'and model index. Install it from a source checkout '
+            f'(`pip install -e .`) or from a wheel or sdist built by its '
+            f'setup.py, which puts them in boat_mm/.mim/.')
+    with open(path, encoding='utf-8') as f:
+        return list(yaml.safe_load(f)['Import'])
 
 
 class ModelInfo(NamedTuple):
@@ -17,7 +77,7 @@ class ModelInfo(NamedTuple):
 
     Attributes:
         name (str): ``Name``.
-        config (str): ``Config``, relative to the repository root.
+        config (str): ``Config``, relative to :data:`REPO_ROOT`.
         params (int): ``Metadata.Parameters``: of the boat-mm model.
         flops (int): ``Metadata.FLOPs``: as the metafile's header says
             (``get_flops.py``'s multiply-adds, or for detectors its FLOPs
@@ -39,19 +99,24 @@ class ModelInfo(NamedTuple):
     published_weights: Optional[str]
 
 
-def load_models(root: str = REPO_ROOT) -> List[ModelInfo]:
-    """Every model of ``root/configs/*/metafile.yml``, in file order.
+def load_models(root: Optional[str] = None) -> List[ModelInfo]:
+    """Every model of the metafiles of ``root/model-index.yml``, in index
+    and file order.
 
     Args:
-        root (str): The repository root.
+        root (str, optional): The folder holding ``model-index.yml``.
+            Defaults to :func:`find_root`.
 
     Returns:
         list[ModelInfo]: The models.
+
+    Raises:
+        FileNotFoundError: ``root`` has no ``model-index.yml``.
     """
+    root = find_root() if root is None else root
     models = []
-    for path in sorted(
-            glob.glob(osp.join(root, 'configs', '*', 'metafile.yml'))):
-        with open(path) as f:
+    for rel in metafile_paths(root):
+        with open(osp.join(root, rel), encoding='utf-8') as f:
             meta = yaml.safe_load(f)
         for model in meta['Models']:
             source = model.get('Converted From', {})
@@ -69,12 +134,13 @@ def load_models(root: str = REPO_ROOT) -> List[ModelInfo]:
     return models
 
 
-def published_complexity(root: str = REPO_ROOT) -> Dict[str, ModelInfo]:
+def published_complexity(root: Optional[str] = None) -> Dict[str, ModelInfo]:
     """The models with published params and FLOPs (the ImageNet
     classifiers of converted weights), by config path.
 
     Args:
-        root (str): The repository root.
+        root (str, optional): The folder holding ``model-index.yml``.
+            Defaults to :func:`find_root`.
 
     Returns:
         dict[str, ModelInfo]: ``{config relative to root: model}``.

@@ -31,11 +31,14 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
-    'tool_main', 'user_error_types'
+    'check_scope_installed', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
 CONFIG_EXTENSIONS = ('.py', '.json', '.yaml', '.yml')
+#: The folder holding ``tools/`` and ``configs/``: the checkout, or
+#: ``boat_mm/.mim`` of an installed package.
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 class UsageError(ValueError):
@@ -193,16 +196,90 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         mmengine.config.Config: The config.
     """
     from mmengine.config import Config
-    check_file(
-        path, 'config file', 'pass an mmpretrain, mmseg or mmdet config, e.g. '
-        'configs/boat_upernet_ade20k.py')
+    check_file(path, 'config file', _config_fix(path))
     if osp.splitext(path)[1] not in CONFIG_EXTENSIONS:
         raise UsageError(
             f'config file {path!r} is not one MMEngine reads (.py, .json, '
             f'.yaml, .yml); pass an mmpretrain, mmseg or mmdet config')
     cfg = Config.fromfile(path)
     merge_cfg_options(cfg, cfg_options)
+    check_scope_installed(cfg, path)
     return cfg
+
+
+#: The library of each task's ``default_scope``: its pip name, and the
+#: extra of boat-mm's setup.py that installs it.
+SCOPE_LIBRARIES = {
+    'mmpretrain': ('mmpretrain', 'cls'),
+    'mmseg': ('mmsegmentation', 'seg'),
+    'mmdet': ('mmdet', 'det'),
+}
+# Modules whose pip name is not their import name.
+_PIP_NAMES = {'cv2': 'opencv-python', 'PIL': 'pillow', 'yaml': 'pyyaml'}
+
+
+def check_scope_installed(cfg: 'Config', path: str) -> None:
+    """Raise a one-line :class:`UsageError` naming what to install unless
+    the library of the config's ``default_scope`` imports.
+
+    A partial stack (say mmpretrain and mmseg without mmdet) runs the
+    configs of the libraries it has; this names the missing one (or the
+    missing dependency of an installed one, e.g. mmseg's ``ftfy``, or
+    mmcv's compiled ops) before anything is built.
+
+    Args:
+        cfg (mmengine.config.Config): The config.
+        path (str): Its file, for the message.
+    """
+    import importlib
+    scope = cfg.get('default_scope')
+    if scope not in SCOPE_LIBRARIES:
+        return
+    package, extra = SCOPE_LIBRARIES[scope]
+    try:
+        # The models package: where a missing dependency of an installed
+        # library shows (mmseg's tokenizer needs ftfy, mmdet mmcv's ops).
+        importlib.import_module(f'{scope}.models')
+    except ModuleNotFoundError as err:
+        missing = (err.name or '').split('.')[0]
+        if missing == scope:
+            fix = (f'install {package} (`pip install "boat-mm[{extra}]"` '
+                   f'or `mim install {package}`)')
+        elif err.name == 'mmcv._ext':
+            fix = ('install mmcv built with its ops (`mim install mmcv`, '
+                   'or `pip install mmcv` with a C++ compiler and torch '
+                   'installed: it compiles them), not mmcv-lite')
+        else:
+            fix = (f'install {_PIP_NAMES.get(missing, missing)}, which '
+                   f'{package} needs (`pip install "boat-mm[{extra}]"` '
+                   f'installs it)')
+        raise UsageError(
+            f'{path} needs {package} (default_scope={scope!r}), but '
+            f'{scope} does not import here (no module named '
+            f'{err.name!r}): {fix}') from err
+
+
+def _config_fix(path: str) -> str:
+    """What to pass instead of a config file that is not there.
+
+    boat-mm's configs are beside its tools, in :data:`ROOT`, while a
+    relative path is taken from the working directory: name the shipped
+    config that a relative path means, if there is one.
+
+    Args:
+        path (str): The config path given.
+
+    Returns:
+        str: The fix, with absolute paths of boat-mm's configs.
+    """
+    configs = osp.join(ROOT, 'configs')
+    shipped = osp.join(ROOT, path)
+    # (In the root itself, the given path would have been found.)
+    if not osp.isabs(path) and osp.isfile(shipped):
+        return f'boat-mm\'s config of that name is {shipped}'
+    example = osp.join(configs, 'boat_upernet_ade20k.py')
+    return (f'pass an mmpretrain, mmseg or mmdet config, e.g. {example} '
+            f'(boat-mm\'s configs are in {configs})')
 
 
 def user_error_types() -> Tuple[type, ...]:

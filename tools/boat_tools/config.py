@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import os.path as osp
+import re
 from collections import Counter
 from typing import (TYPE_CHECKING, Iterator, List, Optional, Sequence, Set,
                     Tuple)
@@ -21,13 +22,15 @@ from typing import (TYPE_CHECKING, Iterator, List, Optional, Sequence, Set,
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .cli import ROOT
+
 if TYPE_CHECKING:  # imported when used: building a runner imports a lot
     from mmengine.runner import Runner
 
 __all__ = [
-    'check_data_roots', 'adapt_cfg_to_device', 'init_cpu_dist', 'close_dist',
-    'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
-    'merge_common_args', 'build_runner'
+    'check_data_roots', 'data_hint', 'adapt_cfg_to_device', 'init_cpu_dist',
+    'close_dist', 'add_cfg_options_arg', 'add_launcher_args',
+    'parse_launcher_args', 'merge_common_args', 'build_runner'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -72,6 +75,37 @@ _HINTS = {
      'metainfo.classes of the datasets and num_classes of the box and '
      'mask heads (the command is in configs/boat_cswin/README.md).'),
 }
+
+_MAKE_DEMO = ('`make demo` generates a small synthetic ADE20K-like dataset '
+              'and trains configs/demo/boat-cswin-tiny_upernet_demo.py on '
+              'it, or generate one yourself')
+
+
+def data_hint(scope: Optional[str]) -> str:
+    """How to get the data of a config's ``default_scope``, its commands
+    runnable from the working directory.
+
+    The data paths stay relative (configs take them from the working
+    directory); boat-mm's tools and configs are named absolutely unless the
+    working directory is :data:`ROOT`, and ``make demo`` only where there
+    is the checkout's Makefile.
+
+    Args:
+        scope (str, optional): ``'mmseg'``, ``'mmpretrain'`` or
+            ``'mmdet'``; another gives ``''``.
+
+    Returns:
+        str: The hint.
+    """
+    hint = _HINTS.get(scope, '')
+    if osp.realpath(os.getcwd()) == osp.realpath(ROOT):
+        return hint
+    if osp.isfile(osp.join(ROOT, 'Makefile')):
+        hint = hint.replace('`make demo`', f'`make demo` (in {ROOT})')
+    else:  # an installed package: no Makefile, no demo script
+        hint = hint.replace(_MAKE_DEMO,
+                            'generate a small synthetic ADE20K-like dataset')
+    return re.sub(r'(?<![\w./-])(tools|configs)/', ROOT + r'/\1/', hint)
 
 
 def add_cfg_options_arg(parser: argparse.ArgumentParser) -> None:
@@ -346,7 +380,7 @@ def check_data_roots(cfg: Config, stages: Sequence[str] = _LOADERS) -> None:
                     continue
                 problem = ('is an empty folder'
                            if osp.isdir(path) else 'does not exist')
-                hint = _HINTS.get(cfg.get('default_scope'), '')
+                hint = data_hint(cfg.get('default_scope'))
                 raise FileNotFoundError(
                     f'{name}.dataset.{key} = {path!r} {problem} (working '
                     f'directory {os.getcwd()!r}). {hint}')
