@@ -21,16 +21,24 @@ MIM_FILES = ('configs', 'model-index.yml', 'tools')
 # the demo, which writes its data and runs into the checkout.
 MIM_SKIP = ('setup_env.sh', 'check_min_torch.sh', 'demo.sh', 'run_demo.py')
 
-# Supported torch: from TORCH_MIN, whose torch.library has register_fake
-# and register_autograd (boat_mm/ops/_library.py; both new in torch 2.4)
-# and opcheck (the op tests), to TORCH_MAX_TESTED, the pinned version the
+
+def _version_field(name: str) -> str:
+    """A string constant of boat_mm/version.py (without importing it)."""
+    with open(osp.join(HERE, 'boat_mm', 'version.py')) as f:
+        return re.search(rf"^{name} = '([^']+)'", f.read(), re.M).group(1)
+
+
+# Supported torch: from TORCH_MIN (boat_mm/version.py, which `import
+# boat_mm` checks), whose torch.library has register_fake and
+# register_autograd (boat_mm/ops/_library.py; both new in torch 2.4) and
+# opcheck (the op tests), to TORCH_MAX_TESTED, the pinned version the
 # project is developed on. tools/check_min_torch.sh builds a separate
 # environment at TORCH_MIN and runs the backbone, op and Triton
 # interpreter tests there. Triton (shipped with torch's CUDA wheels; only
 # FSLA's CUDA kernels use it): TRITON_MIN_TESTED is the oldest whose
 # interpreter runs their tests; torch 2.4.1's Triton 3.0.0 does not (nor
 # 3.1-3.6), and no older Triton was tried compiled on a GPU.
-TORCH_MIN = '2.4.1'
+TORCH_MIN = _version_field('TORCH_MIN')
 TORCH_MAX_TESTED = '2.14.1'
 TRITON_MIN_TESTED = '3.7.1'
 
@@ -94,11 +102,6 @@ class BuildPyWithMim(build_py):
                 shutil.copy2(src, dst)
 
 
-def get_version() -> str:
-    with open(osp.join(HERE, 'boat_mm', 'version.py')) as f:
-        return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
-
-
 def parse_requirements(fname: str) -> list:
     """Read requirement lines, following ``-r`` includes."""
     reqs = []
@@ -122,7 +125,7 @@ cmdclass['build_py'] = BuildPyWithMim
 
 setup(
     name='boat-mm',
-    version=get_version(),
+    version=_version_field('__version__'),
     description='BOAT (Bilateral Local Attention Vision Transformer) '
     'backbones for MMEngine, mmpretrain, mmsegmentation and mmdetection',
     long_description=long_description,

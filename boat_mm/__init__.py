@@ -14,7 +14,7 @@ from . import model_index
 from .model_index import register_model_index
 from .utils import (allow_mmengine_checkpoints, install_checkpoint_hint,
                     when_imported)
-from .version import __version__, version_info
+from .version import __version__, check_dependencies, version_info
 
 allow_mmengine_checkpoints()
 # A published BOAT file loaded as is gets "convert it first" from any
@@ -25,6 +25,9 @@ when_imported('mmengine.runner.checkpoint',
 # (see boat_mm.model_index).
 when_imported('mmpretrain.apis.model', model_index._register_on_import)
 
+# Before the models import mmcv: a missing or unsupported torch, mmengine
+# or mmcv gets an error naming the supported range.
+check_dependencies()
 from . import models, ops, utils  # noqa: E402,F401  (registers)
 
 __all__ = ['__version__', 'version_info', 'register_model_index']

@@ -2,10 +2,13 @@
 """``import boat_mm`` registers the models and loads no other OpenMMLab
 library, plotting, COCO or export stack (checked in a fresh interpreter;
 the import time itself is measured by benchmarks/import_time.py)."""
+import importlib
 import json
 import os.path as osp
 import subprocess
 import sys
+
+import pytest
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # Other OpenMMLab libraries, plotting, COCO tools, export and FLOP counters
@@ -34,3 +37,39 @@ def test_import_is_light_and_registers():
     assert 'boat_mm' in top and 'torch' in top  # the probe ran
     assert not top & set(HEAVY), sorted(top & set(HEAVY))
     assert all(result['registered'])
+
+
+@pytest.mark.parametrize('module, version, problem', [
+    ('torch', '2.3.1', 'torch 2.3.1 is older than 2.4.1'),
+    ('mmengine', '0.10.6', 'mmengine 0.10.6 is older than 0.10.7'),
+    ('mmengine', '1.0.0', 'mmengine 1.0.0 is not below 1.0.0'),
+    ('mmcv', '2.0.1', 'mmcv 2.0.1 is older than 2.1.0'),
+    ('mmcv', '2.2.0', 'mmcv 2.2.0 is not below 2.2.0'),
+])
+def test_unsupported_dependency_is_named(monkeypatch, module, version,
+                                         problem):
+    from boat_mm.version import check_dependencies
+    check_dependencies()  # the installed stack is supported
+    monkeypatch.setattr(
+        importlib.import_module(module), '__version__', version)
+    with pytest.raises(ImportError, match='supports torch>=2.4.1') as err:
+        check_dependencies()
+    assert problem in str(err.value)
+
+
+def test_missing_mmcv_is_named(monkeypatch):
+    from boat_mm.version import check_dependencies
+    monkeypatch.setitem(sys.modules, 'mmcv', None)
+    with pytest.raises(ImportError, match=r'needs mmcv>=2\.1\.0,<2\.2\.0'):
+        check_dependencies()
+
+
+def test_supported_ranges_are_what_pip_is_told():
+    from boat_mm import version
+    lines = set()
+    for name in ('runtime.txt', 'mminstall.txt'):
+        with open(osp.join(REPO, 'requirements', name)) as f:
+            lines |= {line.strip() for line in f}
+    assert (f'mmengine>={version.MMENGINE_MIN},<{version.MMENGINE_MAX}'
+            in lines)
+    assert f'mmcv>={version.MMCV_MIN},<{version.MMCV_MAX}' in lines

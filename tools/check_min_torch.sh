@@ -21,7 +21,7 @@
 #   OMP_NUM_THREADS=1 nice bash tools/check_min_torch.sh
 #
 # Environment:
-#   TORCH_MIN        torch version (default: the lower bound in setup.py)
+#   TORCH_MIN        torch version (default: TORCH_MIN of boat_mm/version.py)
 #   TORCHVISION_MIN  the matching torchvision (default 0.19.1 for 2.4.x)
 #   VENV             virtualenv folder (default: .venv-min-torch)
 #   PYTHON           interpreter that creates it (default: python3.11)
@@ -30,7 +30,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TORCH_MIN="${TORCH_MIN:-$(sed -n "s/^TORCH_MIN = '\(.*\)'.*/\1/p" "$ROOT/setup.py")}"
+TORCH_MIN="${TORCH_MIN:-$(sed -n "s/^TORCH_MIN = '\(.*\)'.*/\1/p" "$ROOT/boat_mm/version.py")}"
 TORCHVISION_MIN="${TORCHVISION_MIN:-0.19.1}"
 VENV="${VENV:-$ROOT/.venv-min-torch}"
 PYTHON="${PYTHON:-python3.11}"
@@ -38,7 +38,7 @@ TESTS="${TESTS:-tests/test_models tests/test_ops}"
 START=$(date +%s)
 log() { printf '[min-torch %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-[ -n "$TORCH_MIN" ] || { echo "no TORCH_MIN in setup.py" >&2; exit 2; }
+[ -n "$TORCH_MIN" ] || { echo "no TORCH_MIN in boat_mm/version.py" >&2; exit 2; }
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"
