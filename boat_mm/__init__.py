@@ -10,11 +10,16 @@ mmpretrain's model hub learns the classifiers' names.
 The generators of synthetic data (:mod:`boat_mm.datasets`) are imported
 where they are used; the tools' own code lives in ``tools/boat_tools``.
 """
-from . import model_index
-from .model_index import register_model_index
-from .utils import (allow_mmengine_checkpoints, install_checkpoint_hint,
-                    when_imported)
 from .version import __version__, check_dependencies, version_info
+
+# First: a missing or unsupported torch, mmengine or mmcv gets an error
+# naming the supported range.
+check_dependencies()
+
+from . import model_index  # noqa: E402
+from .model_index import register_model_index  # noqa: E402
+from .utils import allow_mmengine_checkpoints  # noqa: E402
+from .utils import install_checkpoint_hint, when_imported  # noqa: E402
 
 allow_mmengine_checkpoints()
 # A published BOAT file loaded as is gets "convert it first" from any
@@ -25,9 +30,6 @@ when_imported('mmengine.runner.checkpoint',
 # (see boat_mm.model_index).
 when_imported('mmpretrain.apis.model', model_index._register_on_import)
 
-# Before the models import mmcv: a missing or unsupported torch, mmengine
-# or mmcv gets an error naming the supported range.
-check_dependencies()
 from . import models, ops, utils  # noqa: E402,F401  (registers)
 
 __all__ = ['__version__', 'version_info', 'register_model_index']

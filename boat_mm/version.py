@@ -1,6 +1,4 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-from typing import Optional
-
 __version__ = '0.1.0'
 
 
@@ -42,37 +40,40 @@ def check_dependencies() -> None:
     Raises:
         ImportError: What is missing or too old or new, and what to install.
     """
-    import torch
+    import importlib
+    specs = {
+        'torch': f'torch>={TORCH_MIN}',
+        'mmengine': f'mmengine>={MMENGINE_MIN},<{MMENGINE_MAX}',
+        'mmcv': f'mmcv>={MMCV_MIN},<{MMCV_MAX}',
+    }
+    versions = {}
+    for name, spec in specs.items():
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError as err:
+            how = f'`pip install "{spec}"`'
+            if name == 'mmcv':
+                how = (f'`mim install "{spec}"` (`pip install '
+                       f'"mmcv-lite>={MMCV_MIN},<{MMCV_MAX}"` is enough for '
+                       f'the backbones; mmseg and mmdet need mmcv built with '
+                       f'its ops, see the README\'s Installation)')
+            raise ImportError(f'boat_mm needs {spec} ({err}): install it '
+                              f'with {how}') from err
     from mmengine.utils import digit_version
-
-    def _out_of_range(name: str, version: str, low: str,
-                      high: Optional[str]) -> Optional[str]:
-        if low and digit_version(version) < digit_version(low):
-            return f'{name} {version} is older than {low}'
-        if high and digit_version(version) >= digit_version(high):
-            return f'{name} {version} is not below {high}'
-        return None
-
-    try:
-        import mmcv
-    except ImportError as err:
-        raise ImportError(
-            f'boat_mm needs mmcv>={MMCV_MIN},<{MMCV_MAX} ({err}): install it '
-            f'with `mim install "mmcv>={MMCV_MIN},<{MMCV_MAX}"` (mmcv-lite is '
-            f'enough for the backbones; mmseg and mmdet need mmcv built with '
-            f'its ops, see the README\'s Installation)') from err
-    import mmengine
-    problems = [
-        _out_of_range('torch',
-                      torch.__version__.split('+')[0], TORCH_MIN, None),
-        _out_of_range('mmengine', mmengine.__version__, MMENGINE_MIN,
-                      MMENGINE_MAX),
-        _out_of_range('mmcv', mmcv.__version__, MMCV_MIN, MMCV_MAX),
-    ]
-    problems = [p for p in problems if p]
+    bounds = {
+        'torch': (TORCH_MIN, None),
+        'mmengine': (MMENGINE_MIN, MMENGINE_MAX),
+        'mmcv': (MMCV_MIN, MMCV_MAX),
+    }
+    problems = []
+    for name, (low, high) in bounds.items():
+        version = digit_version(versions[name].split('+')[0])
+        if version < digit_version(low):
+            problems.append(f'{name} {versions[name]} is older than {low}')
+        elif high and version >= digit_version(high):
+            problems.append(f'{name} {versions[name]} is not below {high}')
     if problems:
-        raise ImportError(
-            f'boat_mm {__version__} supports torch>={TORCH_MIN}, '
-            f'mmengine>={MMENGINE_MIN},<{MMENGINE_MAX} and '
-            f'mmcv>={MMCV_MIN},<{MMCV_MAX}, but ' + '; '.join(problems) +
-            ': install versions of that range')
+        raise ImportError(f'boat_mm {__version__} supports ' +
+                          ', '.join(specs.values()) + ', but ' +
+                          '; '.join(problems) +
+                          ': install versions of that range')

@@ -73,3 +73,37 @@ def test_supported_ranges_are_what_pip_is_told():
     assert (f'mmengine>={version.MMENGINE_MIN},<{version.MMENGINE_MAX}'
             in lines)
     assert f'mmcv>={version.MMCV_MIN},<{version.MMCV_MAX}' in lines
+
+
+IMPORT_REFUSED = '''
+import sys
+import mmcv
+mmengine = sys.modules['mmengine']
+sys.modules['mmengine'] = None
+try:
+    import boat_mm
+except ImportError as err:
+    print('missing:', err)
+sys.modules['mmengine'] = mmengine
+mmcv.__version__ = '2.2.0'
+try:
+    import boat_mm
+except ImportError as err:
+    print('too new:', err)
+'''
+
+
+def test_import_refuses_a_missing_or_unsupported_dependency():
+    """``import boat_mm`` itself runs the check, before anything else needs
+    the dependency."""
+    out = subprocess.run([sys.executable, '-c', IMPORT_REFUSED],
+                         check=True,
+                         capture_output=True,
+                         text=True,
+                         cwd=REPO).stdout
+    missing, too_new = out.strip().splitlines()[-2:]
+    assert missing.startswith('missing: boat_mm needs mmengine>=0.10.7,<1.0.0')
+    assert 'pip install "mmengine>=0.10.7,<1.0.0"' in missing
+    assert too_new.startswith('too new: boat_mm 0.1.0 supports')
+    assert too_new.endswith('mmcv 2.2.0 is not below 2.2.0: install versions '
+                            'of that range')

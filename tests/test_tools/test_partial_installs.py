@@ -99,7 +99,8 @@ def test_tools_of_an_installed_task_run_without_the_others(tmp_path):
      ('mmpretrain', 'mmpretrain.models', 'mmpretrain.models',
       'install mmpretrain (`pip install "boat-mm[cls]"`'),
      ('mmseg', None, 'ftfy', 'install ftfy, which mmsegmentation needs'),
-     ('mmdet', None, 'mmcv._ext', 'install mmcv built with its ops'),
+     ('mmdet', None, 'mmcv._ext', 'install mmcv built with its ops (`mim '
+      'install "mmcv>=2.1.0,<2.2.0"`'),
      ('mmseg', None, 'cv2', 'install opencv-python, which mmsegmentation')])
 def test_missing_library_or_dependency_is_named(scope, blocked, missing,
                                                 expected, monkeypatch):

@@ -246,9 +246,12 @@ def check_scope_installed(cfg: 'Config', path: str) -> None:
             fix = (f'install {package} (`pip install "boat-mm[{extra}]"` '
                    f'or `mim install {package}`)')
         elif err.name == 'mmcv._ext':
-            fix = ('install mmcv built with its ops (`mim install mmcv`, '
-                   'or `pip install mmcv` with a C++ compiler and torch '
-                   'installed: it compiles them), not mmcv-lite')
+            from boat_mm import version
+            mmcv = f'mmcv>={version.MMCV_MIN},<{version.MMCV_MAX}'
+            fix = (f'install mmcv built with its ops (`mim install '
+                   f'"{mmcv}"`, or `pip install "{mmcv}"` with a C++ '
+                   f'compiler and torch installed: it compiles them), not '
+                   f'mmcv-lite')
         else:
             fix = (f'install {_PIP_NAMES.get(missing, missing)}, which '
                    f'{package} needs (`pip install "boat-mm[{extra}]"` '
