@@ -30,7 +30,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TORCH_MIN="${TORCH_MIN:-$(sed -n "s/^TORCH_MIN = '\(.*\)'.*/\1/p" "$ROOT/boat_mm/version.py")}"
+VERSION_PY="$ROOT/boat_mm/version.py"
+TORCH_MIN="${TORCH_MIN:-$(sed -n "s/^TORCH_MIN = '\(.*\)'.*/\1/p" "$VERSION_PY")}"
 TORCHVISION_MIN="${TORCHVISION_MIN:-0.19.1}"
 VENV="${VENV:-$ROOT/.venv-min-torch}"
 PYTHON="${PYTHON:-python3.11}"
@@ -38,7 +39,7 @@ TESTS="${TESTS:-tests/test_models tests/test_ops}"
 START=$(date +%s)
 log() { printf '[min-torch %4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-[ -n "$TORCH_MIN" ] || { echo "no TORCH_MIN in boat_mm/version.py" >&2; exit 2; }
+[ -n "$TORCH_MIN" ] || { echo "no TORCH_MIN in $VERSION_PY" >&2; exit 2; }
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"

@@ -282,15 +282,16 @@ def _message(
     layout = family.published
     # A Swin / CSWin file (no FSLA) is named as what it is.
     plain = bool(info) and not info.get('with_fsla', True)
-    name = (f'{layout.plain_name} (no FSLA)'
-            if plain and layout.plain_name else f'published {layout.name}')
+    plain = plain and bool(layout.plain_name)
+    name = layout.plain_name if plain else f'published {layout.name}'
+    no_fsla = 'no FSLA, ' if plain else ''
     if info:
         classes = info.get('num_classes')
-        what = (f'a {name} checkpoint (arch '
+        what = (f'a {name} checkpoint ({no_fsla}arch '
                 f'{info.get("arch") or "custom"}'
                 f'{f", {classes} classes" if classes else ""}, {where})')
     else:
-        what = f'laid out like a {name} checkpoint ({where})'
+        what = f'laid out like a {name} checkpoint ({no_fsla}{where})'
     holds = (f'; it also pickles {", ".join(foreign[:3])}'
              f'{" ..." if len(foreign) > 3 else ""}, which weights-only '
              f'loading refuses' if foreign else '')

@@ -222,5 +222,5 @@ def test_cswin_file_with_training_args_is_named_as_cswin(tmp_path):
         arch=arch, init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(PublishedCheckpointError) as err:
         model.init_weights()
-    assert 'a CSWin (official) (no FSLA) checkpoint' in str(err.value)
+    assert 'a CSWin (official) checkpoint (no FSLA, arch' in str(err.value)
     assert CONVERTER in str(err.value)

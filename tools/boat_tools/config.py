@@ -262,7 +262,11 @@ class ParamwiseOptionsTally(logging.Filter):
 def _tally_paramwise_options(runner: 'Runner') -> None:
     """Make ``runner.build_optim_wrapper`` keep MMEngine's lines per
     parameter (:data:`PARAMWISE_OPTIONS`) off the terminal, in the log file
-    only, and log their :meth:`ParamwiseOptionsTally.summary`."""
+    only, and log their :meth:`ParamwiseOptionsTally.summary`.
+
+    Args:
+        runner (mmengine.runner.Runner): The runner, before training.
+    """
     handlers = runner.logger.handlers
     files = [h for h in handlers if isinstance(h, logging.FileHandler)]
     consoles = [h for h in handlers if h not in files]

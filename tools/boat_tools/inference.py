@@ -15,13 +15,14 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
-from .cli import UsageError, check_checkpoint
+from .cli import SCOPE_LIBRARIES, UsageError, check_checkpoint
 
 __all__ = [
     'SCOPES', 'config_scope', 'build_model', 'build_pipeline', 'token_stride'
 ]
 
-SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
+# The scopes of the task libraries the tools know.
+SCOPES = tuple(SCOPE_LIBRARIES)
 
 
 def config_scope(cfg: Config, tool: str = 'This tool') -> str:

@@ -61,7 +61,14 @@ Family = Type[BaseBOATBackbone]
 def is_safetensors(path: str) -> bool:
     """Whether ``path`` is a safetensors file (the format of timm's weights
     on the Hugging Face hub): an 8-byte little-endian header size, then the
-    JSON header."""
+    JSON header.
+
+    Args:
+        path (str): The file.
+
+    Returns:
+        bool: Whether its first bytes are a safetensors header's.
+    """
     with open(path, 'rb') as f:
         head = f.read(9)
     if len(head) < 9 or head[8:9] != b'{':

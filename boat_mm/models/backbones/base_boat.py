@@ -169,6 +169,19 @@ def _describe_published(state_dict: Mapping) -> str:
     return ''
 
 
+def _is_fsla_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a block's FSLA (``norm_fsla``,
+    ``fsla``; see :class:`BaseBOATBlock`).
+
+    Args:
+        key (str): A state-dict key.
+
+    Returns:
+        bool: Whether it is an FSLA weight or buffer.
+    """
+    return '.fsla.' in key or '.norm_fsla.' in key
+
+
 class BaseBOATBlock(BaseModule):
     """What the blocks of the BOAT backbones share.
 
@@ -750,9 +763,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             own: Mapping[str,
                          Tensor]) -> Tuple[List[str], List[str], List[str]]:
         """The weights of ``own`` that ``state_dict`` holds under
-        ``prefix``: those that load (same shape, or one the family
-        resizes), those of them resized, and those skipped for another
-        shape."""
+        ``prefix``.
+
+        Args:
+            state_dict (Mapping): The checkpoint's weights.
+            prefix (str): The module's prefix in it.
+            own (Mapping[str, Tensor]): The module's own state dict.
+
+        Returns:
+            tuple[list[str], list[str], list[str]]: The keys that load
+            (same shape, or one the family resizes), those of them
+            resized, and those skipped for another shape.
+        """
         fits, resized, skipped = [], [], []
         for key, value in own.items():
             got = state_dict.get(prefix + key)
@@ -769,7 +791,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         return fits, resized, skipped
 
     def _prefix_hint(self, state_dict: Mapping, prefix: str) -> str:
-        """The prefix under which ``state_dict`` fits, as advice, or ''."""
+        """The prefix under which ``state_dict`` fits, as advice.
+
+        Args:
+            state_dict (Mapping): The checkpoint's weights.
+            prefix (str): The prefix that did not fit.
+
+        Returns:
+            str: A sentence naming the prefix that fits, or ''.
+        """
         own = self.state_dict(keep_vars=True)
         for other in ('', 'backbone.'):
             if other == prefix:
@@ -845,8 +875,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self._log_partial_load(own, fits, resized, skipped)
         if not self.with_fsla:
             unused = [
-                k for k in state_dict if k.startswith(prefix) and (
-                    '.fsla.' in k or '.norm_fsla.' in k)
+                k for k in state_dict
+                if k.startswith(prefix) and _is_fsla_key(k)
             ]
             if unused:
                 print_log(
@@ -860,7 +890,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                           resized: List[str], skipped: List[str]) -> None:
         """Say how many weights came from a checkpoint and which are new
         (FSLA from a Swin / CSWin checkpoint, output norms from a
-        classifier's), when some are not in it."""
+        classifier's), when some are not in it.
+
+        Args:
+            own (Mapping[str, Tensor]): The module's own state dict.
+            fits (list[str]): Its keys that loaded.
+            resized (list[str]): Those of them resized.
+            skipped (list[str]): Its keys skipped for another shape.
+        """
         # Derived buffers are computed, never loaded: not counted.
         drop = self.derived_buffers
         weights = [k for k in own if not (drop and k.endswith(drop))]
@@ -870,7 +907,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             return
         got = fitting | set(skipped)
         new = [k for k in weights if k not in got]
-        fsla = [k for k in new if '.fsla.' in k or '.norm_fsla.' in k]
+        fsla = [k for k in new if _is_fsla_key(k)]
         out_norms = {f'norm{i}' for i in self.out_indices}
         norms = [k for k in new if k.split('.')[0] in out_norms]
         named = set(fsla) | set(norms)
