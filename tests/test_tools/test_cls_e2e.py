@@ -424,8 +424,8 @@ def test_publish_ema_checkpoint(trained_cswin, capsys):
     moved_raw = (_ckpt(raw[2])['state_dict'][key] -
                  _ckpt(raw[1])['state_dict'][key]).abs().max()
     assert 0 < moved < 0.01 * moved_raw
-    assert os.path.getsize(pub[2]) < 0.5 * os.path.getsize(
-        osp.join(work_dir, 'epoch_2.pth'))
+    assert os.path.getsize(
+        pub[2]) < 0.5 * os.path.getsize(osp.join(work_dir, 'epoch_2.pth'))
 
     # Publishing again gives the same file; another file under that name
     # is refused.
@@ -436,8 +436,9 @@ def test_publish_ema_checkpoint(trained_cswin, capsys):
     clash = str(out_dir / f'e1-{_sha8(pub[2])}.pth')
     shutil.copy(pub[1], clash)
     with pytest.raises(SystemExit) as exc:
-        tool['main']([osp.join(work_dir, 'epoch_2.pth'),
-                      str(out_dir / 'e1.pth')])
+        tool['main'](
+            [osp.join(work_dir, 'epoch_2.pth'),
+             str(out_dir / 'e1.pth')])
     assert exc.value.code == 2
     assert 'exists and differs' in capsys.readouterr().err
 

@@ -160,10 +160,9 @@ def pick_weights(ckpt: dict, path: str,
 def compact(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``weights`` with every tensor that views a larger storage copied,
     so that torch.save writes no bytes beyond the weights."""
-    out = OrderedDict(
-        (k, v.clone() if isinstance(v, torch.Tensor)
-         and v.untyped_storage().nbytes() > v.nbytes else v)
-        for k, v in weights.items())
+    out = OrderedDict((k, v.clone() if isinstance(v, torch.Tensor)
+                       and v.untyped_storage().nbytes() > v.nbytes else v)
+                      for k, v in weights.items())
     if hasattr(weights, '_metadata'):
         out._metadata = weights._metadata
     return out
