@@ -456,6 +456,8 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_cls_e2e.py::test_publish_ema_checkpoint',
         'tests/test_tools/test_seg_e2e.py::'
         'test_publish_model_of_a_segmentor',
+        'tests/test_tools/test_det_e2e.py::'
+        'test_publish_model_of_a_detector',
     )),
     'tools/model_converters/verify_boat.py':
     Run((
