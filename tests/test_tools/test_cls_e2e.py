@@ -368,6 +368,25 @@ def _pickled_globals(path: str) -> set:
     return found
 
 
+def test_publish_converted_and_bare_files(tmp_path):
+    """publish_model.py keeps what boat2mm.py's meta says (``ema``) and
+    takes a bare state dict, as MMEngine's loaders do."""
+    publish = _publish_tool()['publish']
+    weights = {'w': torch.arange(4.0), 'b': torch.ones(2)}
+    converted = str(tmp_path / 'converted.pth')
+    torch.save(
+        dict(state_dict=weights, meta=dict(ema=True, arch='tiny')), converted)
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(weights, bare)
+    for src, ema in ((converted, True), (bare, False)):
+        out = _ckpt(publish(src, str(tmp_path / 'out' / 'x.pth')))
+        assert set(out) == {'state_dict', 'meta'}
+        assert out['meta']['ema'] is ema
+        assert out['state_dict'].keys() == weights.keys()
+        for k, v in weights.items():
+            assert torch.equal(out['state_dict'][k], v)
+
+
 def test_publish_ema_checkpoint(trained_cswin, capsys):
     """publish_model.py on checkpoints of the BOAT-CSWin recipe (EMAHook):
     the file holds the averaged weights (the trained ones with --no-ema),

@@ -20,8 +20,8 @@ What is dropped and kept, and why:
   ``init_model`` and mmpretrain's ``get_model`` read), the config text
   (``cfg``: the recipe that trained the weights; it also holds the run's
   local paths), seed, epoch / iteration, time and ``mmengine_version``.
-  Added: ``boat_mm_version`` (unless there) and ``ema`` (whether the
-  weights are the exponential moving average).
+  Added: ``boat_mm_version`` and ``ema`` (whether the weights are the
+  exponential moving average), unless there (boat2mm.py writes both).
 * EMA: MMEngine's ``EMAHook`` (the BOAT-CSWin ImageNet recipes) swaps the
   weights before saving, so a checkpoint's ``state_dict`` holds the
   averaged weights and ``ema_state_dict`` the trained ones (``module.``
@@ -188,7 +188,11 @@ def publish(in_file: str, out_file: str, no_ema: bool = False) -> str:
     meta = ckpt.get('meta')
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta.setdefault('boat_mm_version', __version__)
-    meta['ema'] = averaged
+    if isinstance(ckpt.get('ema_state_dict'), dict):
+        meta['ema'] = averaged
+    else:
+        # boat2mm.py's files say whether they hold the published EMA.
+        meta.setdefault('ema', False)
     dropped = [k for k in ckpt if k not in ('state_dict', 'meta')]
     buffer = io.BytesIO()
     # In memory: the hash names the file, and a buffer's archive name is
