@@ -451,6 +451,14 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_boat2mm_url.py::'
         'test_url_is_downloaded_cached_converted',
     )),
+    'tools/model_converters/publish_model.py':
+    Run((
+        'tests/test_tools/test_cls_e2e.py::test_publish_ema_checkpoint',
+        'tests/test_tools/test_seg_e2e.py::'
+        'test_publish_model_of_a_segmentor',
+        'tests/test_tools/test_det_e2e.py::'
+        'test_publish_model_of_a_detector',
+    )),
     'tools/model_converters/verify_boat.py':
     Run((
         'tests/test_tools/test_parity_tools.py::'

@@ -8,10 +8,16 @@ epochs of 9 iterations (warm-up epoch, then cosine, as the recipes).
 Everything is written under ``tmp_path``.
 """
 import glob
+import hashlib
+import os
 import os.path as osp
 import pickle
+import pickletools
 import re
+import runpy
+import shutil
 import sys
+import zipfile
 from typing import List, Optional
 
 import cv2
@@ -25,6 +31,8 @@ from test_seg_e2e import _ckpt
 from test_seg_e2e import _run as run
 from test_seg_e2e import _tool as tool
 from test_seg_e2e import _tool_main
+
+import boat_mm
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -329,3 +337,155 @@ def test_upstream_mmpretrain_train_runs_our_config(tmp_path, imagenet_root):
     assert re.search(r'Epoch\(val\) \[1\]\[6/6\]\s+accuracy/top1', out)
     state = _ckpt(osp.join(work_dir, 'epoch_1.pth'))['state_dict']
     assert any('.fsla.' in k for k in state)
+
+
+def _publish_tool() -> dict:
+    """The globals of tools/model_converters/publish_model.py."""
+    return runpy.run_path(
+        osp.join(REPO, 'tools', 'model_converters', 'publish_model.py'),
+        run_name='boat_tool')
+
+
+def _sha8(path: str) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()[:8]
+
+
+def _pickled_globals(path: str) -> set:
+    """The ``module.name`` of every global the pickle of a torch.save
+    file (zip format) refers to, read without loading it."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith('data.pkl'))
+        data = archive.read(name)
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == 'GLOBAL':
+            found.add(arg.replace(' ', '.'))
+        elif op.name == 'STACK_GLOBAL':
+            found.add('.'.join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def test_publish_converted_and_bare_files(tmp_path):
+    """publish_model.py keeps what boat2mm.py's meta says (``ema``) and
+    takes a bare state dict, as MMEngine's loaders do."""
+    publish = _publish_tool()['publish']
+    weights = {'w': torch.arange(4.0), 'b': torch.ones(2)}
+    converted = str(tmp_path / 'converted.pth')
+    torch.save(
+        dict(state_dict=weights, meta=dict(ema=True, arch='tiny')), converted)
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(weights, bare)
+    for src, ema in ((converted, True), (bare, False)):
+        out = _ckpt(publish(src, str(tmp_path / 'out' / 'x.pth')))
+        assert set(out) == {'state_dict', 'meta'}
+        assert out['meta']['ema'] is ema
+        assert out['state_dict'].keys() == weights.keys()
+        for k, v in weights.items():
+            assert torch.equal(out['state_dict'][k], v)
+
+
+def test_publish_ema_checkpoint(trained_cswin, capsys):
+    """publish_model.py on checkpoints of the BOAT-CSWin recipe (EMAHook):
+    the file holds the averaged weights (the trained ones with --no-ema),
+    the run's meta and nothing of the training state; its name carries its
+    sha256; it loads as our checkpoints load."""
+    tool = _publish_tool()
+    tmp, work_dir = trained_cswin['tmp'], trained_cswin['work_dir']
+    out_dir = tmp / 'published'
+    pub, raw = {}, {}
+    for epoch in (1, 2):
+        src = osp.join(work_dir, f'epoch_{epoch}.pth')
+        pub[epoch] = tool['publish'](src, str(out_dir / f'e{epoch}.pth'))
+        raw[epoch] = tool['main'](
+            [src, str(out_dir / f'e{epoch}_raw.pth'), '--no-ema'])
+        assert raw[epoch] == 0
+        raw[epoch] = glob.glob(str(out_dir / f'e{epoch}_raw-*.pth'))[0]
+    for path in (*pub.values(), *raw.values()):
+        name = osp.basename(path)
+        assert re.fullmatch(r'e\d(_raw)?-[0-9a-f]{8}\.pth', name)
+        assert name[-12:-4] == _sha8(path)
+
+    src = _ckpt(osp.join(work_dir, 'epoch_2.pth'))
+    assert {'optimizer', 'param_schedulers', 'message_hub',
+            'ema_state_dict'} <= set(src)
+    # weights_only=True: only tensors and plain values; no global outside
+    # torch's own allow-list (boat_mm's additions are not needed).
+    out, out_raw = _ckpt(pub[2]), _ckpt(raw[2])
+    assert 'mmengine.logging.history_buffer.HistoryBuffer' in (
+        _pickled_globals(osp.join(work_dir, 'epoch_2.pth')))
+    for path in (pub[2], raw[2]):
+        assert {g.split('.')[0]
+                for g in _pickled_globals(path)} <= {'torch', 'collections'}
+    assert set(out) == set(out_raw) == {'state_dict', 'meta'}
+    assert out['meta']['ema'] is True and out_raw['meta']['ema'] is False
+    for key in ('dataset_meta', 'cfg', 'epoch', 'iter', 'mmengine_version'):
+        assert out['meta'][key] == src['meta'][key]
+    assert out['meta']['boat_mm_version'] == boat_mm.__version__
+    # The trained weights: the `module.` entries of ema_state_dict.
+    trained = {
+        k[len('module.'):]: v
+        for k, v in src['ema_state_dict'].items() if k.startswith('module.')
+    }
+    assert list(out['state_dict']) == list(src['state_dict'])
+    assert set(trained) == set(out_raw['state_dict'])
+    for k, v in out_raw['state_dict'].items():
+        assert torch.equal(v, trained[k]), k
+    for k, v in out['state_dict'].items():
+        assert torch.equal(v, src['state_dict'][k]), k
+    # Which of them is the average: from epoch 1 to 2 the published
+    # weights barely move (momentum 1.6e-4 per step), the trained ones do.
+    key = 'backbone.patch_embed.projection.weight'
+    moved = (_ckpt(pub[2])['state_dict'][key] -
+             _ckpt(pub[1])['state_dict'][key]).abs().max()
+    moved_raw = (_ckpt(raw[2])['state_dict'][key] -
+                 _ckpt(raw[1])['state_dict'][key]).abs().max()
+    assert 0 < moved < 0.01 * moved_raw
+    assert os.path.getsize(
+        pub[2]) < 0.5 * os.path.getsize(osp.join(work_dir, 'epoch_2.pth'))
+
+    # Publishing again gives the same file; another file under that name
+    # is refused.
+    capsys.readouterr()
+    assert tool['publish'](osp.join(work_dir, 'epoch_2.pth'),
+                           str(out_dir / 'e2.pth')) == pub[2]
+    assert 'already this published file' in capsys.readouterr().out
+    clash = str(out_dir / f'e1-{_sha8(pub[2])}.pth')
+    shutil.copy(pub[1], clash)
+    with pytest.raises(SystemExit) as exc:
+        tool['main'](
+            [osp.join(work_dir, 'epoch_2.pth'),
+             str(out_dir / 'e1.pth')])
+    assert exc.value.code == 2
+    assert 'exists and differs' in capsys.readouterr().err
+
+    # Loading: a backbone (init_cfg with prefix) and mmpretrain's get_model.
+    cfg = Config.fromfile(trained_cswin['cfg'])
+    init_default_scope('mmpretrain')
+    backbone = MODELS.build(
+        dict(
+            cfg.model.backbone,
+            init_cfg=dict(
+                type='Pretrained', checkpoint=pub[2], prefix='backbone.')))
+    backbone.init_weights()
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, out['state_dict']['backbone.' + k]), k
+    from mmpretrain import get_model
+    model = get_model(cfg, pretrained=raw[2])
+    assert model._dataset_meta == src['meta']['dataset_meta']
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+    # tools/test.py (in this process) scores the published file as
+    # validation scored the EMA weights of the run (and as it scores the
+    # original checkpoint: test_cswin_ema_checkpoint_and_test).
+    metrics = str(tmp / 'published_metrics.json')
+    _tool_main('test.py')([
+        trained_cswin['cfg'], pub[2], '--out', metrics, '--out-item',
+        'metrics', '--work-dir',
+        str(tmp / 'test_published')
+    ])
+    top1 = mmengine.load(metrics)['accuracy/top1']
+    assert top1 == pytest.approx(trained_cswin['val_top1'], abs=1e-3)

@@ -386,3 +386,21 @@ def test_missing_coco_gives_clear_error(tmp_path, monkeypatch):
     assert 'gen_synthetic_data.py coco' in msg
     # What a full config needs on the generated data besides its paths.
     assert 'metainfo.classes' in msg and 'num_classes' in msg
+
+
+def test_publish_model_of_a_detector(trained, tmp_path):
+    """publish_model.py on a Mask R-CNN checkpoint: the same weights and
+    dataset_meta (COCO-like classes and palette), loadable weights-only,
+    without the training state."""
+    tool = runpy.run_path(
+        osp.join(REPO, 'tools', 'model_converters', 'publish_model.py'),
+        run_name='boat_tool')
+    src = osp.join(trained['work_dir'], 'iter_4.pth')
+    path = tool['publish'](src, str(tmp_path / 'det.pth'))
+    assert re.fullmatch(r'det-[0-9a-f]{8}\.pth', osp.basename(path))
+    pub, ref = _ckpt(path), _ckpt(src)
+    assert 'optimizer' in ref and set(pub) == {'state_dict', 'meta'}
+    assert pub['meta']['dataset_meta'] == ref['meta']['dataset_meta']
+    assert list(pub['state_dict']) == list(ref['state_dict'])
+    for k, v in ref['state_dict'].items():
+        assert torch.equal(pub['state_dict'][k], v), k

@@ -554,3 +554,31 @@ def test_demo_montage_and_chance_level(tmp_path):
     # Ground truth and prediction tiles are painted alike.
     row = picture[28 + 96]
     np.testing.assert_array_equal(row[196:196 + 192], row[392:392 + 192])
+
+
+def test_publish_model_of_a_segmentor(trained, tmp_path, capsys):
+    """publish_model.py on a segmentation checkpoint (no EMA): the same
+    weights, the run's dataset_meta (the class names and palette mmseg's
+    init_model, hence tools/image_demo.py, take from the checkpoint), no
+    training state."""
+    tool = runpy.run_path(
+        osp.join(REPO, 'tools', 'model_converters', 'publish_model.py'),
+        run_name='boat_tool')
+    src = osp.join(trained['work_dir'], 'iter_4.pth')
+    assert tool['main']([src, str(tmp_path / 'seg.pth')]) == 0
+    assert 'trained weights; dropped' in capsys.readouterr().out
+    path, = glob.glob(str(tmp_path / 'seg-*.pth'))
+    pub, ref = _ckpt(path), _ckpt(src)
+    assert set(pub) == {'state_dict', 'meta'} and pub['meta']['ema'] is False
+    assert list(pub['state_dict']) == list(ref['state_dict'])
+    for k, v in ref['state_dict'].items():
+        assert torch.equal(pub['state_dict'][k], v), k
+    assert pub['meta']['dataset_meta'] == ref['meta']['dataset_meta']
+
+    from mmseg.apis import init_model
+    model = init_model(trained['cfg'], path, device='cpu')
+    meta = ref['meta']['dataset_meta']
+    assert model.dataset_meta['classes'] == tuple(meta['classes'])
+    assert np.array_equal(model.dataset_meta['palette'], meta['palette'])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref['state_dict'][k]), k
