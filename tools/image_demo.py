@@ -38,7 +38,9 @@ Examples::
 """
 import argparse
 import copy
+import logging
 import os.path as osp
+import re
 import sys
 import warnings
 from datetime import datetime
@@ -49,7 +51,7 @@ import mmcv
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger, print_log
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 
@@ -217,17 +219,37 @@ def config_dataset_meta(cfg: Config) -> dict:
 # their fallback, which config_dataset_meta replaces.
 _FALLBACK_WARNINGS = (r'dataset_meta or class names are not saved',
                       r'weights is None, use \w+ classes by default')
+# What MMEngine logs for every mmseg and mmdet inferencer: neither package
+# has a "function" registry, so the collate function is MMEngine's
+# pseudo_collate, which is what those inferencers use.
+_SCOPE_LOG = (r'^Failed to search registry with scope "\w+" in the '
+              r'"function" registry tree')
 
 
-def _build(inferencer: type, meta: Optional[dict], *args: Any,
+def _build(inferencer: type, meta: Optional[dict], cfg: Config,
            **kwargs: Any) -> Any:
     """Build an upstream inferencer; without the checkpoint's class
-    names, without its warning about the fallback replaced here."""
-    with warnings.catch_warnings():
-        if meta is None:
-            for message in _FALLBACK_WARNINGS:
-                warnings.filterwarnings('ignore', message=message)
-        return inferencer(*args, **kwargs)
+    names, without its warning about the fallback replaced here; without
+    MMEngine's message on the missing "function" registry."""
+    cfg = copy.deepcopy(cfg)
+    if 'visualizer' in cfg:
+        # main writes the drawing: no storage backend (the configs' local
+        # one, without a save_dir, is dropped with a warning).
+        cfg.visualizer.vis_backends = None
+    logger = MMLogger.get_current_instance()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return re.search(_SCOPE_LOG, record.getMessage()) is None
+
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            if meta is None:
+                for message in _FALLBACK_WARNINGS:
+                    warnings.filterwarnings('ignore', message=message)
+            return inferencer(cfg, **kwargs)
+    finally:
+        logger.removeFilter(keep)
 
 
 def _class_name(classes: Optional[Sequence[str]], label: int) -> str:
