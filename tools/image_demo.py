@@ -38,18 +38,20 @@ Examples::
 """
 import argparse
 import copy
+import logging
 import os.path as osp
+import re
 import sys
 import warnings
 from datetime import datetime
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import cv2
 import mmcv
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger, print_log
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 
@@ -139,11 +141,36 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not cv2.haveImageWriter(args.out_file):
         raise UsageError(f'--out-file {args.out_file!r}: no image format '
                          f'for that name; end it with .png or .jpg')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UsageError(f'--device {args.device}: no CUDA device is '
-                         f'visible; use --device cpu')
+    check_device(args.device)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+
+
+def check_device(device: str) -> None:
+    """Check that ``device`` names a device torch has here (``cpu``,
+    ``cuda``, ``cuda:N``, ...), before a model is built on it.
+
+    Args:
+        device (str): The ``--device`` argument.
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f'--device {device!r} is not a torch device; use '
+                         f'cpu, cuda or cuda:N') from None
+    if dev.type == 'cpu':
+        return
+    # torch.cuda, torch.mps, torch.xpu, ... each say whether they have one.
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, 'is_available', None)
+    if available is None or not available():
+        raise UsageError(f'--device {device}: no {dev.type.upper()} device '
+                         f'is visible; use --device cpu')
+    count = getattr(backend, 'device_count', lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise UsageError(f'--device {device}: {count} {dev.type.upper()} '
+                         f'device(s) visible, numbered from 0; use '
+                         f'--device {dev.type}:0')
 
 
 def checkpoint_dataset_meta(checkpoint: Optional[str]) -> Optional[dict]:
@@ -192,17 +219,45 @@ def config_dataset_meta(cfg: Config) -> dict:
 # their fallback, which config_dataset_meta replaces.
 _FALLBACK_WARNINGS = (r'dataset_meta or class names are not saved',
                       r'weights is None, use \w+ classes by default')
+# What MMEngine logs for every mmseg and mmdet inferencer: neither package
+# has a "function" registry, so the collate function is MMEngine's
+# pseudo_collate, which is what those inferencers use.
+_SCOPE_LOG = (r'^Failed to search registry with scope "\w+" in the '
+              r'"function" registry tree')
 
 
-def _build(inferencer: type, meta: Optional[dict], *args: Any,
+def _build(inferencer: type, meta: Optional[dict], cfg: Config,
            **kwargs: Any) -> Any:
     """Build an upstream inferencer; without the checkpoint's class
-    names, without its warning about the fallback replaced here."""
-    with warnings.catch_warnings():
-        if meta is None:
-            for message in _FALLBACK_WARNINGS:
-                warnings.filterwarnings('ignore', message=message)
-        return inferencer(*args, **kwargs)
+    names, without its warning about the fallback replaced here; without
+    MMEngine's message on the missing "function" registry."""
+    cfg = copy.deepcopy(cfg)
+    if 'visualizer' in cfg:
+        # main writes the drawing: no storage backend (the configs' local
+        # one, without a save_dir, is dropped with a warning).
+        cfg.visualizer.vis_backends = None
+    logger = MMLogger.get_current_instance()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return re.search(_SCOPE_LOG, record.getMessage()) is None
+
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            if meta is None:
+                for message in _FALLBACK_WARNINGS:
+                    warnings.filterwarnings('ignore', message=message)
+            return inferencer(cfg, **kwargs)
+    finally:
+        logger.removeFilter(keep)
+
+
+def _class_name(classes: Optional[Sequence[str]], label: int) -> str:
+    """The name of a label; the label itself where ``classes`` has none
+    for it (None, or fewer names than the model has outputs)."""
+    if classes is not None and label < len(classes):
+        return classes[label]
+    return str(label)
 
 
 def _unique_name(prefix: str) -> str:
@@ -239,10 +294,7 @@ def classify(cfg: Config, args: argparse.Namespace,
     k = min(args.topk, scores.numel())
     top = scores.topk(k)
     classes = inferencer.classes
-    names = [
-        classes[i] if classes is not None and i < len(classes) else str(i)
-        for i in top.indices.tolist()
-    ]
+    names = [_class_name(classes, i) for i in top.indices.tolist()]
     # mmpretrain's drawing lists the sample's pred_label: the top k here.
     drawn_sample = sample.clone().set_pred_label(top.indices)
     image = mmcv.imread(args.img, channel_order='rgb')
@@ -300,8 +352,8 @@ def segment(cfg: Config, args: argparse.Namespace,
     mask = np.asarray(out['predictions'])
     counts = np.bincount(mask.ravel())
     present = sorted(np.flatnonzero(counts), key=lambda i: -counts[i])
-    shares = [(int(i), classes[i] if i < len(classes) else str(i),
-               counts[i] / mask.size) for i in present]
+    shares = [(int(i), _class_name(classes, i), counts[i] / mask.size)
+              for i in present]
     h, w = mask.shape
     lines = [
         f'{args.img}: {h}x{w} pixels, {len(shares)} classes; the '
@@ -355,7 +407,7 @@ def detect(cfg: Config, args: argparse.Namespace,
     classes = inferencer.model.dataset_meta['classes']
     counts = {}
     for label in instances.labels[kept].tolist():
-        name = classes[label] if label < len(classes) else str(label)
+        name = _class_name(classes, label)
         counts[name] = counts.get(name, 0) + 1
     per_class = ', '.join(
         f'{name} {n}'

@@ -113,6 +113,8 @@ CASES = [
     ('image_demo', ['{image}', SEG, '--opacity',
                     '0'], '--opacity must be in (0, 1], got 0.0'),
     ('image_demo', ['{image}', SEG, '--topk', '0'], '--topk must be >= 1'),
+    ('image_demo', ['{image}', SEG, '--device', 'gpu'],
+     "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
     ('image_demo', ['{image}', SEG, '--checkpoint', '{published}'],
      'is a published BOAT-CSWin checkpoint (arch tiny'),
     ('pytorch2onnx',

@@ -249,7 +249,7 @@ def test_cswin_ema_checkpoint_with_tta(trained_cswin):
     torch.testing.assert_close(scores['hook'], scores['plain'])
 
 
-def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root):
+def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root, capsys):
     """tools/image_demo.py IMG CONFIG --checkpoint CKPT: the printed top-3
     classes and scores are the softmax of the model's own forward on the
     config's test pipeline, named by the checkpoint's classes; the 32 px
@@ -260,17 +260,12 @@ def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root):
     image = sorted(
         glob.glob(osp.join(imagenet_root, 'val', 'class_002', '*')))[0]
     out_file = str(tmp / 'demo.png')
-    out = _tool(
-        'image_demo.py',
-        image,
-        trained_swin['cfg'],
-        '--checkpoint',
-        ckpt,
-        '--topk',
-        '3',
-        '--out-file',
-        out_file,
-        cwd=str(tmp))
+    # In this process (its command line is test_cli_manner.py's).
+    _tool_main('image_demo.py')([
+        image, trained_swin['cfg'], '--checkpoint', ckpt, '--topk', '3',
+        '--out-file', out_file
+    ])
+    out = capsys.readouterr().out
 
     cfg = Config.fromfile(trained_swin['cfg'])
     init_default_scope('mmpretrain')

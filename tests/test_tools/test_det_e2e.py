@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 # The same command runners as the segmentation end-to-end tests.
-from test_seg_e2e import (_ckpt, _run, _tool, _tool_main, check_amp_run,
+from test_seg_e2e import (FALLBACK_NOTE, UPSTREAM_NOISE, _ckpt, _run, _tool,
+                          _tool_main, _upstream_messages, check_amp_run,
                           check_resume)
 from tiny_configs import swin_retinanet
 
@@ -215,7 +216,8 @@ def test_det_inferencer_returns_masks(trained, coco_root):
     assert pred.masks.dtype == torch.bool
 
 
-def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
+def test_image_demo_counts_the_detections(trained, coco_root, tmp_path,
+                                          capsys):
     """tools/image_demo.py on what training left in its work dir (the
     dumped config and a checkpoint): the detections scoring above
     --pred-score-thr are those of mmdet's own inference_detector, counted
@@ -232,17 +234,14 @@ def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
     assert scores[2] - scores[3] > 1e-4
     out_file = str(tmp_path / 'det.png')
     dumped = osp.join(trained['work_dir'], osp.basename(trained['cfg']))
-    out = _tool(
-        'image_demo.py',
-        image,
-        dumped,
-        '--checkpoint',
-        ckpt,
-        '--pred-score-thr',
-        str(thr),
-        '--out-file',
-        out_file,
-        cwd=str(tmp_path))
+    # In this process (its command line is test_cli_manner.py's).
+    with _upstream_messages() as messages:
+        _tool_main('image_demo.py')([
+            image, dumped, '--checkpoint', ckpt, '--pred-score-thr',
+            str(thr), '--out-file', out_file
+        ])
+    out = capsys.readouterr().out
+    assert not [m for m in messages if re.search(UPSTREAM_NOISE, m)]
     classes = _ckpt(ckpt)['meta']['dataset_meta']['classes']
     kept = ref.labels[ref.scores > thr].tolist()
     counts = {classes[c]: kept.count(c) for c in set(kept)}
@@ -258,6 +257,32 @@ def test_image_demo_counts_the_detections(trained, coco_root, tmp_path):
     drawn = cv2.imread(out_file)
     assert drawn.shape == cv2.imread(image).shape
     assert (drawn != cv2.imread(image)).any()
+
+
+def test_image_demo_without_class_names_in_the_checkpoint(
+        trained, coco_root, tmp_path):
+    """A checkpoint without meta (a bare state_dict): the detections are
+    named by the classes of the config's test dataset (the generated
+    data's, which training saved), not by mmdet's COCO fallback, and
+    mmdet's warning about that fallback is not shown."""
+    ckpt = _ckpt(osp.join(trained['work_dir'], 'iter_4.pth'))
+    classes = ckpt['meta']['dataset_meta']['classes']
+    assert len(classes) < 80  # not COCO's
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(dict(state_dict=ckpt['state_dict']), bare)
+    image = osp.join(coco_root, 'val2017', '000000000002.jpg')
+    with _upstream_messages() as messages:
+        res = _tool_main('image_demo.py')([
+            image, trained['cfg'], '--checkpoint', bare, '--pred-score-thr',
+            '0', '--out-file',
+            str(tmp_path / 'bare.png')
+        ])
+    assert any('Class names of the config' in m for m in messages)
+    assert not [m for m in messages if re.search(FALLBACK_NOTE, m)]
+    assert not [m for m in messages if re.search(UPSTREAM_NOISE, m)]
+    labels = res['instances'].labels[res['kept']].tolist()
+    assert labels
+    assert res['counts'] == {classes[c]: labels.count(c) for c in set(labels)}
 
 
 def test_show_dir_interval_draws_every_nth_sample(trained, coco_root,
