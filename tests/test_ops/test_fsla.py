@@ -474,6 +474,26 @@ def test_single_cluster_is_global_attention(hw):
     torch.testing.assert_close(m(x, hw), m.proj(out), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize('num_tokens', [16, 196])
+def test_attention_dropout_keeps_the_expectation(num_tokens):
+    """Attention dropout acts on one cluster (global attention, 16 tokens)
+    as on several (196): independent draws differ, and their mean is the
+    output without dropout (inverted dropout keeps the expectation)."""
+    from boat_mm.ops import clustered_attention
+    plan = build_cluster_plan(num_tokens, 49, 20)
+    assert (plan.num_clusters == 1) is (num_tokens == 16)
+    draws = 1000
+    torch.manual_seed(7)
+    qkv = torch.randn(1, num_tokens, 3 * 8, dtype=torch.float64)
+    perm = balanced_hierarchical_clustering(qkv[..., :8], plan)
+    exact = clustered_attention(qkv, perm, plan, 1)
+    out = clustered_attention(
+        qkv.expand(draws, -1, -1), perm.expand(draws, -1), plan, 1,
+        dropout_p=0.5)
+    assert (out[0] - out[1]).abs().max() > 0.1
+    assert (out.mean(0) - exact[0]).abs().max() < 0.1
+
+
 # ---------------------------------------------------------------------------
 # Batch independence, gradients, compile, determinism, autocast, errors.
 # ---------------------------------------------------------------------------

@@ -190,6 +190,23 @@ def test_boat2mm_converts_timm_swin_to_the_same_model(tmp_path, capsys):
         assert torch.equal(again[key], value), key
 
 
+def test_safetensors_files_are_told_from_torch_files(tmp_path):
+    """boat2mm reads safetensors files (timm's on the Hugging Face hub)
+    with the safetensors package; it tells them from torch.save files
+    (zip or legacy pickle) by the format's little-endian header size."""
+    from safetensors.torch import save_file
+    tool = _test_module('boat2mm_format', TOOL)
+    weights = {'w': torch.arange(6.).view(2, 3)}
+    save_file(weights, str(tmp_path / 'w.safetensors'))
+    torch.save(weights, str(tmp_path / 'w.pth'))
+    torch.save(
+        weights, str(tmp_path / 'legacy.pth'),
+        _use_new_zipfile_serialization=False)
+    assert tool.is_safetensors(str(tmp_path / 'w.safetensors'))
+    assert not tool.is_safetensors(str(tmp_path / 'w.pth'))
+    assert not tool.is_safetensors(str(tmp_path / 'legacy.pth'))
+
+
 def test_cswin_file_with_ema_weights_only():
     """A CSWin file holding ``state_dict_ema`` alone (as some CSWin
     releases) converts without --ema."""

@@ -122,6 +122,46 @@ def test_swin_224_into_window_12_logs_the_resized_tables(
     assert '(8 resized' in msg and 'FSLA (' in msg
 
 
+def test_weights_of_another_shape_are_skipped_not_new(
+        mmpretrain_swin_file, tmp_path, logs):
+    """A Swin file with another stem (patch size 2): its stem weight is
+    skipped (MMEngine warns of the size) and the log line lists it once,
+    as skipped, not again among the weights initialised as new."""
+    path, swin = mmpretrain_swin_file
+    ckpt = torch.load(path, weights_only=True)
+    key = 'patch_embed.projection.weight'
+    ckpt['state_dict']['backbone.' + key] = torch.randn(24, 3, 2, 2)
+    other = str(tmp_path / 'swin_patch2.pth')
+    torch.save(ckpt, other)
+    ours = pretrained(other).state_dict()
+    weights = [k for k in ours if not k.endswith(INDEX)]
+    shared = [k for k in weights if k in swin]
+    fsla = [k for k in ours if '.fsla.' in k or '.norm_fsla.' in k]
+    [msg] = backbone_lines(logs)
+    assert msg == (
+        f'BOATSwin: {len(shared) - 1} of the {len(weights)} weights of the '
+        f"backbone came from the checkpoint; 1 of another shape were "
+        f"skipped: ['{key}']; new, initialised as from scratch: FSLA "
+        f'({len(fsla)} weights in 3 blocks, which a Swin / CSWin checkpoint '
+        f"lacks); output norms ['norm0', 'norm1', 'norm2'] (6 weights).")
+
+
+def test_prefix_advice_needs_half_of_the_weights(tmp_path):
+    """A file whose top level holds half of the backbone's weights is
+    advised to load without the prefix; one weight fewer (a part of a
+    backbone, not a backbone) is not."""
+    own = list(BOATSwin(arch=SWIN).state_dict().items())
+    half = (len(own) + 1) // 2
+    for count, advised in ((half, True), (half - 1, False)):
+        path = str(tmp_path / f'part{count}.pth')
+        torch.save(OrderedDict(own[:count]), path)
+        with pytest.raises(CheckpointMismatchError) as err:
+            pretrained(path)
+        msg = str(err.value)
+        assert ('and no prefix' in msg) is advised, (count, msg)
+        assert (f'Its top-level keys fit {count} of them' in msg) is advised
+
+
 def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
     """A backbone-only file (mmseg's swin2mmseg layout, made here by mmseg's
     Swin) under ``prefix='backbone.'``, and a classifier file without the
