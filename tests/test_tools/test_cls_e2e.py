@@ -288,6 +288,32 @@ def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root, capsys):
     assert cv2.imread(out_file).shape == (224, 224, 3)
 
 
+def test_image_demo_without_class_names_in_the_checkpoint(
+        trained_swin, imagenet_root, capsys):
+    """A checkpoint without meta (a bare state_dict): the classes are named
+    by the config's test dataset (here its metainfo, as a user's config
+    declares the generated data's classes), not by the dataset type's
+    (ImageNet's), which mmpretrain's inferencer would take."""
+    tmp = trained_swin['tmp']
+    saved = _ckpt(osp.join(trained_swin['work_dir'], 'epoch_2.pth'))
+    bare = str(tmp / 'bare_cls.pth')
+    torch.save(dict(state_dict=saved['state_dict']), bare)
+    classes = [f'c{i}' for i in range(6)]
+    image = sorted(
+        glob.glob(osp.join(imagenet_root, 'val', 'class_002', '*')))[0]
+    _tool_main('image_demo.py')([
+        image, trained_swin['cfg'], '--checkpoint', bare, '--topk', '2',
+        '--out-file',
+        str(tmp / 'bare_cls.png'), '--cfg-options',
+        f'test_dataloader.dataset.metainfo.classes=[{",".join(classes)}]'
+    ])
+    printed = re.findall(r'^  ([\d.]+)  (.+) \((\d+)\)$',
+                         capsys.readouterr().out, re.M)
+    assert len(printed) == 2
+    assert [name for _, name, _ in printed
+            ] == [classes[int(label)] for _, _, label in printed]
+
+
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/imagenet here
     for config in (SWIN_T, CSWIN_T):
