@@ -122,8 +122,8 @@ def test_swin_224_into_window_12_logs_the_resized_tables(
     assert '(8 resized' in msg and 'FSLA (' in msg
 
 
-def test_weights_of_another_shape_are_skipped_not_new(
-        mmpretrain_swin_file, tmp_path, logs):
+def test_weights_of_another_shape_are_skipped_not_new(mmpretrain_swin_file,
+                                                      tmp_path, logs):
     """A Swin file with another stem (patch size 2): its stem weight is
     skipped (MMEngine warns of the size) and the log line lists it once,
     as skipped, not again among the weights initialised as new."""
