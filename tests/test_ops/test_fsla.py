@@ -488,7 +488,10 @@ def test_attention_dropout_keeps_the_expectation(num_tokens):
     perm = balanced_hierarchical_clustering(qkv[..., :8], plan)
     exact = clustered_attention(qkv, perm, plan, 1)
     out = clustered_attention(
-        qkv.expand(draws, -1, -1), perm.expand(draws, -1), plan, 1,
+        qkv.expand(draws, -1, -1),
+        perm.expand(draws, -1),
+        plan,
+        1,
         dropout_p=0.5)
     assert (out[0] - out[1]).abs().max() > 0.1
     assert (out.mean(0) - exact[0]).abs().max() < 0.1

@@ -200,7 +200,8 @@ def test_safetensors_files_are_told_from_torch_files(tmp_path):
     save_file(weights, str(tmp_path / 'w.safetensors'))
     torch.save(weights, str(tmp_path / 'w.pth'))
     torch.save(
-        weights, str(tmp_path / 'legacy.pth'),
+        weights,
+        str(tmp_path / 'legacy.pth'),
         _use_new_zipfile_serialization=False)
     assert tool.is_safetensors(str(tmp_path / 'w.safetensors'))
     assert not tool.is_safetensors(str(tmp_path / 'w.pth'))
