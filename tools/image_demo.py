@@ -57,7 +57,7 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            check_file, load_config, tool_main)
+                            check_device, check_file, load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg
 from boat_tools.inference import config_scope
 
@@ -144,33 +144,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
-
-
-def check_device(device: str) -> None:
-    """Check that ``device`` names a device torch has here (``cpu``,
-    ``cuda``, ``cuda:N``, ...), before a model is built on it.
-
-    Args:
-        device (str): The ``--device`` argument.
-    """
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f'--device {device!r} is not a torch device; use '
-                         f'cpu, cuda or cuda:N') from None
-    if dev.type == 'cpu':
-        return
-    # torch.cuda, torch.mps, torch.xpu, ... each say whether they have one.
-    backend = getattr(torch, dev.type, None)
-    available = getattr(backend, 'is_available', None)
-    if available is None or not available():
-        raise UsageError(f'--device {device}: no {dev.type.upper()} device '
-                         f'is visible; use --device cpu')
-    count = getattr(backend, 'device_count', lambda: 1)()
-    if dev.index is not None and dev.index >= count:
-        raise UsageError(f'--device {device}: {count} {dev.type.upper()} '
-                         f'device(s) visible, numbered from 0; use '
-                         f'--device {dev.type}:0')
 
 
 def checkpoint_dataset_meta(checkpoint: Optional[str]) -> Optional[dict]:

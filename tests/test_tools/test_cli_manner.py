@@ -100,6 +100,9 @@ CASES = [
     # A checkpoint of another model: the backbone's mismatch error.
     ('vis_clusters', [SEG, '{image}', '--checkpoint',
                       '{ours}'], 'BOATCSWin: the checkpoint matches 0 of the'),
+    # The shared device check of the tools that build a model.
+    ('vis_clusters', [SEG, '{image}', '--device', 'gpu'],
+     "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
     ('image_demo', [SEG, '{image}'],
      "is a Python file: the order is IMG CONFIG [CHECKPOINT]"),
     ('image_demo', ['missing.png', SEG], "image 'missing.png' not found"),

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
-    'check_scope_installed', 'tool_main', 'user_error_types'
+    'check_scope_installed', 'check_device', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -144,6 +144,34 @@ def check_file(path: str, what: str, fix: str) -> str:
     where = ('is a folder' if osp.isdir(path) else
              f'not found (working directory {os.getcwd()})')
     raise FileNotFoundError(f'{what} {path!r} {where}; {fix}')
+
+
+def check_device(device: str) -> None:
+    """Check that ``device`` names a device torch has here (``cpu``,
+    ``cuda``, ``cuda:N``, ...), before a model is built on it.
+
+    Args:
+        device (str): The ``--device`` argument.
+    """
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f'--device {device!r} is not a torch device; use '
+                         f'cpu, cuda or cuda:N') from None
+    if dev.type == 'cpu':
+        return
+    # torch.cuda, torch.mps, torch.xpu, ... each say whether they have one.
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, 'is_available', None)
+    if available is None or not available():
+        raise UsageError(f'--device {device}: no {dev.type.upper()} device '
+                         f'is visible; use --device cpu')
+    count = getattr(backend, 'device_count', lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise UsageError(f'--device {device}: {count} {dev.type.upper()} '
+                         f'device(s) visible, numbered from 0; use '
+                         f'--device {dev.type}:0')
 
 
 def check_checkpoint(path: str) -> str:

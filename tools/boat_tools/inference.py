@@ -15,7 +15,7 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
-from .cli import SCOPE_LIBRARIES, UsageError, check_checkpoint
+from .cli import SCOPE_LIBRARIES, UsageError, check_checkpoint, check_device
 
 __all__ = [
     'SCOPES', 'config_scope', 'build_model', 'build_pipeline', 'token_stride'
@@ -63,6 +63,7 @@ def build_model(cfg: Config,
     Returns:
         nn.Module: The model in eval mode.
     """
+    check_device(device)
     init_default_scope(config_scope(cfg, tool))
     model_cfg = deepcopy(cfg.model)
     # mmpretrain configs keep it at the top level; the runner merges it.
