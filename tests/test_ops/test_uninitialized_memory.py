@@ -1,0 +1,100 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""No implementation of FSLA reads memory it has not written.
+
+A kernel that reads a buffer from ``torch.empty`` before writing it (an
+accumulator, the padding of a tile, the slots of a short cluster) often
+passes on the CPU, where fresh pages are zeros, and gives garbage on a
+GPU. With ``torch.use_deterministic_algorithms(True)`` torch fills every
+uninitialised float tensor with NaN and every integer one with its
+largest value (``torch.utils.deterministic.fill_uninitialized_memory``),
+in Python and in C++ alike; MMEngine sets that mode for
+``randomness=dict(deterministic=True)``. Under it, each implementation
+must still equal the slow reference of ``test_fsla.py``, in the forward
+and in every gradient.
+"""
+import copy
+
+import pytest
+import torch
+from test_fsla import one_thread  # noqa: F401 (autouse fixture)
+from test_fsla import leaf_sizes_of, make_module, reference_fsla, unambiguous
+
+from boat_mm.ops import _backends, build_cluster_plan, cpu_kernel_available
+
+IMPLS = ['cpp', 'tensor', 'triton']
+# A published size, padded clusters (143 tokens: 35 and 36), 65-80 slots
+# (the 64 + 16 row tiles of the Triton attention), a single cluster.
+CASES = [((14, 14), 16, 2), ((11, 13), 16, 2), ((33, 8), 16, 2),
+         ((5, 7), 16, 2)]
+# Module constants of the Triton clustering that give its ticketed
+# ('phased') schedule at 133 tokens, as on a GPU at large maps: several
+# programs per node, partial sums in scratch, tickets and done-counters.
+PHASED = dict(MIN_CHUNK=16, TARGET_PROGRAMS=64, BLOCK_TOKENS=16, SORT_MAX=64)
+
+
+@pytest.fixture
+def nan_filled_memory():
+    """Uninitialised tensors hold NaN (floats) and the maximum (ints)."""
+    mode = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(mode)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_the_fill_is_on(nan_filled_memory):
+    """The premise: fresh tensors hold NaN or the largest integer (the C++
+    kernels allocate through the same ``aten::empty``)."""
+    assert torch.isnan(torch.empty(8)).all()
+    assert (torch.empty(3, dtype=torch.long) == torch.iinfo(
+        torch.long).max).all()
+
+
+@pytest.mark.parametrize('impl,hw,dims,heads',
+                         [(impl, *case) for impl in IMPLS
+                          for case in CASES] + [('triton-phased',
+                                                 (7, 19), 16, 2)])
+def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
+                                                 nan_filled_memory,
+                                                 monkeypatch):
+    if impl == 'cpp' and not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
+    if impl.startswith('triton'):
+        pytest.importorskip('triton')
+        if not _backends.triton_interpreter_enabled():
+            pytest.skip('the Triton kernels need TRITON_INTERPRET=1 here')
+    if impl == 'triton-phased':
+        from boat_mm.ops.triton import clustering as tc
+        for name, value in PHASED.items():
+            monkeypatch.setattr(tc, name, value)
+        plan = build_cluster_plan(hw[0] * hw[1])
+        plans = tc.level_plans(2 * heads, plan.num_levels, plan.slot_size,
+                               dims // heads, True, torch.device('cpu'))
+        assert [p.kind for p in plans] == ['phased'] * plan.num_levels
+        impl = 'triton'
+    ref_module = make_module(dims, heads)
+    ours = copy.deepcopy(ref_module)
+    ours.clustering_impl = ours.attention_impl = impl
+    N = hw[0] * hw[1]
+    sizes = leaf_sizes_of(N)
+
+    def reference(x):
+        x = x.clone().requires_grad_()
+        ref = reference_fsla(ref_module, x, hw, heads, leaf_sizes=sizes)
+        return x, ref.out, ref.margin
+
+    x, (x_ref, out_ref, _) = unambiguous(
+        lambda g: torch.randn(2, N, dims, dtype=torch.float64, generator=g),
+        reference)
+    w = torch.randn_like(out_ref)
+    (out_ref * w).sum().backward()
+
+    x_ours = x.clone().requires_grad_()
+    out = ours(x_ours, hw)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, out_ref.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-10, rtol=0)
+    for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=0, msg=name)
