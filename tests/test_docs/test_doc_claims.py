@@ -328,8 +328,33 @@ def test_impl_values_of_the_readme():
 
 
 # ---------------------------------------------------------------------------
-# Tools: the demo and quoted defaults.
+# Tools: every script named, the demo and quoted defaults.
 # ---------------------------------------------------------------------------
+
+# Scripts that other scripts run rather than the user: what runs each.
+_RUN_BY = {
+    'tools/dist_launch.sh': ('tools/dist_train.sh', 'tools/dist_test.sh'),
+    'tools/demo.sh': ('Makefile', ),
+}
+
+
+def test_readme_names_every_tool():
+    """The README (intro and Tools table) names every script of tools/;
+    the ones it does not are run by the scripts it names."""
+    scripts = sorted(
+        osp.relpath(p, REPO).replace(osp.sep, '/')
+        for pattern in ('*.py', '*.sh', '*/*.py')
+        for p in glob.glob(osp.join(REPO, 'tools', pattern))
+        if '/boat_tools/' not in p.replace(osp.sep, '/'))
+    assert len(scripts) > 10
+    readme = _text('README.md')
+    missing = [s for s in scripts if s not in readme and s not in _RUN_BY]
+    assert not missing, f'tools the README does not name: {missing}'
+    for script, callers in _RUN_BY.items():
+        assert script in scripts and script not in readme, script
+        for caller in callers:
+            with open(osp.join(REPO, caller)) as f:
+                assert osp.basename(script) in f.read(), (script, caller)
 
 
 def test_demo_description_is_the_demo_s(tmp_path):
