@@ -252,6 +252,31 @@ def test_counts_of_classifiers_and_configs():
         assert found == expected, family
 
 
+@pytest.mark.parametrize('doc', CONFIG_READMES)
+def test_published_complexity_of_the_config_readmes(doc):
+    """"The parameter counts equal those of the original models. The
+    published multiply-adds are A / B / C G": the metafile's own and
+    Converted From numbers of the folder's classifiers."""
+    with open(osp.join(REPO, osp.dirname(doc), 'metafile.yml')) as f:
+        models = {
+            m['Name'].split('_')[0].split('-')[-1]: m
+            for m in yaml.safe_load(f)['Models']
+            if m['Results'][0]['Task'] == 'Image Classification'
+        }
+    _find(doc, r'The parameter counts equal those of the original models\.')
+    for m in models.values():
+        assert m['Metadata']['Parameters'] == \
+            m['Converted From']['Parameters'], m['Name']
+    quoted = _find(
+        doc, r'The published multiply-adds are ([\d.]+) / ([\d.]+) / '
+        r'([\d.]+) G')
+    published = [
+        models[arch]['Converted From']['FLOPs'] / 1e9
+        for arch in ('tiny', 'small', 'base')
+    ]
+    assert [float(q) for q in quoted] == [round(p, 2) for p in published]
+
+
 def _fsla_blocks(family, arch: str) -> Tuple[int, List[int]]:
     depths = list(family.arch_zoo[arch]['depths'])
     count = sum(
