@@ -468,6 +468,12 @@ COVERAGE: Dict[str, object] = {
         'tests/test_tools/test_verify_boat.py::'
         'test_report_of_a_published_file',
     )),
+    'tools/analysis_tools/check_fsla_parity.py':
+    Run((
+        'tests/test_tools/test_parity_tools.py::test_check_fsla_parity',
+        'tests/test_tools/test_tool_options.py::'
+        'test_check_fsla_parity_options',
+    )),
     'tools/analysis_tools/get_flops.py':
     Run((
         'tests/test_tools/test_get_flops.py::'
