@@ -1,5 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""boat_mm: BOAT backbones for MMEngine, mmpretrain and mmsegmentation.
+"""boat_mm: BOAT backbones for MMEngine, mmpretrain, mmsegmentation and
+mmdetection.
 
 Importing this package (as ``custom_imports=dict(imports=['boat_mm'])``
 does) registers the models in MMEngine's root ``MODELS`` registry, lets

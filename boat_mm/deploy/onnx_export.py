@@ -69,7 +69,10 @@ def build_model(cfg: Config,
         raise ScopeError(
             f'pytorch2onnx.py exports mmpretrain classifiers and mmseg '
             f'segmentors (by the config\'s `default_scope`), got '
-            f'default_scope={scope!r}.')
+            f'default_scope={scope!r}: give a classification or '
+            f'segmentation config (configs/boat_*/*_in1k.py, '
+            f'configs/boat_*/*_ade20k-512x512.py); detectors are not '
+            f'exported by this tool.')
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry').MODELS
     model_cfg = cfg.model.copy()

@@ -2,10 +2,10 @@
 # on the generated COCO-like data (`python tools/dataset_converters/
 # gen_synthetic_data.py coco data/coco_synthetic`: 200 + 50 scenes of
 # 160x160, 6 categories). Changes, all for the CPU budget: images at their
-# own 160x160 size, the reduced-width BOAT-CSWin of the segmentation demo
-# (same block design), 64-channel FPN and heads (32 in the mask convs),
-# 16-pixel anchors at the finest level (the objects are 20-60 pixels),
-# fewer proposals and sampled RoIs, only the 6 categories the generator
+# own 160x160 size, the segmentation demo's BOAT-CSWin of reduced width
+# and depth (same block design), 64-channel FPN and heads (32 in the mask
+# convs), 16-pixel anchors at the finest level (the objects are 20-60
+# pixels), fewer proposals and sampled RoIs, only the 6 categories the generator
 # draws, no ImageNet init, AdamW 1e-3 for 800 iterations of batch 2.
 _base_ = ['../boat_cswin/mask-rcnn_boat-cswin-tiny_fpn_1x_coco.py']
 
