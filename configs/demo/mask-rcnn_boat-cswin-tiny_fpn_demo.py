@@ -5,8 +5,8 @@
 # own 160x160 size, the segmentation demo's BOAT-CSWin of reduced width
 # and depth (same block design), 64-channel FPN and heads (32 in the mask
 # convs), 16-pixel anchors at the finest level (the objects are 20-60
-# pixels), fewer proposals and sampled RoIs, only the 6 categories the generator
-# draws, no ImageNet init, AdamW 1e-3 for 800 iterations of batch 2.
+# pixels), fewer proposals and sampled RoIs, only the 6 categories the
+# generator draws, no ImageNet init, AdamW 1e-3 for 800 iterations of batch 2.
 _base_ = ['../boat_cswin/mask-rcnn_boat-cswin-tiny_fpn_1x_coco.py']
 
 # Written by tools/dataset_converters/gen_synthetic_data.py (coco).
