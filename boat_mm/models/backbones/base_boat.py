@@ -430,6 +430,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                                              self._accepted_arguments())
         init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
         super().__init__(init_cfg=init_cfg)
+        #: The deprecated ``pretrained`` given (mmseg's segmentors pass
+        #: their model-level one), for the messages of :meth:`init_weights`.
+        self.pretrained = pretrained
         # Checked here rather than deep inside the layers they build.
         check_int(in_channels, 'in_channels', name)
         check_number(mlp_ratio, 'mlp_ratio', name)
@@ -729,6 +732,26 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # initialisation, then the Pretrained entries.
         self.init_cfg = deepcopy(self.default_init_cfg) + extra
         try:
+            self._init_with_messages()
+        except CheckpointMismatchError as err:
+            if self.pretrained is None:
+                raise
+            # The file may be one the user never named: the model-level
+            # `pretrained` of a Swin _base_ config (KNet's), left by a swap.
+            raise CheckpointMismatchError(
+                f'{err} The checkpoint came from `pretrained` '
+                f'({self.pretrained!r}), which mmseg\'s segmentors set on '
+                f'the backbone from the model-level `pretrained` of the '
+                f'config, maybe inherited from a _base_ config with another '
+                f'backbone: set `model=dict(pretrained=None, ...)` and give '
+                f'the BOAT weights as the backbone\'s init_cfg.') from err
+        finally:
+            self.init_cfg = user_cfg
+
+    def _init_with_messages(self) -> None:
+        """MMEngine's initialisation, a missing Pretrained prefix raised
+        as a :class:`CheckpointMismatchError` that says why."""
+        try:
             super().init_weights()
         except AssertionError as err:
             # MMEngine asserts that a Pretrained prefix is in the file.
@@ -736,8 +759,6 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 raise
             raise CheckpointMismatchError(
                 self._prefix_mismatch_message()) from err
-        finally:
-            self.init_cfg = user_cfg
 
     def _prefix_mismatch_message(self) -> str:
         """Explain which Pretrained ``prefix`` has no key in its file."""
