@@ -16,8 +16,6 @@ The upstream configs with a Swin backbone that are not here, and why:
 * mmdet FCOS (``v3det/fcos_swinb_fpn_*``): its FPN takes
   ``force_grad_on_level``, which mmdet 3.3's FPN does not accept (with any
   backbone).
-* mmdet Mask2Former VIS (``mask2former_vis/``): video instance
-  segmentation, not run here.
 * mmpretrain SimMIM (``simmim/``): pre-training needs a masked backbone
   (``SimMIMSwinTransformer``), which BOAT has no variant of.
 
@@ -29,6 +27,7 @@ tiny backbone widths ``[8, 16, 32, 64]`` in place of BOAT-Swin-T's
 """
 import importlib
 import math
+import os.path as osp
 from typing import Any, Callable, Dict, List, NamedTuple, Sequence
 
 import pytest
@@ -63,7 +62,8 @@ class Arch(NamedTuple):
         heads (Callable): The neck / head lines of the swap, given the
             backbone's widths.
         task (str): What predict returns: ``seg``, ``det``, ``mask``
-            (instances with masks), ``panoptic``, ``cls`` or ``feat``.
+            (instances with masks), ``panoptic``, ``video`` (tracked
+            instances with masks), ``cls`` or ``feat``.
         family (str): The backbone this architecture is tested with (the
             families alternate, to keep the module fast).
         extra (dict): Speed-only changes of the model beyond
@@ -160,6 +160,14 @@ ARCHITECTURES = {
         'coco.py', (0, 1, 2, 3),
         lambda c: f'panoptic_head=dict(in_channels={c}),', 'mask',
         'BOATCSWin'),
+    # The base's model-level init_cfg loads a whole Swin-L Mask2Former
+    # (COCO panoptic): the swap must drop it.
+    'mmdet-mask2former-vis':
+    Arch(
+        'mmdet::mask2former_vis/mask2former_swin-l-p4-w12-384-in21k_'
+        '8xb2-8e_youtubevis2021.py', (0, 1, 2, 3),
+        lambda c: f'init_cfg=None, track_head=dict(in_channels={c}),', 'video',
+        'BOATSwin'),
     # mmpretrain: ImageClassifier (Swin and Swin V2 configs) and GLIP's
     # headless feature extractor.
     'mmpretrain-classifier':
@@ -305,7 +313,15 @@ def make_batch(model, arch: Arch) -> dict:
     if arch.task in ('cls', 'feat'):
         return _cls_batch(
             getattr(getattr(model, 'head', None), 'num_classes', 2))
-    from mmdet.testing import demo_mm_inputs
+    from mmdet.testing import demo_mm_inputs, demo_track_inputs
+    if arch.task == 'video':  # one clip of two frames
+        return demo_track_inputs(
+            1,
+            2,
+            image_shapes=[(3, SIZE, SIZE)],
+            num_items=[2],
+            num_classes=5,
+            with_mask=True)
     return demo_mm_inputs(
         2, (3, SIZE, SIZE),
         num_items=[3, 2],
@@ -327,6 +343,12 @@ def check_prediction(pred, arch: Arch, model) -> None:
         assert math.isclose(float(score.sum()), 1.0, rel_tol=1e-5)
     elif arch.task == 'panoptic':
         assert pred.pred_panoptic_seg.sem_seg.shape == (1, SIZE, SIZE)
+    elif arch.task == 'video':
+        assert len(pred.video_data_samples) == 2
+        for frame in pred.video_data_samples:
+            inst = frame.pred_track_instances
+            assert inst.masks.shape == (len(inst), SIZE, SIZE)
+            assert inst.scores.shape == inst.labels.shape == (len(inst), )
     else:
         inst = pred.pred_instances
         assert inst.bboxes.shape == (len(inst), 4)
@@ -377,16 +399,18 @@ def test_boat_swaps_for_swin(tmp_path, name):
     with DefaultScope.overwrite_default_scope(scope):
         model.train()
         batch = model.data_preprocessor(data, True)
-        feats = _backbone_outputs(model, batch['inputs'])
+        # A clip's frames are images to the backbone.
+        inputs = batch['inputs'].flatten(0, -4)
+        feats = _backbone_outputs(model, inputs)
         # The upstream Swin's outputs: stage i at stride 2**(i + 2) of the
         # (padded) batch.
-        size = batch['inputs'].shape[-1]
+        size = inputs.shape[-1]
         assert [tuple(f.shape[1:])
                 for f in feats] == [(WIDTHS[i], size >> (i + 2), size >>
                                      (i + 2)) for i in arch.out_indices]
         if arch.task == 'feat':
             # A headless classifier: its features are the backbone's.
-            got = model.extract_feat(batch['inputs'])
+            got = model.extract_feat(inputs)
             for a, b in zip(got, feats):
                 torch.testing.assert_close(a, b)
             return
@@ -402,7 +426,7 @@ def test_boat_swaps_for_swin(tmp_path, name):
         model.eval()
         with torch.no_grad():
             preds = model(**model.data_preprocessor(data), mode='predict')
-    assert len(preds) == 2
+    assert len(preds) == len(data['data_samples'])
     for pred in preds:
         check_prediction(pred, arch, model)
 
@@ -433,3 +457,39 @@ def test_model_level_pretrained_names_its_source(tmp_path):
     assert f'came from `pretrained` ({path!r})' in msg
     assert 'model=dict(pretrained=None' in msg
     assert isinstance(model.backbone, BOATCSWin)
+
+
+def test_inherited_swin_weights_name_the_setting(tmp_path):
+    """A swap that keeps a model-level init_cfg of the upstream config
+    (Mask2Former VIS's loads a whole Swin model) loads Swin weights into
+    the BOAT backbone: BOAT-CSWin refuses them, naming the setting."""
+    pytest.importorskip('mmdet')
+    from mmdet.registry import MODELS
+    arch = ARCHITECTURES['mmdet-retinanet']
+    path = str(tmp_path / 'swin_retinanet.pth')
+    cfg = Config.fromfile(
+        osp.join(
+            osp.dirname(importlib.import_module('mmdet').__file__), '.mim',
+            'configs', 'swin', 'retinanet_swin-t-p4-w7_fpn_1x_coco.py'))
+    cfg.model.backbone.update(
+        embed_dims=8,
+        depths=[2, 2, 2, 1],
+        num_heads=[1, 2, 2, 2],
+        init_cfg=None)
+    cfg.model.neck.in_channels = WIDTHS[1:]
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        torch.save({'state_dict': MODELS.build(cfg.model).state_dict()}, path)
+    cfg_path = tmp_path / 'retinanet.py'
+    cfg_path.write_text(
+        swap_config(arch, 'BOATCSWin').replace(
+            'model = dict(', 'model = dict(init_cfg=dict(type='
+            f"'Pretrained', checkpoint={path!r}),"))
+    cfg = Config.fromfile(str(cfg_path))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+        with pytest.raises(CheckpointMismatchError) as err:
+            model.init_weights()
+    msg = str(err.value)
+    assert "Its keys are a Swin's" in msg
+    assert 'model-level init_cfg, pretrained or load_from' in msg
+    assert 'set that to None and load BOATCSWin weights' in msg
