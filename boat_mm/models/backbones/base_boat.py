@@ -16,8 +16,8 @@ import logging
 import numbers
 from collections import OrderedDict
 from copy import deepcopy
-from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple, Type, Union)
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple, Type, Union)
 
 import torch
 import torch.nn as nn
@@ -167,6 +167,20 @@ def _describe_published(state_dict: Mapping) -> str:
         return (f' It is laid out like a published {layout.name} '
                 f'checkpoint ({layout.marker}*).')
     return ''
+
+
+def _is_swin_layout(keys: Iterable[str]) -> bool:
+    """Whether state-dict keys are those of a Swin in mmpretrain's,
+    mmseg's and mmdet's layout (as BOAT-Swin's): window attention as
+    ``attn.w_msa``.
+
+    Args:
+        keys (Iterable[str]): State-dict keys.
+
+    Returns:
+        bool: Whether one of them is a window attention weight.
+    """
+    return any('.attn.w_msa.' in str(k) for k in keys)
 
 
 def _is_fsla_key(key: str) -> bool:
@@ -430,6 +444,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                                              self._accepted_arguments())
         init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
         super().__init__(init_cfg=init_cfg)
+        #: The deprecated ``pretrained`` given (mmseg's segmentors pass
+        #: their model-level one), for the messages of :meth:`init_weights`.
+        self.pretrained = pretrained
         # Checked here rather than deep inside the layers they build.
         check_int(in_channels, 'in_channels', name)
         check_number(mlp_ratio, 'mlp_ratio', name)
@@ -729,6 +746,26 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # initialisation, then the Pretrained entries.
         self.init_cfg = deepcopy(self.default_init_cfg) + extra
         try:
+            self._init_with_messages()
+        except CheckpointMismatchError as err:
+            if self.pretrained is None:
+                raise
+            # The file may be one the user never named: the model-level
+            # `pretrained` of a Swin _base_ config (KNet's), left by a swap.
+            raise CheckpointMismatchError(
+                f'{err} The checkpoint came from `pretrained` '
+                f'({self.pretrained!r}), which mmseg\'s segmentors set on '
+                f'the backbone from the model-level `pretrained` of the '
+                f'config, maybe inherited from a _base_ config with another '
+                f'backbone: set `model=dict(pretrained=None, ...)` and give '
+                f'the BOAT weights as the backbone\'s init_cfg.') from err
+        finally:
+            self.init_cfg = user_cfg
+
+    def _init_with_messages(self) -> None:
+        """MMEngine's initialisation, a missing Pretrained prefix raised
+        as a :class:`CheckpointMismatchError` that says why."""
+        try:
             super().init_weights()
         except AssertionError as err:
             # MMEngine asserts that a Pretrained prefix is in the file.
@@ -736,8 +773,6 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 raise
             raise CheckpointMismatchError(
                 self._prefix_mismatch_message()) from err
-        finally:
-            self.init_cfg = user_cfg
 
     def _prefix_mismatch_message(self) -> str:
         """Explain which Pretrained ``prefix`` has no key in its file."""
@@ -836,6 +871,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             if state_dict:
                 keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
         hint = self._prefix_hint(state_dict, prefix)
+        # Swin-layout weights that fit neither by prefix nor by shape, e.g.
+        # those of a Swin detector that the model-level init_cfg of an
+        # upstream config loads into a swap.
+        inherited = '' if hint or not _is_swin_layout(under) else (
+            f" Its keys are a Swin's (or BOAT-Swin's) in mmpretrain's, "
+            f"mmseg's and mmdet's layout (stages.*.attn.w_msa.*): if a "
+            f"_base_ config with a Swin backbone gives this file (a "
+            f"model-level init_cfg, pretrained or load_from), set that to "
+            f"None and load {type(self).__name__} weights.")
         named = sum(prefix + k in state_dict for k in own)
         if not hint and named >= self.min_loaded_share * len(own):
             # boat-mm's (mmpretrain's) names, other shapes: another size.
@@ -853,7 +897,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         return (f'{type(self).__name__}: {source} matches {found} of the '
                 f'{len(own)} weights of the backbone (same name {where} and '
                 f'shape); {keys}; the backbone expects {own[:4]} ... '
-                f'({len(own)} in all).{hint}')
+                f'({len(own)} in all).{hint}{inherited}')
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Derived buffers of the original or of mmpretrain's models are

@@ -255,11 +255,16 @@ def pretrained_init_cfg(pretrained: Optional[str],
             f'cannot both be set. Drop pretrained (mmseg sets it on the '
             f'backbone from the model-level `pretrained`) or set '
             f'`init_cfg=None` on the backbone.')
+    # A swap that keeps a _base_ config's model-level `pretrained` (mmseg's
+    # KNet Swin configs) would load that backbone's weights unnoticed.
     warnings.warn(
         f'DeprecationWarning: {name}: pretrained is deprecated, please use '
         f'"init_cfg" instead: init_cfg=dict(type=\'Pretrained\', '
         f'checkpoint={pretrained!r}), with prefix=\'backbone.\' for a '
-        f'classifier checkpoint (what boat2mm.py writes).')
+        f'classifier checkpoint (what boat2mm.py writes). mmseg\'s '
+        f'segmentors set it from the model-level `pretrained`, maybe '
+        f'inherited from a _base_ config with another backbone: set '
+        f'`model=dict(pretrained=None)` unless {pretrained!r} is meant.')
     return dict(type='Pretrained', checkpoint=pretrained)
 
 
