@@ -66,6 +66,13 @@ tensor-op path, taken where no kernel runs the input, is plain SDPA and
 counted as such). SDPA calls made inside scripted code are still counted,
 dense, by an ``aten::scaled_dot_product_attention`` handle.
 
+The handles live in :mod:`boat_mm.analysis.flop_handles`; ``import
+boat_mm`` also adds them to mmengine's default handles, so a plain
+``mmengine.analysis.get_model_complexity_info`` (the upstream
+``get_flops.py`` tools) counts FSLA's ops and SDPA as well: the same total
+as here wherever no boolean mask hides pairs (there it counts SDPA dense,
+a traced mask being a graph value), without the per-operator report.
+
 Example:
     >>> from boat_mm.analysis.complexity import get_model_complexity
     >>> info = get_model_complexity(model, input_shape=(3, 224, 224))
