@@ -13,8 +13,8 @@
 
 README.md ("Upstream tools") lists which tools work and how they are run.
 """
-import argparse
 import importlib
+import os
 import os.path as osp
 import runpy
 import sys
@@ -99,8 +99,9 @@ def _vis_cam_module(monkeypatch) -> dict:
     base_cam = types.ModuleType('pytorch_grad_cam.base_cam')
     base_cam.BaseCAM = type('BaseCAM', (), {})
     grad_cam.base_cam = base_cam
-    grad_cam.GradCAMPlusPlus = type('GradCAMPlusPlus', (base_cam.BaseCAM, ),
-                                    {})
+    # The CAM methods the tool offers are BaseCAM's subclasses.
+    for method in ('GradCAM', 'GradCAMPlusPlus'):
+        setattr(grad_cam, method, type(method, (base_cam.BaseCAM, ), {}))
     acts = types.ModuleType('pytorch_grad_cam.activations_and_gradients')
     acts.ActivationsAndGradients = object
     image = types.ModuleType('pytorch_grad_cam.utils.image')
@@ -133,7 +134,12 @@ def test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map(
         swin_classifier(base) if family == 'boat_swin' else CSWIN_CLASSIFIER.
         format(base=base, classes=NUM_CLASSES))
     model = get_model(str(cfg)).eval()
-    args = argparse.Namespace(vit_like=True, num_extra_tokens=None)
+    # The README's command line, read by the tool's own parser.
+    monkeypatch.setattr(sys, 'argv', [
+        'vis_cam.py', 'image.png',
+        str(cfg), 'model.pth', '--vit-like', '--save-path', 'cam.png'
+    ])
+    args = vis_cam['parse_args']()
     layer, = vis_cam['get_default_target_layers'](model, args)
     assert layer is model.backbone.norm3
 
@@ -144,6 +150,26 @@ def test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map(
     handle.remove()
     folded = vis_cam['reshape_transform'](tokens[0], model, args)
     torch.testing.assert_close(folded, feat, rtol=0, atol=0)
+
+
+def test_browse_dataset_draws_the_images_of_a_classifier_config(
+        imagenet_root, tmp_path, monkeypatch):
+    """mmpretrain's browse_dataset.py on a BOAT-Swin classifier config
+    with the generated data: the original images, one file each."""
+    cfg = tmp_path / 'tiny_swin.py'
+    cfg.write_text(
+        swin_classifier(CLS_CONFIGS[0]) +
+        f'train_dataloader = dict(dataset=dict(data_root={imagenet_root!r}))\n'
+    )
+    out = tmp_path / 'browse'
+    tool = _upstream_tool('mmpretrain', 'visualization', 'browse_dataset.py')
+    _run_tool(tool, [
+        str(cfg), '--output-dir',
+        str(out), '--mode', 'original', '--show-number', '1', '--not-show'
+    ], monkeypatch)
+    with open(osp.join(imagenet_root, 'meta', 'train.txt')) as f:
+        first = f.readline().split()[0]
+    assert os.listdir(out) == [osp.basename(first)]
 
 
 @pytest.mark.parametrize(
