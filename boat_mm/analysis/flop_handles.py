@@ -8,8 +8,9 @@ built on ``mmengine.analysis.get_model_complexity_info`` (the
 ``get_flops.py`` of mmpretrain, mmdet and mmseg) count FSLA and SDPA too
 instead of skipping them as "unsupported operators".
 
-This module imports only torch and ``mmengine.analysis.jit_handles``: it
-is loaded from inside the import of ``mmengine.analysis``.
+This module imports nothing of ``mmengine.analysis`` at import time: it
+is loaded from inside the import of ``mmengine.analysis`` (the hook), and
+importing it first must not start that import (and the hook) half-way.
 """
 import math
 from collections import Counter
@@ -17,7 +18,6 @@ from types import ModuleType
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-from mmengine.analysis.jit_handles import generic_activation_jit, get_shape
 from torch import Tensor
 
 __all__ = [
@@ -81,6 +81,11 @@ def sdpa_macs(query_shape: Sequence[int],
     return int(pairs * (e + ev))
 
 
+def _shape(value: Any) -> List[int]:
+    """The static shape of a traced tensor input or output."""
+    return value.type().sizes()
+
+
 def _constant(value: Any) -> Any:
     """The Python value of a constant input of a traced node."""
     return value.toIValue()
@@ -99,7 +104,7 @@ def clustering_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
     Returns:
         Counter: ``{'fsla_clustering': MACs}``.
     """
-    M, _, d = get_shape(inputs[0])
+    M, _, d = _shape(inputs[0])
     levels, slot_size, iters = (_constant(x) for x in inputs[1:4])
     slots = slot_size << levels
     macs = 4 * (1 + iters) * M * slots * d * levels
@@ -141,8 +146,8 @@ def attention_handle(masked_attention: str = 'allowed') -> Callable:
             f'got {masked_attention!r}.')
 
     def handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-        B, N, C3 = get_shape(inputs[0])
-        M, slots = get_shape(inputs[1])
+        B, N, C3 = _shape(inputs[0])
+        M, slots = _shape(inputs[1])
         heads, slot_size, overlap = (_constant(x) for x in inputs[3:6])
         head_dims = C3 // 3 // heads
         num_clusters = slots // slot_size
@@ -180,7 +185,7 @@ def aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
     Returns:
         Counter: ``{'sdpa': MACs}``.
     """
-    q, k, v = (get_shape(x) for x in inputs[:3])
+    q, k, v = (_shape(x) for x in inputs[:3])
     return Counter({'sdpa': sdpa_macs(q, k, v, masked_attention='dense')})
 
 
@@ -198,6 +203,8 @@ def register_default_handles(module: ModuleType) -> None:
     Args:
         module (ModuleType): ``mmengine.analysis.complexity_analysis``.
     """
+    # Loaded by now: mmengine.analysis.complexity_analysis imports it.
+    from mmengine.analysis.jit_handles import generic_activation_jit
     flop_ops = getattr(module, '_DEFAULT_SUPPORTED_FLOP_OPS', None)
     act_ops = getattr(module, '_DEFAULT_SUPPORTED_ACT_OPS', None)
     if not isinstance(flop_ops, dict) or not isinstance(act_ops, dict):

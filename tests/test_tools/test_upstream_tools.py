@@ -184,3 +184,55 @@ def test_browse_dataset_builds_the_visualizer_of_every_classifier(config):
     fig = dict(figsize=(16, 10))
     visualizer = UniversalVisualizer(**vis, fig_show_cfg=fig, fig_save_cfg=fig)
     assert isinstance(visualizer, UniversalVisualizer)
+
+
+def test_default_handles_are_added_not_overridden():
+    """``import boat_mm`` adds its handles to mmengine's tables and keeps
+    a handle mmengine already has (a later mmengine may count SDPA)."""
+    from boat_mm.analysis import flop_handles
+    mine = object()
+    module = types.SimpleNamespace(
+        _DEFAULT_SUPPORTED_FLOP_OPS={
+            'aten::scaled_dot_product_attention': mine
+        },
+        _DEFAULT_SUPPORTED_ACT_OPS={})
+    flop_handles.register_default_handles(module)
+    flops = module._DEFAULT_SUPPORTED_FLOP_OPS
+    assert flops['aten::scaled_dot_product_attention'] is mine
+    for namespace in flop_handles.FSLA_NAMESPACES:
+        assert flops[f'{namespace}::balanced_clustering'] is \
+            flop_handles.clustering_handle
+        assert f'{namespace}::clustered_attention' in flops
+    assert 'aten::scaled_dot_product_attention' in \
+        module._DEFAULT_SUPPORTED_ACT_OPS
+    # A mmengine without the tables is left alone.
+    flop_handles.register_default_handles(types.SimpleNamespace())
+
+
+def test_handles_module_imported_before_mmengine_analysis(monkeypatch):
+    """Imported first, as a fresh interpreter may, the handles' module does
+    not start the import of mmengine.analysis, whose hook needs that module
+    whole (before: "cannot import name 'register_default_handles' from
+    partially initialized module")."""
+    import mmengine
+    import mmengine.analysis  # noqa: F401  (the state to restore)
+
+    import boat_mm.analysis.flop_handles  # noqa: F401
+    from boat_mm.utils import when_imported
+
+    # A fresh interpreter's state in this one (restored afterwards): no
+    # mmengine.analysis, no handles' module, the hook of `import boat_mm`.
+    monkeypatch.setattr(mmengine, 'analysis', mmengine.analysis)
+    monkeypatch.setattr(boat_mm.analysis, 'flop_handles',
+                        boat_mm.analysis.flop_handles)
+    for name in list(sys.modules):
+        if (name.startswith('mmengine.analysis')
+                or name == 'boat_mm.analysis.flop_handles'):
+            monkeypatch.delitem(sys.modules, name)
+    when_imported('mmengine.analysis.complexity_analysis',
+                  boat_mm._register_flop_handles)
+    handles = importlib.import_module('boat_mm.analysis.flop_handles')
+    assert 'mmengine.analysis' not in sys.modules
+    table = importlib.import_module(
+        'mmengine.analysis.complexity_analysis')._DEFAULT_SUPPORTED_FLOP_OPS
+    assert table['boat_mm::balanced_clustering'] is handles.clustering_handle
