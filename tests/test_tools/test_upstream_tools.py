@@ -4,8 +4,9 @@
 
 * mmpretrain's (and mmdet's) ``get_flops.py`` count with mmengine's
   ``get_model_complexity_info``: ``import boat_mm`` adds the handles of
-  FSLA's operators and SDPA to mmengine's defaults, so the tool's count is
-  ours (``boat_mm.analysis.complexity``).
+  FSLA's operators and SDPA to mmengine's defaults (whichever of the two
+  is imported first), so the tool's count is ours
+  (``boat_mm.analysis.complexity``).
 * mmpretrain's ``vis_cam.py --vit-like`` folds a ``(B, L, C)`` target layer
   into a map after dropping the backbone's ``num_extra_tokens``.
 * mmpretrain's ``browse_dataset.py`` passes the config's ``visualizer``
