@@ -5,12 +5,15 @@ mmdetection.
 Importing this package (as ``custom_imports=dict(imports=['boat_mm'])``
 does) registers the models in MMEngine's root ``MODELS`` registry, lets
 ``torch.load(weights_only=True)`` read MMEngine checkpoints, and installs
-two hooks that act only once their modules are imported: MMEngine's
-checkpoint loader says "convert it first" of a published BOAT file, and
-mmpretrain's model hub learns the classifiers' names.
+three hooks that act only once their modules are imported: MMEngine's
+checkpoint loader says "convert it first" of a published BOAT file,
+mmpretrain's model hub learns the classifiers' names, and MMEngine's FLOP
+counter learns FSLA's operators and SDPA.
 The generators of synthetic data (:mod:`boat_mm.datasets`) are imported
 where they are used; the tools' own code lives in ``tools/boat_tools``.
 """
+from types import ModuleType
+
 from .version import __version__, check_dependencies, version_info
 
 # First: a missing or unsupported torch, mmengine or mmcv gets an error
@@ -32,5 +35,17 @@ when_imported('mmengine.runner.checkpoint',
 when_imported('mmpretrain.apis.model', model_index._register_on_import)
 
 from . import models, ops, utils  # noqa: E402,F401  (registers)
+
+
+def _register_flop_handles(module: ModuleType) -> None:
+    """Add BOAT's FLOP handles to mmengine's defaults (``module``)."""
+    from .analysis.flop_handles import register_default_handles
+    register_default_handles(module)
+
+
+# FSLA's ops and SDPA counted by mmengine's FLOP counter, as the upstream
+# get_flops.py tools use it (see boat_mm.analysis.flop_handles). Last:
+# the handles' module imports boat_mm.analysis, which needs the models.
+when_imported('mmengine.analysis.complexity_analysis', _register_flop_handles)
 
 __all__ = ['__version__', 'version_info', 'register_model_index']

@@ -66,13 +66,19 @@ tensor-op path, taken where no kernel runs the input, is plain SDPA and
 counted as such). SDPA calls made inside scripted code are still counted,
 dense, by an ``aten::scaled_dot_product_attention`` handle.
 
+The handles live in :mod:`boat_mm.analysis.flop_handles`; ``import
+boat_mm`` also adds them to mmengine's default handles, so a plain
+``mmengine.analysis.get_model_complexity_info`` (the upstream
+``get_flops.py`` tools) counts FSLA's ops and SDPA as well: the same total
+as here wherever no boolean mask hides pairs (there it counts SDPA dense,
+a traced mask being a graph value), without the per-operator report.
+
 Example:
     >>> from boat_mm.analysis.complexity import get_model_complexity
     >>> info = get_model_complexity(model, input_shape=(3, 224, 224))
     >>> info['flops'] / 1e9, info['params'] / 1e6
 """
 import contextlib
-import math
 from collections import Counter
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence,
                     Tuple, Union)
@@ -81,16 +87,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer, parameter_count
-from mmengine.analysis.jit_handles import get_shape
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from .flop_handles import (FSLA_NAMESPACES, MASKED_ATTENTION_MODES,
+                           ZERO_COST_PYTHON_OPS, aten_sdpa_handle,
+                           attention_handle, clustering_handle, sdpa_macs,
+                           zero_handle)
 
 __all__ = [
     'MAC_OPERATORS', 'DetectorForward', 'flop_analyzer',
     'get_model_complexity', 'sdpa_macs'
 ]
-
-MASKED_ATTENTION_MODES = ('allowed', 'dense')
 
 # Operator names (as reported by ``FlopAnalyzer.by_operator``) that are
 # multiply-adds; the others (norms, upsampling, pooling) are mmengine's
@@ -99,10 +107,6 @@ MAC_OPERATORS = frozenset({
     'linear', 'addmm', 'mm', 'matmul', 'bmm', 'einsum', 'conv', 'sdpa',
     'fsla_clustering'
 })
-
-# autograd.Function ops of boat_mm that only move data (gathers).
-_ZERO_COST_PYTHON_OPS = ('prim::PythonOp._PermuteRows',
-                         'prim::PythonOp._GatherQKV')
 
 # Data movement, indexing and comparisons: no arithmetic, so they are
 # neither counted nor reported as "not counted".
@@ -118,9 +122,6 @@ _ZERO_COST_OPS = ('aten::index_select', 'aten::embedding', 'aten::sort',
                   'aten::logical_or', 'aten::bitwise_and', 'aten::bitwise_or',
                   'aten::all', 'aten::any', 'aten::__or__',
                   'aten::masked_fill_', 'aten::unfold', 'aten::im2col')
-
-# The FSLA ops as traced: ``<namespace>::<op>`` of boat_mm.ops._library.
-_FSLA_NAMESPACES = ('boat_mm', 'boat_mm_triton')
 
 # The parameters of F.scaled_dot_product_attention, in order.
 _SDPA_ARGS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal',
@@ -148,51 +149,6 @@ def _sdpa_op(query: Tensor, key: Tensor, value: Tensor,
         is_causal=is_causal,
         scale=scale,
         **kwargs)
-
-
-def sdpa_macs(query_shape: Sequence[int],
-              key_shape: Sequence[int],
-              value_shape: Sequence[int],
-              attn_mask: Optional[Tensor] = None,
-              is_causal: bool = False,
-              masked_attention: str = 'allowed') -> int:
-    """Multiply-adds of ``q @ k^T`` and ``attn @ v`` in one SDPA call.
-
-    Args:
-        query_shape (Sequence[int]): ``(..., Lq, E)``.
-        key_shape (Sequence[int]): ``(..., Lk, E)``.
-        value_shape (Sequence[int]): ``(..., Lk, Ev)``.
-        attn_mask (Tensor, optional): The call's mask; a boolean one
-            (True = attend) counts only its allowed pairs when
-            ``masked_attention='allowed'``. Float masks count dense.
-        is_causal (bool): Causal attention; counts the allowed (lower
-            triangular) pairs when ``masked_attention='allowed'``.
-        masked_attention (str): ``'allowed'`` or ``'dense'``, see the
-            module docstring.
-
-    Returns:
-        int: ``pairs * (E + Ev)``, ``pairs`` the (query, key) pairs
-        counted.
-    """
-    if masked_attention not in MASKED_ATTENTION_MODES:
-        raise ValueError(
-            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
-            f'got {masked_attention!r}.')
-    lq, e = query_shape[-2], query_shape[-1]
-    lk, ev = key_shape[-2], value_shape[-1]
-    batch = math.prod(query_shape[:-2])
-    pairs = batch * lq * lk
-    if masked_attention == 'allowed':
-        if is_causal:
-            # torch's causal mask is tril(ones(Lq, Lk)): row i sees i + 1.
-            pairs = batch * sum(min(i + 1, lk) for i in range(lq))
-        elif attn_mask is not None and attn_mask.dtype == torch.bool:
-            full = torch.broadcast_shapes(attn_mask.shape,
-                                          (*query_shape[:-1], lk))
-            # Every mask entry stands for numel(full) / numel(mask) pairs.
-            repeat = math.prod(full) // max(attn_mask.numel(), 1)
-            pairs = int(attn_mask.sum()) * repeat
-    return int(pairs * (e + ev))
 
 
 @contextlib.contextmanager
@@ -235,61 +191,6 @@ class _CountingMode(TorchFunctionMode):
                         bool(call['enable_gqa']), macs)
 
 
-def _constant(value: Any) -> Any:
-    """The Python value of a constant input of a traced node."""
-    return value.toIValue()
-
-
-def _clustering_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """``balanced_clustering(x, num_levels, slot_size, kmeans_iters, _)``:
-    per level, the centroid means, two matmuls per k-means iteration and
-    the final similarities, each ``2 * slots * d`` MACs per row of ``x``
-    (what its tensor ops execute; the kernels do the same arithmetic)."""
-    M, _, d = get_shape(inputs[0])
-    levels, slot_size, iters = (_constant(x) for x in inputs[1:4])
-    slots = slot_size << levels
-    macs = 4 * (1 + iters) * M * slots * d * levels
-    return Counter({'fsla_clustering': macs} if macs else {})
-
-
-def _sibling_pairs(num_tokens: int, num_clusters: int, slot_size: int,
-                   overlap: int) -> int:
-    """(query, key) pairs that FSLA's sibling-pair mask allows, per row.
-
-    Cluster ``c`` holds ``N // G`` real tokens, one more for the first
-    ``N % G``. In a pair ``(a, b)`` of real counts, the ``a`` queries see
-    their own tokens and ``min(b, overlap)`` of the sibling's, the ``b``
-    queries likewise; each padding slot attends to itself.
-    """
-    base, extra = divmod(num_tokens, num_clusters)
-    sizes = [base + (c < extra) for c in range(num_clusters)]
-    pairs = 0
-    for a, b in zip(sizes[0::2], sizes[1::2]):
-        pairs += a * (a + min(b, overlap)) + b * (b + min(a, overlap))
-        pairs += 2 * slot_size - a - b
-    return pairs
-
-
-def _attention_handle(masked_attention: str) -> Callable:
-    """Handle of ``clustered_attention(qkv, perm, slot_valid, num_heads,
-    slot_size, overlap, ...)``: ``q @ k^T`` and ``attn @ v`` on the
-    allowed pairs (or on the dense ``2S x 2S`` pair blocks)."""
-
-    def handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-        B, N, C3 = get_shape(inputs[0])
-        M, slots = get_shape(inputs[1])
-        heads, slot_size, overlap = (_constant(x) for x in inputs[3:6])
-        head_dims = C3 // 3 // heads
-        num_clusters = slots // slot_size
-        if masked_attention == 'dense':
-            pairs = num_clusters // 2 * (2 * slot_size)**2
-        else:
-            pairs = _sibling_pairs(N, num_clusters, slot_size, overlap)
-        return Counter({'sdpa': M * pairs * 2 * head_dims})
-
-    return handle
-
-
 def _macs_arg_handle(name: str) -> Callable:
     """Handle returning the MAC count carried as the op's last argument."""
 
@@ -297,18 +198,6 @@ def _macs_arg_handle(name: str) -> Callable:
         return Counter({name: int(inputs[-1].toIValue())})
 
     return handle
-
-
-def _zero_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """Count nothing: the handle of an op known to do no MACs."""
-    return Counter()
-
-
-def _aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """SDPA calls the mode did not see (scripted code): dense, from
-    shapes."""
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    return Counter({'sdpa': sdpa_macs(q, k, v, masked_attention='dense')})
 
 
 def flop_analyzer(model: nn.Module,
@@ -340,21 +229,21 @@ def flop_analyzer(model: nn.Module,
     analyzer.set_op_handle(
         **{
             'boat_mm_flops::sdpa': _macs_arg_handle('sdpa'),
-            'aten::scaled_dot_product_attention': _aten_sdpa_handle,
+            'aten::scaled_dot_product_attention': aten_sdpa_handle,
         })
-    for namespace in _FSLA_NAMESPACES:
+    for namespace in FSLA_NAMESPACES:
         analyzer.set_op_handle(
             **{
                 f'{namespace}::balanced_clustering':
-                _clustering_handle,
+                clustering_handle,
                 f'{namespace}::clustered_attention':
-                _attention_handle(masked_attention),
+                attention_handle(masked_attention),
             })
     for op in _ZERO_COST_OPS:
         analyzer.set_op_handle(op, None)
     # PythonOps cannot be ignored by name (mmengine checks the bare kind).
-    for op in _ZERO_COST_PYTHON_OPS:
-        analyzer.set_op_handle(op, _zero_handle)
+    for op in ZERO_COST_PYTHON_OPS:
+        analyzer.set_op_handle(op, zero_handle)
     # The caller reports uncounted operators once, summarised.
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)

@@ -398,6 +398,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     #: Whether a stage's ``downsample`` runs before its blocks (CSWin's
     #: merge) rather than after them (Swin's); for layer-wise depths.
     downsample_first: bool = False
+    #: Tokens before the patch tokens (class tokens): none, as in
+    #: mmpretrain's Swin. mmpretrain's ``vis_cam.py --vit-like`` drops
+    #: this many before folding ``norm{i}``'s ``(B, H * W, C)`` output into
+    #: a square map (without the attribute it assumes 1).
+    num_extra_tokens: int = 0
 
     default_init_cfg = [
         dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
