@@ -63,8 +63,10 @@ their ``boat_mm_triton`` twins), whose handles compute the MACs from the
 node's shapes and constants: the clustering's matmuls as above, the
 attention's allowed (or dense) pairs of the sibling-pair layout (its
 tensor-op path, taken where no kernel runs the input, is plain SDPA and
-counted as such). SDPA calls made inside scripted code are still counted,
-dense, by an ``aten::scaled_dot_product_attention`` handle.
+counted as such). Any other ``aten::scaled_dot_product_attention`` node of
+the trace is counted dense by its handle; SDPA inside a
+``torch.jit.script`` function is not seen (the trace holds a
+``prim::CallFunction``).
 
 The handles live in :mod:`boat_mm.analysis.flop_handles`; ``import
 boat_mm`` also adds them to mmengine's default handles, so a plain

@@ -5,8 +5,9 @@
 adds them to mmengine's default handles once ``mmengine.analysis`` is
 imported (:func:`register_default_handles`), so that the upstream tools
 built on ``mmengine.analysis.get_model_complexity_info`` (the
-``get_flops.py`` of mmpretrain, mmdet and mmseg) count FSLA and SDPA too
-instead of skipping them as "unsupported operators".
+``get_flops.py`` of mmpretrain and mmdet; mmseg's fails with mmengine
+0.10 for any model) count FSLA and SDPA too instead of skipping them as
+"unsupported operators".
 
 This module imports nothing of ``mmengine.analysis`` at import time: it
 is loaded from inside the import of ``mmengine.analysis`` (the hook), and
@@ -92,8 +93,9 @@ def _constant(value: Any) -> Any:
 
 
 def clustering_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """``balanced_clustering(x, num_levels, slot_size, kmeans_iters, _)``:
-    per level, the centroid means, two matmuls per k-means iteration and
+    """MACs of ``balanced_clustering(x, num_levels, slot_size, ...)``.
+
+    Per level, the centroid means, two matmuls per k-means iteration and
     the final similarities, each ``2 * slots * d`` MACs per row of ``x``
     (what its tensor ops execute; the kernels do the same arithmetic).
 
@@ -130,9 +132,10 @@ def _sibling_pairs(num_tokens: int, num_clusters: int, slot_size: int,
 
 
 def attention_handle(masked_attention: str = 'allowed') -> Callable:
-    """Handle of ``clustered_attention(qkv, perm, slot_valid, num_heads,
-    slot_size, overlap, ...)``: ``q @ k^T`` and ``attn @ v`` on the
-    allowed pairs (or on the dense ``2S x 2S`` pair blocks).
+    """The handle of FSLA's ``clustered_attention`` op.
+
+    It counts ``q @ k^T`` and ``attn @ v`` on the allowed pairs (or on the
+    dense ``2S x 2S`` pair blocks).
 
     Args:
         masked_attention (str): ``'allowed'`` or ``'dense'``.
@@ -174,9 +177,10 @@ def zero_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
 
 
 def aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
-    """``aten::scaled_dot_product_attention`` from its shapes, dense (a
-    traced mask is a graph value, not data, so its allowed pairs are
-    unknown here).
+    """MACs of ``aten::scaled_dot_product_attention``, dense.
+
+    Counted from the shapes: a traced mask is a graph value, not data, so
+    its allowed pairs are unknown here (a causal flag is ignored too).
 
     Args:
         inputs (list): The traced node's inputs.
@@ -190,8 +194,9 @@ def aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
 
 
 def register_default_handles(module: ModuleType) -> None:
-    """Add BOAT's handles to mmengine's default FLOP (and activation)
-    handles, where mmengine has none for the operator.
+    """Add BOAT's handles to mmengine's default FLOP and activation ones.
+
+    Only operators that mmengine has no handle for are added.
 
     ``FlopAnalyzer`` starts from ``_DEFAULT_SUPPORTED_FLOP_OPS`` of
     ``mmengine.analysis.complexity_analysis``, so after this

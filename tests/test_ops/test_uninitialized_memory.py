@@ -52,30 +52,36 @@ def test_the_fill_is_on(nan_filled_memory):
         torch.long).max).all()
 
 
+# The Triton attention on the two cases whose tiles are not full.
+PARAMS = [(impl, *case) for impl in IMPLS for case in CASES
+          if impl != 'triton' or case[0] in ((11, 13), (33, 8))]
+
+
 @pytest.mark.parametrize('impl,hw,dims,heads',
-                         [(impl, *case) for impl in IMPLS
-                          for case in CASES] + [('triton-phased',
-                                                 (7, 19), 16, 2)])
+                         PARAMS + [('triton-phased', (7, 19), 16, 2)])
 def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
                                                  nan_filled_memory,
                                                  monkeypatch):
+    device = 'cpu'
     if impl == 'cpp' and not cpu_kernel_available():
         pytest.skip('boat_mm._C is not built (BOAT_MM_WITH_OPS=0)')
     if impl.startswith('triton'):
         pytest.importorskip('triton')
-        if not _backends.triton_interpreter_enabled():
-            pytest.skip('the Triton kernels need TRITON_INTERPRET=1 here')
+        # Compiled on a GPU (benchmarks/gpu_check.sh), else interpreted.
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if device == 'cpu' and not _backends.triton_interpreter_enabled():
+            pytest.skip('the Triton kernels need CUDA or TRITON_INTERPRET=1')
     if impl == 'triton-phased':
         from boat_mm.ops.triton import clustering as tc
         for name, value in PHASED.items():
             monkeypatch.setattr(tc, name, value)
         plan = build_cluster_plan(hw[0] * hw[1])
         plans = tc.level_plans(2 * heads, plan.num_levels, plan.slot_size,
-                               dims // heads, True, torch.device('cpu'))
+                               dims // heads, True, torch.device(device))
         assert [p.kind for p in plans] == ['phased'] * plan.num_levels
         impl = 'triton'
     ref_module = make_module(dims, heads)
-    ours = copy.deepcopy(ref_module)
+    ours = copy.deepcopy(ref_module).to(device)
     ours.clustering_impl = ours.attention_impl = impl
     N = hw[0] * hw[1]
     sizes = leaf_sizes_of(N)
@@ -91,10 +97,12 @@ def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
     w = torch.randn_like(out_ref)
     (out_ref * w).sum().backward()
 
-    x_ours = x.clone().requires_grad_()
+    x_ours = x.to(device).requires_grad_()
     out = ours(x_ours, hw)
-    (out * w).sum().backward()
-    torch.testing.assert_close(out, out_ref.detach(), atol=1e-10, rtol=0)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-10, rtol=0)
+    (out * w.to(device)).sum().backward()
+    torch.testing.assert_close(out.cpu(), out_ref.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        x_ours.grad.cpu(), x_ref.grad, atol=1e-10, rtol=0)
     for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=0, msg=name)
+        torch.testing.assert_close(
+            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)

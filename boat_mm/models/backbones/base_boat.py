@@ -892,7 +892,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'not: it is a model of another size; build the '
                     f'backbone with the checkpoint\'s arch (embed_dims, '
                     f'depths, num_heads).')
-        if not hint:
+        if not hint and not inherited:
             hint = (f'{_describe_published(state_dict)} Published BOAT '
                     f'checkpoints, and Swin / CSWin ones in the official '
                     f'or timm layout, must be converted first: '

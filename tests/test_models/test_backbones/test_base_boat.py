@@ -134,7 +134,11 @@ def test_unrelated_and_mostly_foreign_checkpoints_refused(tmp_path):
     } and other['backbone.' + k].shape == v.shape for k, v in own.items())
     assert found < total / 2
     assert f'matches {found} of the {total} weights' in str(err.value)
-    assert CONVERTER in str(err.value)
+    # A (BOAT-)Swin file: no conversion makes it a BOAT-CSWin's, so the
+    # fix named is to load BOAT-CSWin weights instead.
+    assert CONVERTER not in str(err.value)
+    assert "Its keys are a Swin's" in str(err.value)
+    assert 'load BOATCSWin weights' in str(err.value)
     assert 'laid out like a published' not in str(err.value)
     # Weights of no BOAT model at all.
     with pytest.raises(ValueError, match='matches 0 of'):
