@@ -110,3 +110,21 @@ def test_test_amp_of_a_detector_on_cuda(monkeypatch, test_tool, tmp_path):
     cfg = test_tool.merge_args(test_tool.load_config(DET), args)
     assert cfg.test_cfg.fp16 is True
     assert cfg.test_cfg.type == 'TestLoop'
+
+
+def test_public_code_cuda_calls(monkeypatch):
+    """The parity tools run the public BOAT code, which calls
+    ``Tensor.cuda()`` unconditionally: off CUDA it returns the tensor
+    itself, on CUDA it is torch's own; restored after, also on error."""
+    from boat_tools.reference import cuda_calls_stay_put
+    original = torch.Tensor.cuda
+    x = torch.ones(2)
+    for device in ('cpu', torch.device('cpu')):
+        with cuda_calls_stay_put(device):
+            assert x.cuda() is x and x.cuda(0, non_blocking=True) is x
+        assert torch.Tensor.cuda is original
+    with cuda_calls_stay_put('cuda:1'):
+        assert torch.Tensor.cuda is original
+    with pytest.raises(ValueError), cuda_calls_stay_put():
+        raise ValueError
+    assert torch.Tensor.cuda is original
