@@ -63,6 +63,24 @@ def test_get_flops_cli_segmentation_tiny_arch(get_flops, repo_root, tmp_path,
     assert float(_value(out, 'FLOPs (G)')) == round(info['flops'] / 1e9, 2)
 
 
+@pytest.mark.parametrize('config,shape', [
+    ('configs/boat_swin/boat-swin-tiny_16xb64_in1k.py', (224, 224)),
+    ('configs/demo/boat-cswin-tiny_upernet_demo.py', (512, 512)),
+    ('configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py', (800, 1280)),
+])
+def test_default_shape_per_scope(get_flops, repo_root, monkeypatch, config,
+                                 shape):
+    """Without --shape: the size the help states for the config's task
+    (the count is stood in for: the input shape is what is checked)."""
+    counted = []
+    monkeypatch.setattr(
+        get_flops, 'get_model_complexity', lambda model, input_shape, **kwargs:
+        counted.append(input_shape) or dict(input_shape=input_shape))
+    info = get_flops.count_config(osp.join(repo_root, config))
+    assert counted == [(3, *shape)]
+    assert info['input_shape'] == (3, *shape)
+
+
 def test_get_flops_cli_errors(get_flops, tmp_path, capsys):
     cfg = tmp_path / 'no_scope.py'
     cfg.write_text('model = dict(type="BOATSwin")\n')
