@@ -665,9 +665,12 @@ def test_errors():
     # silently gave uniform or repulsive assignments).
     for kwargs, error, match in [
         (dict(group_size=4.5), TypeError, 'group_size must be an int'),
+        (dict(group_size=0), ValueError, 'group_size must be an int >= 1'),
         (dict(num_heads=0), ValueError, 'num_heads must be an int >= 1'),
         (dict(overlap=-1), ValueError, 'overlap must be an int >= 0'),
         (dict(kmeans_iters=1.0), TypeError, 'kmeans_iters must be an int'),
+        (dict(kmeans_iters=-1), ValueError,
+         'kmeans_iters must be an int >= 0'),
         (dict(kmeans_temperature=0.), ValueError, 'kmeans_temperature'),
         (dict(kmeans_temperature=-100.), ValueError, 'kmeans_temperature'),
         (dict(attn_drop=1.5), ValueError, r'attn_drop must be in \[0, 1\]'),
