@@ -716,3 +716,10 @@ def test_rank_within_nodes_is_a_stable_sort_per_node(shape, dtype):
     expected = np.argsort(values, axis=-1, kind='stable')
     expected = expected + np.arange(M * nodes)[:, None] * cap
     np.testing.assert_array_equal(flat.reshape(-1, cap).numpy(), expected)
+
+
+def test_repr_shows_the_layout_and_scale():
+    m = FeatureSpaceLocalAttention(8, 2, group_size=16, overlap=4)
+    assert m.extra_repr() == ('embed_dims=8, num_heads=2, group_size=16, '
+                              'overlap=4, scale=0.5')
+    assert m.extra_repr() in repr(m)
