@@ -107,3 +107,13 @@ def test_import_refuses_a_missing_or_unsupported_dependency():
     assert too_new.startswith('too new: boat_mm 0.1.0 supports')
     assert too_new.endswith('mmcv 2.2.0 is not below 2.2.0: install versions '
                             'of that range')
+
+
+def test_version_info():
+    """``version_info`` as its docstring says, release candidates too."""
+    from boat_mm import version
+    assert version.parse_version_info('0.1.0') == (0, 1, 0)
+    assert version.parse_version_info('0.1.0rc1') == (0, 1, 0, 'rc1')
+    assert version.parse_version_info('1.2rc10') == (1, 2, 'rc10')
+    assert version.version_info == version.parse_version_info(
+        version.__version__)

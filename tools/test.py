@@ -175,6 +175,14 @@ def _pretrain_show_dir(runner, show_dir: str) -> None:
                                     show_dir)
 
 
+def _test_dataset(cfg: Config) -> ConfigDict:
+    """The test dataset config inside its dataset wrappers, if any."""
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    return dataset
+
+
 def _det_tta_defaults(cfg: Config) -> None:
     """mmdet's defaults (those of its test tool): horizontal flip, boxes
     of both views merged by NMS."""
@@ -192,10 +200,7 @@ def _det_tta_defaults(cfg: Config) -> None:
             tta_cfg=dict(
                 nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)))
     if 'tta_pipeline' not in cfg:
-        dataset = cfg.test_dataloader.dataset
-        while 'dataset' in dataset:  # dataset wrappers
-            dataset = dataset['dataset']
-        pipeline = deepcopy(dataset.pipeline)
+        pipeline = deepcopy(_test_dataset(cfg).pipeline)
         pipeline[-1] = dict(
             type='TestTimeAug',
             transforms=[[
@@ -225,7 +230,7 @@ def _tta(cfg: Config) -> None:
             if is_ema_hook(hook.get('type')):
                 hook['type'] = 'TTAEMAHook'
         if 'tta_pipeline' not in cfg:
-            pipeline = cfg.test_dataloader.dataset.pipeline
+            pipeline = _test_dataset(cfg).pipeline
             cfg.tta_pipeline = deepcopy(pipeline)
             cfg.tta_pipeline[-1] = dict(
                 type='TestTimeAug',
@@ -240,7 +245,9 @@ def _tta(cfg: Config) -> None:
             f'them from mmseg::_base_/default_runtime.py and the dataset '
             f'base).')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
-    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    # The dataset inside the wrappers (RepeatDataset, ClassBalancedDataset,
+    # ...), which take no pipeline; as mmdet's test tool.
+    _test_dataset(cfg).pipeline = cfg.tta_pipeline
 
 
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:

@@ -63,9 +63,19 @@ def test_non_empty_output_folder_is_refused(tmp_path):
         generate_imagenet_like(str(tmp_path), progress=False)
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match='num_classes'):
         class_appearance(3, 0)
+    out = str(tmp_path / 'out')
+    for kwargs, match in [(dict(num_classes=3), r'in \[4, 150\], got 3'),
+                          (dict(num_classes=151), r'in \[4, 150\], got 151')]:
+        with pytest.raises(ValueError, match=match):
+            generate_ade20k_like(out, progress=False, **kwargs)
+    for kwargs, match in [(dict(num_classes=3), 'num_classes must be >= 4'),
+                          (dict(img_size=15), 'img_size must be >= 16')]:
+        with pytest.raises(ValueError, match=match):
+            generate_imagenet_like(out, progress=False, **kwargs)
+    assert not osp.exists(out)  # refused before writing anything
 
 
 def test_look_alike_classes_need_context(tmp_path):

@@ -665,9 +665,12 @@ def test_errors():
     # silently gave uniform or repulsive assignments).
     for kwargs, error, match in [
         (dict(group_size=4.5), TypeError, 'group_size must be an int'),
+        (dict(group_size=0), ValueError, 'group_size must be an int >= 1'),
         (dict(num_heads=0), ValueError, 'num_heads must be an int >= 1'),
         (dict(overlap=-1), ValueError, 'overlap must be an int >= 0'),
         (dict(kmeans_iters=1.0), TypeError, 'kmeans_iters must be an int'),
+        (dict(kmeans_iters=-1), ValueError,
+         'kmeans_iters must be an int >= 0'),
         (dict(kmeans_temperature=0.), ValueError, 'kmeans_temperature'),
         (dict(kmeans_temperature=-100.), ValueError, 'kmeans_temperature'),
         (dict(attn_drop=1.5), ValueError, r'attn_drop must be in \[0, 1\]'),
@@ -713,3 +716,10 @@ def test_rank_within_nodes_is_a_stable_sort_per_node(shape, dtype):
     expected = np.argsort(values, axis=-1, kind='stable')
     expected = expected + np.arange(M * nodes)[:, None] * cap
     np.testing.assert_array_equal(flat.reshape(-1, cap).numpy(), expected)
+
+
+def test_repr_shows_the_layout_and_scale():
+    m = FeatureSpaceLocalAttention(8, 2, group_size=16, overlap=4)
+    assert m.extra_repr() == ('embed_dims=8, num_heads=2, group_size=16, '
+                              'overlap=4, scale=0.5')
+    assert m.extra_repr() in repr(m)

@@ -103,3 +103,41 @@ def test_cpu_ddp_wrapper_keeps_buffers_local_without_deprecation(tmp_path):
         str(w.message) for w in caught if 'broadcast_buffers' in str(w.message)
     ]
     assert ddp.broadcast_buffers is False  # the forward sync (any torch)
+
+
+def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
+    """A CPU run under torchrun starts a gloo group with the config's
+    ``dist_cfg`` (its timeout in seconds, which torch takes as a
+    timedelta); not with CUDA, without a launcher, or once a group
+    exists; other launchers are refused, naming the one that works."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from boat_tools.config import init_cpu_dist
+    from mmengine.config import Config
+    started = []
+    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(dist, 'init_process_group',
+                        lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = Config(
+        dict(
+            launcher='pytorch',
+            env_cfg=dict(dist_cfg=dict(backend='nccl', timeout=1800))))
+    assert init_cpu_dist(cfg)
+    assert started == [
+        dict(backend='gloo', timeout=datetime.timedelta(seconds=1800))
+    ]
+    assert cfg.env_cfg.dist_cfg.backend == 'nccl'  # the config is kept
+    assert not init_cpu_dist(Config(dict(launcher='none')))
+    with pytest.raises(
+            RuntimeError, match="with `--launcher pytorch`.*"
+            "not 'slurm'"):
+        init_cpu_dist(Config(dict(launcher='slurm')))
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    assert not init_cpu_dist(cfg)
+    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert not init_cpu_dist(cfg)
+    assert len(started) == 1

@@ -63,6 +63,24 @@ def test_get_flops_cli_segmentation_tiny_arch(get_flops, repo_root, tmp_path,
     assert float(_value(out, 'FLOPs (G)')) == round(info['flops'] / 1e9, 2)
 
 
+@pytest.mark.parametrize('config,shape', [
+    ('configs/boat_swin/boat-swin-tiny_16xb64_in1k.py', (224, 224)),
+    ('configs/demo/boat-cswin-tiny_upernet_demo.py', (512, 512)),
+    ('configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py', (800, 1280)),
+])
+def test_default_shape_per_scope(get_flops, repo_root, monkeypatch, config,
+                                 shape):
+    """Without --shape: the size the help states for the config's task
+    (the count is stood in for: the input shape is what is checked)."""
+    counted = []
+    monkeypatch.setattr(
+        get_flops, 'get_model_complexity', lambda model, input_shape, **kwargs:
+        counted.append(input_shape) or dict(input_shape=input_shape))
+    info = get_flops.count_config(osp.join(repo_root, config))
+    assert counted == [(3, *shape)]
+    assert info['input_shape'] == (3, *shape)
+
+
 def test_get_flops_cli_errors(get_flops, tmp_path, capsys):
     cfg = tmp_path / 'no_scope.py'
     cfg.write_text('model = dict(type="BOATSwin")\n')
@@ -87,3 +105,44 @@ def test_metafile_flops_are_get_flops_multiply_adds(get_flops, repo_root,
     info = get_flops.count_config(osp.join(repo_root, config), (224, 224))
     assert round(info['macs'] / 1e9, 2) == listed.flops / 1e9
     assert round(info['params'] / 1e4) == listed.params / 1e4
+
+
+def test_get_flops_of_a_single_stage_detector(get_flops, repo_root, tmp_path):
+    """RetinaNet (no roi_head): the count runs its dense head on the FPN
+    levels. The backbone's share equals the backbone counted alone; the
+    head's is the multiply-adds of its 3x3 convolutions at every position
+    of every level."""
+    import torch
+    from torch import nn
+
+    from boat_mm.analysis.complexity import get_model_complexity
+    base = osp.join(repo_root, 'configs', 'boat_swin',
+                    'retinanet_boat-swin-tiny_fpn_1x_coco.py')
+    cfg = tmp_path / 'tiny_retinanet.py'
+    cfg.write_text(
+        f'_base_ = [{base!r}]\n'
+        'model = dict(\n'
+        '    backbone=dict(arch=dict(_delete_=True, embed_dims=16,\n'
+        '                            depths=[1, 1, 1, 1],\n'
+        '                            num_heads=[2, 2, 4, 4]),\n'
+        '                  init_cfg=None),\n'
+        '    neck=dict(in_channels=[32, 64, 128], out_channels=32),\n'
+        '    bbox_head=dict(in_channels=32, feat_channels=32,\n'
+        '                   stacked_convs=1))\n')
+    info = get_flops.count_config(str(cfg), (64, 64))
+    assert info['scope'] == 'mmdet'
+    detector = info['model'].detector
+    assert not hasattr(detector, 'roi_head')
+    by_module = info['analyzer'].by_module()
+    alone = get_model_complexity(detector.backbone, (3, 64, 64))
+    assert by_module['detector.backbone'] == alone['flops']
+    with torch.no_grad():
+        feats = detector.extract_feat(torch.zeros(1, 3, 64, 64))
+    positions = sum(f.shape[-2] * f.shape[-1] for f in feats)
+    assert len(feats) == 5 and positions == 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1
+    convs = [
+        m for m in detector.bbox_head.modules() if isinstance(m, nn.Conv2d)
+    ]
+    assert all(m.kernel_size == (3, 3) for m in convs)
+    per_position = sum(9 * m.in_channels * m.out_channels for m in convs)
+    assert by_module['detector.bbox_head'] == positions * per_position

@@ -160,3 +160,34 @@ def test_published_weights_that_load_still_say_convert(tmp_path):
     torch.save(dict(state_dict=plain), path)
     assert set(
         CheckpointLoader.load_checkpoint(path)['state_dict']) == set(plain)
+
+
+def test_inspection_of_legacy_and_plain_pickle_files(tmp_path):
+    """Files of torch.save's legacy format (before torch 1.6; the object
+    follows a magic number, protocol and system info) and plain pickles
+    are read too, parameters as meta tensors; a published checkpoint in
+    the legacy format gets the same message."""
+    legacy = str(tmp_path / 'legacy.pth')
+    weights = dict(w=torch.nn.Parameter(torch.ones(2, 3)), b=torch.ones(4))
+    torch.save(
+        dict(state_dict=weights, epoch=3),
+        legacy,
+        _use_new_zipfile_serialization=False)
+    found = inspect_checkpoint(legacy)
+    assert found['foreign'] == [] and found['object']['epoch'] == 3
+    for name, shape in (('w', (2, 3)), ('b', (4, ))):
+        tensor = found['object']['state_dict'][name]
+        assert tensor.device.type == 'meta' and tensor.shape == shape
+    plain = tmp_path / 'plain.pkl'
+    plain.write_bytes(pickle.dumps(dict(a=1, b=[2])))
+    assert inspect_checkpoint(str(plain))['object'] == dict(a=1, b=[2])
+    assert inspect_checkpoint(str(tmp_path / 'missing.pth')) is None
+
+    zipped = write_published_cswin(str(tmp_path / 'cswin_tiny.pth.tar'))[0]
+    old = str(tmp_path / 'cswin_tiny_legacy.pth.tar')
+    torch.save(
+        torch.load(zipped, weights_only=False),
+        old,
+        _use_new_zipfile_serialization=False)
+    assert published_checkpoint_message(old).startswith(
+        f'{old} is a published BOAT-CSWin checkpoint (arch tiny, 11 classes')

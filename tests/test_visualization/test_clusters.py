@@ -124,3 +124,24 @@ def test_palette_colorize_and_draw():
                                   np.rint(100 * 0.75 + colour * 0.25))
     with pytest.raises(ValueError, match=r'\(H, W\) id map'):
         colorize_ids(np.zeros((1, 2, 2), int))
+
+
+def test_palette_and_drawing_refuse_bad_arguments():
+    ids = np.array([[0, 1], [2, 0]])
+    image = np.zeros((4, 4, 3), np.uint8)
+    for call, match in [
+        (lambda: cluster_palette(0), 'num_colors must be >= 1, got 0'),
+        (lambda: colorize_ids(-ids), 'Cluster ids must be >= 0, got -2'),
+        (lambda: colorize_ids(ids, num_ids=2),
+         'num_ids=2 but the map holds id 2'),
+        (lambda: draw_clusters(image[..., 0], ids),
+         r'Expected an \(H, W, 3\) image, got \(4, 4\)'),
+        (lambda: draw_clusters(image, ids, alpha=1.5),
+         r'alpha must be in \[0, 1\], got 1.5'),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # A palette larger than the map's ids (maps that share colours).
+    np.testing.assert_array_equal(
+        colorize_ids(torch.tensor(ids), num_ids=5),
+        cluster_palette(5)[ids])

@@ -105,14 +105,10 @@ class FeatureSpaceLocalAttention(BaseModule):
             raise ValueError(
                 f'embed_dims ({embed_dims}) must be divisible by num_heads '
                 f'({num_heads}); change one of them.')
-        if group_size < 1:
-            raise ValueError(f'group_size must be >= 1, got {group_size}.')
         if not 0 <= overlap < group_size:
             raise ValueError(
                 f'overlap ({overlap}) must be >= 0 and smaller than '
                 f'group_size ({group_size}); lower overlap.')
-        if kmeans_iters < 0:
-            raise ValueError(f'kmeans_iters must be >= 0, got {kmeans_iters}.')
         check_qk_scale(qk_scale, name)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
