@@ -140,14 +140,13 @@ def test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map(
         swin_classifier(base) if family == 'boat_swin' else CSWIN_CLASSIFIER.
         format(base=base, classes=NUM_CLASSES))
     model = get_model(str(cfg)).eval()
-    # The command line of docs/upstream_tools.md, read by the tool's own
-    # parser.
-    with open(osp.join(REPO, 'docs', 'upstream_tools.md')) as f:
-        line, = (x for x in f if x.startswith('mim run mmpretrain vis_cam '))
-    argv = line.split()[4:]
-    values = dict(IMAGE='image.png', CONFIG=str(cfg), CKPT='model.pth')
-    monkeypatch.setattr(sys, 'argv',
-                        ['vis_cam.py'] + [values.get(a, a) for a in argv])
+    # The command line of docs/upstream_tools.md (test_doc_examples.py's
+    # test_command_is_covered holds its options to these), read by the
+    # tool's own parser.
+    monkeypatch.setattr(sys, 'argv', [
+        'vis_cam.py', 'image.png',
+        str(cfg), 'model.pth', '--vit-like', '--save-path', 'cam.png'
+    ])
     args = vis_cam['parse_args']()
     layer, = vis_cam['get_default_target_layers'](model, args)
     assert layer is model.backbone.norm3
