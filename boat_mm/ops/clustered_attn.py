@@ -310,7 +310,12 @@ def clustered_attention(
             pad = (~plan.slot_valid).expand(3, M, slots).reshape(3, -1)
             spare = pad.reshape(-1).cumsum(0).view(3, -1) - 1 + 3 * M * N
             dst_row = torch.where(pad, spare, src_row)
-        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, d, hw_shape)
+        # int(): under torch.jit.trace (mmengine's FLOP counter) shapes are
+        # 0-dim tensors, which the tracer cannot record as a Function's
+        # non-tensor arguments.
+        hw = None if hw_shape is None else tuple(int(n) for n in hw_shape)
+        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, int(d),
+                                            hw)
     else:  # no backward: plain ops
         flat = qkv.reshape(-1, d)
         q, k, v = (_gather_rows(flat, rows) for rows in src_row)

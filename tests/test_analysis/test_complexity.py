@@ -174,3 +174,34 @@ def test_whole_model_matches_torch_flop_counter(backbone, monkeypatch):
     assert allowed['macs'] - allowed['by_operator']['sdpa'] == \
         info['macs'] - info['by_operator']['sdpa']
     assert set(allowed['by_operator']) - {'layer_norm'} <= MAC_OPERATORS
+
+
+@pytest.mark.parametrize('kernel', [True, False], ids=['cpp', 'tensor'])
+def test_mmengine_counter_in_training_mode_with_grad(kernel, monkeypatch):
+    """mmengine's ``get_model_complexity_info`` as the upstream get_flops
+    tools call it (grad enabled, no ``torch.no_grad``): on the tensor ops
+    the trace used to fail inside ``_GatherQKV`` (shapes are 0-dim tensors
+    under the tracer), and the count equals that of a no-grad trace."""
+    from mmengine.analysis import get_model_complexity_info
+
+    from boat_mm.ops import _backends, cpu_kernel_available
+    from boat_mm.registry import MODELS
+    if kernel and not cpu_kernel_available():
+        pytest.skip('boat_mm._C is not built')
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', kernel)
+    model = MODELS.build(
+        dict(
+            type='BOATCSWin',
+            arch=dict(
+                embed_dims=16, depths=[1, 2, 2, 1], num_heads=[2, 2, 4, 4]),
+            drop_path_rate=0.)).train()
+
+    def flops() -> int:
+        return get_model_complexity_info(
+            model, input_shape=(3, 64, 64), show_table=False,
+            show_arch=False)['flops']
+
+    with torch.no_grad():
+        expected = flops()
+    assert torch.is_grad_enabled()
+    assert flops() == expected
