@@ -239,6 +239,60 @@ def unambiguous(draw, reference, seed: int = 0, tries: int = 60):
     raise AssertionError('no input without near-ties; change the draw')
 
 
+def check_module_against_reference(hw: Tuple[int, int],
+                                   dims: int,
+                                   heads: int,
+                                   impl: str,
+                                   device: str = 'cpu',
+                                   **kwargs) -> None:
+    """FSLA with both ops on ``impl``, on ``device``, equals the slow
+    reference in float64: output, input gradient and every parameter
+    gradient, on an input without near-ties.
+
+    Args:
+        hw (tuple[int, int]): The map's ``(H, W)``.
+        dims (int): Channels.
+        heads (int): Heads.
+        impl (str): ``clustering_impl`` and ``attention_impl``.
+        device (str): Where FSLA runs; the reference runs on the CPU.
+        **kwargs: More FSLA arguments (``group_size``, ``overlap``).
+    """
+    ref_module = make_module(dims, heads, **kwargs)
+    ours = copy.deepcopy(ref_module).to(device)
+    ours.clustering_impl = ours.attention_impl = impl
+    N = hw[0] * hw[1]
+    gs, ov = kwargs.get('group_size', 49), kwargs.get('overlap', 20)
+    sizes = leaf_sizes_of(N, gs, ov)
+
+    def reference(x):
+        x = x.clone().requires_grad_()
+        ref = reference_fsla(
+            ref_module,
+            x,
+            hw,
+            heads,
+            group_size=gs,
+            overlap=ov,
+            leaf_sizes=sizes)
+        return x, ref.out, ref.margin
+
+    x, (x_ref, out_ref, _) = unambiguous(
+        lambda g: torch.randn(2, N, dims, dtype=torch.float64, generator=g),
+        reference)
+    w = torch.randn_like(out_ref)
+    (out_ref * w).sum().backward()
+
+    x_ours = x.to(device).requires_grad_()
+    out = ours(x_ours, hw)
+    (out * w.to(device)).sum().backward()
+    torch.testing.assert_close(out.cpu(), out_ref.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        x_ours.grad.cpu(), x_ref.grad, atol=1e-10, rtol=0)
+    for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(
+            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------
 # Equality with the published algorithm (N = group_size * 2**L).
 # ---------------------------------------------------------------------------

@@ -12,14 +12,13 @@ Without a GPU the kernels run on CPU tensors in Triton's interpreter
 (``tests/conftest.py``); with one, compiled on CUDA
 (``benchmarks/gpu_check.sh``).
 """
-import copy
 from typing import Tuple
 
 import pytest
 import torch
 # The interpreter runs many tiny numpy ops: threads only cost.
 from test_fsla import one_thread  # noqa: F401 (autouse fixture)
-from test_fsla import leaf_sizes_of, make_module, reference_fsla, unambiguous
+from test_fsla import check_module_against_reference
 
 from boat_mm.models.backbones import BOATCSWin, BOATSwin
 from boat_mm.models.utils import FeatureSpaceLocalAttention
@@ -48,40 +47,7 @@ MODULE_CASES = [((14, 14), 32, 4, {}), ((11, 13), 16, 2, {}),
 def test_module_on_triton_equals_reference(hw, dims, heads, kwargs):
     """Output, input gradient and every parameter gradient of FSLA on the
     Triton kernels equal the slow reference of test_fsla.py."""
-    ref_module = make_module(dims, heads, **kwargs)
-    ours = copy.deepcopy(ref_module).to(DEVICE)
-    ours.clustering_impl = ours.attention_impl = 'triton'
-    N = hw[0] * hw[1]
-    gs, ov = kwargs.get('group_size', 49), kwargs.get('overlap', 20)
-    sizes = leaf_sizes_of(N, gs, ov)
-
-    def reference(x):
-        x = x.clone().requires_grad_()
-        ref = reference_fsla(
-            ref_module,
-            x,
-            hw,
-            heads,
-            group_size=gs,
-            overlap=ov,
-            leaf_sizes=sizes)
-        return x, ref.out, ref.margin
-
-    x, (x_ref, out_ref, _) = unambiguous(
-        lambda g: torch.randn(2, N, dims, dtype=torch.float64, generator=g),
-        reference)
-    w = torch.randn_like(out_ref)
-    (out_ref * w).sum().backward()
-
-    x_ours = x.to(DEVICE).requires_grad_()
-    out = ours(x_ours, hw)
-    (out * w.to(DEVICE)).sum().backward()
-    torch.testing.assert_close(out.cpu(), out_ref.detach(), atol=1e-10, rtol=0)
-    torch.testing.assert_close(
-        x_ours.grad.cpu(), x_ref.grad, atol=1e-10, rtol=0)
-    for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(
-            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)
+    check_module_against_reference(hw, dims, heads, 'triton', DEVICE, **kwargs)
 
 
 ARCHS = {

@@ -12,12 +12,11 @@ in Python and in C++ alike; MMEngine sets that mode for
 must still equal the slow reference of ``test_fsla.py``, in the forward
 and in every gradient.
 """
-import copy
 
 import pytest
 import torch
 from test_fsla import one_thread  # noqa: F401 (autouse fixture)
-from test_fsla import leaf_sizes_of, make_module, reference_fsla, unambiguous
+from test_fsla import check_module_against_reference
 
 from boat_mm.ops import _backends, build_cluster_plan, cpu_kernel_available
 
@@ -80,29 +79,4 @@ def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
                                dims // heads, True, torch.device(device))
         assert [p.kind for p in plans] == ['phased'] * plan.num_levels
         impl = 'triton'
-    ref_module = make_module(dims, heads)
-    ours = copy.deepcopy(ref_module).to(device)
-    ours.clustering_impl = ours.attention_impl = impl
-    N = hw[0] * hw[1]
-    sizes = leaf_sizes_of(N)
-
-    def reference(x):
-        x = x.clone().requires_grad_()
-        ref = reference_fsla(ref_module, x, hw, heads, leaf_sizes=sizes)
-        return x, ref.out, ref.margin
-
-    x, (x_ref, out_ref, _) = unambiguous(
-        lambda g: torch.randn(2, N, dims, dtype=torch.float64, generator=g),
-        reference)
-    w = torch.randn_like(out_ref)
-    (out_ref * w).sum().backward()
-
-    x_ours = x.to(device).requires_grad_()
-    out = ours(x_ours, hw)
-    (out * w.to(device)).sum().backward()
-    torch.testing.assert_close(out.cpu(), out_ref.detach(), atol=1e-10, rtol=0)
-    torch.testing.assert_close(
-        x_ours.grad.cpu(), x_ref.grad, atol=1e-10, rtol=0)
-    for (name, p), q in zip(ref_module.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(
-            q.grad.cpu(), p.grad, atol=1e-9, rtol=0, msg=name)
+    check_module_against_reference(hw, dims, heads, impl, device)
