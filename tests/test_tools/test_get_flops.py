@@ -1,22 +1,18 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """tools/analysis_tools/get_flops.py: scopes, output and errors (the
 counting itself is tested in tests/test_analysis/test_complexity.py)."""
-import importlib.util
 import os.path as osp
 import re
 
 import pytest
+from repo_scripts import load_script
 
 from boat_mm.utils.metafile import load_models, published_complexity
 
 
 @pytest.fixture(scope='module')
-def get_flops(repo_root):
-    path = osp.join(repo_root, 'tools', 'analysis_tools', 'get_flops.py')
-    spec = importlib.util.spec_from_file_location('get_flops_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def get_flops():
+    return load_script('tools/analysis_tools/get_flops.py')
 
 
 def _value(out: str, key: str) -> str:

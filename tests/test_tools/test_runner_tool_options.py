@@ -18,7 +18,6 @@ the run's log folder) and ``--launcher
 pytorch`` (two processes) with real runs.
 """
 import glob
-import importlib.util
 import os
 import os.path as osp
 import pickle
@@ -29,9 +28,9 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from repo_scripts import REPO, load_script
 from tiny_configs import swin_classifier
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
                   'boat-swin-tiny_16xb64_in1k.py')
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
@@ -58,23 +57,14 @@ default_hooks = dict(logger=dict(interval=1))
 NUM_VAL = 12  # 6 classes x 2 generated validation images
 
 
-def _load_tool(name: str):
-    path = osp.join(REPO, 'tools', name)
-    spec = importlib.util.spec_from_file_location(
-        'boat_tool_' + name.replace('.py', ''), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def train_tool():
-    return _load_tool('train.py')
+    return load_script('tools/train.py')
 
 
 @pytest.fixture(scope='module')
 def test_tool():
-    return _load_tool('test.py')
+    return load_script('tools/test.py')
 
 
 class Recorder:

@@ -3,24 +3,17 @@
 other tests do not give it: no visualization hook, a hook of another
 type, a wrapped test dataset, a config without TTA settings. Config
 level only (no model is built)."""
-import importlib.util
-import os.path as osp
 from argparse import Namespace
 
 import pytest
 from boat_tools.cli import UsageError
 from mmengine.config import Config
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location(
-        '_test_tool_branches', osp.join(REPO, 'tools', 'test.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/test.py')
 
 
 def _show(show_dir=None):
