@@ -24,24 +24,13 @@ import pytest
 import torch
 from mmengine.config import Config
 from repo_scripts import REPO, load_script
-from tiny_configs import swin_classifier
+from tiny_configs import cswin_classifier, swin_classifier
 
 TOOLS = osp.join(REPO, 'tools')
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
                   'boat-swin-tiny_16xb64_in1k.py')
 CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
                    'boat-cswin-tiny_8xb256_in1k.py')
-
-# BOAT-CSWin-T's recipe with FSLA in blocks 0 and 2 of stage 0, 2 heads.
-TINY_CSWIN = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[3, 1, 1, 1],
-                  num_heads=[2, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes=6))
-"""
 
 
 @pytest.fixture(scope='module')
@@ -166,7 +155,8 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
     are drawn; --device is where the model runs."""
     from boat_mm.visualization import capture_cluster_ids
     cfg_file = tmp_path / 'tiny_cswin.py'
-    cfg_file.write_text(TINY_CSWIN.format(base=CSWIN_T))
+    # BOAT-CSWin-T's recipe with FSLA in blocks 0 and 2 of stage 0, 2 heads.
+    cfg_file.write_text(cswin_classifier(CSWIN_T, stage0_depth=3))
     torch.manual_seed(0)
     model = vis.build_model(Config.fromfile(str(cfg_file)))
     ckpt = str(tmp_path / 'model.pth')
