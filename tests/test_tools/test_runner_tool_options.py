@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Every option of tools/train.py and tools/test.py has an effect.
 
-The tools run in-process, ``main(argv)``, on shipped configs. Most tests
+The tools run in-process, ``main(argv)`` of the ``train_tool`` and
+``test_tool`` fixtures (conftest.py), on shipped configs. Most tests
 replace the runner the tool would build by a recorder and check the config
 it would have been built from (the tool's whole path up to the runner:
 parsing, merging, device adaptation); the data checks are switched off
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
-from repo_scripts import REPO, load_script
+from repo_scripts import REPO
 from tiny_configs import swin_classifier
 
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
@@ -55,16 +56,6 @@ test_dataloader = val_dataloader
 default_hooks = dict(logger=dict(interval=1))
 """
 NUM_VAL = 12  # 6 classes x 2 generated validation images
-
-
-@pytest.fixture(scope='module')
-def train_tool():
-    return load_script('tools/train.py')
-
-
-@pytest.fixture(scope='module')
-def test_tool():
-    return load_script('tools/test.py')
 
 
 class Recorder:

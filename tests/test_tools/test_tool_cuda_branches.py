@@ -2,30 +2,17 @@
 """What the tools do on a machine with CUDA, run on the CPU: ``--device``
 naming a GPU, and ``--amp`` (refused without CUDA, so on a CPU machine
 the rest of its branch never ran). CUDA's presence is stood in for
-(``torch.cuda.is_available`` and ``device_count``); no model is built."""
+(``torch.cuda.is_available`` and ``device_count``); no model is built.
+The ``train_tool`` and ``test_tool`` fixtures are in conftest.py."""
 import os.path as osp
 
 import pytest
 import torch
 from boat_tools.cli import UsageError, check_device
-from repo_scripts import REPO, load_script
+from repo_scripts import REPO
 
 CLS = osp.join(REPO, 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py')
 DET = osp.join(REPO, 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py')
-
-
-def _tool(name: str):
-    return load_script(f'tools/{name}.py')
-
-
-@pytest.fixture(scope='module')
-def train_tool():
-    return _tool('train')
-
-
-@pytest.fixture(scope='module')
-def test_tool():
-    return _tool('test')
 
 
 def _with_gpus(monkeypatch, count: int) -> None:
