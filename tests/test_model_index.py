@@ -2,19 +2,17 @@
 """The BOAT classifiers by name in mmpretrain's model hub
 (boat_mm.model_index), and the post-import hook that registers them
 without ``import boat_mm`` importing mmpretrain."""
-import importlib.util
-import os.path as osp
 import sys
 
 import pytest
 import torch
 from mmengine.registry import DefaultScope
 from published_files import NUM_CLASSES, classifier, write_published_cswin
+from repo_scripts import REPO, load_script
 
 import boat_mm
 from boat_mm.utils import when_imported
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CLASSIFIERS = [
     'boat-cswin-base_8xb128_in1k', 'boat-cswin-small_8xb256_in1k',
     'boat-cswin-tiny_8xb256_in1k', 'boat-swin-base_16xb64_in1k',
@@ -117,11 +115,7 @@ def test_get_model_by_name_loads_what_boat2mm_writes(tmp_path, monkeypatch):
     dst = str(tmp_path / 'boat-cswin-tiny_in1k.pth')
 
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the tool adds tools/
-    spec = importlib.util.spec_from_file_location(
-        '_boat2mm_for_index',
-        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script('tools/model_converters/boat2mm.py')
     strict_loads = []
     check_loads = tool.check_loads
 

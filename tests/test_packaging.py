@@ -10,7 +10,6 @@ of ``boat_mm/ops/_library.py``. The kernels' build itself is what
 """
 import ast
 import glob
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -21,8 +20,8 @@ import tarfile
 import zipfile
 
 import pytest
+from repo_scripts import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # Not copied into the build's source tree: what no build reads, and
 # outputs of earlier builds and runs.
 _NOT_SOURCES = ('.git', '.venv', '.venv-min-torch', 'build', 'dist',
@@ -139,12 +138,9 @@ def test_wheel_holds_the_package_and_mim_folder(dists):
 def _load_metafile_module(site: str):
     """``boat_mm/utils/metafile.py`` of the unpacked wheel (standard library
     and yaml only), without importing the installed boat_mm over ours."""
-    spec = importlib.util.spec_from_file_location(
-        'installed_metafile', osp.join(site, 'boat_mm', 'utils',
-                                       'metafile.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(site, 'boat_mm', 'utils', 'metafile.py'),
+        'installed_metafile')
 
 
 def test_installed_package_finds_its_model_index(dists, tmp_path, monkeypatch):

@@ -64,6 +64,30 @@ model = dict(
 """
 
 
+def cswin_classifier(base: str, stage0_depth: int = 1) -> str:
+    """A BOAT-CSWin classification config with a tiny backbone (8 channels
+    in stage 0, 2 heads and one block in each later stage, groups of 16
+    tokens, no stochastic depth) and :data:`NUM_CLASSES` classes.
+
+    Args:
+        base (str): Path of the mmpretrain config to inherit, e.g.
+            ``configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py``.
+        stage0_depth (int): Blocks of stage 0.
+
+    Returns:
+        str: The config text.
+    """
+    return f"""
+_base_ = [{base!r}]
+model = dict(
+    backbone=dict(
+        arch=dict(_delete_=True, embed_dims=8,
+                  depths=[{stage0_depth}, 1, 1, 1], num_heads=[2, 2, 2, 2]),
+        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
+    head=dict(in_channels=64, num_classes={NUM_CLASSES}))
+"""
+
+
 def swin_retinanet(base: str,
                    embed_dims: int = 8,
                    model_extra: str = '') -> str:

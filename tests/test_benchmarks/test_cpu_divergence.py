@@ -1,21 +1,14 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """benchmarks/cpu_divergence.py: the batches it trains on."""
-import importlib.util
-import os.path as osp
 
 import cv2
 import numpy as np
 import torch
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from repo_scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location(
-        '_cpu_divergence', osp.join(ROOT, 'benchmarks', 'cpu_divergence.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('benchmarks/cpu_divergence.py')
 
 
 def test_batches_pair_images_with_their_annotations(tmp_path):

@@ -1,28 +1,22 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """benchmarks/gpu_model.py: its sample of kernels that hand out work by
 ticket, and its floor's terms."""
-import importlib.util
-import os.path as osp
 import sys
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from repo_scripts import load_script
 
 from boat_mm.ops import build_cluster_plan
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 @pytest.fixture(scope='module')
 def model():
     path = list(sys.path)
-    spec = importlib.util.spec_from_file_location(
-        '_gpu_model', osp.join(ROOT, 'benchmarks', 'gpu_model.py'))
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = load_script('benchmarks/gpu_model.py')
     finally:
         sys.path[:] = path  # the model adds to it
     return module

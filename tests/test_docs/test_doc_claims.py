@@ -7,7 +7,6 @@ either alone fails here. What the examples and commands do is
 test_doc_examples.py's; links and names are test_doc_links.py's.
 """
 import glob
-import importlib.util
 import inspect
 import os.path as osp
 import re
@@ -16,8 +15,8 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 import yaml
+from repo_scripts import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG_READMES = sorted(
     osp.relpath(p, REPO)
     for p in glob.glob(osp.join(REPO, 'configs', '*', 'README.md')))
@@ -69,10 +68,7 @@ def _load_tool(path: str):
     """Import a script of the repository as a module (as when run)."""
     sys.path.insert(0, osp.join(REPO, 'tools'))
     try:
-        spec = importlib.util.spec_from_file_location(
-            '_claims_' + re.sub(r'\W', '_', path), osp.join(REPO, path))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(path)
     finally:
         sys.path.remove(osp.join(REPO, 'tools'))
     return module

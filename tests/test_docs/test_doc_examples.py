@@ -25,7 +25,6 @@
   exist.
 """
 import glob
-import importlib.util
 import inspect
 import json
 import os.path as osp
@@ -37,8 +36,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
+from repo_scripts import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # The tiny segmentor and command runners of the end-to-end tests.
 sys.path.insert(0, osp.join(REPO, 'tests', 'test_tools'))
 DOCS = ['README.md'] + sorted(
@@ -708,10 +707,7 @@ def _parse_with_tool(script: str, argv: List[str],
     """Parse ``argv`` with the script's own ``parse_args`` (if any)."""
     # Scripts import their siblings (benchmarks/_timing.py), as when run.
     monkeypatch.syspath_prepend(osp.dirname(osp.join(REPO, script)))
-    spec = importlib.util.spec_from_file_location(
-        '_doc_tool_' + re.sub(r'\W', '_', script), osp.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(script)
     if not hasattr(module, 'parse_args'):
         return None
     monkeypatch.setattr(sys, 'argv', [script] + argv)

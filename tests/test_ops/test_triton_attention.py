@@ -16,6 +16,7 @@ import torch
 from _triton_compile import run_compile_script
 from attention_problems import assert_low_precision_close, problem
 from attention_problems import run as _run
+from repo_scripts import load_script
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
@@ -571,16 +572,9 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
     them, and counts the products its sampled programs execute: the
     window attention's are exactly 2 (forward) and 5 (backward) 64x64xd
     products per program."""
-    import importlib.util
-    import os.path as osp
     import sys
     monkeypatch.setattr(sys, 'path', list(sys.path))  # the model adds to it
-    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-    bench = osp.join(root, 'benchmarks')
-    spec = importlib.util.spec_from_file_location(
-        '_gpu_model', osp.join(bench, 'gpu_model.py'))
-    model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model)
+    model = load_script('benchmarks/gpu_model.py')
     from boat_mm.ops.triton import clustered_attention as kernels
     rec = model.record_shape(14, 32, 2, batch=1)
     names = [x.kernel for x in rec['fsla'].launches]

@@ -5,9 +5,25 @@ importable here, as the tools reach it. Library code is imported from
 ``boat_mm`` everywhere."""
 import os.path as osp
 import sys
+from types import ModuleType
+
+import pytest
+from repo_scripts import load_script
 
 TOOLS = osp.join(
     osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools')
 # Appended, so that tools/*.py never shadow another module.
 if TOOLS not in sys.path:
     sys.path.append(TOOLS)
+
+
+@pytest.fixture(scope='module')
+def train_tool() -> ModuleType:
+    """tools/train.py as a module, once per test file."""
+    return load_script('tools/train.py')
+
+
+@pytest.fixture(scope='module')
+def test_tool() -> ModuleType:
+    """tools/test.py as a module, once per test file."""
+    return load_script('tools/test.py')

@@ -1,7 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """tools/model_converters/boat2mm.py on a synthetic checkpoint laid out like
 the published BOAT-Swin files (tiny custom arch)."""
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 import torch
 from mmengine.registry import DefaultScope
+from repo_scripts import REPO, load_script
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATSwin
@@ -77,13 +77,9 @@ def original_swin_state(seed: int = 0) -> dict:
 
 @pytest.fixture(scope='module')
 def tool():
-    path = osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
-        'model_converters', 'boat2mm.py')
-    spec = importlib.util.spec_from_file_location('boat2mm_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.path = path
+    path = 'tools/model_converters/boat2mm.py'
+    module = load_script(path)
+    module.path = osp.join(REPO, path)
     return module
 
 

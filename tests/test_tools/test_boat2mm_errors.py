@@ -1,7 +1,6 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """boat2mm.py on files it cannot convert, which no other test gave: one
 line naming the file and the problem, exit status 2."""
-import importlib.util
 import os.path as osp
 import sys
 from collections import OrderedDict
@@ -9,18 +8,12 @@ from collections import OrderedDict
 import pytest
 import torch
 from published_files import classifier_shapes, write_published_cswin
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope='module')
 def boat2mm():
-    spec = importlib.util.spec_from_file_location(
-        '_boat2mm_errors',
-        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/model_converters/boat2mm.py')
 
 
 def _error(tool, argv, capsys) -> str:

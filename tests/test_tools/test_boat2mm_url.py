@@ -5,27 +5,20 @@ local HTTP server on 127.0.0.1 serves a generated published-layout
 BOAT-CSWin-T file under a Dropbox-like ``?dl=0`` link."""
 import functools
 import http.server
-import importlib.util
 import os.path as osp
 import threading
 
 import pytest
 import torch
 from published_files import write_published_cswin
+from repo_scripts import load_script
 
 from boat_mm.utils import PublishedCheckpointError
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 @pytest.fixture(scope='module')
 def boat2mm():
-    spec = importlib.util.spec_from_file_location(
-        '_boat2mm_url',
-        osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/model_converters/boat2mm.py')
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -8,15 +8,14 @@ cases each: every case fails before any model is trained or data is
 read, except the published-checkpoint cases, which build the demo's small
 segmentor.
 """
-import importlib.util
 import os.path as osp
 
 import numpy as np
 import pytest
 import torch
 from published_files import write_published_cswin
+from repo_scripts import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = {
     'train': 'tools/train.py',
     'test': 'tools/test.py',
@@ -39,11 +38,7 @@ _LOADED = {}
 
 def tool(name: str):
     if name not in _LOADED:
-        spec = importlib.util.spec_from_file_location(
-            f'_cli_{name}', osp.join(REPO, TOOLS[name]))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _LOADED[name] = module
+        _LOADED[name] = load_script(TOOLS[name])
     return _LOADED[name]
 
 

@@ -19,7 +19,6 @@ The CSWin command runs on the published tiny arch (the tool refuses
 custom CSWin archs: head counts leave no trace in the weights); its
 tensors are stored as one broadcast number each, so the file stays tiny.
 """
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -28,11 +27,11 @@ from collections import OrderedDict
 import pytest
 import torch
 from published_files import classifier, cswin_to_original
+from repo_scripts import REPO, load_script
 
 import boat_mm  # noqa: F401
 from boat_mm.models.backbones import BOATCSWin
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'model_converters', 'boat2mm.py')
 
 
@@ -110,20 +109,11 @@ def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema):
         assert bool((value == i + offset).all()), key
 
 
-def _test_module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_boat2mm_command_on_swin_file(tmp_path):
     """The inverse of test_boat_swin.py (our layout -> published, Swin's
     merging order included), through the command and back."""
-    swin_tests = _test_module(
-        'boat_swin_tests',
-        osp.join(REPO, 'tests', 'test_models', 'test_backbones',
-                 'test_boat_swin.py'))
+    swin_tests = load_script(
+        'tests/test_models/test_backbones/test_boat_swin.py')
     model = classifier(dict(type='BOATSwin', arch=swin_tests.TINY), 10, 192)
     ours = distinct_state(model)
     src, dst = str(tmp_path / 'swin.pth'), str(tmp_path / 'out.pth')
@@ -168,7 +158,7 @@ def test_boat2mm_converts_timm_swin_to_the_same_model(tmp_path, capsys):
                                      checkpoint=src)).init_weights()
     assert 'Swin (official or timm)' in str(err.value)
 
-    tool = _test_module('boat2mm_timm', TOOL)
+    tool = load_script(TOOL, 'boat2mm_timm')
     meta = tool.convert(src, dst)
     assert 'Swin (official or timm) (for BOAT-Swin)' in capsys.readouterr().out
     assert meta['backbone']['with_fsla'] is False
@@ -195,7 +185,7 @@ def test_safetensors_files_are_told_from_torch_files(tmp_path):
     with the safetensors package; it tells them from torch.save files
     (zip or legacy pickle) by the format's little-endian header size."""
     from safetensors.torch import save_file
-    tool = _test_module('boat2mm_format', TOOL)
+    tool = load_script(TOOL, 'boat2mm_format')
     weights = {'w': torch.arange(6.).view(2, 3)}
     save_file(weights, str(tmp_path / 'w.safetensors'))
     torch.save(weights, str(tmp_path / 'w.pth'))

@@ -10,13 +10,12 @@ untested unnoticed.
 import argparse
 import functools
 import glob
-import importlib.util
 import os.path as osp
 import re
 
 import pytest
+from repo_scripts import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = sorted(
     osp.relpath(p, REPO)
     for p in glob.glob(osp.join(REPO, 'tools', '**', '*.py'), recursive=True)
@@ -30,10 +29,7 @@ class _Parsed(Exception):
 def options_of(path: str, monkeypatch) -> list:
     """The long options of the parser that ``path``'s ``parse_args``
     builds, without parsing anything."""
-    spec = importlib.util.spec_from_file_location(
-        '_opts_' + osp.basename(path)[:-3], osp.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(path)
 
     def capture(parser, *args, **kwargs):
         raise _Parsed(parser)

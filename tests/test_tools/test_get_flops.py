@@ -1,22 +1,40 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """tools/analysis_tools/get_flops.py: scopes, output and errors (the
 counting itself is tested in tests/test_analysis/test_complexity.py)."""
-import importlib.util
 import os.path as osp
 import re
 
 import pytest
+from repo_scripts import load_script
 
 from boat_mm.utils.metafile import load_models, published_complexity
 
 
 @pytest.fixture(scope='module')
-def get_flops(repo_root):
-    path = osp.join(repo_root, 'tools', 'analysis_tools', 'get_flops.py')
-    spec = importlib.util.spec_from_file_location('get_flops_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def get_flops():
+    return load_script('tools/analysis_tools/get_flops.py')
+
+
+def _tiny_config(path, base: str, heads: str) -> str:
+    """Write a user config inheriting ``base`` with a tiny arch (16
+    channels, one block per stage, no pretrained weights) to ``path``.
+
+    Args:
+        path (pathlib.Path): Where to write it.
+        base (str): Path of the config to inherit.
+        heads (str): The other items of ``model = dict(...)``.
+
+    Returns:
+        str: ``path``.
+    """
+    path.write_text(
+        f'_base_ = [{base!r}]\n'
+        'model = dict(\n'
+        '    backbone=dict(arch=dict(_delete_=True, embed_dims=16,\n'
+        '                            depths=[1, 1, 1, 1],\n'
+        '                            num_heads=[2, 2, 4, 4]),\n'
+        '                  init_cfg=None),\n' + heads + ')\n')
+    return str(path)
 
 
 def _value(out: str, key: str) -> str:
@@ -42,22 +60,16 @@ def test_get_flops_cli_segmentation_tiny_arch(get_flops, repo_root, tmp_path,
     """A user config inheriting ours with a tiny arch; aux head dropped."""
     base = osp.join(repo_root, 'configs', 'boat_cswin',
                     'boat-cswin-tiny_upernet_8xb2-160k_ade20k-512x512.py')
-    cfg = tmp_path / 'tiny_upernet.py'
-    cfg.write_text(
-        f'_base_ = [{base!r}]\n'
-        'model = dict(\n'
-        '    backbone=dict(arch=dict(_delete_=True, embed_dims=16,\n'
-        '                            depths=[1, 1, 1, 1],\n'
-        '                            num_heads=[2, 2, 4, 4]),\n'
-        '                  init_cfg=None),\n'
+    cfg = _tiny_config(
+        tmp_path / 'tiny_upernet.py', base,
         '    decode_head=dict(in_channels=[16, 32, 64, 128], channels=32),\n'
-        '    auxiliary_head=dict(in_channels=64, channels=16))\n')
-    info = get_flops.count_config(str(cfg), (64, 64))
+        '    auxiliary_head=dict(in_channels=64, channels=16)')
+    info = get_flops.count_config(cfg, (64, 64))
     model = info['model']
     assert info['scope'] == 'mmseg' and model.auxiliary_head is None
     assert info['params'] == sum(p.numel() for p in model.parameters())
     assert info['input_shape'] == (3, 64, 64)
-    assert get_flops.main([str(cfg), '--shape', '64']) == 0
+    assert get_flops.main([cfg, '--shape', '64']) == 0
     out = capsys.readouterr().out
     assert _value(out, 'Input shape') == '(3, 64, 64)'
     assert float(_value(out, 'FLOPs (G)')) == round(info['flops'] / 1e9, 2)
@@ -118,18 +130,12 @@ def test_get_flops_of_a_single_stage_detector(get_flops, repo_root, tmp_path):
     from boat_mm.analysis.complexity import get_model_complexity
     base = osp.join(repo_root, 'configs', 'boat_swin',
                     'retinanet_boat-swin-tiny_fpn_1x_coco.py')
-    cfg = tmp_path / 'tiny_retinanet.py'
-    cfg.write_text(
-        f'_base_ = [{base!r}]\n'
-        'model = dict(\n'
-        '    backbone=dict(arch=dict(_delete_=True, embed_dims=16,\n'
-        '                            depths=[1, 1, 1, 1],\n'
-        '                            num_heads=[2, 2, 4, 4]),\n'
-        '                  init_cfg=None),\n'
+    cfg = _tiny_config(
+        tmp_path / 'tiny_retinanet.py', base,
         '    neck=dict(in_channels=[32, 64, 128], out_channels=32),\n'
         '    bbox_head=dict(in_channels=32, feat_channels=32,\n'
-        '                   stacked_convs=1))\n')
-    info = get_flops.count_config(str(cfg), (64, 64))
+        '                   stacked_convs=1)')
+    info = get_flops.count_config(cfg, (64, 64))
     assert info['scope'] == 'mmdet'
     detector = info['model'].detector
     assert not hasattr(detector, 'roi_head')

@@ -16,7 +16,6 @@ is run again with onnxruntime's clusters, and the outputs must match that.
 The ranking itself, ties included, is checked exactly on the clustering
 alone in float64.
 """
-import importlib.util
 import os.path as osp
 import re
 import runpy
@@ -27,6 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from repo_scripts import REPO, load_script
 
 from boat_mm.deploy import (ExportWrapper, WithClusters, build_model, compare,
                             export_onnx, load_image, make_session,
@@ -34,7 +34,6 @@ from boat_mm.deploy import (ExportWrapper, WithClusters, build_model, compare,
 from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
                          cpu_kernel_available)
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
                   'boat-swin-tiny_16xb64_in1k.py')
@@ -43,9 +42,7 @@ CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
 DEMO = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
 
 # The tool itself, for its options and command line.
-_spec = importlib.util.spec_from_file_location('pytorch2onnx', TOOL)
-p2o = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(p2o)
+p2o = load_script(TOOL, 'pytorch2onnx')
 
 # Classifiers: a tiny arch, clusters of 16 so that 64 px inputs give
 # several clusters in the first two stages.

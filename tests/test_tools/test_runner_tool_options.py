@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Every option of tools/train.py and tools/test.py has an effect.
 
-The tools run in-process, ``main(argv)``, on shipped configs. Most tests
+The tools run in-process, ``main(argv)`` of the ``train_tool`` and
+``test_tool`` fixtures (conftest.py), on shipped configs. Most tests
 replace the runner the tool would build by a recorder and check the config
 it would have been built from (the tool's whole path up to the runner:
 parsing, merging, device adaptation); the data checks are switched off
@@ -18,7 +19,6 @@ the run's log folder) and ``--launcher
 pytorch`` (two processes) with real runs.
 """
 import glob
-import importlib.util
 import os
 import os.path as osp
 import pickle
@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from repo_scripts import REPO
 from tiny_configs import swin_classifier
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
                   'boat-swin-tiny_16xb64_in1k.py')
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
@@ -56,25 +56,6 @@ test_dataloader = val_dataloader
 default_hooks = dict(logger=dict(interval=1))
 """
 NUM_VAL = 12  # 6 classes x 2 generated validation images
-
-
-def _load_tool(name: str):
-    path = osp.join(REPO, 'tools', name)
-    spec = importlib.util.spec_from_file_location(
-        'boat_tool_' + name.replace('.py', ''), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope='module')
-def train_tool():
-    return _load_tool('train.py')
-
-
-@pytest.fixture(scope='module')
-def test_tool():
-    return _load_tool('test.py')
 
 
 class Recorder:

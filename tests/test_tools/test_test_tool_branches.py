@@ -3,24 +3,17 @@
 other tests do not give it: no visualization hook, a hook of another
 type, a wrapped test dataset, a config without TTA settings. Config
 level only (no model is built)."""
-import importlib.util
-import os.path as osp
 from argparse import Namespace
 
 import pytest
 from boat_tools.cli import UsageError
 from mmengine.config import Config
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location(
-        '_test_tool_branches', osp.join(REPO, 'tools', 'test.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/test.py')
 
 
 def _show(show_dir=None):
@@ -63,6 +56,16 @@ def test_show_with_hooks_of_other_types(tool):
     assert 'test_out_dir' not in hook
 
 
+def _repeated(scope: str, model: str, dataset: dict) -> Config:
+    """A config of ``model`` whose test dataset is ``dataset`` inside a
+    ``RepeatDataset``."""
+    return _cfg(
+        scope,
+        model=dict(type=model),
+        test_dataloader=dict(
+            dataset=dict(type='RepeatDataset', times=1, dataset=dataset)))
+
+
 def _pipeline():
     return [
         dict(type='LoadImageFromFile'),
@@ -76,17 +79,9 @@ def test_detector_tta_of_a_wrapped_test_dataset(tool):
     the wrappers, and given to that dataset (a wrapper takes no
     pipeline), as mmdet's test tool does."""
     inner = dict(type='CocoDataset', data_root='coco', pipeline=_pipeline())
-    cfg = _cfg(
-        'mmdet',
-        model=dict(type='RetinaNet'),
-        test_dataloader=dict(
-            dataset=dict(
-                type='RepeatDataset',
-                times=1,
-                dataset=dict(
-                    type='ClassBalancedDataset',
-                    oversample_thr=0.,
-                    dataset=inner))))
+    cfg = _repeated(
+        'mmdet', 'RetinaNet',
+        dict(type='ClassBalancedDataset', oversample_thr=0., dataset=inner))
     tool._tta(cfg)
     wrapper = cfg.test_dataloader.dataset
     assert 'pipeline' not in wrapper and 'pipeline' not in wrapper.dataset
@@ -122,14 +117,8 @@ def test_tta_settings_missing(tool):
 def test_classifier_tta_of_a_wrapped_test_dataset(tool):
     """mmpretrain's flip averaging, also inside a dataset wrapper."""
     pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-    cfg = _cfg(
-        'mmpretrain',
-        model=dict(type='ImageClassifier'),
-        test_dataloader=dict(
-            dataset=dict(
-                type='RepeatDataset',
-                times=1,
-                dataset=dict(type='ImageNet', pipeline=pipeline))))
+    cfg = _repeated('mmpretrain', 'ImageClassifier',
+                    dict(type='ImageNet', pipeline=pipeline))
     tool._tta(cfg)
     wrapper = cfg.test_dataloader.dataset
     assert 'pipeline' not in wrapper

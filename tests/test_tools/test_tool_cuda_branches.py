@@ -2,35 +2,17 @@
 """What the tools do on a machine with CUDA, run on the CPU: ``--device``
 naming a GPU, and ``--amp`` (refused without CUDA, so on a CPU machine
 the rest of its branch never ran). CUDA's presence is stood in for
-(``torch.cuda.is_available`` and ``device_count``); no model is built."""
-import importlib.util
+(``torch.cuda.is_available`` and ``device_count``); no model is built.
+The ``train_tool`` and ``test_tool`` fixtures are in conftest.py."""
 import os.path as osp
 
 import pytest
 import torch
 from boat_tools.cli import UsageError, check_device
+from repo_scripts import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CLS = osp.join(REPO, 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py')
 DET = osp.join(REPO, 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py')
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f'_cuda_branches_{name}', osp.join(REPO, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope='module')
-def train_tool():
-    return _tool('train')
-
-
-@pytest.fixture(scope='module')
-def test_tool():
-    return _tool('test')
 
 
 def _with_gpus(monkeypatch, count: int) -> None:

@@ -10,7 +10,6 @@ is replaced by a recorder and the test checks what the tool passed to it
 and what it made of the answer. See test_runner_tool_options.py for
 tools/train.py and tools/test.py.
 """
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -24,32 +23,14 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
-from tiny_configs import swin_classifier
+from repo_scripts import REPO, load_script
+from tiny_configs import cswin_classifier, swin_classifier
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools')
 SWIN_T = osp.join(REPO, 'configs', 'boat_swin',
                   'boat-swin-tiny_16xb64_in1k.py')
 CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
                    'boat-cswin-tiny_8xb256_in1k.py')
-
-# BOAT-CSWin-T's recipe with FSLA in blocks 0 and 2 of stage 0, 2 heads.
-TINY_CSWIN = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[3, 1, 1, 1],
-                  num_heads=[2, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes=6))
-"""
-
-
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
@@ -64,8 +45,7 @@ def tiny_swin(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='module')
 def get_flops():
-    return _load(
-        osp.join(TOOLS, 'analysis_tools', 'get_flops.py'), 'get_flops_options')
+    return load_script('tools/analysis_tools/get_flops.py')
 
 
 @pytest.fixture
@@ -167,9 +147,7 @@ def test_get_flops_check_reference_and_tolerance(get_flops, monkeypatch,
 
 @pytest.fixture(scope='module')
 def vis():
-    return _load(
-        osp.join(TOOLS, 'visualization', 'vis_clusters.py'),
-        'vis_clusters_options')
+    return load_script('tools/visualization/vis_clusters.py')
 
 
 def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
@@ -177,7 +155,8 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
     are drawn; --device is where the model runs."""
     from boat_mm.visualization import capture_cluster_ids
     cfg_file = tmp_path / 'tiny_cswin.py'
-    cfg_file.write_text(TINY_CSWIN.format(base=CSWIN_T))
+    # BOAT-CSWin-T's recipe with FSLA in blocks 0 and 2 of stage 0, 2 heads.
+    cfg_file.write_text(cswin_classifier(CSWIN_T, stage0_depth=3))
     torch.manual_seed(0)
     model = vis.build_model(Config.fromfile(str(cfg_file)))
     ckpt = str(tmp_path / 'model.pth')
@@ -225,9 +204,7 @@ def test_vis_clusters_block_head_device(vis, tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def p2o():
-    return _load(
-        osp.join(TOOLS, 'deployment', 'pytorch2onnx.py'),
-        'pytorch2onnx_options')
+    return load_script('tools/deployment/pytorch2onnx.py')
 
 
 def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
@@ -283,9 +260,7 @@ def test_onnx_opset_image_cfg_options_verify(p2o, tmp_path, monkeypatch,
 
 @pytest.fixture(scope='module')
 def verify_boat():
-    return _load(
-        osp.join(TOOLS, 'model_converters', 'verify_boat.py'),
-        'verify_boat_options')
+    return load_script('tools/model_converters/verify_boat.py')
 
 
 class _VerifySpy:
@@ -389,9 +364,8 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
     the published key layout): zero when both compute alike, the size of
     a difference put into the stand-in's logits otherwise."""
     from boat_mm.models.backbones import BOATSwin
-    swin_tests = _load(
-        osp.join(REPO, 'tests', 'test_models', 'test_backbones',
-                 'test_boat_swin.py'), 'boat_swin_tests_options')
+    swin_tests = load_script(
+        'tests/test_models/test_backbones/test_boat_swin.py')
     arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
     info = dict(
         backbone=dict(arch=arch, with_fsla=True),
@@ -443,9 +417,7 @@ def test_verify_boat_verify_measures_disagreement(verify_boat):
 
 @pytest.fixture(scope='module')
 def parity():
-    return _load(
-        osp.join(TOOLS, 'analysis_tools', 'check_fsla_parity.py'),
-        'check_fsla_parity_options')
+    return load_script('tools/analysis_tools/check_fsla_parity.py')
 
 
 def _run_parity(parity, monkeypatch, argv, answer):
@@ -545,9 +517,7 @@ def test_check_fsla_parity_compare_measures_disagreement(parity):
 
 @pytest.fixture(scope='module')
 def gen_tool():
-    return _load(
-        osp.join(TOOLS, 'dataset_converters', 'gen_synthetic_data.py'),
-        'gen_synthetic_data_options')
+    return load_script('tools/dataset_converters/gen_synthetic_data.py')
 
 
 def _generate(gen_tool, monkeypatch, *argv):
@@ -616,7 +586,7 @@ def test_gen_synthetic_imagenet_and_coco_options(gen_tool, monkeypatch,
 def demo(monkeypatch, tmp_path):
     """run_demo.py with its commands, the dataset generator and the
     picture recorded; a data folder with one validation label map."""
-    tool = _load(osp.join(TOOLS, 'run_demo.py'), 'run_demo_options')
+    tool = load_script('tools/run_demo.py')
     rec = SimpleNamespace(cmds=[], generated=[], montage=[], miou=50.)
 
     def run(cmd, log_file=None):

@@ -24,7 +24,7 @@ import types
 import pytest
 import torch
 from mmengine.config import Config
-from tiny_configs import NUM_CLASSES, swin_classifier
+from tiny_configs import cswin_classifier, swin_classifier
 
 import boat_mm  # noqa: F401
 
@@ -39,16 +39,6 @@ CLS_CONFIGS = [
         ('boat_cswin', 'boat-cswin-base_8xb128_in1k.py'),
     ]
 ]
-# A tiny BOAT-CSWin classifier: CSWin's stripes run SDPA, FSLA its ops.
-CSWIN_CLASSIFIER = """
-_base_ = [{base!r}]
-model = dict(
-    backbone=dict(
-        arch=dict(_delete_=True, embed_dims=8, depths=[1, 1, 1, 1],
-                  num_heads=[2, 2, 2, 2]),
-        drop_path_rate=0.0, fsla_cfg=dict(group_size=16, overlap=4)),
-    head=dict(in_channels=64, num_classes={classes}))
-"""
 
 
 def _upstream_tool(package: str, *path: str) -> str:
@@ -74,8 +64,8 @@ def test_mmpretrain_get_flops_counts_fsla_and_sdpa(tmp_path, monkeypatch,
 
     from boat_mm.analysis.complexity import get_model_complexity
     cfg = tmp_path / 'tiny_cswin.py'
-    cfg.write_text(
-        CSWIN_CLASSIFIER.format(base=CLS_CONFIGS[3], classes=NUM_CLASSES))
+    # A tiny BOAT-CSWin classifier: CSWin's stripes run SDPA, FSLA its ops.
+    cfg.write_text(cswin_classifier(CLS_CONFIGS[3]))
     # 56 x 56 maps: CSWin's stripes (1, 2, 7, 7 wide) need no padding, so
     # the dense count of a traced SDPA is its count of allowed pairs.
     tool = _upstream_tool('mmpretrain', 'analysis_tools', 'get_flops.py')
@@ -136,9 +126,8 @@ def test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map(
     vis_cam = _vis_cam_module(monkeypatch)
     cfg = tmp_path / 'tiny.py'
     base = CLS_CONFIGS[0 if family == 'boat_swin' else 3]
-    cfg.write_text(
-        swin_classifier(base) if family == 'boat_swin' else CSWIN_CLASSIFIER.
-        format(base=base, classes=NUM_CLASSES))
+    classifier = swin_classifier if family == 'boat_swin' else cswin_classifier
+    cfg.write_text(classifier(base))
     model = get_model(str(cfg)).eval()
     # The command line of docs/upstream_tools.md (test_doc_examples.py's
     # test_command_is_covered holds its options to these), read by the
