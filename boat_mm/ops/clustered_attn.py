@@ -314,8 +314,7 @@ def clustered_attention(
         # 0-dim tensors, which the tracer cannot record as a Function's
         # non-tensor arguments.
         hw = None if hw_shape is None else tuple(int(n) for n in hw_shape)
-        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, int(d),
-                                            hw)
+        q, k, v, v_image = _GatherQKV.apply(qkv, src_row, dst_row, int(d), hw)
     else:  # no backward: plain ops
         flat = qkv.reshape(-1, d)
         q, k, v = (_gather_rows(flat, rows) for rows in src_row)
