@@ -7,7 +7,7 @@ _base_ = [
     '../_base_/models/boat-cswin_in1k.py',
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
-    'mmpretrain::_base_/default_runtime.py'
+    '../_base_/cls_runtime.py'
 ]
 model = dict(
     backbone=dict(arch='tiny', drop_path_rate=0.2), head=dict(in_channels=512))
@@ -40,10 +40,3 @@ param_scheduler = [
 # (written out, as `1 - 0.99984` is 0.000160000000000049 in the logs).
 custom_hooks = [dict(type='EMAHook', momentum=1.6e-4, priority='ABOVE_NORMAL')]
 auto_scale_lr = dict(base_batch_size=2048)
-# mmpretrain's default visualizer, restated without the `_scope_` key that
-# an `mmpretrain::` base adds: mmpretrain's browse_dataset.py passes this
-# dict's items to UniversalVisualizer itself, which takes no `_scope_`.
-visualizer = dict(
-    _delete_=True,
-    type='UniversalVisualizer',
-    vis_backends=[dict(type='LocalVisBackend')])

@@ -6,15 +6,8 @@ _base_ = [
     '../_base_/models/boat-swin_in1k.py',
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
-    'mmpretrain::_base_/default_runtime.py'
+    '../_base_/cls_runtime.py'
 ]
 model = dict(
     backbone=dict(arch='tiny', drop_path_rate=0.2), head=dict(in_channels=768))
 optim_wrapper = dict(clip_grad=dict(max_norm=5.0))
-# mmpretrain's default visualizer, restated without the `_scope_` key that
-# an `mmpretrain::` base adds: mmpretrain's browse_dataset.py passes this
-# dict's items to UniversalVisualizer itself, which takes no `_scope_`.
-visualizer = dict(
-    _delete_=True,
-    type='UniversalVisualizer',
-    vis_backends=[dict(type='LocalVisBackend')])
