@@ -92,10 +92,7 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .flop_handles import (FSLA_NAMESPACES, MASKED_ATTENTION_MODES,
-                           ZERO_COST_PYTHON_OPS, aten_sdpa_handle,
-                           attention_handle, clustering_handle, sdpa_macs,
-                           zero_handle)
+from .flop_handles import MASKED_ATTENTION_MODES, flop_handles, sdpa_macs
 
 __all__ = [
     'MAC_OPERATORS', 'DetectorForward', 'flop_analyzer',
@@ -228,24 +225,12 @@ def flop_analyzer(model: nn.Module,
             f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
             f'got {masked_attention!r}.')
     analyzer = FlopAnalyzer(model, inputs)
-    analyzer.set_op_handle(
-        **{
-            'boat_mm_flops::sdpa': _macs_arg_handle('sdpa'),
-            'aten::scaled_dot_product_attention': aten_sdpa_handle,
-        })
-    for namespace in FSLA_NAMESPACES:
-        analyzer.set_op_handle(
-            **{
-                f'{namespace}::balanced_clustering':
-                clustering_handle,
-                f'{namespace}::clustered_attention':
-                attention_handle(masked_attention),
-            })
+    # (PythonOps cannot be ignored by name, as _ZERO_COST_OPS are: mmengine
+    # checks the bare kind; flop_handles gives them a zero handle.)
+    analyzer.set_op_handle(**flop_handles(masked_attention))
+    analyzer.set_op_handle('boat_mm_flops::sdpa', _macs_arg_handle('sdpa'))
     for op in _ZERO_COST_OPS:
         analyzer.set_op_handle(op, None)
-    # PythonOps cannot be ignored by name (mmengine checks the bare kind).
-    for op in ZERO_COST_PYTHON_OPS:
-        analyzer.set_op_handle(op, zero_handle)
     # The caller reports uncounted operators once, summarised.
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)

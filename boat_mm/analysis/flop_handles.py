@@ -16,7 +16,7 @@ importing it first must not start that import (and the hook) half-way.
 import math
 from collections import Counter
 from types import ModuleType
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = [
     'MASKED_ATTENTION_MODES', 'FSLA_NAMESPACES', 'ZERO_COST_PYTHON_OPS',
     'sdpa_macs', 'clustering_handle', 'attention_handle', 'zero_handle',
-    'aten_sdpa_handle', 'register_default_handles'
+    'aten_sdpa_handle', 'flop_handles', 'register_default_handles'
 ]
 
 MASKED_ATTENTION_MODES = ('allowed', 'dense')
@@ -193,6 +193,27 @@ def aten_sdpa_handle(inputs: List[Any], outputs: List[Any]) -> Counter:
     return Counter({'sdpa': sdpa_macs(q, k, v, masked_attention='dense')})
 
 
+def flop_handles(masked_attention: str = 'allowed') -> Dict[str, Callable]:
+    """The FLOP handles of BOAT's traced operators, by operator name.
+
+    Args:
+        masked_attention (str): How FSLA's attention op counts its pairs:
+            ``'allowed'`` or ``'dense'``.
+
+    Returns:
+        dict: FSLA's clustering and attention ops (both namespaces), SDPA,
+        and the data-moving autograd functions (zero).
+    """
+    handles = {'aten::scaled_dot_product_attention': aten_sdpa_handle}
+    for namespace in FSLA_NAMESPACES:
+        handles[f'{namespace}::balanced_clustering'] = clustering_handle
+        handles[f'{namespace}::clustered_attention'] = attention_handle(
+            masked_attention)
+    for op in ZERO_COST_PYTHON_OPS:
+        handles[op] = zero_handle
+    return handles
+
+
 def register_default_handles(module: ModuleType) -> None:
     """Add BOAT's handles to mmengine's default FLOP and activation ones.
 
@@ -214,16 +235,14 @@ def register_default_handles(module: ModuleType) -> None:
     act_ops = getattr(module, '_DEFAULT_SUPPORTED_ACT_OPS', None)
     if not isinstance(flop_ops, dict) or not isinstance(act_ops, dict):
         return
-    flops = {'aten::scaled_dot_product_attention': aten_sdpa_handle}
+    flops = flop_handles()
     acts = {'aten::scaled_dot_product_attention': generic_activation_jit()}
     for namespace in FSLA_NAMESPACES:
-        flops[f'{namespace}::balanced_clustering'] = clustering_handle
-        flops[f'{namespace}::clustered_attention'] = attention_handle()
         # The clustering's outputs are indices, not activations.
         acts[f'{namespace}::balanced_clustering'] = zero_handle
         acts[f'{namespace}::clustered_attention'] = generic_activation_jit()
     for op in ZERO_COST_PYTHON_OPS:
-        flops[op] = acts[op] = zero_handle
+        acts[op] = zero_handle
     for table, handles in ((flop_ops, flops), (act_ops, acts)):
         for name, handle in handles.items():
             table.setdefault(name, handle)
