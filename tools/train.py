@@ -21,6 +21,7 @@ Examples::
     python tools/train.py CONFIG --work-dir work_dirs/x --resume
     python tools/train.py CONFIG --cfg-options model.backbone.init_cfg=None
     bash tools/dist_train.sh CONFIG 8
+    GPUS=16 bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR
 """
 import argparse
 import logging

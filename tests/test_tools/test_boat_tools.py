@@ -109,7 +109,8 @@ def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
     """A CPU run under torchrun starts a gloo group with the config's
     ``dist_cfg`` (its timeout in seconds, which torch takes as a
     timedelta); not with CUDA, without a launcher, or once a group
-    exists; other launchers are refused, naming the one that works."""
+    exists; MPI is refused, naming the launchers that work (slurm:
+    test_slurm_launch.py)."""
     import datetime
 
     import torch
@@ -132,9 +133,10 @@ def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
     assert cfg.env_cfg.dist_cfg.backend == 'nccl'  # the config is kept
     assert not init_cpu_dist(Config(dict(launcher='none')))
     with pytest.raises(
-            RuntimeError, match="with `--launcher pytorch`.*"
-            "not 'slurm'"):
-        init_cpu_dist(Config(dict(launcher='slurm')))
+            RuntimeError,
+            match="with `--launcher pytorch`.*"
+            "`--launcher slurm`.*not 'mpi'"):
+        init_cpu_dist(Config(dict(launcher='mpi')))
     monkeypatch.setattr(dist, 'is_initialized', lambda: True)
     assert not init_cpu_dist(cfg)
     monkeypatch.setattr(dist, 'is_initialized', lambda: False)
