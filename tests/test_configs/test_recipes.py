@@ -469,6 +469,8 @@ def seg_demo() -> Dict[str, Any]:
         ABSENT,
         'train_dataloader.batch_size':
         4,
+        'auto_scale_lr.base_batch_size':
+        4,
         'train_cfg.max_iters':
         2000,
         'optim_wrapper.optimizer.type':
@@ -507,6 +509,7 @@ def det_demo() -> Dict[str, Any]:
         'model.roi_head.mask_head.num_classes': 6,
         'train_dataloader.dataset.pipeline.@Resize.scale': (160, 160),
         'train_dataloader.batch_size': 2,
+        'auto_scale_lr.base_batch_size': 2,
         'train_cfg.type': 'IterBasedTrainLoop',
         'train_cfg.max_iters': 800,
         'optim_wrapper.optimizer.type': 'AdamW',

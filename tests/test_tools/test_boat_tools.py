@@ -143,3 +143,32 @@ def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     assert not init_cpu_dist(cfg)
     assert len(started) == 1
+
+
+def test_total_batch_note():
+    """The warning of a run whose total batch is not the one the config's
+    learning rate is for, with the two fixes; none when they agree, when
+    --auto-scale-lr is on or without a base."""
+    from boat_tools.config import total_batch_note
+    from mmengine.config import Config
+
+    def cfg(batch, **scale):
+        return Config(
+            dict(train_dataloader=dict(batch_size=batch), auto_scale_lr=scale))
+
+    swin = cfg(64, enable=False, base_batch_size=1024)  # 16xb64
+    assert total_batch_note(swin, 16) is None
+    assert total_batch_note(swin, 8) == (
+        'The learning rate of this config is for a total batch of 1024 '
+        "(auto_scale_lr.base_batch_size); this run's is 8 processes x 64 "
+        '= 512. Pass --auto-scale-lr to scale the learning rate by '
+        '512/1024, or run 16 processes (GPUS=16).')
+    assert "this run's is one process of 64 = 64." in total_batch_note(swin, 1)
+    # No whole number of processes gives 100 images of 64.
+    assert total_batch_note(cfg(64, base_batch_size=100),
+                            1).endswith('scale the learning rate by 64/100.')
+    assert total_batch_note(cfg(64, enable=True, base_batch_size=1024),
+                            8) is None
+    assert total_batch_note(cfg(64), 8) is None
+    assert total_batch_note(
+        Config(dict(auto_scale_lr=dict(base_batch_size=16))), 8) is None

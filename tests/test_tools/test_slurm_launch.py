@@ -233,6 +233,9 @@ def test_two_tasks_train_then_test_on_cpu(slurm, imagenet_root, tmp_path):
         cwd=str(tmp_path)).stdout
     assert 'Distributed launcher: slurm' in out, out[-3000:]
     assert 'GPU number: 2' in out
+    # The warning counts the processes of the group.
+    assert ("this run's is 2 processes x 2 = 4. Pass --auto-scale-lr"
+            in out), out[-3000:]
     # 18 images, 2 a batch: 9 iterations in one process, 5 in each of two.
     assert re.search(r'Epoch\(train\)\s+\[1\]\[5/5\]', out), out[-3000:]
     # 12 validation images, 4 a batch: 2 iterations in each process.

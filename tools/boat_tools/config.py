@@ -32,7 +32,7 @@ __all__ = [
     'check_data_roots', 'data_hint', 'adapt_cfg_to_device', 'init_cpu_dist',
     'slurm_to_torch_env', 'check_launcher_env', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
-    'merge_common_args', 'build_runner'
+    'merge_common_args', 'build_runner', 'total_batch_note'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -349,6 +349,38 @@ def build_runner(cfg: Config) -> 'Runner':
     runner.logger.addFilter(_not_internal_warning)
     _tally_paramwise_options(runner)
     return runner
+
+
+def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
+    """A warning when a run's total batch is not the one the config's
+    learning rate is for and ``--auto-scale-lr`` is off: MMEngine says
+    nothing, and a 16-GPU recipe on 8 GPUs silently trains with half the
+    batch at the full learning rate.
+
+    Args:
+        cfg (Config): The complete config.
+        world_size (int): Processes of the run.
+
+    Returns:
+        str | None: The warning; None when the batches agree, the scaling
+        is on or the config has no ``auto_scale_lr.base_batch_size``.
+    """
+    scale = cfg.get('auto_scale_lr') or {}
+    loader = cfg.get('train_dataloader') or {}
+    base, batch = scale.get('base_batch_size'), loader.get('batch_size')
+    if scale.get('enable') or not base or not batch:
+        return None
+    total = world_size * batch
+    if total == base:
+        return None
+    runs = f'{world_size} processes x {batch}' if world_size > 1 \
+        else f'one process of {batch}'
+    fix = (f', or run {base // batch} processes (GPUS={base // batch})'
+           if base % batch == 0 else '')
+    return (f'The learning rate of this config is for a total batch of '
+            f'{base} (auto_scale_lr.base_batch_size); this run\'s is '
+            f'{runs} = {total}. Pass --auto-scale-lr to scale the learning '
+            f'rate by {total}/{base}{fix}.')
 
 
 def _datasets(loader: dict) -> Iterator[dict]:
