@@ -15,10 +15,9 @@ residuals.
 """
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
+from gloo_pair import run_gloo_pair
 from repo_scripts import REPO
 
 CONFIGS = [
@@ -26,7 +25,8 @@ CONFIGS = [
     'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py',
 ]
 
-# One process of the group: argv = rank, store file, config, output.
+# One process of the group: argv = rank, store file, config, output
+# prefix.
 DRAW = '''
 import json, sys
 import torch
@@ -36,8 +36,8 @@ from mmengine.runner.utils import set_random_seed
 from mmpretrain.models.utils import RandomBatchAugment
 from boat_mm.models.utils.drop import BOATDropPath
 
-rank, store, config, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], \\
-    sys.argv[4]
+rank, store, config = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = f'{sys.argv[4]}{rank}.json'
 dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank,
                         world_size=2)
 cfg = Config.fromfile(config)
@@ -57,24 +57,9 @@ dist.destroy_process_group()
 @pytest.mark.parametrize('config', CONFIGS)
 def test_each_process_draws_its_own_augmentation_and_drop_path(
         config, tmp_path):
-    script = tmp_path / 'draw.py'
-    script.write_text(DRAW)
-    store = str(tmp_path / 'store')
+    run_gloo_pair(DRAW, tmp_path, osp.join(REPO, config),
+                  str(tmp_path / 'rank'))
     outs = [str(tmp_path / f'rank{r}.json') for r in range(2)]
-    procs = [
-        subprocess.Popen([
-            sys.executable,
-            str(script),
-            str(r), store,
-            osp.join(REPO, config), outs[r]
-        ],
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT,
-                         text=True) for r in range(2)
-    ]
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
     draws = [json.load(open(out)) for out in outs]
     assert draws[0]['mixed'] != draws[1]['mixed']
     assert draws[0]['drop'] != draws[1]['drop']

@@ -105,7 +105,8 @@ def test_cpu_ddp_wrapper_keeps_buffers_local_without_deprecation(tmp_path):
     assert ddp.broadcast_buffers is False  # the forward sync (any torch)
 
 
-def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
+def test_cpu_process_group_takes_the_config_timeout(monkeypatch,
+                                                    fake_process_group):
     """A CPU run under torchrun starts a gloo group with the config's
     ``dist_cfg`` (its timeout in seconds, which torch takes as a
     timedelta); not with CUDA, without a launcher, or once a group
@@ -117,11 +118,7 @@ def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
     import torch.distributed as dist
     from boat_tools.config import init_cpu_dist
     from mmengine.config import Config
-    started = []
-    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
-    monkeypatch.setattr(dist, 'init_process_group',
-                        lambda **kwargs: started.append(kwargs))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    started = fake_process_group
     cfg = Config(
         dict(
             launcher='pytorch',

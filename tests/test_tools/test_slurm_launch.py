@@ -289,12 +289,12 @@ def test_launcher_without_its_variables_is_one_line(train_tool, test_tool,
         assert err.count('\n') == 1 and err.startswith(expected), err
 
 
-def test_cpu_process_group_from_slurm_variables(slurm, monkeypatch):
+def test_cpu_process_group_from_slurm_variables(slurm, monkeypatch,
+                                                fake_process_group):
     """In a task of srun without CUDA, the tools start a gloo group whose
     rank, world size and master come from Slurm's variables; the
     config's ``dist_cfg.port`` is MMEngine's master port, not an argument
     of torch's ``init_process_group``."""
-    import torch.distributed as dist
     from boat_tools.config import init_cpu_dist
     from mmengine.config import Config
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
@@ -306,11 +306,7 @@ def test_cpu_process_group_from_slurm_variables(slurm, monkeypatch):
     monkeypatch.setenv('SLURM_LOCALID', '1')
     monkeypatch.setenv('SLURM_NTASKS', '8')
     monkeypatch.setenv('SLURM_NODELIST', 'node3,node4')
-    started = []
-    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
-    monkeypatch.setattr(dist, 'init_process_group',
-                        lambda **kwargs: started.append(kwargs))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    started = fake_process_group
     cfg = Config(
         dict(
             launcher='slurm',

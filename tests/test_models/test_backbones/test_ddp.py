@@ -11,16 +11,16 @@ gradients must be half those of the whole batch in one process (the
 loss is a sum over samples, and FSLA clusters each sample on its own).
 """
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
+from gloo_pair import run_gloo_pair
 from test_memory_options import FAMILIES
 
 ARGS = dict(
     out_indices=(1, 2), frozen_stages=1, with_cp=True, drop_path_rate=0.)
 SHAPE = (4, 3, 56, 56)
+HERE = osp.dirname(osp.abspath(__file__))
 
 # One process: argv = rank, store file, family, output file.
 TRAIN = '''
@@ -28,7 +28,8 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-sys.path.insert(0, {here!r})
+# This file's folder, and tests/ (gloo_pair.py, which it imports).
+sys.path[:0] = [{here!r}, {tests!r}]
 from test_ddp import ARGS, FAMILIES, loss_of, batch
 
 rank, store, family, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], \\
@@ -69,23 +70,10 @@ def loss_of(outs, step: int, rank: int = None) -> torch.Tensor:
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_two_processes_average_the_whole_batch_gradient(family, tmp_path):
-    script = tmp_path / 'train.py'
-    script.write_text(TRAIN.format(here=osp.dirname(osp.abspath(__file__))))
     out = str(tmp_path / 'grads.pth')
-    procs = [
-        subprocess.Popen([
-            sys.executable,
-            str(script),
-            str(rank),
-            str(tmp_path / 'store'), family, out
-        ],
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT,
-                         text=True) for rank in range(2)
-    ]
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
+    run_gloo_pair(
+        TRAIN.format(here=HERE, tests=osp.dirname(osp.dirname(HERE))),
+        tmp_path, family, out)
     ddp = torch.load(out, weights_only=True)
 
     cls, arch = FAMILIES[family]
