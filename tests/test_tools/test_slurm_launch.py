@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Dict, List
 
 import pytest
@@ -330,3 +331,46 @@ def test_cpu_process_group_from_slurm_variables(slurm, monkeypatch,
     assert _calls(slurm) == [['scontrol', 'show', 'hostname', 'node3,node4']]
     with pytest.raises(RuntimeError, match="not 'mpi'"):
         init_cpu_dist(Config(dict(launcher='mpi')))
+
+
+def test_each_job_its_own_master_port(train_tool, monkeypatch, tmp_path):
+    """Two jobs on one node (GPUS smaller than a node) would both take
+    MMEngine's default master port 29500 and the second fail with
+    "address already in use": a task of job 123456 takes port
+    10000 + 123456 % 20000 instead, unless ``MASTER_PORT`` or
+    ``env_cfg.dist_cfg.port`` gives one."""
+    for name, value in dict(
+            SLURM_PROCID='0',
+            SLURM_NTASKS='2',
+            SLURM_NODELIST='localhost',
+            SLURM_JOB_ID='123456').items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv('MASTER_PORT', raising=False)
+    monkeypatch.setenv('LOCAL_RANK', '0')  # restored after the test
+    built = []
+    monkeypatch.setattr(
+        train_tool, 'build_runner',
+        lambda cfg: built.append(cfg) or SimpleNamespace(train=lambda: None))
+    monkeypatch.setattr(train_tool, 'init_cpu_dist', lambda cfg: None)
+    config = tmp_path / 'c.py'
+    config.write_text('model = dict(type="X")\n')
+    train_tool.main([str(config), '--launcher', 'slurm'])
+    assert built[0].launcher == 'slurm'
+    assert os.environ['MASTER_PORT'] == '13456'
+    monkeypatch.setenv('MASTER_PORT', '29999')
+    train_tool.main([str(config), '--launcher', 'slurm'])
+    assert os.environ['MASTER_PORT'] == '29999'
+    monkeypatch.delenv('MASTER_PORT')
+    train_tool.main([
+        str(config), '--launcher', 'slurm', '--cfg-options',
+        'env_cfg.dist_cfg.port=29400'
+    ])
+    assert 'MASTER_PORT' not in os.environ
+    # The README's "MMEngine's 29500" is MMEngine's default.
+    import inspect
+
+    from mmengine.dist import utils
+    assert "os.environ['MASTER_PORT'] = '29500'" in inspect.getsource(
+        utils._init_dist_slurm)
+    with open(osp.join(REPO, 'README.md')) as f:
+        assert "all take MMEngine's 29500" in ' '.join(f.read().split())

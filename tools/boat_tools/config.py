@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported when used: building a runner imports a lot
 
 __all__ = [
     'check_data_roots', 'data_hint', 'adapt_cfg_to_device', 'init_cpu_dist',
-    'slurm_to_torch_env', 'check_launcher_env', 'close_dist',
+    'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'total_batch_note'
 ]
@@ -183,6 +183,8 @@ def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
     merge_cfg_options(cfg, args.cfg_options)
     check_launcher_env(args.launcher)
     cfg.launcher = args.launcher
+    if args.launcher == 'slurm':
+        slurm_job_port(cfg)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
@@ -222,6 +224,34 @@ def check_launcher_env(launcher: str) -> None:
             f'({", ".join(missing)} missing): start the tool with '
             f'{starter}, e.g. {script}, or drop --launcher to run one '
             f'process.')
+
+
+#: The master ports :func:`slurm_job_port` picks from, below Linux's
+#: ephemeral ports (32768 and up).
+SLURM_PORTS = (10000, 30000)
+
+
+def slurm_job_port(cfg: Config) -> None:
+    """Export a master port of this Slurm job (``MASTER_PORT``) unless
+    the environment or ``env_cfg.dist_cfg.port`` gives one.
+
+    MMEngine's default is 29500 for every job: two jobs that share a node
+    (``GPUS`` smaller than a node, or ``--exclusive`` off) then both bind
+    it on their first node, and the second fails with ``address already
+    in use``. Every task of a job computes the same port from
+    ``SLURM_JOB_ID``, so two jobs collide only if their ids differ by a
+    multiple of 20000.
+
+    Args:
+        cfg (Config): The config of a ``--launcher slurm`` run.
+    """
+    dist_cfg = cfg.get('env_cfg', {}).get('dist_cfg', {})
+    job = os.environ.get('SLURM_JOB_ID', '')
+    if 'MASTER_PORT' in os.environ or dist_cfg.get('port') is not None \
+            or not job.isdigit():
+        return
+    low, high = SLURM_PORTS
+    os.environ['MASTER_PORT'] = str(low + int(job) % (high - low))
 
 
 # Starts of the WARNING records MMEngine logs about its own use of
