@@ -119,7 +119,12 @@ def test_wheel_holds_the_package_and_mim_folder(dists):
         'boat_mm/.mim/' + n
         for n in _checkout_files('configs', ('.py', '.yml', '.md'))
         | _checkout_files('tools', ('.py', )) - checkout_only
-        | {'model-index.yml', 'tools/dist_train.sh', 'tools/dist_test.sh'}
+        | {'model-index.yml'}
+        | {
+            f'tools/{n}.sh'
+            for n in ('dist_launch', 'dist_train', 'dist_test', 'slurm_train',
+                      'slurm_test')
+        }
     }
     assert mim <= wheel, sorted(mim - wheel)
     assert not {'boat_mm/.mim/' + n for n in checkout_only} & wheel

@@ -6,9 +6,10 @@
 # Without GPUs, GPUS processes test on the CPU (gloo backend).
 # PYTHON selects the interpreter (default: python on PATH).
 set -e
+source "$(dirname "$0")/dist_launch.sh"
+usage_check 'CONFIG CHECKPOINT GPUS [tools/test.py arguments]' 3 "$@"
 CONFIG=$1
 CHECKPOINT=$2
 GPUS=$3
-source "$(dirname "$0")/dist_launch.sh"
 dist_launch "$GPUS" test.py "$CONFIG" "$CHECKPOINT" --launcher pytorch \
     "${@:4}"

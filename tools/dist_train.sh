@@ -6,7 +6,8 @@
 # Without GPUs, GPUS processes train on the CPU (gloo backend).
 # PYTHON selects the interpreter (default: python on PATH).
 set -e
+source "$(dirname "$0")/dist_launch.sh"
+usage_check 'CONFIG GPUS [tools/train.py arguments]' 2 "$@"
 CONFIG=$1
 GPUS=$2
-source "$(dirname "$0")/dist_launch.sh"
 dist_launch "$GPUS" train.py "$CONFIG" --launcher pytorch "${@:3}"

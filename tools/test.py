@@ -32,6 +32,7 @@ Examples::
     python tools/test.py CONFIG CKPT --out preds.pkl  # mmdet config
     python tools/test.py CONFIG CKPT --show-dir vis --work-dir work_dirs/x
     bash tools/dist_test.sh CONFIG CKPT 8
+    GPUS=8 bash tools/slurm_test.sh PARTITION JOB_NAME CONFIG CKPT
 """
 import argparse
 import os.path as osp

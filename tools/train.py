@@ -21,6 +21,7 @@ Examples::
     python tools/train.py CONFIG --work-dir work_dirs/x --resume
     python tools/train.py CONFIG --cfg-options model.backbone.init_cfg=None
     bash tools/dist_train.sh CONFIG 8
+    GPUS=16 bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR
 """
 import argparse
 import logging
@@ -38,8 +39,9 @@ from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_data_roots, close_dist,
                                init_cpu_dist, merge_common_args,
-                               parse_launcher_args)
+                               parse_launcher_args, total_batch_note)
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import get_world_size
 from mmengine.logging import print_log
 
 import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
@@ -235,7 +237,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)
 
-    build_runner(cfg).train()
+    runner = build_runner(cfg)
+    # After the runner started the process group (on GPUs, it does).
+    note = total_batch_note(cfg, get_world_size())
+    if note:
+        print_log(note, logger='current', level=logging.WARNING)
+    runner.train()
 
 
 if __name__ == '__main__':

@@ -55,7 +55,8 @@ kernel for CPU tensors when it is built, the tensor implementation
 otherwise.
 """
 import math
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,8 @@ class ClusterPlan(NamedTuple):
     """Static description of the clustering of ``num_tokens`` tokens.
 
     Everything here depends only on ``(num_tokens, group_size, overlap)`` and
-    the device, so it is built once per resolution and cached.
+    the device, so it is built once per resolution and cached (the
+    :data:`PLAN_CACHE_SIZE` most recently used).
 
     Attributes:
         num_tokens (int): ``N``.
@@ -126,7 +128,15 @@ class ClusterPlan(NamedTuple):
     overlap: int
 
 
-_PLAN_CACHE: Dict[tuple, ClusterPlan] = {}
+#: How many plans :func:`build_cluster_plan` keeps, the least recently
+#: used dropped first. A forward needs one per stage with FSLA and input
+#: size (24 for mmseg's 6-scale test-time augmentation of a 4-stage
+#: backbone); a plan of ``N`` tokens holds 200 to 340 bytes a token (21
+#: MiB for the 200x336 map of stage 0 at 1333x800), so keeping one for
+#: every image size that detection's keep-ratio resizing and multi-scale
+#: training produce would grow the GPU memory by gigabytes over a run.
+PLAN_CACHE_SIZE = 32
+_PLAN_CACHE: 'OrderedDict[tuple, ClusterPlan]' = OrderedDict()
 
 #: The any-N rule's largest mean cluster size ``N / G``, in units of
 #: ``group_size``: above it the tree goes one level deeper, and a map of
@@ -307,6 +317,10 @@ def build_cluster_plan(
         with torch.no_grad():
             plan = _build_plan(num_tokens, group_size, overlap, device)
         _PLAN_CACHE[key] = plan
+        if len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
     return plan
 
 

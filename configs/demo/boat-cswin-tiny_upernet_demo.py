@@ -82,8 +82,10 @@ val_dataloader = dict(
         data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-# From scratch: a larger learning rate than fine-tuning's 6e-5.
+# From scratch: a larger learning rate than fine-tuning's 6e-5, for the
+# total batch of one process of 4 images (--auto-scale-lr scales from it).
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.01))
+auto_scale_lr = dict(enable=False, base_batch_size=4)
 max_iters = 2000
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=200),

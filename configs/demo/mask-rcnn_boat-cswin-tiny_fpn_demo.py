@@ -82,8 +82,10 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-# From scratch: a larger learning rate than fine-tuning's 1e-4.
+# From scratch: a larger learning rate than fine-tuning's 1e-4, for the
+# total batch of one process of 2 images (--auto-scale-lr scales from it).
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
+auto_scale_lr = dict(enable=False, base_batch_size=2)
 max_iters = 800
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),

@@ -11,13 +11,15 @@ the configs:
   and position tables), 300 epochs, 20 warm-up epochs from 5e-7 x 2 = 1e-6,
   cosine to 5e-6 x 2 = 1e-5, gradient clipping 5, label smoothing 0.1,
   mixup 0.8 / cutmix 1.0, RandAugment m9-mstd0.5, random erasing 0.25,
-  bicubic 224 crops (test: 256 then 224), drop path 0.2 / 0.3 / 0.5.
+  bicubic 224 crops (test: 256 then 224), drop path 0.2 / 0.3 / 0.5,
+  each process seeded with seed + rank (``BOAT-Swin/main.py``).
 * BOAT-CSWin on ImageNet-1K: ``BOAT-CSWin/README.md`` (the three training
   commands) and ``main.py``'s defaults (timm): batch 8 x 256, lr 2e-3, wd
   0.05, EMA 0.99984, drop path 0.2 (T) / 0.4 (S); batch 8 x 128, lr 1e-3,
   wd 0.1, EMA 0.99992, drop path 0.5 (B); 20 warm-up epochs from 1e-6,
   cosine to 1e-5, 300 epochs, no gradient clipping, no decay on 1-D
-  weights and biases, test crop ratio 0.9 (248 then 224).
+  weights and biases, test crop ratio 0.9 (248 then 224), each process
+  seeded with seed + rank.
 * UPerNet on ADE20K: ``BOAT-CSWin/segmentation/configs/cswin/
   upernet_cswin_*.py`` (= mmseg's Swin UPerNet recipe): AdamW 6e-5, betas
   (0.9, 0.999), wd 0.01 (none on norms and position tables), 1500 linear
@@ -134,6 +136,9 @@ CSWIN_WIDTHS = {
 
 # The ImageNet-1K augmentation both families share (Swin / timm defaults).
 IN1K_AUG = {
+    # seed + rank in each process (Swin's main.py, timm's random_seed).
+    'randomness.diff_rank_seed':
+    True,
     'model.head.num_classes':
     1000,
     'model.head.loss.type':
@@ -464,6 +469,8 @@ def seg_demo() -> Dict[str, Any]:
         ABSENT,
         'train_dataloader.batch_size':
         4,
+        'auto_scale_lr.base_batch_size':
+        4,
         'train_cfg.max_iters':
         2000,
         'optim_wrapper.optimizer.type':
@@ -502,6 +509,7 @@ def det_demo() -> Dict[str, Any]:
         'model.roi_head.mask_head.num_classes': 6,
         'train_dataloader.dataset.pipeline.@Resize.scale': (160, 160),
         'train_dataloader.batch_size': 2,
+        'auto_scale_lr.base_batch_size': 2,
         'train_cfg.type': 'IterBasedTrainLoop',
         'train_cfg.max_iters': 800,
         'optim_wrapper.optimizer.type': 'AdamW',

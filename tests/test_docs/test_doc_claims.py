@@ -354,7 +354,8 @@ def test_impl_values_of_the_readme():
 
 # Scripts that other scripts run rather than the user: what runs each.
 _RUN_BY = {
-    'tools/dist_launch.sh': ('tools/dist_train.sh', 'tools/dist_test.sh'),
+    'tools/dist_launch.sh': ('tools/dist_train.sh', 'tools/dist_test.sh',
+                             'tools/slurm_train.sh', 'tools/slurm_test.sh'),
     'tools/demo.sh': ('Makefile', ),
 }
 

@@ -440,6 +440,16 @@ COVERAGE: Dict[str, object] = {
     'tools/dist_test.sh':
     Run(('tests/test_docs/test_doc_examples.py::'
          'test_dist_test_launcher', )),
+    'tools/slurm_train.sh':
+    Run(('tests/test_tools/test_slurm_launch.py::'
+         'test_two_tasks_train_then_test_on_cpu',
+         'tests/test_tools/test_slurm_launch.py::'
+         'test_srun_command_is_upstreams')),
+    'tools/slurm_test.sh':
+    Run(('tests/test_tools/test_slurm_launch.py::'
+         'test_two_tasks_train_then_test_on_cpu',
+         'tests/test_tools/test_slurm_launch.py::'
+         'test_srun_command_is_upstreams')),
     'tools/model_converters/boat2mm.py':
     Run((
         'tests/test_tools/test_boat2mm.py::test_cli_output',

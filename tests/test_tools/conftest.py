@@ -27,3 +27,18 @@ def train_tool() -> ModuleType:
 def test_tool() -> ModuleType:
     """tools/test.py as a module, once per test file."""
     return load_script('tools/test.py')
+
+
+@pytest.fixture
+def fake_process_group(monkeypatch) -> list:
+    """A machine without CUDA whose ``torch.distributed`` has no group yet
+    and records the keyword arguments of ``init_process_group`` (in the
+    returned list) instead of starting one."""
+    import torch
+    import torch.distributed as dist
+    started = []
+    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(dist, 'init_process_group',
+                        lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    return started

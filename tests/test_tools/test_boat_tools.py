@@ -105,22 +105,20 @@ def test_cpu_ddp_wrapper_keeps_buffers_local_without_deprecation(tmp_path):
     assert ddp.broadcast_buffers is False  # the forward sync (any torch)
 
 
-def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
+def test_cpu_process_group_takes_the_config_timeout(monkeypatch,
+                                                    fake_process_group):
     """A CPU run under torchrun starts a gloo group with the config's
     ``dist_cfg`` (its timeout in seconds, which torch takes as a
     timedelta); not with CUDA, without a launcher, or once a group
-    exists; other launchers are refused, naming the one that works."""
+    exists; MPI is refused, naming the launchers that work (slurm:
+    test_slurm_launch.py)."""
     import datetime
 
     import torch
     import torch.distributed as dist
     from boat_tools.config import init_cpu_dist
     from mmengine.config import Config
-    started = []
-    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
-    monkeypatch.setattr(dist, 'init_process_group',
-                        lambda **kwargs: started.append(kwargs))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    started = fake_process_group
     cfg = Config(
         dict(
             launcher='pytorch',
@@ -132,12 +130,42 @@ def test_cpu_process_group_takes_the_config_timeout(monkeypatch):
     assert cfg.env_cfg.dist_cfg.backend == 'nccl'  # the config is kept
     assert not init_cpu_dist(Config(dict(launcher='none')))
     with pytest.raises(
-            RuntimeError, match="with `--launcher pytorch`.*"
-            "not 'slurm'"):
-        init_cpu_dist(Config(dict(launcher='slurm')))
+            RuntimeError,
+            match="with `--launcher pytorch`.*"
+            "`--launcher slurm`.*not 'mpi'"):
+        init_cpu_dist(Config(dict(launcher='mpi')))
     monkeypatch.setattr(dist, 'is_initialized', lambda: True)
     assert not init_cpu_dist(cfg)
     monkeypatch.setattr(dist, 'is_initialized', lambda: False)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     assert not init_cpu_dist(cfg)
     assert len(started) == 1
+
+
+def test_total_batch_note():
+    """The warning of a run whose total batch is not the one the config's
+    learning rate is for, with the two fixes; none when they agree, when
+    --auto-scale-lr is on or without a base."""
+    from boat_tools.config import total_batch_note
+    from mmengine.config import Config
+
+    def cfg(batch, **scale):
+        return Config(
+            dict(train_dataloader=dict(batch_size=batch), auto_scale_lr=scale))
+
+    swin = cfg(64, enable=False, base_batch_size=1024)  # 16xb64
+    assert total_batch_note(swin, 16) is None
+    assert total_batch_note(swin, 8) == (
+        'The learning rate of this config is for a total batch of 1024 '
+        "(auto_scale_lr.base_batch_size); this run's is 8 processes x 64 "
+        '= 512. Pass --auto-scale-lr to scale the learning rate by '
+        '512/1024, or run 16 processes (GPUS=16).')
+    assert "this run's is one process of 64 = 64." in total_batch_note(swin, 1)
+    # No whole number of processes gives 100 images of 64.
+    assert total_batch_note(cfg(64, base_batch_size=100),
+                            1).endswith('scale the learning rate by 64/100.')
+    assert total_batch_note(cfg(64, enable=True, base_batch_size=1024),
+                            8) is None
+    assert total_batch_note(cfg(64), 8) is None
+    assert total_batch_note(
+        Config(dict(auto_scale_lr=dict(base_batch_size=16))), 8) is None

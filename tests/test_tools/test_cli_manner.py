@@ -6,9 +6,13 @@ status 2, no traceback; ``--shape`` means the same everywhere.
 The tools run in this process (their ``main(argv)``), one or two cheap
 cases each: every case fails before any model is trained or data is
 read, except the published-checkpoint cases, which build the demo's small
-segmentor.
+segmentor. The launch scripts (dist_*.sh, slurm_*.sh) answer too few
+arguments the same way, before torchrun or srun starts.
 """
+import glob
+import os
 import os.path as osp
+import subprocess
 
 import numpy as np
 import pytest
@@ -187,3 +191,55 @@ def test_shape_means_the_same_everywhere(name):
         base = [SEG, 'image.png']
     assert parse(base + ['--shape', '64']).shape == (64, 64)
     assert parse(base + ['--shape', '48', '64']).shape == (48, 64)
+
+
+# The launch scripts (they source tools/dist_launch.sh): too few arguments
+# for each.
+SCRIPTS = {
+    'dist_train.sh': ['c.py'],
+    'dist_test.sh': ['c.py', 'k.pth'],
+    'slurm_train.sh': ['partition', 'job'],
+    'slurm_test.sh': ['partition', 'job', 'c.py'],
+}
+
+
+def _bash(script: str, args: list, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', f'tools/{script}', *args],
+                          cwd=REPO,
+                          env=dict(os.environ, **env),
+                          capture_output=True,
+                          text=True)
+
+
+def test_every_launch_script_is_covered():
+    assert set(SCRIPTS) == {
+        osp.basename(p)
+        for p in glob.glob(osp.join(REPO, 'tools', '*.sh'))
+        if 'dist_launch.sh' in open(p).read()
+    }
+
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_launch_script_usage_is_one_line_exit_2(script):
+    """Too few arguments: the tools' one line naming the usage, before
+    torchrun or srun starts; ``--help`` prints the script's header."""
+    proc = _bash(script, SCRIPTS[script])
+    assert proc.returncode == 2 and proc.stdout == ''
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        f'{script}: error: {len(SCRIPTS[script]) + 1} arguments needed, '
+        f'got {len(SCRIPTS[script])}; usage: bash tools/{script} ')
+    proc = _bash(script, ['--help'])
+    assert proc.returncode == 0 and proc.stderr == ''
+    assert 'Usage: ' in proc.stdout and f'tools/{script}' in proc.stdout
+    assert '#' not in proc.stdout and 'set -e' not in proc.stdout
+
+
+@pytest.mark.parametrize('script', ['slurm_train.sh', 'slurm_test.sh'])
+@pytest.mark.parametrize('name', ['GPUS', 'GPUS_PER_NODE', 'CPUS_PER_TASK'])
+def test_slurm_counts_must_be_positive_integers(script, name):
+    proc = _bash(script, ['p', 'j', 'c.py', 'x'], **{name: '0'})
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr == (f'{script}: error: {name} must be a positive '
+                           f"integer, got '0'\n")

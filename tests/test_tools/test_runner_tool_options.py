@@ -271,15 +271,18 @@ def test_launcher_and_local_rank(spy, train_tool, test_tool, tiny_cls,
     monkeypatch.setenv('LOCAL_RANK', '1')
     train_tool.parse_args([tiny_cls['cfg'], '--local_rank', '5'])
     assert os.environ['LOCAL_RANK'] == '1'
+    # What torchrun sets (test_slurm_launch.py: without it).
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '1')
     rec = spy(train_tool, [tiny_cls['cfg'], '--launcher', 'pytorch'])
     assert rec.cfg.launcher == 'pytorch' and started[-1] == 'pytorch'
     if not torch.cuda.is_available():
         # A CPU process group: gloo, DDP without device ids.
         assert rec.cfg.env_cfg.dist_cfg.backend == 'gloo'
         assert rec.cfg.model_wrapper_cfg.device_ids is None
-        with pytest.raises(RuntimeError, match="not 'slurm'"):
+        with pytest.raises(RuntimeError, match="not 'mpi'"):
             spy(test_tool,
-                [tiny_cls['cfg'], tiny_cls['ckpt'], '--launcher', 'slurm'])
+                [tiny_cls['cfg'], tiny_cls['ckpt'], '--launcher', 'mpi'])
 
 
 # ---------------------------------------------------------------- test.py

@@ -15,6 +15,7 @@ import logging
 import os
 import os.path as osp
 import re
+import subprocess
 from collections import Counter
 from typing import (TYPE_CHECKING, Iterator, List, Optional, Sequence, Set,
                     Tuple)
@@ -29,8 +30,9 @@ if TYPE_CHECKING:  # imported when used: building a runner imports a lot
 
 __all__ = [
     'check_data_roots', 'data_hint', 'adapt_cfg_to_device', 'init_cpu_dist',
-    'close_dist', 'add_cfg_options_arg', 'add_launcher_args',
-    'parse_launcher_args', 'merge_common_args', 'build_runner'
+    'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
+    'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
+    'merge_common_args', 'build_runner', 'total_batch_note'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -179,12 +181,77 @@ def merge_common_args(cfg: Config, args: argparse.Namespace) -> None:
     # Imported when used, as cli.py imports this module when used.
     from .cli import merge_cfg_options
     merge_cfg_options(cfg, args.cfg_options)
+    check_launcher_env(args.launcher)
     cfg.launcher = args.launcher
+    if args.launcher == 'slurm':
+        slurm_job_port(cfg)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+
+
+# What MMEngine's init_dist reads first for each launcher, and the scripts
+# that set it.
+_LAUNCHER_ENV = {
+    'pytorch': (('RANK', 'WORLD_SIZE'), 'torchrun',
+                'bash tools/dist_train.sh CONFIG GPUS (dist_test.sh for '
+                'test.py)'),
+    'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'), 'srun',
+              'bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG '
+              'WORK_DIR (slurm_test.sh for test.py)'),
+}
+
+
+def check_launcher_env(launcher: str) -> None:
+    """Raise a :class:`UsageError` when ``--launcher`` names a launcher
+    that did not start this process: MMEngine would fail with a bare
+    ``KeyError: 'SLURM_PROCID'`` (or ``'RANK'``) when building the runner.
+
+    Args:
+        launcher (str): ``args.launcher``; ``'none'`` and ``'mpi'`` are
+            left to MMEngine.
+    """
+    from .cli import UsageError
+    if launcher not in _LAUNCHER_ENV:
+        return
+    names, starter, script = _LAUNCHER_ENV[launcher]
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise UsageError(
+            f'--launcher {launcher} needs the variables {starter} sets '
+            f'({", ".join(missing)} missing): start the tool with '
+            f'{starter}, e.g. {script}, or drop --launcher to run one '
+            f'process.')
+
+
+#: The master ports :func:`slurm_job_port` picks from, below Linux's
+#: ephemeral ports (32768 and up).
+SLURM_PORTS = (10000, 30000)
+
+
+def slurm_job_port(cfg: Config) -> None:
+    """Export a master port of this Slurm job (``MASTER_PORT``) unless
+    the environment or ``env_cfg.dist_cfg.port`` gives one.
+
+    MMEngine's default is 29500 for every job: two jobs that share a node
+    (``GPUS`` smaller than a node, or ``--exclusive`` off) then both bind
+    it on their first node, and the second fails with ``address already
+    in use``. Every task of a job computes the same port from
+    ``SLURM_JOB_ID``, so two jobs collide only if their ids differ by a
+    multiple of 20000.
+
+    Args:
+        cfg (Config): The config of a ``--launcher slurm`` run.
+    """
+    dist_cfg = cfg.get('env_cfg', {}).get('dist_cfg', {})
+    job = os.environ.get('SLURM_JOB_ID', '')
+    if 'MASTER_PORT' in os.environ or dist_cfg.get('port') is not None \
+            or not job.isdigit():
+        return
+    low, high = SLURM_PORTS
+    os.environ['MASTER_PORT'] = str(low + int(job) % (high - low))
 
 
 # Starts of the WARNING records MMEngine logs about its own use of
@@ -312,6 +379,38 @@ def build_runner(cfg: Config) -> 'Runner':
     runner.logger.addFilter(_not_internal_warning)
     _tally_paramwise_options(runner)
     return runner
+
+
+def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
+    """A warning when a run's total batch is not the one the config's
+    learning rate is for and ``--auto-scale-lr`` is off: MMEngine says
+    nothing, and a 16-GPU recipe on 8 GPUs silently trains with half the
+    batch at the full learning rate.
+
+    Args:
+        cfg (Config): The complete config.
+        world_size (int): Processes of the run.
+
+    Returns:
+        str | None: The warning; None when the batches agree, the scaling
+        is on or the config has no ``auto_scale_lr.base_batch_size``.
+    """
+    scale = cfg.get('auto_scale_lr') or {}
+    loader = cfg.get('train_dataloader') or {}
+    base, batch = scale.get('base_batch_size'), loader.get('batch_size')
+    if scale.get('enable') or not base or not batch:
+        return None
+    total = world_size * batch
+    if total == base:
+        return None
+    runs = f'{world_size} processes x {batch}' if world_size > 1 \
+        else f'one process of {batch}'
+    fix = (f', or run {base // batch} processes (GPUS={base // batch})'
+           if base % batch == 0 else '')
+    return (f'The learning rate of this config is for a total batch of '
+            f'{base} (auto_scale_lr.base_batch_size); this run\'s is '
+            f'{runs} = {total}. Pass --auto-scale-lr to scale the learning '
+            f'rate by {total}/{base}{fix}.')
 
 
 def _datasets(loader: dict) -> Iterator[dict]:
@@ -473,14 +572,18 @@ def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:
 
 
 def init_cpu_dist(cfg: Config) -> bool:
-    """Start a ``gloo`` process group for a CPU run under ``torchrun``.
+    """Start a ``gloo`` process group for a CPU run under ``torchrun``
+    (``--launcher pytorch``) or ``srun`` (``--launcher slurm``).
 
     MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` first, which
     fails without a GPU; once a group exists, the runner uses it as is.
+    Under ``srun``, the rank, world size and master address come from
+    Slurm's variables as MMEngine's takes them (:func:`slurm_to_torch_env`).
 
     Args:
         cfg (Config): The config; acts only when ``cfg.launcher`` is
-            ``'pytorch'``, CUDA is missing and no group exists yet.
+            ``'pytorch'`` or ``'slurm'``, CUDA is missing and no group
+            exists yet.
 
     Returns:
         bool: Whether a process group was started.
@@ -490,18 +593,50 @@ def init_cpu_dist(cfg: Config) -> bool:
     if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available() \
             or dist.is_initialized():
         return False
-    if cfg.launcher != 'pytorch':
+    if cfg.launcher not in ('pytorch', 'slurm'):
         raise RuntimeError(
             f'Distributed runs without CUDA are supported with '
-            f'`--launcher pytorch` (torchrun, tools/dist_train.sh), not '
+            f'`--launcher pytorch` (torchrun, tools/dist_train.sh) and '
+            f'`--launcher slurm` (srun, tools/slurm_train.sh), not '
             f'{cfg.launcher!r}.')
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     dist_cfg['backend'] = 'gloo'
+    # MMEngine's slurm launcher takes the master port from dist_cfg.
+    port = dist_cfg.pop('port', None)
+    if cfg.launcher == 'slurm':
+        slurm_to_torch_env(port)
     if isinstance(dist_cfg.get('timeout'), (int, float)):
         # MMEngine's config gives seconds; torch wants a timedelta.
         dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
     dist.init_process_group(**dist_cfg)
     return True
+
+
+def slurm_to_torch_env(port: Optional[int] = None) -> None:
+    """Export what torch's ``env://`` rendezvous reads (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) from
+    what ``srun`` sets in each task, as MMEngine's ``init_dist('slurm')``
+    does: the master is the first host of ``SLURM_NODELIST`` (``scontrol
+    show hostname``) unless ``MASTER_ADDR`` is set; the port is ``port``,
+    else ``MASTER_PORT``, else 29500.
+
+    Args:
+        port (int, optional): ``env_cfg.dist_cfg.port`` of the config.
+    """
+    env = os.environ
+    env['RANK'] = env['SLURM_PROCID']
+    env['WORLD_SIZE'] = env['SLURM_NTASKS']
+    env['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
+    if port is not None:
+        env['MASTER_PORT'] = str(port)
+    env.setdefault('MASTER_PORT', '29500')
+    if 'MASTER_ADDR' not in env:
+        hosts = subprocess.run(
+            ['scontrol', 'show', 'hostname', env['SLURM_NODELIST']],
+            capture_output=True,
+            text=True,
+            check=True).stdout.split()
+        env['MASTER_ADDR'] = hosts[0]
 
 
 def close_dist() -> None:

@@ -1,0 +1,90 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The backbones under real DistributedDataParallel, as multi-GPU runs
+train them: ``find_unused_parameters=False`` (MMEngine's default),
+gradient checkpointing, a frozen stem and stage, and a last output stage
+before the last stage (what follows it does not run).
+
+Two processes of a gloo group (the CPU's stand-in for two GPUs) each
+take half of a batch for two iterations: DDP raises at the second one
+if a trainable parameter got no gradient in the first. The averaged
+gradients must be half those of the whole batch in one process (the
+loss is a sum over samples, and FSLA clusters each sample on its own).
+"""
+import os.path as osp
+
+import pytest
+import torch
+from gloo_pair import run_gloo_pair
+from test_memory_options import FAMILIES
+
+ARGS = dict(
+    out_indices=(1, 2), frozen_stages=1, with_cp=True, drop_path_rate=0.)
+SHAPE = (4, 3, 56, 56)
+HERE = osp.dirname(osp.abspath(__file__))
+
+# One process: argv = rank, store file, family, output file.
+TRAIN = '''
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+# This file's folder, and tests/ (gloo_pair.py, which it imports).
+sys.path[:0] = [{here!r}, {tests!r}]
+from test_ddp import ARGS, FAMILIES, loss_of, batch
+
+rank, store, family, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], \\
+    sys.argv[4]
+dist.init_process_group('gloo', init_method=f'file://{{store}}', rank=rank,
+                        world_size=2)
+cls, arch = FAMILIES[family]
+torch.manual_seed(0)
+model = DistributedDataParallel(
+    cls(arch=arch, **ARGS).train(), find_unused_parameters=False)
+for step in range(2):
+    model.zero_grad()
+    x = batch(step)[2 * rank:2 * rank + 2]
+    loss_of(model(x), step, rank).backward()
+if rank == 0:
+    torch.save({{n: p.grad for n, p in model.module.named_parameters()}},
+               out)
+dist.destroy_process_group()
+'''
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(step))
+
+
+def loss_of(outs, step: int, rank: int = None) -> torch.Tensor:
+    """A fixed random projection of the outputs of the whole batch (of
+    samples ``2 rank, 2 rank + 1`` with ``rank``)."""
+    g = torch.Generator().manual_seed(100 + step)
+    loss = 0
+    for o in outs:
+        w = torch.randn((SHAPE[0], ) + o.shape[1:], generator=g)
+        if rank is not None:
+            w = w[2 * rank:2 * rank + 2]
+        loss = loss + (o * w).sum()
+    return loss
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_two_processes_average_the_whole_batch_gradient(family, tmp_path):
+    out = str(tmp_path / 'grads.pth')
+    run_gloo_pair(
+        TRAIN.format(here=HERE, tests=osp.dirname(osp.dirname(HERE))),
+        tmp_path, family, out)
+    ddp = torch.load(out, weights_only=True)
+
+    cls, arch = FAMILIES[family]
+    torch.manual_seed(0)
+    model = cls(arch=arch, **ARGS).train()
+    loss_of(model(batch(1)), 1).backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, g in ddp.items() if g is not None} == trained
+    assert any('.fsla.' in n for n in trained)
+    assert not any(n.startswith(('stages.0.', 'stages.3.')) for n in trained)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(
+                ddp[name] * 2, p.grad, rtol=1e-4, atol=1e-5, msg=name)
