@@ -122,7 +122,8 @@ def load_models(root: Optional[str] = None) -> List[ModelInfo]:
             source = model.get('Converted From', {})
             metrics = {
                 key: value
-                for result in model.get('Results', [])
+                # (null for pre-training, as mmpretrain's SimMIM models)
+                for result in model.get('Results') or []
                 for key, value in result['Metrics'].items()
             }
             models.append(

@@ -523,6 +523,71 @@ def det_demo() -> Dict[str, Any]:
     }
 
 
+def simmim(family: str) -> Dict[str, Any]:
+    """mmpretrain's SimMIM Swin-B recipe (``simmim_swin-base-w6_8xb256-amp-
+    coslr-100e_in1k-192px.py``) on a base BOAT model: AdamW 2e-4 x 2048 /
+    512, wd 0.05, clipping 5, AMP, 10 warm-up epochs from 1e-6, cosine to
+    1e-5 x 2048 / 512 at epoch 100, 192 px crops, 32 px mask patches at
+    ratio 0.6 on the stride-4 token grid, drop path 0.1, windows of 6."""
+    lr = 2e-4 * 2048 / 512
+    mask = 'train_dataloader.dataset.pipeline.@SimMIMMaskGenerator.'
+    recipe = {
+        'model.type':
+        'SimMIM',
+        'model.backbone.type':
+        'SimMIMBOATSwin' if family == 'swin' else 'SimMIMBOATCSWin',
+        'model.backbone.arch':
+        'base',
+        'model.backbone.drop_path_rate':
+        0.1,
+        'model.backbone.out_indices': (3, ),
+        'model.neck.type':
+        'SimMIMLinearDecoder',
+        'model.neck.in_channels':
+        (SWIN_WIDTHS if family == 'swin' else CSWIN_WIDTHS)['base'][3],
+        'model.neck.encoder_stride':
+        32,
+        'model.head.patch_size':
+        4,
+        'gpus x batch': (8, 256),
+        'auto_scale_lr.base_batch_size':
+        2048,
+        'optim_wrapper.type':
+        'AmpOptimWrapper',
+        'optim_wrapper.optimizer.type':
+        'AdamW',
+        'optim_wrapper.optimizer.lr':
+        lr,
+        'optim_wrapper.optimizer.weight_decay':
+        0.05,
+        'optim_wrapper.clip_grad.max_norm':
+        5.0,
+        'param_scheduler.0.start_factor':
+        1e-6 / 2e-4,
+        'param_scheduler.0.end':
+        10,
+        'param_scheduler.1.type':
+        'CosineAnnealingLR',
+        'param_scheduler.1.eta_min':
+        1e-5 * 2048 / 512,
+        'param_scheduler.1.end':
+        100,
+        'train_cfg.max_epochs':
+        100,
+        mask + 'input_size':
+        192,
+        mask + 'mask_patch_size':
+        32,
+        mask + 'model_patch_size':
+        4,
+        mask + 'mask_ratio':
+        0.6,
+    }
+    if family == 'swin':
+        recipe['model.backbone.window_size'] = 6
+    return recipe
+
+
 def _recipes() -> Dict[str, Dict[str, Any]]:
     table = {}
     for arch, dpr in (('tiny', 0.2), ('small', 0.3), ('base', 0.5)):
@@ -546,6 +611,10 @@ def _recipes() -> Dict[str, Dict[str, Any]]:
                 detector(family, arch, 'mask-rcnn', 'x3')
             table[f'boat_{family}/retinanet_{name}_fpn_1x_coco.py'] = \
                 detector(family, arch, 'retinanet', 'x1')
+    table['boat_swin/simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_'
+          'in1k-192px.py'] = simmim('swin')
+    table['boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-100e_'
+          'in1k-192px.py'] = simmim('cswin')
     table['boat_upernet_ade20k.py'] = upernet('cswin', 'tiny', 0.3)
     table['demo/boat-cswin-tiny_upernet_demo.py'] = seg_demo()
     table['demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'] = det_demo()
@@ -672,6 +741,31 @@ def _build(path: str):
             cfg.model[head].norm_cfg = dict(type='BN', requires_grad=True)
     torch.manual_seed(0)
     return cfg, models.build(cfg.model).eval()
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_simmim_recipe_is_mmpretrains(family):
+    """The SimMIM configs are mmpretrain's Swin-B SimMIM config, key for
+    key, but for the backbone and the decoder's input width."""
+    ours = _cfg(f'boat_{family}/simmim_boat-{family}-base'
+                f'{"-w6" if family == "swin" else ""}_8xb256-amp-coslr-'
+                '100e_in1k-192px.py')
+    import mmpretrain
+    theirs = Config.fromfile(
+        osp.join(
+            osp.dirname(mmpretrain.__file__), '.mim', 'configs', 'simmim',
+            'simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px.py'))
+    assert set(ours.keys()) - {'custom_imports'} == set(theirs.keys())
+    for key in theirs.keys():
+        if key != 'model':
+            assert _unscoped(ours[key]) == _unscoped(theirs[key]), key
+    for key in theirs.model.keys():
+        if key not in ('backbone', 'neck'):
+            assert _unscoped(ours.model[key]) == _unscoped(
+                theirs.model[key]), key
+    assert dict(
+        ours.model.neck, in_channels=0) == dict(
+            theirs.model.neck, in_channels=0)
 
 
 @pytest.fixture(scope='module')

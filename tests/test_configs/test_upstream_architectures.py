@@ -16,8 +16,11 @@ The upstream configs with a Swin backbone that are not here, and why:
 * mmdet FCOS (``v3det/fcos_swinb_fpn_*``): its FPN takes
   ``force_grad_on_level``, which mmdet 3.3's FPN does not accept (with any
   backbone).
-* mmpretrain SimMIM (``simmim/``): pre-training needs a masked backbone
-  (``SimMIMSwinTransformer``), which BOAT has no variant of.
+* mmpretrain SimMIM (``simmim/``): pre-training needs a backbone with a
+  mask token, ``SimMIMBOATSwin`` / ``SimMIMBOATCSWin``; the shipped
+  ``configs/boat_*/simmim_*.py`` make that swap, and
+  tests/test_models/test_selfsup/test_simmim.py and
+  tests/test_tools/test_cls_e2e.py train them.
 
 The heads are narrowed for speed (:func:`narrow`: widths divided by 16,
 one layer of each stack, 10 queries, 64x64 images); the swap itself is the

@@ -510,3 +510,72 @@ def test_publish_ema_checkpoint(trained_cswin, capsys):
     ])
     top1 = mmengine.load(metrics)['accuracy/top1']
     assert top1 == pytest.approx(trained_cswin['val_top1'], abs=1e-3)
+
+
+SIMMIM_CSWIN_B = osp.join(
+    REPO, 'configs', 'boat_cswin',
+    'simmim_boat-cswin-base_8xb256-amp-coslr-100e_in1k-192px.py')
+# SimMIM pre-training with the recipe's pipeline cut to 64 px crops (mask
+# patches of 16: a 4 x 4 mask grid on the 16 x 16 tokens) and one epoch.
+SIMMIM_USER_CFG = """
+_base_ = [{base!r}]
+data_root = {root!r}
+model = dict(
+    backbone=dict(
+        arch=dict(_delete_=True, {arch}),
+        fsla_cfg=dict(group_size=16, overlap=4)),
+    neck=dict(in_channels={channels}))
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='RandomResizedCrop', scale=64,
+                 crop_ratio_range=(0.67, 1.0)),
+            dict(type='RandomFlip', prob=0.5),
+            dict(type='SimMIMMaskGenerator', input_size=64,
+                 mask_patch_size=16, model_patch_size=4, mask_ratio=0.6),
+            dict(type='PackInputs')
+        ]))
+# MMEngine's AmpOptimWrapper needs CUDA.
+optim_wrapper = dict(type='OptimWrapper')
+train_cfg = dict(max_epochs=1)
+default_hooks = dict(logger=dict(interval=1))
+randomness = dict(seed=0)
+"""
+
+
+def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root):
+    """SimMIM pre-training of a tiny BOAT-CSWin through tools/train.py
+    (mmpretrain's SimMIM on the recipe's pipeline), then its checkpoint as
+    the ``init_cfg`` of the classifier for fine-tuning, as the config
+    README shows: every backbone weight comes from the pre-training."""
+    cfg = tmp_path / 'simmim.py'
+    cfg.write_text(
+        SIMMIM_USER_CFG.format(
+            base=SIMMIM_CSWIN_B, root=imagenet_root, **CSWIN_ARCH))
+    work_dir = str(tmp_path / 'work')
+    out = _tool(
+        'train.py', str(cfg), '--work-dir', work_dir, cwd=str(tmp_path))
+    losses = [float(v) for v in re.findall(r'\bloss: ([\d.]+)', out)]
+    assert len(losses) == ITERS_PER_EPOCH, out[-3000:]
+    assert all(0 < v < 10 for v in losses)
+    ckpt = osp.join(work_dir, 'epoch_1.pth')
+    state = torch.load(ckpt, map_location='cpu')['state_dict']
+    assert 'backbone.mask_token' in state
+    # Fine-tuning: the classifier's backbone initialised from it.
+    fine = _user_cfg(
+        str(tmp_path / 'fine.py'), CSWIN_T, imagenet_root, CSWIN_ARCH)
+    cfg = Config.fromfile(fine)
+    cfg.model.backbone.init_cfg = dict(
+        type='Pretrained', checkpoint=ckpt, prefix='backbone.')
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    backbone = model.backbone.state_dict()
+    assert backbone.keys(
+    ) == {k[len('backbone.'):]
+          for k in state if k.startswith('backbone.')} - {'mask_token'}
+    for key, value in backbone.items():
+        assert torch.equal(value, state['backbone.' + key]), key

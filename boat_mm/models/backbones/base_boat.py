@@ -505,9 +505,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         ``**kwargs`` to."""
         names = []
         for klass in cls.__mro__:
-            if not issubclass(klass, BaseBOATBackbone):
-                break
-            if '__init__' not in klass.__dict__:
+            # (Mixins before the family, e.g. SimMIM's, take **kwargs.)
+            if (not issubclass(klass, BaseBOATBackbone)
+                    or '__init__' not in klass.__dict__):
                 continue
             params = inspect.signature(klass.__init__).parameters.values()
             names += [
@@ -674,14 +674,28 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         their map shape."""
         raise NotImplementedError
 
+    def _post_embed(self, x: Tensor) -> Tensor:
+        """What follows the stem and the masking of patch tokens (BOAT-Swin's
+        dropout): nothing by default."""
+        return x
+
     def _stage_tokens(
-            self, x: Tensor) -> Iterator[Tuple[int, Tensor, Tuple[int, int]]]:
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None
+    ) -> Iterator[Tuple[int, Tensor, Tuple[int, int]]]:
         """Yield ``(index, tokens, hw_shape)`` of each stage's output.
 
         Every stage maps ``(tokens, hw_shape)`` to ``(next_tokens,
         next_shape, out_tokens, out_shape)``: what the next stage takes and
         what this stage outputs (the same unless the stage ends with a
         merging).
+
+        Args:
+            x (Tensor): ``(B, C, H, W)`` images.
+            mask (Tensor, optional): Patch tokens to replace by the mask
+                token, only for the variants that have one
+                (:mod:`boat_mm.models.selfsup`). Defaults to None.
         """
         if x.dim() != 4:
             raise ValueError(
@@ -698,6 +712,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             raise TypeError(f'{type(self).__name__} has {weight.dtype} '
                             f'weights but got {x.dtype} images: {fix}.')
         x, hw_shape = self._embed(x)
+        if mask is not None:
+            x = self._mask_tokens(x, hw_shape, mask)
+        x = self._post_embed(x)
         for i, stage in enumerate(self.stages):
             x, hw_shape, out, out_shape = stage(x, hw_shape)
             yield i, out, out_shape
@@ -730,8 +747,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             ``(B, C_i, H_i, W_i)`` map with ``H_i = ceil(H / 2**(i + 2))``
             (for the stride-4 stems of the published models).
         """
+        return self._outputs(self._stage_tokens(x))
+
+    def _outputs(
+        self, stage_tokens: Iterator[Tuple[int, Tensor, Tuple[int, int]]]
+    ) -> Tuple[Tensor, ...]:
+        """The normed maps of ``out_indices`` from :meth:`_stage_tokens`,
+        which stops after the last of them."""
         outs = []
-        for i, tokens, hw_shape in self._stage_tokens(x):
+        for i, tokens, hw_shape in stage_tokens:
             if i in self.out_indices:
                 tokens = getattr(self, f'norm{i}')(tokens)
                 outs.append(self._to_map(tokens, i, hw_shape))

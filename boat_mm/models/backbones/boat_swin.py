@@ -280,8 +280,11 @@ class BOATSwin(BaseBOATBackbone):
         return block % 2 == 1 and stage < num_stages - 1
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        x, hw_shape = self.patch_embed(x)
-        return self.drop_after_pos(x), hw_shape
+        return self.patch_embed(x)
+
+    def _post_embed(self, x: Tensor) -> Tensor:
+        # After the mask tokens, as in mmpretrain's SimMIM Swin.
+        return self.drop_after_pos(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args,
                               **kwargs):

@@ -287,9 +287,10 @@ def test_frozen_stages():
         assert model.patch_embed.projection.weight.requires_grad == (
             frozen < 0)
         assert model.drop_after_pos.training == (frozen < 0)
-        assert torch.equal(model._embed(x)[0],
-                           model._embed(x)[0]) == (
-                               frozen >= 0)
+        tokens = model._embed(x)[0]
+        assert torch.equal(
+            model._post_embed(tokens), model._post_embed(tokens)) == (
+                frozen >= 0)
         assert model.stages[0].blocks[0].norm1.weight.requires_grad
 
 

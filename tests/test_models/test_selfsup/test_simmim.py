@@ -1,0 +1,194 @@
+# Copyright (c) boat-mm contributors. All rights reserved.
+"""The SimMIM variants of the BOAT families (boat_mm/models/selfsup)."""
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from boat_mm.models import BOATCSWin, BOATSwin, SimMIMBOATCSWin, SimMIMBOATSwin
+from boat_mm.registry import MODELS
+
+ROOT = osp.dirname(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+SWIN_ARCH = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
+CSWIN_ARCH = dict(embed_dims=8, depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2))
+VARIANTS = [
+    pytest.param(SimMIMBOATSwin, BOATSwin, SWIN_ARCH, id='swin'),
+    pytest.param(SimMIMBOATCSWin, BOATCSWin, CSWIN_ARCH, id='cswin'),
+]
+CONFIGS = {
+    'swin':
+    'configs/boat_swin/'
+    'simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_in1k-192px.py',
+    'cswin':
+    'configs/boat_cswin/'
+    'simmim_boat-cswin-base_8xb256-amp-coslr-100e_in1k-192px.py',
+}
+
+
+def _build(cls, arch, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = cls(arch=arch, drop_path_rate=0., **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+def _mask(batch, h, w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, h, w, generator=g) < 0.6).long()
+
+
+def _first_stage_input(model, x, mask):
+    seen = []
+    hook = model.stages[0].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].clone()))
+    try:
+        model(x, mask)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_without_mask_it_is_the_family_backbone(variant, family, arch):
+    model = _build(variant, arch, out_indices=(0, 3))
+    plain = family(arch=arch, drop_path_rate=0., out_indices=(0, 3)).eval()
+    missing, unexpected = plain.load_state_dict(
+        model.state_dict(), strict=False)
+    assert missing == [] and unexpected == ['mask_token']
+    x = torch.randn(2, 3, 44, 52)
+    with torch.no_grad():
+        ours, theirs = model(x), plain(x)
+        ours_none = model(x, None)
+    assert len(ours) == 2
+    for a, b, c in zip(ours, theirs, ours_none):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_masked_tokens_are_the_mask_token(variant, family, arch):
+    model = _build(variant, arch)
+    x = torch.randn(2, 3, 40, 48)
+    mask = _mask(2, 10, 12)
+    with torch.no_grad():
+        tokens = _first_stage_input(model, x, mask)
+        embedded, hw_shape = model._embed(x)
+    assert hw_shape == (10, 12)
+    masked = mask.flatten(1).bool()
+    expected = torch.where(masked[..., None],
+                           model.mask_token.expand_as(embedded), embedded)
+    assert masked.any() and (~masked).any()
+    assert torch.equal(tokens, expected)
+    # The mask token is learned: it gets a gradient through the stages.
+    model.train()
+    sum(o.sum() for o in model(x, mask)).backward()
+    assert model.mask_token.grad.abs().sum() > 0
+
+
+def test_swin_image_under_masked_patches_is_not_seen():
+    """BOAT-Swin's 4x4 patches do not overlap: what the image holds under
+    masked patches changes nothing; under an unmasked one, the output."""
+    model = _build(SimMIMBOATSwin, SWIN_ARCH)
+    x = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 8, 8, dtype=torch.long)
+    mask[0, 2:5, 3:7] = 1
+    changed = x.clone()
+    changed[..., 8:20, 12:28] = torch.randn(1, 3, 12, 16)
+    with torch.no_grad():
+        for a, b in zip(model(x, mask), model(changed, mask)):
+            assert torch.equal(a, b)
+        changed[..., 0:4, 0:4] += 1.
+        assert not torch.equal(model(x, mask)[-1], model(changed, mask)[-1])
+
+
+def test_swin_dropout_follows_the_masking():
+    """``drop_after_pos`` applies to the mask tokens too, as in mmpretrain's
+    SimMIM Swin (the masking comes first)."""
+    model = _build(SimMIMBOATSwin, SWIN_ARCH, drop_rate=0.5).train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.ones(2, 8, 8, dtype=torch.long)
+    tokens = _first_stage_input(model, x, mask)
+    token = model.mask_token.detach()[0, 0]
+    assert torch.all((tokens == 0) | torch.isclose(tokens, 2 * token))
+    assert (tokens == 0).any()
+
+
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_mask_of_another_resolution_is_refused(variant, family, arch):
+    model = _build(variant, arch)
+    with pytest.raises(
+            ValueError,
+            match=r'mask has shape \(2, 16, 16\), but the stem '
+            r'gives 2 x 8 x 8 patch tokens.*input_size / '
+            r'model_patch_size = 8'):
+        model(torch.randn(2, 3, 32, 32), _mask(2, 16, 16))
+
+
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_mask_token_init_and_pretrained(variant, family, arch, tmp_path):
+    model = _build(variant, arch)
+    token = model.mask_token.detach()
+    # Truncated normal, std 0.02: not the zeros it is created with.
+    assert token.abs().max() > 0 and token.abs().max() < 0.1
+    assert 0.01 < token.std() < 0.03 or token.numel() < 32
+    # A Pretrained init_cfg with a mask token overrides the initial one.
+    other = _build(variant, arch, seed=5)
+    path = str(tmp_path / 'pre.pth')
+    torch.save({'state_dict': other.state_dict()}, path)
+    loaded = _build(
+        variant, arch, init_cfg=dict(type='Pretrained', checkpoint=path))
+    assert torch.equal(loaded.mask_token, other.mask_token)
+    assert not torch.equal(loaded.mask_token, model.mask_token)
+
+
+def test_unknown_argument_names_the_accepted_ones():
+    with pytest.raises(TypeError, match='window_siz.*window_size'):
+        SimMIMBOATSwin(arch=SWIN_ARCH, window_siz=6)
+
+
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_simmim_config_trains_and_fine_tunes(variant, family, arch, tmp_path):
+    """The shipped config's SimMIM (mmpretrain's algorithm, decoder and
+    loss) on the variant with a tiny arch: a finite loss, gradients in
+    FSLA and the mask token; its checkpoint then initialises the family's
+    backbone through ``init_cfg`` for fine-tuning, weight for weight."""
+    from mmpretrain.datasets.transforms import SimMIMMaskGenerator
+    from mmpretrain.structures import DataSample
+    name = 'swin' if variant is SimMIMBOATSwin else 'cswin'
+    cfg = Config.fromfile(osp.join(ROOT, CONFIGS[name]))
+    assert cfg.model.backbone.type == variant.__name__
+    init_default_scope('mmpretrain')
+    cfg.model.backbone.arch = arch
+    cfg.model.neck.in_channels = arch['embed_dims'] * 8
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    generator = SimMIMMaskGenerator(
+        input_size=64, mask_patch_size=16, model_patch_size=4, mask_ratio=0.6)
+    samples = []
+    for _ in range(2):
+        sample = DataSample()
+        sample.set_mask(torch.from_numpy(generator({})['mask']))
+        samples.append(sample)
+    loss = model.loss(torch.randn(2, 3, 64, 64), samples)['loss']
+    assert torch.isfinite(loss)
+    loss.backward()
+    backbone = model.backbone
+    assert backbone.mask_token.grad.abs().sum() > 0
+    fsla = list(backbone.fsla_modules().values())
+    assert fsla and all(m.qkv.weight.grad.abs().sum() > 0 for m in fsla)
+    path = str(tmp_path / 'simmim.pth')
+    torch.save({'state_dict': model.state_dict()}, path)
+    # (At another window size, BOAT-Swin resizes the position tables.)
+    same = {k: v for k, v in cfg.model.backbone.items() if k == 'window_size'}
+    tuned = family(
+        arch=arch,
+        out_indices=(3, ),
+        **same,
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    tuned.init_weights()
+    theirs = backbone.state_dict()
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
