@@ -324,7 +324,9 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
             f'indices in [-{num_stages}, {num_stages - 1}]), e.g. '
             f'{tuple(range(num_stages))}, got {out_indices!r}.')
     if len(out_indices) == 0:
-        raise ValueError('out_indices must name at least one stage.')
+        raise ValueError(
+            f'out_indices must name at least one stage, e.g. '
+            f'{tuple(range(num_stages))} or -1 for the last, got ().')
     parsed = []
     for i in map(int, out_indices):
         j = i + num_stages if i < 0 else i

@@ -312,6 +312,11 @@ BAD_ARGUMENTS = [
     (dict(drop_path_rate=-0.1), ValueError, r'drop_path_rate must be in'),
     (dict(attn_drop_rate=-0.1), ValueError, r'attn_drop_rate must be in'),
     (dict(drop_rate=2.), ValueError, r'drop_rate must be in'),
+    (dict(drop_rate='0.1'), TypeError,
+     r"drop_rate must be a float in \[0, 1\], got '0.1' \(str\)"),
+    (dict(out_indices=()), ValueError,
+     r'out_indices must name at least one stage, e\.g\. \(0, 1, 2, 3\) '
+     r'or -1 for the last, got \(\)\.$'),
     (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
     (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
     (dict(fsla_cfg=dict(group_size=4.5)), TypeError, 'group_size must be'),
