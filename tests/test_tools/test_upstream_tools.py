@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 from tiny_configs import cswin_classifier, swin_classifier
 
 import boat_mm  # noqa: F401
@@ -246,7 +247,10 @@ def test_vis_cam_runs_with_grad_cam(family, layer, tmp_path, monkeypatch,
         if layer:
             argv += ['--target-layers', layer]
         monkeypatch.setattr(sys, 'argv', ['vis_cam.py', *argv])
-        main()
+        # The config's scope, as in the tool's own process (a test before
+        # may have left another current).
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            main()
     default = 'Automatically choose the last norm layer "backbone.norm3"'
     assert (default in capsys.readouterr().out) == (layer is None)
 
