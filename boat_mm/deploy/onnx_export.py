@@ -282,7 +282,9 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
     """
     img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, as mmcv loads it
     if img is None:
-        raise FileNotFoundError(f'cannot read image {path!r}.')
+        raise FileNotFoundError(
+            f'cannot read image {path!r}: OpenCV reads no image from it; '
+            f'pass an image file (.jpg, .png, ...).')
     img = cv2.resize(
         img, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
     mean, std, rgb = normalisation(model)

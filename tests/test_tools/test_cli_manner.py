@@ -175,6 +175,11 @@ CASES = [
     ('pytorch2onnx',
      [SEG, '--shape', '64', '--out', 'x.onnx', '--image',
       'missing.png'], "image 'missing.png' not found"),
+    # Refused before the export, not after it.
+    ('pytorch2onnx', [
+        SEG, '--shape', '64', '--out', 'x.onnx', '--verify', '--image',
+        '{ours}'
+    ], 'OpenCV reads no image from it; pass an image file'),
     ('pytorch2onnx', [
         SEG, '--shape', '64', '--out', 'x.onnx', '--cfg-options',
         'model.backbone.fsla_cfg.clustering_impl=cpp'

@@ -57,7 +57,7 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET, ExportWrapper,
                                         ScopeError, build_model, check_dynamic,
                                         check_fsla_impls, export_onnx,
-                                        input_description, verify)
+                                        input_description, load_image, verify)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
@@ -132,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_fsla_impls(wrapper)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.image is not None:
+        # A file that is no image fails here, not after the export.
+        load_image(args.image, model, args.shape)
     t0 = time.perf_counter()
     dynamic = args.dynamic_shape or ()
     export_onnx(wrapper, args.shape, args.out, dynamic, args.opset)
