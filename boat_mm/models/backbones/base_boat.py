@@ -367,9 +367,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth, growing linearly from 0 to
             this value over all blocks. Defaults to 0.1.
-        with_fsla (bool): Add FSLA where the family puts it; False gives
-            the plain Swin / CSWin (no FSLA modules at all).
-            Defaults to True.
+        with_fsla (bool): Add FSLA where the family puts it (an arch
+            without such a block is refused); False gives the plain Swin
+            / CSWin (no FSLA modules at all). Defaults to True.
         fsla_cfg (dict, optional): Passed to
             :class:`FeatureSpaceLocalAttention` (``group_size``,
             ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
