@@ -798,7 +798,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 raise
             # The file may be one the user never named: the model-level
             # `pretrained` of a Swin _base_ config (KNet's), left by a swap.
-            # Its own advice replaces the guess at the setting (advice).
+            # Said once: the advice of `pretrained` replaces the general
+            # one for a file that some inherited setting names (advice).
             raise CheckpointMismatchError(
                 f'{err.message} The checkpoint came from `pretrained` '
                 f'({self.pretrained!r}), which mmseg\'s segmentors set on '
