@@ -47,7 +47,7 @@ def test_get_model_pretrained_true_names_the_converter():
                 arch=dict(
                     _delete_=True,
                     embed_dims=8,
-                    depths=[1] * 4,
+                    depths=[2, 1, 1, 1],  # FSLA in block 1 of stage 0
                     num_heads=[1] * 4)))
     msg = str(err.value)
     assert f'{name} has no weights of its own' in msg

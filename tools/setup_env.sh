@@ -78,6 +78,9 @@ import torch, torchvision, mmcv, mmcv.ops, mmengine, mmseg, mmpretrain
 import boat_mm, pytest
 import mmdet, mmdet.models, pycocotools.coco, shapely, terminaltables
 import onnx, onnxscript, onnxruntime  # ONNX export and its tests
+import importlib.util  # upstream tools' packages: found, not imported (s)
+assert all(importlib.util.find_spec(m)
+           for m in ('pytorch_grad_cam', 'seaborn', 'psutil'))
 from torchvision.ops import nms  # the compiled torchvision ops are real
 import os
 if os.environ.get('BOAT_MM_WITH_OPS', '1') != '0':

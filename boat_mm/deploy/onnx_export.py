@@ -34,8 +34,8 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 __all__ = [
     'SCOPES', 'MIN_OPSET', 'DYNAMIC_AXES', 'ScopeError', 'build_model',
     'check_fsla_impls', 'check_dynamic', 'ExportWrapper', 'WithClusters',
-    'export_onnx', 'load_image', 'normalisation', 'make_session',
-    'run_onnxruntime', 'compare', 'verify'
+    'export_onnx', 'load_image', 'normalisation', 'input_description',
+    'make_session', 'run_onnxruntime', 'compare', 'verify'
 ]
 
 # The scopes whose models export: the classifiers and the segmentors.
@@ -282,7 +282,9 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
     """
     img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, as mmcv loads it
     if img is None:
-        raise FileNotFoundError(f'cannot read image {path!r}.')
+        raise FileNotFoundError(
+            f'cannot read image {path!r}: OpenCV reads no image from it; '
+            f'pass an image file (.jpg, .png, ...).')
     img = cv2.resize(
         img, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
     mean, std, rgb = normalisation(model)
@@ -290,6 +292,13 @@ def load_image(path: str, model: nn.Module, shape: Sequence[int]) -> Tensor:
         img = img[..., ::-1]
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
     return ((x - mean) / std).unsqueeze(0)
+
+
+def _normalises(model: nn.Module) -> bool:
+    """Whether the model's data preprocessor normalises: mmpretrain's and
+    mmseg's have ``mean`` and ``std`` buffers only when they do (the
+    config gave them)."""
+    return hasattr(model.data_preprocessor, 'mean')
 
 
 def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
@@ -304,9 +313,32 @@ def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
     """
     dp = model.data_preprocessor
     rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, 'to_rgb', False)))
-    if not hasattr(dp, 'mean'):  # normalisation off
+    if not _normalises(model):
         return torch.zeros(3, 1, 1), torch.ones(3, 1, 1), rgb
     return dp.mean.cpu().view(-1, 1, 1), dp.std.cpu().view(-1, 1, 1), rgb
+
+
+def input_description(model: nn.Module) -> str:
+    """What the exported graph takes, as the model's data preprocessor
+    makes it from an image: the channel order and the normalisation.
+
+    Args:
+        model (nn.Module): An mmpretrain or mmseg model.
+
+    Returns:
+        str: E.g. ``'RGB channels, minus mean [123.675, 116.28, 103.53],
+        divided by std [58.395, 57.12, 57.375]'``.
+    """
+    mean, std, rgb = normalisation(model)
+    order = 'RGB' if rgb else 'BGR'
+    if not _normalises(model):
+        # Not "minus 0, divided by 1": a user would look for the numbers.
+        return (f'{order} channels, pixel values as read (0-255), not '
+                f'normalised: the config\'s data_preprocessor has no mean '
+                f'and std')
+    return (f'{order} channels, minus mean '
+            f'{[round(v, 3) for v in mean.flatten().tolist()]}, divided by '
+            f'std {[round(v, 3) for v in std.flatten().tolist()]}')
 
 
 def make_session(path: str, threads: Optional[int] = None) -> Any:

@@ -572,7 +572,11 @@ COVERAGE.update({
     Run((f'{_UPSTREAM}::test_mmpretrain_get_flops_counts_fsla_and_sdpa', )),
     'mim run mmpretrain vis_cam':
     Run((f'{_UPSTREAM}::'
-         'test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map', )),
+         'test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map',
+         f'{_UPSTREAM}::test_vis_cam_runs_with_grad_cam')),
+    'mim run mmpretrain analyze_logs':
+    Run(('tests/test_tools/test_cls_e2e.py::'
+         'test_analyze_logs_plots_the_training_loss', )),
     'mim run mmpretrain browse_dataset':
     Run((f'{_UPSTREAM}::'
          'test_browse_dataset_draws_the_images_of_a_classifier_config', )),
@@ -586,11 +590,10 @@ COVERAGE.update({
     NotRun('an upstream tool that needed no change of boat-mm; run by hand '
            'on tiny configs (docs/upstream_tools.md)')
     for tool in ('mmpretrain confusion_matrix', 'mmpretrain eval_metric',
-                 'mmpretrain analyze_results', 'mmpretrain analyze_logs',
-                 'mmpretrain vis_scheduler', 'mmpretrain print_config',
-                 'mmpretrain verify_dataset', 'mmseg benchmark',
-                 'mmseg visualization_cam', 'mmseg analyze_logs',
-                 'mmseg print_config', 'mmdet benchmark',
+                 'mmpretrain analyze_results', 'mmpretrain vis_scheduler',
+                 'mmpretrain print_config', 'mmpretrain verify_dataset',
+                 'mmseg benchmark', 'mmseg visualization_cam',
+                 'mmseg analyze_logs', 'mmseg print_config', 'mmdet benchmark',
                  'mmdet browse_dataset', 'mmdet eval_metric',
                  'mmdet analyze_results', 'mmdet confusion_matrix',
                  'mmdet coco_error_analysis', 'mmdet analyze_logs',

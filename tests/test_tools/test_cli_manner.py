@@ -17,8 +17,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from published_files import write_published_cswin
+from published_files import (classifier, cswin_to_original,
+                             write_published_cswin)
 from repo_scripts import REPO, load_script
+from test_boat2mm import original_swin_state
 
 TOOLS = {
     'train': 'tools/train.py',
@@ -58,12 +60,50 @@ def files(tmp_path_factory):
     full.mkdir()
     (full / 'x').write_text('')
     published = write_published_cswin(str(root / 'cswin_tiny.pth.tar'))[0]
+    # publish_model.py's inputs that are not checkpoints of train.py.
+    a_list = str(root / 'list.pth')
+    torch.save([torch.ones(2)], a_list)
+    no_state = str(root / 'no_state.pth')
+    torch.save(dict(epoch=3, meta=dict()), no_state)
+    bad_ema = str(root / 'bad_ema.pth')
+    torch.save(
+        dict(
+            state_dict=dict(w=torch.ones(2)),
+            ema_state_dict={
+                'module.v': torch.ones(2),
+                'steps': torch.tensor(1)
+            }), bad_ema)
+    # Published-layout files of archs the public code lacks: BOAT-Swin's
+    # (heads read from its position-bias tables) and BOAT-CSWin's (whose
+    # heads the weights do not tell).
+    custom = str(root / 'swin_custom.pth')
+    torch.save(dict(model=original_swin_state()), custom)
+    model = classifier(
+        dict(
+            type='BOATCSWin',
+            arch=dict(
+                embed_dims=8, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))), 3,
+        64)
+    custom_cswin = str(root / 'cswin_custom.pth')
+    torch.save(
+        dict(state_dict=cswin_to_original(model.state_dict())), custom_cswin)
+    # A checkout of the public code whose imports are missing here.
+    code = root / 'no_timm' / 'BOAT-Swin' / 'models'
+    code.mkdir(parents=True)
+    (code / 'boat_swin_transformer.py'
+     ).write_text('import timm_missing_here  # noqa\n')
     return dict(
         root=str(root),
         image=image,
         ours=ours,
         full=str(full),
-        published=published)
+        published=published,
+        a_list=a_list,
+        no_state=no_state,
+        bad_ema=bad_ema,
+        custom=custom,
+        custom_cswin=custom_cswin,
+        no_timm=str(root / 'no_timm'))
 
 
 # tool, argv (``{name}`` from the files fixture), what stderr must say.
@@ -133,6 +173,21 @@ CASES = [
     ('pytorch2onnx',
      [SEG, '--shape', '64', '--out', 'x.onnx', '--opset',
       '10'], "--opset must be >= 18 (torch's ONNX exporter"),
+    ('pytorch2onnx', [DET, '--shape', '64', '--out', 'x.onnx'],
+     "got default_scope='mmdet': give a classification or segmentation "
+     'config'),
+    ('pytorch2onnx',
+     [SEG, '--shape', '64', '--out', 'x.onnx', '--image',
+      'missing.png'], "image 'missing.png' not found"),
+    # Refused before the export, not after it.
+    ('pytorch2onnx', [
+        SEG, '--shape', '64', '--out', 'x.onnx', '--verify', '--image',
+        '{ours}'
+    ], 'OpenCV reads no image from it; pass an image file'),
+    ('pytorch2onnx', [
+        SEG, '--shape', '64', '--out', 'x.onnx', '--cfg-options',
+        'model.backbone.fsla_cfg.clustering_impl=cpp'
+    ], "has clustering_impl='cpp', a kernel that ONNX cannot express"),
     ('vis_clusters', [SEG, '{image}', '--shape', '64', '--resize', '64',
                       '64'], 'give --shape H W only (--resize W H is its old'),
     ('boat2mm', ['missing.pth',
@@ -149,8 +204,42 @@ CASES = [
      'is not a checkpoint torch.load(weights_only=True) reads'),
     ('publish_model', ['{ours}', 'x.pth', '--no-ema'],
      'has no ema_state_dict (trained without EMAHook)'),
+    ('publish_model', ['{a_list}', 'x.pth'],
+     'holds a list, not a checkpoint dict; pass a .pth written by '
+     'tools/train.py'),
+    ('publish_model', ['{no_state}', 'x.pth'],
+     'holds no state_dict (its keys: epoch, meta); pass a .pth written by '
+     'tools/train.py'),
+    # Whichever of --no-ema or not: which weights are averaged is unknown.
+    ('publish_model', ['{bad_ema}', 'x.pth'],
+     "ema_state_dict does not hold the keys of state_dict under 'module.' "
+     "(2 differ, e.g. 'v'), as EMAHook saves them: pass a checkpoint that "
+     'tools/train.py wrote, or one without ema_state_dict'),
+    ('publish_model', ['{bad_ema}', 'x.pth', '--no-ema'],
+     'as EMAHook saves them: pass a checkpoint that tools/train.py wrote'),
+    ('publish_model', ['{ours}'], 'the following arguments are required: '
+     'out_file (usage: publish_model.py --help)'),
     ('verify_boat', ['missing.pth', '--ref-repo', '{root}'],
      "published checkpoint 'missing.pth' not found"),
+    ('verify_boat', ['{published}'], 'the following arguments are required: '
+     '--ref-repo (usage: verify_boat.py --help)'),
+    ('verify_boat', ['--ref-repo', '{root}', '--family',
+                     'vit'], "argument --family: invalid choice: 'vit'"),
+    ('verify_boat', ['{ours}', '--ref-repo',
+                     '{root}'], 'None of the published BOAT layouts found'),
+    ('verify_boat', ['{custom}', '--ref-repo', '{root}'],
+     "swin_custom.pth is a BOAT-Swin of a custom arch ({'embed_dims': "
+     "[24, 48, 96, 192], 'depths': [2, 2, 2, 2], 'num_heads': [1, 2, 2, 4]}"
+     '), which the public code does not build: verify_boat.py compares the '
+     'published tiny, small and base models; pass one of those files, or '
+     '--family swin --arch tiny small base for random weights'),
+    ('verify_boat', ['{custom_cswin}', '--ref-repo', '{root}'],
+     'matches none of the published archs (tiny, small, base)'),
+    ('verify_boat', ['--ref-repo', '{root}', '--family', 'swin'],
+     '--ref-repo must be the root of a mahaoyuHKU/pytorch-boat checkout'),
+    ('verify_boat', ['--ref-repo', '{no_timm}', '--family', 'swin'],
+     "No module named 'timm_missing_here'. The public code needs timm and "
+     'einops: pip install timm einops'),
     ('gen_synthetic_data', ['ade20k', '{full}'], 'is not empty'),
     ('gen_synthetic_data', ['ade20k', '{root}/new', '--img-size',
                             '8'], 'img_size must be >= 32'),

@@ -9,6 +9,8 @@ Everything is written under ``tmp_path``.
 """
 import glob
 import hashlib
+import importlib.util
+import json
 import os
 import os.path as osp
 import pickle
@@ -22,6 +24,8 @@ from typing import List, Optional
 
 import cv2
 import mmengine
+import mmpretrain
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -247,6 +251,49 @@ def test_cswin_ema_checkpoint_with_tta(trained_cswin):
                 [s['pred_score'] for s in pickle.load(f)])
     assert scores['hook'].shape == (NUM_VAL, 6)
     torch.testing.assert_close(scores['hook'], scores['plain'])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec('seaborn') is None,
+    reason='seaborn is not installed: pip install -r '
+    'requirements/optional.txt')
+def test_analyze_logs_plots_the_training_loss(trained_swin, tmp_path,
+                                              monkeypatch):
+    """mmpretrain's analyze_logs.py plot_curve on the run's
+    ``vis_data/scalars.json``, as docs/upstream_tools.md runs it: the
+    curve drawn is the loss logged at every iteration (read here from the
+    file), against epochs, in seaborn's style."""
+    import matplotlib.pyplot as plt
+    scalars, = glob.glob(
+        osp.join(trained_swin['work_dir'], '*', 'vis_data', 'scalars.json'))
+    with open(scalars) as f:
+        train = [r for r in map(json.loads, f) if 'loss' in r]
+    assert len(train) == 2 * ITERS_PER_EPOCH  # logger interval 1
+    drawn = []
+    save = plt.savefig
+
+    def savefig_kept(*args, **kwargs):
+        drawn.extend(line.get_xydata() for line in plt.gca().lines)
+        drawn.append(plt.rcParams['axes.grid'])  # seaborn's whitegrid
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(plt, 'savefig', savefig_kept)
+    out = str(tmp_path / 'loss.png')
+    tool = osp.join(
+        osp.dirname(mmpretrain.__file__), '.mim', 'tools', 'analysis_tools',
+        'analyze_logs.py')
+    monkeypatch.setattr(
+        sys, 'argv',
+        [tool, 'plot_curve', scalars, '--keys', 'loss', '--out', out])
+    assert not plt.rcParams['axes.grid']  # matplotlib's default
+    with plt.rc_context():  # the style the tool sets is undone after
+        runpy.run_path(tool, run_name='__main__')
+    curve, grid = drawn
+    assert grid
+    steps_per_epoch = train[-1]['step'] / train[-1]['epoch']
+    np.testing.assert_allclose(curve, [(r['step'] / steps_per_epoch, r['loss'])
+                                       for r in train])
+    assert cv2.imread(out).shape == (700, 1200, 3)  # --window-size 12*7
 
 
 def test_image_demo_lists_the_top_classes(trained_swin, imagenet_root, capsys):

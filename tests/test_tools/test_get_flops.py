@@ -17,7 +17,8 @@ def get_flops():
 
 def _tiny_config(path, base: str, heads: str) -> str:
     """Write a user config inheriting ``base`` with a tiny arch (16
-    channels, one block per stage, no pretrained weights) to ``path``.
+    channels, two blocks in stage 0 and one in the others, so that both
+    families have FSLA; no pretrained weights) to ``path``.
 
     Args:
         path (pathlib.Path): Where to write it.
@@ -31,7 +32,7 @@ def _tiny_config(path, base: str, heads: str) -> str:
         f'_base_ = [{base!r}]\n'
         'model = dict(\n'
         '    backbone=dict(arch=dict(_delete_=True, embed_dims=16,\n'
-        '                            depths=[1, 1, 1, 1],\n'
+        '                            depths=[2, 1, 1, 1],\n'
         '                            num_heads=[2, 2, 4, 4]),\n'
         '                  init_cfg=None),\n' + heads + ')\n')
     return str(path)

@@ -303,6 +303,51 @@ def test_cli_checkpoint_and_verify(tmp_path, capsys):
     _cls_close(1e-5)(ref, run_onnxruntime(out, x))
 
 
+def test_cli_without_normalisation(tmp_path, capsys):
+    """A config whose data preprocessor has no mean and std exports a
+    graph on the pixel values as read, and the tool says so (before: it
+    printed "minus mean [0.0, 0.0, 0.0], divided by std [1.0, 1.0, 1.0]"
+    and called the input normalised)."""
+    import cv2
+    import numpy as np
+    base, arch = ARCHS['swin']
+    cfg = tmp_path / 'raw.py'
+    cfg.write_text(
+        CLS_CFG.format(base=base, arch=arch, fsla=False) +
+        'data_preprocessor = dict(mean=None, std=None)\n')
+    net = _build(tmp_path, str(cfg))
+    ckpt = str(tmp_path / 'raw.pth')
+    torch.save(dict(state_dict=net.model.state_dict()), ckpt)
+    out = str(tmp_path / 'raw.onnx')
+    image = str(tmp_path / 'image.png')
+    pixels = np.random.default_rng(0).integers(
+        0, 256, (72, 52, 3), dtype=np.uint8)
+    cv2.imwrite(image, pixels)
+    assert p2o.main([
+        str(cfg), '--checkpoint', ckpt, '--shape', '72', '52', '--out', out,
+        '--verify', '--image', image
+    ]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = ("input: RGB channels, pixel values as read (0-255), not "
+            "normalised: the config's data_preprocessor has no mean and "
+            "std.")
+    assert said in lines, lines
+    assert not any('minus mean' in line or 'normalised, N' in line
+                   for line in lines), lines
+    # docs/deployment.md quotes the line.
+    with open(osp.join(REPO, 'docs', 'deployment.md')) as f:
+        assert said in ' '.join(f.read().split())
+    # What the line says, independently: the file on the image's RGB
+    # pixels as read (no resize at this size) computes what the model
+    # computes from the image through its own data preprocessor.
+    data = net.model.data_preprocessor(
+        dict(inputs=[torch.from_numpy(pixels).permute(2, 0, 1)]))
+    with torch.no_grad():
+        ref = net.model(data['inputs'], mode='tensor')
+    rgb = torch.from_numpy(pixels[..., ::-1].copy()).permute(2, 0, 1)
+    _cls_close(1e-5)(ref, run_onnxruntime(out, rgb[None].float()))
+
+
 def test_fsla_kernel_impl_is_refused(tmp_path):
     base, arch = ARCHS['swin']
     cfg = tmp_path / 'swin.py'

@@ -15,15 +15,20 @@
 docs/upstream_tools.md lists which tools work and how they are run.
 """
 import importlib
+import importlib.util
+import math
 import os
 import os.path as osp
 import runpy
 import sys
 import types
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 from tiny_configs import cswin_classifier, swin_classifier
 
 import boat_mm  # noqa: F401
@@ -156,6 +161,112 @@ def test_vis_cam_vit_like_folds_the_last_norm_into_the_output_map(
     torch.testing.assert_close(folded, feat, rtol=0, atol=0)
 
 
+def _scaled(x: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1], as a CAM is shown."""
+    x = x - x.min()
+    return x / (1e-7 + x.max())
+
+
+def _grad_cam(model, inputs: torch.Tensor, layer: torch.nn.Module,
+              category: int) -> np.ndarray:
+    """Grad-CAM of ``category`` on ``layer``'s ``(1, H * W, C)`` tokens,
+    computed here: the channels weighted by their mean gradient of the
+    class logit, summed, clamped at 0, scaled and resized to the input."""
+    tokens = []
+    handle = layer.register_forward_hook(lambda m, i, o: tokens.append(o))
+    logits = model(inputs, mode='tensor')
+    handle.remove()
+    grad, = torch.autograd.grad(logits[0, category], tokens[0])
+    side = math.isqrt(tokens[0].shape[1])  # the tool takes a square map
+
+    def fold(t):  # raster-order tokens -> (C, H, W)
+        return t[0].transpose(0, 1).reshape(-1, side, side)
+
+    cam = (fold(grad).mean((1, 2))[:, None, None] * fold(tokens[0])).sum(0)
+    cam = _scaled(cam.clamp(min=0).detach().numpy())
+    height, width = inputs.shape[-2:]
+    return _scaled(cv2.resize(cam, (width, height)))
+
+
+# vis_cam.py imports pkg_resources (deprecated by setuptools).
+@pytest.mark.filterwarnings('ignore:pkg_resources is deprecated')
+@pytest.mark.skipif(
+    importlib.util.find_spec('pytorch_grad_cam') is None,
+    reason='grad-cam is not installed: pip install -r '
+    'requirements/optional.txt')
+@pytest.mark.parametrize(
+    'layer', [None, 'backbone.stages.2.blocks.0.norm1'],
+    ids=['default', 'block'])
+@pytest.mark.parametrize('family', ['boat_swin', 'boat_cswin'])
+def test_vis_cam_runs_with_grad_cam(family, layer, tmp_path, monkeypatch,
+                                    capsys):
+    """mmpretrain's vis_cam.py with grad-cam (the version of
+    requirements/optional.txt) on a tiny BOAT classifier, as
+    docs/upstream_tools.md runs it: with the default target layer (the
+    last output norm) and with a block's tokens, the CAM of each of two
+    classes is what Grad-CAM computes, not all zero, and differs between
+    them."""
+    from mmpretrain import get_model
+    cfg = tmp_path / 'tiny.py'
+    classifier = swin_classifier if family == 'boat_swin' else cswin_classifier
+    cfg.write_text(classifier(CLS_CONFIGS[0 if family == 'boat_swin' else 3]))
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / 'tiny.pth')
+    torch.save(dict(state_dict=get_model(str(cfg)).state_dict()), ckpt)
+    image = str(tmp_path / 'image.png')
+    cv2.imwrite(
+        image,
+        np.random.default_rng(0).integers(0, 256, (240, 300, 3), np.uint8))
+
+    tool = _upstream_tool('mmpretrain', 'visualization', 'vis_cam.py')
+    main = runpy.run_path(tool, run_name='vis_cam')['main']
+    # What the tool builds, computes and draws, kept (its own calls run).
+    seen = dict(cams=[])
+    tool_globals = main.__globals__
+    show, build = tool_globals['show_cam_grad'], tool_globals['get_model']
+
+    def get_model_kept(*args, **kwargs):
+        seen['model'] = build(*args, **kwargs)
+        seen['model'].backbone.register_forward_pre_hook(
+            lambda m, i: seen.setdefault('inputs', i[0].detach()))
+        return seen['model']
+
+    def show_kept(cam, *args, **kwargs):
+        seen['cams'].append(cam)
+        return show(cam, *args, **kwargs)
+
+    monkeypatch.setitem(tool_globals, 'get_model', get_model_kept)
+    monkeypatch.setitem(tool_globals, 'show_cam_grad', show_kept)
+    for category in (1, 2):
+        argv = [
+            image,
+            str(cfg), ckpt, '--vit-like', '--save-path',
+            str(tmp_path / f'cam{category}.png'), '--target-category',
+            str(category)
+        ]
+        if layer:
+            argv += ['--target-layers', layer]
+        monkeypatch.setattr(sys, 'argv', ['vis_cam.py', *argv])
+        # The config's scope, as in the tool's own process (a test before
+        # may have left another current).
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            main()
+    default = 'Automatically choose the last norm layer "backbone.norm3"'
+    assert (default in capsys.readouterr().out) == (layer is None)
+
+    model, inputs = seen['model'], seen.pop('inputs')
+    assert inputs.shape == (1, 3, 224, 224)  # the config's test pipeline
+    target = dict(model.named_modules())[layer or 'backbone.norm3']
+    for category, got in zip((1, 2), seen['cams']):
+        assert got.shape == (1, 224, 224)
+        expected = _grad_cam(model, inputs, target, category)
+        np.testing.assert_allclose(got[0], expected, atol=1e-4)
+        assert got.max() > 0.99
+        drawn = cv2.imread(str(tmp_path / f'cam{category}.png'))
+        assert drawn.shape == (224, 224, 3)
+    assert np.abs(seen['cams'][0] - seen['cams'][1]).max() > 0.1
+
+
 def test_browse_dataset_draws_the_images_of_a_classifier_config(
         imagenet_root, tmp_path, monkeypatch):
     """mmpretrain's browse_dataset.py on a BOAT-Swin classifier config
@@ -240,3 +351,27 @@ def test_handles_module_imported_before_mmengine_analysis(monkeypatch):
     table = importlib.import_module(
         'mmengine.analysis.complexity_analysis')._DEFAULT_SUPPORTED_FLOP_OPS
     assert table['boat_mm::balanced_clustering'] is handles.clustering_handle
+
+
+def test_grad_cam_pin_is_in_mmpretrains_range():
+    """requirements/optional.txt pins grad-cam inside the range of
+    mmpretrain's ``optional`` extra (grad-cam 1.5 dropped an argument that
+    vis_cam.py passes), and docs/upstream_tools.md names that version."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    with open(osp.join(REPO, 'requirements', 'optional.txt')) as f:
+        pin, = [
+            Requirement(line.strip()) for line in f
+            if line.startswith('grad-cam')
+        ]
+    version, = [s.version for s in pin.specifier]
+    upstream, = [
+        Requirement(r) for r in requires('mmpretrain')
+        if r.startswith('grad-cam') and 'optional' in r
+    ]
+    assert upstream.specifier.contains(version)
+    assert not upstream.specifier.contains('1.5.0')
+    with open(osp.join(REPO, 'docs', 'upstream_tools.md')) as f:
+        doc = ' '.join(f.read().split())
+    assert f'grad-cam {version}' in doc and f'pins {version}' in doc

@@ -86,3 +86,42 @@ def test_report_of_a_published_file(tmp_path, capsys, monkeypatch, ema):
     rows = [r for r in out.splitlines() if r.startswith('| stage')]
     assert len(rows) == 7 and '| stage4 | - |' in out
     assert 'PASS (every compared output within tol 0.0001)' in out
+
+
+@pytest.mark.parametrize('float64_error', [1e-7, 1e-3])
+def test_float32_miss_is_checked_in_float64(monkeypatch, capsys,
+                                            float64_error):
+    """Over the tolerance in float32, the comparison is repeated in
+    float64: agreement there passes (with a note); a miss there too fails,
+    exit status 1."""
+    monkeypatch.setattr(verify_boat, 'import_public_module',
+                        lambda repo, family: None)
+    monkeypatch.setattr(verify_boat, 'build_reference',
+                        lambda module, family, arch: None)
+    monkeypatch.setattr(verify_boat, 'randomise', lambda ref, seed: None)
+    errors = {'float32': 2e-4, 'float64': float64_error}
+
+    def fake_verify(family, ref, seed=0, dtype=None):
+        error = errors[str(dtype).split('.')[-1]]
+        return {
+            f'{o} b{b}': error
+            for o in verify_boat.OUTPUTS
+            for b in (1, 2)
+        }
+
+    monkeypatch.setattr(verify_boat, 'verify', fake_verify)
+    code = verify_boat.main(['--ref-repo', 'x', '--family', 'swin'])
+    out = capsys.readouterr().out
+    assert 'float32 differs by 0.0002 > 0.0001; float64 ' in out
+    if float64_error < 1e-4:
+        assert code == 0
+        assert 'float64 agrees (1e-07): the float32 difference comes from '\
+            'cluster ranks tied to rounding.' in out
+        assert out.rstrip().endswith(
+            'PASS (every compared output within tol 0.0001)')
+    else:
+        assert code == 1
+        assert 'float64 differs too (0.001).' in out
+        assert out.rstrip().endswith('FAIL (an output exceeds tol 0.0001)')
+    rows = [r for r in out.splitlines() if r.startswith('| logits')]
+    assert len(rows) == 4  # batches 1 and 2, in float32 and float64

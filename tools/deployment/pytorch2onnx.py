@@ -3,7 +3,8 @@
 
 The exported graph is the network only, on a normalised ``N x 3 x H x W``
 float32 input (subtract the config's ``data_preprocessor`` mean, divide by
-its std, channels in the order it expects; ``--verify`` shows how):
+its std, channels in the order it expects; pixel values as read where it
+has no mean and std; the tool prints which, ``--verify`` shows how):
 
 * classification (mmpretrain ``default_scope``): the class logits
   ``(N, num_classes)`` of backbone + neck + head, before the softmax;
@@ -56,7 +57,7 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET, ExportWrapper,
                                         ScopeError, build_model, check_dynamic,
                                         check_fsla_impls, export_onnx,
-                                        normalisation, verify)
+                                        input_description, load_image, verify)
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
@@ -131,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_fsla_impls(wrapper)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.image is not None:
+        # A file that is no image fails here, not after the export.
+        load_image(args.image, model, args.shape)
     t0 = time.perf_counter()
     dynamic = args.dynamic_shape or ()
     export_onnx(wrapper, args.shape, args.out, dynamic, args.opset)
@@ -140,12 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     batch = 'dynamic' if dynamic else '1'
     print(f'exported {args.out} ({size:.1f} MiB) in '
           f'{time.perf_counter() - t0:.1f} s: input (N, 3, {args.shape[0]}, '
-          f'{args.shape[1]}) normalised, N {batch}; output {what}.')
-    mean, std, rgb = normalisation(model)
-    order = 'RGB' if rgb else 'BGR'
-    print(f'input: {order} channels, minus mean '
-          f'{[round(v, 3) for v in mean.flatten().tolist()]}, divided by '
-          f'std {[round(v, 3) for v in std.flatten().tolist()]}')
+          f'{args.shape[1]}) float32, N {batch}; output {what}.')
+    print(f'input: {input_description(model)}.')
     if args.verify:
         for name, r in verify(args.out, wrapper, args.shape,
                               args.image).items():

@@ -144,11 +144,14 @@ def pick_weights(ckpt: dict, path: str,
                           if k.startswith(EMA_PREFIX))
     if set(trained) != set(weights):
         odd = sorted(set(trained) ^ set(weights))
+        # Then which of the two is the average is unknown: --no-ema
+        # would not tell either.
         raise UsageError(
             f'{path}: ema_state_dict does not hold the keys of state_dict '
-            f'({len(odd)} differ, e.g. {odd[0]!r}); publish it with '
-            f'--no-ema only if ema_state_dict is the model, else pass a '
-            f'checkpoint written by tools/train.py')
+            f'under {EMA_PREFIX!r} ({len(odd)} differ, e.g. {odd[0]!r}), as '
+            f'EMAHook saves them: pass a checkpoint that tools/train.py '
+            f'wrote, or one without ema_state_dict to publish its '
+            f'state_dict')
     if not no_ema:
         return weights, True
     out = OrderedDict((k, trained[k]) for k in weights)

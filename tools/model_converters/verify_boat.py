@@ -235,12 +235,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             source_key, weights = pick_boat_weights(ckpt, args.ema)
             family = detect_boat_family(weights)
-            arch = detect_arch(family, weights)['arch_name']
+            info = detect_arch(family, weights)
         except (KeyError, ValueError) as e:
             raise UsageError(f'{args.ckpt}: {e.args[0] if e.args else e}')
+        arch = info['arch_name']
         if arch not in ('tiny', 'small', 'base'):
-            raise UsageError(f'{args.ckpt} is not one of the published '
-                             f'tiny/small/base models')
+            # The public code builds its zoo's archs only.
+            raise UsageError(
+                f'{args.ckpt} is a {family.published.name} of a custom arch '
+                f'({info["backbone"]["arch"]}), which the public code does '
+                f'not build: verify_boat.py compares the published tiny, '
+                f'small and base models; pass one of those files, or '
+                f'--family {family.family} --arch tiny small base for '
+                f'random weights')
         ref = build_reference(
             _public_module(args.ref_repo, family.family), family, arch)
         ref.load_state_dict(weights, strict=True)

@@ -51,7 +51,22 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint fits too few of a BOAT backbone's weights (another
     layout or model, or no key under a ``Pretrained`` prefix); the message
     says what the file holds and the fix. The tools report it in one
-    line."""
+    line.
+
+    Args:
+        message (str): What the file holds and, unless ``advice`` gives
+            it, the fix.
+        advice (str): The fix for a file that a setting inherited from a
+            ``_base_`` config may have named, after ``message``. A caller
+            that knows which setting named the file replaces it with its
+            own (see :meth:`BaseBOATBackbone.init_weights`).
+            Defaults to ''.
+    """
+
+    def __init__(self, message: str, advice: str = '') -> None:
+        super().__init__(message + advice)
+        self.message = message
+        self.advice = advice
 
 
 def boat_families() -> Tuple[Type['BaseBOATBackbone'], ...]:
@@ -352,9 +367,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth, growing linearly from 0 to
             this value over all blocks. Defaults to 0.1.
-        with_fsla (bool): Add FSLA where the family puts it; False gives
-            the plain Swin / CSWin (no FSLA modules at all).
-            Defaults to True.
+        with_fsla (bool): Add FSLA where the family puts it (an arch
+            without such a block is refused); False gives the plain Swin
+            / CSWin (no FSLA modules at all). Defaults to True.
         fsla_cfg (dict, optional): Passed to
             :class:`FeatureSpaceLocalAttention` (``group_size``,
             ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
@@ -385,6 +400,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     #: The layout of the family's published checkpoints, if any: set
     #: beside the class, in the family's file (``BOATSwin.published``).
     published: Optional[PublishedLayout] = None
+    #: Which blocks hold FSLA (:meth:`has_fsla`), in words, for the error
+    #: on an arch that would have none.
+    fsla_blocks: str = ''
     #: Named archs; ``embed_dims`` lists the width of every stage.
     arch_zoo: Dict[str, dict] = {}
     essential_keys = frozenset({'embed_dims', 'depths', 'num_heads'})
@@ -468,6 +486,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.num_features = list(self.arch_settings['embed_dims'])
         #: The width of the first stage (the stem's output).
         self.embed_dims = self.num_features[0]
+        self._check_fsla_placed(with_fsla)
         self.out_indices = parse_out_indices(out_indices, self.num_stages)
         check_frozen_stages(frozen_stages, self.num_stages)
         check_qk_scale(qk_scale, name)
@@ -527,7 +546,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         unknown = set(settings) - known
         if unknown:
             raise ValueError(
-                f'Unknown keys {sorted(unknown)} in the {name} arch dict; it '
+                f'{name}: unknown keys {sorted(unknown)} in the arch dict; it '
                 f'takes {sorted(self.essential_keys)}' +
                 (f' and optionally {sorted(self.optional_keys)}' if self.
                  optional_keys else '') + '.')
@@ -542,14 +561,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'{name} arch: {key} must be a list or tuple of one '
                     f'positive int per stage, got {entries!r}.')
         n = len(settings['depths'])
-        if n:
-            settings['embed_dims'] = stage_widths(settings['embed_dims'], n,
-                                                  name)
-        if n < 1 or any(len(settings[k]) != n for k in per_stage):
-            got = ', '.join(str(settings[k]) for k in ['depths'] + per_stage)
+        if n < 1:
+            raise ValueError(
+                f'{name} arch: depths must give the blocks of at least one '
+                f'stage, e.g. depths=(2, 2, 6, 2), got '
+                f'{settings["depths"]!r}.')
+        settings['embed_dims'] = stage_widths(settings['embed_dims'], n, name)
+        if any(len(settings[k]) != n for k in per_stage):
+            got = ', '.join(f'{k}={settings[k]!r}'
+                            for k in ['depths'] + per_stage)
             raise ValueError(
                 f'{name} arch: depths, {", ".join(per_stage)} need one entry '
-                f'per stage, got {got}.')
+                f'per stage ({n}, as depths), got {got}.')
         for i, (dims, heads) in enumerate(
                 zip(settings['embed_dims'], settings['num_heads'])):
             if dims % heads:
@@ -557,6 +580,24 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'{name} arch: stage {i} has {dims} channels, not '
                     f'divisible by its {heads} heads.')
         return settings
+
+    def _check_fsla_placed(self, with_fsla: bool) -> None:
+        """Refuse an arch in which no block holds FSLA while ``with_fsla``
+        asks for it: the model would be a plain Swin / CSWin unnoticed.
+
+        Args:
+            with_fsla (bool): The backbone's argument.
+        """
+        if not with_fsla or any(
+                self.has_fsla(i, j, self.num_stages)
+                for i, depth in enumerate(self.depths) for j in range(depth)):
+            return
+        name = type(self).__name__
+        rule = f' ({self.fsla_blocks})' if self.fsla_blocks else ''
+        raise ValueError(
+            f'{name} arch with depths {self.depths} has no block where '
+            f'{name} puts FSLA{rule}: give it such blocks, or pass '
+            f'with_fsla=False for a model without FSLA.')
 
     @classmethod
     def zoo_name(cls, **settings: Any) -> Optional[str]:
@@ -781,12 +822,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 raise
             # The file may be one the user never named: the model-level
             # `pretrained` of a Swin _base_ config (KNet's), left by a swap.
+            # Said once: the advice of `pretrained` replaces the general
+            # one for a file that some inherited setting names (advice).
             raise CheckpointMismatchError(
-                f'{err} The checkpoint came from `pretrained` '
+                f'{err.message} The checkpoint came from `pretrained` '
                 f'({self.pretrained!r}), which mmseg\'s segmentors set on '
                 f'the backbone from the model-level `pretrained` of the '
                 f'config, maybe inherited from a _base_ config with another '
-                f'backbone: set `model=dict(pretrained=None, ...)` and give '
+                f'backbone: set `model=dict(pretrained=None)` and give '
                 f'the BOAT weights as the backbone\'s init_cfg.') from err
         finally:
             self.init_cfg = user_cfg
@@ -800,11 +843,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             # MMEngine asserts that a Pretrained prefix is in the file.
             if 'is not in the pretrained model' not in str(err):
                 raise
-            raise CheckpointMismatchError(
-                self._prefix_mismatch_message()) from err
+            raise self._prefix_mismatch_error() from err
 
-    def _prefix_mismatch_message(self) -> str:
-        """Explain which Pretrained ``prefix`` has no key in its file."""
+    def _prefix_mismatch_error(self) -> CheckpointMismatchError:
+        """The error that explains which Pretrained ``prefix`` has no key
+        in its file."""
         from mmengine.runner.checkpoint import CheckpointLoader
         cfgs = self.init_cfg if isinstance(self.init_cfg, list) \
             else [self.init_cfg]
@@ -818,9 +861,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             prefix = cfg['prefix'] if cfg['prefix'].endswith('.') \
                 else cfg['prefix'] + '.'
             if not any(str(k).startswith(prefix) for k in state):
-                return self._mismatch_message(state, prefix, 0,
-                                              cfg['checkpoint'])
-        return 'A Pretrained init_cfg prefix is not in its checkpoint.'
+                return self._mismatch_error(state, prefix, 0,
+                                            cfg['checkpoint'])
+        return CheckpointMismatchError(
+            'A Pretrained init_cfg prefix is not in its checkpoint.')
 
     def _fitting(
             self, state_dict: Mapping, prefix: str,
@@ -884,12 +928,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'(which expects the whole model\'s keys).')
         return ''
 
-    def _mismatch_message(self,
-                          state_dict: Mapping,
-                          prefix: str,
-                          found: int,
-                          source: str = 'the checkpoint') -> str:
-        """Explain why ``state_dict`` fits too few weights, and the fix."""
+    def _mismatch_error(
+            self,
+            state_dict: Mapping,
+            prefix: str,
+            found: int,
+            source: str = 'the checkpoint') -> CheckpointMismatchError:
+        """The error that explains why ``state_dict`` fits too few
+        weights, and the fix."""
         own = list(self.state_dict(keep_vars=True))
         under = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         where = f'under {prefix!r}' if prefix else 'at its top level'
@@ -903,12 +949,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # Swin-layout weights that fit neither by prefix nor by shape, e.g.
         # those of a Swin detector that the model-level init_cfg of an
         # upstream config loads into a swap.
-        inherited = '' if hint or not _is_swin_layout(under) else (
-            f" Its keys are a Swin's (or BOAT-Swin's) in mmpretrain's, "
-            f"mmseg's and mmdet's layout (stages.*.attn.w_msa.*): if a "
-            f"_base_ config with a Swin backbone gives this file (a "
-            f"model-level init_cfg, pretrained or load_from), set that to "
-            f"None and load {type(self).__name__} weights.")
+        inherited = not hint and _is_swin_layout(under)
+        layout = '' if not inherited else (
+            " Its keys are a Swin's (or BOAT-Swin's) in mmpretrain's, "
+            "mmseg's and mmdet's layout (stages.*.attn.w_msa.*).")
+        advice = '' if not inherited else (
+            f' If a _base_ config with a Swin backbone gives this file (a '
+            f'model-level init_cfg, pretrained or load_from), set that to '
+            f'None and load {type(self).__name__} weights.')
         named = sum(prefix + k in state_dict for k in own)
         if not hint and named >= self.min_loaded_share * len(own):
             # boat-mm's (mmpretrain's) names, other shapes: another size.
@@ -923,10 +971,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'`{CONVERTER}`, then load DST with load_from or '
                     f"init_cfg=dict(type='Pretrained', checkpoint=DST, "
                     f"prefix='backbone.').")
-        return (f'{type(self).__name__}: {source} matches {found} of the '
-                f'{len(own)} weights of the backbone (same name {where} and '
-                f'shape); {keys}; the backbone expects {own[:4]} ... '
-                f'({len(own)} in all).{hint}{inherited}')
+        return CheckpointMismatchError(
+            f'{type(self).__name__}: {source} matches {found} of the '
+            f'{len(own)} weights of the backbone (same name {where} and '
+            f'shape); {keys}; the backbone expects {own[:4]} ... '
+            f'({len(own)} in all).{hint}{layout}', advice)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Derived buffers of the original or of mmpretrain's models are
@@ -942,8 +991,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         own = self.state_dict(keep_vars=True)
         fits, resized, skipped = self._fitting(state_dict, prefix, own)
         if len(fits) < self.min_loaded_share * len(own):
-            raise CheckpointMismatchError(
-                self._mismatch_message(state_dict, prefix, len(fits)))
+            raise self._mismatch_error(state_dict, prefix, len(fits))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._log_partial_load(own, fits, resized, skipped)
         if not self.with_fsla:

@@ -207,6 +207,8 @@ class BOATSwin(BaseBOATBackbone):
         [(1, 24, 16, 20), (1, 48, 8, 10), (1, 96, 4, 5), (1, 192, 2, 3)]
     """
     family = 'swin'
+    fsla_blocks = ('the odd, shifted blocks of every stage but the last: a '
+                   'stage before the last needs 2 or more blocks')
     # yapf: disable
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(

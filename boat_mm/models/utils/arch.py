@@ -157,19 +157,21 @@ def parse_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict],
         key = arch.lower()
         if key not in arch_zoo:
             raise ValueError(
-                f'Unknown {name} arch {arch!r}; choose one of '
+                f'{name}: unknown arch {arch!r}; choose one of '
                 f'{sorted(set(arch_zoo))} or pass a dict with keys '
                 f'{sorted(essential_keys)}.')
         return dict(arch_zoo[key])
     if isinstance(arch, dict):
         missing = essential_keys - set(arch)
         if missing:
-            raise ValueError(f'Custom {name} arch misses keys '
+            raise ValueError(f'{name}: the custom arch misses keys '
                              f'{sorted(missing)}; it needs '
                              f'{sorted(essential_keys)}.')
         return dict(arch)
-    raise TypeError(f'{name} arch must be a str or a dict, got '
-                    f'{type(arch).__name__}.')
+    raise TypeError(f'{name}: arch must be a name of '
+                    f'{sorted(set(arch_zoo))} or a dict with keys '
+                    f'{sorted(essential_keys)}, got {arch!r} '
+                    f'({type(arch).__name__}).')
 
 
 def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
@@ -187,7 +189,9 @@ def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
     Returns:
         list[int]: ``num_stages`` positive widths.
     """
-    if isinstance(embed_dims, numbers.Integral):
+    if isinstance(embed_dims, bool):  # True would mean widths 1, 2, 4, ...
+        widths = []
+    elif isinstance(embed_dims, numbers.Integral):
         widths = [int(embed_dims) * 2**i for i in range(num_stages)]
     elif isinstance(embed_dims, (list, tuple)) and all(
             isinstance(w, numbers.Integral) and not isinstance(w, bool)
@@ -320,7 +324,9 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
             f'indices in [-{num_stages}, {num_stages - 1}]), e.g. '
             f'{tuple(range(num_stages))}, got {out_indices!r}.')
     if len(out_indices) == 0:
-        raise ValueError('out_indices must name at least one stage.')
+        raise ValueError(
+            f'out_indices must name at least one stage, e.g. '
+            f'{tuple(range(num_stages))} or -1 for the last, got ().')
     parsed = []
     for i in map(int, out_indices):
         j = i + num_stages if i < 0 else i

@@ -312,6 +312,11 @@ BAD_ARGUMENTS = [
     (dict(drop_path_rate=-0.1), ValueError, r'drop_path_rate must be in'),
     (dict(attn_drop_rate=-0.1), ValueError, r'attn_drop_rate must be in'),
     (dict(drop_rate=2.), ValueError, r'drop_rate must be in'),
+    (dict(drop_rate='0.1'), TypeError,
+     r"drop_rate must be a float in \[0, 1\], got '0.1' \(str\)"),
+    (dict(out_indices=()), ValueError,
+     r'out_indices must name at least one stage, e\.g\. \(0, 1, 2, 3\) '
+     r'or -1 for the last, got \(\)\.$'),
     (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
     (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
     (dict(fsla_cfg=dict(group_size=4.5)), TypeError, 'group_size must be'),
@@ -335,6 +340,102 @@ def test_bad_arguments_name_the_argument(family, kwargs, error, match):
     kwargs = dict(dict(arch=ARCHS[family]), **kwargs)
     with pytest.raises(error, match=match):
         family(**kwargs)
+
+
+# Custom arch dicts that cannot build a backbone, for every family: the
+# one-line error names the key and what it needs. Each entry: (arch,
+# error type, the message's tail or a part that names the fix).
+BAD_ARCHS = [
+    (dict(embed_dims=8, depths=(1, 1)), ValueError,
+     r"arch misses keys \['num_heads'\]; it needs \['depths', "
+     r"'embed_dims', 'num_heads'\]\.$"),
+    (dict(embed_dims=8,
+          num_heads=(2, 2)), ValueError, r"arch misses keys \['depths'\]"),
+    (arch(num_heads=(2, 2)), ValueError,
+     r'arch: depths, num_heads(, split_sizes)? need one entry per stage '
+     r'\(4, as depths\), got depths=\(1, 1, 1, 1\), '
+     r'num_heads=\(2, 2\)'),
+    (arch(embed_dims=[8, 16]), ValueError,
+     r'embed_dims must be a positive int or one positive width per stage '
+     r'\(4\), got \[8, 16\]\.$'),
+    (arch(depths=()), ValueError,
+     r'depths must give the blocks of at least one stage, e\.g\. '
+     r'depths=\(2, 2, 6, 2\), got \(\)\.$'),
+    (arch(depths=(1, 1.5, 1, 1)), ValueError,
+     r'depths must be a list or tuple of one positive int per stage, got '
+     r'\(1, 1\.5, 1, 1\)\.$'),
+    (arch(num_heads=(2, '2', 2, 2)), ValueError,
+     r'num_heads must be a list or tuple of one positive int per stage'),
+    (arch(num_heads=2), ValueError,
+     r'num_heads must be a list or tuple of one positive int per stage, '
+     r'got 2\.$'),
+    (arch(depths=(1, True, 1, 1)), ValueError, 'depths must be a list'),
+    # True is an int to Python: it would give widths 1, 2, 4, 8.
+    (arch(embed_dims=True), ValueError, 'embed_dims must be a positive int'),
+    (arch(embed_dims=(8, 16, 32, 0)), ValueError,
+     'embed_dims must be a positive int'),
+    (arch(embed_dims=12, num_heads=(8, 8, 8, 8)), ValueError,
+     r'stage 0 has 12 channels, not divisible by its 8 heads\.$'),
+    (arch(mlp_ratio=4), ValueError, r": unknown keys \['mlp_ratio'\]"),
+    (5, TypeError, r": arch must be a name of \['b', 'base', 's', 'small', "
+     r"'t', 'tiny'\] or a dict with keys \['depths', 'embed_dims', "
+     r"'num_heads'\], got 5 \(int\)\.$"),
+    ('huge', ValueError, r": unknown arch 'huge'; choose one of "
+     r"\['b', 'base', 's', 'small', 't', 'tiny'\] or pass a dict"),
+]
+
+
+@pytest.mark.parametrize('family', boat_families())
+@pytest.mark.parametrize('bad, error, match', BAD_ARCHS)
+def test_bad_arch_dict_names_the_key_and_the_fix(family, bad, error, match):
+    with pytest.raises(error, match=match) as err:
+        family(arch=bad)
+    assert str(err.value).startswith(family.__name__)
+    assert '\n' not in str(err.value)
+
+
+def test_cswin_split_sizes_checked_like_the_other_stage_lists():
+    with pytest.raises(
+            ValueError,
+            match='depths, num_heads, split_sizes '
+            r'need one entry per stage \(4, as depths\)'):
+        BOATCSWin(arch=dict(CSWIN, split_sizes=(1, 2, 7)))
+    with pytest.raises(
+            ValueError,
+            match='split_sizes must be a list or '
+            'tuple of one positive int per stage, got 7'):
+        BOATCSWin(arch=dict(CSWIN, split_sizes=7))
+    with pytest.raises(ValueError, match='split_sizes must be a list'):
+        BOATCSWin(arch=dict(CSWIN, split_sizes=(1, 2, 0, 7)))
+    with pytest.raises(
+            ValueError,
+            match=r"^BOATSwin: unknown keys \['split_sizes'\] "
+            r"in the arch dict; it takes \['depths', "
+            r"'embed_dims', 'num_heads'\]\.$"):
+        BOATSwin(arch=dict(SWIN, split_sizes=(1, 2, 7, 7)))
+
+
+@pytest.mark.parametrize('depths', [(1, 1, 1, 1), (1, 1, 1, 2), (3, )])
+def test_swin_arch_without_fsla_blocks_refused(depths):
+    """BOAT-Swin puts FSLA in the odd blocks of the stages before the last:
+    an arch without such a block would build a plain Swin unnoticed (the
+    tiny archs of the tests once did)."""
+    custom = dict(embed_dims=8, depths=depths, num_heads=(2, ) * len(depths))
+    with pytest.raises(ValueError) as err:
+        BOATSwin(arch=custom)
+    assert str(err.value) == (
+        f'BOATSwin arch with depths {list(depths)} has no block where '
+        f'BOATSwin puts FSLA (the odd, shifted blocks of every stage but '
+        f'the last: a stage before the last needs 2 or more blocks): give '
+        f'it such blocks, or pass with_fsla=False for a model without '
+        f'FSLA.')
+    # The plain model, asked for, builds; one block 1 before the last
+    # stage is enough for FSLA.
+    plain = BOATSwin(arch=custom, with_fsla=False, out_indices=-1)
+    assert plain.fsla_modules() == {}
+    if len(depths) > 1:
+        placed = BOATSwin(arch=dict(custom, depths=(2, ) + depths[1:]))
+        assert list(placed.fsla_modules()) == [(0, 1)]
 
 
 def test_swin_window_and_patch_size_must_be_positive_ints():

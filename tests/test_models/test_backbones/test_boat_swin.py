@@ -125,7 +125,7 @@ def test_arch_validation():
         BOATSwin(arch=dict(embed_dims=24, depths=(2, 2)))
     with pytest.raises(ValueError, match='one entry per stage'):
         BOATSwin(arch=dict(embed_dims=24, depths=(2, 2), num_heads=(1, )))
-    with pytest.raises(ValueError, match='Unknown keys'):
+    with pytest.raises(ValueError, match='unknown keys'):
         BOATSwin(arch=dict(TINY, mlp=3))
     with pytest.raises(ValueError, match='divisible'):
         BOATSwin(arch=dict(embed_dims=20, depths=(2, ), num_heads=(3, )))
