@@ -78,7 +78,7 @@ import torch, torchvision, mmcv, mmcv.ops, mmengine, mmseg, mmpretrain
 import boat_mm, pytest
 import mmdet, mmdet.models, pycocotools.coco, shapely, terminaltables
 import onnx, onnxscript, onnxruntime  # ONNX export and its tests
-import importlib.util  # upstream tools' packages: found, not imported (s)
+import importlib.util  # upstream tools' packages: found, not imported (slow)
 assert all(importlib.util.find_spec(m)
            for m in ('pytorch_grad_cam', 'seaborn', 'psutil'))
 from torchvision.ops import nms  # the compiled torchvision ops are real

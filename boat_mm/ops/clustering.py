@@ -130,11 +130,14 @@ class ClusterPlan(NamedTuple):
 
 #: How many plans :func:`build_cluster_plan` keeps, the least recently
 #: used dropped first. A forward needs one per stage with FSLA and input
-#: size (24 for mmseg's 6-scale test-time augmentation of a 4-stage
-#: backbone); a plan of ``N`` tokens holds 200 to 340 bytes a token (21
-#: MiB for the 200x336 map of stage 0 at 1333x800), so keeping one for
-#: every image size that detection's keep-ratio resizing and multi-scale
-#: training produce would grow the GPU memory by gigabytes over a run.
+#: size (for mmseg's 6-scale test-time augmentation, 24 for BOAT-CSWin,
+#: FSLA in all four stages, 18 for BOAT-Swin); a plan of ``N`` tokens
+#: holds 200 to 340 bytes a token (21 MiB for the 200x336 map of stage 0
+#: at 1333x800; 32 plans of detection sizes, about 0.3 GiB), so keeping
+#: one for every image size that detection's keep-ratio resizing and
+#: multi-scale training produce would grow the GPU memory by gigabytes
+#: over a run. What rebuilding costs a multi-scale training step on a GPU
+#: is not measured.
 PLAN_CACHE_SIZE = 32
 _PLAN_CACHE: 'OrderedDict[tuple, ClusterPlan]' = OrderedDict()
 
@@ -312,15 +315,18 @@ def build_cluster_plan(
     if torch.compiler.is_compiling():
         # Traced as constants; a Python-side cache would be a side effect.
         return _build_plan(num_tokens, group_size, overlap, device)
-    plan = _PLAN_CACHE.get(key)
+    # pop and re-insert (each atomic) rather than get and move_to_end, so
+    # that a plan another thread evicts in between is no KeyError.
+    plan = _PLAN_CACHE.pop(key, None)
     if plan is None:
         with torch.no_grad():
             plan = _build_plan(num_tokens, group_size, overlap, device)
-        _PLAN_CACHE[key] = plan
-        if len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+    _PLAN_CACHE[key] = plan
+    while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+        try:
             _PLAN_CACHE.popitem(last=False)
-    else:
-        _PLAN_CACHE.move_to_end(key)
+        except KeyError:  # emptied by another thread
+            break
     return plan
 
 

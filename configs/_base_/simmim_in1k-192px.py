@@ -8,3 +8,6 @@ custom_imports = dict(imports=['boat_mm'], allow_failed_imports=False)
 # Restated without the `_scope_` key that an `mmpretrain::` base adds to
 # every dict with a type: MMEngine calls the collate function with it.
 train_dataloader = dict(collate_fn=dict(_delete_=True, type='default_collate'))
+# Every process its own seed (seed + rank), as the public SimMIM and BOAT
+# training code seed them, and as cls_runtime.py does for the classifiers.
+randomness = dict(seed=None, deterministic=False, diff_rank_seed=True)

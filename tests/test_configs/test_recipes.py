@@ -746,7 +746,8 @@ def _build(path: str):
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_simmim_recipe_is_mmpretrains(family):
     """The SimMIM configs are mmpretrain's Swin-B SimMIM config, key for
-    key, but for the backbone and the decoder's input width."""
+    key, but for the backbone, the decoder's input width and a seed per
+    process."""
     ours = _cfg(f'boat_{family}/simmim_boat-{family}-base'
                 f'{"-w6" if family == "swin" else ""}_8xb256-amp-coslr-'
                 '100e_in1k-192px.py')
@@ -757,8 +758,9 @@ def test_simmim_recipe_is_mmpretrains(family):
             'simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px.py'))
     assert set(ours.keys()) - {'custom_imports'} == set(theirs.keys())
     for key in theirs.keys():
-        if key != 'model':
+        if key not in ('model', 'randomness'):
             assert _unscoped(ours[key]) == _unscoped(theirs[key]), key
+    assert ours.randomness == dict(theirs.randomness, diff_rank_seed=True)
     for key in theirs.model.keys():
         if key not in ('backbone', 'neck'):
             assert _unscoped(ours.model[key]) == _unscoped(

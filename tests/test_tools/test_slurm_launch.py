@@ -76,6 +76,17 @@ print('\\n'.join(sys.argv[3].split(',')))
 '''
 
 
+@pytest.fixture(autouse=True)
+def _restored_environ():
+    """The launcher code writes ``RANK``, ``MASTER_PORT``, ... straight
+    into ``os.environ``, which monkeypatch restores only for the names a
+    test set itself: give the next tests the environment back as it was."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def slurm(tmp_path) -> Dict[str, str]:
     """A folder with the fake ``srun`` and ``scontrol``, and the

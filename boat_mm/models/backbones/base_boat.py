@@ -794,7 +794,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self, stage_tokens: Iterator[Tuple[int, Tensor, Tuple[int, int]]]
     ) -> Tuple[Tensor, ...]:
         """The normed maps of ``out_indices`` from :meth:`_stage_tokens`,
-        which stops after the last of them."""
+        whose later stages are not run: the loop stops at the last."""
         outs = []
         for i, tokens, hw_shape in stage_tokens:
             if i in self.out_indices:

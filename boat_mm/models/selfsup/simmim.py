@@ -72,7 +72,9 @@ class MaskedImageMixin:
                      mask: Tensor) -> Tensor:
         """``x`` ``(B, N, C_0)`` with the masked tokens replaced."""
         batch, num_tokens = x.shape[:2]
-        if mask.shape[0] != batch or mask[0].numel() != num_tokens:
+        # (B, H_0, W_0) or (B, N): a transposed mask of a non-square map
+        # has the right size but masks other patches.
+        if tuple(mask.shape) not in ((batch, *hw_shape), (batch, num_tokens)):
             raise ValueError(
                 f'{type(self).__name__}: the mask has shape '
                 f'{tuple(mask.shape)}, but the stem gives {batch} x '
