@@ -79,10 +79,9 @@ class MaskedImageMixin:
                 f'{type(self).__name__}: the mask has shape '
                 f'{tuple(mask.shape)}, but the stem gives {batch} x '
                 f'{hw_shape[0]} x {hw_shape[1]} patch tokens: give one mask '
-                f'per image at the stem\'s resolution (for '
-                f'SimMIMMaskGenerator, input_size / model_patch_size = '
-                f'{hw_shape[0]} with model_patch_size=4 and input_size the '
-                f'crop size).')
+                f'per image at the stem\'s resolution, {hw_shape[0]} x '
+                f'{hw_shape[1]} (SimMIMMaskGenerator: model_patch_size=4 and '
+                f'input_size the square crop size).')
         w = mask.reshape(batch, num_tokens, 1).to(x.dtype)
         return x * (1. - w) + self.mask_token.to(x.dtype) * w
 

@@ -121,8 +121,8 @@ def test_mask_of_another_resolution_is_refused(variant, family, arch):
     with pytest.raises(
             ValueError,
             match=r'mask has shape \(2, 16, 16\), but the stem '
-            r'gives 2 x 8 x 8 patch tokens.*input_size / '
-            r'model_patch_size = 8'):
+            r'gives 2 x 8 x 8 patch tokens.*resolution, 8 x 8 '
+            r'\(SimMIMMaskGenerator: model_patch_size=4'):
         model(torch.randn(2, 3, 32, 32), _mask(2, 16, 16))
     # Transposed (10 x 12 tokens): the right size, the wrong patches.
     with pytest.raises(ValueError, match=r'mask has shape \(2, 12, 10\)'):
