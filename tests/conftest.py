@@ -16,6 +16,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
+# One thread, in this process and in the tools the tests run as
+# subprocesses (they inherit the variable), unless the caller chose a
+# count: the tests' tensors are tiny, so OpenMP threads mostly wait for
+# each other, and on CI's two cores, shared with the subprocesses and
+# other jobs, a waiting thread spins (test_random_baseline_is_chance took
+# 25 s with two threads, 0.3 s with one). The tests of the kernels'
+# independence of the thread count set 1, 2 and 3 threads themselves.
+if 'OMP_NUM_THREADS' not in os.environ:
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 

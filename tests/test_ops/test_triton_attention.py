@@ -486,21 +486,24 @@ with targets.offline_gpu(90, min(need.values()), index):
             k._kernel_too_large('bwd', torch.float32, 32, 49, 20, 2, index))
 print('tf32', need[False], need[True], verdicts[0], verdicts[1])
 # The check before a call (too_large_for_gpu): the forward for inference,
-# the forward and the backward for a training step; float32 at 66 slots
-# on sm_86, GPUs with a byte less or just enough for either kernel (one
-# device index, so that its kernels compile once; the verdicts and
-# Triton's shared memory per device, both cached, cleared).
+# the forward and the backward for a training step; bfloat16 at 66 slots
+# on sm_86 (its backward compiled above; the limits below are stand-ins,
+# so any kernels whose forward needs less than their backward do, and
+# float32's take four times as long to compile), GPUs with a byte less or
+# just enough for either kernel (one device index, so that its kernels
+# compile once; the verdicts and Triton's shared memory per device, both
+# cached, cleared).
 from triton.compiler.compiler import max_shared_mem
 torch.backends.cuda.matmul.allow_tf32 = False
 index += 1
 with targets.offline_gpu(86, 1 << 20, index):
-    need = [k._compiled(kernel, torch.float32, 32, 66, 20, 2).metadata.shared
-            for kernel in ('fwd', 'bwd')]
+    need = [k._compiled(kernel, torch.bfloat16, 32, 66, 20,
+                        2).metadata.shared for kernel in ('fwd', 'bwd')]
 for limit in (need[0] - 1, need[0], need[1] - 1, need[1]):
     k._fit_check.cache_clear()
     max_shared_mem.cache_clear()
     with targets.offline_gpu(86, limit, index):
-        errors = [k.too_large_for_gpu(torch.float32, 32, 66, 20, 2, index,
+        errors = [k.too_large_for_gpu(torch.bfloat16, 32, 66, 20, 2, index,
                                       backward) for backward in (0, 1)]
     print('call', *need, limit, *(e.args[0] if e else '-' for e in errors),
           sep='|')
