@@ -50,6 +50,8 @@ drop = BOATDropPath(0.5).train()(torch.ones(64, 1, 1))
 with open(out, 'w') as f:
     json.dump(dict(mixed=mixed_scores.tolist(), drop=drop.flatten().tolist(),
                    seed_draw=torch.rand(4).tolist()), f)
+# Both done before either closes its end of the group.
+dist.barrier()
 dist.destroy_process_group()
 '''
 

@@ -47,6 +47,8 @@ for step in range(2):
 if rank == 0:
     torch.save({{n: p.grad for n, p in model.module.named_parameters()}},
                out)
+# Both done before either closes its end of the group.
+dist.barrier()
 dist.destroy_process_group()
 '''
 
