@@ -645,8 +645,11 @@ def close_dist() -> None:
 
     torch asks for it: a group left to the interpreter's teardown can
     abort the process there (a gloo rank once ended with "terminate called
-    without an active exception" after a finished run).
+    without an active exception" after a finished run). Every process
+    first waits for the others: one that tears down its end of a gloo
+    group while another is still closing its own aborted the same way.
     """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
