@@ -1,26 +1,30 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Make the BOAT classifiers known to mmpretrain's model hub by name.
+"""Make the BOAT ImageNet-1K models known to mmpretrain's model hub by
+name.
 
 After ``import boat_mm``, ``mmpretrain.list_models('*boat*')`` lists the
-six ImageNet-1K classifiers of ``configs/*/metafile.yml`` by their metafile
-names (those of their configs, as mmpretrain names its own models) and
-``mmpretrain.get_model(name, pretrained=CONVERTED_FILE)`` builds and loads
-one. The published weights' URLs stay metadata
+ImageNet-1K models of ``configs/*/metafile.yml`` (the six classifiers,
+the two SimMIM pre-training models and the four classifiers that fine-tune
+them) by their metafile names (those of their configs, as mmpretrain
+names its own models) and ``mmpretrain.get_model(name,
+pretrained=CHECKPOINT)`` builds and loads one. The published weights' URLs
+stay metadata
 (``ModelHub.get(name).data['Converted From']['Weights']``): they are not
 mmpretrain checkpoints (convert them with
 ``tools/model_converters/boat2mm.py``), so ``pretrained=True`` raises,
 saying that the model has no weights of its own and how to convert them:
 each registered model's weights are ``boat-mm-unconverted://NAME``, a
 scheme of MMEngine's ``CheckpointLoader`` whose loader raises that error
-(``get_model`` otherwise warns and returns a randomly initialised model).
+(``get_model`` otherwise warns and returns a randomly initialised model);
+for a model without published weights, it says how to train them.
 
 Registration uses mmpretrain's documented
 ``ModelHub.register_model_index(model_index_path, config_prefix)`` and
 happens when mmpretrain's model hub is imported: ``import boat_mm`` stays
 light (it does not import mmpretrain) through a post-import hook
 (:func:`boat_mm.utils.when_imported`), and an explicit
-:func:`register_model_index` does the same at any time. Only the
-classifiers are registered: the hub builds every entry with mmpretrain's
+:func:`register_model_index` does the same at any time. Only the ImageNet
+models are registered: the hub builds every entry with mmpretrain's
 registry, so the segmentors and detectors of the metafiles stay out. mmseg
 1.x and mmdet 3.x have no such hub (their inferencers read only their own
 package's model index), so our segmentors are used by config path.
@@ -33,13 +37,15 @@ part. An install without them registers nothing.
 """
 import os
 import os.path as osp
+import re
 import tempfile
 from typing import Any, Dict, List, NoReturn, Optional
 
-__all__ = ['register_model_index', 'classifier_models']
+__all__ = ['register_model_index', 'mmpretrain_models']
 
-# mmpretrain's naming: a classifier's name ends with its dataset.
-_CLASSIFIER_SUFFIX = '_in1k'
+# mmpretrain's naming: the name of an ImageNet model ends with its dataset,
+# then the input size unless it is 224.
+_MMPRETRAIN_NAME = re.compile(r'_in1k(-\d+px)?$')
 
 #: The hub's weights of a model without weights of its own: a scheme whose
 #: MMEngine loader raises, naming the converter.
@@ -50,6 +56,8 @@ _registered: List[str] = []
 # Registered name -> its published weights' URL (None if the metafile has
 # none).
 _published_weights: Dict[str, Optional[str]] = {}
+# Registered name -> its config, relative to the configs' root.
+_configs: Dict[str, str] = {}
 
 
 def load_from_boat_mm_unconverted(filename: str,
@@ -68,17 +76,24 @@ def load_from_boat_mm_unconverted(filename: str,
     """
     name = filename[len(UNCONVERTED_SCHEME):]
     url = _published_weights.get(name)
-    published = f' ({url})' if url else ''
+    if url is None:
+        raise FileNotFoundError(
+            f'{name} has no weights in mmpretrain\'s model hub, and none '
+            f'are published: train it with `python tools/train.py '
+            f'{_configs.get(name, "CONFIG")}`, then call get_model({name!r}, '
+            f'pretrained=WORK_DIR/epoch_N.pth); pretrained=False builds it '
+            f'randomly initialised.')
     raise FileNotFoundError(
         f'{name} has no weights of its own in mmpretrain\'s model hub: the '
-        f'published BOAT weights{published} are not an mmpretrain '
+        f'published BOAT weights ({url}) are not an mmpretrain '
         f'checkpoint. Convert them with `{CONVERTER}`, then call '
         f'get_model({name!r}, pretrained=DST); pretrained=False builds it '
         f'randomly initialised.')
 
 
-def classifier_models() -> dict:
-    """The metafiles' collections and their classifiers, as one metafile.
+def mmpretrain_models() -> dict:
+    """The metafiles' collections and their mmpretrain models (ImageNet-1K
+    classifiers and SimMIM pre-training), as one metafile.
 
     Returns:
         dict: ``Collections`` and ``Models`` of every metafile, config
@@ -104,7 +119,7 @@ def classifier_models() -> dict:
             meta = yaml.safe_load(f)
         index['Collections'] += meta.get('Collections', [])
         for model in meta.get('Models', []):
-            if model['Name'].endswith(_CLASSIFIER_SUFFIX):
+            if _MMPRETRAIN_NAME.search(model['Name']):
                 model = dict(model)
                 model['Config'] = osp.join(root, model['Config'])
                 index['Models'].append(model)
@@ -112,7 +127,7 @@ def classifier_models() -> dict:
 
 
 def register_model_index() -> List[str]:
-    """Register the BOAT classifiers with mmpretrain's ``ModelHub``
+    """Register the BOAT ImageNet-1K models with mmpretrain's ``ModelHub``
     (idempotent; imports mmpretrain).
 
     Returns:
@@ -125,7 +140,7 @@ def register_model_index() -> List[str]:
     from .utils.metafile import find_root
     if _registered:
         return list(_registered)
-    index = classifier_models()
+    index = mmpretrain_models()
     names = [m['Name'] for m in index['Models']]
     # Another registration (or a name clash) would make ModelHub raise.
     if any(ModelHub.has(n.lower()) for n in names):
@@ -134,6 +149,8 @@ def register_model_index() -> List[str]:
         # pretrained=True loads the hub's Weights: ours raise, with the fix.
         url = (model.get('Converted From') or {}).get('Weights')
         _published_weights[model['Name'].lower()] = url
+        _configs[model['Name'].lower()] = osp.relpath(model['Config'],
+                                                      find_root())
         model['Weights'] = UNCONVERTED_SCHEME + model['Name'].lower()
     CheckpointLoader.register_scheme(
         UNCONVERTED_SCHEME, load_from_boat_mm_unconverted, force=True)
@@ -141,7 +158,7 @@ def register_model_index() -> List[str]:
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             yaml.safe_dump(index, f, sort_keys=False)
-        # The configs' paths are absolute (classifier_models).
+        # The configs' paths are absolute (mmpretrain_models).
         ModelHub.register_model_index(path, config_prefix=find_root())
     finally:
         os.remove(path)

@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""The BOAT classifiers by name in mmpretrain's model hub
+"""The BOAT ImageNet models by name in mmpretrain's model hub
 (boat_mm.model_index), and the post-import hook that registers them
 without ``import boat_mm`` importing mmpretrain."""
+import copy
 import sys
 
 import pytest
@@ -13,19 +14,32 @@ from repo_scripts import REPO, load_script
 import boat_mm
 from boat_mm.utils import when_imported
 
-CLASSIFIERS = [
-    'boat-cswin-base_8xb128_in1k', 'boat-cswin-small_8xb256_in1k',
-    'boat-cswin-tiny_8xb256_in1k', 'boat-swin-base_16xb64_in1k',
-    'boat-swin-small_16xb64_in1k', 'boat-swin-tiny_16xb64_in1k'
+CLASSIFIERS = sorted([
+    'boat-cswin-base_8xb128_in1k',
+    'boat-cswin-small_8xb256_in1k',
+    'boat-cswin-tiny_8xb256_in1k',
+    'boat-swin-base_16xb64_in1k',
+    'boat-swin-small_16xb64_in1k',
+    'boat-swin-tiny_16xb64_in1k',
+    # Fine-tuned from SimMIM, at 192 and 224 px.
+    'boat-cswin-base_simmim-100e-pre_8xb256-coslr-100e_in1k-192px',
+    'boat-cswin-base_simmim-100e-pre_8xb256-coslr-100e_in1k',
+    'boat-swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px',
+    'boat-swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k'
+])
+SIMMIM = [
+    'simmim_boat-cswin-base_8xb256-amp-coslr-100e_in1k-192px',
+    'simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_in1k-192px'
 ]
+MODELS = sorted(CLASSIFIERS + SIMMIM)
 
 
 def test_list_models_by_metafile_names():
     import mmpretrain
-    assert sorted(mmpretrain.list_models('*boat*')) == CLASSIFIERS
+    assert sorted(mmpretrain.list_models('*boat*')) == MODELS
     # Explicit registration is idempotent and names the same models.
-    assert sorted(boat_mm.register_model_index()) == CLASSIFIERS
-    assert sorted(mmpretrain.list_models('*boat*')) == CLASSIFIERS
+    assert sorted(boat_mm.register_model_index()) == MODELS
+    assert sorted(mmpretrain.list_models('*boat*')) == MODELS
     from mmpretrain.apis.model import ModelHub
     info = ModelHub.get('boat-cswin-tiny_8xb256_in1k')
     assert info.data['Converted From']['Weights'] == (
@@ -54,6 +68,34 @@ def test_get_model_pretrained_true_names_the_converter():
     assert 'tools/model_converters/boat2mm.py SRC_OR_URL DST' in msg
     assert 'pretrained=DST' in msg
     assert 'https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth' in msg
+
+
+def test_models_without_published_weights_say_how_to_train_them():
+    """A SimMIM model (and the classifiers that fine-tune it) has no
+    published weights: ``pretrained=True`` names its config and the
+    training command; ``pretrained=False`` builds it."""
+    from mmpretrain import get_model
+    name = SIMMIM[0]
+    tiny = dict(
+        backbone=dict(
+            arch=dict(
+                _delete_=True,
+                embed_dims=8,
+                depths=[1, 1, 1, 1],
+                num_heads=[2] * 4)),
+        neck=dict(in_channels=64))
+    with pytest.raises(FileNotFoundError) as err:
+        get_model(name, pretrained=True, **copy.deepcopy(tiny))
+    assert str(err.value) == (
+        f'{name} has no weights in mmpretrain\'s model hub, and none are '
+        f'published: train it with `python tools/train.py '
+        f'configs/boat_cswin/{name}.py`, then call get_model({name!r}, '
+        f'pretrained=WORK_DIR/epoch_N.pth); pretrained=False builds it '
+        f'randomly initialised.')
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = get_model(name, pretrained=False, **tiny)
+    assert type(model).__name__ == 'SimMIM'
+    assert type(model.backbone).__name__ == 'SimMIMBOATCSWin'
 
 
 def test_inference_model_by_name():
@@ -170,4 +212,4 @@ def test_registration_in_a_fresh_process():
                          cwd=REPO,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == str(CLASSIFIERS)
+    assert out.stdout.strip().splitlines()[-1] == str(MODELS)

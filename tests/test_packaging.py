@@ -180,8 +180,9 @@ def test_model_index_follows_the_installed_root(dists, monkeypatch):
     from boat_mm.utils import metafile
     root = osp.join(dists['site'], 'boat_mm', '.mim')
     monkeypatch.setattr(metafile, 'MIM_ROOT', root)
-    models = model_index.classifier_models()['Models']
-    assert len(models) == 6
+    models = model_index.mmpretrain_models()['Models']
+    # Six classifiers, two SimMIM models, four fine-tuned from them.
+    assert len(models) == 12
     for model in models:
         assert model['Config'].startswith(root + os.sep)
         assert osp.isfile(model['Config'])

@@ -1,6 +1,6 @@
 # SimMIM pre-training of BOAT-CSWin-B on ImageNet-1K at 192 px:
-# mmpretrain's recipe for Swin-B with the backbone swapped. Fine-tune the
-# result with boat-cswin-base_8xb128_in1k.py (see README.md).
+# mmpretrain's recipe for Swin-B with the backbone swapped. The
+# boat-cswin-base_simmim-100e-pre_*.py configs fine-tune the result.
 _base_ = ['../_base_/simmim_in1k-192px.py']
 model = dict(
     backbone=dict(

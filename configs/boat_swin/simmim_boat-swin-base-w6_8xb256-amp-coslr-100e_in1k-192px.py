@@ -1,6 +1,6 @@
 # SimMIM pre-training of BOAT-Swin-B on ImageNet-1K at 192 px (windows of
-# 6): mmpretrain's recipe for Swin-B with the backbone swapped. Fine-tune
-# the result with boat-swin-base_16xb64_in1k.py (see README.md).
+# 6): mmpretrain's recipe for Swin-B with the backbone swapped. The
+# boat-swin-base-w{6,7}_simmim-100e-pre_*.py configs fine-tune the result.
 _base_ = ['../_base_/simmim_in1k-192px.py']
 model = dict(
     backbone=dict(

@@ -588,6 +588,95 @@ def simmim(family: str) -> Dict[str, Any]:
     return recipe
 
 
+def simmim_fine_tuning(family: str, size: int) -> Dict[str, Any]:
+    """mmpretrain's SimMIM Swin-B fine-tuning recipe
+    (``simmim/benchmarks/swin-base-w6_8xb256-coslr-100e_in1k-192px.py``
+    and ``swin-base-w7_8xb256-coslr-100e_in1k.py``) on a base BOAT model
+    initialised from its SimMIM pre-training: AdamW 5e-3, wd 0.05 (none on
+    norms, biases and position tables), layer-wise lr decay 0.9, clipping
+    5, AMP, 20 warm-up epochs from 2.5e-7 x 2048 / 512 (a factor of
+    2.5e-7 / 1.25e-3), cosine to 2.5e-7 x 2048 / 512 at epoch 100, drop
+    path 0.1, crops of 192 (test: 219 then 192) or 224 (256 then 224),
+    windows of 6 or 7 for BOAT-Swin."""
+    pre = ('simmim_boat-swin-base-w6' if family == 'swin' else
+           'simmim_boat-cswin-base') + '_8xb256-amp-coslr-100e_in1k-192px'
+    recipe = {
+        **IN1K_AUG,
+        'model.backbone.type':
+        'BOATSwin' if family == 'swin' else 'BOATCSWin',
+        'model.backbone.arch':
+        'base',
+        'model.backbone.drop_path_rate':
+        0.1,
+        'model.backbone.init_cfg':
+        dict(
+            type='Pretrained',
+            checkpoint=f'work_dirs/{pre}/epoch_100.pth',
+            prefix='backbone.'),
+        'model.head.in_channels':
+        (SWIN_WIDTHS if family == 'swin' else CSWIN_WIDTHS)['base'][3],
+        'gpus x batch': (8, 256),
+        'auto_scale_lr.base_batch_size':
+        2048,
+        'optim_wrapper.type':
+        'AmpOptimWrapper',
+        'optim_wrapper.constructor':
+        'LearningRateDecayOptimWrapperConstructor',
+        'optim_wrapper.paramwise_cfg':
+        dict(
+            layer_decay_rate=0.9,
+            custom_keys={
+                '.norm': dict(decay_mult=0.0),
+                '.bias': dict(decay_mult=0.0),
+                '.absolute_pos_embed': dict(decay_mult=0.0),
+                '.relative_position_bias_table': dict(decay_mult=0.0)
+            }),
+        'optim_wrapper.optimizer.lr':
+        5e-3,
+        'optim_wrapper.optimizer.weight_decay':
+        0.05,
+        'optim_wrapper.clip_grad.max_norm':
+        5.0,
+        'param_scheduler.0.start_factor':
+        2.5e-7 / 1.25e-3,
+        'param_scheduler.1.T_max':
+        80,
+        'param_scheduler.1.eta_min':
+        2.5e-7 * 2048 / 512,
+        'param_scheduler.1.end':
+        100,
+        'train_cfg.max_epochs':
+        100,
+        'randomness.seed':
+        0,
+        'train_dataloader.dataset.pipeline.@RandomResizedCrop.scale':
+        size,
+        'val_dataloader.dataset.pipeline.@CenterCrop.crop_size':
+        size,
+        'val_dataloader.dataset.pipeline.@ResizeEdge.scale':
+        219 if size == 192 else 256,
+    }
+    # The recipe's own keys, not those of the from-scratch recipes.
+    for key in ('optim_wrapper.optimizer.betas', 'optim_wrapper.optimizer.eps',
+                'optim_wrapper.paramwise_cfg.norm_decay_mult',
+                'optim_wrapper.paramwise_cfg.bias_decay_mult'):
+        del recipe[key]
+    if family == 'swin':
+        recipe['model.backbone.window_size'] = 6 if size == 192 else 7
+    return recipe
+
+
+FINE_TUNED = {
+    (family, size):
+    f'boat_{family}/boat-{family}-base'
+    f'{("-w6" if size == 192 else "-w7") if family == "swin" else ""}'
+    f'_simmim-100e-pre_8xb256-coslr-100e_in1k'
+    f'{"-192px" if size == 192 else ""}.py'
+    for family in ('swin', 'cswin')
+    for size in (192, 224)
+}
+
+
 def _recipes() -> Dict[str, Dict[str, Any]]:
     table = {}
     for arch, dpr in (('tiny', 0.2), ('small', 0.3), ('base', 0.5)):
@@ -619,8 +708,11 @@ def _recipes() -> Dict[str, Dict[str, Any]]:
     table['demo/boat-cswin-tiny_upernet_demo.py'] = seg_demo()
     table['demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'] = det_demo()
     for recipe in table.values():
-        # No layer-wise lr decay or other optimizer constructor anywhere.
+        # No layer-wise lr decay or other optimizer constructor anywhere
+        # but in the fine-tuning of SimMIM models.
         recipe['optim_wrapper.constructor'] = ABSENT
+    for (family, size), path in FINE_TUNED.items():
+        table[path] = simmim_fine_tuning(family, size)
     return table
 
 
@@ -770,6 +862,34 @@ def test_simmim_recipe_is_mmpretrains(family):
             theirs.model.neck, in_channels=0)
 
 
+@pytest.mark.parametrize('family, size', sorted(FINE_TUNED))
+def test_simmim_fine_tuning_recipe_is_mmpretrains(family, size):
+    """The configs that fine-tune a SimMIM model are mmpretrain's SimMIM
+    Swin-B fine-tuning config of the same size, key for key, but for the
+    backbone (and the checkpoint it starts from), the head's input width,
+    a seed per process and the total batch for --auto-scale-lr."""
+    ours = _cfg(FINE_TUNED[family, size])
+    import mmpretrain
+    theirs = Config.fromfile(
+        osp.join(
+            osp.dirname(mmpretrain.__file__), '.mim', 'configs', 'simmim',
+            'benchmarks', 'swin-base-w6_8xb256-coslr-100e_in1k-192px.py'
+            if size == 192 else 'swin-base-w7_8xb256-coslr-100e_in1k.py'))
+    assert set(ours.keys()) - {'custom_imports', 'auto_scale_lr'} == set(
+        theirs.keys())
+    for key in theirs.keys():
+        if key not in ('model', 'randomness'):
+            assert _unscoped(ours[key]) == _unscoped(theirs[key]), key
+    assert ours.randomness == dict(theirs.randomness, diff_rank_seed=True)
+    for key in theirs.model.keys():
+        if key not in ('backbone', 'head'):
+            assert _unscoped(ours.model[key]) == _unscoped(
+                theirs.model[key]), key
+    assert dict(
+        ours.model.head, in_channels=0) == dict(
+            theirs.model.head, in_channels=0)
+
+
 @pytest.fixture(scope='module')
 def built():
     cache = {}
@@ -888,3 +1008,45 @@ def test_weight_decay_of_every_parameter(path, built):
     assert (0. in want.values()) == exempt and base in want.values()
     if 'swin' in path and 'cswin' not in path:
         assert any(n.endswith('relative_position_bias_table') for n in names)
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_layer_wise_lr_decay_of_the_fine_tuning(family):
+    """mmpretrain's ``LearningRateDecayOptimWrapperConstructor`` on the
+    BOAT-B classifier of a SimMIM fine-tuning config: the head has the
+    base lr, every block one lr (its FSLA included), 0.9 times that of the
+    block after it, the stem 0.9 ** (blocks + 1); the weight decay is the
+    ImageNet rule (none on 1-D weights, biases, position tables)."""
+    cfg = _cfg(FINE_TUNED[family, 192])
+    init_default_scope('mmpretrain')
+    from mmpretrain.registry import MODELS
+    model = MODELS.build(cfg.model)  # not initialised: no checkpoint here
+    cfg.optim_wrapper.type = 'OptimWrapper'  # AMP needs a GPU
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    lr, decay = {}, {}
+    for group in wrapper.optimizer.param_groups:
+        for p in group['params']:
+            lr[id(p)], decay[id(p)] = group['lr'], group['weight_decay']
+    names = dict(model.named_parameters())
+    lr = {name: lr[id(p)] for name, p in names.items()}
+    base = cfg.optim_wrapper.optimizer.lr
+    want = _expected_decay(model, 'mmpretrain', 0.05)
+    assert {n: decay[id(p)] for n, p in names.items()} == want
+    # Blocks in forward order, each with the lrs of its parameters.
+    blocks = {}
+    for name, value in lr.items():
+        m = re.match(r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.', name)
+        if m:
+            blocks.setdefault((int(m[1]), int(m[2])), set()).add(value)
+    assert all(len(v) == 1 for v in blocks.values()), blocks
+    order = [blocks[k].pop() for k in sorted(blocks)]
+    assert len(order) == sum(model.backbone.depths) > 20
+    for before, after in zip(order, order[1:]):
+        assert math.isclose(before, 0.9 * after)
+    assert any('.fsla.' in n for n in lr)
+    heads = [v for n, v in lr.items() if n.startswith('head.')]
+    assert heads and all(math.isclose(v, base) for v in heads)
+    assert math.isclose(order[-1], base * 0.9)  # the output norms between
+    stem = [v for n, v in lr.items() if n.startswith('backbone.patch_embed')]
+    assert stem and all(
+        math.isclose(v, base * 0.9**(len(order) + 1)) for v in stem)

@@ -199,24 +199,43 @@ def _metafile_models() -> List[dict]:
 
 def test_counts_of_classifiers_and_configs():
     """"Six ImageNet-1K classifiers" (README, config READMEs, get_flops'
-    --check-reference): the metafiles' classification entries, one
-    classification and one UPerNet config each; detection configs (Mask
-    R-CNN 1x and 3x, RetinaNet 1x) for the sizes the README names."""
+    --check-reference): the metafiles' classification entries trained from
+    scratch, one classification and one UPerNet config each; "lists the
+    twelve": every ImageNet entry (those classifiers, the SimMIM models and
+    the classifiers fine-tuned from them); detection configs (Mask R-CNN
+    1x and 3x, RetinaNet 1x) for the sizes the README names."""
+    models = _metafile_models()
     classifiers = [
-        m['Name'] for m in _metafile_models()
+        m['Name'] for m in models
         if (m['Results'] or [{}])[0].get('Task') == 'Image Classification'
+        and '_simmim-' not in m['Name']
+    ]
+    imagenet = [
+        m['Name'] for m in models if re.search(r'_in1k(-\d+px)?$', m['Name'])
     ]
     claims = [
         _find('README.md', r'(\w+) ImageNet-1K classifiers \(')[0],
-        _find('README.md', r"list_models\('\*boat\*'\)` lists the (\w+)")[0],
         _find('README.md', r'configs for all (\w+) models')[0],
+        _find('README.md', r'lists the \w+ \(the (\w+) classifiers')[0],
+    ]
+    listed = [
+        _find('README.md', r"list_models\('\*boat\*'\)` lists the (\w+)")[0]
     ]
     for doc in CONFIG_READMES:
-        claims.append(_find(doc, r'lists the (\w+) BOAT classifiers')[0])
         claims.append(_find(doc, r'# all (\w+) classifiers vs the')[0])
+        claims.append(
+            _find(
+                doc, r'models under their metafile names '
+                r'\(the (\w+) classifiers')[0])
+        listed.append(_find(doc, r'lists the (\w+) BOAT ImageNet models')[0])
     assert {_number(c) for c in claims} == {len(classifiers)}, claims
+    assert {_number(c) for c in listed} == {len(imagenet)}, listed
     for suffix in ('_in1k.py', '_ade20k-512x512.py'):
-        configs = glob.glob(osp.join(REPO, 'configs', 'boat_*', '*' + suffix))
+        configs = [
+            p for p in glob.glob(
+                osp.join(REPO, 'configs', 'boat_*', '*' + suffix))
+            if '_simmim-' not in p
+        ]
         assert len(configs) == len(classifiers), suffix
 
     kinds, sizes = _find(
@@ -252,12 +271,14 @@ def test_counts_of_classifiers_and_configs():
 def test_published_complexity_of_the_config_readmes(doc):
     """"The parameter counts equal those of the original models. The
     published multiply-adds are A / B / C G": the metafile's own and
-    Converted From numbers of the folder's classifiers."""
+    Converted From numbers of the folder's classifiers of published
+    models."""
     with open(osp.join(REPO, osp.dirname(doc), 'metafile.yml')) as f:
         models = {
             m['Name'].split('_')[0].split('-')[-1]: m
             for m in yaml.safe_load(f)['Models']
             if (m['Results'] or [{}])[0].get('Task') == 'Image Classification'
+            and 'Converted From' in m
         }
     _find(doc, r'The parameter counts equal those of the original models\.')
     for m in models.values():

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import os.path as osp
 import pickle
@@ -592,12 +593,23 @@ default_hooks = dict(logger=dict(interval=1))
 randomness = dict(seed=0)
 """
 
+SIMMIM_FT_CSWIN_B = osp.join(
+    REPO, 'configs', 'boat_cswin',
+    'boat-cswin-base_simmim-100e-pre_8xb256-coslr-100e_in1k-192px.py')
+# Added to USER_CFG on the fine-tuning config: one epoch, float32.
+SIMMIM_FT_USER_CFG = """
+optim_wrapper = dict(type='OptimWrapper')  # AMP needs CUDA
+train_cfg = dict(max_epochs=1, val_interval=1)
+"""
+
 
 def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root):
     """SimMIM pre-training of a tiny BOAT-CSWin through tools/train.py
-    (mmpretrain's SimMIM on the recipe's pipeline), then its checkpoint as
-    the ``init_cfg`` of the classifier for fine-tuning, as the config
-    README shows: every backbone weight comes from the pre-training."""
+    (mmpretrain's SimMIM on the recipe's pipeline), then the fine-tuning
+    config of that SimMIM model (mmpretrain's fine-tuning recipe: layer-wise
+    lr decay, 192 px) through tools/train.py from its checkpoint, as the
+    config README shows: every backbone weight comes from the
+    pre-training."""
     cfg = tmp_path / 'simmim.py'
     cfg.write_text(
         SIMMIM_USER_CFG.format(
@@ -611,12 +623,31 @@ def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root):
     ckpt = osp.join(work_dir, 'epoch_1.pth')
     state = torch.load(ckpt, map_location='cpu')['state_dict']
     assert 'backbone.mask_token' in state
-    # Fine-tuning: the classifier's backbone initialised from it.
+    # Fine-tuning: the recipe's config, its checkpoint given on the
+    # command line as the README says; one epoch of 192 px crops.
     fine = _user_cfg(
-        str(tmp_path / 'fine.py'), CSWIN_T, imagenet_root, CSWIN_ARCH)
+        str(tmp_path / 'fine.py'), SIMMIM_FT_CSWIN_B, imagenet_root,
+        CSWIN_ARCH)
+    with open(fine, 'a') as f:
+        f.write(SIMMIM_FT_USER_CFG)
+    out = _tool(
+        'train.py',
+        fine,
+        '--work-dir',
+        str(tmp_path / 'fine_work'),
+        '--cfg-options',
+        f'model.backbone.init_cfg.checkpoint={ckpt}',
+        cwd=str(tmp_path))
+    assert f'Loads checkpoint by local backend from path: {ckpt}' in out
+    assert re.search(r'Epoch\(val\) \[1\]\[6/6\]\s+accuracy/top1', out), \
+        out[-3000:]
+    # The layer-wise lr decay ran: the first parameter group, the stem's,
+    # had 0.9 ** (4 blocks + 1) of the base lr.
+    base, first = map(float,
+                      re.search(r'base_lr: (\S+) lr: (\S+)', out).groups())
+    assert math.isclose(first / base, 0.9**5, rel_tol=1e-3)
     cfg = Config.fromfile(fine)
-    cfg.model.backbone.init_cfg = dict(
-        type='Pretrained', checkpoint=ckpt, prefix='backbone.')
+    cfg.model.backbone.init_cfg.checkpoint = ckpt
     init_default_scope('mmpretrain')
     model = MODELS.build(cfg.model)
     model.init_weights()

@@ -111,12 +111,14 @@ def test_get_flops_cli_errors(get_flops, tmp_path, capsys):
     ('configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py', 224),
     ('configs/boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-100e_'
      'in1k-192px.py', 192),
+    ('configs/boat_swin/boat-swin-base-w6_simmim-100e-pre_8xb256-coslr-'
+     '100e_in1k-192px.py', 192),
 ])
 def test_metafile_flops_are_get_flops_multiply_adds(get_flops, repo_root,
                                                     config, size):
     """A classifier's ``Metadata.FLOPs`` (the model-zoo tables') is what
-    get_flops.py counts at 224, a SimMIM model's at 192: its
-    multiply-adds, to 0.01 G."""
+    get_flops.py counts at its input size (224, or 192 as its name says),
+    a SimMIM model's at 192: its multiply-adds, to 0.01 G."""
     listed = {m.config: m for m in load_models(repo_root)}[config]
     info = get_flops.count_config(osp.join(repo_root, config), (size, size))
     assert round(info['macs'] / 1e9, 2) == listed.flops / 1e9
