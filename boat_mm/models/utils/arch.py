@@ -3,6 +3,7 @@
 import math
 import numbers
 import os.path as osp
+import re
 import warnings
 from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
                     Union)
@@ -223,12 +224,22 @@ def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
         # MMEngine's local loader expands '~' too.
         if '://' in ckpt or osp.isfile(osp.expanduser(ckpt)):
             continue
+        run = re.fullmatch(r'(?:.*/)?([^/]+)/(?:epoch|iter)_\d+\.pth', ckpt)
+        if run:
+            # A training run's output, e.g. of a SimMIM pre-training that
+            # the fine-tuning config starts from: the converter is no fix.
+            how = (f'It is the checkpoint of a training run: train '
+                   f'{run[1]} first (`python tools/train.py CONFIG` writes '
+                   f'work_dirs/CONFIG_NAME/), point init_cfg.checkpoint to '
+                   f'an existing file (`--cfg-options '
+                   f'model.backbone.init_cfg.checkpoint=FILE`)')
+        else:
+            how = (f'Convert the published BOAT weights with `python '
+                   f'tools/model_converters/boat2mm.py SRC {ckpt}`, point '
+                   f'init_cfg.checkpoint to an existing file')
         raise FileNotFoundError(
-            f'{name}: pretrained checkpoint {ckpt!r} not found. Convert the '
-            f'published BOAT weights with `python '
-            f'tools/model_converters/boat2mm.py SRC {ckpt}`, point '
-            f'init_cfg.checkpoint to an existing file, or set '
-            f'`model.backbone.init_cfg=None` to train from scratch.')
+            f'{name}: pretrained checkpoint {ckpt!r} not found. {how}, or '
+            f'set `model.backbone.init_cfg=None` to train from scratch.')
 
 
 def pretrained_init_cfg(pretrained: Optional[str],

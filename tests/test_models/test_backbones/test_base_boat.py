@@ -212,6 +212,36 @@ def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
                                      checkpoint='~/y.pth')).init_weights()
 
 
+@pytest.mark.parametrize(
+    'path, how',
+    [
+        ('checkpoints/boat-swin-tiny_in1k.pth',
+         'Convert the published BOAT weights with `python '
+         'tools/model_converters/boat2mm.py SRC '
+         'checkpoints/boat-swin-tiny_in1k.pth`, point init_cfg.checkpoint to '
+         'an existing file'),
+        # What a SimMIM fine-tuning config points to before the pre-training
+        # ran.
+        ('work_dirs/simmim_x/epoch_100.pth',
+         'It is the checkpoint of a training run: train simmim_x first '
+         '(`python tools/train.py CONFIG` writes work_dirs/CONFIG_NAME/), '
+         'point init_cfg.checkpoint to an existing file (`--cfg-options '
+         'model.backbone.init_cfg.checkpoint=FILE`)'),
+    ])
+def test_missing_pretrained_file_names_the_fix(path, how, tmp_path,
+                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        BOATSwin(
+            arch=SWIN,
+            init_cfg=dict(
+                type='Pretrained', checkpoint=path,
+                prefix='backbone.')).init_weights()
+    assert str(err.value) == (
+        f'BOATSwin: pretrained checkpoint {path!r} not found. {how}, or set '
+        '`model.backbone.init_cfg=None` to train from scratch.')
+
+
 @pytest.mark.parametrize('family', boat_families())
 def test_mmseg_model_level_pretrained(tmp_path, family):
     """mmseg's EncoderDecoder sets ``backbone.pretrained``: as mmseg's
