@@ -92,6 +92,18 @@ def files(tmp_path_factory):
     code.mkdir(parents=True)
     (code / 'boat_swin_transformer.py'
      ).write_text('import timm_missing_here  # noqa\n')
+    # Configs that MMEngine cannot read.
+    base = osp.join(REPO, CLS)
+    bad = {
+        'bad_merge': f'_base_ = [{base!r}]\n'
+        'model = dict(backbone=dict(arch=dict(embed_dims=8)))\n',
+        'bad_syntax': f'_base_ = [{base!r}]\nmodel = dict(\n',
+        'bad_base': "_base_ = ['./nothere.py']\n",
+        'bad_import': "custom_imports = dict(imports=['boat_mm_nothere'])\n",
+        'bad_reference': f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+    }
+    for name, text in bad.items():
+        (root / f'{name}.py').write_text(text)
     return dict(
         root=str(root),
         image=image,
@@ -110,6 +122,23 @@ def files(tmp_path_factory):
 CASES = [
     ('train', ['missing.py'], "config file 'missing.py' not found"),
     ('train', [CLS, '--amp'], '--amp needs a CUDA device'),
+    # MMEngine's errors of a config it cannot read, with the fix.
+    ('train', ['{root}/bad_merge.py'],
+     "bad_merge.py': arch={'embed_dims': 8} in child config cannot inherit "
+     "from base because arch is a dict in the child config but is of type "
+     "<class 'str'> in base config. You may set `_delete_=True`"),
+    ('train', ['{root}/bad_syntax.py'],
+     "bad_syntax.py': invalid Python at line 2 of it or of one of its "
+     "_base_ files: '(' was never closed"),
+    ('train', ['{root}/bad_base.py'],
+     "nothere.py' not found: a _base_ path is relative to the folder of "
+     'the file that names it'),
+    ('train', ['{root}/bad_import.py'],
+     "bad_import.py': custom_imports: No module named 'boat_mm_nothere'; "
+     'install that package, or add the folder that holds it to PYTHONPATH'),
+    ('test', ['{root}/bad_reference.py', '{ours}'],
+     "bad_reference.py': its _base_ files set no 'nokey' (a _base_.KEY "
+     'reference)'),
     # A dict option under a value that is not a dict (the demo's
     # init_cfg=None): MMEngine's TypeError, with the command-line fix.
     ('train',

@@ -21,6 +21,7 @@ import argparse
 import functools
 import os
 import os.path as osp
+import re
 import sys
 from typing import (TYPE_CHECKING, Any, Callable, List, NoReturn, Optional,
                     Tuple)
@@ -229,10 +230,47 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         raise UsageError(
             f'config file {path!r} is not one MMEngine reads (.py, .json, '
             f'.yaml, .yml); pass an mmpretrain, mmseg or mmdet config')
-    cfg = Config.fromfile(path)
+    try:
+        cfg = Config.fromfile(path)
+    except (SyntaxError, TypeError, KeyError, ImportError,
+            FileNotFoundError) as err:
+        raise UsageError(f'config file {path!r}: {_config_error(err)}') \
+            from err
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
+
+
+def _config_error(err: BaseException) -> str:
+    """What is wrong with a config that MMEngine failed to read, and the
+    fix, on one line (MMEngine's own words where they name the fix).
+
+    Args:
+        err (BaseException): The error of ``Config.fromfile``.
+
+    Returns:
+        str: The message.
+    """
+    if isinstance(err, SyntaxError):
+        # MMEngine parses the text of each file: the name is lost.
+        return (f'invalid Python at line {err.lineno} of it or of one of '
+                f'its _base_ files: {err.msg}')
+    if isinstance(err, FileNotFoundError) and err.filename:
+        return (f'{err.filename!r} not found: a _base_ path is relative to '
+                f'the folder of the file that names it (an upstream config '
+                f"is 'mmpretrain::PATH', 'mmseg::PATH' or 'mmdet::PATH')")
+    if isinstance(err, ImportError):
+        root = err
+        # MMEngine raises its own error while handling the import's.
+        while (root.__cause__ or root.__context__) is not None:
+            root = root.__cause__ or root.__context__
+        return (f'custom_imports: {_one_line(root)}; install that package, '
+                f'or add the folder that holds it to PYTHONPATH')
+    if isinstance(err, KeyError) and re.fullmatch(r"'[^']*'", str(err)):
+        # A `{{_base_.KEY}}` or `_base_.KEY` reference to no key.
+        return (f'its _base_ files set no {_one_line(err)!r} (a '
+                f'_base_.KEY reference)')
+    return _one_line(err)
 
 
 #: The library of each task's ``default_scope``: its pip name, and the
