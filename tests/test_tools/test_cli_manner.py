@@ -297,6 +297,23 @@ def test_user_error_is_one_line_exit_2(case, files, capsys, monkeypatch):
     assert expected in lines[0] and 'Traceback' not in err
 
 
+def test_upstream_base_of_a_library_not_installed(monkeypatch, capsys):
+    """An 'mmdet::' base without mmdet installed: MMEngine's
+    ModuleNotFoundError, as one line naming the extra that installs it."""
+    import mmengine.config.config as mmengine_config
+    real = mmengine_config.is_installed
+    monkeypatch.setattr(mmengine_config, 'is_installed',
+                        lambda name: name != 'mmdet' and real(name))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exc:
+        tool('train').main([DET])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        f"train.py: error: config file {DET!r}: a _base_ of mmdet, which is "
+        'not installed: install mmdet (`pip install "boat-mm[det]"` or '
+        '`mim install mmdet`)\n')
+
+
 def test_every_tool_is_covered():
     assert {c[0] for c in CASES} == set(TOOLS)
 

@@ -230,12 +230,16 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         raise UsageError(
             f'config file {path!r} is not one MMEngine reads (.py, .json, '
             f'.yaml, .yml); pass an mmpretrain, mmseg or mmdet config')
+    from mmengine.config.utils import ConfigParsingError
     try:
-        cfg = Config.fromfile(path)
-    except (SyntaxError, TypeError, KeyError, ImportError,
-            FileNotFoundError) as err:
+        # custom_imports after reading: an error of the imported code is
+        # not the config's.
+        cfg = Config.fromfile(path, import_custom_modules=False)
+    except (SyntaxError, TypeError, KeyError, ImportError, FileNotFoundError,
+            ConfigParsingError) as err:
         raise UsageError(f'config file {path!r}: {_config_error(err)}') \
             from err
+    import_custom_modules(cfg, path)
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
@@ -251,26 +255,51 @@ def _config_error(err: BaseException) -> str:
     Returns:
         str: The message.
     """
+    text = _one_line(err)
     if isinstance(err, SyntaxError):
         # MMEngine parses the text of each file: the name is lost.
         return (f'invalid Python at line {err.lineno} of it or of one of '
                 f'its _base_ files: {err.msg}')
+    missing = re.match(r'(\w+) is not installed, please install', text)
+    if isinstance(err, ImportError) and missing:
+        # An upstream base ('mmdet::...') of a library not installed.
+        package, extra = SCOPE_LIBRARIES.get(missing[1], (missing[1], None))
+        how = f'`pip install "boat-mm[{extra}]"` or ' if extra else ''
+        return (f'a _base_ of {missing[1]}, which is not installed: install '
+                f'{package} ({how}`mim install {package}`)')
     if isinstance(err, FileNotFoundError) and err.filename:
         return (f'{err.filename!r} not found: a _base_ path is relative to '
                 f'the folder of the file that names it (an upstream config '
                 f"is 'mmpretrain::PATH', 'mmseg::PATH' or 'mmdet::PATH')")
-    if isinstance(err, ImportError):
+    if isinstance(err, KeyError) and re.fullmatch(r"'[\w.]+'", str(err)):
+        # A `{{_base_.KEY}}` or `_base_.KEY` reference to no key.
+        return f'its _base_ files set no {text!r} (a _base_.KEY reference)'
+    return text
+
+
+def import_custom_modules(cfg: 'Config', path: str) -> None:
+    """Import the config's ``custom_imports``, as ``Config.fromfile`` does,
+    a module that does not import being a one-line :class:`UsageError`.
+
+    Args:
+        cfg (mmengine.config.Config): The config.
+        path (str): Its file, for the message.
+    """
+    from mmengine.utils import import_modules_from_strings
+    imports = cfg.get('custom_imports')
+    if not imports:
+        return
+    try:
+        import_modules_from_strings(**imports)
+    except ImportError as err:
         root = err
         # MMEngine raises its own error while handling the import's.
         while (root.__cause__ or root.__context__) is not None:
             root = root.__cause__ or root.__context__
-        return (f'custom_imports: {_one_line(root)}; install that package, '
-                f'or add the folder that holds it to PYTHONPATH')
-    if isinstance(err, KeyError) and re.fullmatch(r"'[^']*'", str(err)):
-        # A `{{_base_.KEY}}` or `_base_.KEY` reference to no key.
-        return (f'its _base_ files set no {_one_line(err)!r} (a '
-                f'_base_.KEY reference)')
-    return _one_line(err)
+        raise UsageError(
+            f'config file {path!r}: custom_imports: {_one_line(root)}; '
+            f'install that package, or add the folder that holds it to '
+            f'PYTHONPATH') from err
 
 
 #: The library of each task's ``default_scope``: its pip name, and the
