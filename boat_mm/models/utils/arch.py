@@ -224,12 +224,16 @@ def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
         # MMEngine's local loader expands '~' too.
         if '://' in ckpt or osp.isfile(osp.expanduser(ckpt)):
             continue
-        run = re.fullmatch(r'(?:.*/)?([^/]+)/(?:epoch|iter)_\d+\.pth', ckpt)
+        # What MMEngine's CheckpointHook writes: epoch_N, iter_N, best_*.
+        run = re.fullmatch(
+            r'(?:(?:.*/)?([^/]+)/)?(?:best_[^/]*_)?(?:epoch|iter)_\d+\.pth',
+            ckpt)
         if run:
             # A training run's output, e.g. of a SimMIM pre-training that
             # the fine-tuning config starts from: the converter is no fix.
+            which = (run[1] if run[1] not in (None, '.', '..') else 'that run')
             how = (f'It is the checkpoint of a training run: train '
-                   f'{run[1]} first (`python tools/train.py CONFIG` writes '
+                   f'{which} first (`python tools/train.py CONFIG` writes '
                    f'work_dirs/CONFIG_NAME/), point init_cfg.checkpoint to '
                    f'an existing file (`--cfg-options '
                    f'model.backbone.init_cfg.checkpoint=FILE`)')

@@ -227,6 +227,11 @@ def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
          '(`python tools/train.py CONFIG` writes work_dirs/CONFIG_NAME/), '
          'point init_cfg.checkpoint to an existing file (`--cfg-options '
          'model.backbone.init_cfg.checkpoint=FILE`)'),
+        # The best checkpoint of a run; a run's file without its folder.
+        ('runs/a/best_accuracy_top1_epoch_7.pth',
+         'It is the checkpoint of a training run: train a first'),
+        ('./iter_8000.pth',
+         'It is the checkpoint of a training run: train that run first'),
     ])
 def test_missing_pretrained_file_names_the_fix(path, how, tmp_path,
                                                monkeypatch):
@@ -237,9 +242,12 @@ def test_missing_pretrained_file_names_the_fix(path, how, tmp_path,
             init_cfg=dict(
                 type='Pretrained', checkpoint=path,
                 prefix='backbone.')).init_weights()
-    assert str(err.value) == (
-        f'BOATSwin: pretrained checkpoint {path!r} not found. {how}, or set '
-        '`model.backbone.init_cfg=None` to train from scratch.')
+    message = str(err.value)
+    assert message.startswith(
+        f'BOATSwin: pretrained checkpoint {path!r} not found. {how}')
+    assert message.endswith(
+        ', or set `model.backbone.init_cfg=None` to train from scratch.')
+    assert ('boat2mm.py' in message) == path.startswith('checkpoints/')
 
 
 @pytest.mark.parametrize('family', boat_families())
