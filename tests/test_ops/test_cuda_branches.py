@@ -98,7 +98,8 @@ def test_triton_op_runs_on_the_gpu_of_its_input(monkeypatch):
     assert ran[-1] == ((cpu, 3), 'cuda:0')
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype',
+                         [torch.float32, torch.bfloat16, torch.float64])
 def test_forward_on_cuda_checks_the_backward_before_it_launches(
         monkeypatch, dtype):
     """A CUDA forward whose input requires grad (a training step) asks

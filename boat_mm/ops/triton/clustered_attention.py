@@ -665,17 +665,15 @@ def _too_large(kernel: str, dtype: torch.dtype, cfg: dict, required: int,
     bytes of shared memory on a GPU that has ``limit``."""
     name = dict(fwd='forward', bwd='backward')[kernel]
     slots = cfg['BLOCK_S'] + cfg['EXTRA']
-    # 16-bit tiles already take the least memory: autocast is no fix.
-    smaller = ('' if dtype.itemsize <= 2 else
-               'Run under bfloat16 or float16 autocast (16-bit tiles take '
-               'half the memory), or run')
+    # Autocast casts float32 only (16-bit tiles are already the least).
+    fix = ('Run under bfloat16 or float16 autocast (16-bit tiles take half '
+           'the memory), or run' if dtype == torch.float32 else 'Run')
     return KernelResourcesError(
         f"FSLA's Triton attention {name} needs {required} bytes of shared "
         f"memory per block for {dtype} clusters of up to {slots} "
-        f"slots with heads {cfg['D']} wide; this GPU has {limit}. "
-        f"{smaller or 'Run'} the attention on tensor ops "
-        f"(fsla_cfg=dict(attention_impl='tensor'); impl='auto' does so "
-        f"by itself).")
+        f"slots with heads {cfg['D']} wide; this GPU has {limit}. {fix} "
+        f"the attention on tensor ops (fsla_cfg=dict("
+        f"attention_impl='tensor'); impl='auto' does so by itself).")
 
 
 def _compiled(kernel: str, dtype: torch.dtype, head_dims: int, slot_size: int,
