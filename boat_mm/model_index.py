@@ -80,15 +80,29 @@ def load_from_boat_mm_unconverted(filename: str,
         raise FileNotFoundError(
             f'{name} has no weights in mmpretrain\'s model hub, and none '
             f'are published: train it with `python tools/train.py '
-            f'{_configs.get(name, "CONFIG")}`, then call get_model({name!r}, '
-            f'pretrained=WORK_DIR/epoch_N.pth); pretrained=False builds it '
-            f'randomly initialised.')
+            f'{_configs.get(name, "CONFIG")}`{_after_its_source(name)}, then '
+            f'call get_model({name!r}, pretrained=WORK_DIR/epoch_N.pth); '
+            f'pretrained=False builds it randomly initialised.')
     raise FileNotFoundError(
         f'{name} has no weights of its own in mmpretrain\'s model hub: the '
         f'published BOAT weights ({url}) are not an mmpretrain '
         f'checkpoint. Convert them with `{CONVERTER}`, then call '
         f'get_model({name!r}, pretrained=DST); pretrained=False builds it '
         f'randomly initialised.')
+
+
+def _after_its_source(name: str) -> str:
+    """For a registered model whose backbone starts from another run's
+    checkpoint (a SimMIM fine-tuning: ``work_dirs/RUN/epoch_N.pth``), the
+    training of that run, to do first; else ''."""
+    from mmpretrain.apis.model import ModelHub
+    init = ModelHub.get(name).config.model.backbone.get('init_cfg')
+    checkpoint = init.get('checkpoint', '') if isinstance(init, dict) else ''
+    run = re.fullmatch(r'work_dirs/([^/]+)/epoch_\d+\.pth', checkpoint)
+    if not run or run[1] not in _configs:
+        return ''
+    return (f' after `python tools/train.py {_configs[run[1]]}`, whose '
+            f'{checkpoint} its backbone starts from')
 
 
 def mmpretrain_models() -> dict:

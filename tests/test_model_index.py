@@ -98,6 +98,34 @@ def test_models_without_published_weights_say_how_to_train_them():
     assert type(model.backbone).__name__ == 'SimMIMBOATCSWin'
 
 
+def test_fine_tuned_models_name_their_pre_training():
+    """A classifier fine-tuned from a SimMIM model: pretrained=True names
+    its training and, first, that of the SimMIM model it starts from."""
+    from mmpretrain import get_model
+    name = 'boat-swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k'
+    pre = 'simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_in1k-192px'
+    with pytest.raises(FileNotFoundError) as err:
+        get_model(
+            name,
+            pretrained=True,
+            backbone=dict(
+                arch=dict(
+                    _delete_=True,
+                    embed_dims=8,
+                    depths=[2, 1, 1, 1],
+                    num_heads=[1] * 4),
+                init_cfg=None),
+            head=dict(in_channels=64))
+    assert str(err.value) == (
+        f'{name} has no weights in mmpretrain\'s model hub, and none are '
+        f'published: train it with `python tools/train.py '
+        f'configs/boat_swin/{name}.py` after `python tools/train.py '
+        f'configs/boat_swin/{pre}.py`, whose work_dirs/{pre}/epoch_100.pth '
+        f'its backbone starts from, then call get_model({name!r}, '
+        f'pretrained=WORK_DIR/epoch_N.pth); pretrained=False builds it '
+        f'randomly initialised.')
+
+
 def test_inference_model_by_name():
     """mmpretrain picks the inferencer by the metafile's Task: every BOAT
     classifier declares Image Classification (metrics or not)."""

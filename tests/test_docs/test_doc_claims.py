@@ -230,6 +230,14 @@ def test_counts_of_classifiers_and_configs():
         listed.append(_find(doc, r'lists the (\w+) BOAT ImageNet models')[0])
     assert {_number(c) for c in claims} == {len(classifiers)}, claims
     assert {_number(c) for c in listed} == {len(imagenet)}, listed
+    simmim = [n for n in imagenet if n.startswith('simmim_')]
+    fine_tuned = [n for n in imagenet if '_simmim-' in n]
+    for doc in ['README.md'] + CONFIG_READMES:
+        counts = _find(
+            doc, r'the (\w+) SimMIM models and the (\w+) classifiers '
+            r'fine-tuned from them')
+        assert [_number(c) for c in counts] == [len(simmim),
+                                                len(fine_tuned)], doc
     for suffix in ('_in1k.py', '_ade20k-512x512.py'):
         configs = [
             p for p in glob.glob(

@@ -18,6 +18,8 @@ VARIANTS = [
     pytest.param(SimMIMBOATSwin, BOATSwin, SWIN_ARCH, id='swin'),
     pytest.param(SimMIMBOATCSWin, BOATCSWin, CSWIN_ARCH, id='cswin'),
 ]
+FINE_TUNED_224 = ('configs/boat_swin/boat-swin-base-w7_simmim-100e-pre_'
+                  '8xb256-coslr-100e_in1k.py')
 CONFIGS = {
     'swin':
     'configs/boat_swin/'
@@ -199,3 +201,28 @@ def test_simmim_config_trains_and_fine_tunes(variant, family, arch, tmp_path):
     theirs = backbone.state_dict()
     for key, value in tuned.state_dict().items():
         assert torch.equal(value, theirs[key]), key
+    if name == 'swin':
+        # The 224 px fine-tuning's windows of 7: the tables of windows of
+        # 6 (11 x 11 offsets) resized bicubically to 13 x 13, the rest as
+        # it is.
+        ft = Config.fromfile(osp.join(ROOT, FINE_TUNED_224)).model.backbone
+        assert ft.window_size == 7
+        tuned = family(
+            arch=arch,
+            out_indices=(3, ),
+            window_size=ft.window_size,
+            init_cfg=dict(
+                type='Pretrained', checkpoint=path, prefix='backbone.'))
+        tuned.init_weights()
+        tables = 0
+        for key, value in tuned.state_dict().items():
+            if key.endswith('relative_position_bias_table'):
+                heads = value.shape[1]
+                grid = theirs[key].t().reshape(1, heads, 11, 11)
+                want = torch.nn.functional.interpolate(
+                    grid, size=(13, 13), mode='bicubic', align_corners=False)
+                assert torch.equal(value, want.reshape(heads, 169).t()), key
+                tables += 1
+            else:
+                assert torch.equal(value, theirs[key]), key
+        assert tables == sum(arch['depths'])
