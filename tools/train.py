@@ -162,6 +162,30 @@ def check_resumable(path: str) -> None:
             f'alone for the latest checkpoint of --work-dir.')
 
 
+def check_amp_device(cfg: Config) -> None:
+    """Raise a :class:`UsageError` for a config that trains with AMP on a
+    machine without the devices MMEngine's ``AmpOptimWrapper`` runs on
+    (it would assert deep inside the building of the runner).
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    from mmengine.device import (is_cuda_available, is_mlu_available,
+                                 is_musa_available, is_npu_available)
+    wrapper = str((cfg.get('optim_wrapper') or {}).get('type', ''))
+    if not wrapper.endswith('AmpOptimWrapper'):
+        return
+    if (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available()):
+        return
+    raise UsageError(
+        f'the config trains with AMP (optim_wrapper.type={wrapper!r}), '
+        f'which MMEngine runs on a GPU only, and torch sees no CUDA device '
+        f'here: to train on the CPU in float32, pass `--cfg-options '
+        f'optim_wrapper.type=OptimWrapper`; on a GPU machine, check that '
+        f'torch.cuda.is_available().')
+
+
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config.
 
@@ -225,6 +249,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.val_dataloader = None
         cfg.val_evaluator = None
 
+    check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
     return cfg
 

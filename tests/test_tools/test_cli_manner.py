@@ -39,6 +39,8 @@ TOOLS = {
 CLS = 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py'
 SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
 DET = 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'
+SIMMIM = ('configs/boat_swin/simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_'
+          'in1k-192px.py')
 _LOADED = {}
 
 
@@ -122,6 +124,12 @@ def files(tmp_path_factory):
 CASES = [
     ('train', ['missing.py'], "config file 'missing.py' not found"),
     ('train', [CLS, '--amp'], '--amp needs a CUDA device'),
+    # A config that trains with AMP (the SimMIM ones), on the CPU.
+    ('train', [SIMMIM],
+     "the config trains with AMP (optim_wrapper.type='AmpOptimWrapper'), "
+     'which MMEngine runs on a GPU only, and torch sees no CUDA device '
+     'here: to train on the CPU in float32, pass `--cfg-options '
+     'optim_wrapper.type=OptimWrapper`'),
     # MMEngine's errors of a config it cannot read, with the fix.
     ('train', ['{root}/bad_merge.py'],
      "bad_merge.py': arch={'embed_dims': 8} in child config cannot inherit "
