@@ -377,7 +377,7 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from _triton_compile import attention_source
-from benchmarks._ptxas import ptxas_facts
+from benchmarks._ptxas import compile_with_facts
 from boat_mm.ops.triton import clustered_attention as k
 assert not k.interpreted()
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16',
@@ -389,8 +389,8 @@ for dtype, d, tf32 in ((torch.bfloat16, 32, False),
     torch.backends.cuda.matmul.allow_tf32 = tf32
     for slots, kernel in ((49, 'fwd'), (49, 'bwd'), (66, 'fwd'), (66, 'bwd')):
         src, options = attention_source(kernel, dtype, d, slots)
-        facts = ptxas_facts(triton.compile(
-            src, target=GPUTarget('cuda', 90, 32), options=options))
+        _, facts = compile_with_facts(src, GPUTarget('cuda', 90, 32),
+                                      options)
         print(src.fn.__name__, 'tf32' if tf32 else names[dtype], d, slots,
               facts['registers'], facts['spills'])
 """
