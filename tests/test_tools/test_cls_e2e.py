@@ -109,9 +109,12 @@ def _tool(name: str, *args: str, cwd: str) -> str:
 
 
 def _train(tmp, base: str, root: str, arch: dict) -> dict:
+    """tools/train.py's main in this process (its command line in a fresh
+    process: test_simmim_pretraining_then_fine_tuning, and the seg and
+    det runs)."""
     cfg = _user_cfg(str(tmp / 'user.py'), base, root, arch)
     work_dir = str(tmp / 'work')
-    out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
+    out = tool_in_process('train.py', cfg, work_dir=work_dir, cwd=str(tmp))
     val = re.search(VAL_RE, out)
     assert val, out[-3000:]
     return dict(
