@@ -19,8 +19,10 @@ def run_compile_script(script: str,
 
     Args:
         script (str): Python source to run with ``python -c``.
-        cache_dir (str): An empty Triton cache directory, so that the
-            kernels really compile.
+        cache_dir (str): A Triton cache directory of this test session
+            (empty at first, so that the kernels really compile; shared
+            by the tests of a module, so that a kernel two of them ask
+            for compiles once).
 
     Returns:
         subprocess.CompletedProcess: The finished run, output as text.
@@ -99,7 +101,8 @@ def attention_source(kernel: str,
     if cfg.get(kernel + '_maxnreg'):
         options['maxnreg'] = cfg[kernel + '_maxnreg']
     args = fn.arg_names
-    consts = {a: v for a, v in consts.items() if a in args}
+    # In the kernel's argument order, as the wrappers' launch gives them.
+    consts = {a: consts[a] for a in args if a in consts}
 
     def kind(arg: str) -> str:
         if arg in consts:
@@ -109,6 +112,14 @@ def attention_source(kernel: str,
         return 'fp32' if arg.startswith('scale') else 'i32'
 
     sig = {a: kind(a) for a in args}
-    aligned = [i for i, a in enumerate(args) if a in ptrs or a == 'C']
-    attrs = {(i, ): [['tt.divisibility', 16]] for i in aligned}
+    # Aligned pointers and C; the constexprs with no attributes, as a
+    # launch specialises them: the source then hashes as the wrappers'
+    # own does, so that one cache directory compiles a kernel that both
+    # ask for once (a wrapper that configured it otherwise would hash,
+    # and compile, apart).
+    attrs = {
+        (i, ): [['tt.divisibility', 16]] if sig[a] != 'constexpr' else []
+        for i, a in enumerate(args)
+        if a in ptrs or a == 'C' or sig[a] == 'constexpr'
+    }
     return ASTSource(fn, sig, consts, attrs), options

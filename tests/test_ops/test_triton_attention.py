@@ -377,7 +377,7 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from _triton_compile import attention_source
-from benchmarks._ptxas import ptxas_facts
+from benchmarks._ptxas import compile_with_facts
 from boat_mm.ops.triton import clustered_attention as k
 assert not k.interpreted()
 names = {torch.float32: 'fp32', torch.bfloat16: 'bf16',
@@ -389,8 +389,8 @@ for dtype, d, tf32 in ((torch.bfloat16, 32, False),
     torch.backends.cuda.matmul.allow_tf32 = tf32
     for slots, kernel in ((49, 'fwd'), (49, 'bwd'), (66, 'fwd'), (66, 'bwd')):
         src, options = attention_source(kernel, dtype, d, slots)
-        facts = ptxas_facts(triton.compile(
-            src, target=GPUTarget('cuda', 90, 32), options=options))
+        _, facts = compile_with_facts(src, GPUTarget('cuda', 90, 32),
+                                      options)
         print(src.fn.__name__, 'tf32' if tf32 else names[dtype], d, slots,
               facts['registers'], facts['spills'])
 """
@@ -422,14 +422,22 @@ _MAX_SPILLS = {
 }
 
 
+@pytest.fixture(scope='module')
+def sm90_cache(tmp_path_factory):
+    """One Triton cache for this module's compile tests: the backward
+    check's kernels for sm_90 are among those compiled for their
+    registers, and its compiles apart are the wrappers' own."""
+    return tmp_path_factory.mktemp('triton_cache')
+
+
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
-def test_kernels_compile_for_sm90(tmp_path):
+def test_kernels_compile_for_sm90(sm90_cache):
     """The kernels compile to H100 code as the wrappers configure them for
     CUDA (bfloat16 with 32- and 64-wide heads, float16, float32 with and
     without TF32; 49 and 66 slots), within the register bounds, and
     without spills but for the float32 backward and the float32 forward
     of 66 slots (docs/benchmarks.md), whose spills are bounded."""
-    done = run_compile_script(_COMPILE_SCRIPT, tmp_path)
+    done = run_compile_script(_COMPILE_SCRIPT, sm90_cache)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = [line.split() for line in done.stdout.splitlines()]
     assert len(facts) == 20, done.stdout
@@ -455,10 +463,13 @@ index = 0
 for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
                             (86, torch.bfloat16, 32, 66),
                             (80, torch.float32, 32, 66)):
-    # Apart from the wrappers: the source written out, compiled directly.
+    # Apart from the wrappers: the source written out, compiled directly
+    # (the wrappers' compile below finds it in the cache when they
+    # configure the kernel alike, and compiles their own otherwise).
     src, options = attention_source('bwd', dtype, d, slots)
-    direct = triton.compile(src, target=GPUTarget('cuda', cc, 32),
-                            options=options).metadata.shared
+    apart = triton.compile(src, target=GPUTarget('cuda', cc, 32),
+                           options=options)
+    direct = apart.metadata.shared
     verdicts = []
     for limit in (direct, direct - 1):  # just fits, one byte short
         index += 1
@@ -467,7 +478,8 @@ for cc, dtype, d, slots in ((90, torch.bfloat16, 32, 49),
             verdicts.append(
                 k._kernel_too_large('bwd', dtype, d, slots, 20, 2, index))
     print(cc, ours.metadata.target.arch, direct, ours.metadata.shared,
-          targets.TARGETS[cc][1], verdicts[0], verdicts[1])
+          ours.hash == apart.hash, targets.TARGETS[cc][1], verdicts[0],
+          verdicts[1])
 # TF32 on gives another backward (float32, 49 slots): the check answers
 # for the configuration of the moment, on the same GPU and sizes.
 index += 1
@@ -511,14 +523,15 @@ for limit in (need[0] - 1, need[0], need[1] - 1, need[1]):
 
 
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
-def test_backward_check_on_gpus_that_are_not_here(tmp_path):
+def test_backward_check_on_gpus_that_are_not_here(sm90_cache):
     """The forward's check that the backward of its sizes fits the GPU
     compiles the kernel the wrappers launch, for that GPU (here sm_90,
     sm_86 and sm_80, stood in for), and refuses exactly when it needs
-    more shared memory than the GPU gives a block: the bytes agree with a
-    direct compile of the source written out apart. The backward of
-    clusters of 66 slots (800x1333 detection inputs) fits a 99 KB GPU
-    (RTX 30/40) in bfloat16 and an A100 in float32. Switching TF32 on
+    more shared memory than the GPU gives a block: the kernel is the one
+    that the source written out apart compiles to (its hash; its bytes).
+    The backward of clusters of 66 slots (800x1333 detection inputs)
+    fits a 99 KB GPU (RTX 30/40) in bfloat16 and an A100 in float32.
+    Switching TF32 on
     or off gets a fresh answer, not the one cached for the other. The
     check before a call (``too_large_for_gpu``, which ``impl='auto'``
     asks) names the forward where it does not fit, and the backward
@@ -528,17 +541,19 @@ def test_backward_check_on_gpus_that_are_not_here(tmp_path):
     done = run_compile_script(
         _OFFLINE_SCRIPT.replace(
             'sys.argv[1]',
-            repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), tmp_path)
+            repr(osp.join(root, 'benchmarks', 'gpu_targets.py'))), sm90_cache)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     calls = [line.split('|')[1:] for line in lines[-4:]]
     del lines[-4:]
     tf32 = lines.pop().split(maxsplit=3)
-    rows = [line.split(maxsplit=5) for line in lines]
+    rows = [line.split(maxsplit=6) for line in lines]
     assert [r[0] for r in rows] == ['90', '86', '80'], done.stdout
-    for cc, arch, direct, ours, gpu_limit, verdicts in rows:
+    for cc, arch, direct, ours, same, gpu_limit, verdicts in rows:
         assert arch == cc
         assert int(ours) == int(direct) > 0
+        # The very kernel: the same source, constexprs and options.
+        assert same == 'True', cc
         assert int(direct) <= int(gpu_limit), (cc, direct, gpu_limit)
         fits, short = verdicts.split(maxsplit=1)
         assert fits == 'None'

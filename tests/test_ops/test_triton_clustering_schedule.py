@@ -285,7 +285,7 @@ _COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from benchmarks._ptxas import ptxas_facts
+from benchmarks._ptxas import compile_with_facts
 from boat_mm.ops.clustering import build_cluster_plan
 from boat_mm.ops.triton import clustering as c
 
@@ -329,9 +329,8 @@ for name, args, kw in log:
         else:
             sig[a_name] = 'fp32' if isinstance(a, float) else 'i32'
     sig.update({k: 'constexpr' for k in kw})
-    facts = ptxas_facts(triton.compile(
-        ASTSource(kernel, sig, kw), target=GPUTarget('cuda', 90, 32),
-        options=opts))
+    _, facts = compile_with_facts(ASTSource(kernel, sig, kw),
+                                  GPUTarget('cuda', 90, 32), opts)
     print(name, 'f64' if kw['F64'] else 'f32', facts['registers'],
           facts['spills'])
 """

@@ -35,7 +35,7 @@ from mmengine.registry import MODELS, init_default_scope
 from test_seg_e2e import _ckpt
 from test_seg_e2e import _run as run
 from test_seg_e2e import _tool as tool
-from test_seg_e2e import _tool_main
+from test_seg_e2e import _tool_main, tool_in_process
 
 import boat_mm
 
@@ -110,9 +110,12 @@ def _tool(name: str, *args: str, cwd: str) -> str:
 
 
 def _train(tmp, base: str, root: str, arch: dict) -> dict:
+    """tools/train.py's main in this process (its command line in a fresh
+    process: test_simmim_pretraining_then_fine_tuning, and the seg and
+    det runs)."""
     cfg = _user_cfg(str(tmp / 'user.py'), base, root, arch)
     work_dir = str(tmp / 'work')
-    out = _tool('train.py', cfg, '--work-dir', work_dir, cwd=str(tmp))
+    out = tool_in_process('train.py', cfg, work_dir=work_dir, cwd=str(tmp))
     val = re.search(VAL_RE, out)
     assert val, out[-3000:]
     return dict(
@@ -158,15 +161,14 @@ def test_swin_train_val_then_test_with_tta(trained_swin):
 
     # Flip TTA (mmpretrain's AverageClsScoreTTA) and the predictions.
     preds = str(trained_swin['tmp'] / 'preds.pkl')
-    out = _tool(
+    out = tool_in_process(
         'test.py',
         trained_swin['cfg'],
         osp.join(work_dir, 'epoch_2.pth'),
         '--tta',
         '--out',
         preds,
-        '--work-dir',
-        str(trained_swin['tmp'] / 'test'),
+        work_dir=str(trained_swin['tmp'] / 'test'),
         cwd=str(trained_swin['tmp']))
     assert 'AverageClsScoreTTA' in out
     assert 'do not match exactly' not in out  # the checkpoint fitted
@@ -205,7 +207,7 @@ def test_cswin_ema_checkpoint_and_test(trained_cswin):
 
     # Testing the checkpoint gives what the EMA weights got in validation.
     metrics = str(trained_cswin['tmp'] / 'metrics.json')
-    out = _tool(
+    out = tool_in_process(
         'test.py',
         trained_cswin['cfg'],
         osp.join(work_dir, 'epoch_2.pth'),
@@ -213,8 +215,7 @@ def test_cswin_ema_checkpoint_and_test(trained_cswin):
         metrics,
         '--out-item',
         'metrics',
-        '--work-dir',
-        str(trained_cswin['tmp'] / 'test'),
+        work_dir=str(trained_cswin['tmp'] / 'test'),
         cwd=str(trained_cswin['tmp']))
     assert 'do not match exactly' not in out
     top1 = float(re.search(TEST_RE, out)[1])
@@ -234,16 +235,15 @@ def test_cswin_ema_checkpoint_with_tta(trained_cswin):
     for name, extra in (('hook', []), ('plain',
                                        ['--cfg-options', 'custom_hooks=[]'])):
         preds = str(trained_cswin['tmp'] / f'tta_{name}.pkl')
-        out = _tool(
+        out = tool_in_process(
             'test.py',
             trained_cswin['cfg'],
             ckpt,
             '--tta',
             '--out',
             preds,
-            '--work-dir',
-            str(trained_cswin['tmp'] / f'tta_{name}'),
             *extra,
+            work_dir=str(trained_cswin['tmp'] / f'tta_{name}'),
             cwd=str(trained_cswin['tmp']))
         assert 'AverageClsScoreTTA' in out
         assert ('TTAEMAHook' in out) == (name == 'hook'), out[-3000:]

@@ -6,7 +6,8 @@
   ``norm1`` and ``norm2``, differ), is laid out like a published file by
   :func:`published_files.cswin_to_original` (written from docs/fsla.md
   section 6) and must convert back exactly, key by key.
-* ``tools/model_converters/boat2mm.py`` run as a command on a BOAT-CSWin
+* ``tools/model_converters/boat2mm.py``'s ``main`` (what the command
+  runs; test_boat2mm.py runs the command line) on a BOAT-CSWin
   file (its ``state_dict``, and its ``state_dict_ema`` with ``--ema``) and
   on a BOAT-Swin file (the inverse of test_boat_swin.py): the written
   checkpoint must equal our state dict on every key.
@@ -20,8 +21,6 @@ custom CSWin archs: head counts leave no trace in the weights); its
 tensors are stored as one broadcast number each, so the file stays tiny.
 """
 import os.path as osp
-import subprocess
-import sys
 from collections import OrderedDict
 
 import pytest
@@ -55,13 +54,12 @@ def test_cswin_converter_inverts_on_every_key(with_fsla):
     model.load_state_dict(converted, strict=True)
 
 
-def _run_tool(*args: str) -> str:
-    proc = subprocess.run([sys.executable, TOOL, *args],
-                          capture_output=True,
-                          text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+def _run_tool(capsys, *args: str) -> str:
+    """The command's ``main`` on ``args``, in this process (the command
+    line itself runs as a subprocess in test_boat2mm.py); its output."""
+    capsys.readouterr()
+    assert load_script(TOOL, 'boat2mm_cmd').main(list(args)) == 0
+    return capsys.readouterr().out
 
 
 def _load(path: str) -> dict:
@@ -92,10 +90,10 @@ def cswin_tiny_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize('ema', [False, True])
-def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema):
+def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema, capsys):
     src, shapes = cswin_tiny_file
     dst = str(tmp_path / 'out.pth')
-    out = _run_tool(src, dst, *(['--ema'] if ema else []))
+    out = _run_tool(capsys, src, dst, *(['--ema'] if ema else []))
     assert 'BOAT-CSWin, arch tiny' in out
     ckpt = _load(dst)
     assert ckpt['meta']['family'] == 'cswin' and ckpt['meta']['ema'] == ema
@@ -109,7 +107,7 @@ def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema):
         assert bool((value == i + offset).all()), key
 
 
-def test_boat2mm_command_on_swin_file(tmp_path):
+def test_boat2mm_command_on_swin_file(tmp_path, capsys):
     """The inverse of test_boat_swin.py (our layout -> published, Swin's
     merging order included), through the command and back."""
     swin_tests = load_script(
@@ -118,7 +116,7 @@ def test_boat2mm_command_on_swin_file(tmp_path):
     ours = distinct_state(model)
     src, dst = str(tmp_path / 'swin.pth'), str(tmp_path / 'out.pth')
     torch.save(dict(model=swin_tests.to_original(ours)), src)
-    out = _run_tool(src, dst)
+    out = _run_tool(capsys, src, dst)
     assert 'BOAT-Swin, arch custom' in out
     ckpt = _load(dst)
     assert ckpt['meta']['family'] == 'swin'

@@ -22,7 +22,7 @@ import torch
 # The same command runners as the segmentation end-to-end tests.
 from test_seg_e2e import (FALLBACK_NOTE, UPSTREAM_NOISE, _ckpt, _run, _tool,
                           _tool_main, _upstream_messages, check_amp_run,
-                          check_resume)
+                          check_resume, tool_in_process)
 from tiny_configs import swin_retinanet
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -147,7 +147,7 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
     # tools/test.py on the same checkpoint gives the same metrics, dumps
     # the predictions and draws them.
     pkl = str(trained['tmp'] / 'preds.pkl')
-    out = _tool(
+    out = tool_in_process(
         'test.py',
         trained['cfg'],
         osp.join(work_dir, 'iter_4.pth'),
@@ -155,8 +155,7 @@ def test_train_evaluates_bbox_and_segm_then_test(trained, coco_root):
         pkl,
         '--show-dir',
         'show',  # relative: inside the run's log folder (mmdet's hook)
-        '--work-dir',
-        str(trained['tmp'] / 'test'),
+        work_dir=str(trained['tmp'] / 'test'),
         cwd=str(trained['tmp']))
     assert _metrics(out, 'test') == val
     with open(pkl, 'rb') as f:

@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 from test_cls_e2e import SWIN_ARCH, SWIN_T
 from test_cls_e2e import USER_CFG as CLS_USER_CFG
-from test_cls_e2e import _tool
 from test_seg_e2e import CSWIN_ARCH, HEADLINE
 from test_seg_e2e import USER_CFG as SEG_USER_CFG
+from test_seg_e2e import tool_in_process
 
 from boat_mm.datasets import generate_imagenet_like
 
@@ -111,11 +111,10 @@ def test_classification_run_learns(tmp_path):
     cfg.write_text(
         CLS_USER_CFG.format(base=SWIN_T, root=root, **SWIN_ARCH) +
         CLS_LEARN.format(root=root))
-    out = _tool(
+    out = tool_in_process(
         'train.py',
         str(cfg),
-        '--work-dir',
-        str(tmp_path / 'work'),
+        work_dir=str(tmp_path / 'work'),
         cwd=str(tmp_path))
     top1 = re.search(r'Epoch\(val\) \[6\]\[3/3\]\s+accuracy/top1: ([\d.]+)',
                      out)
@@ -142,11 +141,10 @@ def test_segmentation_run_learns(tmp_path, ade_root):
     cfg.write_text(
         SEG_USER_CFG.format(base=HEADLINE, root=ade_root, **CSWIN_ARCH) +
         SEG_LEARN)
-    out = _tool(
+    out = tool_in_process(
         'train.py',
         str(cfg),
-        '--work-dir',
-        str(tmp_path / 'work'),
+        work_dir=str(tmp_path / 'work'),
         cwd=str(tmp_path))
     miou = re.search(r'Iter\(val\) \[4/4\].*mIoU: ([\d.]+)', out)
     assert miou, out[-3000:]

@@ -147,7 +147,7 @@ def test_train_val_then_test_with_tta(trained, ade_root):
 
     # Multi-scale + flip TTA from the mmseg bases, predictions written.
     pred_dir = str(trained['tmp'] / 'pred')
-    out = _tool(
+    out = tool_in_process(
         'test.py',
         trained['cfg'],
         osp.join(work_dir, 'iter_4.pth'),
@@ -156,8 +156,7 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         pred_dir,
         '--show-dir',
         'show',  # relative: inside the run's log folder, as mmdet's
-        '--work-dir',
-        str(trained['tmp'] / 'test'),
+        work_dir=str(trained['tmp'] / 'test'),
         cwd=str(trained['tmp']))
     assert re.search(r'Iter\(test\) \[4/4\].*mIoU: [\d.]+', out)
     assert 'SegTTAModel' in out or 'TestTimeAug' in out
@@ -403,13 +402,12 @@ def check_resume(trained: dict, moved_key: str, *args:
     with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
         f.write(osp.join(work_dir, 'iter_2.pth'))
 
-    out = _tool(
+    out = tool_in_process(
         'train.py',
         trained['cfg'],
-        '--work-dir',
-        work_dir,
         '--resume',
         *args,
+        work_dir=work_dir,
         cwd=str(trained['tmp']))
     assert 'resumed epoch: 0, iter: 2' in out
     assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
@@ -517,19 +515,45 @@ def test_user_config_swaps_arch_of_boat_swin(tmp_path, ade_root):
     cfg = _user_cfg(
         str(tmp_path / 'my_boat_swin.py'), SWIN_T, ade_root, SWIN_ARCH)
     work_dir = str(tmp_path / 'work')
-    out = _tool(
+    out = tool_in_process(
         'train.py',
         cfg,
-        '--work-dir',
-        work_dir,
         '--no-validate',
         '--cfg-options',
         'train_cfg.max_iters=2',
+        work_dir=work_dir,
         cwd=str(tmp_path))
     assert re.search(r'Iter\(train\) \[2/2\]', out)
     state = _ckpt(osp.join(work_dir, 'iter_2.pth'))['state_dict']
     assert state['backbone.norm3.weight'].shape == (96, )
     assert any('fsla' in k for k in state)
+
+
+def tool_in_process(name: str, *args: str, work_dir: str, cwd: str) -> str:
+    """``tools/NAME *args --work-dir WORK_DIR`` run by its ``main`` in this
+    process, from ``cwd`` (no second import of torch and the OpenMMLab
+    packages; the command lines in a fresh process are what the other
+    runs here check); returns the run's log file, which holds what the
+    run logs to the terminal.
+
+    Its visualizer is its own, named after the work dir (MMEngine
+    returns the one of a name made before, and the configs name theirs
+    'visualizer'); ``--cfg-options``, if any, come last in ``args``.
+    """
+    if '--cfg-options' not in args:
+        args += ('--cfg-options', )
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        _tool_main(name)([
+            *args[:args.index('--cfg-options')], '--work-dir', work_dir,
+            *args[args.index('--cfg-options'):], f'visualizer.name={work_dir}'
+        ])
+    finally:
+        os.chdir(old)
+    log, = glob.glob(osp.join(work_dir, '*', '*.log'))
+    with open(log) as f:
+        return f.read()
 
 
 def _tool_main(name: str):

@@ -22,7 +22,8 @@ ARGS = dict(
 SHAPE = (4, 3, 56, 56)
 HERE = osp.dirname(osp.abspath(__file__))
 
-# One process: argv = rank, store file, family, output file.
+# One process: argv = rank, store file, output prefix, the families (one
+# group for all, a model of its own each).
 TRAIN = '''
 import sys
 import torch
@@ -32,21 +33,21 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path[:0] = [{here!r}, {tests!r}]
 from test_ddp import ARGS, FAMILIES, loss_of, batch
 
-rank, store, family, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], \\
-    sys.argv[4]
+rank, store, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group('gloo', init_method=f'file://{{store}}', rank=rank,
                         world_size=2)
-cls, arch = FAMILIES[family]
-torch.manual_seed(0)
-model = DistributedDataParallel(
-    cls(arch=arch, **ARGS).train(), find_unused_parameters=False)
-for step in range(2):
-    model.zero_grad()
-    x = batch(step)[2 * rank:2 * rank + 2]
-    loss_of(model(x), step, rank).backward()
-if rank == 0:
-    torch.save({{n: p.grad for n, p in model.module.named_parameters()}},
-               out)
+for family in sys.argv[4:]:
+    cls, arch = FAMILIES[family]
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        cls(arch=arch, **ARGS).train(), find_unused_parameters=False)
+    for step in range(2):
+        model.zero_grad()
+        x = batch(step)[2 * rank:2 * rank + 2]
+        loss_of(model(x), step, rank).backward()
+    if rank == 0:
+        torch.save({{n: p.grad for n, p in model.module.named_parameters()}},
+                   prefix + family + '.pth')
 # Both done before either closes its end of the group.
 dist.barrier()
 dist.destroy_process_group()
@@ -70,13 +71,21 @@ def loss_of(outs, step: int, rank: int = None) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
-def test_two_processes_average_the_whole_batch_gradient(family, tmp_path):
-    out = str(tmp_path / 'grads.pth')
+@pytest.fixture(scope='module')
+def ddp_grads(tmp_path_factory) -> str:
+    """The gradients of every family's DDP run (rank 0's), as files
+    ``PREFIX + family + '.pth'``; returns the prefix."""
+    tmp = tmp_path_factory.mktemp('ddp')
+    prefix = str(tmp / 'grads_')
     run_gloo_pair(
-        TRAIN.format(here=HERE, tests=osp.dirname(osp.dirname(HERE))),
-        tmp_path, family, out)
-    ddp = torch.load(out, weights_only=True)
+        TRAIN.format(here=HERE, tests=osp.dirname(osp.dirname(HERE))), tmp,
+        prefix, *sorted(FAMILIES))
+    return prefix
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_two_processes_average_the_whole_batch_gradient(family, ddp_grads):
+    ddp = torch.load(ddp_grads + family + '.pth', weights_only=True)
 
     cls, arch = FAMILIES[family]
     torch.manual_seed(0)
