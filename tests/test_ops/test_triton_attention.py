@@ -641,9 +641,15 @@ def test_shared_memory_refusal_says_what_to_change():
             raise OutOfResources(380928, 232448, 'shared memory')
     message = str(err.value)
     for part in ('backward', '380928', '232448', 'torch.float64',
-                 'up to 128 slots', 'heads 16 wide', 'autocast',
+                 'up to 128 slots', 'heads 16 wide',
                  "attention_impl='tensor'"):
         assert part in message, part
+    # Autocast casts float32 only: the advice for float32 inputs alone.
+    assert 'autocast' not in message
+    with pytest.raises(KernelResourcesError) as err:
+        with tca._resources('bwd', torch.float32, cfg):
+            raise OutOfResources(380928, 232448, 'shared memory')
+    assert 'Run under bfloat16 or float16 autocast' in str(err.value)
     with pytest.raises(OutOfResources):
         with tca._resources('fwd', torch.float32, cfg):
             raise OutOfResources(2048, 1024, 'threads')
