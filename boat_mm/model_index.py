@@ -56,8 +56,6 @@ _registered: List[str] = []
 # Registered name -> its published weights' URL (None if the metafile has
 # none).
 _published_weights: Dict[str, Optional[str]] = {}
-# Registered name -> its config, relative to the configs' root.
-_configs: Dict[str, str] = {}
 
 
 def load_from_boat_mm_unconverted(filename: str,
@@ -80,7 +78,7 @@ def load_from_boat_mm_unconverted(filename: str,
         raise FileNotFoundError(
             f'{name} has no weights in mmpretrain\'s model hub, and none '
             f'are published: train it with `python tools/train.py '
-            f'{_configs.get(name, "CONFIG")}`{_after_its_source(name)}, then '
+            f'{_config_of(name)}`{_after_its_source(name)}, then '
             f'call get_model({name!r}, pretrained=WORK_DIR/epoch_N.pth); '
             f'pretrained=False builds it randomly initialised.')
     raise FileNotFoundError(
@@ -91,17 +89,27 @@ def load_from_boat_mm_unconverted(filename: str,
         f'randomly initialised.')
 
 
-def _after_its_source(name: str) -> str:
-    """For a registered model whose backbone starts from another run's
-    checkpoint (a SimMIM fine-tuning: ``work_dirs/RUN/epoch_N.pth``), the
-    training of that run, to do first; else ''."""
+def _config_of(name: str) -> str:
+    """The config of a registered model, relative to the configs' root."""
     from mmpretrain.apis.model import ModelHub
+
+    from .utils.metafile import find_root
+    return osp.relpath(ModelHub.get(name).config.filename, find_root())
+
+
+def _after_its_source(name: str) -> str:
+    """For a registered model whose backbone starts from the checkpoint of
+    another registered model's run (a SimMIM fine-tuning), the training of
+    that run, to do first; else ''."""
+    from mmpretrain.apis.model import ModelHub
+
+    from .models.utils.arch import training_run
     init = ModelHub.get(name).config.model.backbone.get('init_cfg')
     checkpoint = init.get('checkpoint', '') if isinstance(init, dict) else ''
-    run = re.fullmatch(r'work_dirs/([^/]+)/epoch_\d+\.pth', checkpoint)
-    if not run or run[1] not in _configs:
+    run = training_run(checkpoint)
+    if not run or not ModelHub.has(run):
         return ''
-    return (f' after `python tools/train.py {_configs[run[1]]}`, whose '
+    return (f' after `python tools/train.py {_config_of(run)}`, whose '
             f'{checkpoint} its backbone starts from')
 
 
@@ -163,8 +171,6 @@ def register_model_index() -> List[str]:
         # pretrained=True loads the hub's Weights: ours raise, with the fix.
         url = (model.get('Converted From') or {}).get('Weights')
         _published_weights[model['Name'].lower()] = url
-        _configs[model['Name'].lower()] = osp.relpath(model['Config'],
-                                                      find_root())
         model['Weights'] = UNCONVERTED_SCHEME + model['Name'].lower()
     CheckpointLoader.register_scheme(
         UNCONVERTED_SCHEME, load_from_boat_mm_unconverted, force=True)

@@ -12,11 +12,11 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = [
-    'parse_arch', 'stage_widths', 'check_pretrained_file', 'parse_out_indices',
-    'check_frozen_stages', 'fsla_settings', 'FrozenStagesMixin',
-    'pretrained_init_cfg', 'unexpected_arguments_error', 'check_qk_scale',
-    'check_int', 'check_number', 'check_bool', 'check_rate', 'check_tokens',
-    'UPSTREAM_SWIN_ARGS'
+    'parse_arch', 'stage_widths', 'check_pretrained_file', 'training_run',
+    'parse_out_indices', 'check_frozen_stages', 'fsla_settings',
+    'FrozenStagesMixin', 'pretrained_init_cfg', 'unexpected_arguments_error',
+    'check_qk_scale', 'check_int', 'check_number', 'check_bool', 'check_rate',
+    'check_tokens', 'UPSTREAM_SWIN_ARGS'
 ]
 
 #: The arguments of the upstream Swin backbones (mmpretrain's, mmseg's and
@@ -207,6 +207,29 @@ def stage_widths(embed_dims: Union[int, Sequence[int]], num_stages: int,
     return widths
 
 
+# What MMEngine's CheckpointHook writes (epoch_N, iter_N, best_*), in the
+# folder of its run.
+_RUN_CHECKPOINT = re.compile(
+    r'(?:(?:.*/)?([^/]+)/)?(?:best_[^/]*_)?(?:epoch|iter)_\d+\.pth')
+
+
+def training_run(checkpoint: str) -> Optional[str]:
+    """The run that wrote ``checkpoint``, if it is a file of MMEngine's
+    ``CheckpointHook``.
+
+    Args:
+        checkpoint (str): A checkpoint path.
+
+    Returns:
+        str, optional: The name of the run's folder (``''`` where the path
+        names none), or None for a file of another kind.
+    """
+    run = _RUN_CHECKPOINT.fullmatch(checkpoint)
+    if run is None:
+        return None
+    return run[1] if run[1] not in (None, '.', '..') else ''
+
+
 def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
                           name: str) -> None:
     """Fail early, with the fix, when a local pretrained file is missing.
@@ -224,18 +247,14 @@ def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
         # MMEngine's local loader expands '~' too.
         if '://' in ckpt or osp.isfile(osp.expanduser(ckpt)):
             continue
-        # What MMEngine's CheckpointHook writes: epoch_N, iter_N, best_*.
-        run = re.fullmatch(
-            r'(?:(?:.*/)?([^/]+)/)?(?:best_[^/]*_)?(?:epoch|iter)_\d+\.pth',
-            ckpt)
-        if run:
+        run = training_run(ckpt)
+        if run is not None:
             # A training run's output, e.g. of a SimMIM pre-training that
             # the fine-tuning config starts from: the converter is no fix.
-            which = (run[1] if run[1] not in (None, '.', '..') else 'that run')
             how = (f'It is the checkpoint of a training run: train '
-                   f'{which} first (`python tools/train.py CONFIG` writes '
-                   f'work_dirs/CONFIG_NAME/), point init_cfg.checkpoint to '
-                   f'an existing file (`--cfg-options '
+                   f'{run or "that run"} first (`python tools/train.py '
+                   f'CONFIG` writes work_dirs/CONFIG_NAME/), point '
+                   f'init_cfg.checkpoint to an existing file (`--cfg-options '
                    f'model.backbone.init_cfg.checkpoint=FILE`)')
         else:
             how = (f'Convert the published BOAT weights with `python '
