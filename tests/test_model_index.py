@@ -2,7 +2,6 @@
 """The BOAT ImageNet models by name in mmpretrain's model hub
 (boat_mm.model_index), and the post-import hook that registers them
 without ``import boat_mm`` importing mmpretrain."""
-import copy
 import sys
 
 import pytest
@@ -49,20 +48,23 @@ def test_list_models_by_metafile_names():
     assert info.config.model.backbone.type == 'BOATCSWin'
 
 
+def _tiny_arch(depths: list, num_heads: list) -> dict:
+    """An arch of width 8 that replaces a config's, for ``get_model``."""
+    return dict(
+        _delete_=True, embed_dims=8, depths=depths, num_heads=num_heads)
+
+
+def _tiny_swin() -> dict:
+    return _tiny_arch([2, 1, 1, 1], [1] * 4)  # FSLA in block 1 of stage 0
+
+
 def test_get_model_pretrained_true_names_the_converter():
     from mmpretrain import get_model
     name = 'boat-swin-tiny_16xb64_in1k'
     # Not mmpretrain's generic warning and a randomly initialised model.
     with pytest.raises(FileNotFoundError) as err:
-        get_model(  # a tiny arch: the model is built before loading
-            name,
-            pretrained=True,
-            backbone=dict(
-                arch=dict(
-                    _delete_=True,
-                    embed_dims=8,
-                    depths=[2, 1, 1, 1],  # FSLA in block 1 of stage 0
-                    num_heads=[1] * 4)))
+        # A tiny arch: the model is built before loading.
+        get_model(name, pretrained=True, backbone=dict(arch=_tiny_swin()))
     msg = str(err.value)
     assert f'{name} has no weights of its own' in msg
     assert 'tools/model_converters/boat2mm.py SRC_OR_URL DST' in msg
@@ -76,16 +78,14 @@ def test_models_without_published_weights_say_how_to_train_them():
     training command; ``pretrained=False`` builds it."""
     from mmpretrain import get_model
     name = SIMMIM[0]
-    tiny = dict(
-        backbone=dict(
-            arch=dict(
-                _delete_=True,
-                embed_dims=8,
-                depths=[1, 1, 1, 1],
-                num_heads=[2] * 4)),
-        neck=dict(in_channels=64))
+
+    def tiny():  # get_model consumes the _delete_ of its dicts
+        return dict(
+            backbone=dict(arch=_tiny_arch([1, 1, 1, 1], [2] * 4)),
+            neck=dict(in_channels=64))
+
     with pytest.raises(FileNotFoundError) as err:
-        get_model(name, pretrained=True, **copy.deepcopy(tiny))
+        get_model(name, pretrained=True, **tiny())
     assert str(err.value) == (
         f'{name} has no weights in mmpretrain\'s model hub, and none are '
         f'published: train it with `python tools/train.py '
@@ -93,7 +93,7 @@ def test_models_without_published_weights_say_how_to_train_them():
         f'pretrained=WORK_DIR/epoch_N.pth); pretrained=False builds it '
         f'randomly initialised.')
     with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = get_model(name, pretrained=False, **tiny)
+        model = get_model(name, pretrained=False, **tiny())
     assert type(model).__name__ == 'SimMIM'
     assert type(model.backbone).__name__ == 'SimMIMBOATCSWin'
 
@@ -108,13 +108,7 @@ def test_fine_tuned_models_name_their_pre_training():
         get_model(
             name,
             pretrained=True,
-            backbone=dict(
-                arch=dict(
-                    _delete_=True,
-                    embed_dims=8,
-                    depths=[2, 1, 1, 1],
-                    num_heads=[1] * 4),
-                init_cfg=None),
+            backbone=dict(arch=_tiny_swin(), init_cfg=None),
             head=dict(in_channels=64))
     assert str(err.value) == (
         f'{name} has no weights in mmpretrain\'s model hub, and none are '
