@@ -106,6 +106,8 @@ def files(tmp_path_factory):
     }
     for name, text in bad.items():
         (root / f'{name}.py').write_text(text)
+    (root / 'bad_json.json').write_text('{"a": 1,\n')
+    (root / 'bad_yaml.yaml').write_text('a: 1\nb: [1\n')
     return dict(
         root=str(root),
         image=image,
@@ -138,6 +140,12 @@ CASES = [
     ('train', ['{root}/bad_syntax.py'],
      "bad_syntax.py': invalid Python at line 2 of it or of one of its "
      "_base_ files: '(' was never closed"),
+    ('train', ['{root}/bad_json.json'],
+     "bad_json.json': invalid JSON at line 2 of it or of one of its _base_ "
+     'files: Expecting property name enclosed in double quotes'),
+    ('test', ['{root}/bad_yaml.yaml', '{ours}'],
+     "bad_yaml.yaml': invalid YAML at line 3 of it or of one of its _base_ "
+     "files: did not find expected ',' or ']'"),
     ('train', ['{root}/bad_base.py'],
      "nothere.py' not found: a _base_ path is relative to the folder of "
      'the file that names it'),

@@ -19,6 +19,7 @@ run a model on images add their common options with
 """
 import argparse
 import functools
+import json
 import os
 import os.path as osp
 import re
@@ -230,13 +231,14 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         raise UsageError(
             f'config file {path!r} is not one MMEngine reads (.py, .json, '
             f'.yaml, .yml); pass an mmpretrain, mmseg or mmdet config')
+    import yaml
     from mmengine.config.utils import ConfigParsingError
     try:
         # custom_imports after reading: an error of the imported code is
         # not the config's.
         cfg = Config.fromfile(path, import_custom_modules=False)
     except (SyntaxError, TypeError, KeyError, ImportError, FileNotFoundError,
-            ConfigParsingError) as err:
+            ConfigParsingError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise UsageError(f'config file {path!r}: {_config_error(err)}') \
             from err
     import_custom_modules(cfg, path)
@@ -255,11 +257,18 @@ def _config_error(err: BaseException) -> str:
     Returns:
         str: The message.
     """
+    import yaml
     text = _one_line(err)
+    # MMEngine parses the text of each file: the name is lost.
+    where = 'of it or of one of its _base_ files'
     if isinstance(err, SyntaxError):
-        # MMEngine parses the text of each file: the name is lost.
-        return (f'invalid Python at line {err.lineno} of it or of one of '
-                f'its _base_ files: {err.msg}')
+        return f'invalid Python at line {err.lineno} {where}: {err.msg}'
+    if isinstance(err, json.JSONDecodeError):
+        return f'invalid JSON at line {err.lineno} {where}: {err.msg}'
+    mark = getattr(err, 'problem_mark', None)
+    if isinstance(err, yaml.YAMLError) and mark is not None:
+        return (f'invalid YAML at line {mark.line + 1} {where}: '
+                f'{getattr(err, "problem", None) or text}')
     missing = re.match(r'(\w+) is not installed, please install', text)
     if isinstance(err, ImportError) and missing:
         # An upstream base ('mmdet::...') of a library not installed.
