@@ -216,6 +216,27 @@ def _fake_attention_backward(grad_out: Tensor, grad_image: Tensor, qkv: Tensor,
     return torch.empty_like(qkv)
 
 
+class _DifferentiableOnce(torch.autograd.Function):
+    """Passes a gradient through, and refuses to be differentiated: what
+    ``once_differentiable`` does, with a message that names the fix."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, *inputs: Tensor) -> Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "boat_mm's clustered attention is differentiable once on its C++ "
+            'and Triton kernels: a second derivative through FSLA '
+            '(create_graph=True, e.g. a gradient penalty) needs its tensor '
+            "path: set attention_impl='tensor' (in a backbone, fsla_cfg="
+            "dict(attention_impl='tensor')) and run the forward and both "
+            'backward passes under torch.nn.attention.sdpa_kernel('
+            'SDPBackend.MATH), the attention that PyTorch differentiates '
+            'twice')
+
+
 def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
     """The autograd formula of ``<namespace>::clustered_attention``: the
     backward op of the same namespace (the same backend)."""
@@ -236,9 +257,12 @@ def _attention_autograd(namespace: str) -> Tuple[Callable, Callable]:
             grad_out = qkv.new_zeros(B, N, C3 // 3)
         if grad_image is None:
             grad_image = qkv.new_empty(0)
-        grad = op_overload('clustered_attention_backward',
-                           namespace)(grad_out, grad_image, qkv, perm,
-                                      slot_valid, lse, *ctx.args)
+        with torch.no_grad():  # the backward op has no derivative itself
+            grad = op_overload('clustered_attention_backward',
+                               namespace)(grad_out, grad_image, qkv, perm,
+                                          slot_valid, lse, *ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True
+            grad = _DifferentiableOnce.apply(grad, qkv, grad_out, grad_image)
         return (grad, ) + (None, ) * 7
 
     return backward, setup_context

@@ -589,6 +589,38 @@ def test_gradcheck_and_all_zero_map():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def second_derivative_or_error(m: torch.nn.Module, hw: Tuple[int, int],
+                               x: torch.Tensor) -> torch.Tensor:
+    """d/dx of |dL/dx|^2 for L = |FSLA(x)|^2, after checking that the first
+    derivative with ``create_graph=True`` is the plain one."""
+    plain, = torch.autograd.grad(m(x, hw).square().sum(), x)
+    first, = torch.autograd.grad(m(x, hw).square().sum(), x, create_graph=True)
+    assert torch.equal(first, plain)
+    second, = torch.autograd.grad(first.square().sum(), x)
+    return second
+
+
+def test_second_derivative_is_right_or_refused(kernels):
+    """A gradient penalty through FSLA: the C++ kernels refuse the second
+    derivative with the fix; the fix (the tensor path under PyTorch's math
+    attention) gives second derivatives that match finite differences."""
+    torch.manual_seed(0)
+    m = FeatureSpaceLocalAttention(4, 2, group_size=4, overlap=1).double()
+    hw = (3, 5)
+    x = torch.randn(2, 15, 4, dtype=torch.float64, requires_grad=True)
+    if kernels == 'cpp':
+        with pytest.raises(
+                RuntimeError,
+                match="differentiable once .* "
+                r"attention_impl='tensor'.*SDPBackend.MATH"):
+            second_derivative_or_error(m, hw, x)
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        second_derivative_or_error(m, hw, x)
+        assert torch.autograd.gradgradcheck(lambda t: m(t, hw), (x, ))
+
+
 def test_empty_batch():
     """A batch of 0 maps (an empty shard) gives an empty output, with
     several clusters and padding slots."""

@@ -18,7 +18,8 @@ import pytest
 import torch
 # The interpreter runs many tiny numpy ops: threads only cost.
 from test_fsla import one_thread  # noqa: F401 (autouse fixture)
-from test_fsla import check_module_against_reference
+from test_fsla import (check_module_against_reference,
+                       second_derivative_or_error)
 
 from boat_mm.models.backbones import BOATCSWin, BOATSwin
 from boat_mm.models.utils import FeatureSpaceLocalAttention
@@ -48,6 +49,20 @@ def test_module_on_triton_equals_reference(hw, dims, heads, kwargs):
     """Output, input gradient and every parameter gradient of FSLA on the
     Triton kernels equal the slow reference of test_fsla.py."""
     check_module_against_reference(hw, dims, heads, 'triton', DEVICE, **kwargs)
+
+
+def test_second_derivative_is_refused():
+    """The Triton kernels refuse a second derivative through FSLA (a
+    gradient penalty) with the fix, after the right first derivative."""
+    torch.manual_seed(0)
+    m = FeatureSpaceLocalAttention(16, 2, **TRITON).double().to(DEVICE)
+    x = torch.randn(
+        2, 196, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with pytest.raises(
+            RuntimeError,
+            match="differentiable once .* "
+            r"attention_impl='tensor'.*SDPBackend.MATH"):
+        second_derivative_or_error(m, (14, 14), x)
 
 
 ARCHS = {
