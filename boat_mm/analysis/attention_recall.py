@@ -181,22 +181,28 @@ def window_labels(attn: nn.Module, hw_shape: Sequence[int]) -> Tensor:
 
     Args:
         attn (nn.Module): A block's ``attn``: BOAT-Swin's
-            :class:`BOATShiftWindowMSA` or BOAT-CSWin's
-            :class:`CSWinAttention`.
+            :class:`BOATShiftWindowMSA`, BOAT-CSWin's
+            :class:`CSWinAttention`, or the attention of another family,
+            which gives its windows by a method ``window_labels(hw_shape)``
+            returning labels as this function does.
         hw_shape (Sequence[int]): ``(H, W)``.
 
     Returns:
         Tensor: ``(L, N)`` labels, see :func:`window_keys`.
     """
+    own = getattr(attn, 'window_labels', None)
+    if callable(own):
+        return own(hw_shape)
     if isinstance(attn, BOATShiftWindowMSA):
         return swin_window_labels(hw_shape, attn.window_size, attn.shift_size)
     if isinstance(attn, CSWinAttention):
         return stripe_window_labels(
             hw_shape, [b.window_shape(hw_shape) for b in attn.branches])
     raise TypeError(
-        f'No image-space window is known for {type(attn).__name__}; '
-        f'window recall needs BOATShiftWindowMSA (BOAT-Swin) or '
-        f'CSWinAttention (BOAT-CSWin).')
+        f'No image-space window is known for {type(attn).__name__}: give '
+        f'the class a method window_labels(hw_shape) returning (L, N) '
+        f'labels, tokens sharing a label in any row being one window (as '
+        f'boat_mm.analysis.swin_window_labels does for Swin windows)')
 
 
 def window_keys(labels: Tensor, hw_shape: Sequence[int],

@@ -132,8 +132,25 @@ def test_cswin_window_labels_match_the_module(hw, split, full):
     attn = CSWinAttention(8, 2, split, full)
     labels = window_labels(attn, hw)
     assert torch.equal(_in_window(labels), _probe_cswin(hw, split, full))
-    with pytest.raises(TypeError, match='No image-space window .* Conv2d'):
+    with pytest.raises(
+            TypeError,
+            match='No image-space window .* Conv2d: '
+            r'give the class a method window_labels\(hw_shape\)'):
         window_labels(nn.Conv2d(1, 1, 1), hw)
+
+
+def test_another_family_gives_its_windows():
+    """The attention of a family the analysis does not know gives its
+    windows by its own window_labels method (here rows of the map)."""
+
+    class RowAttention(nn.Module):
+
+        def window_labels(self, hw_shape):
+            return torch.arange(hw_shape[0]).repeat_interleave(
+                hw_shape[1])[None]
+
+    labels = window_labels(RowAttention(), (3, 4))
+    assert labels.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]]
 
 
 def _ranked_window(in_window: torch.Tensor, hw, query: int,

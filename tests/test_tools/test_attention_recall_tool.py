@@ -199,3 +199,20 @@ def test_max_tokens_and_errors(tool, images, tmp_path, capsys):
         assert err.count('\n') == 1, err
         assert err.startswith('attention_recall.py: error: '), err
         assert re.search(message, err), (message, err)
+
+
+def test_unknown_window_is_one_line(tool, images, monkeypatch, capsys):
+    """A family whose image-space windows the analysis does not know (here
+    BOAT-CSWin's, made unknown) is a one-line error naming the fix."""
+    # The package's attention_recall is the function of the same name.
+    analysis = sys.modules['boat_mm.analysis.attention_recall']
+    monkeypatch.setattr(analysis, 'CSWinAttention', type('Unknown', (), {}))
+    with pytest.raises(SystemExit) as exc:
+        tool['main']([DEMO_SEG, images[0], '--shape', '32', *SEG_OPTIONS])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1, err
+    assert err.startswith(
+        'attention_recall.py: error: stage 0, block 0: No image-space window '
+        'is known for CSWinAttention: give the class a method '
+        'window_labels(hw_shape)'), err

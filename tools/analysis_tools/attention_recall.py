@@ -131,7 +131,10 @@ def measure(model, inputs: torch.Tensor, max_tokens: int,
     for (stage, block), recs in records.items():
         record = recs[0]
         attn = backbone.stages[stage].blocks[block].attn
-        labels = window_labels(attn, record.hw_shape)
+        try:
+            labels = window_labels(attn, record.hw_shape)
+        except TypeError as err:  # a family whose windows are not known
+            raise UsageError(f'stage {stage}, block {block}: {err}') from None
         out[(stage, block)] = dict(
             record=record,
             labels=labels,
