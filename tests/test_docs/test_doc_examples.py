@@ -134,7 +134,12 @@ def test_the_docs_have_examples():
 
 @pytest.mark.parametrize('block', PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
 def test_python_block_runs(block, monkeypatch):
+    from mmengine.registry import MODELS
+
+    import boat_mm  # noqa: F401 (registers our modules for good)
     monkeypatch.chdir(REPO)
+    # A class an example registers is gone after it.
+    monkeypatch.setattr(MODELS, '_module_dict', dict(MODELS._module_dict))
     torch.manual_seed(0)
     code = compile(block.text, f'{block.doc}:{block.line}', 'exec')
     exec(code, {'__name__': '__doc_example__'})
