@@ -265,6 +265,11 @@ def check_pretrained_file(init_cfg: Union[dict, List[dict], None],
             f'set `model.backbone.init_cfg=None` to train from scratch.')
 
 
+#: Checkpoint schemes of MMEngine's model zoos of CNNs (ResNet, HRNet,
+#: ResNeSt, ...: ``mmengine/hub/openmmlab.json``, torchvision's models).
+_CNN_ZOOS = ('open-mmlab://', 'openmmlab://', 'torchvision://', 'modelzoo://')
+
+
 def pretrained_init_cfg(pretrained: Optional[str],
                         init_cfg: Optional[Union[dict, List[dict]]],
                         name: str) -> Optional[Union[dict, List[dict]]]:
@@ -293,6 +298,18 @@ def pretrained_init_cfg(pretrained: Optional[str],
             f'cannot both be set. Drop pretrained (mmseg sets it on the '
             f'backbone from the model-level `pretrained`) or set '
             f'`init_cfg=None` on the backbone.')
+    scheme = pretrained.partition('://')[0] + '://'
+    if scheme in _CNN_ZOOS:
+        # mmseg's ResNet / HRNet / ResNeSt bases: a download, then a
+        # refusal (or, offline, a network error) far from the cause.
+        raise ValueError(
+            f'{name}: pretrained={pretrained!r} names CNN weights of '
+            f"MMEngine's model zoo, which no BOAT backbone loads. It is the "
+            f'model-level `pretrained` of a _base_ config with another '
+            f'backbone (mmseg passes it to the backbone): set '
+            f'`model=dict(pretrained=None)` in your config (or '
+            f'`--cfg-options model.pretrained=None`), and BOAT or Swin '
+            f"weights with the backbone's init_cfg.")
     # A swap that keeps a _base_ config's model-level `pretrained` (mmseg's
     # KNet Swin configs) would load that backbone's weights unnoticed.
     warnings.warn(

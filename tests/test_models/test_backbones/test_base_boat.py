@@ -283,6 +283,14 @@ def test_mmseg_model_level_pretrained(tmp_path, family):
             init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(TypeError, match='pretrained must be a str'):
         family(arch=ARCHS[family], pretrained=True)
+    # mmseg's ResNet bases: refused before a download.
+    cfg.update(pretrained='open-mmlab://resnet50_v1c')
+    cfg.backbone.pop('pretrained')  # set by the build above
+    with DefaultScope.overwrite_default_scope('mmseg'), pytest.raises(
+            ValueError,
+            match=r"pretrained='open-mmlab://resnet50_v1c' names CNN weights "
+            r".* set `model=dict\(pretrained=None\)`"):
+        MODELS.build(cfg)
 
 
 @pytest.mark.parametrize('family', boat_families())
