@@ -23,8 +23,10 @@ dataset (its ``metainfo``, else its dataset class's), where the upstream
 inferencers would fall back to Cityscapes' (mmseg) or COCO's (mmdet).
 
 The arguments are those of the upstream demos: the image first, then the
-config; the checkpoint is ``--checkpoint`` (mmpretrain's, and our tools')
-or the third positional argument (mmseg's).
+config; the checkpoint is ``--checkpoint`` (mmpretrain's, and our tools'),
+``--weights`` (mmdet's) or the third positional argument (mmseg's); the
+drawing goes to ``--out-file`` (mmseg's) or into ``--out-dir``/vis/
+(mmdet's).
 
 Examples::
 
@@ -79,12 +81,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         nargs='?',
         metavar='checkpoint',
         help='checkpoint file (.pth), as in mmseg\'s demo; or --checkpoint')
-    parser.add_argument('--checkpoint', help='checkpoint file (.pth)')
+    parser.add_argument(
+        '--checkpoint',
+        '--weights',
+        dest='checkpoint',
+        help='checkpoint file (.pth); --weights as in mmdet\'s demo')
     parser.add_argument(
         '--out-file',
-        default='result.png',
         help='the drawn prediction (default result.png; PNG keeps the '
         'class colours exact, JPEG does not)')
+    parser.add_argument(
+        '--out-dir',
+        help="as in mmdet's demo: the drawing goes to OUT_DIR/vis/, named "
+        'as the image (instead of --out-file)')
     parser.add_argument(
         '--device', default='cpu', help='e.g. cpu, cuda:0 (default cpu)')
     parser.add_argument(
@@ -116,6 +125,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f'two checkpoints given ({args.ckpt} and --checkpoint '
                      f'{args.checkpoint}); give one')
     args.checkpoint = args.checkpoint or args.ckpt
+    if args.out_dir is not None and args.out_file is not None:
+        parser.error('--out-file and --out-dir both given; give one')
+    if args.out_dir is not None:
+        args.out_file = osp.join(args.out_dir, 'vis', osp.basename(args.img))
+    args.out_file = args.out_file or 'result.png'
     if args.img.endswith('.py'):
         parser.error(f'the image {args.img!r} is a Python file: the order '
                      f'is IMG CONFIG [CHECKPOINT], as in the upstream '

@@ -197,6 +197,8 @@ CASES = [
                     'other.pth'], 'two checkpoints given'),
     ('image_demo', ['{image}', SEG, '--out-file', 'x.txt'],
      "--out-file 'x.txt': no image format for that name"),
+    ('image_demo', ['{image}', SEG, '--out-file', 'x.png', '--out-dir',
+                    'o'], '--out-file and --out-dir both given; give one'),
     ('image_demo', ['{image}', SEG, '--opacity',
                     '0'], '--opacity must be in (0, 1], got 0.0'),
     ('image_demo', ['{image}', SEG, '--topk', '0'], '--topk must be >= 1'),

@@ -231,13 +231,15 @@ def test_image_demo_counts_the_detections(trained, coco_root, tmp_path,
     # Between the 3rd and 4th best: three kept, far from a near-tie.
     thr = float(scores[2] + scores[3]) / 2
     assert scores[2] - scores[3] > 1e-4
-    out_file = str(tmp_path / 'det.png')
+    # mmdet demo's spelling of the checkpoint and the output.
+    out_file = str(tmp_path / 'vis' / osp.basename(image))
     dumped = osp.join(trained['work_dir'], osp.basename(trained['cfg']))
     # In this process (its command line is test_cli_manner.py's).
     with _upstream_messages() as messages:
         _tool_main('image_demo.py')([
-            image, dumped, '--checkpoint', ckpt, '--pred-score-thr',
-            str(thr), '--out-file', out_file
+            image, dumped, '--weights', ckpt, '--pred-score-thr',
+            str(thr), '--out-dir',
+            str(tmp_path)
         ])
     out = capsys.readouterr().out
     assert not [m for m in messages if re.search(UPSTREAM_NOISE, m)]
