@@ -379,8 +379,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         frozen_stages (int): Freeze (stop grad, eval mode) the stem when
             >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
             and output norms), as mmseg's Swin (mmpretrain's Swin freezes
-            one stage more for the same value). -1 freezes nothing.
-            Defaults to -1.
+            one stage more for the same value). A stage's merge is the one
+            of its own layout: BOAT-Swin's after its blocks, so stage
+            ``frozen_stages - 1``'s is frozen; BOAT-CSWin's before them, so
+            the merge into stage ``frozen_stages`` trains. -1 freezes
+            nothing. Defaults to -1.
         with_cp (bool): Gradient checkpointing of every block, to save
             memory at the cost of recomputation. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialisation on top of

@@ -1,5 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Argument helpers and stage freezing shared by the BOAT backbones."""
+import difflib
+import inspect
 import math
 import numbers
 import os.path as osp
@@ -384,7 +386,9 @@ def parse_out_indices(out_indices: Union[int, Sequence[int]],
         if not 0 <= j < num_stages:
             raise ValueError(
                 f'out_indices {tuple(out_indices)} must index one of '
-                f'the {num_stages} stages; {i} is out of range.')
+                f'the {num_stages} stages; {i} is out of range (the default '
+                f'is (0, 1, 2, 3); e.g. out_indices='
+                f'{tuple(range(num_stages))}).')
         parsed.append(j)
     return tuple(sorted(set(parsed)))
 
@@ -447,6 +451,22 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
         raise ValueError(
             f'fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
             f'width and heads of its stage.')
+    from .fsla import FeatureSpaceLocalAttention
+    accepted = sorted(
+        set(inspect.signature(FeatureSpaceLocalAttention).parameters) -
+        {'embed_dims', 'num_heads'})
+    unknown = sorted(set(fsla_cfg) - set(accepted))
+    if unknown:
+        close = [(k, difflib.get_close_matches(k, accepted, 1))
+                 for k in unknown]
+        guess = ', '.join(f'{m[0]} for {k}' for k, m in close if m)
+        raise TypeError(
+            f'fsla_cfg has keys that FeatureSpaceLocalAttention does not '
+            f'take: {unknown}' +
+            (f' (did you mean {guess}?)' if guess else '') +
+            ('; fsla_cfg holds its arguments, not a module config: drop '
+             "'type'" if 'type' in unknown else '') + f'. It takes '
+            f'{accepted}.')
     return {**defaults, **fsla_cfg}
 
 

@@ -108,7 +108,8 @@ class FeatureSpaceLocalAttention(BaseModule):
         if not 0 <= overlap < group_size:
             raise ValueError(
                 f'overlap ({overlap}) must be >= 0 and smaller than '
-                f'group_size ({group_size}); lower overlap.')
+                f'group_size ({group_size}); lower overlap (it defaults to '
+                f'20: a group_size of 20 or less needs an overlap too).')
         check_qk_scale(qk_scale, name)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')

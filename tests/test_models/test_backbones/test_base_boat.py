@@ -365,6 +365,20 @@ BAD_ARGUMENTS = [
      r'or -1 for the last, got \(\)\.$'),
     (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
     (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
+    (dict(fsla_cfg=dict(groupsize=16)), TypeError,
+     r"fsla_cfg has keys that FeatureSpaceLocalAttention does not take: "
+     r"\['groupsize'\] \(did you mean group_size for groupsize\?\)\. It "
+     r"takes \[.*'group_size'"),
+    (dict(fsla_cfg=dict(type='FeatureSpaceLocalAttention')), TypeError,
+     r"\['type'\]; fsla_cfg holds its arguments, not a module config: drop "
+     r"'type'\."),
+    (dict(fsla_cfg=dict(group_size=16)), ValueError,
+     r'overlap \(20\) must be >= 0 and smaller than group_size \(16\); lower '
+     r'overlap \(it defaults to 20'),
+    (dict(arch=arch(depths=(2, 2, 2), num_heads=(2, 2, 2))), ValueError,
+     r'out_indices \(0, 1, 2, 3\) must index one of the 3 stages; 3 is out '
+     r'of range \(the default is \(0, 1, 2, 3\); e\.g\. out_indices=\(0, 1, '
+     r'2\)\)'),
     (dict(fsla_cfg=dict(group_size=4.5)), TypeError, 'group_size must be'),
     (dict(fsla_cfg=dict(kmeans_temperature=0)), ValueError,
      'kmeans_temperature must be a positive number'),
