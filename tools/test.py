@@ -47,9 +47,9 @@ import mmengine
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
-                               build_runner, check_data_roots, close_dist,
-                               init_cpu_dist, merge_common_args,
-                               parse_launcher_args)
+                               build_runner, check_checkpoint_fits,
+                               check_data_roots, close_dist, init_cpu_dist,
+                               merge_common_args, parse_launcher_args)
 from mmengine.config import Config, ConfigDict
 
 import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
@@ -301,6 +301,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     init_cpu_dist(cfg)
 
     runner = build_runner(cfg)
+    check_checkpoint_fits(runner, 'checkpoint')
     if args.show_dir and _scope(cfg) == 'mmpretrain':
         _pretrain_show_dir(runner, args.show_dir)
 

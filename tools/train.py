@@ -37,9 +37,10 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
-                               build_runner, check_data_roots, close_dist,
-                               init_cpu_dist, merge_common_args,
-                               parse_launcher_args, total_batch_note)
+                               build_runner, check_checkpoint_fits,
+                               check_data_roots, close_dist, init_cpu_dist,
+                               merge_common_args, parse_launcher_args,
+                               total_batch_note)
 from mmengine.config import Config, ConfigDict
 from mmengine.dist import get_world_size
 from mmengine.logging import print_log
@@ -263,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     init_cpu_dist(cfg)
 
     runner = build_runner(cfg)
+    if cfg.get('resume'):  # load_from may be of another model: fine-tuning
+        check_checkpoint_fits(runner, '--resume')
     # After the runner started the process group (on GPUs, it does).
     note = total_batch_note(cfg, get_world_size())
     if note:

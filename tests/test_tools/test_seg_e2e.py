@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from repo_scripts import load_script
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
@@ -438,6 +439,41 @@ def test_resume_continues_interrupted_run(trained):
     assert lrs == [g['lr'] for g in ref['optimizer']['param_groups']]
     # The LR kept decaying along the poly schedule after the resume.
     assert 0 < lrs[0] < start['optimizer']['param_groups'][0]['lr']
+
+
+def test_checkpoint_of_another_config_is_refused(trained, capsys):
+    """test.py, and train.py --resume, of a checkpoint whose backbone fits
+    but whose heads are of another config (another number of classes, no
+    auxiliary head): one line naming the fix, before any test or
+    training step, where MMEngine would test random heads."""
+    ckpt = _ckpt(osp.join(trained['work_dir'], 'iter_2.pth'))
+    weights = ckpt['state_dict']
+    for key in [k for k in weights if k.startswith('auxiliary_head.')]:
+        del weights[key]
+    weights['decode_head.conv_seg.weight'] = \
+        weights['decode_head.conv_seg.weight'][:3]
+    other = str(trained['tmp'] / 'other_config.pth')
+    torch.save(ckpt, other)
+    aux = sum(1 for k in weights if k.startswith('auxiliary_head.'))
+    assert aux == 0
+    for tool, args in [('test.py', [trained['cfg'], other]),
+                       ('train.py', [trained['cfg'], '--resume', other])]:
+        refused = str(trained['tmp'] / 'refused')
+        with pytest.raises(SystemExit) as exc:
+            load_script(f'tools/{tool}').main([
+                *args, '--work-dir', refused, '--cfg-options',
+                f'visualizer.name={refused}/{tool}'
+            ])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1, err
+        assert re.search(
+            r"error: (checkpoint|--resume) '.*other_config.pth' leaves \d+ "
+            r"of the model's \d+ weights at their initial values \(missing: "
+            r"\['auxiliary_head\..*other shapes: decode_head.conv_seg.weight "
+            r'\(checkpoint \[3, 16, 1, 1\], model \[150, 16, 1, 1\]\)\): it '
+            r'is a checkpoint of another model or config', err), err
+        assert not glob.glob(osp.join(refused, '*', 'vis_data', '*.json'))
 
 
 def check_amp_run(trained: dict, loss: str, val: str) -> dict:

@@ -26,13 +26,15 @@ from mmengine.logging import print_log
 from .cli import ROOT
 
 if TYPE_CHECKING:  # imported when used: building a runner imports a lot
+    import torch
     from mmengine.runner import Runner
 
 __all__ = [
     'check_data_roots', 'data_hint', 'adapt_cfg_to_device', 'init_cpu_dist',
     'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
-    'merge_common_args', 'build_runner', 'total_batch_note'
+    'merge_common_args', 'build_runner', 'unfitted_weights',
+    'check_checkpoint_fits', 'total_batch_note'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -379,6 +381,81 @@ def build_runner(cfg: Config) -> 'Runner':
     runner.logger.addFilter(_not_internal_warning)
     _tally_paramwise_options(runner)
     return runner
+
+
+def unfitted_weights(model: 'torch.nn.Module',
+                     state_dict: dict) -> Tuple[List[str], List[str]]:
+    """The model's parameters that ``state_dict`` leaves at their initial
+    values: missing, and present with another shape.
+
+    Keys are matched as MMEngine's loader matches them (a ``module.``
+    prefix of a wrapped model's checkpoint dropped), against the model
+    inside any wrapper (DDP, a TTA model's ``module``).
+
+    Args:
+        model (torch.nn.Module): The model the checkpoint is loaded into.
+        state_dict (dict): The checkpoint's weights.
+
+    Returns:
+        tuple[list[str], list[str]]: Missing names, and ``'NAME
+        (checkpoint SHAPE, model SHAPE)'`` of the other shapes.
+    """
+    import torch
+    while isinstance(getattr(model, 'module', None), torch.nn.Module):
+        model = model.module
+    weights = {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
+    missing, shapes = [], []
+    for name, param in model.named_parameters():
+        value = weights.get(name)
+        if value is None:
+            missing.append(name)
+        elif tuple(value.shape) != tuple(param.shape):
+            shapes.append(f'{name} (checkpoint {list(value.shape)}, model '
+                          f'{list(param.shape)})')
+    return missing, shapes
+
+
+def check_checkpoint_fits(runner: 'Runner', what: str) -> None:
+    """Refuse a checkpoint that ``runner`` loads when it leaves any of the
+    model's parameters at their initial values.
+
+    MMEngine loads ``load_from`` non-strictly, which fine-tuning needs; a
+    test, or a resume, of a checkpoint of another model or config would
+    run with random heads, or fail later in the optimizer's state. The
+    check runs after the load, so that a BOAT backbone's own diagnosis of
+    a file that does not fit it (another size, a backbone alone, a
+    published file) comes first.
+
+    Args:
+        runner (Runner): The runner, before it tests or trains.
+        what (str): The option that named the checkpoint, for the message.
+    """
+    from boat_mm.models.utils.ckpt_convert import key_listing
+    from .cli import UsageError
+    load = runner.load_checkpoint
+
+    @functools.wraps(load)
+    def load_checkpoint(filename: str, *args, **kwargs) -> dict:
+        checkpoint = load(filename, *args, **kwargs)
+        weights = checkpoint.get('state_dict', checkpoint)
+        missing, shapes = unfitted_weights(runner.model, weights)
+        if not missing and not shapes:
+            return checkpoint
+        total = sum(1 for _ in runner.model.parameters())
+        found = '; '.join(
+            part for part in (
+                f'missing: {key_listing(missing, 3)}' if missing else '',
+                f'other shapes: {", ".join(shapes[:3])}'
+                f'{" ..." if len(shapes) > 3 else ""}' if shapes else '')
+            if part)
+        raise UsageError(
+            f'{what} {filename!r} leaves {len(missing) + len(shapes)} of the '
+            f"model's {total} weights at their initial values ({found}): it "
+            f'is a checkpoint of another model or config. Use the config it '
+            f'was trained with (its work dir holds a copy), or fine-tune '
+            f'from it in a training run with `--cfg-options load_from=FILE`.')
+
+    runner.load_checkpoint = load_checkpoint
 
 
 def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
