@@ -32,10 +32,11 @@ from torch import Tensor
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 
 __all__ = [
-    'SCOPES', 'MIN_OPSET', 'DYNAMIC_AXES', 'ScopeError', 'build_model',
-    'check_fsla_impls', 'check_dynamic', 'ExportWrapper', 'WithClusters',
-    'export_onnx', 'load_image', 'normalisation', 'input_description',
-    'make_session', 'run_onnxruntime', 'compare', 'verify'
+    'SCOPES', 'MIN_OPSET', 'DYNAMIC_AXES', 'ScopeError', 'ModelKindError',
+    'build_model', 'check_exportable', 'converts_to_rgb', 'check_fsla_impls',
+    'check_dynamic', 'ExportWrapper', 'WithClusters', 'export_onnx',
+    'load_image', 'normalisation', 'input_description', 'make_session',
+    'run_onnxruntime', 'compare', 'verify'
 ]
 
 # The scopes whose models export: the classifiers and the segmentors.
@@ -47,6 +48,65 @@ DYNAMIC_AXES = ('batch', 'height', 'width')
 
 class ScopeError(ValueError):
     """A config whose ``default_scope`` has no exportable models."""
+
+
+class ModelKindError(ValueError):
+    """A model that is not one that exports: an mmpretrain
+    ``ImageClassifier`` with a head or an mmseg ``EncoderDecoder``."""
+
+
+# The fine-tuning configs of ours that a pre-training error names.
+FINE_TUNE_CFGS = 'configs/boat_*/boat-*_simmim-100e-pre_*.py'
+_EXPORTS = ('pytorch2onnx.py exports an mmpretrain ImageClassifier with a '
+            'head (class logits) or an mmseg EncoderDecoder segmentor '
+            '(per-pixel class logits)')
+
+
+def check_exportable(model: nn.Module, scope: str) -> None:
+    """Raise a :class:`ModelKindError` unless ``model`` is what the
+    export of ``scope`` documents: the class logits of an mmpretrain
+    ``ImageClassifier`` with a head, or the per-pixel class logits of an
+    mmseg ``EncoderDecoder`` (or a subclass, but not ``DepthEstimator``).
+
+    Decided on the built model, not on the config's name: a SimMIM
+    pre-training model or a headless classifier output features, which
+    the tool would otherwise export and label as logits.
+
+    Args:
+        model (nn.Module): The built model.
+        scope (str): ``'mmpretrain'`` or ``'mmseg'``.
+    """
+    name = type(model).__name__
+    if scope == 'mmpretrain':
+        from mmpretrain.models import BaseSelfSupervisor, ImageClassifier
+        if isinstance(model, ImageClassifier) and model.with_head:
+            return
+        if isinstance(model, BaseSelfSupervisor):
+            raise ModelKindError(
+                f'the config builds a {name}, a self-supervised '
+                f'pre-training model whose output is features (the '
+                f'backbone\'s feature map), not class logits; '
+                f'{_EXPORTS}: export the fine-tuned classifier config '
+                f'instead, with its fine-tuned checkpoint (ours: '
+                f'{FINE_TUNE_CFGS}).')
+        if isinstance(model, ImageClassifier):
+            raise ModelKindError(
+                f'the config builds an {name} without a head (model.head '
+                f'is None), whose output is the backbone\'s (or neck\'s) '
+                f'features, not class logits; {_EXPORTS}: give the config '
+                f'a classification head, e.g. model.head=dict('
+                f'type=\'LinearClsHead\', num_classes=..., '
+                f'in_channels=...) as in configs/boat_*/*_in1k.py.')
+    else:
+        from mmseg.models.segmentors import DepthEstimator, EncoderDecoder
+        if (isinstance(model, EncoderDecoder)
+                and not isinstance(model, DepthEstimator)):
+            return
+    raise ModelKindError(
+        f'the config (default_scope={scope!r}) builds a {name}, which is '
+        f'not exported; {_EXPORTS}: give a classification or segmentation '
+        f'config (configs/boat_*/*_in1k.py, '
+        f'configs/boat_*/*_ade20k-512x512.py).')
 
 
 def build_model(cfg: Config,
@@ -63,6 +123,8 @@ def build_model(cfg: Config,
     Raises:
         ScopeError: The config's ``default_scope`` is not in
             :data:`SCOPES`.
+        ModelKindError: The model is not one that exports
+            (:func:`check_exportable`).
     """
     scope = cfg.get('default_scope', None)
     if scope not in SCOPES:
@@ -80,6 +142,8 @@ def build_model(cfg: Config,
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     model = registry.build(model_cfg)
+    # Before loading weights: a pre-training checkpoint loads fine.
+    check_exportable(model, scope)
     if scope == 'mmseg' and getattr(model, 'auxiliary_head', None):
         model.auxiliary_head = None  # training only
     # SyncBN needs a process group; in eval mode it is a plain BN.
@@ -113,8 +177,9 @@ class ExportWrapper(nn.Module):
     """The tensor-in, tensor-out network that is exported.
 
     Args:
-        model (nn.Module): An mmpretrain classifier or an mmseg
-            ``EncoderDecoder``.
+        model (nn.Module): An mmpretrain ``ImageClassifier`` with a head
+            or an mmseg ``EncoderDecoder``; others raise a
+            :class:`ModelKindError` (:func:`check_exportable`).
         scope (str): ``'mmpretrain'`` or ``'mmseg'``.
     """
 
@@ -123,6 +188,7 @@ class ExportWrapper(nn.Module):
         if scope not in SCOPES:
             raise ValueError(f'scope must be one of {list(SCOPES)}, got '
                              f'{scope!r}.')
+        check_exportable(model, scope)
         self.model, self.scope = model, scope
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,6 +367,35 @@ def _normalises(model: nn.Module) -> bool:
     return hasattr(model.data_preprocessor, 'mean')
 
 
+# Where each data preprocessor stores whether it swaps the channels:
+# mmpretrain's ClsDataPreprocessor (and its video and multi-modal ones)
+# `to_rgb`; mmseg's SegDataPreProcessor `channel_conversion`; MMEngine's
+# ImgDataPreprocessor `_channel_conversion`, and so its subclasses, among
+# them mmpretrain's SelfSupDataPreprocessor (whose `to_rgb` argument sets
+# it) and mmdet's DetDataPreprocessor.
+_CHANNEL_SWAP_ATTRS = ('to_rgb', 'channel_conversion', '_channel_conversion')
+
+
+def converts_to_rgb(data_preprocessor: nn.Module) -> bool:
+    """Whether a data preprocessor swaps the channels of the BGR images
+    that mmcv loads, i.e. whether the network sees RGB.
+
+    ``bgr_to_rgb`` and ``rgb_to_bgr`` are one flag in MMEngine and mmseg
+    (both reverse the channels), so either makes BGR images RGB.
+
+    Args:
+        data_preprocessor (nn.Module): An mmpretrain, mmseg or MMEngine
+            data preprocessor; one with none of their flags (MMEngine's
+            ``BaseDataPreprocessor``) does not convert.
+
+    Returns:
+        bool: True if the network sees RGB.
+    """
+    return any(
+        bool(getattr(data_preprocessor, attr, False))
+        for attr in _CHANNEL_SWAP_ATTRS)
+
+
 def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
     """The normalisation of the model's data preprocessor.
 
@@ -312,7 +407,7 @@ def normalisation(model: nn.Module) -> Tuple[Tensor, Tensor, bool]:
         without normalisation) and whether BGR inputs become RGB.
     """
     dp = model.data_preprocessor
-    rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, 'to_rgb', False)))
+    rgb = converts_to_rgb(dp)
     if not _normalises(model):
         return torch.zeros(3, 1, 1), torch.ones(3, 1, 1), rgb
     return dp.mean.cpu().view(-1, 1, 1), dp.std.cpu().view(-1, 1, 1), rgb

@@ -292,6 +292,16 @@ CASES = [
                             '8'], 'img_size must be >= 32'),
     ('run_demo', ['--config',
                   'missing.py'], "config file 'missing.py' not found"),
+    # Models whose output is features, not the logits the tool documents
+    # (before: exported and labelled "class logits").
+    ('pytorch2onnx', [SIMMIM, '--shape', '64', '--out', 'x.onnx'],
+     'the config builds a SimMIM, a self-supervised pre-training model '
+     'whose output is features'),
+    ('pytorch2onnx', [
+        CLS, '--shape', '64', '--out', 'x.onnx', '--cfg-options',
+        'model.head=None'
+    ], 'the config builds an ImageClassifier without a head (model.head is '
+     'None)'),
 ]
 
 

@@ -13,6 +13,10 @@ has no mean and std; the tool prints which, ``--verify`` shows how):
   input, logits resized to it), no test-time augmentation; the auxiliary
   head is left out, as at test time.
 
+Other models are refused with an error that names them and the fix, e.g.
+a SimMIM pre-training config (its output is the backbone's features: export
+the fine-tuned classifier config) or a classifier without a head.
+
 Export uses torch's ONNX exporter (``torch.onnx.export(..., dynamo=True)``,
 which needs ``onnxscript``). FSLA becomes standard ONNX ops: under export
 its ``'auto'`` implementations take the tensor path (MatMul, TopK, Gather,
@@ -55,7 +59,8 @@ from typing import List, Optional
 
 import boat_mm  # noqa: F401  (registers the BOAT models)
 from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET, ExportWrapper,
-                                        ScopeError, build_model, check_dynamic,
+                                        ModelKindError, ScopeError,
+                                        build_model, check_dynamic,
                                         check_fsla_impls, export_onnx,
                                         input_description, load_image, verify)
 
@@ -125,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_checkpoint(args.checkpoint)
     try:
         model, scope = build_model(cfg, args.checkpoint)
-    except ScopeError as e:
+    except (ScopeError, ModelKindError) as e:
         raise UsageError(str(e)) from None
     wrapper = ExportWrapper(model, scope)
     try:
