@@ -127,6 +127,14 @@ class ClusterPlan(NamedTuple):
     attn_mask: Optional[Tensor]
     overlap: int
 
+    def __repr__(self) -> str:
+        # The masks run to megabytes: the numbers that define the plan.
+        return (f'ClusterPlan(num_tokens={self.num_tokens}, num_clusters='
+                f'{self.num_clusters}, num_levels={self.num_levels}, '
+                f'slot_size={self.slot_size}, num_pairs={self.num_pairs}, '
+                f'uniform={self.uniform}, overlap={self.overlap}, '
+                f'device={self.slot_valid.device})')
+
 
 #: How many plans :func:`build_cluster_plan` keeps, the least recently
 #: used dropped first. A forward needs one per stage with FSLA and input

@@ -691,6 +691,17 @@ def test_cluster_hook_sees_and_replaces_the_clustering():
         injected = m(x, (16, 20))
     assert torch.equal(again, ref)
     assert torch.equal(injected, flipped)
+    # A perm that repeats or drops a token, or of another shape, would mix
+    # tokens silently: refused.
+    m._cluster_hooks.clear()
+    bad = perm.clone()
+    bad[:, 1] = bad[:, 0]
+    for hook, message in [(lambda mod, p: bad, 'do not hold every token'),
+                          (lambda mod, p: p[:, :-1], r'returned \(4, 319\)')]:
+        handle = m.register_cluster_hook(hook)
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            m(x, (16, 20))
+        handle.remove()
 
 
 def _check_compiled(backend: str, hw: Tuple[int, int]) -> None:
@@ -772,6 +783,16 @@ def test_errors():
         m(torch.randn(49, 8), (7, 7))
     with pytest.raises(ValueError, match=r'H \* W == N'):
         m(torch.randn(2, 50, 8), (7, 7))
+    with pytest.raises(
+            TypeError,
+            match=r"FSLA: hw_shape must be the \(H, W\) of the tokens' map, "
+            r'got 49; pass e\.g\. \(49, 1\) for a sequence'):
+        m(torch.randn(2, 49, 8), 49)
+    with pytest.raises(
+            ValueError,
+            match=r'hw_shape must be the two sizes \(H, W\) .* got 3: '
+            r'\(7, 7, 1\)'):
+        m(torch.randn(2, 49, 8), (7, 7, 1))
     with pytest.raises(ValueError, match='8 channels'):
         m(torch.randn(2, 49, 6), (7, 7))
 

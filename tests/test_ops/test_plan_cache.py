@@ -54,3 +54,12 @@ def test_plan_size_of_a_detection_input():
     assert round(_nbytes(plans[0]) / 2**20) == 21
     for i, plan in enumerate(plans):
         assert 200 < _nbytes(plan) / plan.num_tokens < 340, i
+
+
+def test_repr_gives_the_numbers_not_the_masks():
+    """A plan prints as the numbers that define it (its masks hold 200 to
+    340 bytes a token)."""
+    plan = build_cluster_plan(56 * 56, 49, 20, torch.device('cpu'))
+    assert repr(plan) == (
+        'ClusterPlan(num_tokens=3136, num_clusters=64, num_levels=6, '
+        'slot_size=49, num_pairs=32, uniform=True, overlap=20, device=cpu)')

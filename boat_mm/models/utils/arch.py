@@ -10,6 +10,7 @@ import warnings
 from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
                     Union)
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -117,7 +118,15 @@ def check_tokens(x: Tensor, hw_shape: Sequence[int], embed_dims: int,
         raise ValueError(
             f'{owner} built for {embed_dims} channels got {x.shape[-1]} '
             f'channels (input shape {tuple(x.shape)}).')
-    if len(hw_shape) != 2 or hw_shape[0] * hw_shape[1] != x.shape[1]:
+    if not isinstance(hw_shape, (tuple, list, torch.Size)):
+        raise TypeError(
+            f'{owner}: hw_shape must be the (H, W) of the tokens\' map, got '
+            f'{hw_shape!r}; pass e.g. ({x.shape[1]}, 1) for a sequence.')
+    if len(hw_shape) != 2:
+        raise ValueError(
+            f'{owner}: hw_shape must be the two sizes (H, W) of the tokens\' '
+            f'map, got {len(hw_shape)}: {tuple(hw_shape)}.')
+    if hw_shape[0] * hw_shape[1] != x.shape[1]:
         raise ValueError(
             f'hw_shape {tuple(hw_shape)} does not match the number of '
             f'tokens N={x.shape[1]}: need H * W == N, tokens in raster '

@@ -19,6 +19,29 @@ from .arch import (check_int, check_number, check_qk_scale, check_rate,
 __all__ = ['FeatureSpaceLocalAttention']
 
 
+def _check_replaced_perm(replaced: Tensor, perm: Tensor, plan: ClusterPlan,
+                         hook: Callable) -> None:
+    """A cluster hook's ``perm`` puts every token in one real slot of
+    every row, as the clustering's does; else the attention would mix
+    tokens silently."""
+    name = getattr(hook, '__qualname__', repr(hook))
+    if not isinstance(replaced, Tensor) or replaced.shape != perm.shape \
+            or replaced.dtype != perm.dtype:
+        got = (f'{tuple(replaced.shape)} {replaced.dtype}' if isinstance(
+            replaced, Tensor) else type(replaced).__name__)
+        raise ValueError(
+            f'cluster hook {name} returned {got}; a replaced perm is a '
+            f'{tuple(perm.shape)} {perm.dtype} tensor, as the one it got.')
+    real = replaced[:, plan.slot_valid]
+    tokens = torch.arange(plan.num_tokens, device=real.device)
+    if not torch.equal(real.sort(dim=1).values, tokens.expand_as(real)):
+        raise ValueError(
+            f'cluster hook {name} returned a perm whose real slots '
+            f'(plan.slot_valid) do not hold every token 0 .. '
+            f'{plan.num_tokens - 1} once per row: a perm orders the tokens, '
+            f'it cannot drop or repeat one.')
+
+
 @MODELS.register_module()
 class FeatureSpaceLocalAttention(BaseModule):
     """Feature-space local attention of BOAT (Yu et al., BMVC 2022).
@@ -234,7 +257,9 @@ class FeatureSpaceLocalAttention(BaseModule):
             perm = self._cluster(qkv, plan)
             for hook in self._cluster_hooks.values():
                 replaced = hook(self, perm)
-                perm = perm if replaced is None else replaced
+                if replaced is not None:
+                    _check_replaced_perm(replaced, perm, plan, hook)
+                    perm = replaced
         out, v = clustered_attention(
             qkv,
             perm,

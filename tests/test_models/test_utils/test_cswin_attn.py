@@ -164,7 +164,7 @@ def test_errors():
         attn(torch.randn(12, 8), (3, 4))
     with pytest.raises(ValueError, match='CSWinAttention built for 8 chan'):
         attn(torch.randn(1, 12, 6), (3, 4))
-    with pytest.raises(ValueError, match=r'H \* W == N'):
+    with pytest.raises(ValueError, match=r'the two sizes \(H, W\)'):
         attn(torch.randn(1, 12, 8), (3, 4, 1))
     with pytest.raises(ValueError, match='qkv of shape'):
         attn.branches[0](torch.randn(1, 3, 4, 3, 8))
