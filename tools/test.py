@@ -45,7 +45,7 @@ from typing import List, Optional
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import mmengine
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            load_config, tool_main)
+                            load_config, no_test_set, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_data_roots, close_dist,
                                init_cpu_dist, merge_common_args,
@@ -254,6 +254,8 @@ def _tta(cfg: Config) -> None:
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config (``--cfg-options`` first)."""
     merge_common_args(cfg, args)
+    if cfg.get('test_dataloader') is None:
+        raise no_test_set(cfg, 'no test_dataloader', 'test.py tests on')
     cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.resume = False
     if args.amp:

@@ -28,6 +28,7 @@ TOOLS = {
     'get_flops': 'tools/analysis_tools/get_flops.py',
     'check_fsla_parity': 'tools/analysis_tools/check_fsla_parity.py',
     'vis_clusters': 'tools/visualization/vis_clusters.py',
+    'attention_recall': 'tools/analysis_tools/attention_recall.py',
     'image_demo': 'tools/image_demo.py',
     'pytorch2onnx': 'tools/deployment/pytorch2onnx.py',
     'boat2mm': 'tools/model_converters/boat2mm.py',
@@ -41,6 +42,14 @@ SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
 DET = 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'
 SIMMIM = ('configs/boat_swin/simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_'
           'in1k-192px.py')
+SIMMIM_CSWIN = ('configs/boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-'
+                '100e_in1k-192px.py')
+# What a pre-training config, which has no test set, is told.
+NO_TEST_SET = ("it is a pre-training config (model type 'SimMIM'), which has "
+               'no test set; pass a config with one, e.g. the classifier '
+               'config fine-tuned from a SimMIM one (configs/boat_swin/'
+               '*_simmim-100e-pre_*.py, configs/boat_cswin/'
+               '*_simmim-100e-pre_*.py)')
 _LOADED = {}
 
 
@@ -290,6 +299,20 @@ CASES = [
                             '8'], 'img_size must be >= 32'),
     ('run_demo', ['--config',
                   'missing.py'], "config file 'missing.py' not found"),
+    # A SimMIM pre-training config where a test set is needed.
+    ('test', [SIMMIM, '{ours}'],
+     f'the config has no test_dataloader, which test.py tests on: '
+     f'{NO_TEST_SET}'),
+    ('image_demo', ['{image}', SIMMIM_CSWIN],
+     f'the config has no test_dataloader, which image_demo.py takes the test '
+     f'pipeline and class names from: {NO_TEST_SET}'),
+    ('vis_clusters', [SIMMIM, '{image}'],
+     f'the config has neither test_dataloader.dataset.pipeline nor '
+     f'test_pipeline, which vis_clusters loads and packs the image with: '
+     f'{NO_TEST_SET}'),
+    ('attention_recall', [SIMMIM_CSWIN, '{image}'],
+     'test_pipeline, which attention_recall loads and packs the image with: '
+     f'{NO_TEST_SET}'),
 ]
 
 

@@ -324,6 +324,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         check_file(path, 'image', 'pass an image file the config\'s '
                    'pipeline can load')
     cfg = load_config(args.config, args.cfg_options)
+    # Before the model is built: a config without a test pipeline fails.
+    pipeline = build_pipeline(cfg, args.shape, TOOL)
     # Without --checkpoint the weights are a seeded random initialisation.
     torch.manual_seed(args.seed)
     model = build_model(cfg, args.checkpoint, args.device, TOOL)
@@ -343,7 +345,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          f'{location[0]}, block {location[1]} has '
                          f'{modules[location].num_heads} heads.')
 
-    pipeline = build_pipeline(cfg, args.shape, TOOL)
     generator = torch.Generator().manual_seed(args.seed)
     per_image, shown_data = [], None
     for i, path in enumerate(args.images):

@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
-    'check_scope_installed', 'check_device', 'tool_main', 'user_error_types'
+    'check_scope_installed', 'check_device', 'no_test_set', 'tool_main',
+    'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -245,6 +246,33 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
+
+
+def no_test_set(cfg: 'Config', missing: str, needs: str) -> UsageError:
+    """The one-line error of a config without the test set a tool needs.
+
+    A pre-training config (SimMIM) trains on unlabelled images and has
+    neither a test dataloader nor a test pipeline: its model is tested,
+    and run on images, through the classifier config fine-tuned from it.
+
+    Args:
+        cfg (mmengine.config.Config): The config.
+        missing (str): What it lacks, e.g. ``'no test_dataloader'``.
+        needs (str): What the tool needs it for.
+
+    Returns:
+        UsageError: The error to raise.
+    """
+    model = cfg.get('model')
+    kind = model.get('type') if isinstance(model, dict) else None
+    what = (f'it is a pre-training config (model type {kind!r}), which has '
+            f'no test set' if cfg.get('train_dataloader') is not None else
+            'it has no test set')
+    return UsageError(
+        f'the config has {missing}, which {needs}: {what}; pass a config '
+        f'with one, e.g. the classifier config fine-tuned from a SimMIM '
+        f'one (configs/boat_swin/*_simmim-100e-pre_*.py, '
+        f'configs/boat_cswin/*_simmim-100e-pre_*.py)')
 
 
 def _config_error(err: BaseException) -> str:

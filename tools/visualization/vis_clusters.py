@@ -137,6 +137,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     check_file(args.image, 'image', 'pass an image file (.jpg, .png, ...)')
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+    # Before the model is built: a config without a test pipeline fails.
+    pipeline = build_pipeline(cfg, args.shape, TOOL)
     model = build_model(cfg, args.checkpoint, args.device)
     backbone = get_boat_backbone(model)
 
@@ -159,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f'--head {args.head} is out of range: FSLA at stage '
                          f'{args.stage}, block {block} has {heads} heads.')
 
-    data = build_pipeline(cfg, args.shape, TOOL)(dict(img_path=args.image))
+    data = pipeline(dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)
     ids = capture_cluster_ids(model, batch['inputs'],
                               [location])[location][0, args.head]
