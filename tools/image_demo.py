@@ -57,8 +57,8 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            check_device, check_file, load_config, no_test_set,
-                            tool_main)
+                            check_device, check_image, load_config,
+                            no_test_set, tool_main)
 from boat_tools.config import add_cfg_options_arg
 from boat_tools.inference import config_scope
 
@@ -135,10 +135,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     Args:
         args (argparse.Namespace): The parsed command line.
     """
-    check_file(args.img, 'image', 'pass an image file (.jpg, .png, ...)')
-    if mmcv.imread(args.img) is None:
-        raise UsageError(f'image {args.img!r} could not be read as an '
-                         f'image; pass a .jpg, .png, ... file')
+    check_image(args.img)
     if not cv2.haveImageWriter(args.out_file):
         raise UsageError(f'--out-file {args.out_file!r}: no image format '
                          f'for that name; end it with .png or .jpg')

@@ -199,7 +199,6 @@ CASES = [
     ('image_demo', [SEG, '{image}'],
      "is a Python file: the order is IMG CONFIG [CHECKPOINT]"),
     ('image_demo', ['missing.png', SEG], "image 'missing.png' not found"),
-    ('image_demo', ['{ours}', SEG], 'could not be read as an image'),
     ('image_demo', ['{image}', '{image}'],
      'is not one MMEngine reads (.py, .json, .yaml, .yml)'),
     ('image_demo', ['{image}', SEG, '{ours}', '--checkpoint',
@@ -310,6 +309,19 @@ CASES = [
      f'the config has neither test_dataloader.dataset.pipeline nor '
      f'test_pipeline, which vis_clusters loads and packs the image with: '
      f'{NO_TEST_SET}'),
+    # A file that is not an image, checked before the model is built; a
+    # checkpoint where the image goes is named as one.
+    ('vis_clusters', [SEG, '{ours}'],
+     "could not be read as an image; it looks like a checkpoint: give it "
+     'with --checkpoint '),
+    ('attention_recall', [SEG, '{image}', '{ours}'],
+     "ours.pth' could not be read as an image; it looks like a checkpoint: "
+     'give it with --checkpoint '),
+    ('attention_recall', [SEG, '{root}/bad_json.json'],
+     "bad_json.json' could not be read as an image; pass an image file "
+     '(.jpg, .png, ...)'),
+    ('image_demo', ['{ours}', SEG],
+     'could not be read as an image; it looks like a checkpoint'),
     ('attention_recall', [SIMMIM_CSWIN, '{image}'],
      'test_pipeline, which attention_recall loads and packs the image with: '
      f'{NO_TEST_SET}'),

@@ -51,7 +51,7 @@ from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
-                            add_shape_arg, check_file, load_config, tool_main)
+                            add_shape_arg, check_image, load_config, tool_main)
 from boat_tools.inference import build_model, build_pipeline, token_stride
 
 TOOL = 'attention_recall'
@@ -321,8 +321,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f'--map-image must index the {len(args.images)} '
                          f'image(s) given, got {args.map_image}.')
     for path in args.images:
-        check_file(path, 'image', 'pass an image file the config\'s '
-                   'pipeline can load')
+        check_image(path)
     cfg = load_config(args.config, args.cfg_options)
     # Before the model is built: a config without a test pipeline fails.
     pipeline = build_pipeline(cfg, args.shape, TOOL)

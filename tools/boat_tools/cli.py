@@ -32,9 +32,9 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
-    'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
-    'check_scope_installed', 'check_device', 'no_test_set', 'tool_main',
-    'user_error_types'
+    'check_file', 'check_image', 'check_checkpoint', 'load_config',
+    'merge_cfg_options', 'check_scope_installed', 'check_device',
+    'no_test_set', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -147,6 +147,35 @@ def check_file(path: str, what: str, fix: str) -> str:
     where = ('is a folder' if osp.isdir(path) else
              f'not found (working directory {os.getcwd()})')
     raise FileNotFoundError(f'{what} {path!r} {where}; {fix}')
+
+
+#: The endings of weights files, which an image argument is checked for.
+CHECKPOINT_EXTENSIONS = ('.pth', '.pt', '.ckpt', '.pth.tar', '.safetensors')
+
+
+def check_image(path: str,
+                fix: str = 'pass an image file (.jpg, .png, ...)') -> str:
+    """:func:`check_file` for an image, which must also decode (as the
+    pipelines' ``LoadImageFromFile`` reads it), before a model is built.
+
+    Args:
+        path (str): The image given.
+        fix (str): What to pass instead.
+
+    Returns:
+        str: ``path``.
+    """
+    check_file(path, 'image', fix)
+    if '://' in str(path):
+        return path
+    import mmcv
+    if mmcv.imread(path) is not None:
+        return path
+    if str(path).endswith(CHECKPOINT_EXTENSIONS):
+        # `tool CONFIG CKPT`: the weights where the image goes.
+        fix = (f'it looks like a checkpoint: give it with --checkpoint '
+               f'{path}, and an image file here')
+    raise UsageError(f'image {path!r} could not be read as an image; {fix}')
 
 
 def check_device(device: str) -> None:
