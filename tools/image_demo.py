@@ -57,8 +57,8 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            check_device, check_image, load_config,
-                            no_test_set, tool_main)
+                            check_device, check_image, check_output_file,
+                            load_config, no_test_set, tool_main)
 from boat_tools.config import add_cfg_options_arg
 from boat_tools.inference import config_scope
 
@@ -136,6 +136,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         args (argparse.Namespace): The parsed command line.
     """
     check_image(args.img)
+    check_output_file(args.out_file, '--out-file', 'pred.png')
     if not cv2.haveImageWriter(args.out_file):
         raise UsageError(f'--out-file {args.out_file!r}: no image format '
                          f'for that name; end it with .png or .jpg')

@@ -322,6 +322,21 @@ CASES = [
      '(.jpg, .png, ...)'),
     ('image_demo', ['{ours}', SEG],
      'could not be read as an image; it looks like a checkpoint'),
+    # An output path that is a folder, or under a file: refused before
+    # the conversion or export (boat2mm converted, pytorch2onnx exported
+    # for 15 s, before failing on it).
+    ('boat2mm', ['{published}',
+                 '{full}'], "full' is a folder; name a file in it, e.g. "),
+    ('pytorch2onnx', [SEG, '--shape', '64', '--out',
+                      '{full}'], '/full/boat-cswin-tiny_upernet_demo.onnx'),
+    ('pytorch2onnx', [SEG, '--shape', '64', '--out', '{ours}/x.onnx'],
+     'ours.pth is a file, not a folder; name a path in a folder'),
+    ('vis_clusters', [SEG, '{image}', '--out-file', '{full}'],
+     "full' is a folder; name a file in it, e.g. /"),
+    ('attention_recall', [SEG, '{image}', '--json', '{full}'],
+     "full' is a folder; name a file in it, e.g. /"),
+    ('image_demo', ['{image}', SEG, '--out-file',
+                    '{full}'], "full' is a folder; name a file in it, e.g. /"),
     ('attention_recall', [SIMMIM_CSWIN, '{image}'],
      'test_pipeline, which attention_recall loads and packs the image with: '
      f'{NO_TEST_SET}'),

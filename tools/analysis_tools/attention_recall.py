@@ -51,7 +51,8 @@ from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
-                            add_shape_arg, check_image, load_config, tool_main)
+                            add_shape_arg, check_image, check_output_file,
+                            load_config, tool_main)
 from boat_tools.inference import build_model, build_pipeline, token_stride
 
 TOOL = 'attention_recall'
@@ -322,6 +323,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          f'image(s) given, got {args.map_image}.')
     for path in args.images:
         check_image(path)
+    for what, path, example in (('--out-file', args.out_file, 'recall.png'),
+                                ('--json', args.json, 'recall.json')):
+        if path:
+            check_output_file(path, what, example)
     cfg = load_config(args.config, args.cfg_options)
     # Before the model is built: a config without a test pipeline fails.
     pipeline = build_pipeline(cfg, args.shape, TOOL)

@@ -32,9 +32,9 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
-    'check_file', 'check_image', 'check_checkpoint', 'load_config',
-    'merge_cfg_options', 'check_scope_installed', 'check_device',
-    'no_test_set', 'tool_main', 'user_error_types'
+    'check_file', 'check_image', 'check_output_file', 'check_checkpoint',
+    'load_config', 'merge_cfg_options', 'check_scope_installed',
+    'check_device', 'no_test_set', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -147,6 +147,31 @@ def check_file(path: str, what: str, fix: str) -> str:
     where = ('is a folder' if osp.isdir(path) else
              f'not found (working directory {os.getcwd()})')
     raise FileNotFoundError(f'{what} {path!r} {where}; {fix}')
+
+
+def check_output_file(path: str, what: str, example: str) -> str:
+    """Refuse an output file that cannot be written, before the work that
+    makes it: an existing folder, or a path under a file.
+
+    Args:
+        path (str): The output path given.
+        what (str): The option or argument, e.g. ``'--out'``.
+        example (str): A file name to suggest inside a folder given.
+
+    Returns:
+        str: ``path``.
+    """
+    if osp.isdir(path):
+        raise UsageError(f'{what} {path!r} is a folder; name a file in it, '
+                         f'e.g. {osp.join(path, example)}')
+    # The nearest existing folder above it: makedirs creates the rest.
+    parent = osp.dirname(osp.abspath(path))
+    while not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise UsageError(f'{what} {path!r}: {parent} is a file, not a '
+                         f'folder; name a path in a folder')
+    return path
 
 
 #: The endings of weights files, which an image argument is checked for.

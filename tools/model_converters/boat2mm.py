@@ -53,7 +53,8 @@ from boat_mm.utils.published import load_published_checkpoint
 from boat_mm.version import __version__
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
+from boat_tools.cli import (ArgumentParser, UsageError, check_file,
+                            check_output_file, tool_main)
 
 Family = Type[BaseBOATBackbone]
 
@@ -300,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 @tool_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before the conversion; the suggested name is the source's.
+    name = osp.basename(args.src.rstrip('/')).split('.')[0]
+    check_output_file(args.dst, 'DST', f'{name}.pth')
     try:
         convert(args.src, args.dst, args.ema)
     except UsageError:

@@ -44,7 +44,7 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
                             add_shape_arg, check_checkpoint, check_image,
-                            load_config, tool_main)
+                            check_output_file, load_config, tool_main)
 from boat_tools.inference import build_model as _build_model
 from boat_tools.inference import build_pipeline, token_stride
 
@@ -135,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     check_image(args.image)
+    check_output_file(args.out_file, '--out-file', 'clusters.png')
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
     # Before the model is built: a config without a test pipeline fails.
