@@ -298,6 +298,17 @@ CASES = [
                             '8'], 'img_size must be >= 32'),
     ('run_demo', ['--config',
                   'missing.py'], "config file 'missing.py' not found"),
+    # --out checked for what each scope writes there, before the test.
+    ('test', [CLS, '{ours}', '--out', 'res.json'],
+     "--out of an mmpretrain config is a pickle file of the predictions, "
+     "ending in .pkl or .pickle; got 'res.json' (for the metrics in a .json "
+     'file, add --out-item metrics).'),
+    ('test', [CLS, '{ours}', '--out', 'res.txt', '--out-item', 'metrics'],
+     '--out of an mmpretrain config is a file of the metrics, ending in '
+     ".json or .yaml or .yml or .pickle or .pkl; got 'res.txt'."),
+    ('test', [DET, '{ours}', '--out', 'res.json'],
+     '--out of an mmdet config is a pickle file of the predictions, ending '
+     "in .pkl or .pickle; got 'res.json'."),
     # A SimMIM pre-training config where a test set is needed.
     ('test', [SIMMIM, '{ours}'],
      f'the config has no test_dataloader, which test.py tests on: '
