@@ -106,12 +106,20 @@ def files(tmp_path_factory):
     # Configs that MMEngine cannot read.
     base = osp.join(REPO, CLS)
     bad = {
-        'bad_merge': f'_base_ = [{base!r}]\n'
+        'bad_merge':
+        f'_base_ = [{base!r}]\n'
         'model = dict(backbone=dict(arch=dict(embed_dims=8)))\n',
-        'bad_syntax': f'_base_ = [{base!r}]\nmodel = dict(\n',
-        'bad_base': "_base_ = ['./nothere.py']\n",
-        'bad_import': "custom_imports = dict(imports=['boat_mm_nothere'])\n",
-        'bad_reference': f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+        'bad_syntax':
+        f'_base_ = [{base!r}]\nmodel = dict(\n',
+        'bad_base':
+        "_base_ = ['./nothere.py']\n",
+        'bad_import':
+        "custom_imports = dict(imports=['boat_mm_nothere'])\n",
+        'bad_reference':
+        f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+        'bad_init':
+        f'_base_ = [{base!r}]\n'
+        "model = dict(init_cfg=[dict(layer='Linear')])\n",
     }
     for name, text in bad.items():
         (root / f'{name}.py').write_text(text)
@@ -298,6 +306,17 @@ CASES = [
                             '8'], 'img_size must be >= 32'),
     ('run_demo', ['--config',
                   'missing.py'], "config file 'missing.py' not found"),
+    # An init_cfg without type, refused when the config is read, not by
+    # init_weights after the model is built (KeyError: 'type').
+    ('train',
+     [CLS, '--cfg-options', 'model.backbone.init_cfg.checkpoint=x.pth'],
+     "model.backbone.init_cfg={'checkpoint': 'x.pth'}: it has no type, which "
+     "MMEngine's init_weights needs: for a backbone checkpoint, set "
+     'model.backbone.init_cfg.type=Pretrained beside '
+     'model.backbone.init_cfg.checkpoint=FILE; for a checkpoint of the '
+     'whole model, pass load_from=FILE instead'),
+    ('get_flops', ['{root}/bad_init.py'],
+     "model.init_cfg=[{'layer': 'Linear'}]: a dict of it has no type"),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "

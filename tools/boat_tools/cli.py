@@ -250,23 +250,25 @@ def check_checkpoint(path: str) -> str:
 def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
     """``cfg.merge_from_dict(cfg_options)``, with MMEngine's complaints
     about an option (a dict under a value that is not one, a list index
-    out of range) as a :class:`UsageError`.
+    out of range) as a :class:`UsageError`; then :func:`check_init_cfgs`.
 
     Args:
         cfg (mmengine.config.Config): The config, changed in place.
         cfg_options (dict, optional): ``--cfg-options``.
     """
-    if not cfg_options:
-        return
-    try:
-        cfg.merge_from_dict(cfg_options)
-    except (TypeError, KeyError) as err:
-        text = _one_line(err)
-        if isinstance(err, TypeError) and '_delete_' in text:
-            text = text.rstrip('.') + (
-                ': on the command line, KEY._delete_=True beside the '
-                'KEY.FIELD=VALUE options.')
-        raise UsageError(f'--cfg-options: {text}') from err
+    if cfg_options:
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError) as err:
+            text = _one_line(err)
+            if isinstance(err, TypeError) and '_delete_' in text:
+                text = text.rstrip('.') + (
+                    ': on the command line, KEY._delete_=True beside the '
+                    'KEY.FIELD=VALUE options.')
+            raise UsageError(f'--cfg-options: {text}') from err
+    # Here, as every tool merges its options here (load_config, or
+    # config.merge_common_args after it).
+    check_init_cfgs(cfg.get('model'))
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
@@ -300,6 +302,50 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
+
+
+def check_init_cfgs(node: Any, where: str = 'model') -> None:
+    """Refuse an ``init_cfg`` dict without ``type`` anywhere under the
+    model, which MMEngine's ``init_weights`` meets only after the model is
+    built (``KeyError: 'type'``): e.g. ``--cfg-options
+    model.backbone.init_cfg.checkpoint=FILE`` on a backbone with no
+    ``init_cfg``.
+
+    Args:
+        node (Any): The config's model, or a part of it.
+        where (str): Its dotted key, for the message.
+    """
+    if isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            check_init_cfgs(item, f'{where}.{i}')
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        inits = value if isinstance(value, (list, tuple)) else [value]
+        if key == 'init_cfg' and any(
+                isinstance(v, dict) and 'type' not in v for v in inits):
+            key = f'{where}.{key}'
+            # A list's items are not set one by one on the command line.
+            at = 'it' if isinstance(value, dict) else 'a dict of it'
+            raise UsageError(
+                f'{key}={_one_line_value(value)}: {at} has no type, which '
+                f'MMEngine\'s init_weights needs: for a backbone checkpoint, '
+                f'set {key}.type=Pretrained beside {key}.checkpoint=FILE; '
+                f'for a checkpoint of the whole model, pass load_from=FILE '
+                f'instead')
+        check_init_cfgs(value, f'{where}.{key}')
+
+
+def _one_line_value(value: Any) -> str:
+    """A config value as plain dicts and lists (a ConfigDict's repr is
+    not what a user writes)."""
+    to_dict = getattr(value, 'to_dict', None)
+    if to_dict is not None:
+        value = to_dict()
+    elif isinstance(value, (list, tuple)):
+        value = [getattr(v, 'to_dict', lambda v=v: v)() for v in value]
+    return repr(value)
 
 
 def no_test_set(cfg: 'Config', missing: str, needs: str) -> UsageError:
