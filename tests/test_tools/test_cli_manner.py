@@ -117,6 +117,11 @@ def files(tmp_path_factory):
         "custom_imports = dict(imports=['boat_mm_nothere'])\n",
         'bad_reference':
         f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+        'boat_scope':
+        "_base_ = ['boat_mm::boat_cswin/boat-cswin-tiny_8xb256_"
+        "in1k.py']\n",
+        'other_scope':
+        "_base_ = ['mmfoo::a/b.py']\n",
         'bad_init':
         f'_base_ = [{base!r}]\n'
         "model = dict(init_cfg=[dict(layer='Linear')])\n",
@@ -317,6 +322,15 @@ CASES = [
      'whole model, pass load_from=FILE instead'),
     ('get_flops', ['{root}/bad_init.py'],
      "model.init_cfg=[{'layer': 'Linear'}]: a dict of it has no type"),
+    # A `_base_` of a scope MMEngine does not know: MMEngine's assertion.
+    ('train', ['{root}/boat_scope.py'],
+     "boat_scope.py': a _base_ is 'boat_mm::...', a scope MMEngine does not "
+     "know: boat-mm's configs are inherited by their path, e.g. _base_ = ["
+     f"'{osp.join(REPO, CLS)}'] (or a path relative to the folder of your "
+     'config)'),
+    ('test', ['{root}/other_scope.py', '{ours}'],
+     "other_scope.py': a _base_ is 'mmfoo::...', a scope MMEngine does not "
+     'know (it knows mmaction, '),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "

@@ -298,6 +298,15 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
             ConfigParsingError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise UsageError(f'config file {path!r}: {_config_error(err)}') \
             from err
+    except AssertionError as err:
+        # MMEngine asserts that a `_base_` scope ('PKG::PATH') is a package
+        # it knows; any other assertion is not the user's.
+        scope = re.search(r'does not support to load (\S+) config',
+                          _one_line(err))
+        if scope is None:
+            raise
+        raise UsageError(f'config file {path!r}: {_scope_error(scope[1])}') \
+            from err
     import_custom_modules(cfg, path)
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
@@ -412,6 +421,29 @@ def _config_error(err: BaseException) -> str:
         # A `{{_base_.KEY}}` or `_base_.KEY` reference to no key.
         return f'its _base_ files set no {text!r} (a _base_.KEY reference)'
     return text
+
+
+def _scope_error(scope: str) -> str:
+    """What is wrong with a ``_base_`` of an unknown scope, ``SCOPE::PATH``,
+    and the fix.
+
+    Args:
+        scope (str): The scope before ``::``.
+
+    Returns:
+        str: The message.
+    """
+    from mmengine.config.utils import MODULE2PACKAGE
+    if scope.replace('-', '_') == 'boat_mm':
+        example = osp.join(ROOT, 'configs', 'boat_cswin',
+                           'boat-cswin-tiny_8xb256_in1k.py')
+        return (f"a _base_ is '{scope}::...', a scope MMEngine does not "
+                f"know: boat-mm's configs are inherited by their path, "
+                f"e.g. _base_ = [{example!r}] (or a path relative to the "
+                f"folder of your config)")
+    known = ', '.join(sorted(MODULE2PACKAGE))
+    return (f"a _base_ is '{scope}::...', a scope MMEngine does not know "
+            f"(it knows {known}); name that config by its path instead")
 
 
 def import_custom_modules(cfg: 'Config', path: str) -> None:
