@@ -331,6 +331,24 @@ CASES = [
     ('test', ['{root}/other_scope.py', '{ours}'],
      "other_scope.py': a _base_ is 'mmfoo::...', a scope MMEngine does not "
      'know (it knows mmaction, '),
+    # A training length the recipe's schedule or loop does not fit, seen
+    # in the config, not in MMEngine's errors when the runner builds them.
+    ('train', [CLS, '--cfg-options', 'train_cfg.max_epochs=2'],
+     'param_scheduler[1] (CosineAnnealingLR) begins at epoch 20 and ends at '
+     'train_cfg.max_epochs=2, and MMEngine needs end > begin: for a run this '
+     'short, give a child config its own param_scheduler, as "Shorter '
+     'ImageNet runs" in configs/boat_swin/README.md and '
+     'configs/boat_cswin/README.md shows'),
+    ('train', [CLS, '--cfg-options', 'train_cfg.max_iters=4'],
+     "train_cfg has max_iters, which MMEngine's EpochBasedTrainLoop does not "
+     'take (it takes max_epochs, val_begin, val_interval, '
+     'dynamic_intervals): set train_cfg.max_epochs instead; an '
+     'iteration-based run needs a child config that replaces train_cfg '
+     '(`train_cfg = dict(_delete_=True, by_epoch=False, max_iters=N)`) and '
+     'its param_scheduler'),
+    ('train', [SEG, '--cfg-options', 'train_cfg.max_epochs=4'],
+     "train_cfg has max_epochs, which MMEngine's IterBasedTrainLoop does not "
+     'take'),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "
