@@ -8,7 +8,7 @@ data preprocessor, captures the cluster of every token at the chosen FSLA
 module (stage, block, head), and saves the image next to the image
 overlaid with one colour per cluster, enlarged by a whole factor to at
 least ``--min-width`` (512) pixels, under a title that names the stage,
-block and head and says how many clusters there are.
+block and head, the size of the token map and how many clusters split it.
 
 Examples::
 
@@ -175,9 +175,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         stride=token_stride(backbone, args.stage))
     num = len(np.unique(ids.numpy()))
     h, w = image.shape[:2]
-    title = (f'stage {args.stage}, block {block}, head {args.head}: {num} '
-             f'clusters of {ids.shape[0]}x{ids.shape[1]} tokens '
-             f'({h}x{w} input)')
+    # The map's size, then the clusters it is split into (the size read
+    # as each cluster's was the old wording's trap).
+    title = (f'stage {args.stage}, block {block}, head {args.head}: a '
+             f'{ids.shape[0]}x{ids.shape[1]} map ({ids.numel()} tokens) in '
+             f'{num} clusters ({h}x{w} input)')
     picture, scale = readable(picture, title, args.min_width)
     mmcv.imwrite(picture, args.out_file)
     print_log(
