@@ -74,6 +74,15 @@ def files(tmp_path_factory):
     # publish_model.py's inputs that are not checkpoints of train.py.
     a_list = str(root / 'list.pth')
     torch.save([torch.ones(2)], a_list)
+    # What boat2mm.py writes (its meta names the published key).
+    converted = str(root / 'converted.pth')
+    torch.save(
+        dict(
+            state_dict=dict(w=torch.ones(2)),
+            meta=dict(
+                source='cswin_tiny.pth.tar',
+                source_key='state_dict_ema',
+                ema=True)), converted)
     no_state = str(root / 'no_state.pth')
     torch.save(dict(epoch=3, meta=dict()), no_state)
     bad_ema = str(root / 'bad_ema.pth')
@@ -138,6 +147,7 @@ def files(tmp_path_factory):
         published=published,
         a_list=a_list,
         no_state=no_state,
+        converted=converted,
         bad_ema=bad_ema,
         custom=custom,
         custom_cswin=custom_cswin,
@@ -269,7 +279,13 @@ CASES = [
     ('publish_model', ['{image}', 'x.pth'],
      'is not a checkpoint torch.load(weights_only=True) reads'),
     ('publish_model', ['{ours}', 'x.pth', '--no-ema'],
-     'has no ema_state_dict (trained without EMAHook)'),
+     'has no ema_state_dict (trained without EMAHook, so its state_dict '
+     'holds the trained weights): drop --no-ema'),
+    ('publish_model', ['{converted}', 'x.pth', '--no-ema'],
+     "converted.pth has no ema_state_dict (converted by boat2mm.py "
+     "from 'state_dict_ema' of cswin_tiny.pth.tar, the published EMA "
+     'weights; for the other ones, convert it again without --ema): drop '
+     '--no-ema'),
     ('publish_model', ['{a_list}', 'x.pth'],
      'holds a list, not a checkpoint dict; pass a .pth written by '
      'tools/train.py'),
