@@ -269,6 +269,10 @@ CASES = [
     ('boat2mm', ['missing.pth',
                  'dst.pth'], "published checkpoint 'missing.pth' not found"),
     ('boat2mm', ['{ours}', 'dst.pth'], 'None of the published BOAT layouts'),
+    # A BOAT-Swin file (its weights under 'model') has no EMA weights.
+    ('boat2mm', ['{custom}', 'dst.pth', '--ema'],
+     "swin_custom.pth: --ema asks for its state_dict_ema, which it has not "
+     '(its keys: model): drop --ema to convert its weights'),
     ('verify_boat', ['--ref-repo', '{root}'], 'give a checkpoint or --family'),
     ('publish_model', ['missing.pth',
                        'x.pth'], "checkpoint 'missing.pth' not found"),

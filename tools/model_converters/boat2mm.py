@@ -234,6 +234,12 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     if not isinstance(ckpt, dict):
         raise TypeError(f'{src} holds a {type(ckpt).__name__}, not a dict '
                         f'of weights.')
+    if use_ema and 'state_dict_ema' not in ckpt:
+        # (BOAT-Swin files, and CSWin ones saved without EMA, have none.)
+        raise UsageError(
+            f'{src}: --ema asks for its state_dict_ema, which it has not '
+            f'(its keys: {", ".join(sorted(map(str, ckpt)))}): drop --ema '
+            f'to convert its weights')
     source_key, weights = pick_boat_weights(ckpt, use_ema)
     family = detect_boat_family(weights)
     converted = family.published.convert(weights)
