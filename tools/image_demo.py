@@ -59,7 +59,8 @@ import boat_mm  # noqa: F401  (registers the BOAT models)
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            check_device, check_file, load_config, tool_main)
+                            check_device, check_image, check_output_file,
+                            load_config, no_test_set, tool_main)
 from boat_tools.config import add_cfg_options_arg
 from boat_tools.inference import config_scope
 
@@ -148,10 +149,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     Args:
         args (argparse.Namespace): The parsed command line.
     """
-    check_file(args.img, 'image', 'pass an image file (.jpg, .png, ...)')
-    if mmcv.imread(args.img) is None:
-        raise UsageError(f'image {args.img!r} could not be read as an '
-                         f'image; pass a .jpg, .png, ... file')
+    check_image(args.img)
+    check_output_file(args.out_file, '--out-file', 'pred.png')
     if not cv2.haveImageWriter(args.out_file):
         raise UsageError(f'--out-file {args.out_file!r}: no image format '
                          f'for that name; end it with .png or .jpg')
@@ -419,6 +418,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     scope = config_scope(cfg, TOOL)
+    if cfg.get('test_dataloader') is None:
+        raise no_test_set(
+            cfg, 'no test_dataloader',
+            'image_demo.py takes the test pipeline and '
+            'class names from')
     check_inputs(args)
     if args.checkpoint is None:
         print_log(

@@ -45,7 +45,7 @@ from typing import List, Optional
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import mmengine
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
-                            load_config, tool_main)
+                            load_config, no_test_set, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_checkpoint_fits,
                                check_data_roots, close_dist, init_cpu_dist,
@@ -251,9 +251,40 @@ def _tta(cfg: Config) -> None:
     _test_dataset(cfg).pipeline = cfg.tta_pipeline
 
 
+def check_out(out: str, scope: str, out_item: Optional[str]) -> None:
+    """Check ``--out`` for what the config's scope writes there, before
+    the test: the predictions are pickled (MMEngine's ``DumpResults``,
+    mmdet's ``DumpDetResults``), mmpretrain's metrics go through
+    ``mmengine.dump`` (format by ending) and mmseg's label maps into a
+    folder.
+
+    Args:
+        out (str): ``--out``.
+        scope (str): The config's ``default_scope``.
+        out_item (str, optional): ``--out-item`` (mmpretrain).
+    """
+    if scope == 'mmseg':
+        return
+    from mmengine.fileio.handlers import file_handlers
+    pickle = ('.pkl', '.pickle')
+    if scope == 'mmpretrain' and out_item == 'metrics':
+        endings = tuple(f'.{name}' for name in file_handlers)
+        what = 'a file of the metrics'
+    else:
+        endings = pickle
+        what = 'a pickle file of the predictions'
+    hint = (' (for the metrics in a .json file, add --out-item metrics)'
+            if scope == 'mmpretrain' and out_item != 'metrics' else '')
+    if not out.endswith(endings):
+        raise UsageError(f'--out of an {scope} config is {what}, ending in '
+                         f'{" or ".join(endings)}; got {out!r}{hint}.')
+
+
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     """Merge the command line into the config (``--cfg-options`` first)."""
     merge_common_args(cfg, args)
+    if cfg.get('test_dataloader') is None:
+        raise no_test_set(cfg, 'no test_dataloader', 'test.py tests on')
     cfg.load_from = check_checkpoint(args.checkpoint)
     cfg.resume = False
     if args.amp:
@@ -276,11 +307,8 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.test_dataloader = loader
     if args.no_pin_memory:
         cfg.test_dataloader.pin_memory = False
-    if args.out is not None and _scope(cfg) == 'mmdet' \
-            and not args.out.endswith(('.pkl', '.pickle')):
-        raise UsageError(
-            f'--out of an mmdet config is a pickle file of the predictions '
-            f'(.pkl or .pickle), got {args.out!r}.')
+    if args.out is not None:
+        check_out(args.out, _scope(cfg), args.out_item)
     if args.out is not None and _scope(cfg) == 'mmseg':
         # mmseg's IoUMetric writes the label maps (original ids) there.
         evaluators = cfg.test_evaluator if isinstance(

@@ -250,9 +250,109 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.val_dataloader = None
         cfg.val_evaluator = None
 
+    check_train_loop(cfg)
+    check_param_scheduler(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
     return cfg
+
+
+#: What a short run is told to do about the recipe's scheduler.
+_SHORT_RUN_FIX = ('give a child config its own param_scheduler, as "Shorter '
+                  'ImageNet runs" in configs/boat_swin/README.md and '
+                  'configs/boat_cswin/README.md shows')
+
+
+def _loop_class(train_cfg: dict) -> Optional[type]:
+    """MMEngine's epoch or iteration loop that ``train_cfg`` builds
+    (``type``, or ``by_epoch`` as the runner reads it); None for another
+    loop."""
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    loops = {
+        'EpochBasedTrainLoop': EpochBasedTrainLoop,
+        'IterBasedTrainLoop': IterBasedTrainLoop
+    }
+    if 'type' in train_cfg:
+        return loops.get(train_cfg['type'])
+    if 'by_epoch' not in train_cfg:
+        return None
+    return EpochBasedTrainLoop if train_cfg['by_epoch'] else IterBasedTrainLoop
+
+
+def check_train_loop(cfg: Config) -> None:
+    """Refuse a ``train_cfg`` key that its loop does not take (e.g.
+    ``max_iters`` in an epoch-based one), which the runner meets as a
+    ``TypeError`` of the loop's ``__init__``.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    import inspect
+    train_cfg = cfg.get('train_cfg')
+    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    if loop is None:
+        return
+    takes = [
+        k for k in inspect.signature(loop.__init__).parameters
+        if k not in ('self', 'runner', 'dataloader')
+    ]
+    # (_scope_: MMEngine's note of the scope a config came from.)
+    odd = [
+        k for k in train_cfg
+        if k not in takes + ['type', 'by_epoch'] and not k.startswith('_')
+    ]
+    if not odd:
+        return
+    key, other, other_key = (('max_epochs', 'iteration', 'max_iters')
+                             if loop.__name__ == 'EpochBasedTrainLoop' else
+                             ('max_iters', 'epoch', 'max_epochs'))
+    # by_epoch alone does not do: the other loop refuses this one's length.
+    fix = (f'set train_cfg.{key} instead; an {other}-based run needs a '
+           f'child config that replaces train_cfg (`train_cfg = '
+           f'dict(_delete_=True, by_epoch={other == "epoch"}, '
+           f'{other_key}=N)`) and its param_scheduler')
+    raise UsageError(
+        f'train_cfg has {", ".join(odd)}, which MMEngine\'s {loop.__name__} '
+        f'does not take (it takes {", ".join(takes)}): {fix}')
+
+
+def check_param_scheduler(cfg: Config) -> None:
+    """Refuse a scheduler of ``param_scheduler`` that would end before it
+    begins, e.g. the recipe's cosine phase from epoch 20 with
+    ``train_cfg.max_epochs=2``: MMEngine's runner sets a missing ``end`` to
+    the loop's length and the scheduler refuses ``end <= begin``.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    train_cfg = cfg.get('train_cfg')
+    schedulers = cfg.get('param_scheduler')
+    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    if isinstance(schedulers, dict) and 'type' in schedulers:
+        schedulers = [schedulers]
+    if loop is None or not isinstance(schedulers, list):
+        return  # another loop, or one scheduler list per optimizer
+    epochs = loop.__name__ == 'EpochBasedTrainLoop'
+    length = train_cfg.get('max_epochs' if epochs else 'max_iters')
+    for i, scheduler in enumerate(schedulers):
+        if not isinstance(scheduler, dict):
+            continue
+        by_epoch = scheduler.get('by_epoch', True)
+        begin = scheduler.get('begin', 0)
+        end = scheduler.get('end')
+        default = None
+        if end is None and by_epoch == epochs and length is not None:
+            # The runner's default (that of the other unit needs the data).
+            default = f'train_cfg.{"max_epochs" if epochs else "max_iters"}'
+            end = length
+        if end is None or end > begin:
+            continue
+        unit = 'epoch' if by_epoch else 'iteration'
+        ends = (f'ends at {default}={end}' if default else f'ends at {end}')
+        raise UsageError(
+            f'param_scheduler[{i}] ({scheduler.get("type")}) begins at {unit} '
+            f'{begin} and {ends}, and MMEngine needs end > begin: for a run '
+            f'this short, {_SHORT_RUN_FIX}')
 
 
 @tool_main

@@ -28,6 +28,7 @@ TOOLS = {
     'get_flops': 'tools/analysis_tools/get_flops.py',
     'check_fsla_parity': 'tools/analysis_tools/check_fsla_parity.py',
     'vis_clusters': 'tools/visualization/vis_clusters.py',
+    'attention_recall': 'tools/analysis_tools/attention_recall.py',
     'image_demo': 'tools/image_demo.py',
     'pytorch2onnx': 'tools/deployment/pytorch2onnx.py',
     'boat2mm': 'tools/model_converters/boat2mm.py',
@@ -41,6 +42,14 @@ SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
 DET = 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'
 SIMMIM = ('configs/boat_swin/simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_'
           'in1k-192px.py')
+SIMMIM_CSWIN = ('configs/boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-'
+                '100e_in1k-192px.py')
+# What a pre-training config, which has no test set, is told.
+NO_TEST_SET = ("it is a pre-training config (model type 'SimMIM'), which has "
+               'no test set; pass a config with one, e.g. the classifier '
+               'config fine-tuned from a SimMIM one (configs/boat_swin/'
+               '*_simmim-100e-pre_*.py, configs/boat_cswin/'
+               '*_simmim-100e-pre_*.py)')
 _LOADED = {}
 
 
@@ -65,6 +74,15 @@ def files(tmp_path_factory):
     # publish_model.py's inputs that are not checkpoints of train.py.
     a_list = str(root / 'list.pth')
     torch.save([torch.ones(2)], a_list)
+    # What boat2mm.py writes (its meta names the published key).
+    converted = str(root / 'converted.pth')
+    torch.save(
+        dict(
+            state_dict=dict(w=torch.ones(2)),
+            meta=dict(
+                source='cswin_tiny.pth.tar',
+                source_key='state_dict_ema',
+                ema=True)), converted)
     no_state = str(root / 'no_state.pth')
     torch.save(dict(epoch=3, meta=dict()), no_state)
     bad_ema = str(root / 'bad_ema.pth')
@@ -97,12 +115,25 @@ def files(tmp_path_factory):
     # Configs that MMEngine cannot read.
     base = osp.join(REPO, CLS)
     bad = {
-        'bad_merge': f'_base_ = [{base!r}]\n'
+        'bad_merge':
+        f'_base_ = [{base!r}]\n'
         'model = dict(backbone=dict(arch=dict(embed_dims=8)))\n',
-        'bad_syntax': f'_base_ = [{base!r}]\nmodel = dict(\n',
-        'bad_base': "_base_ = ['./nothere.py']\n",
-        'bad_import': "custom_imports = dict(imports=['boat_mm_nothere'])\n",
-        'bad_reference': f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+        'bad_syntax':
+        f'_base_ = [{base!r}]\nmodel = dict(\n',
+        'bad_base':
+        "_base_ = ['./nothere.py']\n",
+        'bad_import':
+        "custom_imports = dict(imports=['boat_mm_nothere'])\n",
+        'bad_reference':
+        f'_base_ = [{base!r}]\nx = {{{{_base_.nokey}}}}\n',
+        'boat_scope':
+        "_base_ = ['boat_mm::boat_cswin/boat-cswin-tiny_8xb256_"
+        "in1k.py']\n",
+        'other_scope':
+        "_base_ = ['mmfoo::a/b.py']\n",
+        'bad_init':
+        f'_base_ = [{base!r}]\n'
+        "model = dict(init_cfg=[dict(layer='Linear')])\n",
     }
     for name, text in bad.items():
         (root / f'{name}.py').write_text(text)
@@ -116,6 +147,7 @@ def files(tmp_path_factory):
         published=published,
         a_list=a_list,
         no_state=no_state,
+        converted=converted,
         bad_ema=bad_ema,
         custom=custom,
         custom_cswin=custom_cswin,
@@ -190,7 +222,6 @@ CASES = [
     ('image_demo', [SEG, '{image}'],
      "is a Python file: the order is IMG CONFIG [CHECKPOINT]"),
     ('image_demo', ['missing.png', SEG], "image 'missing.png' not found"),
-    ('image_demo', ['{ours}', SEG], 'could not be read as an image'),
     ('image_demo', ['{image}', '{image}'],
      'is not one MMEngine reads (.py, .json, .yaml, .yml)'),
     ('image_demo', ['{image}', SEG, '{ours}', '--checkpoint',
@@ -240,6 +271,10 @@ CASES = [
     ('boat2mm', ['missing.pth',
                  'dst.pth'], "published checkpoint 'missing.pth' not found"),
     ('boat2mm', ['{ours}', 'dst.pth'], 'None of the published BOAT layouts'),
+    # A BOAT-Swin file (its weights under 'model') has no EMA weights.
+    ('boat2mm', ['{custom}', 'dst.pth', '--ema'],
+     "swin_custom.pth: --ema asks for its state_dict_ema, which it has not "
+     '(its keys: model): drop --ema to convert its weights'),
     ('verify_boat', ['--ref-repo', '{root}'], 'give a checkpoint or --family'),
     ('publish_model', ['missing.pth',
                        'x.pth'], "checkpoint 'missing.pth' not found"),
@@ -250,7 +285,13 @@ CASES = [
     ('publish_model', ['{image}', 'x.pth'],
      'is not a checkpoint torch.load(weights_only=True) reads'),
     ('publish_model', ['{ours}', 'x.pth', '--no-ema'],
-     'has no ema_state_dict (trained without EMAHook)'),
+     'has no ema_state_dict (trained without EMAHook, so its state_dict '
+     'holds the trained weights): drop --no-ema'),
+    ('publish_model', ['{converted}', 'x.pth', '--no-ema'],
+     "converted.pth has no ema_state_dict (converted by boat2mm.py "
+     "from 'state_dict_ema' of cswin_tiny.pth.tar, the published EMA "
+     'weights; for the other ones, convert it again without --ema): drop '
+     '--no-ema'),
     ('publish_model', ['{a_list}', 'x.pth'],
      'holds a list, not a checkpoint dict; pass a .pth written by '
      'tools/train.py'),
@@ -302,6 +343,97 @@ CASES = [
         'model.head=None'
     ], 'the config builds an ImageClassifier without a head (model.head is '
      'None)'),
+    # An init_cfg without type, refused when the config is read, not by
+    # init_weights after the model is built (KeyError: 'type').
+    ('train',
+     [CLS, '--cfg-options', 'model.backbone.init_cfg.checkpoint=x.pth'],
+     "model.backbone.init_cfg={'checkpoint': 'x.pth'}: it has no type, which "
+     "MMEngine's init_weights needs: for a backbone checkpoint, set "
+     'model.backbone.init_cfg.type=Pretrained beside '
+     'model.backbone.init_cfg.checkpoint=FILE; for a checkpoint of the '
+     'whole model, pass load_from=FILE instead'),
+    ('get_flops', ['{root}/bad_init.py'],
+     "model.init_cfg=[{'layer': 'Linear'}]: a dict of it has no type"),
+    # A `_base_` of a scope MMEngine does not know: MMEngine's assertion.
+    ('train', ['{root}/boat_scope.py'],
+     "boat_scope.py': a _base_ is 'boat_mm::...', a scope MMEngine does not "
+     "know: boat-mm's configs are inherited by their path, e.g. _base_ = ["
+     f"'{osp.join(REPO, CLS)}'] (or a path relative to the folder of your "
+     'config)'),
+    ('test', ['{root}/other_scope.py', '{ours}'],
+     "other_scope.py': a _base_ is 'mmfoo::...', a scope MMEngine does not "
+     'know (it knows mmaction, '),
+    # A training length the recipe's schedule or loop does not fit, seen
+    # in the config, not in MMEngine's errors when the runner builds them.
+    ('train', [CLS, '--cfg-options', 'train_cfg.max_epochs=2'],
+     'param_scheduler[1] (CosineAnnealingLR) begins at epoch 20 and ends at '
+     'train_cfg.max_epochs=2, and MMEngine needs end > begin: for a run this '
+     'short, give a child config its own param_scheduler, as "Shorter '
+     'ImageNet runs" in configs/boat_swin/README.md and '
+     'configs/boat_cswin/README.md shows'),
+    ('train', [CLS, '--cfg-options', 'train_cfg.max_iters=4'],
+     "train_cfg has max_iters, which MMEngine's EpochBasedTrainLoop does not "
+     'take (it takes max_epochs, val_begin, val_interval, '
+     'dynamic_intervals): set train_cfg.max_epochs instead; an '
+     'iteration-based run needs a child config that replaces train_cfg '
+     '(`train_cfg = dict(_delete_=True, by_epoch=False, max_iters=N)`) and '
+     'its param_scheduler'),
+    ('train', [SEG, '--cfg-options', 'train_cfg.max_epochs=4'],
+     "train_cfg has max_epochs, which MMEngine's IterBasedTrainLoop does not "
+     'take'),
+    # --out checked for what each scope writes there, before the test.
+    ('test', [CLS, '{ours}', '--out', 'res.json'],
+     "--out of an mmpretrain config is a pickle file of the predictions, "
+     "ending in .pkl or .pickle; got 'res.json' (for the metrics in a .json "
+     'file, add --out-item metrics).'),
+    ('test', [CLS, '{ours}', '--out', 'res.txt', '--out-item', 'metrics'],
+     '--out of an mmpretrain config is a file of the metrics, ending in '
+     ".json or .yaml or .yml or .pickle or .pkl; got 'res.txt'."),
+    ('test', [DET, '{ours}', '--out', 'res.json'],
+     '--out of an mmdet config is a pickle file of the predictions, ending '
+     "in .pkl or .pickle; got 'res.json'."),
+    # A SimMIM pre-training config where a test set is needed.
+    ('test', [SIMMIM, '{ours}'],
+     f'the config has no test_dataloader, which test.py tests on: '
+     f'{NO_TEST_SET}'),
+    ('image_demo', ['{image}', SIMMIM_CSWIN],
+     f'the config has no test_dataloader, which image_demo.py takes the test '
+     f'pipeline and class names from: {NO_TEST_SET}'),
+    ('vis_clusters', [SIMMIM, '{image}'],
+     f'the config has neither test_dataloader.dataset.pipeline nor '
+     f'test_pipeline, which vis_clusters loads and packs the image with: '
+     f'{NO_TEST_SET}'),
+    # A file that is not an image, checked before the model is built; a
+    # checkpoint where the image goes is named as one.
+    ('vis_clusters', [SEG, '{ours}'],
+     "could not be read as an image; it looks like a checkpoint: give it "
+     'with --checkpoint '),
+    ('attention_recall', [SEG, '{image}', '{ours}'],
+     "ours.pth' could not be read as an image; it looks like a checkpoint: "
+     'give it with --checkpoint '),
+    ('attention_recall', [SEG, '{root}/bad_json.json'],
+     "bad_json.json' could not be read as an image; pass an image file "
+     '(.jpg, .png, ...)'),
+    ('image_demo', ['{ours}', SEG],
+     'could not be read as an image; it looks like a checkpoint'),
+    # An output path that is a folder, or under a file: refused before
+    # the conversion or export (boat2mm converted, pytorch2onnx exported
+    # for 15 s, before failing on it).
+    ('boat2mm', ['{published}',
+                 '{full}'], "full' is a folder; name a file in it, e.g. "),
+    ('pytorch2onnx', [SEG, '--shape', '64', '--out',
+                      '{full}'], '/full/boat-cswin-tiny_upernet_demo.onnx'),
+    ('pytorch2onnx', [SEG, '--shape', '64', '--out', '{ours}/x.onnx'],
+     'ours.pth is a file, not a folder; name a path in a folder'),
+    ('vis_clusters', [SEG, '{image}', '--out-file', '{full}'],
+     "full' is a folder; name a file in it, e.g. /"),
+    ('attention_recall', [SEG, '{image}', '--json', '{full}'],
+     "full' is a folder; name a file in it, e.g. /"),
+    ('image_demo', ['{image}', SEG, '--out-file',
+                    '{full}'], "full' is a folder; name a file in it, e.g. /"),
+    ('attention_recall', [SIMMIM_CSWIN, '{image}'],
+     'test_pipeline, which attention_recall loads and packs the image with: '
+     f'{NO_TEST_SET}'),
 ]
 
 

@@ -97,6 +97,10 @@ def test_boat2mm_command_on_cswin_file(cswin_tiny_file, tmp_path, ema, capsys):
     assert 'BOAT-CSWin, arch tiny' in out
     ckpt = _load(dst)
     assert ckpt['meta']['family'] == 'cswin' and ckpt['meta']['ema'] == ema
+    # What publish_model.py reads to say where the weights came from.
+    assert ckpt['meta']['source'] == 'cswin_tiny.pth.tar'
+    assert ckpt['meta']['source_key'] == ('state_dict_ema'
+                                          if ema else 'state_dict')
     assert ckpt['meta']['backbone']['type'] == 'BOATCSWin'
     state = ckpt['state_dict']
     assert list(state) == list(shapes)

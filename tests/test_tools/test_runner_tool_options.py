@@ -122,11 +122,11 @@ def test_train_work_dir_and_cfg_options_priority(spy, train_tool, tiny_cls,
     rec = spy(train_tool, [
         tiny_cls['cfg'], '--work-dir',
         str(tmp_path / 'w'), '--cfg-options', 'work_dir=elsewhere',
-        'train_cfg.max_epochs=3'
+        'train_cfg.max_epochs=30'
     ])
     assert rec.ran == ['train']
     assert rec.cfg.work_dir == str(tmp_path / 'w')  # the flag wins
-    assert rec.cfg.train_cfg.max_epochs == 3
+    assert rec.cfg.train_cfg.max_epochs == 30
     rec = spy(train_tool, [tiny_cls['cfg']])
     assert rec.cfg.work_dir == osp.join('./work_dirs', 'tiny_swin')
 

@@ -64,8 +64,8 @@ def test_tool_segmentation_config(tool, image_file, tmp_path):
 
     # Enlarged 4x (to >= 512 px) under a title band.
     assert res['scale'] == 4 and res['title'] == (
-        'stage 0, block 0, head 1: 16 clusters of 15x19 tokens (58x74 '
-        'input)')
+        'stage 0, block 0, head 1: a 15x19 map (285 tokens) in 16 clusters '
+        '(58x74 input)')
     full = cv2.imread(out_file)
     band = full.shape[0] - 4 * 58
     assert full.shape[1] == 4 * 2 * 74 >= 512 and 0 < band < 60

@@ -51,7 +51,8 @@ from boat_mm.analysis import (MEASURES, TooManyTokensError, block_recall,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
-                            add_shape_arg, check_file, load_config, tool_main)
+                            add_shape_arg, check_image, check_output_file,
+                            load_config, tool_main)
 from boat_tools.inference import build_model, build_pipeline, token_stride
 
 TOOL = 'attention_recall'
@@ -321,9 +322,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f'--map-image must index the {len(args.images)} '
                          f'image(s) given, got {args.map_image}.')
     for path in args.images:
-        check_file(path, 'image', 'pass an image file the config\'s '
-                   'pipeline can load')
+        check_image(path)
+    for what, path, example in (('--out-file', args.out_file, 'recall.png'),
+                                ('--json', args.json, 'recall.json')):
+        if path:
+            check_output_file(path, what, example)
     cfg = load_config(args.config, args.cfg_options)
+    # Before the model is built: a config without a test pipeline fails.
+    pipeline = build_pipeline(cfg, args.shape, TOOL)
     # Without --checkpoint the weights are a seeded random initialisation.
     torch.manual_seed(args.seed)
     model = build_model(cfg, args.checkpoint, args.device, TOOL)
@@ -343,7 +349,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          f'{location[0]}, block {location[1]} has '
                          f'{modules[location].num_heads} heads.')
 
-    pipeline = build_pipeline(cfg, args.shape, TOOL)
     generator = torch.Generator().manual_seed(args.seed)
     per_image, shown_data = [], None
     for i, path in enumerate(args.images):

@@ -32,8 +32,9 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
-    'check_file', 'check_checkpoint', 'load_config', 'merge_cfg_options',
-    'check_scope_installed', 'check_device', 'tool_main', 'user_error_types'
+    'check_file', 'check_image', 'check_output_file', 'check_checkpoint',
+    'load_config', 'merge_cfg_options', 'check_scope_installed',
+    'check_device', 'no_test_set', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -148,6 +149,60 @@ def check_file(path: str, what: str, fix: str) -> str:
     raise FileNotFoundError(f'{what} {path!r} {where}; {fix}')
 
 
+def check_output_file(path: str, what: str, example: str) -> str:
+    """Refuse an output file that cannot be written, before the work that
+    makes it: an existing folder, or a path under a file.
+
+    Args:
+        path (str): The output path given.
+        what (str): The option or argument, e.g. ``'--out'``.
+        example (str): A file name to suggest inside a folder given.
+
+    Returns:
+        str: ``path``.
+    """
+    if osp.isdir(path):
+        raise UsageError(f'{what} {path!r} is a folder; name a file in it, '
+                         f'e.g. {osp.join(path, example)}')
+    # The nearest existing folder above it: makedirs creates the rest.
+    parent = osp.dirname(osp.abspath(path))
+    while not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise UsageError(f'{what} {path!r}: {parent} is a file, not a '
+                         f'folder; name a path in a folder')
+    return path
+
+
+#: The endings of weights files, which an image argument is checked for.
+CHECKPOINT_EXTENSIONS = ('.pth', '.pt', '.ckpt', '.pth.tar', '.safetensors')
+
+
+def check_image(path: str,
+                fix: str = 'pass an image file (.jpg, .png, ...)') -> str:
+    """:func:`check_file` for an image, which must also decode (as the
+    pipelines' ``LoadImageFromFile`` reads it), before a model is built.
+
+    Args:
+        path (str): The image given.
+        fix (str): What to pass instead.
+
+    Returns:
+        str: ``path``.
+    """
+    check_file(path, 'image', fix)
+    if '://' in str(path):
+        return path
+    import mmcv
+    if mmcv.imread(path) is not None:
+        return path
+    if str(path).endswith(CHECKPOINT_EXTENSIONS):
+        # `tool CONFIG CKPT`: the weights where the image goes.
+        fix = (f'it looks like a checkpoint: give it with --checkpoint '
+               f'{path}, and an image file here')
+    raise UsageError(f'image {path!r} could not be read as an image; {fix}')
+
+
 def check_device(device: str) -> None:
     """Check that ``device`` names a device torch has here (``cpu``,
     ``cuda``, ``cuda:N``, ...), before a model is built on it.
@@ -195,23 +250,25 @@ def check_checkpoint(path: str) -> str:
 def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
     """``cfg.merge_from_dict(cfg_options)``, with MMEngine's complaints
     about an option (a dict under a value that is not one, a list index
-    out of range) as a :class:`UsageError`.
+    out of range) as a :class:`UsageError`; then :func:`check_init_cfgs`.
 
     Args:
         cfg (mmengine.config.Config): The config, changed in place.
         cfg_options (dict, optional): ``--cfg-options``.
     """
-    if not cfg_options:
-        return
-    try:
-        cfg.merge_from_dict(cfg_options)
-    except (TypeError, KeyError) as err:
-        text = _one_line(err)
-        if isinstance(err, TypeError) and '_delete_' in text:
-            text = text.rstrip('.') + (
-                ': on the command line, KEY._delete_=True beside the '
-                'KEY.FIELD=VALUE options.')
-        raise UsageError(f'--cfg-options: {text}') from err
+    if cfg_options:
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError) as err:
+            text = _one_line(err)
+            if isinstance(err, TypeError) and '_delete_' in text:
+                text = text.rstrip('.') + (
+                    ': on the command line, KEY._delete_=True beside the '
+                    'KEY.FIELD=VALUE options.')
+            raise UsageError(f'--cfg-options: {text}') from err
+    # Here, as every tool merges its options here (load_config, or
+    # config.merge_common_args after it).
+    check_init_cfgs(cfg.get('model'))
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
@@ -241,10 +298,90 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
             ConfigParsingError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise UsageError(f'config file {path!r}: {_config_error(err)}') \
             from err
+    except AssertionError as err:
+        # MMEngine asserts that a `_base_` scope ('PKG::PATH') is a package
+        # it knows; any other assertion is not the user's.
+        scope = re.search(r'does not support to load (\S+) config',
+                          _one_line(err))
+        if scope is None:
+            raise
+        raise UsageError(f'config file {path!r}: {_scope_error(scope[1])}') \
+            from err
     import_custom_modules(cfg, path)
     merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
+
+
+def check_init_cfgs(node: Any, where: str = 'model') -> None:
+    """Refuse an ``init_cfg`` dict without ``type`` anywhere under the
+    model, which MMEngine's ``init_weights`` meets only after the model is
+    built (``KeyError: 'type'``): e.g. ``--cfg-options
+    model.backbone.init_cfg.checkpoint=FILE`` on a backbone with no
+    ``init_cfg``.
+
+    Args:
+        node (Any): The config's model, or a part of it.
+        where (str): Its dotted key, for the message.
+    """
+    if isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            check_init_cfgs(item, f'{where}.{i}')
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        inits = value if isinstance(value, (list, tuple)) else [value]
+        if key == 'init_cfg' and any(
+                isinstance(v, dict) and 'type' not in v for v in inits):
+            key = f'{where}.{key}'
+            # A list's items are not set one by one on the command line.
+            at = 'it' if isinstance(value, dict) else 'a dict of it'
+            raise UsageError(
+                f'{key}={_one_line_value(value)}: {at} has no type, which '
+                f'MMEngine\'s init_weights needs: for a backbone checkpoint, '
+                f'set {key}.type=Pretrained beside {key}.checkpoint=FILE; '
+                f'for a checkpoint of the whole model, pass load_from=FILE '
+                f'instead')
+        check_init_cfgs(value, f'{where}.{key}')
+
+
+def _one_line_value(value: Any) -> str:
+    """A config value as plain dicts and lists (a ConfigDict's repr is
+    not what a user writes)."""
+    to_dict = getattr(value, 'to_dict', None)
+    if to_dict is not None:
+        value = to_dict()
+    elif isinstance(value, (list, tuple)):
+        value = [getattr(v, 'to_dict', lambda v=v: v)() for v in value]
+    return repr(value)
+
+
+def no_test_set(cfg: 'Config', missing: str, needs: str) -> UsageError:
+    """The one-line error of a config without the test set a tool needs.
+
+    A pre-training config (SimMIM) trains on unlabelled images and has
+    neither a test dataloader nor a test pipeline: its model is tested,
+    and run on images, through the classifier config fine-tuned from it.
+
+    Args:
+        cfg (mmengine.config.Config): The config.
+        missing (str): What it lacks, e.g. ``'no test_dataloader'``.
+        needs (str): What the tool needs it for.
+
+    Returns:
+        UsageError: The error to raise.
+    """
+    model = cfg.get('model')
+    kind = model.get('type') if isinstance(model, dict) else None
+    what = (f'it is a pre-training config (model type {kind!r}), which has '
+            f'no test set' if cfg.get('train_dataloader') is not None else
+            'it has no test set')
+    return UsageError(
+        f'the config has {missing}, which {needs}: {what}; pass a config '
+        f'with one, e.g. the classifier config fine-tuned from a SimMIM '
+        f'one (configs/boat_swin/*_simmim-100e-pre_*.py, '
+        f'configs/boat_cswin/*_simmim-100e-pre_*.py)')
 
 
 def _config_error(err: BaseException) -> str:
@@ -284,6 +421,29 @@ def _config_error(err: BaseException) -> str:
         # A `{{_base_.KEY}}` or `_base_.KEY` reference to no key.
         return f'its _base_ files set no {text!r} (a _base_.KEY reference)'
     return text
+
+
+def _scope_error(scope: str) -> str:
+    """What is wrong with a ``_base_`` of an unknown scope, ``SCOPE::PATH``,
+    and the fix.
+
+    Args:
+        scope (str): The scope before ``::``.
+
+    Returns:
+        str: The message.
+    """
+    from mmengine.config.utils import MODULE2PACKAGE
+    if scope.replace('-', '_') == 'boat_mm':
+        example = osp.join(ROOT, 'configs', 'boat_cswin',
+                           'boat-cswin-tiny_8xb256_in1k.py')
+        return (f"a _base_ is '{scope}::...', a scope MMEngine does not "
+                f"know: boat-mm's configs are inherited by their path, "
+                f"e.g. _base_ = [{example!r}] (or a path relative to the "
+                f"folder of your config)")
+    known = ', '.join(sorted(MODULE2PACKAGE))
+    return (f"a _base_ is '{scope}::...', a scope MMEngine does not know "
+            f"(it knows {known}); name that config by its path instead")
 
 
 def import_custom_modules(cfg: 'Config', path: str) -> None:

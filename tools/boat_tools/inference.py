@@ -15,7 +15,8 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
-from .cli import SCOPE_LIBRARIES, UsageError, check_checkpoint, check_device
+from .cli import (SCOPE_LIBRARIES, UsageError, check_checkpoint, check_device,
+                  no_test_set)
 
 __all__ = [
     'SCOPES', 'config_scope', 'build_model', 'build_pipeline', 'token_stride'
@@ -100,9 +101,11 @@ def build_pipeline(cfg: Config,
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     pipeline = dataset.get('pipeline') or cfg.get('test_pipeline')
     if not pipeline:
-        raise KeyError(
-            f'The config has neither test_dataloader.dataset.pipeline nor '
-            f'test_pipeline; {tool} loads and packs the image with it.')
+        raise no_test_set(
+            cfg, 'neither test_dataloader.dataset.pipeline nor test_pipeline',
+            f'{tool} loads and packs the image with')
+    # The transforms are those of the config's scope, as in build_model.
+    init_default_scope(config_scope(cfg, tool))
     pipeline = [
         deepcopy(t) for t in pipeline if 'LoadAnnotations' not in t['type']
     ]

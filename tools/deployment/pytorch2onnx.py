@@ -66,8 +66,8 @@ from boat_mm.deploy.onnx_export import (DYNAMIC_AXES, MIN_OPSET, ExportWrapper,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_shape_arg,
-                            check_checkpoint, check_file, load_config,
-                            tool_main)
+                            check_checkpoint, check_file, check_output_file,
+                            load_config, tool_main)
 from boat_tools.config import add_cfg_options_arg
 
 
@@ -120,6 +120,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
+    # Before the export, not after it.
+    check_output_file(args.out, '--out',
+                      osp.splitext(osp.basename(args.config))[0] + '.onnx')
     try:
         check_dynamic(args.dynamic_shape or ())
     except ValueError as e:

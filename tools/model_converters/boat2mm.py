@@ -53,7 +53,8 @@ from boat_mm.utils.published import load_published_checkpoint
 from boat_mm.version import __version__
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from boat_tools.cli import ArgumentParser, UsageError, check_file, tool_main
+from boat_tools.cli import (ArgumentParser, UsageError, check_file,
+                            check_output_file, tool_main)
 
 Family = Type[BaseBOATBackbone]
 
@@ -233,6 +234,12 @@ def convert(src: str, dst: str, use_ema: bool = False) -> Dict:
     if not isinstance(ckpt, dict):
         raise TypeError(f'{src} holds a {type(ckpt).__name__}, not a dict '
                         f'of weights.')
+    if use_ema and 'state_dict_ema' not in ckpt:
+        # (BOAT-Swin files, and CSWin ones saved without EMA, have none.)
+        raise UsageError(
+            f'{src}: --ema asks for its state_dict_ema, which it has not '
+            f'(its keys: {", ".join(sorted(map(str, ckpt)))}): drop --ema '
+            f'to convert its weights')
     source_key, weights = pick_boat_weights(ckpt, use_ema)
     family = detect_boat_family(weights)
     converted = family.published.convert(weights)
@@ -300,6 +307,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 @tool_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before the conversion; the suggested name is the source's.
+    name = osp.basename(args.src.rstrip('/')).split('.')[0]
+    check_output_file(args.dst, 'DST', f'{name}.pth')
     try:
         convert(args.src, args.dst, args.ema)
     except UsageError:

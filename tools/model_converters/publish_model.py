@@ -133,10 +133,8 @@ def pick_weights(ckpt: dict, path: str,
     ema = ckpt.get('ema_state_dict')
     if not isinstance(ema, dict):
         if no_ema:
-            raise UsageError(
-                f'--no-ema: {path} has no ema_state_dict (trained without '
-                f'EMAHook), so its state_dict holds the trained weights: '
-                f'drop --no-ema')
+            raise UsageError(f'--no-ema: {path} has no ema_state_dict '
+                             f'({_no_ema_origin(ckpt)}): drop --no-ema')
         return weights, False
     # After EMAHook's swap at save time, `ema_state_dict` holds the trained
     # weights under `module.` (and the update count, `steps`).
@@ -158,6 +156,31 @@ def pick_weights(ckpt: dict, path: str,
     if hasattr(weights, '_metadata'):
         out._metadata = weights._metadata  # module versions, for loading
     return out, False
+
+
+def _no_ema_origin(ckpt: dict) -> str:
+    """Why a checkpoint has no ``ema_state_dict``, and what its
+    ``state_dict`` then holds, for the ``--no-ema`` message.
+
+    Args:
+        ckpt (dict): The loaded checkpoint.
+
+    Returns:
+        str: The reason.
+    """
+    meta = ckpt.get('meta')
+    meta = meta if isinstance(meta, dict) else {}
+    if 'source_key' not in meta:
+        return ('trained without EMAHook, so its state_dict holds the '
+                'trained weights')
+    # boat2mm.py's meta: the published file's key it converted.
+    ema = bool(meta.get('ema'))
+    other = ('convert it again without --ema' if ema else
+             'convert it again with --ema (BOAT-CSWin files have them)')
+    return (f'converted by boat2mm.py from {meta["source_key"]!r} of '
+            f'{meta.get("source", "a published file")}, the published '
+            f'{"EMA" if ema else "trained"} weights; for the other ones, '
+            f'{other}')
 
 
 def compact(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ data preprocessor, captures the cluster of every token at the chosen FSLA
 module (stage, block, head), and saves the image next to the image
 overlaid with one colour per cluster, enlarged by a whole factor to at
 least ``--min-width`` (512) pixels, under a title that names the stage,
-block and head and says how many clusters there are.
+block and head, the size of the token map and how many clusters split it.
 
 Examples::
 
@@ -43,8 +43,8 @@ from boat_mm.visualization import (capture_cluster_ids, draw_clusters,
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from boat_tools.cli import (ArgumentParser, UsageError, add_model_args,
-                            add_shape_arg, check_checkpoint, check_file,
-                            load_config, tool_main)
+                            add_shape_arg, check_checkpoint, check_image,
+                            check_output_file, load_config, tool_main)
 from boat_tools.inference import build_model as _build_model
 from boat_tools.inference import build_pipeline, token_stride
 
@@ -134,9 +134,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ``out_file``."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
-    check_file(args.image, 'image', 'pass an image file (.jpg, .png, ...)')
+    check_image(args.image)
+    check_output_file(args.out_file, '--out-file', 'clusters.png')
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint)
+    # Before the model is built: a config without a test pipeline fails.
+    pipeline = build_pipeline(cfg, args.shape, TOOL)
     model = build_model(cfg, args.checkpoint, args.device)
     backbone = get_boat_backbone(model)
 
@@ -159,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f'--head {args.head} is out of range: FSLA at stage '
                          f'{args.stage}, block {block} has {heads} heads.')
 
-    data = build_pipeline(cfg, args.shape, TOOL)(dict(img_path=args.image))
+    data = pipeline(dict(img_path=args.image))
     batch = model.data_preprocessor(pseudo_collate([data]), False)
     ids = capture_cluster_ids(model, batch['inputs'],
                               [location])[location][0, args.head]
@@ -172,9 +175,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         stride=token_stride(backbone, args.stage))
     num = len(np.unique(ids.numpy()))
     h, w = image.shape[:2]
-    title = (f'stage {args.stage}, block {block}, head {args.head}: {num} '
-             f'clusters of {ids.shape[0]}x{ids.shape[1]} tokens '
-             f'({h}x{w} input)')
+    # The map's size, then the clusters it is split into (the size read
+    # as each cluster's was the old wording's trap).
+    title = (f'stage {args.stage}, block {block}, head {args.head}: a '
+             f'{ids.shape[0]}x{ids.shape[1]} map ({ids.numel()} tokens) in '
+             f'{num} clusters ({h}x{w} input)')
     picture, scale = readable(picture, title, args.min_width)
     mmcv.imwrite(picture, args.out_file)
     print_log(
