@@ -169,3 +169,43 @@ def test_total_batch_note():
     assert total_batch_note(cfg(64), 8) is None
     assert total_batch_note(
         Config(dict(auto_scale_lr=dict(base_batch_size=16))), 8) is None
+
+
+def test_unfitted_weights_follow_the_backbone_resize():
+    """The weights a checkpoint leaves at their initial values (for the
+    check of test.py and --resume): a head of another shape and a missing
+    weight are listed; BOAT-Swin's position-bias tables of another window
+    size are not, as the backbone resizes them on load."""
+    import torch.nn as nn
+    from boat_tools.config import unfitted_weights
+
+    from boat_mm.models import BOATSwin
+    arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2))
+
+    def model(window_size, classes):
+        return nn.ModuleDict(
+            dict(
+                backbone=BOATSwin(arch=arch, window_size=window_size),
+                head=nn.Linear(64, classes)))
+
+    ckpt = model(6, 3).state_dict()
+    del ckpt['backbone.norm3.bias']
+    target = model(7, 5)
+    assert ckpt['backbone.stages.0.blocks.0.attn.w_msa.'
+                'relative_position_bias_table'].shape != target.state_dict()[
+                    'backbone.stages.0.blocks.0.attn.w_msa.'
+                    'relative_position_bias_table'].shape
+    missing, shapes = unfitted_weights(target, ckpt)
+    assert missing == ['backbone.norm3.bias']
+    assert shapes == [
+        'head.weight (checkpoint [3, 64], model [5, 64])',
+        'head.bias (checkpoint [3], model [5])'
+    ]
+    # A model in a wrapper, and the 'module.' keys of a wrapped model's
+    # checkpoint, as MMEngine loads them.
+    wrapped = nn.Module()
+    wrapped.module = target
+    assert unfitted_weights(wrapped, {
+        f'module.{k}': v
+        for k, v in ckpt.items()
+    }) == (missing, shapes)

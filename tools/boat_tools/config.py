@@ -390,7 +390,8 @@ def unfitted_weights(model: 'torch.nn.Module',
 
     Keys are matched as MMEngine's loader matches them (a ``module.``
     prefix of a wrapped model's checkpoint dropped), against the model
-    inside any wrapper (DDP, a TTA model's ``module``).
+    inside any wrapper (DDP, a TTA model's ``module``); a weight that a
+    BOAT backbone resizes on load (``loads_shape``) fits.
 
     Args:
         model (torch.nn.Module): The model the checkpoint is loaded into.
@@ -404,12 +405,20 @@ def unfitted_weights(model: 'torch.nn.Module',
     while isinstance(getattr(model, 'module', None), torch.nn.Module):
         model = model.module
     weights = {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
+    # The modules with their own rule of what loads, by prefix.
+    rules = [(f'{prefix}.' if prefix else '', module.loads_shape)
+             for prefix, module in model.named_modules()
+             if hasattr(module, 'loads_shape')]
     missing, shapes = [], []
     for name, param in model.named_parameters():
         value = weights.get(name)
         if value is None:
             missing.append(name)
-        elif tuple(value.shape) != tuple(param.shape):
+            continue
+        loads = next((fits(name[len(prefix):], value.shape, param.shape)
+                      for prefix, fits in rules if name.startswith(prefix)),
+                     tuple(value.shape) == tuple(param.shape))
+        if not loads:
             shapes.append(f'{name} (checkpoint {list(value.shape)}, model '
                           f'{list(param.shape)})')
     return missing, shapes

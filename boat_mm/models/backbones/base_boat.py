@@ -891,15 +891,34 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             got = state_dict.get(prefix + key)
             if got is None:
                 continue
-            if tuple(getattr(got, 'shape', ())) == tuple(value.shape):
-                fits.append(key)
-            elif (self.resized_on_load and key.endswith(self.resized_on_load)
-                  and tuple(got.shape[1:]) == tuple(value.shape[1:])):
-                fits.append(key)
-                resized.append(key)
-            else:
+            shape = tuple(getattr(got, 'shape', ()))
+            if not self.loads_shape(key, shape, value.shape):
                 skipped.append(key)
+                continue
+            fits.append(key)
+            if shape != tuple(value.shape):
+                resized.append(key)
         return fits, resized, skipped
+
+    def loads_shape(self, key: str, shape: Sequence[int],
+                    own_shape: Sequence[int]) -> bool:
+        """Whether a checkpoint's weight of ``shape`` loads into this
+        backbone's ``key``: the same shape, or one the family resizes on
+        load (:attr:`resized_on_load`, e.g. Swin's position-bias tables of
+        another window size).
+
+        Args:
+            key (str): The weight's key in this backbone's state dict.
+            shape (Sequence[int]): Its shape in the checkpoint.
+            own_shape (Sequence[int]): Its shape in this backbone.
+
+        Returns:
+            bool: True if it loads.
+        """
+        if tuple(shape) == tuple(own_shape):
+            return True
+        return bool(self.resized_on_load) and key.endswith(
+            self.resized_on_load) and tuple(shape[1:]) == tuple(own_shape[1:])
 
     def _prefix_hint(self, state_dict: Mapping, prefix: str) -> str:
         """The prefix under which ``state_dict`` fits, as advice.
