@@ -52,21 +52,22 @@ def plain_view(data_batch: dict) -> int:
 
 def converts_bgr_to_rgb(model: nn.Module) -> bool:
     """Whether a classifier's data preprocessor turns the pipeline's BGR
-    images into RGB ones (its ``to_rgb``).
+    images into RGB ones (:func:`boat_mm.deploy.converts_to_rgb`).
 
     Args:
         model (nn.Module): The classifier, or a model wrapping it as
-            ``module`` (DDP, a TTA model).
+            ``module`` (DDP, a TTA model, whose own preprocessor may not
+            convert).
 
     Returns:
-        bool: ``to_rgb`` of the first data preprocessor that has one;
-        False if none has.
+        bool: Whether a data preprocessor of the model or of a model it
+        wraps converts.
     """
+    from boat_mm.deploy import converts_to_rgb
     while model is not None:
-        to_rgb = getattr(
-            getattr(model, 'data_preprocessor', None), 'to_rgb', None)
-        if to_rgb is not None:
-            return bool(to_rgb)
+        preprocessor = getattr(model, 'data_preprocessor', None)
+        if preprocessor is not None and converts_to_rgb(preprocessor):
+            return True
         model = getattr(model, 'module', None)
     return False
 
