@@ -105,6 +105,39 @@ def test_cpu_ddp_wrapper_keeps_buffers_local_without_deprecation(tmp_path):
     assert ddp.broadcast_buffers is False  # the forward sync (any torch)
 
 
+def test_close_dist_frees_the_ddp_wrapper_before_the_group(tmp_path):
+    """A finished run's DDP wrapper, held in the runner's reference cycles,
+    holds the process group; close_dist frees it while the interpreter is
+    fully alive, then destroys the group (left to the interpreter's
+    teardown, gloo's threads aborted about one run in ten). The automatic
+    collector is off here, as it may not have run when a tool ends."""
+    import gc
+    import types
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+    from boat_tools.config import close_dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group(
+        'gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    gc.disable()
+    try:
+        runner = types.SimpleNamespace(
+            model=DistributedDataParallel(torch.nn.Linear(2, 2)))
+        runner.runner = runner  # a cycle, as hooks and runner make
+        wrapper = weakref.ref(runner.model)
+        del runner
+        assert wrapper() is not None
+        close_dist()
+        assert wrapper() is None
+        assert not dist.is_initialized()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_cpu_process_group_takes_the_config_timeout(monkeypatch,
                                                     fake_process_group):
     """A CPU run under torchrun starts a gloo group with the config's

@@ -10,6 +10,7 @@ runner can call them too (with ``tools/`` on ``sys.path``).
 import argparse
 import datetime
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -730,12 +731,17 @@ def close_dist() -> None:
     interpreter exits.
 
     torch asks for it: a group left to the interpreter's teardown can
-    abort the process there (a gloo rank once ended with "terminate called
-    without an active exception" after a finished run). Every process
-    first waits for the others: one that tears down its end of a gloo
-    group while another is still closing its own aborted the same way.
+    abort the process there (a gloo rank ends with "terminate called
+    without an active exception" after a finished run). Destroying it is
+    not enough: the runner's DDP wrapper, which holds the group, lives on
+    in the runner's reference cycles, and the interpreter's teardown frees
+    it last, where gloo's threads abort about one run in ten. So garbage
+    is collected first. Every process then waits for the others: one that
+    tears down its end of a gloo group while another is still closing its
+    own aborted the same way.
     """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
