@@ -25,6 +25,7 @@ HERE = osp.dirname(osp.abspath(__file__))
 # One process: argv = rank, store file, output prefix, the families (one
 # group for all, a model of its own each).
 TRAIN = '''
+import gc
 import sys
 import torch
 import torch.distributed as dist
@@ -48,6 +49,10 @@ for family in sys.argv[4:]:
     if rank == 0:
         torch.save({{n: p.grad for n, p in model.module.named_parameters()}},
                    prefix + family + '.pth')
+# The wrapper holds the group: freed now, not at the interpreter's
+# teardown, where gloo's threads can abort (boat_tools' close_dist).
+del model
+gc.collect()
 # Both done before either closes its end of the group.
 dist.barrier()
 dist.destroy_process_group()
