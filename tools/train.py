@@ -252,6 +252,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
 
     check_train_loop(cfg)
     check_param_scheduler(cfg)
+    check_loop_units(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
     return cfg
@@ -307,10 +308,13 @@ def check_train_loop(cfg: Config) -> None:
                              if loop.__name__ == 'EpochBasedTrainLoop' else
                              ('max_iters', 'epoch', 'max_epochs'))
     # by_epoch alone does not do: the other loop refuses this one's length.
+    by_epoch = other == 'epoch'
     fix = (f'set train_cfg.{key} instead; an {other}-based run needs a '
            f'child config that replaces train_cfg (`train_cfg = '
-           f'dict(_delete_=True, by_epoch={other == "epoch"}, '
-           f'{other_key}=N)`) and its param_scheduler')
+           f'dict(_delete_=True, by_epoch={by_epoch}, {other_key}=N)`)' +
+           (', gives train_dataloader a DefaultSampler' if by_epoch else '') +
+           f' and sets by_epoch={by_epoch} in its param_scheduler, '
+           f'default_hooks.checkpoint and log_processor')
     raise UsageError(
         f'train_cfg has {", ".join(odd)}, which MMEngine\'s {loop.__name__} '
         f'does not take (it takes {", ".join(takes)}): {fix}')
@@ -353,6 +357,59 @@ def check_param_scheduler(cfg: Config) -> None:
             f'param_scheduler[{i}] ({scheduler.get("type")}) begins at {unit} '
             f'{begin} and {ends}, and MMEngine needs end > begin: for a run '
             f'this short, {_SHORT_RUN_FIX}')
+
+
+def check_loop_units(cfg: Config) -> None:
+    """Refuse what counts in units the training loop never ends, which
+    MMEngine runs silently: in an iteration-based loop, a scheduler by
+    epoch never steps (the learning rate stays at its first value) and a
+    checkpoint hook by epoch saves only when the run ends; in an
+    epoch-based loop, an ``InfiniteSampler`` (mmseg's) never ends an
+    epoch.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    train_cfg = cfg.get('train_cfg')
+    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    if loop is None:
+        return
+    problems = []
+    if loop.__name__ == 'EpochBasedTrainLoop':
+        sampler = (cfg.get('train_dataloader') or {}).get('sampler') or {}
+        if str(sampler.get('type', '')).endswith('InfiniteSampler'):
+            problems.append(
+                'train_dataloader.sampler is an InfiniteSampler, which never '
+                'ends an epoch: set `train_dataloader = dict(sampler=dict('
+                "_delete_=True, type='DefaultSampler', shuffle=True))`")
+    else:
+        schedulers = cfg.get('param_scheduler')
+        if isinstance(schedulers, dict) and 'type' in schedulers:
+            schedulers = [schedulers]
+        by_epoch = [
+            f'[{i}] ({scheduler.get("type")})' for i, scheduler in enumerate(
+                schedulers if isinstance(schedulers, list) else [])
+            if isinstance(scheduler, dict) and scheduler.get('by_epoch', True)
+            and not scheduler.get('convert_to_iter_based')
+        ]
+        if by_epoch:
+            one = len(by_epoch) == 1
+            problems.append(
+                f'param_scheduler{", ".join(by_epoch)} '
+                f'{"counts" if one else "count"} epochs (by_epoch=True), so '
+                f'{"it never steps" if one else "they never step"} and the '
+                'learning rate stays at its first value: set by_epoch=False '
+                'with begin and end in iterations')
+        hook = (cfg.get('default_hooks') or {}).get('checkpoint')
+        if isinstance(hook, dict) and hook.get('by_epoch', True):
+            problems.append(
+                'default_hooks.checkpoint counts epochs (by_epoch=True), so '
+                'it saves only when the run ends: set '
+                '`default_hooks = dict(checkpoint=dict(by_epoch=False, '
+                'interval=N))` with N in iterations')
+    if problems:
+        raise UsageError(f'train_cfg builds MMEngine\'s {loop.__name__}, '
+                         'but ' + '; '.join(problems))
 
 
 @tool_main

@@ -134,6 +134,20 @@ def files(tmp_path_factory):
         'bad_init':
         f'_base_ = [{base!r}]\n'
         "model = dict(init_cfg=[dict(layer='Linear')])\n",
+        # Another loop, the recipe's units kept (its warm-up converts).
+        'iter_loop':
+        f'_base_ = [{base!r}]\n'
+        'train_cfg = dict(_delete_=True, by_epoch=False, max_iters=4)\n',
+        'iter_loop_two':
+        f'_base_ = [{base!r}]\n'
+        'train_cfg = dict(_delete_=True, by_epoch=False, max_iters=4)\n'
+        "param_scheduler = [dict(type='ConstantLR'), dict(type="
+        "'CosineAnnealingLR', by_epoch=True, begin=1, end=3), dict(type="
+        "'LinearLR', by_epoch=False)]\n"
+        'default_hooks = dict(checkpoint=dict(by_epoch=False))\n',
+        'epoch_loop':
+        f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
+        'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
     }
     for name, text in bad.items():
         (root / f'{name}.py').write_text(text)
@@ -377,10 +391,35 @@ CASES = [
      'dynamic_intervals): set train_cfg.max_epochs instead; an '
      'iteration-based run needs a child config that replaces train_cfg '
      '(`train_cfg = dict(_delete_=True, by_epoch=False, max_iters=N)`) and '
-     'its param_scheduler'),
+     'sets by_epoch=False in its param_scheduler, default_hooks.checkpoint '
+     'and log_processor'),
     ('train', [SEG, '--cfg-options', 'train_cfg.max_epochs=4'],
      "train_cfg has max_epochs, which MMEngine's IterBasedTrainLoop does not "
-     'take'),
+     'take (it takes max_iters, val_begin, val_interval, '
+     'dynamic_intervals): set train_cfg.max_iters instead; an epoch-based '
+     'run needs a child config that replaces train_cfg (`train_cfg = '
+     'dict(_delete_=True, by_epoch=True, max_epochs=N)`), gives '
+     'train_dataloader a DefaultSampler and sets by_epoch=True in its '
+     'param_scheduler, default_hooks.checkpoint and log_processor'),
+    # Units the new loop never ends (MMEngine runs them silently).
+    ('train', ['{root}/iter_loop.py'],
+     "train_cfg builds MMEngine's IterBasedTrainLoop, but param_scheduler"
+     '[1] (CosineAnnealingLR) counts epochs (by_epoch=True), so it never '
+     'steps and the learning rate stays at its first value: set '
+     'by_epoch=False with begin and end in iterations; '
+     'default_hooks.checkpoint counts epochs (by_epoch=True), so it saves '
+     'only when the run ends: set `default_hooks = dict(checkpoint=dict('
+     'by_epoch=False, interval=N))` with N in iterations'),
+    ('train', ['{root}/iter_loop_two.py'],
+     "train_cfg builds MMEngine's IterBasedTrainLoop, but param_scheduler"
+     '[0] (ConstantLR), [1] (CosineAnnealingLR) count epochs (by_epoch=True)'
+     ', so they never step and the learning rate stays at its first value: '
+     'set by_epoch=False with begin and end in iterations'),
+    ('train', ['{root}/epoch_loop.py'],
+     "train_cfg builds MMEngine's EpochBasedTrainLoop, but "
+     'train_dataloader.sampler is an InfiniteSampler, which never ends an '
+     'epoch: set `train_dataloader = dict(sampler=dict(_delete_=True, '
+     "type='DefaultSampler', shuffle=True))`"),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "

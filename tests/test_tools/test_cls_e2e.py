@@ -387,6 +387,51 @@ def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
         _tool_main('test.py')([CSWIN_T, str(ckpt)])
 
 
+# What train.py asks of an iteration-based run of an epoch-based recipe
+# (check_train_loop, check_loop_units): the loop, the schedulers, the
+# checkpoint hook and the log processor in iterations.
+ITERATION_BASED = """
+train_cfg = dict(_delete_=True, by_epoch=False, max_iters=4, val_interval=4)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=False, end=2),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=2,
+         end=4)
+]
+default_hooks = dict(
+    logger=dict(interval=1), checkpoint=dict(by_epoch=False, interval=2))
+log_processor = dict(by_epoch=False)
+"""
+
+
+def test_iteration_based_run_of_an_epoch_based_recipe(tmp_path, imagenet_root):
+    """The child config train.py's messages ask for trains by iterations
+    throughout: the learning rate follows the schedule (an epoch-based
+    scheduler would hold it at its first value), checkpoints are saved
+    every 2 iterations (an epoch-based hook saves only at the end) and the
+    log counts iterations."""
+    cfg = _user_cfg(
+        str(tmp_path / 'user.py'), SWIN_T, imagenet_root, SWIN_ARCH)
+    with open(cfg, 'a') as f:
+        f.write(ITERATION_BASED)
+    work_dir = str(tmp_path / 'work')
+    out = tool_in_process(
+        'train.py', cfg, work_dir=work_dir, cwd=str(tmp_path))
+    lrs = [
+        float(lr) for lr in re.findall(
+            r'Iter\(train\) \[\d/4\]\s+base_lr: [\d.e+-]+ lr: ([\d.e+-]+)',
+            out)
+    ]
+    assert len(lrs) == 4, out[-3000:]
+    # The recipe's learning rate, from a thousandth of it (the warm-up).
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] > lrs[0], lrs
+    assert lrs[2] == pytest.approx(1e-3) and lrs[3] < lrs[2], lrs
+    assert re.search(r'Iter\(val\) \[6/6\]\s+accuracy/top1', out)
+    assert sorted(
+        osp.basename(p) for p in glob.glob(osp.join(work_dir, '*.pth'))) == [
+            'iter_2.pth', 'iter_4.pth'
+        ]
+
+
 def test_upstream_mmpretrain_train_runs_our_config(tmp_path, imagenet_root):
     # mmpretrain's own tools/train.py (shipped in its wheel) knows nothing
     # of boat_mm: the config's custom_imports must register the backbone.
