@@ -19,8 +19,11 @@ The class names (and the palette) are the checkpoint's ``dataset_meta``,
 which ``tools/train.py`` saves (the generated datasets' classes for a run
 on them). A checkpoint without it (a converted published file, a bare
 ``state_dict``), or no checkpoint, takes those of the config's test
-dataset (its ``metainfo``, else its dataset class's), where the upstream
-inferencers would fall back to Cityscapes' (mmseg) or COCO's (mmdet).
+dataset (its ``metainfo``, else its dataset class's, else the folders of
+an mmpretrain ``CustomDataset``), where the upstream inferencers would fall
+back to Cityscapes' (mmseg) or COCO's (mmdet). A checkpoint that leaves
+any of the model's weights at their initial values (one of another
+config) is refused, as ``tools/test.py`` refuses it.
 
 The arguments are those of the upstream demos: the image first, then the
 config; the checkpoint is ``--checkpoint`` (mmpretrain's, and our tools'),
@@ -61,7 +64,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             check_device, check_image, check_output_file,
                             load_config, no_test_set, tool_main)
-from boat_tools.config import add_cfg_options_arg
+from boat_tools.config import add_cfg_options_arg, checkpoint_fit_error
 from boat_tools.inference import config_scope
 
 TOOL = 'image_demo'
@@ -159,27 +162,58 @@ def check_inputs(args: argparse.Namespace) -> None:
         check_checkpoint(args.checkpoint)
 
 
-def checkpoint_dataset_meta(checkpoint: Optional[str]) -> Optional[dict]:
-    """The ``meta['dataset_meta']`` that training saved in a checkpoint.
+def read_checkpoint(checkpoint: Optional[str]) -> Optional[dict]:
+    """The checkpoint file, loaded once for its weights and class names.
 
     Args:
         checkpoint (str, optional): The checkpoint file or URL.
 
     Returns:
-        dict | None: The classes (and palette), or None if it has none.
+        dict | None: The loaded checkpoint; None without one.
     """
     if checkpoint is None:
         return None
     from mmengine.runner import CheckpointLoader
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
-    return (meta or {}).get('dataset_meta') or None
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def checkpoint_dataset_meta(ckpt: Optional[dict]) -> Optional[dict]:
+    """The ``meta['dataset_meta']`` that training saved in a checkpoint.
+
+    Args:
+        ckpt (dict, optional): The loaded checkpoint.
+
+    Returns:
+        dict | None: The classes (and palette), or None if it has none.
+    """
+    return ((ckpt or {}).get('meta') or {}).get('dataset_meta') or None
+
+
+def check_fits(model: torch.nn.Module, ckpt: Optional[dict],
+               args: argparse.Namespace) -> None:
+    """Refuse a checkpoint that leaves any of the model's weights at their
+    initial values (the upstream inferencers load non-strictly), as
+    tools/test.py does.
+
+    Args:
+        model (torch.nn.Module): The inferencer's model, loaded.
+        ckpt (dict, optional): The loaded checkpoint.
+        args (argparse.Namespace): The parsed command line.
+    """
+    if ckpt is None:
+        return
+    error = checkpoint_fit_error(model, ckpt, '--checkpoint', args.checkpoint)
+    if error:
+        raise UsageError(error)
 
 
 def config_dataset_meta(cfg: Config) -> dict:
     """The metainfo of the config's test dataset: its ``metainfo`` merged
     into that of its dataset class, as the dataset computes it (mmseg picks
-    the palette of a subset of its classes), without reading any data.
+    the palette of a subset of its classes), without reading any data but
+    the folder names of an mmpretrain ``CustomDataset`` without classes,
+    which are its classes.
 
     Args:
         cfg (Config): The config, its scope set as default.
@@ -192,7 +226,27 @@ def config_dataset_meta(cfg: Config) -> dict:
     while isinstance(dataset.get('dataset'), dict):  # dataset wrappers
         dataset = dataset['dataset']
     dataset['lazy_init'] = True
-    metainfo = dict(DATASETS.build(dataset).metainfo)
+    built = DATASETS.build(dataset)
+    metainfo = dict(built.metainfo)
+    if 'classes' not in metainfo:
+        try:
+            built.full_init()
+        except (OSError, AssertionError, RuntimeError) as error:
+            raise UsageError(
+                f'the config\'s test dataset ({dataset["type"]}) names no '
+                f'classes and could not find them in its data ({error}), '
+                'and the checkpoint has none: set test_dataloader.dataset.'
+                "metainfo=dict(classes=('a', 'b', ...)) in the config, or "
+                'pass a checkpoint tools/train.py saved (it holds the class '
+                'names)') from None
+        metainfo = dict(built.metainfo)
+    if 'classes' not in metainfo:
+        raise UsageError(
+            f'the config\'s test dataset ({dataset["type"]}) names no '
+            'classes, and the checkpoint has none: set test_dataloader.'
+            "dataset.metainfo=dict(classes=('a', 'b', ...)) in the config, "
+            'or pass a checkpoint tools/train.py saved (it holds the class '
+            'names)')
     print_log(
         f'Class names of the config\'s test dataset ({dataset["type"]}, '
         f'{len(metainfo["classes"])} classes): no checkpoint, or none '
@@ -253,13 +307,13 @@ def _unique_name(prefix: str) -> str:
 
 
 def classify(cfg: Config, args: argparse.Namespace,
-             meta: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
+             ckpt: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
     """Classify the image with mmpretrain's inferencer.
 
     Args:
         cfg (Config): An mmpretrain config.
         args (argparse.Namespace): The parsed command line.
-        meta (dict, optional): The checkpoint's dataset meta.
+        ckpt (dict, optional): The loaded checkpoint.
 
     Returns:
         tuple: The drawing (RGB), the result (``labels``, ``scores``,
@@ -273,7 +327,8 @@ def classify(cfg: Config, args: argparse.Namespace,
     mmpretrain.utils.progress.disable_progress_bar = True
     inferencer = ImageClassificationInferencer(
         cfg, pretrained=args.checkpoint or False, device=args.device)
-    if meta is None:
+    check_fits(inferencer.model, ckpt, args)
+    if checkpoint_dataset_meta(ckpt) is None:
         inferencer.classes = config_dataset_meta(cfg).get('classes')
     sample = inferencer(args.img, return_datasamples=True)[0]
     scores = sample.pred_score.float().cpu()
@@ -303,13 +358,13 @@ def classify(cfg: Config, args: argparse.Namespace,
 
 
 def segment(cfg: Config, args: argparse.Namespace,
-            meta: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
+            ckpt: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
     """Segment the image with mmseg's inferencer.
 
     Args:
         cfg (Config): An mmseg config.
         args (argparse.Namespace): The parsed command line.
-        meta (dict, optional): The checkpoint's dataset meta.
+        ckpt (dict, optional): The loaded checkpoint.
 
     Returns:
         tuple: The drawing (RGB), the result (``mask``, the ``(H, W)``
@@ -317,12 +372,14 @@ def segment(cfg: Config, args: argparse.Namespace,
         classes present, largest first) and the lines to print.
     """
     from mmseg.apis import MMSegInferencer
+    meta = checkpoint_dataset_meta(ckpt)
     inferencer = _build(
         MMSegInferencer,
         meta,
         cfg,
         weights=args.checkpoint,
         device=args.device)
+    check_fits(inferencer.model, ckpt, args)
     inferencer.show_progress = False
     classes = inferencer.model.dataset_meta['classes']
     if meta is None:
@@ -353,13 +410,13 @@ def segment(cfg: Config, args: argparse.Namespace,
 
 
 def detect(cfg: Config, args: argparse.Namespace,
-           meta: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
+           ckpt: Optional[dict]) -> Tuple[np.ndarray, dict, List[str]]:
     """Detect objects in the image with mmdet's inferencer.
 
     Args:
         cfg (Config): An mmdet config.
         args (argparse.Namespace): The parsed command line.
-        meta (dict, optional): The checkpoint's dataset meta.
+        ckpt (dict, optional): The loaded checkpoint.
 
     Returns:
         tuple: The drawing (RGB), the result (``instances``, all the
@@ -368,6 +425,7 @@ def detect(cfg: Config, args: argparse.Namespace,
         the lines to print.
     """
     from mmdet.apis import DetInferencer
+    meta = checkpoint_dataset_meta(ckpt)
     inferencer = _build(
         DetInferencer,
         meta,
@@ -375,6 +433,7 @@ def detect(cfg: Config, args: argparse.Namespace,
         weights=args.checkpoint,
         device=args.device,
         show_progress=False)
+    check_fits(inferencer.model, ckpt, args)
     if meta is None:
         config_meta = config_dataset_meta(cfg)
         dataset_meta = dict(inferencer.model.dataset_meta)
@@ -429,10 +488,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
             'No checkpoint: the prediction is that of randomly initialised '
             'weights.',
             logger='current')
-    meta = checkpoint_dataset_meta(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint)
     from mmengine.registry import init_default_scope
     init_default_scope(scope)
-    drawing, result, lines = TASKS[scope](cfg, args, meta)
+    drawing, result, lines = TASKS[scope](cfg, args, ckpt)
     mmcv.imwrite(drawing[..., ::-1], args.out_file)
     lines.append(f'Saved {args.out_file} ({drawing.shape[1]}x'
                  f'{drawing.shape[0]} px).')

@@ -145,6 +145,11 @@ def files(tmp_path_factory):
         "'CosineAnnealingLR', by_epoch=True, begin=1, end=3), dict(type="
         "'LinearLR', by_epoch=False)]\n"
         'default_hooks = dict(checkpoint=dict(by_epoch=False))\n',
+        # A dataset that names no classes (mmseg's BaseSegDataset).
+        'no_classes':
+        f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
+        "test_dataloader = dict(dataset=dict(type='BaseSegDataset', "
+        'metainfo=None))\n',
         'epoch_loop':
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
@@ -249,6 +254,8 @@ CASES = [
     ('image_demo', ['{image}', SEG, '--topk', '0'], '--topk must be >= 1'),
     ('image_demo', ['{image}', SEG, '--device', 'gpu'],
      "--device 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
+    ('image_demo', ['{image}', '{root}/no_classes.py'],
+     "the config's test dataset (BaseSegDataset) names no classes"),
     ('image_demo', ['{image}', SEG, '--checkpoint', '{published}'],
      'is a published BOAT-CSWin checkpoint (arch tiny'),
     ('pytorch2onnx',

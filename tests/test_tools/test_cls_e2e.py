@@ -362,6 +362,36 @@ def test_image_demo_without_class_names_in_the_checkpoint(
             ] == [classes[int(label)] for _, _, label in printed]
 
 
+def test_image_demo_names_classes_by_the_folders_of_a_custom_dataset(
+        trained_swin, imagenet_root, capsys):
+    """An mmpretrain CustomDataset without classes (a user's own folder per
+    class) and a checkpoint without them: the classes are the folder
+    names, which the dataset finds only once it reads its data folder
+    (a lazy build has none)."""
+    tmp = trained_swin['tmp']
+    saved = _ckpt(osp.join(trained_swin['work_dir'], 'epoch_2.pth'))
+    bare = str(tmp / 'bare_custom.pth')
+    torch.save(dict(state_dict=saved['state_dict']), bare)
+    cfg = tmp / 'custom_dataset.py'
+    cfg.write_text(f'_base_ = [{trained_swin["cfg"]!r}]\n'
+                   'test_dataloader = dict(dataset=dict(_delete_=True, '
+                   f"type='CustomDataset', data_root={imagenet_root!r}, "
+                   "data_prefix='val', pipeline={{_base_.test_pipeline}}))\n")
+    folders = sorted(os.listdir(osp.join(imagenet_root, 'val')))
+    image = sorted(glob.glob(osp.join(imagenet_root, 'val', folders[2],
+                                      '*')))[0]
+    _tool_main('image_demo.py')([
+        image,
+        str(cfg), '--checkpoint', bare, '--topk', '6', '--out-file',
+        str(tmp / 'bare_custom.png')
+    ])
+    printed = re.findall(r'^  ([\d.]+)  (.+) \((\d+)\)$',
+                         capsys.readouterr().out, re.M)
+    assert len(printed) == 6
+    assert [name for _, name, _ in printed
+            ] == [folders[int(label)] for _, _, label in printed]
+
+
 def test_missing_data_root_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/imagenet here
     for config in (SWIN_T, CSWIN_T):

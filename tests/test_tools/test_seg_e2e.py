@@ -442,10 +442,11 @@ def test_resume_continues_interrupted_run(trained):
 
 
 def test_checkpoint_of_another_config_is_refused(trained, capsys):
-    """test.py, and train.py --resume, of a checkpoint whose backbone fits
-    but whose heads are of another config (another number of classes, no
-    auxiliary head): one line naming the fix, before any test or
-    training step, where MMEngine would test random heads."""
+    """test.py, train.py --resume and image_demo.py of a checkpoint whose
+    backbone fits but whose heads are of another config (another number of
+    classes, no auxiliary head): one line naming the fix, before any test,
+    training step or prediction, where MMEngine and the upstream
+    inferencers would run random heads."""
     ckpt = _ckpt(osp.join(trained['work_dir'], 'iter_2.pth'))
     weights = ckpt['state_dict']
     for key in [k for k in weights if k.startswith('auxiliary_head.')]:
@@ -456,19 +457,26 @@ def test_checkpoint_of_another_config_is_refused(trained, capsys):
     torch.save(ckpt, other)
     aux = sum(1 for k in weights if k.startswith('auxiliary_head.'))
     assert aux == 0
+    image = str(trained['tmp'] / 'image.png')
+    cv2.imwrite(image, np.zeros((32, 32, 3), np.uint8))
     for tool, args in [('test.py', [trained['cfg'], other]),
-                       ('train.py', [trained['cfg'], '--resume', other])]:
+                       ('train.py', [trained['cfg'], '--resume', other]),
+                       ('image_demo.py',
+                        [image, trained['cfg'], '--checkpoint', other])]:
         refused = str(trained['tmp'] / 'refused')
-        with pytest.raises(SystemExit) as exc:
-            load_script(f'tools/{tool}').main([
-                *args, '--work-dir', refused, '--cfg-options',
+        if tool != 'image_demo.py':
+            args += [
+                '--work-dir', refused, '--cfg-options',
                 f'visualizer.name={refused}/{tool}'
-            ])
+            ]
+        with pytest.raises(SystemExit) as exc:
+            load_script(f'tools/{tool}').main(args)
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.count('\n') == 1, err
         assert re.search(
-            r"error: (checkpoint|--resume) '.*other_config.pth' leaves \d+ "
+            r"error: (checkpoint|--resume|--checkpoint) '.*other_config.pth' "
+            r"leaves \d+ "
             r"of the model's \d+ weights at their initial values \(missing: "
             r"\['auxiliary_head\..*other shapes: decode_head.conv_seg.weight "
             r'\(checkpoint \[3, 16, 1, 1\], model \[150, 16, 1, 1\]\)\): it '

@@ -35,7 +35,7 @@ __all__ = [
     'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
-    'check_checkpoint_fits', 'total_batch_note'
+    'check_checkpoint_fits', 'checkpoint_fit_error', 'total_batch_note'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -425,6 +425,44 @@ def unfitted_weights(model: 'torch.nn.Module',
     return missing, shapes
 
 
+def checkpoint_fit_error(model: 'torch.nn.Module', checkpoint: dict, what: str,
+                         filename: str) -> Optional[str]:
+    """What a user is told of a checkpoint that leaves any of the model's
+    parameters at their initial values; None if it fits.
+
+    Args:
+        model (torch.nn.Module): The model the checkpoint is loaded into.
+        checkpoint (dict): The loaded checkpoint (its ``state_dict``, or
+            the weights themselves).
+        what (str): The option that named the checkpoint.
+        filename (str): Its file, as the user gave it.
+
+    Returns:
+        str | None: The message.
+    """
+    import torch
+
+    from boat_mm.models.utils.ckpt_convert import key_listing
+    weights = checkpoint.get('state_dict', checkpoint)
+    missing, shapes = unfitted_weights(model, weights)
+    if not missing and not shapes:
+        return None
+    while isinstance(getattr(model, 'module', None), torch.nn.Module):
+        model = model.module
+    total = sum(1 for _ in model.parameters())
+    found = '; '.join(
+        part
+        for part in (f'missing: {key_listing(missing, 3)}' if missing else '',
+                     f'other shapes: {", ".join(shapes[:3])}'
+                     f'{" ..." if len(shapes) > 3 else ""}' if shapes else '')
+        if part)
+    return (f'{what} {filename!r} leaves {len(missing) + len(shapes)} of the '
+            f"model's {total} weights at their initial values ({found}): it "
+            f'is a checkpoint of another model or config. Use the config it '
+            f'was trained with (its work dir holds a copy), or fine-tune '
+            f'from it in a training run with `--cfg-options load_from=FILE`.')
+
+
 def check_checkpoint_fits(runner: 'Runner', what: str) -> None:
     """Refuse a checkpoint that ``runner`` loads when it leaves any of the
     model's parameters at their initial values.
@@ -440,30 +478,16 @@ def check_checkpoint_fits(runner: 'Runner', what: str) -> None:
         runner (Runner): The runner, before it tests or trains.
         what (str): The option that named the checkpoint, for the message.
     """
-    from boat_mm.models.utils.ckpt_convert import key_listing
     from .cli import UsageError
     load = runner.load_checkpoint
 
     @functools.wraps(load)
     def load_checkpoint(filename: str, *args, **kwargs) -> dict:
         checkpoint = load(filename, *args, **kwargs)
-        weights = checkpoint.get('state_dict', checkpoint)
-        missing, shapes = unfitted_weights(runner.model, weights)
-        if not missing and not shapes:
-            return checkpoint
-        total = sum(1 for _ in runner.model.parameters())
-        found = '; '.join(
-            part for part in (
-                f'missing: {key_listing(missing, 3)}' if missing else '',
-                f'other shapes: {", ".join(shapes[:3])}'
-                f'{" ..." if len(shapes) > 3 else ""}' if shapes else '')
-            if part)
-        raise UsageError(
-            f'{what} {filename!r} leaves {len(missing) + len(shapes)} of the '
-            f"model's {total} weights at their initial values ({found}): it "
-            f'is a checkpoint of another model or config. Use the config it '
-            f'was trained with (its work dir holds a copy), or fine-tune '
-            f'from it in a training run with `--cfg-options load_from=FILE`.')
+        error = checkpoint_fit_error(runner.model, checkpoint, what, filename)
+        if error:
+            raise UsageError(error)
+        return checkpoint
 
     runner.load_checkpoint = load_checkpoint
 
