@@ -408,6 +408,23 @@ CASES = [
      'dict(_delete_=True, by_epoch=True, max_epochs=N)`), gives '
      'train_dataloader a DefaultSampler and sets by_epoch=True in its '
      'param_scheduler, default_hooks.checkpoint and log_processor'),
+    # Heads of another number of classes than the data's.
+    # (The auxiliary head is named where it shares the wrong number.)
+    ('train', [
+        SEG, '--cfg-options', 'model.decode_head.num_classes=150',
+        'model.auxiliary_head.num_classes=150'
+    ], "train_dataloader's dataset (ADE20KDataset) has 8 classes (['wall', "
+     "'building', 'sky', ...]), but model.decode_head.num_classes=150, "
+     'model.auxiliary_head.num_classes=150: set `--cfg-options '
+     'model.decode_head.num_classes=8 model.auxiliary_head.num_classes=8` '
+     '(or in the config), or give the dataset the classes of the heads with '
+     'metainfo=dict(classes=(...))'),
+    ('test', [
+        DET, '{ours}', '--cfg-options', 'model.roi_head.bbox_head.'
+        'num_classes=80', 'model.roi_head.mask_head.num_classes=80'
+    ], 'but model.roi_head.bbox_head.num_classes=80, model.roi_head.'
+     'mask_head.num_classes=80: set `--cfg-options model.roi_head.bbox_head.'
+     'num_classes=6 model.roi_head.mask_head.num_classes=6`'),
     # Units the new loop never ends (MMEngine runs them silently).
     ('train', ['{root}/iter_loop.py'],
      "train_cfg builds MMEngine's IterBasedTrainLoop, but param_scheduler"

@@ -35,7 +35,8 @@ __all__ = [
     'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
-    'check_checkpoint_fits', 'checkpoint_fit_error', 'total_batch_note'
+    'check_checkpoint_fits', 'checkpoint_fit_error', 'check_num_classes',
+    'total_batch_note'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -536,6 +537,95 @@ def _datasets(loader: dict) -> Iterator[dict]:
             stack.extend(d for d in ds['datasets'] if isinstance(d, dict))
         else:
             yield ds
+
+
+#: Where the task heads of mmseg and mmdet models keep their number of
+#: classes (a head, or a list of them: cascades). mmpretrain's are left
+#: out: a classifier of 6 classes on an ImageNet-type dataset of 6 (whose
+#: type names 1000) trains and scores right, only its names are wrong.
+_CLASS_HEADS = ('decode_head', 'bbox_head', 'roi_head.bbox_head',
+                'roi_head.mask_head')
+#: Heads named beside them when they share a wrong number, not checked
+#: alone: an auxiliary head may predict something else (STDC's binary
+#: detail head).
+_AUXILIARY_HEADS = ('auxiliary_head', )
+
+
+def _head_classes(model: dict, keys: Sequence[str]) -> List[Tuple[str, int]]:
+    """``(key, num_classes)`` of the heads of a model config at ``keys``."""
+    found = []
+    for key in keys:
+        value = model
+        for part in key.split('.'):
+            value = value.get(part) if isinstance(value, dict) else None
+        heads = value if isinstance(value, (list, tuple)) else [value]
+        for i, head in enumerate(heads):
+            if isinstance(head, dict) and isinstance(
+                    head.get('num_classes'), int):
+                name = f'{key}.{i}' if len(heads) > 1 else key
+                found.append(
+                    (f'model.{name}.num_classes', head['num_classes']))
+    return found
+
+
+def check_num_classes(cfg: Config, stages: Sequence[str]) -> None:
+    """Refuse mmseg and mmdet heads whose number of classes is not that of
+    the data (with the auxiliary heads of the same wrong number): mmseg
+    trains 150-class heads on 5-class data and reports an mIoU of 0, mmdet
+    trains a whole epoch before its metric fails on labels it cannot map,
+    and heads of too few classes fail in the loss.
+
+    The classes are those the dataset config names (``metainfo``, else its
+    dataset class's), read without reading any data; a dataset that finds
+    them in its data (mmpretrain's ``CustomDataset``) is not checked.
+
+    Args:
+        cfg (Config): The merged config, with its ``default_scope``.
+        stages (Sequence[str]): The dataloaders to check.
+    """
+    import copy
+
+    from mmengine.registry import DATASETS, DefaultScope
+
+    from .cli import UsageError
+    model = cfg.get('model') or {}
+    # Open-vocabulary detectors (GLIP, Grounding DINO) count text tokens.
+    heads = [] if 'language_model' in model else _head_classes(
+        model, _CLASS_HEADS)
+    if not heads:
+        return
+    for stage in stages:
+        loader = cfg.get(stage)
+        if not isinstance(loader, dict):
+            continue
+        for ds in _datasets(loader):
+            ds = copy.deepcopy(ds)
+            ds['lazy_init'] = True
+            try:
+                with DefaultScope.overwrite_default_scope(
+                        cfg.get('default_scope')):
+                    classes = DATASETS.build(ds).metainfo.get('classes')
+            except Exception:  # noqa: BLE001  (the runner will say)
+                continue
+            if not classes:
+                continue
+            n = len(classes)
+            wrong = [(key, value) for key, value in heads if value != n]
+            if not wrong:
+                continue
+            wrong += [(key, value)
+                      for key, value in _head_classes(model, _AUXILIARY_HEADS)
+                      if value in {v
+                                   for _, v in wrong}]
+            found = ', '.join(f'{key}={value}' for key, value in wrong)
+            fix = ' '.join(f'{key}={n}' for key, _ in wrong)
+            raise UsageError(
+                f"{stage}'s dataset ({ds.get('type')}) has {n} classes "
+                f'({str(list(classes[:3]))[:-1]}{", ..." if n > 3 else ""}]'
+                f'), but {found}: set '
+                f'`--cfg-options {fix}` (or in the config), or give the '
+                f"dataset the classes of the heads with metainfo=dict("
+                f"classes=(...))")
 
 
 def _join(root: str, path: str) -> str:
