@@ -48,7 +48,7 @@ from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, no_test_set, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_checkpoint_fits,
-                               check_data_roots, check_num_classes, close_dist,
+                               check_data_roots, check_datasets, close_dist,
                                init_cpu_dist, merge_common_args,
                                parse_launcher_args)
 from mmengine.config import Config, ConfigDict
@@ -325,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the test; returns the metrics."""
     args = parse_args(argv)
     cfg = merge_args(load_config(args.config), args)
-    check_num_classes(cfg, ('test_dataloader', ))
+    check_datasets(cfg, ('test_dataloader', ))
     check_data_roots(cfg, ('test_dataloader', ))
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)

@@ -38,7 +38,7 @@ from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_checkpoint_fits,
-                               check_data_roots, check_num_classes, close_dist,
+                               check_data_roots, check_datasets, close_dist,
                                init_cpu_dist, merge_common_args,
                                parse_launcher_args, total_batch_note)
 from mmengine.config import Config, ConfigDict
@@ -416,7 +416,7 @@ def check_loop_units(cfg: Config) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     cfg = merge_args(load_config(args.config), args)
-    check_num_classes(cfg, ('train_dataloader', 'val_dataloader'))
+    check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
     check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
     adapt_cfg_to_device(cfg)
     init_cpu_dist(cfg)

@@ -40,6 +40,8 @@ TOOLS = {
 CLS = 'configs/boat_cswin/boat-cswin-tiny_8xb256_in1k.py'
 SEG = 'configs/demo/boat-cswin-tiny_upernet_demo.py'
 DET = 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py'
+SEG_ADE = ('configs/boat_cswin/boat-cswin-tiny_upernet_8xb2-160k_ade20k-'
+           '512x512.py')
 SIMMIM = ('configs/boat_swin/simmim_boat-swin-base-w6_8xb256-amp-coslr-100e_'
           'in1k-192px.py')
 SIMMIM_CSWIN = ('configs/boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-'
@@ -150,6 +152,10 @@ def files(tmp_path_factory):
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         "test_dataloader = dict(dataset=dict(type='BaseSegDataset', "
         'metainfo=None))\n',
+        # ADE20K's pipeline kept for a dataset of another type.
+        'zero_label':
+        f'_base_ = [{osp.join(REPO, SEG_ADE)!r}]\n'
+        "train_dataloader = dict(dataset=dict(type='BaseSegDataset'))\n",
         'epoch_loop':
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
@@ -425,6 +431,13 @@ CASES = [
     ], 'but model.roi_head.bbox_head.num_classes=80, model.roi_head.'
      'mask_head.num_classes=80: set `--cfg-options model.roi_head.bbox_head.'
      'num_classes=6 model.roi_head.mask_head.num_classes=6`'),
+    ('train', ['{root}/zero_label.py'],
+     "train_dataloader's dataset (BaseSegDataset) has reduce_zero_label="
+     "False, but its pipeline's LoadAnnotations has reduce_zero_label=True "
+     '(as ADE20K’s, which ignores label 0), and mmseg stops at the first '
+     "sample: give the dataset a pipeline with dict(type='LoadAnnotations') "
+     "(it follows the dataset), or set the dataset's reduce_zero_label=True "
+     'if label 0 of your masks is to be ignored'),
     # Units the new loop never ends (MMEngine runs them silently).
     ('train', ['{root}/iter_loop.py'],
      "train_cfg builds MMEngine's IterBasedTrainLoop, but param_scheduler"

@@ -18,8 +18,8 @@ import os.path as osp
 import re
 import subprocess
 from collections import Counter
-from typing import (TYPE_CHECKING, Iterator, List, Optional, Sequence, Set,
-                    Tuple)
+from typing import (TYPE_CHECKING, Any, Iterator, List, Optional, Sequence,
+                    Set, Tuple)
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
@@ -35,7 +35,7 @@ __all__ = [
     'slurm_to_torch_env', 'check_launcher_env', 'slurm_job_port', 'close_dist',
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
-    'check_checkpoint_fits', 'checkpoint_fit_error', 'check_num_classes',
+    'check_checkpoint_fits', 'checkpoint_fit_error', 'check_datasets',
     'total_batch_note'
 ]
 
@@ -568,32 +568,14 @@ def _head_classes(model: dict, keys: Sequence[str]) -> List[Tuple[str, int]]:
     return found
 
 
-def check_num_classes(cfg: Config, stages: Sequence[str]) -> None:
-    """Refuse mmseg and mmdet heads whose number of classes is not that of
-    the data (with the auxiliary heads of the same wrong number): mmseg
-    trains 150-class heads on 5-class data and reports an mIoU of 0, mmdet
-    trains a whole epoch before its metric fails on labels it cannot map,
-    and heads of too few classes fail in the loss.
-
-    The classes are those the dataset config names (``metainfo``, else its
-    dataset class's), read without reading any data; a dataset that finds
-    them in its data (mmpretrain's ``CustomDataset``) is not checked.
-
-    Args:
-        cfg (Config): The merged config, with its ``default_scope``.
-        stages (Sequence[str]): The dataloaders to check.
-    """
+def _lazy_datasets(cfg: Config,
+                   stages: Sequence[str]) -> Iterator[Tuple[str, dict, Any]]:
+    """``(stage, config, dataset)`` of each leaf dataset of the given
+    dataloaders, built without reading any data (``lazy_init``); one that
+    does not build is skipped (the runner will say why)."""
     import copy
 
     from mmengine.registry import DATASETS, DefaultScope
-
-    from .cli import UsageError
-    model = cfg.get('model') or {}
-    # Open-vocabulary detectors (GLIP, Grounding DINO) count text tokens.
-    heads = [] if 'language_model' in model else _head_classes(
-        model, _CLASS_HEADS)
-    if not heads:
-        return
     for stage in stages:
         loader = cfg.get(stage)
         if not isinstance(loader, dict):
@@ -604,28 +586,92 @@ def check_num_classes(cfg: Config, stages: Sequence[str]) -> None:
             try:
                 with DefaultScope.overwrite_default_scope(
                         cfg.get('default_scope')):
-                    classes = DATASETS.build(ds).metainfo.get('classes')
+                    dataset = DATASETS.build(ds)
             except Exception:  # noqa: BLE001  (the runner will say)
                 continue
-            if not classes:
-                continue
-            n = len(classes)
-            wrong = [(key, value) for key, value in heads if value != n]
-            if not wrong:
-                continue
-            wrong += [(key, value)
-                      for key, value in _head_classes(model, _AUXILIARY_HEADS)
-                      if value in {v
-                                   for _, v in wrong}]
-            found = ', '.join(f'{key}={value}' for key, value in wrong)
-            fix = ' '.join(f'{key}={n}' for key, _ in wrong)
-            raise UsageError(
-                f"{stage}'s dataset ({ds.get('type')}) has {n} classes "
-                f'({str(list(classes[:3]))[:-1]}{", ..." if n > 3 else ""}]'
-                f'), but {found}: set '
-                f'`--cfg-options {fix}` (or in the config), or give the '
-                f"dataset the classes of the heads with metainfo=dict("
-                f"classes=(...))")
+            yield stage, ds, dataset
+
+
+def _class_error(model: dict, stage: str, ds: dict,
+                 dataset: Any) -> Optional[str]:
+    """What :func:`check_datasets` says of the heads' number of classes."""
+    # Open-vocabulary detectors (GLIP, Grounding DINO) count text tokens.
+    heads = [] if 'language_model' in model else _head_classes(
+        model, _CLASS_HEADS)
+    classes = dataset.metainfo.get('classes')
+    if not heads or not classes:
+        return None
+    n = len(classes)
+    wrong = [(key, value) for key, value in heads if value != n]
+    if not wrong:
+        return None
+    wrong += [(key, value)
+              for key, value in _head_classes(model, _AUXILIARY_HEADS)
+              if value in {v
+                           for _, v in wrong}]
+    found = ', '.join(f'{key}={value}' for key, value in wrong)
+    fix = ' '.join(f'{key}={n}' for key, _ in wrong)
+    return (f"{stage}'s dataset ({ds.get('type')}) has {n} classes "
+            f'({str(list(classes[:3]))[:-1]}{", ..." if n > 3 else ""}]), '
+            f'but {found}: set `--cfg-options {fix}` (or in the config), or '
+            f'give the dataset the classes of the heads with metainfo=dict('
+            f'classes=(...))')
+
+
+def _zero_label_error(stage: str, ds: dict, dataset: Any) -> Optional[str]:
+    """What :func:`check_datasets` says of an mmseg ``reduce_zero_label``
+    that the dataset and its pipeline's ``LoadAnnotations`` disagree on."""
+    ours = getattr(dataset, 'reduce_zero_label', None)
+    if not isinstance(ours, bool):
+        return None
+    for step in ds.get('pipeline') or []:
+        if not isinstance(step, dict) or not str(
+                step.get('type')).endswith('LoadAnnotations'):
+            continue
+        theirs = step.get('reduce_zero_label')
+        if isinstance(theirs, bool) and theirs != ours:
+            return (
+                f"{stage}'s dataset ({ds.get('type')}) has reduce_zero_label="
+                f"{ours}, but its pipeline's LoadAnnotations has "
+                f'reduce_zero_label={theirs}'
+                f'{" (as ADE20K’s, which ignores label 0)" if theirs else ""}'
+                f', and mmseg stops at the first sample: '
+                f"give the dataset a pipeline with dict(type='LoadAnnotations'"
+                f') (it follows the dataset), or set the dataset\'s '
+                f'reduce_zero_label={theirs} if label 0 of your masks is to '
+                f'be ignored')
+    return None
+
+
+def check_datasets(cfg: Config, stages: Sequence[str]) -> None:
+    """Refuse what does not fit the datasets of the given dataloaders,
+    seen without reading any data:
+
+    * mmseg and mmdet heads whose number of classes is not that of the
+      data (with the auxiliary heads of the same wrong number): mmseg
+      trains 150-class heads on 5-class data and reports an mIoU of 0,
+      mmdet trains a whole epoch before its metric fails on labels it
+      cannot map, and heads of too few classes fail in the loss. The
+      classes are those the dataset config names (``metainfo``, else its
+      dataset class's); a dataset that finds them in its data (mmpretrain's
+      ``CustomDataset``) is not checked.
+    * an mmseg dataset whose ``reduce_zero_label`` its pipeline's
+      ``LoadAnnotations`` contradicts (ADE20K's pipeline kept for a dataset
+      of another type), which mmseg meets as an assertion at the first
+      sample.
+
+    Args:
+        cfg (Config): The merged config, with its ``default_scope``.
+        stages (Sequence[str]): The dataloaders to check.
+    """
+    from .cli import UsageError
+    model = cfg.get('model') or {}
+    for stage, ds, dataset in _lazy_datasets(cfg, stages):
+        error = (
+            _class_error(model, stage, ds, dataset)
+            or _zero_label_error(stage, ds, dataset))
+        if error:
+            raise UsageError(error)
 
 
 def _join(root: str, path: str) -> str:
