@@ -22,13 +22,15 @@ DET = osp.join(REPO, 'configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py')
 CLS = osp.join(REPO, 'configs/boat_swin/boat-swin-tiny_16xb64_in1k.py')
 # Arches whose widths the configs' consumers do not take.
 CSWIN_16 = {'model.backbone.arch.embed_dims': 16}
+# Two outputs: mmpretrain's head takes the last, pooled.
 SWIN_16 = {
     'model.backbone.arch':
     dict(
         _delete_=True,
         embed_dims=16,
         depths=[2, 2, 2, 1],
-        num_heads=[1, 2, 2, 2])
+        num_heads=[1, 2, 2, 2]),
+    'model.backbone.out_indices': (1, 3)
 }
 
 
@@ -139,6 +141,30 @@ def test_other_consumers_are_left_alone(path, options):
     """SimMIM's decoder (not known to take every output), the heads
     behind a neck, an RPN head: not checked."""
     load_config(path, options)
+
+
+def test_concatenated_inputs_count_by_their_sum():
+    """mmseg's resize_concat concatenates the maps of in_index: another
+    order of the same widths runs, other widths do not; the maps a head
+    takes apart are checked one by one."""
+    head = {
+        'model.auxiliary_head.input_transform': 'resize_concat',
+        'model.auxiliary_head.in_index': [2, 3]
+    }
+    _forward(
+        load_config(
+            SEG, dict(head, **{'model.auxiliary_head.in_channels': [256,
+                                                                    128]})))
+    with pytest.raises(UsageError) as err:
+        load_config(
+            SEG, dict(head, **{'model.auxiliary_head.in_channels': [128,
+                                                                    128]}))
+    assert ('model.auxiliary_head.in_channels=[128, 128] should be [128, '
+            '256] (outputs [2, 3], its in_index, concatenated: their sum '
+            'counts)') in str(err.value)
+    # UPerHead takes each map apart: the order counts.
+    with pytest.raises(UsageError, match='one width each'):
+        load_config(SEG, {'model.decode_head.in_channels': [64, 32, 128, 256]})
 
 
 def test_a_neck_of_mmseg_is_checked():
