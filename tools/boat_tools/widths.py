@@ -157,6 +157,28 @@ def _decode_head_mismatch(key: str, head: dict,
                             f'outputs {list(index)}, its in_index, {how}')
 
 
+def _pooled_head_mismatch(head: Any, registry: Any,
+                          widths: Sequence[int]) -> Optional[_Mismatch]:
+    """An mmpretrain head of :data:`LAST_OUTPUT_HEADS` (after
+    ``GlobalAveragePooling``) whose ``in_channels`` is not the width of the
+    last output.
+
+    Args:
+        head (Any): The config's ``model.head``.
+        registry (Registry): The scope's ``MODELS``.
+        widths (Sequence[int]): The backbone's output widths.
+
+    Returns:
+        tuple | None: The mismatch, or None.
+    """
+    channels = head.get('in_channels') if isinstance(head, dict) else None
+    if not _is_int(channels) or channels == widths[-1] or not (
+            _lineage(registry, head)[1] & LAST_OUTPUT_HEADS):
+        return None
+    return ('model.head.in_channels', channels, widths[-1],
+            'the width of the last output, pooled')
+
+
 def _heads(model: dict, name: str) -> List[Tuple[str, Any]]:
     """``(key, config)`` of the head(s) under ``model[name]``, a dict or a
     list of them (mmseg's cascades)."""
@@ -183,20 +205,15 @@ def _mismatches(model: dict, registry: Any,
     found: List[Optional[_Mismatch]] = []
     if neck is not None:
         # mmdet's necks may be a chain: the first takes the outputs.
-        key, first = ('model.neck.0',
-                      neck[0]) if isinstance(neck,
-                                             (list, tuple)) and neck else (
-                                                 'model.neck', neck)
+        chain = isinstance(neck, (list, tuple)) and bool(neck)
+        key, first = ('model.neck.0', neck[0]) if chain else ('model.neck',
+                                                              neck)
         lineage = _lineage(registry, first)[1]
         if lineage & LIST_NECKS:
             found.append(_neck_mismatch(key, first, widths))
-        head = model.get('head')
-        channels = head.get('in_channels') if isinstance(head, dict) else None
-        if POOLING in lineage and _is_int(channels) and _lineage(
-                registry, head)[1] & LAST_OUTPUT_HEADS \
-                and channels != widths[-1]:
-            found.append(('model.head.in_channels', channels, widths[-1],
-                          'the width of the last output, pooled'))
+        elif POOLING in lineage:
+            found.append(
+                _pooled_head_mismatch(model.get('head'), registry, widths))
     else:
         # Without a neck, mmseg's heads take the backbone's outputs.
         for name in ('decode_head', 'auxiliary_head'):
