@@ -415,7 +415,7 @@ def check_loop_units(cfg: Config) -> None:
 @tool_main
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    cfg = merge_args(load_config(args.config), args)
+    cfg = merge_args(load_config(args.config, options_follow=True), args)
     check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
     check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
     adapt_cfg_to_device(cfg)

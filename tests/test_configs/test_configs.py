@@ -4,6 +4,7 @@ import ast
 import glob
 import importlib
 import os.path as osp
+import sys
 import warnings
 
 import cv2
@@ -17,6 +18,12 @@ from boat_mm.models import boat_families
 from boat_mm.utils.metafile import load_models, published_complexity
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.join(ROOT, 'tools')
+# As tests/test_tools/conftest.py: the tools' shared code, appended.
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
+from boat_tools.widths import check_consumer_widths  # noqa: E402
+
 CONFIGS = sorted(
     osp.relpath(p, ROOT) for p in glob.glob(
         osp.join(ROOT, 'configs', '**', '*.py'), recursive=True)
@@ -95,6 +102,8 @@ def test_config_builds_full_model(path):
     assert scope in ('mmseg', 'mmpretrain', 'mmdet')
     assert 'boat_mm' in cfg.custom_imports['imports']
     init_default_scope(scope)
+    # The tools' check of the widths of the necks and heads passes.
+    check_consumer_widths(cfg)
     models = importlib.import_module(f'{scope}.registry').MODELS
     if scope != 'mmpretrain':
         # The converted ImageNet weights are not part of the repo.
@@ -102,12 +111,16 @@ def test_config_builds_full_model(path):
     model = models.build(cfg.model)
     # (A family, or its SimMIM variant.)
     assert isinstance(model.backbone, boat_families())
+    widths = [
+        model.backbone.get_submodule(f'norm{i}').normalized_shape[0]
+        for i in model.backbone.out_indices
+    ]
+    # What the check computes from the config, without building.
+    args = {k: v for k, v in cfg.model.backbone.items() if k != 'type'}
+    assert list(type(
+        model.backbone).output_channels(**args).values()) == widths
     if scope == 'mmdet':
         # The FPN takes the widths of the stages the backbone outputs.
-        widths = [
-            model.backbone.get_submodule(f'norm{i}').normalized_shape[0]
-            for i in model.backbone.out_indices
-        ]
         assert list(model.neck.in_channels) == widths
     params = sum(p.numel() for p in model.parameters()) / 1e6
     expected = PARAMS_M.get(osp.basename(path))

@@ -507,6 +507,30 @@ CASES = [
      "full' is a folder; name a file in it, e.g. /"),
     ('image_demo', ['{image}', SEG, '--out-file',
                     '{full}'], "full' is a folder; name a file in it, e.g. /"),
+    # Necks and heads that do not take the backbone's widths, refused
+    # before the model is built (its first forward would fail in a conv).
+    ('train', [SEG, '--cfg-options', 'model.backbone.arch=base'],
+     "the backbone BOATCSWin (arch='base') outputs: [96, 192, 384, 768] at "
+     'stages (0, 1, 2, 3) (model.backbone.out_indices): '
+     'model.decode_head.in_channels=[32, 64, 128, 256] should be [96, 192, '
+     '384, 768] (outputs [0, 1, 2, 3], its in_index, one width each); '
+     'model.auxiliary_head.in_channels=128 should be 384 (the width of '
+     'output 2, its in_index); pass `--cfg-options model.decode_head.'
+     'in_channels="[96,192,384,768]" model.auxiliary_head.in_channels=384`'),
+    ('test', [DET, '{ours}', '--cfg-options', 'model.backbone.arch=base'],
+     'model.neck.in_channels=[32, 64, 128, 256] should be [96, 192, 384, '
+     '768] (one width per output of the backbone); pass `--cfg-options '
+     'model.neck.in_channels="[96,192,384,768]"`'),
+    ('get_flops', [CLS, '--cfg-options', 'model.backbone.arch=base'],
+     "BOATCSWin (arch='base') outputs: [768] at stages (3,) "
+     '(model.backbone.out_indices): model.head.in_channels=512 should be '
+     '768 (the width of the last output, pooled); pass `--cfg-options '
+     'model.head.in_channels=768`'),
+    ('image_demo',
+     ['{image}', SEG, '--cfg-options', 'model.backbone.out_indices=[1,2,3]'
+      ], 'model.decode_head.in_index=[0, 1, 2, 3] (it selects outputs of the '
+     '3: use indices in [-3, 2]); model.auxiliary_head.in_channels=128 '
+     'should be 256 (the width of output 2, its in_index)'),
     ('attention_recall', [SIMMIM_CSWIN, '{image}'],
      'test_pipeline, which attention_recall loads and packs the image with: '
      f'{NO_TEST_SET}'),

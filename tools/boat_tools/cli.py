@@ -33,8 +33,9 @@ if TYPE_CHECKING:  # mmengine is imported only where used (load_config)
 __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_image', 'check_output_file', 'check_checkpoint',
-    'load_config', 'merge_cfg_options', 'check_scope_installed',
-    'check_device', 'no_test_set', 'tool_main', 'user_error_types'
+    'load_config', 'merge_cfg_options', 'check_model_cfg',
+    'check_scope_installed', 'check_device', 'no_test_set', 'tool_main',
+    'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -247,14 +248,17 @@ def check_checkpoint(path: str) -> str:
         'published weights by tools/model_converters/boat2mm.py')
 
 
-def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
+def merge_cfg_options(cfg: 'Config',
+                      cfg_options: Optional[dict],
+                      check: bool = True) -> None:
     """``cfg.merge_from_dict(cfg_options)``, with MMEngine's complaints
     about an option (a dict under a value that is not one, a list index
-    out of range) as a :class:`UsageError`; then :func:`check_init_cfgs`.
+    out of range) as a :class:`UsageError`; then :func:`check_model_cfg`.
 
     Args:
         cfg (mmengine.config.Config): The config, changed in place.
         cfg_options (dict, optional): ``--cfg-options``.
+        check (bool): Check the merged model config. Defaults to True.
     """
     if cfg_options:
         try:
@@ -268,16 +272,36 @@ def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
             raise UsageError(f'--cfg-options: {text}') from err
     # Here, as every tool merges its options here (load_config, or
     # config.merge_common_args after it).
+    if check:
+        check_model_cfg(cfg)
+
+
+def check_model_cfg(cfg: 'Config') -> None:
+    """The checks of a config's model that need nothing built:
+    :func:`check_init_cfgs`, and that the necks and heads take the channels
+    of a BOAT backbone (:func:`.widths.check_consumer_widths`).
+
+    Args:
+        cfg (mmengine.config.Config): The config, ``--cfg-options`` merged.
+    """
     check_init_cfgs(cfg.get('model'))
+    from .widths import check_consumer_widths
+    check_consumer_widths(cfg)
 
 
-def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
+def load_config(path: str,
+                cfg_options: Optional[dict] = None,
+                options_follow: bool = False) -> 'Config':
     """Load a config after checking that the file exists, then merge
-    ``--cfg-options``.
+    ``--cfg-options`` and check the model (:func:`check_model_cfg`).
 
     Args:
         path (str): The config file.
         cfg_options (dict, optional): ``--cfg-options``. Defaults to None.
+        options_follow (bool): The caller merges ``--cfg-options`` itself
+            next (train.py and test.py, with
+            :func:`.config.merge_common_args`), which checks the model:
+            an option may fix what the file has. Defaults to False.
 
     Returns:
         mmengine.config.Config: The config.
@@ -308,8 +332,11 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         raise UsageError(f'config file {path!r}: {_scope_error(scope[1])}') \
             from err
     import_custom_modules(cfg, path)
-    merge_cfg_options(cfg, cfg_options)
+    merge_cfg_options(cfg, cfg_options, check=False)
     check_scope_installed(cfg, path)
+    if not options_follow:
+        # After the scope's check: the check imports its registry.
+        check_model_cfg(cfg)
     return cfg
 
 

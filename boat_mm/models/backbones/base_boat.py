@@ -522,39 +522,77 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             dpr = dpr[depth:]
 
     @classmethod
-    def _accepted_arguments(cls) -> List[str]:
-        """The keyword arguments of the class and the bases it passes
-        ``**kwargs`` to."""
-        names = []
+    def _init_parameters(cls) -> Dict[str, inspect.Parameter]:
+        """The keyword parameters of the class and of the bases it passes
+        ``**kwargs`` to, by name; a subclass's own wins (its default)."""
+        params: Dict[str, inspect.Parameter] = {}
         for klass in cls.__mro__:
             # (Mixins before the family, e.g. SimMIM's, take **kwargs.)
             if (not issubclass(klass, BaseBOATBackbone)
                     or '__init__' not in klass.__dict__):
                 continue
-            params = inspect.signature(klass.__init__).parameters.values()
-            names += [
-                p.name for p in params if p.name != 'self'
-                and p.kind is not inspect.Parameter.VAR_KEYWORD
-            ]
-        return names
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != 'self' and \
+                        p.kind is not inspect.Parameter.VAR_KEYWORD:
+                    params.setdefault(p.name, p)
+        return params
+
+    @classmethod
+    def _accepted_arguments(cls) -> List[str]:
+        """The keyword arguments of the class and the bases it passes
+        ``**kwargs`` to."""
+        return list(cls._init_parameters())
+
+    @classmethod
+    def output_channels(cls, **kwargs: Any) -> Dict[int, int]:
+        """The channels of the maps that ``cls(**kwargs)`` outputs, without
+        building it: from the arch (an ``arch_zoo`` name or a dict) and
+        ``out_indices``, parsed as ``__init__`` parses them, with their
+        defaults where not given.
+
+        The tools check with it, before the model is built, that the necks
+        and heads of a config take these widths.
+
+        Args:
+            **kwargs: The backbone's arguments (e.g. its config without
+                ``type``); only ``arch`` and ``out_indices`` are read.
+
+        Returns:
+            dict[int, int]: ``{stage: num_features[stage]}`` for each stage
+            of ``out_indices``, in the order of the outputs.
+
+        Raises:
+            TypeError, ValueError: As ``__init__`` does for a bad ``arch``
+                or ``out_indices``.
+        """
+        params = cls._init_parameters()
+        arch = kwargs.get('arch', params['arch'].default)
+        out_indices = kwargs.get('out_indices', params['out_indices'].default)
+        widths = cls._parse_arch(arch)['embed_dims']
+        return {
+            i: widths[i]
+            for i in parse_out_indices(out_indices, len(widths))
+        }
 
     # --- Architecture. ---
 
-    def _parse_arch(self, arch: Union[str, dict]) -> Dict:
-        """The arch settings, validated; families add their own checks."""
-        name = type(self).__name__
-        settings = parse_arch(arch, self.arch_zoo, set(self.essential_keys),
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> Dict:
+        """The arch settings, validated; families add their own checks
+        (a class method: :meth:`output_channels` builds nothing)."""
+        name = cls.__name__
+        settings = parse_arch(arch, cls.arch_zoo, set(cls.essential_keys),
                               name)
-        known = self.essential_keys | self.optional_keys
+        known = cls.essential_keys | cls.optional_keys
         unknown = set(settings) - known
         if unknown:
             raise ValueError(
                 f'{name}: unknown keys {sorted(unknown)} in the arch dict; it '
-                f'takes {sorted(self.essential_keys)}' +
-                (f' and optionally {sorted(self.optional_keys)}' if self.
+                f'takes {sorted(cls.essential_keys)}' +
+                (f' and optionally {sorted(cls.optional_keys)}' if cls.
                  optional_keys else '') + '.')
         settings = deepcopy(settings)
-        per_stage = ['num_heads'] + sorted(self.optional_keys & set(settings))
+        per_stage = ['num_heads'] + sorted(cls.optional_keys & set(settings))
         for key in ['depths'] + per_stage:
             entries = settings[key]
             if not isinstance(entries, (list, tuple)) or any(

@@ -247,7 +247,8 @@ class BOATCSWin(BaseBOATBackbone):
         """
         return block % 2 == 0
 
-    def _parse_arch(self, arch: Union[str, dict]) -> Dict:
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> Dict:
         settings = super()._parse_arch(arch)
         n = len(settings['depths'])
         settings.setdefault('split_sizes', [1, 2, 7, 7][:n] + [7] * (n - 4))
@@ -255,7 +256,7 @@ class BOATCSWin(BaseBOATBackbone):
             # The last stage attends over the full map, with any heads.
             if heads % 2:
                 raise ValueError(
-                    f'{type(self).__name__} arch: stage {i} has {heads} '
+                    f'{cls.__name__} arch: stage {i} has {heads} '
                     f'heads, but every stage but the last splits its heads '
                     f'between two stripe branches: give it an even '
                     f'num_heads (got {settings["num_heads"]}).')

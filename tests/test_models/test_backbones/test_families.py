@@ -255,6 +255,43 @@ def test_forward_odd_size_and_out_indices(family):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+# Doubling widths from an int (16, 32, 64, 128), FSLA where every family
+# puts some.
+DOUBLING = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[2, 2, 2, 2])
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+@pytest.mark.parametrize(
+    'kwargs', [
+        dict(),
+        dict(out_indices=(3, 1)),
+        dict(arch=DOUBLING, out_indices=-1),
+        dict(arch=DOUBLING, out_indices=(0, -2)),
+        dict(arch='tiny', out_indices=(1, )),
+    ],
+    ids=['small', 'small-3-1', 'doubling-last', 'doubling-0-2', 'zoo-1'])
+def test_output_channels_are_those_of_the_forward(family, kwargs):
+    """What the tools check necks and heads against, without building:
+    the channels and stages of the maps the built backbone outputs."""
+    kwargs = dict(dict(arch=small(family)), **kwargs)
+    widths = family.output_channels(**kwargs)
+    model = family(drop_path_rate=0., **kwargs).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 32, 32))
+    assert list(widths.values()) == [o.shape[1] for o in outs]
+    assert tuple(widths) == model.out_indices
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+def test_output_channels_refuse_what_the_backbone_refuses(family):
+    for kwargs in (dict(arch='huge'), dict(out_indices=(4, ))):
+        with pytest.raises(ValueError) as built:
+            family(**kwargs)
+        with pytest.raises(ValueError) as computed:
+            family.output_channels(**kwargs)
+        assert str(computed.value) == str(built.value)
+
+
 @pytest.mark.parametrize('family', FAMILIES, ids=IDS)
 def test_layer_depth_follows_the_forward_order(family):
     """A parameter's layer-wise depth is its place in the order in which
