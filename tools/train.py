@@ -253,6 +253,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     check_train_loop(cfg)
     check_param_scheduler(cfg)
     check_loop_units(cfg)
+    check_preprocessor_classes(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
     return cfg
@@ -410,6 +411,53 @@ def check_loop_units(cfg: Config) -> None:
     if problems:
         raise UsageError(f'train_cfg builds MMEngine\'s {loop.__name__}, '
                          'but ' + '; '.join(problems))
+
+
+def check_preprocessor_classes(cfg: Config) -> None:
+    """Refuse a classifier whose data preprocessor counts other classes
+    than its head: e.g. a child config that sets
+    ``model.head.num_classes=3`` keeps mmpretrain's ImageNet
+    ``data_preprocessor.num_classes=1000``, the width of the one-hot
+    targets of Mixup/CutMix (``model.train_cfg.augments``), and the loss
+    fails at the first iteration (``LabelSmoothLoss requires output and
+    target to be same shape``).
+
+    MMEngine's runner gives the model the top-level ``data_preprocessor``
+    when ``model`` has none; a head or preprocessor without
+    ``num_classes``, or a preprocessor that makes no one-hot targets, is
+    left alone.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    model = cfg.get('model')
+    if not isinstance(model, dict):
+        return
+    head = model.get('head')
+    key, preprocessor = 'model.data_preprocessor', model.get(
+        'data_preprocessor')
+    if preprocessor is None:  # as MMEngine's Runner.__init__ does
+        key, preprocessor = 'data_preprocessor', cfg.get('data_preprocessor')
+    if not (isinstance(head, dict) and isinstance(preprocessor, dict)):
+        return
+    classes, width = head.get('num_classes'), preprocessor.get('num_classes')
+    if classes is None or width is None or classes == width:
+        return
+    # mmpretrain's ImageClassifier gives model.train_cfg to its
+    # preprocessor as batch_augments, which turn to_onehot on; without
+    # one-hot targets the preprocessor's num_classes is unused (mmpretrain's
+    # resnet50_8xb128_coslr-90e_in21k.py has 21843 and 21842).
+    if not (preprocessor.get('to_onehot')
+            or preprocessor.get('batch_augments', model.get('train_cfg'))):
+        return
+    fix = (f'data_preprocessor = dict(num_classes={classes})'
+           if key == 'data_preprocessor' else
+           f'model = dict(data_preprocessor=dict(num_classes={classes}))')
+    raise UsageError(
+        f'model.head.num_classes={classes} but {key}.num_classes={width} '
+        f'(the width of the one-hot targets that Mixup/CutMix mix; the loss '
+        f'would refuse the shapes at the first iteration): set `{fix}` in '
+        f'your config, or pass `--cfg-options {key}.num_classes={classes}`')
 
 
 @tool_main

@@ -150,6 +150,10 @@ def files(tmp_path_factory):
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         "test_dataloader = dict(dataset=dict(type='BaseSegDataset', "
         'metainfo=None))\n',
+        # A head for the user's classes, the ImageNet base's preprocessor.
+        'three_classes':
+        f'_base_ = [{base!r}]\n'
+        'model = dict(head=dict(num_classes=3))\n',
         'epoch_loop':
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
@@ -444,6 +448,17 @@ CASES = [
      'train_dataloader.sampler is an InfiniteSampler, which never ends an '
      'epoch: set `train_dataloader = dict(sampler=dict(_delete_=True, '
      "type='DefaultSampler', shuffle=True))`"),
+    # One-hot targets of Mixup/CutMix wider than the head's logits (the
+    # loss's shape assertion at the first iteration).
+    ('train', ['{root}/three_classes.py'],
+     'model.head.num_classes=3 but data_preprocessor.num_classes=1000 (the '
+     'width of the one-hot targets that Mixup/CutMix mix; the loss would '
+     'refuse the shapes at the first iteration): set `data_preprocessor = '
+     'dict(num_classes=3)` in your config, or pass `--cfg-options '
+     'data_preprocessor.num_classes=3`'),
+    ('train', [CLS, '--cfg-options', 'model.data_preprocessor.num_classes=5'],
+     'model.head.num_classes=1000 but model.data_preprocessor.num_classes=5 '
+     '(the width'),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "
@@ -601,3 +616,22 @@ def test_slurm_counts_must_be_positive_integers(script, name):
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr == (f'{script}: error: {name} must be a positive '
                            f"integer, got '0'\n")
+
+
+@pytest.mark.parametrize(
+    'options',
+    [
+        # No Mixup/CutMix: no one-hot targets, the preprocessor's count
+        # unused (as mmpretrain's resnet50_8xb128_coslr-90e_in21k.py).
+        dict(model=dict(head=dict(num_classes=3), train_cfg=None)),
+        # A head without num_classes.
+        dict(model=dict(head=dict(num_classes=None))),
+        dict(
+            data_preprocessor=dict(num_classes=3),
+            model=dict(head=dict(num_classes=3))),
+    ])
+def test_preprocessor_classes_left_alone(options):
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO, CLS), import_custom_modules=False)
+    cfg.merge_from_dict(options)
+    tool('train').check_preprocessor_classes(cfg)
