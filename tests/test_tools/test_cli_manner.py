@@ -154,6 +154,11 @@ def files(tmp_path_factory):
         'three_classes':
         f'_base_ = [{base!r}]\n'
         'model = dict(head=dict(num_classes=3))\n',
+        # A child's list replaces its base's: boat_mm dropped ('json'
+        # stands for the user's own module).
+        'no_boat_import':
+        f'_base_ = [{base!r}]\n'
+        "custom_imports = dict(imports=['json'])\n",
         'epoch_loop':
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
@@ -459,6 +464,18 @@ CASES = [
     ('train', [CLS, '--cfg-options', 'model.data_preprocessor.num_classes=5'],
      'model.head.num_classes=1000 but model.data_preprocessor.num_classes=5 '
      '(the width'),
+    # custom_imports without boat_mm, for a model of its modules: refused
+    # where every tool reads its config (upstream tools fail on it).
+    ('train', ['{root}/no_boat_import.py'],
+     "custom_imports.imports=['json'] lacks 'boat_mm', which registers the "
+     "model's BOATCSWin: a config's list replaces its base's, and upstream "
+     'tools and inferencers given this config (or the copy a run writes to '
+     'its work dir) fail with "BOATCSWin is not in the model registry": set '
+     "`custom_imports = dict(imports=['boat_mm', 'json'], "
+     'allow_failed_imports=False)`'),
+    ('get_flops', [SIMMIM, '--cfg-options', 'custom_imports.imports=[json]'],
+     "custom_imports.imports=['json'] lacks 'boat_mm', which registers the "
+     "model's SimMIMBOATSwin: a config's list"),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "
@@ -635,3 +652,24 @@ def test_preprocessor_classes_left_alone(options):
     cfg = Config.fromfile(osp.join(REPO, CLS), import_custom_modules=False)
     cfg.merge_from_dict(options)
     tool('train').check_preprocessor_classes(cfg)
+
+
+@pytest.mark.parametrize(
+    'options',
+    [
+        dict(custom_imports=dict(imports=['boat_mm.models', 'json'])),
+        # No custom_imports: not a child of ours, which all set it.
+        dict(custom_imports=None),
+        # A model of upstream modules only.
+        dict(
+            custom_imports=dict(imports=['json']),
+            model=dict(backbone=dict(_delete_=True, type='ResNet', depth=18))),
+    ])
+def test_boat_imports_left_alone(options):
+    # Registers ResNet, in mmpretrain's child of MMEngine's MODELS.
+    import mmpretrain.models  # noqa: F401
+    from boat_tools.cli import check_boat_imports
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO, CLS), import_custom_modules=False)
+    cfg.merge_from_dict(options)
+    check_boat_imports(cfg)
