@@ -324,7 +324,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the test; returns the metrics."""
     args = parse_args(argv)
-    cfg = merge_args(load_config(args.config), args)
+    cfg = merge_args(load_config(args.config, merge_options=False), args)
     check_num_classes(cfg, ('test_dataloader', ))
     check_data_roots(cfg, ('test_dataloader', ))
     adapt_cfg_to_device(cfg)

@@ -540,7 +540,7 @@ def ema_start_note(runner: 'Runner') -> Optional[str]:
 @tool_main
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    cfg = merge_args(load_config(args.config), args)
+    cfg = merge_args(load_config(args.config, merge_options=False), args)
     check_num_classes(cfg, ('train_dataloader', 'val_dataloader'))
     check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
     adapt_cfg_to_device(cfg)

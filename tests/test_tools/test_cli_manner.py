@@ -473,6 +473,11 @@ CASES = [
      'its work dir) fail with "BOATCSWin is not in the model registry": set '
      "`custom_imports = dict(imports=['boat_mm', 'json'], "
      'allow_failed_imports=False)`'),
+    # ... after --cfg-options, which may fix it (--amp: the error after).
+    ('train', [
+        '{root}/no_boat_import.py', '--amp', '--cfg-options',
+        'custom_imports.imports=[boat_mm,json]'
+    ], '--amp needs a CUDA device'),
     ('get_flops', [SIMMIM, '--cfg-options', 'custom_imports.imports=[json]'],
      "custom_imports.imports=['json'] lacks 'boat_mm', which registers the "
      "model's SimMIMBOATSwin: a config's list"),

@@ -273,13 +273,20 @@ def merge_cfg_options(cfg: 'Config', cfg_options: Optional[dict]) -> None:
     check_boat_imports(cfg)
 
 
-def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
+def load_config(path: str,
+                cfg_options: Optional[dict] = None,
+                merge_options: bool = True) -> 'Config':
     """Load a config after checking that the file exists, then merge
     ``--cfg-options``.
 
     Args:
         path (str): The config file.
         cfg_options (dict, optional): ``--cfg-options``. Defaults to None.
+        merge_options (bool): False where the tool merges its options
+            later (:func:`.config.merge_common_args`), whose
+            :func:`merge_cfg_options` checks the config then: here, a
+            config that an option fixes would be refused. Defaults to
+            True.
 
     Returns:
         mmengine.config.Config: The config.
@@ -310,7 +317,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> 'Config':
         raise UsageError(f'config file {path!r}: {_scope_error(scope[1])}') \
             from err
     import_custom_modules(cfg, path)
-    merge_cfg_options(cfg, cfg_options)
+    if merge_options:
+        merge_cfg_options(cfg, cfg_options)
     check_scope_installed(cfg, path)
     return cfg
 
