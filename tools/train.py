@@ -29,7 +29,7 @@ import os.path as osp
 import pickle
 import sys
 from copy import deepcopy
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
@@ -46,6 +46,9 @@ from mmengine.dist import get_world_size
 from mmengine.logging import print_log
 
 import boat_mm  # noqa: F401,E402  (registers models, checkpoint allow-list)
+
+if TYPE_CHECKING:
+    from mmengine.runner import Runner
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -253,6 +256,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     check_train_loop(cfg)
     check_param_scheduler(cfg)
     check_loop_units(cfg)
+    check_preprocessor_classes(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
     return cfg
@@ -412,6 +416,127 @@ def check_loop_units(cfg: Config) -> None:
                          'but ' + '; '.join(problems))
 
 
+def check_preprocessor_classes(cfg: Config) -> None:
+    """Refuse a classifier whose data preprocessor counts other classes
+    than its head: e.g. a child config that sets
+    ``model.head.num_classes=3`` keeps mmpretrain's ImageNet
+    ``data_preprocessor.num_classes=1000``, the width of the one-hot
+    targets of Mixup/CutMix (``model.train_cfg.augments``), and the loss
+    fails at the first iteration (``LabelSmoothLoss requires output and
+    target to be same shape``).
+
+    MMEngine's runner gives the model the top-level ``data_preprocessor``
+    when ``model`` has none; a head or preprocessor without
+    ``num_classes``, or a preprocessor that makes no one-hot targets, is
+    left alone.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    model = cfg.get('model')
+    if not isinstance(model, dict):
+        return
+    head = model.get('head')
+    key, preprocessor = 'model.data_preprocessor', model.get(
+        'data_preprocessor')
+    if preprocessor is None:  # as MMEngine's Runner.__init__ does
+        key, preprocessor = 'data_preprocessor', cfg.get('data_preprocessor')
+    if not (isinstance(head, dict) and isinstance(preprocessor, dict)):
+        return
+    classes, width = head.get('num_classes'), preprocessor.get('num_classes')
+    if classes is None or width is None or classes == width:
+        return
+    # mmpretrain's ImageClassifier gives model.train_cfg to its
+    # preprocessor as batch_augments, which turn to_onehot on; without
+    # one-hot targets the preprocessor's num_classes is unused (mmpretrain's
+    # resnet50_8xb128_coslr-90e_in21k.py has 21843 and 21842).
+    if not (preprocessor.get('to_onehot')
+            or preprocessor.get('batch_augments', model.get('train_cfg'))):
+        return
+    fix = (f'data_preprocessor = dict(num_classes={classes})'
+           if key == 'data_preprocessor' else
+           f'model = dict(data_preprocessor=dict(num_classes={classes}))')
+    raise UsageError(
+        f'model.head.num_classes={classes} but {key}.num_classes={width} '
+        f'(the width of the one-hot targets that Mixup/CutMix mix; the loss '
+        f'would refuse the shapes at the first iteration): set `{fix}` in '
+        f'your config, or pass `--cfg-options {key}.num_classes={classes}`')
+
+
+#: The share of an EMA's first weights, still in its average at the end
+#: of the run, above which :func:`ema_start_note` warns.
+EMA_KEPT_MAX = 0.5
+#: The share the momentum it suggests keeps.
+EMA_KEPT_FIX = 0.01
+
+
+def ema_start_note(runner: 'Runner') -> Optional[str]:
+    """A warning for an ``EMAHook`` whose average, at the end of the run,
+    is still mostly the weights it started from: the momentum of an
+    ImageNet recipe (BOAT-CSWin-T's 1.6e-4, for ~187k iterations) over a
+    fine-tuning run of 1000 iterations keeps 85 % of them (a new head at
+    random), and validation, the checkpoints' ``state_dict`` and
+    ``test.py`` use the average.
+
+    Counts as MMEngine does: the hook averages from ``begin_iter`` (or
+    ``begin_epoch``), its first update copies the model, and each later
+    ``interval``-th one takes ``momentum`` of the model's weights
+    (``ExponentialMovingAverage``; other averages are left alone). Reads
+    ``runner.train_loop``, which builds the loop and its dataloader as
+    ``runner.train()`` would first thing, and which it then reuses.
+
+    Args:
+        runner (Runner): The runner, before ``train()``.
+
+    Returns:
+        str | None: The warning, or None.
+    """
+    from mmengine.hooks import EMAHook
+    from mmengine.model import ExponentialMovingAverage
+    hooks = [h for h in runner.hooks if isinstance(h, EMAHook)]
+    ema_type = hooks[0].ema_cfg.get('type') if hooks else None
+    if isinstance(ema_type, str):
+        ema_type = ema_type.split('.')[-1]
+    if ema_type not in ('ExponentialMovingAverage', ExponentialMovingAverage):
+        return None
+    hook = hooks[0]
+    loop = runner.train_loop
+    total = getattr(loop, 'max_iters', None)
+    if total is None:  # no training loop, or one without a length
+        return None
+    # EMAHook._ema_started: from iteration (or epoch) begin - 1, 0-based.
+    first = max(hook.begin_iter - 1, 0)
+    if hook.enabled_by_epoch:
+        first = max(hook.begin_epoch - 1, 0) * len(loop.dataloader)
+    calls = total - first
+    interval = hook.ema_cfg.get('interval', 1)
+    updates = max(calls - 1, 0) // interval
+    momentum = hook.ema_cfg.get('momentum', 0.0002)
+    kept = (1 - momentum)**updates
+    if calls <= 0 or kept <= EMA_KEPT_MAX:
+        return None
+    start = ('the weights after the first iteration, i.e. those the run '
+             'starts from (in fine-tuning, a new head at random)'
+             if first == 0 else f'the weights after iteration {first + 1}')
+    users = ('validation, ' if getattr(hook, 'evaluate_on_ema', True) else
+             '') + "the checkpoints' state_dict and test.py"
+    what = ('parameters and buffers'
+            if hook.ema_cfg.get('update_buffers') else 'parameters')
+    every = f', every {interval} iterations' if interval > 1 else ''
+    fix = ''
+    if updates:
+        better = 1 - EMA_KEPT_FIX**(1 / updates)
+        fix = (f' or set a momentum that keeps little of them, e.g. '
+               f'momentum={better:.3g} keeps {EMA_KEPT_FIX:.0%} in this run')
+    return (f'EMAHook: momentum={momentum:g} (the weight of the model in '
+            f'each update of the average, as MMEngine\'s '
+            f'ExponentialMovingAverage defines it) over the {calls} of this '
+            f"run's {total} iterations it averages ({updates} updates"
+            f'{every}) leaves {kept:.1%} of the averaged {what} at {start}, '
+            f'and {users} use the averaged weights: for a run this short, '
+            f'remove the hook (`custom_hooks = []`){fix}.')
+
+
 @tool_main
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
@@ -426,6 +551,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_checkpoint_fits(runner, '--resume')
     # After the runner started the process group (on GPUs, it does).
     note = total_batch_note(cfg, get_world_size())
+    if note:
+        print_log(note, logger='current', level=logging.WARNING)
+    note = ema_start_note(runner)
     if note:
         print_log(note, logger='current', level=logging.WARNING)
     runner.train()

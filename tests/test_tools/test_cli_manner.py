@@ -156,6 +156,15 @@ def files(tmp_path_factory):
         'zero_label':
         f'_base_ = [{osp.join(REPO, SEG_ADE)!r}]\n'
         "train_dataloader = dict(dataset=dict(type='BaseSegDataset'))\n",
+        # A head for the user's classes, the ImageNet base's preprocessor.
+        'three_classes':
+        f'_base_ = [{base!r}]\n'
+        'model = dict(head=dict(num_classes=3))\n',
+        # A child's list replaces its base's: boat_mm dropped ('json'
+        # stands for the user's own module).
+        'no_boat_import':
+        f'_base_ = [{base!r}]\n'
+        "custom_imports = dict(imports=['json'])\n",
         'epoch_loop':
         f'_base_ = [{osp.join(REPO, SEG)!r}]\n'
         'train_cfg = dict(_delete_=True, by_epoch=True, max_epochs=1)\n',
@@ -457,6 +466,34 @@ CASES = [
      'train_dataloader.sampler is an InfiniteSampler, which never ends an '
      'epoch: set `train_dataloader = dict(sampler=dict(_delete_=True, '
      "type='DefaultSampler', shuffle=True))`"),
+    # One-hot targets of Mixup/CutMix wider than the head's logits (the
+    # loss's shape assertion at the first iteration).
+    ('train', ['{root}/three_classes.py'],
+     'model.head.num_classes=3 but data_preprocessor.num_classes=1000 (the '
+     'width of the one-hot targets that Mixup/CutMix mix; the loss would '
+     'refuse the shapes at the first iteration): set `data_preprocessor = '
+     'dict(num_classes=3)` in your config, or pass `--cfg-options '
+     'data_preprocessor.num_classes=3`'),
+    ('train', [CLS, '--cfg-options', 'model.data_preprocessor.num_classes=5'],
+     'model.head.num_classes=1000 but model.data_preprocessor.num_classes=5 '
+     '(the width'),
+    # custom_imports without boat_mm, for a model of its modules: refused
+    # where every tool reads its config (upstream tools fail on it).
+    ('train', ['{root}/no_boat_import.py'],
+     "custom_imports.imports=['json'] lacks 'boat_mm', which registers the "
+     "model's BOATCSWin: a config's list replaces its base's, and upstream "
+     'tools and inferencers given this config (or the copy a run writes to '
+     'its work dir) fail with "BOATCSWin is not in the model registry": set '
+     "`custom_imports = dict(imports=['boat_mm', 'json'], "
+     'allow_failed_imports=False)`'),
+    # ... after --cfg-options, which may fix it (--amp: the error after).
+    ('train', [
+        '{root}/no_boat_import.py', '--amp', '--cfg-options',
+        'custom_imports.imports=[boat_mm,json]'
+    ], '--amp needs a CUDA device'),
+    ('get_flops', [SIMMIM, '--cfg-options', 'custom_imports.imports=[json]'],
+     "custom_imports.imports=['json'] lacks 'boat_mm', which registers the "
+     "model's SimMIMBOATSwin: a config's list"),
     # --out checked for what each scope writes there, before the test.
     ('test', [CLS, '{ours}', '--out', 'res.json'],
      "--out of an mmpretrain config is a pickle file of the predictions, "
@@ -638,3 +675,43 @@ def test_slurm_counts_must_be_positive_integers(script, name):
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr == (f'{script}: error: {name} must be a positive '
                            f"integer, got '0'\n")
+
+
+@pytest.mark.parametrize(
+    'options',
+    [
+        # No Mixup/CutMix: no one-hot targets, the preprocessor's count
+        # unused (as mmpretrain's resnet50_8xb128_coslr-90e_in21k.py).
+        dict(model=dict(head=dict(num_classes=3), train_cfg=None)),
+        # A head without num_classes.
+        dict(model=dict(head=dict(num_classes=None))),
+        dict(
+            data_preprocessor=dict(num_classes=3),
+            model=dict(head=dict(num_classes=3))),
+    ])
+def test_preprocessor_classes_left_alone(options):
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO, CLS), import_custom_modules=False)
+    cfg.merge_from_dict(options)
+    tool('train').check_preprocessor_classes(cfg)
+
+
+@pytest.mark.parametrize(
+    'options',
+    [
+        dict(custom_imports=dict(imports=['boat_mm.models', 'json'])),
+        # No custom_imports: not a child of ours, which all set it.
+        dict(custom_imports=None),
+        # A model of upstream modules only.
+        dict(
+            custom_imports=dict(imports=['json']),
+            model=dict(backbone=dict(_delete_=True, type='ResNet', depth=18))),
+    ])
+def test_boat_imports_left_alone(options):
+    # Registers ResNet, in mmpretrain's child of MMEngine's MODELS.
+    import mmpretrain.models  # noqa: F401
+    from boat_tools.cli import check_boat_imports
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO, CLS), import_custom_modules=False)
+    cfg.merge_from_dict(options)
+    check_boat_imports(cfg)

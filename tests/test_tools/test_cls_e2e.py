@@ -225,6 +225,90 @@ def test_cswin_ema_checkpoint_and_test(trained_cswin):
     assert dumped['accuracy/top1'] == pytest.approx(top1, abs=1e-3)
 
 
+def _ema_shares(hook, total: int, per_epoch: int) -> np.ndarray:
+    """What MMEngine's ``EMAHook`` averages: the model's weights at the
+    end of the run as shares of the weights after each iteration (the
+    model's weight is the iteration's basis vector)."""
+    from types import SimpleNamespace
+    model = torch.nn.Linear(total, 1, bias=False)
+    runner = SimpleNamespace(model=model, iter=0, epoch=0)
+    hook.before_run(runner)
+    for i in range(total):
+        with torch.no_grad():
+            model.weight.copy_(torch.eye(total)[i])
+        runner.iter, runner.epoch = i, i // per_epoch
+        hook.after_train_iter(runner, i % per_epoch)
+    return hook.ema_model.module.weight[0].detach().double().numpy()
+
+
+def _ema_note(hook, total: int, per_epoch: int) -> Optional[str]:
+    """train.py's warning for ``hook`` in a run of ``total`` iterations."""
+    from types import SimpleNamespace
+    note = runpy.run_path(
+        osp.join(REPO, 'tools', 'train.py'),
+        run_name='boat_tool')['ema_start_note']
+    loop = SimpleNamespace(max_iters=total, dataloader=[None] * per_epoch)
+    return note(SimpleNamespace(hooks=[hook], train_loop=loop))
+
+
+def _kept(note: str) -> float:
+    """The share of the first weights a warning of train.py names."""
+    return float(re.search(r'leaves ([\d.]+)% of the averaged', note)[1]) / 100
+
+
+def test_cswin_short_run_warns_of_its_ema(trained_cswin):
+    """The recipe's momentum over a run of 18 iterations keeps nearly all
+    of the first weights: train.py says so, with the share and a momentum
+    that keeps 1 %, both checked on MMEngine's own average."""
+    from mmengine.hooks import EMAHook
+    total = 2 * ITERS_PER_EPOCH
+    first = _ema_shares(EMAHook(momentum=1.6e-4), total, ITERS_PER_EPOCH)[0]
+    line, = [
+        ln for ln in trained_cswin['out'].splitlines() if 'EMAHook: ' in ln
+    ]
+    assert 'WARNING' in line
+    assert (f'EMAHook: momentum=0.00016 (the weight of the model in each '
+            f"update of the average, as MMEngine's ExponentialMovingAverage "
+            f"defines it) over the 18 of this run's 18 iterations it "
+            f'averages (17 updates) leaves {100 * first:.1f}% of the '
+            f'averaged parameters at the weights after the first '
+            f'iteration') in line
+    assert (
+        "validation, the checkpoints' state_dict and test.py use the "
+        'averaged weights: for a run this short, remove the hook '
+        '(`custom_hooks = []`) or set a momentum that keeps little of them, '
+        'e.g. momentum=') in line
+    better = float(re.search(r'e\.g\. momentum=([\d.]+) keeps 1%', line)[1])
+    shares = _ema_shares(EMAHook(momentum=better), total, ITERS_PER_EPOCH)
+    assert shares[0] == pytest.approx(0.01, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    'args, warns',
+    [
+        # The share of the weights after iteration 4 (begin_iter - 1 on).
+        (dict(momentum=0.02, begin_iter=4), True),
+        (dict(momentum=0.02, begin_epoch=2, update_buffers=True), True),
+        (dict(momentum=0.05, interval=3), True),
+        (dict(momentum=0.1), False),
+    ])
+def test_ema_note_counts_as_mmengine(args, warns):
+    """The share train.py names is what MMEngine's hook leaves, from
+    begin_iter or begin_epoch on, every interval iterations."""
+    from mmengine.hooks import EMAHook
+    total, per_epoch = 24, 6
+    shares = _ema_shares(EMAHook(**args), total, per_epoch)
+    start = np.flatnonzero(shares)[0]
+    note = _ema_note(EMAHook(**args), total, per_epoch)
+    assert (note is not None) == warns, note
+    assert warns == (shares[start] > 0.5)
+    if warns:
+        assert _kept(note) == pytest.approx(shares[start], abs=6e-4)
+        at = ('the first iteration'
+              if start == 0 else f'iteration {start + 1}')
+        assert f'at the weights after {at}' in note
+
+
 def test_cswin_ema_checkpoint_with_tta(trained_cswin):
     """Flip TTA of a checkpoint written with the EMA hook scores the
     averaged weights: the predictions equal those of the same test
@@ -443,9 +527,13 @@ def test_iteration_based_run_of_an_epoch_based_recipe(tmp_path, imagenet_root):
         str(tmp_path / 'user.py'), SWIN_T, imagenet_root, SWIN_ARCH)
     with open(cfg, 'a') as f:
         f.write(ITERATION_BASED)
+        # An EMA that 3 updates of 0.25 leave 42 % of the first weights
+        # in: no warning (test_cswin_short_run_warns_of_its_ema).
+        f.write("custom_hooks = [dict(type='EMAHook', momentum=0.25)]\n")
     work_dir = str(tmp_path / 'work')
     out = tool_in_process(
         'train.py', cfg, work_dir=work_dir, cwd=str(tmp_path))
+    assert 'EMAHook' in out and 'EMAHook: ' not in out
     lrs = [
         float(lr) for lr in re.findall(
             r'Iter\(train\) \[\d/4\]\s+base_lr: [\d.e+-]+ lr: ([\d.e+-]+)',

@@ -34,8 +34,8 @@ __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_image', 'check_output_file', 'check_checkpoint',
     'load_config', 'merge_cfg_options', 'check_model_cfg',
-    'check_scope_installed', 'check_device', 'no_test_set', 'tool_main',
-    'user_error_types'
+    'check_boat_imports', 'check_scope_installed', 'check_device',
+    'no_test_set', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -278,13 +278,15 @@ def merge_cfg_options(cfg: 'Config',
 
 def check_model_cfg(cfg: 'Config') -> None:
     """The checks of a config's model that need nothing built:
-    :func:`check_init_cfgs`, and that the necks and heads take the channels
-    of a BOAT backbone (:func:`.widths.check_consumer_widths`).
+    :func:`check_init_cfgs`, :func:`check_boat_imports`, and that the necks
+    and heads take the channels of a BOAT backbone
+    (:func:`.widths.check_consumer_widths`).
 
     Args:
         cfg (mmengine.config.Config): The config, ``--cfg-options`` merged.
     """
     check_init_cfgs(cfg.get('model'))
+    check_boat_imports(cfg)
     from .widths import check_consumer_widths
     check_consumer_widths(cfg)
 
@@ -371,6 +373,87 @@ def check_init_cfgs(node: Any, where: str = 'model') -> None:
                 f'for a checkpoint of the whole model, pass load_from=FILE '
                 f'instead')
         check_init_cfgs(value, f'{where}.{key}')
+
+
+def _boat_types(node: Any) -> List[str]:
+    """The ``type`` names under a model config that boat_mm registers
+    (found in MMEngine's ``MODELS`` registry and its children: classes
+    defined in boat_mm), in the order met.
+
+    Args:
+        node (Any): The config's model, or a part of it.
+
+    Returns:
+        list[str]: The names, each once.
+    """
+    from mmengine.registry import MODELS
+
+    import boat_mm  # noqa: F401  (registers them)
+
+    def registered(registry) -> dict:
+        found = {
+            name: cls
+            for name, cls in registry.module_dict.items()
+            if getattr(cls, '__module__', '').startswith('boat_mm')
+        }
+        for child in registry.children.values():
+            found.update(registered(child))
+        return found
+
+    ours = registered(MODELS)
+    names: List[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, (list, tuple)):
+            for value in item:
+                walk(value)
+        elif isinstance(item, dict):
+            kind = item.get('type')
+            if isinstance(kind, type):  # a lazy (pure Python) config's
+                name = kind.__name__ if kind in ours.values() else None
+            else:  # 'BOATCSWin', or scoped: 'mmpretrain.BOATCSWin'
+                name = str(kind).split('.')[-1] if kind else None
+            if name in ours and name not in names:
+                names.append(name)
+            for value in item.values():
+                walk(value)
+
+    walk(node)
+    return names
+
+
+def check_boat_imports(cfg: 'Config') -> None:
+    """Refuse a config whose model uses boat_mm's modules while its
+    ``custom_imports`` imports others but not boat_mm: MMEngine replaces
+    lists, so a child config's ``custom_imports = dict(imports=
+    ['my_dataset'])`` drops its base's ``'boat_mm'``. The tools here
+    import boat_mm themselves, but the config a run writes to its work dir
+    fails in upstream tools and inferencers (``KeyError: 'BOATCSWin is not
+    in the mmseg::model registry'``). A config without ``custom_imports``
+    is left alone: every config of boat-mm sets it, so such a config was
+    written without ours, for a script that imports boat_mm itself.
+
+    Args:
+        cfg (mmengine.config.Config): The config, options merged.
+    """
+    imports = cfg.get('custom_imports')
+    if not isinstance(imports, dict) or imports.get('imports') is None:
+        return
+    names = imports['imports']
+    names = [names] if isinstance(names, str) else list(names)
+    if any(n == 'boat_mm' or str(n).startswith('boat_mm.') for n in names):
+        return
+    used = _boat_types(cfg.get('model'))
+    if not used:
+        return
+    listed = ', '.join(repr(n) for n in ['boat_mm'] + names)
+    raise UsageError(
+        f'custom_imports.imports={names!r} lacks \'boat_mm\', which '
+        f'registers the model\'s {", ".join(used)}: a config\'s list '
+        f'replaces its base\'s, and upstream tools and inferencers given '
+        f'this config (or the copy a run writes to its work dir) fail with '
+        f'"{used[0]} is not in the model registry": set `custom_imports = '
+        f'dict(imports=[{listed}], allow_failed_imports=False)`')
 
 
 def _one_line_value(value: Any) -> str:
