@@ -29,7 +29,7 @@ import os.path as osp
 import pickle
 import sys
 from copy import deepcopy
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
@@ -268,11 +268,13 @@ _SHORT_RUN_FIX = ('give a child config its own param_scheduler, as "Shorter '
                   'configs/boat_cswin/README.md shows')
 
 
-def _loop_class(train_cfg: dict) -> Optional[type]:
+def _loop_class(train_cfg: Any) -> Optional[type]:
     """MMEngine's epoch or iteration loop that ``train_cfg`` builds
     (``type``, or ``by_epoch`` as the runner reads it); None for another
-    loop."""
+    loop, or no ``train_cfg``."""
     from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    if not isinstance(train_cfg, dict):
+        return None
     loops = {
         'EpochBasedTrainLoop': EpochBasedTrainLoop,
         'IterBasedTrainLoop': IterBasedTrainLoop
@@ -294,7 +296,7 @@ def check_train_loop(cfg: Config) -> None:
     """
     import inspect
     train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    loop = _loop_class(train_cfg)
     if loop is None:
         return
     takes = [
@@ -335,7 +337,7 @@ def check_param_scheduler(cfg: Config) -> None:
     """
     train_cfg = cfg.get('train_cfg')
     schedulers = cfg.get('param_scheduler')
-    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    loop = _loop_class(train_cfg)
     if isinstance(schedulers, dict) and 'type' in schedulers:
         schedulers = [schedulers]
     if loop is None or not isinstance(schedulers, list):
@@ -375,7 +377,7 @@ def check_loop_units(cfg: Config) -> None:
         cfg (Config): The merged config.
     """
     train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg) if isinstance(train_cfg, dict) else None
+    loop = _loop_class(train_cfg)
     if loop is None:
         return
     problems = []
