@@ -15,7 +15,8 @@ learning in seconds needs:
   erasing (mixup, cutmix, label smoothing stay), 6 epochs of 10 steps;
   validated on 6 x 4 images;
 * segmentation: the headline UPerNet config with the tiny BOAT-CSWin on
-  the 8 + 4 generated 64 px scenes, heads over the 8 drawn classes,
+  the 8 + 4 generated 64 px scenes, heads over the 8 drawn classes (the
+  datasets' classes),
   learning rate 1e-3 from scratch (as the demo), no photometric
   distortion, 80 steps.
 
@@ -29,6 +30,7 @@ classes present (5.1 for always the most frequent one): the bound is twice
 the chance level.
 """
 import glob
+import inspect
 import os.path as osp
 import re
 
@@ -41,7 +43,7 @@ from test_seg_e2e import CSWIN_ARCH, HEADLINE
 from test_seg_e2e import USER_CFG as SEG_USER_CFG
 from test_seg_e2e import tool_in_process
 
-from boat_mm.datasets import generate_imagenet_like
+from boat_mm.datasets import generate_ade20k_like, generate_imagenet_like
 
 CLS_LEARN = """
 data_root = {root!r}
@@ -89,8 +91,13 @@ train_pipeline = [
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, pipeline=train_pipeline))
-model['decode_head']['num_classes'] = 8
-model['auxiliary_head']['num_classes'] = 8
+# The generated data's classes (ADE20K's first ones), which the heads
+# predict (tools/train.py refuses heads of another number).
+metainfo = dict(classes={classes!r})
+train_dataloader['dataset']['metainfo'] = metainfo
+val_dataloader['dataset']['metainfo'] = metainfo
+model['decode_head']['num_classes'] = {num}
+model['auxiliary_head']['num_classes'] = {num}
 optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.01))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=6),
@@ -140,9 +147,13 @@ def chance_miou(ann_dir: str) -> float:
 
 def test_segmentation_run_learns(tmp_path, ade_root):
     cfg = tmp_path / 'learn.py'
+    from mmseg.datasets import ADE20KDataset
+    num = inspect.signature(
+        generate_ade20k_like).parameters['num_classes'].default
+    classes = ADE20KDataset.METAINFO['classes'][:num]
     cfg.write_text(
         SEG_USER_CFG.format(base=HEADLINE, root=ade_root, **CSWIN_ARCH) +
-        SEG_LEARN)
+        SEG_LEARN.format(classes=classes, num=num))
     out = tool_in_process(
         'train.py',
         str(cfg),

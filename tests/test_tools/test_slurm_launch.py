@@ -361,7 +361,8 @@ def test_each_job_its_own_master_port(train_tool, monkeypatch, tmp_path):
     built = []
     monkeypatch.setattr(
         train_tool, 'build_runner',
-        lambda cfg: built.append(cfg) or SimpleNamespace(train=lambda: None))
+        lambda cfg: built.append(cfg) or SimpleNamespace(
+            train=lambda: None, hooks=[]))
     monkeypatch.setattr(train_tool, 'init_cpu_dist', lambda cfg: None)
     config = tmp_path / 'c.py'
     config.write_text('model = dict(type="X")\n')
