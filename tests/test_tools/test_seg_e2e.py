@@ -461,8 +461,11 @@ def test_checkpoint_of_another_config_is_refused(trained, capsys):
     cv2.imwrite(image, np.zeros((32, 32, 3), np.uint8))
     for tool, args in [('test.py', [trained['cfg'], other]),
                        ('train.py', [trained['cfg'], '--resume', other]),
-                       ('image_demo.py',
-                        [image, trained['cfg'], '--checkpoint', other])]:
+                       ('image_demo.py', [
+                           image, trained['cfg'], '--checkpoint', other,
+                           '--out-file',
+                           str(trained['tmp'] / 'refused.png')
+                       ])]:
         refused = str(trained['tmp'] / 'refused')
         if tool != 'image_demo.py':
             args += [
