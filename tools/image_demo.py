@@ -228,25 +228,20 @@ def config_dataset_meta(cfg: Config) -> dict:
     dataset['lazy_init'] = True
     built = DATASETS.build(dataset)
     metainfo = dict(built.metainfo)
+    unfound = ''
     if 'classes' not in metainfo:
         try:
             built.full_init()
+            metainfo = dict(built.metainfo)
         except (OSError, AssertionError, RuntimeError) as error:
-            raise UsageError(
-                f'the config\'s test dataset ({dataset["type"]}) names no '
-                f'classes and could not find them in its data ({error}), '
-                'and the checkpoint has none: set test_dataloader.dataset.'
-                "metainfo=dict(classes=('a', 'b', ...)) in the config, or "
-                'pass a checkpoint tools/train.py saved (it holds the class '
-                'names)') from None
-        metainfo = dict(built.metainfo)
+            unfound = f' and could not find them in its data ({error})'
     if 'classes' not in metainfo:
         raise UsageError(
             f'the config\'s test dataset ({dataset["type"]}) names no '
-            'classes, and the checkpoint has none: set test_dataloader.'
-            "dataset.metainfo=dict(classes=('a', 'b', ...)) in the config, "
-            'or pass a checkpoint tools/train.py saved (it holds the class '
-            'names)')
+            f'classes{unfound}, and the checkpoint has none: set '
+            "test_dataloader.dataset.metainfo=dict(classes=('a', 'b', ...)) "
+            'in the config, or pass a checkpoint tools/train.py saved (it '
+            'holds the class names)')
     print_log(
         f'Class names of the config\'s test dataset ({dataset["type"]}, '
         f'{len(metainfo["classes"])} classes): no checkpoint, or none '
