@@ -286,6 +286,15 @@ def _loop_class(train_cfg: Any) -> Optional[type]:
     return EpochBasedTrainLoop if train_cfg['by_epoch'] else IterBasedTrainLoop
 
 
+def _scheduler_list(cfg: Config) -> Optional[list]:
+    """``param_scheduler`` as a list (one scheduler alone in one); None
+    without any, or with one list per optimizer (a dict of them)."""
+    schedulers = cfg.get('param_scheduler')
+    if isinstance(schedulers, dict) and 'type' in schedulers:
+        return [schedulers]
+    return schedulers if isinstance(schedulers, list) else None
+
+
 def check_train_loop(cfg: Config) -> None:
     """Refuse a ``train_cfg`` key that its loop does not take (e.g.
     ``max_iters`` in an epoch-based one), which the runner meets as a
@@ -336,11 +345,9 @@ def check_param_scheduler(cfg: Config) -> None:
         cfg (Config): The merged config.
     """
     train_cfg = cfg.get('train_cfg')
-    schedulers = cfg.get('param_scheduler')
+    schedulers = _scheduler_list(cfg)
     loop = _loop_class(train_cfg)
-    if isinstance(schedulers, dict) and 'type' in schedulers:
-        schedulers = [schedulers]
-    if loop is None or not isinstance(schedulers, list):
+    if loop is None or schedulers is None:
         return  # another loop, or one scheduler list per optimizer
     epochs = loop.__name__ == 'EpochBasedTrainLoop'
     length = train_cfg.get('max_epochs' if epochs else 'max_iters')
@@ -389,12 +396,9 @@ def check_loop_units(cfg: Config) -> None:
                 'ends an epoch: set `train_dataloader = dict(sampler=dict('
                 "_delete_=True, type='DefaultSampler', shuffle=True))`")
     else:
-        schedulers = cfg.get('param_scheduler')
-        if isinstance(schedulers, dict) and 'type' in schedulers:
-            schedulers = [schedulers]
         by_epoch = [
-            f'[{i}] ({scheduler.get("type")})' for i, scheduler in enumerate(
-                schedulers if isinstance(schedulers, list) else [])
+            f'[{i}] ({scheduler.get("type")})'
+            for i, scheduler in enumerate(_scheduler_list(cfg) or [])
             if isinstance(scheduler, dict) and scheduler.get('by_epoch', True)
             and not scheduler.get('convert_to_iter_based')
         ]
