@@ -441,15 +441,12 @@ def checkpoint_fit_error(model: 'torch.nn.Module', checkpoint: dict, what: str,
     Returns:
         str | None: The message.
     """
-    import torch
-
     from boat_mm.models.utils.ckpt_convert import key_listing
     weights = checkpoint.get('state_dict', checkpoint)
     missing, shapes = unfitted_weights(model, weights)
     if not missing and not shapes:
         return None
-    while isinstance(getattr(model, 'module', None), torch.nn.Module):
-        model = model.module
+    # A wrapper (DDP, TTA) yields its module's parameters: the same count.
     total = sum(1 for _ in model.parameters())
     found = '; '.join(
         part
@@ -553,19 +550,12 @@ _AUXILIARY_HEADS = ('auxiliary_head', )
 
 def _head_classes(model: dict, keys: Sequence[str]) -> List[Tuple[str, int]]:
     """``(key, num_classes)`` of the heads of a model config at ``keys``."""
-    found = []
-    for key in keys:
-        value = model
-        for part in key.split('.'):
-            value = value.get(part) if isinstance(value, dict) else None
-        heads = value if isinstance(value, (list, tuple)) else [value]
-        for i, head in enumerate(heads):
-            if isinstance(head, dict) and isinstance(
-                    head.get('num_classes'), int):
-                name = f'{key}.{i}' if len(heads) > 1 else key
-                found.append(
-                    (f'model.{name}.num_classes', head['num_classes']))
-    return found
+    from .widths import heads_at
+    return [
+        (f'{key}.num_classes', head['num_classes']) for name in keys
+        for key, head in heads_at(model, name)
+        if isinstance(head, dict) and isinstance(head.get('num_classes'), int)
+    ]
 
 
 def _lazy_datasets(cfg: Config,
@@ -605,10 +595,10 @@ def _class_error(model: dict, stage: str, ds: dict,
     wrong = [(key, value) for key, value in heads if value != n]
     if not wrong:
         return None
+    wrong_values = {value for _, value in wrong}
     wrong += [(key, value)
               for key, value in _head_classes(model, _AUXILIARY_HEADS)
-              if value in {v
-                           for _, v in wrong}]
+              if value in wrong_values]
     found = ', '.join(f'{key}={value}' for key, value in wrong)
     fix = ' '.join(f'{key}={n}' for key, _ in wrong)
     return (f"{stage}'s dataset ({ds.get('type')}) has {n} classes "

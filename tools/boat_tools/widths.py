@@ -26,7 +26,7 @@ Any other backbone, neck or head is left to its own checks.
 import importlib
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-__all__ = ['check_consumer_widths']
+__all__ = ['check_consumer_widths', 'heads_at']
 
 #: Necks whose ``in_channels`` lists the width of every output, in order
 #: (``package.Class``; their subclasses too).
@@ -179,10 +179,22 @@ def _pooled_head_mismatch(head: Any, registry: Any,
             'the width of the last output, pooled')
 
 
-def _heads(model: dict, name: str) -> List[Tuple[str, Any]]:
-    """``(key, config)`` of the head(s) under ``model[name]``, a dict or a
-    list of them (mmseg's cascades)."""
-    heads = model.get(name)
+def heads_at(model: dict, name: str) -> List[Tuple[str, Any]]:
+    """``(key, config)`` of the head(s) at ``name`` of a model config
+    (dotted: ``'roi_head.bbox_head'``), a dict or a list of them (mmseg's
+    cascades, mmdet's cascade ROI heads); keys as ``--cfg-options`` takes
+    them.
+
+    Args:
+        model (dict): The config's ``model``.
+        name (str): The head's place in it.
+
+    Returns:
+        list[tuple[str, Any]]: ``('model.NAME[.INDEX]', config)`` each.
+    """
+    heads: Any = model
+    for part in name.split('.'):
+        heads = heads.get(part) if isinstance(heads, dict) else None
     if isinstance(heads, (list, tuple)):
         return [(f'model.{name}.{i}', h) for i, h in enumerate(heads)]
     return [(f'model.{name}', heads)] if heads is not None else []
@@ -217,7 +229,7 @@ def _mismatches(model: dict, registry: Any,
     else:
         # Without a neck, mmseg's heads take the backbone's outputs.
         for name in ('decode_head', 'auxiliary_head'):
-            for key, head in _heads(model, name):
+            for key, head in heads_at(model, name):
                 if DECODE_HEAD in _lineage(registry, head)[1]:
                     found.append(_decode_head_mismatch(key, head, widths))
     return [m for m in found if m is not None]
