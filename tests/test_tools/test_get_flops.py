@@ -76,22 +76,68 @@ def test_get_flops_cli_segmentation_tiny_arch(get_flops, repo_root, tmp_path,
     assert float(_value(out, 'FLOPs (G)')) == round(info['flops'] / 1e9, 2)
 
 
-@pytest.mark.parametrize('config,shape', [
-    ('configs/boat_swin/boat-swin-tiny_16xb64_in1k.py', (224, 224)),
-    ('configs/demo/boat-cswin-tiny_upernet_demo.py', (512, 512)),
-    ('configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py', (800, 1280)),
+@pytest.mark.parametrize('config,shape,source', [
+    ('configs/boat_swin/boat-swin-tiny_16xb64_in1k.py',
+     (224, 224), "test_dataloader's pipeline"),
+    ('configs/boat_swin/boat-swin-base-w6_simmim-100e-pre_8xb256-coslr-'
+     '100e_in1k-192px.py', (192, 192), "test_dataloader's pipeline"),
+    ('configs/boat_cswin/simmim_boat-cswin-base_8xb256-amp-coslr-100e_'
+     'in1k-192px.py', (192, 192), "train_dataloader's pipeline"),
+    ('configs/demo/boat-cswin-tiny_upernet_demo.py',
+     (128, 128), 'model.data_preprocessor.size'),
+    ('configs/demo/mask-rcnn_boat-cswin-tiny_fpn_demo.py',
+     (800, 1280), 'the mmdet default'),
 ])
-def test_default_shape_per_scope(get_flops, repo_root, monkeypatch, config,
-                                 shape):
-    """Without --shape: the size the help states for the config's task
-    (the count is stood in for: the input shape is what is checked)."""
-    counted = []
+def test_default_shape_per_config(get_flops, repo_root, monkeypatch, config,
+                                  shape, source):
+    """Without --shape: the size the config's model sees (the test crop of
+    a classifier, 192 as the name says; a SimMIM config's training crop;
+    the demo segmentor's ``crop_size = (128, 128)``), and the detection
+    default; the output says where it came from, and --shape wins (the
+    count is stood in for: the input shape is what is checked)."""
+    counted, printed = [], []
     monkeypatch.setattr(
         get_flops, 'get_model_complexity', lambda model, input_shape, **kwargs:
         counted.append(input_shape) or dict(input_shape=input_shape))
-    info = get_flops.count_config(osp.join(repo_root, config))
-    assert counted == [(3, *shape)]
-    assert info['input_shape'] == (3, *shape)
+    monkeypatch.setattr(get_flops, '_print_result',
+                        lambda config, info: printed.append(info))
+    path = osp.join(repo_root, config)
+    assert get_flops.main([path]) == 0
+    assert get_flops.main([path, '--shape', '32']) == 0
+    assert counted == [(3, *shape), (3, 32, 32)]
+    assert source in printed[0]['shape_from']
+    assert printed[1]['shape_from'] is None
+
+
+@pytest.mark.parametrize('pipeline,size', [
+    ([dict(type='ResizeEdge', scale=256)], None),
+    ([dict(type='Resize', scale=(320, 240), keep_ratio=True)], None),
+    ([dict(type='mmcv.Resize', scale=(320, 240))], (240, 320)),
+    ([dict(type='CenterCrop', crop_size=(320, 240)),
+      dict(type='PackInputs')], (240, 320)),
+    ([dict(type='RandomResizedCrop', scale=(240, 320))], (240, 320)),
+    ([dict(type='CenterCrop', crop_size=96),
+      dict(type='Resize', scale=64)], (64, 64)),
+])
+def test_pipeline_size_reads_each_transform_s_order(get_flops, pipeline, size):
+    """mmcv's CenterCrop and Resize give (w, h), mmpretrain's
+    RandomResizedCrop (h, w); a Resize keeping the ratio fixes no size, and
+    the last transform that fixes one wins."""
+    assert get_flops._pipeline_size(pipeline) == size
+
+
+def test_default_shape_without_a_fixed_size(get_flops):
+    """A classifier whose pipelines fix no size, and a segmentor without
+    ``data_preprocessor.size``: the help's 224 and 512."""
+    from mmengine.config import Config
+    cls = Config(
+        dict(
+            test_dataloader=dict(
+                dataset=dict(pipeline=[dict(type='ResizeEdge', scale=256)])),
+            model=dict()))
+    seg = Config(dict(model=dict(data_preprocessor=dict(type='X'))))
+    assert get_flops.default_shape(cls, 'mmpretrain')[0] == (224, 224)
+    assert get_flops.default_shape(seg, 'mmseg')[0] == (512, 512)
 
 
 def test_get_flops_cli_errors(get_flops, tmp_path, capsys):

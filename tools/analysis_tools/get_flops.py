@@ -12,10 +12,14 @@ mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 ``--masked-attention dense``) and the FSLA clustering.
 
 * classification (mmpretrain): the whole classifier (backbone, neck,
-  head) on a ``1 x 3 x H x W`` input, default 224 x 224;
+  head) on a ``1 x 3 x H x W`` input, by default the size its test pipeline
+  crops to (its training crop for a SimMIM config, which has no test
+  pipeline; 224 x 224 if the pipeline fixes no size), as the metafiles
+  count;
 * segmentation (mmseg): the inference model (backbone + decode head; the
   auxiliary head is removed, as upstream) on a ``1 x 3 x H x W`` input,
-  default 512 x 512;
+  by default the training crop (``data_preprocessor.size``; 512 x 512
+  without one);
 * detection (mmdet): backbone, neck and dense heads, and a two-stage
   detector's RoI head on 1000 fixed proposals (mask head on 100), without
   post-processing (mmdet's convention, see
@@ -74,8 +78,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='config file (not needed with '
         '--check-reference)')
     add_shape_arg(
-        parser, 'the input size; default 224 for classification, 512 for '
-        'segmentation, 800 1280 for detection')
+        parser, 'the input size; default: the crop of the test pipeline '
+        '(classification; 224 if none) or of training '
+        '(data_preprocessor.size, segmentation; 512 if none), 800 1280 for '
+        'detection')
     parser.add_argument(
         '--masked-attention',
         choices=['allowed', 'dense'],
@@ -137,6 +143,57 @@ def build_model(cfg: Config) -> Tuple[Any, str]:
     return model, scope
 
 
+# Transforms that give every image one size, with the order of their size
+# argument: mmcv's CenterCrop and Resize take (w, h), mmpretrain's
+# RandomResizedCrop (h, w).
+_SIZED_TRANSFORMS = {
+    'CenterCrop': ('crop_size', 'wh'),
+    'Resize': ('scale', 'wh'),
+    'RandomResizedCrop': ('scale', 'hw'),
+}
+
+
+def _pipeline_size(pipeline: Sequence[dict]) -> Optional[Tuple[int, int]]:
+    """The ``(H, W)`` the last size-fixing transform of ``pipeline`` gives,
+    or None if none fixes one (e.g. ``ResizeEdge`` alone)."""
+    for t in reversed(list(pipeline or [])):
+        name = str(t.get('type', '')).split('.')[-1]
+        if name not in _SIZED_TRANSFORMS or (name == 'Resize'
+                                             and t.get('keep_ratio')):
+            continue
+        size = t.get(_SIZED_TRANSFORMS[name][0])
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            a, b = (int(v) for v in size)
+            return (b, a) if _SIZED_TRANSFORMS[name][1] == 'wh' else (a, b)
+    return None
+
+
+def default_shape(cfg: Config, scope: str) -> Tuple[Tuple[int, int], str]:
+    """The input size get_flops counts at when ``--shape`` is not given.
+
+    Args:
+        cfg (Config): The loaded config.
+        scope (str): Its ``default_scope``.
+
+    Returns:
+        tuple: ``(H, W)`` and where it comes from, in words.
+    """
+    if scope == 'mmpretrain':
+        for loader in ('test_dataloader', 'val_dataloader',
+                       'train_dataloader'):
+            dataset = (cfg.get(loader) or {}).get('dataset') or {}
+            size = _pipeline_size(dataset.get('pipeline'))
+            if size is not None:
+                return size, f'the crop of {loader}\'s pipeline'
+    elif scope == 'mmseg':
+        size = (cfg.model.get('data_preprocessor') or {}).get('size')
+        if size is not None:
+            return tuple(size), 'model.data_preprocessor.size'
+    return SCOPES[scope][1], f'the {scope} default'
+
+
 def count_config(config: str,
                  shape: Optional[Sequence[int]] = None,
                  cfg_options: Optional[dict] = None,
@@ -145,22 +202,26 @@ def count_config(config: str,
 
     Args:
         config (str): Config file.
-        shape (Sequence[int], optional): ``(H, W)`` or ``(S, )``; the
-            scope's default when None.
+        shape (Sequence[int], optional): ``(H, W)`` or ``(S, )``;
+            :func:`default_shape` when None.
         cfg_options (dict, optional): Overrides merged into the config.
         masked_attention (str): ``'allowed'`` or ``'dense'``.
 
     Returns:
-        dict: The result of :func:`get_model_complexity` plus ``scope``.
+        dict: The result of :func:`get_model_complexity` plus ``scope``,
+        ``model`` and ``shape_from`` (where a default size came from, or
+        None).
     """
     cfg = load_config(config, cfg_options)
     model, scope = build_model(cfg)
+    shape_from = None
     if shape is None:
-        shape = SCOPES[scope][1]
+        shape, shape_from = default_shape(cfg, scope)
     hw = (shape[0], shape[0]) if len(shape) == 1 else tuple(shape)
     info = get_model_complexity(
         model, input_shape=(3, *hw), masked_attention=masked_attention)
     info['scope'] = scope
+    info['shape_from'] = shape_from
     info['model'] = model
     return info
 
@@ -180,6 +241,8 @@ def _print_result(config: str, info: Dict[str, Any]) -> None:
         ('Config', config),
         ('Scope', info['scope']),
         ('Input shape', str(info['input_shape'])),
+        *([('  from', f'{info["shape_from"]} (--shape H W to change)')]
+          if info.get('shape_from') else []),
         ('Params (M)', f'{info["params"] / 1e6:.2f}'),
         ('FLOPs (G)', f'{info["flops"] / 1e9:.2f}'),
         ('  multiply-adds only (G)', f'{info["macs"] / 1e9:.2f}'),
