@@ -24,6 +24,7 @@ Examples::
     GPUS=16 bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR
 """
 import argparse
+import functools
 import logging
 import os.path as osp
 import pickle
@@ -36,11 +37,12 @@ from typing import TYPE_CHECKING, Any, List, Optional
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
                             load_config, tool_main)
-from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
-                               build_runner, check_checkpoint_fits,
-                               check_data_roots, check_datasets, close_dist,
-                               init_cpu_dist, merge_common_args,
-                               parse_launcher_args, total_batch_note)
+from boat_tools.config import (accumulation_steps, adapt_cfg_to_device,
+                               add_launcher_args, build_runner,
+                               check_checkpoint_fits, check_data_roots,
+                               check_datasets, close_dist, init_cpu_dist,
+                               merge_common_args, parse_launcher_args,
+                               total_batch_note)
 from mmengine.config import Config, ConfigDict
 from mmengine.dist import get_world_size
 from mmengine.logging import print_log
@@ -75,7 +77,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
-        help='scale the learning rate by the actual total batch size over '
+        help='scale the learning rate by the images of one optimizer step '
+        '(processes x batch size x optim_wrapper.accumulative_counts) over '
         '`auto_scale_lr.base_batch_size` of the config')
     parser.add_argument(
         '--no-pin-memory',
@@ -543,6 +546,195 @@ def ema_start_note(runner: 'Runner') -> Optional[str]:
             f'remove the hook (`custom_hooks = []`){fix}.')
 
 
+#: Schedulers that end at the configured rate: when the last of a
+#: schedule ends early, the run goes on at a constant rate, as meant.
+_WARMUPS = ('LinearLR', 'ConstantLR', 'QuadraticWarmupLR')
+
+
+def schedule_length_note(cfg: Config) -> Optional[str]:
+    """A warning when the schedulers of the training loop's unit end at
+    another point than the loop: MMEngine gives a missing ``end`` the
+    loop's length, but an explicit one (mmseg's ``PolyLR(end=160000)``, a
+    config variable that ``--cfg-options train_cfg.max_iters=N`` does not
+    change) stays, so a longer run trains its tail at the schedule's last
+    value (0 for PolyLR) and a shorter one stops before the learning rate
+    has fallen.
+
+    Args:
+        cfg (Config): The merged config.
+
+    Returns:
+        str | None: The warning, or None.
+    """
+    train_cfg = cfg.get('train_cfg')
+    loop = _loop_class(train_cfg)
+    schedulers = _scheduler_list(cfg)
+    if loop is None or not schedulers:
+        return None
+    epochs = loop.__name__ == 'EpochBasedTrainLoop'
+    key = 'max_epochs' if epochs else 'max_iters'
+    length = train_cfg.get(key)
+    ends = [(scheduler.get('end', length), i, scheduler.get('type'))
+            for i, scheduler in enumerate(schedulers)
+            if isinstance(scheduler, dict)
+            and scheduler.get('by_epoch', True) == epochs]
+    if length is None or not ends or None in [e[0] for e in ends]:
+        return None
+    end, i, kind = max(ends, key=lambda e: e[0])
+    if end == length or (end < length
+                         and str(kind).split('.')[-1] in _WARMUPS):
+        return None  # a warm-up alone: the rate stays at the config's
+    unit = 'epoch' if epochs else 'iteration'
+    effect = (f'from {unit} {end} on, the learning rate stays at the '
+              f'schedule\'s last value' if end < length else
+              'the run stops before the schedule has run its course')
+    return (f'param_scheduler[{i}] ({kind}) ends at {unit} {end}, the '
+            f'training loop at train_cfg.{key}={length}: {effect}. Set its '
+            f'end to {length} (`--cfg-options param_scheduler.{i}.end='
+            f'{length}`), or leave end out and MMEngine ends it with the '
+            f'loop.')
+
+
+def _group_sizes(state: Any) -> List[int]:
+    """The number of parameters of each group of an optimizer state dict
+    (or of a dict of them: one optimizer per model part), in order."""
+    if not isinstance(state, dict):
+        return []
+    if 'param_groups' in state:
+        return [len(group['params']) for group in state['param_groups']]
+    return [n for key in sorted(state) for n in _group_sizes(state[key])]
+
+
+def check_resume(runner: 'Runner', resume_from: str) -> None:
+    """Check what a resumed run restores from its checkpoint against the
+    config it runs with, when ``runner.train()`` loads it (the optimizer
+    and schedulers are built then).
+
+    Refuses an optimizer state whose parameter groups are not those of the
+    run's optimizer (``frozen_stages``, ``paramwise_cfg`` or the
+    architecture changed), which torch meets as ``ValueError: loaded state
+    dict has a different number of parameter groups``. Warns when the run
+    will not do what its config says because MMEngine restores the
+    checkpoint's state: a finished run (nothing left to train), another
+    learning rate (the config's, or ``--auto-scale-lr``'s), another end of
+    a scheduler.
+
+    Args:
+        runner (Runner): The runner, before ``train()``.
+        resume_from (str): The checkpoint, as the user named it.
+    """
+    load = runner.load_checkpoint
+
+    @functools.wraps(load)
+    def load_checkpoint(filename: str, *args, **kwargs) -> dict:
+        checkpoint = load(filename, *args, **kwargs)
+        if 'optimizer' not in checkpoint:
+            return checkpoint  # a plain load (load_from), not a resume
+        name = f'--resume {resume_from or filename!r}'
+        wrapper = runner.optim_wrapper
+        saved, ours = (_group_sizes(checkpoint['optimizer']),
+                       _group_sizes(wrapper.state_dict()))
+        if saved != ours:
+            raise UsageError(
+                f'{name}: its optimizer state has {len(saved)} parameter '
+                f'groups ({sum(saved)} parameters), this run\'s optimizer '
+                f'{len(ours)} ({sum(ours)}): the trainable parameters or '
+                f'their grouping changed (frozen_stages, paramwise_cfg, the '
+                f'architecture). Resume with the config the checkpoint was '
+                f'trained with, or start a new run from its weights with '
+                f'`--cfg-options load_from=FILE` (without --resume)')
+        for note in _resume_notes(runner, checkpoint, wrapper):
+            print_log(
+                f'{name}: {note}', logger='current', level=logging.WARNING)
+        return checkpoint
+
+    runner.load_checkpoint = load_checkpoint
+
+
+def _resume_notes(runner: 'Runner', checkpoint: dict,
+                  wrapper: Any) -> List[str]:
+    """What a resume restores that differs from the run's config."""
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    notes = []
+    loop, meta = runner.train_loop, checkpoint.get('meta') or {}
+    done, unit, total = (
+        (meta.get('epoch'), 'epoch',
+         loop.max_epochs) if isinstance(loop, EpochBasedTrainLoop) else
+        (meta.get('iter'), 'iteration',
+         loop.max_iters) if isinstance(loop, IterBasedTrainLoop) else
+        (None, '', None))
+    if done is not None and total is not None and done >= total:
+        key = 'max_epochs' if unit == 'epoch' else 'max_iters'
+        notes.append(f'the checkpoint is at {unit} {done} and the run ends '
+                     f'at {total}: nothing is left to train (raise '
+                     f'train_cfg.{key} to train on)')
+    saved = [
+        g.get('initial_lr')
+        for g in (checkpoint['optimizer'].get('param_groups') or [])
+    ]
+    ours = [g.get('initial_lr') for g in wrapper.param_groups] \
+        if isinstance(checkpoint['optimizer'].get('param_groups'),
+                      list) else []
+    if ours and saved != ours and None not in saved + ours:
+        notes.append(
+            f'this run starts from a learning rate of {ours[0]:g} (first '
+            f'parameter group; the config\'s, scaled by --auto-scale-lr if '
+            f'given), the checkpoint\'s run from {saved[0]:g}: MMEngine '
+            f'restores the checkpoint\'s learning rates, so this run keeps '
+            f'its schedule. To train at the new rate, start a new run from '
+            f'its weights with `--cfg-options load_from=FILE` (without '
+            f'--resume)')
+    schedulers, states = runner.param_schedulers, checkpoint.get(
+        'param_schedulers')
+    if isinstance(schedulers, list) and isinstance(states, list):
+        for i, (scheduler, state) in enumerate(zip(schedulers, states)):
+            if state.get('end') not in (None, scheduler.end):
+                notes.append(
+                    f'param_scheduler[{i}] ({type(scheduler).__name__}) ends '
+                    f'at {scheduler.end} in this config and at '
+                    f'{state["end"]} in the checkpoint: MMEngine restores the '
+                    f'checkpoint\'s schedulers, so the learning rate follows '
+                    f'the old schedule. To train with the new one, start a '
+                    f'new run from its weights with `--cfg-options '
+                    f'load_from=FILE` (without --resume)')
+    return notes
+
+
+def scale_lr_with_accumulation(runner: 'Runner') -> None:
+    """Make ``--auto-scale-lr`` count gradient accumulation: MMEngine's
+    ``Runner.scale_lr`` scales by ``world_size x batch_size /
+    base_batch_size``, but each optimizer step of a run with
+    ``optim_wrapper.accumulative_counts=N`` sums N batches. It is given
+    ``base_batch_size / N`` instead, which gives the ratio of the images
+    of one step to the base.
+
+    Args:
+        runner (Runner): The runner, before ``train()``.
+    """
+    steps = accumulation_steps(runner.cfg)
+    if steps == 1:
+        return
+    scale_lr = runner.scale_lr
+
+    @functools.wraps(scale_lr)
+    def scale_counting_steps(optim_wrapper: Any,
+                             auto_scale_lr: Optional[dict] = None) -> None:
+        if auto_scale_lr and auto_scale_lr.get('enable'):
+            base = auto_scale_lr['base_batch_size']
+            print_log(
+                f'optim_wrapper.accumulative_counts={steps}: each optimizer '
+                f'step sums {steps} batches, which MMEngine\'s scaling of the '
+                f'learning rate does not count; it is given '
+                f'base_batch_size={base}/{steps}={base / steps:g}, so that '
+                f'the ratio below is that of the images of one step to '
+                f'{base}',
+                logger='current')
+            auto_scale_lr = dict(auto_scale_lr, base_batch_size=base / steps)
+        return scale_lr(optim_wrapper, auto_scale_lr)
+
+    runner.scale_lr = scale_counting_steps
+
+
 @tool_main
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
@@ -555,12 +747,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     runner = build_runner(cfg)
     if cfg.get('resume'):  # load_from may be of another model: fine-tuning
         check_checkpoint_fits(runner, '--resume')
+        check_resume(runner, args.resume if args.resume != 'auto' else '')
+    scale_lr_with_accumulation(runner)
     # After the runner started the process group (on GPUs, it does).
-    note = total_batch_note(cfg, get_world_size())
-    if note:
-        print_log(note, logger='current', level=logging.WARNING)
-    note = ema_start_note(runner)
-    if note:
+    notes = (total_batch_note(cfg,
+                              get_world_size()), schedule_length_note(cfg),
+             ema_start_note(runner))
+    for note in filter(None, notes):
         print_log(note, logger='current', level=logging.WARNING)
     runner.train()
 

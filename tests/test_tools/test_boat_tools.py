@@ -192,11 +192,25 @@ def test_total_batch_note():
         'The learning rate of this config is for a total batch of 1024 '
         "(auto_scale_lr.base_batch_size); this run's is 8 processes x 64 "
         '= 512. Pass --auto-scale-lr to scale the learning rate by '
-        '512/1024, or run 16 processes (GPUS=16).')
+        '512/1024, or run 16 processes (GPUS=16), or accumulate 2 batches '
+        '(`--cfg-options optim_wrapper.accumulative_counts=2`).')
     assert "this run's is one process of 64 = 64." in total_batch_note(swin, 1)
+    # Accumulation counts: 8 x 64 x 2 is the recipe's batch.
+    swin.optim_wrapper = dict(accumulative_counts=2)
+    assert total_batch_note(swin, 8) is None
+    assert total_batch_note(swin, 4) == (
+        'The learning rate of this config is for a total batch of 1024 '
+        "(auto_scale_lr.base_batch_size); this run's is 4 processes x 64 x "
+        '2 accumulated (optim_wrapper.accumulative_counts) = 512. Pass '
+        '--auto-scale-lr to scale the learning rate by 512/1024, or run 8 '
+        'processes (GPUS=8), or accumulate 4 batches (`--cfg-options '
+        'optim_wrapper.accumulative_counts=4`).')
+    swin.optim_wrapper = dict(accumulative_counts=1)
     # No whole number of processes gives 100 images of 64.
     assert total_batch_note(cfg(64, base_batch_size=100),
                             1).endswith('scale the learning rate by 64/100.')
+    assert total_batch_note(cfg(64, base_batch_size=192), 2).endswith(
+        'by 128/192, or run 3 processes (GPUS=3).')  # 3 batches of 64 each
     assert total_batch_note(cfg(64, enable=True, base_batch_size=1024),
                             8) is None
     assert total_batch_note(cfg(64), 8) is None

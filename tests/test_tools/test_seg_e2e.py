@@ -441,6 +441,74 @@ def test_resume_continues_interrupted_run(trained):
     assert 0 < lrs[0] < start['optimizer']['param_groups'][0]['lr']
 
 
+def test_resume_refuses_an_optimizer_of_other_groups(trained):
+    """--resume after frozen_stages changed: the run's optimizer has fewer
+    parameter groups (the frozen weights leave paramwise_cfg's groups) than
+    the checkpoint's state, which torch would refuse with a traceback
+    after the runner set up; the refusal names both counts and the fix."""
+    from boat_tools.cli import UsageError
+    ckpt = osp.join(trained['work_dir'], 'iter_2.pth')
+    groups = _ckpt(ckpt)['optimizer']['param_groups']
+    with pytest.raises(UsageError) as exc:
+        tool_in_process(
+            'train.py',
+            trained['cfg'],
+            '--resume',
+            ckpt,
+            '--cfg-options',
+            'model.backbone.frozen_stages=1',
+            work_dir=str(trained['tmp'] / 'frozen'),
+            cwd=str(trained['tmp']))
+    ours = re.search(
+        rf"^--resume '.*iter_2.pth': its optimizer state has {len(groups)} "
+        rf'parameter groups \({sum(len(g["params"]) for g in groups)} '
+        r"parameters\), this run's optimizer (\d+) \((\d+)\): the trainable "
+        r'parameters or their grouping changed \(frozen_stages, '
+        r'paramwise_cfg, the architecture\)\. Resume with the config the '
+        r'checkpoint was trained with, or start a new run from its weights '
+        r'with `--cfg-options load_from=FILE` \(without --resume\)$',
+        str(exc.value))
+    assert ours, exc.value
+    assert 0 < int(ours[1]) < len(groups)
+
+
+def test_resume_says_what_it_restores(trained):
+    """Resuming the finished run with another learning rate and another
+    end of the poly phase: MMEngine restores the checkpoint's rate and
+    schedule and trains nothing; train.py warns of each, with the values
+    of the config and of the checkpoint."""
+    ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
+    saved = _ckpt(ckpt)
+    first_lr = saved['optimizer']['param_groups'][0]['initial_lr']
+    poly_end = saved['param_schedulers'][1]['end']
+    log = tool_in_process(
+        'train.py',
+        trained['cfg'],
+        '--resume',
+        ckpt,
+        '--cfg-options',
+        f'optim_wrapper.optimizer.lr={3 * first_lr}',
+        f'param_scheduler.1.end={poly_end + 4}',
+        work_dir=str(trained['tmp'] / 'restores'),
+        cwd=str(trained['tmp']))
+    warnings = [
+        ln for ln in log.splitlines() if ' - WARNING - --resume ' in ln
+    ]
+    assert len(warnings) == 3, log[-3000:]
+    assert warnings[0].endswith(
+        'the checkpoint is at iteration 4 and the run ends at 4: nothing is '
+        'left to train (raise train_cfg.max_iters to train on)')
+    assert (f'this run starts from a learning rate of {3 * first_lr:g} '
+            f'(first parameter group; the config\'s, scaled by '
+            f'--auto-scale-lr if given), the checkpoint\'s run from '
+            f'{first_lr:g}: MMEngine restores the checkpoint\'s learning '
+            f'rates') in warnings[1]
+    assert (f'param_scheduler[1] (PolyLR) ends at {poly_end + 4} in this '
+            f'config and at {poly_end} in the checkpoint: MMEngine restores '
+            f"the checkpoint's schedulers") in warnings[2]
+    assert 'Iter(train)' not in log
+
+
 def test_checkpoint_of_another_config_is_refused(trained, capsys):
     """test.py, train.py --resume and image_demo.py of a checkpoint whose
     backbone fits but whose heads are of another config (another number of

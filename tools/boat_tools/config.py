@@ -36,7 +36,7 @@ __all__ = [
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
     'check_checkpoint_fits', 'checkpoint_fit_error', 'check_datasets',
-    'total_batch_note'
+    'total_batch_note', 'accumulation_steps'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -490,11 +490,27 @@ def check_checkpoint_fits(runner: 'Runner', what: str) -> None:
     runner.load_checkpoint = load_checkpoint
 
 
+def accumulation_steps(cfg: Config) -> int:
+    """``optim_wrapper.accumulative_counts`` of a config: the loader
+    batches each optimizer step sums (1 without accumulation, or with one
+    optimizer wrapper per model part).
+
+    Args:
+        cfg (Config): The complete config.
+    """
+    wrapper = cfg.get('optim_wrapper')
+    steps = wrapper.get('accumulative_counts', 1) if isinstance(wrapper,
+                                                                dict) else 1
+    return steps if isinstance(steps, int) and steps > 0 else 1
+
+
 def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
     """A warning when a run's total batch is not the one the config's
     learning rate is for and ``--auto-scale-lr`` is off: MMEngine says
     nothing, and a 16-GPU recipe on 8 GPUs silently trains with half the
-    batch at the full learning rate.
+    batch at the full learning rate. Gradient accumulation counts: each
+    optimizer step sees ``world_size x batch_size x accumulative_counts``
+    images.
 
     Args:
         cfg (Config): The complete config.
@@ -509,17 +525,28 @@ def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
     base, batch = scale.get('base_batch_size'), loader.get('batch_size')
     if scale.get('enable') or not base or not batch:
         return None
-    total = world_size * batch
+    steps = accumulation_steps(cfg)
+    total = world_size * batch * steps
     if total == base:
         return None
     runs = f'{world_size} processes x {batch}' if world_size > 1 \
         else f'one process of {batch}'
-    fix = (f', or run {base // batch} processes (GPUS={base // batch})'
-           if base % batch == 0 else '')
+    if steps > 1:
+        runs += f' x {steps} accumulated (optim_wrapper.accumulative_counts)'
+    fixes = []
+    if base % (batch * steps) == 0:
+        n = base // (batch * steps)
+        fixes.append(f'run {n} processes (GPUS={n})')
+    if base % (world_size * batch) == 0 and base // (world_size *
+                                                     batch) != steps:
+        fixes.append(f'accumulate {base // (world_size * batch)} batches '
+                     f'(`--cfg-options optim_wrapper.accumulative_counts='
+                     f'{base // (world_size * batch)}`)')
     return (f'The learning rate of this config is for a total batch of '
             f'{base} (auto_scale_lr.base_batch_size); this run\'s is '
             f'{runs} = {total}. Pass --auto-scale-lr to scale the learning '
-            f'rate by {total}/{base}{fix}.')
+            f'rate by {total}/{base}' + ''.join(f', or {fix}'
+                                                for fix in fixes) + '.')
 
 
 def _datasets(loader: dict) -> Iterator[dict]:
