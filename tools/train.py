@@ -10,8 +10,12 @@ mmdetection, for any of their configs (chosen by the config's
   BN), see
   :func:`boat_tools.config.adapt_cfg_to_device`;
 * MMEngine's line per parameter and option of ``paramwise_cfg``
-  (``paramwise_options -- ...``, hundreds for a BOAT recipe) goes to the log
-  file only; the terminal gets one summary line.
+  (``paramwise_options -- ...``, hundreds for a BOAT recipe) and its
+  warning per frozen parameter go to the log file only; the terminal gets
+  one summary line;
+* warnings for what would silently train otherwise than the config's
+  name or schedule says (total batch, gradient accumulation, schedulers
+  that end before or after the loop, what a resume restores).
 
 Examples::
 

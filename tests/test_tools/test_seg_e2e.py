@@ -441,14 +441,17 @@ def test_resume_continues_interrupted_run(trained):
     assert 0 < lrs[0] < start['optimizer']['param_groups'][0]['lr']
 
 
-def test_resume_refuses_an_optimizer_of_other_groups(trained):
+def test_resume_refuses_an_optimizer_of_other_groups(trained, capsys):
     """--resume after frozen_stages changed: the run's optimizer has fewer
     parameter groups (the frozen weights leave paramwise_cfg's groups) than
     the checkpoint's state, which torch would refuse with a traceback
-    after the runner set up; the refusal names both counts and the fix."""
+    after the runner set up; the refusal names both counts and the fix.
+    MMEngine's warning per frozen parameter goes to the log file only, with
+    one summary line on the terminal."""
     from boat_tools.cli import UsageError
     ckpt = osp.join(trained['work_dir'], 'iter_2.pth')
     groups = _ckpt(ckpt)['optimizer']['param_groups']
+    work_dir = str(trained['tmp'] / 'frozen')
     with pytest.raises(UsageError) as exc:
         tool_in_process(
             'train.py',
@@ -457,8 +460,21 @@ def test_resume_refuses_an_optimizer_of_other_groups(trained):
             ckpt,
             '--cfg-options',
             'model.backbone.frozen_stages=1',
-            work_dir=str(trained['tmp'] / 'frozen'),
+            work_dir=work_dir,
             cwd=str(trained['tmp']))
+    log, = glob.glob(osp.join(work_dir, '*', '*.log'))
+    with open(log) as f:
+        skipped = re.findall(
+            r'WARNING - (backbone\.\S+) is skipped since its '
+            r'requires_grad=False$', f.read(), re.M)
+    # frozen_stages=1, mmseg's meaning: the stem, stage 0 and its out norm.
+    assert skipped and all(
+        name.startswith(('backbone.patch_embed.', 'backbone.stages.0.',
+                         'backbone.norm0.')) for name in skipped), skipped
+    terminal = capsys.readouterr().out
+    assert 'WARNING - backbone.' not in terminal
+    assert (f'{len(skipped)} frozen parameters (requires_grad=False) are '
+            f'left out of the optimizer; one line each') in terminal
     ours = re.search(
         rf"^--resume '.*iter_2.pth': its optimizer state has {len(groups)} "
         rf'parameter groups \({sum(len(g["params"]) for g in groups)} '

@@ -280,17 +280,22 @@ def _not_internal_warning(record: logging.LogRecord) -> bool:
 # recipes (every norm, bias, position table), between the config dump and
 # the first iteration.
 PARAMWISE_OPTIONS = 'paramwise_options -- '
+# End of the WARNING it logs for every frozen parameter (``frozen_stages``)
+# that it leaves out of the optimizer: dozens per process.
+FROZEN_SKIPPED = ' is skipped since its requires_grad=False'
 
 
 class ParamwiseOptionsTally(logging.Filter):
     """Logging filter of a console handler: drops the
-    :data:`PARAMWISE_OPTIONS` records and counts them, so that the terminal
-    gets one line (:meth:`summary`) and the log file keeps them all."""
+    :data:`PARAMWISE_OPTIONS` and :data:`FROZEN_SKIPPED` records and counts
+    them, so that the terminal gets one line (:meth:`summary`) and the log
+    file keeps them all."""
 
     def __init__(self) -> None:
         super().__init__()
         self.params: Set[str] = set()
         self.options: Counter = Counter()
+        self.frozen = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False for (and count) a :data:`PARAMWISE_OPTIONS` record.
@@ -302,6 +307,9 @@ class ParamwiseOptionsTally(logging.Filter):
             bool: Whether the handler emits it.
         """
         msg = record.msg
+        if isinstance(msg, str) and msg.endswith(FROZEN_SKIPPED):
+            self.frozen += 1
+            return False
         if not (isinstance(msg, str) and msg.startswith(PARAMWISE_OPTIONS)):
             return True
         # Parameter names hold no ':'; the value may.
@@ -320,14 +328,23 @@ class ParamwiseOptionsTally(logging.Filter):
         Returns:
             str: The line.
         """
-        shown = self.options.most_common(6)
-        options = ', '.join(f'{option} ({n})' for option, n in shown)
-        if len(self.options) > len(shown):
-            options += f', ... ({len(self.options) - len(shown)} more)'
         where = log_file or 'the log file'
-        return (f'paramwise_cfg: {len(self.params)} parameters have their '
-                f'own options: {options}; one line per parameter and '
-                f'option ("{PARAMWISE_OPTIONS}...") is in {where}.')
+        parts = []
+        if self.params:
+            shown = self.options.most_common(6)
+            options = ', '.join(f'{option} ({n})' for option, n in shown)
+            if len(self.options) > len(shown):
+                options += f', ... ({len(self.options) - len(shown)} more)'
+            parts.append(f'paramwise_cfg: {len(self.params)} parameters '
+                         f'have their own options: {options}; one line per '
+                         f'parameter and option ("{PARAMWISE_OPTIONS}...") '
+                         f'is in {where}.')
+        if self.frozen:
+            parts.append(f'{self.frozen} frozen parameters '
+                         f'(requires_grad=False) are left out of the '
+                         f'optimizer; one line each ("...{FROZEN_SKIPPED}") '
+                         f'is in {where}.')
+        return ' '.join(parts)
 
 
 def _tally_paramwise_options(runner: 'Runner') -> None:
@@ -354,7 +371,7 @@ def _tally_paramwise_options(runner: 'Runner') -> None:
         finally:
             for handler in consoles:
                 handler.removeFilter(tally)
-            if tally.params:
+            if tally.params or tally.frozen:
                 runner.logger.info(tally.summary(log_file))
 
     runner.build_optim_wrapper = build_optim_wrapper
