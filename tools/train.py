@@ -263,6 +263,8 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     check_train_loop(cfg)
     check_param_scheduler(cfg)
     check_loop_units(cfg)
+    check_val_interval(cfg)
+    check_layer_decay(cfg)
     check_preprocessor_classes(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
@@ -427,6 +429,61 @@ def check_loop_units(cfg: Config) -> None:
     if problems:
         raise UsageError(f'train_cfg builds MMEngine\'s {loop.__name__}, '
                          'but ' + '; '.join(problems))
+
+
+def check_val_interval(cfg: Config) -> None:
+    """Refuse a ``train_cfg.val_interval`` below 1 in a run that
+    validates: MMEngine's loops take the step modulo it
+    (``ZeroDivisionError`` at the first iteration, or no validation at all
+    for a negative one).
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    train_cfg = cfg.get('train_cfg')
+    loop = _loop_class(train_cfg)
+    if loop is None or cfg.get('val_cfg') is None:
+        return
+    interval = train_cfg.get('val_interval', 1)
+    if isinstance(interval, (int, float)) and interval >= 1:
+        return
+    unit = 'epochs' if loop.__name__ == 'EpochBasedTrainLoop' else \
+        'iterations'
+    raise UsageError(
+        f'train_cfg.val_interval={interval!r}: MMEngine validates every '
+        f'val_interval {unit}, which must be 1 or more; to '
+        f'train without validating, pass --no-validate')
+
+
+def check_layer_decay(cfg: Config) -> None:
+    """Refuse ``paramwise_cfg.layer_decay_rate`` without a constructor
+    that reads it: MMEngine's default constructor drops it, and every
+    layer trains at the full learning rate.
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    wrapper = cfg.get('optim_wrapper')
+    if not isinstance(wrapper, dict):
+        return
+    paramwise = wrapper.get('paramwise_cfg') or {}
+    constructor = str(wrapper.get('constructor') or '').split('.')[-1]
+    if 'layer_decay_rate' not in paramwise or constructor not in (
+            '', 'DefaultOptimWrapperConstructor'):
+        return
+    fix = ("set optim_wrapper.constructor='"
+           "LearningRateDecayOptimWrapperConstructor' (mmpretrain's, as "
+           "boat-mm's SimMIM fine-tuning configs do)"
+           if cfg.get('default_scope') == 'mmpretrain' else
+           "set optim_wrapper.constructor to a layer-decay constructor that "
+           "knows the model (mmpretrain's "
+           "LearningRateDecayOptimWrapperConstructor takes classifiers only: "
+           "it needs the model's get_layer_depth), or remove it")
+    raise UsageError(
+        f'optim_wrapper.paramwise_cfg.layer_decay_rate='
+        f'{paramwise["layer_decay_rate"]} is read by a layer-decay '
+        f'constructor only, and MMEngine\'s default one drops it (every '
+        f'layer would train at the full learning rate): {fix}')
 
 
 def check_preprocessor_classes(cfg: Config) -> None:

@@ -466,6 +466,18 @@ CASES = [
      'train_dataloader.sampler is an InfiniteSampler, which never ends an '
      'epoch: set `train_dataloader = dict(sampler=dict(_delete_=True, '
      "type='DefaultSampler', shuffle=True))`"),
+    ('train', [SEG, '--cfg-options', 'train_cfg.val_interval=0'],
+     'train_cfg.val_interval=0: MMEngine validates every val_interval '
+     'iterations, which must be 1 or more; to train without '
+     'validating, pass --no-validate'),
+    ('train', [
+        CLS, '--cfg-options',
+        'optim_wrapper.paramwise_cfg.layer_decay_rate=0.65'
+    ], 'optim_wrapper.paramwise_cfg.layer_decay_rate=0.65 is read by a '
+     "layer-decay constructor only, and MMEngine's default one drops it "
+     '(every layer would train at the full learning rate): set '
+     "optim_wrapper.constructor='LearningRateDecayOptimWrapperConstructor' "
+     "(mmpretrain's, as boat-mm's SimMIM fine-tuning configs do)"),
     # One-hot targets of Mixup/CutMix wider than the head's logits (the
     # loss's shape assertion at the first iteration).
     ('train', ['{root}/three_classes.py'],
