@@ -677,6 +677,31 @@ def test_slurm_counts_must_be_positive_integers(script, name):
                            f"integer, got '0'\n")
 
 
+# dist_*.sh's GPUS, the argument before the tool's own.
+DIST_ARGS = {'dist_train.sh': ['c.py'], 'dist_test.sh': ['c.py', 'k.pth']}
+
+
+@pytest.mark.parametrize('script', sorted(DIST_ARGS))
+@pytest.mark.parametrize('gpus', ['0', 'two', '-1', '1.5'])
+def test_dist_gpus_must_be_a_positive_integer(script, gpus):
+    """Refused before torchrun starts (its bare AssertionError for 0, a
+    ValueError traceback for 'two'): PYTHON stands for the interpreter and
+    says whether it ran."""
+    proc = _bash(script, DIST_ARGS[script] + [gpus], PYTHON='echo ran')
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr == (
+        f'{script}: error: GPUS must be a positive integer (or one of auto '
+        f"cpu gpu xpu), got '{gpus}'\n")
+
+
+@pytest.mark.parametrize('gpus', ['2', 'auto'])
+def test_dist_gpus_torchrun_takes_pass(gpus):
+    proc = _bash('dist_train.sh', ['c.py', gpus], PYTHON='echo ran')
+    assert proc.returncode == 0 and proc.stderr == ''
+    assert proc.stdout.startswith('ran -m torch.distributed.run ')
+    assert f' --nproc_per_node={gpus} ' in proc.stdout
+
+
 @pytest.mark.parametrize(
     'options',
     [
