@@ -571,6 +571,43 @@ CASES = [
     ('attention_recall', [SIMMIM_CSWIN, '{image}'],
      'test_pipeline, which attention_recall loads and packs the image with: '
      f'{NO_TEST_SET}'),
+    # Arguments the BOAT backbone refuses, with its own message
+    # (BaseBOATBackbone.check_arguments), before the runner dumps the
+    # config and builds the model (before: a traceback after the dump).
+    ('train', [SEG, '--cfg-options', 'model.backbone.out_indices=(0,1,2,4)'],
+     'model.backbone (BOATCSWin): out_indices (0, 1, 2, 4) must index one of '
+     'the 4 stages; 4 is out of range'),
+    ('train', [SEG, '--cfg-options', 'model.backbone.drop_path_rate=1.5'],
+     'model.backbone: BOATCSWin: drop_path_rate must be in [0, 1] (a '
+     'probability), got 1.5.'),
+    ('test', [DET, '{ours}', '--cfg-options', 'model.backbone.with_cp=1'],
+     'model.backbone: BOATCSWin: with_cp must be True or False, got 1 '
+     '(int).'),
+    ('train', [SEG, '--cfg-options', 'model.backbone.frozen_stages=5'],
+     'model.backbone (BOATCSWin): frozen_stages must be in [-1, 4], got 5.'),
+    ('test',
+     [CLS, '{ours}', '--cfg-options', 'model.backbone.frozen_stages='
+      'True'], 'model.backbone (BOATCSWin): frozen_stages must be an '
+     'int in [-1, 4] (-1: nothing frozen), got True.'),
+    # An upstream Swin argument, and a misspelt one.
+    ('train', [SEG, '--cfg-options', 'model.backbone.norm_eval=True'],
+     "model.backbone: BOATCSWin got unexpected keyword arguments "
+     "['norm_eval']. Arguments of the upstream (mmpretrain, mmseg, mmdet) "
+     "SwinTransformer that BOATCSWin does not support: ['norm_eval']."),
+    ('train', [SEG, '--cfg-options', 'model.backbone.out_indice=(0,1)'],
+     "model.backbone: BOATCSWin got unexpected keyword arguments "
+     "['out_indice']. Did you mean out_indices for out_indice? BOATCSWin "
+     "takes ['act_cfg', 'arch', 'attn_drop_rate', 'drop_path_rate', "),
+    # A family's own argument, of a SimMIM variant.
+    ('get_flops', [SIMMIM, '--cfg-options', 'model.backbone.window_size=0'],
+     'model.backbone: SimMIMBOATSwin: window_size must be an int >= 1, got '
+     '0.'),
+    # fsla_cfg's values, as FSLA checks them when built.
+    ('image_demo', [
+        '{image}', SEG, '--cfg-options',
+        'model.backbone.fsla_cfg.group_size=16'
+    ], 'model.backbone (BOATCSWin): overlap (20) must be >= 0 and smaller '
+     'than group_size (16); lower overlap'),
 ]
 
 
