@@ -13,15 +13,34 @@
 # Environment: GPUS (default 8), GPUS_PER_NODE (default the smaller of
 # GPUS and 8), CPUS_PER_TASK (default 5), SRUN_ARGS (more srun options).
 #
+# check_count NAME VALUE [WORD...] exits with the tools' one-line error
+# (status 2) unless VALUE is a positive integer or one of the WORDs.
+#
 # usage_check USAGE NARGS ARGS... prints the calling script's header for
 # -h/--help, and exits with the tools' one-line error (status 2) when ARGS
 # are fewer than NARGS.
 
 TOOLS_DIR=$(dirname "${BASH_SOURCE[0]}")
 
+check_count() {
+    local name=$1 value=$2 word also=''
+    shift 2
+    [[ $value =~ ^[1-9][0-9]*$ ]] && return 0
+    for word in "$@"; do
+        [ "$value" = "$word" ] && return 0
+    done
+    [ $# -gt 0 ] && also=" (or one of $*)"
+    echo "$(basename "$0"): error: $name must be a positive integer$also," \
+        "got '$value'" >&2
+    exit 2
+}
+
 dist_launch() {
     local nproc=$1 tool=$2
     shift 2
+    # Else torchrun's bare AssertionError (0) or ValueError traceback;
+    # its own words for "one per device" pass.
+    check_count GPUS "$nproc" auto cpu gpu xpu
     ${PYTHON:-python} -m torch.distributed.run \
         --nnodes="${NNODES:-1}" \
         --node_rank="${NODE_RANK:-0}" \
@@ -36,11 +55,7 @@ slurm_launch() {
     local partition=$1 job_name=$2 tool=$3 gpus=${GPUS:-8} name
     shift 3
     for name in GPUS GPUS_PER_NODE CPUS_PER_TASK; do
-        if [ -n "${!name}" ] && ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then
-            echo "$(basename "$0"): error: $name must be a positive" \
-                "integer, got '${!name}'" >&2
-            exit 2
-        fi
+        [ -z "${!name}" ] || check_count "$name" "${!name}"
     done
     # Upstream's default is 8 (4 for mmseg) whatever GPUS: GPUS=2 would
     # hold a node's 8 GPUs for 2 tasks.

@@ -160,22 +160,29 @@ def _write_config_blocks(block: Block, folder) -> str:
     return str(path)
 
 
+def _readme_config(marker: str, tmp_path, monkeypatch):
+    """The README's config block that holds ``marker``, loaded where
+    its earlier blocks and a copy of ``configs/`` are (the working
+    directory, for the `_base_` paths)."""
+    from mmengine.config import Config
+    block = next(b for b in CONFIG_BLOCKS
+                 if b.doc == 'README.md' and marker in b.text)
+    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
+    path = _write_config_blocks(block, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return Config.fromfile(path)
+
+
 def test_readme_synthetic_config_has_the_generated_classes(
         ade_root, tmp_path, monkeypatch):
     """The README's own config on the generated data: its dataset has
     exactly the generator's classes, which the heads predict, so the
     metrics list those only (no `nan` rows for absent ADE20K classes)."""
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
     from boat_mm.datasets import generate_ade20k_like
-    block = next(b for b in CONFIG_BLOCKS
-                 if b.doc == 'README.md' and 'ade_synthetic' in b.text)
-    shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
-    path = _write_config_blocks(block, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    cfg = Config.fromfile(path)
+    cfg = _readme_config('ade_synthetic', tmp_path, monkeypatch)
     init_default_scope('mmseg')
     dataset_cfg = cfg.val_dataloader.dataset
     dataset_cfg.data_root = ade_root
@@ -381,6 +388,101 @@ def test_config_readme_python_block(block, tmp_path, monkeypatch):
 
     for key in fragment:
         merged(fragment[key], cfg[key], key)
+
+
+def _param_groups(model, optim_wrapper) -> Dict[str, Tuple[float, float]]:
+    """``{name: (lr, weight_decay)}`` of every trained parameter, as
+    MMEngine's optimizer constructor groups them."""
+    from mmengine.optim import build_optim_wrapper
+    names = {id(p): n for n, p in model.named_parameters()}
+    built = build_optim_wrapper(model, optim_wrapper).optimizer
+    return {
+        names[id(p)]: (g['lr'], g['weight_decay'])
+        for g in built.param_groups
+        for p in g['params']
+    }
+
+
+def _fsla_kind(name: str) -> str:
+    """'norm' (FSLA's input norm), 'bias' / 'weight' (FSLA's own), or ''
+    for any other parameter."""
+    parts = name.split('.')
+    if 'norm_fsla' in parts:
+        return 'norm'
+    return parts[-1] if 'fsla' in parts else ''
+
+
+def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
+    """The README's `custom_keys` for FSLA's learning rate: its key leaves
+    FSLA's norms to the recipe's 'norm' rule (no decay), where 'fsla'
+    catches them; in mmpretrain's recipes, the keys it adds for the
+    biases keep them without decay, as bias_decay_mult does."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = _readme_config('custom_keys', tmp_path, monkeypatch)
+    keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
+    assert keys['norm'] == dict(decay_mult=0.)  # the recipe's, merged
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    lr = cfg.optim_wrapper.optimizer.lr
+    wd = cfg.optim_wrapper.optimizer.weight_decay
+    (key, rule), = [(k, v) for k, v in keys.items() if 'fsla' in k]
+    groups = _param_groups(model, cfg.optim_wrapper)
+    kinds = {n: _fsla_kind(n) for n in groups}
+    assert {'norm', 'weight', 'bias'} <= set(kinds.values())
+    for name, (got_lr, got_wd) in groups.items():
+        if kinds[name] == 'norm':
+            assert (got_lr, got_wd) == (lr, 0.), name
+        elif kinds[name]:
+            assert (got_lr, got_wd) == (lr * rule['lr_mult'], wd), name
+    # The key the README warns against: the norms decay.
+    del keys[key]
+    keys['fsla'] = rule
+    for name, (got_lr, got_wd) in _param_groups(model,
+                                                cfg.optim_wrapper).items():
+        if kinds[name] == 'norm':
+            assert (got_lr, got_wd) == (lr * rule['lr_mult'], wd), name
+
+    # mmpretrain's recipe: biases exempt by bias_decay_mult, not by key.
+    import boat_mm  # noqa: F401
+    cls_cfg = Config.fromfile(
+        osp.join(REPO, 'configs/boat_swin/boat-swin-tiny_16xb64_in1k.py'))
+    cls_cfg.merge_from_dict(
+        dict(
+            model=dict(
+                backbone=dict(
+                    arch=dict(
+                        _delete_=True,
+                        embed_dims=12,
+                        depths=[2, 2, 2, 1],
+                        num_heads=[1, 2, 2, 2])),
+                head=dict(in_channels=96))))
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cls_cfg.model)
+    optim = cls_cfg.optim_wrapper
+    lr, wd = optim.optimizer.lr, optim.optimizer.weight_decay
+    assert optim.paramwise_cfg.bias_decay_mult == 0.
+    optim.paramwise_cfg.custom_keys[key] = rule
+    alone = _param_groups(model, optim)
+    # The README's added keys and their rule, as written there.
+    text = ' '.join(_read('README.md').split())
+    added = re.findall(r"`'(\.fsla\.\w+\.bias)'`", text)
+    m = re.search(r'`dict\(lr_mult=([\d.]+), decay_mult=([\d.]+)\)`', text)
+    bias_rule = dict(lr_mult=float(m[1]), decay_mult=float(m[2]))
+    assert len(added) == 3 and bias_rule['lr_mult'] == rule['lr_mult']
+    for bias_key in added:
+        optim.paramwise_cfg.custom_keys[bias_key] = bias_rule
+    fixed = _param_groups(model, optim)
+    kinds = {n: _fsla_kind(n) for n in fixed}
+    assert {'norm', 'weight', 'bias'} <= set(kinds.values())
+    for name, (got_lr, got_wd) in fixed.items():
+        if kinds[name] == 'bias':
+            assert alone[name] == (lr * rule['lr_mult'], wd), name
+            assert (got_lr, got_wd) == (lr * rule['lr_mult'], 0.), name
+        elif kinds[name] == 'weight':
+            assert (got_lr, got_wd) == (lr * rule['lr_mult'], wd), name
+        elif kinds[name] == 'norm':
+            assert (got_lr, got_wd) == (lr, 0.), name
 
 
 def test_fsla_doc_table_matches_the_module():

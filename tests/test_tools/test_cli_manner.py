@@ -583,6 +583,43 @@ CASES = [
     ('attention_recall', [SIMMIM_CSWIN, '{image}'],
      'test_pipeline, which attention_recall loads and packs the image with: '
      f'{NO_TEST_SET}'),
+    # Arguments the BOAT backbone refuses, with its own message
+    # (BaseBOATBackbone.check_arguments), before the runner dumps the
+    # config and builds the model (before: a traceback after the dump).
+    ('train', [SEG, '--cfg-options', 'model.backbone.out_indices=(0,1,2,4)'],
+     'model.backbone (BOATCSWin): out_indices (0, 1, 2, 4) must index one of '
+     'the 4 stages; 4 is out of range'),
+    ('train', [SEG, '--cfg-options', 'model.backbone.drop_path_rate=1.5'],
+     'model.backbone: BOATCSWin: drop_path_rate must be in [0, 1] (a '
+     'probability), got 1.5.'),
+    ('test', [DET, '{ours}', '--cfg-options', 'model.backbone.with_cp=1'],
+     'model.backbone: BOATCSWin: with_cp must be True or False, got 1 '
+     '(int).'),
+    ('train', [SEG, '--cfg-options', 'model.backbone.frozen_stages=5'],
+     'model.backbone (BOATCSWin): frozen_stages must be in [-1, 4], got 5.'),
+    ('test',
+     [CLS, '{ours}', '--cfg-options', 'model.backbone.frozen_stages='
+      'True'], 'model.backbone (BOATCSWin): frozen_stages must be an '
+     'int in [-1, 4] (-1: nothing frozen), got True.'),
+    # An upstream Swin argument, and a misspelt one.
+    ('train', [SEG, '--cfg-options', 'model.backbone.norm_eval=True'],
+     "model.backbone: BOATCSWin got unexpected keyword arguments "
+     "['norm_eval']. Arguments of the upstream (mmpretrain, mmseg, mmdet) "
+     "SwinTransformer that BOATCSWin does not support: ['norm_eval']."),
+    ('train', [SEG, '--cfg-options', 'model.backbone.out_indice=(0,1)'],
+     "model.backbone: BOATCSWin got unexpected keyword arguments "
+     "['out_indice']. Did you mean out_indices for out_indice? BOATCSWin "
+     "takes ['act_cfg', 'arch', 'attn_drop_rate', 'drop_path_rate', "),
+    # A family's own argument, of a SimMIM variant.
+    ('get_flops', [SIMMIM, '--cfg-options', 'model.backbone.window_size=0'],
+     'model.backbone: SimMIMBOATSwin: window_size must be an int >= 1, got '
+     '0.'),
+    # fsla_cfg's values, as FSLA checks them when built.
+    ('image_demo', [
+        '{image}', SEG, '--cfg-options',
+        'model.backbone.fsla_cfg.group_size=16'
+    ], 'model.backbone (BOATCSWin): overlap (20) must be >= 0 and smaller '
+     'than group_size (16); lower overlap'),
 ]
 
 
@@ -687,6 +724,31 @@ def test_slurm_counts_must_be_positive_integers(script, name):
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr == (f'{script}: error: {name} must be a positive '
                            f"integer, got '0'\n")
+
+
+# dist_*.sh's GPUS, the argument before the tool's own.
+DIST_ARGS = {'dist_train.sh': ['c.py'], 'dist_test.sh': ['c.py', 'k.pth']}
+
+
+@pytest.mark.parametrize('script', sorted(DIST_ARGS))
+@pytest.mark.parametrize('gpus', ['0', 'two', '-1', '1.5'])
+def test_dist_gpus_must_be_a_positive_integer(script, gpus):
+    """Refused before torchrun starts (its bare AssertionError for 0, a
+    ValueError traceback for 'two'): PYTHON stands for the interpreter and
+    says whether it ran."""
+    proc = _bash(script, DIST_ARGS[script] + [gpus], PYTHON='echo ran')
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr == (
+        f'{script}: error: GPUS must be a positive integer (or one of auto '
+        f"cpu gpu xpu), got '{gpus}'\n")
+
+
+@pytest.mark.parametrize('gpus', ['2', 'auto'])
+def test_dist_gpus_torchrun_takes_pass(gpus):
+    proc = _bash('dist_train.sh', ['c.py', gpus], PYTHON='echo ran')
+    assert proc.returncode == 0 and proc.stderr == ''
+    assert proc.stdout.startswith('ran -m torch.distributed.run ')
+    assert f' --nproc_per_node={gpus} ' in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,8 @@ __all__ = [
     'UsageError', 'ArgumentParser', 'add_shape_arg', 'add_model_args',
     'check_file', 'check_image', 'check_output_file', 'check_checkpoint',
     'load_config', 'merge_cfg_options', 'check_model_cfg',
-    'check_boat_imports', 'check_scope_installed', 'check_device',
-    'no_test_set', 'tool_main', 'user_error_types'
+    'check_backbone_args', 'check_boat_imports', 'check_scope_installed',
+    'check_device', 'no_test_set', 'tool_main', 'user_error_types'
 ]
 
 # The files MMEngine's Config.fromfile reads.
@@ -278,17 +278,44 @@ def merge_cfg_options(cfg: 'Config',
 
 def check_model_cfg(cfg: 'Config') -> None:
     """The checks of a config's model that need nothing built:
-    :func:`check_init_cfgs`, :func:`check_boat_imports`, and that the necks
-    and heads take the channels of a BOAT backbone
-    (:func:`.widths.check_consumer_widths`).
+    :func:`check_init_cfgs`, :func:`check_boat_imports`, the arguments of a
+    BOAT backbone (:func:`check_backbone_args`), and that the necks and
+    heads take its channels (:func:`.widths.check_consumer_widths`).
 
     Args:
         cfg (mmengine.config.Config): The config, ``--cfg-options`` merged.
     """
     check_init_cfgs(cfg.get('model'))
     check_boat_imports(cfg)
+    check_backbone_args(cfg)
     from .widths import check_consumer_widths
     check_consumer_widths(cfg)
+
+
+def check_backbone_args(cfg: 'Config') -> None:
+    """Refuse the arguments that the config's BOAT backbone would refuse
+    when built (``out_indices`` out of range, a ``drop_path_rate`` above
+    1, ``with_cp=1``, a misspelt or upstream-only argument such as
+    ``norm_eval``, ...: see
+    :meth:`~boat_mm.models.backbones.BaseBOATBackbone.check_arguments`),
+    with the backbone's own message, before the runner dumps the config
+    and builds the model. Other backbones are left to their build.
+
+    Args:
+        cfg (mmengine.config.Config): The config, ``--cfg-options`` merged.
+    """
+    from .widths import boat_backbone
+    found = boat_backbone(cfg)
+    if found is None:
+        return
+    cls, args = found[:2]
+    try:
+        cls.check_arguments(**args)
+    except (TypeError, ValueError) as err:
+        text = _one_line(err)
+        # Most messages name the backbone; the others get its name.
+        name = '' if text.startswith(cls.__name__) else f' ({cls.__name__})'
+        raise UsageError(f'model.backbone{name}: {text}') from err
 
 
 def load_config(path: str,

@@ -26,7 +26,7 @@ Any other backbone, neck or head is left to its own checks.
 import importlib
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-__all__ = ['check_consumer_widths', 'heads_at']
+__all__ = ['boat_backbone', 'check_consumer_widths', 'heads_at']
 
 #: Necks whose ``in_channels`` lists the width of every output, in order
 #: (``package.Class``; their subclasses too).
@@ -243,6 +243,34 @@ def _option(key: str, value: Any) -> str:
     return f'{key}={value}'
 
 
+def boat_backbone(cfg: Any) -> Optional[Tuple[type, dict, Any]]:
+    """The BOAT backbone of a config's model, if it has one: the
+    ``model.backbone`` of a classifier, segmentor, detector or SimMIM
+    model whose type the scope's registry resolves to a subclass of
+    :class:`~boat_mm.models.backbones.BaseBOATBackbone`.
+
+    Args:
+        cfg (mmengine.config.Config): The complete config.
+
+    Returns:
+        tuple | None: ``(class, arguments without type, MODELS registry of
+        the scope)``, or None for any other backbone, or none.
+    """
+    model = cfg.get('model')
+    backbone = model.get('backbone') if isinstance(model, dict) else None
+    if not isinstance(backbone, dict):
+        return None
+    try:
+        registry = _registry(cfg.get('default_scope'))
+    except ImportError:  # check_scope_installed names what to install
+        return None
+    from boat_mm.models.backbones import BaseBOATBackbone
+    cls = _lineage(registry, backbone)[0]
+    if cls is None or not issubclass(cls, BaseBOATBackbone):
+        return None
+    return cls, {k: v for k, v in backbone.items() if k != 'type'}, registry
+
+
 def check_consumer_widths(cfg: Any) -> None:
     """Refuse a config whose necks or heads do not take the channels that
     its BOAT backbone outputs (see the module's docstring for which).
@@ -260,19 +288,12 @@ def check_consumer_widths(cfg: Any) -> None:
             ``--cfg-options`` that fix them.
     """
     from .cli import UsageError
-    model = cfg.get('model')
-    backbone = model.get('backbone') if isinstance(model, dict) else None
-    if not isinstance(backbone, dict):
+    found_backbone = boat_backbone(cfg)
+    if found_backbone is None:
         return
-    try:
-        registry = _registry(cfg.get('default_scope'))
-    except ImportError:  # check_scope_installed names what to install
-        return
-    from boat_mm.models.backbones import BaseBOATBackbone
-    cls = _lineage(registry, backbone)[0]
-    if cls is None or not issubclass(cls, BaseBOATBackbone):
-        return
-    args = {k: v for k, v in backbone.items() if k != 'type'}
+    cls, args, registry = found_backbone
+    model = cfg['model']
+    backbone = model['backbone']
     try:
         stages = cls.output_channels(**args)
     except (TypeError, ValueError):  # the backbone says what is wrong

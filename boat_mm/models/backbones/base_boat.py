@@ -464,47 +464,40 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                  init_cfg: Optional[Union[dict, List[dict]]] = None,
                  pretrained: Optional[str] = None,
                  **kwargs: Any) -> None:
-        name = type(self).__name__
-        if kwargs:
-            raise unexpected_arguments_error(name, kwargs,
-                                             self._accepted_arguments())
-        init_cfg = pretrained_init_cfg(pretrained, init_cfg, name)
-        super().__init__(init_cfg=init_cfg)
+        settings = self._parse_arguments(
+            dict(
+                arch=arch,
+                in_channels=in_channels,
+                mlp_ratio=mlp_ratio,
+                out_indices=out_indices,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                drop_rate=drop_rate,
+                attn_drop_rate=attn_drop_rate,
+                drop_path_rate=drop_path_rate,
+                with_fsla=with_fsla,
+                fsla_cfg=fsla_cfg,
+                frozen_stages=frozen_stages,
+                with_cp=with_cp,
+                init_cfg=init_cfg,
+                pretrained=pretrained), kwargs)
+        super().__init__(init_cfg=settings['init_cfg'])
         #: The deprecated ``pretrained`` given (mmseg's segmentors pass
         #: their model-level one), for the messages of :meth:`init_weights`.
         self.pretrained = pretrained
-        # Checked here rather than deep inside the layers they build.
-        check_int(in_channels, 'in_channels', name)
-        check_number(mlp_ratio, 'mlp_ratio', name)
-        for flag, value in (('qkv_bias', qkv_bias), ('with_fsla', with_fsla),
-                            ('with_cp', with_cp)):
-            check_bool(value, flag, name)
-        check_rate(drop_rate, 'drop_rate', name)
-        check_rate(attn_drop_rate, 'attn_drop_rate', name)
-        check_rate(drop_path_rate, 'drop_path_rate', name)
-        self.arch_settings = self._parse_arch(arch)
+        self.arch_settings = settings['arch_settings']
         self.depths = list(self.arch_settings['depths'])
         self.num_heads = list(self.arch_settings['num_heads'])
         self.num_stages = len(self.depths)
         self.num_features = list(self.arch_settings['embed_dims'])
         #: The width of the first stage (the stem's output).
         self.embed_dims = self.num_features[0]
-        self._check_fsla_placed(with_fsla)
-        self.out_indices = parse_out_indices(out_indices, self.num_stages)
-        check_frozen_stages(frozen_stages, self.num_stages)
-        check_qk_scale(qk_scale, name)
+        self.out_indices = settings['out_indices']
         self.frozen_stages = frozen_stages
         self.in_channels = in_channels
         self.norm_cfg = norm_cfg
         self.with_fsla = with_fsla
-        # The original builds FSLA with the block's qkv_bias and drops.
-        self.fsla_cfg = fsla_settings(
-            fsla_cfg,
-            qk_scale=qk_scale
-            if self.fsla_qk_scale is None else self.fsla_qk_scale,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop_rate,
-            proj_drop=drop_rate)
+        self.fsla_cfg = settings['fsla_cfg']
         self.block_cfg = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -542,6 +535,105 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         """The keyword arguments of the class and the bases it passes
         ``**kwargs`` to."""
         return list(cls._init_parameters())
+
+    @classmethod
+    def check_arguments(cls, **kwargs: Any) -> Dict[str, Any]:
+        """Validate the arguments of ``cls(**kwargs)`` without building it:
+        the checks that ``__init__`` runs (the same errors), for the tools
+        to run on a config before the model is built.
+
+        Covered: unknown arguments (a misspelt one, or one of the upstream
+        Swin's such as ``norm_eval``), ``arch``, ``in_channels``,
+        ``mlp_ratio``, ``out_indices``, ``qkv_bias``, ``qk_scale``, the
+        three drop rates, ``with_fsla`` (with an arch that has FSLA
+        blocks), ``fsla_cfg`` (its keys, and its values as
+        :meth:`FeatureSpaceLocalAttention.check_arguments` checks them),
+        ``frozen_stages``, ``with_cp``,
+        ``pretrained`` with ``init_cfg``, and the family's own arguments
+        (:meth:`_check_family_arguments`). Not covered: whether a
+        ``Pretrained`` file exists (checked by ``init_weights``).
+
+        Args:
+            **kwargs: The backbone's arguments (e.g. its config without
+                ``type``); defaults where not given.
+
+        Returns:
+            dict: The parsed settings (``arch_settings``, ``out_indices``,
+            ``fsla_cfg``, ``init_cfg``).
+
+        Raises:
+            TypeError, ValueError: As ``cls(**kwargs)`` would.
+        """
+        params = cls._init_parameters()
+        args = {name: p.default for name, p in params.items()}
+        args.update(kwargs)
+        unknown = {k: v for k, v in kwargs.items() if k not in params}
+        settings = cls._parse_arguments(args, unknown)
+        cls._check_family_arguments(args)
+        return settings
+
+    @classmethod
+    def _parse_arguments(cls, args: Dict[str, Any],
+                         unknown: Mapping[str, Any]) -> Dict[str, Any]:
+        """Validate the arguments of :class:`BaseBOATBackbone` itself
+        (``__init__`` and :meth:`check_arguments` call it).
+
+        Args:
+            args (dict): Those arguments, by name (more are ignored).
+            unknown (Mapping): Arguments that no ``__init__`` takes.
+
+        Returns:
+            dict: ``arch_settings``, ``out_indices``, ``fsla_cfg`` and
+            ``init_cfg`` (from ``pretrained``).
+        """
+        name = cls.__name__
+        if unknown:
+            raise unexpected_arguments_error(name, unknown,
+                                             cls._accepted_arguments())
+        init_cfg = pretrained_init_cfg(args['pretrained'], args['init_cfg'],
+                                       name)
+        # Checked here rather than deep inside the layers they build.
+        check_int(args['in_channels'], 'in_channels', name)
+        check_number(args['mlp_ratio'], 'mlp_ratio', name)
+        for flag in ('qkv_bias', 'with_fsla', 'with_cp'):
+            check_bool(args[flag], flag, name)
+        for rate in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+            check_rate(args[rate], rate, name)
+        arch_settings = cls._parse_arch(args['arch'])
+        depths = list(arch_settings['depths'])
+        cls._check_fsla_placed(args['with_fsla'], depths)
+        out_indices = parse_out_indices(args['out_indices'], len(depths))
+        check_frozen_stages(args['frozen_stages'], len(depths))
+        check_qk_scale(args['qk_scale'], name)
+        # The original builds FSLA with the block's qkv_bias and drops.
+        fsla_cfg = fsla_settings(
+            args['fsla_cfg'],
+            qk_scale=args['qk_scale']
+            if cls.fsla_qk_scale is None else cls.fsla_qk_scale,
+            qkv_bias=args['qkv_bias'],
+            attn_drop=args['attn_drop_rate'],
+            proj_drop=args['drop_rate'])
+        # Its values (group_size, overlap, ...) as each FSLA will take them.
+        for i, depth in enumerate(depths if args['with_fsla'] else []):
+            if any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
+                FeatureSpaceLocalAttention.check_arguments(
+                    embed_dims=arch_settings['embed_dims'][i],
+                    num_heads=arch_settings['num_heads'][i],
+                    **fsla_cfg)
+        return dict(
+            arch_settings=arch_settings,
+            out_indices=out_indices,
+            fsla_cfg=fsla_cfg,
+            init_cfg=init_cfg)
+
+    @classmethod
+    def _check_family_arguments(cls, args: Dict[str, Any]) -> None:
+        """Validate the arguments of the family's own ``__init__`` (its
+        ``__init__`` and :meth:`check_arguments` call it); none here.
+
+        Args:
+            args (dict): The arguments, by name; read only the family's.
+        """
 
     @classmethod
     def output_channels(cls, **kwargs: Any) -> Dict[int, int]:
@@ -622,21 +714,23 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     f'divisible by its {heads} heads.')
         return settings
 
-    def _check_fsla_placed(self, with_fsla: bool) -> None:
+    @classmethod
+    def _check_fsla_placed(cls, with_fsla: bool, depths: List[int]) -> None:
         """Refuse an arch in which no block holds FSLA while ``with_fsla``
         asks for it: the model would be a plain Swin / CSWin unnoticed.
 
         Args:
             with_fsla (bool): The backbone's argument.
+            depths (list[int]): The blocks of each stage of the arch.
         """
         if not with_fsla or any(
-                self.has_fsla(i, j, self.num_stages)
-                for i, depth in enumerate(self.depths) for j in range(depth)):
+                cls.has_fsla(i, j, len(depths))
+                for i, depth in enumerate(depths) for j in range(depth)):
             return
-        name = type(self).__name__
-        rule = f' ({self.fsla_blocks})' if self.fsla_blocks else ''
+        name = cls.__name__
+        rule = f' ({cls.fsla_blocks})' if cls.fsla_blocks else ''
         raise ValueError(
-            f'{name} arch with depths {self.depths} has no block where '
+            f'{name} arch with depths {depths} has no block where '
             f'{name} puts FSLA{rule}: give it such blocks, or pass '
             f'with_fsla=False for a model without FSLA.')
 

@@ -236,8 +236,8 @@ class BOATSwin(BaseBOATBackbone):
                  window_size: int = 7,
                  **kwargs: Any) -> None:
         super().__init__(arch=arch, in_channels=in_channels, **kwargs)
-        check_int(window_size, 'window_size', type(self).__name__)
-        check_int(patch_size, 'patch_size', type(self).__name__)
+        self._check_family_arguments(
+            dict(window_size=window_size, patch_size=patch_size))
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,
@@ -265,6 +265,17 @@ class BOATSwin(BaseBOATBackbone):
                 block_cfg=block_cfg) for i, depth in enumerate(self.depths)
         ])
         self._add_output_norms()
+
+    @classmethod
+    def _check_family_arguments(cls, args: Dict[str, Any]) -> None:
+        """Validate ``window_size`` and ``patch_size``.
+
+        Args:
+            args (dict): The arguments, by name.
+        """
+        super()._check_family_arguments(args)
+        check_int(args['window_size'], 'window_size', cls.__name__)
+        check_int(args['patch_size'], 'patch_size', cls.__name__)
 
     @staticmethod
     def has_fsla(stage: int, block: int, num_stages: int) -> bool:

@@ -334,6 +334,20 @@ def pretrained_init_cfg(pretrained: Optional[str],
     return dict(type='Pretrained', checkpoint=pretrained)
 
 
+def _guesses(unknown: Iterable[str], accepted: Sequence[str]) -> str:
+    """The accepted names that misspelt ones likely mean.
+
+    Args:
+        unknown (Iterable[str]): Names not accepted.
+        accepted (Sequence[str]): The accepted names.
+
+    Returns:
+        str: ``'MEANT for GIVEN, ...'``, '' if none is close.
+    """
+    close = [(k, difflib.get_close_matches(k, accepted, 1)) for k in unknown]
+    return ', '.join(f'{m[0]} for {k}' for k, m in close if m)
+
+
 def unexpected_arguments_error(name: str, unknown: Iterable[str],
                                accepted: Iterable[str]) -> TypeError:
     """The error for keyword arguments a backbone does not take.
@@ -348,8 +362,13 @@ def unexpected_arguments_error(name: str, unknown: Iterable[str],
         Swin backbones take, and how to drop inherited ones.
     """
     unknown = sorted(unknown)
+    accepted = sorted(set(accepted))
     upstream = [k for k in unknown if k in UPSTREAM_SWIN_ARGS]
     msg = f'{name} got unexpected keyword arguments {unknown}.'
+    # A misspelt argument (out_indice): name the one meant.
+    guess = _guesses([k for k in unknown if k not in upstream], accepted)
+    if guess:
+        msg += f' Did you mean {guess}?'
     if upstream:
         msg += (f' Arguments of the upstream (mmpretrain, mmseg, mmdet) '
                 f'SwinTransformer that {name} does not support: {upstream}.')
@@ -362,7 +381,7 @@ def unexpected_arguments_error(name: str, unknown: Iterable[str],
         msg += (' If an inherited (_base_) config left them in the backbone '
                 'dict, add `_delete_=True` to your backbone dict to drop '
                 'the inherited keys.')
-    return TypeError(msg + f' {name} takes {sorted(set(accepted))}.')
+    return TypeError(msg + f' {name} takes {accepted}.')
 
 
 def parse_out_indices(out_indices: Union[int, Sequence[int]],
@@ -466,9 +485,7 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
         {'embed_dims', 'num_heads'})
     unknown = sorted(set(fsla_cfg) - set(accepted))
     if unknown:
-        close = [(k, difflib.get_close_matches(k, accepted, 1))
-                 for k in unknown]
-        guess = ', '.join(f'{m[0]} for {k}' for k, m in close if m)
+        guess = _guesses(unknown, accepted)
         raise TypeError(
             f'fsla_cfg has keys that FeatureSpaceLocalAttention does not '
             f'take: {unknown}' +

@@ -1,7 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Feature-space local attention (FSLA), the module BOAT adds to a block."""
+import inspect
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -116,7 +117,74 @@ class FeatureSpaceLocalAttention(BaseModule):
                  attention_impl: str = 'auto',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        name = type(self).__name__
+        self._check_arguments(
+            dict(
+                embed_dims=embed_dims,
+                num_heads=num_heads,
+                group_size=group_size,
+                overlap=overlap,
+                kmeans_iters=kmeans_iters,
+                kmeans_temperature=kmeans_temperature,
+                qk_scale=qk_scale,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+                clustering_impl=clustering_impl,
+                attention_impl=attention_impl))
+        self.clustering_impl = clustering_impl
+        self.attention_impl = attention_impl
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.group_size = group_size
+        self.overlap = overlap
+        self.kmeans_iters = kmeans_iters
+        self.kmeans_temperature = kmeans_temperature
+        self.scale = self.head_dims**-0.5 if qk_scale is None else qk_scale
+        self.attn_drop = attn_drop
+
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.get_v = nn.Conv2d(
+            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self._cluster_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
+
+    @classmethod
+    def check_arguments(cls, **kwargs: Any) -> None:
+        """Validate the arguments of ``cls(**kwargs)`` without building it
+        (the same errors as ``__init__``): the backbones check their
+        ``fsla_cfg`` with it before a model is built.
+
+        Args:
+            **kwargs: The arguments (``embed_dims``, ``num_heads`` and the
+                others that ``__init__`` takes); defaults where not given.
+
+        Raises:
+            TypeError, ValueError: As ``cls(**kwargs)`` would.
+        """
+        args = inspect.signature(cls.__init__).bind(None, **kwargs)
+        args.apply_defaults()
+        cls._check_arguments(args.arguments)
+
+    @classmethod
+    def _check_arguments(cls, args: Dict[str, Any]) -> None:
+        """The checks of ``__init__`` and :meth:`check_arguments`.
+
+        Args:
+            args (dict): The arguments, by name.
+        """
+        embed_dims = args['embed_dims']
+        num_heads = args['num_heads']
+        group_size = args['group_size']
+        overlap = args['overlap']
+        kmeans_iters = args['kmeans_iters']
+        kmeans_temperature = args['kmeans_temperature']
+        qk_scale = args['qk_scale']
+        attn_drop = args['attn_drop']
+        proj_drop = args['proj_drop']
+        clustering_impl = args['clustering_impl']
+        attention_impl = args['attention_impl']
+        name = cls.__name__
         check_int(embed_dims, 'embed_dims', name)
         check_int(num_heads, 'num_heads', name)
         check_int(group_size, 'group_size', name)
@@ -138,24 +206,6 @@ class FeatureSpaceLocalAttention(BaseModule):
         check_qk_scale(qk_scale, name)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
-        self.clustering_impl = clustering_impl
-        self.attention_impl = attention_impl
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.head_dims = embed_dims // num_heads
-        self.group_size = group_size
-        self.overlap = overlap
-        self.kmeans_iters = kmeans_iters
-        self.kmeans_temperature = kmeans_temperature
-        self.scale = self.head_dims**-0.5 if qk_scale is None else qk_scale
-        self.attn_drop = attn_drop
-
-        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
-        self.proj = nn.Linear(embed_dims, embed_dims)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.get_v = nn.Conv2d(
-            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
-        self._cluster_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
 
     def _check_input(self, x: Tensor, hw_shape: Sequence[int]) -> None:
         check_tokens(x, hw_shape, self.embed_dims, 'FSLA')

@@ -316,6 +316,75 @@ def test_unknown_arguments_name_the_class_and_the_fix(family):
     msg = str(err.value)
     assert "['drop_pth_rate']" in msg and 'upstream' not in msg
     assert "'drop_path_rate'" in msg.split(f'{name} takes')[1]
+    assert 'Did you mean drop_path_rate for drop_pth_rate?' in msg
+
+
+# Arguments the backbones refuse (each family, and SimMIM's variants).
+BAD_ARGUMENTS = [
+    dict(out_indices=(0, 1, 2, 4)),
+    dict(out_indices=()),
+    dict(drop_path_rate=1.5),
+    dict(attn_drop_rate=-0.1),
+    dict(with_cp=1),
+    dict(with_fsla='False'),
+    dict(frozen_stages=5),
+    dict(frozen_stages=True),
+    dict(norm_eval=True),
+    dict(out_indice=(0, 1)),
+    dict(arch='huge'),
+    dict(arch=dict(embed_dims=8, depths=(1, 1), num_heads=(2, 3))),
+    dict(qk_scale=0),
+    dict(mlp_ratio=0),
+    dict(in_channels=0),
+    dict(fsla_cfg=dict(groupsize=4)),
+    dict(fsla_cfg=dict(group_size=16)),  # the default overlap, 20
+    dict(fsla_cfg=dict(kmeans_temperature=0)),
+    dict(fsla_cfg=dict(clustering_impl='fast')),
+    dict(pretrained=3),
+    dict(pretrained='x.pth', init_cfg=dict(type='Pretrained')),
+    dict(window_size=0),  # BOAT-Swin's own; an unknown one for BOAT-CSWin
+    dict(patch_size=2.0),
+]
+
+
+def _families_and_variants():
+    from boat_mm.models.selfsup import SimMIMBOATCSWin, SimMIMBOATSwin
+    family = {SimMIMBOATSwin: BOATSwin, SimMIMBOATCSWin: BOATCSWin}
+    classes = list(boat_families()) + list(family)
+    return [(c, ARCHS[family.get(c, c)]) for c in classes]
+
+
+@pytest.mark.parametrize('bad', BAD_ARGUMENTS, ids=lambda b: str(list(b)))
+@pytest.mark.parametrize(
+    'cls, arch',
+    _families_and_variants(),
+    ids=lambda c: getattr(c, '__name__', ''))
+def test_check_arguments_refuses_as_the_build(cls, arch, bad):
+    """check_arguments, which the tools run on a config without building,
+    refuses what building refuses, with the same error."""
+    args = {'arch': arch, **bad}
+    with pytest.raises((TypeError, ValueError)) as built:
+        cls(**args)
+    with pytest.raises(type(built.value)) as checked:
+        cls.check_arguments(**args)
+    assert str(checked.value) == str(built.value)
+
+
+@pytest.mark.parametrize('cls, arch', _families_and_variants())
+def test_check_arguments_passes_what_builds(cls, arch):
+    args = dict(
+        arch=arch,
+        out_indices=(-1, 1),
+        frozen_stages=2,
+        drop_path_rate=0.3,
+        with_cp=True,
+        fsla_cfg=dict(group_size=4, overlap=1))
+    model = cls(**args)
+    settings = cls.check_arguments(**args)
+    assert settings['out_indices'] == model.out_indices == (1, 3)
+    assert settings['fsla_cfg'] == model.fsla_cfg
+    assert settings['fsla_cfg']['group_size'] == 4
+    assert settings['arch_settings'] == model.arch_settings
 
 
 @pytest.mark.parametrize('family', boat_families())
