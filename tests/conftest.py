@@ -30,6 +30,34 @@ if 'OMP_NUM_THREADS' not in os.environ:
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+def _parse_upstream_metafiles_once() -> None:
+    """MMEngine looks up every ``mmseg::``/``mmdet::``/``mmpretrain::``
+    ``_base_`` in the package's model index by reading all its metafiles
+    (about 80 YAML files, 0.2 s), then falls back to the ``_base_`` folder
+    when the file is not listed: 0.8 s per ``Config.fromfile`` of one of
+    our configs, 25 s of test_configs.py alone. The tests read the
+    installed packages' metafiles, which no test writes, so each is parsed
+    once per session (and again if its file changes): the lookup's
+    answers are the same, and its callers only read what it returns.
+    Tools run as subprocesses parse them as users' runs do."""
+    import mmengine.config.utils as cfg_utils
+    parse = cfg_utils.load
+    parsed = {}
+
+    def load(file, *args, **kwargs):
+        if args or kwargs or not isinstance(file, str):
+            return parse(file, *args, **kwargs)
+        key = (file, os.stat(file).st_mtime_ns)
+        if key not in parsed:
+            parsed[key] = parse(file)
+        return parsed[key]
+
+    cfg_utils.load = load
+
+
+_parse_upstream_metafiles_once()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``cuda`` need a CUDA GPU: skipped without one."""
     if torch.cuda.is_available():
