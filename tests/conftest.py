@@ -30,6 +30,45 @@ if 'OMP_NUM_THREADS' not in os.environ:
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+def _look_up_upstream_bases_once() -> None:
+    """MMEngine resolves every ``mmseg::``/``mmdet::``/``mmpretrain::``
+    ``_base_`` by asking whether the package is installed (reloading
+    ``pkg_resources``, 0.04 s), then by reading all the metafiles of its
+    model index (about 80 YAML files, 0.2 s) before it falls back to the
+    ``_base_`` folder when the file is not listed: about 0.8 s per
+    ``Config.fromfile`` of one of our configs, 25 s of test_configs.py
+    alone. Nothing is installed or uninstalled, and no metafile written,
+    while the tests run, so each package's answer and each metafile's
+    parse are taken once per session (a metafile again if it changes):
+    the lookups answer as before, and their callers only read what they
+    return. A test that fakes a missing package patches
+    ``is_installed`` itself; tools run as subprocesses look up as users'
+    runs do."""
+    import mmengine.config.config as cfg_module
+    import mmengine.config.utils as cfg_utils
+    parse, installed = cfg_utils.load, cfg_module.is_installed
+    parsed, answers = {}, {}
+
+    def load(file, *args, **kwargs):
+        if args or kwargs or not isinstance(file, str):
+            return parse(file, *args, **kwargs)
+        key = (file, os.stat(file).st_mtime_ns)
+        if key not in parsed:
+            parsed[key] = parse(file)
+        return parsed[key]
+
+    def is_installed(package: str) -> bool:
+        if package not in answers:
+            answers[package] = installed(package)
+        return answers[package]
+
+    cfg_utils.load = load
+    cfg_module.is_installed = is_installed
+
+
+_look_up_upstream_bases_once()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``cuda`` need a CUDA GPU: skipped without one."""
     if torch.cuda.is_available():

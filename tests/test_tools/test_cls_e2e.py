@@ -766,7 +766,7 @@ train_cfg = dict(max_epochs=1, val_interval=1)
 """
 
 
-def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root):
+def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root, capfd):
     """SimMIM pre-training of a tiny BOAT-CSWin through tools/train.py
     (mmpretrain's SimMIM on the recipe's pipeline), then the fine-tuning
     config of that SimMIM model (mmpretrain's fine-tuning recipe: layer-wise
@@ -787,21 +787,24 @@ def test_simmim_pretraining_then_fine_tuning(tmp_path, imagenet_root):
     state = torch.load(ckpt, map_location='cpu')['state_dict']
     assert 'backbone.mask_token' in state
     # Fine-tuning: the recipe's config, its checkpoint given on the
-    # command line as the README says; one epoch of 192 px crops.
+    # command line as the README says; one epoch of 192 px crops. By the
+    # tool's main in this process: the fresh process of the same tool
+    # and scope is the pre-training's above.
     fine = _user_cfg(
         str(tmp_path / 'fine.py'), SIMMIM_FT_CSWIN_B, imagenet_root,
         CSWIN_ARCH)
     with open(fine, 'a') as f:
         f.write(SIMMIM_FT_USER_CFG)
-    out = _tool(
+    out = tool_in_process(
         'train.py',
         fine,
-        '--work-dir',
-        str(tmp_path / 'fine_work'),
         '--cfg-options',
         f'model.backbone.init_cfg.checkpoint={ckpt}',
+        work_dir=str(tmp_path / 'fine_work'),
         cwd=str(tmp_path))
-    assert f'Loads checkpoint by local backend from path: {ckpt}' in out
+    # MMEngine logs the checkpoint's loading to the terminal only.
+    assert (f'Loads checkpoint by local backend from path: {ckpt}'
+            in capfd.readouterr().out)
     assert re.search(r'Epoch\(val\) \[1\]\[6/6\]\s+accuracy/top1', out), \
         out[-3000:]
     # The layer-wise lr decay ran: the first parameter group, the stem's,
