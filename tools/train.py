@@ -34,7 +34,7 @@ import os.path as osp
 import pickle
 import sys
 from copy import deepcopy
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
@@ -295,6 +295,14 @@ def _loop_class(train_cfg: Any) -> Optional[type]:
     return EpochBasedTrainLoop if train_cfg['by_epoch'] else IterBasedTrainLoop
 
 
+def _loop_unit(loop: type) -> Tuple[str, str]:
+    """``('epoch', 'max_epochs')`` for MMEngine's epoch loop,
+    ``('iteration', 'max_iters')`` for its iteration loop."""
+    return (('epoch',
+             'max_epochs') if loop.__name__ == 'EpochBasedTrainLoop' else
+            ('iteration', 'max_iters'))
+
+
 def _scheduler_list(cfg: Config) -> Optional[list]:
     """``param_scheduler`` as a list (one scheduler alone in one); None
     without any, or with one list per optimizer (a dict of them)."""
@@ -359,7 +367,7 @@ def check_param_scheduler(cfg: Config) -> None:
     if loop is None or schedulers is None:
         return  # another loop, or one scheduler list per optimizer
     epochs = loop.__name__ == 'EpochBasedTrainLoop'
-    length = train_cfg.get('max_epochs' if epochs else 'max_iters')
+    length = train_cfg.get(_loop_unit(loop)[1])
     for i, scheduler in enumerate(schedulers):
         if not isinstance(scheduler, dict):
             continue
@@ -447,11 +455,9 @@ def check_val_interval(cfg: Config) -> None:
     interval = train_cfg.get('val_interval', 1)
     if isinstance(interval, (int, float)) and interval >= 1:
         return
-    unit = 'epochs' if loop.__name__ == 'EpochBasedTrainLoop' else \
-        'iterations'
     raise UsageError(
         f'train_cfg.val_interval={interval!r}: MMEngine validates every '
-        f'val_interval {unit}, which must be 1 or more; to '
+        f'val_interval {_loop_unit(loop)[0]}s, which must be 1 or more; to '
         f'train without validating, pass --no-validate')
 
 
@@ -632,38 +638,60 @@ def schedule_length_note(cfg: Config) -> Optional[str]:
     schedulers = _scheduler_list(cfg)
     if loop is None or not schedulers:
         return None
-    epochs = loop.__name__ == 'EpochBasedTrainLoop'
-    key = 'max_epochs' if epochs else 'max_iters'
+    unit, key = _loop_unit(loop)
     length = train_cfg.get(key)
-    ends = [(scheduler.get('end', length), i, scheduler.get('type'))
-            for i, scheduler in enumerate(schedulers)
-            if isinstance(scheduler, dict)
-            and scheduler.get('by_epoch', True) == epochs]
+    ends = [
+        (scheduler.get('end', length), i, scheduler.get('type'))
+        for i, scheduler in enumerate(schedulers)
+        if isinstance(scheduler, dict) and scheduler.get('by_epoch', True) == (
+            unit == 'epoch')
+    ]
     if length is None or not ends or None in [e[0] for e in ends]:
         return None
     end, i, kind = max(ends, key=lambda e: e[0])
     if end == length or (end < length
                          and str(kind).split('.')[-1] in _WARMUPS):
         return None  # a warm-up alone: the rate stays at the config's
-    unit = 'epoch' if epochs else 'iteration'
     effect = (f'from {unit} {end} on, the learning rate stays at the '
               f'schedule\'s last value' if end < length else
               'the run stops before the schedule has run its course')
-    return (f'param_scheduler[{i}] ({kind}) ends at {unit} {end}, the '
-            f'training loop at train_cfg.{key}={length}: {effect}. Set its '
-            f'end to {length} (`--cfg-options param_scheduler.{i}.end='
-            f'{length}`), or leave end out and MMEngine ends it with the '
-            f'loop.')
+    # One scheduler may be given alone, as a dict: no index then.
+    alone = isinstance(cfg.get('param_scheduler'), dict)
+    name, option = (('param_scheduler', 'param_scheduler') if alone else
+                    (f'param_scheduler[{i}]', f'param_scheduler.{i}'))
+    return (f'{name} ({kind}) ends at {unit} {end}, the training loop at '
+            f'train_cfg.{key}={length}: {effect}. Set its end to {length} '
+            f'(`--cfg-options {option}.end={length}`), or leave end out and '
+            f'MMEngine ends it with the loop.')
 
 
-def _group_sizes(state: Any) -> List[int]:
-    """The number of parameters of each group of an optimizer state dict
-    (or of a dict of them: one optimizer per model part), in order."""
+def _saved_groups(state: Any) -> List[dict]:
+    """The parameter groups of an optimizer state dict (or of a dict of
+    them: one optimizer per model part, by name), in order."""
     if not isinstance(state, dict):
         return []
     if 'param_groups' in state:
-        return [len(group['params']) for group in state['param_groups']]
-    return [n for key in sorted(state) for n in _group_sizes(state[key])]
+        return list(state['param_groups'])
+    return [g for key in sorted(state) for g in _saved_groups(state[key])]
+
+
+def _run_groups(wrapper: Any) -> List[dict]:
+    """The parameter groups of the run's optimizers, in the order of
+    :func:`_saved_groups` (read from the optimizers themselves:
+    ``OptimWrapper.param_groups`` adds one, and a sharded optimizer's
+    ``state_dict`` is empty on all processes but one)."""
+    wrappers = getattr(wrapper, 'optim_wrappers', None)  # OptimWrapperDict
+    if isinstance(wrappers, dict):
+        return [
+            g for key in sorted(wrappers)
+            for g in wrappers[key].optimizer.param_groups
+        ]
+    return list(wrapper.optimizer.param_groups)
+
+
+#: What a user who wants a changed config to take effect does instead.
+_NEW_RUN = ('start a new run from its weights with `--cfg-options '
+            'load_from=FILE` (without --resume)')
 
 
 def check_resume(runner: 'Runner', resume_from: str) -> None:
@@ -692,19 +720,21 @@ def check_resume(runner: 'Runner', resume_from: str) -> None:
         if 'optimizer' not in checkpoint:
             return checkpoint  # a plain load (load_from), not a resume
         name = f'--resume {resume_from or filename!r}'
-        wrapper = runner.optim_wrapper
-        saved, ours = (_group_sizes(checkpoint['optimizer']),
-                       _group_sizes(wrapper.state_dict()))
-        if saved != ours:
+        saved = _saved_groups(checkpoint['optimizer'])
+        ours = _run_groups(runner.optim_wrapper)
+        sizes = [[len(g['params']) for g in groups]
+                 for groups in (saved, ours)]
+        if sizes[0] != sizes[1]:
+            (n_saved, p_saved), (n_ours, p_ours) = [(len(n), sum(n))
+                                                    for n in sizes]
             raise UsageError(
-                f'{name}: its optimizer state has {len(saved)} parameter '
-                f'groups ({sum(saved)} parameters), this run\'s optimizer '
-                f'{len(ours)} ({sum(ours)}): the trainable parameters or '
-                f'their grouping changed (frozen_stages, paramwise_cfg, the '
+                f'{name}: its optimizer state has {n_saved} parameter '
+                f'groups ({p_saved} parameters), this run\'s optimizer '
+                f'{n_ours} ({p_ours}): the trainable parameters or their '
+                f'grouping changed (frozen_stages, paramwise_cfg, the '
                 f'architecture). Resume with the config the checkpoint was '
-                f'trained with, or start a new run from its weights with '
-                f'`--cfg-options load_from=FILE` (without --resume)')
-        for note in _resume_notes(runner, checkpoint, wrapper):
+                f'trained with, or {_NEW_RUN}')
+        for note in _resume_notes(runner, checkpoint, saved, ours):
             print_log(
                 f'{name}: {note}', logger='current', level=logging.WARNING)
         return checkpoint
@@ -712,52 +742,47 @@ def check_resume(runner: 'Runner', resume_from: str) -> None:
     runner.load_checkpoint = load_checkpoint
 
 
-def _resume_notes(runner: 'Runner', checkpoint: dict,
-                  wrapper: Any) -> List[str]:
+def _resume_notes(runner: 'Runner', checkpoint: dict, saved: List[dict],
+                  ours: List[dict]) -> List[str]:
     """What a resume restores that differs from the run's config."""
     from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
     notes = []
     loop, meta = runner.train_loop, checkpoint.get('meta') or {}
-    done, unit, total = (
-        (meta.get('epoch'), 'epoch',
-         loop.max_epochs) if isinstance(loop, EpochBasedTrainLoop) else
-        (meta.get('iter'), 'iteration',
-         loop.max_iters) if isinstance(loop, IterBasedTrainLoop) else
-        (None, '', None))
-    if done is not None and total is not None and done >= total:
-        key = 'max_epochs' if unit == 'epoch' else 'max_iters'
-        notes.append(f'the checkpoint is at {unit} {done} and the run ends '
-                     f'at {total}: nothing is left to train (raise '
-                     f'train_cfg.{key} to train on)')
-    saved = [
-        g.get('initial_lr')
-        for g in (checkpoint['optimizer'].get('param_groups') or [])
+    if isinstance(loop, (EpochBasedTrainLoop, IterBasedTrainLoop)):
+        unit, key = _loop_unit(type(loop))
+        done = meta.get('epoch' if unit == 'epoch' else 'iter')
+        total = getattr(loop, key)
+        if done is not None and done >= total:
+            notes.append(f'the checkpoint is at {unit} {done} and the run '
+                         f'ends at {total}: nothing is left to train (raise '
+                         f'train_cfg.{key} to train on)')
+    lrs = [[g.get('initial_lr') for g in groups] for groups in (saved, ours)]
+    changed = [
+        i for i, (a, b) in enumerate(zip(*lrs))
+        if None not in (a, b) and a != b
     ]
-    ours = [g.get('initial_lr') for g in wrapper.param_groups] \
-        if isinstance(checkpoint['optimizer'].get('param_groups'),
-                      list) else []
-    if ours and saved != ours and None not in saved + ours:
+    if changed:
+        i = changed[0]
         notes.append(
-            f'this run starts from a learning rate of {ours[0]:g} (first '
-            f'parameter group; the config\'s, scaled by --auto-scale-lr if '
-            f'given), the checkpoint\'s run from {saved[0]:g}: MMEngine '
+            f'this run starts parameter group {i} at a learning rate of '
+            f'{lrs[1][i]:g} (the config\'s, scaled by --auto-scale-lr if '
+            f'given), the checkpoint\'s run at {lrs[0][i]:g}: MMEngine '
             f'restores the checkpoint\'s learning rates, so this run keeps '
-            f'its schedule. To train at the new rate, start a new run from '
-            f'its weights with `--cfg-options load_from=FILE` (without '
-            f'--resume)')
+            f'its schedule. To train at the new rate, {_NEW_RUN}')
     schedulers, states = runner.param_schedulers, checkpoint.get(
         'param_schedulers')
     if isinstance(schedulers, list) and isinstance(states, list):
         for i, (scheduler, state) in enumerate(zip(schedulers, states)):
-            if state.get('end') not in (None, scheduler.end):
-                notes.append(
-                    f'param_scheduler[{i}] ({type(scheduler).__name__}) ends '
-                    f'at {scheduler.end} in this config and at '
-                    f'{state["end"]} in the checkpoint: MMEngine restores the '
-                    f'checkpoint\'s schedulers, so the learning rate follows '
-                    f'the old schedule. To train with the new one, start a '
-                    f'new run from its weights with `--cfg-options '
-                    f'load_from=FILE` (without --resume)')
+            if state.get('end') in (None, scheduler.end):
+                continue
+            # Both in the scheduler's steps: iterations once converted.
+            unit = 'epoch' if scheduler.by_epoch else 'iteration'
+            notes.append(
+                f'param_scheduler[{i}] ({type(scheduler).__name__}) ends at '
+                f'{unit} {scheduler.end} in this run and at {unit} '
+                f'{state["end"]} in the checkpoint: MMEngine restores the '
+                f'checkpoint\'s schedulers, so the learning rate follows the '
+                f'old schedule. To train with the new one, {_NEW_RUN}')
     return notes
 
 

@@ -174,3 +174,17 @@ def test_a_neck_of_mmseg_is_checked():
             match=r'model.neck.in_channels=\[32, 64, '
             r'128\] should be \[32, 64, 128, 256\]'):
         load_config(SEG, options)
+
+
+def test_a_backbone_with_its_scope_noted_is_checked_as_built():
+    """``_scope_`` (MMEngine's note of a dict's scope, which its registry
+    takes out before the build) is not an argument of the backbone: the
+    config loads and builds; a bad argument beside it is still refused."""
+    cfg = load_config(SEG, {'model.backbone._scope_': 'mmseg'})
+    _forward(cfg)
+    with pytest.raises(UsageError, match='drop_path_rate'):
+        load_config(
+            SEG, {
+                'model.backbone._scope_': 'mmseg',
+                'model.backbone.drop_path_rate': 1.5
+            })

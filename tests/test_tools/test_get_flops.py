@@ -118,6 +118,8 @@ def test_default_shape_per_config(get_flops, repo_root, monkeypatch, config,
     ([dict(type='RandomResizedCrop', scale=(240, 320))], (240, 320)),
     ([dict(type='CenterCrop', crop_size=96),
       dict(type='Resize', scale=64)], (64, 64)),
+    ([dict(type='EfficientNetCenterCrop', crop_size=384)], (384, 384)),
+    ([dict(type='EfficientNetRandomCrop', scale=475)], (475, 475)),
 ])
 def test_pipeline_size_reads_each_transform_s_order(get_flops, pipeline, size):
     """mmcv's CenterCrop and Resize give (w, h), mmpretrain's

@@ -415,6 +415,9 @@ def check_resume(trained: dict, moved_key: str, *args:
         work_dir=work_dir,
         cwd=str(trained['tmp']))
     assert 'resumed epoch: 0, iter: 2' in out
+    # The same config: nothing restored differs from it (paramwise_cfg
+    # gives the optimizer many groups, each compared).
+    assert ' - WARNING - --resume ' not in out, out[-3000:]
     assert 'Iter(train) [1/4]' not in out and 'Iter(train) [3/4]' in out
 
     ref = _ckpt(osp.join(full, 'iter_4.pth'))
@@ -514,14 +517,13 @@ def test_resume_says_what_it_restores(trained):
     assert warnings[0].endswith(
         'the checkpoint is at iteration 4 and the run ends at 4: nothing is '
         'left to train (raise train_cfg.max_iters to train on)')
-    assert (f'this run starts from a learning rate of {3 * first_lr:g} '
-            f'(first parameter group; the config\'s, scaled by '
-            f'--auto-scale-lr if given), the checkpoint\'s run from '
-            f'{first_lr:g}: MMEngine restores the checkpoint\'s learning '
-            f'rates') in warnings[1]
-    assert (f'param_scheduler[1] (PolyLR) ends at {poly_end + 4} in this '
-            f'config and at {poly_end} in the checkpoint: MMEngine restores '
-            f"the checkpoint's schedulers") in warnings[2]
+    assert (f'this run starts parameter group 0 at a learning rate of '
+            f'{3 * first_lr:g} (the config\'s, scaled by --auto-scale-lr if '
+            f'given), the checkpoint\'s run at {first_lr:g}: MMEngine '
+            f'restores the checkpoint\'s learning rates') in warnings[1]
+    assert (f'param_scheduler[1] (PolyLR) ends at iteration {poly_end + 4} '
+            f'in this run and at iteration {poly_end} in the checkpoint: '
+            f"MMEngine restores the checkpoint's schedulers") in warnings[2]
     assert 'Iter(train)' not in log
 
 

@@ -42,6 +42,20 @@ def test_schedule_shorter_than_the_loop(train):
         'and MMEngine ends it with the loop.')
 
 
+def test_a_scheduler_alone_is_named_without_an_index(train):
+    """``param_scheduler = dict(...)``: the fix's option has no index,
+    which MMEngine would merge as a new key '0' of the dict."""
+    cfg = Config(
+        dict(
+            train_cfg=ITERS,
+            param_scheduler=dict(type='PolyLR', by_epoch=False, end=60)))
+    note = train.schedule_length_note(cfg)
+    assert note.startswith('param_scheduler (PolyLR) ends at iteration 60')
+    assert '`--cfg-options param_scheduler.end=100`' in note
+    cfg.merge_from_dict({'param_scheduler.end': 100})
+    assert train.schedule_length_note(cfg) is None
+
+
 def test_schedule_longer_than_the_loop(train):
     """A cosine phase to epoch 20 of a 12-epoch run stops half-way; the
     latest end of all counts (a warm-up in iterations is another unit)."""

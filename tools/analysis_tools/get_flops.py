@@ -13,9 +13,9 @@ mmengine's counter misses in BOAT: ``scaled_dot_product_attention``
 
 * classification (mmpretrain): the whole classifier (backbone, neck,
   head) on a ``1 x 3 x H x W`` input, by default the size its test pipeline
-  crops to (its training crop for a SimMIM config, which has no test
-  pipeline; 224 x 224 if the pipeline fixes no size), as the metafiles
-  count;
+  crops to (else its validation pipeline's, else its training crop, as
+  for a SimMIM config, which has no test pipeline; 224 x 224 if none
+  fixes a size), as the metafiles count;
 * segmentation (mmseg): the inference model (backbone + decode head; the
   auxiliary head is removed, as upstream) on a ``1 x 3 x H x W`` input,
   by default the training crop (``data_preprocessor.size``; 512 x 512
@@ -79,7 +79,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--check-reference)')
     add_shape_arg(
         parser, 'the input size; default: the crop of the test pipeline '
-        '(classification; 224 if none) or of training '
+        '(classification; else of validation, else of training; 224 if '
+        'none) or of training '
         '(data_preprocessor.size, segmentation; 512 if none), 800 1280 for '
         'detection')
     parser.add_argument(
@@ -145,11 +146,13 @@ def build_model(cfg: Config) -> Tuple[Any, str]:
 
 # Transforms that give every image one size, with the order of their size
 # argument: mmcv's CenterCrop and Resize take (w, h), mmpretrain's
-# RandomResizedCrop (h, w).
+# RandomResizedCrop (h, w); the EfficientNet crops take one int.
 _SIZED_TRANSFORMS = {
     'CenterCrop': ('crop_size', 'wh'),
     'Resize': ('scale', 'wh'),
     'RandomResizedCrop': ('scale', 'hw'),
+    'EfficientNetCenterCrop': ('crop_size', 'hw'),
+    'EfficientNetRandomCrop': ('scale', 'hw'),
 }
 
 

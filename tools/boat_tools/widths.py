@@ -253,8 +253,8 @@ def boat_backbone(cfg: Any) -> Optional[Tuple[type, dict, Any]]:
         cfg (mmengine.config.Config): The complete config.
 
     Returns:
-        tuple | None: ``(class, arguments without type, MODELS registry of
-        the scope)``, or None for any other backbone, or none.
+        tuple | None: ``(class, arguments without type and _scope_, MODELS
+        registry of the scope)``, or None for any other backbone, or none.
     """
     model = cfg.get('model')
     backbone = model.get('backbone') if isinstance(model, dict) else None
@@ -268,7 +268,12 @@ def boat_backbone(cfg: Any) -> Optional[Tuple[type, dict, Any]]:
     cls = _lineage(registry, backbone)[0]
     if cls is None or not issubclass(cls, BaseBOATBackbone):
         return None
-    return cls, {k: v for k, v in backbone.items() if k != 'type'}, registry
+    # MMEngine's registry takes type and the _scope_ it notes out.
+    args = {
+        k: v
+        for k, v in backbone.items() if k != 'type' and not k.startswith('_')
+    }
+    return cls, args, registry
 
 
 def check_consumer_widths(cfg: Any) -> None:
