@@ -786,7 +786,7 @@ def _resume_notes(runner: 'Runner', checkpoint: dict, saved: List[dict],
     return notes
 
 
-def scale_lr_with_accumulation(runner: 'Runner') -> None:
+def scale_lr_with_accumulation(runner: 'Runner', cfg: Config) -> None:
     """Make ``--auto-scale-lr`` count gradient accumulation: MMEngine's
     ``Runner.scale_lr`` scales by ``world_size x batch_size /
     base_batch_size``, but each optimizer step of a run with
@@ -796,8 +796,9 @@ def scale_lr_with_accumulation(runner: 'Runner') -> None:
 
     Args:
         runner (Runner): The runner, before ``train()``.
+        cfg (Config): Its config.
     """
-    steps = accumulation_steps(runner.cfg)
+    steps = accumulation_steps(cfg)
     if steps == 1:
         return
     scale_lr = runner.scale_lr
@@ -834,7 +835,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if cfg.get('resume'):  # load_from may be of another model: fine-tuning
         check_checkpoint_fits(runner, '--resume')
         check_resume(runner, args.resume if args.resume != 'auto' else '')
-    scale_lr_with_accumulation(runner)
+    scale_lr_with_accumulation(runner, cfg)
     # After the runner started the process group (on GPUs, it does).
     notes = (total_batch_note(cfg,
                               get_world_size()), schedule_length_note(cfg),

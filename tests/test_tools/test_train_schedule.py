@@ -144,9 +144,9 @@ def test_auto_scale_lr_counts_accumulated_batches(train, tmp_path, steps):
         train_cfg=dict(by_epoch=False, max_iters=1),
         optim_wrapper=optim_wrapper,
         auto_scale_lr=auto_scale_lr,
-        default_hooks=dict(checkpoint=None),
-        cfg=dict(optim_wrapper=optim_wrapper, auto_scale_lr=auto_scale_lr))
-    train.scale_lr_with_accumulation(runner)
+        default_hooks=dict(checkpoint=None))
+    train.scale_lr_with_accumulation(runner,
+                                     Config(dict(optim_wrapper=optim_wrapper)))
     runner.train()
     group, = runner.optim_wrapper.param_groups
     assert group['lr'] == pytest.approx(lr * batch * steps / base)
