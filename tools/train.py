@@ -265,6 +265,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
     check_loop_units(cfg)
     check_val_interval(cfg)
     check_layer_decay(cfg)
+    check_save_best(cfg)
     check_preprocessor_classes(cfg)
     check_amp_device(cfg)
     _set_dataloader_defaults(cfg, args)
@@ -490,6 +491,85 @@ def check_layer_decay(cfg: Config) -> None:
         f'{paramwise["layer_decay_rate"]} is read by a layer-decay '
         f'constructor only, and MMEngine\'s default one drops it (every '
         f'layer would train at the full learning rate): {fix}')
+
+
+def _synthetic_results(metric: Any) -> Optional[list]:
+    """One processed batch for the metrics whose names do not depend on
+    the data (mmseg's IoUMetric, mmpretrain's Accuracy), to ask the metric
+    itself what it reports; None for the others."""
+    import torch
+    kind = type(metric).__name__
+    if kind == 'IoUMetric' and not getattr(metric, 'format_only', False):
+        metric.dataset_meta = dict(classes=('a', 'b'))
+        return [tuple(torch.ones(2) for _ in range(4))]
+    if kind == 'Accuracy' and hasattr(metric, 'topk'):
+        classes = max(metric.topk) + 1
+        return [
+            dict(
+                pred_score=torch.full((classes, ), 1 / classes),
+                gt_label=torch.tensor([0]))
+        ]
+    return None
+
+
+def _evaluator_keys(cfg: Config) -> Optional[List[str]]:
+    """The keys of what ``val_evaluator`` reports, asked of its metrics on
+    one synthetic batch; None unless every metric is one that can be
+    asked (see :func:`_synthetic_results`)."""
+    from mmengine.logging import MMLogger
+    from mmengine.registry import METRICS, init_default_scope
+    evaluator = cfg.get('val_evaluator')
+    if isinstance(evaluator, dict) and 'metrics' in evaluator:
+        evaluator = evaluator['metrics']
+    metrics = evaluator if isinstance(evaluator, list) else [evaluator]
+    if not metrics or not all(isinstance(m, dict) for m in metrics):
+        return None
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    keys = []
+    try:
+        logger.setLevel(logging.ERROR)  # IoUMetric logs a table per class
+        for metric_cfg in metrics:
+            metric = METRICS.build(deepcopy(metric_cfg))
+            results = _synthetic_results(metric)
+            if results is None:
+                return None
+            metric.results = results
+            keys += list(metric.evaluate(len(results)))
+    except Exception:  # a metric this check cannot ask: the run will
+        return None
+    finally:
+        logger.setLevel(level)
+    return keys
+
+
+def check_save_best(cfg: Config) -> None:
+    """Refuse ``default_hooks.checkpoint.save_best`` naming a metric that
+    validation does not report: MMEngine's CheckpointHook stops the run at
+    its first validation (``KeyError``), 16000 iterations into an mmseg
+    recipe. Only for metrics whose names do not depend on the data
+    (:func:`_evaluator_keys`).
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if not isinstance(hook, dict) or cfg.get('val_cfg') is None:
+        return
+    best = hook.get('save_best')
+    wanted = [best] if isinstance(best, str) else list(best or [])
+    wanted = [k for k in wanted if k != 'auto']
+    if not wanted:
+        return
+    keys = _evaluator_keys(cfg)
+    unknown = [k for k in wanted if keys is not None and k not in keys]
+    if unknown:
+        raise UsageError(
+            f'default_hooks.checkpoint.save_best={best!r}: validation '
+            f'reports {", ".join(keys)}, not {", ".join(unknown)}, and '
+            f'MMEngine\'s CheckpointHook would stop the run at its first '
+            f'validation: name one of those, or \'auto\' (the first)')
 
 
 def check_preprocessor_classes(cfg: Config) -> None:

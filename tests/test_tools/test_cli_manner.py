@@ -478,6 +478,15 @@ CASES = [
      '(every layer would train at the full learning rate): set '
      "optim_wrapper.constructor='LearningRateDecayOptimWrapperConstructor' "
      "(mmpretrain's, as boat-mm's SimMIM fine-tuning configs do)"),
+    # A best-checkpoint metric that validation does not report.
+    ('train', [SEG, '--cfg-options', 'default_hooks.checkpoint.save_best=mAP'],
+     "default_hooks.checkpoint.save_best='mAP': validation reports aAcc, "
+     "mIoU, mAcc, not mAP, and MMEngine's CheckpointHook would stop the run "
+     "at its first validation: name one of those, or 'auto' (the first)"),
+    ('train',
+     [CLS, '--cfg-options', 'default_hooks.checkpoint.save_best=top1'
+      ], "save_best='top1': validation reports accuracy/top1, accuracy/top5, "
+     'not top1'),
     # One-hot targets of Mixup/CutMix wider than the head's logits (the
     # loss's shape assertion at the first iteration).
     ('train', ['{root}/three_classes.py'],

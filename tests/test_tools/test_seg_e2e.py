@@ -181,6 +181,27 @@ def test_train_val_then_test_with_tta(trained, ade_root):
         for p in glob.glob(osp.join(ade_root, 'images', 'validation', '*')))
 
 
+def test_save_best_is_checked_against_what_validation_reports(trained):
+    """The metric names train.py asks of the config's IoUMetric (on a
+    synthetic batch) are those the real validation of the run logged: a
+    save_best among them passes, another is refused."""
+    from boat_tools.cli import UsageError, load_config
+    train = load_script('tools/train.py')
+    # The summary line of the validation (not its progress lines).
+    line = re.search(r'Iter\(val\) \[4/4\]\s+(.*: .*mIoU.*)$', trained['out'],
+                     re.M)[1]
+    logged = re.findall(r'(\w+): [\d.]+', line)
+    cfg = load_config(trained['cfg'])
+    keys = train._evaluator_keys(cfg)
+    assert keys and keys == [k for k in logged if k in keys], (keys, line)
+    assert set(logged) - set(keys) <= {'data_time', 'time'}
+    cfg.default_hooks.checkpoint.save_best = ['auto', keys[-1]]
+    train.check_save_best(cfg)
+    cfg.default_hooks.checkpoint.save_best = 'mIoU_'
+    with pytest.raises(UsageError, match="not mIoU_, and MMEngine"):
+        train.check_save_best(cfg)
+
+
 def test_paramwise_options_go_to_the_log_file_only(trained):
     """MMEngine logs a line per parameter and option of paramwise_cfg
     (hundreds for a real model): the terminal gets one summary line, the
