@@ -570,6 +570,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         unknown = {k: v for k, v in kwargs.items() if k not in params}
         settings = cls._parse_arguments(args, unknown)
         cls._check_family_arguments(args)
+        # Last, as the build meets them: in each FSLA the blocks build.
+        cls._check_fsla_arguments(settings['arch_settings'],
+                                  settings['fsla_cfg'], args['with_fsla'])
         return settings
 
     @classmethod
@@ -613,18 +616,32 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             qkv_bias=args['qkv_bias'],
             attn_drop=args['attn_drop_rate'],
             proj_drop=args['drop_rate'])
-        # Its values (group_size, overlap, ...) as each FSLA will take them.
-        for i, depth in enumerate(depths if args['with_fsla'] else []):
-            if any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
-                FeatureSpaceLocalAttention.check_arguments(
-                    embed_dims=arch_settings['embed_dims'][i],
-                    num_heads=arch_settings['num_heads'][i],
-                    **fsla_cfg)
         return dict(
             arch_settings=arch_settings,
             out_indices=out_indices,
             fsla_cfg=fsla_cfg,
             init_cfg=init_cfg)
+
+    @classmethod
+    def _check_fsla_arguments(cls, arch_settings: Dict, fsla_cfg: dict,
+                              with_fsla: bool) -> None:
+        """Validate the values of ``fsla_cfg`` (``group_size``,
+        ``overlap``, ...) as the FSLA of each stage that has one will take
+        them (:meth:`check_arguments` calls it; in ``__init__``, each FSLA
+        the blocks build checks its own).
+
+        Args:
+            arch_settings (dict): The parsed arch.
+            fsla_cfg (dict): The parsed FSLA settings.
+            with_fsla (bool): The backbone's argument.
+        """
+        depths = list(arch_settings['depths'])
+        for i, depth in enumerate(depths if with_fsla else []):
+            if any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
+                FeatureSpaceLocalAttention.check_arguments(
+                    embed_dims=arch_settings['embed_dims'][i],
+                    num_heads=arch_settings['num_heads'][i],
+                    **fsla_cfg)
 
     @classmethod
     def _check_family_arguments(cls, args: Dict[str, Any]) -> None:
