@@ -8,7 +8,8 @@ implementations per backend, chosen by ``impl`` in one place
 (``boat_mm._C``) and Triton kernels for CUDA (:mod:`.triton`).
 """
 from ._backends import IMPLS, check_impl
-from .clustered_attn import clustered_attention, inverse_slots, permute_rows
+from .clustered_attn import (clustered_attention, inverse_slots,
+                             perm_covers_tokens, permute_rows)
 from .clustering import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, cluster_ids_from_perm,
                          cpu_kernel_available, num_clusters_for)
@@ -16,6 +17,6 @@ from .clustering import (ClusterPlan, balanced_hierarchical_clustering,
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
     'cluster_ids_from_perm', 'num_clusters_for', 'clustered_attention',
-    'inverse_slots', 'permute_rows', 'cpu_kernel_available', 'check_impl',
-    'IMPLS'
+    'inverse_slots', 'perm_covers_tokens', 'permute_rows',
+    'cpu_kernel_available', 'check_impl', 'IMPLS'
 ]

@@ -193,33 +193,72 @@ def _check_attention_inputs(qkv: Tensor, perm: Optional[Tensor],
                          f'tokens: need H * W == N.')
     if not 0 <= dropout_p <= 1:
         raise ValueError(f'dropout_p must be in [0, 1], got {dropout_p}.')
-    if plan.num_clusters > 1 and perm is None:
+    if plan.num_clusters == 1:
+        return  # perm is not read
+    if perm is None:
         raise ValueError(
             f'perm is None but the plan has {plan.num_clusters} clusters; '
             f'pass the perm of balanced_hierarchical_clustering.')
+    want = (qkv.shape[0] * num_heads, plan.slot_valid.numel())
+    if (not isinstance(perm, Tensor) or perm.dtype != torch.int64
+            or tuple(perm.shape) != want):
+        got = (f'{perm.dtype} of shape {tuple(perm.shape)}' if isinstance(
+            perm, Tensor) else type(perm).__name__)
+        raise ValueError(
+            f'perm must be int64 of shape (B * num_heads, slots) = {want} '
+            f'for this plan, got {got}; take it from '
+            f'balanced_hierarchical_clustering with the same plan (a plan '
+            f'of another group_size or overlap lays the slots out '
+            f'otherwise) and the queries of all B * num_heads heads.')
 
 
-def _check_perm_range(perm: Tensor, num_tokens: int) -> None:
-    """Refuse tokens outside ``[0, N)`` in a CPU ``perm`` before a kernel
-    reads (and, backward, writes) the rows they index unchecked.
+def perm_covers_tokens(perm: Tensor, plan: ClusterPlan) -> bool:
+    """Whether the real slots of every row of ``perm`` hold each token
+    once, as the clustering's do (a sync: reads the data).
 
-    A ``perm`` from the clustering is always in range; a hand-made one
+    Args:
+        perm (Tensor): ``(M, slots)`` int64.
+        plan (ClusterPlan): Its plan.
+
+    Returns:
+        bool: True if every row is a permutation of the ``N`` tokens.
+    """
+    real = perm[:, plan.slot_valid]
+    N = plan.num_tokens
+    if not bool(((real >= 0) & (real < N)).all()):
+        return False
+    # The plan has exactly N real slots: each token seen means each once.
+    seen = torch.zeros(real.shape[0], N, dtype=torch.bool, device=perm.device)
+    return bool(seen.scatter_(1, real, True).all())
+
+
+def _check_perm_values(perm: Tensor, plan: ClusterPlan) -> None:
+    """Refuse a CPU ``perm`` with tokens outside ``[0, N)``, which a kernel
+    would read (and, backward, write) unchecked, or whose real slots miss
+    a token, whose output row no kernel would write.
+
+    A ``perm`` from the clustering always passes; a hand-made one
     (:meth:`FeatureSpaceLocalAttention.register_cluster_hook`, direct
-    calls) may not be. Skipped on GPUs (it would synchronise) and under
+    calls) may not. Skipped on GPUs (it would synchronise) and under
     tracing or compilation (data-dependent).
     """
     if (perm.device.type != 'cpu' or torch.compiler.is_compiling()
             or torch.jit.is_tracing() or not perm.numel()):
         return
-    if perm.dtype != torch.int64:
-        return  # the op's own check names the dtype
+    N = plan.num_tokens
     low, high = int(perm.min()), int(perm.max())
-    if low < 0 or high >= num_tokens:
+    if low < 0 or high >= N:
         raise ValueError(
             f'perm holds token indices in [{low}, {high}], outside [0, '
-            f'{num_tokens}) for N={num_tokens} tokens; take perm from '
+            f'{N}) for N={N} tokens; take perm from '
             f'balanced_hierarchical_clustering for this N (a cluster hook '
             f'must return indices of the same map).')
+    if not perm_covers_tokens(perm, plan):
+        raise ValueError(
+            f'perm\'s real slots (plan.slot_valid) do not hold every token '
+            f'0 .. {N - 1} once per row; take perm from '
+            f'balanced_hierarchical_clustering with the same plan (a perm '
+            f'orders the tokens, it cannot drop or repeat one).')
 
 
 def clustered_attention(
@@ -272,10 +311,10 @@ def clustered_attention(
             return out
         return out, _value_image(qkv, hw_shape)
     assert perm is not None  # refused above for several clusters
+    _check_perm_values(perm, plan)
     op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
                     plan.overlap).op(ATTENTION)
     if op is not None:
-        _check_perm_range(perm, N)
         try:
             out, v_image, _ = op(
                 qkv, perm, plan.slot_valid, h, plan.slot_size, plan.overlap,
@@ -301,7 +340,8 @@ def clustered_attention(
     # Row of qkv viewed as (B * N * 3 * h, d) for (which, m, slot).
     which = torch.arange(3, device=dev).view(3, 1, 1)
     src_row = ((b * N + used) * 3 + which) * h + head  # (3, M, slots)
-    src_row = src_row.view(3, M * slots)
+    # reshape: a perm given as a transposed view makes src_row one too.
+    src_row = src_row.reshape(3, M * slots)
     if torch.is_grad_enabled() and qkv.requires_grad:
         # Gradient destinations: padding slots get spare rows after the
         # 3 * M * N real ones, so that every row is written once.

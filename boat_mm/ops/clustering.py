@@ -55,6 +55,7 @@ kernel for CPU tensors when it is built, the tensor implementation
 otherwise.
 """
 import math
+import numbers
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -175,6 +176,8 @@ def num_clusters_for(num_tokens: int, group_size: int) -> int:
     Returns:
         int: ``G``, a power of two.
     """
+    if group_size < 1:
+        raise ValueError(f'group_size must be >= 1, got {group_size}.')
     if num_tokens <= group_size:
         return 1
     level = max(0, round(math.log2(num_tokens / group_size)))
@@ -310,10 +313,15 @@ def build_cluster_plan(
     Returns:
         ClusterPlan: The static layout.
     """
+    if isinstance(num_tokens, float) and not num_tokens.is_integer():
+        raise TypeError(f'num_tokens must be an int, got {num_tokens}.')
     # torch.jit tracing (e.g. FLOP counting) passes shapes as 0-d tensors.
     num_tokens = int(num_tokens)
     if num_tokens < 1:
         raise ValueError(f'FSLA needs at least one token, got {num_tokens}.')
+    for name, value in (('group_size', group_size), ('overlap', overlap)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f'{name} must be an int, got {value!r}.')
     if not 0 <= overlap < group_size:
         raise ValueError(
             f'overlap must satisfy 0 <= overlap < group_size, got '
@@ -445,13 +453,11 @@ def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,
             # order like the values, so an integer sort (faster) ranks them.
             ratio = ((sim[:, 0] + 1) / (sim[:, 1] + 1)).clamp(min=0)
             ratio = ratio.view(M, nodes, cap)
-            if not plan.uniform:
-                # Padding sorts last inside its node.
-                ratio = ratio.masked_fill(valid == 0, float('inf'))
             # flat: (M, nodes, cap) positions in the flattened rows * cap
             # layout, each node's tokens by increasing ratio (ties by
-            # position: the published order).
-            flat = _rank_within_nodes(ratio)
+            # position: the published order), padding last.
+            flat = _rank_within_nodes(
+                ratio, None if plan.uniform else valid.view(nodes, cap) == 0)
             split = plan.level_split[level]
             if split is not None:
                 flat = flat.gather(-1, split.expand_as(flat))
@@ -470,12 +476,30 @@ def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,
 _RADIX_MIN_NUMEL = 32768
 
 
-def _rank_within_nodes(ratio: Tensor) -> Tensor:
+def _sort_keys(ratio: Tensor, padding: Optional[Tensor]) -> Tensor:
+    """The bit patterns of float32 / float64 ``ratio`` without the sign, as
+    int32 / int64: non-negative keys that order like the values, with -0
+    equal to 0 and a 0/0 NaN (whatever its sign on this device) after
+    ``inf``, as torch.sort ranks NaN; padding gets the largest key (ties
+    go by position, and padding follows a node's real tokens). The C++
+    and Triton keys alike."""
+    bits = torch.int64 if ratio.dtype == torch.float64 else torch.int32
+    key = ratio.view(bits) & torch.iinfo(bits).max
+    if padding is not None:
+        key = key.masked_fill(padding, torch.iinfo(bits).max)
+    return key
+
+
+def _rank_within_nodes(ratio: Tensor,
+                       padding: Optional[Tensor] = None) -> Tensor:
     """Stable ascending order of ``ratio`` inside each node.
 
     Args:
         ratio (Tensor): ``(M, nodes, cap)`` non-negative keys (``inf``
-            allowed).
+            allowed; NaN ranks after ``inf``).
+        padding (Tensor, optional): ``(nodes, cap)`` bool, True at the
+            padding slots, which rank last (after the real tokens that
+            precede them in their node).
 
     Returns:
         Tensor: ``(M, nodes, cap)`` int64 indices into ``ratio.reshape(-1)``;
@@ -491,6 +515,8 @@ def _rank_within_nodes(ratio: Tensor) -> Tensor:
         # with ONNX TopK (smallest first), which breaks ties by lower
         # index: the order of the stable sorts below (non-negative floats
         # order like their bit patterns).
+        if padding is not None:
+            ratio = ratio.masked_fill(padding, float('inf'))
         order = ratio.topk(cap, dim=-1, largest=False).indices
         base = torch.arange(rows, device=ratio.device).view(M, nodes, 1)
         return order + base * cap
@@ -501,7 +527,7 @@ def _rank_within_nodes(ratio: Tensor) -> Tensor:
         # the flattened int64 keys orders every node at once (the same
         # result as a stable sort per node).
         node = torch.arange(rows, device=ratio.device, dtype=torch.int64)
-        key = ratio.view(torch.int32).to(torch.int64).view(rows, cap)
+        key = _sort_keys(ratio, padding).to(torch.int64).view(rows, cap)
         key = (key | (node << 31).unsqueeze(1)).view(-1)
         if on_cpu and numel < _RADIX_MIN_NUMEL:
             # Padding with the largest key (sorted last) opts mid-sized
@@ -516,8 +542,7 @@ def _rank_within_nodes(ratio: Tensor) -> Tensor:
         return order.view(M, nodes, cap)
     # Few tokens, or float64 (exact parity checks, 63-bit keys): sort the
     # bit patterns per node.
-    bits = torch.int64 if ratio.dtype == torch.float64 else torch.int32
-    order = ratio.view(bits).sort(dim=-1, stable=True).indices
+    order = _sort_keys(ratio, padding).sort(dim=-1, stable=True).indices
     base = torch.arange(rows, device=ratio.device).view(M, nodes, 1)
     return order + base * cap
 

@@ -785,9 +785,21 @@ def test_errors():
         m(torch.randn(2, 50, 8), (7, 7))
     with pytest.raises(
             TypeError,
-            match=r"FSLA: hw_shape must be the \(H, W\) of the tokens' map, "
-            r'got 49; pass e\.g\. \(49, 1\) for a sequence'):
+            match=r"FSLA: hw_shape must be the \(H, W\) of the tokens' map "
+            r'as a tuple of ints, got 49; pass e\.g\. \(49, 1\) for a '
+            r'sequence'):
         m(torch.randn(2, 49, 8), 49)
+    with pytest.raises(TypeError, match=r'pass tuple\(hw_shape\.tolist\(\)\)'):
+        m(torch.randn(2, 49, 8), torch.tensor([7, 7]))
+    # The C++ and Triton attention have no dropout: refused when built,
+    # not at the first training step.
+    for impl in ('cpp', 'triton'):
+        with pytest.raises(
+                ValueError,
+                match=f"attention_impl='{impl}' has no attention dropout, "
+                f'got attn_drop=0.1'):
+            FeatureSpaceLocalAttention(
+                8, 2, attn_drop=0.1, attention_impl=impl)
     with pytest.raises(
             ValueError,
             match=r'hw_shape must be the two sizes \(H, W\) .* got 3: '

@@ -5,8 +5,9 @@ error naming the problem (coverage of the suite: docs/test_mutations.md).
 import pytest
 import torch
 
-from boat_mm.ops import (build_cluster_plan, clustered_attention,
-                         cpu_kernel_available)
+from boat_mm.ops import (balanced_hierarchical_clustering, build_cluster_plan,
+                         clustered_attention, cpu_kernel_available,
+                         num_clusters_for)
 from boat_mm.ops.clustering import _default_kernel
 
 
@@ -34,12 +35,80 @@ def test_default_clustering_kernel_refuses_a_slot_size_of_another_plan():
         _default_kernel(x, plan.num_levels, 50, 2, 100.)
 
 
-@pytest.mark.skipif(not cpu_kernel_available(), reason='needs boat_mm._C')
-def test_perm_of_another_dtype_is_named_by_the_op():
-    """The range check of a CPU perm leaves a perm that is not int64 to
-    the op, whose error names the dtype."""
-    plan = build_cluster_plan(98)
-    qkv = torch.randn(1, 98, 24)
-    perm = torch.zeros(2, plan.slot_valid.numel(), dtype=torch.int32)
-    with pytest.raises(RuntimeError, match='int64|Long'):
-        clustered_attention(qkv, perm, plan, 2, impl='cpp')
+def _impls():
+    return ['tensor'] + (['cpp'] if cpu_kernel_available() else [])
+
+
+def _clustered(num_tokens: int,
+               group_size: int,
+               overlap: int,
+               B: int = 1,
+               heads: int = 2,
+               d: int = 4):
+    """float64 qkv of ``num_tokens`` tokens, its plan and its perm."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(
+        B, num_tokens, 3 * heads * d, generator=gen, dtype=torch.float64)
+    plan = build_cluster_plan(num_tokens, group_size, overlap)
+    q = qkv[..., :heads * d].reshape(B, num_tokens, heads, d)
+    q = q.transpose(1, 2).reshape(B * heads, num_tokens, d)
+    return qkv, plan, balanced_hierarchical_clustering(q, plan)
+
+
+@pytest.mark.parametrize('impl', _impls())
+def test_perm_must_be_the_plans_int64_layout(impl):
+    """A perm of another dtype, of another plan's slot layout (the same N,
+    another group_size), or of other heads is refused alike by every
+    backend, before any kernel reads it (the C++ op took a wider perm
+    and left the rows of uncovered tokens unwritten)."""
+    qkv, plan, perm = _clustered(77, 49, 20)
+    _, other, other_perm = _clustered(77, 16, 4)
+    assert other_perm.shape[1] > perm.shape[1]  # the case the op took
+    bad = {
+        'int32': perm.int(),
+        'another plan': other_perm,
+        'another batch': perm.repeat(2, 1),
+    }
+    for what, p in bad.items():
+        with pytest.raises(
+                ValueError,
+                match=r'perm must be int64 of shape \(B \* num_heads, '
+                r'slots\) = \(2, 78\)'):
+            clustered_attention(qkv, p, plan, 2, impl=impl)
+    clustered_attention(qkv, perm, plan, 2, impl=impl)  # the right one
+
+
+@pytest.mark.parametrize('impl', _impls())
+def test_perm_missing_a_token_is_refused_on_cpu(impl):
+    """A perm of the right shape whose real slots repeat a token (so miss
+    another) would leave that token's output row unwritten (C++) or
+    copied from another (tensor ops)."""
+    qkv, plan, perm = _clustered(77, 16, 4)
+    bad = perm.clone()
+    real = plan.slot_valid.nonzero().flatten()
+    bad[1, real[5]] = bad[1, real[6]]
+    with pytest.raises(ValueError, match='do not hold every token 0 .. 76'):
+        clustered_attention(qkv, bad, plan, 2, impl=impl)
+
+
+@pytest.mark.parametrize('impl', _impls())
+def test_perm_given_as_a_strided_view(impl):
+    """A valid perm that is not contiguous (a transposed copy) gives the
+    output of the contiguous one."""
+    qkv, plan, perm = _clustered(77, 16, 4, B=2)
+    strided = perm.t().contiguous().t()
+    assert not strided.is_contiguous()
+    want = clustered_attention(qkv, perm, plan, 2, impl=impl)
+    got = clustered_attention(qkv, strided, plan, 2, impl=impl)
+    assert torch.equal(got, want)
+
+
+def test_plan_arguments_are_ints():
+    with pytest.raises(ValueError, match='group_size must be >= 1, got 0'):
+        num_clusters_for(100, 0)
+    with pytest.raises(
+            TypeError, match='num_tokens must be an int, got 100.7'):
+        build_cluster_plan(100.7)
+    with pytest.raises(TypeError, match='group_size must be an int, got 16.5'):
+        build_cluster_plan(100, 16.5, 4)
+    assert build_cluster_plan(100.0).num_tokens == 100

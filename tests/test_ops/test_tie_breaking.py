@@ -25,6 +25,7 @@ one call. The values are float32 numbers, so that two shapes also run in
 float32 (the packed-key and radix ranking paths), on inputs whose other
 ratios lie 1e-4 apart.
 """
+import math
 import os
 from typing import List, Optional, Set, Tuple
 
@@ -71,7 +72,7 @@ def reference(
         tuple: The permutation (``2**L * S`` slots), the levels at which
         two tokens of equal ratio are cut apart, the smallest gap between
         unequal ratios inside a node, and per level and node the sorted
-        tokens and ``n0``.
+        tokens, ``n0`` and the sorted ratios.
     """
     N = x.shape[0]
     leaves = _leaf_sizes(N, levels)
@@ -87,7 +88,7 @@ def reference(
             n0 = sum(leaves[2 * j * span:(2 * j + 1) * span])
             if not tokens:
                 children += [[], []]
-                trace[-1].append(([], n0))
+                trace[-1].append(([], n0, []))
                 continue
             c = [
                 _normalise(x[tokens[:n0]].sum(0) / max(n0, 1)),
@@ -101,7 +102,11 @@ def reference(
             s0, s1 = unit[tokens] @ c[0], unit[tokens] @ c[1]
             r = ((s0 + 1) / (s1 + 1)).tolist()
             sign = -1 if level == reverse_ties_at else 1
-            order = sorted(range(len(tokens)), key=lambda i: (r[i], sign * i))
+            # A 0/0 ratio (NaN) ranks after every other, as in torch.sort.
+            order = sorted(
+                range(len(tokens)),
+                key=lambda i: (math.isnan(r[i]), 0.
+                               if math.isnan(r[i]) else r[i], sign * i))
             ranked = [r[i] for i in order]
             for a_, b_ in zip(ranked, ranked[1:]):
                 if a_ != b_:
@@ -109,7 +114,7 @@ def reference(
             if 0 < n0 < len(tokens) and ranked[n0 - 1] == ranked[n0]:
                 cut_ties.add(level)
             sorted_tokens = [tokens[i] for i in order]
-            trace[-1].append((sorted_tokens, n0))
+            trace[-1].append((sorted_tokens, n0, [r[i] for i in order]))
             children += [sorted_tokens[:n0], sorted_tokens[n0:]]
         nodes = children
     perm = []
@@ -142,7 +147,7 @@ def tie_input(num_tokens: int,
         # The two tokens on both sides of a cut of `level` without ties.
         trace = reference(x, levels, slot_size)[3][level]
         j = int(torch.randint(0, len(trace), (1, ), generator=gen))
-        tokens, n0 = trace[j]
+        tokens, n0, _ = trace[j]
         if not 0 < n0 < len(tokens):
             continue
         last0, first1 = tokens[n0 - 1], tokens[n0]
@@ -244,3 +249,52 @@ def test_reference_is_the_tensor_implementation_without_ties():
                                                  plan.slot_size)
             assert not cut_ties
             assert got[row].tolist() == expected
+
+
+def _degenerate_inputs(n: int, levels: int, slot_size: int,
+                       rows: int) -> Tuple[torch.Tensor, List[List[int]]]:
+    """One-channel tokens of magnitude 1, 2 or 3 and either sign, with
+    their reference permutations.
+
+    Every cosine is -1, 0 or 1, so every ratio is 0, 1, ``inf`` or 0/0: a
+    token opposite two equal centroids. Ties are everywhere (the rule
+    decides them). A row is kept if it holds a 0/0 ratio and the
+    reference computed in float32 gives its float64 permutation (a
+    centroid sum of exactly 0 in float32 may be tiny but not 0 in
+    float64, where the softmax weights do not underflow).
+    """
+    gen = torch.Generator().manual_seed(1)
+    inputs, perms = [], []
+    while len(inputs) < rows:
+        sign = torch.randint(0, 2, (n, 1), generator=gen) * 2 - 1
+        x = (sign * torch.randint(1, 4, (n, 1), generator=gen)).double()
+        perm, _, _, trace = reference(x, levels, slot_size)
+        nan = any(
+            math.isnan(v) for level in trace for node in level
+            for v in node[2])
+        if nan and reference(x.float(), levels, slot_size)[0] == perm:
+            inputs.append(x)
+            perms.append(perm)
+    return torch.stack(inputs), perms
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('n,group', [(48, 3), (45, 3)])
+def test_zero_over_zero_ratio_ranks_last(impl, dtype, n, group):
+    """A ratio of 0/0 ranks after every other token of its node (also
+    after ``inf``), as NaN does in torch.sort, on every backend and
+    dtype, whatever sign the device gives the NaN; ties keep their order.
+
+    The float32 tensor implementation ranks all nodes with one radix sort
+    (taken here by repeating the rows), whose packed keys once put a
+    sign-bit NaN before every node and mixed tokens across nodes."""
+    plan = build_cluster_plan(n, group, 0)
+    x, expected = _degenerate_inputs(n, plan.num_levels, plan.slot_size, 4)
+    repeat = 1
+    if impl == 'tensor' and dtype == torch.float32:
+        from boat_mm.ops.clustering import _RADIX_MIN_NUMEL
+        per_row = plan.num_clusters * plan.slot_size
+        repeat = -(-_RADIX_MIN_NUMEL // (4 * per_row * len(x)))
+    got = _run(impl, x.to(dtype).repeat(repeat, 1, 1), plan)
+    assert got.tolist() == expected * repeat

@@ -440,8 +440,21 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
         """Register a subclass that names a ``family`` (``register=False``
         leaves it out of :func:`boat_families`, e.g. for a family that a
-        test registers only while it runs)."""
+        test registers only while it runs), and refuse a ``has_fsla``
+        that needs an instance."""
         super().__init_subclass__(**kwargs)
+        # The placement is checked before any instance exists (the tools'
+        # check_arguments, the arch check of __init__): an instance
+        # method would fail there with a missing-argument TypeError.
+        method = cls.__dict__.get('has_fsla')
+        if method is not None and not isinstance(method,
+                                                 (staticmethod, classmethod)):
+            raise TypeError(
+                f'{cls.__name__}.has_fsla must be a @staticmethod (or '
+                f'@classmethod) of (stage, block, num_stages): where FSLA '
+                f'sits is checked before a model is built. For another '
+                f'placement, define a subclass per placement (see '
+                f'docs/fsla.md, "Where FSLA sits").')
         if register and cls.__dict__.get('family'):
             _FAMILIES[cls.family] = cls
 
@@ -776,7 +789,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     def has_fsla(stage: int, block: int, num_stages: int) -> bool:
         """Whether a block holds FSLA.
 
-        As in the published models, with ``with_fsla=True``.
+        As in the published models, with ``with_fsla=True``. A subclass
+        that moves FSLA overrides it as a static or class method: the
+        tools check the placement before any model is built.
 
         Args:
             stage (int): Index of the stage.

@@ -173,8 +173,9 @@ class BOATCSWin(BaseBOATBackbone):
     Args:
         arch (str | dict): See :class:`BaseBOATBackbone`; a dict takes
             ``embed_dims``, ``depths``, ``num_heads`` and optionally
-            ``split_sizes`` (stripe widths, defaults to ``(1, 2, 7, 7)``).
-            Defaults to ``'tiny'``.
+            ``split_sizes`` (stripe widths, defaults to ``(1, 2, 7, 7)``;
+            the last stage attends over its whole map, so its entry is
+            not used). Defaults to ``'tiny'``.
         in_channels (int): Input channels. Defaults to 3.
         **kwargs: The other arguments of :class:`BaseBOATBackbone`
             (``out_indices``, ``drop_path_rate``, ``with_fsla``,

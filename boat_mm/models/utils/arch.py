@@ -119,9 +119,12 @@ def check_tokens(x: Tensor, hw_shape: Sequence[int], embed_dims: int,
             f'{owner} built for {embed_dims} channels got {x.shape[-1]} '
             f'channels (input shape {tuple(x.shape)}).')
     if not isinstance(hw_shape, (tuple, list, torch.Size)):
+        # A tensor or array of the sizes: its tolist() gives the ints.
+        fix = ('pass tuple(hw_shape.tolist())' if hasattr(hw_shape, 'tolist')
+               else f'pass e.g. ({x.shape[1]}, 1) for a sequence')
         raise TypeError(
-            f'{owner}: hw_shape must be the (H, W) of the tokens\' map, got '
-            f'{hw_shape!r}; pass e.g. ({x.shape[1]}, 1) for a sequence.')
+            f'{owner}: hw_shape must be the (H, W) of the tokens\' map as '
+            f'a tuple of ints, got {hw_shape!r}; {fix}.')
     if len(hw_shape) != 2:
         raise ValueError(
             f'{owner}: hw_shape must be the two sizes (H, W) of the tokens\' '

@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl, cluster_ids_from_perm,
-                         clustered_attention)
+                         clustered_attention, perm_covers_tokens)
 from boat_mm.registry import MODELS
 from .arch import (check_int, check_number, check_qk_scale, check_rate,
                    check_tokens)
@@ -35,9 +35,7 @@ def _check_replaced_perm(replaced: Tensor, perm: Tensor, plan: ClusterPlan,
             f'{tuple(perm.shape)} {perm.dtype} tensor, as the one it got.')
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return  # data-dependent: checked in eager mode only
-    real = replaced[:, plan.slot_valid]
-    tokens = torch.arange(plan.num_tokens, device=real.device)
-    if not torch.equal(real.sort(dim=1).values, tokens.expand_as(real)):
+    if not perm_covers_tokens(replaced, plan):
         raise ValueError(
             f'cluster hook {name} returned a perm whose real slots '
             f'(plan.slot_valid) do not hold every token 0 .. '
@@ -84,8 +82,11 @@ class FeatureSpaceLocalAttention(BaseModule):
             assignment. Defaults to 100.
         qk_scale (float, optional): Logit scale, positive; None for
             ``head_dim ** -0.5``. The published BOAT-CSWin weights need 1.0.
+            Defaults to None.
         qkv_bias (bool): Bias of the qkv projection. Defaults to True.
-        attn_drop (float): Dropout on attention weights. Defaults to 0.
+        attn_drop (float): Dropout on attention weights (the tensor ops
+            only: not with ``attention_impl`` ``'cpp'`` or ``'triton'``).
+            Defaults to 0.
         proj_drop (float): Dropout after the output projection.
             Defaults to 0.
         clustering_impl (str): ``'auto'`` (the Triton kernels for CUDA
@@ -206,6 +207,13 @@ class FeatureSpaceLocalAttention(BaseModule):
         check_qk_scale(qk_scale, name)
         check_impl(clustering_impl, 'clustering_impl')
         check_impl(attention_impl, 'attention_impl')
+        if attn_drop and attention_impl in ('cpp', 'triton'):
+            # Else it would build, run in eval() and fail in train().
+            raise ValueError(
+                f"{name}: attention_impl='{attention_impl}' has no "
+                f'attention dropout, got attn_drop={attn_drop}; use '
+                f"attention_impl='auto' (the tensor ops while training "
+                f"with dropout) or 'tensor', or attn_drop=0.")
 
     def _check_input(self, x: Tensor, hw_shape: Sequence[int]) -> None:
         check_tokens(x, hw_shape, self.embed_dims, 'FSLA')
@@ -235,6 +243,12 @@ class FeatureSpaceLocalAttention(BaseModule):
         tensor (same shape) is used as ``perm`` instead, e.g. the clusters
         of an exported model, to tell a flipped near-tie from an error.
         Maps of one cluster have no ``perm`` and call no hook.
+
+        Under activation checkpointing (a backbone's ``with_cp=True``) the
+        forward of a training step runs twice, so the hook is called
+        twice per step: a hook that counts must allow for it, and one that
+        replaces ``perm`` must return the same for the same input, or the
+        recomputed forward differs from the one the gradients are for.
 
         Args:
             hook (Callable): ``hook(module, perm) -> Tensor | None`` with

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -64,14 +65,22 @@ int64_t leaves_size(int64_t first, int64_t count, int64_t base,
 template <typename T>
 struct SortEntry;
 
+// The ratio's bits without the sign: -0 ties with 0, and a 0/0 NaN
+// (either sign, by platform) ranks after inf, as torch.sort ranks NaN; the
+// same keys as the tensor and Triton implementations.
+BOAT_MM_INLINE uint32_t magnitude_bits(int32_t bits) {
+  return static_cast<uint32_t>(bits) & 0x7fffffffu;
+}
+
 template <>
 struct SortEntry<float> {
   using type = uint64_t;
   static BOAT_MM_INLINE type make(float r, int64_t i) {
     int32_t bits;
     std::memcpy(&bits, &r, sizeof(bits));
-    // Flipping the sign bit maps signed order to unsigned order.
-    const uint32_t key = static_cast<uint32_t>(bits) ^ 0x80000000u;
+    // Without the sign bit (see `magnitude_bits`), flipped on: the
+    // signed order of the bits as unsigned order.
+    const uint32_t key = magnitude_bits(bits) ^ 0x80000000u;
     return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(i);
   }
   static BOAT_MM_INLINE int64_t index(type e) {
@@ -85,7 +94,7 @@ struct SortEntry<double> {
   static BOAT_MM_INLINE type make(double r, int64_t i) {
     int64_t bits;
     std::memcpy(&bits, &r, sizeof(bits));
-    return {bits, i};
+    return {bits & std::numeric_limits<int64_t>::max(), i};
   }
   static BOAT_MM_INLINE int64_t index(const type& e) { return e.second; }
 };

@@ -279,7 +279,9 @@ def _ratio(s0, s1, F64: tl.constexpr):
     else:
         r = tl.div_rn(s0 + 1., s1 + 1.)
     # r >= 0 up to rounding; as the tensor implementation's clamp, so
-    # that bit patterns order like values.
+    # that bit patterns order like values. The keys drop the sign bit, so
+    # that -0 ties with 0 and a 0/0 NaN ranks last (after inf) whatever
+    # sign the device gives it, as torch.sort ranks NaN.
     return tl.where(r < 0, 0., r)
 
 
@@ -290,12 +292,12 @@ def _subtree_key(r, valid, j, p, F64: tl.constexpr, LOG: tl.constexpr):
     slot)`` packed in an int64, one sort ranking all the level's
     sub-nodes."""
     if F64:
-        key = r.to(tl.int64, bitcast=True)
+        key = r.to(tl.int64, bitcast=True) & 9223372036854775807
     else:
-        # The ratio bits made unsigned (the order of the signed bits, as
-        # the phased keys order them); padding above every real token,
-        # by slot.
-        bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+        # The ratio bits without the sign (see _ratio) made unsigned, as
+        # the phased keys order them; padding above every real token, by
+        # slot.
+        bits = r.to(tl.int32, bitcast=True).to(tl.int64) & 2147483647
         bits = tl.where(valid, bits + 2147483648, 4294967295)
         node = tl.zeros_like(bits) + j
         key = (node << (32 + LOG)) | (bits << LOG) | p.to(tl.int64)
@@ -344,12 +346,13 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
             else:
                 r = _ratio(s0, s1, F64)
                 if KEY_KIND == 2:
-                    key = r.to(tl.int64, bitcast=True)
+                    key = r.to(tl.int64, bitcast=True) & 9223372036854775807
                 else:
                     # (ratio bits, position): distinct keys whose order is
                     # the stable order; padding above every real token
                     # (NaN ratios included), in position order.
-                    bits = r.to(tl.int32, bitcast=True).to(tl.int64)
+                    bits = r.to(
+                        tl.int32, bitcast=True).to(tl.int64) & 2147483647
                     bits = tl.where(valid, bits, 2147483647)
                     key = (bits << 32) | pos.to(tl.int64)
                 tl.store(key_ptr + key_base + pos, key, mask=inside)

@@ -590,3 +590,38 @@ def test_input_dtype_other_than_the_weights_names_the_fix(family):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match=r'images: cast the images, x.to\('):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_has_fsla_must_be_static():
+    """Where FSLA sits is read from the class before any instance exists
+    (the tools' argument check), so an instance method is refused when
+    the subclass is defined, naming the fix, not at the first build with
+    a missing-argument TypeError."""
+    with pytest.raises(
+            TypeError,
+            match=r'Placed\.has_fsla must be a @staticmethod \(or '
+            r'@classmethod\) of \(stage, block, num_stages\)'):
+
+        class Placed(BOATSwin):
+
+            def has_fsla(self, stage, block, num_stages):
+                return stage == 0
+
+    class Static(BOATSwin):
+
+        @staticmethod
+        def has_fsla(stage, block, num_stages):
+            return stage == 0
+
+    class FromClass(BOATSwin):
+        stages_with_fsla = (0, )
+
+        @classmethod
+        def has_fsla(cls, stage, block, num_stages):
+            return stage in cls.stages_with_fsla
+
+    arch = dict(embed_dims=16, depths=(2, 2), num_heads=(1, 2))
+    for family in (Static, FromClass):
+        model = family(arch=arch, out_indices=(1, ))
+        assert [[hasattr(b, 'fsla') for b in stage.blocks]
+                for stage in model.stages] == [[True, True], [False, False]]
