@@ -46,6 +46,8 @@ DOCS = ['README.md'] + sorted(
 CONFIG_READMES = sorted(
     osp.relpath(p, REPO)
     for p in glob.glob(osp.join(REPO, 'configs', '*', 'README.md')))
+# The user guide of training, whose config block builds on the README's.
+TRAIN_TEST = 'docs/train_test.md'
 
 # ---------------------------------------------------------------------------
 # Reading the Markdown.
@@ -417,14 +419,15 @@ def _fsla_kind(name: str) -> str:
     return parts[-1] if 'fsla' in parts else ''
 
 
-def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
-    """The README's `custom_keys` for FSLA's learning rate: its key leaves
-    FSLA's norms to the recipe's 'norm' rule (no decay), where 'fsla'
-    catches them; in mmpretrain's recipes, the keys it adds for the
-    biases keep them without decay, as bias_decay_mult does."""
+def test_fsla_learning_rate_key_of_the_docs(tmp_path, monkeypatch):
+    """docs/train_test.md's `custom_keys` for FSLA's learning rate (on
+    the README's `my_config.py`): its key leaves FSLA's norms to the
+    recipe's 'norm' rule (no decay), where 'fsla' catches them; in
+    mmpretrain's recipes, the keys it adds for the biases keep them
+    without decay, as bias_decay_mult does."""
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
-    cfg = _doc_config('README.md', 'custom_keys', tmp_path, monkeypatch)
+    cfg = _doc_config(TRAIN_TEST, 'custom_keys', tmp_path, monkeypatch)
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert keys['norm'] == dict(decay_mult=0.)  # the recipe's, merged
     init_default_scope('mmseg')
@@ -470,7 +473,7 @@ def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
     optim.paramwise_cfg.custom_keys[key] = rule
     alone = _param_groups(model, optim)
     # The doc's added keys and their rule, as written there.
-    text = ' '.join(_read('README.md').split())
+    text = ' '.join(_read(TRAIN_TEST).split())
     added = re.findall(r"`'(\.fsla\.\w+\.bias)'`", text)
     m = re.search(r'`dict\(lr_mult=([\d.]+), decay_mult=([\d.]+)\)`', text)
     bias_rule = dict(lr_mult=float(m[1]), decay_mult=float(m[2]))
