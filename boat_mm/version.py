@@ -56,7 +56,7 @@ def check_dependencies() -> None:
                 how = (f'`mim install "{spec}"` (`pip install '
                        f'"mmcv-lite>={MMCV_MIN},<{MMCV_MAX}"` is enough for '
                        f'the backbones; mmseg and mmdet need mmcv built with '
-                       f'its ops, see the README\'s Installation)')
+                       f'its ops, see docs/get_started.md)')
             raise ImportError(f'boat_mm needs {spec} ({err}): install it '
                               f'with {how}') from err
     from mmengine.utils import digit_version

@@ -5,6 +5,7 @@ the import time itself is measured by benchmarks/import_time.py)."""
 import importlib
 import json
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -60,8 +61,14 @@ def test_unsupported_dependency_is_named(monkeypatch, module, version,
 def test_missing_mmcv_is_named(monkeypatch):
     from boat_mm.version import check_dependencies
     monkeypatch.setitem(sys.modules, 'mmcv', None)
-    with pytest.raises(ImportError, match=r'needs mmcv>=2\.1\.0,<2\.2\.0'):
+    with pytest.raises(
+            ImportError, match=r'needs mmcv>=2\.1\.0,<2\.2\.0') as err:
         check_dependencies()
+    # The page it points at says how to build mmcv with its ops.
+    doc = re.search(r'see (docs/\S+\.md)\)', str(err.value)).group(1)
+    with open(osp.join(REPO, doc), encoding='utf-8') as f:
+        text = f.read()
+    assert 'MMCV_WITH_OPS=1' in text and '## Installation' in text, doc
 
 
 def test_supported_ranges_are_what_pip_is_told():

@@ -4,7 +4,8 @@
 * Python blocks of ``README.md`` and ``docs/*.md`` are executed; their own
   ``assert`` lines check what they print.
 * Config blocks (Python blocks with ``_base_``, first line ``# PATH.py``)
-  are written to ``PATH`` in a copy of ``configs/``, loaded with
+  are written to ``PATH`` in a copy of ``configs/`` (with the doc's
+  earlier config blocks, and the README's for a page of docs/), loaded with
   ``Config.fromfile`` and built; the model runs a 64x64 forward and the
   backbone carries the block's ``fsla_cfg``.
 * Python blocks of ``configs/*/README.md``: ``get_model`` runs on its
@@ -45,6 +46,8 @@ DOCS = ['README.md'] + sorted(
 CONFIG_READMES = sorted(
     osp.relpath(p, REPO)
     for p in glob.glob(osp.join(REPO, 'configs', '*', 'README.md')))
+# The user guide of training, whose config block builds on the README's.
+TRAIN_TEST = 'docs/train_test.md'
 
 # ---------------------------------------------------------------------------
 # Reading the Markdown.
@@ -146,12 +149,17 @@ def test_python_block_runs(block, monkeypatch):
 
 
 def _write_config_blocks(block: Block, folder) -> str:
-    """Write ``block`` and the config blocks before it in its doc (each
-    to the ``# PATH.py`` of its first line) under ``folder``; returns the
-    path of ``block``."""
+    """Write ``block``, the config blocks before it in its doc and, for a
+    block of docs/, the README's (which the user guides build on, e.g. its
+    ``my_config.py``), each to the ``# PATH.py`` of its first line, under
+    ``folder``; returns the path of ``block``."""
     path = None
     for earlier in CONFIG_BLOCKS:
-        if earlier.doc != block.doc or earlier.line > block.line:
+        if earlier.doc == block.doc:
+            if earlier.line > block.line:
+                continue
+        elif not (earlier.doc == 'README.md'
+                  and block.doc.startswith('docs/')):
             continue
         m = re.match(r'#\s*(\S+\.py)', earlier.text.splitlines()[0])
         path = folder / m.group(1)
@@ -160,13 +168,12 @@ def _write_config_blocks(block: Block, folder) -> str:
     return str(path)
 
 
-def _readme_config(marker: str, tmp_path, monkeypatch):
-    """The README's config block that holds ``marker``, loaded where
-    its earlier blocks and a copy of ``configs/`` are (the working
+def _doc_config(doc: str, marker: str, tmp_path, monkeypatch):
+    """The config block of ``doc`` that holds ``marker``, loaded where
+    the blocks it builds on and a copy of ``configs/`` are (the working
     directory, for the `_base_` paths)."""
     from mmengine.config import Config
-    block = next(b for b in CONFIG_BLOCKS
-                 if b.doc == 'README.md' and marker in b.text)
+    block = next(b for b in CONFIG_BLOCKS if b.doc == doc and marker in b.text)
     shutil.copytree(osp.join(REPO, 'configs'), tmp_path / 'configs')
     path = _write_config_blocks(block, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -182,7 +189,7 @@ def test_readme_synthetic_config_has_the_generated_classes(
     from mmseg.registry import DATASETS
 
     from boat_mm.datasets import generate_ade20k_like
-    cfg = _readme_config('ade_synthetic', tmp_path, monkeypatch)
+    cfg = _doc_config('README.md', 'ade_synthetic', tmp_path, monkeypatch)
     init_default_scope('mmseg')
     dataset_cfg = cfg.val_dataloader.dataset
     dataset_cfg.data_root = ade_root
@@ -412,14 +419,15 @@ def _fsla_kind(name: str) -> str:
     return parts[-1] if 'fsla' in parts else ''
 
 
-def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
-    """The README's `custom_keys` for FSLA's learning rate: its key leaves
-    FSLA's norms to the recipe's 'norm' rule (no decay), where 'fsla'
-    catches them; in mmpretrain's recipes, the keys it adds for the
-    biases keep them without decay, as bias_decay_mult does."""
+def test_fsla_learning_rate_key_of_the_docs(tmp_path, monkeypatch):
+    """docs/train_test.md's `custom_keys` for FSLA's learning rate (on
+    the README's `my_config.py`): its key leaves FSLA's norms to the
+    recipe's 'norm' rule (no decay), where 'fsla' catches them; in
+    mmpretrain's recipes, the keys it adds for the biases keep them
+    without decay, as bias_decay_mult does."""
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
-    cfg = _readme_config('custom_keys', tmp_path, monkeypatch)
+    cfg = _doc_config(TRAIN_TEST, 'custom_keys', tmp_path, monkeypatch)
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert keys['norm'] == dict(decay_mult=0.)  # the recipe's, merged
     init_default_scope('mmseg')
@@ -435,7 +443,7 @@ def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
             assert (got_lr, got_wd) == (lr, 0.), name
         elif kinds[name]:
             assert (got_lr, got_wd) == (lr * rule['lr_mult'], wd), name
-    # The key the README warns against: the norms decay.
+    # The key the doc warns against: the norms decay.
     del keys[key]
     keys['fsla'] = rule
     for name, (got_lr, got_wd) in _param_groups(model,
@@ -464,8 +472,8 @@ def test_readme_fsla_learning_rate_key(tmp_path, monkeypatch):
     assert optim.paramwise_cfg.bias_decay_mult == 0.
     optim.paramwise_cfg.custom_keys[key] = rule
     alone = _param_groups(model, optim)
-    # The README's added keys and their rule, as written there.
-    text = ' '.join(_read('README.md').split())
+    # The doc's added keys and their rule, as written there.
+    text = ' '.join(_read(TRAIN_TEST).split())
     added = re.findall(r"`'(\.fsla\.\w+\.bias)'`", text)
     m = re.search(r'`dict\(lr_mult=([\d.]+), decay_mult=([\d.]+)\)`', text)
     bias_rule = dict(lr_mult=float(m[1]), decay_mult=float(m[2]))

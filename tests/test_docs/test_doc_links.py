@@ -56,7 +56,7 @@ def test_the_docs_have_links():
     links = [link for doc in DOCS for _, link in _links(doc)]
     assert any('#' in link for link in links)
     assert any(link.endswith('.py') for link in links)
-    assert 'installing-on-a-gpu-machine' in _anchors('README.md')
+    assert 'installing-on-a-gpu-machine' in _anchors('docs/get_started.md')
 
 
 @pytest.mark.parametrize('doc', DOCS)

@@ -378,11 +378,11 @@ def test_each_job_its_own_master_port(train_tool, monkeypatch, tmp_path):
         'env_cfg.dist_cfg.port=29400'
     ])
     assert 'MASTER_PORT' not in os.environ
-    # The README's "MMEngine's 29500" is MMEngine's default.
+    # docs/train_test.md's "MMEngine's 29500" is MMEngine's default.
     import inspect
 
     from mmengine.dist import utils
     assert "os.environ['MASTER_PORT'] = '29500'" in inspect.getsource(
         utils._init_dist_slurm)
-    with open(osp.join(REPO, 'README.md')) as f:
+    with open(osp.join(REPO, 'docs', 'train_test.md')) as f:
         assert "all take MMEngine's 29500" in ' '.join(f.read().split())
