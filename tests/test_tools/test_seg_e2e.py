@@ -186,20 +186,21 @@ def test_save_best_is_checked_against_what_validation_reports(trained):
     synthetic batch) are those the real validation of the run logged: a
     save_best among them passes, another is refused."""
     from boat_tools.cli import UsageError, load_config
-    train = load_script('tools/train.py')
+    from boat_tools.hooks import check_save_best, evaluator_keys
+
     # The summary line of the validation (not its progress lines).
     line = re.search(r'Iter\(val\) \[4/4\]\s+(.*: .*mIoU.*)$', trained['out'],
                      re.M)[1]
     logged = re.findall(r'(\w+): [\d.]+', line)
     cfg = load_config(trained['cfg'])
-    keys = train._evaluator_keys(cfg)
+    keys = evaluator_keys(cfg)
     assert keys and keys == [k for k in logged if k in keys], (keys, line)
     assert set(logged) - set(keys) <= {'data_time', 'time'}
     cfg.default_hooks.checkpoint.save_best = ['auto', keys[-1]]
-    train.check_save_best(cfg)
+    check_save_best(cfg)
     cfg.default_hooks.checkpoint.save_best = 'mIoU_'
     with pytest.raises(UsageError, match="not mIoU_, and MMEngine"):
-        train.check_save_best(cfg)
+        check_save_best(cfg)
 
 
 def test_paramwise_options_go_to_the_log_file_only(trained):
