@@ -50,22 +50,24 @@ _SHORT_RUN_FIX = ('give a child config its own param_scheduler, as "Shorter '
                   'configs/boat_cswin/README.md shows')
 
 
-def _loop_class(train_cfg: Any) -> Optional[type]:
+def _train_loop(cfg: Config) -> Tuple[Optional[type], Any]:
     """MMEngine's epoch or iteration loop that ``train_cfg`` builds
-    (``type``, or ``by_epoch`` as the runner reads it); None for another
-    loop, or no ``train_cfg``."""
+    (``type``, or ``by_epoch`` as the runner reads it), None for another
+    loop or no ``train_cfg``; and ``train_cfg``."""
     from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    train_cfg = cfg.get('train_cfg')
     if not isinstance(train_cfg, dict):
-        return None
+        return None, train_cfg
     loops = {
         'EpochBasedTrainLoop': EpochBasedTrainLoop,
         'IterBasedTrainLoop': IterBasedTrainLoop
     }
     if 'type' in train_cfg:
-        return loops.get(train_cfg['type'])
+        return loops.get(train_cfg['type']), train_cfg
     if 'by_epoch' not in train_cfg:
-        return None
-    return EpochBasedTrainLoop if train_cfg['by_epoch'] else IterBasedTrainLoop
+        return None, train_cfg
+    epochs = train_cfg['by_epoch']
+    return (EpochBasedTrainLoop if epochs else IterBasedTrainLoop), train_cfg
 
 
 def loop_unit(loop: type) -> Tuple[str, str]:
@@ -93,8 +95,7 @@ def check_train_loop(cfg: Config) -> None:
     Args:
         cfg (Config): The merged config.
     """
-    train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg)
+    loop, train_cfg = _train_loop(cfg)
     if loop is None:
         return
     takes = [
@@ -133,9 +134,8 @@ def check_param_scheduler(cfg: Config) -> None:
     Args:
         cfg (Config): The merged config.
     """
-    train_cfg = cfg.get('train_cfg')
     schedulers = _scheduler_list(cfg)
-    loop = _loop_class(train_cfg)
+    loop, train_cfg = _train_loop(cfg)
     if loop is None or schedulers is None:
         return  # another loop, or one scheduler list per optimizer
     unit, key = loop_unit(loop)
@@ -173,8 +173,7 @@ def check_loop_units(cfg: Config) -> None:
     Args:
         cfg (Config): The merged config.
     """
-    train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg)
+    loop, _ = _train_loop(cfg)
     if loop is None:
         return
     problems = []
@@ -221,8 +220,7 @@ def check_val_interval(cfg: Config) -> None:
     Args:
         cfg (Config): The merged config.
     """
-    train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg)
+    loop, train_cfg = _train_loop(cfg)
     if loop is None or cfg.get('val_cfg') is None:
         return
     interval = train_cfg.get('val_interval', 1)
@@ -285,8 +283,7 @@ def schedule_length_note(cfg: Config) -> Optional[str]:
     Returns:
         str | None: The warning, or None.
     """
-    train_cfg = cfg.get('train_cfg')
-    loop = _loop_class(train_cfg)
+    loop, train_cfg = _train_loop(cfg)
     schedulers = _scheduler_list(cfg)
     if loop is None or not schedulers:
         return None
