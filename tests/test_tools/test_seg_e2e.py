@@ -697,7 +697,11 @@ def tool_in_process(name: str, *args: str, work_dir: str, cwd: str) -> str:
 
     Its visualizer is its own, named after the work dir (MMEngine
     returns the one of a name made before, and the configs name theirs
-    'visualizer'); ``--cfg-options``, if any, come last in ``args``.
+    'visualizer'); so is its experiment (MMEngine names it after the
+    config file and the second the run starts, and a second run of a
+    config within that second got the first's logger, which writes no
+    log file into the new work dir); ``--cfg-options``, if any, come last
+    in ``args``.
     """
     if '--cfg-options' not in args:
         args += ('--cfg-options', )
@@ -706,7 +710,8 @@ def tool_in_process(name: str, *args: str, work_dir: str, cwd: str) -> str:
     try:
         _tool_main(name)([
             *args[:args.index('--cfg-options')], '--work-dir', work_dir,
-            *args[args.index('--cfg-options'):], f'visualizer.name={work_dir}'
+            *args[args.index('--cfg-options'):], f'visualizer.name={work_dir}',
+            f'experiment_name={work_dir}'
         ])
     finally:
         os.chdir(old)
