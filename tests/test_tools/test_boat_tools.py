@@ -179,7 +179,7 @@ def test_total_batch_note():
     """The warning of a run whose total batch is not the one the config's
     learning rate is for, with the two fixes; none when they agree, when
     --auto-scale-lr is on or without a base."""
-    from boat_tools.config import total_batch_note
+    from boat_tools.schedule import total_batch_note
     from mmengine.config import Config
 
     def cfg(batch, **scale):

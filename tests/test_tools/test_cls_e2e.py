@@ -244,11 +244,10 @@ def _ema_shares(hook, total: int, per_epoch: int) -> np.ndarray:
 def _ema_note(hook, total: int, per_epoch: int) -> Optional[str]:
     """train.py's warning for ``hook`` in a run of ``total`` iterations."""
     from types import SimpleNamespace
-    note = runpy.run_path(
-        osp.join(REPO, 'tools', 'train.py'),
-        run_name='boat_tool')['ema_start_note']
+
+    from boat_tools.hooks import ema_start_note
     loop = SimpleNamespace(max_iters=total, dataloader=[None] * per_epoch)
-    return note(SimpleNamespace(hooks=[hook], train_loop=loop))
+    return ema_start_note(SimpleNamespace(hooks=[hook], train_loop=loop))
 
 
 def _kept(note: str) -> float:

@@ -186,20 +186,21 @@ def test_save_best_is_checked_against_what_validation_reports(trained):
     synthetic batch) are those the real validation of the run logged: a
     save_best among them passes, another is refused."""
     from boat_tools.cli import UsageError, load_config
-    train = load_script('tools/train.py')
+    from boat_tools.hooks import check_save_best, evaluator_keys
+
     # The summary line of the validation (not its progress lines).
     line = re.search(r'Iter\(val\) \[4/4\]\s+(.*: .*mIoU.*)$', trained['out'],
                      re.M)[1]
     logged = re.findall(r'(\w+): [\d.]+', line)
     cfg = load_config(trained['cfg'])
-    keys = train._evaluator_keys(cfg)
+    keys = evaluator_keys(cfg)
     assert keys and keys == [k for k in logged if k in keys], (keys, line)
     assert set(logged) - set(keys) <= {'data_time', 'time'}
     cfg.default_hooks.checkpoint.save_best = ['auto', keys[-1]]
-    train.check_save_best(cfg)
+    check_save_best(cfg)
     cfg.default_hooks.checkpoint.save_best = 'mIoU_'
     with pytest.raises(UsageError, match="not mIoU_, and MMEngine"):
-        train.check_save_best(cfg)
+        check_save_best(cfg)
 
 
 def test_paramwise_options_go_to_the_log_file_only(trained):
@@ -696,7 +697,11 @@ def tool_in_process(name: str, *args: str, work_dir: str, cwd: str) -> str:
 
     Its visualizer is its own, named after the work dir (MMEngine
     returns the one of a name made before, and the configs name theirs
-    'visualizer'); ``--cfg-options``, if any, come last in ``args``.
+    'visualizer'); so is its experiment (MMEngine names it after the
+    config file and the second the run starts, and a second run of a
+    config within that second got the first's logger, which writes no
+    log file into the new work dir); ``--cfg-options``, if any, come last
+    in ``args``.
     """
     if '--cfg-options' not in args:
         args += ('--cfg-options', )
@@ -705,7 +710,8 @@ def tool_in_process(name: str, *args: str, work_dir: str, cwd: str) -> str:
     try:
         _tool_main(name)([
             *args[:args.index('--cfg-options')], '--work-dir', work_dir,
-            *args[args.index('--cfg-options'):], f'visualizer.name={work_dir}'
+            *args[args.index('--cfg-options'):], f'visualizer.name={work_dir}',
+            f'experiment_name={work_dir}'
         ])
     finally:
         os.chdir(old)

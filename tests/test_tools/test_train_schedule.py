@@ -1,22 +1,19 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""tools/train.py: what it says of a schedule that does not fit the run,
-and the learning-rate scaling of a run with gradient accumulation."""
+"""tools/train.py (boat_tools.schedule): what it says of a schedule that
+does not fit the run, and the learning-rate scaling of a run with gradient
+accumulation."""
 import itertools
 import os.path as osp
 
 import pytest
 import torch
 import torch.nn as nn
+from boat_tools.schedule import (scale_lr_with_accumulation,
+                                 schedule_length_note)
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from repo_scripts import load_script
 from torch.utils.data import Dataset
-
-
-@pytest.fixture(scope='module')
-def train():
-    return load_script('tools/train.py')
 
 
 def _cfg(loop: dict, *schedulers: dict) -> Config:
@@ -28,10 +25,10 @@ EPOCHS = dict(type='EpochBasedTrainLoop', max_epochs=12)
 WARMUP = dict(type='LinearLR', by_epoch=False, begin=0, end=10)
 
 
-def test_schedule_shorter_than_the_loop(train):
+def test_schedule_shorter_than_the_loop():
     """PolyLR ending at 60 of 100 iterations: the last 40 train at its
     last value; the fix sets the end the loop has."""
-    note = train.schedule_length_note(
+    note = schedule_length_note(
         _cfg(ITERS, WARMUP,
              dict(type='PolyLR', by_epoch=False, begin=10, end=60)))
     assert note == (
@@ -42,24 +39,24 @@ def test_schedule_shorter_than_the_loop(train):
         'and MMEngine ends it with the loop.')
 
 
-def test_a_scheduler_alone_is_named_without_an_index(train):
+def test_a_scheduler_alone_is_named_without_an_index():
     """``param_scheduler = dict(...)``: the fix's option has no index,
     which MMEngine would merge as a new key '0' of the dict."""
     cfg = Config(
         dict(
             train_cfg=ITERS,
             param_scheduler=dict(type='PolyLR', by_epoch=False, end=60)))
-    note = train.schedule_length_note(cfg)
+    note = schedule_length_note(cfg)
     assert note.startswith('param_scheduler (PolyLR) ends at iteration 60')
     assert '`--cfg-options param_scheduler.end=100`' in note
     cfg.merge_from_dict({'param_scheduler.end': 100})
-    assert train.schedule_length_note(cfg) is None
+    assert schedule_length_note(cfg) is None
 
 
-def test_schedule_longer_than_the_loop(train):
+def test_schedule_longer_than_the_loop():
     """A cosine phase to epoch 20 of a 12-epoch run stops half-way; the
     latest end of all counts (a warm-up in iterations is another unit)."""
-    note = train.schedule_length_note(
+    note = schedule_length_note(
         _cfg(EPOCHS, WARMUP, dict(type='CosineAnnealingLR', begin=0, end=20),
              dict(type='CosineAnnealingMomentum', begin=0, end=16)))
     assert note.startswith(
@@ -75,14 +72,14 @@ def test_schedule_longer_than_the_loop(train):
     [dict(WARMUP, type='mmengine.ConstantLR')],
     [],
 ])
-def test_schedules_that_fit_say_nothing(train, schedulers):
+def test_schedules_that_fit_say_nothing(schedulers):
     """An end at the loop's length, or none (MMEngine gives it the
     loop's), says nothing; nor does a warm-up that ends early with nothing
     after it (the run goes on at the configured rate, as meant)."""
-    assert train.schedule_length_note(_cfg(ITERS, *schedulers)) is None
+    assert schedule_length_note(_cfg(ITERS, *schedulers)) is None
 
 
-def test_an_upstream_schedule_that_never_decays(train):
+def test_an_upstream_schedule_that_never_decays():
     """mmdet's Faster R-CNN 2x: MultiStepLR(end=12) with milestones 16
     and 23 in a 24-epoch loop never decays: the warning names it."""
     import mmdet
@@ -92,7 +89,7 @@ def test_an_upstream_schedule_that_never_decays(train):
             'faster-rcnn_r50-caffe_fpn_ms-2x_coco.py'))
     multistep = cfg.param_scheduler[1]
     assert min(multistep.milestones) > multistep.end  # the upstream slip
-    assert train.schedule_length_note(cfg).startswith(
+    assert schedule_length_note(cfg).startswith(
         'param_scheduler[1] (MultiStepLR) ends at epoch 12, the training '
         'loop at train_cfg.max_epochs=24: from epoch 12 on')
 
@@ -123,7 +120,7 @@ _NAMES = itertools.count()
 
 
 @pytest.mark.parametrize('steps', [1, 2, 4])
-def test_auto_scale_lr_counts_accumulated_batches(train, tmp_path, steps):
+def test_auto_scale_lr_counts_accumulated_batches(tmp_path, steps):
     """--auto-scale-lr with accumulation: each optimizer step sees batch x
     accumulative_counts images, and the learning rate is scaled by that
     over base_batch_size (MMEngine alone counts the batch only)."""
@@ -145,8 +142,8 @@ def test_auto_scale_lr_counts_accumulated_batches(train, tmp_path, steps):
         optim_wrapper=optim_wrapper,
         auto_scale_lr=auto_scale_lr,
         default_hooks=dict(checkpoint=None))
-    train.scale_lr_with_accumulation(runner,
-                                     Config(dict(optim_wrapper=optim_wrapper)))
+    scale_lr_with_accumulation(runner,
+                               Config(dict(optim_wrapper=optim_wrapper)))
     runner.train()
     group, = runner.optim_wrapper.param_groups
     assert group['lr'] == pytest.approx(lr * batch * steps / base)

@@ -14,9 +14,11 @@ loader of the public BOAT code that edits ``sys.path``
 RGB and test-time augmented batches (:mod:`.visualization`), mmseg's
 given the ``test_out_dir`` of mmdet's (:mod:`.seg_visualization`), mmseg's and
 mmdet's made to count ``--interval`` in samples as mmpretrain's
-(:mod:`.seg_visualization`, :mod:`.det_visualization`), and the warning
-filters below. What tools, tests and benchmarks share is in the package:
-FLOP counting in ``boat_mm.analysis.complexity``, ONNX export in
+(:mod:`.seg_visualization`, :mod:`.det_visualization`), what
+``tools/train.py`` checks of a run before it trains (:mod:`.schedule`,
+:mod:`.resume`, :mod:`.hooks`), and the warning filters below. What
+tools, tests and benchmarks share is in the package: FLOP counting in
+``boat_mm.analysis.complexity``, ONNX export in
 ``boat_mm.deploy``, cluster capture in ``boat_mm.analysis``, metafile
 reading in ``boat_mm.utils.metafile``.
 

@@ -1,7 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """What ``tools/train.py`` and ``tools/test.py`` share: their common
 arguments, and what they do to a config before they build the runner:
-check the dataset paths, and make the run work on a machine without CUDA.
+check the dataset paths, and make the run work on a machine without CUDA
+(or, for an AMP config there, say how). What only ``tools/train.py``
+checks is in :mod:`.schedule`, :mod:`.resume` and :mod:`.hooks`.
 
 The config functions are plain functions on an
 :class:`mmengine.config.Config`, so user scripts that build their own
@@ -36,7 +38,7 @@ __all__ = [
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
     'check_checkpoint_fits', 'checkpoint_fit_error', 'check_datasets',
-    'total_batch_note', 'accumulation_steps'
+    'check_amp_device'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -507,65 +509,6 @@ def check_checkpoint_fits(runner: 'Runner', what: str) -> None:
     runner.load_checkpoint = load_checkpoint
 
 
-def accumulation_steps(cfg: Config) -> int:
-    """``optim_wrapper.accumulative_counts`` of a config: the loader
-    batches each optimizer step sums (1 without accumulation, or with one
-    optimizer wrapper per model part).
-
-    Args:
-        cfg (Config): The complete config.
-    """
-    wrapper = cfg.get('optim_wrapper')
-    steps = wrapper.get('accumulative_counts', 1) if isinstance(wrapper,
-                                                                dict) else 1
-    return steps if isinstance(steps, int) and steps > 0 else 1
-
-
-def total_batch_note(cfg: Config, world_size: int) -> Optional[str]:
-    """A warning when a run's total batch is not the one the config's
-    learning rate is for and ``--auto-scale-lr`` is off: MMEngine says
-    nothing, and a 16-GPU recipe on 8 GPUs silently trains with half the
-    batch at the full learning rate. Gradient accumulation counts: each
-    optimizer step sees ``world_size x batch_size x accumulative_counts``
-    images.
-
-    Args:
-        cfg (Config): The complete config.
-        world_size (int): Processes of the run.
-
-    Returns:
-        str | None: The warning; None when the batches agree, the scaling
-        is on or the config has no ``auto_scale_lr.base_batch_size``.
-    """
-    scale = cfg.get('auto_scale_lr') or {}
-    loader = cfg.get('train_dataloader') or {}
-    base, batch = scale.get('base_batch_size'), loader.get('batch_size')
-    if scale.get('enable') or not base or not batch:
-        return None
-    steps = accumulation_steps(cfg)
-    total = world_size * batch * steps
-    if total == base:
-        return None
-    runs = f'{world_size} processes x {batch}' if world_size > 1 \
-        else f'one process of {batch}'
-    if steps > 1:
-        runs += f' x {steps} accumulated (optim_wrapper.accumulative_counts)'
-    fixes = []
-    if base % (batch * steps) == 0:
-        n = base // (batch * steps)
-        fixes.append(f'run {n} processes (GPUS={n})')
-    if base % (world_size * batch) == 0 and base // (world_size *
-                                                     batch) != steps:
-        fixes.append(f'accumulate {base // (world_size * batch)} batches '
-                     f'(`--cfg-options optim_wrapper.accumulative_counts='
-                     f'{base // (world_size * batch)}`)')
-    return (f'The learning rate of this config is for a total batch of '
-            f'{base} (auto_scale_lr.base_batch_size); this run\'s is '
-            f'{runs} = {total}. Pass --auto-scale-lr to scale the learning '
-            f'rate by {total}/{base}' + ''.join(f', or {fix}'
-                                                for fix in fixes) + '.')
-
-
 def _datasets(loader: dict) -> Iterator[dict]:
     """Yield the leaf dataset configs of a dataloader config."""
     stack = [loader.get('dataset') or {}]
@@ -805,6 +748,32 @@ def no_forward_buffer_sync() -> dict:
     if 'forward_sync_buffers' in params:
         return dict(forward_sync_buffers=False)
     return dict(broadcast_buffers=False)
+
+
+def check_amp_device(cfg: Config) -> None:
+    """Raise a :class:`UsageError` for a config that trains with AMP on a
+    machine without the devices MMEngine's ``AmpOptimWrapper`` runs on
+    (it would assert deep inside the building of the runner).
+
+    Args:
+        cfg (Config): The merged config.
+    """
+    from mmengine.device import (is_cuda_available, is_mlu_available,
+                                 is_musa_available, is_npu_available)
+
+    from .cli import UsageError
+    wrapper = str((cfg.get('optim_wrapper') or {}).get('type', ''))
+    if not wrapper.endswith('AmpOptimWrapper'):
+        return
+    if (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available()):
+        return
+    raise UsageError(
+        f'the config trains with AMP (optim_wrapper.type={wrapper!r}), '
+        f'which MMEngine runs on a GPU only, and torch sees no CUDA device '
+        f'here: to train on the CPU in float32, pass `--cfg-options '
+        f'optim_wrapper.type=OptimWrapper`; on a GPU machine, check that '
+        f'torch.cuda.is_available().')
 
 
 def adapt_cfg_to_device(cfg: Config, cuda: Optional[bool] = None) -> Config:

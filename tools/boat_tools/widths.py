@@ -1,6 +1,9 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Check that the necks and heads of a config take the channels its BOAT
-backbone outputs, before the model is built.
+"""Check that the parts of a model config agree on their widths, before
+the model is built: the channels its BOAT backbone outputs and its necks
+and heads take (every tool), and the classes of a classifier's head and
+of its one-hot targets (``tools/train.py``). Either mismatch builds, and
+fails in the first iteration with a shape error that names no key.
 
 A config that changes the backbone's ``arch`` (``--cfg-options
 model.backbone.arch=base``) keeps the widths its ``_base_`` gave the
@@ -22,11 +25,18 @@ outputs:
   ``in_channels`` is the width of the last output.
 
 Any other backbone, neck or head is left to its own checks.
+
+:func:`check_preprocessor_classes` compares ``model.head.num_classes``
+with the ``num_classes`` of the data preprocessor that makes the one-hot
+targets Mixup/CutMix mix (mmpretrain's).
 """
 import importlib
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-__all__ = ['boat_backbone', 'check_consumer_widths', 'heads_at']
+__all__ = [
+    'boat_backbone', 'check_consumer_widths', 'check_preprocessor_classes',
+    'heads_at'
+]
 
 #: Necks whose ``in_channels`` lists the width of every output, in order
 #: (``package.Class``; their subclasses too).
@@ -321,3 +331,51 @@ def check_consumer_widths(cfg: Any) -> None:
         f'{cls.__name__}{named} outputs: {widths} at stages '
         f'{tuple(stages)} (model.backbone.out_indices): {what}{advice}; '
         f'else the model builds and fails in its first forward')
+
+
+def check_preprocessor_classes(cfg: Any) -> None:
+    """Refuse a classifier whose data preprocessor counts other classes
+    than its head: e.g. a child config that sets
+    ``model.head.num_classes=3`` keeps mmpretrain's ImageNet
+    ``data_preprocessor.num_classes=1000``, the width of the one-hot
+    targets of Mixup/CutMix (``model.train_cfg.augments``), and the loss
+    fails at the first iteration (``LabelSmoothLoss requires output and
+    target to be same shape``).
+
+    MMEngine's runner gives the model the top-level ``data_preprocessor``
+    when ``model`` has none; a head or preprocessor without
+    ``num_classes``, or a preprocessor that makes no one-hot targets, is
+    left alone.
+
+    Args:
+        cfg (mmengine.config.Config): The merged config.
+    """
+    from .cli import UsageError
+    model = cfg.get('model')
+    if not isinstance(model, dict):
+        return
+    head = model.get('head')
+    key, preprocessor = 'model.data_preprocessor', model.get(
+        'data_preprocessor')
+    if preprocessor is None:  # as MMEngine's Runner.__init__ does
+        key, preprocessor = 'data_preprocessor', cfg.get('data_preprocessor')
+    if not (isinstance(head, dict) and isinstance(preprocessor, dict)):
+        return
+    classes, width = head.get('num_classes'), preprocessor.get('num_classes')
+    if classes is None or width is None or classes == width:
+        return
+    # mmpretrain's ImageClassifier gives model.train_cfg to its
+    # preprocessor as batch_augments, which turn to_onehot on; without
+    # one-hot targets the preprocessor's num_classes is unused (mmpretrain's
+    # resnet50_8xb128_coslr-90e_in21k.py has 21843 and 21842).
+    if not (preprocessor.get('to_onehot')
+            or preprocessor.get('batch_augments', model.get('train_cfg'))):
+        return
+    fix = (f'data_preprocessor = dict(num_classes={classes})'
+           if key == 'data_preprocessor' else
+           f'model = dict(data_preprocessor=dict(num_classes={classes}))')
+    raise UsageError(
+        f'model.head.num_classes={classes} but {key}.num_classes={width} '
+        f'(the width of the one-hot targets that Mixup/CutMix mix; the loss '
+        f'would refuse the shapes at the first iteration): set `{fix}` in '
+        f'your config, or pass `--cfg-options {key}.num_classes={classes}`')
