@@ -239,7 +239,9 @@ class BaseBOATBlock(BaseModule):
         drop_path_rate (float): Stochastic depth of this block.
             Defaults to 0.
         act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
-        norm_cfg (dict): Norm layers. Defaults to ``dict(type='LN')``.
+        norm_cfg (dict): Norm layers, over the last dimension of the
+            ``(B, N, C)`` tokens (LN; BN and GN normalise dimension 1
+            and do not fit). Defaults to ``dict(type='LN')``.
         with_cp (bool): Gradient checkpointing of the whole block.
             Defaults to False.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
@@ -375,7 +377,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             ``overlap``, ``kmeans_iters``, ``kmeans_temperature``,
             ``qk_scale``, ...). Defaults to None.
         act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
-        norm_cfg (dict): Norm layers. Defaults to ``dict(type='LN')``.
+        norm_cfg (dict): Norm layers, over the last dimension of the
+            ``(B, N, C)`` tokens (LN; BN and GN normalise dimension 1
+            and do not fit). Defaults to ``dict(type='LN')``.
         frozen_stages (int): Freeze (stop grad, eval mode) the stem when
             >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
             and output norms), as mmseg's Swin (mmpretrain's Swin freezes
