@@ -53,10 +53,13 @@ def check_dependencies() -> None:
         except ImportError as err:
             how = f'`pip install "{spec}"`'
             if name == 'mmcv':
-                how = (f'`mim install "{spec}"` (`pip install '
-                       f'"mmcv-lite>={MMCV_MIN},<{MMCV_MAX}"` is enough for '
-                       f'the backbones; mmseg and mmdet need mmcv built with '
-                       f'its ops, see docs/get_started.md)')
+                # OpenMMLab's prebuilt mmcv 2.1 wheels (what `mim install`
+                # fetches) are for torch 2.0 and 2.1 only, below TORCH_MIN.
+                how = (f'its ops built against your torch, as `bash '
+                       f'tools/setup_env.sh` does (mmseg and mmdet need the '
+                       f'ops; `pip install "mmcv-lite>={MMCV_MIN},'
+                       f'<{MMCV_MAX}"` is enough for the backbones; see '
+                       f'docs/get_started.md)')
             raise ImportError(f'boat_mm needs {spec} ({err}): install it '
                               f'with {how}') from err
     from mmengine.utils import digit_version

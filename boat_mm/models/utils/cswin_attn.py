@@ -1,6 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """CSWin cross-shaped window self-attention with LePE (Dong et al., CVPR
-2022), the image-space local attention of BOAT-CSWin.
+2022; https://github.com/microsoft/CSWin-Transformer), the image-space
+local attention of BOAT-CSWin, written for boat-mm.
 
 The channels and heads of a block are split into two halves: the first
 attends inside vertical stripes (full height, ``split_size`` columns), the

@@ -1,5 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-"""Feature-space local attention (FSLA), the module BOAT adds to a block."""
+"""Feature-space local attention (FSLA), the module BOAT adds to a block
+(Yu et al., BMVC 2022; the published code:
+https://github.com/mahaoyuHKU/pytorch-boat), written for boat-mm from the
+paper and that code: docs/fsla.md states the algorithm and what differs."""
 import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple

@@ -1,9 +1,10 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Swin's (shifted) window attention with relative position bias.
 
-Our own copy of the W-MSA / SW-MSA of the Swin Transformer, as mmseg's and
-mmdet's Swin files keep theirs, so that the models import only torch,
-mmcv.cnn and mmengine. The parameter names are mmpretrain's
+The W-MSA / SW-MSA of the Swin Transformer (Liu et al., ICCV 2021;
+https://github.com/microsoft/Swin-Transformer), written for boat-mm, as
+mmseg's and mmdet's Swin files keep their own, so that the models import
+only torch, mmcv.cnn and mmengine. The parameter names are mmpretrain's
 (``w_msa.{qkv,proj,relative_position_bias_table}``), so that mmpretrain,
 BOAT-Swin and boat-mm checkpoints load unchanged; on maps that are window
 multiples the arithmetic is mmpretrain's, operation for operation
