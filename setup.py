@@ -151,8 +151,9 @@ setup(
     ],
     license='Apache License 2.0',
     license_files=['LICENSE'],
-    # mmcv is not here: it must be built with its ops, which MIM's wheels
-    # are (the `mim` extra, as mmpretrain, mmseg and mmdet do).
+    # mmcv is not here (the `mim` extra has it, as mmpretrain, mmseg and
+    # mmdet do): it must be built with its ops against the installed
+    # torch, since OpenMMLab's mmcv 2.1 wheels are for torch 2.0 / 2.1.
     install_requires=[f'torch>={TORCH_MIN}'] +
     parse_requirements('requirements/runtime.txt'),
     extras_require={
