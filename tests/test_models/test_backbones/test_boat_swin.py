@@ -294,6 +294,27 @@ def test_frozen_stages():
         assert model.stages[0].blocks[0].norm1.weight.requires_grad
 
 
+def test_frozen_stages_freeze_one_stage_less_than_mmpretrains():
+    """docs/train_test.md: mmseg's meaning, so mmpretrain's Swin with the
+    same frozen_stages freezes one stage more (its value N - 1 freezes
+    what ours does with N)."""
+    from mmpretrain.models import SwinTransformer
+
+    def frozen(model) -> list:
+        return [
+            all(not p.requires_grad for p in m.parameters())
+            for m in [model.patch_embed, *model.stages]
+        ]
+
+    for n in range(1, 4):
+        ours = build(NANO, frozen_stages=n)
+        theirs = SwinTransformer(arch=NANO, frozen_stages=n - 1)
+        # mmpretrain freezes in train(), ours when built and in train().
+        ours.train(), theirs.train()
+        assert frozen(ours) == [True] + [s < n for s in range(4)]
+        assert frozen(theirs) == frozen(ours), n
+
+
 def test_with_cp_same_result_and_used(monkeypatch):
     x = torch.randn(2, 3, 32, 40)
     plain = build(NANO, drop_path_rate=0.)
