@@ -230,6 +230,31 @@ CASES = [
      'base config: on the command line, KEY._delete_=True'),
     ('get_flops', [SEG, '--cfg-options', 'model.backbone.arch.depths.7=1'],
      '--cfg-options: Index 7 exceeds the length of list [1, 2, 4, 1]'),
+    # A child's dataset of another type keeps the base's arguments
+    # (ImageNet's split), which the runner met with a traceback.
+    ('train', [
+        CLS, '--cfg-options', 'train_dataloader.dataset.type=CustomDataset',
+        'train_dataloader.dataset.data_root={root}'
+    ], "train_dataloader's dataset (CustomDataset) does not take "
+     "split='train' (BaseDataset.__init__ refuses it): if the base "
+     "config's dataset (of another type) gives it, replace that dataset "
+     'with `_delete_=True` in yours'),
+    # Top-5 of 2 classes stopped at the first validation, an epoch in;
+    # the fix given passes the check (the next one is the data's).
+    ('train', [
+        CLS, '--cfg-options', 'model.head.num_classes=2',
+        'data_preprocessor.num_classes=2'
+    ], 'val_evaluator (Accuracy) asks for top-5 accuracy (topk=(1, 5)), '
+     'but model.head has 2 classes, and mmpretrain stops at the first '
+     'validation: set `--cfg-options val_evaluator.topk="(1,)"`'),
+    ('train', [
+        CLS, '--cfg-options', 'model.head.num_classes=2',
+        'data_preprocessor.num_classes=2', 'val_evaluator.topk=(1,)'
+    ], "train_dataloader.dataset.data_root = 'data/imagenet' does not exist"),
+    ('test', [
+        CLS, '{ours}', '--cfg-options', 'model.head.num_classes=2',
+        'data_preprocessor.num_classes=2'
+    ], 'test_evaluator (Accuracy) asks for top-5 accuracy'),
     ('test', [CLS, 'missing.pth'], "checkpoint 'missing.pth' not found"),
     ('test', [CLS, '{ours}', '--out-item', 'pred'], '--out-item needs --out'),
     # The CPU's autocast is bfloat16, which mmcv's nms does not take.

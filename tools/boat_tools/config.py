@@ -545,14 +545,38 @@ def _head_classes(model: dict, keys: Sequence[str]) -> List[Tuple[str, int]]:
     ]
 
 
+def _unexpected_argument(stage: str, ds: dict,
+                         err: BaseException) -> Optional[str]:
+    """What :func:`check_datasets` says of a dataset config with an
+    argument its class does not take: most often one a child config
+    inherited from a base's dataset of another type (mmpretrain's
+    ``ImageNet`` passes ``split``, which ``CustomDataset`` refuses), which
+    the runner meets with a traceback once it builds the dataloader."""
+    found = re.search(
+        r"(\w+)\.__init__\(\) got an unexpected keyword "
+        r"argument '(\w+)'", str(err))
+    if not isinstance(err, TypeError) or not found:
+        return None
+    owner, name = found.groups()
+    return (f"{stage}'s dataset ({ds.get('type')}) does not take "
+            f'{name}={ds.get(name)!r} ({owner}.__init__ refuses it): if '
+            f"the base config's dataset (of another type) gives it, replace "
+            f'that dataset with `_delete_=True` in yours, e.g. '
+            f"{stage}=dict(dataset=dict(_delete_=True, type="
+            f"'{ds.get('type')}', ...)), else remove {name}")
+
+
 def _lazy_datasets(cfg: Config,
                    stages: Sequence[str]) -> Iterator[Tuple[str, dict, Any]]:
     """``(stage, config, dataset)`` of each leaf dataset of the given
     dataloaders, built without reading any data (``lazy_init``); one that
-    does not build is skipped (the runner will say why)."""
+    does not build is skipped (the runner will say why), unless it was
+    given an argument its class does not take."""
     import copy
 
     from mmengine.registry import DATASETS, DefaultScope
+
+    from .cli import UsageError
     for stage in stages:
         loader = cfg.get(stage)
         if not isinstance(loader, dict):
@@ -564,9 +588,48 @@ def _lazy_datasets(cfg: Config,
                 with DefaultScope.overwrite_default_scope(
                         cfg.get('default_scope')):
                     dataset = DATASETS.build(ds)
-            except Exception:  # noqa: BLE001  (the runner will say)
+            except Exception as err:  # noqa: BLE001  (the runner will say)
+                error = _unexpected_argument(stage, ds, err)
+                if error:
+                    raise UsageError(error) from err
                 continue
             yield stage, ds, dataset
+
+
+#: The evaluator that scores each dataloader's predictions.
+_EVALUATORS = {
+    'val_dataloader': 'val_evaluator',
+    'test_dataloader': 'test_evaluator'
+}
+
+
+def _topk_error(cfg: Config, stage: str) -> Optional[str]:
+    """What :func:`check_datasets` says of an mmpretrain ``Accuracy`` that
+    asks for a top-k of more classes than the classifier's head has: it
+    stops at the first validation (``Top-5 accuracy is unavailable``), a
+    whole epoch in."""
+    key = _EVALUATORS.get(stage)
+    evaluator = cfg.get(key) if key else None
+    head = (cfg.get('model') or {}).get('head')
+    classes = head.get('num_classes') if isinstance(head, dict) else None
+    if not isinstance(classes, int):
+        return None
+    metrics = evaluator if isinstance(evaluator, list) else [evaluator]
+    for i, metric in enumerate(metrics):
+        if not isinstance(metric, dict) or str(
+                metric.get('type')).split('.')[-1] != 'Accuracy':
+            continue
+        topk = metric.get('topk', (1, ))
+        topk = (topk, ) if isinstance(topk, int) else tuple(topk)
+        if topk and max(topk) > classes:
+            where = key if isinstance(evaluator, dict) else f'{key}.{i}'
+            kept = tuple(k for k in topk if k <= classes) or (1, )
+            return (f'{where} (Accuracy) asks for top-{max(topk)} accuracy '
+                    f'(topk={topk}), but model.head has {classes} classes, '
+                    f'and mmpretrain stops at the first validation: set '
+                    f'`--cfg-options {where}.topk="{kept}"` (or in the '
+                    f'config)')
+    return None
 
 
 def _class_error(model: dict, stage: str, ds: dict,
@@ -636,6 +699,12 @@ def check_datasets(cfg: Config, stages: Sequence[str]) -> None:
       ``LoadAnnotations`` contradicts (ADE20K's pipeline kept for a dataset
       of another type), which mmseg meets as an assertion at the first
       sample.
+    * a dataset config with an argument its class does not take (kept
+      from a base's dataset of another type), which the runner meets with
+      a traceback.
+    * an mmpretrain ``Accuracy`` of the dataloader's evaluator asking for
+      a top-k beyond the head's classes (top-5 of 2 classes), which stops
+      at the first validation.
 
     Args:
         cfg (Config): The merged config, with its ``default_scope``.
@@ -643,6 +712,10 @@ def check_datasets(cfg: Config, stages: Sequence[str]) -> None:
     """
     from .cli import UsageError
     model = cfg.get('model') or {}
+    for stage in stages:
+        error = _topk_error(cfg, stage)
+        if error:
+            raise UsageError(error)
     for stage, ds, dataset in _lazy_datasets(cfg, stages):
         error = (
             _class_error(model, stage, ds, dataset)
