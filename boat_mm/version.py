@@ -55,8 +55,9 @@ def check_dependencies() -> None:
             if name == 'mmcv':
                 # OpenMMLab's prebuilt mmcv 2.1 wheels (what `mim install`
                 # fetches) are for torch 2.0 and 2.1 only, below TORCH_MIN.
-                how = (f'its ops built against your torch, as `bash '
-                       f'tools/setup_env.sh` does (mmseg and mmdet need the '
+                how = (f'its ops built against your torch, as the boat-mm '
+                       f'repository\'s `bash tools/setup_env.sh` does (mmseg '
+                       f'and mmdet need the '
                        f'ops; `pip install "mmcv-lite>={MMCV_MIN},'
                        f'<{MMCV_MAX}"` is enough for the backbones; see '
                        f'docs/get_started.md)')

@@ -48,6 +48,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._backends import (ATTENTION, fit_to_gpu, select_backend,
                         warn_tensor_fallback)
@@ -93,11 +94,12 @@ class _GatherQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, src_row: Tensor, dst_row: Tensor,
+    def forward(ctx, qkv: Tensor, src_row: Tensor, dst_row: Optional[Tensor],
                 head_dims: int, hw_shape: Optional[Tuple[int, int]]):
         flat = qkv.reshape(-1, head_dims)
         q, k, v = (_gather_rows(flat, idx) for idx in src_row)
-        ctx.save_for_backward(dst_row)
+        # None: the gradient goes back to the rows read (no padding).
+        ctx.save_for_backward(src_row if dst_row is None else dst_row)
         ctx.shape, ctx.head_dims = qkv.shape, head_dims
         if hw_shape is None:
             return q, k, v, qkv.new_empty(0)
@@ -223,12 +225,25 @@ def perm_covers_tokens(perm: Tensor, plan: ClusterPlan) -> bool:
     Returns:
         bool: True if every row is a permutation of the ``N`` tokens.
     """
-    real = perm[:, plan.slot_valid]
-    N = plan.num_tokens
-    if not bool(((real >= 0) & (real < N)).all()):
-        return False
-    # The plan has exactly N real slots: each token seen means each once.
-    seen = torch.zeros(real.shape[0], N, dtype=torch.bool, device=perm.device)
+    real = _real_slots(perm, plan)
+    if real.numel():
+        low, high = torch.aminmax(real)
+        if int(low) < 0 or int(high) >= plan.num_tokens:
+            return False
+    return _covers(real, plan.num_tokens)
+
+
+def _real_slots(perm: Tensor, plan: ClusterPlan) -> Tensor:
+    """The tokens of ``perm``'s real slots (all of a uniform plan's, with
+    no copy)."""
+    return perm if plan.uniform else perm[:, plan.slot_valid]
+
+
+def _covers(real: Tensor, num_tokens: int) -> bool:
+    """Whether each row of ``real`` (tokens in ``[0, N)``, ``N`` per row)
+    holds every token: then each once."""
+    seen = torch.zeros(
+        real.shape[0], num_tokens, dtype=torch.bool, device=real.device)
     return bool(seen.scatter_(1, real, True).all())
 
 
@@ -239,21 +254,22 @@ def _check_perm_values(perm: Tensor, plan: ClusterPlan) -> None:
 
     A ``perm`` from the clustering always passes; a hand-made one
     (:meth:`FeatureSpaceLocalAttention.register_cluster_hook`, direct
-    calls) may not. Skipped on GPUs (it would synchronise) and under
-    tracing or compilation (data-dependent).
+    calls) may not. Skipped on GPUs (it would synchronise), under
+    tracing or compilation and for fake tensors (data-dependent).
     """
     if (perm.device.type != 'cpu' or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or not perm.numel()):
+            or torch.jit.is_tracing() or not perm.numel()
+            or isinstance(perm, FakeTensor)):
         return
     N = plan.num_tokens
-    low, high = int(perm.min()), int(perm.max())
+    low, high = (int(v) for v in torch.aminmax(perm))
     if low < 0 or high >= N:
         raise ValueError(
             f'perm holds token indices in [{low}, {high}], outside [0, '
             f'{N}) for N={N} tokens; take perm from '
             f'balanced_hierarchical_clustering for this N (a cluster hook '
             f'must return indices of the same map).')
-    if not perm_covers_tokens(perm, plan):
+    if not _covers(_real_slots(perm, plan), N):
         raise ValueError(
             f'perm\'s real slots (plan.slot_valid) do not hold every token '
             f'0 .. {N - 1} once per row; take perm from '
@@ -345,7 +361,9 @@ def clustered_attention(
     if torch.is_grad_enabled() and qkv.requires_grad:
         # Gradient destinations: padding slots get spare rows after the
         # 3 * M * N real ones, so that every row is written once.
-        dst_row = src_row
+        # None, not src_row again: Dynamo refuses an autograd.Function given
+        # one tensor twice (torch.compile(fullgraph=True) of a uniform map).
+        dst_row = None
         if not plan.uniform:
             pad = (~plan.slot_valid).expand(3, M, slots).reshape(3, -1)
             spare = pad.reshape(-1).cumsum(0).view(3, -1) - 1 + 3 * M * N

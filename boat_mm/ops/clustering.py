@@ -515,6 +515,12 @@ def _rank_within_nodes(ratio: Tensor,
         # with ONNX TopK (smallest first), which breaks ties by lower
         # index: the order of the stable sorts below (non-negative floats
         # order like their bit patterns).
+        # onnxruntime's TopK orders NaN arbitrarily: 0/0 becomes inf,
+        # above every finite ratio (inf itself the largest finite float),
+        # as the bit keys rank it, and ties with padding, which follows.
+        big = torch.finfo(ratio.dtype).max
+        ratio = ratio.masked_fill(ratio == float('inf'), big)
+        ratio = ratio.masked_fill(ratio.isnan(), float('inf'))
         if padding is not None:
             ratio = ratio.masked_fill(padding, float('inf'))
         order = ratio.topk(cap, dim=-1, largest=False).indices

@@ -718,9 +718,25 @@ def _check_compiled(backend: str, hw: Tuple[int, int]) -> None:
 
 
 def test_compile_fullgraph_matches_eager():
-    """One graph, forward and backward (Dynamo + AOTAutograd); the
-    Inductor code generation is checked by the slow test below."""
+    """One graph, forward and backward (Dynamo + AOTAutograd), on a padded
+    and a uniform map (whose gather once gave the autograd Function one
+    index tensor twice, which Dynamo refuses); the Inductor code
+    generation is checked by the slow test below."""
+    assert not build_cluster_plan(11 * 13).uniform
+    assert build_cluster_plan(7 * 14).uniform
     _check_compiled('aot_eager', (11, 13))
+    _check_compiled('aot_eager', (7, 14))
+
+
+def test_forward_under_fake_tensors():
+    """A forward under FakeTensorMode (shape propagation, as tracers and
+    memory estimators run it) reads no data, so the CPU perm check is
+    skipped."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    m = make_module(16, 2, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 98, 16))
+        assert m(x, (7, 14)).shape == (2, 98, 16)
 
 
 def test_compile_inductor_matches_eager():

@@ -112,3 +112,19 @@ def test_plan_arguments_are_ints():
     with pytest.raises(TypeError, match='group_size must be an int, got 16.5'):
         build_cluster_plan(100, 16.5, 4)
     assert build_cluster_plan(100.0).num_tokens == 100
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason='needs boat_mm._C')
+def test_raw_op_refuses_a_wider_perm():
+    """``torch.ops.boat_mm.clustered_attention`` itself (no Python
+    wrapper) took a perm wider than the slot layout and left the rows of
+    the tokens it did not cover unwritten."""
+    qkv, plan, perm = _clustered(77, 49, 20)
+    _, _, wider = _clustered(77, 16, 4)
+    args = (plan.slot_valid, 2, plan.slot_size, plan.overlap, 0.5, [])
+    torch.ops.boat_mm.clustered_attention(qkv, perm, *args)
+    with pytest.raises(
+            RuntimeError,
+            match=r'perm must be int64 of shape \(B \* num_heads, slots\) '
+            r'= \(2, 78\)'):
+        torch.ops.boat_mm.clustered_attention(qkv, wider, *args)

@@ -450,9 +450,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # The placement is checked before any instance exists (the tools'
         # check_arguments, the arch check of __init__): an instance
         # method would fail there with a missing-argument TypeError.
-        method = cls.__dict__.get('has_fsla')
-        if method is not None and not isinstance(method,
-                                                 (staticmethod, classmethod)):
+        if inspect.isfunction(cls.__dict__.get('has_fsla')):
             raise TypeError(
                 f'{cls.__name__}.has_fsla must be a @staticmethod (or '
                 f'@classmethod) of (stage, block, num_stages): where FSLA '

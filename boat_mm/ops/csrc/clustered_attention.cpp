@@ -514,10 +514,10 @@ std::vector<int64_t> check_layout(const at::Tensor& qkv,
               "slot_valid must cover whole sibling pairs of 2 * ", slot_size,
               " slots, got ", slots);
   TORCH_CHECK(perm.dim() == 2 && perm.scalar_type() == at::kLong &&
-                  perm.size(0) == B * num_heads && perm.size(1) >= slots,
-              "perm must be int64 of shape (B * num_heads, >= ", slots,
-              ") = (", B * num_heads, ", ", slots, "), got ", perm.sizes(),
-              " ", perm.scalar_type());
+                  perm.size(0) == B * num_heads && perm.size(1) == slots,
+              "perm must be int64 of shape (B * num_heads, slots) = (",
+              B * num_heads, ", ", slots, "), the clustering's of this "
+              "slot layout, got ", perm.sizes(), " ", perm.scalar_type());
   const at::Tensor valid = slot_valid.cpu().contiguous();
   const bool* v = valid.data_ptr<bool>();
   std::vector<int64_t> sizes(slots / slot_size);

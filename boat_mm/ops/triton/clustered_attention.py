@@ -555,11 +555,11 @@ def _check(qkv: Tensor, perm: Tensor, slot_valid: Tensor, num_heads: int,
                            f'2 * {slot_size} slots (or the {slot_size} of '
                            f'one cluster), got {slots}')
     if (perm.dim() != 2 or perm.dtype != torch.long
-            or perm.shape[0] != B * num_heads or perm.shape[1] < slots):
+            or perm.shape[0] != B * num_heads or perm.shape[1] != slots):
         raise RuntimeError(
-            f'perm must be int64 of shape (B * num_heads, >= {slots}) = '
-            f'({B * num_heads}, {slots}), got {tuple(perm.shape)} '
-            f'{perm.dtype}')
+            f'perm must be int64 of shape (B * num_heads, slots) = '
+            f'({B * num_heads}, {slots}), the clustering\'s of this slot '
+            f'layout, got {tuple(perm.shape)} {perm.dtype}')
     for t in (perm, slot_valid):
         if t.device != qkv.device:
             raise RuntimeError(f'perm and slot_valid must be on the device '
