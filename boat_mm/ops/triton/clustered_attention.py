@@ -845,8 +845,6 @@ def clustered_attention_forward(
     qkv, perm = qkv.contiguous(), perm.contiguous()
     out = qkv.new_empty(B, N, C)
     lse = qkv.new_empty(perm.shape, dtype=_lse_dtype(qkv.dtype))
-    if perm.shape[1] > G * slot_size:
-        lse[:, G * slot_size:].zero_()  # slots past the pairs: unused
     # Channels-last: a token's values are contiguous, as in qkv, so the
     # kernel writes them coalesced.
     image = (
