@@ -256,3 +256,25 @@ def test_unfitted_weights_follow_the_backbone_resize():
         f'module.{k}': v
         for k, v in ckpt.items()
     }) == (missing, shapes)
+
+
+def test_evaluator_metrics_of_each_form():
+    """The metrics of an evaluator config and their --cfg-options paths,
+    for the three forms MMEngine takes (the top-k and save_best checks
+    read them)."""
+    from boat_tools.config import evaluator_metrics
+    from mmengine.config import Config
+    acc, iou = dict(type='Accuracy', topk=(1, 5)), dict(type='IoUMetric')
+    cfg = Config(
+        dict(
+            val_evaluator=acc,
+            test_evaluator=dict(type='Evaluator', metrics=[acc, iou])))
+    assert evaluator_metrics(cfg, 'val_evaluator') == [('val_evaluator', acc)]
+    assert evaluator_metrics(cfg, 'test_evaluator') == [
+        ('test_evaluator.metrics.0', acc), ('test_evaluator.metrics.1', iou)
+    ]
+    cfg = Config(dict(val_evaluator=[iou, acc]))
+    assert evaluator_metrics(cfg,
+                             'val_evaluator') == [('val_evaluator.0', iou),
+                                                  ('val_evaluator.1', acc)]
+    assert evaluator_metrics(cfg, 'test_evaluator') == []

@@ -38,7 +38,7 @@ __all__ = [
     'add_cfg_options_arg', 'add_launcher_args', 'parse_launcher_args',
     'merge_common_args', 'build_runner', 'unfitted_weights',
     'check_checkpoint_fits', 'checkpoint_fit_error', 'check_datasets',
-    'check_amp_device'
+    'check_amp_device', 'evaluator_metrics'
 ]
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -603,26 +603,43 @@ _EVALUATORS = {
 }
 
 
+def evaluator_metrics(cfg: Config, key: str) -> List[Tuple[str, Any]]:
+    """``(where, metric config)`` of each metric of the evaluator at
+    ``key``: one metric dict, a list of them, or an evaluator dict with
+    ``metrics`` (either form), ``where`` its ``--cfg-options`` path.
+
+    Args:
+        cfg (Config): The merged config.
+        key (str): ``'val_evaluator'`` or ``'test_evaluator'``.
+
+    Returns:
+        list[tuple[str, Any]]: Empty when the config has none.
+    """
+    evaluator, where = cfg.get(key), key
+    if isinstance(evaluator, dict) and 'metrics' in evaluator:
+        evaluator, where = evaluator['metrics'], f'{key}.metrics'
+    if isinstance(evaluator, list):
+        return [(f'{where}.{i}', m) for i, m in enumerate(evaluator)]
+    return [] if evaluator is None else [(where, evaluator)]
+
+
 def _topk_error(cfg: Config, stage: str) -> Optional[str]:
     """What :func:`check_datasets` says of an mmpretrain ``Accuracy`` that
     asks for a top-k of more classes than the classifier's head has: it
     stops at the first validation (``Top-5 accuracy is unavailable``), a
     whole epoch in."""
     key = _EVALUATORS.get(stage)
-    evaluator = cfg.get(key) if key else None
     head = (cfg.get('model') or {}).get('head')
     classes = head.get('num_classes') if isinstance(head, dict) else None
-    if not isinstance(classes, int):
+    if key is None or not isinstance(classes, int):
         return None
-    metrics = evaluator if isinstance(evaluator, list) else [evaluator]
-    for i, metric in enumerate(metrics):
+    for where, metric in evaluator_metrics(cfg, key):
         if not isinstance(metric, dict) or str(
                 metric.get('type')).split('.')[-1] != 'Accuracy':
             continue
         topk = metric.get('topk', (1, ))
         topk = (topk, ) if isinstance(topk, int) else tuple(topk)
         if topk and max(topk) > classes:
-            where = key if isinstance(evaluator, dict) else f'{key}.{i}'
             kept = tuple(k for k in topk if k <= classes) or (1, )
             return (f'{where} (Accuracy) asks for top-{max(topk)} accuracy '
                     f'(topk={topk}), but model.head has {classes} classes, '

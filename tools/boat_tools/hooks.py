@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from mmengine.config import Config
 
 from .cli import UsageError
+from .config import evaluator_metrics
 
 if TYPE_CHECKING:
     from mmengine.runner import Runner
@@ -59,10 +60,7 @@ def evaluator_keys(cfg: Config) -> Optional[List[str]]:
     asked (see :func:`_synthetic_results`)."""
     from mmengine.logging import MMLogger
     from mmengine.registry import METRICS, init_default_scope
-    evaluator = cfg.get('val_evaluator')
-    if isinstance(evaluator, dict) and 'metrics' in evaluator:
-        evaluator = evaluator['metrics']
-    metrics = evaluator if isinstance(evaluator, list) else [evaluator]
+    metrics = [m for _, m in evaluator_metrics(cfg, 'val_evaluator')]
     if not metrics or not all(isinstance(m, dict) for m in metrics):
         return None
     init_default_scope(cfg.get('default_scope', 'mmengine'))
