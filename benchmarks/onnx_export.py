@@ -1,7 +1,7 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """ONNX export of BOAT: onnxruntime vs PyTorch on the CPU, side by side.
 
-Three measurements, printed as markdown (``docs/deployment.md`` quotes
+Four measurements, printed as markdown (``docs/deployment.md`` quotes
 them):
 
 1. ``latency``: BOAT-CSWin-T + UPerNet (``configs/boat_upernet_ade20k.py``,
@@ -13,11 +13,17 @@ them):
    differences of the outputs on a random and a real image, also with
    PyTorch rerun on onnxruntime's clusters (the file is exported with them
    as extra outputs).
-2. ``small``: onnxruntime vs PyTorch on the models the tests export (tiny
+2. ``export``: the export time of ``--export-config`` (BOAT-CSWin-T's
+   classifier) at ``--export-shape`` (224 x 224) with the tool's graph
+   optimizer against torch's ``optimize=True`` (which adds onnxscript's
+   quadratic ``SlicesSplit`` rule), one after the other on one seeded
+   model, and whether the two files hold the same graph and compute the
+   same.
+3. ``small``: onnxruntime vs PyTorch on the models the tests export (tiny
    BOAT-Swin / BOAT-CSWin classifiers, the demo segmentor; two input sizes,
    FSLA on and off), each exported with a dynamic batch and run on a
    random batch of 1 and of 3.
-3. ``flips``: how often float32 rounding makes onnxruntime rank a near-tie
+4. ``flips``: how often float32 rounding makes onnxruntime rank a near-tie
    of the FSLA clustering the other way: the demo segmentor
    (``configs/demo/``, random weights) at ``--flip-shape``, exported with
    every FSLA layer's clusters as extra outputs
@@ -27,10 +33,12 @@ them):
 
 Example::
 
-    python benchmarks/onnx_export.py         # all, ~30 min
+    python benchmarks/onnx_export.py         # all
+    python benchmarks/onnx_export.py --only export   # ~4 min
     python benchmarks/onnx_export.py --only flips --flip-inputs 200
 """
 import argparse
+import contextlib
 import math
 import os
 import os.path as osp
@@ -39,6 +47,7 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
+from unittest import mock
 
 import torch
 from mmengine.config import Config
@@ -48,6 +57,8 @@ from boat_mm.deploy import onnx_export as ox
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HEADLINE = osp.join(REPO, 'configs', 'boat_upernet_ade20k.py')
 DEMO = osp.join(REPO, 'configs', 'demo', 'boat-cswin-tiny_upernet_demo.py')
+CSWIN_T = osp.join(REPO, 'configs', 'boat_cswin',
+                   'boat-cswin-tiny_8xb256_in1k.py')
 # The tiny classifiers of tests/test_tools/test_pytorch2onnx.py.
 TINY = {
     'BOAT-Swin':
@@ -93,8 +104,8 @@ def latency(shape: List[int],
 
     The file is exported with every FSLA layer's clusters as extra outputs
     (:class:`WithClusters`; the same ops, a few more int64 outputs), so
-    that one export (15 minutes on two cores) also tells flipped near-ties
-    from errors: PyTorch is rerun on onnxruntime's clusters. With
+    that one export (over a minute on two cores) also tells flipped
+    near-ties from errors: PyTorch is rerun on onnxruntime's clusters. With
     ``reuse``, a file left in ``tmp`` by an earlier run is used as is (the
     weights are the same: seeded). ``extra_inputs`` more random inputs
     are checked after the timing.
@@ -146,6 +157,51 @@ def latency(shape: List[int],
         pytorch_s=statistics.median(times['pytorch']),
         onnxruntime_s=statistics.median(times['onnxruntime']),
         checks=checks)
+
+
+def _without_metadata(graph):
+    """The graph without its nodes' metadata (the exporter's stack traces
+    name FX's generated modules by a per-process counter)."""
+    graph = type(graph).FromString(graph.SerializeToString())
+    for node in graph.node:
+        node.ClearField('metadata_props')
+        node.ClearField('doc_string')
+    return graph
+
+
+def export_time(config: str, shape: List[int], threads: int,
+                tmp: str) -> Dict[str, Dict[str, object]]:
+    """Export time with the tool's optimizer (torch's, without the
+    quadratic rule: :func:`~boat_mm.deploy.onnx_export.
+    linear_time_rewrites`) against torch's own ``optimize=True``, on one
+    seeded model, one after the other; then whether the two files hold
+    the same graph (nodes, weights, inputs and outputs), and the largest
+    difference of their onnxruntime outputs on one random input."""
+    import onnx
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, scope = ox.build_model(Config.fromfile(config))
+    net = ox.ExportWrapper(model, scope)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
+    rows: Dict[str, Dict[str, object]] = {}
+    for name in ('torch', 'tool'):
+        path = osp.join(tmp, f'export_{name}.onnx')
+        rules = ox.linear_time_rewrites if name == 'tool' \
+            else contextlib.nullcontext
+        with mock.patch.object(ox, 'linear_time_rewrites', rules):
+            t0 = time.perf_counter()
+            ox.export_onnx(net, shape, path)
+        rows[name] = dict(
+            export_s=time.perf_counter() - t0,
+            graph=onnx.load(path).graph,
+            size_mib=osp.getsize(path) / 2**20,
+            out=ox.run_onnxruntime(path, x, ox.make_session(path, threads)))
+    for r in rows.values():
+        r['nodes'] = len(r['graph'].node)
+        r['same_graph'] = _without_metadata(r['graph']) == _without_metadata(
+            rows['torch']['graph'])
+        r['max_abs_diff'] = float(abs(r['out'] - rows['torch']['out']).max())
+    return rows
 
 
 def small(threads: int, tmp: str) -> List[Dict[str, object]]:
@@ -235,11 +291,18 @@ def flips(shape: List[int], inputs: int, threads: int,
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--only', choices=['latency', 'small', 'flips'])
+    parser.add_argument(
+        '--only', choices=['latency', 'export', 'small', 'flips'])
     parser.add_argument('--shape', type=int, nargs=2, default=[512, 512])
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--flip-shape', type=int, nargs=2, default=[128, 128])
+    parser.add_argument(
+        '--export-config',
+        default=CSWIN_T,
+        help='export: the config whose export is timed')
+    parser.add_argument(
+        '--export-shape', type=int, nargs=2, default=[224, 224])
     parser.add_argument('--flip-inputs', type=int, default=100)
     parser.add_argument(
         '--work-dir',
@@ -286,6 +349,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f'{c["rel"]:.3g} | {100 * c["argmax"]:.3f} % | '
                       f'{c["rel_same_clusters"]:.3g} | '
                       f'{100 * c["argmax_same_clusters"]:.3f} % |')
+        if args.only in (None, 'export'):
+            rows = export_time(args.export_config, args.export_shape,
+                               args.threads, tmp)
+            H, W = args.export_shape
+            print(f'\n### Export of {osp.basename(args.export_config)}, '
+                  f'1x3x{H}x{W}, {args.threads} threads\n')
+            print('| graph optimizer | export (s) | nodes | file (MiB) | '
+                  'graph as torch\'s | max abs diff of the outputs |')
+            print('|---|---|---|---|---|---|')
+            for name, label in (('torch', "torch's `optimize=True`"),
+                                ('tool', 'without SlicesSplit (the tool)')):
+                r = rows[name]
+                print(f'| {label} | {r["export_s"]:.0f} | {r["nodes"]} | '
+                      f'{r["size_mib"]:.1f} | '
+                      f'{"same" if r["same_graph"] else "other"} | '
+                      f'{r["max_abs_diff"]:.3g} |')
+            print(
+                f'\nexport time, torch\'s / the tool\'s: '
+                f'{rows["torch"]["export_s"] / rows["tool"]["export_s"]:.1f}x')
         if args.only in (None, 'small'):
             rows = small(args.threads, tmp)
             print('\n### Small models, dynamic batch, random inputs\n')

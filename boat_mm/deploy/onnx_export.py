@@ -13,11 +13,12 @@ also outputs (or injects) FSLA's clusters, through
 Not imported by ``import boat_mm``; onnxruntime is imported when a file is
 run.
 """
+import contextlib
 import importlib
 import os
 import os.path as osp
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -34,9 +35,9 @@ from boat_mm.models.utils import FeatureSpaceLocalAttention
 __all__ = [
     'SCOPES', 'MIN_OPSET', 'DYNAMIC_AXES', 'ScopeError', 'ModelKindError',
     'build_model', 'check_exportable', 'converts_to_rgb', 'check_fsla_impls',
-    'check_dynamic', 'ExportWrapper', 'WithClusters', 'export_onnx',
-    'load_image', 'normalisation', 'input_description', 'make_session',
-    'run_onnxruntime', 'compare', 'verify'
+    'check_dynamic', 'ExportWrapper', 'WithClusters', 'linear_time_rewrites',
+    'export_onnx', 'load_image', 'normalisation', 'input_description',
+    'make_session', 'run_onnxruntime', 'compare', 'verify'
 ]
 
 # The scopes whose models export: the classifiers and the segmentors.
@@ -283,6 +284,36 @@ def check_dynamic(dynamic: Sequence[str]) -> bool:
     return 'batch' in dynamic
 
 
+@contextlib.contextmanager
+def linear_time_rewrites() -> Iterator[None]:
+    """Within the block, onnxscript's graph optimizer (torch's
+    ``optimize=True``) runs its default rewrite rules but ``SlicesSplit``.
+
+    That rule (two Slices of one tensor -> one Split) is the one default
+    rule with two output nodes, and onnxscript 0.7 matches those by
+    walking the whole graph for every Slice: time quadratic in the graph.
+    BOAT's graphs have hundreds of Slices (stripes, heads, FSLA's
+    clustering levels) among thousands of nodes, and the rule took two
+    thirds of the export time (``docs/deployment.md``). It never fires
+    on what torch exports: its pattern is a Slice of four inputs, and
+    torch writes every Slice with five (the steps). So the file is the
+    one torch's optimizer writes. Where onnxscript keeps its rules
+    elsewhere, the block changes nothing.
+    """
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+    rules = getattr(rewriter, '_DEFAULT_REWRITE_RULES', None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules
+                                            if r is not slice_split_rule)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def export_onnx(wrapper: nn.Module,
                 shape: Sequence[int],
                 out: str,
@@ -304,7 +335,8 @@ def export_onnx(wrapper: nn.Module,
             unless the batch is dynamic (then at least 2 is traced: the
             exporter would specialise a batch of 1).
         optimize (bool): Run the exporter's graph optimizer (constant
-            folding, fusions). Defaults to True.
+            folding, fusions), without its quadratic rule
+            (:func:`linear_time_rewrites`). Defaults to True.
 
     Returns:
         str: ``out``.
@@ -321,7 +353,7 @@ def export_onnx(wrapper: nn.Module,
     if dynamic_batch:
         dynamic_shapes = ({0: torch.export.Dim('batch', min=1)}, )
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), linear_time_rewrites():
         program = torch.onnx.export(
             wrapper.eval(), (x, ),
             dynamo=True,
