@@ -54,10 +54,11 @@ op. ``'auto'`` (the default) takes Triton for CUDA tensors, the C++
 kernel for CPU tensors when it is built, the tensor implementation
 otherwise.
 """
+import contextlib
 import math
 import numbers
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import ContextManager, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -335,7 +336,7 @@ def build_cluster_plan(
     # that a plan another thread evicts in between is no KeyError.
     plan = _PLAN_CACHE.pop(key, None)
     if plan is None:
-        with torch.no_grad():
+        with _no_grad():
             plan = _build_plan(num_tokens, group_size, overlap, device)
     _PLAN_CACHE[key] = plan
     while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
@@ -346,7 +347,27 @@ def build_cluster_plan(
     return plan
 
 
-@torch.no_grad()
+def _no_grad() -> ContextManager:
+    """``torch.no_grad()`` where gradients are on, else no block at all.
+
+    Under ``torch.export`` every grad-mode or autocast block is recorded,
+    even one that changes nothing, and torch then splits the graph into
+    one sub-module per block and inlines them back: most of the tracing
+    time of a BOAT model (``docs/deployment.md``). ONNX export runs
+    without gradients.
+    """
+    return torch.no_grad() if torch.is_grad_enabled() else \
+        contextlib.nullcontext()
+
+
+def _float32(device_type: str) -> ContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on
+    for that device, else no block at all (see :func:`_no_grad`)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def balanced_hierarchical_clustering(x: Tensor,
                                      plan: ClusterPlan,
                                      kmeans_iters: int = 2,
@@ -380,13 +401,14 @@ def balanced_hierarchical_clustering(x: Tensor,
         raise ValueError(f'x has {x.shape[1]} tokens but the plan is for '
                          f'{plan.num_tokens}; build the plan for '
                          f'N={x.shape[1]}.')
-    op = select_backend(CLUSTERING, impl, x).op(CLUSTERING)
-    if op is not None:
-        # Float32 math under autocast, as in the tensor ops.
-        with torch.autocast(x.device.type, enabled=False):
-            return op(x, plan.num_levels, plan.slot_size, kmeans_iters,
-                      float(temperature))
-    return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
+    with _no_grad():  # the ranking has no gradient
+        op = select_backend(CLUSTERING, impl, x).op(CLUSTERING)
+        if op is not None:
+            # Float32 math under autocast, as in the tensor ops.
+            with _float32(x.device.type):
+                return op(x, plan.num_levels, plan.slot_size, kmeans_iters,
+                          float(temperature))
+        return _clustering_tensor_ops(x, plan, kmeans_iters, temperature)
 
 
 def _default_kernel(x: Tensor, num_levels: int, slot_size: int,
@@ -415,7 +437,7 @@ def _clustering_tensor_ops(x: Tensor, plan: ClusterPlan, kmeans_iters: int,
     device = x.device
     # Clustering math runs in float32 even under autocast: the ranking is
     # sensitive to rounding and costs little next to attention.
-    with torch.autocast(device.type, enabled=False):
+    with _float32(device.type):
         # Normalise once and carry unit vectors plus norms through the
         # levels: cosines need the former, the centroid update (a weighted
         # sum of the raw vectors, as published) needs norm * unit vector.

@@ -13,6 +13,7 @@ the first ``n0`` and the remaining tokens, siblings borrow
 ``min(overlap, sibling size)`` keys.
 """
 import copy
+from collections import Counter, OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from boat_mm.models.utils import FeatureSpaceLocalAttention
 from boat_mm.ops import (_backends, balanced_hierarchical_clustering,
-                         build_cluster_plan, cpu_kernel_available)
+                         build_cluster_plan, clustering, cpu_kernel_available)
 
 # ---------------------------------------------------------------------------
 # The slow reference.
@@ -745,21 +746,58 @@ def test_compile_inductor_matches_eager():
     _check_compiled('inductor', (11, 13))
 
 
-def test_autocast_clusters_in_float32():
+@pytest.mark.parametrize('impl', ['auto', 'tensor'])
+def test_autocast_clusters_in_float32(impl):
     plan = build_cluster_plan(196)
     torch.manual_seed(10)
     q = torch.randn(4, 196, 8).to(torch.bfloat16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        perm_amp = balanced_hierarchical_clustering(q, plan)
+        perm_amp = balanced_hierarchical_clustering(q, plan, impl=impl)
     # Same clusters as the bf16 values clustered in float32.
-    assert torch.equal(perm_amp,
-                       balanced_hierarchical_clustering(q.float(), plan))
+    assert torch.equal(
+        perm_amp, balanced_hierarchical_clustering(q.float(), plan, impl=impl))
+    if impl == 'tensor':
+        return
     m = make_module(16, 2, torch.float32)
     x = torch.randn(2, 196, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = m(x, (14, 14))
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out.float()).all()
+
+
+def _mode_blocks(fn, x, grad: bool, amp: bool) -> Counter:
+    """The grad-mode and autocast blocks that torch.export's tracer
+    (``make_fx`` before dispatch) records in ``fn(x)``."""
+    from torch.amp.autocast_mode import _enter_autocast
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with torch.set_grad_enabled(grad), torch.autocast('cpu', enabled=amp):
+        graph = make_fx(fn, pre_dispatch=True)(x).graph
+    return Counter(
+        n.target.__name__ for n in graph.nodes
+        if n.op == 'call_function' and n.target in (torch._C._set_grad_enabled,
+                                                    _enter_autocast))
+
+
+def test_export_records_no_block_that_changes_nothing(monkeypatch):
+    """torch.export records every grad-mode or autocast block, even one
+    that changes nothing, and splits and inlines each (most of an ONNX
+    export's tracing, docs/deployment.md): FSLA's clustering and plan
+    enter one only where it changes something."""
+    plan = build_cluster_plan(64, 16, 4)
+    x = torch.randn(2, 64, 8)
+
+    def cluster(x):
+        return balanced_hierarchical_clustering(x, plan, impl='tensor')
+
+    assert _mode_blocks(cluster, x, grad=False, amp=False) == {}
+    assert _mode_blocks(cluster, x, False, True) == {'_enter_autocast': 1}
+    assert _mode_blocks(cluster, x, True, False) == {'_set_grad_enabled': 2}
+    # A plan built in the trace (none cached): FSLA's first call at a size.
+    monkeypatch.setattr(clustering, '_PLAN_CACHE', OrderedDict())
+    assert _mode_blocks(
+        lambda x: x + build_cluster_plan(x.shape[1], 16, 4).slot_valid.sum(),
+        torch.randn(1, 97), False, False) == {}
 
 
 def test_errors():
