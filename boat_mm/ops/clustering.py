@@ -362,8 +362,10 @@ def _no_grad() -> ContextManager:
 
 def _float32(device_type: str) -> ContextManager:
     """``torch.autocast(device_type, enabled=False)`` where autocast is on
-    for that device, else no block at all (see :func:`_no_grad`)."""
-    if torch.is_autocast_enabled(device_type):
+    for that device, else no block at all (see :func:`_no_grad`); none on
+    devices without autocast (``meta``), where torch refuses both."""
+    if (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

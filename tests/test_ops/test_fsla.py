@@ -800,6 +800,19 @@ def test_export_records_no_block_that_changes_nothing(monkeypatch):
         torch.randn(1, 97), False, False) == {}
 
 
+def test_meta_tensors_give_the_shapes():
+    """On the meta device (shape inference without memory) FSLA gives its
+    output's shape and dtype: torch has no autocast there, and refuses to
+    be asked about it."""
+    plan = build_cluster_plan(64, 16, 4, device='meta')
+    perm = balanced_hierarchical_clustering(
+        torch.empty(2, 64, 8, device='meta'), plan)
+    assert perm.is_meta and perm.shape == (2, 64) and perm.dtype == torch.long
+    m = make_module(16, 2, torch.float32, group_size=16, overlap=4)
+    out = m.to('meta')(torch.empty(1, 99, 16, device='meta'), (9, 11))
+    assert out.is_meta and out.shape == (1, 99, 16)
+
+
 def test_errors():
     with pytest.raises(ValueError, match='divisible by num_heads'):
         FeatureSpaceLocalAttention(10, 3)
