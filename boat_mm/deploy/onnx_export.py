@@ -18,6 +18,7 @@ import importlib
 import os
 import os.path as osp
 import tempfile
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
@@ -284,34 +285,46 @@ def check_dynamic(dynamic: Sequence[str]) -> bool:
     return 'batch' in dynamic
 
 
+# linear_time_rewrites swaps a module global of onnxscript: one block at a
+# time in the process (re-entrant in a thread).
+_RULES_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def linear_time_rewrites() -> Iterator[None]:
-    """Within the block, onnxscript's graph optimizer (torch's
-    ``optimize=True``) runs its default rewrite rules but ``SlicesSplit``.
+    """Within the block, torch's graph optimizer skips ``SlicesSplit``.
 
-    That rule (two Slices of one tensor -> one Split) is the one default
-    rule with two output nodes, and onnxscript 0.7 matches those by
-    walking the whole graph for every Slice: time quadratic in the graph.
-    BOAT's graphs have hundreds of Slices (stripes, heads, FSLA's
-    clustering levels) among thousands of nodes, and the rule took two
-    thirds of the export time (``docs/deployment.md``). It never fires
-    on what torch exports: its pattern is a Slice of four inputs, and
-    torch writes every Slice with five (the steps). So the file is the
-    one torch's optimizer writes. Where onnxscript keeps its rules
-    elsewhere, the block changes nothing.
+    That is onnxscript's default rewrite rule of two Slices of one tensor
+    to one Split, its one default rule with two output nodes, which
+    onnxscript 0.7 matches by walking the whole graph for every Slice:
+    time quadratic in the graph. BOAT's graphs have hundreds of Slices
+    among thousands of nodes, and the rule took most of the export time,
+    to rewrite nothing there: the benchmark of ``docs/deployment.md``
+    checks that the graphs with and without it are the same. Elsewhere, a
+    Split it would have written stays two Slices of the same values. All
+    other rules run as before.
+
+    The rule is taken out of onnxscript's default list and put back
+    after the block, also on an error; other threads wait for the block
+    to end. Where onnxscript keeps its rules otherwise (another version),
+    the block changes nothing.
     """
-    from onnxscript import rewriter
-    from onnxscript.rewriter.rules.common import slice_split_rule
-    rules = getattr(rewriter, '_DEFAULT_REWRITE_RULES', None)
-    if not isinstance(rules, tuple):
-        yield
-        return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules
-                                            if r is not slice_split_rule)
-    try:
-        yield
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = rules
+    with _RULES_LOCK:
+        try:
+            from onnxscript import rewriter
+            from onnxscript.rewriter.rules.common import slice_split_rule
+        except ImportError:
+            rewriter = None
+        rules = getattr(rewriter, '_DEFAULT_REWRITE_RULES', None)
+        if not isinstance(rules, tuple):
+            yield
+            return
+        rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules
+                                                if r is not slice_split_rule)
+        try:
+            yield
+        finally:
+            rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def export_onnx(wrapper: nn.Module,

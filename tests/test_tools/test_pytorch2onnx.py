@@ -21,6 +21,7 @@ import os.path as osp
 import re
 import runpy
 import sys
+import threading
 from typing import Optional
 
 import pytest
@@ -383,8 +384,9 @@ def test_optimizer_without_the_quadratic_rule(tmp_path, monkeypatch):
     """export_onnx runs torch's graph optimizer without consulting
     ``SlicesSplit`` (whose matching walks the whole graph per Slice: most
     of a BOAT export's time) and writes the graph torch's optimizer
-    writes; the rule list is restored after the block, also on an error,
-    and the block changes nothing where onnxscript has no such list."""
+    writes; the rule list is restored after the block, also on an error
+    and with blocks in two threads; and the block changes nothing where
+    onnxscript has no such list or module."""
     import onnx
     from onnxscript import rewriter
     from onnxscript.rewriter.rules.common import slice_split_rule
@@ -414,8 +416,8 @@ def test_optimizer_without_the_quadratic_rule(tmp_path, monkeypatch):
         m.setattr(onnx_export, 'linear_time_rewrites', contextlib.nullcontext)
         torchs, torchs_consulted = export('torch.onnx')
     assert torchs_consulted > 0 and ours == torchs
-    # Why it never fires on a torch export: its pattern is a Slice of
-    # four inputs, and torch writes every Slice with five (the steps).
+    # Here it cannot fire: torch's aten.slice writes Slices of five inputs
+    # (with the steps), and its pattern has four.
     assert [len(inputs) for op, inputs in ours if op == 'Slice'] == [5, 5]
 
     with onnx_export.linear_time_rewrites():
@@ -425,6 +427,28 @@ def test_optimizer_without_the_quadratic_rule(tmp_path, monkeypatch):
         with onnx_export.linear_time_rewrites():
             raise RuntimeError('inside')
     assert rewriter._DEFAULT_REWRITE_RULES is rules
+    # Another thread's block waits for this one to end, so that the rule
+    # is put back after both (without the lock, the second block to end
+    # would leave the list without it).
+    entered, done = threading.Event(), []
+
+    def other():
+        with onnx_export.linear_time_rewrites():
+            entered.set()
+        done.append(True)
+
+    with onnx_export.linear_time_rewrites():
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not entered.wait(0.5)
+    thread.join(10)
+    assert done and rewriter._DEFAULT_REWRITE_RULES is rules
+
+    # Other onnxscript layouts: the block changes nothing.
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, 'onnxscript.rewriter.rules.common', None)
+        with onnx_export.linear_time_rewrites():
+            assert rewriter._DEFAULT_REWRITE_RULES is rules
     monkeypatch.delattr(rewriter, '_DEFAULT_REWRITE_RULES')
     with onnx_export.linear_time_rewrites():
         assert not hasattr(rewriter, '_DEFAULT_REWRITE_RULES')
