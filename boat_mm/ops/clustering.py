@@ -361,9 +361,12 @@ def _no_grad() -> ContextManager:
 
 
 def _float32(device_type: str) -> ContextManager:
-    """``torch.autocast(device_type, enabled=False)`` where autocast is on
-    for that device, else no block at all (see :func:`_no_grad`); none on
-    devices without autocast (``meta``), where torch refuses both."""
+    """Autocast off for ``device_type`` where it is on, else no block.
+
+    ``torch.autocast(device_type, enabled=False)`` only where it changes
+    something (see :func:`_no_grad`); none on devices without autocast
+    (``meta``), where torch refuses both the block and the question.
+    """
     if (torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
         return torch.autocast(device_type, enabled=False)
