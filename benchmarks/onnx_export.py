@@ -228,10 +228,10 @@ def export_time(config: str, shape: List[int], threads: int,
             size_mib=osp.getsize(path) / 2**20,
             out=ox.run_onnxruntime(path, x, ox.make_session(path, threads)))
     first = rows['before']
+    reference = _without_metadata(first['graph'])
     for r in rows.values():
         r['nodes'] = len(r['graph'].node)
-        r['same_graph'] = _without_metadata(r['graph']) == _without_metadata(
-            first['graph'])
+        r['same_graph'] = _without_metadata(r['graph']) == reference
         r['max_abs_diff'] = float(abs(r['out'] - first['out']).max())
     return rows
 
