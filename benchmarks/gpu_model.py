@@ -422,6 +422,9 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         self.launches: List[Launch] = []
         self.ops: List[TorchOp] = []
         self.sample = sample
+        # Values read back to the host (int(t), bool(t), t.item()): on a
+        # GPU each is a sync, where the host waits for the queue to drain.
+        self.syncs: List[str] = []
 
     # Triton ------------------------------------------------------------
     def launch(self, ifn, args, grid, kwargs) -> None:
@@ -502,6 +505,8 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
                     return impl(*args, **kwargs)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        if name == '_local_scalar_dense':
+            self.syncs.append(_caller())
         if _NO_KERNEL.match(name):
             if name.startswith(('empty', 'new_empty')):
                 out.zero_()
@@ -522,6 +527,16 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         else:
             self.ops.append(TorchOp(name, 1, nbytes, False))
         return out
+
+
+def _caller() -> str:
+    """Where boat_mm code asked for the value being read back."""
+    import traceback
+    for frame in reversed(traceback.extract_stack()):
+        if f'{osp.sep}boat_mm{osp.sep}' in frame.filename:
+            return f'{osp.basename(frame.filename)}:{frame.lineno} ' \
+                   f'({frame.name})'
+    return 'outside boat_mm'
 
 
 def _is_view(func) -> bool:
@@ -582,6 +597,11 @@ def _cuda_planning() -> List[tuple]:
     patches = [(torch.cuda, 'get_device_properties',
                 torch.cuda.get_device_properties)]
     torch.cuda.get_device_properties = lambda *a, **k: _H100
+    # The perm check reads the perm back (a sync), for CPU tensors only.
+    from boat_mm.ops import clustered_attn
+    patches.append((clustered_attn, '_check_perm_values',
+                    clustered_attn._check_perm_values))
+    clustered_attn._check_perm_values = lambda perm, plan: None
     for mod in _triton_modules():
         public = set(getattr(mod, '__all__', ()))
         for name, fn in list(vars(mod).items()):
@@ -1218,6 +1238,12 @@ def main() -> None:
     if args.check:
         check_window()
     recs = {shape: record_shape(*shape, batch=BATCH) for shape in shapes}
+    for (side, _, _), rec in recs.items():
+        syncs = rec['fsla'].syncs
+        if syncs:
+            WARNINGS.add(f'FSLA at {side}^2 reads {len(syncs)} values back '
+                         f'to the host ({", ".join(sorted(set(syncs)))}): '
+                         f'each a GPU sync, not in the predicted time')
     launches = [
         x for r in recs.values() for k in ('fsla', 'window')
         for x in r[k].launches

@@ -616,6 +616,9 @@ def test_gpu_model_records_launches_as_on_cuda(monkeypatch):
     assert win_bwd.flops == 5 * product * win_bwd.programs
     # Every q, k and v row is read at least once: bytes >= useful bytes.
     assert fwd.bytes >= 196 * 3 * 32 * 2
+    # Nothing is read back to the host (a GPU would wait), and no op runs
+    # that CUDA tensors skip (the perm check is for CPU tensors).
+    assert rec['fsla'].syncs == [] and rec['fsla'].ops == []
 
 
 def test_fit_check_of_the_current_gpu(monkeypatch):
