@@ -415,7 +415,10 @@ class TorchOp:
 class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the torch ops (inside the custom ops too) and, through the
     patched interpreter, the Triton launches; fresh allocations are zeroed
-    so that kernels that do not run leave valid indices behind."""
+    so that kernels that do not run leave valid indices behind. Also lists
+    where a value is read back to the host through the dispatcher
+    (``int(t)``, ``bool(t)``, ``t.item()``; not ``tolist``, ``cpu`` or
+    ``numpy`` of CPU tensors, which bypass it: boat_mm's ops use none)."""
 
     def __init__(self, sample: bool = True):
         super().__init__()
@@ -593,7 +596,9 @@ def _cuda_planning() -> List[tuple]:
     """Makes the wrappers choose as for an H100: every module-level
     function of the Triton modules with a ``device`` (or ``props``)
     parameter, other than the public entry points, is called with a CUDA
-    device (or the H100's properties). Returns what to restore."""
+    device (or the H100's properties), and the attention's check of the
+    perm's values, which CUDA tensors skip, is skipped. Returns what to
+    restore."""
     patches = [(torch.cuda, 'get_device_properties',
                 torch.cuda.get_device_properties)]
     torch.cuda.get_device_properties = lambda *a, **k: _H100

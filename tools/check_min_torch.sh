@@ -9,16 +9,15 @@
 # with BOAT_MM_WITH_OPS=0), then runs the backbone, FSLA op and Triton
 # interpreter tests there (TRITON_INTERPRET=1, CPU tensors).
 #
-# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores: 804 passed,
-# 22 skipped, 123 failed or errors): everything passes except (a) 110
-# Triton tests: the interpreter of the Triton torch 2.4.1 pins (3.0.0)
-# cannot run FSLA's kernels (up to Triton 3.6 with numpy >= 2.3; 3.7.1
-# and 3.8.0 run them), and the GPU-branch tests stand in for compiler
-# internals that 3.0.0 lacks; (b) 11 tests that build mmseg models, which
-# need mmcv's compiled ops (mmcv-lite has none); (c) the 2 Inductor
-# tests: torch 2.4's C++ code generator fails on the plan's slot mask (an
-# int32 and an int64 vector compared), a bug of that torch (the
-# fullgraph torch.compile test on aot_eager passes).
+# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores): everything
+# passes except (a) the Triton tests (110): the interpreter of the Triton
+# torch 2.4.1 pins (3.0.0) cannot run FSLA's kernels (up to Triton 3.6
+# with numpy >= 2.3; 3.7.1 and 3.8.0 run them), and the tests of the GPU
+# branches stand in for Triton internals that 3.0.0 does not have; and
+# (b) the tests that build mmseg models (11), which need mmcv's compiled
+# ops (mmcv-lite has none). The Inductor test is an expected failure
+# there (torch 2.4's C++ code generator compares an int32 with an int64
+# vector in the plan's slot mask).
 #
 # Heavy: torch's Linux wheel from the registry is a CUDA build (~0.8 GB,
 # plus its CUDA libraries, ~3 GB); run it with nice and one thread:

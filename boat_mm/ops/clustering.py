@@ -366,16 +366,19 @@ def _float32(device_type: str) -> ContextManager:
     ``torch.autocast(device_type, enabled=False)`` only where it changes
     something (see :func:`_no_grad`); none on devices without autocast
     (``meta``), where torch refuses both the block and the question.
-    TorchDynamo of torch 2.4 cannot trace that availability check (a
-    graph break, an error under ``fullgraph=True``), and a compiled graph
-    runs on real devices, so it is skipped there.
     """
-    available = (
-        torch.compiler.is_compiling()
-        or torch.amp.is_autocast_available(device_type))
-    if available and torch.is_autocast_enabled(device_type):
+    if (_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast: a constant to torch.compile,
+    as TorchDynamo of torch 2.4 cannot trace the question (a graph break;
+    an error under ``fullgraph=True``)."""
+    return torch.amp.is_autocast_available(device_type)
 
 
 def balanced_hierarchical_clustering(x: Tensor,

@@ -76,6 +76,8 @@ def test_explicit_choice_errors(monkeypatch):
         select(CLUS, 'triton', _like('cpu'))
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     assert select(CLUS, 'triton', _like('cpu')).name == 'triton'
+    # The C++ kernels' input errors, built or not here.
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', True)
     with pytest.raises(ValueError, match="runs on the CPU.*'triton'"):
         select(CLUS, 'cpp', _like('cuda'))
     with pytest.raises(ValueError, match='without attention dropout'):
