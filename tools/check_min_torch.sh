@@ -11,8 +11,8 @@
 #
 # Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores): everything
 # passes except (a) the Triton tests (110): the interpreter of the Triton
-# torch 2.4.1 pins (3.0.0) cannot run FSLA's kernels (up to Triton 3.6
-# with numpy >= 2.3; 3.7.1 and 3.8.0 run them), and the tests of the GPU
+# torch 2.4.1 pins (3.0.0) cannot run FSLA's kernels (3.5.1 and later
+# can: tools/check_triton_range.sh), and the tests of the GPU
 # branches stand in for Triton internals that 3.0.0 does not have; and
 # (b) the tests that build mmseg models (11), which need mmcv's compiled
 # ops (mmcv-lite has none). The Inductor test is an expected failure

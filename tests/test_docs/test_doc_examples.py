@@ -653,6 +653,10 @@ COVERAGE: Dict[str, object] = {
     NotRun('builds a separate environment at the lowest torch (GBs of '
            'downloads); run by hand, its result is in the commit that added '
            'it'),
+    'tools/check_triton_range.sh':
+    NotRun('installs other Triton releases (200 MB each) and runs the '
+           'Triton tests under each (minutes); run by hand, its result is in '
+           'its header'),
     'benchmarks/fsla.py':
     NotRun('a benchmark (minutes; never a test)'),
     'benchmarks/backbone.py':
