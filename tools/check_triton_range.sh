@@ -46,11 +46,9 @@ for version in "${VERSIONS[@]}"; do
     fi
     log="$WORK/triton-$version.log"
     set +e
-    # BOAT_MM_ANY_TRITON: the tests skip the kernels under the Tritons
-    # this script found wrong (tests/conftest.py); here they must run.
     PYTHONPATH="$target:$ROOT" TRITON_INTERPRET=1 OMP_NUM_THREADS=2 \
-        BOAT_MM_ANY_TRITON=1 "$PY" -m pytest -p no:cacheprovider \
-        -o addopts= -q "${TESTS[@]}" > "$log" 2>&1
+        "$PY" -m pytest -p no:cacheprovider -o addopts= -q "${TESTS[@]}" \
+        > "$log" 2>&1
     set -e
     echo "== triton $version: $(tail -n 1 "$log")"
     # The failed tests, without parameters, counted; then the causes.
