@@ -6,9 +6,12 @@
 # scalar conversion, whatever the kernel) into a folder of its own under
 # WORK, puts it before the project's .venv on PYTHONPATH, runs the Triton
 # test files there (TRITON_INTERPRET=1, CPU tensors) and prints, per
-# version, pytest's summary and the failed tests by cause. The kernels
-# compiled for a GPU are another matter: this shows what each Triton's
-# interpreter computes, the only check of the kernels' results here.
+# version, pytest's summary and the failed tests by cause (the
+# impl='triton' cases of test_tie_breaking.py and
+# test_uninitialized_memory.py are not among them; under 3.5.1 with numpy
+# 2.2.6 they pass). The kernels compiled for a GPU are another matter:
+# this shows what each Triton's interpreter computes, the only check of
+# the kernels' results here.
 #
 # Found on 2026-12-07 (torch 2.14.1, numpy 2.2.6; 127 tests, 18 skipped
 # for CUDA; "compile facts": the sm_90 register and shared-memory bounds
@@ -38,13 +41,20 @@ TESTS=(tests/test_ops/test_triton_attention.py
   tests/test_ops/test_triton_fsla.py)
 
 cd "$ROOT"
+PYVER=$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
 for version in "${VERSIONS[@]}"; do
-    target="$WORK/triton-$version"
-    if [ ! -d "$target/triton" ]; then
-        "$PY" -m pip install -q --disable-pip-version-check --no-deps \
-            --target "$target" "triton==$version" "numpy<2.3"
+    target="$WORK/triton-$version-$PYVER"
+    # Reused only when both packages landed (an interrupted install would
+    # run the venv's numpy, which these interpreters fail on).
+    if [ ! -d "$target/triton" ] || [ ! -d "$target/numpy" ]; then
+        rm -rf "$target"
+        if ! "$PY" -m pip install -q --disable-pip-version-check \
+            --no-deps --target "$target" "triton==$version" "numpy<2.3"; then
+            echo "== triton $version: could not be installed, skipped"
+            continue
+        fi
     fi
-    log="$WORK/triton-$version.log"
+    log="$target.log"
     set +e
     PYTHONPATH="$target:$ROOT" TRITON_INTERPRET=1 OMP_NUM_THREADS=2 \
         "$PY" -m pytest -p no:cacheprovider -o addopts= -q "${TESTS[@]}" \
