@@ -629,6 +629,9 @@ CASES = [
     ('test', [DET, '{ours}', '--cfg-options', 'model.backbone.with_cp=1'],
      'model.backbone: BOATCSWin: with_cp must be True or False, got 1 '
      '(int).'),
+    ('train', [SEG, '--cfg-options', 'model.backbone.norm_cfg.type=BN'],
+     "model.backbone: BOATCSWin: norm_cfg={'type': 'BN', 'requires_grad': "
+     "True} cannot normalise the (B, N, C) tokens of the blocks"),
     ('train', [SEG, '--cfg-options', 'model.backbone.frozen_stages=5'],
      'model.backbone (BOATCSWin): frozen_stages must be in [-1, 4], got 5.'),
     ('test',

@@ -30,10 +30,11 @@ from torch import Tensor
 
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_bool, check_frozen_stages,
-                          check_int, check_number, check_pretrained_file,
-                          check_qk_scale, check_rate, fsla_settings,
-                          parse_arch, parse_out_indices, pretrained_init_cfg,
-                          stage_widths, unexpected_arguments_error)
+                          check_int, check_norm_cfg, check_number,
+                          check_pretrained_file, check_qk_scale, check_rate,
+                          fsla_settings, parse_arch, parse_out_indices,
+                          pretrained_init_cfg, stage_widths,
+                          unexpected_arguments_error)
 from ..utils.ckpt_convert import (PublishedLayout, key_listing,
                                   pick_boat_weights)
 
@@ -379,7 +380,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
         norm_cfg (dict): Norm layers, over the last dimension of the
             ``(B, N, C)`` tokens (LN; BN and GN normalise dimension 1
-            and do not fit). Defaults to ``dict(type='LN')``.
+            and are refused). Defaults to ``dict(type='LN')``.
         frozen_stages (int): Freeze (stop grad, eval mode) the stem when
             >= 0 and stages ``0 .. frozen_stages - 1`` (with their merges
             and output norms), as mmseg's Swin (mmpretrain's Swin freezes
@@ -492,6 +493,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 drop_path_rate=drop_path_rate,
                 with_fsla=with_fsla,
                 fsla_cfg=fsla_cfg,
+                norm_cfg=norm_cfg,
                 frozen_stages=frozen_stages,
                 with_cp=with_cp,
                 init_cfg=init_cfg,
@@ -563,9 +565,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         three drop rates, ``with_fsla`` (with an arch that has FSLA
         blocks), ``fsla_cfg`` (its keys, and its values as
         :meth:`FeatureSpaceLocalAttention.check_arguments` checks them),
-        ``frozen_stages``, ``with_cp``,
-        ``pretrained`` with ``init_cfg``, and the family's own arguments
-        (:meth:`_check_family_arguments`). Not covered: whether a
+        ``norm_cfg`` (a norm over the last dimension), ``frozen_stages``,
+        ``with_cp``, ``pretrained`` with ``init_cfg``, and the family's own
+        arguments (:meth:`_check_family_arguments`). Not covered: whether a
         ``Pretrained`` file exists (checked by ``init_weights``).
 
         Args:
@@ -623,6 +625,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         out_indices = parse_out_indices(args['out_indices'], len(depths))
         check_frozen_stages(args['frozen_stages'], len(depths))
         check_qk_scale(args['qk_scale'], name)
+        check_norm_cfg(args['norm_cfg'], name)
         # The original builds FSLA with the block's qkv_bias and drops.
         fsla_cfg = fsla_settings(
             args['fsla_cfg'],

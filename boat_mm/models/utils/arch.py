@@ -12,6 +12,7 @@ from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
 
 import torch
 import torch.nn as nn
+from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 __all__ = [
@@ -19,7 +20,7 @@ __all__ = [
     'parse_out_indices', 'check_frozen_stages', 'fsla_settings',
     'FrozenStagesMixin', 'pretrained_init_cfg', 'unexpected_arguments_error',
     'check_qk_scale', 'check_int', 'check_number', 'check_bool', 'check_rate',
-    'check_tokens', 'UPSTREAM_SWIN_ARGS'
+    'check_tokens', 'check_norm_cfg', 'UPSTREAM_SWIN_ARGS'
 ]
 
 #: The arguments of the upstream Swin backbones (mmpretrain's, mmseg's and
@@ -460,6 +461,42 @@ def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
         raise ValueError(
             f'{name}: qk_scale must be positive or None, got {qk_scale}; '
             f'use qk_scale=None for the default head_dim ** -0.5.')
+
+
+def check_norm_cfg(norm_cfg: dict, name: str) -> None:
+    """Check that ``norm_cfg`` builds a norm over the last dimension.
+
+    The blocks normalise ``(B, N, C)`` tokens. BN and GN normalise
+    dimension 1, which would fail at the first forward with torch's shape
+    error, far from the config; so build the layer once for a small width
+    and run it on such tokens.
+
+    Args:
+        norm_cfg (dict): The argument, for mmcv's ``build_norm_layer``.
+        name (str): The class it is given to, for the error.
+    """
+    if not isinstance(norm_cfg, dict) or 'type' not in norm_cfg:
+        raise TypeError(f"{name}: norm_cfg must be a dict with a 'type', "
+                        f"e.g. dict(type='LN'), got {norm_cfg!r}.")
+    fix = "use a norm over the last dimension, e.g. dict(type='LN')"
+    try:
+        layer = build_norm_layer(norm_cfg, 4)[1].eval()
+    except KeyError as err:
+        # mmcv 2.1 says "Cannot find None in registry" for a missing type.
+        raise ValueError(f'{name}: norm_cfg type {norm_cfg["type"]!r} is not '
+                         f'a registered norm layer (in the current registry '
+                         f'scope); {fix}.') from err
+    try:
+        with torch.no_grad():
+            shape = tuple(layer(torch.zeros(1, 2, 4)).shape)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        first = str(err).splitlines()[0] if str(err) else ''
+        raise ValueError(f'{name}: norm_cfg={norm_cfg!r} cannot normalise '
+                         f'the (B, N, C) tokens of the blocks '
+                         f'({type(err).__name__}: {first}); {fix}.') from err
+    if shape != (1, 2, 4):
+        raise ValueError(f'{name}: norm_cfg={norm_cfg!r} turns (B, N, C) '
+                         f'tokens of shape (1, 2, 4) into {shape}; {fix}.')
 
 
 def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:

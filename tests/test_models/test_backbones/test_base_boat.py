@@ -344,6 +344,7 @@ BAD_ARGUMENTS = [
     dict(pretrained='x.pth', init_cfg=dict(type='Pretrained')),
     dict(window_size=0),  # BOAT-Swin's own; an unknown one for BOAT-CSWin
     dict(patch_size=2.0),
+    dict(norm_cfg=dict(type='BN')),
 ]
 
 
@@ -460,6 +461,19 @@ BAD_ARGUMENTS = [
      'embed_dims must be a positive int or one positive width per stage'),
     (dict(arch=arch(embed_dims=[8, 16, 32, 64.5])), ValueError,
      'embed_dims must be a positive int'),
+    # Norms of dimension 1 used to build, then fail at the first forward.
+    (dict(norm_cfg=dict(type='BN')), ValueError,
+     r"norm_cfg=\{'type': 'BN'\} cannot normalise the \(B, N, C\) tokens "
+     r"of the blocks \(ValueError: expected 4D input \(got 3D input\)\); "
+     r"use a norm over the last dimension, e\.g\. dict\(type='LN'\)\.$"),
+    (dict(norm_cfg=dict(type='BN1d')), ValueError, 'cannot normalise'),
+    (dict(norm_cfg=dict(type='GN', num_groups=1)), ValueError,
+     'cannot normalise'),
+    (dict(norm_cfg='LN'), TypeError,
+     r"norm_cfg must be a dict with a 'type', e\.g\. dict\(type='LN'\), "
+     r"got 'LN'\.$"),
+    (dict(norm_cfg=dict(type="NoSuchNorm")), ValueError,
+     r"norm_cfg type 'NoSuchNorm' is not a registered norm layer"),
 ]
 
 
@@ -469,6 +483,19 @@ def test_bad_arguments_name_the_argument(family, kwargs, error, match):
     kwargs = dict(dict(arch=ARCHS[family]), **kwargs)
     with pytest.raises(error, match=match):
         family(**kwargs)
+
+
+@pytest.mark.parametrize('family', boat_families())
+def test_norm_cfg_reaches_every_norm(family):
+    """A norm over the last dimension other than the default builds, and
+    every norm of the backbone (stem, blocks, merges, outputs) is it."""
+    model = family(arch=ARCHS[family], norm_cfg=dict(type='LN', eps=1e-3))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) > 2 * sum(model.depths)
+    assert {m.eps for m in norms} == {1e-3}
+    default = family(arch=ARCHS[family])
+    assert len(norms) == sum(
+        isinstance(m, torch.nn.LayerNorm) for m in default.modules())
 
 
 # Custom arch dicts that cannot build a backbone, for every family: the
