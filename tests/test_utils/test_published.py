@@ -162,6 +162,44 @@ def test_published_weights_that_load_still_say_convert(tmp_path):
         CheckpointLoader.load_checkpoint(path)['state_dict']) == set(plain)
 
 
+def test_other_models_sharing_a_prefix_are_not_called_published(tmp_path):
+    """BOAT-Swin's published keys start with ``layers.``, as do other
+    models' (mmseg's converted ViTs: ``layers.0.ln1.weight``, with the
+    stem at ``patch_embed.projection``): such a file keeps torch's
+    weights-only error and the backbone's own mismatch error, not our
+    message naming the converter; a published-layout Swin (its stem at
+    ``patch_embed.proj``) still gets it."""
+    import argparse
+
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from boat_mm.models import BOATSwin
+    vit = {
+        'patch_embed.projection.weight': torch.ones(8, 3, 4, 4),
+        'layers.0.ln1.weight': torch.ones(8),
+        'layers.0.attn.attn.in_proj_weight': torch.ones(24, 8),
+    }
+    path = str(tmp_path / 'vit.pth')
+    torch.save(dict(state_dict=vit, args=argparse.Namespace(lr=1.)), path)
+    with pytest.raises(Exception) as err:
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    assert not isinstance(err.value, PublishedCheckpointError)
+    assert 'argparse.Namespace' in str(err.value)
+    torch.save(dict(state_dict=vit), path)
+    arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
+    model = BOATSwin(
+        arch=arch, init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(Exception) as err:
+        model.init_weights()
+    assert 'matches 1 of the' in str(err.value)
+    assert 'published' not in str(err.value), err.value
+    swin = dict(vit)
+    swin['patch_embed.proj.weight'] = swin.pop('patch_embed.projection.weight')
+    torch.save(dict(state_dict=swin, args=argparse.Namespace(lr=1.)), path)
+    with pytest.raises(PublishedCheckpointError, match='BOAT-Swin'):
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+
+
 def test_inspection_of_legacy_and_plain_pickle_files(tmp_path):
     """Files of torch.save's legacy format (before torch 1.6; the object
     follows a magic number, protocol and system info) and plain pickles

@@ -131,7 +131,8 @@ def detect_boat_family(
             f'boat2mm.py writes and tools/train.py saves: no conversion '
             f'needed. Load the file directly: {how}.')
     if cls is None:
-        looked = ', '.join(f'{c.published.name} ({c.published.marker}*)'
+        looked = ', '.join(f'{c.published.name} ({c.published.marker}* and '
+                           f'{c.published.stem[0]}.weight)'
                            for c in boat_families() if c.published is not None)
         raise KeyError(f'None of the published BOAT layouts found: '
                        f'{looked}; first keys: {list(state_dict)[:5]}.')
@@ -356,10 +357,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         in_channels (int): Input channels. Defaults to 3.
         mlp_ratio (float): FFN hidden ratio. Defaults to 4.
         out_indices (Sequence[int] | int): Stages to output (negative counts
-            from the end). What follows the last of them is not run, and
-            its weights (kept in the state dict) do not require grad, so
-            DDP needs no ``find_unused_parameters``. Defaults to
-            ``(0, 1, 2, 3)``.
+            from the end), each through its own norm (``norm{i}``), as
+            mmseg's and mmdet's Swin. What follows the last of them is not
+            run, and its weights (kept in the state dict) do not require
+            grad. An output that the head does not read leaves its norm
+            without a gradient, which DDP refuses unless
+            ``find_unused_parameters=True``: a classifier, whose head reads
+            the last map, takes ``(3, )`` (mmpretrain's Swin default).
+            Defaults to ``(0, 1, 2, 3)``.
         qkv_bias (bool): Bias of the qkv projections. Defaults to True.
         qk_scale (float, optional): Scale of the image-space attention
             logits (and of FSLA's, unless the family's ``fsla_qk_scale`` or
@@ -515,6 +520,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.norm_cfg = norm_cfg
         self.with_fsla = with_fsla
         self.fsla_cfg = settings['fsla_cfg']
+        if not with_fsla:
+            self._check_fsla_arguments(self.arch_settings, self.fsla_cfg)
         self.block_cfg = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -536,14 +543,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         """The keyword parameters of the class and of the bases it passes
         ``**kwargs`` to, by name; a subclass's own wins (its default)."""
         params: Dict[str, inspect.Parameter] = {}
-        for klass in cls.__mro__:
-            # (Mixins before the family, e.g. SimMIM's, take **kwargs.)
-            if (not issubclass(klass, BaseBOATBackbone)
-                    or '__init__' not in klass.__dict__):
+        # Up to this class: mixins after it (FrozenStagesMixin, BaseModule)
+        # take no backbone argument; those before it (SimMIM's) may.
+        for klass in cls.__mro__[:cls.__mro__.index(BaseBOATBackbone) + 1]:
+            if '__init__' not in klass.__dict__:
                 continue
             for p in inspect.signature(klass.__init__).parameters.values():
-                if p.name != 'self' and \
-                        p.kind is not inspect.Parameter.VAR_KEYWORD:
+                if p.name != 'self' and p.kind not in (
+                        inspect.Parameter.VAR_KEYWORD,
+                        inspect.Parameter.VAR_POSITIONAL):
                     params.setdefault(p.name, p)
         return params
 
@@ -589,7 +597,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         cls._check_family_arguments(args)
         # Last, as the build meets them: in each FSLA the blocks build.
         cls._check_fsla_arguments(settings['arch_settings'],
-                                  settings['fsla_cfg'], args['with_fsla'])
+                                  settings['fsla_cfg'])
         return settings
 
     @classmethod
@@ -641,20 +649,21 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             init_cfg=init_cfg)
 
     @classmethod
-    def _check_fsla_arguments(cls, arch_settings: Dict, fsla_cfg: dict,
-                              with_fsla: bool) -> None:
+    def _check_fsla_arguments(cls, arch_settings: Dict,
+                              fsla_cfg: dict) -> None:
         """Validate the values of ``fsla_cfg`` (``group_size``,
-        ``overlap``, ...) as the FSLA of each stage that has one will take
-        them (:meth:`check_arguments` calls it; in ``__init__``, each FSLA
-        the blocks build checks its own).
+        ``overlap``, ...) as the FSLA of each stage that has one takes
+        them, with ``with_fsla=False`` too (a config that turns FSLA off
+        keeps a wrong value for when it is turned on): :meth:`check_arguments`
+        calls it, and ``__init__`` without FSLA; with it, each FSLA the
+        blocks build checks its own.
 
         Args:
             arch_settings (dict): The parsed arch.
             fsla_cfg (dict): The parsed FSLA settings.
-            with_fsla (bool): The backbone's argument.
         """
         depths = list(arch_settings['depths'])
-        for i, depth in enumerate(depths if with_fsla else []):
+        for i, depth in enumerate(depths):
             if any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
                 FeatureSpaceLocalAttention.check_arguments(
                     embed_dims=arch_settings['embed_dims'][i],
@@ -1168,7 +1177,31 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             f'shape); {keys}; the backbone expects {own[:4]} ... '
             f'({len(own)} in all).{hint}{layout}', advice)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _misplaced(self, state_dict: Mapping, prefix: str, fits: List[str],
+                   unexpected_keys: List[str]) -> bool:
+        """Whether a load that fits few weights is a file of another
+        layout, rather than part of a model on purpose (a head, a stem):
+        keys under ``prefix`` that do not load, or, with none under it,
+        keys that the modules above could not place (a published file, or
+        a backbone's, given to ``load_from``).
+
+        Args:
+            state_dict (Mapping): The weights under ``prefix``.
+            prefix (str): The module's prefix.
+            fits (list[str]): Its keys that load.
+            unexpected_keys (list[str]): The loader's, so far.
+
+        Returns:
+            bool: True to refuse the load.
+        """
+        loads = {prefix + k for k in fits}
+        mine = [k for k in state_dict if k.startswith(prefix)]
+        if mine:
+            return any(k not in loads for k in mine)
+        return bool(unexpected_keys)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
         # Derived buffers of the original or of mmpretrain's models are
         # recomputed here; drop them so strict loading accepts such files.
         if self.derived_buffers:
@@ -1178,13 +1211,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     del state_dict[key]
         # A file of another layout would load nothing, with only a log of
         # missing keys under strict=False (load_from, Pretrained): refuse.
-        # (The loaders hand a module only the keys under its prefix.)
+        # (The loaders hand a module only the keys under its prefix.) A
+        # part of a model, loaded with strict=False, loads as in torch.
         own = self.state_dict(keep_vars=True)
         fits, resized, skipped = self._fitting(state_dict, prefix, own)
-        if len(fits) < self.min_loaded_share * len(own):
+        if len(fits) < self.min_loaded_share * len(own) and self._misplaced(
+                state_dict, prefix, fits, unexpected_keys):
             raise self._mismatch_error(state_dict, prefix, len(fits))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._log_partial_load(own, fits, resized, skipped)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if fits or skipped:
+            self._log_partial_load(own, fits, resized, skipped)
         if not self.with_fsla:
             unused = [
                 k for k in state_dict

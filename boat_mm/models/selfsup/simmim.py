@@ -3,15 +3,16 @@
 
 mmpretrain's ``SimMIM`` algorithm calls its backbone as ``backbone(images,
 mask)``: the patch tokens where ``mask`` is 1 are replaced by a learned
-mask token before the first stage, and the last stage's map goes to the
-decoder (``SimMIMLinearDecoder``). ``SimMIMSwinTransformer`` adds this to
-mmpretrain's Swin; :class:`MaskedImageMixin` adds it to any BOAT family,
-and :class:`SimMIMBOATSwin` and :class:`SimMIMBOATCSWin` are the two
-families with it. Their weights are the family's plus ``mask_token``, so a
+mask token before the first stage, and the first output (the last
+stage's map, by default) goes to the decoder (``SimMIMLinearDecoder``).
+``SimMIMSwinTransformer`` adds this to mmpretrain's Swin;
+:class:`MaskedImageMixin` adds it to any BOAT family, and
+:class:`SimMIMBOATSwin` and :class:`SimMIMBOATCSWin` are the two families
+with it. Their weights are the family's plus ``mask_token``, so a
 pre-trained checkpoint loads into the family's backbone for fine-tuning
 (``mask_token`` is left out with the other keys it does not use).
 """
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,11 +38,18 @@ class MaskedImageMixin:
 
     Args:
         *args: The backbone's positional arguments.
+        out_indices (Sequence[int] | int): The backbone's; the last stage
+            by default (as mmpretrain's ``SimMIMSwinTransformer``), the
+            one map that ``SimMIM`` decodes (``latent[0]``). Defaults to
+            ``(-1,)``.
         **kwargs: The backbone's keyword arguments.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self,
+                 *args: Any,
+                 out_indices: Union[Sequence[int], int] = (-1, ),
+                 **kwargs: Any) -> None:
+        super().__init__(*args, out_indices=out_indices, **kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims))
 
     def init_weights(self) -> None:

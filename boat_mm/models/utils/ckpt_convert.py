@@ -211,10 +211,13 @@ class PublishedLayout:
             state_dict (Mapping): Weights of a checkpoint.
 
         Returns:
-            bool: True if a key starts with ``marker``.
+            bool: True if a key starts with ``marker`` and the stem's
+            projection weight is there under its published name (a prefix
+            alone, such as BOAT-Swin's ``layers.``, is shared by other
+            models' files, e.g. mmseg's converted ViTs).
         """
-        return bool(self.marker) and any(
-            str(k).startswith(self.marker) for k in state_dict)
+        return (bool(self.marker) and f'{self.stem[0]}.weight' in state_dict
+                and any(str(k).startswith(self.marker) for k in state_dict))
 
     def detect(self, state_dict: Mapping[str, Tensor]) -> dict:
         """Describe a published state dict from its keys and shapes.

@@ -187,13 +187,51 @@ def test_legitimate_loads_still_work(tmp_path, family):
     assert missing and all('fsla' in k for k in missing)
 
 
+@pytest.mark.parametrize('family', boat_families())
+def test_parts_of_a_model_load_with_strict_false(family):
+    """torch's ``strict=False``: a head alone, or a stem alone, loads into
+    a model that holds a BOAT backbone and leaves the rest as it was; a
+    file with nothing for the backbone and keys no module takes (a
+    backbone's file without its ``backbone.`` prefix) is still refused."""
+    model = classifier(family)
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(0)
+    head = {
+        k: torch.randn_like(v)
+        for k, v in before.items() if k.startswith('head.')
+    }
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    assert head and not unexpected
+    assert sorted(missing) == sorted(set(before) - set(head))
+    stem = {
+        k: torch.randn_like(v)
+        for k, v in before.items() if k.startswith('backbone.patch_embed.')
+    }
+    assert model.load_state_dict(stem, strict=False).unexpected_keys == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, {**before, **head, **stem}[key]), key
+    backbone_file = {
+        k[len('backbone.'):]: v
+        for k, v in before.items() if k.startswith('backbone.')
+    }
+    with pytest.raises(ValueError, match="matches 0 of .* no keys under"):
+        model.load_state_dict(backbone_file, strict=False)
+
+
 def test_detect_boat_family_lists_what_it_looks_for():
     with pytest.raises(KeyError) as err:
         detect_boat_family({'conv1.weight': torch.zeros(1)})
     for family in boat_families():
         layout = family.published
-        assert f'{layout.name} ({layout.marker}*)' in str(err.value)
-        assert detect_boat_family({layout.marker + 'x.weight': 0}) is family
+        stem = f'{layout.stem[0]}.weight'
+        assert f'{layout.name} ({layout.marker}* and {stem})' in str(err.value)
+        assert detect_boat_family({
+            layout.marker + 'x.weight': 0,
+            stem: 0
+        }) is family
+        # The marker alone is another model's (mmseg's ViTs: layers.*).
+        with pytest.raises(KeyError):
+            detect_boat_family({layout.marker + 'x.weight': 0})
 
 
 def test_pretrained_path_with_tilde_is_expanded(tmp_path, monkeypatch):
@@ -345,6 +383,7 @@ BAD_ARGUMENTS = [
     dict(window_size=0),  # BOAT-Swin's own; an unknown one for BOAT-CSWin
     dict(patch_size=2.0),
     dict(norm_cfg=dict(type='BN')),
+    dict(with_fsla=False, fsla_cfg=dict(kmeans_temperature=0)),
 ]
 
 
@@ -472,7 +511,10 @@ BAD_ARGUMENTS = [
     (dict(norm_cfg='LN'), TypeError,
      r"norm_cfg must be a dict with a 'type', e\.g\. dict\(type='LN'\), "
      r"got 'LN'\.$"),
-    (dict(norm_cfg=dict(type="NoSuchNorm")), ValueError,
+    # Without FSLA too: a config that turns it off keeps the value.
+    (dict(with_fsla=False, fsla_cfg=dict(group_size=16)), ValueError,
+     r'overlap \(20\) must be >= 0 and smaller than group_size \(16\)'),
+    (dict(norm_cfg=dict(type='NoSuchNorm')), ValueError,
      r"norm_cfg type 'NoSuchNorm' is not a registered norm layer"),
 ]
 

@@ -151,6 +151,24 @@ def test_mask_token_init_and_pretrained(variant, family, arch, tmp_path):
     assert not torch.equal(loaded.mask_token, model.mask_token)
 
 
+@pytest.mark.parametrize('variant, family, arch', VARIANTS)
+def test_default_output_is_the_last_stage(variant, family, arch):
+    """SimMIM decodes the first output (``latent[0]``): without
+    ``out_indices`` the variants output the last stage alone, as
+    mmpretrain's ``SimMIMSwinTransformer``, and the tools, which read the
+    outputs' widths without building, say the same."""
+    model = _build(variant, arch)
+    outs = model(torch.randn(1, 3, 64, 64))
+    last = _build(family, arch, out_indices=(3, ))(torch.randn(1, 3, 64, 64))
+    assert [o.shape for o in outs] == [o.shape for o in last]
+    assert outs[0].shape[1] == arch['embed_dims'] * 8
+    assert variant.output_channels(arch=arch) == {3: arch['embed_dims'] * 8}
+    assert family.output_channels(arch=arch) == {
+        i: arch['embed_dims'] * 2**i
+        for i in range(4)
+    }
+
+
 def test_unknown_argument_names_the_accepted_ones():
     with pytest.raises(TypeError, match='window_siz.*window_size'):
         SimMIMBOATSwin(arch=SWIN_ARCH, window_siz=6)
