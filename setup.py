@@ -35,14 +35,10 @@ def _version_field(name: str) -> str:
 # opcheck (the op tests), to TORCH_MAX_TESTED, the pinned version the
 # project is developed on. tools/check_min_torch.sh builds a separate
 # environment at TORCH_MIN and runs the backbone, op and Triton
-# interpreter tests there. Triton (shipped with torch's CUDA wheels; only
-# FSLA's CUDA kernels use it): TRITON_MIN_TESTED is the oldest whose
-# interpreter gives every result their tests check (with numpy < 2.3
-# before 3.7; tools/check_triton_range.sh); torch 2.4.1's Triton 3.0.0
-# does not, and no Triton has run them on a GPU yet.
+# interpreter tests there. Triton, which boat_mm does not require: see
+# TRITON_MIN_TESTED in boat_mm/version.py.
 TORCH_MIN = _version_field('TORCH_MIN')
 TORCH_MAX_TESTED = '2.14.1'
-TRITON_MIN_TESTED = '3.5.1'
 
 
 def get_extensions() -> tuple:

@@ -29,6 +29,13 @@ version_info = parse_version_info(__version__)
 # the same mmcv and mmengine ranges for pip). TORCH_MIN: the first torch
 # with torch.library.register_fake and register_autograd (boat_mm/ops).
 TORCH_MIN = '2.4.1'
+# Triton (shipped with torch's CUDA wheels; only FSLA's CUDA kernels use
+# it): the oldest whose interpreter gives every result the kernels' tests
+# check (with numpy < 2.3 before 3.7; tools/check_triton_range.sh). torch
+# 2.4.1's Triton 3.0.0 does not, and no Triton has run them on a GPU yet.
+# boat_mm does not check it; the tests that run or compile a kernel (the
+# `triton` marker) skip below it.
+TRITON_MIN_TESTED = '3.5.1'
 MMCV_MIN, MMCV_MAX = '2.1.0', '2.2.0'
 MMENGINE_MIN, MMENGINE_MAX = '0.10.7', '1.0.0'
 

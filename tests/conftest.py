@@ -29,6 +29,10 @@ if 'OMP_NUM_THREADS' not in os.environ:
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
+# The `triton` marker's skip and its check (tests/triton_launches.py), and
+# pytester, whose test of that check runs pytest on a toy test file.
+pytest_plugins = ['triton_launches', 'pytester']
+
 
 def _look_up_upstream_bases_once() -> None:
     """MMEngine resolves every ``mmseg::``/``mmdet::``/``mmpretrain::``
@@ -70,7 +74,8 @@ _look_up_upstream_bases_once()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``cuda`` need a CUDA GPU: skipped without one."""
+    """Tests marked ``cuda`` need a CUDA GPU: skipped without one. (The
+    ``triton`` marker: triton_launches.py.)"""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason='needs a CUDA GPU')

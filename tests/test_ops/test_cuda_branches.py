@@ -182,6 +182,7 @@ def _fit_config(dtype=torch.float32):
     return tuple(sorted(cfg.items()))
 
 
+@pytest.mark.triton
 def test_fit_check_compares_the_kernel_with_the_gpu(monkeypatch):
     """The shared-memory check compiles the kernel for the GPU (stood in
     for) and refuses exactly when it needs more than the GPU gives a
@@ -321,6 +322,7 @@ def test_clustering_kernel_refuses_more_slots_than_int32_indexes():
         tc.balanced_clustering(x, 1, 32, 2, 100.)
 
 
+@pytest.mark.triton
 def test_clustering_kernel_converts_other_real_dtypes_to_float32():
     """Integer vectors are clustered as their float32 values."""
     gen = torch.Generator().manual_seed(3)

@@ -175,7 +175,7 @@ def tie_input(num_tokens: int,
     raise AssertionError(f'no input found for level {level} of {levels}')
 
 
-IMPLS = ['tensor', 'cpp', 'triton']
+IMPLS = ['tensor', 'cpp', pytest.param('triton', marks=pytest.mark.triton)]
 # (N, group_size) -> L levels, S slots; uniform and padded.
 SHAPES = {
     (24, 3): (3, 3),  # 8 leaves of 3

@@ -46,6 +46,7 @@ CASES = [(14, 14, 32, 2, 20), (11, 13, 64, 2, 20), (13, 13, 64, 1, 0),
          (9, 9, 32, 2, 20)]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('h,w,dims,heads,overlap', CASES)
 def test_triton_equals_tensor_path_in_float64(h, w, dims, heads, overlap):
     """Outputs, value image and every qkv gradient row, through the public
@@ -92,6 +93,7 @@ def _equals_tensor_path_in_float64(qkv, perm, plan, heads, hw, overlap=20):
 # Where the kernels' plan changes: the 64- and 16-row tiles of slot sizes
 # 65-80 (N = 130: two clusters of 65), a 16-row tile of borrowed keys
 # (overlap 16), at batch 1 and 8.
+@pytest.mark.triton
 @pytest.mark.parametrize('h,w,overlap,batch', [(10, 13, 20, 1),
                                                (14, 14, 16, 8)])
 def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
@@ -113,6 +115,7 @@ def test_triton_tile_buckets_in_float64(h, w, overlap, batch):
 # schedule) or after both. The batch only offsets the programs' sample
 # row, which batch 2 already does (batch 8 runs in the tests above and
 # below, at four times this one's interpreted programs).
+@pytest.mark.triton
 @pytest.mark.parametrize('h,w,group,overlap,batch', [(21, 25, 49, 20, 2),
                                                      (10, 16, 64, 20, 1),
                                                      (15, 21, 64, 20, 2),
@@ -145,6 +148,7 @@ def test_triton_overflow_tile_in_float64(h, w, group, overlap, batch,
 # lent_in_pass: the
 # lent keys completed by the second pass, as for 16-bit inputs (else
 # after both passes, as for 32- and 64-bit ones).
+@pytest.mark.triton
 @pytest.mark.parametrize('h,w,batch,lent_in_pass,group',
                          [(6, 7, 1, False, 49), (6, 7, 8, False, 49),
                           (9, 9, 1, False, 49), (9, 9, 8, False, 49),
@@ -219,6 +223,7 @@ def _no_specialisation(kernel) -> list:
     return [kernel.arg_names[n] if isinstance(n, int) else n for n in names]
 
 
+@pytest.mark.triton
 def test_triton_only_the_image_reaches_the_loss():
     """The backward of an output that is not used gets no zero tensor
     (autograd passes None): the gradient from the image alone, and from
@@ -234,6 +239,7 @@ def test_triton_only_the_image_reaches_the_loss():
         torch.testing.assert_close(*grads, rtol=0, atol=1e-12)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_triton_low_precision(dtype):
     """float32 to float32 rounding; bfloat16 against the tensor path in
@@ -252,6 +258,7 @@ def test_triton_low_precision(dtype):
         assert_low_precision_close(ours, ref, own)
 
 
+@pytest.mark.triton
 def test_triton_op_lse_and_no_image():
     """The op's log-sum-exp equals the C++ op's (padding slots 0) or, by
     hand, ``logsumexp`` of a cluster's scores; without an image shape
@@ -283,6 +290,7 @@ def test_triton_op_lse_and_no_image():
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
+@pytest.mark.triton
 def test_triton_clustering_through_the_public_function():
     """impl='triton' of the clustering runs the Triton kernel
     (``boat_mm/ops/triton/clustering.py``) through the boat_mm_triton op:
@@ -294,6 +302,7 @@ def test_triton_clustering_through_the_public_function():
     assert torch.equal(perm, ref)
 
 
+@pytest.mark.triton
 def test_fsla_module_with_triton():
     """FSLA with ``clustering_impl='triton'`` and ``attention_impl=
     'triton'``: output and every parameter gradient equal the tensor
@@ -316,6 +325,7 @@ def test_fsla_module_with_triton():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.triton
 def test_triton_backend_reaches_the_triton_op():
     """impl='triton' runs the boat_mm_triton op and its backward."""
     qkv, perm, plan = _problem((14, 14), 32, 2, dtype=torch.float32)
@@ -432,6 +442,7 @@ def sm90_cache(tmp_path_factory):
     return tmp_path_factory.mktemp('triton_cache')
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
 def test_kernels_compile_for_sm90(sm90_cache):
     """The kernels compile to H100 code as the wrappers configure them for
@@ -524,6 +535,7 @@ for limit in (need[0] - 1, need[0], need[1] - 1, need[1]):
 """
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(CUDA, reason='the cuda tests run the compiled kernels')
 def test_backward_check_on_gpus_that_are_not_here(sm90_cache):
     """The forward's check that the backward of its sizes fits the GPU
@@ -686,6 +698,7 @@ def test_auto_runs_tensor_ops_where_the_kernels_do_not_fit(monkeypatch):
         _run('triton', qkv, perm, plan, 2, (11, 13))
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(
     CUDA, reason='stands in for a GPU; the cuda tests '
     'run the real one')
@@ -753,6 +766,7 @@ def test_auto_decides_before_the_call_whether_the_kernels_fit(
     assert set(asked) == {d + (True, ), d + (False, )}
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(
     CUDA, reason='stands in for a GPU; the cuda tests '
     'run the real one')

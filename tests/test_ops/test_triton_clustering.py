@@ -73,6 +73,7 @@ FLOAT64_CASES = [(49, 2, 8, 2, 100.), (98, 2, 16, 2, 100.),
                  (265, 2, 8, 2, 100.)]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('n,rows,d,iters,temperature', FLOAT64_CASES)
 def test_float64_equals_tensor_ops(n, rows, d, iters, temperature):
     """Sums in another order are far below the ratio gaps in float64: the
@@ -103,6 +104,7 @@ SCHEDULES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('n,consts,iters,kinds', SCHEDULES)
 def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters, kinds,
@@ -124,6 +126,7 @@ def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters, kinds,
                        _clustering_tensor_ops(x.double(), plan, iters, 100.))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('n', [196, 265])
 def test_float32_agrees(n):
     """float32 rounding could flip a near-tie; on these seeded inputs the
@@ -137,6 +140,7 @@ def test_float32_agrees(n):
     assert torch.equal(_clustering_tensor_ops(x.float(), plan, 2, 100.), exact)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_half_inputs_clustered_in_float32(dtype):
     """bfloat16 / float16 vectors are clustered in float32: the result of
@@ -149,6 +153,7 @@ def test_half_inputs_clustered_in_float32(dtype):
     assert torch.equal(ours, _clustering_tensor_ops(x.double(), plan, 2, 100.))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('dtype,programs', [(torch.float64, None),
                                             (torch.float32, None),
                                             (torch.float32, 64),
@@ -173,6 +178,7 @@ def test_ties_broken_by_position(monkeypatch, dtype, programs):
     assert (pos[:, 1::2] - pos[:, 0::2] == 1).all()
 
 
+@pytest.mark.triton
 def test_rows_are_independent():
     """Each row is clustered on its own."""
     plan = build_cluster_plan(133, device=DEVICE)
@@ -180,6 +186,7 @@ def test_rows_are_independent():
     assert torch.equal(_triton(x[1:2], plan), _triton(x, plan)[1:2])
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not cpu_kernel_available(), reason='needs boat_mm._C')
 @pytest.mark.parametrize('n,levels,slots', [(3, 2, 1), (5, 3, 2), (40, 2, 12)])
 def test_more_clusters_than_the_plan_rule(n, levels, slots):
@@ -203,6 +210,7 @@ def test_bad_arguments():
         tc.balanced_clustering(x, 1, 10, -1, 100.)
 
 
+@pytest.mark.triton
 def test_nan_inputs_still_give_a_permutation():
     """NaN vectors cannot be refused without a host sync; they rank
     somewhere, and the result stays a valid permutation (no gather out of

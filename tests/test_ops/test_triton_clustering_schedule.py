@@ -251,6 +251,7 @@ H100_CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(
     not INTERPRETED,
     reason='the interpreter runs the '
@@ -336,6 +337,7 @@ for name, args, kw in log:
 """
 
 
+@pytest.mark.triton
 def test_kernels_compile_for_sm90(tmp_path):
     """The variants launched at 128^2 tokens (bfloat16) and in float64
     compile to H100 code without spilling; the float32-math kernels use

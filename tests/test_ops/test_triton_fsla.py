@@ -44,6 +44,7 @@ MODULE_CASES = [((14, 14), 32, 4, {}), ((11, 13), 16, 2, {}),
                 ((5, 7), 16, 2, {})]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize('hw,dims,heads,kwargs', MODULE_CASES)
 def test_module_on_triton_equals_reference(hw, dims, heads, kwargs):
     """Output, input gradient and every parameter gradient of FSLA on the
@@ -51,6 +52,7 @@ def test_module_on_triton_equals_reference(hw, dims, heads, kwargs):
     check_module_against_reference(hw, dims, heads, 'triton', DEVICE, **kwargs)
 
 
+@pytest.mark.triton
 def test_second_derivative_is_refused():
     """The Triton kernels refuse a second derivative through FSLA (a
     gradient penalty) with the fix, after the right first derivative."""
@@ -80,6 +82,7 @@ def _train_step(model: torch.nn.Module, img: torch.Tensor,
     return outs
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     'family', [BOATSwin, BOATCSWin], ids=lambda c: c.__name__)
 def test_backbone_on_triton_equals_tensor_path(family):

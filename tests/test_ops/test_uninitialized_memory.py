@@ -56,8 +56,10 @@ PARAMS = [(impl, *case) for impl in IMPLS for case in CASES
           if impl != 'triton' or case[0] in ((11, 13), (33, 8))]
 
 
-@pytest.mark.parametrize('impl,hw,dims,heads',
-                         PARAMS + [('triton-phased', (7, 19), 16, 2)])
+@pytest.mark.parametrize('impl,hw,dims,heads', [
+    pytest.param(*p, marks=pytest.mark.triton) if p[0] == 'triton' else p
+    for p in PARAMS
+] + [pytest.param('triton-phased', (7, 19), 16, 2, marks=pytest.mark.triton)])
 def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
                                                  nan_filled_memory,
                                                  monkeypatch):
