@@ -1267,8 +1267,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             blocks = sorted(
                 {k.split('.fsla.')[0].split('.norm_fsla')[0]
                  for k in fsla})
+            # A checkpoint with FSLA weights elsewhere is a BOAT one (e.g.
+            # of a shallower arch), not a Swin / CSWin.
+            why = ('not in the checkpoint' if any(map(_is_fsla_key, got)) else
+                   'which a Swin / CSWin checkpoint lacks')
             parts.append(f'FSLA ({len(fsla)} weights in {len(blocks)} '
-                         f'blocks, which a Swin / CSWin checkpoint lacks)')
+                         f'blocks, {why})')
         if norms:
             parts.append(f'output norms '
                          f"{sorted({k.split('.')[0] for k in norms})} "

@@ -146,6 +146,26 @@ def test_weights_of_another_shape_are_skipped_not_new(mmpretrain_swin_file,
         f"lacks); output norms ['norm0', 'norm1', 'norm2'] (6 weights).")
 
 
+def test_fsla_of_a_deeper_boat_model_is_not_called_missing_from_a_swin(
+        tmp_path, logs):
+    """A BOAT-Swin file of a shallower arch into a deeper one: the new
+    blocks' FSLA is "not in the checkpoint", not what "a Swin / CSWin
+    checkpoint lacks" (the file has FSLA weights)."""
+    deeper = dict(SWIN, depths=[2, 2, 4, 2])
+    src = BOATSwin(arch=SWIN).state_dict()
+    path = str(tmp_path / 'boat_swin_shallow.pth')
+    torch.save({'state_dict': src}, path)
+    model = BOATSwin(
+        arch=deeper, init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    new = [k for k in model.state_dict() if k not in src]
+    fsla = [k for k in new if '.fsla.' in k or '.norm_fsla.' in k]
+    blocks = {k.split('.fsla.')[0].split('.norm_fsla')[0] for k in fsla}
+    [msg] = backbone_lines(logs)
+    assert fsla and (f'FSLA ({len(fsla)} weights in {len(blocks)} blocks, '
+                     f'not in the checkpoint)') in msg, msg
+
+
 def test_prefix_advice_needs_half_of_the_weights(tmp_path):
     """A file whose top level holds half of the backbone's weights is
     advised to load without the prefix; one weight fewer (a part of a
