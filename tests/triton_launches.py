@@ -62,7 +62,11 @@ def _count_triton_launches() -> List[str]:
     except ImportError:
         pass
     for cls in classes:
-        run = cls.run
+        # Triton 3.0's interpreter launches otherwise; its kernel tests
+        # skip, and CI's Triton enforces the marker.
+        run = getattr(cls, 'run', None)
+        if run is None:
+            continue
 
         def counted(self, *args, _run=run, **kwargs):
             if not kwargs.get('warmup', False):

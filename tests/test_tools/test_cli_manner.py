@@ -239,6 +239,14 @@ CASES = [
      "split='train' (BaseDataset.__init__ refuses it): if the base "
      "config's dataset (of another type) gives it, replace that dataset "
      'with `_delete_=True` in yours'),
+    # A child's classes with the base's palette (MMEngine merges the
+    # metainfo dicts): mmseg's traceback when the runner built the data.
+    ('train', [
+        SEG, '--cfg-options', 'train_dataloader.dataset.type=BaseSegDataset',
+        'train_dataloader.dataset.metainfo.classes=[a,b,c,d,e,f,g,h,i]'
+    ], "train_dataloader's dataset (BaseSegDataset) has 9 classes but a "
+     "palette of 8 colours (a base config's palette is merged into your "
+     'metainfo): give one colour per class'),
     # Top-5 of 2 classes stopped at the first validation, an epoch in;
     # the fix given passes the check (the next one is the data's).
     ('train', [

@@ -566,12 +566,33 @@ def _unexpected_argument(stage: str, ds: dict,
             f"'{ds.get('type')}', ...)), else remove {name}")
 
 
+def _palette_error(stage: str, ds: dict, err: BaseException) -> Optional[str]:
+    """What :func:`check_datasets` says of an mmseg dataset whose palette
+    is not one colour per class: most often a base config's palette merged
+    into a child's ``metainfo`` of other classes (MMEngine merges dicts),
+    which mmseg refuses with a traceback when the runner builds it."""
+    if not isinstance(err, ValueError) or not str(err).startswith(
+            'palette does not match classes'):
+        return None
+    from mmengine.registry import DATASETS
+    meta = dict(getattr(DATASETS.get(ds.get('type')), 'METAINFO', {}) or {})
+    meta.update(ds.get('metainfo') or {})
+    classes, palette = meta.get('classes') or (), meta.get('palette') or ()
+    return (f"{stage}'s dataset ({ds.get('type')}) has {len(classes)} "
+            f'classes but a palette of {len(palette)} colours (a base '
+            f"config's palette is merged into your metainfo): give one "
+            f'colour per class, metainfo=dict(classes=(...), palette=[[r, '
+            f'g, b], ...]), or leave the palette to mmseg with '
+            f'metainfo=dict(_delete_=True, classes=(...))')
+
+
 def _lazy_datasets(cfg: Config,
                    stages: Sequence[str]) -> Iterator[Tuple[str, dict, Any]]:
     """``(stage, config, dataset)`` of each leaf dataset of the given
     dataloaders, built without reading any data (``lazy_init``); one that
     does not build is skipped (the runner will say why), unless it was
-    given an argument its class does not take."""
+    given an argument its class does not take or a palette that does not
+    match its classes."""
     import copy
 
     from mmengine.registry import DATASETS, DefaultScope
@@ -589,7 +610,9 @@ def _lazy_datasets(cfg: Config,
                         cfg.get('default_scope')):
                     dataset = DATASETS.build(ds)
             except Exception as err:  # noqa: BLE001  (the runner will say)
-                error = _unexpected_argument(stage, ds, err)
+                error = (
+                    _unexpected_argument(stage, ds, err)
+                    or _palette_error(stage, ds, err))
                 if error:
                     raise UsageError(error) from err
                 continue
@@ -717,8 +740,9 @@ def check_datasets(cfg: Config, stages: Sequence[str]) -> None:
       of another type), which mmseg meets as an assertion at the first
       sample.
     * a dataset config with an argument its class does not take (kept
-      from a base's dataset of another type), which the runner meets with
-      a traceback.
+      from a base's dataset of another type), or an mmseg palette of
+      another length than the classes (a base's, merged into the
+      ``metainfo``), which the runner meets with a traceback.
     * an mmpretrain ``Accuracy`` of the dataloader's evaluator asking for
       a top-k beyond the head's classes (top-5 of 2 classes), which stops
       at the first validation.
