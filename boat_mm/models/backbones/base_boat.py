@@ -1200,6 +1200,41 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             return any(k not in loads for k in mine)
         return bool(unexpected_keys)
 
+    def _depth_error(self, state_dict: Mapping,
+                     prefix: str) -> Optional[CheckpointMismatchError]:
+        """The error for a checkpoint of another depth (tiny weights into
+        small: the same widths, so most weights fit and the extra blocks
+        would start from scratch), judged on the stages it holds blocks
+        of; None when those have this backbone's depths.
+
+        Args:
+            state_dict (Mapping): The checkpoint's weights.
+            prefix (str): The module's prefix in it.
+
+        Returns:
+            CheckpointMismatchError, optional: The error to raise.
+        """
+        blocks: Dict[int, int] = {}
+        for key in state_dict:
+            parts = str(key)[len(prefix):].split('.')
+            if (str(key).startswith(prefix) and len(parts) > 3
+                    and parts[0] == 'stages' and parts[2] == 'blocks'
+                    and parts[1].isdigit() and parts[3].isdigit()):
+                stage, block = int(parts[1]), int(parts[3])
+                blocks[stage] = max(blocks.get(stage, 0), block + 1)
+        theirs = [blocks.get(i) for i in range(max(blocks, default=-1) + 1)]
+        if all(i < self.num_stages and n in (None, self.depths[i])
+               for i, n in enumerate(theirs)):
+            return None
+        depths = [n or 0 for n in theirs]
+        return CheckpointMismatchError(
+            f'{type(self).__name__}: the checkpoint is of another depth: '
+            f'its stages have {depths} blocks, this backbone\'s '
+            f'{self.depths} (e.g. tiny weights into small, whose extra '
+            f'blocks would start from scratch). Build the backbone with the '
+            f'checkpoint\'s arch (depths {depths}), or load weights of this '
+            f'arch.')
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # Derived buffers of the original or of mmpretrain's models are
@@ -1218,6 +1253,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         if len(fits) < self.min_loaded_share * len(own) and self._misplaced(
                 state_dict, prefix, fits, unexpected_keys):
             raise self._mismatch_error(state_dict, prefix, len(fits))
+        # Most weights fit, yet it may be a model of another depth.
+        depth_error = self._depth_error(state_dict, prefix)
+        if depth_error is not None:
+            raise depth_error
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
                                       error_msgs)

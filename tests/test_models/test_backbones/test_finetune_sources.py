@@ -146,24 +146,49 @@ def test_weights_of_another_shape_are_skipped_not_new(mmpretrain_swin_file,
         f"lacks); output norms ['norm0', 'norm1', 'norm2'] (6 weights).")
 
 
-def test_fsla_of_a_deeper_boat_model_is_not_called_missing_from_a_swin(
+def test_fsla_missing_from_a_boat_file_is_not_called_a_swin_gap(
         tmp_path, logs):
-    """A BOAT-Swin file of a shallower arch into a deeper one: the new
-    blocks' FSLA is "not in the checkpoint", not what "a Swin / CSWin
-    checkpoint lacks" (the file has FSLA weights)."""
-    deeper = dict(SWIN, depths=[2, 2, 4, 2])
+    """A BOAT-Swin file without one block's FSLA: that FSLA is "not in the
+    checkpoint", not what "a Swin / CSWin checkpoint lacks" (the file has
+    other FSLA weights)."""
     src = BOATSwin(arch=SWIN).state_dict()
-    path = str(tmp_path / 'boat_swin_shallow.pth')
+    fsla = [k for k in src if '.fsla.' in k or '.norm_fsla.' in k]
+    block = fsla[0].split('.fsla.')[0].split('.norm_fsla')[0]
+    gone = [k for k in fsla if k.startswith(block + '.')]
+    assert 0 < len(gone) < len(fsla)
+    path = str(tmp_path / 'boat_swin_part.pth')
+    torch.save({'state_dict': {
+        k: v
+        for k, v in src.items() if k not in gone
+    }}, path)
+    pretrained(path, prefix=None)
+    [msg] = backbone_lines(logs)
+    assert (f'FSLA ({len(gone)} weights in 1 blocks, not in the '
+            f'checkpoint)') in msg, msg
+
+
+def test_checkpoint_of_another_depth_is_refused(tmp_path):
+    """Tiny weights into small (the same widths, most weights fit): the
+    error names both depths and the fix, where the extra blocks would have
+    started from scratch; a file with only some stages loads."""
+    src = BOATSwin(arch=SWIN).state_dict()
+    path = str(tmp_path / 'boat_swin.pth')
     torch.save({'state_dict': src}, path)
+    deeper = dict(SWIN, depths=[2, 2, 4, 2])
     model = BOATSwin(
         arch=deeper, init_cfg=dict(type='Pretrained', checkpoint=path))
-    model.init_weights()
-    new = [k for k in model.state_dict() if k not in src]
-    fsla = [k for k in new if '.fsla.' in k or '.norm_fsla.' in k]
-    blocks = {k.split('.fsla.')[0].split('.norm_fsla')[0] for k in fsla}
-    [msg] = backbone_lines(logs)
-    assert fsla and (f'FSLA ({len(fsla)} weights in {len(blocks)} blocks, '
-                     f'not in the checkpoint)') in msg, msg
+    with pytest.raises(CheckpointMismatchError) as err:
+        model.init_weights()
+    assert str(err.value) == (
+        "BOATSwin: the checkpoint is of another depth: its stages have "
+        "[2, 2, 2, 2] blocks, this backbone's [2, 2, 4, 2] (e.g. tiny "
+        'weights into small, whose extra blocks would start from scratch). '
+        "Build the backbone with the checkpoint's arch (depths [2, 2, 2, "
+        '2]), or load weights of this arch.')
+    # Stage 0 alone (of this backbone's depth) loads.
+    part = {k: v for k, v in src.items() if k.startswith('stages.0.')}
+    assert part and BOATSwin(arch=deeper).load_state_dict(
+        part, strict=False).unexpected_keys == []
 
 
 def test_prefix_advice_needs_half_of_the_weights(tmp_path):
