@@ -201,6 +201,7 @@ def test_fit_check_compares_the_kernel_with_the_gpu(monkeypatch):
                  _fit_config()) == (4097, 4096)
 
 
+@pytest.mark.triton
 def test_fit_check_warns_where_triton_cannot_tell(monkeypatch):
     """A Triton whose internals differ (the check compiles without
     launching through them) gets no answer, and a warning naming the
