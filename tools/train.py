@@ -40,7 +40,8 @@ from typing import List, Optional
 # The tools' shared code (tools/boat_tools); imported before mmengine, as it
 # silences mmengine's warnings that are not the user's concern.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from boat_tools.cli import ArgumentParser, UsageError, load_config, tool_main
+from boat_tools.cli import (ArgumentParser, UsageError, check_checkpoint,
+                            load_config, tool_main)
 from boat_tools.config import (adapt_cfg_to_device, add_launcher_args,
                                build_runner, check_amp_device,
                                check_checkpoint_fits, check_data_roots,
@@ -156,6 +157,7 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         # What MMEngine's find_latest_checkpoint reads.
         latest = osp.join(cfg.work_dir, 'last_checkpoint')
         if cfg.get('load_from') and not osp.exists(latest):
+            check_checkpoint(cfg.load_from, 'load_from')
             # Nothing to resume yet: MMEngine would start from scratch, the
             # config's load_from dropped (as upstream tools do); a job
             # script that always passes --resume starts from it instead,
@@ -173,6 +175,8 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         check_resumable(args.resume)
         cfg.resume = True
         cfg.load_from = args.resume
+    elif cfg.get('load_from'):
+        check_checkpoint(cfg.load_from, 'load_from')
 
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):

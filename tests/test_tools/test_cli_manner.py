@@ -239,6 +239,16 @@ CASES = [
      "split='train' (BaseDataset.__init__ refuses it): if the base "
      "config's dataset (of another type) gives it, replace that dataset "
      'with `_delete_=True` in yours'),
+    # A load_from that is not there: MMEngine's bare "can not be found"
+    # after the runner was built.
+    ('train', [SEG, '--cfg-options', 'load_from=nothere.pth'],
+     "load_from 'nothere.pth' not found (working directory"),
+    ('train', [
+        SEG, '--resume', '--work-dir', '{root}/resume', '--cfg-options',
+        'load_from=nothere.pth'
+    ], 'converted from the published weights by tools/model_converters/'
+     "boat2mm.py (the config folders' READMEs list them); or "
+     '`--cfg-options load_from=None`'),
     # A child's classes with the base's palette (MMEngine merges the
     # metainfo dicts): mmseg's traceback when the runner built the data.
     ('train', [

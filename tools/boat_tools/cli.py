@@ -232,20 +232,25 @@ def check_device(device: str) -> None:
                          f'--device {dev.type}:0')
 
 
-def check_checkpoint(path: str) -> str:
+def check_checkpoint(path: str, what: str = 'checkpoint') -> str:
     """:func:`check_file` for a weights file.
 
     Args:
-        path (str): The ``--checkpoint`` given.
+        path (str): The file given.
+        what (str): Where: ``'checkpoint'`` (an argument) or
+            ``'load_from'`` (the config's, which can also be dropped).
+            Defaults to ``'checkpoint'``.
 
     Returns:
-        str: ``path``, an existing file.
+        str: ``path``, an existing file (or a URL).
     """
-    return check_file(
-        path, 'checkpoint',
-        'pass a .pth file written by tools/train.py (WORK_DIR/iter_N.pth, '
-        'or the path in WORK_DIR/last_checkpoint) or converted from the '
-        'published weights by tools/model_converters/boat2mm.py')
+    fix = ('pass a .pth file written by tools/train.py (WORK_DIR/iter_N.pth, '
+           'or the path in WORK_DIR/last_checkpoint) or converted from the '
+           'published weights by tools/model_converters/boat2mm.py')
+    if what == 'load_from':
+        fix = (f'{fix} (the config folders\' READMEs list them); or '
+               f'`--cfg-options load_from=None`')
+    return check_file(path, what, fix)
 
 
 def merge_cfg_options(cfg: 'Config',
