@@ -28,6 +28,15 @@ def _launch():
     assert y.item() == 1
 
 
+@pytest.fixture(scope='module')
+def launched():
+    _launch()
+
+
+def test_unmarked_module_fixture(launched):
+    pass
+
+
 def test_unmarked():
     _launch()
 
@@ -66,10 +75,11 @@ def test_a_launch_without_the_marker_fails(pytester, monkeypatch):
     the kernel and the fix); the marked ones and a parameter marked alone
     pass, as does a test without a kernel."""
     result = _run(pytester, monkeypatch, old_triton=False)
-    result.assert_outcomes(passed=5, errors=1)
-    assert ("test_toy.py::test_unmarked launched Triton kernels (['_copy']) "
-            'without the `triton` marker: add @pytest.mark.triton'
-            in result.stdout.str())
+    result.assert_outcomes(passed=6, errors=2)
+    for name in ('test_unmarked', 'test_unmarked_module_fixture'):
+        assert (f"test_toy.py::{name} launched Triton kernels (['_copy']) "
+                f'without the `triton` marker: add @pytest.mark.triton'
+                in result.stdout.str())
 
 
 def test_below_the_tested_triton_the_marked_tests_skip(pytester, monkeypatch):
@@ -78,7 +88,16 @@ def test_below_the_tested_triton_the_marked_tests_skip(pytester, monkeypatch):
     fails)."""
     from boat_mm.version import TRITON_MIN_TESTED
     result = _run(pytester, monkeypatch, old_triton=True)
-    result.assert_outcomes(passed=3, skipped=2, errors=1)
+    result.assert_outcomes(passed=4, skipped=2, errors=2)
     out = result.stdout.str()
     assert out.count(f'Triton 3.0.0 is older than the tested '
                      f'{TRITON_MIN_TESTED} (boat_mm/version.py)') == 2, out
+    # tools/check_triton_range.sh runs them anyway.
+    monkeypatch.setenv('BOAT_MM_TRITON_TESTS', 'all')
+    result = pytester.runpytest_subprocess('-p', 'triton_launches')
+    result.assert_outcomes(passed=6, errors=2)
+
+
+def test_the_plugin_is_loaded_here(request):
+    """tests/conftest.py loads it for the whole suite."""
+    assert request.config.pluginmanager.has_plugin('triton_launches')

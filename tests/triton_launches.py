@@ -4,12 +4,19 @@
 A test that runs or compiles a Triton kernel carries the marker. Under a
 Triton older than ``boat_mm.version.TRITON_MIN_TESTED``, whose interpreter
 cannot run FSLA's kernels (torch 2.4's Triton 3.0: tools/check_min_torch.sh),
-the marked tests skip, so that the failures left there are real. Every
-kernel launch in the test process is counted, and a test that launches one
+the marked tests skip, so that the failures left there are real;
+``BOAT_MM_TRITON_TESTS=all`` runs them anyway (tools/check_triton_range.sh
+does, to see what older releases give).
+
+Every kernel launch in the test process (``run`` of Triton's JIT and
+interpreted functions, not its ``warmup`` compiles) is counted from the
+setup of each test, module fixtures included, and a test that launches one
 without the marker fails: the marker stays complete without a list kept by
-hand. (Compiles in a subprocess are not seen: those tests are marked by
-hand.)
+hand. Not seen, so marked by hand: compiles in a subprocess or through
+``warmup``, and tests that replace the launch themselves (the GPU model's
+recorder).
 """
+import os
 from typing import List, Optional
 
 import pytest
@@ -33,9 +40,10 @@ def triton_below_tested() -> Optional[str]:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Skip the tests marked ``triton`` under a Triton below the tested."""
+    """Skip the tests marked ``triton`` under a Triton below the tested
+    (unless ``BOAT_MM_TRITON_TESTS=all``)."""
     reason = triton_below_tested()
-    if not reason:
+    if not reason or os.environ.get('BOAT_MM_TRITON_TESTS') == 'all':
         return
     skip = pytest.mark.skip(reason=reason)
     for item in items:
@@ -80,13 +88,22 @@ def _count_triton_launches() -> List[str]:
 _TRITON_LAUNCHES = _count_triton_launches()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Count from here: before the test's fixtures, module ones too."""
+    item.stash[_LAUNCHES_BEFORE] = len(_TRITON_LAUNCHES)
+
+
+_LAUNCHES_BEFORE = pytest.StashKey[int]()
+
+
 @pytest.fixture(autouse=True)
 def _triton_launches_are_marked(request):
     """A test that launches a Triton kernel must carry the ``triton``
     marker (``@pytest.mark.triton``, or ``marks=`` on its parameters),
     which skips it where Triton is too old: fail it otherwise, so that
     the marker stays complete."""
-    before = len(_TRITON_LAUNCHES)
+    before = request.node.stash.get(_LAUNCHES_BEFORE, len(_TRITON_LAUNCHES))
     yield
     launched = sorted(set(_TRITON_LAUNCHES[before:]))
     if launched and request.node.get_closest_marker('triton') is None:

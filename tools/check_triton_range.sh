@@ -5,7 +5,9 @@
 # numpy below 2.3 (the interpreters before Triton 3.7 fail on numpy 2.3's
 # scalar conversion, whatever the kernel) into a folder of its own under
 # WORK, puts it before the project's .venv on PYTHONPATH, runs the Triton
-# test files there (TRITON_INTERPRET=1, CPU tensors) and prints, per
+# test files there (TRITON_INTERPRET=1, CPU tensors; with
+# BOAT_MM_TRITON_TESTS=all, so that the tests marked `triton` run below
+# TRITON_MIN_TESTED too, where they skip otherwise) and prints, per
 # version, pytest's summary and the failed tests by cause (the
 # impl='triton' cases of test_tie_breaking.py and
 # test_uninitialized_memory.py are not among them; under 3.5.1 with numpy
@@ -57,6 +59,7 @@ for version in "${VERSIONS[@]}"; do
     log="$target.log"
     set +e
     PYTHONPATH="$target:$ROOT" TRITON_INTERPRET=1 OMP_NUM_THREADS=2 \
+        BOAT_MM_TRITON_TESTS=all \
         "$PY" -m pytest -p no:cacheprovider -o addopts= -q "${TESTS[@]}" \
         > "$log" 2>&1
     set -e

@@ -41,6 +41,9 @@ def _phased_kernel(sync_ptr, x_ptr, y_ptr, per_phase, BLOCK: tl.constexpr):
     tl.atomic_add(sync_ptr + 1 + phase, 1, sem='release')
 
 
+# Its programs run in the interpreter through the model's recorder, which
+# replaces the launch that tests/triton_launches.py counts.
+@pytest.mark.triton
 @pytest.mark.parametrize('exact', [False, True])
 def test_ticketed_kernel_sample_counts_every_phase(model, monkeypatch, exact):
     """The sampled programs of a kernel that takes tickets run as the

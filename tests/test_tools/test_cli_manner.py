@@ -255,8 +255,8 @@ CASES = [
         SEG, '--cfg-options', 'train_dataloader.dataset.type=BaseSegDataset',
         'train_dataloader.dataset.metainfo.classes=[a,b,c,d,e,f,g,h,i]'
     ], "train_dataloader's dataset (BaseSegDataset) has 9 classes but a "
-     "palette of 8 colours (a base config's palette is merged into your "
-     'metainfo): give one colour per class'),
+     "palette of 8 colours (a base config's palette, if any, is merged "
+     'into your metainfo): give one colour per class'),
     # Top-5 of 2 classes stopped at the first validation, an epoch in;
     # the fix given passes the check (the next one is the data's).
     ('train', [
@@ -713,6 +713,32 @@ def test_upstream_base_of_a_library_not_installed(monkeypatch, capsys):
         f"train.py: error: config file {DET!r}: a _base_ of mmdet, which is "
         'not installed: install mmdet (`pip install "boat-mm[det]"` or '
         '`mim install mmdet`)\n')
+
+
+def test_backbone_check_reads_the_config_scope():
+    """A norm registered in the config's scope (mmseg's MODELS, e.g. by
+    its custom_imports) passes the tools' check of the backbone's
+    arguments, as the model's build in that scope does; another scope,
+    where it is not registered, is refused."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS as SEG_MODELS
+    tool('train')  # puts tools/ (boat_tools) on the path
+    from boat_tools.cli import UsageError, check_backbone_args
+
+    class TokenNorm(torch.nn.LayerNorm):
+        pass
+
+    SEG_MODELS.register_module('TokenNormOfTest', module=TokenNorm)
+    try:
+        cfg = Config.fromfile(osp.join(REPO, SEG))
+        assert cfg.default_scope == 'mmseg'
+        cfg.model.backbone.norm_cfg = dict(type='TokenNormOfTest')
+        check_backbone_args(cfg)
+        cfg.default_scope = 'mmpretrain'
+        with pytest.raises(UsageError, match="type 'TokenNormOfTest' is not"):
+            check_backbone_args(cfg)
+    finally:
+        SEG_MODELS._module_dict.pop('TokenNormOfTest')
 
 
 def test_every_tool_is_covered():

@@ -313,9 +313,12 @@ def check_backbone_args(cfg: 'Config') -> None:
     found = boat_backbone(cfg)
     if found is None:
         return
+    from mmengine.registry import DefaultScope
     cls, args = found[:2]
     try:
-        cls.check_arguments(**args)
+        # In the config's scope, where its norm_cfg type is registered.
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+            cls.check_arguments(**args)
     except (TypeError, ValueError) as err:
         text = _one_line(err)
         # Most messages name the backbone; the others get its name.

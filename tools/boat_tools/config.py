@@ -580,9 +580,9 @@ def _palette_error(stage: str, ds: dict, err: BaseException) -> Optional[str]:
     classes, palette = meta.get('classes') or (), meta.get('palette') or ()
     return (f"{stage}'s dataset ({ds.get('type')}) has {len(classes)} "
             f'classes but a palette of {len(palette)} colours (a base '
-            f"config's palette is merged into your metainfo): give one "
-            f'colour per class, metainfo=dict(classes=(...), palette=[[r, '
-            f'g, b], ...]), or leave the palette to mmseg with '
+            f"config's palette, if any, is merged into your metainfo): "
+            f'give one colour per class, metainfo=dict(classes=(...), '
+            f'palette=[[r, g, b], ...]), or leave the palette to mmseg with '
             f'metainfo=dict(_delete_=True, classes=(...))')
 
 

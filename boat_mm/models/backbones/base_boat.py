@@ -521,7 +521,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.with_fsla = with_fsla
         self.fsla_cfg = settings['fsla_cfg']
         if not with_fsla:
-            self._check_fsla_arguments(self.arch_settings, self.fsla_cfg)
+            # Its own values only: no FSLA meets the backbone's drops.
+            self._check_fsla_arguments(self.arch_settings, dict(fsla_cfg
+                                                                or {}))
         self.block_cfg = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -596,8 +598,9 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         settings = cls._parse_arguments(args, unknown)
         cls._check_family_arguments(args)
         # Last, as the build meets them: in each FSLA the blocks build.
-        cls._check_fsla_arguments(settings['arch_settings'],
-                                  settings['fsla_cfg'])
+        cls._check_fsla_arguments(
+            settings['arch_settings'], settings['fsla_cfg']
+            if args['with_fsla'] else dict(args['fsla_cfg'] or {}))
         return settings
 
     @classmethod
@@ -654,13 +657,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         """Validate the values of ``fsla_cfg`` (``group_size``,
         ``overlap``, ...) as the FSLA of each stage that has one takes
         them, with ``with_fsla=False`` too (a config that turns FSLA off
-        keeps a wrong value for when it is turned on): :meth:`check_arguments`
-        calls it, and ``__init__`` without FSLA; with it, each FSLA the
-        blocks build checks its own.
+        keeps a wrong value for when it is turned on; then the user's
+        ``fsla_cfg`` alone, as no FSLA meets the backbone's drop rates):
+        :meth:`check_arguments` calls it, and ``__init__`` without FSLA;
+        with it, each FSLA the blocks build checks its own.
 
         Args:
             arch_settings (dict): The parsed arch.
-            fsla_cfg (dict): The parsed FSLA settings.
+            fsla_cfg (dict): The FSLA settings to check.
         """
         depths = list(arch_settings['depths'])
         for i, depth in enumerate(depths):
@@ -1195,17 +1199,23 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             bool: True to refuse the load.
         """
         loads = {prefix + k for k in fits}
-        mine = [k for k in state_dict if k.startswith(prefix)]
+        # Without FSLA, a BOAT file's FSLA weights go unused, not refused.
+        mine = [
+            k for k in state_dict
+            if k.startswith(prefix) and (self.with_fsla or not _is_fsla_key(k))
+        ]
         if mine:
             return any(k not in loads for k in mine)
         return bool(unexpected_keys)
 
     def _depth_error(self, state_dict: Mapping,
                      prefix: str) -> Optional[CheckpointMismatchError]:
-        """The error for a checkpoint of another depth (tiny weights into
-        small: the same widths, so most weights fit and the extra blocks
-        would start from scratch), judged on the stages it holds blocks
-        of; None when those have this backbone's depths.
+        """The error for a checkpoint of a shallower model, whose weights
+        mostly fit (:meth:`_load_from_state_dict` asks only then): tiny
+        weights into small have the same widths, and the blocks the file
+        lacks would start from scratch. None when no stage of the file has
+        fewer blocks than this backbone's (a deeper file's extra blocks
+        are unexpected keys, as in torch).
 
         Args:
             state_dict (Mapping): The checkpoint's weights.
@@ -1222,18 +1232,20 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                     and parts[1].isdigit() and parts[3].isdigit()):
                 stage, block = int(parts[1]), int(parts[3])
                 blocks[stage] = max(blocks.get(stage, 0), block + 1)
-        theirs = [blocks.get(i) for i in range(max(blocks, default=-1) + 1)]
-        if all(i < self.num_stages and n in (None, self.depths[i])
-               for i, n in enumerate(theirs)):
+        theirs = [
+            blocks.get(i, 0)
+            for i in range(max(self.num_stages,
+                               max(blocks, default=-1) + 1))
+        ]
+        if all(n >= d for n, d in zip(theirs, self.depths)):
             return None
-        depths = [n or 0 for n in theirs]
         return CheckpointMismatchError(
-            f'{type(self).__name__}: the checkpoint is of another depth: '
-            f'its stages have {depths} blocks, this backbone\'s '
-            f'{self.depths} (e.g. tiny weights into small, whose extra '
-            f'blocks would start from scratch). Build the backbone with the '
-            f'checkpoint\'s arch (depths {depths}), or load weights of this '
-            f'arch.')
+            f'{type(self).__name__}: the checkpoint is of a shallower model: '
+            f'its stages have {theirs} blocks, this backbone\'s '
+            f'{self.depths}, whose blocks beyond the file\'s would start '
+            f'from scratch (e.g. tiny weights into small). Build the '
+            f'backbone with the checkpoint\'s arch (depths {theirs}), or '
+            f'load weights of this arch.')
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -1250,17 +1262,19 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # part of a model, loaded with strict=False, loads as in torch.
         own = self.state_dict(keep_vars=True)
         fits, resized, skipped = self._fitting(state_dict, prefix, own)
-        if len(fits) < self.min_loaded_share * len(own) and self._misplaced(
-                state_dict, prefix, fits, unexpected_keys):
-            raise self._mismatch_error(state_dict, prefix, len(fits))
-        # Most weights fit, yet it may be a model of another depth.
-        depth_error = self._depth_error(state_dict, prefix)
-        if depth_error is not None:
-            raise depth_error
+        if len(fits) < self.min_loaded_share * len(own):
+            if self._misplaced(state_dict, prefix, fits, unexpected_keys):
+                raise self._mismatch_error(state_dict, prefix, len(fits))
+        else:  # Most weights fit: it may be a shallower model's file.
+            depth_error = self._depth_error(state_dict, prefix)
+            if depth_error is not None:
+                raise depth_error
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if fits or skipped:
+        # (A part loaded on purpose, with strict=False, is not described:
+        # what it lacks is not new, and torch lists it.)
+        if len(fits) >= self.min_loaded_share * len(own):
             self._log_partial_load(own, fits, resized, skipped)
         if not self.with_fsla:
             unused = [

@@ -466,10 +466,11 @@ def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
 def check_norm_cfg(norm_cfg: dict, name: str) -> None:
     """Check that ``norm_cfg`` builds a norm over the last dimension.
 
-    The blocks normalise ``(B, N, C)`` tokens. BN and GN normalise
-    dimension 1, which would fail at the first forward with torch's shape
-    error, far from the config; so build the layer once for a small width
-    and run it on such tokens.
+    The blocks normalise ``(B, N, C)`` tokens, each over its channels. BN
+    and GN normalise dimension 1, which would fail at the first forward
+    with torch's shape error, far from the config, and instance norms of
+    2D maps run but mix the tokens; so build the layer once for a small
+    width and run it on two tokens, together and alone.
 
     Args:
         norm_cfg (dict): The argument, for mmcv's ``build_norm_layer``.
@@ -486,17 +487,27 @@ def check_norm_cfg(norm_cfg: dict, name: str) -> None:
         raise ValueError(f'{name}: norm_cfg type {norm_cfg["type"]!r} is not '
                          f'a registered norm layer (in the current registry '
                          f'scope); {fix}.') from err
+    # Two tokens of other values: a norm of the last dimension treats each
+    # alone (instance norms of 2D maps mix them, and pass the shapes).
+    tokens = torch.arange(8.).reshape(1, 2, 4)**2
     try:
-        with torch.no_grad():
-            shape = tuple(layer(torch.zeros(1, 2, 4)).shape)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            both = layer(tokens)
+            alone = layer(tokens[:, :1])
     except (RuntimeError, ValueError, AssertionError) as err:
         first = str(err).splitlines()[0] if str(err) else ''
         raise ValueError(f'{name}: norm_cfg={norm_cfg!r} cannot normalise '
                          f'the (B, N, C) tokens of the blocks '
                          f'({type(err).__name__}: {first}); {fix}.') from err
-    if shape != (1, 2, 4):
+    if tuple(both.shape) != (1, 2, 4):
         raise ValueError(f'{name}: norm_cfg={norm_cfg!r} turns (B, N, C) '
-                         f'tokens of shape (1, 2, 4) into {shape}; {fix}.')
+                         f'tokens of shape (1, 2, 4) into '
+                         f'{tuple(both.shape)}; {fix}.')
+    if not torch.allclose(both[:, :1], alone, atol=1e-5):
+        raise ValueError(f'{name}: norm_cfg={norm_cfg!r} normalises the '
+                         f'(B, N, C) tokens of the blocks together, not each '
+                         f'over its channels; {fix}.')
 
 
 def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:

@@ -218,6 +218,27 @@ def test_parts_of_a_model_load_with_strict_false(family):
         model.load_state_dict(backbone_file, strict=False)
 
 
+@pytest.mark.parametrize('family', boat_families())
+def test_without_fsla_its_settings_meet_no_backbone_argument(family):
+    """with_fsla=False checks fsla_cfg's own values (above), not against
+    the backbone's drop rates, which no FSLA meets: the C++ attention (no
+    dropout) with attn_drop_rate builds; a stage of a BOAT file loads."""
+    args = dict(
+        arch=ARCHS[family],
+        with_fsla=False,
+        attn_drop_rate=0.1,
+        fsla_cfg=dict(attention_impl='cpp'))
+    family.check_arguments(**args)
+    model = family(**args)
+    with pytest.raises(ValueError, match='has no attention dropout'):
+        family(**dict(args, with_fsla=True))
+    src = family(arch=ARCHS[family]).state_dict()
+    stage = {k: v for k, v in src.items() if k.startswith('stages.0.')}
+    result = model.load_state_dict(stage, strict=False)
+    assert result.unexpected_keys and all('.fsla.' in k or '.norm_fsla.' in k
+                                          for k in result.unexpected_keys)
+
+
 def test_detect_boat_family_lists_what_it_looks_for():
     with pytest.raises(KeyError) as err:
         detect_boat_family({'conv1.weight': torch.zeros(1)})
@@ -508,6 +529,9 @@ BAD_ARGUMENTS = [
     (dict(norm_cfg=dict(type='BN1d')), ValueError, 'cannot normalise'),
     (dict(norm_cfg=dict(type='GN', num_groups=1)), ValueError,
      'cannot normalise'),
+    # Shapes pass, but the tokens are normalised together.
+    (dict(norm_cfg=dict(type='IN')), ValueError,
+     r'normalises the \(B, N, C\) tokens of the blocks together'),
     (dict(norm_cfg='LN'), TypeError,
      r"norm_cfg must be a dict with a 'type', e\.g\. dict\(type='LN'\), "
      r"got 'LN'\.$"),

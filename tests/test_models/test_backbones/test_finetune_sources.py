@@ -167,10 +167,12 @@ def test_fsla_missing_from_a_boat_file_is_not_called_a_swin_gap(
             f'checkpoint)') in msg, msg
 
 
-def test_checkpoint_of_another_depth_is_refused(tmp_path):
+def test_checkpoint_of_a_shallower_model_is_refused(tmp_path):
     """Tiny weights into small (the same widths, most weights fit): the
-    error names both depths and the fix, where the extra blocks would have
-    started from scratch; a file with only some stages loads."""
+    error names both depths and the fix, where the blocks beyond the
+    file's would have started from scratch; a file without its last stage
+    too. Parts loaded with strict=False (a block, a stage) load, and a
+    deeper file's extra blocks are unexpected keys, as in torch."""
     src = BOATSwin(arch=SWIN).state_dict()
     path = str(tmp_path / 'boat_swin.pth')
     torch.save({'state_dict': src}, path)
@@ -180,15 +182,25 @@ def test_checkpoint_of_another_depth_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError) as err:
         model.init_weights()
     assert str(err.value) == (
-        "BOATSwin: the checkpoint is of another depth: its stages have "
-        "[2, 2, 2, 2] blocks, this backbone's [2, 2, 4, 2] (e.g. tiny "
-        'weights into small, whose extra blocks would start from scratch). '
-        "Build the backbone with the checkpoint's arch (depths [2, 2, 2, "
-        '2]), or load weights of this arch.')
-    # Stage 0 alone (of this backbone's depth) loads.
-    part = {k: v for k, v in src.items() if k.startswith('stages.0.')}
-    assert part and BOATSwin(arch=deeper).load_state_dict(
-        part, strict=False).unexpected_keys == []
+        "BOATSwin: the checkpoint is of a shallower model: its stages have "
+        "[2, 2, 2, 2] blocks, this backbone's [2, 2, 4, 2], whose blocks "
+        "beyond the file's would start from scratch (e.g. tiny weights into "
+        "small). Build the backbone with the checkpoint's arch (depths [2, "
+        '2, 2, 2]), or load weights of this arch.')
+    no_last = {k: v for k, v in src.items() if not k.startswith('stages.3.')}
+    assert len(no_last) > len(src) / 2
+    with pytest.raises(CheckpointMismatchError, match=r'\[2, 2, 2, 0\]'):
+        BOATSwin(arch=SWIN).load_state_dict(no_last, strict=False)
+    for part in ('stages.0.', 'stages.2.blocks.1.'):
+        piece = {k: v for k, v in src.items() if k.startswith(part)}
+        assert piece and BOATSwin(arch=deeper).load_state_dict(
+            piece, strict=False).unexpected_keys == []
+    extra = BOATSwin(arch=SWIN).load_state_dict(
+        BOATSwin(arch=deeper).state_dict(), strict=False)
+    assert extra.missing_keys == [] and extra.unexpected_keys
+    assert all(
+        k.startswith(('stages.2.blocks.2.', 'stages.2.blocks.3.'))
+        for k in extra.unexpected_keys)
 
 
 def test_prefix_advice_needs_half_of_the_weights(tmp_path):
