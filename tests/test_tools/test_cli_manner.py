@@ -660,7 +660,9 @@ CASES = [
     ('train', [SEG, '--cfg-options', 'model.backbone.norm_eval=True'],
      "model.backbone: BOATCSWin got unexpected keyword arguments "
      "['norm_eval']. Arguments of the upstream (mmpretrain, mmseg, mmdet) "
-     "SwinTransformer that BOATCSWin does not support: ['norm_eval']."),
+     "SwinTransformer that BOATCSWin does not support: ['norm_eval']. "
+     'norm_eval: the norms are LayerNorms (norm_cfg), which have no '
+     'running statistics to freeze; drop it.'),
     ('train', [SEG, '--cfg-options', 'model.backbone.out_indice=(0,1)'],
      "model.backbone: BOATCSWin got unexpected keyword arguments "
      "['out_indice']. Did you mean out_indices for out_indice? BOATCSWin "

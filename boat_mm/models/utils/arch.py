@@ -338,6 +338,15 @@ def pretrained_init_cfg(pretrained: Optional[str],
     return dict(type='Pretrained', checkpoint=pretrained)
 
 
+#: Why some upstream Swin arguments have no place here, for the error.
+_UPSTREAM_REASONS = {
+    'norm_eval': ('the norms are LayerNorms (norm_cfg), which have no '
+                  'running statistics to freeze; drop it'),
+    'convert_weights': ('published checkpoints are converted once, by '
+                        'tools/model_converters/boat2mm.py; drop it'),
+}
+
+
 def _guesses(unknown: Iterable[str], accepted: Sequence[str]) -> str:
     """The accepted names that misspelt ones likely mean.
 
@@ -376,6 +385,8 @@ def unexpected_arguments_error(name: str, unknown: Iterable[str],
     if upstream:
         msg += (f' Arguments of the upstream (mmpretrain, mmseg, mmdet) '
                 f'SwinTransformer that {name} does not support: {upstream}.')
+        msg += ''.join(f' {k}: {_UPSTREAM_REASONS[k]}.' for k in upstream
+                       if k in _UPSTREAM_REASONS)
         arch_keys = [
             k for k in upstream if k in ('embed_dims', 'depths', 'num_heads')
         ]
