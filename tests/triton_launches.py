@@ -12,9 +12,12 @@ Every kernel launch in the test process (``run`` of Triton's JIT and
 interpreted functions, not its ``warmup`` compiles) is counted from the
 setup of each test, module fixtures included, and a test that launches one
 without the marker fails: the marker stays complete without a list kept by
-hand. Not seen, so marked by hand: compiles in a subprocess or through
-``warmup``, and tests that replace the launch themselves (the GPU model's
-recorder).
+hand. A module fixture that launches is charged to the first test that sets
+it up, so mark every test that uses it. Not seen, so marked by hand:
+compiles in a subprocess or through ``warmup``, tests that replace the
+launch themselves (the GPU model's recorder), and launches in the teardown
+of a fixture wider than a test (charged to the next test when its setup
+tears down a parametrized one; none of the suite's fixtures launches).
 """
 import os
 from typing import List, Optional

@@ -721,7 +721,8 @@ def test_backbone_check_reads_the_config_scope():
     """A norm registered in the config's scope (mmseg's MODELS, e.g. by
     its custom_imports) passes the tools' check of the backbone's
     arguments, as the model's build in that scope does; another scope,
-    where it is not registered, is refused."""
+    where it is not registered, is refused, unless the backbone's own
+    ``_scope_`` is the norm's."""
     from mmengine.config import Config
     from mmseg.registry import MODELS as SEG_MODELS
     tool('train')  # puts tools/ (boat_tools) on the path
@@ -739,6 +740,9 @@ def test_backbone_check_reads_the_config_scope():
         cfg.default_scope = 'mmpretrain'
         with pytest.raises(UsageError, match="type 'TokenNormOfTest' is not"):
             check_backbone_args(cfg)
+        # The backbone's own scope, where the build takes its norms from.
+        cfg.model.backbone._scope_ = 'mmseg'
+        check_backbone_args(cfg)
     finally:
         SEG_MODELS._module_dict.pop('TokenNormOfTest')
 

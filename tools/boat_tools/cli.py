@@ -316,8 +316,10 @@ def check_backbone_args(cfg: 'Config') -> None:
     from mmengine.registry import DefaultScope
     cls, args = found[:2]
     try:
-        # In the config's scope, where its norm_cfg type is registered.
-        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        # In the scope the backbone is built in (its own _scope_, else
+        # the config's), where its norm_cfg type is registered.
+        scope = cfg.model.backbone.get('_scope_') or cfg.get('default_scope')
+        with DefaultScope.overwrite_default_scope(scope):
             cls.check_arguments(**args)
     except (TypeError, ValueError) as err:
         text = _one_line(err)

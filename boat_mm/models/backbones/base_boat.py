@@ -1210,12 +1210,14 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
 
     def _depth_error(self, state_dict: Mapping,
                      prefix: str) -> Optional[CheckpointMismatchError]:
-        """The error for a checkpoint of a shallower model, whose weights
-        mostly fit (:meth:`_load_from_state_dict` asks only then): tiny
-        weights into small have the same widths, and the blocks the file
-        lacks would start from scratch. None when no stage of the file has
-        fewer blocks than this backbone's (a deeper file's extra blocks
-        are unexpected keys, as in torch).
+        """The error for a file of a shallower model: tiny weights into
+        small have the same widths, so the file's weights load, and the
+        blocks it lacks would start from scratch. A file with the stem and
+        blocks is a backbone's, judged stage by stage (a stage it lacks
+        has 0 blocks); a part without them (a block, a stage, the stem,
+        loaded with strict=False) is not. None for a file no stage of
+        which is shallower (a deeper file's extra blocks are unexpected
+        keys, as in torch).
 
         Args:
             state_dict (Mapping): The checkpoint's weights.
@@ -1225,11 +1227,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             CheckpointMismatchError, optional: The error to raise.
         """
         blocks: Dict[int, int] = {}
-        for key in state_dict:
-            parts = str(key)[len(prefix):].split('.')
-            if (str(key).startswith(prefix) and len(parts) > 3
-                    and parts[0] == 'stages' and parts[2] == 'blocks'
-                    and parts[1].isdigit() and parts[3].isdigit()):
+        stem = False
+        for key in map(str, state_dict):
+            if not key.startswith(prefix):
+                continue
+            parts = key[len(prefix):].split('.')
+            stem = stem or parts[0] == 'patch_embed'
+            if (len(parts) > 3 and parts[0] == 'stages'
+                    and parts[2] == 'blocks' and parts[1].isdigit()
+                    and parts[3].isdigit()):
                 stage, block = int(parts[1]), int(parts[3])
                 blocks[stage] = max(blocks.get(stage, 0), block + 1)
         theirs = [
@@ -1237,15 +1243,18 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             for i in range(max(self.num_stages,
                                max(blocks, default=-1) + 1))
         ]
-        if all(n >= d for n, d in zip(theirs, self.depths)):
+        if not (stem and blocks) or all(n >= d
+                                        for n, d in zip(theirs, self.depths)):
             return None
+        # A stage without blocks is no arch to build: name none then.
+        arch = f' (depths {theirs})' if all(theirs) else ''
         return CheckpointMismatchError(
             f'{type(self).__name__}: the checkpoint is of a shallower model: '
             f'its stages have {theirs} blocks, this backbone\'s '
             f'{self.depths}, whose blocks beyond the file\'s would start '
             f'from scratch (e.g. tiny weights into small). Build the '
-            f'backbone with the checkpoint\'s arch (depths {theirs}), or '
-            f'load weights of this arch.')
+            f'backbone with the checkpoint\'s arch{arch}, or load weights '
+            f'of this arch.')
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -1262,13 +1271,13 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # part of a model, loaded with strict=False, loads as in torch.
         own = self.state_dict(keep_vars=True)
         fits, resized, skipped = self._fitting(state_dict, prefix, own)
-        if len(fits) < self.min_loaded_share * len(own):
-            if self._misplaced(state_dict, prefix, fits, unexpected_keys):
-                raise self._mismatch_error(state_dict, prefix, len(fits))
-        else:  # Most weights fit: it may be a shallower model's file.
-            depth_error = self._depth_error(state_dict, prefix)
-            if depth_error is not None:
-                raise depth_error
+        if len(fits) < self.min_loaded_share * len(own) and self._misplaced(
+                state_dict, prefix, fits, unexpected_keys):
+            raise self._mismatch_error(state_dict, prefix, len(fits))
+        # The file's weights load: it may be a shallower model's.
+        depth_error = self._depth_error(state_dict, prefix)
+        if depth_error is not None:
+            raise depth_error
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
                                       error_msgs)
