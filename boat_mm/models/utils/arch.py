@@ -492,15 +492,20 @@ def check_norm_cfg(norm_cfg: dict, name: str) -> None:
                         f"e.g. dict(type='LN'), got {norm_cfg!r}.")
     fix = "use a norm over the last dimension, e.g. dict(type='LN')"
     try:
-        layer = build_norm_layer(norm_cfg, 4)[1].eval()
+        # 64 channels: group norms of up to 64 groups build.
+        layer = build_norm_layer(norm_cfg, 64)[1].eval()
     except KeyError as err:
         # mmcv 2.1 says "Cannot find None in registry" for a missing type.
         raise ValueError(f'{name}: norm_cfg type {norm_cfg["type"]!r} is not '
                          f'a registered norm layer (in the current registry '
                          f'scope); {fix}.') from err
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f'{name}: norm_cfg={norm_cfg!r} does not build a '
+                         f'norm layer ({type(err).__name__}: {err}); '
+                         f'{fix}.') from err
     # Two tokens of other values: a norm of the last dimension treats each
     # alone (instance norms of 2D maps mix them, and pass the shapes).
-    tokens = torch.arange(8.).reshape(1, 2, 4)**2
+    tokens = torch.arange(128.).reshape(1, 2, 64)**2
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -511,9 +516,9 @@ def check_norm_cfg(norm_cfg: dict, name: str) -> None:
         raise ValueError(f'{name}: norm_cfg={norm_cfg!r} cannot normalise '
                          f'the (B, N, C) tokens of the blocks '
                          f'({type(err).__name__}: {first}); {fix}.') from err
-    if tuple(both.shape) != (1, 2, 4):
+    if both.shape != tokens.shape:
         raise ValueError(f'{name}: norm_cfg={norm_cfg!r} turns (B, N, C) '
-                         f'tokens of shape (1, 2, 4) into '
+                         f'tokens of shape {tuple(tokens.shape)} into '
                          f'{tuple(both.shape)}; {fix}.')
     if not torch.allclose(both[:, :1], alone, atol=1e-5):
         raise ValueError(f'{name}: norm_cfg={norm_cfg!r} normalises the '

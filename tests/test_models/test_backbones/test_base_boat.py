@@ -529,6 +529,10 @@ BAD_ARGUMENTS = [
     (dict(norm_cfg=dict(type='BN1d')), ValueError, 'cannot normalise'),
     (dict(norm_cfg=dict(type='GN', num_groups=1)), ValueError,
      'cannot normalise'),
+    (dict(norm_cfg=dict(type='GN', num_groups=32)), ValueError,
+     'cannot normalise'),
+    (dict(norm_cfg=dict(type='GN')), ValueError,
+     r"norm_cfg=\{'type': 'GN'\} does not build a norm layer"),
     # Shapes pass, but the tokens are normalised together.
     (dict(norm_cfg=dict(type='IN')), ValueError,
      r'normalises the \(B, N, C\) tokens of the blocks together'),
