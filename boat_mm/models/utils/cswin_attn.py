@@ -26,6 +26,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from .arch import check_tokens
+from .depthwise import DepthwiseConv2d
 
 __all__ = ['LePEStripeAttention', 'CSWinAttention']
 
@@ -73,8 +74,7 @@ class LePEStripeAttention(nn.Module):
             if qk_scale is None else qk_scale
         self.attn_drop = attn_drop
         # LePE: positional term from the values, one 3x3 filter per channel.
-        self.get_v = nn.Conv2d(
-            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self.get_v = DepthwiseConv2d(embed_dims)
 
     def window_shape(self, hw_shape: Sequence[int]) -> Tuple[int, int]:
         """The window size used for a map.

@@ -19,6 +19,7 @@ from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
 from boat_mm.registry import MODELS
 from .arch import (check_int, check_number, check_qk_scale, check_rate,
                    check_tokens)
+from .depthwise import DepthwiseConv2d
 
 __all__ = ['FeatureSpaceLocalAttention']
 
@@ -149,8 +150,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.get_v = nn.Conv2d(
-            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self.get_v = DepthwiseConv2d(embed_dims)
         self._cluster_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
 
     @classmethod

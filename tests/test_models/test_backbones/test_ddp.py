@@ -104,3 +104,22 @@ def test_two_processes_average_the_whole_batch_gradient(family, ddp_grads):
         if p.requires_grad:
             torch.testing.assert_close(
                 ddp[name] * 2, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('hw,batch', [((56, 56), 1), ((56, 56), 2),
+                                      ((33, 47), 2)])
+def test_gradients_have_their_parameters_strides(family, hw, batch):
+    """DDP's buckets take the parameters' strides, and a gradient of other
+    strides makes it warn ("Grad strides do not match bucket view
+    strides") and copy. The depthwise convs of the values get channels-last
+    windows (BOAT-CSWin's LePE), whose weight gradients came in other
+    strides."""
+    cls, arch = FAMILIES[family]
+    model = cls(arch=arch, drop_path_rate=0.).train()
+    outs = model(torch.randn(batch, 3, *hw))
+    sum(o.sum() for o in outs).backward()
+    other = [(n, p.stride(), p.grad.stride())
+             for n, p in model.named_parameters()
+             if p.grad is not None and p.grad.stride() != p.stride()]
+    assert other == []
