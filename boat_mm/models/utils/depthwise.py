@@ -38,8 +38,8 @@ class _GradLikeWeight(torch.autograd.Function):
 class DepthwiseConv2d(nn.Conv2d):
     """A 3x3 convolution of one filter per channel, padded to keep the
     size, whose weight gradient has the weight's strides while training
-    (see :class:`_GradLikeWeight`); the weights (``weight``, ``bias``) are
-    :class:`torch.nn.Conv2d`'s.
+    eagerly (see :class:`_GradLikeWeight`); the weights (``weight``,
+    ``bias``) are :class:`torch.nn.Conv2d`'s.
 
     Args:
         channels (int): Input and output channels.
@@ -58,6 +58,9 @@ class DepthwiseConv2d(nn.Conv2d):
             Tensor: ``(N, C, H, W)``.
         """
         weight = self.weight
-        if weight.requires_grad and torch.is_grad_enabled():
+        # Not under torch.compile: torch 2.4's dynamo cannot trace the
+        # strides the function reads (DDP's buckets are its matter then).
+        if (weight.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             weight = _GradLikeWeight.apply(weight)
         return self._conv_forward(x, weight, self.bias)
