@@ -9,7 +9,7 @@
 # with BOAT_MM_WITH_OPS=0), then runs the backbone, FSLA op and Triton
 # interpreter tests there (TRITON_INTERPRET=1, CPU tensors).
 #
-# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores: 835 passed,
+# Expected at torch 2.4.1 (run of 2026-12-07, 2 CPU cores: 841 passed,
 # 135 skipped, 2 xfailed, 7 failed, 6 errors). The tests marked `triton`
 # (they run or compile a Triton kernel, or read Triton's internals) skip:
 # the interpreter of the Triton torch 2.4.1 pins (3.0.0) cannot run FSLA's
