@@ -35,8 +35,8 @@ from ..utils.arch import (FrozenStagesMixin, check_bool, check_frozen_stages,
                           fsla_settings, parse_arch, parse_out_indices,
                           pretrained_init_cfg, stage_widths,
                           unexpected_arguments_error)
-from ..utils.ckpt_convert import (PublishedLayout, key_listing,
-                                  pick_boat_weights)
+from ..utils.ckpt_convert import (PublishedLayout, blocks_per_stage,
+                                  key_listing, pick_boat_weights)
 
 __all__ = [
     'BaseBOATBackbone', 'BaseBOATBlock', 'CheckpointMismatchError',
@@ -1226,18 +1226,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         Returns:
             CheckpointMismatchError, optional: The error to raise.
         """
-        blocks: Dict[int, int] = {}
-        stem = False
-        for key in map(str, state_dict):
-            if not key.startswith(prefix):
-                continue
-            parts = key[len(prefix):].split('.')
-            stem = stem or parts[0] == 'patch_embed'
-            if (len(parts) > 3 and parts[0] == 'stages'
-                    and parts[2] == 'blocks' and parts[1].isdigit()
-                    and parts[3].isdigit()):
-                stage, block = int(parts[1]), int(parts[3])
-                blocks[stage] = max(blocks.get(stage, 0), block + 1)
+        mine = [
+            k[len(prefix):] for k in map(str, state_dict)
+            if k.startswith(prefix)
+        ]
+        stem = any(k.startswith('patch_embed.') for k in mine)
+        blocks = blocks_per_stage(mine, r'stages\.(\d+)\.blocks\.(\d+)\.')
         theirs = [
             blocks.get(i, 0)
             for i in range(max(self.num_stages,
