@@ -747,6 +747,19 @@ def test_backbone_check_reads_the_config_scope():
         SEG_MODELS._module_dict.pop('TokenNormOfTest')
 
 
+def test_palette_message_counts_the_classes_of_the_dataset_class():
+    """A palette given without classes is checked against the dataset
+    class's classes, found in the config's scope as the build finds it
+    (ADE20K's 150, not 0)."""
+    tool('train')  # puts tools/ (boat_tools) on the path
+    import mmseg.datasets  # noqa: F401  (registers ADE20KDataset)
+    from boat_tools.config import _palette_error
+    ds = dict(type='ADE20KDataset', metainfo=dict(palette=[[0, 0, 0]] * 8))
+    err = ValueError('palette does not match classes as metainfo is {}')
+    assert "(ADE20KDataset) has 150 classes but a palette of 8 colours" in (
+        _palette_error('train_dataloader', ds, err, 'mmseg'))
+
+
 def test_every_tool_is_covered():
     assert {c[0] for c in CASES} == set(TOOLS)
 

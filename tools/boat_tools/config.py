@@ -566,16 +566,21 @@ def _unexpected_argument(stage: str, ds: dict,
             f"'{ds.get('type')}', ...)), else remove {name}")
 
 
-def _palette_error(stage: str, ds: dict, err: BaseException) -> Optional[str]:
+def _palette_error(stage: str, ds: dict, err: BaseException,
+                   scope: Optional[str]) -> Optional[str]:
     """What :func:`check_datasets` says of an mmseg dataset whose palette
     is not one colour per class: most often a base config's palette merged
     into a child's ``metainfo`` of other classes (MMEngine merges dicts),
-    which mmseg refuses with a traceback when the runner builds it."""
+    which mmseg refuses with a traceback when the runner builds it. The
+    dataset class (its own classes and palette) is looked up in
+    ``scope``, the config's, as the build does."""
     if not isinstance(err, ValueError) or not str(err).startswith(
             'palette does not match classes'):
         return None
     from mmengine.registry import DATASETS
-    meta = dict(getattr(DATASETS.get(ds.get('type')), 'METAINFO', {}) or {})
+    with DATASETS.switch_scope_and_registry(scope) as registry:
+        cls = registry.get(ds.get('type'))
+    meta = dict(getattr(cls, 'METAINFO', {}) or {})
     meta.update(ds.get('metainfo') or {})
     classes, palette = meta.get('classes') or (), meta.get('palette') or ()
     return (f"{stage}'s dataset ({ds.get('type')}) has {len(classes)} "
@@ -611,8 +616,8 @@ def _lazy_datasets(cfg: Config,
                     dataset = DATASETS.build(ds)
             except Exception as err:  # noqa: BLE001  (the runner will say)
                 error = (
-                    _unexpected_argument(stage, ds, err)
-                    or _palette_error(stage, ds, err))
+                    _unexpected_argument(stage, ds, err) or _palette_error(
+                        stage, ds, err, cfg.get('default_scope')))
                 if error:
                     raise UsageError(error) from err
                 continue
