@@ -534,7 +534,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             act_cfg=act_cfg,
             norm_cfg=norm_cfg,
             with_cp=with_cp)
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        # torch's float32 rounding, as mmpretrain's Swin; on the CPU, so
+        # that a build under torch.device('meta') reads values.
+        dpr = torch.linspace(
+            0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.drop_path_rates: List[List[float]] = []
         for depth in self.depths:
             self.drop_path_rates.append(dpr[:depth])

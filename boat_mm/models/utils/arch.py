@@ -491,6 +491,14 @@ def check_norm_cfg(norm_cfg: dict, name: str) -> None:
         raise TypeError(f"{name}: norm_cfg must be a dict with a 'type', "
                         f"e.g. dict(type='LN'), got {norm_cfg!r}.")
     fix = "use a norm over the last dimension, e.g. dict(type='LN')"
+    # The probe runs on the CPU whatever the default device: a backbone
+    # built under ``torch.device('meta')`` (as for FSDP) holds no values.
+    with torch.device('cpu'):
+        _probe_norm(norm_cfg, name, fix)
+
+
+def _probe_norm(norm_cfg: dict, name: str, fix: str) -> None:
+    """Build ``norm_cfg`` and run it on two tokens; see `check_norm_cfg`."""
     try:
         # 64 channels: group norms of up to 64 groups build.
         layer = build_norm_layer(norm_cfg, 64)[1].eval()

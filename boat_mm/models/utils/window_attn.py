@@ -139,12 +139,27 @@ class WindowMSA(BaseModule):
         """``init_cfg``, then the bias table truncated normal (std 0.02)."""
         super().init_weights()
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._derive_index()
+
+    def _derive_index(self) -> None:
+        """Fill ``relative_position_index`` again from the window size.
+
+        Checkpoints do not hold it, so a module built on the meta device
+        and moved with ``to_empty`` (as FSDP does), or loaded with
+        ``assign=True``, has none until its weights are initialised or
+        loaded, which call this.
+        """
+        device = self.relative_position_bias_table.device
+        if device.type != 'meta':
+            self.relative_position_index = relative_position_index(
+                self.window_size).to(device)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
                               **kwargs) -> None:
         """A bias table of another (square) window size, as a checkpoint
         trained with another ``window_size`` holds, is resized to this
-        window's, bicubically, as mmseg's Swin does.
+        window's, bicubically, as mmseg's Swin does; the index is derived
+        again (see `_derive_index`).
 
         Args:
             state_dict (dict): The weights being loaded.
@@ -163,6 +178,7 @@ class WindowMSA(BaseModule):
                     table,
                     (2 * self.window_size[0] - 1, 2 * self.window_size[1] - 1))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._derive_index()
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Attend within each window.

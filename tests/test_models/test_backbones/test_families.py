@@ -255,6 +255,52 @@ def test_forward_odd_size_and_out_indices(family):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def _on_meta(family) -> BaseBOATBackbone:
+    with torch.device('meta'):
+        return family(arch=small(family), drop_path_rate=0.)
+
+
+def _buffers_equal(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    got, want = dict(got.named_buffers()), dict(want.named_buffers())
+    assert got.keys() == want.keys()
+    for name, buffer in want.items():
+        assert torch.equal(got[name], buffer), name
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+@pytest.mark.parametrize('how', ['to_empty', 'assign', 'init_weights'])
+def test_built_on_meta_then_given_values(family, how):
+    """Built under ``torch.device('meta')`` (as FSDP and fast loading do),
+    the backbone runs on meta tensors, and once given values, by loading
+    weights into ``to_empty`` memory, by ``assign=True`` or by
+    ``init_weights``, computes what one built on the CPU does: buffers
+    outside the checkpoints (Swin's position index) are derived again."""
+    ref = build(family)
+    x = torch.randn(1, 3, *ODD)
+    with torch.no_grad():
+        want = ref(x)
+    model = _on_meta(family)
+    outs = model(torch.empty(1, 3, *ODD, device='meta'))
+    assert [o.shape for o in outs] == [w.shape for w in want]
+    if how == 'assign':
+        model.load_state_dict(ref.state_dict(), assign=True)
+    else:
+        # Garbage where the buffers were, as uninitialised memory may hold.
+        model.to_empty(device='cpu')
+        for buffer in model.buffers():
+            buffer.fill_(10**6)
+        if how == 'init_weights':
+            model.init_weights()
+            _buffers_equal(model, ref)
+            return
+        model.load_state_dict(ref.state_dict())
+    _buffers_equal(model, ref)
+    with torch.no_grad():
+        got = model.eval()(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 # Doubling widths from an int (16, 32, 64, 128), FSLA where every family
 # puts some.
 DOUBLING = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[2, 2, 2, 2])
