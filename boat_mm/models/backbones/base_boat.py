@@ -186,6 +186,25 @@ def _describe_published(state_dict: Mapping) -> str:
     return ''
 
 
+def _key_prefixes(state_dict: Mapping, own: Mapping) -> List[str]:
+    """The prefixes under which keys of ``state_dict`` end in names of
+    ``own``, most keys first.
+
+    Args:
+        state_dict (Mapping): The checkpoint's weights.
+        own (Mapping): A module's own state dict.
+
+    Returns:
+        list[str]: Each prefix ('' for a key that is a name of ``own``).
+    """
+    counts: Dict[str, int] = {}
+    for key in map(str, state_dict):
+        for i in (-1, *(i for i, c in enumerate(key) if c == '.')):
+            if key[i + 1:] in own:
+                counts[key[:i + 1]] = counts.get(key[:i + 1], 0) + 1
+    return sorted(counts, key=counts.get, reverse=True)
+
+
 def _is_swin_layout(keys: Iterable[str]) -> bool:
     """Whether state-dict keys are those of a Swin in mmpretrain's,
     mmseg's and mmdet's layout (as BOAT-Swin's): window attention as
@@ -1105,44 +1124,70 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         return bool(self.resized_on_load) and key.endswith(
             self.resized_on_load) and tuple(shape[1:]) == tuple(own_shape[1:])
 
-    def _prefix_hint(self, state_dict: Mapping, prefix: str) -> str:
+    def _prefix_hint(self,
+                     state_dict: Mapping,
+                     prefix: str,
+                     others: Sequence[str] = ()) -> str:
         """The prefix under which ``state_dict`` fits, as advice.
 
         Args:
             state_dict (Mapping): The checkpoint's weights.
             prefix (str): The prefix that did not fit.
+            others (Sequence[str]): Keys of the file that the loader did
+                not hand to this module (torch's loaders give a module
+                only those under its prefix), matched by name.
 
         Returns:
             str: A sentence naming the prefix that fits, or ''.
         """
         own = self.state_dict(keep_vars=True)
-        for other in ('', 'backbone.'):
+        others = set(others) - set(map(str, state_dict))
+        prefixes = _key_prefixes([*map(str, state_dict), *others], own)
+        for other in ('', 'backbone.', *prefixes):
             if other == prefix:
                 continue
-            found = len(self._fitting(state_dict, other, own)[0])
+            found = len(self._fitting(state_dict, other, own)[0]) + sum(
+                other + k in others for k in own)
             if found < self.min_loaded_share * len(own):
                 continue
-            if other:
+            pretrained = (f"init_cfg=dict(type='Pretrained', "
+                          f'checkpoint=FILE, prefix={other!r})')
+            if other == 'backbone.':
                 return (f" Its keys under {other!r} fit {found} of them, as "
                         f"in a classifier, segmentor or detector checkpoint:"
-                        f" load it with init_cfg=dict(type='Pretrained', "
-                        f"checkpoint=FILE, prefix={other!r}) (or load_from "
-                        f"for the whole model).")
-            return (f' Its top-level keys fit {found} of them: it holds a '
-                    f"backbone alone (as mmseg's swin2mmseg.py writes): "
-                    f"load it with init_cfg=dict(type='Pretrained', "
-                    f'checkpoint=FILE) and no prefix, not with load_from '
-                    f'(which expects the whole model\'s keys).')
+                        f" load it with {pretrained} (or load_from for the "
+                        f"whole model).")
+            if not other:
+                return (f' Its top-level keys fit {found} of them: it holds '
+                        f"a backbone alone (as mmseg's swin2mmseg.py "
+                        f"writes): load it with init_cfg=dict(type="
+                        f"'Pretrained', checkpoint=FILE) and no prefix, not "
+                        f"with load_from (which expects the whole model's "
+                        f'keys).')
+            if not other.endswith(prefix):
+                return (f' Its keys under {other!r} fit {found} of them: '
+                        f'load it with {pretrained}.')
+            outer = other[:len(other) - len(prefix)]
+            # torch.compile's module keeps the model as `_orig_mod`.
+            compiled = (' (a torch.compile\'d model\'s state_dict: save '
+                        'model._orig_mod.state_dict() instead)'
+                        if '_orig_mod.' in outer else '')
+            return (f' Its keys fit {found} of them with {outer!r} in front '
+                    f'of the names expected here{compiled}: take '
+                    f'{outer!r} off its keys, or load the backbone with '
+                    f'{pretrained}.')
         return ''
 
     def _mismatch_error(
-            self,
-            state_dict: Mapping,
-            prefix: str,
-            found: int,
-            source: str = 'the checkpoint') -> CheckpointMismatchError:
+        self,
+        state_dict: Mapping,
+        prefix: str,
+        found: int,
+        source: str = 'the checkpoint',
+        others: Sequence[str] = ()
+    ) -> CheckpointMismatchError:
         """The error that explains why ``state_dict`` fits too few
-        weights, and the fix."""
+        weights, and the fix (``others``: as in `_prefix_hint`)."""
         own = list(self.state_dict(keep_vars=True))
         under = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         where = f'under {prefix!r}' if prefix else 'at its top level'
@@ -1150,9 +1195,10 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             keys = f'its keys {where}: {key_listing(under, 5)}'
         else:
             keys = f'it has no keys {where}'
-            if state_dict:
-                keys += f'; its keys: {key_listing(map(str, state_dict), 5)}'
-        hint = self._prefix_hint(state_dict, prefix)
+            if state_dict or others:
+                listed = map(str, state_dict) if state_dict else others
+                keys += f'; its keys: {key_listing(listed, 5)}'
+        hint = self._prefix_hint(state_dict, prefix, others)
         # Swin-layout weights that fit neither by prefix nor by shape, e.g.
         # those of a Swin detector that the model-level init_cfg of an
         # upstream config loads into a swap.
@@ -1270,7 +1316,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         fits, resized, skipped = self._fitting(state_dict, prefix, own)
         if len(fits) < self.min_loaded_share * len(own) and self._misplaced(
                 state_dict, prefix, fits, unexpected_keys):
-            raise self._mismatch_error(state_dict, prefix, len(fits))
+            raise self._mismatch_error(
+                state_dict, prefix, len(fits), others=unexpected_keys)
         # The file's weights load: it may be a shallower model's.
         depth_error = self._depth_error(state_dict, prefix)
         if depth_error is not None:

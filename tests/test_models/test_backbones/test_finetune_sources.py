@@ -231,6 +231,49 @@ def test_prefix_advice_needs_half_of_the_weights(tmp_path):
         assert (f'Its top-level keys fit {count} of them' in msg) is advised
 
 
+class _Classifier(torch.nn.Module):
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = BOATSwin(arch=SWIN)
+        self.head = torch.nn.Linear(192, 3)
+
+
+@pytest.mark.parametrize('outer', ['_orig_mod.', 'module.', 'model.'])
+def test_wrapped_keys_are_named_with_the_way_to_load(tmp_path, outer):
+    """A state dict of a wrapped model (torch.compile's ``_orig_mod.``,
+    DDP's ``module.``, a user's ``model.``), given to a plain model through
+    torch or MMEngine, is refused naming the extra prefix, and the
+    advised Pretrained prefix loads every weight."""
+    source = _Classifier()
+    randomised(source.backbone)
+    wrapped = {outer + k: v for k, v in source.state_dict().items()}
+    path = str(tmp_path / 'wrapped.pth')
+    torch.save(dict(state_dict=wrapped), path)
+    compiled = "save model._orig_mod.state_dict()"
+    loads = [
+        (lambda: _Classifier().load_state_dict(wrapped), 'backbone.'),
+        (lambda: BOATSwin(arch=SWIN).load_state_dict({
+            outer + k: v
+            for k, v in source.backbone.state_dict().items()
+        }), ''),
+    ]
+    if outer != 'module.':  # MMEngine's loader takes `module.` off.
+        loads.append(
+            (lambda: load_checkpoint(_Classifier(), path), 'backbone.'))
+    for load, inner in loads:
+        with pytest.raises(CheckpointMismatchError) as err:
+            load()
+        msg = str(err.value)
+        assert (f'with {outer!r} in front of the names expected here' in msg
+                and f'prefix={outer + inner!r})' in msg), msg
+        assert (compiled in msg) is (outer == '_orig_mod.')
+        assert 'boat2mm' not in msg
+    model = pretrained(path, prefix=outer + 'backbone.')
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
     """A backbone-only file (mmseg's swin2mmseg layout, made here by mmseg's
     Swin) under ``prefix='backbone.'``, and a classifier file without the
