@@ -57,12 +57,14 @@ _HAS_TRITON = importlib.util.find_spec('triton') is not None
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _kernels_not_built() -> RuntimeError:
-    """The error of ``impl='cpp'`` without ``boat_mm._C``."""
+def _kernels_not_built(name: str = 'impl') -> RuntimeError:
+    """The error of ``impl='cpp'`` without ``boat_mm._C`` (``name``: the
+    argument that gave ``impl``)."""
     return RuntimeError(
-        "impl='cpp' needs the C++ kernels boat_mm._C, which are not built: "
-        "run `pip install --no-build-isolation -e .` with a C++ compiler "
-        "(and without BOAT_MM_WITH_OPS=0), or use impl='tensor'.")
+        f"{name}='cpp' needs the C++ kernels boat_mm._C, which are not "
+        f"built: run `pip install --no-build-isolation -e .` with a C++ "
+        f"compiler (and without BOAT_MM_WITH_OPS=0), or use "
+        f"{name}='tensor'.")
 
 
 # Read once from the library (tests switch the kernels off here).
@@ -140,54 +142,62 @@ def op_required(op: str) -> bool:
             and not torch.onnx.is_in_onnx_export())
 
 
-def _cpp_unsupported(op: str, x: Tensor, dropout_p: float,
-                     auto: bool) -> Optional[Exception]:
-    """Why the C++ op cannot run ``op`` on ``x``; None when it can."""
+def _cpp_unsupported(op: str,
+                     x: Tensor,
+                     dropout_p: float,
+                     auto: bool,
+                     name: str = 'impl') -> Optional[Exception]:
+    """Why the C++ op cannot run ``op`` on ``x``; None when it can
+    (``name``: the argument that gave ``impl``, for the message)."""
     if not cpu_kernel_loaded():
-        return _kernels_not_built()
+        return _kernels_not_built(name)
     if op == CLUSTERING:
         if x.device.type != 'cpu':
             return ValueError(
-                f"impl='cpp' runs on the CPU, got a tensor on {x.device}; "
-                f"use impl='auto', 'tensor' or (CUDA) 'triton'.")
+                f"{name}='cpp' runs on the CPU, got a tensor on {x.device}; "
+                f"use {name}='auto', 'tensor' or (CUDA) 'triton'.")
         return None
     if (x.device.type != 'cpu' or x.dtype not in _FLOATS[:2]
             or dropout_p != 0):
         return ValueError(
-            f"impl='cpp' supports float32/float64 CPU tensors without "
+            f"{name}='cpp' supports float32/float64 CPU tensors without "
             f"attention dropout, got a {x.dtype} tensor on {x.device} and "
-            f"dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
+            f"dropout_p={dropout_p}; use {name}='auto' or 'tensor'.")
     return None
 
 
-def _triton_unsupported(op: str, x: Tensor, dropout_p: float,
-                        auto: bool) -> Optional[Exception]:
+def _triton_unsupported(op: str,
+                        x: Tensor,
+                        dropout_p: float,
+                        auto: bool,
+                        name: str = 'impl') -> Optional[Exception]:
     """Why the Triton kernels cannot run ``op`` on ``x``; None when they
-    can (``auto``: the interpreter, for tests, is never picked)."""
+    can (``auto``: the interpreter, for tests, is never picked; ``name``:
+    the argument that gave ``impl``, for the message)."""
     if not _HAS_TRITON:
         return RuntimeError(
-            "impl='triton' needs the triton package, which ships with "
+            f"{name}='triton' needs the triton package, which ships with "
             "torch's CUDA wheels (`pip install triton` otherwise); or use "
-            "impl='auto' or 'tensor'.")
+            f"{name}='auto' or 'tensor'.")
     if x.device.type == 'cuda':
         pass
     elif auto:
         return ValueError('the interpreter is for tests only')
     elif x.device.type != 'cpu' or not triton_interpreter_enabled():
         return ValueError(
-            f"impl='triton' runs on CUDA tensors, got a tensor on "
-            f"{x.device}; use impl='auto' or 'tensor' (or 'cpp' on the "
+            f"{name}='triton' runs on CUDA tensors, got a tensor on "
+            f"{x.device}; use {name}='auto' or 'tensor' (or 'cpp' on the "
             f"CPU), or set TRITON_INTERPRET=1 before the first Triton call "
             f"to run the kernels on CPU tensors in Triton's interpreter "
             f"(slow; for tests).")
     if x.dtype not in (_FLOATS[:1] + _FLOATS[2:] if auto else _FLOATS):
         return ValueError(
-            f"impl='triton' supports float32, bfloat16, float16 and "
-            f"float64 tensors, got {x.dtype}; use impl='tensor'.")
+            f"{name}='triton' supports float32, bfloat16, float16 and "
+            f"float64 tensors, got {x.dtype}; use {name}='tensor'.")
     if op == ATTENTION and dropout_p != 0:
         return ValueError(
-            f"impl='triton' has no attention dropout, got "
-            f"dropout_p={dropout_p}; use impl='auto' or 'tensor'.")
+            f"{name}='triton' has no attention dropout, got "
+            f"dropout_p={dropout_p}; use {name}='auto' or 'tensor'.")
     return None
 
 
@@ -198,13 +208,15 @@ class Backend(NamedTuple):
         name (str): The value of ``impl`` that names it.
         namespace (str | None): The ``torch.ops`` namespace of its ops;
             None for the tensor ops of the public functions.
-        unsupported (Callable): ``(op, x, dropout_p, auto) -> Exception |
-            None``: why it cannot run ``op`` on input ``x`` (``auto``: as
-            the choice of ``impl='auto'``), None when it can.
+        unsupported (Callable): ``(op, x, dropout_p, auto, name='impl')
+            -> Exception | None``: why it cannot run ``op`` on input ``x``
+            (``auto``: as the choice of ``impl='auto'``; ``name``: the
+            argument that gave ``impl``, for the message), None when it
+            can.
     """
     name: str
     namespace: Optional[str]
-    unsupported: Callable[[str, Tensor, float, bool], Optional[Exception]]
+    unsupported: Callable[..., Optional[Exception]]
 
     def op(self, op: str) -> Optional[torch._ops.OpOverload]:
         """The op of this backend that runs ``op``.
@@ -268,7 +280,7 @@ def select_backend(op: str,
                     return _DEFAULT_KERNEL
                 return backend
     backend = BACKENDS[impl]
-    error = backend.unsupported(op, x, dropout_p, False)
+    error = backend.unsupported(op, x, dropout_p, False, name)
     if error is not None:
         raise error
     return backend

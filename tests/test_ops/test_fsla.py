@@ -902,6 +902,40 @@ def test_errors():
         m(torch.randn(2, 49, 6), (7, 7))
 
 
+def test_input_errors_name_the_module_argument(monkeypatch):
+    """An ``impl`` that cannot run the input is refused naming the
+    module's argument, in the value and in the fix, as a config sets it
+    (``fsla_cfg=dict(attention_impl=...)``), not the ops' ``impl``."""
+    x = torch.randn(1, 64, 8)
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    m = FeatureSpaceLocalAttention(
+        8, 2, group_size=16, overlap=4, clustering_impl='triton')
+    with pytest.raises(
+            ValueError,
+            match=r"^clustering_impl='triton' runs on CUDA "
+            r".*; use clustering_impl='auto'"):
+        m(x, (8, 8))
+    m = FeatureSpaceLocalAttention(
+        8, 2, group_size=16, overlap=4, attention_impl='cpp')
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', True)
+    with torch.autocast(
+            'cpu', dtype=torch.bfloat16), pytest.raises(
+                ValueError,
+                match=r"^attention_impl='cpp' supports float32/"
+                r".*; use attention_impl='auto'"):
+        m(x, (8, 8))
+    monkeypatch.setattr(_backends, '_HAS_CPU_KERNEL', False)
+    m.clustering_impl = 'cpp'
+    with pytest.raises(
+            RuntimeError,
+            match=r"^clustering_impl='cpp' needs the C\+\+ "
+            r".*or use clustering_impl='tensor'"):
+        m(x, (8, 8))
+    # One cluster: no clustering runs, so its impl is not asked.
+    m.attention_impl = 'tensor'
+    assert m(torch.randn(1, 9, 8), (3, 3)).shape == (1, 9, 8)
+
+
 @pytest.mark.parametrize('shape', [(2, 4, 49), (4, 32, 98), (4, 1, 12544)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_rank_within_nodes_is_a_stable_sort_per_node(shape, dtype):

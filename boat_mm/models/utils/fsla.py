@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          build_cluster_plan, check_impl, cluster_ids_from_perm,
                          clustered_attention, perm_covers_tokens)
+from boat_mm.ops._backends import ATTENTION, CLUSTERING, select_backend
 from boat_mm.registry import MODELS
 from .arch import (check_int, check_number, check_qk_scale, check_rate,
                    check_tokens)
@@ -228,12 +229,29 @@ class FeatureSpaceLocalAttention(BaseModule):
 
     def _cluster(self, qkv: Tensor, plan: ClusterPlan) -> Tensor:
         """Cluster the per-head queries: ``(B * heads, slots)`` perm."""
+        self._check_impl_runs(CLUSTERING, qkv)
         B, N, _ = qkv.shape
         q = qkv.detach()[..., :self.embed_dims]
         q = q.reshape(B, N, self.num_heads, self.head_dims).transpose(1, 2)
         return balanced_hierarchical_clustering(
             q.reshape(B * self.num_heads, N, self.head_dims), plan,
             self.kmeans_iters, self.kmeans_temperature, self.clustering_impl)
+
+    def _check_impl_runs(self, op: str, qkv: Tensor) -> None:
+        """Refuse a ``clustering_impl`` or ``attention_impl`` that cannot
+        run ``op`` on this input, naming that argument (the ops' own
+        errors name their ``impl``).
+
+        Args:
+            op (str): ``'balanced_clustering'`` or
+                ``'clustered_attention'``.
+            qkv (Tensor): The input, whose device and dtype the ops get.
+        """
+        name = 'clustering_impl' if op == CLUSTERING else 'attention_impl'
+        impl = getattr(self, name)
+        if impl != 'auto':
+            dropout_p = self.attn_drop if self.training else 0.
+            select_backend(op, impl, qkv, dropout_p, name=name)
 
     def register_cluster_hook(
         self, hook: Callable[['FeatureSpaceLocalAttention', Tensor],
@@ -329,6 +347,7 @@ class FeatureSpaceLocalAttention(BaseModule):
                 if replaced is not None:
                     _check_replaced_perm(replaced, perm, plan, hook)
                     perm = replaced
+        self._check_impl_runs(ATTENTION, qkv)
         out, v = clustered_attention(
             qkv,
             perm,
