@@ -41,6 +41,8 @@ import re
 import tempfile
 from typing import Any, Dict, List, NoReturn, Optional
 
+from .utils.published import CONVERTER
+
 __all__ = ['register_model_index', 'mmpretrain_models']
 
 # mmpretrain's naming: the name of an ImageNet model ends with its dataset,
@@ -50,7 +52,6 @@ _MMPRETRAIN_NAME = re.compile(r'_in1k(-\d+px)?$')
 #: The hub's weights of a model without weights of its own: a scheme whose
 #: MMEngine loader raises, naming the converter.
 UNCONVERTED_SCHEME = 'boat-mm-unconverted://'
-CONVERTER = 'python tools/model_converters/boat2mm.py SRC_OR_URL DST'
 
 _registered: List[str] = []
 # Registered name -> its published weights' URL (None if the metafile has
@@ -84,7 +85,8 @@ def load_from_boat_mm_unconverted(filename: str,
     raise FileNotFoundError(
         f'{name} has no weights of its own in mmpretrain\'s model hub: the '
         f'published BOAT weights ({url}) are not an mmpretrain '
-        f'checkpoint. Convert them with `{CONVERTER}`, then call '
+        f'checkpoint. Convert them with `{CONVERTER}` (SRC: that URL or '
+        f'the downloaded file), then call '
         f'get_model({name!r}, pretrained=DST); pretrained=False builds it '
         f'randomly initialised.')
 

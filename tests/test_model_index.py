@@ -67,7 +67,8 @@ def test_get_model_pretrained_true_names_the_converter():
         get_model(name, pretrained=True, backbone=dict(arch=_tiny_swin()))
     msg = str(err.value)
     assert f'{name} has no weights of its own' in msg
-    assert 'tools/model_converters/boat2mm.py SRC_OR_URL DST' in msg
+    assert ('tools/model_converters/boat2mm.py SRC DST` (SRC: that URL or '
+            'the downloaded file)') in msg
     assert 'pretrained=DST' in msg
     assert 'https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth' in msg
 

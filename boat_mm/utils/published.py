@@ -44,10 +44,6 @@ __all__ = [
 
 CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
 
-# Entries of a published file that may hold the weights (timm's saver:
-# state_dict / state_dict_ema; Swin's: model).
-_WEIGHT_KEYS = ('model', 'state_dict', 'state_dict_ema')
-
 
 class PublishedCheckpointError(ValueError):
     """A published BOAT checkpoint was loaded where a converted one is
@@ -244,35 +240,6 @@ def inspect_checkpoint(path: str) -> Optional[Dict[str, Any]]:
     return dict(object=obj, foreign=sorted(unpickler.foreign))
 
 
-def _find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
-    """``(family, entry, info)`` if ``obj`` holds weights in a family's
-    published layout (``info`` from its layout's ``detect``, ``{}`` if
-    that fails on an incomplete file)."""
-    from ..models.backbones import boat_families
-    from ..models.utils.ckpt_convert import strip_module_prefix
-    if not isinstance(obj, dict):
-        return None
-    candidates = [('', obj)] + [
-        (k, obj[k]) for k in _WEIGHT_KEYS if isinstance(obj.get(k), dict)
-    ]
-    for key, weights in candidates:
-        weights = strip_module_prefix({
-            k: v
-            for k, v in weights.items() if isinstance(k, str)
-        })
-        for family in boat_families():
-            layout = family.published
-            if layout is None or not layout.matches(weights):
-                continue
-            try:
-                info = layout.detect(weights)
-            except (KeyError, ValueError, TypeError, AttributeError,
-                    IndexError):
-                info = {}
-            return family, key, info
-    return None
-
-
 def _message(
     path: str, found: Tuple[type, str,
                             dict], foreign: Sequence[str] = ()) -> str:
@@ -320,7 +287,8 @@ def published_checkpoint_message(path: str) -> Optional[str]:
     inspected = inspect_checkpoint(path)
     if inspected is None:
         return None
-    found = _find_published(inspected['object'])
+    from ..models.backbones.base_boat import find_published
+    found = find_published(inspected['object'])
     if found is None:
         return None
     return _message(path, found, inspected['foreign'])
@@ -348,11 +316,13 @@ def _with_hint(loader: Callable, local_path: Callable) -> Callable:
             if message is None:
                 raise
             raise PublishedCheckpointError(message) from None
+        from ..models.backbones.base_boat import find_published
+
         # Loaded (a file without foreign objects, or a URL, which torch's
         # hub loads without weights_only): BOAT weights, i.e. a published
         # layout with FSLA, still need converting. Plain Swin or CSWin
         # files (no FSLA) pass: other models load them.
-        found = _find_published(checkpoint)
+        found = find_published(checkpoint)
         if found is not None and found[2].get('with_fsla'):
             raise PublishedCheckpointError(_message(filename, found))
         return checkpoint

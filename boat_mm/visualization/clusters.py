@@ -42,7 +42,9 @@ def capture_cluster_ids(
     On the input of each chosen FSLA module
     (:func:`boat_mm.analysis.fsla_input_hooks`), its
     :meth:`~FeatureSpaceLocalAttention.cluster_ids`: exactly the grouping
-    its attention uses. The backbone runs once in eval mode without
+    its attention uses, unless a cluster hook
+    (:meth:`~FeatureSpaceLocalAttention.register_cluster_hook`) replaces
+    it in the forward. The backbone runs once in eval mode without
     gradients (its mode is restored afterwards).
 
     Args:

@@ -639,7 +639,7 @@ CASES = [
     # (BaseBOATBackbone.check_arguments), before the runner dumps the
     # config and builds the model (before: a traceback after the dump).
     ('train', [SEG, '--cfg-options', 'model.backbone.out_indices=(0,1,2,4)'],
-     'model.backbone (BOATCSWin): out_indices (0, 1, 2, 4) must index one of '
+     'model.backbone: BOATCSWin: out_indices (0, 1, 2, 4) must index one of '
      'the 4 stages; 4 is out of range'),
     ('train', [SEG, '--cfg-options', 'model.backbone.drop_path_rate=1.5'],
      'model.backbone: BOATCSWin: drop_path_rate must be in [0, 1] (a '
@@ -651,10 +651,10 @@ CASES = [
      "model.backbone: BOATCSWin: norm_cfg={'type': 'BN', 'requires_grad': "
      "True} cannot normalise the (B, N, C) tokens of the blocks"),
     ('train', [SEG, '--cfg-options', 'model.backbone.frozen_stages=5'],
-     'model.backbone (BOATCSWin): frozen_stages must be in [-1, 4], got 5.'),
+     'model.backbone: BOATCSWin: frozen_stages must be in [-1, 4], got 5.'),
     ('test',
      [CLS, '{ours}', '--cfg-options', 'model.backbone.frozen_stages='
-      'True'], 'model.backbone (BOATCSWin): frozen_stages must be an '
+      'True'], 'model.backbone: BOATCSWin: frozen_stages must be an '
      'int in [-1, 4] (-1: nothing frozen), got True.'),
     # An upstream Swin argument, and a misspelt one.
     ('train', [SEG, '--cfg-options', 'model.backbone.norm_eval=True'],
@@ -675,7 +675,8 @@ CASES = [
     ('image_demo', [
         '{image}', SEG, '--cfg-options',
         'model.backbone.fsla_cfg.group_size=16'
-    ], 'model.backbone (BOATCSWin): overlap (20) must be >= 0 and smaller '
+    ], 'model.backbone: BOATCSWin: fsla_cfg, in stage 0: overlap (20) must '
+     'be >= 0 and smaller '
      'than group_size (16); lower overlap'),
 ]
 

@@ -28,6 +28,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor
 
+from ...utils.published import CONVERTER
 from ..utils import FeatureSpaceLocalAttention
 from ..utils.arch import (FrozenStagesMixin, check_bool, check_frozen_stages,
                           check_int, check_norm_cfg, check_number,
@@ -35,17 +36,17 @@ from ..utils.arch import (FrozenStagesMixin, check_bool, check_frozen_stages,
                           fsla_settings, parse_arch, parse_out_indices,
                           pretrained_init_cfg, stage_widths,
                           unexpected_arguments_error)
-from ..utils.ckpt_convert import (PublishedLayout, blocks_per_stage,
-                                  key_listing, pick_boat_weights)
+from ..utils.ckpt_convert import (WEIGHT_ENTRIES, PublishedLayout,
+                                  blocks_per_stage, key_listing,
+                                  pick_boat_weights, strip_module_prefix)
 
 __all__ = [
     'BaseBOATBackbone', 'BaseBOATBlock', 'CheckpointMismatchError',
-    'boat_families', 'convert_boat_checkpoint', 'detect_boat_family'
+    'boat_families', 'convert_boat_checkpoint', 'detect_boat_family',
+    'find_published'
 ]
 
 _FAMILIES: Dict[str, Type['BaseBOATBackbone']] = {}
-
-CONVERTER = 'python tools/model_converters/boat2mm.py SRC DST'
 
 
 class CheckpointMismatchError(ValueError):
@@ -160,30 +161,54 @@ def convert_boat_checkpoint(
     return family, family.published.convert(weights)
 
 
-def _describe_published(state_dict: Mapping) -> str:
-    """' It is laid out like a published BOAT-X checkpoint.' or ''."""
-    candidates = [state_dict]
-    candidates += [
-        v for k, v in state_dict.items()
-        if k in ('model', 'state_dict',
-                 'state_dict_ema') and isinstance(v, Mapping)
+def find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
+    """Where ``obj``, a loaded file, holds weights in a family's published
+    layout.
+
+    Args:
+        obj (Any): The file's object: a state dict, or a dict holding one
+            under an entry of ``WEIGHT_ENTRIES``; keys may carry
+            DataParallel's ``module.``.
+
+    Returns:
+        tuple | None: ``(family, entry, info)``: the backbone class, the
+        entry ('' for bare weights) and what its layout's ``detect`` reads
+        (``{}`` if that fails on an incomplete file); None if no family's
+        layout is there.
+    """
+    if not isinstance(obj, Mapping):
+        return None
+    candidates = [('', obj)] + [
+        (k, obj[k]) for k in WEIGHT_ENTRIES if isinstance(obj.get(k), Mapping)
     ]
-    for candidate in candidates:
-        cls = _published_family(candidate)
+    for key, weights in candidates:
+        weights = strip_module_prefix({
+            k: v
+            for k, v in weights.items() if isinstance(k, str)
+        })
+        cls = _published_family(weights)
         if cls is None:
             continue
-        layout = cls.published
         try:
-            plain = not layout.detect(candidate)['with_fsla']
+            info = cls.published.detect(weights)
         except (KeyError, ValueError, TypeError, AttributeError, IndexError):
-            plain = False
-        if plain and layout.plain_name:
-            # Swin / CSWin ImageNet weights: boat2mm converts them too.
-            return (f' It is laid out like a {layout.plain_name} checkpoint '
-                    f'({layout.marker}*, no FSLA).')
-        return (f' It is laid out like a published {layout.name} '
-                f'checkpoint ({layout.marker}*).')
-    return ''
+            info = {}
+        return cls, key, info
+    return None
+
+
+def _describe_published(state_dict: Mapping) -> str:
+    """' It is laid out like a published BOAT-X checkpoint.' or ''."""
+    found = find_published(state_dict)
+    if found is None:
+        return ''
+    layout = found[0].published
+    if found[2] and not found[2].get('with_fsla', True) and layout.plain_name:
+        # Swin / CSWin ImageNet weights: boat2mm converts them too.
+        return (f' It is laid out like a {layout.plain_name} checkpoint '
+                f'({layout.marker}*, no FSLA).')
+    return (f' It is laid out like a published {layout.name} '
+            f'checkpoint ({layout.marker}*).')
 
 
 def _key_prefixes(state_dict: Mapping, own: Mapping) -> List[str]:
@@ -453,6 +478,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
     #: this many before folding ``norm{i}``'s ``(B, H * W, C)`` output into
     #: a square map (without the attribute it assumes 1).
     num_extra_tokens: int = 0
+    #: Pixels per patch token along each side of the stem's output.
+    stem_stride: int = 4
 
     default_init_cfg = [
         dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
@@ -539,10 +566,12 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         self.norm_cfg = norm_cfg
         self.with_fsla = with_fsla
         self.fsla_cfg = settings['fsla_cfg']
-        if not with_fsla:
-            # Its own values only: no FSLA meets the backbone's drops.
-            self._check_fsla_arguments(self.arch_settings, dict(fsla_cfg
-                                                                or {}))
+        # Up front, to name the backbone and fsla_cfg (each FSLA the
+        # blocks build checks its own too). Without FSLA, the user's
+        # values only: no FSLA meets the backbone's drops.
+        self._check_fsla_arguments(
+            self.arch_settings,
+            self.fsla_cfg if with_fsla else dict(fsla_cfg or {}))
         self.block_cfg = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -618,11 +647,11 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         args.update(kwargs)
         unknown = {k: v for k, v in kwargs.items() if k not in params}
         settings = cls._parse_arguments(args, unknown)
-        cls._check_family_arguments(args)
-        # Last, as the build meets them: in each FSLA the blocks build.
+        # In the order of __init__: the base's, then the family's.
         cls._check_fsla_arguments(
             settings['arch_settings'], settings['fsla_cfg']
             if args['with_fsla'] else dict(args['fsla_cfg'] or {}))
+        cls._check_family_arguments(args)
         return settings
 
     @classmethod
@@ -655,8 +684,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         arch_settings = cls._parse_arch(args['arch'])
         depths = list(arch_settings['depths'])
         cls._check_fsla_placed(args['with_fsla'], depths)
-        out_indices = parse_out_indices(args['out_indices'], len(depths))
-        check_frozen_stages(args['frozen_stages'], len(depths))
+        out_indices = parse_out_indices(args['out_indices'], len(depths), name)
+        check_frozen_stages(args['frozen_stages'], len(depths), name)
         check_qk_scale(args['qk_scale'], name)
         check_norm_cfg(args['norm_cfg'], name)
         # The original builds FSLA with the block's qkv_bias and drops.
@@ -690,11 +719,19 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         """
         depths = list(arch_settings['depths'])
         for i, depth in enumerate(depths):
-            if any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
+            if not any(cls.has_fsla(i, j, len(depths)) for j in range(depth)):
+                continue
+            try:
                 FeatureSpaceLocalAttention.check_arguments(
                     embed_dims=arch_settings['embed_dims'][i],
                     num_heads=arch_settings['num_heads'][i],
                     **fsla_cfg)
+            except (TypeError, ValueError) as err:
+                # Name what the config sets: the backbone and fsla_cfg.
+                text = str(err).split(
+                    f'{FeatureSpaceLocalAttention.__name__}: ', 1)[-1]
+                raise type(err)(f'{cls.__name__}: fsla_cfg, in stage {i}: '
+                                f'{text}') from err
 
     @classmethod
     def _check_family_arguments(cls, args: Dict[str, Any]) -> None:
@@ -733,7 +770,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         widths = cls._parse_arch(arch)['embed_dims']
         return {
             i: widths[i]
-            for i in parse_out_indices(out_indices, len(widths))
+            for i in parse_out_indices(out_indices, len(widths), cls.__name__)
         }
 
     # --- Architecture. ---

@@ -238,6 +238,7 @@ class BOATSwin(BaseBOATBackbone):
         super().__init__(arch=arch, in_channels=in_channels, **kwargs)
         self._check_family_arguments(
             dict(window_size=window_size, patch_size=patch_size))
+        self.stem_stride = patch_size
         # 'corner' padding: any input size, ceil(H / patch_size) rows.
         self.patch_embed = PatchEmbed(
             in_channels=in_channels,

@@ -66,10 +66,10 @@ class MaskedImageMixin:
             x (Tensor): ``(B, C, H, W)`` images.
             mask (Tensor, optional): ``(B, H_0, W_0)`` (or ``(B, H_0 *
                 W_0)``), 1 where the patch token is masked, at the stem's
-                resolution (``H_0 = ceil(H / 4)`` for the BOAT families'
-                stride-4 stems: ``SimMIMMaskGenerator``'s
-                ``model_patch_size=4``). None runs the plain backbone, as
-                SimMIM's ``extract_feat`` does. Defaults to None.
+                resolution (``H_0 = ceil(H / stem_stride)``, 4 by default:
+                ``SimMIMMaskGenerator``'s ``model_patch_size``). None runs
+                the plain backbone, as SimMIM's ``extract_feat`` does.
+                Defaults to None.
 
         Returns:
             tuple[Tensor]: The maps of ``out_indices``, as the backbone's.
@@ -88,8 +88,8 @@ class MaskedImageMixin:
                 f'{tuple(mask.shape)}, but the stem gives {batch} x '
                 f'{hw_shape[0]} x {hw_shape[1]} patch tokens: give one mask '
                 f'per image at the stem\'s resolution, {hw_shape[0]} x '
-                f'{hw_shape[1]} (SimMIMMaskGenerator: model_patch_size=4 and '
-                f'input_size the square crop size).')
+                f'{hw_shape[1]} (SimMIMMaskGenerator: model_patch_size='
+                f'{self.stem_stride} and input_size the square crop size).')
         w = mask.reshape(batch, num_tokens, 1).to(x.dtype)
         return x * (1. - w) + self.mask_token.to(x.dtype) * w
 

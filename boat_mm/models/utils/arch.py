@@ -399,58 +399,64 @@ def unexpected_arguments_error(name: str, unknown: Iterable[str],
     return TypeError(msg + f' {name} takes {accepted}.')
 
 
-def parse_out_indices(out_indices: Union[int, Sequence[int]],
-                      num_stages: int) -> Tuple[int, ...]:
+def parse_out_indices(out_indices: Union[int, Sequence[int]], num_stages: int,
+                      owner: str) -> Tuple[int, ...]:
     """Sorted, de-duplicated stage indices; negative ones count from the end.
 
     Args:
         out_indices (int | Sequence[int]): Stages whose outputs are returned.
         num_stages (int): Number of stages of the backbone.
+        owner (str): The class given it, for the errors.
 
     Returns:
         tuple[int]: Indices in ``[0, num_stages)``.
     """
+    who = f'{owner}: '
     if isinstance(out_indices, numbers.Integral):
         out_indices = [out_indices]
     if not isinstance(out_indices, (list, tuple)) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool)
             for i in out_indices):
         raise TypeError(
-            f'out_indices must be an int or a sequence of ints (stage '
+            f'{who}out_indices must be an int or a sequence of ints (stage '
             f'indices in [-{num_stages}, {num_stages - 1}]), e.g. '
             f'{tuple(range(num_stages))}, got {out_indices!r}.')
     if len(out_indices) == 0:
         raise ValueError(
-            f'out_indices must name at least one stage, e.g. '
+            f'{who}out_indices must name at least one stage, e.g. '
             f'{tuple(range(num_stages))} or -1 for the last, got ().')
     parsed = []
     for i in map(int, out_indices):
         j = i + num_stages if i < 0 else i
         if not 0 <= j < num_stages:
             raise ValueError(
-                f'out_indices {tuple(out_indices)} must index one of '
-                f'the {num_stages} stages; {i} is out of range (the default '
-                f'is (0, 1, 2, 3); e.g. out_indices='
-                f'{tuple(range(num_stages))}).')
+                f'{who}out_indices {tuple(out_indices)} must index one of '
+                f'the {num_stages} stages; {i} is out of range (e.g. '
+                f'out_indices={tuple(range(num_stages))}, or -1 for the '
+                f'last).')
         parsed.append(j)
     return tuple(sorted(set(parsed)))
 
 
-def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
+def check_frozen_stages(frozen_stages: int, num_stages: int,
+                        owner: str) -> None:
     """Check that ``frozen_stages`` is -1 (nothing frozen) up to
     ``num_stages``.
 
     Args:
         frozen_stages (int): The argument.
         num_stages (int): Number of stages of the backbone.
+        owner (str): The class given it, for the errors.
     """
+    who = f'{owner}: '
     integral = isinstance(frozen_stages, numbers.Integral)
     if isinstance(frozen_stages, bool) or not integral:
-        raise TypeError(f'frozen_stages must be an int in [-1, {num_stages}] '
-                        f'(-1: nothing frozen), got {frozen_stages!r}.')
+        raise TypeError(f'{who}frozen_stages must be an int in [-1, '
+                        f'{num_stages}] (-1: nothing frozen), got '
+                        f'{frozen_stages!r}.')
     if not -1 <= frozen_stages <= num_stages:
-        raise ValueError(f'frozen_stages must be in [-1, {num_stages}], got '
-                         f'{frozen_stages}.')
+        raise ValueError(f'{who}frozen_stages must be in [-1, {num_stages}], '
+                         f'got {frozen_stages}.')
 
 
 def check_qk_scale(qk_scale: Optional[float], name: str) -> None:

@@ -41,6 +41,12 @@ def key_listing(keys: Iterable[str], limit: int = 20) -> str:
     return f'{keys[:limit]}{more}'
 
 
+#: Entries of a published file that may hold the weights, in the order
+#: they are looked for (BOAT-Swin's saver: model; timm's, BOAT-CSWin's:
+#: state_dict / state_dict_ema).
+WEIGHT_ENTRIES = ('model', 'state_dict', 'state_dict_ema')
+
+
 def strip_module_prefix(
         state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
     """Drop a DataParallel ``module.`` prefix, if every key has one.
@@ -71,7 +77,8 @@ def pick_boat_weights(
 
     Returns:
         tuple[str, OrderedDict]: The entry used ('' for a bare state dict)
-        and its weights, without a DataParallel ``module.`` prefix.
+        and its weights, without a DataParallel ``module.`` prefix (see
+        :func:`strip_module_prefix`).
     """
     if use_ema:
         if 'state_dict_ema' not in checkpoint:
@@ -80,12 +87,9 @@ def pick_boat_weights(
                            f'{sorted(map(str, checkpoint))}.')
         key = 'state_dict_ema'
     else:
-        key = next((k for k in ('model', 'state_dict', 'state_dict_ema')
-                    if k in checkpoint), '')
+        key = next((k for k in WEIGHT_ENTRIES if k in checkpoint), '')
     weights = checkpoint[key] if key else checkpoint
-    return key, OrderedDict(
-        (k[len('module.'):] if k.startswith('module.') else k, v)
-        for k, v in weights.items())
+    return key, strip_module_prefix(weights)
 
 
 def blocks_per_stage(keys: Iterable[str], pattern: str) -> Dict[int, int]:

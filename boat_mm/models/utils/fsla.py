@@ -290,7 +290,9 @@ class FeatureSpaceLocalAttention(BaseModule):
         """The clustering that :meth:`forward` computes for ``x``.
 
         With the plan, it gives every query's keys exactly (see
-        :func:`boat_mm.ops.clustered_attention`), for analysis.
+        :func:`boat_mm.ops.clustered_attention`), for analysis. The cluster
+        hooks (:meth:`register_cluster_hook`), which may replace it in the
+        forward, are not called here.
 
         Args:
             x (Tensor): ``(B, N, C)`` tokens (the module's input).

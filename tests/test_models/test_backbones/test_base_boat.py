@@ -115,6 +115,23 @@ def test_load_from_published_file_names_the_converter(tmp_path, family):
     assert "no keys under 'backbone.'" in str(err.value)
 
 
+@pytest.mark.parametrize('family', boat_families())
+@pytest.mark.parametrize('outer', ['', 'module.'])
+def test_published_weights_given_to_torch_are_named(family, outer):
+    """Published weights given to the backbone's own ``load_state_dict``
+    (no MMEngine loader to recognise the file), bare or as DataParallel
+    saved them (``module.``), are named as published and sent to the
+    converter."""
+    keys = family.published.key_map(
+        dict(depths=ARCHS[family]['depths'], with_fsla=True, num_classes=3))
+    weights = {outer + k: torch.zeros(1) for k in keys}
+    with pytest.raises(ValueError) as err:
+        family(arch=ARCHS[family]).load_state_dict(weights, strict=False)
+    msg = str(err.value)
+    assert f'laid out like a published {family.published.name}' in msg, msg
+    assert CONVERTER in msg
+
+
 def test_unrelated_and_mostly_foreign_checkpoints_refused(tmp_path):
     # Another family's classifier: names overlap, shapes and blocks do not.
     other = classifier(BOATSwin).state_dict()
@@ -491,7 +508,9 @@ BAD_ARGUMENTS = [
     (dict(drop_rate='0.1'), TypeError,
      r"drop_rate must be a float in \[0, 1\], got '0.1' \(str\)"),
     (dict(out_indices=()), ValueError,
-     r'out_indices must name at least one stage, e\.g\. \(0, 1, 2, 3\) '
+     r'^(BOATSwin|BOATCSWin): out_indices must name at least one stage, '
+     r'e\.g\. '
+     r'\(0, 1, 2, 3\) '
      r'or -1 for the last, got \(\)\.$'),
     (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
     (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
@@ -503,12 +522,14 @@ BAD_ARGUMENTS = [
      r"\['type'\]; fsla_cfg holds its arguments, not a module config: drop "
      r"'type'\."),
     (dict(fsla_cfg=dict(group_size=16)), ValueError,
-     r'overlap \(20\) must be >= 0 and smaller than group_size \(16\); lower '
-     r'overlap \(it defaults to 20'),
+     r'^(BOATSwin|BOATCSWin): fsla_cfg, in stage 0: overlap \(20\) must be '
+     r'>= 0 and smaller than group_size \(16\); lower overlap \(it defaults '
+     r'to 20'),
     (dict(arch=arch(depths=(2, 2, 2), num_heads=(2, 2, 2))), ValueError,
-     r'out_indices \(0, 1, 2, 3\) must index one of the 3 stages; 3 is out '
-     r'of range \(the default is \(0, 1, 2, 3\); e\.g\. out_indices=\(0, 1, '
-     r'2\)\)'),
+     r'^(BOATSwin|BOATCSWin): out_indices \(0, 1, 2, 3\) must index one of '
+     r'the 3 '
+     r'stages; 3 is out of range \(e\.g\. out_indices=\(0, 1, 2\), or -1 '
+     r'for the last\)'),
     (dict(fsla_cfg=dict(group_size=4.5)), TypeError, 'group_size must be'),
     (dict(fsla_cfg=dict(kmeans_temperature=0)), ValueError,
      'kmeans_temperature must be a positive number'),

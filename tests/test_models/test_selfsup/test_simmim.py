@@ -133,6 +133,18 @@ def test_mask_of_another_resolution_is_refused(variant, family, arch):
     model(torch.randn(2, 3, 40, 48), _mask(2, 10, 12).flatten(1))
 
 
+def test_mask_error_gives_the_stem_stride():
+    """A BOAT-Swin stem of 8-pixel patches asks for SimMIM masks of
+    ``model_patch_size=8``."""
+    model = _build(SimMIMBOATSwin, SWIN_ARCH, patch_size=8)
+    with pytest.raises(
+            ValueError,
+            match=r'stem gives 2 x 4 x 4 patch tokens.*'
+            r'model_patch_size=8 '):
+        model(torch.randn(2, 3, 32, 32), _mask(2, 8, 8))
+    assert model(torch.randn(2, 3, 32, 32), _mask(2, 4, 4))[-1].shape[0] == 2
+
+
 @pytest.mark.parametrize('variant, family, arch', VARIANTS)
 def test_mask_token_init_and_pretrained(variant, family, arch, tmp_path):
     # Truncated normal, std 0.02, not the zeros it is created with: on a
