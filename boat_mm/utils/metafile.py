@@ -66,8 +66,9 @@ def metafile_paths(root: Optional[str] = None) -> List[str]:
         raise FileNotFoundError(
             f'{path} not found: boat_mm is installed without its configs '
             f'and model index. Install it from a source checkout '
-            f'(`pip install -e .`) or from a wheel or sdist built by its '
-            f'setup.py, which puts them in boat_mm/.mim/.')
+            f'(`pip install --no-build-isolation -e .`) or from a wheel or '
+            f'sdist built by its setup.py, which puts them in '
+            f'boat_mm/.mim/.')
     with open(path, encoding='utf-8') as f:
         return list(yaml.safe_load(f)['Import'])
 
