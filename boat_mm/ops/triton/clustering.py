@@ -911,7 +911,7 @@ class LevelPlan(NamedTuple):
     chunk_size: int
 
 
-def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
+def level_plans(rows: int, num_levels: int, slot_size: int,
                 target: Union[TargetInfo, torch.device]) -> List[LevelPlan]:
     """The :class:`LevelPlan` of every level of a clustering.
 
@@ -928,9 +928,6 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
         rows (int): Rows (samples x heads) clustered.
         num_levels (int): Levels of the binary tree.
         slot_size (int): Slots per leaf cluster.
-        d (int): Dimensions of the vectors (the schedule does not use
-            it now).
-        f64 (bool): Whether the vectors are float64 (not used now).
         target (TargetInfo | torch.device): The device, or a
             :class:`TargetInfo` (a model can pass CUDA's).
 
@@ -1031,7 +1028,7 @@ def balanced_clustering(x: Tensor,
     x = x.contiguous()
     cdt = torch.float64 if f64 else torch.float32
     DP, BT = _block_tokens(d, f64, target.cuda)
-    plans = level_plans(M, L, S, d, f64, target)
+    plans = level_plans(M, L, S, target)
     # One launch per phased level, then one for the subtree below them
     # (none when SORT_MAX is below the leaves' parents).
     top = next((lv for lv, p in enumerate(plans) if p.kind == 'subtree'), L)
