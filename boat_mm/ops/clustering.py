@@ -71,8 +71,8 @@ from ._library import register_default_kernel
 
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
-    'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl',
-    'MAX_MEAN_CLUSTER', 'MIN_MEAN_CLUSTER'
+    'cluster_ids_from_perm', 'num_clusters_for', 'cpu_kernel_available',
+    'check_impl', 'MAX_MEAN_CLUSTER', 'MIN_MEAN_CLUSTER'
 ]
 
 
