@@ -128,19 +128,10 @@ def mmpretrain_models() -> dict:
             ``boat_mm/.mim`` holds ``model-index.yml`` or a metafile it
             imports.
     """
-    import yaml
-
-    from .utils.metafile import find_root, metafile_paths
+    from .utils.metafile import find_root, read_metafiles
     root = find_root()
     index = {'Collections': [], 'Models': []}
-    for rel in metafile_paths(root):
-        path = osp.join(root, rel)
-        if not osp.isfile(path):
-            raise FileNotFoundError(
-                f'{path} not found: {root}/model-index.yml lists it; '
-                f'reinstall boat_mm from a complete checkout.')
-        with open(path, encoding='utf-8') as f:
-            meta = yaml.safe_load(f)
+    for meta in read_metafiles(root):
         index['Collections'] += meta.get('Collections', [])
         for model in meta.get('Models', []):
             if _MMPRETRAIN_NAME.search(model['Name']):

@@ -196,8 +196,28 @@ def test_editable_and_missing_installs_fall_back_clearly(
     assert metafile.find_root() == REPO
     monkeypatch.setattr(metafile, 'MIM_ROOT', str(tmp_path / 'none'))
     monkeypatch.setattr(metafile, 'CHECKOUT_ROOT', str(tmp_path))
-    with pytest.raises(FileNotFoundError, match='model-index.yml not found'):
+    with pytest.raises(FileNotFoundError) as err:
         metafile.load_models()
+    assert 'model-index.yml not found' in str(err.value)
+    # The install command that builds the C++ kernels against this torch.
+    assert '(`pip install --no-build-isolation -e .`)' in str(err.value)
+
+
+def test_a_missing_metafile_is_named_by_both_readers(tmp_path, monkeypatch):
+    """load_models and mmpretrain's index read the metafiles through one
+    function: an index that lists a missing metafile gets one message."""
+    from boat_mm import model_index
+    from boat_mm.utils import metafile
+    index = tmp_path / 'model-index.yml'
+    index.write_text('Import:\n- configs/gone/metafile.yml\n')
+    monkeypatch.setattr(metafile, 'MIM_ROOT', str(tmp_path))
+    missing = osp.join(str(tmp_path), 'configs/gone/metafile.yml')
+    for read in (metafile.load_models, model_index.mmpretrain_models):
+        with pytest.raises(FileNotFoundError) as err:
+            read()
+        assert str(err.value) == (
+            f'{missing} not found: {tmp_path}/model-index.yml lists it; '
+            f'reinstall boat_mm from a complete checkout.')
 
 
 def test_model_index_imports_every_metafile():

@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
-from boat_mm.models.utils import CSWinAttention
+from boat_mm.models.utils import BOATShiftWindowMSA, CSWinAttention
 from boat_mm.ops import ClusterPlan, inverse_slots
 from .capture import FSLARecord
 
@@ -118,7 +117,7 @@ def swin_window_labels(hw_shape: Sequence[int], window_size: int,
                        shift_size: int) -> Tensor:
     """Window of every token in (shifted) Swin window attention.
 
-    As :class:`~boat_mm.models.backbones.boat_swin.BOATShiftWindowMSA`:
+    As :class:`~boat_mm.models.utils.window_attn.BOATShiftWindowMSA`:
     the map is padded at the bottom/right to window multiples, rolled by
     ``-shift`` (no shift when the shorter side is not longer than the
     window), cut into windows, and inside a window only tokens of the same

@@ -92,7 +92,7 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .flop_handles import MASKED_ATTENTION_MODES, flop_handles, sdpa_macs
+from .flop_handles import check_masked_attention, flop_handles, sdpa_macs
 
 __all__ = [
     'MAC_OPERATORS', 'DetectorForward', 'flop_analyzer',
@@ -220,10 +220,7 @@ def flop_analyzer(model: nn.Module,
         FlopAnalyzer: With the statistics computed. Operators that were
         traced but have no FLOP handle are in ``unsupported_ops()``.
     """
-    if masked_attention not in MASKED_ATTENTION_MODES:
-        raise ValueError(
-            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
-            f'got {masked_attention!r}.')
+    check_masked_attention(masked_attention)
     analyzer = FlopAnalyzer(model, inputs)
     # (PythonOps cannot be ignored by name, as _ZERO_COST_OPS are: mmengine
     # checks the bare kind; flop_handles gives them a zero handle.)

@@ -23,8 +23,9 @@ from torch import Tensor
 
 __all__ = [
     'MASKED_ATTENTION_MODES', 'FSLA_NAMESPACES', 'ZERO_COST_PYTHON_OPS',
-    'sdpa_macs', 'clustering_handle', 'attention_handle', 'zero_handle',
-    'aten_sdpa_handle', 'flop_handles', 'register_default_handles'
+    'check_masked_attention', 'sdpa_macs', 'clustering_handle',
+    'attention_handle', 'zero_handle', 'aten_sdpa_handle', 'flop_handles',
+    'register_default_handles'
 ]
 
 MASKED_ATTENTION_MODES = ('allowed', 'dense')
@@ -35,6 +36,22 @@ FSLA_NAMESPACES = ('boat_mm', 'boat_mm_triton')
 # autograd.Function ops of boat_mm that only move data (gathers).
 ZERO_COST_PYTHON_OPS = ('prim::PythonOp._PermuteRows',
                         'prim::PythonOp._GatherQKV')
+
+
+def check_masked_attention(masked_attention: str) -> None:
+    """Refuse a ``masked_attention`` that is not one of
+    :data:`MASKED_ATTENTION_MODES`.
+
+    Args:
+        masked_attention (str): How masked attention is counted.
+
+    Raises:
+        ValueError: It is neither ``'allowed'`` nor ``'dense'``.
+    """
+    if masked_attention not in MASKED_ATTENTION_MODES:
+        raise ValueError(
+            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
+            f'got {masked_attention!r}.')
 
 
 def sdpa_macs(query_shape: Sequence[int],
@@ -61,10 +78,7 @@ def sdpa_macs(query_shape: Sequence[int],
         int: ``pairs * (E + Ev)``, ``pairs`` the (query, key) pairs
         counted.
     """
-    if masked_attention not in MASKED_ATTENTION_MODES:
-        raise ValueError(
-            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
-            f'got {masked_attention!r}.')
+    check_masked_attention(masked_attention)
     lq, e = query_shape[-2], query_shape[-1]
     lk, ev = key_shape[-2], value_shape[-1]
     batch = math.prod(query_shape[:-2])
@@ -143,10 +157,7 @@ def attention_handle(masked_attention: str = 'allowed') -> Callable:
     Returns:
         Callable: The handle, returning ``{'sdpa': MACs}``.
     """
-    if masked_attention not in MASKED_ATTENTION_MODES:
-        raise ValueError(
-            f'masked_attention must be one of {MASKED_ATTENTION_MODES}, '
-            f'got {masked_attention!r}.')
+    check_masked_attention(masked_attention)
 
     def handle(inputs: List[Any], outputs: List[Any]) -> Counter:
         B, N, C3 = _shape(inputs[0])

@@ -55,7 +55,10 @@ from ._backends import (ATTENTION, fit_to_gpu, select_backend,
 from ._library import KernelResourcesError
 from .clustering import ClusterPlan
 
-__all__ = ['permute_rows', 'inverse_slots', 'clustered_attention']
+__all__ = [
+    'permute_rows', 'inverse_slots', 'perm_covers_tokens',
+    'clustered_attention'
+]
 
 
 class _PermuteRows(torch.autograd.Function):

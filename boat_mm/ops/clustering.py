@@ -38,7 +38,8 @@ defined in :mod:`boat_mm.ops._library`):
   Python loop runs over the ``L`` levels. No host-device synchronisation
   happens: shapes depend on ``N`` only.
 * ``'cpp'``: the C++ CPU kernel of ``torch.ops.boat_mm.balanced_clustering``
-  (``boat_mm/ops/csrc/clustering.cpp``, built by ``pip install -e .``),
+  (``boat_mm/ops/csrc/clustering.cpp``, built by
+  ``pip install --no-build-isolation -e .``),
   which splits each node in one pass over its tokens per k-means step
   while they are in cache, instead of six memory-bound matmul passes per
   level (faster on the CPU, see docs/benchmarks.md). The same arithmetic,
@@ -70,8 +71,8 @@ from ._library import register_default_kernel
 
 __all__ = [
     'ClusterPlan', 'build_cluster_plan', 'balanced_hierarchical_clustering',
-    'cluster_ids_from_perm', 'cpu_kernel_available', 'check_impl',
-    'MAX_MEAN_CLUSTER', 'MIN_MEAN_CLUSTER'
+    'cluster_ids_from_perm', 'num_clusters_for', 'cpu_kernel_available',
+    'check_impl', 'MAX_MEAN_CLUSTER', 'MIN_MEAN_CLUSTER'
 ]
 
 

@@ -116,12 +116,10 @@ def allow_mmengine_checkpoints() -> None:
     Adds :func:`mmengine_checkpoint_globals` to torch's weights-only
     allow-list and pickles :class:`~mmengine.logging.HistoryBuffer` without
     its table of functions (see the module docstring for why each entry is
-    needed). Idempotent; called when :mod:`boat_mm` is imported. Does
-    nothing with torch < 2.4, which has no allow-list (and loads with
-    ``weights_only=False`` by default before 2.6).
+    needed). Idempotent; called when :mod:`boat_mm` is imported.
     """
     global _registered
-    if _registered or not hasattr(torch.serialization, 'add_safe_globals'):
+    if _registered:
         return
     from mmengine.logging import HistoryBuffer
 

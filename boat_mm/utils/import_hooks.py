@@ -1,10 +1,12 @@
 # Copyright (c) boat-mm contributors. All rights reserved.
 """Run a function when a module is imported, without importing it.
 
-``import boat_mm`` must stay light, yet two of its registrations belong to
-heavier modules: the "convert it first" hint wraps MMEngine's checkpoint
-loaders (:mod:`mmengine.runner.checkpoint`), and the model index goes to
-mmpretrain's ``ModelHub`` (:mod:`mmpretrain.apis`). :func:`when_imported`
+``import boat_mm`` must stay light, yet three of its registrations belong
+to heavier modules: the "convert it first" hint wraps MMEngine's
+checkpoint loaders (:mod:`mmengine.runner.checkpoint`), the model index
+goes to mmpretrain's ``ModelHub`` (:mod:`mmpretrain.apis.model`), and
+the FLOP handles of FSLA's ops and SDPA join mmengine's defaults
+(:mod:`mmengine.analysis.complexity_analysis`). :func:`when_imported`
 runs such a registration at once if the module is already imported, or
 right after its first import otherwise (a post-import hook: a finder on
 :data:`sys.meta_path`, PEP 451, that wraps only the named module's

@@ -15,8 +15,8 @@ from typing import Dict, List, NamedTuple, Optional
 import yaml
 
 __all__ = [
-    'REPO_ROOT', 'find_root', 'metafile_paths', 'ModelInfo', 'load_models',
-    'published_complexity'
+    'REPO_ROOT', 'find_root', 'metafile_paths', 'read_metafiles', 'ModelInfo',
+    'load_models', 'published_complexity'
 ]
 
 _PACKAGE_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -66,10 +66,40 @@ def metafile_paths(root: Optional[str] = None) -> List[str]:
         raise FileNotFoundError(
             f'{path} not found: boat_mm is installed without its configs '
             f'and model index. Install it from a source checkout '
-            f'(`pip install -e .`) or from a wheel or sdist built by its '
-            f'setup.py, which puts them in boat_mm/.mim/.')
+            f'(`pip install --no-build-isolation -e .`) or from a wheel or '
+            f'sdist built by its setup.py, which puts them in '
+            f'boat_mm/.mim/.')
     with open(path, encoding='utf-8') as f:
         return list(yaml.safe_load(f)['Import'])
+
+
+def read_metafiles(root: Optional[str] = None) -> List[dict]:
+    """The metafiles that ``root/model-index.yml`` imports, parsed: the one
+    place that reads them (:func:`load_models`,
+    :func:`boat_mm.model_index.mmpretrain_models`).
+
+    Args:
+        root (str, optional): The folder holding ``model-index.yml``.
+            Defaults to :func:`find_root`.
+
+    Returns:
+        list[dict]: Each metafile's content, in index order.
+
+    Raises:
+        FileNotFoundError: ``root`` has no ``model-index.yml``, or lacks a
+            metafile it imports.
+    """
+    root = find_root() if root is None else root
+    metas = []
+    for rel in metafile_paths(root):
+        path = osp.join(root, rel)
+        if not osp.isfile(path):
+            raise FileNotFoundError(
+                f'{path} not found: {root}/model-index.yml lists it; '
+                f'reinstall boat_mm from a complete checkout.')
+        with open(path, encoding='utf-8') as f:
+            metas.append(yaml.safe_load(f))
+    return metas
 
 
 class ModelInfo(NamedTuple):
@@ -111,13 +141,11 @@ def load_models(root: Optional[str] = None) -> List[ModelInfo]:
         list[ModelInfo]: The models.
 
     Raises:
-        FileNotFoundError: ``root`` has no ``model-index.yml``.
+        FileNotFoundError: ``root`` has no ``model-index.yml``, or lacks a
+            metafile it imports.
     """
-    root = find_root() if root is None else root
     models = []
-    for rel in metafile_paths(root):
-        with open(osp.join(root, rel), encoding='utf-8') as f:
-            meta = yaml.safe_load(f)
+    for meta in read_metafiles(root):
         for model in meta['Models']:
             source = model.get('Converted From', {})
             metrics = {

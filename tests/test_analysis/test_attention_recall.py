@@ -12,8 +12,8 @@ from boat_mm.analysis import (attention_recall, block_recall, capture_fsla,
                               stripe_window_labels, swin_window_labels,
                               window_keys, window_labels)
 from boat_mm.models import BOATCSWin, BOATSwin
-from boat_mm.models.backbones.boat_swin import BOATShiftWindowMSA
-from boat_mm.models.utils import CSWinAttention, FeatureSpaceLocalAttention
+from boat_mm.models.utils import (BOATShiftWindowMSA, CSWinAttention,
+                                  FeatureSpaceLocalAttention)
 from boat_mm.ops import (build_cluster_plan, cluster_ids_from_perm,
                          clustered_attention)
 from boat_mm.visualization import capture_cluster_ids

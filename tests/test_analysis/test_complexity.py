@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import boat_mm  # noqa: F401
 from boat_mm.analysis.complexity import (MAC_OPERATORS, get_model_complexity,
                                          sdpa_macs)
+from boat_mm.analysis.flop_handles import attention_handle
 from boat_mm.models.utils import (BOATShiftWindowMSA, CSWinAttention,
                                   FeatureSpaceLocalAttention)
 
@@ -142,6 +143,9 @@ def test_sdpa_macs_rules():
     assert sdpa_macs(q, (2, 3, 6, 8), v, mask.float()) == 2 * 3 * 5 * 6 * 12
     with pytest.raises(ValueError, match='masked_attention'):
         sdpa_macs(q, q, v, masked_attention='sparse')
+    # FSLA's handle refuses it when made, not when it would count.
+    with pytest.raises(ValueError, match='masked_attention'):
+        attention_handle('sparse')
 
 
 @pytest.mark.parametrize('backbone', [

@@ -115,8 +115,8 @@ def test_every_schedule_equals_tensor_ops(monkeypatch, n, consts, iters, kinds,
     for name, value in consts.items():
         monkeypatch.setattr(tc, name, value)
     plan = build_cluster_plan(n, device=DEVICE)
-    plans = tc.level_plans(2, plan.num_levels, plan.slot_size, 16,
-                           dtype == torch.float64, torch.device(DEVICE))
+    plans = tc.level_plans(2, plan.num_levels, plan.slot_size,
+                           torch.device(DEVICE))
     assert tuple(p.kind for p in plans) == kinds
     assert all(p.chunks > 1 for p in plans if p.kind == 'phased')
     x = _randn(2, n, 16, dtype, seed=7)
@@ -232,8 +232,7 @@ def test_cuda_real_size_float64_and_no_host_sync():
     x = torch.randn(16, n, 32, dtype=torch.float64, device='cuda')
     kinds = {
         p.kind
-        for p in tc.level_plans(16, plan.num_levels, plan.slot_size, 32, True,
-                                x.device)
+        for p in tc.level_plans(16, plan.num_levels, plan.slot_size, x.device)
     }
     assert kinds == {'phased', 'subtree'}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

@@ -111,7 +111,7 @@ def test_h100_launch_chain(monkeypatch, side, heads, batch):
     rows, n = batch * heads, side * side
     plan, log, torch_kernels = record(monkeypatch, rows, n)
     L, S = plan.num_levels, plan.slot_size
-    plans = tc.level_plans(rows, L, S, 32, False, H100)
+    plans = tc.level_plans(rows, L, S, H100)
     top = [p.kind for p in plans].index('subtree')
     assert all(p.kind == 'subtree' for p in plans[top:])
     # The first level whose nodes fit one program.
@@ -175,7 +175,7 @@ def test_integer_arguments_not_specialised(monkeypatch):
     ])
 def test_h100_plan_boundaries(rows, cap, kind, chunks):
     """Where the H100 plan changes with the grid and the node size."""
-    lp = tc.level_plans(rows, 1, cap // 2, 32, False, H100)[0]
+    lp = tc.level_plans(rows, 1, cap // 2, H100)[0]
     assert (lp.kind, lp.chunks) == (kind, chunks)
     if kind == 'phased':
         size = lp.chunk_size
@@ -189,7 +189,7 @@ def test_subtree_starts_where_nodes_fit(slots, top):
     """The levels from the first whose nodes hold at most SORT_MAX slots
     down to the leaves are one subtree, whatever the grid."""
     for rows in (1, 16, 4096):
-        plans = tc.level_plans(rows, 8, slots, 32, False, H100)
+        plans = tc.level_plans(rows, 8, slots, H100)
         assert [p.kind
                 for p in plans] == ['phased'] * top + ['subtree'] * (8 - top)
         assert [p.chunk_size for p in plans[top:]
@@ -266,8 +266,7 @@ def test_h100_schedule_equals_tensor_ops(monkeypatch, n, rows, knobs, kinds,
         monkeypatch.setattr(tc, name, value)
     plan = build_cluster_plan(n)
     d = 8
-    plans = tc.level_plans(rows, plan.num_levels, plan.slot_size, d,
-                           dtype == torch.float64, H100)
+    plans = tc.level_plans(rows, plan.num_levels, plan.slot_size, H100)
     assert tuple(p.kind for p in plans) == kinds
     g = torch.Generator().manual_seed(n + rows)
     x = torch.randn(rows, n, d, generator=g, dtype=torch.float64)

@@ -78,7 +78,7 @@ def test_equals_reference_with_nan_filled_memory(impl, hw, dims, heads,
             monkeypatch.setattr(tc, name, value)
         plan = build_cluster_plan(hw[0] * hw[1])
         plans = tc.level_plans(2 * heads, plan.num_levels, plan.slot_size,
-                               dims // heads, True, torch.device(device))
+                               torch.device(device))
         assert [p.kind for p in plans] == ['phased'] * plan.num_levels
         impl = 'triton'
     check_module_against_reference(hw, dims, heads, impl, device)

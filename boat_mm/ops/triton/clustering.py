@@ -114,11 +114,15 @@ SUBTREE_BLOCK_VALUES = None
 # warps, 123 registers; 256 tokens spill).
 RESIDENT_VALUES = None
 
-# Modes of a pass over a node's tokens.
-_INIT, _STEP, _KEYS = 0, 1, 2
-# Kinds of sort keys: float32 (ratio bits, position) packed in an int64;
-# float64 ratio bits (counting ranks).
-_KEY_LOCAL, _KEY_F64 = 0, 2
+# Modes of a pass over a node's tokens (MODE). constexpr globals, which
+# jit functions may read: the passes branch on them at compile time.
+_INIT = tl.constexpr(0)
+_STEP = tl.constexpr(1)
+_KEYS = tl.constexpr(2)
+# Kinds of sort keys (KEY_KIND): float32 (ratio bits, position) packed in
+# an int64; float64 ratio bits (counting ranks).
+_KEY_LOCAL = tl.constexpr(0)
+_KEY_F64 = tl.constexpr(2)
 # Integer arguments that change with N: not specialised (Triton would
 # compile again for values of 1 or multiples of 16).
 _RUNTIME_INTS = ('N', 'd', 'cap', 'nodes', 'leaves', 'base', 'extra', 'iters',
@@ -314,7 +318,8 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
 
     ``_INIT``: sums of the initial centroids (means of both parts);
     ``_STEP``: sums of a soft k-means step from centroids ``(c0, c1)``;
-    ``_KEYS``: writes the sort key of slot ``p`` at ``key_base + p``.
+    ``_KEYS``: writes the sort key of slot ``p`` at ``key_base + p``, of
+    the kind ``KEY_KIND`` (``_KEY_LOCAL`` or ``_KEY_F64``).
     Returns the two (unnormalised) sums.
     """
     acc0 = tl.zeros([DP], CT)
@@ -331,7 +336,7 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
         else:
             tok = tl.load(perm_ptr + slot0 + pos, mask=valid, other=0)
         u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
-        if MODE == 0:
+        if MODE == _INIT:
             w0 = tl.where(valid & (pos < n0), nrm * inv0, 0.)
             w1 = tl.where(valid & (pos >= n0), nrm * inv1, 0.)
             acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
@@ -339,13 +344,13 @@ def _node_pass(x_ptr, perm_ptr, key_ptr, key_base, t, row_off, d, cap, n, n0,
         else:
             s0 = tl.reduce(u * c0[None, :], 1, _ADD)
             s1 = tl.reduce(u * c1[None, :], 1, _ADD)
-            if MODE == 1:
+            if MODE == _STEP:
                 w0, w1 = _soft_weights(s0, s1, nrm, valid, temp, F64)
                 acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
                 acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
             else:
                 r = _ratio(s0, s1, F64)
-                if KEY_KIND == 2:
+                if KEY_KIND == _KEY_F64:
                     key = r.to(tl.int64, bitcast=True) & 9223372036854775807
                 else:
                     # (ratio bits, position): distinct keys whose order is
@@ -472,8 +477,8 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
     if p < 0:
         s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
                             row_off, d, cap, n, n0, start,
-                            tl.minimum(start + CH, n), zero, zero, temp, 0,
-                            FIRST, 0, F64, CT, DP, BT)
+                            tl.minimum(start + CH, n), zero, zero, temp, _INIT,
+                            FIRST, _KEY_LOCAL, F64, CT, DP, BT)
         tl.store(step_out, s0)
         tl.store(step_out + DP, s1)
     elif p <= iters:
@@ -486,20 +491,20 @@ def _level_kernel(x_ptr, perm_in, perm_out, part_in, part_out, step_ptr,
         if p < iters:
             s0, s1 = _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
                                 row_off, d, cap, n, n0, start,
-                                tl.minimum(start + CH, n), c0, c1, temp, 1,
-                                FIRST, 0, F64, CT, DP, BT)
+                                tl.minimum(start + CH, n), c0, c1, temp, _STEP,
+                                FIRST, _KEY_LOCAL, F64, CT, DP, BT)
             tl.store(step_out, s0)
             tl.store(step_out + DP, s1)
         elif F64:
             _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
                        row_off, d, cap, n, n0, start,
-                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 2,
-                       F64, CT, DP, BT)
+                       tl.minimum(start + CH, cap), c0, c1, temp, _KEYS, FIRST,
+                       _KEY_F64, F64, CT, DP, BT)
         else:
             _node_pass(x_ptr, perm_in, key_ptr, node_keys, t,
                        row_off, d, cap, n, n0, start,
-                       tl.minimum(start + CH, cap), c0, c1, temp, 2, FIRST, 0,
-                       F64, CT, DP, BT)
+                       tl.minimum(start + CH, cap), c0, c1, temp, _KEYS, FIRST,
+                       _KEY_LOCAL, F64, CT, DP, BT)
             # Sort the chunk's keys (slots past the node's end last).
             tl.debug_barrier()
             i = tl.arange(0, CH)
@@ -619,7 +624,7 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
         p = start + q
         tok = tl.load(work_ptr + cur + p, mask=valid, other=0)
         u, nrm = _unit_rows(x_ptr, row_off, tok, dims, d, valid, F64, CT)
-        if MODE == 0:
+        if MODE == _INIT:
             w0 = tl.where(valid & (q < n0), nrm * inv0, 0.)
             w1 = tl.where(valid & (q >= n0), nrm * inv1, 0.)
             acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
@@ -627,7 +632,7 @@ def _subtree_pass(x_ptr, work_ptr, cur, key_ptr, kbase, row_off, d, j, start,
         else:
             s0 = tl.reduce(u * c0[None, :], 1, _ADD)
             s1 = tl.reduce(u * c1[None, :], 1, _ADD)
-            if MODE == 1:
+            if MODE == _STEP:
                 w0, w1 = _soft_weights(s0, s1, nrm, valid, temp, F64)
                 acc0 += tl.reduce(w0[:, None] * u, 0, _ADD)
                 acc1 += tl.reduce(w1[:, None] * u, 0, _ADD)
@@ -740,19 +745,19 @@ def _subtree_kernel(x_ptr, perm_in, out_ptr, part_in, work_ptr, key_ptr,
                 s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr,
                                        slot0, row_off, d, j, start,
                                        tl.where(use, 0, n), n, n0, zero, zero,
-                                       temp, 0, F64, CT, DP, BT, LOG)
+                                       temp, _INIT, F64, CT, DP, BT, LOG)
                 c0, c1 = _normalize(s0, s1, F64)
                 c0 = tl.where(use, p0, c0)
                 c1 = tl.where(use, p1, c1)
                 for _ in range(iters):
                     s0, s1 = _subtree_pass(x_ptr, work_ptr, cur, key_ptr,
                                            slot0, row_off, d, j, start, n, n,
-                                           n0, c0, c1, temp, 1, F64, CT, DP,
-                                           BT, LOG)
+                                           n0, c0, c1, temp, _STEP, F64, CT,
+                                           DP, BT, LOG)
                     c0, c1 = _normalize(s0, s1, F64)
                 _subtree_pass(x_ptr, work_ptr, cur, key_ptr, slot0, row_off, d,
-                              j, start, ck, n, n0, c0, c1, temp, 2, F64, CT,
-                              DP, BT, LOG)
+                              j, start, ck, n, n0, c0, c1, temp, _KEYS, F64,
+                              CT, DP, BT, LOG)
         # Keys, then the order, go through global memory between the
         # block's threads.
         tl.debug_barrier()
@@ -906,7 +911,7 @@ class LevelPlan(NamedTuple):
     chunk_size: int
 
 
-def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
+def level_plans(rows: int, num_levels: int, slot_size: int,
                 target: Union[TargetInfo, torch.device]) -> List[LevelPlan]:
     """The :class:`LevelPlan` of every level of a clustering.
 
@@ -923,9 +928,6 @@ def level_plans(rows: int, num_levels: int, slot_size: int, d: int, f64: bool,
         rows (int): Rows (samples x heads) clustered.
         num_levels (int): Levels of the binary tree.
         slot_size (int): Slots per leaf cluster.
-        d (int): Dimensions of the vectors (the schedule does not use
-            it now).
-        f64 (bool): Whether the vectors are float64 (not used now).
         target (TargetInfo | torch.device): The device, or a
             :class:`TargetInfo` (a model can pass CUDA's).
 
@@ -1026,7 +1028,7 @@ def balanced_clustering(x: Tensor,
     x = x.contiguous()
     cdt = torch.float64 if f64 else torch.float32
     DP, BT = _block_tokens(d, f64, target.cuda)
-    plans = level_plans(M, L, S, d, f64, target)
+    plans = level_plans(M, L, S, target)
     # One launch per phased level, then one for the subtree below them
     # (none when SORT_MAX is below the leaves' parents).
     top = next((lv for lv, p in enumerate(plans) if p.kind == 'subtree'), L)
