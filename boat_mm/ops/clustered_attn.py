@@ -46,6 +46,7 @@ KernelResourcesError` that says what to change).
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
@@ -280,6 +281,28 @@ def _check_perm_values(perm: Tensor, plan: ClusterPlan) -> None:
             f'orders the tokens, it cannot drop or repeat one).')
 
 
+def _check_reverse_mode(qkv: Tensor) -> None:
+    """Refuse forward-mode AD and ``torch.func`` transforms, which the
+    clustered paths do not support: torch gives the C++ and Triton ops,
+    whose autograd is reverse-mode (``torch.library``), zero tangents
+    without a word, and the tensor path's functions have no vmap rule.
+    """
+    if torch.compiler.is_compiling():
+        return
+    wrapped = getattr(torch._C._functorch, 'is_functorch_wrapped_tensor',
+                      lambda t: False)(
+                          qkv)
+    if wrapped or fwAD.unpack_dual(qkv).tangent is not None:
+        raise RuntimeError(
+            'clustered_attention (FSLA) supports reverse-mode autograd only, '
+            'not torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, '
+            'vmap, hessian) or forward-mode AD (torch.autograd.forward_ad): '
+            'with them its kernels would give wrong tangents. Differentiate '
+            'with torch.autograd (loss.backward(), torch.autograd.grad, '
+            'torch.autograd.functional.jacobian), and loop over samples for '
+            'per-sample gradients.')
+
+
 def clustered_attention(
         qkv: Tensor,
         perm: Optional[Tensor],
@@ -330,6 +353,7 @@ def clustered_attention(
             return out
         return out, _value_image(qkv, hw_shape)
     assert perm is not None  # refused above for several clusters
+    _check_reverse_mode(qkv)
     _check_perm_values(perm, plan)
     op = fit_to_gpu(backend, impl, qkv, h, plan.slot_size,
                     plan.overlap).op(ATTENTION)

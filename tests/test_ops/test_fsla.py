@@ -840,7 +840,10 @@ def test_meta_tensors_give_the_shapes():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match='divisible by num_heads'):
+    with pytest.raises(
+            ValueError,
+            match=r'^FeatureSpaceLocalAttention: embed_dims \(10\) must be '
+            r'divisible by num_heads \(3\)'):
         FeatureSpaceLocalAttention(10, 3)
     with pytest.raises(ValueError, match='overlap'):
         FeatureSpaceLocalAttention(8, 2, group_size=16, overlap=16)

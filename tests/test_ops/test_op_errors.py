@@ -128,3 +128,30 @@ def test_raw_op_refuses_a_wider_perm():
             match=r'perm must be int64 of shape \(B \* num_heads, slots\) '
             r'= \(2, 78\)'):
         torch.ops.boat_mm.clustered_attention(qkv, wider, *args)
+
+
+@pytest.mark.parametrize('impl', _impls())
+def test_forward_mode_and_func_transforms_are_refused(impl):
+    """jvp, forward AD, vmap and torch.func.grad through the clustered
+    paths are refused (before: jvp and forward AD gave zero tangents on
+    the C++ op without a word, the others torch's unrelated errors);
+    torch.autograd's Jacobian, reverse mode, runs."""
+    from torch.autograd import forward_ad
+    from torch.func import grad, jvp, vmap
+    qkv, plan, perm = _clustered(64, 16, 4)
+
+    def attend(x):
+        return clustered_attention(x, perm, plan, 2, impl=impl)
+
+    refused = 'supports reverse-mode autograd only'
+    tangent = torch.ones_like(qkv)
+    for run in (lambda: jvp(attend, (qkv, ), (tangent, )), lambda: vmap(attend)
+                (qkv[None]), lambda: grad(lambda x: attend(x).sum())(qkv)):
+        with pytest.raises(RuntimeError, match=refused):
+            run()
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match=refused):
+        attend(forward_ad.make_dual(qkv, tangent))
+    jacobian = torch.autograd.functional.jacobian(attend, qkv)
+    x = qkv.clone().requires_grad_()
+    attend(x)[0, 5, 3].backward()
+    assert torch.equal(jacobian[0, 5, 3], x.grad)

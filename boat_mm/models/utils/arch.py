@@ -459,6 +459,20 @@ def check_frozen_stages(frozen_stages: int, num_stages: int,
                          f'got {frozen_stages}.')
 
 
+def check_heads(embed_dims: int, num_heads: int, owner: str) -> None:
+    """Check that the heads split the channels evenly.
+
+    Args:
+        embed_dims (int): Channels.
+        num_heads (int): Attention heads.
+        owner (str): The class given them, for the error.
+    """
+    if embed_dims % num_heads != 0:
+        raise ValueError(
+            f'{owner}: embed_dims ({embed_dims}) must be divisible by '
+            f'num_heads ({num_heads}); change one of them.')
+
+
 def check_qk_scale(qk_scale: Optional[float], name: str) -> None:
     """Check that ``qk_scale`` is None or positive.
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from .arch import check_tokens
+from .arch import check_heads, check_tokens
 from .depthwise import DepthwiseConv2d
 
 __all__ = ['LePEStripeAttention', 'CSWinAttention']
@@ -60,10 +60,7 @@ class LePEStripeAttention(nn.Module):
         if mode not in self.modes:
             raise ValueError(
                 f'mode must be one of {self.modes}, got {mode!r}.')
-        if embed_dims % num_heads != 0:
-            raise ValueError(
-                f'embed_dims ({embed_dims}) must be divisible by num_heads '
-                f'({num_heads}); change one of them.')
+        check_heads(embed_dims, num_heads, type(self).__name__)
         if mode != 'full' and split_size < 1:
             raise ValueError(f'split_size must be >= 1, got {split_size}.')
         self.embed_dims = embed_dims
@@ -190,10 +187,7 @@ class CSWinAttention(BaseModule):
                  proj_drop: float = 0.,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if embed_dims % num_heads != 0:
-            raise ValueError(
-                f'embed_dims ({embed_dims}) must be divisible by num_heads '
-                f'({num_heads}); change one of them.')
+        check_heads(embed_dims, num_heads, type(self).__name__)
         if not full_map and num_heads % 2:
             raise ValueError(
                 f'CSWin splits the heads between two stripe branches, so '

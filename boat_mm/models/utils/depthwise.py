@@ -22,10 +22,17 @@ class _GradLikeWeight(torch.autograd.Function):
     of the weight fits them all.
     """
 
+    # torch.func transforms (grad, vmap, jacrev) need the forward without
+    # ctx and a vmap rule; the identity's is torch's generated one.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight: Tensor) -> Tensor:
-        ctx.strides = weight.stride()
+    def forward(weight: Tensor) -> Tensor:
         return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple[Tensor], output: Tensor) -> None:
+        ctx.strides = inputs[0].stride()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ from boat_mm.ops import (ClusterPlan, balanced_hierarchical_clustering,
                          clustered_attention, perm_covers_tokens)
 from boat_mm.ops._backends import ATTENTION, CLUSTERING, select_backend
 from boat_mm.registry import MODELS
-from .arch import (check_int, check_number, check_qk_scale, check_rate,
-                   check_tokens)
+from .arch import (check_heads, check_int, check_number, check_qk_scale,
+                   check_rate, check_tokens)
 from .depthwise import DepthwiseConv2d
 
 __all__ = ['FeatureSpaceLocalAttention']
@@ -199,10 +199,7 @@ class FeatureSpaceLocalAttention(BaseModule):
         check_number(kmeans_temperature, 'kmeans_temperature', name)
         check_rate(attn_drop, 'attn_drop', name)
         check_rate(proj_drop, 'proj_drop', name)
-        if embed_dims % num_heads != 0:
-            raise ValueError(
-                f'embed_dims ({embed_dims}) must be divisible by num_heads '
-                f'({num_heads}); change one of them.')
+        check_heads(embed_dims, num_heads, name)
         if not 0 <= overlap < group_size:
             raise ValueError(
                 f'overlap ({overlap}) must be >= 0 and smaller than '

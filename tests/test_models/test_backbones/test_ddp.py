@@ -123,3 +123,36 @@ def test_gradients_have_their_parameters_strides(family, hw, batch):
              for n, p in model.named_parameters()
              if p.grad is not None and p.grad.stride() != p.stride()]
     assert other == []
+
+
+def test_func_grad_and_per_sample_gradients_without_fsla():
+    """The stride fix of the depthwise convs (LePE's) keeps torch.func's
+    transforms working (before: refused for every BOAT-CSWin, FSLA or
+    not): torch.func.grad equals backward, and vmap's per-sample
+    gradients equal one sample's backward."""
+    from torch.func import functional_call, grad, vmap
+    cls, arch = FAMILIES['cswin']
+    torch.manual_seed(0)
+    # float64: the per-sample sums are compared exactly enough.
+    model = cls(arch=arch, drop_path_rate=0., with_fsla=False).double().train()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def loss(weights, images):
+        return functional_call(model, weights, (images, ))[-1].square().sum()
+
+    for images, got in (
+        (x, grad(loss)(params, x)),
+        (x[1:], {
+            n: g[1]
+            for n, g in vmap(
+                grad(lambda w, xi: loss(w, xi[None])), in_dims=(
+                    None, 0))(params, x).items()
+        }),
+    ):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), images).backward()
+        for name, p in model.named_parameters():
+            want = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(
+                got[name], want, rtol=1e-9, atol=1e-12, msg=name)

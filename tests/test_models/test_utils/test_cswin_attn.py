@@ -151,8 +151,13 @@ def test_attention_dropout_only_in_training():
 def test_errors():
     with pytest.raises(ValueError, match='must be even'):
         CSWinAttention(6, 3)
-    with pytest.raises(ValueError, match='divisible'):
+    with pytest.raises(
+            ValueError,
+            match=r'^CSWinAttention: embed_dims '
+            r'\(10\) must be divisible by num_heads \(4\)'):
         CSWinAttention(10, 4)
+    with pytest.raises(ValueError, match=r'^LePEStripeAttention: embed_dims'):
+        LePEStripeAttention(10, 4, 'vertical')
     with pytest.raises(ValueError, match='mode'):
         LePEStripeAttention(8, 2, 'diagonal')
     with pytest.raises(ValueError, match='split_size'):
