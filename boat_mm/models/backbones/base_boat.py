@@ -1187,6 +1187,15 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 other + k in others for k in own)
             if found < self.min_loaded_share * len(own):
                 continue
+            extra = prefix[:len(prefix) - len(other)]
+            if prefix.endswith(other) and {'_orig_mod', 'module'} & set(
+                    extra.split('.')):
+                # The model is wrapped, not the file.
+                return (f' Its keys fit {found} of them without {extra!r}, '
+                        f"which this model's names carry (a torch.compile'd "
+                        f'or DDP-wrapped model): load it into the model '
+                        f'inside (model._orig_mod or model.module), or '
+                        f'before wrapping.')
             pretrained = (f"init_cfg=dict(type='Pretrained', "
                           f'checkpoint=FILE, prefix={other!r})')
             if other == 'backbone.':

@@ -274,6 +274,24 @@ def test_wrapped_keys_are_named_with_the_way_to_load(tmp_path, outer):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_plain_keys_into_a_compiled_model_name_the_inner_model():
+    """A plain state dict loaded into a torch.compile'd model (whose names
+    carry ``_orig_mod.``) is told to load into the model inside, not to
+    change the file."""
+    plain = _Classifier()
+    for model in (torch.compile(BOATSwin(arch=SWIN)),
+                  torch.compile(_Classifier())):
+        weights = (plain.backbone if isinstance(model._orig_mod, BOATSwin) else
+                   plain).state_dict()
+        with pytest.raises(CheckpointMismatchError) as err:
+            model.load_state_dict(weights)
+        msg = str(err.value)
+        assert ("without '_orig_mod.', which this model's names carry" in msg
+                and 'model._orig_mod' in msg), msg
+        assert 'Pretrained' not in msg.split('the backbone expects')[1]
+        model._orig_mod.load_state_dict(weights)
+
+
 def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
     """A backbone-only file (mmseg's swin2mmseg layout, made here by mmseg's
     Swin) under ``prefix='backbone.'``, and a classifier file without the
