@@ -29,13 +29,14 @@ and clustering of FSLA modules during a normal forward pass;
 ``tools/analysis_tools/attention_recall.py`` is the command-line front end.
 Nothing here is imported by ``import boat_mm``.
 """
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from boat_mm.models.utils import BOATShiftWindowMSA, CSWinAttention
+from boat_mm.models.utils.cswin_attn import stripe_window_labels
+from boat_mm.models.utils.window_attn import swin_window_labels
 from boat_mm.ops import ClusterPlan, inverse_slots
 from .capture import FSLARecord
 
@@ -113,77 +114,14 @@ def random_slots(
     return slots
 
 
-def swin_window_labels(hw_shape: Sequence[int], window_size: int,
-                       shift_size: int) -> Tensor:
-    """Window of every token in (shifted) Swin window attention.
-
-    As :class:`~boat_mm.models.utils.window_attn.BOATShiftWindowMSA`:
-    the map is padded at the bottom/right to window multiples, rolled by
-    ``-shift`` (no shift when the shorter side is not longer than the
-    window), cut into windows, and inside a window only tokens of the same
-    region of the rolled map attend to each other.
-
-    Args:
-        hw_shape (Sequence[int]): ``(H, W)``.
-        window_size (int): Window side.
-        shift_size (int): Shift of the block, 0 for plain windows.
-
-    Returns:
-        Tensor: ``(1, N)`` int64 labels; two tokens share a window iff
-        their labels are equal.
-    """
-    H, W = (int(n) for n in hw_shape)
-    ws = window_size
-    shift = shift_size if min(H, W) > ws else 0
-
-    def axis(size: int) -> Tensor:
-        padded = -(-size // ws) * ws
-        rolled = (torch.arange(size) - shift) % padded
-        region = torch.zeros_like(rolled)
-        if shift:
-            region = (rolled >= padded - ws).long() + (rolled >= padded -
-                                                       shift).long()
-        return rolled // ws * 3 + region
-
-    rows, cols = axis(H), axis(W)
-    return (rows[:, None] * (cols.max() + 1) + cols[None, :]).view(1, -1)
-
-
-def stripe_window_labels(hw_shape: Sequence[int],
-                         windows: Sequence[Tuple[int, int]]) -> Tensor:
-    """Window of every token for CSWin-style ``(h_sp, w_sp)`` windows.
-
-    Each window shape tiles the map padded symmetrically (``pad // 2``
-    before), as :class:`~boat_mm.models.utils.LePEStripeAttention` does.
-
-    Args:
-        hw_shape (Sequence[int]): ``(H, W)``.
-        windows (Sequence[tuple[int, int]]): One window shape per branch,
-            e.g. ``[(H, 7), (7, W)]`` for vertical and horizontal stripes.
-
-    Returns:
-        Tensor: ``(len(windows), N)`` labels; a token's window is the union
-        over branches of the tokens sharing its label.
-    """
-    H, W = (int(n) for n in hw_shape)
-    out = []
-    for hs, ws in windows:
-        top, left = (-H % hs) // 2, (-W % ws) // 2
-        rows = (torch.arange(H) + top) // hs
-        cols = (torch.arange(W) + left) // ws
-        out.append((rows[:, None] * (cols.max() + 1) + cols).view(-1))
-    return torch.stack(out)
-
-
 def window_labels(attn: nn.Module, hw_shape: Sequence[int]) -> Tensor:
     """Window labels of a block's image-space attention module.
 
     Args:
-        attn (nn.Module): A block's ``attn``: BOAT-Swin's
-            :class:`BOATShiftWindowMSA`, BOAT-CSWin's
-            :class:`CSWinAttention`, or the attention of another family,
-            which gives its windows by a method ``window_labels(hw_shape)``
-            returning labels as this function does.
+        attn (nn.Module): A block's ``attn``, which gives its windows by
+            a method ``window_labels(hw_shape)`` returning labels as this
+            function does (BOAT-Swin's :class:`BOATShiftWindowMSA`,
+            BOAT-CSWin's :class:`CSWinAttention`).
         hw_shape (Sequence[int]): ``(H, W)``.
 
     Returns:
@@ -192,11 +130,6 @@ def window_labels(attn: nn.Module, hw_shape: Sequence[int]) -> Tensor:
     own = getattr(attn, 'window_labels', None)
     if callable(own):
         return own(hw_shape)
-    if isinstance(attn, BOATShiftWindowMSA):
-        return swin_window_labels(hw_shape, attn.window_size, attn.shift_size)
-    if isinstance(attn, CSWinAttention):
-        return stripe_window_labels(
-            hw_shape, [b.window_shape(hw_shape) for b in attn.branches])
     raise TypeError(
         f'No image-space window is known for {type(attn).__name__}: give '
         f'the class a method window_labels(hw_shape) returning (L, N) '

@@ -204,9 +204,8 @@ def test_max_tokens_and_errors(tool, images, tmp_path, capsys):
 def test_unknown_window_is_one_line(tool, images, monkeypatch, capsys):
     """A family whose image-space windows the analysis does not know (here
     BOAT-CSWin's, made unknown) is a one-line error naming the fix."""
-    # The package's attention_recall is the function of the same name.
-    analysis = sys.modules['boat_mm.analysis.attention_recall']
-    monkeypatch.setattr(analysis, 'CSWinAttention', type('Unknown', (), {}))
+    from boat_mm.models.utils import CSWinAttention
+    monkeypatch.delattr(CSWinAttention, 'window_labels')
     with pytest.raises(SystemExit) as exc:
         tool['main']([DEMO_SEG, images[0], '--shape', '32', *SEG_OPTIONS])
     assert exc.value.code == 2

@@ -28,7 +28,33 @@ from torch import Tensor
 from .arch import check_heads, check_tokens
 from .depthwise import DepthwiseConv2d
 
-__all__ = ['LePEStripeAttention', 'CSWinAttention']
+__all__ = ['LePEStripeAttention', 'CSWinAttention', 'stripe_window_labels']
+
+
+def stripe_window_labels(hw_shape: Sequence[int],
+                         windows: Sequence[Tuple[int, int]]) -> Tensor:
+    """Window of every token for CSWin-style ``(h_sp, w_sp)`` windows.
+
+    Each window shape tiles the map padded symmetrically (``pad // 2``
+    before), as :class:`LePEStripeAttention` does.
+
+    Args:
+        hw_shape (Sequence[int]): ``(H, W)``.
+        windows (Sequence[tuple[int, int]]): One window shape per branch,
+            e.g. ``[(H, 7), (7, W)]`` for vertical and horizontal stripes.
+
+    Returns:
+        Tensor: ``(len(windows), N)`` labels; a token's window is the union
+        over branches of the tokens sharing its label.
+    """
+    H, W = (int(n) for n in hw_shape)
+    out = []
+    for hs, ws in windows:
+        top, left = (-H % hs) // 2, (-W % ws) // 2
+        rows = (torch.arange(H) + top) // hs
+        cols = (torch.arange(W) + left) // ws
+        out.append((rows[:, None] * (cols.max() + 1) + cols).view(-1))
+    return torch.stack(out)
 
 
 class LePEStripeAttention(nn.Module):
@@ -210,6 +236,19 @@ class CSWinAttention(BaseModule):
             ])
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def window_labels(self, hw_shape: Sequence[int]) -> Tensor:
+        """Windows of every token of an ``(H, W)`` map, one row per
+        branch, for analysis (:func:`stripe_window_labels`).
+
+        Args:
+            hw_shape (Sequence[int]): ``(H, W)``.
+
+        Returns:
+            Tensor: ``(num_branches, N)`` int64 labels.
+        """
+        return stripe_window_labels(
+            hw_shape, [b.window_shape(hw_shape) for b in self.branches])
 
     def forward(self, x: Tensor, hw_shape: Sequence[int]) -> Tensor:
         """Forward.

@@ -23,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     'WindowMSA', 'BOATShiftWindowMSA', 'window_partition',
-    'relative_position_index', 'resize_bias_table'
+    'relative_position_index', 'resize_bias_table', 'swin_window_labels'
 ]
 
 # Additive logit mask between tokens that must not attend each other
@@ -210,6 +210,42 @@ class WindowMSA(BaseModule):
         return self.proj_drop(self.proj(x))
 
 
+def swin_window_labels(hw_shape: Sequence[int], window_size: int,
+                       shift_size: int) -> Tensor:
+    """Window of every token in (shifted) Swin window attention.
+
+    As :class:`BOATShiftWindowMSA`: the map is padded at the bottom/right
+    to window multiples, rolled by ``-shift`` (no shift when the shorter
+    side is not longer than the window), cut into windows, and inside a
+    window only tokens of the same region of the rolled map attend to
+    each other.
+
+    Args:
+        hw_shape (Sequence[int]): ``(H, W)``.
+        window_size (int): Window side.
+        shift_size (int): Shift of the block, 0 for plain windows.
+
+    Returns:
+        Tensor: ``(1, N)`` int64 labels; two tokens share a window iff
+        their labels are equal.
+    """
+    H, W = (int(n) for n in hw_shape)
+    ws = window_size
+    shift = shift_size if min(H, W) > ws else 0
+
+    def axis(size: int) -> Tensor:
+        padded = -(-size // ws) * ws
+        rolled = (torch.arange(size) - shift) % padded
+        region = torch.zeros_like(rolled)
+        if shift:
+            region = (rolled >= padded - ws).long() + (rolled >= padded -
+                                                       shift).long()
+        return rolled // ws * 3 + region
+
+    rows, cols = axis(H), axis(W)
+    return (rows[:, None] * (cols.max() + 1) + cols[None, :]).view(1, -1)
+
+
 class BOATShiftWindowMSA(BaseModule):
     """(Shifted) window attention with relative position bias, any map size.
 
@@ -298,6 +334,18 @@ class BOATShiftWindowMSA(BaseModule):
                                    ws).view(-1, ws * ws)
         diff = windows[:, None, :] - windows[:, :, None]
         return diff.ne(0).float() * MASKED_LOGIT
+
+    def window_labels(self, hw_shape: Sequence[int]) -> Tensor:
+        """Window of every token of an ``(H, W)`` map, for analysis
+        (:func:`swin_window_labels` of this window and shift).
+
+        Args:
+            hw_shape (Sequence[int]): ``(H, W)``.
+
+        Returns:
+            Tensor: ``(1, N)`` int64 labels.
+        """
+        return swin_window_labels(hw_shape, self.window_size, self.shift_size)
 
     def forward(self, query: Tensor, hw_shape: Sequence[int]) -> Tensor:
         """Forward.
