@@ -691,6 +691,7 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         # The original builds FSLA with the block's qkv_bias and drops.
         fsla_cfg = fsla_settings(
             args['fsla_cfg'],
+            name,
             qk_scale=args['qk_scale']
             if cls.fsla_qk_scale is None else cls.fsla_qk_scale,
             qkv_bias=args['qkv_bias'],

@@ -554,11 +554,13 @@ def _probe_norm(norm_cfg: dict, name: str, fix: str) -> None:
                          f'over its channels; {fix}.')
 
 
-def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
+def fsla_settings(fsla_cfg: Optional[dict], owner: str,
+                  **defaults: Any) -> dict:
     """Keyword arguments of the FSLA modules of a backbone.
 
     Args:
         fsla_cfg (dict, optional): The user's overrides.
+        owner (str): The backbone class, for the errors.
         **defaults: What the backbone derives from its own arguments (the
             original builds FSLA with the block's qkv bias, scale and drops).
 
@@ -566,13 +568,14 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
         dict: ``defaults`` updated by ``fsla_cfg``.
     """
     if fsla_cfg is not None and not isinstance(fsla_cfg, dict):
-        raise TypeError(f'fsla_cfg must be a dict of FSLA arguments (e.g. '
-                        f'dict(group_size=49)) or None, got {fsla_cfg!r}.')
+        raise TypeError(f'{owner}: fsla_cfg must be a dict of FSLA arguments '
+                        f'(e.g. dict(group_size=49)) or None, got '
+                        f'{fsla_cfg!r}.')
     fsla_cfg = dict(fsla_cfg or {})
     fixed = {'embed_dims', 'num_heads'} & set(fsla_cfg)
     if fixed:
         raise ValueError(
-            f'fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
+            f'{owner}: fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
             f'width and heads of its stage.')
     from .fsla import FeatureSpaceLocalAttention
     accepted = sorted(
@@ -582,8 +585,8 @@ def fsla_settings(fsla_cfg: Optional[dict], **defaults: Any) -> dict:
     if unknown:
         guess = _guesses(unknown, accepted)
         raise TypeError(
-            f'fsla_cfg has keys that FeatureSpaceLocalAttention does not '
-            f'take: {unknown}' +
+            f'{owner}: fsla_cfg has keys that FeatureSpaceLocalAttention '
+            f'does not take: {unknown}' +
             (f' (did you mean {guess}?)' if guess else '') +
             ('; fsla_cfg holds its arguments, not a module config: drop '
              "'type'" if 'type' in unknown else '') + f'. It takes '

@@ -513,9 +513,11 @@ BAD_ARGUMENTS = [
      r'\(0, 1, 2, 3\) '
      r'or -1 for the last, got \(\)\.$'),
     (dict(frozen_stages=1.5), TypeError, 'frozen_stages must be an int'),
-    (dict(fsla_cfg='x'), TypeError, 'fsla_cfg must be a dict'),
+    (dict(fsla_cfg='x'), TypeError,
+     '^(BOATSwin|BOATCSWin): fsla_cfg must be a dict'),
     (dict(fsla_cfg=dict(groupsize=16)), TypeError,
-     r"fsla_cfg has keys that FeatureSpaceLocalAttention does not take: "
+     r"^(BOATSwin|BOATCSWin): fsla_cfg has keys that "
+     r"FeatureSpaceLocalAttention does not take: "
      r"\['groupsize'\] \(did you mean group_size for groupsize\?\)\. It "
      r"takes \[.*'group_size'"),
     (dict(fsla_cfg=dict(type='FeatureSpaceLocalAttention')), TypeError,
