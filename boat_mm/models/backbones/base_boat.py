@@ -1184,43 +1184,46 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         for other in ('', 'backbone.', *prefixes):
             if other == prefix:
                 continue
-            found = len(self._fitting(state_dict, other, own)[0]) + sum(
-                other + k in others for k in own)
+            fits = len(self._fitting(state_dict, other, own)[0])
+            # Keys the loader kept from this module: names only.
+            named = sum(other + k in others for k in own)
+            found = fits + named
             if found < self.min_loaded_share * len(own):
                 continue
+            fit = 'fit by name' if named > fits else 'fit'
             extra = prefix[:len(prefix) - len(other)]
-            if prefix.endswith(other) and {'_orig_mod', 'module'} & set(
-                    extra.split('.')):
-                # The model is wrapped, not the file.
-                return (f' Its keys fit {found} of them without {extra!r}, '
-                        f"which this model's names carry (a torch.compile'd "
-                        f'or DDP-wrapped model): load it into the model '
-                        f'inside (model._orig_mod or model.module), or '
-                        f'before wrapping.')
+            if prefix.endswith(other) and extra.split('.')[0] in ('_orig_mod',
+                                                                  'module'):
+                # The model is wrapped (torch.compile, DDP), not the file:
+                # name the module the file's keys belong to.
+                inner = 'model.' + extra.rstrip('.')
+                return (f' Its keys {fit} {found} of them without '
+                        f"{extra!r}, which this model's names carry (a "
+                        f"torch.compile'd or DDP-wrapped model): load it "
+                        f'into {inner}, or before wrapping.')
             pretrained = (f"init_cfg=dict(type='Pretrained', "
                           f'checkpoint=FILE, prefix={other!r})')
             if other == 'backbone.':
-                return (f" Its keys under {other!r} fit {found} of them, as "
+                return (f" Its keys under {other!r} {fit} {found} of them, as "
                         f"in a classifier, segmentor or detector checkpoint:"
                         f" load it with {pretrained} (or load_from for the "
                         f"whole model).")
             if not other:
-                return (f' Its top-level keys fit {found} of them: it holds '
+                return (f' Its top-level keys {fit} {found} of them: it holds '
                         f"a backbone alone (as mmseg's swin2mmseg.py "
                         f"writes): load it with init_cfg=dict(type="
                         f"'Pretrained', checkpoint=FILE) and no prefix, not "
                         f"with load_from (which expects the whole model's "
                         f'keys).')
             if not other.endswith(prefix):
-                return (f' Its keys under {other!r} fit {found} of them: '
+                return (f' Its keys under {other!r} {fit} {found} of them: '
                         f'load it with {pretrained}.')
             outer = other[:len(other) - len(prefix)]
             # torch.compile's module keeps the model as `_orig_mod`.
-            compiled = (' (a torch.compile\'d model\'s state_dict: save '
-                        'model._orig_mod.state_dict() instead)'
-                        if '_orig_mod.' in outer else '')
-            return (f' Its keys fit {found} of them with {outer!r} in front '
-                    f'of the names expected here{compiled}: take '
+            compiled = (" (a torch.compile'd model's state_dict)"
+                        if outer.startswith('_orig_mod.') else '')
+            return (f' Its keys {fit} {found} of them with {outer!r} in '
+                    f'front of the names expected here{compiled}: take '
                     f'{outer!r} off its keys, or load the backbone with '
                     f'{pretrained}.')
         return ''

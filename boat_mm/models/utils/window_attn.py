@@ -150,9 +150,21 @@ class WindowMSA(BaseModule):
         loaded, which call this.
         """
         device = self.relative_position_bias_table.device
-        if device.type != 'meta':
-            self.relative_position_index = relative_position_index(
-                self.window_size).to(device)
+        if device.type == 'meta':
+            return
+        index = relative_position_index(self.window_size)
+        own = self.relative_position_index
+        if own.device == device and own.shape == index.shape:
+            # Written only where wrong (to_empty's memory): the buffer
+            # stays the same tensor, and is not touched at a load under
+            # inference_mode, which would make it an inference tensor.
+            if not torch.equal(own, index.to(device)):
+                with torch.no_grad():
+                    own.copy_(index)
+        else:  # built on meta, given values by assign=True
+            with torch.inference_mode(False):  # a tensor training can save
+                self.relative_position_index = relative_position_index(
+                    self.window_size).to(device)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
                               **kwargs) -> None:

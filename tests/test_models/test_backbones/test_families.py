@@ -301,6 +301,22 @@ def test_built_on_meta_then_given_values(family, how):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+def test_loading_under_inference_mode_keeps_the_buffers(family):
+    """A load under ``torch.inference_mode`` (an inference script that
+    later fine-tunes) leaves the buffers the same tensors, not inference
+    tensors that training could not save for backward."""
+    ref = build(family)
+    model = family(arch=small(family), drop_path_rate=0.)
+    before = {n: b for n, b in model.named_buffers()}
+    with torch.inference_mode():
+        model.load_state_dict(ref.state_dict())
+    for name, buffer in model.named_buffers():
+        assert buffer is before[name] and not buffer.is_inference(), name
+    outs = model.train()(torch.randn(1, 3, *ODD))
+    sum(o.sum() for o in outs).backward()
+
+
 # Doubling widths from an int (16, 32, 64, 128), FSLA where every family
 # puts some.
 DOUBLING = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[2, 2, 2, 2])

@@ -250,7 +250,7 @@ def test_wrapped_keys_are_named_with_the_way_to_load(tmp_path, outer):
     wrapped = {outer + k: v for k, v in source.state_dict().items()}
     path = str(tmp_path / 'wrapped.pth')
     torch.save(dict(state_dict=wrapped), path)
-    compiled = "save model._orig_mod.state_dict()"
+    compiled = "(a torch.compile'd model's state_dict)"
     loads = [
         (lambda: _Classifier().load_state_dict(wrapped), 'backbone.'),
         (lambda: BOATSwin(arch=SWIN).load_state_dict({
@@ -276,20 +276,25 @@ def test_wrapped_keys_are_named_with_the_way_to_load(tmp_path, outer):
 
 def test_plain_keys_into_a_compiled_model_name_the_inner_model():
     """A plain state dict loaded into a torch.compile'd model (whose names
-    carry ``_orig_mod.``) is told to load into the model inside, not to
-    change the file."""
+    carry ``_orig_mod.``) is told which module inside to load it into, not
+    to change the file, and that load works."""
     plain = _Classifier()
-    for model in (torch.compile(BOATSwin(arch=SWIN)),
-                  torch.compile(_Classifier())):
-        weights = (plain.backbone if isinstance(model._orig_mod, BOATSwin) else
-                   plain).state_dict()
+    backbone = plain.backbone.state_dict()
+    for model, weights, inner in (
+        (torch.compile(BOATSwin(arch=SWIN)), backbone, '_orig_mod'),
+        (torch.compile(_Classifier()), plain.state_dict(), '_orig_mod'),
+        (torch.compile(_Classifier()), backbone, '_orig_mod.backbone'),
+    ):
         with pytest.raises(CheckpointMismatchError) as err:
             model.load_state_dict(weights)
         msg = str(err.value)
-        assert ("without '_orig_mod.', which this model's names carry" in msg
-                and 'model._orig_mod' in msg), msg
+        assert (f"without '{inner}.', which this model's names carry" in msg
+                and f'load it into model.{inner},' in msg), msg
         assert 'Pretrained' not in msg.split('the backbone expects')[1]
-        model._orig_mod.load_state_dict(weights)
+        module = model
+        for name in inner.split('.'):
+            module = getattr(module, name)
+        module.load_state_dict(weights)
 
 
 def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
