@@ -1192,8 +1192,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 continue
             fit = 'fit by name' if named > fits else 'fit'
             extra = prefix[:len(prefix) - len(other)]
-            if prefix.endswith(other) and extra.split('.')[0] in ('_orig_mod',
-                                                                  'module'):
+            if prefix.endswith(other) and {'_orig_mod', 'module'} & set(
+                    extra.split('.')):
                 # The model is wrapped (torch.compile, DDP), not the file:
                 # name the module the file's keys belong to.
                 inner = 'model.' + extra.rstrip('.')
@@ -1249,6 +1249,13 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
                 listed = map(str, state_dict) if state_dict else others
                 keys += f'; its keys: {key_listing(listed, 5)}'
         hint = self._prefix_hint(state_dict, prefix, others)
+        named = sum(prefix + k in state_dict for k in own)
+        if not hint and named >= self.min_loaded_share * len(own):
+            # boat-mm's (mmpretrain's) names, other shapes: another size.
+            hint = (f' Its names fit {named} of them but their shapes do '
+                    f'not: it is a model of another size; build the '
+                    f'backbone with the checkpoint\'s arch (embed_dims, '
+                    f'depths, num_heads).')
         # Swin-layout weights that fit neither by prefix nor by shape, e.g.
         # those of a Swin detector that the model-level init_cfg of an
         # upstream config loads into a swap.
@@ -1260,13 +1267,6 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
             f' If a _base_ config with a Swin backbone gives this file (a '
             f'model-level init_cfg, pretrained or load_from), set that to '
             f'None and load {type(self).__name__} weights.')
-        named = sum(prefix + k in state_dict for k in own)
-        if not hint and named >= self.min_loaded_share * len(own):
-            # boat-mm's (mmpretrain's) names, other shapes: another size.
-            hint = (f' Its names fit {named} of them but their shapes do '
-                    f'not: it is a model of another size; build the '
-                    f'backbone with the checkpoint\'s arch (embed_dims, '
-                    f'depths, num_heads).')
         if not hint and not inherited:
             hint = (f'{_describe_published(state_dict)} Published BOAT '
                     f'checkpoints, and Swin / CSWin ones in the official '

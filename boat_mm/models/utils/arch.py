@@ -554,28 +554,30 @@ def _probe_norm(norm_cfg: dict, name: str, fix: str) -> None:
                          f'over its channels; {fix}.')
 
 
-def fsla_settings(fsla_cfg: Optional[dict], owner: str,
+def fsla_settings(fsla_cfg: Optional[dict],
+                  owner: str = '',
                   **defaults: Any) -> dict:
     """Keyword arguments of the FSLA modules of a backbone.
 
     Args:
         fsla_cfg (dict, optional): The user's overrides.
-        owner (str): The backbone class, for the errors.
+        owner (str): The backbone class, for the errors. Defaults to ''.
         **defaults: What the backbone derives from its own arguments (the
             original builds FSLA with the block's qkv bias, scale and drops).
 
     Returns:
         dict: ``defaults`` updated by ``fsla_cfg``.
     """
+    who = f'{owner}: ' if owner else ''
     if fsla_cfg is not None and not isinstance(fsla_cfg, dict):
-        raise TypeError(f'{owner}: fsla_cfg must be a dict of FSLA arguments '
+        raise TypeError(f'{who}fsla_cfg must be a dict of FSLA arguments '
                         f'(e.g. dict(group_size=49)) or None, got '
                         f'{fsla_cfg!r}.')
     fsla_cfg = dict(fsla_cfg or {})
     fixed = {'embed_dims', 'num_heads'} & set(fsla_cfg)
     if fixed:
         raise ValueError(
-            f'{owner}: fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
+            f'{who}fsla_cfg must not set {sorted(fixed)}: FSLA uses the '
             f'width and heads of its stage.')
     from .fsla import FeatureSpaceLocalAttention
     accepted = sorted(
@@ -585,7 +587,7 @@ def fsla_settings(fsla_cfg: Optional[dict], owner: str,
     if unknown:
         guess = _guesses(unknown, accepted)
         raise TypeError(
-            f'{owner}: fsla_cfg has keys that FeatureSpaceLocalAttention '
+            f'{who}fsla_cfg has keys that FeatureSpaceLocalAttention '
             f'does not take: {unknown}' +
             (f' (did you mean {guess}?)' if guess else '') +
             ('; fsla_cfg holds its arguments, not a module config: drop '

@@ -35,6 +35,11 @@ class _GradLikeWeight(torch.autograd.Function):
         ctx.strides = inputs[0].stride()
 
     @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        # A view, as the forward returns one.
+        return tangent.view_as(tangent)
+
+    @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         strides: Tuple[int, ...] = ctx.strides
         if grad.stride() == strides:

@@ -154,14 +154,15 @@ class WindowMSA(BaseModule):
             return
         index = relative_position_index(self.window_size)
         own = self.relative_position_index
-        if own.device == device and own.shape == index.shape:
+        if (own.device == device and own.shape == index.shape
+                and own.dtype == index.dtype):
             # Written only where wrong (to_empty's memory): the buffer
             # stays the same tensor, and is not touched at a load under
             # inference_mode, which would make it an inference tensor.
             if not torch.equal(own, index.to(device)):
                 with torch.no_grad():
                     own.copy_(index)
-        else:  # built on meta, given values by assign=True
+        else:  # built on meta and assign=True, or cast by Module.type
             with torch.inference_mode(False):  # a tensor training can save
                 self.relative_position_index = relative_position_index(
                     self.window_size).to(device)

@@ -156,3 +156,28 @@ def test_func_grad_and_per_sample_gradients_without_fsla():
             want = torch.zeros_like(p) if p.grad is None else p.grad
             torch.testing.assert_close(
                 got[name], want, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_depthwise_conv_forward_mode_equals_a_plain_conv():
+    """Forward-mode AD through the stride-fixing weight (training, weights
+    that require gradients) gives the tangent of a plain convolution."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    from boat_mm.models.utils.depthwise import DepthwiseConv2d
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(4).double().train()
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    tangents = {n: torch.randn_like(p) for n, p in conv.named_parameters()}
+    outs = []
+    for module in (conv, plain):
+        with fwAD.dual_level():
+            duals = {
+                n: fwAD.make_dual(p, tangents[n])
+                for n, p in module.named_parameters()
+            }
+            out = functional_call(module, duals, (x, ))
+            outs.append(fwAD.unpack_dual(out).tangent)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)

@@ -317,6 +317,18 @@ def test_loading_under_inference_mode_keeps_the_buffers(family):
     sum(o.sum() for o in outs).backward()
 
 
+@pytest.mark.parametrize('family', FAMILIES, ids=IDS)
+def test_cast_by_module_type_then_loaded(family):
+    """``Module.type`` casts the integer buffers too; a load gives them
+    back their dtype and values, as a freshly built module has."""
+    ref = build(family)
+    model = family(arch=small(family), drop_path_rate=0.).type(torch.float64)
+    model.load_state_dict(ref.state_dict())
+    _buffers_equal(model, ref)
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, *ODD, dtype=torch.float64))
+
+
 # Doubling widths from an int (16, 32, 64, 128), FSLA where every family
 # puts some.
 DOUBLING = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[2, 2, 2, 2])

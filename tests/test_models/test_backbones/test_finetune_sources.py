@@ -274,6 +274,13 @@ def test_wrapped_keys_are_named_with_the_way_to_load(tmp_path, outer):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+class _Holder(torch.nn.Module):
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
 def test_plain_keys_into_a_compiled_model_name_the_inner_model():
     """A plain state dict loaded into a torch.compile'd model (whose names
     carry ``_orig_mod.``) is told which module inside to load it into, not
@@ -284,6 +291,9 @@ def test_plain_keys_into_a_compiled_model_name_the_inner_model():
         (torch.compile(BOATSwin(arch=SWIN)), backbone, '_orig_mod'),
         (torch.compile(_Classifier()), plain.state_dict(), '_orig_mod'),
         (torch.compile(_Classifier()), backbone, '_orig_mod.backbone'),
+            # A holder of a compiled model (as a Lightning module).
+        (_Holder(torch.compile(_Classifier())), plain.state_dict(),
+         'model._orig_mod'),
     ):
         with pytest.raises(CheckpointMismatchError) as err:
             model.load_state_dict(weights)
@@ -295,6 +305,16 @@ def test_plain_keys_into_a_compiled_model_name_the_inner_model():
         for name in inner.split('.'):
             module = getattr(module, name)
         module.load_state_dict(weights)
+
+
+def test_another_size_is_not_called_an_inherited_swin_file():
+    """A BOAT-Swin file of another width is a model of another size, not
+    a Swin file that a _base_ config loads (the advice contradicted)."""
+    wide = BOATSwin(arch=dict(SWIN, embed_dims=32)).state_dict()
+    with pytest.raises(CheckpointMismatchError) as err:
+        BOATSwin(arch=SWIN).load_state_dict(wide)
+    msg = str(err.value)
+    assert 'model of another size' in msg and '_base_' not in msg, msg
 
 
 def test_wrong_prefix_names_the_right_one(mmpretrain_swin_file, tmp_path):
