@@ -281,6 +281,12 @@ def _check_perm_values(perm: Tensor, plan: ClusterPlan) -> None:
             f'orders the tokens, it cannot drop or repeat one).')
 
 
+# Looked up once (a private torch function; none: nothing is wrapped).
+_is_functorch_wrapped = getattr(torch._C._functorch,
+                                'is_functorch_wrapped_tensor',
+                                lambda tensor: False)
+
+
 def _check_reverse_mode(qkv: Tensor) -> None:
     """Refuse forward-mode AD and ``torch.func`` transforms, which the
     clustered paths do not support: torch gives the C++ and Triton ops,
@@ -289,10 +295,8 @@ def _check_reverse_mode(qkv: Tensor) -> None:
     """
     if torch.compiler.is_compiling():
         return
-    wrapped = getattr(torch._C._functorch, 'is_functorch_wrapped_tensor',
-                      lambda t: False)(
-                          qkv)
-    if wrapped or fwAD.unpack_dual(qkv).tangent is not None:
+    if (_is_functorch_wrapped(qkv)
+            or fwAD.unpack_dual(qkv).tangent is not None):
         raise RuntimeError(
             'clustered_attention (FSLA) supports reverse-mode autograd only, '
             'not torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, '

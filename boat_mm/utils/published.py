@@ -244,13 +244,12 @@ def _message(
     path: str, found: Tuple[type, str,
                             dict], foreign: Sequence[str] = ()) -> str:
     """The "convert it first" message for ``found`` in ``path``."""
+    from ..models.backbones.base_boat import plain_checkpoint_name
     family, key, info = found
     where = f"weights under '{key}'" if key else 'bare weights'
-    layout = family.published
     # A Swin / CSWin file (no FSLA) is named as what it is.
-    plain = bool(info) and not info.get('with_fsla', True)
-    plain = plain and bool(layout.plain_name)
-    name = layout.plain_name if plain else f'published {layout.name}'
+    plain = plain_checkpoint_name(family, info)
+    name = plain or f'published {family.published.name}'
     no_fsla = 'no FSLA, ' if plain else ''
     if info:
         classes = info.get('num_classes')

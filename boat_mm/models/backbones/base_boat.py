@@ -43,7 +43,7 @@ from ..utils.ckpt_convert import (WEIGHT_ENTRIES, PublishedLayout,
 __all__ = [
     'BaseBOATBackbone', 'BaseBOATBlock', 'CheckpointMismatchError',
     'boat_families', 'convert_boat_checkpoint', 'detect_boat_family',
-    'find_published'
+    'find_published', 'plain_checkpoint_name'
 ]
 
 _FAMILIES: Dict[str, Type['BaseBOATBackbone']] = {}
@@ -197,33 +197,51 @@ def find_published(obj: Any) -> Optional[Tuple[type, str, dict]]:
     return None
 
 
+def plain_checkpoint_name(family: type, info: dict) -> Optional[str]:
+    """The name of the plain model (Swin, CSWin: no FSLA) whose ImageNet
+    weights a file in ``family``'s published layout holds, if it does.
+
+    Args:
+        family (type): The family found by :func:`find_published`.
+        info (dict): What its layout's ``detect`` read (``{}``: unknown).
+
+    Returns:
+        str | None: E.g. ``'Swin'``; None for BOAT weights or unknown.
+    """
+    layout = family.published
+    if info and not info.get('with_fsla', True) and layout.plain_name:
+        return layout.plain_name
+    return None
+
+
 def _describe_published(state_dict: Mapping) -> str:
     """' It is laid out like a published BOAT-X checkpoint.' or ''."""
     found = find_published(state_dict)
     if found is None:
         return ''
     layout = found[0].published
-    if found[2] and not found[2].get('with_fsla', True) and layout.plain_name:
+    plain = plain_checkpoint_name(found[0], found[2])
+    if plain:
         # Swin / CSWin ImageNet weights: boat2mm converts them too.
-        return (f' It is laid out like a {layout.plain_name} checkpoint '
+        return (f' It is laid out like a {plain} checkpoint '
                 f'({layout.marker}*, no FSLA).')
     return (f' It is laid out like a published {layout.name} '
             f'checkpoint ({layout.marker}*).')
 
 
-def _key_prefixes(state_dict: Mapping, own: Mapping) -> List[str]:
-    """The prefixes under which keys of ``state_dict`` end in names of
-    ``own``, most keys first.
+def _key_prefixes(keys: Iterable[str], own: Mapping) -> List[str]:
+    """The prefixes under which ``keys`` end in names of ``own``, most
+    keys first.
 
     Args:
-        state_dict (Mapping): The checkpoint's weights.
+        keys (Iterable[str]): A checkpoint's keys.
         own (Mapping): A module's own state dict.
 
     Returns:
         list[str]: Each prefix ('' for a key that is a name of ``own``).
     """
     counts: Dict[str, int] = {}
-    for key in map(str, state_dict):
+    for key in keys:
         for i in (-1, *(i for i, c in enumerate(key) if c == '.')):
             if key[i + 1:] in own:
                 counts[key[:i + 1]] = counts.get(key[:i + 1], 0) + 1
@@ -1181,7 +1199,8 @@ class BaseBOATBackbone(FrozenStagesMixin, BaseModule):
         own = self.state_dict(keep_vars=True)
         others = set(others) - set(map(str, state_dict))
         prefixes = _key_prefixes([*map(str, state_dict), *others], own)
-        for other in ('', 'backbone.', *prefixes):
+        # Each candidate once (the found prefixes may repeat the first).
+        for other in dict.fromkeys(('', 'backbone.', *prefixes)):
             if other == prefix:
                 continue
             fits = len(self._fitting(state_dict, other, own)[0])

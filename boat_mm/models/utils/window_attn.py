@@ -152,20 +152,21 @@ class WindowMSA(BaseModule):
         device = self.relative_position_bias_table.device
         if device.type == 'meta':
             return
-        index = relative_position_index(self.window_size)
+        # Made outside inference mode: a buffer training can save.
+        with torch.inference_mode(False):
+            index = relative_position_index(self.window_size).to(device)
         own = self.relative_position_index
         if (own.device == device and own.shape == index.shape
                 and own.dtype == index.dtype):
-            # Written only where wrong (to_empty's memory): the buffer
-            # stays the same tensor, and is not touched at a load under
-            # inference_mode, which would make it an inference tensor.
-            if not torch.equal(own, index.to(device)):
+            # In place, and only where wrong (to_empty's memory): the
+            # buffer stays the same tensor, and one of a module built
+            # under inference_mode (an inference tensor, which cannot be
+            # written outside it) is left alone.
+            if not torch.equal(own, index):
                 with torch.no_grad():
                     own.copy_(index)
         else:  # built on meta and assign=True, or cast by Module.type
-            with torch.inference_mode(False):  # a tensor training can save
-                self.relative_position_index = relative_position_index(
-                    self.window_size).to(device)
+            self.relative_position_index = index
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
                               **kwargs) -> None:
